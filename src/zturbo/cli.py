@@ -1,0 +1,171 @@
+"""Command line: `zturbo generate` and `zturbo info`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, TINY_MODEL
+from .errors import InvalidRequestError, ZTurboError
+from .request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
+
+log = logging.getLogger("zturbo")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub repo id, local diffusers directory, or {TINY_MODEL!r} (default: $ZTURBO_MODEL or {DEFAULT_MODEL})",
+    )
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights and compute dtype (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zturbo", description="Z-Image-Turbo text-to-image runtime.")
+    parser.add_argument("--version", action="version", version=f"zturbo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt", help="what to draw (any language the text encoder knows, e.g. English, Chinese)")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (used only when --guidance > 0)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed; image i uses seed+i (default: random)")
+    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    gen.add_argument(
+        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale; 0 (default) = no CFG, the Turbo setting"
+    )
+    gen.add_argument("--width", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    gen.add_argument("--height", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    gen.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument("-o", "--output", default=None, help="a .png file for one image, or a directory (./outputs)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gen.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"largest width*height accepted (default $ZTURBO_MAX_PIXELS or {DEFAULT_MAX_PIXELS})",
+    )
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    _model_args(gen)
+
+    info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
+    _model_args(info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(quiet=getattr(args, "quiet", False))
+    try:
+        if args.command == "generate":
+            return cmd_generate(args)
+        return cmd_info(args)
+    except InvalidRequestError as e:
+        print(f"zturbo: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ZTurboError as e:
+        print(f"zturbo: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("zturbo: interrupted", file=sys.stderr)
+        return 130
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("zturbo: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .config import RuntimeConfig
+    from .device import resolve_device
+    from .engine import Engine
+    from .imageio import check_output
+    from .loader import resolve_model
+    from .request import GenerateRequest
+
+    started = time.perf_counter()
+    config = RuntimeConfig.from_env(model=args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels)
+    resolve_device(config.device)
+    # Validate against the model's configs before any large download or load.
+    configs = resolve_model(config.model, weights=False)
+    request = GenerateRequest.create(
+        args.prompt,
+        limits=configs.limits(config.max_pixels),
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        batch=args.batch,
+    )
+    check_output(args.output, request.num_images, overwrite=args.overwrite)
+    if request.seed_was_random:
+        log.info("seed %d (random)", request.seed)
+    engine = Engine.load(config, source=resolve_model(config.model))
+    with _progress(request.steps, disabled=args.quiet) as bar:
+        result = engine.generate(request, on_step=lambda i, n: bar.update(1))
+    for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images):
+        print(f"{path}\tseed={image.seed}", flush=True)
+    total = time.perf_counter() - started
+    gen_s = sum(result.timings.values())
+    print(f"zturbo: {len(result.images)} image(s) in {gen_s:.2f} s; total {total:.1f} s with loading", file=sys.stderr)
+    return 0
+
+
+def _progress(steps: int, disabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, disable=disabled, leave=False)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import diffusers
+    import torch
+    import transformers
+
+    from .config import RuntimeConfig
+    from .device import dtype_name, memory_line, probe, resolve_device, resolve_dtype
+
+    config = RuntimeConfig.from_env(model=args.model, device=args.device, dtype=args.dtype)
+    device = resolve_device(config.device)
+    caps = probe(device)
+    dtype = dtype_name(resolve_dtype(config.dtype, caps))
+    rows = [
+        ("zturbo", __version__),
+        ("torch", torch.__version__),
+        ("diffusers", diffusers.__version__),
+        ("transformers", transformers.__version__),
+        ("CUDA", torch.version.cuda or "not built with CUDA"),
+        ("device", f"{caps.device} ({caps.name})"),
+        ("compute capability", ".".join(map(str, caps.compute_capability)) if caps.compute_capability else "-"),
+        ("bf16 / fp16 / fp8", " / ".join("yes" if x else "no" for x in (caps.bf16, caps.fp16, caps.fp8))),
+        ("flash attention", "yes" if caps.flash_attention else "no"),
+        ("memory", memory_line(device)),
+        ("model", config.model),
+        ("transformer dtype", dtype),
+        ("text encoder dtype", dtype),
+        ("vae dtype", dtype),
+        ("latents / scheduler", "float32"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

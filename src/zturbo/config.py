@@ -1,0 +1,50 @@
+"""Runtime configuration: one frozen object built from CLI flags and ZTURBO_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
+TINY_MODEL = "tiny-random"
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+# 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the model comes from and where and how it runs."""
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    dtype: str = "auto"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_CHOICES:
+            raise InvalidRequestError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.max_pixels < 16 * 16:
+            raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
+        if not self.model.strip():
+            raise InvalidRequestError("model is empty; pass a hub repo id, a local directory or 'tiny-random'")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
+        """Defaults, then ZTURBO_MODEL / ZTURBO_DEVICE / ZTURBO_DTYPE / ZTURBO_MAX_PIXELS, then explicit overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field, var in (("model", "ZTURBO_MODEL"), ("device", "ZTURBO_DEVICE"), ("dtype", "ZTURBO_DTYPE")):
+            if env.get(var):
+                values[field] = env[var]
+        if env.get("ZTURBO_MAX_PIXELS"):
+            raw = env["ZTURBO_MAX_PIXELS"]
+            try:
+                values["max_pixels"] = int(raw)
+            except ValueError:
+                raise InvalidRequestError(f"ZTURBO_MAX_PIXELS={raw!r} is not a whole number") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]

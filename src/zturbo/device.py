@@ -1,0 +1,111 @@
+"""Device resolution, capability probe and memory stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import DeviceError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the device can compute; `name` is human readable."""
+
+    device: str
+    name: str
+    compute_capability: tuple[int, int] | None
+    bf16: bool
+    fp16: bool
+    fp8: bool
+    flash_attention: bool
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise DeviceError(f"device {spec!r} is not a device name; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {spec!r} requested but CUDA is not available here; use --device cpu")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"device {spec!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {spec!r} requested but MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def probe(device: torch.device) -> Capabilities:
+    if device.type == "cuda":
+        cc = torch.cuda.get_device_capability(device)
+        return Capabilities(
+            device=str(device),
+            name=torch.cuda.get_device_name(device),
+            compute_capability=cc,
+            bf16=torch.cuda.is_bf16_supported(),
+            fp16=True,
+            fp8=cc >= (8, 9),
+            flash_attention=torch.backends.cuda.is_flash_attention_available() and cc >= (8, 0),
+        )
+    if device.type == "mps":
+        return Capabilities(str(device), "Apple MPS", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
+    return Capabilities(str(device), "CPU", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
+
+
+def default_dtype(caps: Capabilities) -> torch.dtype:
+    """bf16 where the accelerator computes it natively, float32 elsewhere (CPU, MPS, pre-Ampere GPUs)."""
+    if caps.device.startswith("cuda") and caps.bf16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(spec: str, caps: Capabilities) -> torch.dtype:
+    if spec == "auto":
+        return default_dtype(caps)
+    dtype = DTYPES[spec]
+    if dtype is torch.bfloat16 and not caps.bf16:
+        raise DeviceError(f"dtype bfloat16 is not supported on {caps.name}; use float16 or float32")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def memory_line(device: torch.device) -> str:
+    """One line: accelerator name with total / allocated / free memory."""
+    gib = 2**30
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        name = torch.cuda.get_device_name(device)
+        return f"{name}: total {total / gib:.1f} GiB, allocated {allocated / gib:.1f} GiB, free {free / gib:.1f} GiB"
+    if device.type == "mps":
+        allocated = torch.mps.current_allocated_memory()
+        return f"Apple MPS: allocated {allocated / gib:.1f} GiB"
+    return f"CPU: {_host_memory_text()}"
+
+
+def _host_memory_text() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        total = int(info["MemTotal"].split()[0]) / 2**20
+        free = int(info["MemAvailable"].split()[0]) / 2**20
+        return f"total {total:.1f} GiB, available {free:.1f} GiB"
+    except (OSError, KeyError, ValueError):
+        return "memory unknown"

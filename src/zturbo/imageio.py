@@ -1,0 +1,181 @@
+"""PNG output: metadata (a `zturbo` JSON chunk and an A1111 `parameters` chunk), atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError, OutputExistsError
+
+if TYPE_CHECKING:
+    from .engine import GeneratedImage, ModelInfo
+    from .request import GenerateRequest
+
+METADATA_KEY = "zturbo"
+A1111_KEY = "parameters"
+DEFAULT_OUTPUT_DIR = "outputs"
+
+
+def build_metadata(
+    req: GenerateRequest,
+    prompt: str,
+    negative_prompt: str,
+    seed: int,
+    model: ModelInfo,
+    dtypes: dict[str, str],
+) -> dict[str, Any]:
+    """Every parameter that shaped one image."""
+    from . import __version__
+
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "steps": req.steps,
+        "guidance_scale": req.guidance_scale,
+        "width": req.width,
+        "height": req.height,
+        "sampler": "flow_match_euler",
+        "model": model.name,
+        "model_revision": model.revision,
+        "model_fingerprint": model.fingerprint,
+        "dtypes": dtypes,
+        "zturbo_version": __version__,
+    }
+
+
+def a1111_parameters(meta: dict[str, Any]) -> str:
+    """The A1111 `parameters` text: prompt, negative prompt line, then `Key: value` pairs."""
+    fields = {
+        "Steps": meta["steps"],
+        "Sampler": "Euler",
+        "CFG scale": meta["guidance_scale"],
+        "Seed": meta["seed"],
+        "Size": f"{meta['width']}x{meta['height']}",
+        "Model hash": (meta.get("model_fingerprint") or "")[:10],
+        "Model": meta["model"],
+        "Version": f"zturbo {meta['zturbo_version']}",
+    }
+    text = meta["prompt"]
+    if meta.get("negative_prompt"):
+        text += f"\nNegative prompt: {meta['negative_prompt']}"
+    return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in fields.items())
+
+
+def _a1111_value(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if ("," in text or ":" in text or "\n" in text) else text
+
+
+def png_info(meta: dict[str, Any]) -> Any:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(METADATA_KEY, json.dumps(meta, ensure_ascii=False, sort_keys=True))
+    info.add_text(A1111_KEY, a1111_parameters(meta))
+    return info
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `zturbo` JSON of a PNG written by zturbo; raises InvalidRequestError for other files."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            text = im.text.get(METADATA_KEY) if hasattr(im, "text") else None
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidRequestError(f"{path} is not a readable image: {e}") from None
+    if text is None:
+        raise InvalidRequestError(f"{path} has no {METADATA_KEY!r} metadata chunk")
+    return json.loads(text)
+
+
+def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> Path:
+    """Write atomically: a temporary file in the same directory, fsync, then link or rename.
+
+    Without `overwrite` the final step is a hard link, which fails if `path` exists (no race).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.image.save(f, format="PNG", pnginfo=png_info(image.metadata))
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            _link_no_clobber(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _link_no_clobber(tmp: Path, path: Path) -> None:
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it") from None
+    except OSError:
+        # Filesystems without hard links: check, then rename (a narrow race, documented).
+        if path.exists():
+            raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it") from None
+        os.replace(tmp, path)
+
+
+def is_file_target(path: str | os.PathLike[str] | None) -> bool:
+    return path is not None and str(path).lower().endswith(".png")
+
+
+def check_output(path: str | os.PathLike[str] | None, num_images: int, *, overwrite: bool) -> None:
+    """Reject an output target before any work is done."""
+    if not is_file_target(path):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise InvalidRequestError(f"output {path} exists and is not a directory; give a directory or a .png path")
+        return
+    assert path is not None
+    if num_images != 1:
+        raise InvalidRequestError(
+            f"output {path} names one file but {num_images} images will be made; give a directory instead"
+        )
+    if Path(path).exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def save_images(
+    images: Sequence[GeneratedImage], path: str | os.PathLike[str] | None = None, *, overwrite: bool = False
+) -> list[Path]:
+    """`path` ending in .png: exactly that file (one image). Otherwise a directory (default ./outputs),
+    with names NNNNN-SEED.png continuing the directory's highest number."""
+    check_output(path, len(images), overwrite=overwrite)
+    if is_file_target(path):
+        assert path is not None
+        return [save_png(images[0], Path(path), overwrite=overwrite)]
+    directory = Path(path if path is not None else DEFAULT_OUTPUT_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    number = _next_number(directory)
+    written = []
+    for image in images:
+        while True:
+            target = directory / f"{number:05d}-{image.seed}.png"
+            number += 1
+            try:
+                written.append(save_png(image, target))
+                break
+            except OutputExistsError:
+                continue  # another process took this number; take the next
+    return written
+
+
+_NUMBERED = re.compile(r"^(\d{5,})-")
+
+
+def _next_number(directory: Path) -> int:
+    numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(numbers, default=0) + 1

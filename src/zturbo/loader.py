@@ -1,0 +1,364 @@
+"""Model resolution (local directory, hub repo id, tiny-random) and streaming weight loading.
+
+Weights are read tensor by tensor from safetensors, cast to the target dtype on the target
+device and assigned into modules built on the meta device, so no full-precision copy of a
+component is ever materialised on the host. Keys are checked strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TINY_MODEL
+from .errors import CheckpointError, ModelNotFoundError
+from .request import ModelLimits
+
+log = logging.getLogger("zturbo")
+
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_CLASS = "ZImagePipeline"
+CONFIG_PATTERNS = ["model_index.json", "*/config.json", "*/*.index.json", "scheduler/*", "tokenizer/*"]
+WEIGHT_PATTERNS = ["transformer/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+WEIGHT_STEMS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local directory in the diffusers layout."""
+
+    name: str  # as the user gave it
+    path: Path
+    revision: str | None  # hub commit, when it came from the hub
+    repo_id: str | None
+
+    def config(self, component: str) -> dict[str, Any]:
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return _read_json(self.path / component / name)
+
+    def limits(self, max_pixels: int) -> ModelLimits:
+        return ModelLimits(spatial_unit=spatial_unit(self), max_pixels=max_pixels)
+
+
+def spatial_unit(source: ModelSource) -> int:
+    """Pixels per latent patch: VAE downsampling (2^(blocks-1)) times the transformer's patch size."""
+    vae_factor = 2 ** (len(source.config("vae")["block_out_channels"]) - 1)
+    patch = source.config("transformer").get("all_patch_size", [2])[0]
+    return vae_factor * int(patch)
+
+
+def resolve_model(name: str, *, weights: bool = True) -> ModelSource:
+    """Find `name`: an existing directory, 'tiny-random', or a hub repo id (downloaded into the HF cache).
+
+    With weights=False only configs and tokenizer files are fetched from the hub (cheap), so a
+    request can be validated before a multi-GB download starts.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        source = ModelSource(name, path.resolve(), _cache_revision(path.resolve()), None)
+    elif name == TINY_MODEL:
+        from .tiny import ensure_tiny_checkpoint
+
+        source = ModelSource(name, ensure_tiny_checkpoint(), None, None)
+    elif _REPO_ID.match(name):
+        source = _download(name, weights)
+    else:
+        raise ModelNotFoundError(
+            f"model {name!r} is neither an existing directory nor a hub repo id (owner/name) nor {TINY_MODEL!r}"
+        )
+    check_layout(source.path, weights=weights)
+    return source
+
+
+def _download(repo_id: str, weights: bool) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    patterns = CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else [])
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline, or HF_HUB_OFFLINE=1); download it on a connected machine or pass --model a local "
+            f"directory in the diffusers layout"
+        ) from None
+    except GatedRepoError:
+        raise ModelNotFoundError(f"model {repo_id!r} is gated; log in with `hf auth login` and accept its terms") from None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(f"model {repo_id!r} does not exist on the hub (or is private)") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise ModelNotFoundError(
+            f"downloading {repo_id!r} failed: {e}; pass --model a local directory to skip the hub"
+        ) from None
+    return ModelSource(repo_id, path, _cache_revision(path), repo_id)
+
+
+def _cache_revision(path: Path) -> str | None:
+    """The commit hash when `path` is a snapshot inside a Hugging Face cache."""
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name
+    return None
+
+
+def check_layout(root: Path, *, weights: bool = True) -> None:
+    """Every component directory and config is present, and (with weights) every weight file."""
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{index} is missing: {root} is not a diffusers-format model directory")
+    pipeline = _read_json(index).get("_class_name")
+    if pipeline != PIPELINE_CLASS:
+        raise CheckpointError(f"{index} describes a {pipeline!r}, not a Z-Image checkpoint ({PIPELINE_CLASS})")
+    for component in COMPONENTS:
+        if not (root / component).is_dir():
+            raise CheckpointError(f"component directory {root / component} is missing")
+    for component in ("transformer", "vae", "text_encoder"):
+        _require(root / component / "config.json")
+    _require(root / "scheduler" / "scheduler_config.json")
+    if weights:
+        for component, stem in WEIGHT_STEMS.items():
+            weight_files(root / component, stem)
+
+
+def _require(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def weight_files(directory: Path, stem: str) -> list[Path]:
+    """The safetensors files of one component: a single file, or the shards its index names."""
+    single = directory / f"{stem}.safetensors"
+    index = directory / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(f"{index} has an empty weight_map")
+        files = [directory / s for s in shards]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"weight shard {f} named in {index.name} is missing")
+        return files
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"no weights in {directory}: expected {single.name} or {index.name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming load
+
+
+def iter_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """(key, file, CPU tensor) for every tensor, one at a time; corrupt files are named."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield key, path, f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it and download again") from None
+
+
+def load_weights(
+    module: torch.nn.Module,
+    files: list[Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    rename: Callable[[str], str | None] = lambda k: k,
+) -> None:
+    """Stream `files` into `module` (built on the meta device), casting floats to `dtype` on `device`.
+
+    `rename` maps a checkpoint key to a module key, or to None for keys that are known to be unused.
+    Missing, unexpected and mis-shaped keys are errors.
+    """
+    expected = module.state_dict(keep_vars=True)
+    seen: set[str] = set()
+    for raw_key, path, tensor in iter_tensors(files):
+        key = rename(raw_key)
+        if key is None:
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} (not part of {type(module).__name__})")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)} (config and weights disagree)"
+            )
+        # Move first, then cast: the copy is half the bytes of an fp32 cast on the CPU and the
+        # cast runs on the accelerator.
+        tensor = tensor.to(device)
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        _assign(module, key, tensor)
+        seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        where = files[0].parent
+        raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the weights: {shown}")
+    # Non-persistent buffers (e.g. rotary frequencies) were built for real on the CPU.
+    module.to(device)
+    module.eval().requires_grad_(False)
+
+
+def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_name, _, leaf = key.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+def _empty(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module with parameters on the meta device (no memory) and real buffers."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def text_encoder_key(expected: set[str]) -> Callable[[str], str | None]:
+    """Qwen3 checkpoints saved from the causal-LM class prefix keys with 'model.' and carry lm_head."""
+
+    def rename(key: str) -> str | None:
+        if key.startswith("lm_head."):
+            return None
+        if key not in expected and key.startswith("model.") and key[6:] in expected:
+            return key[6:]
+        return key
+
+    return rename
+
+
+@dataclass
+class Components:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+
+
+def load_components(source: ModelSource, device: torch.device, dtypes: dict[str, torch.dtype]) -> Components:
+    """Build every component on the meta device and stream its weights in, logging each one."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import AutoConfig, AutoTokenizer
+
+    root = source.path
+    transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
+    load_weights(transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, dtypes["transformer"])
+
+    vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
+    load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), device, dtypes["vae"])
+
+    te_cls = _text_encoder_class(root)
+    te_config = AutoConfig.from_pretrained(root / "text_encoder")
+    text_encoder = _empty(lambda: te_cls._from_config(te_config))
+    rename = text_encoder_key(set(text_encoder.state_dict().keys()))
+    te_files = weight_files(root / "text_encoder", WEIGHT_STEMS["text_encoder"])
+    load_weights(text_encoder, te_files, device, dtypes["text_encoder"], rename)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizer in {root / 'tokenizer'} cannot be loaded: {e}") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise CheckpointError(f"tokenizer in {root / 'tokenizer'} has no chat template; Z-Image needs Qwen's")
+    components = Components(transformer, vae, text_encoder, tokenizer, source.config("scheduler"))
+    for name in ("transformer", "text_encoder", "vae"):
+        module = getattr(components, name)
+        n = sum(p.numel() for p in module.parameters())
+        log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), device, _count(n))
+    return components
+
+
+def _text_encoder_class(root: Path) -> type:
+    import transformers
+
+    library, name = _read_json(root / "model_index.json").get("text_encoder", ["transformers", "Qwen3Model"])
+    cls = getattr(transformers, name, None) if library == "transformers" else None
+    if cls is None:
+        raise CheckpointError(f"{root / 'model_index.json'}: text encoder class {library}.{name} is not available")
+    return cls
+
+
+def _dtype_of(module: torch.nn.Module) -> str:
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+    return "/".join(dtypes)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else str(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identity of a checkpoint for image metadata
+
+_FULL_HASH_LIMIT = 64 * 2**20
+_SAMPLE = 2**20
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A sha256 identifying the checkpoint's content, cheap enough to compute at every load.
+
+    Hub snapshots store weights as blobs named by their sha256, which are used as they are. Other
+    files up to 64 MiB are hashed whole; larger local files contribute their size, their
+    safetensors header (names, shapes, dtypes, offsets) and three 1 MiB samples.
+    """
+    h = hashlib.sha256()
+    for path in sorted(p for p in source.path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        rel = path.relative_to(source.path).as_posix()
+        if rel.split("/")[0] not in COMPONENTS and rel != "model_index.json":
+            continue
+        h.update(rel.encode() + b"\0")
+        h.update(_file_digest(path).encode() + b"\n")
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    blob = path.resolve()
+    if path.is_symlink() and _SHA256.match(blob.name):
+        return blob.name
+    size = blob.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(blob, "rb") as f:
+        if size <= _FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(2**20), b""):
+                h.update(chunk)
+            return h.hexdigest()
+        header_len = int.from_bytes(f.read(8), "little") if path.suffix == ".safetensors" else 0
+        h.update(f.read(min(header_len, size - 8)))
+        for offset in (0, size // 2, size - _SAMPLE):
+            f.seek(offset)
+            h.update(f.read(_SAMPLE))
+    return h.hexdigest()

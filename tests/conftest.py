@@ -1,0 +1,42 @@
+"""Shared fixtures: one tiny random checkpoint per test session, loaded by zturbo and by diffusers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Never touch the user's caches or the network from tests.
+    root = tmp_path_factory.mktemp("cache")
+    os.environ["ZTURBO_CACHE"] = str(root / "zturbo")
+    os.environ["HF_HOME"] = str(root / "hf")
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(_isolated_cache: None) -> Path:
+    from zturbo.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_dir: Path):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def reference_pipe(tiny_dir: Path):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
