@@ -205,17 +205,16 @@ class Engine:
     def __init__(
         self,
         components: Components,
-        source: ModelSource,
+        model: ModelInfo,
         device: torch.device,
         dtypes: dict[str, torch.dtype],
         limits: ModelLimits,
     ) -> None:
         self.components = components
-        self.source = source
+        self.model = model
         self.device = device
         self.dtypes = dtypes
         self.limits = limits
-        self.model = ModelInfo(source.name, source.revision, fingerprint(source))
 
     @classmethod
     def load(cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None) -> Engine:
@@ -227,7 +226,8 @@ class Engine:
         start = time.perf_counter()
         components = load_components(source, device, dtypes)
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
-        return cls(components, source, device, dtypes, source.limits(config.max_pixels))
+        model = ModelInfo(source.name, source.revision, fingerprint(source))
+        return cls(components, model, device, dtypes, source.limits(config.max_pixels))
 
     def request(self, prompt: str | Sequence[str], **params: Any) -> GenerateRequest:
         """Validate parameters against this model's limits."""
