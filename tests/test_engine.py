@@ -1,0 +1,124 @@
+"""Engine invariants: seeds, batching, the number and shape of transformer calls, the schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zturbo.engine import prepare_latents, schedule
+
+
+def pixels(result):
+    return [np.asarray(img.image) for img in result.images]
+
+
+def test_batch_equals_singles(engine):
+    batch = engine.generate("a red fox", seed=100, batch=3, width=64, height=64)
+    assert [img.seed for img in batch.images] == [100, 101, 102]
+    for i, got in enumerate(pixels(batch)):
+        single = pixels(engine.generate("a red fox", seed=100 + i, width=64, height=64))[0]
+        assert np.abs(got.astype(int) - single.astype(int)).max() <= 1
+
+
+def test_same_seed_same_image_and_other_seed_differs(engine):
+    a = pixels(engine.generate("a red fox", seed=5, width=64, height=64))[0]
+    b = pixels(engine.generate("a red fox", seed=5, width=64, height=64))[0]
+    c = pixels(engine.generate("a red fox", seed=6, width=64, height=64))[0]
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 5
+
+
+def test_noise_comes_from_cpu_generator_per_seed():
+    both = prepare_latents([3, 4], 16, 8, 8)
+    alone = prepare_latents([4], 16, 8, 8)
+    assert torch.equal(both[1:], alone)
+    assert torch.equal(both[0], torch.randn((1, 16, 8, 8), generator=torch.Generator("cpu").manual_seed(3))[0])
+
+
+def test_random_seed_is_resolved_and_reported(engine):
+    result = engine.generate("a red fox", width=32, height=32, steps=1)
+    assert result.request.seed_was_random
+    assert result.images[0].seed == result.request.seed
+    assert result.images[0].metadata["seed"] == result.request.seed
+
+
+class CallRecorder:
+    """Wraps a module's forward and records the batch size of each call."""
+
+    def __init__(self, module: torch.nn.Module, batch_of) -> None:
+        self.calls: list[int] = []
+        self._module = module
+        self._forward = module.forward
+        self._batch_of = batch_of
+
+    def __enter__(self) -> CallRecorder:
+        def forward(*args, **kwargs):
+            self.calls.append(self._batch_of(*args, **kwargs))
+            return self._forward(*args, **kwargs)
+
+        self._module.forward = forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        del self._module.forward  # back to the class's forward
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8])
+def test_one_transformer_forward_per_step(engine, steps):
+    with CallRecorder(engine.components.transformer, lambda x, *a, **k: len(x)) as rec:
+        engine.generate("a red fox", seed=1, steps=steps, width=32, height=32, batch=2)
+    assert rec.calls == [2] * steps
+
+
+def test_guidance_zero_runs_no_unconditional_pass(engine):
+    te = engine.components.text_encoder
+    tr = engine.components.transformer
+    with (
+        CallRecorder(te, lambda *a, input_ids, **k: input_ids.shape[0]) as text,
+        CallRecorder(tr, lambda x, *a, **k: len(x)) as trans,
+    ):
+        engine.generate("a red fox", negative_prompt="blurry", guidance_scale=0.0, seed=1, steps=3, width=32, height=32)
+    assert text.calls == [1]  # the negative prompt is never encoded
+    assert trans.calls == [1, 1, 1]
+
+
+def test_guidance_batches_positive_and_negative_in_one_call(engine):
+    te = engine.components.text_encoder
+    tr = engine.components.transformer
+    with (
+        CallRecorder(te, lambda *a, input_ids, **k: input_ids.shape[0]) as text,
+        CallRecorder(tr, lambda x, *a, **k: len(x)) as trans,
+    ):
+        engine.generate("a red fox", negative_prompt="blurry", guidance_scale=3.0, seed=1, steps=3, width=32, height=32)
+    assert text.calls == [1, 1]
+    assert trans.calls == [2, 2, 2]
+
+
+def test_guidance_changes_the_image(engine):
+    plain = pixels(engine.generate("a red fox", seed=9, width=64, height=64))[0]
+    cfg = pixels(engine.generate("a red fox", seed=9, guidance_scale=4.0, width=64, height=64))[0]
+    assert np.abs(plain.astype(int) - cfg.astype(int)).mean() > 1
+
+
+def test_schedule_matches_turbo_definition(tiny_dir):
+    import json
+
+    config = json.loads((tiny_dir / "scheduler" / "scheduler_config.json").read_text())
+    sched = schedule(config, 8, 4096)
+    base = np.linspace(1.0, 1 / 8, 8)
+    shifted = 3.0 * base / (1 + 2.0 * base)  # shift 3.0, no dynamic shifting
+    np.testing.assert_allclose(sched.sigmas[:-1], shifted, rtol=1e-6)
+    assert sched.sigmas[-1] == 0.0
+    np.testing.assert_allclose(sched.dts, np.diff(sched.sigmas), rtol=1e-6)
+    np.testing.assert_allclose(sched.model_t.numpy(), 1 - shifted, rtol=1e-5, atol=1e-6)
+
+
+def test_metadata_records_parameters_and_dtypes(engine):
+    result = engine.generate("a red fox", negative_prompt="blurry", seed=11, steps=2, guidance_scale=1.5, width=48, height=32)
+    meta = result.images[0].metadata
+    assert meta["prompt"] == "a red fox" and meta["negative_prompt"] == "blurry"
+    assert (meta["seed"], meta["steps"], meta["guidance_scale"], meta["width"], meta["height"]) == (11, 2, 1.5, 48, 32)
+    assert meta["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
+    assert len(meta["model_fingerprint"]) == 64
+    assert result.images[0].image.size == (48, 32)
