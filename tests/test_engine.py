@@ -115,7 +115,9 @@ def test_schedule_matches_turbo_definition(tiny_dir):
 
 
 def test_metadata_records_parameters_and_dtypes(engine):
-    result = engine.generate("a red fox", negative_prompt="blurry", seed=11, steps=2, guidance_scale=1.5, width=48, height=32)
+    result = engine.generate(
+        "a red fox", negative_prompt="blurry", seed=11, steps=2, guidance_scale=1.5, width=48, height=32
+    )
     meta = result.images[0].metadata
     assert meta["prompt"] == "a red fox" and meta["negative_prompt"] == "blurry"
     assert (meta["seed"], meta["steps"], meta["guidance_scale"], meta["width"], meta["height"]) == (11, 2, 1.5, 48, 32)

@@ -15,13 +15,15 @@ from zturbo.imageio import read_metadata, save_images
 
 @pytest.fixture(scope="module")
 def result(engine):
-    return engine.generate(["一只猫, a cat", "a dog"], negative_prompt="blurry", guidance_scale=1.0, seed=77, width=32, height=32)
+    return engine.generate(
+        ["一只猫, a cat", "a dog"], negative_prompt="blurry", guidance_scale=1.0, seed=77, width=32, height=32
+    )
 
 
 def test_metadata_round_trip(result, tmp_path):
     paths = result.save(str(tmp_path))
     assert len(paths) == 2
-    for path, img in zip(paths, result.images):
+    for path, img in zip(paths, result.images, strict=True):
         assert read_metadata(path) == img.metadata
         with Image.open(path) as im:
             assert im.size == (32, 32)

@@ -34,7 +34,11 @@ CASES = {
         prompts=["a lighthouse at dusk"], negatives=["blurry, low quality"], guidance=2.5, width=64, height=64
     ),
     "two_prompts": dict(
-        prompts=["a red fox in the snow", "an old fisherman portrait"], negatives=None, guidance=0.0, width=64, height=64
+        prompts=["a red fox in the snow", "an old fisherman portrait"],
+        negatives=None,
+        guidance=0.0,
+        width=64,
+        height=64,
     ),
     "non_square": dict(prompts=["a wide mountain panorama"], negatives=None, guidance=0.0, width=96, height=48),
     "chinese": dict(prompts=["一只橘猫在窗台上晒太阳，窗外是樱花"], negatives=None, guidance=0.0, width=64, height=64),
@@ -60,7 +64,7 @@ def test_pixels_match_reference(case, engine, reference_pipe):
     )
     ours = [np.asarray(img.image) for img in result.images]
     assert len(ours) == len(ref)
-    for a, b in zip(ours, ref):
+    for a, b in zip(ours, ref, strict=True):
         assert a.shape == b.shape == (c["height"], c["width"], 3)
         # The image must carry signal, or "equal" would prove nothing.
         assert a.std() > 10

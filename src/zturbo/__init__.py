@@ -1,9 +1,9 @@
 """zturbo: a fast, safe runtime for the Z-Image-Turbo text-to-image model.
 
-    import zturbo
-    engine = zturbo.load()                      # or zturbo.load(model="tiny-random")
-    result = engine.generate("a red fox in the snow", seed=42)
-    result.save("fox.png")
+import zturbo
+engine = zturbo.load()                      # or zturbo.load(model="tiny-random")
+result = engine.generate("a red fox in the snow", seed=42)
+result.save("fox.png")
 """
 
 from __future__ import annotations

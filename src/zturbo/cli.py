@@ -118,7 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.load(config, source=resolve_model(config.model))
     with _progress(request.steps, disabled=args.quiet) as bar:
         result = engine.generate(request, on_step=lambda i, n: bar.update(1))
-    for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images):
+    for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images, strict=True):
         print(f"{path}\tseed={image.seed}", flush=True)
     total = time.perf_counter() - started
     gen_s = sum(result.timings.values())

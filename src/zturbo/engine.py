@@ -267,13 +267,15 @@ class Engine:
         images = self._package(req, rows, pixels)
         return GenerateResult(images, req, timings, warnings)
 
-    def _package(self, req: GenerateRequest, rows: list[tuple[str, str, int]], pixels: torch.Tensor) -> list[GeneratedImage]:
+    def _package(
+        self, req: GenerateRequest, rows: list[tuple[str, str, int]], pixels: torch.Tensor
+    ) -> list[GeneratedImage]:
         from PIL import Image
 
         from .imageio import build_metadata
 
         out = []
-        for (prompt, negative, seed), array in zip(rows, pixels.numpy()):
+        for (prompt, negative, seed), array in zip(rows, pixels.numpy(), strict=True):
             meta = build_metadata(
                 req, prompt, negative, seed, self.model, {k: dtype_name(v) for k, v in self.dtypes.items()}
             )

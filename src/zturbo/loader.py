@@ -103,7 +103,9 @@ def _download(repo_id: str, weights: bool) -> ModelSource:
             f"directory in the diffusers layout"
         ) from None
     except GatedRepoError:
-        raise ModelNotFoundError(f"model {repo_id!r} is gated; log in with `hf auth login` and accept its terms") from None
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is gated; log in with `hf auth login` and accept its terms"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(f"model {repo_id!r} does not exist on the hub (or is private)") from None
     except (HfHubHTTPError, OSError) as e:
@@ -276,7 +278,9 @@ def load_components(source: ModelSource, device: torch.device, dtypes: dict[str,
 
     root = source.path
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
-    load_weights(transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, dtypes["transformer"])
+    load_weights(
+        transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, dtypes["transformer"]
+    )
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
     load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), device, dtypes["vae"])

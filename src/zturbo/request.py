@@ -53,7 +53,7 @@ class GenerateRequest:
     def image_prompts(self) -> list[tuple[str, str, int]]:
         """(prompt, negative prompt, seed) of every image, in output order."""
         rows = []
-        for p_idx, (prompt, negative) in enumerate(zip(self.prompts, self.negative_prompts)):
+        for p_idx, (prompt, negative) in enumerate(zip(self.prompts, self.negative_prompts, strict=True)):
             for j in range(self.batch):
                 rows.append((prompt, negative, self.seed + p_idx * self.batch + j))
         return rows

@@ -1,0 +1,593 @@
+"""zturbo's eager path against diffusers' eager ZImagePipeline, same process, same weights.
+
+Builds the real Z-Image-Turbo architecture (6B transformer, FLUX VAE, Qwen3-4B text encoder) with
+random weights directly on the GPU, hands the SAME module objects to `zturbo.engine.Engine` and to
+`diffusers.ZImagePipeline`, and measures (bf16, 8 steps, guidance 0, batch 1):
+
+  * end to end, prompt -> PIL image, at 1024² (and 512², 1536²);
+  * text encoding alone;
+  * denoise + decode alone, both given the same prompt embeddings;
+  * peak GPU memory of each (torch.cuda.max_memory_allocated, weights included);
+  * the relative error between the two implementations' final float32 latents;
+  * host syncs inside zturbo's step loop (torch.cuda.set_sync_debug_mode("warn")).
+
+Timed runs alternate between the implementations (the order flips every round) and report the
+median. Results: a markdown table on stdout and everything as JSON in $OUT/bench_eager.json.
+
+Usage (GPU):  PYTHONPATH=src python scripts/bench_eager.py
+Smoke test:   PYTHONPATH=src python scripts/bench_eager.py --tiny   (tiny sizes, CPU, float32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import linecache
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import zturbo
+from zturbo import engine as zengine
+from zturbo.engine import Engine, ModelInfo
+from zturbo.loader import Components
+from zturbo.request import ModelLimits
+from zturbo.tiny import build_tokenizer
+
+PROMPT = (
+    "A photograph of a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field, "
+    "highly detailed fur, 85mm lens."
+)
+SEED = 42
+STEPS = 8
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+GIB = 2**30
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    dtype: torch.dtype
+    engine: Engine
+    pipe: Any  # diffusers.ZImagePipeline
+    runs: int
+    warmup: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int) -> tuple[Any, Any, Any]:
+    """(transformer, vae, text_encoder) with random weights, built directly on `device` in `dtype`."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if tiny:
+                transformer = ZImageTransformer2DModel(
+                    all_patch_size=(2,),
+                    all_f_patch_size=(1,),
+                    in_channels=16,
+                    dim=32,
+                    n_layers=2,
+                    n_refiner_layers=1,
+                    n_heads=2,
+                    n_kv_heads=2,
+                    cap_feat_dim=16,
+                    axes_dims=[8, 4, 4],
+                    axes_lens=[1024, 512, 512],
+                )
+                text_config = Qwen3Config(
+                    hidden_size=16,
+                    intermediate_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    num_key_value_heads=1,
+                    head_dim=8,
+                    vocab_size=vocab,
+                    max_position_embeddings=4096,
+                    rope_theta=1_000_000.0,
+                )
+            else:
+                transformer = ZImageTransformer2DModel()  # the published default config (pad tokens are zeros)
+                text_config = Qwen3Config(
+                    hidden_size=2560,
+                    intermediate_size=9728,
+                    num_hidden_layers=36,
+                    num_attention_heads=32,
+                    num_key_value_heads=8,
+                    head_dim=128,
+                    vocab_size=151936,
+                    max_position_embeddings=40960,
+                    rope_theta=1e6,
+                    tie_word_embeddings=True,
+                )
+            channels = [16, 16, 16, 16] if tiny else [128, 256, 512, 512]
+            vae = AutoencoderKL(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=channels,
+                layers_per_block=1 if tiny else 2,
+                latent_channels=16,
+                norm_num_groups=8 if tiny else 32,
+                sample_size=64 if tiny else 1024,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            )
+            text_encoder = Qwen3Model(text_config)
+    finally:
+        torch.set_default_dtype(previous)
+    # As both loaders leave them: inference mode for dropout/norm layers, no gradients.
+    for module in (transformer, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return transformer, vae, text_encoder
+
+
+def build(tiny: bool, device: torch.device, dtype: torch.dtype, runs: int, warmup: int) -> Bench:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    tokenizer = build_tokenizer()
+    transformer, vae, text_encoder = build_modules(tiny, device, dtype, len(tokenizer))
+    components = Components(transformer, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG))
+    dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": dtype}
+    engine = Engine(
+        components,
+        ModelInfo("random-real-size", None, "none"),
+        device,
+        dtypes,
+        ModelLimits(spatial_unit=16, max_pixels=4096 * 4096),
+    )
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return Bench(device, dtype, engine, pipe, runs, warmup)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two implementations, stage by stage
+
+
+def zturbo_e2e(b: Bench, size: int) -> Any:
+    return b.engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, guidance_scale=0.0)
+
+
+def diffusers_e2e(b: Bench, size: int, output_type: str = "pil") -> Any:
+    return b.pipe(
+        prompt=PROMPT,
+        height=size,
+        width=size,
+        num_inference_steps=STEPS,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type=output_type,
+    ).images
+
+
+def zturbo_encode(b: Bench) -> list[torch.Tensor]:
+    c = b.engine.components
+    with torch.inference_mode():  # as Engine.generate runs it
+        embeds, _ = zengine.encode_prompt(c.text_encoder, c.tokenizer, [PROMPT], b.device)
+    return embeds
+
+
+def diffusers_encode(b: Bench) -> list[torch.Tensor]:
+    with torch.no_grad():  # as ZImagePipeline.__call__ runs it
+        embeds, _ = b.pipe.encode_prompt(PROMPT, b.device, do_classifier_free_guidance=False)
+    return embeds
+
+
+def zturbo_latents(b: Bench, size: int, embeds: list[torch.Tensor]) -> torch.Tensor:
+    """Engine.generate's steps after encoding, up to the final float32 latents."""
+    c = b.engine.components
+    unit = b.engine.limits.spatial_unit
+    patch = unit // zengine._vae_factor(c.vae)
+    h = w = size // unit * patch
+    with torch.inference_mode():
+        latents = zengine.prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(b.device)
+        sched = zengine.schedule(c.scheduler_config, STEPS, (h // patch) * (w // patch))
+        return zengine.denoise(c.transformer, latents, embeds, None, sched, 0.0)
+
+
+def zturbo_denoise_decode(b: Bench, size: int, embeds: list[torch.Tensor]) -> Any:
+    """Denoise + decode + PIL conversion, as Engine.generate does them after encoding."""
+    from PIL import Image
+
+    latents = zturbo_latents(b, size, embeds)
+    with torch.inference_mode():
+        pixels = zengine.decode(b.engine.components.vae, latents)
+    return [Image.fromarray(a) for a in pixels.numpy()]
+
+
+def diffusers_from_embeds(b: Bench, size: int, embeds: list[torch.Tensor], output_type: str = "pil") -> Any:
+    return b.pipe(
+        prompt_embeds=embeds,
+        height=size,
+        width=size,
+        num_inference_steps=STEPS,
+        guidance_scale=0.0,
+        generator=torch.Generator("cpu").manual_seed(SEED),
+        output_type=output_type,
+    ).images
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(b: Bench, fns: dict[str, Callable[[], Any]], runs: int | None = None) -> dict[str, Any]:
+    """Warm up each, then time `runs` rounds alternating the order; median seconds and peak memory."""
+    runs = runs or b.runs
+    cuda = b.device.type == "cuda"
+    for fn in fns.values():
+        for _ in range(b.warmup):
+            fn()
+    sync(b.device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, int] = dict.fromkeys(fns, 0)
+    names = list(fns)
+    for r in range(runs):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(b.device)
+            sync(b.device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(b.device)
+            times[name].append(time.perf_counter() - start)
+            if cuda:
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(b.device))
+    out: dict[str, Any] = {}
+    for name in names:
+        out[name] = {
+            "median_s": statistics.median(times[name]),
+            "min_s": min(times[name]),
+            "times_s": times[name],
+            "peak_gib": peaks[name] / GIB if cuda else None,
+        }
+    z, d = out["zturbo"]["median_s"], out["diffusers"]["median_s"]
+    out["speedup"] = d / z
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def image_diff(a: Any, b: Any) -> dict[str, float]:
+    x, y = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    d = np.abs(x - y)
+    return {"mean_abs": float(d.mean()), "max_abs": float(d.max()), "frac_equal": float((d == 0).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-sync check
+
+
+@dataclass
+class SyncEvent:
+    stack: list[traceback.FrameSummary]
+
+
+@contextlib.contextmanager
+def record_syncs() -> Iterator[list[SyncEvent]]:
+    """Every synchronizing CUDA call made inside the block, with the Python stack that made it."""
+    events: list[SyncEvent] = []
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any) -> None:
+        if "synchroniz" in str(message):
+            stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
+            events.append(SyncEvent(stack))
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield events
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def _short(path: str) -> str:
+    for marker in ("site-packages/", "/src/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def _where(frame: traceback.FrameSummary) -> str:
+    code = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
+    return f"{_short(frame.filename)}:{frame.lineno} ({frame.name}): {code}"
+
+
+def summarize_syncs(events: list[SyncEvent], loop_file: str, loop_lines: range) -> dict[str, Any]:
+    """Group syncs by the line that made them; `in_loop` when the loop function's frame is inside `loop_lines`."""
+    counts: Counter[tuple[str, bool, str]] = Counter()
+    for event in events:
+        innermost = event.stack[-1]
+        outer = [f for f in event.stack if f.filename == loop_file and f.lineno in loop_lines]
+        via = _where(outer[-1]) if outer else ""
+        counts[(_where(innermost), bool(outer), via)] += 1
+    locations = [
+        {"where": where, "in_step_loop": in_loop, "via": via, "count": n}
+        for (where, in_loop, via), n in counts.most_common()
+    ]
+    return {
+        "total": len(events),
+        "in_step_loop": sum(loc["count"] for loc in locations if loc["in_step_loop"]),
+        "locations": locations,
+    }
+
+
+def sync_check(b: Bench, size: int, embeds: list[torch.Tensor]) -> dict[str, Any]:
+    if b.device.type != "cuda":
+        return {"skipped": "not a CUDA device"}
+    source, first = inspect.getsourcelines(zengine.denoise)
+    loop_start = first + next(i for i, line in enumerate(source) if line.strip().startswith("for i, dt in"))
+    zturbo_loop = range(loop_start, first + len(source))
+    c = b.engine.components
+    unit = b.engine.limits.spatial_unit
+    patch = unit // zengine._vae_factor(c.vae)
+    h = w = size // unit * patch
+    with torch.inference_mode():
+        latents = zengine.prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(b.device)
+        sched = zengine.schedule(c.scheduler_config, STEPS, (h // patch) * (w // patch))
+        sync(b.device)
+        with record_syncs() as z_events:
+            zengine.denoise(c.transformer, latents, embeds, None, sched, 0.0)
+        sync(b.device)
+    from diffusers.pipelines.z_image import pipeline_z_image
+
+    source, first = inspect.getsourcelines(pipeline_z_image.ZImagePipeline.__call__)
+    loop_start = first + next(i for i, line in enumerate(source) if "for i, t in enumerate(timesteps)" in line)
+    loop_end = first + next(i for i, line in enumerate(source) if 'if output_type == "latent"' in line)
+    with record_syncs() as d_events:
+        diffusers_from_embeds(b, size, embeds, output_type="latent")
+    sync(b.device)
+    return {
+        "size": size,
+        "zturbo_denoise": summarize_syncs(z_events, zengine.__file__, zturbo_loop),
+        "diffusers_pipeline_latent": summarize_syncs(
+            d_events, pipeline_z_image.__file__, range(loop_start, loop_end)
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    env: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "zturbo": zturbo.__version__,
+    }
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    return env
+
+
+def table(res: dict[str, Any]) -> str:
+    rows = [
+        "| case | zturbo | diffusers | speedup | zturbo peak | diffusers peak |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def gib(v: float | None) -> str:
+        return "—" if v is None else f"{v:.1f} GiB"
+
+    def row(label: str, r: dict[str, Any]) -> None:
+        z, d = r["zturbo"], r["diffusers"]
+        rows.append(
+            f"| {label} | {z['median_s']:.3f} s | {d['median_s']:.3f} s | {r['speedup']:.2f}x "
+            f"| {gib(z['peak_gib'])} | {gib(d['peak_gib'])} |"
+        )
+
+    if "encode" in res:
+        n = res["encode"]["tokens"]
+        row(f"text encoding ({n} vs {res['encode']['diffusers_padded_to']} tokens)", res["encode"])
+    for key, r in res.get("denoise_decode", {}).items():
+        row(f"{key}² denoise + decode (same embeddings)", r)
+    for key, r in res.get("e2e", {}).items():
+        row(f"{key}² end to end, prompt → PIL", r)
+    lines = rows
+    if "latents" in res:
+        lat = res["latents"]
+        lines.append("")
+        lines.append(
+            f"final latents ({lat['size']}²), ||zturbo - diffusers|| / ||diffusers||: {lat['rel_err_vs_diffusers']:.3e} "
+            f"(diffusers vs itself: {lat['rel_err_diffusers_repeat']:.3e}; initial noise identical: "
+            f"{lat['noise_identical']})"
+        )
+    if "sync_check" in res and "skipped" not in res["sync_check"]:
+        s = res["sync_check"]
+        z, d = s["zturbo_denoise"], s["diffusers_pipeline_latent"]
+        lines.append(
+            f"host syncs: zturbo denoise {z['total']} ({z['in_step_loop']} inside the step loop); "
+            f"diffusers pipeline (latent output) {d['total']} ({d['in_step_loop']} inside its step loop)"
+        )
+    return "\n".join(lines)
+
+
+def save(res: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "bench_eager.json").write_text(json.dumps(res, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model on the CPU in float32 (smoke test)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per case (default 5; tiny 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per case and implementation")
+    parser.add_argument("--sizes", default=None, help="end-to-end sizes, comma separated (first = main size)")
+    args = parser.parse_args(argv)
+
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        sizes = [int(s) for s in (args.sizes or "64,32,96").split(",")]
+        runs = args.runs or 3
+    else:
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device; use --tiny for the CPU smoke test")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        sizes = [int(s) for s in (args.sizes or "1024,512,1536").split(",")]
+        runs = args.runs or 5
+    out_dir = Path(os.environ.get("OUT") or tempfile.gettempdir())
+    main_size = sizes[0]
+
+    res: dict[str, Any] = {
+        "env": environment(device),
+        "config": {
+            "tiny": args.tiny,
+            "dtype": str(dtype).removeprefix("torch."),
+            "steps": STEPS,
+            "guidance_scale": 0.0,
+            "batch": 1,
+            "seed": SEED,
+            "runs": runs,
+            "warmup": args.warmup,
+            "sizes": sizes,
+            "prompt": PROMPT,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        },
+    }
+    print(json.dumps(res["env"]), flush=True)
+
+    start = time.perf_counter()
+    b = build(args.tiny, device, dtype, runs, args.warmup)
+    sync(device)
+    res["build_s"] = time.perf_counter() - start
+    if device.type == "cuda":
+        res["weights_gib"] = torch.cuda.memory_allocated(device) / GIB
+    print(f"built in {res['build_s']:.1f} s", flush=True)
+
+    # (a) end to end at the main size first: the acceptance number.
+    res["e2e"] = {}
+    res["e2e"][str(main_size)] = compare(
+        b, {"zturbo": lambda: zturbo_e2e(b, main_size), "diffusers": lambda: diffusers_e2e(b, main_size)}
+    )
+    print(f"e2e {main_size}: {json.dumps(res['e2e'][str(main_size)])}", flush=True)
+    images = {"zturbo": zturbo_e2e(b, main_size).images[0].image, "diffusers": diffusers_e2e(b, main_size)[0]}
+    res["e2e_image_diff"] = {"size": main_size, **image_diff(images["zturbo"], images["diffusers"])}
+    res["zturbo_internal_timings"] = zturbo_e2e(b, main_size).timings
+    save(res, out_dir)
+
+    # (b) text encoding alone.
+    z_embeds, d_embeds = zturbo_encode(b), diffusers_encode(b)
+    res["encode"] = compare(b, {"zturbo": lambda: zturbo_encode(b), "diffusers": lambda: diffusers_encode(b)}, 4 * runs)
+    res["encode"]["tokens"] = int(z_embeds[0].shape[0])
+    res["encode"]["diffusers_padded_to"] = 512
+    res["encode"]["same_length"] = z_embeds[0].shape == d_embeds[0].shape
+    res["encode"]["rel_err_embeds"] = rel_err(z_embeds[0], d_embeds[0]) if res["encode"]["same_length"] else None
+    print(f"encode: {json.dumps(res['encode'])}", flush=True)
+    save(res, out_dir)
+
+    # (c) denoise + decode alone, both from diffusers' embeddings.
+    embeds = [e.clone() for e in d_embeds]
+    res["denoise_decode"] = {
+        str(main_size): compare(
+            b,
+            {
+                "zturbo": lambda: zturbo_denoise_decode(b, main_size, embeds),
+                "diffusers": lambda: diffusers_from_embeds(b, main_size, embeds),
+            },
+        )
+    }
+    print(f"denoise+decode {main_size}: {json.dumps(res['denoise_decode'])}", flush=True)
+    save(res, out_dir)
+
+    # (d) final latents of the two implementations, same noise and embeddings.
+    z_lat = zturbo_latents(b, main_size, embeds)
+    d_lat = diffusers_from_embeds(b, main_size, embeds, output_type="latent")
+    d_lat2 = diffusers_from_embeds(b, main_size, embeds, output_type="latent")
+    unit = b.engine.limits.spatial_unit
+    h = main_size // unit * 2
+    d_noise = b.pipe.prepare_latents(
+        1, 16, main_size, main_size, torch.float32, device, torch.Generator("cpu").manual_seed(SEED)
+    )
+    z_noise = zengine.prepare_latents([SEED], 16, h, h).to(device)
+    res["latents"] = {
+        "size": main_size,
+        "shape": list(z_lat.shape),
+        "rel_err_vs_diffusers": rel_err(z_lat, d_lat),
+        "rel_err_diffusers_repeat": rel_err(d_lat2, d_lat),
+        "max_abs_diff": float((z_lat.float().cpu() - d_lat.float().cpu()).abs().max()),
+        "diffusers_abs_max": float(d_lat.abs().max()),
+        "any_nan": bool(torch.isnan(z_lat).any() or torch.isnan(d_lat).any()),
+        "noise_identical": bool(torch.equal(z_noise.cpu(), d_noise.cpu())),
+    }
+    print(f"latents: {json.dumps(res['latents'])}", flush=True)
+    save(res, out_dir)
+
+    # (e) host syncs.
+    res["sync_check"] = sync_check(b, main_size, embeds)
+    print(f"sync check: {json.dumps(res['sync_check'], indent=1)}", flush=True)
+    save(res, out_dir)
+
+    # (a) other sizes.
+    for size in sizes[1:]:
+        res["e2e"][str(size)] = compare(
+            b, {"zturbo": lambda s=size: zturbo_e2e(b, s), "diffusers": lambda s=size: diffusers_e2e(b, s)}
+        )
+        print(f"e2e {size}: {json.dumps(res['e2e'][str(size)])}", flush=True)
+        save(res, out_dir)
+
+    res["total_s"] = time.perf_counter() - start
+    save(res, out_dir)
+    print()
+    print(table(res))
+    print(f"\nfull results: {out_dir / 'bench_eager.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

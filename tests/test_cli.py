@@ -1,0 +1,180 @@
+"""The CLI: generate and info end to end, and every kind of bad input (a clear line, non-zero exit)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from zturbo.cli import main
+from zturbo.imageio import read_metadata
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_png_and_reports_path_and_seed(capsys, tiny_dir, tmp_path):
+    target = tmp_path / "fox.png"
+    code, out, err = run(
+        capsys, "generate", "a red fox", "--model", str(tiny_dir), "--seed", "42",
+        "--width", "64", "--height", "48", "--steps", "3", "--device", "cpu", "-o", str(target),
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.strip() == f"{target}\tseed=42"
+    assert "1 image(s) in" in err and "total" in err
+    assert "transformer: float32 on cpu" in err  # one log line per component
+    meta = read_metadata(target)
+    assert (meta["seed"], meta["steps"], meta["width"], meta["height"]) == (42, 3, 64, 48)
+    with Image.open(target) as im:
+        assert im.size == (64, 48)
+
+
+def test_generate_batch_into_directory_with_random_seed(capsys, tiny_dir, tmp_path):
+    code, out, err = run(
+        capsys, "generate", "a red fox", "--model", str(tiny_dir), "--batch", "2",
+        "--width", "32", "--height", "32", "--steps", "1", "-o", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    seeds = [int(line.split("seed=")[1]) for line in lines]
+    assert seeds[1] == seeds[0] + 1
+    assert f"seed {seeds[0]} (random)" in err
+    assert all(Path(line.split("\t")[0]).is_file() for line in lines)
+
+
+def test_info_lists_versions_capabilities_and_dtypes(capsys):
+    code, out, _ = run(capsys, "info", "--device", "cpu")
+    assert code == 0
+    for key in ("zturbo", "torch", "diffusers", "transformers", "CUDA", "bf16 / fp16 / fp8", "flash attention",
+                "memory", "transformer dtype", "text encoder dtype", "vae dtype"):  # fmt: skip
+        assert key in out
+
+
+BAD_REQUESTS = [
+    (["--width", "1000"], "width 1000 is not a multiple of 16 (the model's spatial unit); nearest valid: 992 or 1008"),
+    (["--height", "8"], "height 8 is below the minimum of 16"),
+    (["--steps", "0"], "steps 0 is out of range; allowed 1..100"),
+    (["--steps", "101"], "steps 101 is out of range; allowed 1..100"),
+    (["--batch", "0"], "batch 0 is out of range; allowed 1..64"),
+    (["--guidance", "-1"], "guidance_scale -1.0 is out of range"),
+    (["--guidance", "nan"], "guidance_scale must be a finite number"),
+    (["--seed", "-5"], "seed -5 is out of range"),
+    (["--width", "4096", "--height", "4096"], "size 4096x4096 is 16777216 pixels, above the limit of 4194304"),
+    (["--width", "512", "--height", "512", "--max-pixels", "1024"], "above the limit of 1024"),
+    (["--batch", "2", "-o", "one.png"], "names one file but 2 images will be made"),
+    (["--device", "cuda:7"], "cuda:7"),
+    (["--device", "tpu"], "device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_REQUESTS)
+def test_bad_requests_fail_with_one_clear_line(capsys, tiny_dir, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "generate", "a fox", "--model", str(tiny_dir), *args)
+    assert code != 0
+    assert out == ""
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("zturbo: error: ")
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n"])
+def test_empty_prompt_is_rejected(capsys, tiny_dir, prompt):
+    code, _, err = run(capsys, "generate", prompt, "--model", str(tiny_dir))
+    assert code == 2
+    assert "prompt is empty" in err
+
+
+def test_unknown_dtype_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "a fox", "--dtype", "float8"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'float8'" in capsys.readouterr().err
+
+
+def test_existing_output_is_not_overwritten(capsys, tiny_dir, tmp_path):
+    target = tmp_path / "x.png"
+    target.write_bytes(b"keep me")
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(tiny_dir), "-o", str(target))
+    assert code == 1
+    assert "already exists; pass --overwrite" in err
+    assert target.read_bytes() == b"keep me"
+
+
+@pytest.fixture
+def broken_copy(tiny_dir, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_dir, copy)
+    return copy
+
+
+def test_missing_component_is_named(capsys, broken_copy):
+    shutil.rmtree(broken_copy / "vae")
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(broken_copy))
+    assert code == 1
+    assert f"component directory {broken_copy / 'vae'} is missing" in err
+
+
+def test_missing_shard_is_named(capsys, broken_copy):
+    shard = sorted((broken_copy / "transformer").glob("*-00002-of-*.safetensors"))[0]
+    shard.unlink()
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(broken_copy))
+    assert code == 1
+    assert f"weight shard {shard} named in diffusion_pytorch_model.safetensors.index.json is missing" in err
+
+
+def test_truncated_safetensors_is_named(capsys, broken_copy):
+    shard = sorted((broken_copy / "transformer").glob("*.safetensors"))[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(broken_copy), "--width", "32", "--height", "32")
+    assert code == 1
+    assert f"{shard} is corrupt or truncated" in err
+
+
+def test_garbage_safetensors_is_named(capsys, broken_copy):
+    shard = broken_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    shard.write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(broken_copy), "--width", "32", "--height", "32")
+    assert code == 1
+    assert f"{shard} is corrupt or truncated" in err
+
+
+def test_not_a_model_name(capsys):
+    code, _, err = run(capsys, "generate", "a fox", "--model", "no such thing")
+    assert code == 1
+    assert "is neither an existing directory nor a hub repo id" in err
+
+
+def _cli_subprocess(tmp_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ZTURBO_"))}
+    env.update(HF_HOME=str(tmp_path / "empty-hf-home"), **env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "zturbo.cli", "generate", "a fox", "--model", "Tongyi-MAI/Z-Image-Turbo"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+
+
+def test_offline_without_cache_says_how_to_proceed(tmp_path):
+    proc = _cli_subprocess(tmp_path, {"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    assert "is not in the local Hugging Face cache and the hub cannot be reached" in proc.stderr
+    assert "pass --model a local directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_hub_without_cache_says_how_to_proceed(tmp_path):
+    # Port 9 on loopback refuses at once: an unreachable hub without touching the network.
+    proc = _cli_subprocess(tmp_path, {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+    assert proc.returncode == 1
+    assert "pass --model a local directory" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,52 @@
+"""GenerateRequest validation through the Python API (the CLI tests cover the same rules end to end)."""
+
+from __future__ import annotations
+
+import pytest
+
+from zturbo.config import RuntimeConfig
+from zturbo.errors import InvalidRequestError
+from zturbo.request import GenerateRequest, ModelLimits, nearest_multiples
+
+LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
+
+
+def test_defaults_are_the_turbo_settings():
+    req = GenerateRequest.create("a fox", limits=LIMITS, seed=1)
+    assert (req.steps, req.guidance_scale, req.width, req.height, req.batch) == (8, 0.0, 1024, 1024, 1)
+    assert not req.do_cfg and not req.seed_was_random
+
+
+def test_image_order_and_seeds_for_several_prompts():
+    req = GenerateRequest.create(["a", "b"], limits=LIMITS, seed=10, batch=2, negative_prompt=["x", "y"])
+    assert req.image_prompts() == [("a", "x", 10), ("a", "x", 11), ("b", "y", 12), ("b", "y", 13)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"negative_prompt": ["x", "y"]}, "got 2 negative prompts for 1 prompts"),
+        ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"width": "1024"}, "width must be a whole number of pixels, got '1024'"),
+        ({"seed": 2**63 - 1, "batch": 2}, "seed 9223372036854775807 is out of range"),
+        ({"guidance_scale": True}, "guidance_scale must be a finite number"),
+    ],
+)
+def test_invalid_values_name_themselves(kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        GenerateRequest.create("a fox", limits=LIMITS, **kwargs)
+
+
+def test_nearest_multiples():
+    assert nearest_multiples(1000, 16) == (992, 1008)
+    assert nearest_multiples(17, 16) == (16, 32)
+
+
+def test_runtime_config_from_env():
+    cfg = RuntimeConfig.from_env({"ZTURBO_MODEL": "/m", "ZTURBO_MAX_PIXELS": "1000000"}, device="cpu")
+    assert (cfg.model, cfg.device, cfg.max_pixels) == ("/m", "cpu", 1_000_000)
+    assert RuntimeConfig.from_env({"ZTURBO_MODEL": "/m"}, model="/other").model == "/other"
+    with pytest.raises(InvalidRequestError, match="ZTURBO_MAX_PIXELS='lots' is not a whole number"):
+        RuntimeConfig.from_env({"ZTURBO_MAX_PIXELS": "lots"})
+    with pytest.raises(InvalidRequestError, match="dtype 'fp8' is not one of"):
+        RuntimeConfig(dtype="fp8")
