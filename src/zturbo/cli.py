@@ -27,7 +27,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         help=f"hub repo id, local diffusers directory, or {TINY_MODEL!r} (default: $ZTURBO_MODEL or {DEFAULT_MODEL})",
     )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="weights and compute dtype (default auto)")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="dtype of every component (default auto)")
+    for component in ("transformer", "text-encoder", "vae"):
+        p.add_argument(
+            f"--{component}-dtype", default=None, choices=DTYPE_CHOICES, help=f"override for the {component}"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +93,6 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .config import RuntimeConfig
     from .device import resolve_device
     from .engine import Engine
     from .imageio import check_output
@@ -97,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .request import GenerateRequest
 
     started = time.perf_counter()
-    config = RuntimeConfig.from_env(model=args.model, device=args.device, dtype=args.dtype, max_pixels=args.max_pixels)
+    config = _runtime_config(args, max_pixels=args.max_pixels)
     resolve_device(config.device)
     # Validate against the model's configs before any large download or load.
     configs = resolve_model(config.model, weights=False)
@@ -117,13 +120,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log.info("seed %d (random)", request.seed)
     engine = Engine.load(config, source=resolve_model(config.model))
     with _progress(request.steps, disabled=args.quiet) as bar:
-        result = engine.generate(request, on_step=lambda i, n: bar.update(1))
+        result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
     for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images, strict=True):
         print(f"{path}\tseed={image.seed}", flush=True)
     total = time.perf_counter() - started
     gen_s = sum(result.timings.values())
     print(f"zturbo: {len(result.images)} image(s) in {gen_s:.2f} s; total {total:.1f} s with loading", file=sys.stderr)
     return 0
+
+
+def _choice_text(choice: Any) -> str:
+    from .device import dtype_name
+
+    return f"{dtype_name(choice.dtype)}  ({choice.reason})"
+
+
+def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
+    from .config import RuntimeConfig
+
+    return RuntimeConfig.from_env(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        transformer_dtype=args.transformer_dtype,
+        text_encoder_dtype=args.text_encoder_dtype,
+        vae_dtype=args.vae_dtype,
+        **extra,
+    )
+
+
+def _advance(bar: Any, step: int) -> None:
+    if step == 1:
+        bar.reset()  # a precision fallback re-runs the steps from the first
+    bar.update(1)
 
 
 def _progress(steps: int, disabled: bool) -> Any:
@@ -137,13 +166,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    from .config import RuntimeConfig
-    from .device import dtype_name, memory_line, probe, resolve_device, resolve_dtype
+    from .device import memory_line, probe, resolve_device
+    from .precision import COMPONENTS, choose_precision
 
-    config = RuntimeConfig.from_env(model=args.model, device=args.device, dtype=args.dtype)
+    config = _runtime_config(args)
     device = resolve_device(config.device)
     caps = probe(device)
-    dtype = dtype_name(resolve_dtype(config.dtype, caps))
+    plan = choose_precision(caps, dtype=config.dtype, overrides=config.component_dtypes())
     rows = [
         ("zturbo", __version__),
         ("torch", torch.__version__),
@@ -156,10 +185,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("flash attention", "yes" if caps.flash_attention else "no"),
         ("memory", memory_line(device)),
         ("model", config.model),
-        ("transformer dtype", dtype),
-        ("text encoder dtype", dtype),
-        ("vae dtype", dtype),
-        ("latents / scheduler", "float32"),
+        *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
+        ("latents / scheduler", "float32  (always)"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

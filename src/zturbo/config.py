@@ -23,14 +23,23 @@ class RuntimeConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Per-component overrides of `dtype` (None = follow `dtype`).
+    transformer_dtype: str | None = None
+    text_encoder_dtype: str | None = None
+    vae_dtype: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_CHOICES:
-            raise InvalidRequestError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPE_CHOICES:
+                raise InvalidRequestError(f"{name} {value!r} is not one of {', '.join(DTYPE_CHOICES)}")
         if self.max_pixels < 16 * 16:
             raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
         if not self.model.strip():
             raise InvalidRequestError("model is empty; pass a hub repo id, a local directory or 'tiny-random'")
+
+    def component_dtypes(self) -> dict[str, str | None]:
+        return {"transformer": self.transformer_dtype, "text_encoder": self.text_encoder_dtype, "vae": self.vae_dtype}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:

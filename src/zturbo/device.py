@@ -66,22 +66,6 @@ def probe(device: torch.device) -> Capabilities:
     return Capabilities(str(device), "CPU", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
 
 
-def default_dtype(caps: Capabilities) -> torch.dtype:
-    """bf16 where the accelerator computes it natively, float32 elsewhere (CPU, MPS, pre-Ampere GPUs)."""
-    if caps.device.startswith("cuda") and caps.bf16:
-        return torch.bfloat16
-    return torch.float32
-
-
-def resolve_dtype(spec: str, caps: Capabilities) -> torch.dtype:
-    if spec == "auto":
-        return default_dtype(caps)
-    dtype = DTYPES[spec]
-    if dtype is torch.bfloat16 and not caps.bf16:
-        raise DeviceError(f"dtype bfloat16 is not supported on {caps.name}; use float16 or float32")
-    return dtype
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from .config import RuntimeConfig
-from .device import dtype_name, memory_line, probe, resolve_device, resolve_dtype
+from .device import dtype_name, memory_line, probe, resolve_device
+from .errors import PrecisionError
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
+from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ModelLimits
 
 log = logging.getLogger("zturbo")
@@ -156,10 +158,14 @@ def denoise(
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """float32 latents (B, C, h, w) -> uint8 images (B, H, W, 3) on the CPU."""
+    """float32 latents (B, C, h, w) -> float32 images (B, 3, H, W) in [-1, 1] (unclamped)."""
     z = latents / vae.config.scaling_factor + vae.config.shift_factor
-    image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-    image = (image.float() * 0.5 + 0.5).clamp(0, 1)
+    return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """float images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) on the CPU."""
+    image = (image * 0.5 + 0.5).clamp(0, 1)
     return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
@@ -182,6 +188,7 @@ class GenerateResult:
     request: GenerateRequest
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fallbacks: list[dict[str, str]] = field(default_factory=list)  # precision escalations, in order
 
     def save(self, path: str | None = None, *, overwrite: bool = False) -> list[Any]:
         """Write PNGs with metadata; `path` is a .png file (single image) or a directory."""
@@ -220,14 +227,18 @@ class Engine:
     def load(cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None) -> Engine:
         config = config or RuntimeConfig.from_env()
         device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, probe(device))
-        dtypes = {"transformer": dtype, "text_encoder": dtype, "vae": dtype}
         source = source or resolve_model(config.model)
+        plan = choose_precision(
+            probe(device),
+            dtype=config.dtype,
+            overrides=config.component_dtypes(),
+            vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
+        )
         start = time.perf_counter()
-        components = load_components(source, device, dtypes)
+        components = load_components(source, device, plan.dtypes())
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
-        return cls(components, model, device, dtypes, source.limits(config.max_pixels))
+        return cls(components, model, device, plan.dtypes(), source.limits(config.max_pixels))
 
     def request(self, prompt: str | Sequence[str], **params: Any) -> GenerateRequest:
         """Validate parameters against this model's limits."""
@@ -241,8 +252,47 @@ class Engine:
         on_step: StepCallback | None = None,
         **params: Any,
     ) -> GenerateResult:
-        """Generate images; `prompt` is text, a list of prompts, or a ready GenerateRequest."""
+        """Generate images; `prompt` is text, a list of prompts, or a ready GenerateRequest.
+
+        A non-finite result re-runs the request once per escalation with the component at fault
+        in the next safer dtype (float16 -> bfloat16 -> float32); the escalation is recorded in
+        the result and the images' metadata, and kept for later requests.
+        """
         req = prompt if isinstance(prompt, GenerateRequest) else self.request(prompt, **params)
+        fallbacks: list[dict[str, str]] = []
+        while True:  # bounded: every pass raises a component's precision or raises an error
+            try:
+                result = self._run(req, on_step, fallbacks)
+            except NonFiniteError as e:
+                fallbacks.append(self._escalate(e))
+                continue
+            for image in result.images:
+                image.metadata["fallbacks"] = fallbacks
+            result.fallbacks = fallbacks
+            return result
+
+    def _escalate(self, err: NonFiniteError) -> dict[str, str]:
+        current = self.dtypes[err.component]
+        target = safer(current, probe(self.device))
+        if target is None:
+            raise PrecisionError(
+                f"{err.component} produced non-finite values ({err.reason}) even in {dtype_name(current)}; "
+                "the weights or inputs are broken"
+            )
+        record = {
+            "component": err.component,
+            "from": dtype_name(current),
+            "to": dtype_name(target),
+            "reason": err.reason,
+        }
+        log.warning("%s: %s in %s; re-running in %s", err.component, err.reason, record["from"], record["to"])
+        getattr(self.components, err.component).to(target)
+        self.dtypes = {**self.dtypes, err.component: target}
+        return record
+
+    def _run(
+        self, req: GenerateRequest, on_step: StepCallback | None, fallbacks: list[dict[str, str]]
+    ) -> GenerateResult:
         c = self.components
         timings: dict[str, float] = {}
         tick = time.perf_counter()
@@ -262,10 +312,18 @@ class Engine:
         latents = prepare_latents([s for _, _, s in rows], c.transformer.config.in_channels, h, w).to(self.device)
         sched = schedule(c.scheduler_config, req.steps, (h // patch) * (w // patch))
         latents = denoise(c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step)
-        pixels = decode(c.vae, latents)  # the copy to the CPU waits for the GPU
+        # One check after the loop, none inside it; the embeddings are only looked at on failure.
+        if not all_finite(latents):
+            if not all_finite(cond + (uncond or [])):
+                raise NonFiniteError("text_encoder", "non-finite prompt embeddings")
+            raise NonFiniteError("transformer", "non-finite latents after denoising")
+        image = decode(c.vae, latents)
+        while not all_finite(image):  # only the decode is redone: the latents are fine
+            fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
+            image = decode(c.vae, latents)
+        pixels = to_uint8(image)
         timings["denoise_decode_s"] = time.perf_counter() - tick
-        images = self._package(req, rows, pixels)
-        return GenerateResult(images, req, timings, warnings)
+        return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
 
     def _package(
         self, req: GenerateRequest, rows: list[tuple[str, str, int]], pixels: torch.Tensor

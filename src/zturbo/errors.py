@@ -46,3 +46,10 @@ class DeviceError(ZTurboError):
 
     http_status = 400
     kind = "device_error"
+
+
+class PrecisionError(ZTurboError):
+    """A component produced non-finite values even in float32."""
+
+    http_status = 500
+    kind = "precision_error"
