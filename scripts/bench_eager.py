@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import linecache
@@ -47,6 +48,7 @@ import zturbo
 from zturbo import engine as zengine
 from zturbo.engine import Engine, ModelInfo
 from zturbo.loader import Components
+from zturbo.precision import all_finite
 from zturbo.request import ModelLimits
 from zturbo.tiny import build_tokenizer
 
@@ -206,8 +208,13 @@ def diffusers_encode(b: Bench) -> list[torch.Tensor]:
     return embeds
 
 
-def zturbo_latents(b: Bench, size: int, embeds: list[torch.Tensor]) -> torch.Tensor:
-    """Engine.generate's steps after encoding, up to the final float32 latents."""
+def zturbo_latents(
+    b: Bench, size: int, embeds: list[torch.Tensor], model_t: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Engine.generate's steps after encoding, up to the final float32 latents.
+
+    `model_t` replaces the schedule's transformer timestep inputs (for the parity diagnosis).
+    """
     c = b.engine.components
     unit = b.engine.limits.spatial_unit
     patch = unit // zengine._vae_factor(c.vae)
@@ -215,16 +222,32 @@ def zturbo_latents(b: Bench, size: int, embeds: list[torch.Tensor]) -> torch.Ten
     with torch.inference_mode():
         latents = zengine.prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(b.device)
         sched = zengine.schedule(c.scheduler_config, STEPS, (h // patch) * (w // patch))
+        if model_t is not None:
+            sched = dataclasses.replace(sched, model_t=model_t)
         return zengine.denoise(c.transformer, latents, embeds, None, sched, 0.0)
 
 
+def diffusers_model_t(b: Bench) -> torch.Tensor:
+    """The transformer's timestep inputs as ZImagePipeline computes them: (1000 - t) / 1000 on the device."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(b.engine.components.scheduler_config)
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1 / STEPS, STEPS).tolist(), device=b.device)
+    return torch.stack([((1000 - t.expand(1)) / 1000)[0] for t in scheduler.timesteps]).cpu()
+
+
 def zturbo_denoise_decode(b: Bench, size: int, embeds: list[torch.Tensor]) -> Any:
-    """Denoise + decode + PIL conversion, as Engine.generate does them after encoding."""
+    """Denoise + decode + PIL conversion, as Engine.generate does them after encoding (finite checks included)."""
     from PIL import Image
 
     latents = zturbo_latents(b, size, embeds)
     with torch.inference_mode():
-        pixels = zengine.decode(b.engine.components.vae, latents)
+        if not all_finite(latents):
+            raise RuntimeError("non-finite latents")
+        image = zengine.decode(b.engine.components.vae, latents)
+        if not all_finite(image):
+            raise RuntimeError("non-finite image")
+        pixels = zengine.to_uint8(image)
     return [Image.fromarray(a) for a in pixels.numpy()]
 
 
@@ -301,6 +324,7 @@ def image_diff(a: Any, b: Any) -> dict[str, float]:
 
 @dataclass
 class SyncEvent:
+    message: str
     stack: list[traceback.FrameSummary]
 
 
@@ -308,11 +332,15 @@ class SyncEvent:
 def record_syncs() -> Iterator[list[SyncEvent]]:
     """Every synchronizing CUDA call made inside the block, with the Python stack that made it."""
     events: list[SyncEvent] = []
+    notices: list[str] = []
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, *args: Any) -> None:
-        if "synchroniz" in str(message):
+        text = str(message)
+        if "called a synchronizing CUDA operation" in text:
             stack = [f for f in traceback.extract_stack()[:-1] if not f.filename.endswith("warnings.py")]
-            events.append(SyncEvent(stack))
+            events.append(SyncEvent(text, stack))
+        else:  # e.g. the mode's own notice that it is a prototype
+            notices.append(text)
 
     with warnings.catch_warnings():  # restores showwarning and the filters on exit
         warnings.simplefilter("always")
@@ -322,6 +350,8 @@ def record_syncs() -> Iterator[list[SyncEvent]]:
             yield events
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    for text in dict.fromkeys(notices):
+        print(f"warning while checking syncs (not a sync): {text}", flush=True)
 
 
 def _short(path: str) -> str:
@@ -338,17 +368,19 @@ def _where(frame: traceback.FrameSummary) -> str:
 
 def summarize_syncs(events: list[SyncEvent], loop_file: str, loop_lines: range) -> dict[str, Any]:
     """Group syncs by the line that made them; `in_loop` when the loop function's frame is inside `loop_lines`."""
-    counts: Counter[tuple[str, bool, str]] = Counter()
+    counts: Counter[tuple[str, bool, str, tuple[str, ...]]] = Counter()
     for event in events:
-        innermost = event.stack[-1]
         outer = [f for f in event.stack if f.filename == loop_file and f.lineno in loop_lines]
         via = _where(outer[-1]) if outer else ""
-        counts[(_where(innermost), bool(outer), via)] += 1
+        # The callers that say which model code it was (torch.nn.Module's dispatch frames left out).
+        callers = [f for f in event.stack[:-1] if not f.filename.endswith("torch/nn/modules/module.py")]
+        counts[(_where(event.stack[-1]), bool(outer), via, tuple(_where(f) for f in callers[-3:]))] += 1
     locations = [
-        {"where": where, "in_step_loop": in_loop, "via": via, "count": n}
-        for (where, in_loop, via), n in counts.most_common()
+        {"where": where, "in_step_loop": in_loop, "via": via, "callers": list(callers), "count": n}
+        for (where, in_loop, via, callers), n in counts.most_common()
     ]
     return {
+        "messages": sorted({e.message for e in events}),
         "total": len(events),
         "in_step_loop": sum(loc["count"] for loc in locations if loc["in_step_loop"]),
         "locations": locations,
@@ -380,12 +412,21 @@ def sync_check(b: Bench, size: int, embeds: list[torch.Tensor]) -> dict[str, Any
     with record_syncs() as d_events:
         diffusers_from_embeds(b, size, embeds, output_type="latent")
     sync(b.device)
+    # The whole request, prompt -> PIL, for context: syncs outside the loop are expected (tokenizer
+    # output, finite checks, the copy of the image to the host).
+    with record_syncs() as z_all:
+        zturbo_e2e(b, size)
+    sync(b.device)
+    with record_syncs() as d_all:
+        diffusers_e2e(b, size)
+    sync(b.device)
+    diffusers_loop = range(loop_start, loop_end)
     return {
+        "zturbo_generate_e2e": summarize_syncs(z_all, zengine.__file__, zturbo_loop),
+        "diffusers_pipeline_e2e": summarize_syncs(d_all, pipeline_z_image.__file__, diffusers_loop),
         "size": size,
         "zturbo_denoise": summarize_syncs(z_events, zengine.__file__, zturbo_loop),
-        "diffusers_pipeline_latent": summarize_syncs(
-            d_events, pipeline_z_image.__file__, range(loop_start, loop_end)
-        ),
+        "diffusers_pipeline_latent": summarize_syncs(d_events, pipeline_z_image.__file__, diffusers_loop),
     }
 
 
@@ -442,16 +483,21 @@ def table(res: dict[str, Any]) -> str:
         lat = res["latents"]
         lines.append("")
         lines.append(
-            f"final latents ({lat['size']}²), ||zturbo - diffusers|| / ||diffusers||: {lat['rel_err_vs_diffusers']:.3e} "
+            f"final latents ({lat['size']}²), ||zturbo - diffusers|| / ||diffusers||: "
+            f"{lat['rel_err_vs_diffusers']:.3e} "
             f"(diffusers vs itself: {lat['rel_err_diffusers_repeat']:.3e}; initial noise identical: "
-            f"{lat['noise_identical']})"
+            f"{lat['noise_identical']}); with diffusers' timestep inputs "
+            f"(max difference {lat['timestep_inputs_max_abs_diff']:.2e}): "
+            f"{lat['rel_err_vs_diffusers_with_diffusers_timestep_inputs']:.3e}"
         )
     if "sync_check" in res and "skipped" not in res["sync_check"]:
         s = res["sync_check"]
         z, d = s["zturbo_denoise"], s["diffusers_pipeline_latent"]
         lines.append(
             f"host syncs: zturbo denoise {z['total']} ({z['in_step_loop']} inside the step loop); "
-            f"diffusers pipeline (latent output) {d['total']} ({d['in_step_loop']} inside its step loop)"
+            f"diffusers pipeline (latent output) {d['total']} ({d['in_step_loop']} inside its step loop); "
+            f"whole request: zturbo {s['zturbo_generate_e2e']['total']}, "
+            f"diffusers {s['diffusers_pipeline_e2e']['total']}"
         )
     return "\n".join(lines)
 
@@ -482,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(s) for s in (args.sizes or "1024,512,1536").split(",")]
         runs = args.runs or 5
     out_dir = Path(os.environ.get("OUT") or tempfile.gettempdir())
+    out_dir.mkdir(parents=True, exist_ok=True)
     main_size = sizes[0]
 
     res: dict[str, Any] = {
@@ -518,7 +565,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"e2e {main_size}: {json.dumps(res['e2e'][str(main_size)])}", flush=True)
     images = {"zturbo": zturbo_e2e(b, main_size).images[0].image, "diffusers": diffusers_e2e(b, main_size)[0]}
     res["e2e_image_diff"] = {"size": main_size, **image_diff(images["zturbo"], images["diffusers"])}
-    res["zturbo_internal_timings"] = zturbo_e2e(b, main_size).timings
+    last = zturbo_e2e(b, main_size)
+    res["zturbo_internal_timings"] = last.timings
+    res["zturbo_fallbacks"] = last.fallbacks  # a precision escalation would make the comparison unequal
+    if last.fallbacks:
+        print(f"WARNING: zturbo escalated precision: {last.fallbacks}", flush=True)
     save(res, out_dir)
 
     # (b) text encoding alone.
@@ -555,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
         1, 16, main_size, main_size, torch.float32, device, torch.Generator("cpu").manual_seed(SEED)
     )
     z_noise = zengine.prepare_latents([SEED], 16, h, h).to(device)
+    # Diagnosis: the same run with the transformer's timestep inputs computed the way diffusers computes them.
+    c = b.engine.components
+    z_model_t = zengine.schedule(c.scheduler_config, STEPS, (h // 2) ** 2).model_t
+    d_model_t = diffusers_model_t(b)
+    z_lat_dt = zturbo_latents(b, main_size, embeds, model_t=d_model_t)
     res["latents"] = {
         "size": main_size,
         "shape": list(z_lat.shape),
@@ -564,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         "diffusers_abs_max": float(d_lat.abs().max()),
         "any_nan": bool(torch.isnan(z_lat).any() or torch.isnan(d_lat).any()),
         "noise_identical": bool(torch.equal(z_noise.cpu(), d_noise.cpu())),
+        "timestep_inputs_identical": bool(torch.equal(z_model_t, d_model_t)),
+        "timestep_inputs_max_abs_diff": float((z_model_t - d_model_t).abs().max()),
+        "rel_err_vs_diffusers_with_diffusers_timestep_inputs": rel_err(z_lat_dt, d_lat),
     }
     print(f"latents: {json.dumps(res['latents'])}", flush=True)
     save(res, out_dir)
@@ -582,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         save(res, out_dir)
 
     res["total_s"] = time.perf_counter() - start
+    res["zturbo_dtypes_at_end"] = {k: str(v).removeprefix("torch.") for k, v in b.engine.dtypes.items()}
     save(res, out_dir)
     print()
     print(table(res))
