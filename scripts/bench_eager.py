@@ -46,6 +46,7 @@ import torch
 
 import zturbo
 from zturbo import engine as zengine
+from zturbo import tiny as tiny_model
 from zturbo.engine import Engine, ModelInfo
 from zturbo.loader import Components
 from zturbo.precision import all_finite
@@ -76,6 +77,24 @@ class Bench:
 # Models
 
 
+# FLUX.1 VAE as published with Z-Image-Turbo (shared/reference/diffusers_probe.py).
+FLUX_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
 def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int) -> tuple[Any, Any, Any]:
     """(transformer, vae, text_encoder) with random weights, built directly on `device` in `dtype`."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
@@ -87,30 +106,8 @@ def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: i
     try:
         with torch.device(device):
             if tiny:
-                transformer = ZImageTransformer2DModel(
-                    all_patch_size=(2,),
-                    all_f_patch_size=(1,),
-                    in_channels=16,
-                    dim=32,
-                    n_layers=2,
-                    n_refiner_layers=1,
-                    n_heads=2,
-                    n_kv_heads=2,
-                    cap_feat_dim=16,
-                    axes_dims=[8, 4, 4],
-                    axes_lens=[1024, 512, 512],
-                )
-                text_config = Qwen3Config(
-                    hidden_size=16,
-                    intermediate_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    num_key_value_heads=1,
-                    head_dim=8,
-                    vocab_size=vocab,
-                    max_position_embeddings=4096,
-                    rope_theta=1_000_000.0,
-                )
+                transformer = ZImageTransformer2DModel(**tiny_model.TRANSFORMER_CONFIG)
+                text_config = Qwen3Config(**tiny_model.text_encoder_config(vocab))
             else:
                 transformer = ZImageTransformer2DModel()  # the published default config (pad tokens are zeros)
                 text_config = Qwen3Config(
@@ -125,22 +122,7 @@ def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: i
                     rope_theta=1e6,
                     tie_word_embeddings=True,
                 )
-            channels = [16, 16, 16, 16] if tiny else [128, 256, 512, 512]
-            vae = AutoencoderKL(
-                in_channels=3,
-                out_channels=3,
-                down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4,
-                block_out_channels=channels,
-                layers_per_block=1 if tiny else 2,
-                latent_channels=16,
-                norm_num_groups=8 if tiny else 32,
-                sample_size=64 if tiny else 1024,
-                scaling_factor=0.3611,
-                shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            )
+            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else FLUX_VAE_CONFIG))
             text_encoder = Qwen3Model(text_config)
     finally:
         torch.set_default_dtype(previous)

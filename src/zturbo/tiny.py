@@ -85,48 +85,10 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        transformer = ZImageTransformer2DModel(
-            all_patch_size=(2,),
-            all_f_patch_size=(1,),
-            in_channels=16,
-            dim=32,
-            n_layers=2,
-            n_refiner_layers=1,
-            n_heads=2,
-            n_kv_heads=2,
-            cap_feat_dim=16,
-            axes_dims=[8, 4, 4],
-            axes_lens=[1024, 512, 512],
-        )
+        transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
         _randomize_zero_params(transformer)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 4,
-            up_block_types=["UpDecoderBlock2D"] * 4,
-            block_out_channels=[16, 16, 16, 16],
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            force_upcast=True,
-        )
-        text_config = Qwen3Config(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=4096,
-            rope_theta=1_000_000.0,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        vae = AutoencoderKL(**VAE_CONFIG)
+        text_config = Qwen3Config(**text_encoder_config(len(tokenizer), tokenizer.pad_token_id))
         text_encoder = Qwen3Model(text_config)
     finally:
         torch.random.set_rng_state(gen_state)
@@ -141,6 +103,54 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     )
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     return root
+
+
+TRANSFORMER_CONFIG = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 32,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "cap_feat_dim": 16,
+    "axes_dims": [8, 4, 4],
+    "axes_lens": [1024, 512, 512],
+}
+# The FLUX VAE's shape (4 blocks: spatial factor 8, 16 latent channels) with tiny widths.
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [16, 16, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+
+
+def text_encoder_config(vocab_size: int, pad_token_id: int | None = None) -> dict[str, object]:
+    """Qwen3 with hidden size 16 (= the tiny transformer's cap_feat_dim)."""
+    return {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 8,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 4096,
+        "rope_theta": 1_000_000.0,
+        "pad_token_id": pad_token_id,
+    }
 
 
 MODEL_INDEX = {
