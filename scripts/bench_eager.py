@@ -165,9 +165,10 @@ def zturbo_e2e(b: Bench, size: int) -> Any:
     return b.engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, guidance_scale=0.0)
 
 
-def diffusers_e2e(b: Bench, size: int, output_type: str = "pil") -> Any:
+def diffusers_call(b: Bench, size: int, output_type: str, **inputs: Any) -> Any:
+    """The reference pipeline at the benchmark's settings; `inputs` is a prompt or prompt_embeds."""
     return b.pipe(
-        prompt=PROMPT,
+        **inputs,
         height=size,
         width=size,
         num_inference_steps=STEPS,
@@ -175,6 +176,10 @@ def diffusers_e2e(b: Bench, size: int, output_type: str = "pil") -> Any:
         generator=torch.Generator("cpu").manual_seed(SEED),
         output_type=output_type,
     ).images
+
+
+def diffusers_e2e(b: Bench, size: int, output_type: str = "pil") -> Any:
+    return diffusers_call(b, size, output_type, prompt=PROMPT)
 
 
 def zturbo_encode(b: Bench) -> list[torch.Tensor]:
@@ -234,15 +239,7 @@ def zturbo_denoise_decode(b: Bench, size: int, embeds: list[torch.Tensor]) -> An
 
 
 def diffusers_from_embeds(b: Bench, size: int, embeds: list[torch.Tensor], output_type: str = "pil") -> Any:
-    return b.pipe(
-        prompt_embeds=embeds,
-        height=size,
-        width=size,
-        num_inference_steps=STEPS,
-        guidance_scale=0.0,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type=output_type,
-    ).images
+    return diffusers_call(b, size, output_type, prompt_embeds=embeds)
 
 
 # ---------------------------------------------------------------------------------------------
