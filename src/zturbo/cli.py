@@ -166,6 +166,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
+    from . import guard
     from .device import memory_line, probe, resolve_device
     from .precision import COMPONENTS, choose_precision
 
@@ -186,6 +187,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("memory", memory_line(device)),
         ("model", config.model),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
+        *([("fp16 guard", guard.describe())] if plan.transformer.dtype is torch.float16 else []),
         ("latents / scheduler", "float32  (always)"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -20,6 +20,7 @@ import torch
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import PrecisionError
+from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ModelLimits
@@ -136,7 +137,7 @@ def denoise(
     One transformer call per step (positive and negative batched together under CFG).
     """
     batch = latents.shape[0]
-    dtype = next(transformer.parameters()).dtype
+    dtype = next(iter(transformer.all_x_embedder.values())).weight.dtype  # what the patch embedder takes
     embeds = cond + uncond if uncond is not None else cond
     model_t = sched.model_t.to(latents.device)
     steps = len(sched.dts)
@@ -222,6 +223,9 @@ class Engine:
         self.device = device
         self.dtypes = dtypes
         self.limits = limits
+        self.guard: Fp16Guard | None = None
+        if dtypes["transformer"] is torch.float16:
+            self.guard = install_fp16_guard(components.transformer)
 
     @classmethod
     def load(cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None) -> Engine:
@@ -286,7 +290,11 @@ class Engine:
             "reason": err.reason,
         }
         log.warning("%s: %s in %s; re-running in %s", err.component, err.reason, record["from"], record["to"])
-        getattr(self.components, err.component).to(target)
+        if err.component == "transformer" and self.guard is not None:
+            self.guard.remove()  # the guard is for float16 only; the cast below leaves it
+            self.guard = None
+        # nn.Module.to, not the diffusers/transformers override that warns about keep-in-fp32 lists.
+        torch.nn.Module.to(getattr(self.components, err.component), target)
         self.dtypes = {**self.dtypes, err.component: target}
         return record
 
@@ -334,9 +342,9 @@ class Engine:
 
         out = []
         for (prompt, negative, seed), array in zip(rows, pixels.numpy(), strict=True):
-            meta = build_metadata(
-                req, prompt, negative, seed, self.model, {k: dtype_name(v) for k, v in self.dtypes.items()}
-            )
+            dtypes = {k: dtype_name(v) for k, v in self.dtypes.items()}
+            guard = self.guard.describe() if self.guard is not None else None
+            meta = build_metadata(req, prompt, negative, seed, self.model, dtypes, guard)
             out.append(GeneratedImage(Image.fromarray(array), seed, prompt, negative, meta))
         return out
 

@@ -28,8 +28,9 @@ def build_metadata(
     seed: int,
     model: ModelInfo,
     dtypes: dict[str, str],
+    fp16_guard: str | None = None,
 ) -> dict[str, Any]:
-    """Every parameter that shaped one image."""
+    """Every parameter that shaped one image; `fp16_guard` says how a float16 transformer was kept finite."""
     from . import __version__
 
     return {
@@ -45,6 +46,7 @@ def build_metadata(
         "model_revision": model.revision,
         "model_fingerprint": model.fingerprint,
         "dtypes": dtypes,
+        "fp16_guard": fp16_guard,
         "zturbo_version": __version__,
     }
 

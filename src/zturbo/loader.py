@@ -196,10 +196,12 @@ def load_weights(
     device: torch.device,
     dtype: torch.dtype,
     rename: Callable[[str], str | None] = lambda k: k,
+    keep_float32: Callable[[str], bool] = lambda k: False,
 ) -> None:
     """Stream `files` into `module` (built on the meta device), casting floats to `dtype` on `device`.
 
-    `rename` maps a checkpoint key to a module key, or to None for keys that are known to be unused.
+    `rename` maps a checkpoint key to a module key, or to None for keys that are known to be unused;
+    keys for which `keep_float32` is true are cast to float32 instead of `dtype`.
     Missing, unexpected and mis-shaped keys are errors.
     """
     expected = module.state_dict(keep_vars=True)
@@ -219,7 +221,7 @@ def load_weights(
         # cast runs on the accelerator.
         tensor = tensor.to(device)
         if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
+            tensor = tensor.to(torch.float32 if keep_float32(key) else dtype)
         _assign(module, key, tensor)
         seen.add(key)
     missing = sorted(set(expected) - seen)
@@ -276,10 +278,15 @@ def load_components(source: ModelSource, device: torch.device, dtypes: dict[str,
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig, AutoTokenizer
 
+    from .guard import is_float32_key
+
     root = source.path
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
+    t_dtype = dtypes["transformer"]
+    # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
+    keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
     load_weights(
-        transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, dtypes["transformer"]
+        transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, t_dtype, keep_float32=keep
     )
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
