@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, TINY_MODEL
+from .config import COMPILE_CHOICES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, QUANTIZE_CHOICES, TINY_MODEL
 from .errors import InvalidRequestError, ZTurboError
 from .request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
 
@@ -32,6 +33,18 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             f"--{component}-dtype", default=None, choices=DTYPE_CHOICES, help=f"override for the {component}"
         )
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=COMPILE_CHOICES,
+        help="torch.compile the transformer blocks and VAE decoder (auto: on for CUDA, except in `generate`)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE_CHOICES,
+        help="transformer linears: none (default) or fp8 (dynamic per-row scaling; compute capability >= 8.9)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,9 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
     _model_args(gen)
 
+    _bench_args(sub.add_parser("bench", help="speed and memory against diffusers' pipeline on a GPU"))
     info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
     _model_args(info)
     return parser
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
+    p.add_argument("--model", default=None, help="a local checkpoint directory instead of random weights")
+    p.add_argument("--sizes", default="512,1024,1536,2048", help="square sizes, comma separated")
+    p.add_argument("--batch", type=int, default=4, help="batch size of the throughput row (default 4)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per row (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each row (default 1)")
+    p.add_argument("--quantize", default="none,fp8", help="compiled modes to measure: none, fp8 (comma separated)")
+    p.add_argument("--no-reference", action="store_true", help="skip diffusers' pipeline")
+    p.add_argument("--reference-compiled", action="store_true", help="also time diffusers' compile_repeated_blocks")
+    p.add_argument("--no-compile", action="store_true", help="measure the modes without torch.compile")
+    p.add_argument("--profile", action="store_true", help="GPU kernel time by kind for one compiled image")
+    p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
+    p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+
+            return bench_main(args)
         return cmd_info(args)
     except InvalidRequestError as e:
         print(f"zturbo: error: {e}", file=sys.stderr)
@@ -101,6 +135,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     config = _runtime_config(args, max_pixels=args.max_pixels)
+    if config.compile == "auto":
+        # One process, one request: compiling costs tens of seconds and saves well under one.
+        config = dataclasses.replace(config, compile="off")
     resolve_device(config.device)
     # Validate against the model's configs before any large download or load.
     configs = resolve_model(config.model, weights=False)
@@ -145,6 +182,8 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         transformer_dtype=args.transformer_dtype,
         text_encoder_dtype=args.text_encoder_dtype,
         vae_dtype=args.vae_dtype,
+        compile=args.compile,
+        quantize=args.quantize,
         **extra,
     )
 

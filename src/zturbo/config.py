@@ -11,6 +11,8 @@ from .errors import InvalidRequestError
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_MODEL = "tiny-random"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+COMPILE_CHOICES = ("auto", "on", "off")
+QUANTIZE_CHOICES = ("none", "fp8")
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
@@ -27,12 +29,20 @@ class RuntimeConfig:
     transformer_dtype: str | None = None
     text_encoder_dtype: str | None = None
     vae_dtype: str | None = None
+    # torch.compile of the transformer blocks and VAE decoder: auto = on for CUDA.
+    compile: str = "auto"
+    # Transformer linears: none (the component dtype) or fp8 (dynamic per-row, fp8-capable GPUs).
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPE_CHOICES:
                 raise InvalidRequestError(f"{name} {value!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.compile not in COMPILE_CHOICES:
+            raise InvalidRequestError(f"compile {self.compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise InvalidRequestError(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.max_pixels < 16 * 16:
             raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
         if not self.model.strip():
@@ -43,10 +53,11 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
-        """Defaults, then ZTURBO_MODEL / ZTURBO_DEVICE / ZTURBO_DTYPE / ZTURBO_MAX_PIXELS, then explicit overrides."""
+        """Defaults, then ZTURBO_{MODEL,DEVICE,DTYPE,COMPILE,QUANTIZE,MAX_PIXELS}, then explicit overrides."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for field, var in (("model", "ZTURBO_MODEL"), ("device", "ZTURBO_DEVICE"), ("dtype", "ZTURBO_DTYPE")):
+        for field in ("model", "device", "dtype", "compile", "quantize"):
+            var = f"ZTURBO_{field.upper()}"
             if env.get(var):
                 values[field] = env[var]
         if env.get("ZTURBO_MAX_PIXELS"):

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from . import accel as accel_
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
-from .errors import PrecisionError
+from .errors import DeviceError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .precision import NonFiniteError, all_finite, choose_precision, safer
@@ -217,32 +218,59 @@ class Engine:
         device: torch.device,
         dtypes: dict[str, torch.dtype],
         limits: ModelLimits,
+        accel: accel_.Accel | None = None,
     ) -> None:
         self.components = components
         self.model = model
         self.device = device
         self.dtypes = dtypes
         self.limits = limits
+        self.accel = accel or accel_.Accel()
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:
             self.guard = install_fp16_guard(components.transformer)
 
     @classmethod
-    def load(cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None) -> Engine:
+    def load(
+        cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None, warmup: bool = True
+    ) -> Engine:
+        """Load, apply compile/quantization from `config`, and (when compiling) warm up at 1024²."""
         config = config or RuntimeConfig.from_env()
         device = resolve_device(config.device)
+        caps = probe(device)
+        accel_.check_quantize(config.quantize, caps)
         source = source or resolve_model(config.model)
         plan = choose_precision(
-            probe(device),
+            caps,
             dtype=config.dtype,
             overrides=config.component_dtypes(),
             vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
         )
+        if config.quantize == "fp8" and plan.transformer.dtype is not torch.bfloat16:
+            raise DeviceError("--quantize fp8 computes with bfloat16 activations; leave the transformer dtype on auto")
         start = time.perf_counter()
         components = load_components(source, device, plan.dtypes())
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
-        return cls(components, model, device, plan.dtypes(), source.limits(config.max_pixels))
+        engine = cls(components, model, device, plan.dtypes(), source.limits(config.max_pixels))
+        compile_ = accel_.resolve_compile(config.compile, device)
+        engine.accel = accel_.apply(components, compile_=compile_, quantize=config.quantize)
+        if compile_ and warmup:
+            engine.warmup()
+        return engine
+
+    def warmup(self, width: int = 1024, height: int = 1024) -> float:
+        """Compile now rather than in the first request; returns the seconds it took.
+
+        Two prompt lengths: the second makes torch.compile switch to dynamic sequence lengths,
+        so later prompts of any length reuse the same kernels instead of recompiling.
+        """
+        start = time.perf_counter()
+        for prompt in ("warm-up", "a longer warm-up prompt " * 8):
+            self.generate(prompt, seed=0, steps=1, width=width, height=height)
+        seconds = time.perf_counter() - start
+        log.info("warm-up at %dx%d (torch.compile %s) took %.1f s", width, height, self.accel.compiling, seconds)
+        return seconds
 
     def request(self, prompt: str | Sequence[str], **params: Any) -> GenerateRequest:
         """Validate parameters against this model's limits."""
@@ -274,6 +302,14 @@ class Engine:
                 image.metadata["fallbacks"] = fallbacks
             result.fallbacks = fallbacks
             return result
+
+    def runtime(self) -> dict[str, Any]:
+        """How the images are computed right now: dtypes, float16 guard, quantization, compilation."""
+        return {
+            "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
+            "fp16_guard": self.guard.describe() if self.guard is not None else None,
+            **self.accel.describe(),
+        }
 
     def _escalate(self, err: NonFiniteError) -> dict[str, str]:
         current = self.dtypes[err.component]
@@ -319,19 +355,33 @@ class Engine:
         h, w = req.height // unit * patch, req.width // unit * patch
         latents = prepare_latents([s for _, _, s in rows], c.transformer.config.in_channels, h, w).to(self.device)
         sched = schedule(c.scheduler_config, req.steps, (h // patch) * (w // patch))
-        latents = denoise(c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step)
+        latents = self._eager_if_compile_fails(
+            denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step
+        )
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         if not all_finite(latents):
             if not all_finite(cond + (uncond or [])):
                 raise NonFiniteError("text_encoder", "non-finite prompt embeddings")
             raise NonFiniteError("transformer", "non-finite latents after denoising")
-        image = decode(c.vae, latents)
+        image = self._eager_if_compile_fails(decode, c.vae, latents)
         while not all_finite(image):  # only the decode is redone: the latents are fine
             fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
             image = decode(c.vae, latents)
         pixels = to_uint8(image)
         timings["denoise_decode_s"] = time.perf_counter() - tick
         return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
+
+    def _eager_if_compile_fails(self, stage: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+        if not self.accel.compiling:
+            return stage(*args)
+        try:
+            return stage(*args)
+        except accel_.compile_errors() as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = " ".join(lines[:2]) or type(e).__name__  # dynamo puts the cause on line 2
+            log.warning("torch.compile failed (%s); continuing without compilation", reason[:300])
+            self.accel.revert_compile()
+            return stage(*args)
 
     def _package(
         self, req: GenerateRequest, rows: list[tuple[str, str, int]], pixels: torch.Tensor
@@ -342,9 +392,7 @@ class Engine:
 
         out = []
         for (prompt, negative, seed), array in zip(rows, pixels.numpy(), strict=True):
-            dtypes = {k: dtype_name(v) for k, v in self.dtypes.items()}
-            guard = self.guard.describe() if self.guard is not None else None
-            meta = build_metadata(req, prompt, negative, seed, self.model, dtypes, guard)
+            meta = build_metadata(req, prompt, negative, seed, self.model, self.runtime())
             out.append(GeneratedImage(Image.fromarray(array), seed, prompt, negative, meta))
         return out
 

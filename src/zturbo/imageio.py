@@ -27,10 +27,9 @@ def build_metadata(
     negative_prompt: str,
     seed: int,
     model: ModelInfo,
-    dtypes: dict[str, str],
-    fp16_guard: str | None = None,
+    runtime: dict[str, Any],
 ) -> dict[str, Any]:
-    """Every parameter that shaped one image; `fp16_guard` says how a float16 transformer was kept finite."""
+    """Every parameter that shaped one image; `runtime` is `Engine.runtime()` (dtypes, guard, quantize, compile)."""
     from . import __version__
 
     return {
@@ -45,8 +44,7 @@ def build_metadata(
         "model": model.name,
         "model_revision": model.revision,
         "model_fingerprint": model.fingerprint,
-        "dtypes": dtypes,
-        "fp16_guard": fp16_guard,
+        **runtime,
         "zturbo_version": __version__,
     }
 

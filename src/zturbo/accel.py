@@ -1,0 +1,177 @@
+"""Speed: torch.compile of the repeated transformer blocks and the VAE decoder, fp8 linears.
+
+Everything here acts on the engine's module instances and can be undone (`Accel.revert`), so a
+compilation failure costs one warning and the eager path, never the request.
+
+The attention processor installed on compiled blocks computes exactly what diffusers'
+`ZSingleStreamAttnProcessor` does, with rotary embeddings in real float32 arithmetic instead of
+complex64: Inductor does not fuse complex operations, so the diffusers form leaves separate
+kernels and copies around every attention call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import QUANTIZE_CHOICES
+from .errors import DeviceError
+
+log = logging.getLogger("zturbo")
+
+
+class RealRopeAttnProcessor:
+    """Z-Image single-stream attention (q/k RMSNorm, RoPE, SDPA), compile-friendly."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, S, H, D)
+        k = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if freqs_cis is not None:
+            cos_sin = torch.view_as_real(freqs_cis).unsqueeze(2)  # (B, S, 1, D/2, 2) float32
+            q, k = rope(q, cos_sin), rope(k, cos_sin)
+        q, k = q.to(dtype), k.to(dtype)
+        mask = attention_mask[:, None, None, :] if attention_mask is not None and attention_mask.ndim == 2 else None
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).to(dtype)  # (B, S, H*D)
+        return attn.to_out[0](out)
+
+
+def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, S, H, D) rotated pairwise by (cos, sin) (B, S, 1, D/2, 2), computed in float32."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+@dataclass
+class Accel:
+    """What was applied to one engine's modules; `describe()` is what users and metadata see."""
+
+    compiled: list[torch.nn.Module] = field(default_factory=list)
+    processors: list[tuple[Any, Any]] = field(default_factory=list)  # (attention, previous processor)
+    quantize: str = "none"
+
+    @property
+    def compiling(self) -> bool:
+        return bool(self.compiled)
+
+    def describe(self) -> dict[str, Any]:
+        return {"compiled": self.compiling, "quantize": self.quantize}
+
+    def revert_compile(self) -> None:
+        """Back to eager: drop compiled forwards and restore diffusers' attention processors."""
+        for module in self.compiled:
+            del module.forward  # the instance attribute; the class's forward shows through again
+        for attention, previous in self.processors:
+            attention.set_processor(previous)
+        self.compiled.clear()
+        self.processors.clear()
+
+
+def resolve_compile(setting: str, device: torch.device) -> bool:
+    """'auto' compiles on CUDA only: elsewhere compile time is rarely won back."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting == "on"
+
+
+def check_quantize(quantize: str, caps: Any) -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise DeviceError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "fp8" and not caps.fp8:
+        raise DeviceError(
+            f"--quantize fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer); "
+            f"{caps.name} has none. Use --quantize none"
+        )
+
+
+def apply(components: Any, *, compile_: bool, quantize: str, backend: Any = "inductor") -> Accel:
+    """Quantize, then compile, the engine's modules in place (`backend` is torch.compile's)."""
+    accel = Accel(quantize=quantize)
+    if quantize == "fp8":
+        quantize_fp8(components.transformer)
+    if compile_:
+        _use_persistent_compile_cache()
+        for block in transformer_blocks(components.transformer):
+            attention = block.attention
+            accel.processors.append((attention, attention.processor))
+            attention.set_processor(RealRopeAttnProcessor())
+            _compile_forward(accel, block, backend)
+        _compile_forward(accel, components.vae.decoder, backend)
+    return accel
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    for name in ("noise_refiner", "context_refiner", "layers"):
+        yield from getattr(transformer, name)
+
+
+def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any) -> None:
+    # dynamic=None: the first new shape (another prompt length or resolution) recompiles once
+    # with dynamic sizes instead of once per shape.
+    module.forward = torch.compile(module.forward, fullgraph=True, backend=backend)
+    accel.compiled.append(module)
+
+
+def quantize_fp8(transformer: torch.nn.Module) -> None:
+    """Linears of the transformer blocks to fp8 (e4m3) weights and per-row dynamic activations (torchao)."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError as e:
+        raise DeviceError(f"--quantize fp8 needs torchao (pip install torchao): {e}") from None
+
+    def is_block_linear(module: torch.nn.Module, name: str) -> bool:
+        # Block projections only: adaLN takes a (B, 256) input, too small to gain from fp8.
+        return (
+            isinstance(module, torch.nn.Linear)
+            and name.startswith(("layers.", "noise_refiner.", "context_refiner."))
+            and "adaLN" not in name
+        )
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=is_block_linear)
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'compilation failed', as opposed to errors of the request itself."""
+    errors: list[type[BaseException]] = []
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+
+        errors.append(TorchDynamoException)
+    except ImportError:  # pragma: no cover - every supported torch has it
+        pass
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:  # pragma: no cover - older torch wraps Inductor errors in dynamo's
+        pass
+    return tuple(errors)
+
+
+def _use_persistent_compile_cache() -> None:
+    """Inductor's caches default to /tmp; keep them with zturbo's cache so restarts reuse them."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        from .tiny import cache_root
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")

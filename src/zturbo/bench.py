@@ -1,0 +1,491 @@
+"""`zturbo bench`: zturbo against diffusers' ZImagePipeline on the same weights, in one process.
+
+The real architecture is built with random weights directly on the GPU (`--random-weights`, no
+download) or loaded from a local checkpoint (`--model DIR`). The SAME module objects go to the
+zturbo engine and to diffusers, so the comparison is of the runtimes, not of the weights.
+
+Phases, in this order because compilation and quantization change the modules in place:
+  1. eager: diffusers (the reference) and zturbo, end to end at every size; zturbo's final
+     latents at the first size are the baseline for the error columns;
+  2. optional: diffusers with `compile_repeated_blocks` (the reference's own fast path);
+  3. zturbo compiled (bf16): warm-up (compile) time, every size, batch throughput, latent error;
+  4. zturbo fp8 (`--quantize fp8`, compiled): warm-up time, every size, latent error.
+End to end means prompt -> decoded 8-bit image (PNG encoding is timed on its own). Every timing
+is the median of `--runs` after `--warmup` untimed runs, with the device synchronised around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .engine import Engine, ModelInfo, denoise, encode_prompt, prepare_latents, schedule
+from .loader import Components
+from .request import ModelLimits
+
+PROMPT = (
+    "A photograph of a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field, "
+    "highly detailed fur, 85mm lens."
+)
+SEED = 42
+STEPS = 8
+GIB = 2**30
+SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+# FLUX.1 VAE as published with Z-Image-Turbo.
+FLUX_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 16,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+# Qwen3-4B, the text encoder Z-Image-Turbo ships.
+QWEN3_4B_CONFIG: dict[str, Any] = {
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rope_theta": 1e6,
+    "tie_word_embeddings": True,
+}
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    sizes: tuple[int, ...] = (512, 1024, 1536, 2048)
+    batch: int = 4
+    runs: int = 5
+    warmup: int = 1
+    quantize: tuple[str, ...] = ("none", "fp8")
+    reference: bool = True
+    reference_compiled: bool = False
+    compile: bool = True
+    profile: bool = False
+    tiny: bool = False
+    model: str | None = None  # None: random weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> Components:
+    """The real architecture (or the tiny test one) with random weights, built on `device` in `dtype`."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from . import tiny as tiny_model
+
+    tokenizer = tiny_model.build_tokenizer()
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            if tiny:
+                transformer = ZImageTransformer2DModel(**tiny_model.TRANSFORMER_CONFIG)
+                text_config = Qwen3Config(**tiny_model.text_encoder_config(len(tokenizer)))
+            else:
+                transformer = ZImageTransformer2DModel()  # the published default config
+                text_config = Qwen3Config(**QWEN3_4B_CONFIG)
+            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else FLUX_VAE_CONFIG))
+            text_encoder = Qwen3Model(text_config)
+    finally:
+        torch.set_default_dtype(previous)
+    for module in (transformer, vae, text_encoder):
+        module.eval().requires_grad_(False)
+    return Components(transformer, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG))
+
+
+def load_engine(opts: BenchOptions, device: torch.device, dtype: torch.dtype) -> Engine:
+    """An eager engine: random weights, or the checkpoint in `opts.model` (no warm-up yet)."""
+    from .config import RuntimeConfig
+
+    if opts.model is None:
+        components = random_components(device, dtype, opts.tiny)
+        model = ModelInfo("random-weights", None, "none")
+        dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), dtype)
+        return Engine(components, model, device, dtypes, ModelLimits(spatial_unit=16, max_pixels=4096 * 4096))
+    config = RuntimeConfig(model=opts.model, device=str(device), dtype="auto", compile="off")
+    return Engine.load(config, warmup=False)
+
+
+def reference_pipeline(components: Components) -> Any:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(components.scheduler_config),
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        transformer=components.transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> dict[str, Any]:
+    """Median seconds over `runs` after `warmup` calls, and the peak memory of the timed calls."""
+    for _ in range(warmup):
+        fn()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(runs):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(times),
+        "min_s": min(times),
+        "max_s": max(times),
+        "times_s": times,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+    }
+
+
+def once(fn: Callable[[], Any], device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def final_latents(engine: Engine, size: int) -> torch.Tensor:
+    """The float32 latents after the last step, through the engine's current (maybe compiled) modules."""
+    c = engine.components
+    with torch.inference_mode():
+        cond, _ = encode_prompt(c.text_encoder, c.tokenizer, [PROMPT], engine.device)
+        h = w = size // 8
+        latents = prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(engine.device)
+        sched = schedule(c.scheduler_config, STEPS, (h // 2) * (w // 2))
+        return denoise(c.transformer, latents, cond, None, sched, 0.0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def zturbo_e2e(engine: Engine, size: int, batch: int = 1) -> Callable[[], Any]:
+    return lambda: engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, batch=batch)
+
+
+def reference_e2e(pipe: Any, size: int, batch: int = 1) -> Callable[[], Any]:
+    def run() -> Any:
+        return pipe(
+            prompt=PROMPT,
+            num_inference_steps=STEPS,
+            guidance_scale=0.0,
+            width=size,
+            height=size,
+            num_images_per_prompt=batch,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="pil",
+        )
+
+    return run
+
+
+def png_encode_seconds(engine: Engine, size: int) -> float:
+    from .imageio import png_info
+
+    image = engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=1).images[0]
+    start = time.perf_counter()
+    image.image.save(io.BytesIO(), format="PNG", pnginfo=png_info(image.metadata))
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def run(opts: BenchOptions, report: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
+    """All phases; `report` gets the results so far after each one (a timeout keeps them)."""
+    from . import accel
+
+    device = torch.device("cpu") if opts.tiny else torch.device("cuda")
+    dtype = torch.float32 if opts.tiny else torch.bfloat16
+    res: dict[str, Any] = {"environment": environment(device), "options": opts.__dict__ | {"sizes": opts.sizes}}
+    start = time.perf_counter()
+    engine = load_engine(opts, device, dtype)
+    res["build_s"] = time.perf_counter() - start
+    res["weights_gib"] = _weight_bytes(engine) / GIB
+    runs, warm = opts.runs, opts.warmup
+    main_size = 1024 if 1024 in opts.sizes else opts.sizes[0]
+
+    eager: dict[str, Any] = {"zturbo": {}, "reference": {}}
+    res["eager"] = eager
+    baseline = final_latents(engine, main_size)
+    pipe = reference_pipeline(engine.components) if opts.reference else None
+    for size in opts.sizes:
+        eager["zturbo"][size] = timed(zturbo_e2e(engine, size), device, runs, warm)
+        if pipe is not None:
+            eager["reference"][size] = timed(reference_e2e(pipe, size), device, runs, warm)
+        report(res)
+    eager["zturbo_batch"] = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
+    if pipe is not None:
+        eager["reference_batch"] = timed(reference_e2e(pipe, main_size, opts.batch), device, max(2, runs // 2), warm)
+    res["png_encode_s"] = png_encode_seconds(engine, main_size)
+    report(res)
+
+    if pipe is not None and opts.reference_compiled:
+        res["reference_compiled"] = _reference_compiled(pipe, device, main_size, runs, warm, baseline)
+        report(res)
+
+    for quantize in opts.quantize:
+        if quantize == "fp8" and (opts.tiny or not _fp8_capable(device)):
+            res["fp8"] = {"skipped": "no fp8-capable GPU"}
+            continue
+        key = "compiled" if quantize == "none" else quantize
+        engine.accel.revert_compile()
+        torch._dynamo.reset()
+        # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
+        backend = "eager" if opts.tiny else "inductor"
+        engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, backend=backend)
+        phase: dict[str, Any] = {"compile": opts.compile, "sizes": {}}
+        res[key] = phase
+        phase["first_call_s"] = once(zturbo_e2e(engine, main_size), device)  # compiles
+        phase["warmup_s"] = phase["first_call_s"] + engine.warmup(main_size, main_size)
+        phase["latent_rel_err_vs_eager"] = rel_err(final_latents(engine, main_size), baseline)
+        report(res)
+        for size in opts.sizes:
+            phase["sizes"][size] = timed(zturbo_e2e(engine, size), device, runs, warm)
+            report(res)
+        batch = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
+        batch["images_per_s"] = opts.batch / batch["median_s"]
+        phase["batch"] = batch
+        if opts.profile and device.type == "cuda":
+            phase["profile"] = profile(zturbo_e2e(engine, main_size))
+        report(res)
+    return res
+
+
+# Kernel-name fragments that identify matrix products and attention in a CUDA profile.
+MATMUL_KERNELS = ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "_scaled_mm", "f8f8")
+ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn_generated", "sdpa")
+
+
+def profile(fn: Callable[[], Any]) -> dict[str, Any]:
+    """GPU kernel time of one call by kind (matmul / attention / other) and the 15 longest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    kernels = []
+    for event in prof.key_averages():
+        ms = event.device_time_total / 1000
+        if ms <= 0:
+            continue
+        name = event.key.lower()
+        kind = (
+            "matmul"
+            if any(k in name for k in MATMUL_KERNELS)
+            else "attention"
+            if any(k in name for k in ATTENTION_KERNELS)
+            else "other"
+        )
+        totals[kind] += ms
+        kernels.append({"name": event.key[:120], "ms": ms, "count": event.count, "kind": kind})
+    kernels.sort(key=lambda k: -k["ms"])
+    return {"total_ms": sum(totals.values()), "by_kind_ms": totals, "top": kernels[:15]}
+
+
+def _reference_compiled(
+    pipe: Any, device: torch.device, size: int, runs: int, warm: int, baseline: torch.Tensor
+) -> dict[str, Any]:
+    """diffusers' own fast path: `compile_repeated_blocks(fullgraph=True)`, undone afterwards."""
+    transformer = pipe.transformer
+    transformer.compile_repeated_blocks(fullgraph=True)
+    try:
+        first = once(reference_e2e(pipe, size), device)
+        out = timed(reference_e2e(pipe, size), device, runs, warm)
+        out["first_call_s"] = first
+        return out
+    finally:
+        for module in transformer.modules():  # nn.Module.compile keeps its wrapper here
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def _fp8_capable(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _weight_bytes(engine: Engine) -> int:
+    c = engine.components
+    return sum(p.numel() * p.element_size() for m in (c.transformer, c.vae, c.text_encoder) for p in m.parameters())
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    from . import __version__
+
+    env: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "zturbo": __version__,
+    }
+    with contextlib.suppress(ImportError):
+        import torchao
+
+        env["torchao"] = torchao.__version__
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """One row per (mode, size): seconds per image, the eager reference beside it, peak memory."""
+    reference = res.get("eager", {}).get("reference", {})
+    lines = [
+        "| mode | size | zturbo s/img | reference eager s/img | speedup | zturbo peak GiB | latent rel. err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, sizes in _modes(res):
+        err = res.get(mode, {}).get("latent_rel_err_vs_eager")
+        for size, t in sizes.items():
+            ref = reference.get(size)
+            ref_s = f"{ref['median_s']:.3f}" if ref else "-"
+            speedup = f"{ref['median_s'] / t['median_s']:.2f}x" if ref else "-"
+            peak = f"{t['peak_gib']:.1f}" if t.get("peak_gib") is not None else "-"
+            lines.append(
+                f"| {mode} | {size}² | {t['median_s']:.3f} | {ref_s} | {speedup} | {peak} | "
+                f"{'-' if err is None else f'{err:.2e}'} |"
+            )
+    lines.append("")
+    for mode in ("eager", "compiled", "fp8"):
+        phase = res.get(mode, {})
+        if "batch" in phase:
+            b = phase["batch"]
+            lines.append(f"- {mode} batch {res['options']['batch']}: {b['images_per_s']:.2f} images/s")
+        if "warmup_s" in phase:
+            lines.append(f"- {mode} warm-up (compile) {phase['warmup_s']:.1f} s")
+    if "reference_compiled" in res:
+        rc = res["reference_compiled"]
+        lines.append(
+            f"- reference compile_repeated_blocks: {rc['median_s']:.3f} s/img (first call {rc['first_call_s']:.1f} s)"
+        )
+    if "png_encode_s" in res:
+        lines.append(f"- PNG encoding (not in the times above): {res['png_encode_s'] * 1000:.0f} ms")
+    return "\n".join(lines)
+
+
+def _modes(res: dict[str, Any]) -> Iterator[tuple[str, dict[Any, Any]]]:
+    if "eager" in res:
+        yield "eager", res["eager"]["zturbo"]
+    for mode in ("compiled", "fp8"):
+        if "sizes" in res.get(mode, {}):
+            yield mode, res[mode]["sizes"]
+
+
+def write(res: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out_dir / "bench.md").write_text(markdown(res) + "\n")
+
+
+def options(args: argparse.Namespace) -> BenchOptions:
+    from .errors import InvalidRequestError
+
+    if not (args.random_weights or args.model or args.tiny):
+        raise InvalidRequestError("zturbo bench needs --random-weights or --model DIR (a local checkpoint)")
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        raise InvalidRequestError(f"--sizes {args.sizes!r} is not a comma-separated list of integers") from None
+    bad = [s for s in sizes if s <= 0 or s % 16]
+    if bad:
+        raise InvalidRequestError(f"--sizes {bad} are not positive multiples of 16")
+    modes = tuple(m.strip() for m in args.quantize.split(",") if m.strip())
+    if any(m not in ("none", "fp8") for m in modes):
+        raise InvalidRequestError(f"--quantize {args.quantize!r}: each mode must be none or fp8")
+    for name in ("batch", "runs"):
+        if getattr(args, name) < 1:
+            raise InvalidRequestError(f"--{name} {getattr(args, name)} must be at least 1")
+    return BenchOptions(
+        sizes=sizes,
+        batch=args.batch,
+        runs=args.runs,
+        warmup=args.warmup,
+        quantize=modes,
+        reference=not args.no_reference,
+        reference_compiled=args.reference_compiled,
+        compile=not args.no_compile,
+        tiny=args.tiny,
+        model=args.model,
+        profile=args.profile,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    from .errors import DeviceError
+
+    opts = options(args)
+    if not opts.tiny and not torch.cuda.is_available():
+        raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
+    out_dir = Path(args.out or os.environ.get("OUT") or "bench")
+    res = run(opts, report=lambda r: write(r, out_dir))
+    write(res, out_dir)
+    print(markdown(res))
+    print(f"\nfull results: {out_dir / 'bench.json'}")
+    return 0

@@ -1,0 +1,100 @@
+"""Speed paths on the CPU: the compile-friendly attention equals diffusers', compiled graphs have
+no breaks, a failing compiler falls back to eager with one warning, bad settings are refused."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from zturbo import accel
+from zturbo.config import RuntimeConfig
+from zturbo.device import Capabilities
+from zturbo.engine import Engine
+from zturbo.errors import DeviceError, InvalidRequestError
+
+PARAMS = {"seed": 5, "steps": 3, "width": 64, "height": 48}
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image, dtype=np.int16)
+
+
+@pytest.fixture
+def fresh(tiny_dir):
+    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+
+
+def test_real_rope_processor_matches_diffusers(fresh):
+    transformer = fresh.components.transformer
+    block = transformer.layers[0]
+    x = torch.randn(2, 40, transformer.dim)
+    ids = torch.stack(torch.meshgrid(torch.arange(40), torch.tensor([0]), torch.tensor([0]), indexing="ij"), -1)
+    freqs = transformer.rope_embedder(ids.reshape(-1, 3)).unsqueeze(0).expand(2, -1, -1)
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    with torch.inference_mode():
+        expected = block.attention(x, attention_mask=mask, freqs_cis=freqs)
+        block.attention.set_processor(accel.RealRopeAttnProcessor())
+        got = block.attention(x, attention_mask=mask, freqs_cis=freqs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_graphs_have_no_breaks_and_same_image(fresh, engine):
+    # backend="eager" traces with dynamo (fullgraph=True fails on any graph break) without codegen.
+    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend="eager")
+    assert fresh.accel.compiling
+    try:
+        result = fresh.generate("a red fox", **PARAMS)
+        assert np.abs(pixels(result) - pixels(engine.generate("a red fox", **PARAMS))).max() <= 1
+        assert result.images[0].metadata["compiled"] is True
+    finally:
+        torch._dynamo.reset()
+
+
+def failing_backend(gm, example_inputs):
+    raise RuntimeError("simulated compiler failure")
+
+
+def test_compile_failure_falls_back_to_eager_once(fresh, engine, caplog):
+    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend=failing_backend)
+    try:
+        with caplog.at_level(logging.WARNING, logger="zturbo"):
+            result = fresh.generate("a red fox", **PARAMS)
+            again = fresh.generate("a red fox", **PARAMS)
+    finally:
+        torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated compiler failure" in warnings[0]
+    assert not fresh.accel.compiling and result.images[0].metadata["compiled"] is False
+    # Eager again: diffusers' own processors are back and the image is the eager one.
+    processor = fresh.components.transformer.layers[0].attention.processor
+    assert not isinstance(processor, accel.RealRopeAttnProcessor)
+    expected = pixels(engine.generate("a red fox", **PARAMS))
+    assert np.array_equal(pixels(result), expected) and np.array_equal(pixels(again), expected)
+
+
+def test_fp8_refused_without_fp8_hardware():
+    turing = Capabilities("cuda", "Tesla T4", (7, 5), bf16=False, fp16=True, fp8=False, flash_attention=False)
+    with pytest.raises(DeviceError, match=r"--quantize fp8 needs .* Tesla T4 has none"):
+        accel.check_quantize("fp8", turing)
+
+
+def test_fp8_refused_on_cpu_engine(tiny_dir):
+    with pytest.raises(DeviceError, match="fp8"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", quantize="fp8"))
+
+
+@pytest.mark.parametrize(("field", "value"), [("compile", "maybe"), ("quantize", "int3")])
+def test_bad_settings_name_the_value(field, value):
+    with pytest.raises(InvalidRequestError, match=f"{field} '{value}' is not one of"):
+        RuntimeConfig(**{field: value})
+
+
+def test_compile_auto_means_cuda_only():
+    assert accel.resolve_compile("auto", torch.device("cuda")) is True
+    assert accel.resolve_compile("auto", torch.device("cpu")) is False
+    assert accel.resolve_compile("on", torch.device("cpu")) is True
+    assert accel.resolve_compile("off", torch.device("cuda")) is False
