@@ -98,3 +98,18 @@ def test_compile_auto_means_cuda_only():
     assert accel.resolve_compile("auto", torch.device("cpu")) is False
     assert accel.resolve_compile("on", torch.device("cpu")) is True
     assert accel.resolve_compile("off", torch.device("cuda")) is False
+
+
+def test_fused_projections_share_storage_and_keep_the_state_dict(fresh):
+    transformer = fresh.components.transformer
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
+    bytes_before = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    accel.fuse_projections(transformer)
+    after = transformer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    ffn = transformer.layers[0].feed_forward
+    assert ffn.w1.weight.untyped_storage().data_ptr() == ffn.w3.weight.untyped_storage().data_ptr()
+    assert sum(p.numel() * p.element_size() for p in transformer.parameters()) == bytes_before
+    fused_image = pixels(fresh.generate("a red fox", **PARAMS))
+    accel.unfuse_projections(transformer)
+    assert np.abs(fused_image.astype(int) - pixels(fresh.generate("a red fox", **PARAMS))).max() <= 1

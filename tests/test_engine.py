@@ -72,6 +72,7 @@ def test_one_transformer_forward_per_step(engine, steps):
 
 
 def test_guidance_zero_runs_no_unconditional_pass(engine):
+    engine.prompt_cache.clear()  # count text-encoder calls from a cold cache
     te = engine.components.text_encoder
     tr = engine.components.transformer
     with (
@@ -84,6 +85,7 @@ def test_guidance_zero_runs_no_unconditional_pass(engine):
 
 
 def test_guidance_batches_positive_and_negative_in_one_call(engine):
+    engine.prompt_cache.clear()  # count text-encoder calls from a cold cache
     te = engine.components.text_encoder
     tr = engine.components.transformer
     with (
@@ -124,3 +126,29 @@ def test_metadata_records_parameters_and_dtypes(engine):
     assert meta["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
     assert len(meta["model_fingerprint"]) == 64
     assert result.images[0].image.size == (48, 32)
+
+
+def test_repeated_prompt_skips_the_text_encoder(tiny_dir):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+    calls = []
+    engine.components.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    first = engine.generate("a red fox", seed=1, steps=2, width=32, height=32)
+    again = engine.generate("a red fox", seed=1, steps=2, width=32, height=32)
+    assert len(calls) == 1 and (engine.prompt_cache.hits, engine.prompt_cache.misses) == (1, 1)
+    assert np.array_equal(np.asarray(first.images[0].image), np.asarray(again.images[0].image))
+    # Two new prompts and one cached: one text-encoder call for both new ones.
+    engine.generate(["a red fox", "a blue bird", "a green frog"], seed=1, steps=1, width=32, height=32)
+    assert len(calls) == 2
+    engine.prompt_cache.clear()
+    engine.generate("a red fox", seed=1, steps=1, width=32, height=32)
+    assert len(calls) == 3
+
+
+def test_cached_long_prompt_still_warns(engine):
+    long_prompt = "a very long prompt " * 200
+    first = engine.generate(long_prompt, seed=1, steps=1, width=32, height=32)
+    again = engine.generate(long_prompt, seed=1, steps=1, width=32, height=32)
+    assert first.warnings == again.warnings and "tokens are dropped" in again.warnings[0]

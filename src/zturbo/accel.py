@@ -38,9 +38,14 @@ class RealRopeAttnProcessor:
         freqs_cis: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = hidden_states.dtype
-        q = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))  # (B, S, H, D)
-        k = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
-        v = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        fused = getattr(attn, FUSED_QKV, None)
+        if fused is not None:  # one matrix product instead of three
+            q, k, v = F.linear(hidden_states, fused).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q = q.unflatten(-1, (attn.heads, -1))  # (B, S, H, D)
+        k = k.unflatten(-1, (attn.heads, -1))
+        v = v.unflatten(-1, (attn.heads, -1))
         if attn.norm_q is not None:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
@@ -53,6 +58,50 @@ class RealRopeAttnProcessor:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         out = out.transpose(1, 2).flatten(2, 3).to(dtype)  # (B, S, H*D)
         return attn.to_out[0](out)
+
+
+FUSED_QKV = "zturbo_fused_qkv"
+
+
+def fuse_projections(transformer: torch.nn.Module) -> None:
+    """Concatenate q/k/v and the SwiGLU's w1/w3 weights per block, so each pair/triple is one GEMM.
+
+    The separate weights become views into the concatenated tensor: no extra memory, the state
+    dict keeps its keys, and the float16 guard's in-place scaling of w3 reaches the fused tensor.
+    """
+    for block in transformer_blocks(transformer):
+        attn, ffn = block.attention, block.feed_forward
+        if getattr(attn, FUSED_QKV, None) is not None:
+            continue
+        setattr(attn, FUSED_QKV, _concat_as_views(attn.to_q, attn.to_k, attn.to_v))
+        w13 = _concat_as_views(ffn.w1, ffn.w3)
+        ffn.forward = _fused_swiglu(ffn, w13)
+
+
+def unfuse_projections(transformer: torch.nn.Module) -> None:
+    """Back to one product per projection (before quantizing the separate linears)."""
+    for block in transformer_blocks(transformer):
+        if getattr(block.attention, FUSED_QKV, None) is not None:
+            delattr(block.attention, FUSED_QKV)
+            del block.feed_forward.forward
+
+
+def _concat_as_views(*linears: torch.nn.Linear) -> torch.Tensor:
+    fused = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def _fused_swiglu(ffn: torch.nn.Module, w13: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return ffn.w2(ffn._forward_silu_gating(gate, up))  # w2's hooks (the fp16 guard) still run
+
+    return forward
 
 
 def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
@@ -70,6 +119,7 @@ class Accel:
     compiled: list[torch.nn.Module] = field(default_factory=list)
     processors: list[tuple[Any, Any]] = field(default_factory=list)  # (attention, previous processor)
     quantize: str = "none"
+    fused: torch.nn.Module | None = None  # the transformer whose projections were fused
 
     @property
     def compiling(self) -> bool:
@@ -79,11 +129,14 @@ class Accel:
         return {"compiled": self.compiling, "quantize": self.quantize}
 
     def revert_compile(self) -> None:
-        """Back to eager: drop compiled forwards and restore diffusers' attention processors."""
+        """Back to eager: drop compiled forwards, unfuse, restore diffusers' attention processors."""
         for module in self.compiled:
             del module.forward  # the instance attribute; the class's forward shows through again
         for attention, previous in self.processors:
             attention.set_processor(previous)
+        if self.fused is not None:
+            unfuse_projections(self.fused)
+            self.fused = None
         self.compiled.clear()
         self.processors.clear()
 
@@ -105,11 +158,19 @@ def check_quantize(quantize: str, caps: Any) -> None:
         )
 
 
-def apply(components: Any, *, compile_: bool, quantize: str, backend: Any = "inductor") -> Accel:
-    """Quantize, then compile, the engine's modules in place (`backend` is torch.compile's)."""
+def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, backend: Any = "inductor") -> Accel:
+    """Fuse projections (unquantized only), quantize, then compile the engine's modules in place.
+
+    `backend` is torch.compile's. Fusion needs the compile-friendly processor, so it comes with
+    compilation.
+    """
     accel = Accel(quantize=quantize)
     if quantize == "fp8":
+        unfuse_projections(components.transformer)
         quantize_fp8(components.transformer)
+    elif compile_ and fuse:
+        fuse_projections(components.transformer)
+        accel.fused = components.transformer
     if compile_:
         _use_persistent_compile_cache()
         for block in transformer_blocks(components.transformer):
@@ -171,7 +232,13 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
 def _use_persistent_compile_cache() -> None:
     """Inductor's caches default to /tmp; keep them with zturbo's cache so restarts reuse them."""
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        from .tiny import cache_root
+    from .tiny import cache_root
 
+    try:  # torch writes its default into the environment once Inductor has looked it up
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        default: str | None = default_cache_dir()
+    except ImportError:  # pragma: no cover - layout of other torch versions
+        default = None
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")

@@ -86,6 +86,7 @@ class BenchOptions:
     reference_compiled: bool = False
     compile: bool = True
     profile: bool = False
+    first_image: bool = False
     tiny: bool = False
     model: str | None = None  # None: random weights
 
@@ -117,6 +118,8 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
             text_encoder = Qwen3Model(text_config)
     finally:
         torch.set_default_dtype(previous)
+    # All-zero pad rows would make fp8's per-row activation scale 0/0; trained pad tokens are not zero.
+    tiny_model.randomize_pad_tokens(transformer)
     for module in (transformer, vae, text_encoder):
         module.eval().requires_grad_(False)
     return Components(transformer, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG))
@@ -205,8 +208,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def zturbo_e2e(engine: Engine, size: int, batch: int = 1) -> Callable[[], Any]:
-    return lambda: engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, batch=batch)
+def zturbo_e2e(engine: Engine, size: int, batch: int = 1, cached_prompt: bool = False) -> Callable[[], Any]:
+    """One user request; the prompt cache is emptied first unless `cached_prompt` (a repeated prompt)."""
+
+    def run() -> Any:
+        if not cached_prompt:
+            engine.prompt_cache.clear()
+        return engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, batch=batch)
+
+    return run
 
 
 def reference_e2e(pipe: Any, size: int, batch: int = 1) -> Callable[[], Any]:
@@ -238,9 +248,30 @@ def png_encode_seconds(engine: Engine, size: int) -> float:
 # Phases
 
 
+def first_image(opts: BenchOptions, started: float) -> dict[str, Any]:
+    """Seconds from `started` (process start) to the first compiled 1024² image: build, compile, generate."""
+    from . import accel
+
+    device = torch.device("cpu") if opts.tiny else torch.device("cuda")
+    engine = load_engine(opts, device, torch.float32 if opts.tiny else torch.bfloat16)
+    built = time.perf_counter()
+    backend = "eager" if opts.tiny else "inductor"
+    engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=opts.quantize[0], backend=backend)
+    engine.generate(PROMPT, seed=SEED, width=1024, height=1024, steps=STEPS)
+    sync(device)
+    done = time.perf_counter()
+    return {
+        "environment": environment(device),
+        "quantize": opts.quantize[0],
+        "first_image_s": done - started,
+        "build_s": built - started,
+        "compile_and_generate_s": done - built,
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+    }
+
+
 def run(opts: BenchOptions, report: Callable[[dict[str, Any]], None] = lambda r: None) -> dict[str, Any]:
     """All phases; `report` gets the results so far after each one (a timeout keeps them)."""
-    from . import accel
 
     device = torch.device("cpu") if opts.tiny else torch.device("cuda")
     dtype = torch.float32 if opts.tiny else torch.bfloat16
@@ -271,32 +302,57 @@ def run(opts: BenchOptions, report: Callable[[dict[str, Any]], None] = lambda r:
         res["reference_compiled"] = _reference_compiled(pipe, device, main_size, runs, warm, baseline)
         report(res)
 
-    for quantize in opts.quantize:
+    phases = [("compiled_unfused", "none", False)] if opts.compile and "none" in opts.quantize else []
+    phases += [("compiled" if q == "none" else q, q, True) for q in opts.quantize]
+    for key, quantize, fuse in phases:
         if quantize == "fp8" and (opts.tiny or not _fp8_capable(device)):
-            res["fp8"] = {"skipped": "no fp8-capable GPU"}
+            res[key] = {"skipped": "no fp8-capable GPU"}
             continue
-        key = "compiled" if quantize == "none" else quantize
-        engine.accel.revert_compile()
-        torch._dynamo.reset()
-        # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
-        backend = "eager" if opts.tiny else "inductor"
-        engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, backend=backend)
-        phase: dict[str, Any] = {"compile": opts.compile, "sizes": {}}
-        res[key] = phase
-        phase["first_call_s"] = once(zturbo_e2e(engine, main_size), device)  # compiles
-        phase["warmup_s"] = phase["first_call_s"] + engine.warmup(main_size, main_size)
-        phase["latent_rel_err_vs_eager"] = rel_err(final_latents(engine, main_size), baseline)
-        report(res)
-        for size in opts.sizes:
-            phase["sizes"][size] = timed(zturbo_e2e(engine, size), device, runs, warm)
-            report(res)
-        batch = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
-        batch["images_per_s"] = opts.batch / batch["median_s"]
-        phase["batch"] = batch
-        if opts.profile and device.type == "cuda":
-            phase["profile"] = profile(zturbo_e2e(engine, main_size))
+        res[key] = {"compile": opts.compile, "fuse": fuse, "sizes": {}}
+        try:
+            _compiled_phase(res, key, engine, opts, quantize, fuse, baseline, report)
+        except Exception as e:  # one broken mode must not lose the others' numbers
+            res[key]["error"] = f"{type(e).__name__}: {e}"[:2000]
         report(res)
     return res
+
+
+def _compiled_phase(
+    res: dict[str, Any],
+    key: str,
+    engine: Engine,
+    opts: BenchOptions,
+    quantize: str,
+    fuse: bool,
+    baseline: torch.Tensor,
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    from . import accel
+
+    device, runs, warm = engine.device, opts.runs, opts.warmup
+    main_size = 1024 if 1024 in opts.sizes else opts.sizes[0]
+    phase = res[key]
+    engine.accel.revert_compile()
+    torch._dynamo.reset()
+    # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
+    backend = "eager" if opts.tiny else "inductor"
+    engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, fuse=fuse, backend=backend)
+    phase["first_call_s"] = once(zturbo_e2e(engine, main_size), device)  # compiles
+    phase["warmup_s"] = phase["first_call_s"] + engine.warmup(main_size, main_size)
+    phase["latent_rel_err_vs_eager"] = rel_err(final_latents(engine, main_size), baseline)
+    report(res)
+    sizes = opts.sizes if key != "compiled_unfused" else (main_size,)  # the A/B needs one size
+    for size in sizes:
+        phase["sizes"][size] = timed(zturbo_e2e(engine, size), device, runs, warm)
+        report(res)
+    if key == "compiled_unfused":
+        return
+    phase["cached_prompt"] = timed(zturbo_e2e(engine, main_size, cached_prompt=True), device, runs, warm)
+    batch = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
+    batch["images_per_s"] = opts.batch / batch["median_s"]
+    phase["batch"] = batch
+    if opts.profile and device.type == "cuda":
+        phase["profile"] = profile(zturbo_e2e(engine, main_size))
 
 
 # Kernel-name fragments that identify matrix products and attention in a CUDA profile.
@@ -413,13 +469,17 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{'-' if err is None else f'{err:.2e}'} |"
             )
     lines.append("")
-    for mode in ("eager", "compiled", "fp8"):
+    for mode in ("eager", "compiled_unfused", "compiled", "fp8"):
         phase = res.get(mode, {})
+        if "error" in phase:
+            lines.append(f"- {mode} FAILED: {phase['error'][:300]}")
         if "batch" in phase:
             b = phase["batch"]
             lines.append(f"- {mode} batch {res['options']['batch']}: {b['images_per_s']:.2f} images/s")
         if "warmup_s" in phase:
             lines.append(f"- {mode} warm-up (compile) {phase['warmup_s']:.1f} s")
+        if "cached_prompt" in phase:
+            lines.append(f"- {mode} repeated prompt (text encoder skipped): {phase['cached_prompt']['median_s']:.3f} s")
     if "reference_compiled" in res:
         rc = res["reference_compiled"]
         lines.append(
@@ -433,8 +493,8 @@ def markdown(res: dict[str, Any]) -> str:
 def _modes(res: dict[str, Any]) -> Iterator[tuple[str, dict[Any, Any]]]:
     if "eager" in res:
         yield "eager", res["eager"]["zturbo"]
-    for mode in ("compiled", "fp8"):
-        if "sizes" in res.get(mode, {}):
+    for mode in ("compiled_unfused", "compiled", "fp8"):
+        if res.get(mode, {}).get("sizes"):
             yield mode, res[mode]["sizes"]
 
 
@@ -474,6 +534,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         tiny=args.tiny,
         model=args.model,
         profile=args.profile,
+        first_image=args.first_image,
     )
 
 
@@ -484,6 +545,13 @@ def main(args: argparse.Namespace) -> int:
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
     out_dir = Path(args.out or os.environ.get("OUT") or "bench")
+    if opts.first_image:
+        res = first_image(opts, args.started)
+        print(json.dumps(res, indent=2))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        name = f"first_image_{res['quantize']}_{int(time.time())}.json"
+        (out_dir / name).write_text(json.dumps(res, indent=2) + "\n")
+        return 0
     res = run(opts, report=lambda r: write(r, out_dir))
     write(res, out_dir)
     print(markdown(res))

@@ -91,13 +91,20 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--reference-compiled", action="store_true", help="also time diffusers' compile_repeated_blocks")
     p.add_argument("--no-compile", action="store_true", help="measure the modes without torch.compile")
+    p.add_argument(
+        "--first-image",
+        action="store_true",
+        help="only: seconds from process start to the first compiled 1024² image (run in a fresh process)",
+    )
     p.add_argument("--profile", action="store_true", help="GPU kernel time by kind for one compiled image")
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
     args = build_parser().parse_args(argv)
+    args.started = started
     _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         if args.command == "generate":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,10 +43,10 @@ def encode_prompt(
     prompts: Sequence[str],
     device: torch.device,
     max_tokens: int = MAX_TOKENS,
-) -> tuple[list[torch.Tensor], list[str]]:
+) -> tuple[list[torch.Tensor], list[str | None]]:
     """Qwen chat template (thinking enabled), hidden_states[-2] of the real tokens -> [(L_i, D)].
 
-    Returns the embeddings and one warning per prompt truncated to `max_tokens`.
+    Returns the embeddings and, per prompt, a warning if it was truncated to `max_tokens` (else None).
     """
     texts = [
         tokenizer.apply_chat_template(
@@ -53,13 +54,15 @@ def encode_prompt(
         )
         for p in prompts
     ]
-    warnings = []
-    for i, ids in enumerate(tokenizer(texts).input_ids):
-        if len(ids) > max_tokens:
-            warnings.append(
-                f"prompt {i} is {len(ids)} tokens with the chat template; the text encoder takes {max_tokens}, "
-                f"so the last {len(ids) - max_tokens} tokens are dropped"
-            )
+    warnings: list[str | None] = []
+    for prompt, ids in zip(prompts, tokenizer(texts).input_ids, strict=True):
+        short = prompt if len(prompt) <= 40 else prompt[:40] + "…"
+        warnings.append(
+            f"prompt {short!r} is {len(ids)} tokens with the chat template; the text encoder takes {max_tokens}, "
+            f"so the last {len(ids) - max_tokens} tokens are dropped"
+            if len(ids) > max_tokens
+            else None
+        )
     enc = tokenizer(texts, padding="longest", max_length=max_tokens, truncation=True, return_tensors="pt")
     mask = enc.attention_mask.bool()  # (B, L) on the CPU: slicing with it needs no device sync
     out = text_encoder(input_ids=enc.input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
@@ -73,6 +76,43 @@ def _select_real(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if int(positions[-1]) == start + n - 1:  # contiguous, as with either padding side
         return states[start : start + n]
     return states.index_select(0, positions.to(states.device))
+
+
+class PromptCache:
+    """Recently used prompt embeddings on the device, so a repeated prompt skips the text encoder.
+
+    Keyed by the prompt and the text encoder's dtype (a precision fallback must not reuse them).
+    Each entry is small (tokens x 2560 values), so the default 64 entries hold a few tens of MB.
+    """
+
+    def __init__(self, capacity: int = 64) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, torch.dtype], tuple[torch.Tensor, str | None]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def encode(
+        self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], device: torch.device
+    ) -> tuple[list[torch.Tensor], list[str]]:
+        """Embeddings for `prompts` (text encoder run once for all misses) and their truncation warnings."""
+        dtype = next(text_encoder.parameters()).dtype
+        missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self._items]
+        self.hits += len(prompts) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device)
+            for prompt, embed, warning in zip(missing, embeds, warnings, strict=True):
+                self._items[(prompt, dtype)] = (embed.clone(), warning)  # clone: drop the padded batch
+        found = []
+        for prompt in prompts:
+            self._items.move_to_end((prompt, dtype))
+            found.append(self._items[(prompt, dtype)])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return [e for e, _ in found], list(dict.fromkeys(w for _, w in found if w))
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 def prepare_latents(seeds: Sequence[int], channels: int, height: int, width: int) -> torch.Tensor:
@@ -226,6 +266,7 @@ class Engine:
         self.dtypes = dtypes
         self.limits = limits
         self.accel = accel or accel_.Accel()
+        self.prompt_cache = PromptCache()
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:
             self.guard = install_fp16_guard(components.transformer)
@@ -312,6 +353,12 @@ class Engine:
         }
 
     def _escalate(self, err: NonFiniteError) -> dict[str, str]:
+        if err.component == "transformer" and self.accel.quantize != "none":
+            # Quantized weights cannot be cast back; the safer model is the unquantized one.
+            raise PrecisionError(
+                f"the {self.accel.quantize}-quantized transformer produced non-finite values ({err.reason}); "
+                "run without --quantize"
+            )
         current = self.dtypes[err.component]
         target = safer(current, probe(self.device))
         if target is None:
@@ -341,10 +388,11 @@ class Engine:
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         rows = req.image_prompts()
-        cond, warnings = encode_prompt(c.text_encoder, c.tokenizer, [p for p, _, _ in rows], self.device)
+        cache = self.prompt_cache
+        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [p for p, _, _ in rows], self.device)
         uncond = None
         if req.do_cfg:
-            uncond, _ = encode_prompt(c.text_encoder, c.tokenizer, [n for _, n, _ in rows], self.device)
+            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, [n for _, n, _ in rows], self.device)
         for w in warnings:
             log.warning(w)
         timings["encode_s"] = time.perf_counter() - tick

@@ -86,7 +86,7 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     try:
         torch.manual_seed(seed)
         transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
-        _randomize_zero_params(transformer)
+        randomize_pad_tokens(transformer)
         vae = AutoencoderKL(**VAE_CONFIG)
         text_config = Qwen3Config(**text_encoder_config(len(tokenizer), tokenizer.pad_token_id))
         text_encoder = Qwen3Model(text_config)
@@ -164,8 +164,9 @@ MODEL_INDEX = {
 }
 
 
-def _randomize_zero_params(module: torch.nn.Module) -> None:
-    """Pad tokens are zero-initialised; random values make the tiny model exercise them."""
+def randomize_pad_tokens(module: torch.nn.Module) -> None:
+    """Pad tokens are zero-initialised; trained ones are not. Random values make a random model
+    exercise them (and keep all-zero rows, which no trained checkpoint has, out of its activations)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "pad_token" in name:

@@ -1,0 +1,44 @@
+"""`zturbo bench` end to end on the CPU with the tiny architecture (the GPU numbers are in docs/)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from zturbo import bench
+from zturbo.cli import main
+from zturbo.errors import InvalidRequestError
+
+
+def test_tiny_bench_measures_every_phase_against_the_reference():
+    opts = bench.BenchOptions(sizes=(32,), batch=2, runs=1, warmup=0, quantize=("none", "fp8"), tiny=True)
+    res = bench.run(opts)
+    assert res["eager"]["zturbo"][32]["median_s"] > 0 and res["eager"]["reference"][32]["median_s"] > 0
+    for key in ("compiled_unfused", "compiled"):
+        assert "error" not in res[key], res[key]
+        assert res[key]["latent_rel_err_vs_eager"] < 1e-5  # traced graphs compute what eager does
+    assert res["compiled"]["batch"]["images_per_s"] > 0
+    assert res["fp8"] == {"skipped": "no fp8-capable GPU"}
+    table = bench.markdown(res)
+    assert "| eager | 32² |" in table and "| compiled | 32² |" in table
+
+
+def test_bench_needs_weights_named(capsys):
+    assert main(["bench"]) == 2
+    assert "--random-weights or --model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("sizes", "1000,abc", "not a comma-separated list"), ("sizes", "1000", "multiples of 16"),
+     ("quantize", "int3", "must be none or fp8")],
+)  # fmt: skip
+def test_bad_bench_options_name_the_value(flag, value, message):
+    args = argparse.Namespace(
+        random_weights=True, model=None, tiny=False, sizes="1024", batch=4, runs=5, warmup=1, quantize="none",
+        no_reference=False, reference_compiled=False, no_compile=False, profile=False, first_image=False,
+    )  # fmt: skip
+    setattr(args, flag, value)
+    with pytest.raises(InvalidRequestError, match=message):
+        bench.options(args)
