@@ -38,6 +38,7 @@ def test_bad_bench_options_name_the_value(flag, value, message):
     args = argparse.Namespace(
         random_weights=True, model=None, tiny=False, sizes="1024", batch=4, runs=5, warmup=1, quantize="none",
         no_reference=False, reference_compiled=False, no_compile=False, profile=False, first_image=False,
+        no_fuse_ab=False,
     )  # fmt: skip
     setattr(args, flag, value)
     with pytest.raises(InvalidRequestError, match=message):

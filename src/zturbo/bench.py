@@ -87,6 +87,7 @@ class BenchOptions:
     compile: bool = True
     profile: bool = False
     first_image: bool = False
+    fuse_ab: bool = True  # also measure the compiled mode without fused projections
     tiny: bool = False
     model: str | None = None  # None: random weights
 
@@ -302,7 +303,8 @@ def run(opts: BenchOptions, report: Callable[[dict[str, Any]], None] = lambda r:
         res["reference_compiled"] = _reference_compiled(pipe, device, main_size, runs, warm, baseline)
         report(res)
 
-    phases = [("compiled_unfused", "none", False)] if opts.compile and "none" in opts.quantize else []
+    ab = opts.compile and opts.fuse_ab and "none" in opts.quantize
+    phases = [("compiled_unfused", "none", False)] if ab else []
     phases += [("compiled" if q == "none" else q, q, True) for q in opts.quantize]
     for key, quantize, fuse in phases:
         if quantize == "fp8" and (opts.tiny or not _fp8_capable(device)):
@@ -535,6 +537,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         model=args.model,
         profile=args.profile,
         first_image=args.first_image,
+        fuse_ab=not args.no_fuse_ab,
     )
 
 

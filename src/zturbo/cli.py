@@ -90,6 +90,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="none,fp8", help="compiled modes to measure: none, fp8 (comma separated)")
     p.add_argument("--no-reference", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--reference-compiled", action="store_true", help="also time diffusers' compile_repeated_blocks")
+    p.add_argument("--no-fuse-ab", action="store_true", help="skip the compiled row without fused projections")
     p.add_argument("--no-compile", action="store_true", help="measure the modes without torch.compile")
     p.add_argument(
         "--first-image",
@@ -162,7 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_output(args.output, request.num_images, overwrite=args.overwrite)
     if request.seed_was_random:
         log.info("seed %d (random)", request.seed)
-    engine = Engine.load(config, source=resolve_model(config.model))
+    # No separate warm-up: with --compile on, the request itself compiles at its own size.
+    engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
     with _progress(request.steps, disabled=args.quiet) as bar:
         result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
     for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images, strict=True):

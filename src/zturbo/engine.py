@@ -303,8 +303,9 @@ class Engine:
     def warmup(self, width: int = 1024, height: int = 1024) -> float:
         """Compile now rather than in the first request; returns the seconds it took.
 
-        Two prompt lengths: the second makes torch.compile switch to dynamic sequence lengths,
-        so later prompts of any length reuse the same kernels instead of recompiling.
+        Two prompt lengths, so that sequence lengths are dynamic in the compiled blocks before a
+        user's prompt arrives (the blocks already see three lengths per forward, which on its own
+        makes torch.compile go dynamic; the second prompt makes sure of it).
         """
         start = time.perf_counter()
         for prompt in ("warm-up", "a longer warm-up prompt " * 8):
