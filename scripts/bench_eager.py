@@ -27,9 +27,7 @@ import inspect
 import json
 import linecache
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-import zturbo
 from zturbo import engine as zengine
-from zturbo import tiny as tiny_model
+from zturbo.bench import environment, random_components
 from zturbo.engine import Engine, ModelInfo
 from zturbo.loader import Components
 from zturbo.precision import all_finite
@@ -77,59 +74,13 @@ class Bench:
 # Models
 
 
-# FLUX.1 VAE as published with Z-Image-Turbo (shared/reference/diffusers_probe.py).
-FLUX_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
-
-
 def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int) -> tuple[Any, Any, Any]:
-    """(transformer, vae, text_encoder) with random weights, built directly on `device` in `dtype`."""
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
+    """(transformer, vae, text_encoder) with random weights, built directly on `device` in `dtype`.
 
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            if tiny:
-                transformer = ZImageTransformer2DModel(**tiny_model.TRANSFORMER_CONFIG)
-                text_config = Qwen3Config(**tiny_model.text_encoder_config(vocab))
-            else:
-                transformer = ZImageTransformer2DModel()  # the published default config (pad tokens are zeros)
-                text_config = Qwen3Config(
-                    hidden_size=2560,
-                    intermediate_size=9728,
-                    num_hidden_layers=36,
-                    num_attention_heads=32,
-                    num_key_value_heads=8,
-                    head_dim=128,
-                    vocab_size=151936,
-                    max_position_embeddings=40960,
-                    rope_theta=1e6,
-                    tie_word_embeddings=True,
-                )
-            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else FLUX_VAE_CONFIG))
-            text_encoder = Qwen3Model(text_config)
-    finally:
-        torch.set_default_dtype(previous)
-    # As both loaders leave them: inference mode for dropout/norm layers, no gradients.
-    for module in (transformer, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    return transformer, vae, text_encoder
+    The builder is `zturbo.bench.random_components` (`vocab` is implied by its tokenizer).
+    """
+    c = random_components(device, dtype, tiny)
+    return c.transformer, c.vae, c.text_encoder
 
 
 def build(tiny: bool, device: torch.device, dtype: torch.dtype, runs: int, warmup: int) -> Bench:
@@ -411,27 +362,6 @@ def sync_check(b: Bench, size: int, embeds: list[torch.Tensor]) -> dict[str, Any
 
 # ---------------------------------------------------------------------------------------------
 # Report
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    import diffusers
-    import transformers
-
-    env: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "zturbo": zturbo.__version__,
-    }
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    return env
 
 
 def table(res: dict[str, Any]) -> str:

@@ -44,22 +44,6 @@ SEED = 42
 STEPS = 8
 GIB = 2**30
 SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
-# FLUX.1 VAE as published with Z-Image-Turbo.
-FLUX_VAE_CONFIG: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 16,
-    "norm_num_groups": 32,
-    "sample_size": 1024,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
 # Qwen3-4B, the text encoder Z-Image-Turbo ships.
 QWEN3_4B_CONFIG: dict[str, Any] = {
     "hidden_size": 2560,
@@ -115,7 +99,7 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
             else:
                 transformer = ZImageTransformer2DModel()  # the published default config
                 text_config = Qwen3Config(**QWEN3_4B_CONFIG)
-            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else FLUX_VAE_CONFIG))
+            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else tiny_model.FLUX_VAE_CONFIG))
             text_encoder = Qwen3Model(text_config)
     finally:
         torch.set_default_dtype(previous)
@@ -429,6 +413,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "diffusers": diffusers.__version__,
         "transformers": transformers.__version__,
         "zturbo": __version__,

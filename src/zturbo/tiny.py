@@ -118,22 +118,30 @@ TRANSFORMER_CONFIG = {
     "axes_dims": [8, 4, 4],
     "axes_lens": [1024, 512, 512],
 }
-# The FLUX VAE's shape (4 blocks: spatial factor 8, 16 latent channels) with tiny widths.
-VAE_CONFIG = {
+# FLUX.1 VAE as published with Z-Image-Turbo (what `zturbo bench` builds at real size).
+FLUX_VAE_CONFIG: dict[str, object] = {
     "in_channels": 3,
     "out_channels": 3,
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [16, 16, 16, 16],
-    "layers_per_block": 1,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
     "latent_channels": 16,
-    "norm_num_groups": 8,
-    "sample_size": 64,
+    "norm_num_groups": 32,
+    "sample_size": 1024,
     "scaling_factor": 0.3611,
     "shift_factor": 0.1159,
     "use_quant_conv": False,
     "use_post_quant_conv": False,
     "force_upcast": True,
+}
+# The same shape (4 blocks: spatial factor 8, 16 latent channels) with tiny widths.
+VAE_CONFIG = {
+    **FLUX_VAE_CONFIG,
+    "block_out_channels": [16, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
 }
 
 
