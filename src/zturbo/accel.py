@@ -177,8 +177,8 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
             attention = block.attention
             accel.processors.append((attention, attention.processor))
             attention.set_processor(RealRopeAttnProcessor())
-            _compile_forward(accel, block, backend)
-        _compile_forward(accel, components.vae.decoder, backend)
+            _compile_forward(accel, block, backend, dynamic=True)
+        _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
     return accel
 
 
@@ -187,10 +187,13 @@ def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module
         yield from getattr(transformer, name)
 
 
-def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any) -> None:
-    # dynamic=None: the first new shape (another prompt length or resolution) recompiles once
-    # with dynamic sizes instead of once per shape.
-    module.forward = torch.compile(module.forward, fullgraph=True, backend=backend)
+def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any, dynamic: bool | None) -> None:
+    # Blocks: dynamic=True. They see three sequence lengths per forward (image, caption, both) and
+    # a new one per prompt length; a dynamic graph from the start avoids the static compile that
+    # would be thrown away (measured on an H100: same block speed, 2.69 vs 2.70 ms bf16, 2.01 vs
+    # 2.04 ms fp8; fp8 compile of a static graph then a dynamic one took minutes).
+    # VAE decoder: dynamic=None, so one resolution stays static and a second goes dynamic.
+    module.forward = torch.compile(module.forward, fullgraph=True, backend=backend, dynamic=dynamic)
     accel.compiled.append(module)
 
 
