@@ -191,7 +191,7 @@ def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any, dynami
     # Blocks: dynamic=True. They see three sequence lengths per forward (image, caption, both) and
     # a new one per prompt length; a dynamic graph from the start avoids the static compile that
     # would be thrown away (measured on an H100: same block speed, 2.69 vs 2.70 ms bf16, 2.01 vs
-    # 2.04 ms fp8; fp8 compile of a static graph then a dynamic one took minutes).
+    # 2.04 ms fp8; the whole model's fp8 compile with dynamic=None did not finish in 9.5 min).
     # VAE decoder: dynamic=None, so one resolution stays static and a second goes dynamic.
     module.forward = torch.compile(module.forward, fullgraph=True, backend=backend, dynamic=dynamic)
     accel.compiled.append(module)
