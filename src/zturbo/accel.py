@@ -1,6 +1,6 @@
 """Speed: torch.compile of the repeated transformer blocks and the VAE decoder, fp8 linears.
 
-Everything here acts on the engine's module instances and can be undone (`Accel.revert`), so a
+Everything here acts on the engine's module instances and can be undone (`Accel.revert_compile`), so a
 compilation failure costs one warning and the eager path, never the request.
 
 The attention processor installed on compiled blocks computes exactly what diffusers'
@@ -54,7 +54,9 @@ class RealRopeAttnProcessor:
             cos_sin = torch.view_as_real(freqs_cis).unsqueeze(2)  # (B, S, 1, D/2, 2) float32
             q, k = rope(q, cos_sin), rope(k, cos_sin)
         q, k = q.to(dtype), k.to(dtype)
-        mask = attention_mask[:, None, None, :] if attention_mask is not None and attention_mask.ndim == 2 else None
+        mask = attention_mask
+        if mask is not None and mask.ndim == 2:  # (B, S) -> (B, 1, 1, S), as diffusers does
+            mask = mask[:, None, None, :]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         out = out.transpose(1, 2).flatten(2, 3).to(dtype)  # (B, S, H*D)
         return attn.to_out[0](out)

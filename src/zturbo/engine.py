@@ -415,7 +415,7 @@ class Engine:
         image = self._eager_if_compile_fails(decode, c.vae, latents)
         while not all_finite(image):  # only the decode is redone: the latents are fine
             fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
-            image = decode(c.vae, latents)
+            image = self._eager_if_compile_fails(decode, c.vae, latents)
         pixels = to_uint8(image)
         timings["denoise_decode_s"] = time.perf_counter() - tick
         return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
