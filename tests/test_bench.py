@@ -43,3 +43,19 @@ def test_bad_bench_options_name_the_value(flag, value, message):
     setattr(args, flag, value)
     with pytest.raises(InvalidRequestError, match=message):
         bench.options(args)
+
+
+def test_bench_runs_on_a_local_checkpoint(tiny_dir):
+    opts = bench.BenchOptions(
+        sizes=(32,),
+        runs=1,
+        warmup=0,
+        quantize=("none",),
+        reference=False,
+        tiny=True,
+        model=str(tiny_dir),
+        fuse_ab=False,
+    )
+    res = bench.run(opts)
+    assert res["eager"]["reference"] == {} and res["compiled"]["sizes"][32]["median_s"] > 0
+    assert res["compiled"]["latent_rel_err_vs_eager"] < 1e-5
