@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_args(sub.add_parser("bench", help="speed and memory against diffusers' pipeline on a GPU"))
     info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
     _model_args(info)
+    info.add_argument("--plan", action="store_true", help="also estimate peak GPU memory per placement plan")
+    info.add_argument("--width", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
+    info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
+    info.add_argument("--batch", type=int, default=1, help="for --plan (default 1)")
+    info.add_argument("--vram-budget", type=float, default=None, help="GiB for --plan (default: free GPU memory)")
     return parser
 
 
@@ -241,7 +246,42 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if args.plan:
+        _print_plan(args, config, device, plan.dtypes())
     return 0
+
+
+def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict[str, Any]) -> None:
+    import torch
+
+    from . import memory
+    from .loader import resolve_model
+    from .request import GenerateRequest
+
+    source = resolve_model(config.model, weights=False)
+    GenerateRequest.create(
+        "x", limits=source.limits(config.max_pixels), width=args.width, height=args.height, batch=args.batch
+    )
+    if args.vram_budget is not None:
+        if args.vram_budget <= 0:
+            raise InvalidRequestError(f"--vram-budget {args.vram_budget} must be a positive number of GiB")
+        budget, where = int(args.vram_budget * memory.GIB), "--vram-budget"
+    elif device.type == "cuda":
+        budget, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
+    else:
+        raise InvalidRequestError(f"{device} has no GPU memory to plan for; pass --vram-budget GiB to preview a GPU")
+    shape = memory.shape_from_source(source)
+    choice = memory.choose(
+        shape, memory.dtype_bytes(dtypes), budget, width=args.width, height=args.height, batch=args.batch
+    )
+    print(f"\nplan for {args.width}x{args.height}, batch {args.batch}: budget {budget / memory.GIB:.2f} GiB ({where})")
+    for est in choice.considered:
+        mark = "  <- chosen" if est is choice.chosen else ""
+        stages = ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in est.stages.items())
+        print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
+    if choice.chosen is None:
+        print("nothing fits: lower the resolution or batch, or free GPU memory")
+    print("note: the engine runs `resident` today; the other plans are estimates until offloading lands")
 
 
 if __name__ == "__main__":

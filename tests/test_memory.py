@@ -1,0 +1,110 @@
+"""The memory estimator against H100 measurements, and the planner's choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from zturbo import memory
+from zturbo.cli import main
+
+GIB = memory.GIB
+BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
+
+
+@pytest.fixture(scope="module")
+def shape() -> memory.ModelShape:
+    """The real architecture, built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zturbo.bench import QWEN3_4B_CONFIG
+    from zturbo.tiny import FLUX_VAE_CONFIG
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel()
+        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+    return memory.model_shape(transformer, text_encoder, vae)
+
+
+# Peak torch.cuda.max_memory_allocated on an H100, real architecture, random weights, bf16, 8 steps:
+# zturbo eager all resident (docs/performance.md, 58-token prompt), and diffusers 0.42.1 with
+# enable_model_cpu_offload and with leaf-level group offload (design.md §2, 128-token embeddings).
+MEASURED = [
+    ("resident", 512, 1, 64, 19.9),
+    ("resident", 1024, 1, 64, 21.7),
+    ("resident", 1536, 1, 64, 24.7),
+    ("resident", 2048, 1, 64, 28.8),
+    ("resident", 1024, 4, 64, 27.3),
+    ("model-offload", 1024, 1, 128, 12.1),
+    ("sequential", 1024, 1, 128, 2.6),
+]
+
+
+@pytest.mark.parametrize(("plan", "size", "batch", "tokens", "measured"), MEASURED)
+def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, batch, tokens, measured):
+    est = memory.estimate(shape, BF16, plan=plan, width=size, height=size, batch=batch, prompt_tokens=tokens)
+    assert abs(est.peak / GIB - measured) / measured <= 0.10, (est.peak / GIB, measured)
+
+
+@pytest.mark.parametrize(
+    ("budget", "size", "expected"),
+    [
+        (80, 1024, "resident"),
+        (80, 2048, "resident"),
+        (24, 1024, "resident"),
+        (24, 2048, "resident + vae-tiling"),
+        (16, 1024, "te-offload"),
+        (16, 2048, "te-offload + vae-tiling"),
+        (12, 1024, "block-offload"),
+        (8, 1024, "block-offload"),
+        (8, 2048, "block-offload + vae-tiling"),
+        (4, 1024, "block-offload"),
+        (2, 1024, "block-offload + vae-tiling"),
+    ],
+)
+def test_planner_table(shape, budget, size, expected):
+    choice = memory.choose(shape, BF16, budget * GIB, width=size, height=size)
+    assert choice.chosen is not None and choice.chosen.label() == expected
+    usable = budget * GIB - max(int(budget * GIB * 0.05), GIB // 2)
+    assert choice.chosen.peak <= usable and choice.considered[-1] is choice.chosen
+    # Everything tried before the choice (all faster) does not fit.
+    assert all(e.peak > usable for e in choice.considered[:-1])
+
+
+def test_smaller_budget_never_gets_a_faster_plan(shape):
+    order = [f"{p}{t}" for p in memory.PLANS for t in ("", "+tiling")]
+    previous = 0
+    for budget in range(80, 1, -1):
+        chosen = memory.choose(shape, BF16, budget * GIB, width=1024, height=1024).chosen
+        assert chosen is not None
+        rank = order.index(chosen.plan + ("+tiling" if chosen.vae_tiling else ""))
+        assert rank >= previous
+        previous = rank
+
+
+def test_nothing_fits_is_reported(shape):
+    choice = memory.choose(shape, BF16, GIB, width=2048, height=2048)
+    assert choice.chosen is None and len(choice.considered) == 2 * len(memory.PLANS)
+
+
+def test_quantization_shrinks_only_the_transformer(shape):
+    base = memory.estimate(shape, BF16, plan="resident", width=1024, height=1024)
+    fp8 = memory.estimate(shape, BF16, plan="resident", width=1024, height=1024, quantize="fp8")
+    int4 = memory.estimate(shape, BF16, plan="resident", width=1024, height=1024, quantize="int4")
+    saved = base.stages["denoise"] - fp8.stages["denoise"]
+    assert saved == shape.transformer_linear_params  # one byte less per quantized weight
+    assert base.stages["denoise"] - int4.stages["denoise"] == int(1.5 * shape.transformer_linear_params)
+
+
+def test_info_plan_prints_the_choice(capsys, tiny_dir):
+    code = main(["info", "--model", str(tiny_dir), "--device", "cpu", "--plan", "--vram-budget", "4"])
+    out = capsys.readouterr().out
+    assert code == 0 and "budget 4.00 GiB (--vram-budget)" in out
+    assert "resident" in out and "<- chosen" in out
+
+
+def test_info_plan_needs_a_budget_without_a_gpu(capsys, tiny_dir):
+    assert main(["info", "--model", str(tiny_dir), "--device", "cpu", "--plan"]) == 2
+    assert "pass --vram-budget" in capsys.readouterr().err
