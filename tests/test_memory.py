@@ -1,11 +1,17 @@
-"""The memory estimator against H100 measurements, and the planner's choices."""
+"""The memory estimator against H100 measurements, the planner's choices, VAE tiling and OOM recovery."""
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 
 from zturbo import memory
 from zturbo.cli import main
+from zturbo.config import RuntimeConfig
+from zturbo.engine import Engine
+from zturbo.errors import GPUMemoryError, InvalidRequestError
 
 GIB = memory.GIB
 BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
@@ -108,3 +114,59 @@ def test_info_plan_prints_the_choice(capsys, tiny_dir):
 def test_info_plan_needs_a_budget_without_a_gpu(capsys, tiny_dir):
     assert main(["info", "--model", str(tiny_dir), "--device", "cpu", "--plan"]) == 2
     assert "pass --vram-budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE tiling and out-of-memory recovery (CPU, tiny model, simulated OOM)
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image, dtype=np.float64)
+
+
+@pytest.fixture
+def fresh(tiny_dir):
+    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+
+
+def test_tiled_decode_is_close_to_untiled(fresh):
+    params = {"seed": 1, "steps": 2, "width": 512, "height": 512}
+    whole = pixels(fresh.generate("a red fox", **params))
+    memory.set_vae_tiling(fresh.components.vae, True, tile=256)  # 4 tiles (with overlap: 9) of 512²
+    tiled = pixels(fresh.generate("a red fox", **params))
+    # Blended seams differ a little; a different image would be ~50 off (std of the image ~45).
+    assert 0 < np.abs(tiled - whole).mean() <= 3
+
+
+def test_out_of_memory_in_decode_retries_once_tiled(fresh, caplog):
+    memory.inject_oom(fresh.components.vae.decoder)
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        result = fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    record = {"component": "vae", "from": "whole-image decode", "to": "tiled decode"}
+    assert len(result.fallbacks) == 1 and result.fallbacks[0].items() >= record.items()
+    assert "simulated" in result.fallbacks[0]["reason"]
+    meta = result.images[0].metadata
+    assert meta["fallbacks"] == result.fallbacks and meta["vae_tiling"] is True
+    assert any("retrying with a tiled decode" in r.getMessage() for r in caplog.records)
+    assert np.isfinite(pixels(result)).all()
+    # Healthy afterwards: the next request runs without another fallback.
+    assert fresh.generate("a red fox", seed=1, steps=2, width=64, height=64).fallbacks == []
+
+
+def test_out_of_memory_in_the_transformer_is_a_clear_error(fresh):
+    memory.inject_oom(fresh.components.transformer)
+    with pytest.raises(GPUMemoryError, match=r"simulated.*64x64, 1 image\(s\) need about .* GiB.*--quantize fp8"):
+        fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    assert fresh.generate("a red fox", seed=1, steps=2, width=64, height=64).fallbacks == []
+
+
+def test_out_of_memory_with_tiling_off_is_not_retried(tiny_dir):
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", vae_tiling="off"))
+    memory.inject_oom(engine.components.vae.decoder)
+    with pytest.raises(GPUMemoryError, match="simulated"):
+        engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
+
+
+def test_vae_tiling_setting_is_validated():
+    with pytest.raises(InvalidRequestError, match="vae_tiling 'sometimes' is not one of auto, on, off"):
+        RuntimeConfig(vae_tiling="sometimes")

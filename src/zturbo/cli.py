@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import COMPILE_CHOICES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, QUANTIZE_CHOICES, TINY_MODEL
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, QUANTIZE_CHOICES, SWITCH_CHOICES, TINY_MODEL
 from .errors import InvalidRequestError, ZTurboError
 from .request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
 
@@ -36,8 +36,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile",
         default=None,
-        choices=COMPILE_CHOICES,
+        choices=SWITCH_CHOICES,
         help="torch.compile the transformer blocks and VAE decoder (auto: on for CUDA, except in `generate`)",
+    )
+    p.add_argument(
+        "--vae-tiling",
+        default=None,
+        choices=SWITCH_CHOICES,
+        help="tiled VAE decode: auto (default: when the decode would not fit, or after running out of memory)",
     )
     p.add_argument(
         "--quantize",
@@ -198,6 +204,7 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         vae_dtype=args.vae_dtype,
         compile=args.compile,
         quantize=args.quantize,
+        vae_tiling=args.vae_tiling,
         **extra,
     )
 

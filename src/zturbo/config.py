@@ -11,7 +11,7 @@ from .errors import InvalidRequestError
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_MODEL = "tiny-random"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
-COMPILE_CHOICES = ("auto", "on", "off")
+SWITCH_CHOICES = ("auto", "on", "off")
 QUANTIZE_CHOICES = ("none", "fp8")
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
@@ -33,14 +33,18 @@ class RuntimeConfig:
     compile: str = "auto"
     # Transformer linears: none (the component dtype) or fp8 (dynamic per-row, fp8-capable GPUs).
     quantize: str = "none"
+    # VAE tiled decode: auto = when the decode would not fit in free GPU memory, or after it ran out.
+    vae_tiling: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPE_CHOICES:
                 raise InvalidRequestError(f"{name} {value!r} is not one of {', '.join(DTYPE_CHOICES)}")
-        if self.compile not in COMPILE_CHOICES:
-            raise InvalidRequestError(f"compile {self.compile!r} is not one of {', '.join(COMPILE_CHOICES)}")
+        if self.vae_tiling not in SWITCH_CHOICES:
+            raise InvalidRequestError(f"vae_tiling {self.vae_tiling!r} is not one of {', '.join(SWITCH_CHOICES)}")
+        if self.compile not in SWITCH_CHOICES:
+            raise InvalidRequestError(f"compile {self.compile!r} is not one of {', '.join(SWITCH_CHOICES)}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise InvalidRequestError(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.max_pixels < 16 * 16:
@@ -53,10 +57,10 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
-        """Defaults, then ZTURBO_{MODEL,DEVICE,DTYPE,COMPILE,QUANTIZE,MAX_PIXELS}, then explicit overrides."""
+        """Defaults, then ZTURBO_{MODEL,DEVICE,DTYPE,COMPILE,QUANTIZE,VAE_TILING,MAX_PIXELS}, then overrides."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for field in ("model", "device", "dtype", "compile", "quantize"):
+        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling"):
             var = f"ZTURBO_{field.upper()}"
             if env.get(var):
                 values[field] = env[var]

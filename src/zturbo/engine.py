@@ -9,6 +9,7 @@ latent scaling and pixel conversion run in float32 rather than in the VAE's dtyp
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -21,7 +22,7 @@ import torch
 from . import accel as accel_
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
-from .errors import DeviceError, PrecisionError
+from .errors import DeviceError, GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .precision import NonFiniteError, all_finite, choose_precision, safer
@@ -267,6 +268,8 @@ class Engine:
         self.limits = limits
         self.accel = accel or accel_.Accel()
         self.prompt_cache = PromptCache()
+        self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
+        self.vae_tiling = False
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:
             self.guard = install_fp16_guard(components.transformer)
@@ -294,6 +297,8 @@ class Engine:
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         engine = cls(components, model, device, plan.dtypes(), source.limits(config.max_pixels))
+        engine.vae_tiling_setting = config.vae_tiling
+        engine.set_vae_tiling(config.vae_tiling == "on")
         compile_ = accel_.resolve_compile(config.compile, device)
         engine.accel = accel_.apply(components, compile_=compile_, quantize=config.quantize)
         if compile_ and warmup:
@@ -335,11 +340,16 @@ class Engine:
         req = prompt if isinstance(prompt, GenerateRequest) else self.request(prompt, **params)
         fallbacks: list[dict[str, str]] = []
         while True:  # bounded: every pass raises a component's precision or raises an error
+            oom = None
             try:
                 result = self._run(req, on_step, fallbacks)
             except NonFiniteError as e:
                 fallbacks.append(self._escalate(e))
                 continue
+            except torch.OutOfMemoryError as e:
+                oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+            if oom is not None:  # outside the except block, so the failed run's tensors are freed
+                raise self._out_of_memory(req, oom)
             for image in result.images:
                 image.metadata["fallbacks"] = fallbacks
             result.fallbacks = fallbacks
@@ -350,6 +360,7 @@ class Engine:
         return {
             "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
             "fp16_guard": self.guard.describe() if self.guard is not None else None,
+            "vae_tiling": self.vae_tiling,
             **self.accel.describe(),
         }
 
@@ -412,13 +423,81 @@ class Engine:
             if not all_finite(cond + (uncond or [])):
                 raise NonFiniteError("text_encoder", "non-finite prompt embeddings")
             raise NonFiniteError("transformer", "non-finite latents after denoising")
-        image = self._eager_if_compile_fails(decode, c.vae, latents)
+        image = self._decode(latents, req, fallbacks)
         while not all_finite(image):  # only the decode is redone: the latents are fine
             fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
             image = self._eager_if_compile_fails(decode, c.vae, latents)
         pixels = to_uint8(image)
         timings["denoise_decode_s"] = time.perf_counter() - tick
         return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
+
+    @functools.cached_property
+    def shape(self) -> Any:
+        """The model's `memory.ModelShape` (parameter counts and widths), for memory estimates."""
+        from .memory import model_shape
+
+        c = self.components
+        return model_shape(c.transformer, c.text_encoder, c.vae)
+
+    def set_vae_tiling(self, on: bool) -> None:
+        from .memory import set_vae_tiling
+
+        set_vae_tiling(self.components.vae, on)
+        self.vae_tiling = on
+
+    def _decode(self, latents: torch.Tensor, req: GenerateRequest, fallbacks: list[dict[str, str]]) -> torch.Tensor:
+        """Decode; in auto mode tile when the decode would not fit, or once after running out of memory."""
+        vae = self.components.vae
+        if self.vae_tiling_setting == "auto" and not self.vae_tiling and not self._decode_fits(req):
+            self.set_vae_tiling(True)
+            log.info("VAE: tiled decode (%dx%d would not fit in free GPU memory)", req.width, req.height)
+        oom = None
+        try:
+            return self._eager_if_compile_fails(decode, vae, latents)
+        except torch.OutOfMemoryError as e:
+            if self.vae_tiling or self.vae_tiling_setting == "off":
+                raise
+            oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        _release_cached_memory(self.device)
+        record = {"component": "vae", "from": "whole-image decode", "to": "tiled decode", "reason": oom}
+        log.warning("VAE: %s while decoding %dx%d; retrying with a tiled decode", oom, req.width, req.height)
+        fallbacks.append(record)
+        self.set_vae_tiling(True)  # kept for later requests, like a precision fallback
+        return self._eager_if_compile_fails(decode, vae, latents)
+
+    def _decode_fits(self, req: GenerateRequest) -> bool:
+        if self.device.type != "cuda":
+            return True
+        from .memory import vae_activation
+
+        elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
+        need = vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False)
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
+        free -= torch.cuda.memory_allocated(self.device)
+        return need <= free * 0.9
+
+    def _out_of_memory(self, req: GenerateRequest, reason: str) -> GPUMemoryError:
+        """Free what the failed run left cached and describe what the request needed."""
+        from .memory import GIB, dtype_bytes, estimate
+
+        _release_cached_memory(self.device)
+        need = estimate(
+            self.shape,
+            dtype_bytes(self.dtypes),
+            plan="resident",
+            width=req.width,
+            height=req.height,
+            batch=req.num_images,
+            cfg=req.do_cfg,
+            vae_tiling=self.vae_tiling,
+        )
+        free = torch.cuda.mem_get_info(self.device)[1] / GIB if self.device.type == "cuda" else float("nan")
+        return GPUMemoryError(
+            f"{reason}: {req.width}x{req.height}, {req.num_images} image(s) need about {need.peak / GIB:.1f} GiB "
+            f"of GPU memory with every component resident, and the device has {free:.1f} GiB. Options: a smaller "
+            "size or batch, --quantize fp8 (compute capability 8.9+), or a GPU with more memory "
+            "(offloading plans are not available in this version)"
+        )
 
     def _eager_if_compile_fails(self, stage: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
         if not self.accel.compiling:
@@ -444,6 +523,11 @@ class Engine:
             meta = build_metadata(req, prompt, negative, seed, self.model, self.runtime())
             out.append(GeneratedImage(Image.fromarray(array), seed, prompt, negative, meta))
         return out
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _vae_factor(vae: torch.nn.Module) -> int:

@@ -53,3 +53,10 @@ class PrecisionError(ZTurboError):
 
     http_status = 500
     kind = "precision_error"
+
+
+class GPUMemoryError(ZTurboError):
+    """A request does not fit in GPU memory even after the recovery zturbo can do."""
+
+    http_status = 507
+    kind = "out_of_memory"

@@ -236,6 +236,23 @@ def _transformer_activation(
     return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
 
 
+def vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
+    """Bytes the decode stage needs above the VAE's weights."""
+    return _vae_activation(shape, elem, width, height, batch, tiling)
+
+
+def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None:
+    """diffusers' tiled decode with `tile`-pixel tiles (25 % overlap, blended), one image at a time.
+
+    Above one tile the decoder then holds one tile's activations instead of the whole image's.
+    """
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // factor
+    vae.use_tiling = on
+    vae.use_slicing = on
+
+
 def _vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
     image = batch * 3 * width * height * 4  # the float32 image the decode returns
     pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
@@ -245,3 +262,16 @@ def _vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch
 
 def dtype_bytes(dtypes: dict[str, torch.dtype]) -> dict[str, int]:
     return {k: torch.empty((), dtype=v).element_size() for k, v in dtypes.items()}
+
+
+def inject_oom(module: torch.nn.Module, times: int = 1) -> None:
+    """Test hook: the next `times` forward calls of `module` raise a CUDA out-of-memory error."""
+    remaining = [times]
+
+    def hook(_module: torch.nn.Module, _args: object) -> None:
+        remaining[0] -= 1
+        if remaining[0] <= 0:
+            handle.remove()
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated by zturbo.memory.inject_oom)")
+
+    handle = module.register_forward_pre_hook(hook)
