@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, DTYPE_CHOICES, QUANTIZE_CHOICES, SWITCH_CHOICES, TINY_MODEL
+from .config import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    DTYPE_CHOICES,
+    MEMORY_CHOICES,
+    QUANTIZE_CHOICES,
+    SWITCH_CHOICES,
+    TINY_MODEL,
+)
 from .errors import InvalidRequestError, ZTurboError
 from .request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
 
@@ -39,6 +47,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         choices=SWITCH_CHOICES,
         help="torch.compile the transformer blocks and VAE decoder (auto: on for CUDA, except in `generate`)",
     )
+    p.add_argument(
+        "--memory",
+        default=None,
+        choices=MEMORY_CHOICES,
+        help="weight placement: auto (default: the fastest plan that fits), resident, te-offload, model-offload, "
+        "block-offload, sequential",
+    )
+    p.add_argument("--vram-budget", type=float, default=None, help="GiB of GPU memory to use (default: what is free)")
     p.add_argument(
         "--vae-tiling",
         default=None,
@@ -87,7 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--width", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--batch", type=int, default=1, help="for --plan (default 1)")
-    info.add_argument("--vram-budget", type=float, default=None, help="GiB for --plan (default: free GPU memory)")
     return parser
 
 
@@ -205,6 +220,8 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         compile=args.compile,
         quantize=args.quantize,
         vae_tiling=args.vae_tiling,
+        memory=args.memory,
+        vram_budget=args.vram_budget,
         **extra,
     )
 
@@ -269,10 +286,8 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
     GenerateRequest.create(
         "x", limits=source.limits(config.max_pixels), width=args.width, height=args.height, batch=args.batch
     )
-    if args.vram_budget is not None:
-        if args.vram_budget <= 0:
-            raise InvalidRequestError(f"--vram-budget {args.vram_budget} must be a positive number of GiB")
-        budget, where = int(args.vram_budget * memory.GIB), "--vram-budget"
+    if config.vram_budget is not None:
+        budget, where = int(config.vram_budget * memory.GIB), "--vram-budget"
     elif device.type == "cuda":
         budget, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
     else:
@@ -288,7 +303,7 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
     if choice.chosen is None:
         print("nothing fits: lower the resolution or batch, or free GPU memory")
-    print("note: the engine runs `resident` today; the other plans are estimates until offloading lands")
+    print("with --memory auto the engine loads with the chosen plan (for 1024x1024, batch 1)")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_MODEL = "tiny-random"
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SWITCH_CHOICES = ("auto", "on", "off")
+# Memory plans, fastest first (zturbo.memory executes them).
+MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
 QUANTIZE_CHOICES = ("none", "fp8")
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
@@ -35,12 +37,20 @@ class RuntimeConfig:
     quantize: str = "none"
     # VAE tiled decode: auto = when the decode would not fit in free GPU memory, or after it ran out.
     vae_tiling: str = "auto"
+    # Placement of the weights: auto = the fastest plan whose estimate fits the budget.
+    memory: str = "auto"
+    # GiB of GPU memory zturbo may use (enforced on CUDA); None = what is free.
+    vram_budget: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPE_CHOICES:
                 raise InvalidRequestError(f"{name} {value!r} is not one of {', '.join(DTYPE_CHOICES)}")
+        if self.memory not in MEMORY_CHOICES:
+            raise InvalidRequestError(f"memory {self.memory!r} is not one of {', '.join(MEMORY_CHOICES)}")
+        if self.vram_budget is not None and not self.vram_budget > 0:
+            raise InvalidRequestError(f"vram_budget {self.vram_budget} must be a positive number of GiB")
         if self.vae_tiling not in SWITCH_CHOICES:
             raise InvalidRequestError(f"vae_tiling {self.vae_tiling!r} is not one of {', '.join(SWITCH_CHOICES)}")
         if self.compile not in SWITCH_CHOICES:
@@ -57,13 +67,19 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
-        """Defaults, then ZTURBO_{MODEL,DEVICE,DTYPE,COMPILE,QUANTIZE,VAE_TILING,MAX_PIXELS}, then overrides."""
+        """Defaults, then ZTURBO_<FIELD> for each field (e.g. ZTURBO_MEMORY), then explicit overrides."""
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling"):
+        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling", "memory"):
             var = f"ZTURBO_{field.upper()}"
             if env.get(var):
                 values[field] = env[var]
+        if env.get("ZTURBO_VRAM_BUDGET"):
+            raw = env["ZTURBO_VRAM_BUDGET"]
+            try:
+                values["vram_budget"] = float(raw)
+            except ValueError:
+                raise InvalidRequestError(f"ZTURBO_VRAM_BUDGET={raw!r} is not a number of GiB") from None
         if env.get("ZTURBO_MAX_PIXELS"):
             raw = env["ZTURBO_MAX_PIXELS"]
             try:

@@ -25,6 +25,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
+from .memory import STREAMED_PLANS, Placement, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ModelLimits
 
@@ -93,17 +94,28 @@ class PromptCache:
         self.misses = 0
 
     def encode(
-        self, text_encoder: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], device: torch.device
+        self,
+        text_encoder: torch.nn.Module,
+        tokenizer: Any,
+        prompts: Sequence[str],
+        device: torch.device,
+        *,
+        encoder_device: torch.device | None = None,
+        on_miss: Callable[[], None] | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:
-        """Embeddings for `prompts` (text encoder run once for all misses) and their truncation warnings."""
+        """Embeddings on `device` for `prompts` (the text encoder runs once, on `encoder_device`, for
+        all misses, after `on_miss()`) and their truncation warnings."""
         dtype = next(text_encoder.parameters()).dtype
         missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self._items]
         self.hits += len(prompts) - len(missing)
         self.misses += len(missing)
         if missing:
-            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device)
+            if on_miss is not None:
+                on_miss()
+            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, encoder_device or device)
             for prompt, embed, warning in zip(missing, embeds, warnings, strict=True):
-                self._items[(prompt, dtype)] = (embed.clone(), warning)  # clone: drop the padded batch
+                # clone (or copy to the device): drop the padded batch the embedding was a view of
+                self._items[(prompt, dtype)] = (embed.to(device, copy=True), warning)
         found = []
         for prompt in prompts:
             self._items.move_to_end((prompt, dtype))
@@ -260,6 +272,7 @@ class Engine:
         dtypes: dict[str, torch.dtype],
         limits: ModelLimits,
         accel: accel_.Accel | None = None,
+        plan: str = "resident",
     ) -> None:
         self.components = components
         self.model = model
@@ -270,6 +283,7 @@ class Engine:
         self.prompt_cache = PromptCache()
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
+        self.placement = Placement(components, device, plan)
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:
             self.guard = install_fp16_guard(components.transformer)
@@ -292,14 +306,17 @@ class Engine:
         )
         if config.quantize == "fp8" and plan.transformer.dtype is not torch.bfloat16:
             raise DeviceError("--quantize fp8 computes with bfloat16 activations; leave the transformer dtype on auto")
+        memory_plan, tiling = _memory_plan(config, device, source, plan.dtypes())
         start = time.perf_counter()
-        components = load_components(source, device, plan.dtypes())
+        components = load_components(source, device, plan.dtypes(), homes(memory_plan, device))
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
-        engine = cls(components, model, device, plan.dtypes(), source.limits(config.max_pixels))
+        limits = source.limits(config.max_pixels)
+        engine = cls(components, model, device, plan.dtypes(), limits, plan=memory_plan)
         engine.vae_tiling_setting = config.vae_tiling
-        engine.set_vae_tiling(config.vae_tiling == "on")
-        compile_ = accel_.resolve_compile(config.compile, device)
+        engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
+        # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
+        compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
         engine.accel = accel_.apply(components, compile_=compile_, quantize=config.quantize)
         if compile_ and warmup:
             engine.warmup()
@@ -339,7 +356,8 @@ class Engine:
         """
         req = prompt if isinstance(prompt, GenerateRequest) else self.request(prompt, **params)
         fallbacks: list[dict[str, str]] = []
-        while True:  # bounded: every pass raises a component's precision or raises an error
+        memory_retried = False
+        while True:  # bounded: each pass raises a precision, or takes the one leaner-plan retry, or raises
             oom = None
             try:
                 result = self._run(req, on_step, fallbacks)
@@ -349,7 +367,12 @@ class Engine:
             except torch.OutOfMemoryError as e:
                 oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
             if oom is not None:  # outside the except block, so the failed run's tensors are freed
-                raise self._out_of_memory(req, oom)
+                target = leaner(self.placement.plan)
+                if memory_retried or target is None:
+                    raise self._out_of_memory(req, oom)
+                fallbacks.append(self._lean_out(target, oom))
+                memory_retried = True
+                continue
             for image in result.images:
                 image.metadata["fallbacks"] = fallbacks
             result.fallbacks = fallbacks
@@ -360,6 +383,7 @@ class Engine:
         return {
             "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
             "fp16_guard": self.guard.describe() if self.guard is not None else None,
+            "memory_plan": self.placement.plan,
             "vae_tiling": self.vae_tiling,
             **self.accel.describe(),
         }
@@ -400,11 +424,13 @@ class Engine:
         timings: dict[str, float] = {}
         tick = time.perf_counter()
         rows = req.image_prompts()
+        placed = self.placement
+        where = {"encoder_device": placed.text_encoder_device, "on_miss": lambda: placed.stage("encode")}
         cache = self.prompt_cache
-        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [p for p, _, _ in rows], self.device)
+        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [p for p, _, _ in rows], self.device, **where)
         uncond = None
         if req.do_cfg:
-            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, [n for _, n, _ in rows], self.device)
+            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, [n for _, n, _ in rows], self.device, **where)
         for w in warnings:
             log.warning(w)
         timings["encode_s"] = time.perf_counter() - tick
@@ -415,6 +441,7 @@ class Engine:
         h, w = req.height // unit * patch, req.width // unit * patch
         latents = prepare_latents([s for _, _, s in rows], c.transformer.config.in_channels, h, w).to(self.device)
         sched = schedule(c.scheduler_config, req.steps, (h // patch) * (w // patch))
+        placed.stage("denoise")
         latents = self._eager_if_compile_fails(
             denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step
         )
@@ -423,6 +450,7 @@ class Engine:
             if not all_finite(cond + (uncond or [])):
                 raise NonFiniteError("text_encoder", "non-finite prompt embeddings")
             raise NonFiniteError("transformer", "non-finite latents after denoising")
+        placed.stage("decode")
         image = self._decode(latents, req, fallbacks)
         while not all_finite(image):  # only the decode is redone: the latents are fine
             fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
@@ -476,6 +504,17 @@ class Engine:
         free -= torch.cuda.memory_allocated(self.device)
         return need <= free * 0.9
 
+    def _lean_out(self, plan: str, reason: str) -> dict[str, str]:
+        """After running out of memory: the next leaner plan, kept for later requests."""
+        _release_cached_memory(self.device)
+        record = {"component": "memory", "from": self.placement.plan, "to": plan, "reason": reason}
+        log.warning("%s with memory plan %s; retrying with %s", reason, record["from"], plan)
+        if plan in STREAMED_PLANS and self.accel.compiling:
+            self.accel.revert_compile()  # group offloading wraps the same forwards
+        self.placement.change(plan)
+        _release_cached_memory(self.device)
+        return record
+
     def _out_of_memory(self, req: GenerateRequest, reason: str) -> GPUMemoryError:
         """Free what the failed run left cached and describe what the request needed."""
         from .memory import GIB, dtype_bytes, estimate
@@ -491,12 +530,14 @@ class Engine:
             cfg=req.do_cfg,
             vae_tiling=self.vae_tiling,
         )
-        free = torch.cuda.mem_get_info(self.device)[1] / GIB if self.device.type == "cuda" else float("nan")
+        total = torch.cuda.mem_get_info(self.device)[1] / GIB if self.device.type == "cuda" else float("nan")
+        plan = self.placement.plan
         return GPUMemoryError(
-            f"{reason}: {req.width}x{req.height}, {req.num_images} image(s) need about {need.peak / GIB:.1f} GiB "
-            f"of GPU memory with every component resident, and the device has {free:.1f} GiB. Options: a smaller "
-            "size or batch, --quantize fp8 (compute capability 8.9+), or a GPU with more memory "
-            "(offloading plans are not available in this version)"
+            f"{reason} with memory plan {plan}: {req.width}x{req.height}, {req.num_images} image(s) need about "
+            f"{need.peak / GIB:.1f} GiB with every component resident, and the device has {total:.1f} GiB. "
+            f"Options: a smaller size or batch, a leaner --memory plan than {plan} (resident, te-offload, "
+            "model-offload, block-offload, sequential), --quantize fp8 (compute capability 8.9+), "
+            "or a GPU with more memory"
         )
 
     def _eager_if_compile_fails(self, stage: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
@@ -523,6 +564,34 @@ class Engine:
             meta = build_metadata(req, prompt, negative, seed, self.model, self.runtime())
             out.append(GeneratedImage(Image.fromarray(array), seed, prompt, negative, meta))
         return out
+
+
+def _memory_plan(
+    config: RuntimeConfig, device: torch.device, source: ModelSource, dtypes: dict[str, torch.dtype]
+) -> tuple[str, bool]:
+    """The plan to load with, and whether to tile the VAE: `config.memory`, or the fastest that fits."""
+    from . import memory
+
+    budget = None if config.vram_budget is None else int(config.vram_budget * memory.GIB)
+    if device.type == "cuda" and budget is not None:
+        total = torch.cuda.mem_get_info(device)[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    if config.memory != "auto":
+        return config.memory, False
+    if device.type != "cuda" and budget is None:
+        return "resident", False  # CPU memory is the host's; MPS shares it
+    if budget is None:
+        budget = torch.cuda.mem_get_info(device)[0]
+    shape = memory.shape_from_source(source)
+    choice = memory.choose(shape, memory.dtype_bytes(dtypes), budget, width=1024, height=1024)
+    if choice.chosen is None:
+        log.warning("no memory plan fits %.1f GiB even at 1024x1024; trying the leanest", budget / memory.GIB)
+        return memory.PLANS[-1], True
+    est = choice.chosen
+    log.info(
+        "memory plan %s: estimated peak %.1f GiB of %.1f GiB", est.label(), est.peak / memory.GIB, budget / memory.GIB
+    )
+    return est.plan, est.vae_tiling
 
 
 def _release_cached_memory(device: torch.device) -> None:

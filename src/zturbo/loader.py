@@ -273,8 +273,17 @@ class Components:
     scheduler_config: dict[str, Any]
 
 
-def load_components(source: ModelSource, device: torch.device, dtypes: dict[str, torch.dtype]) -> Components:
-    """Build every component on the meta device and stream its weights in, logging each one."""
+def load_components(
+    source: ModelSource,
+    device: torch.device,
+    dtypes: dict[str, torch.dtype],
+    homes: dict[str, torch.device] | None = None,
+) -> Components:
+    """Build every component on the meta device and stream its weights in, logging each one.
+
+    `homes` overrides `device` per component (the memory plan keeps offloaded ones on the CPU).
+    """
+    homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")}
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig, AutoTokenizer
 
@@ -285,19 +294,18 @@ def load_components(source: ModelSource, device: torch.device, dtypes: dict[str,
     t_dtype = dtypes["transformer"]
     # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
     keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
-    load_weights(
-        transformer, weight_files(root / "transformer", WEIGHT_STEMS["transformer"]), device, t_dtype, keep_float32=keep
-    )
+    t_files = weight_files(root / "transformer", WEIGHT_STEMS["transformer"])
+    load_weights(transformer, t_files, homes["transformer"], t_dtype, keep_float32=keep)
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
-    load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), device, dtypes["vae"])
+    load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), homes["vae"], dtypes["vae"])
 
     te_cls = _text_encoder_class(root)
     te_config = AutoConfig.from_pretrained(root / "text_encoder")
     text_encoder = _empty(lambda: te_cls._from_config(te_config))
     rename = text_encoder_key(set(text_encoder.state_dict().keys()))
     te_files = weight_files(root / "text_encoder", WEIGHT_STEMS["text_encoder"])
-    load_weights(text_encoder, te_files, device, dtypes["text_encoder"], rename)
+    load_weights(text_encoder, te_files, homes["text_encoder"], dtypes["text_encoder"], rename)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -309,7 +317,7 @@ def load_components(source: ModelSource, device: torch.device, dtypes: dict[str,
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
         n = sum(p.numel() for p in module.parameters())
-        log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), device, _count(n))
+        log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
     return components
 
 

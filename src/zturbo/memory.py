@@ -18,12 +18,14 @@ from typing import Any
 
 import torch
 
+from .config import MEMORY_CHOICES
+
 GIB = 2**30
 # Fastest first. resident: everything on the GPU. te-offload: the text encoder runs on the CPU
 # (repeated prompts hit the prompt cache). model-offload: one component on the GPU at a time.
 # block-offload: transformer and text-encoder blocks streamed in, two at a time. sequential:
 # one linear layer at a time.
-PLANS = ("resident", "te-offload", "model-offload", "block-offload", "sequential")
+PLANS = MEMORY_CHOICES[1:]
 # Bytes per weight of the transformer's block linears when quantized (scales are per row: small).
 QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # Live full-resolution decoder tensors of `block_out_channels[0]` channels at the VAE's peak
@@ -275,3 +277,88 @@ def inject_oom(module: torch.nn.Module, times: int = 1) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated by zturbo.memory.inject_oom)")
 
     handle = module.register_forward_pre_hook(hook)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing a plan
+
+CPU = torch.device("cpu")
+# Components whose weights live on the CPU between uses, per plan.
+OFFLOADED = {
+    "resident": (),
+    "te-offload": ("text_encoder",),
+    "model-offload": ("text_encoder", "transformer"),
+    "block-offload": ("text_encoder", "transformer"),
+    "sequential": ("text_encoder", "transformer"),
+}
+
+
+# Plans that stream weights through diffusers group offloading (hooks on the blocks' forwards).
+STREAMED_PLANS = ("block-offload", "sequential")
+
+
+def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
+    """Where the loader puts each component's weights for `plan`."""
+    return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
+
+
+def leaner(plan: str) -> str | None:
+    """The next plan that holds less on the GPU, or None after the last."""
+    i = PLANS.index(plan)
+    return PLANS[i + 1] if i + 1 < len(PLANS) else None
+
+
+class Placement:
+    """Keeps the engine's modules where its plan wants them.
+
+    resident: all on the device. te-offload: the text encoder stays on the CPU and computes there.
+    model-offload: the text encoder and transformer take turns on the device (`stage()` moves them).
+    block-offload / sequential: diffusers group offloading of the transformer and text encoder,
+    block by block or layer by layer, with a CUDA stream prefetching the next group. The VAE
+    (0.2 GB) always stays on the device.
+    """
+
+    def __init__(self, components: Any, device: torch.device, plan: str = "resident") -> None:
+        if plan not in PLANS:
+            raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
+        self.components = components
+        self.device = device
+        self.plan = "resident"
+        self.change(plan)
+
+    @property
+    def text_encoder_device(self) -> torch.device:
+        """Where the text encoder's inputs go (group offloading computes on the device)."""
+        return CPU if self.plan == "te-offload" else self.device
+
+    def change(self, plan: str) -> None:
+        """Move to `plan`; plans only get leaner, never back (group offloading is not undone)."""
+        c = self.components
+        for name in OFFLOADED[plan]:
+            torch.nn.Module.to(getattr(c, name), CPU)
+        if plan in ("block-offload", "sequential"):
+            from diffusers.hooks import apply_group_offloading
+
+            block = plan == "block-offload"
+            for module in (c.transformer, c.text_encoder):
+                apply_group_offloading(
+                    module,
+                    onload_device=self.device,
+                    offload_device=CPU,
+                    offload_type="block_level" if block else "leaf_level",
+                    num_blocks_per_group=1 if block else None,
+                    use_stream=self.device.type == "cuda",
+                )
+        self.plan = plan
+
+    def stage(self, name: str) -> None:
+        """Before `name` (encode, denoise, decode): under model-offload, only its module on the device."""
+        if self.plan != "model-offload":
+            return
+        c = self.components
+        wanted = {"encode": c.text_encoder, "denoise": c.transformer}.get(name)
+        for module in (c.text_encoder, c.transformer):
+            if module is not wanted:
+                torch.nn.Module.to(module, CPU)
+        if wanted is not None:
+            torch.nn.Module.to(wanted, self.device)
