@@ -59,3 +59,14 @@ def test_bench_runs_on_a_local_checkpoint(tiny_dir):
     res = bench.run(opts)
     assert res["eager"]["reference"] == {} and res["compiled"]["sizes"][32]["median_s"] > 0
     assert res["compiled"]["latent_rel_err_vs_eager"] < 1e-5
+
+
+def test_memory_cap_rows_on_the_tiny_model():
+    from zturbo import bench_memory
+
+    row = bench_memory.one_row(0.0, 64, runs=1, tiny=True)  # uncapped: the tiny model stays resident
+    assert row["plan"] == "resident" and row["median_s"] > 0 and row["fallbacks"] == []
+    assert row["estimate_gib"] > 0 and row["memory_plan_after"] == "resident"
+    assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
+    # A 0.5 GiB cap leaves nothing after the 0.5 GiB safety margin: the row says so.
+    assert bench_memory.one_row(0.5, 64, runs=1, tiny=True)["error"] == "no plan fits"

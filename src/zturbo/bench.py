@@ -533,6 +533,8 @@ def main(args: argparse.Namespace) -> int:
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
     out_dir = Path(args.out or os.environ.get("OUT") or "bench")
+    if args.cap_row or args.memory_caps:
+        return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         res = first_image(opts, args.started)
         print(json.dumps(res, indent=2))
@@ -544,4 +546,32 @@ def main(args: argparse.Namespace) -> int:
     write(res, out_dir)
     print(markdown(res))
     print(f"\nfull results: {out_dir / 'bench.json'}")
+    return 0
+
+
+def _memory_caps(args: argparse.Namespace, opts: BenchOptions, out_dir: Path) -> int:
+    from . import bench_memory
+    from .errors import InvalidRequestError
+
+    size = opts.sizes[0]
+    if args.cap_row:  # a child process: one row, as one JSON line
+        kind, _, cap = args.cap_row.partition(":")
+        if kind not in bench_memory.KINDS:
+            raise InvalidRequestError(f"--cap-row {args.cap_row!r}: kind must be one of {bench_memory.KINDS}")
+        print(json.dumps(bench_memory.row(kind, float(cap or 0), size, opts.runs), default=str))
+        return 0
+
+    def caps(text: str | None) -> list[float]:
+        try:
+            return [float(c) for c in (text or "").split(",") if c.strip()]
+        except ValueError:
+            raise InvalidRequestError(f"{text!r} is not a comma-separated list of GiB (0 = uncapped)") from None
+
+    def report(rows: list[dict[str, Any]]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_memory.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        (out_dir / "bench_memory.md").write_text(bench_memory.markdown(rows) + "\n")
+
+    rows = bench_memory.run_caps(caps(args.memory_caps), size, opts.runs, opts.reference, caps(args.fp8_caps), report)
+    print(bench_memory.markdown(rows))
     return 0

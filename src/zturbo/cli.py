@@ -123,6 +123,14 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only: seconds from process start to the first compiled 1024² image (run in a fresh process)",
     )
+    p.add_argument(
+        "--memory-caps",
+        default=None,
+        help="GiB caps, comma separated (0 = uncapped): the memory planner's plan, peak and speed under each "
+        "(the first --sizes value; one process per cap; diffusers' offloading too unless --no-reference)",
+    )
+    p.add_argument("--fp8-caps", default=None, help="with --memory-caps: caps to also run with fp8 weights")
+    p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
     p.add_argument("--profile", action="store_true", help="GPU kernel time by kind for one compiled image")
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")

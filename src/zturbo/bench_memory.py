@@ -1,0 +1,143 @@
+"""`zturbo bench --memory-caps`: the memory planner on one GPU under simulated smaller GPUs.
+
+For each cap (GiB; 0 = uncapped) a fresh process builds the real architecture with random weights,
+lets `zturbo.memory.choose` pick the plan for the cap, places the weights accordingly, caps the
+process with `torch.cuda.set_per_process_memory_fraction`, and times end-to-end images. The same
+is done for diffusers' own offloading (`enable_model_cpu_offload`, leaf-level group offload with
+CUDA streams) as the reference. One process per row: placement and the cap cannot be undone.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from . import bench, memory
+
+REFERENCES = ("diffusers-model-offload", "diffusers-group-offload")
+KINDS = ("zturbo", "zturbo-fp8", *REFERENCES)
+
+
+def row(kind: str, cap: float, size: int, runs: int) -> dict[str, Any]:
+    if kind in REFERENCES:
+        return reference_row(kind, cap, size, runs)
+    return one_row(cap, size, runs, quantize="fp8" if kind == "zturbo-fp8" else "none")
+
+
+def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False) -> dict[str, Any]:
+    """Runs in its own process: one cap, measured. `tiny`: the tiny model on the CPU (a smoke test)."""
+    from .engine import Engine, ModelInfo
+    from .request import ModelLimits
+
+    device = torch.device("cpu") if tiny else torch.device("cuda")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    components = bench.random_components(device, dtype, tiny=tiny)
+    dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), dtype)
+    shape = memory.model_shape(components.transformer, components.text_encoder, components.vae)
+    total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 64 * memory.GIB
+    budget = int(cap * memory.GIB) if cap else total
+    quantize_options = (quantize,) if quantize != "none" else ()
+    choice = memory.choose(
+        shape, memory.dtype_bytes(dtypes), budget, width=size, height=size, quantize_options=quantize_options
+    )
+    row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
+    if choice.chosen is None:
+        row["error"] = "no plan fits"
+        return row
+    est = choice.chosen
+    row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
+    model = ModelInfo("random-weights", None, "none")
+    limits = ModelLimits(spatial_unit=16, max_pixels=4096 * 4096)
+    engine = Engine(components, model, device, dtypes, limits, plan=est.plan)
+    engine.set_vae_tiling(est.vae_tiling)
+    from . import accel
+
+    compile_ = est.plan not in memory.STREAMED_PLANS
+    backend = "eager" if tiny else "inductor"
+    engine.accel = accel.apply(components, compile_=compile_, quantize=est.quantize, backend=backend)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        if cap:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    row["compiled"] = compile_
+    return row | _time_engine(engine, size, runs)
+
+
+def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
+    def call() -> Any:
+        engine.prompt_cache.clear()
+        return engine.generate(bench.PROMPT, seed=bench.SEED, width=size, height=size, steps=bench.STEPS)
+
+    start = time.perf_counter()
+    first = call()
+    out: dict[str, Any] = {"first_call_s": time.perf_counter() - start, "fallbacks": first.fallbacks}
+    out |= bench.timed(call, engine.device, runs, warmup=0)
+    out["memory_plan_after"] = engine.placement.plan
+    return out
+
+
+def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]:
+    """diffusers' pipeline with its own offloading on the same random architecture."""
+    device = torch.device("cuda")
+    components = bench.random_components(device, torch.bfloat16, tiny=False)  # fast on the GPU
+    for module in (components.transformer, components.text_encoder, components.vae):
+        module.to("cpu")
+    torch.cuda.empty_cache()
+    pipe = bench.reference_pipeline(components)
+    if name == "diffusers-model-offload":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        for module in (pipe.transformer, pipe.text_encoder, pipe.vae):
+            from diffusers.hooks import apply_group_offloading
+
+            apply_group_offloading(module, onload_device=device, offload_type="leaf_level", use_stream=True)
+    total = torch.cuda.mem_get_info(device)[1]
+    if cap:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * memory.GIB / total), device)
+    call = bench.reference_e2e(pipe, size)
+    start = time.perf_counter()
+    call()
+    row: dict[str, Any] = {"cap_gib": cap, "size": size, "plan": name, "first_call_s": time.perf_counter() - start}
+    return row | bench.timed(call, device, runs, warmup=0)
+
+
+def run_caps(
+    caps: list[float], size: int, runs: int, references: bool, fp8_caps: list[float], report: Any
+) -> list[dict[str, Any]]:
+    """Each row in a fresh `python -m zturbo.cli bench --cap-row ...` process."""
+    rows: list[dict[str, Any]] = []
+    jobs = [("zturbo", cap) for cap in caps] + [("zturbo-fp8", cap) for cap in fp8_caps]
+    jobs += [(r, 0.0) for r in REFERENCES] if references else []
+    for kind, cap in jobs:
+        cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--random-weights", "--cap-row", f"{kind}:{cap:g}"]
+        cmd += ["--sizes", str(size), "--runs", str(runs)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        result = json.loads(lines[-1]) if lines else {"cap_gib": cap, "plan": kind, "error": proc.stderr[-2000:]}
+        rows.append(result | {"kind": kind})
+        report(rows)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    uncapped = next((r for r in rows if r.get("cap_gib") == 0 and "median_s" in r and "estimate_gib" in r), None)
+    lines = [
+        "| cap | plan | estimate | measured peak | s/img | vs uncapped |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
+        cap += " (fp8)" if r.get("kind") == "zturbo-fp8" else ""
+        if "error" in r:
+            lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - |")
+            continue
+        est = f"{r['estimate_gib']:.2f} GiB" if "estimate_gib" in r else "-"
+        ratio = f"{uncapped['median_s'] / r['median_s']:.0%}" if uncapped else "-"
+        peak = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
+        lines.append(f"| {cap} | {r['plan']} | {est} | {peak} | {r['median_s']:.3f} | {ratio} |")
+    return "\n".join(lines)
