@@ -40,3 +40,12 @@ def reference_pipe(tiny_dir: Path):
     pipe = ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture
+def fresh(tiny_dir: Path):
+    """A float32 CPU engine of its own, for tests that change it (compile, plans, injected faults)."""
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))

@@ -22,11 +22,6 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.images[0].image, dtype=np.int16)
 
 
-@pytest.fixture
-def fresh(tiny_dir):
-    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
-
-
 def test_real_rope_processor_matches_diffusers(fresh):
     transformer = fresh.components.transformer
     block = transformer.layers[0]

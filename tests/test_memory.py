@@ -124,11 +124,6 @@ def pixels(result) -> np.ndarray:
     return np.asarray(result.images[0].image, dtype=np.float64)
 
 
-@pytest.fixture
-def fresh(tiny_dir):
-    return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
-
-
 def test_tiled_decode_is_close_to_untiled(fresh):
     params = {"seed": 1, "steps": 2, "width": 512, "height": 512}
     whole = pixels(fresh.generate("a red fox", **params))

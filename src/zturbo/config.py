@@ -74,17 +74,16 @@ class RuntimeConfig:
             var = f"ZTURBO_{field.upper()}"
             if env.get(var):
                 values[field] = env[var]
-        if env.get("ZTURBO_VRAM_BUDGET"):
-            raw = env["ZTURBO_VRAM_BUDGET"]
-            try:
-                values["vram_budget"] = float(raw)
-            except ValueError:
-                raise InvalidRequestError(f"ZTURBO_VRAM_BUDGET={raw!r} is not a number of GiB") from None
-        if env.get("ZTURBO_MAX_PIXELS"):
-            raw = env["ZTURBO_MAX_PIXELS"]
-            try:
-                values["max_pixels"] = int(raw)
-            except ValueError:
-                raise InvalidRequestError(f"ZTURBO_MAX_PIXELS={raw!r} is not a whole number") from None
+        numbers: tuple[tuple[str, type, str], ...] = (
+            ("vram_budget", float, "a number of GiB"),
+            ("max_pixels", int, "a whole number"),
+        )
+        for field, kind, what in numbers:
+            raw = env.get(f"ZTURBO_{field.upper()}")
+            if raw:
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise InvalidRequestError(f"ZTURBO_{field.upper()}={raw!r} is not {what}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
