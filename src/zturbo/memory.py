@@ -156,7 +156,7 @@ def estimate(
     stages = {
         "encode": held[0] + encode_act,
         "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
-        "decode": held[2] + _vae_activation(shape, v_e, width, height, batch, vae_tiling),
+        "decode": held[2] + vae_activation(shape, v_e, width, height, batch, vae_tiling),
     }
     return Estimate(plan, quantize, vae_tiling, stages)
 
@@ -238,11 +238,6 @@ def _transformer_activation(
     return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
 
 
-def vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
-    """Bytes the decode stage needs above the VAE's weights."""
-    return _vae_activation(shape, elem, width, height, batch, tiling)
-
-
 def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None:
     """diffusers' tiled decode with `tile`-pixel tiles (25 % overlap, blended), one image at a time.
 
@@ -255,7 +250,8 @@ def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None
     vae.use_slicing = on
 
 
-def _vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
+def vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
+    """Bytes the decode stage needs above the VAE's weights."""
     image = batch * 3 * width * height * 4  # the float32 image the decode returns
     pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
     per_image = VAE_LIVE_TENSORS * pixels * shape.vae_channels * elem
