@@ -35,7 +35,7 @@ def build(mode: str) -> torch.nn.Module:
     transformer.eval().requires_grad_(False)
     tiny.randomize_pad_tokens(transformer)
     if mode == "fp8":
-        accel.quantize_fp8(transformer)
+        accel.quantize_transformer(transformer, "fp8")
     return transformer
 
 

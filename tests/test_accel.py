@@ -108,3 +108,32 @@ def test_fused_projections_share_storage_and_keep_the_state_dict(fresh):
     fused_image = pixels(fresh.generate("a red fox", **PARAMS))
     accel.unfuse_projections(transformer)
     assert np.abs(fused_image.astype(int) - pixels(fresh.generate("a red fox", **PARAMS))).max() <= 1
+
+
+def test_int8_weights_on_the_cpu_stay_close_to_float32(tiny_dir, engine):
+    pytest.importorskip("torchao")  # in the [test] extra; the import is optional for users
+    expected = pixels(engine.generate("a red fox", **PARAMS))
+    quantized = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8"))
+    w1 = quantized.components.transformer.layers[0].feed_forward.w1.weight
+    assert "Int8" in type(w1).__name__  # a torchao tensor, not a plain Parameter
+    result = quantized.generate("a red fox", **PARAMS)
+    assert result.images[0].metadata["quantize"] == "int8"
+    assert np.abs(pixels(result) - expected).mean() < 2  # measured 0.40 (bf16 alone is most of it)
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "message"),
+    [
+        ("int4", None, "int4 needs a CUDA GPU"),
+        ("fp8", torch.float16, "fp8 computes with bfloat16"),
+        ("int8", torch.float16, "does not combine with the float16 overflow guard"),
+    ],
+)
+def test_quantization_refusals_name_the_fix(mode, dtype, message):
+    caps = CPU_CAPS if mode == "int4" else ADA
+    with pytest.raises(DeviceError, match=message):
+        accel.check_quantize(mode, caps, dtype)
+
+
+CPU_CAPS = Capabilities("cpu", "CPU", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
+ADA = Capabilities("cuda", "NVIDIA L4", (8, 9), bf16=True, fp16=True, fp8=True, flash_attention=True)

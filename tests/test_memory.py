@@ -202,3 +202,9 @@ def test_memory_settings_are_validated(field, value, message):
 def test_vae_tiling_setting_is_validated():
     with pytest.raises(InvalidRequestError, match="vae_tiling 'sometimes' is not one of auto, on, off"):
         RuntimeConfig(vae_tiling="sometimes")
+
+
+def test_a_requested_quantization_is_planned_with(shape):
+    choice = memory.choose(shape, BF16, 16 * GIB, width=1024, height=1024, quantize_options=("fp8",), exact=False)
+    assert choice.chosen is not None and choice.chosen.label() == "resident + fp8 + vae-tiling"
+    assert all(e.quantize == "fp8" for e in choice.considered)

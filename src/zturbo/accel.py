@@ -150,14 +150,21 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
     return setting == "on"
 
 
-def check_quantize(quantize: str, caps: Any) -> None:
+def check_quantize(quantize: str, caps: Any, transformer_dtype: torch.dtype | None = None) -> None:
+    """Refuse a quantization the device or the transformer dtype cannot run, naming what would."""
     if quantize not in QUANTIZE_CHOICES:
         raise DeviceError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
     if quantize == "fp8" and not caps.fp8:
         raise DeviceError(
             f"--quantize fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer); "
-            f"{caps.name} has none. Use --quantize none"
+            f"{caps.name} has none. Use --quantize int8 or none"
         )
+    if quantize == "int4" and not caps.device.startswith("cuda"):
+        raise DeviceError(f"--quantize int4 needs a CUDA GPU (its kernels are CUDA-only); {caps.name} is not one")
+    if quantize in ("fp8", "int4") and transformer_dtype not in (None, torch.bfloat16):
+        raise DeviceError(f"--quantize {quantize} computes with bfloat16 activations; use --transformer-dtype bfloat16")
+    if quantize == "int8" and transformer_dtype is torch.float16:
+        raise DeviceError("--quantize int8 does not combine with the float16 overflow guard; use bfloat16 or float32")
 
 
 def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, backend: Any = "inductor") -> Accel:
@@ -167,9 +174,9 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
     compilation.
     """
     accel = Accel(quantize=quantize)
-    if quantize == "fp8":
+    if quantize != "none":
         unfuse_projections(components.transformer)
-        quantize_fp8(components.transformer)
+        quantize_transformer(components.transformer, quantize)
     elif compile_ and fuse:
         fuse_projections(components.transformer)
         accel.fused = components.transformer
@@ -199,22 +206,28 @@ def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any, dynami
     accel.compiled.append(module)
 
 
-def quantize_fp8(transformer: torch.nn.Module) -> None:
-    """Linears of the transformer blocks to fp8 (e4m3) weights and per-row dynamic activations (torchao)."""
+def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
+    """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations),
+    int8 or int4 (weight-only; int4 in groups of 128 along the input)."""
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao import quantization as tq
     except ImportError as e:
-        raise DeviceError(f"--quantize fp8 needs torchao (pip install torchao): {e}") from None
+        raise DeviceError(f"--quantize {mode} needs torchao (pip install 'zturbo[quant]'): {e}") from None
+    configs = {
+        "fp8": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow()),
+        "int8": lambda: tq.Int8WeightOnlyConfig(),
+        "int4": lambda: tq.Int4WeightOnlyConfig(group_size=128),
+    }
 
     def is_block_linear(module: torch.nn.Module, name: str) -> bool:
-        # Block projections only: adaLN takes a (B, 256) input, too small to gain from fp8.
+        # Block projections only: adaLN takes a (B, 256) input, too small to gain, and is precise.
         return (
             isinstance(module, torch.nn.Linear)
             and name.startswith(("layers.", "noise_refiner.", "context_refiner."))
             and "adaLN" not in name
         )
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=is_block_linear)
+    tq.quantize_(transformer, configs[mode](), filter_fn=is_block_linear)
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:

@@ -14,7 +14,7 @@ DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).
 MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
-QUANTIZE_CHOICES = ("none", "fp8")
+QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
@@ -33,7 +33,8 @@ class RuntimeConfig:
     vae_dtype: str | None = None
     # torch.compile of the transformer blocks and VAE decoder: auto = on for CUDA.
     compile: str = "auto"
-    # Transformer linears: none (the component dtype) or fp8 (dynamic per-row, fp8-capable GPUs).
+    # Transformer block linears (torchao): none, fp8 (dynamic per-row, fp8-capable GPUs), int8 or int4
+    # (weight-only; int4 on CUDA).
     quantize: str = "none"
     # VAE tiled decode: auto = when the decode would not fit in free GPU memory, or after it ran out.
     vae_tiling: str = "auto"

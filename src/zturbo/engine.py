@@ -304,9 +304,8 @@ class Engine:
             overrides=config.component_dtypes(),
             vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
         )
-        if config.quantize == "fp8" and plan.transformer.dtype is not torch.bfloat16:
-            raise DeviceError("--quantize fp8 computes with bfloat16 activations; leave the transformer dtype on auto")
-        memory_plan, tiling = _memory_plan(config, device, source, plan.dtypes())
+        accel_.check_quantize(config.quantize, caps, plan.transformer.dtype)
+        memory_plan, tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
         start = time.perf_counter()
         components = load_components(source, device, plan.dtypes(), homes(memory_plan, device))
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
@@ -317,7 +316,7 @@ class Engine:
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
         # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
         compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
-        engine.accel = accel_.apply(components, compile_=compile_, quantize=config.quantize)
+        engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize)
         if compile_ and warmup:
             engine.warmup()
         return engine
@@ -567,9 +566,13 @@ class Engine:
 
 
 def _memory_plan(
-    config: RuntimeConfig, device: torch.device, source: ModelSource, dtypes: dict[str, torch.dtype]
-) -> tuple[str, bool]:
-    """The plan to load with, and whether to tile the VAE: `config.memory`, or the fastest that fits."""
+    config: RuntimeConfig, caps: Any, device: torch.device, source: ModelSource, dtypes: dict[str, torch.dtype]
+) -> tuple[str, bool, str]:
+    """(plan, VAE tiling, quantization) to load with: `config.memory`, or the fastest that fits.
+
+    Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
+    plan is chosen only when no exact plan fits.
+    """
     from . import memory
 
     budget = None if config.vram_budget is None else int(config.vram_budget * memory.GIB)
@@ -577,21 +580,47 @@ def _memory_plan(
         total = torch.cuda.mem_get_info(device)[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     if config.memory != "auto":
-        return config.memory, False
+        return config.memory, False, config.quantize
     if device.type != "cuda" and budget is None:
-        return "resident", False  # CPU memory is the host's; MPS shares it
+        return "resident", False, config.quantize  # CPU memory is the host's; MPS shares it
     if budget is None:
         budget = torch.cuda.mem_get_info(device)[0]
+    options = (config.quantize,) if config.quantize != "none" else _quantizations(caps, dtypes["transformer"])
     shape = memory.shape_from_source(source)
-    choice = memory.choose(shape, memory.dtype_bytes(dtypes), budget, width=1024, height=1024)
+    exact_first = config.quantize == "none"
+    choice = memory.choose(
+        shape,
+        memory.dtype_bytes(dtypes),
+        budget,
+        width=1024,
+        height=1024,
+        quantize_options=options,
+        exact=exact_first,
+    )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at 1024x1024; trying the leanest", budget / memory.GIB)
-        return memory.PLANS[-1], True
+        return memory.PLANS[-1], True, config.quantize
     est = choice.chosen
     log.info(
         "memory plan %s: estimated peak %.1f GiB of %.1f GiB", est.label(), est.peak / memory.GIB, budget / memory.GIB
     )
-    return est.plan, est.vae_tiling
+    return est.plan, est.vae_tiling, est.quantize
+
+
+def _quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]:
+    """Quantizations this device can run (torchao installed), fastest first, for the planner."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return ()
+    usable = []
+    for mode in ("fp8", "int8", "int4"):
+        try:
+            accel_.check_quantize(mode, caps, transformer_dtype)
+        except DeviceError:
+            continue
+        usable.append(mode)
+    return tuple(usable)
 
 
 def _release_cached_memory(device: torch.device) -> None:

@@ -171,16 +171,18 @@ def choose(
     batch: int = 1,
     cfg: bool = False,
     quantize_options: tuple[str, ...] = (),
+    exact: bool = True,
     margin: float = 0.05,
 ) -> Choice:
     """The fastest plan whose estimate fits `budget` less a margin (5 %, at least 0.5 GiB).
 
     Order: each plan without then with VAE tiling, fastest plan first; exact (unquantized) plans
-    before any quantized one, which is tried only when no exact plan fits.
+    before any quantized one, which is tried only when no exact plan fits. `exact=False` skips
+    the exact plans (the user asked for a quantization).
     """
     usable = budget - max(int(budget * margin), GIB // 2)
     considered = []
-    for quantize in ("none", *quantize_options):
+    for quantize in (("none",) if exact else ()) + quantize_options:
         for plan in PLANS:
             for tiling in (False, True):
                 est = estimate(
