@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from zturbo import bench
 from zturbo.cli import main
@@ -70,3 +71,14 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
     # A 0.5 GiB cap leaves nothing after the 0.5 GiB safety margin: the row says so.
     assert bench_memory.one_row(0.5, 64, runs=1, tiny=True)["error"] == "no plan fits"
+
+
+def test_loading_bench_on_the_tiny_model(tmp_path):
+    from zturbo import bench_loading
+
+    root = bench_loading.write_checkpoint(tmp_path / "ckpt", torch.device("cpu"))
+    assert (root / "model_index.json").is_file() and list((root / "transformer").glob("*.safetensors"))
+    rows = bench_loading.run_loading(root, tiny=True, repeats=1)
+    assert [r["kind"] for r in rows] == ["zturbo", "diffusers"], rows
+    assert all(r["seconds"] > 0 and r["rss_anon_growth_gib"] >= 0 and not r["cold_page_cache"] for r in rows)
+    assert "| zturbo | warm |" in bench_loading.markdown(rows)

@@ -529,6 +529,8 @@ def options(args: argparse.Namespace) -> BenchOptions:
 def main(args: argparse.Namespace) -> int:
     from .errors import DeviceError
 
+    if args.write_checkpoint or args.loading:
+        return _loading(args)
     opts = options(args)
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
@@ -574,4 +576,26 @@ def _memory_caps(args: argparse.Namespace, opts: BenchOptions, out_dir: Path) ->
 
     rows = bench_memory.run_caps(caps(args.memory_caps), size, opts.runs, opts.reference, caps(args.fp8_caps), report)
     print(bench_memory.markdown(rows))
+    return 0
+
+
+def _loading(args: argparse.Namespace) -> int:
+    from . import bench_loading
+    from .errors import DeviceError
+
+    device = torch.device("cpu") if args.tiny else torch.device("cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("the loading benchmark loads onto a CUDA GPU and none is available; --tiny uses the CPU")
+    if args.write_checkpoint:
+        root = bench_loading.write_checkpoint(Path(args.write_checkpoint), device)
+        print(f"wrote {root}")
+    if args.load_row:  # a child process: one load, as one JSON line
+        print(json.dumps(bench_loading.load_row(args.load_row, Path(args.loading), device)))
+        return 0
+    if args.loading:
+        rows = bench_loading.run_loading(Path(args.loading), args.tiny, max(1, args.runs))
+        out_dir = Path(args.out or os.environ.get("OUT") or "bench")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_loading.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(bench_loading.markdown(rows))
     return 0

@@ -131,6 +131,15 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fp8-caps", default=None, help="with --memory-caps: caps to also run with fp8 weights")
     p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
+    p.add_argument(
+        "--write-checkpoint", default=None, help="write random real-size weights in the published layout to DIR"
+    )
+    p.add_argument(
+        "--loading",
+        default=None,
+        help="DIR: host memory (RssAnon, peak RSS) and seconds to load it, zturbo vs diffusers, --runs times each",
+    )
+    p.add_argument("--load-row", default=None, choices=("zturbo", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="GPU kernel time by kind for one compiled image")
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,10 +78,9 @@ def ensure_tiny_checkpoint() -> Path:
 
 def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     """Write a random tiny Z-Image checkpoint into `root` (created if needed)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     gen_state = torch.random.get_rng_state()
     try:
@@ -93,10 +93,27 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
     finally:
         torch.random.set_rng_state(gen_state)
 
-    # Published layout: transformer float32 and text encoder bf16, both sharded with an index.
-    transformer.save_pretrained(root / "transformer", max_shard_size="100KB")
+    return save_checkpoint(root, transformer, vae, text_encoder, tokenizer, shard_sizes=("100KB", "20KB"))
+
+
+def save_checkpoint(
+    root: Path,
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    shard_sizes: tuple[str, str] = ("10GB", "5GB"),
+) -> Path:
+    """The published layout: transformer float32 and text encoder bf16, both sharded with an index.
+
+    `shard_sizes` are the transformer's and the text encoder's largest shard.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root.mkdir(parents=True, exist_ok=True)
+    transformer.to(torch.float32).save_pretrained(root / "transformer", max_shard_size=shard_sizes[0])
     vae.save_pretrained(root / "vae")
-    text_encoder.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size="20KB")
+    text_encoder.to(torch.bfloat16).save_pretrained(root / "text_encoder", max_shard_size=shard_sizes[1])
     tokenizer.save_pretrained(root / "tokenizer")
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False).save_pretrained(
         root / "scheduler"
