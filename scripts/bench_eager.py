@@ -154,12 +154,9 @@ def zturbo_latents(
     `model_t` replaces the schedule's transformer timestep inputs (for the parity diagnosis).
     """
     c = b.engine.components
-    unit = b.engine.limits.spatial_unit
-    patch = unit // zengine._vae_factor(c.vae)
-    h = w = size // unit * patch
     with torch.inference_mode():
-        latents = zengine.prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(b.device)
-        sched = zengine.schedule(c.scheduler_config, STEPS, (h // patch) * (w // patch))
+        latents, sched = zengine.starting_point(c, [SEED], size, size, STEPS, b.engine.limits.spatial_unit)
+        latents = latents.to(b.device)
         if model_t is not None:
             sched = dataclasses.replace(sched, model_t=model_t)
         return zengine.denoise(c.transformer, latents, embeds, None, sched, 0.0)
@@ -324,12 +321,9 @@ def sync_check(b: Bench, size: int, embeds: list[torch.Tensor]) -> dict[str, Any
     loop_start = first + next(i for i, line in enumerate(source) if line.strip().startswith("for i, dt in"))
     zturbo_loop = range(loop_start, first + len(source))
     c = b.engine.components
-    unit = b.engine.limits.spatial_unit
-    patch = unit // zengine._vae_factor(c.vae)
-    h = w = size // unit * patch
     with torch.inference_mode():
-        latents = zengine.prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(b.device)
-        sched = zengine.schedule(c.scheduler_config, STEPS, (h // patch) * (w // patch))
+        latents, sched = zengine.starting_point(c, [SEED], size, size, STEPS, b.engine.limits.spatial_unit)
+        latents = latents.to(b.device)
         sync(b.device)
         with record_syncs() as z_events:
             zengine.denoise(c.transformer, latents, embeds, None, sched, 0.0)

@@ -71,30 +71,31 @@ def test_one_transformer_forward_per_step(engine, steps):
     assert rec.calls == [2] * steps
 
 
-def test_guidance_zero_runs_no_unconditional_pass(engine):
-    engine.prompt_cache.clear()  # count text-encoder calls from a cold cache
+def calls_per_forward(engine, guidance_scale: float) -> tuple[list[int], list[int]]:
+    """Batch size of each text-encoder and transformer call of one 3-step request, cold prompt cache."""
+    engine.prompt_cache.clear()
     te = engine.components.text_encoder
     tr = engine.components.transformer
     with (
         CallRecorder(te, lambda *a, input_ids, **k: input_ids.shape[0]) as text,
         CallRecorder(tr, lambda x, *a, **k: len(x)) as trans,
     ):
-        engine.generate("a red fox", negative_prompt="blurry", guidance_scale=0.0, seed=1, steps=3, width=32, height=32)
-    assert text.calls == [1]  # the negative prompt is never encoded
-    assert trans.calls == [1, 1, 1]
+        engine.generate(
+            "a red fox", negative_prompt="blurry", guidance_scale=guidance_scale, seed=1, steps=3, width=32, height=32
+        )
+    return text.calls, trans.calls
+
+
+def test_guidance_zero_runs_no_unconditional_pass(engine):
+    text, trans = calls_per_forward(engine, 0.0)
+    assert text == [1]  # the negative prompt is never encoded
+    assert trans == [1, 1, 1]
 
 
 def test_guidance_batches_positive_and_negative_in_one_call(engine):
-    engine.prompt_cache.clear()  # count text-encoder calls from a cold cache
-    te = engine.components.text_encoder
-    tr = engine.components.transformer
-    with (
-        CallRecorder(te, lambda *a, input_ids, **k: input_ids.shape[0]) as text,
-        CallRecorder(tr, lambda x, *a, **k: len(x)) as trans,
-    ):
-        engine.generate("a red fox", negative_prompt="blurry", guidance_scale=3.0, seed=1, steps=3, width=32, height=32)
-    assert text.calls == [1, 1]
-    assert trans.calls == [2, 2, 2]
+    text, trans = calls_per_forward(engine, 3.0)
+    assert text == [1, 1]
+    assert trans == [2, 2, 2]
 
 
 def test_guidance_changes_the_image(engine):

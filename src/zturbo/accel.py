@@ -191,8 +191,20 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
     return accel
 
 
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+
+
+def is_block_linear(module: torch.nn.Module, name: str) -> bool:
+    """A block projection (what quantization changes); adaLN's (B, 256)-input linears are not."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith(tuple(f"{b}." for b in BLOCK_LISTS))
+        and ("adaLN" not in name)
+    )
+
+
 def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    for name in ("noise_refiner", "context_refiner", "layers"):
+    for name in BLOCK_LISTS:
         yield from getattr(transformer, name)
 
 
@@ -218,14 +230,6 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
         "int8": lambda: tq.Int8WeightOnlyConfig(),
         "int4": lambda: tq.Int4WeightOnlyConfig(group_size=128),
     }
-
-    def is_block_linear(module: torch.nn.Module, name: str) -> bool:
-        # Block projections only: adaLN takes a (B, 256) input, too small to gain, and is precise.
-        return (
-            isinstance(module, torch.nn.Linear)
-            and name.startswith(("layers.", "noise_refiner.", "context_refiner."))
-            and "adaLN" not in name
-        )
 
     tq.quantize_(transformer, configs[mode](), filter_fn=is_block_linear)
 

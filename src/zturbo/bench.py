@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, ModelInfo, denoise, encode_prompt, prepare_latents, schedule
+from .engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
 from .loader import Components
 from .request import ModelLimits
 
@@ -182,10 +182,8 @@ def final_latents(engine: Engine, size: int) -> torch.Tensor:
     c = engine.components
     with torch.inference_mode():
         cond, _ = encode_prompt(c.text_encoder, c.tokenizer, [PROMPT], engine.device)
-        h = w = size // 8
-        latents = prepare_latents([SEED], c.transformer.config.in_channels, h, w).to(engine.device)
-        sched = schedule(c.scheduler_config, STEPS, (h // 2) * (w // 2))
-        return denoise(c.transformer, latents, cond, None, sched, 0.0)
+        latents, sched = starting_point(c, [SEED], size, size, STEPS, engine.limits.spatial_unit)
+        return denoise(c.transformer, latents.to(engine.device), cond, None, sched, 0.0)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

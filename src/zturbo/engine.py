@@ -169,6 +169,16 @@ def schedule(scheduler_config: dict[str, Any], steps: int, image_seq_len: int) -
     )
 
 
+def starting_point(
+    c: Components, seeds: Sequence[int], width: int, height: int, steps: int, spatial_unit: int
+) -> tuple[torch.Tensor, Schedule]:
+    """The CPU noise (B, C, h, w) and the schedule for one request's size and steps."""
+    patch = spatial_unit // _vae_factor(c.vae)
+    h, w = height // spatial_unit * patch, width // spatial_unit * patch
+    latents = prepare_latents(seeds, c.transformer.config.in_channels, h, w)
+    return latents, schedule(c.scheduler_config, steps, (h // patch) * (w // patch))
+
+
 def _dynamic_shift_mu(config: Any, image_seq_len: int) -> float:
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
@@ -435,11 +445,9 @@ class Engine:
         timings["encode_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        unit = self.limits.spatial_unit
-        patch = unit // _vae_factor(c.vae)
-        h, w = req.height // unit * patch, req.width // unit * patch
-        latents = prepare_latents([s for _, _, s in rows], c.transformer.config.in_channels, h, w).to(self.device)
-        sched = schedule(c.scheduler_config, req.steps, (h // patch) * (w // patch))
+        seeds = [s for _, _, s in rows]
+        latents, sched = starting_point(c, seeds, req.width, req.height, req.steps, self.limits.spatial_unit)
+        latents = latents.to(self.device)
         placed.stage("denoise")
         latents = self._eager_if_compile_fails(
             denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step

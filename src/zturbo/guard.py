@@ -19,7 +19,6 @@ small, and the final layer's output is the velocity itself, which no norm follow
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +73,9 @@ def install_fp16_guard(transformer: torch.nn.Module, variant: str = DEFAULT_VARI
     guard = Fp16Guard(variant, transformer)
     for prefix in FLOAT32_MODULES:  # already float32 when the loader kept them; a no-op then
         getattr(transformer, prefix.rstrip(".")).float()
-    for block in _blocks(transformer):
+    from .accel import transformer_blocks
+
+    for block in transformer_blocks(transformer):
         ffn, attention = block.feed_forward, block.attention
         if variant == "scale":
             _scale(guard, ffn.w3, block.ffn_norm2, FFN_SCALE)
@@ -92,11 +93,6 @@ def install_fp16_guard(transformer: torch.nn.Module, variant: str = DEFAULT_VARI
 def is_float32_key(key: str) -> bool:
     """Whether a transformer state-dict key belongs to a module kept in float32 under float16."""
     return key.startswith(FLOAT32_MODULES)
-
-
-def _blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    for name in ("noise_refiner", "context_refiner", "layers"):
-        yield from getattr(transformer, name)
 
 
 def _scale(guard: Fp16Guard, linear: torch.nn.Module, norm: torch.nn.Module, factor: float) -> None:

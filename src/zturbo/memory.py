@@ -83,9 +83,10 @@ class Choice:
 
 def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> ModelShape:
     """Counts from modules (real or on the meta device)."""
-    blocks = [b for name in ("noise_refiner", "context_refiner", "layers") for b in getattr(transformer, name)]
-    # The block projections (what fp8/int8/int4 quantize); adaLN's small linears stay unquantized.
-    linears = [m for b in blocks for n, m in b.named_modules() if isinstance(m, torch.nn.Linear) and "adaLN" not in n]
+    from .accel import is_block_linear, transformer_blocks
+
+    blocks = list(transformer_blocks(transformer))
+    linears = [m for n, m in transformer.named_modules() if is_block_linear(m, n)]  # what quantization shrinks
     layers = list(text_encoder.layers)
     tc = transformer.config
     return ModelShape(
