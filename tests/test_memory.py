@@ -63,11 +63,12 @@ def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, bat
         (24, 2048, "resident + vae-tiling"),
         (16, 1024, "te-offload"),
         (16, 2048, "te-offload + vae-tiling"),
-        (12, 1024, "block-offload"),
-        (8, 1024, "block-offload"),
-        (8, 2048, "block-offload + vae-tiling"),
-        (4, 1024, "block-offload"),
-        (2, 1024, "block-offload + vae-tiling"),
+        # Streaming: as many of the 34 blocks resident as fit, tiling the decode when that lets more stay.
+        (12, 1024, "block-offload (28 blocks resident) + vae-tiling"),
+        (8, 1024, "block-offload (16 blocks resident) + vae-tiling"),
+        (8, 2048, "block-offload (14 blocks resident) + vae-tiling"),
+        (4, 1024, "block-offload (4 blocks resident) + vae-tiling"),
+        (2, 1024, "sequential + vae-tiling"),
     ],
 )
 def test_planner_table(shape, budget, size, expected):
@@ -80,19 +81,43 @@ def test_planner_table(shape, budget, size, expected):
 
 
 def test_smaller_budget_never_gets_a_faster_plan(shape):
-    order = [f"{p}{t}" for p in memory.PLANS for t in ("", "+tiling")]
-    previous = 0
-    for budget in range(80, 1, -1):
-        chosen = memory.choose(shape, BF16, budget * GIB, width=1024, height=1024).chosen
+    previous = (0, -shape.transformer_block_count)
+    for budget in [b / 4 for b in range(320, 7, -1)]:
+        chosen = memory.choose(shape, BF16, int(budget * GIB), width=1024, height=1024).chosen
         assert chosen is not None
-        rank = order.index(chosen.plan + ("+tiling" if chosen.vae_tiling else ""))
-        assert rank >= previous
+        rank = (memory.SPEED_ORDER.index(chosen.plan), -chosen.resident_blocks)
+        assert rank >= previous, budget
         previous = rank
+    assert previous[0] == memory.SPEED_ORDER.index("sequential")
+
+
+def test_block_offload_keeps_the_most_blocks_that_fit(shape):
+    usable = memory.usable_budget(8 * GIB)
+    est = memory.fitting(shape, BF16, usable, plan="block-offload", width=1024, height=1024, vae_tiling=True)
+    more = memory.estimate(
+        shape,
+        BF16,
+        plan="block-offload",
+        width=1024,
+        height=1024,
+        vae_tiling=True,
+        resident_blocks=est.resident_blocks + 1,
+    )
+    assert est.peak <= usable < more.peak
+    # Each resident block adds one block's weights; the two streaming slots are always there.
+    assert more.peak - est.peak == shape.transformer_block_params * 2
+
+
+def test_streaming_plans_refuse_quantized_weights(shape):
+    with pytest.raises(ValueError, match="cannot run a fp8-quantized transformer"):
+        memory.estimate(shape, BF16, plan="block-offload", width=1024, height=1024, quantize="fp8")
+    choice = memory.choose(shape, BF16, 3 * GIB, width=1024, height=1024, quantize_options=("int4",), exact=False)
+    assert all(e.plan not in memory.UNQUANTIZED_PLANS for e in choice.considered)
 
 
 def test_nothing_fits_is_reported(shape):
     choice = memory.choose(shape, BF16, GIB, width=2048, height=2048)
-    assert choice.chosen is None and len(choice.considered) == 2 * len(memory.PLANS)
+    assert choice.chosen is None and len(choice.considered) == 2 * len(memory.SPEED_ORDER)
 
 
 def test_quantization_shrinks_only_the_transformer(shape):
@@ -175,8 +200,22 @@ def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
     planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", memory=plan))
     result = planned.generate("a red fox", seed=1, steps=2, width=64, height=64)
-    assert result.images[0].metadata["memory_plan"] == plan
+    assert result.images[0].metadata["memory_plan"].startswith(plan)
     assert np.array_equal(pixels(result), expected)
+
+
+@pytest.mark.parametrize("resident", [0, 1, 3])
+def test_block_offload_with_resident_blocks_gives_the_resident_image(tiny_dir, engine, resident):
+    expected = [pixels(engine.generate(p, seed=1, steps=2, width=64, height=64)) for p in ("a red fox", "a cat")]
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+    planned.placement.change("block-offload", resident)
+    streamed = planned.placement.streamers["transformer"]
+    assert len(streamed.blocks) == 4 - resident  # the tiny transformer has 4 blocks in all
+    # Two prompts: the second pass through the blocks starts from the slots the first left behind.
+    for prompt, want in zip(("a red fox", "a cat"), expected, strict=True):
+        result = planned.generate(prompt, seed=1, steps=2, width=64, height=64)
+        assert result.images[0].metadata["memory_plan"] == f"block-offload ({resident}/4 blocks resident)"
+        assert np.array_equal(pixels(result), want)
 
 
 def test_with_tiling_off_a_decode_out_of_memory_takes_a_leaner_plan_instead(tiny_dir):

@@ -28,7 +28,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            # Indexed: some CUDA calls (set_per_process_memory_fraction) refuse a bare "cuda".
+            return torch.device("cuda", torch.cuda.current_device())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -39,9 +40,10 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"device {spec!r} requested but CUDA is not available here; use --device cpu")
-        index = device.index or 0
+        index = torch.cuda.current_device() if device.index is None else device.index
         if index >= torch.cuda.device_count():
             raise DeviceError(f"device {spec!r} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", index)
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {spec!r} requested but MPS is not available here; use --device cpu")
     elif device.type not in ("cpu", "cuda", "mps"):

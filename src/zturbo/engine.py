@@ -22,7 +22,7 @@ import torch
 from . import accel as accel_
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
-from .errors import DeviceError, GPUMemoryError, PrecisionError
+from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .memory import STREAMED_PLANS, Placement, homes, leaner
@@ -283,6 +283,7 @@ class Engine:
         limits: ModelLimits,
         accel: accel_.Accel | None = None,
         plan: str = "resident",
+        resident_blocks: int = 0,
     ) -> None:
         self.components = components
         self.model = model
@@ -293,10 +294,10 @@ class Engine:
         self.prompt_cache = PromptCache()
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
-        self.placement = Placement(components, device, plan)
         self.guard: Fp16Guard | None = None
-        if dtypes["transformer"] is torch.float16:
+        if dtypes["transformer"] is torch.float16:  # before placement: it rescales weights in place
             self.guard = install_fp16_guard(components.transformer)
+        self.placement = Placement(components, device, plan, resident_blocks)
 
     @classmethod
     def load(
@@ -315,18 +316,22 @@ class Engine:
             vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
         )
         accel_.check_quantize(config.quantize, caps, plan.transformer.dtype)
-        memory_plan, tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
+        memory_plan, resident_blocks, tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
         start = time.perf_counter()
         components = load_components(source, device, plan.dtypes(), homes(memory_plan, device))
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         limits = source.limits(config.max_pixels)
-        engine = cls(components, model, device, plan.dtypes(), limits, plan=memory_plan)
+        engine = cls(
+            components, model, device, plan.dtypes(), limits, plan=memory_plan, resident_blocks=resident_blocks
+        )
         engine.vae_tiling_setting = config.vae_tiling
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
         # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
         compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
-        engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize)
+        # Fused projections would replace the streamed weights' slot views with new device tensors.
+        fuse = memory_plan != "block-offload"
+        engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize, fuse=fuse)
         if compile_ and warmup:
             engine.warmup()
         return engine
@@ -376,10 +381,10 @@ class Engine:
             except torch.OutOfMemoryError as e:
                 oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
             if oom is not None:  # outside the except block, so the failed run's tensors are freed
-                target = leaner(self.placement.plan)
+                target = leaner(self.placement.plan, self.placement.resident_blocks)
                 if memory_retried or target is None:
                     raise self._out_of_memory(req, oom)
-                fallbacks.append(self._lean_out(target, oom))
+                fallbacks.append(self._lean_out(*target, reason=oom))
                 memory_retried = True
                 continue
             for image in result.images:
@@ -392,7 +397,7 @@ class Engine:
         return {
             "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
             "fp16_guard": self.guard.describe() if self.guard is not None else None,
-            "memory_plan": self.placement.plan,
+            "memory_plan": self.placement.describe(),
             "vae_tiling": self.vae_tiling,
             **self.accel.describe(),
         }
@@ -418,11 +423,12 @@ class Engine:
             "reason": err.reason,
         }
         log.warning("%s: %s in %s; re-running in %s", err.component, err.reason, record["from"], record["to"])
-        if err.component == "transformer" and self.guard is not None:
-            self.guard.remove()  # the guard is for float16 only; the cast below leaves it
-            self.guard = None
-        # nn.Module.to, not the diffusers/transformers override that warns about keep-in-fp32 lists.
-        torch.nn.Module.to(getattr(self.components, err.component), target)
+        with self.placement.paused():  # streamed weights are cast at home, then streamed again
+            if err.component == "transformer" and self.guard is not None:
+                self.guard.remove()  # the guard is for float16 only; the cast below leaves it
+                self.guard = None
+            # nn.Module.to, not the diffusers/transformers override that warns about keep-in-fp32 lists.
+            torch.nn.Module.to(getattr(self.components, err.component), target)
         self.dtypes = {**self.dtypes, err.component: target}
         return record
 
@@ -511,14 +517,15 @@ class Engine:
         free -= torch.cuda.memory_allocated(self.device)
         return need <= free * 0.9
 
-    def _lean_out(self, plan: str, reason: str) -> dict[str, str]:
+    def _lean_out(self, plan: str, resident_blocks: int, *, reason: str) -> dict[str, str]:
         """After running out of memory: the next leaner plan, kept for later requests."""
         _release_cached_memory(self.device)
-        record = {"component": "memory", "from": self.placement.plan, "to": plan, "reason": reason}
-        log.warning("%s with memory plan %s; retrying with %s", reason, record["from"], plan)
-        if plan in STREAMED_PLANS and self.accel.compiling:
-            self.accel.revert_compile()  # group offloading wraps the same forwards
-        self.placement.change(plan)
+        before = self.placement.describe()
+        if plan in ("block-offload", "sequential") and self.accel.compiling:
+            self.accel.revert_compile()  # streaming re-points the weights that fusion shares
+        self.placement.change(plan, resident_blocks)
+        record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
+        log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
         _release_cached_memory(self.device)
         return record
 
@@ -538,7 +545,7 @@ class Engine:
             vae_tiling=self.vae_tiling,
         )
         total = torch.cuda.mem_get_info(self.device)[1] / GIB if self.device.type == "cuda" else float("nan")
-        plan = self.placement.plan
+        plan = self.placement.describe()
         return GPUMemoryError(
             f"{reason} with memory plan {plan}: {req.width}x{req.height}, {req.num_images} image(s) need about "
             f"{need.peak / GIB:.1f} GiB with every component resident, and the device has {total:.1f} GiB. "
@@ -575,8 +582,9 @@ class Engine:
 
 def _memory_plan(
     config: RuntimeConfig, caps: Any, device: torch.device, source: ModelSource, dtypes: dict[str, torch.dtype]
-) -> tuple[str, bool, str]:
-    """(plan, VAE tiling, quantization) to load with: `config.memory`, or the fastest that fits.
+) -> tuple[str, int, bool, str]:
+    """(plan, resident blocks, VAE tiling, quantization) to load with: `config.memory`, or the
+    fastest that fits. An explicit block-offload keeps as many blocks resident as the budget allows.
 
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
     plan is chosen only when no exact plan fits.
@@ -587,32 +595,35 @@ def _memory_plan(
     if device.type == "cuda" and budget is not None:
         total = torch.cuda.mem_get_info(device)[1]
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-    if config.memory != "auto":
-        return config.memory, False, config.quantize
-    if device.type != "cuda" and budget is None:
-        return "resident", False, config.quantize  # CPU memory is the host's; MPS shares it
-    if budget is None:
+    if device.type == "cuda" and budget is None:
         budget = torch.cuda.mem_get_info(device)[0]
-    options = (config.quantize,) if config.quantize != "none" else _quantizations(caps, dtypes["transformer"])
+    if config.quantize != "none" and config.memory in memory.UNQUANTIZED_PLANS:
+        raise InvalidRequestError(
+            f"--quantize {config.quantize} cannot be combined with --memory {config.memory}, which streams plain "
+            "weights; use --memory auto, resident, te-offload or model-offload with it"
+        )
+    if config.memory != "auto" and config.memory != "block-offload":
+        return config.memory, 0, False, config.quantize
+    if budget is None:  # CPU memory is the host's; MPS shares it
+        return (config.memory if config.memory != "auto" else "resident"), 0, False, config.quantize
     shape = memory.shape_from_source(source)
-    exact_first = config.quantize == "none"
+    dtype_bytes = memory.dtype_bytes(dtypes)
+    if config.memory == "block-offload":
+        usable = memory.usable_budget(budget)
+        est = memory.fitting(shape, dtype_bytes, usable, plan="block-offload", width=1024, height=1024)
+        return "block-offload", est.resident_blocks, est.peak > usable, config.quantize
+    options = (config.quantize,) if config.quantize != "none" else _quantizations(caps, dtypes["transformer"])
     choice = memory.choose(
-        shape,
-        memory.dtype_bytes(dtypes),
-        budget,
-        width=1024,
-        height=1024,
-        quantize_options=options,
-        exact=exact_first,
+        shape, dtype_bytes, budget, width=1024, height=1024, quantize_options=options, exact=config.quantize == "none"
     )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at 1024x1024; trying the leanest", budget / memory.GIB)
-        return memory.PLANS[-1], True, config.quantize
+        return memory.PLANS[-1], 0, True, config.quantize
     est = choice.chosen
     log.info(
         "memory plan %s: estimated peak %.1f GiB of %.1f GiB", est.label(), est.peak / memory.GIB, budget / memory.GIB
     )
-    return est.plan, est.vae_tiling, est.quantize
+    return est.plan, est.resident_blocks, est.vae_tiling, est.quantize
 
 
 def _quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]:

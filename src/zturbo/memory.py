@@ -13,19 +13,29 @@ and is checked against them in tests/test_memory.py.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .accel import BLOCK_LISTS, is_block_linear, transformer_blocks
 from .config import MEMORY_CHOICES
 
 GIB = 2**30
-# Fastest first. resident: everything on the GPU. te-offload: the text encoder runs on the CPU
-# (repeated prompts hit the prompt cache). model-offload: one component on the GPU at a time.
-# block-offload: transformer and text-encoder blocks streamed in, two at a time. sequential:
-# one linear layer at a time.
+# resident: everything on the GPU. te-offload: the text encoder's layers stream through the GPU
+# (zturbo.stream) when a prompt is not in the prompt cache. model-offload: the text encoder and
+# transformer take turns on the GPU. block-offload: as te-offload, and the transformer blocks the
+# budget cannot hold stream too. sequential: diffusers' leaf-level group offloading, one layer
+# at a time.
 PLANS = MEMORY_CHOICES[1:]
+# The planner's order, fastest first. Streaming only the blocks that do not fit (block-offload)
+# beats moving whole models each request (model-offload) in less memory, so model-offload is only
+# ever run when asked for; it stays for GPUs where pinned host memory is scarce.
+SPEED_ORDER = ("resident", "te-offload", "block-offload", "model-offload", "sequential")
+# Plans whose transformer weights are streamed as raw bytes: no quantized (tensor-subclass) weights.
+UNQUANTIZED_PLANS = ("block-offload", "sequential")
 # Bytes per weight of the transformer's block linears when quantized (scales are per row: small).
 QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # Live full-resolution decoder tensors of `block_out_channels[0]` channels at the VAE's peak
@@ -46,7 +56,9 @@ class ModelShape:
     transformer_block_params: int  # the largest block
     transformer_linear_params: int  # in blocks: what quantization shrinks
     transformer_largest_linear: int
+    transformer_block_count: int
     text_encoder_params: int
+    text_encoder_embed_params: int  # token embeddings: kept on the CPU while the layers stream
     text_encoder_layers_params: int  # all decoder layers together
     text_encoder_layer_params: int
     text_encoder_layers: int
@@ -64,6 +76,7 @@ class Estimate:
     quantize: str
     vae_tiling: bool
     stages: dict[str, int]  # peak bytes per stage
+    resident_blocks: int = 0  # block-offload: transformer blocks kept on the GPU (the last ones)
 
     @property
     def peak(self) -> int:
@@ -71,7 +84,8 @@ class Estimate:
 
     def label(self) -> str:
         extras = [q for q in (self.quantize,) if q != "none"] + (["vae-tiling"] if self.vae_tiling else [])
-        return self.plan + "".join(f" + {e}" for e in extras)
+        plan = self.plan + (f" ({self.resident_blocks} blocks resident)" if self.resident_blocks else "")
+        return plan + "".join(f" + {e}" for e in extras)
 
 
 @dataclass(frozen=True)
@@ -83,8 +97,6 @@ class Choice:
 
 def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> ModelShape:
     """Counts from modules (real or on the meta device)."""
-    from .accel import is_block_linear, transformer_blocks
-
     blocks = list(transformer_blocks(transformer))
     linears = [m for n, m in transformer.named_modules() if is_block_linear(m, n)]  # what quantization shrinks
     layers = list(text_encoder.layers)
@@ -95,7 +107,9 @@ def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae
         transformer_block_params=max(_count(b) for b in blocks),
         transformer_linear_params=sum(m.weight.numel() for m in linears),
         transformer_largest_linear=max(m.weight.numel() for m in linears),
+        transformer_block_count=len(blocks),
         text_encoder_params=_count(text_encoder),
+        text_encoder_embed_params=_count(text_encoder.embed_tokens),
         text_encoder_layers_params=sum(_count(layer) for layer in layers),
         text_encoder_layer_params=max(_count(layer) for layer in layers),
         text_encoder_layers=len(layers),
@@ -134,32 +148,40 @@ def estimate(
     prompt_tokens: int = 128,
     quantize: str = "none",
     vae_tiling: bool = False,
+    resident_blocks: int = 0,
 ) -> Estimate:
     """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae."""
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
+    if quantize != "none" and plan in UNQUANTIZED_PLANS:
+        raise ValueError(f"plan {plan} streams plain weights and cannot run a {quantize}-quantized transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     transformer = _transformer_bytes(shape, t_e, quantize)
     text_encoder = shape.text_encoder_params * te_e
     vae = shape.vae_params * v_e
     # What each stage holds of each component's weights under the plan.
-    streamed_t = _streamed(shape.transformer_params - shape.transformer_blocks_params, shape, plan) * t_e
+    t_outside = shape.transformer_params - shape.transformer_blocks_params
     te_outside = shape.text_encoder_params - shape.text_encoder_layers_params  # token embeddings, final norm
-    streamed_te = (te_outside + 2 * shape.text_encoder_layer_params) * te_e
+    # zturbo.stream: the layers pass through two slots; the token embeddings stay on the CPU.
+    te_stream = (te_outside - shape.text_encoder_embed_params + 2 * shape.text_encoder_layer_params) * te_e
+    streamed = shape.transformer_block_count - resident_blocks
+    t_blocks = (t_outside + (resident_blocks + min(2, streamed)) * shape.transformer_block_params) * t_e
+    # diffusers leaf-level group offloading: everything outside the layers, plus two layers' worth.
+    leaf_te = (te_outside + 2 * shape.text_encoder_layer_params) * te_e
+    leaf_t = (t_outside + 2 * shape.transformer_largest_linear) * t_e
     held = {
         "resident": (transformer + text_encoder + vae,) * 3,
-        "te-offload": (transformer + vae,) * 3,
+        "te-offload": (transformer + te_stream + vae,) * 3,
         "model-offload": (text_encoder, transformer, vae),
-        "block-offload": (streamed_te, streamed_t, vae),
-        "sequential": (streamed_te, streamed_t, vae),
+        "block-offload": (t_blocks + te_stream + vae,) * 3,
+        "sequential": (leaf_te, leaf_t, vae),
     }[plan]
-    encode_act = 0 if plan == "te-offload" else _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens)
     stages = {
-        "encode": held[0] + encode_act,
+        "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
         "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
         "decode": held[2] + vae_activation(shape, v_e, width, height, batch, vae_tiling),
     }
-    return Estimate(plan, quantize, vae_tiling, stages)
+    return Estimate(plan, quantize, vae_tiling, stages, resident_blocks if plan == "block-offload" else 0)
 
 
 def choose(
@@ -177,30 +199,49 @@ def choose(
 ) -> Choice:
     """The fastest plan whose estimate fits `budget` less a margin (5 %, at least 0.5 GiB).
 
-    Order: each plan without then with VAE tiling, fastest plan first; exact (unquantized) plans
-    before any quantized one, which is tried only when no exact plan fits. `exact=False` skips
-    the exact plans (the user asked for a quantization).
+    Order: SPEED_ORDER, each plan without then with VAE tiling; for block-offload, the most
+    resident blocks that fit. Exact (unquantized) plans come before any quantized one, which is
+    tried only when no exact plan fits. `exact=False` skips the exact plans (the user asked for a
+    quantization).
     """
-    usable = budget - max(int(budget * margin), GIB // 2)
+    usable = usable_budget(budget, margin)
+    request = {"width": width, "height": height, "batch": batch, "cfg": cfg}
     considered = []
     for quantize in (("none",) if exact else ()) + quantize_options:
-        for plan in PLANS:
-            for tiling in (False, True):
-                est = estimate(
-                    shape,
-                    dtype_bytes,
-                    plan=plan,
-                    width=width,
-                    height=height,
-                    batch=batch,
-                    cfg=cfg,
-                    quantize=quantize,
-                    vae_tiling=tiling,
-                )
+        for plan in SPEED_ORDER:
+            if quantize != "none" and plan in UNQUANTIZED_PLANS:
+                continue
+            options = [
+                fitting(shape, dtype_bytes, usable, plan=plan, quantize=quantize, vae_tiling=tiling, **request)
+                for tiling in (False, True)
+            ]
+            if plan == "block-offload" and options[1].resident_blocks > options[0].resident_blocks:
+                # Each resident block saves a 0.36 GB copy per step; a tiled decode costs far less.
+                options.reverse()
+            for est in options:
                 considered.append(est)
                 if est.peak <= usable:
                     return Choice(est, budget, considered)
     return Choice(None, budget, considered)
+
+
+def usable_budget(budget: int, margin: float = 0.05) -> int:
+    return budget - max(int(budget * margin), GIB // 2)
+
+
+def fitting(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, *, plan: str, **request: Any) -> Estimate:
+    """The estimate of `plan`; for block-offload, with the most resident blocks that fit `usable`
+    (none if even that does not fit)."""
+    if plan != "block-offload":
+        return estimate(shape, dtype_bytes, plan=plan, **request)
+    low, high = 0, shape.transformer_block_count - 1  # at least one block streams
+    while low < high:  # the peak grows with each resident block: bisect for the largest that fits
+        mid = (low + high + 1) // 2
+        if estimate(shape, dtype_bytes, plan=plan, resident_blocks=mid, **request).peak <= usable:
+            low = mid
+        else:
+            high = mid - 1
+    return estimate(shape, dtype_bytes, plan=plan, resident_blocks=low, **request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +256,6 @@ def _transformer_bytes(shape: ModelShape, elem: int, quantize: str) -> int:
         return shape.transformer_params * elem
     rest = shape.transformer_params - shape.transformer_linear_params
     return int(rest * elem + shape.transformer_linear_params * QUANTIZED_BYTES[quantize])
-
-
-def _streamed(outside: int, shape: ModelShape, plan: str) -> int:
-    """Transformer parameters on the GPU while streaming: all outside the blocks, plus two units
-    (the one computing and the one being prefetched): blocks, or single linears when sequential."""
-    unit = shape.transformer_block_params if plan == "block-offload" else shape.transformer_largest_linear
-    return outside + 2 * unit
 
 
 def _text_activation(shape: ModelShape, elem: int, batch: int, tokens: int) -> int:
@@ -282,7 +316,7 @@ def inject_oom(module: torch.nn.Module, times: int = 1) -> None:
 # Executing a plan
 
 CPU = torch.device("cpu")
-# Components whose weights live on the CPU between uses, per plan.
+# Components whose weights live on the CPU between uses, per plan (streamed ones included).
 OFFLOADED = {
     "resident": (),
     "te-offload": ("text_encoder",),
@@ -292,8 +326,8 @@ OFFLOADED = {
 }
 
 
-# Plans that stream weights through diffusers group offloading (hooks on the blocks' forwards).
-STREAMED_PLANS = ("block-offload", "sequential")
+# Plans whose transformer forward runs through diffusers group offloading hooks: not compiled.
+STREAMED_PLANS = ("sequential",)
 
 
 def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
@@ -301,54 +335,80 @@ def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
     return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
 
 
-def leaner(plan: str) -> str | None:
-    """The next plan that holds less on the GPU, or None after the last."""
-    i = PLANS.index(plan)
-    return PLANS[i + 1] if i + 1 < len(PLANS) else None
+def leaner(plan: str, resident_blocks: int = 0) -> tuple[str, int] | None:
+    """The next (plan, resident blocks) that holds less on the GPU, or None after the last."""
+    if plan == "block-offload" and resident_blocks > 0:
+        return "block-offload", 0
+    following = {"resident": "te-offload", "te-offload": "block-offload", "model-offload": "block-offload"}
+    following["block-offload"] = "sequential"
+    return (following[plan], 0) if plan in following else None
 
 
 class Placement:
     """Keeps the engine's modules where its plan wants them.
 
-    resident: all on the device. te-offload: the text encoder stays on the CPU and computes there.
-    model-offload: the text encoder and transformer take turns on the device (`stage()` moves them).
-    block-offload / sequential: diffusers group offloading of the transformer and text encoder,
-    block by block or layer by layer, with a CUDA stream prefetching the next group. The VAE
+    resident: all on the device. te-offload: the text encoder's layers stream through the device
+    (zturbo.stream) and its token embeddings are looked up on the CPU. model-offload: the text
+    encoder and transformer take turns on the device (`stage()` moves them). block-offload: as
+    te-offload, and the transformer's first blocks stream too, the last `resident_blocks` stay.
+    sequential: diffusers' leaf-level group offloading with a prefetching CUDA stream. The VAE
     (0.2 GB) always stays on the device.
     """
 
-    def __init__(self, components: Any, device: torch.device, plan: str = "resident") -> None:
+    def __init__(self, components: Any, device: torch.device, plan: str = "resident", resident_blocks: int = 0) -> None:
         if plan not in PLANS:
             raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
         self.components = components
         self.device = device
         self.plan = "resident"
-        self.change(plan)
+        self.resident_blocks = 0
+        self.streamers: dict[str, Any] = {}
+        self._embed_hooks: list[Any] = []
+        self.change(plan, resident_blocks)
 
     @property
     def text_encoder_device(self) -> torch.device:
-        """Where the text encoder's inputs go (group offloading computes on the device)."""
-        return CPU if self.plan == "te-offload" else self.device
+        return self.device  # every plan computes the text encoder on the device
 
-    def change(self, plan: str) -> None:
+    def describe(self) -> str:
+        if self.plan == "block-offload":
+            total = sum(1 for _ in transformer_blocks(self.components.transformer))
+            return f"block-offload ({self.resident_blocks}/{total} blocks resident)"
+        return self.plan
+
+    def change(self, plan: str, resident_blocks: int = 0) -> None:
         """Move to `plan`; plans only get leaner, never back (group offloading is not undone)."""
         c = self.components
+        self._stop_streaming()
         for name in OFFLOADED[plan]:
             torch.nn.Module.to(getattr(c, name), CPU)
-        if plan in ("block-offload", "sequential"):
+        if plan in ("te-offload", "block-offload"):
+            self._stream_text_encoder()
+        if plan == "block-offload":
+            self._stream_transformer(resident_blocks)
+        if plan == "sequential":
             from diffusers.hooks import apply_group_offloading
 
-            block = plan == "block-offload"
             for module in (c.transformer, c.text_encoder):
                 apply_group_offloading(
                     module,
                     onload_device=self.device,
                     offload_device=CPU,
-                    offload_type="block_level" if block else "leaf_level",
-                    num_blocks_per_group=1 if block else None,
+                    offload_type="leaf_level",
                     use_stream=self.device.type == "cuda",
                 )
         self.plan = plan
+        self.resident_blocks = resident_blocks if plan == "block-offload" else 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Streamed weights back in their modules (on the CPU) for the body, e.g. a dtype cast."""
+        if not self.streamers:
+            yield
+            return
+        self._stop_streaming()
+        yield
+        self.change(self.plan, self.resident_blocks)
 
     def stage(self, name: str) -> None:
         """Before `name` (encode, denoise, decode): under model-offload, only its module on the device."""
@@ -361,3 +421,57 @@ class Placement:
                 torch.nn.Module.to(module, CPU)
         if wanted is not None:
             torch.nn.Module.to(wanted, self.device)
+
+    def _stream_text_encoder(self) -> None:
+        from .stream import BlockStreamer
+
+        te = self.components.text_encoder
+        _move_all_but(te, ("embed_tokens", "layers"), self.device)  # the small rest: final norm, rotary tables
+        embed = te.embed_tokens
+        torch.nn.Module.to(embed, CPU)  # 0.8 GB for a lookup of a few hundred rows: done on the CPU
+        self._embed_hooks = [
+            embed.register_forward_pre_hook(lambda _m, args: tuple(a.to(CPU) for a in args)),
+            embed.register_forward_hook(lambda _m, _a, out: out.to(self.device, non_blocking=True)),
+        ]
+        layers = list(te.layers)
+        for layer in layers:
+            torch.nn.Module.to(layer, CPU)
+        self.streamers["text_encoder"] = BlockStreamer(layers, self.device)
+
+    def _stream_transformer(self, resident_blocks: int) -> None:
+        from .stream import BlockStreamer
+
+        transformer = self.components.transformer
+        blocks = list(transformer_blocks(transformer))
+        if not 0 <= resident_blocks < len(blocks):
+            raise ValueError(f"resident_blocks {resident_blocks} is not in 0..{len(blocks) - 1}")
+        _move_all_but(transformer, BLOCK_LISTS, self.device)  # embedders, final layer, pad tokens
+        streamed = blocks[: len(blocks) - resident_blocks]  # the last blocks stay: see below
+        for block in blocks[len(streamed) :]:
+            torch.nn.Module.to(block, self.device)
+        for block in streamed:
+            torch.nn.Module.to(block, CPU)
+        # The resident blocks run last in a step, so the copy of the next step's first blocks
+        # overlaps their compute.
+        self.streamers["transformer"] = BlockStreamer(streamed, self.device)
+
+    def _stop_streaming(self) -> None:
+        for streamer in self.streamers.values():
+            streamer.remove()
+        self.streamers.clear()
+        for hook in self._embed_hooks:
+            hook.remove()
+        self._embed_hooks = []
+
+
+def _move_all_but(module: torch.nn.Module, skip: tuple[str, ...], device: torch.device) -> None:
+    """Move `module`'s own tensors and its children but those named in `skip` (left where they are)."""
+    for name, child in module.named_children():
+        if name not in skip:
+            torch.nn.Module.to(child, device)
+    for param in module._parameters.values():
+        if param is not None:
+            param.data = param.data.to(device)
+    for name, buffer in module._buffers.items():
+        if buffer is not None:
+            module._buffers[name] = buffer.to(device)
