@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from zturbo.stream import BlockStreamer, streamable
@@ -58,3 +60,14 @@ def test_quantized_weights_are_not_streamable():
     assert streamable(block)
     block.weight = torch.nn.Parameter(block.weight.detach().as_subclass(Subclass))
     assert not streamable(block)
+
+
+def test_streamed_blocks_are_spread_evenly():
+    from zturbo.memory import streamed_positions
+
+    for total in (4, 34):
+        for n in range(total + 1):
+            chosen = streamed_positions(total, n)
+            assert len(set(chosen)) == n and all(0 <= i < total for i in chosen)
+            gaps = [b - a for a, b in itertools.pairwise(chosen)]
+            assert not gaps or max(gaps) - min(gaps) <= 1  # no run of resident blocks longer than needed

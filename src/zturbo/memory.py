@@ -446,13 +446,10 @@ class Placement:
         if not 0 <= resident_blocks < len(blocks):
             raise ValueError(f"resident_blocks {resident_blocks} is not in 0..{len(blocks) - 1}")
         _move_all_but(transformer, BLOCK_LISTS, self.device)  # embedders, final layer, pad tokens
-        streamed = blocks[: len(blocks) - resident_blocks]  # the last blocks stay: see below
-        for block in blocks[len(streamed) :]:
-            torch.nn.Module.to(block, self.device)
-        for block in streamed:
-            torch.nn.Module.to(block, CPU)
-        # The resident blocks run last in a step, so the copy of the next step's first blocks
-        # overlaps their compute.
+        chosen = set(streamed_positions(len(blocks), len(blocks) - resident_blocks))
+        for i, block in enumerate(blocks):
+            torch.nn.Module.to(block, CPU if i in chosen else self.device)
+        streamed = [b for i, b in enumerate(blocks) if i in chosen]
         self.streamers["transformer"] = BlockStreamer(streamed, self.device)
 
     def _stop_streaming(self) -> None:
@@ -462,6 +459,16 @@ class Placement:
         for hook in self._embed_hooks:
             hook.remove()
         self._embed_hooks = []
+
+
+def streamed_positions(total: int, streamed: int) -> list[int]:
+    """Which of `total` blocks (in execution order) stream: `streamed` of them, evenly spread.
+
+    Spread, because the copy engine then keeps working while the resident blocks in between
+    compute; with the resident blocks bunched at the end, only two copies (the two slots) can
+    overlap them and the link idles for the rest (docs/performance.md has both measured).
+    """
+    return [(2 * i + 1) * total // (2 * streamed) for i in range(streamed)] if streamed else []
 
 
 def _move_all_but(module: torch.nn.Module, skip: tuple[str, ...], device: torch.device) -> None:
