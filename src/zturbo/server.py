@@ -67,6 +67,13 @@ class NotReadyError(ZTurboError):
     kind = "not_ready"
 
 
+class SyncTimeoutError(ZTurboError):
+    """The synchronous API waited its limit; the job goes on and can be polled."""
+
+    http_status = 504
+    kind = "timeout"
+
+
 class JobFailedError(ZTurboError):
     """A synchronous (OpenAI-style) request whose job failed; status follows the job's error."""
 
@@ -147,9 +154,10 @@ def check_size(width: int, height: int, limits: ModelLimits, field_prefix: str |
             lo = max(unit, value // unit * unit)
             raise FieldError(where, f"{name} {value} is not a multiple of {unit}; nearest valid: {lo} or {lo + unit}")
     if width * height > limits.max_pixels:
+        label = "size" if field_prefix else "width x height"
         raise FieldError(
             field_prefix or "width",
-            f"size {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
+            f"{label} {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
         )
 
 
@@ -168,6 +176,7 @@ class ServeSettings:
     queue_size: int = 64
     job_timeout: float = 600.0
     shutdown_grace: float = 30.0
+    sync_timeout: float = 600.0  # longest POST /v1/images/generations waits before answering 504
     model_names: tuple[str, ...] = field(default=())
 
 
@@ -493,8 +502,14 @@ async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: s
     async with _watch(service, job_id) as changes:
         await run_in_threadpool(service.submit, params, job_id, body.user)
         job = await run_in_threadpool(service.store.get, job_id)
+        deadline = time.monotonic() + service.settings.sync_timeout
         while not job.finished:
-            await _next_change(changes, 1.0)
+            if time.monotonic() > deadline:
+                raise SyncTimeoutError(
+                    f"job {job_id} did not finish within {service.settings.sync_timeout:g} s; it goes on: "
+                    f"poll GET /v1/jobs/{job_id}"
+                )
+            await _next_change(changes, min(1.0, service.settings.sync_timeout))
             job = await run_in_threadpool(service.store.get, job_id)
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}
