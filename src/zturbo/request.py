@@ -69,9 +69,14 @@ class GenerateRequest:
     variety: float = 0.0  # seed-variety strength; 0 = the plain image
     variety_until: float = DEFAULT_VARIETY_UNTIL
 
+    def __post_init__(self) -> None:
+        if not self.images:  # built directly rather than by `create`: image i uses seed + i
+            specs = _specs(self.prompts, self.negative_prompts, self.seed, None, self.batch, None)
+            object.__setattr__(self, "images", specs)
+
     @property
     def num_images(self) -> int:
-        return len(self.images) if self.images else len(self.prompts) * self.batch
+        return len(self.images)
 
     @property
     def do_cfg(self) -> bool:
