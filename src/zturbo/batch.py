@@ -184,7 +184,8 @@ def row_key(params: dict[str, Any]) -> str:
 
 
 def merge_defaults(row: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """The row's values over the command line's; a row's own seed or seed list replaces the other kind."""
+    """The row's values over the defaults; a row's own seed list replaces a default seed and batch, and
+    its own seed a default seed list (`generate --from` uses it too: the command line over the PNG)."""
     merged = dict(defaults)
     if "seeds" in row:
         merged.pop("seed", None)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .batch import DEFAULT_MAX_BATCH
+from .batch import DEFAULT_MAX_BATCH, merge_defaults
 from .config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -186,18 +186,6 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
 
 
-def _with_overrides(base: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """`given` over `base`; a seed list replaces a seed (and batch), a seed replaces a seed list."""
-    merged = dict(base)
-    if "seeds" in given:
-        merged.pop("seed", None)
-        merged.pop("batch", None)
-    if "seed" in given:
-        merged.pop("seeds", None)
-    merged.update(given)
-    return merged
-
-
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true", help="the real architecture with random weights")
     p.add_argument("--model", default=None, help="a local checkpoint directory instead of random weights")
@@ -292,7 +280,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.from_png is not None:
         source_meta, params = _parameters_from_png(args.from_png)
-    params = _with_overrides(params, _given_options(args))
+    # The command line over the PNG, as a batch row over the command line.
+    params = merge_defaults(_given_options(args), params)
     if args.prompt is not None:
         params["prompt"] = args.prompt
     if "prompt" not in params:
