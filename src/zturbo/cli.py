@@ -1,4 +1,4 @@
-"""Command line: `zturbo generate`, `zturbo serve`, `zturbo info` and `zturbo bench`."""
+"""Command line: `zturbo generate`, `batch`, `show`, `serve`, `info` and `bench`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
+from .batch import DEFAULT_MAX_BATCH, merge_defaults
 from .config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -21,7 +22,7 @@ from .config import (
     TINY_MODEL,
 )
 from .errors import InvalidRequestError, ZTurboError
-from .request import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS
+from .request import DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_VARIETY_UNTIL
 
 log = logging.getLogger("zturbo")
 
@@ -75,26 +76,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt", help="what to draw (any language the text encoder knows, e.g. English, Chinese)")
-    gen.add_argument("--negative-prompt", default=None, help="what to avoid (used only when --guidance > 0)")
-    gen.add_argument("--seed", type=int, default=None, help="random seed; image i uses seed+i (default: random)")
-    gen.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     gen.add_argument(
-        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="CFG scale; 0 (default) = no CFG, the Turbo setting"
+        "prompt", nargs="?", help="what to draw (any language the text encoder knows, e.g. English, Chinese)"
     )
-    gen.add_argument("--width", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    gen.add_argument("--height", type=int, default=DEFAULT_SIZE, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    gen.add_argument("--batch", type=int, default=1, help="number of images (default 1)")
+    gen.add_argument(
+        "--from",
+        dest="from_png",
+        default=None,
+        metavar="IMAGE.png",
+        help="take every parameter from a zturbo PNG (or an A1111 'parameters' chunk); other options override",
+    )
+    _generation_args(gen)
     gen.add_argument("-o", "--output", default=None, help="a .png file for one image, or a directory (./outputs)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    gen.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help=f"largest width*height accepted (default $ZTURBO_MAX_PIXELS or {DEFAULT_MAX_PIXELS})",
-    )
+    gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
     _model_args(gen)
+
+    bat = sub.add_parser("batch", help="generate every row of a prompt file (text, JSONL or CSV); resumable")
+    bat.add_argument("file", help="one prompt a line (.txt), or .jsonl / .csv rows with a prompt and any option")
+    bat.add_argument("-o", "--output", default=None, help="directory for the images and manifest (./outputs/FILE)")
+    _generation_args(bat, defaults_for="every row (a row's own value wins)")
+    bat.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_BATCH,
+        help=f"images per engine call for rows of the same size and settings (default {DEFAULT_MAX_BATCH})",
+    )
+    bat.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet of the batch")
+    bat.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
+    _model_args(bat)
+
+    show = sub.add_parser("show", help="print the generation parameters stored in a PNG")
+    show.add_argument("image", help="a PNG written by zturbo, or one with an A1111 'parameters' chunk")
+    show.add_argument("--json", action="store_true", help="the parameters as one JSON object")
 
     serve = sub.add_parser("serve", help="HTTP server: a persistent job queue, worker per GPU, OpenAI images API")
     _model_args(serve)
@@ -110,6 +125,71 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--batch", type=int, default=1, help="for --plan (default 1)")
     return parser
+
+
+def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
+    """Options shared by `generate` and `batch`; all default to None, so a given value can be told apart."""
+    note = f"; applies to {defaults_for}" if defaults_for else ""
+    p.add_argument("--negative-prompt", default=None, help=f"what to avoid (used only when --guidance > 0){note}")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed; image i uses seed+i (default: random){note}")
+    p.add_argument("--seeds", default=None, help="one image per seed: a list and ranges, e.g. 1-8 or 3,7,42")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale; 0 (default) = no CFG, the Turbo setting")
+    p.add_argument("--width", type=int, default=None, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    p.add_argument("--height", type=int, default=None, help=f"multiple of 16 (default {DEFAULT_SIZE})")
+    p.add_argument("--batch", type=int, default=None, help="number of images (default 1)")
+    p.add_argument(
+        "--variation-seed", type=int, default=None, help="A1111 variation seed: noise blended in (default: random)"
+    )
+    p.add_argument(
+        "--variation-strength",
+        type=float,
+        default=None,
+        help="0..1: 0 (default) = the seed's image, 1 = the variation seed's; above 0 the seed stays and image i "
+        "uses variation seed+i",
+    )
+    p.add_argument(
+        "--variety",
+        type=float,
+        default=None,
+        help="0..1 seed variety: seeded noise on the prompt embedding during the first steps (0 = off, default)",
+    )
+    p.add_argument(
+        "--variety-until",
+        type=float,
+        default=None,
+        help=f"fraction of the steps that see the noisy embedding (default {DEFAULT_VARIETY_UNTIL})",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"largest width*height accepted (default $ZTURBO_MAX_PIXELS or {DEFAULT_MAX_PIXELS})",
+    )
+
+
+# CLI option -> GenerateRequest.create keyword.
+_REQUEST_OPTIONS = {
+    "negative_prompt": "negative_prompt",
+    "seed": "seed",
+    "seeds": "seeds",
+    "steps": "steps",
+    "guidance": "guidance_scale",
+    "width": "width",
+    "height": "height",
+    "batch": "batch",
+    "variation_seed": "variation_seed",
+    "variation_strength": "variation_strength",
+    "variety": "variety",
+    "variety_until": "variety_until",
+}
+# Parameters a PNG carries back into a request (`--from`).
+_PNG_PARAMETERS = ("prompt", *_REQUEST_OPTIONS.values())
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation options given on the command line, as GenerateRequest.create keywords."""
+    return {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -159,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "batch":
+            return cmd_batch(args)
+        if args.command == "show":
+            return cmd_show(args)
         if args.command == "bench":
             from .bench import main as bench_main
 
@@ -202,29 +286,162 @@ def cmd_generate(args: argparse.Namespace) -> int:
     resolve_device(config.device)
     # Validate against the model's configs before any large download or load.
     configs = resolve_model(config.model, weights=False)
-    request = GenerateRequest.create(
-        args.prompt,
-        limits=configs.limits(config.max_pixels),
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        width=args.width,
-        height=args.height,
-        batch=args.batch,
-    )
+    source_meta: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    if args.from_png is not None:
+        source_meta, params = _parameters_from_png(args.from_png)
+    # The command line over the PNG, as a batch row over the command line.
+    params = merge_defaults(_given_options(args), params)
+    if args.prompt is not None:
+        params["prompt"] = args.prompt
+    if "prompt" not in params:
+        raise InvalidRequestError("give a PROMPT, or --from IMAGE.png to take the parameters from an image")
+    request = GenerateRequest.create(limits=configs.limits(config.max_pixels), **params)
     check_output(args.output, request.num_images, overwrite=args.overwrite)
     if request.seed_was_random:
         log.info("seed %d (random)", request.seed)
+    if request.variation_strength > 0 and "variation_seed" not in params:
+        log.info("variation seed %d (random)", request.images[0].variation_seed)
     # No separate warm-up: with --compile on, the request itself compiles at its own size.
     engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+    _warn_if_not_reproducible(source_meta, engine)
     with _progress(request.steps, disabled=args.quiet) as bar:
         result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
-    for path, image in zip(result.save(args.output, overwrite=args.overwrite), result.images, strict=True):
-        print(f"{path}\tseed={image.seed}", flush=True)
+    paths = result.save(args.output, overwrite=args.overwrite)
+    for path, image in zip(paths, result.images, strict=True):
+        print(f"{path}\t{_seed_text(image.metadata)}", flush=True)
+    if args.grid:
+        print(f"{_write_generate_grid(paths)}\tgrid", flush=True)
     total = time.perf_counter() - started
     gen_s = sum(result.timings.values())
     print(f"zturbo: {len(result.images)} image(s) in {gen_s:.2f} s; total {total:.1f} s with loading", file=sys.stderr)
+    return 0
+
+
+def _seed_text(meta: dict[str, Any]) -> str:
+    text = f"seed={meta['seed']}"
+    if meta.get("variation_seed") is not None and meta.get("variation_strength"):
+        text += f"\tvariation_seed={meta['variation_seed']}"
+    return text
+
+
+def _parameters_from_png(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the PNG's zturbo metadata or {}, the request parameters it holds)."""
+    from .imageio import read_parameters
+
+    meta, chunk, ignored = read_parameters(path)
+    if ignored:
+        log.warning("%s: ignoring A1111 fields zturbo does not use: %s", path, ", ".join(ignored))
+    params = {k: meta[k] for k in _PNG_PARAMETERS if meta.get(k) is not None}
+    if not params.get("prompt"):
+        raise InvalidRequestError(f"{path}: its {chunk!r} chunk has no prompt")
+    return (meta if chunk == "zturbo" else {}), params
+
+
+def _warn_if_not_reproducible(meta: dict[str, Any], engine: Any) -> None:
+    """`--from`: say when the model or dtypes differ from the image's, so the pixels will too."""
+    if not meta:
+        return
+    if meta.get("model_fingerprint") and meta["model_fingerprint"] != engine.model.fingerprint:
+        log.warning("the image was made with another model (%s); the result will differ", meta.get("model"))
+    runtime = engine.runtime()
+    for key in ("dtypes", "quantize"):
+        if key in meta and meta[key] != runtime.get(key):
+            log.warning("the image was made with %s %s, now %s; pixels may differ", key, meta[key], runtime.get(key))
+
+
+def _write_generate_grid(paths: Sequence[Any]) -> Any:
+    from pathlib import Path
+
+    from .grid import write_grid
+
+    first = Path(paths[0])
+    return write_grid([Path(p) for p in paths], first.with_name(f"grid-{first.stem}.png"))
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import batch
+    from .device import resolve_device
+    from .engine import Engine
+    from .grid import write_grid
+    from .loader import resolve_model
+
+    started = time.perf_counter()
+    if args.max_batch < 1:
+        raise InvalidRequestError(f"--max-batch {args.max_batch} is out of range; allowed 1 or more")
+    config = _runtime_config(args, max_pixels=args.max_pixels)
+    resolve_device(config.device)
+    file = Path(args.file)
+    directory = Path(args.output) if args.output else Path("outputs") / file.stem
+    if directory.exists() and not directory.is_dir():
+        raise InvalidRequestError(f"output {directory} exists and is not a directory")
+    rows = batch.read_rows(file)
+    configs = resolve_model(config.model, weights=False)
+    manifest = batch.Manifest(directory)
+    batch.plan(rows, _given_options(args), configs.limits(config.max_pixels), manifest)
+    for row in rows:
+        if row.status == "failed":
+            log.warning("row %d: %s", row.number, row.error)
+    pending = [r for r in rows if r.status == "pending"]
+    if pending:
+        engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+        _run_batch(args, engine, rows, directory, manifest)
+    if args.grid:
+        files = [directory / f for r in rows if r.status in ("done", "skipped") for f in r.files]
+        if files:
+            print(f"{write_grid(files, directory / 'grid.png')}\tgrid", flush=True)
+    for line in batch.summary(rows):
+        print(f"zturbo: {line}", file=sys.stderr)
+    print(f"zturbo: total {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return EXIT_ERROR if any(r.status == "failed" for r in rows) else 0
+
+
+def _run_batch(args: argparse.Namespace, engine: Any, rows: Any, directory: Any, manifest: Any) -> None:
+    from tqdm import tqdm
+
+    from . import batch
+
+    total = sum(r.request.num_images for r in rows if r.status in ("pending", "skipped"))
+    done = sum(len(r.files) for r in rows if r.status == "skipped")
+    overall = tqdm(total=total, initial=done, desc="batch", unit="img", file=sys.stderr, disable=args.quiet)
+    steps = tqdm(desc="denoising", unit="step", file=sys.stderr, disable=args.quiet, leave=False, position=1)
+
+    def on_step(i: int, n: int) -> None:
+        if i == 1:
+            steps.reset(total=n)
+        steps.update(1)
+
+    def on_row(row: Any) -> None:
+        if row.status == "done":
+            overall.update(len(row.files))
+            for name, seed in zip(row.files, row.seeds, strict=True):
+                overall.write(f"{directory / name}\tseed={seed}", file=sys.stdout)
+
+    with overall, steps:
+        batch.run(engine, rows, directory, manifest, max_batch=args.max_batch, on_step=on_step, on_row=on_row)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from .imageio import read_parameters
+
+    meta, chunk, ignored = read_parameters(args.image)
+    if args.json:
+        print(json.dumps(meta, ensure_ascii=False, indent=2, sort_keys=True))
+        return 0
+    print(f"{args.image}  ({'zturbo metadata' if chunk == 'zturbo' else 'A1111 parameters'})")
+    width = max(len(k) for k in meta)
+    # What shaped the image first, in the order of the generate options; then the rest as stored.
+    first = [k for k in _PNG_PARAMETERS if k in meta]
+    for key in dict.fromkeys([*first, *meta]):
+        value = meta[key]
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        print(f"  {key:<{width}}  {text}")
+    if ignored:
+        print(f"  (not used by zturbo: {', '.join(ignored)})")
     return 0
 
 

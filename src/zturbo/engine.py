@@ -10,7 +10,9 @@ latent scaling and pixel conversion run in float32 rather than in the VAE's dtyp
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -27,7 +29,7 @@ from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .memory import STREAMED_PLANS, Placement, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
-from .request import GenerateRequest, ModelLimits
+from .request import GenerateRequest, ImageSpec, ModelLimits
 
 log = logging.getLogger("zturbo")
 
@@ -169,6 +171,64 @@ def schedule(scheduler_config: dict[str, Any], steps: int, image_seq_len: int) -
     )
 
 
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of each image's noise, a (t = 0) to b (t = 1); a, b: (B, ...) float32.
+
+    The angle is taken over each image's whole noise vector. t = 0 and t = 1 return a and b
+    themselves, so the ends are exact (variation strength 0 is the plain image, bit for bit).
+    """
+    if t == 0:
+        return a
+    if t == 1:
+        return b
+    flat_a, flat_b = a.flatten(1).double(), b.flatten(1).double()
+    cos = (flat_a * flat_b).sum(1) / (flat_a.norm(dim=1) * flat_b.norm(dim=1))
+    omega = cos.clamp(-1, 1).acos()  # (B,)
+    sin = omega.sin()
+    # Nearly parallel vectors: the formula divides by ~0; a straight line is as good there.
+    near = sin.abs() < 1e-6
+    wa = torch.where(near, 1 - t, ((1 - t) * omega).sin() / sin.where(~near, 1))
+    wb = torch.where(near, t, (t * omega).sin() / sin.where(~near, 1))
+    shape = (-1,) + (1,) * (a.dim() - 1)
+    return (wa.view(shape) * a.double() + wb.view(shape) * b.double()).to(a.dtype)
+
+
+def variation_latents(noise: torch.Tensor, variation_seeds: Sequence[int | None], strength: float) -> torch.Tensor:
+    """A1111 variation seeds: slerp(strength, noise of the seed, noise of the variation seed), per image."""
+    if strength == 0:
+        return noise  # the unchanged tensor: strength 0 is the plain image exactly
+    seeds = [s for s in variation_seeds if s is not None]
+    assert len(seeds) == noise.shape[0], "every image needs a variation seed when the strength is above 0"
+    return slerp(strength, noise, prepare_latents(seeds, *noise.shape[1:]))
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A seed for a second random stream of one image, independent of its latent noise stream."""
+    digest = hashlib.sha256(f"zturbo/{purpose}/{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: any torch generator takes it
+
+
+def variety_embeds(embeds: Sequence[torch.Tensor], seeds: Sequence[int], strength: float) -> list[torch.Tensor]:
+    """Seed variety: e + strength * std(e) * n, per image, on the clean prompt embedding e (L, D).
+
+    n ~ N(0, 1) of e's shape comes from a CPU generator seeded with `derived_seed(seed, "variety")`,
+    so it is the same on every device; std(e) is the embedding's own standard deviation, so a
+    strength means the same for every prompt. The sum runs in float32, then takes e's dtype.
+    """
+    out = []
+    for embed, seed in zip(embeds, seeds, strict=True):
+        gen = torch.Generator("cpu").manual_seed(derived_seed(seed, "variety"))
+        noise = torch.randn(embed.shape, generator=gen, dtype=torch.float32).to(embed.device)
+        clean = embed.float()
+        out.append((clean + strength * clean.std() * noise).to(embed.dtype))
+    return out
+
+
+def variety_steps(fraction: float, steps: int) -> int:
+    """How many of the first steps see the noisy embedding: ceil(fraction * steps), at least 1."""
+    return max(1, math.ceil(fraction * steps - 1e-9))  # 1e-9: 0.3 * 10 is 3.0000000000000004
+
+
 def starting_point(
     c: Components, seeds: Sequence[int], width: int, height: int, steps: int, spatial_unit: int
 ) -> tuple[torch.Tensor, Schedule]:
@@ -194,15 +254,20 @@ def denoise(
     sched: Schedule,
     guidance_scale: float,
     on_step: StepCallback | None = None,
+    early: tuple[list[torch.Tensor], int] | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
     latents: (B, C, h, w) float32 on the model's device; cond/uncond: B embeddings (L_i, D).
     One transformer call per step (positive and negative batched together under CFG).
+    `early` = (cond', k): the first k steps take cond' instead of cond (seed variety).
     """
     batch = latents.shape[0]
     dtype = next(iter(transformer.all_x_embedder.values())).weight.dtype  # what the patch embedder takes
     embeds = cond + uncond if uncond is not None else cond
+    early_embeds, early_steps = embeds, 0
+    if early is not None:
+        early_embeds, early_steps = (early[0] + uncond if uncond is not None else early[0]), early[1]
     model_t = sched.model_t.to(latents.device)
     steps = len(sched.dts)
     for i, dt in enumerate(sched.dts):
@@ -210,7 +275,8 @@ def denoise(
         if uncond is not None:
             x = x.repeat(2, 1, 1, 1)
         t = model_t[i].expand(x.shape[0])
-        out = transformer(list(x.unsqueeze(2).unbind(0)), t, embeds, return_dict=False)[0]
+        step_embeds = early_embeds if i < early_steps else embeds
+        out = transformer(list(x.unsqueeze(2).unbind(0)), t, step_embeds, return_dict=False)[0]
         pred = torch.stack([o.float() for o in out], dim=0).squeeze(2)  # (B or 2B, C, h, w)
         if uncond is not None:
             pos, neg = pred[:batch], pred[batch:]
@@ -245,6 +311,7 @@ class GeneratedImage:
     prompt: str
     negative_prompt: str
     metadata: dict[str, Any]
+    variation_seed: int | None = None
 
 
 @dataclass
@@ -438,25 +505,31 @@ class Engine:
         c = self.components
         timings: dict[str, float] = {}
         tick = time.perf_counter()
-        rows = req.image_prompts()
+        rows = req.images
         placed = self.placement
         where = {"encoder_device": placed.text_encoder_device, "on_miss": lambda: placed.stage("encode")}
         cache = self.prompt_cache
-        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [p for p, _, _ in rows], self.device, **where)
+        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [r.prompt for r in rows], self.device, **where)
         uncond = None
         if req.do_cfg:
-            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, [n for _, n, _ in rows], self.device, **where)
+            negatives = [r.negative_prompt for r in rows]
+            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, negatives, self.device, **where)
         for w in warnings:
             log.warning(w)
+        seeds = [r.seed for r in rows]
+        # The cache holds clean embeddings; each image's variety noise is added to its own copy.
+        early = None
+        if req.variety > 0:
+            early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, req.steps))
         timings["encode_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        seeds = [s for _, _, s in rows]
         latents, sched = starting_point(c, seeds, req.width, req.height, req.steps, self.limits.spatial_unit)
+        latents = variation_latents(latents, [r.variation_seed for r in rows], req.variation_strength)
         latents = latents.to(self.device)
         placed.stage("denoise")
         latents = self._eager_if_compile_fails(
-            denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step
+            denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early
         )
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         if not all_finite(latents):
@@ -566,17 +639,20 @@ class Engine:
             self.accel.revert_compile()
             return stage(*args)
 
-    def _package(
-        self, req: GenerateRequest, rows: list[tuple[str, str, int]], pixels: torch.Tensor
-    ) -> list[GeneratedImage]:
+    def _package(self, req: GenerateRequest, rows: Sequence[ImageSpec], pixels: torch.Tensor) -> list[GeneratedImage]:
         from PIL import Image
 
         from .imageio import build_metadata
 
         out = []
-        for (prompt, negative, seed), array in zip(rows, pixels.numpy(), strict=True):
-            meta = build_metadata(req, prompt, negative, seed, self.model, self.runtime())
-            out.append(GeneratedImage(Image.fromarray(array), seed, prompt, negative, meta))
+        for spec, array in zip(rows, pixels.numpy(), strict=True):
+            meta = build_metadata(
+                req, spec.prompt, spec.negative_prompt, spec.seed, self.model, self.runtime(), spec.variation_seed
+            )
+            image = GeneratedImage(
+                Image.fromarray(array), spec.seed, spec.prompt, spec.negative_prompt, meta, spec.variation_seed
+            )
+            out.append(image)
         return out
 
 

@@ -28,6 +28,7 @@ def build_metadata(
     seed: int,
     model: ModelInfo,
     runtime: dict[str, Any],
+    variation_seed: int | None = None,
 ) -> dict[str, Any]:
     """Every parameter that shaped one image; `runtime` is `Engine.runtime()` (dtypes, guard, quantize, compile)."""
     from . import __version__
@@ -40,6 +41,11 @@ def build_metadata(
         "guidance_scale": req.guidance_scale,
         "width": req.width,
         "height": req.height,
+        # Recorded even when off, so reading a PNG back never has to guess a default.
+        "variation_seed": variation_seed,
+        "variation_strength": req.variation_strength if variation_seed is not None else 0.0,
+        "variety": req.variety,
+        "variety_until": req.variety_until,
         "sampler": "flow_match_euler",
         "model": model.name,
         "model_revision": model.revision,
@@ -57,6 +63,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         "CFG scale": meta["guidance_scale"],
         "Seed": meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
+        **_a1111_noise_fields(meta),
         "Model hash": (meta.get("model_fingerprint") or "")[:10],
         "Model": meta["model"],
         "Version": f"zturbo {meta['zturbo_version']}",
@@ -65,6 +72,18 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     if meta.get("negative_prompt"):
         text += f"\nNegative prompt: {meta['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in fields.items())
+
+
+def _a1111_noise_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """A1111's names for variation seeds; seed variety has none in A1111, so it gets its own."""
+    fields: dict[str, Any] = {}
+    if meta.get("variation_seed") is not None and meta.get("variation_strength"):
+        fields["Variation seed"] = meta["variation_seed"]
+        fields["Variation seed strength"] = meta["variation_strength"]
+    if meta.get("variety"):
+        fields["Seed variety"] = meta["variety"]
+        fields["Seed variety until"] = meta["variety_until"]
+    return fields
 
 
 def _a1111_value(value: object) -> str:
@@ -93,6 +112,93 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     if text is None:
         raise InvalidRequestError(f"{path} has no {METADATA_KEY!r} metadata chunk")
     return json.loads(text)
+
+
+# A1111 `parameters` keys -> (request parameter, parser). Others are listed as ignored when read.
+_A1111_FIELDS: dict[str, tuple[str, Any]] = {
+    "Steps": ("steps", int),
+    "CFG scale": ("guidance_scale", float),
+    "Seed": ("seed", int),
+    "Variation seed": ("variation_seed", int),
+    "Variation seed strength": ("variation_strength", float),
+    "Seed variety": ("variety", float),
+    "Seed variety until": ("variety_until", float),
+}
+# Keys that describe the file rather than shape the image (or that zturbo writes with a fixed value).
+_A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "Sampler"}
+_A1111_PAIR = re.compile(r'\s*([\w .\-/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
+    """An A1111 `parameters` text -> (generation parameters, names of fields that zturbo cannot use).
+
+    Layout: prompt lines, an optional `Negative prompt:` line (and its continuation lines), then one
+    line of `Key: value` pairs where values with commas are JSON-quoted.
+    """
+    lines = text.rstrip("\n").split("\n")
+    settings = lines.pop() if lines and _A1111_PAIR.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    prompt_lines, negative_lines, target = [], [], None
+    for line in lines:
+        if line.startswith("Negative prompt:"):
+            target = negative_lines
+            line = line[len("Negative prompt:") :].strip()
+        (negative_lines if target is not None else prompt_lines).append(line)
+    params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
+    ignored = []
+    for key, raw in _A1111_PAIR.findall(settings):
+        key, value = key.strip(), raw.strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        if key == "Size":
+            width, _, height = value.partition("x")
+            params["width"], params["height"] = _a1111_number(key, width, int), _a1111_number(key, height, int)
+        elif key in _A1111_FIELDS:
+            name, kind = _A1111_FIELDS[key]
+            params[name] = _a1111_number(key, value, kind)
+        elif key == "Sampler" and value not in ("Euler", "Euler a", "flow_match_euler"):
+            ignored.append(f"Sampler ({value})")
+        elif key not in _A1111_INFORMATIONAL:
+            ignored.append(key)
+    return params, ignored
+
+
+def _a1111_number(key: str, value: str, kind: Any) -> Any:
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidRequestError(f"A1111 parameters: {key} {value!r} is not a number") from None
+
+
+def read_parameters(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str, list[str]]:
+    """Generation parameters of a PNG: (parameters, which chunk they came from, ignored A1111 fields).
+
+    The `zturbo` JSON chunk when present (everything, exactly); otherwise an A1111 `parameters`
+    chunk (prompt, seeds, steps, CFG, size). Raises InvalidRequestError naming the file otherwise.
+    """
+    text = _png_text(path)
+    if METADATA_KEY in text:
+        try:
+            return json.loads(text[METADATA_KEY]), METADATA_KEY, []
+        except json.JSONDecodeError as e:
+            raise InvalidRequestError(f"{path}: its {METADATA_KEY!r} chunk is not valid JSON ({e})") from None
+    if A1111_KEY in text:
+        params, ignored = parse_a1111(text[A1111_KEY])
+        return params, A1111_KEY, ignored
+    raise InvalidRequestError(
+        f"{path} has no generation parameters (neither a {METADATA_KEY!r} nor an A1111 {A1111_KEY!r} text chunk)"
+    )
+
+
+def _png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return dict(getattr(im, "text", {}) or {})
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{path} does not exist") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise InvalidRequestError(f"{path} is not a readable image: {e}") from None
 
 
 def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> Path:

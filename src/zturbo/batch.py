@@ -1,0 +1,365 @@
+"""Batch runs: rows of prompts and options from a file, resumable through a manifest in the output directory.
+
+A row is one `GenerateRequest` (one image, or several with `batch` or `seeds`). Rows are validated
+before the model loads; a bad row is reported and the others run. Each finished row appends one
+`done` line to `manifest.jsonl` (fsynced) after its PNGs are written, so an interrupted run loses at
+most the rows in flight, and a rerun skips rows whose PNGs are there and match. Random seeds are
+resolved on the first run and recorded (`planned` lines), so a resumed row keeps its seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidRequestError, ZTurboError
+from .request import GenerateRequest, ModelLimits
+
+if TYPE_CHECKING:
+    from .engine import Engine, GeneratedImage, StepCallback
+
+log = logging.getLogger("zturbo")
+
+MANIFEST = "manifest.jsonl"
+DEFAULT_MAX_BATCH = 4
+_INT = ("seed", "steps", "width", "height", "batch", "variation_seed")
+_FLOAT = ("guidance_scale", "variation_strength", "variety", "variety_until")
+_TEXT = ("prompt", "negative_prompt", "seeds")
+COLUMNS = _TEXT + _INT + _FLOAT
+_ALIASES = {"guidance": "guidance_scale", "cfg_scale": "guidance_scale", "negative": "negative_prompt"}
+
+
+@dataclass
+class BatchRow:
+    """One row of a batch file; `number` is its line (text, JSONL) or record (CSV) number, from 1."""
+
+    number: int
+    params: dict[str, Any]
+    error: str | None = None
+    key: str = ""
+    request: GenerateRequest | None = None
+    status: str = "pending"  # pending | skipped | done | failed
+    files: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: Path) -> list[BatchRow]:
+    """Rows of a text (one prompt a line; blank and `#` lines skipped), .jsonl or .csv file."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidRequestError(f"cannot read batch file {path}: {e}") from None
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = list(_jsonl_rows(text))
+    elif suffix == ".csv":
+        rows = list(_csv_rows(text, path))
+    else:
+        rows = [BatchRow(n, {"prompt": line.strip()}) for n, line in _lines(text)]
+    if not rows:
+        raise InvalidRequestError(f"batch file {path} has no rows")
+    return rows
+
+
+def _lines(text: str) -> Iterable[tuple[int, str]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            yield number, line
+
+
+def _jsonl_rows(text: str) -> Iterable[BatchRow]:
+    for number, line in _lines(text):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield BatchRow(number, {}, f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(record, dict):
+            yield BatchRow(number, {}, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        yield _typed_row(number, record)
+
+
+def _csv_rows(text: str, path: Path) -> Iterable[BatchRow]:
+    reader = csv.DictReader(text.splitlines())
+    if not reader.fieldnames or "prompt" not in [_column(c) for c in reader.fieldnames]:
+        raise InvalidRequestError(f"CSV batch file {path} needs a header row with a 'prompt' column")
+    for record in reader:
+        # A row's number is its line in the file: the header is line 1.
+        number = reader.line_num
+        extra = record.pop(None, None)  # type: ignore[call-overload]
+        if extra:
+            yield BatchRow(number, {}, f"has {len(extra)} more value(s) than the header has columns")
+            continue
+        yield _typed_row(number, {k: v for k, v in record.items() if v is not None and v.strip() != ""})
+
+
+def _column(name: str) -> str:
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return _ALIASES.get(key, key)
+
+
+def _typed_row(number: int, record: dict[str, Any]) -> BatchRow:
+    """Column names normalised and text numbers converted; the first problem becomes the row's error."""
+    params: dict[str, Any] = {}
+    try:
+        for name, value in record.items():
+            key = _column(str(name))
+            if key not in COLUMNS:
+                raise InvalidRequestError(f"unknown column {name!r}; allowed: {', '.join(COLUMNS)}")
+            params[key] = _convert(key, value)
+    except InvalidRequestError as e:
+        return BatchRow(number, params, str(e))
+    return BatchRow(number, params)
+
+
+def _convert(key: str, value: Any) -> Any:
+    if not isinstance(value, str) or key in _TEXT:
+        return value  # JSON numbers stay as they are; GenerateRequest checks their types
+    text = value.strip()
+    try:
+        return int(text) if key in _INT else float(text)
+    except ValueError:
+        kind = "a whole number" if key in _INT else "a number"
+        raise InvalidRequestError(f"{key} {value!r} is not {kind}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+
+
+class Manifest:
+    """`manifest.jsonl` in the output directory: `planned` and `done` lines, each appended and fsynced."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / MANIFEST
+        self.planned: dict[tuple[int, str], dict[str, Any]] = {}
+        self.done: dict[tuple[int, str], dict[str, Any]] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: its row simply runs again
+            slot = {"planned": self.planned, "done": self.done}.get(record.get("event"))
+            if slot is not None:
+                slot[(record["row"], record["key"])] = record
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+        # One write of whole lines in append mode, then fsync: a kill leaves at most a torn last line.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        for r in records:
+            {"planned": self.planned, "done": self.done}[r["event"]][(r["row"], r["key"])] = r
+
+
+def row_key(params: dict[str, Any]) -> str:
+    """A hash of a row's parameters as given (defaults applied, random seeds not yet resolved)."""
+    blob = json.dumps(params, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: defaults, validation, recorded seeds, rows already done
+
+
+def merge_defaults(row: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The row's values over the defaults; a row's own seed list replaces a default seed and batch, and
+    its own seed a default seed list (`generate --from` uses it too: the command line over the PNG)."""
+    merged = dict(defaults)
+    if "seeds" in row:
+        merged.pop("seed", None)
+        merged.pop("batch", None)
+    if "seed" in row:
+        merged.pop("seeds", None)
+    merged.update(row)
+    return merged
+
+
+def plan(rows: Sequence[BatchRow], defaults: dict[str, Any], limits: ModelLimits, manifest: Manifest) -> None:
+    """Validate every row (before any model is loaded), reuse recorded seeds, mark finished rows skipped."""
+    new_plans = []
+    for row in rows:
+        if row.error is not None:
+            row.status = "failed"
+            continue
+        params = merge_defaults(row.params, defaults)
+        if not params.get("prompt"):
+            row.error, row.status = "has no prompt", "failed"
+            continue
+        row.key = row_key(params)
+        recorded = manifest.planned.get((row.number, row.key))
+        try:
+            if recorded is not None:
+                row.request = GenerateRequest.create(limits=limits, **recorded["params"])
+            else:
+                row.request = GenerateRequest.create(limits=limits, **params)
+                resolved = _resolved(params, row.request)
+                new_plans.append({"event": "planned", "row": row.number, "key": row.key, "params": resolved})
+        except (InvalidRequestError, TypeError) as e:
+            row.error, row.status = _message(e), "failed"
+            continue
+        if _is_done(manifest.done.get((row.number, row.key)), manifest.path.parent):
+            row.status = "skipped"
+            done = manifest.done[(row.number, row.key)]
+            row.files, row.seeds = done["files"], done["seeds"]
+    manifest.append(new_plans)
+
+
+def _resolved(params: dict[str, Any], req: GenerateRequest) -> dict[str, Any]:
+    """`params` with the seeds the request drew at random filled in, so a rerun draws none."""
+    resolved = dict(params)
+    if req.seed_was_random:
+        resolved["seed"] = req.seed
+    if req.variation_strength > 0 and params.get("variation_seed") is None:
+        resolved["variation_seed"] = req.images[0].variation_seed
+    return resolved
+
+
+def _message(err: Exception) -> str:
+    if isinstance(err, TypeError):  # e.g. a JSON row with a list where a number belongs
+        return f"invalid parameters: {err}"
+    return str(err)
+
+
+def _is_done(record: dict[str, Any] | None, directory: Path) -> bool:
+    """Finished: a `done` line for this row and key, and each of its PNGs present with the recorded seed."""
+    from .imageio import read_metadata
+
+    if record is None:
+        return False
+    try:
+        metas = [read_metadata(directory / name) for name in record["files"]]
+    except InvalidRequestError:
+        return False
+    return [m.get("seed") for m in metas] == record["seeds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def groups(rows: Sequence[BatchRow], max_batch: int) -> list[list[BatchRow]]:
+    """Pending rows that share size, steps, guidance and noise settings, in file order, up to
+    `max_batch` images per group (a row with more images than that runs alone)."""
+    by_shape: dict[tuple[object, ...], list[list[BatchRow]]] = {}
+    order: list[list[BatchRow]] = []
+    for row in rows:
+        if row.status != "pending" or row.request is None:
+            continue
+        chunks = by_shape.setdefault(row.request.shared(), [])
+        if chunks and sum(r.request.num_images for r in chunks[-1]) + row.request.num_images <= max_batch:  # type: ignore[union-attr]
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+            order.append(chunks[-1])
+    return order
+
+
+def file_names(row: BatchRow, images: Sequence[GeneratedImage]) -> list[str]:
+    """`00007-SEED.png` for a one-image row, `00007-02-SEED.png` for the second image of a larger one."""
+    if len(images) == 1:
+        return [f"{row.number:05d}-{images[0].seed}.png"]
+    return [f"{row.number:05d}-{k:02d}-{img.seed}.png" for k, img in enumerate(images, start=1)]
+
+
+def run(
+    engine: Engine,
+    rows: Sequence[BatchRow],
+    directory: Path,
+    manifest: Manifest,
+    *,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    on_step: StepCallback | None = None,
+    on_row: Callable[[BatchRow], None] | None = None,
+) -> None:
+    """Generate every pending row, `max_batch` images at most per engine call; a group that fails is
+    retried row by row, so one failing row fails alone."""
+    for group in groups(rows, max_batch):
+        try:
+            _run_group(engine, group, directory, manifest, on_step, on_row)
+        except Exception as e:  # one row's failure must not stop the batch
+            if len(group) == 1:
+                _fail(group[0], e, on_row)
+                continue
+            log.warning("a group of %d rows failed (%s); running them one at a time", len(group), _short(e))
+            for row in group:
+                if row.status != "pending":
+                    continue
+                try:
+                    _run_group(engine, [row], directory, manifest, on_step, on_row)
+                except Exception as e2:
+                    _fail(row, e2, on_row)
+
+
+def _run_group(
+    engine: Engine,
+    group: list[BatchRow],
+    directory: Path,
+    manifest: Manifest,
+    on_step: StepCallback | None,
+    on_row: Callable[[BatchRow], None] | None,
+) -> None:
+    from .imageio import save_png
+
+    requests = [row.request for row in group]
+    assert all(r is not None for r in requests)
+    result = engine.generate(GenerateRequest.combine(requests), on_step=on_step)  # type: ignore[arg-type]
+    images = iter(result.images)
+    for row in group:
+        assert row.request is not None
+        own = [next(images) for _ in range(row.request.num_images)]
+        names = file_names(row, own)
+        # The directory belongs to the batch: a file without a `done` line is from a run cut short.
+        for name, image in zip(names, own, strict=True):
+            save_png(image, directory / name, overwrite=True)
+        record = {"event": "done", "row": row.number, "key": row.key, "files": names, "seeds": [i.seed for i in own]}
+        manifest.append([record])
+        row.status, row.files, row.seeds = "done", names, record["seeds"]
+        if on_row is not None:
+            on_row(row)
+
+
+def _fail(row: BatchRow, err: Exception, on_row: Callable[[BatchRow], None] | None) -> None:
+    row.status, row.error = "failed", _short(err)
+    log.warning("row %d failed: %s", row.number, row.error)
+    if on_row is not None:
+        on_row(row)
+
+
+def _short(err: Exception) -> str:
+    if isinstance(err, ZTurboError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
+
+
+def summary(rows: Sequence[BatchRow]) -> list[str]:
+    """Lines for the end of a run: counts, then each failed row with its message."""
+    count = {s: sum(r.status == s for r in rows) for s in ("done", "skipped", "failed", "pending")}
+    images = sum(len(r.files) for r in rows if r.status == "done")
+    lines = [
+        f"batch: {len(rows)} rows: {count['done']} done now ({images} images), "
+        f"{count['skipped']} already done, {count['failed']} failed"
+    ]
+    lines += [f"  row {r.number}: {r.error}" for r in rows if r.status == "failed"]
+    return lines

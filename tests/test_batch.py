@@ -1,0 +1,253 @@
+"""`zturbo batch`: file formats, bad rows, resume after a kill, grouping, the prompt cache, grids."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zturbo import batch
+from zturbo.cli import main
+from zturbo.imageio import read_metadata
+from zturbo.request import ModelLimits
+
+SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--device", "cpu", "-q"]
+LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def manifest_lines(directory: Path) -> list[dict]:
+    path = directory / batch.MANIFEST
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def done_rows(directory: Path) -> list[int]:
+    return [r["row"] for r in manifest_lines(directory) if r["event"] == "done"]
+
+
+def test_rows_from_text_jsonl_and_csv(tmp_path):
+    text = tmp_path / "p.txt"
+    text.write_text("a cat\n\n# a comment\n  a dog  \n")
+    assert [(r.number, r.params) for r in batch.read_rows(text)] == [(1, {"prompt": "a cat"}), (4, {"prompt": "a dog"})]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "steps": 3, "Guidance": 1.5}\n{"prompt": "x", "seed": "12"}\n[1]\n{oops\n')
+    rows = batch.read_rows(jsonl)
+    assert rows[0].params == {"prompt": "a cat", "steps": 3, "guidance_scale": 1.5} and rows[0].error is None
+    assert rows[1].params == {"prompt": "x", "seed": 12}
+    assert rows[2].error == "expected a JSON object, got list"
+    assert rows[3].error.startswith("not valid JSON")
+    csv = tmp_path / "p.csv"
+    csv.write_text('prompt,seed,negative-prompt,width\n"a cat, sleeping",4,,64\na dog,,blurry,64\n')
+    rows = batch.read_rows(csv)
+    assert [(r.number, r.params) for r in rows] == [
+        (2, {"prompt": "a cat, sleeping", "seed": 4, "width": 64}),
+        (3, {"prompt": "a dog", "negative_prompt": "blurry", "width": 64}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [("", "has no rows"), ("# only a comment\n", "has no rows")],
+)
+def test_an_empty_batch_file_is_refused(capsys, tiny_dir, tmp_path, content, message):
+    path = tmp_path / "p.txt"
+    path.write_text(content)
+    code, _, err = run(capsys, "batch", path, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert code == 2 and f"batch file {path} {message}" in err
+
+
+def test_a_csv_without_a_prompt_column_is_refused(capsys, tiny_dir, tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("text,seed\na cat,1\n")
+    code, _, err = run(capsys, "batch", path, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert code == 2 and "needs a header row with a 'prompt' column" in err
+
+
+def test_bad_rows_are_reported_and_the_others_run(capsys, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "\n".join(
+            [
+                '{"prompt": "a cat", "seed": 1}',
+                '{"prompt": "a dog", "width": 1000}',
+                '{"prompt": "a cow", "sampler": "dpm"}',
+                '{"prompt": "a pig", "steps": "abc"}',
+                '{"prompt": "a hen", "seeds": "2,x"}',
+                '{"prompt": "an owl", "seeds": "5-6"}',
+            ]
+        )
+    )
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "-o", out_dir)
+    assert code == 1
+    assert sorted(Path(line.split("\t")[0]).name for line in out.splitlines()) == [
+        "00001-1.png", "00006-01-5.png", "00006-02-6.png",
+    ]  # fmt: skip
+    assert "zturbo: batch: 6 rows: 2 done now (3 images), 0 already done, 4 failed" in err
+    assert "  row 2: width 1000 is not a multiple of 16 (the model's spatial unit); nearest valid: 992 or 1008" in err
+    assert "  row 3: unknown column 'sampler'; allowed: prompt, negative_prompt, seeds, seed" in err
+    assert "  row 4: steps 'abc' is not a whole number" in err
+    assert "  row 5: seed list '2,x': 'x' is not a seed or a range" in err
+    assert sorted(done_rows(out_dir)) == [1, 6]
+
+
+def test_every_row_bad_loads_no_model(capsys, tiny_dir, tmp_path, monkeypatch):
+    import zturbo.engine
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load when no row can run")
+
+    monkeypatch.setattr(zturbo.engine.Engine, "load", no_load)
+    rows = tmp_path / "rows.csv"
+    rows.write_text("prompt,steps\na cat,0\n")
+    code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert code == 1 and "row 2: steps 0 is out of range; allowed 1..100" in err
+
+
+_SLOW_CHILD = """
+import sys, time
+import zturbo.engine as engine
+generate = engine.Engine.generate
+def slow(self, *args, **kwargs):
+    time.sleep(0.4)  # leave time to kill the run between rows
+    return generate(self, *args, **kwargs)
+engine.Engine.generate = slow
+from zturbo.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_resume_after_kill_does_no_row_twice(capsys, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.txt"
+    rows.write_text("".join(f"prompt number {i}\n" for i in range(6)))
+    out_dir = tmp_path / "out"
+    # No --seed: the random seeds drawn by the first run must survive into the second.
+    argv = ["batch", str(rows), "--model", str(tiny_dir), *SMALL, "--max-batch", "1", "-o", str(out_dir)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_CHILD, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not done_rows(out_dir):
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "the batch never finished a row"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    first = done_rows(out_dir)
+    assert 1 <= len(first) < 6, "the kill came after the whole batch was done; nothing to resume"
+    planned = {r["row"]: r["params"]["seed"] for r in manifest_lines(out_dir) if r["event"] == "planned"}
+    before = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png")}
+
+    code, out, err = run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "--max-batch", "1", "-o", out_dir)
+    assert code == 0, err
+    assert f"{len(first)} already done" in err
+    done = done_rows(out_dir)
+    assert sorted(done) == [1, 2, 3, 4, 5, 6] and len(done) == 6  # each row done exactly once
+    assert len(out.splitlines()) == 6 - len(first)  # only the rest were made
+    for record in manifest_lines(out_dir):
+        if record["event"] == "done":
+            (name,) = record["files"]
+            meta = read_metadata(out_dir / name)
+            assert meta["seed"] == planned[record["row"]]  # the seed drawn before the kill
+            assert meta["prompt"] == f"prompt number {record['row'] - 1}"
+            if record["row"] in first:
+                assert (out_dir / name).stat().st_mtime_ns == before[name]  # not rewritten
+
+
+def test_a_changed_row_runs_again_and_a_missing_png_is_remade(capsys, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\na dog\n")
+    out_dir = tmp_path / "out"
+    assert run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "-o", out_dir)[0] == 0
+    first_files = sorted(p.name for p in out_dir.glob("*.png"))
+    dog = next(out_dir.glob("00002-*.png"))
+    dog_pixels = np.asarray(Image.open(dog))
+    dog.unlink()
+    rows.write_text("a cat\na dog\na cow\n")
+    code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "-o", out_dir)
+    assert code == 0, err
+    assert "2 done now (2 images), 1 already done" in err
+    assert sorted(p.name for p in out_dir.glob("0000[12]-*.png")) == first_files  # same random seed again
+    assert np.array_equal(np.asarray(Image.open(dog)), dog_pixels)
+    code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "--steps", "1", "-o", out_dir)
+    assert "3 done now" in err  # new settings are new rows
+
+
+def test_grouping_runs_rows_together_without_changing_pixels(engine, tmp_path):
+    texts = ["a cat", "a much longer prompt about a dog", "a cat", "a cow", "a hen"]
+    calls: list[int] = []
+    handle = engine.components.transformer.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    images = {}
+    try:
+        for max_batch in (3, 1):
+            rows = [batch.BatchRow(i + 1, {"prompt": t}) for i, t in enumerate(texts)]
+            rows.append(batch.BatchRow(6, {"prompt": "a fox", "width": 32}))  # another size: a group of its own
+            directory = tmp_path / f"max{max_batch}"
+            manifest = batch.Manifest(directory)
+            batch.plan(rows, {"seed": 7, "steps": 1, "width": 64, "height": 64}, LIMITS, manifest)
+            calls.clear()
+            batch.run(engine, rows, directory, manifest, max_batch=max_batch)
+            images[max_batch] = calls[:], {r.number: np.asarray(Image.open(directory / r.files[0])) for r in rows}
+    finally:
+        handle.remove()
+    assert images[3][0] == [3, 2, 1] and images[1][0] == [1] * 6
+    for number, grouped in images[3][1].items():
+        assert np.abs(grouped.astype(int) - images[1][1][number].astype(int)).max() <= 1
+
+
+def test_repeated_prompts_reuse_the_text_embedding(fresh, tmp_path):
+    calls: list[int] = []
+    fresh.components.text_encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    rows = [batch.BatchRow(i + 1, {"prompt": t}) for i, t in enumerate(["a cat", "a dog", "a cat", "a cat"])]
+    manifest = batch.Manifest(tmp_path)
+    batch.plan(rows, {"seed": 1, "steps": 1, "width": 32, "height": 32}, LIMITS, manifest)
+    batch.run(fresh, rows, tmp_path, manifest, max_batch=1)
+    assert len(calls) == 2 and (fresh.prompt_cache.hits, fresh.prompt_cache.misses) == (2, 2)
+
+
+def test_a_failing_group_falls_back_to_single_rows(engine, tmp_path, monkeypatch):
+    rows = [batch.BatchRow(i + 1, {"prompt": t}) for i, t in enumerate(["a cat", "a poisoned dog", "a cow"])]
+    manifest = batch.Manifest(tmp_path)
+    batch.plan(rows, {"seed": 1, "steps": 1, "width": 32, "height": 32}, LIMITS, manifest)
+    generate = type(engine).generate
+
+    def poisoned(self, req, **kwargs):
+        if any("poisoned" in s.prompt for s in req.images):
+            raise RuntimeError("boom")
+        return generate(self, req, **kwargs)
+
+    monkeypatch.setattr(type(engine), "generate", poisoned)
+    batch.run(engine, rows, tmp_path, manifest, max_batch=4)
+    assert [r.status for r in rows] == ["done", "failed", "done"]
+    assert rows[1].error == "RuntimeError: boom"
+    assert batch.summary(rows) == [
+        "batch: 3 rows: 2 done now (2 images), 0 already done, 1 failed",
+        "  row 2: RuntimeError: boom",
+    ]
+
+
+def test_batch_grid_covers_done_and_skipped_rows(capsys, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("prompt,seeds\na cat,1-2\na dog,\n")
+    out_dir = tmp_path / "out"
+    run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "--seed", "3", "-o", out_dir)
+    code, out, err = run(capsys, "batch", rows, "--model", tiny_dir, *SMALL, "--seed", "3", "--grid", "-o", out_dir)
+    assert code == 0, err
+    assert out.strip() == f"{out_dir / 'grid.png'}\tgrid"
+    with Image.open(out_dir / "grid.png") as im:
+        assert json.loads(im.text["zturbo-grid"])["images"] == ["00002-01-1.png", "00002-02-2.png", "00003-3.png"]
