@@ -112,7 +112,7 @@ def build(api_base: str) -> gr.Blocks:
                         random_btn = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
                         reuse_btn = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
                     n = gr.Slider(1, IMAGES_MAX, value=1, step=1, label="Number of images", elem_id="n")
-                    with gr.Accordion("Advanced", open=False, elem_id="advanced"):
+                    with gr.Accordion("Advanced", open=False, elem_id="advanced") as advanced:
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
                         guidance = gr.Slider(
                             0, GUIDANCE_MAX, value=0, step=0.1, label="Guidance (CFG scale)", info=GUIDANCE_INFO,
@@ -164,7 +164,8 @@ def build(api_base: str) -> gr.Blocks:
         )
         cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
         gallery.select(handlers.select_result, [results], [image_params, download])
-        png.upload(handlers.read_png, [png], [png_msg, *form])
+        filled = [*form, advanced]  # the accordion opens when a fill sets a negative prompt or CFG
+        png.upload(handlers.read_png, [png], [png_msg, *filled])
 
         hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete]
         history_tab.select(handlers.history, [key_state, search], hist_io, **free)
@@ -173,7 +174,7 @@ def build(api_base: str) -> gr.Blocks:
         hist_gallery.select(
             handlers.select_history, [hist_records], [hist_params, hist_selected, hist_reuse, hist_delete]
         )
-        hist_reuse.click(handlers.reuse_job, [hist_selected], [tabs, progress, *form])
+        hist_reuse.click(handlers.reuse_job, [hist_selected], [tabs, progress, *filled])
         hist_delete.click(handlers.delete_job, [key_state, hist_selected, search], hist_io, **free)
     return demo
 
@@ -284,11 +285,11 @@ class _Handlers:
         from .imageio import read_parameters
 
         if not path:
-            return "", *(gr.skip(),) * len(FORM_KEYS)
+            return "", *_NO_FILL
         try:
             params, source = read_parameters(path)
         except InvalidRequestError as e:
-            return f"Error: {e}", *(gr.skip(),) * len(FORM_KEYS)
+            return f"Error: {e}", *_NO_FILL
         values, notes = form_values(params)
         origin = "zturbo metadata" if source == "zturbo" else "A1111 'parameters' text"
         message = "\n".join([f"Filled the form from the PNG's {origin}.", *(f"- Note: {note}" for note in notes)])
@@ -316,7 +317,7 @@ class _Handlers:
     @staticmethod
     def reuse_job(job: dict[str, Any] | None) -> tuple[Any, ...]:
         if job is None:
-            return gr.skip(), "Select an image in History first.", *(gr.skip(),) * len(FORM_KEYS)
+            return gr.skip(), "Select an image in History first.", *_NO_FILL
         values, notes = form_values(job["params"])
         message = "Parameters reused from history." + "".join(f" Note: {note}." for note in notes)
         return gr.Tabs(selected="generate"), message, *_form_updates(values)
@@ -331,5 +332,13 @@ class _Handlers:
         return self.history(key, query)
 
 
+_NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 1)
+
+
 def _form_updates(values: dict[str, Any]) -> list[Any]:
-    return [values[k] if k in values else gr.skip() for k in FORM_KEYS]
+    """Updates for the form fields and the Advanced accordion, which is opened to show CFG settings."""
+    advanced = bool(values.get("negative_prompt")) or bool(values.get("guidance_scale"))
+    return [
+        *(values[k] if k in values else gr.skip() for k in FORM_KEYS),
+        gr.Accordion(open=True) if advanced else gr.skip(),
+    ]
