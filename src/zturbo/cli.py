@@ -1,4 +1,4 @@
-"""Command line: `zturbo generate` and `zturbo info`."""
+"""Command line: `zturbo generate`, `zturbo serve`, `zturbo info` and `zturbo bench`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
     _model_args(gen)
 
+    serve = sub.add_parser("serve", help="HTTP server: a persistent job queue, worker per GPU, OpenAI images API")
+    _model_args(serve)
+    from .serve import add_arguments as _serve_args
+
+    _serve_args(serve)
+
     _bench_args(sub.add_parser("bench", help="speed and memory against diffusers' pipeline on a GPU"))
     info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
     _model_args(info)
@@ -157,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import main as bench_main
 
             return bench_main(args)
+        if args.command == "serve":
+            from .serve import main as serve_main
+
+            return serve_main(args, _runtime_config(args, max_pixels=args.max_pixels))
         return cmd_info(args)
     except InvalidRequestError as e:
         print(f"zturbo: error: {e}", file=sys.stderr)

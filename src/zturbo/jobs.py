@@ -1,0 +1,387 @@
+"""The persistent job queue: SQLite in WAL mode, one row per job, state changes as guarded transactions.
+
+A job is durable (committed with synchronous=FULL) before its id is returned. A claim sets the job
+`running` and counts an attempt; the attempt number is the claim's token, and every later change
+by the worker that claimed it must present it, so a stale claim can never finish a job twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ZTurboError
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+STATES = (QUEUED, RUNNING, *FINISHED)
+MAX_ATTEMPTS = 2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    client TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    file TEXT NOT NULL,
+    UNIQUE (job_id, idx)
+);
+"""
+
+
+class QueueFullError(ZTurboError):
+    """The bounded queue holds as many jobs as allowed; retry later."""
+
+    http_status = 429
+    kind = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobNotFoundError(ZTurboError):
+    http_status = 404
+    kind = "not_found"
+
+
+class JobConflictError(ZTurboError):
+    """The job is not in a state that allows the operation (e.g. cancelling a finished job)."""
+
+    http_status = 409
+    kind = "conflict"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    id: str
+    idx: int
+    seed: int
+    file: str  # name inside the images directory
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the queue, as read; `params` are the validated job parameters (seed resolved)."""
+
+    id: str
+    seq: int
+    status: str
+    params: dict[str, Any]
+    attempts: int
+    worker: str | None
+    cancel_requested: bool
+    error: dict[str, str] | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    client: str | None = None
+    images: tuple[ImageRef, ...] = field(default=())
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job handed to a worker; `attempt` is the token its worker must present to finish it."""
+
+    job_id: str
+    attempt: int
+    params: dict[str, Any]
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    """All access to the queue database; safe to share between the threads of one process."""
+
+    def __init__(self, path: Path, *, max_queued: int = 64) -> None:
+        self.path = Path(path)
+        self.max_queued = max_queued
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a crash
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None, deterministic=True)
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- submit and read ------------------------------------------------------------------
+
+    def submit(self, params: dict[str, Any], *, job_id: str | None = None, client: str | None = None) -> Job:
+        """Insert a queued job, or raise QueueFullError when `max_queued` jobs are already waiting."""
+        job_id = job_id or new_id()
+        now = time.time()
+        with self._tx() as db:
+            depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+            if depth >= self.max_queued:
+                raise QueueFullError(
+                    f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
+                )
+            db.execute(
+                "INSERT INTO jobs (id, status, params, prompt, client, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, json.dumps(params), params.get("prompt", ""), client, now),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id!r} does not exist")
+            return self._job(row)
+
+    def _job(self, row: sqlite3.Row) -> Job:
+        images = tuple(
+            ImageRef(r["id"], r["idx"], r["seed"], r["file"])
+            for r in self._db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
+        )
+        return Job(
+            id=row["id"],
+            seq=row["seq"],
+            status=row["status"],
+            params=json.loads(row["params"]),
+            attempts=row["attempts"],
+            worker=row["worker"],
+            cancel_requested=bool(row["cancel_requested"]),
+            error=json.loads(row["error"]) if row["error"] else None,
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            client=row["client"],
+            images=images,
+        )
+
+    def position(self, job: Job) -> int | None:
+        """0-based place in the queue of a queued job, else None."""
+        if job.status != QUEUED:
+            return None
+        with self._lock:
+            q = "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?"
+            return int(self._db.execute(q, (QUEUED, job.seq)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
+
+    def depth(self) -> int:
+        return self.counts()[QUEUED]
+
+    def image(self, image_id: str) -> ImageRef:
+        with self._lock:
+            r = self._db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if r is None:
+            raise JobNotFoundError(f"image {image_id!r} does not exist")
+        return ImageRef(r["id"], r["idx"], r["seed"], r["file"])
+
+    def history(self, *, limit: int, offset: int, query: str | None = None) -> tuple[list[Job], int]:
+        """Finished jobs, newest first, and how many match in all."""
+        where = "status IN (?, ?, ?)"
+        args: list[Any] = list(FINISHED)
+        if query:
+            where += " AND instr(casefold(prompt), ?) > 0"
+            args.append(query.casefold())
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE {where} ORDER BY finished_at DESC, seq DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
+            return [self._job(r) for r in rows], int(total)
+
+    # --- state changes by the server --------------------------------------------------------
+
+    def claim(self, worker: str) -> Claim | None:
+        """The oldest queued job, now `running` on `worker` with one more attempt; None if none waits."""
+        with self._tx() as db:
+            row = db.execute("SELECT id, params, attempts FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,))
+            row = row.fetchone()
+            if row is None:
+                return None
+            attempt = row["attempts"] + 1
+            db.execute(
+                "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
+                (RUNNING, attempt, worker, time.time(), row["id"]),
+            )
+        return Claim(row["id"], attempt, json.loads(row["params"]))
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: cancelled now. Running: flagged, the worker stops between steps. Finished: 409."""
+        with self._tx() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id!r} does not exist")
+            if row["status"] in FINISHED:
+                raise JobConflictError(f"job {job_id} has already {row['status']}; only queued or running jobs cancel")
+            if row["status"] == QUEUED:
+                db.execute(
+                    "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ? WHERE id = ?",
+                    (CANCELLED, time.time(), job_id),
+                )
+            else:
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        return self.get(job_id)
+
+    def release(self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True) -> Job | None:
+        """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
+
+        `count_attempt=False` (a graceful shutdown) gives the attempt back. None if the claim is stale.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?",
+                (job_id, RUNNING, attempt),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["cancel_requested"]:
+                self._finish(db, job_id, CANCELLED, None)
+            elif count_attempt and attempt >= MAX_ATTEMPTS:
+                error = {"type": "worker_died", "message": f"failed after {attempt} attempts: {reason}"}
+                self._finish(db, job_id, FAILED, error)
+            else:
+                attempts = attempt if count_attempt else attempt - 1
+                db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, worker = NULL, started_at = NULL WHERE id = ?",
+                    (QUEUED, attempts, job_id),
+                )
+        return self.get(job_id)
+
+    def recover(self) -> list[Job]:
+        """At startup: jobs left `running` by a process that died are queued again (or failed)."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
+        out = []
+        for r in rows:
+            job = self.release(r["id"], r["attempts"], "the server stopped while it ran")
+            if job is not None:
+                out.append(job)
+        return out
+
+    def delete(self, job_id: str, images_dir: Path) -> None:
+        """Remove a finished job and its image files."""
+        job = self.get(job_id)
+        if not job.finished:
+            raise JobConflictError(f"job {job_id} is {job.status}; cancel it first, only finished jobs can be deleted")
+        with self._tx() as db:
+            db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for image in job.images:
+            (images_dir / image.file).unlink(missing_ok=True)
+
+    # --- state changes by the worker that holds the claim -------------------------------------
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def succeed(self, claim: Claim, images: list[ImageRef]) -> bool:
+        """Record the images and mark the job succeeded, in one transaction; False if the claim is stale."""
+        with self._tx() as db:
+            if not self._holds(db, claim):
+                return False
+            db.execute("DELETE FROM images WHERE job_id = ?", (claim.job_id,))
+            db.executemany(
+                "INSERT INTO images (id, job_id, idx, seed, file) VALUES (?, ?, ?, ?, ?)",
+                [(im.id, claim.job_id, im.idx, im.seed, im.file) for im in images],
+            )
+            self._finish(db, claim.job_id, SUCCEEDED, None)
+        return True
+
+    def end(self, claim: Claim, status: str, error: dict[str, str] | None = None) -> bool:
+        """Mark a claimed job failed or cancelled; False if the claim is stale."""
+        assert status in (FAILED, CANCELLED)
+        with self._tx() as db:
+            if not self._holds(db, claim):
+                return False
+            self._finish(db, claim.job_id, status, error)
+        return True
+
+    @staticmethod
+    def _holds(db: sqlite3.Connection, claim: Claim) -> bool:
+        q = "SELECT 1 FROM jobs WHERE id = ? AND status = ? AND attempts = ?"
+        return db.execute(q, (claim.job_id, RUNNING, claim.attempt)).fetchone() is not None
+
+    @staticmethod
+    def _finish(db: sqlite3.Connection, job_id: str, status: str, error: dict[str, str] | None) -> None:
+        db.execute(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status, json.dumps(error) if error else None, time.time(), job_id),
+        )
+
+
+class JobEvents:
+    """Thread-safe publish/subscribe of job events: (job id, event name, payload)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subs: dict[str, set[Callable[[str, dict[str, Any]], None]]] = {}
+
+    def subscribe(self, job_id: str, callback: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
+        with self._lock:
+            self._subs.setdefault(job_id, set()).add(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                subs = self._subs.get(job_id)
+                if subs is not None:
+                    subs.discard(callback)
+                    if not subs:
+                        del self._subs[job_id]
+
+        return unsubscribe
+
+    def publish(self, job_id: str, event: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            callbacks = list(self._subs.get(job_id, ()))
+        for callback in callbacks:
+            callback(event, data)

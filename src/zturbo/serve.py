@@ -1,0 +1,169 @@
+"""`zturbo serve`: arguments, safety checks (bind address, data directory lock), then uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from .errors import DeviceError, InvalidRequestError
+
+log = logging.getLogger("zturbo")
+
+API_KEY_ENV = "ZTURBO_API_KEY"
+DATA_DIR_ENV = "ZTURBO_DATA_DIR"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="one worker per listed CUDA device index, e.g. 0,1; 'cpu' for one CPU worker "
+        "(default: --device if given, else every visible GPU, else one worker on the CPU)",
+    )
+    p.add_argument("--queue-size", type=int, default=64, help="most jobs waiting; more get 429 (default 64)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1/* and /metrics (default ${API_KEY_ENV}; "
+        "prefer the variable: arguments are visible to other users)",
+    )
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"queue database and images (default ${DATA_DIR_ENV} or ~/.local/share/zturbo)",
+    )
+    p.add_argument("--job-timeout", type=float, default=600.0, help="seconds one job may run (default 600)")
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        help="on shutdown, seconds running jobs get to finish before they are queued again (default 30)",
+    )
+    p.add_argument("--max-pixels", type=int, default=None, help="largest width*height accepted")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def main(args: argparse.Namespace, runtime_config: Any) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status."""
+    import uvicorn
+
+    from .loader import resolve_model
+    from .server import ServeSettings, create_app
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key, insecure=args.insecure)
+    _check_numbers(args)
+    devices = worker_devices(args.gpus, args.device)
+    config = runtime_config
+    source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
+    data_dir = Path(args.data_dir or os.environ.get(DATA_DIR_ENV) or Path.home() / ".local/share/zturbo")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(data_dir)
+    settings = ServeSettings(
+        config=config,
+        data_dir=data_dir,
+        devices=devices,
+        limits=source.limits(config.max_pixels),
+        api_key=api_key,
+        queue_size=args.queue_size,
+        job_timeout=args.job_timeout,
+        shutdown_grace=args.shutdown_grace,
+        model_names=tuple({config.model, source.name}),
+    )
+    log.info("serving %s on http://%s:%d with workers on %s; data in %s", config.model, args.host, args.port,
+             ", ".join(devices), data_dir)  # fmt: skip
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(args.shutdown_grace) or None,
+    )
+    lock.close()
+    return 0
+
+
+def check_bind(host: str, api_key: str | None, *, insecure: bool) -> None:
+    if api_key or insecure or is_loopback(host):
+        return
+    raise InvalidRequestError(
+        f"refusing to bind {host} without an API key: anyone who can reach it could use the GPUs; "
+        f"pass --api-key KEY (or set ${API_KEY_ENV}), bind 127.0.0.1, or pass --insecure"
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:  # a host name: loopback only if every address it resolves to is
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+def worker_devices(gpus: str | None, device: str | None) -> list[str]:
+    """The device of each worker."""
+    if gpus is None:
+        if device not in (None, "auto"):
+            return [device]
+        import torch
+
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["mps"] if torch.backends.mps.is_available() else ["cpu"]
+    if gpus.strip() in ("cpu", "mps"):
+        return [gpus.strip()]
+    try:
+        indices = [int(x) for x in gpus.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"--gpus {gpus!r} is not a comma-separated list of GPU indices or 'cpu'") from None
+    if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
+        raise InvalidRequestError(f"--gpus {gpus!r} must list distinct GPU indices >= 0, e.g. 0,1")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [i for i in indices if i >= count]
+    if missing:
+        raise DeviceError(f"--gpus {gpus}: GPU {missing[0]} does not exist; this machine has {count} GPU(s)")
+    return [f"cuda:{i}" for i in indices]
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if not 0 < args.port < 65536:
+        raise InvalidRequestError(f"--port {args.port} is out of range; allowed 1..65535")
+    if args.queue_size < 1:
+        raise InvalidRequestError(f"--queue-size {args.queue_size} must be at least 1")
+    if not args.job_timeout > 0:
+        raise InvalidRequestError(f"--job-timeout {args.job_timeout} must be a positive number of seconds")
+    if args.shutdown_grace < 0:
+        raise InvalidRequestError(f"--shutdown-grace {args.shutdown_grace} must be 0 or more seconds")
+
+
+def _lock_data_dir(data_dir: Path) -> Any:
+    """One server per data directory: two would both recover and run the same jobs."""
+    f = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held open for the life of the server
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        message = f"another zturbo serve is using {data_dir}; give each server its own --data-dir"
+        raise InvalidRequestError(message) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f

@@ -1,0 +1,587 @@
+"""The HTTP API: FastAPI routes, pydantic models at the edge, one error body, bearer-key auth.
+
+Generation never happens here: a route validates, queues the job in SQLite (jobs.py) and waits for
+or reports on it; worker processes (workers.py) own the devices. docs/api.md describes the routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import jobs
+from .config import RuntimeConfig
+from .errors import InvalidRequestError, ZTurboError
+from .request import MAX_GUIDANCE, ModelLimits
+from .workers import Finished, Hooks, Supervisor
+
+log = logging.getLogger("zturbo.server")
+
+MAX_PROMPT_CHARS = 4000
+MAX_IMAGES = 8  # per job
+MAX_STEPS = 50
+MAX_SIDE = 4096
+SEED_MAX = 2**63 - 1 - MAX_IMAGES
+MODEL_ALIASES = ("z-image-turbo", "zturbo")
+SIGNED_URL_TTL_S = 3600
+SSE_KEEPALIVE_S = 15.0
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class FieldError(InvalidRequestError):
+    """Bad input in one named field."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnauthorizedError(ZTurboError):
+    http_status = 401
+    kind = "unauthorized"
+
+
+class NotReadyError(ZTurboError):
+    http_status = 503
+    kind = "not_ready"
+
+
+class JobFailedError(ZTurboError):
+    """A synchronous (OpenAI-style) request whose job failed; status follows the job's error."""
+
+    STATUS: ClassVar[dict[str, int]] = {"out_of_memory": 507, "timeout": 504, "invalid_request": 400, "cancelled": 409}
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.http_status = self.STATUS.get(kind, 500)
+
+
+def error_response(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
+    body = {"error": {"type": kind, "message": message, "field": field}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+# --- request models ----------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("prompt", check_fields=False)
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt is blank; describe the image to generate")
+        return v
+
+
+class JobParams(_Strict):
+    """Body of POST /v1/jobs."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="used only when guidance_scale > 0")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, strict=True, description="images; image i uses seed + i")
+    width: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
+    height: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
+    steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
+    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="0 = no CFG")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True, description="null = random")
+
+
+class OpenAIImageRequest(_Strict):
+    """Body of POST /v1/images/generations: OpenAI's images API plus zturbo's extension fields."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    model: str | None = Field(None, max_length=200, description="omit, or the served model's name")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, strict=True)
+    size: str = Field("1024x1024", max_length=20, description="WIDTHxHEIGHT (multiples of 16) or auto")
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True)
+    steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
+    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    if size == "auto":
+        return 1024, 1024
+    m = _SIZE.match(size)
+    if m is None:
+        raise FieldError("size", f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check_size(width: int, height: int, limits: ModelLimits, field_prefix: str | None = None) -> None:
+    unit = limits.spatial_unit
+    for name, value in (("width", width), ("height", height)):
+        where = field_prefix or name
+        if value < unit:
+            raise FieldError(where, f"{name} {value} is below the minimum of {unit}")
+        if value % unit:
+            lo = max(unit, value // unit * unit)
+            raise FieldError(where, f"{name} {value} is not a multiple of {unit}; nearest valid: {lo} or {lo + unit}")
+    if width * height > limits.max_pixels:
+        raise FieldError(
+            field_prefix or "width",
+            f"size {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
+        )
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+@dataclass
+class ServeSettings:
+    """Everything `zturbo serve` decides before the app starts."""
+
+    config: RuntimeConfig
+    data_dir: Path
+    devices: list[str]
+    limits: ModelLimits
+    api_key: str | None = None
+    queue_size: int = 64
+    job_timeout: float = 600.0
+    shutdown_grace: float = 30.0
+    model_names: tuple[str, ...] = field(default=())
+
+
+class Service:
+    """The queue, the workers and the metrics of one running server."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from .metrics import Metrics
+
+        self.settings = settings
+        self.images_dir = settings.data_dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.store = jobs.JobStore(settings.data_dir / "jobs.sqlite3", max_queued=settings.queue_size)
+        self.events = jobs.JobEvents()
+        self.metrics = Metrics(self)
+        hooks = Hooks(on_event=self._on_event, on_finished=self._on_finished, on_restart=self.metrics.restarted)
+        self.supervisor = Supervisor(
+            self.store,
+            settings.config,
+            settings.devices,
+            settings.data_dir,
+            job_timeout=settings.job_timeout,
+            hooks=hooks,
+        )
+
+    def start(self) -> None:
+        for job in self.store.recover():
+            log.info("recovered job %s: %s (attempt %d)", job.id, job.status, job.attempts)
+        self.supervisor.start()
+
+    def stop(self) -> None:
+        self.supervisor.stop(self.settings.shutdown_grace)
+        self.store.close()
+
+    def _on_event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
+        self.events.publish(job_id, event, data)
+
+    def _on_finished(self, msg: Finished) -> None:
+        job = self.store.get(msg.job_id)
+        self.metrics.finished(job, msg)
+        self.events.publish(msg.job_id, "finished", {"status": job.status})
+
+    def submit(self, params: dict[str, Any], job_id: str, client: str | None) -> jobs.Job:
+        try:
+            job = self.store.submit(params, job_id=job_id, client=client)
+        except jobs.QueueFullError as e:
+            self.metrics.rejected.inc()
+            e.retry_after = self.retry_after()
+            raise
+        self.metrics.submitted.inc()
+        self.supervisor.wake()
+        return job
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: one average job, spread over the workers."""
+        workers = max(1, len(self.settings.devices))
+        return max(1, min(300, math.ceil(self.metrics.average_job_seconds() / workers)))
+
+    def view(self, job: jobs.Job) -> dict[str, Any]:
+        """The job object of the HTTP contract."""
+        progress = self.supervisor.progress(job.id) if job.status == jobs.RUNNING else None
+        return {
+            "id": job.id,
+            "status": job.status,
+            "params": job.params,
+            "position": self.store.position(job),
+            "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
+            "images": [{"id": im.id, "url": f"/v1/images/{im.id}", "seed": im.seed} for im in job.images],
+            "error": job.error,
+            "attempts": job.attempts,
+            "cancel_requested": job.cancel_requested,
+            "created_at": job.created_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+        }
+
+    def sign(self, image_id: str, expires: int) -> str:
+        key = (self.settings.api_key or "").encode()
+        return hmac.new(key, f"{image_id}:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+# --- app -------------------------------------------------------------------------------------
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    app = FastAPI(
+        title="zturbo",
+        summary="Z-Image-Turbo text-to-image service: a persistent job queue and an OpenAI-compatible images API.",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    _install_error_handlers(app)
+    app.include_router(_open_routes(service))
+    app.include_router(_api_routes(service), dependencies=[Depends(_auth(settings.api_key))])
+    app.include_router(_image_routes(service))
+    return app
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ZTurboError)
+    async def _zturbo(request: Request, exc: ZTurboError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, jobs.QueueFullError) else {}
+        if isinstance(exc, UnauthorizedError):
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_response(exc.http_status, exc.kind, str(exc), getattr(exc, "field", None), **headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        field, message = _describe_validation(exc.errors())
+        return error_response(400, "invalid_request", message, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        message = {404: f"no route {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), message)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+
+def _describe_validation(errors: list[Any]) -> tuple[str | None, str]:
+    """The first validation error as (field, sentence naming the value and what is allowed)."""
+    if not errors:
+        return None, "invalid request"
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    field = ".".join(loc) or None
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        return field, f"{field} is not a known field"
+    if err.get("type") == "missing":
+        return field, f"{field} is required"
+    if "input" in err and err.get("type") not in ("json_invalid", "model_attributes_type"):
+        value = json.dumps(err["input"], default=str)
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return field, f"{field} {value}: {msg}"
+    return field, f"{field}: {msg}" if field else msg
+
+
+def _auth(api_key: str | None) -> Callable[[Request], None]:
+    # Comparing digests keeps the comparison constant-time and independent of the key's length.
+    expected = hashlib.sha256(api_key.encode()).digest() if api_key else None
+
+    def check(request: Request) -> None:
+        if expected is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode()).digest()
+        if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
+            raise UnauthorizedError("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+    return check
+
+
+def _open_routes(service: Service) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/health", tags=["service"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @r.get("/ready", tags=["service"], responses={503: {"description": "no worker has the model loaded yet"}})
+    def ready() -> dict[str, Any]:
+        if not service.supervisor.ready():
+            raise NotReadyError("no worker has the model loaded and warm yet")
+        return {"status": "ready", "workers": service.supervisor.workers()}
+
+    return r
+
+
+def _image_routes(service: Service) -> APIRouter:
+    """Images take the bearer key or a signed URL (as returned by the OpenAI-style API)."""
+    r = APIRouter()
+    check_key = _auth(service.settings.api_key)
+
+    @r.get("/v1/images/{image_id}", tags=["images"], response_class=FileResponse)
+    def image(
+        request: Request,
+        image_id: str,
+        expires: int | None = Query(None, description="signed URL: expiry (unix seconds)"),
+        sig: str | None = Query(None, max_length=128, description="signed URL: signature"),
+    ) -> FileResponse:
+        if sig is None or expires is None or not _signature_ok(service, image_id, expires, sig):
+            check_key(request)
+        ref = service.store.image(image_id)
+        path = service.images_dir / ref.file
+        if not path.is_file():
+            raise jobs.JobNotFoundError(f"image {image_id!r} has no file any more")
+        return FileResponse(path, media_type="image/png")
+
+    return r
+
+
+def _signature_ok(service: Service, image_id: str, expires: int, sig: str) -> bool:
+    if service.settings.api_key is None or expires < time.time():
+        return False
+    return hmac.compare_digest(service.sign(image_id, expires), sig)
+
+
+def _api_routes(service: Service) -> APIRouter:
+    r = APIRouter()
+    store = service.store
+    limits = service.settings.limits
+
+    @r.post("/v1/jobs", status_code=202, tags=["jobs"], responses={429: {"description": "queue full"}})
+    def submit(body: JobParams) -> dict[str, Any]:
+        check_size(body.width, body.height, limits)
+        job = service.submit(_resolve_seed(body.model_dump()), jobs.new_id(), None)
+        return service.view(job)
+
+    @r.get("/v1/jobs/{job_id}", tags=["jobs"])
+    def get_job(job_id: str) -> dict[str, Any]:
+        return service.view(store.get(job_id))
+
+    @r.delete("/v1/jobs/{job_id}", tags=["jobs"])
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        job = store.cancel(job_id)
+        if job.finished:
+            service.metrics.cancelled_queued()
+            service.events.publish(job_id, "finished", {"status": job.status})
+        return service.view(job)
+
+    @r.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)
+    async def job_events(job_id: str) -> StreamingResponse:
+        await run_in_threadpool(store.get, job_id)  # 404 before the stream starts
+        return StreamingResponse(_sse(service, job_id), media_type="text/event-stream")
+
+    @r.get("/v1/history", tags=["jobs"])
+    def history(
+        limit: int = Query(20, ge=1, le=200),
+        offset: int = Query(0, ge=0, le=2**31),
+        q: str | None = Query(None, max_length=MAX_PROMPT_CHARS, description="prompt substring, any case"),
+    ) -> dict[str, Any]:
+        items, total = store.history(limit=limit, offset=offset, query=q)
+        return {"items": [service.view(j) for j in items], "total": total}
+
+    @r.delete("/v1/history/{job_id}", status_code=204, tags=["jobs"])
+    def delete_history(job_id: str) -> Response:
+        store.delete(job_id, service.images_dir)
+        return Response(status_code=204)
+
+    @r.get("/v1/status", tags=["service"])
+    def status() -> dict[str, Any]:
+        rt = service.supervisor.runtime()
+        return {
+            "model": rt.get("model", service.settings.config.model),
+            "device": ",".join(service.settings.devices),
+            "dtypes": rt.get("dtypes"),
+            "memory_plan": rt.get("memory_plan"),
+            "gpu_memory": rt.get("gpu_memory"),
+            "queue_depth": store.depth(),
+            "queue_size": service.settings.queue_size,
+            "workers": service.supervisor.workers(),
+            "limits": {
+                "spatial_unit": limits.spatial_unit,
+                "max_pixels": limits.max_pixels,
+                "max_images": MAX_IMAGES,
+                "max_steps": MAX_STEPS,
+                "max_guidance": MAX_GUIDANCE,
+                "max_prompt_chars": MAX_PROMPT_CHARS,
+            },
+        }
+
+    @r.get("/metrics", tags=["service"], response_class=PlainTextResponse)
+    def metrics() -> Response:
+        body, content_type = service.metrics.render()
+        return Response(body, media_type=content_type)
+
+    @r.post("/v1/images/generations", tags=["openai"])
+    async def openai_images(body: OpenAIImageRequest, request: Request) -> dict[str, Any]:
+        return await _openai_images(service, body, str(request.base_url).rstrip("/"))
+
+    return r
+
+
+def _resolve_seed(params: dict[str, Any]) -> dict[str, Any]:
+    import secrets
+
+    if params.get("seed") is None:
+        params["seed"] = secrets.randbelow(2**32)
+    return params
+
+
+async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: str) -> dict[str, Any]:
+    allowed = (*service.settings.model_names, *MODEL_ALIASES)
+    if body.model is not None and body.model not in allowed:
+        raise FieldError("model", f"model {body.model!r} is not served here; omit it or use one of {list(allowed)}")
+    width, height = parse_size(body.size)
+    check_size(width, height, service.settings.limits, "size")
+    params = _resolve_seed(
+        {
+            "prompt": body.prompt,
+            "negative_prompt": body.negative_prompt,
+            "n": body.n,
+            "width": width,
+            "height": height,
+            "steps": body.steps,
+            "guidance_scale": body.guidance_scale,
+            "seed": body.seed,
+        }
+    )
+    job_id = jobs.new_id()
+    async with _watch(service, job_id) as changes:
+        await run_in_threadpool(service.submit, params, job_id, body.user)
+        job = await run_in_threadpool(service.store.get, job_id)
+        while not job.finished:
+            await _next_change(changes, 1.0)
+            job = await run_in_threadpool(service.store.get, job_id)
+    if job.status != jobs.SUCCEEDED:
+        error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}
+        raise JobFailedError(error["type"], error["message"])
+    data = []
+    for im in job.images:
+        if body.response_format == "b64_json":
+            png = await run_in_threadpool((service.images_dir / im.file).read_bytes)
+            data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
+        else:
+            data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
+    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, "seed": params["seed"]}}
+
+
+def _image_url(service: Service, base_url: str, image_id: str) -> str:
+    url = f"{base_url}/v1/images/{image_id}"
+    if service.settings.api_key is None:
+        return url
+    expires = int(time.time()) + SIGNED_URL_TTL_S
+    return f"{url}?expires={expires}&sig={service.sign(image_id, expires)}"
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _watch(service: Service, job_id: str) -> AsyncIterator[asyncio.Queue[tuple[str, dict[str, Any]]]]:
+    """An asyncio queue of this job's events, published from the supervisor thread."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+
+    def deliver(event: str, data: dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (event, data))
+
+    unsubscribe = service.events.subscribe(job_id, deliver)
+    try:
+        yield queue
+    finally:
+        unsubscribe()
+
+
+async def _next_change(queue: asyncio.Queue[Any], timeout: float) -> list[tuple[str, dict[str, Any]]]:
+    """Every event that arrives within `timeout` of waiting (possibly none: the caller re-reads the job)."""
+    try:
+        items = [await asyncio.wait_for(queue.get(), timeout)]
+    except asyncio.TimeoutError:
+        return []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
+
+
+def _sse_event(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _sse(service: Service, job_id: str) -> AsyncIterator[str]:
+    """queued {position} while waiting, progress {step, steps} while running, then done/failed/cancelled."""
+    final = {jobs.SUCCEEDED: "done", jobs.FAILED: "failed", jobs.CANCELLED: "cancelled"}
+    last_position: int | None = None
+    last_progress: tuple[int, int] | None = None
+    quiet_since = time.monotonic()
+    async with _watch(service, job_id) as changes:
+        while True:
+            try:
+                job = await run_in_threadpool(service.store.get, job_id)
+            except jobs.JobNotFoundError:
+                return  # deleted meanwhile
+            view = await run_in_threadpool(service.view, job)
+            if job.finished:
+                yield _sse_event(final[job.status], view)
+                return
+            if job.status == jobs.QUEUED and view["position"] != last_position:
+                last_position, last_progress = view["position"], None
+                yield _sse_event("queued", {"position": last_position})
+            elif job.status == jobs.RUNNING:
+                last_position = None
+                if view["progress"] and last_progress is None:
+                    last_progress = (view["progress"]["step"], view["progress"]["steps"])
+                    yield _sse_event("progress", view["progress"])
+            events = await _next_change(changes, 1.0)
+            for event, data in events:
+                if event == "progress" and (data["step"], data["steps"]) != last_progress:
+                    last_progress = (data["step"], data["steps"])
+                    yield _sse_event("progress", data)
+            if events:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = time.monotonic()
+                yield ": keep-alive\n\n"
