@@ -61,7 +61,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         self.log = tmp / "serve.log"
-        cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--model", "tiny-random", "--device", "cpu"]
+        # serve_with_ui.py is `zturbo serve` plus the UI mount the server does not make yet.
+        cmd = [sys.executable, str(Path(__file__).with_name("serve_with_ui.py")), "serve", "--model", "tiny-random"]
+        cmd += ["--device", "cpu"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data"), *extra]
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -246,7 +248,7 @@ def test_history_search_reuse_and_delete(page: Any, server: Server) -> None:
 
 
 def test_cancel_a_queued_job(page: Any, server: Server) -> None:
-    blocker = server.submit(prompt="slow blocker", width=512, height=512, steps=50)
+    blocker = server.submit(prompt="slow blocker", width=1024, height=1024, steps=50)
     _fill_form(page, "e2e-cancel me")
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("Queued")

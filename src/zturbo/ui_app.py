@@ -125,7 +125,13 @@ def build(api_base: str) -> gr.Blocks:
                     png_msg = gr.Markdown(elem_id="png-msg")
                 with gr.Column(scale=3):
                     progress = gr.Markdown(elem_id="progress")
-                    gallery = gr.Gallery(label="Results", columns=2, elem_id="results", interactive=False)
+                    gallery = gr.Gallery(
+                        label="Results",
+                        columns=2,
+                        interactive=False,
+                        buttons=["download", "fullscreen"],
+                        elem_id="results",
+                    )
                     image_params = gr.Markdown(elem_id="image-params")
                     download = gr.DownloadButton("Download PNG (with metadata)", visible=False, elem_id="download")
             with gr.Tab("History", id="history") as history_tab:
@@ -134,8 +140,9 @@ def build(api_base: str) -> gr.Blocks:
                     search_btn = gr.Button("Search / refresh", scale=1, elem_id="search-btn")
                 hist_info = gr.Markdown(elem_id="history-info")
                 hist_gallery = gr.Gallery(
-                    label="History", columns=6, allow_preview=False, interactive=False, elem_id="history-gallery"
-                )
+                    label="History", columns=8, fit_columns=False, height=360, object_fit="cover", allow_preview=False,
+                    interactive=False, buttons=[], elem_id="history-gallery",
+                )  # fmt: skip
                 hist_params = gr.Markdown(elem_id="history-params")
                 with gr.Row():
                     hist_reuse = gr.Button("Reuse parameters", interactive=False, elem_id="history-reuse")
