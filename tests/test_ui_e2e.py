@@ -131,7 +131,8 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(f"{server.url}/ui/")
+    page.goto(server.url)  # `/` redirects to the UI
+    assert page.url == f"{server.url}/ui/"
     expect(page.locator("#status-line")).to_contain_text("tiny-random")
     yield page
     context.close()
@@ -175,38 +176,59 @@ def _drop_file(page: Any, selector: str, path: Path) -> None:
     )
 
 
-def test_bad_custom_width_is_named_not_rounded(page: Any, server: Server) -> None:
-    _fill_form(page, "a fox")
+def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> None:
+    status = page.locator("#status-line")
+    for part in ("on cpu", "transformer float32", "vae float32", "plan resident", "GPU memory: n/a", "queue 0"):
+        expect(status).to_contain_text(part)
+
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="16:9 · 1360×768 (1 MP)").click()
+    expect(page.locator("#width input")).to_have_value("1360")
+    expect(page.locator("#height input")).to_have_value("768")
+    page.locator("#width input").fill("1024")
+    page.locator("#width input").press("Tab")
+    expect(page.locator("#preset input")).to_have_value("Custom")
+
+    page.locator("#advanced").get_by_text("Advanced").click()
+    expect(page.locator("#guidance")).to_contain_text("0 turns classifier-free guidance (CFG) off")
+
+    _fill_form(page, "a fox e2e-bad-width")
     page.locator("#width input").fill("100")
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("width 100 is not a multiple of 16; nearest valid: 96 or 112")
-    assert server.history("a fox") == []  # nothing was queued
+    assert server.history("e2e-bad-width") == []  # nothing was queued
 
 
 def test_generate_shows_progress_image_parameters_and_download(page: Any, server: Server, tmp_path: Path) -> None:
     prompt = "a red fox in fresh snow, 一只狐狸 e2e-generate"
-    _fill_form(page, prompt, steps=6, seed=1234)
+    _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
     _record_progress(page)
     page.locator("#generate").click()
-    expect(page.locator("#progress")).to_contain_text("Done: 1 image(s), seed 1234")
+    expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
     seen = page.evaluate("window.__progress")
     assert any(re.search(r"Generating: step \d/6", text) for text in seen), seen
+    seed = int(re.search(r"seed (\d+)", page.locator("#progress").inner_text()).group(1))
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed input")).to_have_value(str(seed))
+    page.locator("#seed-random").click()
+    expect(page.locator("#seed input")).to_have_value("-1")
+    page.locator("#seed-reuse").click()
 
     page.locator("#results img").first.click()
     params = page.locator("#image-params")
     expect(params).to_contain_text(prompt)
-    expect(params).to_contain_text("Seed: 1234")
+    expect(params).to_contain_text(f"Seed: {seed}")
     expect(params).to_contain_text("Size: 64×64")
     with page.expect_download() as download:
         page.locator("#download").click()
     saved = tmp_path / "download.png"
     download.value.save_as(saved)
     meta = read_metadata(saved)  # the PNG keeps zturbo's metadata through the UI
-    assert (meta["prompt"], meta["seed"], meta["steps"]) == (prompt, 1234, 6)
+    assert (meta["prompt"], meta["seed"], meta["steps"]) == (prompt, seed, 6)
 
     # One path to the engine: the UI's generation is an ordinary job in the server's history.
     [job] = server.history("e2e-generate")
-    assert job["status"] == "succeeded" and job["params"]["seed"] == 1234
+    assert job["status"] == "succeeded" and job["params"]["seed"] == seed
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=DOCS / "ui-generate.png", full_page=True)
 

@@ -28,7 +28,7 @@ IMAGES_MAX = 8
 GUIDANCE_MAX = 30.0
 RANDOM_SEED = -1  # the seed field's "pick one for me" value (A1111's convention)
 SEED_MAX = 2**63 - 1
-HISTORY_PAGE = 40
+HISTORY_PAGE = 24  # jobs per history view; each image is fetched once, then served from disk
 GUIDANCE_INFO = (
     "0 turns classifier-free guidance (CFG) off: the Turbo default, one model call per step, and the "
     "negative prompt is not used. Above 0, each step makes two calls and follows the negative prompt."
@@ -239,7 +239,11 @@ def api_base_for(host: str, port: int) -> str:
 
 
 def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
-    """Mount the web UI on the server's FastAPI app (same port as the API)."""
+    """Mount the web UI on the server's FastAPI app (same port as the API), and redirect `/` to it."""
     import gradio as gr
+    from fastapi.responses import RedirectResponse
 
-    return gr.mount_gradio_app(app, build_ui(api_base), path=path, footer_links=[])
+    if not any(getattr(route, "path", None) == "/" for route in app.routes):
+        app.add_api_route("/", lambda: RedirectResponse(f"{path}/"), include_in_schema=False)
+    # Uploads are only PNGs to read parameters from; the cap keeps a stray large file out.
+    return gr.mount_gradio_app(app, build_ui(api_base), path=path, footer_links=[], max_file_size="64mb")

@@ -55,7 +55,7 @@ class _ImageFiles:
         path = Path(self._dir.name) / f"zturbo-{image.get('seed', 'x')}-{safe_id}.png"
         if not path.exists():
             data = self._client.image(image["id"], key)
-            tmp = path.with_suffix(".part")
+            tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
             tmp.write_bytes(data)
             tmp.replace(path)
         return str(path)
@@ -78,7 +78,7 @@ def build(api_base: str) -> gr.Blocks:
     """The Gradio app; `api_base` is where its handlers reach the API (the serving process itself)."""
     handlers = _Handlers(ApiClient(api_base))
     presets = aspect_presets()
-    with gr.Blocks(title="zturbo") as demo:
+    with gr.Blocks(title="zturbo", analytics_enabled=False) as demo:
         key_state = gr.State(None)
         last_seed = gr.State(None)
         results = gr.State([])
