@@ -48,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="on shutdown, seconds running jobs get to finish before they are queued again (default 30)",
     )
+    p.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=600.0,
+        help="seconds POST /v1/images/generations waits for its job before answering 504 (default 600)",
+    )
     p.add_argument("--max-pixels", type=int, default=None, help="largest width*height accepted")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
@@ -77,6 +83,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         queue_size=args.queue_size,
         job_timeout=args.job_timeout,
         shutdown_grace=args.shutdown_grace,
+        sync_timeout=args.sync_timeout,
         model_names=tuple({config.model, source.name}),
     )
     log.info("serving %s on http://%s:%d with workers on %s; data in %s", config.model, args.host, args.port,
@@ -149,6 +156,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--queue-size {args.queue_size} must be at least 1")
     if not args.job_timeout > 0:
         raise InvalidRequestError(f"--job-timeout {args.job_timeout} must be a positive number of seconds")
+    if not args.sync_timeout > 0:
+        raise InvalidRequestError(f"--sync-timeout {args.sync_timeout} must be a positive number of seconds")
     if args.shutdown_grace < 0:
         raise InvalidRequestError(f"--shutdown-grace {args.shutdown_grace} must be 0 or more seconds")
 

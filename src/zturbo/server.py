@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -65,6 +65,13 @@ class UnauthorizedError(ZTurboError):
 class NotReadyError(ZTurboError):
     http_status = 503
     kind = "not_ready"
+
+
+class SyncTimeoutError(ZTurboError):
+    """The synchronous API waited its limit; the job goes on and can be polled."""
+
+    http_status = 504
+    kind = "timeout"
 
 
 class JobFailedError(ZTurboError):
@@ -147,9 +154,10 @@ def check_size(width: int, height: int, limits: ModelLimits, field_prefix: str |
             lo = max(unit, value // unit * unit)
             raise FieldError(where, f"{name} {value} is not a multiple of {unit}; nearest valid: {lo} or {lo + unit}")
     if width * height > limits.max_pixels:
+        label = "size" if field_prefix else "width x height"
         raise FieldError(
             field_prefix or "width",
-            f"size {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
+            f"{label} {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
         )
 
 
@@ -168,6 +176,7 @@ class ServeSettings:
     queue_size: int = 64
     job_timeout: float = 600.0
     shutdown_grace: float = 30.0
+    sync_timeout: float = 600.0  # longest POST /v1/images/generations waits before answering 504
     model_names: tuple[str, ...] = field(default=())
 
 
@@ -271,8 +280,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     app.state.service = service
     _install_error_handlers(app)
+    _install_auth(app, service)
     app.include_router(_open_routes(service))
-    app.include_router(_api_routes(service), dependencies=[Depends(_auth(settings.api_key))])
+    app.include_router(_api_routes(service))
     app.include_router(_image_routes(service))
     return app
 
@@ -287,8 +297,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZTurboError)
     async def _zturbo(request: Request, exc: ZTurboError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, jobs.QueueFullError) else {}
-        if isinstance(exc, UnauthorizedError):
-            headers["WWW-Authenticate"] = "Bearer"
         return error_response(exc.http_status, exc.kind, str(exc), getattr(exc, "field", None), **headers)
 
     @app.exception_handler(RequestValidationError)
@@ -327,19 +335,44 @@ def _describe_validation(errors: list[Any]) -> tuple[str | None, str]:
     return field, f"{field}: {msg}" if field else msg
 
 
-def _auth(api_key: str | None) -> Callable[[Request], None]:
+def _install_auth(app: FastAPI, service: Service) -> None:
+    """Every /v1/* route and /metrics need the bearer key (checked before any input is parsed);
+    an image also opens with a signed URL as the OpenAI-style route returns them."""
+    api_key = service.settings.api_key
+    if api_key is None:
+        return
     # Comparing digests keeps the comparison constant-time and independent of the key's length.
-    expected = hashlib.sha256(api_key.encode()).digest() if api_key else None
+    expected = hashlib.sha256(api_key.encode()).digest()
 
-    def check(request: Request) -> None:
-        if expected is None:
-            return
+    def key_ok(request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         given = hashlib.sha256(token.strip().encode()).digest()
-        if not (hmac.compare_digest(given, expected) and scheme.lower() == "bearer"):
-            raise UnauthorizedError("missing or wrong API key; send 'Authorization: Bearer <key>'")
+        return hmac.compare_digest(given, expected) and scheme.lower() == "bearer"
 
-    return check
+    @app.middleware("http")
+    async def auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        path = request.url.path
+        protected = path.startswith("/v1/") or path in ("/v1", "/metrics")
+        if protected and not key_ok(request) and not _signed_image_ok(service, path, request.query_params):
+            return error_response(
+                401,
+                UnauthorizedError.kind,
+                "missing or wrong API key; send 'Authorization: Bearer <key>'",
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        return await call_next(request)
+
+
+def _signed_image_ok(service: Service, path: str, query: Any) -> bool:
+    image_id = path.removeprefix("/v1/images/")
+    if image_id == path or "/" in image_id:
+        return False
+    try:
+        expires = int(query.get("expires", ""))
+    except ValueError:
+        return False
+    sig = query.get("sig", "")
+    return expires >= time.time() and hmac.compare_digest(service.sign(image_id, expires).encode(), sig.encode())
 
 
 def _open_routes(service: Service) -> APIRouter:
@@ -359,19 +392,14 @@ def _open_routes(service: Service) -> APIRouter:
 
 
 def _image_routes(service: Service) -> APIRouter:
-    """Images take the bearer key or a signed URL (as returned by the OpenAI-style API)."""
     r = APIRouter()
-    check_key = _auth(service.settings.api_key)
 
     @r.get("/v1/images/{image_id}", tags=["images"], response_class=FileResponse)
     def image(
-        request: Request,
         image_id: str,
         expires: int | None = Query(None, description="signed URL: expiry (unix seconds)"),
         sig: str | None = Query(None, max_length=128, description="signed URL: signature"),
     ) -> FileResponse:
-        if sig is None or expires is None or not _signature_ok(service, image_id, expires, sig):
-            check_key(request)
         ref = service.store.image(image_id)
         path = service.images_dir / ref.file
         if not path.is_file():
@@ -379,12 +407,6 @@ def _image_routes(service: Service) -> APIRouter:
         return FileResponse(path, media_type="image/png")
 
     return r
-
-
-def _signature_ok(service: Service, image_id: str, expires: int, sig: str) -> bool:
-    if service.settings.api_key is None or expires < time.time():
-        return False
-    return hmac.compare_digest(service.sign(image_id, expires), sig)
 
 
 def _api_routes(service: Service) -> APIRouter:
@@ -493,8 +515,14 @@ async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: s
     async with _watch(service, job_id) as changes:
         await run_in_threadpool(service.submit, params, job_id, body.user)
         job = await run_in_threadpool(service.store.get, job_id)
+        deadline = time.monotonic() + service.settings.sync_timeout
         while not job.finished:
-            await _next_change(changes, 1.0)
+            if time.monotonic() > deadline:
+                raise SyncTimeoutError(
+                    f"job {job_id} did not finish within {service.settings.sync_timeout:g} s; it goes on: "
+                    f"poll GET /v1/jobs/{job_id}"
+                )
+            await _next_change(changes, min(1.0, service.settings.sync_timeout))
             job = await run_in_threadpool(service.store.get, job_id)
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}

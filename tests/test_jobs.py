@@ -1,0 +1,160 @@
+"""The SQLite job queue on its own: ordering, bounds, claims as tokens, recovery, history."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from zturbo import jobs
+from zturbo.jobs import JobStore
+
+
+def params(prompt: str = "a fox") -> dict:
+    return {"prompt": prompt, "negative_prompt": "", "n": 1, "width": 64, "height": 64, "steps": 2,
+            "guidance_scale": 0.0, "seed": 1}  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(tmp_path / "jobs.sqlite3", max_queued=3)
+    yield s
+    s.close()
+
+
+def test_jobs_are_claimed_oldest_first_with_positions(store):
+    a, b, c = (store.submit(params(p)) for p in "abc")
+    assert [store.position(j) for j in (a, b, c)] == [0, 1, 2]
+    claim = store.claim("w0")
+    assert claim.job_id == a.id and claim.attempt == 1
+    assert store.get(a.id).status == jobs.RUNNING
+    assert store.position(store.get(b.id)) == 0
+    assert store.claim("w1").job_id == b.id
+
+
+def test_a_full_queue_refuses_and_running_jobs_do_not_count(store):
+    for p in "abc":
+        store.submit(params(p))
+    with pytest.raises(jobs.QueueFullError, match="3 of 3"):
+        store.submit(params("d"))
+    store.claim("w0")
+    store.submit(params("d"))  # a claimed job left the queue
+
+
+def test_concurrent_submissions_accept_exactly_the_bound(tmp_path):
+    store = JobStore(tmp_path / "j.sqlite3", max_queued=20)
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def submit() -> None:
+        try:
+            store.submit(params())
+            outcome = "ok"
+        except jobs.QueueFullError:
+            outcome = "full"
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=submit) for _ in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 20 and results.count("full") == 80
+    assert store.depth() == 20
+
+
+def test_a_stale_claim_cannot_finish_a_job(store):
+    job = store.submit(params())
+    first = store.claim("w0")
+    assert store.release(first.job_id, first.attempt, "killed").status == jobs.QUEUED
+    second = store.claim("w0")
+    assert second.attempt == 2
+    image = jobs.ImageRef("img1", 0, 1, f"{job.id}-0.png")
+    assert not store.succeed(first, [image])  # the dead worker's claim is void
+    assert store.succeed(second, [image])
+    assert not store.succeed(second, [image])  # and a job finishes once
+    done = store.get(job.id)
+    assert done.status == jobs.SUCCEEDED and done.attempts == 2 and len(done.images) == 1
+
+
+def test_a_job_fails_with_the_reason_after_max_attempts(store):
+    job = store.submit(params())
+    for _ in range(jobs.MAX_ATTEMPTS):
+        claim = store.claim("w0")
+        released = store.release(claim.job_id, claim.attempt, "the worker died (killed by SIGSEGV)")
+    assert released.status == jobs.FAILED
+    assert released.error["type"] == "worker_died"
+    assert "SIGSEGV" in released.error["message"] and f"{jobs.MAX_ATTEMPTS} attempts" in released.error["message"]
+    assert store.claim("w0") is None
+    assert store.get(job.id).finished_at is not None
+
+
+def test_shutdown_release_gives_the_attempt_back(store):
+    store.submit(params())
+    claim = store.claim("w0")
+    job = store.release(claim.job_id, claim.attempt, "shutdown", count_attempt=False)
+    assert job.status == jobs.QUEUED and job.attempts == 0
+
+
+def test_recover_requeues_jobs_a_dead_server_left_running(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    first = JobStore(path)
+    job = first.submit(params())
+    first.claim("w0")
+    first.close()  # the server died with the job running
+    second = JobStore(path)
+    [recovered] = second.recover()
+    assert recovered.id == job.id and recovered.status == jobs.QUEUED and recovered.attempts == 1
+    assert second.claim("w0").attempt == 2
+
+
+def test_cancel_queued_running_and_finished(store):
+    store.submit(params("first"))
+    running = store.submit(params("r"))
+    store.claim("w0")  # takes the oldest
+    claim = store.claim("w0")
+    assert claim.job_id == running.id
+    third = store.submit(params("t"))
+    assert store.cancel(third.id).status == jobs.CANCELLED
+    flagged = store.cancel(running.id)
+    assert flagged.status == jobs.RUNNING and flagged.cancel_requested and store.cancel_requested(running.id)
+    assert store.end(claim, jobs.CANCELLED)
+    with pytest.raises(jobs.JobConflictError, match="already cancelled"):
+        store.cancel(running.id)
+    with pytest.raises(jobs.JobNotFoundError):
+        store.cancel("nope")
+
+
+def test_history_is_finished_jobs_newest_first_paged_and_searchable(tmp_path):
+    store = JobStore(tmp_path / "j.sqlite3")
+    ids = []
+    for prompt in ("A Red Fox", "a blue whale", "RED panda", "still queued"):
+        ids.append(store.submit(params(prompt)).id)
+    for _ in range(3):
+        claim = store.claim("w0")
+        store.succeed(claim, [jobs.ImageRef(jobs.new_id(), 0, 1, f"{claim.job_id}-0.png")])
+    items, total = store.history(limit=2, offset=0)
+    assert total == 3 and [j.params["prompt"] for j in items] == ["RED panda", "a blue whale"]
+    items, _ = store.history(limit=2, offset=2)
+    assert [j.params["prompt"] for j in items] == ["A Red Fox"]
+    items, total = store.history(limit=10, offset=0, query="red")
+    assert total == 2 and {j.params["prompt"] for j in items} == {"A Red Fox", "RED panda"}
+
+
+def test_delete_removes_a_finished_job_and_its_files(tmp_path):
+    store = JobStore(tmp_path / "j.sqlite3")
+    job = store.submit(params())
+    claim = store.claim("w0")
+    (tmp_path / f"{job.id}-0.png").write_bytes(b"png")
+    ref = jobs.ImageRef("img", 0, 1, f"{job.id}-0.png")
+    store.succeed(claim, [ref])
+    store.delete(job.id, tmp_path)
+    assert not (tmp_path / f"{job.id}-0.png").exists()
+    with pytest.raises(jobs.JobNotFoundError):
+        store.get(job.id)
+    with pytest.raises(jobs.JobNotFoundError):
+        store.image("img")
+    queued = store.submit(params())
+    with pytest.raises(jobs.JobConflictError, match="queued"):
+        store.delete(queued.id, tmp_path)

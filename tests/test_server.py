@@ -1,0 +1,368 @@
+"""`zturbo serve` end to end: a real server process with real worker processes on the tiny model.
+
+One server (module scope) serves the API tests; the crash tests run servers of their own.
+ZTURBO_TEST_STEP_SLEEP (a test hook) slows each denoising step so that kills and cancels land mid-job.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+import zturbo
+from zturbo.cli import main as cli_main
+from zturbo.imageio import METADATA_KEY
+
+KEY = "test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SMALL = {"width": 64, "height": 64}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `zturbo serve` subprocess on a free port."""
+
+    def __init__(self, model: Path, data_dir: Path, *args: str, step_sleep: float = 0.0, key: str | None = KEY):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"server-{self.port}.log"
+        env = dict(os.environ)
+        src = str(Path(zturbo.__file__).parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+        env["ZTURBO_TEST_STEP_SLEEP"] = str(step_sleep)
+        env.pop("ZTURBO_API_KEY", None)
+        if key:
+            env["ZTURBO_API_KEY"] = key
+        cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--model", str(model), "--port", str(self.port),
+               "--data-dir", str(data_dir), "--compile", "off", "--log-level", "warning", *args]  # fmt: skip
+        self.log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, headers=AUTH if key else {}, timeout=60)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.tail()
+            try:
+                if self.client.get("/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready in {timeout} s\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.client.close()
+        self.log.close()
+        return code
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def submit(self, **body) -> dict:
+        r = self.client.post("/v1/jobs", json={"prompt": "a red fox", **SMALL, "steps": 2, **body})
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def wait_job(self, job_id: str, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish: {job}\n{self.tail()}")
+
+    def worker(self) -> dict:
+        [worker] = self.client.get("/v1/status").json()["workers"]
+        return worker
+
+
+def sse_events(client: httpx.Client, job_id: str, on_event=None) -> list[tuple[str, dict]]:
+    """Read a job's event stream to its end."""
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+                if on_event is not None:
+                    on_event(*events[-1])
+    return events
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve")
+    s = Server(tiny_dir, root / "data", "--queue-size", "20", "--max-pixels", str(128 * 128), step_sleep=0.2)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+# --- the OpenAI-compatible API ------------------------------------------------------------------
+
+
+def test_openai_client_generates_b64_json_and_url(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    result = client.images.generate(
+        model="z-image-turbo", prompt="a red fox in snow", n=2, size="64x48", response_format="b64_json",
+        extra_body={"seed": 7, "steps": 2},
+    )  # fmt: skip
+    assert len(result.data) == 2
+    seeds = []
+    for item in result.data:
+        with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as im:
+            assert im.size == (64, 48)
+            meta = json.loads(im.text[METADATA_KEY])
+            seeds.append(meta["seed"])
+            assert (meta["prompt"], meta["steps"]) == ("a red fox in snow", 2)
+    assert seeds == [7, 8]
+
+    result = client.images.generate(prompt="a red fox in snow", size="64x64", response_format="url",
+                                    extra_body={"seed": 7, "steps": 2})  # fmt: skip
+    [item] = result.data
+    assert item.url.startswith(f"{server.url}/v1/images/")
+    r = httpx.get(item.url)  # a signed URL: no key needed
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert json.loads(im.text[METADATA_KEY])["seed"] == 7
+    tampered = item.url.replace("sig=", "sig=0")
+    assert httpx.get(tampered).status_code == 401
+
+
+def test_openai_client_sees_errors_as_api_errors(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.generate(prompt="a fox", size="1000x1000")
+    assert info.value.body["field"] == "size"
+    assert "1000 is not a multiple of 16" in info.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match="dall-e-3"):
+        client.images.generate(prompt="a fox", model="dall-e-3", size="64x64")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).images.generate(prompt="a fox")
+
+
+# --- the native job API ---------------------------------------------------------------------------
+
+
+def test_native_job_round_trip_with_sse_progress(server):
+    job = server.submit(prompt="a lighthouse at dusk", n=2, steps=3, seed=11)
+    assert job["status"] == "queued" and job["params"]["seed"] == 11 and job["attempts"] == 0
+    events = sse_events(server.client, job["id"])
+    names = [n for n, _ in events]
+    assert names[-1] == "done"
+    progress = [d for n, d in events if n == "progress"]
+    assert progress and progress[-1] == {"step": 3, "steps": 3}
+    assert all(d["steps"] == 3 and 1 <= d["step"] <= 3 for d in progress)
+    done = events[-1][1]
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+    assert [im["seed"] for im in done["images"]] == [11, 12]
+    r = server.client.get(done["images"][1]["url"])
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert json.loads(im.text[METADATA_KEY])["seed"] == 12
+    # A client that connects after the end gets the final event at once.
+    assert sse_events(server.client, job["id"]) == [("done", server.client.get(f"/v1/jobs/{job['id']}").json())]
+    # History has it, newest first, searchable by prompt.
+    history = server.client.get("/v1/history", params={"q": "LIGHTHOUSE"}).json()
+    assert history["total"] == 1 and history["items"][0]["id"] == job["id"]
+
+
+def test_cancel_a_running_job_between_steps_and_a_queued_one_at_once(server):
+    running = server.submit(steps=40)
+    queued = server.submit(steps=2)
+    cancelled = {}
+
+    def on_event(name, data):
+        if name == "progress" and not cancelled:
+            cancelled["running"] = server.client.delete(f"/v1/jobs/{running['id']}").json()
+            cancelled["queued"] = server.client.delete(f"/v1/jobs/{queued['id']}").json()
+
+    events = sse_events(server.client, running["id"], on_event)
+    assert cancelled["running"]["cancel_requested"] is True
+    assert cancelled["queued"]["status"] == "cancelled"  # at once
+    assert events[-1][0] == "cancelled"
+    last_step = max(d["step"] for n, d in events if n == "progress")
+    assert last_step < 40  # stopped between steps, long before the end
+    assert events[-1][1]["images"] == []
+    r = server.client.delete(f"/v1/jobs/{running['id']}")
+    assert r.status_code == 409 and r.json()["error"]["type"] == "conflict"
+
+
+def test_sse_reports_queue_position(server):
+    blocker = server.submit(steps=10)
+    waiting = server.submit(steps=1)
+    events = sse_events(server.client, waiting["id"])
+    queued = [d for n, d in events if n == "queued"]
+    assert queued and queued[0]["position"] >= 0
+    assert events[-1][0] == "done"
+    assert server.wait_job(blocker["id"])["status"] == "succeeded"
+
+
+def test_delete_history_removes_job_and_image(server):
+    job = server.wait_job(server.submit(steps=1)["id"])
+    image_url = job["images"][0]["url"]
+    assert server.client.delete(f"/v1/history/{job['id']}").status_code == 204
+    assert server.client.get(image_url).status_code == 404
+    assert server.client.get(f"/v1/jobs/{job['id']}").status_code == 404
+
+
+# --- the edge: auth, validation, one error body -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/history"), ("POST", "/v1/jobs"), ("GET", "/v1/status"), ("GET", "/metrics"),
+     ("GET", "/v1/jobs/x"), ("GET", "/v1/images/x"), ("POST", "/v1/images/generations")],
+)  # fmt: skip
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic " + KEY, KEY, f"Bearer {KEY}x"])
+def test_missing_or_wrong_key_is_401(server, method, path, header):
+    headers = {"Authorization": header} if header else {}
+    r = httpx.request(method, server.url + path, headers=headers, json={"prompt": "x"})
+    assert r.status_code == 401
+    assert r.json() == {"error": {"type": "unauthorized", "message": r.json()["error"]["message"], "field": None}}
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_and_ready_need_no_key(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+
+
+BAD_JOBS = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 4001}, "prompt"),
+    ({"width": 1000}, "width"),
+    ({"width": 8}, "width"),
+    ({"width": 256, "height": 256}, "width"),  # above --max-pixels
+    ({"n": 9}, "n"),
+    ({"n": 0}, "n"),
+    ({"steps": 51}, "steps"),
+    ({"steps": 2.5}, "steps"),
+    ({"steps": "8"}, "steps"),
+    ({"guidance_scale": 31}, "guidance_scale"),
+    ({"guidance_scale": -0.5}, "guidance_scale"),
+    ({"seed": -1}, "seed"),
+    ({"sampler": "dpm"}, "sampler"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), BAD_JOBS)
+def test_bad_job_parameters_are_400_naming_the_field(server, body, field):
+    r = server.client.post("/v1/jobs", json={"prompt": "a fox", **SMALL, **body})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request" and error["field"] == field
+    assert field in error["message"]
+
+
+def test_unknown_routes_ids_and_bodies_use_the_error_body(server):
+    for r, status in [
+        (server.client.get("/v1/jobs/nope"), 404),
+        (server.client.get("/v1/images/nope"), 404),
+        (server.client.get("/v1/nothing"), 404),
+        (server.client.put("/v1/jobs"), 405),
+        (server.client.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        (server.client.get("/v1/history", params={"limit": 0}), 400),
+    ]:
+        assert r.status_code == status
+        assert set(r.json()["error"]) == {"type", "message", "field"}
+
+
+def test_metrics_and_status(server):
+    text = server.client.get("/metrics").text
+    for name in ("zturbo_queue_depth", 'zturbo_jobs{state="succeeded"}', "zturbo_job_run_seconds_bucket",
+                 "zturbo_job_latency_seconds_count", "zturbo_worker_restarts", "zturbo_fallbacks_total",
+                 'zturbo_workers{state="ready"}'):  # fmt: skip
+        assert name in text
+    status = server.client.get("/v1/status").json()
+    assert status["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
+    assert status["device"] == "cpu" and status["workers"][0]["state"] in ("ready", "busy")
+
+
+# --- load: a bounded queue under 200 concurrent submissions ------------------------------------------
+
+
+def test_200_concurrent_submissions_fill_the_queue_exactly(server):
+    blocker = server.submit(steps=50)  # the worker is busy, so nothing leaves the queue during the burst
+    deadline = time.monotonic() + 30
+    while server.client.get(f"/v1/jobs/{blocker['id']}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    results: list[httpx.Response] = []
+    lock = threading.Lock()
+    body = {"prompt": "burst", **SMALL, "steps": 1}
+
+    def submit():
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+            r = c.post("/v1/jobs", json=body)
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=submit) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 200
+    accepted = [r.json()["id"] for r in results if r.status_code == 202]
+    refused = [r for r in results if r.status_code == 429]
+    assert len(accepted) == 20 and len(refused) == 180
+    assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["type"] == "queue_full" for r in refused)
+    server.client.delete(f"/v1/jobs/{blocker['id']}")
+    assert [server.wait_job(j)["status"] for j in accepted] == ["succeeded"] * 20
+    assert "zturbo_jobs_rejected_total 180.0" in server.client.get("/metrics").text
+
+
+# --- binding safety -------------------------------------------------------------------------------------
+
+
+def test_non_loopback_bind_without_key_is_refused(capsys, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("ZTURBO_API_KEY", raising=False)
+    code = cli_main(["serve", "--model", str(tiny_dir), "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert code == 2
+    assert "refusing to bind 0.0.0.0 without an API key" in capsys.readouterr().err
+
+
+def test_bind_rules():
+    from zturbo.serve import check_bind, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    check_bind("0.0.0.0", "key", insecure=False)
+    check_bind("0.0.0.0", None, insecure=True)
+    check_bind("127.0.0.1", None, insecure=False)
