@@ -1,0 +1,250 @@
+"""Web UI helpers without a browser: size presets, form validation, reading parameters back from
+PNGs, the status line, and the API client the UI's handlers use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from zturbo.apiclient import ApiClient, ApiError, Event
+from zturbo.errors import InvalidRequestError
+from zturbo.imageio import a1111_parameters, parse_a1111_parameters, png_info, read_parameters
+from zturbo.ui import (
+    CUSTOM,
+    RATIOS,
+    FormError,
+    api_base_for,
+    aspect_presets,
+    form_values,
+    job_params,
+    preset_for,
+    progress_text,
+    status_text,
+)
+
+META = {
+    "prompt": "一只橘猫在窗台上晒太阳, warm light",
+    "negative_prompt": "blurry, low quality",
+    "seed": 4242,
+    "steps": 6,
+    "guidance_scale": 2.5,
+    "width": 832,
+    "height": 1248,
+    "model": "Tongyi-MAI/Z-Image-Turbo",
+    "model_fingerprint": "0123456789abcdef",
+    "zturbo_version": "0.1.0",
+}
+
+
+def test_presets_cover_every_ratio_at_1_and_2_megapixels_in_multiples_of_16() -> None:
+    presets = aspect_presets()
+    assert len(presets) == 2 * len(RATIOS)
+    for label, (w, h) in presets.items():
+        assert w % 16 == 0 and h % 16 == 0, label
+        ratio, mp = label.split(" · ")[0], 2 if "(2 MP)" in label else 1
+        rw, rh = map(int, ratio.split(":"))
+        assert abs(w * h / (mp * 2**20) - 1) < 0.03, label
+        assert abs((w / h) / (rw / rh) - 1) < 0.02, label
+    assert presets["1:1 · 1024×1024 (1 MP)"] == (1024, 1024)
+    assert preset_for(1360, 768) == "16:9 · 1360×768 (1 MP)"
+    assert preset_for(64, 64) == CUSTOM
+
+
+FORM = {
+    "prompt": "a fox",
+    "negative_prompt": "",
+    "width": 64.0,
+    "height": 128,
+    "steps": 2,
+    "guidance": 0,
+    "seed": -1,
+    "n": 2,
+}
+
+
+def test_job_params_builds_the_contract_body() -> None:
+    body = job_params(*FORM.values())
+    assert body == {
+        "prompt": "a fox",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 128,
+        "steps": 2,
+        "guidance_scale": 0.0,
+        "seed": None,  # -1 in the form = let the server pick
+        "n": 2,
+    }
+    assert isinstance(body["width"], int)
+    assert job_params(*{**FORM, "seed": 7}.values())["seed"] == 7
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"width": 1000}, "width 1000 is not a multiple of 16; nearest valid: 992 or 1008"),
+        ({"height": None}, "height is empty"),
+        ({"width": 64.5}, "width must be a whole number, got 64.5"),
+        ({"steps": 51}, "steps 51 is out of range; allowed 1 to 50"),
+        ({"n": 9}, "number of images 9 is out of range; allowed 1 to 8"),
+        ({"guidance": 30.5}, "guidance 30.5 is out of range; allowed 0 to 30"),
+        ({"seed": -2}, "seed -2 is out of range"),
+        ({"prompt": "   "}, "the prompt is empty"),
+    ],
+)
+def test_job_params_rejects_bad_values_naming_them(change: dict[str, object], message: str) -> None:
+    with pytest.raises(FormError, match=message.replace("(", r"\(")):
+        job_params(*{**FORM, **change}.values())
+
+
+def test_a1111_text_written_by_zturbo_reads_back() -> None:
+    parsed = parse_a1111_parameters(a1111_parameters(META))
+    for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height"):
+        assert parsed[key] == META[key], key
+
+
+def test_a1111_text_from_another_tool() -> None:
+    text = (
+        "masterpiece, a fox in snow\nsecond line of prompt\n"
+        "Negative prompt: blurry, lowres\n"
+        'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x768, Lora hashes: "a: 1, b: 2", '
+        "Model: sd_xl"
+    )
+    parsed = parse_a1111_parameters(text)
+    assert parsed == {
+        "prompt": "masterpiece, a fox in snow\nsecond line of prompt",
+        "negative_prompt": "blurry, lowres",
+        "steps": 20,
+        "guidance_scale": 7.0,
+        "seed": 42,
+        "width": 512,
+        "height": 768,
+    }
+
+
+def test_a1111_text_without_steps_line_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="no 'Steps:' line"):
+        parse_a1111_parameters("just a caption")
+
+
+def _png(path: Path, **chunks: str) -> Path:
+    info = PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    Image.new("RGB", (16, 16)).save(path, pnginfo=info)
+    return path
+
+
+def test_read_parameters_prefers_the_zturbo_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "z.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(META))
+    params, source = read_parameters(path)
+    assert source == "zturbo" and params["seed"] == 4242 and params["prompt"] == META["prompt"]
+
+    a1111 = _png(tmp_path / "a.png", parameters="a lighthouse\nSteps: 12, CFG scale: 0, Seed: 5, Size: 768x512")
+    params, source = read_parameters(a1111)
+    assert source == "parameters"
+    assert (params["prompt"], params["steps"], params["seed"], params["width"]) == ("a lighthouse", 12, 5, 768)
+
+
+def test_read_parameters_refuses_files_without_them(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match=r"plain\.png has no generation parameters"):
+        read_parameters(_png(tmp_path / "plain.png", Comment="hello"))
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(InvalidRequestError, match=r"notes\.png is not a readable image"):
+        read_parameters(tmp_path / "notes.png")
+
+
+def test_form_values_fill_what_fits_and_name_what_does_not() -> None:
+    values, notes = form_values({**META, "n": 3})
+    assert values["preset"] == "2:3 · 832×1248 (1 MP)"
+    assert (values["seed"], values["n"], values["guidance_scale"]) == (4242, 3, 2.5)
+    assert notes == []
+
+    values, notes = form_values({"prompt": "x", "steps": 100, "width": 1000, "height": 768})
+    assert "steps" not in values  # never silently clamped
+    assert (values["width"], values["preset"]) == (1000, CUSTOM)
+    assert notes == [
+        "steps 100 is outside 1 to 50, so it was not filled in",
+        "size 1000×768 is not a multiple of 16; change it before generating",
+    ]
+
+
+def test_status_line_names_model_device_dtypes_plan_memory_and_queue() -> None:
+    status = {
+        "model": "Tongyi-MAI/Z-Image-Turbo",
+        "device": "cuda:0",
+        "dtypes": {"transformer": "bfloat16", "text_encoder": "bfloat16", "vae": "float32"},
+        "memory_plan": "te-offload",
+        "gpu_memory": {"used_bytes": 13 * 2**30, "free_bytes": 66 * 2**30, "total_bytes": 79 * 2**30},
+        "queue_depth": 3,
+        "workers": [{"id": "w0", "device": "cuda:0", "state": "busy", "restarts": 0}],
+    }
+    line = status_text(status)
+    for part in ("Tongyi-MAI/Z-Image-Turbo", "cuda:0", "transformer bfloat16", "vae float32", "plan te-offload"):
+        assert part in line
+    assert "GPU 13.0 GiB used / 66.0 GiB free" in line and "queue 3" in line and "busy" in line
+    assert "GPU memory: n/a" in status_text({**status, "gpu_memory": None})
+
+
+def test_progress_text() -> None:
+    assert progress_text(Event("queued", {"position": 0}), 1) == "Queued: next in line"
+    assert progress_text(Event("queued", {"position": 2}), 1) == "Queued: 2 job(s) ahead"
+    assert progress_text(Event("progress", {"step": 3, "steps": 8}), 1) == "Generating: step 3/8"
+    assert (
+        progress_text(Event("progress", {"step": 3, "steps": 8, "image": 1}), 2) == "Generating: image 2/2 · step 3/8"
+    )
+
+
+def test_api_base_for_wildcard_binds_uses_loopback() -> None:
+    assert api_base_for("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert api_base_for("::", 8000) == "http://[::1]:8000"
+    assert api_base_for("10.0.0.5", 80) == "http://10.0.0.5:80"
+
+
+def test_client_sends_the_key_as_bearer_and_reads_error_bodies() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return httpx.Response(401, json={"error": {"type": "unauthorized", "message": "bad key", "field": None}})
+        return httpx.Response(
+            400, json={"error": {"type": "invalid_request", "message": "width 65 is not ...", "field": "width"}}
+        )
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    with pytest.raises(ApiError) as err:
+        client.status(None)
+    assert err.value.unauthorized and "authorization" not in seen[-1].headers
+    with pytest.raises(ApiError, match="width 65") as err:
+        client.create_job({"prompt": "x"}, "s3cret")
+    assert (err.value.status, err.value.kind, err.value.field) == (400, "invalid_request", "width")
+    assert json.loads(seen[-1].content) == {"prompt": "x"}
+
+
+def test_client_events_stop_at_the_terminal_event() -> None:
+    body = (
+        ": keep-alive\n\n"
+        'event: queued\ndata: {"position": 1}\n\n'
+        'event: progress\ndata: {"step": 1, "steps": 2}\n\n'
+        'event: done\ndata: {"id": "j1", "status": "succeeded"}\n\n'
+        'event: progress\ndata: {"step": 9, "steps": 9}\n\n'
+    )
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+    )
+    events = list(ApiClient("http://zturbo.test", transport=transport).events("j1", None))
+    assert [e.name for e in events] == ["queued", "progress", "done"]
+    assert events[-1].data["status"] == "succeeded"
+
+
+def test_importing_the_ui_module_does_not_import_gradio() -> None:
+    code = "import sys, zturbo.ui; assert 'gradio' not in sys.modules, 'gradio imported at import time'"
+    subprocess.run([sys.executable, "-c", code], check=True)

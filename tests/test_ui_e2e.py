@@ -1,0 +1,347 @@
+"""The web UI end to end: headless Chromium (Playwright, the system's Chromium) against a live
+`zturbo serve --model tiny-random`. Writes docs/ui-generate.png and docs/ui-history.png.
+
+Skipped only when no Chromium is installed (CI installs it; set ZTURBO_E2E=require to fail instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from zturbo.imageio import png_info, read_metadata
+
+pytestmark = pytest.mark.e2e
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+CHROMIUM = os.environ.get("ZTURBO_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000
+
+if CHROMIUM is None and os.environ.get("ZTURBO_E2E") != "require":
+    pytest.skip("no chromium on PATH (apt-get install chromium); web UI e2e tests skipped", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+expect = sync_api.expect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `zturbo serve` subprocess on a free port with its own data directory."""
+
+    def __init__(self, tmp: Path, *extra: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
+        self.log = tmp / "serve.log"
+        # serve_with_ui.py is `zturbo serve` plus the UI mount the server does not make yet.
+        cmd = [sys.executable, str(Path(__file__).with_name("serve_with_ui.py")), "serve", "--model", "tiny-random"]
+        cmd += ["--device", "cpu"]
+        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data"), *extra]
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(
+            base_url=self.url, timeout=10, headers={"Authorization": f"Bearer {self.key}"} if self.key else {}
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zturbo serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"zturbo serve not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def submit(self, **params: Any) -> dict[str, Any]:
+        resp = self.http.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2, **params})
+        assert resp.status_code == 202, resp.text
+        return resp.json()
+
+    def wait(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} not finished after {timeout}s")
+
+    def history(self, q: str) -> list[dict[str, Any]]:
+        return self.http.get("/v1/history", params={"q": q, "limit": 50}).json()["items"]
+
+    def stop(self) -> None:
+        self.http.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = Server(tmp_path_factory.mktemp("serve"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, server: Server) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url)  # `/` redirects to the UI
+    assert page.url == f"{server.url}/ui/"
+    expect(page.locator("#status-line")).to_contain_text("tiny-random")
+    yield page
+    context.close()
+
+
+def _fill_form(page: Any, prompt: str, *, size: int = 64, steps: int = 2, seed: int | None = None) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    page.locator("#width input").fill(str(size))
+    page.locator("#height input").fill(str(size))
+    page.locator("#steps input[type=number]").fill(str(steps))
+    page.locator("#steps input[type=number]").press("Enter")
+    if seed is not None:
+        page.locator("#seed input").fill(str(seed))
+
+
+def _record_progress(page: Any) -> None:
+    """Keep every text #progress shows (steps can pass faster than a poll would see)."""
+    page.evaluate(
+        """() => {
+            window.__progress = [];
+            const el = document.querySelector('#progress');
+            new MutationObserver(() => window.__progress.push(el.innerText.trim()))
+                .observe(el, {childList: true, subtree: true, characterData: true});
+        }"""
+    )
+
+
+def _drop_file(page: Any, selector: str, path: Path) -> None:
+    """A real drag-and-drop of a file onto an element: dragenter, dragover, drop with a DataTransfer."""
+    page.evaluate(
+        """([selector, name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], name, {type: 'image/png'}));
+            const target = document.querySelector(selector);
+            for (const type of ['dragenter', 'dragover', 'drop']) {
+                target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: data}));
+            }
+        }""",
+        [selector, path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+
+
+def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> None:
+    status = page.locator("#status-line")
+    for part in ("on cpu", "transformer float32", "vae float32", "plan resident", "GPU memory: n/a", "queue 0"):
+        expect(status).to_contain_text(part)
+
+    page.locator("#preset input").click()
+    page.get_by_role("option", name="16:9 · 1360×768 (1 MP)").click()
+    expect(page.locator("#width input")).to_have_value("1360")
+    expect(page.locator("#height input")).to_have_value("768")
+    page.locator("#width input").fill("1024")
+    page.locator("#width input").press("Tab")
+    expect(page.locator("#preset input")).to_have_value("Custom")
+
+    page.locator("#advanced").get_by_text("Advanced").click()
+    expect(page.locator("#guidance")).to_contain_text("0 turns classifier-free guidance (CFG) off")
+
+    _fill_form(page, "a fox e2e-bad-width")
+    page.locator("#width input").fill("100")
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("width 100 is not a multiple of 16; nearest valid: 96 or 112")
+    assert server.history("e2e-bad-width") == []  # nothing was queued
+
+
+def test_generate_shows_progress_image_parameters_and_download(page: Any, server: Server, tmp_path: Path) -> None:
+    prompt = "a red fox in fresh snow, 一只狐狸 e2e-generate"
+    _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
+    _record_progress(page)
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
+    seen = page.evaluate("window.__progress")
+    assert any(re.search(r"Generating: step \d/6", text) for text in seen), seen
+    seed = int(re.search(r"seed (\d+)", page.locator("#progress").inner_text()).group(1))
+    page.locator("#seed-reuse").click()
+    expect(page.locator("#seed input")).to_have_value(str(seed))
+    page.locator("#seed-random").click()
+    expect(page.locator("#seed input")).to_have_value("-1")
+    page.locator("#seed-reuse").click()
+
+    page.locator("#results img").first.click()
+    params = page.locator("#image-params")
+    expect(params).to_contain_text(prompt)
+    expect(params).to_contain_text(f"Seed: {seed}")
+    expect(params).to_contain_text("Size: 64×64")
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    saved = tmp_path / "download.png"
+    download.value.save_as(saved)
+    meta = read_metadata(saved)  # the PNG keeps zturbo's metadata through the UI
+    assert (meta["prompt"], meta["seed"], meta["steps"]) == (prompt, seed, 6)
+
+    # One path to the engine: the UI's generation is an ordinary job in the server's history.
+    [job] = server.history("e2e-generate")
+    assert job["status"] == "succeeded" and job["params"]["seed"] == seed
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=DOCS / "ui-generate.png", full_page=True)
+
+
+def test_history_search_reuse_and_delete(page: Any, server: Server) -> None:
+    alpha = server.wait(server.submit(prompt="history alpha lighthouse", seed=77, steps=3)["id"])
+    server.wait(server.submit(prompt="history beta harbour", seed=78)["id"])
+    assert alpha["status"] == "succeeded"
+
+    page.get_by_role("tab", name="History").click()
+    expect(page.locator("#history-info")).to_contain_text("finished job(s)")
+    page.locator("#search textarea, #search input").first.fill("ALPHA")
+    page.locator("#search-btn").click()
+    expect(page.locator("#history-info")).to_contain_text("1 finished job(s) matching “ALPHA”")
+    expect(page.locator("#history-gallery img")).to_have_count(1)
+    page.locator("#history-gallery img").first.click()
+    expect(page.locator("#history-params")).to_contain_text("history alpha lighthouse")
+    expect(page.locator("#history-params")).to_contain_text(alpha["id"])
+
+    page.locator("#search textarea, #search input").first.fill("history")
+    page.locator("#search-btn").click()
+    expect(page.locator("#history-gallery img")).to_have_count(2)
+    page.locator("#history-gallery img").nth(1).click()  # newest first: alpha is second
+    expect(page.locator("#history-params")).to_contain_text("history alpha lighthouse")
+    page.screenshot(path=DOCS / "ui-history.png", full_page=True)
+
+    page.locator("#history-reuse").click()
+    expect(page.locator("#prompt textarea")).to_have_value("history alpha lighthouse")
+    expect(page.locator("#seed input")).to_have_value("77")
+    expect(page.locator("#steps input[type=number]")).to_have_value("3")
+    expect(page.locator("#width input")).to_have_value("64")
+
+    page.get_by_role("tab", name="History").click()
+    page.locator("#history-gallery img").nth(1).click()
+    expect(page.locator("#history-params")).to_contain_text(alpha["id"])
+    page.locator("#history-delete").click()
+    expect(page.locator("#history-gallery img")).to_have_count(1)
+    assert [j["id"] for j in server.history("alpha")] == []
+
+
+def test_cancel_a_queued_job(page: Any, server: Server) -> None:
+    blocker = server.submit(prompt="slow blocker", width=1024, height=1024, steps=50)
+    _fill_form(page, "e2e-cancel me")
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("Queued")
+    page.locator("#cancel").click()
+    expect(page.locator("#progress")).to_have_text("Cancelled")
+    [job] = server.history("e2e-cancel")
+    assert job["status"] == "cancelled" and job["images"] == []
+    server.http.delete(f"/v1/jobs/{blocker['id']}")
+    server.wait(blocker["id"])
+
+
+def test_dropped_png_fills_the_form(page: Any, tmp_path: Path) -> None:
+    meta = {
+        "prompt": "一只橘猫在窗台上晒太阳",
+        "negative_prompt": "blurry",
+        "seed": 31337,
+        "steps": 5,
+        "guidance_scale": 1.5,
+        "width": 832,
+        "height": 1248,
+        "model": "tiny-random",
+        "model_fingerprint": "f" * 16,
+        "zturbo_version": "0",
+    }
+    zturbo_png = tmp_path / "zturbo.png"
+    Image.new("RGB", (32, 32)).save(zturbo_png, pnginfo=png_info(meta))
+    _drop_file(page, "#png-drop button[aria-label*=drop]", zturbo_png)
+    expect(page.locator("#png-msg")).to_contain_text("Filled the form from the PNG's zturbo metadata")
+    expect(page.locator("#prompt textarea")).to_have_value(meta["prompt"])
+    expect(page.locator("#seed input")).to_have_value("31337")
+    expect(page.locator("#steps input[type=number]")).to_have_value("5")
+    expect(page.locator("#preset input")).to_have_value("2:3 · 832×1248 (1 MP)")
+    expect(page.locator("#negative textarea")).to_have_value("blurry")
+
+    info = PngInfo()
+    info.add_text("parameters", "a lighthouse at dusk\nSteps: 12, Sampler: Euler, CFG scale: 0, Seed: 5, Size: 768x512")
+    a1111_png = tmp_path / "a1111.png"
+    Image.new("RGB", (32, 32)).save(a1111_png, pnginfo=info)
+    page.locator("#png-drop button[aria-label]").first.click()  # clear the previous file
+    _drop_file(page, "#png-drop button[aria-label*=drop]", a1111_png)
+    expect(page.locator("#png-msg")).to_contain_text("A1111 'parameters' text")
+    expect(page.locator("#prompt textarea")).to_have_value("a lighthouse at dusk")
+    expect(page.locator("#width input")).to_have_value("768")
+    expect(page.locator("#height input")).to_have_value("512")
+    expect(page.locator("#seed input")).to_have_value("5")
+
+
+def test_api_key_is_asked_for_and_never_in_the_page(browser: Any, tmp_path: Path) -> None:
+    key = "e2e-secret-key-123"
+    srv = Server(tmp_path, "--api-key", key)
+    try:
+        assert httpx.get(f"{srv.url}/v1/status").status_code == 401
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"{srv.url}/ui/")
+        expect(page.locator("#status-line")).to_contain_text("needs an API key")
+        page.locator("#api-key input").fill("wrong")
+        page.locator("#use-key").click()
+        expect(page.locator("#status-line")).to_contain_text("That key was refused")
+        page.locator("#api-key input").fill(key)
+        page.locator("#use-key").click()
+        expect(page.locator("#status-line")).to_contain_text("tiny-random")
+        expect(page.locator("#key-row")).to_be_hidden()
+
+        _fill_form(page, "e2e-keyed fox")
+        page.locator("#generate").click()
+        expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
+        assert len(srv.history("e2e-keyed")) == 1
+        assert key not in page.content()  # the key lives in server-side session state only
+        assert key not in httpx.get(f"{srv.url}/ui/").text
+        context.close()
+    finally:
+        srv.stop()
