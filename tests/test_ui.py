@@ -15,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from zturbo.apiclient import ApiClient, ApiError, Event
 from zturbo.errors import InvalidRequestError
-from zturbo.imageio import a1111_parameters, parse_a1111_parameters, png_info, read_parameters
+from zturbo.imageio import a1111_parameters, parse_a1111, png_info, read_parameters
 from zturbo.ui import (
     CUSTOM,
     RATIOS,
@@ -104,7 +104,8 @@ def test_job_params_rejects_bad_values_naming_them(change: dict[str, object], me
 
 
 def test_a1111_text_written_by_zturbo_reads_back() -> None:
-    parsed = parse_a1111_parameters(a1111_parameters(META))
+    parsed, ignored = parse_a1111(a1111_parameters(META))
+    assert ignored == []
     for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height"):
         assert parsed[key] == META[key], key
 
@@ -116,7 +117,8 @@ def test_a1111_text_from_another_tool() -> None:
         'Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 512x768, Lora hashes: "a: 1, b: 2", '
         "Model: sd_xl"
     )
-    parsed = parse_a1111_parameters(text)
+    parsed, ignored = parse_a1111(text)
+    assert ignored == ["Sampler (DPM++ 2M Karras)", "Lora hashes"]
     assert parsed == {
         "prompt": "masterpiece, a fox in snow\nsecond line of prompt",
         "negative_prompt": "blurry, lowres",
@@ -130,7 +132,7 @@ def test_a1111_text_from_another_tool() -> None:
 
 def test_a1111_text_without_steps_line_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="no 'Steps:' line"):
-        parse_a1111_parameters("just a caption")
+        parse_a1111("just a caption")
 
 
 def _png(path: Path, **chunks: str) -> Path:
@@ -144,11 +146,11 @@ def _png(path: Path, **chunks: str) -> Path:
 def test_read_parameters_prefers_the_zturbo_chunk(tmp_path: Path) -> None:
     path = tmp_path / "z.png"
     Image.new("RGB", (16, 16)).save(path, pnginfo=png_info(META))
-    params, source = read_parameters(path)
+    params, source, _ = read_parameters(path)
     assert source == "zturbo" and params["seed"] == 4242 and params["prompt"] == META["prompt"]
 
     a1111 = _png(tmp_path / "a.png", parameters="a lighthouse\nSteps: 12, CFG scale: 0, Seed: 5, Size: 768x512")
-    params, source = read_parameters(a1111)
+    params, source, _ = read_parameters(a1111)
     assert source == "parameters"
     assert (params["prompt"], params["steps"], params["seed"], params["width"]) == ("a lighthouse", 12, 5, 768)
 

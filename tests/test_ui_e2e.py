@@ -61,8 +61,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
         self.log = tmp / "serve.log"
-        # serve_with_ui.py is `zturbo serve` plus the UI mount the server does not make yet.
-        cmd = [sys.executable, str(Path(__file__).with_name("serve_with_ui.py")), "serve", "--model", "tiny-random"]
+        cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--model", "tiny-random"]
         cmd += ["--device", "cpu"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data"), *extra]
         with self.log.open("w") as log:

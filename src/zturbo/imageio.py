@@ -136,7 +136,9 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
     line of `Key: value` pairs where values with commas are JSON-quoted.
     """
     lines = text.rstrip("\n").split("\n")
-    settings = lines.pop() if lines and _A1111_PAIR.match(lines[-1]) and "Steps:" in lines[-1] else ""
+    if not (lines and _A1111_PAIR.match(lines[-1]) and "Steps:" in lines[-1]):
+        raise InvalidRequestError("the 'parameters' text has no 'Steps:' line, so it is not A1111 parameters")
+    settings = lines.pop()
     prompt_lines, negative_lines, target = [], [], None
     for line in lines:
         if line.startswith("Negative prompt:"):
@@ -285,64 +287,3 @@ _NUMBERED = re.compile(r"^(\d{5,})-")
 def _next_number(directory: Path) -> int:
     numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _NUMBERED.match(p.name))]
     return max(numbers, default=0) + 1
-
-
-# The A1111 `Key: value` line; values with commas, colons or newlines are JSON-quoted (see _a1111_value).
-_A1111_PAIR = re.compile(r'\s*([\w ./()-]+?):\s*("(?:\\.|[^"\\])*"|[^,]*)(?:,|$)')
-_A1111_FIELDS = {"Steps": "steps", "CFG scale": "guidance_scale", "Seed": "seed", "Size": "size"}
-
-
-def parse_a1111_parameters(text: str) -> dict[str, Any]:
-    """Generation parameters from an A1111 `parameters` text (zturbo's or another tool's).
-
-    Returns prompt, negative_prompt and whichever of steps, guidance_scale, seed, width, height the
-    text states; raises InvalidRequestError when it has no `Steps:` line (not A1111 parameters).
-    """
-    lines = text.strip("\n").split("\n")
-    last = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].lstrip().startswith("Steps:")), None)
-    if last is None:
-        raise InvalidRequestError("the 'parameters' text has no 'Steps:' line, so it is not A1111 parameters")
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
-    target = prompt_lines
-    for line in lines[:last]:
-        if line.startswith("Negative prompt:"):
-            target = negative_lines
-            line = line[len("Negative prompt:") :].lstrip()
-        target.append(line)
-    out: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    for key, raw in _A1111_PAIR.findall(lines[last]):
-        name = _A1111_FIELDS.get(key.strip())
-        if name is None:
-            continue
-        value = json.loads(raw) if raw.startswith('"') else raw.strip()
-        out.update(_a1111_field(name, value))
-    return out
-
-
-def _a1111_field(name: str, value: str) -> dict[str, Any]:
-    try:
-        if name == "size":
-            w, h = value.lower().split("x")
-            return {"width": int(w), "height": int(h)}
-        return {name: float(value) if name == "guidance_scale" else int(value)}
-    except ValueError:
-        raise InvalidRequestError(f"A1111 parameter {name} has the unreadable value {value!r}") from None
-
-
-def read_parameters(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str]:
-    """Generation parameters of a PNG and where they came from: its `zturbo` chunk, else its A1111 `parameters`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            text = dict(getattr(im, "text", {}))
-    except (OSError, UnidentifiedImageError) as e:
-        raise InvalidRequestError(f"{Path(path).name} is not a readable image: {e}") from None
-    if METADATA_KEY in text:
-        return json.loads(text[METADATA_KEY]), METADATA_KEY
-    if A1111_KEY in text:
-        return parse_a1111_parameters(text[A1111_KEY]), A1111_KEY
-    raise InvalidRequestError(
-        f"{Path(path).name} has no generation parameters (neither a 'zturbo' nor an A1111 'parameters' chunk)"
-    )

@@ -22,6 +22,7 @@ DATA_DIR_ENV = "ZTURBO_DATA_DIR"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--no-ui", action="store_true", help="serve the API only, without the web UI at /ui")
     p.add_argument(
         "--gpus",
         default=None,
@@ -89,6 +90,10 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     log.info("serving %s on http://%s:%d with workers on %s; data in %s", config.model, args.host, args.port,
              ", ".join(devices), data_dir)  # fmt: skip
     app = create_app(settings)
+    if not args.no_ui:
+        from .ui import api_base_for, mount
+
+        mount(app, api_base_for(args.host, args.port))  # a client of the API above, on the same port
     uvicorn.run(
         app,
         host=args.host,

@@ -294,10 +294,11 @@ class _Handlers:
         if not path:
             return "", *_NO_FILL
         try:
-            params, source = read_parameters(path)
+            params, source, ignored = read_parameters(path)
         except InvalidRequestError as e:
             return f"Error: {e}", *_NO_FILL
         values, notes = form_values(params)
+        notes += [f"{field} is not used by zturbo" for field in ignored]
         origin = "zturbo metadata" if source == "zturbo" else "A1111 'parameters' text"
         message = "\n".join([f"Filled the form from the PNG's {origin}.", *(f"- Note: {note}" for note in notes)])
         return message, *_form_updates(values)
