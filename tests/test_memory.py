@@ -61,8 +61,8 @@ def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, bat
         (80, 2048, "resident"),
         (24, 1024, "resident"),
         (24, 2048, "resident + vae-tiling"),
-        (16, 1024, "te-offload"),
-        (16, 2048, "te-offload + vae-tiling"),
+        (16, 1024, "te-offload (3 text-encoder layers resident)"),
+        (16, 2048, "te-offload (9 text-encoder layers resident) + vae-tiling"),
         # Streaming: as many of the 34 blocks resident as fit, tiling the decode when that lets more stay.
         (12, 1024, "block-offload (28 blocks resident) + vae-tiling"),
         (8, 1024, "block-offload (16 blocks resident) + vae-tiling"),
@@ -204,6 +204,16 @@ def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
     assert np.array_equal(pixels(result), expected)
 
 
+def test_te_offload_with_resident_layers_gives_the_resident_image(tiny_dir, engine):
+    expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+    planned.placement.change("te-offload", resident_layers=1)
+    assert len(planned.placement.streamers["text_encoder"].blocks) == 1  # the tiny text encoder has 2 layers
+    result = planned.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    assert result.images[0].metadata["memory_plan"] == "te-offload (1/2 text-encoder layers resident)"
+    assert np.array_equal(pixels(result), expected)
+
+
 @pytest.mark.parametrize("resident", [0, 1, 3])
 def test_block_offload_with_resident_blocks_gives_the_resident_image(tiny_dir, engine, resident):
     expected = [pixels(engine.generate(p, seed=1, steps=2, width=64, height=64)) for p in ("a red fox", "a cat")]
@@ -247,3 +257,13 @@ def test_a_requested_quantization_is_planned_with(shape):
     choice = memory.choose(shape, BF16, 16 * GIB, width=1024, height=1024, quantize_options=("fp8",), exact=False)
     assert choice.chosen is not None and choice.chosen.label() == "resident + fp8 + vae-tiling"
     assert all(e.quantize == "fp8" for e in choice.considered)
+
+
+def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
+    assert memory.leaner("block-offload", 16) == ("block-offload", 0, 0)
+    assert memory.leaner("te-offload", 0, 3) == ("te-offload", 0, 0)
+    chain, step = [], ("resident", 0, 0)
+    while step is not None:
+        chain.append(step[0])
+        step = memory.leaner(*step)
+    assert chain == ["resident", "te-offload", "block-offload", "sequential"]

@@ -59,7 +59,8 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
     model = ModelInfo("random-weights", None, "none")
     limits = ModelLimits(spatial_unit=16, max_pixels=4096 * 4096)
-    engine = Engine(components, model, device, dtypes, limits, plan=est.plan, resident_blocks=est.resident_blocks)
+    kept = {"resident_blocks": est.resident_blocks, "resident_layers": est.resident_layers}
+    engine = Engine(components, model, device, dtypes, limits, plan=est.plan, **kept)
     engine.set_vae_tiling(est.vae_tiling)
     from . import accel
 

@@ -351,6 +351,7 @@ class Engine:
         accel: accel_.Accel | None = None,
         plan: str = "resident",
         resident_blocks: int = 0,
+        resident_layers: int = 0,
     ) -> None:
         self.components = components
         self.model = model
@@ -364,7 +365,7 @@ class Engine:
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:  # before placement: it rescales weights in place
             self.guard = install_fp16_guard(components.transformer)
-        self.placement = Placement(components, device, plan, resident_blocks)
+        self.placement = Placement(components, device, plan, resident_blocks, resident_layers)
 
     @classmethod
     def load(
@@ -383,14 +384,21 @@ class Engine:
             vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
         )
         accel_.check_quantize(config.quantize, caps, plan.transformer.dtype)
-        memory_plan, resident_blocks, tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
+        (memory_plan, blocks, layers), tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
         start = time.perf_counter()
         components = load_components(source, device, plan.dtypes(), homes(memory_plan, device))
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         limits = source.limits(config.max_pixels)
         engine = cls(
-            components, model, device, plan.dtypes(), limits, plan=memory_plan, resident_blocks=resident_blocks
+            components,
+            model,
+            device,
+            plan.dtypes(),
+            limits,
+            plan=memory_plan,
+            resident_blocks=blocks,
+            resident_layers=layers,
         )
         engine.vae_tiling_setting = config.vae_tiling
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
@@ -448,7 +456,8 @@ class Engine:
             except torch.OutOfMemoryError as e:
                 oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
             if oom is not None:  # outside the except block, so the failed run's tensors are freed
-                target = leaner(self.placement.plan, self.placement.resident_blocks)
+                placed = self.placement
+                target = leaner(placed.plan, placed.resident_blocks, placed.resident_layers)
                 if memory_retried or target is None:
                     raise self._out_of_memory(req, oom)
                 fallbacks.append(self._lean_out(*target, reason=oom))
@@ -590,13 +599,13 @@ class Engine:
         free -= torch.cuda.memory_allocated(self.device)
         return need <= free * 0.9
 
-    def _lean_out(self, plan: str, resident_blocks: int, *, reason: str) -> dict[str, str]:
+    def _lean_out(self, plan: str, resident_blocks: int, resident_layers: int, *, reason: str) -> dict[str, str]:
         """After running out of memory: the next leaner plan, kept for later requests."""
         _release_cached_memory(self.device)
         before = self.placement.describe()
         if plan in ("block-offload", "sequential") and self.accel.compiling:
             self.accel.revert_compile()  # streaming re-points the weights that fusion shares
-        self.placement.change(plan, resident_blocks)
+        self.placement.change(plan, resident_blocks, resident_layers)
         record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
         log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
         _release_cached_memory(self.device)
@@ -658,9 +667,10 @@ class Engine:
 
 def _memory_plan(
     config: RuntimeConfig, caps: Any, device: torch.device, source: ModelSource, dtypes: dict[str, torch.dtype]
-) -> tuple[str, int, bool, str]:
-    """(plan, resident blocks, VAE tiling, quantization) to load with: `config.memory`, or the
-    fastest that fits. An explicit block-offload keeps as many blocks resident as the budget allows.
+) -> tuple[tuple[str, int, int], bool, str]:
+    """((plan, resident blocks, resident text-encoder layers), VAE tiling, quantization) to load
+    with: `config.memory`, or the fastest that fits. An explicit te-offload or block-offload keeps
+    as many layers or blocks resident as the budget allows.
 
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
     plan is chosen only when no exact plan fits.
@@ -678,28 +688,28 @@ def _memory_plan(
             f"--quantize {config.quantize} cannot be combined with --memory {config.memory}, which streams plain "
             "weights; use --memory auto, resident, te-offload or model-offload with it"
         )
-    if config.memory != "auto" and config.memory != "block-offload":
-        return config.memory, 0, False, config.quantize
-    if budget is None:  # CPU memory is the host's; MPS shares it
-        return (config.memory if config.memory != "auto" else "resident"), 0, False, config.quantize
+    tunable = config.memory in ("te-offload", "block-offload")
+    if budget is None or (config.memory != "auto" and not tunable):  # no budget: CPU memory is the host's
+        return ((config.memory if config.memory != "auto" else "resident"), 0, 0), False, config.quantize
     shape = memory.shape_from_source(source)
     dtype_bytes = memory.dtype_bytes(dtypes)
-    if config.memory == "block-offload":
+    if tunable:
         usable = memory.usable_budget(budget)
-        est = memory.fitting(shape, dtype_bytes, usable, plan="block-offload", width=1024, height=1024)
-        return "block-offload", est.resident_blocks, est.peak > usable, config.quantize
+        request = {"width": 1024, "height": 1024, "quantize": config.quantize}
+        est = memory.fitting(shape, dtype_bytes, usable, plan=config.memory, **request)
+        return (est.plan, est.resident_blocks, est.resident_layers), est.peak > usable, config.quantize
     options = (config.quantize,) if config.quantize != "none" else _quantizations(caps, dtypes["transformer"])
     choice = memory.choose(
         shape, dtype_bytes, budget, width=1024, height=1024, quantize_options=options, exact=config.quantize == "none"
     )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at 1024x1024; trying the leanest", budget / memory.GIB)
-        return memory.PLANS[-1], 0, True, config.quantize
+        return (memory.PLANS[-1], 0, 0), True, config.quantize
     est = choice.chosen
     log.info(
         "memory plan %s: estimated peak %.1f GiB of %.1f GiB", est.label(), est.peak / memory.GIB, budget / memory.GIB
     )
-    return est.plan, est.resident_blocks, est.vae_tiling, est.quantize
+    return (est.plan, est.resident_blocks, est.resident_layers), est.vae_tiling, est.quantize
 
 
 def _quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]:

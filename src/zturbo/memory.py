@@ -76,7 +76,8 @@ class Estimate:
     quantize: str
     vae_tiling: bool
     stages: dict[str, int]  # peak bytes per stage
-    resident_blocks: int = 0  # block-offload: transformer blocks kept on the GPU (the last ones)
+    resident_blocks: int = 0  # block-offload: transformer blocks kept on the GPU
+    resident_layers: int = 0  # te-offload: text-encoder layers kept on the GPU
 
     @property
     def peak(self) -> int:
@@ -84,7 +85,9 @@ class Estimate:
 
     def label(self) -> str:
         extras = [q for q in (self.quantize,) if q != "none"] + (["vae-tiling"] if self.vae_tiling else [])
-        plan = self.plan + (f" ({self.resident_blocks} blocks resident)" if self.resident_blocks else "")
+        kept = [f"{self.resident_blocks} blocks"] if self.resident_blocks else []
+        kept += [f"{self.resident_layers} text-encoder layers"] if self.resident_layers else []
+        plan = self.plan + (f" ({', '.join(kept)} resident)" if kept else "")
         return plan + "".join(f" + {e}" for e in extras)
 
 
@@ -149,6 +152,7 @@ def estimate(
     quantize: str = "none",
     vae_tiling: bool = False,
     resident_blocks: int = 0,
+    resident_layers: int = 0,
 ) -> Estimate:
     """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae."""
     if plan not in PLANS:
@@ -162,8 +166,9 @@ def estimate(
     # What each stage holds of each component's weights under the plan.
     t_outside = shape.transformer_params - shape.transformer_blocks_params
     te_outside = shape.text_encoder_params - shape.text_encoder_layers_params  # token embeddings, final norm
-    # zturbo.stream: the layers pass through two slots; the token embeddings stay on the CPU.
-    te_stream = (te_outside - shape.text_encoder_embed_params + 2 * shape.text_encoder_layer_params) * te_e
+    # zturbo.stream: the streamed layers pass through two slots; the token embeddings stay on the CPU.
+    te_kept = resident_layers + min(2, shape.text_encoder_layers - resident_layers)
+    te_stream = (te_outside - shape.text_encoder_embed_params + te_kept * shape.text_encoder_layer_params) * te_e
     streamed = shape.transformer_block_count - resident_blocks
     t_blocks = (t_outside + (resident_blocks + min(2, streamed)) * shape.transformer_block_params) * t_e
     # diffusers leaf-level group offloading: everything outside the layers, plus two layers' worth.
@@ -181,7 +186,8 @@ def estimate(
         "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
         "decode": held[2] + vae_activation(shape, v_e, width, height, batch, vae_tiling),
     }
-    return Estimate(plan, quantize, vae_tiling, stages, resident_blocks if plan == "block-offload" else 0)
+    blocks = resident_blocks if plan == "block-offload" else 0
+    return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
 
 
 def choose(
@@ -215,8 +221,9 @@ def choose(
                 fitting(shape, dtype_bytes, usable, plan=plan, quantize=quantize, vae_tiling=tiling, **request)
                 for tiling in (False, True)
             ]
-            if plan == "block-offload" and options[1].resident_blocks > options[0].resident_blocks:
-                # Each resident block saves a 0.36 GB copy per step; a tiled decode costs far less.
+            if options[1].resident_blocks > options[0].resident_blocks:
+                # A block kept saves a 0.36 GB copy every step; a tiled decode costs less than a
+                # few of those. (Not so for text-encoder layers, copied once per new prompt.)
                 options.reverse()
             for est in options:
                 considered.append(est)
@@ -230,18 +237,22 @@ def usable_budget(budget: int, margin: float = 0.05) -> int:
 
 
 def fitting(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, *, plan: str, **request: Any) -> Estimate:
-    """The estimate of `plan`; for block-offload, with the most resident blocks that fit `usable`
-    (none if even that does not fit)."""
-    if plan != "block-offload":
+    """The estimate of `plan` with the most resident transformer blocks (block-offload) or
+    text-encoder layers (te-offload) that fit `usable`; none if even that does not fit."""
+    knob, count = {
+        "block-offload": ("resident_blocks", shape.transformer_block_count),
+        "te-offload": ("resident_layers", shape.text_encoder_layers),
+    }.get(plan, (None, 1))
+    if knob is None:
         return estimate(shape, dtype_bytes, plan=plan, **request)
-    low, high = 0, shape.transformer_block_count - 1  # at least one block streams
-    while low < high:  # the peak grows with each resident block: bisect for the largest that fits
+    low, high = 0, count - 1  # at least one streams
+    while low < high:  # the peak grows with each resident one: bisect for the largest that fits
         mid = (low + high + 1) // 2
-        if estimate(shape, dtype_bytes, plan=plan, resident_blocks=mid, **request).peak <= usable:
+        if estimate(shape, dtype_bytes, plan=plan, **{knob: mid}, **request).peak <= usable:
             low = mid
         else:
             high = mid - 1
-    return estimate(shape, dtype_bytes, plan=plan, resident_blocks=low, **request)
+    return estimate(shape, dtype_bytes, plan=plan, **{knob: low}, **request)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +337,8 @@ OFFLOADED = {
 }
 
 
+# Plans that stream the text encoder with zturbo.stream.
+STREAMED_TE = ("te-offload", "block-offload")
 # Plans whose transformer forward runs through diffusers group offloading hooks: not compiled.
 STREAMED_PLANS = ("sequential",)
 
@@ -335,13 +348,13 @@ def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
     return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
 
 
-def leaner(plan: str, resident_blocks: int = 0) -> tuple[str, int] | None:
-    """The next (plan, resident blocks) that holds less on the GPU, or None after the last."""
-    if plan == "block-offload" and resident_blocks > 0:
-        return "block-offload", 0
+def leaner(plan: str, resident_blocks: int = 0, resident_layers: int = 0) -> tuple[str, int, int] | None:
+    """The next (plan, resident blocks, resident layers) that holds less on the GPU, or None."""
+    if resident_blocks or resident_layers:
+        return plan, 0, 0
     following = {"resident": "te-offload", "te-offload": "block-offload", "model-offload": "block-offload"}
     following["block-offload"] = "sequential"
-    return (following[plan], 0) if plan in following else None
+    return (following[plan], 0, 0) if plan in following else None
 
 
 class Placement:
@@ -355,16 +368,24 @@ class Placement:
     (0.2 GB) always stays on the device.
     """
 
-    def __init__(self, components: Any, device: torch.device, plan: str = "resident", resident_blocks: int = 0) -> None:
+    def __init__(
+        self,
+        components: Any,
+        device: torch.device,
+        plan: str = "resident",
+        resident_blocks: int = 0,
+        resident_layers: int = 0,
+    ) -> None:
         if plan not in PLANS:
             raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
         self.components = components
         self.device = device
         self.plan = "resident"
         self.resident_blocks = 0
+        self.resident_layers = 0
         self.streamers: dict[str, Any] = {}
         self._embed_hooks: list[Any] = []
-        self.change(plan, resident_blocks)
+        self.change(plan, resident_blocks, resident_layers)
 
     @property
     def text_encoder_device(self) -> torch.device:
@@ -374,16 +395,20 @@ class Placement:
         if self.plan == "block-offload":
             total = sum(1 for _ in transformer_blocks(self.components.transformer))
             return f"block-offload ({self.resident_blocks}/{total} blocks resident)"
+        if self.plan == "te-offload" and self.resident_layers:
+            total = len(self.components.text_encoder.layers)
+            return f"te-offload ({self.resident_layers}/{total} text-encoder layers resident)"
         return self.plan
 
-    def change(self, plan: str, resident_blocks: int = 0) -> None:
+    def change(self, plan: str, resident_blocks: int = 0, resident_layers: int = 0) -> None:
         """Move to `plan`; plans only get leaner, never back (group offloading is not undone)."""
         c = self.components
         self._stop_streaming()
         for name in OFFLOADED[plan]:
             torch.nn.Module.to(getattr(c, name), CPU)
-        if plan in ("te-offload", "block-offload"):
-            self._stream_text_encoder()
+        resident_layers = resident_layers if plan in STREAMED_TE else 0
+        if plan in STREAMED_TE:
+            self._stream_text_encoder(resident_layers)
         if plan == "block-offload":
             self._stream_transformer(resident_blocks)
         if plan == "sequential":
@@ -399,6 +424,7 @@ class Placement:
                 )
         self.plan = plan
         self.resident_blocks = resident_blocks if plan == "block-offload" else 0
+        self.resident_layers = resident_layers
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -408,7 +434,7 @@ class Placement:
             return
         self._stop_streaming()
         yield
-        self.change(self.plan, self.resident_blocks)
+        self.change(self.plan, self.resident_blocks, self.resident_layers)
 
     def stage(self, name: str) -> None:
         """Before `name` (encode, denoise, decode): under model-offload, only its module on the device."""
@@ -422,7 +448,7 @@ class Placement:
         if wanted is not None:
             torch.nn.Module.to(wanted, self.device)
 
-    def _stream_text_encoder(self) -> None:
+    def _stream_text_encoder(self, resident_layers: int) -> None:
         from .stream import BlockStreamer
 
         te = self.components.text_encoder
@@ -434,9 +460,10 @@ class Placement:
             embed.register_forward_hook(lambda _m, _a, out: out.to(self.device, non_blocking=True)),
         ]
         layers = list(te.layers)
-        for layer in layers:
-            torch.nn.Module.to(layer, CPU)
-        self.streamers["text_encoder"] = BlockStreamer(layers, self.device)
+        chosen = set(streamed_positions(len(layers), len(layers) - resident_layers))
+        for i, layer in enumerate(layers):
+            torch.nn.Module.to(layer, CPU if i in chosen else self.device)
+        self.streamers["text_encoder"] = BlockStreamer([x for i, x in enumerate(layers) if i in chosen], self.device)
 
     def _stream_transformer(self, resident_blocks: int) -> None:
         from .stream import BlockStreamer
