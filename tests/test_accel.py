@@ -49,6 +49,23 @@ def test_compiled_graphs_have_no_breaks_and_same_image(fresh, engine):
         torch._dynamo.reset()
 
 
+def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
+    # Two block graphs (modulated; the caption refiner's unmodulated one) and the decoder's, on the
+    # first image; new prompt lengths and image sizes then recompile nothing.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend=counter)
+    try:
+        fresh.generate("a red fox", **PARAMS)
+        assert counter.frame_count == 3
+        fresh.generate("a much longer prompt about a red fox in the snow at dawn " * 3, **PARAMS)
+        fresh.generate("a red fox", **{**PARAMS, "width": 96, "height": 64})
+        assert counter.frame_count == 4  # only the decoder, at the new size (dynamic=None)
+    finally:
+        torch._dynamo.reset()
+
+
 def failing_backend(gm, example_inputs):
     raise RuntimeError("simulated compiler failure")
 
