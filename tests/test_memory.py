@@ -54,6 +54,35 @@ def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, bat
     assert abs(est.peak / GIB - measured) / measured <= 0.10, (est.peak / GIB, measured)
 
 
+# zturbo's own plans on the same H100, compiled, 58-token prompt (docs/performance.md, session 3):
+# (plan, resident blocks, resident text-encoder layers, VAE tiling, size, measured peak GiB).
+MEASURED_PLANS = [
+    ("te-offload", 0, 3, False, 1024, 13.90),
+    ("te-offload", 0, 0, False, 1024, 13.33),
+    ("block-offload", 28, 0, True, 1024, 11.30),
+    ("block-offload", 16, 0, True, 1024, 7.22),
+    ("block-offload", 10, 0, True, 1024, 5.19),
+    ("block-offload", 4, 0, True, 1024, 3.15),
+    ("resident", 0, 0, True, 2048, 20.57),
+]
+
+
+@pytest.mark.parametrize(("plan", "blocks", "layers", "tiling", "size", "measured"), MEASURED_PLANS)
+def test_streaming_and_tiling_estimates_within_ten_percent(shape, plan, blocks, layers, tiling, size, measured):
+    est = memory.estimate(
+        shape,
+        BF16,
+        plan=plan,
+        width=size,
+        height=size,
+        prompt_tokens=64,
+        vae_tiling=tiling,
+        resident_blocks=blocks,
+        resident_layers=layers,
+    )
+    assert abs(est.peak / GIB - measured) / measured <= 0.10, (est.peak / GIB, measured)
+
+
 @pytest.mark.parametrize(
     ("budget", "size", "expected"),
     [
