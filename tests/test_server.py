@@ -201,6 +201,54 @@ def test_native_job_round_trip_with_sse_progress(server):
     assert history["total"] == 1 and history["items"][0]["id"] == job["id"]
 
 
+def _png(server, image: dict) -> tuple[dict, bytes]:
+    r = server.client.get(image["url"])
+    assert r.status_code == 200
+    with Image.open(io.BytesIO(r.content)) as im:
+        return json.loads(im.text[METADATA_KEY]), im.convert("RGB").tobytes()
+
+
+EXPLORE = {"seed": 5, "n": 2, "variation_seed": 40, "variation_strength": 0.5, "variety": 0.6, "variety_until": 0.5}
+
+
+def test_exploration_options_round_trip_into_the_pngs_and_repeat_exactly(server):
+    first, again, plain = (server.submit(**body) for body in (EXPLORE, EXPLORE, {"seed": 5, "n": 2}))
+    first, again, plain = (server.wait_job(job["id"]) for job in (first, again, plain))
+    assert first["status"] == again["status"] == plain["status"] == "succeeded"
+    assert {k: first["params"][k] for k in EXPLORE} == EXPLORE  # stored and shown as given
+    # A1111's convention: with a variation strength the seed stays and the variation seed counts up.
+    assert [(im["seed"], im["variation_seed"]) for im in first["images"]] == [(5, 40), (5, 41)]
+    pngs = [[_png(server, im) for im in job["images"]] for job in (first, again, plain)]
+    for k, (meta, _) in enumerate(pngs[0]):
+        assert (meta["seed"], meta["variation_seed"], meta["variation_strength"]) == (5, 40 + k, 0.5)
+        assert (meta["variety"], meta["variety_until"]) == (0.6, 0.5)
+    assert [pixels for _, pixels in pngs[0]] == [pixels for _, pixels in pngs[1]]  # same params, same pixels
+    assert [pixels for _, pixels in pngs[0]] != [pixels for _, pixels in pngs[2]]  # and the options took effect
+    assert [im["variation_seed"] for im in plain["images"]] == [None, None]
+
+
+def test_random_variation_seed_is_resolved_when_the_job_is_accepted(server):
+    job = server.submit(variation_strength=0.2, steps=1)
+    assert isinstance(job["params"]["variation_seed"], int)  # fixed now, so a re-run makes the same pixels
+    done = server.wait_job(job["id"])
+    meta, _ = _png(server, done["images"][0])
+    assert meta["variation_seed"] == job["params"]["variation_seed"]
+
+
+def test_a_seed_list_makes_one_image_per_seed(server):
+    job = server.submit(seeds=[9, 3, 9], variation_seed=7, variation_strength=0.1, steps=1)
+    assert (job["params"]["n"], job["params"]["seed"], job["params"]["seeds"]) == (3, None, [9, 3, 9])
+    done = server.wait_job(job["id"])
+    assert [(im["seed"], im["variation_seed"]) for im in done["images"]] == [(9, 7), (3, 7), (9, 7)]
+    r = server.client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64", "steps": 1,
+                                                           "seeds": [4, 2], "variety": 0.3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 2 and r.json()["zturbo"]["seeds"] == [4, 2]
+    with Image.open(io.BytesIO(base64.b64decode(r.json()["data"][1]["b64_json"]))) as im:
+        meta = json.loads(im.text[METADATA_KEY])
+    assert (meta["seed"], meta["variety"]) == (2, 0.3)
+
+
 def test_cancel_a_running_job_between_steps_and_a_queued_one_at_once(server):
     running = server.submit(steps=40)
     queued = server.submit(steps=2)
@@ -278,6 +326,22 @@ BAD_JOBS = [
     ({"guidance_scale": -0.5}, "guidance_scale"),
     ({"seed": -1}, "seed"),
     ({"sampler": "dpm"}, "sampler"),
+    ({"variation_strength": 1.5}, "variation_strength"),
+    ({"variation_strength": -0.1}, "variation_strength"),
+    ({"variation_strength": "0.2x"}, "variation_strength"),
+    ({"variation_seed": -1}, "variation_seed"),
+    ({"variation_seed": 1.5}, "variation_seed"),
+    ({"variety": 2}, "variety"),
+    ({"variety": True}, "variety"),
+    ({"guidance_scale": True}, "guidance_scale"),
+    ({"variety_until": 0}, "variety_until"),
+    ({"variety_until": 1.01}, "variety_until"),
+    ({"seeds": []}, "seeds"),
+    ({"seeds": list(range(9))}, "seeds"),
+    ({"seeds": [1, -2]}, "seeds.1"),
+    ({"seeds": "1-8"}, "seeds"),
+    ({"seeds": [1, 2], "seed": 3}, "seeds"),
+    ({"seeds": [1, 2], "n": 3}, "n"),
 ]
 
 
@@ -288,6 +352,13 @@ def test_bad_job_parameters_are_400_naming_the_field(server, body, field):
     error = r.json()["error"]
     assert error["type"] == "invalid_request" and error["field"] == field
     assert field in error["message"]
+
+
+@pytest.mark.parametrize(("body", "field"), [({"variety": 1.5}, "variety"), ({"seeds": [1], "n": 2}, "n")])
+def test_bad_openai_extension_fields_are_400_naming_the_field(server, body, field):
+    r = server.client.post("/v1/images/generations", json={"prompt": "a fox", "size": "64x64", **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["field"] == field and field in r.json()["error"]["message"]
 
 
 def test_unknown_routes_ids_and_bodies_use_the_error_body(server):

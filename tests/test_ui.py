@@ -80,9 +80,14 @@ def test_job_params_builds_the_contract_body() -> None:
         "guidance_scale": 0.0,
         "seed": None,  # -1 in the form = let the server pick
         "n": 2,
+        "variation_seed": None,
+        "variation_strength": 0.0,
+        "variety": 0.0,
     }
     assert isinstance(body["width"], int)
     assert job_params(*{**FORM, "seed": 7}.values())["seed"] == 7
+    explore = job_params(*FORM.values(), 40, 0.25, 1)
+    assert (explore["variation_seed"], explore["variation_strength"], explore["variety"]) == (40, 0.25, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -96,11 +101,15 @@ def test_job_params_builds_the_contract_body() -> None:
         ({"guidance": 30.5}, "guidance 30.5 is out of range; allowed 0 to 30"),
         ({"seed": -2}, "seed -2 is out of range"),
         ({"prompt": "   "}, "the prompt is empty"),
+        ({"variation_seed": -2}, "variation seed -2 is out of range"),
+        ({"variation_strength": 1.5}, "variation strength 1.5 is out of range; allowed 0 to 1"),
+        ({"variety": None}, "seed variety must be a number from 0 to 1, got None"),
     ],
 )
 def test_job_params_rejects_bad_values_naming_them(change: dict[str, object], message: str) -> None:
+    form = {**FORM, "variation_seed": -1, "variation_strength": 0, "variety": 0}
     with pytest.raises(FormError, match=message.replace("(", r"\(")):
-        job_params(*{**FORM, **change}.values())
+        job_params(*{**form, **change}.values())
 
 
 def test_a1111_text_written_by_zturbo_reads_back() -> None:
@@ -175,6 +184,24 @@ def test_form_values_fill_what_fits_and_name_what_does_not() -> None:
     assert notes == [
         "steps 100 is outside 1 to 50, so it was not filled in",
         "size 1000×768 is not a multiple of 16; change it before generating",
+    ]
+
+
+def test_form_values_fill_the_exploration_options_and_name_what_the_form_lacks() -> None:
+    job = {"prompt": "x", "seed": 5, "variation_seed": 40, "variation_strength": 0.3, "variety": 0.6,
+           "variety_until": 0.25}  # fmt: skip
+    values, notes = form_values(job)
+    assert (values["variation_seed"], values["variation_strength"], values["variety"]) == (40, 0.3, 0.6)
+    assert notes == []
+
+    values, notes = form_values({"prompt": "x", "seed": None, "seeds": [3, 7], "variation_seed": None,
+                                 "variation_strength": 1.5, "variety": 0.5, "variety_until": 0.5})  # fmt: skip
+    assert values["variation_seed"] == -1  # none recorded: the form's "random", not the previous value
+    assert "seed" not in values and "variation_strength" not in values
+    assert notes == [
+        "variation_strength 1.5 is outside 0 to 1, so it was not filled in",
+        "the seed list [3, 7] has no field here; the form makes images from one seed",
+        "variety until 0.5 has no field here; the form uses 0.25",
     ]
 
 

@@ -1,5 +1,6 @@
 """The web UI end to end: headless Chromium (Playwright, the system's Chromium) against a live
-`zturbo serve --model tiny-random`. Writes docs/ui-generate.png and docs/ui-history.png.
+`zturbo serve --model tiny-random`. Takes the screenshots ui-generate.png and ui-history.png into
+the test's tmp dir, or into docs/ when ZTURBO_SCREENSHOTS=docs is set.
 
 Skipped only when no Chromium is installed (CI installs it; set ZTURBO_E2E=require to fail instead).
 """
@@ -40,6 +41,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 30_000
+
+
+def _screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    """docs/ gets the screenshot only on request, so a test run leaves the tree clean."""
+    folder = DOCS if os.environ.get("ZTURBO_SCREENSHOTS") == "docs" else tmp_path
+    folder.mkdir(exist_ok=True)
+    page.screenshot(path=folder / name, full_page=True)
+
 
 if CHROMIUM is None and os.environ.get("ZTURBO_E2E") != "require":
     pytest.skip("no chromium on PATH (apt-get install chromium); web UI e2e tests skipped", allow_module_level=True)
@@ -201,6 +210,9 @@ def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> No
 def test_generate_shows_progress_image_parameters_and_download(page: Any, server: Server, tmp_path: Path) -> None:
     prompt = "a red fox in fresh snow, 一只狐狸 e2e-generate"
     _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
+    page.locator("#advanced").get_by_text("Advanced").click()
+    page.locator("#variety input[type=number]").fill("0.2")
+    page.locator("#variety input[type=number]").press("Enter")
     _record_progress(page)
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
@@ -223,17 +235,17 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     saved = tmp_path / "download.png"
     download.value.save_as(saved)
     meta = read_metadata(saved)  # the PNG keeps zturbo's metadata through the UI
-    assert (meta["prompt"], meta["seed"], meta["steps"]) == (prompt, seed, 6)
+    assert (meta["prompt"], meta["seed"], meta["steps"], meta["variety"]) == (prompt, seed, 6, 0.2)
 
     # One path to the engine: the UI's generation is an ordinary job in the server's history.
     [job] = server.history("e2e-generate")
-    assert job["status"] == "succeeded" and job["params"]["seed"] == seed
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=DOCS / "ui-generate.png", full_page=True)
+    assert job["status"] == "succeeded" and job["params"]["seed"] == seed and job["params"]["variety"] == 0.2
+    _screenshot(page, "ui-generate.png", tmp_path)
 
 
-def test_history_search_reuse_and_delete(page: Any, server: Server) -> None:
-    alpha = server.wait(server.submit(prompt="history alpha lighthouse", seed=77, steps=3)["id"])
+def test_history_search_reuse_and_delete(page: Any, server: Server, tmp_path: Path) -> None:
+    explore = {"variation_seed": 12, "variation_strength": 0.15, "variety": 0.4}
+    alpha = server.wait(server.submit(prompt="history alpha lighthouse", seed=77, steps=3, **explore)["id"])
     server.wait(server.submit(prompt="history beta harbour", seed=78)["id"])
     assert alpha["status"] == "succeeded"
 
@@ -252,13 +264,17 @@ def test_history_search_reuse_and_delete(page: Any, server: Server) -> None:
     expect(page.locator("#history-gallery img")).to_have_count(2)
     page.locator("#history-gallery img").nth(1).click()  # newest first: alpha is second
     expect(page.locator("#history-params")).to_contain_text("history alpha lighthouse")
-    page.screenshot(path=DOCS / "ui-history.png", full_page=True)
+    expect(page.locator("#history-params")).to_contain_text("Seed variety: 0.4")
+    _screenshot(page, "ui-history.png", tmp_path)
 
     page.locator("#history-reuse").click()
     expect(page.locator("#prompt textarea")).to_have_value("history alpha lighthouse")
     expect(page.locator("#seed input")).to_have_value("77")
     expect(page.locator("#steps input[type=number]")).to_have_value("3")
     expect(page.locator("#width input")).to_have_value("64")
+    expect(page.locator("#variation-seed input")).to_have_value("12")  # Advanced opens to show them
+    expect(page.locator("#variation-strength input[type=number]")).to_have_value("0.15")
+    expect(page.locator("#variety input[type=number]")).to_have_value("0.4")
 
     page.get_by_role("tab", name="History").click()
     page.locator("#history-gallery img").nth(1).click()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import jobs
 from .config import RuntimeConfig
 from .errors import InvalidRequestError, ZTurboError
-from .request import MAX_GUIDANCE, ModelLimits
+from .request import DEFAULT_VARIETY_UNTIL, MAX_GUIDANCE, ModelLimits
 from .workers import Finished, Hooks, Supervisor
 
 log = logging.getLogger("zturbo.server")
@@ -104,7 +104,43 @@ class _Strict(BaseModel):
         return v
 
 
-class JobParams(_Strict):
+SeedValue = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
+
+
+class _Exploration(_Strict):
+    """The exploration options both routes share (the CLI's --seeds/--variation-*/--variety*)."""
+
+    seeds: list[SeedValue] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_IMAGES,
+        description="one image per listed seed, in order; excludes seed, and n defaults to (and must equal) its length",
+    )
+    variation_seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, strict=True, description="null = random when variation_strength > 0"
+    )
+    variation_strength: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="0 = the plain image; image i uses variation_seed + i",
+    )
+    variety: float = Field(
+        0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="seed-variety strength; 0 = off"
+    )
+    variety_until: float = Field(
+        DEFAULT_VARIETY_UNTIL,
+        gt=0.0,
+        le=1.0,
+        strict=True,
+        allow_inf_nan=False,
+        description="fraction of the steps variety acts on",
+    )
+
+
+class JobParams(_Exploration):
     """Body of POST /v1/jobs."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
@@ -113,11 +149,13 @@ class JobParams(_Strict):
     width: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
     height: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
     steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
-    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="0 = no CFG")
+    guidance_scale: float = Field(
+        0.0, ge=0.0, le=MAX_GUIDANCE, strict=True, allow_inf_nan=False, description="0 = no CFG"
+    )
     seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True, description="null = random")
 
 
-class OpenAIImageRequest(_Strict):
+class OpenAIImageRequest(_Exploration):
     """Body of POST /v1/images/generations: OpenAI's images API plus zturbo's extension fields."""
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
@@ -128,8 +166,58 @@ class OpenAIImageRequest(_Strict):
     user: str | None = Field(None, max_length=256)
     seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True)
     steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
-    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, strict=True, allow_inf_nan=False)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+
+
+def image_count(body: JobParams | OpenAIImageRequest) -> int:
+    """How many images the job makes: n, or one per listed seed (n may then only repeat that count)."""
+    if body.seeds is None:
+        return body.n
+    if body.seed is not None:
+        raise FieldError("seeds", "give either seed or seeds (a seed list), not both")
+    if "n" in body.model_fields_set and body.n != len(body.seeds):
+        raise FieldError(
+            "n",
+            f"n {body.n} does not match the {len(body.seeds)} listed seeds; with seeds, omit n (one image per seed)",
+        )
+    return len(body.seeds)
+
+
+def stored_params(body: JobParams | OpenAIImageRequest, width: int, height: int) -> dict[str, Any]:
+    """The job's parameters as stored and run: every field explicit, random seeds resolved now, so a
+    re-run after a worker death makes the same pixels."""
+    import secrets
+
+    n = image_count(body)
+    seed = body.seed if body.seed is not None or body.seeds is not None else secrets.randbelow(2**32)
+    variation_seed = body.variation_seed
+    if variation_seed is None and body.variation_strength > 0:
+        variation_seed = secrets.randbelow(2**32)
+    return {
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt,
+        "n": n,
+        "width": width,
+        "height": height,
+        "steps": body.steps,
+        "guidance_scale": body.guidance_scale,
+        "seed": seed,
+        "seeds": body.seeds,
+        "variation_seed": variation_seed,
+        "variation_strength": body.variation_strength,
+        "variety": body.variety,
+        "variety_until": body.variety_until,
+    }
+
+
+def image_variation_seed(params: dict[str, Any], idx: int) -> int | None:
+    """Image idx's variation seed (the engine's convention): None without a variation strength; the
+    same for every image of a seed list; else variation_seed + idx."""
+    base = params.get("variation_seed")
+    if base is None or not params.get("variation_strength"):
+        return None
+    return base if params.get("seeds") is not None else base + idx
 
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -244,7 +332,15 @@ class Service:
             "params": job.params,
             "position": self.store.position(job),
             "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
-            "images": [{"id": im.id, "url": f"/v1/images/{im.id}", "seed": im.seed} for im in job.images],
+            "images": [
+                {
+                    "id": im.id,
+                    "url": f"/v1/images/{im.id}",
+                    "seed": im.seed,
+                    "variation_seed": image_variation_seed(job.params, im.idx),
+                }
+                for im in job.images
+            ],
             "error": job.error,
             "attempts": job.attempts,
             "cancel_requested": job.cancel_requested,
@@ -417,7 +513,7 @@ def _api_routes(service: Service) -> APIRouter:
     @r.post("/v1/jobs", status_code=202, tags=["jobs"], responses={429: {"description": "queue full"}})
     def submit(body: JobParams) -> dict[str, Any]:
         check_size(body.width, body.height, limits)
-        job = service.submit(_resolve_seed(body.model_dump()), jobs.new_id(), None)
+        job = service.submit(stored_params(body, body.width, body.height), jobs.new_id(), None)
         return service.view(job)
 
     @r.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -485,32 +581,13 @@ def _api_routes(service: Service) -> APIRouter:
     return r
 
 
-def _resolve_seed(params: dict[str, Any]) -> dict[str, Any]:
-    import secrets
-
-    if params.get("seed") is None:
-        params["seed"] = secrets.randbelow(2**32)
-    return params
-
-
 async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: str) -> dict[str, Any]:
     allowed = (*service.settings.model_names, *MODEL_ALIASES)
     if body.model is not None and body.model not in allowed:
         raise FieldError("model", f"model {body.model!r} is not served here; omit it or use one of {list(allowed)}")
     width, height = parse_size(body.size)
     check_size(width, height, service.settings.limits, "size")
-    params = _resolve_seed(
-        {
-            "prompt": body.prompt,
-            "negative_prompt": body.negative_prompt,
-            "n": body.n,
-            "width": width,
-            "height": height,
-            "steps": body.steps,
-            "guidance_scale": body.guidance_scale,
-            "seed": body.seed,
-        }
-    )
+    params = stored_params(body, width, height)
     job_id = jobs.new_id()
     async with _watch(service, job_id) as changes:
         await run_in_threadpool(service.submit, params, job_id, body.user)
@@ -534,7 +611,11 @@ async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: s
             data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
         else:
             data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
-    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, "seed": params["seed"]}}
+    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, **_seeds(params)}}
+
+
+def _seeds(params: dict[str, Any]) -> dict[str, Any]:
+    return {key: params[key] for key in ("seed", "seeds", "variation_seed")}
 
 
 def _image_url(service: Service, base_url: str, image_id: str) -> str:

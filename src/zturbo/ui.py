@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .apiclient import ApiError, Event
-from .request import nearest_multiples
+from .request import DEFAULT_VARIETY_UNTIL, nearest_multiples
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -32,6 +32,15 @@ HISTORY_PAGE = 24  # jobs per history view; each image is fetched once, then ser
 GUIDANCE_INFO = (
     "0 turns classifier-free guidance (CFG) off: the Turbo default, one model call per step, and the "
     "negative prompt is not used. Above 0, each step makes two calls and follows the negative prompt."
+)
+
+VARIATION_INFO = (
+    "Blends the seed's noise toward the variation seed's: 0 = the plain image, 0.05–0.3 = close "
+    "variations. Image i of a job uses variation seed + i (-1 = random)."
+)
+VARIETY_INFO = (
+    "Seeded noise on the prompt embedding for the first quarter of the steps, so that seeds differ "
+    "more in composition; 0 = off."
 )
 
 
@@ -89,6 +98,14 @@ def _side(name: str, value: object) -> int:
     return number
 
 
+def _fraction(name: str, value: object) -> float:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FormError(f"{name} must be a number from 0 to 1, got {value!r}")
+    if not 0 <= value <= 1:
+        raise FormError(f"{name} {value} is out of range; allowed 0 to 1")
+    return float(value)
+
+
 def job_params(
     prompt: str,
     negative_prompt: str,
@@ -98,6 +115,9 @@ def job_params(
     guidance: object,
     seed: object,
     n: object,
+    variation_seed: object = RANDOM_SEED,
+    variation_strength: object = 0.0,
+    variety: object = 0.0,
 ) -> dict[str, Any]:
     """The `POST /v1/jobs` body for the form's values; raises FormError (the server checks again,
     against the loaded model's limits, and its message is shown the same way)."""
@@ -108,6 +128,7 @@ def job_params(
     if not 0 <= guidance <= GUIDANCE_MAX:
         raise FormError(f"guidance {guidance} is out of range; allowed 0 to {GUIDANCE_MAX:g} (0 = CFG off)")
     seed_value = _whole("seed", seed, RANDOM_SEED, SEED_MAX)
+    variation_value = _whole("variation seed", variation_seed, RANDOM_SEED, SEED_MAX)
     return {
         "prompt": prompt,
         "negative_prompt": negative_prompt or "",
@@ -117,12 +138,27 @@ def job_params(
         "guidance_scale": float(guidance),
         "seed": None if seed_value == RANDOM_SEED else seed_value,
         "n": _whole("number of images", n, 1, IMAGES_MAX),
+        "variation_seed": None if variation_value == RANDOM_SEED else variation_value,
+        "variation_strength": _fraction("variation strength", variation_strength),
+        "variety": _fraction("seed variety", variety),
     }
 
 
 # ---- parameters -> form --------------------------------------------------------------------------
 
-FORM_KEYS = ("prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed", "n")
+FORM_KEYS = (
+    "prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed", "n",
+    "variation_seed", "variation_strength", "variety",
+)  # fmt: skip
+RANGES: dict[str, tuple[float, float]] = {
+    "steps": (1, STEPS_MAX),
+    "guidance_scale": (0, GUIDANCE_MAX),
+    "seed": (0, SEED_MAX),
+    "n": (1, IMAGES_MAX),
+    "variation_seed": (0, SEED_MAX),
+    "variation_strength": (0, 1),
+    "variety": (0, 1),
+}
 
 
 def form_values(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -133,8 +169,9 @@ def form_values(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for key in ("prompt", "negative_prompt"):
         if isinstance(params.get(key), str):
             values[key] = params[key]
-    ranges = {"steps": (1, STEPS_MAX), "guidance_scale": (0, GUIDANCE_MAX), "seed": (0, SEED_MAX), "n": (1, IMAGES_MAX)}
-    for key, (lo, hi) in ranges.items():
+    if "variation_seed" in params and params["variation_seed"] is None:
+        values["variation_seed"] = RANDOM_SEED  # none recorded: the form's "random", not a stale value
+    for key, (lo, hi) in RANGES.items():
         value = params.get(key)
         if value is None:
             continue
@@ -149,14 +186,25 @@ def form_values(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             notes.append(
                 f"size {params['width']}×{params['height']} is not a multiple of {UNIT}; change it before generating"
             )
-    return values, notes
+    return values, notes + _not_in_form(params)
+
+
+def _not_in_form(params: dict[str, Any]) -> list[str]:
+    """Notes for the exploration options the form has no field for, when they differ from its defaults."""
+    notes = []
+    if params.get("seeds"):
+        notes.append(f"the seed list {params['seeds']} has no field here; the form makes images from one seed")
+    until = params.get("variety_until")
+    if params.get("variety") and until is not None and until != DEFAULT_VARIETY_UNTIL:
+        notes.append(f"variety until {until} has no field here; the form uses {DEFAULT_VARIETY_UNTIL}")
+    return notes
 
 
 # ---- text shown on the page ------------------------------------------------------------------------
 
 
-def describe_params(params: dict[str, Any], seed: int | None = None) -> str:
-    """Markdown of one image's (or job's) parameters."""
+def describe_params(params: dict[str, Any], seed: int | None = None, variation_seed: int | None = None) -> str:
+    """Markdown of one image's (or job's) parameters; the exploration options only when they are on."""
     rows = [
         ("Prompt", params.get("prompt", "")),
         ("Negative prompt", params.get("negative_prompt") or "—"),
@@ -165,6 +213,14 @@ def describe_params(params: dict[str, Any], seed: int | None = None) -> str:
         ("Steps", params.get("steps")),
         ("Guidance", params.get("guidance_scale")),
     ]
+    if params.get("seeds"):
+        rows.append(("Seed list", ", ".join(map(str, params["seeds"]))))
+    if params.get("variation_strength"):
+        shown = variation_seed if variation_seed is not None else params.get("variation_seed")
+        rows.append(("Variation", f"seed {shown}, strength {params['variation_strength']:g}"))
+    if params.get("variety"):
+        until = params.get("variety_until", DEFAULT_VARIETY_UNTIL)
+        rows.append(("Seed variety", f"{params['variety']:g} (first {until:g} of the steps)"))
     if params.get("n", 1) > 1:
         rows.append(("Images in job", params["n"]))
     return "\n".join(f"- **{name}:** {_md_escape(str(value))}" for name, value in rows)

@@ -26,6 +26,8 @@ from .ui import (
     RANDOM_SEED,
     STEPS_MAX,
     UNIT,
+    VARIATION_INFO,
+    VARIETY_INFO,
     FormError,
     aspect_presets,
     describe_params,
@@ -64,7 +66,12 @@ class _ImageFiles:
 def _records(jobs: list[dict[str, Any]], files: _ImageFiles, key: str | None) -> list[dict[str, Any]]:
     """One record per image of the jobs: its file, seed and job, for a gallery and its selection."""
     return [
-        {"path": files.path(image, key), "seed": image.get("seed"), "job": job}
+        {
+            "path": files.path(image, key),
+            "seed": image.get("seed"),
+            "variation_seed": image.get("variation_seed"),
+            "job": job,
+        }
         for job in jobs
         for image in job.get("images") or []
     ]
@@ -118,6 +125,17 @@ def build(api_base: str) -> gr.Blocks:
                             0, GUIDANCE_MAX, value=0, step=0.1, label="Guidance (CFG scale)", info=GUIDANCE_INFO,
                             elem_id="guidance",
                         )  # fmt: skip
+                        variation_seed = gr.Number(
+                            RANDOM_SEED, label="Variation seed (-1 = random)", precision=0,
+                            elem_id="variation-seed",
+                        )  # fmt: skip
+                        variation_strength = gr.Slider(
+                            0, 1, value=0, step=0.01, label="Variation strength", info=VARIATION_INFO,
+                            elem_id="variation-strength",
+                        )  # fmt: skip
+                        variety = gr.Slider(
+                            0, 1, value=0, step=0.01, label="Seed variety", info=VARIETY_INFO, elem_id="variety"
+                        )
                     png = gr.File(
                         label="Drop a PNG here to read its parameters", file_types=[".png"], type="filepath",
                         elem_id="png-drop",
@@ -148,7 +166,20 @@ def build(api_base: str) -> gr.Blocks:
                     hist_reuse = gr.Button("Reuse parameters", interactive=False, elem_id="history-reuse")
                     hist_delete = gr.Button("Delete", variant="stop", interactive=False, elem_id="history-delete")
 
-        form = [prompt, negative, preset, width, height, steps, guidance, seed, n]
+        form = [
+            prompt,
+            negative,
+            preset,
+            width,
+            height,
+            steps,
+            guidance,
+            seed,
+            n,
+            variation_seed,
+            variation_strength,
+            variety,
+        ]
         free = {"concurrency_limit": None}  # the server's queue orders the work; Gradio's must not
         status_io = {"inputs": [key_state], "outputs": [status_md, key_row], **free}
         demo.load(handlers.status, **status_io)
@@ -164,7 +195,20 @@ def build(api_base: str) -> gr.Blocks:
 
         generate_btn.click(
             handlers.generate,
-            [key_state, prompt, negative, width, height, steps, guidance, seed, n],
+            [
+                key_state,
+                prompt,
+                negative,
+                width,
+                height,
+                steps,
+                guidance,
+                seed,
+                n,
+                variation_seed,
+                variation_strength,
+                variety,
+            ],
             [progress, gallery, results, image_params, download, last_seed],
             show_progress="hidden",
             **free,
@@ -232,12 +276,17 @@ class _Handlers:
         guidance: float,
         seed: float | None,
         n: float,
+        variation_seed: float | None,
+        variation_strength: float,
+        variety: float,
         request: gr.Request,
     ) -> Iterator[tuple[Any, ...]]:
         """Queue a job, then stream its progress; the last update shows the images."""
         skip = gr.skip()
         try:
-            params = job_params(prompt, negative, width, height, steps, guidance, seed, n)
+            params = job_params(
+                prompt, negative, width, height, steps, guidance, seed, n, variation_seed, variation_strength, variety
+            )
         except FormError as e:
             yield f"Error: {e}", skip, skip, skip, skip, skip
             return
@@ -285,7 +334,8 @@ class _Handlers:
     @staticmethod
     def select_result(records: list[dict[str, Any]], evt: gr.SelectData) -> tuple[str, Any]:
         record = records[evt.index]
-        return describe_params(record["job"]["params"], record["seed"]), gr.update(value=record["path"], visible=True)
+        text = describe_params(record["job"]["params"], record["seed"], record.get("variation_seed"))
+        return text, gr.update(value=record["path"], visible=True)
 
     def read_png(self, path: str | None) -> tuple[Any, ...]:
         from .errors import InvalidRequestError
@@ -319,7 +369,8 @@ class _Handlers:
     def select_history(records: list[dict[str, Any]], evt: gr.SelectData) -> tuple[Any, ...]:
         record = records[evt.index]
         job = record["job"]
-        text = describe_params(job["params"], record["seed"]) + f"\n- **Job:** {job['id']} ({job['status']})"
+        text = describe_params(job["params"], record["seed"], record.get("variation_seed"))
+        text += f"\n- **Job:** {job['id']} ({job['status']})"
         return text, job, gr.update(interactive=True), gr.update(interactive=True)
 
     @staticmethod
@@ -344,8 +395,8 @@ _NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 1)
 
 
 def _form_updates(values: dict[str, Any]) -> list[Any]:
-    """Updates for the form fields and the Advanced accordion, which is opened to show CFG settings."""
-    advanced = bool(values.get("negative_prompt")) or bool(values.get("guidance_scale"))
+    """Updates for the form fields and the Advanced accordion, opened when a value it holds is set."""
+    advanced = any(values.get(k) for k in ("negative_prompt", "guidance_scale", "variation_strength", "variety"))
     return [
         *(values[k] if k in values else gr.skip() for k in FORM_KEYS),
         gr.Accordion(open=True) if advanced else gr.skip(),
