@@ -195,20 +195,7 @@ def build(api_base: str) -> gr.Blocks:
 
         generate_btn.click(
             handlers.generate,
-            [
-                key_state,
-                prompt,
-                negative,
-                width,
-                height,
-                steps,
-                guidance,
-                seed,
-                n,
-                variation_seed,
-                variation_strength,
-                variety,
-            ],
+            [key_state, *(field for field in form if field is not preset)],  # the form's values, less the preset
             [progress, gallery, results, image_params, download, last_seed],
             show_progress="hidden",
             **free,
