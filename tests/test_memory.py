@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -296,3 +297,12 @@ def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
         chain.append(step[0])
         step = memory.leaner(*step)
     assert chain == ["resident", "te-offload", "block-offload", "sequential"]
+
+
+def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
+    # Streaming plans move plain weights only; a quantized transformer that fits nothing is an error
+    # naming what it needs, while the unquantized engine falls back to the leanest plan.
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", vram_budget=0.001)
+    with pytest.raises(GPUMemoryError, match=r"--quantize int8 needs about .* GiB even as .*use --quantize none"):
+        Engine.load(dataclasses.replace(config, quantize="int8"))
+    assert Engine.load(config).placement.plan == "sequential"

@@ -702,6 +702,14 @@ def _memory_plan(
     choice = memory.choose(
         shape, dtype_bytes, budget, width=1024, height=1024, quantize_options=options, exact=config.quantize == "none"
     )
+    if choice.chosen is None and config.quantize != "none":
+        # The streaming plans move plain weights only, so a quantized transformer has no leaner plan.
+        least = min(choice.considered, key=lambda e: e.peak)
+        raise GPUMemoryError(
+            f"--quantize {config.quantize} needs about {least.peak / memory.GIB:.1f} GiB even as {least.label()}, "
+            f"and the budget is {budget / memory.GIB:.1f} GiB; use --quantize none, whose block-offload and "
+            "sequential plans stream the weights and fit in less"
+        )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at 1024x1024; trying the leanest", budget / memory.GIB)
         return (memory.PLANS[-1], 0, 0), True, config.quantize
