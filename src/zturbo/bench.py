@@ -533,7 +533,7 @@ def main(args: argparse.Namespace) -> int:
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
     out_dir = Path(args.out or os.environ.get("OUT") or "bench")
-    if args.cap_row or args.memory_caps:
+    if args.cap_row or args.memory_caps or args.fp8_caps:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         res = first_image(opts, args.started)

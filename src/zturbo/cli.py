@@ -215,7 +215,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="GiB caps, comma separated (0 = uncapped): the memory planner's plan, peak and speed under each "
         "(the first --sizes value; one process per cap; diffusers' offloading too unless --no-reference)",
     )
-    p.add_argument("--fp8-caps", default=None, help="with --memory-caps: caps to also run with fp8 weights")
+    p.add_argument(
+        "--fp8-caps", default=None, help="caps to run with fp8 weights (alone, or after the --memory-caps rows)"
+    )
     p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
     p.add_argument(
         "--write-checkpoint", default=None, help="write random real-size weights in the published layout to DIR"
