@@ -69,6 +69,12 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert row["plan"] == "resident" and row["median_s"] > 0 and row["fallbacks"] == []
     assert row["estimate_gib"] > 0 and row["memory_plan_after"] == "resident"
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
+    # Rows are compared by their image: the same weights and seed in every row, so the same picture.
+    again = bench_memory.one_row(0.0, 64, runs=1, tiny=True)
+    assert len(row["thumbnail"]) == 32 * 32 * 3 and bench_memory.image_difference(again, row) == 0.0
+    other = again | {"thumbnail": [v + 3.0 for v in again["thumbnail"]]}
+    assert bench_memory.image_difference(other, row) == pytest.approx(3.0)
+    assert "| 3.00/255 |" in bench_memory.markdown([row | {"kind": "zturbo"}, other | {"kind": "zturbo"}])
     # A 0.5 GiB cap leaves nothing after the 0.5 GiB safety margin: the row says so.
     assert bench_memory.one_row(0.5, 64, runs=1, tiny=True)["error"] == "no plan fits"
 

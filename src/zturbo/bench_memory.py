@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import bench, memory
@@ -84,6 +85,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     start = time.perf_counter()
     first = call()
     out: dict[str, Any] = {"first_call_s": time.perf_counter() - start, "fallbacks": first.fallbacks}
+    out["thumbnail"] = thumbnail(first.images[0].image)
     out |= bench.timed(call, engine.device, runs, warmup=0)
     # A repeated prompt skips the text encoder (prompt cache): what te-offload is built around.
     cached = bench.timed(
@@ -95,6 +97,21 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     out["cached_prompt_s"] = cached["median_s"]
     out["memory_plan_after"] = engine.placement.plan
     return out
+
+
+def thumbnail(image: Any, side: int = 32) -> list[float]:
+    """The image averaged down to side x side x 3 values: enough to tell whether two rows made the
+    same picture (the weights are the same in every row: one seed), small enough for the JSON."""
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    return torch.nn.functional.adaptive_avg_pool2d(pixels, side).flatten().tolist()
+
+
+def image_difference(row: dict[str, Any], baseline: dict[str, Any] | None) -> float | None:
+    """Mean absolute difference (of 255) between two rows' thumbnails."""
+    if baseline is None or "thumbnail" not in row or "thumbnail" not in baseline or row is baseline:
+        return None
+    a, b = np.asarray(row["thumbnail"]), np.asarray(baseline["thumbnail"])
+    return float(np.abs(a - b).mean()) if a.shape == b.shape else None
 
 
 def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]:
@@ -142,19 +159,22 @@ def run_caps(
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     uncapped = next((r for r in rows if r.get("cap_gib") == 0 and "median_s" in r and "estimate_gib" in r), None)
+    first = next((r for r in rows if "thumbnail" in r), None)  # every zturbo row should match it
     lines = [
-        "| cap | plan | estimate | measured peak | s/img | vs uncapped | s/img, repeated prompt |",
-        "|---|---|---|---|---|---|---|",
+        "| cap | plan | estimate | measured peak | s/img | vs uncapped | s/img, repeated prompt | image vs first row |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
         cap += " (fp8)" if r.get("kind") == "zturbo-fp8" else ""
         if "error" in r:
-            lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - |")
+            lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - | - |")
             continue
         est = f"{r['estimate_gib']:.2f} GiB" if "estimate_gib" in r else "-"
         ratio = f"{uncapped['median_s'] / r['median_s']:.0%}" if uncapped else "-"
         peak = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
         cached = f"{r['cached_prompt_s']:.3f}" if "cached_prompt_s" in r else "-"
-        lines.append(f"| {cap} | {r['plan']} | {est} | {peak} | {r['median_s']:.3f} | {ratio} | {cached} |")
+        diff = image_difference(r, first)
+        same = f"{diff:.2f}/255" if diff is not None else "-"
+        lines.append(f"| {cap} | {r['plan']} | {est} | {peak} | {r['median_s']:.3f} | {ratio} | {cached} | {same} |")
     return "\n".join(lines)
