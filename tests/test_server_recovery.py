@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from test_server import Server
+from serving import Server
 
 
 def wait_running(server: Server, job_id: str, timeout: float = 30) -> dict:

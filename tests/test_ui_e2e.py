@@ -11,10 +11,6 @@ import base64
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from serving import Server
 from zturbo.imageio import png_info, read_metadata
 
 pytestmark = pytest.mark.e2e
@@ -56,72 +53,10 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `zturbo serve` subprocess on a free port with its own data directory."""
-
-    def __init__(self, tmp: Path, *extra: str):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = extra[extra.index("--api-key") + 1] if "--api-key" in extra else None
-        self.log = tmp / "serve.log"
-        cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--model", "tiny-random"]
-        cmd += ["--device", "cpu"]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--data-dir", str(tmp / "data"), *extra]
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        self.http = httpx.Client(
-            base_url=self.url, timeout=10, headers={"Authorization": f"Bearer {self.key}"} if self.key else {}
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"zturbo serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"zturbo serve not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def submit(self, **params: Any) -> dict[str, Any]:
-        resp = self.http.post("/v1/jobs", json={"width": 64, "height": 64, "steps": 2, **params})
-        assert resp.status_code == 202, resp.text
-        return resp.json()
-
-    def wait(self, job_id: str, timeout: float = 60) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            job = self.http.get(f"/v1/jobs/{job_id}").json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                return job
-            time.sleep(0.1)
-        raise AssertionError(f"job {job_id} not finished after {timeout}s")
-
-    def history(self, q: str) -> list[dict[str, Any]]:
-        return self.http.get("/v1/history", params={"q": q, "limit": 50}).json()["items"]
-
-    def stop(self) -> None:
-        self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(tmp_path_factory.mktemp("serve"))
+    srv = Server("tiny-random", tmp_path_factory.mktemp("serve") / "data", key=None)
+    srv.wait_ready()
     yield srv
     srv.stop()
 
@@ -245,8 +180,8 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
 
 def test_history_search_reuse_and_delete(page: Any, server: Server, tmp_path: Path) -> None:
     explore = {"variation_seed": 12, "variation_strength": 0.15, "variety": 0.4}
-    alpha = server.wait(server.submit(prompt="history alpha lighthouse", seed=77, steps=3, **explore)["id"])
-    server.wait(server.submit(prompt="history beta harbour", seed=78)["id"])
+    alpha = server.wait_job(server.submit(prompt="history alpha lighthouse", seed=77, steps=3, **explore)["id"])
+    server.wait_job(server.submit(prompt="history beta harbour", seed=78)["id"])
     assert alpha["status"] == "succeeded"
 
     page.get_by_role("tab", name="History").click()
@@ -293,8 +228,8 @@ def test_cancel_a_queued_job(page: Any, server: Server) -> None:
     expect(page.locator("#progress")).to_have_text("Cancelled")
     [job] = server.history("e2e-cancel")
     assert job["status"] == "cancelled" and job["images"] == []
-    server.http.delete(f"/v1/jobs/{blocker['id']}")
-    server.wait(blocker["id"])
+    server.client.delete(f"/v1/jobs/{blocker['id']}")
+    server.wait_job(blocker["id"])
 
 
 def test_dropped_png_fills_the_form(page: Any, tmp_path: Path) -> None:
@@ -335,7 +270,8 @@ def test_dropped_png_fills_the_form(page: Any, tmp_path: Path) -> None:
 
 def test_api_key_is_asked_for_and_never_in_the_page(browser: Any, tmp_path: Path) -> None:
     key = "e2e-secret-key-123"
-    srv = Server(tmp_path, "--api-key", key)
+    srv = Server("tiny-random", tmp_path / "data", "--api-key", key, key=key)  # the flag, as users pass it
+    srv.wait_ready()
     try:
         assert httpx.get(f"{srv.url}/v1/status").status_code == 401
         context = browser.new_context()

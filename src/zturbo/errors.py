@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ZTurboError(Exception):
     """Base of every error zturbo raises on purpose; `str(err)` is the user-facing message."""
 
     http_status: int = 500
     kind: str = "internal_error"
-
-    def to_dict(self) -> dict[str, str]:
-        return {"error": str(self), "type": self.kind}
 
 
 class InvalidRequestError(ZTurboError, ValueError):
@@ -60,3 +59,65 @@ class GPUMemoryError(ZTurboError):
 
     http_status = 507
     kind = "out_of_memory"
+
+
+# --- the server and its job queue ----------------------------------------------------------
+
+
+class QueueFullError(ZTurboError):
+    """The bounded queue holds as many jobs as allowed; retry later."""
+
+    http_status = 429
+    kind = "queue_full"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class JobNotFoundError(ZTurboError):
+    http_status = 404
+    kind = "not_found"
+
+
+class JobConflictError(ZTurboError):
+    """The job is not in a state that allows the operation (e.g. cancelling a finished job)."""
+
+    http_status = 409
+    kind = "conflict"
+
+
+class FieldError(InvalidRequestError):
+    """Bad input in one named field."""
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class UnauthorizedError(ZTurboError):
+    http_status = 401
+    kind = "unauthorized"
+
+
+class NotReadyError(ZTurboError):
+    http_status = 503
+    kind = "not_ready"
+
+
+class SyncTimeoutError(ZTurboError):
+    """The synchronous API waited its limit; the job goes on and can be polled."""
+
+    http_status = 504
+    kind = "timeout"
+
+
+class JobFailedError(ZTurboError):
+    """A synchronous (OpenAI-style) request whose job failed; status follows the job's error."""
+
+    STATUS: ClassVar[dict[str, int]] = {"out_of_memory": 507, "timeout": 504, "invalid_request": 400, "cancelled": 409}
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.http_status = self.STATUS.get(kind, 500)

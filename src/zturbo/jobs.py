@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ZTurboError
+from .errors import JobConflictError, JobNotFoundError, QueueFullError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -52,29 +52,6 @@ CREATE TABLE IF NOT EXISTS images (
     UNIQUE (job_id, idx)
 );
 """
-
-
-class QueueFullError(ZTurboError):
-    """The bounded queue holds as many jobs as allowed; retry later."""
-
-    http_status = 429
-    kind = "queue_full"
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class JobNotFoundError(ZTurboError):
-    http_status = 404
-    kind = "not_found"
-
-
-class JobConflictError(ZTurboError):
-    """The job is not in a state that allows the operation (e.g. cancelling a finished job)."""
-
-    http_status = 409
-    kind = "conflict"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -30,7 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import jobs
 from .config import RuntimeConfig
-from .errors import InvalidRequestError, ZTurboError
+from .errors import (
+    FieldError,
+    JobFailedError,
+    NotReadyError,
+    SyncTimeoutError,
+    UnauthorizedError,
+    ZTurboError,
+)
 from .request import DEFAULT_VARIETY_UNTIL, MAX_GUIDANCE, ModelLimits
 from .workers import Finished, Hooks, Supervisor
 
@@ -44,45 +51,6 @@ SEED_MAX = 2**63 - 1 - MAX_IMAGES
 MODEL_ALIASES = ("z-image-turbo", "zturbo")
 SIGNED_URL_TTL_S = 3600
 SSE_KEEPALIVE_S = 15.0
-
-
-# --- errors ----------------------------------------------------------------------------------
-
-
-class FieldError(InvalidRequestError):
-    """Bad input in one named field."""
-
-    def __init__(self, field: str | None, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class UnauthorizedError(ZTurboError):
-    http_status = 401
-    kind = "unauthorized"
-
-
-class NotReadyError(ZTurboError):
-    http_status = 503
-    kind = "not_ready"
-
-
-class SyncTimeoutError(ZTurboError):
-    """The synchronous API waited its limit; the job goes on and can be polled."""
-
-    http_status = 504
-    kind = "timeout"
-
-
-class JobFailedError(ZTurboError):
-    """A synchronous (OpenAI-style) request whose job failed; status follows the job's error."""
-
-    STATUS: ClassVar[dict[str, int]] = {"out_of_memory": 507, "timeout": 504, "invalid_request": 400, "cancelled": 409}
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.http_status = self.STATUS.get(kind, 500)
 
 
 def error_response(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
