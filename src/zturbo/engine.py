@@ -102,11 +102,10 @@ class PromptCache:
         prompts: Sequence[str],
         device: torch.device,
         *,
-        encoder_device: torch.device | None = None,
         on_miss: Callable[[], None] | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:
-        """Embeddings on `device` for `prompts` (the text encoder runs once, on `encoder_device`, for
-        all misses, after `on_miss()`) and their truncation warnings."""
+        """Embeddings on `device` for `prompts` (the text encoder runs once for all misses, after
+        `on_miss()`) and their truncation warnings."""
         dtype = next(text_encoder.parameters()).dtype
         missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self._items]
         self.hits += len(prompts) - len(missing)
@@ -114,7 +113,7 @@ class PromptCache:
         if missing:
             if on_miss is not None:
                 on_miss()
-            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, encoder_device or device)
+            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device)
             for prompt, embed, warning in zip(missing, embeds, warnings, strict=True):
                 # clone (or copy to the device): drop the padded batch the embedding was a view of
                 self._items[(prompt, dtype)] = (embed.to(device, copy=True), warning)
@@ -516,7 +515,7 @@ class Engine:
         tick = time.perf_counter()
         rows = req.images
         placed = self.placement
-        where = {"encoder_device": placed.text_encoder_device, "on_miss": lambda: placed.stage("encode")}
+        where = {"on_miss": lambda: placed.stage("encode")}
         cache = self.prompt_cache
         cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [r.prompt for r in rows], self.device, **where)
         uncond = None

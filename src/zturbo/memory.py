@@ -387,10 +387,6 @@ class Placement:
         self._embed_hooks: list[Any] = []
         self.change(plan, resident_blocks, resident_layers)
 
-    @property
-    def text_encoder_device(self) -> torch.device:
-        return self.device  # every plan computes the text encoder on the device
-
     def describe(self) -> str:
         if self.plan == "block-offload":
             total = sum(1 for _ in transformer_blocks(self.components.transformer))

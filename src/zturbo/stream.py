@@ -76,7 +76,7 @@ class BlockStreamer:
             h.remove()
         for b in self.blocks:
             for t in b.tensors:
-                _set(t, _view(b.host, t).clone() if not self.cuda else _view(b.host, t))
+                _set(t, _view(b.host, t))
         self.blocks.clear()
         self.slots.clear()
 
