@@ -50,20 +50,40 @@ def test_compiled_graphs_have_no_breaks_and_same_image(fresh, engine):
 
 
 def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
-    # Two block graphs (modulated; the caption refiner's unmodulated one) and the decoder's, on the
-    # first image; new prompt lengths and image sizes then recompile nothing.
+    # Two block graphs (modulated; the caption refiner's unmodulated one), the text encoder's layer
+    # and the decoder's, on the first image; new prompt lengths and image sizes then recompile
+    # nothing but the decoder.
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
     fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend=counter)
     try:
         fresh.generate("a red fox", **PARAMS)
-        assert counter.frame_count == 3
+        assert counter.frame_count == 4
         fresh.generate("a much longer prompt about a red fox in the snow at dawn " * 3, **PARAMS)
         fresh.generate("a red fox", **{**PARAMS, "width": 96, "height": 64})
-        assert counter.frame_count == 4  # only the decoder, at the new size (dynamic=None)
+        assert counter.frame_count == 5  # only the decoder, at the new size (dynamic=None)
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_text_encoder_layers_give_the_eager_embeddings(fresh):
+    # The compiled layers bypass the attention modules' output hooks; the prompt embeddings are read
+    # from the layers' own hooks (hidden_states[-2]) and must be exactly the eager ones.
+    from zturbo.engine import encode_prompt
+
+    c = fresh.components
+    prompts = ["a red fox", "a much longer prompt about a red fox in the snow at dawn"]  # padded batch
+    with torch.inference_mode():
+        expected, _ = encode_prompt(c.text_encoder, c.tokenizer, prompts, torch.device("cpu"))
+        fresh.accel = accel.apply(c, compile_=True, quantize="none", backend="eager")
+        try:
+            got, _ = encode_prompt(c.text_encoder, c.tokenizer, prompts, torch.device("cpu"))
+        finally:
+            fresh.accel.revert_compile()
+            torch._dynamo.reset()
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
 
 
 def failing_backend(gm, example_inputs):
@@ -136,6 +156,28 @@ def test_int8_weights_on_the_cpu_stay_close_to_float32(tiny_dir, engine):
     result = quantized.generate("a red fox", **PARAMS)
     assert result.images[0].metadata["quantize"] == "int8"
     assert np.abs(pixels(result) - expected).mean() < 2  # measured 0.40 (bf16 alone is most of it)
+
+
+def test_quantizing_block_by_block_onto_the_device_matches_quantizing_in_place(fresh):
+    # Engine.load quantizes on arrival (one block of plain weights on the device at a time); the
+    # result must be the in-place quantization: the same linears, the same quantized values.
+    import copy
+
+    pytest.importorskip("torchao")
+    in_place = copy.deepcopy(fresh.components.transformer).to(torch.bfloat16)
+    arriving = copy.deepcopy(in_place)
+    accel.quantize_transformer(in_place, "int8")
+    accel.quantize_transformer(arriving, "int8", device=torch.device("cpu"))
+
+    def quantized(model):
+        return {n: m.weight for n, m in model.named_modules() if "Int8" in type(getattr(m, "weight", None)).__name__}
+
+    a, b = quantized(in_place), quantized(arriving)
+    assert a.keys() == b.keys() and len(a) == 7 * len(list(accel.transformer_blocks(in_place)))
+    assert not any("adaLN" in name for name in a)  # the (B, 256)-input modulation stays plain
+    for name in a:
+        torch.testing.assert_close(a[name].dequantize(), b[name].dequantize(), rtol=0, atol=0)
+    assert getattr(arriving, accel.QUANTIZED) == "int8"
 
 
 @pytest.mark.parametrize(

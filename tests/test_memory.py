@@ -223,6 +223,28 @@ def test_out_of_memory_twice_is_a_clear_error_and_the_engine_stays_usable(fresh)
     assert fresh.generate("a red fox", seed=1, steps=2, width=64, height=64).fallbacks == []
 
 
+def test_out_of_memory_error_lists_only_the_plans_leaner_than_the_current_one(fresh):
+    memory.inject_oom(fresh.components.transformer, times=2)
+    with pytest.raises(GPUMemoryError) as caught:
+        fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    message = str(caught.value)
+    assert "a leaner --memory plan (block-offload, model-offload, sequential)" in message  # now at te-offload
+    assert "memory is the host's" in message and "--quantize fp8" in message
+
+
+def test_a_quantized_transformer_is_not_moved_to_a_streaming_plan(tiny_dir):
+    pytest.importorskip("torchao")
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8"))
+    engine.placement.change("te-offload")
+    memory.inject_oom(engine.components.transformer)
+    with pytest.raises(GPUMemoryError) as caught:  # block-offload streams plain weights only: no retry
+        engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    message = str(caught.value)
+    assert "model-offload" in message and "block-offload," not in message and "sequential" not in message
+    assert "--quantize none" in message
+    assert engine.placement.plan == "te-offload"
+
+
 @pytest.mark.parametrize("plan", memory.PLANS)
 def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
     # On the CPU the moves are CPU to CPU; what this checks is that each plan's hooks and stage

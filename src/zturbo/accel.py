@@ -176,7 +176,8 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
     accel = Accel(quantize=quantize)
     if quantize != "none":
         unfuse_projections(components.transformer)
-        quantize_transformer(components.transformer, quantize)
+        if getattr(components.transformer, QUANTIZED, None) != quantize:  # not already, at load
+            quantize_transformer(components.transformer, quantize)
     elif compile_ and fuse:
         fuse_projections(components.transformer)
         accel.fused = components.transformer
@@ -187,6 +188,12 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
             accel.processors.append((attention, attention.processor))
             attention.set_processor(RealRopeAttnProcessor())
             _compile_block(accel, block, backend)
+        # The text encoder is launch-bound at prompt lengths (36 layers of ~20 small kernels each):
+        # compiled layers launch a handful of fused kernels instead.
+        for layer in components.text_encoder.layers:
+            layer.forward = _decoder_layer_without_inner_hooks(layer)
+            # Round where eager rounds: 36 layers of bf16 otherwise drift from the eager embeddings.
+            _compile_block(accel, layer, backend, options={"emulate_precision_casts": True})
         _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
     return accel
 
@@ -214,31 +221,85 @@ def _compile_forward(accel: Accel, module: torch.nn.Module, backend: Any, dynami
     accel.compiled.append(module)
 
 
-def _compile_block(accel: Accel, block: torch.nn.Module, backend: Any) -> None:
-    """Compile a transformer block with its token dimension dynamic from the first call.
+def _compile_block(accel: Accel, block: torch.nn.Module, backend: Any, options: dict[str, Any] | None = None) -> None:
+    """Compile a transformer block or text-encoder layer with its token dimension dynamic from the
+    first call.
 
-    The blocks see three token counts per forward (the image, the caption, both) and a new one per
-    prompt length. Left to itself (dynamic=None), torch.compile first builds a static graph and
-    throws it away at the second count; with fp8 each such graph costs one to two minutes. With
-    dynamic=True every dimension becomes symbolic and the kernels get slower (H100, 1024²: 0.923 s
-    per image, against 0.855 s with dynamic=None). So only the token dimension is marked.
+    Transformer blocks see three token counts per forward (the image, the caption, both) and both
+    kinds of block a new one per prompt length. Left to itself (dynamic=None), torch.compile first
+    builds a static graph and throws it away at the second count; with fp8 each such graph costs one
+    to two minutes. With dynamic=True every dimension becomes symbolic and the kernels get slower
+    (H100, 1024²: 0.923 s per image, against 0.855 s with dynamic=None). So only the token
+    dimensions are marked.
     """
-    compiled = torch.compile(block.forward, fullgraph=True, backend=backend, dynamic=None)
+    inductor = {"options": options} if options and backend == "inductor" else {}
+    compiled = torch.compile(block.forward, fullgraph=True, backend=backend, dynamic=None, **inductor)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        tokens = x.shape[1]  # x: (B, tokens, dim); masks, RoPE tables and noise masks share dim 1
-        for t in (x, *args, *kwargs.values()):
-            if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[1] == tokens:
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+        _mark_token_dims(x.shape[1], (x, *args, *kwargs.values()))  # x: (B, tokens, dim)
         return compiled(x, *args, **kwargs)
 
     block.forward = forward
     accel.compiled.append(block)
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
+def _decoder_layer_without_inner_hooks(layer: torch.nn.Module) -> Any:
+    """A transformers decoder layer's forward (pre-norm attention, pre-norm MLP, both residual) that
+    calls its attention's `forward` rather than the module.
+
+    transformers (5.x) hangs output-capturing hooks on every attention module, and they read a
+    ContextVar, which dynamo cannot trace. The layer's own hooks (which capture the hidden states
+    the prompt embeddings are read from) stay outside the compiled graph and still run.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    norm_in, norm_post = layer.input_layernorm, layer.post_attention_layernorm
+
+    def forward(
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        kwargs.pop("use_cache", None)
+        kwargs.pop("position_ids", None)  # RoPE comes in position_embeddings
+        attended, _ = attn.forward(
+            norm_in(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = hidden_states + attended
+        return hidden_states + mlp(norm_post(hidden_states))
+
+    return forward
+
+
+def _mark_token_dims(tokens: int, values: Any) -> None:
+    """Mark every non-batch dimension of size `tokens` dynamic, in tensors nested in tuples/lists:
+    masks ((B, S) or (B, 1, S, S)), RoPE tables ((B, S, ...) or a (cos, sin) pair), noise masks."""
+    for value in values:
+        if isinstance(value, (tuple, list)):
+            _mark_token_dims(tokens, value)
+        elif isinstance(value, torch.Tensor):
+            for dim in range(1, value.ndim):
+                if value.shape[dim] == tokens:
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+
+
+QUANTIZED = "zturbo_quantized"  # attribute on a transformer whose block linears are quantized
+
+
+def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> None:
     """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations),
-    int8 or int4 (weight-only; int4 in groups of 128 along the input)."""
+    int8 or int4 (weight-only; int4 in groups of 128 along the input).
+
+    With `device`, the transformer (on the CPU) is moved there one block at a time, each block
+    quantized on arrival: the device never holds more than one block of plain weights, so a
+    transformer whose plain weights exceed the device's memory loads when its quantized ones fit,
+    and the freed plain blocks leave no holes larger than one block.
+    """
     try:
         from torchao import quantization as tq
     except ImportError as e:
@@ -248,8 +309,17 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str) -> None:
         "int8": lambda: tq.Int8WeightOnlyConfig(),
         "int4": lambda: tq.Int4WeightOnlyConfig(group_size=128),
     }
-
-    tq.quantize_(transformer, configs[mode](), filter_fn=is_block_linear)
+    config = configs[mode]()
+    if device is None:
+        tq.quantize_(transformer, config, filter_fn=is_block_linear)
+    else:
+        for list_name in BLOCK_LISTS:
+            for i, block in enumerate(getattr(transformer, list_name)):
+                torch.nn.Module.to(block, device)
+                prefix = f"{list_name}.{i}."
+                tq.quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: is_block_linear(m, p + fqn))
+        torch.nn.Module.to(transformer, device)  # the rest: embedders, final layer (kept dtypes)
+    setattr(transformer, QUANTIZED, mode)
 
 
 def compile_errors() -> tuple[type[BaseException], ...]:

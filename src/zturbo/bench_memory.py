@@ -58,6 +58,12 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
         return row
     est = choice.chosen
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
+    if est.quantize != "none" and device.type == "cuda":
+        # As Engine.load does: plain weights on the CPU, quantized block by block onto the device.
+        from .accel import quantize_transformer
+
+        torch.nn.Module.to(components.transformer, "cpu")
+        quantize_transformer(components.transformer, est.quantize, device=device)
     model = ModelInfo("random-weights", None, "none")
     limits = ModelLimits(spatial_unit=16, max_pixels=4096 * 4096)
     kept = {"resident_blocks": est.resident_blocks, "resident_layers": est.resident_layers}

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,7 +27,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import STREAMED_PLANS, Placement, homes, leaner
+from .memory import SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -35,6 +35,7 @@ log = logging.getLogger("zturbo")
 
 MAX_TOKENS = 512
 StepCallback = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +70,12 @@ def encode_prompt(
         )
     enc = tokenizer(texts, padding="longest", max_length=max_tokens, truncation=True, return_tensors="pt")
     mask = enc.attention_mask.bool()  # (B, L) on the CPU: slicing with it needs no device sync
-    out = text_encoder(input_ids=enc.input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+    out = text_encoder(
+        input_ids=enc.input_ids.to(device),
+        attention_mask=mask.to(device),
+        output_hidden_states=True,
+        use_cache=False,  # one forward pass: a key/value cache would only be filled and dropped
+    )
     hidden = out.hidden_states[-2]  # (B, L, D)
     return [_select_real(hidden[i], mask[i]) for i in range(len(texts))], warnings
 
@@ -385,7 +391,13 @@ class Engine:
         accel_.check_quantize(config.quantize, caps, plan.transformer.dtype)
         (memory_plan, blocks, layers), tiling, quantize = _memory_plan(config, caps, device, source, plan.dtypes())
         start = time.perf_counter()
-        components = load_components(source, device, plan.dtypes(), homes(memory_plan, device))
+        where = homes(memory_plan, device)
+        quantize_on_arrival = quantize != "none" and where["transformer"] != torch.device("cpu")
+        if quantize_on_arrival:  # plain weights to the CPU, then block by block to the device, quantized
+            where["transformer"] = torch.device("cpu")
+        components = load_components(source, device, plan.dtypes(), where)
+        if quantize_on_arrival:
+            accel_.quantize_transformer(components.transformer, quantize, device=device)
         log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         limits = source.limits(config.max_pixels)
@@ -457,6 +469,8 @@ class Engine:
             if oom is not None:  # outside the except block, so the failed run's tensors are freed
                 placed = self.placement
                 target = leaner(placed.plan, placed.resident_blocks, placed.resident_layers)
+                if target is not None and self.accel.quantize != "none" and target[0] in UNQUANTIZED_PLANS:
+                    target = None  # the streaming plans move plain weights only
                 if memory_retried or target is None:
                     raise self._out_of_memory(req, oom)
                 fallbacks.append(self._lean_out(*target, reason=oom))
@@ -517,11 +531,14 @@ class Engine:
         placed = self.placement
         where = {"on_miss": lambda: placed.stage("encode")}
         cache = self.prompt_cache
-        cond, warnings = cache.encode(c.text_encoder, c.tokenizer, [r.prompt for r in rows], self.device, **where)
+
+        def encode(prompts: list[str]) -> tuple[list[torch.Tensor], list[str]]:
+            return cache.encode(c.text_encoder, c.tokenizer, prompts, self.device, **where)
+
+        cond, warnings = self._eager_if_compile_fails(encode, [r.prompt for r in rows])
         uncond = None
         if req.do_cfg:
-            negatives = [r.negative_prompt for r in rows]
-            uncond, _ = cache.encode(c.text_encoder, c.tokenizer, negatives, self.device, **where)
+            uncond, _ = self._eager_if_compile_fails(encode, [r.negative_prompt for r in rows])
         for w in warnings:
             log.warning(w)
         seeds = [r.seed for r in rows]
@@ -625,17 +642,21 @@ class Engine:
             cfg=req.do_cfg,
             vae_tiling=self.vae_tiling,
         )
-        total = torch.cuda.mem_get_info(self.device)[1] / GIB if self.device.type == "cuda" else float("nan")
         plan = self.placement.describe()
+        quantized = self.accel.quantize != "none"
+        following = SPEED_ORDER[SPEED_ORDER.index(self.placement.plan) + 1 :]
+        plans = [p for p in following if not (quantized and p in UNQUANTIZED_PLANS)]
+        options = ["a smaller size or batch"]
+        options += [f"a leaner --memory plan ({', '.join(plans)})"] if plans else []
+        options += ["--quantize none, whose block-offload plan streams the weights"] if quantized else []
+        options += ["--quantize fp8 (compute capability 8.9+)"] if not quantized else []
         return GPUMemoryError(
             f"{reason} with memory plan {plan}: {req.width}x{req.height}, {req.num_images} image(s) need about "
-            f"{need.peak / GIB:.1f} GiB with every component resident, and the device has {total:.1f} GiB. "
-            f"Options: a smaller size or batch, a leaner --memory plan than {plan} (resident, te-offload, "
-            "model-offload, block-offload, sequential), --quantize fp8 (compute capability 8.9+), "
-            "or a GPU with more memory"
+            f"{need.peak / GIB:.1f} GiB with every component resident, and {_memory_available(self.device)}. "
+            f"Options: {', '.join(options)}, or a GPU with more memory"
         )
 
-    def _eager_if_compile_fails(self, stage: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    def _eager_if_compile_fails(self, stage: Callable[..., T], *args: Any) -> T:
         if not self.accel.compiling:
             return stage(*args)
         try:
@@ -733,6 +754,20 @@ def _quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]
             continue
         usable.append(mode)
     return tuple(usable)
+
+
+def _memory_available(device: torch.device) -> str:
+    """'the device has N GiB', or the budget when --vram-budget capped the process below that."""
+    from .memory import GIB
+
+    if device.type != "cuda":
+        return f"the {device.type} device's memory is the host's"
+    total = torch.cuda.mem_get_info(device)[1]
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    if fraction < 1.0:
+        return f"the budget (--vram-budget) is {total * fraction / GIB:.1f} GiB"
+    return f"the device has {total / GIB:.1f} GiB"
 
 
 def _release_cached_memory(device: torch.device) -> None:
