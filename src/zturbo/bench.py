@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import platform
 import statistics
@@ -35,6 +36,8 @@ import torch
 from .engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
 from .loader import Components
 from .request import ModelLimits
+
+log = logging.getLogger("zturbo")
 
 PROMPT = (
     "A photograph of a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field, "
@@ -320,8 +323,15 @@ def _compiled_phase(
     torch._dynamo.reset()
     # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
     backend = "eager" if opts.tiny else "inductor"
+    started = time.perf_counter()
     engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, fuse=fuse, backend=backend)
+    phase["prepare_s"] = time.perf_counter() - started  # quantization, when there is one
+    log.info("bench %s: prepared in %.1f s; first call (compiles)", key, phase["prepare_s"])
+    report(res)
     phase["first_call_s"] = once(zturbo_e2e(engine, main_size), device)  # compiles
+    # Reported at once: when a command's time limit cuts the phase, what finished is still known.
+    log.info("bench %s: first call took %.1f s", key, phase["first_call_s"])
+    report(res)
     phase["warmup_s"] = phase["first_call_s"] + engine.warmup(main_size, main_size)
     phase["latent_rel_err_vs_eager"] = rel_err(final_latents(engine, main_size), baseline)
     report(res)
