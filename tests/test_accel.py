@@ -158,6 +158,15 @@ def test_int8_weights_on_the_cpu_stay_close_to_float32(tiny_dir, engine):
     assert np.abs(pixels(result) - expected).mean() < 2  # measured 0.40 (bf16 alone is most of it)
 
 
+def test_fp8_leaves_the_caption_refiner_plain_and_weight_only_modes_do_not(fresh):
+    transformer = fresh.components.transformer
+    linears = [(n, m) for n, m in transformer.named_modules() if accel.is_block_linear(m, n)]
+    fp8 = {n for n, m in linears if accel.quantizes("fp8", m, n)}
+    int8 = {n for n, m in linears if accel.quantizes("int8", m, n)}
+    assert int8 == {n for n, _ in linears} and fp8 == {n for n in int8 if not n.startswith("context_refiner.")}
+    assert fp8 and any(n.startswith("context_refiner.") for n in int8)
+
+
 def test_quantizing_block_by_block_onto_the_device_matches_quantizing_in_place(fresh):
     # Engine.load quantizes on arrival (one block of plain weights on the device at a time); the
     # result must be the in-place quantization: the same linears, the same quantized values.

@@ -210,6 +210,17 @@ def is_block_linear(module: torch.nn.Module, name: str) -> bool:
     )
 
 
+# Kept plain under fp8: the caption refiner's products have one row per caption token (tens), where
+# fp8 gains nothing, and its unmodulated blocks are a graph of their own, which costs over a
+# minute to compile in fp8 and seconds in bf16. Weight-only modes shrink it: they are for memory.
+FP8_PLAIN_BLOCKS = ("context_refiner",)
+
+
+def quantizes(mode: str, module: torch.nn.Module, name: str) -> bool:
+    """Whether `mode` quantizes the transformer's submodule `name`."""
+    return is_block_linear(module, name) and not (mode == "fp8" and name.startswith(FP8_PLAIN_BLOCKS))
+
+
 def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
     for name in BLOCK_LISTS:
         yield from getattr(transformer, name)
@@ -292,8 +303,9 @@ QUANTIZED = "zturbo_quantized"  # attribute on a transformer whose block linears
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> None:
-    """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations),
-    int8 or int4 (weight-only; int4 in groups of 128 along the input).
+    """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations;
+    not the caption refiner's, see FP8_PLAIN_BLOCKS), int8 or int4 (weight-only; int4 in groups of
+    128 along the input).
 
     With `device`, the transformer (on the CPU) is moved there one block at a time, each block
     quantized on arrival: the device never holds more than one block of plain weights, so a
@@ -311,13 +323,13 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     }
     config = configs[mode]()
     if device is None:
-        tq.quantize_(transformer, config, filter_fn=is_block_linear)
+        tq.quantize_(transformer, config, filter_fn=lambda m, fqn: quantizes(mode, m, fqn))
     else:
         for list_name in BLOCK_LISTS:
             for i, block in enumerate(getattr(transformer, list_name)):
                 torch.nn.Module.to(block, device)
                 prefix = f"{list_name}.{i}."
-                tq.quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: is_block_linear(m, p + fqn))
+                tq.quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: quantizes(mode, m, p + fqn))
         torch.nn.Module.to(transformer, device)  # the rest: embedders, final layer (kept dtypes)
     setattr(transformer, QUANTIZED, mode)
 

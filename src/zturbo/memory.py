@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .accel import BLOCK_LISTS, is_block_linear, transformer_blocks
+from .accel import BLOCK_LISTS, is_block_linear, quantizes, transformer_blocks
 from .config import MEMORY_CHOICES
 
 GIB = 2**30
@@ -55,6 +55,7 @@ class ModelShape:
     transformer_blocks_params: int  # all blocks together
     transformer_block_params: int  # the largest block
     transformer_linear_params: int  # in blocks: what quantization shrinks
+    transformer_fp8_plain_params: int  # of those, what fp8 leaves plain (accel.FP8_PLAIN_BLOCKS)
     transformer_largest_linear: int
     transformer_block_count: int
     text_encoder_params: int
@@ -102,6 +103,7 @@ def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae
     """Counts from modules (real or on the meta device)."""
     blocks = list(transformer_blocks(transformer))
     linears = [m for n, m in transformer.named_modules() if is_block_linear(m, n)]  # what quantization shrinks
+    fp8_plain = [m for n, m in transformer.named_modules() if is_block_linear(m, n) and not quantizes("fp8", m, n)]
     layers = list(text_encoder.layers)
     tc = transformer.config
     return ModelShape(
@@ -110,6 +112,7 @@ def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae
         transformer_block_params=max(_count(b) for b in blocks),
         transformer_linear_params=sum(m.weight.numel() for m in linears),
         transformer_largest_linear=max(m.weight.numel() for m in linears),
+        transformer_fp8_plain_params=sum(m.weight.numel() for m in fp8_plain),
         transformer_block_count=len(blocks),
         text_encoder_params=_count(text_encoder),
         text_encoder_embed_params=_count(text_encoder.embed_tokens),
@@ -265,8 +268,9 @@ def _count(module: torch.nn.Module) -> int:
 def _transformer_bytes(shape: ModelShape, elem: int, quantize: str) -> int:
     if quantize == "none":
         return shape.transformer_params * elem
-    rest = shape.transformer_params - shape.transformer_linear_params
-    return int(rest * elem + shape.transformer_linear_params * QUANTIZED_BYTES[quantize])
+    quantized = shape.transformer_linear_params - (shape.transformer_fp8_plain_params if quantize == "fp8" else 0)
+    rest = shape.transformer_params - quantized
+    return int(rest * elem + quantized * QUANTIZED_BYTES[quantize])
 
 
 def _text_activation(shape: ModelShape, elem: int, batch: int, tokens: int) -> int:
