@@ -178,3 +178,16 @@ def test_unreachable_hub_without_cache_says_how_to_proceed(tmp_path):
     assert proc.returncode == 1
     assert "pass --model a local directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("user_setting", "expected"), [(None, "expandable_segments:True"), ("backend:native", None)])
+def test_cli_turns_on_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch, user_setting, expected):
+    from zturbo import cli
+
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    if user_setting is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
+    cli._allocator_defaults()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (expected or user_setting)
