@@ -321,6 +321,9 @@ def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
         chain.append(step[0])
         step = memory.leaner(*step)
     assert chain == ["resident", "te-offload", "block-offload", "sequential"]
+    # A quantized transformer stops before the streaming plans, which move plain weights only.
+    assert memory.leaner("resident", quantized=True) == ("te-offload", 0, 0)
+    assert memory.leaner("te-offload", quantized=True) is None
 
 
 def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):

@@ -27,7 +27,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, homes, leaner
+from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -468,9 +468,8 @@ class Engine:
                 oom = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
             if oom is not None:  # outside the except block, so the failed run's tensors are freed
                 placed = self.placement
-                target = leaner(placed.plan, placed.resident_blocks, placed.resident_layers)
-                if target is not None and self.accel.quantize != "none" and target[0] in UNQUANTIZED_PLANS:
-                    target = None  # the streaming plans move plain weights only
+                quantized = self.accel.quantize != "none"
+                target = leaner(placed.plan, placed.resident_blocks, placed.resident_layers, quantized)
                 if memory_retried or target is None:
                     raise self._out_of_memory(req, oom)
                 fallbacks.append(self._lean_out(*target, reason=oom))
@@ -629,7 +628,7 @@ class Engine:
 
     def _out_of_memory(self, req: GenerateRequest, reason: str) -> GPUMemoryError:
         """Free what the failed run left cached and describe what the request needed."""
-        from .memory import GIB, dtype_bytes, estimate
+        from .memory import dtype_bytes, estimate
 
         _release_cached_memory(self.device)
         need = estimate(
@@ -758,8 +757,6 @@ def _quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]
 
 def _memory_available(device: torch.device) -> str:
     """'the device has N GiB', or the budget when --vram-budget capped the process below that."""
-    from .memory import GIB
-
     if device.type != "cuda":
         return f"the {device.type} device's memory is the host's"
     total = torch.cuda.mem_get_info(device)[1]

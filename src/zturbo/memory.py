@@ -352,13 +352,19 @@ def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
     return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
 
 
-def leaner(plan: str, resident_blocks: int = 0, resident_layers: int = 0) -> tuple[str, int, int] | None:
-    """The next (plan, resident blocks, resident layers) that holds less on the GPU, or None."""
+def leaner(
+    plan: str, resident_blocks: int = 0, resident_layers: int = 0, quantized: bool = False
+) -> tuple[str, int, int] | None:
+    """The next (plan, resident blocks, resident layers) that holds less on the GPU, or None.
+    A quantized transformer has none among the streaming plans, which move plain weights only."""
     if resident_blocks or resident_layers:
         return plan, 0, 0
     following = {"resident": "te-offload", "te-offload": "block-offload", "model-offload": "block-offload"}
     following["block-offload"] = "sequential"
-    return (following[plan], 0, 0) if plan in following else None
+    target = following.get(plan)
+    if target is None or (quantized and target in UNQUANTIZED_PLANS):
+        return None
+    return target, 0, 0
 
 
 class Placement:
