@@ -68,8 +68,8 @@ def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
 
 
 def test_compiled_text_encoder_layers_give_the_eager_embeddings(fresh):
-    # The compiled layers bypass the attention modules' output hooks; the prompt embeddings are read
-    # from the layers' own hooks (hidden_states[-2]) and must be exactly the eager ones.
+    # The compiled layers bypass the attention modules' output hooks; the prompt embeddings (the
+    # input of the last layer, which does not run) must be exactly the eager ones.
     from zturbo.engine import encode_prompt
 
     c = fresh.components

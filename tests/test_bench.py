@@ -88,3 +88,31 @@ def test_loading_bench_on_the_tiny_model(tmp_path):
     assert [r["kind"] for r in rows] == ["zturbo", "diffusers"], rows
     assert all(r["seconds"] > 0 and r["rss_anon_growth_gib"] >= 0 and not r["cold_page_cache"] for r in rows)
     assert "| zturbo | warm |" in bench_loading.markdown(rows)
+
+
+def test_idle_time_is_charged_to_the_stage_open_during_each_gap():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name, start, end, device=DeviceType.CPU):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    events = [
+        event("zturbo.request", 0, 1000),
+        event("zturbo.encode", 0, 300),
+        event("zturbo.denoise", 300, 900),
+        event("aten::to", 850, 990),  # CPU work during the last gap
+        event("zturbo.denoise", 320, 880, DeviceType.CUDA),  # the GPU-side mirror of a range: not work
+        event("k1", 100, 250, DeviceType.CUDA),  # idle 0-100 (encode) and 250-400 (mostly denoise)
+        event("k2", 400, 800, DeviceType.CUDA),
+        event("Command Buffer Full", 800, 950, DeviceType.CUDA),  # a queue marker: not work
+    ]
+    idle = bench.idle_by_stage(events, bench.device_events(events))
+    assert idle["idle_ms"] == pytest.approx((100 + 150 + 200) / 1000)
+    assert idle["by_stage_ms"]["zturbo.encode"] == pytest.approx(0.1)
+    assert idle["by_stage_ms"]["zturbo.denoise"] == pytest.approx(0.15)
+    assert idle["by_stage_ms"]["(between stages)"] == pytest.approx(0.2)
+    longest = idle["longest"][0]
+    assert (longest["after"], longest["before"], longest["ms"]) == ("k2", "(request end)", pytest.approx(0.2))
+    assert longest["cpu"][0].startswith("aten::to")

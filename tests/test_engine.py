@@ -153,3 +153,35 @@ def test_cached_long_prompt_still_warns(engine):
     first = engine.generate(long_prompt, seed=1, steps=1, width=32, height=32)
     again = engine.generate(long_prompt, seed=1, steps=1, width=32, height=32)
     assert first.warnings == again.warnings and "tokens are dropped" in again.warnings[0]
+
+
+def test_prompt_embeddings_are_the_last_layers_input_and_that_layer_never_runs(engine):
+    from zturbo.engine import encode_prompt
+
+    te, tok = engine.components.text_encoder, engine.components.tokenizer
+    prompts = ["a red fox", "a much longer prompt about a blue bird on a branch"]  # padded batch
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    enc = tok(texts, padding="longest", return_tensors="pt")
+    with torch.inference_mode():
+        full = te(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+        calls = []
+        handle = te.layers[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            got, _ = encode_prompt(te, tok, prompts, torch.device("cpu"))
+        finally:
+            handle.remove()
+    assert calls == []
+    for i, embed in enumerate(got):
+        assert torch.equal(embed, full.hidden_states[-2][i][enc.attention_mask[i].bool()])
+    # The encoder is whole again afterwards (the bench's reference pipeline shares it).
+    assert te.config.num_hidden_layers == len(te.layers) and not isinstance(te.norm, torch.nn.Identity)
+
+
+def test_pixels_come_back_contiguous():
+    from zturbo.engine import to_uint8
+
+    pixels = to_uint8(torch.rand(2, 3, 8, 6) * 2 - 1)
+    assert pixels.shape == (2, 8, 6, 3) and pixels.is_contiguous()  # PIL gathers strided arrays slowly

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .config import QUANTIZE_CHOICES
 from .errors import DeviceError
 
@@ -27,7 +28,14 @@ log = logging.getLogger("zturbo")
 
 
 class RealRopeAttnProcessor:
-    """Z-Image single-stream attention (q/k RMSNorm, RoPE, SDPA), compile-friendly."""
+    """Z-Image single-stream attention (q/k RMSNorm, RoPE, SDPA), compile-friendly.
+
+    On CUDA with Triton, the q/k norms and the rotation run as one fused kernel
+    (`kernels.qk_norm_rope`); whether Triton is there is decided here, outside compiled code.
+    """
+
+    def __init__(self) -> None:
+        self.norm_rope = kernels.fused_op() if FUSED_NORM_ROPE else None
 
     def __call__(
         self,
@@ -46,13 +54,17 @@ class RealRopeAttnProcessor:
         q = q.unflatten(-1, (attn.heads, -1))  # (B, S, H, D)
         k = k.unflatten(-1, (attn.heads, -1))
         v = v.unflatten(-1, (attn.heads, -1))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if freqs_cis is not None:
-            cos_sin = torch.view_as_real(freqs_cis).unsqueeze(2)  # (B, S, 1, D/2, 2) float32
-            q, k = rope(q, cos_sin), rope(k, cos_sin)
+        if self.norm_rope is not None and q.is_cuda and freqs_cis is not None and _fusable_norms(attn):
+            cos_sin = torch.view_as_real(freqs_cis)  # (B, S, D/2, 2) float32
+            q, k = self.norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, cos_sin, attn.norm_q.eps)
+        else:
+            if attn.norm_q is not None:
+                q = attn.norm_q(q)
+            if attn.norm_k is not None:
+                k = attn.norm_k(k)
+            if freqs_cis is not None:
+                cos_sin = torch.view_as_real(freqs_cis).unsqueeze(2)  # (B, S, 1, D/2, 2) float32
+                q, k = kernels.rope(q, cos_sin), kernels.rope(k, cos_sin)
         q, k = q.to(dtype), k.to(dtype)
         mask = attention_mask
         if mask is not None and mask.ndim == 2:  # (B, S) -> (B, 1, 1, S), as diffusers does
@@ -63,6 +75,21 @@ class RealRopeAttnProcessor:
 
 
 FUSED_QKV = "zturbo_fused_qkv"
+FUSED_NORM_ROPE = True  # the Triton q/k norm + RoPE kernel where it can run (a switch for A/B runs)
+
+
+def _fusable_norms(attn: Any) -> bool:
+    """Both q/k norms are plain RMSNorms (weight, no bias, one eps): what the fused kernel computes."""
+    norms = (attn.norm_q, attn.norm_k)
+    return (
+        all(
+            type(n).__name__ == "RMSNorm"
+            and getattr(n, "weight", None) is not None
+            and getattr(n, "bias", None) is None
+            for n in norms
+        )
+        and attn.norm_q.eps == attn.norm_k.eps
+    )
 
 
 def fuse_projections(transformer: torch.nn.Module) -> None:
@@ -104,14 +131,6 @@ def _fused_swiglu(ffn: torch.nn.Module, w13: torch.Tensor) -> Any:
         return ffn.w2(ffn._forward_silu_gating(gate, up))  # w2's hooks (the fp16 guard) still run
 
     return forward
-
-
-def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, H, D) rotated pairwise by (cos, sin) (B, S, 1, D/2, 2), computed in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
 @dataclass

@@ -355,32 +355,129 @@ ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn_generated", "sdpa")
 
 
 def profile(fn: Callable[[], Any]) -> dict[str, Any]:
-    """GPU kernel time of one call by kind (matmul / attention / other) and the 15 longest kernels."""
-    from torch.profiler import ProfilerActivity
+    """GPU kernel time of one call by kind (matmul / attention / other), the 15 longest kernels,
+    and the GPU's idle time within the call, charged to the engine's stages (`zturbo.*` ranges)."""
+    from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
     fn()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("zturbo.request"):
+            fn()
         torch.cuda.synchronize()
+    events = prof.events()
+    device = device_events(events)
     totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in device:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += (end - start) / 1000
+        entry[1] += 1
     kernels = []
-    for event in prof.key_averages():
-        ms = event.device_time_total / 1000
-        if ms <= 0:
-            continue
-        name = event.key.lower()
+    for name, (ms, count) in by_name.items():
+        lower = name.lower()
         kind = (
             "matmul"
-            if any(k in name for k in MATMUL_KERNELS)
+            if any(k in lower for k in MATMUL_KERNELS)
             else "attention"
-            if any(k in name for k in ATTENTION_KERNELS)
+            if any(k in lower for k in ATTENTION_KERNELS)
             else "other"
         )
         totals[kind] += ms
-        kernels.append({"name": event.key[:120], "ms": ms, "count": event.count, "kind": kind})
+        kernels.append({"name": name[:120], "ms": ms, "count": int(count), "kind": kind})
     kernels.sort(key=lambda k: -k["ms"])
-    return {"total_ms": sum(totals.values()), "by_kind_ms": totals, "top": kernels[:15]}
+    out = {"total_ms": sum(totals.values()), "by_kind_ms": totals, "top": kernels[:15]}
+    try:
+        out["idle"] = idle_by_stage(events, device)
+    except Exception as e:  # a diagnostic: the kernel totals above stand on their own
+        out["idle"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
+# Device-side profiler records that are not GPU work: the launch queue filling up.
+NOT_GPU_WORK = ("Command Buffer Full",)
+
+
+def device_events(events: Any) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of the GPU's kernels, copies and memsets, in start order, without
+    the GPU-side mirrors of `zturbo.*` ranges and the profiler's queue markers."""
+    from torch.autograd import DeviceType
+
+    return sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CUDA and not e.name.startswith("zturbo.") and e.name not in NOT_GPU_WORK
+    )
+
+
+def idle_by_stage(events: Any, device: list[tuple[float, float, str]], min_gap_us: float = 20.0) -> dict[str, Any]:
+    """GPU idle time inside the `zturbo.request` range: total, by the innermost `zturbo.*` stage
+    range open at each gap, and the longest gaps with the GPU work on either side and the CPU
+    operations that overlap them most.
+
+    Kernel and CPU-range times come from one profiler clock. Gaps under `min_gap_us` (launch
+    spacing) are counted in the total but not listed.
+    """
+    from torch.autograd import DeviceType
+
+    ranges = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CPU and e.name.startswith("zturbo.")
+    ]
+    request = max((r for r in ranges if r[2] == "zturbo.request"), key=lambda r: r[1] - r[0])
+    stages = [r for r in ranges if r[2] != "zturbo.request"]
+    cpu_ops = [
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CPU and not e.name.startswith("zturbo.")
+    ]
+    gaps = []
+    cursor, before = request[0], "(request start)"
+    for start, end, name in device:
+        if not request[0] <= start <= request[1]:
+            continue
+        if start > cursor:
+            gaps.append((start - cursor, cursor, before, name))
+        if end > cursor:
+            cursor, before = end, name
+    if request[1] > cursor:
+        gaps.append((request[1] - cursor, cursor, before, "(request end)"))
+
+    def stage_at(t: float) -> str:
+        inside = [s for s in stages if s[0] <= t < s[1]]
+        return min(inside, key=lambda s: s[1] - s[0])[2] if inside else "(between stages)"
+
+    def cpu_during(at: float, gap: float) -> list[str]:
+        overlap: dict[str, float] = {}
+        for start, end, name in cpu_ops:
+            shared = min(end, at + gap) - max(start, at)
+            if shared > 0:
+                overlap[name] = overlap.get(name, 0.0) + shared
+        return [f"{name[:60]} {ms / 1000:.2f} ms" for name, ms in sorted(overlap.items(), key=lambda kv: -kv[1])[:4]]
+
+    per_stage: dict[str, float] = {}
+    for gap, at, _, _ in gaps:
+        key = stage_at(at + gap / 2)
+        per_stage[key] = per_stage.get(key, 0.0) + gap / 1000
+    longest = sorted((g for g in gaps if g[0] >= min_gap_us), key=lambda g: -g[0])[:15]
+    return {
+        "request_ms": (request[1] - request[0]) / 1000,
+        "idle_ms": sum(g[0] for g in gaps) / 1000,
+        "by_stage_ms": dict(sorted(per_stage.items(), key=lambda kv: -kv[1])),
+        "stage_cpu_ms": {name: (end - start) / 1000 for start, end, name in stages},
+        "after_last_stage_ms": (request[1] - max(end for _, end, _ in stages)) / 1000 if stages else None,
+        "longest": [
+            {
+                "ms": g[0] / 1000,
+                "stage": stage_at(g[1] + g[0] / 2),
+                "after": g[2][:80],
+                "before": g[3][:80],
+                "cpu": cpu_during(g[1], g[0]),
+            }
+            for g in longest
+        ],
+    }
 
 
 def _reference_compiled(

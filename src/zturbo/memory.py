@@ -60,9 +60,10 @@ class ModelShape:
     transformer_block_count: int
     text_encoder_params: int
     text_encoder_embed_params: int  # token embeddings: kept on the CPU while the layers stream
-    text_encoder_layers_params: int  # all decoder layers together
+    text_encoder_layers_params: int  # the decoder layers that run, together
     text_encoder_layer_params: int
-    text_encoder_layers: int
+    text_encoder_layers: int  # that run: all but the last (UNUSED_TEXT_LAYERS)
+    text_encoder_unused_params: int  # the last layer: never run, kept off the GPU when layers stream
     vae_params: int
     dim: int
     ffn_dim: int
@@ -99,12 +100,18 @@ class Choice:
     considered: list[Estimate]
 
 
+# The engine embeds prompts with the input of the text encoder's last layer (hidden_states[-2]) and
+# never runs that layer (engine._without_last_layer): streamed plans leave it on the CPU.
+UNUSED_TEXT_LAYERS = 1
+
+
 def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> ModelShape:
     """Counts from modules (real or on the meta device)."""
     blocks = list(transformer_blocks(transformer))
     linears = [m for n, m in transformer.named_modules() if is_block_linear(m, n)]  # what quantization shrinks
     fp8_plain = [m for n, m in transformer.named_modules() if is_block_linear(m, n) and not quantizes("fp8", m, n)]
     layers = list(text_encoder.layers)
+    used, unused = layers[:-UNUSED_TEXT_LAYERS], layers[-UNUSED_TEXT_LAYERS:]
     tc = transformer.config
     return ModelShape(
         transformer_params=_count(transformer),
@@ -116,9 +123,10 @@ def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae
         transformer_block_count=len(blocks),
         text_encoder_params=_count(text_encoder),
         text_encoder_embed_params=_count(text_encoder.embed_tokens),
-        text_encoder_layers_params=sum(_count(layer) for layer in layers),
-        text_encoder_layer_params=max(_count(layer) for layer in layers),
-        text_encoder_layers=len(layers),
+        text_encoder_layers_params=sum(_count(layer) for layer in used),
+        text_encoder_layer_params=max(_count(layer) for layer in used),
+        text_encoder_layers=len(used),
+        text_encoder_unused_params=sum(_count(layer) for layer in unused),
         vae_params=_count(vae),
         dim=tc.dim,
         ffn_dim=blocks[0].feed_forward.w1.out_features,
@@ -168,7 +176,8 @@ def estimate(
     vae = shape.vae_params * v_e
     # What each stage holds of each component's weights under the plan.
     t_outside = shape.transformer_params - shape.transformer_blocks_params
-    te_outside = shape.text_encoder_params - shape.text_encoder_layers_params  # token embeddings, final norm
+    te_layers = shape.text_encoder_layers_params + shape.text_encoder_unused_params
+    te_outside = shape.text_encoder_params - te_layers  # token embeddings, final norm, rotary tables
     # zturbo.stream: the streamed layers pass through two slots; the token embeddings stay on the CPU.
     te_kept = resident_layers + min(2, shape.text_encoder_layers - resident_layers)
     te_stream = (te_outside - shape.text_encoder_embed_params + te_kept * shape.text_encoder_layer_params) * te_e
@@ -274,8 +283,8 @@ def _transformer_bytes(shape: ModelShape, elem: int, quantize: str) -> int:
 
 
 def _text_activation(shape: ModelShape, elem: int, batch: int, tokens: int) -> int:
-    # All hidden states are returned (hidden_states[-2] is used), plus one MLP's intermediates.
-    states = (shape.text_encoder_layers + 1) * batch * tokens * shape.text_dim * elem
+    # A layer's input and output and the returned states, plus one MLP's intermediates.
+    states = 3 * batch * tokens * shape.text_dim * elem
     mlp = 3 * batch * tokens * 4 * shape.text_dim * elem
     return states + mlp
 
@@ -402,7 +411,7 @@ class Placement:
             total = sum(1 for _ in transformer_blocks(self.components.transformer))
             return f"block-offload ({self.resident_blocks}/{total} blocks resident)"
         if self.plan == "te-offload" and self.resident_layers:
-            total = len(self.components.text_encoder.layers)
+            total = len(self.components.text_encoder.layers) - UNUSED_TEXT_LAYERS
             return f"te-offload ({self.resident_layers}/{total} text-encoder layers resident)"
         return self.plan
 
@@ -466,6 +475,9 @@ class Placement:
             embed.register_forward_hook(lambda _m, _a, out: out.to(self.device, non_blocking=True)),
         ]
         layers = list(te.layers)
+        for layer in layers[-UNUSED_TEXT_LAYERS:]:
+            torch.nn.Module.to(layer, CPU)  # never runs: stays where no copy reaches it
+        layers = layers[:-UNUSED_TEXT_LAYERS]
         chosen = set(streamed_positions(len(layers), len(layers) - resident_layers))
         for i, layer in enumerate(layers):
             torch.nn.Module.to(layer, CPU if i in chosen else self.device)

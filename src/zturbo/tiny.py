@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
 # Qwen2/3 pre-tokenizer split (byte-level BPE on top of it).
 _QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -167,7 +167,7 @@ def text_encoder_config(vocab_size: int, pad_token_id: int | None = None) -> dic
     return {
         "hidden_size": 16,
         "intermediate_size": 32,
-        "num_hidden_layers": 2,
+        "num_hidden_layers": 3,  # one streams, one stays, and the last never runs (hidden_states[-2])
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "head_dim": 8,

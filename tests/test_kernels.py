@@ -1,0 +1,30 @@
+"""The fused q/k RMSNorm + RoPE kernel against the PyTorch path (runs where CUDA and Triton are;
+the CPU path is covered by the processor tests in test_accel.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zturbo import kernels
+
+cuda_triton = pytest.mark.skipif(
+    not torch.cuda.is_available() or kernels.fused_op() is None, reason="needs a CUDA GPU and Triton"
+)
+
+
+@cuda_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_kernel_matches_the_pytorch_path_on_strided_views(dtype):
+    torch.manual_seed(0)
+    heads, dim, tokens = 6, 128, 77
+    qkv = torch.randn(2, tokens, 3 * heads * dim, device="cuda", dtype=dtype) * 3
+    q, k, _ = (t.unflatten(-1, (heads, dim)) for t in qkv.chunk(3, dim=-1))
+    wq, wk = ((1 + 0.1 * torch.randn(dim, device="cuda")).to(dtype) for _ in range(2))
+    angles = torch.rand(2, tokens, dim // 2, device="cuda") * 50
+    cos_sin = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    want = kernels.reference(q, k, wq, wk, cos_sin, 1e-5)
+    got = kernels.fused_op()(q, k, wq, wk, cos_sin, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
+        assert float((g.double() - w.double()).norm() / w.double().norm()) < 1e-4
