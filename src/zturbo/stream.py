@@ -54,7 +54,7 @@ class BlockStreamer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.blocks: list[_Block] = []
-        sizes = [_packed_size(b) for b in blocks]
+        sizes = [packed_size(b) for b in blocks]
         slot_bytes = [max(sizes[i::2], default=0) for i in range(2)]
         self.slots = [torch.empty(n, dtype=torch.uint8, device=device) for n in slot_bytes]
         self.owner: list[int | None] = [None, None]  # which block's bytes each slot holds (or will)
@@ -84,15 +84,7 @@ class BlockStreamer:
 
     def _pack(self, module: torch.nn.Module, slot: int, size: int) -> _Block:
         host = torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda)
-        block = _Block(module, slot, host)
-        offset = 0
-        for owner, name, tensor, is_param in _named_tensors(module):
-            entry = _Tensor(owner, name, is_param, offset, tensor.shape, tensor.dtype)
-            _view(host, entry).copy_(tensor.detach())
-            _set(entry, _view(self.slots[slot], entry))
-            block.tensors.append(entry)
-            offset += _aligned(tensor)
-        return block
+        return _Block(module, slot, host, _pack(module, host, self.slots[slot]))
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -137,6 +129,99 @@ class BlockStreamer:
             block.ready = self.copy_stream.record_event()
 
 
+class SharedArena:
+    """Device memory that two groups of modules take turns in: the last transformer blocks while
+    denoising, text-encoder layers while encoding (te-offload).
+
+    Both groups' tensors are views of the same arena, for good; the bytes in it say which group
+    can run. Each group is packed into one pinned host buffer and refilled with one copy on a side
+    stream, after everything already queued on the compute stream (the other group's last use).
+    A module's forward pre-hook fills the arena with its group if the other one is there and makes
+    the compute stream wait for the copy, so the weights are right whatever called the module;
+    `prefetch` starts the copy early (the engine's stages call it), so it overlaps other work:
+    the encoder's layers come in during the VAE decode, the blocks during the first step's
+    earlier blocks.
+    """
+
+    def __init__(self, groups: dict[str, Sequence[torch.nn.Module]], device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        sizes = {name: sum(packed_size(m) for m in modules) for name, modules in groups.items()}
+        self.arena = torch.empty(max(sizes.values(), default=0), dtype=torch.uint8, device=device)
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.modules = {name: list(modules) for name, modules in groups.items()}
+        self.hosts: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, list[_Tensor]] = {}
+        self.holder: str | None = None  # whose bytes the arena holds (or will, once `ready`)
+        self.ready: Any = None  # CUDA event: the holder's bytes have arrived
+        self.fills = 0  # arena refills so far (a test and diagnostics counter)
+        self._handles: list[Any] = []
+        for name, modules in groups.items():
+            host = torch.empty(sizes[name], dtype=torch.uint8, pin_memory=self.cuda)
+            self.hosts[name], self.tensors[name], offset = host, [], 0
+            for module in modules:
+                packed = _pack(module, host[offset:], self.arena[offset:])
+                for t in packed:
+                    t.offset += offset
+                self.tensors[name] += packed
+                offset += packed_size(module)
+                self._handles.append(module.register_forward_pre_hook(self._before(name)))
+        first = next(iter(groups), None)
+        if first is not None:
+            self.prefetch(first)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.arena.numel()
+
+    def prefetch(self, name: str) -> None:
+        """Start filling the arena with group `name` (after the compute stream's queued work)."""
+        if self.holder == name:
+            return
+        host = self.hosts[name]
+        self.holder = name
+        self.fills += 1
+        if not self.cuda:
+            self.arena[: host.numel()].copy_(host)
+            return
+        assert self.copy_stream is not None
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.arena[: host.numel()].copy_(host, non_blocking=True)
+            self.ready = self.copy_stream.record_event()
+
+    def remove(self) -> None:
+        """Back to ordinary modules with their weights on the CPU (for a change of plan)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name, entries in self.tensors.items():
+            for t in entries:
+                _set(t, _view(self.hosts[name], t))
+        self.tensors.clear()
+
+    def _before(self, name: str) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any) -> None:
+            self.prefetch(name)
+            if self.cuda and self.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.ready)
+
+        return hook
+
+
+def _pack(module: torch.nn.Module, host: torch.Tensor, target: torch.Tensor) -> list[_Tensor]:
+    """Copy `module`'s tensors back to back (aligned) into `host` and re-point them, for good, at
+    the same offsets in `target` (device memory)."""
+    entries, offset = [], 0
+    for owner, name, tensor, is_param in _named_tensors(module):
+        entry = _Tensor(owner, name, is_param, offset, tensor.shape, tensor.dtype)
+        _view(host, entry).copy_(tensor.detach())
+        _set(entry, _view(target, entry))
+        entries.append(entry)
+        offset += _aligned(tensor)
+    return entries
+
+
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [t for *_, t, _ in _named_tensors(module)]
 
@@ -153,7 +238,8 @@ def _aligned(tensor: torch.Tensor) -> int:
     return -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
 
 
-def _packed_size(module: torch.nn.Module) -> int:
+def packed_size(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s tensors packed back to back (each aligned to ALIGN)."""
     return sum(_aligned(t) for t in _tensors(module))
 
 
