@@ -357,3 +357,23 @@ def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
     with pytest.raises(GPUMemoryError, match=r"--quantize int8 needs about .* GiB even as .*use --quantize none"):
         Engine.load(dataclasses.replace(config, quantize="int8"))
     assert Engine.load(config).placement.plan == "sequential"
+
+
+@pytest.mark.parametrize("plan", ["te-offload", "block-offload"])
+def test_fused_blocks_are_unfused_before_their_weights_move_into_streaming_memory(fresh, engine, plan):
+    # A lean-out from a fused resident engine: the fused q/k/v and w1/w3 tensors are copies that
+    # the streamed or shared views would not reach (and their memory would never be freed).
+    from zturbo import accel
+
+    expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
+    accel.fuse_projections(fresh.components.transformer)
+    fresh.placement.change(plan)
+    moved = fresh.placement.streamers["arena" if plan == "te-offload" else "transformer"]
+    buffers = [moved.arena] if plan == "te-offload" else moved.slots
+    blocks = moved.modules["transformer"] if plan == "te-offload" else [b.module for b in moved.blocks]
+    assert blocks
+    for block in blocks:
+        assert getattr(block.attention, accel.FUSED_QKV, None) is None
+        ptr = block.attention.to_q.weight.data_ptr()
+        assert any(b.data_ptr() <= ptr < b.data_ptr() + b.numel() for b in buffers)
+    assert np.array_equal(pixels(fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)), expected)

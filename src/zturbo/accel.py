@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,9 +107,11 @@ def fuse_projections(transformer: torch.nn.Module) -> None:
         ffn.forward = _fused_swiglu(ffn, w13)
 
 
-def unfuse_projections(transformer: torch.nn.Module) -> None:
-    """Back to one product per projection (before quantizing the separate linears)."""
-    for block in transformer_blocks(transformer):
+def unfuse_projections(transformer: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = None) -> None:
+    """Back to one product per projection, in all blocks or in `blocks` (before quantizing the
+    separate linears, or before a block's weights move into streaming memory: the fused tensor is
+    a copy the streamed views would not reach)."""
+    for block in transformer_blocks(transformer) if blocks is None else blocks:
         if getattr(block.attention, FUSED_QKV, None) is not None:
             delattr(block.attention, FUSED_QKV)
             del block.feed_forward.forward

@@ -73,7 +73,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
 
     compile_ = est.plan not in memory.STREAMED_PLANS
     backend = "eager" if tiny else "inductor"
-    fuse = est.plan != "block-offload"  # as Engine.load: fusion would replace the streamed weights
+    fuse = est.plan not in memory.STREAMED_TE  # as Engine.load: fusion would replace the streamed weights
     engine.accel = accel.apply(components, compile_=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -101,7 +101,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
         warmup=0,
     )
     out["cached_prompt_s"] = cached["median_s"]
-    out["memory_plan_after"] = engine.placement.plan
+    out["memory_plan_after"] = engine.placement.describe()
     return out
 
 

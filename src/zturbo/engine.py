@@ -28,7 +28,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, homes, leaner
+from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, STREAMED_TE, UNQUANTIZED_PLANS, Placement, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -443,8 +443,8 @@ class Engine:
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
         # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
         compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
-        # Fused projections would replace the streamed weights' slot views with new device tensors.
-        fuse = memory_plan != "block-offload"
+        # Fused projections would replace streamed or shared weights' views with new device tensors.
+        fuse = memory_plan not in STREAMED_TE
         engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize, fuse=fuse)
         if compile_ and warmup:
             engine.warmup()

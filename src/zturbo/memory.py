@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .accel import BLOCK_LISTS, is_block_linear, quantizes, transformer_blocks
+from .accel import BLOCK_LISTS, is_block_linear, quantizes, transformer_blocks, unfuse_projections
 from .config import MEMORY_CHOICES
 
 GIB = 2**30
@@ -522,6 +522,7 @@ class Placement:
             shared.insert(0, layer)
         if not shared:
             return streamed
+        unfuse_projections(self.components.transformer, blocks)
         for block in blocks:
             torch.nn.Module.to(block, CPU)  # free their device memory before the arena takes it
         self.streamers["arena"] = SharedArena({"transformer": blocks, "text_encoder": shared}, self.device)
@@ -537,9 +538,10 @@ class Placement:
             raise ValueError(f"resident_blocks {resident_blocks} is not in 0..{len(blocks) - 1}")
         _move_all_but(transformer, BLOCK_LISTS, self.device)  # embedders, final layer, pad tokens
         chosen = set(streamed_positions(len(blocks), len(blocks) - resident_blocks))
+        streamed = [b for i, b in enumerate(blocks) if i in chosen]
+        unfuse_projections(transformer, streamed)
         for i, block in enumerate(blocks):
             torch.nn.Module.to(block, CPU if i in chosen else self.device)
-        streamed = [b for i, b in enumerate(blocks) if i in chosen]
         self.streamers["transformer"] = BlockStreamer(streamed, self.device)
 
     def _stop_streaming(self) -> None:
