@@ -205,3 +205,14 @@ def test_quantization_refusals_name_the_fix(mode, dtype, message):
 
 CPU_CAPS = Capabilities("cpu", "CPU", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
 ADA = Capabilities("cuda", "NVIDIA L4", (8, 9), bf16=True, fp16=True, fp8=True, flash_attention=True)
+
+
+def test_apply_can_leave_the_vae_decoder_eager(fresh):
+    c = fresh.components
+    applied = accel.apply(c, compile_=True, quantize="none", backend="eager", vae=False)
+    try:
+        assert c.vae.decoder not in applied.compiled and "forward" not in vars(c.vae.decoder)
+        assert any(block in applied.compiled for block in c.transformer.layers)
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()

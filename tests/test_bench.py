@@ -116,3 +116,12 @@ def test_idle_time_is_charged_to_the_stage_open_during_each_gap():
     longest = idle["longest"][0]
     assert (longest["after"], longest["before"], longest["ms"]) == ("k2", "(request end)", pytest.approx(0.2))
     assert longest["cpu"][0].startswith("aten::to")
+
+
+def test_eager_vae_rows_leave_the_decoder_uncompiled_and_say_so():
+    opts = bench.BenchOptions(
+        sizes=(32,), batch=1, runs=1, warmup=0, quantize=("none",), tiny=True, fuse_ab=False, eager_vae=True
+    )
+    res = bench.run(opts)
+    assert res["compiled"]["vae_compiled"] is False and "error" not in res["compiled"]
+    assert "| compiled (eager VAE) | 32² |" in bench.markdown(res)

@@ -188,11 +188,13 @@ def check_quantize(quantize: str, caps: Any, transformer_dtype: torch.dtype | No
         raise DeviceError("--quantize int8 does not combine with the float16 overflow guard; use bfloat16 or float32")
 
 
-def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, backend: Any = "inductor") -> Accel:
+def apply(
+    components: Any, *, compile_: bool, quantize: str, fuse: bool = True, backend: Any = "inductor", vae: bool = True
+) -> Accel:
     """Fuse projections (unquantized only), quantize, then compile the engine's modules in place.
 
     `backend` is torch.compile's. Fusion needs the compile-friendly processor, so it comes with
-    compilation.
+    compilation. `vae=False` leaves the VAE decoder eager (a benchmark diagnostic).
     """
     accel = Accel(quantize=quantize)
     if quantize != "none":
@@ -215,7 +217,8 @@ def apply(components: Any, *, compile_: bool, quantize: str, fuse: bool = True, 
             layer.forward = _decoder_layer_without_inner_hooks(layer)
             # Round where eager rounds: 36 layers of bf16 otherwise drift from the eager embeddings.
             _compile_block(accel, layer, backend, options={"emulate_precision_casts": True})
-        _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
+        if vae:
+            _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
     return accel
 
 

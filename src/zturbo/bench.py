@@ -75,6 +75,7 @@ class BenchOptions:
     profile: bool = False
     first_image: bool = False
     fuse_ab: bool = True  # also measure the compiled mode without fused projections
+    eager_vae: bool = False  # compiled rows keep the VAE decoder eager (labelled in the results)
     tiny: bool = False
     model: str | None = None  # None: random weights
 
@@ -324,7 +325,10 @@ def _compiled_phase(
     # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
     backend = "eager" if opts.tiny else "inductor"
     started = time.perf_counter()
-    engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, fuse=fuse, backend=backend)
+    engine.accel = accel.apply(
+        engine.components, compile_=opts.compile, quantize=quantize, fuse=fuse, backend=backend, vae=not opts.eager_vae
+    )
+    phase["vae_compiled"] = opts.compile and not opts.eager_vae
     phase["prepare_s"] = time.perf_counter() - started  # quantization, when there is one
     log.info("bench %s: prepared in %.1f s; first call (compiles)", key, phase["prepare_s"])
     report(res)
@@ -551,6 +555,8 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for mode, sizes in _modes(res):
         err = res.get(mode, {}).get("latent_rel_err_vs_eager")
+        if mode != "eager" and res.get(mode, {}).get("vae_compiled") is False:
+            mode += " (eager VAE)"
         for size, t in sizes.items():
             ref = reference.get(size)
             ref_s = f"{ref['median_s']:.3f}" if ref else "-"
@@ -628,6 +634,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         profile=args.profile,
         first_image=args.first_image,
         fuse_ab=not args.no_fuse_ab,
+        eager_vae=args.eager_vae,
     )
 
 

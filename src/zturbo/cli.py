@@ -204,6 +204,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip diffusers' pipeline")
     p.add_argument("--reference-compiled", action="store_true", help="also time diffusers' compile_repeated_blocks")
     p.add_argument("--no-fuse-ab", action="store_true", help="skip the compiled row without fused projections")
+    p.add_argument(
+        "--eager-vae",
+        action="store_true",
+        help="compiled rows keep the VAE decoder eager (a diagnostic: in an fp8 process its compile takes minutes)",
+    )
     p.add_argument("--no-compile", action="store_true", help="measure the modes without torch.compile")
     p.add_argument(
         "--first-image",
