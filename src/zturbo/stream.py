@@ -72,6 +72,8 @@ class BlockStreamer:
 
     def remove(self) -> None:
         """Back to ordinary modules with their weights on the CPU (for a change of plan)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still write into slots about to be freed
         for h in self._handles:
             h.remove()
         for b in self.blocks:
@@ -192,6 +194,8 @@ class SharedArena:
 
     def remove(self) -> None:
         """Back to ordinary modules with their weights on the CPU (for a change of plan)."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy may still write into an arena about to be freed
         for h in self._handles:
             h.remove()
         self._handles.clear()
