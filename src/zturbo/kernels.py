@@ -1,14 +1,16 @@
 """A fused q/k RMSNorm + rotary-embedding kernel (Triton) for the compiled attention processor.
 
-Inductor fuses the two per-head RMSNorms and the pairwise rotation into one kernel, but profiled on
-an H100 at 1024² it spends about 112 µs per block where moving the bytes takes about 45 µs (run E:
-30.6 ms per image). This kernel reads each head's row of q and k once, normalizes it, rotates
-its pairs, and writes it once, rounding where diffusers' eager code rounds: after normalizing,
-after the weight (when the weight is half precision), and after the rotation.
+Inductor fuses the two per-head RMSNorms and the pairwise rotation into one kernel, which on an
+H100 at 1024² takes about 112 µs per block where moving the bytes needs about 45 µs (run E:
+30.6 ms per image). This kernel reads each head's row of q and k once (and its pair partners
+from the same cache lines), normalizes, rotates and writes it once, rounding where diffusers'
+eager code rounds: after normalizing, after the weight (when the weight is half precision), and
+after the rotation. Measured (docs/performance.md, run G): 102 µs per block, 0.8455 s against
+0.8532 s per image end to end; a small gain, still far from the memory bound.
 
-`qk_norm_rope` is a custom op (`torch.library.triton_op`) so Inductor keeps it inside the compiled
-block graph. It is registered on first use, and only where Triton and a CUDA device exist; callers
-check `available()` and otherwise use the plain PyTorch path, `reference`.
+`fused_op()` registers it as a custom op (`torch.library.triton_op`), so Inductor keeps it inside
+the compiled block graph; it returns None where Triton is missing, and callers then use the plain
+PyTorch path, `reference`.
 """
 
 from __future__ import annotations

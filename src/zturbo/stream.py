@@ -10,6 +10,9 @@ tensors at 33 GB/s (`scripts/bench_pcie.py`).
 
 Blocks the budget allows stay resident and are not touched. The slot views never move, so the
 blocks' forwards can be compiled; only the hooks around them run eagerly.
+
+`SharedArena` is the same idea for two groups that take turns in one device buffer (te-offload:
+the last transformer blocks and some text-encoder layers).
 """
 
 from __future__ import annotations
