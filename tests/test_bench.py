@@ -68,6 +68,9 @@ def test_memory_cap_rows_on_the_tiny_model():
     row = bench_memory.one_row(0.0, 64, runs=1, tiny=True)  # uncapped: the tiny model stays resident
     assert row["plan"] == "resident" and row["median_s"] > 0 and row["fallbacks"] == []
     assert row["estimate_gib"] > 0 and row["memory_plan_after"] == "resident"
+    # Each stage's peak is recorded (on CUDA; None here) beside the estimate's stages.
+    assert list(row["stage_peaks_gib"]) == ["encode", "prepare", "denoise", "check", "decode", "finish"]
+    assert set(row["estimate_stages_gib"]) == {"encode", "denoise", "decode"}
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
     # Rows are compared by their image: the same weights and seed in every row, so the same picture.
     again = bench_memory.one_row(0.0, 64, runs=1, tiny=True)

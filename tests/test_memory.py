@@ -377,3 +377,19 @@ def test_fused_blocks_are_unfused_before_their_weights_move_into_streaming_memor
         ptr = block.attention.to_q.weight.data_ptr()
         assert any(b.data_ptr() <= ptr < b.data_ptr() + b.numel() for b in buffers)
     assert np.array_equal(pixels(fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)), expected)
+
+
+def test_shared_memory_survives_guidance_and_a_pause(tiny_dir, engine):
+    # Guidance encodes twice per request; a pause (as a precision fallback makes) hands the
+    # weights back to their modules and packs them again.
+    kwargs = {"seed": 3, "steps": 2, "width": 64, "height": 64, "guidance_scale": 2.0, "negative_prompt": "blurry"}
+    expected = pixels(engine.generate("a red fox", **kwargs))
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", memory="te-offload"))
+    assert np.array_equal(pixels(planned.generate("a red fox", **kwargs)), expected)
+    before = planned.placement.streamers["arena"]
+    with planned.placement.paused():
+        assert "arena" not in planned.placement.streamers
+    after = planned.placement.streamers["arena"]
+    assert after is not before and planned.placement.shared_layers == 2
+    planned.prompt_cache.clear()
+    assert np.array_equal(pixels(planned.generate("a red fox", **kwargs)), expected)

@@ -58,6 +58,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
         return row
     est = choice.chosen
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
+    row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
     if est.quantize != "none" and device.type == "cuda":
         # As Engine.load does: plain weights on the CPU, quantized block by block onto the device.
         from .accel import quantize_transformer
@@ -102,6 +103,13 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     )
     out["cached_prompt_s"] = cached["median_s"]
     out["memory_plan_after"] = engine.placement.describe()
+    # One more new-prompt image with each stage's peak recorded, against the estimate's stages.
+    engine.stage_peaks = {}
+    try:
+        call()
+        out["stage_peaks_gib"] = {k: None if v is None else v / memory.GIB for k, v in engine.stage_peaks.items()}
+    finally:
+        engine.stage_peaks = None
     return out
 
 

@@ -395,6 +395,9 @@ class Engine:
         self.prompt_cache = PromptCache()
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
+        # A dict to record each stage's peak device memory into (bytes; None off CUDA): the memory
+        # bench sets it to check the estimator's stages. Recording resets the device's peak counter.
+        self.stage_peaks: dict[str, int | None] | None = None
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:  # before placement: it rescales weights in place
             self.guard = install_fp16_guard(components.transformer)
@@ -562,7 +565,7 @@ class Engine:
         def encode(prompts: list[str]) -> tuple[list[torch.Tensor], list[str]]:
             return cache.encode(c.text_encoder, c.tokenizer, prompts, self.device, **where)
 
-        with stage_label("encode"):
+        with self._stage("encode"):
             cond, warnings = self._eager_if_compile_fails(encode, [r.prompt for r in rows])
             uncond = None
             if req.do_cfg:
@@ -577,32 +580,48 @@ class Engine:
         timings["encode_s"] = time.perf_counter() - tick
 
         tick = time.perf_counter()
-        with stage_label("prepare"):
+        with self._stage("prepare"):
             latents, sched = starting_point(c, seeds, req.width, req.height, req.steps, self.limits.spatial_unit)
             latents = variation_latents(latents, [r.variation_seed for r in rows], req.variation_strength)
             latents = latents.to(self.device)
             placed.stage("denoise")
-        with stage_label("denoise"):
+        with self._stage("denoise"):
             latents = self._eager_if_compile_fails(
                 denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early
             )
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
-        with stage_label("check"):
+        with self._stage("check"):
             finite = all_finite(latents)
         if not finite:
             if not all_finite(cond + (uncond or [])):
                 raise NonFiniteError("text_encoder", "non-finite prompt embeddings")
             raise NonFiniteError("transformer", "non-finite latents after denoising")
         placed.stage("decode")
-        with stage_label("decode"):
+        with self._stage("decode"):
             image = self._decode(latents, req, fallbacks)
             while not all_finite(image):  # only the decode is redone: the latents are fine
                 fallbacks.append(self._escalate(NonFiniteError("vae", "non-finite image after decoding")))
                 image = self._eager_if_compile_fails(decode, c.vae, latents)
-        with stage_label("finish"):
+        with self._stage("finish"):
             pixels = to_uint8(image)
             timings["denoise_decode_s"] = time.perf_counter() - tick
             return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        """A profiler range for the stage, and its peak memory when `stage_peaks` is a dict."""
+        peaks = self.stage_peaks
+        cuda = self.device.type == "cuda"
+        with stage_label(name):
+            if peaks is not None and cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                yield
+            finally:
+                if peaks is not None:
+                    peak = torch.cuda.max_memory_allocated(self.device) if cuda else None
+                    previous = peaks.get(name)  # a stage can run twice (guidance encodes twice)
+                    peaks[name] = peak if previous is None or peak is None else max(previous, peak)
 
     @functools.cached_property
     def shape(self) -> Any:
