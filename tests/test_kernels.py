@@ -28,3 +28,22 @@ def test_fused_kernel_matches_the_pytorch_path_on_strided_views(dtype):
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype and g.is_contiguous()
         assert float((g.double() - w.double()).norm() / w.double().norm()) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_is_diffusers_rms_norm_then_the_processors_rope(dtype):
+    # The CUDA test above holds the kernel to `reference`; this holds `reference` to diffusers.
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 5, 3, 8).to(dtype) * 3 for _ in range(2))
+    norms = [RMSNorm(8, eps=1e-5).to(dtype) for _ in range(2)]
+    for norm in norms:
+        norm.weight.data = (1 + 0.1 * torch.randn(8)).to(dtype)
+    angles = torch.rand(2, 5, 4) * 50
+    cos_sin = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    got = kernels.reference(q, k, norms[0].weight, norms[1].weight, cos_sin, 1e-5)
+    with torch.no_grad():
+        want = [kernels.rope(norm(x), cos_sin.unsqueeze(2)) for norm, x in zip(norms, (q, k), strict=True)]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)

@@ -74,7 +74,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
 
     compile_ = est.plan not in memory.STREAMED_PLANS
     backend = "eager" if tiny else "inductor"
-    fuse = est.plan not in memory.STREAMED_TE  # as Engine.load: fusion would replace the streamed weights
+    fuse = memory.fusable(est.plan)
     engine.accel = accel.apply(components, compile_=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
     if device.type == "cuda":
         torch.cuda.empty_cache()

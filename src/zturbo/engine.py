@@ -28,7 +28,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, STREAMED_TE, UNQUANTIZED_PLANS, Placement, homes, leaner
+from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, fusable, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -41,11 +41,6 @@ T = TypeVar("T")
 
 # ---------------------------------------------------------------------------------------------
 # Stages
-
-
-def stage_label(name: str) -> Any:
-    """A profiler range `zturbo.<name>`: `zturbo bench --profile` charges GPU idle time to stages."""
-    return torch.profiler.record_function(f"zturbo.{name}")
 
 
 def encode_prompt(
@@ -446,9 +441,7 @@ class Engine:
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
         # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
         compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
-        # Fused projections would replace streamed or shared weights' views with new device tensors.
-        fuse = memory_plan not in STREAMED_TE
-        engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize, fuse=fuse)
+        engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize, fuse=fusable(memory_plan))
         if compile_ and warmup:
             engine.warmup()
         return engine
@@ -609,10 +602,11 @@ class Engine:
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:
-        """A profiler range for the stage, and its peak memory when `stage_peaks` is a dict."""
+        """A profiler range `zturbo.<name>` (`zturbo bench --profile` charges GPU idle time to
+        stages), and the stage's peak memory when `stage_peaks` is a dict."""
         peaks = self.stage_peaks
         cuda = self.device.type == "cuda"
-        with stage_label(name):
+        with torch.profiler.record_function(f"zturbo.{name}"):
             if peaks is not None and cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
             try:

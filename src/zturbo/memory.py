@@ -408,9 +408,14 @@ class Placement:
         self.resident_blocks = 0
         self.resident_layers = 0
         self.streamers: dict[str, Any] = {}
-        self.shared_layers = 0  # te-offload: text-encoder layers that take turns with transformer blocks
         self._embed_hooks: list[Any] = []
         self.change(plan, resident_blocks, resident_layers)
+
+    @property
+    def shared_layers(self) -> int:
+        """te-offload: the text-encoder layers that take turns with transformer blocks."""
+        arena = self.streamers.get("arena")
+        return len(arena.modules["text_encoder"]) if arena else 0
 
     def describe(self) -> str:
         if self.plan == "block-offload":
@@ -419,8 +424,8 @@ class Placement:
         if self.plan == "te-offload" and (self.resident_layers or self.shared_layers):
             total = len(self.components.text_encoder.layers) - UNUSED_TEXT_LAYERS
             arena = self.streamers.get("arena")
-            blocks = len(arena.modules["transformer"]) if arena else 0
-            shared = f", {self.shared_layers} sharing memory with {blocks} blocks" if self.shared_layers else ""
+            lenders = len(arena.modules["transformer"]) if arena else 0
+            shared = f", {self.shared_layers} sharing memory with {lenders} blocks" if arena else ""
             return f"te-offload ({self.resident_layers}/{total} text-encoder layers resident{shared})"
         return self.plan
 
@@ -526,7 +531,6 @@ class Placement:
         for block in blocks:
             torch.nn.Module.to(block, CPU)  # free their device memory before the arena takes it
         self.streamers["arena"] = SharedArena({"transformer": blocks, "text_encoder": shared}, self.device)
-        self.shared_layers = len(shared)
         return [layer for layer in streamed if all(layer is not x for x in shared)]
 
     def _stream_transformer(self, resident_blocks: int) -> None:
@@ -548,10 +552,15 @@ class Placement:
         for streamer in self.streamers.values():
             streamer.remove()
         self.streamers.clear()
-        self.shared_layers = 0
         for hook in self._embed_hooks:
             hook.remove()
         self._embed_hooks = []
+
+
+def fusable(plan: str) -> bool:
+    """Whether `plan` may fuse projections: a fused tensor is a new device copy, which streamed or
+    shared blocks' views would not reach (see Placement._share_transformer_memory)."""
+    return plan not in STREAMED_TE
 
 
 def streamed_positions(total: int, streamed: int) -> list[int]:

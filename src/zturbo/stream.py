@@ -69,10 +69,6 @@ class BlockStreamer:
             self._handles.append(module.register_forward_pre_hook(self._before(i)))
             self._handles.append(module.register_forward_hook(self._after(i)))
 
-    @property
-    def device_bytes(self) -> int:
-        return sum(s.numel() for s in self.slots)
-
     def remove(self) -> None:
         """Back to ordinary modules with their weights on the CPU (for a change of plan)."""
         if self.copy_stream is not None:
@@ -174,10 +170,6 @@ class SharedArena:
         first = next(iter(groups), None)
         if first is not None:
             self.prefetch(first)
-
-    @property
-    def device_bytes(self) -> int:
-        return self.arena.numel()
 
     def prefetch(self, name: str) -> None:
         """Start filling the arena with group `name` (after the compute stream's queued work)."""
