@@ -189,6 +189,29 @@ def test_quantizing_block_by_block_onto_the_device_matches_quantizing_in_place(f
     assert getattr(arriving, accel.QUANTIZED) == "int8"
 
 
+def test_quantizing_leaves_inductors_settings_alone(fresh):
+    # torchao's configs switch on coordinate-descent tuning process-wide unless told not to; every
+    # kernel compiled afterwards (the fp8 blocks, the VAE decoder) was then tuned candidate by
+    # candidate: minutes of an fp8 first image on an H100.
+    import copy
+
+    import torch._inductor.config as inductor_config
+
+    pytest.importorskip("torchao")
+    touched = (
+        "coordinate_descent_tuning",
+        "coordinate_descent_check_all_directions",
+        "force_fuse_int_mm_with_mul",
+        "fx_graph_cache",
+        "triton.unique_kernel_names",
+    )
+    before = inductor_config.get_config_copy()
+    with inductor_config.patch({k: before[k] for k in touched}):  # restored even if the test fails
+        accel.quantize_transformer(copy.deepcopy(fresh.components.transformer).to(torch.bfloat16), "int8")
+        after = inductor_config.get_config_copy()
+    assert {k: after[k] for k in touched} == {k: before[k] for k in touched}
+
+
 @pytest.mark.parametrize(
     ("mode", "dtype", "message"),
     [

@@ -340,10 +340,14 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
         from torchao import quantization as tq
     except ImportError as e:
         raise DeviceError(f"--quantize {mode} needs torchao (pip install 'zturbo[quant]'): {e}") from None
+    # set_inductor_config=False: by default each config switches on Inductor's coordinate-descent
+    # tuning process-wide, and every Triton kernel compiled afterwards (the fp8 blocks, the VAE
+    # decoder, the text encoder) is then tuned one candidate at a time in this process: on an H100
+    # the fp8 first image took minutes, most of it tuning kernels (scripts/probe_fp8_compile.py).
     configs = {
-        "fp8": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow()),
-        "int8": lambda: tq.Int8WeightOnlyConfig(),
-        "int4": lambda: tq.Int4WeightOnlyConfig(group_size=128),
+        "fp8": lambda: tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), set_inductor_config=False),
+        "int8": lambda: tq.Int8WeightOnlyConfig(set_inductor_config=False),
+        "int4": lambda: tq.Int4WeightOnlyConfig(group_size=128, set_inductor_config=False),
     }
     config = configs[mode]()
     if device is None:
