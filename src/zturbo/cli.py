@@ -555,8 +555,15 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
     else:
         raise InvalidRequestError(f"{device} has no GPU memory to plan for; pass --vram-budget GiB to preview a GPU")
     shape = memory.shape_from_source(source)
+    # A preview is of a GPU run, where --compile auto compiles the VAE decoder.
     choice = memory.choose(
-        shape, memory.dtype_bytes(dtypes), budget, width=args.width, height=args.height, batch=args.batch
+        shape,
+        memory.dtype_bytes(dtypes),
+        budget,
+        width=args.width,
+        height=args.height,
+        batch=args.batch,
+        compiled_vae=config.compile != "off",
     )
     print(f"\nplan for {args.width}x{args.height}, batch {args.batch}: budget {budget / memory.GIB:.2f} GiB ({where})")
     for est in choice.considered:

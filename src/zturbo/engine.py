@@ -315,9 +315,14 @@ def denoise(
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    """float32 latents (B, C, h, w) -> float32 images (B, 3, H, W) in [-1, 1] (unclamped)."""
-    z = latents / vae.config.scaling_factor + vae.config.shift_factor
-    return vae.decode(z.to(vae.dtype), return_dict=False)[0].float()
+    """float32 latents (B, C, h, w) -> float32 images (B, 3, H, W) in [-1, 1] (unclamped).
+
+    One image at a time. A batch decoded at once holds every image's activations (four 1024²
+    images on an H100: 8.0 GiB above the weights, against 1.3 GiB one by one), and a compiled
+    decoder needs another graph for the batch's shape, which ran slower (190 ms against 155 ms).
+    """
+    z = (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype)
+    return torch.cat([vae.decode(one, return_dict=False)[0].float() for one in z.split(1)])
 
 
 def to_uint8(image: torch.Tensor) -> torch.Tensor:
@@ -651,13 +656,18 @@ class Engine:
         self.set_vae_tiling(True)  # kept for later requests, like a precision fallback
         return self._eager_if_compile_fails(decode, vae, latents)
 
+    def _vae_compiled(self) -> bool:
+        decoder = self.components.vae.decoder
+        return any(module is decoder for module in self.accel.compiled)
+
     def _decode_fits(self, req: GenerateRequest) -> bool:
         if self.device.type != "cuda":
             return True
         from .memory import vae_activation
 
         elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
-        need = vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False)
+        compiled = self._vae_compiled()
+        need = vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False, compiled=compiled)
         free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
         free -= torch.cuda.memory_allocated(self.device)
         return need <= free * 0.9
@@ -688,6 +698,7 @@ class Engine:
             batch=req.num_images,
             cfg=req.do_cfg,
             vae_tiling=self.vae_tiling,
+            compiled_vae=self._vae_compiled(),
         )
         plan = self.placement.describe()
         quantized = self.accel.quantize != "none"
@@ -760,14 +771,22 @@ def _memory_plan(
         return ((config.memory if config.memory != "auto" else "resident"), 0, 0), False, config.quantize
     shape = memory.shape_from_source(source)
     dtype_bytes = memory.dtype_bytes(dtypes)
+    compiled_vae = accel_.resolve_compile(config.compile, device)
     if tunable:
         usable = memory.usable_budget(budget)
-        request = {"width": 1024, "height": 1024, "quantize": config.quantize}
+        request = {"width": 1024, "height": 1024, "quantize": config.quantize, "compiled_vae": compiled_vae}
         est = memory.fitting(shape, dtype_bytes, usable, plan=config.memory, **request)
         return (est.plan, est.resident_blocks, est.resident_layers), est.peak > usable, config.quantize
     options = (config.quantize,) if config.quantize != "none" else _quantizations(caps, dtypes["transformer"])
     choice = memory.choose(
-        shape, dtype_bytes, budget, width=1024, height=1024, quantize_options=options, exact=config.quantize == "none"
+        shape,
+        dtype_bytes,
+        budget,
+        width=1024,
+        height=1024,
+        quantize_options=options,
+        exact=config.quantize == "none",
+        compiled_vae=compiled_vae,
     )
     if choice.chosen is None and config.quantize != "none":
         # The streaming plans move plain weights only, so a quantized transformer has no leaner plan.

@@ -41,6 +41,12 @@ QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # Live full-resolution decoder tensors of `block_out_channels[0]` channels at the VAE's peak
 # (eager bf16): 2.6 GiB above the weights at 1024² on an H100, 9.7 GiB at 2048².
 VAE_LIVE_TENSORS = 10
+# A compiled whole-image decode frees intermediates sooner. Measured on an H100 (bf16, per image,
+# docs/performance.md): the static graph of the warm-up size holds 5 such tensors, the dynamic
+# graph Inductor builds once a second size is decoded holds 8 at every size from 512² to 2048²
+# (and then serves the warm-up size too); eager holds 9.5-10. Tiled decodes measured at the eager
+# count (their decoded tiles are held for blending), so they keep it.
+VAE_LIVE_TENSORS_COMPILED = 8
 VAE_TILE = 512  # pixels per side of a decoder tile when tiling
 # Per token in a transformer block: FFN phase (w1, w3 outputs and their product) and attention
 # phase (q, k, v, float32 RoPE copies of q and k); plus about four residual-width tensors.
@@ -169,8 +175,13 @@ def estimate(
     vae_tiling: bool = False,
     resident_blocks: int = 0,
     resident_layers: int = 0,
+    compiled_vae: bool = False,
 ) -> Estimate:
-    """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae."""
+    """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae.
+
+    `compiled_vae`: the engine compiles the VAE decoder (which needs less); the sequential plan
+    never compiles, so it is always estimated eager.
+    """
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
     if quantize != "none" and plan in UNQUANTIZED_PLANS:
@@ -201,7 +212,8 @@ def estimate(
     stages = {
         "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
         "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
-        "decode": held[2] + vae_activation(shape, v_e, width, height, batch, vae_tiling),
+        "decode": held[2]
+        + vae_activation(shape, v_e, width, height, batch, vae_tiling, compiled_vae and plan not in STREAMED_PLANS),
     }
     blocks = resident_blocks if plan == "block-offload" else 0
     return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
@@ -219,6 +231,7 @@ def choose(
     quantize_options: tuple[str, ...] = (),
     exact: bool = True,
     margin: float = 0.05,
+    compiled_vae: bool = False,
 ) -> Choice:
     """The fastest plan whose estimate fits `budget` less a margin (5 %, at least 0.5 GiB).
 
@@ -228,7 +241,7 @@ def choose(
     quantization).
     """
     usable = usable_budget(budget, margin)
-    request = {"width": width, "height": height, "batch": batch, "cfg": cfg}
+    request = {"width": width, "height": height, "batch": batch, "cfg": cfg, "compiled_vae": compiled_vae}
     considered = []
     for quantize in (("none",) if exact else ()) + quantize_options:
         for plan in SPEED_ORDER:
@@ -305,23 +318,25 @@ def _transformer_activation(
 
 
 def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None:
-    """diffusers' tiled decode with `tile`-pixel tiles (25 % overlap, blended), one image at a time.
+    """diffusers' tiled decode with `tile`-pixel tiles (25 % overlap, blended).
 
     Above one tile the decoder then holds one tile's activations instead of the whole image's.
+    (`engine.decode` decodes one image at a time, tiled or not.)
     """
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     vae.tile_sample_min_size = tile
     vae.tile_latent_min_size = tile // factor
     vae.use_tiling = on
-    vae.use_slicing = on
 
 
-def vae_activation(shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool) -> int:
-    """Bytes the decode stage needs above the VAE's weights."""
+def vae_activation(
+    shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool, compiled: bool = False
+) -> int:
+    """Bytes the decode stage needs above the VAE's weights (`compiled`: the decoder is compiled)."""
     image = batch * 3 * width * height * 4  # the float32 image the decode returns
     pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
-    per_image = VAE_LIVE_TENSORS * pixels * shape.vae_channels * elem
-    return image + (per_image if tiling else batch * per_image)
+    live = VAE_LIVE_TENSORS_COMPILED if compiled and not tiling else VAE_LIVE_TENSORS
+    return image + live * pixels * shape.vae_channels * elem  # engine.decode: one image at a time
 
 
 def dtype_bytes(dtypes: dict[str, torch.dtype]) -> dict[str, int]:
