@@ -72,6 +72,7 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert list(row["stage_peaks_gib"]) == ["encode", "prepare", "denoise", "check", "decode", "finish"]
     assert set(row["estimate_stages_gib"]) == {"encode", "denoise", "decode"}
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
+    assert row["decode_s"] > 0  # the decode alone, as the row runs it
     # Rows are compared by their image: the same weights and seed in every row, so the same picture.
     again = bench_memory.one_row(0.0, 64, runs=1, tiny=True)
     assert len(row["thumbnail"]) == 32 * 32 * 3 and bench_memory.image_difference(again, row) == 0.0

@@ -103,6 +103,12 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
         warmup=0,
     )
     out["cached_prompt_s"] = cached["median_s"]
+    # The decode alone, as the row runs it (tiled or whole, compiled or eager): what tiling costs.
+    from .engine import decode
+
+    vae = engine.components.vae
+    latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=engine.device)
+    out["decode_s"] = bench.timed(lambda: decode(vae, latents), engine.device, runs, warmup=1)["median_s"]
     out["memory_plan_after"] = engine.placement.describe()
     # One more new-prompt image with each stage's peak recorded, against the estimate's stages.
     engine.stage_peaks = {}
@@ -176,20 +182,23 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     uncapped = next((r for r in rows if r.get("cap_gib") == 0 and "median_s" in r and "estimate_gib" in r), None)
     first = next((r for r in rows if "thumbnail" in r), None)  # every zturbo row should match it
     lines = [
-        "| cap | plan | estimate | measured peak | s/img | vs uncapped | s/img, repeated prompt | image vs first row |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cap | plan | estimate | measured peak | s/img | vs uncapped | s/img, repeated prompt | decode s "
+        "| image vs first row |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
         cap += " (fp8)" if r.get("kind") == "zturbo-fp8" else ""
         if "error" in r:
-            lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - | - |")
+            lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - | - | - |")
             continue
         est = f"{r['estimate_gib']:.2f} GiB" if "estimate_gib" in r else "-"
         ratio = f"{uncapped['median_s'] / r['median_s']:.0%}" if uncapped else "-"
         peak = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
         cached = f"{r['cached_prompt_s']:.3f}" if "cached_prompt_s" in r else "-"
+        decode = f"{r['decode_s']:.3f}" if "decode_s" in r else "-"
         diff = image_difference(r, first)
         same = f"{diff:.2f}/255" if diff is not None else "-"
-        lines.append(f"| {cap} | {r['plan']} | {est} | {peak} | {r['median_s']:.3f} | {ratio} | {cached} | {same} |")
+        row = f"| {cap} | {r['plan']} | {est} | {peak} | {r['median_s']:.3f} | {ratio} | {cached} | {decode} | {same} |"
+        lines.append(row)
     return "\n".join(lines)
