@@ -62,27 +62,18 @@ def transformer_once(quantize: str) -> dict[str, Any]:
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from zturbo import accel, tiny
+    from zturbo import accel, bench, tiny
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        transformer = ZImageTransformer2DModel()
-    torch.set_default_dtype(torch.float32)
+    transformer = bench.random_module(ZImageTransformer2DModel, "cuda", torch.bfloat16)
     tiny.randomize_pad_tokens(transformer)
-    transformer.eval().requires_grad_(False)
     if quantize != "none":
         accel.quantize_transformer(transformer, quantize)
-    compiled = accel.Accel()
-    for block in accel.transformer_blocks(transformer):
-        block.attention.set_processor(accel.RealRopeAttnProcessor())
-        accel._compile_block(compiled, block, "inductor")
+    accel.compile_transformer(accel.Accel(), transformer)
     latents = torch.randn(1, 16, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
     embeds = [torch.randn(64, 2560, device="cuda", dtype=torch.bfloat16)]
-    t = torch.tensor([0.5], device="cuda")
     start = time.perf_counter()
     with torch.inference_mode():
-        transformer(list(latents.unbind(0)), t, embeds, return_dict=False)
+        transformer(list(latents.unbind(0)), torch.tensor([0.5], device="cuda"), embeds, return_dict=False)
     torch.cuda.synchronize()
     return {"transformer_first_s": round(time.perf_counter() - start, 1), "transformer_times": compile_times()}
 
@@ -91,15 +82,10 @@ def vae_once() -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
 
-    from zturbo import accel, tiny
+    from zturbo import accel, bench, tiny
     from zturbo.engine import decode
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        vae = AutoencoderKL(**tiny.FLUX_VAE_CONFIG)
-    torch.set_default_dtype(torch.float32)
-    vae.eval().requires_grad_(False)
+    vae = bench.random_module(lambda: AutoencoderKL(**tiny.FLUX_VAE_CONFIG), "cuda", torch.bfloat16)
     r: dict[str, Any] = {"pool_before_vae": pool_state()}
     accel._compile_forward(accel.Accel(), vae.decoder, "inductor", dynamic=None)
     latents = torch.randn(1, 16, 128, 128, device="cuda")

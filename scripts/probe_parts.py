@@ -202,10 +202,7 @@ def fp8_transformer(transformer: torch.nn.Module) -> None:
     accel.unfuse_projections(transformer)
     accel.quantize_transformer(transformer, "fp8")
     stamp("quantized")
-    compiled = accel.Accel()
-    for block in accel.transformer_blocks(transformer):
-        block.attention.set_processor(accel.RealRopeAttnProcessor())
-        accel._compile_block(compiled, block, "inductor")
+    accel.compile_transformer(accel.Accel(), transformer)
     latents = torch.randn(1, 16, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
     embeds = [torch.randn(64, 2560, device="cuda", dtype=torch.bfloat16)]
     t = torch.tensor([0.5], device="cuda")

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from zturbo import accel, memory, tiny
+from zturbo import accel, bench, memory, tiny
 from zturbo.engine import decode
 
 OUT = os.environ.get("OUT", ".")
@@ -78,12 +78,7 @@ def slicing(vae: torch.nn.Module, res: dict[str, Any], save: Any) -> None:
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        vae = AutoencoderKL(**tiny.FLUX_VAE_CONFIG)
-    torch.set_default_dtype(torch.float32)
-    vae.eval().requires_grad_(False)
+    vae = bench.random_module(lambda: AutoencoderKL(**tiny.FLUX_VAE_CONFIG), "cuda", torch.bfloat16)
     res: dict[str, Any] = {"weights_gib": round(torch.cuda.memory_allocated() / GIB, 3)}
 
     def save() -> None:

@@ -206,11 +206,7 @@ def apply(
         accel.fused = components.transformer
     if compile_:
         _use_persistent_compile_cache()
-        for block in transformer_blocks(components.transformer):
-            attention = block.attention
-            accel.processors.append((attention, attention.processor))
-            attention.set_processor(RealRopeAttnProcessor())
-            _compile_block(accel, block, backend)
+        compile_transformer(accel, components.transformer, backend)
         # The text encoder is launch-bound at prompt lengths (36 layers of ~20 small kernels each):
         # compiled layers launch a handful of fused kernels instead.
         for layer in components.text_encoder.layers:
@@ -220,6 +216,16 @@ def apply(
         if vae:
             _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
     return accel
+
+
+def compile_transformer(accel: Accel, transformer: torch.nn.Module, backend: Any = "inductor") -> None:
+    """Each block compiled on its own (regional compilation), with the compile-friendly attention
+    processor; both recorded in `accel` so that `revert_compile` undoes them."""
+    for block in transformer_blocks(transformer):
+        attention = block.attention
+        accel.processors.append((attention, attention.processor))
+        attention.set_processor(RealRopeAttnProcessor())
+        _compile_block(accel, block, backend)
 
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")

@@ -114,6 +114,19 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
     return Components(transformer, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG))
 
 
+def random_module(build: Callable[[], torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> Any:
+    """One module with random weights (seed 0) built directly on `device` in `dtype`, for inference."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            module = build()
+    finally:
+        torch.set_default_dtype(previous)
+    return module.eval().requires_grad_(False)
+
+
 def load_engine(opts: BenchOptions, device: torch.device, dtype: torch.dtype) -> Engine:
     """An eager engine: random weights, or the checkpoint in `opts.model` (no warm-up yet)."""
     from .config import RuntimeConfig
