@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import attention, kernels
 from .config import QUANTIZE_CHOICES
 from .errors import DeviceError
 
@@ -31,11 +31,13 @@ class RealRopeAttnProcessor:
     """Z-Image single-stream attention (q/k RMSNorm, RoPE, SDPA), compile-friendly.
 
     On CUDA with Triton, the q/k norms and the rotation run as one fused kernel
-    (`kernels.qk_norm_rope`); whether Triton is there is decided here, outside compiled code.
+    (`kernels.qk_norm_rope`), and on a Hopper with FlashAttention 3 installed, attention runs in
+    FA3 (`zturbo.attention`); both are decided here, outside compiled code.
     """
 
     def __init__(self) -> None:
         self.norm_rope = kernels.fused_op() if FUSED_NORM_ROPE else None
+        self.flash3 = attention.flash_attention_3()
 
     def __call__(
         self,
@@ -69,8 +71,7 @@ class RealRopeAttnProcessor:
         mask = attention_mask
         if mask is not None and mask.ndim == 2:  # (B, S) -> (B, 1, 1, S), as diffusers does
             mask = mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2, 3).to(dtype)  # (B, S, H*D)
+        out = attention.attend(q, k, v, mask, self.flash3).flatten(2, 3).to(dtype)  # (B, S, H*D)
         return attn.to_out[0](out)
 
 
@@ -155,8 +156,8 @@ class Accel:
         """Back to eager: drop compiled forwards, unfuse, restore diffusers' attention processors."""
         for module in self.compiled:
             del module.forward  # the instance attribute; the class's forward shows through again
-        for attention, previous in self.processors:
-            attention.set_processor(previous)
+        for attn, previous in self.processors:
+            attn.set_processor(previous)
         if self.fused is not None:
             unfuse_projections(self.fused)
             self.fused = None
@@ -222,9 +223,9 @@ def compile_transformer(accel: Accel, transformer: torch.nn.Module, backend: Any
     """Each block compiled on its own (regional compilation), with the compile-friendly attention
     processor; both recorded in `accel` so that `revert_compile` undoes them."""
     for block in transformer_blocks(transformer):
-        attention = block.attention
-        accel.processors.append((attention, attention.processor))
-        attention.set_processor(RealRopeAttnProcessor())
+        attn = block.attention
+        accel.processors.append((attn, attn.processor))
+        attn.set_processor(RealRopeAttnProcessor())
         _compile_block(accel, block, backend)
 
 

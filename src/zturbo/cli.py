@@ -523,6 +523,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("compute capability", ".".join(map(str, caps.compute_capability)) if caps.compute_capability else "-"),
         ("bf16 / fp16 / fp8", " / ".join("yes" if x else "no" for x in (caps.bf16, caps.fp16, caps.fp8))),
         ("flash attention", "yes" if caps.flash_attention else "no"),
+        ("FlashAttention 3", _fa3_text(caps)),
         ("memory", memory_line(device)),
         ("model", config.model),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
@@ -535,6 +536,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plan:
         _print_plan(args, config, device, plan.dtypes())
     return 0
+
+
+def _fa3_text(caps: Any) -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return "not installed"
+    hopper = caps.compute_capability is not None and caps.compute_capability[0] == 9
+    return "installed; used by compiled blocks after a check" if hopper else "installed; needs a Hopper GPU (9.x)"
 
 
 def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict[str, Any]) -> None:
