@@ -45,9 +45,14 @@ def flash_attention_3() -> Any:
     or its check failed. Call it outside compiled code (it may import and run FA3)."""
     if not FLASH_ATTENTION_3 or not torch.cuda.is_available():
         return None
-    if torch.cuda.get_device_capability()[0] != 9:  # FA3's kernels are Hopper-only
+    if not runs_on(torch.cuda.get_device_capability()):
         return None
     return checked(torch.device("cuda", torch.cuda.current_device()))
+
+
+def runs_on(capability: tuple[int, int] | None) -> bool:
+    """Whether FA3's kernels run on a GPU of this compute capability: Hopper (9.x) only."""
+    return capability is not None and capability[0] == 9
 
 
 @functools.cache

@@ -92,21 +92,15 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
     from . import tiny as tiny_model
 
     tokenizer = tiny_model.build_tokenizer()
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            if tiny:
-                transformer = ZImageTransformer2DModel(**tiny_model.TRANSFORMER_CONFIG)
-                text_config = Qwen3Config(**tiny_model.text_encoder_config(len(tokenizer)))
-            else:
-                transformer = ZImageTransformer2DModel()  # the published default config
-                text_config = Qwen3Config(**QWEN3_4B_CONFIG)
-            vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else tiny_model.FLUX_VAE_CONFIG))
-            text_encoder = Qwen3Model(text_config)
-    finally:
-        torch.set_default_dtype(previous)
+    with _building(device, dtype):
+        if tiny:
+            transformer = ZImageTransformer2DModel(**tiny_model.TRANSFORMER_CONFIG)
+            text_config = Qwen3Config(**tiny_model.text_encoder_config(len(tokenizer)))
+        else:
+            transformer = ZImageTransformer2DModel()  # the published default config
+            text_config = Qwen3Config(**QWEN3_4B_CONFIG)
+        vae = AutoencoderKL(**(tiny_model.VAE_CONFIG if tiny else tiny_model.FLUX_VAE_CONFIG))
+        text_encoder = Qwen3Model(text_config)
     # All-zero pad rows would make fp8's per-row activation scale 0/0; trained pad tokens are not zero.
     tiny_model.randomize_pad_tokens(transformer)
     for module in (transformer, vae, text_encoder):
@@ -116,15 +110,22 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
 
 def random_module(build: Callable[[], torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> Any:
     """One module with random weights (seed 0) built directly on `device` in `dtype`, for inference."""
+    with _building(device, dtype):
+        module = build()
+    return module.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _building(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
+    """Modules created inside draw their random weights from seed 0, directly on `device` in `dtype`."""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            module = build()
+            yield
     finally:
         torch.set_default_dtype(previous)
-    return module.eval().requires_grad_(False)
 
 
 def load_engine(opts: BenchOptions, device: torch.device, dtype: torch.dtype) -> Engine:

@@ -73,7 +73,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
     engine.set_vae_tiling(est.vae_tiling)
     from . import accel
 
-    compile_ = est.plan not in memory.STREAMED_PLANS
+    compile_ = memory.compilable(est.plan)
     backend = "eager" if tiny else "inductor"
     fuse = memory.fusable(est.plan)
     engine.accel = accel.apply(components, compile_=compile_, quantize=est.quantize, backend=backend, fuse=fuse)

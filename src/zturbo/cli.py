@@ -543,8 +543,11 @@ def _fa3_text(caps: Any) -> str:
 
     if importlib.util.find_spec("flash_attn_interface") is None:
         return "not installed"
-    hopper = caps.compute_capability is not None and caps.compute_capability[0] == 9
-    return "installed; used by compiled blocks after a check" if hopper else "installed; needs a Hopper GPU (9.x)"
+    from .attention import runs_on
+
+    if runs_on(caps.compute_capability):
+        return "installed; used by compiled blocks after a check"
+    return "installed; needs a Hopper GPU (9.x)"
 
 
 def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict[str, Any]) -> None:

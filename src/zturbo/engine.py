@@ -28,7 +28,7 @@ from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import GIB, SPEED_ORDER, STREAMED_PLANS, UNQUANTIZED_PLANS, Placement, fusable, homes, leaner
+from .memory import GIB, SPEED_ORDER, UNQUANTIZED_PLANS, Placement, compilable, fusable, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -445,8 +445,7 @@ class Engine:
         )
         engine.vae_tiling_setting = config.vae_tiling
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and tiling))
-        # Group offloading wraps the blocks' forwards itself; compiling them too is not supported.
-        compile_ = accel_.resolve_compile(config.compile, device) and memory_plan not in STREAMED_PLANS
+        compile_ = accel_.resolve_compile(config.compile, device) and compilable(memory_plan)
         engine.accel = accel_.apply(components, compile_=compile_, quantize=quantize, fuse=fusable(memory_plan))
         if compile_ and warmup:
             engine.warmup()

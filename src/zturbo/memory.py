@@ -179,8 +179,8 @@ def estimate(
 ) -> Estimate:
     """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae.
 
-    `compiled_vae`: the engine compiles the VAE decoder (which needs less); the sequential plan
-    never compiles, so it is always estimated eager.
+    `compiled_vae`: the engine compiles the VAE decoder (which needs less) where the plan is
+    `compilable`; otherwise it is estimated eager.
     """
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
@@ -213,7 +213,7 @@ def estimate(
         "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
         "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
         "decode": held[2]
-        + vae_activation(shape, v_e, width, height, batch, vae_tiling, compiled_vae and plan not in STREAMED_PLANS),
+        + vae_activation(shape, v_e, width, height, batch, vae_tiling, compiled_vae and compilable(plan)),
     }
     blocks = resident_blocks if plan == "block-offload" else 0
     return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
@@ -570,6 +570,12 @@ class Placement:
         for hook in self._embed_hooks:
             hook.remove()
         self._embed_hooks = []
+
+
+def compilable(plan: str) -> bool:
+    """Whether the engine compiles under `plan`: diffusers' group offloading (sequential) wraps the
+    blocks' forwards itself, and compiling them too is not supported."""
+    return plan not in STREAMED_PLANS
 
 
 def fusable(plan: str) -> bool:
