@@ -149,8 +149,16 @@ class Accel:
     def compiling(self) -> bool:
         return bool(self.compiled)
 
+    @property
+    def attention(self) -> str:
+        """The attention kernel of the transformer blocks: FA3, SDPA (compiled blocks), or diffusers'."""
+        if not self.processors:
+            return "diffusers"
+        flash3 = any(getattr(attn.processor, "flash3", None) for attn, _ in self.processors)
+        return "flash_attention_3" if flash3 else "sdpa"
+
     def describe(self) -> dict[str, Any]:
-        return {"compiled": self.compiling, "quantize": self.quantize}
+        return {"compiled": self.compiling, "quantize": self.quantize, "attention": self.attention}
 
     def revert_compile(self) -> None:
         """Back to eager: drop compiled forwards, unfuse, restore diffusers' attention processors."""

@@ -11,8 +11,10 @@ k and v as views of one fused projection); an error or a mismatch keeps SDPA, wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,6 +50,17 @@ def flash_attention_3() -> Any:
     if not runs_on(torch.cuda.get_device_capability()):
         return None
     return checked(torch.device("cuda", torch.cuda.current_device()))
+
+
+@contextlib.contextmanager
+def flash_attention_3_enabled(on: bool) -> Iterator[None]:
+    """`FLASH_ATTENTION_3` set to `on` inside the block (the benchmark's SDPA comparison)."""
+    global FLASH_ATTENTION_3
+    before, FLASH_ATTENTION_3 = FLASH_ATTENTION_3, on
+    try:
+        yield
+    finally:
+        FLASH_ATTENTION_3 = before
 
 
 def runs_on(capability: tuple[int, int] | None) -> bool:

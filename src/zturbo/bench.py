@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import attention
 from .engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
 from .loader import Components
 from .request import ModelLimits
@@ -75,6 +76,7 @@ class BenchOptions:
     profile: bool = False
     first_image: bool = False
     fuse_ab: bool = True  # also measure the compiled mode without fused projections
+    attention_ab: bool = True  # where FlashAttention 3 runs, also measure the compiled mode with SDPA
     eager_vae: bool = False  # compiled rows keep the VAE decoder eager (labelled in the results)
     tiny: bool = False
     model: str | None = None  # None: random weights
@@ -303,8 +305,10 @@ def run(opts: BenchOptions, report: Callable[[dict[str, Any]], None] = lambda r:
         res["reference_compiled"] = _reference_compiled(pipe, device, main_size, runs, warm, baseline)
         report(res)
 
-    ab = opts.compile and opts.fuse_ab and "none" in opts.quantize
-    phases = [("compiled_unfused", "none", False)] if ab else []
+    bf16 = opts.compile and "none" in opts.quantize
+    phases = [("compiled_unfused", "none", False)] if bf16 and opts.fuse_ab else []
+    if bf16 and opts.attention_ab and not opts.tiny and attention.flash_attention_3() is not None:
+        phases.append(("compiled_sdpa", "none", True))
     phases += [("compiled" if q == "none" else q, q, True) for q in opts.quantize]
     for key, quantize, fuse in phases:
         if quantize == "fp8" and (opts.tiny or not _fp8_capable(device)):
@@ -339,9 +343,16 @@ def _compiled_phase(
     # Inductor needs a GPU toolchain to pay off; the CPU smoke test only traces (no graph breaks).
     backend = "eager" if opts.tiny else "inductor"
     started = time.perf_counter()
-    engine.accel = accel.apply(
-        engine.components, compile_=opts.compile, quantize=quantize, fuse=fuse, backend=backend, vae=not opts.eager_vae
-    )
+    with attention.flash_attention_3_enabled(key != "compiled_sdpa"):
+        engine.accel = accel.apply(
+            engine.components,
+            compile_=opts.compile,
+            quantize=quantize,
+            fuse=fuse,
+            backend=backend,
+            vae=not opts.eager_vae,
+        )
+    phase["attention"] = engine.accel.attention
     phase["vae_compiled"] = opts.compile and not opts.eager_vae
     phase["prepare_s"] = time.perf_counter() - started  # quantization, when there is one
     log.info("bench %s: prepared in %.1f s; first call (compiles)", key, phase["prepare_s"])
@@ -353,11 +364,11 @@ def _compiled_phase(
     phase["warmup_s"] = phase["first_call_s"] + engine.warmup(main_size, main_size)
     phase["latent_rel_err_vs_eager"] = rel_err(final_latents(engine, main_size), baseline)
     report(res)
-    sizes = opts.sizes if key != "compiled_unfused" else (main_size,)  # the A/B needs one size
+    sizes = (main_size,) if key in AB_PHASES else opts.sizes  # an A/B needs one size
     for size in sizes:
         phase["sizes"][size] = timed(zturbo_e2e(engine, size), device, runs, warm)
         report(res)
-    if key == "compiled_unfused":
+    if key in AB_PHASES:
         return
     phase["cached_prompt"] = timed(zturbo_e2e(engine, main_size, cached_prompt=True), device, runs, warm)
     batch = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
@@ -365,6 +376,10 @@ def _compiled_phase(
     phase["batch"] = batch
     if opts.profile and device.type == "cuda":
         phase["profile"] = profile(zturbo_e2e(engine, main_size))
+
+
+AB_PHASES = ("compiled_unfused", "compiled_sdpa")  # one-size comparisons with the default compiled mode
+PHASES = (*AB_PHASES, "compiled", "fp8")
 
 
 # Kernel-name fragments that identify matrix products and attention in a CUDA profile.
@@ -581,7 +596,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{'-' if err is None else f'{err:.2e}'} |"
             )
     lines.append("")
-    for mode in ("eager", "compiled_unfused", "compiled", "fp8"):
+    for mode in ("eager", *PHASES):
         phase = res.get(mode, {})
         if "error" in phase:
             lines.append(f"- {mode} FAILED: {phase['error'][:300]}")
@@ -605,7 +620,7 @@ def markdown(res: dict[str, Any]) -> str:
 def _modes(res: dict[str, Any]) -> Iterator[tuple[str, dict[Any, Any]]]:
     if "eager" in res:
         yield "eager", res["eager"]["zturbo"]
-    for mode in ("compiled_unfused", "compiled", "fp8"):
+    for mode in PHASES:
         if res.get(mode, {}).get("sizes"):
             yield mode, res[mode]["sizes"]
 
@@ -648,6 +663,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
         profile=args.profile,
         first_image=args.first_image,
         fuse_ab=not args.no_fuse_ab,
+        attention_ab=not args.no_attention_ab,
         eager_vae=args.eager_vae,
     )
 

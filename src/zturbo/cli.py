@@ -205,6 +205,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-compiled", action="store_true", help="also time diffusers' compile_repeated_blocks")
     p.add_argument("--no-fuse-ab", action="store_true", help="skip the compiled row without fused projections")
     p.add_argument(
+        "--no-attention-ab", action="store_true", help="skip the compiled row with SDPA where FlashAttention 3 runs"
+    )
+    p.add_argument(
         "--eager-vae",
         action="store_true",
         help="compiled rows keep the VAE decoder eager (a diagnostic: in an fp8 process its compile takes minutes)",
