@@ -129,3 +129,12 @@ def test_eager_vae_rows_leave_the_decoder_uncompiled_and_say_so():
     res = bench.run(opts)
     assert res["compiled"]["vae_compiled"] is False and "error" not in res["compiled"]
     assert "| compiled (eager VAE) | 32² |" in bench.markdown(res)
+
+
+def test_profile_kinds_count_cutlass_attention_kernels_as_attention():
+    fa3 = "void cutlass::device_kernel<flash::enable_sm90<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2"
+    mem_efficient = "fmha_cutlassF_bf16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass"
+    assert bench.kernel_kind(fa3) == bench.kernel_kind(mem_efficient) == "attention"
+    assert bench.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+    assert bench.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul"
+    assert bench.kernel_kind("triton_poi_fused__unsafe_view_mul_silu_split_2") == "other"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from . import attention, kernels
 from .config import QUANTIZE_CHOICES
 from .errors import DeviceError
+from .graphs import EncoderGraphs
 
 log = logging.getLogger("zturbo")
 
@@ -77,6 +78,7 @@ class RealRopeAttnProcessor:
 
 FUSED_QKV = "zturbo_fused_qkv"
 FUSED_NORM_ROPE = True  # the Triton q/k norm + RoPE kernel where it can run (a switch for A/B runs)
+GRAPH_TEXT_ENCODER = True  # CUDA graphs for the compiled text encoder (zturbo.graphs; a switch for A/B runs)
 
 
 def _fusable_norms(attn: Any) -> bool:
@@ -144,6 +146,7 @@ class Accel:
     processors: list[tuple[Any, Any]] = field(default_factory=list)  # (attention, previous processor)
     quantize: str = "none"
     fused: torch.nn.Module | None = None  # the transformer whose projections were fused
+    encoder_graphs: EncoderGraphs | None = None  # CUDA graphs of the compiled text encoder
 
     @property
     def compiling(self) -> bool:
@@ -171,6 +174,7 @@ class Accel:
             self.fused = None
         self.compiled.clear()
         self.processors.clear()
+        self.encoder_graphs = None  # they replay the compiled kernels
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
@@ -222,6 +226,9 @@ def apply(
             layer.forward = _decoder_layer_without_inner_hooks(layer)
             # Round where eager rounds: 36 layers of bf16 otherwise drift from the eager embeddings.
             _compile_block(accel, layer, backend, options={"emulate_precision_casts": True})
+        if backend == "inductor" and GRAPH_TEXT_ENCODER:
+            # Still launch-bound once compiled (~40 ms of launches per prompt): replayed as graphs.
+            accel.encoder_graphs = EncoderGraphs()
         if vae:
             _compile_forward(accel, components.vae.decoder, backend, dynamic=None)
     return accel

@@ -211,6 +211,22 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def encode_ab(engine: Engine, runs: int) -> dict[str, Any]:
+    """The compiled text encoder on the bench prompt with its CUDA graphs and without: seconds
+    (median of 4 × `runs`) and the embeddings' relative difference."""
+    c, device = engine.components, engine.device
+    graphs = engine._encoder_graphs()
+
+    def encode(g: Any) -> Callable[[], torch.Tensor]:
+        return lambda: encode_prompt(c.text_encoder, c.tokenizer, [PROMPT], device, graphs=g)[0][0]
+
+    with torch.inference_mode():
+        plain, graphed = encode(None)(), encode(graphs)()
+        out = {"graphs": timed(encode(graphs), device, 4 * runs, 2), "plain": timed(encode(None), device, 4 * runs, 2)}
+    out["rel_diff"] = rel_err(graphed, plain)
+    return out
+
+
 def zturbo_e2e(engine: Engine, size: int, batch: int = 1, cached_prompt: bool = False) -> Callable[[], Any]:
     """One user request; the prompt cache is emptied first unless `cached_prompt` (a repeated prompt)."""
 
@@ -371,6 +387,8 @@ def _compiled_phase(
     if key in AB_PHASES:
         return
     phase["cached_prompt"] = timed(zturbo_e2e(engine, main_size, cached_prompt=True), device, runs, warm)
+    if engine._encoder_graphs() is not None:
+        phase["encode"] = encode_ab(engine, runs)
     batch = timed(zturbo_e2e(engine, main_size, opts.batch), device, max(2, runs // 2), warm)
     batch["images_per_s"] = opts.batch / batch["median_s"]
     phase["batch"] = batch
@@ -385,6 +403,15 @@ PHASES = (*AB_PHASES, "compiled", "fp8")
 # Kernel-name fragments that identify matrix products and attention in a CUDA profile.
 MATMUL_KERNELS = ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "_scaled_mm", "f8f8")
 ATTENTION_KERNELS = ("flash", "fmha", "attention", "cudnn_generated", "sdpa")
+
+
+def kernel_kind(name: str) -> str:
+    """matmul, attention or other, by kernel name. Attention first: FlashAttention 3's and the
+    memory-efficient SDPA kernels are CUTLASS kernels too."""
+    lower = name.lower()
+    if any(k in lower for k in ATTENTION_KERNELS):
+        return "attention"
+    return "matmul" if any(k in lower for k in MATMUL_KERNELS) else "other"
 
 
 def profile(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -408,14 +435,7 @@ def profile(fn: Callable[[], Any]) -> dict[str, Any]:
         entry[1] += 1
     kernels = []
     for name, (ms, count) in by_name.items():
-        lower = name.lower()
-        kind = (
-            "matmul"
-            if any(k in lower for k in MATMUL_KERNELS)
-            else "attention"
-            if any(k in lower for k in ATTENTION_KERNELS)
-            else "other"
-        )
+        kind = kernel_kind(name)
         totals[kind] += ms
         kernels.append({"name": name[:120], "ms": ms, "count": int(count), "kind": kind})
     kernels.sort(key=lambda k: -k["ms"])
@@ -605,6 +625,12 @@ def markdown(res: dict[str, Any]) -> str:
             lines.append(f"- {mode} batch {res['options']['batch']}: {b['images_per_s']:.2f} images/s")
         if "warmup_s" in phase:
             lines.append(f"- {mode} warm-up (compile) {phase['warmup_s']:.1f} s")
+        if "encode" in phase:
+            enc = phase["encode"]
+            lines.append(
+                f"- {mode} text encoder: {enc['graphs']['median_s'] * 1000:.1f} ms with CUDA graphs, "
+                f"{enc['plain']['median_s'] * 1000:.1f} ms without (rel. diff {enc['rel_diff']:.1e})"
+            )
         if "cached_prompt" in phase:
             lines.append(f"- {mode} repeated prompt (text encoder skipped): {phase['cached_prompt']['median_s']:.3f} s")
     if "reference_compiled" in res:

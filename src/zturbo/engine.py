@@ -26,6 +26,7 @@ from . import accel as accel_
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
+from .graphs import EncoderGraphs
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .memory import GIB, SPEED_ORDER, UNQUANTIZED_PLANS, Placement, compilable, fusable, homes, leaner
@@ -49,10 +50,12 @@ def encode_prompt(
     prompts: Sequence[str],
     device: torch.device,
     max_tokens: int = MAX_TOKENS,
+    graphs: EncoderGraphs | None = None,
 ) -> tuple[list[torch.Tensor], list[str | None]]:
     """Qwen chat template (thinking enabled), hidden_states[-2] of the real tokens -> [(L_i, D)].
 
     Returns the embeddings and, per prompt, a warning if it was truncated to `max_tokens` (else None).
+    With `graphs`, the encoder replays a CUDA graph where one applies (`zturbo.graphs`).
     """
     texts = [
         tokenizer.apply_chat_template(
@@ -72,12 +75,16 @@ def encode_prompt(
     enc = tokenizer(texts, padding="longest", max_length=max_tokens, truncation=True, return_tensors="pt")
     mask = enc.attention_mask.bool()  # (B, L) on the CPU: slicing with it needs no device sync
     with _without_last_layer(text_encoder):
-        out = text_encoder(
-            input_ids=enc.input_ids.to(device),
-            attention_mask=mask.to(device),
-            use_cache=False,  # one forward pass: a key/value cache would only be filled and dropped
-        )
-    hidden = out.last_hidden_state  # (B, L, D): hidden_states[-2] of the whole encoder
+        pad_id = tokenizer.pad_token_id or 0
+        graphed = graphs.encode(text_encoder, enc.input_ids, mask, pad_id, max_tokens) if graphs is not None else None
+        if graphed is not None:
+            hidden, mask = graphed
+        else:
+            hidden = text_encoder(
+                input_ids=enc.input_ids.to(device),
+                attention_mask=mask.to(device),
+                use_cache=False,  # one forward pass: a key/value cache would only be filled and dropped
+            ).last_hidden_state  # (B, L, D): hidden_states[-2] of the whole encoder
     return [_select_real(hidden[i], mask[i]) for i in range(len(texts))], warnings
 
 
@@ -130,9 +137,10 @@ class PromptCache:
         device: torch.device,
         *,
         on_miss: Callable[[], None] | None = None,
+        graphs: EncoderGraphs | None = None,
     ) -> tuple[list[torch.Tensor], list[str]]:
         """Embeddings on `device` for `prompts` (the text encoder runs once for all misses, after
-        `on_miss()`) and their truncation warnings."""
+        `on_miss()`, through `graphs` where given) and their truncation warnings."""
         dtype = next(text_encoder.parameters()).dtype
         missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self._items]
         self.hits += len(prompts) - len(missing)
@@ -140,7 +148,7 @@ class PromptCache:
         if missing:
             if on_miss is not None:
                 on_miss()
-            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device)
+            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device, graphs=graphs)
             for prompt, embed, warning in zip(missing, embeds, warnings, strict=True):
                 # clone (or copy to the device): drop the padded batch the embedding was a view of
                 self._items[(prompt, dtype)] = (embed.to(device, copy=True), warning)
@@ -461,6 +469,10 @@ class Engine:
         start = time.perf_counter()
         for prompt in ("warm-up", "a longer warm-up prompt " * 8):
             self.generate(prompt, seed=0, steps=1, width=width, height=height)
+        graphs = self._encoder_graphs()
+        if graphs is not None:
+            with torch.inference_mode(), _without_last_layer(self.components.text_encoder):
+                graphs.capture_all(self.components.text_encoder, MAX_TOKENS)
         seconds = time.perf_counter() - start
         log.info("warm-up at %dx%d (torch.compile %s) took %.1f s", width, height, self.accel.compiling, seconds)
         return seconds
@@ -557,7 +569,7 @@ class Engine:
         tick = time.perf_counter()
         rows = req.images
         placed = self.placement
-        where = {"on_miss": lambda: placed.stage("encode")}
+        where = {"on_miss": lambda: placed.stage("encode"), "graphs": self._encoder_graphs()}
         cache = self.prompt_cache
 
         def encode(prompts: list[str]) -> tuple[list[torch.Tensor], list[str]]:
@@ -604,6 +616,13 @@ class Engine:
             pixels = to_uint8(image)
             timings["denoise_decode_s"] = time.perf_counter() - tick
             return GenerateResult(self._package(req, rows, pixels), req, timings, warnings)
+
+    def _encoder_graphs(self) -> EncoderGraphs | None:
+        """The compiled text encoder's CUDA graphs, while its weights stay put: on a CUDA device
+        under the resident plan (every other plan moves or streams the encoder's weights)."""
+        if self.device.type != "cuda" or self.placement.plan != "resident":
+            return None
+        return self.accel.encoder_graphs
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:

@@ -1,0 +1,182 @@
+"""The text encoder's CUDA graphs (zturbo.graphs): padding, masks, when graphs are captured, reused
+and dropped. CUDA graphs need a GPU; on the CPU a stand-in capture runs the same forward the graph
+would replay, into the same static tensors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from zturbo import accel, graphs
+from zturbo.engine import MAX_TOKENS, encode_prompt
+
+PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in the snow at dawn"]
+
+
+def cpu_capture(text_encoder: torch.nn.Module, shape: tuple[int, int], pool: object) -> graphs.Captured:
+    """What `graphs.capture` records, without CUDA: replay runs the forward into static tensors."""
+    ids = torch.zeros(shape, dtype=torch.long)
+    keys = torch.ones(shape, dtype=torch.bool)
+    out = graphs.encoder_forward(text_encoder, ids, keys).clone()
+    captured = graphs.Captured(lambda: None, ids, keys, out, pool=object())
+
+    def replay() -> None:
+        out.copy_(graphs.encoder_forward(text_encoder, captured.ids, captured.keys))
+
+    captured.replay = replay
+    return captured
+
+
+class CountingCapture:
+    def __init__(self, fail: bool = False) -> None:
+        self.shapes: list[tuple[int, int]] = []
+        self.fail = fail
+
+    def __call__(self, text_encoder: torch.nn.Module, shape: tuple[int, int], pool: object) -> graphs.Captured:
+        self.shapes.append(shape)
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return cpu_capture(text_encoder, shape, pool)
+
+
+def encode(engine, prompts, g=None):
+    c = engine.components
+    with torch.inference_mode():
+        return encode_prompt(c.text_encoder, c.tokenizer, prompts, torch.device("cpu"), graphs=g)[0]
+
+
+def test_lengths_are_padded_to_a_bucket_and_never_past_the_encoders_limit():
+    assert [graphs.bucket_length(n, 512) for n in (1, 63, 64, 65, 449, 512)] == [64, 64, 64, 128, 512, 512]
+    assert graphs.bucket_length(100, 100) == 100
+
+
+def test_rows_are_right_padded_with_their_real_tokens_first():
+    ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4]])  # left-padded first row
+    mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    got_ids, got_mask = graphs.right_padded(ids, mask, 6, pad_id=9)
+    assert got_ids.tolist() == [[5, 6, 9, 9, 9, 9], [1, 2, 3, 4, 9, 9]]
+    assert got_mask.tolist() == [[True, True, False, False, False, False], [True] * 4 + [False] * 2]
+
+
+def test_the_mask_is_causal_over_real_keys_and_no_row_is_empty():
+    keys = torch.tensor([[True, True, False]])
+    m = graphs.causal_mask(keys)[0, 0]
+    assert m.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert m.any(dim=1).all()
+
+
+def test_padded_graph_forward_gives_the_plain_embeddings(engine):
+    # The graph runs a padded batch with a mask built on the device; the real tokens' states must be
+    # the plain encoder's (causal attention: padding after a token cannot change it).
+    want = encode(engine, PROMPTS)
+    g = graphs.EncoderGraphs(capture=cpu_capture)
+    got = encode(engine, PROMPTS, g)
+    assert len(g) == 1  # replayed, not run the plain way
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_one_capture_per_batch_and_bucket_and_outputs_are_not_overwritten(engine):
+    counting = CountingCapture()
+    g = graphs.EncoderGraphs(capture=counting)
+    first = encode(engine, ["a red fox"], g)[0].clone()
+    kept = encode(engine, ["a red fox"], g)[0]
+    encode(engine, ["a grey wolf"], g)  # same bucket: replayed, not captured
+    assert counting.shapes == [(1, 64)]
+    assert torch.equal(kept, first)  # the second replay did not overwrite the first result
+    encode(engine, ["a grey wolf " * 30], g)
+    encode(engine, PROMPTS, g)
+    shapes = counting.shapes
+    assert len(shapes) == 3 and shapes[1][0] == 1 and shapes[1][1] % 64 == 0 and shapes[1][1] > 64
+    assert shapes[2] == (2, 64)
+
+
+def test_graphs_are_dropped_when_the_encoders_weights_move(engine):
+    counting = CountingCapture()
+    g = graphs.EncoderGraphs(capture=counting)
+    te = engine.components.text_encoder
+    encode(engine, ["a red fox"], g)
+    weight = te.layers[0].mlp.up_proj.weight
+    before = weight.data
+    try:
+        weight.data = before.clone()  # what a move or a cast does: new storage, new address
+        encode(engine, ["a red fox"], g)
+    finally:
+        weight.data = before
+    assert counting.shapes == [(1, 64), (1, 64)]
+
+
+def test_a_failed_capture_warns_once_and_the_encoder_runs_without_graphs(engine, caplog):
+    failing = CountingCapture(fail=True)
+    g = graphs.EncoderGraphs(capture=failing)
+    want = encode(engine, ["a red fox"])
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        got = encode(engine, ["a red fox"], g)
+        encode(engine, ["a red fox"], g)
+    assert torch.equal(got[0], want[0])
+    assert failing.shapes == [(1, 64)] and "stream is capturing" in g.failed
+    assert sum("CUDA graph capture failed" in r.message for r in caplog.records) == 1
+
+
+def test_long_batches_run_without_a_graph(engine):
+    counting = CountingCapture()
+    g = graphs.EncoderGraphs(capture=counting)
+    long = "a very long prompt " * 200  # truncated to MAX_TOKENS
+    batch = graphs.MAX_GRAPH_TOKENS // MAX_TOKENS + 1
+    encode(engine, [f"{long} {i}" for i in range(batch)], g)
+    assert counting.shapes == []
+
+
+def test_warm_up_captures_every_bucket_once(engine):
+    from zturbo.engine import _without_last_layer
+
+    counting = CountingCapture()
+    g = graphs.EncoderGraphs(capture=counting)
+    te = engine.components.text_encoder
+    with torch.inference_mode(), _without_last_layer(te):
+        g.capture_all(te, MAX_TOKENS)
+    assert counting.shapes == [(1, n) for n in range(64, MAX_TOKENS + 1, 64)]
+    encode(engine, ["a grey wolf " * 30], g)
+    assert len(counting.shapes) == MAX_TOKENS // 64
+
+
+def test_compiling_gives_graphs_that_reverting_drops(fresh):
+    c = fresh.components
+    applied = accel.apply(c, compile_=True, quantize="none", backend="inductor")  # compiles lazily
+    try:
+        assert applied.encoder_graphs is not None
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    assert applied.encoder_graphs is None
+    assert accel.apply(c, compile_=True, quantize="none", backend="eager").encoder_graphs is None
+
+
+def test_the_engine_hands_out_graphs_only_on_cuda_under_the_resident_plan(fresh, monkeypatch):
+    fresh.accel.encoder_graphs = graphs.EncoderGraphs()
+    assert fresh._encoder_graphs() is None  # the CPU
+    monkeypatch.setattr(fresh, "device", torch.device("cuda"))
+    assert fresh._encoder_graphs() is fresh.accel.encoder_graphs
+    monkeypatch.setattr(fresh.placement, "plan", "te-offload")
+    assert fresh._encoder_graphs() is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_cuda_graph_replays_the_plain_embeddings(tiny_dir):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cuda", compile="off"), warmup=False)
+    want = [e.cpu() for e in encode_cuda(engine, PROMPTS)]
+    got = encode_cuda(engine, PROMPTS, graphs.EncoderGraphs())
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-2, atol=1e-2)
+
+
+def encode_cuda(engine, prompts, g=None):
+    c = engine.components
+    with torch.inference_mode():
+        return encode_prompt(c.text_encoder, c.tokenizer, prompts, engine.device, graphs=g)[0]
