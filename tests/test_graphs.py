@@ -18,12 +18,11 @@ PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in t
 def cpu_capture(text_encoder: torch.nn.Module, shape: tuple[int, int], pool: object) -> graphs.Captured:
     """What `graphs.capture` records, without CUDA: replay runs the forward into static tensors."""
     ids = torch.zeros(shape, dtype=torch.long)
-    keys = torch.ones(shape, dtype=torch.bool)
-    out = graphs.encoder_forward(text_encoder, ids, keys).clone()
-    captured = graphs.Captured(lambda: None, ids, keys, out, pool=object())
+    out = graphs.encoder_forward(text_encoder, ids).clone()
+    captured = graphs.Captured(lambda: None, ids, out, pool=object())
 
     def replay() -> None:
-        out.copy_(graphs.encoder_forward(text_encoder, captured.ids, captured.keys))
+        out.copy_(graphs.encoder_forward(text_encoder, captured.ids))
 
     captured.replay = replay
     return captured
@@ -60,16 +59,9 @@ def test_rows_are_right_padded_with_their_real_tokens_first():
     assert got_mask.tolist() == [[True, True, False, False, False, False], [True] * 4 + [False] * 2]
 
 
-def test_the_mask_is_causal_over_real_keys_and_no_row_is_empty():
-    keys = torch.tensor([[True, True, False]])
-    m = graphs.causal_mask(keys)[0, 0]
-    assert m.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
-    assert m.any(dim=1).all()
-
-
 def test_padded_graph_forward_gives_the_plain_embeddings(engine):
-    # The graph runs a padded batch with a mask built on the device; the real tokens' states must be
-    # the plain encoder's (causal attention: padding after a token cannot change it).
+    # The graph runs a right-padded batch with no mask; the real tokens' states must be the plain
+    # encoder's, which masks the padding (causal attention: padding after a token cannot reach it).
     want = encode(engine, PROMPTS)
     g = graphs.EncoderGraphs(capture=cpu_capture)
     got = encode(engine, PROMPTS, g)
@@ -127,6 +119,16 @@ def test_long_batches_run_without_a_graph(engine):
     long = "a very long prompt " * 200  # truncated to MAX_TOKENS
     batch = graphs.MAX_GRAPH_TOKENS // MAX_TOKENS + 1
     encode(engine, [f"{long} {i}" for i in range(batch)], g)
+    assert counting.shapes == []
+
+
+def test_encoders_that_need_a_mask_for_causality_run_without_graphs(engine, monkeypatch):
+    counting = CountingCapture()
+    g = graphs.EncoderGraphs(capture=counting)
+    config = engine.components.text_encoder.config
+    monkeypatch.setattr(config, "_attn_implementation", "eager")  # no mask: every token sees every other
+    assert not graphs.maskless_causal(engine.components.text_encoder)
+    encode(engine, ["a red fox"], g)
     assert counting.shapes == []
 
 

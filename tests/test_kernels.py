@@ -47,3 +47,20 @@ def test_reference_is_diffusers_rms_norm_then_the_processors_rope(dtype):
         want = [kernels.rope(norm(x), cos_sin.unsqueeze(2)) for norm, x in zip(norms, (q, k), strict=True)]
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@cuda_triton
+def test_fused_kernel_takes_q_and_k_of_different_layouts():
+    # One launch reads q and k with one set of strides; a contiguous q beside a strided k must
+    # still give the reference result.
+    torch.manual_seed(0)
+    heads, dim, tokens = 5, 128, 33
+    q = torch.randn(1, tokens, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, tokens, 2 * heads * dim, device="cuda", dtype=torch.bfloat16)[..., : heads * dim]
+    k = k.unflatten(-1, (heads, dim))
+    w = torch.ones(dim, device="cuda", dtype=torch.bfloat16)
+    angles = torch.rand(1, tokens, dim // 2, device="cuda") * 50
+    cos_sin = torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    got, expected = kernels.fused_op()(q, k, w, w, cos_sin, 1e-5), kernels.reference(q, k, w, w, cos_sin, 1e-5)
+    for g, e in zip(got, expected, strict=True):
+        assert float((g.double() - e.double()).norm() / e.double().norm()) < 1e-4

@@ -6,10 +6,10 @@ At prompt lengths the compiled Qwen3 encoder is launch-bound: its GPU work is a 
 padded length) replays all of it in one launch.
 
 Prompts are padded on the right to a multiple of `BUCKET` tokens, so a handful of graphs serves
-every prompt. Causal attention makes the real tokens' states independent of what follows them, so
-the padding changes nothing but the kernels' shapes. The attention mask is built inside the
-graph from a (B, L) key mask and handed to transformers as a ready mapping, which skips its mask
-construction (that inspects the mask on the host, which a graph capture does not allow).
+every prompt. With the padding on the right, causal attention alone keeps each real token from
+seeing any padding (padding only ever follows it), so the graph runs with no attention mask: the
+same causal kernel the encoder uses for a single unpadded prompt, and no mask construction in
+transformers (which inspects the mask on the host, which a graph capture does not allow).
 
 A graph replays the weights it was captured with at their addresses, so it is only used while
 the encoder stays where it is: the engine hands it out under the resident memory plan only, and
@@ -50,35 +50,20 @@ def right_padded(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int
     return out_ids, out_mask
 
 
-def causal_mask(keys: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool key mask -> (B, 1, L, L) bool attention mask: causal, real keys only.
-
-    Every query also sees itself, so no row is all masked: a padding query would otherwise get
-    NaN from SDPA, harmless to the real rows but not to a later check of the whole tensor.
-    """
-    length = keys.shape[1]
-    positions = torch.arange(length, device=keys.device)
-    causal = positions[None, :] <= positions[:, None]  # (query, key)
-    diagonal = positions[None, :] == positions[:, None]
-    return ((causal & keys[:, None, :]) | diagonal)[:, None]
-
-
-def encoder_forward(text_encoder: torch.nn.Module, ids: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The encoder's last_hidden_state for right-padded `ids` with key mask `keys`: what a graph
-    captures (no host synchronisation inside)."""
-    mask = causal_mask(keys)
+def encoder_forward(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The encoder's last_hidden_state for right-padded `ids`: what a graph captures. The ready
+    mask mapping (None for every layer type) makes each layer attend causally, with no mask."""
     layer_types = getattr(text_encoder.config, "layer_types", None) or ["full_attention"]
-    mapping = dict.fromkeys(layer_types, mask)
+    mapping = dict.fromkeys(layer_types)
     return text_encoder(input_ids=ids, attention_mask=mapping, use_cache=False).last_hidden_state
 
 
 @dataclass
 class Captured:
-    """One graph and its static tensors: inputs copied in before each replay, the output read after."""
+    """One graph and its static tensors: the ids copied in before each replay, the output read after."""
 
     replay: Callable[[], None]
     ids: torch.Tensor
-    keys: torch.Tensor
     out: torch.Tensor
     pool: Any = None  # the graph's memory pool, shared with the next capture
 
@@ -88,16 +73,15 @@ def capture(text_encoder: torch.nn.Module, shape: tuple[int, int], pool: Any) ->
     the capture), then capture it into a CUDA graph that shares `pool`."""
     device = next(text_encoder.parameters()).device
     ids = torch.zeros(shape, dtype=torch.long, device=device)
-    keys = torch.ones(shape, dtype=torch.bool, device=device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        encoder_forward(text_encoder, ids, keys)
+        encoder_forward(text_encoder, ids)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
-        out = encoder_forward(text_encoder, ids, keys)
-    return Captured(graph.replay, ids, keys, out, graph.pool())
+        out = encoder_forward(text_encoder, ids)
+    return Captured(graph.replay, ids, out, graph.pool())
 
 
 class EncoderGraphs:
@@ -124,10 +108,10 @@ class EncoderGraphs:
         self, text_encoder: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pad_id: int, max_tokens: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(hidden states (B, L', D) on the device, the padded (B, L') mask) through a graph, or
-        None where none applies: capturing failed before, the batch is too long, or the encoder
-        alternates sliding-window layers (their second mask is not built here)."""
+        None where none applies: capturing failed before, the batch is too long, or the encoder is
+        not one whose attention is causal without a mask (see `maskless_causal`)."""
         length = bucket_length(ids.shape[1], max_tokens)
-        if self.failed or ids.shape[0] * length > MAX_GRAPH_TOKENS or _sliding(text_encoder):
+        if self.failed or ids.shape[0] * length > MAX_GRAPH_TOKENS or not maskless_causal(text_encoder):
             return None
         weights = tuple((p.data_ptr(), p.dtype) for p in text_encoder.parameters())
         if weights != self._weights:  # moved or cast since the capture: its addresses are stale
@@ -146,11 +130,14 @@ class EncoderGraphs:
                 return None
             self._graphs[key], self._pool = graph, graph.pool
         graph.ids.copy_(ids)
-        graph.keys.copy_(mask)
         graph.replay()
         # A copy: the next replay overwrites the graph's output.
         return graph.out.clone(), mask
 
 
-def _sliding(text_encoder: torch.nn.Module) -> bool:
-    return bool(getattr(text_encoder, "has_sliding_layers", False))
+def maskless_causal(text_encoder: torch.nn.Module) -> bool:
+    """Whether the encoder attends causally when given no mask: SDPA attention (transformers'
+    eager attention would attend to every token) and no sliding-window layers (their window is
+    a mask)."""
+    sdpa = getattr(text_encoder.config, "_attn_implementation", None) == "sdpa"
+    return sdpa and not getattr(text_encoder, "has_sliding_layers", False)

@@ -2,11 +2,12 @@
 
 Inductor fuses the two per-head RMSNorms and the pairwise rotation into one kernel, which on an
 H100 at 1024² takes about 112 µs per block where moving the bytes needs about 45 µs (run E:
-30.6 ms per image). This kernel reads each head's row of q and k once (and its pair partners
-from the same cache lines), normalizes, rotates and writes it once, rounding where diffusers'
-eager code rounds: after normalizing, after the weight (when the weight is half precision), and
-after the rotation. Measured (docs/performance.md, run G): 102 µs per block, 0.8455 s against
-0.8532 s per image end to end; a small gain, still far from the memory bound.
+30.6 ms per image). This kernel normalizes and rotates q and k in one launch, reading each head's
+row once and splitting the rotated pairs in registers, and rounds where diffusers' eager code
+rounds: after normalizing, after the weight (when the weight is half precision), and after the
+rotation. Measured on a block's q and k (H100, run 7B, `scripts/probe_qk_kernel.py`): 49 µs
+against 126 µs for the previous version of this kernel (two launches, each element's rotation
+partner loaded a second time), where the bytes alone need 38 µs at 3.35 TB/s.
 
 `fused_op()` registers it as a custom op (`torch.library.triton_op`), so Inductor keeps it inside
 the compiled block graph; it returns None where Triton is missing, and callers then use the plain
@@ -48,7 +49,7 @@ def rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-NUM_WARPS = 4
+NUM_WARPS = 2
 BLOCK_HEADS = 4  # heads per program (a power of two; the last block is masked)
 
 
@@ -75,10 +76,13 @@ def _register() -> Any:
 
     @triton.jit
     def kernel(
-        x_ptr,
-        w_ptr,
+        q_ptr,
+        k_ptr,
+        wq_ptr,
+        wk_ptr,
         cs_ptr,
-        out_ptr,
+        out_q_ptr,
+        out_k_ptr,
         seq,
         heads,
         sxb,
@@ -95,26 +99,29 @@ def _register() -> Any:
         b, s = row // seq, row % seq
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]  # BLOCK_H of its heads
         d = tl.arange(0, D)[None, :]
-        partner = d ^ 1  # the other element of each rotated pair: a second load of the same cache lines
         keep = h < heads
-        base = x_ptr + b * sxb + s * sxs + h * sxh
-        x = tl.load(base + d, mask=keep, other=0.0)
-        out_dtype = x.dtype
+        offset = b * sxb + s * sxs + h * sxh + d  # q and k share their strides
+        if tl.program_id(2) == 0:
+            x = tl.load(q_ptr + offset, mask=keep, other=0.0)
+            w = tl.load(wq_ptr + d)
+            out_ptr = out_q_ptr
+        else:
+            x = tl.load(k_ptr + offset, mask=keep, other=0.0)
+            w = tl.load(wk_ptr + d)
+            out_ptr = out_k_ptr
         xf = x.to(tl.float32)
-        xp = tl.load(base + partner, mask=keep, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
-        w, wp = tl.load(w_ptr + d), tl.load(w_ptr + partner)
-        if ROUND_WEIGHT:  # half-precision weight: eager rounds before and after multiplying by it
+        if ROUND_WEIGHT:  # noqa: SIM108 (a constexpr branch)  half-precision weight: eager rounds twice
             n = ((xf * inv).to(w.dtype) * w).to(tl.float32)
-            np_ = ((xp * inv).to(w.dtype) * wp).to(tl.float32)
         else:
             n = xf * inv * w.to(tl.float32)
-            np_ = xp * inv * wp.to(tl.float32)
-        pair = b * scb + s * scs + (d // 2) * 2
-        cos, sin = tl.load(cs_ptr + pair), tl.load(cs_ptr + pair + 1)
-        # (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos): even elements subtract, odd ones add.
-        y = n * cos + tl.where(d % 2 == 0, -1.0, 1.0) * np_ * sin
-        tl.store(out_ptr + row * heads * D + h * D + d, y.to(out_dtype), mask=keep)
+        # Pairs (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos), split out of registers: each
+        # element is loaded once (a second, partner load cost 2.5x the time; run 7B).
+        n0, n1 = tl.split(tl.reshape(n, (BLOCK_H, D // 2, 2)))
+        cos, sin = tl.split(tl.reshape(tl.load(cs_ptr + b * scb + s * scs + tl.arange(0, D)), (D // 2, 2)))
+        y = tl.join(n0 * cos[None, :] - n1 * sin[None, :], n0 * sin[None, :] + n1 * cos[None, :])
+        y = tl.reshape(y, (BLOCK_H, D))
+        tl.store(out_ptr + row * heads * D + h * D + d, y.to(x.dtype), mask=keep)
 
     @triton_op("zturbo::qk_norm_rope", mutates_args=())
     def op(
@@ -130,30 +137,31 @@ def _register() -> Any:
         batch, seq, heads, dim = q.shape
         if cos_sin.stride(-1) != 1 or cos_sin.stride(-2) != 2:
             cos_sin = cos_sin.contiguous()
-        outs = []
-        for x, w in ((q, wq), (k, wk)):
-            x = x if x.stride(-1) == 1 else x.contiguous()
-            w = w.contiguous()
-            out = torch.empty((batch, seq, heads, dim), dtype=x.dtype, device=x.device)
-            wrap_triton(kernel)[(batch * seq, triton.cdiv(heads, block_heads))](
-                x,
-                w,
-                cos_sin,
-                out,
-                seq,
-                heads,
-                x.stride(0),
-                x.stride(1),
-                x.stride(2),
-                cos_sin.stride(0),
-                cos_sin.stride(1),
-                eps,
-                D=dim,
-                BLOCK_H=block_heads,
-                ROUND_WEIGHT=w.dtype in (torch.float16, torch.bfloat16),
-                num_warps=num_warps,
-            )
-            outs.append(out)
-        return outs[0], outs[1]
+        if q.stride(-1) != 1 or q.stride() != k.stride():  # one launch reads both with one set of strides
+            q, k = q.contiguous(), k.contiguous()
+        out_q = torch.empty((batch, seq, heads, dim), dtype=q.dtype, device=q.device)
+        out_k = torch.empty_like(out_q)
+        wrap_triton(kernel)[(batch * seq, triton.cdiv(heads, block_heads), 2)](
+            q,
+            k,
+            wq.contiguous(),
+            wk.contiguous(),
+            cos_sin,
+            out_q,
+            out_k,
+            seq,
+            heads,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            cos_sin.stride(0),
+            cos_sin.stride(1),
+            eps,
+            D=dim,
+            BLOCK_H=block_heads,
+            ROUND_WEIGHT=wq.dtype in (torch.float16, torch.bfloat16),
+            num_warps=num_warps,
+        )
+        return out_q, out_k
 
     return op
