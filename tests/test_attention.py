@@ -41,6 +41,7 @@ def installed(monkeypatch):
     def install(result: str = "exact") -> types.ModuleType:
         module = fake_fa3(result)
         monkeypatch.setitem(sys.modules, "flash_attn_interface", module)
+        monkeypatch.setattr(attention, "FLASH_ATTENTION_3_DEVICES", ("cuda", "cpu"))  # the stand-in runs on the CPU
         attention.checked.cache_clear()
         return module
 
@@ -111,6 +112,18 @@ def test_the_op_compiles_as_one_opaque_call(installed):
     calls = fa3.calls
     torch.testing.assert_close(compiled(q, k, v), block(q, k, v), rtol=0, atol=0)
     assert fa3.calls == calls + 2  # the compiled call ran FA3 too, once
+
+
+def test_cpu_tensors_never_reach_fa3(installed, monkeypatch):
+    # An engine on the CPU of a Hopper machine gets the op from its processors; FA3's kernels
+    # take CUDA tensors only, so CPU attention must stay on SDPA.
+    fa3 = installed()
+    op = attention.checked(torch.device("cpu"))
+    monkeypatch.setattr(attention, "FLASH_ATTENTION_3_DEVICES", ("cuda",))
+    calls = fa3.calls
+    q, k, v = qkv()
+    torch.testing.assert_close(attention.attend(q, k, v, None, op), attention.sdpa(q, k, v), rtol=0, atol=0)
+    assert fa3.calls == calls
 
 
 def test_compiled_blocks_attend_with_fa3_where_chosen(tiny_dir, installed, monkeypatch):

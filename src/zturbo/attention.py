@@ -23,6 +23,7 @@ import torch.nn.functional as F
 log = logging.getLogger("zturbo")
 
 FLASH_ATTENTION_3 = True  # use FA3 where it is installed and passes its check (a switch for A/B runs)
+FLASH_ATTENTION_3_DEVICES = ("cuda",)  # device types FA3's kernels take (the CPU tests' stand-in adds "cpu")
 CHECK_TOLERANCE = 1e-2  # relative error against SDPA on the check's random bf16 inputs
 
 
@@ -35,9 +36,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, flash3: Any = None
 ) -> torch.Tensor:
-    """(B, S, H, D) attention with `flash3` (from `flash_attention_3()`) where it applies: no mask
-    (FA3's dense call has none) and half-precision inputs; SDPA otherwise."""
-    if flash3 is not None and mask is None and q.dtype in (torch.bfloat16, torch.float16):
+    """(B, S, H, D) attention with `flash3` (from `flash_attention_3()`) where it applies: CUDA
+    tensors (an engine on the CPU of a Hopper machine must not reach it), no mask (FA3's dense call
+    has none) and half-precision inputs; SDPA otherwise."""
+    usable = q.device.type in FLASH_ATTENTION_3_DEVICES and q.dtype in (torch.bfloat16, torch.float16)
+    if flash3 is not None and usable and mask is None:
         return flash3(q, k, v)
     return sdpa(q, k, v, mask)
 
