@@ -166,6 +166,14 @@ def test_the_engine_hands_out_graphs_only_on_cuda_under_the_resident_plan(fresh,
     assert fresh._encoder_graphs() is None
 
 
+def test_moving_to_a_leaner_plan_after_out_of_memory_frees_the_graphs(fresh):
+    fresh.accel.encoder_graphs = graphs.EncoderGraphs()
+    fresh._lean_out("te-offload", 0, 0, reason="simulated out of memory")
+    assert fresh.accel.encoder_graphs is None and fresh.placement.plan == "te-offload"
+    result = fresh.generate("a red fox", seed=1, steps=1, width=32, height=32)
+    assert result.images  # the engine still runs, with the plain encoder
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_graph_replays_the_plain_embeddings(tiny_dir):
     from zturbo.config import RuntimeConfig

@@ -697,6 +697,9 @@ class Engine:
         before = self.placement.describe()
         if plan in ("block-offload", "sequential") and self.accel.compiling:
             self.accel.revert_compile()  # streaming re-points the weights that fusion shares
+        # Leaner plans move the encoder's weights, so its graphs can never replay again (plans
+        # only get leaner): free their memory now.
+        self.accel.encoder_graphs = None
         self.placement.change(plan, resident_blocks, resident_layers)
         record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
         log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
