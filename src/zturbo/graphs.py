@@ -29,6 +29,7 @@ import torch
 log = logging.getLogger("zturbo")
 
 BUCKET = 64  # prompts are padded to a multiple of this many tokens: 8 lengths up to 512
+REPLAY_TOLERANCE = 1e-2  # relative; the same kernels replayed agree exactly (run 7C: 0.0)
 MAX_GRAPH_TOKENS = 2048  # batch × padded length above which the encoder runs without a graph:
 # a long batch is not launch-bound, and a graph's private memory grows with its shapes
 
@@ -72,16 +73,30 @@ def capture(text_encoder: torch.nn.Module, shape: tuple[int, int], pool: Any) ->
     """Warm up `encoder_forward` at `shape` on a side stream (compiling and tuning happen outside
     the capture), then capture it into a CUDA graph that shares `pool`."""
     device = next(text_encoder.parameters()).device
-    ids = torch.zeros(shape, dtype=torch.long, device=device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        encoder_forward(text_encoder, ids)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = encoder_forward(text_encoder, ids)
-    return Captured(graph.replay, ids, out, graph.pool())
+    with torch.cuda.device(device):  # capture and replay run on the current device's streams
+        ids = torch.zeros(shape, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            expected = encoder_forward(text_encoder, ids)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = encoder_forward(text_encoder, ids)
+        # A capture that missed work (kernels launched on another device's stream, say) would
+        # replay an incomplete graph without any error: check one replay, into a cleared output,
+        # against the warm-up.
+        out.zero_()
+        graph.replay()
+        difference = float((out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
+        if not difference <= REPLAY_TOLERANCE:
+            raise RuntimeError(f"the captured graph differs from the encoder by {difference:.1e} (relative)")
+
+    def replay() -> None:
+        with torch.cuda.device(device):
+            graph.replay()
+
+    return Captured(replay, ids, out, graph.pool())
 
 
 class EncoderGraphs:
