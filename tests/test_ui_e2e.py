@@ -147,7 +147,10 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
     page.locator("#advanced").get_by_text("Advanced").click()
     page.locator("#variety input[type=number]").fill("0.2")
-    page.locator("#variety input[type=number]").press("Enter")
+    page.locator("#variety input[type=number]").press("Tab")
+    # The slider commits the typed number on its own time; generating before it has would send
+    # the old value (seen once in CI on a loaded 2-core machine).
+    expect(page.locator("#variety input[type=range]")).to_have_value("0.2")
     _record_progress(page)
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
