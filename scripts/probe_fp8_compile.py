@@ -87,7 +87,7 @@ def vae_once() -> dict[str, Any]:
 
     vae = bench.random_module(lambda: AutoencoderKL(**tiny.FLUX_VAE_CONFIG), "cuda", torch.bfloat16)
     r: dict[str, Any] = {"pool_before_vae": pool_state()}
-    accel._compile_forward(accel.Accel(), vae.decoder, "inductor", dynamic=None)
+    accel._compile_decoder(accel.Accel(), vae, "inductor")
     latents = torch.randn(1, 16, 128, 128, device="cuda")
     start = time.perf_counter()
     with torch.inference_mode():

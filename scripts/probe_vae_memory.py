@@ -4,11 +4,14 @@ One process, bf16 weights on the GPU. For each case the decode's peak above what
 before it (weights and latents) is recorded, in GiB and in "live tensors": the excess over the
 float32 image divided by one full-resolution 128-channel bf16 tensor, the unit of
 `zturbo.memory.VAE_LIVE_TENSORS`. The compiled cases follow the engine: the decoder compiled as
-`accel.apply` compiles it, warmed up at 1024² (a static graph), then other sizes (Inductor's
-dynamic graph). Tiled cases use `memory.set_vae_tiling`.
+`accel.apply` compiles it (a static graph for 1024², a dynamic one for other sizes), 1024² first,
+then the other sizes, then 1024² again; each case is also timed. `dynamic_1024` then decodes 1024²
+through the dynamic graph alone, for the static graph's gain. Tiled cases use
+`memory.set_vae_tiling`.
 
-Usage (GPU): PYTHONPATH=src python scripts/probe_vae_memory.py [slicing]   (writes $OUT/vae_memory.json)
-`slicing`: only the batch-of-4 comparison, decoded image by image against all at once.
+Usage (GPU): PYTHONPATH=src python scripts/probe_vae_memory.py [eager|slicing]
+(writes $OUT/vae_memory.json). `eager`: the eager and tiled cases too. `slicing`: only the
+batch-of-4 comparison, decoded image by image against all at once.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def seconds(vae: torch.nn.Module, size: int, batch: int, runs: int = 5) -> float
 def slicing(vae: torch.nn.Module, res: dict[str, Any], save: Any) -> None:
     """A batch of 4 at 1024², compiled: decoded one image at a time (the warm-up's static graph)
     against all four at once (a new shape: Inductor's dynamic graph)."""
-    accel._compile_forward(accel.Accel(), vae.decoder, "inductor", dynamic=None)
+    accel._compile_decoder(accel.Accel(), vae, "inductor")
     res["b1_static_s"] = seconds(vae, 1024, 1)
     vae.use_slicing = True
     res["b4_sliced_s"] = seconds(vae, 1024, 4)
@@ -89,17 +92,24 @@ def main() -> None:
     def cases(name: str, sizes: list[tuple[int, int]]) -> None:
         res[name] = []
         for size, batch in sizes:  # saved case by case: a cut run keeps what finished
-            res[name].append(peak(vae, size, batch))
+            took = seconds(vae, size, batch)  # first: compiles, so that the peak is the graph's own
+            res[name].append(peak(vae, size, batch) | {"seconds": took})
             save()
 
     if sys.argv[1:] == ["slicing"]:
         slicing(vae, res, save)
         return
-    cases("eager", CASES[1:])
-    accel._compile_forward(accel.Accel(), vae.decoder, "inductor", dynamic=None)
+    if sys.argv[1:] == ["eager"]:
+        cases("eager", CASES[1:])
+    accel._compile_decoder(accel.Accel(), vae, "inductor")
     cases("compiled", CASES)
-    memory.set_vae_tiling(vae, True)
-    cases("compiled_tiled", [(2048, 1), (1024, 1)])
+    del vae.decoder.forward
+    accel.STATIC_DECODE_SIZE = 8  # no real size is static: 1024² through the dynamic graph
+    accel._compile_decoder(accel.Accel(), vae, "inductor")
+    cases("dynamic_1024", [(512, 1), (1024, 1)])
+    if sys.argv[1:] == ["eager"]:
+        memory.set_vae_tiling(vae, True)
+        cases("compiled_tiled", [(2048, 1), (1024, 1)])
 
 
 if __name__ == "__main__":

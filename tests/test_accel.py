@@ -62,9 +62,44 @@ def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
         assert counter.frame_count == 4
         fresh.generate("a much longer prompt about a red fox in the snow at dawn " * 3, **PARAMS)
         fresh.generate("a red fox", **{**PARAMS, "width": 96, "height": 64})
-        assert counter.frame_count == 5  # only the decoder, at the new size (dynamic=None)
+        assert counter.frame_count == 5  # only the decoder's graph for other sizes
     finally:
         torch._dynamo.reset()
+
+
+def test_the_warm_up_size_always_decodes_through_its_own_static_graph(fresh, monkeypatch):
+    # Left to torch.compile (dynamic=None), the dynamic graph built for a second size would serve
+    # the warm-up size too, holding 8 full-resolution tensors instead of 5 (the planner counts 5).
+    from zturbo.engine import decode
+
+    ran: list[bool] = []  # per decode: whether the graph that ran has symbolic sizes
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        shapes = [d for v in values if isinstance(v, torch.Tensor) for d in v.shape]
+        symbolic = any(isinstance(v, torch.SymInt) for v in values + shapes)
+
+        def run(*args: object) -> object:
+            ran.append(symbolic)
+            return gm.forward(*args)
+
+        return run
+
+    monkeypatch.setattr(accel, "STATIC_DECODE_SIZE", 64)  # the tiny VAE on the CPU
+    vae = fresh.components.vae
+    applied = accel.Accel()
+    accel._compile_decoder(applied, vae, backend)
+    sizes = [(64, 64), (96, 64), (64, 64), (128, 96), (64, 64)]
+    try:
+        with torch.inference_mode():
+            for width, height in sizes:
+                image = decode(vae, torch.randn(1, 16, height // 8, width // 8))
+                assert image.shape == (1, 3, height, width)
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    assert ran == [False, True, False, True, False]
+    assert "forward" not in vars(vae.decoder)  # reverted: the class's forward again
 
 
 def test_compiled_text_encoder_layers_give_the_eager_embeddings(fresh):

@@ -459,8 +459,10 @@ class Engine:
             engine.warmup()
         return engine
 
-    def warmup(self, width: int = 1024, height: int = 1024) -> float:
+    def warmup(self, width: int = accel_.STATIC_DECODE_SIZE, height: int = accel_.STATIC_DECODE_SIZE) -> float:
         """Compile now rather than in the first request; returns the seconds it took.
+
+        The default size is the one whose decoder graph is static (`accel.STATIC_DECODE_SIZE`).
 
         Two prompt lengths, so that sequence lengths are dynamic in the compiled blocks before a
         user's prompt arrives (the blocks already see three lengths per forward, which on its own

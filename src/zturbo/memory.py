@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .accel import BLOCK_LISTS, is_block_linear, quantizes, transformer_blocks, unfuse_projections
+from .accel import BLOCK_LISTS, STATIC_DECODE_SIZE, is_block_linear, quantizes, transformer_blocks, unfuse_projections
 from .config import MEMORY_CHOICES
 
 GIB = 2**30
@@ -42,10 +42,11 @@ QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # (eager bf16): 2.6 GiB above the weights at 1024² on an H100, 9.7 GiB at 2048².
 VAE_LIVE_TENSORS = 10
 # A compiled whole-image decode frees intermediates sooner. Measured on an H100 (bf16, per image,
-# docs/performance.md): the static graph of the warm-up size holds 5 such tensors, the dynamic
-# graph Inductor builds once a second size is decoded holds 8 at every size from 512² to 2048²
-# (and then serves the warm-up size too); eager holds 9.5-10. Tiled decodes measured at the eager
-# count (their decoded tiles are held for blending), so they keep it.
+# docs/performance.md): the static graph the decoder keeps for accel.STATIC_DECODE_SIZE² (1024²)
+# holds 5 such tensors, the graph with dynamic height and width that serves every other size 8,
+# from 512² to 2048²; eager holds 9.5-10. Tiled decodes measured at the eager count (their
+# decoded tiles are held for blending), so they keep it.
+VAE_LIVE_TENSORS_STATIC = 5
 VAE_LIVE_TENSORS_COMPILED = 8
 VAE_TILE = 512  # pixels per side of a decoder tile when tiling
 # Per token in a transformer block: FFN phase (w1, w3 outputs and their product) and attention
@@ -335,7 +336,10 @@ def vae_activation(
     """Bytes the decode stage needs above the VAE's weights (`compiled`: the decoder is compiled)."""
     image = batch * 3 * width * height * 4  # the float32 image the decode returns
     pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
-    live = VAE_LIVE_TENSORS_COMPILED if compiled and not tiling else VAE_LIVE_TENSORS
+    live = VAE_LIVE_TENSORS
+    if compiled and not tiling:
+        static = width == height == STATIC_DECODE_SIZE  # accel._compile_decoder's static graph
+        live = VAE_LIVE_TENSORS_STATIC if static else VAE_LIVE_TENSORS_COMPILED
     return image + live * pixels * shape.vae_channels * elem  # engine.decode: one image at a time
 
 
