@@ -55,10 +55,14 @@ def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, bat
     assert abs(est.peak / GIB - measured) / measured <= 0.10, (est.peak / GIB, measured)
 
 
-# zturbo's own plans on the same H100, compiled, 58-token prompt (docs/performance.md, sessions 3
-# and 6): (plan, resident blocks, resident text-encoder layers, VAE tiling, size, measured peak GiB).
+# zturbo's own plans on the same H100, compiled, 58-token prompt (docs/performance.md, sessions 3,
+# 6 and 9): (plan, resident blocks, resident text-encoder layers, VAE tiling, size, measured peak GiB).
 MEASURED_PLANS = [
-    ("resident", 0, 0, False, 1024, 20.40),
+    ("resident", 0, 0, False, 512, 19.71),
+    ("resident", 0, 0, False, 1024, 20.46),
+    ("resident", 0, 0, False, 1536, 23.71),
+    ("resident", 0, 0, False, 2048, 27.22),
+    ("te-offload", 0, 10, False, 1024, 15.16),
     ("te-offload", 0, 8, False, 1024, 14.79),
     ("te-offload", 0, 3, False, 1024, 13.90),
     ("te-offload", 0, 0, False, 1024, 13.33),
@@ -384,6 +388,21 @@ def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
     with pytest.raises(GPUMemoryError, match=r"--quantize int8 needs about .* GiB even as .*use --quantize none"):
         Engine.load(dataclasses.replace(config, quantize="int8"))
     assert Engine.load(config).placement.plan == "sequential"
+
+
+def test_only_the_resident_plan_fuses_projections():
+    assert [p for p in memory.PLANS if memory.fusable(p)] == ["resident"]
+
+
+def test_a_fused_engine_unfuses_before_the_whole_transformer_leaves_the_device(fresh, engine):
+    # Module.to moves parameters, not the fused tensors (plain attributes): they would stay behind
+    # on the device, and the model-offload plan would hold most of the transformer there.
+    expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
+    accel.fuse_projections(fresh.components.transformer)
+    fresh.placement.change("model-offload")
+    blocks = accel.transformer_blocks(fresh.components.transformer)
+    assert all(getattr(b.attention, accel.FUSED_QKV, None) is None for b in blocks)
+    assert np.array_equal(pixels(fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)), expected)
 
 
 @pytest.mark.parametrize("plan", ["te-offload", "block-offload"])

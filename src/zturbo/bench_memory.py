@@ -32,6 +32,14 @@ def row(kind: str, cap: float, size: int, runs: int) -> dict[str, Any]:
 
 def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False) -> dict[str, Any]:
     """Runs in its own process: one cap, measured. `tiny`: the tiny model on the CPU (a smoke test)."""
+    engine, row = capped_engine(cap, size, quantize, tiny)
+    return row if engine is None else row | _time_engine(engine, size, runs)
+
+
+def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
+    as Engine.load would, with the process capped; and the row's plan and estimate. The engine is
+    None when no plan fits."""
     from .engine import Engine, ModelInfo
     from .request import ModelLimits
 
@@ -56,7 +64,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
     row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
     if choice.chosen is None:
         row["error"] = "no plan fits"
-        return row
+        return None, row
     est = choice.chosen
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
@@ -82,7 +90,7 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
         if cap:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     row["compiled"] = compile_
-    return row | _time_engine(engine, size, runs)
+    return engine, row
 
 
 def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
