@@ -21,8 +21,6 @@ SIZE = 1024
 
 
 def case(cap: float) -> dict[str, Any]:
-    import torch
-
     from zturbo import bench, bench_memory
 
     engine, row = bench_memory.capped_engine(cap, SIZE)
@@ -39,7 +37,6 @@ def case(cap: float) -> dict[str, Any]:
     out: dict[str, Any] = {"cap_gib": cap, "plan": engine.placement.describe(), "estimate": row.get("plan")}
     for name, fn in (("new", new), ("repeated", repeated)):
         out[name] = profiled(fn)
-    torch.cuda.synchronize()
     return out
 
 
@@ -53,18 +50,11 @@ def union_ms(spans: list[tuple[float, float]]) -> float:
 
 
 def profiled(fn: Any) -> dict[str, Any]:
-    """One call under the profiler: GPU time with and without the host-to-device copies, both
-    from the request's start, and the same split per engine stage (by when the GPU ran it)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+    """One call under the profiler: from the request's start to the GPU's last op, the time
+    compute kernels and host-to-device copies kept the GPU busy, and its idle time by stage."""
     from zturbo import bench
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("zturbo.request"):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.events()
+    events = bench.profiled_events(fn)
     device = bench.device_events(events)
     request = max(
         ((e.time_range.start, e.time_range.end) for e in events if e.name == "zturbo.request"),

@@ -417,15 +417,8 @@ def kernel_kind(name: str) -> str:
 def profile(fn: Callable[[], Any]) -> dict[str, Any]:
     """GPU kernel time of one call by kind (matmul / attention / other), the 15 longest kernels,
     and the GPU's idle time within the call, charged to the engine's stages (`zturbo.*` ranges)."""
-    from torch.profiler import ProfilerActivity, record_function
-    from torch.profiler import profile as torch_profile
-
     fn()
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        with record_function("zturbo.request"):
-            fn()
-        torch.cuda.synchronize()
-    events = prof.events()
+    events = profiled_events(fn)
     device = device_events(events)
     totals = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     by_name: dict[str, list[float]] = {}
@@ -445,6 +438,18 @@ def profile(fn: Callable[[], Any]) -> dict[str, Any]:
     except Exception as e:  # a diagnostic: the kernel totals above stand on their own
         out["idle"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     return out
+
+
+def profiled_events(fn: Callable[[], Any]) -> Any:
+    """The CPU and CUDA profiler events of one call of `fn`, inside a `zturbo.request` range."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("zturbo.request"):
+            fn()
+        torch.cuda.synchronize()
+    return prof.events()
 
 
 # Device-side profiler records that are not GPU work: the launch queue filling up.

@@ -563,8 +563,8 @@ class Placement:
             raise ValueError(f"resident_blocks {resident_blocks} is not in 0..{len(blocks) - 1}")
         _move_all_but(transformer, BLOCK_LISTS, self.device)  # embedders, final layer, pad tokens
         chosen = set(streamed_positions(len(blocks), len(blocks) - resident_blocks))
+        # Already unfused: change() unfuses the whole transformer for every plan that offloads it.
         streamed = [b for i, b in enumerate(blocks) if i in chosen]
-        unfuse_projections(transformer, streamed)
         for i, block in enumerate(blocks):
             torch.nn.Module.to(block, CPU if i in chosen else self.device)
         self.streamers["transformer"] = BlockStreamer(streamed, self.device)
