@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import attention
+from .clocks import ClockSampler
 from .engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
 from .loader import Components
 from .request import ModelLimits
@@ -167,25 +168,28 @@ def sync(device: torch.device) -> None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, runs: int, warmup: int) -> dict[str, Any]:
-    """Median seconds over `runs` after `warmup` calls, and the peak memory of the timed calls."""
+    """Median seconds over `runs` after `warmup` calls, the peak memory of the timed calls, and
+    the GPU's SM clock and power while they ran (`zturbo.clocks`; None without nvidia-smi)."""
     for _ in range(warmup):
         fn()
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(runs):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+    with ClockSampler(device) as clocks:  # what the GPU ran at: power-capped cards clock down
+        for _ in range(runs):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
     return {
         "median_s": statistics.median(times),
         "min_s": min(times),
         "max_s": max(times),
         "times_s": times,
         "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+        "gpu_clocks": clocks.summary(),
     }
 
 
@@ -604,8 +608,9 @@ def markdown(res: dict[str, Any]) -> str:
     """One row per (mode, size): seconds per image, the eager reference beside it, peak memory."""
     reference = res.get("eager", {}).get("reference", {})
     lines = [
-        "| mode | size | zturbo s/img | reference eager s/img | speedup | zturbo peak GiB | latent rel. err |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | size | zturbo s/img | reference eager s/img | speedup | zturbo peak GiB | latent rel. err "
+        "| SM MHz (power-capped) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for mode, sizes in _modes(res):
         err = res.get(mode, {}).get("latent_rel_err_vs_eager")
@@ -618,7 +623,7 @@ def markdown(res: dict[str, Any]) -> str:
             peak = f"{t['peak_gib']:.1f}" if t.get("peak_gib") is not None else "-"
             lines.append(
                 f"| {mode} | {size}² | {t['median_s']:.3f} | {ref_s} | {speedup} | {peak} | "
-                f"{'-' if err is None else f'{err:.2e}'} |"
+                f"{'-' if err is None else f'{err:.2e}'} | {clock_cell(t.get('gpu_clocks'))} |"
             )
     lines.append("")
     for mode in ("eager", *PHASES):
@@ -646,6 +651,13 @@ def markdown(res: dict[str, Any]) -> str:
     if "png_encode_s" in res:
         lines.append(f"- PNG encoding (not in the times above): {res['png_encode_s'] * 1000:.0f} ms")
     return "\n".join(lines)
+
+
+def clock_cell(clocks: dict[str, Any] | None) -> str:
+    """'1530 (100 %)': the median SM clock and the share of samples with the power cap active."""
+    if not clocks:
+        return "-"
+    return f"{clocks['sm_mhz_median']:.0f} ({clocks['power_capped_share']:.0%})".replace("%", " %")
 
 
 def _modes(res: dict[str, Any]) -> Iterator[tuple[str, dict[Any, Any]]]:

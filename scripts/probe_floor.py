@@ -1,0 +1,247 @@
+"""The floor under a compiled 1024² image on this GPU: the transformer's products and attention
+alone, run back to back as the model runs them, with the GPU's SM clock and power sampled.
+
+The products of one image are 8 steps × (30 layers at 4160 tokens + 2 noise-refiner blocks at
+4096), each block four products (q/k/v fused, output, w1/w3 fused, w2) and one FlashAttention 3
+call, with distinct weights per block as in the model. Nothing else runs: no norms, no SwiGLU, no
+RoPE, no VAE, no text encoder. So this is a lower bound of the transformer's part of an image.
+
+Parts, each result written to $OUT/floor.json as soon as it exists:
+1. `burst`: each product alone, 50 calls after a second of idle (what a micro-benchmark reports);
+2. `bf16`: the image's products and attention back to back, three times, with nvidia-smi sampling
+   every 20 ms, and the kernels' times from a profile of one image;
+3. `fp8`: the same with the products in fp8 (`torch._scaled_mm`, per-row scales, activations
+   already quantized: the quantization kernels are left out) and bf16 attention;
+4. `fa3_fp8`: FA3 on one block's attention in bf16 and fp8 (a build with FP8 enabled);
+5. `e2e`: the engine compiled as the bench compiles it, 8 new-prompt images back to back under
+   the same sampling.
+
+Usage (GPU): PYTHONPATH=<FA3 site>:src python scripts/probe_floor.py [parts...]   (default: all)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+import probe_parts as pp  # timers
+
+from zturbo import accel, attention, bench
+
+OUT = os.environ.get("OUT", ".")
+DEV = torch.device("cuda")
+res: dict[str, Any] = {}
+DIM, FFN, HEADS = 3840, 10240, 30
+LAYERS, REFINERS, STEPS = 30, 2, 8
+TOKENS, IMAGE_TOKENS = 4160, 4096  # layers: image + 64 caption tokens; noise refiner: image only
+SMI_FIELDS = "clocks.sm,power.draw,temperature.gpu,{}.sw_power_cap,{}.hw_slowdown"
+
+
+def save() -> None:
+    with open(os.path.join(OUT, "floor.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+class Sampler:
+    """nvidia-smi every 20 ms while open: SM clock (MHz), power (W), temperature, throttle flags."""
+
+    def __enter__(self) -> Sampler:
+        fields = SMI_FIELDS.format(*["clocks_event_reasons"] * 2)
+        query = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
+        if subprocess.run(query, capture_output=True).returncode != 0:  # older drivers' names
+            fields = SMI_FIELDS.format(*["clocks_throttle_reasons"] * 2)
+        cmd = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "20"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        time.sleep(0.1)
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=10)
+        self.rows = [line.split(", ") for line in out.strip().splitlines()]
+
+    def summary(self) -> dict[str, Any]:
+        busy = [r for r in self.rows if len(r) == 5 and (_num(r[1]) or 0) > 200]  # drawing over 200 W
+        if not busy:
+            return {"raw_tail": self.rows[-5:]}
+        clocks, power = [_num(r[0]) for r in busy], [_num(r[1]) for r in busy]
+        return {
+            "samples": len(self.rows),
+            "samples_busy": len(busy),
+            "sm_mhz_median": statistics.median(clocks),
+            "sm_mhz_min": min(clocks),
+            "power_w_median": statistics.median(power),
+            "power_w_max": max(power),
+            "temp_max": max(_num(r[2]) or 0 for r in busy),
+            "power_cap_active_share": sum(r[3].strip() == "Active" for r in busy) / len(busy),
+            "hw_slowdown_active_share": sum(r[4].strip() == "Active" for r in busy) / len(busy),
+        }
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def burst() -> None:
+    out: dict[str, Any] = {}
+    for name, (k, n) in {"qkv": (DIM, 3 * DIM), "out": (DIM, DIM), "w13": (DIM, 2 * FFN), "w2": (FFN, DIM)}.items():
+        x = torch.randn(TOKENS, k, device=DEV, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k**0.5
+        time.sleep(1.0)
+        out[name] = pp.ms(lambda x=x, w=w: F.linear(x, w), 50)
+    res["burst_ms"] = out
+    res["burst_block_ms"] = sum(out.values())
+    save()
+
+
+def image_work(fp8: bool) -> Callable[[], None]:
+    """One image's products and attention, back to back (see the module's docstring)."""
+    op = attention.flash_attention_3()
+    if op is None:
+        raise RuntimeError("FlashAttention 3 is not available")
+    shapes = {"qkv": (3 * DIM, DIM), "out": (DIM, DIM), "w13": (2 * FFN, DIM), "w2": (DIM, FFN)}
+    blocks = []
+    for _ in range(LAYERS):
+        ws = {
+            name: torch.randn(shape, device=DEV, dtype=torch.bfloat16) / shape[1] ** 0.5
+            for name, shape in shapes.items()
+        }
+        if fp8:
+            ws = {name: w.to(torch.float8_e4m3fn) for name, w in ws.items()}
+        blocks.append(ws)
+    dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    inputs = {t: torch.randn(t, DIM, device=DEV, dtype=torch.bfloat16) for t in (TOKENS, IMAGE_TOKENS)}
+    hidden = {t: torch.randn(t, FFN, device=DEV, dtype=torch.bfloat16).to(dtype) for t in inputs}
+    xq = {t: x.to(dtype) for t, x in inputs.items()}
+    ones = {t: torch.ones(t, 1, device=DEV) for t in inputs}
+    col = {n: torch.ones(1, n, device=DEV) for n in (DIM, 3 * DIM, 2 * FFN)}
+
+    def product(x: torch.Tensor, w: torch.Tensor, tokens: int) -> torch.Tensor:
+        if not fp8:
+            return F.linear(x, w)
+        return torch._scaled_mm(x, w.t(), scale_a=ones[tokens], scale_b=col[w.shape[0]], out_dtype=torch.bfloat16)
+
+    def block(ws: dict[str, torch.Tensor], tokens: int) -> None:
+        qkv = product(xq[tokens], ws["qkv"], tokens)
+        q, k, v = (t.unflatten(-1, (HEADS, -1)).unsqueeze(0) for t in qkv.chunk(3, dim=-1))
+        attended = op(q, k, v).flatten(2)[0]
+        product(attended.to(dtype), ws["out"], tokens)
+        product(xq[tokens], ws["w13"], tokens)
+        product(hidden[tokens], ws["w2"], tokens)
+
+    def image() -> None:
+        for _ in range(STEPS):
+            for i in range(REFINERS):
+                block(blocks[i], IMAGE_TOKENS)
+            for ws in blocks:
+                block(ws, TOKENS)
+
+    return image
+
+
+def sustained(key: str, fp8: bool) -> None:
+    image = image_work(fp8)
+    image()
+    torch.cuda.synchronize()
+    times = []
+    with Sampler() as smi:
+        for _ in range(3):
+            start = time.perf_counter()
+            image()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    out: dict[str, Any] = {"image_ms": [t * 1000 for t in times], "clocks": smi.summary()}
+    res[key] = out
+    save()
+    table = pp.top_kernels(image, 30)
+    out["kernels"] = table
+    out["by_kind_ms"] = {}
+    for name, ms, _ in table:
+        kind = bench.kernel_kind(name)
+        out["by_kind_ms"][kind] = out["by_kind_ms"].get(kind, 0.0) + ms
+    save()
+
+
+def bf16() -> None:
+    sustained("bf16", fp8=False)
+
+
+def fp8() -> None:
+    sustained("fp8", fp8=True)
+
+
+def fa3_fp8() -> None:
+    """FA3 on one block's attention (4160 tokens, 30 heads of 128) in bf16 and in fp8 (e4m3, one
+    scale per head), with the relative difference between the two and the quantization's cost."""
+    from flash_attn_interface import flash_attn_func
+
+    qkv = torch.randn(1, TOKENS, 3 * DIM, device=DEV, dtype=torch.bfloat16)
+    q, k, v = (t.unflatten(-1, (HEADS, -1)) for t in qkv.chunk(3, dim=-1))
+
+    def quantize(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = t.abs().amax(dim=(1, 3)).float().clamp_min(1e-12) / 448.0  # (B, H)
+        return (t / scale[:, None, :, None]).to(torch.float8_e4m3fn), scale
+
+    def first(out: Any) -> torch.Tensor:
+        return out[0] if isinstance(out, tuple) else out
+
+    want = first(flash_attn_func(q, k, v)).float()
+    (q8, sq), (k8, sk), (v8, sv) = quantize(q), quantize(k), quantize(v)
+    out: dict[str, Any] = {"bf16_ms": pp.ms(lambda: flash_attn_func(q, k, v), 50)}
+    try:
+        got = first(flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv)).float()
+        out["fp8_ms"] = pp.ms(lambda: flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), 50)
+        out["rel_diff"] = float((got - want).norm() / want.norm())
+        out["quantize_eager_ms"] = pp.ms(lambda: (quantize(q), quantize(k), quantize(v)), 20)
+    except Exception as e:  # a probe: record
+        out["fp8_error"] = f"{type(e).__name__}: {e}"[:500]
+    res["fa3_fp8"] = out
+    save()
+
+
+def e2e() -> None:
+    opts = bench.BenchOptions(sizes=(1024,), quantize=("none",))
+    engine = bench.load_engine(opts, DEV, torch.bfloat16)
+    engine.accel = accel.apply(engine.components, compile_=True, quantize="none")
+    new = bench.zturbo_e2e(engine, 1024)
+    new()
+    engine.warmup(1024, 1024)
+    new()
+    times = []
+    with Sampler() as smi:
+        for _ in range(8):
+            times.append(bench.once(new, DEV))
+    res["e2e"] = {"s": times, "median_s": statistics.median(times), "clocks": smi.summary()}
+    save()
+
+
+def main() -> None:
+    pp.OUT = OUT
+    parts = sys.argv[1:] or ["burst", "bf16", "fp8", "fa3_fp8", "e2e"]
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            globals()[part]()
+        except Exception as e:  # a probe: record and go on to the next part
+            res[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        res.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
+        save()
+        print(part, "done", res["part_s"][part], json.dumps(res)[-600:], flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""What is left of the compiled bf16 image's time, and what two levers would buy (H100, 1024²).
+
+In one process, each result written to $OUT/levers.json as soon as it exists:
+1. `health`: the card check (`probe_parts.health`);
+2. `gemm`: the block's four products at 4160 tokens in bf16 (cuBLAS as PyTorch calls it, with
+   the token count padded to a multiple of 128 and 256, and with cuBLASLt preferred), and the
+   same products in fp8 through `torch._scaled_mm` with per-row and with per-tensor scales,
+   each with its kernel's name;
+3. `vae_attention`: the VAE's single-head attention at 1024² (16384 tokens of 512) per SDPA backend;
+4. `e2e`: the engine compiled as the bench compiles it; its new-prompt time, then every kernel of
+   one profiled image (name, count, milliseconds); then the transformer's call per step replayed
+   from one CUDA graph (a prototype wrapper, below) against plain calls, alternating, with the
+   final latents compared.
+
+Usage (GPU): PYTHONPATH=<FA3 site>:src python scripts/probe_levers.py [parts...]   (default: all)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(__file__))
+import probe_parts as pp  # the health check and timers
+
+from zturbo import accel, bench
+from zturbo import engine as engine_mod
+
+OUT = os.environ.get("OUT", ".")
+DEV = torch.device("cuda")
+res: dict[str, Any] = {}
+# (in, out) features of the block's products; tokens: a 1024² image and a 64-token caption
+PRODUCTS = {"qkv": (3840, 11520), "out": (3840, 3840), "w13": (3840, 20480), "w2": (10240, 3840)}
+TOKENS = 4160
+
+
+def save() -> None:
+    with open(os.path.join(OUT, "levers.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+def kernel_names(fn: Callable[[], Any]) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted({e.name[:100] for e in prof.events() if e.device_type.name == "CUDA"})
+
+
+def gemm() -> None:
+    out: dict[str, Any] = {}
+    for name, (k, n) in PRODUCTS.items():
+        out[name] = row = gemm_row(k, n)
+        print(name, {key: v for key, v in row.items() if not key.endswith("kernel")}, flush=True)
+        res["gemm"] = out
+        save()
+
+
+def gemm_row(k: int, n: int) -> dict[str, Any]:
+    """One product (TOKENS, k) x (k, n): bf16 ways, then fp8 with per-row and per-tensor scales."""
+    w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k**0.5
+    flops = 2 * TOKENS * k * n
+    row: dict[str, Any] = {}
+    for m in (TOKENS, 4224, 4352):
+        xm = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        t = pp.ms(lambda xm=xm: F.linear(xm, w), 50)
+        row[f"bf16_m{m}_ms"], row[f"bf16_m{m}_tflops_useful"] = t, flops / t / 1e9
+    x = torch.randn(TOKENS, k, device=DEV, dtype=torch.bfloat16)
+
+    def linear() -> torch.Tensor:
+        return F.linear(x, w)
+
+    row["bf16_kernel"] = kernel_names(linear)
+    try:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        row["bf16_cublaslt_ms"], row["bf16_cublaslt_kernel"] = pp.ms(linear, 50), kernel_names(linear)
+    except Exception as e:  # a probe: record and go on
+        row["bf16_cublaslt"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        torch.backends.cuda.preferred_blas_library("cublas")
+    xq, wq = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+    for scales, (sx, sw) in {
+        "rowwise": (torch.ones(TOKENS, 1, device=DEV), torch.ones(1, n, device=DEV)),
+        "tensorwise": (torch.ones((), device=DEV), torch.ones((), device=DEV)),
+    }.items():
+
+        def mm(sx: torch.Tensor = sx, sw: torch.Tensor = sw) -> torch.Tensor:
+            return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+
+        try:
+            t = pp.ms(mm, 50)
+            row[f"fp8_{scales}_ms"], row[f"fp8_{scales}_tflops"] = t, flops / t / 1e9
+            row[f"fp8_{scales}_kernel"] = kernel_names(mm)
+        except Exception as e:  # a probe: record and go on
+            row[f"fp8_{scales}"] = f"{type(e).__name__}: {e}"[:300]
+    return row
+
+
+def vae_attention() -> None:
+    q, k, v = (torch.randn(1, 1, 16384, 512, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+    out: dict[str, Any] = {}
+    for name, backend in [
+        ("default", None),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("flash", SDPBackend.FLASH_ATTENTION),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("math", SDPBackend.MATH),
+    ]:
+        try:
+            if backend is None:
+                t = pp.ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
+                out["default_kernels"] = kernel_names(lambda: F.scaled_dot_product_attention(q, k, v))
+            else:
+                with sdpa_kernel([backend]):
+                    t = pp.ms(lambda: F.scaled_dot_product_attention(q, k, v), 10)
+            out[name] = t
+        except RuntimeError as e:
+            out[name] = str(e)[:200]
+    res["vae_attention_ms"] = out
+    print(out, flush=True)
+    save()
+
+
+class StepGraph:
+    """Prototype: the transformer's call replayed from one CUDA graph per input shape."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        self.transformer = transformer
+        self.graphs: dict[Any, Any] = {}
+        self.pool: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # what `denoise` reads (all_x_embedder)
+        return getattr(self.__dict__["transformer"], name)
+
+    def __call__(self, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], return_dict: bool = False):
+        key = (tuple(i.shape for i in x), tuple(e.shape for e in embeds), tuple(t.shape))
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self.capture(x, t, embeds)
+        graph, sx, st, se, out = entry
+        for a, b in zip(sx, x, strict=True):
+            a.copy_(b)
+        st.copy_(t)
+        for a, b in zip(se, embeds, strict=True):
+            a.copy_(b)
+        graph.replay()
+        return (out,)
+
+    def capture(self, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor]) -> Any:
+        sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.transformer(sx, st, se, return_dict=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.transformer(sx, st, se, return_dict=False)[0]
+        self.pool = graph.pool()
+        return graph, sx, st, se, out
+
+
+def kernel_table(fn: Callable[[], Any]) -> dict[str, Any]:
+    events = bench.profiled_events(fn)
+    device = bench.device_events(events)
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in device:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += (end - start) / 1000
+        entry[1] += 1
+    rows = [[n[:140], round(ms, 3), c, bench.kernel_kind(n)] for n, (ms, c) in by_name.items()]
+    rows.sort(key=lambda r: -r[1])
+    span = (device[-1][1] - device[0][0]) / 1000 if device else 0.0
+    return {"total_ms": sum(r[1] for r in rows), "span_ms": span, "kernels": rows}
+
+
+def e2e() -> None:
+    opts = bench.BenchOptions(sizes=(1024,), quantize=("none",))
+    engine = bench.load_engine(opts, DEV, torch.bfloat16)
+    engine.accel = accel.apply(engine.components, compile_=True, quantize="none")
+    new = bench.zturbo_e2e(engine, 1024)
+    start = time.perf_counter()
+    new()
+    res["first_call_s"] = time.perf_counter() - start
+    engine.warmup(1024, 1024)
+    res["plain_s"] = bench.timed(new, DEV, 5, 1)["median_s"]
+    save()
+    res["kernels_plain"] = kernel_table(new)
+    save()
+
+    plain_denoise = engine_mod.denoise
+    graphed: dict[int, StepGraph] = {}
+
+    def denoise(transformer: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        wrapper = graphed.setdefault(id(transformer), StepGraph(transformer))
+        return plain_denoise(wrapper, *args, **kwargs)
+
+    def latents() -> torch.Tensor:
+        return bench.final_latents(engine, 1024)
+
+    base = latents()
+    try:
+        engine_mod.denoise = denoise
+        bench.denoise = denoise  # final_latents' name for it
+        start = time.perf_counter()
+        got = latents()
+        res["graph_capture_s"] = time.perf_counter() - start
+        res["graph_latent_rel_diff"] = bench.rel_err(got, base)
+        save()
+        times: dict[str, list[float]] = {"plain": [], "graph": []}
+        for _ in range(3):
+            for mode, fn in (("plain", plain_denoise), ("graph", denoise)):
+                engine_mod.denoise = fn
+                times[mode].append(bench.timed(new, DEV, 5, 1)["median_s"])
+        res["alternating_s"] = times
+        res["graph_s"] = statistics.median(times["graph"])
+        res["plain_again_s"] = statistics.median(times["plain"])
+        save()
+        engine_mod.denoise = denoise
+        res["kernels_graph"] = kernel_table(new)
+    finally:
+        engine_mod.denoise = plain_denoise
+        bench.denoise = plain_denoise
+    save()
+
+
+def main() -> None:
+    pp.OUT = OUT
+    parts = sys.argv[1:] or ["health", "gemm", "vae_attention", "e2e"]
+    for part in parts:
+        start = time.perf_counter()
+        if part == "health":
+            pp.health()
+            res["health"] = dict(pp.res)
+        else:
+            try:
+                globals()[part]()
+            except Exception as e:  # a probe: record and go on to the next part
+                res[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        res.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
+        save()
+        print(part, "done", res["part_s"][part], flush=True)
+
+
+if __name__ == "__main__":
+    main()
