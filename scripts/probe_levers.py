@@ -235,6 +235,88 @@ def e2e() -> None:
     save()
 
 
+def graph_ab() -> None:
+    """Plain against step-graphed denoising for bf16 and fp8 at 512² and 1024²: new-prompt time
+    (alternating, 2 × 3 runs each), whether the latents are identical, and the graphs' memory."""
+    opts = bench.BenchOptions(sizes=(512, 1024), quantize=("none", "fp8"))
+    engine = bench.load_engine(opts, DEV, torch.bfloat16)
+    plain_denoise = engine_mod.denoise
+    out: dict[str, Any] = {}
+    res["graph_ab"] = out
+    for quantize in ("none", "fp8"):
+        engine.accel.revert_compile()
+        torch._dynamo.reset()
+        engine.accel = accel.apply(engine.components, compile_=True, quantize=quantize)
+        graphed = StepGraph(engine.components.transformer)
+
+        def denoise(transformer: torch.nn.Module, *args: Any, graphed: StepGraph = graphed, **kwargs: Any) -> Any:
+            return plain_denoise(graphed, *args, **kwargs)
+
+        for size in (512, 1024):
+            new = bench.zturbo_e2e(engine, size)
+            new()
+            new()
+            row: dict[str, Any] = {}
+            engine_mod.denoise = bench.denoise = plain_denoise
+            base = bench.final_latents(engine, size)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            reserved = torch.cuda.memory_reserved()
+            engine_mod.denoise = bench.denoise = denoise
+            got = bench.final_latents(engine, size)
+            torch.cuda.synchronize()
+            row["graph_reserved_gib"] = (torch.cuda.memory_reserved() - reserved) / 2**30
+            row["latent_rel_diff"] = bench.rel_err(got, base)
+            times: dict[str, list[float]] = {"plain": [], "graph": []}
+            for _ in range(2):
+                for mode, fn in (("plain", plain_denoise), ("graph", denoise)):
+                    engine_mod.denoise = fn
+                    times[mode].append(bench.timed(new, DEV, 3, 1)["median_s"])
+            row["s"] = times
+            engine_mod.denoise = bench.denoise = plain_denoise
+            out[f"{quantize}_{size}"] = row
+            print(quantize, size, row, flush=True)
+            save()
+        graphed.graphs.clear()
+
+
+def engine_graph_ab() -> None:
+    """The engine with its step graphs (`zturbo.graphs.StepGraphs`, the default) and without, for
+    bf16 and fp8 at 512² and 1024²: new-prompt time (alternating, 2 × 3 runs each), whether the
+    images are identical, how many graphs were captured, and the memory they keep reserved."""
+    opts = bench.BenchOptions(sizes=(512, 1024), quantize=("none", "fp8"))
+    engine = bench.load_engine(opts, DEV, torch.bfloat16)
+    out: dict[str, Any] = {}
+    res["engine_graph_ab"] = out
+    for quantize in ("none", "fp8"):
+        engine.accel.revert_compile()
+        torch._dynamo.reset()
+        engine.accel = accel.apply(engine.components, compile_=True, quantize=quantize)
+        graphs = engine.accel.step_graphs
+        for size in (512, 1024):
+            new = bench.zturbo_e2e(engine, size)
+            row: dict[str, Any] = {"s": {"plain": [], "graph": []}}
+            engine.accel.step_graphs = None
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            plain_image = new().images[0].image.tobytes()
+            reserved = torch.cuda.memory_reserved()
+            engine.accel.step_graphs = graphs
+            new(), new()  # the second request captures
+            graph_image = new().images[0].image.tobytes()
+            row["graph_reserved_gib"] = (torch.cuda.memory_reserved() - reserved) / 2**30
+            row["identical_image"] = graph_image == plain_image
+            row["graphs"], row["failed"] = len(graphs), graphs.failed
+            for _ in range(2):
+                for mode in ("plain", "graph"):
+                    engine.accel.step_graphs = graphs if mode == "graph" else None
+                    row["s"][mode].append(bench.timed(new, DEV, 3, 1)["median_s"])
+            engine.accel.step_graphs = graphs
+            out[f"{quantize}_{size}"] = row
+            print(quantize, size, row, flush=True)
+            save()
+
+
 def main() -> None:
     pp.OUT = OUT
     parts = sys.argv[1:] or ["health", "gemm", "vae_attention", "e2e"]

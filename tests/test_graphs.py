@@ -190,3 +190,164 @@ def encode_cuda(engine, prompts, g=None):
     c = engine.components
     with torch.inference_mode():
         return encode_prompt(c.text_encoder, c.tokenizer, prompts, engine.device, graphs=g)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformer's step graphs
+
+
+def cpu_step_capture(transformer, x, t, embeds, pool) -> graphs.StepCaptured:
+    """What `graphs.capture_step` records, without CUDA: replay runs the step into static outputs."""
+    sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
+    out = [o.clone() for o in graphs.transformer_step(transformer, sx, st, se)]
+    captured = graphs.StepCaptured(lambda: None, sx, st, se, out, pool=object())
+
+    def replay() -> None:
+        for static, new in zip(out, graphs.transformer_step(transformer, sx, st, se), strict=True):
+            static.copy_(new)
+
+    captured.replay = replay
+    return captured
+
+
+class CountingStepCapture:
+    def __init__(self, fail: bool = False) -> None:
+        self.keys: list[tuple] = []
+        self.fail = fail
+
+    def __call__(self, transformer, x, t, embeds, pool) -> graphs.StepCaptured:
+        self.keys.append(graphs.step_key(x, t, embeds))
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return cpu_step_capture(transformer, x, t, embeds, pool)
+
+
+def latents_after(engine, prompt, step_graphs=None, room=lambda tokens: True, size=32):
+    """Three denoising steps, plain or through `step_graphs` bound for one request."""
+    from zturbo.engine import denoise, starting_point
+
+    c = engine.components
+    with torch.inference_mode():
+        cond = encode(engine, [prompt])
+        latents, sched = starting_point(c, [7], size, size, 3, engine.limits.spatial_unit)
+        forward = None if step_graphs is None else step_graphs.bind(c.transformer, room)
+        return denoise(c.transformer, latents, cond, None, sched, 0.0, forward=forward)
+
+
+def test_a_step_shape_is_captured_on_its_second_request_and_replayed_after(engine):
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    want = latents_after(engine, "a red fox")
+    first = latents_after(engine, "a red fox", g)  # first sighting: plain steps
+    assert counting.keys == [] and len(g) == 0
+    second = latents_after(engine, "a red fox", g)  # second: captured at its first step, replayed after
+    third = latents_after(engine, "a red fox", g)
+    assert len(counting.keys) == 1 and len(g) == 1
+    for got in (first, second, third):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    latents_after(engine, "a much longer prompt about a blue bird on a branch", g)  # new caption length
+    assert len(counting.keys) == 1
+
+
+def test_no_capture_without_room_and_the_oldest_graph_goes_beyond_the_limit(engine, monkeypatch):
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    for _ in range(2):
+        latents_after(engine, "a red fox", g, room=lambda tokens: False)
+    assert counting.keys == []
+    monkeypatch.setattr(graphs, "MAX_STEP_GRAPHS", 1)
+    for _ in range(2):
+        latents_after(engine, "a red fox", g)
+        latents_after(engine, "a grey wolf howling at the moon", g)
+    assert len(counting.keys) == 2 and len(g) == 1
+
+
+def test_step_graphs_are_recaptured_when_the_transformers_weights_move(engine):
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    for _ in range(3):
+        latents_after(engine, "a red fox", g)
+    assert len(counting.keys) == 1
+    transformer = engine.components.transformer
+    weight = transformer.all_x_embedder["2-1"].weight
+    saved = weight.data
+    try:
+        weight.data = saved.clone()  # a new address: what moving or casting does
+        latents_after(engine, "a red fox", g)
+        assert len(counting.keys) == 2 and len(g) == 1  # the stale graph dropped, a new one captured
+    finally:
+        weight.data = saved
+
+
+def test_a_failed_step_capture_warns_once_and_steps_run_plain(engine, caplog):
+    counting = CountingStepCapture(fail=True)
+    g = graphs.StepGraphs(counting)
+    want = latents_after(engine, "a red fox")
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        got = [latents_after(engine, "a red fox", g) for _ in range(3)]
+    assert len(counting.keys) == 1 and g.failed and "capture failed" in caplog.text
+    for latents in got:
+        torch.testing.assert_close(latents, want, rtol=0, atol=0)
+
+
+def test_reverting_compilation_switches_off_a_bound_step_call(engine):
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    latents_after(engine, "a red fox", g)
+    applied = accel.Accel(step_graphs=g)
+    applied.revert_compile()
+    assert applied.step_graphs is None and g.failed == "compilation was reverted"
+    latents_after(engine, "a red fox", g)  # a second sighting, but graphs are off
+    assert counting.keys == []
+
+
+def test_the_engine_steps_through_graphs_only_on_cuda_under_the_resident_plan(fresh, monkeypatch):
+    fresh.accel.step_graphs = graphs.StepGraphs()
+    assert fresh._step_graphs() is None  # the CPU
+    monkeypatch.setattr(fresh, "device", torch.device("cuda"))
+    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 1.0)
+    assert fresh._step_graphs() is fresh.accel.step_graphs
+    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 0.5)  # --vram-budget
+    assert fresh._step_graphs() is None
+    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 1.0)
+    monkeypatch.setattr(fresh.placement, "plan", "te-offload")
+    assert fresh._step_graphs() is None
+
+
+def test_the_engines_images_are_unchanged_through_step_graphs(fresh, monkeypatch):
+    want = fresh.generate("a red fox", seed=3, steps=2, width=32, height=32).images[0]
+    counting = CountingStepCapture()
+    fresh.accel.step_graphs = graphs.StepGraphs(counting)
+    monkeypatch.setattr(type(fresh), "_step_graphs", lambda self: self.accel.step_graphs)
+    monkeypatch.setattr(type(fresh), "_step_graph_fits", lambda self, req, tokens: True)
+    images = [fresh.generate("a red fox", seed=3, steps=2, width=32, height=32).images[0] for _ in range(3)]
+    assert len(counting.keys) == 1
+    for image in images:
+        assert image.image.tobytes() == want.image.tobytes()
+    fresh._lean_out("te-offload", 0, 0, reason="simulated out of memory")
+    assert len(fresh.accel.step_graphs) == 0  # a leaner plan frees their pool
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_cuda_step_graph_replays_the_plain_step(tiny_dir):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cuda", compile="off"), warmup=False)
+    g = graphs.StepGraphs()
+    want = latents_after_cuda(engine, None)
+    for _ in range(3):
+        got = latents_after_cuda(engine, g)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(g) == 1 and g.failed is None
+
+
+def latents_after_cuda(engine, step_graphs):
+    from zturbo.engine import denoise, starting_point
+
+    c = engine.components
+    with torch.inference_mode():
+        cond = encode_cuda(engine, ["a red fox"])
+        latents, sched = starting_point(c, [7], 32, 32, 3, engine.limits.spatial_unit)
+        forward = None if step_graphs is None else step_graphs.bind(c.transformer, lambda tokens: True)
+        return denoise(c.transformer, latents.to(engine.device), cond, None, sched, 0.0, forward=forward).cpu()

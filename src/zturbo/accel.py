@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import attention, kernels
 from .config import QUANTIZE_CHOICES
 from .errors import DeviceError
-from .graphs import EncoderGraphs
+from .graphs import EncoderGraphs, StepGraphs
 
 log = logging.getLogger("zturbo")
 
@@ -79,6 +79,7 @@ class RealRopeAttnProcessor:
 FUSED_QKV = "zturbo_fused_qkv"
 FUSED_NORM_ROPE = True  # the Triton q/k norm + RoPE kernel where it can run (a switch for A/B runs)
 GRAPH_TEXT_ENCODER = True  # CUDA graphs for the compiled text encoder (zturbo.graphs; a switch for A/B runs)
+GRAPH_STEPS = True  # CUDA graphs for the compiled transformer's steps (zturbo.graphs; a switch for A/B runs)
 
 
 def _fusable_norms(attn: Any) -> bool:
@@ -147,6 +148,7 @@ class Accel:
     quantize: str = "none"
     fused: torch.nn.Module | None = None  # the transformer whose projections were fused
     encoder_graphs: EncoderGraphs | None = None  # CUDA graphs of the compiled text encoder
+    step_graphs: StepGraphs | None = None  # CUDA graphs of the compiled transformer's steps
 
     @property
     def compiling(self) -> bool:
@@ -175,6 +177,9 @@ class Accel:
         self.compiled.clear()
         self.processors.clear()
         self.encoder_graphs = None  # they replay the compiled kernels
+        if self.step_graphs is not None:  # a request may hold a bound step call: switch it off too
+            self.step_graphs.disable("compilation was reverted")
+            self.step_graphs = None
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
@@ -229,6 +234,8 @@ def apply(
         if backend == "inductor" and GRAPH_TEXT_ENCODER:
             # Still launch-bound once compiled (~40 ms of launches per prompt): replayed as graphs.
             accel.encoder_graphs = EncoderGraphs()
+        if backend == "inductor" and GRAPH_STEPS:
+            accel.step_graphs = StepGraphs()  # host-bound at small sizes and in fp8 (zturbo.graphs)
         if vae:
             _compile_decoder(accel, components.vae, backend)
     return accel

@@ -26,7 +26,7 @@ from . import accel as accel_
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
-from .graphs import EncoderGraphs
+from .graphs import EncoderGraphs, StepGraphs
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
 from .memory import GIB, SPEED_ORDER, UNQUANTIZED_PLANS, Placement, compilable, fusable, homes, leaner
@@ -289,12 +289,14 @@ def denoise(
     guidance_scale: float,
     on_step: StepCallback | None = None,
     early: tuple[list[torch.Tensor], int] | None = None,
+    forward: Callable[..., Any] | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
     latents: (B, C, h, w) float32 on the model's device; cond/uncond: B embeddings (L_i, D).
     One transformer call per step (positive and negative batched together under CFG).
     `early` = (cond', k): the first k steps take cond' instead of cond (seed variety).
+    `forward` makes each step's call in the transformer's place (`StepGraphs.bind`).
     """
     batch = latents.shape[0]
     dtype = next(iter(transformer.all_x_embedder.values())).weight.dtype  # what the patch embedder takes
@@ -310,7 +312,7 @@ def denoise(
             x = x.repeat(2, 1, 1, 1)
         t = model_t[i].expand(x.shape[0])
         step_embeds = early_embeds if i < early_steps else embeds
-        out = transformer(list(x.unsqueeze(2).unbind(0)), t, step_embeds, return_dict=False)[0]
+        out = (forward or transformer)(list(x.unsqueeze(2).unbind(0)), t, step_embeds, return_dict=False)[0]
         pred = torch.stack([o.float() for o in out], dim=0).squeeze(2)  # (B or 2B, C, h, w)
         if uncond is not None:
             pos, neg = pred[:batch], pred[batch:]
@@ -598,8 +600,10 @@ class Engine:
             latents = latents.to(self.device)
             placed.stage("denoise")
         with self._stage("denoise"):
+            graphs = self._step_graphs()
+            forward = None if graphs is None else graphs.bind(c.transformer, lambda n: self._step_graph_fits(req, n))
             latents = self._eager_if_compile_fails(
-                denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early
+                denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, forward
             )
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         with self._stage("check"):
@@ -625,6 +629,26 @@ class Engine:
         if self.device.type != "cuda" or self.placement.plan != "resident":
             return None
         return self.accel.encoder_graphs
+
+    def _step_graphs(self) -> StepGraphs | None:
+        """The compiled transformer's step graphs, where their memory pool is affordable: on a
+        CUDA device under the resident plan (the weights stay put) and no --vram-budget (the
+        planner does not count the pool, so a budgeted process runs without it)."""
+        if self.device.type != "cuda" or self.placement.plan != "resident" or _budget_fraction(self.device) < 1.0:
+            return None
+        return self.accel.step_graphs
+
+    def _step_graph_fits(self, req: GenerateRequest, caption_tokens: int) -> bool:
+        """Whether the device holds a new step graph's pool and still decodes `req` untiled."""
+        from .memory import transformer_activation, vae_activation
+
+        elem = torch.empty((), dtype=self.dtypes["transformer"]).element_size()
+        pool = STEP_POOL_FACTOR * transformer_activation(
+            self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens
+        )
+        vae_elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
+        decode = vae_activation(self.shape, vae_elem, req.width, req.height, 1, False, self._vae_compiled())
+        return pool + decode <= _free_device_memory(self.device) * 0.9
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -689,9 +713,7 @@ class Engine:
         elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
         compiled = self._vae_compiled()
         need = vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False, compiled=compiled)
-        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device)
-        free -= torch.cuda.memory_allocated(self.device)
-        return need <= free * 0.9
+        return need <= _free_device_memory(self.device) * 0.9
 
     def _lean_out(self, plan: str, resident_blocks: int, resident_layers: int, *, reason: str) -> dict[str, str]:
         """After running out of memory: the next leaner plan, kept for later requests."""
@@ -702,6 +724,8 @@ class Engine:
         # Leaner plans move the encoder's weights, so its graphs can never replay again (plans
         # only get leaner): free their memory now.
         self.accel.encoder_graphs = None
+        if self.accel.step_graphs is not None:  # unused off the resident plan: free their pool
+            self.accel.step_graphs.clear()
         self.placement.change(plan, resident_blocks, resident_layers)
         record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
         log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
@@ -851,11 +875,27 @@ def _memory_available(device: torch.device) -> str:
     if device.type != "cuda":
         return f"the {device.type} device's memory is the host's"
     total = torch.cuda.mem_get_info(device)[1]
-    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
-    fraction = get_fraction(device) if get_fraction is not None else 1.0
+    fraction = _budget_fraction(device)
     if fraction < 1.0:
         return f"the budget (--vram-budget) is {total * fraction / GIB:.1f} GiB"
     return f"the device has {total / GIB:.1f} GiB"
+
+
+# A step graph's pool against the planner's activation estimate of one pass (H100, session 10:
+# 0.50 GiB reserved at 1024² against an estimate of 0.36 GiB).
+STEP_POOL_FACTOR = 1.5
+
+
+def _budget_fraction(device: torch.device) -> float:
+    """The per-process memory fraction --vram-budget set (1.0 when none, or on older torch)."""
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+    return get_fraction(device) if get_fraction is not None else 1.0
+
+
+def _free_device_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate: free on the device plus its own unused cache."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def _release_cached_memory(device: torch.device) -> None:

@@ -212,7 +212,7 @@ def estimate(
     }[plan]
     stages = {
         "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
-        "denoise": held[1] + _transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
+        "denoise": held[1] + transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
         "decode": held[2]
         + vae_activation(shape, v_e, width, height, batch, vae_tiling, compiled_vae and compilable(plan)),
     }
@@ -308,9 +308,10 @@ def _text_activation(shape: ModelShape, elem: int, batch: int, tokens: int) -> i
     return states + mlp
 
 
-def _transformer_activation(
+def transformer_activation(
     shape: ModelShape, elem: int, width: int, height: int, batch: int, cfg: bool, prompt_tokens: int
 ) -> int:
+    """Bytes of one transformer pass's activations above its weights (the denoise stage's share)."""
     tokens = (width // shape.spatial_unit) * (height // shape.spatial_unit) + -(-prompt_tokens // 32) * 32
     rows = batch * (2 if cfg else 1) * tokens
     ffn = 3 * shape.ffn_dim * elem
