@@ -342,6 +342,19 @@ def test_a_cuda_step_graph_replays_the_plain_step(tiny_dir):
     assert len(g) == 1 and g.failed is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_the_engine_on_cuda_captures_a_step_graph_and_keeps_its_images(tiny_dir):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cuda", compile="off"), warmup=False)
+    want = engine.generate("a red fox", seed=3, steps=2, width=32, height=32).images[0].image.tobytes()
+    engine.accel.step_graphs = g = graphs.StepGraphs()  # what compiling with Inductor sets
+    images = [engine.generate("a red fox", seed=3, steps=2, width=32, height=32).images[0] for _ in range(3)]
+    assert len(g) == 1 and g.failed is None
+    assert all(image.image.tobytes() == want for image in images)
+
+
 def latents_after_cuda(engine, step_graphs):
     from zturbo.engine import denoise, starting_point
 

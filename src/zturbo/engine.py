@@ -889,7 +889,9 @@ STEP_POOL_FACTOR = 1.5
 def _budget_fraction(device: torch.device) -> float:
     """The per-process memory fraction --vram-budget set (1.0 when none, or on older torch)."""
     get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
-    return get_fraction(device) if get_fraction is not None else 1.0
+    if get_fraction is None:
+        return 1.0
+    return get_fraction(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _free_device_memory(device: torch.device) -> int:
