@@ -9,6 +9,7 @@
 #   CUTLASS_REPO a CUTLASS git directory holding the submodule commit FA pins (csrc/cutlass)
 #   TORCH_WHEEL  the device's torch wheel (torch 2.11.0+cu130, cp312): headers to compile the
 #                stable-ABI API file against, and libraries to link and check symbols against
+#   FA3_FP8=1    also build the e4m3 (fp8) kernels (scripts/probe_floor.py's fa3_fp8 part; about 3 more minutes)
 # Output: $OUT_DIR (default .scratch/fa3/site). Needs nvcc (CUDA 13.0) and g++; about 3 minutes on 2 cores.
 set -euo pipefail
 : "${FA_REPO:?a flash-attention checkout}" "${CUTLASS_REPO:?a CUTLASS git directory}" "${TORCH_WHEEL:?the device torch wheel}"
@@ -35,7 +36,12 @@ NVCC=(-O3 -std=c++17 --use_fast_math -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -DC
       -DCUTLASS_DEBUG_TRACE_LEVEL=0 -DNDEBUG -gencode arch=compute_90a,code=sm_90a -Xcompiler -fPIC
       --expt-relaxed-constexpr --expt-extended-lambda -U__CUDA_NO_HALF_OPERATORS__
       -U__CUDA_NO_HALF_CONVERSIONS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__ -U__CUDA_NO_HALF2_OPERATORS__)
-for src in flash_prepare_scheduler.cu instantiations/flash_fwd_hdim128_bf16_sm90.cu; do
+SOURCES=(flash_prepare_scheduler.cu instantiations/flash_fwd_hdim128_bf16_sm90.cu)
+if [ "${FA3_FP8:-0}" = 1 ]; then
+    KEPT=(); for f in "${FEAT[@]}"; do [ "$f" = -DFLASHATTENTION_DISABLE_FP8 ] || KEPT+=("$f"); done; FEAT=("${KEPT[@]}")
+    SOURCES+=(instantiations/flash_fwd_hdim128_e4m3_sm90.cu)
+fi
+for src in "${SOURCES[@]}"; do
     nvcc "${NVCC[@]}" "${FEAT[@]}" -Ihopper -Icutlass/include -c "hopper/$src" -o "obj/$(basename "$src").o"
 done
 PYINC=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['include'])")
@@ -45,16 +51,20 @@ g++ -O3 -std=c++17 -fPIC -DPy_LIMITED_API=0x03090000 -DTORCH_TARGET_VERSION=0x02
     -c hopper/flash_api_stable.cpp -o obj/flash_api_stable.o
 
 rm -rf "$OUT_DIR" && mkdir -p "$OUT_DIR/flash_attn_3"
-g++ -shared -o "$OUT_DIR/flash_attn_3/_C.abi3.so" obj/*.o -L"$T/lib" -L/usr/local/cuda/lib64 \
+OBJS=(obj/flash_api_stable.o); for src in "${SOURCES[@]}"; do OBJS+=("obj/$(basename "$src").o"); done
+g++ -shared -o "$OUT_DIR/flash_attn_3/_C.abi3.so" "${OBJS[@]}" -L"$T/lib" -L/usr/local/cuda/lib64 \
     -Wl,--no-as-needed -lc10 -ltorch_cpu -ltorch_cuda -lcudart -Wl,--as-needed
 cp hopper/flash_attn_3/__init__.py "$OUT_DIR/flash_attn_3/"
 cp hopper/flash_attn_interface.py "$OUT_DIR/"
-python3 - "$OUT_DIR" <<'PY'
+python3 - "$OUT_DIR" "${FA3_FP8:-0}" <<'PY'
 import sys
 off = """BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 FP8 VARLEN HDIM64 HDIM96 HDIM192 HDIM256 SM8x""".split()
+if sys.argv[2] == "1":
+    off.remove("FP8")
 flags = {f"FLASHATTENTION_DISABLE_{name}": True for name in off}
 flags |= {"FLASH_ATTENTION_DISABLE_HDIMDIFF64": True, "FLASH_ATTENTION_DISABLE_HDIMDIFF192": True}
 flags |= {"FLASHATTENTION_DISABLE_CLUSTER": False, "FLASHATTENTION_DISABLE_HDIM128": False}
+flags |= {"FLASHATTENTION_DISABLE_FP8": sys.argv[2] != "1"}
 flags |= {"FLASHATTENTION_ENABLE_VCOLMAJOR": False}
 open(f"{sys.argv[1]}/flash_attn_config.py", "w").write(f"CONFIG = {{'build_flags': {flags!r}}}\n")
 PY
