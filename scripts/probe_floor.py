@@ -8,8 +8,9 @@ RoPE, no VAE, no text encoder. So this is a lower bound of the transformer's par
 
 Parts, each result written to $OUT/floor.json as soon as it exists:
 1. `burst`: each product alone, 50 calls after a second of idle (what a micro-benchmark reports);
-2. `bf16`: the image's products and attention back to back, three times, with nvidia-smi sampling
-   every 20 ms, and the kernels' times from a profile of one image;
+2. `bf16`: the image's products and attention back to back, three times, with the SM clock and
+   power sampled (`zturbo.clocks`; run 10B sampled every 20 ms with a copy of it in this script),
+   and the kernels' times from a profile of one image;
 3. `fp8`: the same with the products in fp8 (`torch._scaled_mm`, per-row scales, activations
    already quantized: the quantization kernels are left out) and bf16 attention;
 4. `fa3_fp8`: FA3 on one block's attention in bf16 and fp8 (a build with FP8 enabled);
@@ -24,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp  # timers
 
 from zturbo import accel, attention, bench
+from zturbo.clocks import ClockSampler
 
 OUT = os.environ.get("OUT", ".")
 DEV = torch.device("cuda")
@@ -44,56 +45,11 @@ res: dict[str, Any] = {}
 DIM, FFN, HEADS = 3840, 10240, 30
 LAYERS, REFINERS, STEPS = 30, 2, 8
 TOKENS, IMAGE_TOKENS = 4160, 4096  # layers: image + 64 caption tokens; noise refiner: image only
-SMI_FIELDS = "clocks.sm,power.draw,temperature.gpu,{}.sw_power_cap,{}.hw_slowdown"
 
 
 def save() -> None:
     with open(os.path.join(OUT, "floor.json"), "w") as f:
         json.dump(res, f, indent=1)
-
-
-class Sampler:
-    """nvidia-smi every 20 ms while open: SM clock (MHz), power (W), temperature, throttle flags."""
-
-    def __enter__(self) -> Sampler:
-        fields = SMI_FIELDS.format(*["clocks_event_reasons"] * 2)
-        query = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"]
-        if subprocess.run(query, capture_output=True).returncode != 0:  # older drivers' names
-            fields = SMI_FIELDS.format(*["clocks_throttle_reasons"] * 2)
-        cmd = ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "20"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.3)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        time.sleep(0.1)
-        self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=10)
-        self.rows = [line.split(", ") for line in out.strip().splitlines()]
-
-    def summary(self) -> dict[str, Any]:
-        busy = [r for r in self.rows if len(r) == 5 and (_num(r[1]) or 0) > 200]  # drawing over 200 W
-        if not busy:
-            return {"raw_tail": self.rows[-5:]}
-        clocks, power = [_num(r[0]) for r in busy], [_num(r[1]) for r in busy]
-        return {
-            "samples": len(self.rows),
-            "samples_busy": len(busy),
-            "sm_mhz_median": statistics.median(clocks),
-            "sm_mhz_min": min(clocks),
-            "power_w_median": statistics.median(power),
-            "power_w_max": max(power),
-            "temp_max": max(_num(r[2]) or 0 for r in busy),
-            "power_cap_active_share": sum(r[3].strip() == "Active" for r in busy) / len(busy),
-            "hw_slowdown_active_share": sum(r[4].strip() == "Active" for r in busy) / len(busy),
-        }
-
-
-def _num(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def burst() -> None:
@@ -158,7 +114,7 @@ def sustained(key: str, fp8: bool) -> None:
     image()
     torch.cuda.synchronize()
     times = []
-    with Sampler() as smi:
+    with ClockSampler(DEV) as smi:
         for _ in range(3):
             start = time.perf_counter()
             image()
@@ -222,7 +178,7 @@ def e2e() -> None:
     engine.warmup(1024, 1024)
     new()
     times = []
-    with Sampler() as smi:
+    with ClockSampler(DEV) as smi:
         for _ in range(8):
             times.append(bench.once(new, DEV))
     res["e2e"] = {"s": times, "median_s": statistics.median(times), "clocks": smi.summary()}
@@ -231,16 +187,7 @@ def e2e() -> None:
 
 def main() -> None:
     pp.OUT = OUT
-    parts = sys.argv[1:] or ["burst", "bf16", "fp8", "fa3_fp8", "e2e"]
-    for part in parts:
-        start = time.perf_counter()
-        try:
-            globals()[part]()
-        except Exception as e:  # a probe: record and go on to the next part
-            res[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
-        res.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
-        save()
-        print(part, "done", res["part_s"][part], json.dumps(res)[-600:], flush=True)
+    pp.run_parts(sys.argv[1:] or ["burst", "bf16", "fp8", "fa3_fp8", "e2e"], globals(), res, save)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ In one process, each result written to $OUT/levers.json as soon as it exists:
    each with its kernel's name;
 3. `vae_attention`: the VAE's single-head attention at 1024² (16384 tokens of 512) per SDPA backend;
 4. `e2e`: the engine compiled as the bench compiles it; its new-prompt time, then every kernel of
-   one profiled image (name, count, milliseconds); then the transformer's call per step replayed
-   from one CUDA graph (a prototype wrapper, below) against plain calls, alternating, with the
-   final latents compared.
+   one profiled image (name, count, milliseconds);
+5. `engine_graph_ab`: the engine with its step graphs and without (see the function).
+
+Runs 10A and 10F (docs/performance.md) also timed a prototype of the step graphs written in this
+script (`StepGraph`, `graph_ab` at `db9a475`); `zturbo.graphs.StepGraphs` replaced it.
 
 Usage (GPU): PYTHONPATH=<FA3 site>:src python scripts/probe_levers.py [parts...]   (default: all)
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,7 +34,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp  # the health check and timers
 
 from zturbo import accel, bench
-from zturbo import engine as engine_mod
 
 OUT = os.environ.get("OUT", ".")
 DEV = torch.device("cuda")
@@ -132,59 +132,6 @@ def vae_attention() -> None:
     save()
 
 
-class StepGraph:
-    """Prototype: the transformer's call replayed from one CUDA graph per input shape."""
-
-    def __init__(self, transformer: torch.nn.Module) -> None:
-        self.transformer = transformer
-        self.graphs: dict[Any, Any] = {}
-        self.pool: Any = None
-
-    def __getattr__(self, name: str) -> Any:  # what `denoise` reads (all_x_embedder)
-        return getattr(self.__dict__["transformer"], name)
-
-    def __call__(self, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], return_dict: bool = False):
-        key = (tuple(i.shape for i in x), tuple(e.shape for e in embeds), tuple(t.shape))
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self.capture(x, t, embeds)
-        graph, sx, st, se, out = entry
-        for a, b in zip(sx, x, strict=True):
-            a.copy_(b)
-        st.copy_(t)
-        for a, b in zip(se, embeds, strict=True):
-            a.copy_(b)
-        graph.replay()
-        return (out,)
-
-    def capture(self, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor]) -> Any:
-        sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.transformer(sx, st, se, return_dict=False)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.transformer(sx, st, se, return_dict=False)[0]
-        self.pool = graph.pool()
-        return graph, sx, st, se, out
-
-
-def kernel_table(fn: Callable[[], Any]) -> dict[str, Any]:
-    events = bench.profiled_events(fn)
-    device = bench.device_events(events)
-    by_name: dict[str, list[float]] = {}
-    for start, end, name in device:
-        entry = by_name.setdefault(name, [0.0, 0])
-        entry[0] += (end - start) / 1000
-        entry[1] += 1
-    rows = [[n[:140], round(ms, 3), c, bench.kernel_kind(n)] for n, (ms, c) in by_name.items()]
-    rows.sort(key=lambda r: -r[1])
-    span = (device[-1][1] - device[0][0]) / 1000 if device else 0.0
-    return {"total_ms": sum(r[1] for r in rows), "span_ms": span, "kernels": rows}
-
-
 def e2e() -> None:
     opts = bench.BenchOptions(sizes=(1024,), quantize=("none",))
     engine = bench.load_engine(opts, DEV, torch.bfloat16)
@@ -196,88 +143,8 @@ def e2e() -> None:
     engine.warmup(1024, 1024)
     res["plain_s"] = bench.timed(new, DEV, 5, 1)["median_s"]
     save()
-    res["kernels_plain"] = kernel_table(new)
+    res["kernels_plain"] = bench.profile(new, top=200)
     save()
-
-    plain_denoise = engine_mod.denoise
-    graphed: dict[int, StepGraph] = {}
-
-    def denoise(transformer: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        wrapper = graphed.setdefault(id(transformer), StepGraph(transformer))
-        return plain_denoise(wrapper, *args, **kwargs)
-
-    def latents() -> torch.Tensor:
-        return bench.final_latents(engine, 1024)
-
-    base = latents()
-    try:
-        engine_mod.denoise = denoise
-        bench.denoise = denoise  # final_latents' name for it
-        start = time.perf_counter()
-        got = latents()
-        res["graph_capture_s"] = time.perf_counter() - start
-        res["graph_latent_rel_diff"] = bench.rel_err(got, base)
-        save()
-        times: dict[str, list[float]] = {"plain": [], "graph": []}
-        for _ in range(3):
-            for mode, fn in (("plain", plain_denoise), ("graph", denoise)):
-                engine_mod.denoise = fn
-                times[mode].append(bench.timed(new, DEV, 5, 1)["median_s"])
-        res["alternating_s"] = times
-        res["graph_s"] = statistics.median(times["graph"])
-        res["plain_again_s"] = statistics.median(times["plain"])
-        save()
-        engine_mod.denoise = denoise
-        res["kernels_graph"] = kernel_table(new)
-    finally:
-        engine_mod.denoise = plain_denoise
-        bench.denoise = plain_denoise
-    save()
-
-
-def graph_ab() -> None:
-    """Plain against step-graphed denoising for bf16 and fp8 at 512² and 1024²: new-prompt time
-    (alternating, 2 × 3 runs each), whether the latents are identical, and the graphs' memory."""
-    opts = bench.BenchOptions(sizes=(512, 1024), quantize=("none", "fp8"))
-    engine = bench.load_engine(opts, DEV, torch.bfloat16)
-    plain_denoise = engine_mod.denoise
-    out: dict[str, Any] = {}
-    res["graph_ab"] = out
-    for quantize in ("none", "fp8"):
-        engine.accel.revert_compile()
-        torch._dynamo.reset()
-        engine.accel = accel.apply(engine.components, compile_=True, quantize=quantize)
-        graphed = StepGraph(engine.components.transformer)
-
-        def denoise(transformer: torch.nn.Module, *args: Any, graphed: StepGraph = graphed, **kwargs: Any) -> Any:
-            return plain_denoise(graphed, *args, **kwargs)
-
-        for size in (512, 1024):
-            new = bench.zturbo_e2e(engine, size)
-            new()
-            new()
-            row: dict[str, Any] = {}
-            engine_mod.denoise = bench.denoise = plain_denoise
-            base = bench.final_latents(engine, size)
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            reserved = torch.cuda.memory_reserved()
-            engine_mod.denoise = bench.denoise = denoise
-            got = bench.final_latents(engine, size)
-            torch.cuda.synchronize()
-            row["graph_reserved_gib"] = (torch.cuda.memory_reserved() - reserved) / 2**30
-            row["latent_rel_diff"] = bench.rel_err(got, base)
-            times: dict[str, list[float]] = {"plain": [], "graph": []}
-            for _ in range(2):
-                for mode, fn in (("plain", plain_denoise), ("graph", denoise)):
-                    engine_mod.denoise = fn
-                    times[mode].append(bench.timed(new, DEV, 3, 1)["median_s"])
-            row["s"] = times
-            engine_mod.denoise = bench.denoise = plain_denoise
-            out[f"{quantize}_{size}"] = row
-            print(quantize, size, row, flush=True)
-            save()
-        graphed.graphs.clear()
 
 
 def engine_graph_ab() -> None:
@@ -307,7 +174,7 @@ def engine_graph_ab() -> None:
             row["graph_reserved_gib"] = (torch.cuda.memory_reserved() - reserved) / 2**30
             row["identical_image"] = graph_image == plain_image
             row["graphs"], row["failed"] = len(graphs), graphs.failed
-            for _ in range(2):
+            for _ in range(2):  # alternating, so that drift of the card falls on both
                 for mode in ("plain", "graph"):
                     engine.accel.step_graphs = graphs if mode == "graph" else None
                     row["s"][mode].append(bench.timed(new, DEV, 3, 1)["median_s"])
@@ -317,22 +184,14 @@ def engine_graph_ab() -> None:
             save()
 
 
+def health() -> None:
+    pp.health()
+    res["health"] = dict(pp.res)
+
+
 def main() -> None:
     pp.OUT = OUT
-    parts = sys.argv[1:] or ["health", "gemm", "vae_attention", "e2e"]
-    for part in parts:
-        start = time.perf_counter()
-        if part == "health":
-            pp.health()
-            res["health"] = dict(pp.res)
-        else:
-            try:
-                globals()[part]()
-            except Exception as e:  # a probe: record and go on to the next part
-                res[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
-        res.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
-        save()
-        print(part, "done", res["part_s"][part], flush=True)
+    pp.run_parts(sys.argv[1:] or ["health", "gemm", "vae_attention", "e2e"], globals(), res, save)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,20 @@ def health() -> None:
     save()
 
 
+def run_parts(parts: list[str], functions: dict[str, Any], results: dict[str, Any], save: Callable[[], None]) -> None:
+    """Run each named part; an exception is recorded under `<part>_error` and the next part runs.
+    Each part's seconds go to results["part_s"], and `save()` writes after every part."""
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            functions[part]()
+        except Exception as e:  # a probe: record and go on to the next part
+            results[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        results.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
+        save()
+        print(part, "done", results["part_s"][part], flush=True)
+
+
 def attention_backends() -> None:
     q, k, v = (torch.randn(1, 30, TOKENS, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     flop = 4 * 30 * TOKENS * TOKENS * 128

@@ -422,8 +422,8 @@ def kernel_kind(name: str) -> str:
     return "matmul" if any(k in lower for k in MATMUL_KERNELS) else "other"
 
 
-def profile(fn: Callable[[], Any]) -> dict[str, Any]:
-    """GPU kernel time of one call by kind (matmul / attention / other), the 15 longest kernels,
+def profile(fn: Callable[[], Any], top: int = 15) -> dict[str, Any]:
+    """GPU kernel time of one call by kind (matmul / attention / other), the `top` longest kernels,
     and the GPU's idle time within the call, charged to the engine's stages (`zturbo.*` ranges)."""
     fn()
     events = profiled_events(fn)
@@ -440,7 +440,7 @@ def profile(fn: Callable[[], Any]) -> dict[str, Any]:
         totals[kind] += ms
         kernels.append({"name": name[:120], "ms": ms, "count": int(count), "kind": kind})
     kernels.sort(key=lambda k: -k["ms"])
-    out = {"total_ms": sum(totals.values()), "by_kind_ms": totals, "top": kernels[:15]}
+    out = {"total_ms": sum(totals.values()), "by_kind_ms": totals, "top": kernels[:top]}
     try:
         out["idle"] = idle_by_stage(events, device)
     except Exception as e:  # a diagnostic: the kernel totals above stand on their own

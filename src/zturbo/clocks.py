@@ -13,6 +13,7 @@ NVIDIA driver tools, a CPU run) nothing is sampled and the rows carry no clock.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import statistics
 import subprocess
@@ -94,8 +95,9 @@ def _gpu_id(device: torch.device) -> str | None:
     return text if text.startswith("GPU-") else f"GPU-{text}"
 
 
+@functools.cache
 def _fields(smi: str, target: str) -> str | None:
-    """The query fields this driver accepts, or None if neither naming works."""
+    """The query fields this driver accepts, or None if neither naming works (asked once per GPU)."""
     for reasons in ("clocks_event_reasons", "clocks_throttle_reasons"):
         fields = FIELDS.format(reasons, reasons)
         try:

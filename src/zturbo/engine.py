@@ -640,15 +640,13 @@ class Engine:
 
     def _step_graph_fits(self, req: GenerateRequest, caption_tokens: int) -> bool:
         """Whether the device holds a new step graph's pool and still decodes `req` untiled."""
-        from .memory import transformer_activation, vae_activation
+        from .memory import transformer_activation
 
         elem = torch.empty((), dtype=self.dtypes["transformer"]).element_size()
         pool = STEP_POOL_FACTOR * transformer_activation(
             self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens
         )
-        vae_elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
-        decode = vae_activation(self.shape, vae_elem, req.width, req.height, 1, False, self._vae_compiled())
-        return pool + decode <= _free_device_memory(self.device) * 0.9
+        return pool + self._decode_need(req) <= _free_device_memory(self.device) * 0.9
 
     @contextlib.contextmanager
     def _stage(self, name: str) -> Iterator[None]:
@@ -708,12 +706,15 @@ class Engine:
     def _decode_fits(self, req: GenerateRequest) -> bool:
         if self.device.type != "cuda":
             return True
+        return self._decode_need(req) <= _free_device_memory(self.device) * 0.9
+
+    def _decode_need(self, req: GenerateRequest) -> int:
+        """Bytes an untiled decode of `req` needs above the weights (the planner's estimate)."""
         from .memory import vae_activation
 
         elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
         compiled = self._vae_compiled()
-        need = vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False, compiled=compiled)
-        return need <= _free_device_memory(self.device) * 0.9
+        return vae_activation(self.shape, elem, req.width, req.height, req.num_images, tiling=False, compiled=compiled)
 
     def _lean_out(self, plan: str, resident_blocks: int, resident_layers: int, *, reason: str) -> dict[str, str]:
         """After running out of memory: the next leaner plan, kept for later requests."""

@@ -75,30 +75,46 @@ def capture(text_encoder: torch.nn.Module, shape: tuple[int, int], pool: Any) ->
     """Warm up `encoder_forward` at `shape` on a side stream (compiling and tuning happen outside
     the capture), then capture it into a CUDA graph that shares `pool`."""
     device = next(text_encoder.parameters()).device
+    ids = torch.zeros(shape, dtype=torch.long, device=device)
+    graph, (out,) = capture_checked(device, lambda: [encoder_forward(text_encoder, ids)], pool, "the encoder")
+    return Captured(replayer(graph, device), ids, out, graph.pool())
+
+
+def capture_checked(
+    device: torch.device, run: Callable[[], list[torch.Tensor]], pool: Any, what: str
+) -> tuple[Any, list[torch.Tensor]]:
+    """`run` once on a side stream (compiling and tuning happen outside the capture), then
+    captured into a CUDA graph sharing `pool`; returns the graph and its static outputs.
+
+    A capture that missed work (kernels launched on another device's stream, say) would replay an
+    incomplete graph without any error: one replay, into cleared outputs, is checked against the
+    side-stream run, and a difference over REPLAY_TOLERANCE raises.
+    """
     with torch.cuda.device(device):  # capture and replay run on the current device's streams
-        ids = torch.zeros(shape, dtype=torch.long, device=device)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            expected = encoder_forward(text_encoder, ids)
+            expected = run()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            out = encoder_forward(text_encoder, ids)
-        # A capture that missed work (kernels launched on another device's stream, say) would
-        # replay an incomplete graph without any error: check one replay, into a cleared output,
-        # against the warm-up.
-        out.zero_()
+            out = run()
+        for o in out:
+            o.zero_()
         graph.replay()
-        difference = float((out.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30))
-        if not difference <= REPLAY_TOLERANCE:
-            raise RuntimeError(f"the captured graph differs from the encoder by {difference:.1e} (relative)")
+        for got, want in zip(out, expected, strict=True):
+            difference = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+            if not difference <= REPLAY_TOLERANCE:
+                raise RuntimeError(f"the captured graph differs from {what} by {difference:.1e} (relative)")
+    return graph, out
 
+
+def replayer(graph: Any, device: torch.device) -> Callable[[], None]:
     def replay() -> None:
         with torch.cuda.device(device):
             graph.replay()
 
-    return Captured(replay, ids, out, graph.pool())
+    return replay
 
 
 class EncoderGraphs:
@@ -212,32 +228,11 @@ def transformer_step(
 def capture_step(
     transformer: torch.nn.Module, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], pool: Any
 ) -> StepCaptured:
-    """Run the step once on a side stream, capture it into a graph sharing `pool`, and check one
-    replay (into cleared outputs) against that run, as `capture` does for the encoder."""
+    """The step captured into a graph sharing `pool`, checked as the encoder's are (`capture_checked`)."""
     device = x[0].device
-    with torch.cuda.device(device):
-        sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            expected = [o.clone() for o in transformer_step(transformer, sx, st, se)]
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = transformer_step(transformer, sx, st, se)
-        for o in out:
-            o.zero_()
-        graph.replay()
-        for got, want in zip(out, expected, strict=True):
-            difference = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
-            if not difference <= REPLAY_TOLERANCE:
-                raise RuntimeError(f"the captured step differs from the transformer by {difference:.1e} (relative)")
-
-    def replay() -> None:
-        with torch.cuda.device(device):
-            graph.replay()
-
-    return StepCaptured(replay, sx, st, se, list(out), graph.pool())
+    sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
+    graph, out = capture_checked(device, lambda: transformer_step(transformer, sx, st, se), pool, "the transformer")
+    return StepCaptured(replayer(graph, device), sx, st, se, out, graph.pool())
 
 
 class StepGraphs:
