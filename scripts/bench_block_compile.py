@@ -3,7 +3,7 @@
 Measures the first-call (compile) time of three transformer blocks, and eager vs compiled
 milliseconds per block at 4160 tokens (a 1024² image and a 64-token prompt). Blocks after the
 first reuse its graph unless something recompiles. This is how the `dynamic=True` choice in
-`zturbo.accel` was made.
+`zturbo.accel.compile` was made.
 
 Usage (GPU): PYTHONPATH=src python scripts/bench_block_compile.py bf16|fp8 [none|true|false]
 The second argument is torch.compile's `dynamic` (none = its default). Writes $OUT/diag_MODE_DYN.json.
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from zturbo import accel, tiny
+from zturbo import tiny
+from zturbo.accel import compile as accel
 
 TOKENS = 4160
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from zturbo import engine as zengine
-from zturbo.bench import environment, random_components
+from zturbo.bench.speed import environment, random_components
 from zturbo.engine import Engine, ModelInfo
 from zturbo.loader import Components
 from zturbo.precision import all_finite
@@ -77,7 +77,7 @@ class Bench:
 def build_modules(tiny: bool, device: torch.device, dtype: torch.dtype, vocab: int) -> tuple[Any, Any, Any]:
     """(transformer, vae, text_encoder) with random weights, built directly on `device` in `dtype`.
 
-    The builder is `zturbo.bench.random_components` (`vocab` is implied by its tokenizer).
+    The builder is `zturbo.bench.speed.random_components` (`vocab` is implied by its tokenizer).
     """
     c = random_components(device, dtype, tiny)
     return c.transformer, c.vae, c.text_encoder

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp
 
-from zturbo import attention
+from zturbo.accel import attention
 
 HEADS, DIM = 30, 128
 SHAPES = {"1024² b1": (1, 4160), "1024² b4": (4, 4160), "2048² b1": (1, 16448)}

@@ -9,7 +9,7 @@ RoPE, no VAE, no text encoder. So this is a lower bound of the transformer's par
 Parts, each result written to $OUT/floor.json as soon as it exists:
 1. `burst`: each product alone, 50 calls after a second of idle (what a micro-benchmark reports);
 2. `bf16`: the image's products and attention back to back, three times, with the SM clock and
-   power sampled (`zturbo.clocks`; run 10B sampled every 20 ms with a copy of it in this script),
+   power sampled (`zturbo.bench.clocks`; run 10B sampled every 20 ms with a copy of it in this script),
    and the kernels' times from a profile of one image;
 3. `fp8`: the same with the products in fp8 (`torch._scaled_mm`, per-row scales, activations
    already quantized: the quantization kernels are left out) and bf16 attention;
@@ -36,8 +36,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp  # timers
 
-from zturbo import accel, attention, bench
-from zturbo.clocks import ClockSampler
+from zturbo.accel import attention
+from zturbo.accel import compile as accel
+from zturbo.bench import speed as bench
+from zturbo.bench.clocks import ClockSampler
 
 OUT = os.environ.get("OUT", ".")
 DEV = torch.device("cuda")

@@ -62,7 +62,9 @@ def transformer_once(quantize: str) -> dict[str, Any]:
     import torch
     from diffusers import ZImageTransformer2DModel
 
-    from zturbo import accel, bench, tiny
+    from zturbo import tiny
+    from zturbo.accel import compile as accel
+    from zturbo.bench import speed as bench
 
     transformer = bench.random_module(ZImageTransformer2DModel, "cuda", torch.bfloat16)
     tiny.randomize_pad_tokens(transformer)
@@ -82,7 +84,9 @@ def vae_once() -> dict[str, Any]:
     import torch
     from diffusers import AutoencoderKL
 
-    from zturbo import accel, bench, tiny
+    from zturbo import tiny
+    from zturbo.accel import compile as accel
+    from zturbo.bench import speed as bench
     from zturbo.engine import decode
 
     vae = bench.random_module(lambda: AutoencoderKL(**tiny.FLUX_VAE_CONFIG), "cuda", torch.bfloat16)

@@ -12,7 +12,7 @@ In one process, each result written to $OUT/levers.json as soon as it exists:
 5. `engine_graph_ab`: the engine with its step graphs and without (see the function).
 
 Runs 10A and 10F (docs/performance.md) also timed a prototype of the step graphs written in this
-script (`StepGraph`, `graph_ab` at `db9a475`); `zturbo.graphs.StepGraphs` replaced it.
+script (`StepGraph`, `graph_ab` at `db9a475`); `zturbo.accel.graphs.StepGraphs` replaced it.
 
 Usage (GPU): PYTHONPATH=<FA3 site>:src python scripts/probe_levers.py [parts...]   (default: all)
 """
@@ -33,7 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp  # the health check and timers
 
-from zturbo import accel, bench
+from zturbo.accel import compile as accel
+from zturbo.bench import speed as bench
 
 OUT = os.environ.get("OUT", ".")
 DEV = torch.device("cuda")
@@ -148,7 +149,7 @@ def e2e() -> None:
 
 
 def engine_graph_ab() -> None:
-    """The engine with its step graphs (`zturbo.graphs.StepGraphs`, the default) and without, for
+    """The engine with its step graphs (`zturbo.accel.graphs.StepGraphs`, the default) and without, for
     bf16 and fp8 at 512² and 1024²: new-prompt time (alternating, 2 × 3 runs each), whether the
     images are identical, how many graphs were captured, and the memory they keep reserved."""
     opts = bench.BenchOptions(sizes=(512, 1024), quantize=("none", "fp8"))

@@ -24,7 +24,8 @@ import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from zturbo import accel, bench
+from zturbo.accel import compile as accel
+from zturbo.bench import speed as bench
 from zturbo.engine import encode_prompt
 
 OUT = os.environ.get("OUT", ".")

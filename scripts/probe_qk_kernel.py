@@ -1,4 +1,4 @@
-"""A candidate q/k RMSNorm + RoPE kernel against `zturbo.kernels.fused_op()`, on a block's shape.
+"""A candidate q/k RMSNorm + RoPE kernel against `zturbo.accel.kernels.fused_op()`, on a block's shape.
 
 The candidate does q and k in one launch (one output buffer), rotates pairs with tl.split/tl.join
 instead of a second load of each element's partner, and sweeps heads per program and warps. For
@@ -23,7 +23,7 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp
 
-from zturbo import kernels
+from zturbo.accel import kernels
 
 HEADS, DIM, TOKENS = 30, 128, 4160
 

@@ -2,7 +2,7 @@
 
 In one process, in this order, each result written to $OUT/exp.json as soon as it exists:
 1. the card's health (`probe_parts.health`);
-2. the fused q/k RMSNorm + RoPE kernel (`zturbo.kernels`) against the PyTorch path: error
+2. the fused q/k RMSNorm + RoPE kernel (`zturbo.accel.kernels`) against the PyTorch path: error
    against a float64 computation for both, and milliseconds (eager, compiled, fused);
 3. the engine end to end at 1024² (the bench's compiled phase with its profile, GPU idle time
    charged to stages), with the fused kernel, then again without it (A/B in one process);
@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import probe_parts as pp  # the health check, timers and result file
 
-from zturbo import accel, bench, kernels
+from zturbo.accel import compile as accel
+from zturbo.accel import kernels
+from zturbo.bench import speed as bench
 
 DEV = torch.device("cuda")
 

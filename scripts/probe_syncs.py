@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from zturbo import accel, bench
+from zturbo.accel import compile as accel
+from zturbo.bench import speed as bench
 
 OUT = os.environ.get("OUT", ".")
 

@@ -21,7 +21,8 @@ SIZE = 1024
 
 
 def case(cap: float) -> dict[str, Any]:
-    from zturbo import bench, bench_memory
+    from zturbo.bench import memory as bench_memory
+    from zturbo.bench import speed as bench
 
     engine, row = bench_memory.capped_engine(cap, SIZE)
 
@@ -52,7 +53,7 @@ def union_ms(spans: list[tuple[float, float]]) -> float:
 def profiled(fn: Any) -> dict[str, Any]:
     """One call under the profiler: from the request's start to the GPU's last op, the time
     compute kernels and host-to-device copies kept the GPU busy, and its idle time by stage."""
-    from zturbo import bench
+    from zturbo.bench import speed as bench
 
     events = bench.profiled_events(fn)
     device = bench.device_events(events)

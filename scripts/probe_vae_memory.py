@@ -3,7 +3,7 @@
 One process, bf16 weights on the GPU. For each case the decode's peak above what was allocated
 before it (weights and latents) is recorded, in GiB and in "live tensors": the excess over the
 float32 image divided by one full-resolution 128-channel bf16 tensor, the unit of
-`zturbo.memory.VAE_LIVE_TENSORS`. The compiled cases follow the engine: the decoder compiled as
+`zturbo.memory.plan.VAE_LIVE_TENSORS`. The compiled cases follow the engine: the decoder compiled as
 `accel.apply` compiles it (a static graph for 1024², a dynamic one for other sizes), 1024² first,
 then the other sizes, then 1024² again; each case is also timed. `dynamic_1024` then decodes 1024²
 through the dynamic graph alone, for the static graph's gain. Tiled cases use
@@ -25,8 +25,11 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL
 
-from zturbo import accel, bench, memory, tiny
+from zturbo import tiny
+from zturbo.accel import compile as accel
+from zturbo.bench import speed as bench
 from zturbo.engine import decode
+from zturbo.memory import plan as memory
 
 OUT = os.environ.get("OUT", ".")
 GIB = 2**30

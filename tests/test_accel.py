@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from zturbo import accel
+from zturbo.accel import compile as accel
 from zturbo.config import RuntimeConfig
 from zturbo.device import Capabilities
 from zturbo.engine import Engine

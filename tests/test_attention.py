@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from zturbo import attention
+from zturbo.accel import attention
 
 
 def fake_fa3(result: str = "exact") -> types.ModuleType:
@@ -129,7 +129,7 @@ def test_cpu_tensors_never_reach_fa3(installed, monkeypatch):
 def test_compiled_blocks_attend_with_fa3_where_chosen(tiny_dir, installed, monkeypatch):
     # The whole engine, compiled (dynamo, no codegen), in bf16 with FA3 chosen: every block's
     # attention goes through the op, and the image is the SDPA image.
-    from zturbo import accel
+    from zturbo.accel import compile as accel
     from zturbo.config import RuntimeConfig
     from zturbo.engine import Engine
 

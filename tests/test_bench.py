@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from zturbo import bench
+from zturbo.bench import speed as bench
 from zturbo.cli import main
 from zturbo.errors import InvalidRequestError
 
@@ -63,7 +63,7 @@ def test_bench_runs_on_a_local_checkpoint(tiny_dir):
 
 
 def test_memory_cap_rows_on_the_tiny_model():
-    from zturbo import bench_memory
+    from zturbo.bench import memory as bench_memory
 
     row = bench_memory.one_row(0.0, 64, runs=1, tiny=True)  # uncapped: the tiny model stays resident
     assert row["plan"] == "resident" and row["median_s"] > 0 and row["fallbacks"] == []
@@ -84,7 +84,7 @@ def test_memory_cap_rows_on_the_tiny_model():
 
 
 def test_loading_bench_on_the_tiny_model(tmp_path):
-    from zturbo import bench_loading
+    from zturbo.bench import loading as bench_loading
 
     root = bench_loading.write_checkpoint(tmp_path / "ckpt", torch.device("cpu"))
     assert (root / "model_index.json").is_file() and list((root / "transformer").glob("*.safetensors"))

@@ -1,4 +1,4 @@
-"""GPU clock sampling for the benchmark (`zturbo.clocks`), with a stand-in nvidia-smi on PATH."""
+"""GPU clock sampling for the benchmark (`zturbo.bench.clocks`), with a stand-in nvidia-smi on PATH."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from zturbo import bench, clocks
+from zturbo.bench import clocks
+from zturbo.bench import speed as bench
 
 # A stand-in for nvidia-smi: like a driver that knows only the older field names when OLD_NAMES
 # is set; prints one sample per call, or loops every 10 ms under -lms until terminated.

@@ -1,4 +1,4 @@
-"""The text encoder's CUDA graphs (zturbo.graphs): padding, masks, when graphs are captured, reused
+"""The text encoder's CUDA graphs (zturbo.accel.graphs): padding, masks, when graphs are captured, reused
 and dropped. CUDA graphs need a GPU; on the CPU a stand-in capture runs the same forward the graph
 would replay, into the same static tensors."""
 
@@ -9,7 +9,8 @@ import logging
 import pytest
 import torch
 
-from zturbo import accel, graphs
+from zturbo.accel import compile as accel
+from zturbo.accel import graphs
 from zturbo.engine import MAX_TOKENS, encode_prompt
 
 PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in the snow at dawn"]

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
-from zturbo import jobs
-from zturbo.jobs import JobStore
+from zturbo.serving import jobs
+from zturbo.serving.jobs import JobStore
 
 
 def params(prompt: str = "a fox") -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zturbo import kernels
+from zturbo.accel import kernels
 
 cuda_triton = pytest.mark.skipif(
     not torch.cuda.is_available() or kernels.fused_op() is None, reason="needs a CUDA GPU and Triton"

@@ -8,11 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from zturbo import accel, memory
+from zturbo.accel import compile as accel
 from zturbo.cli import main
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
 from zturbo.errors import GPUMemoryError, InvalidRequestError
+from zturbo.memory import plan as memory
 
 GIB = memory.GIB
 BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
@@ -25,7 +26,7 @@ def shape() -> memory.ModelShape:
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from zturbo.bench import QWEN3_4B_CONFIG
+    from zturbo.bench.speed import QWEN3_4B_CONFIG
     from zturbo.tiny import FLUX_VAE_CONFIG
 
     with init_empty_weights():
@@ -409,7 +410,7 @@ def test_a_fused_engine_unfuses_before_the_whole_transformer_leaves_the_device(f
 def test_fused_blocks_are_unfused_before_their_weights_move_into_streaming_memory(fresh, engine, plan):
     # A lean-out from a fused resident engine: the fused q/k/v and w1/w3 tensors are copies that
     # the streamed or shared views would not reach (and their memory would never be freed).
-    from zturbo import accel
+    from zturbo.accel import compile as accel
 
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
     accel.fuse_projections(fresh.components.transformer)

@@ -351,7 +351,7 @@ def test_non_loopback_bind_without_key_is_refused(capsys, tiny_dir, tmp_path, mo
 
 
 def test_bind_rules():
-    from zturbo.serve import check_bind, is_loopback
+    from zturbo.serving.serve import check_bind, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")

@@ -16,7 +16,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from zturbo.config import RuntimeConfig
 from zturbo.loader import resolve_model
-from zturbo.server import ServeSettings, create_app
+from zturbo.serving.app import ServeSettings, create_app
 
 KEY = "fuzz-key"
 

@@ -1,4 +1,4 @@
-"""zturbo.stream on the CPU: streamed blocks compute what they computed before, in any call order."""
+"""zturbo.memory.stream on the CPU: streamed blocks compute what they computed before, in any call order."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from zturbo.stream import BlockStreamer, streamable
+from zturbo.memory.stream import BlockStreamer, streamable
 
 
 class Block(torch.nn.Module):
@@ -63,7 +63,7 @@ def test_quantized_weights_are_not_streamable():
 
 
 def test_streamed_blocks_are_spread_evenly():
-    from zturbo.memory import streamed_positions
+    from zturbo.memory.plan import streamed_positions
 
     for total in (4, 34):
         for n in range(total + 1):

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from zturbo.apiclient import ApiClient, ApiError, Event
 from zturbo.errors import InvalidRequestError
 from zturbo.imageio import a1111_parameters, parse_a1111, png_info, read_parameters
-from zturbo.ui import (
+from zturbo.serving.apiclient import ApiClient, ApiError, Event
+from zturbo.serving.ui import (
     CUSTOM,
     RATIOS,
     FormError,
@@ -275,5 +275,5 @@ def test_client_events_stop_at_the_terminal_event() -> None:
 
 
 def test_importing_the_ui_module_does_not_import_gradio() -> None:
-    code = "import sys, zturbo.ui; assert 'gradio' not in sys.modules, 'gradio imported at import time'"
+    code = "import sys, zturbo.serving.ui; assert 'gradio' not in sys.modules, 'gradio imported at import time'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,7 +11,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
 from .batch import DEFAULT_MAX_BATCH, merge_defaults
 from .config import (
     DEFAULT_MAX_PIXELS,
@@ -24,6 +23,7 @@ from .config import (
 )
 from .errors import InvalidRequestError, ZTurboError
 from .request import DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_VARIETY_UNTIL
+from .version import __version__
 
 log = logging.getLogger("zturbo")
 
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="HTTP server: a persistent job queue, worker per GPU, OpenAI images API")
     _model_args(serve)
-    from .serve import add_arguments as _serve_args
+    from .serving.serve import add_arguments as _serve_args
 
     _serve_args(serve)
 
@@ -265,11 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return cmd_show(args)
         if args.command == "bench":
-            from .bench import main as bench_main
+            from .bench.speed import main as bench_main
 
             return bench_main(args)
         if args.command == "serve":
-            from .serve import main as serve_main
+            from .serving.serve import main as serve_main
 
             return serve_main(args, _runtime_config(args, max_pixels=args.max_pixels))
         return cmd_info(args)
@@ -546,7 +546,7 @@ def _fa3_text(caps: Any) -> str:
 
     if importlib.util.find_spec("flash_attn_interface") is None:
         return "not installed"
-    from .attention import runs_on
+    from .accel.attention import runs_on
 
     if runs_on(caps.compute_capability):
         return "installed; used by compiled blocks after a check"
@@ -556,8 +556,8 @@ def _fa3_text(caps: Any) -> str:
 def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict[str, Any]) -> None:
     import torch
 
-    from . import memory
     from .loader import resolve_model
+    from .memory import plan as memory
     from .request import GenerateRequest
 
     source = resolve_model(config.model, weights=False)

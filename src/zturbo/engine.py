@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import accel as accel_
+from .accel import compile as accel_
+from .accel.graphs import EncoderGraphs, StepGraphs
 from .config import RuntimeConfig
 from .device import dtype_name, memory_line, probe, resolve_device
 from .errors import DeviceError, GPUMemoryError, InvalidRequestError, PrecisionError
-from .graphs import EncoderGraphs, StepGraphs
 from .guard import Fp16Guard, install_fp16_guard
 from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
-from .memory import GIB, SPEED_ORDER, UNQUANTIZED_PLANS, Placement, compilable, fusable, homes, leaner
+from .memory.plan import GIB, SPEED_ORDER, UNQUANTIZED_PLANS, Placement, compilable, fusable, homes, leaner
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .request import GenerateRequest, ImageSpec, ModelLimits
 
@@ -640,7 +640,7 @@ class Engine:
 
     def _step_graph_fits(self, req: GenerateRequest, caption_tokens: int) -> bool:
         """Whether the device holds a new step graph's pool and still decodes `req` untiled."""
-        from .memory import transformer_activation
+        from .memory.plan import transformer_activation
 
         elem = torch.empty((), dtype=self.dtypes["transformer"]).element_size()
         pool = STEP_POOL_FACTOR * transformer_activation(
@@ -668,13 +668,13 @@ class Engine:
     @functools.cached_property
     def shape(self) -> Any:
         """The model's `memory.ModelShape` (parameter counts and widths), for memory estimates."""
-        from .memory import model_shape
+        from .memory.plan import model_shape
 
         c = self.components
         return model_shape(c.transformer, c.text_encoder, c.vae)
 
     def set_vae_tiling(self, on: bool) -> None:
-        from .memory import set_vae_tiling
+        from .memory.plan import set_vae_tiling
 
         set_vae_tiling(self.components.vae, on)
         self.vae_tiling = on
@@ -710,7 +710,7 @@ class Engine:
 
     def _decode_need(self, req: GenerateRequest) -> int:
         """Bytes an untiled decode of `req` needs above the weights (the planner's estimate)."""
-        from .memory import vae_activation
+        from .memory.plan import vae_activation
 
         elem = torch.empty((), dtype=self.dtypes["vae"]).element_size()
         compiled = self._vae_compiled()
@@ -735,7 +735,7 @@ class Engine:
 
     def _out_of_memory(self, req: GenerateRequest, reason: str) -> GPUMemoryError:
         """Free what the failed run left cached and describe what the request needed."""
-        from .memory import dtype_bytes, estimate
+        from .memory.plan import dtype_bytes, estimate
 
         _release_cached_memory(self.device)
         need = estimate(
@@ -802,7 +802,7 @@ def _memory_plan(
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
     plan is chosen only when no exact plan fits.
     """
-    from . import memory
+    from .memory import plan as memory
 
     budget = None if config.vram_budget is None else int(config.vram_budget * memory.GIB)
     if device.type == "cuda" and budget is not None:

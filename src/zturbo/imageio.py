@@ -31,7 +31,7 @@ def build_metadata(
     variation_seed: int | None = None,
 ) -> dict[str, Any]:
     """Every parameter that shaped one image; `runtime` is `Engine.runtime()` (dtypes, guard, quantize, compile)."""
-    from . import __version__
+    from .version import __version__
 
     return {
         "prompt": prompt,

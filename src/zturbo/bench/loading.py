@@ -65,7 +65,8 @@ class PeakSampler:
 
 def write_checkpoint(root: Path, device: torch.device) -> Path:
     """Random real-size weights in the published layout (built on `device`, saved from the CPU)."""
-    from . import bench, tiny
+    from .. import tiny
+    from . import speed as bench
 
     c = bench.random_components(device, torch.bfloat16, tiny=device.type == "cpu")
     for module in (c.transformer, c.vae, c.text_encoder):
@@ -79,8 +80,8 @@ def load_row(kind: str, root: Path, device: torch.device) -> dict[str, Any]:
     import transformers  # noqa: F401
     from diffusers import AutoencoderKL, ZImagePipeline, ZImageTransformer2DModel  # noqa: F401
 
-    from .config import RuntimeConfig
-    from .engine import Engine
+    from ..config import RuntimeConfig
+    from ..engine import Engine
 
     with PeakSampler() as sampler:
         start = time.perf_counter()

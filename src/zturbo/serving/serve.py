@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .errors import DeviceError, InvalidRequestError
+from ..errors import DeviceError, InvalidRequestError
 
 log = logging.getLogger("zturbo")
 
@@ -63,8 +63,8 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
     import uvicorn
 
-    from .loader import resolve_model
-    from .server import ServeSettings, create_app
+    from ..loader import resolve_model
+    from .app import ServeSettings, create_app
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, insecure=args.insecure)

@@ -325,8 +325,8 @@ class _Handlers:
         return text, gr.update(value=record["path"], visible=True)
 
     def read_png(self, path: str | None) -> tuple[Any, ...]:
-        from .errors import InvalidRequestError
-        from .imageio import read_parameters
+        from ..errors import InvalidRequestError
+        from ..imageio import read_parameters
 
         if not path:
             return "", *_NO_FILL

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from . import attention
+from ..accel import attention
+from ..accel.graphs import STEP_SIGHTINGS
+from ..engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
+from ..loader import Components
+from ..request import ModelLimits
 from .clocks import ClockSampler
-from .engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
-from .graphs import STEP_SIGHTINGS
-from .loader import Components
-from .request import ModelLimits
 
 log = logging.getLogger("zturbo")
 
@@ -93,7 +93,7 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from . import tiny as tiny_model
+    from .. import tiny as tiny_model
 
     tokenizer = tiny_model.build_tokenizer()
     with _building(device, dtype):
@@ -134,7 +134,7 @@ def _building(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
 
 def load_engine(opts: BenchOptions, device: torch.device, dtype: torch.dtype) -> Engine:
     """An eager engine: random weights, or the checkpoint in `opts.model` (no warm-up yet)."""
-    from .config import RuntimeConfig
+    from ..config import RuntimeConfig
 
     if opts.model is None:
         components = random_components(device, dtype, opts.tiny)
@@ -260,7 +260,7 @@ def reference_e2e(pipe: Any, size: int, batch: int = 1) -> Callable[[], Any]:
 
 
 def png_encode_seconds(engine: Engine, size: int) -> float:
-    from .imageio import png_info
+    from ..imageio import png_info
 
     image = engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=1).images[0]
     start = time.perf_counter()
@@ -274,7 +274,7 @@ def png_encode_seconds(engine: Engine, size: int) -> float:
 
 def first_image(opts: BenchOptions, started: float) -> dict[str, Any]:
     """Seconds from `started` (process start) to the first compiled 1024² image: build, compile, generate."""
-    from . import accel
+    from ..accel import compile as accel
 
     device = torch.device("cpu") if opts.tiny else torch.device("cuda")
     engine = load_engine(opts, device, torch.float32 if opts.tiny else torch.bfloat16)
@@ -354,7 +354,7 @@ def _compiled_phase(
     baseline: torch.Tensor,
     report: Callable[[dict[str, Any]], None],
 ) -> None:
-    from . import accel
+    from ..accel import compile as accel
 
     device, runs = engine.device, opts.runs
     # A step shape is captured into a CUDA graph on its second request (zturbo.graphs): warm up
@@ -577,7 +577,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     import diffusers
     import transformers
 
-    from . import __version__
+    from ..version import __version__
 
     env: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -679,7 +679,7 @@ def write(res: dict[str, Any], out_dir: Path) -> None:
 
 
 def options(args: argparse.Namespace) -> BenchOptions:
-    from .errors import InvalidRequestError
+    from ..errors import InvalidRequestError
 
     if not (args.random_weights or args.model or args.tiny):
         raise InvalidRequestError("zturbo bench needs --random-weights or --model DIR (a local checkpoint)")
@@ -716,7 +716,7 @@ def options(args: argparse.Namespace) -> BenchOptions:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .errors import DeviceError
+    from ..errors import DeviceError
 
     if args.write_checkpoint or args.loading:
         return _loading(args)
@@ -741,8 +741,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _memory_caps(args: argparse.Namespace, opts: BenchOptions, out_dir: Path) -> int:
-    from . import bench_memory
-    from .errors import InvalidRequestError
+    from ..errors import InvalidRequestError
+    from . import memory as bench_memory
 
     size = opts.sizes[0]
     if args.cap_row:  # a child process: one row, as one JSON line
@@ -769,8 +769,8 @@ def _memory_caps(args: argparse.Namespace, opts: BenchOptions, out_dir: Path) ->
 
 
 def _loading(args: argparse.Namespace) -> int:
-    from . import bench_loading
-    from .errors import DeviceError
+    from ..errors import DeviceError
+    from . import loading as bench_loading
 
     device = torch.device("cpu") if args.tiny else torch.device("cuda")
     if device.type == "cuda" and not torch.cuda.is_available():

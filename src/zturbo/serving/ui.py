@@ -12,8 +12,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+from ..request import DEFAULT_VARIETY_UNTIL, nearest_multiples
 from .apiclient import ApiError, Event
-from .request import DEFAULT_VARIETY_UNTIL, nearest_multiples
 
 if TYPE_CHECKING:
     import gradio as gr

@@ -20,8 +20,15 @@ from typing import Any
 
 import torch
 
-from .accel import BLOCK_LISTS, STATIC_DECODE_SIZE, is_block_linear, quantizes, transformer_blocks, unfuse_projections
-from .config import MEMORY_CHOICES
+from ..accel.compile import (
+    BLOCK_LISTS,
+    STATIC_DECODE_SIZE,
+    is_block_linear,
+    quantizes,
+    transformer_blocks,
+    unfuse_projections,
+)
+from ..config import MEMORY_CHOICES
 
 GIB = 2**30
 # resident: everything on the GPU. te-offload: the text encoder's layers stream through the GPU
@@ -153,7 +160,7 @@ def shape_from_source(source: Any) -> ModelShape:
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig
 
-    from .loader import _empty, _text_encoder_class
+    from ..loader import _empty, _text_encoder_class
 
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))

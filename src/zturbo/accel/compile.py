@@ -20,9 +20,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import QUANTIZE_CHOICES
+from ..errors import DeviceError
 from . import attention, kernels
-from .config import QUANTIZE_CHOICES
-from .errors import DeviceError
 from .graphs import EncoderGraphs, StepGraphs
 
 log = logging.getLogger("zturbo")
@@ -438,7 +438,7 @@ def compile_errors() -> tuple[type[BaseException], ...]:
 
 def _use_persistent_compile_cache() -> None:
     """Inductor's caches default to /tmp; keep them with zturbo's cache so restarts reuse them."""
-    from .tiny import cache_root
+    from ..tiny import cache_root
 
     try:  # torch writes its default into the environment once Inductor has looked it up
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir

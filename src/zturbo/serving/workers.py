@@ -24,9 +24,9 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
+from ..config import RuntimeConfig
+from ..request import DEFAULT_VARIETY_UNTIL
 from . import jobs
-from .config import RuntimeConfig
-from .request import DEFAULT_VARIETY_UNTIL
 
 log = logging.getLogger("zturbo.workers")
 
@@ -85,7 +85,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
-    from .engine import Engine
+    from ..engine import Engine
 
     engine = Engine.load(dataclasses.replace(config, device=device))
     unit = engine.limits.spatial_unit
@@ -103,8 +103,8 @@ def worker_main(
 
 
 def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.Claim, conn: Connection) -> None:
-    from .errors import ZTurboError
-    from .imageio import save_png
+    from ..errors import ZTurboError
+    from ..imageio import save_png
 
     p = claim.params
     start = time.perf_counter()

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import bench, memory
+from ..memory import plan as memory
+from . import speed as bench
 
 REFERENCES = ("diffusers-model-offload", "diffusers-group-offload")
 KINDS = ("zturbo", "zturbo-fp8", *REFERENCES)
@@ -40,8 +41,8 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
     as Engine.load would, with the process capped; and the row's plan and estimate. The engine is
     None when no plan fits."""
-    from .engine import Engine, ModelInfo
-    from .request import ModelLimits
+    from ..engine import Engine, ModelInfo
+    from ..request import ModelLimits
 
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -70,7 +71,7 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
     if est.quantize != "none" and device.type == "cuda":
         # As Engine.load does: plain weights on the CPU, quantized block by block onto the device.
-        from .accel import quantize_transformer
+        from ..accel.compile import quantize_transformer
 
         torch.nn.Module.to(components.transformer, "cpu")
         quantize_transformer(components.transformer, est.quantize, device=device)
@@ -79,7 +80,7 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     kept = {"resident_blocks": est.resident_blocks, "resident_layers": est.resident_layers}
     engine = Engine(components, model, device, dtypes, limits, plan=est.plan, **kept)
     engine.set_vae_tiling(est.vae_tiling)
-    from . import accel
+    from ..accel import compile as accel
 
     compile_ = memory.compilable(est.plan)
     backend = "eager" if tiny else "inductor"
@@ -112,7 +113,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     )
     out["cached_prompt_s"] = cached["median_s"]
     # The decode alone, as the row runs it (tiled or whole, compiled or eager): what tiling costs.
-    from .engine import decode
+    from ..engine import decode
 
     vae = engine.components.vae
     latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=engine.device)

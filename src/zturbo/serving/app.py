@@ -28,9 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import jobs
-from .config import RuntimeConfig
-from .errors import (
+from ..config import RuntimeConfig
+from ..errors import (
     FieldError,
     JobFailedError,
     NotReadyError,
@@ -38,7 +37,8 @@ from .errors import (
     UnauthorizedError,
     ZTurboError,
 )
-from .request import DEFAULT_VARIETY_UNTIL, MAX_GUIDANCE, ModelLimits
+from ..request import DEFAULT_VARIETY_UNTIL, MAX_GUIDANCE, ModelLimits
+from . import jobs
 from .workers import Finished, Hooks, Supervisor
 
 log = logging.getLogger("zturbo.server")
@@ -352,7 +352,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 
 def _version() -> str:
-    from . import __version__
+    from ..version import __version__
 
     return __version__
 

@@ -1,0 +1,1 @@
+"""Speed: torch.compile, fused projections, quantization, attention kernels, CUDA graphs."""

@@ -1,0 +1,1 @@
+"""Benchmarks: speed, memory and loading against diffusers' pipeline on a GPU."""

@@ -1,0 +1,1 @@
+"""Memory: estimate and plan where the weights live, place them, stream them."""
