@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 
+from zturbo.bench import main as bench_main
+from zturbo.bench import profiling, report
 from zturbo.bench import speed as bench
 from zturbo.cli import main
 from zturbo.errors import InvalidRequestError
@@ -21,7 +23,7 @@ def test_tiny_bench_measures_every_phase_against_the_reference():
         assert res[key]["latent_rel_err_vs_eager"] < 1e-5  # traced graphs compute what eager does
     assert res["compiled"]["batch"]["images_per_s"] > 0
     assert res["fp8"] == {"skipped": "no fp8-capable GPU"}
-    table = bench.markdown(res)
+    table = report.markdown(res)
     assert "| eager | 32² |" in table and "| compiled | 32² |" in table
 
 
@@ -43,7 +45,7 @@ def test_bad_bench_options_name_the_value(flag, value, message):
     )  # fmt: skip
     setattr(args, flag, value)
     with pytest.raises(InvalidRequestError, match=message):
-        bench.options(args)
+        bench_main.options(args)
 
 
 def test_bench_runs_on_a_local_checkpoint(tiny_dir):
@@ -112,7 +114,7 @@ def test_idle_time_is_charged_to_the_stage_open_during_each_gap():
         event("k2", 400, 800, DeviceType.CUDA),
         event("Command Buffer Full", 800, 950, DeviceType.CUDA),  # a queue marker: not work
     ]
-    idle = bench.idle_by_stage(events, bench.device_events(events))
+    idle = profiling.idle_by_stage(events, profiling.device_events(events))
     assert idle["idle_ms"] == pytest.approx((100 + 150 + 200) / 1000)
     assert idle["by_stage_ms"]["zturbo.encode"] == pytest.approx(0.1)
     assert idle["by_stage_ms"]["zturbo.denoise"] == pytest.approx(0.15)
@@ -128,13 +130,13 @@ def test_eager_vae_rows_leave_the_decoder_uncompiled_and_say_so():
     )
     res = bench.run(opts)
     assert res["compiled"]["vae_compiled"] is False and "error" not in res["compiled"]
-    assert "| compiled (eager VAE) | 32² |" in bench.markdown(res)
+    assert "| compiled (eager VAE) | 32² |" in report.markdown(res)
 
 
 def test_profile_kinds_count_cutlass_attention_kernels_as_attention():
     fa3 = "void cutlass::device_kernel<flash::enable_sm90<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwdSm90<2"
     mem_efficient = "fmha_cutlassF_bf16_aligned_32x128_gmem_sm80(PyTorchMemEffAttention::AttentionKernel<cutlass"
-    assert bench.kernel_kind(fa3) == bench.kernel_kind(mem_efficient) == "attention"
-    assert bench.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
-    assert bench.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul"
-    assert bench.kernel_kind("triton_poi_fused__unsafe_view_mul_silu_split_2") == "other"
+    assert profiling.kernel_kind(fa3) == profiling.kernel_kind(mem_efficient) == "attention"
+    assert profiling.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
+    assert profiling.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul"
+    assert profiling.kernel_kind("triton_poi_fused__unsafe_view_mul_silu_split_2") == "other"

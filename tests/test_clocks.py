@@ -9,8 +9,7 @@ import time
 import pytest
 import torch
 
-from zturbo.bench import clocks
-from zturbo.bench import speed as bench
+from zturbo.bench import clocks, common, report
 
 # A stand-in for nvidia-smi: like a driver that knows only the older field names when OLD_NAMES
 # is set; prints one sample per call, or loops every 10 ms under -lms until terminated.
@@ -76,8 +75,8 @@ def test_no_sampling_without_a_cuda_device_or_nvidia_smi(monkeypatch):
 
 
 def test_timed_rows_carry_the_clocks_and_the_table_shows_them(fake_smi):
-    row = bench.timed(lambda: time.sleep(0.1), torch.device("cpu"), runs=3, warmup=0)
+    row = common.timed(lambda: time.sleep(0.1), torch.device("cpu"), runs=3, warmup=0)
     assert row["gpu_clocks"]["sm_mhz_median"] in (1410.0, 1470.0, 1530.0)
-    assert bench.clock_cell(row["gpu_clocks"]).endswith(" %)")
-    assert bench.clock_cell({"sm_mhz_median": 1432.5, "power_capped_share": 1.0}) == "1432 (100 %)"
-    assert bench.clock_cell(None) == "-"
+    assert report.clock_cell(row["gpu_clocks"]).endswith(" %)")
+    assert report.clock_cell({"sm_mhz_median": 1432.5, "power_capped_share": 1.0}) == "1432 (100 %)"
+    assert report.clock_cell(None) == "-"

@@ -26,7 +26,7 @@ def shape() -> memory.ModelShape:
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
-    from zturbo.bench.speed import QWEN3_4B_CONFIG
+    from zturbo.bench.common import QWEN3_4B_CONFIG
     from zturbo.tiny import FLUX_VAE_CONFIG
 
     with init_empty_weights():

@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return cmd_show(args)
         if args.command == "bench":
-            from .bench.speed import main as bench_main
+            from .bench.main import main as bench_main
 
             return bench_main(args)
         if args.command == "serve":

@@ -2,8 +2,8 @@
 
 A datacenter GPU under sustained matrix work runs into its power limit and lowers its SM clock:
 an H100 SXM (700 W) generating images runs at 1350–1530 MHz with its software power cap active
-in every sample, against 1980 MHz at the start of a short burst (docs/performance.md, session
-10). A micro-benchmark's TFLOP/s are taken at the burst clock; an image's are not. So `zturbo
+in every sample, against 1980 MHz at the start of a short burst (docs/performance.md). A
+micro-benchmark's TFLOP/s are taken at the burst clock; an image's are not. So `zturbo
 bench` reports what the card ran at beside each time, and rows from different cards or cooling
 can be told apart.
 

@@ -66,9 +66,9 @@ class PeakSampler:
 def write_checkpoint(root: Path, device: torch.device) -> Path:
     """Random real-size weights in the published layout (built on `device`, saved from the CPU)."""
     from .. import tiny
-    from . import speed as bench
+    from .common import random_components
 
-    c = bench.random_components(device, torch.bfloat16, tiny=device.type == "cpu")
+    c = random_components(device, torch.bfloat16, tiny=device.type == "cpu")
     for module in (c.transformer, c.vae, c.text_encoder):
         module.to("cpu")
     return tiny.save_checkpoint(root, c.transformer, c.vae, c.text_encoder, c.tokenizer)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..memory import plan as memory
-from . import speed as bench
+from . import common
 
 REFERENCES = ("diffusers-model-offload", "diffusers-group-offload")
 KINDS = ("zturbo", "zturbo-fp8", *REFERENCES)
@@ -41,12 +41,9 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
     as Engine.load would, with the process capped; and the row's plan and estimate. The engine is
     None when no plan fits."""
-    from ..engine import Engine, ModelInfo
-    from ..request import ModelLimits
-
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
-    components = bench.random_components(device, dtype, tiny=tiny)
+    components = common.random_components(device, dtype, tiny=tiny)
     dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), dtype)
     shape = memory.model_shape(components.transformer, components.text_encoder, components.vae)
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 64 * memory.GIB
@@ -75,10 +72,8 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
 
         torch.nn.Module.to(components.transformer, "cpu")
         quantize_transformer(components.transformer, est.quantize, device=device)
-    model = ModelInfo("random-weights", None, "none")
-    limits = ModelLimits(spatial_unit=16, max_pixels=4096 * 4096)
     kept = {"resident_blocks": est.resident_blocks, "resident_layers": est.resident_layers}
-    engine = Engine(components, model, device, dtypes, limits, plan=est.plan, **kept)
+    engine = common.random_engine(components, device, dtype, plan=est.plan, **kept)
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
 
@@ -97,16 +92,16 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
 def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     def call() -> Any:
         engine.prompt_cache.clear()
-        return engine.generate(bench.PROMPT, seed=bench.SEED, width=size, height=size, steps=bench.STEPS)
+        return engine.generate(common.PROMPT, seed=common.SEED, width=size, height=size, steps=common.STEPS)
 
     start = time.perf_counter()
     first = call()
     out: dict[str, Any] = {"first_call_s": time.perf_counter() - start, "fallbacks": first.fallbacks}
     out["thumbnail"] = thumbnail(first.images[0].image)
-    out |= bench.timed(call, engine.device, runs, warmup=0)
+    out |= common.timed(call, engine.device, runs, warmup=0)
     # A repeated prompt skips the text encoder (prompt cache): what te-offload is built around.
-    cached = bench.timed(
-        lambda: engine.generate(bench.PROMPT, seed=bench.SEED, width=size, height=size, steps=bench.STEPS),
+    cached = common.timed(
+        lambda: engine.generate(common.PROMPT, seed=common.SEED, width=size, height=size, steps=common.STEPS),
         engine.device,
         runs,
         warmup=0,
@@ -117,7 +112,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
 
     vae = engine.components.vae
     latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=engine.device)
-    out["decode_s"] = bench.timed(lambda: decode(vae, latents), engine.device, runs, warmup=1)["median_s"]
+    out["decode_s"] = common.timed(lambda: decode(vae, latents), engine.device, runs, warmup=1)["median_s"]
     out["memory_plan_after"] = engine.placement.describe()
     # One more new-prompt image with each stage's peak recorded, against the estimate's stages.
     engine.stage_peaks = {}
@@ -147,11 +142,11 @@ def image_difference(row: dict[str, Any], baseline: dict[str, Any] | None) -> fl
 def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]:
     """diffusers' pipeline with its own offloading on the same random architecture."""
     device = torch.device("cuda", torch.cuda.current_device())
-    components = bench.random_components(device, torch.bfloat16, tiny=False)  # fast on the GPU
+    components = common.random_components(device, torch.bfloat16, tiny=False)  # fast on the GPU
     for module in (components.transformer, components.text_encoder, components.vae):
         module.to("cpu")
     torch.cuda.empty_cache()
-    pipe = bench.reference_pipeline(components)
+    pipe = common.reference_pipeline(components)
     if name == "diffusers-model-offload":
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -162,11 +157,11 @@ def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]
     total = torch.cuda.mem_get_info(device)[1]
     if cap:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * memory.GIB / total), device)
-    call = bench.reference_e2e(pipe, size)
+    call = common.reference_e2e(pipe, size)
     start = time.perf_counter()
     call()
     row: dict[str, Any] = {"cap_gib": cap, "size": size, "plan": name, "first_call_s": time.perf_counter() - start}
-    return row | bench.timed(call, device, runs, warmup=0)
+    return row | common.timed(call, device, runs, warmup=0)
 
 
 def run_caps(

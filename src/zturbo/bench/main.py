@@ -1,0 +1,129 @@
+"""`zturbo bench`: the command line's options checked into BenchOptions, then one of the runs
+(speed, first image, memory caps, loading), its results written under --out ($OUT, ./bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DeviceError, InvalidRequestError
+from . import loading, memory, report, speed
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.write_checkpoint or args.loading:
+        return _loading(args)
+    opts = options(args)
+    if not opts.tiny and not torch.cuda.is_available():
+        raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
+    out_dir = _out_dir(args)
+    if args.cap_row or args.memory_caps or args.fp8_caps:
+        return _memory_caps(args, opts, out_dir)
+    if opts.first_image:
+        return _first_image(opts, args.started, out_dir)
+    res = speed.run(opts, report=lambda r: report.write(r, out_dir))
+    report.write(res, out_dir)
+    print(report.markdown(res))
+    print(f"\nfull results: {out_dir / 'bench.json'}")
+    return 0
+
+
+def options(args: argparse.Namespace) -> speed.BenchOptions:
+    """The parsed command line as BenchOptions; InvalidRequestError names any bad value."""
+    if not (args.random_weights or args.model or args.tiny):
+        raise InvalidRequestError("zturbo bench needs --random-weights or --model DIR (a local checkpoint)")
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(","))
+    except ValueError:
+        raise InvalidRequestError(f"--sizes {args.sizes!r} is not a comma-separated list of integers") from None
+    bad = [s for s in sizes if s <= 0 or s % 16]
+    if bad:
+        raise InvalidRequestError(f"--sizes {bad} are not positive multiples of 16")
+    modes = tuple(m.strip() for m in args.quantize.split(",") if m.strip())
+    if any(m not in ("none", "fp8") for m in modes):
+        raise InvalidRequestError(f"--quantize {args.quantize!r}: each mode must be none or fp8")
+    for name in ("batch", "runs"):
+        if getattr(args, name) < 1:
+            raise InvalidRequestError(f"--{name} {getattr(args, name)} must be at least 1")
+    return speed.BenchOptions(
+        sizes=sizes,
+        batch=args.batch,
+        runs=args.runs,
+        warmup=args.warmup,
+        quantize=modes,
+        reference=not args.no_reference,
+        reference_compiled=args.reference_compiled,
+        compile=not args.no_compile,
+        tiny=args.tiny,
+        model=args.model,
+        profile=args.profile,
+        first_image=args.first_image,
+        fuse_ab=not args.no_fuse_ab,
+        attention_ab=not args.no_attention_ab,
+        eager_vae=args.eager_vae,
+    )
+
+
+def _out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out or os.environ.get("OUT") or "bench")
+
+
+def _first_image(opts: speed.BenchOptions, started: float, out_dir: Path) -> int:
+    res = speed.first_image(opts, started)
+    print(json.dumps(res, indent=2))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"first_image_{res['quantize']}_{int(time.time())}.json"
+    (out_dir / name).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def _caps(text: str | None) -> list[float]:
+    try:
+        return [float(c) for c in (text or "").split(",") if c.strip()]
+    except ValueError:
+        raise InvalidRequestError(f"{text!r} is not a comma-separated list of GiB (0 = uncapped)") from None
+
+
+def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
+    size = opts.sizes[0]
+    if args.cap_row:  # a child process: one row, as one JSON line
+        kind, _, cap = args.cap_row.partition(":")
+        if kind not in memory.KINDS:
+            raise InvalidRequestError(f"--cap-row {args.cap_row!r}: kind must be one of {memory.KINDS}")
+        print(json.dumps(memory.row(kind, float(cap or 0), size, opts.runs), default=str))
+        return 0
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_memory.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        (out_dir / "bench_memory.md").write_text(memory.markdown(rows) + "\n")
+
+    caps, fp8_caps = _caps(args.memory_caps), _caps(args.fp8_caps)
+    rows = memory.run_caps(caps, size, opts.runs, opts.reference, fp8_caps, write)
+    print(memory.markdown(rows))
+    return 0
+
+
+def _loading(args: argparse.Namespace) -> int:
+    device = torch.device("cpu") if args.tiny else torch.device("cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("the loading benchmark loads onto a CUDA GPU and none is available; --tiny uses the CPU")
+    if args.write_checkpoint:
+        root = loading.write_checkpoint(Path(args.write_checkpoint), device)
+        print(f"wrote {root}")
+    if args.load_row:  # a child process: one load, as one JSON line
+        print(json.dumps(loading.load_row(args.load_row, Path(args.loading), device)))
+        return 0
+    if args.loading:
+        rows = loading.run_loading(Path(args.loading), args.tiny, max(1, args.runs))
+        out_dir = _out_dir(args)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_loading.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(loading.markdown(rows))
+    return 0
