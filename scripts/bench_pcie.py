@@ -1,9 +1,10 @@
 """Host-to-device copy bandwidth: pageable vs pinned, one large copy vs per-tensor copies.
 
 The block-offload plans stream ~12 GB of transformer weights per step, so this number bounds them.
-Usage: python3 scripts/bench_pcie.py  (prints JSON)
+Usage (GPU): python3 scripts/bench_pcie.py [--mib 512]  (prints JSON)
 """
 
+import argparse
 import json
 import time
 
@@ -20,8 +21,16 @@ def bandwidth(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
     return src.numel() * src.element_size() * repeats / (time.perf_counter() - start) / 1e9
 
 
-def main() -> None:
-    n = 256 * 2**20  # 512 MiB of bf16, about one and a half transformer blocks
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The default, 512 MiB, is about one and a half transformer blocks.
+    parser.add_argument("--mib", type=int, default=512, help="bytes per copy in MiB, a multiple of 8 (default 512)")
+    args = parser.parse_args(argv)
+    if args.mib < 8 or args.mib % 8:
+        parser.error(f"--mib {args.mib}: must be a positive multiple of 8")
+    if not torch.cuda.is_available():
+        parser.error("host-to-device bandwidth needs a CUDA GPU and none is available")
+    n = args.mib * 2**19  # bf16 elements
     dst = torch.empty(n, dtype=torch.bfloat16, device="cuda")
     pageable = torch.randn(n).to(torch.bfloat16)
     pinned = pageable.pin_memory()
@@ -40,7 +49,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
     }
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

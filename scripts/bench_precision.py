@@ -1,7 +1,7 @@
 """Precision cases on the real Z-Image architecture: memory, speed, accuracy and the float16 guard.
 
 Builds the real-size modules (6B transformer, FLUX VAE, Qwen3-4B text encoder) once in float32
-directly on the GPU, with random weights as scripts/bench_eager.py does. That set is the master:
+directly on the GPU, with random weights as `zturbo bench` does. That set is the master:
 every other precision is a cast copy of it, made when its case starts and freed when it ends.
 All cases run 8 steps, guidance 0, batch 1, one prompt and one seed, through `Engine.generate`.
 
@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from zturbo import engine as zengine
+from zturbo.bench import common
 from zturbo.device import dtype_name
 from zturbo.engine import Engine, ModelInfo
 from zturbo.guard import FLOAT32_MODULES, install_fp16_guard, is_float32_key
@@ -64,12 +65,9 @@ from zturbo.loader import Components
 from zturbo.request import ModelLimits
 from zturbo.tiny import build_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_eager
-
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 GIB = 2**30
-PROMPT, SEED = bench_eager.PROMPT, bench_eager.SEED
+PROMPT, SEED = common.PROMPT, common.SEED
 GUARD_VARIANTS = ("scale", "clamp", "none")  # "none": no guard, the float32 islands in float16 too
 OVERFLOW_KS = (2, 4, 8, 16, 32, 64)
 # Tried only when nothing in OVERFLOW_KS overflows, to find the threshold anyway.
@@ -159,7 +157,7 @@ def derive_transformer_fp16(b: Bench) -> torch.nn.Module:
 def make_engine(
     b: Bench, transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module, dtypes: tuple
 ) -> Engine:
-    components = Components(transformer, vae, text_encoder, b.tokenizer, dict(bench_eager.SCHEDULER_CONFIG))
+    components = Components(transformer, vae, text_encoder, b.tokenizer, dict(common.SCHEDULER_CONFIG))
     names = dict(zip(("transformer", "text_encoder", "vae"), dtypes, strict=True))
     name = "random-tiny" if b.tiny else "random-real-size"
     return Engine(
@@ -525,7 +523,7 @@ CASES: list[tuple[str, Callable[[Bench], dict[str, Any]]]] = [
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env = bench_eager.environment(device)
+    env = common.environment(device)
     if device.type == "cuda":
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             env["driver"] = subprocess.run(
@@ -540,8 +538,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     # What ran, even where the copy of the tree carries no .git: a digest of zturbo's sources.
     src = Path(zengine.__file__).parent
     digest = hashlib.sha256()
-    for path in sorted(src.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(src.rglob("*.py")):
+        digest.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
     env["zturbo_src_sha256"] = digest.hexdigest()
     return env
 
@@ -634,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not torch.cuda.is_available():
             parser.error("no CUDA device; use --tiny for the CPU smoke test")
-        device, steps = torch.device("cuda"), bench_eager.STEPS
+        device, steps = torch.device("cuda"), common.STEPS
         sizes = [int(s) for s in (args.sizes or "1024,512,1536").split(",")]
         runs, rounds = args.runs or 5, args.rounds or 7
     out_dir = Path(os.environ.get("OUT") or "bench_out")
@@ -665,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     res["memory"]["before_master_bytes"] = allocated(device)
     start = time.perf_counter()
     tokenizer = build_tokenizer()
-    transformer, vae, text_encoder = bench_eager.build_modules(args.tiny, device, F32, len(tokenizer))
+    built = common.random_components(device, F32, args.tiny)
+    transformer, vae, text_encoder = built.transformer, built.vae, built.text_encoder
     sync(device)
     res["build_s"] = time.perf_counter() - start
     master = Master(transformer, text_encoder, vae)

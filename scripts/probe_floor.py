@@ -9,8 +9,8 @@ RoPE, no VAE, no text encoder. So this is a lower bound of the transformer's par
 Parts, each result written to $OUT/floor.json as soon as it exists:
 1. `burst`: each product alone, 50 calls after a second of idle (what a micro-benchmark reports);
 2. `bf16`: the image's products and attention back to back, three times, with the SM clock and
-   power sampled (`zturbo.bench.clocks`; run 10B sampled every 20 ms with a copy of it in this script),
-   and the kernels' times from a profile of one image;
+   power sampled (`zturbo.bench.clocks`), and the kernels' times by kind from a profile of one
+   image (`zturbo.bench.profiling`);
 3. `fp8`: the same with the products in fp8 (`torch._scaled_mm`, per-row scales, activations
    already quantized: the quantization kernels are left out) and bf16 attention;
 4. `fa3_fp8`: FA3 on one block's attention in bf16 and fp8 (a build with FP8 enabled);
@@ -22,10 +22,10 @@ Usage (GPU): PYTHONPATH=<FA3 site>:src python scripts/probe_floor.py [parts...] 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,13 +33,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-import probe_parts as pp  # timers
-
 from zturbo.accel import attention
 from zturbo.accel import compile as accel
-from zturbo.bench import speed as bench
+from zturbo.bench import common
 from zturbo.bench.clocks import ClockSampler
+from zturbo.bench.profiling import profile
 
 OUT = os.environ.get("OUT", ".")
 DEV = torch.device("cuda")
@@ -54,13 +52,25 @@ def save() -> None:
         json.dump(res, f, indent=1)
 
 
+def ms(fn: Callable[[], Any], n: int) -> float:
+    """Mean milliseconds of `n` back-to-back calls after one untimed call: the launch overlap
+    a model sees, which a sync per call would hide."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1000
+
+
 def burst() -> None:
     out: dict[str, Any] = {}
     for name, (k, n) in {"qkv": (DIM, 3 * DIM), "out": (DIM, DIM), "w13": (DIM, 2 * FFN), "w2": (FFN, DIM)}.items():
         x = torch.randn(TOKENS, k, device=DEV, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / k**0.5
         time.sleep(1.0)
-        out[name] = pp.ms(lambda x=x, w=w: F.linear(x, w), 50)
+        out[name] = ms(lambda x=x, w=w: F.linear(x, w), 50)
     res["burst_ms"] = out
     res["burst_block_ms"] = sum(out.values())
     save()
@@ -125,12 +135,8 @@ def sustained(key: str, fp8: bool) -> None:
     out: dict[str, Any] = {"image_ms": [t * 1000 for t in times], "clocks": smi.summary()}
     res[key] = out
     save()
-    table = pp.top_kernels(image, 30)
-    out["kernels"] = table
-    out["by_kind_ms"] = {}
-    for name, ms, _ in table:
-        kind = bench.kernel_kind(name)
-        out["by_kind_ms"][kind] = out["by_kind_ms"].get(kind, 0.0) + ms
+    kernels = profile(image, top=30)
+    out["kernels"], out["by_kind_ms"] = kernels["top"], kernels["by_kind_ms"]
     save()
 
 
@@ -159,12 +165,12 @@ def fa3_fp8() -> None:
 
     want = first(flash_attn_func(q, k, v)).float()
     (q8, sq), (k8, sk), (v8, sv) = quantize(q), quantize(k), quantize(v)
-    out: dict[str, Any] = {"bf16_ms": pp.ms(lambda: flash_attn_func(q, k, v), 50)}
+    out: dict[str, Any] = {"bf16_ms": ms(lambda: flash_attn_func(q, k, v), 50)}
     try:
         got = first(flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv)).float()
-        out["fp8_ms"] = pp.ms(lambda: flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), 50)
+        out["fp8_ms"] = ms(lambda: flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), 50)
         out["rel_diff"] = float((got - want).norm() / want.norm())
-        out["quantize_eager_ms"] = pp.ms(lambda: (quantize(q), quantize(k), quantize(v)), 20)
+        out["quantize_eager_ms"] = ms(lambda: (quantize(q), quantize(k), quantize(v)), 20)
     except Exception as e:  # a probe: record
         out["fp8_error"] = f"{type(e).__name__}: {e}"[:500]
     res["fa3_fp8"] = out
@@ -172,25 +178,43 @@ def fa3_fp8() -> None:
 
 
 def e2e() -> None:
-    opts = bench.BenchOptions(sizes=(1024,), quantize=("none",))
-    engine = bench.load_engine(opts, DEV, torch.bfloat16)
+    engine = common.load_engine(None, False, DEV, torch.bfloat16)
     engine.accel = accel.apply(engine.components, compile_=True, quantize="none")
-    new = bench.zturbo_e2e(engine, 1024)
+    new = common.zturbo_e2e(engine, 1024)
     new()
     engine.warmup(1024, 1024)
     new()
     times = []
     with ClockSampler(DEV) as smi:
         for _ in range(8):
-            times.append(bench.once(new, DEV))
+            times.append(common.once(new, DEV))
     res["e2e"] = {"s": times, "median_s": statistics.median(times), "clocks": smi.summary()}
     save()
 
 
-def main() -> None:
-    pp.OUT = OUT
-    pp.run_parts(sys.argv[1:] or ["burst", "bf16", "fp8", "fa3_fp8", "e2e"], globals(), res, save)
+PARTS: dict[str, Callable[[], None]] = {"burst": burst, "bf16": bf16, "fp8": fp8, "fa3_fp8": fa3_fp8, "e2e": e2e}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("parts", nargs="*", help=f"parts to run, in order: {', '.join(PARTS)} (default: all)")
+    args = parser.parse_args(argv)
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown parts {unknown}; choose from {list(PARTS)}")
+    if not torch.cuda.is_available():
+        parser.error("the floor is measured on a CUDA GPU and none is available")
+    for part in args.parts or list(PARTS):
+        start = time.perf_counter()
+        try:
+            PARTS[part]()
+        except Exception as e:  # a probe: record the failure and go on to the next part
+            res[f"{part}_error"] = f"{type(e).__name__}: {e}"[:2000]
+        res.setdefault("part_s", {})[part] = round(time.perf_counter() - start, 1)
+        save()
+        print(part, "done", res["part_s"][part], flush=True)
+    return 1 if any(key.endswith("_error") for key in res) else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""Every tool in scripts/ runs on the current code in its cheapest mode, so none can rot unseen.
+
+bench_precision has a CPU mode (--tiny); probe_floor and bench_pcie measure a GPU, so on the CPU
+their command lines, imports and refusals are checked; build_fa3.sh is parsed by bash and stops
+at its first missing input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+KEPT = {"bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py"}
+
+
+def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python scripts/<name> args`, with this tree's src/ first on the path (as the docs run them)."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(SCRIPTS / name), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+
+
+def load(name: str) -> object:
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_script_is_covered_here():
+    assert {p.name for p in SCRIPTS.iterdir() if p.is_file()} == KEPT
+
+
+def test_bench_precision_smoke_run_on_the_tiny_model(tmp_path):
+    proc = run_script(
+        "bench_precision.py", "--tiny", "--cases", "fp32,bf16,fp16", "--sizes", "32", "--runs", "1", "--rounds", "1",
+        env={"OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_precision.json").read_text())
+    assert res["errors"] == {} and set(res["cases"]) == {"fp32", "bf16", "fp16"}
+    cases = res["cases"]
+    assert cases["fp32"]["accuracy"]["latent_rel_err_vs_fp32"] == 0.0
+    assert 0 < cases["bf16"]["accuracy"]["latent_rel_err_vs_fp32"] < 0.05
+    for variant in ("scale", "clamp", "none"):  # the guard's variants, each against float32
+        assert cases["fp16"][variant]["accuracy"]["latents_finite"], variant
+    assert res["env"]["zturbo_src_sha256"] and res["env"]["diffusers"]
+    assert "| 1 fp32 | float32 / float32 / float32 |" in proc.stdout
+    assert "| 3 fp16 + guard (scale) | float16 / float16 / float32 |" in proc.stdout
+
+
+def test_probe_floor_lists_its_parts_and_needs_a_gpu(tmp_path):
+    help_text = run_script("probe_floor.py", "--help")
+    assert help_text.returncode == 0 and "burst, bf16, fp8, fa3_fp8, e2e" in help_text.stdout
+    probe = load("probe_floor.py")  # imports on a CPU machine: nothing touches CUDA at import
+    assert list(probe.PARTS) == ["burst", "bf16", "fp8", "fa3_fp8", "e2e"]
+    bad = run_script("probe_floor.py", "nonsense")
+    assert bad.returncode == 2 and "unknown parts ['nonsense']" in bad.stderr
+    if not torch.cuda.is_available():
+        refused = run_script("probe_floor.py", "burst", env={"OUT": str(tmp_path)})
+        assert refused.returncode == 2 and "CUDA GPU" in refused.stderr
+
+
+def test_bench_pcie_checks_its_size_and_needs_a_gpu():
+    assert run_script("bench_pcie.py", "--help").returncode == 0
+    bad = run_script("bench_pcie.py", "--mib", "12")
+    assert bad.returncode == 2 and "--mib 12: must be a positive multiple of 8" in bad.stderr
+    if not torch.cuda.is_available():
+        refused = run_script("bench_pcie.py", "--mib", "8")
+        assert refused.returncode == 2 and "CUDA GPU" in refused.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_build_fa3_parses_and_names_its_first_missing_input(tmp_path):
+    script = str(SCRIPTS / "build_fa3.sh")
+    assert subprocess.run(["bash", "-n", script], check=False).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("FA_REPO", "CUTLASS_REPO", "TORCH_WHEEL")}
+    env["WORK"] = str(tmp_path / "work")  # were it to get past the check, it would build here
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, check=False)
+    assert proc.returncode != 0 and "FA_REPO" in proc.stderr and not (tmp_path / "work").exists()
