@@ -175,6 +175,7 @@ def test_moving_to_a_leaner_plan_after_out_of_memory_frees_the_graphs(fresh):
     assert result.images  # the engine still runs, with the plain encoder
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_graph_replays_the_plain_embeddings(tiny_dir):
     from zturbo.config import RuntimeConfig
@@ -329,6 +330,7 @@ def test_the_engines_images_are_unchanged_through_step_graphs(fresh, monkeypatch
     assert len(fresh.accel.step_graphs) == 0  # a leaner plan frees their pool
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_step_graph_replays_the_plain_step(tiny_dir):
     from zturbo.config import RuntimeConfig
@@ -343,6 +345,7 @@ def test_a_cuda_step_graph_replays_the_plain_step(tiny_dir):
     assert len(g) == 1 and g.failed is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_the_engine_on_cuda_captures_a_step_graph_and_keeps_its_images(tiny_dir):
     from zturbo.config import RuntimeConfig

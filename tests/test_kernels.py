@@ -13,6 +13,7 @@ cuda_triton = pytest.mark.skipif(
 )
 
 
+@pytest.mark.gpu
 @cuda_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_kernel_matches_the_pytorch_path_on_strided_views(dtype):
@@ -49,6 +50,7 @@ def test_reference_is_diffusers_rms_norm_then_the_processors_rope(dtype):
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
+@pytest.mark.gpu
 @cuda_triton
 def test_fused_kernel_takes_q_and_k_of_different_layouts():
     # One launch reads q and k with one set of strides; a contiguous q beside a strided k must

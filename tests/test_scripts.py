@@ -72,6 +72,25 @@ def test_probe_floor_lists_its_parts_and_needs_a_gpu(tmp_path):
         assert refused.returncode == 2 and "CUDA GPU" in refused.stderr
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_probe_floor_times_each_product_on_a_gpu(tmp_path):
+    proc = run_script("probe_floor.py", "burst", env={"OUT": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "floor.json").read_text())
+    assert set(res["burst_ms"]) == {"qkv", "out", "w13", "w2"} and all(v > 0 for v in res["burst_ms"].values())
+    assert res["burst_block_ms"] == pytest.approx(sum(res["burst_ms"].values()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_pcie_measures_on_a_gpu():
+    proc = run_script("bench_pcie.py", "--mib", "64")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["pinned_GBps"] > 0 and out["pageable_GBps"] > 0 and out["pinned_8MiB_tensors_GBps"] > 0
+
+
 def test_bench_pcie_checks_its_size_and_needs_a_gpu():
     assert run_script("bench_pcie.py", "--help").returncode == 0
     bad = run_script("bench_pcie.py", "--mib", "12")
