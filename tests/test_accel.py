@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from zturbo.accel import compile as accel
+from zturbo.accel import fuse, quantize
 from zturbo.config import RuntimeConfig
 from zturbo.device import Capabilities
 from zturbo.engine import Engine
@@ -39,7 +40,7 @@ def test_real_rope_processor_matches_diffusers(fresh):
 
 def test_compiled_graphs_have_no_breaks_and_same_image(fresh, engine):
     # backend="eager" traces with dynamo (fullgraph=True fails on any graph break) without codegen.
-    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend="eager")
+    fresh.accel = accel.apply(fresh.components, accel.AccelOptions(compile=True, quantize="none", backend="eager"))
     assert fresh.accel.compiling
     try:
         result = fresh.generate("a red fox", **PARAMS)
@@ -56,7 +57,7 @@ def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()
-    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend=counter)
+    fresh.accel = accel.apply(fresh.components, accel.AccelOptions(compile=True, quantize="none", backend=counter))
     try:
         fresh.generate("a red fox", **PARAMS)
         assert counter.frame_count == 4
@@ -70,7 +71,7 @@ def test_blocks_compile_once_per_kind_whatever_the_token_count(fresh):
 def test_the_warm_up_size_always_decodes_through_its_own_static_graph(fresh, monkeypatch):
     # Left to torch.compile (dynamic=None), the dynamic graph built for a second size would serve
     # the warm-up size too, holding 8 full-resolution tensors instead of 5 (the planner counts 5).
-    from zturbo.engine import decode
+    from zturbo.pipeline import decode
 
     ran: list[bool] = []  # per decode: whether the graph that ran has symbolic sizes
 
@@ -87,8 +88,8 @@ def test_the_warm_up_size_always_decodes_through_its_own_static_graph(fresh, mon
 
     monkeypatch.setattr(accel, "STATIC_DECODE_SIZE", 64)  # the tiny VAE on the CPU
     vae = fresh.components.vae
-    applied = accel.Accel()
-    accel._compile_decoder(applied, vae, backend)
+    applied = accel.Accel(accel.AccelOptions(backend=backend))
+    accel._compile_decoder(applied, vae)
     sizes = [(64, 64), (96, 64), (64, 64), (128, 96), (64, 64)]
     try:
         with torch.inference_mode():
@@ -105,13 +106,13 @@ def test_the_warm_up_size_always_decodes_through_its_own_static_graph(fresh, mon
 def test_compiled_text_encoder_layers_give_the_eager_embeddings(fresh):
     # The compiled layers bypass the attention modules' output hooks; the prompt embeddings (the
     # input of the last layer, which does not run) must be exactly the eager ones.
-    from zturbo.engine import encode_prompt
+    from zturbo.pipeline import encode_prompt
 
     c = fresh.components
     prompts = ["a red fox", "a much longer prompt about a red fox in the snow at dawn"]  # padded batch
     with torch.inference_mode():
         expected, _ = encode_prompt(c.text_encoder, c.tokenizer, prompts, torch.device("cpu"))
-        fresh.accel = accel.apply(c, compile_=True, quantize="none", backend="eager")
+        fresh.accel = accel.apply(c, accel.AccelOptions(compile=True, quantize="none", backend="eager"))
         try:
             got, _ = encode_prompt(c.text_encoder, c.tokenizer, prompts, torch.device("cpu"))
         finally:
@@ -126,7 +127,9 @@ def failing_backend(gm, example_inputs):
 
 
 def test_compile_failure_falls_back_to_eager_once(fresh, engine, caplog):
-    fresh.accel = accel.apply(fresh.components, compile_=True, quantize="none", backend=failing_backend)
+    fresh.accel = accel.apply(
+        fresh.components, accel.AccelOptions(compile=True, quantize="none", backend=failing_backend)
+    )
     try:
         with caplog.at_level(logging.WARNING, logger="zturbo"):
             result = fresh.generate("a red fox", **PARAMS)
@@ -146,7 +149,7 @@ def test_compile_failure_falls_back_to_eager_once(fresh, engine, caplog):
 def test_fp8_refused_without_fp8_hardware():
     turing = Capabilities("cuda", "Tesla T4", (7, 5), bf16=False, fp16=True, fp8=False, flash_attention=False)
     with pytest.raises(DeviceError, match=r"--quantize fp8 needs .* Tesla T4 has none"):
-        accel.check_quantize("fp8", turing)
+        quantize.check_quantize("fp8", turing)
 
 
 def test_fp8_refused_on_cpu_engine(tiny_dir):
@@ -171,14 +174,14 @@ def test_fused_projections_share_storage_and_keep_the_state_dict(fresh):
     transformer = fresh.components.transformer
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
     bytes_before = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    accel.fuse_projections(transformer)
+    fuse.fuse_projections(transformer)
     after = transformer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     ffn = transformer.layers[0].feed_forward
     assert ffn.w1.weight.untyped_storage().data_ptr() == ffn.w3.weight.untyped_storage().data_ptr()
     assert sum(p.numel() * p.element_size() for p in transformer.parameters()) == bytes_before
     fused_image = pixels(fresh.generate("a red fox", **PARAMS))
-    accel.unfuse_projections(transformer)
+    fuse.unfuse_projections(transformer)
     assert np.abs(fused_image.astype(int) - pixels(fresh.generate("a red fox", **PARAMS))).max() <= 1
 
 
@@ -195,9 +198,9 @@ def test_int8_weights_on_the_cpu_stay_close_to_float32(tiny_dir, engine):
 
 def test_fp8_leaves_the_caption_refiner_plain_and_weight_only_modes_do_not(fresh):
     transformer = fresh.components.transformer
-    linears = [(n, m) for n, m in transformer.named_modules() if accel.is_block_linear(m, n)]
-    fp8 = {n for n, m in linears if accel.quantizes("fp8", m, n)}
-    int8 = {n for n, m in linears if accel.quantizes("int8", m, n)}
+    linears = [(n, m) for n, m in transformer.named_modules() if quantize.is_block_linear(m, n)]
+    fp8 = {n for n, m in linears if quantize.quantizes("fp8", m, n)}
+    int8 = {n for n, m in linears if quantize.quantizes("int8", m, n)}
     assert int8 == {n for n, _ in linears} and fp8 == {n for n in int8 if not n.startswith("context_refiner.")}
     assert fp8 and any(n.startswith("context_refiner.") for n in int8)
 
@@ -210,18 +213,18 @@ def test_quantizing_block_by_block_onto_the_device_matches_quantizing_in_place(f
     pytest.importorskip("torchao")
     in_place = copy.deepcopy(fresh.components.transformer).to(torch.bfloat16)
     arriving = copy.deepcopy(in_place)
-    accel.quantize_transformer(in_place, "int8")
-    accel.quantize_transformer(arriving, "int8", device=torch.device("cpu"))
+    quantize.quantize_transformer(in_place, "int8")
+    quantize.quantize_transformer(arriving, "int8", device=torch.device("cpu"))
 
     def quantized(model):
         return {n: m.weight for n, m in model.named_modules() if "Int8" in type(getattr(m, "weight", None)).__name__}
 
     a, b = quantized(in_place), quantized(arriving)
-    assert a.keys() == b.keys() and len(a) == 7 * len(list(accel.transformer_blocks(in_place)))
+    assert a.keys() == b.keys() and len(a) == 7 * len(list(fuse.transformer_blocks(in_place)))
     assert not any("adaLN" in name for name in a)  # the (B, 256)-input modulation stays plain
     for name in a:
         torch.testing.assert_close(a[name].dequantize(), b[name].dequantize(), rtol=0, atol=0)
-    assert getattr(arriving, accel.QUANTIZED) == "int8"
+    assert getattr(arriving, quantize.QUANTIZED) == "int8"
 
 
 def test_quantizing_leaves_inductors_settings_alone(fresh):
@@ -242,7 +245,7 @@ def test_quantizing_leaves_inductors_settings_alone(fresh):
     )
     before = inductor_config.get_config_copy()
     with inductor_config.patch({k: before[k] for k in touched}):  # restored even if the test fails
-        accel.quantize_transformer(copy.deepcopy(fresh.components.transformer).to(torch.bfloat16), "int8")
+        quantize.quantize_transformer(copy.deepcopy(fresh.components.transformer).to(torch.bfloat16), "int8")
         after = inductor_config.get_config_copy()
     assert {k: after[k] for k in touched} == {k: before[k] for k in touched}
 
@@ -258,7 +261,7 @@ def test_quantizing_leaves_inductors_settings_alone(fresh):
 def test_quantization_refusals_name_the_fix(mode, dtype, message):
     caps = CPU_CAPS if mode == "int4" else ADA
     with pytest.raises(DeviceError, match=message):
-        accel.check_quantize(mode, caps, dtype)
+        quantize.check_quantize(mode, caps, dtype)
 
 
 CPU_CAPS = Capabilities("cpu", "CPU", None, bf16=True, fp16=True, fp8=False, flash_attention=False)
@@ -267,10 +270,36 @@ ADA = Capabilities("cuda", "NVIDIA L4", (8, 9), bf16=True, fp16=True, fp8=True, 
 
 def test_apply_can_leave_the_vae_decoder_eager(fresh):
     c = fresh.components
-    applied = accel.apply(c, compile_=True, quantize="none", backend="eager", vae=False)
+    applied = accel.apply(c, accel.AccelOptions(compile=True, quantize="none", backend="eager", vae=False))
     try:
         assert c.vae.decoder not in applied.compiled and "forward" not in vars(c.vae.decoder)
         assert any(block in applied.compiled for block in c.transformer.layers)
     finally:
         applied.revert_compile()
+        torch._dynamo.reset()
+
+
+def test_speed_levers_are_options_of_one_apply_call(fresh):
+    # No module state: two engines' options differ only through what each passed to `apply`.
+    c = fresh.components
+    plain = accel.AccelOptions(compile=True, backend="inductor", graph_text_encoder=False, graph_steps=False)
+    applied = accel.apply(c, plain)  # Inductor compiles lazily: nothing runs here
+    try:
+        assert applied.options is plain and applied.encoder_graphs is None and applied.step_graphs is None
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    no_fused_kernel = accel.AccelOptions(compile=True, backend="eager", fused_norm_rope=False, flash_attention_3=False)
+    applied = accel.apply(c, no_fused_kernel)
+    try:
+        assert all(attn.processor.norm_rope is None and attn.processor.flash3 is None for attn, _ in applied.processors)
+        assert applied.attention == "sdpa"
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    graphed = accel.apply(c, accel.AccelOptions(compile=True, backend="inductor"))
+    try:
+        assert graphed.encoder_graphs is not None and graphed.step_graphs is not None
+    finally:
+        graphed.revert_compile()
         torch._dynamo.reset()

@@ -130,20 +130,31 @@ def test_compiled_blocks_attend_with_fa3_where_chosen(tiny_dir, installed, monke
     # The whole engine, compiled (dynamo, no codegen), in bf16 with FA3 chosen: every block's
     # attention goes through the op, and the image is the SDPA image.
     from zturbo.accel import compile as accel
+    from zturbo.accel.fuse import transformer_blocks
     from zturbo.config import RuntimeConfig
     from zturbo.engine import Engine
 
     params = {"seed": 5, "steps": 2, "width": 64, "height": 48}
     engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="bfloat16"))
-    engine.accel = accel.apply(engine.components, compile_=True, quantize="none", backend="eager")
+    engine.accel = accel.apply(engine.components, accel.AccelOptions(compile=True, quantize="none", backend="eager"))
     sdpa_image = np.asarray(engine.generate("a red fox", **params).images[0].image, dtype=np.int16)
     engine.accel.revert_compile()
 
     fa3 = installed()
-    monkeypatch.setattr(attention, "flash_attention_3", lambda: attention.checked(torch.device("cpu")))
-    engine.accel = accel.apply(engine.components, compile_=True, quantize="none", backend="eager")
+    monkeypatch.setattr(attention, "flash_attention_3", lambda enabled: attention.checked(torch.device("cpu")))
+    engine.accel = accel.apply(engine.components, accel.AccelOptions(compile=True, quantize="none", backend="eager"))
     calls = fa3.calls
     fa3_image = np.asarray(engine.generate("a red fox", **params).images[0].image, dtype=np.int16)
-    blocks = len(list(accel.transformer_blocks(engine.components.transformer)))
+    blocks = len(list(transformer_blocks(engine.components.transformer)))
     assert fa3.calls - calls >= blocks * params["steps"]
     assert np.abs(fa3_image - sdpa_image).max() <= 1
+    engine.accel.revert_compile()
+    # The option off: the same installed FA3 is not asked for, and attention is SDPA.
+    off = accel.AccelOptions(compile=True, backend="eager", flash_attention_3=False)
+    monkeypatch.setattr(
+        attention, "flash_attention_3", lambda enabled: attention.checked(torch.device("cpu")) if enabled else None
+    )
+    engine.accel = accel.apply(engine.components, off)
+    calls = fa3.calls
+    engine.generate("a red fox", **params)
+    assert fa3.calls == calls and engine.accel.attention == "sdpa"

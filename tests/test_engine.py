@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from zturbo.engine import prepare_latents, schedule
+from zturbo.pipeline import prepare_latents, schedule
 
 
 def pixels(result):
@@ -156,7 +156,7 @@ def test_cached_long_prompt_still_warns(engine):
 
 
 def test_prompt_embeddings_are_the_last_layers_input_and_that_layer_never_runs(engine):
-    from zturbo.engine import encode_prompt
+    from zturbo.pipeline import encode_prompt
 
     te, tok = engine.components.text_encoder, engine.components.tokenizer
     prompts = ["a red fox", "a much longer prompt about a blue bird on a branch"]  # padded batch
@@ -181,7 +181,7 @@ def test_prompt_embeddings_are_the_last_layers_input_and_that_layer_never_runs(e
 
 
 def test_pixels_come_back_contiguous():
-    from zturbo.engine import to_uint8
+    from zturbo.pipeline import to_uint8
 
     pixels = to_uint8(torch.rand(2, 3, 8, 6) * 2 - 1)
     assert pixels.shape == (2, 8, 6, 3) and pixels.is_contiguous()  # PIL gathers strided arrays slowly
@@ -190,7 +190,7 @@ def test_pixels_come_back_contiguous():
 def test_a_batch_is_decoded_one_image_at_a_time(engine):
     # Four 1024² images decoded at once hold every image's activations (8.0 GiB above the weights on
     # an H100, against 1.3 GiB one by one), and a compiled decoder would need a graph for the batch.
-    from zturbo.engine import decode
+    from zturbo.pipeline import decode
 
     vae = engine.components.vae
     latents = torch.randn(3, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -205,3 +205,77 @@ def test_a_batch_is_decoded_one_image_at_a_time(engine):
         (latents / vae.config.scaling_factor + vae.config.shift_factor).to(vae.dtype), return_dict=False
     )[0].float()
     torch.testing.assert_close(images, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def short_rope_dir(tiny_dir, tmp_path_factory):
+    """The tiny checkpoint with a 66-entry position table on the caption axis (axes_lens[0])."""
+    import json
+    import shutil
+
+    root = tmp_path_factory.mktemp("short-rope") / "model"
+    shutil.copytree(tiny_dir, root)
+    config_path = root / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["axes_lens"] = [66, *config["axes_lens"][1:]]
+    config_path.write_text(json.dumps(config))
+    return root
+
+
+def test_a_prompt_longer_than_the_position_table_is_truncated_with_a_warning(short_rope_dir):
+    # Caption tokens take positions 1..P (P: the caption padded to 32) and the image P + 1, which
+    # must index the 66-entry table: 64 tokens fit, and a 512-token prompt would end in IndexError.
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(short_rope_dir), device="cpu", dtype="float32"))
+    assert engine.max_tokens == 64
+    result = engine.generate("a very long prompt " * 200, seed=1, steps=1, width=32, height=32)
+    assert len(result.images) == 1 and "the model takes 64, so the last" in result.warnings[0]
+    assert engine.generate("a red fox", seed=1, steps=1, width=32, height=32).warnings == []
+
+
+def test_the_caption_limit_is_the_largest_the_position_table_takes(engine):
+    # One table entry fewer, and a 64-token caption no longer fits (diffusers indexes past the table).
+    from types import SimpleNamespace
+
+    from zturbo.pipeline import caption_limit
+
+    assert caption_limit(SimpleNamespace(axes_lens=[66, 8, 8])) == 64
+    assert caption_limit(SimpleNamespace(axes_lens=[65, 8, 8])) == 32
+    assert caption_limit(SimpleNamespace(axes_lens=[1536, 512, 512])) == 512  # the real model: the encoder's 512
+    with pytest.raises(ValueError, match="axes_lens\\[0\\] 20 leaves no room for a caption"):
+        caption_limit(SimpleNamespace(axes_lens=[20, 8, 8]))
+    transformer = engine.components.transformer
+    embed = torch.randn(64, transformer.config.cap_feat_dim)
+    x = [torch.randn(transformer.config.in_channels, 1, 4, 4)]
+    t = torch.tensor([0.5])
+    table = transformer.rope_embedder.axes_lens
+    try:
+        transformer.rope_embedder.axes_lens = [65, *table[1:]]
+        transformer.rope_embedder.freqs_cis = None  # rebuilt from axes_lens on the next call
+        with torch.inference_mode(), pytest.raises(IndexError):
+            transformer(x, t, [embed], return_dict=False)
+        transformer.rope_embedder.axes_lens = [66, *table[1:]]
+        transformer.rope_embedder.freqs_cis = None
+        with torch.inference_mode():
+            transformer(x, t, [embed], return_dict=False)
+    finally:
+        transformer.rope_embedder.axes_lens = table
+        transformer.rope_embedder.freqs_cis = None
+
+
+def test_load_and_apply_leave_the_environment_alone(tiny_dir):
+    import os
+
+    import zturbo
+    from zturbo.accel import compile as accel
+
+    before = dict(os.environ)
+    engine = zturbo.load(str(tiny_dir), device="cpu", dtype="float32")
+    applied = accel.apply(engine.components, accel.AccelOptions(compile=True, backend="eager"))
+    try:
+        assert applied.compiling and dict(os.environ) == before
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from zturbo.engine import slerp, variety_steps
 from zturbo.errors import InvalidRequestError
+from zturbo.pipeline import slerp, variety_steps
 from zturbo.request import GenerateRequest, ModelLimits, parse_seeds
 
 LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)

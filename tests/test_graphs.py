@@ -11,7 +11,8 @@ import torch
 
 from zturbo.accel import compile as accel
 from zturbo.accel import graphs
-from zturbo.engine import MAX_TOKENS, encode_prompt
+from zturbo.memory.plan import Layout
+from zturbo.pipeline import MAX_TOKENS, encode_prompt
 
 PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in the snow at dawn"]
 
@@ -134,12 +135,12 @@ def test_encoders_that_need_a_mask_for_causality_run_without_graphs(engine, monk
 
 
 def test_warm_up_captures_every_bucket_once(engine):
-    from zturbo.engine import _without_last_layer
+    from zturbo.pipeline import without_last_layer
 
     counting = CountingCapture()
     g = graphs.EncoderGraphs(capture=counting)
     te = engine.components.text_encoder
-    with torch.inference_mode(), _without_last_layer(te):
+    with torch.inference_mode(), without_last_layer(te):
         g.capture_all(te, MAX_TOKENS)
     assert counting.shapes == [(1, n) for n in range(64, MAX_TOKENS + 1, 64)]
     encode(engine, ["a grey wolf " * 30], g)
@@ -148,14 +149,14 @@ def test_warm_up_captures_every_bucket_once(engine):
 
 def test_compiling_gives_graphs_that_reverting_drops(fresh):
     c = fresh.components
-    applied = accel.apply(c, compile_=True, quantize="none", backend="inductor")  # compiles lazily
+    applied = accel.apply(c, accel.AccelOptions(compile=True, quantize="none", backend="inductor"))  # compiles lazily
     try:
         assert applied.encoder_graphs is not None
     finally:
         applied.revert_compile()
         torch._dynamo.reset()
     assert applied.encoder_graphs is None
-    assert accel.apply(c, compile_=True, quantize="none", backend="eager").encoder_graphs is None
+    assert accel.apply(c, accel.AccelOptions(compile=True, quantize="none", backend="eager")).encoder_graphs is None
 
 
 def test_the_engine_hands_out_graphs_only_on_cuda_under_the_resident_plan(fresh, monkeypatch):
@@ -163,13 +164,13 @@ def test_the_engine_hands_out_graphs_only_on_cuda_under_the_resident_plan(fresh,
     assert fresh._encoder_graphs() is None  # the CPU
     monkeypatch.setattr(fresh, "device", torch.device("cuda"))
     assert fresh._encoder_graphs() is fresh.accel.encoder_graphs
-    monkeypatch.setattr(fresh.placement, "plan", "te-offload")
+    monkeypatch.setattr(fresh.placement, "layout", Layout("te-offload"))
     assert fresh._encoder_graphs() is None
 
 
 def test_moving_to_a_leaner_plan_after_out_of_memory_frees_the_graphs(fresh):
     fresh.accel.encoder_graphs = graphs.EncoderGraphs()
-    fresh._lean_out("te-offload", 0, 0, reason="simulated out of memory")
+    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory")
     assert fresh.accel.encoder_graphs is None and fresh.placement.plan == "te-offload"
     result = fresh.generate("a red fox", seed=1, steps=1, width=32, height=32)
     assert result.images  # the engine still runs, with the plain encoder
@@ -226,7 +227,7 @@ class CountingStepCapture:
 
 def latents_after(engine, prompt, step_graphs=None, room=lambda tokens: True, size=32):
     """Three denoising steps, plain or through `step_graphs` bound for one request."""
-    from zturbo.engine import denoise, starting_point
+    from zturbo.pipeline import denoise, starting_point
 
     c = engine.components
     with torch.inference_mode():
@@ -307,12 +308,12 @@ def test_the_engine_steps_through_graphs_only_on_cuda_under_the_resident_plan(fr
     fresh.accel.step_graphs = graphs.StepGraphs()
     assert fresh._step_graphs() is None  # the CPU
     monkeypatch.setattr(fresh, "device", torch.device("cuda"))
-    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 1.0)
+    monkeypatch.setattr("zturbo.engine.budget_fraction", lambda device: 1.0)
     assert fresh._step_graphs() is fresh.accel.step_graphs
-    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 0.5)  # --vram-budget
+    monkeypatch.setattr("zturbo.engine.budget_fraction", lambda device: 0.5)  # --vram-budget
     assert fresh._step_graphs() is None
-    monkeypatch.setattr("zturbo.engine._budget_fraction", lambda device: 1.0)
-    monkeypatch.setattr(fresh.placement, "plan", "te-offload")
+    monkeypatch.setattr("zturbo.engine.budget_fraction", lambda device: 1.0)
+    monkeypatch.setattr(fresh.placement, "layout", Layout("te-offload"))
     assert fresh._step_graphs() is None
 
 
@@ -326,7 +327,7 @@ def test_the_engines_images_are_unchanged_through_step_graphs(fresh, monkeypatch
     assert len(counting.keys) == 1
     for image in images:
         assert image.image.tobytes() == want.image.tobytes()
-    fresh._lean_out("te-offload", 0, 0, reason="simulated out of memory")
+    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory")
     assert len(fresh.accel.step_graphs) == 0  # a leaner plan frees their pool
 
 
@@ -360,7 +361,7 @@ def test_the_engine_on_cuda_captures_a_step_graph_and_keeps_its_images(tiny_dir)
 
 
 def latents_after_cuda(engine, step_graphs):
-    from zturbo.engine import denoise, starting_point
+    from zturbo.pipeline import denoise, starting_point
 
     c = engine.components
     with torch.inference_mode():

@@ -15,7 +15,7 @@ from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
 from zturbo.guard import install_fp16_guard, is_float32_key
 from zturbo.imageio import read_metadata
-from zturbo.precision import inject_nonfinite
+from zturbo.testing import inject_nonfinite
 
 # w1 and w3 times 400 puts the SwiGLU product of the tiny model far past 65504 in float16, while
 # the float32 image hardly moves (the FFN output passes an RMSNorm).

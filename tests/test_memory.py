@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 
 from zturbo.accel import compile as accel
+from zturbo.accel import fuse
 from zturbo.cli import main
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
 from zturbo.errors import GPUMemoryError, InvalidRequestError
+from zturbo.memory import placement as placing
 from zturbo.memory import plan as memory
+from zturbo.memory.plan import Layout
+from zturbo.testing import inject_oom
 
 GIB = memory.GIB
 BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
@@ -44,7 +48,7 @@ MEASURED = [
     ("resident", 1024, 1, 64, 21.7),
     ("resident", 1536, 1, 64, 24.7),
     ("resident", 2048, 1, 64, 28.8),
-    ("resident", 1024, 4, 64, 21.56),  # session 6: decoded one image at a time (engine.decode)
+    ("resident", 1024, 4, 64, 21.56),  # decoded one image at a time (pipeline.decode)
     ("model-offload", 1024, 1, 128, 12.1),
     ("sequential", 1024, 1, 128, 2.6),
 ]
@@ -56,8 +60,8 @@ def test_estimate_within_ten_percent_of_h100_measurements(shape, plan, size, bat
     assert abs(est.peak / GIB - measured) / measured <= 0.10, (est.peak / GIB, measured)
 
 
-# zturbo's own plans on the same H100, compiled, 58-token prompt (docs/performance.md, sessions 3,
-# 6 and 9): (plan, resident blocks, resident text-encoder layers, VAE tiling, size, measured peak GiB).
+# zturbo's own plans on the same H100, compiled, 58-token prompt (docs/performance.md):
+# (plan, resident blocks, resident text-encoder layers, VAE tiling, size, measured peak GiB).
 MEASURED_PLANS = [
     ("resident", 0, 0, False, 512, 19.71),
     ("resident", 0, 0, False, 1024, 20.46),
@@ -109,7 +113,7 @@ def test_a_compiled_decoder_is_estimated_leaner_only_where_it_was_measured_leane
     assert decode(vae_tiling=True) == decode(vae_tiling=True, compiled_vae=True)
     assert decode("sequential") == decode("sequential", compiled_vae=True)
     # At 16 GiB the room freed keeps more text-encoder layers resident: 10 with the static graph's
-    # count (docs/performance.md, session 8), 6 with the dynamic graph's, 3 with the eager one.
+    # count (docs/performance.md), 6 with the dynamic graph's, 3 with the eager one.
     compiled = memory.choose(shape, BF16, 16 * GIB, width=1024, height=1024, compiled_vae=True).chosen
     assert compiled is not None and compiled.label() == "te-offload (10 text-encoder layers resident)"
     eager = memory.choose(shape, BF16, 16 * GIB, width=1024, height=1024).chosen
@@ -216,14 +220,14 @@ def pixels(result) -> np.ndarray:
 def test_tiled_decode_is_close_to_untiled(fresh):
     params = {"seed": 1, "steps": 2, "width": 512, "height": 512}
     whole = pixels(fresh.generate("a red fox", **params))
-    memory.set_vae_tiling(fresh.components.vae, True, tile=256)  # 4 tiles (with overlap: 9) of 512²
+    placing.set_vae_tiling(fresh.components.vae, True, tile=256)  # 4 tiles (with overlap: 9) of 512²
     tiled = pixels(fresh.generate("a red fox", **params))
     # Blended seams differ a little; a different image would be ~50 off (std of the image ~45).
     assert 0 < np.abs(tiled - whole).mean() <= 3
 
 
 def test_out_of_memory_in_decode_retries_once_tiled(fresh, caplog):
-    memory.inject_oom(fresh.components.vae.decoder)
+    inject_oom(fresh.components.vae.decoder)
     with caplog.at_level(logging.WARNING, logger="zturbo"):
         result = fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
     record = {"component": "vae", "from": "whole-image decode", "to": "tiled decode"}
@@ -239,7 +243,7 @@ def test_out_of_memory_in_decode_retries_once_tiled(fresh, caplog):
 
 def test_out_of_memory_in_the_transformer_moves_to_a_leaner_plan_once(fresh, engine, caplog):
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
-    memory.inject_oom(fresh.components.transformer)
+    inject_oom(fresh.components.transformer)
     with caplog.at_level(logging.WARNING, logger="zturbo"):
         result = fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
     got = [(f["component"], f["from"], f["to"].split(" (")[0]) for f in result.fallbacks]
@@ -252,14 +256,14 @@ def test_out_of_memory_in_the_transformer_moves_to_a_leaner_plan_once(fresh, eng
 
 
 def test_out_of_memory_twice_is_a_clear_error_and_the_engine_stays_usable(fresh):
-    memory.inject_oom(fresh.components.transformer, times=2)
+    inject_oom(fresh.components.transformer, times=2)
     with pytest.raises(GPUMemoryError, match=r"simulated.*memory plan te-offload[^:]*: 64x64, 1 image\(s\) need about"):
         fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
     assert fresh.generate("a red fox", seed=1, steps=2, width=64, height=64).fallbacks == []
 
 
 def test_out_of_memory_error_lists_only_the_plans_leaner_than_the_current_one(fresh):
-    memory.inject_oom(fresh.components.transformer, times=2)
+    inject_oom(fresh.components.transformer, times=2)
     with pytest.raises(GPUMemoryError) as caught:
         fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)
     message = str(caught.value)
@@ -270,8 +274,8 @@ def test_out_of_memory_error_lists_only_the_plans_leaner_than_the_current_one(fr
 def test_a_quantized_transformer_is_not_moved_to_a_streaming_plan(tiny_dir):
     pytest.importorskip("torchao")
     engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8"))
-    engine.placement.change("te-offload")
-    memory.inject_oom(engine.components.transformer)
+    engine.placement.change(Layout("te-offload", quantize="int8"))
+    inject_oom(engine.components.transformer)
     with pytest.raises(GPUMemoryError) as caught:  # block-offload streams plain weights only: no retry
         engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
     message = str(caught.value)
@@ -294,7 +298,7 @@ def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
 def test_te_offload_with_resident_layers_gives_the_resident_image(tiny_dir, engine):
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
     planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
-    planned.placement.change("block-offload", resident_blocks=3, resident_layers=1)  # no shared memory there
+    planned.placement.change(Layout("block-offload", resident_blocks=3, resident_layers=1))  # no shared memory there
     assert len(planned.placement.streamers["text_encoder"].blocks) == 1  # 2 of the tiny text encoder's 3 layers run
     result = planned.generate("a red fox", seed=1, steps=2, width=64, height=64)
     assert np.array_equal(pixels(result), expected)
@@ -306,7 +310,7 @@ def test_te_offload_shares_transformer_memory_and_every_turn_gives_the_resident_
     planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", memory="te-offload"))
     placed = planned.placement
     arena = placed.streamers["arena"]
-    blocks = list(planned.components.transformer.layers)[-memory.SHARED_BLOCKS :]
+    blocks = list(planned.components.transformer.layers)[-placing.SHARED_BLOCKS :]
     assert arena.modules["transformer"] == blocks and placed.shared_layers == 2  # both layers that run
     assert placed.streamers["text_encoder"].blocks == []  # nothing left to stream on the tiny model
     assert (
@@ -328,7 +332,7 @@ def test_te_offload_shares_transformer_memory_and_every_turn_gives_the_resident_
 def test_block_offload_with_resident_blocks_gives_the_resident_image(tiny_dir, engine, resident):
     expected = [pixels(engine.generate(p, seed=1, steps=2, width=64, height=64)) for p in ("a red fox", "a cat")]
     planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
-    planned.placement.change("block-offload", resident)
+    planned.placement.change(Layout("block-offload", resident))
     streamed = planned.placement.streamers["transformer"]
     assert len(streamed.blocks) == 4 - resident  # the tiny transformer has 4 blocks in all
     # Two prompts: the second pass through the blocks starts from the slots the first left behind.
@@ -340,11 +344,11 @@ def test_block_offload_with_resident_blocks_gives_the_resident_image(tiny_dir, e
 
 def test_with_tiling_off_a_decode_out_of_memory_takes_a_leaner_plan_instead(tiny_dir):
     engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", vae_tiling="off"))
-    memory.inject_oom(engine.components.vae.decoder)
+    inject_oom(engine.components.vae.decoder)
     result = engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
     assert [f["to"].split(" (")[0] for f in result.fallbacks] == ["te-offload"]
     assert result.images[0].metadata["vae_tiling"] is False
-    memory.inject_oom(engine.components.vae.decoder, times=2)
+    inject_oom(engine.components.vae.decoder, times=2)
     with pytest.raises(GPUMemoryError, match="simulated"):
         engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
 
@@ -370,16 +374,24 @@ def test_a_requested_quantization_is_planned_with(shape):
 
 
 def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
-    assert memory.leaner("block-offload", 16) == ("block-offload", 0, 0)
-    assert memory.leaner("te-offload", 0, 3) == ("te-offload", 0, 0)
-    chain, step = [], ("resident", 0, 0)
+    assert memory.leaner(Layout("block-offload", 16)) == Layout("block-offload")
+    assert memory.leaner(Layout("te-offload", 0, 3)) == Layout("te-offload")
+    chain, step = [], Layout(vae_tiling=True)
     while step is not None:
-        chain.append(step[0])
-        step = memory.leaner(*step)
+        chain.append(step.plan)
+        assert step.vae_tiling  # the rest of the layout is kept
+        step = memory.leaner(step)
     assert chain == ["resident", "te-offload", "block-offload", "sequential"]
     # A quantized transformer stops before the streaming plans, which move plain weights only.
-    assert memory.leaner("resident", quantized=True) == ("te-offload", 0, 0)
-    assert memory.leaner("te-offload", quantized=True) is None
+    assert memory.leaner(Layout("resident", quantize="int8")) == Layout("te-offload", quantize="int8")
+    assert memory.leaner(Layout("te-offload", quantize="int8")) is None
+
+
+def test_a_layout_names_a_bad_plan_or_count():
+    with pytest.raises(ValueError, match="plan 'all-in' is not one of resident"):
+        Layout("all-in")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Layout("block-offload", resident_blocks=-1)
 
 
 def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
@@ -399,10 +411,10 @@ def test_a_fused_engine_unfuses_before_the_whole_transformer_leaves_the_device(f
     # Module.to moves parameters, not the fused tensors (plain attributes): they would stay behind
     # on the device, and the model-offload plan would hold most of the transformer there.
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
-    accel.fuse_projections(fresh.components.transformer)
-    fresh.placement.change("model-offload")
-    blocks = accel.transformer_blocks(fresh.components.transformer)
-    assert all(getattr(b.attention, accel.FUSED_QKV, None) is None for b in blocks)
+    fuse.fuse_projections(fresh.components.transformer)
+    fresh.placement.change(Layout("model-offload"))
+    blocks = fuse.transformer_blocks(fresh.components.transformer)
+    assert all(getattr(b.attention, fuse.FUSED_QKV, None) is None for b in blocks)
     assert np.array_equal(pixels(fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)), expected)
 
 
@@ -410,17 +422,15 @@ def test_a_fused_engine_unfuses_before_the_whole_transformer_leaves_the_device(f
 def test_fused_blocks_are_unfused_before_their_weights_move_into_streaming_memory(fresh, engine, plan):
     # A lean-out from a fused resident engine: the fused q/k/v and w1/w3 tensors are copies that
     # the streamed or shared views would not reach (and their memory would never be freed).
-    from zturbo.accel import compile as accel
-
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
-    accel.fuse_projections(fresh.components.transformer)
-    fresh.placement.change(plan)
+    fuse.fuse_projections(fresh.components.transformer)
+    fresh.placement.change(Layout(plan))
     moved = fresh.placement.streamers["arena" if plan == "te-offload" else "transformer"]
     buffers = [moved.arena] if plan == "te-offload" else moved.slots
     blocks = moved.modules["transformer"] if plan == "te-offload" else [b.module for b in moved.blocks]
     assert blocks
     for block in blocks:
-        assert getattr(block.attention, accel.FUSED_QKV, None) is None
+        assert getattr(block.attention, fuse.FUSED_QKV, None) is None
         ptr = block.attention.to_q.weight.data_ptr()
         assert any(b.data_ptr() <= ptr < b.data_ptr() + b.numel() for b in buffers)
     assert np.array_equal(pixels(fresh.generate("a red fox", seed=1, steps=2, width=64, height=64)), expected)

@@ -12,7 +12,8 @@ from zturbo.config import RuntimeConfig
 from zturbo.device import Capabilities
 from zturbo.engine import Engine
 from zturbo.errors import DeviceError, PrecisionError
-from zturbo.precision import choose_precision, inject_nonfinite, safer
+from zturbo.precision import choose_precision, safer
+from zturbo.testing import inject_nonfinite
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 

@@ -63,7 +63,7 @@ def test_quantized_weights_are_not_streamable():
 
 
 def test_streamed_blocks_are_spread_evenly():
-    from zturbo.memory.plan import streamed_positions
+    from zturbo.memory.placement import streamed_positions
 
     for total in (4, 34):
         for n in range(total + 1):

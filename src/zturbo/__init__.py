@@ -13,14 +13,19 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 if TYPE_CHECKING:
-    from .engine import Engine, GenerateResult
+    from .engine import Engine
     from .request import GenerateRequest
+    from .result import GenerateResult
 
 __all__ = ["Engine", "GenerateRequest", "GenerateResult", "__version__", "load"]
 
 
 def load(model: str | None = None, *, device: str | None = None, dtype: str | None = None, **config: Any) -> Engine:
-    """Load a model once (default Tongyi-MAI/Z-Image-Turbo or $ZTURBO_MODEL) for many generations."""
+    """Load a model once (default Tongyi-MAI/Z-Image-Turbo or $ZTURBO_MODEL) for many generations.
+
+    The caller's environment variables are left as they are; `vram_budget` (GiB) caps this
+    process's share of the CUDA device, as asked.
+    """
     from .config import RuntimeConfig
     from .engine import Engine
 
@@ -29,10 +34,14 @@ def load(model: str | None = None, *, device: str | None = None, dtype: str | No
 
 def __getattr__(name: str) -> Any:
     # Heavy modules (torch, diffusers) load on first use, not on `import zturbo`.
-    if name in ("Engine", "GenerateResult"):
-        from . import engine
+    if name == "Engine":
+        from .engine import Engine
 
-        return getattr(engine, name)
+        return Engine
+    if name == "GenerateResult":
+        from .result import GenerateResult
+
+        return GenerateResult
     if name == "GenerateRequest":
         from .request import GenerateRequest
 

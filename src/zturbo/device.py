@@ -8,6 +8,7 @@ import torch
 
 from .errors import DeviceError
 
+GIB = 2**30
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -74,7 +75,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def memory_line(device: torch.device) -> str:
     """One line: accelerator name with total / allocated / free memory."""
-    gib = 2**30
+    gib = GIB
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         allocated = torch.cuda.memory_allocated(device)
@@ -95,3 +96,55 @@ def _host_memory_text() -> str:
         return f"total {total:.1f} GiB, available {free:.1f} GiB"
     except (OSError, KeyError, ValueError):
         return "memory unknown"
+
+
+def apply_vram_budget(device: torch.device, gib: float | None) -> None:
+    """Cap this process's share of a CUDA device at `gib` GiB (--vram-budget): allocations beyond
+    it then fail as they would on a smaller GPU. Nothing is set off CUDA or without a budget.
+
+    This is the one place zturbo changes the process's memory fraction, and only when asked.
+    """
+    if device.type != "cuda" or gib is None:
+        return
+    total = torch.cuda.mem_get_info(device)[1]
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), device)
+
+
+def memory_budget(device: torch.device, gib: float | None) -> int | None:
+    """Bytes the memory planner plans for: `gib` when given, else what is free on a CUDA device;
+    None otherwise (the weights then live in the host's memory, which is not planned)."""
+    if gib is not None:
+        return int(gib * GIB)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def budget_fraction(device: torch.device) -> float:
+    """The per-process memory fraction --vram-budget set (1.0 when none, or on older torch)."""
+    get_fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # newer torch only
+    if get_fraction is None:
+        return 1.0
+    return get_fraction(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes this process could still allocate on a CUDA device: free memory plus its own unused cache."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def memory_available(device: torch.device) -> str:
+    """'the device has N GiB', or the budget when --vram-budget capped the process below that."""
+    if device.type != "cuda":
+        return f"the {device.type} device's memory is the host's"
+    total = torch.cuda.mem_get_info(device)[1]
+    fraction = budget_fraction(device)
+    if fraction < 1.0:
+        return f"the budget (--vram-budget) is {total * fraction / GIB:.1f} GiB"
+    return f"the device has {total / GIB:.1f} GiB"

@@ -73,7 +73,7 @@ def install_fp16_guard(transformer: torch.nn.Module, variant: str = DEFAULT_VARI
     guard = Fp16Guard(variant, transformer)
     for prefix in FLOAT32_MODULES:  # already float32 when the loader kept them; a no-op then
         getattr(transformer, prefix.rstrip(".")).float()
-    from .accel.compile import transformer_blocks
+    from .accel.fuse import transformer_blocks
 
     for block in transformer_blocks(transformer):
         ffn, attention = block.feed_forward, block.attention

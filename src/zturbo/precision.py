@@ -113,30 +113,3 @@ def all_finite(tensors: list[torch.Tensor] | torch.Tensor) -> bool:
         tensors = [tensors]
     flags = torch.stack([torch.isfinite(t).all() for t in tensors])
     return bool(flags.all())
-
-
-def inject_nonfinite(module: torch.nn.Module, times: int = 1) -> None:
-    """Test hook: the next `times` forward calls of `module` return NaN-filled outputs."""
-    remaining = [times]
-
-    def poison(obj: object) -> object:
-        if isinstance(obj, torch.Tensor):
-            return torch.full_like(obj, float("nan")) if obj.is_floating_point() else obj
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(poison(o) for o in obj)
-        if hasattr(obj, "hidden_states") and hasattr(obj, "__setitem__"):  # transformers ModelOutput
-            for key in list(obj.keys()):  # type: ignore[attr-defined]
-                obj[key] = poison(obj[key])  # type: ignore[index]
-            return obj
-        if hasattr(obj, "sample"):  # diffusers DecoderOutput
-            obj.sample = poison(obj.sample)  # type: ignore[attr-defined]
-            return obj
-        return obj
-
-    def hook(_module: torch.nn.Module, _args: object, output: object) -> object:
-        remaining[0] -= 1
-        if remaining[0] <= 0:
-            handle.remove()
-        return poison(output)
-
-    handle = module.register_forward_hook(hook)

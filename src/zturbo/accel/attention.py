@@ -1,6 +1,6 @@
 """The attention kernel of the compiled transformer blocks: FlashAttention 3 where it is installed
 and the GPU is a Hopper (compute capability 9.x), PyTorch's SDPA otherwise (cuDNN's flash kernel
-on an H100, 570 TFLOP/s on a block's shape against 338 for SDPA's own flash backend; run E).
+on an H100, 570 TFLOP/s on a block's shape against 338 for SDPA's own flash backend).
 
 FA3 is the `flash_attn_interface` module that flash-attention's `hopper/` build installs. zturbo
 calls it through a custom op of its own, `zturbo::flash_attention_3`, so dynamo never traces FA3's
@@ -11,10 +11,8 @@ k and v as views of one fused projection); an error or a mismatch keeps SDPA, wi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -22,7 +20,6 @@ import torch.nn.functional as F
 
 log = logging.getLogger("zturbo")
 
-FLASH_ATTENTION_3 = True  # use FA3 where it is installed and passes its check (a switch for A/B runs)
 FLASH_ATTENTION_3_DEVICES = ("cuda",)  # device types FA3's kernels take (the CPU tests' stand-in adds "cpu")
 CHECK_TOLERANCE = 1e-2  # relative error against SDPA on the check's random bf16 inputs
 
@@ -45,25 +42,15 @@ def attend(
     return sdpa(q, k, v, mask)
 
 
-def flash_attention_3() -> Any:
-    """The FA3 op for the current CUDA device, or None: no CUDA, not a Hopper, FA3 not installed,
-    or its check failed. Call it outside compiled code (it may import and run FA3)."""
-    if not FLASH_ATTENTION_3 or not torch.cuda.is_available():
+def flash_attention_3(enabled: bool = True) -> Any:
+    """The FA3 op for the current CUDA device, or None: not `enabled` (`AccelOptions.flash_attention_3`),
+    no CUDA, not a Hopper, FA3 not installed, or its check failed. Call it outside compiled code (it
+    may import and run FA3)."""
+    if not enabled or not torch.cuda.is_available():
         return None
     if not runs_on(torch.cuda.get_device_capability()):
         return None
     return checked(torch.device("cuda", torch.cuda.current_device()))
-
-
-@contextlib.contextmanager
-def flash_attention_3_enabled(on: bool) -> Iterator[None]:
-    """`FLASH_ATTENTION_3` set to `on` inside the block (the benchmark's SDPA comparison)."""
-    global FLASH_ATTENTION_3
-    before, FLASH_ATTENTION_3 = FLASH_ATTENTION_3, on
-    try:
-        yield
-    finally:
-        FLASH_ATTENTION_3 = before
 
 
 def runs_on(capability: tuple[int, int] | None) -> bool:

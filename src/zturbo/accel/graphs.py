@@ -3,7 +3,7 @@ the transformer's per denoising step (`StepGraphs`, at the end of this module).
 
 At prompt lengths the compiled Qwen3 encoder is launch-bound: its GPU work is a few milliseconds
 (reading 8 GB of weights once), while launching 35 compiled layers costs the host about 40 ms
-(H100 profile, session 7: 42 ms of GPU idle time in the encode stage). A CUDA graph per (batch,
+(H100 profile: 42 ms of GPU idle time in the encode stage). A CUDA graph per (batch,
 padded length) replays all of it in one launch.
 
 Prompts are padded on the right to a multiple of `BUCKET` tokens, so a handful of graphs serves
@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger("zturbo")
 
 BUCKET = 64  # prompts are padded to a multiple of this many tokens: 8 lengths up to 512
-REPLAY_TOLERANCE = 1e-2  # relative; the same kernels replayed agree exactly (run 7C: 0.0)
+REPLAY_TOLERANCE = 1e-2  # relative; the same kernels replayed agree exactly (measured: 0.0)
 MAX_GRAPH_TOKENS = 2048  # batch × padded length above which the encoder runs without a graph:
 # a long batch is not launch-bound, and a graph's private memory grows with its shapes
 
@@ -183,7 +183,7 @@ def maskless_causal(text_encoder: torch.nn.Module) -> bool:
 # kernel launches cost the host time. Where the GPU's share of a step is small the host sets the
 # pace: at 512² an fp8 image took 0.31–0.32 s step by step and 0.17 s replayed from one graph per
 # step, bf16 0.24–0.28 s against 0.21 s; at 1024² the GPU sets the pace and a graph saves a few
-# milliseconds (H100, docs/performance.md, session 10). A replay runs the kernels the capture
+# milliseconds (H100, docs/performance.md). A replay runs the kernels the capture
 # recorded, so the latents are identical (0.0 relative difference in every case measured).
 #
 # A graph is keyed by its inputs' shapes: the latent size and each caption's length. A shape is

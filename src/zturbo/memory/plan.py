@@ -1,6 +1,8 @@
-"""Memory planning: peak GPU memory of a request under each placement plan, and the fastest plan that fits.
+"""Memory planning: peak GPU memory of a request under each placement plan, the fastest plan that
+fits, and the one `Layout` an engine loads with (`plan_layout`).
 
-Pure functions of the model's configs and the request; nothing here moves a tensor.
+Pure functions of the model's configs, the request and the budget; nothing here moves a tensor
+(`memory.placement` does).
 
 The peak is the largest of three stages, each its resident weights plus its activations:
   encode  (text encoder)   weights per plan + hidden states of the prompt tokens
@@ -13,26 +15,23 @@ and is checked against them in tests/test_memory.py.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ..accel.compile import (
-    BLOCK_LISTS,
-    STATIC_DECODE_SIZE,
-    is_block_linear,
-    quantizes,
-    transformer_blocks,
-    unfuse_projections,
-)
+from ..accel import compile as accel_compile
+from ..accel.fuse import transformer_blocks
+from ..accel.quantize import is_block_linear, quantizes, usable_quantizations
 from ..config import MEMORY_CHOICES
+from ..device import GIB
+from ..errors import GPUMemoryError, InvalidRequestError
 
-GIB = 2**30
+log = logging.getLogger("zturbo")
+
 # resident: everything on the GPU. te-offload: the text encoder's layers stream through the GPU
-# (zturbo.stream) when a prompt is not in the prompt cache. model-offload: the text encoder and
+# (memory.stream) when a prompt is not in the prompt cache. model-offload: the text encoder and
 # transformer take turns on the GPU. block-offload: as te-offload, and the transformer blocks the
 # budget cannot hold stream too. sequential: diffusers' leaf-level group offloading, one layer
 # at a time.
@@ -49,7 +48,7 @@ QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # (eager bf16): 2.6 GiB above the weights at 1024² on an H100, 9.7 GiB at 2048².
 VAE_LIVE_TENSORS = 10
 # A compiled whole-image decode frees intermediates sooner. Measured on an H100 (bf16, per image,
-# docs/performance.md): the static graph the decoder keeps for accel.STATIC_DECODE_SIZE² (1024²)
+# docs/performance.md): the static graph the decoder keeps for accel.compile.STATIC_DECODE_SIZE² (1024²)
 # holds 5 such tensors, the graph with dynamic height and width that serves every other size 8,
 # from 512² to 2048²; eager holds 9.5-10. Tiled decodes measured at the eager count (their
 # decoded tiles are held for blending), so they keep it.
@@ -69,7 +68,7 @@ class ModelShape:
     transformer_blocks_params: int  # all blocks together
     transformer_block_params: int  # the largest block
     transformer_linear_params: int  # in blocks: what quantization shrinks
-    transformer_fp8_plain_params: int  # of those, what fp8 leaves plain (accel.FP8_PLAIN_BLOCKS)
+    transformer_fp8_plain_params: int  # of those, what fp8 leaves plain (accel.quantize.FP8_PLAIN_BLOCKS)
     transformer_largest_linear: int
     transformer_block_count: int
     text_encoder_params: int
@@ -114,13 +113,8 @@ class Choice:
     considered: list[Estimate]
 
 
-# te-offload: the last transformer blocks whose memory text-encoder layers borrow while encoding.
-# Their weights come back during the first step, overlapping the blocks before them: 8 blocks
-# (2.7 GB, ~50 ms at 55 GB/s) behind 26 blocks' compute (~70 ms at 1024² on an H100).
-SHARED_BLOCKS = 8
-
 # The engine embeds prompts with the input of the text encoder's last layer (hidden_states[-2]) and
-# never runs that layer (engine._without_last_layer): streamed plans leave it on the CPU.
+# never runs that layer (pipeline.without_last_layer): streamed plans leave it on the CPU.
 UNUSED_TEXT_LAYERS = 1
 
 
@@ -202,7 +196,7 @@ def estimate(
     t_outside = shape.transformer_params - shape.transformer_blocks_params
     te_layers = shape.text_encoder_layers_params + shape.text_encoder_unused_params
     te_outside = shape.text_encoder_params - te_layers  # token embeddings, final norm, rotary tables
-    # zturbo.stream: the streamed layers pass through two slots; the token embeddings stay on the CPU.
+    # memory.stream: the streamed layers pass through two slots; the token embeddings stay on the CPU.
     te_kept = resident_layers + min(2, shape.text_encoder_layers - resident_layers)
     te_stream = (te_outside - shape.text_encoder_embed_params + te_kept * shape.text_encoder_layer_params) * te_e
     streamed = shape.transformer_block_count - resident_blocks
@@ -293,9 +287,6 @@ def fitting(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, *, plan
     return estimate(shape, dtype_bytes, plan=plan, **{knob: low}, **request)
 
 
-# ---------------------------------------------------------------------------------------------
-
-
 def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -326,18 +317,6 @@ def transformer_activation(
     return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
 
 
-def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None:
-    """diffusers' tiled decode with `tile`-pixel tiles (25 % overlap, blended).
-
-    Above one tile the decoder then holds one tile's activations instead of the whole image's.
-    (`engine.decode` decodes one image at a time, tiled or not.)
-    """
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    vae.tile_sample_min_size = tile
-    vae.tile_latent_min_size = tile // factor
-    vae.use_tiling = on
-
-
 def vae_activation(
     shape: ModelShape, elem: int, width: int, height: int, batch: int, tiling: bool, compiled: bool = False
 ) -> int:
@@ -346,244 +325,64 @@ def vae_activation(
     pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
     live = VAE_LIVE_TENSORS
     if compiled and not tiling:
-        static = width == height == STATIC_DECODE_SIZE  # accel._compile_decoder's static graph
+        static = width == height == accel_compile.STATIC_DECODE_SIZE  # the decoder's static graph
         live = VAE_LIVE_TENSORS_STATIC if static else VAE_LIVE_TENSORS_COMPILED
-    return image + live * pixels * shape.vae_channels * elem  # engine.decode: one image at a time
+    return image + live * pixels * shape.vae_channels * elem  # pipeline.decode: one image at a time
 
 
 def dtype_bytes(dtypes: dict[str, torch.dtype]) -> dict[str, int]:
     return {k: torch.empty((), dtype=v).element_size() for k, v in dtypes.items()}
 
 
-def inject_oom(module: torch.nn.Module, times: int = 1) -> None:
-    """Test hook: the next `times` forward calls of `module` raise a CUDA out-of-memory error."""
-    remaining = [times]
-
-    def hook(_module: torch.nn.Module, _args: object) -> None:
-        remaining[0] -= 1
-        if remaining[0] <= 0:
-            handle.remove()
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated by zturbo.memory.inject_oom)")
-
-    handle = module.register_forward_pre_hook(hook)
-
-
-# ---------------------------------------------------------------------------------------------
-# Executing a plan
-
-CPU = torch.device("cpu")
-# Components whose weights live on the CPU between uses, per plan (streamed ones included).
-OFFLOADED = {
-    "resident": (),
-    "te-offload": ("text_encoder",),
-    "model-offload": ("text_encoder", "transformer"),
-    "block-offload": ("text_encoder", "transformer"),
-    "sequential": ("text_encoder", "transformer"),
-}
-
-
-# Plans that stream the text encoder with zturbo.stream.
+# Plans that stream the text encoder (memory.stream).
 STREAMED_TE = ("te-offload", "block-offload")
 # Plans whose transformer forward runs through diffusers group offloading hooks: not compiled.
 STREAMED_PLANS = ("sequential",)
+# Plans that keep as many text-encoder layers or transformer blocks resident as the budget allows.
+TUNABLE_PLANS = ("te-offload", "block-offload")
+# The request size the planner plans a load for.
+PLANNED_SIZE = 1024
 
 
-def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
-    """Where the loader puts each component's weights for `plan`."""
-    return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
+@dataclass(frozen=True)
+class Layout:
+    """The memory layout an engine runs with: where the weights live (`plan`, and under te-offload
+    or block-offload how many text-encoder layers or transformer blocks stay resident), whether the
+    decode starts tiled, and the transformer's quantization. `plan_layout` decides it at load;
+    `leaner` gives the next one after running out of memory."""
+
+    plan: str = "resident"
+    resident_blocks: int = 0  # block-offload: transformer blocks kept on the device
+    resident_layers: int = 0  # te-offload, block-offload: text-encoder layers kept on the device
+    vae_tiling: bool = False
+    quantize: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.plan not in PLANS:
+            raise ValueError(f"plan {self.plan!r} is not one of {', '.join(PLANS)}")
+        if self.resident_blocks < 0 or self.resident_layers < 0:
+            raise ValueError(f"resident blocks {self.resident_blocks} and layers {self.resident_layers} must be >= 0")
 
 
-def leaner(
-    plan: str, resident_blocks: int = 0, resident_layers: int = 0, quantized: bool = False
-) -> tuple[str, int, int] | None:
-    """The next (plan, resident blocks, resident layers) that holds less on the GPU, or None.
-    A quantized transformer has none among the streaming plans, which move plain weights only."""
-    if resident_blocks or resident_layers:
-        return plan, 0, 0
-    following = {"resident": "te-offload", "te-offload": "block-offload", "model-offload": "block-offload"}
-    following["block-offload"] = "sequential"
-    target = following.get(plan)
-    if target is None or (quantized and target in UNQUANTIZED_PLANS):
+def layout_of(est: Estimate) -> Layout:
+    return Layout(est.plan, est.resident_blocks, est.resident_layers, est.vae_tiling, est.quantize)
+
+
+def leaner(layout: Layout) -> Layout | None:
+    """The next layout that holds less on the device, or None. A quantized transformer has none
+    among the streaming plans, which move plain weights only."""
+    if layout.resident_blocks or layout.resident_layers:
+        return replace(layout, resident_blocks=0, resident_layers=0)
+    following = {
+        "resident": "te-offload",
+        "te-offload": "block-offload",
+        "model-offload": "block-offload",
+        "block-offload": "sequential",
+    }
+    target = following.get(layout.plan)
+    if target is None or (layout.quantize != "none" and target in UNQUANTIZED_PLANS):
         return None
-    return target, 0, 0
-
-
-class Placement:
-    """Keeps the engine's modules where its plan wants them.
-
-    resident: all on the device. te-offload: the text encoder's layers stream through the device
-    (zturbo.stream) and its token embeddings are looked up on the CPU. model-offload: the text
-    encoder and transformer take turns on the device (`stage()` moves them). block-offload: as
-    te-offload, and the transformer's first blocks stream too, the last `resident_blocks` stay.
-    sequential: diffusers' leaf-level group offloading with a prefetching CUDA stream. The VAE
-    (0.2 GB) always stays on the device.
-    """
-
-    def __init__(
-        self,
-        components: Any,
-        device: torch.device,
-        plan: str = "resident",
-        resident_blocks: int = 0,
-        resident_layers: int = 0,
-    ) -> None:
-        if plan not in PLANS:
-            raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
-        self.components = components
-        self.device = device
-        self.plan = "resident"
-        self.resident_blocks = 0
-        self.resident_layers = 0
-        self.streamers: dict[str, Any] = {}
-        self._embed_hooks: list[Any] = []
-        self.change(plan, resident_blocks, resident_layers)
-
-    @property
-    def shared_layers(self) -> int:
-        """te-offload: the text-encoder layers that take turns with transformer blocks."""
-        arena = self.streamers.get("arena")
-        return len(arena.modules["text_encoder"]) if arena else 0
-
-    def describe(self) -> str:
-        if self.plan == "block-offload":
-            total = sum(1 for _ in transformer_blocks(self.components.transformer))
-            return f"block-offload ({self.resident_blocks}/{total} blocks resident)"
-        if self.plan == "te-offload" and (self.resident_layers or self.shared_layers):
-            total = len(self.components.text_encoder.layers) - UNUSED_TEXT_LAYERS
-            arena = self.streamers.get("arena")
-            lenders = len(arena.modules["transformer"]) if arena else 0
-            shared = f", {self.shared_layers} sharing memory with {lenders} blocks" if arena else ""
-            return f"te-offload ({self.resident_layers}/{total} text-encoder layers resident{shared})"
-        return self.plan
-
-    def change(self, plan: str, resident_blocks: int = 0, resident_layers: int = 0) -> None:
-        """Move to `plan`; plans only get leaner, never back (group offloading is not undone)."""
-        c = self.components
-        self._stop_streaming()
-        if "transformer" in OFFLOADED[plan]:
-            unfuse_projections(c.transformer)  # fused tensors would stay behind on the device
-        for name in OFFLOADED[plan]:
-            torch.nn.Module.to(getattr(c, name), CPU)
-        resident_layers = resident_layers if plan in STREAMED_TE else 0
-        if plan in STREAMED_TE:
-            self._stream_text_encoder(resident_layers, share=plan == "te-offload")
-        if plan == "block-offload":
-            self._stream_transformer(resident_blocks)
-        if plan == "sequential":
-            from diffusers.hooks import apply_group_offloading
-
-            for module in (c.transformer, c.text_encoder):
-                apply_group_offloading(
-                    module,
-                    onload_device=self.device,
-                    offload_device=CPU,
-                    offload_type="leaf_level",
-                    use_stream=self.device.type == "cuda",
-                )
-        self.plan = plan
-        self.resident_blocks = resident_blocks if plan == "block-offload" else 0
-        self.resident_layers = resident_layers
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Streamed weights back in their modules (on the CPU) for the body, e.g. a dtype cast."""
-        if not self.streamers:
-            yield
-            return
-        self._stop_streaming()
-        yield
-        self.change(self.plan, self.resident_blocks, self.resident_layers)
-
-    def stage(self, name: str) -> None:
-        """Before `name` (encode, denoise, decode): under model-offload, only its module on the
-        device; under te-offload, the shared memory starts filling for what comes next."""
-        arena = self.streamers.get("arena")
-        if arena is not None and name in ("decode", "denoise"):
-            # After denoising, the shared blocks are done until the next image: the encoder's
-            # layers come in during the decode, in case the next prompt is new.
-            arena.prefetch("text_encoder" if name == "decode" else "transformer")
-        if self.plan != "model-offload":
-            return
-        c = self.components
-        wanted = {"encode": c.text_encoder, "denoise": c.transformer}.get(name)
-        for module in (c.text_encoder, c.transformer):
-            if module is not wanted:
-                torch.nn.Module.to(module, CPU)
-        if wanted is not None:
-            torch.nn.Module.to(wanted, self.device)
-
-    def _stream_text_encoder(self, resident_layers: int, share: bool = False) -> None:
-        from .stream import BlockStreamer
-
-        te = self.components.text_encoder
-        _move_all_but(te, ("embed_tokens", "layers"), self.device)  # the small rest: final norm, rotary tables
-        embed = te.embed_tokens
-        torch.nn.Module.to(embed, CPU)  # 0.8 GB for a lookup of a few hundred rows: done on the CPU
-        self._embed_hooks = [
-            embed.register_forward_pre_hook(lambda _m, args: tuple(a.to(CPU) for a in args)),
-            embed.register_forward_hook(lambda _m, _a, out: out.to(self.device, non_blocking=True)),
-        ]
-        layers = list(te.layers)
-        for layer in layers[-UNUSED_TEXT_LAYERS:]:
-            torch.nn.Module.to(layer, CPU)  # never runs: stays where no copy reaches it
-        layers = layers[:-UNUSED_TEXT_LAYERS]
-        chosen = set(streamed_positions(len(layers), len(layers) - resident_layers))
-        for i, layer in enumerate(layers):
-            torch.nn.Module.to(layer, CPU if i in chosen else self.device)
-        streamed = [x for i, x in enumerate(layers) if i in chosen]
-        if share:
-            streamed = self._share_transformer_memory(streamed)
-        self.streamers["text_encoder"] = BlockStreamer(streamed, self.device)
-
-    def _share_transformer_memory(self, streamed: list[torch.nn.Module]) -> list[torch.nn.Module]:
-        """Give the last SHARED_BLOCKS transformer blocks' memory to as many of the `streamed`
-        text-encoder layers (the last ones) as fit in it, and return the layers still streamed.
-
-        A new prompt then copies fewer layers while it waits: the shared layers come in during the
-        previous image's decode, the blocks return during the first step (zturbo.stream.SharedArena).
-        """
-        from .stream import SharedArena, packed_size, streamable
-
-        blocks = list(self.components.transformer.layers)[-SHARED_BLOCKS:]
-        if not streamed or not blocks or not all(streamable(b) for b in blocks):
-            return streamed  # quantized weights cannot be packed as raw bytes
-        room = sum(packed_size(b) for b in blocks)
-        shared: list[torch.nn.Module] = []
-        for layer in reversed(streamed):
-            room -= packed_size(layer)
-            if room < 0:
-                break
-            shared.insert(0, layer)
-        if not shared:
-            return streamed
-        unfuse_projections(self.components.transformer, blocks)
-        for block in blocks:
-            torch.nn.Module.to(block, CPU)  # free their device memory before the arena takes it
-        self.streamers["arena"] = SharedArena({"transformer": blocks, "text_encoder": shared}, self.device)
-        return [layer for layer in streamed if all(layer is not x for x in shared)]
-
-    def _stream_transformer(self, resident_blocks: int) -> None:
-        from .stream import BlockStreamer
-
-        transformer = self.components.transformer
-        blocks = list(transformer_blocks(transformer))
-        if not 0 <= resident_blocks < len(blocks):
-            raise ValueError(f"resident_blocks {resident_blocks} is not in 0..{len(blocks) - 1}")
-        _move_all_but(transformer, BLOCK_LISTS, self.device)  # embedders, final layer, pad tokens
-        chosen = set(streamed_positions(len(blocks), len(blocks) - resident_blocks))
-        # Already unfused: change() unfuses the whole transformer for every plan that offloads it.
-        streamed = [b for i, b in enumerate(blocks) if i in chosen]
-        for i, block in enumerate(blocks):
-            torch.nn.Module.to(block, CPU if i in chosen else self.device)
-        self.streamers["transformer"] = BlockStreamer(streamed, self.device)
-
-    def _stop_streaming(self) -> None:
-        for streamer in self.streamers.values():
-            streamer.remove()
-        self.streamers.clear()
-        for hook in self._embed_hooks:
-            hook.remove()
-        self._embed_hooks = []
+    return replace(layout, plan=target)
 
 
 def compilable(plan: str) -> bool:
@@ -595,30 +394,60 @@ def compilable(plan: str) -> bool:
 def fusable(plan: str) -> bool:
     """Whether `plan` may fuse projections: only where no block's weights move. A fused tensor is
     a new device copy (a plain attribute) that streamed or shared blocks' views and `Module.to`
-    would not reach. Fusing the resident blocks of a streamed plan after placement was measured
-    (session 9): ~40 ms less at 8 GiB, but 1.1 GiB of the 16 GiB cap left reserved and unusable
-    around the freed projections, so the decode ran out of memory."""
+    would not reach. Fusing the resident blocks of a streamed plan after placement was measured:
+    ~40 ms less at 8 GiB, but 1.1 GiB of the 16 GiB cap left reserved and unusable around the
+    freed projections, so the decode ran out of memory."""
     return plan == "resident"
 
 
-def streamed_positions(total: int, streamed: int) -> list[int]:
-    """Which of `total` blocks (in execution order) stream: `streamed` of them, evenly spread.
+# ---------------------------------------------------------------------------------------------
+# The load-time policy
 
-    Spread, because the copy engine then keeps working while the resident blocks in between
-    compute; with the resident blocks bunched at the end, only two copies (the two slots) can
-    overlap them and the link idles for the rest (docs/performance.md has both measured).
+
+def plan_layout(
+    config: Any, source: Any, dtypes: dict[str, torch.dtype], budget: int | None, caps: Any, *, compiled_vae: bool
+) -> Layout:
+    """The layout to load with: `config.memory`, or the fastest that fits `budget` bytes (None:
+    no device budget, the memory is the host's). An explicit te-offload or block-offload keeps as
+    many layers or blocks resident as the budget allows.
+
+    Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
+    layout is chosen only when no exact one fits.
     """
-    return [(2 * i + 1) * total // (2 * streamed) for i in range(streamed)] if streamed else []
+    if config.quantize != "none" and config.memory in UNQUANTIZED_PLANS:
+        raise InvalidRequestError(
+            f"--quantize {config.quantize} cannot be combined with --memory {config.memory}, which streams plain "
+            "weights; use --memory auto, resident, te-offload or model-offload with it"
+        )
+    tunable = config.memory in TUNABLE_PLANS
+    if budget is None or (config.memory != "auto" and not tunable):
+        return Layout(config.memory if config.memory != "auto" else "resident", quantize=config.quantize)
+    shape = shape_from_source(source)
+    sizes = dtype_bytes(dtypes)
+    request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "compiled_vae": compiled_vae}
+    if tunable:
+        usable = usable_budget(budget)
+        est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request)
+        return replace(layout_of(est), vae_tiling=est.peak > usable)
+    exact = config.quantize == "none"
+    options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)
+    choice = choose(shape, sizes, budget, quantize_options=options, exact=exact, **request)
+    return _chosen(choice, config.quantize)
 
 
-def _move_all_but(module: torch.nn.Module, skip: tuple[str, ...], device: torch.device) -> None:
-    """Move `module`'s own tensors and its children but those named in `skip` (left where they are)."""
-    for name, child in module.named_children():
-        if name not in skip:
-            torch.nn.Module.to(child, device)
-    for param in module._parameters.values():
-        if param is not None:
-            param.data = param.data.to(device)
-    for name, buffer in module._buffers.items():
-        if buffer is not None:
-            module._buffers[name] = buffer.to(device)
+def _chosen(choice: Choice, quantize: str) -> Layout:
+    budget = choice.budget
+    if choice.chosen is None and quantize != "none":
+        # The streaming plans move plain weights only, so a quantized transformer has no leaner plan.
+        least = min(choice.considered, key=lambda e: e.peak)
+        raise GPUMemoryError(
+            f"--quantize {quantize} needs about {least.peak / GIB:.1f} GiB even as {least.label()}, "
+            f"and the budget is {budget / GIB:.1f} GiB; use --quantize none, whose block-offload and "
+            "sequential plans stream the weights and fit in less"
+        )
+    if choice.chosen is None:
+        log.warning("no memory plan fits %.1f GiB even at %d²; trying the leanest", budget / GIB, PLANNED_SIZE)
+        return Layout(PLANS[-1], vae_tiling=True, quantize=quantize)
+    est = choice.chosen
+    log.info("memory plan %s: estimated peak %.1f GiB of %.1f GiB", est.label(), est.peak / GIB, budget / GIB)
+    return layout_of(est)

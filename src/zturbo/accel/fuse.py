@@ -1,0 +1,60 @@
+"""The transformer's repeated blocks, and fused projections: q/k/v and the SwiGLU's w1/w3 as one GEMM each.
+
+Fusing changes no result: the separate weights become views into the concatenated tensor, so the
+state dict keeps its keys and in-place changes (the float16 guard's scaling of w3) reach the fused tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+FUSED_QKV = "zturbo_fused_qkv"  # attribute of an attention module whose q/k/v weights are fused
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    for name in BLOCK_LISTS:
+        yield from getattr(transformer, name)
+
+
+def fuse_projections(transformer: torch.nn.Module) -> None:
+    """Concatenate q/k/v and the SwiGLU's w1/w3 weights per block, so each pair/triple is one GEMM."""
+    for block in transformer_blocks(transformer):
+        attn, ffn = block.attention, block.feed_forward
+        if getattr(attn, FUSED_QKV, None) is not None:
+            continue
+        setattr(attn, FUSED_QKV, _concat_as_views(attn.to_q, attn.to_k, attn.to_v))
+        w13 = _concat_as_views(ffn.w1, ffn.w3)
+        ffn.forward = _fused_swiglu(ffn, w13)
+
+
+def unfuse_projections(transformer: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = None) -> None:
+    """Back to one product per projection, in all blocks or in `blocks` (before quantizing the
+    separate linears, or before a block's weights move into streaming memory: the fused tensor is
+    a copy the streamed views would not reach)."""
+    for block in transformer_blocks(transformer) if blocks is None else blocks:
+        if getattr(block.attention, FUSED_QKV, None) is not None:
+            delattr(block.attention, FUSED_QKV)
+            del block.feed_forward.forward
+
+
+def _concat_as_views(*linears: torch.nn.Linear) -> torch.Tensor:
+    fused = torch.cat([lin.weight for lin in linears])
+    start = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = torch.nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
+
+
+def _fused_swiglu(ffn: torch.nn.Module, w13: torch.Tensor) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return ffn.w2(ffn._forward_silu_gating(gate, up))  # w2's hooks (the fp16 guard) still run
+
+    return forward

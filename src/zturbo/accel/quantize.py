@@ -1,0 +1,105 @@
+"""Quantization of the transformer's block linears with torchao (fp8, int8, int4), and which
+quantizations a device and dtype can run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import QUANTIZE_CHOICES
+from ..errors import DeviceError
+from .fuse import BLOCK_LISTS
+
+QUANTIZED = "zturbo_quantized"  # attribute on a transformer whose block linears are quantized
+# Kept plain under fp8: the caption refiner's products have one row per caption token (tens), where
+# fp8 gains nothing, and its unmodulated blocks are a graph of their own, which costs over a
+# minute to compile in fp8 and seconds in bf16. Weight-only modes shrink it: they are for memory.
+FP8_PLAIN_BLOCKS = ("context_refiner",)
+PREFERENCE = ("fp8", "int8", "int4")  # fastest first
+
+
+def is_block_linear(module: torch.nn.Module, name: str) -> bool:
+    """A block projection (what quantization changes); adaLN's (B, 256)-input linears are not."""
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name.startswith(tuple(f"{b}." for b in BLOCK_LISTS))
+        and ("adaLN" not in name)
+    )
+
+
+def quantizes(mode: str, module: torch.nn.Module, name: str) -> bool:
+    """Whether `mode` quantizes the transformer's submodule `name`."""
+    return is_block_linear(module, name) and not (mode == "fp8" and name.startswith(FP8_PLAIN_BLOCKS))
+
+
+def check_quantize(quantize: str, caps: Any, transformer_dtype: torch.dtype | None = None) -> None:
+    """Refuse a quantization the device or the transformer dtype cannot run, naming what would."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise DeviceError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+    if quantize == "fp8" and not caps.fp8:
+        raise DeviceError(
+            f"--quantize fp8 needs a GPU with fp8 matrix units (compute capability 8.9 or newer); "
+            f"{caps.name} has none. Use --quantize int8 or none"
+        )
+    if quantize == "int4" and not caps.device.startswith("cuda"):
+        raise DeviceError(f"--quantize int4 needs a CUDA GPU (its kernels are CUDA-only); {caps.name} is not one")
+    if quantize in ("fp8", "int4") and transformer_dtype not in (None, torch.bfloat16):
+        raise DeviceError(f"--quantize {quantize} computes with bfloat16 activations; use --transformer-dtype bfloat16")
+    if quantize == "int8" and transformer_dtype is torch.float16:
+        raise DeviceError("--quantize int8 does not combine with the float16 overflow guard; use bfloat16 or float32")
+
+
+def usable_quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]:
+    """Quantizations this device can run (torchao installed), fastest first, for the memory planner."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        return ()
+    usable = []
+    for mode in PREFERENCE:
+        try:
+            check_quantize(mode, caps, transformer_dtype)
+        except DeviceError:
+            continue
+        usable.append(mode)
+    return tuple(usable)
+
+
+def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> None:
+    """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations;
+    not the caption refiner's, see FP8_PLAIN_BLOCKS), int8 or int4 (weight-only; int4 in groups of
+    128 along the input).
+
+    With `device`, the transformer (on the CPU) is moved there one block at a time, each block
+    quantized on arrival: the device never holds more than one block of plain weights, so a
+    transformer whose plain weights exceed the device's memory loads when its quantized ones fit,
+    and the freed plain blocks leave no holes larger than one block.
+    """
+    try:
+        from torchao import quantization as tq
+    except ImportError as e:
+        raise DeviceError(f"--quantize {mode} needs torchao (pip install 'zturbo[quant]'): {e}") from None
+    config = _torchao_config(tq, mode)
+    if device is None:
+        tq.quantize_(transformer, config, filter_fn=lambda m, fqn: quantizes(mode, m, fqn))
+    else:
+        for list_name in BLOCK_LISTS:
+            for i, block in enumerate(getattr(transformer, list_name)):
+                torch.nn.Module.to(block, device)
+                prefix = f"{list_name}.{i}."
+                tq.quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: quantizes(mode, m, p + fqn))
+        torch.nn.Module.to(transformer, device)  # the rest: embedders, final layer (kept dtypes)
+    setattr(transformer, QUANTIZED, mode)
+
+
+def _torchao_config(tq: Any, mode: str) -> Any:
+    # set_inductor_config=False: by default each config switches on Inductor's coordinate-descent
+    # tuning process-wide, and every Triton kernel compiled afterwards (the fp8 blocks, the VAE
+    # decoder, the text encoder) is then tuned one candidate at a time in this process: on an H100
+    # the fp8 first image took minutes, most of it tuning kernels (scripts/probe_fp8_compile.py).
+    if mode == "fp8":
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=tq.PerRow(), set_inductor_config=False)
+    if mode == "int8":
+        return tq.Int8WeightOnlyConfig(set_inductor_config=False)
+    return tq.Int4WeightOnlyConfig(group_size=128, set_inductor_config=False)
