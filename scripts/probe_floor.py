@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from zturbo.accel import attention
-from zturbo.accel import compile as accel
-from zturbo.bench import common
+from zturbo.bench import common, speed
 from zturbo.bench.clocks import ClockSampler
 from zturbo.bench.profiling import profile
 
@@ -179,7 +178,7 @@ def fa3_fp8() -> None:
 
 def e2e() -> None:
     engine = common.load_engine(None, False, DEV, torch.bfloat16)
-    engine.accel = accel.apply(engine.components, compile_=True, quantize="none")
+    speed.prepare(engine, "compiled", speed.BenchOptions(), "none", True, {})  # as `zturbo bench` compiles
     new = common.zturbo_e2e(engine, 1024)
     new()
     engine.warmup(1024, 1024)
