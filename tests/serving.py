@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 
 import zturbo
+from zturbo.config import RuntimeConfig
+from zturbo.request import ModelLimits
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -94,3 +96,14 @@ class Server:
     def worker(self) -> dict:
         [worker] = self.client.get("/v1/status").json()["workers"]
         return worker
+
+
+LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
+
+
+def in_process_app(data_dir: Path, limits: ModelLimits = LIMITS, **settings):
+    """The HTTP API app in this process, with no workers (accepted jobs wait in the queue) and no key."""
+    from zturbo.serving.app import ServeSettings, create_app
+
+    config = RuntimeConfig(model="unloaded", device="cpu")
+    return create_app(ServeSettings(config=config, data_dir=data_dir, devices=[], limits=limits, **settings))

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 
 import pytest
 
+from zturbo.errors import InvalidRequestError
+from zturbo.request import GenerateRequest, ModelLimits
 from zturbo.serving import jobs
 from zturbo.serving.jobs import JobStore
+from zturbo.serving.schemas import job_params
+
+LIMITS = ModelLimits(spatial_unit=16, max_pixels=128 * 128)
 
 
-def params(prompt: str = "a fox") -> dict:
-    return {"prompt": prompt, "negative_prompt": "", "n": 1, "width": 64, "height": 64, "steps": 2,
-            "guidance_scale": 0.0, "seed": 1}  # fmt: skip
+def params(prompt: str = "a fox") -> GenerateRequest:
+    return GenerateRequest.create(prompt, limits=LIMITS, width=64, height=64, steps=2, seed=1)
 
 
 @pytest.fixture
@@ -135,11 +141,11 @@ def test_history_is_finished_jobs_newest_first_paged_and_searchable(tmp_path):
         claim = store.claim("w0")
         store.succeed(claim, [jobs.ImageRef(jobs.new_id(), 0, 1, f"{claim.job_id}-0.png")])
     items, total = store.history(limit=2, offset=0)
-    assert total == 3 and [j.params["prompt"] for j in items] == ["RED panda", "a blue whale"]
+    assert total == 3 and [job_params(j.params)["prompt"] for j in items] == ["RED panda", "a blue whale"]
     items, _ = store.history(limit=2, offset=2)
-    assert [j.params["prompt"] for j in items] == ["A Red Fox"]
+    assert [job_params(j.params)["prompt"] for j in items] == ["A Red Fox"]
     items, total = store.history(limit=10, offset=0, query="red")
-    assert total == 2 and {j.params["prompt"] for j in items} == {"A Red Fox", "RED panda"}
+    assert total == 2 and {job_params(j.params)["prompt"] for j in items} == {"A Red Fox", "RED panda"}
 
 
 def test_delete_removes_a_finished_job_and_its_files(tmp_path):
@@ -158,3 +164,43 @@ def test_delete_removes_a_finished_job_and_its_files(tmp_path):
     queued = store.submit(params())
     with pytest.raises(jobs.JobConflictError, match="queued"):
         store.delete(queued.id, tmp_path)
+
+
+def test_a_job_stores_its_request_and_runs_it_as_validated(store):
+    request = GenerateRequest.create("a fox", limits=LIMITS, width=64, height=48, seeds=[9, 3], variation_strength=0.2)
+    job = store.submit(request)
+    claim = store.claim("w0")
+    assert jobs.stored_request(claim.params, LIMITS) == request  # random variation seed included
+    # Trusted: a stored request is not validated again, so a tighter limit later does not refuse it.
+    assert jobs.stored_request(claim.params, ModelLimits(16, 16 * 16)) == request
+    view = job_params(job.params)
+    assert (view["n"], view["seed"], view["seeds"], view["width"]) == (2, None, [9, 3], 64)
+    assert view["variation_seed"] == request.variation_seed is not None
+
+
+def _queue_plain_params(path, params: dict) -> None:
+    """A job as an earlier version queued it: the plain parameter dict."""
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO jobs (id, status, params, prompt, created_at) VALUES (?, ?, ?, ?, 0)",
+            ("old", jobs.QUEUED, json.dumps(params), params["prompt"]),
+        )
+
+
+def test_a_job_queued_by_an_earlier_version_still_runs(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    JobStore(path).close()
+    old = {"prompt": "a fox", "negative_prompt": "", "n": 2, "width": 64, "height": 64, "steps": 2,
+           "guidance_scale": 0.0, "seed": 5, "seeds": None, "variation_seed": 40,
+           "variation_strength": 0.5}  # fmt: skip
+    _queue_plain_params(path, old)
+    store = JobStore(path)
+    claim = store.claim("w0")
+    request = jobs.stored_request(claim.params, LIMITS)
+    assert [(s.seed, s.variation_seed) for s in request.images] == [(5, 40), (5, 41)]
+    assert (request.steps, request.width, request.variety_until) == (2, 64, 0.25)
+    assert job_params(store.get("old").params) == old  # the view shows it as stored
+    # Such a job is validated once, when it runs: against this server's limits.
+    with pytest.raises(InvalidRequestError, match="above the limit of 256"):
+        jobs.stored_request(claim.params, ModelLimits(16, 16 * 16))
+    store.close()

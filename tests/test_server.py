@@ -238,9 +238,9 @@ BAD_JOBS = [
     ({"width": 1000}, "width"),
     ({"width": 8}, "width"),
     ({"width": 256, "height": 256}, "width"),  # above --max-pixels
-    ({"n": 9}, "n"),
+    ({"n": 65}, "n"),
     ({"n": 0}, "n"),
-    ({"steps": 51}, "steps"),
+    ({"steps": 101}, "steps"),
     ({"steps": 2.5}, "steps"),
     ({"steps": "8"}, "steps"),
     ({"guidance_scale": 31}, "guidance_scale"),
@@ -258,7 +258,7 @@ BAD_JOBS = [
     ({"variety_until": 0}, "variety_until"),
     ({"variety_until": 1.01}, "variety_until"),
     ({"seeds": []}, "seeds"),
-    ({"seeds": list(range(9))}, "seeds"),
+    ({"seeds": list(range(65))}, "seeds"),
     ({"seeds": [1, -2]}, "seeds.1"),
     ({"seeds": "1-8"}, "seeds"),
     ({"seeds": [1, 2], "seed": 3}, "seeds"),
@@ -304,6 +304,8 @@ def test_metrics_and_status(server):
     status = server.client.get("/v1/status").json()
     assert status["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
     assert status["device"] == "cpu" and status["workers"][0]["state"] in ("ready", "busy")
+    assert status["limits"] == {"spatial_unit": 16, "max_pixels": 128 * 128, "max_images": 64, "max_steps": 100,
+                                "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1}  # fmt: skip
 
 
 # --- load: a bounded queue under 200 concurrent submissions ------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, ZTurboError
-from .request import GenerateRequest, ModelLimits
+from .request import FIELDS, GenerateRequest, ModelLimits, convert_fields, field_for
 
 if TYPE_CHECKING:
     from .engine import Engine, GeneratedImage, StepCallback
@@ -29,11 +29,7 @@ log = logging.getLogger("zturbo")
 
 MANIFEST = "manifest.jsonl"
 DEFAULT_MAX_BATCH = 4
-_INT = ("seed", "steps", "width", "height", "batch", "variation_seed")
-_FLOAT = ("guidance_scale", "variation_strength", "variety", "variety_until")
-_TEXT = ("prompt", "negative_prompt", "seeds")
-COLUMNS = _TEXT + _INT + _FLOAT
-_ALIASES = {"guidance": "guidance_scale", "cfg_scale": "guidance_scale", "negative": "negative_prompt"}
+COLUMNS = tuple(f.name for f in FIELDS)  # any alias of the request table names a column too
 
 
 @dataclass
@@ -106,33 +102,18 @@ def _csv_rows(text: str, path: Path) -> Iterable[BatchRow]:
 
 
 def _column(name: str) -> str:
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    return _ALIASES.get(key, key)
+    """A column header's request field name (any alias of the request table; `size` stays `size`)."""
+    f = field_for(name)
+    return f.name if f is not None else name.strip().lower()
 
 
 def _typed_row(number: int, record: dict[str, Any]) -> BatchRow:
-    """Column names normalised and text numbers converted; the first problem becomes the row's error."""
-    params: dict[str, Any] = {}
+    """Column names normalised and text numbers converted (by the request table); the first problem
+    becomes the row's error."""
     try:
-        for name, value in record.items():
-            key = _column(str(name))
-            if key not in COLUMNS:
-                raise InvalidRequestError(f"unknown column {name!r}; allowed: {', '.join(COLUMNS)}")
-            params[key] = _convert(key, value)
+        return BatchRow(number, convert_fields({str(k): v for k, v in record.items()}, what="column"))
     except InvalidRequestError as e:
-        return BatchRow(number, params, str(e))
-    return BatchRow(number, params)
-
-
-def _convert(key: str, value: Any) -> Any:
-    if not isinstance(value, str) or key in _TEXT:
-        return value  # JSON numbers stay as they are; GenerateRequest checks their types
-    text = value.strip()
-    try:
-        return int(text) if key in _INT else float(text)
-    except ValueError:
-        kind = "a whole number" if key in _INT else "a number"
-        raise InvalidRequestError(f"{key} {value!r} is not {kind}") from None
+        return BatchRow(number, {}, str(e))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .config import (
     TINY_MODEL,
 )
 from .errors import InvalidRequestError, ZTurboError
-from .request import DEFAULT_SIZE, DEFAULT_STEPS, DEFAULT_VARIETY_UNTIL
+from .request import DEFAULT_SIZE
 from .version import __version__
 
 log = logging.getLogger("zturbo")
@@ -129,38 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
-    """Options shared by `generate` and `batch`; all default to None, so a given value can be told apart."""
+    """Options shared by `generate` and `batch`, one per request field of the table (`request.FIELDS`);
+    all default to None, so a given value can be told apart."""
+    from .request import FIELDS, NUMBER, WHOLE
+
     note = f"; applies to {defaults_for}" if defaults_for else ""
-    p.add_argument("--negative-prompt", default=None, help=f"what to avoid (used only when --guidance > 0){note}")
-    p.add_argument("--seed", type=int, default=None, help=f"random seed; image i uses seed+i (default: random){note}")
-    p.add_argument("--seeds", default=None, help="one image per seed: a list and ranges, e.g. 1-8 or 3,7,42")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale; 0 (default) = no CFG, the Turbo setting")
-    p.add_argument("--width", type=int, default=None, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    p.add_argument("--height", type=int, default=None, help=f"multiple of 16 (default {DEFAULT_SIZE})")
-    p.add_argument("--batch", type=int, default=None, help="number of images (default 1)")
-    p.add_argument(
-        "--variation-seed", type=int, default=None, help="A1111 variation seed: noise blended in (default: random)"
-    )
-    p.add_argument(
-        "--variation-strength",
-        type=float,
-        default=None,
-        help="0..1: 0 (default) = the seed's image, 1 = the variation seed's; above 0 the seed stays and image i "
-        "uses variation seed+i",
-    )
-    p.add_argument(
-        "--variety",
-        type=float,
-        default=None,
-        help="0..1 seed variety: seeded noise on the prompt embedding during the first steps (0 = off, default)",
-    )
-    p.add_argument(
-        "--variety-until",
-        type=float,
-        default=None,
-        help=f"fraction of the steps that see the noisy embedding (default {DEFAULT_VARIETY_UNTIL})",
-    )
+    types = {WHOLE: int, NUMBER: float}
+    for f in FIELDS:
+        if f.flag is None:
+            continue
+        allowed = "" if f.bounds == "size" else f"; allowed {f.allowed()}"
+        default = "" if f.default in (None, "") else f" (default {f.default})"
+        p.add_argument(f.flag, type=types.get(f.kind, str), default=None, help=f"{f.doc}{allowed}{default}{note}")
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -169,21 +149,14 @@ def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None
     )
 
 
-# CLI option -> GenerateRequest.create keyword.
-_REQUEST_OPTIONS = {
-    "negative_prompt": "negative_prompt",
-    "seed": "seed",
-    "seeds": "seeds",
-    "steps": "steps",
-    "guidance": "guidance_scale",
-    "width": "width",
-    "height": "height",
-    "batch": "batch",
-    "variation_seed": "variation_seed",
-    "variation_strength": "variation_strength",
-    "variety": "variety",
-    "variety_until": "variety_until",
-}
+def _request_options() -> dict[str, str]:
+    """CLI option (argparse dest) -> GenerateRequest.create keyword."""
+    from .request import FIELDS
+
+    return {f.flag.lstrip("-").replace("-", "_"): f.name for f in FIELDS if f.flag is not None}
+
+
+_REQUEST_OPTIONS = _request_options()
 # Parameters a PNG carries back into a request (`--from`).
 _PNG_PARAMETERS = ("prompt", *_REQUEST_OPTIONS.values())
 

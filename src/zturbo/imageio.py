@@ -14,7 +14,7 @@ from .errors import InvalidRequestError, OutputExistsError
 
 if TYPE_CHECKING:
     from .engine import GeneratedImage, ModelInfo
-    from .request import GenerateRequest
+    from .request import Field, GenerateRequest
 
 METADATA_KEY = "zturbo"
 A1111_KEY = "parameters"
@@ -56,12 +56,15 @@ def build_metadata(
 
 
 def a1111_parameters(meta: dict[str, Any]) -> str:
-    """The A1111 `parameters` text: prompt, negative prompt line, then `Key: value` pairs."""
+    """The A1111 `parameters` text: prompt, negative prompt line, then `Key: value` pairs (the
+    request table's A1111 labels)."""
+    from .request import FIELD
+
     fields = {
-        "Steps": meta["steps"],
+        FIELD["steps"].a1111: meta["steps"],
         "Sampler": "Euler",
-        "CFG scale": meta["guidance_scale"],
-        "Seed": meta["seed"],
+        FIELD["guidance_scale"].a1111: meta["guidance_scale"],
+        FIELD["seed"].a1111: meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
         **_a1111_noise_fields(meta),
         "Model hash": (meta.get("model_fingerprint") or "")[:10],
@@ -70,20 +73,20 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     }
     text = meta["prompt"]
     if meta.get("negative_prompt"):
-        text += f"\nNegative prompt: {meta['negative_prompt']}"
+        text += f"\n{FIELD['negative_prompt'].a1111}: {meta['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in fields.items())
 
 
 def _a1111_noise_fields(meta: dict[str, Any]) -> dict[str, Any]:
     """A1111's names for variation seeds; seed variety has none in A1111, so it gets its own."""
-    fields: dict[str, Any] = {}
+    from .request import FIELD
+
+    names: tuple[str, ...] = ()
     if meta.get("variation_seed") is not None and meta.get("variation_strength"):
-        fields["Variation seed"] = meta["variation_seed"]
-        fields["Variation seed strength"] = meta["variation_strength"]
+        names = ("variation_seed", "variation_strength")
     if meta.get("variety"):
-        fields["Seed variety"] = meta["variety"]
-        fields["Seed variety until"] = meta["variety_until"]
-    return fields
+        names += ("variety", "variety_until")
+    return {FIELD[name].a1111: meta[name] for name in names}
 
 
 def _a1111_value(value: object) -> str:
@@ -114,16 +117,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(text)
 
 
-# A1111 `parameters` keys -> (request parameter, parser). Others are listed as ignored when read.
-_A1111_FIELDS: dict[str, tuple[str, Any]] = {
-    "Steps": ("steps", int),
-    "CFG scale": ("guidance_scale", float),
-    "Seed": ("seed", int),
-    "Variation seed": ("variation_seed", int),
-    "Variation seed strength": ("variation_strength", float),
-    "Seed variety": ("variety", float),
-    "Seed variety until": ("variety_until", float),
-}
 # Keys that describe the file rather than shape the image (or that zturbo writes with a fixed value).
 _A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "Sampler"}
 _A1111_PAIR = re.compile(r'\s*([\w .\-/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -145,18 +138,19 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
             target = negative_lines
             line = line[len("Negative prompt:") :].strip()
         (negative_lines if target is not None else prompt_lines).append(line)
+    from .request import parse_size
+
     params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
     ignored = []
     for key, raw in _A1111_PAIR.findall(settings):
         key, value = key.strip(), raw.strip()
         if value.startswith('"'):
             value = json.loads(value)
+        field = _a1111_field(key)
         if key == "Size":
-            width, _, height = value.partition("x")
-            params["width"], params["height"] = _a1111_number(key, width, int), _a1111_number(key, height, int)
-        elif key in _A1111_FIELDS:
-            name, kind = _A1111_FIELDS[key]
-            params[name] = _a1111_number(key, value, kind)
+            params["width"], params["height"] = _a1111_number(key, value, parse_size)
+        elif field is not None:
+            params[field.name] = _a1111_number(key, value, field.from_text)
         elif key == "Sampler" and value not in ("Euler", "Euler a", "flow_match_euler"):
             ignored.append(f"Sampler ({value})")
         elif key not in _A1111_INFORMATIONAL:
@@ -164,10 +158,17 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
     return params, ignored
 
 
-def _a1111_number(key: str, value: str, kind: Any) -> Any:
+def _a1111_field(label: str) -> Field | None:
+    """The request field an A1111 label names (the table's `a1111` labels only)."""
+    from .request import FIELDS
+
+    return next((f for f in FIELDS if f.a1111 == label and f.name != "negative_prompt"), None)
+
+
+def _a1111_number(key: str, value: str, parse: Any) -> Any:
     try:
-        return kind(value)
-    except ValueError:
+        return parse(value)
+    except ValueError:  # the table's parsers raise FieldError, a ValueError too
         raise InvalidRequestError(f"A1111 parameters: {key} {value!r} is not a number") from None
 
 

@@ -1,25 +1,50 @@
-"""GenerateRequest: generation parameters validated once, with the seed resolved."""
+"""GenerateRequest: generation parameters validated once, with the seed resolved.
+
+`FIELDS` is the one table of request fields (names, aliases, defaults, docs) and `LIMITS` the one
+set of numbers every door enforces: the CLI, batch rows, the HTTP API and the web UI all build
+their request through `GenerateRequest.create` (directly, or by `from_fields` from their own names
+and text values), so they accept and refuse the same values with the same messages.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import InvalidRequestError
+from .errors import FieldError
 
 DEFAULT_STEPS = 8
 DEFAULT_GUIDANCE = 0.0
 DEFAULT_SIZE = 1024
-MAX_STEPS = 100
-MAX_GUIDANCE = 30.0
-MAX_BATCH = 64
-SEED_MAX = 2**63 - 1
 # Seed variety: the fraction of the steps that see the noisy prompt embedding by default. Early
 # steps fix the composition; leaving the last ones clean lets the image follow the prompt again.
 DEFAULT_VARIETY_UNTIL = 0.25
+REQUEST_FORMAT = 1  # version of `GenerateRequest.to_dict`'s layout
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The numbers every door enforces; width and height come from the model (`ModelLimits`)."""
+
+    steps: tuple[int, int] = (1, 100)
+    images: tuple[int, int] = (1, 64)  # images per request, and seeds per seed list
+    guidance: tuple[float, float] = (0.0, 30.0)
+    prompt_chars: int = 4000
+    # Image i uses seed + i (or variation seed + i), so the last image's seed must fit too.
+    seed: tuple[int, int] = (0, 2**63 - 1)
+    fraction: tuple[float, float] = (0.0, 1.0)
+
+
+LIMITS = Limits()
+MAX_STEPS = LIMITS.steps[1]
+MAX_GUIDANCE = LIMITS.guidance[1]
+MAX_BATCH = LIMITS.images[1]
+SEED_MAX = LIMITS.seed[1]
 
 
 @dataclass(frozen=True)
@@ -29,6 +54,160 @@ class ModelLimits:
     spatial_unit: int  # width and height must be multiples of this (VAE factor x patch size)
     max_pixels: int
     max_tokens: int = 512
+
+
+TEXT, WHOLE, NUMBER, SEEDS = "text", "whole number", "number", "seed list"
+
+
+@dataclass(frozen=True)
+class Field:
+    """One request field: its `GenerateRequest.create` keyword and what each door calls it.
+
+    `bounds` names the `Limits` entry that bounds it ("size": the model's `ModelLimits`).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    bounds: str
+    doc: str
+    flag: str | None = None  # the CLI option
+    http: str = ""  # the name in HTTP bodies and the job view (default: `name`)
+    a1111: str | None = None  # the label in A1111's `parameters` text
+    aliases: tuple[str, ...] = ()  # other accepted names: A1111's API, OpenAI, short forms
+
+    @property
+    def api_name(self) -> str:
+        return self.http or self.name
+
+    def range(self, limits: Limits = LIMITS) -> tuple[float, float] | None:
+        """(lowest, highest) allowed value of a number field; None for text, seed lists and sizes."""
+        if self.bounds in ("steps", "images", "guidance", "seed", "fraction"):
+            return getattr(limits, self.bounds)
+        if self.bounds == "fraction>0":
+            return limits.fraction
+        return None
+
+    def allowed(self, limits: Limits = LIMITS) -> str:
+        """What is allowed, as the error messages and the docs say it."""
+        if self.bounds == "prompt":
+            return f"at most {limits.prompt_chars} characters"
+        if self.bounds == "size":
+            return "a multiple of the model's spatial unit (16), width x height at most the pixel limit"
+        if self.bounds == "seeds":
+            return f"1..{limits.images[1]} seeds, each {limits.seed[0]}..{limits.seed[1]}"
+        if self.bounds == "fraction>0":
+            return "above 0 up to 1"
+        lo, hi = self.range(limits) or (0, 0)
+        return f"{lo:g}..{hi:g}" if self.kind == NUMBER else f"{lo}..{hi}"
+
+    def from_text(self, value: object) -> object:
+        """A door's text value as this field's type (non-text values pass on: `create` checks them)."""
+        if not isinstance(value, str) or self.kind in (TEXT, SEEDS):
+            return value
+        text = value.strip()
+        try:
+            return int(text) if self.kind == WHOLE else float(text)
+        except ValueError:
+            raise FieldError(self.name, f"{self.name} {value!r} is not a {self.kind}") from None
+
+
+# Ordered as the batch file columns are listed.
+FIELDS: tuple[Field, ...] = (
+    Field("prompt", TEXT, None, "prompt", "what to draw (any language the text encoder knows)"),
+    Field("negative_prompt", TEXT, "", "prompt", "what to avoid (used only when guidance > 0)",
+          "--negative-prompt", a1111="Negative prompt", aliases=("negative",)),
+    Field("seeds", SEEDS, None, "seeds", "one image per seed: a list and ranges, e.g. 1-8 or 3,7,42",
+          "--seeds"),
+    Field("seed", WHOLE, None, "seed", "random seed; image i uses seed+i (default: random)", "--seed",
+          a1111="Seed"),
+    Field("steps", WHOLE, DEFAULT_STEPS, "steps", "denoising steps", "--steps", a1111="Steps"),
+    Field("width", WHOLE, DEFAULT_SIZE, "size", "image width in pixels, a multiple of 16", "--width"),
+    Field("height", WHOLE, DEFAULT_SIZE, "size", "image height in pixels, a multiple of 16", "--height"),
+    Field("batch", WHOLE, 1, "images", "number of images (per prompt)", "--batch", http="n",
+          aliases=("n", "batch_size")),
+    Field("variation_seed", WHOLE, None, "seed", "A1111 variation seed: noise blended in (default: random)",
+          "--variation-seed", a1111="Variation seed", aliases=("subseed",)),
+    Field("guidance_scale", NUMBER, DEFAULT_GUIDANCE, "guidance",
+          "CFG scale; 0 = no CFG, the Turbo setting", "--guidance", a1111="CFG scale",
+          aliases=("guidance", "cfg_scale")),
+    Field("variation_strength", NUMBER, 0.0, "fraction",
+          "0 = the seed's image, 1 = the variation seed's; above 0 the seed stays and image i uses "
+          "variation seed+i", "--variation-strength", a1111="Variation seed strength",
+          aliases=("subseed_strength",)),
+    Field("variety", NUMBER, 0.0, "fraction",
+          "seed variety: seeded noise on the prompt embedding during the first steps (0 = off)", "--variety",
+          a1111="Seed variety"),
+    Field("variety_until", NUMBER, DEFAULT_VARIETY_UNTIL, "fraction>0",
+          "fraction of the steps that see the noisy embedding", "--variety-until", a1111="Seed variety until"),
+)  # fmt: skip
+FIELD = {f.name: f for f in FIELDS}
+SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" or "auto": sets width and height
+
+
+def _normal(name: str) -> str:
+    return name.strip().lstrip("-").lower().replace("-", "_").replace(" ", "_")
+
+
+def _index() -> dict[str, Field]:
+    out: dict[str, Field] = {}
+    for f in FIELDS:
+        names = (f.name, f.api_name, f.flag or f.name, f.a1111 or f.name, *f.aliases)
+        out.update({_normal(n): f for n in names})
+    return out
+
+
+_BY_ALIAS = _index()
+
+
+def field_for(name: str) -> Field | None:
+    """The field a door's name (canonical, HTTP, CLI flag, A1111 or OpenAI alias; any case) means."""
+    return _BY_ALIAS.get(_normal(name))
+
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: object) -> tuple[int, int]:
+    """OpenAI's and A1111's `size`: "WIDTHxHEIGHT" or "auto" (the default size)."""
+    if size == "auto":
+        return DEFAULT_SIZE, DEFAULT_SIZE
+    m = _SIZE.match(size.strip()) if isinstance(size, str) else None
+    if m is None:
+        raise FieldError(SIZE_FIELD, f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
+    return int(m.group(1)), int(m.group(2))
+
+
+def convert_fields(values: Mapping[str, object], *, what: str = "field") -> dict[str, object]:
+    """A door's names and text values -> `create` keywords (unknown names refused with the allowed list).
+
+    Limits are not checked here: `GenerateRequest.create` does that, once.
+    """
+    out: dict[str, object] = {}
+    for name, value in values.items():
+        if _normal(str(name)) == SIZE_FIELD:
+            out["width"], out["height"] = parse_size(value)
+            continue
+        f = field_for(str(name))
+        if f is None:
+            allowed = ", ".join(x.name for x in FIELDS)
+            raise FieldError(str(name), f"unknown {what} {str(name)!r}; allowed: {allowed}")
+        if f.name in out:
+            raise FieldError(str(name), f"{f.name} is given twice (as {str(name)!r} and another name)")
+        out[f.name] = f.from_text(value)
+    return out
+
+
+def _relabel(err: FieldError, given: Mapping[str, str]) -> FieldError:
+    """`err` naming the field as the door called it (`given`: canonical name -> the door's name)."""
+    canonical, _, rest = (err.field or "").partition(".")
+    door = given.get(canonical)
+    if door is None or door == canonical:
+        return err
+    if door == SIZE_FIELD:
+        return FieldError(SIZE_FIELD, str(err))
+    message = re.sub(rf"\b{canonical}\b", door, str(err))
+    return FieldError(f"{door}.{rest}" if rest else door, message)
 
 
 @dataclass(frozen=True)
@@ -68,6 +247,7 @@ class GenerateRequest:
     variation_strength: float = 0.0
     variety: float = 0.0  # seed-variety strength; 0 = the plain image
     variety_until: float = DEFAULT_VARIETY_UNTIL
+    variation_seed: int | None = None  # as given or drawn; images use it only with a strength above 0
 
     def __post_init__(self) -> None:
         if not self.images:  # built directly rather than by `create`: image i uses seed + i
@@ -138,10 +318,11 @@ class GenerateRequest:
         variety: float = 0.0,
         variety_until: float = DEFAULT_VARIETY_UNTIL,
     ) -> GenerateRequest:
+        """The one validator: every door's request passes here; errors name the field, value and range."""
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
-        _check_int("steps", steps, 1, MAX_STEPS)
-        _check_int("batch", batch, 1, MAX_BATCH)
+        _check_int("steps", steps, *LIMITS.steps)
+        _check_int("batch", batch, *LIMITS.images)
         guidance = _check_guidance(guidance_scale)
         _check_size(width, height, limits)
         strength = _check_fraction("variation_strength", variation_strength)
@@ -157,18 +338,87 @@ class GenerateRequest:
             seed = secrets.randbelow(2**32)
         varying = strength > 0
         # A1111: with a variation strength the seed stays and the variation seed counts up instead.
-        _check_int("seed", seed, 0, SEED_MAX - (0 if varying else total - 1))
+        _check_int("seed", seed, LIMITS.seed[0], SEED_MAX - (0 if varying else total - 1))
         if variation_seed is None and varying:
             variation_seed = secrets.randbelow(2**32)
         if variation_seed is not None:
             span = 0 if seed_list is not None else total - 1
-            _check_int("variation_seed", variation_seed, 0, SEED_MAX - span)
+            _check_int("variation_seed", variation_seed, LIMITS.seed[0], SEED_MAX - span)
         specs = _specs(prompts, negatives, seed, seed_list, per_prompt, variation_seed if varying else None)
         return cls(
             prompts, negatives, seed, steps, guidance, width, height, per_prompt, seed_was_random,
             images=specs, seeds=seed_list, variation_strength=strength, variety=variety,
-            variety_until=variety_until,
+            variety_until=variety_until, variation_seed=variation_seed,
         )  # fmt: skip
+
+    @classmethod
+    def from_fields(cls, values: Mapping[str, object], limits: ModelLimits, *, what: str = "field") -> GenerateRequest:
+        """A request from a door's names (any alias; `size`) and text values, validated by `create`.
+
+        Errors name the field as the door called it (`n`, `size`, ...).
+        """
+        given: dict[str, str] = {}  # canonical name -> the name the door used
+        for name in map(str, values):
+            if _normal(name) == SIZE_FIELD:
+                given["width"] = given["height"] = SIZE_FIELD
+            elif (f := field_for(name)) is not None:
+                given[f.name] = name
+        try:
+            kwargs = convert_fields(values, what=what)
+            if kwargs.get("prompt") is None:
+                raise FieldError("prompt", "prompt is missing; describe the image to generate")
+            prompt = kwargs.pop("prompt")
+            return cls.create(prompt, limits=limits, **kwargs)  # type: ignore[arg-type]
+        except FieldError as e:
+            raise _relabel(e, given) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field explicit, random seeds resolved, one spec per image: what a job stores and runs."""
+        return {
+            "format": REQUEST_FORMAT,
+            "prompts": list(self.prompts),
+            "negative_prompts": list(self.negative_prompts),
+            "seed": self.seed,
+            "seeds": list(self.seeds) if self.seeds is not None else None,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "batch": self.batch,
+            "variation_seed": self.variation_seed,
+            "variation_strength": self.variation_strength,
+            "variety": self.variety,
+            "variety_until": self.variety_until,
+            "seed_was_random": self.seed_was_random,
+            "images": [dataclasses.asdict(spec) for spec in self.images],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GenerateRequest:
+        """The request `to_dict` described, trusted as it is (it was validated when it was made)."""
+        seeds = data["seeds"]
+        return cls(
+            prompts=tuple(data["prompts"]),
+            negative_prompts=tuple(data["negative_prompts"]),
+            seed=data["seed"],
+            steps=data["steps"],
+            guidance_scale=data["guidance_scale"],
+            width=data["width"],
+            height=data["height"],
+            batch=data["batch"],
+            seed_was_random=data["seed_was_random"],
+            images=tuple(ImageSpec(**spec) for spec in data["images"]),
+            seeds=tuple(seeds) if seeds is not None else None,
+            variation_strength=data["variation_strength"],
+            variety=data["variety"],
+            variety_until=data["variety_until"],
+            variation_seed=data["variation_seed"],
+        )
+
+
+def is_request_dict(data: Mapping[str, Any]) -> bool:
+    """Whether `data` is `GenerateRequest.to_dict` output (not a plain parameter dict)."""
+    return data.get("format") == REQUEST_FORMAT and "images" in data
 
 
 def _specs(
@@ -195,18 +445,19 @@ def _specs(
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`"1-8"`, `"3,7,42"` or a mix (`"1-3,10"`) -> the seeds in the order given."""
     seeds: list[int] = []
+    most = LIMITS.images[1]
     for token in (t.strip() for t in text.split(",")):
         lo, dash, hi = token.partition("-")
         try:
             first, last = (int(lo), int(hi)) if dash else (int(token), int(token))
         except ValueError:
-            raise InvalidRequestError(
-                f"seed list {text!r}: {token!r} is not a seed or a range; write e.g. 1-8 or 3,7,42"
+            raise FieldError(
+                "seeds", f"seed list {text!r}: {token!r} is not a seed or a range; write e.g. 1-8 or 3,7,42"
             ) from None
         if last < first:
-            raise InvalidRequestError(f"seed list {text!r}: range {token!r} runs backwards; write {last}-{first}")
-        if len(seeds) + last - first + 1 > MAX_BATCH:
-            raise InvalidRequestError(f"seed list {text!r} has more than {MAX_BATCH} seeds; allowed 1..{MAX_BATCH}")
+            raise FieldError("seeds", f"seed list {text!r}: range {token!r} runs backwards; write {last}-{first}")
+        if len(seeds) + last - first + 1 > most:
+            raise FieldError("seeds", f"seed list {text!r} has more than {most} seeds; allowed 1..{most}")
         seeds.extend(range(first, last + 1))
     return tuple(seeds)
 
@@ -215,64 +466,85 @@ def _seed_list(seeds: str | Sequence[int] | None, seed: int | None, batch: int) 
     if seeds is None:
         return None
     if seed is not None:
-        raise InvalidRequestError("give either seed or a seed list (seeds), not both")
-    if batch != 1:
-        raise InvalidRequestError(f"a seed list makes one image per seed; batch must be 1, got {batch}")
+        raise FieldError("seeds", "give either seed or a seed list (seeds), not both")
     values = parse_seeds(seeds) if isinstance(seeds, str) else tuple(seeds)
     if not values:
-        raise InvalidRequestError("seed list is empty; give at least one seed")
-    if len(values) > MAX_BATCH:
-        raise InvalidRequestError(f"seed list has {len(values)} seeds; allowed 1..{MAX_BATCH}")
-    for value in values:
-        _check_int("seed", value, 0, SEED_MAX)
+        raise FieldError("seeds", "the seed list (seeds) is empty; give at least one seed")
+    most = LIMITS.images[1]
+    if len(values) > most:
+        raise FieldError("seeds", f"seed list has {len(values)} seeds; allowed 1..{most}")
+    # A batch equal to the list's length says the same thing (one image per seed).
+    if batch not in (1, len(values)):
+        raise FieldError(
+            "batch", f"a seed list makes one image per seed; batch must be 1, got {batch} (or {len(values)}, the count)"
+        )
+    for i, value in enumerate(values):
+        try:
+            _check_int("seed", value, *LIMITS.seed)
+        except FieldError as e:
+            raise FieldError(f"seeds.{i}", f"seeds.{i}: {e}") from None
     return values
 
 
 def _check_fraction(name: str, value: object, *, above_zero: bool = False) -> float:
     allowed = "above 0 up to 1" if above_zero else "0..1"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(f"{name} must be a number, {allowed}; got {value!r}")
-    if not 0.0 <= value <= 1.0 or (above_zero and value == 0):
-        raise InvalidRequestError(f"{name} {value} is out of range; allowed {allowed}")
+        raise FieldError(name, f"{name} must be a number, {allowed}; got {value!r}")
+    lo, hi = LIMITS.fraction
+    if not lo <= value <= hi or (above_zero and value == lo):
+        raise FieldError(name, f"{name} {value} is out of range; allowed {allowed}")
     return float(value)
+
+
+def _check_text(name: str, text: str) -> None:
+    most = LIMITS.prompt_chars
+    if len(text) > most:
+        raise FieldError(name, f"{name} is {len(text)} characters long; allowed at most {most}")
 
 
 def _prompts(prompt: str | Sequence[str]) -> tuple[str, ...]:
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     if not prompts:
-        raise InvalidRequestError("prompt list is empty; give at least one prompt")
+        raise FieldError("prompt", "prompt list is empty; give at least one prompt")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
-            raise InvalidRequestError(f"prompt {i} is {type(p).__name__}, expected text")
+            raise FieldError("prompt", f"prompt {i} is {type(p).__name__}, expected text")
         if not p.strip():
-            raise InvalidRequestError("prompt is empty; describe the image to generate")
+            raise FieldError("prompt", "prompt is empty; describe the image to generate")
+        _check_text("prompt", p)
     return prompts
 
 
 def _negatives(negative: str | Sequence[str] | None, n: int) -> tuple[str, ...]:
     if negative is None:
         return ("",) * n
-    if isinstance(negative, str):
-        return (negative,) * n
-    negatives = tuple(negative)
+    negatives = (negative,) * n if isinstance(negative, str) else tuple(negative)
     if len(negatives) != n:
-        raise InvalidRequestError(f"got {len(negatives)} negative prompts for {n} prompts; give one or one per prompt")
+        raise FieldError(
+            "negative_prompt", f"got {len(negatives)} negative prompts for {n} prompts; give one or one per prompt"
+        )
+    for text in negatives:
+        if not isinstance(text, str):
+            raise FieldError("negative_prompt", f"negative_prompt must be text, got {text!r}")
+        _check_text("negative_prompt", text)
     return negatives
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequestError(f"{name} must be a whole number, got {value!r}")
+        raise FieldError(name, f"{name} must be a whole number, got {value!r}")
     if not lo <= value <= hi:
-        raise InvalidRequestError(f"{name} {value} is out of range; allowed {lo}..{hi}")
+        raise FieldError(name, f"{name} {value} is out of range; allowed {lo}..{hi}")
 
 
 def _check_guidance(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise InvalidRequestError(f"guidance_scale must be a finite number, got {value!r}")
-    if not 0.0 <= value <= MAX_GUIDANCE:
-        raise InvalidRequestError(
-            f"guidance_scale {value} is out of range; allowed 0..{MAX_GUIDANCE:g} (0 = no CFG, the Turbo default)"
+        raise FieldError("guidance_scale", f"guidance_scale must be a finite number, got {value!r}")
+    lo, hi = LIMITS.guidance
+    if not lo <= value <= hi:
+        raise FieldError(
+            "guidance_scale",
+            f"guidance_scale {value} is out of range; allowed {lo:g}..{hi:g} (0 = no CFG, the Turbo default)",
         )
     return float(value)
 
@@ -287,17 +559,17 @@ def _check_size(width: object, height: object, limits: ModelLimits) -> None:
     unit = limits.spatial_unit
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidRequestError(f"{name} must be a whole number of pixels, got {value!r}")
+            raise FieldError(name, f"{name} must be a whole number of pixels, got {value!r}")
         if value < unit:
-            raise InvalidRequestError(f"{name} {value} is below the minimum of {unit}")
+            raise FieldError(name, f"{name} {value} is below the minimum of {unit}")
         if value % unit:
             lo, hi = nearest_multiples(value, unit)
-            raise InvalidRequestError(
-                f"{name} {value} is not a multiple of {unit} (the model's spatial unit); nearest valid: {lo} or {hi}"
-            )
+            message = f"{name} {value} is not a multiple of {unit} (the model's spatial unit)"
+            raise FieldError(name, f"{message}; nearest valid: {lo} or {hi}")
     assert isinstance(width, int) and isinstance(height, int)
     if width * height > limits.max_pixels:
-        raise InvalidRequestError(
-            f"size {width}x{height} is {width * height} pixels, above the limit of {limits.max_pixels} "
-            f"(raise it with --max-pixels or ZTURBO_MAX_PIXELS)"
+        raise FieldError(
+            "width",
+            f"size {width}x{height} is {width * height} pixels, above the limit of {limits.max_pixels}; "
+            f"lower width or height (or raise the limit with --max-pixels or ZTURBO_MAX_PIXELS)",
         )

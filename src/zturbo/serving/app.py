@@ -1,4 +1,4 @@
-"""The HTTP API: FastAPI routes, pydantic models at the edge, one error body, bearer-key auth.
+"""The HTTP API: FastAPI routes (bodies in schemas.py), one error body, bearer-key auth.
 
 Generation never happens here: a route validates, queues the job in SQLite (jobs.py) and waits for
 or reports on it; worker processes (workers.py) own the devices. docs/api.md describes the routes.
@@ -13,19 +13,17 @@ import hmac
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import RuntimeConfig
@@ -37,18 +35,21 @@ from ..errors import (
     UnauthorizedError,
     ZTurboError,
 )
-from ..request import DEFAULT_VARIETY_UNTIL, MAX_GUIDANCE, ModelLimits
+from ..request import LIMITS, GenerateRequest, ModelLimits
 from . import jobs
+from .schemas import (
+    MODEL_ALIASES,
+    JobBody,
+    OpenAIImageBody,
+    body_request,
+    image_variation_seeds,
+    job_params,
+    status_limits,
+)
 from .workers import Finished, Hooks, Supervisor
 
 log = logging.getLogger("zturbo.server")
 
-MAX_PROMPT_CHARS = 4000
-MAX_IMAGES = 8  # per job
-MAX_STEPS = 50
-MAX_SIDE = 4096
-SEED_MAX = 2**63 - 1 - MAX_IMAGES
-MODEL_ALIASES = ("z-image-turbo", "zturbo")
 SIGNED_URL_TTL_S = 3600
 SSE_KEEPALIVE_S = 15.0
 
@@ -56,165 +57,6 @@ SSE_KEEPALIVE_S = 15.0
 def error_response(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
     body = {"error": {"type": kind, "message": message, "field": field}}
     return JSONResponse(body, status_code=status, headers=headers or None)
-
-
-# --- request models ----------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @field_validator("prompt", check_fields=False)
-    @classmethod
-    def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt is blank; describe the image to generate")
-        return v
-
-
-SeedValue = Annotated[int, Field(ge=0, le=SEED_MAX, strict=True)]
-
-
-class _Exploration(_Strict):
-    """The exploration options both routes share (the CLI's --seeds/--variation-*/--variety*)."""
-
-    seeds: list[SeedValue] | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_IMAGES,
-        description="one image per listed seed, in order; excludes seed, and n defaults to (and must equal) its length",
-    )
-    variation_seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, strict=True, description="null = random when variation_strength > 0"
-    )
-    variation_strength: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        strict=True,
-        allow_inf_nan=False,
-        description="0 = the plain image; image i uses variation_seed + i",
-    )
-    variety: float = Field(
-        0.0, ge=0.0, le=1.0, strict=True, allow_inf_nan=False, description="seed-variety strength; 0 = off"
-    )
-    variety_until: float = Field(
-        DEFAULT_VARIETY_UNTIL,
-        gt=0.0,
-        le=1.0,
-        strict=True,
-        allow_inf_nan=False,
-        description="fraction of the steps variety acts on",
-    )
-
-
-class JobParams(_Exploration):
-    """Body of POST /v1/jobs."""
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="used only when guidance_scale > 0")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, strict=True, description="images; image i uses seed + i")
-    width: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
-    height: int = Field(1024, ge=16, le=MAX_SIDE, strict=True, description="a multiple of 16")
-    steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
-    guidance_scale: float = Field(
-        0.0, ge=0.0, le=MAX_GUIDANCE, strict=True, allow_inf_nan=False, description="0 = no CFG"
-    )
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True, description="null = random")
-
-
-class OpenAIImageRequest(_Exploration):
-    """Body of POST /v1/images/generations: OpenAI's images API plus zturbo's extension fields."""
-
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    model: str | None = Field(None, max_length=200, description="omit, or the served model's name")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, strict=True)
-    size: str = Field("1024x1024", max_length=20, description="WIDTHxHEIGHT (multiples of 16) or auto")
-    response_format: Literal["b64_json", "url"] = "b64_json"
-    user: str | None = Field(None, max_length=256)
-    seed: int | None = Field(None, ge=0, le=SEED_MAX, strict=True)
-    steps: int = Field(8, ge=1, le=MAX_STEPS, strict=True)
-    guidance_scale: float = Field(0.0, ge=0.0, le=MAX_GUIDANCE, strict=True, allow_inf_nan=False)
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-
-
-def image_count(body: JobParams | OpenAIImageRequest) -> int:
-    """How many images the job makes: n, or one per listed seed (n may then only repeat that count)."""
-    if body.seeds is None:
-        return body.n
-    if body.seed is not None:
-        raise FieldError("seeds", "give either seed or seeds (a seed list), not both")
-    if "n" in body.model_fields_set and body.n != len(body.seeds):
-        raise FieldError(
-            "n",
-            f"n {body.n} does not match the {len(body.seeds)} listed seeds; with seeds, omit n (one image per seed)",
-        )
-    return len(body.seeds)
-
-
-def stored_params(body: JobParams | OpenAIImageRequest, width: int, height: int) -> dict[str, Any]:
-    """The job's parameters as stored and run: every field explicit, random seeds resolved now, so a
-    re-run after a worker death makes the same pixels."""
-    import secrets
-
-    n = image_count(body)
-    seed = body.seed if body.seed is not None or body.seeds is not None else secrets.randbelow(2**32)
-    variation_seed = body.variation_seed
-    if variation_seed is None and body.variation_strength > 0:
-        variation_seed = secrets.randbelow(2**32)
-    return {
-        "prompt": body.prompt,
-        "negative_prompt": body.negative_prompt,
-        "n": n,
-        "width": width,
-        "height": height,
-        "steps": body.steps,
-        "guidance_scale": body.guidance_scale,
-        "seed": seed,
-        "seeds": body.seeds,
-        "variation_seed": variation_seed,
-        "variation_strength": body.variation_strength,
-        "variety": body.variety,
-        "variety_until": body.variety_until,
-    }
-
-
-def image_variation_seed(params: dict[str, Any], idx: int) -> int | None:
-    """Image idx's variation seed (the engine's convention): None without a variation strength; the
-    same for every image of a seed list; else variation_seed + idx."""
-    base = params.get("variation_seed")
-    if base is None or not params.get("variation_strength"):
-        return None
-    return base if params.get("seeds") is not None else base + idx
-
-
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    if size == "auto":
-        return 1024, 1024
-    m = _SIZE.match(size)
-    if m is None:
-        raise FieldError("size", f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
-    return int(m.group(1)), int(m.group(2))
-
-
-def check_size(width: int, height: int, limits: ModelLimits, field_prefix: str | None = None) -> None:
-    unit = limits.spatial_unit
-    for name, value in (("width", width), ("height", height)):
-        where = field_prefix or name
-        if value < unit:
-            raise FieldError(where, f"{name} {value} is below the minimum of {unit}")
-        if value % unit:
-            lo = max(unit, value // unit * unit)
-            raise FieldError(where, f"{name} {value} is not a multiple of {unit}; nearest valid: {lo} or {lo + unit}")
-    if width * height > limits.max_pixels:
-        label = "size" if field_prefix else "width x height"
-        raise FieldError(
-            field_prefix or "width",
-            f"{label} {width}x{height} is {width * height} pixels, above this server's limit of {limits.max_pixels}",
-        )
 
 
 # --- the service -----------------------------------------------------------------------------
@@ -275,9 +117,9 @@ class Service:
         self.metrics.finished(job, msg)
         self.events.publish(msg.job_id, "finished", {"status": job.status})
 
-    def submit(self, params: dict[str, Any], job_id: str, client: str | None) -> jobs.Job:
+    def submit(self, request: GenerateRequest, job_id: str, client: str | None) -> jobs.Job:
         try:
-            job = self.store.submit(params, job_id=job_id, client=client)
+            job = self.store.submit(request, job_id=job_id, client=client)
         except jobs.QueueFullError as e:
             self.metrics.rejected.inc()
             e.retry_after = self.retry_after()
@@ -294,10 +136,11 @@ class Service:
     def view(self, job: jobs.Job) -> dict[str, Any]:
         """The job object of the HTTP contract."""
         progress = self.supervisor.progress(job.id) if job.status == jobs.RUNNING else None
+        variation_seeds = image_variation_seeds(job.params)
         return {
             "id": job.id,
             "status": job.status,
-            "params": job.params,
+            "params": job_params(job.params),
             "position": self.store.position(job),
             "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
             "images": [
@@ -305,7 +148,7 @@ class Service:
                     "id": im.id,
                     "url": f"/v1/images/{im.id}",
                     "seed": im.seed,
-                    "variation_seed": image_variation_seed(job.params, im.idx),
+                    "variation_seed": variation_seeds[im.idx] if im.idx < len(variation_seeds) else None,
                 }
                 for im in job.images
             ],
@@ -346,7 +189,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     _install_error_handlers(app)
     _install_auth(app, service)
     app.include_router(_open_routes(service))
-    app.include_router(_api_routes(service))
+    app.include_router(_job_routes(service))
+    app.include_router(_service_routes(service))
     app.include_router(_image_routes(service))
     return app
 
@@ -473,15 +317,13 @@ def _image_routes(service: Service) -> APIRouter:
     return r
 
 
-def _api_routes(service: Service) -> APIRouter:
+def _job_routes(service: Service) -> APIRouter:
     r = APIRouter()
     store = service.store
-    limits = service.settings.limits
 
     @r.post("/v1/jobs", status_code=202, tags=["jobs"], responses={429: {"description": "queue full"}})
-    def submit(body: JobParams) -> dict[str, Any]:
-        check_size(body.width, body.height, limits)
-        job = service.submit(stored_params(body, body.width, body.height), jobs.new_id(), None)
+    def submit(body: JobBody) -> dict[str, Any]:
+        job = service.submit(body_request(body, service.settings.limits), jobs.new_id(), None)
         return service.view(job)
 
     @r.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -505,7 +347,7 @@ def _api_routes(service: Service) -> APIRouter:
     def history(
         limit: int = Query(20, ge=1, le=200),
         offset: int = Query(0, ge=0, le=2**31),
-        q: str | None = Query(None, max_length=MAX_PROMPT_CHARS, description="prompt substring, any case"),
+        q: str | None = Query(None, max_length=LIMITS.prompt_chars, description="prompt substring, any case"),
     ) -> dict[str, Any]:
         items, total = store.history(limit=limit, offset=offset, query=q)
         return {"items": [service.view(j) for j in items], "total": total}
@@ -514,6 +356,12 @@ def _api_routes(service: Service) -> APIRouter:
     def delete_history(job_id: str) -> Response:
         store.delete(job_id, service.images_dir)
         return Response(status_code=204)
+
+    return r
+
+
+def _service_routes(service: Service) -> APIRouter:
+    r = APIRouter()
 
     @r.get("/v1/status", tags=["service"])
     def status() -> dict[str, Any]:
@@ -524,17 +372,10 @@ def _api_routes(service: Service) -> APIRouter:
             "dtypes": rt.get("dtypes"),
             "memory_plan": rt.get("memory_plan"),
             "gpu_memory": rt.get("gpu_memory"),
-            "queue_depth": store.depth(),
+            "queue_depth": service.store.depth(),
             "queue_size": service.settings.queue_size,
             "workers": service.supervisor.workers(),
-            "limits": {
-                "spatial_unit": limits.spatial_unit,
-                "max_pixels": limits.max_pixels,
-                "max_images": MAX_IMAGES,
-                "max_steps": MAX_STEPS,
-                "max_guidance": MAX_GUIDANCE,
-                "max_prompt_chars": MAX_PROMPT_CHARS,
-            },
+            "limits": status_limits(service.settings.limits),
         }
 
     @r.get("/metrics", tags=["service"], response_class=PlainTextResponse)
@@ -543,22 +384,20 @@ def _api_routes(service: Service) -> APIRouter:
         return Response(body, media_type=content_type)
 
     @r.post("/v1/images/generations", tags=["openai"])
-    async def openai_images(body: OpenAIImageRequest, request: Request) -> dict[str, Any]:
+    async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
         return await _openai_images(service, body, str(request.base_url).rstrip("/"))
 
     return r
 
 
-async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: str) -> dict[str, Any]:
+async def _openai_images(service: Service, body: OpenAIImageBody, base_url: str) -> dict[str, Any]:
     allowed = (*service.settings.model_names, *MODEL_ALIASES)
     if body.model is not None and body.model not in allowed:
         raise FieldError("model", f"model {body.model!r} is not served here; omit it or use one of {list(allowed)}")
-    width, height = parse_size(body.size)
-    check_size(width, height, service.settings.limits, "size")
-    params = stored_params(body, width, height)
+    request = body_request(body, service.settings.limits)
     job_id = jobs.new_id()
     async with _watch(service, job_id) as changes:
-        await run_in_threadpool(service.submit, params, job_id, body.user)
+        await run_in_threadpool(service.submit, request, job_id, body.user)
         job = await run_in_threadpool(service.store.get, job_id)
         deadline = time.monotonic() + service.settings.sync_timeout
         while not job.finished:
@@ -579,11 +418,9 @@ async def _openai_images(service: Service, body: OpenAIImageRequest, base_url: s
             data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
         else:
             data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
-    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, **_seeds(params)}}
-
-
-def _seeds(params: dict[str, Any]) -> dict[str, Any]:
-    return {key: params[key] for key in ("seed", "seeds", "variation_seed")}
+    params = job_params(job.params)
+    seeds = {key: params[key] for key in ("seed", "seeds", "variation_seed")}
+    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, **seeds}}
 
 
 def _image_url(service: Service, base_url: str, image_id: str) -> str:

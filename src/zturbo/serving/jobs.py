@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import JobConflictError, JobNotFoundError, QueueFullError
+from ..request import GenerateRequest, ModelLimits, is_request_dict
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -64,7 +65,8 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class Job:
-    """One row of the queue, as read; `params` are the validated job parameters (seed resolved)."""
+    """One row of the queue, as read; `params` is the stored request (`GenerateRequest.to_dict`), or
+    the plain parameter dict of a job queued by an earlier version."""
 
     id: str
     seq: int
@@ -96,6 +98,14 @@ class Claim:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def stored_request(params: dict[str, Any], limits: ModelLimits) -> GenerateRequest:
+    """The request a job runs: its stored form trusted as it is; a plain parameter dict (queued by an
+    earlier version, seeds already resolved) goes through the validator once."""
+    if is_request_dict(params):
+        return GenerateRequest.from_dict(params)
+    return GenerateRequest.from_fields({k: v for k, v in params.items() if v is not None}, limits)
 
 
 class JobStore:
@@ -132,9 +142,11 @@ class JobStore:
 
     # --- submit and read ------------------------------------------------------------------
 
-    def submit(self, params: dict[str, Any], *, job_id: str | None = None, client: str | None = None) -> Job:
-        """Insert a queued job, or raise QueueFullError when `max_queued` jobs are already waiting."""
+    def submit(self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None) -> Job:
+        """Queue a validated request (stored serialised), or raise QueueFullError when `max_queued` jobs
+        are already waiting."""
         job_id = job_id or new_id()
+        params = request.to_dict()
         now = time.time()
         with self._tx() as db:
             depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
@@ -144,7 +156,7 @@ class JobStore:
                 )
             db.execute(
                 "INSERT INTO jobs (id, status, params, prompt, client, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, json.dumps(params), params.get("prompt", ""), client, now),
+                (job_id, QUEUED, json.dumps(params), "\n".join(request.prompts), client, now),
             )
         return self.get(job_id)
 

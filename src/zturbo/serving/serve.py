@@ -91,7 +91,8 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
              ", ".join(devices), data_dir)  # fmt: skip
     app = create_app(settings)
     if not args.no_ui:
-        from .ui import api_base_for, mount
+        from .ui import api_base_for
+        from .ui_app import mount
 
         mount(app, api_base_for(args.host, args.port))  # a client of the API above, on the same port
     uvicorn.run(

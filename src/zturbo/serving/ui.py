@@ -3,31 +3,23 @@
 There is no second path to the engine: a Generate click is a `POST /v1/jobs` like any API call, so
 UI images land in the same queue and history, and `--api-key` applies to the page's calls too (the
 user types the key; it lives in per-session server state, never in the page source).
-Gradio is imported only when the UI is built (`zturbo serve`), never at import time.
+This module holds the page's plain helpers and never imports gradio; `ui_app` builds and mounts
+the page (`zturbo serve`).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..request import DEFAULT_VARIETY_UNTIL, nearest_multiples
+from ..request import DEFAULT_VARIETY_UNTIL, FIELD
 from .apiclient import ApiError, Event
 
-if TYPE_CHECKING:
-    import gradio as gr
-    from fastapi import FastAPI
-
-UNIT = 16  # width and height must be multiples of this (VAE factor 8 x patch 2)
 ONE_MP = 1024 * 1024
 RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3))
 CUSTOM = "Custom"
-STEPS_MAX = 50
-IMAGES_MAX = 8
-GUIDANCE_MAX = 30.0
 RANDOM_SEED = -1  # the seed field's "pick one for me" value (A1111's convention)
-SEED_MAX = 2**63 - 1
 HISTORY_PAGE = 24  # jobs per history view; each image is fetched once, then served from disk
 GUIDANCE_INFO = (
     "0 turns classifier-free guidance (CFG) off: the Turbo default, one model call per step, and the "
@@ -51,59 +43,56 @@ class FormError(ValueError):
 # ---- sizes -------------------------------------------------------------------------------------
 
 
-def preset_size(rw: int, rh: int, pixels: int, unit: int = UNIT) -> tuple[int, int]:
+def preset_size(rw: int, rh: int, pixels: int, unit: int) -> tuple[int, int]:
     """Width and height with ratio rw:rh and about `pixels` pixels, each the nearest multiple of `unit`."""
     width = math.sqrt(pixels * rw / rh)
     height = width * rh / rw
     return max(unit, round(width / unit) * unit), max(unit, round(height / unit) * unit)
 
 
-def aspect_presets() -> dict[str, tuple[int, int]]:
-    """Dropdown label -> (width, height): every ratio at ~1 MP, then at ~2 MP."""
+def aspect_presets(unit: int) -> dict[str, tuple[int, int]]:
+    """Dropdown label -> (width, height): every ratio at ~1 MP, then at ~2 MP (`unit`: the model's)."""
     presets = {}
     for mp in (1, 2):
         for rw, rh in RATIOS:
-            w, h = preset_size(rw, rh, mp * ONE_MP)
+            w, h = preset_size(rw, rh, mp * ONE_MP, unit)
             presets[f"{rw}:{rh} · {w}×{h} ({mp} MP)"] = (w, h)
     return presets
 
 
-def preset_for(width: object, height: object) -> str:
+def preset_for(width: object, height: object, unit: int) -> str:
     """The preset label of this exact size, else CUSTOM."""
-    for label, size in aspect_presets().items():
+    for label, size in aspect_presets(unit).items():
         if size == (width, height):
             return label
     return CUSTOM
 
 
 # ---- form -> job parameters ----------------------------------------------------------------------
+# Only conversions live here (a form number to JSON, -1 to "random"); the server's request
+# validator decides what is allowed, so the page shows the same messages as the API gives.
 
 
-def _whole(name: str, value: object, lo: int, hi: int) -> int:
+def _whole(name: str, value: object) -> object:
+    """A form number as a JSON whole number; other values go on for the server to name."""
     if value is None or value == "":
-        raise FormError(f"{name} is empty; enter a whole number from {lo} to {hi}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise FormError(f"{name} is empty; enter a whole number")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, float):
         raise FormError(f"{name} must be a whole number, got {value!r}")
-    number = int(value)
-    if not lo <= number <= hi:
-        raise FormError(f"{name} {number} is out of range; allowed {lo} to {hi}")
-    return number
+    return value
 
 
-def _side(name: str, value: object) -> int:
-    number = _whole(name, value, UNIT, 16384)
-    if number % UNIT:
-        lo, hi = nearest_multiples(number, UNIT)
-        raise FormError(f"{name} {number} is not a multiple of {UNIT}; nearest valid: {lo} or {hi}")
-    return number
+def _number(name: str, value: object) -> object:
+    if value is None or value == "":
+        raise FormError(f"{name} is empty; enter a number")
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-def _fraction(name: str, value: object) -> float:
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FormError(f"{name} must be a number from 0 to 1, got {value!r}")
-    if not 0 <= value <= 1:
-        raise FormError(f"{name} {value} is out of range; allowed 0 to 1")
-    return float(value)
+def _seed(name: str, value: object) -> object:
+    seed = _whole(name, value)
+    return None if seed == RANDOM_SEED else seed
 
 
 def job_params(
@@ -119,28 +108,20 @@ def job_params(
     variation_strength: object = 0.0,
     variety: object = 0.0,
 ) -> dict[str, Any]:
-    """The `POST /v1/jobs` body for the form's values; raises FormError (the server checks again,
-    against the loaded model's limits, and its message is shown the same way)."""
-    if not prompt or not prompt.strip():
-        raise FormError("the prompt is empty; describe the image to generate")
-    if guidance is None or isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
-        raise FormError(f"guidance must be a number from 0 to {GUIDANCE_MAX:g}, got {guidance!r}")
-    if not 0 <= guidance <= GUIDANCE_MAX:
-        raise FormError(f"guidance {guidance} is out of range; allowed 0 to {GUIDANCE_MAX:g} (0 = CFG off)")
-    seed_value = _whole("seed", seed, RANDOM_SEED, SEED_MAX)
-    variation_value = _whole("variation seed", variation_seed, RANDOM_SEED, SEED_MAX)
+    """The `POST /v1/jobs` body for the form's values; raises FormError only for a value the form
+    cannot send (empty, or not a whole number where one belongs)."""
     return {
-        "prompt": prompt,
+        "prompt": prompt or "",
         "negative_prompt": negative_prompt or "",
-        "width": _side("width", width),
-        "height": _side("height", height),
-        "steps": _whole("steps", steps, 1, STEPS_MAX),
-        "guidance_scale": float(guidance),
-        "seed": None if seed_value == RANDOM_SEED else seed_value,
-        "n": _whole("number of images", n, 1, IMAGES_MAX),
-        "variation_seed": None if variation_value == RANDOM_SEED else variation_value,
-        "variation_strength": _fraction("variation strength", variation_strength),
-        "variety": _fraction("seed variety", variety),
+        "width": _whole("width", width),
+        "height": _whole("height", height),
+        "steps": _whole("steps", steps),
+        "guidance_scale": _number("guidance", guidance),
+        "seed": _seed("seed", seed),
+        "n": _whole("number of images", n),
+        "variation_seed": _seed("variation seed", variation_seed),
+        "variation_strength": _number("variation strength", variation_strength),
+        "variety": _number("seed variety", variety),
     }
 
 
@@ -150,20 +131,14 @@ FORM_KEYS = (
     "prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed", "n",
     "variation_seed", "variation_strength", "variety",
 )  # fmt: skip
-RANGES: dict[str, tuple[float, float]] = {
-    "steps": (1, STEPS_MAX),
-    "guidance_scale": (0, GUIDANCE_MAX),
-    "seed": (0, SEED_MAX),
-    "n": (1, IMAGES_MAX),
-    "variation_seed": (0, SEED_MAX),
-    "variation_strength": (0, 1),
-    "variety": (0, 1),
-}
+_RANGED = ("steps", "guidance_scale", "seed", "batch", "variation_seed", "variation_strength", "variety")
+# The form fields with a range, as the request table bounds them (keyed by their HTTP names).
+RANGES: dict[str, tuple[float, float]] = {FIELD[k].api_name: FIELD[k].range() or (0, 0) for k in _RANGED}
 
 
-def form_values(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def form_values(params: dict[str, Any], unit: int) -> tuple[dict[str, Any], list[str]]:
     """Form values for job or PNG parameters, and a note for each value left out because the form
-    cannot hold it (it is reported, not silently changed)."""
+    cannot hold it (it is reported, not silently changed); `unit` is the model's spatial unit."""
     values: dict[str, Any] = {}
     notes: list[str] = []
     for key in ("prompt", "negative_prompt"):
@@ -178,15 +153,19 @@ def form_values(params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if lo <= value <= hi:
             values[key] = value
         else:
-            notes.append(f"{key} {value} is outside {lo} to {hi:g}, so it was not filled in")
+            notes.append(f"{key} {value} is outside {_num(lo)} to {_num(hi)}, so it was not filled in")
     if isinstance(params.get("width"), int) and isinstance(params.get("height"), int):
         values["width"], values["height"] = params["width"], params["height"]
-        values["preset"] = preset_for(params["width"], params["height"])
-        if params["width"] % UNIT or params["height"] % UNIT:
+        values["preset"] = preset_for(params["width"], params["height"], unit)
+        if params["width"] % unit or params["height"] % unit:
             notes.append(
-                f"size {params['width']}×{params['height']} is not a multiple of {UNIT}; change it before generating"
+                f"size {params['width']}×{params['height']} is not a multiple of {unit}; change it before generating"
             )
     return values, notes + _not_in_form(params)
+
+
+def _num(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _not_in_form(params: dict[str, Any]) -> list[str]:
@@ -275,16 +254,6 @@ def error_text(err: Exception) -> str:
     return f"Error: {err}"
 
 
-# ---- the page ------------------------------------------------------------------------------------------
-
-
-def build_ui(api_base: str) -> gr.Blocks:
-    """The Gradio app; `api_base` is where its handlers reach the API (the serving process itself)."""
-    from .ui_app import build
-
-    return build(api_base)
-
-
 def api_base_for(host: str, port: int) -> str:
     """The address the UI's handlers use to reach the server they run in (wildcard binds -> loopback)."""
     if host in ("", "0.0.0.0"):
@@ -292,14 +261,3 @@ def api_base_for(host: str, port: int) -> str:
     elif host == "::":
         host = "::1"
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
-    """Mount the web UI on the server's FastAPI app (same port as the API), and redirect `/` to it."""
-    import gradio as gr
-    from fastapi.responses import RedirectResponse
-
-    if not any(getattr(route, "path", None) == "/" for route in app.routes):
-        app.add_api_route("/", lambda: RedirectResponse(f"{path}/"), include_in_schema=False)
-    # Uploads are only PNGs to read parameters from; the cap keeps a stray large file out.
-    return gr.mount_gradio_app(app, build_ui(api_base), path=path, footer_links=[], max_file_size="64mb")

@@ -1,11 +1,12 @@
-"""The Gradio page of the web UI and its event handlers (see `zturbo.ui`).
+"""The Gradio page of the web UI, its event handlers and its mounting on the server (see `ui`).
 
-This module imports gradio at the top, so only `zturbo.ui.build_ui` imports it, when a server
-builds its UI. Gradio reads the handlers' annotations (gr.Request, gr.SelectData) to inject them.
+This module imports gradio at the top, so only `zturbo serve` imports it, when it mounts the UI.
+Gradio reads the handlers' annotations (gr.Request, gr.SelectData) to inject them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 import threading
@@ -14,18 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from fastapi import FastAPI
 
+from ..request import FIELD, ModelLimits
 from .apiclient import ApiClient, ApiError
 from .ui import (
     CUSTOM,
     FORM_KEYS,
     GUIDANCE_INFO,
-    GUIDANCE_MAX,
     HISTORY_PAGE,
-    IMAGES_MAX,
     RANDOM_SEED,
-    STEPS_MAX,
-    UNIT,
     VARIATION_INFO,
     VARIETY_INFO,
     FormError,
@@ -81,10 +80,31 @@ def _gallery(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(r["path"], f"seed {r['seed']}") for r in records]
 
 
-def build(api_base: str) -> gr.Blocks:
-    """The Gradio app; `api_base` is where its handlers reach the API (the serving process itself)."""
-    handlers = _Handlers(ApiClient(api_base))
-    presets = aspect_presets()
+def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
+    """Mount the web UI on the server's FastAPI app (same port as the API), and redirect `/` to it."""
+    from fastapi.responses import RedirectResponse
+
+    if not any(getattr(route, "path", None) == "/" for route in app.routes):
+        app.add_api_route("/", lambda: RedirectResponse(f"{path}/"), include_in_schema=False)
+    limits = app.state.service.settings.limits
+    # Uploads are only PNGs to read parameters from; the cap keeps a stray large file out.
+    return gr.mount_gradio_app(app, build(api_base, limits), path=path, footer_links=[], max_file_size="64mb")
+
+
+def _slider_range(name: str) -> tuple[float, float]:
+    """A slider's ends: the request table's range for the field."""
+    bounds = FIELD[name].range()
+    assert bounds is not None, name
+    return bounds
+
+
+def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
+    """The Gradio app; `api_base` is where its handlers reach the API (the serving process itself),
+    `limits` the served model's (the size presets and inputs step by its spatial unit)."""
+    unit = limits.spatial_unit
+    handlers = _Handlers(ApiClient(api_base), unit)
+    presets = aspect_presets(unit)
+    on_size = functools.partial(preset_for, unit=unit)
     with gr.Blocks(title="zturbo", analytics_enabled=False) as demo:
         key_state = gr.State(None)
         last_seed = gr.State(None)
@@ -111,19 +131,21 @@ def build(api_base: str) -> gr.Blocks:
                         [*presets, CUSTOM], value=next(iter(presets)), label="Aspect ratio", elem_id="preset"
                     )
                     with gr.Row():
-                        width = gr.Number(1024, label="Width", precision=0, step=UNIT, elem_id="width")
-                        height = gr.Number(1024, label="Height", precision=0, step=UNIT, elem_id="height")
-                    steps = gr.Slider(1, STEPS_MAX, value=8, step=1, label="Steps", elem_id="steps")
+                        width = gr.Number(1024, label="Width", precision=0, step=unit, elem_id="width")
+                        height = gr.Number(1024, label="Height", precision=0, step=unit, elem_id="height")
+                    steps = gr.Slider(
+                        *_slider_range("steps"), value=FIELD["steps"].default, step=1, label="Steps", elem_id="steps"
+                    )
                     with gr.Row():
                         seed = gr.Number(RANDOM_SEED, label="Seed (-1 = random)", precision=0, scale=2, elem_id="seed")
                         random_btn = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
                         reuse_btn = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
-                    n = gr.Slider(1, IMAGES_MAX, value=1, step=1, label="Number of images", elem_id="n")
+                    n = gr.Slider(*_slider_range("batch"), value=1, step=1, label="Number of images", elem_id="n")
                     with gr.Accordion("Advanced", open=False, elem_id="advanced") as advanced:
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
                         guidance = gr.Slider(
-                            0, GUIDANCE_MAX, value=0, step=0.1, label="Guidance (CFG scale)", info=GUIDANCE_INFO,
-                            elem_id="guidance",
+                            *_slider_range("guidance_scale"), value=0, step=0.1, label="Guidance (CFG scale)",
+                            info=GUIDANCE_INFO, elem_id="guidance",
                         )  # fmt: skip
                         variation_seed = gr.Number(
                             RANDOM_SEED, label="Variation seed (-1 = random)", precision=0,
@@ -188,8 +210,8 @@ def build(api_base: str) -> gr.Blocks:
         key_box.submit(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row], **free)
 
         preset.input(handlers.apply_preset, [preset], [width, height])
-        width.input(preset_for, [width, height], [preset])
-        height.input(preset_for, [width, height], [preset])
+        width.input(on_size, [width, height], [preset])
+        height.input(on_size, [width, height], [preset])
         random_btn.click(lambda: RANDOM_SEED, None, [seed])
         reuse_btn.click(handlers.reuse_seed, [last_seed], [seed, progress])
 
@@ -221,8 +243,9 @@ class _Handlers:
     """Gradio event handlers; state lives in each session's gr.State, except the job a session is
     running, which Cancel must see while Generate is still streaming."""
 
-    def __init__(self, client: ApiClient):
+    def __init__(self, client: ApiClient, unit: int):
         self.client = client
+        self.unit = unit
         self.files = _ImageFiles(client)
         self._running: dict[str, str] = {}  # session hash -> job id
 
@@ -241,9 +264,8 @@ class _Handlers:
             return None, "", message, gr.update(visible=True)
         return key, "", text, gr.update(visible=False)
 
-    @staticmethod
-    def apply_preset(label: str) -> tuple[Any, Any]:
-        size = aspect_presets().get(label)
+    def apply_preset(self, label: str) -> tuple[Any, Any]:
+        size = aspect_presets(self.unit).get(label)
         return (size[0], size[1]) if size else (gr.skip(), gr.skip())
 
     @staticmethod
@@ -334,7 +356,7 @@ class _Handlers:
             params, source, ignored = read_parameters(path)
         except InvalidRequestError as e:
             return f"Error: {e}", *_NO_FILL
-        values, notes = form_values(params)
+        values, notes = form_values(params, self.unit)
         notes += [f"{field} is not used by zturbo" for field in ignored]
         origin = "zturbo metadata" if source == "zturbo" else "A1111 'parameters' text"
         message = "\n".join([f"Filled the form from the PNG's {origin}.", *(f"- Note: {note}" for note in notes)])
@@ -360,11 +382,10 @@ class _Handlers:
         text += f"\n- **Job:** {job['id']} ({job['status']})"
         return text, job, gr.update(interactive=True), gr.update(interactive=True)
 
-    @staticmethod
-    def reuse_job(job: dict[str, Any] | None) -> tuple[Any, ...]:
+    def reuse_job(self, job: dict[str, Any] | None) -> tuple[Any, ...]:
         if job is None:
             return gr.skip(), "Select an image in History first.", *_NO_FILL
-        values, notes = form_values(job["params"])
+        values, notes = form_values(job["params"], self.unit)
         message = "Parameters reused from history." + "".join(f" Note: {note}." for note in notes)
         return gr.Tabs(selected="generate"), message, *_form_updates(values)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeConfig
-from ..request import DEFAULT_VARIETY_UNTIL
 from . import jobs
 
 log = logging.getLogger("zturbo.workers")
@@ -106,7 +105,6 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
     from ..errors import ZTurboError
     from ..imageio import save_png
 
-    p = claim.params
     start = time.perf_counter()
     sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
     parent = os.getppid()
@@ -121,7 +119,7 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
             raise JobCancelled
 
     try:
-        req = engine.request(p["prompt"], **request_options(p))
+        req = jobs.stored_request(claim.params, engine.limits)
         result = engine.generate(req, on_step=on_step)
     except JobCancelled:
         store.end(claim, jobs.CANCELLED)
@@ -143,26 +141,6 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
     store.succeed(claim, refs)
     seconds = time.perf_counter() - start
     conn.send(Finished(claim.job_id, jobs.SUCCEEDED, seconds, len(result.fallbacks), _memory(engine.device)))
-
-
-def request_options(p: dict[str, Any]) -> dict[str, Any]:
-    """`engine.request` keywords for stored job parameters (jobs stored before the exploration
-    options existed lack those keys and get the engine's defaults)."""
-    seeds = p.get("seeds")
-    return {
-        "negative_prompt": p["negative_prompt"],
-        "seed": p["seed"] if seeds is None else None,
-        "seeds": seeds,
-        "steps": p["steps"],
-        "guidance_scale": p["guidance_scale"],
-        "width": p["width"],
-        "height": p["height"],
-        "batch": p["n"] if seeds is None else 1,
-        "variation_seed": p.get("variation_seed"),
-        "variation_strength": p.get("variation_strength", 0.0),
-        "variety": p.get("variety", 0.0),
-        "variety_until": p.get("variety_until", DEFAULT_VARIETY_UNTIL),
-    }
 
 
 def _runtime(engine: Any) -> dict[str, Any]:
