@@ -138,7 +138,9 @@ def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> No
     _fill_form(page, "a fox e2e-bad-width")
     page.locator("#width input").fill("100")
     page.locator("#generate").click()
-    expect(page.locator("#progress")).to_contain_text("width 100 is not a multiple of 16; nearest valid: 96 or 112")
+    expect(page.locator("#progress")).to_contain_text(
+        "width 100 is not a multiple of 16 (the model's spatial unit); nearest valid: 96 or 112"
+    )
     assert server.history("e2e-bad-width") == []  # nothing was queued
 
 

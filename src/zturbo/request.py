@@ -93,7 +93,7 @@ class Field:
         if self.bounds == "prompt":
             return f"at most {limits.prompt_chars} characters"
         if self.bounds == "size":
-            return "a multiple of the model's spatial unit (16), width x height at most the pixel limit"
+            return "a multiple of the model's spatial unit; width x height at most its pixel limit"
         if self.bounds == "seeds":
             return f"1..{limits.images[1]} seeds, each {limits.seed[0]}..{limits.seed[1]}"
         if self.bounds == "fraction>0":
