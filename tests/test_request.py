@@ -50,3 +50,21 @@ def test_runtime_config_from_env():
         RuntimeConfig.from_env({"ZTURBO_MAX_PIXELS": "lots"})
     with pytest.raises(InvalidRequestError, match="dtype 'fp8' is not one of"):
         RuntimeConfig(dtype="fp8")
+
+
+def test_serialised_request_round_trips_with_its_seeds_resolved():
+    import json
+
+    for kwargs in ({"batch": 3}, {"seeds": "4-6"}, {"batch": 2, "variation_strength": 0.3}):
+        req = GenerateRequest.create(["a", "b"], limits=LIMITS, negative_prompt=["x", "y"], **kwargs)
+        data = json.loads(json.dumps(req.to_dict()))  # what a job stores
+        assert GenerateRequest.from_dict(data) == req
+        assert all(spec["seed"] is not None for spec in data["images"])
+
+
+def test_prompt_length_is_limited_for_every_prompt():
+    GenerateRequest.create("x" * 4000, limits=LIMITS, seed=1)
+    with pytest.raises(InvalidRequestError, match="prompt is 4001 characters long; allowed at most 4000"):
+        GenerateRequest.create(["ok", "x" * 4001], limits=LIMITS, seed=1)
+    with pytest.raises(InvalidRequestError, match="negative_prompt is 4001 characters long"):
+        GenerateRequest.create("ok", limits=LIMITS, seed=1, negative_prompt="x" * 4001)
