@@ -59,10 +59,11 @@ import torch
 from zturbo import engine as zengine
 from zturbo.bench import common
 from zturbo.device import dtype_name
-from zturbo.engine import Engine, ModelInfo
+from zturbo.engine import Engine
 from zturbo.guard import FLOAT32_MODULES, install_fp16_guard, is_float32_key
 from zturbo.loader import Components
 from zturbo.request import ModelLimits
+from zturbo.result import ModelInfo
 from zturbo.tiny import build_tokenizer
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from ..engine import Engine, ModelInfo, denoise, encode_prompt, starting_point
+from ..engine import Engine
 from ..loader import Components
+from ..pipeline import denoise, encode_prompt, starting_point
 from ..request import ModelLimits
+from ..result import ModelInfo
 from .clocks import ClockSampler
 
 PROMPT = (

@@ -68,19 +68,19 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
     if est.quantize != "none" and device.type == "cuda":
         # As Engine.load does: plain weights on the CPU, quantized block by block onto the device.
-        from ..accel.compile import quantize_transformer
+        from ..accel.quantize import quantize_transformer
 
         torch.nn.Module.to(components.transformer, "cpu")
         quantize_transformer(components.transformer, est.quantize, device=device)
-    kept = {"resident_blocks": est.resident_blocks, "resident_layers": est.resident_layers}
-    engine = common.random_engine(components, device, dtype, plan=est.plan, **kept)
+    engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
 
     compile_ = memory.compilable(est.plan)
     backend = "eager" if tiny else "inductor"
     fuse = memory.fusable(est.plan)
-    engine.accel = accel.apply(components, compile_=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
+    options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
+    engine.accel = accel.apply(components, options)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         if cap:
@@ -108,7 +108,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     )
     out["cached_prompt_s"] = cached["median_s"]
     # The decode alone, as the row runs it (tiled or whole, compiled or eager): what tiling costs.
-    from ..engine import decode
+    from ..pipeline import decode
 
     vae = engine.components.vae
     latents = torch.randn(1, vae.config.latent_channels, size // 8, size // 8, device=engine.device)

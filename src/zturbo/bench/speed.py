@@ -28,7 +28,8 @@ import torch
 
 from ..accel import attention
 from ..accel.graphs import STEP_SIGHTINGS
-from ..engine import Engine, encode_prompt
+from ..engine import Engine
+from ..pipeline import encode_prompt
 from . import common
 from .common import PROMPT, SEED, STEPS, once, timed, zturbo_e2e
 from .profiling import profile
@@ -169,15 +170,15 @@ def prepare(engine: Engine, key: str, opts: BenchOptions, quantize: str, fuse: b
     engine.accel.revert_compile()
     torch._dynamo.reset()
     started = time.perf_counter()
-    with attention.flash_attention_3_enabled(key != "compiled_sdpa"):
-        engine.accel = accel.apply(
-            engine.components,
-            compile_=opts.compile,
-            quantize=quantize,
-            fuse=fuse,
-            backend=opts.backend,
-            vae=not opts.eager_vae,
-        )
+    options = accel.AccelOptions(
+        compile=opts.compile,
+        quantize=quantize,
+        fuse=fuse,
+        backend=opts.backend,
+        vae=not opts.eager_vae,
+        flash_attention_3=key != "compiled_sdpa",
+    )
+    engine.accel = accel.apply(engine.components, options)
     phase["attention"] = engine.accel.attention
     phase["vae_compiled"] = opts.compile and not opts.eager_vae
     phase["prepare_s"] = time.perf_counter() - started  # quantization, when there is one
@@ -246,7 +247,8 @@ def first_image(opts: BenchOptions, started: float) -> dict[str, Any]:
     engine = common.load_engine(opts.model, opts.tiny, device, opts.dtype)
     built = time.perf_counter()
     quantize = opts.quantize[0]
-    engine.accel = accel.apply(engine.components, compile_=opts.compile, quantize=quantize, backend=opts.backend)
+    options = accel.AccelOptions(compile=opts.compile, quantize=quantize, backend=opts.backend)
+    engine.accel = accel.apply(engine.components, options)
     engine.generate(PROMPT, seed=SEED, width=1024, height=1024, steps=STEPS)
     common.sync(device)
     done = time.perf_counter()

@@ -29,9 +29,6 @@ from . import jobs
 
 log = logging.getLogger("zturbo.workers")
 
-# Test hook (not a user setting): seconds a worker sleeps after each denoising step, so that tests
-# can kill or cancel a job mid-run deterministically on a model that takes milliseconds per step.
-STEP_SLEEP_ENV = "ZTURBO_TEST_STEP_SLEEP"
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
@@ -106,7 +103,9 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
     from ..imageio import save_png
 
     start = time.perf_counter()
-    sleep = float(os.environ.get(STEP_SLEEP_ENV) or 0)
+    from ..testing import step_sleep
+
+    sleep = step_sleep()
     parent = os.getppid()
 
     def on_step(i: int, n: int) -> None:
