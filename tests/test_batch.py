@@ -251,3 +251,84 @@ def test_batch_grid_covers_done_and_skipped_rows(capsys, tiny_dir, tmp_path):
     assert out.strip() == f"{out_dir / 'grid.png'}\tgrid"
     with Image.open(out_dir / "grid.png") as im:
         assert json.loads(im.text["zturbo-grid"])["images"] == ["00002-01-1.png", "00002-02-2.png", "00003-3.png"]
+
+
+def test_csv_records_are_numbered_by_the_line_they_start_on(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,seed\n"a cat\non two lines",1\n\n"a ""quoted"" dog",2\n"a"b,3\na cow,4\n')
+    rows = batch.read_rows(path)
+    assert [(r.number, r.params, r.error) for r in rows] == [
+        (2, {"prompt": "a cat\non two lines", "seed": 1}, None),
+        (5, {"prompt": 'a "quoted" dog', "seed": 2}, None),
+        (6, {}, "is not valid CSV (',' expected after '\"')"),  # a malformed record fails alone
+        (7, {"prompt": "a cow", "seed": 4}, None),
+    ]
+
+
+def test_a_short_csv_row_fails_naming_its_line_and_missing_columns(capsys, tiny_dir, tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,seed,negative_prompt,width\na cat,1,blurry,64\na dog,2\n")
+    rows = batch.read_rows(path)
+    assert rows[1].number == 3
+    assert rows[1].error == "has 2 of the header's 4 columns; missing: negative_prompt, width"
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "batch", path, "--model", tiny_dir, *SMALL, "-o", out_dir)
+    assert code == 1
+    assert "  row 3: has 2 of the header's 4 columns; missing: negative_prompt, width" in err
+    assert [Path(line.split("\t")[0]).name for line in out.splitlines()] == ["00002-1.png"]  # the good row ran
+
+
+@pytest.mark.parametrize(
+    ("content", "line"),
+    [
+        ('prompt,seed\na cat,1\n"a dog,2\na cow,3\n', 3),
+        ('prompt,seed\n"a cat\non two lines",1\na dog,"2\na cow,3\n', 4),  # the quote, not the record's start
+        ('prompt,seed\n"a ""quoted"" dog, unclosed\n', 2),
+    ],
+)
+def test_an_unterminated_quote_refuses_the_file_naming_its_line(capsys, tiny_dir, tmp_path, monkeypatch, content, line):
+    import zturbo.engine
+
+    monkeypatch.setattr(zturbo.engine.Engine, "load", lambda *a, **k: pytest.fail("the model must not load"))
+    path = tmp_path / "p.csv"
+    path.write_text(content)
+    code, out, err = run(capsys, "batch", path, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert code == 2 and out == ""
+    assert err == f"zturbo: error: CSV batch file {path}: the quote opened on line {line} is never closed\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "where"),
+    [
+        ("p.txt", "a cat\na dog\n# café\n".encode("latin-1"), "line 3, column 6 has the byte 0xe9"),
+        ("p.csv", b"prompt\r\nun chat\r\n\xff\r\n", "line 3, column 1 has the byte 0xff"),
+        ("p.jsonl", '\ufeff{"prompt": "一只猫"}\n{"prompt": "x\udcff"}\n'.encode("utf-8", "surrogateescape"),
+         "line 2, column 14 has the byte 0xff"),
+    ],
+)  # fmt: skip
+def test_a_non_utf8_file_is_refused_by_line_number(capsys, tiny_dir, tmp_path, name, data, where):
+    path = tmp_path / name
+    path.write_bytes(data)
+    code, _, err = run(capsys, "batch", path, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert code == 2
+    assert err == f"zturbo: error: batch file {path} is not UTF-8 text: {where}; save it as UTF-8\n"
+
+
+def test_prompts_keep_unicode_separators_and_line_numbers_count_newlines_only(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a cat\u2028sleeping\r\na dog\x0c\n\ra cow\n", newline="")
+    rows = batch.read_rows(path)
+    assert [(r.number, r.params["prompt"]) for r in rows] == [(1, "a cat\u2028sleeping"), (2, "a dog"), (4, "a cow")]
+
+
+def test_an_unwritable_batch_output_is_refused_before_any_work(capsys, tiny_dir, tmp_path):
+    rows = tmp_path / "rows.txt"
+    rows.write_text("a cat\n")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, "-o", blocker / "out")
+    assert code == 2
+    assert err == f"zturbo: error: output {blocker / 'out'}: {blocker} is a file, not a directory\n"
+    if Path("/proc/self").is_dir():
+        code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, "-o", "/proc/out")
+        assert code == 2 and "output /proc/out cannot be written: /proc refuses new files" in err

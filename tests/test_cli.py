@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from zturbo.cli import main
@@ -72,15 +75,30 @@ BAD_REQUESTS = [
     (["--width", "512", "--height", "512", "--max-pixels", "1024"], "above the limit of 1024"),
     (["--batch", "2", "-o", "one.png"], "names one file but 2 images will be made"),
     (["--device", "cuda:7"], "cuda:7"),
-    (["--device", "tpu"], "device 'tpu'"),
+    (["--device", "tpu"], "device 'tpu' is not a device name; use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cpu", "--quantize", "fp8"], "--quantize fp8 needs a GPU with fp8 matrix units"),
+    (["--device", "cpu", "--quantize", "int4"], "--quantize int4 needs a CUDA GPU"),
+    (["-o", "/proc/x.png"], "output /proc/x.png cannot be written: /proc refuses new files"),
+    (["-o", "blocker/x.png"], "output blocker/x.png: blocker is a file, not a directory"),
+    (["--batch", "2", "-o", "blocker"], "output blocker exists and is not a directory"),
+    *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available here")]),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), BAD_REQUESTS)
 def test_bad_requests_fail_with_one_clear_line(capsys, tiny_dir, tmp_path, monkeypatch, args, message):
+    """Invalid parameters: exit 2 with one line naming the value, before the model loads (and so
+    before a random seed is drawn and printed)."""
+    from zturbo.engine import Engine
+
+    def no_load(*a, **k):
+        raise AssertionError("an invalid request must fail before the model loads")
+
+    monkeypatch.setattr(Engine, "load", no_load)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("")
     code, out, err = run(capsys, "generate", "a fox", "--model", str(tiny_dir), *args)
-    assert code != 0
+    assert code == 2
     assert out == ""
     assert message in err
     assert err.count("\n") == 1 and err.startswith("zturbo: error: ")
@@ -191,3 +209,77 @@ def test_cli_turns_on_expandable_segments_unless_the_user_configured_the_allocat
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
     cli._allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (expected or user_setting)
+
+
+def test_quiet_prints_nothing_on_stderr_even_on_the_first_tiny_random_use(tmp_path):
+    # A fresh cache: the tiny checkpoint is written in this run, and every library is imported.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "ZTURBO_"))}
+    env.update(ZTURBO_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    argv = ["generate", "a fox", "--model", "tiny-random", "--device", "cpu", "--width", "32", "--height", "32",
+            "--steps", "1", "-q", "-o", str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "zturbo.cli", *argv], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    (line,) = proc.stdout.splitlines()
+    assert Path(line.split("\t")[0]).is_file() and "\tseed=" in line
+
+
+def test_quiet_leaves_the_libraries_settings_as_it_found_them(capsys, tiny_dir, tmp_path):
+    import logging
+
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    before = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity())
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(tiny_dir), "--width", "32", "--height", "32",
+                       "--steps", "1", "-q", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0 and err == ""
+    assert (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()) == before
+    assert diffusers_logging.is_progress_bar_enabled() and transformers_logging.is_progress_bar_enabled()
+    assert logging.getLogger("torchao").level == logging.NOTSET
+
+
+def test_generate_from_a_png_uses_the_model_recorded_in_it(capsys, tmp_path):
+    # `tiny-random` is a name only zturbo knows: the default hub model would fail here (no network).
+    first = tmp_path / "first.png"
+    code, _, err = run(capsys, "generate", "a fox", "--model", "tiny-random", "--seed", "5", "--width", "32",
+                       "--height", "32", "--steps", "2", "-o", str(first))  # fmt: skip
+    assert code == 0, err
+    again = tmp_path / "again.png"
+    code, out, err = run(capsys, "generate", "--from", str(first), "-o", str(again))
+    assert code == 0, err
+    assert f"model tiny-random, as recorded in {first} (--model chooses another)" in err
+    assert out.strip() == f"{again}\tseed=5"
+    assert read_metadata(again)["model"] == "tiny-random"
+    with Image.open(first) as a, Image.open(again) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_quantize_help_names_every_mode():
+    from zturbo.cli import build_parser
+    from zturbo.config import QUANTIZE_CHOICES
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command in ("generate", "batch", "info", "serve"):
+        (quantize,) = [a for a in subcommands.choices[command]._actions if a.dest == "quantize"]
+        assert all(mode in quantize.help for mode in QUANTIZE_CHOICES), (command, quantize.help)
+
+
+def test_info_plan_says_which_plan_the_engine_loads_with(capsys, tiny_dir):
+    base = ["info", "--device", "cpu", "--model", str(tiny_dir), "--plan", "--vram-budget", "24"]
+    code, out, _ = run(capsys, *base)
+    assert code == 0
+    assert "plan for 1024x1024, batch 1" in out
+    assert out.rstrip().endswith(
+        "with --memory auto the engine loads with the chosen plan (it plans for 1024x1024, batch 1)"
+    )
+    code, out, _ = run(capsys, *base, "--width", "2048", "--height", "2048", "--batch", "4")
+    assert code == 0
+    assert "plan for 2048x2048, batch 4" in out
+    last = out.rstrip().splitlines()[-1]
+    assert "the chosen plan" not in last
+    assert "its choice for 1024x1024, batch 1; a 2048x2048, batch 4 request then tiles the VAE decode" in last
+    code, out, _ = run(capsys, *base, "--memory", "model-offload")
+    assert out.rstrip().splitlines()[-1] == "with --memory model-offload the engine loads with that plan"

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 from PIL import Image
 
 from zturbo.errors import InvalidRequestError, OutputExistsError
-from zturbo.imageio import read_metadata, save_images
+from zturbo.imageio import check_output, read_metadata, save_images
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +96,61 @@ def test_output_path_that_is_a_file_is_rejected(result, tmp_path):
     blocker.write_text("")
     with pytest.raises(InvalidRequestError, match="not a directory"):
         save_images(result.images, Path(blocker))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_png_mode_follows_the_umask_like_any_written_file(result, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        one = type(result)(result.images[:1], result.request)
+        (target,) = one.save(str(tmp_path / "x.png"))
+        (numbered,) = save_images(result.images[:1], tmp_path / "dir")
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(plain.stat().st_mode) == expected  # what an ordinary write gives
+    assert stat.S_IMODE(target.stat().st_mode) == expected
+    assert stat.S_IMODE(numbered.stat().st_mode) == expected
+
+
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(
+        InvalidRequestError, match=re.escape(f"output {blocker / 'x.png'}: {blocker} is a file, not a directory")
+    ):
+        check_output(blocker / "x.png", 1, overwrite=False)
+    with pytest.raises(InvalidRequestError, match="is a file, not a directory"):
+        check_output(blocker / "sub" / "dir", 2, overwrite=False)
+    if Path("/proc/self").is_dir():  # a place no process can create files in, root included
+        with pytest.raises(
+            InvalidRequestError, match=re.escape("output /proc/x.png cannot be written: /proc refuses new files")
+        ):
+            check_output("/proc/x.png", 1, overwrite=False)
+
+
+def test_the_write_check_leaves_nothing_behind_and_creates_no_directory(tmp_path):
+    check_output(tmp_path / "new" / "deeper" / "x.png", 1, overwrite=False)
+    check_output(tmp_path / "outdir", 3, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_read_only_directory_is_refused(tmp_path, monkeypatch):
+    # A read-only mount cannot be made here (and root ignores permission bits), so the kernel's
+    # answer is simulated at the one call that creates files.
+    import errno
+
+    from zturbo import imageio
+
+    real_open = os.open
+
+    def read_only(path, flags, mode=0o777):
+        if flags & os.O_CREAT and Path(path).parent == tmp_path:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(imageio.os, "open", read_only)
+    with pytest.raises(InvalidRequestError, match="refuses new files \\(Read-only file system\\)"):
+        check_output(tmp_path / "x.png", 1, overwrite=False)

@@ -302,3 +302,20 @@ def test_client_events_stop_at_the_terminal_event() -> None:
 def test_importing_the_ui_module_does_not_import_gradio() -> None:
     code = "import sys, zturbo.serving.ui; assert 'gradio' not in sys.modules, 'gradio imported at import time'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_status_line_refreshes_as_soon_as_a_generate_job_ends() -> None:
+    """The status timer ticks every 5 s: the line is refreshed when a job ends, so it never shows
+    the finished job's worker busy until the next tick."""
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui_app import build
+
+    demo = build("http://127.0.0.1:9", ModelLimits(spatial_unit=16, max_pixels=2048 * 2048))
+    generate = next(i for i, f in demo.fns.items() if getattr(f.fn, "__name__", "") == "generate")
+    followers = [f for f in demo.fns.values() if f.trigger_after == generate]
+    assert any(
+        getattr(f.fn, "__name__", "") == "status"
+        and not f.trigger_only_on_success  # after a failed or cancelled job too
+        and "status-line" in [o.elem_id for o in f.outputs]
+        for f in followers
+    )

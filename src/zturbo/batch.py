@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,9 @@ from .errors import InvalidRequestError, ZTurboError
 from .request import FIELDS, GenerateRequest, ModelLimits, convert_fields, field_for
 
 if TYPE_CHECKING:
-    from .engine import Engine, GeneratedImage, StepCallback
+    from .engine import Engine
+    from .pipeline import StepCallback
+    from .result import GeneratedImage
 
 log = logging.getLogger("zturbo")
 
@@ -52,10 +55,7 @@ class BatchRow:
 
 def read_rows(path: Path) -> list[BatchRow]:
     """Rows of a text (one prompt a line; blank and `#` lines skipped), .jsonl or .csv file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InvalidRequestError(f"cannot read batch file {path}: {e}") from None
+    text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         rows = list(_jsonl_rows(text))
@@ -68,8 +68,44 @@ def read_rows(path: Path) -> list[BatchRow]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 (a byte-order mark allowed). A byte that is not UTF-8 refuses the whole
+    file, naming its line: such a byte nearly always means the file was saved in another encoding
+    (Latin-1, GBK), so the lines that happen to decode would run with text the user did not mean
+    and the batch would be re-run after the file is fixed anyway. Refusing before any work costs
+    nothing; a CSV record may also span lines, so "skip that line" has no clean meaning there."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidRequestError(f"cannot read batch file {path}: {e.strerror or e}") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = _position(data[: e.start].decode("utf-8"))
+        raise InvalidRequestError(
+            f"batch file {path} is not UTF-8 text: line {line}, column {column} has the byte 0x{data[e.start]:02x}; "
+            "save it as UTF-8"
+        ) from None
+
+
+def _position(before: str) -> tuple[int, int]:
+    """(line, column), from 1, of the character that follows `before`."""
+    lines = _physical_lines(before)
+    if not lines or lines[-1].endswith(("\n", "\r")):
+        return len(lines) + 1, 1
+    return len(lines), len(lines[-1]) + 1
+
+
+def _physical_lines(text: str) -> list[str]:
+    """Lines with their endings, split at \\n, \\r\\n or \\r only (`str.splitlines` also splits at
+    form feeds and Unicode separators, which a prompt may hold), as the csv module counts them."""
+    return io.StringIO(text, newline="").readlines()
+
+
 def _lines(text: str) -> Iterable[tuple[int, str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(_physical_lines(text), start=1):
+        line = line.rstrip("\r\n")
         if line.strip() and not line.lstrip().startswith("#"):
             yield number, line
 
@@ -88,17 +124,64 @@ def _jsonl_rows(text: str) -> Iterable[BatchRow]:
 
 
 def _csv_rows(text: str, path: Path) -> Iterable[BatchRow]:
-    reader = csv.DictReader(text.splitlines())
-    if not reader.fieldnames or "prompt" not in [_column(c) for c in reader.fieldnames]:
+    """One row per CSV record; a row's number is the line its record starts on (the header's is 1)."""
+    records = _csv_records(_physical_lines(text), path)
+    first = next(records, None)
+    header = first[1] if first is not None and first[2] is None else None
+    if not header or "prompt" not in [_column(c) for c in header]:
         raise InvalidRequestError(f"CSV batch file {path} needs a header row with a 'prompt' column")
-    for record in reader:
-        # A row's number is its line in the file: the header is line 1.
-        number = reader.line_num
-        extra = record.pop(None, None)  # type: ignore[call-overload]
-        if extra:
-            yield BatchRow(number, {}, f"has {len(extra)} more value(s) than the header has columns")
-            continue
-        yield _typed_row(number, {k: v for k, v in record.items() if v is not None and v.strip() != ""})
+    for number, values, error in records:
+        if error is not None:
+            yield BatchRow(number, {}, error)
+        elif len(values) > len(header):
+            yield BatchRow(number, {}, f"has {len(values) - len(header)} more value(s) than the header has columns")
+        elif len(values) < len(header):
+            missing = ", ".join(header[len(values) :])
+            yield BatchRow(number, {}, f"has {len(values)} of the header's {len(header)} columns; missing: {missing}")
+        else:
+            yield _typed_row(number, {k: v for k, v in zip(header, values, strict=True) if v.strip() != ""})
+
+
+def _csv_records(lines: list[str], path: Path) -> Iterator[tuple[int, list[str], str | None]]:
+    """(first line, values, error) of each record, blank lines skipped. Strict parsing: a malformed
+    record is an error of its own, and a quote left open is refused before it swallows the file."""
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            opened = _unclosed_quote(lines, start)
+            if opened is not None:
+                raise InvalidRequestError(
+                    f"CSV batch file {path}: the quote opened on line {opened} is never closed"
+                ) from None
+            values, error = [], f"is not valid CSV ({e})"
+        else:
+            error = None
+        if values or error:
+            yield start, values, error
+        start = reader.line_num + 1
+
+
+def _unclosed_quote(lines: list[str], start: int) -> int | None:
+    """The line of a quoted field, in the record starting at line `start`, that the file never closes."""
+    state, opened = "start", None  # start | plain | quoted | quote (a quote seen inside a quoted field)
+    for number, line in enumerate(lines[start - 1 :], start):
+        for char in line:
+            separator = char in ",\r\n"
+            if state == "quoted":
+                state = "quote" if char == '"' else "quoted"
+            elif state == "quote" and char == '"':
+                state = "quoted"  # a doubled quote: a literal one
+            elif state in ("start", "quote", "plain"):
+                if state == "start" and char == '"':
+                    state, opened = "quoted", number
+                else:
+                    state = "start" if separator else "plain"
+    return opened if state == "quoted" else None
 
 
 def _column(name: str) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from .batch import DEFAULT_MAX_BATCH, merge_defaults
@@ -21,7 +22,7 @@ from .config import (
     SWITCH_CHOICES,
     TINY_MODEL,
 )
-from .errors import InvalidRequestError, ZTurboError
+from .errors import DeviceError, InvalidRequestError, ZTurboError
 from .request import DEFAULT_SIZE
 from .version import __version__
 
@@ -67,7 +68,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         "--quantize",
         default=None,
         choices=QUANTIZE_CHOICES,
-        help="transformer linears: none (default) or fp8 (dynamic per-row scaling; compute capability >= 8.9)",
+        help="transformer block linears: none (default); fp8 (dynamic per-row scaling, compute capability 8.9+); "
+        "int8 (weight-only); int4 (weight-only, CUDA)",
     )
 
 
@@ -105,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"images per engine call for rows of the same size and settings (default {DEFAULT_MAX_BATCH})",
     )
     bat.add_argument("--grid", action="store_true", help="also write grid.png, a contact sheet of the batch")
-    bat.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr")
+    bat.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or log lines on stderr; the summary stays"
+    )
     _model_args(bat)
 
     show = sub.add_parser("show", help="print the generation parameters stored in a PNG")
@@ -228,25 +232,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
     args.started = started
-    _setup_logging(quiet=getattr(args, "quiet", False))
+    quiet = getattr(args, "quiet", False)
+    _setup_logging(quiet=quiet)
     _allocator_defaults()
     try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "batch":
-            return cmd_batch(args)
-        if args.command == "show":
-            return cmd_show(args)
-        if args.command == "bench":
-            from .bench.main import main as bench_main
-
-            return bench_main(args)
-        if args.command == "serve":
-            from .serving.serve import main as serve_main
-
-            return serve_main(args, _runtime_config(args, max_pixels=args.max_pixels))
-        return cmd_info(args)
-    except InvalidRequestError as e:
+        with _quiet_libraries(quiet):
+            return _run_command(args)
+    # Invalid parameters, including a device or quantization this machine cannot run, exit 2
+    # (as argparse does); faults met while running exit 1.
+    except (InvalidRequestError, DeviceError) as e:
         print(f"zturbo: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ZTurboError as e:
@@ -257,6 +251,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return cmd_generate(args)
+    if args.command == "batch":
+        return cmd_batch(args)
+    if args.command == "show":
+        return cmd_show(args)
+    if args.command == "bench":
+        from .bench.main import main as bench_main
+
+        return bench_main(args)
+    if args.command == "serve":
+        from .serving.serve import main as serve_main
+
+        return serve_main(args, _runtime_config(args, max_pixels=args.max_pixels))
+    return cmd_info(args)
+
+
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("zturbo: %(message)s"))
@@ -265,25 +277,66 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
+# Libraries whose info lines, progress bars and import-time notices (torchao's missing optional
+# kernels, a torch deprecation about torchao's types) say nothing a `-q` user can act on.
+_CHATTY_LOGGERS = ("diffusers", "transformers", "huggingface_hub", "torchao", "torch.utils._pytree")
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool) -> Iterator[None]:
+    """Under `-q`, only errors from the libraries and no progress bars; restored on the way out, so
+    `main` called in-process (tests, a caller's script) leaves their settings as it found them."""
+    if not quiet:
+        yield
+        return
+    # Imported first: each configures its root logger on import, which would undo a level set earlier.
+    import diffusers.utils.logging as diffusers_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    levels = {name: logging.getLogger(name).level for name in _CHATTY_LOGGERS}
+    bars = (
+        diffusers_logging.is_progress_bar_enabled(),
+        transformers_logging.is_progress_bar_enabled(),
+        hub_utils.are_progress_bars_disabled(),
+    )
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        if bars[0]:
+            diffusers_logging.enable_progress_bar()
+        if bars[1]:
+            transformers_logging.enable_progress_bar()
+        if not bars[2]:
+            hub_utils.enable_progress_bars()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .device import resolve_device
     from .engine import Engine
     from .imageio import check_output
     from .loader import resolve_model
     from .request import GenerateRequest
 
     started = time.perf_counter()
-    config = _runtime_config(args, max_pixels=args.max_pixels)
-    if config.compile == "auto":
-        # One process, one request: compiling costs tens of seconds and saves well under one.
-        config = dataclasses.replace(config, compile="off")
-    resolve_device(config.device)
-    # Validate against the model's configs before any large download or load.
-    configs = resolve_model(config.model, weights=False)
     source_meta: dict[str, Any] = {}
     params: dict[str, Any] = {}
     if args.from_png is not None:
         source_meta, params = _parameters_from_png(args.from_png)
+    config = _runtime_config(args, max_pixels=args.max_pixels)
+    if args.model is None and source_meta.get("model"):
+        # The image's own model, not the default one: `--from` means "make this again".
+        config = dataclasses.replace(config, model=source_meta["model"])
+        log.info("model %s, as recorded in %s (--model chooses another)", config.model, args.from_png)
+    if config.compile == "auto":
+        # One process, one request: compiling costs tens of seconds and saves well under one.
+        config = dataclasses.replace(config, compile="off")
+    configs = _preflight(config)
     # The command line over the PNG, as a batch row over the command line.
     params = merge_defaults(_given_options(args), params)
     if args.prompt is not None:
@@ -306,10 +359,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"{path}\t{_seed_text(image.metadata)}", flush=True)
     if args.grid:
         print(f"{_write_generate_grid(paths)}\tgrid", flush=True)
-    total = time.perf_counter() - started
-    gen_s = sum(result.timings.values())
-    print(f"zturbo: {len(result.images)} image(s) in {gen_s:.2f} s; total {total:.1f} s with loading", file=sys.stderr)
+    total, gen_s = time.perf_counter() - started, sum(result.timings.values())
+    log.info("%d image(s) in %.2f s; total %.1f s with loading", len(result.images), gen_s, total)
     return 0
+
+
+def _preflight(config: Any) -> Any:
+    """Refuse what this machine cannot run (device, quantization, dtypes) and return the model's
+    configs (weights=False: no large download), so bad parameters fail before any expensive work."""
+    from .accel.quantize import check_quantize
+    from .device import probe, resolve_device
+    from .loader import resolve_model
+    from .precision import choose_precision
+
+    caps = probe(resolve_device(config.device))
+    check_quantize(config.quantize, caps)
+    source = resolve_model(config.model, weights=False)
+    plan = choose_precision(
+        caps,
+        dtype=config.dtype,
+        overrides=config.component_dtypes(),
+        vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
+    )
+    check_quantize(config.quantize, caps, plan.transformer.dtype)
+    return source
 
 
 def _seed_text(meta: dict[str, Any]) -> str:
@@ -357,22 +430,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import batch
-    from .device import resolve_device
     from .engine import Engine
     from .grid import write_grid
+    from .imageio import check_output_directory
     from .loader import resolve_model
 
     started = time.perf_counter()
     if args.max_batch < 1:
         raise InvalidRequestError(f"--max-batch {args.max_batch} is out of range; allowed 1 or more")
     config = _runtime_config(args, max_pixels=args.max_pixels)
-    resolve_device(config.device)
     file = Path(args.file)
     directory = Path(args.output) if args.output else Path("outputs") / file.stem
-    if directory.exists() and not directory.is_dir():
-        raise InvalidRequestError(f"output {directory} exists and is not a directory")
+    check_output_directory(directory)
     rows = batch.read_rows(file)
-    configs = resolve_model(config.model, weights=False)
+    configs = _preflight(config)
     manifest = batch.Manifest(directory)
     batch.plan(rows, _given_options(args), configs.limits(config.max_pixels), manifest)
     for row in rows:
@@ -386,9 +457,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         files = [directory / f for r in rows if r.status in ("done", "skipped") for f in r.files]
         if files:
             print(f"{write_grid(files, directory / 'grid.png')}\tgrid", flush=True)
+    # The summary is the batch's outcome (rows failed, rows already done), so `-q` keeps it.
     for line in batch.summary(rows):
         print(f"zturbo: {line}", file=sys.stderr)
-    print(f"zturbo: total {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    log.info("total %.1f s", time.perf_counter() - started)
     return EXIT_ERROR if any(r.status == "failed" for r in rows) else 0
 
 
@@ -544,16 +616,22 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
     else:
         raise InvalidRequestError(f"{device} has no GPU memory to plan for; pass --vram-budget GiB to preview a GPU")
     shape = memory.shape_from_source(source)
-    # A preview is of a GPU run, where --compile auto compiles the VAE decoder.
-    choice = memory.choose(
-        shape,
-        memory.dtype_bytes(dtypes),
-        budget,
-        width=args.width,
-        height=args.height,
-        batch=args.batch,
-        compiled_vae=config.compile != "off",
-    )
+
+    def choose(width: int, height: int, batch: int) -> Any:
+        # A preview is of a GPU run, where --compile auto compiles the VAE decoder.
+        return memory.choose(
+            shape,
+            memory.dtype_bytes(dtypes),
+            budget,
+            width=width,
+            height=height,
+            batch=batch,
+            quantize_options=(config.quantize,) if config.quantize != "none" else (),
+            exact=config.quantize == "none",
+            compiled_vae=config.compile != "off",
+        )
+
+    choice = choose(args.width, args.height, args.batch)
     print(f"\nplan for {args.width}x{args.height}, batch {args.batch}: budget {budget / memory.GIB:.2f} GiB ({where})")
     for est in choice.considered:
         mark = "  <- chosen" if est is choice.chosen else ""
@@ -561,7 +639,28 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
     if choice.chosen is None:
         print("nothing fits: lower the resolution or batch, or free GPU memory")
-    print("with --memory auto the engine loads with the chosen plan (for 1024x1024, batch 1)")
+    print(_load_plan_note(args, config.memory, lambda: choose(_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1).chosen))
+
+
+# `Engine.load` picks its memory plan for one image of this size; larger requests adapt at run
+# time (a tiled VAE decode, one retry with a leaner plan after running out of memory).
+_LOAD_PLAN_SIZE = 1024
+
+
+def _load_plan_note(args: argparse.Namespace, memory_setting: str, load_choice: Any) -> str:
+    """What the engine would load with, which is the table's choice only for the size it plans at."""
+    if memory_setting != "auto":
+        return f"with --memory {memory_setting} the engine loads with that plan"
+    size = f"{_LOAD_PLAN_SIZE}x{_LOAD_PLAN_SIZE}, batch 1"
+    if (args.width, args.height, args.batch) == (_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1):
+        return f"with --memory auto the engine loads with the chosen plan (it plans for {size})"
+    chosen = load_choice()
+    label = chosen.label() if chosen is not None else "the leanest plan (none fits)"
+    return (
+        f"with --memory auto the engine loads with {label}, its choice for {size}; a "
+        f"{args.width}x{args.height}, batch {args.batch} request then tiles the VAE decode if it would not fit "
+        "and retries once with a leaner plan if memory runs out (--memory PLAN picks the plan yourself)"
+    )
 
 
 if __name__ == "__main__":

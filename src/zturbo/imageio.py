@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidRequestError, OutputExistsError
 
 if TYPE_CHECKING:
-    from .engine import GeneratedImage, ModelInfo
     from .request import Field, GenerateRequest
+    from .result import GeneratedImage, ModelInfo
 
 METADATA_KEY = "zturbo"
 A1111_KEY = "parameters"
@@ -208,10 +208,10 @@ def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> P
     """Write atomically: a temporary file in the same directory, fsync, then link or rename.
 
     Without `overwrite` the final step is a hard link, which fails if `path` exists (no race).
+    The file gets the mode a plain `open(path, "w")` would give (0666 less the umask).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             image.image.save(f, format="PNG", pnginfo=png_info(image.metadata))
@@ -224,6 +224,18 @@ def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> P
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
+    """A new hidden file next to `name`, opened for writing. Not `tempfile.mkstemp`: its 0600 mode
+    would survive the rename, whereas a mode of 0666 here lets the umask decide, as for any file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _link_no_clobber(tmp: Path, path: Path) -> None:
@@ -243,10 +255,10 @@ def is_file_target(path: str | os.PathLike[str] | None) -> bool:
 
 
 def check_output(path: str | os.PathLike[str] | None, num_images: int, *, overwrite: bool) -> None:
-    """Reject an output target before any work is done."""
+    """Reject an output target before any work is done: a file where a directory belongs, one file
+    for several images, an existing file, or a place this process cannot write to."""
     if not is_file_target(path):
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise InvalidRequestError(f"output {path} exists and is not a directory; give a directory or a .png path")
+        check_output_directory(Path(path if path is not None else DEFAULT_OUTPUT_DIR))
         return
     assert path is not None
     if num_images != 1:
@@ -255,6 +267,30 @@ def check_output(path: str | os.PathLike[str] | None, num_images: int, *, overwr
         )
     if Path(path).exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    check_output_directory(Path(path).parent, target=path)
+
+
+def check_output_directory(directory: Path, *, target: str | os.PathLike[str] | None = None) -> None:
+    """Raise InvalidRequestError unless files can be created in `directory` (made if missing).
+
+    Tried for real, with a file created and removed in the nearest existing ancestor: permission
+    bits say nothing about a read-only mount, /proc, or a root process, and a write does.
+    """
+    shown = target if target is not None else directory
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == Path(shown) and not existing.is_dir():
+        raise InvalidRequestError(f"output {shown} exists and is not a directory; give a directory or a .png path")
+    if not existing.is_dir():
+        raise InvalidRequestError(f"output {shown}: {existing} is a file, not a directory")
+    try:
+        fd, probe = _create_temp(existing, "zturbo-write-check")
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise InvalidRequestError(f"output {shown} cannot be written: {existing} refuses new files ({reason})") from e
+    os.close(fd)
+    probe.unlink(missing_ok=True)
 
 
 def save_images(

@@ -215,13 +215,15 @@ def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
         random_btn.click(lambda: RANDOM_SEED, None, [seed])
         reuse_btn.click(handlers.reuse_seed, [last_seed], [seed, progress])
 
+        # The timer polls every 5 s; refreshing as the job ends keeps the line from showing the
+        # finished job's worker busy until the next tick.
         generate_btn.click(
             handlers.generate,
             [key_state, *(field for field in form if field is not preset)],  # the form's values, less the preset
             [progress, gallery, results, image_params, download, last_seed],
             show_progress="hidden",
             **free,
-        )
+        ).then(handlers.status, show_progress="hidden", **status_io)
         cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
         gallery.select(handlers.select_result, [results], [image_params, download])
         filled = [*form, advanced]  # the accordion opens when a fill sets a negative prompt or CFG
