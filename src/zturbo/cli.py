@@ -228,6 +228,14 @@ def _allocator_defaults() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
+def _compile_cache_default() -> None:
+    """Inductor's caches default to /tmp; the CLI keeps them with zturbo's cache so restarts reuse
+    them, unless the user chose a directory. Worker processes inherit it."""
+    from .tiny import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
@@ -235,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet = getattr(args, "quiet", False)
     _setup_logging(quiet=quiet)
     _allocator_defaults()
+    _compile_cache_default()
     try:
         with _quiet_libraries(quiet):
             return _run_command(args)
