@@ -18,6 +18,32 @@ QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
+# Every environment variable zturbo reads, with one line of doc each. Nothing reads a ZTURBO_*
+# variable except through `env()`, so this table is the whole list (a test checks it).
+ENV_VARS: dict[str, str] = {
+    "ZTURBO_MODEL": "the model: a hub repo id, a local diffusers directory or tiny-random (--model)",
+    "ZTURBO_DEVICE": "auto, cpu, cuda, cuda:N or mps (--device)",
+    "ZTURBO_DTYPE": "dtype of every component: auto, bfloat16, float16 or float32 (--dtype)",
+    "ZTURBO_COMPILE": "torch.compile: auto, on or off (--compile)",
+    "ZTURBO_QUANTIZE": "transformer linears: none, fp8, int8 or int4 (--quantize)",
+    "ZTURBO_VAE_TILING": "tiled VAE decode: auto, on or off (--vae-tiling)",
+    "ZTURBO_MEMORY": "where the weights live: auto or a plan name (--memory)",
+    "ZTURBO_VRAM_BUDGET": "GiB of GPU memory zturbo may use (--vram-budget)",
+    "ZTURBO_MAX_PIXELS": "the largest width x height accepted (--max-pixels)",
+    "ZTURBO_CACHE": "zturbo's cache: the tiny checkpoint, its tokenizer files, the CLI's Inductor cache",
+    "ZTURBO_API_KEY": "zturbo serve: the bearer key every API call must send (--api-key)",
+    "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
+    "ZTURBO_TEST_STEP_SLEEP": "test hook: seconds a server worker sleeps after each denoising step",
+}
+
+
+def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of a registered zturbo variable, or None when it is unset or empty."""
+    if name not in ENV_VARS:
+        raise KeyError(f"{name} is not a registered zturbo environment variable (config.ENV_VARS)")
+    value = (os.environ if environ is None else environ).get(name)
+    return value or None
+
 
 @dataclass(frozen=True)
 class RuntimeConfig:
@@ -67,20 +93,19 @@ class RuntimeConfig:
         return {"transformer": self.transformer_dtype, "text_encoder": self.text_encoder_dtype, "vae": self.vae_dtype}
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
         """Defaults, then ZTURBO_<FIELD> for each field (e.g. ZTURBO_MEMORY), then explicit overrides."""
-        env = os.environ if env is None else env
         values: dict[str, object] = {}
         for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling", "memory"):
-            var = f"ZTURBO_{field.upper()}"
-            if env.get(var):
-                values[field] = env[var]
+            text = env(f"ZTURBO_{field.upper()}", environ)
+            if text:
+                values[field] = text
         numbers: tuple[tuple[str, type, str], ...] = (
             ("vram_budget", float, "a number of GiB"),
             ("max_pixels", int, "a whole number"),
         )
         for field, kind, what in numbers:
-            raw = env.get(f"ZTURBO_{field.upper()}")
+            raw = env(f"ZTURBO_{field.upper()}", environ)
             if raw:
                 try:
                     values[field] = kind(raw)

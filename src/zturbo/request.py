@@ -53,7 +53,6 @@ class ModelLimits:
 
     spatial_unit: int  # width and height must be multiples of this (VAE factor x patch size)
     max_pixels: int
-    max_tokens: int = 512
 
 
 TEXT, WHOLE, NUMBER, SEEDS = "text", "whole number", "number", "seed list"

@@ -8,7 +8,6 @@ ZTURBO_TEST_STEP_SLEEP in a worker's environment.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 import torch
@@ -18,7 +17,9 @@ STEP_SLEEP_ENV = "ZTURBO_TEST_STEP_SLEEP"
 
 def step_sleep(environ: Mapping[str, str] | None = None) -> float:
     """Seconds a worker sleeps after each denoising step (ZTURBO_TEST_STEP_SLEEP; 0 when unset)."""
-    raw = (os.environ if environ is None else environ).get(STEP_SLEEP_ENV)
+    from .config import env
+
+    raw = env(STEP_SLEEP_ENV, environ)
     try:
         return float(raw or 0)
     except ValueError:

@@ -164,8 +164,11 @@ CHAT_TEMPLATE = r"""{%- if tools %}
 
 def cache_root() -> Path:
     """ZTURBO_CACHE, else $XDG_CACHE_HOME/zturbo, else ~/.cache/zturbo."""
-    if os.environ.get("ZTURBO_CACHE"):
-        return Path(os.environ["ZTURBO_CACHE"]).expanduser()
+    from .config import env
+
+    root = env("ZTURBO_CACHE")
+    if root:
+        return Path(root).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "zturbo"
 

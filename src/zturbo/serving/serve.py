@@ -11,12 +11,10 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..config import env
 from ..errors import DeviceError, InvalidRequestError
 
 log = logging.getLogger("zturbo")
-
-API_KEY_ENV = "ZTURBO_API_KEY"
-DATA_DIR_ENV = "ZTURBO_DATA_DIR"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,14 +31,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer KEY' on /v1/* and /metrics (default ${API_KEY_ENV}; "
+        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default $ZTURBO_API_KEY; "
         "prefer the variable: arguments are visible to other users)",
     )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument(
         "--data-dir",
         default=None,
-        help=f"queue database and images (default ${DATA_DIR_ENV} or ~/.local/share/zturbo)",
+        help="queue database and images (default $ZTURBO_DATA_DIR or ~/.local/share/zturbo)",
     )
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds one job may run (default 600)")
     p.add_argument(
@@ -66,13 +64,13 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
     _check_numbers(args)
     devices = worker_devices(args.gpus, args.device)
     config = runtime_config
     source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
-    data_dir = Path(args.data_dir or os.environ.get(DATA_DIR_ENV) or Path.home() / ".local/share/zturbo")
+    data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)
     settings = ServeSettings(
@@ -111,7 +109,7 @@ def check_bind(host: str, api_key: str | None, *, insecure: bool) -> None:
         return
     raise InvalidRequestError(
         f"refusing to bind {host} without an API key: anyone who can reach it could use the GPUs; "
-        f"pass --api-key KEY (or set ${API_KEY_ENV}), bind 127.0.0.1, or pass --insecure"
+        f"pass --api-key KEY (or set $ZTURBO_API_KEY), bind 127.0.0.1, or pass --insecure"
     )
 
 
