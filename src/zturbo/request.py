@@ -13,7 +13,7 @@ import math
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import FieldError
@@ -240,7 +240,6 @@ class GenerateRequest:
     height: int
     batch: int  # images per prompt
     seed_was_random: bool = False
-    extra: dict[str, object] = field(default_factory=dict, compare=False)
     images: tuple[ImageSpec, ...] = ()
     seeds: tuple[int, ...] | None = None  # an explicit seed list, when one was given
     variation_strength: float = 0.0
