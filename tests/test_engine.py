@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from zturbo.errors import CheckpointError
 from zturbo.pipeline import prepare_latents, schedule
 
 
@@ -244,7 +245,7 @@ def test_the_caption_limit_is_the_largest_the_position_table_takes(engine):
     assert caption_limit(SimpleNamespace(axes_lens=[66, 8, 8])) == 64
     assert caption_limit(SimpleNamespace(axes_lens=[65, 8, 8])) == 32
     assert caption_limit(SimpleNamespace(axes_lens=[1536, 512, 512])) == 512  # the real model: the encoder's 512
-    with pytest.raises(ValueError, match="axes_lens\\[0\\] 20 leaves no room for a caption"):
+    with pytest.raises(CheckpointError, match="axes_lens\\[0\\] 20 leaves no room for a caption"):
         caption_limit(SimpleNamespace(axes_lens=[20, 8, 8]))
     transformer = engine.components.transformer
     embed = torch.randn(64, transformer.config.cap_feat_dim)
@@ -279,3 +280,13 @@ def test_load_and_apply_leave_the_environment_alone(tiny_dir):
     finally:
         applied.revert_compile()
         torch._dynamo.reset()
+
+
+def test_an_engine_starts_with_its_layouts_vae_tiling(fresh):
+    from zturbo.engine import Engine
+    from zturbo.memory.plan import Layout
+
+    tiled = Engine(
+        fresh.components, fresh.model, fresh.device, fresh.dtypes, fresh.limits, layout=Layout(vae_tiling=True)
+    )
+    assert tiled.vae_tiling and fresh.components.vae.use_tiling

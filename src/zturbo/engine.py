@@ -111,6 +111,7 @@ class Engine:
         if dtypes["transformer"] is torch.float16:  # before placement: it rescales weights in place
             self.guard = install_fp16_guard(components.transformer)
         self.placement = Placement(components, device, layout or Layout())
+        self.set_vae_tiling(self.placement.layout.vae_tiling)
 
     # -----------------------------------------------------------------------------------------
     # Loading

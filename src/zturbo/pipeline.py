@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import CheckpointError
+
 if TYPE_CHECKING:
     from .accel.graphs import EncoderGraphs
     from .loader import Components
@@ -92,7 +94,9 @@ def caption_limit(transformer_config: Any, max_tokens: int = MAX_TOKENS) -> int:
     fits = (table - 2) // CAPTION_MULTIPLE * CAPTION_MULTIPLE
     if fits < CAPTION_MULTIPLE:
         least = CAPTION_MULTIPLE + 2
-        raise ValueError(f"transformer axes_lens[0] {table} leaves no room for a caption; it must be at least {least}")
+        raise CheckpointError(
+            f"transformer axes_lens[0] {table} leaves no room for a caption; it must be at least {least}"
+        )
     return min(max_tokens, fits)
 
 
