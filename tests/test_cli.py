@@ -257,6 +257,30 @@ def test_generate_from_a_png_uses_the_model_recorded_in_it(capsys, tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_from_a_png_whose_model_is_not_here_says_so_and_uses_the_configured_one(
+    capsys, monkeypatch, tmp_path, tiny_dir
+):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_dir, moved)
+    first = tmp_path / "first.png"
+    code, _, err = run(capsys, "generate", "a fox", "--model", str(moved), "--seed", "5", "--width", "32",
+                       "--height", "32", "--steps", "2", "-o", str(first))  # fmt: skip
+    assert code == 0, err
+    assert read_metadata(first)["model"] == str(moved.resolve())  # found from any working directory
+    shutil.rmtree(moved)
+    given = ("--model", str(tiny_dir), "-o", str(tmp_path / "a.png"))
+    code, _, err = run(capsys, "generate", "--from", str(first), *given)
+    assert code == 0 and "as recorded" not in err and "not available" not in err
+    with monkeypatch.context() as m:
+        m.setenv("ZTURBO_MODEL", str(tiny_dir))
+        code, out, err = run(capsys, "generate", "--from", str(first), "-o", str(tmp_path / "b.png"))
+    assert code == 0, err
+    assert "not available" not in err and out.strip() == f"{tmp_path / 'b.png'}\tseed=5"
+    code, _, err = run(capsys, "generate", "--from", str(first), "-o", str(tmp_path / "c.png"))
+    assert code == 1  # the default hub model is out of reach here
+    assert f"the model recorded in {first} is not available here" in err and "pixels may differ" in err
+
+
 def test_quantize_help_names_every_mode():
     from zturbo.cli import build_parser
     from zturbo.config import QUANTIZE_CHOICES

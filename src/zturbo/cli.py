@@ -337,11 +337,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.from_png is not None:
         source_meta, params = _parameters_from_png(args.from_png)
-    config = _runtime_config(args, max_pixels=args.max_pixels)
-    if args.model is None and source_meta.get("model"):
-        # The image's own model, not the default one: `--from` means "make this again".
-        config = dataclasses.replace(config, model=source_meta["model"])
-        log.info("model %s, as recorded in %s (--model chooses another)", config.model, args.from_png)
+    config = _model_for_from(_runtime_config(args, max_pixels=args.max_pixels), args, source_meta)
     if config.compile == "auto":
         # One process, one request: compiling costs tens of seconds and saves well under one.
         config = dataclasses.replace(config, compile="off")
@@ -524,6 +520,26 @@ def _choice_text(choice: Any) -> str:
     from .device import dtype_name
 
     return f"{dtype_name(choice.dtype)}  ({choice.reason})"
+
+
+def _model_for_from(config: Any, args: argparse.Namespace, meta: dict[str, Any]) -> Any:
+    """`--from` means "make this again": the image's recorded model, unless --model or
+    $ZTURBO_MODEL chose one. A recorded model this machine cannot find (a directory elsewhere, a
+    hub model out of reach) leaves the configured one, with a warning that says so."""
+    from .config import env
+    from .loader import resolve_model
+
+    recorded = meta.get("model")
+    if not recorded or args.model is not None or env("ZTURBO_MODEL"):
+        return config
+    try:
+        resolve_model(recorded, weights=False)
+    except ZTurboError as e:
+        log.warning("the model recorded in %s is not available here (%s); using %s instead (--model chooses "
+                    "another), so the pixels may differ", args.from_png, e, config.model)  # fmt: skip
+        return config
+    log.info("model %s, as recorded in %s (--model chooses another)", recorded, args.from_png)
+    return dataclasses.replace(config, model=recorded)
 
 
 def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:

@@ -41,7 +41,7 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 class ModelSource:
     """A model resolved to a local directory in the diffusers layout."""
 
-    name: str  # as the user gave it
+    name: str  # as the user gave it; a local directory as its absolute path, found from anywhere
     path: Path
     revision: str | None  # hub commit, when it came from the hub
     repo_id: str | None
@@ -69,7 +69,7 @@ def resolve_model(name: str, *, weights: bool = True) -> ModelSource:
     """
     path = Path(name).expanduser()
     if path.is_dir():
-        source = ModelSource(name, path.resolve(), _cache_revision(path.resolve()), None)
+        source = ModelSource(str(path.resolve()), path.resolve(), _cache_revision(path.resolve()), None)
     elif name == TINY_MODEL:
         from .tiny import ensure_tiny_checkpoint
 

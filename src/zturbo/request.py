@@ -164,7 +164,7 @@ def field_for(name: str) -> Field | None:
     return _BY_ALIAS.get(_normal(name))
 
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"^(\d{1,5}) ?x ?(\d{1,5})$")  # hand-written A1111 texts may space the x
 
 
 def parse_size(size: object) -> tuple[int, int]:
@@ -340,7 +340,7 @@ class GenerateRequest:
         if variation_seed is None and varying:
             variation_seed = secrets.randbelow(2**32)
         if variation_seed is not None:
-            span = 0 if seed_list is not None else total - 1
+            span = total - 1 if varying and seed_list is None else 0  # the images use it only when varying
             _check_int("variation_seed", variation_seed, LIMITS.seed[0], SEED_MAX - span)
         specs = _specs(prompts, negatives, seed, seed_list, per_prompt, variation_seed if varying else None)
         return cls(
@@ -568,6 +568,6 @@ def _check_size(width: object, height: object, limits: ModelLimits) -> None:
     if width * height > limits.max_pixels:
         raise FieldError(
             "width",
-            f"size {width}x{height} is {width * height} pixels, above the limit of {limits.max_pixels}; "
-            f"lower width or height (or raise the limit with --max-pixels or ZTURBO_MAX_PIXELS)",
+            f"size {width}x{height} is {width * height} pixels, above the limit of {limits.max_pixels} "
+            "set for this model (--max-pixels); lower width or height",
         )

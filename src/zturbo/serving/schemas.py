@@ -12,11 +12,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
 from pydantic import Field as Json
 
-from ..request import FIELD, LIMITS, GenerateRequest, ModelLimits, is_request_dict
+from ..request import FIELD, LIMITS, WHOLE, GenerateRequest, ModelLimits, is_request_dict
 
 MODEL_ALIASES = ("z-image-turbo", "zturbo")
 # Body fields that are not request parameters: they steer the route, not the image.
 _ROUTE_FIELDS = {"model", "response_format", "user"}
+# Where the HTTP form differs from the CLI's text, whose docs the table holds.
+_HTTP_DOCS = {"seeds": "one image per listed seed, in order (a JSON list of whole numbers); excludes seed"}
 
 
 def _doc(name: str) -> Any:
@@ -25,12 +27,14 @@ def _doc(name: str) -> Any:
     schema: dict[str, Any] = {}
     bounds = f.range()
     if bounds is not None:
-        schema |= {"minimum": bounds[0], "maximum": bounds[1]}
+        lo, hi = (int(b) for b in bounds) if f.kind == WHOLE else bounds
+        schema |= {"exclusiveMinimum" if f.bounds == "fraction>0" else "minimum": lo, "maximum": hi}
     elif f.bounds == "prompt":
         schema["maxLength"] = LIMITS.prompt_chars
     elif f.bounds == "seeds":
         schema |= {"minItems": 1, "maxItems": LIMITS.images[1]}
-    description = f"{f.doc}; allowed: {f.allowed()}"
+    doc = _HTTP_DOCS.get(name, f.doc)
+    description = f"{doc}; allowed: {f.allowed()}"
     if name == "prompt":  # the one required field
         return Json(description=description, json_schema_extra=schema)
     return Json(f.default, description=description, json_schema_extra=schema)
