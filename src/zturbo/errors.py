@@ -61,6 +61,14 @@ class GPUMemoryError(ZTurboError):
     kind = "out_of_memory"
 
 
+class StorageError(ZTurboError):
+    """Output or state could not be written or read: a full disk, a permission, a damaged file.
+    The message names the path and the cause."""
+
+    http_status = 507
+    kind = "storage"
+
+
 # --- the server and its job queue ----------------------------------------------------------
 
 
