@@ -114,7 +114,9 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
             time.sleep(sleep)
         if os.getppid() != parent:
             os._exit(1)  # orphaned: the server died; its successor re-runs the job
-        if store.cancel_requested(claim.job_id):
+        # A cancel stops the job after its current step, unless that step was the last: finished
+        # steps make an image, and docs/api.md promises that image (a cancel then is too late).
+        if i < n and store.cancel_requested(claim.job_id):
             raise JobCancelled
 
     try:
