@@ -6,7 +6,7 @@ import pytest
 
 from zturbo.config import RuntimeConfig
 from zturbo.errors import InvalidRequestError
-from zturbo.request import GenerateRequest, ModelLimits, nearest_multiples
+from zturbo.request import GenerateRequest, ModelLimits, nearest_multiples, parse_size
 
 LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
 
@@ -68,3 +68,24 @@ def test_prompt_length_is_limited_for_every_prompt():
         GenerateRequest.create(["ok", "x" * 4001], limits=LIMITS, seed=1)
     with pytest.raises(InvalidRequestError, match="negative_prompt is 4001 characters long"):
         GenerateRequest.create("ok", limits=LIMITS, seed=1, negative_prompt="x" * 4001)
+
+
+@pytest.mark.parametrize("size", ["64x64\n", "\uff16\uff14x64", "\u0666\u0664x64", "64x64\t", "64x\u00b964"])
+def test_size_takes_ascii_digits_only(size):
+    with pytest.raises(InvalidRequestError, match="is not WIDTHxHEIGHT"):
+        parse_size(size)
+
+
+def test_size_forms_that_stay_accepted():
+    assert parse_size("64x48") == parse_size(" 64 x 48 ") == (64, 48)
+    assert parse_size("auto") == (1024, 1024)
+
+
+@pytest.mark.parametrize("prompt", ["\u200b\u200c\u200d\ufeff", "\u2060 \u00a0\u3000", "\u3164\u2800\ufe0f", "\x00\t"])
+def test_a_prompt_of_invisible_characters_is_blank(prompt):
+    with pytest.raises(InvalidRequestError, match="prompt is empty or only invisible characters"):
+        GenerateRequest.create(prompt, limits=LIMITS, seed=1)
+
+
+def test_invisible_characters_inside_a_prompt_are_kept():
+    assert GenerateRequest.create("a\u200bfox", limits=LIMITS, seed=1).prompts == ("a\u200bfox",)

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 import secrets
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -164,14 +165,16 @@ def field_for(name: str) -> Field | None:
     return _BY_ALIAS.get(_normal(name))
 
 
-_SIZE = re.compile(r"^(\d{1,5}) ?x ?(\d{1,5})$")  # hand-written A1111 texts may space the x
+# ASCII digits only: `\d` and int() also take full-width and Arabic-Indic digits. Hand-written
+# A1111 texts may space the x.
+_SIZE = re.compile(r"([0-9]{1,5}) ?x ?([0-9]{1,5})")
 
 
 def parse_size(size: object) -> tuple[int, int]:
     """OpenAI's and A1111's `size`: "WIDTHxHEIGHT" or "auto" (the default size)."""
     if size == "auto":
         return DEFAULT_SIZE, DEFAULT_SIZE
-    m = _SIZE.match(size.strip()) if isinstance(size, str) else None
+    m = _SIZE.fullmatch(size.strip(" ")) if isinstance(size, str) else None
     if m is None:
         raise FieldError(SIZE_FIELD, f"size {size!r} is not WIDTHxHEIGHT (e.g. 1024x1024) or 'auto'")
     return int(m.group(1)), int(m.group(2))
@@ -500,6 +503,23 @@ def _check_text(name: str, text: str) -> None:
         raise FieldError(name, f"{name} is {len(text)} characters long; allowed at most {most}")
 
 
+# Letters that render as nothing (Hangul fillers, the braille blank); categories below cover the rest.
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+# Controls, format characters (zero-width space and joiners, BOM, bidi marks) and separators.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _is_blank(text: str) -> bool:
+    """Whether `text` shows nothing: whitespace and invisible characters only (the text itself is kept)."""
+    return all(
+        c.isspace()
+        or c in _BLANK_LETTERS
+        or "\ufe00" <= c <= "\ufe0f"  # variation selectors
+        or unicodedata.category(c) in _INVISIBLE_CATEGORIES
+        for c in text
+    )
+
+
 def _prompts(prompt: str | Sequence[str]) -> tuple[str, ...]:
     prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
     if not prompts:
@@ -507,8 +527,8 @@ def _prompts(prompt: str | Sequence[str]) -> tuple[str, ...]:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise FieldError("prompt", f"prompt {i} is {type(p).__name__}, expected text")
-        if not p.strip():
-            raise FieldError("prompt", "prompt is empty; describe the image to generate")
+        if _is_blank(p):
+            raise FieldError("prompt", "prompt is empty or only invisible characters; describe the image to generate")
         _check_text("prompt", p)
     return prompts
 

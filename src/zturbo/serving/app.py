@@ -25,6 +25,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import RuntimeConfig
 from ..errors import (
@@ -75,6 +76,10 @@ class ServeSettings:
     job_timeout: float = 600.0
     shutdown_grace: float = 30.0
     sync_timeout: float = 600.0  # longest POST /v1/images/generations waits before answering 504
+    # Transport bounds, not request limits: a full job body (two 4000-character prompts, 64 seeds)
+    # is well under 100 KB even JSON-escaped; larger bodies get 413, larger headers 431.
+    max_body_bytes: int = 1 << 20
+    max_header_bytes: int = 16 << 10
     model_names: tuple[str, ...] = field(default=())
 
 
@@ -188,6 +193,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.service = service
     _install_error_handlers(app)
     _install_auth(app, service)
+    app.add_middleware(EdgeLimits, max_body=settings.max_body_bytes, max_headers=settings.max_header_bytes)
     app.include_router(_open_routes(service))
     app.include_router(_job_routes(service))
     app.include_router(_service_routes(service))
@@ -269,6 +275,68 @@ def _install_auth(app: FastAPI, service: Service) -> None:
                 **{"WWW-Authenticate": "Bearer"},
             )
         return await call_next(request)
+
+
+class EdgeLimits:
+    """Bounds what one request may make the server hold: its headers (431) and its body (413).
+
+    A body is refused from its Content-Length before any of it is read, or, sent without one, as soon
+    as the bytes received pass the limit; a body within it is buffered here and replayed to the app.
+    The web UI (Gradio, under /ui) bounds its own uploads.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int) -> None:
+        self.app, self.max_body, self.max_headers = app, max_body, max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.max_headers:
+            message = f"the request headers are {header_bytes} bytes; allowed at most {self.max_headers}"
+            await error_response(431, "too_large", message)(scope, receive, send)
+            return
+        if scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
+            await self.app(scope, receive, send)
+            return
+        body = await self._read_body(scope, receive)
+        if body is None:
+            message = f"the request body is larger than {self.max_body} bytes, the most this server accepts"
+            await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None once it is known to pass the limit."""
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            return None
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; the app sees an empty body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the buffered body once, then the connection's own messages (disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _signed_image_ok(service: Service, path: str, query: Any) -> bool:
