@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
-from zturbo.request import GenerateRequest
+from zturbo.config import RuntimeConfig
+from zturbo.request import GenerateRequest, ModelLimits
 from zturbo.serving import jobs, workers
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "seed": 1}
+LIMITS = ModelLimits(spatial_unit=16, max_pixels=128 * 128)
 
 
 @pytest.fixture
@@ -60,3 +62,70 @@ def test_a_cancel_during_the_last_step_keeps_the_finished_image(engine, store, t
     assert job.status == jobs.SUCCEEDED and len(job.images) == 1
     assert (tmp_path / job.images[0].file).is_file()
     assert messages[-1].status == jobs.SUCCEEDED
+
+
+class StandInProcess:
+    """What the supervisor reads of a worker process; `alive` is set by the test."""
+
+    pid, exitcode, sentinel = 4242, 1, None
+
+    def __init__(self) -> None:
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def supervisor_with_idle_worker(store: jobs.JobStore, tmp_path: Path) -> tuple[workers.Supervisor, Any, StandInProcess]:
+    """A supervisor whose one worker is ready and idle; the worker's end of the pipe is returned."""
+    config = RuntimeConfig(model="unloaded", device="cpu")
+    supervisor = workers.Supervisor(store, config, ["cpu"], tmp_path, job_timeout=60)
+    here, there = mp.Pipe()
+    process = StandInProcess()
+    [slot] = supervisor.slots
+    slot.process, slot.conn, slot.state = process, here, "ready"
+    return supervisor, there, process
+
+
+def tick(supervisor: workers.Supervisor) -> None:
+    """One round of the supervisor's loop, without its wait."""
+    supervisor._dispatch()
+    for slot in supervisor.slots:
+        if slot.conn is not None:
+            supervisor._drain(slot)
+        supervisor._check(slot)
+
+
+def test_a_job_sent_to_a_worker_that_had_died_idle_costs_no_attempt(store, tmp_path):
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    process.alive = False  # died while idle, before the supervisor looked
+    worker_end.close()
+    job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
+    tick(supervisor)
+    after = store.get(job.id)
+    assert (after.status, after.attempts) == (jobs.QUEUED, 0)
+    assert supervisor.slots[0].state == "restarting"
+
+
+def test_an_attempt_counts_only_once_the_worker_has_taken_the_job(store, tmp_path):
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
+    tick(supervisor)
+    claim = worker_end.recv()
+    assert claim.job_id == job.id and store.get(job.id).status == jobs.RUNNING
+    process.alive = False  # died before it read the job
+    tick(supervisor)
+    assert (store.get(job.id).status, store.get(job.id).attempts) == (jobs.QUEUED, 0)
+
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    tick(supervisor)
+    worker_end.send(workers.Started(worker_end.recv().job_id))
+    process.alive = False  # died while running it: a real attempt
+    tick(supervisor)
+    assert (store.get(job.id).status, store.get(job.id).attempts) == (jobs.QUEUED, 1)

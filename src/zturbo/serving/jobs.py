@@ -262,7 +262,8 @@ class JobStore:
     def release(self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True) -> Job | None:
         """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
 
-        `count_attempt=False` (a graceful shutdown) gives the attempt back. None if the claim is stale.
+        `count_attempt=False` gives the attempt back: a graceful shutdown, or a worker that died before
+        it began the job. None if the claim is stale.
         """
         with self._tx() as db:
             row = db.execute(

@@ -44,6 +44,13 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Started:
+    """The worker has read the job and begins it: from here on, its death costs the job an attempt."""
+
+    job_id: str
+
+
+@dataclass(frozen=True)
 class Progress:
     job_id: str
     step: int
@@ -95,6 +102,7 @@ def worker_main(
             return  # the supervisor is gone
         if claim is None:
             return
+        conn.send(Started(claim.job_id))
         _run_claim(engine, store, Path(images_dir), claim, conn)
 
 
@@ -183,6 +191,7 @@ class WorkerSlot:
     process: Any = None
     conn: Connection | None = None
     claim: jobs.Claim | None = None
+    claim_started: bool = False  # the worker said it began the claim (Started)
     claimed_at: float = 0.0
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -329,6 +338,8 @@ class Supervisor:
         for s in self.slots:
             if s.state != "ready" or s.claim is not None:
                 continue
+            if s.process is None or not s.process.is_alive():
+                continue  # died while idle: _check restarts it; a job sent now would be lost
             claim = self.store.claim(s.id)
             if claim is None:
                 return
@@ -340,6 +351,7 @@ class Supervisor:
                 continue
             with self._lock:
                 s.claim, s.claimed_at, s.state, s.progress = claim, time.monotonic(), "busy", None
+                s.claim_started = False
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
 
     def _drain(self, s: WorkerSlot) -> None:
@@ -351,7 +363,10 @@ class Supervisor:
             pass  # the process is ending; its sentinel tells the rest
 
     def _handle(self, s: WorkerSlot, msg: Any) -> None:
-        if isinstance(msg, Ready):
+        if isinstance(msg, Started):
+            if s.claim is not None and s.claim.job_id == msg.job_id:
+                s.claim_started = True
+        elif isinstance(msg, Ready):
             with self._lock:
                 s.state, s.runtime, s.memory = "ready", msg.runtime, msg.memory
             log.info("%s ready on %s", s.id, s.device)
@@ -400,7 +415,9 @@ class Supervisor:
         log.warning("%s on %s died (%s)", s.id, s.device, reason)
         claim = claim_sent or s.claim
         if claim is not None:
-            job = self.store.release(claim.job_id, claim.attempt, f"the worker died ({reason})")
+            # Only a job the worker began costs an attempt: one sent to a dead worker was never run.
+            counted = claim_sent is None and s.claim_started
+            job = self.store.release(claim.job_id, claim.attempt, f"the worker died ({reason})", count_attempt=counted)
             if job is not None and job.finished:
                 self.hooks.on_finished(Finished(claim.job_id, job.status, 0.0))
             elif job is not None:
