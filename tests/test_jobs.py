@@ -7,8 +7,10 @@ import sqlite3
 import threading
 
 import pytest
+from fastapi.testclient import TestClient
 
-from zturbo.errors import InvalidRequestError
+from serving import SMALL, in_process_app
+from zturbo.errors import InvalidRequestError, StorageError
 from zturbo.request import GenerateRequest, ModelLimits
 from zturbo.serving import jobs
 from zturbo.serving.jobs import JobStore
@@ -204,3 +206,26 @@ def test_a_job_queued_by_an_earlier_version_still_runs(tmp_path):
     with pytest.raises(InvalidRequestError, match="above the limit of 256"):
         jobs.stored_request(claim.params, ModelLimits(16, 16 * 16))
     store.close()
+
+
+def fill_the_disk(store: JobStore) -> None:
+    """SQLite sees a full disk: the database may not grow by a page."""
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_full_disk_refuses_a_submission_as_storage_and_the_store_goes_on(store):
+    fill_the_disk(store)
+    with pytest.raises(StorageError, match="disk is full") as refused:
+        store.submit(params("a fox " * 600))
+    assert str(store.path) in str(refused.value) and refused.value.http_status == 507
+    store._db.execute("PRAGMA max_page_count = 1000000")  # space again: nothing was left half-done
+    assert store.submit(params()).status == jobs.QUEUED and store.depth() == 1
+
+
+def test_post_jobs_on_a_full_disk_answers_507_storage(tmp_path):
+    app = in_process_app(tmp_path)
+    fill_the_disk(app.state.service.store)
+    r = TestClient(app).post("/v1/jobs", json={"prompt": "a fox " * 600, **SMALL})
+    assert r.status_code == 507, r.text
+    assert r.json()["error"]["type"] == "storage" and "disk is full" in r.json()["error"]["message"]

@@ -6,12 +6,14 @@ stand-in, so a dead worker and its pipe can be arranged exactly.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from zturbo import imageio
 from zturbo.config import RuntimeConfig
 from zturbo.request import GenerateRequest, ModelLimits
 from zturbo.serving import jobs, workers
@@ -129,3 +131,25 @@ def test_an_attempt_counts_only_once_the_worker_has_taken_the_job(store, tmp_pat
     process.alive = False  # died while running it: a real attempt
     tick(supervisor)
     assert (store.get(job.id).status, store.get(job.id).attempts) == (jobs.QUEUED, 1)
+
+
+def no_space(fd: int) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_fails_the_job_as_storage_and_the_worker_lives_on(engine, store, tmp_path, monkeypatch):
+    monkeypatch.setattr(imageio.os, "fsync", no_space)  # where a full disk shows when a PNG is written
+    job, messages = run_claim(engine, store, tmp_path)
+    assert job.status == jobs.FAILED and job.error["type"] == "storage"
+    assert str(tmp_path) in job.error["message"] and "No space left on device" in job.error["message"]
+    assert [type(m) for m in messages if not isinstance(m, workers.Progress)] == [workers.Finished]
+    assert messages[-1].status == jobs.FAILED  # reported as a job's failure; the worker did not exit
+    assert list(tmp_path.glob("*.tmp")) == [] and list(tmp_path.glob("*.png")) == []
+
+
+def test_an_images_directory_that_cannot_be_made_fails_the_job_as_storage(engine, store, tmp_path):
+    (tmp_path / "images").write_text("a file where the directory should be")
+    job, messages = run_claim(engine, store, tmp_path / "images")
+    assert job.status == jobs.FAILED and job.error["type"] == "storage"
+    assert str(tmp_path / "images") in job.error["message"]
+    assert messages[-1].status == jobs.FAILED

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import JobConflictError, JobNotFoundError, QueueFullError
+from ..errors import JobConflictError, JobNotFoundError, QueueFullError, StorageError
 from ..request import GenerateRequest, ModelLimits, is_request_dict
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -108,6 +108,24 @@ def stored_request(params: dict[str, Any], limits: ModelLimits) -> GenerateReque
     return GenerateRequest.from_fields({k: v for k, v in params.items() if v is not None}, limits)
 
 
+# SQLite's primary result codes that mean the file or the disk under it, not the query.
+_STORAGE_CODES = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_IOERR: "an I/O error",
+    sqlite3.SQLITE_READONLY: "the file is read-only",
+    sqlite3.SQLITE_CANTOPEN: "the file cannot be opened",
+    sqlite3.SQLITE_PERM: "no permission",
+    sqlite3.SQLITE_CORRUPT: "the file is damaged",
+    sqlite3.SQLITE_NOTADB: "the file is not an SQLite database",
+}
+
+
+def storage_fault(error: sqlite3.Error) -> str | None:
+    """What is wrong with the database file or its disk, or None for any other SQLite error."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return _STORAGE_CODES.get(code & 0xFF) if code is not None else None
+
+
 class JobStore:
     """All access to the queue database; safe to share between the threads of one process."""
 
@@ -130,15 +148,19 @@ class JobStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks).
+        A full disk or an I/O fault is a StorageError naming the file."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error) and storage_fault(e):
+                    raise StorageError(f"cannot write the job database {self.path}: {storage_fault(e)} ({e})") from e
                 raise
-            self._db.execute("COMMIT")
 
     # --- submit and read ------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import multiprocessing as mp
 import os
@@ -108,7 +109,6 @@ def worker_main(
 
 def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.Claim, conn: Connection) -> None:
     from ..errors import ZTurboError
-    from ..imageio import save_png
 
     start = time.perf_counter()
     from ..testing import step_sleep
@@ -130,11 +130,12 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
     try:
         req = jobs.stored_request(claim.params, engine.limits)
         result = engine.generate(req, on_step=on_step)
+        refs = _save_images(result.images, images_dir, claim.job_id)
     except JobCancelled:
         store.end(claim, jobs.CANCELLED)
         conn.send(Finished(claim.job_id, jobs.CANCELLED, time.perf_counter() - start))
         return
-    except ZTurboError as e:  # a refusal (bad input, out of memory, precision): the engine is still sound
+    except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
         store.end(claim, jobs.FAILED, {"type": e.kind, "message": str(e)})
         conn.send(Finished(claim.job_id, jobs.FAILED, time.perf_counter() - start))
         return
@@ -142,14 +143,33 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
         logging.getLogger("zturbo").exception("job %s crashed the worker", claim.job_id)
         conn.send(Crashed(claim.job_id, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"))
         os._exit(3)
-    refs = []
-    for k, image in enumerate(result.images):
-        name = f"{claim.job_id}-{k}.png"
-        save_png(image, images_dir / name, overwrite=True)  # a re-run of this job overwrites, never duplicates
-        refs.append(jobs.ImageRef(jobs.new_id(), k, image.seed, name))
     store.succeed(claim, refs)
     seconds = time.perf_counter() - start
     conn.send(Finished(claim.job_id, jobs.SUCCEEDED, seconds, len(result.fallbacks), _memory(engine.device)))
+
+
+def _save_images(images: list[Any], images_dir: Path, job_id: str) -> list[jobs.ImageRef]:
+    """Write a job's PNGs; a full disk or a missing permission is the job's StorageError, not a crash."""
+    from ..errors import StorageError
+    from ..imageio import save_png
+
+    refs = []
+    for k, image in enumerate(images):
+        path = images_dir / f"{job_id}-{k}.png"  # a re-run of this job overwrites, never duplicates
+        try:
+            save_png(image, path, overwrite=True)
+        except OSError as e:
+            raise StorageError(f"could not write the image {path}: {e.strerror or e}; {_storage_hint(e)}") from e
+        refs.append(jobs.ImageRef(jobs.new_id(), k, image.seed, path.name))
+    return refs
+
+
+def _storage_hint(error: OSError) -> str:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on that disk, then submit the job again"
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the server's images directory writable by the user it runs as"
+    return "check the server's images directory (inside --data-dir)"
 
 
 def _runtime(engine: Any) -> dict[str, Any]:
@@ -240,6 +260,7 @@ class Supervisor:
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._stopping = threading.Event()
         self._dispatching = True
+        self._stop_began: float | None = None  # when stop_dispatch was first called; the grace counts from it
         self._thread: threading.Thread | None = None
 
     # --- public, any thread -------------------------------------------------------------------
@@ -284,12 +305,19 @@ class Supervisor:
                     return s.progress
         return None
 
-    def stop(self, grace: float) -> None:
-        """Stop dispatching; let running jobs finish for up to `grace` seconds, then stop the workers and
-        put any job still running back in the queue without counting the attempt."""
-        with self._lock:
+    def stop_dispatch(self) -> None:
+        """Start no job from now on (the server is shutting down); running jobs go on."""
+        with self._lock:  # held by _dispatch around each claim: none starts once this returns
             self._dispatching = False
-        deadline = time.monotonic() + grace
+            if self._stop_began is None:
+                self._stop_began = time.monotonic()
+
+    def stop(self, grace: float) -> None:
+        """Stop dispatching; let running jobs finish until `grace` seconds after dispatching stopped,
+        then stop the workers and put any job still running back in the queue without counting the attempt."""
+        self.stop_dispatch()
+        assert self._stop_began is not None
+        deadline = self._stop_began + grace
         while time.monotonic() < deadline and any(s.claim is not None for s in self.slots):
             time.sleep(0.05)
         self._stopping.set()
@@ -340,7 +368,8 @@ class Supervisor:
                 continue
             if s.process is None or not s.process.is_alive():
                 continue  # died while idle: _check restarts it; a job sent now would be lost
-            claim = self.store.claim(s.id)
+            with self._lock:
+                claim = self.store.claim(s.id) if self._dispatching else None
             if claim is None:
                 return
             try:
