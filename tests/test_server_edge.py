@@ -3,14 +3,21 @@ answers, the error body in its corners, and what the open routes show."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
+import re
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+import zturbo
 from serving import SMALL, in_process_app
+from zturbo.errors import JobFailedError, OutputExistsError, ZTurboError
 from zturbo.serving.app import ServeSettings
 
 MAX_BODY_BYTES = ServeSettings.max_body_bytes
@@ -76,3 +83,91 @@ def test_zero_width_prompts_and_unicode_sizes_are_400(api):
     for size in ("64x64\n", "\uff16\uff14x64", "\u0666\u0664x64"):
         r = api.post("/v1/images/generations", json={"prompt": "a fox", "size": size})
         assert_error(r, 400, "invalid_request", "size")
+
+
+# --- the error body in its corners ------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "api.md"
+SERVING = Path(zturbo.__file__).parent / "serving"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "message"),
+    [
+        (b'{"prompt": "a fox",,}', "application/json", "the body is not valid JSON: Expecting property name"),
+        (b"", "application/json", 'the body is empty; send a JSON object with at least "prompt"'),
+        (b"", None, "the body is empty"),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", "the body's JSON nests too deeply"),
+        (b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}", "application/json", "a number of more than 4300 digits"),
+        (b'{"prompt": "a \xff\xfe fox"}', "application/json", "the body is not UTF-8 text: byte 15 is 0xff"),
+        (b"[1]", "application/json", "the body must be a JSON object sent as Content-Type: application/json, got an"),
+        (b"null", "application/json", "got null"),
+        (b'{"prompt": "a fox"}', "text/plain", "got text"),
+    ],
+)
+def test_a_body_that_is_no_json_object_is_a_documented_400(api, body, content_type, message):
+    headers = {"content-type": content_type} if content_type else {}
+    for path in ("/v1/jobs", "/v1/images/generations"):
+        error = assert_error(api.post(path, content=body, headers=headers), 400, "invalid_request", None)
+        assert error["message"].startswith(message) or message in error["message"], error
+
+
+def test_a_bad_field_still_names_the_field(api):
+    error = assert_error(api.post("/v1/jobs", json={"prompt": "a fox", "steps": "8"}), 400, "invalid_request", "steps")
+    assert error["message"].startswith('steps "8"')
+
+
+def test_a_cancelled_synchronous_request_gets_a_documented_error(tmp_path, monkeypatch):
+    from zturbo.serving import jobs
+
+    monkeypatch.setattr(jobs, "new_id", lambda: "job-to-cancel")
+    with TestClient(in_process_app(tmp_path, sync_timeout=30)) as client:
+        answers = []
+        waiter = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/images/generations", json={"prompt": "a", "size": "64x64"}))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while client.delete("/v1/jobs/job-to-cancel").status_code == 404 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        waiter.join(10)
+    error = assert_error(answers[0], 409, "cancelled")
+    assert error["message"] == "job job-to-cancel was cancelled"
+    assert "cancelled" in documented_types()
+
+
+def documented_types() -> set[str]:
+    """The first column of the error tables in docs/api.md's Errors section."""
+    section = DOCS.read_text().split("## Errors", 1)[1].split("\n## ", 1)[0]
+    return {kind for row in re.findall(r"^\| (`.+?) \|", section, flags=re.M) for kind in re.findall(r"`(\w+)`", row)}
+
+
+def produced_types() -> set[str]:
+    """Every error type the server can answer with: the error classes' kinds, the job errors the
+    queue and workers store, and the types the app gives Starlette's own errors."""
+    from zturbo.serving import app
+
+    kinds = set()
+    classes = [ZTurboError]
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        # JobFailedError carries its job's error type, collected below; the worker always replaces
+        # its own files, so only the CLI refuses to overwrite one.
+        if cls not in (JobFailedError, OutputExistsError):
+            kinds.add(cls.kind)
+    for source in SERVING.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Dict) and any(getattr(k, "value", None) == "message" for k in node.keys):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "type" and isinstance(value, ast.Constant):
+                        kinds.add(value.value)
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "error_response":
+                kinds.update(a.value for a in node.args[1:2] if isinstance(a, ast.Constant))
+    return kinds | set(app._HTTP_KINDS.values()) | {app._fallback_kind(400), app._fallback_kind(500)}
+
+
+def test_every_error_type_is_documented():
+    produced = produced_types()
+    assert {"cancelled", "worker_died", "too_large", "not_found"} <= produced
+    assert produced - documented_types() == set()

@@ -13,6 +13,8 @@ import hmac
 import json
 import logging
 import math
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -104,13 +106,20 @@ class Service:
             job_timeout=settings.job_timeout,
             hooks=hooks,
         )
+        self.stopping = threading.Event()  # set when shutdown begins: event streams end
 
     def start(self) -> None:
         for job in self.store.recover():
             log.info("recovered job %s: %s (attempt %d)", job.id, job.status, job.attempts)
         self.supervisor.start()
 
+    def begin_stop(self) -> None:
+        """Shutdown has begun: no job starts from now on, and event streams end within a second."""
+        self.stopping.set()
+        self.supervisor.stop_dispatch()
+
     def stop(self) -> None:
+        self.begin_stop()
         self.supervisor.stop(self.settings.shutdown_grace)
         self.store.close()
 
@@ -220,14 +229,51 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kinds = {404: "not_found", 405: "method_not_allowed"}
-        message = {404: f"no route {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, kinds.get(exc.status_code, "http_error"), message)
+        status = exc.status_code
+        message = {404: f"no route {request.url.path}"}.get(status, str(exc.detail))
+        if status == 400 and exc.__cause__ is not None:  # the body could not be parsed as JSON
+            message = _describe_unparsable(exc.__cause__)
+        return error_response(status, _HTTP_KINDS.get(status, _fallback_kind(status)), message)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal_error", "internal server error; the server log has the details")
+
+
+# The error types of Starlette's own HTTP errors; every type is listed in docs/api.md.
+_HTTP_KINDS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _fallback_kind(status: int) -> str:
+    return "invalid_request" if status < 500 else "internal_error"
+
+
+def _describe_unparsable(cause: BaseException) -> str:
+    """Why a body is no JSON the server can read (json.loads itself gave the error)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not UTF-8 text: byte {cause.start + 1} is 0x{cause.object[cause.start]:02x}"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON nests too deeply; send a flat JSON object of the documented fields"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return f"the body holds a number of more than {sys.get_int_max_str_digits()} digits"
+    return f"the body could not be read as JSON ({type(cause).__name__})"
+
+
+_JSON_TYPES = {list: "an array", type(None): "null", bool: "a boolean", int: "a number", float: "a number"}
+
+
+def _describe_body(err: dict[str, Any]) -> str:
+    """A fault of the body as a whole (not of one field): not JSON, empty, or not an object."""
+    kind = err.get("type")
+    if kind == "json_invalid":
+        reason = err.get("ctx", {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON: {reason} at character {int(err['loc'][-1]) + 1}"
+    if kind == "missing":
+        return 'the body is empty; send a JSON object with at least "prompt" (Content-Type: application/json)'
+    value = err.get("input")
+    got = _JSON_TYPES.get(type(value), "text")  # a body sent as another content type arrives as text
+    return f"the body must be a JSON object sent as Content-Type: application/json, got {got}"
 
 
 def _describe_validation(errors: list[Any]) -> tuple[str | None, str]:
@@ -236,6 +282,8 @@ def _describe_validation(errors: list[Any]) -> tuple[str | None, str]:
         return None, "invalid request"
     err = errors[0]
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    if err.get("loc", ())[:1] == ("body",) and (err.get("type") == "json_invalid" or len(err["loc"]) == 1):
+        return None, _describe_body(err)
     field = ".".join(loc) or None
     msg = str(err.get("msg", "invalid"))
     if err.get("type") == "extra_forbidden":
@@ -534,13 +582,14 @@ def _sse_event(event: str, data: dict[str, Any]) -> str:
 
 
 async def _sse(service: Service, job_id: str) -> AsyncIterator[str]:
-    """queued {position} while waiting, progress {step, steps} while running, then done/failed/cancelled."""
+    """queued {position} while waiting, progress {step, steps} while running, then done/failed/cancelled;
+    the stream also ends, with no final event, when the server shuts down."""
     final = {jobs.SUCCEEDED: "done", jobs.FAILED: "failed", jobs.CANCELLED: "cancelled"}
     last_position: int | None = None
     last_progress: tuple[int, int] | None = None
     quiet_since = time.monotonic()
     async with _watch(service, job_id) as changes:
-        while True:
+        while not service.stopping.is_set():
             try:
                 job = await run_in_threadpool(service.store.get, job_id)
             except jobs.JobNotFoundError:
