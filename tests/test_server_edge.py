@@ -171,3 +171,40 @@ def test_every_error_type_is_documented():
     produced = produced_types()
     assert {"cancelled", "worker_died", "too_large", "not_found"} <= produced
     assert produced - documented_types() == set()
+
+
+# --- which Host a keyless server answers --------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:7860", "127.0.0.1.nip.io", "10.0.0.1"])
+def test_a_keyless_server_refuses_other_host_names(api, host):
+    r = api.get("/v1/history", headers={"Host": host})
+    error = assert_error(r, 403, "host_not_allowed")
+    assert host in error["message"] and "--allowed-hosts" in error["message"]
+    assert "items" not in r.text
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "LOCALHOST.:7860", "127.0.0.1:7860", "127.1.2.3", "[::1]:7860", "app.localhost", "testserver"]
+)
+def test_a_keyless_server_answers_loopback_names_and_allowed_hosts(api, host):
+    assert api.get("/v1/history", headers={"Host": host}).status_code == 200
+
+
+def test_the_allow_list_and_a_key_lift_the_host_check(tmp_path):
+    with TestClient(in_process_app(tmp_path / "a", allowed_hosts=("gpu-box.lan",))) as client:
+        assert client.get("/v1/history", headers={"Host": "gpu-box.lan:7860"}).status_code == 200
+        assert client.get("/health", headers={"Host": "attacker.example"}).status_code == 403
+    with TestClient(in_process_app(tmp_path / "b", allowed_hosts=("*",))) as client:
+        assert client.get("/v1/history", headers={"Host": "anything.example"}).status_code == 200
+    with TestClient(in_process_app(tmp_path / "c", api_key="k")) as client:
+        r = client.get("/v1/history", headers={"Host": "proxy.example", "Authorization": "Bearer k"})
+        assert r.status_code == 200
+
+
+def test_allowed_hosts_is_a_serve_option():
+    from zturbo.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "gpu-box.lan,gpu-box"])
+    assert args.allowed_hosts == ("gpu-box.lan", "gpu-box")
+    assert build_parser().parse_args(["serve"]).allowed_hosts == ()

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -82,6 +83,8 @@ class ServeSettings:
     # is well under 100 KB even JSON-escaped; larger bodies get 413, larger headers 431.
     max_body_bytes: int = 1 << 20
     max_header_bytes: int = 16 << 10
+    # Host names a server without a key answers besides loopback ones ("*": any); see _install_host_check.
+    allowed_hosts: tuple[str, ...] = ()
     model_names: tuple[str, ...] = field(default=())
 
 
@@ -202,6 +205,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.state.service = service
     _install_error_handlers(app)
     _install_auth(app, service)
+    _install_host_check(app, service)
     app.add_middleware(EdgeLimits, max_body=settings.max_body_bytes, max_headers=settings.max_header_bytes)
     app.include_router(_open_routes(service))
     app.include_router(_job_routes(service))
@@ -238,7 +242,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal server error; the server log has the details")
+        # Starlette re-raises after this response and uvicorn then drops the connection: say so, so that
+        # a keep-alive client opens a new one rather than having its next request reset.
+        message = "internal server error; the server log has the details"
+        return error_response(500, "internal_error", message, Connection="close")
 
 
 # The error types of Starlette's own HTTP errors; every type is listed in docs/api.md.
@@ -323,6 +330,46 @@ def _install_auth(app: FastAPI, service: Service) -> None:
                 **{"WWW-Authenticate": "Bearer"},
             )
         return await call_next(request)
+
+
+def _install_host_check(app: FastAPI, service: Service) -> None:
+    """A server without a key answers only requests addressed to a loopback name or address, or to
+    an allowed host: a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding) runs
+    in the browser as that name, and its requests carry it in Host."""
+    if service.settings.api_key is not None:
+        return
+    allowed = {_host_name(h) for h in service.settings.allowed_hosts}
+
+    @app.middleware("http")
+    async def host_check(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        host = request.headers.get("host", "")
+        if host and "*" not in allowed and not _host_allowed(_host_name(host), allowed):
+            message = (
+                f"Host {host[:100]!r} is not served: a server without an API key answers only to localhost, "
+                f"loopback addresses and --allowed-hosts, so that no other site's page can reach it through "
+                f"the browser; use http://127.0.0.1:PORT, or start the server with an API key or "
+                f"--allowed-hosts {_host_name(host)}"
+            )
+            return error_response(403, "host_not_allowed", message)
+        return await call_next(request)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name without port, brackets, case or a trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    name, colon, port = host.rpartition(":")
+    return (name if colon and port.isdigit() and ":" not in name else host).rstrip(".")
+
+
+def _host_allowed(name: str, allowed: set[str]) -> bool:
+    if name in allowed or name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class EdgeLimits:
