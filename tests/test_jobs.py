@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from serving import SMALL, in_process_app
 from zturbo.errors import InvalidRequestError, StorageError
-from zturbo.request import GenerateRequest, ModelLimits
+from zturbo.request import REQUEST_FORMAT, GenerateRequest, ModelLimits
 from zturbo.serving import jobs
 from zturbo.serving.jobs import JobStore
 from zturbo.serving.schemas import job_params
@@ -226,6 +226,53 @@ def test_a_full_disk_refuses_a_submission_as_storage_and_the_store_goes_on(store
 def test_post_jobs_on_a_full_disk_answers_507_storage(tmp_path):
     app = in_process_app(tmp_path)
     fill_the_disk(app.state.service.store)
-    r = TestClient(app).post("/v1/jobs", json={"prompt": "a fox " * 600, **SMALL})
+    r = TestClient(app, base_url="http://127.0.0.1").post("/v1/jobs", json={"prompt": "a fox " * 600, **SMALL})
     assert r.status_code == 507, r.text
     assert r.json()["error"]["type"] == "storage" and "disk is full" in r.json()["error"]["message"]
+
+
+def _queue_raw(path, job_id: str, params_text: str, status: str = jobs.QUEUED) -> None:
+    """A row whose stored parameters are `params_text`, as a damaged or hand-edited database holds it."""
+    attempts = 1 if status == jobs.RUNNING else 0
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO jobs (id, status, params, prompt, attempts, created_at) VALUES (?, ?, ?, 'p', ?, 0)",
+            (job_id, status, params_text, attempts),
+        )
+
+
+UNREADABLE = {
+    "not JSON": "{oops",
+    "not an object": "[1, 2]",
+    "a request missing its fields": json.dumps({"format": REQUEST_FORMAT, "images": []}),
+    "a plain dict without a prompt": json.dumps({"n": 1}),
+}
+
+
+@pytest.mark.parametrize("text", UNREADABLE.values(), ids=UNREADABLE.keys())
+def test_a_job_whose_parameters_cannot_be_read_fails_alone_with_the_reason(tmp_path, text):
+    path = tmp_path / "j.sqlite3"
+    store = JobStore(path)
+    _queue_raw(path, "bad", text)
+    good = store.submit(params())
+    assert store.get("bad").status == jobs.QUEUED  # readable as a row, if not as a request
+    assert store.claim("w0").job_id == good.id  # the bad one is passed over, not handed out
+    bad = store.get("bad")
+    assert (bad.status, bad.attempts, bad.error["type"]) == (jobs.FAILED, 0, "invalid_request")
+    assert "job bad" in bad.error["message"] and "cannot be read" in bad.error["message"]
+    store.close()
+
+
+def test_a_row_that_cannot_be_read_never_stops_the_server_starting(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    JobStore(path).close()
+    _queue_raw(path, "bad", "{oops", status=jobs.RUNNING)  # a server died while it ran
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET error = 'not json' WHERE id = 'bad'")
+    with TestClient(
+        in_process_app(tmp_path), base_url="http://127.0.0.1"
+    ) as client:  # starting recovers the jobs left running
+        r = client.get("/v1/jobs/bad")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "failed" and "cannot be read" in r.json()["error"]["message"]
+        assert client.get("/v1/history").json()["total"] == 1

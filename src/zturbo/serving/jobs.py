@@ -8,6 +8,7 @@ by the worker that claimed it must present it, so a stale claim can never finish
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import JobConflictError, JobNotFoundError, QueueFullError, StorageError
+from ..errors import InvalidRequestError, JobConflictError, JobNotFoundError, QueueFullError, StorageError
 from ..request import GenerateRequest, ModelLimits, is_request_dict
+
+log = logging.getLogger("zturbo.jobs")
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
@@ -104,8 +107,40 @@ def stored_request(params: dict[str, Any], limits: ModelLimits) -> GenerateReque
     """The request a job runs: its stored form trusted as it is; a plain parameter dict (queued by an
     earlier version, seeds already resolved) goes through the validator once."""
     if is_request_dict(params):
-        return GenerateRequest.from_dict(params)
+        try:
+            return GenerateRequest.from_dict(params)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidRequestError(f"the stored request cannot be read ({type(e).__name__}: {e})") from None
     return GenerateRequest.from_fields({k: v for k, v in params.items() if v is not None}, limits)
+
+
+def read_params(text: str) -> tuple[dict[str, Any], str | None]:
+    """A row's stored parameters, and why they cannot make a request (None when they can); an
+    unreadable row reads as `{}` so that the job can still be shown and failed on its own."""
+    try:
+        params = json.loads(text)
+    except (TypeError, ValueError) as e:
+        return {}, f"not JSON: {e}"
+    if not isinstance(params, dict):
+        return {}, f"a JSON {type(params).__name__}, not an object"
+    if is_request_dict(params):
+        try:
+            GenerateRequest.from_dict(params)
+        except (KeyError, TypeError, ValueError) as e:
+            return {}, f"a stored request with a bad or missing field ({type(e).__name__}: {e})"
+    elif not isinstance(params.get("prompt"), str) or not isinstance(params.get("n", 1), int):
+        return {}, "a parameter dict without a text prompt or with a non-integer n"
+    return params, None
+
+
+def _read_error(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    try:
+        error = json.loads(text)
+    except ValueError:
+        error = None
+    return error if isinstance(error, dict) else {"type": "internal_error", "message": str(text)}
 
 
 # SQLite's primary result codes that mean the file or the disk under it, not the query.
@@ -198,11 +233,11 @@ class JobStore:
             id=row["id"],
             seq=row["seq"],
             status=row["status"],
-            params=json.loads(row["params"]),
+            params=read_params(row["params"])[0],
             attempts=row["attempts"],
             worker=row["worker"],
             cancel_requested=bool(row["cancel_requested"]),
-            error=json.loads(row["error"]) if row["error"] else None,
+            error=_read_error(row["error"]),
             created_at=row["created_at"],
             started_at=row["started_at"],
             finished_at=row["finished_at"],
@@ -251,18 +286,29 @@ class JobStore:
     # --- state changes by the server --------------------------------------------------------
 
     def claim(self, worker: str) -> Claim | None:
-        """The oldest queued job, now `running` on `worker` with one more attempt; None if none waits."""
+        """The oldest queued job, now `running` on `worker` with one more attempt; None if none waits.
+        A job whose parameters cannot be read is failed with the reason on the way."""
         with self._tx() as db:
-            row = db.execute("SELECT id, params, attempts FROM jobs WHERE status = ? ORDER BY seq LIMIT 1", (QUEUED,))
-            row = row.fetchone()
-            if row is None:
-                return None
+            while True:
+                q = "SELECT id, params, attempts FROM jobs WHERE status = ? ORDER BY seq LIMIT 1"
+                row = db.execute(q, (QUEUED,)).fetchone()
+                if row is None:
+                    return None
+                params, problem = read_params(row["params"])
+                if problem is None:
+                    break
+                self._fail_unreadable(db, row["id"], problem)
             attempt = row["attempts"] + 1
             db.execute(
                 "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
                 (RUNNING, attempt, worker, time.time(), row["id"]),
             )
-        return Claim(row["id"], attempt, json.loads(row["params"]))
+        return Claim(row["id"], attempt, params)
+
+    def _fail_unreadable(self, db: sqlite3.Connection, job_id: str, problem: str) -> None:
+        message = f"job {job_id} cannot run: its stored parameters cannot be read ({problem}); submit it again"
+        log.warning("%s", message)
+        self._finish(db, job_id, FAILED, {"type": InvalidRequestError.kind, "message": message})
 
     def cancel(self, job_id: str) -> Job:
         """Queued: cancelled now. Running: flagged, the worker stops between steps. Finished: 409."""
@@ -310,9 +356,15 @@ class JobStore:
     def recover(self) -> list[Job]:
         """At startup: jobs left `running` by a process that died are queued again (or failed)."""
         with self._lock:
-            rows = self._db.execute("SELECT id, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
+            rows = self._db.execute("SELECT id, params, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
         out = []
         for r in rows:
+            problem = read_params(r["params"])[1]
+            if problem is not None:
+                with self._tx() as db:
+                    self._fail_unreadable(db, r["id"], problem)
+                out.append(self.get(r["id"]))
+                continue
             job = self.release(r["id"], r["attempts"], "the server stopped while it ran")
             if job is not None:
                 out.append(job)
