@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from serving import SMALL, in_process_app
+from zturbo.cli import main as cli_main
 from zturbo.errors import InvalidRequestError, StorageError
 from zturbo.request import REQUEST_FORMAT, GenerateRequest, ModelLimits
 from zturbo.serving import jobs
@@ -276,3 +277,55 @@ def test_a_row_that_cannot_be_read_never_stops_the_server_starting(tmp_path):
         assert r.status_code == 200, r.text
         assert r.json()["status"] == "failed" and "cannot be read" in r.json()["error"]["message"]
         assert client.get("/v1/history").json()["total"] == 1
+
+
+def _foreign_with_a_jobs_table(path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE jobs (name TEXT, done INTEGER)")
+        db.execute("INSERT INTO jobs VALUES ('backup', 1)")
+    sqlite3.connect(path).close()
+
+
+def _damaged(path) -> None:
+    store = JobStore(path)
+    for p in "ab":
+        store.submit(params(p))
+    store.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[page : 2 * page] = bytes(range(256)) * (page // 256)  # the jobs table's first page
+    path.write_bytes(bytes(data))
+
+
+DAMAGED = {
+    "not a database": (lambda p: p.write_bytes(b"this is not a database\n" * 200), "not an SQLite database"),
+    "a foreign database": (_foreign_with_a_jobs_table, "not a zturbo job database"),
+    "zero-length": (lambda p: p.write_bytes(b""), "is empty"),
+    "damaged pages": (_damaged, "damaged"),
+}
+
+
+@pytest.mark.parametrize(("make", "why"), DAMAGED.values(), ids=DAMAGED.keys())
+def test_a_damaged_database_is_refused_unchanged_with_one_line_naming_it(tmp_path, make, why):
+    path = tmp_path / "jobs.sqlite3"
+    make(path)
+    before = path.read_bytes()
+    with pytest.raises(StorageError, match=why) as refused:
+        JobStore(path)
+    message = str(refused.value)
+    assert str(path) in message and "\n" not in message and f"mv {path} {path}.damaged" in message
+    assert path.read_bytes() == before  # nothing written before the refusal
+    for name in ("", "-wal", "-shm"):  # the way out the message gives
+        if (tmp_path / f"jobs.sqlite3{name}").exists():
+            (tmp_path / f"jobs.sqlite3{name}").rename(tmp_path / f"jobs.sqlite3.damaged{name}")
+    store = JobStore(path)
+    assert store.depth() == 0
+    store.close()
+
+
+def test_serve_refuses_a_damaged_database_with_one_line(capsys, tiny_dir, tmp_path):
+    (tmp_path / "jobs.sqlite3").write_bytes(b"garbage" * 100)
+    assert cli_main(["serve", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-ui"]) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("zturbo: error: ") and str(tmp_path / "jobs.sqlite3") in last and "Traceback" not in err

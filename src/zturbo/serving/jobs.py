@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -161,6 +162,72 @@ def storage_fault(error: sqlite3.Error) -> str | None:
     return _STORAGE_CODES.get(code & 0xFF) if code is not None else None
 
 
+_SIDECARS = ("-wal", "-shm")
+
+
+def _recovery(path: Path) -> str:
+    return (
+        f"the server changes nothing in it; keep a copy if its jobs matter, then move it aside to start "
+        f"with an empty queue: mv {path} {path}.damaged (and its {' and '.join(_SIDECARS)} files, if any)"
+    )
+
+
+def _create_database(path: Path) -> None:
+    """A new, complete database, renamed into place: a file at `path` is never a half-made queue, so
+    an empty or partial one there means that something damaged it."""
+    stray = [path.name + s for s in _SIDECARS if path.with_name(path.name + s).exists()]
+    if stray:  # SQLite would replay a stale log into the new file
+        raise StorageError(f"{path} is missing but {', '.join(stray)} is not; move it aside too ({path.parent})")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.new")
+    try:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)
+        db.close()  # the last connection checkpoints the log into the file and removes it
+        os.replace(tmp, path)
+    except (OSError, sqlite3.Error) as e:
+        raise StorageError(f"cannot create the job database {path}: {e}") from e
+    finally:
+        for name in ("", *_SIDECARS):
+            Path(f"{tmp}{name}").unlink(missing_ok=True)
+
+
+def check_database(path: Path) -> None:
+    """Refuse, without writing, a database that is empty, damaged or not zturbo's (StorageError)."""
+    if path.stat().st_size == 0:
+        raise StorageError(f"{path} is empty (0 bytes): the jobs it held are lost; {_recovery(path)}")
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA query_only=1")
+        problems = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise StorageError(f"{path} is damaged ({'; '.join(problems)}); {_recovery(path)}")
+        missing = _missing_columns(db)
+    except sqlite3.DatabaseError as e:
+        raise StorageError(f"{path}: {storage_fault(e) or 'cannot be read'} ({e}); {_recovery(path)}") from e
+    finally:
+        db.close()
+    if missing:
+        raise StorageError(f"{path} is not a zturbo job database (it lacks {missing}); {_recovery(path)}")
+
+
+def _missing_columns(db: sqlite3.Connection) -> str | None:
+    """What of zturbo's tables and columns `db` lacks; None when it has them all or no table at all."""
+    found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not found:
+        return None  # a database nothing was ever stored in
+    want = sqlite3.connect(":memory:")
+    want.executescript(SCHEMA)
+    missing = []
+    for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
+        have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        lacking = [r[1] for r in want.execute(f"PRAGMA table_info({table})") if r[1] not in have]
+        if lacking:
+            missing.append(f"table {table}" if not have else f"{table}.{', '.join(lacking)}")
+    want.close()
+    return ", ".join(missing) or None
+
+
 class JobStore:
     """All access to the queue database; safe to share between the threads of one process."""
 
@@ -168,6 +235,9 @@ class JobStore:
         self.path = Path(path)
         self.max_queued = max_queued
         self._lock = threading.RLock()
+        if not self.path.exists():
+            _create_database(self.path)
+        check_database(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
