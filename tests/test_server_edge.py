@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import io
 import json
 import re
 import threading
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 import zturbo
 from serving import SMALL, in_process_app
@@ -208,3 +210,64 @@ def test_allowed_hosts_is_a_serve_option():
     args = build_parser().parse_args(["serve", "--allowed-hosts", "gpu-box.lan,gpu-box"])
     assert args.allowed_hosts == ("gpu-box.lan", "gpu-box")
     assert build_parser().parse_args(["serve"]).allowed_hosts == ()
+
+
+# --- what the open routes show, and which image files are served -------------------------------
+
+
+def test_ready_shows_no_job_or_process_ids(api, monkeypatch):
+    supervisor = api.app.state.service.supervisor
+    busy = {"id": "w0", "device": "cuda:0", "state": "busy", "restarts": 0, "pid": 4242, "job": "secret-job-id",
+            "last_error": "CUDA error at /home/alice/x.py"}  # fmt: skip
+    monkeypatch.setattr(supervisor, "ready", lambda: True)
+    monkeypatch.setattr(supervisor, "workers", lambda: [busy, {**busy, "id": "w1", "state": "restarting"}])
+    r = api.get("/ready")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "workers": {"ready": 1, "total": 2}}
+
+
+@pytest.fixture()
+def finished_image(api) -> Iterator[tuple[Path, str]]:
+    """A finished job's image, recorded in the store; the test decides what its file holds."""
+    from zturbo.serving import jobs
+
+    service = api.app.state.service
+    job = api.post("/v1/jobs", json={"prompt": "an owl", **SMALL}).json()
+    while (claim := service.store.claim("w-test")) is not None and claim.job_id != job["id"]:
+        service.store.end(claim, jobs.CANCELLED)  # earlier tests' queued jobs
+    image_id = f"{job['id']}-img"
+    assert service.store.succeed(claim, [jobs.ImageRef(image_id, 0, 1, f"{job['id']}-0.png")])
+    yield service.images_dir / f"{job['id']}-0.png", image_id
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_intact_png_is_served(api, finished_image):
+    path, image_id = finished_image
+    path.write_bytes(png_bytes())
+    r = api.get(f"/v1/images/{image_id}")
+    assert (r.status_code, r.headers["content-type"], r.content) == (200, "image/png", png_bytes())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad checksum", "not a png"])
+def test_a_damaged_png_is_a_storage_error(api, finished_image, damage):
+    path, image_id = finished_image
+    data = png_bytes()
+    flipped = data[:45] + bytes([data[45] ^ 0xFF]) + data[46:]  # inside the pixel data (IDAT)
+    path.write_bytes({"truncated": data[:-20], "bad checksum": flipped, "not a png": b"x"}[damage])
+    error = assert_error(api.get(f"/v1/images/{image_id}"), 507, "storage")
+    assert "damaged" in error["message"] and path.name in error["message"]
+
+
+def test_a_symlink_in_images_is_not_followed(api, finished_image, tmp_path):
+    path, image_id = finished_image
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes())  # even a valid PNG elsewhere is not served through a link
+    path.symlink_to(secret)
+    r = api.get(f"/v1/images/{image_id}")
+    assert_error(r, 507, "storage")
+    assert "only regular files are served" in r.json()["error"]["message"]

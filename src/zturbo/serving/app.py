@@ -10,10 +10,13 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import io
 import ipaddress
 import json
 import logging
 import math
+import os
+import stat
 import sys
 import threading
 import time
@@ -26,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,6 +38,7 @@ from ..errors import (
     FieldError,
     JobFailedError,
     NotReadyError,
+    StorageError,
     SyncTimeoutError,
     UnauthorizedError,
     ZTurboError,
@@ -455,9 +459,15 @@ def _open_routes(service: Service) -> APIRouter:
 
     @r.get("/ready", tags=["service"], responses={503: {"description": "no worker has the model loaded yet"}})
     def ready() -> dict[str, Any]:
+        """Open to all, so it tells only how many workers can take a job: job ids, process ids and
+        errors are in /v1/status, behind the key."""
         if not service.supervisor.ready():
             raise NotReadyError("no worker has the model loaded and warm yet")
-        return {"status": "ready", "workers": service.supervisor.workers()}
+        states = [w["state"] for w in service.supervisor.workers()]
+        return {
+            "status": "ready",
+            "workers": {"ready": sum(s in ("ready", "busy") for s in states), "total": len(states)},
+        }
 
     return r
 
@@ -465,19 +475,54 @@ def _open_routes(service: Service) -> APIRouter:
 def _image_routes(service: Service) -> APIRouter:
     r = APIRouter()
 
-    @r.get("/v1/images/{image_id}", tags=["images"], response_class=FileResponse)
+    @r.get("/v1/images/{image_id}", tags=["images"], response_class=Response, responses=_PNG)
     def image(
         image_id: str,
         expires: int | None = Query(None, description="signed URL: expiry (unix seconds)"),
         sig: str | None = Query(None, max_length=128, description="signed URL: signature"),
-    ) -> FileResponse:
+    ) -> Response:
         ref = service.store.image(image_id)
-        path = service.images_dir / ref.file
-        if not path.is_file():
-            raise jobs.JobNotFoundError(f"image {image_id!r} has no file any more")
-        return FileResponse(path, media_type="image/png")
+        return Response(read_image(service.images_dir, ref.file, image_id), media_type="image/png")
 
     return r
+
+
+_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
+
+
+def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
+    """An image's PNG, whole and checked: a regular file right in `images_dir`, opened without
+    following a symbolic link, so a link planted there cannot serve another file."""
+    path = images_dir / name
+    if "/" in name or name in ("", ".", ".."):
+        raise StorageError(f"image {image_id!r} has no valid file name ({name!r})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise jobs.JobNotFoundError(f"image {image_id!r} has no file any more") from None
+    except OSError as e:  # ELOOP: a symbolic link
+        raise StorageError(
+            f"image {image_id!r}: cannot open {path}: {e.strerror}; only regular files are served"
+        ) from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise StorageError(f"image {image_id!r}: {path} is not a regular file; only regular files are served")
+        data = f.read()
+    if not _png_intact(data):
+        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG); re-run its job")
+    return data
+
+
+def _png_intact(data: bytes) -> bool:
+    """Whether `data` is a PNG whose every chunk is present with a matching checksum."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            im.verify()
+    except Exception:  # PIL reports truncation and bad checksums with several exception types
+        return False
+    return True
 
 
 def _job_routes(service: Service) -> APIRouter:
@@ -577,7 +622,7 @@ async def _openai_images(service: Service, body: OpenAIImageBody, base_url: str)
     data = []
     for im in job.images:
         if body.response_format == "b64_json":
-            png = await run_in_threadpool((service.images_dir / im.file).read_bytes)
+            png = await run_in_threadpool(read_image, service.images_dir, im.file, im.id)
             data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
         else:
             data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
