@@ -106,4 +106,5 @@ def in_process_app(data_dir: Path, limits: ModelLimits = LIMITS, **settings):
     from zturbo.serving.app import ServeSettings, create_app
 
     config = RuntimeConfig(model="unloaded", device="cpu")
+    settings.setdefault("allowed_hosts", ("testserver",))  # TestClient's Host; a keyless server checks Host
     return create_app(ServeSettings(config=config, data_dir=data_dir, devices=[], limits=limits, **settings))
