@@ -1,4 +1,5 @@
-"""`zturbo serve`: arguments, safety checks (bind address, data directory lock), then uvicorn."""
+"""`zturbo serve`: arguments, safety checks (bind address, data directory lock), then uvicorn with
+connection bounds (connections.py)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "prefer the variable: arguments are visible to other users)",
     )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--allowed-hosts", type=lambda t: tuple(filter(None, t.split(","))), default=(),
+                   help="without an API key, Host names answered besides loopback ones and --host, "
+                   "comma-separated; '*' for any (default none: a guard against DNS rebinding)")  # fmt: skip
     p.add_argument(
         "--data-dir",
         default=None,
@@ -53,16 +57,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds POST /v1/images/generations waits for its job before answering 504 (default 600)",
     )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=1000,
+        help="most open client connections; past it the longest-idle one is closed, or, when every one is "
+        "busy, the new one is answered 503 (default 1000, lowered to fit the open-file limit)",
+    )
+    p.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connection may stay open with no request in progress (default 5)",
+    )
+    p.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request's headers and body may take to arrive once it starts (default 30)",
+    )
     p.add_argument("--max-pixels", type=int, default=None, help="largest width*height accepted")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    import uvicorn
-
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
+    from .connections import BoundedConfig, StoppingServer, raise_file_limit
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
@@ -72,6 +94,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
+    limits = _connection_limits(args, raise_file_limit())
     lock = _lock_data_dir(data_dir)
     settings = ServeSettings(
         config=config,
@@ -83,6 +106,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         job_timeout=args.job_timeout,
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
+        allowed_hosts=(args.host, *args.allowed_hosts),
         model_names=tuple({config.model, source.name}),
     )
     log.info("serving %s on http://%s:%d with workers on %s; data in %s", config.model, args.host, args.port,
@@ -93,15 +117,13 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         from .ui_app import mount
 
         mount(app, api_base_for(args.host, args.port))  # a client of the API above, on the same port
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=int(args.shutdown_grace) or None,
-    )
+    # The grace goes to uvicorn as a number, 0 included: None there means wait for clients forever.
+    config = BoundedConfig(app, limits, host=args.host, port=args.port, log_level=args.log_level,
+                           timeout_graceful_shutdown=args.shutdown_grace)  # type: ignore[arg-type]  # fmt: skip
+    server = StoppingServer(config, on_stop=app.state.service.begin_stop)
+    server.run()
     lock.close()
-    return 0
+    return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
 
 
 def check_bind(host: str, api_key: str | None, *, insecure: bool) -> None:
@@ -164,6 +186,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--sync-timeout {args.sync_timeout} must be a positive number of seconds")
     if args.shutdown_grace < 0:
         raise InvalidRequestError(f"--shutdown-grace {args.shutdown_grace} must be 0 or more seconds")
+    if args.max_connections < 1:
+        raise InvalidRequestError(f"--max-connections {args.max_connections} must be at least 1")
+    for flag in ("keep_alive_timeout", "read_timeout"):
+        if not getattr(args, flag) > 0:
+            name = "--" + flag.replace("_", "-")
+            raise InvalidRequestError(f"{name} {getattr(args, flag)} must be a positive number of seconds")
+
+
+def _connection_limits(args: argparse.Namespace, file_limit: int) -> Any:
+    from .connections import ConnectionLimits, connection_bound
+
+    bound = connection_bound(args.max_connections, file_limit)
+    return ConnectionLimits(bound, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
 
 
 def _lock_data_dir(data_dir: Path) -> Any:
