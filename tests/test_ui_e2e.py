@@ -81,6 +81,24 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
     context.close()
 
 
+def _set_slider(page: Any, elem_id: str, value: str) -> None:
+    """Type `value` into a Gradio slider's number box until the slider shows it. The slider commits
+    a typed number on its own time, and on a loaded machine a commit can be lost; generating before
+    it lands would send the old value."""
+    box = page.locator(f"#{elem_id} input[type=number]")
+    slider = page.locator(f"#{elem_id} input[type=range]")
+    expect(box).to_be_visible()
+    for _ in range(3):
+        box.fill(value)
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(value, timeout=5000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(value)
+
+
 def _fill_form(page: Any, prompt: str, *, size: int = 64, steps: int = 2, seed: int | None = None) -> None:
     page.locator("#prompt textarea").fill(prompt)
     page.locator("#width input").fill(str(size))
@@ -148,11 +166,7 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     prompt = "a red fox in fresh snow, 一只狐狸 e2e-generate"
     _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
     page.locator("#advanced").get_by_text("Advanced").click()
-    page.locator("#variety input[type=number]").fill("0.2")
-    page.locator("#variety input[type=number]").press("Tab")
-    # The slider commits the typed number on its own time; generating before it has would send
-    # the old value (seen once in CI on a loaded 2-core machine).
-    expect(page.locator("#variety input[type=range]")).to_have_value("0.2")
+    _set_slider(page, "variety", "0.2")
     _record_progress(page)
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
