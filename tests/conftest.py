@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,32 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["ZTURBO_CACHE"] = str(root / "zturbo")
     os.environ["HF_HOME"] = str(root / "hf")
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_parse_per_tokenizer() -> Iterator[None]:
+    """Tokenizers parsed once per directory for the whole session. Parsing Qwen's 151,643-rank
+    vocabulary takes about half a second, and the tests load the tiny checkpoint a hundred times in
+    this process; zturbo never changes a tokenizer, so engines can share one. The key holds every
+    file's modification time, so a test that edits a tokenizer gets a fresh parse; tests that start
+    a server still parse in their own processes."""
+    from transformers import AutoTokenizer
+
+    parse = AutoTokenizer.from_pretrained.__func__
+    parsed: dict[tuple[object, ...], object] = {}
+
+    def from_pretrained(cls: type, path: object, *args: object, **kwargs: object) -> object:
+        directory = Path(str(path))
+        files = tuple((f.name, f.stat().st_mtime_ns) for f in sorted(directory.iterdir())) if directory.is_dir() else ()
+        key = (str(directory.resolve()), files, args, tuple(sorted(kwargs.items())))
+        if key not in parsed:
+            parsed[key] = parse(cls, path, *args, **kwargs)
+        return parsed[key]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(AutoTokenizer, "from_pretrained", classmethod(from_pretrained))
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="session")
