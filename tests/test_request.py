@@ -89,3 +89,23 @@ def test_a_prompt_of_invisible_characters_is_blank(prompt):
 
 def test_invisible_characters_inside_a_prompt_are_kept():
     assert GenerateRequest.create("a\u200bfox", limits=LIMITS, seed=1).prompts == ("a\u200bfox",)
+
+
+@pytest.mark.parametrize("text", ["１２", "٣", "1_000", "8\n", "0x10", "", "nan5"])
+def test_text_numbers_are_ascii_digits_only(text):
+    from zturbo.errors import FieldError
+    from zturbo.request import FIELD, parse_seeds
+
+    for name in ("steps", "guidance_scale"):
+        with pytest.raises(FieldError, match="ASCII digits"):
+            FIELD[name].from_text(text)
+    with pytest.raises(FieldError, match="is not a seed or a range"):
+        parse_seeds(f"1,{text}")
+
+
+def test_text_numbers_in_ascii_still_read():
+    from zturbo.request import FIELD, parse_seeds
+
+    assert FIELD["steps"].from_text(" 8 ") == 8 and FIELD["guidance_scale"].from_text("2.5e0") == 2.5
+    assert FIELD["guidance_scale"].from_text(".5") == 0.5 and FIELD["seed"].from_text("+7") == 7
+    assert parse_seeds("1-3, 9") == (1, 2, 3, 9)

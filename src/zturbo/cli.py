@@ -135,16 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
     """Options shared by `generate` and `batch`, one per request field of the table (`request.FIELDS`);
     all default to None, so a given value can be told apart."""
-    from .request import FIELDS, NUMBER, WHOLE
+    from .request import FIELDS
 
     note = f"; applies to {defaults_for}" if defaults_for else ""
-    types = {WHOLE: int, NUMBER: float}
     for f in FIELDS:
         if f.flag is None:
             continue
         allowed = "" if f.bounds == "size" else f"; allowed {f.allowed()}"
         default = "" if f.default in (None, "") else f" (default {f.default})"
-        p.add_argument(f.flag, type=types.get(f.kind, str), default=None, help=f"{f.doc}{allowed}{default}{note}")
+        # Text, converted by the table (`_given_options`), so the CLI reads numbers as batch files do.
+        p.add_argument(f.flag, default=None, help=f"{f.doc}{allowed}{default}{note}")
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -167,7 +167,10 @@ _PNG_PARAMETERS = ("prompt", *_REQUEST_OPTIONS.values())
 
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line, as GenerateRequest.create keywords."""
-    return {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
+    from .request import FIELD
+
+    given = {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
+    return {key: FIELD[key].from_text(value) for key, value in given.items()}
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:

@@ -57,6 +57,11 @@ class ModelLimits:
 
 
 TEXT, WHOLE, NUMBER, SEEDS = "text", "whole number", "number", "seed list"
+# Text values are read as ASCII only: int() and float() would also take full-width and other
+# scripts' digits and underscores. "nan" and "inf" read as numbers, so `create` refuses them with
+# the same message at every door.
+_WHOLE_TEXT = re.compile(r"[+-]?[0-9]+")
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.I)
 
 
 @dataclass(frozen=True)
@@ -105,11 +110,11 @@ class Field:
         """A door's text value as this field's type (non-text values pass on: `create` checks them)."""
         if not isinstance(value, str) or self.kind in (TEXT, SEEDS):
             return value
-        text = value.strip()
-        try:
-            return int(text) if self.kind == WHOLE else float(text)
-        except ValueError:
-            raise FieldError(self.name, f"{self.name} {value!r} is not a {self.kind}") from None
+        text = value.strip(" \t")
+        pattern = _WHOLE_TEXT if self.kind == WHOLE else _NUMBER_TEXT
+        if not pattern.fullmatch(text):
+            raise FieldError(self.name, f"{self.name} {value!r} is not a {self.kind} (ASCII digits)")
+        return int(text) if self.kind == WHOLE else float(text)
 
 
 # Ordered as the batch file columns are listed.
@@ -443,14 +448,20 @@ def _specs(
     return tuple(specs)
 
 
+def _ascii_int(text: str) -> int:
+    if not _WHOLE_TEXT.fullmatch(text.strip(" \t")):
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
     """`"1-8"`, `"3,7,42"` or a mix (`"1-3,10"`) -> the seeds in the order given."""
     seeds: list[int] = []
     most = LIMITS.images[1]
-    for token in (t.strip() for t in text.split(",")):
+    for token in (t.strip(" \t") for t in text.split(",")):
         lo, dash, hi = token.partition("-")
         try:
-            first, last = (int(lo), int(hi)) if dash else (int(token), int(token))
+            first, last = (_ascii_int(lo), _ascii_int(hi)) if dash else (_ascii_int(token), _ascii_int(token))
         except ValueError:
             raise FieldError(
                 "seeds", f"seed list {text!r}: {token!r} is not a seed or a range; write e.g. 1-8 or 3,7,42"
