@@ -329,3 +329,27 @@ def test_serve_refuses_a_damaged_database_with_one_line(capsys, tiny_dir, tmp_pa
     err = capsys.readouterr().err
     last = err.strip().splitlines()[-1]
     assert last.startswith("zturbo: error: ") and str(tmp_path / "jobs.sqlite3") in last and "Traceback" not in err
+
+
+def test_the_startup_check_leaves_a_database_and_its_log_unchanged(tmp_path):
+    import hashlib
+    import shutil
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    store = jobs.JobStore(path)
+    store.submit(GenerateRequest.create("a fox", limits=LIMITS, width=64, height=64, seed=1))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):  # as a crash leaves them
+        if (tmp_path / name).exists():
+            shutil.copy(tmp_path / name, copy / name)
+    store.close()
+    # The data and its log; the -shm file is only SQLite's index of the log, rebuilt by any reader.
+    data = [copy / "jobs.sqlite3", copy / "jobs.sqlite3-wal"]
+    assert data[1].stat().st_size > 0
+    before = [hashlib.sha256(f.read_bytes()).hexdigest() for f in data]
+    jobs.check_database(copy / "jobs.sqlite3")
+    assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in data if f.exists()] == before
+    with sqlite3.connect(copy / "jobs.sqlite3") as db:  # the job in the log is still there
+        assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1

@@ -153,3 +153,16 @@ def test_an_images_directory_that_cannot_be_made_fails_the_job_as_storage(engine
     assert job.status == jobs.FAILED and job.error["type"] == "storage"
     assert str(tmp_path / "images") in job.error["message"]
     assert messages[-1].status == jobs.FAILED
+
+
+def test_a_job_database_that_cannot_record_the_end_leaves_the_worker_running(engine, store, tmp_path, monkeypatch):
+    from zturbo.errors import StorageError
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise StorageError("the job database cannot grow: database or disk is full")
+
+    monkeypatch.setattr(store, "succeed", disk_full)
+    job, messages = run_claim(engine, store, tmp_path / "images")  # returns: no exit, no exception
+    assert job.status == jobs.RUNNING  # unrecorded; the next start re-queues it
+    assert [m.status for m in messages if isinstance(m, workers.Finished)] == [jobs.FAILED]
+    assert not any(isinstance(m, workers.Crashed) for m in messages)

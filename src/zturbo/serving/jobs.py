@@ -196,9 +196,9 @@ def check_database(path: Path) -> None:
     """Refuse, without writing, a database that is empty, damaged or not zturbo's (StorageError)."""
     if path.stat().st_size == 0:
         raise StorageError(f"{path} is empty (0 bytes): the jobs it held are lost; {_recovery(path)}")
-    db = sqlite3.connect(path, isolation_level=None)
+    # Read-only by URI: closing a read-write connection would fold a leftover -wal into the file.
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     try:
-        db.execute("PRAGMA query_only=1")
         problems = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
         if problems != ["ok"]:
             raise StorageError(f"{path} is damaged ({'; '.join(problems)}); {_recovery(path)}")

@@ -132,20 +132,35 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
         result = engine.generate(req, on_step=on_step)
         refs = _save_images(result.images, images_dir, claim.job_id)
     except JobCancelled:
-        store.end(claim, jobs.CANCELLED)
-        conn.send(Finished(claim.job_id, jobs.CANCELLED, time.perf_counter() - start))
+        status = _record(store, claim, lambda: store.end(claim, jobs.CANCELLED), jobs.CANCELLED)
+        conn.send(Finished(claim.job_id, status, time.perf_counter() - start))
         return
     except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
-        store.end(claim, jobs.FAILED, {"type": e.kind, "message": str(e)})
+        error = {"type": e.kind, "message": str(e)}
+        _record(store, claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED)
         conn.send(Finished(claim.job_id, jobs.FAILED, time.perf_counter() - start))
         return
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
         logging.getLogger("zturbo").exception("job %s crashed the worker", claim.job_id)
         conn.send(Crashed(claim.job_id, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"))
         os._exit(3)
-    store.succeed(claim, refs)
+    status = _record(store, claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED)
     seconds = time.perf_counter() - start
-    conn.send(Finished(claim.job_id, jobs.SUCCEEDED, seconds, len(result.fallbacks), _memory(engine.device)))
+    conn.send(Finished(claim.job_id, status, seconds, len(result.fallbacks), _memory(engine.device)))
+
+
+def _record(store: jobs.JobStore, claim: jobs.Claim, write: Any, status: str) -> str:
+    """Record a job's end; when the job database cannot be written (a full disk), say so and report
+    the job failed: the worker and its loaded model stay up. The row stays `running` until the
+    server's next start re-queues it."""
+    from ..errors import StorageError
+
+    try:
+        write()
+    except StorageError as e:
+        logging.getLogger("zturbo").error("job %s ended %s but could not be recorded: %s", claim.job_id, status, e)
+        return jobs.FAILED
+    return status
 
 
 def _save_images(images: list[Any], images_dir: Path, job_id: str) -> list[jobs.ImageRef]:
