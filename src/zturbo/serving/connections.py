@@ -9,6 +9,7 @@ descriptors, after which every client, /health included, hangs. The protocol her
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import resource
 import socket
@@ -26,9 +27,12 @@ from ..errors import InvalidRequestError
 log = logging.getLogger("zturbo.server")
 
 FD_RESERVE = 256  # descriptors kept for everything but client connections: SQLite, images, worker pipes
+_REFUSED_MESSAGE = "the server has too many open connections; retry"
+_REFUSED_ERROR = {"type": "too_many_connections", "message": _REFUSED_MESSAGE, "field": None}
+_REFUSED_BODY = json.dumps({"error": _REFUSED_ERROR}).encode()
 REFUSED = (
-    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 1\r\n"
-    b"connection: close\r\ncontent-length: 43\r\n\r\nthe server has too many open connections\r\n\r\n"
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
 )
 
 
@@ -61,7 +65,7 @@ class BoundedH11Protocol(H11Protocol):
     def __init__(self, config: BoundedConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
         self.limits = config.connection_limits
-        self.opened_at = time.monotonic()
+        self.last_active = time.monotonic()  # opened, or last finished a response
         self._read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -87,6 +91,7 @@ class BoundedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         self._cancel_read_deadline()
+        self.last_active = time.monotonic()
         super().on_response_complete()
 
     def idle(self) -> bool:
@@ -119,7 +124,7 @@ def _evict_idle(newcomer: BoundedH11Protocol) -> bool:
     ]
     if not idle:
         return False
-    oldest = min(idle, key=lambda c: c.opened_at)
+    oldest = min(idle, key=lambda c: c.last_active)
     oldest.transport.close()
     return True
 
