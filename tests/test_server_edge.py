@@ -271,3 +271,29 @@ def test_a_symlink_in_images_is_not_followed(api, finished_image, tmp_path):
     r = api.get(f"/v1/images/{image_id}")
     assert_error(r, 507, "storage")
     assert "only regular files are served" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("headers", "status"), [([], 401), ([(b"authorization", b"Bearer k")], 202)])
+def test_a_body_is_read_only_after_the_key_has_passed(tmp_path, headers, status):
+    """The body buffer sits inside auth: a client without the key cannot make the server hold a body."""
+    app = in_process_app(tmp_path / "data", api_key="k")
+    body = json.dumps({"prompt": "a fox", **SMALL}).encode()
+    reads: list[int] = []
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        reads.append(len(body))
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/jobs", "raw_path": b"/v1/jobs", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), *headers],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == status
+    assert reads == ([] if status == 401 else [len(body)])

@@ -208,9 +208,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     app.state.service = service
     _install_error_handlers(app)
+    limits = {"max_body": settings.max_body_bytes, "max_headers": settings.max_header_bytes}
+    # Middleware added first runs innermost: a body is read only once the Host and the key have passed,
+    # and the outermost layer refuses oversized headers and declared lengths without reading anything.
+    app.add_middleware(EdgeLimits, **limits, read_body=True)
     _install_auth(app, service)
     _install_host_check(app, service)
-    app.add_middleware(EdgeLimits, max_body=settings.max_body_bytes, max_headers=settings.max_header_bytes)
+    app.add_middleware(EdgeLimits, **limits, read_body=False)
     app.include_router(_open_routes(service))
     app.include_router(_job_routes(service))
     app.include_router(_service_routes(service))
@@ -379,13 +383,13 @@ def _host_allowed(name: str, allowed: set[str]) -> bool:
 class EdgeLimits:
     """Bounds what one request may make the server hold: its headers (431) and its body (413).
 
-    A body is refused from its Content-Length before any of it is read, or, sent without one, as soon
-    as the bytes received pass the limit; a body within it is buffered here and replayed to the app.
-    The web UI (Gradio, under /ui) bounds its own uploads.
+    A body is refused from its Content-Length before any of it is read, or, sent without one (with
+    `read_body`), as soon as the bytes received pass the limit; a body within it is buffered here and
+    replayed to the app. The web UI (Gradio, under /ui) bounds its own uploads.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int) -> None:
-        self.app, self.max_body, self.max_headers = app, max_body, max_headers
+    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int, read_body: bool) -> None:
+        self.app, self.max_body, self.max_headers, self.read_body = app, max_body, max_headers, read_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -396,21 +400,23 @@ class EdgeLimits:
             message = f"the request headers are {header_bytes} bytes; allowed at most {self.max_headers}"
             await error_response(431, "too_large", message)(scope, receive, send)
             return
-        if scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            message = f"the request body is {int(declared)} bytes; this server accepts at most {self.max_body}"
+            await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
+            return
+        if not self.read_body or scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
             await self.app(scope, receive, send)
             return
-        body = await self._read_body(scope, receive)
+        body = await self._read_body(receive)
         if body is None:
             message = f"the request body is larger than {self.max_body} bytes, the most this server accepts"
             await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
-        """The whole body, or None once it is known to pass the limit."""
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body:
-            return None
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None once the bytes received pass the limit."""
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
