@@ -81,7 +81,11 @@ def test_size_forms_that_stay_accepted():
     assert parse_size("auto") == (1024, 1024)
 
 
-@pytest.mark.parametrize("prompt", ["\u200b\u200c\u200d\ufeff", "\u2060 \u00a0\u3000", "\u3164\u2800\ufe0f", "\x00\t"])
+@pytest.mark.parametrize(
+    "prompt",
+    ["\u200b\u200c\u200d\ufeff", "\u2060 \u00a0\u3000", "\u3164\u2800\ufe0f", "\x00\t", "\u034f" * 3, "\u17b4\u17b5",
+     "\u180b\U000e0020"],
+)  # fmt: skip
 def test_a_prompt_of_invisible_characters_is_blank(prompt):
     with pytest.raises(InvalidRequestError, match="prompt is empty or only invisible characters"):
         GenerateRequest.create(prompt, limits=LIMITS, seed=1)

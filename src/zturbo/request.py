@@ -520,13 +520,21 @@ _BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 
 
+# Unicode's Default_Ignorable_Code_Point ranges (DerivedCoreProperties) that no category above
+# covers: combining grapheme joiner, Khmer inherent vowels, Mongolian and other variation selectors.
+_IGNORABLE_RANGES = (
+    ("\u034f", "\u034f"), ("\u17b4", "\u17b5"), ("\u180b", "\u180f"), ("\ufe00", "\ufe0f"),
+    ("\U0001bca0", "\U0001bca3"), ("\U0001d173", "\U0001d17a"), ("\U000e0000", "\U000e0fff"),
+)  # fmt: skip
+
+
 def _is_blank(text: str) -> bool:
     """Whether `text` shows nothing: whitespace and invisible characters only (the text itself is kept)."""
     return all(
         c.isspace()
         or c in _BLANK_LETTERS
-        or "\ufe00" <= c <= "\ufe0f"  # variation selectors
         or unicodedata.category(c) in _INVISIBLE_CATEGORIES
+        or any(lo <= c <= hi for lo, hi in _IGNORABLE_RANGES)
         for c in text
     )
 
