@@ -231,13 +231,15 @@ def _missing_columns(db: sqlite3.Connection) -> str | None:
 class JobStore:
     """All access to the queue database; safe to share between the threads of one process."""
 
-    def __init__(self, path: Path, *, max_queued: int = 64) -> None:
+    def __init__(self, path: Path, *, max_queued: int = 64, check: bool = True) -> None:
+        """`check=False` skips the startup check (worker processes: the server checked it already)."""
         self.path = Path(path)
         self.max_queued = max_queued
         self._lock = threading.RLock()
         if not self.path.exists():
             _create_database(self.path)
-        check_database(self.path)
+        if check:
+            check_database(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

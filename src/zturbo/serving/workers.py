@@ -94,7 +94,7 @@ def worker_main(
     engine = Engine.load(dataclasses.replace(config, device=device))
     unit = engine.limits.spatial_unit
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
-    store = jobs.JobStore(Path(db_path))
+    store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
     conn.send(Ready(_runtime(engine), _memory(engine.device)))
     while True:
         try:
