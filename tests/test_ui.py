@@ -304,13 +304,14 @@ def test_importing_the_ui_module_does_not_import_gradio() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_the_status_line_refreshes_as_soon_as_a_generate_job_ends() -> None:
+def test_the_status_line_refreshes_as_soon_as_a_generate_job_ends(tmp_path: Path) -> None:
     """The status timer ticks every 5 s: the line is refreshed when a job ends, so it never shows
     the finished job's worker busy until the next tick."""
     from zturbo.request import ModelLimits
-    from zturbo.serving.ui_app import build
+    from zturbo.serving.ui_app import _UiFiles, build
 
-    demo = build("http://127.0.0.1:9", ModelLimits(spatial_unit=16, max_pixels=2048 * 2048))
+    client = ApiClient("http://127.0.0.1:9")
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
     generate = next(i for i, f in demo.fns.items() if getattr(f.fn, "__name__", "") == "generate")
     followers = [f for f in demo.fns.values() if f.trigger_after == generate]
     assert any(

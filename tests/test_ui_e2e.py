@@ -310,6 +310,11 @@ def test_api_key_is_asked_for_and_never_in_the_page(browser: Any, tmp_path: Path
         page.locator("#generate").click()
         expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
         assert len(srv.history("e2e-keyed")) == 1
+        # The image reaches the page through the session's pass; the same URL without it is refused.
+        image = page.locator("#results img").first
+        expect(image).to_have_js_property("complete", True)
+        assert image.evaluate("img => img.naturalWidth") == 64
+        assert httpx.get(image.evaluate("img => img.src")).status_code == 401
         assert key not in page.content()  # the key lives in server-side session state only
         assert key not in httpx.get(f"{srv.url}/ui/").text
         context.close()

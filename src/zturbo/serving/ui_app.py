@@ -2,23 +2,42 @@
 
 This module imports gradio at the top, so only `zturbo serve` imports it, when it mounts the UI.
 Gradio reads the handlers' annotations (gr.Request, gr.SelectData) to inject them.
+
+Files and the key. Everything the page shows or takes as a file lives in one folder of the data
+directory, `ui-files/`, which is Gradio's file folder (GRADIO_TEMP_DIR): the UI's copy of each
+image it shows (`images/<job id>/`), which Gradio then serves in place, with no copy of its own,
+and Gradio's uploads. The folder is emptied when the UI mounts and when the server stops; a job's
+copies go when any `DELETE /v1/history/{id}` succeeds (the page's Delete is one). With an API key,
+`_Gate` lets a request under the mount through only if it is what the page needs before the user
+types the key (the page, its assets, the queue its handlers run through), or if it carries the
+session's pass: a random cookie that the Use-key handler hands to a page that typed the right key.
+So files, uploads and Gradio's own API need the key, while the key itself stays in server-side
+session state. Handlers that return data call the API with the session's key, so they need it too.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+import os
 import re
-import tempfile
+import secrets
+import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import gradio as gr
 from fastapi import FastAPI
+from starlette.requests import cookie_parser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..request import FIELD, ModelLimits
 from .apiclient import ApiClient, ApiError
+from .app import error_response
 from .ui import (
     CUSTOM,
     FORM_KEYS,
@@ -38,35 +57,156 @@ from .ui import (
     status_text,
 )
 
+PASS_COOKIE = "zturbo_ui_pass"
+# One upload request: a PNG to read parameters from, with room to spare (4 MP PNGs are ~12 MB).
+UPLOAD_MAX_BYTES = 64 << 20
+UPLOADS_KEPT = 16  # the newest uploads stay; the page reads a dropped PNG as soon as it lands
+PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
+# What the page loads or calls before the user has typed the key; no file and no stored data.
+_OPEN_PATHS = frozenset(
+    {"", "/", "/config", "/theme.css", "/favicon.ico", "/manifest.json", "/robots.txt",
+     "/gradio_api/queue/join", "/gradio_api/queue/data", "/gradio_api/cancel", "/gradio_api/startup-events"}
+)  # fmt: skip
+_OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/heartbeat/")
+_UPLOAD_PATH = "/gradio_api/upload"
 
-class _ImageFiles:
-    """PNGs fetched from the API, kept byte-for-byte (so the metadata chunks survive) in a private
-    temp directory, one file per image id; images never change, so each is fetched once."""
 
-    def __init__(self, client: ApiClient):
+def _safe_name(text: object) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "", str(text))[:64] or "_"
+
+
+class _UiFiles:
+    """The UI's folder (see the module docstring). Images are fetched from the API once each and
+    kept byte-for-byte, so their metadata chunks survive into downloads."""
+
+    def __init__(self, root: Path, client: ApiClient):
+        self.root = root
+        self.images = root / "images"
         self._client = client
-        self._dir: tempfile.TemporaryDirectory[str] | None = None
-        self._lock = threading.Lock()
 
-    def path(self, image: dict[str, Any], key: str | None) -> str:
-        with self._lock:
-            if self._dir is None:
-                self._dir = tempfile.TemporaryDirectory(prefix="zturbo-ui-")
-        safe_id = re.sub(r"[^A-Za-z0-9_-]", "", str(image["id"]))[:32]
-        path = Path(self._dir.name) / f"zturbo-{image.get('seed', 'x')}-{safe_id}.png"
+    def reset(self) -> None:
+        """Start empty: whatever an earlier run left here is no longer behind any page."""
+        self.remove()
+        self.images.mkdir(parents=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def image(self, job_id: str, image: dict[str, Any], key: str | None) -> str:
+        folder = self.images / _safe_name(job_id)
+        path = folder / f"zturbo-{_safe_name(image.get('seed', 'x'))}-{_safe_name(image['id'])}.png"
         if not path.exists():
             data = self._client.image(image["id"], key)
+            folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
             tmp.write_bytes(data)
             tmp.replace(path)
         return str(path)
 
+    def forget_job(self, job_id: str) -> None:
+        shutil.rmtree(self.images / _safe_name(job_id), ignore_errors=True)
 
-def _records(jobs: list[dict[str, Any]], files: _ImageFiles, key: str | None) -> list[dict[str, Any]]:
+    def prune_uploads(self, keep: int) -> None:
+        """Keep the newest `keep` uploads (Gradio stores each in a folder of its own)."""
+        uploads = [p for p in self.root.iterdir() if p != self.images] if self.root.exists() else []
+        uploads.sort(key=_mtime, reverse=True)
+        for old in uploads[keep:]:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another prune
+        return 0.0
+
+
+class _Passes:
+    """The session passes given out, newest last; a pass is a random token, never the key."""
+
+    def __init__(self, kept: int = PASSES_KEPT):
+        self._kept = kept
+        self._tokens: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = None
+            while len(self._tokens) > self._kept:
+                self._tokens.popitem(last=False)
+        return token
+
+    def valid(self, token: str) -> bool:
+        with self._lock:
+            return token in self._tokens
+
+
+class _Gate:
+    """ASGI middleware: the key (through the session's pass) and the size bounds for requests under
+    the UI's mount, and the removal of a job's copies when the API deletes the job."""
+
+    def __init__(self, app: ASGIApp, *, prefix: str, files: _UiFiles, passes: _Passes | None, max_body: int):
+        self.app, self.prefix, self.files, self.passes, self.max_body = app, prefix, files, passes, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if scope.get("method") == "DELETE" and path.startswith("/v1/history/"):
+            await self._delete(scope, receive, send, path.removeprefix("/v1/history/"))
+            return
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            await self.app(scope, receive, send)
+            return
+        sub = path[len(self.prefix) :]
+        refusal = self._refusal(scope, sub)
+        if refusal is not None:
+            status, kind, message = refusal
+            await error_response(status, kind, message, Connection="close")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+        if sub == _UPLOAD_PATH:
+            await anyio.to_thread.run_sync(self.files.prune_uploads, UPLOADS_KEPT)
+
+    def _refusal(self, scope: Scope, sub: str) -> tuple[int, str, str] | None:
+        """Why a request under the mount is refused (status, type, message), or None."""
+        headers = dict(scope["headers"])
+        if self.passes is not None and sub not in _OPEN_PATHS and not sub.startswith(_OPEN_PREFIXES):
+            token = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(PASS_COOKIE, "")
+            if not self.passes.valid(token):
+                message = "the web UI's files, uploads and API need the API key: type it in the page first"
+                return 401, "unauthorized", message
+        if scope["method"] != "POST":
+            return None
+        limit = UPLOAD_MAX_BYTES if sub == _UPLOAD_PATH else self.max_body
+        declared = headers.get(b"content-length", b"")
+        if not declared.isdigit():
+            return 411, "length_required", "a request to the web UI must send Content-Length"
+        if int(declared) > limit:
+            return 413, "too_large", f"the request body is {int(declared)} bytes; allowed at most {limit} here"
+        return None
+
+    async def _delete(self, scope: Scope, receive: Receive, send: Send, job_id: str) -> None:
+        status = 0
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, watch)
+        if status == 204:
+            await anyio.to_thread.run_sync(self.files.forget_job, job_id)
+
+
+def _records(jobs: list[dict[str, Any]], files: _UiFiles, key: str | None) -> list[dict[str, Any]]:
     """One record per image of the jobs: its file, seed and job, for a gallery and its selection."""
     return [
         {
-            "path": files.path(image, key),
+            "path": files.image(job["id"], image, key),
             "seed": image.get("seed"),
             "variation_seed": image.get("variation_seed"),
             "job": job,
@@ -86,9 +226,34 @@ def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
 
     if not any(getattr(route, "path", None) == "/" for route in app.routes):
         app.add_api_route("/", lambda: RedirectResponse(f"{path}/"), include_in_schema=False)
-    limits = app.state.service.settings.limits
-    # Uploads are only PNGs to read parameters from; the cap keeps a stray large file out.
-    return gr.mount_gradio_app(app, build(api_base, limits), path=path, footer_links=[], max_file_size="64mb")
+    settings = app.state.service.settings
+    root = (settings.data_dir / "ui-files").resolve()
+    # Gradio reads its folder from the environment at each use; this process is the server the
+    # UI belongs to, and the data directory's lock makes the folder this server's alone.
+    os.environ["GRADIO_TEMP_DIR"] = str(root)
+    client = ApiClient(api_base)
+    files = _UiFiles(root, client)
+    files.reset()
+    passes = _Passes() if settings.api_key is not None else None
+    demo = build(client, settings.limits, files, passes, cookie_path=path)
+    app.add_middleware(_Gate, prefix=path, files=files, passes=passes, max_body=settings.max_body_bytes)
+    _remove_on_stop(app, files)
+    # Run history would keep every run's inputs (the typed key among them) in the browser.
+    return gr.mount_gradio_app(app, demo, path=path, footer_links=[], max_file_size=UPLOAD_MAX_BYTES, run_history=False)
+
+
+def _remove_on_stop(app: FastAPI, files: _UiFiles) -> None:
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        try:
+            async with inner(app) as state:
+                yield state
+        finally:
+            files.remove()
+
+    app.router.lifespan_context = lifespan
 
 
 def _slider_range(name: str) -> tuple[float, float]:
@@ -98,11 +263,13 @@ def _slider_range(name: str) -> tuple[float, float]:
     return bounds
 
 
-def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
-    """The Gradio app; `api_base` is where its handlers reach the API (the serving process itself),
-    `limits` the served model's (the size presets and inputs step by its spatial unit)."""
+def build(
+    client: ApiClient, limits: ModelLimits, files: _UiFiles, passes: _Passes | None, cookie_path: str = "/ui"
+) -> gr.Blocks:
+    """The Gradio app; `client` reaches the API (the serving process itself), `limits` are the served
+    model's (the size presets and inputs step by its spatial unit), `passes` None when there is no key."""
     unit = limits.spatial_unit
-    handlers = _Handlers(ApiClient(api_base), unit)
+    handlers = _Handlers(client, unit, files, passes)
     presets = aspect_presets(unit)
     on_size = functools.partial(preset_for, unit=unit)
     with gr.Blocks(title="zturbo", analytics_enabled=False) as demo:
@@ -117,6 +284,7 @@ def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
         with gr.Row(visible=False, elem_id="key-row") as key_row:
             key_box = gr.Textbox(label="API key", type="password", scale=4, elem_id="api-key")
             key_btn = gr.Button("Use key", scale=1, elem_id="use-key")
+            ui_pass = gr.Textbox(visible=False, elem_id="ui-pass")
 
         with gr.Tabs(selected="generate") as tabs:
             with gr.Tab("Generate", id="generate"), gr.Row():
@@ -206,8 +374,13 @@ def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
         status_io = {"inputs": [key_state], "outputs": [status_md, key_row], **free}
         demo.load(handlers.status, **status_io)
         gr.Timer(5).tick(handlers.status, show_progress="hidden", **status_io)
-        key_btn.click(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row], **free)
-        key_box.submit(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row], **free)
+        # The page keeps the session's pass as a cookie, which its file and upload requests carry.
+        cookie = f"{PASS_COOKIE}=${{p}}; path={cookie_path}; SameSite=Strict"
+        keep_pass = f"(p) => {{ if (p) document.cookie = `{cookie}`; }}"
+        for typed in (key_btn.click, key_box.submit):
+            typed(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row, ui_pass], **free).then(
+                None, [ui_pass], None, js=keep_pass
+            )
 
         preset.input(handlers.apply_preset, [preset], [width, height])
         width.input(on_size, [width, height], [preset])
@@ -227,7 +400,7 @@ def build(api_base: str, limits: ModelLimits) -> gr.Blocks:
         cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
         gallery.select(handlers.select_result, [results], [image_params, download])
         filled = [*form, advanced]  # the accordion opens when a fill sets a negative prompt or CFG
-        png.upload(handlers.read_png, [png], [png_msg, *filled])
+        png.upload(handlers.read_png, [key_state, png], [png_msg, *filled])
 
         hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete]
         history_tab.select(handlers.history, [key_state, search], hist_io, **free)
@@ -245,10 +418,11 @@ class _Handlers:
     """Gradio event handlers; state lives in each session's gr.State, except the job a session is
     running, which Cancel must see while Generate is still streaming."""
 
-    def __init__(self, client: ApiClient, unit: int):
+    def __init__(self, client: ApiClient, unit: int, files: _UiFiles, passes: _Passes | None):
         self.client = client
         self.unit = unit
-        self.files = _ImageFiles(client)
+        self.files = files
+        self.passes = passes
         self._running: dict[str, str] = {}  # session hash -> job id
 
     def status(self, key: str | None) -> tuple[str, Any]:
@@ -257,14 +431,16 @@ class _Handlers:
         except ApiError as e:
             return error_text(e), gr.update(visible=e.unauthorized)
 
-    def use_key(self, typed: str) -> tuple[Any, str, str, Any]:
+    def use_key(self, typed: str) -> tuple[Any, str, str, Any, str]:
+        """The key, checked by the API, goes into session state; the page gets a pass for its files."""
         key = typed.strip() or None
         try:
             text = status_text(self.client.status(key))
         except ApiError as e:
             message = "That key was refused; check it and try again." if e.unauthorized else error_text(e)
-            return None, "", message, gr.update(visible=True)
-        return key, "", text, gr.update(visible=False)
+            return None, "", message, gr.update(visible=True), ""
+        ui_pass = self.passes.issue() if self.passes is not None else ""
+        return key, "", text, gr.update(visible=False), ui_pass
 
     def apply_preset(self, label: str) -> tuple[Any, Any]:
         size = aspect_presets(self.unit).get(label)
@@ -348,12 +524,16 @@ class _Handlers:
         text = describe_params(record["job"]["params"], record["seed"], record.get("variation_seed"))
         return text, gr.update(value=record["path"], visible=True)
 
-    def read_png(self, path: str | None) -> tuple[Any, ...]:
+    def read_png(self, key: str | None, path: str | None) -> tuple[Any, ...]:
         from ..errors import InvalidRequestError
         from ..imageio import read_parameters
 
         if not path:
             return "", *_NO_FILL
+        try:  # the PNG's prompt is data: a session without the key reads none (the folder holds images too)
+            self.client.status(key)
+        except ApiError as e:
+            return error_text(e), *_NO_FILL
         try:
             params, source, ignored = read_parameters(path)
         except InvalidRequestError as e:
