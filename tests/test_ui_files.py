@@ -1,6 +1,6 @@
 """The web UI's files in process (no browser): what a page without the key can reach under /ui, the
 session pass that opens the UI's files and uploads, where the UI's copies of images live and when
-they go, and the bounds on uploads. The handlers reach the API
+they go, the bounds on uploads, and a History whose PNG is missing. The handlers reach the API
 through a TestClient of the same app."""
 
 from __future__ import annotations
@@ -167,6 +167,28 @@ def test_uploads_are_bounded_in_size_and_count(ui: Ui) -> None:
     kept = _uploads(ui.root)
     assert len(kept) == UPLOADS_KEPT
     assert _png(f"upload {UPLOADS_KEPT + 1}") in [p.read_bytes() for p in kept]  # the newest stay
+
+
+def test_history_lists_the_rest_and_marks_an_image_without_a_file(ui: Ui) -> None:
+    kept, _ = _finished(ui, "history-missing kept")
+    broken, _ = _finished(ui, "history-missing broken")
+    (ui.service.images_dir / f"{broken}-0.png").unlink()
+
+    info, gallery, records, *_ = ui.handlers.history(KEY, "history-missing")
+    assert [r["job"]["id"] for r in records] == [broken, kept]
+    assert "2 image(s)" in info and "1 image(s) have no file any more" in info, info
+    assert gallery[0][1].endswith("file missing") and Path(gallery[0][0]).is_file()
+    assert records[0]["missing"] and not records[1]["missing"]
+
+    text, selected, *_ = ui.handlers.select_history(records, _Select(0))
+    assert broken in text and "no file" in text
+    info, gallery, records, *_ = ui.handlers.delete_job(KEY, selected, "history-missing")
+    assert [r["job"]["id"] for r in records] == [kept]
+
+
+@dataclass
+class _Select:
+    index: int
 
 
 def test_the_ui_folder_is_emptied_when_the_server_starts_and_stops(

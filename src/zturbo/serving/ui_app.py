@@ -106,6 +106,20 @@ class _UiFiles:
     def forget_job(self, job_id: str) -> None:
         shutil.rmtree(self.images / _safe_name(job_id), ignore_errors=True)
 
+    def missing(self) -> str:
+        """The picture shown for an image whose file is gone: grey, crossed out."""
+        from PIL import Image, ImageDraw
+
+        path = self.images / "missing.png"
+        if not path.exists():
+            picture = Image.new("RGB", (64, 64), (200, 200, 200))
+            ImageDraw.Draw(picture).line([(8, 8), (56, 56)], fill=(120, 120, 120), width=4)
+            ImageDraw.Draw(picture).line([(8, 56), (56, 8)], fill=(120, 120, 120), width=4)
+            tmp = path.with_suffix(f".{threading.get_ident()}.part")
+            picture.save(tmp, format="PNG")
+            tmp.replace(path)
+        return str(path)
+
     def prune_uploads(self, keep: int) -> None:
         """Keep the newest `keep` uploads (Gradio stores each in a folder of its own)."""
         uploads = [p for p in self.root.iterdir() if p != self.images] if self.root.exists() else []
@@ -204,20 +218,24 @@ class _Gate:
 
 def _records(jobs: list[dict[str, Any]], files: _UiFiles, key: str | None) -> list[dict[str, Any]]:
     """One record per image of the jobs: its file, seed and job, for a gallery and its selection."""
-    return [
-        {
-            "path": files.image(job["id"], image, key),
-            "seed": image.get("seed"),
-            "variation_seed": image.get("variation_seed"),
-            "job": job,
-        }
-        for job in jobs
-        for image in job.get("images") or []
-    ]
+    return [_record(job, image, files, key) for job in jobs for image in job.get("images") or []]
+
+
+def _record(job: dict[str, Any], image: dict[str, Any], files: _UiFiles, key: str | None) -> dict[str, Any]:
+    """An image whose file is gone or damaged (404, 507) gets the placeholder and says why, so the
+    rest of a gallery still shows and the job can still be selected and deleted."""
+    record = {"seed": image.get("seed"), "variation_seed": image.get("variation_seed"), "job": job, "missing": None}
+    try:
+        record["path"] = files.image(job["id"], image, key)
+    except ApiError as e:
+        if e.status not in (404, 507):
+            raise
+        record["path"], record["missing"] = files.missing(), str(e)
+    return record
 
 
 def _gallery(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    return [(r["path"], f"seed {r['seed']}") for r in records]
+    return [(r["path"], f"seed {r['seed']}" + (" · file missing" if r["missing"] else "")) for r in records]
 
 
 def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
@@ -522,7 +540,7 @@ class _Handlers:
     def select_result(records: list[dict[str, Any]], evt: gr.SelectData) -> tuple[str, Any]:
         record = records[evt.index]
         text = describe_params(record["job"]["params"], record["seed"], record.get("variation_seed"))
-        return text, gr.update(value=record["path"], visible=True)
+        return text, gr.update(value=record["path"], visible=not record["missing"])
 
     def read_png(self, key: str | None, path: str | None) -> tuple[Any, ...]:
         from ..errors import InvalidRequestError
@@ -554,6 +572,8 @@ class _Handlers:
         shown = len(page["items"])
         what = f" matching “{query.strip()}”" if query.strip() else ""
         info = f"{page['total']} finished job(s){what}; showing the newest {shown}, {len(records)} image(s)."
+        if missing := sum(1 for r in records if r["missing"]):
+            info += f" {missing} image(s) have no file any more, marked “file missing”: select one to see why."
         return info, _gallery(records), records, "", *idle
 
     @staticmethod
@@ -562,6 +582,8 @@ class _Handlers:
         job = record["job"]
         text = describe_params(job["params"], record["seed"], record.get("variation_seed"))
         text += f"\n- **Job:** {job['id']} ({job['status']})"
+        if record["missing"]:
+            text += f"\n- **File:** none, so no image to show: {record['missing']}"
         return text, job, gr.update(interactive=True), gr.update(interactive=True)
 
     def reuse_job(self, job: dict[str, Any] | None) -> tuple[Any, ...]:
