@@ -152,12 +152,13 @@ def test_the_uis_one_copy_of_an_image_lives_in_the_data_directory_and_goes_with_
 
 
 def test_uploads_are_bounded_in_size_and_count(ui: Ui) -> None:
-    from zturbo.serving.ui_app import UPLOAD_MAX_BYTES, UPLOADS_KEPT
+    from zturbo.serving.ui_app import UPLOADS_KEPT
 
     headers = _pass(ui)
-    big = {**headers, "Content-Length": str(UPLOAD_MAX_BYTES + 1), "Content-Type": "multipart/form-data; boundary=x"}
+    most = ui.service.settings.max_upload_bytes
+    big = {**headers, "Content-Length": str(most + 1), "Content-Type": "multipart/form-data; boundary=x"}
     r = ui.http.post("/ui/gradio_api/upload", content=b"--x--", headers=big)
-    assert r.status_code == 413 and str(UPLOAD_MAX_BYTES) in r.json()["error"]["message"], r.text
+    assert r.status_code == 413 and str(most) in r.json()["error"]["message"], r.text
     r = ui.http.post("/ui/gradio_api/upload", content=iter([b"--x--"]), headers=big | {"Content-Length": ""})
     assert r.status_code == 411, r.text
     assert ui.http.post("/ui/gradio_api/queue/join", content=b"{" * (2 << 20)).status_code == 413  # open, but bounded

@@ -87,6 +87,7 @@ class ServeSettings:
     # is well under 100 KB even JSON-escaped; larger bodies get 413, larger headers 431.
     max_body_bytes: int = 1 << 20
     max_header_bytes: int = 16 << 10
+    max_upload_bytes: int = 64 << 20  # one web UI upload: a PNG to read parameters from (4 MP: ~12 MB)
     # Host names a server without a key answers besides loopback ones ("*": any); see _install_host_check.
     allowed_hosts: tuple[str, ...] = ()
     model_names: tuple[str, ...] = field(default=())

@@ -58,8 +58,6 @@ from .ui import (
 )
 
 PASS_COOKIE = "zturbo_ui_pass"
-# One upload request: a PNG to read parameters from, with room to spare (4 MP PNGs are ~12 MB).
-UPLOAD_MAX_BYTES = 64 << 20
 UPLOADS_KEPT = 16  # the newest uploads stay; the page reads a dropped PNG as soon as it lands
 PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
 # What the page loads or calls before the user has typed the key; no file and no stored data.
@@ -163,8 +161,9 @@ class _Gate:
     """ASGI middleware: the key (through the session's pass) and the size bounds for requests under
     the UI's mount, and the removal of a job's copies when the API deletes the job."""
 
-    def __init__(self, app: ASGIApp, *, prefix: str, files: _UiFiles, passes: _Passes | None, max_body: int):
-        self.app, self.prefix, self.files, self.passes, self.max_body = app, prefix, files, passes, max_body
+    def __init__(self, app: ASGIApp, *, prefix: str, files: _UiFiles, passes: _Passes | None, bounds: tuple[int, int]):
+        self.app, self.prefix, self.files, self.passes = app, prefix, files, passes
+        self.max_upload, self.max_body = bounds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
@@ -194,7 +193,7 @@ class _Gate:
                 return 401, "unauthorized", message
         if scope["method"] != "POST":
             return None
-        limit = UPLOAD_MAX_BYTES if sub == _UPLOAD_PATH else self.max_body
+        limit = self.max_upload if sub == _UPLOAD_PATH else self.max_body
         declared = headers.get(b"content-length", b"")
         if not declared.isdigit():
             return 411, "length_required", "a request to the web UI must send Content-Length"
@@ -254,10 +253,13 @@ def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
     files.reset()
     passes = _Passes() if settings.api_key is not None else None
     demo = build(client, settings.limits, files, passes, cookie_path=path)
-    app.add_middleware(_Gate, prefix=path, files=files, passes=passes, max_body=settings.max_body_bytes)
+    bounds = (settings.max_upload_bytes, settings.max_body_bytes)
+    app.add_middleware(_Gate, prefix=path, files=files, passes=passes, bounds=bounds)
     _remove_on_stop(app, files)
     # Run history would keep every run's inputs (the typed key among them) in the browser.
-    return gr.mount_gradio_app(app, demo, path=path, footer_links=[], max_file_size=UPLOAD_MAX_BYTES, run_history=False)
+    return gr.mount_gradio_app(
+        app, demo, path=path, footer_links=[], max_file_size=settings.max_upload_bytes, run_history=False
+    )
 
 
 def _remove_on_stop(app: FastAPI, files: _UiFiles) -> None:
