@@ -30,6 +30,7 @@ class Ui:
     handlers: Any
     root: Path  # the UI's folder in the data directory
     service: Any
+    service_app: Any
 
 
 def _mount(monkeypatch: pytest.MonkeyPatch, data_dir: Path, **settings: Any) -> tuple[Any, TestClient]:
@@ -63,7 +64,7 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
     monkeypatch = pytest.MonkeyPatch()
     data_dir = tmp_path_factory.mktemp("ui-files") / "data"
     app, http = _mount(monkeypatch, data_dir, api_key=KEY)
-    yield Ui(http, _handlers(app), data_dir / "ui-files", app.state.service)
+    yield Ui(http, _handlers(app), data_dir / "ui-files", app.state.service, app)
     monkeypatch.undo()
 
 
@@ -204,3 +205,24 @@ def test_the_ui_folder_is_emptied_when_the_server_starts_and_stops(
         r = http.post("/ui/gradio_api/upload", files={"files": ("a.png", _png("x"), "image/png")})
         assert r.status_code == 200 and Path(r.json()[0]).is_file()
     assert not (tmp_path / "data" / "ui-files").exists()
+
+
+def _fn_index(ui: Ui, name: str) -> int:
+    [mounted] = [r for r in ui.service_app.routes if getattr(r, "path", "") == "/ui"]
+    return next(i for i, f in mounted.app.get_blocks().fns.items() if getattr(f, "name", None) == name)
+
+
+def test_without_the_key_the_queue_runs_only_the_handlers_the_page_needs_first(ui: Ui) -> None:
+    # A handler with a file input makes Gradio fetch and store the file before the handler runs:
+    # a URL there would be downloaded by the server for anyone.
+    planted = {"path": "https://example.invalid/x.png", "meta": {"_type": "gradio.FileData"}}
+    body = {"data": [planted], "fn_index": _fn_index(ui, "read_png"), "session_hash": "s1", "trigger_id": 1}
+    before = _uploads(ui.root)
+    r = ui.http.post("/ui/gradio_api/queue/join", json=body)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"], r.text
+    assert _uploads(ui.root) == before
+    json_type = {"Content-Type": "application/json"}
+    assert ui.http.post("/ui/gradio_api/queue/join", content=b"not json", headers=json_type).status_code == 401
+    status = {"data": [None], "fn_index": _fn_index(ui, "status"), "session_hash": "s1", "trigger_id": 1}
+    assert ui.http.post("/ui/gradio_api/queue/join", json=status).status_code != 401
+    assert ui.http.post("/ui/gradio_api/queue/join", json=body, headers=_pass(ui)).status_code != 401

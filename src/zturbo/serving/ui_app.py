@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import os
 import re
 import secrets
@@ -67,6 +68,10 @@ _OPEN_PATHS = frozenset(
 )  # fmt: skip
 _OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/heartbeat/")
 _UPLOAD_PATH = "/gradio_api/upload"
+_JOIN_PATH = "/gradio_api/queue/join"
+# The handlers a page may run through the queue before it has the pass: none takes a file, so none
+# makes Gradio fetch or store one (it prepares a handler's file inputs before the handler runs).
+_OPEN_HANDLERS = frozenset({"status", "use_key", "apply_preset", "reuse_seed"})
 
 
 def _safe_name(text: object) -> str:
@@ -161,9 +166,19 @@ class _Gate:
     """ASGI middleware: the key (through the session's pass) and the size bounds for requests under
     the UI's mount, and the removal of a job's copies when the API deletes the job."""
 
-    def __init__(self, app: ASGIApp, *, prefix: str, files: _UiFiles, passes: _Passes | None, bounds: tuple[int, int]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        prefix: str,
+        files: _UiFiles,
+        passes: _Passes | None,
+        bounds: tuple[int, int],
+        open_fns: frozenset[int] = frozenset(),
+    ):
         self.app, self.prefix, self.files, self.passes = app, prefix, files, passes
         self.max_upload, self.max_body = bounds
+        self.open_fns = open_fns  # the queue's fn_index of each `_OPEN_HANDLERS` handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"] if scope["type"] == "http" else ""
@@ -175,6 +190,8 @@ class _Gate:
             return
         sub = path[len(self.prefix) :]
         refusal = self._refusal(scope, sub)
+        if refusal is None and sub == _JOIN_PATH and self.passes is not None and not self._has_pass(scope):
+            receive, refusal = await self._join_refusal(receive)
         if refusal is not None:
             status, kind, message = refusal
             await error_response(status, kind, message, Connection="close")(scope, receive, send)
@@ -183,14 +200,35 @@ class _Gate:
         if sub == _UPLOAD_PATH:
             await anyio.to_thread.run_sync(self.files.prune_uploads, UPLOADS_KEPT)
 
+    def _has_pass(self, scope: Scope) -> bool:
+        cookie = dict(scope["headers"]).get(b"cookie", b"").decode("latin-1")
+        return self.passes is not None and self.passes.valid(cookie_parser(cookie).get(PASS_COOKIE, ""))
+
+    async def _join_refusal(self, receive: Receive) -> tuple[Receive, tuple[int, str, str] | None]:
+        """A page without the pass may queue only the handlers it needs before the key is typed; the
+        body (bounded by `_refusal`) is read to see which, then replayed to Gradio."""
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False) and sum(map(len, chunks)) <= self.max_body
+        body = b"".join(chunks)
+        try:
+            fn_index = json.loads(body).get("fn_index")
+        except (ValueError, AttributeError):
+            fn_index = None
+        replay = _replay_once(body, receive)
+        if fn_index in self.open_fns:
+            return replay, None
+        return replay, (401, "unauthorized", "this action of the web UI needs the API key: type it in the page first")
+
     def _refusal(self, scope: Scope, sub: str) -> tuple[int, str, str] | None:
         """Why a request under the mount is refused (status, type, message), or None."""
         headers = dict(scope["headers"])
-        if self.passes is not None and sub not in _OPEN_PATHS and not sub.startswith(_OPEN_PREFIXES):
-            token = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(PASS_COOKIE, "")
-            if not self.passes.valid(token):
-                message = "the web UI's files, uploads and API need the API key: type it in the page first"
-                return 401, "unauthorized", message
+        is_open = sub in _OPEN_PATHS or sub.startswith(_OPEN_PREFIXES)
+        if self.passes is not None and not is_open and not self._has_pass(scope):
+            message = "the web UI's files, uploads and API need the API key: type it in the page first"
+            return 401, "unauthorized", message
         if scope["method"] != "POST":
             return None
         limit = self.max_upload if sub == _UPLOAD_PATH else self.max_body
@@ -213,6 +251,20 @@ class _Gate:
         await self.app(scope, receive, watch)
         if status == 204:
             await anyio.to_thread.run_sync(self.files.forget_job, job_id)
+
+
+def _replay_once(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body read ahead once, then the connection's own messages."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 def _records(jobs: list[dict[str, Any]], files: _UiFiles, key: str | None) -> list[dict[str, Any]]:
@@ -254,7 +306,8 @@ def mount(app: FastAPI, api_base: str, path: str = "/ui") -> FastAPI:
     passes = _Passes() if settings.api_key is not None else None
     demo = build(client, settings.limits, files, passes, cookie_path=path)
     bounds = (settings.max_upload_bytes, settings.max_body_bytes)
-    app.add_middleware(_Gate, prefix=path, files=files, passes=passes, bounds=bounds)
+    open_fns = frozenset(i for i, f in demo.fns.items() if getattr(f, "name", None) in _OPEN_HANDLERS)
+    app.add_middleware(_Gate, prefix=path, files=files, passes=passes, bounds=bounds, open_fns=open_fns)
     _remove_on_stop(app, files)
     # Run history would keep every run's inputs (the typed key among them) in the browser.
     return gr.mount_gradio_app(
