@@ -226,3 +226,21 @@ def test_without_the_key_the_queue_runs_only_the_handlers_the_page_needs_first(u
     status = {"data": [None], "fn_index": _fn_index(ui, "status"), "session_hash": "s1", "trigger_id": 1}
     assert ui.http.post("/ui/gradio_api/queue/join", json=status).status_code != 401
     assert ui.http.post("/ui/gradio_api/queue/join", json=body, headers=_pass(ui)).status_code != 401
+
+
+def test_an_image_fetched_while_its_job_is_deleted_is_not_written_back(tmp_path: Path) -> None:
+    from zturbo.serving.apiclient import ApiError
+    from zturbo.serving.ui_app import _UiFiles
+
+    class Slow:
+        """The API's answer arrives after the job was deleted."""
+
+        def image(self, image_id: str, key: str | None) -> bytes:
+            files.forget_job("job1")
+            return _png("a deleted prompt")
+
+    files = _UiFiles(tmp_path / "ui-files", Slow())  # type: ignore[arg-type]
+    files.reset()
+    with pytest.raises(ApiError, match="deleted"):
+        files.image("job1", {"id": "img1", "seed": 1}, KEY)
+    assert list((tmp_path / "ui-files").rglob("*.png")) == []

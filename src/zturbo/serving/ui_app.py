@@ -86,6 +86,10 @@ class _UiFiles:
         self.root = root
         self.images = root / "images"
         self._client = client
+        # Jobs deleted while this server runs: a fetch that was under way when its job was deleted
+        # must not write the image back (its PNG holds the prompt).
+        self._deleted: set[str] = set()
+        self._lock = threading.Lock()
 
     def reset(self) -> None:
         """Start empty: whatever an earlier run left here is no longer behind any page."""
@@ -100,14 +104,19 @@ class _UiFiles:
         path = folder / f"zturbo-{_safe_name(image.get('seed', 'x'))}-{_safe_name(image['id'])}.png"
         if not path.exists():
             data = self._client.image(image["id"], key)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
-            tmp.write_bytes(data)
-            tmp.replace(path)
+            with self._lock:  # against forget_job: a deleted job's image is never written back
+                if job_id in self._deleted:
+                    raise ApiError(f"job {job_id} was deleted", status=404, kind="not_found")
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
+                tmp.write_bytes(data)
+                tmp.replace(path)
         return str(path)
 
     def forget_job(self, job_id: str) -> None:
-        shutil.rmtree(self.images / _safe_name(job_id), ignore_errors=True)
+        with self._lock:
+            self._deleted.add(job_id)
+            shutil.rmtree(self.images / _safe_name(job_id), ignore_errors=True)
 
     def missing(self) -> str:
         """The picture shown for an image whose file is gone: grey, crossed out."""
