@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidRequestError, ZTurboError
-from .request import FIELDS, GenerateRequest, ModelLimits, convert_fields, field_for
+from .request import GenerateRequest, ModelLimits, convert_fields, field_for
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -32,7 +32,6 @@ log = logging.getLogger("zturbo")
 
 MANIFEST = "manifest.jsonl"
 DEFAULT_MAX_BATCH = 4
-COLUMNS = tuple(f.name for f in FIELDS)  # any alias of the request table names a column too
 
 
 @dataclass

@@ -234,7 +234,7 @@ def _allocator_defaults() -> None:
 def _compile_cache_default() -> None:
     """Inductor's caches default to /tmp; the CLI keeps them with zturbo's cache so restarts reuse
     them, unless the user chose a directory. Worker processes inherit it."""
-    from .tiny import cache_root
+    from .config import cache_root
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 

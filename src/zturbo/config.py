@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InvalidRequestError
 
@@ -35,6 +36,15 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
     "ZTURBO_TEST_STEP_SLEEP": "test hook: seconds a server worker sleeps after each denoising step",
 }
+
+
+def cache_root() -> Path:
+    """ZTURBO_CACHE, else $XDG_CACHE_HOME/zturbo, else ~/.cache/zturbo."""
+    root = env("ZTURBO_CACHE")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zturbo"
 
 
 def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:

@@ -42,9 +42,6 @@ class Limits:
 
 
 LIMITS = Limits()
-MAX_STEPS = LIMITS.steps[1]
-MAX_GUIDANCE = LIMITS.guidance[1]
-MAX_BATCH = LIMITS.images[1]
 SEED_MAX = LIMITS.seed[1]
 
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .config import cache_root
+
 TINY_VERSION = "v3"
 TOKENIZER_VERSION = "v1"
 SHARDS = 3  # the published transformer and text encoder both come in three shards
@@ -160,17 +162,6 @@ CHAT_TEMPLATE = r"""{%- if tools %}
         {{- '<think>\n\n</think>\n\n' }}
     {%- endif %}
 {%- endif %}"""  # noqa: E501 (Qwen's template text, lines as published)
-
-
-def cache_root() -> Path:
-    """ZTURBO_CACHE, else $XDG_CACHE_HOME/zturbo, else ~/.cache/zturbo."""
-    from .config import env
-
-    root = env("ZTURBO_CACHE")
-    if root:
-        return Path(root).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "zturbo"
 
 
 def ensure_tiny_checkpoint() -> Path:

@@ -75,13 +75,6 @@ def random_components(device: torch.device, dtype: torch.dtype, tiny: bool) -> C
     return Components(transformer, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG))
 
 
-def random_module(build: Callable[[], torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> Any:
-    """One module with random weights (seed 0) built directly on `device` in `dtype`, for inference."""
-    with _building(device, dtype):
-        module = build()
-    return module.eval().requires_grad_(False)
-
-
 @contextlib.contextmanager
 def _building(device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
     """Modules created inside draw their random weights from seed 0, directly on `device` in `dtype`."""

@@ -409,29 +409,30 @@ class EdgeLimits:
         if not self.read_body or scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
             await self.app(scope, receive, send)
             return
-        body = await self._read_body(receive)
+        body = await read_body(receive, self.max_body)
         if body is None:
             message = f"the request body is larger than {self.max_body} bytes, the most this server accepts"
             await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None once the bytes received pass the limit."""
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break  # the client went away; the app sees an empty body
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return None
-            more = message.get("more_body", False)
-        return b"".join(chunks)
+        await self.app(scope, replay_body(body, receive), send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once the bytes received pass the limit."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away; the app sees an empty body
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay_body(body: bytes, receive: Receive) -> Receive:
     """A receive that gives the buffered body once, then the connection's own messages (disconnect)."""
     sent = False
 

@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..request import FIELD, ModelLimits
 from .apiclient import ApiClient, ApiError
-from .app import error_response
+from .app import error_response, read_body, replay_body
 from .ui import (
     CUSTOM,
     FORM_KEYS,
@@ -216,17 +216,12 @@ class _Gate:
     async def _join_refusal(self, receive: Receive) -> tuple[Receive, tuple[int, str, str] | None]:
         """A page without the pass may queue only the handlers it needs before the key is typed; the
         body (bounded by `_refusal`) is read to see which, then replayed to Gradio."""
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False) and sum(map(len, chunks)) <= self.max_body
-        body = b"".join(chunks)
+        body = await read_body(receive, self.max_body) or b""
         try:
             fn_index = json.loads(body).get("fn_index")
         except (ValueError, AttributeError):
             fn_index = None
-        replay = _replay_once(body, receive)
+        replay = replay_body(body, receive)
         if fn_index in self.open_fns:
             return replay, None
         return replay, (401, "unauthorized", "this action of the web UI needs the API key: type it in the page first")
@@ -260,20 +255,6 @@ class _Gate:
         await self.app(scope, receive, watch)
         if status == 204:
             await anyio.to_thread.run_sync(self.files.forget_job, job_id)
-
-
-def _replay_once(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the body read ahead once, then the connection's own messages."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replay
 
 
 def _records(jobs: list[dict[str, Any]], files: _UiFiles, key: str | None) -> list[dict[str, Any]]:
