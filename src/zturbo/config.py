@@ -31,6 +31,7 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_MEMORY": "where the weights live: auto or a plan name (--memory)",
     "ZTURBO_VRAM_BUDGET": "GiB of GPU memory zturbo may use (--vram-budget)",
     "ZTURBO_MAX_PIXELS": "the largest width x height accepted (--max-pixels)",
+    "ZTURBO_LORA_DIR": "the LoRA directory requests name their LoRAs in (--lora-dir)",
     "ZTURBO_CACHE": "zturbo's cache: the tiny checkpoint, its tokenizer files, the CLI's Inductor cache",
     "ZTURBO_API_KEY": "zturbo serve: the bearer key every API call must send (--api-key)",
     "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
@@ -45,6 +46,11 @@ def cache_root() -> Path:
         return Path(root).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "zturbo"
+
+
+def default_lora_dir() -> Path:
+    """Where LoRA names resolve when neither --lora-dir nor ZTURBO_LORA_DIR says."""
+    return cache_root() / "loras"
 
 
 def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -78,6 +84,10 @@ class RuntimeConfig:
     memory: str = "auto"
     # GiB of GPU memory zturbo may use (enforced on CUDA); None = what is free.
     vram_budget: float | None = None
+    # Where LoRA names resolve (None = default_lora_dir()); whether a name may also be a file path
+    # (the CLI and the library: yes; the server: no, clients name files in the directory only).
+    lora_dir: str | None = None
+    lora_paths: bool = True
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
@@ -106,7 +116,7 @@ class RuntimeConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
         """Defaults, then ZTURBO_<FIELD> for each field (e.g. ZTURBO_MEMORY), then explicit overrides."""
         values: dict[str, object] = {}
-        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling", "memory"):
+        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling", "memory", "lora_dir"):
             text = env(f"ZTURBO_{field.upper()}", environ)
             if text:
                 values[field] = text

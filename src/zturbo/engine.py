@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -23,7 +24,9 @@ from .accel import compile as accel_compile
 from .accel.compile import Accel, AccelOptions, compile_errors, resolve_compile
 from .accel.graphs import EncoderGraphs, StepGraphs
 from .accel.quantize import check_quantize, quantize_transformer
-from .config import RuntimeConfig
+from .adapters.library import LoraLibrary
+from .adapters.merge import BaseReader, LoraMerger
+from .config import RuntimeConfig, default_lora_dir
 from .device import (
     GIB,
     apply_vram_budget,
@@ -39,7 +42,16 @@ from .device import (
 )
 from .errors import GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
-from .loader import Components, ModelSource, fingerprint, load_components, resolve_model
+from .loader import (
+    WEIGHT_STEMS,
+    Components,
+    ModelSource,
+    fingerprint,
+    load_components,
+    resolve_model,
+    tensor_reader,
+    weight_files,
+)
 from .memory.placement import Placement, homes, set_vae_tiling
 from .memory.plan import (
     SPEED_ORDER,
@@ -78,6 +90,9 @@ T = TypeVar("T")
 # A step graph's pool against the planner's activation estimate of one pass (H100: 0.50 GiB
 # reserved at 1024² against an estimate of 0.36 GiB).
 STEP_POOL_FACTOR = 1.5
+# LoRA base copies go to the device (switches at memory speed) only when this much stays free
+# beyond the copies of every block linear; otherwise to pinned host memory.
+LORA_DEVICE_RESERVE = 16 * GIB
 Embeds = list[torch.Tensor]
 
 
@@ -112,6 +127,10 @@ class Engine:
             self.guard = install_fp16_guard(components.transformer)
         self.placement = Placement(components, device, layout or Layout())
         self.set_vae_tiling(self.placement.layout.vae_tiling)
+        self.loras = LoraLibrary(default_lora_dir(), allow_paths=True)
+        self.merger: LoraMerger | None = None  # made on the first request with a LoRA
+        # The plain transformer weights by key: where a quantized weight's LoRA merge starts from.
+        self.base_reader: BaseReader | None = None
 
     # -----------------------------------------------------------------------------------------
     # Loading
@@ -143,6 +162,10 @@ class Engine:
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
+        lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
+        engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths)
+        t_files = weight_files(source.path / "transformer", WEIGHT_STEMS["transformer"])
+        engine.base_reader = tensor_reader(t_files, dtypes["transformer"])
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))
         options = AccelOptions(
             compile=compile_ and compilable(layout.plan), quantize=layout.quantize, fuse=fusable(layout.plan)
@@ -233,6 +256,9 @@ class Engine:
     ) -> GenerateResult:
         timings: dict[str, float] = {}
         tick = time.perf_counter()
+        loras = self._use_loras(req)  # first: a bad LoRA is refused before any GPU work
+        timings["lora_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
         cond, uncond, early, warnings = self._encode(req)
         timings["encode_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -253,7 +279,7 @@ class Engine:
         with self._stage("finish"):
             pixels = to_uint8(image)
             timings["denoise_decode_s"] = time.perf_counter() - tick
-            return GenerateResult(self._package(req, pixels), req, timings, warnings)
+            return GenerateResult(self._package(req, pixels, loras), req, timings, warnings)
 
     def _encode(self, req: GenerateRequest) -> tuple[Embeds, Embeds | None, tuple[Embeds, int] | None, list[str]]:
         """(cond, uncond or None, seed variety's (early embeddings, steps) or None, warnings)."""
@@ -301,7 +327,57 @@ class Engine:
                 denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, forward
             )
 
-    def _package(self, req: GenerateRequest, pixels: torch.Tensor) -> list[GeneratedImage]:
+    def _use_loras(self, req: GenerateRequest) -> list[dict[str, Any]]:
+        """Merge the request's LoRA set (a no-op when it is the current one; the base weights
+        when it is empty); returns each LoRA's name, weight and sha256 for the metadata."""
+        if not req.loras and self.merger is None:
+            return []
+        files = [self.loras.resolve(ref.name) for ref in req.loras]
+        weights = [ref.weight for ref in req.loras]
+        parsed = [self.loras.load(f, self.lora_targets) for f in files]
+        key = tuple((f.sha256, w) for f, w in zip(files, weights, strict=True))
+        self._lora_merger().apply(list(zip(parsed, weights, strict=True)), key)
+        return [{"name": f.name, "weight": w, "sha256": f.sha256} for f, w in zip(files, weights, strict=True)]
+
+    @functools.cached_property
+    def lora_targets(self) -> dict[str, tuple[int, int]]:
+        """The transformer's linears and their shapes: what a LoRA file's keys must map onto."""
+        from .adapters.formats import linear_targets
+
+        return linear_targets(self.components.transformer)
+
+    def _lora_merger(self) -> LoraMerger:
+        if self.merger is None:
+            guard = self.guard
+            self.merger = LoraMerger(
+                self.components.transformer,
+                self.device,
+                self.placement,
+                quantize=self.accel.quantize,
+                base_reader=self.base_reader,
+                scales={id(linear): factor for linear, _, factor in guard.scaled} if guard else {},
+                backup_device=self._lora_backup_device(),
+            )
+        return self.merger
+
+    def _lora_backup_device(self) -> torch.device:
+        """The device where a resident, unbudgeted transformer leaves room for a copy of all its
+        block linears plus LORA_DEVICE_RESERVE; the host otherwise."""
+        if self.device.type != "cuda" or self.placement.plan != "resident" or budget_fraction(self.device) < 1.0:
+            return torch.device("cpu")
+        from .accel.quantize import is_block_linear
+
+        linears = [m for n, m in self.components.transformer.named_modules() if is_block_linear(m, n)]
+        need = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        return self.device if free_device_memory(self.device) - need >= LORA_DEVICE_RESERVE else torch.device("cpu")
+
+    def _forget_loras(self) -> None:
+        """Base weights back before a recovery casts or moves them; the next request merges again."""
+        if self.merger is not None:
+            self.merger.forget()
+            self.merger = None
+
+    def _package(self, req: GenerateRequest, pixels: torch.Tensor, loras: list[dict[str, Any]]) -> list[GeneratedImage]:
         from PIL import Image
 
         from .imageio import build_metadata
@@ -311,6 +387,7 @@ class Engine:
             meta = build_metadata(
                 req, spec.prompt, spec.negative_prompt, spec.seed, self.model, self.runtime(), spec.variation_seed
             )
+            meta["loras"] = loras
             image = GeneratedImage(
                 Image.fromarray(array), spec.seed, spec.prompt, spec.negative_prompt, meta, spec.variation_seed
             )
@@ -354,6 +431,8 @@ class Engine:
             )
         record = {"component": err.component, "from": dtype_name(current), "to": dtype_name(target)}
         record["reason"] = err.reason
+        if err.component == "transformer":
+            self._forget_loras()
         log.warning("%s: %s in %s; re-running in %s", err.component, err.reason, record["from"], record["to"])
         with self.placement.paused():  # streamed weights are cast at home, then streamed again
             if err.component == "transformer" and self.guard is not None:
@@ -370,6 +449,7 @@ class Engine:
         target = leaner(replace(self.placement.layout, quantize=self.accel.quantize))
         if target is None:
             raise self._out_of_memory(req, reason)
+        self._forget_loras()
         release_cached_memory(self.device)
         before = self.placement.describe()
         if target.plan in ("block-offload", "sequential") and self.accel.compiling:

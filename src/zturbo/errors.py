@@ -95,6 +95,13 @@ class JobConflictError(ZTurboError):
     kind = "conflict"
 
 
+class LoraError(InvalidRequestError):
+    """A LoRA that cannot be used: not found, outside the LoRA directory, made for another model,
+    or with keys that do not map onto the transformer; the message names the file and the keys."""
+
+    kind = "invalid_lora"
+
+
 class FieldError(InvalidRequestError):
     """Bad input in one named field."""
 
@@ -123,7 +130,13 @@ class SyncTimeoutError(ZTurboError):
 class JobFailedError(ZTurboError):
     """A synchronous (OpenAI-style) request whose job failed; status follows the job's error."""
 
-    STATUS: ClassVar[dict[str, int]] = {"out_of_memory": 507, "timeout": 504, "invalid_request": 400, "cancelled": 409}
+    STATUS: ClassVar[dict[str, int]] = {
+        "out_of_memory": 507,
+        "timeout": 504,
+        "invalid_request": 400,
+        "invalid_lora": 400,
+        "cancelled": 409,
+    }
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)

@@ -234,6 +234,27 @@ def load_weights(
     module.eval().requires_grad_(False)
 
 
+def tensor_reader(files: list[Path], dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+    """Read one tensor of a component's weights by key, cast to `dtype` as `load_weights` casts it
+    (what merging a LoRA into a quantized weight starts from). The key index is built on first use."""
+    index: dict[str, Path] = {}
+
+    def read(key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if not index:
+            for path in files:
+                with safe_open(str(path), framework="pt", device="cpu") as f:
+                    index.update(dict.fromkeys(f.keys(), path))
+        if key not in index:
+            raise CheckpointError(f"{files[0].parent}: no tensor {key!r} in the weights")
+        with safe_open(str(index[key]), framework="pt", device="cpu") as f:
+            tensor = f.get_tensor(key)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    return read
+
+
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
     owner_name, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module

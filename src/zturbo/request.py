@@ -39,6 +39,9 @@ class Limits:
     # Image i uses seed + i (or variation seed + i), so the last image's seed must fit too.
     seed: tuple[int, int] = (0, 2**63 - 1)
     fraction: tuple[float, float] = (0.0, 1.0)
+    loras: int = 8  # LoRAs per request
+    lora_weight: tuple[float, float] = (-10.0, 10.0)
+    lora_name_chars: int = 255
 
 
 LIMITS = Limits()
@@ -53,7 +56,7 @@ class ModelLimits:
     max_pixels: int
 
 
-TEXT, WHOLE, NUMBER, SEEDS = "text", "whole number", "number", "seed list"
+TEXT, WHOLE, NUMBER, SEEDS, LORAS = "text", "whole number", "number", "seed list", "LoRA list"
 # Text values are read as ASCII only: int() and float() would also take full-width and other
 # scripts' digits and underscores. "nan" and "inf" read as numbers, so `create` refuses them with
 # the same message at every door.
@@ -100,12 +103,15 @@ class Field:
             return f"1..{limits.images[1]} seeds, each {limits.seed[0]}..{limits.seed[1]}"
         if self.bounds == "fraction>0":
             return "above 0 up to 1"
+        if self.bounds == "loras":
+            lo, hi = limits.lora_weight
+            return f"up to {limits.loras} LoRAs as NAME[:WEIGHT], each weight {lo:g}..{hi:g}"
         lo, hi = self.range(limits) or (0, 0)
         return f"{lo:g}..{hi:g}" if self.kind == NUMBER else f"{lo}..{hi}"
 
     def from_text(self, value: object) -> object:
         """A door's text value as this field's type (non-text values pass on: `create` checks them)."""
-        if not isinstance(value, str) or self.kind in (TEXT, SEEDS):
+        if not isinstance(value, str) or self.kind in (TEXT, SEEDS, LORAS):
             return value
         text = value.strip(" \t")
         pattern = _WHOLE_TEXT if self.kind == WHOLE else _NUMBER_TEXT
@@ -142,6 +148,9 @@ FIELDS: tuple[Field, ...] = (
           a1111="Seed variety"),
     Field("variety_until", NUMBER, DEFAULT_VARIETY_UNTIL, "fraction>0",
           "fraction of the steps that see the noisy embedding", "--variety-until", a1111="Seed variety until"),
+    Field("loras", LORAS, (), "loras",
+          "LoRAs merged into the transformer: NAME[:WEIGHT] (weight 1 by default), comma-separated in text",
+          "--lora", aliases=("lora",)),
 )  # fmt: skip
 FIELD = {f.name: f for f in FIELDS}
 SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" or "auto": sets width and height
@@ -215,6 +224,18 @@ def _relabel(err: FieldError, given: Mapping[str, str]) -> FieldError:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a request: a name in the LoRA directory (or, where the library allows paths,
+    a file path) and its weight. `adapters.library` resolves the name; `create` checks the form."""
+
+    name: str
+    weight: float = 1.0
+
+    def text(self) -> str:
+        return f"{self.name}:{self.weight:g}"
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     """What differs between the images of one request: texts and seeds.
 
@@ -251,6 +272,7 @@ class GenerateRequest:
     variety: float = 0.0  # seed-variety strength; 0 = the plain image
     variety_until: float = DEFAULT_VARIETY_UNTIL
     variation_seed: int | None = None  # as given or drawn; images use it only with a strength above 0
+    loras: tuple[LoraRef, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.images:  # built directly rather than by `create`: image i uses seed + i
@@ -279,6 +301,7 @@ class GenerateRequest:
             self.variation_strength,
             self.variety,
             self.variety_until,
+            self.loras,
         )
 
     @classmethod
@@ -290,7 +313,7 @@ class GenerateRequest:
         first = requests[0]
         for other in requests[1:]:
             if other.shared() != first.shared():
-                raise ValueError("combined requests must share size, steps, guidance and noise settings")
+                raise ValueError("combined requests must share size, steps, guidance, noise settings and LoRAs")
         specs = tuple(spec for r in requests for spec in r.images)
         return dataclasses.replace(
             first,
@@ -320,6 +343,7 @@ class GenerateRequest:
         variation_strength: float = 0.0,
         variety: float = 0.0,
         variety_until: float = DEFAULT_VARIETY_UNTIL,
+        loras: str | Sequence[LoraRef | str | Mapping[str, Any] | tuple[str, float]] | None = None,
     ) -> GenerateRequest:
         """The one validator: every door's request passes here; errors name the field, value and range."""
         prompts = _prompts(prompt)
@@ -331,6 +355,7 @@ class GenerateRequest:
         strength = _check_fraction("variation_strength", variation_strength)
         variety = _check_fraction("variety", variety)
         variety_until = _check_fraction("variety_until", variety_until, above_zero=True)
+        lora_refs = parse_loras(loras)
         seed_list = _seed_list(seeds, seed, batch)
         per_prompt = len(seed_list) if seed_list is not None else batch
         total = len(prompts) * per_prompt
@@ -351,7 +376,7 @@ class GenerateRequest:
         return cls(
             prompts, negatives, seed, steps, guidance, width, height, per_prompt, seed_was_random,
             images=specs, seeds=seed_list, variation_strength=strength, variety=variety,
-            variety_until=variety_until, variation_seed=variation_seed,
+            variety_until=variety_until, variation_seed=variation_seed, loras=lora_refs,
         )  # fmt: skip
 
     @classmethod
@@ -393,6 +418,7 @@ class GenerateRequest:
             "variety": self.variety,
             "variety_until": self.variety_until,
             "seed_was_random": self.seed_was_random,
+            "loras": [dataclasses.asdict(ref) for ref in self.loras],
             "images": [dataclasses.asdict(spec) for spec in self.images],
         }
 
@@ -416,6 +442,7 @@ class GenerateRequest:
             variety=data["variety"],
             variety_until=data["variety_until"],
             variation_seed=data["variation_seed"],
+            loras=tuple(LoraRef(**ref) for ref in data.get("loras", ())),
         )
 
 
@@ -443,6 +470,71 @@ def _specs(
             else:
                 specs.append(ImageSpec(prompt, negative, seed + k))
     return tuple(specs)
+
+
+def parse_loras(value: object) -> tuple[LoraRef, ...]:
+    """A door's LoRA list -> LoraRefs: text `"a:0.7, b"`, or a list of such texts, `{name, weight}`
+    mappings, (name, weight) pairs or LoraRefs. Checks the form, count, weights and duplicates;
+    whether a name exists is the LoRA library's question."""
+    if value is None or value == "":
+        return ()
+    items = [t for t in value.split(",") if t.strip(" \t")] if isinstance(value, str) else value
+    if isinstance(items, Mapping) or not isinstance(items, Sequence):
+        raise FieldError("loras", f"loras must be a list of NAME[:WEIGHT] or {{name, weight}}; got {value!r}")
+    refs = tuple(_lora_ref(i, item) for i, item in enumerate(items))
+    most = LIMITS.loras
+    if len(refs) > most:
+        raise FieldError("loras", f"{len(refs)} LoRAs given; allowed at most {most}")
+    names = [r.name for r in refs]
+    for name in names:
+        if names.count(name) > 1:
+            raise FieldError("loras", f"LoRA {name!r} is given twice; give each once with its weight")
+    return refs
+
+
+def _lora_ref(i: int, item: object) -> LoraRef:
+    where = f"loras.{i}"
+    if isinstance(item, LoraRef):
+        name, weight = item.name, item.weight
+    elif isinstance(item, str):
+        name, weight = _lora_text(where, item)
+    elif isinstance(item, Mapping):
+        unknown = set(item) - {"name", "weight"}
+        if unknown or "name" not in item:
+            raise FieldError(where, f"{where} must be {{name, weight}}; got keys {sorted(map(str, item))}")
+        name, weight = item["name"], item.get("weight", 1.0)
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        name, weight = item
+    else:
+        raise FieldError(where, f"{where} must be NAME[:WEIGHT] or {{name, weight}}; got {item!r}")
+    return LoraRef(_check_lora_name(where, name), _check_lora_weight(where, weight))
+
+
+def _lora_text(where: str, text: str) -> tuple[str, float]:
+    """`name:0.7` -> (name, 0.7); a tail that is not a number stays part of the name (`C:/x`)."""
+    text = text.strip(" \t")
+    head, colon, tail = text.rpartition(":")
+    if colon and _NUMBER_TEXT.fullmatch(tail.strip(" \t")):
+        return head.strip(" \t"), float(tail)
+    return text, 1.0
+
+
+def _check_lora_name(where: str, name: object) -> str:
+    most = LIMITS.lora_name_chars
+    if not isinstance(name, str) or not name.strip() or len(name) > most:
+        raise FieldError(where, f"{where}: LoRA name must be 1..{most} characters of text; got {name!r}")
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise FieldError(where, f"{where}: LoRA name {name!r} contains control characters")
+    return name
+
+
+def _check_lora_weight(where: str, weight: object) -> float:
+    lo, hi = LIMITS.lora_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise FieldError(where, f"{where}: LoRA weight must be a number {lo:g}..{hi:g}; got {weight!r}")
+    if not lo <= weight <= hi:
+        raise FieldError(where, f"{where}: LoRA weight {weight} is out of range; allowed {lo:g}..{hi:g}")
+    return float(weight)
 
 
 def _ascii_int(text: str) -> int:

@@ -93,6 +93,22 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     setattr(transformer, QUANTIZED, mode)
 
 
+def requantize_(weight: torch.Tensor, plain: torch.Tensor, mode: str) -> None:
+    """Quantize `plain` as `quantize_transformer` does and copy the result into the quantized
+    `weight`'s own tensors, in place: compiled code and CUDA graphs keep reading the same memory."""
+    from torchao import quantization as tq
+
+    linear = torch.nn.Linear(plain.shape[1], plain.shape[0], bias=False, device=plain.device, dtype=plain.dtype)
+    linear.weight = torch.nn.Parameter(plain, requires_grad=False)
+    tq.quantize_(linear, _torchao_config(tq, mode))
+    fresh = linear.weight
+    names, _ = weight.__tensor_flatten__()
+    if fresh.__tensor_flatten__()[0] != names:
+        raise TypeError(f"re-quantizing gave {type(fresh).__name__}, the weight is {type(weight).__name__}")
+    for name in names:
+        getattr(weight, name).copy_(getattr(fresh, name))
+
+
 def _torchao_config(tq: Any, mode: str) -> Any:
     # set_inductor_config=False: by default each config switches on Inductor's coordinate-descent
     # tuning process-wide, and every Triton kernel compiled afterwards (the fp8 blocks, the VAE

@@ -143,6 +143,26 @@ class Placement:
         yield
         self.change(self.layout)
 
+    def weight_homes(self, module: torch.nn.Module, name: str) -> list[torch.Tensor]:
+        """Every tensor holding the value of `module`'s parameter `name`, for an in-place edit:
+        a streamed block's host copy (its device slot is refilled from it), else the parameter
+        itself, plus group offloading's pinned copy under the sequential plan."""
+        for streamer in self.streamers.values():
+            view = streamer.host_view(module, name)
+            if view is not None:
+                return [view]
+        param = getattr(module, name)
+        homes = [param.data]
+        offloaded = _group_offload_copy(module, param)
+        if offloaded is not None and offloaded.data_ptr() != param.data_ptr():
+            homes.append(offloaded)
+        return homes
+
+    def weights_changed(self) -> None:
+        """After in-place edits through `weight_homes`: streamed copies are refreshed before use."""
+        for streamer in self.streamers.values():
+            streamer.invalidate()
+
     def stage(self, name: str) -> None:
         """Before `name` (encode, denoise, decode): under model-offload, only its module on the
         device; under te-offload, the shared memory starts filling for what comes next."""
@@ -243,6 +263,16 @@ def streamed_positions(total: int, streamed: int) -> list[int]:
     overlap them and the link idles for the rest (docs/performance.md has both measured).
     """
     return [(2 * i + 1) * total // (2 * streamed) for i in range(streamed)] if streamed else []
+
+
+def _group_offload_copy(module: torch.nn.Module, param: torch.Tensor) -> torch.Tensor | None:
+    """The pinned CPU copy diffusers' group offloading (with streams) restores `param` from after
+    each use, if `module` is offloaded that way: edits must reach it too."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook("group_offloading") if registry is not None else None
+    group = getattr(hook, "group", None)
+    copies = getattr(group, "cpu_param_dict", None) or {}
+    return copies.get(param)
 
 
 def _move_all_but(module: torch.nn.Module, skip: tuple[str, ...], device: torch.device) -> None:

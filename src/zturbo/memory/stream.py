@@ -81,6 +81,21 @@ class BlockStreamer:
         self.blocks.clear()
         self.slots.clear()
 
+    def host_view(self, module: torch.nn.Module, name: str) -> torch.Tensor | None:
+        """The host copy of `module`'s tensor `name` if a streamed block holds it (what to edit:
+        the device slot is refilled from it)."""
+        for b in self.blocks:
+            for t in b.tensors:
+                if t.module is module and t.name == name:
+                    return _view(b.host, t)
+        return None
+
+    def invalidate(self) -> None:
+        """Host copies changed: every block is copied in again before it next runs."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.owner = [None, None]
+
     # -- packing -------------------------------------------------------------------------------
 
     def _pack(self, module: torch.nn.Module, slot: int, size: int) -> _Block:
@@ -198,6 +213,20 @@ class SharedArena:
             for t in entries:
                 _set(t, _view(self.hosts[name], t))
         self.tensors.clear()
+
+    def host_view(self, module: torch.nn.Module, name: str) -> torch.Tensor | None:
+        """As `BlockStreamer.host_view`."""
+        for group, entries in self.tensors.items():
+            for t in entries:
+                if t.module is module and t.name == name:
+                    return _view(self.hosts[group], t)
+        return None
+
+    def invalidate(self) -> None:
+        """Host copies changed: the arena is filled again before its next use."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        self.holder = None
 
     def _before(self, name: str) -> Any:
         def hook(_module: torch.nn.Module, _args: Any) -> None:
