@@ -109,8 +109,10 @@ def _randn(gen: torch.Generator, *shape: int, std: float, dtype: torch.dtype) ->
     return (torch.randn(*shape, generator=gen) * std).to(dtype)
 
 
-def _lora_pair(gen: torch.Generator, out: int, inp: int, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    std = math.sqrt(DELTA_STD / math.sqrt(rank))  # up @ down has std std² * sqrt(rank)
+def _lora_pair(
+    gen: torch.Generator, out: int, inp: int, rank: int, dtype: torch.dtype, scale: float = 1.0
+) -> tuple[torch.Tensor, ...]:
+    std = math.sqrt(DELTA_STD / (math.sqrt(rank) * scale))  # scale * up @ down has std scale * std² * sqrt(rank)
     return _randn(gen, rank, inp, std=std, dtype=dtype), _randn(gen, out, rank, std=std, dtype=dtype)
 
 
@@ -169,7 +171,7 @@ def _plain_lora(
     tensors, expected = {}, {}
     scale = 1.0 if alpha is None else alpha / rank
     for module, (out, inp) in targets.items():
-        down, up = _lora_pair(gen, out, inp, rank, dtype)
+        down, up = _lora_pair(gen, out, inp, rank, dtype, scale)
         base = rename(module)
         tensors[base + names[0]], tensors[base + names[1]] = down, up
         if alpha is not None:
@@ -244,7 +246,7 @@ def _fused(
     scale = 1.0 if alpha is None else alpha / rank
     for block in sorted(fused):
         outs = [targets[f"{block}.to_{p}"][0] for p in "qkv"]
-        down, up = _lora_pair(gen, sum(outs), targets[f"{block}.to_q"][1], rank, dtype)
+        down, up = _lora_pair(gen, sum(outs), targets[f"{block}.to_q"][1], rank, dtype, scale)
         base = rename(f"{block}.qkv")
         tensors[base + names[0]], tensors[base + names[1]] = down, up
         if alpha is not None:
@@ -274,21 +276,22 @@ def _write_lokr(fmt, targets, gen, rank, alpha, dtype):
     for module, (out, inp) in targets.items():
         (a, b), (c, d) = factor(out), factor(inp)
         base = rename(module)
-        w1 = _factor(gen, tensors, base + ".lokr_w1", a, c, rank, fmt == "lokr-kohya", dtype)
         # LyCORIS (and peft) store w2 decomposed only where the rank is below half its larger side.
         split_w2 = fmt == "lokr-kohya" or (fmt == "lokr" and rank < max(b, d) / 2)
-        w2 = _factor(gen, tensors, base + ".lokr_w2", b, d, rank, split_w2, dtype)
-        decomposed = split_w2 or fmt == "lokr-kohya"
-        scale = alpha / rank if decomposed and alpha is not None else 1.0  # full factors: no alpha
+        scale = alpha / rank if split_w2 and alpha is not None else 1.0  # full factors: no alpha
+        std = math.sqrt(DELTA_STD / scale)  # kron's entries are products of one entry of each factor
+        w1 = _factor(gen, tensors, base + ".lokr_w1", (a, c), rank, fmt == "lokr-kohya", std, dtype)
+        w2 = _factor(gen, tensors, base + ".lokr_w2", (b, d), rank, split_w2, std, dtype)
         if alpha is not None:
             tensors[base + ".alpha"] = torch.tensor(float(alpha))
         expected[module] = torch.kron(w1, w2) * scale
     return tensors, {}, expected
 
 
-def _factor(gen, tensors, key: str, rows: int, cols: int, rank: int, decompose: bool, dtype) -> torch.Tensor:
-    """Store one Kronecker factor (full, or `_a @ _b` of rank `rank`); return it multiplied out in fp32."""
-    std = math.sqrt(DELTA_STD)  # kron's entries are products of one entry of each factor
+def _factor(gen, tensors, key: str, shape: tuple[int, int], rank: int, decompose: bool, std: float, dtype):
+    """Store one Kronecker factor (full, or `_a @ _b` of rank `rank`) of entries ~ N(0, std²);
+    return it multiplied out in fp32."""
+    rows, cols = shape
     if not decompose:
         tensors[key] = _randn(gen, rows, cols, std=std, dtype=dtype)
         return tensors[key].float()
@@ -300,7 +303,8 @@ def _factor(gen, tensors, key: str, rows: int, cols: int, rank: int, decompose: 
 
 def _write_loha(fmt, targets, gen, rank, alpha, dtype):
     tensors, expected = {}, {}
-    std = (DELTA_STD / rank) ** 0.25  # (w1_a @ w1_b) * (w2_a @ w2_b) has std std⁴ * rank
+    scale = 1.0 if alpha is None else alpha / rank
+    std = (DELTA_STD / (rank * scale)) ** 0.25  # (w1_a @ w1_b) * (w2_a @ w2_b) has std std⁴ * rank
     for module, (out, inp) in targets.items():
         base = kohya_name(module)
         w = {
@@ -313,7 +317,6 @@ def _write_loha(fmt, targets, gen, rank, alpha, dtype):
             )
         }
         tensors.update({f"{base}.hada_{k}": v for k, v in w.items()})
-        scale = 1.0 if alpha is None else alpha / rank
         if alpha is not None:
             tensors[base + ".alpha"] = torch.tensor(float(alpha))
         f = {k: v.float() for k, v in w.items()}

@@ -64,7 +64,7 @@ _TEXT_ENCODER = re.compile(r"^(base_model\.model\.)?(lora_te\d*_|text_encoders?(
 # Order matters: Chroma and HunyuanVideo share FLUX's block names, SDXL shares SD 1.x's.
 _LOOKALIKES = (
     ("Chroma", r"distilled_guidance_layer", r"chroma"),
-    ("HunyuanVideo", r"token_refiner|[._]img_attn_qkv\b|[._]txt_attn_qkv\b", r"hunyuan"),
+    ("HunyuanVideo", r"token_refiner|\.img_attn_qkv\b|\.txt_attn_qkv\b", r"hunyuan"),
     ("FLUX.1", r"double_blocks|single_blocks|single_transformer_blocks", r"flux"),
     ("SD3", r"joint_blocks|context_block", r"sd3|stable-diffusion-3"),
     ("Qwen-Image", r"img_mlp|txt_mlp|img_mod|txt_mod", r"qwen[-_ ]?image"),
@@ -282,12 +282,16 @@ def _metadata_hint(metadata: Mapping[str, str]) -> tuple[str, str] | None:
 
 
 def _refuse_lookalike(keys: list[str], metadata: Mapping[str, str], name: str) -> None:
+    """Refuse keys only another model has. Models that share key names (FLUX.1 and HunyuanVideo in
+    kohya spelling) are told apart by the metadata where it names one."""
     for model, pattern, _ in _LOOKALIKES:
         hits = [k for k in keys if re.search(pattern, k)]
         if hits:
+            hint = _metadata_hint(metadata)
+            said = f"; its metadata says {hint[1]}" if hint else ""
             raise LoraError(
-                f"{name} looks like a LoRA for {model} (keys like {_examples(hits)}), not Z-Image; "
-                "zturbo applies Z-Image-Turbo LoRAs only"
+                f"{name} looks like a LoRA for {hint[0] if hint else model} (keys like {_examples(hits)}{said}), "
+                "not Z-Image; zturbo applies Z-Image-Turbo LoRAs only"
             )
 
 
@@ -469,13 +473,17 @@ def _check_shapes(
         return
     dim = next((shape[1] for module, shape in targets.items() if module.endswith(".attention.to_q")), None)
     widths = [shape[1] for group, shape, _ in wrong if ".attention." in (group.module or "")]
-    shown = "; ".join(f"{g.keys()[0]} gives {s[0]}x{s[1]}, {g.module} is {w[0]}x{w[1]}" for g, s, w in wrong[:3])
+    shown = "; ".join(f"{_shapes(g)} give {s[0]}x{s[1]}, {g.module} is {w[0]}x{w[1]}" for g, s, w in wrong[:3])
     if widths and dim is not None and widths[0] != dim:
         message = f"{name}: its shapes fit a model {widths[0]} wide, Z-Image-Turbo is {dim} ({shown})"
     else:
         message = f"{name}: {len(wrong)} modules' shapes do not fit Z-Image's transformer: {shown}"
     hint = _metadata_hint(metadata)
     raise LoraError(message + (f"; its metadata says it was made for {hint[0]} ({hint[1]})" if hint else ""))
+
+
+def _shapes(group: _Group) -> str:
+    return " and ".join(f"{key} {tuple(t.shape)}" for key, t in sorted(group.roles.values()) if key and t.ndim)
 
 
 @dataclass(frozen=True)
