@@ -1,0 +1,216 @@
+"""The LoRA directory: names -> files (never outside it), hashes, and a bounded cache of parsed files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ..errors import LoraError
+from .formats import ParsedLora, parse, read_file
+
+DEFAULT_CACHE_BYTES = 2 * 1024**3  # parsed LoRAs kept in host memory (least recently used goes first)
+SHORT_HASH = 10  # hex digits of the sha256 model sites and A1111's "Lora hashes" show (Civitai AutoV2)
+SUFFIX = ".safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+SHOWN_NAMES = 10  # available names a "not found" error lists
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str  # as the request names it: relative to the directory, with its suffix
+    path: Path
+    size: int
+    mtime_ns: int
+    sha256: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:SHORT_HASH]
+
+
+def sha256_file(path: Path) -> str:
+    """The whole file's sha256, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LoraLibrary:
+    """LoRA files of one directory; with `allow_paths` (the CLI and the Python API), a name may
+    also be a path to a file anywhere."""
+
+    def __init__(self, directory: Path, *, allow_paths: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be 0 or more, not {cache_bytes}")
+        self.directory = Path(directory)
+        self.allow_paths = allow_paths
+        self.cache_bytes = cache_bytes
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._digests: dict[str, tuple[int, int, str]] = {}  # real path -> (size, mtime_ns, sha256)
+        self._parsed: OrderedDict[tuple[object, ...], ParsedLora] = OrderedDict()  # least recently used first
+        self._cached_bytes = 0
+
+    @property
+    def cached_bytes(self) -> int:
+        with self._lock:
+            return self._cached_bytes
+
+    # --- names and files ----------------------------------------------------------------------
+
+    def list(self) -> list[LoraFile]:
+        """Every .safetensors file under the directory (subdirectories too), sorted by name."""
+        return [self._file(name, path) for name, path in self._paths()]
+
+    def _paths(self) -> list[tuple[str, Path]]:
+        """(name, real path) of the directory's LoRA files; links that lead outside it are left out."""
+        if not self.directory.is_dir():
+            return []
+        root = self.directory.resolve()
+        found = []
+        for dirpath, _, filenames in os.walk(root, followlinks=False):
+            for filename in filenames:
+                path = Path(dirpath, filename)
+                if not filename.lower().endswith(SUFFIX) or not path.is_file():
+                    continue
+                real = path.resolve()
+                if real.is_relative_to(root):
+                    found.append((path.relative_to(root).as_posix(), real))
+        return sorted(found)
+
+    def _file(self, name: str, path: Path) -> LoraFile:
+        try:
+            stat = path.stat()
+        except OSError as err:
+            raise LoraError(f"LoRA file {name} cannot be read: {err.strerror or err}") from err
+        return LoraFile(name, path, stat.st_size, stat.st_mtime_ns, self._digest(path, stat.st_size, stat.st_mtime_ns))
+
+    def _digest(self, path: Path, size: int, mtime_ns: int) -> str:
+        """sha256 of `path`, hashed again only when its size or modification time changed."""
+        key = str(path)
+        with self._lock:
+            known = self._digests.get(key)
+        if known is not None and known[:2] == (size, mtime_ns):
+            return known[2]
+        try:
+            digest = sha256_file(path)
+        except OSError as err:
+            raise LoraError(f"LoRA file {path.name} cannot be read: {err.strerror or err}") from err
+        with self._lock:
+            self._digests[key] = (size, mtime_ns, digest)
+        return digest
+
+    def resolve(self, name: str) -> LoraFile:
+        """The file `name` means: a name in the directory (".safetensors" optional), or with
+        `allow_paths` an existing file anywhere. Never a file outside the directory otherwise."""
+        _check_characters(name)
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise LoraError(
+                f"LoRA {name!r}: only .safetensors files are loaded (pickled .pt, .ckpt and .bin files can run "
+                "code when read; convert it to .safetensors)"
+            )
+        reason = _directory_name_problem(name)
+        if reason is None:
+            found = self._in_directory(name)
+            if found is not None:
+                return found
+        if self.allow_paths and Path(name).is_file():
+            return self._file(name, Path(name).resolve())
+        if reason is not None and not self.allow_paths:
+            raise LoraError(f"LoRA name {name!r} is not allowed: {reason}; name a file in the LoRA directory")
+        return self._not_found(name)
+
+    def _in_directory(self, name: str) -> LoraFile | None:
+        """The file `name` names in the directory, None if there is none; refuses a name whose
+        real path (links followed) leaves the directory."""
+        if not self.directory.is_dir():
+            return None
+        relative = name if name.lower().endswith(SUFFIX) else name + SUFFIX
+        root = self.directory.resolve()
+        real = (root / relative).resolve()
+        if not real.is_relative_to(root):
+            if self.allow_paths:
+                return None  # the caller may still accept it as a path
+            raise LoraError(f"LoRA name {name!r} is not allowed: it leads outside the LoRA directory")
+        if not real.is_file():
+            return None
+        return self._file(PurePosixPath(relative).as_posix(), real)
+
+    def _not_found(self, name: str) -> LoraFile:
+        names = [n for n, _ in self._paths()]
+        if not names:
+            available = "the LoRA directory has no .safetensors files"
+        else:
+            more = f" (and {len(names) - SHOWN_NAMES} more)" if len(names) > SHOWN_NAMES else ""
+            available = "available: " + ", ".join(names[:SHOWN_NAMES]) + more
+        elsewhere = " and no file at that path" if self.allow_paths else ""
+        raise LoraError(f"no LoRA named {name!r} in the LoRA directory{elsewhere}; {available}")
+
+    def find_hash(self, digest: str) -> LoraFile | None:
+        """The file whose sha256 starts with `digest` (64 hex digits, or at least the short 10)."""
+        digest = digest.strip().lower()
+        if not SHORT_HASH <= len(digest) <= 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise LoraError(f"LoRA hash {digest!r} is not {SHORT_HASH} to 64 hexadecimal digits of a sha256")
+        return next((f for f in self.list() if f.sha256.startswith(digest)), None)
+
+    # --- parsed files -------------------------------------------------------------------------
+
+    def load(self, file: LoraFile, targets: Mapping[str, tuple[int, int]]) -> ParsedLora:
+        """`file` parsed onto `targets`, from the cache when the file is unchanged since it was parsed."""
+        try:
+            stat = file.path.stat()
+        except OSError as err:
+            raise LoraError(f"LoRA file {file.name} cannot be read: {err.strerror or err}") from err
+        if (stat.st_size, stat.st_mtime_ns) != (file.size, file.mtime_ns):
+            raise LoraError(f"LoRA file {file.name} changed on disk since it was resolved; resolve it again")
+        key = (str(file.path), file.size, file.mtime_ns, frozenset(targets.items()))
+        with self._lock:
+            if key in self._parsed:
+                self.hits += 1
+                self._parsed.move_to_end(key)
+                return self._parsed[key]
+            self.misses += 1
+        # Read and parse outside the lock: other threads' cached LoRAs need not wait for this one.
+        tensors, metadata = read_file(file.path)
+        parsed = parse(tensors, metadata, targets, name=file.name)
+        self._remember(key, parsed)
+        return parsed
+
+    def _remember(self, key: tuple[object, ...], parsed: ParsedLora) -> None:
+        size = parsed.nbytes
+        with self._lock:
+            if size > self.cache_bytes or key in self._parsed:
+                return
+            self._parsed[key] = parsed
+            self._cached_bytes += size
+            while self._cached_bytes > self.cache_bytes:
+                _, evicted = self._parsed.popitem(last=False)
+                self._cached_bytes -= evicted.nbytes
+
+
+def _check_characters(name: object) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise LoraError(f"a LoRA name must be a non-empty string, not {name!r}")
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise LoraError(f"LoRA name {name!r} holds the control character {bad!r}; names are printable text")
+
+
+def _directory_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a file inside the directory, or None when it can."""
+    if "\\" in name:
+        return "it holds a backslash (separate folders with '/')"
+    if name.startswith("/"):
+        return "it is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "it holds a '..' component"
+    return None
