@@ -311,12 +311,18 @@ def test_text_encoder_keys_are_refused_with_their_count(transformer, targets, tm
         _load(tmp_path / "te.safetensors", targets)
 
 
-def test_dora_in_peft_metadata_is_refused(transformer, targets, tmp_path):
+def test_dora_regex_patterns_and_broken_peft_metadata_are_refused(transformer, targets, tmp_path):
     write_lora(tmp_path / "p.safetensors", "peft", transformer, alpha=4.0)
     tensors, metadata = read_file(tmp_path / "p.safetensors")
-    config = json.loads(metadata["lora_adapter_metadata"]) | {"transformer.use_dora": True}
-    with pytest.raises(LoraError, match="use_dora"):
-        parse(tensors, {"lora_adapter_metadata": json.dumps(config)}, targets)
+    config = json.loads(metadata["lora_adapter_metadata"])
+    dora = json.dumps(config | {"transformer.use_dora": True})
+    with pytest.raises(LoraError, match=r"^this LoRA is a DoRA \(its lora_adapter_metadata says use_dora\)"):
+        parse(tensors, {"lora_adapter_metadata": dora}, targets)
+    regex = json.dumps(config | {"transformer.rank_pattern": {"(a+)+$": 2}})
+    with pytest.raises(LoraError, match=r"pattern '\(a\+\)\+\$' is a regular expression"):
+        parse(tensors, {"lora_adapter_metadata": regex}, targets)
+    with pytest.raises(LoraError, match="not a peft config"):
+        parse(tensors, {"lora_adapter_metadata": "{not json"}, targets)
 
 
 def test_half_a_pair_and_redundant_copies_that_disagree_are_refused(transformer, targets, tmp_path):

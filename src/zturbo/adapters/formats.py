@@ -263,10 +263,9 @@ def parse(
     )
 
 
-def _examples(keys: Iterable[str], total: int | None = None) -> str:
+def _examples(keys: Iterable[str]) -> str:
     keys = list(keys)
-    more = (total if total is not None else len(keys)) > SHOWN_KEYS
-    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if more else "")
+    return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
 
 
 def _metadata_hint(metadata: Mapping[str, str]) -> tuple[str, str] | None:
@@ -504,7 +503,24 @@ class _PeftConfig:
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module)), None)
+    """The first pattern naming `module`, as peft's `get_pattern_key` matches it (the name itself
+    or a dotted suffix of it; a leading "^" anchors it), for the plain module names configs hold."""
+    for key in patterns:
+        if key.startswith("^") and module == key[1:]:
+            return key
+        if not key.startswith("^") and (module == key or module.endswith("." + key)):
+            return key
+    return None
+
+
+def _plain_patterns(patterns: Mapping[str, Any], name: str) -> None:
+    """Refuse regular expressions in rank and alpha patterns: zturbo will not run a file's regex."""
+    for key in patterns:
+        if re.search(r"[*+?()\[\]{}|\\$]", key.removeprefix("^")):
+            raise LoraError(
+                f"{name}: its {_METADATA_KEY} pattern {key!r} is a regular expression; "
+                "zturbo reads rank and alpha patterns that are module names"
+            )
 
 
 def _peft_config(metadata: Mapping[str, str], name: str) -> _PeftConfig | None:
@@ -515,8 +531,7 @@ def _peft_config(metadata: Mapping[str, str], name: str) -> _PeftConfig | None:
         config = json.loads(raw)
         if any(k.startswith("transformer.") for k in config):  # a pipeline's save: one config per component
             config = {k.removeprefix("transformer."): v for k, v in config.items() if k.startswith("transformer.")}
-        if config.get("use_dora"):
-            raise LoraError(f"{name} is a DoRA (its {_METADATA_KEY} says use_dora); zturbo applies LoRA without DoRA")
+        dora = bool(config.get("use_dora"))
         result = _PeftConfig(
             r=int(config.get("r", 8)),  # peft's defaults where the config leaves a field out
             alpha=float(config.get("lora_alpha", config.get("alpha", 8))),
@@ -526,6 +541,9 @@ def _peft_config(metadata: Mapping[str, str], name: str) -> _PeftConfig | None:
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise LoraError(f"{name}: its {_METADATA_KEY} header entry is not a peft config ({err})") from err
+    if dora:
+        raise LoraError(f"{name} is a DoRA (its {_METADATA_KEY} says use_dora); zturbo applies LoRA without DoRA")
+    _plain_patterns({**result.rank_pattern, **result.alpha_pattern}, name)
     values = [result.r, result.alpha, *result.rank_pattern.values(), *result.alpha_pattern.values()]
     if not all(math.isfinite(v) and v > 0 for v in values):
         raise LoraError(f"{name}: its {_METADATA_KEY} has a rank or alpha that is not positive ({raw[:200]})")
