@@ -164,6 +164,18 @@ def test_a_peft_file_without_metadata_has_scale_one_and_raw_peft_prefixes_map(tr
         _assert_deltas(_deltas(parsed), expected)
 
 
+@pytest.mark.parametrize("prefix", ["lycoris_", "lora_transformer_", "diffusion_model.", "model.diffusion_model."])
+def test_kohya_pairs_under_other_trainers_prefixes(prefix, transformer, targets, tmp_path):
+    expected = write_lora(tmp_path / "k.safetensors", "kohya", transformer)
+    tensors, _ = read_file(tmp_path / "k.safetensors")
+    renamed = {}
+    for key, value in tensors.items():
+        base, suffix = key.removeprefix("lora_unet_").split(".", 1)
+        module = next(m for m in expected if m.replace(".", "_") == base)
+        renamed[prefix + (module if prefix.endswith(".") else base) + "." + suffix] = value
+    _assert_deltas(_deltas(parse(renamed, {}, targets)), expected)
+
+
 def test_every_linear_maps_in_kohya_spelling_and_the_summary_counts_them(transformer, targets, tmp_path):
     expected = write_lora(tmp_path / "all.safetensors", "kohya", transformer, modules="all", rank=2, alpha=3.0)
     parsed = _load(tmp_path / "all.safetensors", targets)
