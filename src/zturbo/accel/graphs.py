@@ -245,6 +245,7 @@ class StepGraphs:
         self._pool: Any = None
         self._weights: tuple[tuple[int, torch.dtype], ...] | None = None
         self.failed: str | None = None  # why capturing failed or graphs were switched off
+        self.captures = 0  # graphs captured so far (the LoRA bench checks a set change adds none)
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -298,6 +299,7 @@ class StepGraphs:
                 log.warning("transformer: CUDA graph capture failed (%s); running steps without graphs", self.failed)
                 return transformer_step(transformer, x, t, embeds)
             self._graphs[key], self._pool = graph, graph.pool
+            self.captures += 1
             while len(self._graphs) > MAX_STEP_GRAPHS:
                 self._graphs.popitem(last=False)
             return graph.out  # the capture's checked replay ran on exactly these inputs

@@ -195,8 +195,9 @@ class LoraMerger:
             )
         names, _ = weight.__tensor_flatten__()
         inner = {n: _pinned(getattr(weight, n).detach().to(self.backup_device, copy=True)) for n in names}
-        plain = self.base_reader(f"{target}.weight").to(self.backup_device)
-        return _Saved(inner=inner, plain=_pinned(plain))
+        # The plain base stays on the host: keeping it on the device would undo what quantizing saved.
+        plain = _pinned(self.base_reader(f"{target}.weight").to("cpu"))
+        return _Saved(inner=inner, plain=plain)
 
     def _homes(self, linear: torch.nn.Module) -> list[torch.Tensor]:
         if self.homes is None:

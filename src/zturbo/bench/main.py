@@ -27,6 +27,8 @@ def main(args: argparse.Namespace) -> int:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         return _first_image(opts, args.started, out_dir)
+    if args.lora:
+        return _lora(opts, out_dir)
     res = speed.run(opts, report=lambda r: report.write(r, out_dir))
     report.write(res, out_dir)
     print(report.markdown(res))
@@ -80,6 +82,19 @@ def _first_image(opts: speed.BenchOptions, started: float, out_dir: Path) -> int
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"first_image_{res['quantize']}_{int(time.time())}.json"
     (out_dir / name).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def _lora(opts: speed.BenchOptions, out_dir: Path) -> int:
+    from . import lora
+
+    def write(res: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_lora.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+
+    res = lora.run(opts, write)
+    write(res)
+    print(lora.markdown(res))
     return 0
 
 
