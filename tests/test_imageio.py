@@ -154,3 +154,76 @@ def test_a_read_only_directory_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio.os, "open", read_only)
     with pytest.raises(InvalidRequestError, match="refuses new files \\(Read-only file system\\)"):
         check_output(tmp_path / "x.png", 1, overwrite=False)
+
+
+LORA_META = {
+    "prompt": "a fox, in snow",
+    "negative_prompt": "",
+    "seed": 3,
+    "steps": 8,
+    "guidance_scale": 0.0,
+    "width": 64,
+    "height": 64,
+    "model": "m",
+    "model_fingerprint": "f" * 64,
+    "zturbo_version": "0",
+    "loras": [
+        {"name": "styles/ink.safetensors", "weight": 0.7, "sha256": "0123456789" + "a" * 54},
+        {"name": "/abs/soft.safetensors", "weight": 1.0, "sha256": "abcdef0123" + "b" * 54},
+        {"name": "odd", "weight": 0.123456789, "sha256": "c" * 64},
+    ],
+}
+
+
+def test_a1111_text_carries_lora_tags_and_hashes_and_reads_back():
+    from zturbo.imageio import a1111_parameters, parse_a1111
+
+    text = a1111_parameters(LORA_META)
+    first, settings = text.split("\n")
+    assert first == "a fox, in snow <lora:ink:0.7> <lora:soft:1> <lora:odd:0.123456789>"
+    assert 'Lora hashes: "ink: 0123456789, soft: abcdef0123, odd: cccccccccc", Version: zturbo 0' in settings
+    params, ignored = parse_a1111(text)
+    assert ignored == []
+    assert params["prompt"] == "a fox, in snow"  # the tags are not part of the prompt
+    assert params["loras"] == [
+        {"name": "ink", "weight": 0.7, "sha256": "0123456789"},
+        {"name": "soft", "weight": 1.0, "sha256": "abcdef0123"},
+        {"name": "odd", "weight": 0.123456789, "sha256": "cccccccccc"},
+    ]
+
+
+def test_a1111_text_without_loras_has_no_lora_fields():
+    from zturbo.imageio import a1111_parameters, parse_a1111
+
+    text = a1111_parameters({**LORA_META, "loras": []})
+    assert "<lora:" not in text and "Lora hashes" not in text
+    assert "loras" not in parse_a1111(text)[0]
+
+
+@pytest.mark.parametrize(
+    ("tag", "weight"),
+    [("<lora:x>", 1.0), ("<lora:x:0.5>", 0.5), ("<lora:x:0.5:0.8>", 0.8), ("<lora:x:te=0.2:unet=-0.3>", -0.3),
+     ("<LyCORIS:x:2>", None), ("<lyco:x:0.25>", 0.25)],
+)  # fmt: skip
+def test_a1111_lora_tags_as_a1111_reads_them(tag, weight):
+    """The transformer takes A1111's UNet weight, which follows the text encoder's unless given."""
+    from zturbo.imageio import parse_a1111
+
+    params, _ = parse_a1111(f"a cat, {tag} in snow\nSteps: 4, Seed: 1")
+    if weight is None:
+        assert "loras" not in params and tag in params["prompt"]
+    else:
+        assert params["prompt"] == "a cat, in snow"
+        assert params["loras"] == [{"name": "x", "weight": weight, "sha256": None}]
+
+
+@pytest.mark.parametrize(
+    ("tag", "message"),
+    [("<lora:x:heavy>", "LoRA tag <lora:x:heavy> has the weight 'heavy', not a number"),
+     ("<lora::0.5>", "LoRA tag <lora::0.5> has no name")],
+)  # fmt: skip
+def test_a_bad_a1111_lora_tag_is_named(tag, message):
+    from zturbo.imageio import parse_a1111
+
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        parse_a1111(f"a cat {tag}\nSteps: 4, Seed: 1")

@@ -289,6 +289,19 @@ def plan(rows: Sequence[BatchRow], defaults: dict[str, Any], limits: ModelLimits
     manifest.append(new_plans)
 
 
+def check_loras(rows: Sequence[BatchRow], resolve: Callable[[str], object]) -> None:
+    """Fail each pending row naming a LoRA that `resolve` (the LoRA library's) cannot find, before
+    any model is loaded."""
+    for row in rows:
+        if row.status != "pending" or row.request is None:
+            continue
+        try:
+            for ref in row.request.loras:
+                resolve(ref.name)
+        except InvalidRequestError as e:
+            row.error, row.status = str(e), "failed"
+
+
 def _resolved(params: dict[str, Any], req: GenerateRequest) -> dict[str, Any]:
     """`params` with the seeds the request drew at random filled in, so a rerun draws none."""
     resolved = dict(params)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _serve_args(serve)
 
+    _lora_args(sub.add_parser("lora", help="list and inspect LoRA files (no model is loaded)"))
     _bench_args(sub.add_parser("bench", help="speed and memory against diffusers' pipeline on a GPU"))
     info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
     _model_args(info)
@@ -135,22 +137,46 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
     """Options shared by `generate` and `batch`, one per request field of the table (`request.FIELDS`);
     all default to None, so a given value can be told apart."""
-    from .request import FIELDS
+    from .request import FIELDS, LORAS
 
     note = f"; applies to {defaults_for}" if defaults_for else ""
     for f in FIELDS:
         if f.flag is None:
             continue
         allowed = "" if f.bounds == "size" else f"; allowed {f.allowed()}"
-        default = "" if f.default in (None, "") else f" (default {f.default})"
+        default = "" if f.default in (None, "", ()) else f" (default {f.default})"
         # Text, converted by the table (`_given_options`), so the CLI reads numbers as batch files do.
-        p.add_argument(f.flag, default=None, help=f"{f.doc}{allowed}{default}{note}")
+        if f.kind == LORAS:  # one option per LoRA, repeatable
+            help_ = f"{f.doc}; repeatable; {allowed.removeprefix('; ')}{note}"
+            p.add_argument(f.flag, action="append", default=None, metavar="NAME[:WEIGHT]", help=help_)
+        else:
+            p.add_argument(f.flag, default=None, help=f"{f.doc}{allowed}{default}{note}")
     p.add_argument(
         "--max-pixels",
         type=int,
         default=None,
         help=f"largest width*height accepted (default $ZTURBO_MAX_PIXELS or {DEFAULT_MAX_PIXELS})",
     )
+    _lora_dir_arg(p)
+
+
+def _lora_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora-dir",
+        default=None,
+        metavar="DIR",
+        help="the LoRA directory, where LoRA names are looked up (default $ZTURBO_LORA_DIR or $ZTURBO_CACHE/loras)",
+    )
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lora_command", required=True)
+    listing = sub.add_parser("list", help="the LoRA directory's files: size, hash, format, rank, alpha, base model")
+    inspect = sub.add_parser("inspect", help="one LoRA file in detail: sha256, keys, metadata, what it targets")
+    inspect.add_argument("file", help="a name in the LoRA directory, or a path to a .safetensors file")
+    for q in (listing, inspect):
+        _lora_dir_arg(q)
+        q.add_argument("--json", action="store_true", help="as JSON")
 
 
 def _request_options() -> dict[str, str]:
@@ -167,9 +193,11 @@ _PNG_PARAMETERS = ("prompt", *_REQUEST_OPTIONS.values())
 
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The generation options given on the command line, as GenerateRequest.create keywords."""
-    from .request import FIELD
+    from .request import FIELD, LORAS
 
     given = {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
+    # A repeated option gives a list; each value may hold several, comma-separated, as a batch cell does.
+    given = {k: ", ".join(v) if FIELD[k].kind == LORAS else v for k, v in given.items()}
     return {key: FIELD[key].from_text(value) for key, value in given.items()}
 
 
@@ -218,6 +246,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--load-row", default=None, choices=("zturbo", "diffusers"), help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help="GPU kernel time by kind for one compiled image")
+    p.add_argument(
+        "--lora",
+        action="store_true",
+        help="only: rank-32 LoRAs on every attention and FFN linear (plain vs LoRA image, set switches, diffusers)",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
 
@@ -270,6 +303,8 @@ def _run_command(args: argparse.Namespace) -> int:
         return cmd_batch(args)
     if args.command == "show":
         return cmd_show(args)
+    if args.command == "lora":
+        return cmd_lora(args)
     if args.command == "bench":
         from .bench.main import main as bench_main
 
@@ -345,13 +380,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # One process, one request: compiling costs tens of seconds and saves well under one.
         config = dataclasses.replace(config, compile="off")
     configs = _preflight(config)
+    given, library = _given_options(args), _lora_library(config)
+    if args.from_png is not None:
+        given["loras"] = _loras_for_from(library, params.pop("loras", None) or [], given.get("loras"), args.from_png)
     # The command line over the PNG, as a batch row over the command line.
-    params = merge_defaults(_given_options(args), params)
+    params = merge_defaults(given, params)
     if args.prompt is not None:
         params["prompt"] = args.prompt
     if "prompt" not in params:
         raise InvalidRequestError("give a PROMPT, or --from IMAGE.png to take the parameters from an image")
     request = GenerateRequest.create(limits=configs.limits(config.max_pixels), **params)
+    _check_loras(library, [ref.name for ref in request.loras])
     check_output(args.output, request.num_images, overwrite=args.overwrite)
     if request.seed_was_random:
         log.info("seed %d (random)", request.seed)
@@ -359,6 +398,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         log.info("variation seed %d (random)", request.images[0].variation_seed)
     # No separate warm-up: with --compile on, the request itself compiles at its own size.
     engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+    engine.loras = library  # the engine's directory and settings, with the files' hashes already known
     _warn_if_not_reproducible(source_meta, engine)
     with _progress(request.steps, disabled=args.quiet) as bar:
         result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
@@ -413,6 +453,93 @@ def _parameters_from_png(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return (meta if chunk == "zturbo" else {}), params
 
 
+def _lora_dir(config: Any) -> Any:
+    from pathlib import Path
+
+    from .config import default_lora_dir
+
+    return Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
+
+
+def _lora_library(config: Any) -> Any:
+    """The LoRA library the engine will use (`config.lora_dir`, paths as `config.lora_paths` says);
+    making one reads nothing."""
+    from .adapters.library import LoraLibrary
+
+    return LoraLibrary(_lora_dir(config), allow_paths=config.lora_paths)
+
+
+def _check_loras(library: Any, names: Sequence[str]) -> None:
+    """Resolve every LoRA name before the model loads: a typo fails at once, naming the file and
+    listing what the directory has (`LoraLibrary.resolve`)."""
+    from .errors import LoraError
+
+    try:
+        for name in names:
+            library.resolve(name)
+    except LoraError as e:
+        raise LoraError(f"{e} (the LoRA directory: {library.directory}; --lora-dir names another)") from None
+
+
+def _loras_for_from(library: Any, recorded: Sequence[Any], given: str | None, png: str) -> list[Any]:
+    """`--from`: the PNG's LoRAs found again (by hash, else by name), each replaced by a `--lora`
+    of the same name; the other `--lora` values are added. LoRAs not found stop the run."""
+    from .errors import LoraError
+    from .imageio import lora_tag_name
+    from .request import LoraRef, parse_loras
+
+    extra = {lora_tag_name(ref.name): ref for ref in parse_loras(given)}
+    if not recorded:
+        return list(extra.values())
+    refs, missing = [], []
+    for entry in recorded:
+        name, digest = str(entry.get("name") or ""), str(entry.get("sha256") or "").lower() or None
+        if lora_tag_name(name) in extra:
+            refs.append(extra.pop(lora_tag_name(name)))
+            continue
+        found = _find_recorded(library, name, digest)
+        if found is not None:
+            refs.append(LoraRef(found, entry.get("weight", 1.0)))
+        elif entry.get("weight") != 0:
+            missing.append(f"{name} (sha256 {digest})" if digest else name)
+    if missing:
+        raise LoraError(
+            f"{png} was made with LoRAs that are not in {library.directory}: {', '.join(missing)}; put the files "
+            "there or name their directory with --lora-dir"
+        )
+    # Weight 0 changes nothing: such a LoRA (`--lora NAME:0` turns one off) is left out, found or not.
+    return [ref for ref in [*refs, *extra.values()] if ref.weight != 0]
+
+
+# The hash kinds zturbo records: a full sha256, or its first 10 hex digits (A1111 text, Civitai AutoV2).
+_RECORDED_HASH_LENGTHS = (10, 64)
+_HEX = re.compile("[0-9a-f]{10,64}")
+
+
+def _find_recorded(library: Any, name: str, digest: str | None) -> str | None:
+    """The name that finds a recorded LoRA now: its file by hash, else its name (a file name or a
+    path), else a file of the directory with the same A1111 name; None when nothing matches."""
+    from .errors import LoraError
+    from .imageio import lora_tag_name
+
+    try:
+        file, found = library.resolve(name), name
+    except LoraError:
+        file = found = None
+    # The named file when its hash is the recorded one (hashing one file, not the whole directory).
+    if digest and _HEX.fullmatch(digest) and (file is None or not file.sha256.startswith(digest)):
+        same = library.find_hash(digest)
+        if same is not None:
+            return same.name
+    if file is None:
+        file = next((f for f in library.list() if lora_tag_name(f.name) == lora_tag_name(name)), None)
+        found = file.name if file is not None else None
+    if file is not None and digest and len(digest) in _RECORDED_HASH_LENGTHS and not file.sha256.startswith(digest):
+        log.warning("LoRA %s: %s has sha256 %s, not the recorded %s; the pixels will differ",
+                    name, file.path, file.short_hash, digest)  # fmt: skip
+    return found
+
+
 def _warn_if_not_reproducible(meta: dict[str, Any], engine: Any) -> None:
     """`--from`: say when the model or dtypes differ from the image's, so the pixels will too."""
     if not meta:
@@ -442,6 +569,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from .grid import write_grid
     from .imageio import check_output_directory
     from .loader import resolve_model
+    from .request import parse_loras
 
     started = time.perf_counter()
     if args.max_batch < 1:
@@ -452,14 +580,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     check_output_directory(directory)
     rows = batch.read_rows(file)
     configs = _preflight(config)
+    given, library = _given_options(args), _lora_library(config)
+    _check_loras(library, [ref.name for ref in parse_loras(given.get("loras"))])
     manifest = batch.Manifest(directory)
-    batch.plan(rows, _given_options(args), configs.limits(config.max_pixels), manifest)
+    batch.plan(rows, given, configs.limits(config.max_pixels), manifest)
+    batch.check_loras(rows, library.resolve)
     for row in rows:
         if row.status == "failed":
             log.warning("row %d: %s", row.number, row.error)
     pending = [r for r in rows if r.status == "pending"]
     if pending:
         engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+        engine.loras = library  # with the hashes the row checks computed
         _run_batch(args, engine, rows, directory, manifest)
     if args.grid:
         files = [directory / f for r in rows if r.status in ("done", "skipped") for f in r.files]
@@ -519,6 +651,146 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora(args: argparse.Namespace) -> int:
+    """`zturbo lora list` and `zturbo lora inspect`: each file read and mapped onto Z-Image-Turbo's
+    linears (built on the meta device: no weights, no model load)."""
+    import json
+
+    from .config import RuntimeConfig
+
+    config = RuntimeConfig.from_env(lora_dir=args.lora_dir)
+    library = _lora_library(config)
+    if args.lora_command == "inspect":
+        record = _lora_record(library.resolve(args.file), _published_targets(), detail=True)
+        print(json.dumps(record, ensure_ascii=False, indent=2) if args.json else _lora_text(record))
+        if "error" in record:
+            print(f"zturbo: error: {record['error']}", file=sys.stderr)
+            return EXIT_USAGE
+        return 0
+    files = library.list()
+    targets = _published_targets() if files else {}
+    records = [_lora_record(f, targets) for f in files]
+    if args.json:
+        print(json.dumps(records, ensure_ascii=False, indent=2))
+    elif not records:
+        print(f"no LoRA files in {_lora_dir(config)} (put .safetensors files there, or pass --lora-dir)")
+    else:
+        print(f"{len(records)} LoRA file(s) in {_lora_dir(config)}")
+        print(_lora_table(records))
+    return 0
+
+
+def _published_targets() -> dict[str, tuple[int, int]]:
+    """Z-Image-Turbo's linears; importing diffusers for them prints notices no LoRA listing needs."""
+    from .adapters import formats
+
+    with _quiet_libraries(True):
+        return formats.published_targets()
+
+
+def _lora_record(file: Any, targets: dict[str, tuple[int, int]], *, detail: bool = False) -> dict[str, Any]:
+    """What `lora list` (and with `detail`, `lora inspect`) shows of one file; a file that cannot be
+    used gets an `error` instead of its summary."""
+    from .adapters import formats
+    from .errors import LoraError
+
+    record: dict[str, Any] = {"name": file.name, "path": str(file.path), "size": file.size}
+    record.update(sha256=file.sha256, short_hash=file.short_hash)
+    try:
+        tensors, metadata = formats.read_file(file.path)
+        if detail:
+            record.update(keys=len(tensors), metadata=_metadata_highlights(metadata), tool=_training_tool(metadata))
+        summary = formats.parse(tensors, metadata, targets, name=file.name).summary()
+    except LoraError as e:
+        record["error"] = str(e)
+        return record
+    shown = ("format", "ranks", "alphas", "modules", "base_model", "patches")
+    record.update({k: summary[k] for k in shown if k in summary})
+    return record
+
+
+# Header fields worth showing: what the file was trained on and with, and its rank and alpha.
+_HIGHLIGHTS = ("ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name")
+_LONG_VALUE = 120  # characters of a metadata value shown (modelspec.thumbnail is a whole image)
+
+
+def _metadata_highlights(metadata: dict[str, str]) -> dict[str, str]:
+    keys = [k for k in _HIGHLIGHTS if k in metadata] + sorted(k for k in metadata if k.startswith("modelspec."))
+    return {k: _shorten(str(metadata[k])) for k in keys}
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _LONG_VALUE else f"{text[:_LONG_VALUE]}... ({len(text)} characters)"
+
+
+def _training_tool(metadata: dict[str, str]) -> str | None:
+    """The trainer as the header tells it, when it does."""
+    import json
+
+    software = metadata.get("software")
+    if software:
+        try:
+            name = json.loads(software).get("name")
+        except (ValueError, AttributeError):
+            name = None
+        return _shorten(str(name or software))
+    if metadata.get("modelspec.implementation"):
+        return _shorten(metadata["modelspec.implementation"])
+    if any(k.startswith("ss_") for k in metadata):
+        return "kohya sd-scripts or a trainer writing its ss_* fields"
+    if "lora_adapter_metadata" in metadata:
+        return "diffusers / PEFT"
+    return None
+
+
+def _size_text(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    return f"{size / 1024:.1f} KiB" if size < 1024**2 else f"{size / 1024**2:.1f} MiB"
+
+
+def _lora_columns(record: dict[str, Any]) -> dict[str, str]:
+    """A record as the text forms print it."""
+    join = ", ".join
+    modules = record.get("modules") or {}
+    return {
+        "format": str(record.get("format", "-")),
+        "rank": join(map(str, record.get("ranks") or [])) or "-",
+        "alpha": join(f"{a:g}" for a in record.get("alphas") or []) or "-",
+        "modules": join(f"{group} {count}" for group, count in modules.items()) or "-",
+        "base model": str(record.get("base_model") or "-"),
+    }
+
+
+def _lora_table(records: list[dict[str, Any]]) -> str:
+    """One line a file; a refused file's line ends with why."""
+    rows = [["name", "size", "hash", "format", "rank", "alpha", "modules", "base model"]]
+    for r in records:
+        rest = ["refused: " + r["error"]] if "error" in r else list(_lora_columns(r).values())
+        rows.append([r["name"], _size_text(r["size"]), r["short_hash"], *rest])
+    # The last cell of a row is not padded, so a refusal's text does not widen the format column.
+    widths = [max((len(row[i]) for row in rows if i < len(row) - 1), default=0) for i in range(len(rows[0]))]
+    lines = ("  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1]]) for row in rows)
+    return "\n".join(lines)
+
+
+def _lora_text(record: dict[str, Any]) -> str:
+    """`lora inspect` as readable lines."""
+    rows = [
+        ("name", record["name"]),
+        ("path", record["path"]),
+        ("size", f"{_size_text(record['size'])} ({record['size']} bytes)"),
+        ("sha256", record["sha256"]),
+        ("short hash", f"{record['short_hash']} (A1111's Lora hashes, Civitai's AutoV2)"),
+        *((("keys", str(record["keys"])),) if "keys" in record else ()),
+        *(() if "error" in record else tuple(_lora_columns(record).items())),
+        *((("trained with", record["tool"]),) if record.get("tool") else ()),
+        *((k, v) for k, v in (record.get("metadata") or {}).items()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def _choice_text(choice: Any) -> str:
     from .device import dtype_name
 
@@ -560,6 +832,7 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         vae_tiling=args.vae_tiling,
         memory=args.memory,
         vram_budget=args.vram_budget,
+        lora_dir=getattr(args, "lora_dir", None),
         **extra,
     )
 

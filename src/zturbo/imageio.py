@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 METADATA_KEY = "zturbo"
 A1111_KEY = "parameters"
 DEFAULT_OUTPUT_DIR = "outputs"
+LORA_SUFFIX = ".safetensors"
+LORA_HASHES = "Lora hashes"  # A1111's field: `"name: 0123456789, ..."`
+SHORT_HASH = 10  # hex digits of a sha256 in A1111's and Civitai's texts (AutoV2)
 
 
 def build_metadata(
@@ -60,6 +63,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
     request table's A1111 labels)."""
     from .request import FIELD
 
+    loras = meta.get("loras") or ()
     fields = {
         FIELD["steps"].a1111: meta["steps"],
         "Sampler": "Euler",
@@ -69,9 +73,11 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         **_a1111_noise_fields(meta),
         "Model hash": (meta.get("model_fingerprint") or "")[:10],
         "Model": meta["model"],
+        **_a1111_lora_hashes(loras),
         "Version": f"zturbo {meta['zturbo_version']}",
     }
-    text = meta["prompt"]
+    # A1111 names a prompt's LoRAs in `<lora:NAME:WEIGHT>` tags and keeps them out of the encoder's text.
+    text = meta["prompt"] + "".join(f" <lora:{lora_tag_name(x['name'])}:{_weight_text(x['weight'])}>" for x in loras)
     if meta.get("negative_prompt"):
         text += f"\n{FIELD['negative_prompt'].a1111}: {meta['negative_prompt']}"
     return text + "\n" + ", ".join(f"{k}: {_a1111_value(v)}" for k, v in fields.items())
@@ -87,6 +93,32 @@ def _a1111_noise_fields(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("variety"):
         names += ("variety", "variety_until")
     return {FIELD[name].a1111: meta[name] for name in names}
+
+
+def lora_tag_name(name: str) -> str:
+    """A LoRA's name in A1111 text (`<lora:NAME:W>`, `Lora hashes`): its file name without the
+    directory and `.safetensors`, as A1111 and Civitai name them."""
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    return base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
+
+
+def _weight_text(weight: float) -> str:
+    """A weight as A1111 writes it (`0.7`, `1`), with every digit needed to read the same float back."""
+    text = repr(float(weight))
+    return text.removesuffix(".0")
+
+
+def _a1111_lora_hashes(loras: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """A1111's `Lora hashes` field: each tag name with the first 10 hex digits of the file's sha256."""
+    if not loras:
+        return {}
+    pairs = (f"{_hash_name(lora_tag_name(x['name']))}: {x['sha256'][:SHORT_HASH]}" for x in loras)
+    return {LORA_HASHES: ", ".join(pairs)}
+
+
+def _hash_name(name: str) -> str:
+    """A name as A1111 writes it in `Lora hashes`: without the field's separators."""
+    return name.replace(":", "").replace(",", "")
 
 
 def _a1111_value(value: object) -> str:
@@ -140,14 +172,17 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
         (negative_lines if target is not None else prompt_lines).append(line)
     from .request import parse_size
 
-    params: dict[str, Any] = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    ignored = []
+    prompt, tags = _lora_tags("\n".join(prompt_lines))
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": "\n".join(negative_lines)}
+    ignored, hashes = [], ""
     for key, raw in _A1111_PAIR.findall(settings):
         key, value = key.strip(), raw.strip()
         if value.startswith('"'):
             value = json.loads(value)
         field = _a1111_field(key)
-        if key == "Size":
+        if key == LORA_HASHES:
+            hashes = value
+        elif key == "Size":
             params["width"], params["height"] = _a1111_number(key, value, parse_size)
         elif field is not None:
             params[field.name] = _a1111_number(key, value, field.from_text)
@@ -155,7 +190,50 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
             ignored.append(f"Sampler ({value})")
         elif key not in _A1111_INFORMATIONAL:
             ignored.append(key)
+    if tags:
+        params["loras"] = _with_hashes(tags, hashes)
+    elif hashes:
+        ignored.append(LORA_HASHES)  # hashes of LoRAs the prompt does not use
     return params, ignored
+
+
+# A1111's extra-network tags; the space before one is the one its writer (and zturbo) puts there.
+_LORA_TAG = re.compile(r"[ \t]?<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
+_WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only
+
+
+def _lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:NAME[:WEIGHT...]>` tags (A1111 does not encode them), and each
+    tag's name and weight."""
+    tags = [_lora_tag(m.group(0).strip(), m.group(1)) for m in _LORA_TAG.finditer(prompt)]
+    return (_LORA_TAG.sub("", prompt) if tags else prompt), tags
+
+
+def _lora_tag(tag: str, body: str) -> tuple[str, float]:
+    """A1111's reading: `NAME:TE[:UNET]`, or named `te=`/`unet=`; the UNet weight (the transformer's
+    here) follows the text encoder's unless given."""
+    name, *args = body.split(":")
+    positional = [a.strip() for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    named = {k.strip(): v.strip() for k, v in named.items()}
+    te = named.get("te", positional[0] if positional else "1")
+    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
+    if not _WEIGHT.fullmatch(unet):
+        raise InvalidRequestError(f"A1111 parameters: LoRA tag {tag} has the weight {unet!r}, not a number")
+    if not name.strip():
+        raise InvalidRequestError(f"A1111 parameters: LoRA tag {tag} has no name")
+    return name.strip(), float(unet)
+
+
+def _with_hashes(tags: list[tuple[str, float]], hashes: str) -> list[dict[str, Any]]:
+    """The tags as `{name, weight, sha256}` (a short hash from `Lora hashes`, or None), as zturbo's
+    own metadata records LoRAs."""
+    by_name: dict[str, str] = {}
+    for item in hashes.split(","):
+        name, colon, digest = item.rpartition(":")
+        if colon and name.strip():
+            by_name.setdefault(name.strip(), digest.strip().lower())
+    return [{"name": name, "weight": weight, "sha256": by_name.get(_hash_name(name))} for name, weight in tags]
 
 
 def _a1111_field(label: str) -> Field | None:
