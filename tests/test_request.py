@@ -113,3 +113,63 @@ def test_text_numbers_in_ascii_still_read():
     assert FIELD["steps"].from_text(" 8 ") == 8 and FIELD["guidance_scale"].from_text("2.5e0") == 2.5
     assert FIELD["guidance_scale"].from_text(".5") == 0.5 and FIELD["seed"].from_text("+7") == 7
     assert parse_seeds("1-3, 9") == (1, 2, 3, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA lists
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a.safetensors:0.7, b",
+        ["a.safetensors:0.7", "b"],
+        [{"name": "a.safetensors", "weight": 0.7}, {"name": "b"}],
+        [("a.safetensors", 0.7), ("b", 1)],
+    ],
+)
+def test_every_lora_list_form_gives_the_same_refs(value):
+    from zturbo.request import LoraRef
+
+    req = GenerateRequest.create("x", limits=LIMITS, seed=1, loras=value)
+    assert req.loras == (LoraRef("a.safetensors", 0.7), LoraRef("b", 1.0))
+    assert GenerateRequest.from_dict(req.to_dict()) == req
+
+
+def test_a_windows_like_path_keeps_its_colon_and_a_trailing_weight_is_read():
+    req = GenerateRequest.create("x", limits=LIMITS, loras=["C:/loras/ink.safetensors", "C:/x.safetensors:0.5"])
+    assert [(r.name, r.weight) for r in req.loras] == [("C:/loras/ink.safetensors", 1.0), ("C:/x.safetensors", 0.5)]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("a:10.5", "loras.0: LoRA weight 10.5 is out of range; allowed -10..10"),
+        ([{"name": "a", "weight": float("nan")}], "LoRA weight must be a number -10..10"),
+        ([{"name": "a", "weight": True}], "LoRA weight must be a number"),
+        ("a, a:0.5", "LoRA 'a' is given twice"),
+        (",".join(f"l{i}" for i in range(9)), "9 LoRAs given; allowed at most 8"),
+        ([{"name": "a", "strength": 1}], "loras.0 must be {name, weight}"),
+        ([{"name": "a\x00b"}], "contains control characters"),
+        ([{"name": "x" * 256}], "1..255 characters"),
+        (5, "loras must be a list"),
+    ],
+)
+def test_bad_lora_lists_are_refused_naming_the_value(value, message):
+    with pytest.raises(InvalidRequestError) as err:
+        GenerateRequest.create("x", limits=LIMITS, loras=value)
+    assert message in str(err.value)
+
+
+def test_requests_with_different_lora_sets_do_not_combine():
+    a = GenerateRequest.create("x", limits=LIMITS, seed=1, loras="a")
+    b = GenerateRequest.create("y", limits=LIMITS, seed=2, loras="b")
+    with pytest.raises(ValueError, match="LoRAs"):
+        GenerateRequest.combine([a, b])
+    assert GenerateRequest.combine([a, GenerateRequest.create("y", limits=LIMITS, seed=2, loras="a")]).loras == a.loras
+
+
+def test_a_stored_request_from_before_loras_existed_reads_with_none():
+    data = GenerateRequest.create("x", limits=LIMITS, seed=1).to_dict()
+    del data["loras"]
+    assert GenerateRequest.from_dict(data).loras == ()
