@@ -110,7 +110,10 @@ def reference_rows(engine: Engine, lora_file: Path, opts: Any) -> dict[str, Any]
 
 
 def lora_e2e(engine: Engine, size: int, loras: list[tuple[str, float]]) -> Callable[[], Any]:
+    """`common.zturbo_e2e`'s request (prompt cache emptied first) with `loras`."""
+
     def run() -> Any:
+        engine.prompt_cache.clear()
         return engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, loras=loras)
 
     return run
