@@ -132,6 +132,36 @@ def test_cli_batch_api_and_ui_accept_and_refuse_the_same_values(api, change, acc
     # The form has no variety_until field and no way to send an unknown one.
 
 
+# (the CLI's --lora values, the same LoRAs as an HTTP body's list, the message both give)
+LORA_CASES = [
+    (["a.safetensors:11"], [{"name": "a.safetensors", "weight": 11}], "loras.0: LoRA weight 11.0 is out of range"),
+    (["a:1", "b", "a:0.5"], [{"name": "a"}, {"name": "b"}, {"name": "a", "weight": 0.5}], "LoRA 'a' is given twice"),
+    ([f"l{i}" for i in range(9)], [{"name": f"l{i}"} for i in range(9)], "9 LoRAs given; allowed at most 8"),
+]
+
+
+@pytest.mark.parametrize(("flags", "body", "message"), LORA_CASES, ids=["weight", "twice", "too-many"])
+def test_cli_api_and_ui_refuse_the_same_lora_lists(api, flags, body, message):
+    argv = ["generate", "a fox", *(arg for flag in flags for arg in ("--lora", flag))]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(InvalidRequestError) as cli:
+        GenerateRequest.create(limits=MODEL, prompt=args.prompt, **_given_options(args))
+    http = api_door(api, {**BASE, "loras": body})
+    assert message in str(cli.value) and http == str(cli.value)
+    pairs = [(ref["name"], float(ref.get("weight", 1.0))) for ref in body]
+    assert api_door(api, ui.job_params("a fox", "", 64, 64, 8, 0.0, 1, 1, loras=pairs)) == http
+
+
+def test_a_well_formed_lora_list_goes_on_to_the_servers_lora_directory(api):
+    """The form is the validator's; whether a file exists is the LoRA library's (a 400 of its own)."""
+    r = api.post("/v1/jobs", json={**BASE, "loras": [{"name": "nowhere.safetensors", "weight": 0.5}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_lora" and r.json()["error"]["field"] == "loras.0"
+    assert "no LoRA named 'nowhere.safetensors'" in r.json()["error"]["message"]
+    r = api.post("/v1/jobs", json={**BASE, "loras": [{"name": "x", "weight": "0.5"}]})
+    assert r.json()["error"]["field"] == "loras.0.weight"  # JSON types: the body's schema
+
+
 def test_the_form_sends_seed_minus_one_as_random(api):
     """The form's one convention: -1 in a seed field asks for a random seed (as in A1111)."""
     body = ui.job_params("a fox", "", 64, 64, 8, 0.0, -1, 1, -1, 0.2, 0.0)

@@ -353,3 +353,38 @@ def test_the_startup_check_leaves_a_database_and_its_log_unchanged(tmp_path):
     assert [hashlib.sha256(f.read_bytes()).hexdigest() for f in data if f.exists()] == before
     with sqlite3.connect(copy / "jobs.sqlite3") as db:  # the job in the log is still there
         assert db.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == 1
+
+
+def test_a_database_from_before_lora_sets_is_upgraded_and_its_jobs_run(tmp_path):
+    """A queue made before the `lora_set` column: opened, it gains the column, and its waiting jobs
+    (which had no LoRAs) run with the base weights' key."""
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript(jobs.SCHEMA.replace("    lora_set TEXT NOT NULL DEFAULT '',\n", ""))
+        request = params("from before")
+        db.execute(
+            "INSERT INTO jobs (id, status, params, prompt, created_at) VALUES (?, ?, ?, ?, 0)",
+            ("old", jobs.QUEUED, json.dumps(request.to_dict()), "from before"),
+        )
+    db.close()
+    jobs.check_database(path)  # the missing column is an upgrade, not a foreign database
+    store = JobStore(path)
+    with sqlite3.connect(path) as db:
+        assert "lora_set" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    claim = store.claim("w0", prefer=jobs.lora_set_key(params("x")))
+    assert (claim.job_id, claim.lora_set) == ("old", jobs.NO_LORAS)
+    assert job_params(store.get("old").params)["loras"] == []
+    store.close()
+    JobStore(path).close()  # an upgraded database opens as it is
+
+
+def test_a_job_stores_its_lora_set_and_shows_its_loras(store):
+    request = GenerateRequest.create(
+        "a fox", limits=LIMITS, width=64, height=64, seed=1, loras=[{"name": "a.safetensors", "weight": 0.5}, "b"]
+    )
+    job = store.submit(request)
+    assert job_params(job.params)["loras"] == [{"name": "a.safetensors", "weight": 0.5}, {"name": "b", "weight": 1.0}]
+    claim = store.claim("w0")
+    assert claim.lora_set == jobs.lora_set_key(request) != jobs.NO_LORAS
+    assert jobs.stored_request(claim.params, LIMITS).loras == request.loras
+    assert jobs.lora_set_key(params()) == jobs.NO_LORAS

@@ -320,3 +320,86 @@ def test_the_status_line_refreshes_as_soon_as_a_generate_job_ends(tmp_path: Path
         and "status-line" in [o.elem_id for o in f.outputs]
         for f in followers
     )
+
+
+# --- the LoRA pickers -------------------------------------------------------------------------------
+
+
+def test_job_params_sends_the_chosen_loras_only() -> None:
+    rows = [("a.safetensors", 0.7), ("", 1.0), (None, 1.0), ("sub/b", 1)]
+    assert job_params(*FORM.values(), loras=rows)["loras"] == [
+        {"name": "a.safetensors", "weight": 0.7},
+        {"name": "sub/b", "weight": 1.0},
+    ]
+    assert "loras" not in job_params(*FORM.values(), loras=[("", 1.0)])  # none chosen: the body as before
+    with pytest.raises(FormError, match=r"weight of a\.safetensors is empty"):
+        job_params(*FORM.values(), loras=[("a.safetensors", None)])
+
+
+def test_form_values_fill_the_lora_pickers_and_clear_the_rest() -> None:
+    from zturbo.serving.ui import LORA_ROWS, NO_LORA, describe_params
+
+    job = {"prompt": "x", "loras": [{"name": "a.safetensors", "weight": 0.7}, {"name": "b", "weight": -1.0}]}
+    values, notes = form_values(job, 16)
+    assert [values[f"lora_{i}"] for i in range(LORA_ROWS)] == ["a.safetensors", "b", *[NO_LORA] * (LORA_ROWS - 2)]
+    assert [values[f"lora_weight_{i}"] for i in range(2)] == [0.7, -1.0] and notes == []
+    assert "- **LoRAs:** a.safetensors (0.7), b (-1)" in describe_params(job)
+
+    values, _ = form_values({"prompt": "x", "loras": []}, 16)  # a job without LoRAs clears the pickers
+    assert {values[f"lora_{i}"] for i in range(LORA_ROWS)} == {NO_LORA}
+    values, _ = form_values({"prompt": "x"}, 16)  # parameters that do not say leave them as they are
+    assert not any(key.startswith("lora") for key in values)
+
+    many = [{"name": f"l{i}", "weight": 1.0} for i in range(LORA_ROWS + 2)]
+    _, notes = form_values({"prompt": "x", "loras": many}, 16)
+    assert notes == [f"the form has {LORA_ROWS} LoRA pickers, so l{LORA_ROWS}, l{LORA_ROWS + 1} was not filled in"]
+
+
+def test_lora_choices_offer_the_usable_files_and_name_the_others() -> None:
+    from zturbo.serving.ui import lora_choices
+
+    items = [{"name": "a.safetensors", "usable": True}, {"name": "flux.safetensors", "usable": False}]
+    choices, line = lora_choices(items)
+    assert choices == [("none", ""), ("a.safetensors", "a.safetensors")]
+    assert "1 LoRA(s)" in line and "Not usable with this model: flux.safetensors" in line
+    assert "No LoRA files" in lora_choices([])[1]
+
+
+def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_path: Path) -> None:
+    """Through the page's own handlers: the pickers are filled from GET /v1/loras and a Generate sends
+    the picked set; the listing handler may run before the key is typed (it takes no file, and the API
+    answers it only with the key), and Gradio puts the request where `generate` expects it."""
+    import gradio as gr
+    from gradio.helpers import special_args
+
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui import LORA_ROWS
+    from zturbo.serving.ui_app import _OPEN_HANDLERS, _UiFiles, build
+
+    posted: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/loras":
+            return httpx.Response(200, json={"items": [{"name": "a.safetensors", "usable": True}]})
+        posted.append(json.loads(request.content))
+        return httpx.Response(400, json={"error": {"type": "invalid_lora", "message": "no", "field": "loras.0"}})
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
+    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    lister = fns["list_loras"]
+    assert "list_loras" in _OPEN_HANDLERS and not any(isinstance(c, gr.File) for c in lister.inputs)
+    *pickers, line = lister.fn(None)
+    assert line.startswith("1 LoRA(s)")
+    assert len(pickers) == LORA_ROWS and pickers[0]["choices"] == [("none", ""), ("a.safetensors", "a.safetensors")]
+
+    generate = fns["generate"]
+    form = ["a fox", "", 64, 64, 2, 0.0, 1, 1, -1, 0.0, 0.0]
+    loras = ["a.safetensors", 0.5, *[None, 1.0] * (LORA_ROWS - 1)]
+    assert len(generate.inputs) == 1 + len(form) + len(loras)  # the key, the form, the pickers
+    marker = object()
+    inputs, *_ = special_args(generate.fn, [None, *form, *loras], request=marker)
+    assert inputs[0] is marker
+    updates = list(generate.fn(*inputs))
+    assert posted[-1]["loras"] == [{"name": "a.safetensors", "weight": 0.5}]
+    assert updates[-1][0] == "Error: no"

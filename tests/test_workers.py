@@ -166,3 +166,67 @@ def test_a_job_database_that_cannot_record_the_end_leaves_the_worker_running(eng
     assert job.status == jobs.RUNNING  # unrecorded; the next start re-queues it
     assert [m.status for m in messages if isinstance(m, workers.Finished)] == [jobs.FAILED]
     assert not any(isinstance(m, workers.Crashed) for m in messages)
+
+
+class StandInContext:
+    """The supervisor's process context, starting stand-in processes (a restart spawns no worker)."""
+
+    Pipe = staticmethod(mp.Pipe)
+
+    def Process(self, **kwargs: Any) -> StandInProcess:  # multiprocessing's name
+        process = StandInProcess()
+        process.start = lambda: None  # type: ignore[attr-defined]
+        return process
+
+
+def lora_request(*loras: str) -> GenerateRequest:
+    return GenerateRequest.create("a fox", limits=LIMITS, **SMALL, loras=list(loras) or None)
+
+
+def test_a_worker_is_sent_a_job_of_its_last_lora_set_first_until_it_restarts(store, tmp_path):
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    supervisor._ctx = StandInContext()
+    first = store.submit(lora_request("a"))
+    tick(supervisor)
+    assert worker_end.recv().job_id == first.id
+    base, same = store.submit(lora_request()), store.submit(lora_request("a"))  # queued in that order
+    stats = {"switches": 1, "switch_seconds": 0.5, "cache_hits": 0, "cache_misses": 1, "cache_bytes": 10}
+    worker_end.send(workers.Finished(first.id, jobs.SUCCEEDED, 1.0, loras={**stats, "backup_bytes": 64}))
+    tick(supervisor)  # the finish is read; the next dispatch comes with the next tick
+    tick(supervisor)
+    assert worker_end.recv().job_id == same.id  # its set is merged already: ahead of the older job
+    assert supervisor.loras_by_worker()["worker-0"]["backup_bytes"] == 64
+
+    process.alive = False  # the worker dies; its successor starts from the base weights
+    tick(supervisor)
+    slot = supervisor.slots[0]
+    slot.restart_at = 0.0
+    tick(supervisor)
+    assert slot.state == "starting" and slot.lora_set == jobs.NO_LORAS
+    numbers = supervisor.loras_by_worker()["worker-0"]
+    assert (numbers["switches"], numbers["cache_misses"]) == (1, 1)  # counters outlive the process
+    assert "backup_bytes" not in numbers  # the new process has saved no base weights yet
+    assert store.get(base.id).status == jobs.QUEUED
+
+
+def test_a_finished_job_reports_the_workers_lora_numbers(engine, store, tmp_path):
+    from loras import write_lora
+
+    path = tmp_path / "style.safetensors"
+    write_lora(path, "peft", engine.components.transformer, seed=3)
+    store.submit(GenerateRequest.create("a fox", limits=engine.limits, **SMALL, loras=[(str(path), 0.7)]))
+    claim = store.claim("worker-0")
+    before = workers._lora_stats(engine)
+    here, there = mp.Pipe()
+    try:
+        workers._run_claim(engine, store, tmp_path, claim, there)
+    finally:
+        engine.merger.restore()  # the session's engine goes back to its base weights
+    messages = []
+    while here.poll():
+        messages.append(here.recv())
+    [finished] = [m for m in messages if isinstance(m, workers.Finished)]
+    assert finished.status == jobs.SUCCEEDED
+    numbers = finished.loras
+    assert numbers["switches"] == before.get("switches", 0) + 1 and numbers["switch_seconds"] > 0
+    assert numbers["cache_misses"] == before["cache_misses"] + 1 and numbers["backup_bytes"] > 0

@@ -71,6 +71,10 @@ class ApiClient:
     def status(self, key: str | None) -> dict[str, Any]:
         return self._json("GET", "/v1/status", key)
 
+    def loras(self, key: str | None) -> list[dict[str, Any]]:
+        """The server's LoRA files (GET /v1/loras)."""
+        return self._json("GET", "/v1/loras", key)["items"]
+
     def image(self, image_id: str, key: str | None) -> bytes:
         return self._send("GET", f"/v1/images/{image_id}", key).content
 

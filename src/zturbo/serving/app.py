@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -20,7 +21,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..adapters.library import DEFAULT_CACHE_BYTES
 from ..config import RuntimeConfig
 from ..errors import (
     FieldError,
@@ -91,28 +93,41 @@ class ServeSettings:
     # Host names a server without a key answers besides loopback ones ("*": any); see _install_host_check.
     allowed_hosts: tuple[str, ...] = ()
     model_names: tuple[str, ...] = field(default=())
+    # Where job LoRA names resolve (None: <data_dir>/loras, made if missing); host memory each
+    # worker keeps for parsed LoRAs; the served transformer's linears, which a LoRA must map onto
+    # (None: the published Z-Image-Turbo's).
+    lora_dir: Path | None = None
+    lora_cache_bytes: int = DEFAULT_CACHE_BYTES
+    lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
 
 
 class Service:
     """The queue, the workers and the metrics of one running server."""
 
     def __init__(self, settings: ServeSettings) -> None:
+        from .loras import ServerLoras
         from .metrics import Metrics
 
         self.settings = settings
         self.images_dir = settings.data_dir / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        lora_dir = settings.lora_dir or settings.data_dir / "loras"
+        lora_dir.mkdir(parents=True, exist_ok=True)
+        self.loras = ServerLoras(lora_dir, settings.lora_targets or _published_targets)
         self.store = jobs.JobStore(settings.data_dir / "jobs.sqlite3", max_queued=settings.queue_size)
         self.events = jobs.JobEvents()
         self.metrics = Metrics(self)
         hooks = Hooks(on_event=self._on_event, on_finished=self._on_finished, on_restart=self.metrics.restarted)
+        # Workers resolve the same names in the same directory, and never take a path.
+        config = dataclasses.replace(settings.config, lora_dir=str(lora_dir), lora_paths=False)
         self.supervisor = Supervisor(
             self.store,
-            settings.config,
+            config,
             settings.devices,
             settings.data_dir,
             job_timeout=settings.job_timeout,
             hooks=hooks,
+            lora_cache_bytes=settings.lora_cache_bytes,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
 
@@ -140,6 +155,8 @@ class Service:
         self.events.publish(msg.job_id, "finished", {"status": job.status})
 
     def submit(self, request: GenerateRequest, job_id: str, client: str | None) -> jobs.Job:
+        """Queue a request whose LoRAs exist and fit the model (a 400 now, not a failed job later)."""
+        self.loras.check(request.loras)
         try:
             job = self.store.submit(request, job_id=job_id, client=client)
         except jobs.QueueFullError as e:
@@ -220,7 +237,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(_job_routes(service))
     app.include_router(_service_routes(service))
     app.include_router(_image_routes(service))
+    app.include_router(_lora_routes(service))
     return app
+
+
+def _published_targets() -> Mapping[str, tuple[int, int]]:
+    from ..adapters.formats import published_targets
+
+    return published_targets()
 
 
 def _version() -> str:
@@ -572,6 +596,18 @@ def _job_routes(service: Service) -> APIRouter:
     def delete_history(job_id: str) -> Response:
         store.delete(job_id, service.images_dir)
         return Response(status_code=204)
+
+    return r
+
+
+def _lora_routes(service: Service) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/v1/loras", tags=["loras"])
+    def loras() -> dict[str, Any]:
+        """The LoRA files a job may name: the server's LoRA directory, each file with its hashes and
+        either its summary (format, ranks, targeted modules) or why the server refuses it."""
+        return {"items": service.loras.listing()}
 
     return r
 

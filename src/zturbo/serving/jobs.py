@@ -29,6 +29,12 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 STATES = (QUEUED, RUNNING, *FINISHED)
 MAX_ATTEMPTS = 2
+# A worker runs the oldest waiting job that uses the LoRA set it ran last, ahead of older jobs with
+# another set, only when that job was queued at most this many seconds after the oldest waiting job:
+# switching sets rewrites weights, so same-set jobs go together, but no job is ever overtaken by a
+# job queued more than this long after it (docs/server.md, "Scheduling").
+SAME_SET_WINDOW_S = 30.0
+NO_LORAS = ""  # the LoRA set key of a job without LoRAs (the base weights)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,6 +47,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lora_set TEXT NOT NULL DEFAULT '',
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -57,6 +64,9 @@ CREATE TABLE IF NOT EXISTS images (
     UNIQUE (job_id, idx)
 );
 """
+# Columns a database made by an earlier zturbo may lack: the store adds them when it opens one
+# (ALTER TABLE ... ADD COLUMN), each with the value its rows mean (no LoRAs).
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("jobs", "lora_set", "TEXT NOT NULL DEFAULT ''"),)
 
 
 @dataclass(frozen=True)
@@ -98,10 +108,18 @@ class Claim:
     job_id: str
     attempt: int
     params: dict[str, Any]
+    lora_set: str = NO_LORAS  # the job's LoRA set key (`lora_set_key`)
 
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def lora_set_key(request: GenerateRequest) -> str:
+    """The LoRA set of a request as one text: equal for requests that merge the same weights."""
+    if not request.loras:
+        return NO_LORAS
+    return json.dumps([[ref.name, ref.weight] for ref in request.loras])
 
 
 def stored_request(params: dict[str, Any], limits: ModelLimits) -> GenerateRequest:
@@ -218,10 +236,13 @@ def _missing_columns(db: sqlite3.Connection) -> str | None:
         return None  # a database nothing was ever stored in
     want = sqlite3.connect(":memory:")
     want.executescript(SCHEMA)
+    added = {(table, column) for table, column, _ in ADDED_COLUMNS}
     missing = []
     for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
         have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
-        lacking = [r[1] for r in want.execute(f"PRAGMA table_info({table})") if r[1] not in have]
+        lacking = [
+            r[1] for r in want.execute(f"PRAGMA table_info({table})") if r[1] not in have and (table, r[1]) not in added
+        ]
         if lacking:
             missing.append(f"table {table}" if not have else f"{table}.{', '.join(lacking)}")
     want.close()
@@ -247,7 +268,17 @@ class JobStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None, deterministic=True)
         with self._lock:
+            self._add_columns()
             self._db.executescript(SCHEMA)
+
+    def _add_columns(self) -> None:
+        """Upgrade a database made before `ADDED_COLUMNS` (a no-op for a new or upgraded one)."""
+        for table, column, declaration in ADDED_COLUMNS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if have and column not in have:
+                with self._tx() as db:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                log.info("job database %s: added the column %s.%s", self.path, table, column)
 
     def close(self) -> None:
         with self._lock:
@@ -283,9 +314,10 @@ class JobStore:
                 raise QueueFullError(
                     f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
                 )
+            columns = "id, status, params, prompt, client, lora_set, created_at"
             db.execute(
-                "INSERT INTO jobs (id, status, params, prompt, client, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, json.dumps(params), "\n".join(request.prompts), client, now),
+                f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job_id, QUEUED, json.dumps(params), "\n".join(request.prompts), client, lora_set_key(request), now),
             )
         return self.get(job_id)
 
@@ -357,13 +389,13 @@ class JobStore:
 
     # --- state changes by the server --------------------------------------------------------
 
-    def claim(self, worker: str) -> Claim | None:
-        """The oldest queued job, now `running` on `worker` with one more attempt; None if none waits.
-        A job whose parameters cannot be read is failed with the reason on the way."""
+    def claim(self, worker: str, prefer: str = NO_LORAS) -> Claim | None:
+        """The next job (`_next`), now `running` on `worker` with one more attempt; None if none waits.
+        `prefer` is the LoRA set key the worker ran last. A job whose parameters cannot be read is
+        failed with the reason on the way."""
         with self._tx() as db:
             while True:
-                q = "SELECT id, params, attempts FROM jobs WHERE status = ? ORDER BY seq LIMIT 1"
-                row = db.execute(q, (QUEUED,)).fetchone()
+                row = self._next(db, prefer)
                 if row is None:
                     return None
                 params, problem = read_params(row["params"])
@@ -375,7 +407,19 @@ class JobStore:
                 "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
                 (RUNNING, attempt, worker, time.time(), row["id"]),
             )
-        return Claim(row["id"], attempt, params)
+        return Claim(row["id"], attempt, params, row["lora_set"])
+
+    @staticmethod
+    def _next(db: sqlite3.Connection, prefer: str) -> sqlite3.Row | None:
+        """The oldest waiting job, unless the oldest one with the `prefer` LoRA set was queued within
+        SAME_SET_WINDOW_S of it: then that one (no switch of weights for the worker)."""
+        columns = "SELECT id, params, attempts, lora_set, created_at FROM jobs WHERE status = ?"
+        oldest = db.execute(f"{columns} ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+        if oldest is None or oldest["lora_set"] == prefer:
+            return oldest
+        q = f"{columns} AND lora_set = ? AND created_at <= ? ORDER BY seq LIMIT 1"
+        same = db.execute(q, (QUEUED, prefer, oldest["created_at"] + SAME_SET_WINDOW_S)).fetchone()
+        return same if same is not None else oldest
 
     def _fail_unreadable(self, db: sqlite3.Connection, job_id: str, problem: str) -> None:
         message = f"job {job_id} cannot run: its stored parameters cannot be read ({problem}); submit it again"

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import jobs
@@ -64,8 +64,20 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# The LoRA numbers each worker reports with every finished job (workers._lora_stats):
+# (entry, metric name, help, counter?). Counters sum over a worker's restarts.
+LORA_METRICS = (
+    ("switches", "zturbo_lora_switches", "LoRA set changes merged into the transformer's weights", True),
+    ("switch_seconds", "zturbo_lora_switch_seconds", "Seconds spent changing LoRA sets (sum; count: switches)", True),
+    ("backup_bytes", "zturbo_lora_backup_bytes", "Bytes of base weights kept to undo the merged LoRAs", False),
+    ("cache_hits", "zturbo_lora_cache_hits", "LoRA loads served by the parsed-LoRA cache", True),
+    ("cache_misses", "zturbo_lora_cache_misses", "LoRA loads that read and parsed the file", True),
+    ("cache_bytes", "zturbo_lora_cache_bytes", "Host bytes of parsed LoRAs held in the cache", False),
+)
+
+
 class _LiveCollector:
-    """Values read at scrape time: queue depth, jobs by state, workers, GPU memory."""
+    """Values read at scrape time: queue depth, jobs by state, workers, GPU memory, LoRAs."""
 
     def __init__(self, service: Service) -> None:
         self.service = service
@@ -94,3 +106,12 @@ class _LiveCollector:
             for kind, value in stats.items():
                 memory.add_metric([worker, kind.removesuffix("_bytes")], value)
         yield memory
+        yield from _lora_families(self.service.supervisor.loras_by_worker())
+
+
+def _lora_families(by_worker: dict[str, dict[str, float]]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    for entry, name, doc, counter in LORA_METRICS:
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["worker"])
+        for worker, stats in by_worker.items():
+            family.add_metric([worker], stats.get(entry, 0.0))
+        yield family

@@ -18,7 +18,11 @@ MODEL_ALIASES = ("z-image-turbo", "zturbo")
 # Body fields that are not request parameters: they steer the route, not the image.
 _ROUTE_FIELDS = {"model", "response_format", "user"}
 # Where the HTTP form differs from the CLI's text, whose docs the table holds.
-_HTTP_DOCS = {"seeds": "one image per listed seed, in order (a JSON list of whole numbers); excludes seed"}
+_HTTP_DOCS = {
+    "seeds": "one image per listed seed, in order (a JSON list of whole numbers); excludes seed",
+    "loras": "LoRAs merged into the transformer, in order: a list of {name, weight} (weight 1 by default); "
+    "names are files in the server's LoRA directory (GET /v1/loras)",
+}
 
 
 def _doc(name: str) -> Any:
@@ -33,11 +37,25 @@ def _doc(name: str) -> Any:
         schema["maxLength"] = LIMITS.prompt_chars
     elif f.bounds == "seeds":
         schema |= {"minItems": 1, "maxItems": LIMITS.images[1]}
+    elif f.bounds == "loras":
+        schema["maxItems"] = LIMITS.loras
     doc = _HTTP_DOCS.get(name, f.doc)
     description = f"{doc}; allowed: {f.allowed()}"
     if name == "prompt":  # the one required field
         return Json(description=description, json_schema_extra=schema)
     return Json(f.default, description=description, json_schema_extra=schema)
+
+
+class LoraBody(BaseModel):
+    """One LoRA of a body; its name and weight are checked by `GenerateRequest.create`, whether the
+    file exists and fits the model by the server's LoRA library."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StrictStr = Json(description="a file in the server's LoRA directory, e.g. style.safetensors")
+    weight: StrictFloat = Json(
+        1.0, description=f"the LoRA's strength; allowed {LIMITS.lora_weight[0]:g}..{LIMITS.lora_weight[1]:g}"
+    )
 
 
 class _Body(BaseModel):
@@ -54,6 +72,7 @@ class _Body(BaseModel):
     variation_strength: StrictFloat = _doc("variation_strength")
     variety: StrictFloat = _doc("variety")
     variety_until: StrictFloat = _doc("variety_until")
+    loras: list[LoraBody] | None = _doc("loras")
 
 
 class JobBody(_Body):
@@ -98,6 +117,7 @@ def job_params(stored: dict[str, Any]) -> dict[str, Any]:
         "variation_strength": stored["variation_strength"],
         "variety": stored["variety"],
         "variety_until": stored["variety_until"],
+        "loras": [{"name": ref["name"], "weight": ref["weight"]} for ref in stored.get("loras", ())],
     }
 
 

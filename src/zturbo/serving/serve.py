@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -39,11 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-hosts", type=lambda t: tuple(filter(None, t.split(","))), default=(),
                    help="without an API key, Host names answered besides loopback ones and --host, "
                    "comma-separated; '*' for any (default none: a guard against DNS rebinding)")  # fmt: skip
-    p.add_argument(
-        "--data-dir",
-        default=None,
-        help="queue database and images (default $ZTURBO_DATA_DIR or ~/.local/share/zturbo)",
-    )
+    _storage_arguments(p)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds one job may run (default 600)")
     p.add_argument(
         "--shutdown-grace",
@@ -80,11 +77,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
+def _storage_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the server keeps its queue, images and LoRAs."""
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="queue database and images (default $ZTURBO_DATA_DIR or ~/.local/share/zturbo)",
+    )
+    p.add_argument(
+        "--lora-dir",
+        default=None,
+        help="the LoRA files jobs may name (by name only, never by path); made if missing "
+        "(default $ZTURBO_LORA_DIR, else DATA_DIR/loras)",
+    )
+    p.add_argument(
+        "--lora-cache",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="host memory each worker keeps parsed LoRAs in, the least recently used dropped first (default 2)",
+    )
+
+
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
+    from ..adapters.library import DEFAULT_CACHE_BYTES
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
     from .connections import BoundedConfig, StoppingServer, raise_file_limit
+    from .loras import model_targets
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
@@ -94,6 +115,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
+    lora_dir = Path(args.lora_dir or config.lora_dir or data_dir / "loras").expanduser()
     limits = _connection_limits(args, raise_file_limit())
     lock = _lock_data_dir(data_dir)
     settings = ServeSettings(
@@ -108,9 +130,12 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         sync_timeout=args.sync_timeout,
         allowed_hosts=(args.host, *args.allowed_hosts),
         model_names=tuple({config.model, source.name}),
+        lora_dir=lora_dir,
+        lora_cache_bytes=DEFAULT_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
+        lora_targets=functools.partial(model_targets, source.config("transformer")),
     )
-    log.info("serving %s on http://%s:%d with workers on %s; data in %s", config.model, args.host, args.port,
-             ", ".join(devices), data_dir)  # fmt: skip
+    log.info("serving %s on http://%s:%d with workers on %s; data in %s, LoRAs in %s", config.model, args.host,
+             args.port, ", ".join(devices), data_dir, lora_dir)  # fmt: skip
     app = create_app(settings)
     if not args.no_ui:
         from .ui import api_base_for
@@ -186,6 +211,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--sync-timeout {args.sync_timeout} must be a positive number of seconds")
     if args.shutdown_grace < 0:
         raise InvalidRequestError(f"--shutdown-grace {args.shutdown_grace} must be 0 or more seconds")
+    if args.lora_cache is not None and not args.lora_cache >= 0:
+        raise InvalidRequestError(f"--lora-cache {args.lora_cache} must be 0 or more GiB")
     if args.max_connections < 1:
         raise InvalidRequestError(f"--max-connections {args.max_connections} must be at least 1")
     for flag in ("keep_alive_timeout", "read_timeout"):

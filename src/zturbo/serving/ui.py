@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from ..request import DEFAULT_VARIETY_UNTIL, FIELD
@@ -21,6 +22,8 @@ RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3))
 CUSTOM = "Custom"
 RANDOM_SEED = -1  # the seed field's "pick one for me" value (A1111's convention)
 HISTORY_PAGE = 24  # jobs per history view; each image is fetched once, then served from disk
+LORA_ROWS = 4  # LoRA pickers on the form (a name and a weight each); the API takes more
+NO_LORA = ""  # a picker's "none" choice
 GUIDANCE_INFO = (
     "0 turns classifier-free guidance (CFG) off: the Turbo default, one model call per step, and the "
     "negative prompt is not used. Above 0, each step makes two calls and follows the negative prompt."
@@ -107,10 +110,12 @@ def job_params(
     variation_seed: object = RANDOM_SEED,
     variation_strength: object = 0.0,
     variety: object = 0.0,
+    loras: Sequence[tuple[object, object]] = (),
 ) -> dict[str, Any]:
     """The `POST /v1/jobs` body for the form's values; raises FormError only for a value the form
-    cannot send (empty, or not a whole number where one belongs)."""
-    return {
+    cannot send (empty, or not a whole number where one belongs). `loras`: the pickers' (name,
+    weight) pairs, a pair without a name left out."""
+    body = {
         "prompt": prompt or "",
         "negative_prompt": negative_prompt or "",
         "width": _whole("width", width),
@@ -123,13 +128,23 @@ def job_params(
         "variation_strength": _number("variation strength", variation_strength),
         "variety": _number("seed variety", variety),
     }
+    chosen = [(str(name).strip(), weight) for name, weight in loras if name is not None and str(name).strip()]
+    if chosen:
+        body["loras"] = [{"name": name, "weight": _number(f"weight of {name}", w)} for name, w in chosen]
+    return body
+
+
+def lora_pairs(values: Sequence[object]) -> list[tuple[object, object]]:
+    """The pickers' values, name then weight for each row, as (name, weight) pairs."""
+    return list(zip(values[0::2], values[1::2], strict=True))
 
 
 # ---- parameters -> form --------------------------------------------------------------------------
 
+LORA_KEYS = tuple(key for i in range(LORA_ROWS) for key in (f"lora_{i}", f"lora_weight_{i}"))
 FORM_KEYS = (
     "prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed", "n",
-    "variation_seed", "variation_strength", "variety",
+    "variation_seed", "variation_strength", "variety", *LORA_KEYS,
 )  # fmt: skip
 _RANGED = ("steps", "guidance_scale", "seed", "batch", "variation_seed", "variation_strength", "variety")
 # The form fields with a range, as the request table bounds them (keyed by their HTTP names).
@@ -161,7 +176,25 @@ def form_values(params: dict[str, Any], unit: int) -> tuple[dict[str, Any], list
             notes.append(
                 f"size {params['width']}×{params['height']} is not a multiple of {unit}; change it before generating"
             )
+    values |= _lora_values(params, notes)
     return values, notes + _not_in_form(params)
+
+
+def _lora_values(params: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The pickers' values for the parameters' LoRAs (all of them cleared when the parameters list
+    none); nothing when the parameters do not say (e.g. A1111 text from another tool)."""
+    loras = params.get("loras")
+    if not isinstance(loras, list):
+        return {}
+    refs = [(r["name"], r.get("weight", 1.0)) for r in loras if isinstance(r, dict) and isinstance(r.get("name"), str)]
+    if len(refs) > LORA_ROWS:
+        left = ", ".join(name for name, _ in refs[LORA_ROWS:])
+        notes.append(f"the form has {LORA_ROWS} LoRA pickers, so {left} was not filled in")
+    values: dict[str, Any] = {}
+    for i in range(LORA_ROWS):
+        name, weight = refs[i] if i < len(refs) else (NO_LORA, 1.0)
+        values[f"lora_{i}"], values[f"lora_weight_{i}"] = name, weight
+    return values
 
 
 def _num(value: float) -> str:
@@ -200,9 +233,30 @@ def describe_params(params: dict[str, Any], seed: int | None = None, variation_s
     if params.get("variety"):
         until = params.get("variety_until", DEFAULT_VARIETY_UNTIL)
         rows.append(("Seed variety", f"{params['variety']:g} (first {until:g} of the steps)"))
+    if params.get("loras"):
+        rows.append(("LoRAs", lora_text(params["loras"])))
     if params.get("n", 1) > 1:
         rows.append(("Images in job", params["n"]))
     return "\n".join(f"- **{name}:** {_md_escape(str(value))}" for name, value in rows)
+
+
+def lora_text(loras: list[dict[str, Any]]) -> str:
+    """`name (weight), ...` of a job's or an image's LoRAs."""
+    return ", ".join(f"{r.get('name')} ({_num(r.get('weight', 1.0))})" for r in loras)
+
+
+def lora_choices(items: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str]:
+    """The pickers' (label, value) choices, "none" first, then the usable files of GET /v1/loras;
+    and a line about them."""
+    usable = [item["name"] for item in items if item.get("usable", True)]
+    refused = [item["name"] for item in items if not item.get("usable", True)]
+    if not items:
+        line = "No LoRA files in the server's LoRA directory (zturbo serve --lora-dir)."
+    else:
+        line = f"{len(usable)} LoRA(s) in the server's directory."
+    if refused:
+        line += f" Not usable with this model: {', '.join(refused)}."
+    return [("none", NO_LORA), *((name, name) for name in usable)], line
 
 
 def _md_escape(text: str) -> str:

@@ -36,7 +36,7 @@ from fastapi import FastAPI
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..request import FIELD, ModelLimits
+from ..request import FIELD, LIMITS, ModelLimits
 from .apiclient import ApiClient, ApiError
 from .app import error_response, read_body, replay_body
 from .ui import (
@@ -44,6 +44,8 @@ from .ui import (
     FORM_KEYS,
     GUIDANCE_INFO,
     HISTORY_PAGE,
+    LORA_ROWS,
+    NO_LORA,
     RANDOM_SEED,
     VARIATION_INFO,
     VARIETY_INFO,
@@ -53,6 +55,8 @@ from .ui import (
     error_text,
     form_values,
     job_params,
+    lora_choices,
+    lora_pairs,
     preset_for,
     progress_text,
     status_text,
@@ -70,8 +74,10 @@ _OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/heartbeat/")
 _UPLOAD_PATH = "/gradio_api/upload"
 _JOIN_PATH = "/gradio_api/queue/join"
 # The handlers a page may run through the queue before it has the pass: none takes a file, so none
-# makes Gradio fetch or store one (it prepares a handler's file inputs before the handler runs).
-_OPEN_HANDLERS = frozenset({"status", "use_key", "apply_preset", "reuse_seed"})
+# makes Gradio fetch or store one (it prepares a handler's file inputs before the handler runs), and
+# those that return data (status, list_loras) ask the API with the session's key, so a page without
+# the key gets the API's refusal.
+_OPEN_HANDLERS = frozenset({"status", "use_key", "apply_preset", "reuse_seed", "list_loras"})
 
 
 def _safe_name(text: object) -> str:
@@ -389,6 +395,20 @@ def build(
                         variety = gr.Slider(
                             0, 1, value=0, step=0.01, label="Seed variety", info=VARIETY_INFO, elem_id="variety"
                         )
+                    with gr.Accordion("LoRAs", open=False, elem_id="loras") as lora_box:
+                        lora_info = gr.Markdown(elem_id="lora-info")
+                        lora_rows: list[Any] = []
+                        for i in range(LORA_ROWS):
+                            with gr.Row():
+                                lora_rows.append(gr.Dropdown(
+                                    [("none", NO_LORA)], value=NO_LORA, label=f"LoRA {i + 1}", allow_custom_value=True,
+                                    scale=3, elem_id=f"lora-{i}",
+                                ))  # fmt: skip
+                                lora_rows.append(gr.Slider(
+                                    *LIMITS.lora_weight, value=1.0, step=0.05, label="Weight", scale=2,
+                                    elem_id=f"lora-weight-{i}",
+                                ))  # fmt: skip
+                        lora_refresh = gr.Button("Refresh the list", size="sm", elem_id="lora-refresh")
                     png = gr.File(
                         label="Drop a PNG here to read its parameters", file_types=[".png"], type="filepath",
                         elem_id="png-drop",
@@ -432,10 +452,12 @@ def build(
             variation_seed,
             variation_strength,
             variety,
+            *lora_rows,
         ]
         free = {"concurrency_limit": None}  # the server's queue orders the work; Gradio's must not
         status_io = {"inputs": [key_state], "outputs": [status_md, key_row], **free}
-        demo.load(handlers.status, **status_io)
+        lora_io = {"inputs": [key_state], "outputs": [*lora_rows[0::2], lora_info], **free}
+        demo.load(handlers.status, **status_io).then(handlers.list_loras, **lora_io)
         gr.Timer(5).tick(handlers.status, show_progress="hidden", **status_io)
         # The page keeps the session's pass as a cookie, which its file and upload requests carry.
         cookie = f"{PASS_COOKIE}=${{p}}; path={cookie_path}; SameSite=Strict"
@@ -443,7 +465,8 @@ def build(
         for typed in (key_btn.click, key_box.submit):
             typed(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row, ui_pass], **free).then(
                 None, [ui_pass], None, js=keep_pass
-            )
+            ).then(handlers.list_loras, **lora_io)
+        lora_refresh.click(handlers.list_loras, **lora_io)
 
         preset.input(handlers.apply_preset, [preset], [width, height])
         width.input(on_size, [width, height], [preset])
@@ -462,7 +485,7 @@ def build(
         ).then(handlers.status, show_progress="hidden", **status_io)
         cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
         gallery.select(handlers.select_result, [results], [image_params, download])
-        filled = [*form, advanced]  # the accordion opens when a fill sets a negative prompt or CFG
+        filled = [*form, advanced, lora_box]  # an accordion opens when a fill sets a value it holds
         png.upload(handlers.read_png, [key_state, png], [png_msg, *filled])
 
         hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete]
@@ -505,6 +528,14 @@ class _Handlers:
         ui_pass = self.passes.issue() if self.passes is not None else ""
         return key, "", text, gr.update(visible=False), ui_pass
 
+    def list_loras(self, key: str | None) -> list[Any]:
+        """The pickers' choices from the server's LoRA directory, and a line about it."""
+        try:
+            choices, line = lora_choices(self.client.loras(key))
+        except ApiError as e:
+            return [*(gr.skip() for _ in range(LORA_ROWS)), error_text(e)]
+        return [*(gr.update(choices=choices) for _ in range(LORA_ROWS)), line]
+
     def apply_preset(self, label: str) -> tuple[Any, Any]:
         size = aspect_presets(self.unit).get(label)
         return (size[0], size[1]) if size else (gr.skip(), gr.skip())
@@ -517,6 +548,7 @@ class _Handlers:
 
     def generate(
         self,
+        request: gr.Request,
         key: str | None,
         prompt: str,
         negative: str,
@@ -529,14 +561,17 @@ class _Handlers:
         variation_seed: float | None,
         variation_strength: float,
         variety: float,
-        request: gr.Request,
+        *loras: Any,
     ) -> Iterator[tuple[Any, ...]]:
-        """Queue a job, then stream its progress; the last update shows the images."""
+        """Queue a job, then stream its progress; the last update shows the images. `loras`: the
+        pickers' values, name then weight for each row (`request` comes first for Gradio: it puts the
+        request at the annotated parameter's place, and the pickers fill the variable tail)."""
         skip = gr.skip()
         try:
             params = job_params(
-                prompt, negative, width, height, steps, guidance, seed, n, variation_seed, variation_strength, variety
-            )
+                prompt, negative, width, height, steps, guidance, seed, n, variation_seed, variation_strength, variety,
+                loras=lora_pairs(loras),
+            )  # fmt: skip
         except FormError as e:
             yield f"Error: {e}", skip, skip, skip, skip, skip
             return
@@ -648,13 +683,16 @@ class _Handlers:
         return self.history(key, query)
 
 
-_NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 1)
+_NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 2)
 
 
 def _form_updates(values: dict[str, Any]) -> list[Any]:
-    """Updates for the form fields and the Advanced accordion, opened when a value it holds is set."""
+    """Updates for the form fields and the Advanced and LoRAs accordions, each opened when a value it
+    holds is set."""
     advanced = any(values.get(k) for k in ("negative_prompt", "guidance_scale", "variation_strength", "variety"))
+    loras = any(values.get(f"lora_{i}") for i in range(LORA_ROWS))
     return [
         *(values[k] if k in values else gr.skip() for k in FORM_KEYS),
         gr.Accordion(open=True) if advanced else gr.skip(),
+        gr.Accordion(open=True) if loras else gr.skip(),
     ]

@@ -33,6 +33,8 @@ log = logging.getLogger("zturbo.workers")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
+# `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
+_LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
 
 # --- messages: worker -> supervisor -------------------------------------------------------------
@@ -65,6 +67,7 @@ class Finished:
     seconds: float
     fallbacks: int = 0
     memory: dict[str, int] | None = None
+    loras: dict[str, float] | None = None  # the worker's LoRA numbers so far (`_lora_stats`)
 
 
 @dataclass(frozen=True)
@@ -83,15 +86,24 @@ class JobCancelled(Exception):
 
 
 def worker_main(
-    worker_id: str, device: str, config: RuntimeConfig, db_path: str, images_dir: str, conn: Connection
+    worker_id: str,
+    device: str,
+    config: RuntimeConfig,
+    db_path: str,
+    images_dir: str,
+    conn: Connection,
+    lora_cache_bytes: int | None = None,
 ) -> None:
     """Entry point of a worker process: load, warm up, report ready, then run claims until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
+    from ..adapters.library import LoraLibrary
     from ..engine import Engine
 
     engine = Engine.load(dataclasses.replace(config, device=device))
+    if lora_cache_bytes is not None and config.lora_dir is not None:  # the server's cache size
+        engine.loras = LoraLibrary(Path(config.lora_dir), allow_paths=config.lora_paths, cache_bytes=lora_cache_bytes)
     unit = engine.limits.spatial_unit
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
     store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
@@ -133,12 +145,12 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
         refs = _save_images(result.images, images_dir, claim.job_id)
     except JobCancelled:
         status = _record(store, claim, lambda: store.end(claim, jobs.CANCELLED), jobs.CANCELLED)
-        conn.send(Finished(claim.job_id, status, time.perf_counter() - start))
+        conn.send(Finished(claim.job_id, status, time.perf_counter() - start, loras=_lora_stats(engine)))
         return
     except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
         error = {"type": e.kind, "message": str(e)}
         _record(store, claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED)
-        conn.send(Finished(claim.job_id, jobs.FAILED, time.perf_counter() - start))
+        conn.send(Finished(claim.job_id, jobs.FAILED, time.perf_counter() - start, loras=_lora_stats(engine)))
         return
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
         logging.getLogger("zturbo").exception("job %s crashed the worker", claim.job_id)
@@ -146,7 +158,22 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
         os._exit(3)
     status = _record(store, claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED)
     seconds = time.perf_counter() - start
-    conn.send(Finished(claim.job_id, status, seconds, len(result.fallbacks), _memory(engine.device)))
+    memory = _memory(engine.device)
+    conn.send(Finished(claim.job_id, status, seconds, len(result.fallbacks), memory, _lora_stats(engine)))
+
+
+def _lora_stats(engine: Any) -> dict[str, float] | None:
+    """The LoRA numbers of this worker process so far: set switches and their seconds, the saved base
+    weights, the parsed-file cache; None for an engine without LoRA support."""
+    library = getattr(engine, "loras", None)
+    if library is None:
+        return None
+    stats = {"cache_hits": library.hits, "cache_misses": library.misses, "cache_bytes": library.cached_bytes}
+    merger = engine.merger
+    if merger is not None:
+        stats |= {"switches": merger.stats.switches, "switch_seconds": merger.stats.seconds}
+        stats["backup_bytes"] = merger.backup_bytes
+    return stats
 
 
 def _record(store: jobs.JobStore, claim: jobs.Claim, write: Any, status: str) -> str:
@@ -235,6 +262,16 @@ class WorkerSlot:
     progress: tuple[int, int] | None = None
     last_error: str | None = None  # why it last died, for /v1/status
     crash_reason: str | None = None  # what the running process reported before exiting
+    lora_set: str = jobs.NO_LORAS  # the LoRA set of the last job sent to the running process
+    lora_stats: dict[str, float] = field(default_factory=dict)  # the running process's (`_lora_stats`)
+    lora_totals: dict[str, float] = field(default_factory=dict)  # the counters of its earlier processes
+
+    def lora_counters(self) -> dict[str, float]:
+        """The slot's LoRA numbers: counters summed over its processes, gauges of the running one."""
+        out = dict(self.lora_stats)
+        for name in _LORA_COUNTERS:
+            out[name] = self.lora_totals.get(name, 0.0) + self.lora_stats.get(name, 0.0)
+        return out
 
     def view(self) -> dict[str, Any]:
         pid = self.process.pid if self.process is not None else None
@@ -263,11 +300,13 @@ class Supervisor:
         *,
         job_timeout: float,
         hooks: Hooks | None = None,
+        lora_cache_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.data_dir = data_dir
         self.job_timeout = job_timeout
+        self.lora_cache_bytes = lora_cache_bytes
         self.hooks = hooks or Hooks()
         self.slots = [WorkerSlot(f"worker-{i}", d) for i, d in enumerate(devices)]
         self._ctx = mp.get_context("spawn")
@@ -312,6 +351,11 @@ class Supervisor:
     def memory_by_worker(self) -> dict[str, dict[str, int]]:
         with self._lock:
             return {s.id: dict(s.memory) for s in self.slots if s.memory}
+
+    def loras_by_worker(self) -> dict[str, dict[str, float]]:
+        """Each worker's LoRA numbers (`WorkerSlot.lora_counters`)."""
+        with self._lock:
+            return {s.id: s.lora_counters() for s in self.slots}
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
         with self._lock:
@@ -384,7 +428,7 @@ class Supervisor:
             if s.process is None or not s.process.is_alive():
                 continue  # died while idle: _check restarts it; a job sent now would be lost
             with self._lock:
-                claim = self.store.claim(s.id) if self._dispatching else None
+                claim = self.store.claim(s.id, prefer=s.lora_set) if self._dispatching else None
             if claim is None:
                 return
             try:
@@ -395,7 +439,7 @@ class Supervisor:
                 continue
             with self._lock:
                 s.claim, s.claimed_at, s.state, s.progress = claim, time.monotonic(), "busy", None
-                s.claim_started = False
+                s.claim_started, s.lora_set = False, claim.lora_set
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
 
     def _drain(self, s: WorkerSlot) -> None:
@@ -422,6 +466,7 @@ class Supervisor:
             with self._lock:
                 s.claim, s.state, s.progress, s.failures = None, "ready", None, 0
                 s.memory = msg.memory or s.memory
+                s.lora_stats = msg.loras or s.lora_stats
             self.hooks.on_finished(msg)
         elif isinstance(msg, Crashed):
             s.crash_reason = msg.reason
@@ -487,9 +532,10 @@ class Supervisor:
 
     def _spawn(self, s: WorkerSlot) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
+        images = str(self.data_dir / "images")
         process = self._ctx.Process(
             target=worker_main,
-            args=(s.id, s.device, self.config, str(self.store.path), str(self.data_dir / "images"), child),
+            args=(s.id, s.device, self.config, str(self.store.path), images, child, self.lora_cache_bytes),
             name=f"zturbo-{s.id}",
             daemon=True,
         )
@@ -498,6 +544,10 @@ class Supervisor:
         with self._lock:
             s.process, s.conn, s.state, s.started_at = process, parent, "starting", time.monotonic()
             s.crash_reason = None
+            # A new process starts from the base weights and an empty cache; its counters add on.
+            for name in _LORA_COUNTERS:
+                s.lora_totals[name] = s.lora_totals.get(name, 0.0) + s.lora_stats.get(name, 0.0)
+            s.lora_stats, s.lora_set = {}, jobs.NO_LORAS
 
     def _halt(self, s: WorkerSlot) -> None:
         if s.process is None:
