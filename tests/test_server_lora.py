@@ -12,6 +12,8 @@ import hashlib
 import io
 import json
 import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,6 +161,85 @@ def test_the_list_route_shows_the_directory_with_hashes_and_what_each_file_is(se
     }
     assert not items[FLUX]["usable"] and items[FLUX]["summary"] is None and "FLUX.1" in items[FLUX]["error"]
     assert server.client.get("/v1/loras", headers={"Authorization": ""}).status_code == 401
+
+
+class Parsed:
+    """What `LoraLibrary.load` gives, as far as the server's check reads it."""
+
+    def summary(self) -> dict:
+        return {"format": "test"}
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1.5"])
+def test_a_lora_cache_that_is_not_a_finite_size_is_refused(value):
+    from zturbo.cli import build_parser
+    from zturbo.errors import InvalidRequestError
+    from zturbo.serving import serve
+
+    args = build_parser().parse_args(["serve", "--lora-cache", value])
+    with pytest.raises(InvalidRequestError, match=f"--lora-cache {value} must be 0 or more GiB"):
+        serve._check_numbers(args)
+    serve._check_numbers(build_parser().parse_args(["serve", "--lora-cache", "0.5"]))
+
+
+def test_one_file_under_two_names_is_refused(tmp_path, monkeypatch):
+    """`a`, `a.safetensors`, `./a` and a link to it are one file: twice in a list, its weights would add
+    up past the weight limit."""
+    from zturbo.request import LoraRef
+    from zturbo.serving.loras import LoraFieldError, ServerLoras
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.safetensors").write_bytes(b"a")
+    (tmp_path / "sub" / "b.safetensors").write_bytes(b"b")
+    (tmp_path / "alias.safetensors").symlink_to(tmp_path / "a.safetensors")
+    loras = ServerLoras(tmp_path, lambda: {})
+    monkeypatch.setattr(loras.library, "load", lambda file, targets: Parsed())
+    loras.check([LoraRef("a", 10.0), LoraRef("sub/b", 10.0)])  # two files
+    for alias in ("a.safetensors", "./a", "alias"):
+        with pytest.raises(LoraFieldError) as err:
+            loras.check([LoraRef("sub/b", 1.0), LoraRef("a", 10.0), LoraRef(alias, 10.0)])
+        assert err.value.field == "loras.2"
+        assert f"LoRA {alias!r} is the file loras.1 ('a') names" in str(err.value)
+
+
+def test_concurrent_listings_hash_and_parse_each_new_file_once_and_one_at_a_time(tmp_path, monkeypatch):
+    """A parse holds a whole file in memory: listings at once (each web UI page load lists) must not
+    each hash and parse every new file side by side."""
+    from zturbo.adapters import library
+    from zturbo.serving.loras import ServerLoras
+
+    hashed = []
+
+    def slow_sha256(path: Path) -> str:
+        hashed.append(path.name)
+        time.sleep(0.05)
+        return sha256(path)
+
+    monkeypatch.setattr(library, "sha256_file", slow_sha256)
+    for i in range(3):
+        (tmp_path / f"l{i}.safetensors").write_bytes(f"file {i}".encode())
+    loras = ServerLoras(tmp_path, lambda: {})
+    lock, active, most, parsed = threading.Lock(), [0], [0], []
+
+    def load(file, targets):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            parsed.append(file.name)
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return Parsed()
+
+    monkeypatch.setattr(loras.library, "load", load)
+    threads = [threading.Thread(target=loras.listing) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = ["l0.safetensors", "l1.safetensors", "l2.safetensors"]
+    assert sorted(hashed) == names and sorted(parsed) == names and most[0] == 1
+    assert [item["summary"] for item in loras.listing()] == [{"format": "test"}] * 3
 
 
 # --- scheduling: the store's claim with a fake clock ---------------------------------------------------

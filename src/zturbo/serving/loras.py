@@ -55,38 +55,55 @@ class ServerLoras:
         self._targets: Targets | None = None
         self._checked: collections.OrderedDict[str, dict[str, Any] | str] = collections.OrderedDict()
         self._lock = threading.Lock()  # guards `_checked` and `_targets`; the library has its own
+        # One file parsed at a time, and one listing at a time: a parse holds the whole file in
+        # memory, and concurrent listings (every page load of the web UI lists) would otherwise each
+        # hash and parse every new file side by side; a listing that waited finds them known.
+        self._parsing = threading.Lock()
+        self._listing = threading.Lock()
 
     def check(self, refs: Sequence[LoraRef]) -> None:
         """Raise LoraFieldError (400, naming `loras.<i>`) for the first LoRA that cannot be used:
-        a name outside the directory, a missing file, a file that does not fit the model."""
+        a name outside the directory, a missing file, a file another name of the list already
+        gives (`a`, `a.safetensors` and `./a` are one file: merged twice, its weights would pass
+        the weight limit), a file that does not fit the model."""
+        seen: dict[Path, int] = {}
         for i, ref in enumerate(refs):
             where = f"loras.{i}"
             try:
-                outcome = self._outcome(self._resolve(ref.name))
+                file = self._resolve(ref.name)
             except LoraError as e:
                 raise LoraFieldError(where, f"{where}: {e}") from None
+            if file.path in seen:
+                first = seen[file.path]
+                raise LoraFieldError(
+                    where,
+                    f"{where}: LoRA {ref.name!r} is the file loras.{first} ({refs[first].name!r}) names; "
+                    "give each file once with its weight",
+                )
+            seen[file.path] = i
+            outcome = self._outcome(file)
             if isinstance(outcome, str):
                 raise LoraFieldError(where, f"{where}: {outcome}")
 
     def listing(self) -> list[dict[str, Any]]:
         """Every LoRA file of the directory: name, size, hashes, and its summary (format, ranks,
         targets) or why the server refuses it."""
-        items = []
-        files = self.library.list()
-        for file in files:
-            outcome = self._outcome(file)
-            usable = not isinstance(outcome, str)
-            items.append({
-                "name": file.name,
-                "size": file.size,
-                "modified": file.mtime_ns / 1e9,
-                "sha256": file.sha256,
-                "short_hash": file.short_hash,
-                "usable": usable,
-                "summary": outcome if usable else None,
-                "error": None if usable else outcome,
-            })  # fmt: skip
-        return items
+        with self._listing:
+            return [self._item(file) for file in self.library.list()]
+
+    def _item(self, file: LoraFile) -> dict[str, Any]:
+        outcome = self._outcome(file)
+        usable = not isinstance(outcome, str)
+        return {
+            "name": file.name,
+            "size": file.size,
+            "modified": file.mtime_ns / 1e9,
+            "sha256": file.sha256,
+            "short_hash": file.short_hash,
+            "usable": usable,
+            "summary": outcome if usable else None,
+            "error": None if usable else outcome,
+        }
 
     def _resolve(self, name: str) -> LoraFile:
         try:
@@ -96,22 +113,32 @@ class ServerLoras:
 
     def _outcome(self, file: LoraFile) -> dict[str, Any] | str:
         """The file's summary, or the message refusing it; parsed once per content."""
-        with self._lock:
-            if file.sha256 in self._checked:
-                self._checked.move_to_end(file.sha256)
-                return self._checked[file.sha256]
-        outcome: dict[str, Any] | str
-        try:
-            outcome = self.library.load(file, self._model_targets()).summary()
-        except LoraError as e:
-            outcome = str(e)
-        except OSError as e:
-            outcome = f"LoRA {file.name!r} cannot be read: {e.strerror or e}"
-        with self._lock:
-            self._checked[file.sha256] = outcome
-            while len(self._checked) > CHECKED_KEPT:
-                self._checked.popitem(last=False)
+        known = self._known(file.sha256)
+        if known is not None:
+            return known
+        with self._parsing:
+            known = self._known(file.sha256)  # parsed by another thread while this one waited
+            if known is not None:
+                return known
+            outcome: dict[str, Any] | str
+            try:
+                outcome = self.library.load(file, self._model_targets()).summary()
+            except LoraError as e:
+                outcome = str(e)
+            except OSError as e:
+                outcome = f"LoRA {file.name!r} cannot be read: {e.strerror or e}"
+            with self._lock:
+                self._checked[file.sha256] = outcome
+                while len(self._checked) > CHECKED_KEPT:
+                    self._checked.popitem(last=False)
         return outcome
+
+    def _known(self, sha256: str) -> dict[str, Any] | str | None:
+        with self._lock:
+            if sha256 in self._checked:
+                self._checked.move_to_end(sha256)
+                return self._checked[sha256]
+        return None
 
     def _model_targets(self) -> Targets:
         with self._lock:

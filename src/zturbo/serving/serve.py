@@ -211,8 +211,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--sync-timeout {args.sync_timeout} must be a positive number of seconds")
     if args.shutdown_grace < 0:
         raise InvalidRequestError(f"--shutdown-grace {args.shutdown_grace} must be 0 or more seconds")
-    if args.lora_cache is not None and not args.lora_cache >= 0:
-        raise InvalidRequestError(f"--lora-cache {args.lora_cache} must be 0 or more GiB")
+    if args.lora_cache is not None and not 0 <= args.lora_cache < float("inf"):  # made a whole number of bytes
+        raise InvalidRequestError(f"--lora-cache {args.lora_cache} must be 0 or more GiB (a finite number)")
     if args.max_connections < 1:
         raise InvalidRequestError(f"--max-connections {args.max_connections} must be at least 1")
     for flag in ("keep_alive_timeout", "read_timeout"):
