@@ -227,3 +227,24 @@ def test_a_bad_a1111_lora_tag_is_named(tag, message):
 
     with pytest.raises(InvalidRequestError, match=re.escape(message)):
         parse_a1111(f"a cat {tag}\nSteps: 4, Seed: 1")
+
+
+def test_a1111_lora_names_with_tag_characters_or_one_name_in_two_folders_read_back_with_their_hashes():
+    """A name holding `:` or `>` would end A1111's tag early (another name, or the tag's tail left in the
+    prompt); two files of one name in two folders must each keep their own hash."""
+    from zturbo.imageio import a1111_parameters, parse_a1111
+
+    loras = [
+        {"name": "s:v2.safetensors", "weight": 0.5, "sha256": "1" * 64},
+        {"name": "a>b.safetensors", "weight": 0.25, "sha256": "2" * 64},
+        {"name": "x/st.safetensors", "weight": 0.7, "sha256": "3" * 64},
+        {"name": "y/st.safetensors", "weight": 0.3, "sha256": "4" * 64},
+    ]
+    params, ignored = parse_a1111(a1111_parameters({**LORA_META, "loras": loras}))
+    assert ignored == [] and params["prompt"] == LORA_META["prompt"]
+    assert params["loras"] == [
+        {"name": "sv2", "weight": 0.5, "sha256": "1" * 10},
+        {"name": "ab", "weight": 0.25, "sha256": "2" * 10},
+        {"name": "st", "weight": 0.7, "sha256": "3" * 10},
+        {"name": "st", "weight": 0.3, "sha256": "4" * 10},
+    ]

@@ -97,9 +97,11 @@ def _a1111_noise_fields(meta: dict[str, Any]) -> dict[str, Any]:
 
 def lora_tag_name(name: str) -> str:
     """A LoRA's name in A1111 text (`<lora:NAME:W>`, `Lora hashes`): its file name without the
-    directory and `.safetensors`, as A1111 and Civitai name them."""
+    directory and `.safetensors`, as A1111 and Civitai name them, less the characters a tag cannot
+    hold (`:` ends the name, `<` and `>` the tag), so the name reads back as written."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    return base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
+    base = base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
+    return re.sub("[:<>]", "", base)
 
 
 def _weight_text(weight: float) -> str:
@@ -228,12 +230,20 @@ def _lora_tag(tag: str, body: str) -> tuple[str, float]:
 def _with_hashes(tags: list[tuple[str, float]], hashes: str) -> list[dict[str, Any]]:
     """The tags as `{name, weight, sha256}` (a short hash from `Lora hashes`, or None), as zturbo's
     own metadata records LoRAs."""
-    by_name: dict[str, str] = {}
+    by_name: dict[str, list[str]] = {}
     for item in hashes.split(","):
         name, colon, digest = item.rpartition(":")
         if colon and name.strip():
-            by_name.setdefault(name.strip(), digest.strip().lower())
-    return [{"name": name, "weight": weight, "sha256": by_name.get(_hash_name(name))} for name, weight in tags]
+            by_name.setdefault(name.strip(), []).append(digest.strip().lower())
+    # Files of one name in two folders: the tags and the hashes pair up in order.
+    return [{"name": name, "weight": weight, "sha256": _next_hash(by_name, _hash_name(name))} for name, weight in tags]
+
+
+def _next_hash(by_name: dict[str, list[str]], name: str) -> str | None:
+    digests = by_name.get(name)
+    if not digests:
+        return None
+    return digests.pop(0) if len(digests) > 1 else digests[0]
 
 
 def _a1111_field(label: str) -> Field | None:
