@@ -363,6 +363,9 @@ def test_lora_choices_offer_the_usable_files_and_name_the_others() -> None:
     assert choices == [("none", ""), ("a.safetensors", "a.safetensors")]
     assert "1 LoRA(s)" in line and "Not usable with this model: flux.safetensors" in line
     assert "No LoRA files" in lora_choices([])[1]
+    # The line is Markdown: a file's name is shown as it is, never as a link, markup or HTML.
+    _, line = lora_choices([{"name": "[x](http://e.test)<img src=y>*b*.safetensors", "usable": False}])
+    assert line.endswith(r"Not usable with this model: \[x\](http://e.test)\<img src=y\>\*b\*.safetensors.")
 
 
 def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_path: Path) -> None:
@@ -373,13 +376,15 @@ def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_pat
     from gradio.helpers import special_args
 
     from zturbo.request import ModelLimits
-    from zturbo.serving.ui import LORA_ROWS
+    from zturbo.serving.ui import LOCKED, LORA_ROWS
     from zturbo.serving.ui_app import _OPEN_HANDLERS, _UiFiles, build
 
     posted: list[dict] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/loras":
+        if request.url.path == "/v1/loras":  # the API's answer depends on the key the handler sends
+            if request.headers.get("authorization") != "Bearer k":
+                return httpx.Response(401, json={"error": {"type": "unauthorized", "message": "key"}})
             return httpx.Response(200, json={"items": [{"name": "a.safetensors", "usable": True}]})
         posted.append(json.loads(request.content))
         return httpx.Response(400, json={"error": {"type": "invalid_lora", "message": "no", "field": "loras.0"}})
@@ -389,7 +394,9 @@ def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_pat
     fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
     lister = fns["list_loras"]
     assert "list_loras" in _OPEN_HANDLERS and not any(isinstance(c, gr.File) for c in lister.inputs)
-    *pickers, line = lister.fn(None)
+    *pickers, line = lister.fn(None)  # before the key: the API's refusal, the pickers left as they are
+    assert line == LOCKED and pickers == [gr.skip()] * LORA_ROWS
+    *pickers, line = lister.fn("k")
     assert line.startswith("1 LoRA(s)")
     assert len(pickers) == LORA_ROWS and pickers[0]["choices"] == [("none", ""), ("a.safetensors", "a.safetensors")]
 

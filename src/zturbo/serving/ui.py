@@ -255,7 +255,7 @@ def lora_choices(items: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], st
     else:
         line = f"{len(usable)} LoRA(s) in the server's directory."
     if refused:
-        line += f" Not usable with this model: {', '.join(refused)}."
+        line += f" Not usable with this model: {_md_escape(', '.join(refused))}."  # file names, shown as Markdown
     return [("none", NO_LORA), *((name, name) for name in usable)], line
 
 
