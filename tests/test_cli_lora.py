@@ -353,3 +353,19 @@ def test_batch_with_a_missing_default_lora_loads_no_model(capsys, tiny_dir, lora
     rows.write_text('prompt,loras\na cat,"style:0.5, nope"\n')
     code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, "--lora-dir", lora_dir, "-o", tmp_path / "out")
     assert code == 1 and "row 2: no LoRA named 'nope'" in err
+
+
+@pytest.mark.parametrize("loras", ["style", [1], [["style", 0.5]]])
+def test_from_an_image_whose_lora_list_is_malformed_is_an_error_naming_it(
+    capsys, tiny_dir, tmp_path, no_model_load, loras
+):
+    """A PNG is input from anywhere: a LoRA list that is not {name, weight, sha256} records is refused
+    with a message, not a traceback."""
+    info = PngInfo()
+    info.add_text("zturbo", json.dumps({"prompt": PROMPT, "loras": loras}))
+    source = tmp_path / "odd.png"
+    Image.new("RGB", (8, 8)).save(source, pnginfo=info)
+    code, out, err = run(capsys, "generate", "--from", source, "--model", tiny_dir, "--lora-dir", tmp_path,
+                         "-o", tmp_path / "x.png")  # fmt: skip
+    assert (code, out) == (2, "")
+    assert f"{source}: its LoRAs are not a list of {{name, weight, sha256}}: {loras!r}" in err

@@ -488,6 +488,8 @@ def _loras_for_from(library: Any, recorded: Sequence[Any], given: str | None, pn
     from .imageio import lora_tag_name
     from .request import LoraRef, parse_loras
 
+    if not isinstance(recorded, (list, tuple)) or not all(isinstance(entry, dict) for entry in recorded):
+        raise InvalidRequestError(f"{png}: its LoRAs are not a list of {{name, weight, sha256}}: {recorded!r:.200}")
     extra = {lora_tag_name(ref.name): ref for ref in parse_loras(given)}
     if not recorded:
         return list(extra.values())
