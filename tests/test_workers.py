@@ -209,6 +209,26 @@ def test_a_worker_is_sent_a_job_of_its_last_lora_set_first_until_it_restarts(sto
     assert store.get(base.id).status == jobs.QUEUED
 
 
+def test_lora_counters_never_go_down_when_a_workers_engine_makes_a_new_merger(store, tmp_path):
+    """An out-of-memory or precision recovery replaces the engine's merger, whose counts start again
+    from 0 in the same process; then a restart of the process. The counters only add up."""
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    supervisor._ctx = StandInContext()
+    reports = [(3, 1.5), (1, 0.25), (2, 0.5)]  # the second comes after a recovery's new merger
+    for switches, seconds in reports:
+        job = store.submit(lora_request("a"))
+        tick(supervisor)
+        assert worker_end.recv().job_id == job.id
+        stats = {"switches": switches, "switch_seconds": seconds, "cache_hits": 0, "cache_misses": 1}
+        worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0, loras=stats))
+        tick(supervisor)
+    numbers = supervisor.loras_by_worker()["worker-0"]
+    assert (numbers["switches"], numbers["switch_seconds"], numbers["cache_misses"]) == (3 + 2, 1.5 + 0.5, 1)
+    slot = supervisor.slots[0]
+    supervisor._spawn(slot)  # a new process: what the old one counted stays
+    assert supervisor.loras_by_worker()["worker-0"]["switches"] == 5
+
+
 def test_a_finished_job_reports_the_workers_lora_numbers(engine, store, tmp_path):
     from loras import write_lora
 

@@ -264,7 +264,19 @@ class WorkerSlot:
     crash_reason: str | None = None  # what the running process reported before exiting
     lora_set: str = jobs.NO_LORAS  # the LoRA set of the last job sent to the running process
     lora_stats: dict[str, float] = field(default_factory=dict)  # the running process's (`_lora_stats`)
-    lora_totals: dict[str, float] = field(default_factory=dict)  # the counters of its earlier processes
+    lora_totals: dict[str, float] = field(default_factory=dict)  # counted before the last restart (`take_lora_stats`)
+
+    def take_lora_stats(self, stats: dict[str, float] | None) -> None:
+        """The running process's latest numbers. A counter below its last value restarted within the
+        process (an out-of-memory or precision recovery makes the engine a new merger): the count it
+        had moves to the totals, so the metric never goes down."""
+        if not stats:
+            return
+        for name in _LORA_COUNTERS:
+            before = self.lora_stats.get(name, 0.0)
+            if stats.get(name, 0.0) < before:
+                self.lora_totals[name] = self.lora_totals.get(name, 0.0) + before
+        self.lora_stats = stats
 
     def lora_counters(self) -> dict[str, float]:
         """The slot's LoRA numbers: counters summed over its processes, gauges of the running one."""
@@ -466,7 +478,7 @@ class Supervisor:
             with self._lock:
                 s.claim, s.state, s.progress, s.failures = None, "ready", None, 0
                 s.memory = msg.memory or s.memory
-                s.lora_stats = msg.loras or s.lora_stats
+                s.take_lora_stats(msg.loras)
             self.hooks.on_finished(msg)
         elif isinstance(msg, Crashed):
             s.crash_reason = msg.reason
