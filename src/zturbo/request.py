@@ -231,9 +231,6 @@ class LoraRef:
     name: str
     weight: float = 1.0
 
-    def text(self) -> str:
-        return f"{self.name}:{self.weight:g}"
-
 
 @dataclass(frozen=True)
 class ImageSpec:
