@@ -497,3 +497,49 @@ def test_kohya_names_helper_round_trips_through_the_parser(targets):
         base = kohya_name(module)
         state = {f"{base}.lora_down.weight": torch.zeros(1, inp), f"{base}.lora_up.weight": torch.zeros(out, 1)}
         assert [p.target for p in parse(state, {}, targets).patches] == [module]
+
+
+@pytest.fixture
+def tensor_reads(monkeypatch) -> list[str]:
+    """The keys whose tensors safetensors reads (header reads are not counted)."""
+    import safetensors
+
+    reads: list[str] = []
+    real = safetensors.safe_open
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.handle = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def get_tensor(self, key):
+            reads.append(key)
+            return self.handle.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", Counting)
+    return reads
+
+
+def test_files_refused_by_their_header_are_never_read(lora_dir, targets, transformer, tensor_reads):
+    library = LoraLibrary(lora_dir)
+    save(lora_dir / "checkpoint.safetensors", {f"{m}.weight": torch.zeros(s) for m, s in targets.items()})
+    with pytest.raises(LoraError, match=r"^checkpoint\.safetensors: \d+ of \d+ keys do not map"):
+        library.load(library.resolve("checkpoint"), targets)
+    write_lora(lora_dir / "wide.safetensors", "kohya", _transformer(dim=48, n_heads=3, n_kv_heads=3))
+    with pytest.raises(LoraError, match=r"fit a model 48 wide, Z-Image-Turbo is 32"):
+        library.load(library.resolve("wide"), targets)
+    write_flux_lora(lora_dir / "flux.safetensors")
+    with pytest.raises(LoraError, match="FLUX"):
+        library.load(library.resolve("flux"), targets)
+    assert tensor_reads == []
+    parsed = library.load(library.resolve("style"), targets)  # a fitting file is read whole
+    assert len(tensor_reads) == parsed.n_keys > 0

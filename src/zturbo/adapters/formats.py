@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -181,8 +181,21 @@ def module_group(target: str) -> str:
 # Reading
 
 
-def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and header metadata of a .safetensors LoRA file (no pickles)."""
+HeaderCheck = Callable[[dict[str, torch.Tensor], dict[str, str]], None]
+# safetensors dtype names -> torch dtypes, for the header's stand-in tensors; a name missing here
+# stands in as float32, so the full parse (on the real tensors) gives its verdict.
+_DTYPES = MappingProxyType(
+    {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }
+)  # fmt: skip
+
+
+def read_file(path: Path, check: HeaderCheck | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header metadata of a .safetensors LoRA file (no pickles). `check` (e.g.
+    `check_header`) sees the header first, as meta-device stand-ins: what it refuses is never read."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -196,10 +209,19 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
+            if check is not None:
+                check({key: _stand_in(f.get_slice(key)) for key in f.keys()}, metadata)  # noqa: SIM118
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except LoraError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         raise LoraError(f"LoRA file {path.name} is not a readable .safetensors file: {err}") from err
     return tensors, metadata
+
+
+def _stand_in(header: Any) -> torch.Tensor:
+    """A tensor's shape and dtype from the file's header, holding no memory."""
+    return torch.empty(header.get_shape(), dtype=_DTYPES.get(header.get_dtype(), torch.float32), device="meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,15 +262,7 @@ def parse(
     first keys that do not map, the model the file looks made for, or the shapes that disagree.
     `name` (the file's) starts the error messages."""
     keys = list(state_dict)
-    if not keys:
-        raise LoraError(f"{name} holds no tensors")
-    _refuse_lookalike(keys, metadata, name)
-    _refuse_text_encoder(keys, name)
-    _refuse_unsupported(keys, name)
-    groups, unknown = _group(state_dict)
-    unmapped = unknown + _map_groups(groups, targets)
-    if unmapped:
-        raise LoraError(_unmapped_message(name, unmapped, len(keys), metadata))
+    groups = _mapped_groups(state_dict, metadata, targets, name)
     weights = _share_alphas(groups, name)
     _check_shapes(weights, targets, metadata, name)
     peft = _peft_config(metadata, name)
@@ -261,6 +275,40 @@ def parse(
         base_model=next((metadata[f] for f in _BASE_MODEL_FIELDS if metadata.get(f)), None),
         n_keys=len(keys),
     )
+
+
+def check_header(
+    stand_ins: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    targets: Mapping[str, tuple[int, int]],
+    *,
+    name: str = "this LoRA",
+) -> None:
+    """`parse`'s refusals that need only key names, shapes and dtypes (other models, unmapped
+    keys, shapes that do not fit), for `read_file` to run before it reads any tensor: a large
+    file that is no LoRA for this transformer costs no memory."""
+    groups = _mapped_groups(stand_ins, metadata, targets, name)
+    _check_shapes([g for g in groups.values() if g.kind is not None], targets, metadata, name)
+
+
+def _mapped_groups(
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    targets: Mapping[str, tuple[int, int]],
+    name: str,
+) -> dict[str, _Group]:
+    """The file's keys grouped by module, each group's module set; refuses what does not map."""
+    keys = list(state_dict)
+    if not keys:
+        raise LoraError(f"{name} holds no tensors")
+    _refuse_lookalike(keys, metadata, name)
+    _refuse_text_encoder(keys, name)
+    _refuse_unsupported(keys, name)
+    groups, unknown = _group(state_dict)
+    unmapped = unknown + _map_groups(groups, targets)
+    if unmapped:
+        raise LoraError(_unmapped_message(name, unmapped, len(keys), metadata))
+    return groups
 
 
 def _examples(keys: Iterable[str]) -> str:
@@ -667,6 +715,7 @@ __all__ = [
     "LoraError",
     "ParsedLora",
     "Patch",
+    "check_header",
     "linear_targets",
     "module_group",
     "parse",

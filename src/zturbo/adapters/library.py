@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import LoraError
-from .formats import ParsedLora, parse, read_file
+from .formats import ParsedLora, check_header, parse, read_file
 
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # parsed LoRAs kept in host memory (least recently used goes first)
 SHORT_HASH = 10  # hex digits of the sha256 model sites and A1111's "Lora hashes" show (Civitai AutoV2)
@@ -180,7 +180,7 @@ class LoraLibrary:
                 return self._parsed[key]
             self.misses += 1
         # Read and parse outside the lock: other threads' cached LoRAs need not wait for this one.
-        tensors, metadata = read_file(file.path)
+        tensors, metadata = read_file(file.path, lambda heads, meta: check_header(heads, meta, targets, name=file.name))
         parsed = parse(tensors, metadata, targets, name=file.name)
         self._remember(key, parsed)
         return parsed
