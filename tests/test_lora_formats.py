@@ -543,3 +543,10 @@ def test_files_refused_by_their_header_are_never_read(lora_dir, targets, transfo
     assert tensor_reads == []
     parsed = library.load(library.resolve("style"), targets)  # a fitting file is read whole
     assert len(tensor_reads) == parsed.n_keys > 0
+
+
+def test_a_name_too_long_for_the_file_system_is_a_lora_error(lora_dir):
+    for library in (LoraLibrary(lora_dir), LoraLibrary(lora_dir, allow_paths=True)):
+        with pytest.raises(LoraError, match="cannot be read") as err:
+            library.resolve("a" * 250)  # 262 characters with the suffix: over NAME_MAX
+        assert err.value.http_status == 400

@@ -119,12 +119,14 @@ class LoraLibrary:
                 "code when read; convert it to .safetensors)"
             )
         reason = _directory_name_problem(name)
-        if reason is None:
-            found = self._in_directory(name)
-            if found is not None:
-                return found
-        if self.allow_paths and Path(name).is_file():
-            return self._file(name, Path(name).resolve())
+        try:
+            found = self._in_directory(name) if reason is None else None
+            if found is None and self.allow_paths and Path(name).is_file():
+                found = self._file(name, Path(name).resolve())
+        except OSError as err:  # e.g. a name longer than the file system allows
+            raise LoraError(f"LoRA {name!r} cannot be read: {err.strerror or err}") from None
+        if found is not None:
+            return found
         if reason is not None and not self.allow_paths:
             raise LoraError(f"LoRA name {name!r} is not allowed: {reason}; name a file in the LoRA directory")
         return self._not_found(name)
