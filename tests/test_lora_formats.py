@@ -550,3 +550,20 @@ def test_a_name_too_long_for_the_file_system_is_a_lora_error(lora_dir):
         with pytest.raises(LoraError, match="cannot be read") as err:
             library.resolve("a" * 250)  # 262 characters with the suffix: over NAME_MAX
         assert err.value.http_status == 400
+
+
+def test_a_file_changed_while_it_is_read_is_refused_not_cached(lora_dir, targets, transformer, monkeypatch):
+    library = LoraLibrary(lora_dir)
+    style = library.resolve("style")
+    real = library_module.read_file
+
+    def read_then_replace(path, check=None):
+        out = real(path, check)
+        write_lora(path, "kohya", transformer, modules="attention", seed=5)  # another LoRA, another sha256
+        os.utime(path, ns=(style.mtime_ns + 10**9, style.mtime_ns + 10**9))
+        return out
+
+    monkeypatch.setattr(library_module, "read_file", read_then_replace)
+    with pytest.raises(LoraError, match="changed on disk"):
+        library.load(style, targets)
+    assert library.cached_bytes == 0

@@ -168,12 +168,7 @@ class LoraLibrary:
 
     def load(self, file: LoraFile, targets: Mapping[str, tuple[int, int]]) -> ParsedLora:
         """`file` parsed onto `targets`, from the cache when the file is unchanged since it was parsed."""
-        try:
-            stat = file.path.stat()
-        except OSError as err:
-            raise LoraError(f"LoRA file {file.name} cannot be read: {err.strerror or err}") from err
-        if (stat.st_size, stat.st_mtime_ns) != (file.size, file.mtime_ns):
-            raise LoraError(f"LoRA file {file.name} changed on disk since it was resolved; resolve it again")
+        _check_unchanged(file)
         key = (str(file.path), file.size, file.mtime_ns, frozenset(targets.items()))
         with self._lock:
             if key in self._parsed:
@@ -183,6 +178,8 @@ class LoraLibrary:
             self.misses += 1
         # Read and parse outside the lock: other threads' cached LoRAs need not wait for this one.
         tensors, metadata = read_file(file.path, lambda heads, meta: check_header(heads, meta, targets, name=file.name))
+        # Changed while it was read: what was read may not be what file.sha256 (the metadata's) hashed.
+        _check_unchanged(file)
         parsed = parse(tensors, metadata, targets, name=file.name)
         self._remember(key, parsed)
         return parsed
@@ -197,6 +194,16 @@ class LoraLibrary:
             while self._cached_bytes > self.cache_bytes:
                 _, evicted = self._parsed.popitem(last=False)
                 self._cached_bytes -= evicted.nbytes
+
+
+def _check_unchanged(file: LoraFile) -> None:
+    """Refuse `file` if its size or modification time differ from when it was resolved (and hashed)."""
+    try:
+        stat = file.path.stat()
+    except OSError as err:
+        raise LoraError(f"LoRA file {file.name} cannot be read: {err.strerror or err}") from err
+    if (stat.st_size, stat.st_mtime_ns) != (file.size, file.mtime_ns):
+        raise LoraError(f"LoRA file {file.name} changed on disk since it was resolved; resolve it again")
 
 
 def _check_characters(name: object) -> None:
