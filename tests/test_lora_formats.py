@@ -427,6 +427,8 @@ def test_resolve_takes_names_with_or_without_the_suffix(lora_dir):
         ("", "non-empty"),
         ("st\x00yle", "control character"),
         ("st\nyle", "control character"),
+        ("st\x85yle", "control character"),
+        ("st\u2028yle", "control character"),
         ("outside", "leads outside the LoRA directory"),
     ],
 )
@@ -499,6 +501,13 @@ def test_kohya_names_helper_round_trips_through_the_parser(targets):
         assert [p.target for p in parse(state, {}, targets).patches] == [module]
 
 
+def test_a_name_too_long_for_the_file_system_is_a_lora_error(lora_dir):
+    for library in (LoraLibrary(lora_dir), LoraLibrary(lora_dir, allow_paths=True)):
+        with pytest.raises(LoraError, match="cannot be read") as err:
+            library.resolve("a" * 250)  # 262 characters with the suffix: over NAME_MAX
+        assert err.value.http_status == 400
+
+
 @pytest.fixture
 def tensor_reads(monkeypatch) -> list[str]:
     """The keys whose tensors safetensors reads (header reads are not counted)."""
@@ -543,13 +552,6 @@ def test_files_refused_by_their_header_are_never_read(lora_dir, targets, transfo
     assert tensor_reads == []
     parsed = library.load(library.resolve("style"), targets)  # a fitting file is read whole
     assert len(tensor_reads) == parsed.n_keys > 0
-
-
-def test_a_name_too_long_for_the_file_system_is_a_lora_error(lora_dir):
-    for library in (LoraLibrary(lora_dir), LoraLibrary(lora_dir, allow_paths=True)):
-        with pytest.raises(LoraError, match="cannot be read") as err:
-            library.resolve("a" * 250)  # 262 characters with the suffix: over NAME_MAX
-        assert err.value.http_status == 400
 
 
 def test_a_file_changed_while_it_is_read_is_refused_not_cached(lora_dir, targets, transformer, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -209,7 +210,8 @@ def _check_unchanged(file: LoraFile) -> None:
 def _check_characters(name: object) -> None:
     if not isinstance(name, str) or not name.strip():
         raise LoraError(f"a LoRA name must be a non-empty string, not {name!r}")
-    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    # Cc: C0 and C1 controls (U+0085 ends a line for str.splitlines); Zl, Zp: U+2028, U+2029.
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if bad is not None:
         raise LoraError(f"LoRA name {name!r} holds the control character {bad!r}; names are printable text")
 
