@@ -183,6 +183,35 @@ def test_a_refusal_after_a_merged_set_leaves_that_set_in_place(own, tmp_path):
     pixels(own)
 
 
+def test_a_failure_while_writing_a_new_set_puts_every_weight_back_to_base(own, tmp_path, monkeypatch):
+    """Never a half-applied set: weights already written with the new set and weights still
+    holding the old one all go back to base, and the old set merges again afterwards."""
+    from zturbo.adapters.merge import LoraMerger
+
+    transformer = own.components.transformer
+    before = state(transformer)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(a, "kohya", transformer, seed=14)
+    write_lora(b, "peft", transformer, seed=15)
+    want = pixels(own, loras=[(str(a), 1.0)])
+    real, calls = LoraMerger._merged, []
+
+    def fails_third(self, *args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return real(self, *args)
+
+    monkeypatch.setattr(LoraMerger, "_merged", fails_third)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        own.generate(PROMPT, **ARGS, loras=[(str(b), 1.0)])
+    monkeypatch.undo()
+    assert len(calls) == 3 and own.merger.active == () and own.merger.merged == set()
+    assert all(torch.equal(before[k], v) for k, v in state(transformer).items())
+    assert np.array_equal(pixels(own, loras=[(str(a), 1.0)]), want)
+    pixels(own)
+
+
 def test_fused_projections_see_the_merged_rows(own, tmp_path):
     from zturbo.accel.fuse import FUSED_QKV, fuse_projections, unfuse_projections
 
@@ -217,12 +246,15 @@ def test_fused_projections_see_the_merged_rows(own, tmp_path):
 def test_streamed_and_offloaded_plans_carry_the_merged_weights(layout, own, fresh, tmp_path):
     from zturbo.memory.plan import Layout
 
-    path = tmp_path / "a.safetensors"
-    write_lora(path, "kohya", own.components.transformer, seed=11)
-    want = pixels(own, loras=[(str(path), 1.0)])
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    write_lora(a, "kohya", own.components.transformer, seed=11)
+    write_lora(b, "loha", own.components.transformer, seed=15, modules="ffn")
+    want_a, want_b = pixels(own, loras=[(str(a), 1.0)]), pixels(own, loras=[(str(b), 1.0)])
     base = pixels(own)
     fresh.placement.change(Layout(**layout))
-    assert np.array_equal(pixels(fresh, loras=[(str(path), 1.0)]), want)
+    assert np.array_equal(pixels(fresh, loras=[(str(a), 1.0)]), want_a)
+    # A switch while the streamed copies (slots, the arena, pinned copies) hold the previous set
+    assert np.array_equal(pixels(fresh, loras=[(str(b), 1.0)]), want_b)
     assert np.array_equal(pixels(fresh), base)
 
 
@@ -239,6 +271,31 @@ def test_running_out_of_memory_mid_request_merges_the_set_again_after_the_plan_c
     assert [f["component"] for f in result.fallbacks] == ["memory"]
     assert np.array_equal(np.asarray(result.images[0].image).astype(int), want)
     assert np.array_equal(pixels(fresh), base)
+
+
+def test_float16_guard_scaled_weights_take_the_change_scaled_alike_and_restore_exactly(tiny_dir, tmp_path):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+    from zturbo.guard import ATTENTION_SCALE, FFN_SCALE
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float16"))
+    transformer = engine.components.transformer
+    assert engine.guard is not None and engine.guard.scaled
+    before = state(transformer)
+    path = tmp_path / "a.safetensors"
+    expected = write_lora(path, "kohya", transformer, seed=16)
+    engine.generate(PROMPT, **ARGS, loras=[(str(path), 1.0)])
+    block = "layers.0"
+    for module, factor in (
+        (f"{block}.feed_forward.w3", FFN_SCALE),  # scaled down by the guard
+        (f"{block}.attention.to_out.0", ATTENTION_SCALE),
+        (f"{block}.feed_forward.w1", 1.0),  # not scaled
+    ):
+        weight = transformer.get_submodule(module).weight.float() * factor
+        want = before[f"{module}.weight"].float() * factor + expected[module]
+        torch.testing.assert_close(weight, want, atol=2e-3 * factor, rtol=2e-3)
+    engine.generate(PROMPT, **ARGS)
+    assert all(torch.equal(before[k], v) for k, v in state(transformer).items())
 
 
 def test_int8_weights_are_merged_before_quantizing_and_restored_exactly(tiny_dir, tmp_path):
