@@ -698,8 +698,11 @@ def _lora_record(file: Any, targets: dict[str, tuple[int, int]], *, detail: bool
 
     record: dict[str, Any] = {"name": file.name, "path": str(file.path), "size": file.size}
     record.update(sha256=file.sha256, short_hash=file.short_hash)
+    # A listing checks each header before reading tensors: a checkpoint dropped in the directory is
+    # refused without loading it. `inspect` of one file reads it whole, to show all it can.
+    check = None if detail else (lambda heads, meta: formats.check_header(heads, meta, targets, name=file.name))
     try:
-        tensors, metadata = formats.read_file(file.path)
+        tensors, metadata = formats.read_file(file.path, check)
         if detail:
             record.update(keys=len(tensors), metadata=_metadata_highlights(metadata), tool=_training_tool(metadata))
         summary = formats.parse(tensors, metadata, targets, name=file.name).summary()
