@@ -140,3 +140,24 @@ def test_profile_kinds_count_cutlass_attention_kernels_as_attention():
     assert profiling.kernel_kind("nvjet_sm90_tst_192x192_64x4_2x1_v_bz_coopB_TNN") == "matmul"
     assert profiling.kernel_kind("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "matmul"
     assert profiling.kernel_kind("triton_poi_fused__unsafe_view_mul_silu_split_2") == "other"
+
+
+def test_the_lora_benchs_files_target_every_attention_and_ffn_linear_and_parse(tmp_path):
+    """`zturbo bench --lora` writes its LoRAs in diffusers' keys; they map onto exactly the linears
+    it says it patches (its GPU run is in docs/performance.md)."""
+    from diffusers import ZImageTransformer2DModel
+
+    from zturbo.adapters import formats
+    from zturbo.bench import lora as bench_lora
+    from zturbo.tiny import TRANSFORMER_CONFIG
+
+    transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    targets = bench_lora.lora_targets(transformer)
+    blocks = len(transformer.layers) + len(transformer.noise_refiner) + len(transformer.context_refiner)
+    assert len(targets) == len(set(targets)) == 7 * blocks
+    path = tmp_path / "a.safetensors"
+    params = bench_lora.write_random_lora(path, transformer, rank=4, seed=1)
+    parsed = formats.parse(*formats.read_file(path), formats.linear_targets(transformer))
+    assert sorted(p.target for p in parsed.patches) == sorted(targets)
+    assert {p.rank for p in parsed.patches} == {4}
+    assert params == sum(4 * sum(transformer.get_submodule(t).weight.shape) for t in targets)
