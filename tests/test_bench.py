@@ -48,7 +48,7 @@ def test_bad_bench_options_name_the_value(flag, value, message):
         bench_main.options(args)
 
 
-def test_bench_runs_on_a_local_checkpoint(tiny_dir):
+def test_bench_runs_on_a_local_checkpoint_and_eager_vae_rows_say_so(tiny_dir):
     opts = bench.BenchOptions(
         sizes=(32,),
         runs=1,
@@ -58,10 +58,13 @@ def test_bench_runs_on_a_local_checkpoint(tiny_dir):
         tiny=True,
         model=str(tiny_dir),
         fuse_ab=False,
+        eager_vae=True,
     )
     res = bench.run(opts)
     assert res["eager"]["reference"] == {} and res["compiled"]["sizes"][32]["median_s"] > 0
     assert res["compiled"]["latent_rel_err_vs_eager"] < 1e-5
+    assert res["compiled"]["vae_compiled"] is False and "error" not in res["compiled"]
+    assert "| compiled (eager VAE) | 32² |" in report.markdown(res)
 
 
 def test_memory_cap_rows_on_the_tiny_model():
@@ -122,15 +125,6 @@ def test_idle_time_is_charged_to_the_stage_open_during_each_gap():
     longest = idle["longest"][0]
     assert (longest["after"], longest["before"], longest["ms"]) == ("k2", "(request end)", pytest.approx(0.2))
     assert longest["cpu"][0].startswith("aten::to")
-
-
-def test_eager_vae_rows_leave_the_decoder_uncompiled_and_say_so():
-    opts = bench.BenchOptions(
-        sizes=(32,), batch=1, runs=1, warmup=0, quantize=("none",), tiny=True, fuse_ab=False, eager_vae=True
-    )
-    res = bench.run(opts)
-    assert res["compiled"]["vae_compiled"] is False and "error" not in res["compiled"]
-    assert "| compiled (eager VAE) | 32² |" in report.markdown(res)
 
 
 def test_profile_kinds_count_cutlass_attention_kernels_as_attention():
