@@ -14,19 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clirun import run
 from zturbo import batch
-from zturbo.cli import main
 from zturbo.imageio import read_metadata
 from zturbo.request import ModelLimits
 
 SMALL = ["--width", "64", "--height", "64", "--steps", "2", "--device", "cpu", "-q"]
 LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def manifest_lines(directory: Path) -> list[dict]:

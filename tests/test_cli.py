@@ -14,14 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from clirun import run
 from zturbo.cli import main
 from zturbo.imageio import read_metadata
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_generate_writes_png_and_reports_path_and_seed(capsys, tiny_dir, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from clirun import pixels, run
 from loras import write_flux_lora, write_lora
 from zturbo.cli import _given_options, build_parser, main
 from zturbo.imageio import read_metadata
@@ -22,17 +23,6 @@ from zturbo.request import GenerateRequest, LoraRef, ModelLimits
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "2", "--seed", "5", "--device", "cpu", "-q"]
 PROMPT = "a red fox"
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def engine_pixels(engine, loras):

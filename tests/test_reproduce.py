@@ -9,21 +9,10 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from zturbo.cli import main
+from clirun import pixels, run
 from zturbo.imageio import parse_a1111, read_metadata
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "2", "--device", "cpu", "-q"]
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path):
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 # Runtime fields differ only by what ran; everything that shaped the image must match exactly.

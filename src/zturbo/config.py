@@ -16,6 +16,8 @@ SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).
 MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
 QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
+# Host memory for parsed LoRAs (the least recently used goes first).
+DEFAULT_LORA_CACHE_BYTES = 2 * 1024**3
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 
@@ -88,6 +90,7 @@ class RuntimeConfig:
     # (the CLI and the library: yes; the server: no, clients name files in the directory only).
     lora_dir: str | None = None
     lora_paths: bool = True
+    lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):

@@ -163,7 +163,7 @@ class Engine:
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
         lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
-        engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths)
+        engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
         t_files = weight_files(source.path / "transformer", WEIGHT_STEMS["transformer"])
         engine.base_reader = tensor_reader(t_files, dtypes["transformer"])
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from ..config import DEFAULT_LORA_CACHE_BYTES
 from ..errors import LoraError
 from .formats import ParsedLora, check_header, parse, read_file
 
-DEFAULT_CACHE_BYTES = 2 * 1024**3  # parsed LoRAs kept in host memory (least recently used goes first)
 SHORT_HASH = 10  # hex digits of the sha256 model sites and A1111's "Lora hashes" show (Civitai AutoV2)
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -48,7 +48,9 @@ class LoraLibrary:
     """LoRA files of one directory; with `allow_paths` (the CLI and the Python API), a name may
     also be a path to a file anywhere."""
 
-    def __init__(self, directory: Path, *, allow_paths: bool = False, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+    def __init__(
+        self, directory: Path, *, allow_paths: bool = False, cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
+    ) -> None:
         if cache_bytes < 0:
             raise ValueError(f"cache_bytes must be 0 or more, not {cache_bytes}")
         self.directory = Path(directory)

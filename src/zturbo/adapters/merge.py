@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,7 +62,6 @@ class SwitchStats:
     switches: int = 0
     seconds: float = 0.0
     last_seconds: float = 0.0
-    weights_written: int = 0
 
 
 class LoraMerger:
@@ -102,8 +101,7 @@ class LoraMerger:
         if key == self.active:
             return False
         start = time.perf_counter()
-        wanted = _by_target(loras)
-        self._check_targets(wanted)
+        wanted = _by_target(loras)  # `parse` mapped every patch onto this transformer's linears
         touched = sorted(self.merged | set(wanted))
         with torch.inference_mode():
             for target in touched:  # every base saved before the first write: a refusal changes nothing
@@ -123,7 +121,6 @@ class LoraMerger:
         self.stats.switches += 1
         self.stats.seconds += seconds
         self.stats.last_seconds = seconds
-        self.stats.weights_written += len(touched)
         log.info("LoRA set changed in %.3f s (%d weights written)", seconds, len(touched))
         return True
 
@@ -204,15 +201,6 @@ class LoraMerger:
             return [linear.weight.data]
         return self.homes.weight_homes(linear, "weight")
 
-    def _check_targets(self, wanted: dict[str, list[tuple[Patch, float]]]) -> None:
-        for target in wanted:
-            try:
-                linear = self.transformer.get_submodule(target)
-            except AttributeError:
-                raise LoraError(f"LoRA target {target!r} is not a module of this transformer") from None
-            if not isinstance(linear, torch.nn.Linear):
-                raise LoraError(f"LoRA target {target!r} is a {type(linear).__name__}, not a Linear")
-
 
 def _by_target(loras: Sequence[tuple[ParsedLora, float]]) -> dict[str, list[tuple[Patch, float]]]:
     out: dict[str, list[tuple[Patch, float]]] = {}
@@ -233,9 +221,4 @@ def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def iter_targets(loras: Sequence[tuple[ParsedLora, float]]) -> Iterator[str]:
-    """Every target linear the set touches, once each."""
-    yield from _by_target(loras)
-
-
-__all__ = ["BaseReader", "LoraMerger", "SwitchStats", "WeightHomes", "iter_targets"]
+__all__ = ["BaseReader", "LoraMerger", "SwitchStats", "WeightHomes"]

@@ -34,8 +34,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..adapters.library import DEFAULT_CACHE_BYTES
-from ..config import RuntimeConfig
+from ..config import DEFAULT_LORA_CACHE_BYTES, RuntimeConfig
 from ..errors import (
     FieldError,
     JobFailedError,
@@ -97,7 +96,7 @@ class ServeSettings:
     # worker keeps for parsed LoRAs; the served transformer's linears, which a LoRA must map onto
     # (None: the published Z-Image-Turbo's).
     lora_dir: Path | None = None
-    lora_cache_bytes: int = DEFAULT_CACHE_BYTES
+    lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
 
 
@@ -119,7 +118,9 @@ class Service:
         self.metrics = Metrics(self)
         hooks = Hooks(on_event=self._on_event, on_finished=self._on_finished, on_restart=self.metrics.restarted)
         # Workers resolve the same names in the same directory, and never take a path.
-        config = dataclasses.replace(settings.config, lora_dir=str(lora_dir), lora_paths=False)
+        config = dataclasses.replace(
+            settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
+        )
         self.supervisor = Supervisor(
             self.store,
             config,
@@ -127,7 +128,6 @@ class Service:
             settings.data_dir,
             job_timeout=settings.job_timeout,
             hooks=hooks,
-            lora_cache_bytes=settings.lora_cache_bytes,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
 

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..config import env
+from ..config import DEFAULT_LORA_CACHE_BYTES, env
 from ..errors import DeviceError, InvalidRequestError
 
 log = logging.getLogger("zturbo")
@@ -101,7 +101,6 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    from ..adapters.library import DEFAULT_CACHE_BYTES
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
     from .connections import BoundedConfig, StoppingServer, raise_file_limit
@@ -131,7 +130,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         allowed_hosts=(args.host, *args.allowed_hosts),
         model_names=tuple({config.model, source.name}),
         lora_dir=lora_dir,
-        lora_cache_bytes=DEFAULT_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
+        lora_cache_bytes=DEFAULT_LORA_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
         lora_targets=functools.partial(model_targets, source.config("transformer")),
     )
     log.info("serving %s on http://%s:%d with workers on %s; data in %s, LoRAs in %s", config.model, args.host,

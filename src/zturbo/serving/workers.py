@@ -92,18 +92,14 @@ def worker_main(
     db_path: str,
     images_dir: str,
     conn: Connection,
-    lora_cache_bytes: int | None = None,
 ) -> None:
     """Entry point of a worker process: load, warm up, report ready, then run claims until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
-    from ..adapters.library import LoraLibrary
     from ..engine import Engine
 
     engine = Engine.load(dataclasses.replace(config, device=device))
-    if lora_cache_bytes is not None and config.lora_dir is not None:  # the server's cache size
-        engine.loras = LoraLibrary(Path(config.lora_dir), allow_paths=config.lora_paths, cache_bytes=lora_cache_bytes)
     unit = engine.limits.spatial_unit
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
     store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
@@ -312,13 +308,11 @@ class Supervisor:
         *,
         job_timeout: float,
         hooks: Hooks | None = None,
-        lora_cache_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.data_dir = data_dir
         self.job_timeout = job_timeout
-        self.lora_cache_bytes = lora_cache_bytes
         self.hooks = hooks or Hooks()
         self.slots = [WorkerSlot(f"worker-{i}", d) for i, d in enumerate(devices)]
         self._ctx = mp.get_context("spawn")
@@ -547,7 +541,7 @@ class Supervisor:
         images = str(self.data_dir / "images")
         process = self._ctx.Process(
             target=worker_main,
-            args=(s.id, s.device, self.config, str(self.store.path), images, child, self.lora_cache_bytes),
+            args=(s.id, s.device, self.config, str(self.store.path), images, child),
             name=f"zturbo-{s.id}",
             daemon=True,
         )
