@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FieldError
+from .inputs.images import InputImage
+from .inputs.spec import ALPHA_MASK, ImageInputs, ImageResolver, check_inputs, parse_outpaint
 
 DEFAULT_STEPS = 8
 DEFAULT_GUIDANCE = 0.0
@@ -26,6 +28,7 @@ DEFAULT_SIZE = 1024
 # steps fix the composition; leaving the last ones clean lets the image follow the prompt again.
 DEFAULT_VARIETY_UNTIL = 0.25
 REQUEST_FORMAT = 1  # version of `GenerateRequest.to_dict`'s layout
+NO_INPUTS = ImageInputs()
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,10 @@ class Limits:
     loras: int = 8  # LoRAs per request
     lora_weight: tuple[float, float] = (-10.0, 10.0)
     lora_name_chars: int = 255
+    # Input images: a decoded image may have at most this many pixels (a larger header is refused
+    # before decoding, so a decompression bomb never expands), and an upload at most this many bytes.
+    input_pixels: int = 8192 * 8192
+    input_bytes: int = 64 << 20
 
 
 LIMITS = Limits()
@@ -54,9 +61,16 @@ class ModelLimits:
 
     spatial_unit: int  # width and height must be multiples of this (VAE factor x patch size)
     max_pixels: int
+    # The loaded ControlNet's input channels (16: control only; 33: control, mask and masked
+    # image, Union 2.0+); None without a ControlNet.
+    control_in_dim: int | None = None
 
 
 TEXT, WHOLE, NUMBER, SEEDS, LORAS = "text", "whole number", "number", "seed list", "LoRA list"
+# Input images (a door turns its own form, a path or an upload, into an `InputImage`), a choice of
+# words, yes/no, and outpaint margins.
+IMAGE, CHOICE, FLAG, MARGINS = "image", "choice", "yes/no", "margins"
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # Text values are read as ASCII only: int() and float() would also take full-width and other
 # scripts' digits and underscores. "nan" and "inf" read as numbers, so `create` refuses them with
 # the same message at every door.
@@ -91,6 +105,8 @@ class Field:
             return getattr(limits, self.bounds)
         if self.bounds == "fraction>0":
             return limits.fraction
+        if self.bounds.startswith("range:"):
+            return _input_range(self.name)
         return None
 
     def allowed(self, limits: Limits = LIMITS) -> str:
@@ -106,13 +122,33 @@ class Field:
         if self.bounds == "loras":
             lo, hi = limits.lora_weight
             return f"up to {limits.loras} LoRAs as NAME[:WEIGHT], each weight {lo:g}..{hi:g}"
+        if self.bounds == "image":
+            return f"an image file (PNG, JPEG, WebP, ...) of at most {limits.input_pixels} pixels"
+        if self.kind == CHOICE:
+            return " | ".join(_choices(self.name))
+        if self.kind == FLAG:
+            return "true or false"
+        if self.kind == MARGINS:
+            return "LEFT,RIGHT,TOP,BOTTOM pixels"
+        if self.bounds.startswith("range:"):
+            lo, hi = _input_range(self.name)
+            return f"{lo:g}..{hi:g}"
         lo, hi = self.range(limits) or (0, 0)
         return f"{lo:g}..{hi:g}" if self.kind == NUMBER else f"{lo}..{hi}"
 
     def from_text(self, value: object) -> object:
         """A door's text value as this field's type (non-text values pass on: `create` checks them)."""
-        if not isinstance(value, str) or self.kind in (TEXT, SEEDS, LORAS):
+        if not isinstance(value, str) or self.kind in (TEXT, SEEDS, LORAS, IMAGE, CHOICE):
             return value
+        if self.kind == MARGINS:
+            from .inputs.spec import parse_outpaint
+
+            return parse_outpaint(value)
+        if self.kind == FLAG:
+            word = value.strip(" \t").lower()
+            if word not in _TRUE + _FALSE:
+                raise FieldError(self.name, f"{self.name} {value!r} is not true or false")
+            return word in _TRUE
         text = value.strip(" \t")
         pattern = _WHOLE_TEXT if self.kind == WHOLE else _NUMBER_TEXT
         if not pattern.fullmatch(text):
@@ -151,9 +187,60 @@ FIELDS: tuple[Field, ...] = (
     Field("loras", LORAS, (), "loras",
           "LoRAs merged into the transformer: NAME[:WEIGHT] (weight 1 by default), comma-separated in text",
           "--lora", aliases=("lora",)),
+    Field("image", IMAGE, None, "image", "input image: img2img, or with mask or outpaint, inpaint", "--image",
+          aliases=("init_image",)),
+    Field("mask", IMAGE, None, "image",
+          "inpaint mask, the input image's size: white repaints, black keeps; 'alpha': the image's transparency",
+          "--mask", aliases=("mask_image",)),
+    Field("strength", NUMBER, None, "range:strength",
+          "how far the input image is noised: about strength x steps steps run (default 0.6; 1 with a mask)",
+          "--strength", a1111="Denoising strength", aliases=("denoising_strength",)),
+    Field("resize", CHOICE, None, "choice", "fit input images of another size: crop, fit (pad) or stretch "
+          "(default: an input must have the request's size)", "--resize"),
+    Field("mask_blur", WHOLE, None, "range:mask_blur", "pixels of feathering at the paste-back seam",
+          "--mask-blur", a1111="Mask blur"),
+    Field("mask_padding", WHOLE, None, "range:mask_padding", "pixels the masked area grows by",
+          "--mask-padding"),
+    Field("paste_back", FLAG, None, "flag", "the pixels outside the mask are the input image's, exactly",
+          "--paste-back"),
+    Field("outpaint", MARGINS, None, "margins", "extend the input image by LEFT,RIGHT,TOP,BOTTOM pixels and "
+          "fill them in", "--outpaint"),
+    Field("control_image", IMAGE, None, "image", "ControlNet control image (the canvas' size)",
+          "--control-image"),
+    Field("control_type", CHOICE, None, "choice", "canny: computed from the control image; the others take an "
+          "already preprocessed image (default: used as given)", "--control-type"),
+    Field("control_scale", NUMBER, None, "range:control_scale", "ControlNet conditioning scale (default 0.75)",
+          "--control-scale", aliases=("controlnet_conditioning_scale",)),
+    Field("control_start", NUMBER, None, "range:control_start",
+          "fraction of the steps run before the ControlNet starts (default 0)", "--control-start"),
+    Field("control_end", NUMBER, None, "range:control_end",
+          "fraction of the steps after which the ControlNet stops (default 1)", "--control-end"),
 )  # fmt: skip
+IMAGE_FIELDS = tuple(f.name for f in FIELDS if f.kind == IMAGE)
+INPUT_FIELDS = IMAGE_FIELDS + tuple(
+    f.name for f in FIELDS if f.bounds.startswith("range:") or f.kind in (CHOICE, FLAG, MARGINS)
+)
 FIELD = {f.name: f for f in FIELDS}
 SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" or "auto": sets width and height
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    from .inputs.spec import CONTROL_TYPES, RESIZE_MODES
+
+    return {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES}[name]
+
+
+def _input_range(name: str) -> tuple[float, float]:
+    from .inputs import spec
+
+    return {
+        "strength": (0.0, 1.0),
+        "mask_blur": spec.MASK_BLUR_RANGE,
+        "mask_padding": spec.MASK_PADDING_RANGE,
+        "control_scale": spec.CONTROL_SCALE_RANGE,
+        "control_start": (0.0, 1.0),
+        "control_end": (0.0, 1.0),
+    }[name]
 
 
 def _normal(name: str) -> str:
@@ -270,6 +357,7 @@ class GenerateRequest:
     variety_until: float = DEFAULT_VARIETY_UNTIL
     variation_seed: int | None = None  # as given or drawn; images use it only with a strength above 0
     loras: tuple[LoraRef, ...] = ()
+    inputs: ImageInputs = NO_INPUTS  # input images and their settings; none for text-to-image
 
     def __post_init__(self) -> None:
         if not self.images:  # built directly rather than by `create`: image i uses seed + i
@@ -299,6 +387,7 @@ class GenerateRequest:
             self.variety,
             self.variety_until,
             self.loras,
+            self.inputs.shared(),
         )
 
     @classmethod
@@ -310,7 +399,7 @@ class GenerateRequest:
         first = requests[0]
         for other in requests[1:]:
             if other.shared() != first.shared():
-                raise ValueError("combined requests must share size, steps, guidance, noise settings and LoRAs")
+                raise ValueError("combined requests must share size, steps, guidance, noise settings, LoRAs and inputs")
         specs = tuple(spec for r in requests for spec in r.images)
         return dataclasses.replace(
             first,
@@ -332,8 +421,8 @@ class GenerateRequest:
         seed: int | None = None,
         steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
-        width: int = DEFAULT_SIZE,
-        height: int = DEFAULT_SIZE,
+        width: int | None = None,
+        height: int | None = None,
         batch: int = 1,
         seeds: str | Sequence[int] | None = None,
         variation_seed: int | None = None,
@@ -341,14 +430,21 @@ class GenerateRequest:
         variety: float = 0.0,
         variety_until: float = DEFAULT_VARIETY_UNTIL,
         loras: str | Sequence[LoraRef | str | Mapping[str, Any] | tuple[str, float]] | None = None,
+        **input_fields: Any,
     ) -> GenerateRequest:
-        """The one validator: every door's request passes here; errors name the field, value and range."""
+        """The one validator: every door's request passes here; errors name the field, value and range.
+
+        `input_fields` are the input-image fields (`INPUT_FIELDS`: image, mask, strength, ...); an
+        image is an `InputImage`, image file bytes or a PIL image, never a path (doors read files).
+        Without width and height, an input image sets the size.
+        """
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         _check_int("steps", steps, *LIMITS.steps)
         _check_int("batch", batch, *LIMITS.images)
         guidance = _check_guidance(guidance_scale)
-        _check_size(width, height, limits)
+        inputs, width, height = _check_input_fields(input_fields, steps, width, height, limits)
+        width, height = _check_size(_or_default(width), _or_default(height), limits)
         strength = _check_fraction("variation_strength", variation_strength)
         variety = _check_fraction("variety", variety)
         variety_until = _check_fraction("variety_until", variety_until, above_zero=True)
@@ -373,7 +469,7 @@ class GenerateRequest:
         return cls(
             prompts, negatives, seed, steps, guidance, width, height, per_prompt, seed_was_random,
             images=specs, seeds=seed_list, variation_strength=strength, variety=variety,
-            variety_until=variety_until, variation_seed=variation_seed, loras=lora_refs,
+            variety_until=variety_until, variation_seed=variation_seed, loras=lora_refs, inputs=inputs,
         )  # fmt: skip
 
     @classmethod
@@ -416,12 +512,16 @@ class GenerateRequest:
             "variety_until": self.variety_until,
             "seed_was_random": self.seed_was_random,
             "loras": [dataclasses.asdict(ref) for ref in self.loras],
+            "inputs": self.inputs.to_dict(),
             "images": [dataclasses.asdict(spec) for spec in self.images],
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GenerateRequest:
-        """The request `to_dict` described, trusted as it is (it was validated when it was made)."""
+    def from_dict(cls, data: Mapping[str, Any], images: ImageResolver | None = None) -> GenerateRequest:
+        """The request `to_dict` described, trusted as it is (it was validated when it was made).
+
+        `images(field, sha256)` brings back its input images (a job's store); needed only when it has some.
+        """
         seeds = data["seeds"]
         return cls(
             prompts=tuple(data["prompts"]),
@@ -440,7 +540,50 @@ class GenerateRequest:
             variety_until=data["variety_until"],
             variation_seed=data["variation_seed"],
             loras=tuple(LoraRef(**ref) for ref in data.get("loras", ())),
+            inputs=ImageInputs.from_dict(data.get("inputs"), images),
         )
+
+
+def _check_input_fields(
+    fields: Mapping[str, Any], steps: int, width: int | None, height: int | None, limits: ModelLimits
+) -> tuple[ImageInputs, int | None, int | None]:
+    """The input-image keywords of `create` checked (`inputs.spec.check_inputs`), images decoded."""
+    unknown = set(fields) - set(INPUT_FIELDS)
+    if unknown:
+        raise TypeError(f"GenerateRequest.create got unexpected keywords {sorted(unknown)}")
+    values = {k: v for k, v in fields.items() if v is not None}
+    if not values:
+        return ImageInputs(), width, height
+    for name in IMAGE_FIELDS:
+        if name in values and not (name == "mask" and values[name] == ALPHA_MASK):
+            values[name] = _input_image(name, values[name])
+    if "outpaint" in values:
+        values["outpaint"] = parse_outpaint(values["outpaint"])
+    if "paste_back" in values and not isinstance(values["paste_back"], bool):
+        raise FieldError("paste_back", f"paste_back must be true or false; got {values['paste_back']!r}")
+    return check_inputs(
+        steps=steps,
+        width=width,
+        height=height,
+        unit=limits.spatial_unit,
+        control_in_dim=limits.control_in_dim,
+        **values,
+    )
+
+
+def _input_image(field: str, value: object) -> InputImage:
+    """An image field's value as an InputImage: decoded bytes or a PIL image; never a path."""
+    from .inputs import images
+
+    if isinstance(value, InputImage):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return images.decode_image(bytes(value), field, f"the {field.replace('_', ' ')}")
+    if hasattr(value, "getbands") and hasattr(value, "size"):  # a PIL image, without importing PIL here
+        return images.from_pil(value, field)  # type: ignore[arg-type]
+    raise FieldError(
+        field, f"{field} must be an image (file bytes or a PIL image); got {type(value).__name__} (doors read files)"
+    )
 
 
 def is_request_dict(data: Mapping[str, Any]) -> bool:
@@ -678,7 +821,11 @@ def nearest_multiples(value: int, unit: int) -> tuple[int, int]:
     return below, below + unit
 
 
-def _check_size(width: object, height: object, limits: ModelLimits) -> None:
+def _or_default(size: int | None) -> int:
+    return DEFAULT_SIZE if size is None else size
+
+
+def _check_size(width: object, height: object, limits: ModelLimits) -> tuple[int, int]:
     unit = limits.spatial_unit
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -696,3 +843,4 @@ def _check_size(width: object, height: object, limits: ModelLimits) -> None:
             f"size {width}x{height} is {width * height} pixels, above the limit of {limits.max_pixels} "
             "set for this model (--max-pixels); lower width or height",
         )
+    return width, height
