@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 MAX_TOKENS = 512  # the text encoder's context for a caption
 CAPTION_MULTIPLE = 32  # the transformer pads each caption to a multiple of this many tokens
 StepCallback = Callable[[int, int], None]
+# A ControlNet's input at one step: the control context per transformer batch row, (C, 1, h, w) in
+# the transformer's dtype (under CFG the rows repeat for the negative half), and the conditioning
+# scale as a 0-dim float32 tensor on the device (a tensor, so a captured step graph reads it anew).
+StepControl = tuple[list[torch.Tensor], torch.Tensor]
+# One denoising step's prediction: (latents per row, model timesteps, caption embeddings, the
+# ControlNet's input or None) -> predictions per row. `transformer_step` is the plain one;
+# `accel.graphs.StepGraphs.bind` gives one that replays CUDA graphs.
+Step = Callable[[list[torch.Tensor], torch.Tensor, list[torch.Tensor], StepControl | None], list[torch.Tensor]]
 
 
 def encode_prompt(
@@ -291,6 +299,24 @@ def _dynamic_shift_mu(config: Any, image_seq_len: int) -> float:
     base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     m = (max_shift - base_shift) / (max_len - base_len)
     return image_seq_len * m + base_shift - m * base_len
+
+
+def transformer_step(
+    transformer: torch.nn.Module,
+    controlnet: torch.nn.Module | None,
+    x: list[torch.Tensor],
+    t: torch.Tensor,
+    embeds: list[torch.Tensor],
+    control: StepControl | None,
+) -> list[torch.Tensor]:
+    """One step's prediction, as diffusers' pipelines call the models: with a control input, the
+    ControlNet's block samples (scaled) are added to the transformer's layers."""
+    if control is None:
+        return transformer(x, t, embeds, return_dict=False)[0]
+    assert controlnet is not None, "a control input needs a ControlNet"
+    context, scale = control
+    samples = controlnet(x, t, embeds, context, conditioning_scale=scale)
+    return transformer(x, t, embeds, controlnet_block_samples=samples, return_dict=False)[0]
 
 
 def denoise(
