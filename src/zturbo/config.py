@@ -34,6 +34,7 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_VRAM_BUDGET": "GiB of GPU memory zturbo may use (--vram-budget)",
     "ZTURBO_MAX_PIXELS": "the largest width x height accepted (--max-pixels)",
     "ZTURBO_LORA_DIR": "the LoRA directory requests name their LoRAs in (--lora-dir)",
+    "ZTURBO_CONTROLNET": "a ControlNet loaded with the model: a hub repo id, a directory or a .safetensors file",
     "ZTURBO_CACHE": "zturbo's cache: the tiny checkpoint, its tokenizer files, the CLI's Inductor cache",
     "ZTURBO_API_KEY": "zturbo serve: the bearer key every API call must send (--api-key)",
     "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
@@ -91,6 +92,9 @@ class RuntimeConfig:
     lora_dir: str | None = None
     lora_paths: bool = True
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
+    # A ControlNet loaded with the model (a hub repo id, a diffusers directory or a single
+    # .safetensors file); None: requests cannot take a control image.
+    controlnet: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
@@ -119,7 +123,17 @@ class RuntimeConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> RuntimeConfig:
         """Defaults, then ZTURBO_<FIELD> for each field (e.g. ZTURBO_MEMORY), then explicit overrides."""
         values: dict[str, object] = {}
-        for field in ("model", "device", "dtype", "compile", "quantize", "vae_tiling", "memory", "lora_dir"):
+        for field in (
+            "model",
+            "device",
+            "dtype",
+            "compile",
+            "quantize",
+            "vae_tiling",
+            "memory",
+            "lora_dir",
+            "controlnet",
+        ):
             text = env(f"ZTURBO_{field.upper()}", environ)
             if text:
                 values[field] = text
