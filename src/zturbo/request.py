@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import FieldError
-from .inputs.images import InputImage
+from .inputs.images import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, InputImage
 from .inputs.spec import ALPHA_MASK, ImageInputs, ImageResolver, check_inputs, parse_outpaint
 
 DEFAULT_STEPS = 8
@@ -47,8 +47,8 @@ class Limits:
     lora_name_chars: int = 255
     # Input images: a decoded image may have at most this many pixels (a larger header is refused
     # before decoding, so a decompression bomb never expands), and an upload at most this many bytes.
-    input_pixels: int = 8192 * 8192
-    input_bytes: int = 64 << 20
+    input_pixels: int = MAX_INPUT_PIXELS
+    input_bytes: int = MAX_INPUT_BYTES
 
 
 LIMITS = Limits()
