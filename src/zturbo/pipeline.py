@@ -1,26 +1,31 @@
 """The generation stages: encode_prompt -> prepare_latents -> schedule -> denoise -> decode.
 
 Plain typed functions of modules, tensors and values; `engine.Engine` owns the modules and runs
-them. Special cases arrive as data (seed variety's early embeddings) or as the callable a step
-makes (`denoise(forward=...)`, a CUDA-graph replay), not as flags inside the loop.
+them. Special cases arrive as data (seed variety's early embeddings, an input image's start and
+inpaint blend, the ControlNet's per-step input) or as the callable a step makes
+(`denoise(step=...)`, a CUDA-graph replay), not as flags inside the loop.
 
-Semantics follow diffusers' ZImagePipeline 0.42.1 exactly (parity is tested), with two
+Semantics follow diffusers 0.42.1's ZImagePipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline,
+ZImageControlNetPipeline and ZImageControlNetInpaintPipeline exactly (parity is tested), with
 deliberate differences that do not change float32 results: the text encoder pads to the longest
 prompt instead of 512 tokens (causal attention makes the real tokens' states identical), and
-latent scaling and pixel conversion run in float32 rather than in the VAE's dtype.
+latent scaling, noise, image latents and pixel conversion run in float32 rather than in the VAE's
+or text encoder's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from .errors import CheckpointError
 
@@ -191,11 +196,141 @@ def prepare_latents(seeds: Sequence[int], channels: int, height: int, width: int
     CPU generators make a seed give the same noise on every device, and make image i of a batch
     identical to generating seeds[i] alone.
     """
-    noise = torch.empty((len(seeds), channels, height, width), dtype=torch.float32)
+    return draw_noise(seeds, (channels, height, width))[0]
+
+
+def draw_noise(seeds: Sequence[int], shape: tuple[int, int, int], draws: int = 1) -> list[torch.Tensor]:
+    """`draws` float32 tensors (B, *shape) on the CPU: image i's come one after the other from one
+    generator seeded with seeds[i].
+
+    An input image takes two draws, as diffusers' image pipelines use their generator: first the
+    sample of the image's latent distribution (`sample_latents`), then the noise.
+    """
+    out = [torch.empty((len(seeds), *shape), dtype=torch.float32) for _ in range(draws)]
     for i, seed in enumerate(seeds):  # drawn into place: no concatenation copy
         generator = torch.Generator("cpu").manual_seed(seed)
-        torch.randn((1, channels, height, width), generator=generator, out=noise[i : i + 1])
-    return noise
+        for tensor in out:
+            torch.randn((1, *shape), generator=generator, out=tensor[i : i + 1])
+    return out
+
+
+@dataclass(frozen=True)
+class LatentDist:
+    """The VAE encoder's diagonal Gaussian over images' latents, float32, and the VAE's latent
+    shift and scale (the inverse of `decode`'s)."""
+
+    mean: torch.Tensor  # (B, C, h, w)
+    std: torch.Tensor  # (B, C, h, w)
+    shift: float
+    scale: float
+
+
+def encode_image(vae: torch.nn.Module, pixels: torch.Tensor) -> LatentDist:
+    """float32 images (B, 3, H, W) in [-1, 1] on the VAE's device -> their latent distribution.
+
+    One image at a time, as `decode` does (a batch would hold every image's activations at once).
+    """
+    dists = [vae.encode(one.to(vae.dtype), return_dict=False)[0] for one in pixels.split(1)]
+    mean = torch.cat([d.mean.float() for d in dists])
+    std = torch.cat([d.std.float() for d in dists])
+    return LatentDist(mean, std, float(vae.config.shift_factor), float(vae.config.scaling_factor))
+
+
+def sample_latents(dist: LatentDist, eps: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of a sample of `dist` (diffusers' `latent_dist.sample(generator)`, then
+    `(x - shift) * scale`); eps: (B, C, h, w) standard normal, one image's dist broadcasts."""
+    return ((dist.mean + dist.std * eps) - dist.shift) * dist.scale
+
+
+def mode_latents(dist: LatentDist) -> torch.Tensor:
+    """Scaled latents of the distribution's mode (diffusers' `sample_mode="argmax"`): what a
+    control image and ControlNet inpaint's masked image become."""
+    return (dist.mean - dist.shift) * dist.scale
+
+
+class LatentCache:
+    """Recently encoded input images on the device, so a repeated image skips the VAE encoder.
+
+    The caller's key names everything its pixels came from (image hashes, size, resize, ...);
+    the VAE's dtype is added (a precision fallback must not reuse them). An entry is two
+    (1, 16, H/8, W/8) float32 tensors: 2 MB at 1024².
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[Hashable, torch.dtype], LatentDist] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, vae: torch.nn.Module, key: Hashable) -> LatentDist | None:
+        found = self._items.get((key, vae.dtype))
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end((key, vae.dtype))
+        return found
+
+    def put(self, vae: torch.nn.Module, key: Hashable, dist: LatentDist) -> None:
+        self._items[(key, vae.dtype)] = dist
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def noised(image_latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Flow matching's forward process to `sigma` (diffusers' `scale_noise`)."""
+    return sigma * noise + (1.0 - sigma) * image_latents
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Inpainting as data: after every step the latents outside the mask go back to the input
+    image's, noised to the next step's sigma (the clean image after the last step, whose sigma is
+    0), as diffusers' ZImageInpaintPipeline blends."""
+
+    mask: torch.Tensor  # (1 or B, 1, h, w) float32 on the device: 1 repaints, 0 keeps
+    image: torch.Tensor  # (B, C, h, w) float32: the image's sampled latents (`sample_latents`)
+    noise: torch.Tensor  # (B, C, h, w) float32: the noise the start was made with
+
+    def blend(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        return (1 - self.mask) * noised(self.image, self.noise, sigma) + self.mask * latents
+
+
+def latent_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A pixel mask (B, 1, H, W) at the latents' size (h, w), nearest as diffusers samples it."""
+    return F.interpolate(mask, size=(height, width), mode="nearest")
+
+
+def control_context(
+    control: torch.Tensor, in_dim: int, inpaint: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The ControlNet's input for one control image, (in_dim, 1, h, w).
+
+    control: the control image's `mode_latents` (1, C, h, w). With `inpaint` = (pixel mask
+    (1, 1, H, W), 1 repaints; `mode_latents` of the image with the repainted area zeroed), the
+    channels are [control, the kept area at latent size, masked image] as diffusers'
+    ZImageControlNetInpaintPipeline makes them; without, zeros fill the channels the ControlNet
+    has beyond the control latents, as its ZImageControlNetPipeline does.
+    """
+    if inpaint is not None:
+        mask, masked = inpaint
+        kept = latent_mask(1 - mask, *control.shape[-2:]).to(control.dtype)
+        context = torch.cat([control, kept, masked], dim=1)
+    else:
+        pad = control.new_zeros((1, in_dim - control.shape[1], *control.shape[2:]))
+        context = torch.cat([control, pad], dim=1)
+    if context.shape[1] != in_dim:
+        raise ValueError(f"a control context of {context.shape[1]} channels for a ControlNet that takes {in_dim}")
+    return context.unsqueeze(2)[0]
+
+
+def control_steps(steps: int, start: float, end: float) -> list[bool]:
+    """Which of `steps` steps run the ControlNet: step i unless i/steps < start or
+    (i+1)/steps > end (the `controlnet_keep` of diffusers' Stable Diffusion ControlNet pipelines)."""
+    return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
 
 
 @dataclass(frozen=True)
@@ -205,6 +340,11 @@ class Schedule:
     model_t: torch.Tensor  # (N,) float32: the transformer's timestep input, (1000 - t) / 1000
     dts: tuple[float, ...]  # (N,) sigma_{i+1} - sigma_i, as float32 values
     sigmas: tuple[float, ...]  # (N + 1,) including the terminal 0
+
+    def tail(self, first: int) -> Schedule:
+        """The steps from `first` on: an input image noised to sigmas[first] starts there
+        (diffusers' `get_timesteps`, `inputs.spec.img2img_first_step`)."""
+        return Schedule(self.model_t[first:], self.dts[first:], self.sigmas[first:])
 
 
 def schedule(scheduler_config: dict[str, Any], steps: int, image_seq_len: int) -> Schedule:
@@ -288,10 +428,20 @@ def starting_point(
     c: Components, seeds: Sequence[int], width: int, height: int, steps: int, spatial_unit: int
 ) -> tuple[torch.Tensor, Schedule]:
     """The CPU noise (B, C, h, w) and the schedule for one request's size and steps."""
+    shape = latent_shape(c, width, height, spatial_unit)
+    return prepare_latents(seeds, *shape), request_schedule(c, shape, steps, spatial_unit)
+
+
+def latent_shape(c: Components, width: int, height: int, spatial_unit: int) -> tuple[int, int, int]:
+    """(C, h, w) of one image's latents."""
     patch = spatial_unit // _vae_factor(c.vae)
-    h, w = height // spatial_unit * patch, width // spatial_unit * patch
-    latents = prepare_latents(seeds, c.transformer.config.in_channels, h, w)
-    return latents, schedule(c.scheduler_config, steps, (h // patch) * (w // patch))
+    return c.transformer.config.in_channels, height // spatial_unit * patch, width // spatial_unit * patch
+
+
+def request_schedule(c: Components, shape: tuple[int, int, int], steps: int, spatial_unit: int) -> Schedule:
+    """The full schedule of `steps` for latents of `shape` (the sequence length sets the shift)."""
+    patch = spatial_unit // _vae_factor(c.vae)
+    return schedule(c.scheduler_config, steps, (shape[1] // patch) * (shape[2] // patch))
 
 
 def _dynamic_shift_mu(config: Any, image_seq_len: int) -> float:
@@ -328,15 +478,23 @@ def denoise(
     guidance_scale: float,
     on_step: StepCallback | None = None,
     early: tuple[list[torch.Tensor], int] | None = None,
-    forward: Callable[..., Any] | None = None,
+    step: Step | None = None,
+    *,
+    controlnet: torch.nn.Module | None = None,
+    controls: Sequence[StepControl | None] | None = None,
+    keep: Keep | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
     latents: (B, C, h, w) float32 on the model's device; cond/uncond: B embeddings (L_i, D).
     One transformer call per step (positive and negative batched together under CFG).
     `early` = (cond', k): the first k steps take cond' instead of cond (seed variety).
-    `forward` makes each step's call in the transformer's place (`accel.graphs.StepGraphs.bind`).
+    `step` makes each step's prediction (default `transformer_step` with `controlnet`;
+    `accel.graphs.StepGraphs.bind` gives one that replays CUDA graphs). `controls[i]` is step i's
+    ControlNet input (None: the ControlNet does not run then). `keep` blends the input image back
+    outside its mask after every step (inpainting).
     """
+    step = step or functools.partial(transformer_step, transformer, controlnet)
     batch = latents.shape[0]
     dtype = next(iter(transformer.all_x_embedder.values())).weight.dtype  # what the patch embedder takes
     embeds = cond + uncond if uncond is not None else cond
@@ -345,19 +503,22 @@ def denoise(
         early_embeds, early_steps = (early[0] + uncond if uncond is not None else early[0]), early[1]
     model_t = sched.model_t.to(latents.device)
     steps = len(sched.dts)
+    controls = controls or [None] * steps
     for i, dt in enumerate(sched.dts):
         x = latents.to(dtype)
         if uncond is not None:
             x = x.repeat(2, 1, 1, 1)
         t = model_t[i].expand(x.shape[0])
         step_embeds = early_embeds if i < early_steps else embeds
-        out = (forward or transformer)(list(x.unsqueeze(2).unbind(0)), t, step_embeds, return_dict=False)[0]
+        out = step(list(x.unsqueeze(2).unbind(0)), t, step_embeds, controls[i])
         pred = torch.stack([o.float() for o in out], dim=0).squeeze(2)  # (B or 2B, C, h, w)
         if uncond is not None:
             pos, neg = pred[:batch], pred[batch:]
             pred = pos + guidance_scale * (pos - neg)
         # The model predicts the flow towards noise; the Euler step follows its negation.
         latents = latents + dt * -pred
+        if keep is not None:
+            latents = keep.blend(latents, sched.sigmas[i + 1])
         if on_step is not None:
             on_step(i + 1, steps)
     return latents
