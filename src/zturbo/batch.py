@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidRequestError, ZTurboError
-from .request import GenerateRequest, ModelLimits, convert_fields, field_for
+from .errors import FieldError, InvalidRequestError, ZTurboError
+from .inputs.images import InputImage
+from .inputs.spec import ALPHA_MASK
+from .request import IMAGE_FIELDS, GenerateRequest, ModelLimits, convert_fields, field_for
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -64,7 +66,47 @@ def read_rows(path: Path) -> list[BatchRow]:
         rows = [BatchRow(n, {"prompt": line.strip()}) for n, line in _lines(text)]
     if not rows:
         raise InvalidRequestError(f"batch file {path} has no rows")
+    _read_row_images(rows, path.parent)
     return rows
+
+
+def read_image_fields(
+    values: dict[str, Any], base: Path | None = None, cache: dict[Path, InputImage] | None = None
+) -> dict[str, Any]:
+    """`values` with each image field's path read (`inputs.images.read_image`: a missing or broken
+    file is refused naming the path); the mask's `alpha` stays a word. Relative paths start at
+    `base` when given; `cache` reads a file named several times once."""
+    from .inputs.images import read_image
+
+    out = dict(values)
+    for name in IMAGE_FIELDS:
+        value = out.get(name)
+        if value is None or isinstance(value, InputImage) or (name == "mask" and value == ALPHA_MASK):
+            continue
+        if not isinstance(value, str):
+            raise FieldError(name, f"{name} must be the path of an image file; got {value!r}")
+        path = Path(value).expanduser()
+        path = path if base is None else base / path
+        if cache is None or path not in cache:
+            image = read_image(path, name)
+            if cache is None:
+                out[name] = image
+                continue
+            cache[path] = image
+        out[name] = cache[path]
+    return out
+
+
+def _read_row_images(rows: Sequence[BatchRow], base: Path) -> None:
+    """Each row's image columns, paths relative to the batch file, read now: a missing or broken
+    file fails its row, named, before any model loads."""
+    cache: dict[Path, InputImage] = {}
+    for row in rows:
+        if row.error is None:
+            try:
+                row.params = read_image_fields(row.params, base, cache)
+            except InvalidRequestError as e:
+                row.error = str(e)
 
 
 def _read_text(path: Path) -> str:
@@ -237,9 +279,15 @@ class Manifest:
 
 
 def row_key(params: dict[str, Any]) -> str:
-    """A hash of a row's parameters as given (defaults applied, random seeds not yet resolved)."""
-    blob = json.dumps(params, sort_keys=True, ensure_ascii=False, default=str)
+    """A hash of a row's parameters as given (defaults applied, random seeds not yet resolved);
+    input images count by their sha256, so a changed file makes the row a new one."""
+    blob = json.dumps(recorded_params(params), sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def recorded_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`params` as the manifest records them: each input image as its file's name and sha256."""
+    return {k: {"path": v.name, "sha256": v.sha256} if isinstance(v, InputImage) else v for k, v in params.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +322,12 @@ def plan(rows: Sequence[BatchRow], defaults: dict[str, Any], limits: ModelLimits
         recorded = manifest.planned.get((row.number, row.key))
         try:
             if recorded is not None:
-                row.request = GenerateRequest.create(limits=limits, **recorded["params"])
+                # The key matched, so only the seeds drawn then differ; the images are the ones read now.
+                seeds = {k: v for k, v in recorded["params"].items() if k not in IMAGE_FIELDS}
+                row.request = GenerateRequest.create(limits=limits, **{**params, **seeds})
             else:
                 row.request = GenerateRequest.create(limits=limits, **params)
-                resolved = _resolved(params, row.request)
+                resolved = recorded_params(_resolved(params, row.request))
                 new_plans.append({"event": "planned", "row": row.number, "key": row.key, "params": resolved})
         except (InvalidRequestError, TypeError) as e:
             row.error, row.status = _message(e), "failed"

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .batch import DEFAULT_MAX_BATCH, merge_defaults
+from .batch import DEFAULT_MAX_BATCH, merge_defaults, read_image_fields
 from .config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _bench_args(sub.add_parser("bench", help="speed and memory against diffusers' pipeline on a GPU"))
     info = sub.add_parser("info", help="versions, device capabilities, memory and the dtypes that would be used")
     _model_args(info)
+    _controlnet_arg(info)
     info.add_argument("--plan", action="store_true", help="also estimate peak GPU memory per placement plan")
     info.add_argument("--width", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
     """Options shared by `generate` and `batch`, one per request field of the table (`request.FIELDS`);
     all default to None, so a given value can be told apart."""
-    from .request import FIELDS, LORAS
+    from .request import FIELDS, FLAG, LORAS
 
     note = f"; applies to {defaults_for}" if defaults_for else ""
     for f in FIELDS:
@@ -149,8 +150,11 @@ def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None
         if f.kind == LORAS:  # one option per LoRA, repeatable
             help_ = f"{f.doc}; repeatable; {allowed.removeprefix('; ')}{note}"
             p.add_argument(f.flag, action="append", default=None, metavar="NAME[:WEIGHT]", help=help_)
+        elif f.kind == FLAG:  # a switch: given means yes
+            p.add_argument(f.flag, action="store_const", const=True, default=None, help=f"{f.doc}{note}")
         else:
-            p.add_argument(f.flag, default=None, help=f"{f.doc}{allowed}{default}{note}")
+            p.add_argument(f.flag, default=None, metavar=_metavar(f), help=f"{f.doc}{allowed}{default}{note}")
+    _controlnet_arg(p)
     p.add_argument(
         "--max-pixels",
         type=int,
@@ -158,6 +162,28 @@ def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None
         help=f"largest width*height accepted (default $ZTURBO_MAX_PIXELS or {DEFAULT_MAX_PIXELS})",
     )
     _lora_dir_arg(p)
+
+
+def _controlnet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="REPO_OR_FILE",
+        help="a ControlNet loaded with the model, for --control-image: a hub repo id (REPO:FILE picks one of its "
+        "files), a diffusers directory or a .safetensors file (default $ZTURBO_CONTROLNET)",
+    )
+
+
+def _metavar(f: Any) -> str | None:
+    """How an option's value is written in `--help`: a path, the choice words, the margins."""
+    from .inputs.spec import ALPHA_MASK
+    from .request import CHOICE, IMAGE, MARGINS
+
+    if f.kind == IMAGE:
+        return f"PATH|{ALPHA_MASK}" if f.name == "mask" else "PATH"
+    if f.kind == CHOICE:
+        return "{" + ",".join(f.allowed().split(" | ")) + "}"
+    return "L,R,T,B" if f.kind == MARGINS else None
 
 
 def _lora_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -198,7 +224,8 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     given = {key: getattr(args, opt) for opt, key in _REQUEST_OPTIONS.items() if getattr(args, opt) is not None}
     # A repeated option gives a list; each value may hold several, comma-separated, as a batch cell does.
     given = {k: ", ".join(v) if FIELD[k].kind == LORAS else v for k, v in given.items()}
-    return {key: FIELD[key].from_text(value) for key, value in given.items()}
+    # Image paths are read now: a missing or broken file is refused, named, before any model loads.
+    return read_image_fields({key: FIELD[key].from_text(value) for key, value in given.items()})
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -366,36 +393,22 @@ def _quiet_libraries(quiet: bool) -> Iterator[None]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine import Engine
-    from .imageio import check_output
     from .loader import resolve_model
-    from .request import GenerateRequest
 
     started = time.perf_counter()
+    given = _given_options(args)  # input images first: a missing or broken file costs no loading
     source_meta: dict[str, Any] = {}
     params: dict[str, Any] = {}
     if args.from_png is not None:
-        source_meta, params = _parameters_from_png(args.from_png)
+        source_meta, params = _parameters_from_png(args.from_png, given)
     config = _model_for_from(_runtime_config(args, max_pixels=args.max_pixels), args, source_meta)
     if config.compile == "auto":
         # One process, one request: compiling costs tens of seconds and saves well under one.
         config = dataclasses.replace(config, compile="off")
-    configs = _preflight(config)
-    given, library = _given_options(args), _lora_library(config)
-    if args.from_png is not None:
-        given["loras"] = _loras_for_from(library, params.pop("loras", None) or [], given.get("loras"), args.from_png)
-    # The command line over the PNG, as a batch row over the command line.
-    params = merge_defaults(given, params)
-    if args.prompt is not None:
-        params["prompt"] = args.prompt
-    if "prompt" not in params:
-        raise InvalidRequestError("give a PROMPT, or --from IMAGE.png to take the parameters from an image")
-    request = GenerateRequest.create(limits=configs.limits(config.max_pixels), **params)
-    _check_loras(library, [ref.name for ref in request.loras])
-    check_output(args.output, request.num_images, overwrite=args.overwrite)
-    if request.seed_was_random:
-        log.info("seed %d (random)", request.seed)
-    if request.variation_strength > 0 and "variation_seed" not in params:
-        log.info("variation seed %d (random)", request.images[0].variation_seed)
+    _check_recorded_controlnet(source_meta, config, args.from_png)
+    _, limits = _preflight(config)
+    library = _lora_library(config)
+    request = _generate_request(args, given, params, limits, library)
     # No separate warm-up: with --compile on, the request itself compiles at its own size.
     engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
     engine.loras = library  # the engine's directory and settings, with the files' hashes already known
@@ -412,9 +425,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preflight(config: Any) -> Any:
-    """Refuse what this machine cannot run (device, quantization, dtypes) and return the model's
-    configs (weights=False: no large download), so bad parameters fail before any expensive work."""
+def _generate_request(
+    args: argparse.Namespace, given: dict[str, Any], params: dict[str, Any], limits: Any, library: Any
+) -> Any:
+    """The request of `generate`: the command line over the PNG's parameters (`--from`), as a
+    batch row over the command line; its LoRAs and output checked before any model loads."""
+    from .imageio import check_output
+    from .request import GenerateRequest
+
+    if args.from_png is not None:
+        given["loras"] = _loras_for_from(library, params.pop("loras", None) or [], given.get("loras"), args.from_png)
+    params = merge_defaults(given, params)
+    if args.prompt is not None:
+        params["prompt"] = args.prompt
+    if "prompt" not in params:
+        raise InvalidRequestError("give a PROMPT, or --from IMAGE.png to take the parameters from an image")
+    request = GenerateRequest.create(limits=limits, **params)
+    _check_loras(library, [ref.name for ref in request.loras])
+    check_output(args.output, request.num_images, overwrite=args.overwrite)
+    if request.seed_was_random:
+        log.info("seed %d (random)", request.seed)
+    if request.variation_strength > 0 and "variation_seed" not in params:
+        log.info("variation seed %d (random)", request.images[0].variation_seed)
+    return request
+
+
+def _preflight(config: Any) -> tuple[Any, Any]:
+    """Refuse what this machine cannot run (device, quantization, dtypes); return the model's
+    configs (weights=False: no large download) and the limits requests are checked against (with
+    the ControlNet's input width, read from its header), so bad parameters fail before any
+    expensive work."""
     from .accel.quantize import check_quantize
     from .device import probe, resolve_device
     from .loader import resolve_model
@@ -430,7 +470,12 @@ def _preflight(config: Any) -> Any:
         vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
     )
     check_quantize(config.quantize, caps, plan.transformer.dtype)
-    return source
+    limits = source.limits(config.max_pixels)
+    if config.controlnet is not None:
+        from .control import controlnet_in_dim
+
+        limits = dataclasses.replace(limits, control_in_dim=controlnet_in_dim(config.controlnet))
+    return source, limits
 
 
 def _seed_text(meta: dict[str, Any]) -> str:
@@ -440,17 +485,105 @@ def _seed_text(meta: dict[str, Any]) -> str:
     return text
 
 
-def _parameters_from_png(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the PNG's zturbo metadata or {}, the request parameters it holds)."""
+def _parameters_from_png(path: str, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the PNG's zturbo metadata or {}, the request parameters it holds). The input images are
+    not in the PNG: those it was made from must be among `given` (the command line's)."""
     from .imageio import read_parameters
+    from .request import INPUT_FIELDS
 
     meta, chunk, ignored = read_parameters(path)
     if ignored:
         log.warning("%s: ignoring A1111 fields zturbo does not use: %s", path, ", ".join(ignored))
-    params = {k: meta[k] for k in _PNG_PARAMETERS if meta.get(k) is not None}
+    params = {k: meta[k] for k in _PNG_PARAMETERS if meta.get(k) is not None and k not in INPUT_FIELDS}
     if not params.get("prompt"):
         raise InvalidRequestError(f"{path}: its {chunk!r} chunk has no prompt")
-    return (meta if chunk == "zturbo" else {}), params
+    if chunk == "zturbo":
+        params.update(_recorded_inputs(meta.get("inputs") or {}, given, path))
+        return meta, params
+    params.update(_a1111_inputs({k: meta[k] for k in INPUT_FIELDS if k in meta}, given, path))
+    return {}, params
+
+
+_IMAGE_WORDS = {"image": "an image", "mask": "a mask", "control_image": "a control image"}
+_MODE_WORDS = {"txt2img": "text-to-image", "img2img": "img2img", "inpaint": "inpaint", "outpaint": "outpaint"}
+
+
+def _recorded_inputs(recorded: Any, given: dict[str, Any], png: str) -> dict[str, Any]:
+    """`--from` a zturbo PNG: its input settings; each input image it was made from must be given
+    again, and be the same file (by sha256), or nothing runs."""
+    from .inputs.images import InputImage
+    from .request import FIELD, IMAGE_FIELDS
+
+    if not recorded:
+        return {}
+    images = recorded.get("images") if isinstance(recorded, dict) else None
+    if not isinstance(images, dict) or not set(images) <= set(IMAGE_FIELDS):
+        raise InvalidRequestError(f"{png}: its inputs are not zturbo's {{mode, images, ...}}: {recorded!r:.200}")
+    how = _MODE_WORDS.get(str(recorded.get("mode")), str(recorded.get("mode")))
+    how += " with a ControlNet" if recorded.get("controlled") else ""
+    for field, digest in images.items():
+        image, flag, what = given.get(field), FIELD[field].flag, _IMAGE_WORDS[field]
+        if not isinstance(image, InputImage):
+            raise InvalidRequestError(f"{png} was made by {how} from {what} with sha256 {digest}; give it with {flag}")
+        if image.sha256 != digest:
+            raise InvalidRequestError(
+                f"{png} was made by {how} from {what} with sha256 {digest}, but {flag} {image.name} has sha256 "
+                f"{image.sha256}; give the same file"
+            )
+    return _recorded_settings(recorded)
+
+
+def _recorded_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """The request keywords of recorded input settings; what was off is left out, as if not given."""
+    from .inputs.spec import ALPHA_MASK
+
+    outpaint = recorded.get("outpaint")
+    settings = {
+        "mask": ALPHA_MASK if recorded.get("mask_from_alpha") else None,
+        "strength": recorded.get("strength"),
+        "resize": recorded.get("resize"),
+        "mask_blur": recorded.get("mask_blur") or None,
+        "mask_padding": recorded.get("mask_padding") or None,
+        "paste_back": recorded.get("paste_back") or None,
+        "outpaint": tuple(outpaint) if outpaint else None,
+    }
+    if recorded.get("controlled"):
+        settings.update({k: recorded.get(k) for k in ("control_type", "control_scale", "control_start", "control_end")})
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+# What an A1111 input setting needs on the command line to mean anything: A1111 text records no
+# input image, and its `Denoising strength` also belongs to a hires fix.
+_A1111_NEEDS = {
+    "strength": ("image",),
+    "mask_blur": ("mask", "outpaint"),
+    "paste_back": ("mask", "outpaint"),
+    **{k: ("control_image",) for k in ("control_type", "control_scale", "control_start", "control_end")},
+}
+
+
+def _a1111_inputs(settings: dict[str, Any], given: dict[str, Any], png: str) -> dict[str, Any]:
+    """`--from` an A1111 text: its input settings whose input images the command line gives; the
+    others are left out, with a warning naming them."""
+    from .request import FIELD
+
+    kept = {k: v for k, v in settings.items() if any(given.get(n) is not None for n in _A1111_NEEDS[k])}
+    needs = {k: " or ".join(FIELD[n].flag or n for n in _A1111_NEEDS[k]) for k in settings}
+    dropped = [f"{k} (needs {needs[k]})" for k in settings if k not in kept]
+    if dropped:
+        log.warning("%s: ignoring its input settings without their images: %s", png, ", ".join(dropped))
+    return kept
+
+
+def _check_recorded_controlnet(meta: dict[str, Any], config: Any, png: str | None) -> None:
+    """`--from` an image made with a ControlNet: one must be loaded, or nothing runs."""
+    recorded = meta.get("controlnet")
+    if recorded and config.controlnet is None:
+        name = recorded.get("name") if isinstance(recorded, dict) else recorded
+        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+        raise InvalidRequestError(
+            f"{png} was made with the ControlNet {name} (sha256 {digest}); load it with --controlnet {name}"
+        )
 
 
 def _lora_dir(config: Any) -> Any:
@@ -548,6 +681,11 @@ def _warn_if_not_reproducible(meta: dict[str, Any], engine: Any) -> None:
         return
     if meta.get("model_fingerprint") and meta["model_fingerprint"] != engine.model.fingerprint:
         log.warning("the image was made with another model (%s); the result will differ", meta.get("model"))
+    recorded = meta.get("controlnet")
+    loaded = engine.controlnet.describe() if isinstance(recorded, dict) and engine.controlnet is not None else None
+    if loaded is not None and loaded.get("sha256") != recorded.get("sha256"):
+        log.warning("the image was made with the ControlNet %s (sha256 %s), now %s (sha256 %s); the pixels will differ",
+                    recorded.get("name"), recorded.get("sha256"), loaded.get("name"), loaded.get("sha256"))  # fmt: skip
     runtime = engine.runtime()
     for key in ("dtypes", "quantize"):
         if key in meta and meta[key] != runtime.get(key):
@@ -581,11 +719,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     directory = Path(args.output) if args.output else Path("outputs") / file.stem
     check_output_directory(directory)
     rows = batch.read_rows(file)
-    configs = _preflight(config)
-    given, library = _given_options(args), _lora_library(config)
+    given = _given_options(args)
+    _, limits = _preflight(config)
+    library = _lora_library(config)
     _check_loras(library, [ref.name for ref in parse_loras(given.get("loras"))])
     manifest = batch.Manifest(directory)
-    batch.plan(rows, given, configs.limits(config.max_pixels), manifest)
+    batch.plan(rows, given, limits, manifest)
     batch.check_loras(rows, library.resolve)
     for row in rows:
         if row.status == "failed":
@@ -650,7 +789,22 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {key:<{width}}  {text}")
     if ignored:
         print(f"  (not used by zturbo: {', '.join(ignored)})")
+    hint = _input_hint(args.image, meta.get("inputs"))
+    if hint:
+        print(hint)
     return 0
+
+
+def _input_hint(png: str, inputs: Any) -> str | None:
+    """How to make a PNG with input images again: they are not stored in it, so they are given
+    again (and checked by sha256)."""
+    from .request import FIELD
+
+    images = inputs.get("images") if isinstance(inputs, dict) else None
+    if not isinstance(images, dict) or not images:
+        return None
+    options = " ".join(f"{FIELD[k].flag} FILE" for k in images if k in FIELD)
+    return f"  (to make it again: zturbo generate --from {png} {options}, the files with the sha256 above)"
 
 
 def cmd_lora(args: argparse.Namespace) -> int:
@@ -827,6 +981,7 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
 
     return RuntimeConfig.from_env(
         model=args.model,
+        controlnet=getattr(args, "controlnet", None),
         device=args.device,
         dtype=args.dtype,
         transformer_dtype=args.transformer_dtype,
@@ -880,6 +1035,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("FlashAttention 3", _fa3_text(caps)),
         ("memory", memory_line(device)),
         ("model", config.model),
+        ("controlnet", _controlnet_text(config.controlnet)),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
         *([("fp16 guard", guard.describe())] if plan.transformer.dtype is torch.float16 else []),
         ("latents / scheduler", "float32  (always)"),
@@ -890,6 +1046,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plan:
         _print_plan(args, config, device, plan.dtypes())
     return 0
+
+
+def _controlnet_text(spec: str | None) -> str:
+    """The configured ControlNet and its input width (read from its header; no weights load)."""
+    if spec is None:
+        return "none (--controlnet loads one)"
+    from .control import controlnet_in_dim
+    from .inputs.spec import INPAINT_CONTROL_DIM
+
+    dim = controlnet_in_dim(spec)
+    inpaint = "control and inpaint" if dim >= INPAINT_CONTROL_DIM else "control only"
+    return f"{spec}  (control_in_dim {dim}: {inpaint})"
 
 
 def _fa3_text(caps: Any) -> str:

@@ -22,6 +22,7 @@ DEFAULT_OUTPUT_DIR = "outputs"
 LORA_SUFFIX = ".safetensors"
 LORA_HASHES = "Lora hashes"  # A1111's field: `"name: 0123456789, ..."`
 SHORT_HASH = 10  # hex digits of a sha256 in A1111's and Civitai's texts (AutoV2)
+CONTROLNET_UNIT = "ControlNet 0"  # sd-webui-controlnet's field for its first unit
 
 
 def build_metadata(
@@ -53,6 +54,10 @@ def build_metadata(
         "model": model.name,
         "model_revision": model.revision,
         "model_fingerprint": model.fingerprint,
+        # The input images by sha256 and their settings ({} for text-to-image); the engine sets
+        # the ControlNet's identity when the request used one.
+        "inputs": req.inputs.to_dict(),
+        "controlnet": None,
         **runtime,
         "zturbo_version": __version__,
     }
@@ -71,6 +76,7 @@ def a1111_parameters(meta: dict[str, Any]) -> str:
         FIELD["seed"].a1111: meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
         **_a1111_noise_fields(meta),
+        **_a1111_input_fields(meta),
         "Model hash": (meta.get("model_fingerprint") or "")[:10],
         "Model": meta["model"],
         **_a1111_lora_hashes(loras),
@@ -93,6 +99,45 @@ def _a1111_noise_fields(meta: dict[str, Any]) -> dict[str, Any]:
     if meta.get("variety"):
         names += ("variety", "variety_until")
     return {FIELD[name].a1111: meta[name] for name in names}
+
+
+def _a1111_input_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The input settings A1111 has names for: `Denoising strength`; `Mask blur` (A1111 always
+    pastes the original back through the blurred mask, as zturbo's paste-back does, so it is
+    written only with paste-back); and the ControlNet as sd-webui-controlnet writes a unit."""
+    from .request import FIELD
+
+    inputs = meta.get("inputs") or {}
+    fields: dict[str, Any] = {}
+    if inputs.get("strength") is not None:
+        fields[FIELD["strength"].a1111] = inputs["strength"]
+    if inputs.get("paste_back"):
+        fields[FIELD["mask_blur"].a1111] = inputs.get("mask_blur", 0)
+    if inputs.get("controlled"):
+        fields[CONTROLNET_UNIT] = _controlnet_unit(inputs, meta.get("controlnet"))
+    return fields
+
+
+def _controlnet_unit(inputs: dict[str, Any], controlnet: dict[str, Any] | None) -> str:
+    """`Module: canny, Model: NAME [HASH10], Weight: 0.75, Guidance Start: 0, Guidance End: 1`."""
+    parts = [f"Module: {inputs.get('control_type') or 'none'}"]
+    if controlnet:
+        parts.append(f"Model: {controlnet_model_name(str(controlnet.get('name') or ''))} "
+                     f"[{str(controlnet.get('sha256') or '')[:SHORT_HASH]}]")  # fmt: skip
+    parts += [
+        f"Weight: {_weight_text(inputs['control_scale'])}",
+        f"Guidance Start: {_weight_text(inputs['control_start'])}",
+        f"Guidance End: {_weight_text(inputs['control_end'])}",
+    ]
+    return ", ".join(parts)
+
+
+def controlnet_model_name(name: str) -> str:
+    """A ControlNet's name as A1111 shows a model: the file or repository name, without its
+    folders, repository owner or `.safetensors`, and without the characters a unit's text uses."""
+    base = re.split(r"[/\\:]", name)[-1]
+    base = base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
+    return re.sub(r"[,\[\]\"]", "", base)
 
 
 def lora_tag_name(name: str) -> str:
@@ -184,6 +229,8 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
         field = _a1111_field(key)
         if key == LORA_HASHES:
             hashes = value
+        elif key == CONTROLNET_UNIT:
+            params.update(_controlnet_params(value, ignored))
         elif key == "Size":
             params["width"], params["height"] = _a1111_number(key, value, parse_size)
         elif field is not None:
@@ -192,11 +239,40 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
             ignored.append(f"Sampler ({value})")
         elif key not in _A1111_INFORMATIONAL:
             ignored.append(key)
+    if "mask_blur" in params:
+        params["paste_back"] = True  # A1111 pastes the original back through the blurred mask
     if tags:
         params["loras"] = _with_hashes(tags, hashes)
     elif hashes:
         ignored.append(LORA_HASHES)  # hashes of LoRAs the prompt does not use
     return params, ignored
+
+
+# A unit's settings zturbo reads back, by sd-webui-controlnet's labels.
+_CONTROLNET_LABELS = {"Weight": "control_scale", "Guidance Start": "control_start", "Guidance End": "control_end"}
+_UNIT_PART = re.compile(r"(?:^|, )([A-Z][\w ]*): ")
+
+
+def _controlnet_params(text: str, ignored: list[str]) -> dict[str, Any]:
+    """A `ControlNet 0` unit's module (zturbo's control type, or none: the image used as given),
+    weight and guidance range. A module zturbo does not have (another tool's preprocessor) is
+    named in `ignored`; the control image is then used as given."""
+    from .inputs.spec import CONTROL_TYPES
+    from .request import FIELD
+
+    starts = list(_UNIT_PART.finditer(text))
+    ends = [m.start() for m in starts[1:]] + [len(text)]
+    unit = {m.group(1): text[m.end() : end].strip() for m, end in zip(starts, ends, strict=True)}
+    params: dict[str, Any] = {}
+    module = unit.get("Module", "none")
+    if module in CONTROL_TYPES:
+        params["control_type"] = module
+    elif module != "none":
+        ignored.append(f"{CONTROLNET_UNIT} module ({module})")
+    for label, name in _CONTROLNET_LABELS.items():
+        if label in unit:
+            params[name] = _a1111_number(f"{CONTROLNET_UNIT} {label}", unit[label], FIELD[name].from_text)
+    return params
 
 
 # A1111's extra-network tags; the space before one is the one its writer (and zturbo) puts there.
