@@ -278,6 +278,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only: rank-32 LoRAs on every attention and FFN linear (plain vs LoRA image, set switches, diffusers)",
     )
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="only: img2img 0.5, inpaint, a random Union 2.1 ControlNet and ControlNet inpaint against diffusers' "
+        "pipelines, compiled bf16, at 1024² (or --sizes N); with --memory-caps, the ControlNet row under each cap",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
 
