@@ -279,7 +279,8 @@ def _check_strength(strength: float | None, steps: int, mode: str) -> float:
 
 def _needs(ok: bool, field: str, value: object, what: str) -> None:
     if value is not None and not ok:
-        raise FieldError(field, f"{field} {value!r} needs {what}")
+        shown = value.name if isinstance(value, InputImage) else repr(value)  # an image by its name, not its bytes
+        raise FieldError(field, f"{field} {shown} needs {what}")
 
 
 def _check_range(field: str, value: object, bounds: tuple[float, float]) -> None:
