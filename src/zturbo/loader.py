@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import TINY_MODEL
+from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .request import ModelLimits
 
@@ -292,6 +293,7 @@ class Components:
     text_encoder: torch.nn.Module
     tokenizer: Any
     scheduler_config: dict[str, Any]
+    controlnet: ControlNet | None = None  # loaded with the model when asked (RuntimeConfig.controlnet)
 
 
 def load_components(
@@ -299,12 +301,17 @@ def load_components(
     device: torch.device,
     dtypes: dict[str, torch.dtype],
     homes: dict[str, torch.device] | None = None,
+    controlnet: str | None = None,
 ) -> Components:
     """Build every component on the meta device and stream its weights in, logging each one.
 
-    `homes` overrides `device` per component (the memory plan keeps offloaded ones on the CPU).
+    `homes` overrides `device` per component (the memory plan keeps offloaded ones on the CPU);
+    the ControlNet (`controlnet`: a file, directory or hub repo id) goes where the transformer
+    goes unless `homes` names it, in the transformer's dtype.
     """
-    homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")}
+    homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")} | {
+        "controlnet": (homes or {}).get("controlnet", (homes or {}).get("transformer", device))
+    }
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig, AutoTokenizer
 
@@ -335,11 +342,37 @@ def load_components(
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"tokenizer in {root / 'tokenizer'} has no chat template; Z-Image needs Qwen's")
     components = Components(transformer, vae, text_encoder, tokenizer, source.config("scheduler"))
+    if controlnet is not None:
+        components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype)
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
         n = sum(p.numel() for p in module.parameters())
         log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
     return components
+
+
+def load_controlnet(spec: str, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ControlNet:
+    """The ControlNet `spec` names, built for `transformer` (whose embedders and refiners it then
+    shares, diffusers' `from_transformer`): its config from the file (control.structure), built
+    on the meta device, its weights streamed in strictly, in `dtype` on `device`."""
+    from diffusers import ZImageControlNetModel
+
+    from .control import resolve_controlnet
+    from .control.model import own_parameters, weights_sha256
+    from .control.structure import resolve_config, version
+
+    files = resolve_controlnet(spec)
+    config, kept = resolve_config(files, transformer.config)
+    model = _empty(lambda: ZImageControlNetModel.from_config(config))
+    load_weights(model, list(files.weights), device, dtype, rename=lambda k: k if k in kept else None)
+    model = ZImageControlNetModel.from_transformer(model, transformer)
+    named = " ".join([spec, *(path.name for path in files.weights)])  # Tile and 8-step files say so in their names
+    found = ControlNet(
+        model, spec, version(config, transformer.config, named), weights_sha256(files.weights), files.weights
+    )
+    n = sum(p.numel() for p in own_parameters(model))
+    log.info("controlnet %s (%s): %s on %s, %s parameters", spec, found.version, dtype, device, _count(n))
+    return found
 
 
 def _text_encoder_class(root: Path) -> type:

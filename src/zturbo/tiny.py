@@ -556,3 +556,81 @@ def randomize_pad_tokens(module: torch.nn.Module) -> None:
         for name, p in module.named_parameters():
             if "pad_token" in name:
                 p.normal_(0.0, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet
+
+# Tiny counterparts of alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union files, for the tiny
+# transformer (2 layers, 1 noise-refiner block): 1.0 (16 input channels, plain refiner blocks),
+# 2.0 (33 channels; refiner blocks in the file, all-zero before_proj, unused) and 2.1 (33 channels,
+# the refiner blocks take the control input). Control layers as the loader infers them.
+TINY_CONTROLNETS: dict[str, dict[str, Any]] = {
+    "1.0": {"control_layers_places": [0], "control_in_dim": 16, "add_control_noise_refiner": None},
+    "2.0": {"control_layers_places": [0, 1], "control_in_dim": 33, "add_control_noise_refiner": "control_layers"},
+    "2.1": {
+        "control_layers_places": [0, 1],
+        "control_in_dim": 33,
+        "add_control_noise_refiner": "control_noise_refiner",
+    },
+}
+
+
+def tiny_controlnet_config(version: str = "2.1") -> dict[str, Any]:
+    """The diffusers ZImageControlNetModel config of the tiny ControlNet of `version`."""
+    if version not in TINY_CONTROLNETS:
+        raise ValueError(f"tiny ControlNet version {version!r} is not one of {', '.join(TINY_CONTROLNETS)}")
+    t = TRANSFORMER_CONFIG
+    mode = TINY_CONTROLNETS[version]["add_control_noise_refiner"]
+    return {
+        **TINY_CONTROLNETS[version],
+        "control_refiner_layers_places": list(range(t["n_refiner_layers"])) if mode else None,
+        "all_patch_size": list(t["all_patch_size"]),
+        "all_f_patch_size": list(t["all_f_patch_size"]),
+        "dim": t["dim"],
+        "n_refiner_layers": t["n_refiner_layers"],
+        "n_heads": t["n_heads"],
+        "n_kv_heads": t["n_kv_heads"],
+        "norm_eps": 1e-5,
+        "qk_norm": True,
+    }
+
+
+def write_tiny_controlnet(path: Path, version: str = "2.1", single_file: bool = True, seed: int = 0) -> Path:
+    """A random tiny ControlNet for the tiny checkpoint, in a published layout; returns its path.
+
+    single_file: one bf16 .safetensors file with alibaba-pai's keys (`path` is the file; a 2.0 file
+    carries its unused refiner blocks with zero projections, as published); else a diffusers
+    directory at `path` (config.json and diffusion_pytorch_model.safetensors, the hlky/... repos'
+    layout). The zero-initialised projections are random, so a control image changes the image.
+    """
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import save_file
+
+    config = tiny_controlnet_config(version)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ZImageControlNetModel(**config)
+        _randomize_projections(model)
+        state = dict(model.state_dict())
+        if single_file and version == "2.0":
+            refiner = ZImageControlNetModel(**{**config, "add_control_noise_refiner": "control_noise_refiner"})
+            state |= {k: torch.zeros_like(v) if "_proj." in k else v for k, v in refiner.state_dict().items()
+                      if k.startswith("control_noise_refiner.")}  # fmt: skip
+    tensors = {k: _stored(v, torch.bfloat16) for k, v in state.items()}
+    if single_file:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return path
+    model.save_config(path)
+    save_file(tensors, str(path / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def _randomize_projections(model: torch.nn.Module) -> None:
+    """diffusers zero-initialises before_proj and after_proj (an untrained ControlNet adds nothing);
+    trained ones are not zero."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("before_proj", "after_proj")):
+                module.reset_parameters()
