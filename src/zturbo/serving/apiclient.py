@@ -78,6 +78,10 @@ class ApiClient:
     def image(self, image_id: str, key: str | None) -> bytes:
         return self._send("GET", f"/v1/images/{image_id}", key).content
 
+    def input_image(self, job_id: str, field: str, key: str | None) -> bytes:
+        """One of a job's input images (`image`, `mask` or `control_image`), as it was uploaded."""
+        return self._send("GET", f"/v1/jobs/{job_id}/inputs/{field}", key).content
+
     def events(self, job_id: str, key: str | None, *, read_timeout: float = 120.0) -> Iterator[Event]:
         """The job's events until a terminal one. A silent or dropped stream is reopened: the server
         replays the final event to late clients, so nothing is lost."""

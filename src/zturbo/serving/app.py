@@ -31,7 +31,9 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..config import DEFAULT_LORA_CACHE_BYTES, RuntimeConfig
@@ -44,16 +46,27 @@ from ..errors import (
     UnauthorizedError,
     ZTurboError,
 )
-from ..request import LIMITS, GenerateRequest, ModelLimits
+from ..inputs.images import InputImage
+from ..inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM
+from ..request import FIELDS, IMAGE_FIELDS, LIMITS, GenerateRequest, ModelLimits
 from . import jobs
 from .schemas import (
     MODEL_ALIASES,
+    ROUTE_FIELDS,
     JobBody,
     OpenAIImageBody,
+    UnsupportedImageTypeError,
     body_request,
+    check_body_size,
+    check_image_size,
+    check_part_type,
+    image_text_bytes,
     image_variation_seeds,
+    job_inputs,
     job_params,
     status_limits,
+    text_image,
+    upload_image,
 )
 from .workers import Finished, Hooks, Supervisor
 
@@ -61,6 +74,9 @@ log = logging.getLogger("zturbo.server")
 
 SIGNED_URL_TTL_S = 3600
 SSE_KEEPALIVE_S = 15.0
+# The routes whose bodies may carry input images, and so may be larger than `max_body_bytes`.
+IMAGE_ROUTES = frozenset({"/v1/jobs", "/v1/images/generations", "/v1/images/edits"})
+PART_OVERHEAD_BYTES = 1024  # a multipart part's boundary and headers
 
 
 def error_response(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
@@ -89,6 +105,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20
     max_header_bytes: int = 16 << 10
     max_upload_bytes: int = 64 << 20  # one web UI upload: a PNG to read parameters from (4 MP: ~12 MB)
+    max_input_bytes: int = LIMITS.input_bytes  # one input image of a job, as uploaded (the table's limit)
     # Host names a server without a key answers besides loopback ones ("*": any); see _install_host_check.
     allowed_hosts: tuple[str, ...] = ()
     model_names: tuple[str, ...] = field(default=())
@@ -98,6 +115,13 @@ class ServeSettings:
     lora_dir: Path | None = None
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+
+    @property
+    def max_image_body_bytes(self) -> int:
+        """The largest body a route taking images reads: the rest of the body plus every image field at
+        its limit, in base64 (4 characters for 3 bytes, the larger of JSON's and multipart's forms)."""
+        per_image = 4 * -(-self.max_input_bytes // 3) + PART_OVERHEAD_BYTES
+        return self.max_body_bytes + len(IMAGE_FIELDS) * per_image
 
 
 class Service:
@@ -134,6 +158,9 @@ class Service:
     def start(self) -> None:
         for job in self.store.recover():
             log.info("recovered job %s: %s (attempt %d)", job.id, job.status, job.attempts)
+        swept = self.store.sweep_inputs()
+        if swept:
+            log.info("removed %d stored input files no job refers to", swept)
         self.supervisor.start()
 
     def begin_stop(self) -> None:
@@ -164,8 +191,15 @@ class Service:
             e.retry_after = self.retry_after()
             raise
         self.metrics.submitted.inc()
+        self.metrics.submitted_mode(request.inputs.mode, request.inputs.controlled)
         self.supervisor.wake()
         return job
+
+    def json_request(self, body: JobBody | OpenAIImageBody, body_bytes: int) -> GenerateRequest:
+        """A JSON body's request: its size besides the images bounded, each image checked and decoded."""
+        s = self.settings
+        check_body_size(body_bytes, image_text_bytes(body), s.max_body_bytes, s.max_input_bytes)
+        return body_request(body, s.limits, s.max_input_bytes)
 
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: one average job, spread over the workers."""
@@ -179,7 +213,7 @@ class Service:
         return {
             "id": job.id,
             "status": job.status,
-            "params": job_params(job.params),
+            "params": job_params(job.params) | {"inputs": job_inputs(job.params, job.id)},
             "position": self.store.position(job),
             "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
             "images": [
@@ -226,7 +260,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     )
     app.state.service = service
     _install_error_handlers(app)
-    limits = {"max_body": settings.max_body_bytes, "max_headers": settings.max_header_bytes}
+    limits = {
+        "max_body": settings.max_body_bytes,
+        "max_headers": settings.max_header_bytes,
+        "image_paths": IMAGE_ROUTES,
+        "max_image_body": settings.max_image_body_bytes,
+    }
     # Middleware added first runs innermost: a body is read only once the Host and the key have passed,
     # and the outermost layer refuses oversized headers and declared lengths without reading anything.
     app.add_middleware(EdgeLimits, **limits, read_body=True)
@@ -238,6 +277,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(_service_routes(service))
     app.include_router(_image_routes(service))
     app.include_router(_lora_routes(service))
+    # Ahead of the JSON route of the same path: a multipart body goes to its own handler.
+    app.router.routes.insert(0, FormRoute("/v1/jobs", _form_submit(service), methods=["POST"]))
     return app
 
 
@@ -410,11 +451,23 @@ class EdgeLimits:
 
     A body is refused from its Content-Length before any of it is read, or, sent without one (with
     `read_body`), as soon as the bytes received pass the limit; a body within it is buffered here and
-    replayed to the app. The web UI (Gradio, under /ui) bounds its own uploads.
+    replayed to the app. The routes of `image_paths` take bodies up to `max_image_body` (their
+    handlers bound the part besides the images to `max_body`). The web UI (Gradio, under /ui)
+    bounds its own uploads.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body: int, max_headers: int, read_body: bool) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body: int,
+        max_headers: int,
+        read_body: bool,
+        image_paths: frozenset[str] = frozenset(),
+        max_image_body: int = 0,
+    ) -> None:
         self.app, self.max_body, self.max_headers, self.read_body = app, max_body, max_headers, read_body
+        self.image_paths, self.max_image_body = image_paths, max(max_image_body, max_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -425,17 +478,18 @@ class EdgeLimits:
             message = f"the request headers are {header_bytes} bytes; allowed at most {self.max_headers}"
             await error_response(431, "too_large", message)(scope, receive, send)
             return
+        limit = self.max_image_body if scope["path"] in self.image_paths else self.max_body
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body:
-            message = f"the request body is {int(declared)} bytes; this server accepts at most {self.max_body}"
+        if declared.isdigit() and int(declared) > limit:
+            message = f"the request body is {int(declared)} bytes; this server accepts at most {limit}"
             await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
             return
         if not self.read_body or scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
             await self.app(scope, receive, send)
             return
-        body = await read_body(receive, self.max_body)
+        body = await read_body(receive, limit)
         if body is None:
-            message = f"the request body is larger than {self.max_body} bytes, the most this server accepts"
+            message = f"the request body is larger than {limit} bytes, the most this server accepts"
             await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
             return
         await self.app(scope, replay_body(body, receive), send)
@@ -561,14 +615,25 @@ def _job_routes(service: Service) -> APIRouter:
     r = APIRouter()
     store = service.store
 
-    @r.post("/v1/jobs", status_code=202, tags=["jobs"], responses={429: {"description": "queue full"}})
-    def submit(body: JobBody) -> dict[str, Any]:
-        job = service.submit(body_request(body, service.settings.limits), jobs.new_id(), None)
-        return service.view(job)
+    @r.post("/v1/jobs", status_code=202, tags=["jobs"], responses=_SUBMIT_ERRORS, openapi_extra=_job_form())
+    async def submit(body: JobBody, request: Request) -> dict[str, Any]:
+        """A JSON body (images as base64), or multipart/form-data (images as file parts)."""
+        size = len(await request.body())
+        return await run_in_threadpool(_submit_json, service, body, size)
 
     @r.get("/v1/jobs/{job_id}", tags=["jobs"])
     def get_job(job_id: str) -> dict[str, Any]:
         return service.view(store.get(job_id))
+
+    @r.get("/v1/jobs/{job_id}/inputs/{field}", tags=["jobs"], response_class=Response, responses=_IMAGE)
+    def job_input(job_id: str, field: str) -> Response:
+        """One of the job's input images (image, mask or control_image), the bytes as uploaded."""
+        hashes = jobs.input_hashes(store.get(job_id).params)
+        if field not in hashes:
+            given = ", ".join(sorted(hashes)) or "none"
+            raise jobs.JobNotFoundError(f"job {job_id} has no input image {field!r}; its input images: {given}")
+        data = store.inputs.read(field, hashes[field])
+        return Response(data, media_type=_image_type(data), headers={"X-Content-Type-Options": "nosniff"})
 
     @r.delete("/v1/jobs/{job_id}", tags=["jobs"])
     def cancel_job(job_id: str) -> dict[str, Any]:
@@ -600,6 +665,111 @@ def _job_routes(service: Service) -> APIRouter:
     return r
 
 
+_SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"description": "an input image, or the body besides its images, is too large"},
+    415: {"description": "a file part or data URL that is not an image"},
+    429: {"description": "queue full"},
+}
+_IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {"image/*": {}}, "description": "the image file"}}
+
+
+def _image_type(data: bytes) -> str:
+    """An image file's media type, from its header (the store keeps only what Pillow decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.get_format_mimetype() or "application/octet-stream"
+    except (UnidentifiedImageError, OSError, ValueError):
+        return "application/octet-stream"
+
+
+def _submit_json(service: Service, body: JobBody, size: int) -> dict[str, Any]:
+    job = service.submit(service.json_request(body, size), jobs.new_id(), None)
+    return service.view(job)
+
+
+def _form_body(names: list[str], required: tuple[str, ...], *, beside_json: bool) -> dict[str, Any]:
+    """The OpenAPI request body of a multipart form: the image fields as files, the others as text."""
+    properties = {n: {"type": "string", "format": "binary"} if n in IMAGE_FIELDS else {"type": "string"} for n in names}
+    form = {"schema": {"type": "object", "properties": properties, "required": list(required)}}
+    body: dict[str, Any] = {"content": {"multipart/form-data": form}}
+    if not beside_json:
+        body["required"] = True
+    return {"requestBody": body}
+
+
+def _job_form() -> dict[str, Any]:
+    return _form_body(list(JobBody.model_fields), ("prompt",), beside_json=True)
+
+
+def _edit_form() -> dict[str, Any]:
+    names = [f.api_name for f in FIELDS if f.name not in ("width", "height")]
+    form = _form_body([*names, "size", "model", "user"], ("image", "prompt"), beside_json=False)
+    properties = form["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    properties["response_format"] = {"type": "string", "enum": ["b64_json", "url"]}
+    return form
+
+
+class FormRoute(Route):
+    """A route that takes only multipart/form-data bodies, placed ahead of a JSON route of the same path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE and not _is_multipart(dict(scope["headers"]).get(b"content-type", b"").decode()):
+            return Match.NONE, {}
+        return match, child
+
+
+def _is_multipart(content_type: str | None) -> bool:
+    return (content_type or "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+def _form_submit(service: Service) -> Callable[[Request], Any]:
+    async def submit_form(request: Request) -> JSONResponse:
+        values = await _form_values(request, service.settings)
+        request_ = await run_in_threadpool(GenerateRequest.from_fields, values, service.settings.limits)
+        job = await run_in_threadpool(service.submit, request_, jobs.new_id(), None)
+        return JSONResponse(await run_in_threadpool(service.view, job), status_code=202)
+
+    return submit_form
+
+
+async def _form_values(request: Request, settings: ServeSettings) -> dict[str, Any]:
+    """A multipart form's fields: text values as given (the table reads them as the CLI's text), images
+    checked (type, size) and decoded; `image[]` (OpenAI's name for a list) is `image`."""
+    if not _is_multipart(request.headers.get("content-type")):
+        message = "send the fields as multipart/form-data, the images as file parts"
+        raise UnsupportedImageTypeError(None, message)
+    values: dict[str, Any] = {}
+    files, texts = len(IMAGE_FIELDS), len(FIELDS) + len(ROUTE_FIELDS) + 1
+    b64_part = 4 * -(-settings.max_input_bytes // 3)
+    async with request.form(max_files=files, max_fields=texts, max_part_size=b64_part) as form:
+        for key, item in form.multi_items():
+            name = key.removesuffix("[]")
+            if name in values:
+                one = "; this server edits one image per request" if name in IMAGE_FIELDS else ""
+                raise FieldError(name, f"{name} is given more than once{one}")
+            values[name] = await _form_value(name, item, settings)
+    texts_size = sum(len(v.encode()) for v in values.values() if isinstance(v, str))
+    check_body_size(texts_size, 0, settings.max_body_bytes, settings.max_input_bytes)
+    return values
+
+
+async def _form_value(name: str, item: UploadFile | str, settings: ServeSettings) -> Any:
+    if isinstance(item, str):
+        if name in IMAGE_FIELDS:  # base64 text, as in JSON (or the mask's "alpha")
+            return await run_in_threadpool(text_image, name, item, settings.max_input_bytes)
+        return item
+    if name not in IMAGE_FIELDS:
+        raise FieldError(name, f"{name} is a file; only {', '.join(IMAGE_FIELDS)} take files")
+    check_part_type(name, item.content_type)
+    check_image_size(name, item.size or 0, settings.max_input_bytes)
+    data = await item.read()
+    check_image_size(name, len(data), settings.max_input_bytes)
+    return await run_in_threadpool(upload_image, name, data, item.filename)
+
+
 def _lora_routes(service: Service) -> APIRouter:
     r = APIRouter()
 
@@ -628,6 +798,8 @@ def _service_routes(service: Service) -> APIRouter:
             "queue_size": service.settings.queue_size,
             "workers": service.supervisor.workers(),
             "limits": status_limits(service.settings.limits),
+            "input_limits": {"max_bytes": service.settings.max_input_bytes, "max_pixels": LIMITS.input_pixels},
+            "controlnet": _controlnet(service, rt),
         }
 
     @r.get("/metrics", tags=["service"], response_class=PlainTextResponse)
@@ -635,21 +807,69 @@ def _service_routes(service: Service) -> APIRouter:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
-    @r.post("/v1/images/generations", tags=["openai"])
+    @r.post("/v1/images/generations", tags=["openai"], responses=_SUBMIT_ERRORS)
     async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
-        return await _openai_images(service, body, str(request.base_url).rstrip("/"))
+        _check_model(service, body.model)
+        size = len(await request.body())
+        job_request = await run_in_threadpool(service.json_request, body, size)
+        base_url = str(request.base_url).rstrip("/")
+        return await _openai_answer(service, job_request, body.user, body.response_format, base_url)
+
+    @r.post("/v1/images/edits", tags=["openai"], responses=_SUBMIT_ERRORS, openapi_extra=_edit_form())
+    async def openai_edits(request: Request) -> dict[str, Any]:
+        """OpenAI's image edit: multipart/form-data with `image` (or `image[]`, one file), an optional
+        `mask`, `prompt` and the generation route's fields; zturbo's extensions as form fields."""
+        values = await _form_values(request, service.settings)
+        route = {name: values.pop(name) for name in ROUTE_FIELDS & set(values)}
+        _check_model(service, route.get("model"))
+        answer = route.get("response_format", "b64_json")
+        if answer not in ("b64_json", "url"):
+            raise FieldError("response_format", f"response_format {answer!r} is not one of b64_json, url")
+        job_request = await run_in_threadpool(_edit_request, service, values)
+        base_url = str(request.base_url).rstrip("/")
+        return await _openai_answer(service, job_request, route.get("user"), answer, base_url)
 
     return r
 
 
-async def _openai_images(service: Service, body: OpenAIImageBody, base_url: str) -> dict[str, Any]:
+def _edit_request(service: Service, values: dict[str, Any]) -> GenerateRequest:
+    """OpenAI's edit semantics on the request table: without `size` (or with "auto") the image's own
+    size; without a mask, an image with transparency is its own mask (transparent repaints), and
+    an opaque one is img2img at the default strength."""
+    if "image" not in values:
+        raise FieldError("image", "image is required: the image to edit, as a file part")
+    if values.get("size") == "auto":
+        del values["size"]
+    image = values["image"]
+    if "mask" not in values and isinstance(image, InputImage) and image.has_alpha:
+        values["mask"] = ALPHA_MASK
+    return GenerateRequest.from_fields(values, service.settings.limits)
+
+
+def _check_model(service: Service, model: object) -> None:
     allowed = (*service.settings.model_names, *MODEL_ALIASES)
-    if body.model is not None and body.model not in allowed:
-        raise FieldError("model", f"model {body.model!r} is not served here; omit it or use one of {list(allowed)}")
-    request = body_request(body, service.settings.limits)
+    if model is not None and model not in allowed:
+        raise FieldError("model", f"model {model!r} is not served here; omit it or use one of {list(allowed)}")
+
+
+def _controlnet(service: Service, runtime: dict[str, Any]) -> dict[str, Any] | None:
+    """The served ControlNet (None without one): what it was asked as and its input width, which the
+    API validates against, and what a worker reported once it loaded it."""
+    spec, dim = service.settings.config.controlnet, service.settings.limits.control_in_dim
+    if spec is None or dim is None:
+        return None
+    loaded = runtime.get("controlnet")
+    info = {"name": spec, "control_in_dim": dim, "inpaint": dim >= INPAINT_CONTROL_DIM}
+    return info | loaded if isinstance(loaded, dict) else info
+
+
+async def _openai_answer(
+    service: Service, request: GenerateRequest, user: str | None, response_format: str, base_url: str
+) -> dict[str, Any]:
+    """Queue the request, wait for its job, and answer as OpenAI's images API does."""
     job_id = jobs.new_id()
     async with _watch(service, job_id) as changes:
-        await run_in_threadpool(service.submit, request, job_id, body.user)
+        await run_in_threadpool(service.submit, request, job_id, user)
         job = await run_in_threadpool(service.store.get, job_id)
         deadline = time.monotonic() + service.settings.sync_timeout
         while not job.finished:
@@ -665,7 +885,7 @@ async def _openai_images(service: Service, body: OpenAIImageBody, base_url: str)
         raise JobFailedError(error["type"], error["message"])
     data = []
     for im in job.images:
-        if body.response_format == "b64_json":
+        if response_format == "b64_json":
             png = await run_in_threadpool(read_image, service.images_dir, im.file, im.id)
             data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
         else:

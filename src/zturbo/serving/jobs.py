@@ -3,6 +3,10 @@
 A job is durable (committed with synchronous=FULL) before its id is returned. A claim sets the job
 `running` and counts an attempt; the attempt number is the claim's token, and every later change
 by the worker that claimed it must present it, so a stale claim can never finish a job twice.
+
+A job's input images are stored beside the database, by content (`InputStore`): the row keeps
+their sha256 (in the stored request and in `job_inputs`), the files are written before the row
+commits, and a file goes when no job refers to it any more.
 """
 
 from __future__ import annotations
@@ -10,17 +14,27 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError, JobConflictError, JobNotFoundError, QueueFullError, StorageError
+from ..errors import (
+    InvalidRequestError,
+    JobConflictError,
+    JobNotFoundError,
+    QueueFullError,
+    StorageError,
+    ZTurboError,
+)
+from ..inputs.images import InputImage, decode_image, sha256_of
+from ..inputs.spec import ImageResolver
 from ..request import GenerateRequest, ModelLimits, is_request_dict
 
 log = logging.getLogger("zturbo.jobs")
@@ -63,10 +77,19 @@ CREATE TABLE IF NOT EXISTS images (
     file TEXT NOT NULL,
     UNIQUE (job_id, idx)
 );
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    field TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (job_id, field)
+);
+CREATE INDEX IF NOT EXISTS job_inputs_sha256 ON job_inputs (sha256);
 """
 # Columns a database made by an earlier zturbo may lack: the store adds them when it opens one
 # (ALTER TABLE ... ADD COLUMN), each with the value its rows mean (no LoRAs).
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("jobs", "lora_set", "TEXT NOT NULL DEFAULT ''"),)
+# Tables such a database may lack; the store creates them (empty: its jobs had no input images).
+ADDED_TABLES = ("job_inputs",)
 
 
 @dataclass(frozen=True)
@@ -122,15 +145,29 @@ def lora_set_key(request: GenerateRequest) -> str:
     return json.dumps([[ref.name, ref.weight] for ref in request.loras])
 
 
-def stored_request(params: dict[str, Any], limits: ModelLimits) -> GenerateRequest:
-    """The request a job runs: its stored form trusted as it is; a plain parameter dict (queued by an
-    earlier version, seeds already resolved) goes through the validator once."""
+def stored_request(params: dict[str, Any], limits: ModelLimits, images: ImageResolver | None = None) -> GenerateRequest:
+    """The request a job runs: its stored form trusted as it is, its input images brought back by
+    `images` (`InputStore.resolve`); a plain parameter dict (queued by an earlier version, seeds
+    already resolved) goes through the validator once."""
     if is_request_dict(params):
         try:
-            return GenerateRequest.from_dict(params)
+            return GenerateRequest.from_dict(params, images=images)
+        except ZTurboError:
+            raise  # an input image the store lost says so itself
         except (KeyError, TypeError, ValueError) as e:
             raise InvalidRequestError(f"the stored request cannot be read ({type(e).__name__}: {e})") from None
     return GenerateRequest.from_fields({k: v for k, v in params.items() if v is not None}, limits)
+
+
+def _unread_image(field: str, sha256: str) -> InputImage:
+    """A stand-in for a stored input image when only the request's form is checked (nothing read)."""
+    return InputImage(b"", sha256, None, field)  # type: ignore[arg-type]
+
+
+def input_hashes(params: dict[str, Any]) -> dict[str, str]:
+    """A stored request's input images: field -> sha256 ({} for text-to-image or a plain dict)."""
+    inputs = params.get("inputs") if is_request_dict(params) else None
+    return dict(inputs.get("images", {})) if isinstance(inputs, dict) else {}
 
 
 def read_params(text: str) -> tuple[dict[str, Any], str | None]:
@@ -144,8 +181,8 @@ def read_params(text: str) -> tuple[dict[str, Any], str | None]:
         return {}, f"a JSON {type(params).__name__}, not an object"
     if is_request_dict(params):
         try:
-            GenerateRequest.from_dict(params)
-        except (KeyError, TypeError, ValueError) as e:
+            GenerateRequest.from_dict(params, images=_unread_image)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             return {}, f"a stored request with a bad or missing field ({type(e).__name__}: {e})"
     elif not isinstance(params.get("prompt"), str) or not isinstance(params.get("n", 1), int):
         return {}, "a parameter dict without a text prompt or with a non-integer n"
@@ -240,6 +277,8 @@ def _missing_columns(db: sqlite3.Connection) -> str | None:
     missing = []
     for (table,) in want.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"):
         have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+        if not have and table in ADDED_TABLES:
+            continue
         lacking = [
             r[1] for r in want.execute(f"PRAGMA table_info({table})") if r[1] not in have and (table, r[1]) not in added
         ]
@@ -249,13 +288,101 @@ def _missing_columns(db: sqlite3.Connection) -> str | None:
     return ", ".join(missing) or None
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_PARTIAL = ".part"  # the suffix of a file still being written
+
+
+class InputStore:
+    """Jobs' input images by content: `root/ab/<sha256>`, the bytes exactly as uploaded.
+
+    A file is written whole (a temporary file, fsync, rename, fsync of the directory) before the
+    job that refers to it commits, so a committed job never points at a partial file. `lock` is
+    held from writing a job's files to committing its row, and from finding a file unreferenced
+    to removing it, so a removal never takes a file a job being submitted has just found present.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.lock = threading.Lock()
+
+    def path(self, sha256: str) -> Path:
+        if not _SHA256.fullmatch(sha256):
+            raise StorageError(f"{sha256!r} is not a sha256 (64 lowercase hex digits); the job's row is damaged")
+        return self.root / sha256[:2] / sha256
+
+    def put(self, image: InputImage) -> None:
+        """Store an image's bytes, unless a file with that content is there already."""
+        path = self.path(image.sha256)
+        if path.is_file() and path.stat().st_size == len(image.data):
+            return
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(image.data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"cannot store the input image {path}: {e.strerror or e}; check the free space "
+                               f"and permissions of {self.root}") from e  # fmt: skip
+
+    def read(self, field: str, sha256: str) -> bytes:
+        """A stored image's bytes, checked against its hash; StorageError naming the file if it is gone
+        or damaged."""
+        path = self.path(sha256)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StorageError(
+                f"the job's {field} (sha256 {sha256[:12]}...) is no longer stored ({path} is missing); "
+                "submit the job again with the image"
+            ) from None
+        except OSError as e:
+            raise StorageError(f"cannot read the job's {field} from {path}: {e.strerror or e}") from e
+        if sha256_of(data) != sha256:
+            raise StorageError(f"the job's {field} in {path} is damaged (its sha256 differs); submit the job again")
+        return data
+
+    def resolve(self, field: str, sha256: str) -> InputImage:
+        """The stored image, decoded as at submit (`GenerateRequest.from_dict`'s resolver)."""
+        return decode_image(self.read(field, sha256), field, f"{field} {sha256[:12]}")
+
+    def remove(self, hashes: Iterable[str]) -> None:
+        for sha256 in hashes:
+            self.path(sha256).unlink(missing_ok=True)
+
+    def stored(self) -> Iterator[Path]:
+        """Every file under the root: stored images and partial writes."""
+        if self.root.is_dir():
+            yield from (p for p in self.root.glob("??/*") if p.is_file())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class JobStore:
     """All access to the queue database; safe to share between the threads of one process."""
 
-    def __init__(self, path: Path, *, max_queued: int = 64, check: bool = True) -> None:
-        """`check=False` skips the startup check (worker processes: the server checked it already)."""
+    def __init__(self, path: Path, *, max_queued: int = 64, check: bool = True, inputs_dir: Path | None = None) -> None:
+        """`check=False` skips the startup check (worker processes: the server checked it already).
+        Input images live in `inputs_dir` (default: `inputs/` beside the database)."""
         self.path = Path(path)
         self.max_queued = max_queued
+        self.inputs = InputStore(inputs_dir if inputs_dir is not None else self.path.parent / "inputs")
         self._lock = threading.RLock()
         if not self.path.exists():
             _create_database(self.path)
@@ -303,23 +430,58 @@ class JobStore:
     # --- submit and read ------------------------------------------------------------------
 
     def submit(self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None) -> Job:
-        """Queue a validated request (stored serialised), or raise QueueFullError when `max_queued` jobs
-        are already waiting."""
+        """Queue a validated request (stored serialised, its input images in `inputs` first), or raise
+        QueueFullError when `max_queued` jobs are already waiting."""
         job_id = job_id or new_id()
         params = request.to_dict()
+        images = request.inputs.images()
         now = time.time()
-        with self._tx() as db:
-            depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
-            if depth >= self.max_queued:
-                raise QueueFullError(
-                    f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
-                )
-            columns = "id, status, params, prompt, client, lora_set, created_at"
-            db.execute(
-                f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, QUEUED, json.dumps(params), "\n".join(request.prompts), client, lora_set_key(request), now),
-            )
+        with self.inputs.lock:
+            if images:
+                with self._lock:  # no files written for a job the queue cannot take
+                    self._check_room(self._db)
+                for image in images.values():
+                    self.inputs.put(image)
+            try:
+                with self._tx() as db:
+                    self._check_room(db)
+                    columns = "id, status, params, prompt, client, lora_set, created_at"
+                    prompt, lora_set = "\n".join(request.prompts), lora_set_key(request)
+                    db.execute(
+                        f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, QUEUED, json.dumps(params), prompt, client, lora_set, now),
+                    )
+                    rows = [(job_id, name, image.sha256) for name, image in images.items()]
+                    db.executemany("INSERT INTO job_inputs (job_id, field, sha256) VALUES (?, ?, ?)", rows)
+            except BaseException:
+                self._drop_unreferenced({image.sha256 for image in images.values()})
+                raise
         return self.get(job_id)
+
+    def _check_room(self, db: sqlite3.Connection) -> None:
+        depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+        if depth >= self.max_queued:
+            raise QueueFullError(
+                f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
+            )
+
+    def _drop_unreferenced(self, hashes: set[str]) -> None:
+        """Remove the input files of `hashes` that no job refers to; the caller holds `inputs.lock`."""
+        with self._lock:
+            q = "SELECT 1 FROM job_inputs WHERE sha256 = ? LIMIT 1"
+            used = {h for h in hashes if self._db.execute(q, (h,)).fetchone() is not None}
+        self.inputs.remove(hashes - used)
+
+    def sweep_inputs(self) -> int:
+        """At startup: remove input files no job refers to (a submission cut off between writing its
+        files and committing) and partial writes; returns how many went."""
+        with self.inputs.lock:
+            with self._lock:
+                used = {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM job_inputs")}
+            stray = [path for path in self.inputs.stored() if path.name not in used]
+            for path in stray:
+                path.unlink(missing_ok=True)
+        return len(stray)
 
     def get(self, job_id: str) -> Job:
         with self._lock:
@@ -487,15 +649,19 @@ class JobStore:
         return out
 
     def delete(self, job_id: str, images_dir: Path) -> None:
-        """Remove a finished job and its image files."""
+        """Remove a finished job, its image files and the input files no other job refers to."""
         job = self.get(job_id)
         if not job.finished:
             raise JobConflictError(f"job {job_id} is {job.status}; cancel it first, only finished jobs can be deleted")
         with self._tx() as db:
+            hashes = {r[0] for r in db.execute("SELECT sha256 FROM job_inputs WHERE job_id = ?", (job_id,))}
+            db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         for image in job.images:
             (images_dir / image.file).unlink(missing_ok=True)
+        with self.inputs.lock:
+            self._drop_unreferenced(hashes)
 
     # --- state changes by the worker that holds the claim -------------------------------------
 

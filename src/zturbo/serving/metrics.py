@@ -26,6 +26,12 @@ class Metrics:
         self.rejected = Counter("zturbo_jobs_rejected", "Submissions refused because the queue was full", registry=r)
         self.completed = Counter("zturbo_jobs_finished", "Jobs that ended, by final state", ["status"], registry=r)
         self.restarts = Counter("zturbo_worker_restarts", "Worker process restarts", ["worker"], registry=r)
+        self.by_mode = Counter(
+            "zturbo_jobs_by_mode",
+            "Jobs accepted, by mode (txt2img, img2img, inpaint, outpaint) and whether a control image guides them",
+            ["mode", "controlled"],
+            registry=r,
+        )
         self.fallbacks = Counter("zturbo_fallbacks", "Precision or memory-plan fallbacks taken by jobs", registry=r)
         self.run_seconds = Histogram(
             "zturbo_job_run_seconds", "Seconds a worker spent on a job", buckets=LATENCY_BUCKETS, registry=r
@@ -50,6 +56,9 @@ class Metrics:
             self.wait_seconds.observe(job.started_at - job.created_at)
         if job.finished_at:
             self.total_seconds.observe(job.finished_at - job.created_at)
+
+    def submitted_mode(self, mode: str, controlled: bool) -> None:
+        self.by_mode.labels(mode, "true" if controlled else "false").inc()
 
     def cancelled_queued(self) -> None:
         self.completed.labels(jobs.CANCELLED).inc()

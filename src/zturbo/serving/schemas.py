@@ -3,16 +3,36 @@
 The bodies mirror `request.FIELDS`: names, JSON types, defaults and docs. They check JSON types
 only (strict: `"8"` is no number); the table's limits appear in the OpenAPI schema as
 documentation, and `GenerateRequest.create` alone enforces them, as it does for every other door.
+
+Input images come as base64 text in JSON (plain, or a `data:image/...;base64,` URL) or as file
+parts of a multipart form. Each is checked here before anything else reads it: its size (413), its
+declared type (415), its base64 (400), then `inputs.images.decode_image` (400: corrupt, too many
+pixels, animated), every error naming the field.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import Field as Json
 
-from ..request import FIELD, LIMITS, WHOLE, GenerateRequest, ModelLimits, is_request_dict
+from ..errors import FieldError
+from ..inputs.images import InputImage, decode_image
+from ..inputs.spec import ALPHA_MASK, CONTROL_TYPES, RESIZE_MODES
+from ..request import (
+    CHOICE,
+    FIELD,
+    IMAGE_FIELDS,
+    LIMITS,
+    WHOLE,
+    GenerateRequest,
+    ModelLimits,
+    is_request_dict,
+)
 
 MODEL_ALIASES = ("z-image-turbo", "zturbo")
 # Body fields that are not request parameters: they steer the route, not the image.
@@ -22,7 +42,15 @@ _HTTP_DOCS = {
     "seeds": "one image per listed seed, in order (a JSON list of whole numbers); excludes seed",
     "loras": "LoRAs merged into the transformer, in order: a list of {name, weight} (weight 1 by default); "
     "names are files in the server's LoRA directory (GET /v1/loras)",
+    "image": "input image, base64 or a data:image/...;base64, URL (multipart: a file part): img2img, or with "
+    "mask or outpaint, inpaint",
+    "mask": "inpaint mask of the image's size, base64 or a data URL (multipart: a file part): white repaints, or, "
+    "in a mask with transparency, transparent repaints; 'alpha': the image's own transparency",
+    "control_image": "ControlNet control image, base64 or a data URL (multipart: a file part); needs a server "
+    "started with --controlnet",
+    "outpaint": "extend the input image by [left, right, top, bottom] pixels (or the text 'L,R,T,B') and fill them in",
 }
+_CHOICES = {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES}
 
 
 def _doc(name: str) -> Any:
@@ -39,6 +67,8 @@ def _doc(name: str) -> Any:
         schema |= {"minItems": 1, "maxItems": LIMITS.images[1]}
     elif f.bounds == "loras":
         schema["maxItems"] = LIMITS.loras
+    elif f.kind == CHOICE:
+        schema["enum"] = list(_CHOICES[name])
     doc = _HTTP_DOCS.get(name, f.doc)
     description = f"{doc}; allowed: {f.allowed()}"
     if name == "prompt":  # the one required field
@@ -73,6 +103,19 @@ class _Body(BaseModel):
     variety: StrictFloat = _doc("variety")
     variety_until: StrictFloat = _doc("variety_until")
     loras: list[LoraBody] | None = _doc("loras")
+    image: StrictStr | None = _doc("image")
+    mask: StrictStr | None = _doc("mask")
+    strength: StrictFloat | None = _doc("strength")
+    resize: StrictStr | None = _doc("resize")
+    mask_blur: StrictInt | None = _doc("mask_blur")
+    mask_padding: StrictInt | None = _doc("mask_padding")
+    paste_back: StrictBool | None = _doc("paste_back")
+    outpaint: list[StrictInt] | StrictStr | None = _doc("outpaint")
+    control_image: StrictStr | None = _doc("control_image")
+    control_type: StrictStr | None = _doc("control_type")
+    control_scale: StrictFloat | None = _doc("control_scale")
+    control_start: StrictFloat | None = _doc("control_start")
+    control_end: StrictFloat | None = _doc("control_end")
 
 
 class JobBody(_Body):
@@ -91,10 +134,106 @@ class OpenAIImageBody(_Body):
     user: StrictStr | None = Json(None, max_length=256, description="stored with the job")
 
 
-def body_request(body: JobBody | OpenAIImageBody, limits: ModelLimits) -> GenerateRequest:
+ROUTE_FIELDS = frozenset(_ROUTE_FIELDS)
+
+
+class ImageTooLargeError(FieldError):
+    """An input image over the upload limit, refused before it is decoded."""
+
+    http_status = 413
+    kind = "too_large"
+
+
+class UnsupportedImageTypeError(FieldError):
+    """An input image declared as something other than an image (a part's or a data URL's type)."""
+
+    http_status = 415
+    kind = "unsupported_media_type"
+
+
+def body_request(body: JobBody | OpenAIImageBody, limits: ModelLimits, max_image_bytes: int) -> GenerateRequest:
     """The body's request, validated once (random seeds drawn now, so a re-run makes the same pixels)."""
     given = body.model_dump(include=body.model_fields_set - _ROUTE_FIELDS)
+    for name in IMAGE_FIELDS:
+        if isinstance(given.get(name), str):
+            given[name] = text_image(name, given[name], max_image_bytes)
     return GenerateRequest.from_fields(given, limits)
+
+
+def image_text_bytes(body: JobBody | OpenAIImageBody) -> int:
+    """How many bytes of a JSON body its image fields' text takes (base64 needs no JSON escapes)."""
+    return sum(len(v) for v in (getattr(body, name) for name in IMAGE_FIELDS) if isinstance(v, str))
+
+
+def check_body_size(total: int, images: int, max_body: int, max_image_bytes: int) -> None:
+    """Refuse a body whose bytes besides its images pass `max_body` (413)."""
+    if total - images > max_body:
+        raise ImageTooLargeError(
+            None,
+            f"the request body is {total - images} bytes besides its images; this server accepts at most "
+            f"{max_body} (and {max_image_bytes} bytes per image)",
+        )
+
+
+# data:[<media type>][;param]*[;base64],<data>
+_DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def text_image(field: str, text: str, max_bytes: int) -> InputImage | str:
+    """An image field given as text: base64 or a data URL, decoded and checked; `mask` may be 'alpha'."""
+    if field == "mask" and text == ALPHA_MASK:
+        return text
+    payload = _data_url_payload(field, text) if text[:5].lower() == "data:" else text
+    payload = _SPACE.sub("", payload)
+    check_image_size(field, len(payload) // 4 * 3 - payload[-2:].count("="), max_bytes)
+    try:
+        altchars = b"-_" if ("-" in payload or "_" in payload) else None  # the URL-safe alphabet
+        data = base64.b64decode(payload, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise FieldError(
+            field, f"{field} is not valid base64 ({e}); send the image file's bytes in base64, or a "
+            "data:image/png;base64,... URL",
+        ) from None  # fmt: skip
+    return decode_image(data, field, f"(base64, {len(data)} bytes)")
+
+
+def _data_url_payload(field: str, text: str) -> str:
+    m = _DATA_URL.match(text)
+    if m is None:
+        raise FieldError(field, f"{field} is a data URL without a ','; send data:image/png;base64,<base64>")
+    media = m.group(1).strip().lower()
+    if media and not media.startswith("image/"):
+        raise UnsupportedImageTypeError(
+            field, f"{field} is a data URL of type {media[:60]!r}; send an image (image/png, image/jpeg, image/webp)"
+        )
+    if "base64" not in (p.strip().lower() for p in m.group(2).split(";")):
+        raise FieldError(field, f"{field} is a data URL without ';base64'; send data:image/png;base64,<base64>")
+    return text[m.end() :]
+
+
+def check_image_size(field: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageTooLargeError(field, f"{field} is {size} bytes; allowed at most {max_bytes} bytes per image")
+
+
+# Types a file part may declare and still be read as an image: none, or "anything" (what clients
+# send when they do not know), or an image type; Pillow then decides what the bytes are.
+_UNDECLARED = ("", "application/octet-stream")
+
+
+def check_part_type(field: str, content_type: str | None) -> None:
+    """Refuse (415) a file part that declares a type other than an image's."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media not in _UNDECLARED and not media.startswith("image/"):
+        raise UnsupportedImageTypeError(
+            field, f"{field} is sent as {media[:60]!r}; send an image file (image/png, image/jpeg, image/webp, ...)"
+        )
+
+
+def upload_image(field: str, data: bytes, filename: str | None) -> InputImage:
+    """A file part's bytes (size and type already checked), decoded and checked."""
+    return decode_image(data, field, repr(filename) if filename else f"(uploaded, {len(data)} bytes)")
 
 
 def job_params(stored: dict[str, Any]) -> dict[str, Any]:
@@ -119,6 +258,19 @@ def job_params(stored: dict[str, Any]) -> dict[str, Any]:
         "variety_until": stored["variety_until"],
         "loras": [{"name": ref["name"], "weight": ref["weight"]} for ref in stored.get("loras", ())],
     }
+
+
+def job_inputs(stored: dict[str, Any], job_id: str) -> dict[str, Any] | None:
+    """The job view's `params.inputs`: the input settings as stored (mode, strength, ...) and each
+    image's sha256 and URL, never its bytes; None for text-to-image."""
+    inputs = stored.get("inputs") if is_request_dict(stored) else None
+    if not inputs:
+        return None
+    images = {
+        name: {"sha256": digest, "url": f"/v1/jobs/{job_id}/inputs/{name}"}
+        for name, digest in inputs.get("images", {}).items()
+    }
+    return {**{k: v for k, v in inputs.items() if k != "images"}, "images": images}
 
 
 def image_variation_seeds(stored: dict[str, Any]) -> list[int | None]:

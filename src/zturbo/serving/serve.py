@@ -4,6 +4,7 @@ connection bounds (connections.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import functools
 import ipaddress
@@ -73,8 +74,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a request's headers and body may take to arrive once it starts (default 30)",
     )
-    p.add_argument("--max-pixels", type=int, default=None, help="largest width*height accepted")
+    _model_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """What the served model accepts, beyond the model options every command shares."""
+    p.add_argument("--max-pixels", type=int, default=None, help="largest width*height accepted")
+    p.add_argument(
+        "--controlnet",
+        default=None,
+        metavar="REPO_OR_FILE",
+        help="a ControlNet every worker loads with the model, for jobs' control images: a hub repo id (REPO:FILE "
+        "picks one of its files), a diffusers directory or a .safetensors file (default $ZTURBO_CONTROLNET)",
+    )
 
 
 def _storage_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,13 +128,14 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
     lora_dir = Path(args.lora_dir or config.lora_dir or data_dir / "loras").expanduser()
+    model_limits = _model_limits(source, config)
     limits = _connection_limits(args, raise_file_limit())
     lock = _lock_data_dir(data_dir)
     settings = ServeSettings(
         config=config,
         data_dir=data_dir,
         devices=devices,
-        limits=source.limits(config.max_pixels),
+        limits=model_limits,
         api_key=api_key,
         queue_size=args.queue_size,
         job_timeout=args.job_timeout,
@@ -148,6 +162,17 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     server.run()
     lock.close()
     return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+
+
+def _model_limits(source: Any, config: Any) -> Any:
+    """What requests may ask of the served model: its sizes, and the ControlNet's input width read
+    from its header (no weights: the API process validates, the workers load), before binding."""
+    limits = source.limits(config.max_pixels)
+    if config.controlnet is None:
+        return limits
+    from ..control import controlnet_in_dim
+
+    return dataclasses.replace(limits, control_in_dim=controlnet_in_dim(config.controlnet))
 
 
 def check_bind(host: str, api_key: str | None, *, insecure: bool) -> None:

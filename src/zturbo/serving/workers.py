@@ -136,7 +136,7 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
             raise JobCancelled
 
     try:
-        req = jobs.stored_request(claim.params, engine.limits)
+        req = jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)
         result = engine.generate(req, on_step=on_step)
         refs = _save_images(result.images, images_dir, claim.job_id)
     except JobCancelled:
