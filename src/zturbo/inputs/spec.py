@@ -221,7 +221,9 @@ def _check_combinations(
     if mask is not None and outpaint is not None:
         raise FieldError("outpaint", "give mask or outpaint, not both: outpaint makes its own mask")
     if from_alpha and image is not None and not image.has_alpha:
-        raise FieldError("mask", f"mask 'alpha': image {image.name} has no alpha channel ({image.image.mode})")
+        raise FieldError(
+            "mask", f"mask 'alpha': image {image.name} has no transparent pixels to repaint ({image.image.mode})"
+        )
     _needs(masked, "paste_back", paste_back or None, "a mask or outpaint: it keeps the pixels outside the mask")
     _needs(masked, "mask_padding", mask_padding or None, "a mask or outpaint")
     _needs(bool(paste_back), "mask_blur", mask_blur or None, "paste_back: it feathers the paste-back seam")
