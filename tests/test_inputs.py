@@ -244,7 +244,7 @@ def test_the_mask_must_have_the_image_size():
         ({"image": png(), "mask": png(), "outpaint": "16,0,0,0"}, "outpaint", "give mask or outpaint, not both"),
         ({"image": png(), "paste_back": True}, "paste_back", "paste_back True needs a mask or outpaint"),
         ({"image": png(), "mask": png(), "mask_blur": 4}, "mask_blur", "mask_blur 4 needs paste_back"),
-        ({"image": png(), "mask": "alpha"}, "mask", "mask 'alpha': image the image has no alpha channel (RGB)"),
+        ({"image": Image.new("RGBA", (64, 64), "red"), "mask": "alpha"}, "mask", "has no transparent pixels"),
         ({"control_scale": 0.5}, "control_scale", "needs a control image (control_image)"),
         ({"control_type": "canny"}, "control_type", "needs a control image (control_image)"),
         ({"control_end": 0.5}, "control_end", "needs a control image (control_image)"),
