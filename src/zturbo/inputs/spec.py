@@ -85,8 +85,7 @@ class ImageInputs:
 
     def shared(self) -> tuple[object, ...]:
         """What requests must agree on to run as one batch (images by hash)."""
-        d = self.to_dict()
-        return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in d.items()))
+        return tuple(sorted((k, _hashable(v)) for k, v in self.to_dict().items()))
 
     def to_dict(self) -> dict[str, Any]:
         """Settings and each image's sha256 (a job stores the bytes separately, by hash); {} for text-to-image."""
@@ -135,6 +134,15 @@ class ImageInputs:
             control_start=data["control_start"],
             control_end=data["control_end"],
         )
+
+
+def _hashable(value: object) -> object:
+    """A `to_dict` value as a hashable one: lists as tuples, the images' hashes as sorted pairs."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return value
 
 
 def img2img_first_step(steps: int, strength: float) -> int:
