@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .files import ControlNetFiles, resolve_controlnet
 from .model import ControlNet, control_blocks, own_modules, own_parameters
-from .structure import in_dim
+from .structure import in_dim, require_config
 
 
 def controlnet_in_dim(spec: str) -> int:
@@ -22,6 +22,7 @@ def controlnet_in_dim(spec: str) -> int:
     file's header is read from the hub when the file is not cached)."""
     files = resolve_controlnet(spec, weights=False)
     if files.config is not None:
+        require_config(files.config, spec)
         return int(files.config["control_in_dim"])
     return in_dim(files.header(), spec)
 

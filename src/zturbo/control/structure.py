@@ -28,6 +28,7 @@ EMBEDDER = re.compile(r"^control_all_x_embedder\.(\d+)-(\d+)\.weight$")
 EMBEDDER_KEY = "control_all_x_embedder.2-1.weight"
 BEFORE_PROJ = "control_noise_refiner.0.before_proj.weight"
 TWO_X_KEY = "control_layers.14.adaLN_modulation.0.weight"  # diffusers' mark of a 2.x file (15 layers)
+CONFIG_CLASS = "ZImageControlNetModel"
 REFINER_MODES = (None, "control_layers", "control_noise_refiner")
 VERSIONS = {None: "1.0", "control_layers": "2.0", "control_noise_refiner": "2.1"}
 # ZImageTransformer2DModel's defaults, for configs that leave a field out.
@@ -80,6 +81,14 @@ def require_controlnet(header: Mapping[str, TensorInfo], name: str) -> None:
             f"controlnet {name} is not a Z-Image ControlNet: it looks like {looks_like(header)}; expected "
             "alibaba-pai's Z-Image-Turbo-Fun-Controlnet-Union (keys control_layers.N.*, control_all_x_embedder.2-1.*)"
         )
+
+
+def require_config(config: Mapping[str, Any], name: str) -> None:
+    """A diffusers directory's config.json is a ZImageControlNetModel's."""
+    cls = config.get("_class_name", CONFIG_CLASS)
+    if cls != CONFIG_CLASS or "control_in_dim" not in config:
+        what = f"a {cls}" if cls != CONFIG_CLASS else "a config without control_in_dim"
+        raise CheckpointError(f"controlnet {name} is not a Z-Image ControlNet: its config.json describes {what}")
 
 
 def in_dim(header: Mapping[str, TensorInfo], name: str) -> int:
@@ -221,6 +230,8 @@ def resolve_config(files: ControlNetFiles, transformer: Mapping[str, Any]) -> tu
     """(the ZImageControlNetModel config, the file keys it loads), checked against the transformer:
     a diffusers directory's own config, or a single file's inferred one. Reads headers, and for a
     2.x single file the one tensor that tells 2.0 from 2.1."""
+    if files.config is not None:
+        require_config(files.config, files.name)
     header = files.header()
     require_controlnet(header, files.name)
     if files.config is not None:
@@ -254,10 +265,13 @@ def build_meta(config: Mapping[str, Any]) -> Any:  # -> ZImageControlNetModel on
 
 
 def _all_zero(files: ControlNetFiles, key: str) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for path in files.weights:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                return not bool(f.get_tensor(key).any())
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    return not bool(f.get_tensor(key).any())
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is corrupt or truncated ({e}); delete it and download again") from None
     raise CheckpointError(f"controlnet {files.name}: {key} is not in its files")
