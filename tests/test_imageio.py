@@ -248,3 +248,71 @@ def test_a1111_lora_names_with_tag_characters_or_one_name_in_two_folders_read_ba
         {"name": "st", "weight": 0.7, "sha256": "3" * 10},
         {"name": "st", "weight": 0.3, "sha256": "4" * 10},
     ]
+
+
+def _input_image(color: tuple[int, int, int], mode: str = "RGB"):
+    import hashlib
+    import io
+
+    from zturbo.inputs.images import InputImage
+
+    image = Image.new(mode, (64, 64), color if mode == "RGB" else color[0])
+    data = io.BytesIO()
+    image.save(data, format="PNG")
+    return InputImage(data.getvalue(), hashlib.sha256(data.getvalue()).hexdigest(), image, f"{color}.png")
+
+
+def _meta_of(**inputs):
+    from zturbo.imageio import build_metadata
+    from zturbo.request import GenerateRequest, ModelLimits
+    from zturbo.result import ModelInfo
+
+    limits = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048, control_in_dim=33)
+    req = GenerateRequest.create("a fox", limits=limits, seed=3, **inputs)
+    meta = build_metadata(req, "a fox", "", 3, ModelInfo("m", None, "f" * 64), {}, None)
+    return req, {**meta, "loras": []}
+
+
+def test_metadata_records_the_inputs_by_hash_and_nothing_for_text_to_image():
+    _, plain = _meta_of()
+    assert plain["inputs"] == {} and plain["controlnet"] is None
+    photo, mask = _input_image((10, 20, 30)), _input_image((255, 0, 0), "L")
+    req, meta = _meta_of(image=photo, mask=mask, strength=0.8, paste_back=True, mask_blur=4)
+    assert meta["inputs"] == req.inputs.to_dict()
+    assert meta["inputs"]["images"] == {"image": photo.sha256, "mask": mask.sha256}
+    assert json.loads(json.dumps(meta)) == meta  # plain JSON: no bytes, no images
+
+
+def test_a1111_text_writes_the_input_settings_a1111_knows_and_reads_them_back():
+    from zturbo.imageio import a1111_parameters, parse_a1111
+
+    photo = _input_image((10, 20, 30))
+    _, meta = _meta_of(image=photo, mask=_input_image((255, 0, 0), "L"), paste_back=True, mask_blur=4, strength=0.8)
+    text = a1111_parameters(meta)
+    assert "Denoising strength: 0.8, Mask blur: 4" in text
+    params, ignored = parse_a1111(text)
+    assert ignored == []
+    assert (params["strength"], params["mask_blur"], params["paste_back"]) == (0.8, 4, True)
+    _, img2img = _meta_of(image=photo)
+    assert "Mask blur" not in a1111_parameters(img2img)  # no paste-back, nothing A1111 would call a mask blur
+
+
+def test_a1111_text_writes_the_controlnet_as_a_webui_unit_and_reads_it_back():
+    from zturbo.imageio import a1111_parameters, parse_a1111
+
+    control = _input_image((0, 0, 255))
+    _, meta = _meta_of(control_image=control, control_type="canny", control_scale=0.6, control_start=0.125)
+    name = "alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union-2.1:Union-2.1-8steps.safetensors"
+    meta["controlnet"] = {"name": name, "sha256": "0123456789abcdef" + "0" * 48, "control_in_dim": 33}
+    text = a1111_parameters(meta)
+    unit = "Module: canny, Model: Union-2.1-8steps [0123456789], Weight: 0.6, Guidance Start: 0.125, Guidance End: 1"
+    assert f'ControlNet 0: "{unit}"' in text
+    params, ignored = parse_a1111(text)
+    assert ignored == []
+    assert {k: v for k, v in params.items() if k.startswith("control")} == {
+        "control_type": "canny", "control_scale": 0.6, "control_start": 0.125, "control_end": 1.0,
+    }  # fmt: skip
+    foreign = 'a cat\nSteps: 4, ControlNet 0: "Module: depth_midas, Model: control_sd15_depth [fef5e48e], Weight: 1"'
+    params, ignored = parse_a1111(foreign)
+    assert "control_type" not in params and params["control_scale"] == 1.0
+    assert ignored == ["ControlNet 0 module (depth_midas)"]
