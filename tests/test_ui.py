@@ -3,6 +3,7 @@ PNGs, the status line, and the API client the UI's handlers use."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -401,7 +402,7 @@ def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_pat
     assert len(pickers) == LORA_ROWS and pickers[0]["choices"] == [("none", ""), ("a.safetensors", "a.safetensors")]
 
     generate = fns["generate"]
-    form = ["a fox", "", 64, 64, 2, 0.0, 1, 1, -1, 0.0, 0.0]
+    form = _untouched_form(generate, prompt="a fox", width=64, height=64, steps=2)
     loras = ["a.safetensors", 0.5, *[None, 1.0] * (LORA_ROWS - 1)]
     assert len(generate.inputs) == 1 + len(form) + len(loras)  # the key, the form, the pickers
     marker = object()
@@ -410,3 +411,242 @@ def test_the_page_lists_the_loras_and_sends_the_picked_ones_with_the_job(tmp_pat
     updates = list(generate.fn(*inputs))
     assert posted[-1]["loras"] == [{"name": "a.safetensors", "weight": 0.5}]
     assert updates[-1][0] == "Error: no"
+
+
+# --- input images ------------------------------------------------------------------------------------
+
+
+def _untouched_form(generate, **changes: object) -> list[object]:
+    """Generate's form values as the page holds them before the user touches a field, with `changes`
+    (keyed as `ui.GENERATE_KEYS`); Generate reads the form in that order after the key."""
+    from zturbo.serving.ui import GENERATE_KEYS
+
+    components = generate.inputs[1 : 1 + len(GENERATE_KEYS)]
+    unknown = set(changes) - set(GENERATE_KEYS)
+    assert not unknown, unknown
+    return [changes.get(key, component.value) for key, component in zip(GENERATE_KEYS, components, strict=True)]
+
+
+def _page(tmp_path: Path, status: dict | None = None):
+    """The page's handlers on a mock API that records each job body and refuses it (so no events)."""
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui_app import _UiFiles, build
+
+    posted: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/status":
+            return httpx.Response(200, json=status or {})
+        posted.append(json.loads(request.content))
+        return httpx.Response(400, json={"error": {"type": "invalid_request", "message": "seen", "field": None}})
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path / "ui", client), None)
+    return {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}, posted
+
+
+def _generate(fns: dict, form: list[object]) -> list[tuple]:
+    from types import SimpleNamespace
+
+    from zturbo.serving.ui import LORA_ROWS
+
+    return list(fns["generate"].fn(SimpleNamespace(session_hash="s"), None, *form, *[None, 1.0] * LORA_ROWS))
+
+
+def _picture(path: Path, size: tuple[int, int] = (64, 48), orientation: int | None = None) -> Path:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    Image.new("RGB", size, "teal").save(path, exif=exif)
+    return path
+
+
+def _layer(size: tuple[int, int], box: tuple[int, int, int, int], alpha: int = 255) -> Image.Image:
+    """An editor brush layer: transparent, with `box` painted."""
+    layer = Image.new("RGBA", size, (0, 0, 0, 0))
+    layer.paste((255, 60, 172, alpha), box)
+    return layer
+
+
+def _decoded(text: str) -> bytes:
+    import base64
+
+    return base64.b64decode(text, validate=True)
+
+
+def test_an_untouched_form_sends_the_text_to_image_body_as_before(tmp_path: Path) -> None:
+    """No input image and every input setting at its default: not one input field in the body."""
+    fns, posted = _page(tmp_path)
+    updates = _generate(fns, _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2))
+    assert updates[-1][0] == "Error: seen"
+    assert posted[-1] == job_params(**{**FORM, "n": 1, "seed": -1, "width": 64, "height": 64})
+
+
+def test_generate_sends_the_files_bytes_the_painted_mask_and_the_settings_given(tmp_path: Path) -> None:
+    fns, posted = _page(tmp_path)
+    image = _picture(tmp_path / "in.png")
+    control = _picture(tmp_path / "edges.png", (64, 64))
+    editor = {"background": Image.open(image), "layers": [_layer((64, 48), (8, 8, 24, 16))], "composite": None}
+    form = _untouched_form(
+        fns["generate"], prompt="a fox", width=64, height=64, steps=2, image=str(image), mask_editor=editor,
+        strength_default=False, strength=0.8, paste_back=True, mask_blur=4.0, resize="fit",
+        control_image=str(control), control_type="canny", control_scale=1.0,
+    )  # fmt: skip
+    _generate(fns, form)
+    body = posted[-1]
+    assert _decoded(body.pop("image")) == image.read_bytes()  # the file as uploaded: its sha256 is the user's
+    assert _decoded(body.pop("control_image")) == control.read_bytes()
+    mask = Image.open(io.BytesIO(_decoded(body.pop("mask"))))
+    assert (mask.mode, mask.size, mask.getbbox()) == ("L", (64, 48), (8, 8, 24, 16))
+    assert sorted(mask.getcolors()) == [(16 * 8, 255), (64 * 48 - 16 * 8, 0)]
+    extra = {k: body[k] for k in set(body) - set(job_params(*FORM.values()))}
+    assert extra == {"strength": 0.8, "paste_back": True, "mask_blur": 4, "resize": "fit", "control_type": "canny",
+                     "control_scale": 1.0}  # fmt: skip
+    assert isinstance(extra["mask_blur"], int)
+
+
+def test_generate_names_a_form_value_it_cannot_send(tmp_path: Path) -> None:
+    fns, posted = _page(tmp_path)
+    image = _picture(tmp_path / "in.png")
+    cases = [
+        ({"outpaint_right": None}, "outpaint right is empty"),
+        ({"outpaint_top": 8.5}, "outpaint top must be a whole number, got 8.5"),
+        ({"image": str(tmp_path / "gone.png")}, "the image is no longer on the server"),
+        # The editor's saved canvas was dropped: never a silent image-to-image instead of the inpaint.
+        ({"mask_editor": {"background": None, "layers": [], "composite": None}}, "the painted mask is no longer"),
+    ]
+    for change, message in cases:
+        form = _untouched_form(fns["generate"], **{"prompt": "a fox", "image": str(image), **change})
+        first = _generate(fns, form)[0][0]
+        assert first.startswith("Error: ") and message in first, (change, first)
+    assert posted == []
+
+
+def test_the_mask_is_the_brush_layers_alpha_white_on_black_at_the_images_size() -> None:
+    from zturbo.serving.ui import editor_mask
+
+    def mask(layers: list[Image.Image], size: tuple[int, int] = (64, 48)) -> Image.Image | None:
+        data = editor_mask({"background": Image.new("RGB", size), "layers": layers}, size)
+        return None if data is None else Image.open(io.BytesIO(data))
+
+    faint = _layer((64, 48), (0, 0, 4, 4), alpha=10)  # a stroke's soft edge is painted too
+    two = mask([faint, _layer((64, 48), (40, 40, 64, 48))])
+    assert two is not None and two.mode == "L" and two.size == (64, 48)
+    assert two.getpixel((1, 1)) == 255 and two.getpixel((50, 45)) == 255 and two.getpixel((20, 20)) == 0
+    assert set(two.get_flattened_data()) == {0, 255}
+    scaled = mask([_layer((128, 96), (16, 16, 48, 32))])  # a canvas at twice the size maps onto the image
+    assert scaled is not None and scaled.size == (64, 48) and scaled.getbbox() == (8, 8, 24, 16)
+    assert mask([_layer((64, 48), (0, 0, 0, 0))]) is None  # nothing painted: image to image, no mask
+    assert mask([]) is None
+    assert editor_mask(None, (64, 48)) is None
+
+
+def test_the_mask_has_the_size_the_server_reads_from_a_rotated_photo(tmp_path: Path) -> None:
+    """EXIF orientation 6 (a phone held upright): the browser and the server both turn it, so the
+    mask must be 48x64, not the file's stored 64x48."""
+    from zturbo.serving.ui import input_params, oriented_size
+
+    photo = _picture(tmp_path / "upright.png", (64, 48), orientation=6)
+    assert oriented_size(photo) == (48, 64)
+    editor = {"background": Image.new("RGB", (48, 64)), "layers": [_layer((48, 64), (0, 0, 8, 8))]}
+    mask = Image.open(io.BytesIO(_decoded(input_params({"image": str(photo), "mask_editor": editor})["mask"])))
+    assert mask.size == (48, 64)
+
+
+def test_the_size_follows_the_input_image_and_its_outpaint_margins(tmp_path: Path) -> None:
+    from zturbo.serving.ui import input_size
+
+    image, control = _picture(tmp_path / "a.png", (64, 48)), _picture(tmp_path / "c.png", (32, 80))
+    assert input_size(str(image), None, (0, 0, 0, 0), "", 16) == (
+        (64, 48),
+        "Width and height follow the input image: 64×48.",
+    )
+    size, line = input_size(str(image), str(control), (16, 0, 0, 32.0), "", 16)
+    assert size == (80, 80) and line.endswith("input image with the outpaint margins: 80×80.")
+    assert input_size(None, str(control), (16, 0, 0, 0), "", 16)[0] == (32, 80)  # margins extend the input image only
+    assert input_size(str(image), None, (0, 0, 0, 0), "crop", 16) == (None, "")  # resized to the form's size
+    assert input_size(None, None, (0, 0, 0, 0), "", 16) == (None, "")
+    odd = _picture(tmp_path / "odd.png", (50, 48))
+    assert input_size(str(odd), None, (0, 0, 0, 0), "", 16) == (
+        None, "The input image is 50×48, not a multiple of 16: choose a resize mode, and a width and height."
+    )  # fmt: skip
+
+
+def test_a_new_input_image_resets_the_mask_editor_and_sets_the_size(tmp_path: Path) -> None:
+    fns, _ = _page(tmp_path)
+    image = _picture(tmp_path / "a.png", (64, 48))
+    editor, width, height, preset, line = fns["new_image"].fn(str(image), None, 0, 16, 0, 0, "")
+    assert editor == {"__type__": "update", "value": str(image), "visible": True}
+    assert (width, height, preset) == (80, 48, CUSTOM) and "80×48" in line
+    editor, *_ = fns["new_image"].fn(None, None, 0, 0, 0, 0, "")
+    assert editor == {"__type__": "update", "value": None, "visible": False}
+
+
+def test_the_controlnet_section_shows_only_when_the_server_has_one(tmp_path: Path) -> None:
+    from zturbo.serving.ui import controlnet_text
+
+    info = {"name": "Z-Image-Turbo-Fun-Controlnet-Union-2.1", "control_in_dim": 33}
+    fns, _ = _page(tmp_path, status={"model": "m", "controlnet": info})
+    _line, _key_row, box, line = fns["status"].fn(None)
+    assert box == {"__type__": "update", "visible": True} and line.startswith("ControlNet: Z-Image")
+    assert "with an inpaint input" in line
+    assert "without an inpaint input" in controlnet_text({**info, "control_in_dim": 16})
+    fns, _ = _page(tmp_path, status={"model": "m", "controlnet": None})
+    _line, _key_row, box, line = fns["status"].fn(None)
+    assert box == {"__type__": "update", "visible": False} and line == ""
+
+
+INPAINT_JOB = {
+    "prompt": "a fox", "seed": 5, "steps": 8, "width": 80, "height": 48,
+    "inputs": {
+        "mode": "outpaint", "images": {"image": "ab" * 32, "control_image": "cd" * 32}, "mask_from_alpha": False,
+        "strength": 1.0, "resize": None, "mask_blur": 4, "mask_padding": 8, "paste_back": True,
+        "outpaint": [16, 0, 0, 0], "controlled": True, "control_type": "canny", "control_scale": 0.5,
+        "control_start": 0.0, "control_end": 0.8,
+    },
+}  # fmt: skip
+
+
+def test_a_job_made_from_images_shows_its_mode_and_settings() -> None:
+    from zturbo.serving.ui import describe_params
+
+    text = describe_params(INPAINT_JOB)
+    for row in (
+        "- **Mode:** outpaint with a ControlNet",
+        "- **Strength:** 1",
+        "- **Mask:** grown by 8 px, pasted back, seam blurred 4 px",
+        "- **Outpaint:** left 16, right 0, top 0, bottom 0",
+        "- **ControlNet:** canny, scale 0.5, steps 0–0.8",
+        f"- **Input images:** image {'ab' * 5}, control\\_image {'cd' * 5}",
+    ):
+        assert row in text, (row, text)
+    assert "Mode" not in describe_params({**INPAINT_JOB, "inputs": {}})  # text to image: as before
+
+
+def test_form_values_fill_the_input_settings_and_name_the_images_the_form_lacks() -> None:
+    values, notes = form_values(INPAINT_JOB, 16)
+    assert values["strength_default"] is True  # 1 is outpaint's default: the checkbox, not a fixed strength
+    assert (values["mask_blur"], values["mask_padding"], values["paste_back"]) == (4, 8, True)
+    assert [values[f"outpaint_{s}"] for s in ("left", "right", "top", "bottom")] == [16, 0, 0, 0]
+    assert (values["control_type"], values["control_scale"], values["control_end"]) == ("canny", 0.5, 0.8)
+    assert "image" not in values and "control_image" not in values
+    assert notes == [
+        "it was made from input images (outpaint with a ControlNet); the form does not hold them: add them"
+    ]
+
+    img2img = {"prompt": "x", "inputs": {**INPAINT_JOB["inputs"], "mode": "img2img", "strength": 0.45,
+                                         "outpaint": None, "controlled": False}}  # fmt: skip
+    values, _ = form_values(img2img, 16)
+    assert (values["strength_default"], values["strength"]) == (False, 0.45)
+
+    values, notes = form_values({"prompt": "x", "inputs": {}}, 16)  # text to image clears what the form held
+    assert (values["image"], values["mask_editor"], values["control_image"]) == (None, None, None)
+    assert values["strength_default"] is True and values["resize"] == "" and notes == []
+    assert "image" not in form_values({"prompt": "x"}, 16)[0]  # parameters that do not say leave them
+
+
+def test_form_values_read_a1111_input_settings_and_name_what_is_out_of_range() -> None:
+    values, notes = form_values({"prompt": "x", "strength": 0.75, "mask_blur": 300, "control_type": "canny"}, 16)
+    assert (values["strength_default"], values["strength"], values["control_type"]) == (False, 0.75, "canny")
+    assert "mask_blur" not in values
+    assert "mask_blur 300 is outside 0 to 256, so it was not filled in" in notes

@@ -9,13 +9,20 @@ the page (`zturbo serve`).
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..inputs.spec import DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, INPAINT_CONTROL_DIM
 from ..request import DEFAULT_VARIETY_UNTIL, FIELD
 from .apiclient import ApiError, Event
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ONE_MP = 1024 * 1024
 RATIOS = ((1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (3, 2), (2, 3))
@@ -139,21 +146,184 @@ def lora_pairs(values: Sequence[object]) -> list[tuple[object, object]]:
     return list(zip(values[0::2], values[1::2], strict=True))
 
 
+# ---- input images --------------------------------------------------------------------------------
+# The image fields hold Gradio's uploads (file paths) and the mask editor's value; the job body
+# carries each file's bytes unchanged, as base64, so the server hashes the very file the user chose.
+
+NO_RESIZE = ""  # the resize choice "none": every input must have the request's size
+AS_GIVEN = ""  # the control type "as given": the control image is already preprocessed
+SIDES = ("left", "right", "top", "bottom")
+MARGIN_KEYS = tuple(f"outpaint_{side}" for side in SIDES)
+INPUT_KEYS = (
+    "image", "mask_editor", "strength_default", "strength", "resize", "mask_blur", "mask_padding", "paste_back",
+    *MARGIN_KEYS, "control_image", "control_type", "control_scale", "control_start", "control_end",
+)  # fmt: skip
+# Settings sent only when the form holds another value than its default, which is the server's.
+INPUT_DEFAULTS: dict[str, object] = {
+    "resize": NO_RESIZE, "mask_blur": 0, "mask_padding": 0, "paste_back": False, "control_type": AS_GIVEN,
+    "control_scale": DEFAULT_CONTROL_SCALE, "control_start": 0.0, "control_end": 1.0,
+}  # fmt: skip
+_WHOLE_SETTINGS = ("mask_blur", "mask_padding")
+_NUMBER_SETTINGS = ("control_scale", "control_start", "control_end")
+MASK_COLOR = (255, 60, 172)  # the brush's colour; only where it paints matters
+STRENGTH_INFO = (
+    "How far the input image is noised: about strength × steps steps run; 1 repaints from noise. "
+    "The default is {img2img} for image-to-image and {inpaint} with a mask or outpaint."
+).format(img2img=DEFAULT_STRENGTH["img2img"], inpaint=f"{DEFAULT_STRENGTH['inpaint']:g}")
+
+
+def input_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The input-image fields of the job body: each image file as base64, the mask painted in the
+    editor, and each setting the form holds at other than its default (the server refuses a
+    setting that does not fit the rest, naming it, rather than the form dropping it)."""
+    body: dict[str, Any] = {}
+    for field in ("image", "control_image"):
+        if values.get(field):
+            body[field] = base64.b64encode(_read_upload(values[field], field)).decode("ascii")
+    if values.get("image"):
+        mask = editor_mask(values.get("mask_editor"), oriented_size(values["image"]))
+        if mask is not None:
+            body["mask"] = base64.b64encode(mask).decode("ascii")
+    if not values.get("strength_default", True):
+        body["strength"] = _number("strength", values.get("strength"))
+    margins = [_whole(f"outpaint {side}", values.get(key, 0)) for side, key in zip(SIDES, MARGIN_KEYS, strict=True)]
+    if any(margins):
+        body["outpaint"] = margins
+    for key, default in INPUT_DEFAULTS.items():
+        value = values.get(key, default)
+        if value is None or value == default:
+            continue
+        if key in _WHOLE_SETTINGS:
+            value = _whole(key.replace("_", " "), value)
+        elif key in _NUMBER_SETTINGS:
+            value = _number(key.replace("_", " "), value)
+        body[key] = value
+    return body
+
+
+def _read_upload(path: str | Path, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        what = field.replace("_", " ")
+        raise FormError(f"the {what} is no longer on the server ({e.strerror}); upload it again") from None
+
+
+def oriented_size(path: str | Path, field: str = "image") -> tuple[int, int]:
+    """An image file's width and height as shown: EXIF orientation applied, as the browser draws it
+    and as the server reads it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # the orientations that swap the axes
+    except OSError as e:
+        raise FormError(f"the {field.replace('_', ' ')} cannot be read ({e}); upload it again") from None
+    return (height, width) if turned else (width, height)
+
+
+def editor_mask(editor: Mapping[str, Any] | None, size: tuple[int, int]) -> bytes | None:
+    """The mask painted in the image editor, as the API takes it: a PNG of `size` (the input
+    image's), white wherever a brush layer is painted (at any opacity) and black elsewhere; None when
+    nothing is painted."""
+    from PIL import Image, ImageChops
+
+    if not editor:
+        return None
+    if editor.get("background") is None:  # Gradio dropped the editor's saved canvas
+        raise FormError("the painted mask is no longer on the server; paint it again")
+    painted: Image.Image | None = None
+    for layer in editor.get("layers") or ():
+        alpha = layer.convert("RGBA").getchannel("A")
+        alpha = alpha if alpha.size == size else alpha.resize(size, Image.Resampling.NEAREST)
+        painted = alpha if painted is None else ImageChops.lighter(painted, alpha)
+    if painted is None or painted.getbbox() is None:
+        return None
+    buffer = io.BytesIO()
+    painted.point(lambda a: 255 if a else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mask_layer(mask: Image.Image) -> Image.Image:
+    """A mask as the server reads it, as an editor layer painted where it repaints: white (a mask
+    without alpha) or transparent (a mask with alpha), binarized at half as the server does."""
+    from PIL import Image, ImageOps
+
+    if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+        repaint = ImageOps.invert(mask.convert("RGBA").getchannel("A"))
+    else:
+        repaint = mask.convert("L")
+    alpha = repaint.point(lambda v: 255 if v >= 128 else 0)
+    return Image.merge("RGBA", (*(Image.new("L", alpha.size, c) for c in MASK_COLOR), alpha))
+
+
+def input_size(
+    image: str | None, control: str | None, margins: Sequence[object], resize: str | None, unit: int
+) -> tuple[tuple[int, int] | None, str]:
+    """The width and height the inputs give the request, and a line that says so: the input image's
+    size plus the outpaint margins, else the control image's. None (the form's size stays) without an
+    input, with a resize mode (the inputs are then fitted to the form's size), or when the size is
+    not a multiple of `unit` (the line says what to do)."""
+    if resize or not (image or control):
+        return None, ""
+    width, height = oriented_size(image or control, "image" if image else "control_image")  # type: ignore[arg-type]
+    what = "input image" if image else "control image"
+    if image:
+        left, right, top, bottom = (int(m) if isinstance(m, (int, float)) else 0 for m in margins)
+        width, height = width + left + right, height + top + bottom
+        what += " with the outpaint margins" if left or right or top or bottom else ""
+    if width % unit or height % unit:
+        return None, (
+            f"The {what} is {width}×{height}, not a multiple of {unit}: choose a resize mode, and a width and height."
+        )
+    return (width, height), f"Width and height follow the {what}: {width}×{height}."
+
+
+def form_body(values: Mapping[str, Any], loras: Sequence[tuple[object, object]] = ()) -> dict[str, Any]:
+    """The `POST /v1/jobs` body for the whole form (keys: `GENERATE_KEYS`); raises FormError as
+    `job_params` does, and when an input file is gone from the server."""
+    body = job_params(
+        values["prompt"], values["negative_prompt"], values["width"], values["height"], values["steps"],
+        values["guidance_scale"], values["seed"], values["n"], values["variation_seed"],
+        values["variation_strength"], values["variety"], loras=loras,
+    )  # fmt: skip
+    return body | input_params(values)
+
+
+def controlnet_text(info: Mapping[str, Any] | None) -> str:
+    """A line about the server's ControlNet (the model info's `controlnet`); empty without one."""
+    if not info:
+        return ""
+    name = _md_escape(str(info.get("name") or "ControlNet"))
+    dim = info.get("control_in_dim")
+    if dim is None:
+        return f"ControlNet: {name}."
+    if dim >= INPAINT_CONTROL_DIM:
+        return f"ControlNet: {name}, with an inpaint input (a mask or outpaint may go with a control image)."
+    return f"ControlNet: {name}, without an inpaint input (a control image goes with no mask and no outpaint)."
+
+
 # ---- parameters -> form --------------------------------------------------------------------------
 
 LORA_KEYS = tuple(key for i in range(LORA_ROWS) for key in (f"lora_{i}", f"lora_weight_{i}"))
-FORM_KEYS = (
-    "prompt", "negative_prompt", "preset", "width", "height", "steps", "guidance_scale", "seed", "n",
-    "variation_seed", "variation_strength", "variety", *LORA_KEYS,
+TEXT_KEYS = (
+    "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "n",
+    "variation_seed", "variation_strength", "variety",
 )  # fmt: skip
+GENERATE_KEYS = (*TEXT_KEYS, *INPUT_KEYS)  # what Generate reads, in order, before the LoRA pickers
+FORM_KEYS = ("preset", *GENERATE_KEYS, *LORA_KEYS)  # what a fill may set
 _RANGED = ("steps", "guidance_scale", "seed", "batch", "variation_seed", "variation_strength", "variety")
 # The form fields with a range, as the request table bounds them (keyed by their HTTP names).
 RANGES: dict[str, tuple[float, float]] = {FIELD[k].api_name: FIELD[k].range() or (0, 0) for k in _RANGED}
 
 
-def form_values(params: dict[str, Any], unit: int) -> tuple[dict[str, Any], list[str]]:
+def form_values(
+    params: dict[str, Any], unit: int, files: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Form values for job or PNG parameters, and a note for each value left out because the form
-    cannot hold it (it is reported, not silently changed); `unit` is the model's spatial unit."""
+    cannot hold it (it is reported, not silently changed); `unit` is the model's spatial unit and
+    `files` a job's input images by field (files the UI keeps), when it has them."""
     values: dict[str, Any] = {}
     notes: list[str] = []
     for key in ("prompt", "negative_prompt"):
@@ -177,7 +347,65 @@ def form_values(params: dict[str, Any], unit: int) -> tuple[dict[str, Any], list
                 f"size {params['width']}×{params['height']} is not a multiple of {unit}; change it before generating"
             )
     values |= _lora_values(params, notes)
+    values |= _input_values(params, notes, files)
     return values, notes + _not_in_form(params)
+
+
+# The input settings a PNG's A1111 text gives at the top level; zturbo's own records nest them in `inputs`.
+_A1111_INPUT_KEYS = ("strength", "mask_blur", "control_type", "control_scale", "control_start", "control_end")
+
+
+def _input_values(params: dict[str, Any], notes: list[str], files: Mapping[str, str] | None) -> dict[str, Any]:
+    """The input settings' form values. Parameters that record their inputs (zturbo's: `inputs`,
+    None or {} for text to image) set every setting, the defaults where they recorded none; A1111
+    text sets what it names. The images come from `files` (a job's stored inputs by field, as the
+    UI keeps them), else a note names what the form lacks."""
+    recorded = params.get("inputs")
+    settings = dict(recorded) if isinstance(recorded, dict) else {}
+    settings |= {key: params[key] for key in _A1111_INPUT_KEYS if params.get(key) is not None}
+    values: dict[str, Any] = {"strength_default": True, **INPUT_DEFAULTS, **dict.fromkeys(MARGIN_KEYS, 0)}
+    if not settings:  # text to image when the parameters say so; else they do not say
+        return values | {"image": None, "mask_editor": None, "control_image": None} if "inputs" in params else {}
+    strength = settings.get("strength")
+    if strength is not None and strength != DEFAULT_STRENGTH.get(str(settings.get("mode"))):
+        values |= {"strength_default": False, "strength": strength}
+    for key in INPUT_DEFAULTS:
+        if settings.get(key) is not None:
+            values[key] = settings[key]
+    if isinstance(settings.get("outpaint"), list) and len(settings["outpaint"]) == len(MARGIN_KEYS):
+        values |= dict(zip(MARGIN_KEYS, settings["outpaint"], strict=True))
+    for key in ("strength", *_WHOLE_SETTINGS, *_NUMBER_SETTINGS):
+        lo, hi = FIELD[key].range() or (0, 0)
+        if key in values and not lo <= values[key] <= hi:
+            notes.append(f"{key} {values.pop(key)} is outside {_num(lo)} to {_num(hi)}, so it was not filled in")
+    if files is not None:
+        return values | _input_files(settings, files, notes)
+    if settings.get("images") or settings.get("mode"):
+        notes.append(f"it was made from input images ({_mode_text(settings)}); the form does not hold them: add them")
+    return values
+
+
+def _input_files(settings: Mapping[str, Any], files: Mapping[str, str], notes: list[str]) -> dict[str, Any]:
+    """The image fields' values from a job's stored inputs: the input image, its mask as the editor's
+    layer, and the control image."""
+    from PIL import Image
+
+    image = files.get("image")
+    editor = None
+    if image is not None:
+        layers = []
+        if "mask" in files:
+            with Image.open(files["mask"]) as mask:
+                layers.append(mask_layer(mask))
+        editor = {"background": image, "layers": layers, "composite": image}
+    if settings.get("mask_from_alpha"):
+        notes.append("its mask was the input image's transparency, which the form cannot take: paint the mask")
+    return {"image": image, "mask_editor": editor, "control_image": files.get("control_image")}
+
+
+def _mode_text(inputs: Mapping[str, Any]) -> str:
+    mode = str(inputs.get("mode") or "img2img")
+    return mode + (" with a ControlNet" if inputs.get("controlled") else "")
 
 
 def _lora_values(params: dict[str, Any], notes: list[str]) -> dict[str, Any]:
@@ -225,6 +453,7 @@ def describe_params(params: dict[str, Any], seed: int | None = None, variation_s
         ("Steps", params.get("steps")),
         ("Guidance", params.get("guidance_scale")),
     ]
+    rows += inputs_rows(params.get("inputs") or {})
     if params.get("seeds"):
         rows.append(("Seed list", ", ".join(map(str, params["seeds"]))))
     if params.get("variation_strength"):
@@ -238,6 +467,42 @@ def describe_params(params: dict[str, Any], seed: int | None = None, variation_s
     if params.get("n", 1) > 1:
         rows.append(("Images in job", params["n"]))
     return "\n".join(f"- **{name}:** {_md_escape(str(value))}" for name, value in rows)
+
+
+def inputs_rows(inputs: Mapping[str, Any]) -> list[tuple[str, object]]:
+    """Rows for the input settings a job or an image records (`inputs`, as a request stores them;
+    empty for text-to-image)."""
+    if not inputs:
+        return []
+    rows: list[tuple[str, object]] = [("Mode", _mode_text(inputs))]
+    if inputs.get("strength") is not None:
+        rows.append(("Strength", _num(inputs["strength"])))
+    mask = []
+    if inputs.get("mask_from_alpha"):
+        mask.append("the image's transparency")
+    if inputs.get("mask_padding"):
+        mask.append(f"grown by {inputs['mask_padding']} px")
+    if inputs.get("paste_back"):
+        mask.append(f"pasted back, seam blurred {inputs.get('mask_blur', 0)} px")
+    if mask:
+        rows.append(("Mask", ", ".join(mask)))
+    if inputs.get("outpaint"):
+        rows.append(("Outpaint", ", ".join(f"{side} {m}" for side, m in zip(SIDES, inputs["outpaint"], strict=False))))
+    if inputs.get("resize"):
+        rows.append(("Resize", inputs["resize"]))
+    if inputs.get("controlled"):
+        start, end = _num(inputs.get("control_start", 0.0)), _num(inputs.get("control_end", 1.0))
+        rows.append(("ControlNet", f"{inputs.get('control_type') or 'image as given'}, scale "
+                     f"{_num(inputs.get('control_scale', DEFAULT_CONTROL_SCALE))}, steps {start}–{end}"))  # fmt: skip
+    if inputs.get("images"):
+        rows.append(("Input images", ", ".join(f"{k} {image_digest(v)[:10]}" for k, v in inputs["images"].items())))
+    return rows
+
+
+def image_digest(image: object) -> str:
+    """An input image's sha256 as `inputs.images` records it: the hash (an image's metadata), or
+    `{sha256, url}` (a job's view)."""
+    return str(image.get("sha256") if isinstance(image, Mapping) else image)
 
 
 def lora_text(loras: list[dict[str, Any]]) -> str:

@@ -36,25 +36,38 @@ from fastapi import FastAPI
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..inputs.spec import COMPUTED_CONTROL_TYPES, CONTROL_TYPES, DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, RESIZE_MODES
 from ..request import FIELD, LIMITS, ModelLimits
 from .apiclient import ApiClient, ApiError
 from .app import error_response, read_body, replay_body
 from .ui import (
+    AS_GIVEN,
     CUSTOM,
     FORM_KEYS,
+    GENERATE_KEYS,
     GUIDANCE_INFO,
     HISTORY_PAGE,
+    INPUT_DEFAULTS,
+    LORA_KEYS,
     LORA_ROWS,
+    MARGIN_KEYS,
+    MASK_COLOR,
     NO_LORA,
+    NO_RESIZE,
     RANDOM_SEED,
+    SIDES,
+    STRENGTH_INFO,
     VARIATION_INFO,
     VARIETY_INFO,
     FormError,
     aspect_presets,
+    controlnet_text,
     describe_params,
     error_text,
+    form_body,
     form_values,
-    job_params,
+    image_digest,
+    input_size,
     lora_choices,
     lora_pairs,
     preset_for,
@@ -63,6 +76,7 @@ from .ui import (
 )
 
 PASS_COOKIE = "zturbo_ui_pass"
+INPUT_LABELS = {"image": "input image", "mask": "mask", "control_image": "control image"}
 UPLOADS_KEPT = 16  # the newest uploads stay; the page reads a dropped PNG as soon as it lands
 PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
 # What the page loads or calls before the user has typed the key; no file and no stored data.
@@ -72,6 +86,9 @@ _OPEN_PATHS = frozenset(
 )  # fmt: skip
 _OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/heartbeat/")
 _UPLOAD_PATH = "/gradio_api/upload"
+# The image editor saves its canvas here, each layer a file of the image's size: bounded as uploads are.
+_EDITOR_PATH = "/gradio_api/component_server"
+EDITOR_SAVES_KEPT = 32  # the newest canvases the mask editor keeps for a Generate (a page needs its last)
 _JOIN_PATH = "/gradio_api/queue/join"
 # The handlers a page may run through the queue before it has the pass: none takes a file, so none
 # makes Gradio fetch or store one (it prepares a handler's file inputs before the handler runs), and
@@ -109,15 +126,30 @@ class _UiFiles:
         folder = self.images / _safe_name(job_id)
         path = folder / f"zturbo-{_safe_name(image.get('seed', 'x'))}-{_safe_name(image['id'])}.png"
         if not path.exists():
-            data = self._client.image(image["id"], key)
-            with self._lock:  # against forget_job: a deleted job's image is never written back
-                if job_id in self._deleted:
-                    raise ApiError(f"job {job_id} was deleted", status=404, kind="not_found")
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
-                tmp.write_bytes(data)
-                tmp.replace(path)
+            self._keep(job_id, path, self._client.image(image["id"], key))
         return str(path)
+
+    def input_image(self, job_id: str, field: str, digest: str, key: str | None) -> str:
+        """One of a job's input images, kept as uploaded, named with its file type's suffix so that
+        the page shows it."""
+        folder = self.images / _safe_name(job_id)
+        stem = f"input-{_safe_name(field)}-{_safe_name(digest)[:16]}"
+        kept = sorted(p for p in folder.glob(f"{stem}.*") if p.suffix != ".part") if folder.exists() else []
+        if kept:
+            return str(kept[0])
+        data = self._client.input_image(job_id, field, key)
+        path = folder / f"{stem}{_suffix(data)}"
+        self._keep(job_id, path, data)
+        return str(path)
+
+    def _keep(self, job_id: str, path: Path, data: bytes) -> None:
+        with self._lock:  # against forget_job: a deleted job's image is never written back
+            if job_id in self._deleted:
+                raise ApiError(f"job {job_id} was deleted", status=404, kind="not_found")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{threading.get_ident()}.part")  # two sessions may fetch it at once
+            tmp.write_bytes(data)
+            tmp.replace(path)
 
     def forget_job(self, job_id: str) -> None:
         with self._lock:
@@ -147,6 +179,20 @@ class _UiFiles:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
+
+
+def _suffix(data: bytes) -> str:
+    """An image file's suffix from its header (what Gradio serves it as); `.png` if unknown."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = (image.format or "png").lower()
+    except (UnidentifiedImageError, OSError):
+        return ".png"
+    return {"jpeg": ".jpg", "mpo": ".jpg"}.get(kind, f".{kind}")
 
 
 def _mtime(path: Path) -> float:
@@ -241,7 +287,7 @@ class _Gate:
             return 401, "unauthorized", message
         if scope["method"] != "POST":
             return None
-        limit = self.max_upload if sub == _UPLOAD_PATH else self.max_body
+        limit = self.max_upload if sub in (_UPLOAD_PATH, _EDITOR_PATH, _EDITOR_PATH + "/") else self.max_body
         declared = headers.get(b"content-length", b"")
         if not declared.isdigit():
             return 411, "length_required", "a request to the web UI must send Content-Length"
@@ -332,6 +378,92 @@ def _slider_range(name: str) -> tuple[float, float]:
     return bounds
 
 
+def _choices() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The resize and control-type dropdowns' (label, value) choices, "none" first."""
+    resize_words = {"crop": "crop: fill the size, cut what overflows", "fit": "fit: the whole input, padded",
+                    "stretch": "stretch: change the aspect ratio"}  # fmt: skip
+    resize = [("none: each input has the output's size", NO_RESIZE)]
+    resize += [(resize_words.get(mode, mode), mode) for mode in RESIZE_MODES]
+    control = [("as given (already preprocessed)", AS_GIVEN)]
+    for kind in CONTROL_TYPES:
+        how = "computed from the image" if kind in COMPUTED_CONTROL_TYPES else "a preprocessed image"
+        control.append((f"{kind} ({how})", kind))
+    return resize, control
+
+
+def _input_controls(unit: int) -> dict[str, Any]:
+    """The image inputs' components by their form keys (`ui.INPUT_KEYS`), with the two accordions
+    (`inputs_box`, `control_box`), the inputs' note line and the ControlNet's line."""
+    resize_choices, control_choices = _choices()
+    sources = ["upload", "clipboard"]
+    c: dict[str, Any] = {}
+    with gr.Accordion("Start from an image", open=False, elem_id="inputs") as c["inputs_box"]:
+        c["inputs_msg"] = gr.Markdown(elem_id="inputs-msg")
+        c["image"] = gr.Image(
+            label="Input image", type="filepath", image_mode=None, sources=sources, height=220, elem_id="init-image"
+        )
+        c["mask_editor"] = gr.ImageEditor(
+            label="Mask: paint what to repaint (nothing painted: image to image)", type="pil", image_mode="RGBA",
+            sources=[], transforms=[], layers=gr.LayerOptions(allow_additional_layers=False, layers=["Mask"]),
+            brush=gr.Brush(colors=[f"rgb{MASK_COLOR}"], color_mode="fixed"), eraser=gr.Eraser(), format="png",
+            height=360, visible=False, elem_id="mask-editor",
+        )  # fmt: skip
+        c["mask_editor"].blob_storage = _EditorSaves(EDITOR_SAVES_KEPT)
+        c["strength_default"] = gr.Checkbox(True, label="Default strength", elem_id="strength-default")
+        c["strength"] = gr.Slider(
+            *_slider_range("strength"), value=DEFAULT_STRENGTH["img2img"], step=0.01, label="Strength",
+            info=STRENGTH_INFO, elem_id="strength",
+        )  # fmt: skip
+        with gr.Row():
+            c["mask_blur"] = gr.Slider(
+                *_slider_range("mask_blur"), value=0, step=1, label="Mask blur (px, paste back)", elem_id="mask-blur"
+            )
+            c["mask_padding"] = gr.Slider(
+                *_slider_range("mask_padding"), value=0, step=1, label="Mask padding (px)", elem_id="mask-padding"
+            )
+        c["paste_back"] = gr.Checkbox(
+            label="Paste back: outside the mask, the input's pixels exactly", elem_id="paste-back"
+        )
+        with gr.Row():
+            for side in SIDES:
+                c[f"outpaint_{side}"] = gr.Number(
+                    0, label=f"Outpaint {side} (px)", precision=0, step=unit, min_width=90, elem_id=f"outpaint-{side}"
+                )
+        c["resize"] = gr.Dropdown(resize_choices, value=NO_RESIZE, label="Inputs of another size", elem_id="resize")
+    with gr.Accordion("ControlNet", open=False, visible=False, elem_id="controlnet") as c["control_box"]:
+        c["control_info"] = gr.Markdown(elem_id="controlnet-info")
+        c["control_image"] = gr.Image(
+            label="Control image", type="filepath", image_mode=None, sources=sources, height=220,
+            elem_id="control-image",
+        )  # fmt: skip
+        c["control_type"] = gr.Dropdown(control_choices, value=AS_GIVEN, label="Control type", elem_id="control-type")
+        c["control_scale"] = gr.Slider(*_slider_range("control_scale"), value=DEFAULT_CONTROL_SCALE, step=0.05,
+                                       label="Control scale", elem_id="control-scale")  # fmt: skip
+        with gr.Row():
+            c["control_start"] = gr.Slider(0, 1, value=0, step=0.05, label="From (fraction of the steps)",
+                                           elem_id="control-start")  # fmt: skip
+            c["control_end"] = gr.Slider(0, 1, value=1, step=0.05, label="Until", elem_id="control-end")
+    return c
+
+
+class _EditorSaves(collections.OrderedDict):
+    """The mask editor's saved canvases by id. Gradio keeps each save (the page saves after every
+    stroke, under a new id) until a handler reads it, so a page that paints and never generates
+    would grow the server's memory without end; this keeps the newest `kept`."""
+
+    def __init__(self, kept: int):
+        super().__init__()
+        self.kept = kept
+        self._lock = threading.Lock()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+            self.move_to_end(key)
+            while len(self) > self.kept:
+                self.popitem(last=False)
+
+
 def build(
     client: ApiClient, limits: ModelLimits, files: _UiFiles, passes: _Passes | None, cookie_path: str = "/ui"
 ) -> gr.Blocks:
@@ -378,6 +510,7 @@ def build(
                         random_btn = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
                         reuse_btn = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
                     n = gr.Slider(*_slider_range("batch"), value=1, step=1, label="Number of images", elem_id="n")
+                    inputs = _input_controls(unit)
                     with gr.Accordion("Advanced", open=False, elem_id="advanced") as advanced:
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
                         guidance = gr.Slider(
@@ -435,27 +568,24 @@ def build(
                     interactive=False, buttons=[], elem_id="history-gallery",
                 )  # fmt: skip
                 hist_params = gr.Markdown(elem_id="history-params")
+                hist_inputs = gr.Gallery(
+                    label="Input images", columns=3, height=180, object_fit="contain", allow_preview=False,
+                    interactive=False, buttons=[], visible=False, elem_id="history-inputs",
+                )  # fmt: skip
                 with gr.Row():
                     hist_reuse = gr.Button("Reuse parameters", interactive=False, elem_id="history-reuse")
                     hist_delete = gr.Button("Delete", variant="stop", interactive=False, elem_id="history-delete")
 
-        form = [
-            prompt,
-            negative,
-            preset,
-            width,
-            height,
-            steps,
-            guidance,
-            seed,
-            n,
-            variation_seed,
-            variation_strength,
-            variety,
-            *lora_rows,
-        ]
+        fields = {
+            "prompt": prompt, "negative_prompt": negative, "preset": preset, "width": width, "height": height,
+            "steps": steps, "guidance_scale": guidance, "seed": seed, "n": n, "variation_seed": variation_seed,
+            "variation_strength": variation_strength, "variety": variety, **inputs,
+            **dict(zip(LORA_KEYS, lora_rows, strict=True)),
+        }  # fmt: skip
+        form = [fields[key] for key in FORM_KEYS]
         free = {"concurrency_limit": None}  # the server's queue orders the work; Gradio's must not
-        status_io = {"inputs": [key_state], "outputs": [status_md, key_row], **free}
+        control_outputs = [inputs["control_box"], inputs["control_info"]]
+        status_io = {"inputs": [key_state], "outputs": [status_md, key_row, *control_outputs], **free}
         lora_io = {"inputs": [key_state], "outputs": [*lora_rows[0::2], lora_info], **free}
         demo.load(handlers.status, **status_io).then(handlers.list_loras, **lora_io)
         gr.Timer(5).tick(handlers.status, show_progress="hidden", **status_io)
@@ -465,37 +595,49 @@ def build(
         for typed in (key_btn.click, key_box.submit):
             typed(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row, ui_pass], **free).then(
                 None, [ui_pass], None, js=keep_pass
-            ).then(handlers.list_loras, **lora_io)
+            ).then(handlers.list_loras, **lora_io).then(handlers.status, **status_io)
         lora_refresh.click(handlers.list_loras, **lora_io)
 
         preset.input(handlers.apply_preset, [preset], [width, height])
         width.input(on_size, [width, height], [preset])
         height.input(on_size, [width, height], [preset])
         random_btn.click(lambda: RANDOM_SEED, None, [seed])
+        # The size follows the inputs: the image's (plus the outpaint margins) or the control image's.
+        size_in = [inputs[key] for key in ("image", "control_image", *MARGIN_KEYS, "resize")]
+        size_out = [width, height, preset, inputs["inputs_msg"]]
+        for changed in (inputs["image"].upload, inputs["image"].clear):
+            changed(handlers.new_image, size_in, [inputs["mask_editor"], *size_out])
+        for changed in (inputs["control_image"].upload, inputs["control_image"].clear, inputs["resize"].input,
+                        *(inputs[key].input for key in MARGIN_KEYS)):  # fmt: skip
+            changed(handlers.fit_size, size_in, size_out)
+        inputs["strength"].input(lambda: False, None, [inputs["strength_default"]])  # moved: the user's strength
         reuse_btn.click(handlers.reuse_seed, [last_seed], [seed, progress])
 
         # The timer polls every 5 s; refreshing as the job ends keeps the line from showing the
         # finished job's worker busy until the next tick.
         generate_btn.click(
             handlers.generate,
-            [key_state, *(field for field in form if field is not preset)],  # the form's values, less the preset
+            [key_state, *(fields[key] for key in GENERATE_KEYS), *lora_rows],
             [progress, gallery, results, image_params, download, last_seed],
             show_progress="hidden",
             **free,
         ).then(handlers.status, show_progress="hidden", **status_io)
         cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
         gallery.select(handlers.select_result, [results], [image_params, download])
-        filled = [*form, advanced, lora_box]  # an accordion opens when a fill sets a value it holds
+        # An accordion opens when a fill sets a value it holds.
+        filled = [*form, advanced, lora_box, inputs["inputs_box"], inputs["control_box"]]
         png.upload(handlers.read_png, [key_state, png], [png_msg, *filled])
 
-        hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete]
+        hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete,
+                   hist_inputs]  # fmt: skip
         history_tab.select(handlers.history, [key_state, search], hist_io, **free)
         search_btn.click(handlers.history, [key_state, search], hist_io, **free)
         search.submit(handlers.history, [key_state, search], hist_io, **free)
         hist_gallery.select(
-            handlers.select_history, [hist_records], [hist_params, hist_selected, hist_reuse, hist_delete]
-        )
-        hist_reuse.click(handlers.reuse_job, [hist_selected], [tabs, progress, *filled])
+            handlers.select_history, [key_state, hist_records], [hist_params, hist_selected, hist_reuse, hist_delete,
+                                                                 hist_inputs], **free,
+        )  # fmt: skip
+        hist_reuse.click(handlers.reuse_job, [key_state, hist_selected], [tabs, progress, *filled], **free)
         hist_delete.click(handlers.delete_job, [key_state, hist_selected, search], hist_io, **free)
     return demo
 
@@ -511,11 +653,15 @@ class _Handlers:
         self.passes = passes
         self._running: dict[str, str] = {}  # session hash -> job id
 
-    def status(self, key: str | None) -> tuple[str, Any]:
+    def status(self, key: str | None) -> tuple[Any, ...]:
+        """The status line, the key row, and the ControlNet section (shown when the server has one)."""
         try:
-            return status_text(self.client.status(key)), gr.update(visible=False)
+            status = self.client.status(key)
         except ApiError as e:
-            return error_text(e), gr.update(visible=e.unauthorized)
+            return error_text(e), gr.update(visible=e.unauthorized), gr.skip(), gr.skip()
+        controlnet = status.get("controlnet")
+        shown = gr.update(visible=bool(controlnet))
+        return status_text(status), gr.update(visible=False), shown, controlnet_text(controlnet)
 
     def use_key(self, typed: str) -> tuple[Any, str, str, Any, str]:
         """The key, checked by the API, goes into session state; the page gets a pass for its files."""
@@ -546,32 +692,31 @@ class _Handlers:
             return gr.skip(), "No image generated yet in this session, so there is no last seed to reuse."
         return last, gr.skip()
 
-    def generate(
-        self,
-        request: gr.Request,
-        key: str | None,
-        prompt: str,
-        negative: str,
-        width: float | None,
-        height: float | None,
-        steps: float,
-        guidance: float,
-        seed: float | None,
-        n: float,
-        variation_seed: float | None,
-        variation_strength: float,
-        variety: float,
-        *loras: Any,
-    ) -> Iterator[tuple[Any, ...]]:
-        """Queue a job, then stream its progress; the last update shows the images. `loras`: the
-        pickers' values, name then weight for each row (`request` comes first for Gradio: it puts the
-        request at the annotated parameter's place, and the pickers fill the variable tail)."""
-        skip = gr.skip()
+    def new_image(self, image: str | None, *size_inputs: Any) -> tuple[Any, ...]:
+        """A new (or no) input image: the mask editor starts over on it, and the size follows it."""
+        editor = gr.update(value=image, visible=True) if image else gr.update(value=None, visible=False)
+        return editor, *self.fit_size(image, *size_inputs)
+
+    def fit_size(
+        self, image: str | None, control: str | None, left: Any, right: Any, top: Any, bottom: Any, resize: str | None
+    ) -> tuple[Any, ...]:
+        """Width, height and preset from the inputs (`ui.input_size`), and the line that says so."""
         try:
-            params = job_params(
-                prompt, negative, width, height, steps, guidance, seed, n, variation_seed, variation_strength, variety,
-                loras=lora_pairs(loras),
-            )  # fmt: skip
+            size, line = input_size(image, control, (left, right, top, bottom), resize, self.unit)
+        except FormError as e:
+            return gr.skip(), gr.skip(), gr.skip(), f"Error: {e}"
+        if size is None:
+            return gr.skip(), gr.skip(), gr.skip(), line
+        return size[0], size[1], preset_for(*size, unit=self.unit), line
+
+    def generate(self, request: gr.Request, key: str | None, *values: Any) -> Iterator[tuple[Any, ...]]:
+        """Queue a job, then stream its progress; the last update shows the images. `values`: the
+        form's (`GENERATE_KEYS`), then the LoRA pickers', name then weight for each row (`request`
+        comes first for Gradio: it puts the request at the annotated parameter's place)."""
+        skip = gr.skip()
+        count = len(GENERATE_KEYS)
+        try:
+            params = form_body(dict(zip(GENERATE_KEYS, values[:count], strict=True)), lora_pairs(values[count:]))
         except FormError as e:
             yield f"Error: {e}", skip, skip, skip, skip, skip
             return
@@ -643,7 +788,7 @@ class _Handlers:
         return message, *_form_updates(values)
 
     def history(self, key: str | None, query: str) -> tuple[Any, ...]:
-        idle = (None, gr.update(interactive=False), gr.update(interactive=False))
+        idle = (None, gr.update(interactive=False), gr.update(interactive=False), gr.update(value=[], visible=False))
         try:
             page = self.client.history(key, q=query.strip(), limit=HISTORY_PAGE)
             records = _records(page["items"], self.files, key)
@@ -656,21 +801,39 @@ class _Handlers:
             info += f" {missing} image(s) have no file any more, marked “file missing”: select one to see why."
         return info, _gallery(records), records, "", *idle
 
-    @staticmethod
-    def select_history(records: list[dict[str, Any]], evt: gr.SelectData) -> tuple[Any, ...]:
+    def select_history(self, key: str | None, records: list[dict[str, Any]], evt: gr.SelectData) -> tuple[Any, ...]:
+        """The image's job: its parameters and input settings, and its input images' thumbnails."""
         record = records[evt.index]
         job = record["job"]
         text = describe_params(job["params"], record["seed"], record.get("variation_seed"))
         text += f"\n- **Job:** {job['id']} ({job['status']})"
         if record["missing"]:
             text += f"\n- **File:** none, so no image to show: {record['missing']}"
-        return text, job, gr.update(interactive=True), gr.update(interactive=True)
+        try:
+            shown = [(path, INPUT_LABELS.get(field, field)) for field, path in self._inputs(job, key).items()]
+        except ApiError as e:
+            shown, text = [], text + f"\n- **Input images:** not shown: {e}"
+        thumbnails = gr.update(value=shown, visible=bool(shown))
+        return text, job, gr.update(interactive=True), gr.update(interactive=True), thumbnails
 
-    def reuse_job(self, job: dict[str, Any] | None) -> tuple[Any, ...]:
+    def _inputs(self, job: dict[str, Any], key: str | None) -> dict[str, str]:
+        """The job's input images by field, as files the UI keeps (`GET /v1/jobs/{id}/inputs/{field}`)."""
+        images = (job["params"].get("inputs") or {}).get("images") or {}
+        fetch = self.files.input_image
+        return {field: fetch(job["id"], field, image_digest(ref), key) for field, ref in images.items()}
+
+    def reuse_job(self, key: str | None, job: dict[str, Any] | None) -> tuple[Any, ...]:
+        """The form filled from a job, its input images and painted mask included."""
         if job is None:
             return gr.skip(), "Select an image in History first.", *_NO_FILL
-        values, notes = form_values(job["params"], self.unit)
-        message = "Parameters reused from history." + "".join(f" Note: {note}." for note in notes)
+        try:
+            files: dict[str, str] | None = self._inputs(job, key)
+        except ApiError as e:
+            files, failed = None, f" Note: its input images could not be fetched: {e}."
+        else:
+            failed = ""
+        values, notes = form_values(job["params"], self.unit, files)
+        message = "Parameters reused from history." + "".join(f" Note: {note}." for note in notes) + failed
         return gr.Tabs(selected="generate"), message, *_form_updates(values)
 
     def delete_job(self, key: str | None, job: dict[str, Any] | None, query: str) -> tuple[Any, ...]:
@@ -683,16 +846,23 @@ class _Handlers:
         return self.history(key, query)
 
 
-_NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 2)
+_NO_FILL = (gr.skip(),) * (len(FORM_KEYS) + 4)
+_CONTROL_SETTINGS = ("control_type", "control_scale", "control_start", "control_end")
 
 
 def _form_updates(values: dict[str, Any]) -> list[Any]:
-    """Updates for the form fields and the Advanced and LoRAs accordions, each opened when a value it
-    holds is set."""
+    """Updates for the form fields and the Advanced, LoRAs, image and ControlNet accordions, each
+    opened when a value it holds is set."""
     advanced = any(values.get(k) for k in ("negative_prompt", "guidance_scale", "variation_strength", "variety"))
     loras = any(values.get(f"lora_{i}") for i in range(LORA_ROWS))
+    changed = {k for k, default in INPUT_DEFAULTS.items() if values.get(k, default) != default}
+    image = values.get("image") or values.get("strength_default") is False or any(values.get(k) for k in MARGIN_KEYS)
+    image = image or bool(changed - set(_CONTROL_SETTINGS))
+    control = values.get("control_image") or bool(changed & set(_CONTROL_SETTINGS))
+    updates = {k: values[k] for k in FORM_KEYS if k in values}
+    if "mask_editor" in updates:  # the editor shows only with an input image to paint on
+        updates["mask_editor"] = gr.update(value=updates["mask_editor"], visible=updates["mask_editor"] is not None)
     return [
-        *(values[k] if k in values else gr.skip() for k in FORM_KEYS),
-        gr.Accordion(open=True) if advanced else gr.skip(),
-        gr.Accordion(open=True) if loras else gr.skip(),
+        *(updates.get(k, gr.skip()) for k in FORM_KEYS),
+        *(gr.Accordion(open=True) if opened else gr.skip() for opened in (advanced, loras, image, control)),
     ]
