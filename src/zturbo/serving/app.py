@@ -766,8 +766,7 @@ async def _form_value(name: str, item: UploadFile | str, settings: ServeSettings
     check_part_type(name, item.content_type)
     check_image_size(name, item.size or 0, settings.max_input_bytes)
     data = await item.read()
-    check_image_size(name, len(data), settings.max_input_bytes)
-    return await run_in_threadpool(upload_image, name, data, item.filename)
+    return await run_in_threadpool(upload_image, name, data, item.filename, settings.max_input_bytes)
 
 
 def _lora_routes(service: Service) -> APIRouter:

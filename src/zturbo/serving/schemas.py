@@ -195,7 +195,7 @@ def text_image(field: str, text: str, max_bytes: int) -> InputImage | str:
             field, f"{field} is not valid base64 ({e}); send the image file's bytes in base64, or a "
             "data:image/png;base64,... URL",
         ) from None  # fmt: skip
-    return decode_image(data, field, f"(base64, {len(data)} bytes)")
+    return decode_image(data, field, f"(base64, {len(data)} bytes)", max_bytes=max_bytes)
 
 
 def _data_url_payload(field: str, text: str) -> str:
@@ -231,9 +231,10 @@ def check_part_type(field: str, content_type: str | None) -> None:
         )
 
 
-def upload_image(field: str, data: bytes, filename: str | None) -> InputImage:
-    """A file part's bytes (size and type already checked), decoded and checked."""
-    return decode_image(data, field, repr(filename) if filename else f"(uploaded, {len(data)} bytes)")
+def upload_image(field: str, data: bytes, filename: str | None, max_bytes: int) -> InputImage:
+    """A file part's bytes (its declared type already checked), decoded and checked."""
+    name = repr(filename) if filename else f"(uploaded, {len(data)} bytes)"
+    return decode_image(data, field, name, max_bytes=max_bytes)
 
 
 def job_params(stored: dict[str, Any]) -> dict[str, Any]:
