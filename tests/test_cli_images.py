@@ -269,3 +269,99 @@ def test_batch_rows_read_images_relative_to_the_file_and_a_bad_one_fails_alone(c
     code, out, err = run(capsys, "batch", file, "--model", tiny_dir, *SMALL, "-o", out_dir)
     assert [Path(line.split("\t")[0]).name for line in out.splitlines()] == ["00002-2.png"]
     assert "1 done now (1 images), 1 already done, 1 failed" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# ControlNet
+
+
+@pytest.fixture(scope="module")
+def controlnets(tmp_path_factory) -> dict[str, Path]:
+    from zturbo.tiny import write_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("controlnets")
+    return {v: write_tiny_controlnet(root / f"union-{v}.safetensors", version=v) for v in ("1.0", "2.1")}
+
+
+@pytest.fixture(scope="module")
+def control_engine(tiny_dir, controlnets):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", controlnet=str(controlnets["2.1"]))
+    return Engine.load(config)
+
+
+@pytest.fixture(scope="module")
+def controlled(tiny_dir, pictures, controlnets, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("control") / "canny.png"
+    argv = ["generate", "a red fox", "--model", tiny_dir, "--seed", 3, *SMALL, "--controlnet", controlnets["2.1"],
+            "--control-image", pictures["photo"], "--control-type", "canny", "--control-scale", "0.5",
+            "--control-end", "0.5", "-o", target]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    return target
+
+
+def test_canny_control_is_the_engines_image_and_records_the_controlnet(
+    controlled, control_engine, pictures, controlnets
+):
+    with Image.open(pictures["photo"]) as photo:
+        same = control_engine.generate("a red fox", seed=3, steps=2, control_image=photo.copy(), control_type="canny",
+                                       control_scale=0.5, control_end=0.5)  # fmt: skip
+    assert np.array_equal(pixels(controlled), np.asarray(same.images[0].image))
+    plain = control_engine.generate("a red fox", seed=3, steps=2, width=64, height=64)
+    assert not np.array_equal(pixels(controlled), np.asarray(plain.images[0].image))  # the control did something
+    meta = read_metadata(controlled)
+    assert meta["controlnet"]["sha256"] == sha256(controlnets["2.1"]) and meta["controlnet"]["control_in_dim"] == 33
+    assert meta["inputs"]["images"] == {"control_image": sha256(pictures["photo"])}
+    with Image.open(controlled) as im:
+        unit = (f"Module: canny, Model: union-2.1 [{sha256(controlnets['2.1'])[:10]}], Weight: 0.5, "
+                "Guidance Start: 0, Guidance End: 0.5")  # fmt: skip
+        assert f'ControlNet 0: "{unit}"' in im.text["parameters"]
+
+
+def test_from_a_controlled_image_needs_both(capsys, controlled, pictures, controlnets, no_model, tmp_path):
+    code, _, err = run(capsys, "generate", "--from", controlled, "--control-image", pictures["photo"],
+                       "-o", tmp_path / "x.png")  # fmt: skip
+    assert code == 2
+    assert (f"was made with the ControlNet {controlnets['2.1']} (sha256 {sha256(controlnets['2.1'])}); "
+            f"load it with --controlnet {controlnets['2.1']}") in err  # fmt: skip
+    code, _, err = run(capsys, "generate", "--from", controlled, "--controlnet", controlnets["2.1"],
+                       "-o", tmp_path / "x.png")  # fmt: skip
+    assert code == 2
+    assert "was made by text-to-image with a ControlNet from a control image with sha256" in err
+    assert err.endswith("; give it with --control-image\n")
+
+
+def test_from_a_controlled_image_with_both_reproduces(capsys, tiny_dir, controlled, pictures, controlnets, tmp_path):
+    again = tmp_path / "again.png"
+    code, _, err = run(capsys, "generate", "--from", controlled, "--model", tiny_dir, "--device", "cpu", "-q",
+                       "--controlnet", controlnets["2.1"], "--control-image", pictures["photo"],
+                       "-o", again)  # fmt: skip
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(controlled))
+
+
+def test_controlnet_inpaint_needs_the_inpaint_input(capsys, tiny_dir, pictures, controlnets, no_load, tmp_path):
+    code, _, err = run(capsys, "generate", "a fox", "--model", tiny_dir, "--controlnet", controlnets["1.0"],
+                       "--image", pictures["photo"], "--mask", pictures["mask"], "--control-image", pictures["photo"],
+                       "-o", tmp_path / "x.png")  # fmt: skip
+    assert code == 2
+    assert "this ControlNet (control_in_dim 16) has no inpaint input" in err
+
+
+def test_info_names_the_controlnet_and_its_input(capsys, controlnets):
+    code, out, _ = run(capsys, "info", "--device", "cpu", "--controlnet", controlnets["1.0"])
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("controlnet "))
+    assert line.split(None, 1)[1] == f"{controlnets['1.0']}  (control_in_dim 16: control only)"
+
+
+def test_controlnet_inpaint_runs_and_pastes_back(capsys, tiny_dir, pictures, controlnets, tmp_path):
+    target = tmp_path / "a.png"
+    generate(capsys, tiny_dir, target, "--controlnet", controlnets["2.1"], "--image", pictures["photo"],
+             "--mask", pictures["mask"], "--control-image", pictures["other"], "--paste-back")  # fmt: skip
+    inputs = read_metadata(target)["inputs"]
+    assert (inputs["mode"], inputs["controlled"], inputs["strength"]) == ("inpaint", True, 1.0)
+    outside = pixels(pictures["mask"]) == 0
+    assert np.array_equal(pixels(target)[outside], pixels(pictures["photo"])[outside])

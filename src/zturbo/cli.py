@@ -407,11 +407,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.from_png is not None:
         source_meta, params = _parameters_from_png(args.from_png, given)
-    config = _model_for_from(_runtime_config(args, max_pixels=args.max_pixels), args, source_meta)
+    config = _runtime_config(args, max_pixels=args.max_pixels)
+    _check_recorded_controlnet(source_meta, config, args.from_png)
+    config = _model_for_from(config, args, source_meta)
     if config.compile == "auto":
         # One process, one request: compiling costs tens of seconds and saves well under one.
         config = dataclasses.replace(config, compile="off")
-    _check_recorded_controlnet(source_meta, config, args.from_png)
     _, limits = _preflight(config)
     library = _lora_library(config)
     request = _generate_request(args, given, params, limits, library)
