@@ -1,5 +1,6 @@
 """`zturbo bench`: the command line's options checked into BenchOptions, then one of the runs
-(speed, first image, memory caps, loading), its results written under --out ($OUT, ./bench)."""
+(speed, first image, memory caps, loading, LoRA, image inputs), its results written under --out
+($OUT, ./bench)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def main(args: argparse.Namespace) -> int:
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
     out_dir = _out_dir(args)
+    if args.images:
+        return _images(args, opts, out_dir)
     if args.cap_row or args.memory_caps or args.fp8_caps:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
@@ -95,6 +98,38 @@ def _lora(opts: speed.BenchOptions, out_dir: Path) -> int:
     res = lora.run(opts, write)
     write(res)
     print(lora.markdown(res))
+    return 0
+
+
+def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
+    from . import images
+
+    if args.lora or args.first_image or args.fp8_caps:
+        raise InvalidRequestError("--images runs on its own: drop --lora, --first-image and --fp8-caps")
+    if "none" not in opts.quantize:
+        raise InvalidRequestError(f"--images measures compiled bf16 (--quantize none), not --quantize {args.quantize}")
+    if args.cap_row:  # a child process: one capped ControlNet row, as one JSON line
+        kind, _, cap = args.cap_row.partition(":")
+        if kind != "controlnet":
+            raise InvalidRequestError(f"--cap-row {args.cap_row!r}: with --images the kind is controlnet")
+        print(json.dumps(images.capped_row(float(cap or 0), opts.main_size, opts.runs, opts.tiny), default=str))
+        return 0
+    caps = _caps(args.memory_caps)
+    print(images.describe(opts, caps), flush=True)
+
+    def write(res: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_images.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (out_dir / "bench_images.md").write_text(images.markdown(res) + "\n")
+
+    res = images.run(opts, write)
+    if caps:
+        res["capped"] = images.run_caps(
+            caps, opts.main_size, opts.runs, opts.tiny, lambda rows: write(res | {"capped": rows})
+        )
+        write(res)
+    print(images.markdown(res))
+    print(f"\nfull results: {out_dir / 'bench_images.json'}")
     return 0
 
 
