@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -326,3 +327,25 @@ def test_an_unwritable_batch_output_is_refused_before_any_work(capsys, tiny_dir,
     if Path("/proc/self").is_dir():
         code, _, err = run(capsys, "batch", rows, "--model", tiny_dir, "-o", "/proc/out")
         assert code == 2 and "output /proc/out cannot be written: /proc refuses new files" in err
+
+
+def test_image_columns_are_read_relative_to_the_file_and_bad_ones_fail_their_row(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"not an image")
+    csv = tmp_path / "rows.csv"
+    csv.write_text(
+        "prompt,image,mask\na fox,in/a.png,alpha\na cat,in/a.png,\na dog,in/missing.png,\nan owl,in/bad.png,\n"
+    )
+    rows = batch.read_rows(csv)
+    first, second = rows[0].params["image"], rows[1].params["image"]
+    assert first is second and first.size == (64, 64)  # one file named twice is read once
+    assert first.sha256 == hashlib.sha256((tmp_path / "in" / "a.png").read_bytes()).hexdigest()
+    assert rows[0].params["mask"] == "alpha"  # the word, not a file
+    assert str(tmp_path / "in" / "missing.png") in rows[2].error
+    assert str(tmp_path / "in" / "bad.png") in rows[3].error
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"prompt": "x", "image": 7}\n')
+    assert batch.read_rows(jsonl)[0].error == "image must be the path of an image file; got 7"
+    recorded = batch.recorded_params(rows[1].params)
+    assert recorded["image"] == {"path": str(tmp_path / "in" / "a.png"), "sha256": first.sha256}

@@ -138,13 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
     """Options shared by `generate` and `batch`, one per request field of the table (`request.FIELDS`);
     all default to None, so a given value can be told apart."""
-    from .request import FIELDS, FLAG, LORAS
+    from .request import CHOICE, FIELDS, FLAG, LORAS, MARGINS
 
     note = f"; applies to {defaults_for}" if defaults_for else ""
     for f in FIELDS:
         if f.flag is None:
             continue
-        allowed = "" if f.bounds == "size" else f"; allowed {f.allowed()}"
+        # Sizes depend on the model; choices and margins show what is allowed in their metavar.
+        allowed = "" if f.bounds == "size" or f.kind in (CHOICE, MARGINS) else f"; allowed {f.allowed()}"
         default = "" if f.default in (None, "", ()) else f" (default {f.default})"
         # Text, converted by the table (`_given_options`), so the CLI reads numbers as batch files do.
         if f.kind == LORAS:  # one option per LoRA, repeatable
@@ -1120,6 +1121,9 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
     if choice.chosen is None:
         print("nothing fits: lower the resolution or batch, or free GPU memory")
+    if config.controlnet is not None:
+        # The planner estimates from the model's configs alone; the ControlNet's weights are extra.
+        print("the ControlNet's weights (--controlnet) are not counted in these estimates")
     print(_load_plan_note(args, config.memory, lambda: choose(_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1).chosen))
 
 
