@@ -178,6 +178,25 @@ def test_from_with_the_same_images_reproduces_the_pixels(capsys, tiny_dir, pictu
     assert read_metadata(again)["inputs"] == read_metadata(inpainted)["inputs"]
 
 
+@pytest.mark.parametrize("case", ["alpha-mask", "outpaint"])
+def test_from_brings_back_the_mask_source_and_the_outpaint_margins(capsys, tiny_dir, pictures, tmp_path, case):
+    source = pictures["photo"]
+    options = ["--outpaint", "16,0,16,0", "--mask-padding", "4", "--strength", "0.9"]
+    if case == "alpha-mask":
+        rgba = Image.open(source).convert("RGBA")
+        rgba.putalpha(Image.fromarray(np.where(pixels(pictures["mask"])[..., 0] > 0, 0, 255).astype(np.uint8)))
+        source = tmp_path / "holed.png"
+        rgba.save(source)
+        options = ["--mask", "alpha"]
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    generate(capsys, tiny_dir, first, "--image", source, *options)
+    code, _, err = run(capsys, "generate", "--from", first, "--model", tiny_dir, "--device", "cpu", "-q",
+                       "--image", source, "-o", again)  # fmt: skip
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(first))
+    assert read_metadata(again)["inputs"] == read_metadata(first)["inputs"]
+
+
 def test_from_the_a1111_text_alone_and_the_images_reproduces(capsys, tiny_dir, pictures, inpainted, tmp_path):
     """A1111 records strength and mask blur (with paste-back); mask padding is zturbo's own, given again."""
     stripped = tmp_path / "a1111.png"
