@@ -161,6 +161,18 @@ def test_file_parts_are_refused_at_the_edge_naming_the_field(api, parts, status,
     assert message in assert_error(r, status, kind, field)
 
 
+def test_list_parts_are_comma_separated_text_as_on_the_command_line(api):
+    """Clients send a list as repeated `name[]` parts (the openai client does): margins, seeds, LoRAs."""
+    parts = {"outpaint[]": ["0", "16", "0", "0"], "seeds[]": ["7", "3"], "prompt": "a"}
+    r = api.post("/v1/jobs", data=parts, files=files(image=IMAGE))
+    assert r.status_code == 202, r.text
+    params = r.json()["params"]
+    assert (params["seeds"], params["width"], params["height"]) == ([7, 3], 80, 64)
+    assert (params["inputs"]["mode"], params["inputs"]["outpaint"]) == ("outpaint", [0, 16, 0, 0])
+    r = api.post("/v1/jobs", data={"prompt": "a", "steps": "2", "steps[]": "3"}, files=files(image=IMAGE))
+    assert "steps is given more than once" in assert_error(r, 400, "invalid_request", "steps")
+
+
 def test_too_many_file_parts_and_a_json_edit_are_refused(api):
     parts = [(f"f{i}", (f"{i}.png", IMAGE, "image/png")) for i in range(4)]
     r = api.post("/v1/jobs", data={"prompt": "a fox"}, files=parts)
@@ -371,7 +383,7 @@ def test_openai_edit_repaints_the_masks_transparent_area(live):
     alpha[:, 32:] = 0  # the right half repaints
     mask = encode(Image.fromarray(np.dstack([np.zeros((64, 64, 3), np.uint8), alpha]), "RGBA"))
     client = openai_client(live.server)
-    extra = {"seed": 4, "steps": 2, "paste_back": "true"}
+    extra = {"seed": 4, "steps": 2, "paste_back": True}  # the client sends form text: "true"
     masked = client.images.edit(image=("a.png", image, "image/png"), mask=("m.png", mask, "image/png"),
                                 prompt="a red fox", size="64x64", response_format="url", extra_body=extra)  # fmt: skip
     r = live.server.client.get(masked.data[0].url)

@@ -736,33 +736,37 @@ def _form_submit(service: Service) -> Callable[[Request], Any]:
 
 
 async def _form_values(request: Request, settings: ServeSettings) -> dict[str, Any]:
-    """A multipart form's fields: text values as given (the table reads them as the CLI's text), images
-    checked (type, size) and decoded; `image[]` (OpenAI's name for a list) is `image`."""
+    """A multipart form's fields: images checked (type, size) and decoded, the rest as text (the table
+    reads it as the CLI's). `name[]` parts (how clients send a list, and OpenAI's `image[]`) are one
+    comma-separated text, as the CLI writes seeds, LoRAs and outpaint margins; images stay one each."""
     if not _is_multipart(request.headers.get("content-type")):
         message = "send the fields as multipart/form-data, the images as file parts"
         raise UnsupportedImageTypeError(None, message)
-    values: dict[str, Any] = {}
-    files, texts = len(IMAGE_FIELDS), len(FIELDS) + len(ROUTE_FIELDS) + 1
-    b64_part = 4 * -(-settings.max_input_bytes // 3)
-    async with request.form(max_files=files, max_fields=texts, max_part_size=b64_part) as form:
+    images: dict[str, Any] = {}
+    texts: dict[str, list[str]] = {}
+    listed: set[str] = set()
+    most = {"max_files": len(IMAGE_FIELDS), "max_fields": 256, "max_part_size": 4 * -(-settings.max_input_bytes // 3)}
+    async with request.form(**most) as form:
         for key, item in form.multi_items():
             name = key.removesuffix("[]")
-            if name in values:
+            if name in images or (name in texts and not (name in listed and key.endswith("[]"))):
                 one = "; this server edits one image per request" if name in IMAGE_FIELDS else ""
                 raise FieldError(name, f"{name} is given more than once{one}")
-            values[name] = await _form_value(name, item, settings)
-    texts_size = sum(len(v.encode()) for v in values.values() if isinstance(v, str))
-    check_body_size(texts_size, 0, settings.max_body_bytes, settings.max_input_bytes)
-    return values
+            if name in IMAGE_FIELDS:
+                images[name] = await _form_image(name, item, settings)
+            elif isinstance(item, str):
+                texts.setdefault(name, []).append(item)
+                listed.update([name] if key.endswith("[]") else [])
+            else:
+                raise FieldError(name, f"{name} is a file; only {', '.join(IMAGE_FIELDS)} take files")
+    size = sum(len(part.encode()) for parts in texts.values() for part in parts)
+    check_body_size(size, 0, settings.max_body_bytes, settings.max_input_bytes)
+    return {name: ",".join(parts) for name, parts in texts.items()} | images
 
 
-async def _form_value(name: str, item: UploadFile | str, settings: ServeSettings) -> Any:
-    if isinstance(item, str):
-        if name in IMAGE_FIELDS:  # base64 text, as in JSON (or the mask's "alpha")
-            return await run_in_threadpool(text_image, name, item, settings.max_input_bytes)
-        return item
-    if name not in IMAGE_FIELDS:
-        raise FieldError(name, f"{name} is a file; only {', '.join(IMAGE_FIELDS)} take files")
+async def _form_image(name: str, item: UploadFile | str, settings: ServeSettings) -> Any:
+    if isinstance(item, str):  # base64 text, as in JSON (or the mask's "alpha")
+        return await run_in_threadpool(text_image, name, item, settings.max_input_bytes)
     check_part_type(name, item.content_type)
     check_image_size(name, item.size or 0, settings.max_input_bytes)
     data = await item.read()
