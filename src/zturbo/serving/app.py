@@ -480,11 +480,12 @@ class EdgeLimits:
             return
         limit = self.max_image_body if scope["path"] in self.image_paths else self.max_body
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
+        web_ui = scope["path"] == "/ui" or scope["path"].startswith("/ui/")  # its gate bounds uploads and bodies
+        if not web_ui and declared.isdigit() and int(declared) > limit:
             message = f"the request body is {int(declared)} bytes; this server accepts at most {limit}"
             await error_response(413, "too_large", message, Connection="close")(scope, receive, send)
             return
-        if not self.read_body or scope["path"] == "/ui" or scope["path"].startswith("/ui/"):
+        if not self.read_body or web_ui:
             await self.app(scope, receive, send)
             return
         body = await read_body(receive, limit)
