@@ -5,7 +5,9 @@ through a TestClient of the same app."""
 
 from __future__ import annotations
 
+import base64
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,9 +78,11 @@ def _png(prompt: str) -> bytes:
     return buffer.getvalue()
 
 
-def _finished(ui: Ui, prompt: str) -> tuple[str, str]:
+def _finished(ui: Ui, prompt: str, **inputs: Any) -> tuple[str, str]:
     """A succeeded job of one image whose PNG (holding the prompt) is on disk: (job id, image id)."""
-    job = ui.http.post("/v1/jobs", json={"prompt": prompt, **SMALL}, headers=AUTH).json()
+    r = ui.http.post("/v1/jobs", json={"prompt": prompt, **SMALL, **inputs}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    job = r.json()
     store = ui.service.store
     while (claim := store.claim("w-test")) is not None and claim.job_id != job["id"]:
         store.end(claim, jobs.CANCELLED)
@@ -171,6 +175,31 @@ def test_uploads_are_bounded_in_size_and_count(ui: Ui) -> None:
     assert _png(f"upload {UPLOADS_KEPT + 1}") in [p.read_bytes() for p in kept]  # the newest stay
 
 
+def test_painting_a_mask_never_pushes_the_input_image_out_of_the_uploads(ui: Ui) -> None:
+    """The mask editor uploads its canvas (background, composite, a layer) several times a stroke:
+    those uploads are kept apart from the page's own, the newest of each kept, so a long painting
+    leaves the input image it paints on in place."""
+    from zturbo.serving.ui_app import EDITOR_UPLOADS_KEPT, UPLOADS_KEPT
+
+    headers = _pass(ui)
+    photo = os.urandom(2 << 20)  # a photo past the 1 MiB the rest of /ui may send; uploads take 64 MiB
+    r = ui.http.post("/ui/gradio_api/upload", files={"files": ("photo.jpg", photo, "image/jpeg")}, headers=headers)
+    assert r.status_code == 200, r.text
+    [stored] = r.json()
+    for stroke in range(EDITOR_UPLOADS_KEPT):
+        for name in ("background.png", "composite.png", "layer_0.png"):
+            canvas = {"files": (name, f"{name} of save {stroke}".encode(), "image/png")}
+            assert ui.http.post("/ui/gradio_api/upload", files=canvas, headers=headers).status_code == 200
+    assert Path(stored).read_bytes() == photo
+    editor = [data for p in _uploads(ui.root) if b" of save " in (data := p.read_bytes())]
+    assert len(editor) == EDITOR_UPLOADS_KEPT
+    assert b"layer_0.png of save %d" % (EDITOR_UPLOADS_KEPT - 1) in editor  # the newest stay
+
+    for i in range(UPLOADS_KEPT):  # the page's own uploads still count among themselves
+        assert _upload(ui, _png(f"later {i}"), headers).status_code == 200
+    assert not Path(stored).exists()
+
+
 def test_history_lists_the_rest_and_marks_an_image_without_a_file(ui: Ui) -> None:
     kept, _ = _finished(ui, "history-missing kept")
     broken, _ = _finished(ui, "history-missing broken")
@@ -182,7 +211,7 @@ def test_history_lists_the_rest_and_marks_an_image_without_a_file(ui: Ui) -> Non
     assert gallery[0][1].endswith("file missing") and Path(gallery[0][0]).is_file()
     assert records[0]["missing"] and not records[1]["missing"]
 
-    text, selected, *_ = ui.handlers.select_history(records, _Select(0))
+    text, selected, *_ = ui.handlers.select_history(KEY, records, _Select(0))
     assert broken in text and "no file" in text
     info, gallery, records, *_ = ui.handlers.delete_job(KEY, selected, "history-missing")
     assert [r["job"]["id"] for r in records] == [kept]
@@ -191,6 +220,40 @@ def test_history_lists_the_rest_and_marks_an_image_without_a_file(ui: Ui) -> Non
 @dataclass
 class _Select:
     index: int
+
+
+def test_a_job_made_from_images_shows_its_inputs_and_reuse_fills_them_in(ui: Ui) -> None:
+    """History shows the input images (fetched once from the API, kept with the job's images, gone
+    with the job) and Reuse puts them back in the form: the image, its mask as the editor's layer."""
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), "navy").save(photo, format="JPEG")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 16))
+    mask_png = io.BytesIO()
+    mask.save(mask_png, format="PNG")
+    encoded = {k: base64.b64encode(v.getvalue()).decode() for k, v in {"image": photo, "mask": mask_png}.items()}
+    job_id, _ = _finished(ui, "history-inputs heron", **encoded, strength=0.7)
+    [record] = ui.handlers.history(KEY, "history-inputs")[2]
+    text, job, _reuse, _delete, thumbnails = ui.handlers.select_history(KEY, [record], _Select(0))
+    assert "- **Mode:** inpaint" in text and "- **Strength:** 0.7" in text
+    [(image_path, image_label), (mask_path, mask_label)] = thumbnails["value"]
+    assert (image_label, mask_label) == ("input image", "mask") and thumbnails["visible"]
+    assert Path(image_path).read_bytes() == photo.getvalue() and image_path.endswith(".jpg")  # as uploaded
+    assert Path(image_path).is_relative_to(ui.root / "images" / job_id)
+
+    _tab, message, *fills = ui.handlers.reuse_job(KEY, job)
+    from zturbo.serving.ui import FORM_KEYS
+
+    values = dict(zip(FORM_KEYS, fills, strict=False))
+    assert values["image"] == image_path and values["strength"] == 0.7 and values["strength_default"] is False
+    editor = values["mask_editor"]
+    assert editor["visible"] and editor["value"]["background"] == image_path
+    [layer] = editor["value"]["layers"]
+    assert layer.size == (64, 64) and layer.getchannel("A").getbbox() == (0, 0, 32, 16)
+    assert "could not" not in message and "add them" not in message
+
+    assert ui.http.delete(f"/v1/history/{job_id}", headers=AUTH).status_code == 204
+    assert not Path(image_path).exists() and not Path(mask_path).exists()
 
 
 def test_the_ui_folder_is_emptied_when_the_server_starts_and_stops(

@@ -77,7 +77,12 @@ from .ui import (
 
 PASS_COOKIE = "zturbo_ui_pass"
 INPUT_LABELS = {"image": "input image", "mask": "mask", "control_image": "control image"}
-UPLOADS_KEPT = 16  # the newest uploads stay; the page reads a dropped PNG as soon as it lands
+UPLOADS_KEPT = 16  # the newest uploads stay: dropped PNGs, input and control images
+# The mask editor uploads its canvas (background, composite and a layer, each an image's size) after
+# every stroke, several times; a Generate reads each page's last. These are kept apart, so that
+# painting never pushes the page's input image out.
+EDITOR_UPLOADS_KEPT = 48
+_EDITOR_FILE = re.compile(r"(background|composite|layer_\d+)\.png")  # the names Gradio's editor gives them
 PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
 # What the page loads or calls before the user has typed the key; no file and no stored data.
 _OPEN_PATHS = frozenset(
@@ -86,9 +91,6 @@ _OPEN_PATHS = frozenset(
 )  # fmt: skip
 _OPEN_PREFIXES = ("/assets/", "/static/", "/svelte/", "/gradio_api/heartbeat/")
 _UPLOAD_PATH = "/gradio_api/upload"
-# The image editor saves its canvas here, each layer a file of the image's size: bounded as uploads are.
-_EDITOR_PATH = "/gradio_api/component_server"
-EDITOR_SAVES_KEPT = 32  # the newest canvases the mask editor keeps for a Generate (a page needs its last)
 _JOIN_PATH = "/gradio_api/queue/join"
 # The handlers a page may run through the queue before it has the pass: none takes a file, so none
 # makes Gradio fetch or store one (it prepares a handler's file inputs before the handler runs), and
@@ -170,15 +172,28 @@ class _UiFiles:
             tmp.replace(path)
         return str(path)
 
-    def prune_uploads(self, keep: int) -> None:
-        """Keep the newest `keep` uploads (Gradio stores each in a folder of its own)."""
+    def prune_uploads(self, keep: int, editor_keep: int) -> None:
+        """Keep the newest `keep` uploads and the newest `editor_keep` of the mask editor's (Gradio
+        stores each upload in a folder named by its content)."""
         uploads = [p for p in self.root.iterdir() if p != self.images] if self.root.exists() else []
         uploads.sort(key=_mtime, reverse=True)
-        for old in uploads[keep:]:
+        editor = [p for p in uploads if _editor_upload(p)]
+        others = [p for p in uploads if p not in editor]
+        for old in (*others[keep:], *editor[editor_keep:]):
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
+
+
+def _editor_upload(folder: Path) -> bool:
+    """Whether an upload folder holds only the mask editor's canvas files (the same bytes uploaded as
+    another file share its folder, which then counts as that upload)."""
+    try:
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    except OSError:  # removed meanwhile by another prune
+        return False
+    return bool(names) and all(_EDITOR_FILE.fullmatch(name) for name in names)
 
 
 def _suffix(data: bytes) -> str:
@@ -259,7 +274,7 @@ class _Gate:
             return
         await self.app(scope, receive, send)
         if sub == _UPLOAD_PATH:
-            await anyio.to_thread.run_sync(self.files.prune_uploads, UPLOADS_KEPT)
+            await anyio.to_thread.run_sync(self.files.prune_uploads, UPLOADS_KEPT, EDITOR_UPLOADS_KEPT)
 
     def _has_pass(self, scope: Scope) -> bool:
         cookie = dict(scope["headers"]).get(b"cookie", b"").decode("latin-1")
@@ -287,7 +302,7 @@ class _Gate:
             return 401, "unauthorized", message
         if scope["method"] != "POST":
             return None
-        limit = self.max_upload if sub in (_UPLOAD_PATH, _EDITOR_PATH, _EDITOR_PATH + "/") else self.max_body
+        limit = self.max_upload if sub == _UPLOAD_PATH else self.max_body
         declared = headers.get(b"content-length", b"")
         if not declared.isdigit():
             return 411, "length_required", "a request to the web UI must send Content-Length"
@@ -408,7 +423,6 @@ def _input_controls(unit: int) -> dict[str, Any]:
             brush=gr.Brush(colors=[f"rgb{MASK_COLOR}"], color_mode="fixed"), eraser=gr.Eraser(), format="png",
             height=360, visible=False, elem_id="mask-editor",
         )  # fmt: skip
-        c["mask_editor"].blob_storage = _EditorSaves(EDITOR_SAVES_KEPT)
         c["strength_default"] = gr.Checkbox(True, label="Default strength", elem_id="strength-default")
         c["strength"] = gr.Slider(
             *_slider_range("strength"), value=DEFAULT_STRENGTH["img2img"], step=0.01, label="Strength",
@@ -444,24 +458,6 @@ def _input_controls(unit: int) -> dict[str, Any]:
                                            elem_id="control-start")  # fmt: skip
             c["control_end"] = gr.Slider(0, 1, value=1, step=0.05, label="Until", elem_id="control-end")
     return c
-
-
-class _EditorSaves(collections.OrderedDict):
-    """The mask editor's saved canvases by id. Gradio keeps each save (the page saves after every
-    stroke, under a new id) until a handler reads it, so a page that paints and never generates
-    would grow the server's memory without end; this keeps the newest `kept`."""
-
-    def __init__(self, kept: int):
-        super().__init__()
-        self.kept = kept
-        self._lock = threading.Lock()
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        with self._lock:
-            super().__setitem__(key, value)
-            self.move_to_end(key)
-            while len(self) > self.kept:
-                self.popitem(last=False)
 
 
 def build(
