@@ -13,10 +13,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -42,6 +42,9 @@ from .device import (
 )
 from .errors import GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
+from .inputs.images import read_image
+from .inputs.prepare import Prepared, paste_back, prepare
+from .inputs.spec import ALPHA_MASK, ImageInputs, img2img_first_step
 from .loader import (
     WEIGHT_STEMS,
     Components,
@@ -68,12 +71,26 @@ from .memory.plan import (
     vae_activation,
 )
 from .pipeline import (
+    Keep,
+    LatentCache,
+    LatentDist,
     PromptCache,
+    Schedule,
     StepCallback,
+    StepControl,
     caption_limit,
+    control_context,
+    control_steps,
     decode,
     denoise,
-    starting_point,
+    draw_noise,
+    encode_image,
+    latent_mask,
+    latent_shape,
+    mode_latents,
+    noised,
+    request_schedule,
+    sample_latents,
     to_uint8,
     variation_latents,
     variety_embeds,
@@ -81,8 +98,11 @@ from .pipeline import (
     without_last_layer,
 )
 from .precision import NonFiniteError, all_finite, choose_precision, safer
-from .request import GenerateRequest, ModelLimits
+from .request import IMAGE_FIELDS, GenerateRequest, ModelLimits
 from .result import GeneratedImage, GenerateResult, ModelInfo
+
+if TYPE_CHECKING:
+    from .control import ControlNet
 
 log = logging.getLogger("zturbo")
 
@@ -94,6 +114,9 @@ STEP_POOL_FACTOR = 1.5
 # beyond the copies of every block linear; otherwise to pinned host memory.
 LORA_DEVICE_RESERVE = 16 * GIB
 Embeds = list[torch.Tensor]
+# Where a denoising run starts: latents (B, C, h, w) on the device, the steps that run, and the
+# inpaint blend (None without a mask).
+Start = tuple[torch.Tensor, Schedule, Keep | None]
 
 
 class Engine:
@@ -113,9 +136,15 @@ class Engine:
         self.model = model
         self.device = device
         self.dtypes = dtypes
+        # The loaded ControlNet (`control.ControlNet`), or None: requests with a control image
+        # need one, and the limits say how wide its input is.
+        self.controlnet: ControlNet | None = components.controlnet
+        if self.controlnet is not None:
+            limits = replace(limits, control_in_dim=self.controlnet.control_in_dim)
         self.limits = limits
         self.accel = accel or Accel()
         self.prompt_cache = PromptCache()
+        self.latent_cache = LatentCache()
         self.max_tokens = caption_limit(components.transformer.config)
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
@@ -158,7 +187,7 @@ class Engine:
         compile_ = resolve_compile(config.compile, device)
         budget = memory_budget(device, config.vram_budget)
         layout = plan_layout(config, source, dtypes, budget, caps, compiled_vae=compile_)
-        components = _load_components(source, device, dtypes, layout)
+        components = _load_components(source, device, dtypes, layout, config.controlnet)
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
@@ -189,6 +218,9 @@ class Engine:
         start = time.perf_counter()
         for prompt in ("warm-up", "a longer warm-up prompt " * 8):
             self.generate(prompt, seed=0, steps=1, width=width, height=height)
+        inputs = self._warmup_inputs(width, height)
+        if inputs:
+            self.generate("warm-up", seed=0, steps=1, width=width, height=height, **inputs)
         graphs = self._encoder_graphs()
         if graphs is not None:
             with torch.inference_mode(), without_last_layer(self.components.text_encoder):
@@ -197,11 +229,32 @@ class Engine:
         log.info("warm-up at %dx%d (torch.compile %s) took %.1f s", width, height, self.accel.compiling, seconds)
         return seconds
 
+    def _warmup_inputs(self, width: int, height: int) -> dict[str, Any]:
+        """Input images for one more warm-up request, so that a compiled VAE encoder and the
+        ControlNet's compiled blocks compile now too (none when neither is there)."""
+        from PIL import Image
+
+        gray = Image.new("RGB", (width, height), (128, 128, 128))
+        fields: dict[str, Any] = {}
+        if any(module is self.components.vae.encoder for module in self.accel.compiled):
+            fields.update(image=gray, strength=1.0)
+        if self.controlnet is not None:
+            fields.update(control_image=gray)
+        return fields
+
     # -----------------------------------------------------------------------------------------
     # Generating
 
     def request(self, prompt: str | Sequence[str], **params: Any) -> GenerateRequest:
-        """Validate parameters against this model's limits."""
+        """Validate parameters against this model's limits.
+
+        Image fields (image, mask, control_image) also take a file path (str or Path) here, the
+        Python API's door: the file is read and checked as the CLI reads one.
+        """
+        for name in IMAGE_FIELDS:
+            value = params.get(name)
+            if isinstance(value, Path) or (isinstance(value, str) and not (name == "mask" and value == ALPHA_MASK)):
+                params[name] = read_image(value, name)
         return GenerateRequest.create(prompt, limits=self.limits, **params)
 
     @torch.inference_mode()
@@ -242,12 +295,14 @@ class Engine:
             memory_retried = True
 
     def runtime(self) -> dict[str, Any]:
-        """How the images are computed right now: dtypes, float16 guard, quantization, compilation."""
+        """How the images are computed right now: dtypes, float16 guard, quantization, compilation,
+        and the loaded ControlNet (an image's metadata names it only where the request used it)."""
         return {
             "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
             "fp16_guard": self.guard.describe() if self.guard is not None else None,
             "memory_plan": self.placement.describe(),
             "vae_tiling": self.vae_tiling,
+            "controlnet": self.controlnet.describe() if self.controlnet is not None else None,
             **self.accel.describe(),
         }
 
@@ -262,7 +317,12 @@ class Engine:
         cond, uncond, early, warnings = self._encode(req)
         timings["encode_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        latents = self._denoise(req, cond, uncond, early, on_step)
+        prepared = self._prepare(req.inputs, req.width, req.height)
+        start = self._start(req, prepared)
+        controls = self._controls(req, prepared, len(start[1].dts))
+        timings["inputs_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        latents = self._denoise(req, start, controls, cond, uncond, early, on_step)
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         with self._stage("check"):
             finite = all_finite(latents)
@@ -278,6 +338,8 @@ class Engine:
                 image = self._eager_if_compile_fails(decode, self.components.vae, latents)
         with self._stage("finish"):
             pixels = to_uint8(image)
+            if prepared is not None and prepared.paste is not None:
+                pixels = paste_back(pixels, prepared.paste)
             timings["denoise_decode_s"] = time.perf_counter() - tick
             return GenerateResult(self._package(req, pixels, loras), req, timings, warnings)
 
@@ -305,26 +367,98 @@ class Engine:
             early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, req.steps))
         return cond, uncond, early, warnings
 
+    def _prepare(self, inputs: ImageInputs, width: int, height: int) -> Prepared | None:
+        """The input images as tensors at the request's size (None for text-to-image)."""
+        if not inputs.images():
+            return None
+        with self._stage("prepare_inputs"):
+            return prepare(inputs, width, height)
+
+    def _start(self, req: GenerateRequest, prepared: Prepared | None) -> Start:
+        """The starting latents, the steps to run and the inpaint blend.
+
+        Text-to-image and ControlNet inpaint start from noise over every step. An input image
+        (img2img, inpaint, outpaint) is encoded, sampled with the image's first draw, and noised
+        with its second to where `strength` starts; a mask blends it back after every step.
+        """
+        c, rows, inputs = self.components, req.images, req.inputs
+        shape = latent_shape(c, req.width, req.height, self.limits.spatial_unit)
+        sched = request_schedule(c, shape, req.steps, self.limits.spatial_unit)
+        from_image = prepared is not None and prepared.image is not None and not (inputs.controlled and inputs.masked)
+        with self._stage("prepare"):
+            *eps, noise = draw_noise([r.seed for r in rows], shape, 2 if from_image else 1)
+            noise = variation_latents(noise, [r.variation_seed for r in rows], req.variation_strength)
+            noise = noise.to(self.device)
+        if not from_image:
+            return noise, sched, None
+        assert prepared is not None and prepared.image is not None and inputs.strength is not None
+        with self._stage("encode_image"):
+            dist = self._encoded("image", req, prepared.image)
+            image_latents = sample_latents(dist, eps[0].to(self.device))
+        sched = sched.tail(img2img_first_step(req.steps, inputs.strength))
+        latents = noised(image_latents, noise, sched.sigmas[0])
+        keep = None
+        if prepared.mask is not None:
+            keep = Keep(latent_mask(prepared.mask.to(self.device), *shape[1:]), image_latents, noise)
+        return latents, sched, keep
+
+    def _controls(self, req: GenerateRequest, prepared: Prepared | None, steps: int) -> list[StepControl | None] | None:
+        """Each step's ControlNet input (None where the ControlNet does not run); None without a
+        control image."""
+        inputs = req.inputs
+        if prepared is None or prepared.control is None:
+            return None
+        assert self.controlnet is not None, "a control image needs a ControlNet (the request's limits say so)"
+        with self._stage("encode_image"):
+            control = mode_latents(self._encoded("control", req, prepared.control))
+            inpaint = None
+            if inputs.masked:  # ControlNet inpaint: the mask and the kept pixels go in the context
+                assert prepared.image is not None and prepared.mask is not None
+                masked = prepared.image * (prepared.mask < 0.5)
+                inpaint = (prepared.mask.to(self.device), mode_latents(self._encoded("masked", req, masked)))
+            context = control_context(control, self.controlnet.control_in_dim, inpaint)
+        dtype = next(iter(self.components.transformer.all_x_embedder.values())).weight.dtype
+        rows = [context.to(dtype)] * (req.num_images * (2 if req.do_cfg else 1))  # CFG: the negative half too
+        control_input = (rows, torch.tensor(inputs.control_scale, dtype=torch.float32, device=self.device))
+        runs = control_steps(steps, inputs.control_start, inputs.control_end)
+        return [control_input if run else None for run in runs]
+
+    def _encoded(self, purpose: str, req: GenerateRequest, pixels: torch.Tensor) -> LatentDist:
+        """The VAE's latent distribution of one prepared input image (`purpose`: image, masked or
+        control), from the cache when it has the same pixels encoded in the VAE's current dtype."""
+        vae = self.components.vae
+        key = _input_key(purpose, req.inputs, req.width, req.height)
+        dist = self.latent_cache.get(vae, key)
+        if dist is None:
+            dist = self._eager_if_compile_fails(encode_image, vae, pixels.to(self.device))
+            if not all_finite([dist.mean, dist.std]):
+                raise NonFiniteError("vae", "non-finite latents after encoding an input image")
+            self.latent_cache.put(vae, key, dist)
+        return dist
+
     def _denoise(
         self,
         req: GenerateRequest,
+        start: Start,
+        controls: list[StepControl | None] | None,
         cond: Embeds,
         uncond: Embeds | None,
         early: tuple[Embeds, int] | None,
         on_step: StepCallback | None,
     ) -> torch.Tensor:
-        c, rows = self.components, req.images
-        with self._stage("prepare"):
-            seeds = [r.seed for r in rows]
-            latents, sched = starting_point(c, seeds, req.width, req.height, req.steps, self.limits.spatial_unit)
-            latents = variation_latents(latents, [r.variation_seed for r in rows], req.variation_strength)
-            latents = latents.to(self.device)
-            self.placement.stage("denoise")
+        c = self.components
+        latents, sched, keep = start
+        self.placement.stage("denoise")
         with self._stage("denoise"):
+            # The loaded ControlNet is bound whether this request uses it or not: the step graphs
+            # are keyed on its weights too, and run it only on steps with a control input.
+            controlnet = self.controlnet.model if self.controlnet is not None else None
             graphs = self._step_graphs()
-            forward = None if graphs is None else graphs.bind(c.transformer, lambda n: self._step_graph_fits(req, n))
+            room = functools.partial(self._step_graph_fits, req)
+            step = None if graphs is None else graphs.bind(c.transformer, room, controlnet=controlnet)
+            run = functools.partial(denoise, controlnet=controlnet, controls=controls, keep=keep)
             return self._eager_if_compile_fails(
-                denoise, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, forward
+                run, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, step
             )
 
     def _use_loras(self, req: GenerateRequest) -> list[dict[str, Any]]:
@@ -388,6 +522,7 @@ class Engine:
                 req, spec.prompt, spec.negative_prompt, spec.seed, self.model, self.runtime(), spec.variation_seed
             )
             meta["loras"] = loras
+            meta["controlnet"] = self.controlnet.describe() if self.controlnet and req.inputs.controlled else None
             image = GeneratedImage(
                 Image.fromarray(array), spec.seed, spec.prompt, spec.negative_prompt, meta, spec.variation_seed
             )
@@ -440,6 +575,10 @@ class Engine:
                 self.guard = None
             # nn.Module.to, not the diffusers/transformers override that warns about keep-in-fp32 lists.
             torch.nn.Module.to(getattr(self.components, err.component), target)
+            if err.component == "transformer" and self.controlnet is not None:
+                # Its blocks add to the transformer's stream (and it shares the transformer's
+                # embedders and refiners): one dtype for both.
+                torch.nn.Module.to(self.controlnet.model, target)
         self.dtypes = {**self.dtypes, err.component: target}
         return record
 
@@ -576,20 +715,41 @@ class Engine:
 
 
 def _load_components(
-    source: ModelSource, device: torch.device, dtypes: dict[str, torch.dtype], layout: Layout
+    source: ModelSource,
+    device: torch.device,
+    dtypes: dict[str, torch.dtype],
+    layout: Layout,
+    controlnet: str | None = None,
 ) -> Components:
-    """The components, each where `layout` wants it; a quantized transformer that lives on the
-    device arrives block by block, each block quantized as it lands."""
+    """The components (and the ControlNet `controlnet` names, if any), each where `layout` wants
+    it; a quantized transformer that lives on the device arrives block by block, each block
+    quantized as it lands."""
     start = time.perf_counter()
     where = homes(layout.plan, device)
+    # The ControlNet (never quantized) lives where the plan puts the transformer, even when the
+    # transformer itself takes the CPU detour below to be quantized on arrival.
+    where.setdefault("controlnet", where["transformer"])
     quantize_on_arrival = layout.quantize != "none" and where["transformer"] != torch.device("cpu")
     if quantize_on_arrival:  # plain weights to the CPU, then block by block to the device, quantized
         where["transformer"] = torch.device("cpu")
-    components = load_components(source, device, dtypes, where)
+    components = load_components(source, device, dtypes, where, controlnet=controlnet)
     if quantize_on_arrival:
         quantize_transformer(components.transformer, layout.quantize, device=device)
     log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
     return components
+
+
+def _input_key(purpose: str, inputs: ImageInputs, width: int, height: int) -> Hashable:
+    """What one prepared input image's pixels depend on (`inputs.prepare`): its cache key."""
+    image = inputs.image.sha256 if inputs.image is not None else None
+    resize = (inputs.resize, width, height)
+    if purpose == "image":
+        return (purpose, image, inputs.mask_from_alpha, inputs.outpaint, resize)
+    if purpose == "masked":
+        mask = inputs.mask.sha256 if inputs.mask is not None else None
+        return (purpose, image, mask, inputs.mask_from_alpha, inputs.mask_padding, inputs.outpaint, resize)
+    control = inputs.control_image.sha256 if inputs.control_image is not None else None
+    return (purpose, control, inputs.control_type, resize)
 
 
 def _first_line(error: BaseException, default: str) -> str:
