@@ -128,6 +128,8 @@ def test_metadata_records_parameters_and_dtypes(engine):
     assert meta["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
     assert len(meta["model_fingerprint"]) == 64
     assert result.images[0].image.size == (48, 32)
+    # Text-to-image on an engine without a ControlNet: no inputs, no ControlNet anywhere.
+    assert meta["inputs"] == {} and meta["controlnet"] is None and engine.runtime()["controlnet"] is None
 
 
 def test_repeated_prompt_skips_the_text_encoder(tiny_dir):
