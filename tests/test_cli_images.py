@@ -153,6 +153,11 @@ def test_outpaint_extends_the_canvas_and_keeps_the_original_with_paste_back(caps
     assert out.shape == (80, 80, 3)
     assert np.array_equal(out[:64, 16:], pixels(pictures["photo"]))  # placed at (left, top) = (16, 0)
     assert read_metadata(target)["inputs"]["outpaint"] == [16, 0, 0, 16]
+    again = tmp_path / "b.png"  # --from brings the margins back
+    code, _, err = run(capsys, "generate", "--from", target, "--model", tiny_dir, "--device", "cpu", "-q",
+                       "--image", pictures["photo"], "-o", again)  # fmt: skip
+    assert code == 0, err
+    assert np.array_equal(pixels(again), out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,20 +183,15 @@ def test_from_with_the_same_images_reproduces_the_pixels(capsys, tiny_dir, pictu
     assert read_metadata(again)["inputs"] == read_metadata(inpainted)["inputs"]
 
 
-@pytest.mark.parametrize("case", ["alpha-mask", "outpaint"])
-def test_from_brings_back_the_mask_source_and_the_outpaint_margins(capsys, tiny_dir, pictures, tmp_path, case):
-    source = pictures["photo"]
-    options = ["--outpaint", "16,0,16,0", "--mask-padding", "4", "--strength", "0.9"]
-    if case == "alpha-mask":
-        rgba = Image.open(source).convert("RGBA")
-        rgba.putalpha(Image.fromarray(np.where(pixels(pictures["mask"])[..., 0] > 0, 0, 255).astype(np.uint8)))
-        source = tmp_path / "holed.png"
-        rgba.save(source)
-        options = ["--mask", "alpha"]
-    first, again = tmp_path / "a.png", tmp_path / "b.png"
-    generate(capsys, tiny_dir, first, "--image", source, *options)
+def test_from_brings_back_a_mask_taken_from_the_images_alpha(capsys, tiny_dir, pictures, tmp_path):
+    rgba = Image.open(pictures["photo"]).convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.where(pixels(pictures["mask"])[..., 0] > 0, 0, 255).astype(np.uint8)))
+    holed, first, again = tmp_path / "holed.png", tmp_path / "a.png", tmp_path / "b.png"
+    rgba.save(holed)
+    generate(capsys, tiny_dir, first, "--image", holed, "--mask", "alpha")
+    assert read_metadata(first)["inputs"]["mask_from_alpha"] is True
     code, _, err = run(capsys, "generate", "--from", first, "--model", tiny_dir, "--device", "cpu", "-q",
-                       "--image", source, "-o", again)  # fmt: skip
+                       "--image", holed, "-o", again)  # fmt: skip
     assert code == 0, err
     assert np.array_equal(pixels(again), pixels(first))
     assert read_metadata(again)["inputs"] == read_metadata(first)["inputs"]
