@@ -280,6 +280,8 @@ def test_a_missing_or_damaged_input_file_is_the_jobs_storage_error(tmp_path):
     path.write_bytes(IMAGE[:-1] + b"\0")
     with pytest.raises(StorageError, match="damaged"):
         jobs.stored_request(claim.params, ModelLimits(16, 64 * 64), store.inputs.resolve)
+    store.submit(request)  # the same image again: the damaged file is replaced, not trusted
+    assert store.inputs.resolve("image", sha256(IMAGE)).data == IMAGE
     path.unlink()
     with pytest.raises(StorageError, match=r"the job's image \(sha256 [0-9a-f]{12}...\) is no longer stored"):
         jobs.stored_request(claim.params, ModelLimits(16, 64 * 64), store.inputs.resolve)

@@ -717,7 +717,8 @@ class FormRoute(Route):
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
-        if match is not Match.NONE and not _is_multipart(dict(scope["headers"]).get(b"content-type", b"").decode()):
+        content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+        if match is not Match.NONE and not _is_multipart(content_type):
             return Match.NONE, {}
         return match, child
 

@@ -311,9 +311,10 @@ class InputStore:
         return self.root / sha256[:2] / sha256
 
     def put(self, image: InputImage) -> None:
-        """Store an image's bytes, unless a file with that content is there already."""
+        """Store an image's bytes, unless a file with that content is there already (one damaged on
+        disk is replaced)."""
         path = self.path(image.sha256)
-        if path.is_file() and path.stat().st_size == len(image.data):
+        if _holds(path, image.data):
             return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
         try:
@@ -358,6 +359,13 @@ class InputStore:
         """Every file under the root: stored images and partial writes."""
         if self.root.is_dir():
             yield from (p for p in self.root.glob("??/*") if p.is_file())
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:
