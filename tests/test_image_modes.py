@@ -363,3 +363,20 @@ def test_control_context_pads_or_carries_the_inpaint_channels():
     assert torch.equal(inpaint[17:, 0], masked[0])
     with pytest.raises(ValueError, match="33 channels for a ControlNet that takes 16"):
         control_context(control, 16, (mask, masked))
+
+
+def test_a_control_image_the_engine_cannot_run_is_refused_before_any_work(engine, modes, monkeypatch):
+    """A request validated against other limits (a server's API process reads the ControlNet's
+    header) reaching an engine without a ControlNet, or with one that has no inpaint input."""
+    from types import SimpleNamespace
+
+    from zturbo.errors import FieldError
+
+    prompt = "a prompt that no other test encodes"  # so the text encoder would run if nothing stopped it
+    inpaint = modes.request(prompt, image=picture(), mask=box_mask(), control_image=edges(), steps=1)
+    with Counter(engine.components.text_encoder) as encodes, pytest.raises(FieldError, match="has none loaded"):
+        engine.generate(inpaint)
+    monkeypatch.setattr(modes, "controlnet", SimpleNamespace(control_in_dim=16))  # a Union 1.0
+    with Counter(modes.components.text_encoder) as encodes_too, pytest.raises(FieldError, match="no inpaint input"):
+        modes.generate(inpaint)
+    assert encodes.count == encodes_too.count == 0

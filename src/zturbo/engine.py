@@ -40,11 +40,11 @@ from .device import (
     release_cached_memory,
     resolve_device,
 )
-from .errors import GPUMemoryError, PrecisionError
+from .errors import FieldError, GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .inputs.images import read_image
 from .inputs.prepare import Prepared, paste_back, prepare
-from .inputs.spec import ALPHA_MASK, ImageInputs, img2img_first_step
+from .inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM, ImageInputs, img2img_first_step
 from .loader import (
     WEIGHT_STEMS,
     Components,
@@ -310,6 +310,7 @@ class Engine:
         self, req: GenerateRequest, on_step: StepCallback | None, fallbacks: list[dict[str, str]]
     ) -> GenerateResult:
         timings: dict[str, float] = {}
+        self._check_controlnet(req.inputs)
         tick = time.perf_counter()
         loras = self._use_loras(req)  # first: a bad LoRA is refused before any GPU work
         timings["lora_s"] = time.perf_counter() - tick
@@ -367,6 +368,20 @@ class Engine:
             early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, req.steps))
         return cond, uncond, early, warnings
 
+    def _check_controlnet(self, inputs: ImageInputs) -> None:
+        """A request validated against other limits (another engine's, a server's header read)
+        is refused here, before any work, where this engine's ControlNet cannot run it."""
+        if not inputs.controlled:
+            return
+        if self.controlnet is None:
+            raise FieldError("control_image", "control_image needs a ControlNet, and this engine has none loaded")
+        if inputs.masked and self.controlnet.control_in_dim < INPAINT_CONTROL_DIM:
+            raise FieldError(
+                "control_image",
+                f"the loaded ControlNet (control_in_dim {self.controlnet.control_in_dim}) has no inpaint input; "
+                "a mask or outpaint with a control image needs Fun-ControlNet-Union 2.0 or later",
+            )
+
     def _prepare(self, inputs: ImageInputs, width: int, height: int) -> Prepared | None:
         """The input images as tensors at the request's size (None for text-to-image)."""
         if not inputs.images():
@@ -408,7 +423,7 @@ class Engine:
         inputs = req.inputs
         if prepared is None or prepared.control is None:
             return None
-        assert self.controlnet is not None, "a control image needs a ControlNet (the request's limits say so)"
+        assert self.controlnet is not None  # _check_controlnet refused the request otherwise
         with self._stage("encode_image"):
             control = mode_latents(self._encoded("control", req, prepared.control))
             inpaint = None
