@@ -57,6 +57,12 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     ({"prompt": "x" * 4001}, False),
     ({"prompt": "x" * 4000}, True),
     ({"negative_prompt": "x" * 4001}, False),
+    # Input-image settings without their image: refused by the one check, whatever the door.
+    ({"strength": 0.5}, False),
+    ({"mask_padding": 4}, False),
+    ({"control_scale": 0.5}, False),
+    ({"outpaint": "0,16,0,0"}, False),
+    ({"resize": "zoom"}, False),
 ]
 IDS = [",".join(f"{k}={str(v)[:12]}" for k, v in change.items()) for change, _ in CASES]
 
