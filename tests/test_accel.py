@@ -4,6 +4,7 @@ no breaks, a failing compiler falls back to eager with one warning, bad settings
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -302,4 +303,108 @@ def test_speed_levers_are_options_of_one_apply_call(fresh):
         assert graphed.encoder_graphs is not None and graphed.step_graphs is not None
     finally:
         graphed.revert_compile()
+        torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# A ControlNet's blocks and the VAE encoder
+
+
+def fifteen_layer_model() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A 30-layer transformer at the tiny widths and a Union-2.1-shaped ControlNet for it (15 control
+    layers, every second layer; 2 control refiner blocks): the real arrangement, built in a second."""
+    from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+
+    from zturbo.tiny import TRANSFORMER_CONFIG, tiny_controlnet_config
+
+    torch.manual_seed(0)
+    transformer = ZImageTransformer2DModel(**{**TRANSFORMER_CONFIG, "n_layers": 30, "n_refiner_layers": 2}).eval()
+    config = {**tiny_controlnet_config("2.1"), "control_layers_places": list(range(0, 30, 2)), "n_refiner_layers": 2}
+    config["control_refiner_layers_places"] = [0, 1]
+    controlnet = ZImageControlNetModel(**config).eval()
+    for name, module in controlnet.named_modules():
+        if name.endswith(("before_proj", "after_proj")):
+            module.reset_parameters()
+    return transformer, ZImageControlNetModel.from_transformer(controlnet, transformer)
+
+
+def blocks_only(transformer: torch.nn.Module, controlnet: torch.nn.Module) -> SimpleNamespace:
+    """Components with a transformer and a ControlNet and nothing else for `apply` to compile."""
+    return SimpleNamespace(
+        transformer=transformer, controlnet=SimpleNamespace(model=controlnet), text_encoder=SimpleNamespace(layers=[])
+    )
+
+
+def controlled_step(transformer, controlnet, size: int, caption: int, seed: int = 0) -> list[torch.Tensor]:
+    from zturbo.pipeline import transformer_step
+
+    g = torch.Generator().manual_seed(seed)
+    x = [torch.randn(16, 1, size, size, generator=g)]
+    caps = [torch.randn(caption, transformer.config.cap_feat_dim, generator=g)]
+    control = ([torch.randn(controlnet.config.control_in_dim, 1, size, size, generator=g)], torch.tensor(0.7))
+    with torch.inference_mode():
+        return transformer_step(transformer, controlnet, x, torch.tensor([0.4]), caps, control)
+
+
+def test_fifteen_control_layers_compile_fused_to_one_graph_and_give_the_eager_prediction():
+    # Each control layer gets a deeper hint stack: compiled whole, 15 layers would be 16 graphs
+    # and hit torch.compile's limit of 8 (fullgraph: an error). The control blocks share one graph;
+    # the shared refiners gain their masked variants (the ControlNet passes masks, the transformer None).
+    from torch._dynamo.testing import CompileCounter
+
+    transformer, controlnet = fifteen_layer_model()
+    want = [controlled_step(transformer, controlnet, n, c) for n, c in ((8, 20), (12, 50))]
+    counter = CompileCounter()
+    options = accel.AccelOptions(compile=True, quantize="none", backend=counter, vae=False, graph_steps=False)
+    applied = accel.apply(blocks_only(transformer, controlnet), options)
+    try:
+        got = [controlled_step(transformer, controlnet, n, c) for n, c in ((8, 20), (12, 50))]
+        assert counter.frame_count == 5  # the transformer's 2 block kinds x (mask, no mask) and the control core
+        controlled_step(transformer, controlnet, 4, 70)
+        assert counter.frame_count == 5
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g[0], w[0], rtol=1e-4, atol=1e-4)
+        control_blocks = list(fuse.controlnet_blocks(controlnet))
+        assert len(control_blocks) == 17 and all(b in applied.compiled for b in control_blocks)
+        # Fused with the transformer's: q/k/v one product, the separate weights views of it.
+        assert applied.fused_blocks == control_blocks
+        first = control_blocks[0].attention
+        assert first.to_q.weight.data_ptr() == getattr(first, fuse.FUSED_QKV).data_ptr()
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    assert all("forward" not in vars(b) for b in control_blocks)
+    assert all(type(b.attention.processor).__name__ == "ZSingleStreamAttnProcessor" for b in control_blocks)
+    assert not applied.fused_blocks and all(getattr(b.attention, fuse.FUSED_QKV, None) is None for b in control_blocks)
+    again = controlled_step(transformer, controlnet, 8, 20)
+    torch.testing.assert_close(again[0], want[0][0], rtol=0, atol=0)
+
+
+def test_the_vae_encoder_compiles_once_for_every_size_and_encodes_as_eager(fresh):
+    from torch._dynamo.testing import CompileCounter
+
+    vae = fresh.components.vae
+    # Sizes under the CPU convolution's own size threshold (a guard of its own, not the compile's).
+    images = [torch.rand(1, 3, h, w) * 2 - 1 for h, w in ((64, 64), (48, 96))]
+    with torch.inference_mode():
+        want = [vae.encode(i).latent_dist.mean for i in images]
+    counter = CompileCounter()
+    applied = accel.apply(fresh.components, accel.AccelOptions(compile=True, backend=counter, graph_steps=False))
+    try:
+        with torch.inference_mode():
+            before = counter.frame_count
+            got = [vae.encode(i).latent_dist.mean for i in images]
+        assert counter.frame_count == before + 1  # dynamic height and width from the first image
+        assert vae.encoder in applied.compiled
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    assert "forward" not in vars(vae.encoder)
+    off = accel.apply(fresh.components, accel.AccelOptions(compile=True, backend="eager", vae_encoder=False))
+    try:
+        assert vae.encoder not in off.compiled and vae.decoder in off.compiled
+    finally:
+        off.revert_compile()
         torch._dynamo.reset()

@@ -12,7 +12,7 @@ import torch
 from zturbo.accel import compile as accel
 from zturbo.accel import graphs
 from zturbo.memory.plan import Layout
-from zturbo.pipeline import MAX_TOKENS, encode_prompt
+from zturbo.pipeline import MAX_TOKENS, encode_prompt, transformer_step
 
 PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in the snow at dawn"]
 
@@ -199,14 +199,15 @@ def encode_cuda(engine, prompts, g=None):
 # The transformer's step graphs
 
 
-def cpu_step_capture(transformer, x, t, embeds, pool) -> graphs.StepCaptured:
+def cpu_step_capture(transformer, controlnet, x, t, embeds, control, pool) -> graphs.StepCaptured:
     """What `graphs.capture_step` records, without CUDA: replay runs the step into static outputs."""
     sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
-    out = [o.clone() for o in graphs.transformer_step(transformer, sx, st, se)]
-    captured = graphs.StepCaptured(lambda: None, sx, st, se, out, pool=object())
+    sc = None if control is None else ([c.clone() for c in control[0]], control[1].clone())
+    out = [o.clone() for o in transformer_step(transformer, controlnet, sx, st, se, sc)]
+    captured = graphs.StepCaptured(lambda: None, sx, st, se, sc, out, pool=object())
 
     def replay() -> None:
-        for static, new in zip(out, graphs.transformer_step(transformer, sx, st, se), strict=True):
+        for static, new in zip(out, transformer_step(transformer, controlnet, sx, st, se, sc), strict=True):
             static.copy_(new)
 
     captured.replay = replay
@@ -218,11 +219,11 @@ class CountingStepCapture:
         self.keys: list[tuple] = []
         self.fail = fail
 
-    def __call__(self, transformer, x, t, embeds, pool) -> graphs.StepCaptured:
-        self.keys.append(graphs.step_key(x, t, embeds))
+    def __call__(self, transformer, controlnet, x, t, embeds, control, pool) -> graphs.StepCaptured:
+        self.keys.append(graphs.step_key(x, t, embeds, control))
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return cpu_step_capture(transformer, x, t, embeds, pool)
+        return cpu_step_capture(transformer, controlnet, x, t, embeds, control, pool)
 
 
 def latents_after(engine, prompt, step_graphs=None, room=lambda tokens: True, size=32):
@@ -233,8 +234,8 @@ def latents_after(engine, prompt, step_graphs=None, room=lambda tokens: True, si
     with torch.inference_mode():
         cond = encode(engine, [prompt])
         latents, sched = starting_point(c, [7], size, size, 3, engine.limits.spatial_unit)
-        forward = None if step_graphs is None else step_graphs.bind(c.transformer, room)
-        return denoise(c.transformer, latents, cond, None, sched, 0.0, forward=forward)
+        step = None if step_graphs is None else step_graphs.bind(c.transformer, room)
+        return denoise(c.transformer, latents, cond, None, sched, 0.0, step=step)
 
 
 def test_a_step_shape_is_captured_on_its_second_request_and_replayed_after(engine):
@@ -331,6 +332,111 @@ def test_the_engines_images_are_unchanged_through_step_graphs(fresh, monkeypatch
     assert len(fresh.accel.step_graphs) == 0  # a leaner plan frees their pool
 
 
+# ---------------------------------------------------------------------------------------------
+# Step graphs with a ControlNet
+
+
+@pytest.fixture(scope="module")
+def controlnet(engine, tmp_path_factory):
+    from zturbo.loader import load_controlnet
+    from zturbo.tiny import write_tiny_controlnet
+
+    path = write_tiny_controlnet(tmp_path_factory.mktemp("cn") / "cn.safetensors", "2.1")
+    return load_controlnet(str(path), engine.components.transformer, engine.device, torch.float32)
+
+
+def control_input(device, size=32, seed=0, scale=0.7, in_dim=33):
+    g = torch.Generator().manual_seed(seed)
+    context = [torch.randn(in_dim, 1, size // 8, size // 8, generator=g).to(device)]
+    return context, torch.tensor(scale, dtype=torch.float32, device=device)
+
+
+def controlled_latents(engine, cn, controls, step_graphs=None, prompt="a red fox", size=32):
+    """Three steps with step i's control input `controls[i]` (None: the ControlNet does not run)."""
+    from zturbo.pipeline import denoise, starting_point
+
+    c = engine.components
+    with torch.inference_mode():
+        cond = encode_on(engine, [prompt])
+        latents, sched = starting_point(c, [7], size, size, 3, engine.limits.spatial_unit)
+        step = None if step_graphs is None else step_graphs.bind(c.transformer, lambda tokens: True, controlnet=cn)
+        latents = latents.to(engine.device)
+        return denoise(c.transformer, latents, cond, None, sched, 0.0, step=step, controlnet=cn, controls=controls)
+
+
+def encode_on(engine, prompts):
+    c = engine.components
+    with torch.inference_mode():
+        return encode_prompt(c.text_encoder, c.tokenizer, prompts, engine.device)[0]
+
+
+def test_a_control_step_is_keyed_by_its_context_shapes_and_replays_any_scale(engine, controlnet):
+    cn, cpu = controlnet.model, torch.device("cpu")
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    strong, weak = control_input(cpu, scale=0.9), control_input(cpu, seed=1, scale=0.2)
+    want_strong = controlled_latents(engine, cn, [strong] * 3)
+    want_weak = controlled_latents(engine, cn, [weak] * 3)
+    assert not torch.equal(want_strong, want_weak)
+    for controls, want in (([strong] * 3, want_strong), ([strong] * 3, want_strong), ([weak] * 3, want_weak)):
+        torch.testing.assert_close(controlled_latents(engine, cn, controls, g), want, rtol=0, atol=0)
+    assert len(counting.keys) == 1  # another image and scale replayed the graph captured for the shapes
+    # Without a control input the same shapes are another graph: the ControlNet is not in it.
+    plain = [None] * 3
+    want_plain = controlled_latents(engine, cn, plain)
+    for _ in range(2):
+        torch.testing.assert_close(controlled_latents(engine, cn, plain, g), want_plain, rtol=0, atol=0)
+    assert len(counting.keys) == 2 and counting.keys[1][-1] is None and counting.keys[0][-1] is not None
+    # control_end: the ControlNet's steps and the plain steps of one request replay their own graphs.
+    mixed = [strong, strong, None]
+    torch.testing.assert_close(
+        controlled_latents(engine, cn, mixed, g), controlled_latents(engine, cn, mixed), rtol=0, atol=0
+    )
+    assert len(counting.keys) == 2
+
+
+def test_step_graphs_are_recaptured_when_the_controlnets_weights_move(engine, controlnet):
+    cn = controlnet.model
+    counting = CountingStepCapture()
+    g = graphs.StepGraphs(counting)
+    control = control_input(torch.device("cpu"))
+    for _ in range(2):
+        controlled_latents(engine, cn, [control] * 3, g)
+    assert len(counting.keys) == 1
+    weight = cn.control_layers[0].after_proj.weight
+    saved = weight.data
+    try:
+        weight.data = saved.clone()
+        controlled_latents(engine, cn, [control] * 3, g)
+        assert len(counting.keys) == 2 and len(g) == 1
+        latents_after(engine, "a red fox", g)  # no ControlNet bound: only the transformer's weights count
+        latents_after(engine, "a red fox", g)
+        assert len(counting.keys) == 3 and len(g) == 2
+    finally:
+        weight.data = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tmp_path):
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+    from zturbo.loader import load_controlnet
+    from zturbo.tiny import write_tiny_controlnet
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cuda", compile="off"), warmup=False)
+    path = write_tiny_controlnet(tmp_path / "cn.safetensors", "2.1")
+    transformer = engine.components.transformer
+    cn = load_controlnet(str(path), transformer, engine.device, transformer.dtype).model
+    g = graphs.StepGraphs()
+    for scale in (0.9, 0.9, 0.4):
+        controls = [control_input(engine.device, scale=scale)] * 3
+        want = controlled_latents(engine, cn, controls).cpu()
+        got = controlled_latents(engine, cn, controls, g).cpu()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(g) == 1 and g.failed is None and g.captures == 1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_step_graph_replays_the_plain_step(tiny_dir):
@@ -367,5 +473,5 @@ def latents_after_cuda(engine, step_graphs):
     with torch.inference_mode():
         cond = encode_cuda(engine, ["a red fox"])
         latents, sched = starting_point(c, [7], 32, 32, 3, engine.limits.spatial_unit)
-        forward = None if step_graphs is None else step_graphs.bind(c.transformer, lambda tokens: True)
-        return denoise(c.transformer, latents.to(engine.device), cond, None, sched, 0.0, forward=forward).cpu()
+        step = None if step_graphs is None else step_graphs.bind(c.transformer, lambda tokens: True)
+        return denoise(c.transformer, latents.to(engine.device), cond, None, sched, 0.0, step=step).cpu()

@@ -1,4 +1,4 @@
-"""Speed: torch.compile of the repeated transformer blocks, the text encoder and the VAE decoder.
+"""Speed: torch.compile of the repeated transformer (and ControlNet) blocks, the text encoder and the VAE.
 
 Every speed lever is a field of `AccelOptions`, passed to `apply` in plain sight; nothing here is
 switched through module state. Everything acts on the engine's module instances and can be undone
@@ -13,6 +13,7 @@ kernels and copies around every attention call.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from . import attention, kernels
-from .fuse import FUSED_QKV, fuse_projections, transformer_blocks, unfuse_projections
+from .fuse import (
+    FUSED_QKV,
+    controlnet_blocks,
+    fuse_projections,
+    is_control_block,
+    transformer_blocks,
+    unfuse_projections,
+)
 from .graphs import EncoderGraphs, StepGraphs
 from .quantize import QUANTIZED, quantize_transformer
 
@@ -34,11 +42,12 @@ class AccelOptions:
     """What `apply` does to an engine's modules. The defaults are the fastest measured choices;
     the benchmark turns single fields off for its A/B rows."""
 
-    compile: bool = False  # torch.compile the transformer blocks, text-encoder layers and VAE decoder
+    compile: bool = False  # torch.compile the transformer's and ControlNet's blocks, text-encoder layers and VAE
     quantize: str = "none"  # the transformer's block linears: none, fp8, int8 or int4
     fuse: bool = True  # one GEMM for q/k/v and for w1/w3 (unquantized and compiled only)
     backend: Any = "inductor"  # torch.compile's backend
     vae: bool = True  # compile the VAE decoder (False: a benchmark diagnostic)
+    vae_encoder: bool = True  # compile the VAE encoder too (input images); with `vae`
     fused_norm_rope: bool = True  # the Triton q/k RMSNorm + RoPE kernel where it can run
     flash_attention_3: bool = True  # FA3 where it is installed and passes its check
     graph_text_encoder: bool = True  # CUDA graphs for the compiled text encoder (Inductor only)
@@ -123,6 +132,7 @@ class Accel:
     compiled: list[torch.nn.Module] = field(default_factory=list)
     processors: list[tuple[Any, Any]] = field(default_factory=list)  # (attention, previous processor)
     fused: torch.nn.Module | None = None  # the transformer whose projections were fused
+    fused_blocks: list[torch.nn.Module] = field(default_factory=list)  # a ControlNet's fused blocks
     encoder_graphs: EncoderGraphs | None = None  # CUDA graphs of the compiled text encoder
     step_graphs: StepGraphs | None = None  # CUDA graphs of the compiled transformer's steps
 
@@ -154,6 +164,8 @@ class Accel:
         if self.fused is not None:
             unfuse_projections(self.fused)
             self.fused = None
+        unfuse_projections(None, self.fused_blocks)
+        self.fused_blocks.clear()
         self.compiled.clear()
         self.processors.clear()
         self.encoder_graphs = None  # they replay the compiled kernels
@@ -172,10 +184,13 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
 def apply(components: Any, options: AccelOptions) -> Accel:
     """Fuse projections (unquantized only), quantize, then compile the engine's modules in place.
 
-    Fusion needs the compile-friendly processor, so it comes with compilation.
+    Fusion needs the compile-friendly processor, so it comes with compilation. A ControlNet's
+    blocks are fused and compiled as the transformer's are (they stay unquantized).
     """
     accel = Accel(options)
     transformer = components.transformer
+    controlnet = getattr(components, "controlnet", None)
+    control = list(controlnet_blocks(controlnet.model)) if controlnet is not None else []
     if options.quantize != "none":
         unfuse_projections(transformer)
         if getattr(transformer, QUANTIZED, None) != options.quantize:  # not already, at load
@@ -183,11 +198,16 @@ def apply(components: Any, options: AccelOptions) -> Accel:
     elif options.compile and options.fuse:
         fuse_projections(transformer)
         accel.fused = transformer
+        fuse_projections(None, control)
+        accel.fused_blocks = control
     if options.compile:
         compile_transformer(accel, transformer)
+        compile_blocks(accel, control)
         compile_text_encoder(accel, components.text_encoder)
         if options.vae:
             _compile_decoder(accel, components.vae)
+        if options.vae and options.vae_encoder:
+            _compile_encoder(accel, components.vae)
     return accel
 
 
@@ -195,15 +215,56 @@ def compile_transformer(accel: Accel, transformer: torch.nn.Module) -> None:
     """Each block compiled on its own (regional compilation), with the compile-friendly attention
     processor; both recorded in `accel` so that `revert_compile` undoes them."""
     options = accel.options
+    compile_blocks(accel, transformer_blocks(transformer))
+    if options.backend == "inductor" and options.graph_steps:
+        accel.step_graphs = StepGraphs()  # host-bound at small sizes and in fp8 (accel.graphs)
+
+
+def compile_blocks(accel: Accel, blocks: Iterable[torch.nn.Module]) -> None:
+    """Transformer-style blocks (the transformer's or a ControlNet's) compiled one by one with the
+    compile-friendly attention processor, recorded in `accel`."""
+    options = accel.options
     norm_rope = kernels.fused_op() if options.fused_norm_rope else None
     flash3 = attention.flash_attention_3(options.flash_attention_3)
-    for block in transformer_blocks(transformer):
+    for block in blocks:
         attn = block.attention
         accel.processors.append((attn, attn.processor))
         attn.set_processor(RealRopeAttnProcessor(norm_rope, flash3))
-        _compile_block(accel, block)
-    if options.backend == "inductor" and options.graph_steps:
-        accel.step_graphs = StepGraphs()  # host-bound at small sizes and in fp8 (accel.graphs)
+        if is_control_block(block):
+            _compile_control_block(accel, block)
+        else:
+            _compile_block(accel, block)
+
+
+def _compile_control_block(accel: Accel, block: torch.nn.Module) -> None:
+    """A ControlNet block compiled around its hint stack.
+
+    diffusers' ZImageControlTransformerBlock takes the stack of every hint so far and returns it
+    one longer, so each control layer sees another stack depth; a depth cannot be dynamic (the
+    block unbinds the stack), and 15 layers would make 16 graphs, past torch.compile's limit of
+    8 per function. Its computation between unstacking and stacking is a transformer block's
+    (diffusers writes it as ZImageTransformerBlock's with x -> c), so that runs compiled as one
+    (a graph shared by every control block) and the stacking around it stays eager.
+    """
+    from diffusers.models.controlnets.controlnet_z_image import ZImageTransformerBlock
+
+    core = torch.nn.Module()  # a stand-in whose forward is the transformer block's, on this block's modules
+    core.forward = ZImageTransformerBlock.forward.__get__(block)
+    _compile_block(accel, core)
+    accel.compiled.remove(core)  # reverting restores the control block's own forward
+
+    def forward(
+        c: torch.Tensor, x: torch.Tensor, attn_mask: Any, freqs_cis: Any, adaln_input: Any = None
+    ) -> torch.Tensor:
+        if block.block_id == 0:
+            c, hints = block.before_proj(c) + x, []
+        else:
+            *hints, c = torch.unbind(c)
+        c = core.forward(c, attn_mask, freqs_cis, adaln_input)
+        return torch.stack([*hints, block.after_proj(c), c])
+
+    block.forward = forward
+    accel.compiled.append(block)
 
 
 def compile_text_encoder(accel: Accel, text_encoder: torch.nn.Module) -> None:
@@ -244,6 +305,21 @@ def _compile_decoder(accel: Accel, vae: torch.nn.Module) -> None:
 
     decoder.forward = forward
     accel.compiled.append(decoder)
+
+
+def _compile_encoder(accel: Accel, vae: torch.nn.Module) -> None:
+    """The VAE encoder (input images, control images) compiled with dynamic height and width from
+    its first call: one graph for every size."""
+    encoder = vae.encoder
+    compiled = torch.compile(encoder.forward, fullgraph=True, backend=accel.options.backend, dynamic=None)
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        for dim in (-2, -1):
+            torch._dynamo.maybe_mark_dynamic(x, x.ndim + dim)
+        return compiled(x, *args, **kwargs)
+
+    encoder.forward = forward
+    accel.compiled.append(encoder)
 
 
 def _compile_block(accel: Accel, block: torch.nn.Module, inductor_options: dict[str, Any] | None = None) -> None:

@@ -13,6 +13,10 @@ import torch
 import torch.nn.functional as F
 
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "layers")
+# A ControlNet's own blocks (diffusers' ZImageControlNetModel), in the order a step runs them:
+# the control refiner blocks (absent under 2.0's arrangement, which runs the control layers in
+# their place), then the control layers.
+CONTROL_BLOCK_LISTS = ("control_noise_refiner", "control_layers")
 FUSED_QKV = "zturbo_fused_qkv"  # attribute of an attention module whose q/k/v weights are fused
 
 
@@ -21,9 +25,22 @@ def transformer_blocks(transformer: torch.nn.Module) -> Iterator[torch.nn.Module
         yield from getattr(transformer, name)
 
 
-def fuse_projections(transformer: torch.nn.Module) -> None:
-    """Concatenate q/k/v and the SwiGLU's w1/w3 weights per block, so each pair/triple is one GEMM."""
-    for block in transformer_blocks(transformer):
+def controlnet_blocks(controlnet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """A ControlNet's own blocks; the transformer's refiners it shares are the transformer's."""
+    for name in CONTROL_BLOCK_LISTS:
+        yield from getattr(controlnet, name, None) or ()
+
+
+def is_control_block(block: torch.nn.Module) -> bool:
+    """A block that takes (control context, hidden states, ...) and stacks its hints (diffusers'
+    ZImageControlTransformerBlock), unlike the (hidden states, ...) blocks of the transformer."""
+    return hasattr(block, "after_proj")
+
+
+def fuse_projections(transformer: torch.nn.Module | None, blocks: Iterable[torch.nn.Module] | None = None) -> None:
+    """Concatenate q/k/v and the SwiGLU's w1/w3 weights per block, so each pair/triple is one GEMM:
+    in all the transformer's blocks, or in `blocks` (a ControlNet's)."""
+    for block in transformer_blocks(transformer) if blocks is None else blocks:
         attn, ffn = block.attention, block.feed_forward
         if getattr(attn, FUSED_QKV, None) is not None:
             continue
@@ -32,7 +49,7 @@ def fuse_projections(transformer: torch.nn.Module) -> None:
         ffn.forward = _fused_swiglu(ffn, w13)
 
 
-def unfuse_projections(transformer: torch.nn.Module, blocks: Iterable[torch.nn.Module] | None = None) -> None:
+def unfuse_projections(transformer: torch.nn.Module | None, blocks: Iterable[torch.nn.Module] | None = None) -> None:
     """Back to one product per projection, in all blocks or in `blocks` (before quantizing the
     separate linears, or before a block's weights move into streaming memory: the fused tensor is
     a copy the streamed views would not reach)."""

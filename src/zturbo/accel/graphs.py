@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from ..pipeline import Step, StepControl, transformer_step
+
 log = logging.getLogger("zturbo")
 
 BUCKET = 64  # prompts are padded to a multiple of this many tokens: 8 lengths up to 512
@@ -206,44 +208,71 @@ class StepCaptured:
     x: list[torch.Tensor]
     t: torch.Tensor
     embeds: list[torch.Tensor]
+    control: StepControl | None  # the control context per row and the scale, or None
     out: list[torch.Tensor]
     pool: Any = None
 
+    def inputs(self) -> list[torch.Tensor]:
+        """Every static input, in the order `step_inputs` lists a call's."""
+        return step_inputs(self.x, self.t, self.embeds, self.control)
 
-def step_key(x: Sequence[torch.Tensor], t: torch.Tensor, embeds: Sequence[torch.Tensor]) -> StepKey:
+
+def step_inputs(
+    x: Sequence[torch.Tensor], t: torch.Tensor, embeds: Sequence[torch.Tensor], control: StepControl | None
+) -> list[torch.Tensor]:
+    context, scale = control if control is not None else ([], None)
+    return [*x, t, *embeds, *context, *([scale] if scale is not None else [])]
+
+
+def step_key(
+    x: Sequence[torch.Tensor], t: torch.Tensor, embeds: Sequence[torch.Tensor], control: StepControl | None = None
+) -> StepKey:
+    """What a step graph is captured for: the shapes (a control input's context shapes, or None);
+    never a value, so a new scale or control image replays the same graph."""
     return (
         tuple((tuple(i.shape), i.dtype, i.device) for i in x),
         tuple(t.shape),
         tuple((tuple(e.shape), e.dtype) for e in embeds),
+        None if control is None else tuple((tuple(c.shape), c.dtype) for c in control[0]),
     )
 
 
-def transformer_step(
-    transformer: torch.nn.Module, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """What a step graph captures: the transformer's prediction for one step (diffusers' call)."""
-    return transformer(x, t, embeds, return_dict=False)[0]
-
-
 def capture_step(
-    transformer: torch.nn.Module, x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], pool: Any
+    transformer: torch.nn.Module,
+    controlnet: torch.nn.Module | None,
+    x: list[torch.Tensor],
+    t: torch.Tensor,
+    embeds: list[torch.Tensor],
+    control: StepControl | None,
+    pool: Any,
 ) -> StepCaptured:
-    """The step captured into a graph sharing `pool`, checked as the encoder's are (`capture_checked`)."""
+    """`pipeline.transformer_step` captured into a graph sharing `pool`, checked as the encoder's
+    are (`capture_checked`)."""
     device = x[0].device
     sx, st, se = [i.clone() for i in x], t.clone(), [e.clone() for e in embeds]
-    graph, out = capture_checked(device, lambda: transformer_step(transformer, sx, st, se), pool, "the transformer")
-    return StepCaptured(replayer(graph, device), sx, st, se, out, graph.pool())
+    sc = None if control is None else ([c.clone() for c in control[0]], control[1].clone())
+
+    def run() -> list[torch.Tensor]:
+        return transformer_step(transformer, controlnet, sx, st, se, sc)
+
+    graph, out = capture_checked(device, run, pool, "the transformer")
+    return StepCaptured(replayer(graph, device), sx, st, se, sc, out, graph.pool())
+
+
+def _weights(module: torch.nn.Module | None) -> tuple[tuple[int, torch.dtype], ...] | None:
+    return None if module is None else tuple((p.data_ptr(), p.dtype) for p in module.parameters())
 
 
 class StepGraphs:
-    """The transformer's step graphs. Per request, `bind` gives the call `denoise` makes each step."""
+    """The transformer's step graphs (a ControlNet's too, where a step runs one). Per request,
+    `bind` gives the `pipeline.Step` that `denoise` calls each step."""
 
     def __init__(self, capture: Callable[..., StepCaptured] = capture_step) -> None:
         self._capture = capture
         self._graphs: OrderedDict[StepKey, StepCaptured] = OrderedDict()
         self._sightings: Counter[StepKey] = Counter()
         self._pool: Any = None
-        self._weights: tuple[tuple[int, torch.dtype], ...] | None = None
+        self._weights: dict[str, tuple[tuple[int, torch.dtype], ...] | None] = {}
         self.failed: str | None = None  # why capturing failed or graphs were switched off
         self.captures = 0  # graphs captured so far (the LoRA bench checks a set change adds none)
 
@@ -260,51 +289,54 @@ class StepGraphs:
         self._pool = None
 
     def bind(
-        self, transformer: torch.nn.Module, room: Callable[[int], bool]
-    ) -> Callable[..., tuple[list[torch.Tensor]]]:
+        self, transformer: torch.nn.Module, room: Callable[[int], bool], controlnet: torch.nn.Module | None = None
+    ) -> Step:
         """The step call for one request. `room(caption_tokens)` says whether the device can hold
-        one more pass's activations for a new capture now."""
-        weights = tuple((p.data_ptr(), p.dtype) for p in transformer.parameters())
-        if weights != self._weights:  # moved or cast since the captures: their addresses are stale
-            self.clear()
-            self._weights = weights
+        one more pass's activations for a new capture now; `controlnet` runs on steps given a
+        control input. Graphs whose weights moved or were cast since their capture are dropped."""
+        for name, module in (("transformer", transformer), ("controlnet", controlnet)):
+            weights = _weights(module)
+            if weights is not None and weights != self._weights.get(name):
+                self.clear()  # their addresses are stale
+                self._weights[name] = weights
         seen: set[StepKey] = set()
 
-        def step(x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], return_dict: bool = False):
-            key = step_key(x, t, embeds)
+        def step(
+            x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], control: StepControl | None
+        ) -> list[torch.Tensor]:
+            key = step_key(x, t, embeds, control)
             if key not in seen:
                 seen.add(key)
                 self._sightings[key] += 1
-            return (self._run(transformer, key, x, t, embeds, room),)
+            return self._run((transformer, controlnet), key, (x, t, embeds, control), room)
 
         return step
 
     def _run(
         self,
-        transformer: torch.nn.Module,
+        models: tuple[torch.nn.Module, torch.nn.Module | None],
         key: StepKey,
-        x: list[torch.Tensor],
-        t: torch.Tensor,
-        embeds: list[torch.Tensor],
+        inputs: tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], StepControl | None],
         room: Callable[[int], bool],
     ) -> list[torch.Tensor]:
         graph = self._graphs.get(key)
         if graph is None:
+            embeds = inputs[2]
             if self.failed or self._sightings[key] < STEP_SIGHTINGS or not room(max(e.shape[0] for e in embeds)):
-                return transformer_step(transformer, x, t, embeds)
+                return transformer_step(*models, *inputs)
             try:
-                graph = self._capture(transformer, x, t, embeds, self._pool)
+                graph = self._capture(*models, *inputs, self._pool)
             except Exception as e:  # a capture this stack cannot make: steps run as before
                 self.disable(f"{type(e).__name__}: {e}"[:300])
                 log.warning("transformer: CUDA graph capture failed (%s); running steps without graphs", self.failed)
-                return transformer_step(transformer, x, t, embeds)
+                return transformer_step(*models, *inputs)
             self._graphs[key], self._pool = graph, graph.pool
             self.captures += 1
             while len(self._graphs) > MAX_STEP_GRAPHS:
                 self._graphs.popitem(last=False)
             return graph.out  # the capture's checked replay ran on exactly these inputs
         self._graphs.move_to_end(key)
-        for static, value in zip((*graph.x, graph.t, *graph.embeds), (*x, t, *embeds), strict=True):
+        for static, value in zip(graph.inputs(), step_inputs(*inputs), strict=True):
             static.copy_(value)
         graph.replay()
         return graph.out

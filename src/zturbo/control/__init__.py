@@ -12,7 +12,7 @@ input's width without loading anything.
 from __future__ import annotations
 
 from .files import ControlNetFiles, resolve_controlnet
-from .model import ControlNet, control_blocks, own_modules, own_parameters
+from .model import ControlNet, own_modules, own_parameters
 from .structure import in_dim, require_config
 
 
@@ -30,7 +30,6 @@ def controlnet_in_dim(spec: str) -> int:
 __all__ = [
     "ControlNet",
     "ControlNetFiles",
-    "control_blocks",
     "controlnet_in_dim",
     "own_modules",
     "own_parameters",

@@ -64,14 +64,6 @@ def own_parameters(model: torch.nn.Module) -> Iterator[torch.Tensor]:
         yield from module.parameters()
 
 
-def control_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The ControlNet's transformer blocks in the order a step runs them: the control refiner
-    blocks (not under 2.0's arrangement, which runs the control layers in their place), then the
-    control layers."""
-    refiner = getattr(model, "control_noise_refiner", None)
-    return [*(refiner or ()), *model.control_layers]
-
-
 def weights_sha256(files: Sequence[Path]) -> str:
     """The weights' sha256: one file's own, or for shards the sha256 of their names and hashes."""
     digests = [(path.name, file_sha256(path)) for path in files]
