@@ -268,6 +268,11 @@ def test_combinations_that_make_no_sense_are_refused(fields, field, message):
         (CONTROLNET, {"control_type": "depthmap"}, "control_type", "control_type 'depthmap' is not one of canny"),
         (CONTROLNET, {"image": png(), "mask": png(), "strength": 0.5}, "strength",
          "ControlNet inpaint starts from noise"),
+        (CONTROLNET, {"steps": 2, "control_start": 0.5, "control_end": 0.6}, "control_start",
+         "covers none of the 2 steps that run"),
+        # img2img at 0.25 runs 2 of 8 steps: 0.6..1 of those two is none of them
+        (CONTROLNET, {"image": png(), "strength": 0.25, "control_start": 0.6}, "control_start",
+         "covers none of the 2 steps that run"),
     ],
 )  # fmt: skip
 def test_controlnet_combinations_that_make_no_sense_are_refused(limits, fields, field, message):

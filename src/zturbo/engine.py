@@ -44,7 +44,7 @@ from .errors import FieldError, GPUMemoryError, PrecisionError
 from .guard import Fp16Guard, install_fp16_guard
 from .inputs.images import read_image
 from .inputs.prepare import Prepared, paste_back, prepare
-from .inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM, ImageInputs, img2img_first_step
+from .inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM, ImageInputs, control_steps, img2img_first_step
 from .loader import (
     WEIGHT_STEMS,
     Components,
@@ -80,7 +80,6 @@ from .pipeline import (
     StepControl,
     caption_limit,
     control_context,
-    control_steps,
     decode,
     denoise,
     draw_noise,

@@ -327,12 +327,6 @@ def control_context(
     return context.unsqueeze(2)[0]
 
 
-def control_steps(steps: int, start: float, end: float) -> list[bool]:
-    """Which of `steps` steps run the ControlNet: step i unless i/steps < start or
-    (i+1)/steps > end (the `controlnet_keep` of diffusers' Stable Diffusion ControlNet pipelines)."""
-    return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-
-
 @dataclass(frozen=True)
 class Schedule:
     """Everything the step loop needs, computed before it starts (no per-step host work)."""

@@ -191,6 +191,8 @@ def check_inputs(
     if image is not None:
         masked = mask is not None or outpaint is not None
         strength = _check_strength(strength, steps, "outpaint" if outpaint else "inpaint" if masked else "img2img")
+    if control_image is not None:
+        _check_control_steps(steps, strength, control_start, control_end)
     width, height = _check_sizes(width, height, unit, image, mask_image, control_image, outpaint, resize)
     inputs = ImageInputs(
         image=image,
@@ -272,6 +274,24 @@ def _check_control(
     start, end = control_start or 0.0, 1.0 if control_end is None else control_end
     if start >= end:
         raise FieldError("control_end", f"control_end {end} must be above control_start {start}")
+
+
+def control_steps(steps: int, start: float, end: float) -> list[bool]:
+    """Which of `steps` steps run the ControlNet: step i unless i/steps < start or
+    (i+1)/steps > end (the `controlnet_keep` of diffusers' Stable Diffusion ControlNet pipelines)."""
+    return [not (i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+
+
+def _check_control_steps(steps: int, strength: float | None, start: float | None, end: float | None) -> None:
+    """Refuse a control range that picks none of the steps that run (the control image would do nothing).
+    `strength` is None where every step runs (text-to-image, ControlNet inpaint)."""
+    runs = steps if strength is None else steps - img2img_first_step(steps, strength)
+    lo, hi = start or 0.0, 1.0 if end is None else end
+    if not any(control_steps(runs, lo, hi)):
+        raise FieldError(
+            "control_start",
+            f"control_start {lo} to control_end {hi} covers none of the {runs} steps that run; widen the range",
+        )
 
 
 def _check_strength(strength: float | None, steps: int, mode: str) -> float:
