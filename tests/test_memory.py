@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from zturbo.accel import compile as accel
 from zturbo.accel import fuse
@@ -450,3 +451,150 @@ def test_shared_memory_survives_guidance_and_a_pause(tiny_dir, engine):
     assert after is not before and planned.placement.shared_layers == 2
     planned.prompt_cache.clear()
     assert np.array_equal(pixels(planned.generate("a red fox", **kwargs)), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# With a ControlNet
+
+
+@pytest.fixture(scope="module")
+def control_shape() -> memory.ModelShape:
+    """The real architecture with a Union 2.1 ControlNet (hlky/...-2.1's config), on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageControlNetModel, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zturbo.bench.common import QWEN3_4B_CONFIG
+    from zturbo.tiny import FLUX_VAE_CONFIG
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel()
+        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+        controlnet = ZImageControlNetModel(
+            control_layers_places=list(range(0, 30, 2)),
+            control_refiner_layers_places=[0, 1],
+            control_in_dim=33,
+            add_control_noise_refiner="control_noise_refiner",
+        )
+    return memory.model_shape(transformer, text_encoder, vae, controlnet=controlnet)
+
+
+def test_a_controlnet_counts_its_own_weights_where_the_transformers_go(shape, control_shape):
+    cn = control_shape.controlnet_params * 2
+    assert 6.5e9 < cn < 6.9e9  # Union 2.1's bf16 file: 6.7 GB (its own blocks; embedders and refiners are shared)
+    assert control_shape.controlnet_layers == 15 and control_shape.transformer_params == shape.transformer_params
+    request = {"width": 1024, "height": 1024}
+    for plan in memory.PLANS:
+        plain = memory.estimate(shape, BF16, plan=plan, **request).stages
+        controlled = memory.estimate(control_shape, BF16, plan=plan, **request).stages
+        weights = {
+            "resident": (cn, cn, cn),
+            "te-offload": (cn, cn, cn),
+            "model-offload": (0, cn, 0),  # it takes its turn with the transformer
+            "block-offload": ((control_shape.controlnet_params - control_shape.controlnet_blocks_params
+                               + 2 * control_shape.controlnet_block_params) * 2,) * 3,  # two slots of its own
+            "sequential": (0, 0, 0),
+        }[plan]  # fmt: skip
+        activation = memory.controlnet_activation(control_shape, 2, 1024, 1024, 1, False, 128)
+        assert controlled["encode"] - plain["encode"] == weights[0]
+        assert controlled["denoise"] - plain["denoise"] == weights[1] + activation
+        assert controlled["decode"] - plain["decode"] == weights[2]
+    # 1024², one image: 15 hints stacked twice over 4,224 tokens of 3,840 channels, and a few copies.
+    assert activation == 4224 * 34 * 3840 * 2
+    assert memory.controlnet_activation(shape, 2, 1024, 1024, 1, False, 128) == 0
+
+
+def test_eight_gib_with_union_2_1_plans_a_layout_that_fits(control_shape):
+    budget = 8 * GIB
+    choice = memory.choose(control_shape, BF16, budget, width=1024, height=1024, compiled_vae=True)
+    assert choice.chosen is not None and choice.chosen.plan == "block-offload"
+    assert choice.chosen.peak <= memory.usable_budget(budget)
+    without = memory.choose(control_shape, BF16, 24 * GIB, width=1024, height=1024, compiled_vae=True).chosen
+    assert without is not None and without.plan == "te-offload"  # 12.3 + 6.7 GB of weights stay resident
+
+
+def test_the_image_stage_leaves_room_for_an_input_images_encode(shape):
+    for tiling in (False, True):
+        est = memory.estimate(shape, BF16, plan="resident", width=2048, height=2048, vae_tiling=tiling)
+        weights = est.stages["decode"] - memory.vae_activation(shape, 2, 2048, 2048, 1, tiling)
+        assert est.stages["image"] == weights + memory.vae_encode_activation(shape, 2, 2048, 2048, tiling)
+    # The encoder holds fewer full-resolution tensors than the eager decoder: the measured plans keep their peaks.
+    assert memory.vae_encode_activation(shape, 2, 1024, 1024, False) < memory.vae_activation(
+        shape, 2, 1024, 1024, 1, False
+    )
+
+
+def test_the_planner_reads_the_controlnet_from_its_file(tiny_dir, tmp_path, engine):
+    from zturbo.loader import load_controlnet, resolve_model
+    from zturbo.tiny import write_tiny_controlnet
+
+    path = write_tiny_controlnet(tmp_path / "cn.safetensors", "2.1")
+    source = resolve_model(str(tiny_dir))
+    planned = memory.shape_from_source(source, str(path))
+    assert memory.shape_from_source(source) == engine.shape  # no ControlNet: nothing counted
+    loaded = load_controlnet(str(path), engine.components.transformer, placing.CPU, torch.float32)
+    assert planned == dataclasses.replace(engine.shape, **memory.controlnet_counts(loaded.model))
+    assert planned.controlnet_layers == 2 and planned.controlnet_params > 0
+
+
+@pytest.fixture(scope="module")
+def control_image():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def test_every_plan_runs_the_controlnet_as_resident_and_moves_only_its_own_modules(tiny_dir, tmp_path, control_image):
+    # One engine through every plan, leaner each time; a control image, and a plain request between
+    # (the ControlNet calls the transformer's refiners: streamed and offloaded ones must serve both).
+    from zturbo.tiny import write_tiny_controlnet
+
+    path = write_tiny_controlnet(tmp_path / "cn.safetensors", "2.1")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", controlnet=str(path))
+    planned = Engine.load(config)
+    params = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    controlled = {**params, "control_image": control_image, "control_type": "depth", "control_scale": 0.8}
+    expected = pixels(planned.generate("a red fox", **controlled))
+    plain = pixels(planned.generate("a red fox", **params))
+    assert not np.array_equal(expected, plain)
+    for plan in ("te-offload", "model-offload", "block-offload", "sequential"):
+        planned.placement.change(Layout(plan))
+        assert np.array_equal(pixels(planned.generate("a red fox", **controlled)), expected), plan
+        assert np.array_equal(pixels(planned.generate("a red fox", **params)), plain), plan
+        if plan == "block-offload":
+            streamed = planned.placement.streamers["controlnet"]
+            blocks = list(fuse.controlnet_blocks(planned.components.controlnet.model))
+            assert [b.module for b in streamed.blocks] == blocks and len(blocks) == 3  # 1 refiner, 2 layers
+
+
+def test_moving_the_controlnet_leaves_the_transformers_shared_modules_where_they_are(fresh, tmp_path):
+    from zturbo.loader import load_controlnet
+    from zturbo.tiny import write_tiny_controlnet
+
+    path = write_tiny_controlnet(tmp_path / "cn.safetensors", "1.0")
+    transformer = fresh.components.transformer
+    fresh.components.controlnet = load_controlnet(str(path), transformer, placing.CPU, torch.float32)
+    fresh.placement._move_controlnet(torch.device("meta"))  # a device a shared tensor cannot hide on
+    model = fresh.components.controlnet.model
+    assert {p.device.type for _, m in placing.own_modules(model) for p in m.parameters()} == {"meta"}
+    assert {p.device.type for p in transformer.parameters()} == {"cpu"}
+    assert model.noise_refiner is transformer.noise_refiner
+
+
+def test_a_lora_merges_into_the_refiners_the_controlnet_shares_under_block_offload(tiny_dir, tmp_path, control_image):
+    from loras import write_lora
+    from zturbo.tiny import write_tiny_controlnet
+
+    cn = write_tiny_controlnet(tmp_path / "cn.safetensors", "2.1")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", controlnet=str(cn))
+    resident = Engine.load(config)
+    write_lora(tmp_path / "lora.safetensors", "peft", resident.components.transformer, seed=3)
+    params = {"seed": 1, "steps": 2, "width": 64, "height": 64, "control_image": control_image, "control_type": "depth"}
+    lora = [{"name": str(tmp_path / "lora.safetensors"), "weight": 0.8}]
+    expected = pixels(resident.generate("a red fox", loras=lora, **params))
+    base = pixels(resident.generate("a red fox", **params))
+    streamed = Engine.load(dataclasses.replace(config, memory="block-offload"))
+    assert np.array_equal(pixels(streamed.generate("a red fox", loras=lora, **params)), expected)
+    assert np.array_equal(pixels(streamed.generate("a red fox", **params)), base)  # the base weights back

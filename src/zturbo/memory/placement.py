@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..accel.fuse import BLOCK_LISTS, transformer_blocks, unfuse_projections
+from ..accel.fuse import BLOCK_LISTS, CONTROL_BLOCK_LISTS, controlnet_blocks, transformer_blocks, unfuse_projections
+from ..control.model import own_modules
 from .plan import STREAMED_TE, UNUSED_TEXT_LAYERS, VAE_TILE, Layout
 
 CPU = torch.device("cpu")
@@ -32,8 +33,9 @@ SHARED_BLOCKS = 8
 
 
 def homes(plan: str, device: torch.device) -> dict[str, torch.device]:
-    """Where the loader puts each component's weights for `plan`."""
-    return {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
+    """Where the loader puts each component's weights for `plan` (a ControlNet's: the transformer's)."""
+    where = {c: CPU if c in OFFLOADED[plan] else device for c in ("transformer", "text_encoder", "vae")}
+    return where | {"controlnet": where["transformer"]}
 
 
 def set_vae_tiling(vae: torch.nn.Module, on: bool, tile: int = VAE_TILE) -> None:
@@ -56,7 +58,9 @@ class Placement:
     encoder and transformer take turns on the device (`stage()` moves them). block-offload: as
     te-offload, and the transformer's first blocks stream too, the last `resident_blocks` stay.
     sequential: diffusers' leaf-level group offloading with a prefetching CUDA stream. The VAE
-    (0.2 GB) always stays on the device.
+    (0.2 GB) always stays on the device. A ControlNet goes where the transformer goes (its blocks
+    stream through slots of their own under block-offload); only its own modules are ever moved,
+    never the transformer's embedders and refiners it shares.
     """
 
     def __init__(self, components: Any, device: torch.device, layout: Layout | None = None) -> None:
@@ -105,6 +109,8 @@ class Placement:
         self._stop_streaming()
         if "transformer" in OFFLOADED[plan]:
             unfuse_projections(c.transformer)  # fused tensors would stay behind on the device
+            unfuse_projections(None, self._control_blocks())
+            self._move_controlnet(CPU)
         for name in OFFLOADED[plan]:
             torch.nn.Module.to(getattr(c, name), CPU)
         layout = replace(
@@ -116,15 +122,44 @@ class Placement:
             self._stream_text_encoder(layout.resident_layers, share=plan == "te-offload")
         if plan == "block-offload":
             self._stream_transformer(layout.resident_blocks)
+            self._stream_controlnet()
         if plan == "sequential":
             self._offload_leaves()
         self.layout = layout
+
+    @property
+    def controlnet(self) -> torch.nn.Module | None:
+        """The ControlNet's model (diffusers' ZImageControlNetModel), if the engine has one."""
+        loaded = getattr(self.components, "controlnet", None)
+        return None if loaded is None else loaded.model
+
+    def _control_blocks(self) -> list[torch.nn.Module]:
+        return [] if self.controlnet is None else list(controlnet_blocks(self.controlnet))
+
+    def _move_controlnet(self, device: torch.device) -> None:
+        if self.controlnet is not None:
+            for _, module in own_modules(self.controlnet):
+                torch.nn.Module.to(module, device)
+
+    def _stream_controlnet(self) -> None:
+        """block-offload: the ControlNet's blocks stream through two slots of their own; the rest
+        of what it owns (its patch embedder) stays on the device."""
+        from .stream import BlockStreamer
+
+        if self.controlnet is None:
+            return
+        for name, module in own_modules(self.controlnet):
+            torch.nn.Module.to(module, CPU if name in CONTROL_BLOCK_LISTS else self.device)
+        self.streamers["controlnet"] = BlockStreamer(self._control_blocks(), self.device)
 
     def _offload_leaves(self) -> None:
         from diffusers.hooks import apply_group_offloading
 
         c = self.components
-        for module in (c.transformer, c.text_encoder):
+        # The ControlNet's own blocks and patch embedder each as a group root: offloading the model
+        # whole would hook the transformer's modules it shares a second time.
+        embedders = [] if self.controlnet is None else list(self.controlnet.control_all_x_embedder.values())
+        for module in (c.transformer, c.text_encoder, *self._control_blocks(), *embedders):
             apply_group_offloading(
                 module,
                 onload_device=self.device,
@@ -178,8 +213,12 @@ class Placement:
         for module in (c.text_encoder, c.transformer):
             if module is not wanted:
                 torch.nn.Module.to(module, CPU)
+        if wanted is not c.transformer:
+            self._move_controlnet(CPU)
         if wanted is not None:
             torch.nn.Module.to(wanted, self.device)
+        if wanted is c.transformer:
+            self._move_controlnet(self.device)
 
     def _stream_text_encoder(self, resident_layers: int, share: bool = False) -> None:
         from .stream import BlockStreamer

@@ -4,13 +4,17 @@ fits, and the one `Layout` an engine loads with (`plan_layout`).
 Pure functions of the model's configs, the request and the budget; nothing here moves a tensor
 (`memory.placement` does).
 
-The peak is the largest of three stages, each its resident weights plus its activations:
+The peak is the largest of four stages, each its resident weights plus its activations:
   encode  (text encoder)   weights per plan + hidden states of the prompt tokens
-  denoise (transformer)    weights per plan + one block's intermediates for every token
+  denoise (transformer)    weights per plan + one block's intermediates for every token, and with
+                           a ControlNet its stacked hints and the block samples it hands over
   decode  (VAE)            weights + the full-resolution decoder tensors (or one tile's)
-Weights are exact (parameter counts from the configs, built on the meta device). Activations are
-counted from the shapes; the VAE's constant comes from H100 measurements (docs/performance.md)
-and is checked against them in tests/test_memory.py.
+  image   (VAE encoder)    weights + the full-resolution encoder tensors: only requests with an
+                           input image run it, but a loaded engine must have room for one
+Weights are exact (parameter counts from the configs, built on the meta device); a ControlNet's
+are its own (it shares the transformer's embedders and refiners). Activations are counted from
+the shapes; the VAE decoder's constant comes from H100 measurements (docs/performance.md) and is
+checked against them in tests/test_memory.py.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import torch
 
 from ..accel import compile as accel_compile
-from ..accel.fuse import transformer_blocks
+from ..accel.fuse import controlnet_blocks, transformer_blocks
 from ..accel.quantize import is_block_linear, quantizes, usable_quantizations
 from ..config import MEMORY_CHOICES
 from ..device import GIB
@@ -58,6 +62,16 @@ VAE_TILE = 512  # pixels per side of a decoder tile when tiling
 # Per token in a transformer block: FFN phase (w1, w3 outputs and their product) and attention
 # phase (q, k, v, float32 RoPE copies of q and k); plus about four residual-width tensors.
 RESIDUAL_COPIES = 4
+# The VAE encoder's full-resolution tensors of `block_out_channels[0]` channels at its peak: a
+# ResNet block's input and three temporaries (conv_in and two ResNet blocks run at full resolution;
+# the decoder also holds twice-as-wide tensors there, hence its 10), one more for the norms.
+VAE_ENCODE_LIVE_TENSORS = 5
+# A ControlNet's residual-width tensors per control layer it holds at its peak: its last control
+# block holds the stack of every hint so far and the one-longer stack it returns (2 per layer), and
+# the transformer then runs with the scaled block samples (1 per layer) beside its own activations;
+# plus the ControlNet's own copies of the unified sequence and its control context.
+CONTROL_COPIES_PER_LAYER = 2
+CONTROL_EXTRA_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,12 @@ class ModelShape:
     text_dim: int
     vae_channels: int  # decoder width at full resolution
     spatial_unit: int  # pixels per token side
+    # A ControlNet's own weights (0 without one): all, its blocks' (streamed like the transformer's
+    # in block-offload), its largest block, and its control layers (each leaves a hint per step).
+    controlnet_params: int = 0
+    controlnet_blocks_params: int = 0
+    controlnet_block_params: int = 0
+    controlnet_layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,8 +138,11 @@ class Choice:
 UNUSED_TEXT_LAYERS = 1
 
 
-def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> ModelShape:
-    """Counts from modules (real or on the meta device)."""
+def model_shape(
+    transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae: torch.nn.Module, controlnet: Any = None
+) -> ModelShape:
+    """Counts from modules (real or on the meta device); `controlnet` is a ZImageControlNetModel or
+    a `control.ControlNet`, counted by its own parameters."""
     blocks = list(transformer_blocks(transformer))
     linears = [m for n, m in transformer.named_modules() if is_block_linear(m, n)]  # what quantization shrinks
     fp8_plain = [m for n, m in transformer.named_modules() if is_block_linear(m, n) and not quantizes("fp8", m, n)]
@@ -146,21 +169,43 @@ def model_shape(transformer: torch.nn.Module, text_encoder: torch.nn.Module, vae
         text_dim=text_encoder.config.hidden_size,
         vae_channels=vae.config.block_out_channels[0],
         spatial_unit=(2 ** (len(vae.config.block_out_channels) - 1)) * tc.all_patch_size[0],
+        **controlnet_counts(getattr(controlnet, "model", controlnet)),
     )
 
 
-def shape_from_source(source: Any) -> ModelShape:
-    """The shape of a resolved checkpoint, from its configs alone (no weights are read)."""
+def controlnet_counts(controlnet: torch.nn.Module | None) -> dict[str, int]:
+    """ModelShape's ControlNet fields: its own parameters only (control.own_parameters)."""
+    from ..control import own_parameters
+
+    if controlnet is None:
+        return {}
+    blocks = list(controlnet_blocks(controlnet))
+    return {
+        "controlnet_params": sum(p.numel() for p in own_parameters(controlnet)),
+        "controlnet_blocks_params": sum(_count(b) for b in blocks),
+        "controlnet_block_params": max((_count(b) for b in blocks), default=0),
+        "controlnet_layers": len(controlnet.control_layers),
+    }
+
+
+def shape_from_source(source: Any, controlnet: str | None = None) -> ModelShape:
+    """The shape of a resolved checkpoint and the ControlNet `controlnet` names, from their configs
+    and headers alone (no weights are read, but one tensor that tells a 2.0 file from a 2.1)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig
 
+    from ..control import resolve_controlnet
+    from ..control.structure import build_meta, resolve_config
     from ..loader import _empty, _text_encoder_class
 
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
     te_config = AutoConfig.from_pretrained(source.path / "text_encoder")
     text_encoder = _empty(lambda: _text_encoder_class(source.path)._from_config(te_config))
-    return model_shape(transformer, text_encoder, vae)
+    control = None
+    if controlnet is not None:
+        control = build_meta(resolve_config(resolve_controlnet(controlnet), source.config("transformer"))[0])
+    return model_shape(transformer, text_encoder, vae, control)
 
 
 def estimate(
@@ -189,6 +234,25 @@ def estimate(
     if quantize != "none" and plan in UNQUANTIZED_PLANS:
         raise ValueError(f"plan {plan} streams plain weights and cannot run a {quantize}-quantized transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
+    held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
+    vae_compiled = compiled_vae and compilable(plan)
+    denoise = transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens)
+    denoise += controlnet_activation(shape, t_e, width, height, batch, cfg, prompt_tokens)
+    stages = {
+        "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
+        "denoise": held[1] + denoise,
+        "decode": held[2] + vae_activation(shape, v_e, width, height, batch, vae_tiling, vae_compiled),
+        "image": held[2] + vae_encode_activation(shape, v_e, width, height, vae_tiling),
+    }
+    blocks = resident_blocks if plan == "block-offload" else 0
+    return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
+
+
+def _held(
+    shape: ModelShape, dtype_bytes: dict[str, int], plan: str, quantize: str, resident_blocks: int, resident_layers: int
+) -> tuple[int, int, int]:
+    """The weights on the device while encoding, denoising and decoding under `plan`."""
+    t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     transformer = _transformer_bytes(shape, t_e, quantize)
     text_encoder = shape.text_encoder_params * te_e
     vae = shape.vae_params * v_e
@@ -201,24 +265,21 @@ def estimate(
     te_stream = (te_outside - shape.text_encoder_embed_params + te_kept * shape.text_encoder_layer_params) * te_e
     streamed = shape.transformer_block_count - resident_blocks
     t_blocks = (t_outside + (resident_blocks + min(2, streamed)) * shape.transformer_block_params) * t_e
+    # A ControlNet (its own weights, unquantized) goes where the transformer goes; under
+    # block-offload all its blocks stream through two slots of their own.
+    control = shape.controlnet_params * t_e
+    control_slots = 2 * shape.controlnet_block_params if shape.controlnet_blocks_params else 0
+    control_stream = (shape.controlnet_params - shape.controlnet_blocks_params + control_slots) * t_e
     # diffusers leaf-level group offloading: everything outside the layers, plus two layers' worth.
     leaf_te = (te_outside + 2 * shape.text_encoder_layer_params) * te_e
     leaf_t = (t_outside + 2 * shape.transformer_largest_linear) * t_e
-    held = {
-        "resident": (transformer + text_encoder + vae,) * 3,
-        "te-offload": (transformer + te_stream + vae,) * 3,
-        "model-offload": (text_encoder, transformer, vae),
-        "block-offload": (t_blocks + te_stream + vae,) * 3,
+    return {
+        "resident": (transformer + text_encoder + vae + control,) * 3,
+        "te-offload": (transformer + te_stream + vae + control,) * 3,
+        "model-offload": (text_encoder, transformer + control, vae),
+        "block-offload": (t_blocks + te_stream + vae + control_stream,) * 3,
         "sequential": (leaf_te, leaf_t, vae),
     }[plan]
-    stages = {
-        "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
-        "denoise": held[1] + transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens),
-        "decode": held[2]
-        + vae_activation(shape, v_e, width, height, batch, vae_tiling, compiled_vae and compilable(plan)),
-    }
-    blocks = resident_blocks if plan == "block-offload" else 0
-    return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
 
 
 def choose(
@@ -315,6 +376,26 @@ def transformer_activation(
     ffn = 3 * shape.ffn_dim * elem
     attention = 3 * shape.dim * elem + 2 * shape.dim * 4
     return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
+
+
+def controlnet_activation(
+    shape: ModelShape, elem: int, width: int, height: int, batch: int, cfg: bool, prompt_tokens: int
+) -> int:
+    """Bytes a ControlNet adds to a transformer pass's activations (0 without one): its hint
+    stacks and block samples, all residual-width tensors over the unified sequence."""
+    if not shape.controlnet_layers:
+        return 0
+    tokens = (width // shape.spatial_unit) * (height // shape.spatial_unit) + -(-prompt_tokens // 32) * 32
+    rows = batch * (2 if cfg else 1) * tokens
+    copies = CONTROL_COPIES_PER_LAYER * shape.controlnet_layers + CONTROL_EXTRA_COPIES
+    return rows * copies * shape.dim * elem
+
+
+def vae_encode_activation(shape: ModelShape, elem: int, width: int, height: int, tiling: bool) -> int:
+    """Bytes encoding one input image needs above the VAE's weights (the pipeline encodes one image
+    at a time): the float32 pixels and the encoder's full-resolution tensors (or one tile's)."""
+    pixels = min(width * height, VAE_TILE * VAE_TILE) if tiling else width * height
+    return 3 * width * height * 4 + VAE_ENCODE_LIVE_TENSORS * pixels * shape.vae_channels * elem
 
 
 def vae_activation(
@@ -422,7 +503,7 @@ def plan_layout(
     tunable = config.memory in TUNABLE_PLANS
     if budget is None or (config.memory != "auto" and not tunable):
         return Layout(config.memory if config.memory != "auto" else "resident", quantize=config.quantize)
-    shape = shape_from_source(source)
+    shape = shape_from_source(source, getattr(config, "controlnet", None))
     sizes = dtype_bytes(dtypes)
     request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "compiled_vae": compiled_vae}
     if tunable:
