@@ -215,13 +215,14 @@ def cpu_step_capture(transformer, controlnet, x, t, embeds, control, pool) -> gr
 
 
 class CountingStepCapture:
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, fail_control: bool = False) -> None:
         self.keys: list[tuple] = []
         self.fail = fail
+        self.fail_control = fail_control
 
     def __call__(self, transformer, controlnet, x, t, embeds, control, pool) -> graphs.StepCaptured:
         self.keys.append(graphs.step_key(x, t, embeds, control))
-        if self.fail:
+        if self.fail or (self.fail_control and control is not None):
             raise RuntimeError("operation not permitted when stream is capturing")
         return cpu_step_capture(transformer, controlnet, x, t, embeds, control, pool)
 
@@ -416,6 +417,22 @@ def test_step_graphs_are_recaptured_when_the_controlnets_weights_move(engine, co
         weight.data = saved
 
 
+def test_a_failed_control_capture_leaves_the_plain_steps_their_graphs(engine, controlnet, caplog):
+    cn = controlnet.model
+    counting = CountingStepCapture(fail_control=True)
+    g = graphs.StepGraphs(counting)
+    control = control_input(torch.device("cpu"))
+    want = controlled_latents(engine, cn, [control] * 3)
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        got = [controlled_latents(engine, cn, [control] * 3, g) for _ in range(3)]
+    assert g.control_failed and g.failed is None and "with the ControlNet failed" in caplog.text
+    for latents in got:
+        torch.testing.assert_close(latents, want, rtol=0, atol=0)
+    for _ in range(2):
+        latents_after(engine, "a red fox", g)
+    assert len(counting.keys) == 2 and len(g) == 1  # one failed control capture, then the plain one
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tmp_path):
@@ -434,7 +451,10 @@ def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tm
         want = controlled_latents(engine, cn, controls).cpu()
         got = controlled_latents(engine, cn, controls, g).cpu()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert len(g) == 1 and g.failed is None and g.captures == 1
+    # Captured once and replayed for the other scale; or, where the ControlNet's forward cannot be
+    # captured (diffusers sets its pad tokens by boolean indexing, a host sync), its steps run plain
+    # and graphs stay on for steps without it.
+    assert g.failed is None and (g.captures, len(g)) == ((0, 0) if g.control_failed else (1, 1))
 
 
 @pytest.mark.gpu

@@ -274,6 +274,9 @@ class StepGraphs:
         self._pool: Any = None
         self._weights: dict[str, tuple[tuple[int, torch.dtype], ...] | None] = {}
         self.failed: str | None = None  # why capturing failed or graphs were switched off
+        # Why capturing a step with a control input failed: those steps run plain from then on,
+        # the others keep their graphs (the ControlNet's forward is diffusers', not ours to change).
+        self.control_failed: str | None = None
         self.captures = 0  # graphs captured so far (the LoRA bench checks a set change adds none)
 
     def __len__(self) -> int:
@@ -321,14 +324,14 @@ class StepGraphs:
     ) -> list[torch.Tensor]:
         graph = self._graphs.get(key)
         if graph is None:
-            embeds = inputs[2]
-            if self.failed or self._sightings[key] < STEP_SIGHTINGS or not room(max(e.shape[0] for e in embeds)):
+            embeds, controlled = inputs[2], inputs[3] is not None
+            off = self.failed or (controlled and self.control_failed)
+            if off or self._sightings[key] < STEP_SIGHTINGS or not room(max(e.shape[0] for e in embeds)):
                 return transformer_step(*models, *inputs)
             try:
                 graph = self._capture(*models, *inputs, self._pool)
             except Exception as e:  # a capture this stack cannot make: steps run as before
-                self.disable(f"{type(e).__name__}: {e}"[:300])
-                log.warning("transformer: CUDA graph capture failed (%s); running steps without graphs", self.failed)
+                self._capture_failed(f"{type(e).__name__}: {e}"[:300], controlled)
                 return transformer_step(*models, *inputs)
             self._graphs[key], self._pool = graph, graph.pool
             self.captures += 1
@@ -340,3 +343,11 @@ class StepGraphs:
             static.copy_(value)
         graph.replay()
         return graph.out
+
+    def _capture_failed(self, why: str, controlled: bool) -> None:
+        if controlled:
+            self.control_failed = why
+            log.warning("transformer: CUDA graph capture with the ControlNet failed (%s); its steps run without", why)
+            return
+        self.disable(why)
+        log.warning("transformer: CUDA graph capture failed (%s); running steps without graphs", why)
