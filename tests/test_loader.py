@@ -308,3 +308,35 @@ def test_an_extra_prefixed_text_encoder_tensor_is_rejected(tiny_dir, tmp_path):
     dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), torch.float32)
     with pytest.raises(CheckpointError, match=r"unexpected tensor .model\.layers\.9\.mlp\.up_proj\.weight."):
         load_components(resolve_model(str(copy)), torch.device("cpu"), dtypes)
+
+
+def test_tiny_controlnets_are_in_alibaba_pais_and_diffusers_layouts(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from zturbo.tiny import write_tiny_controlnet
+
+    def tensors(path):
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+    prefixes = ("control_layers.", "control_noise_refiner.", "control_all_x_embedder.2-1.")
+    for version, in_dim in (("1.0", 16), ("2.0", 33), ("2.1", 33)):
+        state, meta = tensors(write_tiny_controlnet(tmp_path / f"{version}.safetensors", version))
+        assert meta == {"format": "pt"} and all(k.startswith(prefixes) for k in state)
+        assert {t.dtype for t in state.values()} == {torch.bfloat16}  # as alibaba-pai publishes them
+        assert state["control_all_x_embedder.2-1.weight"].shape == (32, 4 * in_dim)
+        before = state.get("control_noise_refiner.0.before_proj.weight")
+        # 1.0: plain refiner blocks; 2.0: its unused refiner's projections are zero; 2.1: they are not.
+        assert (before is None, before is not None and bool(before.any())) == {
+            "1.0": (True, False), "2.0": (False, False), "2.1": (False, True)
+        }[version]  # fmt: skip
+        assert state["control_layers.0.after_proj.weight"].any()  # control changes the image
+    again, _ = tensors(write_tiny_controlnet(tmp_path / "again.safetensors", "2.1"))
+    first, _ = tensors(tmp_path / "2.1.safetensors")
+    assert all(torch.equal(again[k], first[k]) for k in first)  # seeded: the same file each time
+    directory = write_tiny_controlnet(tmp_path / "diffusers", "2.1", single_file=False)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["_class_name"] == "ZImageControlNetModel" and config["control_in_dim"] == 33
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
