@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -189,6 +188,8 @@ def _fit(image: Image.Image, target: tuple[int, int], resize: str | None, resamp
 def _pad(pixels: np.ndarray, pad: Padding, replicate: bool) -> np.ndarray:
     if pad == NO_PADDING:
         return pixels
+    import cv2  # loaded where used: plain images and masks never need OpenCV
+
     border = cv2.BORDER_REPLICATE if replicate else cv2.BORDER_CONSTANT
     return cv2.copyMakeBorder(pixels, *pad, border, value=0)
 
@@ -208,6 +209,8 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     if pixels == 0 or not mask.any():
         return mask
     outside = (~mask).astype(np.uint8)
+    import cv2
+
     distance = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return distance <= pixels
 
@@ -229,5 +232,7 @@ def feather(mask: np.ndarray, blur: int) -> np.ndarray:
 
 def canny(pixels: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> its canny edges (0 or 255) in three equal channels."""
+    import cv2
+
     edges = cv2.Canny(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY), CANNY_LOW, CANNY_HIGH)
     return np.repeat(edges[..., None], 3, axis=2)
