@@ -75,7 +75,7 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert row["estimate_gib"] > 0 and row["memory_plan_after"] == "resident"
     # Each stage's peak is recorded (on CUDA; None here) beside the estimate's stages.
     assert list(row["stage_peaks_gib"]) == ["encode", "prepare", "denoise", "check", "decode", "finish"]
-    assert set(row["estimate_stages_gib"]) == {"encode", "denoise", "decode"}
+    assert set(row["estimate_stages_gib"]) == {"encode", "image", "denoise", "decode"}
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
     assert row["decode_s"] > 0  # the decode alone, as the row runs it
     # Rows are compared by their image: the same weights and seed in every row, so the same picture.
