@@ -155,3 +155,45 @@ def test_the_lora_benchs_files_target_every_attention_and_ffn_linear_and_parse(t
     assert sorted(p.target for p in parsed.patches) == sorted(targets)
     assert {p.rank for p in parsed.patches} == {4}
     assert params == sum(4 * sum(transformer.get_submodule(t).weight.shape) for t in targets)
+
+
+def test_image_inputs_bench_runs_every_row_beside_diffusers_on_the_tiny_model(tmp_path, capsys):
+    """`zturbo bench --images` on the tiny model: each row beside diffusers' pipeline for it, on the
+    same modules, inputs and seed (its GPU run is in docs/performance.md)."""
+    import json
+
+    from zturbo.bench import images as bench_images
+
+    assert main(["bench", "--tiny", "--images", "--lora"]) == 2  # refused before any model is built
+    assert "--images runs on its own" in capsys.readouterr().err
+    argv = ["bench", "--tiny", "--images", "--sizes", "32", "--runs", "1", "--warmup", "0", "--no-compile"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("zturbo bench --images: 32x32, 8 steps")
+    res = json.loads((tmp_path / "bench_images.json").read_text())
+    rows = list(bench_images.ROWS)
+    # The work of each row, counted on both sides: img2img at 0.5 runs 4 of the 8 steps, and the
+    # ControlNet runs on every step of its two rows and on no other.
+    forwards = {row: res["forwards"][row]["zturbo"] for row in rows}
+    assert forwards == {row: res["forwards"][row]["diffusers"] for row in rows}
+    assert forwards == {
+        "txt2img": {"transformer": 8, "controlnet": 0},
+        "img2img": {"transformer": 4, "controlnet": 0},
+        "inpaint": {"transformer": 8, "controlnet": 0},
+        "controlnet": {"transformer": 8, "controlnet": 8},
+        "controlnet_inpaint": {"transformer": 8, "controlnet": 8},
+    }
+    for row in rows:
+        assert res["compiled"][row]["median_s"] > 0 and res["compiled"][row]["fallbacks"] == [], row
+        assert res["reference"][row]["median_s"] > 0, row
+        # float32 on the CPU: the same picture as diffusers' (parity), so the rows time the same work
+        assert res["images"][row]["compiled_vs_diffusers"] < 0.5, (row, res["images"][row])
+    assert res["images"]["control_changes_image"] > 2  # the control image reaches the model
+    overhead = res["compiled"]["controlnet"]["median_s"] / res["compiled"]["txt2img"]["median_s"]
+    assert res["summary"]["controlnet_overhead"] == pytest.approx(overhead)
+    table = (tmp_path / "bench_images.md").read_text()
+    assert "| img2img | 4 (4) | 0 (0) |" in table and "| controlnet | 8 (8) | 8 (8) |" in table
+    # Under a memory cap (a fresh process per cap on the GPU; here in this one): the plan, or why none fits.
+    row = bench_images.capped_row(0.0, 32, runs=1, tiny=True, compile=False)
+    assert row["plan"] == "resident" and row["median_s"] > 0 and row["fallbacks"] == []
+    assert "| uncapped | resident |" in "\n".join(bench_images.capped_markdown([row], res))
+    assert bench_images.capped_row(0.5, 32, runs=1, tiny=True)["error"].startswith("no plan fits: 0 GiB usable")

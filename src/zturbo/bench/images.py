@@ -434,10 +434,11 @@ def summary(res: dict[str, Any]) -> dict[str, Any]:
 # Under a memory cap
 
 
-def capped_row(cap: float, size: int, runs: int, tiny: bool = False) -> dict[str, Any]:
+def capped_row(cap: float, size: int, runs: int, tiny: bool = False, compile: bool = True) -> dict[str, Any]:
     """Runs in its own process: the controlnet row on the engine the planner places for `cap`
-    GiB (0: the whole GPU). `tiny`: the tiny model on the CPU (a smoke test)."""
-    engine, row = capped_engine(cap, size, tiny)
+    GiB (0: the whole GPU), compiled where the plan allows (and `compile`). `tiny`: the tiny model
+    on the CPU (a smoke test)."""
+    engine, row = capped_engine(cap, size, tiny, compile)
     if engine is None:
         return row
     call = zturbo_call(engine, "controlnet", input_pictures(size), size)
@@ -451,7 +452,7 @@ def capped_row(cap: float, size: int, runs: int, tiny: bool = False) -> dict[str
     return row
 
 
-def capped_engine(cap: float, size: int, tiny: bool) -> tuple[Engine | None, dict[str, Any]]:
+def capped_engine(cap: float, size: int, tiny: bool, compile: bool) -> tuple[Engine | None, dict[str, Any]]:
     """The engine the planner places for `cap` GiB with the ControlNet, compiled as Engine.load
     would, the process capped; and the row's plan and estimate. None (and why) when no plan fits."""
     from ..accel import compile as accel
@@ -472,8 +473,8 @@ def capped_engine(cap: float, size: int, tiny: bool) -> tuple[Engine | None, dic
         leanest = min(choice.considered, key=lambda e: e.peak)
         usable = memory.usable_budget(budget) / memory.GIB
         row["error"] = (
-            f"no plan fits: {usable:.2f} GiB usable under the cap, and the leanest plan ({leanest.label()}) "
-            f"needs {leanest.peak / memory.GIB:.2f} GiB"
+            f"no plan fits: {usable:.3g} GiB usable under the cap, and the leanest plan ({leanest.label()}) "
+            f"needs {leanest.peak / memory.GIB:.3g} GiB"
         )
         return None, row
     est = choice.chosen
@@ -481,7 +482,7 @@ def capped_engine(cap: float, size: int, tiny: bool) -> tuple[Engine | None, dic
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
-    compile_ = memory.compilable(est.plan)
+    compile_ = compile and memory.compilable(est.plan)
     options = accel.AccelOptions(
         compile=compile_, backend="eager" if tiny else "inductor", fuse=memory.fusable(est.plan)
     )
@@ -494,15 +495,14 @@ def capped_engine(cap: float, size: int, tiny: bool) -> tuple[Engine | None, dic
     return engine, row
 
 
-def run_caps(
-    caps: list[float], size: int, runs: int, tiny: bool, report: Callable[[list[dict[str, Any]]], None]
-) -> list[Any]:
+def run_caps(caps: list[float], opts: Any, report: Callable[[list[dict[str, Any]]], None]) -> list[Any]:
     """Each cap's row in a fresh `python -m zturbo.cli bench --images --cap-row ...` process:
     placement and the process's memory cap cannot be undone."""
     rows: list[dict[str, Any]] = []
     for cap in caps:
-        cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--tiny" if tiny else "--random-weights", "--images"]
-        cmd += ["--cap-row", f"controlnet:{cap:g}", "--sizes", str(size), "--runs", str(runs)]
+        cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--tiny" if opts.tiny else "--random-weights", "--images"]
+        cmd += ["--cap-row", f"controlnet:{cap:g}", "--sizes", str(opts.main_size), "--runs", str(opts.runs)]
+        cmd += [] if opts.compile else ["--no-compile"]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         rows.append(json.loads(lines[-1]) if lines else {"cap_gib": cap, "error": proc.stderr[-2000:]})

@@ -112,7 +112,8 @@ def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -
         kind, _, cap = args.cap_row.partition(":")
         if kind != "controlnet":
             raise InvalidRequestError(f"--cap-row {args.cap_row!r}: with --images the kind is controlnet")
-        print(json.dumps(images.capped_row(float(cap or 0), opts.main_size, opts.runs, opts.tiny), default=str))
+        row = images.capped_row(float(cap or 0), opts.main_size, opts.runs, opts.tiny, opts.compile)
+        print(json.dumps(row, default=str))
         return 0
     caps = _caps(args.memory_caps)
     print(images.describe(opts, caps), flush=True)
@@ -124,9 +125,7 @@ def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -
 
     res = images.run(opts, write)
     if caps:
-        res["capped"] = images.run_caps(
-            caps, opts.main_size, opts.runs, opts.tiny, lambda rows: write(res | {"capped": rows})
-        )
+        res["capped"] = images.run_caps(caps, opts, lambda rows: write(res | {"capped": rows}))
         write(res)
     print(images.markdown(res))
     print(f"\nfull results: {out_dir / 'bench_images.json'}")
