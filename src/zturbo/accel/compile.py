@@ -248,10 +248,8 @@ def _compile_control_block(accel: Accel, block: torch.nn.Module) -> None:
     """
     from diffusers.models.controlnets.controlnet_z_image import ZImageTransformerBlock
 
-    core = torch.nn.Module()  # a stand-in whose forward is the transformer block's, on this block's modules
-    core.forward = ZImageTransformerBlock.forward.__get__(block)
-    _compile_block(accel, core)
-    accel.compiled.remove(core)  # reverting restores the control block's own forward
+    # The transformer block's forward on this block's modules (every control block shares its graph).
+    core = _token_dynamic(ZImageTransformerBlock.forward.__get__(block), accel.options.backend)
 
     def forward(
         c: torch.Tensor, x: torch.Tensor, attn_mask: Any, freqs_cis: Any, adaln_input: Any = None
@@ -260,7 +258,7 @@ def _compile_control_block(accel: Accel, block: torch.nn.Module) -> None:
             c, hints = block.before_proj(c) + x, []
         else:
             *hints, c = torch.unbind(c)
-        c = core.forward(c, attn_mask, freqs_cis, adaln_input)
+        c = core(c, attn_mask, freqs_cis, adaln_input)
         return torch.stack([*hints, block.after_proj(c), c])
 
     block.forward = forward
@@ -333,16 +331,21 @@ def _compile_block(accel: Accel, block: torch.nn.Module, inductor_options: dict[
     (H100, 1024²: 0.923 s per image, against 0.855 s with dynamic=None). So only the token
     dimensions are marked.
     """
-    backend = accel.options.backend
+    block.forward = _token_dynamic(block.forward, accel.options.backend, inductor_options)
+    accel.compiled.append(block)
+
+
+def _token_dynamic(fn: Any, backend: Any, inductor_options: dict[str, Any] | None = None) -> Any:
+    """`fn(x, ...)` compiled, x's token dimension (and every other dimension of that size) marked
+    dynamic on each call (see `_compile_block`)."""
     extra = {"options": inductor_options} if inductor_options and backend == "inductor" else {}
-    compiled = torch.compile(block.forward, fullgraph=True, backend=backend, dynamic=None, **extra)
+    compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=None, **extra)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _mark_token_dims(x.shape[1], (x, *args, *kwargs.values()))  # x: (B, tokens, dim)
         return compiled(x, *args, **kwargs)
 
-    block.forward = forward
-    accel.compiled.append(block)
+    return forward
 
 
 def _decoder_layer_without_inner_hooks(layer: torch.nn.Module) -> Any:
