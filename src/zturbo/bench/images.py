@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -41,6 +43,8 @@ from ..engine import Engine
 from . import common
 from .common import PROMPT, SEED, STEPS, once, timed
 from .memory import thumbnail
+
+log = logging.getLogger("zturbo")
 
 STRENGTH = 0.5  # img2img: half the schedule, 4 of 8 steps
 CONTROL_SCALE = 0.75  # diffusers' default
@@ -292,6 +296,7 @@ def eager_images(
                 forwards[row][side.removesuffix("_eager")] = counts
             except Exception as e:  # one broken row must not lose the others
                 forwards[row][side.removesuffix("_eager")] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        log.info("bench --images: %s forwards %s", row, forwards[row])
     return forwards
 
 
@@ -314,6 +319,7 @@ def reference_rows(
             phase[row] = timed(reference_call(pipe, row, pictures, opts.main_size), opts.device, opts.runs, opts.warmup)
         except Exception as e:  # one broken row must not lose the others
             phase[row] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        _log(f"diffusers eager {row}", phase[row])
         report()
 
 
@@ -337,6 +343,7 @@ def reference_compiled_rows(
                 phase[row] = timed(call, opts.device, opts.runs, opts.warmup) | {"first_call_s": first}
             except Exception as e:  # one broken row must not lose the others
                 phase[row] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            _log(f"diffusers compiled {row}", phase[row])
             report()
     finally:
         for module in transformer.modules():  # nn.Module.compile keeps its wrapper here
@@ -364,6 +371,7 @@ def zturbo_rows(
     if opts.compile:
         phase["first_call_s"] = once(zturbo_call(engine, "txt2img", pictures, size), device)
         phase["warmup_s"] = phase["first_call_s"] + engine.warmup(size, size)
+        log.info("bench --images: zturbo compiled and warmed up in %.1f s", phase["warmup_s"])
         report()
     # A step shape is captured into a CUDA graph on its second request: warm up that far (each
     # row's first call is one of the warm-up calls).
@@ -381,7 +389,17 @@ def zturbo_rows(
             phase[row] = first | timed(call, device, opts.runs, warm)
         except Exception as e:  # one broken row must not lose the others
             phase[row] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        _log(f"zturbo {phase['kind']} {row}", phase[row])
         report()
+
+
+def _log(what: str, row: dict[str, Any]) -> None:
+    """Each row as it finishes: a run cut short by a time limit still shows how far it got."""
+    if "error" in row:
+        log.warning("bench --images: %s failed: %s", what, str(row["error"])[:500])
+    else:
+        first = f" (first call {row['first_call_s']:.1f} s)" if "first_call_s" in row else ""
+        log.info("bench --images: %s %.3f s/img%s", what, row["median_s"], first)
 
 
 def _zturbo_kind(compiled: bool, dtype: torch.dtype) -> str:
@@ -499,6 +517,7 @@ def run_caps(caps: list[float], opts: Any, report: Callable[[list[dict[str, Any]
     """Each cap's row in a fresh `python -m zturbo.cli bench --images --cap-row ...` process:
     placement and the process's memory cap cannot be undone."""
     rows: list[dict[str, Any]] = []
+    _release_device_memory()
     for cap in caps:
         cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--tiny" if opts.tiny else "--random-weights", "--images"]
         cmd += ["--cap-row", f"controlnet:{cap:g}", "--sizes", str(opts.main_size), "--runs", str(opts.runs)]
@@ -506,8 +525,19 @@ def run_caps(caps: list[float], opts: Any, report: Callable[[list[dict[str, Any]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         rows.append(json.loads(lines[-1]) if lines else {"cap_gib": cap, "error": proc.stderr[-2000:]})
+        _log(f"controlnet under a {cap:g} GiB cap ({rows[-1].get('plan', 'no plan')})", rows[-1])
         report(rows)
     return rows
+
+
+def _release_device_memory() -> None:
+    """Give back the memory of the rows before (their modules are garbage once `run` returned,
+    the compiled graphs' references aside) so that a child process finds the GPU free."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        log.info("bench --images: %.1f GiB still allocated here", torch.cuda.memory_allocated() / common.GIB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,7 +591,7 @@ def capped_markdown(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[str
     uncapped = _median(res.get("compiled"), "controlnet")
     reference = (res.get("thumbnails") or {}).get("controlnet")
     lines = [
-        "| controlnet row | plan | estimate GiB | peak GiB | s/img | vs uncapped | image vs uncapped |",
+        "| controlnet row | plan | estimate GiB | peak GiB | s/img | time vs uncapped | image vs uncapped |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
