@@ -487,7 +487,8 @@ def capped_engine(cap: float, size: int, tiny: bool, compile: bool) -> tuple[Eng
     )
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 64 * memory.GIB
     budget = int(cap * memory.GIB) if cap else total
-    choice = memory.choose(shape, memory.dtype_bytes(dtypes), budget, width=size, height=size, compiled_vae=not tiny)
+    sizes = memory.dtype_bytes(dtypes)
+    choice = memory.choose(shape, sizes, budget, width=size, height=size, compiled_vae=compile and not tiny)
     row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
     if choice.chosen is None:
         leanest = min(choice.considered, key=lambda e: e.peak)
@@ -556,7 +557,7 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_table_row(res, row) for row in ROWS]
-    overhead = res.get("summary", {}).get("controlnet_overhead")
+    overhead = summary(res)["controlnet_overhead"]  # from the rows so far: a partial table has it too
     if overhead:
         lines += ["", f"ControlNet overhead (zturbo controlnet / zturbo txt2img): {overhead:.2f}x"]
     errors = {k: v["error"] for k, v in (res.get("compiled") or {}).items() if isinstance(v, dict) and "error" in v}
@@ -573,14 +574,14 @@ def _table_row(res: dict[str, Any], row: str) -> str:
     cn = f"{z.get('controlnet', '-')} ({d.get('controlnet', '-')})"
     compiled, ref = (res.get("compiled") or {}).get(row) or {}, (res.get("reference") or {}).get(row) or {}
     ref_compiled = (res.get("reference_compiled") or {}).get(row) or {}
-    summary = res.get("summary", {}).get(row, {})
+    ratios = summary(res)[row]
     diff = res.get("images", {}).get(row, {}).get("compiled_vs_diffusers")
     cells = [
         _seconds(compiled),
         _seconds(ref),
         _seconds(ref_compiled),
-        _ratio(summary.get("speedup_vs_diffusers_eager")),
-        _ratio(summary.get("vs_txt2img")),
+        _ratio(ratios["speedup_vs_diffusers_eager"]),
+        _ratio(ratios["vs_txt2img"]),
         _gib(compiled.get("peak_gib")),
         _gib(ref.get("peak_gib")),
         f"{diff:.2f}/255" if diff is not None else "-",
