@@ -576,10 +576,31 @@ def test_a_new_input_image_resets_the_mask_editor_and_sets_the_size(tmp_path: Pa
     fns, _ = _page(tmp_path)
     image = _picture(tmp_path / "a.png", (64, 48))
     editor, width, height, preset, line = fns["new_image"].fn(str(image), None, 0, 16, 0, 0, "")
-    assert editor == {"__type__": "update", "value": str(image), "visible": True}
+    value = {"background": str(image), "layers": [], "composite": str(image)}  # no layer: nothing painted yet
+    assert editor == {"__type__": "update", "value": value, "visible": True}
     assert (width, height, preset) == (80, 48, CUSTOM) and "80×48" in line
     editor, *_ = fns["new_image"].fn(None, None, 0, 0, 0, 0, "")
     assert editor == {"__type__": "update", "value": None, "visible": False}
+
+
+def test_a_large_image_is_painted_on_a_smaller_picture_and_its_mask_scaled_back_up(tmp_path: Path) -> None:
+    """The editor uploads its canvas as the user paints: a photo is shown at most EDITOR_SIDE a side
+    (turned as the browser turns it), while the job gets the file itself and a mask of its size."""
+    from zturbo.serving.ui import EDITOR_SIDE, input_params
+
+    fns, _ = _page(tmp_path)
+    photo = _picture(tmp_path / "photo.png", (2 * EDITOR_SIDE, EDITOR_SIDE * 3 // 2), orientation=6)
+    editor, width, height, *_ = fns["new_image"].fn(str(photo), None, 0, 0, 0, 0, "")
+    picture = Path(editor["value"]["background"])
+    assert picture.name == "editor-picture.png" and picture.is_relative_to(tmp_path / "ui")
+    assert Image.open(picture).size == (EDITOR_SIDE * 3 // 4, EDITOR_SIDE)
+    assert (width, height) == (EDITOR_SIDE * 3 // 2, 2 * EDITOR_SIDE)
+
+    quarter = _layer((EDITOR_SIDE * 3 // 4, EDITOR_SIDE), (0, 0, EDITOR_SIDE * 3 // 8, EDITOR_SIDE // 2))
+    body = input_params({"image": str(photo), "mask_editor": {"background": Image.open(picture), "layers": [quarter]}})
+    mask = Image.open(io.BytesIO(_decoded(body["mask"])))
+    assert mask.size == (width, height) and mask.getbbox() == (0, 0, width // 2, height // 2)
+    assert _decoded(body["image"]) == photo.read_bytes()  # the file, never the editor's picture
 
 
 def test_the_controlnet_section_shows_only_when_the_server_has_one(tmp_path: Path) -> None:
@@ -650,3 +671,28 @@ def test_form_values_read_a1111_input_settings_and_name_what_is_out_of_range() -
     assert (values["strength_default"], values["strength"], values["control_type"]) == (False, 0.75, "canny")
     assert "mask_blur" not in values
     assert "mask_blur 300 is outside 0 to 256, so it was not filled in" in notes
+
+
+def test_the_api_takes_the_body_the_form_builds_as_the_job_the_user_painted(api: TestClient, tmp_path: Path) -> None:
+    """The form's body through the real request validator: an inpaint job whose input hashes are the
+    uploaded file's and the painted mask's; a control image on a server without a ControlNet is
+    refused naming it."""
+    import hashlib
+
+    from zturbo.serving.ui import form_body
+
+    image = _picture(tmp_path / "in.png", (64, 48))
+    editor = {"background": Image.open(image), "layers": [_layer((64, 48), (0, 0, 32, 48))]}
+    form = {**FORM, "guidance_scale": 0.0, "n": 1, "width": 64, "height": 48, "variation_seed": -1,
+            "variation_strength": 0.0, "variety": 0.0, "image": str(image), "mask_editor": editor,
+            "paste_back": True, "mask_blur": 2}  # fmt: skip
+    body = form_body(form)
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    inputs = r.json()["params"]["inputs"]
+    assert (inputs["mode"], inputs["strength"], inputs["paste_back"], inputs["mask_blur"]) == ("inpaint", 1.0, True, 2)
+    assert inputs["images"]["image"]["sha256"] == hashlib.sha256(image.read_bytes()).hexdigest()
+    assert inputs["images"]["mask"]["sha256"] == hashlib.sha256(_decoded(body["mask"])).hexdigest()
+
+    r = api.post("/v1/jobs", json=form_body({**form, "control_image": str(image)}))
+    assert r.status_code == 400 and r.json()["error"]["field"] == "control_image", r.text

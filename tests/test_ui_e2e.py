@@ -8,6 +8,8 @@ Skipped only when no Chromium is installed (CI installs it; set ZTURBO_E2E=requi
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import os
 import re
 import shutil
@@ -137,6 +139,20 @@ def _drop_file(page: Any, selector: str, path: Path) -> None:
     )
 
 
+def _paint_stroke(page: Any, editor: Any) -> None:
+    """Drag the editor's brush (its starting tool) across the middle of the image, where it is drawn
+    (the mouse acts only within the viewport, so the canvas is scrolled into it first)."""
+    expect(editor.locator("button[aria-label='Brush'].highlight")).to_be_visible()
+    canvas = editor.locator("canvas").first
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.45, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.55, y, steps=2)
+    page.mouse.up()
+
+
 def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> None:
     status = page.locator("#status-line")
     for part in ("on cpu", "transformer float32", "vae float32", "plan resident", "GPU memory: n/a", "queue 0"):
@@ -195,6 +211,39 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     [job] = server.history("e2e-generate")
     assert job["status"] == "succeeded" and job["params"]["seed"] == seed and job["params"]["variety"] == 0.2
     _screenshot(page, "ui-generate.png", tmp_path)
+
+
+def test_inpaint_from_an_uploaded_image_with_a_painted_mask(page: Any, server: Server, tmp_path: Path) -> None:
+    """Upload an image, paint a stroke over it in the mask editor, generate: the image is an inpaint
+    of the file as uploaded, with the stroke as its mask (History's view of it: test_ui_files)."""
+    source = tmp_path / "start.jpg"  # not a PNG: the editor's own canvas uploads are other files
+    Image.new("RGB", (64, 48), (30, 90, 160)).save(source, quality=90)
+    page.locator("#inputs").get_by_text("Start from an image").click()
+    page.locator("#init-image input[type=file]").set_input_files(source)
+    expect(page.locator("#inputs-msg")).to_contain_text("Width and height follow the input image: 64×48")
+    expect(page.locator("#height input")).to_have_value("48")
+
+    _paint_stroke(page, page.locator("#mask-editor"))
+
+    page.locator("#prompt textarea").fill("e2e-inpaint a boat")
+    page.locator("#steps input[type=number]").fill("2")
+    page.locator("#steps input[type=number]").press("Enter")
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
+    page.locator("#results img").first.click()
+    expect(page.locator("#image-params")).to_contain_text("Mode: inpaint")
+    with page.expect_download() as download:
+        page.locator("#download").click()
+    saved = tmp_path / "inpainted.png"
+    download.value.save_as(saved)
+    meta = read_metadata(saved)
+    assert (meta["inputs"]["mode"], meta["width"], meta["height"]) == ("inpaint", 64, 48)
+    assert meta["inputs"]["images"]["image"] == hashlib.sha256(source.read_bytes()).hexdigest()  # the file itself
+
+    [job] = server.history("e2e-inpaint")
+    mask = Image.open(io.BytesIO(server.client.get(f"/v1/jobs/{job['id']}/inputs/mask").content))
+    assert mask.mode == "L" and mask.size == (64, 48)
+    assert mask.getpixel((32, 24)) == 255 and mask.getpixel((0, 0)) == mask.getpixel((63, 47)) == 0  # the stroke only
 
 
 def test_history_search_reuse_and_delete(page: Any, server: Server, tmp_path: Path) -> None:

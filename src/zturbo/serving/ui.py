@@ -166,6 +166,9 @@ INPUT_DEFAULTS: dict[str, object] = {
 _WHOLE_SETTINGS = ("mask_blur", "mask_padding")
 _NUMBER_SETTINGS = ("control_scale", "control_start", "control_end")
 MASK_COLOR = (255, 60, 172)  # the brush's colour; only where it paints matters
+# The mask editor shows an input image scaled to at most this many pixels a side: it uploads its
+# whole canvas as the user paints, and a mask this fine is still finer than the latents it masks.
+EDITOR_SIDE = 1024
 STRENGTH_INFO = (
     "How far the input image is noised: about strength × steps steps run; 1 repaints from noise. "
     "The default is {img2img} for image-to-image and {inpaint} with a mask or outpaint."
@@ -242,6 +245,24 @@ def editor_mask(editor: Mapping[str, Any] | None, size: tuple[int, int]) -> byte
         return None
     buffer = io.BytesIO()
     painted.point(lambda a: 255 if a else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def editor_picture(path: str | Path) -> bytes | None:
+    """The picture the mask editor shows for an input image over EDITOR_SIDE pixels on a side: a PNG
+    scaled down to it, EXIF orientation applied as the browser applies it; None for a smaller image,
+    shown as it is. The mask is scaled back up to the image's size (`editor_mask`)."""
+    from PIL import Image, ImageOps
+
+    if max(oriented_size(path)) <= EDITOR_SIDE:
+        return None
+    with Image.open(path) as image:
+        picture = ImageOps.exif_transpose(image)
+        picture.thumbnail((EDITOR_SIDE, EDITOR_SIDE))
+        if picture.mode not in ("RGB", "RGBA", "L"):
+            picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

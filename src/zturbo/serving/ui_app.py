@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
@@ -63,6 +64,7 @@ from .ui import (
     aspect_presets,
     controlnet_text,
     describe_params,
+    editor_picture,
     error_text,
     form_body,
     form_values,
@@ -82,7 +84,9 @@ UPLOADS_KEPT = 16  # the newest uploads stay: dropped PNGs, input and control im
 # every stroke, several times; a Generate reads each page's last. These are kept apart, so that
 # painting never pushes the page's input image out.
 EDITOR_UPLOADS_KEPT = 48
-_EDITOR_FILE = re.compile(r"(background|composite|layer_\d+)\.png")  # the names Gradio's editor gives them
+EDITOR_PICTURE = "editor-picture.png"  # a large input image scaled down for the editor (`ui.editor_picture`)
+# The names Gradio's editor gives its canvas uploads, and the picture the UI gives it.
+_EDITOR_FILE = re.compile(r"(background|composite|layer_\d+|editor-picture)\.png")
 PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
 # What the page loads or calls before the user has typed the key; no file and no stored data.
 _OPEN_PATHS = frozenset(
@@ -169,6 +173,20 @@ class _UiFiles:
             ImageDraw.Draw(picture).line([(8, 56), (56, 8)], fill=(120, 120, 120), width=4)
             tmp = path.with_suffix(f".{threading.get_ident()}.part")
             picture.save(tmp, format="PNG")
+            tmp.replace(path)
+        return str(path)
+
+    def editor_picture(self, image: str) -> str:
+        """The file the mask editor shows for an input image: the image itself, or a copy scaled down
+        (`ui.editor_picture`), kept among the editor's uploads."""
+        data = editor_picture(image)
+        if data is None:
+            return image
+        path = self.root / hashlib.sha256(data).hexdigest() / EDITOR_PICTURE
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{threading.get_ident()}.part")
+            tmp.write_bytes(data)
             tmp.replace(path)
         return str(path)
 
@@ -690,8 +708,23 @@ class _Handlers:
 
     def new_image(self, image: str | None, *size_inputs: Any) -> tuple[Any, ...]:
         """A new (or no) input image: the mask editor starts over on it, and the size follows it."""
-        editor = gr.update(value=image, visible=True) if image else gr.update(value=None, visible=False)
-        return editor, *self.fit_size(image, *size_inputs)
+        try:
+            editor = self._editor({"background": image, "layers": []}) if image else None
+        except (FormError, OSError) as e:
+            return gr.update(value=None, visible=False), gr.skip(), gr.skip(), gr.skip(), f"Error: {e}"
+        return gr.update(value=editor, visible=editor is not None), *self.fit_size(image, *size_inputs)
+
+    def _editor(self, value: dict[str, Any]) -> dict[str, Any]:
+        """The mask editor's value for an input image and its layers (PIL images of the image's size):
+        on the editor's picture of it, the layers scaled to match."""
+        from PIL import Image
+
+        picture = self.files.editor_picture(value["background"])
+        layers = value["layers"]
+        if picture != value["background"]:
+            with Image.open(picture) as shown:
+                layers = [layer.resize(shown.size, Image.Resampling.NEAREST) for layer in layers]
+        return {"background": picture, "layers": layers, "composite": picture}
 
     def fit_size(
         self, image: str | None, control: str | None, left: Any, right: Any, top: Any, bottom: Any, resize: str | None
@@ -829,6 +862,8 @@ class _Handlers:
         else:
             failed = ""
         values, notes = form_values(job["params"], self.unit, files)
+        if values.get("mask_editor"):
+            values["mask_editor"] = self._editor(values["mask_editor"])
         message = "Parameters reused from history." + "".join(f" Note: {note}." for note in notes) + failed
         return gr.Tabs(selected="generate"), message, *_form_updates(values)
 
