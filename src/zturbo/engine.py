@@ -61,6 +61,7 @@ from .memory.plan import (
     UNQUANTIZED_PLANS,
     Layout,
     compilable,
+    controlnet_activation,
     dtype_bytes,
     estimate,
     fusable,
@@ -683,7 +684,7 @@ class Engine:
     def shape(self) -> Any:
         """The model's `memory.plan.ModelShape` (parameter counts and widths), for memory estimates."""
         c = self.components
-        return model_shape(c.transformer, c.text_encoder, c.vae)
+        return model_shape(c.transformer, c.text_encoder, c.vae, controlnet=c.controlnet)
 
     def set_vae_tiling(self, on: bool) -> None:
         set_vae_tiling(self.components.vae, on)
@@ -707,9 +708,9 @@ class Engine:
     def _step_graph_fits(self, req: GenerateRequest, caption_tokens: int) -> bool:
         """Whether the device holds a new step graph's pool and still decodes `req` untiled."""
         elem = torch.empty((), dtype=self.dtypes["transformer"]).element_size()
-        pool = STEP_POOL_FACTOR * transformer_activation(
-            self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens
-        )
+        args = (self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens)
+        control = controlnet_activation(*args) if req.inputs.controlled else 0
+        pool = STEP_POOL_FACTOR * (transformer_activation(*args) + control)
         return pool + self._decode_need(req) <= free_device_memory(self.device) * 0.9
 
     def _vae_compiled(self) -> bool:
