@@ -1,6 +1,6 @@
 """The web UI end to end: headless Chromium (Playwright, the system's Chromium) against a live
-`zturbo serve --model tiny-random`. Takes the screenshots ui-generate.png and ui-history.png into
-the test's tmp dir, or into docs/ when ZTURBO_SCREENSHOTS=docs is set.
+`zturbo serve --model tiny-random`. Takes the screenshots ui-generate.png, ui-inpaint.png and
+ui-history.png into the test's tmp dir, or into docs/ when ZTURBO_SCREENSHOTS=docs is set.
 
 Skipped only when no Chromium is installed (CI installs it; set ZTURBO_E2E=require to fail instead).
 """
@@ -232,6 +232,7 @@ def test_inpaint_from_an_uploaded_image_with_a_painted_mask(page: Any, server: S
     expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
     page.locator("#results img").first.click()
     expect(page.locator("#image-params")).to_contain_text("Mode: inpaint")
+    _screenshot(page, "ui-inpaint.png", tmp_path)
     with page.expect_download() as download:
         page.locator("#download").click()
     saved = tmp_path / "inpainted.png"
