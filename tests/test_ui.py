@@ -512,8 +512,8 @@ def test_generate_names_a_form_value_it_cannot_send(tmp_path: Path) -> None:
         ({"outpaint_right": None}, "outpaint right is empty"),
         ({"outpaint_top": 8.5}, "outpaint top must be a whole number, got 8.5"),
         ({"image": str(tmp_path / "gone.png")}, "the image is no longer on the server"),
-        # The editor's saved canvas was dropped: never a silent image-to-image instead of the inpaint.
-        ({"mask_editor": {"background": None, "layers": [], "composite": None}}, "the painted mask is no longer"),
+        # The editor lost its image: never a silent image-to-image instead of the inpaint.
+        ({"mask_editor": {"background": None, "layers": [], "composite": None}}, "the mask editor holds no image"),
     ]
     for change, message in cases:
         form = _untouched_form(fns["generate"], **{"prompt": "a fox", "image": str(image), **change})
@@ -581,6 +581,11 @@ def test_a_new_input_image_resets_the_mask_editor_and_sets_the_size(tmp_path: Pa
     assert (width, height, preset) == (80, 48, CUSTOM) and "80×48" in line
     editor, *_ = fns["new_image"].fn(None, None, 0, 0, 0, 0, "")
     assert editor == {"__type__": "update", "value": None, "visible": False}
+    # The editor's Clear canvas drops its image too: the clear puts the input image back, unpainted.
+    blank = fns["blank_editor"]
+    assert [event for _block, event in blank.targets] == ["clear"]
+    assert [o.elem_id for o in blank.outputs] == ["mask-editor"] and blank.targets[0][0] == blank.outputs[0]._id
+    assert blank.fn(str(image)) == {"__type__": "update", "value": value, "visible": True}
 
 
 def test_a_large_image_is_painted_on_a_smaller_picture_and_its_mask_scaled_back_up(tmp_path: Path) -> None:

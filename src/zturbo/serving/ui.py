@@ -234,8 +234,8 @@ def editor_mask(editor: Mapping[str, Any] | None, size: tuple[int, int]) -> byte
 
     if not editor:
         return None
-    if editor.get("background") is None:  # Gradio dropped the editor's saved canvas
-        raise FormError("the painted mask is no longer on the server; paint it again")
+    if editor.get("background") is None:  # the editor lost the image it paints on
+        raise FormError("the mask editor holds no image to paint on; upload the input image again")
     painted: Image.Image | None = None
     for layer in editor.get("layers") or ():
         alpha = layer.convert("RGBA").getchannel("A")

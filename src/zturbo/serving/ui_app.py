@@ -625,6 +625,7 @@ def build(
                         *(inputs[key].input for key in MARGIN_KEYS)):  # fmt: skip
             changed(handlers.fit_size, size_in, size_out)
         inputs["strength"].input(lambda: False, None, [inputs["strength_default"]])  # moved: the user's strength
+        inputs["mask_editor"].clear(handlers.blank_editor, [inputs["image"]], [inputs["mask_editor"]])
         reuse_btn.click(handlers.reuse_seed, [last_seed], [seed, progress])
 
         # The timer polls every 5 s; refreshing as the job ends keeps the line from showing the
@@ -709,10 +710,16 @@ class _Handlers:
     def new_image(self, image: str | None, *size_inputs: Any) -> tuple[Any, ...]:
         """A new (or no) input image: the mask editor starts over on it, and the size follows it."""
         try:
-            editor = self._editor({"background": image, "layers": []}) if image else None
+            editor = self.blank_editor(image)
         except (FormError, OSError) as e:
             return gr.update(value=None, visible=False), gr.skip(), gr.skip(), gr.skip(), f"Error: {e}"
-        return gr.update(value=editor, visible=editor is not None), *self.fit_size(image, *size_inputs)
+        return editor, *self.fit_size(image, *size_inputs)
+
+    def blank_editor(self, image: str | None) -> Any:
+        """The mask editor on the input image with nothing painted; hidden without an image. (Its
+        *Clear canvas* removes the image too, so a clear puts the image back.)"""
+        editor = self._editor({"background": image, "layers": []}) if image else None
+        return gr.update(value=editor, visible=editor is not None)
 
     def _editor(self, value: dict[str, Any]) -> dict[str, Any]:
         """The mask editor's value for an input image and its layers (PIL images of the image's size):
