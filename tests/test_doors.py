@@ -63,6 +63,7 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     ({"control_scale": 0.5}, False),
     ({"outpaint": "0,16,0,0"}, False),
     ({"resize": "zoom"}, False),
+    ({"resize": "crop"}, False),  # a valid word, but nothing to fit: text-to-image has no input image
 ]
 IDS = [",".join(f"{k}={str(v)[:12]}" for k, v in change.items()) for change, _ in CASES]
 

@@ -179,11 +179,10 @@ def check_inputs(
     if isinstance(mask, str) and not from_alpha:
         raise FieldError("mask", f"mask {mask!r} is not an image; give an image, or {ALPHA_MASK!r}")
     mask_image = mask if isinstance(mask, InputImage) else None
-    _check_combinations(image, mask, from_alpha, strength, outpaint, paste_back, mask_padding, mask_blur, resize)
+    _check_combinations(image, mask, from_alpha, strength, outpaint, paste_back, mask_padding, mask_blur)
     _check_control(control_image, mask is not None or outpaint is not None, control_in_dim, strength, control_type,
                    control_scale, control_start, control_end)  # fmt: skip
-    if resize is not None and resize not in RESIZE_MODES:
-        raise FieldError("resize", f"resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    _check_resize(resize, image is not None or control_image is not None)
     _check_range("mask_blur", mask_blur, MASK_BLUR_RANGE)
     _check_range("mask_padding", mask_padding, MASK_PADDING_RANGE)
     if outpaint is not None:
@@ -222,7 +221,6 @@ def _check_combinations(
     paste_back: bool | None,
     mask_padding: int | None,
     mask_blur: int | None,
-    resize: str | None,
 ) -> None:
     masked = mask is not None or outpaint is not None
     _needs(image is not None, "mask", mask, "an input image (image) to repaint")
@@ -237,6 +235,12 @@ def _check_combinations(
     _needs(masked, "paste_back", paste_back or None, "a mask or outpaint: it keeps the pixels outside the mask")
     _needs(masked, "mask_padding", mask_padding or None, "a mask or outpaint")
     _needs(bool(paste_back), "mask_blur", mask_blur or None, "paste_back: it feathers the paste-back seam")
+
+
+def _check_resize(resize: str | None, has_input: bool) -> None:
+    if resize is not None and resize not in RESIZE_MODES:
+        raise FieldError("resize", f"resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
+    _needs(has_input, "resize", resize, "an input image (image or control_image) to fit to the request's size")
 
 
 def _check_control(
