@@ -647,6 +647,9 @@ def test_a_job_made_from_images_shows_its_mode_and_settings() -> None:
     ):
         assert row in text, (row, text)
     assert "Mode" not in describe_params({**INPAINT_JOB, "inputs": {}})  # text to image: as before
+    controlled = {"mode": "txt2img", "controlled": True, "control_type": None, "control_scale": 0.75}
+    assert "- **Mode:** text to image with a ControlNet" in describe_params({**INPAINT_JOB, "inputs": controlled})
+    assert "- **ControlNet:** image as given, scale 0.75, steps 0–1" in describe_params({"inputs": controlled})
 
 
 def test_form_values_fill_the_input_settings_and_name_the_images_the_form_lacks() -> None:

@@ -426,7 +426,7 @@ def _input_files(settings: Mapping[str, Any], files: Mapping[str, str], notes: l
 
 def _mode_text(inputs: Mapping[str, Any]) -> str:
     mode = str(inputs.get("mode") or "img2img")
-    return mode + (" with a ControlNet" if inputs.get("controlled") else "")
+    return ("text to image" if mode == "txt2img" else mode) + (" with a ControlNet" if inputs.get("controlled") else "")
 
 
 def _lora_values(params: dict[str, Any], notes: list[str]) -> dict[str, Any]:

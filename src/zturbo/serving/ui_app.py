@@ -426,12 +426,11 @@ def _choices() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def _input_controls(unit: int) -> dict[str, Any]:
     """The image inputs' components by their form keys (`ui.INPUT_KEYS`), with the two accordions
-    (`inputs_box`, `control_box`), the inputs' note line and the ControlNet's line."""
+    (`inputs_box`, `control_box`) and the ControlNet's line."""
     resize_choices, control_choices = _choices()
     sources = ["upload", "clipboard"]
     c: dict[str, Any] = {}
     with gr.Accordion("Start from an image", open=False, elem_id="inputs") as c["inputs_box"]:
-        c["inputs_msg"] = gr.Markdown(elem_id="inputs-msg")
         c["image"] = gr.Image(
             label="Input image", type="filepath", image_mode=None, sources=sources, height=220, elem_id="init-image"
         )
@@ -516,6 +515,7 @@ def build(
                     with gr.Row():
                         width = gr.Number(1024, label="Width", precision=0, step=unit, elem_id="width")
                         height = gr.Number(1024, label="Height", precision=0, step=unit, elem_id="height")
+                    size_msg = gr.Markdown(elem_id="inputs-msg")  # where the size comes from, with input images
                     steps = gr.Slider(
                         *_slider_range("steps"), value=FIELD["steps"].default, step=1, label="Steps", elem_id="steps"
                     )
@@ -618,7 +618,7 @@ def build(
         random_btn.click(lambda: RANDOM_SEED, None, [seed])
         # The size follows the inputs: the image's (plus the outpaint margins) or the control image's.
         size_in = [inputs[key] for key in ("image", "control_image", *MARGIN_KEYS, "resize")]
-        size_out = [width, height, preset, inputs["inputs_msg"]]
+        size_out = [width, height, preset, size_msg]
         for changed in (inputs["image"].upload, inputs["image"].clear):
             changed(handlers.new_image, size_in, [inputs["mask_editor"], *size_out])
         for changed in (inputs["control_image"].upload, inputs["control_image"].clear, inputs["resize"].input,
