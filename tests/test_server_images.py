@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import signal
 import struct
 import time
@@ -31,6 +32,7 @@ from zturbo.imageio import METADATA_KEY
 from zturbo.request import LIMITS, GenerateRequest, ModelLimits
 from zturbo.serving import jobs
 
+LIMITS_1024 = ModelLimits(16, 1024 * 1024)
 MAX_INPUT = 50_000  # the in-process app's upload limit per image, so a 413 needs no 64 MiB body
 
 
@@ -171,6 +173,20 @@ def test_list_parts_are_comma_separated_text_as_on_the_command_line(api):
     assert (params["inputs"]["mode"], params["inputs"]["outpaint"]) == ("outpaint", [0, 16, 0, 0])
     r = api.post("/v1/jobs", data={"prompt": "a", "steps": "2", "steps[]": "3"}, files=files(image=IMAGE))
     assert "steps is given more than once" in assert_error(r, 400, "invalid_request", "steps")
+
+
+def test_size_auto_is_the_input_images_size_on_every_route(api):
+    """OpenAI's "auto" means the image's own size on the edit route, so it does on every route that
+    takes `size` and an image; without an image it is 1024x1024."""
+    image = noise_png(64, 48, seed=3)
+    r = api.post("/v1/jobs", data={"prompt": "a", "size": "auto"}, files=files(image=image))
+    assert r.status_code == 202, r.text
+    assert (r.json()["params"]["width"], r.json()["params"]["height"]) == (64, 48)
+    r = api.post("/v1/images/generations", json={**JOB, "image": b64(image), "size": "auto"})
+    job_id = re.search(r"job ([0-9a-f]+) did not finish", assert_error(r, 504, "timeout", None)).group(1)
+    params = api.get(f"/v1/jobs/{job_id}").json()["params"]
+    assert (params["width"], params["height"]) == (64, 48)
+    assert GenerateRequest.from_fields({"prompt": "a", "size": "auto"}, LIMITS_1024).width == 1024
 
 
 def test_too_many_file_parts_and_a_json_edit_are_refused(api):

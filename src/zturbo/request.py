@@ -221,7 +221,7 @@ INPUT_FIELDS = IMAGE_FIELDS + tuple(
     f.name for f in FIELDS if f.bounds.startswith("range:") or f.kind in (CHOICE, FLAG, MARGINS)
 )
 FIELD = {f.name: f for f in FIELDS}
-SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" or "auto": sets width and height
+SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" (sets width and height) or "auto" (an input image's size, else 1024)
 
 
 def _choices(name: str) -> tuple[str, ...]:
@@ -286,7 +286,8 @@ def convert_fields(values: Mapping[str, object], *, what: str = "field") -> dict
     out: dict[str, object] = {}
     for name, value in values.items():
         if _normal(str(name)) == SIZE_FIELD:
-            out["width"], out["height"] = parse_size(value)
+            if value != "auto":  # "auto" leaves the size to `create`: an input image's, else the default
+                out["width"], out["height"] = parse_size(value)
             continue
         f = field_for(str(name))
         if f is None:
