@@ -384,3 +384,18 @@ def test_controlnet_inpaint_runs_and_pastes_back(capsys, tiny_dir, pictures, con
     assert (inputs["mode"], inputs["controlled"], inputs["strength"]) == ("inpaint", True, 1.0)
     outside = pixels(pictures["mask"]) == 0
     assert np.array_equal(pixels(target)[outside], pixels(pictures["photo"])[outside])
+
+
+def test_info_plan_counts_the_controlnet(capsys, tiny_dir, controlnets, monkeypatch):
+    """The preview plans with the ControlNet's weights and activations, as the engine's plan does."""
+    from zturbo.loader import resolve_model
+    from zturbo.memory import plan
+
+    shapes = []
+    choose = plan.choose
+    monkeypatch.setattr(plan, "choose", lambda shape, *a, **k: shapes.append(shape) or choose(shape, *a, **k))
+    code, out, _ = run(capsys, "info", "--device", "cpu", "--model", tiny_dir, "--controlnet", controlnets["2.1"],
+                       "--plan", "--vram-budget", "8")  # fmt: skip
+    assert code == 0 and shapes and "not counted" not in out
+    engine_shape = plan.shape_from_source(resolve_model(str(tiny_dir), weights=False), str(controlnets["2.1"]))
+    assert shapes[0] == engine_shape and shapes[0].controlnet_params > 0

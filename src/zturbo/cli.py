@@ -1097,7 +1097,7 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         budget, where = torch.cuda.mem_get_info(device)[0], f"free on {device}"
     else:
         raise InvalidRequestError(f"{device} has no GPU memory to plan for; pass --vram-budget GiB to preview a GPU")
-    shape = memory.shape_from_source(source)
+    shape = memory.shape_from_source(source, config.controlnet)  # the ControlNet's weights and activations too
 
     def choose(width: int, height: int, batch: int) -> Any:
         # A preview is of a GPU run, where --compile auto compiles the VAE decoder.
@@ -1121,9 +1121,6 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
     if choice.chosen is None:
         print("nothing fits: lower the resolution or batch, or free GPU memory")
-    if config.controlnet is not None:
-        # The planner estimates from the model's configs alone; the ControlNet's weights are extra.
-        print("the ControlNet's weights (--controlnet) are not counted in these estimates")
     print(_load_plan_note(args, config.memory, lambda: choose(_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1).chosen))
 
 
