@@ -349,3 +349,19 @@ def test_image_columns_are_read_relative_to_the_file_and_bad_ones_fail_their_row
     assert batch.read_rows(jsonl)[0].error == "image must be the path of an image file; got 7"
     recorded = batch.recorded_params(rows[1].params)
     assert recorded["image"] == {"path": str(tmp_path / "in" / "a.png"), "sha256": first.sha256}
+
+
+def test_a_rows_key_follows_its_images_content_not_their_path(tmp_path):
+    """A resume from another directory reaches the same files by other paths: the rows are the same."""
+    from zturbo.inputs.images import read_image
+
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "a.png")
+    Image.new("RGB", (64, 64), (3, 2, 1)).save(tmp_path / "b.png")
+    here, there = (
+        read_image(tmp_path / "a.png", "image"),
+        read_image(tmp_path / "." / ".." / tmp_path.name / "a.png", "image"),
+    )
+    assert here.name != there.name
+    assert batch.row_key({"prompt": "x", "image": here}) == batch.row_key({"prompt": "x", "image": there})
+    other = read_image(tmp_path / "b.png", "image")
+    assert batch.row_key({"prompt": "x", "image": here}) != batch.row_key({"prompt": "x", "image": other})

@@ -280,8 +280,10 @@ class Manifest:
 
 def row_key(params: dict[str, Any]) -> str:
     """A hash of a row's parameters as given (defaults applied, random seeds not yet resolved);
-    input images count by their sha256, so a changed file makes the row a new one."""
-    blob = json.dumps(recorded_params(params), sort_keys=True, ensure_ascii=False, default=str)
+    input images count by their sha256 alone, so a changed file makes the row a new one, and the
+    same file reached by another path (a resume from another directory) does not."""
+    by_content = {k: v.sha256 if isinstance(v, InputImage) else v for k, v in params.items()}
+    blob = json.dumps(by_content, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
