@@ -255,3 +255,19 @@ def test_ui_ranges_and_cli_help_come_from_the_table():
         if f.flag is not None:
             assert f.flag in text, f.flag
     assert not math.isnan(LIMITS.guidance[1])
+
+
+def test_outpaint_margins_as_text_or_a_list_are_refused_alike():
+    """A batch cell or a form field sends the margins as text, a JSON body as a list: one message."""
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, format="PNG")
+    messages = []
+    for margins in ("-16,0,0,0", [-16, 0, 0, 0]):
+        with pytest.raises(InvalidRequestError) as refused:
+            GenerateRequest.from_fields({"prompt": "a fox", "image": png.getvalue(), "outpaint": margins}, MODEL)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] == "outpaint [-16, 0, 0, 0]: each side must be 0..2048 pixels"

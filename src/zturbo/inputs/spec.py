@@ -17,6 +17,7 @@ Modes, as diffusers 0.42.1's Z-Image pipelines define them:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -346,7 +347,8 @@ def _whole(part: object) -> int:
         raise ValueError(part)
     if isinstance(part, int):
         return part
-    if isinstance(part, str) and part.strip(" \t").isascii() and part.strip(" \t").isdigit():
+    # A sign is read, so a negative side gets the range's message, as in a JSON list.
+    if isinstance(part, str) and re.fullmatch(r"[+-]?[0-9]+", part.strip(" \t")):
         return int(part.strip(" \t"))
     raise ValueError(part)
 
