@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from zturbo.cli import main
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
-from zturbo.guard import install_fp16_guard, is_float32_key
+from zturbo.guard import FFN_SCALE, install_fp16_guard, is_float32_key
 from zturbo.imageio import read_metadata
 from zturbo.testing import inject_nonfinite
 
@@ -145,3 +147,30 @@ def test_fallback_from_float16_removes_the_guard(tiny_dir):
     assert {p.dtype for p in transformer.parameters()} == {torch.bfloat16}
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in transformer.modules())
     assert np.isfinite(pixels(result)).all()
+
+
+def test_a_controlnets_own_blocks_are_guarded_too(tiny_dir, tmp_path):
+    """Its control blocks are Z-Image blocks that overflow as the transformer's do: guarded with it,
+    a float16 run with a control image stays float16 and close to float32, and `remove` undoes them."""
+    from zturbo.accel.fuse import controlnet_blocks
+    from zturbo.tiny import write_tiny_controlnet
+
+    path = write_tiny_controlnet(tmp_path / "cn.safetensors", "2.1")
+    tensors = load_file(path)
+    for key in tensors:
+        if key.endswith(("feed_forward.w1.weight", "feed_forward.w3.weight")):
+            tensors[key] = tensors[key] * OVERFLOW_FACTOR
+    save_file(tensors, path, metadata={"format": "pt"})
+    control = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    params = {**PARAMS, "steps": 2, "control_image": control, "control_type": "depth"}
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", controlnet=str(path))
+    want = pixels(Engine.load(config).generate("a red fox", **params))
+    engine = Engine.load(dataclasses.replace(config, dtype="float16"))
+    blocks = list(controlnet_blocks(engine.controlnet.model))
+    before = [b.feed_forward.w3.weight.clone() for b in blocks]
+    result = engine.generate("a red fox", **params)
+    assert result.fallbacks == [] and np.isfinite(pixels(result)).all()
+    assert np.abs(pixels(result) - want).mean() < 3
+    engine.guard.remove()
+    assert all(torch.equal(b.feed_forward.w3.weight, w * FFN_SCALE) for b, w in zip(blocks, before, strict=True))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for b in blocks for m in b.modules())

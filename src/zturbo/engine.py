@@ -22,6 +22,7 @@ import torch
 
 from .accel import compile as accel_compile
 from .accel.compile import Accel, AccelOptions, compile_errors, resolve_compile
+from .accel.fuse import controlnet_blocks
 from .accel.graphs import EncoderGraphs, StepGraphs
 from .accel.quantize import check_quantize, quantize_transformer
 from .adapters.library import LoraLibrary
@@ -153,7 +154,8 @@ class Engine:
         self.stage_peaks: dict[str, int | None] | None = None
         self.guard: Fp16Guard | None = None
         if dtypes["transformer"] is torch.float16:  # before placement: it rescales weights in place
-            self.guard = install_fp16_guard(components.transformer)
+            control = controlnet_blocks(self.controlnet.model) if self.controlnet is not None else ()
+            self.guard = install_fp16_guard(components.transformer, blocks=control)
         self.placement = Placement(components, device, layout or Layout())
         self.set_vae_tiling(self.placement.layout.vae_tiling)
         self.loras = LoraLibrary(default_lora_dir(), allow_paths=True)

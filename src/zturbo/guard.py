@@ -1,4 +1,4 @@
-"""float16 overflow guard for one Z-Image transformer instance.
+"""float16 overflow guard for one Z-Image transformer instance (and a ControlNet's blocks beside it).
 
 Z-Image's activations leave float16's range (±65504) in the SwiGLU product, in the FFN and
 attention outputs and in the final projection. Every block output passes an RMSNorm before it is
@@ -19,6 +19,7 @@ small, and the final layer's output is the velocity itself, which no norm follow
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,8 +67,15 @@ def describe(variant: str = DEFAULT_VARIANT) -> str:
     return "clamp SwiGLU product, FFN and attention outputs to ±65504; embedders and final layer in float32"
 
 
-def install_fp16_guard(transformer: torch.nn.Module, variant: str = DEFAULT_VARIANT) -> Fp16Guard:
-    """Guard a float16 transformer in place; its FLOAT32_MODULES are made float32 if they are not."""
+def install_fp16_guard(
+    transformer: torch.nn.Module, variant: str = DEFAULT_VARIANT, blocks: Iterable[torch.nn.Module] = ()
+) -> Fp16Guard:
+    """Guard a float16 transformer in place; its FLOAT32_MODULES are made float32 if they are not.
+
+    `blocks`: more blocks of the same kind to guard, a ControlNet's own (`accel.fuse.controlnet_blocks`):
+    they are Z-Image transformer blocks whose outputs pass the same RMSNorms, and their hints join
+    the transformer's float16 stream.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"fp16 guard variant {variant!r} is not one of {', '.join(VARIANTS)}")
     guard = Fp16Guard(variant, transformer)
@@ -75,7 +83,7 @@ def install_fp16_guard(transformer: torch.nn.Module, variant: str = DEFAULT_VARI
         getattr(transformer, prefix.rstrip(".")).float()
     from .accel.fuse import transformer_blocks
 
-    for block in transformer_blocks(transformer):
+    for block in (*transformer_blocks(transformer), *blocks):
         ffn, attention = block.feed_forward, block.attention
         if variant == "scale":
             _scale(guard, ffn.w3, block.ffn_norm2, FFN_SCALE)
