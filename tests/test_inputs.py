@@ -225,6 +225,21 @@ def test_an_image_of_another_size_needs_resize():
         assert prepared.image is not None and prepared.image.shape == (1, 3, 64, 32)
 
 
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ({"width": -64, "height": 64}, "width -64 is below the minimum of 16"),
+        ({"width": 64, "height": 8, "resize": "crop"}, "height 8 is below the minimum of 16"),
+        ({"width": 72, "height": 64, "resize": "crop"}, "width 72 is not a multiple of 16"),
+        ({"width": "64", "height": 64}, "width must be a whole number of pixels, got '64'"),
+    ],
+)
+def test_a_bad_size_with_an_input_image_is_refused_as_the_size(size, message):
+    """The size is checked before the inputs are fitted to it: not as an outpaint nobody asked for."""
+    error = refusal(request, image=png(64, 64), **size)
+    assert error.field in ("width", "height") and str(error).startswith(message)
+
+
 def test_an_image_whose_size_is_no_multiple_of_the_unit_needs_a_size():
     error = refusal(request, image=png(60, 64))
     assert error.field == "image" and "is 60x64 (60x64), not a multiple of 16" in str(error)

@@ -444,6 +444,7 @@ class GenerateRequest:
         _check_int("steps", steps, *LIMITS.steps)
         _check_int("batch", batch, *LIMITS.images)
         guidance = _check_guidance(guidance_scale)
+        _check_given_sides(width, height, limits)  # before input images are fitted to them
         inputs, width, height = _check_input_fields(input_fields, steps, width, height, limits)
         width, height = _check_size(_or_default(width), _or_default(height), limits)
         strength = _check_fraction("variation_strength", variation_strength)
@@ -822,21 +823,30 @@ def nearest_multiples(value: int, unit: int) -> tuple[int, int]:
     return below, below + unit
 
 
+def _check_given_sides(width: object, height: object, limits: ModelLimits) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            _check_side(name, value, limits.spatial_unit)
+
+
+def _check_side(name: str, value: object, unit: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(name, f"{name} must be a whole number of pixels, got {value!r}")
+    if value < unit:
+        raise FieldError(name, f"{name} {value} is below the minimum of {unit}")
+    if value % unit:
+        lo, hi = nearest_multiples(value, unit)
+        message = f"{name} {value} is not a multiple of {unit} (the model's spatial unit)"
+        raise FieldError(name, f"{message}; nearest valid: {lo} or {hi}")
+
+
 def _or_default(size: int | None) -> int:
     return DEFAULT_SIZE if size is None else size
 
 
 def _check_size(width: object, height: object, limits: ModelLimits) -> tuple[int, int]:
-    unit = limits.spatial_unit
     for name, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise FieldError(name, f"{name} must be a whole number of pixels, got {value!r}")
-        if value < unit:
-            raise FieldError(name, f"{name} {value} is below the minimum of {unit}")
-        if value % unit:
-            lo, hi = nearest_multiples(value, unit)
-            message = f"{name} {value} is not a multiple of {unit} (the model's spatial unit)"
-            raise FieldError(name, f"{message}; nearest valid: {lo} or {hi}")
+        _check_side(name, value, limits.spatial_unit)
     assert isinstance(width, int) and isinstance(height, int)
     if width * height > limits.max_pixels:
         raise FieldError(
