@@ -525,6 +525,18 @@ def test_the_image_stage_leaves_room_for_an_input_images_encode(shape):
     )
 
 
+def test_model_offload_encodes_an_input_image_with_the_text_encoder_off_the_device(tiny_dir, control_image):
+    # The image stage's estimate holds the VAE alone: the text encoder's turn ends before the encode.
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", memory="model-offload")
+    planned = Engine.load(config)
+    events: list[str] = []
+    stage = planned.placement.stage
+    planned.placement.stage = lambda name: (events.append(name), stage(name))[1]
+    planned.components.vae.encoder.register_forward_pre_hook(lambda *_: events.append("vae encode"))
+    planned.generate("a red fox", seed=1, steps=2, image=control_image, strength=0.5)
+    assert events == ["encode", "image", "vae encode", "denoise", "decode"]
+
+
 def test_the_planner_reads_the_controlnet_from_its_file(tiny_dir, tmp_path, engine):
     from zturbo.loader import load_controlnet, resolve_model
     from zturbo.tiny import write_tiny_controlnet

@@ -447,6 +447,7 @@ class Engine:
         key = _input_key(purpose, req.inputs, req.width, req.height)
         dist = self.latent_cache.get(vae, key)
         if dist is None:
+            self.placement.stage("image")  # model-offload: the text encoder leaves the device first
             dist = self._eager_if_compile_fails(encode_image, vae, pixels.to(self.device))
             if not all_finite([dist.mean, dist.std]):
                 raise NonFiniteError("vae", "non-finite latents after encoding an input image")

@@ -199,8 +199,9 @@ class Placement:
             streamer.invalidate()
 
     def stage(self, name: str) -> None:
-        """Before `name` (encode, denoise, decode): under model-offload, only its module on the
-        device; under te-offload, the shared memory starts filling for what comes next."""
+        """Before `name` (encode, image, denoise, decode): under model-offload, only its module on
+        the device (none but the VAE for image and decode); under te-offload, the shared memory
+        starts filling for what comes next."""
         arena = self.streamers.get("arena")
         if arena is not None and name in ("decode", "denoise"):
             # After denoising, the shared blocks are done until the next image: the encoder's
