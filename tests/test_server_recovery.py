@@ -1,15 +1,30 @@
 """Crashes: a worker killed mid-job, a job past its time limit, a server stopped or killed with jobs queued.
 
-Every accepted job must complete exactly once. One data directory is carried through three servers.
+Every accepted job must complete exactly once, with its input images. One data directory is carried
+through three servers.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import json
 import os
 import signal
 import time
 
+import numpy as np
+from PIL import Image
+
 from serving import Server
+from zturbo.imageio import METADATA_KEY
+
+
+def noise_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def wait_running(server: Server, job_id: str, timeout: float = 30) -> dict:
@@ -80,8 +95,10 @@ def test_crashes_lose_no_job_and_run_none_twice(tiny_dir, tmp_path):
     again = server.client.get(f"/v1/jobs/{job['id']}").json()
     assert (again["attempts"], again["finished_at"]) == (done["attempts"], done["finished_at"])
 
-    # 4. kill -9 of the whole server mid-job: its worker dies with it; the next server re-runs the job.
-    last = server.submit(steps=10, seed=9)
+    # 4. kill -9 of the whole server mid-job: its worker dies with it; the next server re-runs the job,
+    # its input image read back from the data directory's store.
+    image = noise_png()
+    last = server.submit(steps=10, seed=9, image=base64.b64encode(image).decode())
     wait_running(server, last["id"])
     orphan = server.worker()["pid"]
     server.stop(signal.SIGKILL)
@@ -91,6 +108,10 @@ def test_crashes_lose_no_job_and_run_none_twice(tiny_dir, tmp_path):
         server.wait_ready()
         rerun = server.wait_job(last["id"], timeout=60)
         assert rerun["status"] == "succeeded" and rerun["attempts"] == 2
+        png = server.client.get(rerun["images"][0]["url"]).content
+        with Image.open(io.BytesIO(png)) as made:
+            inputs = json.loads(made.text[METADATA_KEY])["inputs"]
+        assert (inputs["mode"], inputs["images"]) == ("img2img", {"image": hashlib.sha256(image).hexdigest()})
         history = server.client.get("/v1/history", params={"limit": 200}).json()
         ids = [item["id"] for item in history["items"]]
         assert len(ids) == len(set(ids)) == history["total"] == 7
