@@ -284,6 +284,23 @@ def test_a_refused_submission_stores_nothing_and_a_start_sweeps_strays(tmp_path)
         assert client.get(kept.json()["params"]["inputs"]["images"]["image"]["url"]).content == IMAGE
 
 
+def test_a_stored_image_is_durable_with_every_directory_made_for_it(tmp_path, monkeypatch):
+    """A job commits once its images are on disk: the file, its rename, and each directory the store
+    had to make (a new directory's entry is durable only once its parent is synced)."""
+    synced: list[Path] = []
+    monkeypatch.setattr(jobs, "_fsync_dir", synced.append)
+    store = jobs.InputStore(tmp_path / "inputs")
+    first, second = (jobs.InputImage(b"x", digit * 64, None, "x") for digit in ("a", "b"))
+    store.put(first)
+    assert synced == [tmp_path / "inputs" / "aa", tmp_path / "inputs", tmp_path]
+    synced.clear()
+    store.put(second)  # a new shard of an existing store
+    assert synced == [tmp_path / "inputs" / "bb", tmp_path / "inputs"]
+    synced.clear()
+    store.put(jobs.InputImage(b"y", "a" * 63 + "b", None, "y"))  # both directories there already
+    assert synced == [tmp_path / "inputs" / "aa"]
+
+
 def test_a_missing_or_damaged_input_file_is_the_jobs_storage_error(tmp_path):
     store = jobs.JobStore(tmp_path / "jobs.sqlite3")
     request = GenerateRequest.create("a fox", limits=ModelLimits(16, 64 * 64), image=IMAGE, steps=2)

@@ -318,13 +318,16 @@ class InputStore:
             return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
         try:
+            new_dirs = [d for d in (self.root, path.parent) if not d.is_dir()]
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "xb") as f:
                 f.write(image.data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            # The rename is durable once its directory is synced, and a directory made here once its parent is.
+            for directory in (path.parent, *(d.parent for d in reversed(new_dirs))):
+                _fsync_dir(directory)
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"cannot store the input image {path}: {e.strerror or e}; check the free space "
