@@ -248,6 +248,18 @@ def test_a_controlnet_for_another_model_size_is_refused_before_loading(tmp_path,
         load_controlnet(str(directory), transformer, CPU, torch.float32)
 
 
+def test_a_controlnet_for_another_model_is_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    import zturbo.loader as loader
+
+    directory = write_tiny_controlnet(tmp_path / "heads", "2.1", single_file=False)
+    config = (directory / "config.json").read_text().replace('"n_heads": 2', '"n_heads": 4')
+    (directory / "config.json").write_text(config)
+    monkeypatch.setattr(loader, "load_weights", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), torch.float32)
+    with pytest.raises(CheckpointError, match="has n_heads 4, this model's transformer has 2"):
+        load_components(resolve_model(str(tiny_dir)), CPU, dtypes, controlnet=str(directory))
+
+
 def test_a_file_whose_tensors_do_not_fit_is_refused_naming_them(tmp_path, files, transformer):
     state = load_file(files["2.1", True])
     del state["control_layers.1.after_proj.bias"]

@@ -317,6 +317,8 @@ def load_components(
 
     from .guard import is_float32_key
 
+    # A ControlNet that does not fit this model is refused before any weights load.
+    control = None if controlnet is None else _controlnet_files(controlnet, source.config("transformer"))
     root = source.path
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     t_dtype = dtypes["transformer"]
@@ -343,7 +345,7 @@ def load_components(
         raise CheckpointError(f"tokenizer in {root / 'tokenizer'} has no chat template; Z-Image needs Qwen's")
     components = Components(transformer, vae, text_encoder, tokenizer, source.config("scheduler"))
     if controlnet is not None:
-        components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype)
+        components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype, control)
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
         n = sum(p.numel() for p in module.parameters())
@@ -351,18 +353,23 @@ def load_components(
     return components
 
 
-def load_controlnet(spec: str, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ControlNet:
+def load_controlnet(
+    spec: str,
+    transformer: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    resolved: tuple[Any, dict[str, Any], set[str]] | None = None,
+) -> ControlNet:
     """The ControlNet `spec` names, built for `transformer` (whose embedders and refiners it then
     shares, diffusers' `from_transformer`): its config from the file (control.structure), built
-    on the meta device, its weights streamed in strictly, in `dtype` on `device`."""
+    on the meta device, its weights streamed in strictly, in `dtype` on `device`. `resolved`:
+    what `_controlnet_files` already found for it."""
     from diffusers import ZImageControlNetModel
 
-    from .control import resolve_controlnet
     from .control.model import own_parameters, weights_sha256
-    from .control.structure import resolve_config, version
+    from .control.structure import version
 
-    files = resolve_controlnet(spec)
-    config, kept = resolve_config(files, transformer.config)
+    files, config, kept = resolved or _controlnet_files(spec, transformer.config)
     model = _empty(lambda: ZImageControlNetModel.from_config(config))
     load_weights(model, list(files.weights), device, dtype, rename=lambda k: k if k in kept else None)
     model = ZImageControlNetModel.from_transformer(model, transformer)
@@ -373,6 +380,16 @@ def load_controlnet(spec: str, transformer: torch.nn.Module, device: torch.devic
     n = sum(p.numel() for p in own_parameters(model))
     log.info("controlnet %s (%s): %s on %s, %s parameters", spec, found.version, dtype, device, _count(n))
     return found
+
+
+def _controlnet_files(spec: str, transformer_config: Any) -> tuple[Any, dict[str, Any], set[str]]:
+    """(the files `spec` names, the config they need, the keys it loads), checked against the
+    transformer's config: headers only, no weights (control.structure.resolve_config)."""
+    from .control import resolve_controlnet
+    from .control.structure import resolve_config
+
+    files = resolve_controlnet(spec)
+    return (files, *resolve_config(files, transformer_config))
 
 
 def _text_encoder_class(root: Path) -> type:
