@@ -189,6 +189,16 @@ def test_size_auto_is_the_input_images_size_on_every_route(api):
     assert GenerateRequest.from_fields({"prompt": "a", "size": "auto"}, LIMITS_1024).width == 1024
 
 
+def test_an_edit_with_outpaint_margins_is_outpaint_whatever_the_images_transparency(api):
+    """Without a mask, an image's transparency is its mask; outpaint makes its own, so an edit that
+    asks for one is not refused for giving both."""
+    rgba = encode(Image.fromarray(np.zeros((64, 64, 4), np.uint8), "RGBA"))
+    r = api.post("/v1/images/edits", data={"prompt": "a", "outpaint": "0,16,0,0"}, files=files(image=rgba))
+    job_id = re.search(r"job ([0-9a-f]+) did not finish", assert_error(r, 504, "timeout", None)).group(1)
+    inputs = api.get(f"/v1/jobs/{job_id}").json()["params"]["inputs"]
+    assert (inputs["mode"], inputs["mask_from_alpha"], inputs["outpaint"]) == ("outpaint", False, [0, 16, 0, 0])
+
+
 def test_too_many_file_parts_and_a_json_edit_are_refused(api):
     parts = [(f"f{i}", (f"{i}.png", IMAGE, "image/png")) for i in range(4)]
     r = api.post("/v1/jobs", data={"prompt": "a fox"}, files=parts)

@@ -839,12 +839,14 @@ def _service_routes(service: Service) -> APIRouter:
 
 def _edit_request(service: Service, values: dict[str, Any]) -> GenerateRequest:
     """OpenAI's edit semantics on the request table: without `size` (or with "auto", as on every
-    route) the image's own size; without a mask, an image with transparency is its own mask (transparent repaints), and
-    an opaque one is img2img at the default strength."""
+    route) the image's own size; without a mask (or outpaint, which makes its own), an image with
+    transparency is its own mask (transparent repaints), and an opaque one is img2img at the
+    default strength."""
     if "image" not in values:
         raise FieldError("image", "image is required: the image to edit, as a file part")
     image = values["image"]
-    if "mask" not in values and isinstance(image, InputImage) and image.has_alpha:
+    unmasked = "mask" not in values and "outpaint" not in values
+    if unmasked and isinstance(image, InputImage) and image.has_alpha:
         values["mask"] = ALPHA_MASK
     return GenerateRequest.from_fields(values, service.settings.limits)
 
