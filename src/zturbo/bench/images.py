@@ -41,6 +41,7 @@ from ..accel.graphs import STEP_SIGHTINGS
 from ..control import own_parameters
 from ..engine import Engine
 from . import common
+from . import memory as memory_bench
 from .common import PROMPT, SEED, STEPS, once, timed
 from .memory import thumbnail
 
@@ -473,47 +474,9 @@ def capped_row(cap: float, size: int, runs: int, tiny: bool = False, compile: bo
 
 
 def capped_engine(cap: float, size: int, tiny: bool, compile: bool) -> tuple[Engine | None, dict[str, Any]]:
-    """The engine the planner places for `cap` GiB with the ControlNet, compiled as Engine.load
-    would, the process capped; and the row's plan and estimate. None (and why) when no plan fits."""
-    from ..accel import compile as accel
-    from ..memory import plan as memory
-
-    device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
-    dtype = torch.float32 if tiny else torch.bfloat16
-    components = controlnet_components(device, dtype, tiny)
-    dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), dtype)
-    shape = memory.model_shape(
-        components.transformer, components.text_encoder, components.vae, controlnet=components.controlnet.model
-    )
-    total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 64 * memory.GIB
-    budget = int(cap * memory.GIB) if cap else total
-    sizes = memory.dtype_bytes(dtypes)
-    choice = memory.choose(shape, sizes, budget, width=size, height=size, compiled_vae=compile and not tiny)
-    row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
-    if choice.chosen is None:
-        leanest = min(choice.considered, key=lambda e: e.peak)
-        usable = memory.usable_budget(budget) / memory.GIB
-        row["error"] = (
-            f"no plan fits: {usable:.3g} GiB usable under the cap, and the leanest plan ({leanest.label()}) "
-            f"needs {leanest.peak / memory.GIB:.3g} GiB"
-        )
-        return None, row
-    est = choice.chosen
-    row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
-    row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
-    engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
-    engine.set_vae_tiling(est.vae_tiling)
-    compile_ = compile and memory.compilable(est.plan)
-    options = accel.AccelOptions(
-        compile=compile_, backend="eager" if tiny else "inductor", fuse=memory.fusable(est.plan)
-    )
-    engine.accel = accel.apply(components, options)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        if cap:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
-    row["compiled"] = compile_
-    return engine, row
+    """`bench.memory.capped_engine` with the random Union 2.1 ControlNet: the engine the planner
+    places for `cap` GiB, the process capped; None (and why) when no plan fits."""
+    return memory_bench.capped_engine(cap, size, tiny=tiny, build=controlnet_components, compile=compile)
 
 
 def run_caps(caps: list[float], opts: Any, report: Callable[[list[dict[str, Any]]], None]) -> list[Any]:

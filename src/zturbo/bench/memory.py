@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,15 +38,26 @@ def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool
     return row if engine is None else row | _time_engine(engine, size, runs)
 
 
-def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = False) -> tuple[Any, dict[str, Any]]:
+def capped_engine(
+    cap: float,
+    size: int,
+    quantize: str = "none",
+    tiny: bool = False,
+    build: Callable[[torch.device, torch.dtype, bool], Any] = common.random_components,
+    compile: bool = True,
+) -> tuple[Any, dict[str, Any]]:
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
-    as Engine.load would, with the process capped; and the row's plan and estimate. The engine is
-    None when no plan fits."""
+    as Engine.load would (where the plan allows and `compile`), with the process capped; and the
+    row's plan and estimate. The engine is None (and the row says why) when no plan fits.
+
+    `build(device, dtype, tiny)` makes the random modules (`bench.images` adds a ControlNet, which
+    the planner counts)."""
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
-    components = common.random_components(device, dtype, tiny=tiny)
+    components = build(device, dtype, tiny)
     dtypes = dict.fromkeys(("transformer", "text_encoder", "vae"), dtype)
-    shape = memory.model_shape(components.transformer, components.text_encoder, components.vae)
+    controlnet = getattr(components, "controlnet", None)
+    shape = memory.model_shape(components.transformer, components.text_encoder, components.vae, controlnet)
     total = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else 64 * memory.GIB
     budget = int(cap * memory.GIB) if cap else total
     quantize_options = (quantize,) if quantize != "none" else ()
@@ -57,11 +69,11 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
         height=size,
         quantize_options=quantize_options,
         exact=not quantize_options,  # as Engine.load does when the user asks for a quantization
-        compiled_vae=not tiny,  # compiled below, as Engine.load compiles on a GPU
+        compiled_vae=compile and not tiny,  # compiled below, as Engine.load compiles on a GPU
     )
     row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
     if choice.chosen is None:
-        row["error"] = "no plan fits"
+        row["error"] = _no_plan_fits(choice, budget)
         return None, row
     est = choice.chosen
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
@@ -76,9 +88,8 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
 
-    compile_ = memory.compilable(est.plan)
-    backend = "eager" if tiny else "inductor"
-    fuse = memory.fusable(est.plan)
+    compile_ = compile and memory.compilable(est.plan)
+    backend, fuse = ("eager" if tiny else "inductor"), memory.fusable(est.plan)
     options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
     engine.accel = accel.apply(components, options)
     if device.type == "cuda":
@@ -87,6 +98,15 @@ def capped_engine(cap: float, size: int, quantize: str = "none", tiny: bool = Fa
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     row["compiled"] = compile_
     return engine, row
+
+
+def _no_plan_fits(choice: Any, budget: int) -> str:
+    leanest = min(choice.considered, key=lambda e: e.peak)
+    usable = memory.usable_budget(budget) / memory.GIB
+    return (
+        f"no plan fits: {usable:.3g} GiB usable under the cap, and the leanest plan ({leanest.label()}) "
+        f"needs {leanest.peak / memory.GIB:.3g} GiB"
+    )
 
 
 def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
