@@ -307,7 +307,7 @@ def _check_strength(strength: float | None, steps: int, mode: str) -> float:
     if img2img_first_step(steps, value) >= steps:
         raise FieldError(
             "strength",
-            f"strength {value} with {steps} steps runs no denoising step; use at least {1 / steps:.3g} or more steps",
+            f"strength {value} with {steps} steps runs no denoising step; raise the strength",
         )
     return float(value)
 
