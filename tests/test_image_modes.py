@@ -380,3 +380,20 @@ def test_a_control_image_the_engine_cannot_run_is_refused_before_any_work(engine
     with Counter(modes.components.text_encoder) as encodes_too, pytest.raises(FieldError, match="no inpaint input"):
         modes.generate(inpaint)
     assert encodes.count == encodes_too.count == 0
+
+
+def test_variety_until_is_a_fraction_of_the_steps_that_run(modes, monkeypatch):
+    """img2img at 0.5 runs 2 of 4 steps: variety until 0.5 covers one of those two, not two."""
+    import zturbo.engine as engine_module
+    from zturbo.pipeline import variety_steps
+
+    seen: list[tuple[float, int]] = []
+
+    def spy(fraction: float, steps: int) -> int:
+        seen.append((fraction, steps))
+        return variety_steps(fraction, steps)
+
+    monkeypatch.setattr(engine_module, "variety_steps", spy)
+    modes.generate(PROMPT, seed=SEED, steps=4, image=picture(), strength=0.5, variety=0.3, variety_until=0.5)
+    modes.generate(PROMPT, seed=SEED, steps=4, width=SIZE, height=SIZE, variety=0.3, variety_until=0.5)
+    assert seen == [(0.5, 2), (0.5, 4)]

@@ -367,7 +367,9 @@ class Engine:
         early = None
         if req.variety > 0:
             seeds = [r.seed for r in rows]
-            early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, req.steps))
+            # a fraction of the steps that run, as the control range is (img2img runs fewer)
+            runs = req.inputs.steps_run(req.steps)
+            early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, runs))
         return cond, uncond, early, warnings
 
     def _check_controlnet(self, inputs: ImageInputs) -> None:

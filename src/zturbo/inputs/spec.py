@@ -79,6 +79,13 @@ class ImageInputs:
     def controlled(self) -> bool:
         return self.control_image is not None
 
+    def steps_run(self, steps: int) -> int:
+        """How many of `steps` denoising steps run: an input image noised to `strength` starts late
+        (img2img, inpaint, outpaint); text-to-image and ControlNet inpaint start from noise."""
+        if self.image is None or self.strength is None or (self.controlled and self.masked):
+            return steps
+        return steps - img2img_first_step(steps, self.strength)
+
     def images(self) -> dict[str, InputImage]:
         """The input images by field name."""
         found = {"image": self.image, "mask": self.mask, "control_image": self.control_image}
