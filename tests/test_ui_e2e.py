@@ -139,13 +139,26 @@ def _drop_file(page: Any, selector: str, path: Path) -> None:
     )
 
 
+def _settled_box(page: Any, element: Any, tries: int = 25) -> dict[str, float]:
+    """The element's bounding box once two readings 200 ms apart agree: the editor resizes its
+    canvas to the image after the background lands, later on a loaded machine."""
+    box = element.bounding_box()
+    for _ in range(tries):
+        page.wait_for_timeout(200)
+        again = element.bounding_box()
+        if again == box:
+            return box
+        box = again
+    return box
+
+
 def _paint_stroke(page: Any, editor: Any) -> None:
     """Drag the editor's brush (its starting tool) across the middle of the image, where it is drawn
     (the mouse acts only within the viewport, so the canvas is scrolled into it first)."""
     expect(editor.locator("button[aria-label='Brush'].highlight")).to_be_visible()
     canvas = editor.locator("canvas").first
     canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
+    box = _settled_box(page, canvas)
     y = box["y"] + box["height"] / 2
     page.mouse.move(box["x"] + box["width"] * 0.45, y)
     page.mouse.down()
