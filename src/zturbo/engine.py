@@ -745,10 +745,7 @@ def _load_components(
     it; a quantized transformer that lives on the device arrives block by block, each block
     quantized as it lands."""
     start = time.perf_counter()
-    where = homes(layout.plan, device)
-    # The ControlNet (never quantized) lives where the plan puts the transformer, even when the
-    # transformer itself takes the CPU detour below to be quantized on arrival.
-    where.setdefault("controlnet", where["transformer"])
+    where = homes(layout.plan, device)  # the ControlNet's home is the transformer's (before the CPU detour below)
     quantize_on_arrival = layout.quantize != "none" and where["transformer"] != torch.device("cpu")
     if quantize_on_arrival:  # plain weights to the CPU, then block by block to the device, quantized
         where["transformer"] = torch.device("cpu")
