@@ -8,11 +8,12 @@ import logging
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from zturbo.accel import compile as accel
 from zturbo.accel import graphs
 from zturbo.memory.plan import Layout
-from zturbo.pipeline import MAX_TOKENS, encode_prompt, transformer_step
+from zturbo.pipeline import MAX_TOKENS, encode_prompt, pad_positions, transformer_step
 
 PROMPTS = ["a red fox", "a much longer prompt about a blue bird on a branch in the snow at dawn"]
 
@@ -433,6 +434,50 @@ def test_a_failed_control_capture_leaves_the_plain_steps_their_graphs(engine, co
     assert len(counting.keys) == 2 and len(g) == 1  # one failed control capture, then the plain one
 
 
+class HostSyncs(TorchDispatchMode):
+    """Records the ops a CUDA graph capture refuses: reading a value back, or indexing by a
+    boolean mask (which counts its True entries on the host first)."""
+
+    READS = frozenset({"nonzero", "_local_scalar_dense", "is_nonzero", "equal", "masked_select"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        indices = args[1] if name.startswith("index") and len(args) > 1 else ()
+        if name in self.READS or any(getattr(i, "dtype", None) == torch.bool for i in indices or ()):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(("sizes", "captions"), [((4,), (7,)), ((4, 6), (7, 40)), ((16,), (64,))])
+def test_a_control_step_syncs_with_nothing_and_predicts_as_diffusers_forward(engine, controlnet, sizes, captions):
+    # Pads on both the image (4x4 latents: 4 tokens of 32) and the caption; none at 16x16 and 64 tokens.
+    cn, transformer = controlnet.model, engine.components.transformer
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(16, 1, n, n, generator=g) for n in sizes]
+    caps = [torch.randn(n, transformer.config.cap_feat_dim, generator=g) for n in captions]
+    context = [torch.randn(cn.config.control_in_dim, 1, n, n, generator=g) for n in sizes]
+    t, scale = torch.full((len(sizes),), 0.4), torch.tensor(0.7)
+    with torch.inference_mode():
+        samples = cn(x, t, caps, context, conditioning_scale=scale)  # diffusers' own, boolean masks
+        want = transformer(x, t, caps, controlnet_block_samples=samples, return_dict=False)[0]
+        with HostSyncs() as syncs:
+            got = transformer_step(transformer, cn, x, t, caps, (context, scale))
+    assert syncs.ops == []
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert "patchify_and_embed" not in vars(cn)  # the model is diffusers' own again
+
+
+def test_pad_positions_are_the_masks_true_entries_across_items():
+    masks = [torch.tensor([False] * 5 + [True] * 3), torch.zeros(4, dtype=torch.bool), torch.tensor([False, True])]
+    positions = torch.cat(pad_positions(masks, [5, 4, 1]))
+    assert positions.tolist() == torch.cat(masks).nonzero().squeeze(1).tolist() == [5, 6, 7, 13]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tmp_path):
@@ -451,10 +496,8 @@ def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tm
         want = controlled_latents(engine, cn, controls).cpu()
         got = controlled_latents(engine, cn, controls, g).cpu()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    # Captured once and replayed for the other scale; or, where the ControlNet's forward cannot be
-    # captured (diffusers sets its pad tokens by boolean indexing, a host sync), its steps run plain
-    # and graphs stay on for steps without it.
-    assert g.failed is None and (g.captures, len(g)) == ((0, 0) if g.control_failed else (1, 1))
+    # Captured once (the ControlNet's pad writes sync with nothing) and replayed for the other scale.
+    assert g.failed is None and g.control_failed is None and (g.captures, len(g)) == (1, 1)
 
 
 @pytest.mark.gpu

@@ -459,8 +459,46 @@ def transformer_step(
         return transformer(x, t, embeds, return_dict=False)[0]
     assert controlnet is not None, "a control input needs a ControlNet"
     context, scale = control
-    samples = controlnet(x, t, embeds, context, conditioning_scale=scale)
+    with pads_by_position(controlnet):
+        samples = controlnet(x, t, embeds, context, conditioning_scale=scale)
     return transformer(x, t, embeds, controlnet_block_samples=samples, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def pads_by_position(controlnet: torch.nn.Module) -> Iterator[None]:
+    """While inside, the ControlNet's pad masks come as the padded tokens' positions.
+
+    diffusers' ControlNet writes its pad tokens with a boolean index (`x[torch.cat(masks)] = pad`),
+    which syncs with the host to count the True entries: a CUDA graph cannot capture that step, and
+    eager steps stall on it. Indexed by positions instead, the same write syncs with nothing. The
+    positions follow from shapes alone, since each item is padded at its end.
+    """
+    patchify = controlnet.patchify_and_embed
+
+    def by_position(images: list[torch.Tensor], captions: list[torch.Tensor], p: int, pf: int) -> tuple[Any, ...]:
+        *out, image_masks, caption_masks = patchify(images, captions, p, pf)
+        image_tokens = [(i.shape[1] // pf) * (i.shape[2] // p) * (i.shape[3] // p) for i in images]
+        return (
+            *out,
+            pad_positions(image_masks, image_tokens),
+            pad_positions(caption_masks, [len(c) for c in captions]),
+        )
+
+    controlnet.patchify_and_embed = by_position
+    try:
+        yield
+    finally:
+        del controlnet.patchify_and_embed  # the class's method again
+
+
+def pad_positions(masks: Sequence[torch.Tensor], real: Sequence[int]) -> list[torch.Tensor]:
+    """Per item, the positions of its pad mask's True entries in all the items concatenated: the
+    `masks[i]` entries after its first `real[i]` (diffusers pads each item at its end)."""
+    out, offset = [], 0
+    for mask, tokens in zip(masks, real, strict=True):
+        out.append(torch.arange(offset + tokens, offset + len(mask), device=mask.device))
+        offset += len(mask)
+    return out
 
 
 def denoise(
