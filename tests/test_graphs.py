@@ -347,9 +347,9 @@ def controlnet(engine, tmp_path_factory):
     return load_controlnet(str(path), engine.components.transformer, engine.device, torch.float32)
 
 
-def control_input(device, size=32, seed=0, scale=0.7, in_dim=33):
+def control_input(device, size=32, seed=0, scale=0.7, in_dim=33, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    context = [torch.randn(in_dim, 1, size // 8, size // 8, generator=g).to(device)]
+    context = [torch.randn(in_dim, 1, size // 8, size // 8, generator=g).to(device, dtype)]
     return context, torch.tensor(scale, dtype=torch.float32, device=device)
 
 
@@ -492,7 +492,7 @@ def test_a_cuda_step_graph_with_a_controlnet_replays_the_plain_step(tiny_dir, tm
     cn = load_controlnet(str(path), transformer, engine.device, transformer.dtype).model
     g = graphs.StepGraphs()
     for scale in (0.9, 0.9, 0.4):
-        controls = [control_input(engine.device, scale=scale)] * 3
+        controls = [control_input(engine.device, scale=scale, dtype=transformer.dtype)] * 3
         want = controlled_latents(engine, cn, controls).cpu()
         got = controlled_latents(engine, cn, controls, g).cpu()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

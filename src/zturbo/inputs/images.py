@@ -32,7 +32,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeEr
 @dataclass(frozen=True, eq=False)
 class InputImage:
     """One input image: the bytes as given (what `sha256` hashes: the metadata records it, a job
-    stores the bytes) and the decoded pixels.
+    stores the bytes) and the decoded pixels. A PIL image given to the Python API has no bytes
+    (`data` is empty): its `sha256` hashes its mode, size and pixels (`pixels_sha256`).
 
     `image` has EXIF orientation applied and is RGB, RGBA (alpha kept: it may be asked to serve as
     the mask) or L (grayscale, for masks); palette, 16-bit, CMYK and other modes are converted.
@@ -95,9 +96,9 @@ def read_image(path: str | Path, field: str) -> InputImage:
 
 
 def from_pil(image: Image.Image, field: str, name: str = "the given image") -> InputImage:
-    """A PIL image given to the Python API: EXIF orientation and the mode rule applied, then stored
-    as PNG (lossless; its bytes are what is hashed) and decoded through the same checks, so the same
-    pixels always give the same bytes and sha256."""
+    """A PIL image given to the Python API: checked, EXIF orientation and the mode rule applied,
+    hashed by its pixels. Encoding it (as PNG, say) to hash file bytes would cost more than
+    denoising half the steps at 1024², and the same pixels always give the same hash either way."""
     from PIL import Image, ImageOps
 
     if not isinstance(image, Image.Image):
@@ -106,12 +107,18 @@ def from_pil(image: Image.Image, field: str, name: str = "the given image") -> I
     _check_still(image, field, name)
     try:
         pixels = normal_mode(ImageOps.exif_transpose(image))
+        pixels.load()
     except _DECODE_ERRORS as e:
         raise FieldError(field, f"{field} {name} cannot be read: {_pillow_says(e)}") from None
-    pixels.info = {}  # the bytes depend on the pixels alone (no ICC profile, text chunks or dpi)
-    buffer = io.BytesIO()
-    pixels.save(buffer, format="PNG")
-    return decode_image(buffer.getvalue(), field, name, max_bytes=len(buffer.getvalue()))
+    pixels.info = {}  # not part of the pixels (an ICC profile, text, dpi)
+    return InputImage(data=b"", sha256=pixels_sha256(pixels), image=pixels, name=name)
+
+
+def pixels_sha256(image: Image.Image) -> str:
+    """sha256 of an image's mode, size and raw pixels: the same pixels always give the same hash."""
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _open_checked(data: bytes, field: str, name: str, max_pixels: int) -> Image.Image:

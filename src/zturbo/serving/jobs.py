@@ -313,6 +313,8 @@ class InputStore:
     def put(self, image: InputImage) -> None:
         """Store an image's bytes, unless a file with that content is there already (one damaged on
         disk is replaced)."""
+        if not image.data:  # a PIL image of the Python API: the server only ever gets bytes
+            raise ValueError(f"{image.name} has no bytes to store")
         path = self.path(image.sha256)
         if _holds(path, image.data):
             return
