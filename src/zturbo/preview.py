@@ -52,9 +52,14 @@ class LatentProjection:
         return torch.einsum("bchw,rc->brhw", latents.float(), self.weight) + self.bias.view(1, 3, 1, 1)
 
     def pixels(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) scaled latents -> uint8 (B, h, w, 3) on the latents' device."""
-        rgb = (self.rgb(latents) * 127.5 + 127.5).clamp(0, 255).round()
-        return rgb.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        """(B, C, h, w) scaled latents -> uint8 (B, h, w, 3) on the latents' device.
+
+        The product is taken channels-last, so the bytes come out in image order with no transpose.
+        """
+        rgb = torch.addmm(
+            self.bias * 127.5 + 127.5, latents.float().permute(0, 2, 3, 1).flatten(0, 2), self.weight.T * 127.5
+        )
+        return rgb.clamp_(0, 255).round_().to(torch.uint8).view(latents.shape[0], *latents.shape[2:], 3)
 
 
 def fit_projection(vae: torch.nn.Module, pictures: torch.Tensor | None = None) -> LatentProjection:
