@@ -502,7 +502,7 @@ class Engine:
         """The VAE's latent-to-RGB map for previews, fitted on the first request that asks for one."""
         if self.preview_projection is None:
             tick = time.perf_counter()
-            self.preview_projection = fit_projection(self.components.vae)
+            self.preview_projection = fit_projection(self.components.vae).to(self.device)
             log.info("preview projection fitted from the VAE in %.2f s", time.perf_counter() - tick)
         return self.preview_projection
 

@@ -146,7 +146,9 @@ class PreviewStream:
         self._pending: tuple[int, int, torch.Tensor, torch.cuda.Event | None] | None = None
 
     def __call__(self, step: int, steps: int, latents: torch.Tensor) -> None:
-        pixels = self.projection.to(latents.device).pixels(latents)
+        # Moved once: a copy from pageable host memory each step would wait for the GPU's queue.
+        self.projection = self.projection.to(latents.device)
+        pixels = self.projection.pixels(latents)
         event = None
         if pixels.device.type == "cuda":
             host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
