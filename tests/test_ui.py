@@ -479,7 +479,51 @@ def test_an_untouched_form_sends_the_text_to_image_body_as_before(tmp_path: Path
     fns, posted = _page(tmp_path)
     updates = _generate(fns, _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2))
     assert updates[-1][0] == "Error: seen"
-    assert posted[-1] == job_params(**{**FORM, "n": 1, "seed": -1, "width": 64, "height": 64})
+    # the page's jobs ask for live previews, which steer the events and not the image
+    assert posted[-1] == {**job_params(**{**FORM, "n": 1, "seed": -1, "width": 64, "height": 64}), "preview": True}
+
+
+def test_generate_shows_the_live_preview_of_a_running_job_and_hides_it_when_done(tmp_path: Path) -> None:
+    import base64
+
+    import gradio as gr
+
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui_app import _UiFiles, build
+
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 40)).save(picture, format="JPEG")
+    preview = base64.b64encode(picture.getvalue()).decode()
+    job = {"id": "j1", "status": "queued", "params": {"seed": 5}, "images": []}
+    stream = "".join(
+        f"event: {name}\ndata: {json.dumps(data)}\n\n"
+        for name, data in [
+            ("progress", {"step": 1, "steps": 2}),
+            ("progress", {"step": 1, "steps": 2, "preview": preview}),
+            ("progress", {"step": 2, "steps": 2, "preview": "not base64!"}),
+            ("done", {**job, "status": "succeeded"}),
+        ]
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            return httpx.Response(202, json=job)
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
+    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    assert [c.elem_id for c in fns["generate"].outputs][-1] == "live-preview"
+    form = _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2)
+    updates = _generate(fns, form)
+    assert len({len(u) for u in updates}) == 1  # every update fills every output
+    lives = [u[-1] for u in updates]
+    shown = [u for u in lives if isinstance(u, dict) and u.get("value") is not None]
+    assert len(shown) == 1 and shown[0]["visible"]  # the one decodable preview, as sent
+    assert shown[0]["value"].size == (32, 24) and shown[0]["value"].getpixel((16, 12))[0] > 150
+    assert updates[2][0] == "Generating: step 1/2" and updates[2][-1] is shown[0]
+    assert updates[3][0] == "Generating: step 2/2" and updates[3][-1] == gr.skip()  # a broken preview: none
+    assert lives[-1] == {"__type__": "update", "value": None, "visible": False} and updates[-1][0].startswith("Done")
 
 
 def test_generate_sends_the_files_bytes_the_painted_mask_and_the_settings_given(tmp_path: Path) -> None:
@@ -501,7 +545,7 @@ def test_generate_sends_the_files_bytes_the_painted_mask_and_the_settings_given(
     assert sorted(mask.getcolors()) == [(16 * 8, 255), (64 * 48 - 16 * 8, 0)]
     extra = {k: body[k] for k in set(body) - set(job_params(*FORM.values()))}
     assert extra == {"strength": 0.8, "paste_back": True, "mask_blur": 4, "resize": "fit", "control_type": "canny",
-                     "control_scale": 1.0}  # fmt: skip
+                     "control_scale": 1.0, "preview": True}  # fmt: skip
     assert isinstance(extra["mask_blur"], int)
 
 

@@ -99,6 +99,7 @@ from .pipeline import (
     without_last_layer,
 )
 from .precision import NonFiniteError, all_finite, choose_precision, safer
+from .preview import LatentProjection, PreviewCallback, PreviewStream, fit_projection
 from .request import IMAGE_FIELDS, GenerateRequest, ModelLimits
 from .result import GeneratedImage, GenerateResult, ModelInfo
 
@@ -146,6 +147,7 @@ class Engine:
         self.accel = accel or Accel()
         self.prompt_cache = PromptCache()
         self.latent_cache = LatentCache()
+        self.preview_projection: LatentProjection | None = None  # `_preview_projection`
         self.max_tokens = caption_limit(components.transformer.config)
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
@@ -265,9 +267,15 @@ class Engine:
         prompt: str | Sequence[str] | GenerateRequest,
         *,
         on_step: StepCallback | None = None,
+        on_preview: PreviewCallback | None = None,
         **params: Any,
     ) -> GenerateResult:
         """Generate images; `prompt` is text, a list of prompts, or a ready GenerateRequest.
+
+        `on_step(i, n)` is called after each step i of n. `on_preview(i, n, images)`, when given,
+        gets one small RGB preview per image of the batch (longest side <= 256 px, `zturbo.preview`)
+        of what step i predicts; on CUDA each arrives one step late (the last before this returns),
+        so the host never waits for the GPU. Previews do not change the images.
 
         A non-finite result re-runs the request once per escalation with the component at fault
         in the next safer dtype (float16 -> bfloat16 -> float32); running out of memory re-runs it
@@ -279,7 +287,7 @@ class Engine:
         memory_retried = False
         while True:  # bounded: each pass raises a precision, takes the one leaner-layout retry, or raises
             try:
-                result = self._run(req, on_step, fallbacks)
+                result = self._run(req, on_step, fallbacks, on_preview)
             except NonFiniteError as e:
                 fallbacks.append(self._escalate(e))
                 continue
@@ -309,7 +317,11 @@ class Engine:
         }
 
     def _run(
-        self, req: GenerateRequest, on_step: StepCallback | None, fallbacks: list[dict[str, str]]
+        self,
+        req: GenerateRequest,
+        on_step: StepCallback | None,
+        fallbacks: list[dict[str, str]],
+        on_preview: PreviewCallback | None = None,
     ) -> GenerateResult:
         timings: dict[str, float] = {}
         self._check_controlnet(req.inputs)
@@ -325,7 +337,8 @@ class Engine:
         controls = self._controls(req, prepared, len(start[1].dts))
         timings["inputs_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        latents = self._denoise(req, start, controls, cond, uncond, early, on_step)
+        previews = PreviewStream(self._preview_projection(), on_preview) if on_preview is not None else None
+        latents = self._denoise(req, start, controls, cond, uncond, early, on_step, previews)
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         with self._stage("check"):
             finite = all_finite(latents)
@@ -465,6 +478,7 @@ class Engine:
         uncond: Embeds | None,
         early: tuple[Embeds, int] | None,
         on_step: StepCallback | None,
+        previews: PreviewStream | None = None,
     ) -> torch.Tensor:
         c = self.components
         latents, sched, keep = start
@@ -476,10 +490,21 @@ class Engine:
             graphs = self._step_graphs()
             room = functools.partial(self._step_graph_fits, req)
             step = None if graphs is None else graphs.bind(c.transformer, room, controlnet=controlnet)
-            run = functools.partial(denoise, controlnet=controlnet, controls=controls, keep=keep)
-            return self._eager_if_compile_fails(
+            run = functools.partial(denoise, controlnet=controlnet, controls=controls, keep=keep, on_latents=previews)
+            latents = self._eager_if_compile_fails(
                 run, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, step
             )
+        if previews is not None:
+            previews.flush()
+        return latents
+
+    def _preview_projection(self) -> LatentProjection:
+        """The VAE's latent-to-RGB map for previews, fitted on the first request that asks for one."""
+        if self.preview_projection is None:
+            tick = time.perf_counter()
+            self.preview_projection = fit_projection(self.components.vae).to(self.device)
+            log.info("preview projection fitted from the VAE in %.2f s", time.perf_counter() - tick)
+        return self.preview_projection
 
     def _use_loras(self, req: GenerateRequest) -> list[dict[str, Any]]:
         """Merge the request's LoRA set (a no-op when it is the current one; the base weights

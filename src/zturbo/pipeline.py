@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 MAX_TOKENS = 512  # the text encoder's context for a caption
 CAPTION_MULTIPLE = 32  # the transformer pads each caption to a multiple of this many tokens
 StepCallback = Callable[[int, int], None]
+# After step i of n: (i, n, the denoised estimate (B, C, h, w) float32 on the device); the
+# estimate is a new tensor, so a caller may keep it.
+LatentCallback = Callable[[int, int, torch.Tensor], None]
 # A ControlNet's input at one step: the control context per transformer batch row, (C, 1, h, w) in
 # the transformer's dtype (under CFG the rows repeat for the negative half), and the conditioning
 # scale as a 0-dim float32 tensor on the device (a tensor, so a captured step graph reads it anew).
@@ -515,6 +518,7 @@ def denoise(
     controlnet: torch.nn.Module | None = None,
     controls: Sequence[StepControl | None] | None = None,
     keep: Keep | None = None,
+    on_latents: LatentCallback | None = None,
 ) -> torch.Tensor:
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
@@ -524,7 +528,9 @@ def denoise(
     `step` makes each step's prediction (default `transformer_step` with `controlnet`;
     `accel.graphs.StepGraphs.bind` gives one that replays CUDA graphs). `controls[i]` is step i's
     ControlNet input (None: the ControlNet does not run then). `keep` blends the input image back
-    outside its mask after every step (inpainting).
+    outside its mask after every step (inpainting). `on_latents` gets, after each step, the clean
+    latents the step predicts (the latents with the remaining noise, sigma * prediction, removed):
+    what a live preview shows.
     """
     step = step or functools.partial(transformer_step, transformer, controlnet)
     batch = latents.shape[0]
@@ -551,6 +557,8 @@ def denoise(
         latents = latents + dt * -pred
         if keep is not None:
             latents = keep.blend(latents, sched.sigmas[i + 1])
+        if on_latents is not None:
+            on_latents(i + 1, steps, latents + sched.sigmas[i + 1] * pred)
         if on_step is not None:
             on_step(i + 1, steps)
     return latents

@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import hashlib
 import hmac
+import inspect
 import io
 import ipaddress
 import json
@@ -60,6 +61,7 @@ from .schemas import (
     check_body_size,
     check_image_size,
     check_part_type,
+    form_preview,
     image_text_bytes,
     image_variation_seeds,
     job_inputs,
@@ -181,11 +183,12 @@ class Service:
         self.metrics.finished(job, msg)
         self.events.publish(msg.job_id, "finished", {"status": job.status})
 
-    def submit(self, request: GenerateRequest, job_id: str, client: str | None) -> jobs.Job:
-        """Queue a request whose LoRAs exist and fit the model (a 400 now, not a failed job later)."""
+    def submit(self, request: GenerateRequest, job_id: str, client: str | None, *, preview: bool = False) -> jobs.Job:
+        """Queue a request whose LoRAs exist and fit the model (a 400 now, not a failed job later);
+        `preview`: its progress events carry previews."""
         self.loras.check(request.loras)
         try:
-            job = self.store.submit(request, job_id=job_id, client=client)
+            job = _store_submit(self.store, request, job_id, client, preview)
         except jobs.QueueFullError as e:
             self.metrics.rejected.inc()
             e.retry_after = self.retry_after()
@@ -232,6 +235,13 @@ class Service:
             "started_at": job.started_at,
             "finished_at": job.finished_at,
         }
+
+    def preview(self, job_id: str) -> str | None:
+        """The running job's latest preview as base64 JPEG, if it asked for previews."""
+        # TODO(merge): Supervisor.preview arrives with the WORKER branch (contract C2); call it directly then.
+        latest = getattr(self.supervisor, "preview", None)
+        data = latest(job_id) if latest is not None else None
+        return base64.b64encode(data).decode() if data else None
 
     def sign(self, image_id: str, expires: int) -> str:
         key = (self.settings.api_key or "").encode()
@@ -685,8 +695,17 @@ def _image_type(data: bytes) -> str:
         return "application/octet-stream"
 
 
+def _store_submit(
+    store: jobs.JobStore, request: GenerateRequest, job_id: str, client: str | None, preview: bool
+) -> jobs.Job:
+    # TODO(merge): JobStore.submit takes `preview` with the WORKER branch (contract C2); call it directly then.
+    if "preview" in inspect.signature(store.submit).parameters:
+        return store.submit(request, job_id=job_id, client=client, preview=preview)
+    return store.submit(request, job_id=job_id, client=client)
+
+
 def _submit_json(service: Service, body: JobBody, size: int) -> dict[str, Any]:
-    job = service.submit(service.json_request(body, size), jobs.new_id(), None)
+    job = service.submit(service.json_request(body, size), jobs.new_id(), None, preview=body.preview)
     return service.view(job)
 
 
@@ -730,8 +749,9 @@ def _is_multipart(content_type: str | None) -> bool:
 def _form_submit(service: Service) -> Callable[[Request], Any]:
     async def submit_form(request: Request) -> JSONResponse:
         values = await _form_values(request, service.settings)
+        preview = form_preview(values)
         request_ = await run_in_threadpool(GenerateRequest.from_fields, values, service.settings.limits)
-        job = await run_in_threadpool(service.submit, request_, jobs.new_id(), None)
+        job = await run_in_threadpool(service.submit, request_, jobs.new_id(), None, preview=preview)
         return JSONResponse(await run_in_threadpool(service.view, job), status_code=202)
 
     return submit_form
@@ -943,8 +963,9 @@ def _sse_event(event: str, data: dict[str, Any]) -> str:
 
 
 async def _sse(service: Service, job_id: str) -> AsyncIterator[str]:
-    """queued {position} while waiting, progress {step, steps} while running, then done/failed/cancelled;
-    the stream also ends, with no final event, when the server shuts down."""
+    """queued {position} while waiting, progress {step, steps} while running (with `preview`, a
+    base64 JPEG, when the job asked for previews), then done/failed/cancelled; the stream also
+    ends, with no final event, when the server shuts down."""
     final = {jobs.SUCCEEDED: "done", jobs.FAILED: "failed", jobs.CANCELLED: "cancelled"}
     last_position: int | None = None
     last_progress: tuple[int, int] | None = None
@@ -966,10 +987,12 @@ async def _sse(service: Service, job_id: str) -> AsyncIterator[str]:
                 last_position = None
                 if view["progress"] and last_progress is None:
                     last_progress = (view["progress"]["step"], view["progress"]["steps"])
-                    yield _sse_event("progress", view["progress"])
+                    preview = await run_in_threadpool(service.preview, job_id)
+                    yield _sse_event("progress", view["progress"] | ({"preview": preview} if preview else {}))
             events = await _next_change(changes, 1.0)
             for event, data in events:
-                if event == "progress" and (data["step"], data["steps"]) != last_progress:
+                # A step's preview may follow its plain progress event (previews come a step late on a GPU).
+                if event == "progress" and ((data["step"], data["steps"]) != last_progress or "preview" in data):
                     last_progress = (data["step"], data["steps"])
                     yield _sse_event("progress", data)
             if events:

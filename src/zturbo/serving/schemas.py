@@ -37,6 +37,8 @@ from ..request import (
 MODEL_ALIASES = ("z-image-turbo", "zturbo")
 # Body fields that are not request parameters: they steer the route, not the image.
 _ROUTE_FIELDS = {"model", "response_format", "user"}
+# Native job body fields that steer the job's events, not the image.
+JOB_FIELDS = frozenset({"preview"})
 # Where the HTTP form differs from the CLI's text, whose docs the table holds.
 _HTTP_DOCS = {
     "seeds": "one image per listed seed, in order (a JSON list of whole numbers); excludes seed",
@@ -123,6 +125,9 @@ class JobBody(_Body):
 
     width: StrictInt = _doc("width")
     height: StrictInt = _doc("height")
+    preview: StrictBool = Json(
+        False, description="progress events carry a small JPEG preview of the image so far (base64, <= 256 px)"
+    )
 
 
 class OpenAIImageBody(_Body):
@@ -153,11 +158,20 @@ class UnsupportedImageTypeError(FieldError):
 
 def body_request(body: JobBody | OpenAIImageBody, limits: ModelLimits, max_image_bytes: int) -> GenerateRequest:
     """The body's request, validated once (random seeds drawn now, so a re-run makes the same pixels)."""
-    given = body.model_dump(include=body.model_fields_set - _ROUTE_FIELDS)
+    given = body.model_dump(include=body.model_fields_set - _ROUTE_FIELDS - JOB_FIELDS)
     for name in IMAGE_FIELDS:
         if isinstance(given.get(name), str):
             given[name] = text_image(name, given[name], max_image_bytes)
     return GenerateRequest.from_fields(given, limits)
+
+
+def form_preview(values: dict[str, Any]) -> bool:
+    """Take a multipart job form's `preview` field out of `values`: true or false (also 1 or 0)."""
+    text = values.pop("preview", "false")
+    answer = {"true": True, "1": True, "false": False, "0": False}.get(str(text).strip().lower())
+    if answer is None:
+        raise FieldError("preview", f"preview {text!r} is not one of true, false")
+    return answer
 
 
 def image_text_bytes(body: JobBody | OpenAIImageBody) -> int:

@@ -585,6 +585,21 @@ def progress_text(event: Event, images: int) -> str:
     return event.name
 
 
+def preview_picture(event: Event) -> Image.Image | None:
+    """The live preview a progress event carries (`preview`, a base64 JPEG), decoded; None when it
+    has none or it does not decode (a preview only decorates the progress line)."""
+    from PIL import Image, UnidentifiedImageError
+
+    text = event.data.get("preview") if event.name == "progress" else None
+    if not isinstance(text, str):
+        return None
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as picture:
+            return picture.convert("RGB")
+    except (ValueError, UnidentifiedImageError, OSError):
+        return None
+
+
 LOCKED = "This server needs an API key: enter it above."
 
 

@@ -73,6 +73,7 @@ from .ui import (
     lora_choices,
     lora_pairs,
     preset_for,
+    preview_picture,
     progress_text,
     status_text,
 )
@@ -563,6 +564,10 @@ def build(
                     png_msg = gr.Markdown(elem_id="png-msg")
                 with gr.Column(scale=3):
                     progress = gr.Markdown(elem_id="progress")
+                    live = gr.Image(
+                        label="Preview", type="pil", format="jpeg", height=256, interactive=False, buttons=[],
+                        visible=False, elem_id="live-preview",
+                    )  # fmt: skip
                     gallery = gr.Gallery(
                         label="Results",
                         columns=2,
@@ -633,7 +638,7 @@ def build(
         generate_btn.click(
             handlers.generate,
             [key_state, *(fields[key] for key in GENERATE_KEYS), *lora_rows],
-            [progress, gallery, results, image_params, download, last_seed],
+            [progress, gallery, results, image_params, download, last_seed, live],
             show_progress="hidden",
             **free,
         ).then(handlers.status, show_progress="hidden", **status_io)
@@ -746,43 +751,43 @@ class _Handlers:
         return size[0], size[1], preset_for(*size, unit=self.unit), line
 
     def generate(self, request: gr.Request, key: str | None, *values: Any) -> Iterator[tuple[Any, ...]]:
-        """Queue a job, then stream its progress; the last update shows the images. `values`: the
-        form's (`GENERATE_KEYS`), then the LoRA pickers', name then weight for each row (`request`
-        comes first for Gradio: it puts the request at the annotated parameter's place)."""
+        """Queue a job, then stream its progress and live previews; the last update shows the
+        images. Each update: the progress line, gallery, results, image parameters, download, last
+        seed and the live preview. `values`: the form's (`GENERATE_KEYS`), then the LoRA pickers',
+        name then weight for each row (`request` comes first for Gradio: it puts the request at the
+        annotated parameter's place)."""
         skip = gr.skip()
         count = len(GENERATE_KEYS)
         try:
             params = form_body(dict(zip(GENERATE_KEYS, values[:count], strict=True)), lora_pairs(values[count:]))
         except FormError as e:
-            yield f"Error: {e}", skip, skip, skip, skip, skip
+            yield f"Error: {e}", *(skip,) * 6
             return
         try:
-            job = self.client.create_job(params, key)
+            job = self.client.create_job({**params, "preview": True}, key)
         except ApiError as e:
-            yield error_text(e), skip, skip, skip, skip, skip
+            yield error_text(e), *(skip,) * 6
             return
         session = request.session_hash or ""
         self._running[session] = job["id"]
         clear = ("", gr.update(visible=False))
-        yield "Queued", [], [], *clear, job["params"]["seed"]
+        hidden = gr.update(value=None, visible=False)
+        yield "Queued", [], [], *clear, job["params"]["seed"], hidden
         try:
             for event in self.client.events(job["id"], key):
                 if event.name == "done":
                     records = _records([event.data], self.files, key)
-                    yield (
-                        f"Done: {len(records)} image(s), seed {job['params']['seed']}",
-                        _gallery(records),
-                        records,
-                        *clear,
-                        skip,
-                    )
+                    done = f"Done: {len(records)} image(s), seed {job['params']['seed']}"
+                    yield done, _gallery(records), records, *clear, skip, hidden
                 elif event.name in ("failed", "cancelled"):
                     error = (event.data.get("error") or {}).get("message", "")
-                    yield ("Cancelled" if event.name == "cancelled" else f"Failed: {error}"), *(skip,) * 5
+                    yield ("Cancelled" if event.name == "cancelled" else f"Failed: {error}"), *(skip,) * 5, hidden
                 else:
-                    yield progress_text(event, params["n"]), *(skip,) * 5
+                    picture = preview_picture(event)
+                    shown = gr.update(value=picture, visible=True) if picture is not None else skip
+                    yield progress_text(event, params["n"]), *(skip,) * 5, shown
         except ApiError as e:
-            yield error_text(e), *(skip,) * 5
+            yield error_text(e), *(skip,) * 5, hidden
         finally:
             if self._running.get(session) == job["id"]:
                 del self._running[session]
