@@ -56,6 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds POST /v1/images/generations waits for its job before answering 504 (default 600)",
     )
     p.add_argument(
+        "--client-defaults",
+        choices=("turbo", "honour"),
+        default="turbo",
+        help="A1111 routes (/sdapi/v1): 'turbo' runs Turbo's 8 steps and CFG 0 where a client sends Stable "
+        "Diffusion's usual steps (20-50) and CFG (1-12), 'honour' runs them as sent; responses list what was mapped",
+    )
+    p.add_argument(
         "--max-connections",
         type=int,
         default=1000,
@@ -141,6 +148,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         job_timeout=args.job_timeout,
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
+        client_defaults=args.client_defaults,
         allowed_hosts=(args.host, *args.allowed_hosts),
         model_names=tuple({config.model, source.name}),
         lora_dir=lora_dir,
