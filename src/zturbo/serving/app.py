@@ -51,6 +51,9 @@ from ..inputs.images import InputImage
 from ..inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM
 from ..request import FIELDS, IMAGE_FIELDS, LIMITS, GenerateRequest, ModelLimits
 from . import jobs
+from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
+from .a1111 import PREFIX as A1111_PREFIX
+from .a1111 import a1111_routes, basic_password
 from .schemas import (
     MODEL_ALIASES,
     ROUTE_FIELDS,
@@ -77,7 +80,7 @@ log = logging.getLogger("zturbo.server")
 SIGNED_URL_TTL_S = 3600
 SSE_KEEPALIVE_S = 15.0
 # The routes whose bodies may carry input images, and so may be larger than `max_body_bytes`.
-IMAGE_ROUTES = frozenset({"/v1/jobs", "/v1/images/generations", "/v1/images/edits"})
+IMAGE_ROUTES = frozenset({"/v1/jobs", "/v1/images/generations", "/v1/images/edits"}) | A1111_IMAGE_ROUTES
 PART_OVERHEAD_BYTES = 1024  # a multipart part's boundary and headers
 
 
@@ -117,6 +120,8 @@ class ServeSettings:
     lora_dir: Path | None = None
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+    # The A1111 routes' --client-defaults: "turbo" runs Turbo's steps and CFG for SD's defaults, "honour" as sent.
+    client_defaults: str = "turbo"
 
     @property
     def max_image_body_bytes(self) -> int:
@@ -287,6 +292,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app.include_router(_service_routes(service))
     app.include_router(_image_routes(service))
     app.include_router(_lora_routes(service))
+    app.include_router(a1111_routes(service))
     # Ahead of the JSON route of the same path: a multipart body goes to its own handler.
     app.router.routes.insert(0, FormRoute("/v1/jobs", _form_submit(service), methods=["POST"]))
     return app
@@ -399,13 +405,15 @@ def _install_auth(app: FastAPI, service: Service) -> None:
 
     def key_ok(request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and request.url.path.startswith(A1111_PREFIX):  # A1111 clients' --api-auth
+            scheme, token = "bearer", basic_password(token)
         given = hashlib.sha256(token.strip().encode()).digest()
         return hmac.compare_digest(given, expected) and scheme.lower() == "bearer"
 
     @app.middleware("http")
     async def auth(request: Request, call_next: Callable[[Request], Any]) -> Response:
         path = request.url.path
-        protected = path.startswith("/v1/") or path in ("/v1", "/metrics")
+        protected = path.startswith(("/v1/", A1111_PREFIX)) or path in ("/v1", "/metrics")
         if protected and not key_ok(request) and not _signed_image_ok(service, path, request.query_params):
             return error_response(
                 401,

@@ -55,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds POST /v1/images/generations waits for its job before answering 504 (default 600)",
     )
+    _a1111_arguments(p)
     p.add_argument(
         "--max-connections",
         type=int,
@@ -76,6 +77,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     _model_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _a1111_arguments(p: argparse.ArgumentParser) -> None:
+    """The A1111 routes' policy for the Stable Diffusion defaults their clients send (docs/api.md)."""
+    p.add_argument(
+        "--client-defaults",
+        choices=("turbo", "honour"),
+        default="turbo",
+        help="A1111 routes (/sdapi/v1): 'turbo' runs Turbo's 8 steps and CFG 0 where a client sends Stable "
+        "Diffusion's usual steps (20-50) and CFG (1-12), 'honour' runs them as sent; responses list what was mapped",
+    )
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -141,6 +153,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         job_timeout=args.job_timeout,
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
+        client_defaults=args.client_defaults,
         allowed_hosts=(args.host, *args.allowed_hosts),
         model_names=tuple({config.model, source.name}),
         lora_dir=lora_dir,

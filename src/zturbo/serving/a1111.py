@@ -1,0 +1,799 @@
+"""The AUTOMATIC1111 web UI's API (`/sdapi/v1/...`), for the clients that speak it.
+
+An A1111 body is translated once into zturbo's request fields (`translate`), then goes through
+the same queue, auth, limits and error body as every other route. A1111 fields zturbo has no
+counterpart for are refused by name unless they hold the value that changes nothing; the ones
+that are approximated (the sampler) or replaced by the `--client-defaults` policy are listed in
+the response's `info` JSON (`zturbo.mapped`), its `parameters` and the `X-ZTurbo-Mapped` header.
+docs/api.md describes the routes and the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import io
+import json
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import FieldError, InvalidRequestError, JobFailedError, StorageError, SyncTimeoutError
+from ..request import DEFAULT_GUIDANCE, DEFAULT_STEPS, FIELD, GenerateRequest
+from . import jobs
+from .schemas import MODEL_ALIASES, check_body_size, text_image
+
+if TYPE_CHECKING:
+    from .app import Service
+
+PREFIX = "/sdapi/v1"
+IMAGE_ROUTES = frozenset({f"{PREFIX}/img2img", f"{PREFIX}/png-info"})  # bodies that carry images
+CLIENT_DEFAULTS = ("turbo", "honour")
+MAPPED_HEADER = "X-ZTurbo-Mapped"
+FixedCheck = Callable[[str, str, object], None]  # (where, option, value): refuses a change to a read-only option
+# The Stable-Diffusion settings A1111 clients send by default; `turbo` runs Turbo's instead.
+SD_STEPS = (20, 50)
+SD_CFG = (1.0, 12.0)
+SAMPLER = "Euler"  # zturbo's one sampler, flow-matching Euler, by A1111's name for it
+SCHEDULER = "automatic"  # the model's own shifted flow-matching schedule
+# A1111's samplers and schedulers (modules/sd_samplers_*.py, sd_schedulers.py), lower case: a
+# name from this list runs as Euler and is reported; any other name is refused.
+A1111_SAMPLERS = frozenset({
+    "euler a", "euler", "lms", "heun", "dpm2", "dpm2 a", "dpm++ 2s a", "dpm++ 2m", "dpm++ sde", "dpm++ 2m sde",
+    "dpm++ 2m sde heun", "dpm++ 3m sde", "dpm fast", "dpm adaptive", "restart", "ddim", "ddim cfg++", "plms",
+    "unipc", "lcm", "flow_match_euler",
+})  # fmt: skip
+A1111_SCHEDULERS = frozenset({
+    "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+    "align_your_steps", "simple", "normal", "ddim", "beta",
+})  # fmt: skip
+# A1111's `resize_mode` -> zturbo's `resize`: just resize, crop and resize, resize and fill,
+# just resize (latent upscale).
+RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}
+ORIGINAL_FILL = 1  # `inpainting_fill` "original": the masked area starts from the image, as zturbo's inpaint does
+SAMPLE_FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
+# zturbo's error field names as the A1111 body calls them.
+A1111_NAMES = {
+    "guidance_scale": "cfg_scale",
+    "batch": "batch_size",
+    "variation_seed": "subseed",
+    "variation_strength": "subseed_strength",
+    "strength": "denoising_strength",
+    "image": "init_images",
+}
+# Fields whose features zturbo lacks: accepted only with a value that changes nothing.
+NEUTRAL: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "enable_hr": ("the hires fix", (False,)),
+    "restore_faces": ("face restoration", (None, False)),
+    "tiling": ("tiling", (None, False)),
+    "styles": ("prompt styles", (None, [])),
+    "script_name": ("scripts", (None, "")),
+    "alwayson_scripts": ("always-on scripts (extensions)", (None, {})),
+    "seed_resize_from_h": ("seed resizing", (None, -1, 0)),
+    "seed_resize_from_w": ("seed resizing", (None, -1, 0)),
+    "refiner_checkpoint": ("a refiner", (None, "", "None")),
+    "firstpass_image": ("a first-pass image", (None, "")),
+    "initial_noise_multiplier": ("a noise multiplier", (None, 1.0)),
+    "latent_mask": ("a latent mask", (None, "")),
+    "eta": ("the ancestral samplers' eta", (None, 0.0, 1.0)),
+    "s_churn": ("sampler churn", (None, 0.0)),
+    "s_tmin": ("sampler churn", (None, 0.0)),
+    "s_tmax": ("sampler churn", (None, 0.0, float("inf"))),
+    "s_noise": ("sampler noise", (None, 1.0)),
+    "s_min_uncond": ("negative guidance minimum sigma", (None, 0.0)),
+}
+
+
+class _Body(BaseModel):
+    """The fields A1111's `StableDiffusionProcessing` takes through its API, with its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    denoising_strength: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = []
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = {}
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgBody(_Body):
+    """Body of POST /sdapi/v1/txt2img; the hires-fix fields matter only with `enable_hr`, which is refused."""
+
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    hr_additional_modules: list[str] | None = None
+
+
+class Img2ImgBody(_Body):
+    """Body of POST /sdapi/v1/img2img: one init image, optionally a mask (white repaints)."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    image_cfg_scale: float | None = None  # instruct-pix2pix models only; A1111 ignores it for others too
+    mask: str | None = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class PngInfoBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+
+
+@dataclass
+class Translation:
+    """An A1111 body as zturbo request fields, and what was mapped (A1111 name -> (sent, ran)) or
+    accepted without effect (A1111 name -> why)."""
+
+    values: dict[str, Any]
+    mapped: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Options:
+    """The A1111 options this server keeps (in memory, for every A1111 client alike)."""
+
+    samples_format: str = "png"
+    jpeg_quality: int = 80
+    live_previews_enable: bool = True
+
+
+@dataclass
+class Session:
+    """The A1111 routes' state: the options, and the jobs each caller is waiting on (for progress and interrupt)."""
+
+    policy: str
+    options: Options = field(default_factory=Options)
+    waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # job id -> (caller, submitted at)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def caller_jobs(self, caller: str) -> list[tuple[str, float]]:
+        with self.lock:
+            return sorted(((j, t) for j, (c, t) in self.waiting.items() if c == caller), key=lambda x: x[1])
+
+
+# --- translation -------------------------------------------------------------------------------
+
+
+def translate(body: _Body, policy: str, max_image_bytes: int, *, formats: bool, fixed: FixedCheck) -> Translation:
+    """An A1111 body -> zturbo request fields; refuses (FieldError naming the A1111 field) what zturbo cannot run.
+
+    `formats`: the request table has `output_format`, so `samples_format` overrides can be honoured;
+    `fixed` checks an override of a read-only option (`check_fixed`).
+    """
+    _check_neutral(body)
+    if body.batch_size < 1 or body.n_iter < 1:
+        name = "batch_size" if body.batch_size < 1 else "n_iter"
+        raise FieldError(name, f"{name} {getattr(body, name)} must be at least 1")
+    t = Translation({
+        "prompt": body.prompt,
+        "negative_prompt": body.negative_prompt or "",
+        "width": body.width,
+        "height": body.height,
+        "batch": body.batch_size * body.n_iter,  # one queue job; batches never change an image
+    })  # fmt: skip
+    if body.seed != -1:  # A1111's -1: a random seed
+        t.values["seed"] = body.seed
+    if body.subseed_strength:
+        t.values["variation_strength"] = body.subseed_strength
+        if body.subseed != -1:
+            t.values["variation_seed"] = body.subseed
+    _policy(body, policy, t)
+    _sampler(body, t)
+    _override_settings(body.override_settings or {}, t, formats=formats, fixed=fixed)
+    if isinstance(body, Img2ImgBody):
+        _img2img(body, t, max_image_bytes)
+    return t
+
+
+def _check_neutral(body: _Body) -> None:
+    for name, (what, neutral) in NEUTRAL.items():
+        value = getattr(body, name, None)
+        if name in type(body).model_fields and value not in neutral:
+            allowed = " or ".join(json.dumps(v) for v in neutral if v is not None)
+            raise FieldError(
+                name, f"{name} {json.dumps(value)}: {what} is not available on this server; send {allowed}"
+            )
+
+
+def _policy(body: _Body, policy: str, t: Translation) -> None:
+    """Steps and CFG: as sent under `honour`; under `turbo`, Stable Diffusion's usual values become Turbo's."""
+    steps, cfg = body.steps, body.cfg_scale
+    if policy == "turbo" and SD_STEPS[0] <= steps <= SD_STEPS[1]:
+        t.mapped["steps"] = (steps, DEFAULT_STEPS)
+        steps = DEFAULT_STEPS
+    if policy == "turbo" and SD_CFG[0] <= cfg <= SD_CFG[1]:
+        t.mapped["cfg_scale"] = (cfg, DEFAULT_GUIDANCE)
+        cfg = DEFAULT_GUIDANCE
+    t.values["steps"], t.values["guidance_scale"] = steps, cfg
+    if cfg == 0 and t.values["negative_prompt"]:
+        t.ignored["negative_prompt"] = "unused at cfg_scale 0 (no classifier-free guidance)"
+
+
+def _sampler(body: _Body, t: Translation) -> None:
+    """Every A1111 sampler and scheduler name runs as zturbo's flow-matching Euler (reported); others are refused."""
+    name = body.sampler_name or body.sampler_index
+    if name is not None:
+        key = name.strip().lower().removesuffix(" karras").removesuffix(" exponential")
+        if key not in A1111_SAMPLERS:
+            field_name = "sampler_name" if body.sampler_name else "sampler_index"
+            raise FieldError(field_name, f"{field_name} {name!r} is not an A1111 sampler; zturbo runs {SAMPLER!r}")
+        if name != SAMPLER:
+            t.mapped["sampler_name"] = (name, SAMPLER)
+    scheduler = body.scheduler
+    if scheduler is not None and scheduler.lower() != SCHEDULER:
+        if scheduler.lower() not in A1111_SCHEDULERS:
+            raise FieldError(
+                "scheduler", f"scheduler {scheduler!r} is not an A1111 scheduler; zturbo runs {SCHEDULER!r}"
+            )
+        t.mapped["scheduler"] = (scheduler, SCHEDULER)
+
+
+def _img2img(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
+    """init_images, mask and the inpaint fields onto zturbo's image, mask, strength, resize and paste-back."""
+    images = body.init_images or []
+    if len(images) != 1:
+        raise FieldError("init_images", f"init_images has {len(images)} images; this server takes exactly 1")
+    if body.resize_mode not in RESIZE_MODES:
+        allowed = ", ".join(map(str, RESIZE_MODES))
+        raise FieldError("resize_mode", f"resize_mode {body.resize_mode} is not one of {allowed}")
+    t.values["image"] = text_image("init_images", images[0], max_image_bytes)
+    t.values["resize"] = RESIZE_MODES[body.resize_mode]
+    if body.resize_mode == 2:
+        t.mapped["resize_mode"] = (2, "fit (padded, not filled with stretched edges)")
+    t.values["strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
+    if body.mask:
+        _inpaint(body, t, max_image_bytes)
+
+
+def _inpaint(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
+    mask = text_image("mask", body.mask or "", max_image_bytes)
+    if body.inpainting_mask_invert not in (0, 1):
+        raise FieldError(
+            "inpainting_mask_invert", f"inpainting_mask_invert {body.inpainting_mask_invert} is not 0 or 1"
+        )
+    if body.inpainting_mask_invert == 1 and not isinstance(mask, str):
+        from PIL import ImageOps
+
+        from ..inputs.images import from_pil
+
+        mask = from_pil(ImageOps.invert(mask.image.convert("L")), "mask", "the inverted mask")
+    if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
+        raise FieldError(
+            "mask_blur_y", "mask_blur_x and mask_blur_y differ; zturbo blurs alike both ways: give mask_blur"
+        )
+    # A1111 always pastes the original back through the blurred mask; zturbo's paste-back does the same.
+    t.values |= {
+        "mask": mask,
+        "paste_back": True,
+        "mask_blur": body.mask_blur_x if body.mask_blur is None else body.mask_blur,
+    }
+    if body.inpainting_fill != ORIGINAL_FILL:
+        t.mapped["inpainting_fill"] = (body.inpainting_fill, ORIGINAL_FILL)
+    if body.inpaint_full_res:
+        t.ignored["inpaint_full_res"] = "the whole image is inpainted at the request's size (no crop around the mask)"
+
+
+def _override_settings(settings: dict[str, Any], t: Translation, *, formats: bool, fixed: FixedCheck) -> None:
+    """A request's `override_settings`: the same rules as POST /options, for this request only."""
+    for name, value in settings.items():
+        if name == "samples_format":
+            fmt = _sample_format(value, formats, f"override_settings.{name}")
+            if fmt != "png":
+                t.values["output_format"] = fmt
+        elif name == "jpeg_quality":
+            t.values["output_compression"] = _quality(value, f"override_settings.{name}")
+        else:
+            fixed(f"override_settings.{name}", name, value)
+    if "output_compression" in t.values and "output_format" not in t.values:
+        del t.values["output_compression"]  # A1111's quality applies to JPEG and WebP only
+
+
+def _sample_format(value: object, formats: bool, name: str) -> str:
+    allowed = SAMPLE_FORMATS if formats else {"png": "png"}
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise FieldError(name, f"{name} {value!r} is not one of {', '.join(allowed)}")
+    return allowed[value.lower()]
+
+
+def _quality(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+        raise FieldError(name, f"{name} {value!r} is not a whole number 1..100")
+    return value
+
+
+# --- options -----------------------------------------------------------------------------------
+
+# Options that describe the server; a POST may send them only with the value they have (or, for
+# the checkpoint, any name of the served model).
+READ_ONLY = ("sd_model_checkpoint", "sd_checkpoint_hash", "sd_vae", "CLIP_stop_at_last_layers",
+             "eta_noise_seed_delta", "show_progress_every_n_steps", "zturbo_client_defaults")  # fmt: skip
+
+
+def model_names(service: Service) -> tuple[str, ...]:
+    """The names the served model answers to: its title first."""
+    config_name = service.settings.config.model
+    title = Path(config_name.rstrip("/")).name or config_name  # a local directory goes by its name, as A1111's files do
+    return tuple(dict.fromkeys((title, config_name, *service.settings.model_names, *MODEL_ALIASES)))
+
+
+def current_options(service: Service, session: Session) -> dict[str, Any]:
+    o = session.options
+    return {
+        "sd_model_checkpoint": model_names(service)[0],
+        "sd_checkpoint_hash": None,
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "eta_noise_seed_delta": 0,
+        "show_progress_every_n_steps": 1,
+        "samples_format": o.samples_format,
+        "jpeg_quality": o.jpeg_quality,
+        "live_previews_enable": o.live_previews_enable,
+        "zturbo_client_defaults": session.policy,
+    }
+
+
+def check_fixed(service: Service, session: Session, where: str, name: str, value: object) -> None:
+    """Refuse (naming `where`) an unknown option, or a read-only one sent with another value than it
+    has: a model switch that would not happen is an error, never a silent success."""
+    now = current_options(service, session)
+    if name == "sd_model_checkpoint":
+        if value not in model_names(service):
+            raise FieldError(where, f"{where} {value!r} is not served here; this server runs {now[name]!r} only "
+                                    f"(names: {', '.join(model_names(service))})")  # fmt: skip
+    elif name in READ_ONLY:
+        if value != now[name]:
+            raise FieldError(where, f"{where} is {now[name]!r} on this server and cannot be changed (got {value!r})")
+    else:
+        raise FieldError(where, f"{where} is not an option this server has; it has: {', '.join(now)}")
+
+
+def set_options(service: Service, session: Session, values: dict[str, Any], *, formats: bool) -> None:
+    """Apply the settable options; refuse (naming it) any other, and any model switch, before changing anything."""
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        if name == "samples_format":
+            changes[name] = _sample_format(value, formats, name)
+        elif name == "jpeg_quality":
+            changes[name] = _quality(value, name)
+        elif name == "live_previews_enable":
+            if not isinstance(value, bool):
+                raise FieldError(name, f"{name} {value!r} is not true or false")
+            changes[name] = value
+        else:
+            check_fixed(service, session, name, name, value)
+    for name, value in changes.items():
+        setattr(session.options, name, "jpg" if value == "jpeg" else value)
+
+
+# --- answers -----------------------------------------------------------------------------------
+
+
+def image_file(images_dir: Path, name: str) -> bytes:
+    """A job image's bytes: a regular file right in `images_dir`, opened without following links."""
+    if "/" in name or name in ("", ".", ".."):
+        raise StorageError(f"image file name {name!r} is not valid")
+    try:
+        fd = os.open(images_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise jobs.JobNotFoundError(f"image {name!r} has no file any more") from None
+    except OSError as e:
+        raise StorageError(f"cannot open image {name!r}: {e.strerror}; only regular files are served") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise StorageError(f"image {name!r} is not a regular file")
+        return f.read()
+
+
+def job_images(images_dir: Path, job: jobs.Job) -> tuple[list[str], list[dict[str, Any]]]:
+    """The job's images in base64 and each one's metadata, read back from the file as written."""
+    from ..imageio import read_metadata
+
+    encoded, metas = [], []
+    for im in job.images:
+        data = image_file(images_dir, im.file)
+        encoded.append(base64.b64encode(data).decode())
+        metas.append(read_metadata(io.BytesIO(data)))  # type: ignore[arg-type]  # Pillow opens file objects
+    return encoded, metas
+
+
+def info_json(metas: list[dict[str, Any]], t: Translation, policy: str, job: jobs.Job, body: _Body) -> dict[str, Any]:
+    """A1111's `info` (its `Processed.js()` keys) from what ran, plus `zturbo`: the job, the policy,
+    what was mapped and what had no effect."""
+    from ..imageio import a1111_parameters
+
+    first = metas[0]
+    inputs = first.get("inputs") or {}
+    return {
+        "prompt": first["prompt"],
+        "all_prompts": [m["prompt"] for m in metas],
+        "negative_prompt": first["negative_prompt"],
+        "all_negative_prompts": [m["negative_prompt"] for m in metas],
+        "seed": first["seed"],
+        "all_seeds": [m["seed"] for m in metas],
+        "subseed": first.get("variation_seed") or -1,
+        "all_subseeds": [m.get("variation_seed") or -1 for m in metas],
+        "subseed_strength": first.get("variation_strength", 0.0),
+        "width": first["width"],
+        "height": first["height"],
+        "sampler_name": SAMPLER,
+        "scheduler": SCHEDULER,
+        "cfg_scale": first["guidance_scale"],
+        "steps": first["steps"],
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "restore_faces": False,
+        "sd_model_name": first["model"],
+        "sd_model_hash": (first.get("model_fingerprint") or "")[:10] or None,
+        "denoising_strength": inputs.get("strength"),
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [a1111_parameters(m) for m in metas],
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created_at)),
+        "clip_skip": 1,
+        "version": f"zturbo {first.get('zturbo_version', '')}",
+        "zturbo": _zturbo_info(t, policy, job),
+    }
+
+
+def _zturbo_info(t: Translation, policy: str, job: jobs.Job) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "client_defaults": policy,
+        "mapped": {name: {"sent": sent, "ran": ran} for name, (sent, ran) in t.mapped.items()},
+        "ignored": t.ignored,
+    }
+
+
+def parameters_json(body: _Body, t: Translation, info: dict[str, Any] | None) -> dict[str, Any]:
+    """A1111's `parameters` (the request as received), with every mapped field as it ran and the
+    seeds as drawn; the images are left out unless `include_init_images`, as A1111 does."""
+    params = body.model_dump()
+    if isinstance(body, Img2ImgBody) and not body.include_init_images:
+        params["init_images"], params["mask"] = None, None
+    ran = {name: ran for name, (_, ran) in t.mapped.items() if name in params}
+    if info is not None:
+        ran |= {"seed": info["seed"], "subseed": info["subseed"]}
+    return params | ran
+
+
+# --- waiting -----------------------------------------------------------------------------------
+
+
+async def finished_job(service: Service, job_id: str) -> jobs.Job:
+    """Wait for the job to finish, re-reading it whenever it has news (and at least once a second)."""
+    loop = asyncio.get_running_loop()
+    news = asyncio.Event()
+    unsubscribe = service.events.subscribe(job_id, lambda event, data: loop.call_soon_threadsafe(news.set))
+    deadline = time.monotonic() + service.settings.sync_timeout
+    try:
+        while True:
+            news.clear()
+            job = await run_in_threadpool(service.store.get, job_id)
+            if job.finished:
+                return job
+            if time.monotonic() > deadline:
+                raise SyncTimeoutError(
+                    f"job {job_id} did not finish within {service.settings.sync_timeout:g} s; it goes on: "
+                    f"poll GET /v1/jobs/{job_id}"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(news.wait(), 1.0)
+    finally:
+        unsubscribe()
+
+
+def submit(service: Service, request: GenerateRequest, job_id: str, caller: str, preview: bool) -> jobs.Job:
+    """Queue through the service (LoRA checks, queue limits, metrics), asking for previews where it can."""
+    import inspect
+
+    # TODO(merge): Service.submit takes `preview` once the PREVIEW branch lands (contract C2).
+    if "preview" in inspect.signature(service.submit).parameters:
+        return service.submit(request, job_id, caller, preview=preview)  # type: ignore[call-arg]
+    return service.submit(request, job_id, caller)
+
+
+def caller_of(request: Request) -> str:
+    """Who is asking, for progress and interrupt: A1111's API has no user field, so the client's address."""
+    return f"a1111:{request.client.host if request.client else 'unknown'}"
+
+
+def relabel(err: FieldError) -> FieldError:
+    """A request-table error naming the field as the A1111 body does."""
+    name = A1111_NAMES.get((err.field or "").partition(".")[0])
+    if name is None:
+        return err
+    return FieldError(name, str(err).replace(err.field or "", name, 1))
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+def progress_view(service: Service, session: Session, caller: str, skip_image: bool) -> dict[str, Any]:
+    """A1111's progress for the caller's waiting jobs: their fraction done, an ETA, the state, a preview."""
+    waiting = session.caller_jobs(caller)
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
+    idle = {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    jobs_now = [(j, t, _status(service, j)) for j, t in waiting]
+    current = next(((n, j, t, s) for n, (j, t, s) in enumerate(jobs_now) if s is not None and not s.finished), None)
+    if current is None:
+        return idle
+    number, job_id, submitted, job = current
+    step, steps = service.supervisor.progress(job_id) or (0, 0)
+    done = (number + (step / steps if steps else 0.0)) / len(jobs_now)
+    elapsed = time.time() - submitted
+    state |= {"job": f"job {job_id}", "job_count": len(jobs_now), "job_no": number, "sampling_step": step,
+              "sampling_steps": steps, "interrupted": job.cancel_requested,
+              "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(submitted))}  # fmt: skip
+    position = service.store.position(job)
+    return {
+        "progress": round(done, 4),
+        "eta_relative": round(elapsed / done - elapsed, 3) if done > 0 else 0.0,
+        "state": state,
+        "current_image": None if skip_image else _preview(service, job_id),
+        "textinfo": f"queued, position {position}" if position is not None else f"step {step} of {steps}",
+    }
+
+
+def _status(service: Service, job_id: str) -> jobs.Job | None:
+    try:
+        return service.store.get(job_id)
+    except jobs.JobNotFoundError:
+        return None
+
+
+def _preview(service: Service, job_id: str) -> str | None:
+    # TODO(merge): Supervisor.preview arrives with the WORKER branch (contract C2).
+    preview = getattr(service.supervisor, "preview", None)
+    data = preview(job_id) if preview is not None else None
+    return base64.b64encode(data).decode() if data else None
+
+
+def interrupt(service: Service, session: Session, caller: str) -> list[str]:
+    """Cancel the caller's waiting jobs: a running one stops after its current step, a queued one at once."""
+    cancelled = []
+    for job_id, _ in session.caller_jobs(caller):
+        with contextlib.suppress(jobs.JobNotFoundError):
+            job = service.store.cancel(job_id)
+            cancelled.append(job_id)
+            if job.finished:
+                service.metrics.cancelled_queued()
+                service.events.publish(job_id, "finished", {"status": job.status})
+    return cancelled
+
+
+# --- png-info ----------------------------------------------------------------------------------
+
+
+def png_info(text: str, max_bytes: int) -> dict[str, Any]:
+    """An image's generation parameters as A1111 reads them: the `parameters` text, the other text
+    items, and the parsed fields by A1111's labels (empty for an image without parameters)."""
+    from ..imageio import A1111_KEY, METADATA_KEY, a1111_parameters, parse_a1111
+
+    image = text_image("image", text, max_bytes)
+    assert not isinstance(image, str)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image.data)) as im:
+        items = {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
+    info = items.pop(A1111_KEY, "")
+    if not info and METADATA_KEY in items:
+        info = a1111_parameters(json.loads(items[METADATA_KEY]))
+    if not info:
+        return {"info": "", "items": items, "parameters": {}}
+    try:
+        params, _ = parse_a1111(info)
+    except InvalidRequestError:
+        return {"info": info, "items": items, "parameters": {}}
+    return {"info": info, "items": items, "parameters": _a1111_labels(params)}
+
+
+def _a1111_labels(params: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"Prompt": params.pop("prompt", ""), "Negative prompt": params.pop("negative_prompt", "")}
+    if "width" in params:
+        out["Size-1"], out["Size-2"] = params.pop("width"), params.pop("height")
+    for name, value in params.items():
+        label = FIELD[name].a1111 if name in FIELD else None
+        out[label or name] = value
+    return out
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+def a1111_routes(service: Service) -> APIRouter:
+    """The `/sdapi/v1` routes, sharing one `Session` (the options, the callers' waiting jobs)."""
+    session = Session(policy=service.settings.client_defaults)
+    r = APIRouter(prefix=PREFIX, tags=["a1111"])
+    _generation_routes(r, service, session)
+    _state_routes(r, service, session)
+    _listing_routes(r, service, session)
+    return r
+
+
+def _generation_routes(r: APIRouter, service: Service, session: Session) -> None:
+    @r.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody, request: Request) -> JSONResponse:
+        """A1111's text-to-image; `info.zturbo.mapped` and the X-ZTurbo-Mapped header say what was mapped."""
+        return await _generate(service, session, body, request)
+
+    @r.post("/img2img")
+    async def img2img(body: Img2ImgBody, request: Request) -> JSONResponse:
+        """A1111's img2img and inpaint: one init image, an optional mask (white repaints)."""
+        return await _generate(service, session, body, request)
+
+    @r.post("/png-info")
+    async def png_info_route(body: PngInfoBody) -> dict[str, Any]:
+        """The generation parameters an image carries (A1111's `parameters` text, or zturbo's metadata)."""
+        return await run_in_threadpool(png_info, body.image, service.settings.max_input_bytes)
+
+
+def _state_routes(r: APIRouter, service: Service, session: Session) -> None:
+    @r.get("/progress")
+    def progress(request: Request, skip_current_image: bool = Query(False)) -> dict[str, Any]:
+        """The caller's waiting A1111 jobs: progress 0..1, ETA, state, and a preview of the running one."""
+        return progress_view(service, session, caller_of(request), skip_current_image)
+
+    @r.post("/interrupt")
+    def interrupt_route(request: Request) -> dict[str, Any]:
+        """Cancel the caller's waiting A1111 jobs (their requests answer with no images)."""
+        return {"interrupted": interrupt(service, session, caller_of(request))}
+
+    @r.get("/options")
+    def get_options() -> dict[str, Any]:
+        return current_options(service, session)
+
+    @r.post("/options")
+    def post_options(values: dict[str, Any]) -> dict[str, Any]:
+        """Sets samples_format, jpeg_quality and live_previews_enable; refuses every other change by name."""
+        set_options(service, session, values, formats="output_format" in FIELD)
+        return current_options(service, session)
+
+
+def _listing_routes(r: APIRouter, service: Service, session: Session) -> None:
+    @r.get("/sd-models")
+    def sd_models() -> list[dict[str, Any]]:
+        name = model_names(service)[0]
+        return [{"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}]
+
+    @r.get("/samplers")
+    def samplers() -> list[dict[str, Any]]:
+        return [{"name": SAMPLER, "aliases": ["flow_match_euler", "k_euler"], "options": {}}]
+
+    @r.get("/schedulers")
+    def schedulers() -> list[dict[str, Any]]:
+        item = {"name": SCHEDULER, "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}
+        return [item]
+
+
+async def _generate(service: Service, session: Session, body: _Body, request: Request) -> JSONResponse:
+    s = service.settings
+    images = [*(getattr(body, "init_images", None) or []), getattr(body, "mask", None) or ""]
+    check_body_size(len(await request.body()), sum(map(len, images)), s.max_body_bytes, s.max_input_bytes)
+    t, generate = await run_in_threadpool(_request, service, session, body)
+    job_id, caller = jobs.new_id(), caller_of(request)
+    with session.lock:
+        session.waiting[job_id] = (caller, time.time())
+    try:
+        preview = session.options.live_previews_enable
+        await run_in_threadpool(submit, service, generate, job_id, caller, preview)
+        job = await finished_job(service, job_id)
+    finally:
+        with session.lock:
+            session.waiting.pop(job_id, None)
+    answer = await run_in_threadpool(_answer, service, session, body, t, job)
+    headers = {MAPPED_HEADER: ",".join(t.mapped)} if t.mapped else None
+    return JSONResponse(answer, headers=headers)
+
+
+def _request(service: Service, session: Session, body: _Body) -> tuple[Translation, GenerateRequest]:
+    """The body translated and validated once (seeds drawn), the server's output format applied."""
+    formats = "output_format" in FIELD
+    fixed = functools.partial(check_fixed, service, session)
+    t = translate(body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed)
+    fmt = SAMPLE_FORMATS[session.options.samples_format]
+    if formats and fmt != "png" and "output_format" not in t.values:
+        t.values |= {"output_format": fmt, "output_compression": session.options.jpeg_quality}
+    try:
+        return t, GenerateRequest.from_fields(t.values, service.settings.limits)
+    except FieldError as e:
+        raise relabel(e) from None
+
+
+def _answer(service: Service, session: Session, body: _Body, t: Translation, job: jobs.Job) -> dict[str, Any]:
+    """A1111's answer: base64 images, the parameters as run, the info JSON text."""
+    if job.status == jobs.CANCELLED:
+        info = {"zturbo": _zturbo_info(t, session.policy, job) | {"status": job.status}}
+        return {"images": [], "parameters": parameters_json(body, t, None), "info": json.dumps(info)}
+    if job.status != jobs.SUCCEEDED:
+        error = job.error or {"type": "internal_error", "message": f"job {job.id} ended {job.status}"}
+        raise JobFailedError(error["type"], error["message"])
+    encoded, metas = job_images(service.images_dir, job)
+    info = info_json(metas, t, session.policy, job, body)
+    return {
+        "images": encoded if body.send_images else [],
+        "parameters": parameters_json(body, t, info),
+        "info": json.dumps(info),
+    }
+
+
+def basic_password(credentials: str) -> str:
+    """The password of an `Authorization: Basic` value (A1111 clients send the key as one; any user name)."""
+    try:
+        text = base64.b64decode(credentials.strip(), validate=True).decode()
+    except ValueError:  # binascii.Error and UnicodeDecodeError both are
+        return ""
+    return text.partition(":")[2]
