@@ -188,3 +188,25 @@ print(json.dumps({**engine.startup_report(), "digest": hashlib.sha256(np.asarray
     assert [r["compile_cache"] for r in runs] == ["miss", "hit"]
     assert runs[1]["artifacts"]["lookups"]["inductor.fxgraph_cache_miss"] == 0
     assert runs[0]["digest"] == runs[1]["digest"]
+
+
+def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path):
+    from fastapi.testclient import TestClient
+    from tests.serving import in_process_app
+
+    from zturbo.serving.workers import Ready, WorkerSlot, process_age
+
+    app = in_process_app(tmp_path)
+    supervisor = app.state.service.supervisor
+    slot = WorkerSlot("worker-0", "cpu")
+    with TestClient(app) as client:
+        assert client.get("/ready").status_code == 503  # no worker yet, and nothing to report
+        supervisor.slots.append(slot)  # after start-up: a slot the supervisor never spawns
+        age = process_age()
+        assert age is not None and 0 < age < 3600  # this process's age, imports included
+        startup = {"load_s": 1.5, "warmup_s": 4.0, "compile_cache": "hit"}
+        supervisor._handle(slot, Ready({"model": "tiny"}, None, 7.0, startup))
+        body = client.get("/ready").json()
+    assert body["status"] == "ready" and body["compile_cache"] == "hit"
+    assert age <= body["ready_s"] < age + 60  # from the server process's start, not the worker's
+    assert supervisor.runtime()["startup"] == startup  # the phases, for /v1/status's runtime
