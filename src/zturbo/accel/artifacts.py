@@ -107,7 +107,11 @@ class CompileCache:
         except (OSError, ValueError) as e:
             log.warning("compile cache: ignoring %s (%s); compiling", self.path, e)
             return
-        info = torch.compiler.load_cache_artifacts(payload)
+        try:
+            info = torch.compiler.load_cache_artifacts(payload)
+        except Exception as e:  # e.g. Inductor's directory not writable: compile instead
+            log.warning("compile cache: could not load %s (%s: %s); compiling", self.path, type(e).__name__, e)
+            return
         if info is None:  # torch logs why it could not read its own format
             log.warning("compile cache: torch could not read %s; compiling", self.path)
             return
