@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_LORA_DIR": "the LoRA directory requests name their LoRAs in (--lora-dir)",
     "ZTURBO_CONTROLNET": "a ControlNet loaded with the model: a hub repo id, a directory or a .safetensors file",
     "ZTURBO_CACHE": "zturbo's cache: the tiny checkpoint, its tokenizer files, the CLI's Inductor cache",
+    "ZTURBO_COMPILE_CACHE": "compiled artifacts kept across restarts: a directory, or off (--compile-cache)",
     "ZTURBO_API_KEY": "zturbo serve: the bearer key every API call must send (--api-key)",
     "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
     "ZTURBO_TEST_STEP_SLEEP": "test hook: seconds a server worker sleeps after each denoising step",
@@ -54,6 +56,20 @@ def cache_root() -> Path:
 def default_lora_dir() -> Path:
     """Where LoRA names resolve when neither --lora-dir nor ZTURBO_LORA_DIR says."""
     return cache_root() / "loras"
+
+
+def default_compile_cache() -> Path:
+    """Where compiled artifacts are kept when neither --compile-cache nor ZTURBO_COMPILE_CACHE says."""
+    return cache_root() / "compile"
+
+
+def parse_compile_cache(text: str) -> Path | None:
+    """A --compile-cache / ZTURBO_COMPILE_CACHE value: 'off' (None) or a directory."""
+    if text.strip().lower() == "off":
+        return None
+    if not text.strip():
+        raise InvalidRequestError("compile cache is empty; pass a directory or 'off'")
+    return Path(text).expanduser()
 
 
 def env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
@@ -95,6 +111,8 @@ class RuntimeConfig:
     # A ControlNet loaded with the model (a hub repo id, a diffusers directory or a single
     # .safetensors file); None: requests cannot take a control image.
     controlnet: str | None = None
+    # Compiled artifacts kept across processes (accel.artifacts); None: compile afresh each start.
+    compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache)
 
     def __post_init__(self) -> None:
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
@@ -148,5 +166,10 @@ class RuntimeConfig:
                     values[field] = kind(raw)
                 except ValueError:
                     raise InvalidRequestError(f"ZTURBO_{field.upper()}={raw!r} is not {what}") from None
+        cache = env("ZTURBO_COMPILE_CACHE", environ)
+        if cache:
+            values["compile_cache"] = parse_compile_cache(cache)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("compile_cache"), str):  # a flag's text: a directory or 'off'
+            values["compile_cache"] = parse_compile_cache(values["compile_cache"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]

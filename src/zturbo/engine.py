@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from .accel import compile as accel_compile
+from .accel.artifacts import OFF, CompileCache, open_cache
 from .accel.compile import Accel, AccelOptions, compile_errors, resolve_compile
 from .accel.fuse import controlnet_blocks
 from .accel.graphs import EncoderGraphs, StepGraphs
@@ -164,6 +165,10 @@ class Engine:
         self.merger: LoraMerger | None = None  # made on the first request with a LoRA
         # The plain transformer weights by key: where a quantized weight's LoRA merge starts from.
         self.base_reader: BaseReader | None = None
+        # Compiled artifacts kept across processes (None: not compiling, or no cache directory),
+        # and the seconds each start-up phase took (`load`).
+        self.compile_cache: CompileCache | None = None
+        self.startup: dict[str, Any] = {}
 
     # -----------------------------------------------------------------------------------------
     # Loading
@@ -177,6 +182,7 @@ class Engine:
         With `config.vram_budget`, the process's CUDA memory fraction is capped to it (as asked).
         """
         config = config or RuntimeConfig.from_env()
+        start = time.perf_counter()
         device = resolve_device(config.device)
         caps = probe(device)
         check_quantize(config.quantize, caps)
@@ -203,10 +209,32 @@ class Engine:
         options = AccelOptions(
             compile=compile_ and compilable(layout.plan), quantize=layout.quantize, fuse=fusable(layout.plan)
         )
-        engine.accel = accel_compile.apply(components, options)
-        if options.compile and warmup:
-            engine.warmup()
+        engine.startup["load_s"] = round(time.perf_counter() - start, 3)
+        engine._compile(options, config.compile_cache, warmup)
         return engine
+
+    def _compile(self, options: AccelOptions, cache_dir: Path | None, warmup: bool) -> None:
+        """Apply the speed options; when compiling, first load the artifacts an earlier process
+        kept (so the warm-up looks graphs up instead of compiling them), then keep what it made."""
+        self.compile_cache = open_cache(cache_dir, self.device, self.dtypes, options)
+        if self.compile_cache is not None:
+            self.compile_cache.restore()
+        self.accel = accel_compile.apply(self.components, options)
+        if options.compile and warmup:
+            self.startup["warmup_s"] = round(self.warmup(), 3)
+            self.persist_compiled()
+
+    def persist_compiled(self) -> None:
+        """Keep the artifacts of graphs compiled since the last call (no-op without a cache); a
+        caller that warms up more sizes after `load` calls it again."""
+        if self.compile_cache is not None:
+            self.compile_cache.persist()
+
+    def startup_report(self) -> dict[str, Any]:
+        """The start-up phases (seconds) and whether compiled artifacts were reused: hit, miss or off."""
+        cache = self.compile_cache
+        status = cache.status if cache is not None and self.accel.compiling else OFF
+        return {**self.startup, "compile_cache": status} | ({"artifacts": cache.describe()} if cache else {})
 
     def warmup(self, width: int | None = None, height: int | None = None) -> float:
         """Compile now rather than in the first request; returns the seconds it took.

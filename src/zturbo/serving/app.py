@@ -572,6 +572,7 @@ def _open_routes(service: Service) -> APIRouter:
         return {
             "status": "ready",
             "workers": {"ready": sum(s in ("ready", "busy") for s in states), "total": len(states)},
+            **service.supervisor.startup(),  # ready_s (server start to first ready worker), compile_cache
         }
 
     return r

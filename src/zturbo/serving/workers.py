@@ -44,6 +44,10 @@ _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 class Ready:
     runtime: dict[str, Any]
     memory: dict[str, int] | None
+    # Seconds from the worker process's start to ready; its phases (load_s, warmup_s) and
+    # whether compiled artifacts were reused (compile_cache: hit, miss or off).
+    ready_s: float | None = None
+    startup: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,11 @@ def worker_main(
     engine = Engine.load(dataclasses.replace(config, device=device))
     unit = engine.limits.spatial_unit
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
+    engine.persist_compiled()  # that size's graphs too
     store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
-    conn.send(Ready(_runtime(engine), _memory(engine.device)))
+    ready_s, startup = process_age(), engine.startup_report()
+    logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
+    conn.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
     while True:
         try:
             claim = conn.recv()
@@ -156,6 +163,17 @@ def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.
     seconds = time.perf_counter() - start
     memory = _memory(engine.device)
     conn.send(Finished(claim.job_id, status, seconds, len(result.fallbacks), memory, _lora_stats(engine)))
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: from /proc, so interpreter start and imports
+    count); None where that is not known."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def _lora_stats(engine: Any) -> dict[str, float] | None:
@@ -322,6 +340,7 @@ class Supervisor:
         self._dispatching = True
         self._stop_began: float | None = None  # when stop_dispatch was first called; the grace counts from it
         self._thread: threading.Thread | None = None
+        self._ready: dict[str, Any] | None = None  # `startup()`, from the first Ready
 
     # --- public, any thread -------------------------------------------------------------------
 
@@ -343,6 +362,12 @@ class Supervisor:
     def ready(self) -> bool:
         with self._lock:
             return any(s.state in ("ready", "busy") for s in self.slots)
+
+    def startup(self) -> dict[str, Any]:
+        """Seconds from the server process's start to its first ready worker, and whether that
+        worker reused compiled artifacts; empty before any worker is ready."""
+        with self._lock:
+            return dict(self._ready or {})
 
     def runtime(self) -> dict[str, Any]:
         """The runtime one ready worker reported (dtypes, memory plan), and GPU memory summed."""
@@ -462,8 +487,11 @@ class Supervisor:
                 s.claim_started = True
         elif isinstance(msg, Ready):
             with self._lock:
-                s.state, s.runtime, s.memory = "ready", msg.runtime, msg.memory
-            log.info("%s ready on %s", s.id, s.device)
+                s.state, s.runtime, s.memory = "ready", {**msg.runtime, "startup": msg.startup}, msg.memory
+                if self._ready is None:  # the server's start to its first ready worker
+                    self._ready = {"ready_s": process_age(), "compile_cache": msg.startup.get("compile_cache", "off")}
+            log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
+                     msg.startup.get("compile_cache", "off"))  # fmt: skip
         elif isinstance(msg, Progress):
             with self._lock:
                 s.progress = (msg.step, msg.steps)

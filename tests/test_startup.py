@@ -1,0 +1,212 @@
+"""Start-up: compiled artifacts kept across processes (accel.artifacts) are reused by the next
+process, give the same output, and a damaged or foreign cache file is ignored with a warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zturbo.accel import artifacts
+from zturbo.accel.compile import AccelOptions
+from zturbo.config import RuntimeConfig, default_compile_cache
+from zturbo.errors import InvalidRequestError
+
+# One process's life: restore the cache, compile a regional block the way the engine does
+# (`_token_dynamic`, two token counts), keep the artifacts, print what happened.
+CHILD = r"""
+import hashlib, json, sys
+from pathlib import Path
+import torch
+from zturbo.accel import artifacts
+from zturbo.accel.compile import AccelOptions, _token_dynamic
+
+def block(x, w):
+    h = torch.nn.functional.rms_norm(x, (x.shape[-1],)) @ w
+    return x + torch.nn.functional.silu(h)
+
+options = AccelOptions(compile=True)
+cache = artifacts.open_cache(Path(sys.argv[1]), torch.device("cpu"), {"transformer": torch.float32}, options)
+cache.restore()
+compiled = _token_dynamic(block, "inductor")
+g = torch.Generator().manual_seed(0)
+w = torch.randn(16, 16, generator=g)
+outs = [compiled(torch.randn(2, n, 16, generator=g), w) for n in (7, 11)]
+cache.persist()
+digest = hashlib.sha256(b"".join(o.numpy().tobytes() for o in outs)).hexdigest()
+print(json.dumps({"status": cache.status, "loaded": cache.loaded, "lookups": cache.describe()["lookups"],
+                  "digest": digest, "path": str(cache.path)}))
+"""
+
+
+def _child(cache_dir: Path, inductor_dir: Path) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(cache_dir)], env=env, capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_second_process_reuses_the_artifacts_and_computes_the_same(tmp_path):
+    inductor = tmp_path / "inductor"
+    first = _child(tmp_path / "compile", inductor)
+    assert first["status"] == "miss" and first["loaded"] == 0
+    assert first["lookups"]["inductor.fxgraph_cache_miss"] >= 1
+    assert Path(first["path"]).is_file() and Path(first["path"]).parent == tmp_path / "compile"
+    # Inductor's own graph caches emptied (as a reboot empties /tmp): a lookup can only hit what
+    # the zturbo file brings back. Its built C++ kernels stay, which only spares the CPU a rebuild.
+    for entries in ("fxgraph", "aotautograd"):
+        shutil.rmtree(inductor / entries)
+    second = _child(tmp_path / "compile", inductor)
+    assert second["status"] == "hit" and second["loaded"] > 0
+    assert second["lookups"]["inductor.fxgraph_cache_miss"] == 0  # no graph compiled again
+    assert second["lookups"]["aot_autograd.autograd_cache_miss"] == 0
+    assert second["lookups"]["inductor.fxgraph_cache_hit"] == first["lookups"]["inductor.fxgraph_cache_miss"]
+    assert second["digest"] == first["digest"]
+    assert not list((tmp_path / "compile").glob(".*.tmp"))  # written atomically, nothing left beside
+
+
+def _cache(root: Path, dtype: torch.dtype = torch.float32) -> artifacts.CompileCache:
+    options = AccelOptions(compile=True)
+    cache = artifacts.open_cache(root, torch.device("cpu"), {"transformer": dtype}, options)
+    assert cache is not None
+    return cache
+
+
+def _write(cache: artifacts.CompileCache, key: dict, payload: bytes, sha: str | None = None) -> None:
+    import hashlib
+
+    header = {"key": key, "sha256": sha or hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    artifacts._write_atomic(cache.path, artifacts.MAGIC + json.dumps(header).encode() + b"\n" + payload)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "flipped byte", "truncated", "other key", "torch refuses"])
+def test_a_damaged_or_foreign_cache_file_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog, damage):
+    cache = _cache(tmp_path)
+    payload = b"\x00artifacts" * 50
+    loads: list[bytes] = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loads.append(data) and None)
+    if damage == "garbage":
+        cache.path.parent.mkdir(parents=True, exist_ok=True)
+        cache.path.write_bytes(b"\x89PNG not ours")
+    elif damage == "flipped byte":
+        _write(cache, cache.key, payload)
+        data = bytearray(cache.path.read_bytes())
+        data[-3] ^= 0xFF
+        cache.path.write_bytes(bytes(data))
+    elif damage == "truncated":
+        _write(cache, cache.key, payload)
+        cache.path.write_bytes(cache.path.read_bytes()[:-10])
+    elif damage == "other key":
+        _write(cache, {**cache.key, "torch": "0.0"}, payload)
+    else:  # checks pass, but torch cannot deserialise the payload (it returns None)
+        _write(cache, cache.key, payload)
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        cache.restore()
+    assert cache.status == "miss" and cache.loaded == 0
+    assert [r for r in caplog.records if r.levelno == logging.WARNING and "compile cache" in r.getMessage()]
+    assert loads == ([payload] if damage == "torch refuses" else [])  # only an intact file reaches torch
+
+
+def test_a_missing_file_is_a_quiet_miss_and_an_unwritable_directory_costs_a_warning(tmp_path, caplog, monkeypatch):
+    cache = _cache(tmp_path / "compile")
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        cache.restore()
+    assert cache.status == "miss" and not caplog.records
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the directory should be")
+    cache = _cache(blocker)
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"artifacts", None))
+        assert cache.persist() is False
+    assert any("could not write" in r.getMessage() for r in caplog.records)
+
+
+def test_the_key_separates_what_compiled_code_depends_on(tmp_path):
+    base = _cache(tmp_path)
+    assert base.path == _cache(tmp_path).path
+    assert _cache(tmp_path, torch.bfloat16).path != base.path
+    fp8 = artifacts.open_cache(tmp_path, torch.device("cpu"), {"transformer": torch.float32},
+                               AccelOptions(compile=True, quantize="fp8"))  # fmt: skip
+    assert fp8 is not None and fp8.path != base.path
+    for package in ("torch", "diffusers", "zturbo", "transformers"):
+        assert base.key[package]
+    # Nothing to keep: not compiling, no directory, or a backend whose graphs torch does not cache.
+    devices, dtypes = torch.device("cpu"), {"transformer": torch.float32}
+    assert artifacts.open_cache(tmp_path, devices, dtypes, AccelOptions(compile=False)) is None
+    assert artifacts.open_cache(None, devices, dtypes, AccelOptions(compile=True)) is None
+    assert artifacts.open_cache(tmp_path, devices, dtypes, AccelOptions(compile=True, backend="eager")) is None
+
+
+def test_the_compile_cache_setting(tmp_path):
+    assert RuntimeConfig().compile_cache == default_compile_cache()
+    assert default_compile_cache().parent == Path(os.environ["ZTURBO_CACHE"])
+    assert RuntimeConfig.from_env({"ZTURBO_COMPILE_CACHE": "off"}).compile_cache is None
+    assert RuntimeConfig.from_env({"ZTURBO_COMPILE_CACHE": str(tmp_path)}).compile_cache == tmp_path
+    assert (
+        RuntimeConfig.from_env({"ZTURBO_COMPILE_CACHE": "off"}, compile_cache=str(tmp_path)).compile_cache == tmp_path
+    )
+    assert RuntimeConfig.from_env({}, compile_cache="OFF").compile_cache is None
+    with pytest.raises(InvalidRequestError, match="directory or 'off'"):
+        RuntimeConfig.from_env({}, compile_cache=" ")
+
+
+def test_an_engine_reports_its_start_up(tiny_dir, tmp_path):
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", compile_cache=tmp_path))
+    report = engine.startup_report()
+    assert report["compile_cache"] == "off" and report["load_s"] > 0  # on the CPU, auto compiles nothing
+    assert engine.compile_cache is None and not list(tmp_path.iterdir())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_restarted_compiled_engine_reuses_its_artifacts_and_draws_the_same_image(tiny_dir, tmp_path):
+    script = r"""
+import hashlib, json, sys
+import numpy as np
+from zturbo.config import RuntimeConfig
+from zturbo.engine import Engine
+engine = Engine.load(RuntimeConfig(model=sys.argv[1], device="cuda", compile="on", compile_cache=sys.argv[2]))
+image = engine.generate("a red fox", seed=3, steps=2, width=256, height=256).images[0].image
+engine.persist_compiled()
+print(json.dumps({**engine.startup_report(), "digest": hashlib.sha256(np.asarray(image).tobytes()).hexdigest()}))
+"""
+    runs = []
+    for i in range(2):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{i}")}
+        out = subprocess.run([sys.executable, "-c", script, str(tiny_dir), str(tmp_path / "compile")], env=env,
+                             capture_output=True, text=True, timeout=900, check=True)  # fmt: skip
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert [r["compile_cache"] for r in runs] == ["miss", "hit"]
+    assert runs[1]["artifacts"]["lookups"]["inductor.fxgraph_cache_miss"] == 0
+    assert runs[0]["digest"] == runs[1]["digest"]
+
+
+def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path):
+    from fastapi.testclient import TestClient
+    from tests.serving import in_process_app
+
+    from zturbo.serving.workers import Ready, WorkerSlot, process_age
+
+    app = in_process_app(tmp_path)
+    supervisor = app.state.service.supervisor
+    slot = WorkerSlot("worker-0", "cpu")
+    with TestClient(app) as client:
+        assert client.get("/ready").status_code == 503  # no worker yet, and nothing to report
+        supervisor.slots.append(slot)  # after start-up: a slot the supervisor never spawns
+        age = process_age()
+        assert age is not None and 0 < age < 3600  # this process's age, imports included
+        startup = {"load_s": 1.5, "warmup_s": 4.0, "compile_cache": "hit"}
+        supervisor._handle(slot, Ready({"model": "tiny"}, None, 7.0, startup))
+        body = client.get("/ready").json()
+    assert body["status"] == "ready" and body["compile_cache"] == "hit"
+    assert age <= body["ready_s"] < age + 60  # from the server process's start, not the worker's
+    assert supervisor.runtime()["startup"] == startup  # the phases, for /v1/status's runtime
