@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import io
 import itertools
 import json
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PROMPT = (
     "A photograph of a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field, "
@@ -87,8 +88,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--small", type=int, default=512, help="the small square size (default 512)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 8)")
     p.add_argument("--max-batch", type=int, default=4, help="the engine's batch row, and serve's --max-batch (4)")
-    p.add_argument("--rounds", type=int, default=10, help="timed requests per client in each scenario (default 10)")
-    p.add_argument("--warmup-rounds", type=int, default=3, help="untimed requests per client first (default 3)")
+    p.add_argument("--rounds", type=int, default=8, help="timed requests per client in each scenario (default 8)")
+    p.add_argument("--warmup-rounds", type=int, default=2, help="untimed requests per client first (default 2)")
     p.add_argument("--engine-runs", type=int, default=5, help="timed engine calls per row (default 5)")
     p.add_argument("--engine-warmup", type=int, default=3, help="untimed engine calls per row first (default 3)")
     p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
@@ -108,7 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
     for flag in ("large", "small"):
         value = getattr(args, flag)
         if value <= 0 or value % 16:
-            raise SystemExit(f"load_serve: error: --{flag} {value} must be a positive multiple of 16")
+            refuse(f"--{flag} {value} must be a positive multiple of 16")
     for flag, least in (
         ("max_batch", 1),
         ("rounds", 1),
@@ -118,17 +119,20 @@ def check_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, flag) < least:
             name = "--" + flag.replace("_", "-")
-            raise SystemExit(f"load_serve: error: {name} {getattr(args, flag)} must be at least {least}")
+            refuse(f"{name} {getattr(args, flag)} must be at least {least}")
     if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"load_serve: error: --steps {args.steps} must be at least 1")
+        refuse(f"--steps {args.steps} must be at least 1")
     if not args.ready_timeout > 0:
-        raise SystemExit(f"load_serve: error: --ready-timeout {args.ready_timeout} must be a positive number")
+        refuse(f"--ready-timeout {args.ready_timeout} must be a positive number")
     local = args.model != "tiny-random" and ("/" not in args.model or args.model.startswith((".", "/", "~")))
     if local and not Path(args.model).expanduser().is_dir():
-        raise SystemExit(
-            f"load_serve: error: --model {args.model} is not a directory; write one with "
-            f"`zturbo bench --write-checkpoint DIR`, or pass tiny-random"
-        )
+        refuse(f"--model {args.model} is not a directory; write one with `zturbo bench --write-checkpoint DIR`")
+
+
+def refuse(message: str) -> NoReturn:
+    """A bad flag: one line naming it, exit status 2 (as argparse's own refusals)."""
+    print(f"load_serve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
@@ -474,12 +478,20 @@ def write(res: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
 
 
 def environment() -> dict[str, Any]:
+    """Which code ran where: the commit where there is a git checkout, and a digest of src/ always
+    (a device's copy of the tree has no .git)."""
     root = Path(__file__).resolve().parents[1]
-    git = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
+    try:
+        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = git.stdout.strip() or None
+    except OSError:
+        commit = None
+    digest = hashlib.sha256()
+    for path in sorted((root / "src").rglob("*.py")):
+        digest.update(path.read_bytes())
     return {
-        "commit": git.stdout.strip() or None,
+        "commit": commit,
+        "src_sha256": digest.hexdigest()[:16],
         "python": platform.python_version(),
         "host": platform.node(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -490,19 +502,17 @@ def environment() -> dict[str, Any]:
 
 
 def serve_phase(
-    args: argparse.Namespace, work: Path, out: Path, kind: str, during: Callable[[str, str], None] | None = None
+    args: argparse.Namespace,
+    work: Path,
+    out: Path,
+    kind: str,
+    during: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """Start a server, time it to /ready, run `during(url, key)` on it, stop it."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "zturbo.cli", "serve", "--help"],
-        capture_output=True,
-        text=True,
-        env=child_env(work),
-        check=False,
-    ).stdout
-    features, port, key = serve_features(help_text), free_port(), secrets.token_hex(16)
-    cmd = serve_command(args, port, work, features)
-    server = Server(cmd, child_env(work / "compile-cache", key), port, out / f"serve-{kind}.log")
+    port, key = free_port(), secrets.token_hex(16)
+    env = child_env(work / "compile-cache", key)
+    features = serve_features(serve_help(env))
+    server = Server(serve_command(args, port, work, features), env, port, out / f"serve-{kind}.log")
     try:
         start = server.wait_ready(args.ready_timeout) | {"features": features}
         if during is not None:
@@ -512,10 +522,15 @@ def serve_phase(
     return start
 
 
+def serve_help(env: dict[str, str]) -> str:
+    cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--help"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+
+
 def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) -> dict[str, Any]:
     cache = work / "compile-cache"
     if cache.exists() and any(cache.iterdir()):
-        raise SystemExit(f"load_serve: error: {cache} is not empty, so the first start would not be cold")
+        refuse(f"{cache} is not empty, so the first start would not be cold")
     res: dict[str, Any] = {"environment": environment(), "options": vars(args), "scenarios": {}, "starts": {}}
     write(res, args, out)
     if not args.no_engine:
