@@ -436,7 +436,7 @@ def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
 
 
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
-    """Every server number beside the engine's at batch 1 and at --max-batch, then the acceptance checks."""
+    """Every server number beside the engine's at batch 1 and at --max-batch, the starts, the acceptance checks."""
     rows, n = res.get("engine", {}).get("rows", {}), args.max_batch
     lines = [
         f"| scenario | server images/s | p50 s | p90 s | engine images/s, batch 1 | engine images/s, batch {n} "
@@ -452,8 +452,10 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
             f"{_num(many, 'images_per_s')} | {_share(sc, one)} | {_share(sc, many)} | "
             f"{_num(one, 'median_s')} |"
         )
+    lines += ["", "| start | process start to /ready, s | what /ready said besides |", "|---|---|---|"]
     for kind, start in res.get("starts", {}).items():
-        lines.append(f"| start to /ready, {kind} compile cache: {start['ready_s']:.1f} s |" + " |" * 8)
+        said = {k: v for k, v in start["ready"].items() if k not in ("status", "workers")}
+        lines.append(f"| {kind} compile cache | {start['ready_s']:.1f} | {json.dumps(said) if said else '-'} |")
     lines += ["", "| check | server | engine | target | met |", "|---|---|---|---|---|"]
     for c in res.get("checks", []):
         engine = "-" if c["engine"] is None else f"{c['engine']:.3f}"

@@ -81,7 +81,10 @@ def results(p50: float, four: float, sixteen: float, warm: float) -> dict[str, A
             "512x1": {**scenario, "size": 512, "clients": 1, "p50_s": 0.26, "images_per_s": 3.8},
             "512x16": {**scenario, "size": 512, "clients": 16, "p50_s": 3.2, "images_per_s": sixteen},
         },
-        "starts": {"cold": {"ready_s": 90.0}, "warm": {"ready_s": warm}},
+        "starts": {
+            "cold": {"ready_s": 90.0, "ready": {"status": "ready", "workers": {}}},
+            "warm": {"ready_s": warm, "ready": {"status": "ready", "ready_s": warm - 1, "reused": True}},
+        },
     }
 
 
@@ -104,6 +107,8 @@ def test_the_report_puts_each_server_number_beside_the_engine_and_says_what_miss
     assert "| 512² x 16 client(s) | 5.500 | 3.200 | 1.000 | 4.000 | 5.000 | 137.5 % | 110.0 % | 0.250 |" in md
     assert "| 1024² one at a time: p50 s | 0.900 | 0.800 | <= 1.05 x engine + 20 ms = 0.860 s | NO |" in md
     assert "| start to ready, warm compile cache: s | 12.000 | - | <= 30 s | yes |" in md
+    assert "| cold compile cache | 90.0 | - |" in md
+    assert '| warm compile cache | 12.0 | {"ready_s": 11.0, "reused": true} |' in md  # the server's own words
     without_engine = ls.checks({**res, "engine": {}}, args)
     assert [c.name for c in without_engine] == ["start to ready, warm compile cache: s"]  # no ratio without a reference
 
