@@ -1,0 +1,577 @@
+#!/usr/bin/env python3
+"""Serving at the GPU's speed: `zturbo serve` under load, each number beside the engine's own, in one run.
+
+1. The engine alone, in a child process that loads the same RuntimeConfig a server worker loads:
+   seconds per image and images/s at batch 1 and at --max-batch, at both sizes.
+2. `zturbo serve --no-ui --model DIR` started with an empty compile cache: seconds from process
+   start to /ready (cold). The server is then driven through the official `openai` client
+   (b64_json, every image decoded and its size checked): the large size one request at a time
+   (p50/p90 latency) and with 4 clients (images/s); the small size with 1 and with 16 clients.
+3. The server stopped and started again on the same compile cache: seconds to /ready (warm).
+4. load.json and load.md in --out ($OUT, else ./load), rewritten after each phase so that a run
+   cut short keeps what finished: the server's numbers, the engine's, their ratios and the
+   acceptance checks of issue 24.
+
+Every request has its own prompt (of one token length) and seed, so the prompt cache never skips
+the text encoder, on either side. Each scenario first runs --warmup-rounds untimed rounds at its
+own concurrency, so the shapes it batches are compiled and captured before the clock starts.
+
+    python scripts/load_serve.py --model /tmp/zi                       # a GPU, real-size weights
+    python scripts/load_serve.py --model tiny-random --device cpu --compile off \\
+        --large 64 --small 32 --steps 1 --rounds 1                     # the CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROMPT = (
+    "A photograph of a red fox sitting in fresh snow at sunrise, soft golden light, shallow depth of field, "
+    "highly detailed fur, 85mm lens."
+)
+# The acceptance of issue 24: what the server must deliver, relative to the engine in the same run.
+LATENCY_FACTOR, LATENCY_SLACK_S = 1.05, 0.020  # one at a time: p50 <= engine image time * 1.05 + 20 ms
+SHARE_OF_BATCH1 = 0.97  # large size, 4 clients: >= 97 % of the engine's batch-1 images/s
+SHARE_OF_BATCH = 1.0  # small size, 16 clients: >= the engine's images/s at --max-batch
+WARM_READY_S = 30.0  # a restart on the same compile cache is ready within 30 s
+# Serve flags of issue 24 that a checkout may not have yet; each is passed only where `serve --help` lists it.
+OPTIONAL_SERVE_FLAGS = ("--compile-cache", "--max-batch", "--batch-window-ms", "--client-defaults")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    size: int
+    clients: int
+
+
+@dataclass
+class Check:
+    name: str
+    server: float
+    engine: float | None
+    target: str
+    met: bool
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory (`zturbo bench --write-checkpoint DIR`)")
+    p.add_argument("--device", default=None, help="passed to the engine and to `zturbo serve` (default auto)")
+    p.add_argument("--compile", default=None, choices=("auto", "on", "off"), help="passed to both (default auto)")
+    p.add_argument("--quantize", default=None, help="passed to both (default none)")
+    p.add_argument("--large", type=int, default=1024, help="the large square size (default 1024)")
+    p.add_argument("--small", type=int, default=512, help="the small square size (default 512)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 8)")
+    p.add_argument("--max-batch", type=int, default=4, help="the engine's batch row, and serve's --max-batch (4)")
+    p.add_argument("--rounds", type=int, default=8, help="timed requests per client in each scenario (default 8)")
+    p.add_argument("--warmup-rounds", type=int, default=2, help="untimed requests per client first (default 2)")
+    p.add_argument("--engine-runs", type=int, default=5, help="timed engine calls per row (default 5)")
+    p.add_argument("--engine-warmup", type=int, default=3, help="untimed engine calls per row first (default 3)")
+    p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
+    p.add_argument("--no-engine", action="store_true", help="skip the engine's rows (no ratios then)")
+    p.add_argument("--no-restart", action="store_true", help="skip the warm restart")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a start may take (default 600)")
+    p.add_argument("--work", default=None, help="data and compile caches (default: a temporary directory)")
+    p.add_argument("--out", default=None, help="where load.json, load.md and the logs go (default $OUT or ./load)")
+    p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine's child process
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad value with one line naming it and what is allowed, before anything starts."""
+    for flag in ("large", "small"):
+        value = getattr(args, flag)
+        if value <= 0 or value % 16:
+            refuse(f"--{flag} {value} must be a positive multiple of 16")
+    for flag, least in (
+        ("max_batch", 1),
+        ("rounds", 1),
+        ("engine_runs", 1),
+        ("warmup_rounds", 0),
+        ("engine_warmup", 0),
+    ):
+        if getattr(args, flag) < least:
+            name = "--" + flag.replace("_", "-")
+            refuse(f"{name} {getattr(args, flag)} must be at least {least}")
+    if args.steps is not None and args.steps < 1:
+        refuse(f"--steps {args.steps} must be at least 1")
+    if not args.ready_timeout > 0:
+        refuse(f"--ready-timeout {args.ready_timeout} must be a positive number")
+    local = args.model != "tiny-random" and ("/" not in args.model or args.model.startswith((".", "/", "~")))
+    if local and not Path(args.model).expanduser().is_dir():
+        refuse(f"--model {args.model} is not a directory; write one with `zturbo bench --write-checkpoint DIR`")
+
+
+def refuse(message: str) -> NoReturn:
+    """A bad flag: one line naming it, exit status 2 (as argparse's own refusals)."""
+    print(f"load_serve: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    large, small = args.large, args.small
+    return [
+        Scenario(f"{large}x1", large, 1),
+        Scenario(f"{large}x4", large, 4),
+        Scenario(f"{small}x1", small, 1),
+        Scenario(f"{small}x16", small, 16),
+    ]
+
+
+def prompts(start: int = 0) -> Iterator[tuple[str, int]]:
+    """(prompt, seed) pairs, each prompt new and of one token length (the number's digits are
+    tokens of their own, and zero-padding keeps their count)."""
+    for i in itertools.count(start):
+        yield f"{PROMPT} Variation {i:06d}.", i
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile (q in 0..1) of a non-empty sample."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+# --- the engine alone ---------------------------------------------------------------------------
+
+
+def engine_config(args: argparse.Namespace, cache: Path | None) -> Any:
+    """The RuntimeConfig a server worker would load for these flags (and, where the checkout has
+    the field, this compile cache)."""
+    from zturbo.config import RuntimeConfig
+
+    given = {"model": args.model, "device": args.device, "compile": args.compile, "quantize": args.quantize}
+    if cache is not None and "compile_cache" in RuntimeConfig.__dataclass_fields__:
+        given["compile_cache"] = cache
+    return RuntimeConfig.from_env(**given)
+
+
+def engine_rates(engine: Any, args: argparse.Namespace, pairs: Iterator[tuple[str, int]]) -> dict[str, Any]:
+    """Seconds per engine call (prompt to 8-bit images, no encoding) and images/s at batch 1 and
+    at --max-batch, for both sizes: medians of --engine-runs after --engine-warmup calls."""
+    rows: dict[str, Any] = {}
+    steps = {} if args.steps is None else {"steps": args.steps}
+    for size in (args.large, args.small):
+        for batch in sorted({1, args.max_batch}):
+            times = []
+            for _ in range(args.engine_warmup + args.engine_runs):
+                batch_pairs = [next(pairs) for _ in range(batch)]
+                tick = time.perf_counter()
+                engine.generate([p for p, _ in batch_pairs], seed=batch_pairs[0][1], width=size, height=size, **steps)
+                times.append(time.perf_counter() - tick)
+            median = statistics.median(times[args.engine_warmup :])
+            rows[f"{size}x{batch}"] = {
+                "size": size,
+                "batch": batch,
+                "median_s": median,
+                "images_per_s": batch / median,
+                "runs_s": times[args.engine_warmup :],
+            }
+    return rows
+
+
+def engine_main(args: argparse.Namespace) -> int:
+    """The child process: load, time, print one JSON line."""
+    from zturbo.engine import Engine
+
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    tick = time.perf_counter()
+    engine = Engine.load(engine_config(args, Path(cache).parent if cache else None))
+    load_s = time.perf_counter() - tick
+    rows = engine_rates(engine, args, prompts(10**5))
+    print(
+        json.dumps(
+            {"load_s": load_s, "device": device_name(engine.device), "rows": rows, "runtime": engine.runtime()},
+            default=str,
+        )
+    )
+    return 0
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def measure_engine(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) -> dict[str, Any]:
+    """The engine's rows, measured in a child process that exits (freeing the GPU) before a server starts."""
+    env = child_env(work / "engine-cache")
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine-only"]
+    with open(out / "engine.log", "wb") as log:
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, check=False)
+    lines = proc.stdout.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"the engine's child process exited {proc.returncode}; see {out / 'engine.log'}")
+    return json.loads(lines[-1])
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+def child_env(cache: Path, api_key: str | None = None) -> dict[str, str]:
+    """The environment of a child: this checkout's zturbo first on the path, and every compile
+    cache inside `cache`, so that a cold start finds none and a warm one finds the last start's."""
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    env["TRITON_CACHE_DIR"] = str(cache / "triton")
+    # As `zturbo` sets it for its own processes, so the engine's child runs as a worker does.
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    env.pop("ZTURBO_API_KEY", None)
+    if api_key:
+        env["ZTURBO_API_KEY"] = api_key
+    return env
+
+
+def serve_features(help_text: str) -> list[str]:
+    """The optional flags of issue 24 that this checkout's `zturbo serve` has."""
+    return [flag for flag in OPTIONAL_SERVE_FLAGS if flag in help_text]
+
+
+def serve_command(args: argparse.Namespace, port: int, work: Path, features: Sequence[str]) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "zturbo.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--no-ui",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(work / "data"),
+        "--log-level",
+        "warning",
+    ]
+    for flag in ("device", "compile", "quantize"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", getattr(args, flag)]
+    if "--compile-cache" in features:
+        cmd += ["--compile-cache", str(work / "compile-cache")]
+    if "--max-batch" in features:
+        cmd += ["--max-batch", str(args.max_batch)]
+    return cmd
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One `zturbo serve` process: started, timed to /ready, stopped."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], port: int, log_path: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Seconds from the process's start to its first 200 from /ready, and what /ready said."""
+        deadline = self.started + timeout
+        while time.perf_counter() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"zturbo serve exited {self.proc.returncode} before ready; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + "/ready", timeout=5) as r:
+                    body = json.loads(r.read())
+                return {"ready_s": time.perf_counter() - self.started, "ready": body}
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.05)
+        raise RuntimeError(f"zturbo serve was not ready within {timeout:g} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+# --- the clients ---------------------------------------------------------------------------------
+
+
+def one_request(client: Any, size: int, pair: tuple[str, int], args: argparse.Namespace) -> dict[str, Any]:
+    """One images.generate call: its latency, and its image decoded and checked (or the error)."""
+    from PIL import Image
+
+    extra: dict[str, Any] = {"seed": pair[1]} | ({} if args.steps is None else {"steps": args.steps})
+    fmt = {} if args.output_format is None else {"output_format": args.output_format}
+    tick = time.perf_counter()
+    try:
+        res = client.images.generate(
+            prompt=pair[0], size=f"{size}x{size}", n=1, response_format="b64_json", extra_body=extra, **fmt
+        )
+        latency = time.perf_counter() - tick
+        image = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
+        if image.size != (size, size) or len(res.data) != 1:
+            return {"error": f"got {len(res.data)} image(s), the first {image.size[0]}x{image.size[1]}"}
+        return {"latency_s": latency, "format": image.format, "bytes": len(res.data[0].b64_json) * 3 // 4}
+    except Exception as e:  # one failed request is counted and named, not the end of the run
+        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def drive(url: str, key: str, sc: Scenario, rounds: int, pairs: Iterator[tuple[str, int]], args: Any) -> list[Any]:
+    """`sc.clients` clients at once, each sending `rounds` requests one after another."""
+    from openai import OpenAI
+
+    def client_loop(_: int) -> list[dict[str, Any]]:
+        client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=args.ready_timeout)
+        with client:
+            return [one_request(client, sc.size, next(pairs), args) for _ in range(rounds)]
+
+    with ThreadPoolExecutor(sc.clients) as pool:
+        return [r for results in pool.map(client_loop, range(sc.clients)) for r in results]
+
+
+def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[Any]) -> dict[str, Any]:
+    """Untimed warm-up rounds, then the timed rounds: images/s over the wall time, latencies."""
+    warm = drive(url, key, sc, args.warmup_rounds, pairs, args) if args.warmup_rounds else []
+    tick = time.perf_counter()
+    results = drive(url, key, sc, args.rounds, pairs, args)
+    wall = time.perf_counter() - tick
+    latencies = [r["latency_s"] for r in results if "latency_s" in r]
+    errors = [r["error"] for r in warm + results if "error" in r]
+    row: dict[str, Any] = {
+        **asdict(sc),
+        "requests": len(results),
+        "images": len(latencies),
+        "wall_s": wall,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "formats": sorted({r["format"] for r in results if "format" in r}),
+    }
+    if latencies:
+        row |= {
+            "images_per_s": len(latencies) / wall,
+            "p50_s": percentile(latencies, 0.5),
+            "p90_s": percentile(latencies, 0.9),
+            "mean_s": statistics.fmean(latencies),
+        }
+    return row
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
+    """The acceptance of issue 24, for each number this run has."""
+    rows, runs, starts = res.get("engine", {}).get("rows", {}), res.get("scenarios", {}), res.get("starts", {})
+    large, small, batch = args.large, args.small, args.max_batch
+    out = []
+    one, single = runs.get(f"{large}x1", {}), rows.get(f"{large}x1")
+    if "p50_s" in one and single:
+        limit = single["median_s"] * LATENCY_FACTOR + LATENCY_SLACK_S
+        target = f"<= {LATENCY_FACTOR:g} x engine + {LATENCY_SLACK_S * 1000:g} ms = {limit:.3f} s"
+        out.append(
+            Check(f"{large}² one at a time: p50 s", one["p50_s"], single["median_s"], target, one["p50_s"] <= limit)
+        )
+    four = runs.get(f"{large}x4", {})
+    if "images_per_s" in four and single:
+        share = four["images_per_s"] / single["images_per_s"]
+        out.append(
+            Check(
+                f"{large}² 4 clients: images/s vs engine batch 1",
+                four["images_per_s"],
+                single["images_per_s"],
+                f">= {SHARE_OF_BATCH1:.0%} of engine",
+                share >= SHARE_OF_BATCH1,
+            )
+        )
+    many, batched = runs.get(f"{small}x16", {}), rows.get(f"{small}x{batch}")
+    if "images_per_s" in many and batched:
+        share = many["images_per_s"] / batched["images_per_s"]
+        out.append(
+            Check(
+                f"{small}² 16 clients: images/s vs engine batch {batch}",
+                many["images_per_s"],
+                batched["images_per_s"],
+                f">= {SHARE_OF_BATCH:.0%} of engine",
+                share >= SHARE_OF_BATCH,
+            )
+        )
+    if "warm" in starts:
+        ready = starts["warm"]["ready_s"]
+        out.append(
+            Check("start to ready, warm compile cache: s", ready, None, f"<= {WARM_READY_S:g} s", ready <= WARM_READY_S)
+        )
+    return out
+
+
+def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
+    """Every server number beside the engine's at batch 1 and at --max-batch, the starts, the acceptance checks."""
+    rows, n = res.get("engine", {}).get("rows", {}), args.max_batch
+    lines = [
+        f"| scenario | server images/s | p50 s | p90 s | engine images/s, batch 1 | engine images/s, batch {n} "
+        f"| server / batch 1 | server / batch {n} | engine s/image, batch 1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sc in res.get("scenarios", {}).values():
+        one, many = rows.get(f"{sc['size']}x1", {}), rows.get(f"{sc['size']}x{n}", {})
+        fails = f" ({sc['errors']} failed)" if sc["errors"] else ""
+        lines.append(
+            f"| {sc['size']}² x {sc['clients']} client(s){fails} | {_num(sc, 'images_per_s')} | "
+            f"{_num(sc, 'p50_s')} | {_num(sc, 'p90_s')} | {_num(one, 'images_per_s')} | "
+            f"{_num(many, 'images_per_s')} | {_share(sc, one)} | {_share(sc, many)} | "
+            f"{_num(one, 'median_s')} |"
+        )
+    lines += ["", "| start | process start to /ready, s | what /ready said besides |", "|---|---|---|"]
+    for kind, start in res.get("starts", {}).items():
+        said = {k: v for k, v in start["ready"].items() if k not in ("status", "workers")}
+        lines.append(f"| {kind} compile cache | {start['ready_s']:.1f} | {json.dumps(said) if said else '-'} |")
+    lines += ["", "| check | server | engine | target | met |", "|---|---|---|---|---|"]
+    for c in res.get("checks", []):
+        engine = "-" if c["engine"] is None else f"{c['engine']:.3f}"
+        lines.append(f"| {c['name']} | {c['server']:.3f} | {engine} | {c['target']} | {'yes' if c['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def _share(server: dict[str, Any], engine: dict[str, Any]) -> str:
+    if "images_per_s" not in server or "images_per_s" not in engine:
+        return "-"
+    return f"{server['images_per_s'] / engine['images_per_s']:.1%}".replace("%", " %")
+
+
+def _num(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "-"
+
+
+def write(res: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
+    res["checks"] = [asdict(c) for c in checks(res, args)]
+    (out / "load.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / "load.md").write_text(markdown(res, args) + "\n")
+
+
+def environment() -> dict[str, Any]:
+    """Which code ran where: the commit where there is a git checkout, and a digest of src/ always
+    (a device's copy of the tree has no .git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        commit = git.stdout.strip() or None
+    except OSError:
+        commit = None
+    digest = hashlib.sha256()
+    for path in sorted((root / "src").rglob("*.py")):
+        digest.update(path.read_bytes())
+    return {
+        "commit": commit,
+        "src_sha256": digest.hexdigest()[:16],
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def serve_phase(
+    args: argparse.Namespace,
+    work: Path,
+    out: Path,
+    kind: str,
+    during: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """Start a server, time it to /ready, run `during(url, key)` on it, stop it."""
+    port, key = free_port(), secrets.token_hex(16)
+    env = child_env(work / "compile-cache", key)
+    features = serve_features(serve_help(env))
+    server = Server(serve_command(args, port, work, features), env, port, out / f"serve-{kind}.log")
+    try:
+        start = server.wait_ready(args.ready_timeout) | {"features": features}
+        if during is not None:
+            during(server.url, key)
+    finally:
+        server.stop()
+    return start
+
+
+def serve_help(env: dict[str, str]) -> str:
+    cmd = [sys.executable, "-m", "zturbo.cli", "serve", "--help"]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+
+
+def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) -> dict[str, Any]:
+    cache = work / "compile-cache"
+    if cache.exists() and any(cache.iterdir()):
+        refuse(f"{cache} is not empty, so the first start would not be cold")
+    res: dict[str, Any] = {"environment": environment(), "options": vars(args), "scenarios": {}, "starts": {}}
+    write(res, args, out)
+    if not args.no_engine:
+        res["engine"] = measure_engine(args, argv, work, out)
+        write(res, args, out)
+    pairs = prompts()
+
+    def load(url: str, key: str) -> None:
+        for sc in scenarios(args):
+            print(f"load_serve: {sc.size}² with {sc.clients} client(s)", file=sys.stderr, flush=True)
+            res["scenarios"][sc.key] = run_scenario(url, key, sc, args, pairs)
+            write(res, args, out)
+
+    res["starts"]["cold"] = serve_phase(args, work, out, "cold", during=load)
+    write(res, args, out)
+    if not args.no_restart:
+        res["starts"]["warm"] = serve_phase(args, work, out, "warm")
+        write(res, args, out)
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.engine_only:
+        return engine_main(args)
+    out = Path(args.out or os.environ.get("OUT") or "load")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zturbo-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        res = run(args, argv, work, out)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    print(markdown(res, args))
+    failed = sum(sc["errors"] for sc in res["scenarios"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

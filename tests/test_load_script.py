@@ -1,0 +1,206 @@
+"""scripts/load_serve.py, the load test of issue 24: it refuses bad flags before starting anything,
+its acceptance arithmetic holds at the thresholds, its engine rows never hit the prompt cache, and
+it runs end to end against a live `zturbo serve` on the tiny model (one server start in CI; the
+whole run, engine child and warm restart included, outside CI)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "load_serve.py"
+TINY_RUN = ["--device", "cpu", "--compile", "off", "--large", "64", "--small", "32", "--steps", "1", "--rounds", "1"]
+
+
+def load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("load_serve", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+ls = load_script()
+
+
+def run_script(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, str(SCRIPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+def options(**given: Any) -> argparse.Namespace:
+    return ls.parse_args(["--model", "tiny-random", *[f"--{k.replace('_', '-')}={v}" for k, v in given.items()]])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--large", "100"], "--large 100 must be a positive multiple of 16"),
+        (["--rounds", "0"], "--rounds 0 must be at least 1"),
+        (["--warmup-rounds", "-1"], "--warmup-rounds -1 must be at least 0"),
+        (["--model", "/no/such/checkpoint"], "--model /no/such/checkpoint is not a directory"),
+    ],
+)
+def test_a_bad_flag_is_refused_in_one_line_before_anything_starts(tmp_path, flags, named):
+    model = [] if "--model" in flags else ["--model", "tiny-random"]
+    proc = run_script(*model, *flags, "--out", str(tmp_path / "out"), timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"load_serve: error: {named}"), proc.stderr
+    assert not (tmp_path / "out").exists()  # refused before the output or any process was made
+
+
+def engine_rows(large: dict[str, float], small: dict[str, float]) -> dict[str, Any]:
+    return {
+        f"{size}x{batch}": {"size": size, "batch": batch, "median_s": batch / ips, "images_per_s": ips}
+        for size, rates in ((1024, large), (512, small))
+        for batch, ips in ((1, rates["b1"]), (4, rates["b4"]))
+    }
+
+
+def results(p50: float, four: float, sixteen: float, warm: float) -> dict[str, Any]:
+    """A run whose engine makes 1.25 images/s at 1024² (0.8 s each) and 5 images/s at 512², batch 4."""
+    rows = engine_rows({"b1": 1.25, "b4": 1.3}, {"b1": 4.0, "b4": 5.0})
+    scenario = {"errors": 0, "p90_s": 1.0}
+    return {
+        "engine": {"rows": rows},
+        "scenarios": {
+            "1024x1": {**scenario, "size": 1024, "clients": 1, "p50_s": p50, "images_per_s": 1 / p50},
+            "1024x4": {**scenario, "size": 1024, "clients": 4, "p50_s": 3.3, "images_per_s": four},
+            "512x1": {**scenario, "size": 512, "clients": 1, "p50_s": 0.26, "images_per_s": 3.8},
+            "512x16": {**scenario, "size": 512, "clients": 16, "p50_s": 3.2, "images_per_s": sixteen},
+        },
+        "starts": {
+            "cold": {"ready_s": 90.0, "ready": {"status": "ready", "workers": {}}},
+            "warm": {"ready_s": warm, "ready": {"status": "ready", "ready_s": warm - 1, "reused": True}},
+        },
+    }
+
+
+def test_the_acceptance_checks_hold_at_their_thresholds_and_fail_just_past_them():
+    args = options()
+    limit = 0.8 * 1.05 + 0.020
+    at = ls.checks(results(p50=limit, four=1.25 * 0.97, sixteen=5.0, warm=30.0), args)
+    assert [c.met for c in at] == [True] * 4
+    past = ls.checks(results(p50=limit + 1e-6, four=1.25 * 0.97 - 1e-6, sixteen=5.0 - 1e-6, warm=30.001), args)
+    assert [c.met for c in past] == [False] * 4
+    assert [c.engine for c in past] == [0.8, 1.25, 5.0, None]  # batch 1 at 1024², batch 4 at 512²
+
+
+def test_the_report_puts_each_server_number_beside_the_engine_and_says_what_missed():
+    res = results(p50=0.9, four=1.2, sixteen=5.5, warm=12.0)
+    args = options()
+    res["checks"] = [vars(c) for c in ls.checks(res, args)]
+    md = ls.markdown(res, args)
+    assert "| 1024² x 4 client(s) | 1.200 | 3.300 | 1.000 | 1.250 | 1.300 | 96.0 % | 92.3 % | 0.800 |" in md
+    assert "| 512² x 16 client(s) | 5.500 | 3.200 | 1.000 | 4.000 | 5.000 | 137.5 % | 110.0 % | 0.250 |" in md
+    assert "| 1024² one at a time: p50 s | 0.900 | 0.800 | <= 1.05 x engine + 20 ms = 0.860 s | NO |" in md
+    assert "| start to ready, warm compile cache: s | 12.000 | - | <= 30 s | yes |" in md
+    assert "| cold compile cache | 90.0 | - |" in md
+    assert '| warm compile cache | 12.0 | {"ready_s": 11.0, "reused": true} |' in md  # the server's own words
+    without_engine = ls.checks({**res, "engine": {}}, args)
+    assert [c.name for c in without_engine] == ["start to ready, warm compile cache: s"]  # no ratio without a reference
+
+
+def test_only_the_serve_flags_this_checkout_has_are_passed_and_every_compile_cache_is_the_runs(tmp_path):
+    help_text = subprocess.run(
+        [sys.executable, "-m", "zturbo.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        check=True,
+    ).stdout
+    features = ls.serve_features(help_text)
+    cmd = ls.serve_command(options(), 8000, tmp_path, features)
+    assert ("--compile-cache" in cmd) == ("--compile-cache" in help_text)
+    assert ("--max-batch" in cmd) == ("--max-batch" in help_text)
+    later = ls.serve_command(options(), 8000, tmp_path, ["--compile-cache", "--max-batch"])
+    assert later[later.index("--compile-cache") + 1] == str(tmp_path / "compile-cache")
+    assert later[later.index("--max-batch") + 1] == "4"
+    env = ls.child_env(tmp_path / "cache", "k")
+    assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path / "cache"))
+    assert env["TRITON_CACHE_DIR"].startswith(str(tmp_path / "cache"))
+    assert env["ZTURBO_API_KEY"] == "k"
+
+
+def test_engine_rows_time_every_call_with_new_prompts_of_one_token_length(engine):
+    pairs = list(zip(range(3), ls.prompts(99998), strict=False))
+    lengths = {len(engine.components.tokenizer(p).input_ids) for _, (p, _) in pairs}
+    assert len(lengths) == 1  # 099998, 099999, 100000: one step graph shape for every request
+    hits = engine.prompt_cache.hits
+    rows = ls.engine_rates(
+        engine, options(large=48, small=32, max_batch=2, engine_runs=2, engine_warmup=0, steps=1), ls.prompts()
+    )
+    assert engine.prompt_cache.hits == hits  # the text encoder ran in every timed call, as it does in the server
+    assert set(rows) == {"48x1", "48x2", "32x1", "32x2"}
+    for row in rows.values():
+        assert len(row["runs_s"]) == 2 and row["images_per_s"] == pytest.approx(row["batch"] / row["median_s"])
+
+
+def check_run(out: Path, proc: subprocess.CompletedProcess[str], starts: set[str]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "load.json").read_text())
+    assert list(res["scenarios"]) == ["64x1", "64x4", "32x1", "32x16"]
+    for sc in res["scenarios"].values():  # every request answered with a decodable image of its size
+        assert sc["requests"] == sc["images"] == sc["clients"] and sc["errors"] == 0, sc
+        assert sc["formats"] == ["PNG"] and 0 < sc["p50_s"] <= sc["p90_s"] and sc["images_per_s"] > 0
+    assert set(res["starts"]) == starts and all(s["ready"]["status"] == "ready" for s in res["starts"].values())
+    assert (out / "load.md").read_text().strip() in proc.stdout
+    return res
+
+
+def test_one_server_start_under_every_scenario_on_the_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(
+        "--model",
+        str(tiny_dir),
+        *TINY_RUN,
+        "--warmup-rounds",
+        "0",
+        "--no-engine",
+        "--no-restart",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    )
+    res = check_run(out, proc, {"cold"})
+    assert res["checks"] == []  # no engine rows, no warm start: nothing to hold the server against
+    assert (out / "serve-cold.log").exists() and not (out / "engine.log").exists()
+
+
+@pytest.mark.skipif(bool(os.environ.get("CI")), reason="about a minute of CPU: the engine child and two server starts")
+def test_the_whole_run_on_the_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_script(
+        "--model",
+        str(tiny_dir),
+        *TINY_RUN,
+        "--warmup-rounds",
+        "1",
+        "--engine-runs",
+        "1",
+        "--engine-warmup",
+        "1",
+        "--out",
+        str(out),
+    )
+    res = check_run(out, proc, {"cold", "warm"})
+    assert set(res["engine"]["rows"]) == {"64x1", "64x4", "32x1", "32x4"}
+    assert [c["name"].split(":")[0] for c in res["checks"]] == [
+        "64² one at a time",
+        "64² 4 clients",
+        "32² 16 clients",
+        "start to ready, warm compile cache",
+    ]
