@@ -46,12 +46,14 @@ def test_from_a_webp_or_jpeg_reproduces_the_image_it_holds(capsys, tiny_dir, tmp
     """The metadata travels in WebP's and JPEG's EXIF and XMP; the file's suffix sets the format."""
     first = tmp_path / "a.webp"
     options = ["--variation-seed", "9", "--variation-strength", "0.4", "--negative-prompt", "blurry, 暗い"]
-    code, out, err = run(capsys, "generate", "一只狐狸", "--model", tiny_dir, "--seed", 5, *SMALL, *options, "-o", first)
+    code, _, err = run(
+        capsys, "generate", "一只狐狸", "--model", tiny_dir, "--seed", 5, *SMALL, *options, "-o", first
+    )
     assert code == 0, err
     with Image.open(first) as im:
         assert im.format == "WEBP"
     png, jpeg = tmp_path / "b.png", tmp_path / "c.jpg"
-    code, out, err = run(capsys, "generate", "--from", first, "--model", tiny_dir, *SMALL[-3:], "-o", png)
+    code, _, err = run(capsys, "generate", "--from", first, "--model", tiny_dir, *SMALL[-3:], "-o", png)
     assert code == 0, err
     assert shaping(read_metadata(png)) == shaping(read_metadata(first))
     code, _, err = run(capsys, "generate", "--from", png, "--format", "webp", "--model", tiny_dir, "-q", "-o", jpeg)

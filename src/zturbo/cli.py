@@ -78,31 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zturbo", description="Z-Image-Turbo text-to-image runtime.")
     parser.add_argument("--version", action="version", version=f"zturbo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument(
-        "prompt", nargs="?", help="what to draw (any language the text encoder knows, e.g. English, Chinese)"
-    )
-    gen.add_argument(
-        "--from",
-        dest="from_png",
-        default=None,
-        metavar="IMAGE",
-        help="take every parameter from an image zturbo wrote (PNG, WebP or JPEG), or one with A1111 'parameters'; "
-        "other options override",
-    )
-    _generation_args(gen)
-    gen.add_argument(
-        "-o",
-        "--output",
-        default=None,
-        help="an image file for one image (.png, .webp or .jpg; its suffix is the format unless --format is given), "
-        "or a directory (./outputs)",
-    )
-    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
-    _model_args(gen)
+    _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
 
     bat = sub.add_parser("batch", help="generate every row of a prompt file (text, JSONL or CSV); resumable")
     bat.add_argument("file", help="one prompt a line (.txt), or .jsonl / .csv rows with a prompt and any option")
@@ -140,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--batch", type=int, default=1, help="for --plan (default 1)")
     return parser
+
+
+def _generate_args(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument(
+        "prompt", nargs="?", help="what to draw (any language the text encoder knows, e.g. English, Chinese)"
+    )
+    gen.add_argument(
+        "--from",
+        dest="from_png",
+        default=None,
+        metavar="IMAGE",
+        help="take every parameter from an image zturbo wrote (PNG, WebP or JPEG), or one with A1111 'parameters'; "
+        "other options override",
+    )
+    _generation_args(gen)
+    gen.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="an image file for one image (.png, .webp or .jpg; its suffix is the format unless --format is given), "
+        "or a directory (./outputs)",
+    )
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    _model_args(gen)
 
 
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:

@@ -478,11 +478,7 @@ class GenerateRequest:
         seed_list = _seed_list(seeds, seed, batch)
         per_prompt = len(seed_list) if seed_list is not None else batch
         total = len(prompts) * per_prompt
-        seed_was_random = seed is None and seed_list is None
-        if seed_list is not None:
-            seed = seed_list[0]
-        elif seed is None:
-            seed = secrets.randbelow(2**32)
+        seed, seed_was_random = _first_seed(seed, seed_list)
         varying = strength > 0
         # A1111: with a variation strength the seed stays and the variation seed counts up instead.
         _check_int("seed", seed, LIMITS.seed[0], SEED_MAX - (0 if varying else total - 1))
@@ -833,6 +829,15 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> None:
         raise FieldError(name, f"{name} must be a whole number, got {value!r}")
     if not lo <= value <= hi:
         raise FieldError(name, f"{name} {value} is out of range; allowed {lo}..{hi}")
+
+
+def _first_seed(seed: int | None, seed_list: tuple[int, ...] | None) -> tuple[int, bool]:
+    """(the first image's seed, whether it was drawn at random): the list's first, the given one, or a draw."""
+    if seed_list is not None:
+        return seed_list[0], False
+    if seed is None:
+        return secrets.randbelow(2**32), True
+    return seed, False
 
 
 def _check_output(output_format: object, compression: object) -> None:
