@@ -26,7 +26,7 @@ from zturbo.imageio import (
     save_image,
     save_images,
 )
-from zturbo.request import OUTPUT_FORMATS, GenerateRequest
+from zturbo.request import OUTPUT_FORMATS, GenerateRequest, ModelLimits
 from zturbo.result import GeneratedImage
 
 # Text that tests every layer: CJK and an emoji (UTF-16 pairs), XML's special characters, a
@@ -122,6 +122,32 @@ def test_directory_names_take_the_formats_suffix_and_a_file_must_name_its_format
     with pytest.raises(ValueError, match="PNG is lossless"):
         save_image(images[0], tmp_path / "y.png", output_format="png", compression=50)
     assert not (tmp_path / "y.png").exists() and not list(tmp_path.glob(".y.png.*"))  # no file, no stray
+
+
+def test_batch_rows_in_different_formats_run_together_and_each_is_written_in_its_own(engine, tmp_path):
+    from zturbo import batch
+
+    source = tmp_path / "rows.csv"
+    source.write_text("prompt,format,compression\na cat,png,\na dog,webp,70\na cow,jpeg,\n", encoding="utf-8")
+    calls: list[int] = []
+    handle = engine.components.transformer.register_forward_pre_hook(lambda m, args: calls.append(len(args[0])))
+    defaults = {"seed": 3, "steps": 1, "width": 32, "height": 32}
+    try:
+        for _ in range(2):  # the second run finds every row done, in its own format
+            rows = batch.read_rows(source)
+            manifest = batch.Manifest(tmp_path / "out")
+            batch.plan(rows, defaults, ModelLimits(16, 2048 * 2048), manifest)
+            batch.run(engine, rows, tmp_path / "out", manifest, max_batch=4)
+    finally:
+        handle.remove()
+    assert calls == [3]  # one engine call for the three rows
+    assert [r.status for r in rows] == ["skipped"] * 3
+    assert [r.files for r in rows] == [["00002-3.png"], ["00003-3.webp"], ["00004-3.jpg"]]
+    for row, fmt in zip(rows, ("PNG", "WEBP", "JPEG"), strict=True):
+        with Image.open(tmp_path / "out" / row.files[0]) as im:
+            assert im.format == fmt
+    assert read_metadata(tmp_path / "out" / "00003-3.webp")["prompt"] == "a dog"
+    assert [r.request.output_compression for r in rows] == [None, 70, None]  # CSV text read as a number
 
 
 # --- the server ------------------------------------------------------------------------------
