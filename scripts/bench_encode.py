@@ -1,6 +1,6 @@
 """Encoding time and size of one image per output setting: PNG levels, WebP qualities and methods, JPEG.
 
-    python scripts/bench_encode.py [--size 1024] [--runs 5] [--markdown]
+    python scripts/bench_encode.py [--size 1024] [--runs 5] [--only png|webp|jpeg]
 
 Two 1024² RGB images: a smooth, photo-like one (large soft shapes, gradients and a little grain,
 as a generated image has) and uniform noise (the worst case for every encoder). Each setting is
@@ -16,6 +16,7 @@ import argparse
 import io
 import statistics
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,13 +26,13 @@ from PIL import Image
 from zturbo.imageio import encode_image
 from zturbo.result import GeneratedImage
 
+_PILLOW = -1  # Pillow's own zlib strategy for PNG
 # (label, output format, compression, extra Pillow options): the rows, in the table's order.
 SETTINGS: tuple[tuple[str, str, int | None, dict[str, Any]], ...] = (
-    ("png level 0", "png", None, {"compress_level": 0}),
-    ("png level 1", "png", None, {"compress_level": 1}),
-    ("png level 1 rle", "png", None, {"compress_level": 1, "compress_type": 3}),
-    ("png level 3", "png", None, {"compress_level": 3}),
-    ("png level 6", "png", None, {"compress_level": 6}),
+    *((f"png level {n}", "png", None, {"compress_level": n, "compress_type": _PILLOW}) for n in (0, 1, 3)),
+    ("png level 6 (Pillow's default)", "png", None, {"compress_level": 6, "compress_type": _PILLOW}),
+    ("png level 1, Z_DEFAULT_STRATEGY", "png", None, {"compress_level": 1, "compress_type": zlib.Z_DEFAULT_STRATEGY}),
+    ("png level 1, Z_RLE", "png", None, {"compress_level": 1, "compress_type": zlib.Z_RLE}),
     ("png (zturbo default)", "png", None, {}),
     *((f"webp q75 method {m}", "webp", 75, {"method": m}) for m in range(7)),
     *((f"webp q90 method {m}", "webp", 90, {"method": m}) for m in range(7)),
@@ -80,10 +81,12 @@ def median_seconds(fn: Callable[[], object], runs: int) -> float:
     return statistics.median(times)
 
 
-def measure(image: GeneratedImage, runs: int) -> list[tuple[str, float, int]]:
-    """(label, median seconds, bytes) of every setting."""
+def measure(image: GeneratedImage, runs: int, only: str | None) -> list[tuple[str, float, int]]:
+    """(label, median seconds, bytes) of every setting (of format `only`, when given)."""
     rows = []
     for label, fmt, compression, options in SETTINGS:
+        if only is not None and fmt != only:
+            continue
 
         def encode(fmt: str = fmt, compression: int | None = compression, options: dict = options) -> bytes:
             buffer = io.BytesIO()
@@ -99,9 +102,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=("png", "webp", "jpeg"), default=None, help="one format's rows")
     args = parser.parse_args()
     images = {"smooth": smooth_image(args.size), "noise": noise_image(args.size)}
-    results = {name: measure(_as_generated(im), args.runs) for name, im in images.items()}
+    results = {name: measure(_as_generated(im), args.runs, args.only) for name, im in images.items()}
     print(f"| setting ({args.size}², median of {args.runs}) | smooth CPU ms | smooth KiB | noise CPU ms | noise KiB |")
     print("|---|---:|---:|---:|---:|")
     for (label, t_s, b_s), (_, t_n, b_n) in zip(results["smooth"], results["noise"], strict=True):
