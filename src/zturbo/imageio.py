@@ -35,11 +35,11 @@ IMAGE_SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
 # Output file suffixes and the format each names (`.jpeg` is a JPEG too).
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 # PNG's zlib settings: level 1 with run-length matching (Z_RLE) encodes a photo-like 1024² image
-# 2.8x faster than Pillow's default (level 6) into a file of the same size, since the PNG filters
+# 3x faster than Pillow's default (level 6) into a file of the same size, since the PNG filters
 # leave mostly runs (scripts/bench_encode.py; docs/api.md, "Output formats").
 PNG_LEVEL, PNG_STRATEGY = 1, zlib.Z_RLE
-# Quality when `output_compression` is not given. WebP's method 0 encodes 4x faster than its
-# default (4) for files about 10 % larger.
+# Quality when `output_compression` is not given. WebP's method 0 encodes 2.5x faster than
+# libwebp's default (4) for files about 10 % larger.
 DEFAULT_QUALITY = {"webp": 90, "jpeg": 90}
 WEBP_METHOD = 0
 _PILLOW_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
