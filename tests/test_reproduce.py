@@ -46,9 +46,7 @@ def test_from_a_webp_or_jpeg_reproduces_the_image_it_holds(capsys, tiny_dir, tmp
     """The metadata travels in WebP's and JPEG's EXIF and XMP; the file's suffix sets the format."""
     first = tmp_path / "a.webp"
     options = ["--variation-seed", "9", "--variation-strength", "0.4", "--negative-prompt", "blurry, 暗い"]
-    code, _, err = run(
-        capsys, "generate", "一只狐狸", "--model", tiny_dir, "--seed", 5, *SMALL, *options, "-o", first
-    )
+    code, _, err = run(capsys, "generate", "一只狐狸", "--model", tiny_dir, "--seed", 5, *SMALL, *options, "-o", first)
     assert code == 0, err
     with Image.open(first) as im:
         assert im.format == "WEBP"
