@@ -76,6 +76,16 @@ BAD_REQUESTS = [
     (["-o", "/proc/x.png"], "output /proc/x.png cannot be written: /proc refuses new files"),
     (["-o", "blocker/x.png"], "output blocker/x.png: blocker is a file, not a directory"),
     (["--batch", "2", "-o", "blocker"], "output blocker exists and is not a directory"),
+    (
+        ["--format", "webp", "-o", "x.png"],
+        "output x.png is a png file name but the output format is webp; name the file x.webp or choose --format png",
+    ),
+    (["--format", "gif"], "output_format 'gif' is not one of png | webp | jpeg"),
+    (["--format", "jpg"], "output_format 'jpg' is not one of png | webp | jpeg"),
+    (["--compression", "50"], "output_compression 50 applies to webp and jpeg only; png is lossless"),
+    (["-o", "x.png", "--compression", "50"], "output_compression 50 applies to webp and jpeg only"),
+    (["--format", "jpeg", "--compression", "101"], "output_compression 101 is out of range; allowed 0..100"),
+    (["--format", "webp", "--compression", "high"], "output_compression 'high' is not a whole number"),
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available here")]),
 ]
 

@@ -1,7 +1,8 @@
-"""Reproduction from a PNG (`generate --from`), `zturbo show`, and contact sheets."""
+"""Reproduction from an image (`generate --from` a PNG, WebP or JPEG), `zturbo show`, and contact sheets."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from clirun import pixels, run
-from zturbo.imageio import parse_a1111, read_metadata
+from zturbo.imageio import DEFAULT_QUALITY, WEBP_METHOD, parse_a1111, read_metadata
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "2", "--device", "cpu", "-q"]
 
@@ -39,6 +40,35 @@ def test_from_reproduces_identical_pixels(capsys, tiny_dir, tmp_path, options):
     assert np.array_equal(pixels(again), pixels(first))
     assert shaping(read_metadata(again)) == shaping(read_metadata(first))
     assert out.startswith(f"{again}\tseed=5")
+
+
+def test_from_a_webp_or_jpeg_reproduces_the_image_it_holds(capsys, tiny_dir, tmp_path):
+    """The metadata travels in WebP's and JPEG's EXIF and XMP; the file's suffix sets the format."""
+    first = tmp_path / "a.webp"
+    options = ["--variation-seed", "9", "--variation-strength", "0.4", "--negative-prompt", "blurry, 暗い"]
+    code, _, err = run(capsys, "generate", "一只狐狸", "--model", tiny_dir, "--seed", 5, *SMALL, *options, "-o", first)
+    assert code == 0, err
+    with Image.open(first) as im:
+        assert im.format == "WEBP"
+    png, jpeg = tmp_path / "b.png", tmp_path / "c.jpg"
+    code, _, err = run(capsys, "generate", "--from", first, "--model", tiny_dir, *SMALL[-3:], "-o", png)
+    assert code == 0, err
+    assert shaping(read_metadata(png)) == shaping(read_metadata(first))
+    code, _, err = run(capsys, "generate", "--from", png, "--format", "webp", "--model", tiny_dir, "-q", "-o", jpeg)
+    assert code == 2 and f"output {jpeg} is a jpeg file name but the output format is webp" in err
+    code, _, err = run(capsys, "generate", "--from", png, "--compression", "80", "--model", tiny_dir, "-q", "-o", jpeg)
+    assert code == 0, err
+    assert shaping(read_metadata(jpeg)) == shaping(read_metadata(first))
+    # The lossy files hold exactly the lossless image's pixels as their encoders (deterministic) write them.
+    assert np.array_equal(pixels(first), reencoded(png, "WEBP", quality=DEFAULT_QUALITY["webp"], method=WEBP_METHOD))
+    assert np.array_equal(pixels(jpeg), reencoded(png, "JPEG", quality=80))
+
+
+def reencoded(path, fmt, **options):
+    buffer = io.BytesIO()
+    with Image.open(path) as im:
+        im.save(buffer, format=fmt, **options)
+    return pixels(buffer)
 
 
 def test_from_with_overrides_changes_only_those(capsys, tiny_dir, tmp_path):
@@ -105,7 +135,7 @@ def test_png_without_parameters_is_named(capsys, tiny_dir, tmp_path):
     for argv in (["show", plain], ["generate", "--from", plain, "--model", tiny_dir]):
         code, out, err = run(capsys, *argv)
         assert code == 2 and out == ""
-        why = "has no generation parameters (neither a 'zturbo' nor an A1111 'parameters' text chunk)"
+        why = "has no generation parameters (neither 'zturbo' metadata nor an A1111 'parameters' text)"
         assert err == f"zturbo: error: {plain} {why}\n"
     code, _, err = run(capsys, "show", tmp_path / "missing.png")
     assert code == 2 and f"{tmp_path / 'missing.png'} does not exist" in err
@@ -113,7 +143,7 @@ def test_png_without_parameters_is_named(capsys, tiny_dir, tmp_path):
 
 def test_generate_without_prompt_or_from_is_refused(capsys, tiny_dir):
     code, _, err = run(capsys, "generate", "--model", tiny_dir)
-    assert code == 2 and "give a PROMPT, or --from IMAGE.png" in err
+    assert code == 2 and "give a PROMPT, or --from IMAGE to take the parameters from an image" in err
 
 
 def test_show_prints_the_parameters(capsys, tiny_dir, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from zturbo.config import RuntimeConfig
@@ -173,3 +175,36 @@ def test_a_stored_request_from_before_loras_existed_reads_with_none():
     data = GenerateRequest.create("x", limits=LIMITS, seed=1).to_dict()
     del data["loras"]
     assert GenerateRequest.from_dict(data).loras == ()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"output_format": "gif"}, "output_format 'gif' is not one of png | webp | jpeg"),
+        ({"output_format": "PNG"}, "output_format 'PNG' is not one of png | webp | jpeg"),
+        ({"format": None}, "format None is not one of png | webp | jpeg"),  # named as the door named it
+        (
+            {"output_format": "webp", "output_compression": 101},
+            "output_compression 101 is out of range; allowed 0..100",
+        ),
+        ({"output_format": "jpeg", "output_compression": -1}, "output_compression -1 is out of range; allowed 0..100"),
+        ({"output_format": "jpeg", "output_compression": 50.0}, "output_compression must be a whole number, got 50.0"),
+        ({"output_format": "jpeg", "output_compression": True}, "output_compression must be a whole number, got True"),
+        ({"output_compression": 80}, "output_compression 80 applies to webp and jpeg only; png is lossless"),
+    ],
+)
+def test_output_settings_are_refused_naming_the_value_and_what_is_allowed(fields, message):
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        GenerateRequest.from_fields({"prompt": "a fox", **fields}, LIMITS)
+
+
+def test_output_settings_round_trip_and_stay_out_of_batching():
+    webp = GenerateRequest.from_fields({"prompt": "a", "format": "webp", "compression": "75", "seed": 1}, LIMITS)
+    assert (webp.output_format, webp.output_compression) == ("webp", 75)  # CLI and batch text read as numbers
+    png = GenerateRequest.create("b", limits=LIMITS, seed=2)
+    assert (png.output_format, png.output_compression) == ("png", None)
+    assert webp.shared() == png.shared()  # different formats still batch together
+    assert GenerateRequest.combine([webp, png]).num_images == 2
+    assert GenerateRequest.from_dict(webp.to_dict()) == webp
+    stored = {k: v for k, v in png.to_dict().items() if k not in ("output_format", "output_compression")}
+    assert GenerateRequest.from_dict(stored) == png  # a request stored before formats existed wrote PNGs

@@ -2,8 +2,8 @@
 
 A row is one `GenerateRequest` (one image, or several with `batch` or `seeds`). Rows are validated
 before the model loads; a bad row is reported and the others run. Each finished row appends one
-`done` line to `manifest.jsonl` (fsynced) after its PNGs are written, so an interrupted run loses at
-most the rows in flight, and a rerun skips rows whose PNGs are there and match. Random seeds are
+`done` line to `manifest.jsonl` (fsynced) after its images are written, so an interrupted run loses at
+most the rows in flight, and a rerun skips rows whose images are there and match. Random seeds are
 resolved on the first run and recorded (`planned` lines), so a resumed row keeps its seed.
 """
 
@@ -371,7 +371,7 @@ def _message(err: Exception) -> str:
 
 
 def _is_done(record: dict[str, Any] | None, directory: Path) -> bool:
-    """Finished: a `done` line for this row and key, and each of its PNGs present with the recorded seed."""
+    """Finished: a `done` line for this row and key, and each of its images present with the recorded seed."""
     from .imageio import read_metadata
 
     if record is None:
@@ -405,10 +405,14 @@ def groups(rows: Sequence[BatchRow], max_batch: int) -> list[list[BatchRow]]:
 
 
 def file_names(row: BatchRow, images: Sequence[GeneratedImage]) -> list[str]:
-    """`00007-SEED.png` for a one-image row, `00007-02-SEED.png` for the second image of a larger one."""
+    """`00007-SEED.png` for a one-image row, `00007-02-SEED.png` for the second image of a larger one
+    (`.webp` or `.jpg` for a row in those formats)."""
+    from .imageio import IMAGE_SUFFIXES
+
+    suffix = IMAGE_SUFFIXES[row.request.output_format if row.request is not None else "png"]
     if len(images) == 1:
-        return [f"{row.number:05d}-{images[0].seed}.png"]
-    return [f"{row.number:05d}-{k:02d}-{img.seed}.png" for k, img in enumerate(images, start=1)]
+        return [f"{row.number:05d}-{images[0].seed}{suffix}"]
+    return [f"{row.number:05d}-{k:02d}-{img.seed}{suffix}" for k, img in enumerate(images, start=1)]
 
 
 def run(
@@ -448,7 +452,7 @@ def _run_group(
     on_step: StepCallback | None,
     on_row: Callable[[BatchRow], None] | None,
 ) -> None:
-    from .imageio import save_png
+    from .imageio import save_image
 
     requests = [row.request for row in group]
     assert all(r is not None for r in requests)
@@ -459,8 +463,10 @@ def _run_group(
         own = [next(images) for _ in range(row.request.num_images)]
         names = file_names(row, own)
         # The directory belongs to the batch: a file without a `done` line is from a run cut short.
+        # Each row in its own format: formats are not part of `shared()`.
+        fmt, compression = row.request.output_format, row.request.output_compression
         for name, image in zip(names, own, strict=True):
-            save_png(image, directory / name, overwrite=True)
+            save_image(image, directory / name, output_format=fmt, compression=compression, overwrite=True)
         record = {"event": "done", "row": row.number, "key": row.key, "files": names, "seeds": [i.seed for i in own]}
         manifest.append([record])
         row.status, row.files, row.seeds = "done", names, record["seeds"]

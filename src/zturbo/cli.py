@@ -24,7 +24,7 @@ from .config import (
     TINY_MODEL,
 )
 from .errors import DeviceError, InvalidRequestError, ZTurboError
-from .request import DEFAULT_SIZE
+from .request import DEFAULT_SIZE, OUTPUT_FIELDS
 from .version import __version__
 
 log = logging.getLogger("zturbo")
@@ -78,24 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zturbo", description="Z-Image-Turbo text-to-image runtime.")
     parser.add_argument("--version", action="version", version=f"zturbo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument(
-        "prompt", nargs="?", help="what to draw (any language the text encoder knows, e.g. English, Chinese)"
-    )
-    gen.add_argument(
-        "--from",
-        dest="from_png",
-        default=None,
-        metavar="IMAGE.png",
-        help="take every parameter from a zturbo PNG (or an A1111 'parameters' chunk); other options override",
-    )
-    _generation_args(gen)
-    gen.add_argument("-o", "--output", default=None, help="a .png file for one image, or a directory (./outputs)")
-    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
-    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
-    _model_args(gen)
+    _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
 
     bat = sub.add_parser("batch", help="generate every row of a prompt file (text, JSONL or CSV); resumable")
     bat.add_argument("file", help="one prompt a line (.txt), or .jsonl / .csv rows with a prompt and any option")
@@ -113,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(bat)
 
-    show = sub.add_parser("show", help="print the generation parameters stored in a PNG")
-    show.add_argument("image", help="a PNG written by zturbo, or one with an A1111 'parameters' chunk")
+    show = sub.add_parser("show", help="print the generation parameters stored in an image")
+    show.add_argument("image", help="an image zturbo wrote (PNG, WebP or JPEG), or one with A1111 'parameters'")
     show.add_argument("--json", action="store_true", help="the parameters as one JSON object")
 
     serve = sub.add_parser("serve", help="HTTP server: a persistent job queue, worker per GPU, OpenAI images API")
@@ -133,6 +116,32 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--height", type=int, default=DEFAULT_SIZE, help="for --plan (default %(default)s)")
     info.add_argument("--batch", type=int, default=1, help="for --plan (default 1)")
     return parser
+
+
+def _generate_args(gen: argparse.ArgumentParser) -> None:
+    gen.add_argument(
+        "prompt", nargs="?", help="what to draw (any language the text encoder knows, e.g. English, Chinese)"
+    )
+    gen.add_argument(
+        "--from",
+        dest="from_png",
+        default=None,
+        metavar="IMAGE",
+        help="take every parameter from an image zturbo wrote (PNG, WebP or JPEG), or one with A1111 'parameters'; "
+        "other options override",
+    )
+    _generation_args(gen)
+    gen.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="an image file for one image (.png, .webp or .jpg; its suffix is the format unless --format is given), "
+        "or a directory (./outputs)",
+    )
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    _model_args(gen)
 
 
 def _generation_args(p: argparse.ArgumentParser, defaults_for: str | None = None) -> None:
@@ -214,8 +223,9 @@ def _request_options() -> dict[str, str]:
 
 
 _REQUEST_OPTIONS = _request_options()
-# Parameters a PNG carries back into a request (`--from`).
-_PNG_PARAMETERS = ("prompt", *_REQUEST_OPTIONS.values())
+# Parameters an image carries back into a request (`--from`): what shaped it, not how its file was
+# written (an image made again is written as the command line says).
+_PNG_PARAMETERS = ("prompt", *(k for k in _REQUEST_OPTIONS.values() if k not in OUTPUT_FIELDS))
 
 
 def _given_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -438,7 +448,7 @@ def _generate_request(
 ) -> Any:
     """The request of `generate`: the command line over the PNG's parameters (`--from`), as a
     batch row over the command line; its LoRAs and output checked before any model loads."""
-    from .imageio import check_output
+    from .imageio import check_output, image_format
     from .request import GenerateRequest
 
     if args.from_png is not None:
@@ -447,10 +457,12 @@ def _generate_request(
     if args.prompt is not None:
         params["prompt"] = args.prompt
     if "prompt" not in params:
-        raise InvalidRequestError("give a PROMPT, or --from IMAGE.png to take the parameters from an image")
+        raise InvalidRequestError("give a PROMPT, or --from IMAGE to take the parameters from an image")
+    if args.output is not None and image_format(args.output) is not None:
+        params.setdefault("output_format", image_format(args.output))  # `-o fox.webp` writes WebP
     request = GenerateRequest.create(limits=limits, **params)
     _check_loras(library, [ref.name for ref in request.loras])
-    check_output(args.output, request.num_images, overwrite=args.overwrite)
+    check_output(args.output, request.num_images, overwrite=args.overwrite, output_format=request.output_format)
     if request.seed_was_random:
         log.info("seed %d (random)", request.seed)
     if request.variation_strength > 0 and "variation_seed" not in params:

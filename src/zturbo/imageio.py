@@ -1,11 +1,19 @@
-"""PNG output: metadata (a `zturbo` JSON chunk and an A1111 `parameters` chunk), atomic writes."""
+"""Image output in PNG, WebP or JPEG: metadata (the `zturbo` JSON and A1111's `parameters` text), atomic writes.
+
+PNG keeps both in text chunks. WebP and JPEG keep the A1111 text where A1111 writes it, the EXIF
+UserComment (UTF-16, as piexif's `UserComment.dump(..., encoding="unicode")` does), and the zturbo
+JSON in an XMP packet (one `zturbo:metadata` element), so `read_metadata` and `generate --from`
+read every format alike.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import secrets
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +31,20 @@ LORA_SUFFIX = ".safetensors"
 LORA_HASHES = "Lora hashes"  # A1111's field: `"name: 0123456789, ..."`
 SHORT_HASH = 10  # hex digits of a sha256 in A1111's and Civitai's texts (AutoV2)
 CONTROLNET_UNIT = "ControlNet 0"  # sd-webui-controlnet's field for its first unit
+IMAGE_SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+# Output file suffixes and the format each names (`.jpeg` is a JPEG too).
+SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+# PNG's zlib settings: level 1 with run-length matching (Z_RLE) encodes a photo-like 1024² image
+# 3x faster than Pillow's default (level 6) into a file of the same size, since the PNG filters
+# leave mostly runs (scripts/bench_encode.py; docs/api.md, "Output formats").
+PNG_LEVEL, PNG_STRATEGY = 1, zlib.Z_RLE
+# Quality when `output_compression` is not given. WebP's method 0 encodes 2.5x faster than
+# libwebp's default (4) for files about 10 % larger.
+DEFAULT_QUALITY = {"webp": 90, "jpeg": 90}
+WEBP_METHOD = 0
+_PILLOW_FORMAT = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+_EXIF_IFD, _USER_COMMENT = 0x8769, 0x9286
+_XMP_NS = "https://github.com/zturbo/zturbo/ns/1.0/"
 
 
 def build_metadata(
@@ -182,17 +204,71 @@ def png_info(meta: dict[str, Any]) -> Any:
     return info
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The `zturbo` JSON of a PNG written by zturbo; raises InvalidRequestError for other files."""
-    from PIL import Image, UnidentifiedImageError
+def exif_bytes(meta: dict[str, Any]) -> bytes:
+    """An EXIF block whose UserComment holds the A1111 text, UTF-16 in the block's (big-endian) byte
+    order after the `UNICODE` code, as A1111 writes (and reads) WebP and JPEG metadata."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as im:
-            text = im.text.get(METADATA_KEY) if hasattr(im, "text") else None
-    except (OSError, UnidentifiedImageError) as e:
-        raise InvalidRequestError(f"{path} is not a readable image: {e}") from None
+    exif = Image.Exif()
+    exif[_EXIF_IFD] = {_USER_COMMENT: b"UNICODE\0" + a1111_parameters(meta).encode("utf-16-be", "surrogatepass")}
+    return exif.tobytes()
+
+
+# Characters XML 1.0 cannot hold; in the JSON they are written as \uXXXX escapes, which read back the same.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def xmp_packet(meta: dict[str, Any]) -> bytes:
+    """An XMP packet holding the zturbo JSON as the text of one `zturbo:metadata` element."""
+    from xml.sax.saxutils import escape
+
+    text = json.dumps(meta, ensure_ascii=False, sort_keys=True)
+    text = escape(_NOT_XML.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        f'<rdf:Description rdf:about="" xmlns:zturbo="{_XMP_NS}"><zturbo:metadata>{text}</zturbo:metadata>'
+        '</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="r"?>'
+    ).encode("utf-8", "surrogatepass")
+
+
+def encode_image(
+    image: GeneratedImage,
+    fp: Any,
+    *,
+    output_format: str,
+    compression: int | None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Encode `image` with its metadata into the binary file `fp`. `compression` is the quality of
+    WebP and JPEG (0..100, OpenAI's `output_compression`; None: `DEFAULT_QUALITY`) and must be None
+    for PNG. `options` are extra Pillow save options (the encoding benchmark's settings)."""
+    if output_format not in _PILLOW_FORMAT:
+        raise ValueError(f"output format {output_format!r} is not one of {', '.join(_PILLOW_FORMAT)}")
+    meta = image.metadata
+    if output_format == "png":
+        if compression is not None:
+            raise ValueError("PNG is lossless: it takes no quality (its zlib settings are PNG_LEVEL, PNG_STRATEGY)")
+        settings: dict[str, Any] = {"pnginfo": png_info(meta)}
+        settings |= {"compress_level": PNG_LEVEL, "compress_type": PNG_STRATEGY}
+    else:
+        quality = DEFAULT_QUALITY[output_format] if compression is None else compression
+        settings = {"quality": quality, "exif": exif_bytes(meta), "xmp": xmp_packet(meta)}
+        if output_format == "webp":
+            settings["method"] = WEBP_METHOD
+    image.image.save(fp, format=_PILLOW_FORMAT[output_format], **{**settings, **(options or {})})
+
+
+def image_format(path: str | os.PathLike[str]) -> str | None:
+    """The output format a file name's suffix names (`x.jpg` -> jpeg), or None."""
+    return SUFFIX_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The `zturbo` JSON of an image written by zturbo; raises InvalidRequestError for other files."""
+    text = _image_text(path).get(METADATA_KEY)
     if text is None:
-        raise InvalidRequestError(f"{path} has no {METADATA_KEY!r} metadata chunk")
+        raise InvalidRequestError(f"{path} has no {METADATA_KEY!r} metadata")
     return json.loads(text)
 
 
@@ -337,39 +413,74 @@ def _a1111_number(key: str, value: str, parse: Any) -> Any:
 
 
 def read_parameters(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str, list[str]]:
-    """Generation parameters of a PNG: (parameters, which chunk they came from, ignored A1111 fields).
+    """Generation parameters of an image: (parameters, which text they came from, ignored A1111 fields).
 
-    The `zturbo` JSON chunk when present (everything, exactly); otherwise an A1111 `parameters`
-    chunk (prompt, seeds, steps, CFG, size). Raises InvalidRequestError naming the file otherwise.
+    The `zturbo` JSON when present (everything, exactly); otherwise an A1111 `parameters` text
+    (prompt, seeds, steps, CFG, size). Raises InvalidRequestError naming the file otherwise.
     """
-    text = _png_text(path)
+    text = _image_text(path)
     if METADATA_KEY in text:
         try:
             return json.loads(text[METADATA_KEY]), METADATA_KEY, []
         except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"{path}: its {METADATA_KEY!r} chunk is not valid JSON ({e})") from None
+            raise InvalidRequestError(f"{path}: its {METADATA_KEY!r} metadata is not valid JSON ({e})") from None
     if A1111_KEY in text:
         params, ignored = parse_a1111(text[A1111_KEY])
         return params, A1111_KEY, ignored
     raise InvalidRequestError(
-        f"{path} has no generation parameters (neither a {METADATA_KEY!r} nor an A1111 {A1111_KEY!r} text chunk)"
+        f"{path} has no generation parameters (neither {METADATA_KEY!r} metadata nor an A1111 {A1111_KEY!r} text)"
     )
 
 
-def _png_text(path: str | os.PathLike[str]) -> dict[str, str]:
+def _image_text(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata texts of an image file: a PNG's text chunks; for WebP and JPEG, `zturbo` from
+    the XMP packet and `parameters` from the EXIF UserComment, where present."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
-            return dict(getattr(im, "text", {}) or {})
+            if im.format == "PNG":
+                return dict(getattr(im, "text", {}) or {})
+            texts = {METADATA_KEY: _xmp_metadata(path, im.info.get("xmp")), A1111_KEY: _user_comment(im.getexif())}
     except FileNotFoundError:
         raise InvalidRequestError(f"{path} does not exist") from None
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise InvalidRequestError(f"{path} is not a readable image: {e}") from None
+    return {k: v for k, v in texts.items() if v is not None}
 
 
-def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> Path:
-    """Write atomically: a temporary file in the same directory, fsync, then link or rename.
+def _xmp_metadata(path: str | os.PathLike[str], xmp: object) -> str | None:
+    """The text of the packet's `zturbo:metadata` element; None without one (or without a packet)."""
+    from xml.etree import ElementTree
+
+    if not isinstance(xmp, (bytes, str)) or _XMP_NS.encode() not in (xmp if isinstance(xmp, bytes) else xmp.encode()):
+        return None
+    try:
+        element = ElementTree.fromstring(xmp).find(f".//{{{_XMP_NS}}}metadata")
+    except ElementTree.ParseError as e:
+        raise InvalidRequestError(f"{path}: its XMP packet is not valid XML ({e})") from None
+    return element.text if element is not None else None
+
+
+def _user_comment(exif: Any) -> str | None:
+    """The EXIF UserComment as text: its 8-byte code says how (UNICODE: UTF-16 in the block's byte
+    order; ASCII, or an undefined code: UTF-8)."""
+    raw = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+    if isinstance(raw, str):
+        return raw or None
+    if not isinstance(raw, bytes) or len(raw) <= 8:
+        return None
+    code, body = raw[:8], raw[8:]
+    if code == b"UNICODE\0":
+        return body.decode("utf-16-le" if getattr(exif, "endian", ">") == "<" else "utf-16-be", "replace")
+    return body.decode("utf-8", "replace")
+
+
+def save_image(
+    image: GeneratedImage, path: Path, *, output_format: str, compression: int | None, overwrite: bool = False
+) -> Path:
+    """Write `image` (`encode_image`) durably and atomically: a temporary file in the same
+    directory, fsynced, then linked or renamed into place, and the directory fsynced.
 
     Without `overwrite` the final step is a hard link, which fails if `path` exists (no race).
     The file gets the mode a plain `open(path, "w")` would give (0666 less the umask).
@@ -378,7 +489,7 @@ def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> P
     fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.image.save(f, format="PNG", pnginfo=png_info(image.metadata))
+            encode_image(image, f, output_format=output_format, compression=compression)
             f.flush()
             os.fsync(f.fileno())
         if overwrite:
@@ -387,7 +498,27 @@ def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> P
             _link_no_clobber(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_directory(path.parent)
     return path
+
+
+def save_png(image: GeneratedImage, path: Path, *, overwrite: bool = False) -> Path:
+    """`save_image` as PNG."""
+    return save_image(image, path, output_format="png", compression=None, overwrite=overwrite)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a new name in `directory` durable (POSIX); where directories cannot be opened, a no-op."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # filesystems that cannot fsync a directory
+    finally:
+        os.close(fd)
 
 
 def _create_temp(directory: Path, name: str) -> tuple[int, Path]:
@@ -415,16 +546,26 @@ def _link_no_clobber(tmp: Path, path: Path) -> None:
 
 
 def is_file_target(path: str | os.PathLike[str] | None) -> bool:
-    return path is not None and str(path).lower().endswith(".png")
+    """Whether an output names one image file (.png, .webp, .jpg or .jpeg) rather than a directory."""
+    return path is not None and image_format(path) is not None
 
 
-def check_output(path: str | os.PathLike[str] | None, num_images: int, *, overwrite: bool) -> None:
+def check_output(
+    path: str | os.PathLike[str] | None, num_images: int, *, overwrite: bool, output_format: str = "png"
+) -> None:
     """Reject an output target before any work is done: a file where a directory belongs, one file
-    for several images, an existing file, or a place this process cannot write to."""
+    for several images, a file whose suffix names another format, an existing file, or a place this
+    process cannot write to."""
     if not is_file_target(path):
         check_output_directory(Path(path if path is not None else DEFAULT_OUTPUT_DIR))
         return
     assert path is not None
+    named = image_format(path)
+    if named != output_format:
+        raise InvalidRequestError(
+            f"output {path} is a {named} file name but the output format is {output_format}; name the file "
+            f"{Path(path).stem}{IMAGE_SUFFIXES[output_format]} or choose --format {named}"
+        )
     if num_images != 1:
         raise InvalidRequestError(
             f"output {path} names one file but {num_images} images will be made; give a directory instead"
@@ -445,7 +586,9 @@ def check_output_directory(directory: Path, *, target: str | os.PathLike[str] | 
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing == Path(shown) and not existing.is_dir():
-        raise InvalidRequestError(f"output {shown} exists and is not a directory; give a directory or a .png path")
+        raise InvalidRequestError(
+            f"output {shown} exists and is not a directory; give a directory or an image path (.png, .webp, .jpg)"
+        )
     if not existing.is_dir():
         raise InvalidRequestError(f"output {shown}: {existing} is a file, not a directory")
     try:
@@ -458,24 +601,31 @@ def check_output_directory(directory: Path, *, target: str | os.PathLike[str] | 
 
 
 def save_images(
-    images: Sequence[GeneratedImage], path: str | os.PathLike[str] | None = None, *, overwrite: bool = False
+    images: Sequence[GeneratedImage],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+    output_format: str = "png",
+    compression: int | None = None,
 ) -> list[Path]:
-    """`path` ending in .png: exactly that file (one image). Otherwise a directory (default ./outputs),
-    with names NNNNN-SEED.png continuing the directory's highest number."""
-    check_output(path, len(images), overwrite=overwrite)
+    """`path` naming an image file (.png, .webp, .jpg): exactly that file (one image). Otherwise a
+    directory (default ./outputs), with names NNNNN-SEED.png (or .webp, .jpg) continuing the
+    directory's highest number."""
+    check_output(path, len(images), overwrite=overwrite, output_format=output_format)
+    write = functools.partial(save_image, output_format=output_format, compression=compression)
     if is_file_target(path):
         assert path is not None
-        return [save_png(images[0], Path(path), overwrite=overwrite)]
+        return [write(images[0], Path(path), overwrite=overwrite)]
     directory = Path(path if path is not None else DEFAULT_OUTPUT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     number = _next_number(directory)
     written = []
     for image in images:
         while True:
-            target = directory / f"{number:05d}-{image.seed}.png"
+            target = directory / f"{number:05d}-{image.seed}{IMAGE_SUFFIXES[output_format]}"
             number += 1
             try:
-                written.append(save_png(image, target))
+                written.append(write(image, target))
                 break
             except OutputExistsError:
                 continue  # another process took this number; take the next

@@ -28,6 +28,9 @@ DEFAULT_SIZE = 1024
 # steps fix the composition; leaving the last ones clean lets the image follow the prompt again.
 DEFAULT_VARIETY_UNTIL = 0.25
 REQUEST_FORMAT = 1  # version of `GenerateRequest.to_dict`'s layout
+# Output file formats, as OpenAI's images API names them (`imageio.IMAGE_SUFFIXES` gives the suffixes).
+OUTPUT_FORMATS = ("png", "webp", "jpeg")
+DEFAULT_OUTPUT_FORMAT = "png"
 NO_INPUTS = ImageInputs()
 
 
@@ -49,6 +52,8 @@ class Limits:
     # before decoding, so a decompression bomb never expands), and an upload at most this many bytes.
     input_pixels: int = MAX_INPUT_PIXELS
     input_bytes: int = MAX_INPUT_BYTES
+    # OpenAI's `output_compression`: the quality of a WebP or JPEG file, in percent.
+    compression: tuple[int, int] = (0, 100)
 
 
 LIMITS = Limits()
@@ -101,7 +106,7 @@ class Field:
 
     def range(self, limits: Limits = LIMITS) -> tuple[float, float] | None:
         """(lowest, highest) allowed value of a number field; None for text, seed lists and sizes."""
-        if self.bounds in ("steps", "images", "guidance", "seed", "fraction"):
+        if self.bounds in ("steps", "images", "guidance", "seed", "fraction", "compression"):
             return getattr(limits, self.bounds)
         if self.bounds == "fraction>0":
             return limits.fraction
@@ -119,6 +124,9 @@ class Field:
             return f"1..{limits.images[1]} seeds, each {limits.seed[0]}..{limits.seed[1]}"
         if self.bounds == "fraction>0":
             return "above 0 up to 1"
+        if self.bounds == "compression":
+            lo, hi = limits.compression
+            return f"{lo}..{hi}, for webp and jpeg only"
         if self.bounds == "loras":
             lo, hi = limits.lora_weight
             return f"up to {limits.loras} LoRAs as NAME[:WEIGHT], each weight {lo:g}..{hi:g}"
@@ -215,10 +223,19 @@ FIELDS: tuple[Field, ...] = (
           "fraction of the steps run before the ControlNet starts (default 0)", "--control-start"),
     Field("control_end", NUMBER, None, "range:control_end",
           "fraction of the steps after which the ControlNet stops (default 1)", "--control-end"),
+    Field("output_format", CHOICE, DEFAULT_OUTPUT_FORMAT, "choice", "the image files' format", "--format",
+          aliases=("format",)),
+    Field("output_compression", WHOLE, None, "compression",
+          "quality of a webp or jpeg file in percent, as OpenAI's output_compression (default 90); png is "
+          "lossless and takes none", "--compression", aliases=("compression",)),
 )  # fmt: skip
+# How the image files are written; not input settings, and no part of `GenerateRequest.shared()`.
+OUTPUT_FIELDS = ("output_format", "output_compression")
 IMAGE_FIELDS = tuple(f.name for f in FIELDS if f.kind == IMAGE)
 INPUT_FIELDS = IMAGE_FIELDS + tuple(
-    f.name for f in FIELDS if f.bounds.startswith("range:") or f.kind in (CHOICE, FLAG, MARGINS)
+    f.name
+    for f in FIELDS
+    if f.name not in OUTPUT_FIELDS and (f.bounds.startswith("range:") or f.kind in (CHOICE, FLAG, MARGINS))
 )
 FIELD = {f.name: f for f in FIELDS}
 SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" (sets width and height) or "auto" (an input image's size, else 1024)
@@ -227,7 +244,7 @@ SIZE_FIELD = "size"  # OpenAI's "WIDTHxHEIGHT" (sets width and height) or "auto"
 def _choices(name: str) -> tuple[str, ...]:
     from .inputs.spec import CONTROL_TYPES, RESIZE_MODES
 
-    return {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES}[name]
+    return {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES, "output_format": OUTPUT_FORMATS}[name]
 
 
 def _input_range(name: str) -> tuple[float, float]:
@@ -359,6 +376,8 @@ class GenerateRequest:
     variation_seed: int | None = None  # as given or drawn; images use it only with a strength above 0
     loras: tuple[LoraRef, ...] = ()
     inputs: ImageInputs = NO_INPUTS  # input images and their settings; none for text-to-image
+    output_format: str = DEFAULT_OUTPUT_FORMAT  # png | webp | jpeg: how the images are written
+    output_compression: int | None = None  # webp or jpeg quality 0..100; None: the format's default
 
     def __post_init__(self) -> None:
         if not self.images:  # built directly rather than by `create`: image i uses seed + i
@@ -396,6 +415,8 @@ class GenerateRequest:
         """One request making the images of all `requests` (which must agree on `shared()`), in order.
 
         The engine makes image i of a batch exactly as it would alone, so combining changes no pixel.
+        The output format is not shared: the combined request keeps the first's, and whoever writes
+        the images writes each request's with that request's own `output_format` and compression.
         """
         first = requests[0]
         for other in requests[1:]:
@@ -431,6 +452,8 @@ class GenerateRequest:
         variety: float = 0.0,
         variety_until: float = DEFAULT_VARIETY_UNTIL,
         loras: str | Sequence[LoraRef | str | Mapping[str, Any] | tuple[str, float]] | None = None,
+        output_format: str = DEFAULT_OUTPUT_FORMAT,
+        output_compression: int | None = None,
         **input_fields: Any,
     ) -> GenerateRequest:
         """The one validator: every door's request passes here; errors name the field, value and range.
@@ -451,14 +474,11 @@ class GenerateRequest:
         variety = _check_fraction("variety", variety)
         variety_until = _check_fraction("variety_until", variety_until, above_zero=True)
         lora_refs = parse_loras(loras)
+        _check_output(output_format, output_compression)
         seed_list = _seed_list(seeds, seed, batch)
         per_prompt = len(seed_list) if seed_list is not None else batch
         total = len(prompts) * per_prompt
-        seed_was_random = seed is None and seed_list is None
-        if seed_list is not None:
-            seed = seed_list[0]
-        elif seed is None:
-            seed = secrets.randbelow(2**32)
+        seed, seed_was_random = _first_seed(seed, seed_list)
         varying = strength > 0
         # A1111: with a variation strength the seed stays and the variation seed counts up instead.
         _check_int("seed", seed, LIMITS.seed[0], SEED_MAX - (0 if varying else total - 1))
@@ -472,6 +492,7 @@ class GenerateRequest:
             prompts, negatives, seed, steps, guidance, width, height, per_prompt, seed_was_random,
             images=specs, seeds=seed_list, variation_strength=strength, variety=variety,
             variety_until=variety_until, variation_seed=variation_seed, loras=lora_refs, inputs=inputs,
+            output_format=output_format, output_compression=output_compression,
         )  # fmt: skip
 
     @classmethod
@@ -516,6 +537,8 @@ class GenerateRequest:
             "loras": [dataclasses.asdict(ref) for ref in self.loras],
             "inputs": self.inputs.to_dict(),
             "images": [dataclasses.asdict(spec) for spec in self.images],
+            "output_format": self.output_format,
+            "output_compression": self.output_compression,
         }
 
     @classmethod
@@ -543,6 +566,9 @@ class GenerateRequest:
             variation_seed=data["variation_seed"],
             loras=tuple(LoraRef(**ref) for ref in data.get("loras", ())),
             inputs=ImageInputs.from_dict(data.get("inputs"), images),
+            # Requests stored before output formats existed wrote PNGs.
+            output_format=data.get("output_format", DEFAULT_OUTPUT_FORMAT),
+            output_compression=data.get("output_compression"),
         )
 
 
@@ -803,6 +829,31 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> None:
         raise FieldError(name, f"{name} must be a whole number, got {value!r}")
     if not lo <= value <= hi:
         raise FieldError(name, f"{name} {value} is out of range; allowed {lo}..{hi}")
+
+
+def _first_seed(seed: int | None, seed_list: tuple[int, ...] | None) -> tuple[int, bool]:
+    """(the first image's seed, whether it was drawn at random): the list's first, the given one, or a draw."""
+    if seed_list is not None:
+        return seed_list[0], False
+    if seed is None:
+        return secrets.randbelow(2**32), True
+    return seed, False
+
+
+def _check_output(output_format: object, compression: object) -> None:
+    """The output format and OpenAI's `output_compression`: a quality for webp and jpeg only (as
+    OpenAI's images API defines it); png is lossless, so a compression for it is refused, not ignored."""
+    if not isinstance(output_format, str) or output_format not in OUTPUT_FORMATS:
+        raise FieldError("output_format", f"output_format {output_format!r} is not one of {' | '.join(OUTPUT_FORMATS)}")
+    if compression is None:
+        return
+    _check_int("output_compression", compression, *LIMITS.compression)
+    if output_format == "png":
+        raise FieldError(
+            "output_compression",
+            f"output_compression {compression} applies to webp and jpeg only; png is lossless, so leave "
+            "output_compression out or choose output_format webp or jpeg",
+        )
 
 
 def _check_guidance(value: object) -> float:

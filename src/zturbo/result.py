@@ -28,10 +28,14 @@ class GenerateResult:
     fallbacks: list[dict[str, str]] = field(default_factory=list)  # precision and memory fallbacks, in order
 
     def save(self, path: str | None = None, *, overwrite: bool = False) -> list[Any]:
-        """Write PNGs with metadata; `path` is a .png file (single image) or a directory."""
+        """Write the images with their metadata, in the request's output format and compression;
+        `path` is an image file (a single image; its suffix must be the format's) or a directory."""
         from .imageio import save_images
 
-        return save_images(self.images, path, overwrite=overwrite)
+        req = self.request
+        return save_images(
+            self.images, path, overwrite=overwrite, output_format=req.output_format, compression=req.output_compression
+        )
 
 
 @dataclass(frozen=True)

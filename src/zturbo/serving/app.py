@@ -581,24 +581,29 @@ def _open_routes(service: Service) -> APIRouter:
 def _image_routes(service: Service) -> APIRouter:
     r = APIRouter()
 
-    @r.get("/v1/images/{image_id}", tags=["images"], response_class=Response, responses=_PNG)
+    @r.get("/v1/images/{image_id}", tags=["images"], response_class=Response, responses=_OUTPUT_IMAGE)
     def image(
         image_id: str,
         expires: int | None = Query(None, description="signed URL: expiry (unix seconds)"),
         sig: str | None = Query(None, max_length=128, description="signed URL: signature"),
     ) -> Response:
         ref = service.store.image(image_id)
-        return Response(read_image(service.images_dir, ref.file, image_id), media_type="image/png")
+        data = read_image(service.images_dir, ref.file, image_id)
+        return Response(data, media_type=_OUTPUT_TYPES[_output_format(data) or "png"])
 
     return r
 
 
-_PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "the PNG"}}
+# An output file's media type by its format (`request.OUTPUT_FORMATS`).
+_OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+_OUTPUT_IMAGE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {media: {} for media in _OUTPUT_TYPES.values()}, "description": "the image file, as it was asked"}
+}
 
 
 def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
-    """An image's PNG, whole and checked: a regular file right in `images_dir`, opened without
-    following a symbolic link, so a link planted there cannot serve another file."""
+    """An image's file (PNG, WebP or JPEG), whole and checked: a regular file right in `images_dir`,
+    opened without following a symbolic link, so a link planted there cannot serve another file."""
     path = images_dir / name
     if "/" in name or name in ("", ".", ".."):
         raise StorageError(f"image {image_id!r} has no valid file name ({name!r})")
@@ -614,17 +619,33 @@ def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise StorageError(f"image {image_id!r}: {path} is not a regular file; only regular files are served")
         data = f.read()
-    if not _png_intact(data):
-        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG); re-run its job")
+    if not _image_intact(data):
+        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG, WebP or JPEG); re-run its job")
     return data
 
 
-def _png_intact(data: bytes) -> bool:
-    """Whether `data` is a PNG whose every chunk is present with a matching checksum."""
+def _output_format(data: bytes) -> str | None:
+    """The output format of a file's bytes, by its signature (None: none of them)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpeg" if data.startswith(b"\xff\xd8\xff") else None
+
+
+def _image_intact(data: bytes) -> bool:
+    """Whether `data` is a whole output file: a PNG whose every chunk is present with a matching
+    checksum; a WebP as long as its RIFF header says; a JPEG that ends with its end-of-image marker.
+    Each must also open as that format."""
     from PIL import Image
 
+    fmt = _output_format(data)
+    if fmt == "webp" and int.from_bytes(data[4:8], "little") + 8 != len(data):
+        return False
+    if fmt == "jpeg" and not data.endswith(b"\xff\xd9"):
+        return False
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+        with Image.open(io.BytesIO(data), formats=[fmt.upper() if fmt else "PNG"]) as im:
             im.verify()
     except Exception:  # PIL reports truncation and bad checksums with several exception types
         return False
@@ -920,13 +941,18 @@ async def _openai_answer(
     data = []
     for im in job.images:
         if response_format == "b64_json":
-            png = await run_in_threadpool(read_image, service.images_dir, im.file, im.id)
-            data.append({"b64_json": base64.b64encode(png).decode(), "revised_prompt": None})
+            file = await run_in_threadpool(read_image, service.images_dir, im.file, im.id)
+            data.append({"b64_json": base64.b64encode(file).decode(), "revised_prompt": None})
         else:
             data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
     params = job_params(job.params)
     seeds = {key: params[key] for key in ("seed", "seeds", "variation_seed")}
-    return {"created": int(job.created_at), "data": data, "zturbo": {"job_id": job_id, **seeds}}
+    return {
+        "created": int(job.created_at),
+        "data": data,
+        "output_format": params["output_format"],  # echoed as OpenAI's images API does
+        "zturbo": {"job_id": job_id, **seeds},
+    }
 
 
 def _image_url(service: Service, base_url: str, image_id: str) -> str:

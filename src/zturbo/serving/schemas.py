@@ -28,6 +28,7 @@ from ..request import (
     FIELD,
     IMAGE_FIELDS,
     LIMITS,
+    OUTPUT_FORMATS,
     WHOLE,
     GenerateRequest,
     ModelLimits,
@@ -52,7 +53,7 @@ _HTTP_DOCS = {
     "started with --controlnet",
     "outpaint": "extend the input image by [left, right, top, bottom] pixels (or the text 'L,R,T,B') and fill them in",
 }
-_CHOICES = {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES}
+_CHOICES = {"resize": RESIZE_MODES, "control_type": CONTROL_TYPES, "output_format": OUTPUT_FORMATS}
 
 
 def _doc(name: str) -> Any:
@@ -118,6 +119,8 @@ class _Body(BaseModel):
     control_scale: StrictFloat | None = _doc("control_scale")
     control_start: StrictFloat | None = _doc("control_start")
     control_end: StrictFloat | None = _doc("control_end")
+    output_format: StrictStr = _doc("output_format")
+    output_compression: StrictInt | None = _doc("output_compression")
 
 
 class JobBody(_Body):
@@ -272,6 +275,8 @@ def job_params(stored: dict[str, Any]) -> dict[str, Any]:
         "variety": stored["variety"],
         "variety_until": stored["variety_until"],
         "loras": [{"name": ref["name"], "weight": ref["weight"]} for ref in stored.get("loras", ())],
+        "output_format": stored.get("output_format", "png"),
+        "output_compression": stored.get("output_compression"),
     }
 
 
