@@ -21,7 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 KEPT = {"bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py"}
-OWN_TESTS = {"load_serve.py": "test_load_script.py", "bench_encode.py": "test_encode.py"}  # scripts covered by a test file of their own
+# Scripts covered by a test file of their own.
+OWN_TESTS = {"load_serve.py": "test_load_script.py", "bench_encode.py": "test_encode.py"}
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
