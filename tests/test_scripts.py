@@ -20,9 +20,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-KEPT = {"bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py"}
+KEPT = {"bench_encode.py", "bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py"}
 # Scripts covered by a test file of their own.
-OWN_TESTS = {"load_serve.py": "test_load_script.py", "bench_encode.py": "test_encode.py"}
+OWN_TESTS = {"load_serve.py": "test_load_script.py"}
 
 
 def run_script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,6 +43,15 @@ def load(name: str) -> object:
 def test_every_script_is_covered_here():
     assert {p.name for p in SCRIPTS.iterdir() if p.is_file()} == KEPT | set(OWN_TESTS)
     assert all((ROOT / "tests" / test).is_file() for test in OWN_TESTS.values())
+
+
+def test_bench_encode_measures_every_format_with_its_metadata():
+    proc = run_script("bench_encode.py", "--size", "64", "--runs", "1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    labels = " ".join(row[0] for row in rows).lower()
+    assert all(name in labels for name in ("png", "webp", "jpeg")), proc.stdout
+    assert all(float(cell) > 0 for row in rows for cell in (row[2], row[4])), proc.stdout  # every file has bytes
 
 
 def test_bench_precision_smoke_run_on_the_tiny_model(tmp_path):
