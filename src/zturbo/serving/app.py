@@ -115,6 +115,10 @@ class ServeSettings:
     lora_dir: Path | None = None
     lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
+    # Batching: most images one batch makes, and how long a free worker waits for a companion of
+    # a lone waiting job (docs/server.md, "Batching").
+    max_batch: int = 4
+    batch_window_ms: float = 2.0
 
     @property
     def max_image_body_bytes(self) -> int:
@@ -140,7 +144,12 @@ class Service:
         self.store = jobs.JobStore(settings.data_dir / "jobs.sqlite3", max_queued=settings.queue_size)
         self.events = jobs.JobEvents()
         self.metrics = Metrics(self)
-        hooks = Hooks(on_event=self._on_event, on_finished=self._on_finished, on_restart=self.metrics.restarted)
+        hooks = Hooks(
+            on_event=self._on_event,
+            on_finished=self._on_finished,
+            on_restart=self.metrics.restarted,
+            on_batch=self.metrics.batched,
+        )
         # Workers resolve the same names in the same directory, and never take a path.
         config = dataclasses.replace(
             settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
@@ -152,6 +161,8 @@ class Service:
             settings.data_dir,
             job_timeout=settings.job_timeout,
             hooks=hooks,
+            max_batch=settings.max_batch,
+            batch_window=settings.batch_window_ms / 1000,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
 
