@@ -266,3 +266,29 @@ def test_a_finished_job_reports_the_workers_lora_numbers(engine, store, tmp_path
     numbers = finished.loras
     assert numbers["switches"] == before.get("switches", 0) + 1 and numbers["switch_seconds"] > 0
     assert numbers["cache_misses"] == before["cache_misses"] + 1 and numbers["backup_bytes"] > 0
+
+
+def test_progress_previews_reach_the_events_and_go_when_the_job_ends(store, tmp_path):
+    import base64
+
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    supervisor.hooks = workers.Hooks(on_event=lambda job_id, event, data: events.append((job_id, event, data)))
+    job = store.submit(lora_request(), preview=True)
+    tick(supervisor)
+    [claim] = worker_end.recv()
+    assert claim.preview
+    jpeg = b"\xff\xd8 a small JPEG \xff\xd9"
+    worker_end.send(workers.Progress(job.id, 1, 2, jpeg))
+    worker_end.send(workers.Progress(job.id, 2, 2))  # a step without a preview keeps the last one
+    tick(supervisor)
+    progress = [data for _, event, data in events if event == "progress"]
+    assert progress == [{"step": 1, "steps": 2, "preview": base64.b64encode(jpeg).decode()}, {"step": 2, "steps": 2}]
+    assert supervisor.progress(job.id) == (2, 2) and supervisor.preview(job.id) == jpeg
+    worker_end.send(workers.GpuFree((job.id,)))
+    tick(supervisor)
+    assert supervisor.slots[0].state == "ready" and supervisor.workers()[0]["jobs"] == [job.id]  # being written
+    worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0))
+    tick(supervisor)
+    assert supervisor.preview(job.id) is None and supervisor.progress(job.id) is None
+    assert supervisor.workers()[0]["jobs"] == []
