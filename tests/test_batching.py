@@ -225,3 +225,14 @@ def test_the_writer_holds_at_most_its_depth_and_then_blocks(store, tmp_path):
     third.join(5)
     writer.close(5)
     assert [here.recv().status for _ in range(3)] == [jobs.SUCCEEDED] * 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [(["--max-batch", "0"], "--max-batch 0 must be at least 1"), (["--batch-window-ms", "-1"], "0..1000 milliseconds")],
+)
+def test_bad_batching_flags_are_refused_before_the_server_starts(flag, message, capsys):
+    from zturbo.cli import main
+
+    assert main(["serve", "--model", "tiny-random", *flag]) != 0
+    assert message in capsys.readouterr().err

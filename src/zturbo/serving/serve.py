@@ -43,18 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "comma-separated; '*' for any (default none: a guard against DNS rebinding)")  # fmt: skip
     _storage_arguments(p)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds one job may run (default 600)")
-    p.add_argument(
-        "--max-batch",
-        type=int,
-        default=4,
-        help="most images a worker makes in one batch of compatible jobs; 1: one job at a time (default 4)",
-    )
-    p.add_argument(
-        "--batch-window-ms",
-        type=float,
-        default=2.0,
-        help="milliseconds a free worker waits for a job to batch with a lone waiting one (default 2)",
-    )
+    _batch_arguments(p)
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -99,6 +88,22 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         metavar="REPO_OR_FILE",
         help="a ControlNet every worker loads with the model, for jobs' control images: a hub repo id (REPO:FILE "
         "picks one of its files), a diffusers directory or a .safetensors file (default $ZTURBO_CONTROLNET)",
+    )
+
+
+def _batch_arguments(p: argparse.ArgumentParser) -> None:
+    """How workers batch compatible jobs (docs/server.md, "Batching and the writer")."""
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="most images a worker makes in one batch of compatible jobs; 1: one job at a time (default 4)",
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="milliseconds a free worker waits for a job to batch with a lone waiting one (default 2)",
     )
 
 
