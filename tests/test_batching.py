@@ -5,6 +5,7 @@ file is written."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from typing import Any
@@ -236,3 +237,33 @@ def test_bad_batching_flags_are_refused_before_the_server_starts(flag, message, 
 
     assert main(["serve", "--model", "tiny-random", *flag]) != 0
     assert message in capsys.readouterr().err
+
+
+class PreviewingEngine:
+    """The engine, with `on_preview` (contract C3) giving each batch row a flat image of its own colour."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.limits, self.device = engine, engine.limits, engine.device
+
+    def generate(self, request: GenerateRequest, on_step: Any, on_preview: Any = None) -> Any:
+        def step(i: int, n: int) -> None:
+            on_step(i, n)
+            if on_preview is not None:
+                on_preview(i, n, [Image.new("RGB", (16, 16), (40 * row, 0, 0)) for row in range(request.num_images)])
+
+        return self.engine.generate(request, on_step=step)
+
+
+def test_previews_go_to_the_jobs_that_asked_each_from_its_own_rows(engine, store, tmp_path):
+    pytest.importorskip("zturbo.preview")  # the PREVIEW side of contract C3
+    quiet = store.submit(request("a fox", engine.limits, batch=2))
+    watched = store.submit(request("a cat", engine.limits), preview=True)
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    messages = run_claims(PreviewingEngine(engine), store, tmp_path, claims)
+    progress = [m for m in messages if isinstance(m, workers.Progress)]
+    assert [m.step for m in progress if m.job_id == quiet.id] == [1, 2]
+    assert all(m.preview is None for m in progress if m.job_id == quiet.id)
+    previews = [m.preview for m in progress if m.job_id == watched.id]
+    assert len(previews) == 2 and all(previews)
+    with Image.open(io.BytesIO(previews[-1])) as shown:
+        assert abs(shown.convert("RGB").getpixel((8, 8))[0] - 80) <= 8  # row 2: the watched job's image

@@ -1,6 +1,6 @@
 """The worker's job loop and the supervisor's dispatch, in this process: no worker is spawned.
 
-`_run_claim` runs with the session's tiny engine; the supervisor gets slots whose "process" is a
+`run_batch` runs with the session's tiny engine; the supervisor gets slots whose "process" is a
 stand-in, so a dead worker and its pipe can be arranged exactly.
 """
 
