@@ -267,3 +267,27 @@ def test_previews_go_to_the_jobs_that_asked_each_from_its_own_rows(engine, store
     assert len(previews) == 2 and all(previews)
     with Image.open(io.BytesIO(previews[-1])) as shown:
         assert abs(shown.convert("RGB").getpixel((8, 8))[0] - 80) <= 8  # row 2: the watched job's image
+
+
+def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_run(tiny_dir, tmp_path):
+    from serving import Server
+
+    server = Server(tiny_dir, tmp_path / "data", "--max-batch", "3", step_sleep=0.2)
+    try:
+        server.wait_ready()
+        head = server.submit(seed=1)  # holds the worker while the next three queue
+        while server.client.get(f"/v1/jobs/{head['id']}").json()["status"] == "queued":
+            time.sleep(0.02)
+        waiting = [server.submit(prompt=f"a fox number {i}", seed=10 + i) for i in range(3)]
+        done = [server.wait_job(job["id"]) for job in (head, *waiting)]
+        assert [job["status"] for job in done] == ["succeeded"] * 4
+        metrics = server.client.get("/metrics").text
+        assert 'zturbo_batch_jobs_bucket{le="1.0"} 1.0' in metrics  # the head ran alone ...
+        assert "zturbo_batch_jobs_count 2.0" in metrics and "zturbo_batch_jobs_sum 4.0" in metrics  # ... then 3 as one
+        alone = server.wait_job(server.submit(prompt="a fox number 1", seed=11)["id"])
+        batched = Image.open(io.BytesIO(server.client.get(done[2]["images"][0]["url"]).content))
+        single = Image.open(io.BytesIO(server.client.get(alone["images"][0]["url"]).content))
+        diff = np.asarray(batched.convert("RGB")).astype(int) - np.asarray(single.convert("RGB")).astype(int)
+        assert np.abs(diff).max() <= 1
+    finally:
+        server.stop()
