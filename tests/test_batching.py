@@ -291,3 +291,41 @@ def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_ru
         assert np.abs(diff).max() <= 1
     finally:
         server.stop()
+
+
+class Broken:
+    """An engine whose run fails with an error that may have broken the device."""
+
+    def __init__(self, engine: Any) -> None:
+        self.limits, self.device = engine.limits, engine.device
+
+    def generate(self, request: GenerateRequest, on_step: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_crashing_worker_records_the_results_it_made_before_it_exits(engine, store, tmp_path, monkeypatch):
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    save = imageio.save_png
+
+    def slow_save(image: Any, path: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # still writing when the next batch fails
+        return save(image, path, **kwargs)
+
+    monkeypatch.setattr(workers.os, "_exit", exit_)
+    monkeypatch.setattr(imageio, "save_png", slow_save)
+    earlier = store.submit(request("a fox", engine.limits))
+    here, there = workers.mp.Pipe()
+    channel = workers.Channel(there)
+    writer = workers.Writer(store, tmp_path, channel)
+    workers.run_batch(engine, store, store.claim_batch("worker-0", jobs.NO_LORAS, 1), channel, writer)
+    failing = store.submit(request("a cat", engine.limits))
+    with pytest.raises(SystemExit):
+        workers.run_batch(Broken(engine), store, store.claim_batch("worker-0", jobs.NO_LORAS, 1), channel, writer)
+    messages = []
+    while here.poll():
+        messages.append(here.recv())
+    assert store.get(earlier.id).status == jobs.SUCCEEDED  # written before the exit
+    assert store.get(failing.id).status == jobs.RUNNING  # the supervisor releases it when the process is gone
+    assert isinstance(messages[-1], workers.Crashed) and "illegal memory access" in messages[-1].reason

@@ -42,6 +42,7 @@ STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
 # Batches whose images wait for the writer beyond the one being written: the GPU runs ahead by at
 # most this much, and the worker blocks rather than hold more images in memory.
 WRITER_DEPTH = 1
+CRASH_DRAIN_S = 30.0  # the most a crashing worker spends writing the results it already made
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
 _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
@@ -188,14 +189,14 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
             outcomes.append(Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}))
     done = BatchDone(outcomes, start)
     if runnable:
-        done.outcomes += _generate(engine, store, runnable, channel, done)
+        done.outcomes += _generate(engine, store, runnable, writer, done)
     done.memory, done.loras = _memory(engine.device), _lora_stats(engine)
     writer.put(done)
     channel.send(GpuFree(tuple(claim.job_id for claim in claims)))
 
 
 def _generate(
-    engine: Any, store: jobs.JobStore, runnable: list[tuple[jobs.Claim, Any]], channel: Channel, done: BatchDone
+    engine: Any, store: jobs.JobStore, runnable: list[tuple[jobs.Claim, Any]], writer: Writer, done: BatchDone
 ) -> list[Outcome]:
     """One engine run for every request of `runnable` (`GenerateRequest.combine`), its images split
     back per job; a refusal fails them all; any other error exits the worker (see `_crash`)."""
@@ -205,7 +206,7 @@ def _generate(
     claims = [claim for claim, _ in runnable]
     requests = [request for _, request in runnable]
     combined = requests[0] if len(requests) == 1 else GenerateRequest.combine(requests)
-    watch = BatchWatch(store, claims, [r.num_images for r in requests], channel)
+    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel)
     try:
         result = engine.generate(combined, on_step=watch.on_step, **watch.preview_arguments(engine))
     except JobCancelled:
@@ -213,7 +214,7 @@ def _generate(
     except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
         return [Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}) for claim in claims]
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
-        _crash(claims[0].job_id, e, channel)
+        _crash(claims[0].job_id, e, writer)
     done.fallbacks = len(result.fallbacks)
     outcomes, offset = [], 0
     for claim, request in runnable:
@@ -226,10 +227,13 @@ def _generate(
     return outcomes
 
 
-def _crash(job_id: str, error: Exception, channel: Channel) -> None:
+def _crash(job_id: str, error: Exception, writer: Writer) -> None:
+    """Report the error and exit; the images of earlier batches (host memory, not the device's) are
+    written and recorded first, so only the failed batch's jobs run again."""
     logging.getLogger("zturbo").exception("job %s crashed the worker", job_id)
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    channel.send(Crashed(job_id, f"{type(error).__name__}: {first_line}"))
+    writer.close(timeout=CRASH_DRAIN_S)
+    writer.channel.send(Crashed(job_id, f"{type(error).__name__}: {first_line}"))
     os._exit(3)
 
 
