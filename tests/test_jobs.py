@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 
@@ -388,3 +389,44 @@ def test_a_job_stores_its_lora_set_and_shows_its_loras(store):
     assert claim.lora_set == jobs.lora_set_key(request) != jobs.NO_LORAS
     assert jobs.stored_request(claim.params, LIMITS).loras == request.loras
     assert jobs.lora_set_key(params()) == jobs.NO_LORAS
+
+
+def test_a_batch_takes_compatible_jobs_in_queue_order_up_to_its_images(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    first = store.submit(params("a"))
+    other = store.submit(GenerateRequest.create("b", limits=LIMITS, width=64, height=64, steps=3, seed=1))
+    pair = store.submit(GenerateRequest.create("c", limits=LIMITS, width=64, height=64, steps=2, seed=1, batch=2))
+    big = store.submit(GenerateRequest.create("d", limits=LIMITS, width=64, height=64, steps=2, seed=1, batch=3))
+    last = store.submit(params("e"))
+    claims = store.claim_batch("w0", jobs.NO_LORAS, 4)
+    # `big` does not fit the 1 image left, and `last` does not overtake it; `other` has another step count.
+    assert [(c.job_id, c.images) for c in claims] == [(first.id, 1), (pair.id, 2)]
+    assert all(store.get(c.job_id).status == jobs.RUNNING and c.attempt == 1 for c in claims)
+    assert [store.get(j.id).status for j in (other, big, last)] == [jobs.QUEUED] * 3
+    # The oldest waiting job goes first whatever its size; a job larger than a batch still runs.
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 2)] == [other.id]
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 2)] == [big.id]
+    store.close()
+
+
+def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    with sqlite3.connect(path) as db:
+        schema = jobs.SCHEMA
+        for column in ("batch_key", "image_count", "preview"):
+            schema = re.sub(rf"    {column} [^\n]*\n", "", schema)
+        db.executescript(schema)
+        for job_id in ("old-a", "old-b"):
+            db.execute(
+                "INSERT INTO jobs (id, status, params, prompt, created_at) VALUES (?, ?, ?, ?, 0)",
+                (job_id, jobs.QUEUED, json.dumps(params().to_dict()), "a fox"),
+            )
+    db.close()
+    jobs.check_database(path)
+    store = JobStore(path)
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 4)] == ["old-a"]  # no key: alone
+    new = store.submit(params(), preview=True)
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 4)] == ["old-b"]
+    [claim] = store.claim_batch("w0", jobs.NO_LORAS, 4)
+    assert claim.job_id == new.id and claim.preview and store.get(new.id).preview
+    store.close()

@@ -25,7 +25,6 @@ from zturbo.preview import (
     jpeg_bytes,
     preview_images,
 )
-from zturbo.serving import workers
 
 
 def test_a_projection_makes_image_order_bytes_and_small_rgb_previews():
@@ -153,9 +152,6 @@ def test_the_event_stream_passes_a_steps_preview_on_even_after_its_plain_progres
 # --- end to end -------------------------------------------------------------------------------------
 
 
-# TODO(merge): the worker's side of contract C2 (Progress.preview, JobStore.submit(preview=...)) comes
-# with the WORKER branch; until it is merged this test has nothing to run against.
-@pytest.mark.skipif("preview" not in workers.Progress.__dataclass_fields__, reason="the worker sends no previews yet")
 def test_a_served_job_streams_previews_only_when_it_asks(tiny_dir, tmp_path):
     server = Server(tiny_dir, tmp_path / "data", step_sleep=0.05)
     try:

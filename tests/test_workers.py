@@ -1,6 +1,6 @@
 """The worker's job loop and the supervisor's dispatch, in this process: no worker is spawned.
 
-`_run_claim` runs with the session's tiny engine; the supervisor gets slots whose "process" is a
+`run_batch` runs with the session's tiny engine; the supervisor gets slots whose "process" is a
 stand-in, so a dead worker and its pipe can be arranged exactly.
 """
 
@@ -29,16 +29,32 @@ def store(tmp_path):
     s.close()
 
 
+def run_claims(engine: Any, store: jobs.JobStore, images_dir: Path, claims: list[jobs.Claim]) -> list[Any]:
+    """Run `claims` as a worker would, its writer drained; the messages sent."""
+    here, there = mp.Pipe()
+    channel = workers.Channel(there)
+    writer = workers.Writer(store, images_dir, channel)
+    try:
+        workers.run_batch(engine, store, claims, channel, writer)
+    finally:
+        writer.close()
+    messages = []
+    while here.poll():
+        messages.append(here.recv())
+    return messages
+
+
 def run_claim(engine: Any, store: jobs.JobStore, images_dir: Path) -> tuple[jobs.Job, list[Any]]:
     """Queue one small job, run it as a worker would; the job as stored and the messages sent."""
     store.submit(GenerateRequest.create("a fox", limits=engine.limits, **SMALL))
     claim = store.claim("worker-0")
-    here, there = mp.Pipe()
-    workers._run_claim(engine, store, images_dir, claim, there)
-    messages = []
-    while here.poll():
-        messages.append(here.recv())
+    messages = run_claims(engine, store, images_dir, [claim])
     return store.get(claim.job_id), messages
+
+
+def ends(messages: list[Any]) -> list[Any]:
+    """The messages besides progress and the GPU's release."""
+    return [m for m in messages if not isinstance(m, (workers.Progress, workers.GpuFree))]
 
 
 class CancelDuringLastStep:
@@ -84,10 +100,14 @@ class StandInProcess:
         pass
 
 
-def supervisor_with_idle_worker(store: jobs.JobStore, tmp_path: Path) -> tuple[workers.Supervisor, Any, StandInProcess]:
-    """A supervisor whose one worker is ready and idle; the worker's end of the pipe is returned."""
+def supervisor_with_idle_worker(
+    store: jobs.JobStore, tmp_path: Path, **batching: Any
+) -> tuple[workers.Supervisor, Any, StandInProcess]:
+    """A supervisor whose one worker is ready and idle; the worker's end of the pipe is returned.
+    Without `batching` (max_batch, batch_window) it sends one job at a time, at once."""
     config = RuntimeConfig(model="unloaded", device="cpu")
-    supervisor = workers.Supervisor(store, config, ["cpu"], tmp_path, job_timeout=60)
+    batching = batching or {"max_batch": 1, "batch_window": 0.0}
+    supervisor = workers.Supervisor(store, config, ["cpu"], tmp_path, job_timeout=60, **batching)
     here, there = mp.Pipe()
     process = StandInProcess()
     [slot] = supervisor.slots
@@ -119,7 +139,7 @@ def test_an_attempt_counts_only_once_the_worker_has_taken_the_job(store, tmp_pat
     supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
     job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
     tick(supervisor)
-    claim = worker_end.recv()
+    [claim] = worker_end.recv()
     assert claim.job_id == job.id and store.get(job.id).status == jobs.RUNNING
     process.alive = False  # died before it read the job
     tick(supervisor)
@@ -127,7 +147,7 @@ def test_an_attempt_counts_only_once_the_worker_has_taken_the_job(store, tmp_pat
 
     supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
     tick(supervisor)
-    worker_end.send(workers.Started(worker_end.recv().job_id))
+    worker_end.send(workers.Started(worker_end.recv()[0].job_id))
     process.alive = False  # died while running it: a real attempt
     tick(supervisor)
     assert (store.get(job.id).status, store.get(job.id).attempts) == (jobs.QUEUED, 1)
@@ -142,7 +162,7 @@ def test_a_full_disk_fails_the_job_as_storage_and_the_worker_lives_on(engine, st
     job, messages = run_claim(engine, store, tmp_path)
     assert job.status == jobs.FAILED and job.error["type"] == "storage"
     assert str(tmp_path) in job.error["message"] and "No space left on device" in job.error["message"]
-    assert [type(m) for m in messages if not isinstance(m, workers.Progress)] == [workers.Finished]
+    assert [type(m) for m in ends(messages)] == [workers.Finished]
     assert messages[-1].status == jobs.FAILED  # reported as a job's failure; the worker did not exit
     assert list(tmp_path.glob("*.tmp")) == [] and list(tmp_path.glob("*.png")) == []
 
@@ -188,13 +208,13 @@ def test_a_worker_is_sent_a_job_of_its_last_lora_set_first_until_it_restarts(sto
     supervisor._ctx = StandInContext()
     first = store.submit(lora_request("a"))
     tick(supervisor)
-    assert worker_end.recv().job_id == first.id
+    assert [c.job_id for c in worker_end.recv()] == [first.id]
     base, same = store.submit(lora_request()), store.submit(lora_request("a"))  # queued in that order
     stats = {"switches": 1, "switch_seconds": 0.5, "cache_hits": 0, "cache_misses": 1, "cache_bytes": 10}
     worker_end.send(workers.Finished(first.id, jobs.SUCCEEDED, 1.0, loras={**stats, "backup_bytes": 64}))
     tick(supervisor)  # the finish is read; the next dispatch comes with the next tick
     tick(supervisor)
-    assert worker_end.recv().job_id == same.id  # its set is merged already: ahead of the older job
+    assert [c.job_id for c in worker_end.recv()] == [same.id]  # its set is merged already: ahead of the older job
     assert supervisor.loras_by_worker()["worker-0"]["backup_bytes"] == 64
 
     process.alive = False  # the worker dies; its successor starts from the base weights
@@ -218,7 +238,7 @@ def test_lora_counters_never_go_down_when_a_workers_engine_makes_a_new_merger(st
     for switches, seconds in reports:
         job = store.submit(lora_request("a"))
         tick(supervisor)
-        assert worker_end.recv().job_id == job.id
+        assert [c.job_id for c in worker_end.recv()] == [job.id]
         stats = {"switches": switches, "switch_seconds": seconds, "cache_hits": 0, "cache_misses": 1}
         worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0, loras=stats))
         tick(supervisor)
@@ -237,16 +257,38 @@ def test_a_finished_job_reports_the_workers_lora_numbers(engine, store, tmp_path
     store.submit(GenerateRequest.create("a fox", limits=engine.limits, **SMALL, loras=[(str(path), 0.7)]))
     claim = store.claim("worker-0")
     before = workers._lora_stats(engine)
-    here, there = mp.Pipe()
     try:
-        workers._run_claim(engine, store, tmp_path, claim, there)
+        messages = run_claims(engine, store, tmp_path, [claim])
     finally:
         engine.merger.restore()  # the session's engine goes back to its base weights
-    messages = []
-    while here.poll():
-        messages.append(here.recv())
     [finished] = [m for m in messages if isinstance(m, workers.Finished)]
     assert finished.status == jobs.SUCCEEDED
     numbers = finished.loras
     assert numbers["switches"] == before.get("switches", 0) + 1 and numbers["switch_seconds"] > 0
     assert numbers["cache_misses"] == before["cache_misses"] + 1 and numbers["backup_bytes"] > 0
+
+
+def test_progress_previews_reach_the_events_and_go_when_the_job_ends(store, tmp_path):
+    import base64
+
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    supervisor.hooks = workers.Hooks(on_event=lambda job_id, event, data: events.append((job_id, event, data)))
+    job = store.submit(lora_request(), preview=True)
+    tick(supervisor)
+    [claim] = worker_end.recv()
+    assert claim.preview
+    jpeg = b"\xff\xd8 a small JPEG \xff\xd9"
+    worker_end.send(workers.Progress(job.id, 1, 2, jpeg))
+    worker_end.send(workers.Progress(job.id, 2, 2))  # a step without a preview keeps the last one
+    tick(supervisor)
+    progress = [data for _, event, data in events if event == "progress"]
+    assert progress == [{"step": 1, "steps": 2, "preview": base64.b64encode(jpeg).decode()}, {"step": 2, "steps": 2}]
+    assert supervisor.progress(job.id) == (2, 2) and supervisor.preview(job.id) == jpeg
+    worker_end.send(workers.GpuFree((job.id,)))
+    tick(supervisor)
+    assert supervisor.slots[0].state == "ready" and supervisor.workers()[0]["jobs"] == [job.id]  # being written
+    worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0))
+    tick(supervisor)
+    assert supervisor.preview(job.id) is None and supervisor.progress(job.id) is None
+    assert supervisor.workers()[0]["jobs"] == []

@@ -556,13 +556,8 @@ async def finished_job(service: Service, job_id: str) -> jobs.Job:
 
 
 def submit(service: Service, request: GenerateRequest, job_id: str, caller: str, preview: bool) -> jobs.Job:
-    """Queue through the service (LoRA checks, queue limits, metrics), asking for previews where it can."""
-    import inspect
-
-    # TODO(merge): Service.submit takes `preview` once the PREVIEW branch lands (contract C2).
-    if "preview" in inspect.signature(service.submit).parameters:
-        return service.submit(request, job_id, caller, preview=preview)  # type: ignore[call-arg]
-    return service.submit(request, job_id, caller)
+    """Queue through the service (LoRA checks, queue limits, metrics), asking for previews or not."""
+    return service.submit(request, job_id, caller, preview=preview)
 
 
 def caller_of(request: Request) -> str:
@@ -616,10 +611,7 @@ def _status(service: Service, job_id: str) -> jobs.Job | None:
 
 
 def _preview(service: Service, job_id: str) -> str | None:
-    # TODO(merge): Supervisor.preview arrives with the WORKER branch (contract C2).
-    preview = getattr(service.supervisor, "preview", None)
-    data = preview(job_id) if preview is not None else None
-    return base64.b64encode(data).decode() if data else None
+    return service.preview(job_id)
 
 
 def interrupt(service: Service, session: Session, caller: str) -> list[str]:

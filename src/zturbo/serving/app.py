@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import hashlib
 import hmac
-import inspect
 import io
 import ipaddress
 import json
@@ -122,6 +121,10 @@ class ServeSettings:
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     # The A1111 routes' --client-defaults: "turbo" runs Turbo's steps and CFG for SD's defaults, "honour" as sent.
     client_defaults: str = "turbo"
+    # Batching: most images one batch makes, and how long a free worker waits for a companion of
+    # a lone waiting job (docs/server.md, "Batching").
+    max_batch: int = 4
+    batch_window_ms: float = 2.0
 
     @property
     def max_image_body_bytes(self) -> int:
@@ -147,7 +150,12 @@ class Service:
         self.store = jobs.JobStore(settings.data_dir / "jobs.sqlite3", max_queued=settings.queue_size)
         self.events = jobs.JobEvents()
         self.metrics = Metrics(self)
-        hooks = Hooks(on_event=self._on_event, on_finished=self._on_finished, on_restart=self.metrics.restarted)
+        hooks = Hooks(
+            on_event=self._on_event,
+            on_finished=self._on_finished,
+            on_restart=self.metrics.restarted,
+            on_batch=self.metrics.batched,
+        )
         # Workers resolve the same names in the same directory, and never take a path.
         config = dataclasses.replace(
             settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
@@ -159,6 +167,8 @@ class Service:
             settings.data_dir,
             job_timeout=settings.job_timeout,
             hooks=hooks,
+            max_batch=settings.max_batch,
+            batch_window=settings.batch_window_ms / 1000,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
 
@@ -193,7 +203,7 @@ class Service:
         `preview`: its progress events carry previews."""
         self.loras.check(request.loras)
         try:
-            job = _store_submit(self.store, request, job_id, client, preview)
+            job = self.store.submit(request, job_id=job_id, client=client, preview=preview)
         except jobs.QueueFullError as e:
             self.metrics.rejected.inc()
             e.retry_after = self.retry_after()
@@ -243,9 +253,7 @@ class Service:
 
     def preview(self, job_id: str) -> str | None:
         """The running job's latest preview as base64 JPEG, if it asked for previews."""
-        # TODO(merge): Supervisor.preview arrives with the WORKER branch (contract C2); call it directly then.
-        latest = getattr(self.supervisor, "preview", None)
-        data = latest(job_id) if latest is not None else None
+        data = self.supervisor.preview(job_id)
         return base64.b64encode(data).decode() if data else None
 
     def sign(self, image_id: str, expires: int) -> str:
@@ -723,15 +731,6 @@ def _image_type(data: bytes) -> str:
             return im.get_format_mimetype() or "application/octet-stream"
     except (UnidentifiedImageError, OSError, ValueError):
         return "application/octet-stream"
-
-
-def _store_submit(
-    store: jobs.JobStore, request: GenerateRequest, job_id: str, client: str | None, preview: bool
-) -> jobs.Job:
-    # TODO(merge): JobStore.submit takes `preview` with the WORKER branch (contract C2); call it directly then.
-    if "preview" in inspect.signature(store.submit).parameters:
-        return store.submit(request, job_id=job_id, client=client, preview=preview)
-    return store.submit(request, job_id=job_id, client=client)
 
 
 def _submit_json(service: Service, body: JobBody, size: int) -> dict[str, Any]:

@@ -11,6 +11,7 @@ commits, and a file goes when no job refers to it any more.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +63,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     lora_set TEXT NOT NULL DEFAULT '',
+    batch_key TEXT NOT NULL DEFAULT '',
+    image_count INTEGER NOT NULL DEFAULT 1,
+    preview INTEGER NOT NULL DEFAULT 0,
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
@@ -86,8 +90,14 @@ CREATE TABLE IF NOT EXISTS job_inputs (
 CREATE INDEX IF NOT EXISTS job_inputs_sha256 ON job_inputs (sha256);
 """
 # Columns a database made by an earlier zturbo may lack: the store adds them when it opens one
-# (ALTER TABLE ... ADD COLUMN), each with the value its rows mean (no LoRAs).
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("jobs", "lora_set", "TEXT NOT NULL DEFAULT ''"),)
+# (ALTER TABLE ... ADD COLUMN), each with the value its rows mean: no LoRAs, no batch key (an old
+# row runs alone), one image (counted only for batching, which such a row never joins), no previews.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "lora_set", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "batch_key", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "image_count", "INTEGER NOT NULL DEFAULT 1"),
+    ("jobs", "preview", "INTEGER NOT NULL DEFAULT 0"),
+)
 # Tables such a database may lack; the store creates them (empty: its jobs had no input images).
 ADDED_TABLES = ("job_inputs",)
 
@@ -118,6 +128,7 @@ class Job:
     finished_at: float | None
     client: str | None = None
     images: tuple[ImageRef, ...] = field(default=())
+    preview: bool = False
 
     @property
     def finished(self) -> bool:
@@ -132,6 +143,8 @@ class Claim:
     attempt: int
     params: dict[str, Any]
     lora_set: str = NO_LORAS  # the job's LoRA set key (`lora_set_key`)
+    preview: bool = False  # the client asked for previews of the latents while it runs
+    images: int = 1  # how many images the job makes
 
 
 def new_id() -> str:
@@ -143,6 +156,15 @@ def lora_set_key(request: GenerateRequest) -> str:
     if not request.loras:
         return NO_LORAS
     return json.dumps([[ref.name, ref.weight] for ref in request.loras])
+
+
+def batch_key(request: GenerateRequest) -> str:
+    """`request.shared()` as one text: jobs with equal keys can run as one batch
+    (`GenerateRequest.combine`); NO_BATCH for none."""
+    return hashlib.sha256(repr(request.shared()).encode()).hexdigest()
+
+
+NO_BATCH = ""  # the batch key of a row that runs alone (queued before batching existed)
 
 
 def stored_request(params: dict[str, Any], limits: ModelLimits, images: ImageResolver | None = None) -> GenerateRequest:
@@ -387,6 +409,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_CLAIM_COLUMNS = (
+    "SELECT id, seq, params, attempts, lora_set, batch_key, image_count, preview, created_at FROM jobs WHERE status = ?"
+)
+
+
 class JobStore:
     """All access to the queue database; safe to share between the threads of one process."""
 
@@ -442,9 +469,12 @@ class JobStore:
 
     # --- submit and read ------------------------------------------------------------------
 
-    def submit(self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None) -> Job:
+    def submit(
+        self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None, preview: bool = False
+    ) -> Job:
         """Queue a validated request (stored serialised, its input images in `inputs` first), or raise
-        QueueFullError when `max_queued` jobs are already waiting."""
+        QueueFullError when `max_queued` jobs are already waiting. `preview`: the worker sends
+        previews of the latents with the job's progress."""
         job_id = job_id or new_id()
         params = request.to_dict()
         images = request.inputs.images()
@@ -458,12 +488,15 @@ class JobStore:
             try:
                 with self._tx() as db:
                     self._check_room(db)
-                    columns = "id, status, params, prompt, client, lora_set, created_at"
-                    prompt, lora_set = "\n".join(request.prompts), lora_set_key(request)
-                    db.execute(
-                        f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, QUEUED, json.dumps(params), prompt, client, lora_set, now),
+                    columns = (
+                        "id, status, params, prompt, client, lora_set, batch_key, image_count, preview, created_at"
                     )
+                    prompt, lora_set, key = "\n".join(request.prompts), lora_set_key(request), batch_key(request)
+                    db.execute(
+                        f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, QUEUED, json.dumps(params), prompt, client, lora_set, key, request.num_images,
+                         int(preview), now),
+                    )  # fmt: skip
                     rows = [(job_id, name, image.sha256) for name, image in images.items()]
                     db.executemany("INSERT INTO job_inputs (job_id, field, sha256) VALUES (?, ?, ?)", rows)
             except BaseException:
@@ -522,6 +555,7 @@ class JobStore:
             finished_at=row["finished_at"],
             client=row["client"],
             images=images,
+            preview=bool(row["preview"]),
         )
 
     def position(self, job: Job) -> int | None:
@@ -565,30 +599,68 @@ class JobStore:
     # --- state changes by the server --------------------------------------------------------
 
     def claim(self, worker: str, prefer: str = NO_LORAS) -> Claim | None:
-        """The next job (`_next`), now `running` on `worker` with one more attempt; None if none waits.
-        `prefer` is the LoRA set key the worker ran last. A job whose parameters cannot be read is
-        failed with the reason on the way."""
+        """The next job alone (`claim_batch` of one image)."""
+        claims = self.claim_batch(worker, prefer, 1)
+        return claims[0] if claims else None
+
+    def claim_batch(self, worker: str, prefer: str, max_images: int) -> list[Claim]:
+        """The next job (`_next`), then the waiting jobs that can run in one batch with it (an equal
+        batch key) in queue order, while their images and its stay within `max_images`: all now
+        `running` on `worker` with one more attempt; [] if none waits. The first job is taken
+        whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the worker ran
+        last. A job whose parameters cannot be read is failed with the reason on the way."""
         with self._tx() as db:
-            while True:
-                row = self._next(db, prefer)
-                if row is None:
-                    return None
-                params, problem = read_params(row["params"])
-                if problem is None:
-                    break
+            first = self._next_readable(db, prefer)
+            if first is None:
+                return []
+            rows = [first]
+            if first[0]["batch_key"] != NO_BATCH:
+                rows += self._companions(db, first[0], max_images - first[0]["image_count"])
+            now = time.time()
+            claims = []
+            for row, params in rows:
+                attempt = row["attempts"] + 1
+                db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
+                    (RUNNING, attempt, worker, now, row["id"]),
+                )
+                claims.append(
+                    Claim(row["id"], attempt, params, row["lora_set"], bool(row["preview"]), row["image_count"])
+                )
+        return claims
+
+    def _next_readable(self, db: sqlite3.Connection, prefer: str) -> tuple[sqlite3.Row, dict[str, Any]] | None:
+        """The next job (`_next`) and its parameters; jobs whose parameters cannot be read fail on the way."""
+        while (row := self._next(db, prefer)) is not None:
+            params, problem = read_params(row["params"])
+            if problem is None:
+                return row, params
+            self._fail_unreadable(db, row["id"], problem)
+        return None
+
+    def _companions(
+        self, db: sqlite3.Connection, first: sqlite3.Row, room: int
+    ) -> list[tuple[sqlite3.Row, dict[str, Any]]]:
+        """Waiting jobs with `first`'s batch key after it, in queue order, up to the first that would
+        take the images past `room` (none overtakes a compatible job that does not fit)."""
+        q = f"{_CLAIM_COLUMNS} AND batch_key = ? AND seq > ? ORDER BY seq"
+        out = []
+        for row in db.execute(q, (QUEUED, first["batch_key"], first["seq"])).fetchall():
+            if row["image_count"] > room:
+                break
+            params, problem = read_params(row["params"])
+            if problem is not None:
                 self._fail_unreadable(db, row["id"], problem)
-            attempt = row["attempts"] + 1
-            db.execute(
-                "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
-                (RUNNING, attempt, worker, time.time(), row["id"]),
-            )
-        return Claim(row["id"], attempt, params, row["lora_set"])
+                continue
+            out.append((row, params))
+            room -= row["image_count"]
+        return out
 
     @staticmethod
     def _next(db: sqlite3.Connection, prefer: str) -> sqlite3.Row | None:
         """The oldest waiting job, unless the oldest one with the `prefer` LoRA set was queued within
         SAME_SET_WINDOW_S of it: then that one (no switch of weights for the worker)."""
-        columns = "SELECT id, params, attempts, lora_set, created_at FROM jobs WHERE status = ?"
+        columns = _CLAIM_COLUMNS
         oldest = db.execute(f"{columns} ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
         if oldest is None or oldest["lora_set"] == prefer:
             return oldest

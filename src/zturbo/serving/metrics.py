@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .workers import Finished
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 
 class Metrics:
@@ -42,6 +43,12 @@ class Metrics:
         self.total_seconds = Histogram(
             "zturbo_job_latency_seconds", "Seconds from submission to the end", buckets=LATENCY_BUCKETS, registry=r
         )
+        self.batch_images = Histogram(
+            "zturbo_batch_images", "Images per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_jobs = Histogram(
+            "zturbo_batch_jobs", "Jobs per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
+        )
         r.register(_LiveCollector(service))
         self._run_sum = 0.0
         self._run_count = 0
@@ -62,6 +69,10 @@ class Metrics:
 
     def cancelled_queued(self) -> None:
         self.completed.labels(jobs.CANCELLED).inc()
+
+    def batched(self, job_count: int, images: int) -> None:
+        self.batch_jobs.observe(job_count)
+        self.batch_images.observe(images)
 
     def restarted(self, worker: str, reason: str) -> None:
         self.restarts.labels(worker).inc()

@@ -43,6 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "comma-separated; '*' for any (default none: a guard against DNS rebinding)")  # fmt: skip
     _storage_arguments(p)
     p.add_argument("--job-timeout", type=float, default=600.0, help="seconds one job may run (default 600)")
+    _batch_arguments(p)
     p.add_argument(
         "--shutdown-grace",
         type=float,
@@ -109,6 +110,22 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _batch_arguments(p: argparse.ArgumentParser) -> None:
+    """How workers batch compatible jobs (docs/server.md, "Batching and the writer")."""
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="most images a worker makes in one batch of compatible jobs; 1: one job at a time (default 4)",
+    )
+    p.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=2.0,
+        help="milliseconds a free worker waits for a job to batch with a lone waiting one (default 2)",
+    )
+
+
 def _storage_arguments(p: argparse.ArgumentParser) -> None:
     """Where the server keeps its queue, images and LoRAs."""
     p.add_argument(
@@ -160,6 +177,8 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         api_key=api_key,
         queue_size=args.queue_size,
         job_timeout=args.job_timeout,
+        max_batch=args.max_batch,
+        batch_window_ms=args.batch_window_ms,
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
         client_defaults=args.client_defaults,
@@ -253,6 +272,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--queue-size {args.queue_size} must be at least 1")
     if not args.job_timeout > 0:
         raise InvalidRequestError(f"--job-timeout {args.job_timeout} must be a positive number of seconds")
+    if args.max_batch < 1:
+        raise InvalidRequestError(f"--max-batch {args.max_batch} must be at least 1 image")
+    if not 0 <= args.batch_window_ms <= 1000:
+        raise InvalidRequestError(f"--batch-window-ms {args.batch_window_ms} must be 0..1000 milliseconds")
     if not args.sync_timeout > 0:
         raise InvalidRequestError(f"--sync-timeout {args.sync_timeout} must be a positive number of seconds")
     if args.shutdown_grace < 0:

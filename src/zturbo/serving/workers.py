@@ -1,21 +1,26 @@
 """Supervised worker processes: one per device, each owning its Engine; restarted with backoff.
 
-The supervisor thread (in the server process) is the only dispatcher: it claims the next queued job
-for an idle worker and sends it over that worker's pipe. The worker runs it, writes the PNGs
-(named from the job id and image index, so a re-run overwrites the same files) and then marks the
-job done in SQLite with the claim's token, so a job is done exactly once. A worker that dies has
-its job released: queued again, or failed after `jobs.MAX_ATTEMPTS` attempts. A job that runs past
-the time limit has its worker killed and is failed at once (not retried: it would time out again).
+The supervisor thread (in the server process) is the only dispatcher: when a worker's GPU is free
+it claims the next queued job, with the waiting jobs that can share its batch (`JobStore.claim_batch`),
+and sends them over that worker's pipe. The worker runs them as one batch and hands the images to
+its writer thread, which encodes and writes them (named from the job id and image index, so a
+re-run overwrites the same files) and then marks each job done in SQLite with its claim's token,
+so a job is done exactly once and only once its files are durable. Meanwhile the worker tells the
+supervisor that its GPU is free and runs the next batch. A worker that dies has every job it holds
+released: queued again, or failed after `jobs.MAX_ATTEMPTS` attempts. A batch that runs past the
+time limit has its worker killed and its jobs failed at once (not retried: they would time out again).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import errno
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import threading
 import time
@@ -33,6 +38,10 @@ log = logging.getLogger("zturbo.workers")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
 STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
+# Batches whose images wait for the writer beyond the one being written: the GPU runs ahead by at
+# most this much, and the worker blocks rather than hold more images in memory.
+WRITER_DEPTH = 1
+CRASH_DRAIN_S = 30.0  # the most a crashing worker spends writing the results it already made
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
 _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
@@ -62,6 +71,14 @@ class Progress:
     job_id: str
     step: int
     steps: int
+    preview: bytes | None = None  # a small JPEG of the job's first image at this step, when it asked
+
+
+@dataclass(frozen=True)
+class GpuFree:
+    """The worker's GPU is done with these jobs (their images are with the writer): send the next batch."""
+
+    job_ids: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -89,6 +106,41 @@ class JobCancelled(Exception):
     pass
 
 
+class Channel:
+    """The worker's end of its pipe, shared by the job loop and the writer thread: one send at a time."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            self.conn.send(message)
+
+
+@dataclass
+class Outcome:
+    """How one job of a batch ended on the GPU; the writer makes it durable and reports it."""
+
+    claim: jobs.Claim
+    status: str
+    images: list[Any] = field(default_factory=list)
+    error: dict[str, str] | None = None
+    output_format: str = "png"
+    compression: int | None = None
+
+
+@dataclass
+class BatchDone:
+    """A batch's outcomes and what the worker reports with each job's end."""
+
+    outcomes: list[Outcome]
+    start: float
+    fallbacks: int = 0
+    memory: dict[str, int] | None = None
+    loras: dict[str, float] | None = None
+
+
 def worker_main(
     worker_id: str,
     device: str,
@@ -97,7 +149,7 @@ def worker_main(
     images_dir: str,
     conn: Connection,
 ) -> None:
-    """Entry point of a worker process: load, warm up, report ready, then run claims until told to stop."""
+    """Entry point of a worker process: load, warm up, report ready, then run batches until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
@@ -110,59 +162,178 @@ def worker_main(
     store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
     ready_s, startup = process_age(), engine.startup_report()
     logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
-    conn.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
-    while True:
-        try:
-            claim = conn.recv()
-        except EOFError:
-            return  # the supervisor is gone
-        if claim is None:
-            return
-        conn.send(Started(claim.job_id))
-        _run_claim(engine, store, Path(images_dir), claim, conn)
+    channel = Channel(conn)
+    channel.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
+    writer = Writer(store, Path(images_dir), channel)
+    try:
+        while True:
+            try:
+                claims = conn.recv()
+            except EOFError:
+                return  # the supervisor is gone
+            if claims is None:
+                return
+            for claim in claims:
+                channel.send(Started(claim.job_id))
+            run_batch(engine, store, claims, channel, writer)
+    finally:
+        writer.close()  # a graceful stop: the images already made are written and recorded
 
 
-def _run_claim(engine: Any, store: jobs.JobStore, images_dir: Path, claim: jobs.Claim, conn: Connection) -> None:
+def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], channel: Channel, writer: Writer) -> None:
+    """Run `claims` as one batch on the engine, hand the images to `writer` (blocking while it is
+    full), then tell the supervisor the GPU is free. A job whose stored request cannot be made
+    fails alone; the others run."""
     from ..errors import ZTurboError
 
     start = time.perf_counter()
-    from ..testing import step_sleep
+    outcomes, runnable = [], []
+    for claim in claims:
+        try:
+            runnable.append((claim, jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)))
+        except ZTurboError as e:
+            outcomes.append(Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}))
+    done = BatchDone(outcomes, start)
+    if runnable:
+        done.outcomes += _generate(engine, store, runnable, writer, done)
+    done.memory, done.loras = _memory(engine.device), _lora_stats(engine)
+    writer.put(done)
+    channel.send(GpuFree(tuple(claim.job_id for claim in claims)))
 
-    sleep = step_sleep()
-    parent = os.getppid()
 
-    def on_step(i: int, n: int) -> None:
-        conn.send(Progress(claim.job_id, i, n))
-        if sleep:
-            time.sleep(sleep)
-        if os.getppid() != parent:
-            os._exit(1)  # orphaned: the server died; its successor re-runs the job
-        # A cancel stops the job after its current step, unless that step was the last: finished
-        # steps make an image, and docs/api.md promises that image (a cancel then is too late).
-        if i < n and store.cancel_requested(claim.job_id):
-            raise JobCancelled
+def _generate(
+    engine: Any, store: jobs.JobStore, runnable: list[tuple[jobs.Claim, Any]], writer: Writer, done: BatchDone
+) -> list[Outcome]:
+    """One engine run for every request of `runnable` (`GenerateRequest.combine`), its images split
+    back per job; a refusal fails them all; any other error exits the worker (see `_crash`)."""
+    from ..errors import ZTurboError
+    from ..request import GenerateRequest
 
+    claims = [claim for claim, _ in runnable]
+    requests = [request for _, request in runnable]
+    combined = requests[0] if len(requests) == 1 else GenerateRequest.combine(requests)
+    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel)
     try:
-        req = jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)
-        result = engine.generate(req, on_step=on_step)
-        refs = _save_images(result.images, images_dir, claim.job_id)
+        result = engine.generate(combined, on_step=watch.on_step, **watch.preview_arguments())
     except JobCancelled:
-        status = _record(store, claim, lambda: store.end(claim, jobs.CANCELLED), jobs.CANCELLED)
-        conn.send(Finished(claim.job_id, status, time.perf_counter() - start, loras=_lora_stats(engine)))
-        return
+        return [Outcome(claim, jobs.CANCELLED) for claim in claims]
     except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
-        error = {"type": e.kind, "message": str(e)}
-        _record(store, claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED)
-        conn.send(Finished(claim.job_id, jobs.FAILED, time.perf_counter() - start, loras=_lora_stats(engine)))
-        return
+        return [Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}) for claim in claims]
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
-        logging.getLogger("zturbo").exception("job %s crashed the worker", claim.job_id)
-        conn.send(Crashed(claim.job_id, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"))
-        os._exit(3)
-    status = _record(store, claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED)
-    seconds = time.perf_counter() - start
-    memory = _memory(engine.device)
-    conn.send(Finished(claim.job_id, status, seconds, len(result.fallbacks), memory, _lora_stats(engine)))
+        _crash(claims[0].job_id, e, writer)
+    done.fallbacks = len(result.fallbacks)
+    outcomes, offset = [], 0
+    for claim, request in runnable:
+        images, offset = result.images[offset : offset + request.num_images], offset + request.num_images
+        if claim.job_id in watch.cancelled:
+            outcomes.append(Outcome(claim, jobs.CANCELLED))
+            continue
+        fmt, compression = request.output_format, request.output_compression
+        outcomes.append(Outcome(claim, jobs.SUCCEEDED, images, output_format=fmt, compression=compression))
+    return outcomes
+
+
+def _crash(job_id: str, error: Exception, writer: Writer) -> None:
+    """Report the error and exit; the images of earlier batches (host memory, not the device's) are
+    written and recorded first, so only the failed batch's jobs run again."""
+    logging.getLogger("zturbo").exception("job %s crashed the worker", job_id)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    writer.close(timeout=CRASH_DRAIN_S)
+    writer.channel.send(Crashed(job_id, f"{type(error).__name__}: {first_line}"))
+    os._exit(3)
+
+
+class BatchWatch:
+    """The engine's per-step callbacks for one batch: progress (and previews) per job, the orphan
+    check, and cancels. A cancelled job leaves the batch's result; when every job of the batch is
+    cancelled the run stops."""
+
+    def __init__(self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel) -> None:
+        from ..testing import step_sleep
+
+        self.store, self.claims, self.counts, self.channel = store, claims, counts, channel
+        self.cancelled: set[str] = set()
+        self.previews = False  # whether on_preview reports the progress of the jobs that asked for previews
+        self.sleep = step_sleep()
+        self.parent = os.getppid()
+
+    def preview_arguments(self) -> dict[str, Any]:
+        """`on_preview` for the engine, when a job of the batch asked for previews."""
+        self.previews = any(claim.preview for claim in self.claims)
+        return {"on_preview": self.on_preview} if self.previews else {}
+
+    def on_step(self, i: int, n: int) -> None:
+        for claim in self.claims:
+            if not (claim.preview and self.previews):
+                self.channel.send(Progress(claim.job_id, i, n))
+        if self.sleep:
+            time.sleep(self.sleep)
+        if os.getppid() != self.parent:
+            os._exit(1)  # orphaned: the server died; its successor re-runs the jobs
+        # A cancel stops a job after its current step, unless that step was the last: finished
+        # steps make an image, and docs/api.md promises that image (a cancel then is too late).
+        if i < n:
+            for claim in self.claims:
+                if claim.job_id not in self.cancelled and self.store.cancel_requested(claim.job_id):
+                    self.cancelled.add(claim.job_id)
+            if len(self.cancelled) == len(self.claims):
+                raise JobCancelled
+
+    def on_preview(self, i: int, n: int, images: list[Any]) -> None:
+        from .. import preview
+
+        offset = 0
+        for claim, count in zip(self.claims, self.counts, strict=True):
+            if claim.preview:
+                self.channel.send(Progress(claim.job_id, i, n, preview.jpeg_bytes(images[offset])))
+            offset += count
+
+
+class Writer:
+    """The worker's writer thread: encodes and writes each finished batch's images, records each
+    job's end in SQLite and only then reports it, while the GPU runs the next batch. At most
+    WRITER_DEPTH batches wait for it; `put` blocks beyond that."""
+
+    def __init__(self, store: jobs.JobStore, images_dir: Path, channel: Channel, depth: int = WRITER_DEPTH) -> None:
+        self.store, self.images_dir, self.channel = store, images_dir, channel
+        self._queue: queue.Queue[BatchDone | None] = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._loop, name="zturbo-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, done: BatchDone) -> None:
+        self._queue.put(done)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write what waits, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while (done := self._queue.get()) is not None:
+            for outcome in done.outcomes:
+                status = self._finish(outcome)
+                seconds = time.perf_counter() - done.start
+                fallbacks = done.fallbacks if outcome.status == jobs.SUCCEEDED else 0
+                self.channel.send(Finished(outcome.claim.job_id, status, seconds, fallbacks, done.memory, done.loras))
+
+    def _finish(self, outcome: Outcome) -> str:
+        """Write the job's images and record its end; the status recorded (`_record`)."""
+        from ..errors import ZTurboError
+
+        store, claim = self.store, outcome.claim
+        if outcome.status != jobs.SUCCEEDED:
+            return _record(store, claim, lambda: store.end(claim, outcome.status, outcome.error), outcome.status)
+        try:
+            refs = _save_images(outcome, self.images_dir)
+        except ZTurboError as e:  # a full disk, a missing permission: the job's failure, the worker lives on
+            error = {"type": e.kind, "message": str(e)}
+        except Exception as e:  # an encoder fault: this job fails, the next ones still get written
+            logging.getLogger("zturbo").exception("job %s: its images could not be written", claim.job_id)
+            error = {"type": "internal_error", "message": f"the images could not be written ({type(e).__name__}: {e})"}
+        else:
+            return _record(store, claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED)
+        _record(store, claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED)
+        return jobs.FAILED
 
 
 def process_age() -> float | None:
@@ -204,16 +375,21 @@ def _record(store: jobs.JobStore, claim: jobs.Claim, write: Any, status: str) ->
     return status
 
 
-def _save_images(images: list[Any], images_dir: Path, job_id: str) -> list[jobs.ImageRef]:
-    """Write a job's PNGs; a full disk or a missing permission is the job's StorageError, not a crash."""
+def _save_images(outcome: Outcome, images_dir: Path) -> list[jobs.ImageRef]:
+    """Write a job's images durably in its format; a full disk or a missing permission is the job's
+    StorageError, not a crash."""
+    from .. import imageio
     from ..errors import StorageError
-    from ..imageio import save_png
 
     refs = []
-    for k, image in enumerate(images):
-        path = images_dir / f"{job_id}-{k}.png"  # a re-run of this job overwrites, never duplicates
+    for k, image in enumerate(outcome.images):
+        path = (
+            images_dir / f"{outcome.claim.job_id}-{k}{imageio.IMAGE_SUFFIXES[outcome.output_format]}"
+        )  # a re-run overwrites
         try:
-            save_png(image, path, overwrite=True)
+            imageio.save_image(
+                image, path, output_format=outcome.output_format, compression=outcome.compression, overwrite=True
+            )
         except OSError as e:
             raise StorageError(f"could not write the image {path}: {e.strerror or e}; {_storage_hint(e)}") from e
         refs.append(jobs.ImageRef(jobs.new_id(), k, image.seed, path.name))
@@ -266,14 +442,17 @@ class WorkerSlot:
     failures: int = 0  # consecutive deaths, for the backoff
     process: Any = None
     conn: Connection | None = None
-    claim: jobs.Claim | None = None
-    claim_started: bool = False  # the worker said it began the claim (Started)
-    claimed_at: float = 0.0
+    # Every job the running process holds: the batch on its GPU (`running`) and the ones its writer
+    # has yet to record. All are released when it dies.
+    claims: dict[str, jobs.Claim] = field(default_factory=dict)
+    running: tuple[str, ...] = ()
+    started: set[str] = field(default_factory=set)  # the jobs the worker said it began (Started)
+    claimed_at: float = 0.0  # when the running batch was sent; the job time limit counts from it
+    window_until: float | None = None  # free, with one job waiting: the batching window ends then
     started_at: float = 0.0
     restart_at: float = 0.0
     runtime: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, int] | None = None
-    progress: tuple[int, int] | None = None
     last_error: str | None = None  # why it last died, for /v1/status
     crash_reason: str | None = None  # what the running process reported before exiting
     lora_set: str = jobs.NO_LORAS  # the LoRA set of the last job sent to the running process
@@ -302,7 +481,14 @@ class WorkerSlot:
     def view(self) -> dict[str, Any]:
         pid = self.process.pid if self.process is not None else None
         out = {"id": self.id, "device": self.device, "state": self.state, "restarts": self.restarts, "pid": pid}
-        return out | {"job": self.claim.job_id if self.claim else None, "last_error": self.last_error}
+        job = self.running[0] if self.running else None
+        return out | {"job": job, "jobs": list(self.claims), "last_error": self.last_error}
+
+    def take(self, job_id: str) -> jobs.Claim | None:
+        """The held claim of `job_id`, no longer held (None if it is not)."""
+        self.started.discard(job_id)
+        self.running = tuple(j for j in self.running if j != job_id)
+        return self.claims.pop(job_id, None)
 
 
 @dataclass
@@ -312,6 +498,7 @@ class Hooks:
     on_event: Callable[[str, str, dict[str, Any]], None] = lambda job_id, event, data: None
     on_finished: Callable[[Finished], None] = lambda msg: None
     on_restart: Callable[[str, str], None] = lambda worker_id, reason: None
+    on_batch: Callable[[int, int], None] = lambda jobs, images: None  # a batch was sent: its jobs and images
 
 
 class Supervisor:
@@ -326,19 +513,27 @@ class Supervisor:
         *,
         job_timeout: float,
         hooks: Hooks | None = None,
+        max_batch: int = 4,
+        batch_window: float = 0.002,
     ) -> None:
+        """`max_batch`: most images one batch makes; `batch_window`: seconds a free worker waits for a
+        companion when exactly one job is waiting."""
         self.store = store
+        self.max_batch = max_batch
+        self.batch_window = batch_window
         self.config = config
         self.data_dir = data_dir
         self.job_timeout = job_timeout
         self.hooks = hooks or Hooks()
         self.slots = [WorkerSlot(f"worker-{i}", d) for i, d in enumerate(devices)]
         self._ctx = mp.get_context("spawn")
-        self._lock = threading.Lock()  # guards the slots' fields read by other threads
+        self._lock = threading.RLock()  # guards the slots' fields read by other threads
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._stopping = threading.Event()
         self._dispatching = True
         self._stop_began: float | None = None  # when stop_dispatch was first called; the grace counts from it
+        self._progress: dict[str, tuple[int, int]] = {}  # running job -> (step, steps)
+        self._previews: dict[str, bytes] = {}  # running job -> its last preview (JPEG)
         self._thread: threading.Thread | None = None
         self._ready: dict[str, Any] | None = None  # `startup()`, from the first Ready
 
@@ -390,10 +585,12 @@ class Supervisor:
 
     def progress(self, job_id: str) -> tuple[int, int] | None:
         with self._lock:
-            for s in self.slots:
-                if s.claim is not None and s.claim.job_id == job_id:
-                    return s.progress
-        return None
+            return self._progress.get(job_id)
+
+    def preview(self, job_id: str) -> bytes | None:
+        """The last preview (JPEG) of a running job that asked for previews."""
+        with self._lock:
+            return self._previews.get(job_id)
 
     def stop_dispatch(self) -> None:
         """Start no job from now on (the server is shutting down); running jobs go on."""
@@ -408,7 +605,7 @@ class Supervisor:
         self.stop_dispatch()
         assert self._stop_began is not None
         deadline = self._stop_began + grace
-        while time.monotonic() < deadline and any(s.claim is not None for s in self.slots):
+        while time.monotonic() < deadline and any(s.claims for s in self.slots):
             time.sleep(0.05)
         self._stopping.set()
         self.wake()
@@ -416,10 +613,10 @@ class Supervisor:
             self._thread.join(timeout=10)
         for slot in self.slots:
             self._halt(slot)
-            if slot.claim is not None:
-                job = self.store.release(slot.claim.job_id, slot.claim.attempt, "shutdown", count_attempt=False)
-                log.info("job %s returned to the queue at shutdown (%s)", slot.claim.job_id, job and job.status)
-                slot.claim = None
+            for claim in list(slot.claims.values()):
+                job = self.store.release(claim.job_id, claim.attempt, "shutdown", count_attempt=False)
+                log.info("job %s returned to the queue at shutdown (%s)", claim.job_id, job and job.status)
+                self._forget(slot, claim.job_id)
 
     # --- the supervisor thread ----------------------------------------------------------------
 
@@ -439,7 +636,7 @@ class Supervisor:
                 waitables.append(s.conn)
             if s.process is not None:
                 waitables.append(s.process.sentinel)
-        for ready in wait(waitables, timeout=0.25):
+        for ready in wait(waitables, timeout=self._wait_s()):
             if ready is self._wake_r:
                 while self._wake_r.poll():
                     self._wake_r.recv_bytes()
@@ -450,27 +647,54 @@ class Supervisor:
         for s in self.slots:
             self._check(s)
 
+    def _wait_s(self) -> float:
+        """How long the loop may wait for a message: at most until the first batching window ends."""
+        ends = [s.window_until for s in self.slots if s.window_until is not None]
+        return max(0.0, min(0.25, *(end - time.monotonic() for end in ends))) if ends else 0.25
+
     def _dispatch(self) -> None:
         if not self._dispatching:
             return
         for s in self.slots:
-            if s.state != "ready" or s.claim is not None:
+            if s.state != "ready" or s.running:
                 continue
             if s.process is None or not s.process.is_alive():
                 continue  # died while idle: _check restarts it; a job sent now would be lost
+            if self._in_window(s):
+                continue
             with self._lock:
-                claim = self.store.claim(s.id, prefer=s.lora_set) if self._dispatching else None
-            if claim is None:
+                claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch) if self._dispatching else []
+            if not claims:
                 return
             try:
                 assert s.conn is not None
-                s.conn.send(claim)
+                s.conn.send(claims)
             except (OSError, AssertionError):
-                self._died(s, claim_sent=claim)
+                self._died(s, sent=claims)
                 continue
-            with self._lock:
-                s.claim, s.claimed_at, s.state, s.progress = claim, time.monotonic(), "busy", None
-                s.claim_started, s.lora_set = False, claim.lora_set
+            self._sent(s, claims)
+
+    def _in_window(self, s: WorkerSlot) -> bool:
+        """Whether the free worker `s` waits for a companion of the one waiting job: from when it
+        finds exactly one job waiting, for at most `batch_window` seconds."""
+        if self.batch_window <= 0 or self.max_batch <= 1 or self.store.depth() != 1:
+            s.window_until = None
+            return False
+        now = time.monotonic()
+        if s.window_until is None:
+            s.window_until = now + self.batch_window
+        if now < s.window_until:
+            return True
+        s.window_until = None
+        return False
+
+    def _sent(self, s: WorkerSlot, claims: list[jobs.Claim]) -> None:
+        with self._lock:
+            s.claims |= {claim.job_id: claim for claim in claims}
+            s.running = tuple(claim.job_id for claim in claims)
+            s.claimed_at, s.state, s.lora_set = time.monotonic(), "busy", claims[0].lora_set
+        self.hooks.on_batch(len(claims), sum(claim.images for claim in claims))
+        for claim in claims:
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
 
     def _drain(self, s: WorkerSlot) -> None:
@@ -483,8 +707,8 @@ class Supervisor:
 
     def _handle(self, s: WorkerSlot, msg: Any) -> None:
         if isinstance(msg, Started):
-            if s.claim is not None and s.claim.job_id == msg.job_id:
-                s.claim_started = True
+            if msg.job_id in s.claims:
+                s.started.add(msg.job_id)
         elif isinstance(msg, Ready):
             with self._lock:
                 s.state, s.runtime, s.memory = "ready", {**msg.runtime, "startup": msg.startup}, msg.memory
@@ -493,17 +717,42 @@ class Supervisor:
             log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
                      msg.startup.get("compile_cache", "off"))  # fmt: skip
         elif isinstance(msg, Progress):
+            self._progressed(msg)
+        elif isinstance(msg, GpuFree):
             with self._lock:
-                s.progress = (msg.step, msg.steps)
-            self.hooks.on_event(msg.job_id, "progress", {"step": msg.step, "steps": msg.steps})
+                s.running = tuple(j for j in s.running if j not in msg.job_ids)
+                self._free_if_done(s)
         elif isinstance(msg, Finished):
             with self._lock:
-                s.claim, s.state, s.progress, s.failures = None, "ready", None, 0
+                self._forget(s, msg.job_id)
+                self._free_if_done(s)  # the writer may report a job before the worker's GpuFree arrives
+                s.failures = 0
                 s.memory = msg.memory or s.memory
                 s.take_lora_stats(msg.loras)
             self.hooks.on_finished(msg)
         elif isinstance(msg, Crashed):
             s.crash_reason = msg.reason
+
+    @staticmethod
+    def _free_if_done(s: WorkerSlot) -> None:
+        if s.state == "busy" and not s.running:
+            s.state = "ready"
+
+    def _progressed(self, msg: Progress) -> None:
+        data: dict[str, Any] = {"step": msg.step, "steps": msg.steps}
+        with self._lock:
+            self._progress[msg.job_id] = (msg.step, msg.steps)
+            if msg.preview is not None:
+                self._previews[msg.job_id] = msg.preview
+                data["preview"] = base64.b64encode(msg.preview).decode()
+        self.hooks.on_event(msg.job_id, "progress", data)
+
+    def _forget(self, s: WorkerSlot, job_id: str) -> jobs.Claim | None:
+        """`job_id` no longer held by `s`: its claim, progress and preview go."""
+        with self._lock:
+            self._progress.pop(job_id, None)
+            self._previews.pop(job_id, None)
+            return s.take(job_id)
 
     def _check(self, s: WorkerSlot) -> None:
         now = time.monotonic()
@@ -516,38 +765,43 @@ class Supervisor:
         if not s.process.is_alive():
             self._drain(s)
             self._died(s)
-        elif s.claim is not None and self.job_timeout and now - s.claimed_at > self.job_timeout:
+        elif s.running and self.job_timeout and now - s.claimed_at > self.job_timeout:
             self._time_out(s)
 
     def _time_out(self, s: WorkerSlot) -> None:
-        claim = s.claim
-        assert claim is not None
-        log.warning("%s: job %s ran past the %g s limit; killing the worker", s.id, claim.job_id, self.job_timeout)
+        """The running batch failed with `timeout`; the jobs its writer held are queued again, their
+        attempt given back (they ran in time; the kill cut off their writing)."""
+        log.warning("%s: jobs %s ran past the %g s limit; killing the worker", s.id, ", ".join(s.running),
+                    self.job_timeout)  # fmt: skip
         s.process.kill()
         s.process.join(5)
         message = f"the job ran longer than the time limit of {self.job_timeout:g} s and was stopped"
-        if self.store.end(claim, jobs.FAILED, {"type": "timeout", "message": message}):
-            self.hooks.on_finished(Finished(claim.job_id, jobs.FAILED, self.job_timeout))
-        with self._lock:
-            s.claim = None
+        for job_id in s.running:
+            claim = self._forget(s, job_id)
+            if claim is not None and self.store.end(claim, jobs.FAILED, {"type": "timeout", "message": message}):
+                self.hooks.on_finished(Finished(claim.job_id, jobs.FAILED, self.job_timeout))
+        self._release(s, "the worker was stopped at a job's time limit", counted=set())
         self._schedule_restart(s, "job time limit")
 
-    def _died(self, s: WorkerSlot, claim_sent: jobs.Claim | None = None) -> None:
+    def _died(self, s: WorkerSlot, sent: list[jobs.Claim] | None = None) -> None:
+        """The worker is gone: every job it held is released; only a job it began costs an attempt
+        (one sent to a dead worker was never run)."""
         code = s.process.exitcode if s.process is not None else None
         reason = s.crash_reason or _exit_reason(code)
         log.warning("%s on %s died (%s)", s.id, s.device, reason)
-        claim = claim_sent or s.claim
-        if claim is not None:
-            # Only a job the worker began costs an attempt: one sent to a dead worker was never run.
-            counted = claim_sent is None and s.claim_started
-            job = self.store.release(claim.job_id, claim.attempt, f"the worker died ({reason})", count_attempt=counted)
+        with self._lock:
+            s.claims |= {claim.job_id: claim for claim in sent or ()}
+        self._release(s, f"the worker died ({reason})", counted=set(s.started), reason=reason)
+        self._schedule_restart(s, reason)
+
+    def _release(self, s: WorkerSlot, why: str, *, counted: set[str], reason: str | None = None) -> None:
+        for claim in list(s.claims.values()):
+            self._forget(s, claim.job_id)
+            job = self.store.release(claim.job_id, claim.attempt, why, count_attempt=claim.job_id in counted)
             if job is not None and job.finished:
                 self.hooks.on_finished(Finished(claim.job_id, job.status, 0.0))
             elif job is not None:
-                self.hooks.on_event(claim.job_id, "requeued", {"reason": reason, "attempts": job.attempts})
-        with self._lock:
-            s.claim = None
-        self._schedule_restart(s, reason)
+                self.hooks.on_event(claim.job_id, "requeued", {"reason": reason or why, "attempts": job.attempts})
 
     def _schedule_restart(self, s: WorkerSlot, reason: str) -> None:
         if s.conn is not None:
@@ -558,7 +812,7 @@ class Supervisor:
         with self._lock:
             s.failures += 1
             s.restarts += 1
-            s.state, s.conn, s.progress = "restarting", None, None
+            s.state, s.conn, s.window_until = "restarting", None, None
             s.restart_at = time.monotonic() + delay
             s.last_error = reason
         self.hooks.on_restart(s.id, reason)
@@ -589,7 +843,7 @@ class Supervisor:
         if s.conn is not None:
             with contextlib.suppress(OSError):
                 s.conn.send(None)
-        if s.claim is None:
+        if not s.claims:
             s.process.join(2)
         if s.process.is_alive():
             s.process.kill()

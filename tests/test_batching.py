@@ -1,0 +1,331 @@
+"""Batching and the writer, in this process with the session's tiny engine: jobs claimed together
+make the pixels of their single runs, a cancel stays per job, a worker death releases every job it
+holds, a lone job waits no longer than the batching window, and a job is `succeeded` only once its
+file is written."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_workers import LIMITS, SMALL, StandInContext, run_claims, supervisor_with_idle_worker, tick
+from zturbo import imageio
+from zturbo.request import GenerateRequest
+from zturbo.serving import jobs, workers
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = jobs.JobStore(tmp_path / "jobs.sqlite3")
+    yield s
+    s.close()
+
+
+def request(prompt: str, limits: Any = LIMITS, **fields: Any) -> GenerateRequest:
+    return GenerateRequest.create(prompt, limits=limits, **(SMALL | fields))
+
+
+def pixels(path: Any) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_batch_of_jobs_makes_the_images_of_their_single_runs(engine, store, tmp_path):
+    made = [request("a fox", engine.limits, seed=1), request("a cat", engine.limits, seed=7, batch=2),
+            request("a heron", engine.limits, seed=3)]  # fmt: skip
+    queued = [store.submit(r) for r in made]
+    other = store.submit(request("a fox", engine.limits, steps=1))  # another step count: not in this batch
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    assert [c.job_id for c in claims] == [j.id for j in queued] and [c.images for c in claims] == [1, 2, 1]
+    assert store.get(other.id).status == jobs.QUEUED
+
+    messages = run_claims(engine, store, tmp_path, claims)
+    for job, req in zip(queued, made, strict=True):
+        done = store.get(job.id)
+        assert done.status == jobs.SUCCEEDED and len(done.images) == req.num_images
+        for ref, single in zip(done.images, engine.generate(req).images, strict=True):
+            # The engine's batch == singles invariant (test_engine): CPU matmuls of another batch
+            # size may round differently, by at most one level.
+            diff = pixels(tmp_path / ref.file).astype(int) - np.asarray(single.image).astype(int)
+            assert np.abs(diff).max() <= 1
+            meta = imageio.read_metadata(tmp_path / ref.file)
+            assert (meta["prompt"], meta["seed"], ref.seed) == (single.prompt, single.seed, single.seed)
+    free = [m for m in messages if isinstance(m, workers.GpuFree)]
+    assert [set(m.job_ids) for m in free] == [{j.id for j in queued}]  # one run on the GPU for all three
+
+
+class CancelInBatch:
+    """The engine, with cancel requests for `victims` arriving during the first step; counts the steps."""
+
+    def __init__(self, engine: Any, store: jobs.JobStore, victims: list[str]) -> None:
+        self.engine, self.store, self.victims = engine, store, victims
+        self.limits, self.device = engine.limits, engine.device
+        self.steps = 0
+
+    def generate(self, request: GenerateRequest, on_step: Any) -> Any:
+        def step(i: int, n: int) -> None:
+            self.steps += 1
+            if i == 1:
+                for job_id in self.victims:
+                    self.store.cancel(job_id)
+            on_step(i, n)
+
+        return self.engine.generate(request, on_step=step)
+
+
+def test_a_cancelled_job_leaves_its_batch_and_the_others_finish(engine, store, tmp_path):
+    keep, drop = (store.submit(request(p, engine.limits, steps=3)) for p in ("a fox", "a cat"))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    assert len(claims) == 2
+    run_claims(CancelInBatch(engine, store, [drop.id]), store, tmp_path, claims)
+    kept, dropped = store.get(keep.id), store.get(drop.id)
+    assert kept.status == jobs.SUCCEEDED and len(kept.images) == 1 and (tmp_path / kept.images[0].file).is_file()
+    assert dropped.status == jobs.CANCELLED and dropped.images == ()
+    assert sorted(p.name for p in tmp_path.glob(f"{drop.id}*")) == []
+
+
+def test_a_batch_whose_jobs_are_all_cancelled_stops(engine, store, tmp_path):
+    a, b = (store.submit(request(p, engine.limits, steps=4)) for p in ("a fox", "a cat"))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    cancelling = CancelInBatch(engine, store, [a.id, b.id])
+    run_claims(cancelling, store, tmp_path, claims)
+    assert cancelling.steps == 1  # stopped after the step the cancels arrived in, not after all 4
+    assert [store.get(j.id).status for j in (a, b)] == [jobs.CANCELLED] * 2
+
+
+def test_a_worker_killed_mid_batch_releases_every_job_it_holds(store, tmp_path):
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.0)
+    supervisor._ctx = StandInContext()
+    written = store.submit(request("being written"))
+    tick(supervisor)
+    [first] = worker_end.recv()
+    worker_end.send(workers.Started(first.job_id))
+    worker_end.send(workers.GpuFree((first.job_id,)))  # its images are with the writer
+    batch = [store.submit(request(p)) for p in ("a fox", "a cat", "a heron")]
+    unsent = store.submit(request("a fox", steps=1))  # incompatible: stays queued
+    tick(supervisor)
+    tick(supervisor)
+    sent = worker_end.recv()
+    assert [c.job_id for c in sent] == [j.id for j in batch]
+    for claim in sent:
+        worker_end.send(workers.Started(claim.job_id))
+    tick(supervisor)
+    assert set(supervisor.workers()[0]["jobs"]) == {written.id, *(j.id for j in batch)}
+    process.alive = False  # kill -9 mid-batch
+    tick(supervisor)
+    for job in (written, *batch):
+        after = store.get(job.id)
+        assert (after.status, after.attempts) == (jobs.QUEUED, 1), job.id
+    assert store.get(unsent.id).attempts == 0
+    assert supervisor.slots[0].claims == {} and supervisor.slots[0].state == "restarting"
+
+
+def dispatch_delay(supervisor: workers.Supervisor, worker_end: Any, limit: float = 5.0) -> tuple[float, list[Any]]:
+    """Seconds from now until the supervisor sends a batch, and the batch."""
+    start = time.perf_counter()
+    while not worker_end.poll():
+        assert time.perf_counter() - start < limit, "nothing was dispatched"
+        supervisor._dispatch()
+        time.sleep(0.001)
+    return time.perf_counter() - start, worker_end.recv()
+
+
+def test_a_lone_job_waits_at_most_the_batching_window(store, tmp_path):
+    window = 0.1
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=window)
+    lone = store.submit(request("a fox"))
+    delay, [claim] = dispatch_delay(supervisor, worker_end)
+    assert claim.job_id == lone.id
+    assert window <= delay < window + 0.05, delay  # waited for a companion, then no longer
+
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.0)
+    store.submit(request("a cat"))
+    delay, _ = dispatch_delay(supervisor, worker_end)
+    assert delay < 0.05  # no window: sent at once
+
+
+def test_a_companion_arriving_within_the_window_joins_the_batch(store, tmp_path):
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.5)
+    first = store.submit(request("a fox"))
+    supervisor._dispatch()  # the window opens
+    assert not worker_end.poll()
+    second = store.submit(request("a cat"))
+    delay, claims = dispatch_delay(supervisor, worker_end)
+    assert [c.job_id for c in claims] == [first.id, second.id]
+    assert delay < 0.25  # two jobs waiting: sent without waiting out the window
+
+
+def test_a_job_succeeds_only_once_its_file_is_written(engine, store, tmp_path, monkeypatch):
+    release = threading.Event()
+    save = imageio.save_png
+
+    def slow_save(image: Any, path: Any, **kwargs: Any) -> Any:
+        assert release.wait(30)
+        return save(image, path, **kwargs)
+
+    monkeypatch.setattr(imageio, "save_png", slow_save)
+    job = store.submit(request("a fox", engine.limits))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    here, there = workers.mp.Pipe()
+    channel = workers.Channel(there)
+    writer = workers.Writer(store, tmp_path, channel)
+    workers.run_batch(engine, store, claims, channel, writer)  # returns while the writer waits
+    messages = []
+    while here.poll():
+        messages.append(here.recv())
+    assert isinstance(messages[-1], workers.GpuFree)  # the GPU is free for the next batch ...
+    assert store.get(job.id).status == jobs.RUNNING and list(tmp_path.glob("*.png")) == []  # ... not yet done
+    release.set()
+    writer.close()
+    done = store.get(job.id)
+    assert done.status == jobs.SUCCEEDED and (tmp_path / done.images[0].file).is_file()
+    assert here.recv().status == jobs.SUCCEEDED
+
+
+def test_a_failing_encoder_fails_its_job_and_the_writer_goes_on(engine, store, tmp_path, monkeypatch):
+    save = imageio.save_png
+    calls = []
+
+    def broken_once(image: Any, path: Any, **kwargs: Any) -> Any:
+        calls.append(path)
+        if len(calls) == 1:
+            raise ValueError("the encoder failed")
+        return save(image, path, **kwargs)
+
+    monkeypatch.setattr(imageio, "save_png", broken_once)
+    bad, good = (store.submit(request(p, engine.limits)) for p in ("a fox", "a cat"))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    run_claims(engine, store, tmp_path, claims)
+    failed, done = store.get(bad.id), store.get(good.id)
+    assert failed.status == jobs.FAILED and "the encoder failed" in failed.error["message"]
+    assert done.status == jobs.SUCCEEDED and (tmp_path / done.images[0].file).is_file()
+
+
+def test_the_writer_holds_at_most_its_depth_and_then_blocks(store, tmp_path):
+    here, there = workers.mp.Pipe()
+    writer = workers.Writer(store, tmp_path, workers.Channel(there), depth=1)
+    gate = threading.Event()
+    writer._finish = lambda outcome: gate.wait(30) and jobs.SUCCEEDED  # type: ignore[method-assign]
+    batch = workers.BatchDone([workers.Outcome(jobs.Claim("j", 1, {}), jobs.SUCCEEDED)], time.perf_counter())
+    writer.put(batch)  # being written
+    deadline = time.monotonic() + 5
+    while writer._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.put(batch)  # waiting
+    third = threading.Thread(target=writer.put, args=(batch,), daemon=True)
+    third.start()
+    third.join(0.2)
+    assert third.is_alive()  # a third result blocks the worker rather than grow memory
+    gate.set()
+    third.join(5)
+    writer.close(5)
+    assert [here.recv().status for _ in range(3)] == [jobs.SUCCEEDED] * 3
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [(["--max-batch", "0"], "--max-batch 0 must be at least 1"), (["--batch-window-ms", "-1"], "0..1000 milliseconds")],
+)
+def test_bad_batching_flags_are_refused_before_the_server_starts(flag, message, capsys):
+    from zturbo.cli import main
+
+    assert main(["serve", "--model", "tiny-random", *flag]) != 0
+    assert message in capsys.readouterr().err
+
+
+class PreviewingEngine:
+    """The engine, with `on_preview` (contract C3) giving each batch row a flat image of its own colour."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.limits, self.device = engine, engine.limits, engine.device
+
+    def generate(self, request: GenerateRequest, on_step: Any, on_preview: Any = None) -> Any:
+        def step(i: int, n: int) -> None:
+            on_step(i, n)
+            if on_preview is not None:
+                on_preview(i, n, [Image.new("RGB", (16, 16), (40 * row, 0, 0)) for row in range(request.num_images)])
+
+        return self.engine.generate(request, on_step=step)
+
+
+def test_previews_go_to_the_jobs_that_asked_each_from_its_own_rows(engine, store, tmp_path):
+    pytest.importorskip("zturbo.preview")  # the PREVIEW side of contract C3
+    quiet = store.submit(request("a fox", engine.limits, batch=2))
+    watched = store.submit(request("a cat", engine.limits), preview=True)
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    messages = run_claims(PreviewingEngine(engine), store, tmp_path, claims)
+    progress = [m for m in messages if isinstance(m, workers.Progress)]
+    assert [m.step for m in progress if m.job_id == quiet.id] == [1, 2]
+    assert all(m.preview is None for m in progress if m.job_id == quiet.id)
+    previews = [m.preview for m in progress if m.job_id == watched.id]
+    assert len(previews) == 2 and all(previews)
+    with Image.open(io.BytesIO(previews[-1])) as shown:
+        assert abs(shown.convert("RGB").getpixel((8, 8))[0] - 80) <= 8  # row 2: the watched job's image
+
+
+def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_run(tiny_dir, tmp_path):
+    from serving import Server
+
+    server = Server(tiny_dir, tmp_path / "data", "--max-batch", "3", step_sleep=0.2)
+    try:
+        server.wait_ready()
+        head = server.submit(seed=1)  # holds the worker while the next three queue
+        while server.client.get(f"/v1/jobs/{head['id']}").json()["status"] == "queued":
+            time.sleep(0.02)
+        waiting = [server.submit(prompt=f"a fox number {i}", seed=10 + i) for i in range(3)]
+        done = [server.wait_job(job["id"]) for job in (head, *waiting)]
+        assert [job["status"] for job in done] == ["succeeded"] * 4
+        metrics = server.client.get("/metrics").text
+        assert 'zturbo_batch_jobs_bucket{le="1.0"} 1.0' in metrics  # the head ran alone ...
+        assert "zturbo_batch_jobs_count 2.0" in metrics and "zturbo_batch_jobs_sum 4.0" in metrics  # ... then 3 as one
+        alone = server.wait_job(server.submit(prompt="a fox number 1", seed=11)["id"])
+        batched = Image.open(io.BytesIO(server.client.get(done[2]["images"][0]["url"]).content))
+        single = Image.open(io.BytesIO(server.client.get(alone["images"][0]["url"]).content))
+        diff = np.asarray(batched.convert("RGB")).astype(int) - np.asarray(single.convert("RGB")).astype(int)
+        assert np.abs(diff).max() <= 1
+    finally:
+        server.stop()
+
+
+class Broken:
+    """An engine whose run fails with an error that may have broken the device."""
+
+    def __init__(self, engine: Any) -> None:
+        self.limits, self.device = engine.limits, engine.device
+
+    def generate(self, request: GenerateRequest, on_step: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_crashing_worker_records_the_results_it_made_before_it_exits(engine, store, tmp_path, monkeypatch):
+    def exit_(code: int) -> None:
+        raise SystemExit(code)
+
+    save = imageio.save_png
+
+    def slow_save(image: Any, path: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # still writing when the next batch fails
+        return save(image, path, **kwargs)
+
+    monkeypatch.setattr(workers.os, "_exit", exit_)
+    monkeypatch.setattr(imageio, "save_png", slow_save)
+    earlier = store.submit(request("a fox", engine.limits))
+    here, there = workers.mp.Pipe()
+    channel = workers.Channel(there)
+    writer = workers.Writer(store, tmp_path, channel)
+    workers.run_batch(engine, store, store.claim_batch("worker-0", jobs.NO_LORAS, 1), channel, writer)
+    failing = store.submit(request("a cat", engine.limits))
+    with pytest.raises(SystemExit):
+        workers.run_batch(Broken(engine), store, store.claim_batch("worker-0", jobs.NO_LORAS, 1), channel, writer)
+    messages = []
+    while here.poll():
+        messages.append(here.recv())
+    assert store.get(earlier.id).status == jobs.SUCCEEDED  # written before the exit
+    assert store.get(failing.id).status == jobs.RUNNING  # the supervisor releases it when the process is gone
+    assert isinstance(messages[-1], workers.Crashed) and "illegal memory access" in messages[-1].reason
