@@ -60,6 +60,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vram-budget", type=float, default=None, help="GiB of GPU memory to use (default: what is free)")
     p.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR|off",
+        help="where compiled artifacts are kept so the next start skips compiling (default $ZTURBO_COMPILE_CACHE, "
+        "else $ZTURBO_CACHE/compile); off: compile afresh each start",
+    )
+    p.add_argument(
         "--vae-tiling",
         default=None,
         choices=SWITCH_CHOICES,
@@ -1012,6 +1019,7 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         vae_tiling=args.vae_tiling,
         memory=args.memory,
         vram_budget=args.vram_budget,
+        compile_cache=args.compile_cache,
         lora_dir=getattr(args, "lora_dir", None),
         **extra,
     )

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_LORA_CACHE_BYTES, env, parse_compile_cache
+from ..config import DEFAULT_LORA_CACHE_BYTES, env
 from ..errors import DeviceError, InvalidRequestError
 
 log = logging.getLogger("zturbo")
@@ -101,13 +101,6 @@ def _model_arguments(p: argparse.ArgumentParser) -> None:
         help="a ControlNet every worker loads with the model, for jobs' control images: a hub repo id (REPO:FILE "
         "picks one of its files), a diffusers directory or a .safetensors file (default $ZTURBO_CONTROLNET)",
     )
-    p.add_argument(
-        "--compile-cache",
-        default=None,
-        metavar="DIR|off",
-        help="where workers keep compiled artifacts so a restart skips compiling (default $ZTURBO_COMPILE_CACHE, "
-        "else $ZTURBO_CACHE/compile); off: compile afresh each start",
-    )
 
 
 def _batch_arguments(p: argparse.ArgumentParser) -> None:
@@ -160,8 +153,6 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     _check_numbers(args)
     devices = worker_devices(args.gpus, args.device)
     config = runtime_config
-    if args.compile_cache is not None:
-        config = dataclasses.replace(config, compile_cache=parse_compile_cache(args.compile_cache))
     source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
