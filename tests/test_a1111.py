@@ -1,12 +1,13 @@
-"""The A1111 API (/sdapi/v1) through the real `webuiapi` client against live `zturbo serve --model
-tiny-random` servers, one per `--client-defaults` policy (started together); the refusals and the
-policy's rules run in process, with no worker."""
+"""The A1111 API (/sdapi/v1) through the real `webuiapi` client against one live `zturbo serve
+--model tiny-random --client-defaults turbo`; the refusals, the `honour` policy, the options'
+precedence, png-info's readers and interrupt's races run in process, with no worker."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -19,29 +20,25 @@ import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving import KEY, Server, in_process_app
-from zturbo.request import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from zturbo.serving.a1111 import MAPPED_HEADER, Txt2ImgBody, translate
+from serving import KEY, LIMITS, Server, in_process_app
+from zturbo.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerateRequest
+from zturbo.serving import jobs
+from zturbo.serving.a1111 import MAPPED_HEADER, Session, Txt2ImgBody, interrupt, translate
 
 SMALL = {"width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    root = tmp_path_factory.mktemp("a1111")
-    started = {
-        policy: Server(tiny_dir, root / policy, "--no-ui", "--client-defaults", policy, step_sleep=0.05)
-        for policy in ("turbo", "honour")
-    }
-    for server in started.values():
-        server.model_name = Path(tiny_dir).name  # type: ignore[attr-defined]
+def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    # One live server: the `honour` policy differs only in translation, which runs in process below.
+    started = Server(tiny_dir, tmp_path_factory.mktemp("a1111") / "data", "--no-ui", "--client-defaults", "turbo",
+                     step_sleep=0.05)  # fmt: skip
+    started.model_name = Path(tiny_dir).name  # type: ignore[attr-defined]
     try:
-        for server in started.values():
-            server.wait_ready()
+        started.wait_ready()
         yield started
     finally:
-        for server in started.values():
-            server.stop()
+        started.stop()
 
 
 def client(server: Server) -> webuiapi.WebUIApi:
@@ -54,9 +51,10 @@ def noise(width: int = 64, height: int = 64, seed: int = 0) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
-def test_turbo_maps_the_sd_defaults_and_says_so(servers: dict[str, Server]) -> None:
+def test_turbo_maps_the_sd_defaults_and_says_so(server: Server) -> None:
     # webuiapi's defaults: 20 steps, CFG 7, "Euler a", as most A1111 clients send.
-    result = client(servers["turbo"]).txt2img(prompt="a red fox", seed=7, **SMALL)
+    api = client(server)
+    result = api.txt2img(prompt="a red fox", seed=7, **SMALL)
     [image] = result.images
     assert image.size == (64, 64)
     info = result.info
@@ -68,26 +66,25 @@ def test_turbo_maps_the_sd_defaults_and_says_so(servers: dict[str, Server]) -> N
     }
     assert (result.parameters["steps"], result.parameters["cfg_scale"], result.parameters["seed"]) == (8, 0.0, 7)
     assert f"Steps: {DEFAULT_STEPS}," in image.info["parameters"]  # the file says what ran, too
-    # The mapped request is exactly Turbo's own: the same pixels as asking for 8 steps and CFG 0.
-    plain = client(servers["honour"]).txt2img(prompt="a red fox", seed=7, steps=8, cfg_scale=0, sampler_name="Euler",
-                                              **SMALL)  # fmt: skip
+    # The mapped request is exactly Turbo's own: the same pixels as asking for 8 steps and CFG 0,
+    # values outside SD's ranges, which run as sent.
+    plain = api.txt2img(prompt="a red fox", seed=7, steps=8, cfg_scale=0, sampler_name="Euler", **SMALL)
     assert plain.info["zturbo"]["mapped"] == {}
     assert np.array_equal(np.asarray(plain.images[0]), np.asarray(image))
 
 
-def test_honour_runs_what_was_sent_and_the_header_lists_the_mapping(servers: dict[str, Server]) -> None:
+def test_the_header_lists_the_mapping(server: Server) -> None:
     body = {"prompt": "a red fox", "seed": 3, "steps": 20, "cfg_scale": 7, "sampler_name": "Euler a", **SMALL}
-    r = httpx.post(f"{servers['honour'].url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
     assert r.status_code == 200, r.text
-    info = json.loads(r.json()["info"])
-    assert (info["steps"], info["cfg_scale"]) == (20, 7.0)
-    assert r.headers[MAPPED_HEADER] == "sampler_name"  # one sampler is all zturbo has, under either policy
-    r = httpx.post(f"{servers['turbo'].url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
     assert r.headers[MAPPED_HEADER] == "steps,cfg_scale,sampler_name"
+    body |= {"steps": 8, "cfg_scale": 0, "sampler_name": "Euler"}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200 and MAPPED_HEADER not in r.headers  # absent when nothing was mapped
 
 
-def test_img2img_and_inpaint(servers: dict[str, Server]) -> None:
-    api = client(servers["turbo"])
+def test_img2img_and_inpaint(server: Server) -> None:
+    api = client(server)
     source = noise(80, 48, seed=1)
     result = api.img2img(images=[source], prompt="a red fox", seed=5, denoising_strength=0.5, resize_mode=0, **SMALL)
     assert result.images[0].size == (64, 64)  # "just resize" stretched the 80x48 image to the request
@@ -105,8 +102,7 @@ def test_img2img_and_inpaint(servers: dict[str, Server]) -> None:
     assert "inpaint_full_res" in result.info["zturbo"]["ignored"]
 
 
-def test_options_models_and_samplers(servers: dict[str, Server]) -> None:
-    server = servers["turbo"]
+def test_options_models_and_samplers(server: Server) -> None:
     api = client(server)
     options = api.get_options()
     [model] = api.get_sd_models()
@@ -127,22 +123,23 @@ def test_options_models_and_samplers(servers: dict[str, Server]) -> None:
     api.set_options({"live_previews_enable": True})
 
 
-def test_progress_and_interrupt(servers: dict[str, Server]) -> None:
-    api = client(servers["honour"])
+def test_progress_and_interrupt(server: Server) -> None:
+    api = client(server)
     answer: dict[str, object] = {}
-    # 60 steps are outside SD's usual range, so they run as sent: 3 s at the test's step sleep.
-    worker = threading.Thread(target=lambda: answer.update(r=api.txt2img(prompt="a fox", steps=60, **SMALL)))
+    # 100 steps are outside SD's usual range, so they run as sent: 5 s at the test's step sleep,
+    # time enough to read progress and interrupt even on a loaded machine.
+    worker = threading.Thread(target=lambda: answer.update(r=api.txt2img(prompt="a fox", steps=100, **SMALL)))
     worker.start()
     deadline = time.monotonic() + 30
     while (progress := api.get_progress())["state"]["sampling_step"] < 2:
         assert time.monotonic() < deadline, progress
         time.sleep(0.05)
-    assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == 60
+    assert progress["state"]["job_count"] == 1 and progress["state"]["sampling_steps"] == 100
     assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
     # A1111 jobs ask for previews: by step 2 the worker has sent one.
     preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
     assert preview.format == "JPEG" and max(preview.size) <= 256
-    url = f"{servers['honour'].url}/sdapi/v1/progress"
+    url = f"{server.url}/sdapi/v1/progress"
     assert httpx.get(url, params={"skip_current_image": "true"}, auth=("u", KEY)).json()["current_image"] is None
     api.interrupt()
     worker.join(30)
@@ -151,8 +148,8 @@ def test_progress_and_interrupt(servers: dict[str, Server]) -> None:
     assert api.get_progress()["state"]["job_count"] == 0
 
 
-def test_png_info_reads_the_parameters_back(servers: dict[str, Server]) -> None:
-    api = client(servers["turbo"])
+def test_png_info_reads_the_parameters_back(server: Server) -> None:
+    api = client(server)
     image = api.txt2img(prompt="a red fox", seed=11, **SMALL).image
     info = api.png_info(image)
     assert info.info.startswith("a red fox\n") and "Seed: 11," in info.info
@@ -161,10 +158,17 @@ def test_png_info_reads_the_parameters_back(servers: dict[str, Server]) -> None:
     assert json.loads(info.json["items"]["zturbo"])["seed"] == 11  # the full metadata comes along
     plain = api.png_info(noise())  # no parameters: empty, as A1111 answers
     assert plain.info == "" and plain.parameters == {}
+    # A WebP, sent as the server wrote it (webuiapi would re-encode it as a PNG), reads back too.
+    body = {"prompt": "a red fox", "seed": 12, "override_settings": {"samples_format": "webp"}, **SMALL}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    [webp] = r.json()["images"]
+    assert Image.open(io.BytesIO(base64.b64decode(webp))).format == "WEBP"
+    r = httpx.post(f"{server.url}/sdapi/v1/png-info", json={"image": webp}, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200 and "Seed: 12," in r.json()["info"], r.text
 
 
-def test_the_a1111_routes_need_the_key(servers: dict[str, Server]) -> None:
-    url = f"{servers['turbo'].url}/sdapi/v1/options"
+def test_the_a1111_routes_need_the_key(server: Server) -> None:
+    url = f"{server.url}/sdapi/v1/options"
     assert httpx.get(url).status_code == 401
     assert httpx.get(url, auth=("u", "wrong")).status_code == 401
     assert httpx.get(url, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
@@ -175,7 +179,8 @@ def test_the_a1111_routes_need_the_key(servers: dict[str, Server]) -> None:
 
 @pytest.fixture(scope="module")
 def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    with TestClient(in_process_app(tmp_path_factory.mktemp("a1111-app"))) as c:
+    # No worker: a generation waits out the short sync timeout (504) and its job stays queued.
+    with TestClient(in_process_app(tmp_path_factory.mktemp("a1111-app"), sync_timeout=0.1)) as c:
         yield c
 
 
@@ -195,6 +200,9 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
          "is not served here"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 2}}, "override_settings.CLIP_stop_at_last_layers",
          "cannot be changed"),
+        ({"override_settings": {"live_previews_enable": "yes"}}, "override_settings.live_previews_enable",
+         "is not true or false"),
+        ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format", "is not one of"),
         ({"hires": True}, "hires", "not a known field"),
     ],
 )  # fmt: skip
@@ -242,3 +250,134 @@ def test_the_policy_maps_only_sd_values(steps: int, cfg: float, turbo_runs: tupl
         assert (t.values["steps"], t.values["guidance_scale"]) == runs
         assert set(t.mapped) == {n for n, sent, ran in (("steps", steps, runs[0]), ("cfg_scale", cfg, runs[1]))
                                  if sent != ran}  # fmt: skip
+
+
+def test_honour_runs_what_was_sent_but_the_sampler(tmp_path: Path) -> None:
+    body = Txt2ImgBody(prompt="a fox", steps=20, cfg_scale=7, sampler_name="Euler a")
+    t = translate(body, "honour", 1 << 20, formats=False, fixed=_fixed)
+    assert (t.values["steps"], t.values["guidance_scale"]) == (20, 7.0)
+    assert list(t.mapped) == ["sampler_name"]  # one sampler is all zturbo has, under either policy
+    with TestClient(in_process_app(tmp_path, client_defaults="honour")) as c:
+        assert c.get("/sdapi/v1/options").json()["zturbo_client_defaults"] == "honour"
+
+
+# --- in process: the options and a request's override_settings ---------------------------------
+
+
+def _queued(app_client: TestClient, body: dict) -> jobs.Job:
+    """The job a txt2img request queued on the worker-less app, found by the id its 504 names."""
+    r = app_client.post("/sdapi/v1/txt2img", json={"prompt": "a fox", **SMALL, **body})
+    assert r.status_code == 504, r.text
+    match = re.search(r"job (\S+) did not finish", r.json()["error"]["message"])
+    assert match, r.text
+    return app_client.app.state.service.store.get(match.group(1))  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def jpg_options(app_client: TestClient) -> Iterator[None]:
+    options = {"samples_format": "jpg", "jpeg_quality": 70, "live_previews_enable": False}
+    assert app_client.post("/sdapi/v1/options", json=options).status_code == 200
+    yield
+    defaults = {"samples_format": "png", "jpeg_quality": 80, "live_previews_enable": True}
+    assert app_client.post("/sdapi/v1/options", json=defaults).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("override", "runs"),
+    [
+        ({}, ("jpeg", 70, False)),
+        ({"samples_format": "png"}, ("png", None, False)),
+        ({"jpeg_quality": 50}, ("jpeg", 50, False)),
+        ({"samples_format": "webp", "jpeg_quality": 95}, ("webp", 95, False)),
+        ({"samples_format": "webp"}, ("webp", 70, False)),
+        ({"live_previews_enable": True}, ("jpeg", 70, True)),
+    ],
+)
+def test_override_settings_win_over_the_options(
+    app_client: TestClient, jpg_options: None, override: dict, runs: tuple
+) -> None:
+    job = _queued(app_client, {"override_settings": override})
+    assert (job.params["output_format"], job.params["output_compression"], job.preview) == runs
+
+
+def test_a_quality_for_a_png_is_reported_as_ignored() -> None:
+    from zturbo.serving.a1111 import Options, output_settings
+
+    t = translate(Txt2ImgBody(override_settings={"jpeg_quality": 50}), "turbo", 1 << 20, formats=True, fixed=_fixed)
+    output_settings(t, Options(), formats=True)
+    assert t.values["output_format"] == "png" and "output_compression" not in t.values
+    assert "override_settings.jpeg_quality" in t.ignored
+
+
+# --- in process: png-info -----------------------------------------------------------------------
+
+A1111_TEXT = "a castle\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 64x64"
+
+
+def _encoded(image: Image.Image, fmt: str, **options: object) -> bytes:
+    data = io.BytesIO()
+    image.save(data, format=fmt, **options)
+    return data.getvalue()
+
+
+def _png_info(app_client: TestClient, data: bytes) -> dict:
+    r = app_client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(data).decode()})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _zturbo_meta() -> dict:
+    from zturbo.imageio import build_metadata
+    from zturbo.result import ModelInfo
+
+    req = GenerateRequest.create("a red fox", limits=LIMITS, seed=13, **SMALL)
+    return build_metadata(req, "a red fox", "", 13, ModelInfo("tiny", None, "f" * 64), {}, None)
+
+
+@pytest.mark.parametrize("fmt", ["webp", "jpeg"])
+def test_png_info_reads_webp_and_jpeg(app_client: TestClient, fmt: str) -> None:
+    from zturbo.imageio import a1111_parameters, encode_image
+    from zturbo.result import GeneratedImage
+
+    meta = _zturbo_meta()
+    data = io.BytesIO()
+    encode_image(GeneratedImage(noise(), 13, "a red fox", "", meta), data, output_format=fmt, compression=None)
+    answer = _png_info(app_client, data.getvalue())  # zturbo's: EXIF UserComment and XMP
+    assert answer["info"] == a1111_parameters(meta) and answer["parameters"]["Seed"] == 13
+    assert json.loads(answer["items"]["zturbo"]) == meta
+    # A1111's: the UserComment alone, as piexif's UserComment.dump(text, encoding="unicode") writes it.
+    exif = Image.Exif()
+    exif[0x8769] = {0x9286: b"UNICODE\0" + A1111_TEXT.encode("utf-16-be")}
+    answer = _png_info(app_client, _encoded(noise(), fmt.upper(), exif=exif.tobytes()))
+    assert answer["info"] == A1111_TEXT
+    assert (answer["parameters"]["Seed"], answer["parameters"]["Negative prompt"]) == (42, "blurry")
+
+
+def _crafted(meta: dict) -> str:
+    return json.dumps({**meta, "prompt": 1})  # every key, one of the wrong type
+
+
+@pytest.mark.parametrize("text", ["not json {", "{}", '{"steps": 8}', "[1, 2]", '"a fox"', "crafted"])
+def test_png_info_answers_empty_for_metadata_it_cannot_read(app_client: TestClient, text: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    text = _crafted(_zturbo_meta()) if text == "crafted" else text
+    chunks = PngInfo()
+    chunks.add_text("zturbo", text)
+    answer = _png_info(app_client, _encoded(noise(), "PNG", pnginfo=chunks))
+    assert answer == {"info": "", "items": {"zturbo": text}, "parameters": {}}  # as A1111 answers, not a 500
+
+
+# --- in process: interrupt ----------------------------------------------------------------------
+
+
+def test_interrupt_skips_a_job_that_finished_meanwhile_and_cancels_the_rest(app_client: TestClient) -> None:
+    service = app_client.app.state.service  # type: ignore[attr-defined]
+    session, caller = Session(policy="turbo"), "a1111:racer"
+    waiting = [jobs.new_id() for _ in range(2)]
+    for n, job_id in enumerate(waiting):
+        service.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL), job_id, caller)
+        session.waiting[job_id] = (caller, float(n))
+    service.store.cancel(waiting[0])  # finished, as when a job ends between interrupt listing it and cancelling it
+    assert interrupt(service, session, caller) == [waiting[1]]
+    assert service.store.get(waiting[1]).status == jobs.CANCELLED

@@ -432,6 +432,15 @@ def read_parameters(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str, 
     )
 
 
+def metadata_text(data: bytes) -> dict[str, str]:
+    """The metadata texts of an encoded PNG, WebP or JPEG, read as from a file (`zturbo`,
+    `parameters` and, for a PNG, its other text chunks); raises InvalidRequestError for bytes
+    that are no readable image or hold a broken XMP packet."""
+    import io
+
+    return _image_text(io.BytesIO(data))  # type: ignore[arg-type]  # Pillow opens file objects
+
+
 def _image_text(path: str | os.PathLike[str]) -> dict[str, str]:
     """The metadata texts of an image file: a PNG's text chunks; for WebP and JPEG, `zturbo` from
     the XMP packet and `parameters` from the EXIF UserComment, where present."""

@@ -198,6 +198,7 @@ class Translation:
     values: dict[str, Any]
     mapped: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
+    preview: bool | None = None  # override_settings.live_previews_enable; None: the session's option
 
 
 @dataclass
@@ -346,18 +347,31 @@ def _inpaint(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
 
 
 def _override_settings(settings: dict[str, Any], t: Translation, *, formats: bool, fixed: FixedCheck) -> None:
-    """A request's `override_settings`: the same rules as POST /options, for this request only."""
+    """A request's `override_settings`: the same rules as POST /options, for this request only.
+    The format and quality stay as set here; `output_settings` fills in the session's for the rest."""
     for name, value in settings.items():
+        where = f"override_settings.{name}"
         if name == "samples_format":
-            fmt = _sample_format(value, formats, f"override_settings.{name}")
-            if fmt != "png":
+            fmt = _sample_format(value, formats, where)
+            if formats:  # without the field, png (the only format allowed) is what runs anyway
                 t.values["output_format"] = fmt
         elif name == "jpeg_quality":
-            t.values["output_compression"] = _quality(value, f"override_settings.{name}")
+            t.values["output_compression"] = _quality(value, where)
+        elif name == "live_previews_enable":
+            t.preview = _flag(value, where)
         else:
-            fixed(f"override_settings.{name}", name, value)
-    if "output_compression" in t.values and "output_format" not in t.values:
-        del t.values["output_compression"]  # A1111's quality applies to JPEG and WebP only
+            fixed(where, name, value)
+
+
+def output_settings(t: Translation, options: Options, *, formats: bool) -> None:
+    """The image format and quality: the request's override where it set one, else the session's
+    option; a quality is dropped (and reported) for PNG, as A1111's applies to JPEG and WebP only."""
+    fmt = t.values.setdefault("output_format", SAMPLE_FORMATS[options.samples_format]) if formats else "png"
+    if fmt != "png":
+        t.values.setdefault("output_compression", options.jpeg_quality)
+    elif "output_compression" in t.values:
+        del t.values["output_compression"]
+        t.ignored["override_settings.jpeg_quality"] = "applies to jpg and webp only; this image is png"
 
 
 def _sample_format(value: object, formats: bool, name: str) -> str:
@@ -365,6 +379,12 @@ def _sample_format(value: object, formats: bool, name: str) -> str:
     if not isinstance(value, str) or value.lower() not in allowed:
         raise FieldError(name, f"{name} {value!r} is not one of {', '.join(allowed)}")
     return allowed[value.lower()]
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise FieldError(name, f"{name} {value!r} is not true or false")
+    return value
 
 
 def _quality(value: object, name: str) -> int:
@@ -428,9 +448,7 @@ def set_options(service: Service, session: Session, values: dict[str, Any], *, f
         elif name == "jpeg_quality":
             changes[name] = _quality(value, name)
         elif name == "live_previews_enable":
-            if not isinstance(value, bool):
-                raise FieldError(name, f"{name} {value!r} is not true or false")
-            changes[name] = value
+            changes[name] = _flag(value, name)
         else:
             check_fixed(service, session, name, name, value)
     for name, value in changes.items():
@@ -618,7 +636,8 @@ def interrupt(service: Service, session: Session, caller: str) -> list[str]:
     """Cancel the caller's waiting jobs: a running one stops after its current step, a queued one at once."""
     cancelled = []
     for job_id, _ in session.caller_jobs(caller):
-        with contextlib.suppress(jobs.JobNotFoundError):
+        # The job may have finished (or gone) since the list was read: skip it, cancel the rest.
+        with contextlib.suppress(jobs.JobNotFoundError, jobs.JobConflictError):
             job = service.store.cancel(job_id)
             cancelled.append(job_id)
             if job.finished:
@@ -632,18 +651,17 @@ def interrupt(service: Service, session: Session, caller: str) -> list[str]:
 
 def png_info(text: str, max_bytes: int) -> dict[str, Any]:
     """An image's generation parameters as A1111 reads them: the `parameters` text, the other text
-    items, and the parsed fields by A1111's labels (empty for an image without parameters)."""
-    from ..imageio import A1111_KEY, METADATA_KEY, a1111_parameters, parse_a1111
+    items, and the parsed fields by A1111's labels (empty for an image without readable parameters).
+    PNG text chunks, or WebP's and JPEG's EXIF UserComment and XMP, read as imageio reads files."""
+    from ..imageio import A1111_KEY, metadata_text, parse_a1111
 
     image = text_image("image", text, max_bytes)
     assert not isinstance(image, str)
-    from PIL import Image
-
-    with Image.open(io.BytesIO(image.data)) as im:
-        items = {k: v for k, v in (getattr(im, "text", None) or im.info).items() if isinstance(v, str)}
-    info = items.pop(A1111_KEY, "")
-    if not info and METADATA_KEY in items:
-        info = a1111_parameters(json.loads(items[METADATA_KEY]))
+    try:
+        items = metadata_text(image.data)
+    except InvalidRequestError:  # a broken XMP packet: A1111 answers unreadable metadata with nothing
+        items = {}
+    info = items.pop(A1111_KEY, "") or _zturbo_parameters(items)
     if not info:
         return {"info": "", "items": items, "parameters": {}}
     try:
@@ -651,6 +669,18 @@ def png_info(text: str, max_bytes: int) -> dict[str, Any]:
     except InvalidRequestError:
         return {"info": info, "items": items, "parameters": {}}
     return {"info": info, "items": items, "parameters": _a1111_labels(params)}
+
+
+def _zturbo_parameters(items: dict[str, str]) -> str:
+    """The A1111 text of the `zturbo` metadata; "" when absent or not zturbo's (any text can be crafted)."""
+    from ..imageio import METADATA_KEY, a1111_parameters
+
+    if METADATA_KEY not in items:
+        return ""
+    try:
+        return a1111_parameters(json.loads(items[METADATA_KEY]))
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or JSON of another shape
+        return ""
 
 
 def _a1111_labels(params: dict[str, Any]) -> dict[str, Any]:
@@ -740,7 +770,7 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
     with session.lock:
         session.waiting[job_id] = (caller, time.time())
     try:
-        preview = session.options.live_previews_enable
+        preview = session.options.live_previews_enable if t.preview is None else t.preview
         await run_in_threadpool(submit, service, generate, job_id, caller, preview)
         job = await finished_job(service, job_id)
     finally:
@@ -752,13 +782,11 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
 
 
 def _request(service: Service, session: Session, body: _Body) -> tuple[Translation, GenerateRequest]:
-    """The body translated and validated once (seeds drawn), the server's output format applied."""
+    """The body translated and validated once (seeds drawn), the output format and quality applied."""
     formats = "output_format" in FIELD
     fixed = functools.partial(check_fixed, service, session)
     t = translate(body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed)
-    fmt = SAMPLE_FORMATS[session.options.samples_format]
-    if formats and fmt != "png" and "output_format" not in t.values:
-        t.values |= {"output_format": fmt, "output_compression": session.options.jpeg_quality}
+    output_settings(t, session.options, formats=formats)
     try:
         return t, GenerateRequest.from_fields(t.values, service.settings.limits)
     except FieldError as e:
