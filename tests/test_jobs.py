@@ -430,3 +430,24 @@ def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_pa
     [claim] = store.claim_batch("w0", jobs.NO_LORAS, 4)
     assert claim.job_id == new.id and claim.preview and store.get(new.id).preview
     store.close()
+
+
+def test_a_solo_release_runs_the_job_alone_from_then_on(store):
+    *_, c = (store.submit(params(p)) for p in ("a fox", "a cat", "a heron"))
+    claims = store.claim_batch("w", jobs.NO_LORAS, 4)
+    assert len(claims) == 3
+    for claim in claims:
+        job = store.release(
+            claim.job_id, claim.attempt, "its batch crashed", count_attempt=False, solo=claim != claims[2]
+        )
+        assert (job.status, job.attempts) == (jobs.QUEUED, 0)
+    assert [len(store.claim_batch("w", jobs.NO_LORAS, 4)) for _ in range(2)] == [1, 1]  # a, b alone ...
+    assert [x.job_id for x in store.claim_batch("w", jobs.NO_LORAS, 4)] == [c.id]  # ... and c, now the only one
+
+
+def test_cancels_are_read_for_a_whole_batch_at_once(store):
+    ids = [store.submit(params(p)).id for p in ("a fox", "a cat", "a heron")]
+    for _ in ids:
+        store.claim("w")
+    store.cancel(ids[1])
+    assert store.cancels_requested(ids) == {ids[1]} and store.cancels_requested([]) == set()

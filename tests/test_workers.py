@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import multiprocessing as mp
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,10 +177,15 @@ def test_an_images_directory_that_cannot_be_made_fails_the_job_as_storage(engine
     assert messages[-1].status == jobs.FAILED
 
 
-def test_a_job_database_that_cannot_record_the_end_leaves_the_worker_running(engine, store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fault", ["storage", "locked"])
+def test_a_job_database_that_cannot_record_the_end_leaves_the_worker_running(
+    engine, store, tmp_path, monkeypatch, fault
+):
     from zturbo.errors import StorageError
 
     def disk_full(*args: Any, **kwargs: Any) -> None:
+        if fault == "locked":  # another process held the write lock past the busy timeout
+            raise sqlite3.OperationalError("database is locked")
         raise StorageError("the job database cannot grow: database or disk is full")
 
     monkeypatch.setattr(store, "succeed", disk_full)
@@ -292,3 +299,129 @@ def test_progress_previews_reach_the_events_and_go_when_the_job_ends(store, tmp_
     tick(supervisor)
     assert supervisor.preview(job.id) is None and supervisor.progress(job.id) is None
     assert supervisor.workers()[0]["jobs"] == []
+
+
+def batch_request(prompt: str) -> GenerateRequest:
+    return GenerateRequest.create(prompt, limits=LIMITS, **SMALL)
+
+
+def running_batch(
+    store: jobs.JobStore, tmp_path: Path, prompts: tuple[str, ...], events: list[Any] | None = None
+) -> tuple[workers.Supervisor, Any, StandInProcess, list[jobs.Job]]:
+    """A supervisor whose worker has begun a batch of one job per prompt; `events` collects its hooks."""
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.0)
+    supervisor._ctx = StandInContext()
+    if events is not None:
+        supervisor.hooks = workers.Hooks(
+            on_event=lambda job_id, event, data: events.append((job_id, event, data)),
+            on_finished=lambda msg: events.append((msg.job_id, "finished", msg.status)),
+        )
+    queued = [store.submit(batch_request(p)) for p in prompts]
+    tick(supervisor)
+    sent = worker_end.recv()
+    assert [c.job_id for c in sent] == [j.id for j in queued]
+    for claim in sent:
+        worker_end.send(workers.Started(claim.job_id))
+    tick(supervisor)
+    return supervisor, worker_end, process, queued
+
+
+def batch_keys(store: jobs.JobStore, queued: list[jobs.Job]) -> list[str]:
+    return [store._db.execute("SELECT batch_key FROM jobs WHERE id = ?", (j.id,)).fetchone()[0] for j in queued]
+
+
+def test_a_crashed_batch_runs_its_jobs_alone_and_blames_none_of_them(store, tmp_path):
+    events: list[Any] = []
+    supervisor, worker_end, process, queued = running_batch(store, tmp_path, ("a fox", "a cat", "a heron"), events)
+    worker_end.send(workers.Crashed(tuple(j.id for j in queued), "the batch of 3 jobs ...: RuntimeError: CUDA error"))
+    process.alive = False
+    tick(supervisor)
+    assert [(store.get(j.id).status, store.get(j.id).attempts) for j in queued] == [(jobs.QUEUED, 0)] * 3
+    assert batch_keys(store, queued) == [jobs.NO_BATCH] * 3
+    assert [len(store.claim_batch("worker-1", jobs.NO_LORAS, 4)) for _ in queued] == [1, 1, 1]  # each alone
+    requeued = [data["reason"] for _, event, data in events if event == "requeued"]
+    assert len(requeued) == 3 and all("CUDA error" in reason for reason in requeued)
+
+
+def test_a_lone_job_that_crashes_costs_its_attempt(store, tmp_path):
+    supervisor, _, process, [job] = running_batch(store, tmp_path, ("a fox",))
+    process.alive = False
+    tick(supervisor)
+    assert (store.get(job.id).status, store.get(job.id).attempts) == (jobs.QUEUED, 1)
+    assert batch_keys(store, [job]) != [jobs.NO_BATCH]  # it may batch again
+
+
+def test_a_batch_past_the_time_limit_runs_its_jobs_alone_and_a_lone_job_fails(store, tmp_path):
+    supervisor, _, process, queued = running_batch(store, tmp_path, ("a fox", "a cat"))
+    supervisor.slots[0].gpu_since = time.monotonic() - 120  # its GPU work began two minutes ago (limit: 60 s)
+    tick(supervisor)
+    assert not process.alive and supervisor.slots[0].state == "restarting"
+    assert [(store.get(j.id).status, store.get(j.id).attempts) for j in queued] == [(jobs.QUEUED, 1)] * 2
+    assert batch_keys(store, queued) == [jobs.NO_BATCH] * 2
+
+    alone = jobs.JobStore(tmp_path / "alone.sqlite3")
+    supervisor, _, process, [job] = running_batch(alone, tmp_path, ("a heron",))
+    supervisor.slots[0].gpu_since = time.monotonic() - 120
+    tick(supervisor)
+    failed = alone.get(job.id)
+    alone.close()
+    assert not process.alive and failed.status == jobs.FAILED and failed.error["type"] == "timeout"
+
+
+def test_the_time_limit_counts_gpu_work_and_the_writing_has_its_own(store, tmp_path):
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    supervisor.job_timeout = 1.0
+    job = store.submit(batch_request("a fox"))
+    tick(supervisor)
+    [claim] = worker_end.recv()
+    time.sleep(1.3)  # the worker waits for its writer before it begins the batch: not the batch's time
+    tick(supervisor)
+    assert process.alive
+    worker_end.send(workers.Started(claim.job_id))
+    worker_end.send(workers.GpuFree((claim.job_id,)))  # done on the GPU; its images wait for the writer
+    tick(supervisor)
+    assert process.alive and supervisor.slots[0].claims
+    supervisor.slots[0].handed[claim.job_id] = time.monotonic() - 2  # the write is past its own deadline
+    tick(supervisor)
+    assert not process.alive
+    after = store.get(job.id)
+    assert (after.status, after.attempts) == (jobs.QUEUED, 1)  # counted: a disk that never takes it ends
+
+
+def test_a_time_out_first_reads_what_the_worker_finished(store, tmp_path):
+    events: list[Any] = []
+    supervisor, worker_end, process, [job] = running_batch(store, tmp_path, ("a fox",), events)
+    slot = supervisor.slots[0]
+    slot.gpu_since = time.monotonic() - 120
+    claim = slot.claims[job.id]
+    assert store.succeed(claim, [])  # the writer recorded it; its messages wait in the pipe
+    worker_end.send(workers.GpuFree((job.id,)))
+    worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0))
+    assert worker_end.poll() is False and slot.conn.poll(5)
+    supervisor._check(slot)  # the limit is seen before the loop reads the pipe
+    assert process.alive and store.get(job.id).status == jobs.SUCCEEDED
+    assert (job.id, "finished", jobs.SUCCEEDED) in events
+
+
+def test_a_failed_send_first_reads_what_the_dead_worker_finished(store, tmp_path):
+    events: list[Any] = []
+    supervisor, worker_end, _, [done] = running_batch(store, tmp_path, ("a fox",), events)
+    claim = supervisor.slots[0].claims[done.id]
+    worker_end.send(workers.GpuFree((done.id,)))
+    tick(supervisor)
+    assert store.succeed(claim, [])
+    worker_end.send(workers.Finished(done.id, jobs.SUCCEEDED, 1.0))
+    worker_end.close()  # the worker is gone, not yet reaped
+    waiting = store.submit(batch_request("a cat"))
+    supervisor._dispatch()
+    assert (done.id, "finished", jobs.SUCCEEDED) in events
+    assert (store.get(waiting.id).status, store.get(waiting.id).attempts) == (jobs.QUEUED, 0)
+
+
+def test_a_window_open_at_shutdown_does_not_spin_the_supervisor(store, tmp_path):
+    supervisor, _, _ = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.5)
+    store.submit(batch_request("a fox"))
+    supervisor._dispatch()  # a lone job: the window opens
+    supervisor.slots[0].window_until = time.monotonic() - 1  # ... and ends while no job may start
+    supervisor.stop_dispatch()
+    assert supervisor._wait_s() == 0.25  # the loop waits for messages, not 0 s each round

@@ -690,11 +690,15 @@ class JobStore:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
         return self.get(job_id)
 
-    def release(self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True) -> Job | None:
+    def release(
+        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False
+    ) -> Job | None:
         """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
 
-        `count_attempt=False` gives the attempt back: a graceful shutdown, or a worker that died before
-        it began the job. None if the claim is stale.
+        `count_attempt=False` gives the attempt back: a graceful shutdown, a worker that died before
+        it began the job, or a batch that failed as a whole. `solo=True` queues it to run alone from
+        now on (its batch key becomes NO_BATCH), so that a job that breaks a batch breaks only itself.
+        None if the claim is stale.
         """
         with self._tx() as db:
             row = db.execute(
@@ -714,6 +718,8 @@ class JobStore:
                     "UPDATE jobs SET status = ?, attempts = ?, worker = NULL, started_at = NULL WHERE id = ?",
                     (QUEUED, attempts, job_id),
                 )
+                if solo:
+                    db.execute("UPDATE jobs SET batch_key = ? WHERE id = ?", (NO_BATCH, job_id))
         return self.get(job_id)
 
     def recover(self) -> list[Job]:
@@ -754,6 +760,15 @@ class JobStore:
         with self._lock:
             row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row[0])
+
+    def cancels_requested(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of `job_ids` have a cancel requested: one query for a whole batch, per step."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        q = f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({', '.join('?' * len(ids))})"
+        with self._lock:
+            return {r[0] for r in self._db.execute(q, ids)}
 
     def succeed(self, claim: Claim, images: list[ImageRef]) -> bool:
         """Record the images and mark the job succeeded, in one transaction; False if the claim is stale."""

@@ -7,8 +7,11 @@ its writer thread, which encodes and writes them (named from the job id and imag
 re-run overwrites the same files) and then marks each job done in SQLite with its claim's token,
 so a job is done exactly once and only once its files are durable. Meanwhile the worker tells the
 supervisor that its GPU is free and runs the next batch. A worker that dies has every job it holds
-released: queued again, or failed after `jobs.MAX_ATTEMPTS` attempts. A batch that runs past the
-time limit has its worker killed and its jobs failed at once (not retried: they would time out again).
+released: queued again, or failed after `jobs.MAX_ATTEMPTS` attempts. The jobs of a batch of several
+that crashes, runs out of memory or runs past the time limit are queued again to run alone, so one
+bad job fails only itself; a job that runs past the time limit alone fails at once (not retried: it
+would time out again). The time limit counts the GPU work only, from the worker's `Started` to its
+`GpuFree`; a job's images then get the same time again to be written and recorded.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -42,6 +46,7 @@ STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
 # most this much, and the worker blocks rather than hold more images in memory.
 WRITER_DEPTH = 1
 CRASH_DRAIN_S = 30.0  # the most a crashing worker spends writing the results it already made
+REQUEUE = "requeue"  # an Outcome's status: the job goes back to the queue to run alone (`_requeue_solo`)
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
 _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
@@ -93,9 +98,21 @@ class Finished:
 
 @dataclass(frozen=True)
 class Crashed:
-    """The worker hit an error that may have broken its device (e.g. a CUDA fault); it exits next."""
+    """The worker hit an error that may have broken its device (e.g. a CUDA fault), or its writer
+    failed; it exits next. `job_ids`: the batch it was running (or writing)."""
+
+    job_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Released:
+    """The worker gave a job back to the queue itself (its batch ran out of memory; it runs alone
+    next): `status` as `JobStore.release` left it, None when the claim was stale."""
 
     job_id: str
+    status: str | None
+    attempts: int
     reason: str
 
 
@@ -164,7 +181,9 @@ def worker_main(
     logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
     channel = Channel(conn)
     channel.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
-    writer = Writer(store, Path(images_dir), channel)
+    # The writer has a connection of its own: its transactions and their fsyncs never hold up the
+    # per-step cancel checks of the batch on the GPU.
+    writer = Writer(jobs.JobStore(Path(db_path), check=False), Path(images_dir), channel)
     try:
         while True:
             try:
@@ -181,8 +200,8 @@ def worker_main(
 
 
 def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], channel: Channel, writer: Writer) -> None:
-    """Run `claims` as one batch on the engine, hand the images to `writer` (blocking while it is
-    full), then tell the supervisor the GPU is free. A job whose stored request cannot be made
+    """Run `claims` as one batch on the engine, tell the supervisor the GPU is free, then hand the
+    images to `writer` (blocking while it is full). A job whose stored request cannot be made
     fails alone; the others run."""
     from ..errors import ZTurboError
 
@@ -197,16 +216,30 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
     if runnable:
         done.outcomes += _generate(engine, store, runnable, writer, done)
     done.memory, done.loras = _memory(engine.device), _lora_stats(engine)
-    writer.put(done)
+    for outcome in [o for o in done.outcomes if o.status == REQUEUE]:
+        _requeue_solo(store, outcome, channel)  # told before GpuFree: the supervisor never resends a stale claim
+    done.outcomes = [o for o in done.outcomes if o.status != REQUEUE]
+    # GpuFree first: the batch's time limit stops with its GPU work, not after a wait for the writer.
     channel.send(GpuFree(tuple(claim.job_id for claim in claims)))
+    writer.put(done)
+
+
+def _requeue_solo(store: jobs.JobStore, outcome: Outcome, channel: Channel) -> None:
+    """Give a job of a batch that failed as a whole back to the queue, to run alone, its attempt
+    not counted (the batch's size, not the job, failed)."""
+    claim, reason = outcome.claim, (outcome.error or {}).get("message", "its batch failed")
+    job = store.release(claim.job_id, claim.attempt, reason, count_attempt=False, solo=True)
+    status, attempts = (job.status, job.attempts) if job is not None else (None, claim.attempt)
+    channel.send(Released(claim.job_id, status, attempts, reason))
 
 
 def _generate(
     engine: Any, store: jobs.JobStore, runnable: list[tuple[jobs.Claim, Any]], writer: Writer, done: BatchDone
 ) -> list[Outcome]:
     """One engine run for every request of `runnable` (`GenerateRequest.combine`), its images split
-    back per job; a refusal fails them all; any other error exits the worker (see `_crash`)."""
-    from ..errors import ZTurboError
+    back per job; a refusal fails them all, except that a batch of several that runs out of memory
+    has its jobs run alone (REQUEUE); any other error exits the worker (see `_crash`)."""
+    from ..errors import GPUMemoryError, ZTurboError
     from ..request import GenerateRequest
 
     claims = [claim for claim, _ in runnable]
@@ -218,9 +251,12 @@ def _generate(
     except JobCancelled:
         return [Outcome(claim, jobs.CANCELLED) for claim in claims]
     except ZTurboError as e:  # a refusal (bad input, out of memory, storage): the engine is still sound
-        return [Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}) for claim in claims]
+        status = REQUEUE if isinstance(e, GPUMemoryError) and len(claims) > 1 else jobs.FAILED
+        if status == REQUEUE:  # even the engine's leaner plan could not fit this batch; each job alone may
+            e = GPUMemoryError(f"its batch of {len(claims)} jobs ran out of GPU memory; it runs alone next ({e})")
+        return [Outcome(claim, status, error={"type": e.kind, "message": str(e)}) for claim in claims]
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
-        _crash(claims[0].job_id, e, writer)
+        _crash(claims, e, writer)
     done.fallbacks = len(result.fallbacks)
     outcomes, offset = [], 0
     for claim, request in runnable:
@@ -233,14 +269,20 @@ def _generate(
     return outcomes
 
 
-def _crash(job_id: str, error: Exception, writer: Writer) -> None:
+def _crash(claims: list[jobs.Claim], error: Exception, writer: Writer) -> None:
     """Report the error and exit; the images of earlier batches (host memory, not the device's) are
-    written and recorded first, so only the failed batch's jobs run again."""
-    logging.getLogger("zturbo").exception("job %s crashed the worker", job_id)
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    written and recorded first (for at most CRASH_DRAIN_S), so only the failed batch's jobs run again."""
+    ids = tuple(claim.job_id for claim in claims)
+    name = f"job {ids[0]}" if len(ids) == 1 else f"the batch of {len(ids)} jobs {', '.join(ids)}"
+    logging.getLogger("zturbo").exception("%s crashed the worker", name)
     writer.close(timeout=CRASH_DRAIN_S)
-    writer.channel.send(Crashed(job_id, f"{type(error).__name__}: {first_line}"))
+    writer.channel.send(Crashed(ids, f"{name}: {_first_line(error)}"))
     os._exit(3)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 class BatchWatch:
@@ -273,9 +315,9 @@ class BatchWatch:
         # A cancel stops a job after its current step, unless that step was the last: finished
         # steps make an image, and docs/api.md promises that image (a cancel then is too late).
         if i < n:
-            for claim in self.claims:
-                if claim.job_id not in self.cancelled and self.store.cancel_requested(claim.job_id):
-                    self.cancelled.add(claim.job_id)
+            self.cancelled |= self.store.cancels_requested(
+                c.job_id for c in self.claims if c.job_id not in self.cancelled
+            )
             if len(self.cancelled) == len(self.claims):
                 raise JobCancelled
 
@@ -297,6 +339,7 @@ class Writer:
     def __init__(self, store: jobs.JobStore, images_dir: Path, channel: Channel, depth: int = WRITER_DEPTH) -> None:
         self.store, self.images_dir, self.channel = store, images_dir, channel
         self._queue: queue.Queue[BatchDone | None] = queue.Queue(maxsize=depth)
+        self.holding: tuple[str, ...] = ()  # the jobs of the batch being written
         self._thread = threading.Thread(target=self._loop, name="zturbo-writer", daemon=True)
         self._thread.start()
 
@@ -304,17 +347,37 @@ class Writer:
         self._queue.put(done)
 
     def close(self, timeout: float | None = None) -> None:
-        """Write what waits, then end the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Write what waits, then end the thread; with `timeout`, return after at most that many
+        seconds in all, whatever the writer is stuck on."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _loop(self) -> None:
-        while (done := self._queue.get()) is not None:
-            for outcome in done.outcomes:
-                status = self._finish(outcome)
-                seconds = time.perf_counter() - done.start
-                fallbacks = done.fallbacks if outcome.status == jobs.SUCCEEDED else 0
-                self.channel.send(Finished(outcome.claim.job_id, status, seconds, fallbacks, done.memory, done.loras))
+        try:
+            while (done := self._queue.get()) is not None:
+                self._write(done)
+        except BaseException as e:  # a dead writer would leave the worker blocked in `put` for ever
+            self._fail(e)
+
+    def _write(self, done: BatchDone) -> None:
+        self.holding = tuple(outcome.claim.job_id for outcome in done.outcomes)
+        for outcome in done.outcomes:
+            status = self._finish(outcome)
+            seconds = time.perf_counter() - done.start
+            fallbacks = done.fallbacks if outcome.status == jobs.SUCCEEDED else 0
+            self.channel.send(Finished(outcome.claim.job_id, status, seconds, fallbacks, done.memory, done.loras))
+        self.holding = ()
+
+    def _fail(self, error: BaseException) -> None:
+        """Say so and exit the process: the supervisor then releases every job the worker holds."""
+        logging.getLogger("zturbo").error("the writer failed; the worker exits", exc_info=error)
+        with contextlib.suppress(Exception):  # the pipe itself may be what failed
+            self.channel.send(Crashed(self.holding, f"the writer failed: {_first_line(error)}"))
+        os._exit(3)
 
     def _finish(self, outcome: Outcome) -> str:
         """Write the job's images and record its end; the status recorded (`_record`)."""
@@ -369,7 +432,7 @@ def _record(store: jobs.JobStore, claim: jobs.Claim, write: Any, status: str) ->
 
     try:
         write()
-    except StorageError as e:
+    except (StorageError, sqlite3.Error) as e:  # e.g. 'database is locked' past the busy timeout
         logging.getLogger("zturbo").error("job %s ended %s but could not be recorded: %s", claim.job_id, status, e)
         return jobs.FAILED
     return status
@@ -447,7 +510,10 @@ class WorkerSlot:
     claims: dict[str, jobs.Claim] = field(default_factory=dict)
     running: tuple[str, ...] = ()
     started: set[str] = field(default_factory=set)  # the jobs the worker said it began (Started)
-    claimed_at: float = 0.0  # when the running batch was sent; the job time limit counts from it
+    # When the worker began the running batch (its first Started): the time limit counts its GPU work
+    # from then, not while the worker still waits for its writer. None while it has not begun.
+    gpu_since: float | None = None
+    handed: dict[str, float] = field(default_factory=dict)  # job with the writer -> since when (GpuFree)
     window_until: float | None = None  # free, with one job waiting: the batching window ends then
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -487,6 +553,7 @@ class WorkerSlot:
     def take(self, job_id: str) -> jobs.Claim | None:
         """The held claim of `job_id`, no longer held (None if it is not)."""
         self.started.discard(job_id)
+        self.handed.pop(job_id, None)
         self.running = tuple(j for j in self.running if j != job_id)
         return self.claims.pop(job_id, None)
 
@@ -596,6 +663,8 @@ class Supervisor:
         """Start no job from now on (the server is shutting down); running jobs go on."""
         with self._lock:  # held by _dispatch around each claim: none starts once this returns
             self._dispatching = False
+            for slot in self.slots:  # an open window would make the loop spin (`_wait_s`)
+                slot.window_until = None
             if self._stop_began is None:
                 self._stop_began = time.monotonic()
 
@@ -649,7 +718,7 @@ class Supervisor:
 
     def _wait_s(self) -> float:
         """How long the loop may wait for a message: at most until the first batching window ends."""
-        ends = [s.window_until for s in self.slots if s.window_until is not None]
+        ends = [s.window_until for s in self.slots if s.window_until is not None and self._dispatching]
         return max(0.0, min(0.25, *(end - time.monotonic() for end in ends))) if ends else 0.25
 
     def _dispatch(self) -> None:
@@ -670,6 +739,7 @@ class Supervisor:
                 assert s.conn is not None
                 s.conn.send(claims)
             except (OSError, AssertionError):
+                self._drain(s)  # what the worker sent before it died still counts
                 self._died(s, sent=claims)
                 continue
             self._sent(s, claims)
@@ -692,7 +762,7 @@ class Supervisor:
         with self._lock:
             s.claims |= {claim.job_id: claim for claim in claims}
             s.running = tuple(claim.job_id for claim in claims)
-            s.claimed_at, s.state, s.lora_set = time.monotonic(), "busy", claims[0].lora_set
+            s.gpu_since, s.state, s.lora_set = None, "busy", claims[0].lora_set
         self.hooks.on_batch(len(claims), sum(claim.images for claim in claims))
         for claim in claims:
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
@@ -707,8 +777,7 @@ class Supervisor:
 
     def _handle(self, s: WorkerSlot, msg: Any) -> None:
         if isinstance(msg, Started):
-            if msg.job_id in s.claims:
-                s.started.add(msg.job_id)
+            self._started(s, msg.job_id)
         elif isinstance(msg, Ready):
             with self._lock:
                 s.state, s.runtime, s.memory = "ready", {**msg.runtime, "startup": msg.startup}, msg.memory
@@ -719,9 +788,7 @@ class Supervisor:
         elif isinstance(msg, Progress):
             self._progressed(msg)
         elif isinstance(msg, GpuFree):
-            with self._lock:
-                s.running = tuple(j for j in s.running if j not in msg.job_ids)
-                self._free_if_done(s)
+            self._gpu_free(s, msg.job_ids)
         elif isinstance(msg, Finished):
             with self._lock:
                 self._forget(s, msg.job_id)
@@ -732,6 +799,33 @@ class Supervisor:
             self.hooks.on_finished(msg)
         elif isinstance(msg, Crashed):
             s.crash_reason = msg.reason
+        elif isinstance(msg, Released):
+            self._released(s, msg)
+
+    def _started(self, s: WorkerSlot, job_id: str) -> None:
+        if job_id not in s.claims:
+            return
+        with self._lock:
+            s.started.add(job_id)
+            if job_id in s.running and s.gpu_since is None:
+                s.gpu_since = time.monotonic()
+
+    def _gpu_free(self, s: WorkerSlot, job_ids: tuple[str, ...]) -> None:
+        """The batch's GPU work is done: its clock stops, and its jobs' writing clock starts."""
+        now = time.monotonic()
+        with self._lock:
+            s.running = tuple(j for j in s.running if j not in job_ids)
+            s.handed |= {j: now for j in job_ids if j in s.claims}
+            if not s.running:
+                s.gpu_since = None
+            self._free_if_done(s)
+
+    def _released(self, s: WorkerSlot, msg: Released) -> None:
+        self._forget(s, msg.job_id)
+        if msg.status in jobs.FINISHED:
+            self.hooks.on_finished(Finished(msg.job_id, msg.status, 0.0))
+        elif msg.status is not None:
+            self.hooks.on_event(msg.job_id, "requeued", {"reason": msg.reason, "attempts": msg.attempts})
 
     @staticmethod
     def _free_if_done(s: WorkerSlot) -> None:
@@ -765,39 +859,69 @@ class Supervisor:
         if not s.process.is_alive():
             self._drain(s)
             self._died(s)
-        elif s.running and self.job_timeout and now - s.claimed_at > self.job_timeout:
+        elif any(self._overdue(s, now)):
             self._time_out(s)
 
+    def _overdue(self, s: WorkerSlot, now: float) -> tuple[bool, set[str]]:
+        """Whether the GPU batch ran past the time limit, and the jobs whose writing did."""
+        if not self.job_timeout:
+            return False, set()
+        gpu = bool(s.running) and s.gpu_since is not None and now - s.gpu_since > self.job_timeout
+        return gpu, {j for j, since in s.handed.items() if now - since > self.job_timeout}
+
     def _time_out(self, s: WorkerSlot) -> None:
-        """The running batch failed with `timeout`; the jobs its writer held are queued again, their
-        attempt given back (they ran in time; the kill cut off their writing)."""
-        log.warning("%s: jobs %s ran past the %g s limit; killing the worker", s.id, ", ".join(s.running),
+        """Kill a worker past a time limit. A lone job past it on the GPU fails with `timeout`; a
+        batch's jobs are queued again to run alone, each attempt counted; a job whose images were
+        not recorded in time is queued again, its attempt counted; the others it held run again,
+        their attempt given back (they were in time; the kill cut them off)."""
+        self._drain(s)  # what the worker finished meanwhile is not timed out
+        gpu, late = self._overdue(s, time.monotonic())
+        if not (gpu or late) or s.process is None:
+            return
+        batch = set(s.running) if gpu else set()
+        log.warning("%s: jobs %s ran past the %g s limit; killing the worker", s.id, ", ".join(sorted(batch | late)),
                     self.job_timeout)  # fmt: skip
         s.process.kill()
         s.process.join(5)
-        message = f"the job ran longer than the time limit of {self.job_timeout:g} s and was stopped"
-        for job_id in s.running:
-            claim = self._forget(s, job_id)
-            if claim is not None and self.store.end(claim, jobs.FAILED, {"type": "timeout", "message": message}):
-                self.hooks.on_finished(Finished(claim.job_id, jobs.FAILED, self.job_timeout))
-        self._release(s, "the worker was stopped at a job's time limit", counted=set())
+        if len(batch) == 1:
+            self._fail_timed_out(s, batch.pop())
+        why = f"the worker was stopped at the time limit of {self.job_timeout:g} s (a batch on its GPU or a write)"
+        self._release(s, why, counted=batch | late, solo=batch)
         self._schedule_restart(s, "job time limit")
+
+    def _fail_timed_out(self, s: WorkerSlot, job_id: str) -> None:
+        message = f"the job ran longer than the time limit of {self.job_timeout:g} s and was stopped"
+        claim = self._forget(s, job_id)
+        if claim is not None and self.store.end(claim, jobs.FAILED, {"type": "timeout", "message": message}):
+            self.hooks.on_finished(Finished(claim.job_id, jobs.FAILED, self.job_timeout))
 
     def _died(self, s: WorkerSlot, sent: list[jobs.Claim] | None = None) -> None:
         """The worker is gone: every job it held is released; only a job it began costs an attempt
-        (one sent to a dead worker was never run)."""
+        (one sent to a dead worker was never run), except that the jobs of a batch of several that
+        was on the GPU run alone next, their attempt given back (which of them broke it is unknown)."""
         code = s.process.exitcode if s.process is not None else None
         reason = s.crash_reason or _exit_reason(code)
         log.warning("%s on %s died (%s)", s.id, s.device, reason)
         with self._lock:
             s.claims |= {claim.job_id: claim for claim in sent or ()}
-        self._release(s, f"the worker died ({reason})", counted=set(s.started), reason=reason)
+        batch = {j for j in s.running if j in s.started} if len(s.running) > 1 else set()
+        self._release(s, f"the worker died ({reason})", counted=s.started - batch, solo=batch, reason=reason)
         self._schedule_restart(s, reason)
 
-    def _release(self, s: WorkerSlot, why: str, *, counted: set[str], reason: str | None = None) -> None:
+    def _release(
+        self,
+        s: WorkerSlot,
+        why: str,
+        *,
+        counted: Collection[str],
+        solo: Collection[str] = (),
+        reason: str | None = None,
+    ) -> None:
         for claim in list(s.claims.values()):
             self._forget(s, claim.job_id)
-            job = self.store.release(claim.job_id, claim.attempt, why, count_attempt=claim.job_id in counted)
+            job = self.store.release(
+                claim.job_id, claim.attempt, why, count_attempt=claim.job_id in counted, solo=claim.job_id in solo
+            )
             if job is not None and job.finished:
                 self.hooks.on_finished(Finished(claim.job_id, job.status, 0.0))
             elif job is not None:
