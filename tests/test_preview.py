@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from serving import SMALL, Server, in_process_app
+from serving import SMALL, in_process_app
 from zturbo.pipeline import decode, denoise, encode_image, mode_latents, schedule
 from zturbo.preview import (
     PREVIEW_MAX_SIDE,
@@ -147,36 +147,3 @@ def test_the_event_stream_passes_a_steps_preview_on_even_after_its_plain_progres
                     service.events.publish(job_id, "finished", {"status": "cancelled"})
     assert [n for n, _ in events] == ["queued", "progress", "progress", "cancelled"]
     assert "preview" not in events[1][1] and events[2][1]["preview"] == picture
-
-
-# --- end to end -------------------------------------------------------------------------------------
-
-
-def test_a_served_job_streams_previews_only_when_it_asks(tiny_dir, tmp_path):
-    server = Server(tiny_dir, tmp_path / "data", step_sleep=0.05)
-    try:
-        server.wait_ready()
-        streams = {}
-        for asked in (True, False):
-            job = server.submit(prompt="a fox", steps=3, seed=1, preview=asked, **SMALL)
-            streams[asked] = _events(server, job["id"])
-    finally:
-        server.stop()
-    for asked, events in streams.items():
-        assert events[-1][0] == "done"
-        previews = [d["preview"] for n, d in events if n == "progress" and "preview" in d]
-        assert bool(previews) is asked
-        for text in previews:
-            with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as im:
-                assert im.format == "JPEG" and max(im.size) <= PREVIEW_MAX_SIDE
-
-
-def _events(server: Server, job_id: str) -> list[tuple[str, dict]]:
-    events, name = [], None
-    with server.client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
