@@ -192,8 +192,8 @@ print(json.dumps({**engine.startup_report(), "digest": hashlib.sha256(np.asarray
 
 def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path):
     from fastapi.testclient import TestClient
-    from serving import in_process_app
 
+    from serving import in_process_app
     from zturbo.serving.workers import Ready, WorkerSlot, process_age
 
     app = in_process_app(tmp_path)
