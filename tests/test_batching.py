@@ -220,16 +220,8 @@ def test_a_failing_encoder_fails_its_job_and_the_writer_goes_on(engine, store, t
 
 
 def test_the_writer_holds_at_most_its_depth_and_then_blocks(store, tmp_path):
-    here, there = workers.mp.Pipe()
-    writer = workers.Writer(store, tmp_path, workers.Channel(there), depth=1)
-    gate = threading.Event()
-    writer._finish = lambda outcome: gate.wait(30) and jobs.SUCCEEDED  # type: ignore[method-assign]
+    writer, gate, here = stuck_writer(store, tmp_path)  # one result being written, one waiting
     batch = workers.BatchDone([workers.Outcome(jobs.Claim("j", 1, {}), jobs.SUCCEEDED)], time.perf_counter())
-    writer.put(batch)  # being written
-    deadline = time.monotonic() + 5
-    while writer._queue.qsize() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    writer.put(batch)  # waiting
     third = threading.Thread(target=writer.put, args=(batch,), daemon=True)
     third.start()
     third.join(0.2)

@@ -10,14 +10,11 @@ docs/api.md describes the routes and the policy.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import functools
 import io
 import json
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,9 +27,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import FieldError, InvalidRequestError, JobFailedError, StorageError, SyncTimeoutError
+from ..errors import FieldError, InvalidRequestError, JobFailedError
 from ..request import DEFAULT_GUIDANCE, DEFAULT_STEPS, FIELD, GenerateRequest
 from . import jobs
+from .results import finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
@@ -458,29 +456,13 @@ def set_options(service: Service, session: Session, values: dict[str, Any], *, f
 # --- answers -----------------------------------------------------------------------------------
 
 
-def image_file(images_dir: Path, name: str) -> bytes:
-    """A job image's bytes: a regular file right in `images_dir`, opened without following links."""
-    if "/" in name or name in ("", ".", ".."):
-        raise StorageError(f"image file name {name!r} is not valid")
-    try:
-        fd = os.open(images_dir / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise jobs.JobNotFoundError(f"image {name!r} has no file any more") from None
-    except OSError as e:
-        raise StorageError(f"cannot open image {name!r}: {e.strerror}; only regular files are served") from e
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise StorageError(f"image {name!r} is not a regular file")
-        return f.read()
-
-
 def job_images(images_dir: Path, job: jobs.Job) -> tuple[list[str], list[dict[str, Any]]]:
     """The job's images in base64 and each one's metadata, read back from the file as written."""
     from ..imageio import read_metadata
 
     encoded, metas = [], []
     for im in job.images:
-        data = image_file(images_dir, im.file)
+        data = read_image(images_dir, im.file, im.id)
         encoded.append(base64.b64encode(data).decode())
         metas.append(read_metadata(io.BytesIO(data)))  # type: ignore[arg-type]  # Pillow opens file objects
     return encoded, metas
@@ -547,30 +529,7 @@ def parameters_json(body: _Body, t: Translation, info: dict[str, Any] | None) ->
     return params | ran
 
 
-# --- waiting -----------------------------------------------------------------------------------
-
-
-async def finished_job(service: Service, job_id: str) -> jobs.Job:
-    """Wait for the job to finish, re-reading it whenever it has news (and at least once a second)."""
-    loop = asyncio.get_running_loop()
-    news = asyncio.Event()
-    unsubscribe = service.events.subscribe(job_id, lambda event, data: loop.call_soon_threadsafe(news.set))
-    deadline = time.monotonic() + service.settings.sync_timeout
-    try:
-        while True:
-            news.clear()
-            job = await run_in_threadpool(service.store.get, job_id)
-            if job.finished:
-                return job
-            if time.monotonic() > deadline:
-                raise SyncTimeoutError(
-                    f"job {job_id} did not finish within {service.settings.sync_timeout:g} s; it goes on: "
-                    f"poll GET /v1/jobs/{job_id}"
-                )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(news.wait(), 1.0)
-    finally:
-        unsubscribe()
+# --- queueing ----------------------------------------------------------------------------------
 
 
 def submit(service: Service, request: GenerateRequest, job_id: str, caller: str, preview: bool) -> jobs.Job:
@@ -772,7 +731,7 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
     try:
         preview = session.options.live_previews_enable if t.preview is None else t.preview
         await run_in_threadpool(submit, service, generate, job_id, caller, preview)
-        job = await finished_job(service, job_id)
+        job = await finished_job(service.store, service.events, job_id, service.settings.sync_timeout)
     finally:
         with session.lock:
             session.waiting.pop(job_id, None)

@@ -16,8 +16,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
-import stat
 import sys
 import threading
 import time
@@ -41,8 +39,6 @@ from ..errors import (
     FieldError,
     JobFailedError,
     NotReadyError,
-    StorageError,
-    SyncTimeoutError,
     UnauthorizedError,
     ZTurboError,
 )
@@ -53,6 +49,7 @@ from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
 from .a1111 import a1111_routes, basic_password
+from .results import OUTPUT_TYPES, finished_job, output_format, read_image
 from .schemas import (
     MODEL_ALIASES,
     ROUTE_FIELDS,
@@ -597,67 +594,14 @@ def _image_routes(service: Service) -> APIRouter:
     ) -> Response:
         ref = service.store.image(image_id)
         data = read_image(service.images_dir, ref.file, image_id)
-        return Response(data, media_type=_OUTPUT_TYPES[_output_format(data) or "png"])
+        return Response(data, media_type=OUTPUT_TYPES[output_format(data) or "png"])
 
     return r
 
 
-# An output file's media type by its format (`request.OUTPUT_FORMATS`).
-_OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 _OUTPUT_IMAGE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {media: {} for media in _OUTPUT_TYPES.values()}, "description": "the image file, as it was asked"}
+    200: {"content": {media: {} for media in OUTPUT_TYPES.values()}, "description": "the image file, as it was asked"}
 }
-
-
-def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
-    """An image's file (PNG, WebP or JPEG), whole and checked: a regular file right in `images_dir`,
-    opened without following a symbolic link, so a link planted there cannot serve another file."""
-    path = images_dir / name
-    if "/" in name or name in ("", ".", ".."):
-        raise StorageError(f"image {image_id!r} has no valid file name ({name!r})")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise jobs.JobNotFoundError(f"image {image_id!r} has no file any more") from None
-    except OSError as e:  # ELOOP: a symbolic link
-        raise StorageError(
-            f"image {image_id!r}: cannot open {path}: {e.strerror}; only regular files are served"
-        ) from e
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise StorageError(f"image {image_id!r}: {path} is not a regular file; only regular files are served")
-        data = f.read()
-    if not _image_intact(data):
-        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG, WebP or JPEG); re-run its job")
-    return data
-
-
-def _output_format(data: bytes) -> str | None:
-    """The output format of a file's bytes, by its signature (None: none of them)."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return "jpeg" if data.startswith(b"\xff\xd8\xff") else None
-
-
-def _image_intact(data: bytes) -> bool:
-    """Whether `data` is a whole output file: a PNG whose every chunk is present with a matching
-    checksum; a WebP as long as its RIFF header says; a JPEG that ends with its end-of-image marker.
-    Each must also open as that format."""
-    from PIL import Image
-
-    fmt = _output_format(data)
-    if fmt == "webp" and int.from_bytes(data[4:8], "little") + 8 != len(data):
-        return False
-    if fmt == "jpeg" and not data.endswith(b"\xff\xd9"):
-        return False
-    try:
-        with Image.open(io.BytesIO(data), formats=[fmt.upper() if fmt else "PNG"]) as im:
-            im.verify()
-    except Exception:  # PIL reports truncation and bad checksums with several exception types
-        return False
-    return True
 
 
 def _job_routes(service: Service) -> APIRouter:
@@ -922,18 +866,8 @@ async def _openai_answer(
 ) -> dict[str, Any]:
     """Queue the request, wait for its job, and answer as OpenAI's images API does."""
     job_id = jobs.new_id()
-    async with _watch(service, job_id) as changes:
-        await run_in_threadpool(service.submit, request, job_id, user)
-        job = await run_in_threadpool(service.store.get, job_id)
-        deadline = time.monotonic() + service.settings.sync_timeout
-        while not job.finished:
-            if time.monotonic() > deadline:
-                raise SyncTimeoutError(
-                    f"job {job_id} did not finish within {service.settings.sync_timeout:g} s; it goes on: "
-                    f"poll GET /v1/jobs/{job_id}"
-                )
-            await _next_change(changes, min(1.0, service.settings.sync_timeout))
-            job = await run_in_threadpool(service.store.get, job_id)
+    await run_in_threadpool(service.submit, request, job_id, user)
+    job = await finished_job(service.store, service.events, job_id, service.settings.sync_timeout)
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}
         raise JobFailedError(error["type"], error["message"])

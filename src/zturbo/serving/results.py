@@ -1,0 +1,94 @@
+"""A job's results for the routes that answer once it is done (OpenAI's images API, A1111's):
+waiting for the job to finish, and reading its image files back, whole and checked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import stat
+import time
+from pathlib import Path
+
+from fastapi.concurrency import run_in_threadpool
+
+from ..errors import StorageError, SyncTimeoutError
+from . import jobs
+
+# An output file's media type by its format (`request.OUTPUT_FORMATS`).
+OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+async def finished_job(store: jobs.JobStore, events: jobs.JobEvents, job_id: str, timeout: float) -> jobs.Job:
+    """Wait for the job to finish, re-reading it whenever it has news (and at least once a second);
+    SyncTimeoutError after `timeout` seconds (the job goes on)."""
+    loop = asyncio.get_running_loop()
+    news = asyncio.Event()
+    unsubscribe = events.subscribe(job_id, lambda event, data: loop.call_soon_threadsafe(news.set))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            news.clear()
+            job = await run_in_threadpool(store.get, job_id)
+            if job.finished:
+                return job
+            if time.monotonic() > deadline:
+                raise SyncTimeoutError(
+                    f"job {job_id} did not finish within {timeout:g} s; it goes on: poll GET /v1/jobs/{job_id}"
+                )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(news.wait(), min(1.0, timeout))
+    finally:
+        unsubscribe()
+
+
+def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
+    """An image's file (PNG, WebP or JPEG), whole and checked: a regular file right in `images_dir`,
+    opened without following a symbolic link, so a link planted there cannot serve another file."""
+    path = images_dir / name
+    if "/" in name or name in ("", ".", ".."):
+        raise StorageError(f"image {image_id!r} has no valid file name ({name!r})")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise jobs.JobNotFoundError(f"image {image_id!r} has no file any more") from None
+    except OSError as e:  # ELOOP: a symbolic link
+        raise StorageError(
+            f"image {image_id!r}: cannot open {path}: {e.strerror}; only regular files are served"
+        ) from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise StorageError(f"image {image_id!r}: {path} is not a regular file; only regular files are served")
+        data = f.read()
+    if not _image_intact(data):
+        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG, WebP or JPEG); re-run its job")
+    return data
+
+
+def output_format(data: bytes) -> str | None:
+    """The output format of a file's bytes, by its signature (None: none of them)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "jpeg" if data.startswith(b"\xff\xd8\xff") else None
+
+
+def _image_intact(data: bytes) -> bool:
+    """Whether `data` is a whole output file: a PNG whose every chunk is present with a matching
+    checksum; a WebP as long as its RIFF header says; a JPEG that ends with its end-of-image marker.
+    Each must also open as that format."""
+    from PIL import Image
+
+    fmt = output_format(data)
+    if fmt == "webp" and int.from_bytes(data[4:8], "little") + 8 != len(data):
+        return False
+    if fmt == "jpeg" and not data.endswith(b"\xff\xd9"):
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt.upper() if fmt else "PNG"]) as im:
+            im.verify()
+    except Exception:  # PIL reports truncation and bad checksums with several exception types
+        return False
+    return True
