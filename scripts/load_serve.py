@@ -58,6 +58,7 @@ LATENCY_FACTOR, LATENCY_SLACK_S = 1.05, 0.020  # one at a time: p50 <= engine im
 SHARE_OF_BATCH1 = 0.97  # large size, 4 clients: >= 97 % of the engine's batch-1 images/s
 SHARE_OF_BATCH = 1.0  # small size, 16 clients: >= the engine's images/s at --max-batch
 WARM_READY_S = 30.0  # a restart on the same compile cache is ready within 30 s
+PREVIEW_COST = 0.02  # previews on cost under 2 % of an image's time
 # Serve flags of issue 24 that a checkout may not have yet; each is passed only where `serve --help` lists it.
 OPTIONAL_SERVE_FLAGS = ("--compile-cache", "--max-batch", "--batch-window-ms", "--client-defaults")
 
@@ -95,6 +96,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine's rows (no ratios then)")
     p.add_argument("--no-restart", action="store_true", help="skip the warm restart")
+    p.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="only the warm start, on the compile cache a run with --no-restart left in --work",
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a start may take (default 600)")
     p.add_argument("--work", default=None, help="data and compile caches (default: a temporary directory)")
     p.add_argument("--out", default=None, help="where load.json, load.md and the logs go (default $OUT or ./load)")
@@ -127,6 +133,12 @@ def check_args(args: argparse.Namespace) -> None:
     local = args.model != "tiny-random" and ("/" not in args.model or args.model.startswith((".", "/", "~")))
     if local and not Path(args.model).expanduser().is_dir():
         refuse(f"--model {args.model} is not a directory; write one with `zturbo bench --write-checkpoint DIR`")
+    if args.warm_only and not (args.work and _filled(Path(args.work) / "compile-cache")):
+        refuse(f"--warm-only needs --work DIR holding an earlier run's compile-cache; got --work {args.work}")
+
+
+def _filled(directory: Path) -> bool:
+    return directory.is_dir() and any(directory.iterdir())
 
 
 def refuse(message: str) -> NoReturn:
@@ -196,6 +208,41 @@ def engine_rates(engine: Any, args: argparse.Namespace, pairs: Iterator[tuple[st
     return rows
 
 
+def preview_cost(engine: Any, args: argparse.Namespace, pairs: Iterator[tuple[str, int]]) -> dict[str, Any]:
+    """The cost of previews at the large size, batch 1: calls with the server worker's preview
+    callback (a JPEG of each step's preview) alternate with plain calls; the medians of
+    --engine-runs each, after one untimed call with previews (which fits the projection)."""
+    from zturbo.preview import jpeg_bytes
+
+    steps = {} if args.steps is None else {"steps": args.steps}
+
+    def on_preview(_step: int, _steps: int, images: list[Any]) -> None:
+        for image in images:
+            jpeg_bytes(image)
+
+    def timed(previews: bool) -> float:
+        prompt, seed = next(pairs)
+        extra = {"on_preview": on_preview} if previews else {}
+        tick = time.perf_counter()
+        engine.generate(prompt, seed=seed, width=args.large, height=args.large, **steps, **extra)
+        return time.perf_counter() - tick
+
+    timed(True)
+    plain, shown = [], []
+    for _ in range(args.engine_runs):
+        plain.append(timed(False))
+        shown.append(timed(True))
+    plain_s, preview_s = statistics.median(plain), statistics.median(shown)
+    return {
+        "size": args.large,
+        "plain_s": plain_s,
+        "preview_s": preview_s,
+        "overhead": preview_s / plain_s - 1,
+        "plain_runs_s": plain,
+        "preview_runs_s": shown,
+    }
+
+
 def engine_main(args: argparse.Namespace) -> int:
     """The child process: load, time, print one JSON line."""
     from zturbo.engine import Engine
@@ -204,13 +251,11 @@ def engine_main(args: argparse.Namespace) -> int:
     tick = time.perf_counter()
     engine = Engine.load(engine_config(args, Path(cache).parent if cache else None))
     load_s = time.perf_counter() - tick
-    rows = engine_rates(engine, args, prompts(10**5))
-    print(
-        json.dumps(
-            {"load_s": load_s, "device": device_name(engine.device), "rows": rows, "runtime": engine.runtime()},
-            default=str,
-        )
-    )
+    pairs = prompts(10**5)
+    rows = engine_rates(engine, args, pairs)
+    previews = preview_cost(engine, args, pairs)
+    result = {"load_s": load_s, "device": device_name(engine.device), "rows": rows, "previews": previews}
+    print(json.dumps(result | {"runtime": engine.runtime()}, default=str))
     return 0
 
 
@@ -427,6 +472,17 @@ def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
                 share >= SHARE_OF_BATCH,
             )
         )
+    previews = res.get("engine", {}).get("previews")
+    if previews:
+        out.append(
+            Check(
+                f"{large}² previews on: s per image",
+                previews["preview_s"],
+                previews["plain_s"],
+                f"< {PREVIEW_COST:.0%} more than without",
+                previews["overhead"] < PREVIEW_COST,
+            )
+        )
     if "warm" in starts:
         ready = starts["warm"]["ready_s"]
         out.append(
@@ -531,9 +587,13 @@ def serve_help(env: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) -> dict[str, Any]:
     cache = work / "compile-cache"
-    if cache.exists() and any(cache.iterdir()):
-        refuse(f"{cache} is not empty, so the first start would not be cold")
     res: dict[str, Any] = {"environment": environment(), "options": vars(args), "scenarios": {}, "starts": {}}
+    if args.warm_only:
+        res["starts"]["warm"] = serve_phase(args, work, out, "warm")
+        write(res, args, out)
+        return res
+    if _filled(cache):
+        refuse(f"{cache} is not empty, so the first start would not be cold")
     write(res, args, out)
     if not args.no_engine:
         res["engine"] = measure_engine(args, argv, work, out)

@@ -50,6 +50,7 @@ def options(**given: Any) -> argparse.Namespace:
         (["--rounds", "0"], "--rounds 0 must be at least 1"),
         (["--warmup-rounds", "-1"], "--warmup-rounds -1 must be at least 0"),
         (["--model", "/no/such/checkpoint"], "--model /no/such/checkpoint is not a directory"),
+        (["--warm-only"], "--warm-only needs --work DIR holding an earlier run's compile-cache; got --work None"),
     ],
 )
 def test_a_bad_flag_is_refused_in_one_line_before_anything_starts(tmp_path, flags, named):
@@ -202,5 +203,8 @@ def test_the_whole_run_on_the_tiny_model(tiny_dir, tmp_path):
         "64² one at a time",
         "64² 4 clients",
         "32² 16 clients",
+        "64² previews on",
         "start to ready, warm compile cache",
     ]
+    previews = res["engine"]["previews"]
+    assert len(previews["plain_runs_s"]) == len(previews["preview_runs_s"]) == 1 and previews["preview_s"] > 0
