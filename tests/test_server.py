@@ -228,7 +228,10 @@ def test_missing_or_wrong_key_is_401(server, method, path, header):
 
 def test_health_and_ready_need_no_key(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    assert httpx.get(server.url + "/ready").status_code == 200
+    ready = httpx.get(server.url + "/ready")
+    assert ready.status_code == 200
+    phases = ready.json()["worker_phases"]  # a real worker's start-up, phase by phase
+    assert {"imports_s", "weights_s", "first_call_s"} <= set(phases) and all(v >= 0 for v in phases.values())
 
 
 BAD_JOBS = [

@@ -163,6 +163,10 @@ def test_an_engine_reports_its_start_up(tiny_dir, tmp_path):
     engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", compile_cache=tmp_path))
     report = engine.startup_report()
     assert report["compile_cache"] == "off" and report["load_s"] > 0  # on the CPU, auto compiles nothing
+    phases = report["phases"]  # each phase once, in order, together the whole load
+    assert list(phases) == ["device_s", "plan_s", "weights_s", "setup_s", "restore_s", "accel_s"]
+    loading = sum(phases[name] for name in ("device_s", "plan_s", "weights_s", "setup_s"))
+    assert loading == pytest.approx(report["load_s"], abs=0.01) and phases["weights_s"] > 0
     assert engine.compile_cache is None and not list(tmp_path.iterdir())
 
 
@@ -204,9 +208,11 @@ def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path
         supervisor.slots.append(slot)  # after start-up: a slot the supervisor never spawns
         age = process_age()
         assert age is not None and 0 < age < 3600  # this process's age, imports included
-        startup = {"load_s": 1.5, "warmup_s": 4.0, "compile_cache": "hit"}
+        phases = {"imports_s": 2.0, "weights_s": 1.0, "warmup_s": 4.0}
+        startup = {"load_s": 1.5, "warmup_s": 4.0, "compile_cache": "hit", "phases": phases}
         supervisor._handle(slot, Ready({"model": "tiny"}, None, 7.0, startup))
         body = client.get("/ready").json()
     assert body["status"] == "ready" and body["compile_cache"] == "hit"
+    assert body["worker_ready_s"] == 7.0 and body["worker_phases"] == phases  # where the worker's time went
     assert age <= body["ready_s"] < age + 60  # from the server process's start, not the worker's
     assert supervisor.runtime()["startup"] == startup  # the phases, for /v1/status's runtime

@@ -122,6 +122,19 @@ Embeds = list[torch.Tensor]
 Start = tuple[torch.Tensor, Schedule, Keep | None]
 
 
+class Phases:
+    """Seconds of the start-up's phases, each from the end of the one before (or from creation)."""
+
+    def __init__(self, seconds: dict[str, float] | None = None) -> None:
+        self.seconds = {} if seconds is None else seconds
+        self._since = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._since, 3)
+        self._since = now
+
+
 class Engine:
     """Owns the loaded components; load once, generate many times."""
 
@@ -183,8 +196,10 @@ class Engine:
         """
         config = config or RuntimeConfig.from_env()
         start = time.perf_counter()
+        phases = Phases()
         device = resolve_device(config.device)
         caps = probe(device)
+        phases.mark("device_s")
         check_quantize(config.quantize, caps)
         source = source or resolve_model(config.model)
         vae_upcast = bool(source.config("vae").get("force_upcast", True))
@@ -197,7 +212,9 @@ class Engine:
         compile_ = resolve_compile(config.compile, device)
         budget = memory_budget(device, config.vram_budget)
         layout = plan_layout(config, source, dtypes, budget, caps, compiled_vae=compile_)
+        phases.mark("plan_s")
         components = _load_components(source, device, dtypes, layout, config.controlnet)
+        phases.mark("weights_s")
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
@@ -209,20 +226,26 @@ class Engine:
         options = AccelOptions(
             compile=compile_ and compilable(layout.plan), quantize=layout.quantize, fuse=fusable(layout.plan)
         )
-        engine.startup["load_s"] = round(time.perf_counter() - start, 3)
+        phases.mark("setup_s")
+        engine.startup = {"load_s": round(time.perf_counter() - start, 3), "phases": phases.seconds}
         engine._compile(options, config.compile_cache, warmup)
         return engine
 
     def _compile(self, options: AccelOptions, cache_dir: Path | None, warmup: bool) -> None:
         """Apply the speed options; when compiling, first load the artifacts an earlier process
         kept (so the warm-up looks graphs up instead of compiling them), then keep what it made."""
+        phases = Phases(self.startup.setdefault("phases", {}))
         self.compile_cache = open_cache(cache_dir, self.device, self.dtypes, options)
         if self.compile_cache is not None:
             self.compile_cache.restore()
+        phases.mark("restore_s")
         self.accel = accel_compile.apply(self.components, options)
+        phases.mark("accel_s")
         if options.compile and warmup:
             self.startup["warmup_s"] = round(self.warmup(), 3)
+            phases.mark("warmup_s")
             self.persist_compiled()
+            phases.mark("persist_s")
 
     def persist_compiled(self) -> None:
         """Keep the artifacts of graphs compiled since the last call (no-op without a cache); a

@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import FieldError, InvalidRequestError, JobFailedError
 from ..request import DEFAULT_GUIDANCE, DEFAULT_STEPS, FIELD, GenerateRequest
 from . import jobs
-from .results import finished_job, read_image
+from .results import Base64Body, finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
@@ -456,16 +456,17 @@ def set_options(service: Service, session: Session, values: dict[str, Any], *, f
 # --- answers -----------------------------------------------------------------------------------
 
 
-def job_images(images_dir: Path, job: jobs.Job) -> tuple[list[str], list[dict[str, Any]]]:
-    """The job's images in base64 and each one's metadata, read back from the file as written."""
+def job_images(images_dir: Path, job: jobs.Job, files: Base64Body) -> tuple[list[str], list[dict[str, Any]]]:
+    """The job's images as slots of `files` (their base64 in the answer) and each one's metadata,
+    read back from the file as written."""
     from ..imageio import read_metadata
 
-    encoded, metas = [], []
+    slots, metas = [], []
     for im in job.images:
         data = read_image(images_dir, im.file, im.id)
-        encoded.append(base64.b64encode(data).decode())
+        slots.append(files.slot(data))
         metas.append(read_metadata(io.BytesIO(data)))  # type: ignore[arg-type]  # Pillow opens file objects
-    return encoded, metas
+    return slots, metas
 
 
 def info_json(metas: list[dict[str, Any]], t: Translation, policy: str, job: jobs.Job, body: _Body) -> dict[str, Any]:
@@ -667,12 +668,12 @@ def a1111_routes(service: Service) -> APIRouter:
 
 def _generation_routes(r: APIRouter, service: Service, session: Session) -> None:
     @r.post("/txt2img")
-    async def txt2img(body: Txt2ImgBody, request: Request) -> JSONResponse:
+    async def txt2img(body: Txt2ImgBody, request: Request) -> Response:
         """A1111's text-to-image; `info.zturbo.mapped` and the X-ZTurbo-Mapped header say what was mapped."""
         return await _generate(service, session, body, request)
 
     @r.post("/img2img")
-    async def img2img(body: Img2ImgBody, request: Request) -> JSONResponse:
+    async def img2img(body: Img2ImgBody, request: Request) -> Response:
         """A1111's img2img and inpaint: one init image, an optional mask (white repaints)."""
         return await _generate(service, session, body, request)
 
@@ -720,7 +721,7 @@ def _listing_routes(r: APIRouter, service: Service, session: Session) -> None:
         return [item]
 
 
-async def _generate(service: Service, session: Session, body: _Body, request: Request) -> JSONResponse:
+async def _generate(service: Service, session: Session, body: _Body, request: Request) -> Response:
     s = service.settings
     images = [*(getattr(body, "init_images", None) or []), getattr(body, "mask", None) or ""]
     check_body_size(len(await request.body()), sum(map(len, images)), s.max_body_bytes, s.max_input_bytes)
@@ -735,9 +736,10 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
     finally:
         with session.lock:
             session.waiting.pop(job_id, None)
-    answer = await run_in_threadpool(_answer, service, session, body, t, job)
+    files = Base64Body()
+    answer = await run_in_threadpool(_answer, service, session, body, t, job, files)
     headers = {MAPPED_HEADER: ",".join(t.mapped)} if t.mapped else None
-    return JSONResponse(answer, headers=headers)
+    return await run_in_threadpool(files.response, answer, headers)
 
 
 def _request(service: Service, session: Session, body: _Body) -> tuple[Translation, GenerateRequest]:
@@ -752,15 +754,17 @@ def _request(service: Service, session: Session, body: _Body) -> tuple[Translati
         raise relabel(e) from None
 
 
-def _answer(service: Service, session: Session, body: _Body, t: Translation, job: jobs.Job) -> dict[str, Any]:
-    """A1111's answer: base64 images, the parameters as run, the info JSON text."""
+def _answer(
+    service: Service, session: Session, body: _Body, t: Translation, job: jobs.Job, files: Base64Body
+) -> dict[str, Any]:
+    """A1111's answer: base64 images (slots of `files`), the parameters as run, the info JSON text."""
     if job.status == jobs.CANCELLED:
         info = {"zturbo": _zturbo_info(t, session.policy, job) | {"status": job.status}}
         return {"images": [], "parameters": parameters_json(body, t, None), "info": json.dumps(info)}
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "internal_error", "message": f"job {job.id} ended {job.status}"}
         raise JobFailedError(error["type"], error["message"])
-    encoded, metas = job_images(service.images_dir, job)
+    encoded, metas = job_images(service.images_dir, job, files)
     info = info_json(metas, t, session.policy, job, body)
     return {
         "images": encoded if body.send_images else [],

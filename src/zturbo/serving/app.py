@@ -49,7 +49,7 @@ from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
 from .a1111 import a1111_routes, basic_password
-from .results import OUTPUT_TYPES, finished_job, output_format, read_image
+from .results import OUTPUT_TYPES, Base64Body, finished_job, output_format, read_image
 from .schemas import (
     MODEL_ALIASES,
     ROUTE_FIELDS,
@@ -806,7 +806,7 @@ def _service_routes(service: Service) -> APIRouter:
         return Response(body, media_type=content_type)
 
     @r.post("/v1/images/generations", tags=["openai"], responses=_SUBMIT_ERRORS)
-    async def openai_images(body: OpenAIImageBody, request: Request) -> dict[str, Any]:
+    async def openai_images(body: OpenAIImageBody, request: Request) -> Response:
         _check_model(service, body.model)
         size = len(await request.body())
         job_request = await run_in_threadpool(service.json_request, body, size)
@@ -814,7 +814,7 @@ def _service_routes(service: Service) -> APIRouter:
         return await _openai_answer(service, job_request, body.user, body.response_format, base_url)
 
     @r.post("/v1/images/edits", tags=["openai"], responses=_SUBMIT_ERRORS, openapi_extra=_edit_form())
-    async def openai_edits(request: Request) -> dict[str, Any]:
+    async def openai_edits(request: Request) -> Response:
         """OpenAI's image edit: multipart/form-data with `image` (or `image[]`, one file), an optional
         `mask`, `prompt` and the generation route's fields; zturbo's extensions as form fields."""
         values = await _form_values(request, service.settings)
@@ -863,7 +863,7 @@ def _controlnet(service: Service, runtime: dict[str, Any]) -> dict[str, Any] | N
 
 async def _openai_answer(
     service: Service, request: GenerateRequest, user: str | None, response_format: str, base_url: str
-) -> dict[str, Any]:
+) -> Response:
     """Queue the request, wait for its job, and answer as OpenAI's images API does."""
     job_id = jobs.new_id()
     await run_in_threadpool(service.submit, request, job_id, user)
@@ -871,21 +871,22 @@ async def _openai_answer(
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}
         raise JobFailedError(error["type"], error["message"])
-    data = []
+    files, data = Base64Body(), []
     for im in job.images:
         if response_format == "b64_json":
             file = await run_in_threadpool(read_image, service.images_dir, im.file, im.id)
-            data.append({"b64_json": base64.b64encode(file).decode(), "revised_prompt": None})
+            data.append({"b64_json": files.slot(file), "revised_prompt": None})
         else:
             data.append({"url": _image_url(service, base_url, im.id), "revised_prompt": None})
     params = job_params(job.params)
     seeds = {key: params[key] for key in ("seed", "seeds", "variation_seed")}
-    return {
+    body = {
         "created": int(job.created_at),
         "data": data,
         "output_format": params["output_format"],  # echoed as OpenAI's images API does
         "zturbo": {"job_id": job_id, **seeds},
     }
+    return await run_in_threadpool(files.response, body)
 
 
 def _image_url(service: Service, base_url: str, image_id: str) -> str:

@@ -170,13 +170,17 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
-    from ..engine import Engine
+    from ..engine import Engine, Phases
 
+    imported_s = process_age()  # the interpreter's start and the imports, before any loading
     engine = Engine.load(dataclasses.replace(config, device=device))
+    phases = Phases(engine.startup.setdefault("phases", {}))
     unit = engine.limits.spatial_unit
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
     engine.persist_compiled()  # that size's graphs too
+    phases.mark("first_call_s")
     store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
+    engine.startup["phases"] = {"imports_s": imported_s, **engine.startup["phases"]}
     ready_s, startup = process_age(), engine.startup_report()
     logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
     channel = Channel(conn)
@@ -781,8 +785,13 @@ class Supervisor:
         elif isinstance(msg, Ready):
             with self._lock:
                 s.state, s.runtime, s.memory = "ready", {**msg.runtime, "startup": msg.startup}, msg.memory
-                if self._ready is None:  # the server's start to its first ready worker
-                    self._ready = {"ready_s": process_age(), "compile_cache": msg.startup.get("compile_cache", "off")}
+                if self._ready is None:  # the server's start to its first ready worker, and that worker's phases
+                    self._ready = {
+                        "ready_s": process_age(),
+                        "compile_cache": msg.startup.get("compile_cache", "off"),
+                        "worker_ready_s": msg.ready_s,
+                        "worker_phases": msg.startup.get("phases", {}),
+                    }
             log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
                      msg.startup.get("compile_cache", "off"))  # fmt: skip
         elif isinstance(msg, Progress):
