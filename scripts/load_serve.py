@@ -96,10 +96,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine's rows (no ratios then)")
     p.add_argument("--no-restart", action="store_true", help="skip the warm restart")
+    p.add_argument("--no-serve", action="store_true", help="skip the cold start and the scenarios")
     p.add_argument(
         "--warm-only",
         action="store_true",
         help="only the warm start, on the compile cache a run with --no-restart left in --work",
+    )
+    p.add_argument(
+        "--engine-cache",
+        default=None,
+        help="the engine child's compile cache (default: an empty one of its own); a server run's "
+        "--work DIR/compile-cache saves its compiling, for a run split over calls on one machine",
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="LOAD_JSON",
+        help="no run: one report from the load.json files of a run split over several calls",
     )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a start may take (default 600)")
     p.add_argument("--work", default=None, help="data and compile caches (default: a temporary directory)")
@@ -131,7 +145,7 @@ def check_args(args: argparse.Namespace) -> None:
     if not args.ready_timeout > 0:
         refuse(f"--ready-timeout {args.ready_timeout} must be a positive number")
     local = args.model != "tiny-random" and ("/" not in args.model or args.model.startswith((".", "/", "~")))
-    if local and not Path(args.model).expanduser().is_dir():
+    if local and not args.merge and not Path(args.model).expanduser().is_dir():
         refuse(f"--model {args.model} is not a directory; write one with `zturbo bench --write-checkpoint DIR`")
     if args.warm_only and not (args.work and _filled(Path(args.work) / "compile-cache")):
         refuse(f"--warm-only needs --work DIR holding an earlier run's compile-cache; got --work {args.work}")
@@ -269,7 +283,7 @@ def device_name(device: Any) -> str:
 
 def measure_engine(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) -> dict[str, Any]:
     """The engine's rows, measured in a child process that exits (freeing the GPU) before a server starts."""
-    env = child_env(work / "engine-cache")
+    env = child_env(Path(args.engine_cache) if args.engine_cache else work / "engine-cache")
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--engine-only"]
     with open(out / "engine.log", "wb") as log:
         proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=log, check=False)
@@ -592,12 +606,14 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
         res["starts"]["warm"] = serve_phase(args, work, out, "warm")
         write(res, args, out)
         return res
-    if _filled(cache):
+    if _filled(cache) and not args.no_serve:
         refuse(f"{cache} is not empty, so the first start would not be cold")
     write(res, args, out)
     if not args.no_engine:
         res["engine"] = measure_engine(args, argv, work, out)
         write(res, args, out)
+    if args.no_serve:
+        return res
     pairs = prompts()
 
     def load(url: str, key: str) -> None:
@@ -614,6 +630,28 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
     return res
 
 
+def merge(paths: Sequence[str]) -> dict[str, Any]:
+    """One result from the load.json files of a run split over calls: the engine's rows, scenarios
+    and starts of each, a later file's winning where two have the same one."""
+    res: dict[str, Any] = {"merged": list(paths), "scenarios": {}, "starts": {}}
+    hosts = set()
+    for path in paths:
+        try:
+            part = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            refuse(f"--merge {path}: not a load.json ({e})")
+        hosts.add((part.get("environment") or {}).get("host"))
+        res.setdefault("environment", part.get("environment"))
+        res.setdefault("options", part.get("options", {}))  # the first file's sizes label the checks
+        if part.get("engine"):
+            res["engine"] = part["engine"]
+        res["scenarios"] |= part.get("scenarios", {})
+        res["starts"] |= part.get("starts", {})
+    if len(hosts) != 1:
+        refuse(f"--merge: the files come from {len(hosts)} machines ({', '.join(map(str, hosts))}), not one")
+    return res
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -621,6 +659,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return engine_main(args)
     out = Path(args.out or os.environ.get("OUT") or "load")
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        res = merge(args.merge)
+        run_sizes = {k: res["options"][k] for k in ("large", "small", "max_batch") if k in res["options"]}
+        args = argparse.Namespace(**(vars(args) | run_sizes))  # the checks at the run's sizes
+        write(res, args, out)
+        print(markdown(res, args))
+        return 0
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="zturbo-load-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

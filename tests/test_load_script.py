@@ -208,3 +208,22 @@ def test_the_whole_run_on_the_tiny_model(tiny_dir, tmp_path):
     ]
     previews = res["engine"]["previews"]
     assert len(previews["plain_runs_s"]) == len(previews["preview_runs_s"]) == 1 and previews["preview_s"] > 0
+
+
+def test_a_run_split_over_calls_merges_into_one_report_from_one_machine_only(tmp_path):
+    whole = results(p50=0.9, four=1.2, sixteen=5.5, warm=12.0)
+    env = {"host": "gpu-1"}
+    parts = {
+        "serve": {"environment": env, "options": {"large": 1024}, "scenarios": whole["scenarios"], "starts": {}},
+        "engine": {"environment": env, "engine": whole["engine"], "scenarios": {}, "starts": {}},
+        "warm": {"environment": env, "starts": {"warm": whole["starts"]["warm"]}},
+    }
+    for name, part in parts.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(part))
+    merged = ls.merge([str(tmp_path / f"{name}.json") for name in parts])
+    assert merged["engine"] == whole["engine"] and merged["scenarios"] == whole["scenarios"]
+    assert merged["starts"] == {"warm": whole["starts"]["warm"]} and merged["options"] == {"large": 1024}
+    assert [c.met for c in ls.checks(merged, options())] == [False, False, True, True]
+    (tmp_path / "other.json").write_text(json.dumps({**parts["warm"], "environment": {"host": "gpu-2"}}))
+    with pytest.raises(SystemExit):
+        ls.merge([str(tmp_path / "serve.json"), str(tmp_path / "other.json")])
