@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidRequestError, OutputExistsError
 
 if TYPE_CHECKING:
+    from .pngwrite import PngWriter
     from .request import Field, GenerateRequest
     from .result import GeneratedImage, ModelInfo
 
@@ -34,9 +35,9 @@ CONTROLNET_UNIT = "ControlNet 0"  # sd-webui-controlnet's field for its first un
 IMAGE_SUFFIXES = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
 # Output file suffixes and the format each names (`.jpeg` is a JPEG too).
 SUFFIX_FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
-# PNG's zlib settings: level 1 with run-length matching (Z_RLE) encodes a photo-like 1024² image
+# PNG's zlib settings: level 1 with run-length matching (Z_RLE) deflates a photo-like 1024² image
 # 3x faster than Pillow's default (level 6) into a file of the same size, since the PNG filters
-# leave mostly runs (scripts/bench_encode.py; docs/api.md, "Output formats").
+# leave mostly runs (scripts/bench_encode.py; docs/performance.md, "Encoding").
 PNG_LEVEL, PNG_STRATEGY = 1, zlib.Z_RLE
 # Quality when `output_compression` is not given. WebP's method 0 encodes 2.5x faster than
 # libwebp's default (4) for files about 10 % larger.
@@ -204,6 +205,20 @@ def png_info(meta: dict[str, Any]) -> Any:
     return info
 
 
+def png_chunks(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The text chunks `png_info` holds, as (type, data) pairs: the very bytes Pillow would write."""
+    return [(kind, data) for kind, data, *_ in png_info(meta).chunks]
+
+
+@functools.cache
+def png_writer() -> PngWriter:
+    """This process's PNG writer, made on first use: every caller (a worker's writer thread, the
+    CLI, a library user) shares its thread pool rather than starting one per image."""
+    from .pngwrite import PngWriter
+
+    return PngWriter(level=PNG_LEVEL, strategy=PNG_STRATEGY)
+
+
 def exif_bytes(meta: dict[str, Any]) -> bytes:
     """An EXIF block whose UserComment holds the A1111 text, UTF-16 in the block's (big-endian) byte
     order after the `UNICODE` code, as A1111 writes (and reads) WebP and JPEG metadata."""
@@ -242,13 +257,20 @@ def encode_image(
 ) -> None:
     """Encode `image` with its metadata into the binary file `fp`. `compression` is the quality of
     WebP and JPEG (0..100, OpenAI's `output_compression`; None: `DEFAULT_QUALITY`) and must be None
-    for PNG. `options` are extra Pillow save options (the encoding benchmark's settings)."""
+    for PNG. A PNG of an 8-bit L, LA, RGB or RGBA image is written by `png_writer()` (Paeth-filtered
+    row bands deflated in parallel), any other by Pillow. `options` are extra Pillow save options
+    (the encoding benchmark's settings): with them, Pillow writes every format."""
     if output_format not in _PILLOW_FORMAT:
         raise ValueError(f"output format {output_format!r} is not one of {', '.join(_PILLOW_FORMAT)}")
     meta = image.metadata
     if output_format == "png":
         if compression is not None:
             raise ValueError("PNG is lossless: it takes no quality (its zlib settings are PNG_LEVEL, PNG_STRATEGY)")
+        from .pngwrite import supports
+
+        if not options and supports(image.image):
+            png_writer().write(fp, image.image, png_chunks(meta))
+            return
         settings: dict[str, Any] = {"pnginfo": png_info(meta)}
         settings |= {"compress_level": PNG_LEVEL, "compress_type": PNG_STRATEGY}
     else:
