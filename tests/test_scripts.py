@@ -20,7 +20,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-KEPT = {"bench_encode.py", "bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py"}
+KEPT = {"bench_encode.py", "bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py", "profile_start.py"}
 # Scripts covered by a test file of their own.
 OWN_TESTS = {"load_serve.py": "test_load_script.py"}
 
@@ -54,6 +54,15 @@ def test_bench_encode_measures_every_format_with_its_metadata():
     # Each image's columns: wall ms, CPU ms, KiB. Every file has bytes, every encoding takes time.
     assert all(float(cell) > 0 for row in rows for cell in (row[1], row[3], row[4], row[6])), proc.stdout
     assert "zturbo writer" in labels and "pillow level 1, z_rle" in labels, proc.stdout
+
+
+def test_profile_start_reports_the_phases_and_where_the_time_went(tmp_path):
+    proc = run_script("profile_start.py", "--model", "tiny-random", "--out", str(tmp_path), "--top", "5",
+                      env={"ZTURBO_DEVICE": "cpu"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (tmp_path / "start.txt").read_text()
+    assert '"weights_s"' in text and "Ordered by: cumulative time" in text and "Ordered by: internal time" in text
+    assert "zturbo/engine.py" in text and (tmp_path / "start.prof").stat().st_size > 0
 
 
 def test_bench_precision_smoke_run_on_the_tiny_model(tmp_path):
