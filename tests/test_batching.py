@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_workers import LIMITS, SMALL, StandInContext, run_claims, supervisor_with_idle_worker, tick
+from test_workers import LIMITS, SMALL, StandIn, StandInContext, run_claims, supervisor_with_idle_worker, tick
 from zturbo import imageio
 from zturbo.request import GenerateRequest
 from zturbo.serving import jobs, workers
@@ -61,7 +61,7 @@ def test_a_batch_of_jobs_makes_the_images_of_their_single_runs(engine, store, tm
     assert [set(m.job_ids) for m in free] == [{j.id for j in queued}]  # one run on the GPU for all three
 
 
-class CancelInBatch:
+class CancelInBatch(StandIn):
     """The engine, with cancel requests for `victims` arriving during the first step; counts the steps."""
 
     def __init__(self, engine: Any, store: jobs.JobStore, victims: list[str]) -> None:
@@ -107,7 +107,7 @@ def test_a_worker_killed_mid_batch_releases_every_job_it_holds(store, tmp_path):
     tick(supervisor)
     [first] = worker_end.recv()
     worker_end.send(workers.Started(first.job_id))
-    worker_end.send(workers.GpuFree((first.job_id,)))  # its images are with the writer
+    worker_end.send(workers.GpuFree((first.job_id,), 1))  # its images are with the writer
     batch = [store.submit(request(p)) for p in ("a fox", "a cat", "a heron")]
     unsent = store.submit(request("a fox", steps=1))  # incompatible: stays queued
     tick(supervisor)
@@ -243,7 +243,7 @@ def test_bad_batching_flags_are_refused_before_the_server_starts(flag, message, 
     assert message in capsys.readouterr().err
 
 
-class PreviewingEngine:
+class PreviewingEngine(StandIn):
     """The engine, with `on_preview` (contract C3) giving each batch row a flat image of its own colour."""
 
     def __init__(self, engine: Any) -> None:
@@ -285,7 +285,12 @@ def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_ru
         waiting = [server.submit(prompt=f"a fox number {i}", seed=10 + i) for i in range(3)]
         done = [server.wait_job(job["id"]) for job in (head, *waiting)]
         assert [job["status"] for job in done] == ["succeeded"] * 4
-        metrics = server.client.get("/metrics").text
+        # Counted when the supervisor reads each batch's GpuFree, which the worker sends before its
+        # writer records the jobs: the last one may be read a moment after they read `succeeded`.
+        deadline = time.monotonic() + 10
+        while "zturbo_batch_jobs_count 2.0" not in (metrics := server.client.get("/metrics").text):
+            assert time.monotonic() < deadline, metrics
+            time.sleep(0.05)
         assert 'zturbo_batch_jobs_bucket{le="1.0"} 1.0' in metrics  # the head ran alone ...
         assert "zturbo_batch_jobs_count 2.0" in metrics and "zturbo_batch_jobs_sum 4.0" in metrics  # ... then 3 as one
         alone = server.wait_job(server.submit(prompt="a fox number 1", seed=11)["id"])
@@ -297,7 +302,7 @@ def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_ru
         server.stop()
 
 
-class Broken:
+class Broken(StandIn):
     """An engine whose run fails with an error that may have broken the device."""
 
     def __init__(self, engine: Any) -> None:
@@ -341,7 +346,7 @@ def test_a_crashing_worker_records_the_results_it_made_before_it_exits(engine, s
     assert all(j.id in crashed.reason for j in failing)
 
 
-class OutOfMemory:
+class OutOfMemory(StandIn):
     """An engine that runs out of GPU memory (after its own leaner retry) on any batch of `over` images or more."""
 
     def __init__(self, engine: Any, over: int) -> None:
@@ -476,3 +481,87 @@ def test_a_batch_checks_its_cancels_with_one_query_per_step(engine, store, tmp_p
     run_claims(CancelInBatch(engine, store, [drop.id]), store, tmp_path, store.claim_batch("worker-0", "", 4))
     assert asked == [[keep.id, drop.id], [keep.id]]  # steps 1 and 2; a cancelled job is not asked again
     assert (store.get(keep.id).status, store.get(drop.id).status) == (jobs.SUCCEEDED, jobs.CANCELLED)
+
+
+class RoomFor(StandIn):
+    """The engine, on a device whose free memory holds `images` images per batch; records each run's size."""
+
+    def __init__(self, engine: Any, images: int) -> None:
+        self.engine, self.images, self.limits, self.device = engine, images, engine.limits, engine.device
+        self.runs: list[int] = []
+
+    def batch_room(self, request: GenerateRequest) -> int:
+        return self.images
+
+    def generate(self, request: GenerateRequest, on_step: Any, **callbacks: Any) -> Any:
+        self.runs.append(request.num_images)
+        return self.engine.generate(request, on_step=on_step, **callbacks)
+
+
+def test_a_batch_holds_no_more_images_than_its_workers_memory_and_the_rest_keep_their_place(engine, store, tmp_path):
+    events: list[Any] = []
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.0)
+    supervisor.hooks = workers.Hooks(
+        on_event=lambda job_id, event, data: events.append((job_id, event)),
+        on_finished=lambda msg: events.append((msg.job_id, msg.status)),
+        on_batch=lambda count, images: events.append(("batch", count, images)),
+    )
+    made = [request(f"a fox number {i}", engine.limits, seed=10 + i) for i in range(6)]
+    queued = [store.submit(r) for r in made]
+    roomy = RoomFor(engine, 2)
+    channel = workers.Channel(worker_end)
+    writer = workers.Writer(store, tmp_path, channel)
+    sent: list[list[str]] = []
+    deadline = time.monotonic() + 120
+    while not all(store.get(job.id).finished for job in queued):
+        assert time.monotonic() < deadline, [store.get(job.id).status for job in queued]
+        tick(supervisor)
+        if not worker_end.poll():
+            time.sleep(0.01)
+            continue
+        claims = worker_end.recv()  # the worker's loop (`worker_main`)
+        sent.append([claim.job_id for claim in claims])
+        for claim in claims:
+            worker_end.send(workers.Started(claim.job_id))
+        workers.run_batch(roomy, store, claims, channel, writer)
+    writer.close()
+    tick(supervisor)
+
+    ids = [job.id for job in queued]
+    # 4 sent (--max-batch), 2 run, 2 given back that head the next batch, which asks for 2 only.
+    assert sent == [ids[:4], ids[2:4], ids[4:]] and roomy.runs == [2, 2, 2]
+    assert [e for e in events if e[0] == "batch"] == [("batch", 2, 2)] * 3  # the metrics count what ran
+    assert [e for e in events if e[1] == "requeued"] == [(ids[2], "requeued"), (ids[3], "requeued")]
+    assert sorted(e for e in events if e[1] == jobs.SUCCEEDED) == sorted((i, jobs.SUCCEEDED) for i in ids)
+    for job, req in zip(queued, made, strict=True):
+        done = store.get(job.id)
+        assert (done.status, done.attempts, len(done.images)) == (jobs.SUCCEEDED, 1, 1)  # the give-back is uncounted
+        [single] = engine.generate(req).images
+        diff = pixels(tmp_path / done.images[0].file).astype(int) - np.asarray(single.image).astype(int)
+        assert np.abs(diff).max() <= 1
+    slot = supervisor.slots[0]
+    assert slot.rooms == {jobs.batch_key(made[0]): 2} and slot.claims == {}
+
+    supervisor._ctx = StandInContext()
+    process.alive = False  # a new process measures its memory anew
+    tick(supervisor)
+    slot.restart_at = 0.0
+    tick(supervisor)
+    assert slot.state == "starting" and slot.rooms == {}
+
+
+def test_a_batch_keeps_its_first_jobs_that_fit_and_never_skips_one(engine, store, tmp_path):
+    def kept(sizes: list[int], room: int) -> tuple[list[int], list[Any]]:
+        runnable = []
+        for i, size in enumerate(sizes):
+            req = request(f"a fox {i}", engine.limits, batch=size)
+            runnable.append((jobs.Claim(f"j{i}", 1, {}, images=size, batch_key="k"), req))
+        here, there = workers.mp.Pipe()
+        left, returned = workers._within_room(RoomFor(engine, room), runnable, workers.Channel(there))
+        assert set(returned) == {claim.job_id for claim, _ in runnable[len(left) :]}
+        return [claim.images for claim, _ in left], [here.recv() for _ in range(int(here.poll()))]
+
+    assert kept([1, 1, 1], 3) == ([1, 1, 1], [])  # it fits: nothing said
+    assert kept([1, 2, 1], 2) == ([1], [workers.BatchRoom("k", 2, ("j1", "j2"))])  # the 1 after the 2 waits too
+    assert kept([2, 1, 1], 3) == ([2, 1], [workers.BatchRoom("k", 3, ("j2",))])
+    assert kept([3], 2) == ([3], [workers.BatchRoom("k", 2, ())])  # a lone job runs whatever its size

@@ -451,3 +451,22 @@ def test_cancels_are_read_for_a_whole_batch_at_once(store):
         store.claim("w")
     store.cancel(ids[1])
     assert store.cancels_requested(ids) == {ids[1]} and store.cancels_requested([]) == set()
+
+
+def test_a_batch_asks_for_no_more_images_than_the_workers_room_for_its_key(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    queued = [store.submit(params(p)) for p in ("a", "b", "c", "d")]
+    other = GenerateRequest.create("e", limits=LIMITS, width=64, height=64, steps=3, seed=1)
+    key = jobs.batch_key(params())
+    rooms = {key: 2, jobs.batch_key(other): 1}
+    claims = store.claim_batch("w0", jobs.NO_LORAS, 4, rooms)
+    assert [c.job_id for c in claims] == [j.id for j in queued[:2]]  # 2 of the 4 that fit --max-batch
+    assert {c.batch_key for c in claims} == {key}
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 4, {"another key": 1})] == [
+        j.id for j in queued[2:]
+    ]
+    big = store.submit(GenerateRequest.create("f", limits=LIMITS, width=64, height=64, steps=2, seed=1, batch=3))
+    store.submit(params("g"))
+    [alone] = store.claim_batch("w0", jobs.NO_LORAS, 4, rooms)  # the first job is taken whatever its size
+    assert alone.job_id == big.id and alone.images == 3
+    store.close()

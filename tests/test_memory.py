@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from zturbo.accel import compile as accel
-from zturbo.accel import fuse
+from zturbo.accel import fuse, graphs
 from zturbo.cli import main
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
@@ -610,3 +610,143 @@ def test_a_lora_merges_into_the_refiners_the_controlnet_shares_under_block_offlo
     streamed = Engine.load(dataclasses.replace(config, memory="block-offload"))
     assert np.array_equal(pixels(streamed.generate("a red fox", loras=lora, **params)), expected)
     assert np.array_equal(pixels(streamed.generate("a red fox", **params)), base)  # the base weights back
+
+
+# ---------------------------------------------------------------------------------------------
+# How many images a batch may hold
+
+
+def room(shape: memory.ModelShape, size: int, free: int, **request: object) -> int:
+    fields = {"cfg": False, "prompt_tokens": 128, "controlled": False} | request
+    return memory.batch_room(shape, 2, width=size, height=size, free_bytes=free, **fields)  # type: ignore[arg-type]
+
+
+def test_the_batch_room_is_what_the_transformer_activation_leaves_room_for(shape):
+    free = 10 * GIB
+    # 1024², 128 prompt tokens: 4,224 rows of max(3 x 10,240 FFN, 3 x 3,840 + 2 x 3,840 float32
+    # RoPE) + 4 x 3,840 residual bf16 values each.
+    one = memory.transformer_activation(shape, 2, 1024, 1024, 1, False, 128)
+    assert one == 4224 * (3 * 10240 + 4 * 3840) * 2
+    assert room(shape, 1024, free) == int(0.9 * free) // one == 24
+    fits = memory.transformer_activation(shape, 2, 1024, 1024, 24, False, 128)
+    assert fits <= 0.9 * free < memory.transformer_activation(shape, 2, 1024, 1024, 25, False, 128)
+
+
+def test_the_batch_room_grows_with_free_memory_and_smaller_images_and_is_never_below_one(shape):
+    rooms = [room(shape, 1024, gib * GIB) for gib in range(0, 41, 2)]
+    assert rooms == sorted(rooms) and rooms[0] == 1 and rooms[-1] == 99
+    assert room(shape, 1024, 0) == room(shape, 1024, GIB // 8) == 1  # nothing fits: a lone job still runs
+    by_size = [room(shape, size, 16 * GIB) for size in (512, 1024, 2048)]
+    assert by_size[0] > by_size[1] > by_size[2] >= 1
+    assert room(shape, 1024, 20 * GIB, most=4) == 4 and room(shape, 2048, 2 * GIB, most=4) == 1
+
+
+def test_the_batch_room_counts_guidance_a_controlnet_and_a_step_graph_pool(shape, control_shape):
+    plain = room(shape, 1024, 20 * GIB)
+    assert room(shape, 1024, 20 * GIB, cfg=True) == plain // 2  # two rows per image
+    assert room(shape, 1024, 20 * GIB, pool_factor=1.5) == int(0.9 * 20 * GIB // (1.5 * 389283840))
+    one = memory.transformer_activation(control_shape, 2, 1024, 1024, 1, False, 128)
+    one += memory.controlnet_activation(control_shape, 2, 1024, 1024, 1, False, 128)
+    assert room(control_shape, 1024, 20 * GIB, controlled=True) == int(0.9 * 20 * GIB) // one < plain
+    assert room(control_shape, 1024, 20 * GIB) == plain  # loaded, but this request has no control image
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("width", 0, "width 0 and height 1024 must be positive"),
+        ("free_bytes", -1, "free_bytes -1 must be 0 or more"),
+        ("pool_factor", 0.5, "pool_factor 0.5 must be at least 1.0"),
+        ("most", 0, "most 0 must be at least 1"),
+    ],
+)
+def test_the_batch_room_names_a_bad_value(shape, field, value, message):
+    fields = {"width": 1024, "height": 1024, "free_bytes": GIB, "cfg": False, "prompt_tokens": 128} | {field: value}
+    with pytest.raises(ValueError, match=message):
+        memory.batch_room(shape, 2, controlled=False, **fields)  # type: ignore[arg-type]
+
+
+def test_only_the_plans_that_move_the_transformer_in_to_denoise_count_its_weights(control_shape):
+    sizes = {"width": 1024, "height": 1024}
+    activation = memory.transformer_activation(control_shape, 2, 1024, 1024, 1, False, 128)
+    for plan in memory.PLANS:
+        onload = memory.denoise_onload(control_shape, BF16, Layout(plan))
+        if plan in ("model-offload", "sequential"):  # off the device between requests
+            denoise = memory.estimate(control_shape, BF16, plan=plan, **sizes).stages["denoise"]
+            control = memory.controlnet_activation(control_shape, 2, 1024, 1024, 1, False, 128)
+            assert onload == denoise - activation - control > 0
+        else:  # held already: what is free is left to the activations
+            assert onload == 0
+    whole = memory.denoise_onload(control_shape, BF16, Layout("model-offload"))
+    assert whole == (control_shape.transformer_params + control_shape.controlnet_params) * 2
+    assert memory.denoise_onload(control_shape, BF16, Layout("model-offload", quantize="int8")) < whole
+
+
+def test_the_engine_plans_a_batch_from_the_memory_free_within_its_budget(fresh, monkeypatch):
+    request = fresh.request("a red fox", width=64, height=64, steps=2)
+    assert fresh.batch_room(request) is None  # the CPU: the host's memory is not planned
+    free = 200 * fresh.shape.dim * 1024  # a few hundred rows of the tiny transformer
+    monkeypatch.setattr(fresh, "device", torch.device("cuda"))
+    monkeypatch.setattr("zturbo.engine.budget_fraction", lambda device: 0.5)  # --vram-budget: no step graphs
+    asked = []
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: asked.append(budget) or free)
+    fresh.vram_budget = 8 * GIB
+    elem = 4  # float32
+    expected = memory.batch_room(fresh.shape, elem, width=64, height=64, cfg=False, prompt_tokens=fresh.max_tokens,
+                                 controlled=False, free_bytes=free)  # fmt: skip
+    assert fresh.batch_room(request) == expected > 1 and asked == [8 * GIB]
+    guided = fresh.request("a red fox", width=64, height=64, steps=2, guidance_scale=2.0)
+    assert fresh.batch_room(guided) == max(1, expected // 2)
+
+    monkeypatch.setattr(fresh.placement, "layout", Layout("model-offload"))
+    weights = memory.denoise_onload(
+        fresh.shape, {"transformer": 4, "text_encoder": 4, "vae": 4}, Layout("model-offload")
+    )
+    assert fresh.batch_room(request) == memory.batch_room(
+        fresh.shape, elem, width=64, height=64, cfg=False, prompt_tokens=fresh.max_tokens, controlled=False,
+        free_bytes=max(0, free - weights),
+    ) < expected  # fmt: skip
+
+    monkeypatch.setattr(fresh.placement, "layout", Layout("resident"))
+    monkeypatch.setattr("zturbo.engine.budget_fraction", lambda device: 1.0)
+    fresh.accel.step_graphs = graphs.StepGraphs()  # the step graphs' pools count
+    assert fresh.batch_room(request) == memory.batch_room(
+        fresh.shape, elem, width=64, height=64, cfg=False, prompt_tokens=fresh.max_tokens, controlled=False,
+        free_bytes=free, pool_factor=1.5,
+    ) < expected  # fmt: skip
+
+
+def test_the_memory_a_process_may_still_allocate_counts_its_vram_budget(monkeypatch):
+    from zturbo import device as devices
+
+    mib = 2**20
+    # No cap: the card's free memory plus the process's own unused cache.
+    assert (
+        devices.capped_room(free=50 * mib, total=100 * mib, fraction=1.0, reserved=30 * mib, allocated=20 * mib)
+        == 60 * mib
+    )
+    # A 40 MiB cap with 30 MiB reserved: 10 MiB of new blocks, though the card has 50 free.
+    assert (
+        devices.capped_room(free=50 * mib, total=100 * mib, fraction=0.4, reserved=30 * mib, allocated=20 * mib)
+        == 20 * mib
+    )
+    # At the cap already: only the unused cache.
+    assert (
+        devices.capped_room(free=50 * mib, total=100 * mib, fraction=0.3, reserved=30 * mib, allocated=20 * mib)
+        == 10 * mib
+    )
+    # The card itself fuller than the cap: its free memory bounds the new blocks.
+    assert (
+        devices.capped_room(free=5 * mib, total=100 * mib, fraction=0.4, reserved=30 * mib, allocated=20 * mib)
+        == 15 * mib
+    )
+
+    assert devices.memory_room(torch.device("cpu"), 8 * GIB) is None
+    assert devices.memory_room(torch.device("mps"), None) is None  # the host's memory
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 3 * GIB)
+    assert devices.memory_room(torch.device("mps"), 8 * GIB) == 5 * GIB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 9 * GIB)
+    monkeypatch.setattr(devices, "budget_fraction", lambda device: 16 / 80)  # --vram-budget 16
+    assert devices.memory_room(torch.device("cuda", 0), 16 * GIB) == 7 * GIB  # not the card's 71

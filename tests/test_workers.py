@@ -59,7 +59,15 @@ def ends(messages: list[Any]) -> list[Any]:
     return [m for m in messages if not isinstance(m, (workers.Progress, workers.GpuFree))]
 
 
-class CancelDuringLastStep:
+class StandIn:
+    """What `run_batch` asks of an engine besides `generate` and its limits: a stand-in plans no
+    device memory (as the CPU engine it wraps), so its batches are never cut."""
+
+    def batch_room(self, request: GenerateRequest) -> int | None:
+        return None
+
+
+class CancelDuringLastStep(StandIn):
     """The engine, with a cancel request arriving while its last denoising step runs."""
 
     def __init__(self, engine: Any, store: jobs.JobStore) -> None:
@@ -292,7 +300,7 @@ def test_progress_previews_reach_the_events_and_go_when_the_job_ends(store, tmp_
     progress = [data for _, event, data in events if event == "progress"]
     assert progress == [{"step": 1, "steps": 2, "preview": base64.b64encode(jpeg).decode()}, {"step": 2, "steps": 2}]
     assert supervisor.progress(job.id) == (2, 2) and supervisor.preview(job.id) == jpeg
-    worker_end.send(workers.GpuFree((job.id,)))
+    worker_end.send(workers.GpuFree((job.id,), 1))
     tick(supervisor)
     assert supervisor.slots[0].state == "ready" and supervisor.workers()[0]["jobs"] == [job.id]  # being written
     worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0))
@@ -378,7 +386,7 @@ def test_the_time_limit_counts_gpu_work_and_the_writing_has_its_own(store, tmp_p
     tick(supervisor)
     assert process.alive
     worker_end.send(workers.Started(claim.job_id))
-    worker_end.send(workers.GpuFree((claim.job_id,)))  # done on the GPU; its images wait for the writer
+    worker_end.send(workers.GpuFree((claim.job_id,), 1))  # done on the GPU; its images wait for the writer
     tick(supervisor)
     assert process.alive and supervisor.slots[0].claims
     supervisor.slots[0].handed[claim.job_id] = time.monotonic() - 2  # the write is past its own deadline
@@ -395,7 +403,7 @@ def test_a_time_out_first_reads_what_the_worker_finished(store, tmp_path):
     slot.gpu_since = time.monotonic() - 120
     claim = slot.claims[job.id]
     assert store.succeed(claim, [])  # the writer recorded it; its messages wait in the pipe
-    worker_end.send(workers.GpuFree((job.id,)))
+    worker_end.send(workers.GpuFree((job.id,), 1))
     worker_end.send(workers.Finished(job.id, jobs.SUCCEEDED, 1.0))
     assert worker_end.poll() is False and slot.conn.poll(5)
     supervisor._check(slot)  # the limit is seen before the loop reads the pipe
@@ -407,7 +415,7 @@ def test_a_failed_send_first_reads_what_the_dead_worker_finished(store, tmp_path
     events: list[Any] = []
     supervisor, worker_end, _, [done] = running_batch(store, tmp_path, ("a fox",), events)
     claim = supervisor.slots[0].claims[done.id]
-    worker_end.send(workers.GpuFree((done.id,)))
+    worker_end.send(workers.GpuFree((done.id,), 1))
     tick(supervisor)
     assert store.succeed(claim, [])
     worker_end.send(workers.Finished(done.id, jobs.SUCCEEDED, 1.0))
@@ -425,3 +433,26 @@ def test_a_window_open_at_shutdown_does_not_spin_the_supervisor(store, tmp_path)
     supervisor.slots[0].window_until = time.monotonic() - 1  # ... and ends while no job may start
     supervisor.stop_dispatch()
     assert supervisor._wait_s() == 0.25  # the loop waits for messages, not 0 s each round
+
+
+def test_jobs_a_worker_gives_back_queue_again_in_their_place_and_a_cancelled_one_ends(store, tmp_path):
+    events: list[Any] = []
+    supervisor, worker_end, _, queued = running_batch(store, tmp_path, ("a fox", "a cat", "a heron"), events)
+    first, given, cancelled = queued
+    store.cancel(cancelled.id)  # flagged while it runs
+    key = jobs.batch_key(batch_request("a fox"))
+    worker_end.send(workers.BatchRoom(key, 1, (given.id, cancelled.id)))
+    tick(supervisor)
+    slot = supervisor.slots[0]
+    assert slot.running == (first.id,) and set(slot.claims) == {first.id} and slot.rooms == {key: 1}
+    after = store.get(given.id)
+    assert (after.status, after.attempts) == (jobs.QUEUED, 0) and batch_keys(store, [given]) == [key]
+    assert store.get(cancelled.id).status == jobs.CANCELLED
+    assert [e[:2] for e in events if e[1] == "requeued"] == [(given.id, "requeued")]
+    assert (cancelled.id, "finished", jobs.CANCELLED) in events
+    later = store.submit(batch_request("a wolf"))
+    worker_end.send(workers.GpuFree((first.id,), 1))
+    tick(supervisor)
+    tick(supervisor)
+    assert [c.job_id for c in worker_end.recv()] == [given.id]  # in its place, and 1 image on this worker
+    assert [c.job_id for c in store.claim_batch("worker-1", jobs.NO_LORAS, 4)] == [later.id]

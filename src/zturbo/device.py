@@ -134,6 +134,31 @@ def free_device_memory(device: torch.device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+def memory_room(device: torch.device, budget: int | None) -> int | None:
+    """Bytes this process could still allocate on `device` within its budget; None where that is
+    the host's memory, which is not planned (the CPU; MPS without a `budget` in bytes).
+
+    CUDA: `free_device_memory`, within the --vram-budget cap, since mem_get_info reports the card's
+    free memory whatever the process's share; the cap is read back (`budget_fraction`), as
+    `apply_vram_budget` set it from `budget`. MPS has no cap: `budget` less what its tensors hold.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+        return capped_room(free, total, budget_fraction(device), reserved, allocated)
+    if device.type == "mps" and budget is not None:
+        return max(0, budget - torch.mps.current_allocated_memory())
+    return None
+
+
+def capped_room(free: int, total: int, fraction: float, reserved: int, allocated: int) -> int:
+    """Bytes a CUDA process may still allocate: new blocks up to the card's `free` memory and up to
+    its cap (`fraction` of `total`, which counts the blocks it has reserved), plus its own reserved
+    but unused cache."""
+    new_blocks = min(free, int(total * fraction) - reserved)
+    return max(0, new_blocks) + reserved - allocated
+
+
 def release_cached_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -38,6 +38,7 @@ from .device import (
     memory_available,
     memory_budget,
     memory_line,
+    memory_room,
     probe,
     release_cached_memory,
     resolve_device,
@@ -59,11 +60,14 @@ from .loader import (
 )
 from .memory.placement import Placement, homes, set_vae_tiling
 from .memory.plan import (
+    FREE_SHARE,
     SPEED_ORDER,
     UNQUANTIZED_PLANS,
     Layout,
+    batch_room,
     compilable,
     controlnet_activation,
+    denoise_onload,
     dtype_bytes,
     estimate,
     fusable,
@@ -165,6 +169,9 @@ class Engine:
         self.max_tokens = caption_limit(components.transformer.config)
         self.vae_tiling_setting = "auto"  # auto | on | off (RuntimeConfig.vae_tiling)
         self.vae_tiling = False
+        # --vram-budget in bytes (None: none): on CUDA it is the process's memory cap as well; MPS
+        # has no cap, so `batch_room` counts against this.
+        self.vram_budget: int | None = None
         # A dict to record each stage's peak device memory into (bytes; None off CUDA): the memory
         # bench sets it to check the estimator's stages. Recording resets the device's peak counter.
         self.stage_peaks: dict[str, int | None] | None = None
@@ -218,6 +225,7 @@ class Engine:
         model = ModelInfo(source.name, source.revision, fingerprint(source))
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
+        engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
         lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
         engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
         t_files = weight_files(source.path / "transformer", WEIGHT_STEMS["transformer"])
@@ -792,7 +800,36 @@ class Engine:
         args = (self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens)
         control = controlnet_activation(*args) if req.inputs.controlled else 0
         pool = STEP_POOL_FACTOR * (transformer_activation(*args) + control)
-        return pool + self._decode_need(req) <= free_device_memory(self.device) * 0.9
+        return pool + self._decode_need(req) <= free_device_memory(self.device) * FREE_SHARE
+
+    def batch_room(self, req: GenerateRequest) -> int | None:
+        """How many images of `req`'s shape (its size, guidance and control image) one batch can
+        make in the device memory free now, at least 1 (`memory.plan.batch_room`); None where no
+        device memory is planned (the CPU; MPS without --vram-budget).
+
+        Free memory counts the --vram-budget cap (`device.memory_room`). The weights: plans that
+        keep theirs and their streaming slots allocated leave the free memory to activations;
+        under model-offload and sequential the denoise stage's weights are off the device between
+        requests, so they are taken off first (`memory.plan.denoise_onload`). Captions are counted
+        at the longest the model takes: their length is known only once they are encoded.
+        """
+        free = memory_room(self.device, self.vram_budget)
+        if free is None:
+            return None
+        sizes = dtype_bytes(self.dtypes)
+        layout = replace(self.placement.layout, quantize=self.accel.quantize)
+        free = max(0, free - denoise_onload(self.shape, sizes, layout))
+        return batch_room(
+            self.shape,
+            sizes["transformer"],
+            width=req.width,
+            height=req.height,
+            cfg=req.do_cfg,
+            prompt_tokens=self.max_tokens,
+            controlled=req.inputs.controlled,
+            free_bytes=free,
+            pool_factor=STEP_POOL_FACTOR if self._step_graphs() is not None else 1.0,
+        )
 
     def _vae_compiled(self) -> bool:
         decoder = self.components.vae.decoder
@@ -801,7 +838,7 @@ class Engine:
     def _decode_fits(self, req: GenerateRequest) -> bool:
         if self.device.type != "cuda":
             return True
-        return self._decode_need(req) <= free_device_memory(self.device) * 0.9
+        return self._decode_need(req) <= free_device_memory(self.device) * FREE_SHARE
 
     def _decode_need(self, req: GenerateRequest) -> int:
         """Bytes an untiled decode of `req` needs above the weights (the planner's estimate)."""

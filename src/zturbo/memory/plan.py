@@ -1,5 +1,6 @@
 """Memory planning: peak GPU memory of a request under each placement plan, the fastest plan that
-fits, and the one `Layout` an engine loads with (`plan_layout`).
+fits, the one `Layout` an engine loads with (`plan_layout`), and how many images of a request's
+shape one batch may hold in the memory free between requests (`batch_room`).
 
 Pure functions of the model's configs, the request and the budget; nothing here moves a tensor
 (`memory.placement` does).
@@ -72,6 +73,12 @@ VAE_ENCODE_LIVE_TENSORS = 5
 # plus the ControlNet's own copies of the unified sequence and its control context.
 CONTROL_COPIES_PER_LAYER = 2
 CONTROL_EXTRA_COPIES = 4
+# The share of the device's free memory a decision made between requests counts on (a step graph's
+# pool, an untiled decode, a batch's size): the rest absorbs the estimates' error and fragmentation.
+FREE_SHARE = 0.9
+# Plans whose transformer weights are off the device between requests and come onto it for the
+# denoise stage: model-offload moves them in whole, sequential's group offloading leaf by leaf.
+DENOISE_ONLOADED = ("model-offload", "sequential")
 
 
 @dataclass(frozen=True)
@@ -389,6 +396,51 @@ def controlnet_activation(
     rows = batch * (2 if cfg else 1) * tokens
     copies = CONTROL_COPIES_PER_LAYER * shape.controlnet_layers + CONTROL_EXTRA_COPIES
     return rows * copies * shape.dim * elem
+
+
+def batch_room(
+    shape: ModelShape,
+    elem: int,
+    *,
+    width: int,
+    height: int,
+    cfg: bool,
+    prompt_tokens: int,
+    controlled: bool,
+    free_bytes: int,
+    pool_factor: float = 1.0,
+    most: int | None = None,
+) -> int:
+    """The most images of one request shape whose denoise activations fit FREE_SHARE of
+    `free_bytes`: the transformer's, and the ControlNet's when `controlled`, times `pool_factor`
+    (a step graph's pool holds more than one eager pass). At least 1, since a lone job always runs
+    (the engine's leaner-plan retry handles one that does not fit); at most `most` when given.
+
+    The activations grow with the batch's rows and nothing else, so one image's divides the room.
+    The decode sets no limit: it runs one image at a time (only its float32 output grows with the
+    batch), and the engine tiles it where it would not fit.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"width {width} and height {height} must be positive pixel counts")
+    if prompt_tokens < 0 or free_bytes < 0:
+        raise ValueError(f"prompt_tokens {prompt_tokens} and free_bytes {free_bytes} must be 0 or more")
+    if pool_factor < 1.0:
+        raise ValueError(f"pool_factor {pool_factor} must be at least 1.0 (a pool holds a whole pass)")
+    if most is not None and most < 1:
+        raise ValueError(f"most {most} must be at least 1 image")
+    args = (shape, elem, width, height, 1, cfg, prompt_tokens)
+    one = transformer_activation(*args) + (controlnet_activation(*args) if controlled else 0)
+    room = max(1, int(free_bytes * FREE_SHARE // (one * pool_factor)))
+    return room if most is None else min(room, most)
+
+
+def denoise_onload(shape: ModelShape, dtype_bytes: dict[str, int], layout: Layout) -> int:
+    """Bytes of weights the denoise stage brings onto the device that are not there between
+    requests: under DENOISE_ONLOADED plans, what that stage holds of the transformer and the
+    ControlNet (`_held`); 0 under the plans that keep their weights and streaming slots allocated."""
+    if layout.plan not in DENOISE_ONLOADED:
+        return 0
+    return _held(shape, dtype_bytes, layout.plan, layout.quantize, layout.resident_blocks, layout.resident_layers)[1]
 
 
 def vae_encode_activation(shape: ModelShape, elem: int, width: int, height: int, tiling: bool) -> int:

@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ MAX_ATTEMPTS = 2
 # job queued more than this long after it (docs/server.md, "Scheduling").
 SAME_SET_WINDOW_S = 30.0
 NO_LORAS = ""  # the LoRA set key of a job without LoRAs (the base weights)
+NO_BATCH = ""  # the batch key of a row that runs alone (queued before batching existed)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -145,6 +146,7 @@ class Claim:
     lora_set: str = NO_LORAS  # the job's LoRA set key (`lora_set_key`)
     preview: bool = False  # the client asked for previews of the latents while it runs
     images: int = 1  # how many images the job makes
+    batch_key: str = NO_BATCH  # `batch_key` of its request (NO_BATCH: it runs alone)
 
 
 def new_id() -> str:
@@ -162,9 +164,6 @@ def batch_key(request: GenerateRequest) -> str:
     """`request.shared()` as one text: jobs with equal keys can run as one batch
     (`GenerateRequest.combine`); NO_BATCH for none."""
     return hashlib.sha256(repr(request.shared()).encode()).hexdigest()
-
-
-NO_BATCH = ""  # the batch key of a row that runs alone (queued before batching existed)
 
 
 def stored_request(params: dict[str, Any], limits: ModelLimits, images: ImageResolver | None = None) -> GenerateRequest:
@@ -603,19 +602,24 @@ class JobStore:
         claims = self.claim_batch(worker, prefer, 1)
         return claims[0] if claims else None
 
-    def claim_batch(self, worker: str, prefer: str, max_images: int) -> list[Claim]:
+    def claim_batch(
+        self, worker: str, prefer: str, max_images: int, rooms: Mapping[str, int] | None = None
+    ) -> list[Claim]:
         """The next job (`_next`), then the waiting jobs that can run in one batch with it (an equal
-        batch key) in queue order, while their images and its stay within `max_images`: all now
-        `running` on `worker` with one more attempt; [] if none waits. The first job is taken
-        whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the worker ran
-        last. A job whose parameters cannot be read is failed with the reason on the way."""
+        batch key) in queue order, while their images and its stay within `max_images`, and within
+        `rooms[key]` where `rooms` has its batch key (the images the worker's memory was found to
+        hold): all now `running` on `worker` with one more attempt; [] if none waits. The first job
+        is taken whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the
+        worker ran last. A job whose parameters cannot be read is failed with the reason on the way."""
         with self._tx() as db:
             first = self._next_readable(db, prefer)
             if first is None:
                 return []
             rows = [first]
-            if first[0]["batch_key"] != NO_BATCH:
-                rows += self._companions(db, first[0], max_images - first[0]["image_count"])
+            key = first[0]["batch_key"]
+            if key != NO_BATCH:
+                most = min(max_images, (rooms or {}).get(key, max_images))
+                rows += self._companions(db, first[0], most - first[0]["image_count"])
             now = time.time()
             claims = []
             for row, params in rows:
@@ -625,7 +629,15 @@ class JobStore:
                     (RUNNING, attempt, worker, now, row["id"]),
                 )
                 claims.append(
-                    Claim(row["id"], attempt, params, row["lora_set"], bool(row["preview"]), row["image_count"])
+                    Claim(
+                        row["id"],
+                        attempt,
+                        params,
+                        row["lora_set"],
+                        bool(row["preview"]),
+                        row["image_count"],
+                        row["batch_key"],
+                    )
                 )
         return claims
 

@@ -44,10 +44,10 @@ class Metrics:
             "zturbo_job_latency_seconds", "Seconds from submission to the end", buckets=LATENCY_BUCKETS, registry=r
         )
         self.batch_images = Histogram(
-            "zturbo_batch_images", "Images per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
+            "zturbo_batch_images", "Images per batch a worker ran on its GPU", buckets=BATCH_BUCKETS, registry=r
         )
         self.batch_jobs = Histogram(
-            "zturbo_batch_jobs", "Jobs per batch sent to a worker", buckets=BATCH_BUCKETS, registry=r
+            "zturbo_batch_jobs", "Jobs per batch a worker ran on its GPU", buckets=BATCH_BUCKETS, registry=r
         )
         r.register(_LiveCollector(service))
         self._run_sum = 0.0

@@ -109,7 +109,8 @@ def _batch_arguments(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=int,
         default=4,
-        help="most images a worker makes in one batch of compatible jobs; 1: one job at a time (default 4)",
+        help="most images a worker makes in one batch of compatible jobs (fewer where its free GPU memory holds "
+        "fewer); 1: one job at a time (default 4)",
     )
     p.add_argument(
         "--batch-window-ms",

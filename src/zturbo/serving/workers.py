@@ -2,8 +2,9 @@
 
 The supervisor thread (in the server process) is the only dispatcher: when a worker's GPU is free
 it claims the next queued job, with the waiting jobs that can share its batch (`JobStore.claim_batch`),
-and sends them over that worker's pipe. The worker runs them as one batch and hands the images to
-its writer thread, which encodes and writes them (named from the job id and image index, so a
+and sends them over that worker's pipe. The worker runs them as one batch (or, where its free GPU
+memory holds fewer images, the first jobs that fit, giving the rest back: `BatchRoom`) and hands the
+images to its writer thread, which encodes and writes them (named from the job id and image index, so a
 re-run overwrites the same files) and then marks each job done in SQLite with its claim's token,
 so a job is done exactly once and only once its files are durable. Meanwhile the worker tells the
 supervisor that its GPU is free and runs the next batch. A worker that dies has every job it holds
@@ -81,9 +82,23 @@ class Progress:
 
 @dataclass(frozen=True)
 class GpuFree:
-    """The worker's GPU is done with these jobs (their images are with the writer): send the next batch."""
+    """The worker's GPU is done with these jobs (their images are with the writer): send the next batch.
+    `images`: what the batch ran (the jobs' images), for the batch metrics."""
 
     job_ids: tuple[str, ...]
+    images: int
+
+
+@dataclass(frozen=True)
+class BatchRoom:
+    """The worker's free GPU memory holds only `images` images of this batch key's shape: it runs
+    the batch's first jobs that fit and gives `returned` back, for the supervisor to queue again in
+    their place (no attempt counted; they may batch again). Later claims for the key ask for at
+    most `images` images on this worker, until it restarts."""
+
+    batch_key: str
+    images: int
+    returned: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -216,6 +231,7 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
             runnable.append((claim, jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)))
         except ZTurboError as e:
             outcomes.append(Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}))
+    runnable, returned = _within_room(engine, runnable, channel)
     done = BatchDone(outcomes, start)
     if runnable:
         done.outcomes += _generate(engine, store, runnable, writer, done)
@@ -223,9 +239,35 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
     for outcome in [o for o in done.outcomes if o.status == REQUEUE]:
         _requeue_solo(store, outcome, channel)  # told before GpuFree: the supervisor never resends a stale claim
     done.outcomes = [o for o in done.outcomes if o.status != REQUEUE]
+    ran = [claim for claim in claims if claim.job_id not in returned]
     # GpuFree first: the batch's time limit stops with its GPU work, not after a wait for the writer.
-    channel.send(GpuFree(tuple(claim.job_id for claim in claims)))
+    channel.send(GpuFree(tuple(claim.job_id for claim in ran), sum(claim.images for claim in ran)))
     writer.put(done)
+
+
+def _within_room(
+    engine: Any, runnable: list[tuple[jobs.Claim, Any]], channel: Channel
+) -> tuple[list[tuple[jobs.Claim, Any]], set[str]]:
+    """The longest run of `runnable`'s first jobs whose images fit the engine's `batch_room` (the
+    first job whatever its size), and the ids of the others, given back with a `BatchRoom` before
+    any GPU work. The supervisor, not this worker, queues them again: it alone claims jobs, so no
+    other worker can hold a claim of theirs before it has taken them from this one."""
+    if not runnable:
+        return runnable, set()
+    requests = [request for _, request in runnable]
+    room = engine.batch_room(requests[0])  # in images of the shape the whole batch shares (`shared()`)
+    images = sum(request.num_images for request in requests)
+    if room is None or room >= images:
+        return runnable, set()
+    kept, held = 1, requests[0].num_images
+    while kept < len(requests) and held + requests[kept].num_images <= room:
+        held += requests[kept].num_images
+        kept += 1
+    returned = tuple(claim.job_id for claim, _ in runnable[kept:])
+    message = "free GPU memory holds %d of the batch's %d images: running %d of its %d jobs"
+    logging.getLogger("zturbo").info(message, room, images, kept, len(runnable))
+    channel.send(BatchRoom(runnable[0][0].batch_key, room, returned))
+    return runnable[:kept], set(returned)
 
 
 def _requeue_solo(store: jobs.JobStore, outcome: Outcome, channel: Channel) -> None:
@@ -526,6 +568,8 @@ class WorkerSlot:
     last_error: str | None = None  # why it last died, for /v1/status
     crash_reason: str | None = None  # what the running process reported before exiting
     lora_set: str = jobs.NO_LORAS  # the LoRA set of the last job sent to the running process
+    # The running process's room in images per batch key (`BatchRoom`): its claims ask for no more.
+    rooms: dict[str, int] = field(default_factory=dict)
     lora_stats: dict[str, float] = field(default_factory=dict)  # the running process's (`_lora_stats`)
     lora_totals: dict[str, float] = field(default_factory=dict)  # counted before the last restart (`take_lora_stats`)
 
@@ -569,7 +613,9 @@ class Hooks:
     on_event: Callable[[str, str, dict[str, Any]], None] = lambda job_id, event, data: None
     on_finished: Callable[[Finished], None] = lambda msg: None
     on_restart: Callable[[str, str], None] = lambda worker_id, reason: None
-    on_batch: Callable[[int, int], None] = lambda jobs, images: None  # a batch was sent: its jobs and images
+    # A batch's GPU work ended (GpuFree): the jobs and images it ran. A batch its worker died in is
+    # not counted; its jobs are, where they run again.
+    on_batch: Callable[[int, int], None] = lambda jobs, images: None
 
 
 class Supervisor:
@@ -736,7 +782,7 @@ class Supervisor:
             if self._in_window(s):
                 continue
             with self._lock:
-                claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch) if self._dispatching else []
+                claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms) if self._dispatching else []
             if not claims:
                 return
             try:
@@ -767,7 +813,6 @@ class Supervisor:
             s.claims |= {claim.job_id: claim for claim in claims}
             s.running = tuple(claim.job_id for claim in claims)
             s.gpu_since, s.state, s.lora_set = None, "busy", claims[0].lora_set
-        self.hooks.on_batch(len(claims), sum(claim.images for claim in claims))
         for claim in claims:
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
 
@@ -798,6 +843,9 @@ class Supervisor:
             self._progressed(msg)
         elif isinstance(msg, GpuFree):
             self._gpu_free(s, msg.job_ids)
+            self.hooks.on_batch(len(msg.job_ids), msg.images)
+        elif isinstance(msg, BatchRoom):
+            self._batch_room(s, msg)
         elif isinstance(msg, Finished):
             with self._lock:
                 self._forget(s, msg.job_id)
@@ -828,6 +876,23 @@ class Supervisor:
             if not s.running:
                 s.gpu_since = None
             self._free_if_done(s)
+
+    def _batch_room(self, s: WorkerSlot, msg: BatchRoom) -> None:
+        """Keep the worker's room for the batch key; queue the jobs it gave back again, each in its
+        place, its attempt not counted and still free to batch (the batch's size did not fit, not
+        the job)."""
+        with self._lock:
+            s.rooms[msg.batch_key] = msg.images
+        reason = (
+            f"its batch did not fit in {s.id}'s free GPU memory (room for {msg.images} images); it runs in a later one"
+        )
+        for job_id in msg.returned:
+            claim = s.claims.get(job_id)
+            if claim is None:
+                continue
+            job = self.store.release(job_id, claim.attempt, reason, count_attempt=False)
+            status, attempts = (job.status, job.attempts) if job is not None else (None, claim.attempt)
+            self._released(s, Released(job_id, status, attempts, reason))
 
     def _released(self, s: WorkerSlot, msg: Released) -> None:
         self._forget(s, msg.job_id)
@@ -969,6 +1034,7 @@ class Supervisor:
             for name in _LORA_COUNTERS:
                 s.lora_totals[name] = s.lora_totals.get(name, 0.0) + s.lora_stats.get(name, 0.0)
             s.lora_stats, s.lora_set = {}, jobs.NO_LORAS
+            s.rooms = {}  # its GPU memory is measured anew
 
     def _halt(self, s: WorkerSlot) -> None:
         if s.process is None:
