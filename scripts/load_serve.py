@@ -97,6 +97,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--no-engine", action="store_true", help="skip the engine's rows (no ratios then)")
     p.add_argument("--no-restart", action="store_true", help="skip the warm restart")
     p.add_argument("--no-serve", action="store_true", help="skip the cold start and the scenarios")
+    p.add_argument("--no-load", action="store_true", help="start the server cold but send it no requests")
     p.add_argument(
         "--warm-only",
         action="store_true",
@@ -622,7 +623,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
             res["scenarios"][sc.key] = run_scenario(url, key, sc, args, pairs)
             write(res, args, out)
 
-    res["starts"]["cold"] = serve_phase(args, work, out, "cold", during=load)
+    res["starts"]["cold"] = serve_phase(args, work, out, "cold", during=None if args.no_load else load)
     write(res, args, out)
     if not args.no_restart:
         res["starts"]["warm"] = serve_phase(args, work, out, "warm")
