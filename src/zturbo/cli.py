@@ -33,12 +33,31 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _single_file_args(p: argparse.ArgumentParser) -> None:
+    for component, example in (
+        ("transformer", "z_image_turbo_bf16.safetensors"),
+        ("text-encoder", "qwen_3_4b.safetensors"),
+        ("vae", "ae.safetensors"),
+    ):
+        env_name = "ZTURBO_" + component.replace("-", "_").upper() + "_FILE"
+        p.add_argument(
+            f"--{component}",
+            dest=component.replace("-", "_") + "_file",
+            metavar="FILE",
+            default=None,
+            help=f"ComfyUI's single {component.replace('-', ' ')} file (e.g. {example}); the three flags come "
+            f"together and replace --model (default ${env_name})",
+        )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help=f"hub repo id, local diffusers directory, or {TINY_MODEL!r} (default: $ZTURBO_MODEL or {DEFAULT_MODEL})",
+        help=f"hub repo id, local diffusers directory, a directory of ComfyUI's single files (or its models/ tree), "
+        f"or {TINY_MODEL!r} (default: $ZTURBO_MODEL or {DEFAULT_MODEL})",
     )
+    _single_file_args(p)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="dtype of every component (default auto)")
     for component in ("transformer", "text-encoder", "vae"):
@@ -435,7 +454,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     library = _lora_library(config)
     request = _generate_request(args, given, params, limits, library)
     # No separate warm-up: with --compile on, the request itself compiles at its own size.
-    engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+    engine = Engine.load(config, source=resolve_model(config.model, files=config.component_files()), warmup=False)
     engine.loras = library  # the engine's directory and settings, with the files' hashes already known
     _warn_if_not_reproducible(source_meta, engine)
     with _progress(request.steps, disabled=args.quiet) as bar:
@@ -489,7 +508,7 @@ def _preflight(config: Any) -> tuple[Any, Any]:
 
     caps = probe(resolve_device(config.device))
     check_quantize(config.quantize, caps)
-    source = resolve_model(config.model, weights=False)
+    source = resolve_model(config.model, weights=False, files=config.component_files())
     plan = choose_precision(
         caps,
         dtype=config.dtype,
@@ -758,7 +777,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             log.warning("row %d: %s", row.number, row.error)
     pending = [r for r in rows if r.status == "pending"]
     if pending:
-        engine = Engine.load(config, source=resolve_model(config.model), warmup=False)
+        engine = Engine.load(config, source=resolve_model(config.model, files=config.component_files()), warmup=False)
         engine.loras = library  # with the hashes the row checks computed
         _run_batch(args, engine, rows, directory, manifest)
     if args.grid:
@@ -991,7 +1010,7 @@ def _model_for_from(config: Any, args: argparse.Namespace, meta: dict[str, Any])
     from .loader import resolve_model
 
     recorded = meta.get("model")
-    if not recorded or args.model is not None or env("ZTURBO_MODEL"):
+    if not recorded or args.model is not None or env("ZTURBO_MODEL") or config.component_files():
         return config
     try:
         resolve_model(recorded, weights=False)
@@ -1003,11 +1022,19 @@ def _model_for_from(config: Any, args: argparse.Namespace, meta: dict[str, Any])
     return dataclasses.replace(config, model=recorded)
 
 
+def _model_text(config: Any) -> str:
+    files = config.component_files()
+    return config.model if files is None else " + ".join(files[c] for c in ("transformer", "text_encoder", "vae"))
+
+
 def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
     from .config import RuntimeConfig
 
     return RuntimeConfig.from_env(
         model=args.model,
+        transformer_file=getattr(args, "transformer_file", None),
+        text_encoder_file=getattr(args, "text_encoder_file", None),
+        vae_file=getattr(args, "vae_file", None),
         controlnet=getattr(args, "controlnet", None),
         device=args.device,
         dtype=args.dtype,
@@ -1062,7 +1089,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("flash attention", "yes" if caps.flash_attention else "no"),
         ("FlashAttention 3", _fa3_text(caps)),
         ("memory", memory_line(device)),
-        ("model", config.model),
+        ("model", _model_text(config)),
         ("controlnet", _controlnet_text(config.controlnet)),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
         *([("fp16 guard", guard.describe())] if plan.transformer.dtype is torch.float16 else []),
@@ -1107,7 +1134,7 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
     from .memory import plan as memory
     from .request import GenerateRequest
 
-    source = resolve_model(config.model, weights=False)
+    source = resolve_model(config.model, weights=False, files=config.component_files())
     GenerateRequest.create(
         "x", limits=source.limits(config.max_pixels), width=args.width, height=args.height, batch=args.batch
     )

@@ -25,7 +25,10 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 # Every environment variable zturbo reads, with one line of doc each. Nothing reads a ZTURBO_*
 # variable except through `env()`, so this table is the whole list (a test checks it).
 ENV_VARS: dict[str, str] = {
-    "ZTURBO_MODEL": "the model: a hub repo id, a local diffusers directory or tiny-random (--model)",
+    "ZTURBO_MODEL": "the model: a hub repo id, a local diffusers or ComfyUI directory, or tiny-random (--model)",
+    "ZTURBO_TRANSFORMER_FILE": "ComfyUI's transformer file, with the text encoder and VAE files (--transformer)",
+    "ZTURBO_TEXT_ENCODER_FILE": "ComfyUI's text encoder file, e.g. qwen_3_4b.safetensors (--text-encoder)",
+    "ZTURBO_VAE_FILE": "ComfyUI's VAE file, e.g. ae.safetensors (--vae)",
     "ZTURBO_DEVICE": "auto, cpu, cuda, cuda:N or mps (--device)",
     "ZTURBO_DTYPE": "dtype of every component: auto, bfloat16, float16 or float32 (--dtype)",
     "ZTURBO_COMPILE": "torch.compile: auto, on or off (--compile)",
@@ -111,6 +114,10 @@ class RuntimeConfig:
     # A ControlNet loaded with the model (a hub repo id, a diffusers directory or a single
     # .safetensors file); None: requests cannot take a control image.
     controlnet: str | None = None
+    # ComfyUI's single files, all three or none; they replace `model` (zturbo.singlefile).
+    transformer_file: str | None = None
+    text_encoder_file: str | None = None
+    vae_file: str | None = None
     # Compiled artifacts kept across processes (accel.artifacts); None: compile afresh each start.
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache)
 
@@ -131,8 +138,23 @@ class RuntimeConfig:
             raise InvalidRequestError(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
         if self.max_pixels < 16 * 16:
             raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
+        given = [n for n, v in self.component_files_given().items() if v]
+        if given and len(given) < 3:
+            missing = [f"{n}_file" for n, v in self.component_files_given().items() if not v]
+            raise InvalidRequestError(
+                f"single files come as a set: {', '.join(f'{n}_file' for n in given)} given, but "
+                f"{' and '.join(missing)} missing (pass --transformer, --text-encoder and --vae together)"
+            )
         if not self.model.strip():
             raise InvalidRequestError("model is empty; pass a hub repo id, a local directory or 'tiny-random'")
+
+    def component_files_given(self) -> dict[str, str | None]:
+        return {"transformer": self.transformer_file, "text_encoder": self.text_encoder_file, "vae": self.vae_file}
+
+    def component_files(self) -> dict[str, str] | None:
+        """The single files that replace `model`, or None when `model` names the checkpoint."""
+        files = self.component_files_given()
+        return {k: v for k, v in files.items() if v} if all(files.values()) else None
 
     def component_dtypes(self) -> dict[str, str | None]:
         return {"transformer": self.transformer_dtype, "text_encoder": self.text_encoder_dtype, "vae": self.vae_dtype}
@@ -151,6 +173,9 @@ class RuntimeConfig:
             "memory",
             "lora_dir",
             "controlnet",
+            "transformer_file",
+            "text_encoder_file",
+            "vae_file",
         ):
             text = env(f"ZTURBO_{field.upper()}", environ)
             if text:

@@ -49,14 +49,12 @@ from .inputs.images import read_image
 from .inputs.prepare import Prepared, paste_back, prepare
 from .inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM, ImageInputs, control_steps, img2img_first_step
 from .loader import (
-    WEIGHT_STEMS,
     Components,
     ModelSource,
+    base_reader,
     fingerprint,
     load_components,
     resolve_model,
-    tensor_reader,
-    weight_files,
 )
 from .memory.placement import Placement, homes, set_vae_tiling
 from .memory.plan import (
@@ -208,7 +206,7 @@ class Engine:
         caps = probe(device)
         phases.mark("device_s")
         check_quantize(config.quantize, caps)
-        source = source or resolve_model(config.model)
+        source = source or resolve_model(config.model, files=config.component_files())
         vae_upcast = bool(source.config("vae").get("force_upcast", True))
         precision = choose_precision(
             caps, dtype=config.dtype, overrides=config.component_dtypes(), vae_force_upcast=vae_upcast
@@ -228,8 +226,7 @@ class Engine:
         engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
         lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
         engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
-        t_files = weight_files(source.path / "transformer", WEIGHT_STEMS["transformer"])
-        engine.base_reader = tensor_reader(t_files, dtypes["transformer"])
+        engine.base_reader = base_reader(source, components.transformer, dtypes["transformer"])
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))
         options = AccelOptions(
             compile=compile_ and compilable(layout.plan), quantize=layout.quantize, fuse=fusable(layout.plan)

@@ -11,10 +11,10 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from .config import TINY_MODEL
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .request import ModelLimits
+
+if TYPE_CHECKING:
+    from .singlefile import FileSet
 
 log = logging.getLogger("zturbo")
 
@@ -46,6 +49,8 @@ class ModelSource:
     path: Path
     revision: str | None  # hub commit, when it came from the hub
     repo_id: str | None
+    # Single files (ComfyUI's) the weights come from; `path` then holds only configs and tokenizer.
+    files: FileSet | None = None
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -62,13 +67,21 @@ def spatial_unit(source: ModelSource) -> int:
     return vae_factor * int(patch)
 
 
-def resolve_model(name: str, *, weights: bool = True) -> ModelSource:
+def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] | None = None) -> ModelSource:
     """Find `name`: an existing directory, 'tiny-random', or a hub repo id (downloaded into the HF cache).
 
+    A directory without model_index.json that holds ComfyUI's single files (or a ComfyUI models/
+    tree) is read through zturbo.singlefile, as are `files` (component -> file), which replace `name`.
     With weights=False only configs and tokenizer files are fetched from the hub (cheap), so a
     request can be validated before a multi-GB download starts.
     """
+    from . import singlefile
+
     path = Path(name).expanduser()
+    if files is not None:
+        return _single_file_source(None, singlefile.explicit_file_set(files))
+    if path.is_dir() and singlefile.is_file_set_dir(path):
+        return _single_file_source(str(path.resolve()), singlefile.find_file_set(path))
     if path.is_dir():
         source = ModelSource(str(path.resolve()), path.resolve(), _cache_revision(path.resolve()), None)
     elif name == TINY_MODEL:
@@ -83,6 +96,15 @@ def resolve_model(name: str, *, weights: bool = True) -> ModelSource:
         )
     check_layout(source.path, weights=weights)
     return source
+
+
+def _single_file_source(name: str | None, files: FileSet) -> ModelSource:
+    """Single files with the configs and tokenizer the package ships for their size."""
+    from . import singlefile
+
+    root = singlefile.config_dir(singlefile.variant_of(files))
+    check_layout(root, weights=False)
+    return ModelSource(name or files.describe(), root, None, None, files)
 
 
 def _download(repo_id: str, weights: bool) -> ModelSource:
@@ -205,10 +227,22 @@ def load_weights(
     keys for which `keep_float32` is true are cast to float32 instead of `dtype`.
     Missing, unexpected and mis-shaped keys are errors.
     """
+    entries = ((raw, path, rename(raw), tensor) for raw, path, tensor in iter_tensors(files))
+    load_tensors(module, entries, files[0].parent, device, dtype, keep_float32)
+
+
+def load_tensors(
+    module: torch.nn.Module,
+    entries: Iterable[tuple[str, Path, str | None, torch.Tensor]],
+    where: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    keep_float32: Callable[[str], bool] = lambda k: False,
+) -> None:
+    """`load_weights` for (stored key, file, module key or None to skip, tensor) entries."""
     expected = module.state_dict(keep_vars=True)
     seen: set[str] = set()
-    for raw_key, path, tensor in iter_tensors(files):
-        key = rename(raw_key)
+    for raw_key, path, key, tensor in entries:
         if key is None:
             continue
         if key not in expected:
@@ -228,7 +262,6 @@ def load_weights(
     missing = sorted(set(expected) - seen)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        where = files[0].parent
         raise CheckpointError(f"{where}: {len(missing)} tensor(s) missing from the weights: {shown}")
     # Non-persistent buffers (e.g. rotary frequencies) were built for real on the CPU.
     module.to(device)
@@ -324,18 +357,16 @@ def load_components(
     t_dtype = dtypes["transformer"]
     # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
     keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
-    t_files = weight_files(root / "transformer", WEIGHT_STEMS["transformer"])
-    load_weights(transformer, t_files, homes["transformer"], t_dtype, keep_float32=keep)
+    _load_component(source, "transformer", transformer, homes["transformer"], t_dtype, keep=keep)
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
-    load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), homes["vae"], dtypes["vae"])
+    _load_component(source, "vae", vae, homes["vae"], dtypes["vae"])
 
     te_cls = _text_encoder_class(root)
     te_config = AutoConfig.from_pretrained(root / "text_encoder")
     text_encoder = _empty(lambda: te_cls._from_config(te_config))
     rename = text_encoder_key(set(text_encoder.state_dict().keys()))
-    te_files = weight_files(root / "text_encoder", WEIGHT_STEMS["text_encoder"])
-    load_weights(text_encoder, te_files, homes["text_encoder"], dtypes["text_encoder"], rename)
+    _load_component(source, "text_encoder", text_encoder, homes["text_encoder"], dtypes["text_encoder"], rename)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
@@ -351,6 +382,39 @@ def load_components(
         n = sum(p.numel() for p in module.parameters())
         log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
     return components
+
+
+def _load_component(
+    source: ModelSource,
+    name: str,
+    module: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    rename: Callable[[str], str | None] = lambda k: k,
+    keep: Callable[[str], bool] = lambda k: False,
+) -> None:
+    """Stream one component's weights from the diffusers layout or from its single file."""
+    if source.files is None:
+        load_weights(module, weight_files(source.path / name, WEIGHT_STEMS[name]), device, dtype, rename, keep)
+        return
+    from . import singlefile
+
+    plan = singlefile.plan(name, source.files.path(name), source.config(name), module, rename)
+    if plan.fp8:
+        log.info("%s: %d fp8 weights (%d scaled) dequantized to %s", name, plan.fp8, len(plan.scales), dtype)
+    load_tensors(module, singlefile.stored_tensors(plan, device), plan.path, device, dtype, keep)
+
+
+def base_reader(source: ModelSource, transformer: torch.nn.Module, dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
+    """`tensor_reader` for the transformer's weights wherever they come from."""
+    if source.files is None:
+        return tensor_reader(weight_files(source.path / "transformer", WEIGHT_STEMS["transformer"]), dtype)
+    from . import singlefile
+
+    config = source.config("transformer")
+    return singlefile.tensor_reader(
+        singlefile.plan("transformer", source.files.transformer, config, transformer), dtype
+    )
 
 
 def load_controlnet(
@@ -426,6 +490,10 @@ def fingerprint(source: ModelSource) -> str:
     safetensors header (names, shapes, dtypes, offsets) and three 1 MiB samples.
     """
     h = hashlib.sha256()
+    if source.files is not None:
+        for name in ("transformer", "text_encoder", "vae"):
+            h.update(f"{name}\0{_file_digest(source.files.path(name))}\n".encode())
+        return h.hexdigest()
     for path in sorted(p for p in source.path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         rel = path.relative_to(source.path).as_posix()
         if rel.split("/")[0] not in COMPONENTS and rel != "model_index.json":

@@ -154,7 +154,9 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     _check_numbers(args)
     devices = worker_devices(args.gpus, args.device)
     config = runtime_config
-    source = resolve_model(config.model, weights=False)  # fail on a bad model name before binding
+    source = resolve_model(
+        config.model, weights=False, files=config.component_files()
+    )  # fail on a bad model name before binding
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
     lora_dir = Path(args.lora_dir or config.lora_dir or data_dir / "loras").expanduser()
