@@ -349,3 +349,46 @@ def test_an_unreadable_quantization_is_refused_naming_it(comfy_tree, tmp_path):
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=r"'layers.0.feed_forward.w1.comfy_quant' is quantized as 'nvfp4'"):
         Engine.load(RuntimeConfig(model=str(tree), device="cpu", dtype="float32"), warmup=False)
+
+
+def test_the_shipped_configs_fit_comfyuis_real_size_layout(monkeypatch):
+    """Real-size ComfyUI headers (meta tensors, no weights) plan against the shipped configs."""
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import AutoConfig, Qwen3Model
+
+    from zturbo import singlefile
+    from zturbo.loader import _empty, text_encoder_key
+
+    root = singlefile.config_dir(singlefile.PUBLISHED_VARIANT)
+    transformer = _empty(
+        lambda: ZImageTransformer2DModel.from_config(singlefile.variant_config("Z-Image-Turbo", "transformer"))
+    )
+    vae = _empty(lambda: AutoencoderKL.from_config(singlefile.variant_config("Z-Image-Turbo", "vae")))
+    text_encoder = _empty(lambda: Qwen3Model._from_config(AutoConfig.from_pretrained(root / "text_encoder")))
+    with torch.device("meta"):
+        states = {
+            "transformer": comfy_transformer(transformer.state_dict()),
+            "vae": comfy_vae(vae.state_dict(), 4),
+            "text_encoder": {f"model.{k}": v for k, v in text_encoder.state_dict().items()},
+        }
+    headers = {c: {k: ("BF16", tuple(v.shape)) for k, v in s.items()} for c, s in states.items()}
+    monkeypatch.setattr(singlefile, "_header", lambda path: headers[path.name])
+    files = singlefile.FileSet(Path("transformer"), Path("text_encoder"), Path("vae"))
+    assert singlefile.variant_of(files) == "Z-Image-Turbo"
+    modules = {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
+    for component, module in modules.items():
+        rename = text_encoder_key(set(module.state_dict())) if component == "text_encoder" else (lambda k: k)
+        plan = singlefile.plan(
+            component,
+            files.path(component),
+            module.config.to_dict() if component == "text_encoder" else module.config,
+            module,
+            rename,
+        )
+        assert sum(len(p) for p in plan.pieces.values()) == len(module.state_dict())
+    qkv = dict(singlefile.plan("transformer", files.transformer, transformer.config, transformer).pieces)[
+        "layers.29.attention.qkv.weight"
+    ]
+    assert [(p.key, p.offset) for p in qkv] == [
+        (f"layers.29.attention.to_{x}.weight", i * 3840 * 3840) for i, x in enumerate("qkv")
+    ]
