@@ -27,6 +27,8 @@ from .errors import CheckpointError, ModelNotFoundError
 PARTS = ("transformer", "text_encoder", "vae")
 # ComfyUI's folder under models/ and the file name it publishes, per component.
 FOLDERS = {"transformer": "diffusion_models", "text_encoder": "text_encoders", "vae": "vae"}
+# The folders older ComfyUI installs use for the same files.
+_LEGACY_FOLDERS = ("unet", "clip")
 PUBLISHED_NAMES = {
     "transformer": "z_image_turbo_bf16.safetensors",
     "text_encoder": "qwen_3_4b.safetensors",
@@ -145,7 +147,7 @@ def explicit_file_set(files: Mapping[str, str]) -> FileSet:
 
 def _candidates(directory: Path) -> Iterator[Path]:
     for base in (directory, directory / "models"):
-        for folder in (base, *(base / f for f in FOLDERS.values())):
+        for folder in (base, *(base / f for f in (*FOLDERS.values(), *_LEGACY_FOLDERS))):
             if folder.is_dir():
                 yield from (p.resolve() for p in folder.glob("*.safetensors") if p.is_file())
 
@@ -321,11 +323,16 @@ def plan(
     header = _header(path)
     scales, ignored = _quantization(path, header)
     body = {k: torch.empty(shape, device="meta") for k, (_, shape) in header.items() if k not in ignored}
-    converted = _CONVERTERS[component](dict(body), dict(config))
+    try:
+        converted = _CONVERTERS[component](dict(body), dict(config))
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: diffusers' conversion of the {component} failed ({e!r})") from None
     origin = {id(t): k for k, t in body.items()}
     pieces: dict[str, list[Piece]] = {}
     dropped: set[str] = set()
     for key, tensor in converted.items():
+        if tensor is None:  # a key the conversion looked for and did not find: reported as missing below
+            continue
         base = tensor if id(tensor) in origin else tensor._base
         if base is None or id(base) not in origin:
             raise CheckpointError(f"{path}: the conversion builds {key!r} from several tensors; it cannot be streamed")
