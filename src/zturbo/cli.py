@@ -1044,6 +1044,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from . import guard
     from .device import memory_line, probe, resolve_device
+    from .loader import describe_origin
     from .precision import COMPONENTS, choose_precision
 
     config = _runtime_config(args)
@@ -1062,7 +1063,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("flash attention", "yes" if caps.flash_attention else "no"),
         ("FlashAttention 3", _fa3_text(caps)),
         ("memory", memory_line(device)),
-        ("model", config.model),
+        ("model", f"{config.model}  ({describe_origin(config.model)})"),
         ("controlnet", _controlnet_text(config.controlnet)),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
         *([("fp16 guard", guard.describe())] if plan.transformer.dtype is torch.float16 else []),

@@ -1,4 +1,4 @@
-"""Model resolution (local directory, hub repo id, tiny-random) and streaming weight loading.
+"""Model resolution (local directory, hub or ModelScope repo id, tiny-random) and streaming weight loading.
 
 Weights are read tensor by tensor from safetensors, cast to the target dtype on the target
 device and assigned into modules built on the meta device, so no full-precision copy of a
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .config import TINY_MODEL
+from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .request import ModelLimits
@@ -46,6 +46,7 @@ class ModelSource:
     path: Path
     revision: str | None  # hub commit, when it came from the hub
     repo_id: str | None
+    origin: str = "local"  # where it came from: hf, modelscope, local or tiny-random
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -63,26 +64,57 @@ def spatial_unit(source: ModelSource) -> int:
 
 
 def resolve_model(name: str, *, weights: bool = True) -> ModelSource:
-    """Find `name`: an existing directory, 'tiny-random', or a hub repo id (downloaded into the HF cache).
+    """Find `name`: an existing directory, 'tiny-random', or a repo id downloaded into its hub's
+    cache: 'modelscope:owner/name' from ModelScope, 'hf:owner/name' from the Hugging Face hub, and
+    a plain 'owner/name' from the hub ZTURBO_MODEL_SOURCE names (the Hugging Face hub unless set).
 
-    With weights=False only configs and tokenizer files are fetched from the hub (cheap), so a
-    request can be validated before a multi-GB download starts.
+    With weights=False only configs and tokenizer files are fetched (cheap), so a request can be
+    validated before a multi-GB download starts.
     """
+    from .modelscope_source import split_hub
+
     path = Path(name).expanduser()
     if path.is_dir():
         source = ModelSource(str(path.resolve()), path.resolve(), _cache_revision(path.resolve()), None)
     elif name == TINY_MODEL:
         from .tiny import ensure_tiny_checkpoint
 
-        source = ModelSource(name, ensure_tiny_checkpoint(), None, None)
-    elif _REPO_ID.match(name):
-        source = _download(name, weights)
+        source = ModelSource(name, ensure_tiny_checkpoint(), None, None, TINY_MODEL)
     else:
-        raise ModelNotFoundError(
-            f"model {name!r} is neither an existing directory nor a hub repo id (owner/name) nor {TINY_MODEL!r}"
-        )
+        hub, repo_id = split_hub(name)
+        if not _REPO_ID.match(repo_id):
+            raise ModelNotFoundError(
+                f"model {name!r} is neither an existing directory nor a hub repo id (owner/name, or "
+                f"modelscope:owner/name) nor {TINY_MODEL!r}"
+            )
+        if (hub or model_source()) == "modelscope":
+            source = _download_modelscope(repo_id, weights)
+        else:
+            source = _download(repo_id, weights)
     check_layout(source.path, weights=weights)
     return source
+
+
+def describe_origin(name: str) -> str:
+    """Where `name` would be loaded from, without resolving it (`zturbo info`)."""
+    from .modelscope_source import cache_dir, split_hub
+
+    if Path(name).expanduser().is_dir():
+        return "local directory"
+    if name == TINY_MODEL:
+        return "built-in random checkpoint"
+    hub, _ = split_hub(name)
+    if (hub or model_source()) == "modelscope":
+        return f"ModelScope, cache {cache_dir()}"
+    return "Hugging Face hub"
+
+
+def _download_modelscope(repo_id: str, weights: bool) -> ModelSource:
+    from . import modelscope_source
+
+    path = modelscope_source.download(repo_id, CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []))
+    # The recorded name carries the prefix, so reading an image back finds the same hub.
+    return ModelSource(f"modelscope:{repo_id}", path, _cache_revision(path), repo_id, "modelscope")
 
 
 def _download(repo_id: str, weights: bool) -> ModelSource:
@@ -113,7 +145,7 @@ def _download(repo_id: str, weights: bool) -> ModelSource:
         raise ModelNotFoundError(
             f"downloading {repo_id!r} failed: {e}; pass --model a local directory to skip the hub"
         ) from None
-    return ModelSource(repo_id, path, _cache_revision(path), repo_id)
+    return ModelSource(repo_id, path, _cache_revision(path), repo_id, "hf")
 
 
 def _cache_revision(path: Path) -> str | None:
