@@ -178,3 +178,22 @@ def test_generate_from_modelscope_records_the_source(tiny_dir, tmp_path):
 
     meta = read_metadata(out)
     assert (meta["model"], meta["model_source"], meta["model_revision"]) == (f"modelscope:{REPO}", "modelscope", None)
+
+
+def test_server_serves_a_modelscope_model_under_either_name(ms_env, monkeypatch, tiny_dir, tmp_path):
+    from serving import Server
+
+    _fake_cache(ms_env, tiny_dir)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server inherits the environment
+    server = Server(f"modelscope:{REPO}", tmp_path / "data")
+    try:
+        server.wait_ready()
+        status = server.client.get("/v1/status").json()
+        assert (status["model"], status["model_source"]) == (f"modelscope:{REPO}", "modelscope")
+        # An OpenAI client may name the repo without its hub; another model is still refused.
+        body = {"prompt": "a fox", "size": "64x64", "steps": 1}
+        assert server.client.post("/v1/images/generations", json={**body, "model": REPO}).status_code == 200
+        refused = server.client.post("/v1/images/generations", json={**body, "model": "Tongyi-MAI/Z-Image"})
+        assert refused.status_code == 400 and "is not served here" in refused.text
+    finally:
+        server.stop()
