@@ -27,7 +27,7 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 # Every environment variable zturbo reads, with one line of doc each. Nothing reads a ZTURBO_*
 # variable except through `env()`, so this table is the whole list (a test checks it).
 ENV_VARS: dict[str, str] = {
-    "ZTURBO_MODEL": "the model: a repo id (modelscope:owner/name for ModelScope), a local directory or tiny-random",
+    "ZTURBO_MODEL": "the model: a repo id (modelscope:owner/name: ModelScope), a directory or tiny-random (--model)",
     "ZTURBO_MODEL_SOURCE": "where a plain repo id downloads from: hf (the default) or modelscope",
     "ZTURBO_DEVICE": "auto, cpu, cuda, cuda:N or mps (--device)",
     "ZTURBO_DTYPE": "dtype of every component: auto, bfloat16, float16 or float32 (--dtype)",
