@@ -112,7 +112,14 @@ def describe_origin(name: str) -> str:
 def _download_modelscope(repo_id: str, weights: bool) -> ModelSource:
     from . import modelscope_source
 
-    path = modelscope_source.download(repo_id, CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []))
+    def complete(root: Path) -> bool:
+        try:
+            check_layout(root, weights=weights)
+        except CheckpointError:
+            return False
+        return True
+
+    path = modelscope_source.download(repo_id, CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []), complete)
     # The recorded name carries the prefix, so reading an image back finds the same hub.
     return ModelSource(f"modelscope:{repo_id}", path, _cache_revision(path), repo_id, "modelscope")
 

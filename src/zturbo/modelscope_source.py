@@ -4,8 +4,7 @@ ZTURBO_MODEL_SOURCE=modelscope.
 Downloads go through the `modelscope` library into its own cache (MODELSCOPE_CACHE, else
 ~/.cache/modelscope) with its progress bars. The library has no offline environment variable of
 its own (offline is its `local_files_only` argument), so the Hugging Face one, HF_HUB_OFFLINE (or
-TRANSFORMERS_OFFLINE), switches both hubs off the network; and like the hub, an unreachable
-ModelScope falls back to the cached snapshot.
+TRANSFORMERS_OFFLINE), switches both hubs off the network.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import MODEL_SOURCE_CHOICES as HUBS
@@ -56,9 +56,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope").expanduser()
 
 
-def download(repo_id: str, patterns: list[str]) -> Path:
-    """The local snapshot of ModelScope repo `repo_id` holding the files `patterns` match,
-    downloaded into ModelScope's cache when the network is allowed and needed."""
+def download(repo_id: str, patterns: list[str], complete: Callable[[Path], bool]) -> Path:
+    """The local snapshot of ModelScope repo `repo_id` holding the files `patterns` match.
+
+    A cached snapshot that is `complete` is used as it is: asking ModelScope would make the
+    library hash every cached file against its listing, this model's 33 GB at each start (tens
+    of seconds at the least). Otherwise the files are downloaded, unless the network is switched off.
+    """
     name = f"{MODELSCOPE}:{repo_id}"
     try:
         from modelscope.hub.errors import (
@@ -75,25 +79,29 @@ def download(repo_id: str, patterns: list[str]) -> Path:
             f"model {name!r} comes from ModelScope, which needs the modelscope package: {INSTALL_HINT}"
         ) from None
 
-    def cached(reason: str) -> Path:
-        try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-        except CacheNotFound:
-            raise ModelNotFoundError(
-                f"model {name!r} is not in the local ModelScope cache ({cache_dir()}) and {reason}; "
-                f"download it on a connected machine (`modelscope download --model {repo_id}`, then copy "
-                f"the cache) or pass --model a local directory in the diffusers layout"
-            ) from None
+    try:
+        local: Path | None = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except CacheNotFound:
+        local = None
+    if local is not None and complete(local):
+        return local
+
+    def not_cached(reason: str) -> ModelNotFoundError:
+        state = "not in" if local is None else "incomplete in"
+        return ModelNotFoundError(
+            f"model {name!r} is {state} the local ModelScope cache ({cache_dir()}) and {reason}; "
+            f"download it on a connected machine (`modelscope download --model {repo_id}`, then copy "
+            f"the cache) or pass --model a local directory in the diffusers layout"
+        )
 
     switch = offline_switch()
     if switch is not None:
-        return cached(f"{switch} keeps zturbo off the network (unset it to download)")
+        raise not_cached(f"{switch} keeps zturbo off the network (unset it to download)")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except NetworkError as e:
-        path = cached(f"ModelScope cannot be reached ({_reason(e)}); check the network or MODELSCOPE_DOMAIN")
-        log.warning("ModelScope cannot be reached (%s); using the cached snapshot of %s", _reason(e), name)
-        return path
+        unreachable = f"ModelScope cannot be reached ({_reason(e)}); check the network or MODELSCOPE_DOMAIN"
+        raise not_cached(unreachable) from None
     except Exception as e:  # the library wraps some hub errors in requests' HTTPError
         cause = e.__cause__ if e.__cause__ is not None else e
         if isinstance(cause, NotExistError):
