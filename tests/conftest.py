@@ -16,6 +16,7 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     root = tmp_path_factory.mktemp("cache")
     os.environ["ZTURBO_CACHE"] = str(root / "zturbo")
     os.environ["HF_HOME"] = str(root / "hf")
+    os.environ["MODELSCOPE_CACHE"] = str(root / "modelscope")
     torch.manual_seed(0)
 
 

@@ -50,9 +50,10 @@ def test_metadata_has_required_fields(result):
     meta = result.images[0].metadata
     for key in (
         "prompt", "negative_prompt", "seed", "steps", "guidance_scale", "width", "height",
-        "model", "model_revision", "model_fingerprint", "dtypes", "zturbo_version",
+        "model", "model_revision", "model_source", "model_fingerprint", "dtypes", "zturbo_version",
     ):  # fmt: skip
         assert key in meta
+    assert meta["model_source"] == "local"  # the engine fixture loads the tiny checkpoint's directory
     json.dumps(meta)
 
 

@@ -121,6 +121,7 @@ def test_hub_repo_id_resolves_from_the_cache_with_its_revision(tiny_dir, tmp_pat
     meta = read_metadata(out)
     assert meta["model"] == "Tongyi-MAI/Z-Image-Turbo"
     assert meta["model_revision"] == commit
+    assert meta["model_source"] == "hf"
 
 
 def test_tiny_checkpoint_is_made_once(tiny_dir):

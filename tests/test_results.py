@@ -15,10 +15,10 @@ from zturbo.serving.results import Base64Body
 def test_each_slot_becomes_its_files_base64_in_the_json():
     files = Base64Body()
     blobs = [os.urandom(n) for n in (0, 1, 2, 3, 1000)]
-    body = {"data": [{"b64_json": files.slot(b), "revised_prompt": None} for b in blobs], "n": 5, "ü": "é\n\""}
+    body = {"data": [{"b64_json": files.slot(b), "revised_prompt": None} for b in blobs], "n": 5, "ü": 'é\n"'}
     decoded = json.loads(files.render(body))
     assert [base64.b64decode(d["b64_json"]) for d in decoded["data"]] == blobs
-    assert decoded["ü"] == "é\n\"" and decoded["n"] == 5
+    assert decoded["ü"] == 'é\n"' and decoded["n"] == 5
     expected = {**body, "data": [{"b64_json": base64.b64encode(b).decode(), "revised_prompt": None} for b in blobs]}
     assert decoded == expected
 

@@ -307,6 +307,7 @@ def test_metrics_and_status(server):
     status = server.client.get("/v1/status").json()
     assert status["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
     assert status["device"] == "cpu" and status["workers"][0]["state"] in ("ready", "busy")
+    assert status["model_source"] == "local"
     assert status["limits"] == {"spatial_unit": 16, "max_pixels": 128 * 128, "max_images": 64, "max_steps": 100,
                                 "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1}  # fmt: skip
 

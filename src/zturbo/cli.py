@@ -1023,8 +1023,13 @@ def _model_for_from(config: Any, args: argparse.Namespace, meta: dict[str, Any])
 
 
 def _model_text(config: Any) -> str:
+    """The model `zturbo info` names, and where it would come from."""
+    from .loader import describe_origin
+
     files = config.component_files()
-    return config.model if files is None else " + ".join(files[c] for c in ("transformer", "text_encoder", "vae"))
+    if files is not None:
+        return " + ".join(files[c] for c in ("transformer", "text_encoder", "vae")) + "  (ComfyUI single files)"
+    return f"{config.model}  ({describe_origin(config.model)})"
 
 
 def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:

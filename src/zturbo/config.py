@@ -17,6 +17,8 @@ SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).
 MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
 QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
+# Where a repo id (owner/name) downloads from: the Hugging Face hub or ModelScope.
+MODEL_SOURCE_CHOICES = ("hf", "modelscope")
 # Host memory for parsed LoRAs (the least recently used goes first).
 DEFAULT_LORA_CACHE_BYTES = 2 * 1024**3
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
@@ -25,7 +27,9 @@ DEFAULT_MAX_PIXELS = 2048 * 2048
 # Every environment variable zturbo reads, with one line of doc each. Nothing reads a ZTURBO_*
 # variable except through `env()`, so this table is the whole list (a test checks it).
 ENV_VARS: dict[str, str] = {
-    "ZTURBO_MODEL": "the model: a hub repo id, a local diffusers or ComfyUI directory, or tiny-random (--model)",
+    "ZTURBO_MODEL": "the model: a repo id (modelscope:owner/name: ModelScope), a diffusers or ComfyUI directory, "
+    "or tiny-random (--model)",
+    "ZTURBO_MODEL_SOURCE": "where a plain repo id downloads from: hf (the default) or modelscope",
     "ZTURBO_TRANSFORMER_FILE": "ComfyUI's transformer file, with the text encoder and VAE files (--transformer)",
     "ZTURBO_TEXT_ENCODER_FILE": "ComfyUI's text encoder file, e.g. qwen_3_4b.safetensors (--text-encoder)",
     "ZTURBO_VAE_FILE": "ComfyUI's VAE file, e.g. ae.safetensors (--vae)",
@@ -54,6 +58,17 @@ def cache_root() -> Path:
         return Path(root).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "zturbo"
+
+
+def model_source(environ: Mapping[str, str] | None = None) -> str:
+    """ZTURBO_MODEL_SOURCE, else 'hf': the hub a repo id without a 'hf:' or 'modelscope:' prefix names."""
+    text = env("ZTURBO_MODEL_SOURCE", environ)
+    if text is None:
+        return MODEL_SOURCE_CHOICES[0]
+    value = text.strip().lower()
+    if value not in MODEL_SOURCE_CHOICES:
+        raise InvalidRequestError(f"ZTURBO_MODEL_SOURCE={text!r} is not one of {', '.join(MODEL_SOURCE_CHOICES)}")
+    return value
 
 
 def default_lora_dir() -> Path:

@@ -220,7 +220,7 @@ class Engine:
         phases.mark("plan_s")
         components = _load_components(source, device, dtypes, layout, config.controlnet)
         phases.mark("weights_s")
-        model = ModelInfo(source.name, source.revision, fingerprint(source))
+        model = ModelInfo(source.name, source.revision, fingerprint(source), source.origin)
         engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
         engine.vae_tiling_setting = config.vae_tiling
         engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None

@@ -76,6 +76,7 @@ def build_metadata(
         "sampler": "flow_match_euler",
         "model": model.name,
         "model_revision": model.revision,
+        "model_source": model.origin,
         "model_fingerprint": model.fingerprint,
         # The input images by sha256 and their settings ({} for text-to-image); the engine sets
         # the ControlNet's identity when the request used one.

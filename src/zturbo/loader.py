@@ -1,4 +1,4 @@
-"""Model resolution (local directory, hub repo id, tiny-random) and streaming weight loading.
+"""Model resolution (local directory, hub or ModelScope repo id, tiny-random) and streaming weight loading.
 
 Weights are read tensor by tensor from safetensors, cast to the target dtype on the target
 device and assigned into modules built on the meta device, so no full-precision copy of a
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import TINY_MODEL
+from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .request import ModelLimits
@@ -51,6 +51,7 @@ class ModelSource:
     repo_id: str | None
     # Single files (ComfyUI's) the weights come from; `path` then holds only configs and tokenizer.
     files: FileSet | None = None
+    origin: str = "local"  # where it came from: hf, modelscope, local or tiny-random
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -68,14 +69,17 @@ def spatial_unit(source: ModelSource) -> int:
 
 
 def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] | None = None) -> ModelSource:
-    """Find `name`: an existing directory, 'tiny-random', or a hub repo id (downloaded into the HF cache).
+    """Find `name`: an existing directory, 'tiny-random', or a repo id downloaded into its hub's
+    cache: 'modelscope:owner/name' from ModelScope, 'hf:owner/name' from the Hugging Face hub, and
+    a plain 'owner/name' from the hub ZTURBO_MODEL_SOURCE names (the Hugging Face hub unless set).
 
     A directory without model_index.json that holds ComfyUI's single files (or a ComfyUI models/
     tree) is read through zturbo.singlefile, as are `files` (component -> file), which replace `name`.
-    With weights=False only configs and tokenizer files are fetched from the hub (cheap), so a
-    request can be validated before a multi-GB download starts.
+    With weights=False only configs and tokenizer files are fetched (cheap), so a request can be
+    validated before a multi-GB download starts.
     """
     from . import singlefile
+    from .modelscope_source import split_hub
 
     path = Path(name).expanduser()
     if files is not None:
@@ -87,13 +91,18 @@ def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] |
     elif name == TINY_MODEL:
         from .tiny import ensure_tiny_checkpoint
 
-        source = ModelSource(name, ensure_tiny_checkpoint(), None, None)
-    elif _REPO_ID.match(name):
-        source = _download(name, weights)
+        source = ModelSource(name, ensure_tiny_checkpoint(), None, None, origin=TINY_MODEL)
     else:
-        raise ModelNotFoundError(
-            f"model {name!r} is neither an existing directory nor a hub repo id (owner/name) nor {TINY_MODEL!r}"
-        )
+        hub, repo_id = split_hub(name)
+        if not _REPO_ID.match(repo_id):
+            raise ModelNotFoundError(
+                f"model {name!r} is neither an existing directory nor a hub repo id (owner/name, or "
+                f"modelscope:owner/name) nor {TINY_MODEL!r}"
+            )
+        if (hub or model_source()) == "modelscope":
+            source = _download_modelscope(repo_id, weights)
+        else:
+            source = _download(repo_id, weights)
     check_layout(source.path, weights=weights)
     return source
 
@@ -104,7 +113,36 @@ def _single_file_source(name: str | None, files: FileSet) -> ModelSource:
 
     root = singlefile.config_dir(singlefile.variant_of(files))
     check_layout(root, weights=False)
-    return ModelSource(name or files.describe(), root, None, None, files)
+    return ModelSource(name or files.describe(), root, None, None, files=files)
+
+
+def describe_origin(name: str) -> str:
+    """Where `name` would be loaded from, without resolving it (`zturbo info`)."""
+    from .modelscope_source import cache_dir, split_hub
+
+    if Path(name).expanduser().is_dir():
+        return "local directory"
+    if name == TINY_MODEL:
+        return "built-in random checkpoint"
+    hub, _ = split_hub(name)
+    if (hub or model_source()) == "modelscope":
+        return f"ModelScope, cache {cache_dir()}"
+    return "Hugging Face hub"
+
+
+def _download_modelscope(repo_id: str, weights: bool) -> ModelSource:
+    from . import modelscope_source
+
+    def complete(root: Path) -> bool:
+        try:
+            check_layout(root, weights=weights)
+        except CheckpointError:
+            return False
+        return True
+
+    path = modelscope_source.download(repo_id, CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []), complete)
+    # The recorded name carries the prefix, so reading an image back finds the same hub.
+    return ModelSource(f"modelscope:{repo_id}", path, _cache_revision(path), repo_id, origin="modelscope")
 
 
 def _download(repo_id: str, weights: bool) -> ModelSource:
@@ -135,7 +173,7 @@ def _download(repo_id: str, weights: bool) -> ModelSource:
         raise ModelNotFoundError(
             f"downloading {repo_id!r} failed: {e}; pass --model a local directory to skip the hub"
         ) from None
-    return ModelSource(repo_id, path, _cache_revision(path), repo_id)
+    return ModelSource(repo_id, path, _cache_revision(path), repo_id, origin="hf")
 
 
 def _cache_revision(path: Path) -> str | None:

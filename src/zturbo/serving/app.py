@@ -788,6 +788,7 @@ def _service_routes(service: Service) -> APIRouter:
         rt = service.supervisor.runtime()
         return {
             "model": rt.get("model", service.settings.config.model),
+            "model_source": rt.get("model_source"),  # hf, modelscope, local or tiny-random; null until loaded
             "device": ",".join(service.settings.devices),
             "dtypes": rt.get("dtypes"),
             "memory_plan": rt.get("memory_plan"),

@@ -177,7 +177,8 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         sync_timeout=args.sync_timeout,
         client_defaults=args.client_defaults,
         allowed_hosts=(args.host, *args.allowed_hosts),
-        model_names=tuple({config.model, source.name}),
+        # A repo id also answers to its bare name: modelscope:owner/name is owner/name on either hub.
+        model_names=tuple({config.model, source.name, *filter(None, [source.repo_id])}),
         lora_dir=lora_dir,
         lora_cache_bytes=DEFAULT_LORA_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
         lora_targets=functools.partial(model_targets, source.config("transformer")),

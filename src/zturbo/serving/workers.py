@@ -514,7 +514,12 @@ def _storage_hint(error: OSError) -> str:
 
 
 def _runtime(engine: Any) -> dict[str, Any]:
-    return {"model": engine.model.name, "device": str(engine.device), **engine.runtime()}
+    return {
+        "model": engine.model.name,
+        "model_source": engine.model.origin,
+        "device": str(engine.device),
+        **engine.runtime(),
+    }
 
 
 def _memory(device: Any) -> dict[str, int] | None:
