@@ -65,14 +65,7 @@ def download(repo_id: str, patterns: list[str], complete: Callable[[Path], bool]
     """
     name = f"{MODELSCOPE}:{repo_id}"
     try:
-        from modelscope.hub.errors import (
-            AuthenticationError,
-            CacheNotFound,
-            HubError,
-            NetworkError,
-            NotExistError,
-            PermissionDeniedError,
-        )
+        from modelscope.hub.errors import CacheNotFound, NetworkError
         from modelscope.hub.snapshot_download import snapshot_download
     except ImportError:
         raise ModelNotFoundError(
@@ -103,23 +96,33 @@ def download(repo_id: str, patterns: list[str], complete: Callable[[Path], bool]
         unreachable = f"ModelScope cannot be reached ({_reason(e)}); check the network or MODELSCOPE_DOMAIN"
         raise not_cached(unreachable) from None
     except Exception as e:  # the library wraps some hub errors in requests' HTTPError
-        cause = e.__cause__ if e.__cause__ is not None else e
-        if isinstance(cause, NotExistError):
-            raise ModelNotFoundError(
-                f"model {repo_id!r} does not exist on ModelScope (or is private): check the name on "
-                f"https://modelscope.cn/models/{repo_id}"
-            ) from None
-        if isinstance(cause, (AuthenticationError, PermissionDeniedError)):
-            raise ModelNotFoundError(
-                f"model {repo_id!r} on ModelScope needs a login: `modelscope login --token TOKEN` or "
-                f"MODELSCOPE_API_TOKEN, with access to the repository"
-            ) from None
-        if isinstance(cause, (HubError, OSError)):
-            raise ModelNotFoundError(
-                f"downloading {name!r} from ModelScope failed: {_first_line(cause)}; run again to resume, "
-                f"or pass --model a local directory"
-            ) from None
-        raise
+        known = _hub_error(e, repo_id)
+        if known is None:
+            raise
+        raise known from None
+
+
+def _hub_error(error: Exception, repo_id: str) -> ModelNotFoundError | None:
+    """The clear error for a hub failure the library reports (None: not one it names)."""
+    from modelscope.hub.errors import AuthenticationError, HubError, NotExistError, PermissionDeniedError
+
+    cause = error.__cause__ if error.__cause__ is not None else error
+    if isinstance(cause, NotExistError):
+        return ModelNotFoundError(
+            f"model {repo_id!r} does not exist on ModelScope (or is private): check the name on "
+            f"https://modelscope.cn/models/{repo_id}"
+        )
+    if isinstance(cause, (AuthenticationError, PermissionDeniedError)):
+        return ModelNotFoundError(
+            f"model {repo_id!r} on ModelScope needs a login: `modelscope login --token TOKEN` or "
+            f"MODELSCOPE_API_TOKEN, with access to the repository"
+        )
+    if isinstance(cause, (HubError, OSError)):
+        return ModelNotFoundError(
+            f"downloading {MODELSCOPE + ':' + repo_id!r} from ModelScope failed: {_first_line(cause)}; run again "
+            f"to resume, or pass --model a local directory"
+        )
+    return None
 
 
 def _first_line(error: BaseException) -> str:
