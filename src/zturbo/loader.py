@@ -21,6 +21,7 @@ import torch
 from .config import TINY_MODEL
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
+from .gguf import logical_numel
 from .request import ModelLimits
 
 log = logging.getLogger("zturbo")
@@ -46,6 +47,9 @@ class ModelSource:
     path: Path
     revision: str | None  # hub commit, when it came from the hub
     repo_id: str | None
+    # A transformer file used in place of the directory's transformer weights (its config still
+    # comes from the directory): a GGUF file (zturbo.gguf).
+    transformer_file: Path | None = None
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -294,6 +298,9 @@ class Components:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     controlnet: ControlNet | None = None  # loaded with the model when asked (RuntimeConfig.controlnet)
+    # Where the transformer's weights came from when not the checkpoint's (a GGUF file's
+    # description, for the metadata); None for the checkpoint's own.
+    transformer_weights: dict[str, Any] | None = None
 
 
 def load_components(
@@ -320,12 +327,16 @@ def load_components(
     # A ControlNet that does not fit this model is refused before any weights load.
     control = None if controlnet is None else _controlnet_files(controlnet, source.config("transformer"))
     root = source.path
-    transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     t_dtype = dtypes["transformer"]
-    # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
-    keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
-    t_files = weight_files(root / "transformer", WEIGHT_STEMS["transformer"])
-    load_weights(transformer, t_files, homes["transformer"], t_dtype, keep_float32=keep)
+    t_weights = None
+    if source.transformer_file is not None:
+        transformer, t_weights = _load_transformer_file(source, homes["transformer"], t_dtype)
+    else:
+        transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
+        # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
+        keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
+        t_files = weight_files(root / "transformer", WEIGHT_STEMS["transformer"])
+        load_weights(transformer, t_files, homes["transformer"], t_dtype, keep_float32=keep)
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
     load_weights(vae, weight_files(root / "vae", WEIGHT_STEMS["vae"]), homes["vae"], dtypes["vae"])
@@ -344,13 +355,28 @@ def load_components(
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"tokenizer in {root / 'tokenizer'} has no chat template; Z-Image needs Qwen's")
     components = Components(transformer, vae, text_encoder, tokenizer, source.config("scheduler"))
+    components.transformer_weights = t_weights
     if controlnet is not None:
         components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype, control)
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
-        n = sum(p.numel() for p in module.parameters())
+        n = sum(logical_numel(p) for p in module.parameters())
         log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
     return components
+
+
+def _load_transformer_file(
+    source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The transformer from `source.transformer_file`, built from the directory's config."""
+    from . import gguf
+
+    path = source.transformer_file
+    assert path is not None
+    if not gguf.is_gguf(path):
+        raise CheckpointError(f"transformer file {path} is not a {gguf.SUFFIX} file")
+    transformer, info = gguf.load_transformer(path, source.config("transformer"), device, dtype)
+    return transformer, info.describe()
 
 
 def load_controlnet(
