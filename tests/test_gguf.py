@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
 from zturbo.errors import CheckpointError, InvalidRequestError
-from zturbo.loader import iter_tensors, resolve_model, weight_files
+from zturbo.loader import _file_digest, iter_tensors, resolve_model, weight_files
 from zturbo.memory import plan as memory
 
 pytest.importorskip("gguf")
@@ -72,6 +73,9 @@ def test_a_gguf_transformer_gives_the_image_of_its_dequantized_weights(tiny_dir,
     weights = got.images[0].metadata["transformer_weights"]
     assert weights["file"] == files[qtype].name and weights["format"] == "gguf"
     assert weights["quantization"] == (qtype if qtype != "F16" else "F16+F32")
+    # The file's own identity: the model fingerprint covers the directory, the same for every file.
+    others = {_file_digest(files[q]) for q in files if q != qtype}
+    assert re.fullmatch("[0-9a-f]{64}", weights["fingerprint"]) and weights["fingerprint"] not in others
 
 
 def test_the_coarse_quantization_changes_the_image(tiny_dir, files, engine):

@@ -376,7 +376,8 @@ def _load_transformer_file(
     if not gguf.is_gguf(path):
         raise CheckpointError(f"transformer file {path} is not a {gguf.SUFFIX} file")
     transformer, info = gguf.load_transformer(path, source.config("transformer"), device, dtype)
-    return transformer, info.describe()
+    # The model's fingerprint covers the directory only: the file needs its own.
+    return transformer, info.describe() | {"fingerprint": _file_digest(path)}
 
 
 def load_controlnet(
