@@ -55,6 +55,8 @@ def write_gguf(path: Path, state: Mapping[str, torch.Tensor], qtype: str, *, odd
             writer.add_tensor(key, array.astype(np.float32))
         elif name == "F16":
             writer.add_tensor(key, array.astype(np.float16))
+        elif name == "Q4_K":  # the gguf package quantizes no K-quant in Python
+            writer.add_tensor(key, quantize_q4_k(array), raw_dtype=kind)
         else:
             writer.add_tensor(key, quants.quantize(array.astype(np.float32), kind), raw_dtype=kind)
     writer.write_header_to_file()
@@ -65,12 +67,43 @@ def write_gguf(path: Path, state: Mapping[str, torch.Tensor], qtype: str, *, odd
 
 
 def _type_for(array: np.ndarray, qtype: str) -> str:
+    """As K-quant files are made: rows too short for 256-weight super-blocks fall back to Q8_0,
+    rows that fit no block stay F16."""
     import gguf
 
     if array.ndim < 2:
         return "F32"
-    block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
-    return qtype if array.shape[-1] % block == 0 else "F16"
+    for name in (qtype, "Q8_0"):
+        block, _ = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        if array.shape[-1] % block == 0:
+            return name
+    return "F16"
+
+
+def quantize_q4_k(array: np.ndarray) -> np.ndarray:
+    """A plain (non-optimising) Q4_K encoder in ggml's block layout: per 256 weights, fp16 d and
+    dmin, eight 6-bit sub-block scales and mins packed in 12 bytes, then 4-bit values; a weight
+    decodes as d * scale * q - dmin * min. Returns the uint8 rows GGUFWriter takes."""
+    rows = array.astype(np.float32).reshape(-1, 8, 32)  # (super-blocks, sub-blocks, weights)
+    low = np.minimum(rows.min(-1), 0.0)
+    scale = (rows.max(-1) - low) / 15
+    d = np.maximum(scale.max(-1), 1e-8) / 63
+    dmin = np.maximum(-low.min(-1), 1e-8) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    sc = np.clip(np.round(scale / d16.astype(np.float32)[:, None]), 1, 63).astype(np.uint8)
+    mn = np.clip(np.round(-low / dmin16.astype(np.float32)[:, None]), 0, 63).astype(np.uint8)
+    step = (d16.astype(np.float32)[:, None] * sc)[..., None]
+    offset = (dmin16.astype(np.float32)[:, None] * mn)[..., None]
+    q = np.clip(np.round((rows + offset) / step), 0, 15).astype(np.uint8)
+    scales = np.empty((rows.shape[0], 12), dtype=np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)  # sub-blocks 2c and 2c+1 share 32 bytes
+    blocks = np.concatenate(
+        [d16[:, None].view(np.uint8), dmin16[:, None].view(np.uint8), scales, qs], axis=1
+    )  # 144 bytes per 256 weights
+    return blocks.reshape(array.shape[0], -1)
 
 
 def dequantized(path: Path) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def transformer_state(tiny_dir: Path) -> dict[str, torch.Tensor]:
 def files(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf")
     state = transformer_state(tiny_dir)
-    return {q: write_gguf(root / f"tiny-{q}.gguf", state, q) for q in ("Q8_0", "Q4_0", "F16")}
+    return {q: write_gguf(root / f"tiny-{q}.gguf", state, q) for q in ("Q8_0", "Q4_K", "Q4_0", "F16")}
 
 
 def with_file(tiny_dir: Path, path: Path):
@@ -56,7 +56,7 @@ def dequantized_checkpoint(tiny_dir: Path, gguf: Path, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "F16"])
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q4_0", "F16"])
 def test_a_gguf_transformer_gives_the_image_of_its_dequantized_weights(tiny_dir, files, tmp_path, qtype):
     from diffusers.quantizers.gguf.utils import GGUFLinear
 
@@ -73,6 +73,9 @@ def test_a_gguf_transformer_gives_the_image_of_its_dequantized_weights(tiny_dir,
     weights = got.images[0].metadata["transformer_weights"]
     assert weights["file"] == files[qtype].name and weights["format"] == "gguf"
     assert weights["quantization"] == (qtype if qtype != "F16" else "F16+F32")
+    if qtype == "Q4_K":  # the timestep MLP's rows (256, 1024 wide) fit super-blocks; the narrower ones take Q8_0
+        assert [m.weight.quant_type.name for m in engine.components.transformer.t_embedder.mlp[::2]] == ["Q4_K"] * 2
+        assert weights["types"]["Q4_K"] == 2 and weights["types"]["Q8_0"] > 2
     # The file's own identity: the model fingerprint covers the directory, the same for every file.
     others = {_file_digest(files[q]) for q in files if q != qtype}
     assert re.fullmatch("[0-9a-f]{64}", weights["fingerprint"]) and weights["fingerprint"] not in others

@@ -40,13 +40,14 @@ class GGUFInfo:
 
     path: Path
     types: dict[str, int]  # tensor count per GGML type
+    type_params: dict[str, int]  # weights per GGML type
     quantized_bytes: int  # of the tensors that stay quantized on the device
     quantized_params: int  # the weights those bytes encode
 
     @property
     def quantization(self) -> str:
         """The GGML type of most of the quantized weights (K-quant files mix in a few others)."""
-        quantized = {t: n for t, n in self.types.items() if t not in PLAIN_TYPES}
+        quantized = {t: n for t, n in self.type_params.items() if t not in PLAIN_TYPES}
         return max(quantized, key=quantized.__getitem__) if quantized else "+".join(sorted(self.types))
 
     def describe(self) -> dict[str, Any]:
@@ -108,9 +109,17 @@ def inspect(path: str | Path) -> GGUFInfo:
     return GGUFInfo(
         path=path,
         types=dict(Counter(_type_name(t) for t in tensors)),
+        type_params=_sum_by_type(tensors),
         quantized_bytes=sum(int(t.n_bytes) for t in quantized),
         quantized_params=sum(int(t.n_elements) for t in quantized),
     )
+
+
+def _sum_by_type(tensors: list[Any]) -> dict[str, int]:
+    totals: Counter[str] = Counter()
+    for t in tensors:
+        totals[_type_name(t)] += int(t.n_elements)
+    return dict(totals)
 
 
 def _linear_weight(tensor: Any) -> bool:
