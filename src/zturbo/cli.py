@@ -46,8 +46,11 @@ def _single_file_args(p: argparse.ArgumentParser) -> None:
             metavar="FILE",
             default=None,
             help=f"ComfyUI's single {component.replace('-', ' ')} file (e.g. {example}); the three flags come "
-            f"together and replace --model (default ${env_name})",
+            f"together and replace --model (default ${env_name})" + (GGUF_HELP if component == "transformer" else ""),
         )
+
+
+GGUF_HELP = "; or alone, a GGUF transformer (FILE.gguf) used with --model's text encoder and VAE"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

@@ -154,7 +154,7 @@ class RuntimeConfig:
         if self.max_pixels < 16 * 16:
             raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
         given = [n for n, v in self.component_files_given().items() if v]
-        if given and len(given) < 3:
+        if given and len(given) < 3 and not self.gguf_transformer():
             missing = [f"{n}_file" for n, v in self.component_files_given().items() if not v]
             raise InvalidRequestError(
                 f"single files come as a set: {', '.join(f'{n}_file' for n in given)} given, but "
@@ -167,9 +167,18 @@ class RuntimeConfig:
         return {"transformer": self.transformer_file, "text_encoder": self.text_encoder_file, "vae": self.vae_file}
 
     def component_files(self) -> dict[str, str] | None:
-        """The single files that replace `model`, or None when `model` names the checkpoint."""
+        """The single files that replace `model` (or, a GGUF transformer alone, its transformer
+        weights), or None when `model` names the whole checkpoint."""
         files = self.component_files_given()
+        if self.gguf_transformer():
+            return {"transformer": str(self.transformer_file)}
         return {k: v for k, v in files.items() if v} if all(files.values()) else None
+
+    def gguf_transformer(self) -> bool:
+        """Whether the transformer file alone is given, and is a GGUF file (zturbo.gguf)."""
+        given = self.component_files_given()
+        alone = given["transformer"] and not (given["text_encoder"] or given["vae"])
+        return bool(alone) and str(self.transformer_file).lower().endswith(".gguf")
 
     def component_dtypes(self) -> dict[str, str | None]:
         return {"transformer": self.transformer_dtype, "text_encoder": self.text_encoder_dtype, "vae": self.vae_dtype}

@@ -43,7 +43,8 @@ from .device import (
     release_cached_memory,
     resolve_device,
 )
-from .errors import FieldError, GPUMemoryError, PrecisionError
+from .errors import FieldError, GPUMemoryError, LoraError, PrecisionError
+from .gguf import stores_quantized
 from .guard import Fp16Guard, install_fp16_guard
 from .inputs.images import read_image
 from .inputs.prepare import Prepared, paste_back, prepare
@@ -93,6 +94,7 @@ from .pipeline import (
     latent_shape,
     mode_latents,
     noised,
+    patch_dtype,
     request_schedule,
     sample_latents,
     to_uint8,
@@ -226,10 +228,14 @@ class Engine:
         engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
         lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
         engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
-        engine.base_reader = base_reader(source, components.transformer, dtypes["transformer"])
+        if source.transformer_file is None:  # a GGUF file's weights are not plain tensors to merge into
+            engine.base_reader = base_reader(source, components.transformer, dtypes["transformer"])
         engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))
         options = AccelOptions(
-            compile=compile_ and compilable(layout.plan), quantize=layout.quantize, fuse=fusable(layout.plan)
+            compile=compile_ and compilable(layout.plan),
+            quantize=layout.quantize,
+            # Fused projections are plain GEMMs: GGUF weights must stay in their dequantizing linears.
+            fuse=fusable(layout.plan) and not stores_quantized(components.transformer),
         )
         phases.mark("setup_s")
         engine.startup = {"load_s": round(time.perf_counter() - start, 3), "phases": phases.seconds}
@@ -370,6 +376,7 @@ class Engine:
             "vae_tiling": self.vae_tiling,
             "controlnet": self.controlnet.describe() if self.controlnet is not None else None,
             **self.accel.describe(),
+            **({"transformer_weights": weights} if (weights := self.components.transformer_weights) else {}),
         }
 
     def _run(
@@ -505,7 +512,7 @@ class Engine:
                 masked = prepared.image * (prepared.mask < 0.5)
                 inpaint = (prepared.mask.to(self.device), mode_latents(self._encoded("masked", req, masked)))
             context = control_context(control, self.controlnet.control_in_dim, inpaint)
-        dtype = next(iter(self.components.transformer.all_x_embedder.values())).weight.dtype
+        dtype = patch_dtype(self.components.transformer)
         rows = [context.to(dtype)] * (req.num_images * (2 if req.do_cfg else 1))  # CFG: the negative half too
         control_input = (rows, torch.tensor(inputs.control_scale, dtype=torch.float32, device=self.device))
         runs = control_steps(steps, inputs.control_start, inputs.control_end)
@@ -567,6 +574,12 @@ class Engine:
         when it is empty); returns each LoRA's name, weight and sha256 for the metadata."""
         if not req.loras and self.merger is None:
             return []
+        weights_from = self.components.transformer_weights
+        if req.loras and weights_from is not None and stores_quantized(self.components.transformer):
+            raise LoraError(
+                f"LoRAs cannot merge into the transformer of {weights_from['file']}: its weights stay quantized "
+                "as stored; load the model's own transformer weights to use LoRAs"
+            )
         files = [self.loras.resolve(ref.name) for ref in req.loras]
         weights = [ref.weight for ref in req.loras]
         parsed = [self.loras.load(f, self.lora_targets) for f in files]
@@ -687,6 +700,8 @@ class Engine:
         """After running out of memory: the next leaner layout, kept for later requests; raises
         GPUMemoryError where there is none."""
         target = leaner(replace(self.placement.layout, quantize=self.accel.quantize))
+        if target is not None and target.plan in UNQUANTIZED_PLANS and self.shape.transformer_stored_params:
+            target = None  # GGUF weights cannot stream as raw bytes
         if target is None:
             raise self._out_of_memory(req, reason)
         self._forget_loras()
@@ -751,12 +766,14 @@ class Engine:
             compiled_vae=self._vae_compiled(),
         )
         quantized = self.accel.quantize != "none"
+        stored = bool(self.shape.transformer_stored_params)  # GGUF: quantized as stored
         following = SPEED_ORDER[SPEED_ORDER.index(self.placement.plan) + 1 :]
-        plans = [p for p in following if not (quantized and p in UNQUANTIZED_PLANS)]
+        plans = [p for p in following if not ((quantized or stored) and p in UNQUANTIZED_PLANS)]
         options = ["a smaller size or batch"]
         options += [f"a leaner --memory plan ({', '.join(plans)})"] if plans else []
         options += ["--quantize none, whose block-offload plan streams the weights"] if quantized else []
-        options += ["--quantize fp8 (compute capability 8.9+)"] if not quantized else []
+        options += ["--quantize fp8 (compute capability 8.9+)"] if not (quantized or stored) else []
+        options += ["a smaller GGUF quantization"] if stored else []
         return GPUMemoryError(
             f"{reason} with memory plan {self.placement.describe()}: {req.width}x{req.height}, {req.num_images} "
             f"image(s) need about {need.peak / GIB:.1f} GiB with every component resident, and "

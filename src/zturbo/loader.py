@@ -7,6 +7,7 @@ component is ever materialised on the host. Keys are checked strictly.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,6 +22,7 @@ import torch
 from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
+from .gguf import logical_numel
 from .request import ModelLimits
 
 if TYPE_CHECKING:
@@ -52,6 +54,9 @@ class ModelSource:
     # Single files (ComfyUI's) the weights come from; `path` then holds only configs and tokenizer.
     files: FileSet | None = None
     origin: str = "local"  # where it came from: hf, modelscope, local or tiny-random
+    # A transformer file used in place of the directory's transformer weights (its config still
+    # comes from the directory): a GGUF file (zturbo.gguf).
+    transformer_file: Path | None = None
 
     def config(self, component: str) -> dict[str, Any]:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
@@ -82,6 +87,8 @@ def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] |
     from .modelscope_source import split_hub
 
     path = Path(name).expanduser()
+    if files is not None and set(files) == {"transformer"}:  # a GGUF transformer with `name`'s other parts
+        return _with_transformer_file(resolve_model(name, weights=weights), Path(files["transformer"]))
     if files is not None:
         return _single_file_source(None, singlefile.explicit_file_set(files))
     if path.is_dir() and singlefile.is_file_set_dir(path):
@@ -114,6 +121,15 @@ def _single_file_source(name: str | None, files: FileSet) -> ModelSource:
     root = singlefile.config_dir(singlefile.variant_of(files))
     check_layout(root, weights=False)
     return ModelSource(name or files.describe(), root, None, None, files=files)
+
+
+def _with_transformer_file(source: ModelSource, path: Path) -> ModelSource:
+    """`source` with its transformer's weights read from `path` (a GGUF file); its config stays the
+    directory's. The directory's own transformer weights are still required (and downloaded)."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ModelNotFoundError(f"transformer file {path} does not exist or is not a file")
+    return dataclasses.replace(source, transformer_file=path)
 
 
 def describe_origin(name: str) -> str:
@@ -365,6 +381,9 @@ class Components:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     controlnet: ControlNet | None = None  # loaded with the model when asked (RuntimeConfig.controlnet)
+    # Where the transformer's weights came from when not the checkpoint's (a GGUF file's
+    # description, for the metadata); None for the checkpoint's own.
+    transformer_weights: dict[str, Any] | None = None
 
 
 def load_components(
@@ -391,11 +410,15 @@ def load_components(
     # A ControlNet that does not fit this model is refused before any weights load.
     control = None if controlnet is None else _controlnet_files(controlnet, source.config("transformer"))
     root = source.path
-    transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     t_dtype = dtypes["transformer"]
-    # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
-    keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
-    _load_component(source, "transformer", transformer, homes["transformer"], t_dtype, keep=keep)
+    t_weights = None
+    if source.transformer_file is not None:
+        transformer, t_weights = _load_transformer_file(source, homes["transformer"], t_dtype)
+    else:
+        transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
+        # Under float16 the precision-sensitive modules stay float32 straight from the checkpoint.
+        keep = is_float32_key if t_dtype is torch.float16 else (lambda k: False)
+        _load_component(source, "transformer", transformer, homes["transformer"], t_dtype, keep=keep)
 
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
     _load_component(source, "vae", vae, homes["vae"], dtypes["vae"])
@@ -413,11 +436,12 @@ def load_components(
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"tokenizer in {root / 'tokenizer'} has no chat template; Z-Image needs Qwen's")
     components = Components(transformer, vae, text_encoder, tokenizer, source.config("scheduler"))
+    components.transformer_weights = t_weights
     if controlnet is not None:
         components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype, control)
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
-        n = sum(p.numel() for p in module.parameters())
+        n = sum(logical_numel(p) for p in module.parameters())
         log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
     return components
 
@@ -453,6 +477,21 @@ def base_reader(source: ModelSource, transformer: torch.nn.Module, dtype: torch.
     return singlefile.tensor_reader(
         singlefile.plan("transformer", source.files.transformer, config, transformer), dtype
     )
+
+
+def _load_transformer_file(
+    source: ModelSource, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The transformer from `source.transformer_file`, built from the directory's config."""
+    from . import gguf
+
+    path = source.transformer_file
+    assert path is not None
+    if not gguf.is_gguf(path):
+        raise CheckpointError(f"transformer file {path} is not a {gguf.SUFFIX} file")
+    transformer, info = gguf.load_transformer(path, source.config("transformer"), device, dtype)
+    # The model's fingerprint covers the directory only: the file needs its own.
+    return transformer, info.describe() | {"fingerprint": _file_digest(path)}
 
 
 def load_controlnet(

@@ -504,6 +504,13 @@ def pad_positions(masks: Sequence[torch.Tensor], real: Sequence[int]) -> list[to
     return out
 
 
+def patch_dtype(transformer: torch.nn.Module) -> torch.dtype:
+    """The dtype the transformer's patch embedder takes: its weight's, or a GGUF linear's compute
+    dtype (its weight holds quantized bytes)."""
+    embedder = next(iter(transformer.all_x_embedder.values()))
+    return getattr(embedder, "compute_dtype", None) or embedder.weight.dtype
+
+
 def denoise(
     transformer: torch.nn.Module,
     latents: torch.Tensor,
@@ -534,7 +541,7 @@ def denoise(
     """
     step = step or functools.partial(transformer_step, transformer, controlnet)
     batch = latents.shape[0]
-    dtype = next(iter(transformer.all_x_embedder.values())).weight.dtype  # what the patch embedder takes
+    dtype = patch_dtype(transformer)
     embeds = cond + uncond if uncond is not None else cond
     early_embeds, early_steps = embeds, 0
     if early is not None:

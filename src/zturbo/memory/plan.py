@@ -32,6 +32,7 @@ from ..accel.quantize import is_block_linear, quantizes, usable_quantizations
 from ..config import MEMORY_CHOICES
 from ..device import GIB
 from ..errors import GPUMemoryError, InvalidRequestError
+from ..gguf import logical_numel
 
 log = logging.getLogger("zturbo")
 
@@ -110,6 +111,11 @@ class ModelShape:
     controlnet_blocks_params: int = 0
     controlnet_block_params: int = 0
     controlnet_layers: int = 0
+    # Weights that stay quantized as stored (a GGUF transformer's): their bytes on the device, and
+    # how many of `transformer_params` they hold. Such weights are never cast, quantized again or
+    # streamed as raw bytes.
+    transformer_stored_bytes: int = 0
+    transformer_stored_params: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,9 +166,9 @@ def model_shape(
         transformer_params=_count(transformer),
         transformer_blocks_params=sum(_count(b) for b in blocks),
         transformer_block_params=max(_count(b) for b in blocks),
-        transformer_linear_params=sum(m.weight.numel() for m in linears),
-        transformer_largest_linear=max(m.weight.numel() for m in linears),
-        transformer_fp8_plain_params=sum(m.weight.numel() for m in fp8_plain),
+        transformer_linear_params=sum(logical_numel(m.weight) for m in linears),
+        transformer_largest_linear=max(logical_numel(m.weight) for m in linears),
+        transformer_fp8_plain_params=sum(logical_numel(m.weight) for m in fp8_plain),
         transformer_block_count=len(blocks),
         text_encoder_params=_count(text_encoder),
         text_encoder_embed_params=_count(text_encoder.embed_tokens),
@@ -177,6 +183,7 @@ def model_shape(
         vae_channels=vae.config.block_out_channels[0],
         spatial_unit=(2 ** (len(vae.config.block_out_channels) - 1)) * tc.all_patch_size[0],
         **controlnet_counts(getattr(controlnet, "model", controlnet)),
+        **stored_counts(transformer),
     )
 
 
@@ -207,12 +214,18 @@ def shape_from_source(source: Any, controlnet: str | None = None) -> ModelShape:
 
     transformer = _empty(lambda: ZImageTransformer2DModel.from_config(source.config("transformer")))
     vae = _empty(lambda: AutoencoderKL.from_config(source.config("vae")))
+    stored = {}
+    if getattr(source, "transformer_file", None) is not None:
+        from ..gguf import inspect
+
+        info = inspect(source.transformer_file)  # the header only
+        stored = {"transformer_stored_bytes": info.quantized_bytes, "transformer_stored_params": info.quantized_params}
     te_config = AutoConfig.from_pretrained(source.path / "text_encoder")
     text_encoder = _empty(lambda: _text_encoder_class(source.path)._from_config(te_config))
     control = None
     if controlnet is not None:
         control = build_meta(resolve_config(resolve_controlnet(controlnet), source.config("transformer"))[0])
-    return model_shape(transformer, text_encoder, vae, control)
+    return replace(model_shape(transformer, text_encoder, vae, control), **stored)
 
 
 def estimate(
@@ -238,8 +251,9 @@ def estimate(
     """
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
-    if quantize != "none" and plan in UNQUANTIZED_PLANS:
-        raise ValueError(f"plan {plan} streams plain weights and cannot run a {quantize}-quantized transformer")
+    if (quantize != "none" or shape.transformer_stored_params) and plan in UNQUANTIZED_PLANS:
+        what = f"{quantize}-quantized" if quantize != "none" else "GGUF"
+        raise ValueError(f"plan {plan} streams plain weights and cannot run a {what} transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
     vae_compiled = compiled_vae and compilable(plan)
@@ -315,7 +329,7 @@ def choose(
     considered = []
     for quantize in (("none",) if exact else ()) + quantize_options:
         for plan in SPEED_ORDER:
-            if quantize != "none" and plan in UNQUANTIZED_PLANS:
+            if (quantize != "none" or shape.transformer_stored_params) and plan in UNQUANTIZED_PLANS:
                 continue
             options = [
                 fitting(shape, dtype_bytes, usable, plan=plan, quantize=quantize, vae_tiling=tiling, **request)
@@ -356,10 +370,21 @@ def fitting(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, *, plan
 
 
 def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(logical_numel(p) for p in module.parameters())
+
+
+def stored_counts(transformer: torch.nn.Module) -> dict[str, int]:
+    """ModelShape's stored-quantized fields: the bytes and weights of GGUF parameters."""
+    stored = [p for p in transformer.parameters() if hasattr(p, "quant_type")]
+    return {
+        "transformer_stored_bytes": sum(p.numel() * p.element_size() for p in stored),
+        "transformer_stored_params": sum(logical_numel(p) for p in stored),
+    }
 
 
 def _transformer_bytes(shape: ModelShape, elem: int, quantize: str) -> int:
+    if shape.transformer_stored_params:  # GGUF: the stored bytes, the rest cast to the dtype
+        return shape.transformer_stored_bytes + (shape.transformer_params - shape.transformer_stored_params) * elem
     if quantize == "none":
         return shape.transformer_params * elem
     quantized = shape.transformer_linear_params - (shape.transformer_fp8_plain_params if quantize == "fp8" else 0)
@@ -552,6 +577,8 @@ def plan_layout(
             f"--quantize {config.quantize} cannot be combined with --memory {config.memory}, which streams plain "
             "weights; use --memory auto, resident, te-offload or model-offload with it"
         )
+    if getattr(source, "transformer_file", None) is not None:
+        _check_stored(config, source.transformer_file, dtypes["transformer"])
     tunable = config.memory in TUNABLE_PLANS
     if budget is None or (config.memory != "auto" and not tunable):
         return Layout(config.memory if config.memory != "auto" else "resident", quantize=config.quantize)
@@ -566,6 +593,30 @@ def plan_layout(
     options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)
     choice = choose(shape, sizes, budget, quantize_options=options, exact=exact, **request)
     return _chosen(choice, config.quantize)
+
+
+def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
+    """A GGUF transformer stays quantized as stored: no second quantization, no raw-byte streaming,
+    and no float16 (its overflow guard rescales weights in place)."""
+    from ..gguf import is_gguf
+
+    if not is_gguf(path):
+        return
+    if dtype is torch.float16:
+        raise InvalidRequestError(
+            f"the GGUF transformer {path} cannot run in float16: the float16 overflow guard rescales weights, "
+            "which GGUF keeps quantized; use --transformer-dtype bfloat16 (or float32 where bfloat16 is slow)"
+        )
+    if config.quantize != "none":
+        raise InvalidRequestError(
+            f"--quantize {config.quantize} cannot apply to the GGUF transformer {path}, which is quantized "
+            "already; use --quantize none"
+        )
+    if config.memory in UNQUANTIZED_PLANS:
+        raise InvalidRequestError(
+            f"--memory {config.memory} streams plain weights and cannot run the GGUF transformer {path}; "
+            "use --memory auto, resident, te-offload or model-offload"
+        )
 
 
 def _chosen(choice: Choice, quantize: str) -> Layout:

@@ -1,0 +1,171 @@
+"""GGUF transformers: loaded quantized through diffusers' GGUF support, against their dequantized weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from zturbo.config import RuntimeConfig
+from zturbo.engine import Engine
+from zturbo.errors import CheckpointError, InvalidRequestError
+from zturbo.loader import _file_digest, iter_tensors, resolve_model, weight_files
+from zturbo.memory import plan as memory
+
+pytest.importorskip("gguf")
+
+from gguf_files import dequantized, write_gguf
+
+CPU32 = {"device": "cpu", "dtype": "float32"}
+ARGS = {"seed": 3, "steps": 2, "width": 64, "height": 64}
+
+
+def pixels(result) -> np.ndarray:
+    return np.asarray(result.images[0].image, dtype=np.int16)
+
+
+def transformer_state(tiny_dir: Path) -> dict[str, torch.Tensor]:
+    files = weight_files(tiny_dir / "transformer", "diffusion_pytorch_model")
+    return {key: tensor for key, _, tensor in iter_tensors(files)}
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf")
+    state = transformer_state(tiny_dir)
+    return {q: write_gguf(root / f"tiny-{q}.gguf", state, q) for q in ("Q8_0", "Q4_K", "Q4_0", "F16")}
+
+
+def with_file(tiny_dir: Path, path: Path):
+    return dataclasses.replace(resolve_model(str(tiny_dir)), transformer_file=path)
+
+
+def dequantized_checkpoint(tiny_dir: Path, gguf: Path, target: Path) -> Path:
+    """The tiny checkpoint with the GGUF file's weights, dequantized by the gguf package, as its transformer."""
+    shutil.copytree(tiny_dir, target)
+    for old in (target / "transformer").glob("diffusion_pytorch_model*"):
+        old.unlink()
+    weights = {k: v.contiguous() for k, v in dequantized(gguf).items()}
+    save_file(weights, str(target / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return target
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q4_0", "F16"])
+def test_a_gguf_transformer_gives_the_image_of_its_dequantized_weights(tiny_dir, files, tmp_path, qtype):
+    from diffusers.quantizers.gguf.utils import GGUFLinear
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files[qtype]))
+    reference = Engine.load(RuntimeConfig(model=str(dequantized_checkpoint(tiny_dir, files[qtype], tmp_path / "d"))))
+    got = engine.generate("a red fox", **ARGS)
+    expected = pixels(reference.generate("a red fox", **ARGS))
+    assert np.abs(pixels(got) - expected).max() <= 1
+    linear = engine.components.transformer.layers[0].attention.to_q
+    if qtype == "F16":  # nothing quantized: plain linears in the compute dtype
+        assert type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
+    else:  # kept quantized on the device, dequantized at each call
+        assert isinstance(linear, GGUFLinear) and linear.weight.dtype == torch.uint8
+    weights = got.images[0].metadata["transformer_weights"]
+    assert weights["file"] == files[qtype].name and weights["format"] == "gguf"
+    assert weights["quantization"] == (qtype if qtype != "F16" else "F16+F32")
+    if qtype == "Q4_K":  # the timestep MLP's rows (256, 1024 wide) fit super-blocks; the narrower ones take Q8_0
+        assert [m.weight.quant_type.name for m in engine.components.transformer.t_embedder.mlp[::2]] == ["Q4_K"] * 2
+        assert weights["types"]["Q4_K"] == 2 and weights["types"]["Q8_0"] > 2
+    # The file's own identity: the model fingerprint covers the directory, the same for every file.
+    others = {_file_digest(files[q]) for q in files if q != qtype}
+    assert re.fullmatch("[0-9a-f]{64}", weights["fingerprint"]) and weights["fingerprint"] not in others
+
+
+def test_the_coarse_quantization_changes_the_image(tiny_dir, files, engine):
+    # What makes the comparison above tell weights apart: Q4_0's weights give another image.
+    q4 = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q4_0"]))
+    assert np.abs(pixels(q4.generate("a red fox", **ARGS)) - pixels(engine.generate("a red fox", **ARGS))).max() > 1
+
+
+def test_an_unreadable_type_is_refused_by_name(tiny_dir, tmp_path):
+    path = write_gguf(
+        tmp_path / "mx.gguf", transformer_state(tiny_dir), "Q8_0", odd={"layers.1.feed_forward.w1.weight": "MXFP4"}
+    )
+    with pytest.raises(CheckpointError, match=r"'layers.1.feed_forward.w1.weight' is stored as MXFP4.*Q8_0"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, path))
+
+
+def test_a_file_that_is_not_gguf_is_refused_by_name(tiny_dir, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(CheckpointError, match=r"cut\.gguf is not a readable GGUF file"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, bad))
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, tmp_path / "none.gguf"))
+
+
+def test_the_planner_counts_the_files_bytes(tiny_dir, files):
+    from gguf import GGUFReader
+
+    plain = memory.shape_from_source(resolve_model(str(tiny_dir)))
+    q8 = memory.shape_from_source(with_file(tiny_dir, files["Q8_0"]))
+    tensors = list(GGUFReader(files["Q8_0"]).tensors)
+    # The quantized linear weights (34 bytes per 32 weights); the quantized pad tokens load dequantized.
+    stored = [t for t in tensors if t.tensor_type.name == "Q8_0" and t.name.endswith(".weight")]
+    assert q8.transformer_stored_bytes == sum(int(t.n_bytes) for t in stored)
+    assert q8.transformer_params == plain.transformer_params  # weights, not bytes
+    rest = plain.transformer_params - q8.transformer_stored_params
+    assert memory._transformer_bytes(q8, 2, "none") == q8.transformer_stored_bytes + rest * 2
+    # The file holds those bytes plus its F16/F32 tensors: the planner's count is the file's, at bf16.
+    on_file = sum(int(t.n_bytes) for t in tensors)
+    assert files["Q8_0"].stat().st_size >= on_file > memory._transformer_bytes(q8, 2, "none") * 0.9
+    resident = dict(plan="resident", width=64, height=64)
+    sizes = {"transformer": 2, "text_encoder": 2, "vae": 2}
+    saved = memory.estimate(plain, sizes, **resident).peak - memory.estimate(q8, sizes, **resident).peak
+    assert saved == plain.transformer_params * 2 - memory._transformer_bytes(q8, 2, "none") > 0
+
+
+def test_the_loaded_engine_counts_what_the_planner_counted(tiny_dir, files):
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q4_0"]))
+    planned = memory.shape_from_source(with_file(tiny_dir, files["Q4_0"]))
+    assert engine.shape == planned
+
+
+def test_gguf_weights_are_never_streamed_as_raw_bytes_nor_quantized_again(tiny_dir, files):
+    shape = memory.shape_from_source(with_file(tiny_dir, files["Q8_0"]))
+    sizes = {"transformer": 2, "text_encoder": 2, "vae": 2}
+    with pytest.raises(ValueError, match="GGUF"):
+        memory.estimate(shape, sizes, plan="block-offload", width=1024, height=1024)
+    considered = memory.choose(shape, sizes, 1, width=1024, height=1024).considered  # nothing fits 1 byte
+    assert {e.plan for e in considered} == {"resident", "te-offload", "model-offload"}
+    source = with_file(tiny_dir, files["Q8_0"])
+    refused = [
+        ({"memory": "block-offload"}, torch.bfloat16, "--memory block-offload.*GGUF"),
+        ({"quantize": "int8"}, torch.bfloat16, "int8.*GGUF"),
+        ({}, torch.float16, "GGUF.*cannot run in float16"),
+    ]
+    for flags, dtype, message in refused:
+        config = RuntimeConfig(model=str(tiny_dir), **CPU32, **flags)
+        with pytest.raises(InvalidRequestError, match=message):
+            memory.plan_layout(config, source, {"transformer": dtype}, None, None, compiled_vae=False)
+
+
+@pytest.mark.parametrize("plan", ["te-offload", "model-offload"])
+def test_the_plans_a_gguf_transformer_runs_under_give_the_resident_image(tiny_dir, files, plan):
+    source = with_file(tiny_dir, files["Q8_0"])
+    resident = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=source)
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), memory=plan, **CPU32), source=source)
+    result = planned.generate("a red fox", **ARGS)
+    assert result.images[0].metadata["memory_plan"].startswith(plan)
+    assert np.array_equal(pixels(result), pixels(resident.generate("a red fox", **ARGS)))
+
+
+def test_a_lora_is_refused_with_a_gguf_transformer(tiny_dir, files, engine, tmp_path):
+    from loras import write_lora
+    from zturbo.errors import LoraError
+
+    lora = tmp_path / "style.safetensors"
+    write_lora(lora, "peft", engine.components.transformer)
+    gguf_engine = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q8_0"]))
+    with pytest.raises(LoraError, match=r"LoRAs cannot merge into the transformer of tiny-Q8_0\.gguf"):
+        gguf_engine.generate("a red fox", loras=[(str(lora), 1.0)], **ARGS)
