@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
-from zturbo.errors import CheckpointError, InvalidRequestError
+from zturbo.errors import CheckpointError, InvalidRequestError, ModelNotFoundError
 from zturbo.loader import _file_digest, iter_tensors, resolve_model, weight_files
 from zturbo.memory import plan as memory
 
@@ -169,3 +169,18 @@ def test_a_lora_is_refused_with_a_gguf_transformer(tiny_dir, files, engine, tmp_
     gguf_engine = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q8_0"]))
     with pytest.raises(LoraError, match=r"LoRAs cannot merge into the transformer of tiny-Q8_0\.gguf"):
         gguf_engine.generate("a red fox", loras=[(str(lora), 1.0)], **ARGS)
+
+
+def test_the_transformer_flag_alone_takes_a_gguf_file_beside_the_models_other_parts(tiny_dir, files, tmp_path):
+    config = RuntimeConfig(model=str(tiny_dir), transformer_file=str(files["Q8_0"]), **CPU32)
+    assert config.component_files() == {"transformer": str(files["Q8_0"])}
+    by_flag = Engine.load(config)
+    assert by_flag.components.transformer_weights["format"] == "gguf"
+    direct = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q8_0"]))
+    args = {"seed": 3, "steps": 2, "width": 64, "height": 64}
+    assert np.array_equal(np.asarray(by_flag.generate("a fox", **args).images[0].image),
+                          np.asarray(direct.generate("a fox", **args).images[0].image))  # fmt: skip
+    with pytest.raises(InvalidRequestError, match="single files come as a set"):
+        RuntimeConfig(model=str(tiny_dir), transformer_file=str(tmp_path / "t.safetensors"))  # not GGUF: all three
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), transformer_file=str(tmp_path / "none.gguf"), **CPU32))
