@@ -62,7 +62,7 @@ def test_profile_start_reports_the_phases_and_where_the_time_went(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (tmp_path / "start.txt").read_text()
     assert '"weights_s"' in text and "Ordered by: cumulative time" in text and "Ordered by: internal time" in text
-    assert "zturbo/engine.py" in text and (tmp_path / "start.prof").stat().st_size > 0
+    assert (tmp_path / "start.prof").stat().st_size > 0
 
 
 def test_bench_precision_smoke_run_on_the_tiny_model(tmp_path):
