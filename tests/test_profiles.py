@@ -198,3 +198,23 @@ def test_status_reports_the_profile():
 
 def test_tiny_base_checkpoint_is_found_as_base(base_dir):
     assert resolve_model(str(base_dir), weights=False).profile().profile is BASE
+
+
+@pytest.mark.parametrize("preset, cfg", [("auto", True), ("turbo", False)])
+def test_memory_planner_plans_the_profiles_batch(base_dir, monkeypatch, preset, cfg):
+    """The base model's default request guides: its load is planned for the batch of two."""
+    from zturbo.device import probe
+    from zturbo.memory import plan
+
+    seen = {}
+
+    def choose(*args, **request):
+        seen.update(request)
+        return plan.Choice(budget=1 << 30, chosen=None, considered=[])
+
+    monkeypatch.setattr(plan, "choose", choose)
+    config = RuntimeConfig(model=str(base_dir), preset=preset)
+    source = resolve_model(str(base_dir), weights=False)
+    dtypes = {"transformer": torch.float32, "text_encoder": torch.float32, "vae": torch.float32}
+    plan.plan_layout(config, source, dtypes, 1 << 30, probe(torch.device("cpu")), compiled_vae=False)
+    assert seen["cfg"] is cfg
