@@ -309,7 +309,9 @@ def test_metrics_and_status(server):
     assert status["device"] == "cpu" and status["workers"][0]["state"] in ("ready", "busy")
     assert status["model_source"] == "local"
     assert status["limits"] == {"spatial_unit": 16, "max_pixels": 128 * 128, "max_images": 64, "max_steps": 100,
-                                "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1}  # fmt: skip
+                                "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1,
+                                "profile": {"name": "turbo", "steps": 8, "guidance_scale": 0.0, "shift": 3.0,
+                                            "cfg_normalization": 0.0, "cfg_truncation": 1.0}}  # fmt: skip
 
 
 # --- load: a bounded queue under 200 concurrent submissions ------------------------------------------

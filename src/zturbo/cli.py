@@ -24,6 +24,7 @@ from .config import (
     TINY_MODEL,
 )
 from .errors import DeviceError, InvalidRequestError, ZTurboError
+from .profiles import PRESET_CHOICES
 from .request import DEFAULT_SIZE, OUTPUT_FIELDS
 from .version import __version__
 
@@ -61,6 +62,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
         f"or {TINY_MODEL!r} (default: $ZTURBO_MODEL or {DEFAULT_MODEL})",
     )
     _single_file_args(p)
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=PRESET_CHOICES,
+        help="model profile (default steps and guidance, scheduler shift): auto (default: from the checkpoint's "
+        "repo id or scheduler shift, else turbo), turbo or base; $ZTURBO_PRESET",
+    )
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="dtype of every component (default auto)")
     for component in ("transformer", "text-encoder", "vae"):
@@ -519,7 +527,7 @@ def _preflight(config: Any) -> tuple[Any, Any]:
         vae_force_upcast=bool(source.config("vae").get("force_upcast", True)),
     )
     check_quantize(config.quantize, caps, plan.transformer.dtype)
-    limits = source.limits(config.max_pixels)
+    limits = source.limits(config.max_pixels, config.preset)
     if config.controlnet is not None:
         from .control import controlnet_in_dim
 
@@ -1043,6 +1051,7 @@ def _runtime_config(args: argparse.Namespace, **extra: Any) -> Any:
         transformer_file=getattr(args, "transformer_file", None),
         text_encoder_file=getattr(args, "text_encoder_file", None),
         vae_file=getattr(args, "vae_file", None),
+        preset=args.preset,
         controlnet=getattr(args, "controlnet", None),
         device=args.device,
         dtype=args.dtype,
@@ -1098,6 +1107,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("FlashAttention 3", _fa3_text(caps)),
         ("memory", memory_line(device)),
         ("model", _model_text(config)),
+        ("profile", _profile_text(config)),
         ("controlnet", _controlnet_text(config.controlnet)),
         *((f"{c.replace('_', ' ')} dtype", _choice_text(getattr(plan, c))) for c in COMPONENTS),
         *([("fp16 guard", guard.describe())] if plan.transformer.dtype is torch.float16 else []),
@@ -1109,6 +1119,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.plan:
         _print_plan(args, config, device, plan.dtypes())
     return 0
+
+
+def _profile_text(config: Any) -> str:
+    """The model's profile and how it was chosen. A local model's configs are read; a hub model is
+    not downloaded for this, so its profile comes from the preset or its repo id alone."""
+    from pathlib import Path
+
+    from .loader import resolve_model
+    from .profiles import choose_profile, scheduler_config
+
+    if Path(config.model).expanduser().is_dir() or config.model == TINY_MODEL:
+        source = resolve_model(config.model, weights=False)
+        chosen = source.profile(config.preset)
+        shift = scheduler_config(chosen, source.config("scheduler")).get("shift")
+    else:
+        chosen = choose_profile(config.preset, {}, config.model)
+        shift = chosen.profile.shift if chosen.how != "assumed" else "read from the scheduler config at load"
+    p = chosen.profile
+    (s0, s1), (g0, g1) = p.steps_range, p.guidance_range
+    negative = "used" if p.negative_prompt else "unused at guidance 0"
+    return (
+        f"{p.name} ({chosen.how}): {p.steps} steps, guidance {p.guidance:g}, negative prompt {negative}, "
+        f"scheduler shift {shift}; recommended {s0}-{s1} steps, guidance {g0:g}-{g1:g}"
+    )
 
 
 def _controlnet_text(spec: str | None) -> str:
@@ -1144,7 +1178,11 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
 
     source = resolve_model(config.model, weights=False, files=config.component_files())
     GenerateRequest.create(
-        "x", limits=source.limits(config.max_pixels), width=args.width, height=args.height, batch=args.batch
+        "x",
+        limits=source.limits(config.max_pixels, config.preset),
+        width=args.width,
+        height=args.height,
+        batch=args.batch,
     )
     if config.vram_budget is not None:
         budget, where = int(config.vram_budget * memory.GIB), "--vram-budget"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidRequestError
+from .profiles import AUTO, check_preset
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_MODEL = "tiny-random"
@@ -33,6 +34,7 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_TRANSFORMER_FILE": "ComfyUI's transformer file, with the text encoder and VAE files (--transformer)",
     "ZTURBO_TEXT_ENCODER_FILE": "ComfyUI's text encoder file, e.g. qwen_3_4b.safetensors (--text-encoder)",
     "ZTURBO_VAE_FILE": "ComfyUI's VAE file, e.g. ae.safetensors (--vae)",
+    "ZTURBO_PRESET": "model profile: auto (from the checkpoint), turbo or base (--preset)",
     "ZTURBO_DEVICE": "auto, cpu, cuda, cuda:N or mps (--device)",
     "ZTURBO_DTYPE": "dtype of every component: auto, bfloat16, float16 or float32 (--dtype)",
     "ZTURBO_COMPILE": "torch.compile: auto, on or off (--compile)",
@@ -103,6 +105,8 @@ class RuntimeConfig:
     """Where the model comes from and where and how it runs."""
 
     model: str = DEFAULT_MODEL
+    # The model's profile (defaults, scheduler shift): auto = what the checkpoint's files tell.
+    preset: str = AUTO
     device: str = "auto"
     dtype: str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -137,6 +141,7 @@ class RuntimeConfig:
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache)
 
     def __post_init__(self) -> None:
+        check_preset(self.preset)
         for name in ("dtype", "transformer_dtype", "text_encoder_dtype", "vae_dtype"):
             value = getattr(self, name)
             if value is not None and value not in DTYPE_CHOICES:
@@ -189,6 +194,7 @@ class RuntimeConfig:
         values: dict[str, object] = {}
         for field in (
             "model",
+            "preset",
             "device",
             "dtype",
             "compile",

@@ -105,6 +105,8 @@ from .pipeline import (
 )
 from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .preview import LatentProjection, PreviewCallback, PreviewStream, fit_projection
+from .profiles import Chosen
+from .profiles import scheduler_config as profile_scheduler
 from .request import IMAGE_FIELDS, GenerateRequest, ModelLimits
 from .result import GeneratedImage, GenerateResult, ModelInfo
 
@@ -151,6 +153,7 @@ class Engine:
         limits: ModelLimits,
         accel: Accel | None = None,
         layout: Layout | None = None,
+        profile: Chosen | None = None,
     ) -> None:
         self.components = components
         self.model = model
@@ -161,7 +164,10 @@ class Engine:
         self.controlnet: ControlNet | None = components.controlnet
         if self.controlnet is not None:
             limits = replace(limits, control_in_dim=self.controlnet.control_in_dim)
-        self.limits = limits
+        # The model's profile (defaults, CFG options), and how it was chosen; the limits carry it
+        # to every request this engine validates.
+        self.profile = profile or Chosen(limits.profile, "assumed")
+        self.limits = replace(limits, profile=self.profile.profile)
         self.accel = accel or Accel()
         self.prompt_cache = PromptCache()
         self.latent_cache = LatentCache()
@@ -223,7 +229,10 @@ class Engine:
         components = _load_components(source, device, dtypes, layout, config.controlnet)
         phases.mark("weights_s")
         model = ModelInfo(source.name, source.revision, fingerprint(source), source.origin)
-        engine = cls(components, model, device, dtypes, source.limits(config.max_pixels), layout=layout)
+        chosen = source.profile(config.preset)
+        components.scheduler_config = profile_scheduler(chosen, components.scheduler_config)
+        limits = source.limits(config.max_pixels)
+        engine = cls(components, model, device, dtypes, limits, layout=layout, profile=chosen)
         engine.vae_tiling_setting = config.vae_tiling
         engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
         lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
@@ -553,7 +562,14 @@ class Engine:
             graphs = self._step_graphs()
             room = functools.partial(self._step_graph_fits, req)
             step = None if graphs is None else graphs.bind(c.transformer, room, controlnet=controlnet)
-            run = functools.partial(denoise, controlnet=controlnet, controls=controls, keep=keep, on_latents=previews)
+            run = functools.partial(
+                denoise,
+                controlnet=controlnet,
+                controls=controls,
+                keep=keep,
+                on_latents=previews,
+                cfg=self.profile.profile.cfg,
+            )
             latents = self._eager_if_compile_fails(
                 run, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, step
             )
@@ -636,6 +652,7 @@ class Engine:
                 req, spec.prompt, spec.negative_prompt, spec.seed, self.model, self.runtime(), spec.variation_seed
             )
             meta["loras"] = loras
+            meta["profile"] = self.profile.describe()
             meta["controlnet"] = self.controlnet.describe() if self.controlnet and req.inputs.controlled else None
             image = GeneratedImage(
                 Image.fromarray(array), spec.seed, spec.prompt, spec.negative_prompt, meta, spec.variation_seed

@@ -23,6 +23,7 @@ from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .gguf import logical_numel
+from .profiles import AUTO, Chosen, choose_profile
 from .request import ModelLimits
 
 if TYPE_CHECKING:
@@ -62,8 +63,13 @@ class ModelSource:
         name = "scheduler_config.json" if component == "scheduler" else "config.json"
         return _read_json(self.path / component / name)
 
-    def limits(self, max_pixels: int) -> ModelLimits:
-        return ModelLimits(spatial_unit=spatial_unit(self), max_pixels=max_pixels)
+    def profile(self, preset: str = AUTO) -> Chosen:
+        """The model's profile: `preset` when one is named, else what the files tell."""
+        return choose_profile(preset, self.config("scheduler"), self.repo_id)
+
+    def limits(self, max_pixels: int, preset: str = AUTO) -> ModelLimits:
+        profile = self.profile(preset).profile
+        return ModelLimits(spatial_unit=spatial_unit(self), max_pixels=max_pixels, profile=profile)
 
 
 def spatial_unit(source: ModelSource) -> int:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError
+from .profiles import PLAIN_CFG, CfgOptions
 
 if TYPE_CHECKING:
     from .accel.graphs import EncoderGraphs
@@ -526,6 +527,7 @@ def denoise(
     controls: Sequence[StepControl | None] | None = None,
     keep: Keep | None = None,
     on_latents: LatentCallback | None = None,
+    cfg: CfgOptions = PLAIN_CFG,
 ) -> torch.Tensor:
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
@@ -537,7 +539,8 @@ def denoise(
     ControlNet input (None: the ControlNet does not run then). `keep` blends the input image back
     outside its mask after every step (inpainting). `on_latents` gets, after each step, the clean
     latents the step predicts (the latents with the remaining noise, sigma * prediction, removed):
-    what a live preview shows.
+    what a live preview shows. `cfg`: diffusers' cfg_normalization and cfg_truncation (a step
+    past the truncation runs the positive half alone, as diffusers does).
     """
     step = step or functools.partial(transformer_step, transformer, controlnet)
     batch = latents.shape[0]
@@ -549,17 +552,15 @@ def denoise(
     model_t = sched.model_t.to(latents.device)
     steps = len(sched.dts)
     controls = controls or [None] * steps
+    guided = guided_steps(sched, cfg.truncation) if uncond is not None else [False] * steps
     for i, dt in enumerate(sched.dts):
-        x = latents.to(dtype)
-        if uncond is not None:
-            x = x.repeat(2, 1, 1, 1)
-        t = model_t[i].expand(x.shape[0])
         step_embeds = early_embeds if i < early_steps else embeds
-        out = step(list(x.unsqueeze(2).unbind(0)), t, step_embeds, controls[i])
+        x, step_embeds, control = step_inputs(latents.to(dtype), step_embeds, controls[i], guided[i], batch)
+        t = model_t[i].expand(x.shape[0])
+        out = step(list(x.unsqueeze(2).unbind(0)), t, step_embeds, control)
         pred = torch.stack([o.float() for o in out], dim=0).squeeze(2)  # (B or 2B, C, h, w)
-        if uncond is not None:
-            pos, neg = pred[:batch], pred[batch:]
-            pred = pos + guidance_scale * (pos - neg)
+        if guided[i]:
+            pred = guide(pred[:batch], pred[batch:], guidance_scale, cfg.normalization)
         # The model predicts the flow towards noise; the Euler step follows its negation.
         latents = latents + dt * -pred
         if keep is not None:
@@ -569,6 +570,35 @@ def denoise(
         if on_step is not None:
             on_step(i + 1, steps)
     return latents
+
+
+def step_inputs(
+    x: torch.Tensor, embeds: list[torch.Tensor], control: StepControl | None, guided: bool, batch: int
+) -> tuple[torch.Tensor, list[torch.Tensor], StepControl | None]:
+    """One step's latents, embeddings and control input: both halves (positive, then negative) on
+    a CFG step; the positive half alone otherwise (no CFG, or a step past the CFG truncation)."""
+    if guided:
+        return x.repeat(2, 1, 1, 1), embeds, control
+    return x, embeds[:batch], None if control is None else (control[0][:batch], control[1])
+
+
+def guided_steps(sched: Schedule, truncation: float) -> list[bool]:
+    """Which steps run CFG: diffusers drops guidance where the normalized time (1000 - t) / 1000,
+    the transformer's timestep input, is above `cfg_truncation`."""
+    return [t <= truncation for t in sched.model_t.tolist()]
+
+
+def guide(pos: torch.Tensor, neg: torch.Tensor, scale: float, normalization: float) -> torch.Tensor:
+    """diffusers' Z-Image CFG, `pos + scale * (pos - neg)`, with its renormalization: above 0, an
+    image whose guided prediction has a norm over `normalization` times its positive one's is
+    scaled down to that norm. Batched, and with no host sync (the comparison stays on the device)."""
+    pred = pos + scale * (pos - neg)
+    if normalization > 0:
+        limit = torch.linalg.vector_norm(pos.flatten(1), dim=1) * normalization
+        norm = torch.linalg.vector_norm(pred.flatten(1), dim=1)
+        factor = torch.where(norm > limit, limit / norm, torch.ones_like(norm))
+        pred = pred * factor.view(-1, *([1] * (pred.dim() - 1)))
+    return pred
 
 
 def decode(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,11 @@ from typing import Any
 from .errors import FieldError
 from .inputs.images import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, InputImage
 from .inputs.spec import ALPHA_MASK, ImageInputs, ImageResolver, check_inputs, parse_outpaint
+from .profiles import TURBO, ModelProfile
 
-DEFAULT_STEPS = 8
-DEFAULT_GUIDANCE = 0.0
+# Turbo's; a request that does not say takes its model's (`ModelLimits.profile`).
+DEFAULT_STEPS = TURBO.steps
+DEFAULT_GUIDANCE = TURBO.guidance
 DEFAULT_SIZE = 1024
 # Seed variety: the fraction of the steps that see the noisy prompt embedding by default. Early
 # steps fix the composition; leaving the last ones clean lets the image follow the prompt again.
@@ -69,6 +71,8 @@ class ModelLimits:
     # The loaded ControlNet's input channels (16: control only; 33: control, mask and masked
     # image, Union 2.0+); None without a ControlNet.
     control_in_dim: int | None = None
+    # The model's defaults: steps and guidance when a request does not give them.
+    profile: ModelProfile = TURBO
 
 
 TEXT, WHOLE, NUMBER, SEEDS, LORAS = "text", "whole number", "number", "seed list", "LoRA list"
@@ -173,7 +177,8 @@ FIELDS: tuple[Field, ...] = (
           "--seeds"),
     Field("seed", WHOLE, None, "seed", "random seed; image i uses seed+i (default: random)", "--seed",
           a1111="Seed"),
-    Field("steps", WHOLE, DEFAULT_STEPS, "steps", "denoising steps", "--steps", a1111="Steps"),
+    Field("steps", WHOLE, DEFAULT_STEPS, "steps", "denoising steps (the base model's default is 28)", "--steps",
+          a1111="Steps"),
     Field("width", WHOLE, DEFAULT_SIZE, "size", "image width in pixels, a multiple of 16", "--width"),
     Field("height", WHOLE, DEFAULT_SIZE, "size", "image height in pixels, a multiple of 16", "--height"),
     Field("batch", WHOLE, 1, "images", "number of images (per prompt)", "--batch", http="n",
@@ -181,7 +186,7 @@ FIELDS: tuple[Field, ...] = (
     Field("variation_seed", WHOLE, None, "seed", "A1111 variation seed: noise blended in (default: random)",
           "--variation-seed", a1111="Variation seed", aliases=("subseed",)),
     Field("guidance_scale", NUMBER, DEFAULT_GUIDANCE, "guidance",
-          "CFG scale; 0 = no CFG, the Turbo setting", "--guidance", a1111="CFG scale",
+          "CFG scale; 0 = no CFG, the Turbo setting (the base model's default is 4)", "--guidance", a1111="CFG scale",
           aliases=("guidance", "cfg_scale")),
     Field("variation_strength", NUMBER, 0.0, "fraction",
           "0 = the seed's image, 1 = the variation seed's; above 0 the seed stays and image i uses "
@@ -441,8 +446,8 @@ class GenerateRequest:
         limits: ModelLimits,
         negative_prompt: str | Sequence[str] | None = None,
         seed: int | None = None,
-        steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         batch: int = 1,
@@ -458,10 +463,10 @@ class GenerateRequest:
     ) -> GenerateRequest:
         """The one validator: every door's request passes here; errors name the field, value and range.
 
-        `input_fields` are the input-image fields (`INPUT_FIELDS`: image, mask, strength, ...); an
-        image is an `InputImage`, image file bytes or a PIL image, never a path (doors read files).
-        Without width and height, an input image sets the size.
+        `input_fields`: image, mask, strength, ... (`INPUT_FIELDS`), as `InputImage`, bytes or PIL, never paths.
+        Without width and height, an input image sets the size; without steps or guidance, `limits.profile`.
         """
+        steps, guidance_scale = limits.profile.defaults(steps, guidance_scale)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         _check_int("steps", steps, *LIMITS.steps)

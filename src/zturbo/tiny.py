@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .config import cache_root
+from .profiles import TURBO, ModelProfile
 
 TINY_VERSION = "v3"
 TOKENIZER_VERSION = "v1"
@@ -330,8 +331,9 @@ def tokenizer_config() -> dict[str, Any]:
 # Checkpoint
 
 
-def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
-    """Write a random tiny Z-Image checkpoint into `root` (created if needed)."""
+def write_tiny_checkpoint(root: Path, seed: int = 0, profile: ModelProfile = TURBO) -> Path:
+    """Write a random tiny Z-Image checkpoint into `root` (created if needed), with `profile`'s
+    published scheduler config (the base model's differs from Turbo's in its shift alone)."""
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
@@ -345,11 +347,16 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
         text_encoder = Qwen3Model(Qwen3Config(**text_encoder_config(QWEN3_VOCAB_ROWS)))
     finally:
         torch.random.set_rng_state(gen_state)
-    return save_checkpoint(root, transformer, vae, text_encoder, tokenizer)
+    return save_checkpoint(root, transformer, vae, text_encoder, tokenizer, profile)
 
 
 def save_checkpoint(
-    root: Path, transformer: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any
+    root: Path,
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    tokenizer: Any,
+    profile: ModelProfile = TURBO,
 ) -> Path:
     """The published layout: float32 transformer and bf16 `model.`-prefixed text encoder, each in
     three shards with an index; one bf16 VAE file; the tokenizer's files as it was loaded from them.
@@ -366,7 +373,7 @@ def save_checkpoint(
     save_sharded(root / "text_encoder", "model", te_state, torch.bfloat16)
     _write_json(root / "text_encoder" / "config.json", published_text_encoder_config(text_encoder.config))
     _copy_tokenizer_files(Path(tokenizer.name_or_path), root / "tokenizer")
-    _write_json(root / "scheduler" / "scheduler_config.json", SCHEDULER_CONFIG)
+    _write_json(root / "scheduler" / "scheduler_config.json", {**SCHEDULER_CONFIG, "shift": profile.shift})
     _write_json(root / "model_index.json", MODEL_INDEX)
     return root
 

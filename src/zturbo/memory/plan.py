@@ -570,7 +570,8 @@ def plan_layout(
     many layers or blocks resident as the budget allows.
 
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
-    layout is chosen only when no exact one fits.
+    layout is chosen only when no exact one fits. The planned request is a 1024² image at the
+    model's default guidance (`ModelSource.profile`).
     """
     if config.quantize != "none" and config.memory in UNQUANTIZED_PLANS:
         raise InvalidRequestError(
@@ -584,7 +585,9 @@ def plan_layout(
         return Layout(config.memory if config.memory != "auto" else "resident", quantize=config.quantize)
     shape = shape_from_source(source, getattr(config, "controlnet", None))
     sizes = dtype_bytes(dtypes)
-    request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "compiled_vae": compiled_vae}
+    # A model whose default request guides (the base model) is planned for its batch of two.
+    cfg = source.profile(config.preset).profile.guidance > 0
+    request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "cfg": cfg, "compiled_vae": compiled_vae}
     if tunable:
         usable = usable_budget(budget)
         est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request)

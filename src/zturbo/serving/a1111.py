@@ -28,7 +28,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from ..errors import FieldError, InvalidRequestError, JobFailedError
-from ..request import DEFAULT_GUIDANCE, DEFAULT_STEPS, FIELD, GenerateRequest
+from ..profiles import TURBO, ModelProfile
+from ..request import FIELD, GenerateRequest
 from . import jobs
 from .results import Base64Body, finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
@@ -225,7 +226,15 @@ class Session:
 # --- translation -------------------------------------------------------------------------------
 
 
-def translate(body: _Body, policy: str, max_image_bytes: int, *, formats: bool, fixed: FixedCheck) -> Translation:
+def translate(
+    body: _Body,
+    policy: str,
+    max_image_bytes: int,
+    *,
+    formats: bool,
+    fixed: FixedCheck,
+    profile: ModelProfile = TURBO,
+) -> Translation:
     """An A1111 body -> zturbo request fields; refuses (FieldError naming the A1111 field) what zturbo cannot run.
 
     `formats`: the request table has `output_format`, so `samples_format` overrides can be honoured;
@@ -248,7 +257,7 @@ def translate(body: _Body, policy: str, max_image_bytes: int, *, formats: bool, 
         t.values["variation_strength"] = body.subseed_strength
         if body.subseed != -1:
             t.values["variation_seed"] = body.subseed
-    _policy(body, policy, t)
+    _policy(body, policy, t, profile)
     _sampler(body, t)
     _override_settings(body.override_settings or {}, t, formats=formats, fixed=fixed)
     if isinstance(body, Img2ImgBody):
@@ -266,15 +275,16 @@ def _check_neutral(body: _Body) -> None:
             )
 
 
-def _policy(body: _Body, policy: str, t: Translation) -> None:
-    """Steps and CFG: as sent under `honour`; under `turbo`, Stable Diffusion's usual values become Turbo's."""
+def _policy(body: _Body, policy: str, t: Translation, profile: ModelProfile) -> None:
+    """Steps and CFG: as sent under `honour`; under `turbo`, Stable Diffusion's usual values become
+    the served model's defaults (its profile's: Turbo's 8 steps without CFG, the base model's 28 at 4)."""
     steps, cfg = body.steps, body.cfg_scale
     if policy == "turbo" and SD_STEPS[0] <= steps <= SD_STEPS[1]:
-        t.mapped["steps"] = (steps, DEFAULT_STEPS)
-        steps = DEFAULT_STEPS
+        t.mapped["steps"] = (steps, profile.steps)
+        steps = profile.steps
     if policy == "turbo" and SD_CFG[0] <= cfg <= SD_CFG[1]:
-        t.mapped["cfg_scale"] = (cfg, DEFAULT_GUIDANCE)
-        cfg = DEFAULT_GUIDANCE
+        t.mapped["cfg_scale"] = (cfg, profile.guidance)
+        cfg = profile.guidance
     t.values["steps"], t.values["guidance_scale"] = steps, cfg
     if cfg == 0 and t.values["negative_prompt"]:
         t.ignored["negative_prompt"] = "unused at cfg_scale 0 (no classifier-free guidance)"
@@ -746,7 +756,10 @@ def _request(service: Service, session: Session, body: _Body) -> tuple[Translati
     """The body translated and validated once (seeds drawn), the output format and quality applied."""
     formats = "output_format" in FIELD
     fixed = functools.partial(check_fixed, service, session)
-    t = translate(body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed)
+    limits = service.settings.limits
+    t = translate(
+        body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed, profile=limits.profile
+    )
     output_settings(t, session.options, formats=formats)
     try:
         return t, GenerateRequest.from_fields(t.values, service.settings.limits)

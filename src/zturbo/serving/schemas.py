@@ -314,4 +314,6 @@ def status_limits(limits: ModelLimits) -> dict[str, Any]:
         "max_guidance": LIMITS.guidance[1],
         "max_prompt_chars": LIMITS.prompt_chars,
         "max_seed": LIMITS.seed[1],
+        # The served model's defaults: what a request that omits steps or guidance gets.
+        "profile": limits.profile.describe(),
     }

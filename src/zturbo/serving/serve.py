@@ -203,7 +203,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
 def _model_limits(source: Any, config: Any) -> Any:
     """What requests may ask of the served model: its sizes, and the ControlNet's input width read
     from its header (no weights: the API process validates, the workers load), before binding."""
-    limits = source.limits(config.max_pixels)
+    limits = source.limits(config.max_pixels, config.preset)
     if config.controlnet is None:
         return limits
     from ..control import controlnet_in_dim

@@ -518,7 +518,7 @@ def build(
                         height = gr.Number(1024, label="Height", precision=0, step=unit, elem_id="height")
                     size_msg = gr.Markdown(elem_id="inputs-msg")  # where the size comes from, with input images
                     steps = gr.Slider(
-                        *_slider_range("steps"), value=FIELD["steps"].default, step=1, label="Steps", elem_id="steps"
+                        *_slider_range("steps"), value=limits.profile.steps, step=1, label="Steps", elem_id="steps"
                     )
                     with gr.Row():
                         seed = gr.Number(RANDOM_SEED, label="Seed (-1 = random)", precision=0, scale=2, elem_id="seed")
@@ -529,8 +529,8 @@ def build(
                     with gr.Accordion("Advanced", open=False, elem_id="advanced") as advanced:
                         negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
                         guidance = gr.Slider(
-                            *_slider_range("guidance_scale"), value=0, step=0.1, label="Guidance (CFG scale)",
-                            info=GUIDANCE_INFO, elem_id="guidance",
+                            *_slider_range("guidance_scale"), value=limits.profile.guidance, step=0.1,
+                            label="Guidance (CFG scale)", info=GUIDANCE_INFO, elem_id="guidance",
                         )  # fmt: skip
                         variation_seed = gr.Number(
                             RANDOM_SEED, label="Variation seed (-1 = random)", precision=0,

@@ -1,0 +1,220 @@
+"""Model profiles: the base model (Tongyi-MAI/Z-Image) against diffusers, detection, the preset, metadata.
+
+The tiny base checkpoint is the tiny Turbo one's architecture with the base model's published
+scheduler config (shift 6.0); its images must match diffusers' ZImagePipeline loading the same
+directory within 1/255, with the profile's defaults (28 steps, guidance 4) and a negative prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clirun import run
+from zturbo.config import RuntimeConfig
+from zturbo.engine import Engine
+from zturbo.errors import InvalidRequestError
+from zturbo.imageio import read_metadata
+from zturbo.loader import resolve_model
+from zturbo.profiles import BASE, TURBO, Chosen, choose_profile, detect_profile, scheduler_config, with_cfg
+from zturbo.request import GenerateRequest, ModelLimits
+
+PROMPT, NEGATIVE, SEED = "a lighthouse at dusk", "blurry, low quality", 77
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zturbo.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-base"), seed=1, profile=BASE)
+
+
+@pytest.fixture(scope="module")
+def base_engine(base_dir: Path) -> Engine:
+    return Engine.load(RuntimeConfig(model=str(base_dir), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="module")
+def base_pipe(base_dir: Path):
+    from diffusers import ZImagePipeline
+
+    pipe = ZImagePipeline.from_pretrained(base_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference(pipe, steps: int, size: int, **cfg: float) -> np.ndarray:
+    out = pipe(
+        prompt=[PROMPT],
+        negative_prompt=[NEGATIVE],
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=4.0,
+        generator=[torch.Generator("cpu").manual_seed(SEED)],
+        output_type="pil",
+        **cfg,
+    )
+    return np.asarray(out.images[0])
+
+
+def assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert ours.shape == ref.shape
+    assert ours.std() > 10  # a flat image would match anything
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    assert diff.max() <= 1, f"max pixel difference {diff.max()}, mean {diff.mean():.3f}"
+
+
+def test_base_checkpoint_defaults_match_diffusers_at_28_steps(base_engine, base_pipe):
+    """No steps or guidance given: the base profile's 28 steps at guidance 4, shift 6, with CFG
+    (the positive and negative halves in one batch), as diffusers runs them."""
+    assert base_engine.profile == Chosen(BASE, "scheduler shift")
+    result = base_engine.generate(PROMPT, negative_prompt=NEGATIVE, seed=SEED, width=32, height=32)
+    assert (result.request.steps, result.request.guidance_scale) == (28, 4.0)
+    assert_close(np.asarray(result.images[0].image), reference(base_pipe, 28, 32))
+
+
+@pytest.mark.parametrize(
+    "normalization, truncation", [(1.0, 1.0), (0.0, 0.2), (1.2, 0.3)], ids=["normalize", "truncate", "both"]
+)
+def test_cfg_options_match_diffusers(base_engine, base_pipe, normalization, truncation):
+    """diffusers' cfg_normalization and cfg_truncation; each changes the image (checked), and ours follows."""
+    profile = Chosen(with_cfg(BASE, normalization, truncation), "preset")
+    engine = Engine(
+        base_engine.components, base_engine.model, base_engine.device, base_engine.dtypes, base_engine.limits,
+        profile=profile,
+    )  # fmt: skip
+    result = engine.generate(PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=6, width=48, height=48)
+    ours = np.asarray(result.images[0].image)
+    plain = reference(base_pipe, 6, 48)
+    assert np.abs(ours.astype(int) - plain.astype(int)).max() > 8, "the option changed nothing: a vacuous check"
+    ref = reference(base_pipe, 6, 48, cfg_normalization=normalization, cfg_truncation=truncation)
+    assert_close(ours, ref)
+    assert result.images[0].metadata["profile"]["cfg_truncation"] == truncation
+
+
+def test_metadata_records_the_profile(base_engine):
+    meta = base_engine.generate(PROMPT, seed=1, steps=2, width=32, height=32).images[0].metadata
+    assert meta["profile"] == {
+        "name": "base", "steps": 28, "guidance_scale": 4.0, "shift": 6.0, "cfg_normalization": 0.0,
+        "cfg_truncation": 1.0, "chosen_by": "scheduler shift",
+    }  # fmt: skip
+
+
+def test_turbo_checkpoint_keeps_turbo_defaults(engine):
+    assert engine.profile == Chosen(TURBO, "scheduler shift")
+    request = engine.request("x", width=32, height=32)
+    assert (request.steps, request.guidance_scale) == (8, 0.0)
+
+
+@pytest.mark.parametrize(
+    "config, repo_id, expected",
+    [
+        ({"shift": 3.0, "use_dynamic_shifting": False}, None, ("turbo", "scheduler shift")),
+        ({"shift": 6.0, "use_dynamic_shifting": False}, None, ("base", "scheduler shift")),
+        ({"shift": 6.0}, "Tongyi-MAI/Z-Image-Turbo", ("turbo", "repo id")),
+        ({}, "tongyi-mai/z-image", ("base", "repo id")),
+        ({"shift": 4.0}, None, ("turbo", "assumed")),  # a fine-tune's own shift: the files cannot tell
+        ({"shift": 6.0, "use_dynamic_shifting": True}, None, ("turbo", "assumed")),
+    ],
+)
+def test_detect_profile(config, repo_id, expected):
+    chosen = detect_profile(config, repo_id)
+    assert (chosen.profile.name, chosen.how) == expected
+
+
+def test_preset_overrides_the_files_and_sets_the_shift():
+    chosen = choose_profile("base", {"shift": 3.0, "use_dynamic_shifting": False}, "Tongyi-MAI/Z-Image-Turbo")
+    assert chosen == Chosen(BASE, "preset")
+    assert scheduler_config(chosen, {"shift": 3.0, "num_train_timesteps": 1000})["shift"] == 6.0
+    detected = detect_profile({"shift": 3.0}, None)
+    assert scheduler_config(detected, {"shift": 3.0})["shift"] == 3.0  # detected: the file as it is
+
+
+def test_bad_preset_is_refused_by_name():
+    with pytest.raises(InvalidRequestError, match="preset 'fast' is not one of auto, turbo, base"):
+        RuntimeConfig(preset="fast")
+    with pytest.raises(InvalidRequestError, match="preset 'Base'"):
+        RuntimeConfig.from_env({"ZTURBO_PRESET": "Base"})
+
+
+def test_preset_from_the_environment_and_flag_wins():
+    assert RuntimeConfig.from_env({"ZTURBO_PRESET": "base"}).preset == "base"
+    assert RuntimeConfig.from_env({"ZTURBO_PRESET": "base"}, preset="turbo").preset == "turbo"
+    assert RuntimeConfig.from_env({}).preset == "auto"
+
+
+def test_engine_with_preset_runs_the_base_schedule(tiny_dir):
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", preset="base"))
+    assert engine.profile == Chosen(BASE, "preset")
+    assert engine.components.scheduler_config["shift"] == 6.0
+    assert engine.request("x", width=32, height=32).steps == 28
+
+
+def test_request_defaults_come_from_the_model_profile():
+    base = ModelLimits(spatial_unit=16, max_pixels=1 << 20, profile=BASE)
+    request = GenerateRequest.create("x", limits=base, width=32, height=32)
+    assert (request.steps, request.guidance_scale) == (28, 4.0)
+    given = GenerateRequest.create("x", limits=base, width=32, height=32, steps=40, guidance_scale=0.0)
+    assert (given.steps, given.guidance_scale) == (40, 0.0)
+    by_fields = GenerateRequest.from_fields({"prompt": "x", "size": "32x32"}, base)  # the server's door
+    assert (by_fields.steps, by_fields.guidance_scale) == (28, 4.0)
+
+
+def test_a1111_turbo_policy_maps_to_the_served_profile():
+    from zturbo.serving.a1111 import Txt2ImgBody, translate
+
+    body = Txt2ImgBody(prompt="x", steps=20, cfg_scale=7.0)
+    t = translate(body, "turbo", 1 << 20, formats=False, fixed=lambda *a: None, profile=BASE)
+    assert (t.values["steps"], t.values["guidance_scale"]) == (28, 4.0)
+
+
+def test_cli_preset_default_steps_metadata_and_info(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "fox.png"
+    args = ("--model", tiny_dir, "--device", "cpu", "--dtype", "float32", "--preset", "base")
+    code, _, err = run(capsys, "generate", "a fox", *args, "--width", "32", "--height", "32", "--seed", "3", "-o", out)
+    assert code == 0, err
+    meta = read_metadata(out)
+    assert (meta["steps"], meta["guidance_scale"]) == (28, 4.0)
+    assert meta["profile"]["name"] == "base" and meta["profile"]["chosen_by"] == "preset"
+    code, text, _ = run(capsys, "info", "--model", tiny_dir, "--device", "cpu", "--preset", "base")
+    assert code == 0
+    line = next(line for line in text.splitlines() if line.startswith("profile"))
+    assert "base (preset): 28 steps, guidance 4" in line and "scheduler shift 6.0" in line
+    code, text, _ = run(capsys, "info", "--model", tiny_dir, "--device", "cpu")
+    assert "turbo (scheduler shift): 8 steps, guidance 0" in text
+
+
+def test_status_reports_the_profile():
+    from zturbo.serving.schemas import status_limits
+
+    profile = status_limits(ModelLimits(spatial_unit=16, max_pixels=1 << 20, profile=BASE))["profile"]
+    assert json.loads(json.dumps(profile))["name"] == "base"
+
+
+def test_tiny_base_checkpoint_is_found_as_base(base_dir):
+    assert resolve_model(str(base_dir), weights=False).profile().profile is BASE
+
+
+@pytest.mark.parametrize("preset, cfg", [("auto", True), ("turbo", False)])
+def test_memory_planner_plans_the_profiles_batch(base_dir, monkeypatch, preset, cfg):
+    """The base model's default request guides: its load is planned for the batch of two."""
+    from zturbo.device import probe
+    from zturbo.memory import plan
+
+    seen = {}
+
+    def choose(*args, **request):
+        seen.update(request)
+        return plan.Choice(budget=1 << 30, chosen=None, considered=[])
+
+    monkeypatch.setattr(plan, "choose", choose)
+    config = RuntimeConfig(model=str(base_dir), preset=preset)
+    source = resolve_model(str(base_dir), weights=False)
+    dtypes = {"transformer": torch.float32, "text_encoder": torch.float32, "vae": torch.float32}
+    plan.plan_layout(config, source, dtypes, 1 << 30, probe(torch.device("cpu")), compiled_vae=False)
+    assert seen["cfg"] is cfg
