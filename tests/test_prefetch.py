@@ -289,3 +289,23 @@ def test_a_running_batch_given_back_before_its_gpu_free_leaves_the_waiting_batch
     slot = supervisor.slots[0]
     assert (slot.running, slot.waiting, slot.state) == ((then.id,), (), "busy")  # the worker runs it next
     assert not worker_end.poll() and store.get(other.id).status == jobs.QUEUED
+
+
+def test_the_last_steps_progress_waits_for_the_device_to_run_it(engine, store, tmp_path, monkeypatch):
+    said: list[Any] = []
+
+    class Told(workers.Channel):
+        def send(self, message: Any) -> None:
+            said.append((type(message).__name__, getattr(message, "step", None)))
+            super().send(message)
+
+    monkeypatch.setattr(workers, "_settle", lambda device: said.append(("settled", str(device))))
+    store.submit(request("a fox", engine.limits, steps=3))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    _supervisor_end, there = workers.mp.Pipe()  # held open: the worker's sends need a reader
+    writer = workers.Writer(store, tmp_path, Told(there))
+    workers.run_batch(engine, store, claims, writer.channel, writer)
+    writer.close()
+    steps = [entry for entry in said if entry[0] in ("Progress", "settled")]
+    # Only the last: the supervisor claims the next batch on it, and the host stays ahead until then.
+    assert steps == [("Progress", 1), ("Progress", 2), ("settled", "cpu"), ("Progress", 3)]

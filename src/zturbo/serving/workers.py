@@ -303,7 +303,7 @@ def _generate(
     claims = [claim for claim, _ in runnable]
     requests = [request for _, request in runnable]
     combined = requests[0] if len(requests) == 1 else GenerateRequest.combine(requests)
-    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel)
+    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel, engine.device)
     try:
         result = engine.generate(combined, on_step=watch.on_step, **watch.preview_arguments())
     except JobCancelled:
@@ -348,10 +348,12 @@ class BatchWatch:
     check, and cancels. A cancelled job leaves the batch's result; when every job of the batch is
     cancelled the run stops."""
 
-    def __init__(self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel) -> None:
+    def __init__(
+        self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel, device: Any = None
+    ) -> None:
         from ..testing import step_sleep
 
-        self.store, self.claims, self.counts, self.channel = store, claims, counts, channel
+        self.store, self.claims, self.counts, self.channel, self.device = store, claims, counts, channel, device
         self.cancelled: set[str] = set()
         self.previews = False  # whether on_preview reports the progress of the jobs that asked for previews
         self.sleep = step_sleep()
@@ -363,6 +365,11 @@ class BatchWatch:
         return {"on_preview": self.on_preview} if self.previews else {}
 
     def on_step(self, i: int, n: int) -> None:
+        if i == n:
+            # The host queues steps ahead of the GPU, and the supervisor sends the next batch on
+            # this step's progress: it waits for the GPU to run the step, as the check of the
+            # latents after the loop would wait anyway.
+            _settle(self.device)
         for claim in self.claims:
             if not (claim.preview and self.previews):
                 self.channel.send(Progress(claim.job_id, i, n))
@@ -387,6 +394,14 @@ class BatchWatch:
             if claim.preview:
                 self.channel.send(Progress(claim.job_id, i, n, preview.jpeg_bytes(images[offset])))
             offset += count
+
+
+def _settle(device: Any) -> None:
+    """Wait until `device` has run what is queued on its current stream (off CUDA nothing is queued)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.current_stream(device).synchronize()
 
 
 class Writer:
