@@ -479,7 +479,8 @@ def test_a_batch_checks_its_cancels_with_one_query_per_step(engine, store, tmp_p
     monkeypatch.setattr(store, "cancel_requested", lambda job_id: pytest.fail("one query per job"))
     keep, drop = (store.submit(request(p, engine.limits, steps=3)) for p in ("a fox", "a cat"))
     run_claims(CancelInBatch(engine, store, [drop.id]), store, tmp_path, store.claim_batch("worker-0", "", 4))
-    assert asked == [[keep.id, drop.id], [keep.id]]  # steps 1 and 2; a cancelled job is not asked again
+    # Before the batch begins, then after steps 1 and 2; a cancelled job is not asked again.
+    assert asked == [[keep.id, drop.id], [keep.id, drop.id], [keep.id]]
     assert (store.get(keep.id).status, store.get(drop.id).status) == (jobs.SUCCEEDED, jobs.CANCELLED)
 
 

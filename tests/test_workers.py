@@ -118,11 +118,16 @@ def supervisor_with_idle_worker(
     config = RuntimeConfig(model="unloaded", device="cpu")
     batching = batching or {"max_batch": 1, "batch_window": 0.0}
     supervisor = workers.Supervisor(store, config, ["cpu"], tmp_path, job_timeout=60, **batching)
+    worker_end, process = attach_worker(supervisor.slots[0])
+    return supervisor, worker_end, process
+
+
+def attach_worker(slot: workers.WorkerSlot) -> tuple[Any, StandInProcess]:
+    """Make `slot`'s worker a ready, idle stand-in process; the worker's end of its pipe and the process."""
     here, there = mp.Pipe()
     process = StandInProcess()
-    [slot] = supervisor.slots
     slot.process, slot.conn, slot.state = process, here, "ready"
-    return supervisor, there, process
+    return there, process
 
 
 def tick(supervisor: workers.Supervisor) -> None:

@@ -1,17 +1,20 @@
 """Supervised worker processes: one per device, each owning its Engine; restarted with backoff.
 
-The supervisor thread (in the server process) is the only dispatcher: when a worker's GPU is free
-it claims the next queued job, with the waiting jobs that can share its batch (`JobStore.claim_batch`),
-and sends them over that worker's pipe. The worker runs them as one batch (or, where its free GPU
-memory holds fewer images, the first jobs that fit, giving the rest back: `BatchRoom`) and hands the
-images to its writer thread, which encodes and writes them (named from the job id and image index, so a
-re-run overwrites the same files) and then marks each job done in SQLite with its claim's token,
-so a job is done exactly once and only once its files are durable. Meanwhile the worker tells the
-supervisor that its GPU is free and runs the next batch. A worker that dies has every job it holds
-released: queued again, or failed after `jobs.MAX_ATTEMPTS` attempts. The jobs of a batch of several
-that crashes, runs out of memory or runs past the time limit are queued again to run alone, so one
-bad job fails only itself; a job that runs past the time limit alone fails at once (not retried: it
-would time out again). The time limit counts the GPU work only, from the worker's `Started` to its
+The supervisor thread (in the server process) is the only dispatcher: when a worker's GPU is free,
+or about to be, it claims the next queued job, with the waiting jobs that can share its batch
+(`JobStore.claim_batch`), and sends them over that worker's pipe. The worker runs them as one batch
+(or, where its free GPU memory holds fewer images, the first jobs that fit, giving the rest back:
+`BatchRoom`) and hands the images to its writer thread, which encodes and writes them (named from the
+job id and image index, so a re-run overwrites the same files) and then marks each job done in SQLite
+with its claim's token, so a job is done exactly once and only once its files are durable. Meanwhile
+the worker tells the supervisor that its GPU is free and runs the next batch, already in its pipe:
+the supervisor sends a busy worker its next batch when the running one reports its last denoising
+step (`WorkerSlot.waiting`), so the GPU never waits for the supervisor, and jobs that arrive while a
+batch runs still join the next one. A worker that dies has every job it holds released: queued
+again, or failed after `jobs.MAX_ATTEMPTS` attempts. The jobs of a batch of several that crashes,
+runs out of memory or runs past the time limit are queued again to run alone, so one bad job fails
+only itself; a job that runs past the time limit alone fails at once (not retried: it would time
+out again). The time limit counts the GPU work only, from the worker's `Started` to its
 `GpuFree`; a job's images then get the same time again to be written and recorded.
 """
 
@@ -32,6 +35,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +52,10 @@ STABLE_AFTER_S = 60.0  # a worker up this long without dying resets its backoff
 WRITER_DEPTH = 1
 CRASH_DRAIN_S = 30.0  # the most a crashing worker spends writing the results it already made
 REQUEUE = "requeue"  # an Outcome's status: the job goes back to the queue to run alone (`_requeue_solo`)
+# The largest pickled batch the supervisor leaves in a busy worker's pipe: within the smallest
+# socket buffer of the platforms served (8 KiB on macOS), so the send never blocks the supervisor
+# while the worker still runs the batch before it. A larger one is sent when that batch's GPU is free.
+PIPE_ROOM = 8192
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
 _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
@@ -221,12 +229,16 @@ def worker_main(
 def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], channel: Channel, writer: Writer) -> None:
     """Run `claims` as one batch on the engine, tell the supervisor the GPU is free, then hand the
     images to `writer` (blocking while it is full). A job whose stored request cannot be made
-    fails alone; the others run."""
+    fails alone, and one cancelled before the batch begins ends without running; the others run."""
     from ..errors import ZTurboError
 
     start = time.perf_counter()
     outcomes, runnable = [], []
+    cancelled = store.cancels_requested(claim.job_id for claim in claims)  # while it waited for this GPU
     for claim in claims:
+        if claim.job_id in cancelled:
+            outcomes.append(Outcome(claim, jobs.CANCELLED))
+            continue
         try:
             runnable.append((claim, jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)))
         except ZTurboError as e:
@@ -291,7 +303,7 @@ def _generate(
     claims = [claim for claim, _ in runnable]
     requests = [request for _, request in runnable]
     combined = requests[0] if len(requests) == 1 else GenerateRequest.combine(requests)
-    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel)
+    watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel, engine.device)
     try:
         result = engine.generate(combined, on_step=watch.on_step, **watch.preview_arguments())
     except JobCancelled:
@@ -336,10 +348,12 @@ class BatchWatch:
     check, and cancels. A cancelled job leaves the batch's result; when every job of the batch is
     cancelled the run stops."""
 
-    def __init__(self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel) -> None:
+    def __init__(
+        self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel, device: Any = None
+    ) -> None:
         from ..testing import step_sleep
 
-        self.store, self.claims, self.counts, self.channel = store, claims, counts, channel
+        self.store, self.claims, self.counts, self.channel, self.device = store, claims, counts, channel, device
         self.cancelled: set[str] = set()
         self.previews = False  # whether on_preview reports the progress of the jobs that asked for previews
         self.sleep = step_sleep()
@@ -351,6 +365,11 @@ class BatchWatch:
         return {"on_preview": self.on_preview} if self.previews else {}
 
     def on_step(self, i: int, n: int) -> None:
+        if i == n:
+            # The host queues steps ahead of the GPU, and the supervisor sends the next batch on
+            # this step's progress: it waits for the GPU to run the step, as the check of the
+            # latents after the loop would wait anyway.
+            _settle(self.device)
         for claim in self.claims:
             if not (claim.preview and self.previews):
                 self.channel.send(Progress(claim.job_id, i, n))
@@ -375,6 +394,14 @@ class BatchWatch:
             if claim.preview:
                 self.channel.send(Progress(claim.job_id, i, n, preview.jpeg_bytes(images[offset])))
             offset += count
+
+
+def _settle(device: Any) -> None:
+    """Wait until `device` has run what is queued on its current stream (off CUDA nothing is queued)."""
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.current_stream(device).synchronize()
 
 
 class Writer:
@@ -556,10 +583,15 @@ class WorkerSlot:
     failures: int = 0  # consecutive deaths, for the backoff
     process: Any = None
     conn: Connection | None = None
-    # Every job the running process holds: the batch on its GPU (`running`) and the ones its writer
-    # has yet to record. All are released when it dies.
+    # Every job the running process holds: the batch on its GPU (`running`), the batch sent to run
+    # next (`waiting`) and the ones its writer has yet to record. All are released when it dies.
     claims: dict[str, jobs.Claim] = field(default_factory=dict)
     running: tuple[str, ...] = ()
+    # The next batch, claimed and sent at the running batch's last denoising step (at most one): the
+    # worker reads it once its GPU is free, and it becomes `running` with that batch's GpuFree. Its
+    # jobs are `running` in the store but never began: a death releases them uncounted.
+    waiting: tuple[str, ...] = ()
+    unsent: bytes | None = None  # the waiting batch, pickled, held back until it runs (PIPE_ROOM)
     started: set[str] = field(default_factory=set)  # the jobs the worker said it began (Started)
     # When the worker began the running batch (its first Started): the time limit counts its GPU work
     # from then, not while the worker still waits for its writer. None while it has not begun.
@@ -601,14 +633,23 @@ class WorkerSlot:
         pid = self.process.pid if self.process is not None else None
         out = {"id": self.id, "device": self.device, "state": self.state, "restarts": self.restarts, "pid": pid}
         job = self.running[0] if self.running else None
-        return out | {"job": job, "jobs": list(self.claims), "last_error": self.last_error}
+        held = {"job": job, "jobs": list(self.claims), "waiting": list(self.waiting)}
+        return out | held | {"last_error": self.last_error}
 
     def take(self, job_id: str) -> jobs.Claim | None:
         """The held claim of `job_id`, no longer held (None if it is not)."""
         self.started.discard(job_id)
         self.handed.pop(job_id, None)
         self.running = tuple(j for j in self.running if j != job_id)
+        self.waiting = tuple(j for j in self.waiting if j != job_id)
+        self.advance()
         return self.claims.pop(job_id, None)
+
+    def advance(self) -> None:
+        """Once no job of the running batch is left on the GPU, its clock stops and the waiting batch
+        runs next; that batch's clock starts with its own first Started, not while it waited."""
+        if not self.running:
+            self.running, self.waiting, self.gpu_since = self.waiting, (), None
 
 
 @dataclass
@@ -777,27 +818,69 @@ class Supervisor:
         return max(0.0, min(0.25, *(end - time.monotonic() for end in ends))) if ends else 0.25
 
     def _dispatch(self) -> None:
+        self._send_held()
         if not self._dispatching:
             return
         for s in self.slots:
-            if s.state != "ready" or s.running:
+            if not self._idle(s) or self._in_window(s):
                 continue
-            if s.process is None or not s.process.is_alive():
-                continue  # died while idle: _check restarts it; a job sent now would be lost
-            if self._in_window(s):
-                continue
-            with self._lock:
-                claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms) if self._dispatching else []
-            if not claims:
+            if not self._claim_and_send(s, waiting=False):
                 return
+        if any(self._idle(s) for s in self.slots):
+            return  # an idle worker takes the next jobs (after its window) before a busy one is sent them
+        for s in self.slots:
+            if self._finishing(s) and not self._claim_and_send(s, waiting=True):
+                return
+
+    @staticmethod
+    def _idle(s: WorkerSlot) -> bool:
+        # A worker that died while idle is not: _check restarts it; a job sent now would be lost.
+        return s.state == "ready" and not s.running and s.process is not None and s.process.is_alive()
+
+    def _finishing(self, s: WorkerSlot) -> bool:
+        """Whether `s` runs a batch that has made its last denoising step (it decodes now) and has no
+        batch waiting: its next batch may be claimed and sent. Not earlier, so that jobs arriving
+        while a batch runs still join the next one."""
+        if s.state != "busy" or s.waiting or s.process is None or not s.process.is_alive():
+            return False
+        with self._lock:
+            progress = [self._progress.get(j) for j in s.running]
+        return any(p is not None and p[0] >= p[1] for p in progress)
+
+    def _claim_and_send(self, s: WorkerSlot, *, waiting: bool) -> bool:
+        """Claim `s`'s next batch and send it (to run now, or after its running batch: `waiting`);
+        False when no job waits."""
+        with self._lock:
+            claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms) if self._dispatching else []
+        if not claims:
+            return False
+        payload = ForkingPickler.dumps(claims)  # the framing `Connection.recv` reads
+        if waiting and len(payload) > PIPE_ROOM:
+            self._sent(s, claims, waiting=True, unsent=bytes(payload))
+            return True
+        try:
+            assert s.conn is not None
+            s.conn.send_bytes(payload)
+        except (OSError, AssertionError):
+            self._drain(s)  # what the worker sent before it died still counts
+            self._died(s, sent=claims)
+            return True
+        self._sent(s, claims, waiting=waiting)
+        return True
+
+    def _send_held(self) -> None:
+        """Send each held-back waiting batch whose turn has come (its running batch's GpuFree). Also
+        while stopping: its jobs were claimed before, and run within the grace or go back then."""
+        for s in self.slots:
+            if s.unsent is None or s.waiting:
+                continue
+            payload, s.unsent = s.unsent, None
             try:
                 assert s.conn is not None
-                s.conn.send(claims)
+                s.conn.send_bytes(payload)
             except (OSError, AssertionError):
-                self._drain(s)  # what the worker sent before it died still counts
-                self._died(s, sent=claims)
-                continue
-            self._sent(s, claims)
+                self._drain(s)
+                self._died(s)
 
     def _in_window(self, s: WorkerSlot) -> bool:
         """Whether the free worker `s` waits for a companion of the one waiting job: from when it
@@ -813,11 +896,19 @@ class Supervisor:
         s.window_until = None
         return False
 
-    def _sent(self, s: WorkerSlot, claims: list[jobs.Claim]) -> None:
+    def _sent(
+        self, s: WorkerSlot, claims: list[jobs.Claim], *, waiting: bool = False, unsent: bytes | None = None
+    ) -> None:
+        """`claims` are `s`'s now: its running batch, or (`waiting`) the one it runs next, `unsent`
+        where held back."""
+        ids = tuple(claim.job_id for claim in claims)
         with self._lock:
             s.claims |= {claim.job_id: claim for claim in claims}
-            s.running = tuple(claim.job_id for claim in claims)
-            s.gpu_since, s.state, s.lora_set = None, "busy", claims[0].lora_set
+            if waiting:
+                s.waiting, s.unsent = ids, unsent
+            else:
+                s.running, s.gpu_since, s.state = ids, None, "busy"
+            s.lora_set = claims[0].lora_set  # the set the worker will have merged last
         for claim in claims:
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
 
@@ -873,13 +964,13 @@ class Supervisor:
                 s.gpu_since = time.monotonic()
 
     def _gpu_free(self, s: WorkerSlot, job_ids: tuple[str, ...]) -> None:
-        """The batch's GPU work is done: its clock stops, and its jobs' writing clock starts."""
+        """The batch's GPU work is done: its clock stops, its jobs' writing clock starts, and the
+        waiting batch, if any, is the running one (`WorkerSlot.advance`)."""
         now = time.monotonic()
         with self._lock:
             s.running = tuple(j for j in s.running if j not in job_ids)
             s.handed |= {j: now for j in job_ids if j in s.claims}
-            if not s.running:
-                s.gpu_since = None
+            s.advance()
             self._free_if_done(s)
 
     def _batch_room(self, s: WorkerSlot, msg: BatchRoom) -> None:
@@ -1015,7 +1106,7 @@ class Supervisor:
         with self._lock:
             s.failures += 1
             s.restarts += 1
-            s.state, s.conn, s.window_until = "restarting", None, None
+            s.state, s.conn, s.window_until, s.unsent = "restarting", None, None, None
             s.restart_at = time.monotonic() + delay
             s.last_error = reason
         self.hooks.on_restart(s.id, reason)
