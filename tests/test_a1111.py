@@ -78,9 +78,10 @@ def test_the_header_lists_the_mapping(server: Server) -> None:
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
     assert r.status_code == 200, r.text
     assert r.headers[MAPPED_HEADER] == "steps,cfg_scale,sampler_name"
-    body |= {"steps": 8, "cfg_scale": 0, "sampler_name": "Euler"}
+    body |= {"steps": 8, "cfg_scale": 0, "sampler_name": "Euler", "send_images": False}
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
     assert r.status_code == 200 and MAPPED_HEADER not in r.headers  # absent when nothing was mapped
+    assert r.json()["images"] == [] and json.loads(r.json()["info"])["seed"] == 3  # send_images: false
 
 
 def test_img2img_and_inpaint(server: Server) -> None:

@@ -184,3 +184,10 @@ def test_the_transformer_flag_alone_takes_a_gguf_file_beside_the_models_other_pa
         RuntimeConfig(model=str(tiny_dir), transformer_file=str(tmp_path / "t.safetensors"))  # not GGUF: all three
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         Engine.load(RuntimeConfig(model=str(tiny_dir), transformer_file=str(tmp_path / "none.gguf"), **CPU32))
+
+
+def test_info_names_the_model_and_its_gguf_transformer(tiny_dir, files, capsys):
+    from zturbo.cli import main
+
+    assert main(["info", "--model", str(tiny_dir), "--transformer", str(files["Q8_0"]), "--device", "cpu"]) == 0
+    assert f"+ GGUF transformer {files['Q8_0']}" in capsys.readouterr().out

@@ -1021,7 +1021,9 @@ def _model_for_from(config: Any, args: argparse.Namespace, meta: dict[str, Any])
     from .loader import resolve_model
 
     recorded = meta.get("model")
-    if not recorded or args.model is not None or env("ZTURBO_MODEL") or config.component_files():
+    # A GGUF transformer alone still takes the recorded model's other parts; a full file set replaces it.
+    replaced = config.component_files() and not config.gguf_transformer()
+    if not recorded or args.model is not None or env("ZTURBO_MODEL") or replaced:
         return config
     try:
         resolve_model(recorded, weights=False)
@@ -1038,6 +1040,8 @@ def _model_text(config: Any) -> str:
     from .loader import describe_origin
 
     files = config.component_files()
+    if files is not None and config.gguf_transformer():
+        return f"{config.model}  ({describe_origin(config.model)}) + GGUF transformer {files['transformer']}"
     if files is not None:
         return " + ".join(files[c] for c in ("transformer", "text_encoder", "vae")) + "  (ComfyUI single files)"
     return f"{config.model}  ({describe_origin(config.model)})"
@@ -1127,6 +1131,7 @@ def _profile_text(config: Any) -> str:
     from pathlib import Path
 
     from .loader import resolve_model
+    from .modelscope_source import split_hub
     from .profiles import choose_profile, scheduler_config
 
     if Path(config.model).expanduser().is_dir() or config.model == TINY_MODEL:
@@ -1134,7 +1139,7 @@ def _profile_text(config: Any) -> str:
         chosen = source.profile(config.preset)
         shift = scheduler_config(chosen, source.config("scheduler")).get("shift")
     else:
-        chosen = choose_profile(config.preset, {}, config.model)
+        chosen = choose_profile(config.preset, {}, split_hub(config.model)[1])  # the repo id, without hf:/modelscope:
         shift = chosen.profile.shift if chosen.how != "assumed" else "read from the scheduler config at load"
     p = chosen.profile
     (s0, s1), (g0, g1) = p.steps_range, p.guidance_range

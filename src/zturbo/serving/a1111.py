@@ -777,7 +777,8 @@ def _answer(
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "internal_error", "message": f"job {job.id} ended {job.status}"}
         raise JobFailedError(error["type"], error["message"])
-    encoded, metas = job_images(service.images_dir, job, files)
+    # Without send_images the files are read for their metadata alone: no slot enters the answer.
+    encoded, metas = job_images(service.images_dir, job, files if body.send_images else Base64Body())
     info = info_json(metas, t, session.policy, job, body)
     return {
         "images": encoded if body.send_images else [],

@@ -855,7 +855,7 @@ class Supervisor:
         if not claims:
             return False
         payload = ForkingPickler.dumps(claims)  # the framing `Connection.recv` reads
-        if waiting and len(payload) > PIPE_ROOM:
+        if waiting and len(payload) + 4 > PIPE_ROOM:  # send_bytes adds a 4-byte length
             self._sent(s, claims, waiting=True, unsent=bytes(payload))
             return True
         try:
