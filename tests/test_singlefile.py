@@ -392,3 +392,27 @@ def test_the_shipped_configs_fit_comfyuis_real_size_layout(monkeypatch):
     assert [(p.key, p.offset) for p in qkv] == [
         (f"layers.29.attention.to_{x}.weight", i * 3840 * 3840) for i, x in enumerate("qkv")
     ]
+
+
+@pytest.mark.parametrize(
+    ("name", "preset", "profile", "how"),
+    [
+        ("z_image_turbo_bf16.safetensors", "auto", "turbo", "file name"),
+        ("z_image_bf16.safetensors", "auto", "base", "file name"),  # the base model, as ComfyUI names it
+        ("my_finetune.safetensors", "auto", "turbo", "assumed"),
+        ("my_finetune.safetensors", "base", "base", "preset"),
+    ],
+)
+def test_a_single_files_profile_comes_from_its_name_or_the_preset(comfy_tree, tmp_path, name, preset, profile, how):
+    from zturbo.profiles import scheduler_config
+
+    models = comfy_tree / "models"
+    renamed = tmp_path / name
+    shutil.copy(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", renamed)
+    files = {"transformer": str(renamed), "text_encoder": str(models / "text_encoders" / "qwen_3_4b.safetensors"),
+             "vae": str(models / "vae" / "ae.safetensors")}  # fmt: skip
+    source = resolve_model("unused", files=files)
+    chosen = source.profile(preset)
+    assert (chosen.profile.name, chosen.how) == (profile, how)
+    # The packaged scheduler config is Turbo's: a base profile must bring its own shift.
+    assert scheduler_config(chosen, source.config("scheduler"))["shift"] == chosen.profile.shift

@@ -23,7 +23,7 @@ from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .gguf import logical_numel
-from .profiles import AUTO, Chosen, choose_profile
+from .profiles import AUTO, Chosen, choose_profile, file_name_profile
 from .request import ModelLimits
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class ModelSource:
 
     def profile(self, preset: str = AUTO) -> Chosen:
         """The model's profile: `preset` when one is named, else what the files tell."""
+        if self.files is not None:  # the scheduler config is the package's, not the model's
+            return file_name_profile(preset, self.files.transformer.name)
         return choose_profile(preset, self.config("scheduler"), self.repo_id)
 
     def limits(self, max_pixels: int, preset: str = AUTO) -> ModelLimits:

@@ -121,8 +121,8 @@ PRESET_CHOICES = (AUTO, *PROFILES)
 
 @dataclass(frozen=True)
 class Chosen:
-    """A profile and how it was chosen: 'preset' (asked for), 'repo id', 'scheduler shift', or
-    'assumed' (the files could not tell; Turbo, the default model)."""
+    """A profile and how it was chosen: 'preset' (asked for), 'repo id', 'scheduler shift', 'file
+    name' (a single file's), or 'assumed' (the files could not tell; Turbo, the default model)."""
 
     profile: ModelProfile
     how: str
@@ -159,6 +159,21 @@ def choose_profile(preset: str, scheduler_config: Mapping[str, Any], repo_id: st
     return Chosen(PROFILES[preset], "preset")
 
 
+def file_name_profile(preset: str, file_name: str) -> Chosen:
+    """The profile of a single transformer file (ComfyUI's carry no scheduler config, so the
+    packaged Turbo one would always say Turbo): an explicit preset, else the file's name, as
+    ComfyUI's files are named (`z_image_turbo_bf16.safetensors`, `z_image_bf16.safetensors`),
+    else Turbo, marked 'assumed'."""
+    if check_preset(preset) != AUTO:
+        return Chosen(PROFILES[preset], "preset")
+    name = file_name.lower().replace("-", "_")
+    if "turbo" in name:
+        return Chosen(TURBO, "file name")
+    if "z_image" in name:
+        return Chosen(BASE, "file name")
+    return Chosen(TURBO, "assumed")
+
+
 def scheduler_config(chosen: Chosen, config: Mapping[str, Any]) -> dict[str, Any]:
     """The scheduler config to run: the checkpoint's, with an explicit preset's shift.
 
@@ -166,7 +181,7 @@ def scheduler_config(chosen: Chosen, config: Mapping[str, Any]) -> dict[str, Any
     Turbo's distillation LoRA does), so its shift replaces the file's; a detected profile came
     from these very files and changes nothing.
     """
-    if chosen.how != "preset":
+    if chosen.how not in ("preset", "file name"):
         return dict(config)
     return {**config, "shift": chosen.profile.shift, "use_dynamic_shifting": False}
 
