@@ -191,3 +191,12 @@ def test_info_names_the_model_and_its_gguf_transformer(tiny_dir, files, capsys):
 
     assert main(["info", "--model", str(tiny_dir), "--transformer", str(files["Q8_0"]), "--device", "cpu"]) == 0
     assert f"+ GGUF transformer {files['Q8_0']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"), [({"quantize": "int8"}, "--quantize int8"), ({"memory": "sequential"}, "--memory sequential")]
+)
+def test_settings_a_gguf_transformer_refuses_are_refused_with_the_config(tmp_path, setting, says):
+    # Before any model is resolved or downloaded: the file need not even exist yet.
+    with pytest.raises(InvalidRequestError, match=says):
+        RuntimeConfig(model="Tongyi-MAI/Z-Image-Turbo", transformer_file=str(tmp_path / "t.gguf"), **setting)

@@ -18,6 +18,8 @@ SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).
 MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
 QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
+# The plans that stream plain weights block by block (no quantized transformer runs under them).
+STREAMING_PLANS = ("block-offload", "sequential")
 # Where a repo id (owner/name) downloads from: the Hugging Face hub or ModelScope.
 MODEL_SOURCE_CHOICES = ("hf", "modelscope")
 # Host memory for parsed LoRAs (the least recently used goes first).
@@ -165,6 +167,8 @@ class RuntimeConfig:
                 f"single files come as a set: {', '.join(f'{n}_file' for n in given)} given, but "
                 f"{' and '.join(missing)} missing (pass --transformer, --text-encoder and --vae together)"
             )
+        if self.gguf_transformer():  # refused before any download, as loading would refuse them
+            check_stored_settings(self, self.transformer_file)
         if not self.model.strip():
             raise InvalidRequestError("model is empty; pass a hub repo id, a local directory or 'tiny-random'")
 
@@ -228,3 +232,17 @@ class RuntimeConfig:
         if isinstance(values.get("compile_cache"), str):  # a flag's text: a directory or 'off'
             values["compile_cache"] = parse_compile_cache(values["compile_cache"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
+
+
+def check_stored_settings(config: RuntimeConfig, path: object) -> None:
+    """The settings a GGUF transformer refuses, checkable before anything loads or downloads."""
+    if config.quantize != "none":
+        raise InvalidRequestError(
+            f"--quantize {config.quantize} cannot apply to the GGUF transformer {path}, which is quantized "
+            "already; use --quantize none"
+        )
+    if config.memory in STREAMING_PLANS:
+        raise InvalidRequestError(
+            f"--memory {config.memory} streams plain weights and cannot run the GGUF transformer {path}; "
+            "use --memory auto, resident, te-offload or model-offload"
+        )

@@ -29,7 +29,7 @@ import torch
 from ..accel import compile as accel_compile
 from ..accel.fuse import controlnet_blocks, transformer_blocks
 from ..accel.quantize import is_block_linear, quantizes, usable_quantizations
-from ..config import MEMORY_CHOICES
+from ..config import MEMORY_CHOICES, STREAMING_PLANS, check_stored_settings
 from ..device import GIB
 from ..errors import GPUMemoryError, InvalidRequestError
 from ..gguf import logical_numel
@@ -47,7 +47,7 @@ PLANS = MEMORY_CHOICES[1:]
 # ever run when asked for; it stays for GPUs where pinned host memory is scarce.
 SPEED_ORDER = ("resident", "te-offload", "block-offload", "model-offload", "sequential")
 # Plans whose transformer weights are streamed as raw bytes: no quantized (tensor-subclass) weights.
-UNQUANTIZED_PLANS = ("block-offload", "sequential")
+UNQUANTIZED_PLANS = STREAMING_PLANS
 # Bytes per weight of the transformer's block linears when quantized (scales are per row: small).
 QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # Live full-resolution decoder tensors of `block_out_channels[0]` channels at the VAE's peak
@@ -610,16 +610,7 @@ def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
             f"the GGUF transformer {path} cannot run in float16: the float16 overflow guard rescales weights, "
             "which GGUF keeps quantized; use --transformer-dtype bfloat16 (or float32 where bfloat16 is slow)"
         )
-    if config.quantize != "none":
-        raise InvalidRequestError(
-            f"--quantize {config.quantize} cannot apply to the GGUF transformer {path}, which is quantized "
-            "already; use --quantize none"
-        )
-    if config.memory in UNQUANTIZED_PLANS:
-        raise InvalidRequestError(
-            f"--memory {config.memory} streams plain weights and cannot run the GGUF transformer {path}; "
-            "use --memory auto, resident, te-offload or model-offload"
-        )
+    check_stored_settings(config, path)
 
 
 def _chosen(choice: Choice, quantize: str) -> Layout:
