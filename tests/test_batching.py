@@ -566,3 +566,18 @@ def test_a_batch_keeps_its_first_jobs_that_fit_and_never_skips_one(engine, store
     assert kept([1, 2, 1], 2) == ([1], [workers.BatchRoom("k", 2, ("j1", "j2"))])  # the 1 after the 2 waits too
     assert kept([2, 1, 1], 3) == ([2, 1], [workers.BatchRoom("k", 3, ("j2",))])
     assert kept([3], 2) == ([3], [workers.BatchRoom("k", 2, ())])  # a lone job runs whatever its size
+
+
+def test_a_worker_reports_a_larger_room_once_memory_frees_up(engine):
+    runnable = [(jobs.Claim(f"j{i}", 1, {}, batch_key="k"), request(f"a fox {i}", engine.limits)) for i in range(2)]
+    here, there = workers.mp.Pipe()
+    reported: dict[str, int] = {}
+
+    def said(room: int) -> list[Any]:
+        workers._within_room(RoomFor(engine, room), runnable, workers.Channel(there), reported)
+        return [here.recv() for _ in range(int(here.poll()))]
+
+    assert said(1) == [workers.BatchRoom("k", 1, ("j1",))]  # memory was short: capped at 1
+    assert said(1) == [workers.BatchRoom("k", 1, ("j1",))]
+    assert said(3) == [workers.BatchRoom("k", 3, ())]  # freed: the cap rises, nothing given back
+    assert said(3) == [] and said(2) == [] and reported == {"k": 3}  # said once; a fitting batch never lowers it

@@ -102,7 +102,8 @@ class BatchRoom:
     """The worker's free GPU memory holds only `images` images of this batch key's shape: it runs
     the batch's first jobs that fit and gives `returned` back, for the supervisor to queue again in
     their place (no attempt counted; they may batch again). Later claims for the key ask for at
-    most `images` images on this worker, until it restarts."""
+    most `images` images on this worker, until it reports a larger room (with nothing returned)
+    or restarts."""
 
     batch_key: str
     images: int
@@ -211,6 +212,7 @@ def worker_main(
     # The writer has a connection of its own: its transactions and their fsyncs never hold up the
     # per-step cancel checks of the batch on the GPU.
     writer = Writer(jobs.JobStore(Path(db_path), check=False), Path(images_dir), channel)
+    rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
     try:
         while True:
             try:
@@ -221,15 +223,23 @@ def worker_main(
                 return
             for claim in claims:
                 channel.send(Started(claim.job_id))
-            run_batch(engine, store, claims, channel, writer)
+            run_batch(engine, store, claims, channel, writer, rooms)
     finally:
         writer.close()  # a graceful stop: the images already made are written and recorded
 
 
-def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], channel: Channel, writer: Writer) -> None:
+def run_batch(
+    engine: Any,
+    store: jobs.JobStore,
+    claims: list[jobs.Claim],
+    channel: Channel,
+    writer: Writer,
+    rooms: dict[str, int] | None = None,
+) -> None:
     """Run `claims` as one batch on the engine, tell the supervisor the GPU is free, then hand the
     images to `writer` (blocking while it is full). A job whose stored request cannot be made
-    fails alone, and one cancelled before the batch begins ends without running; the others run."""
+    fails alone, and one cancelled before the batch begins ends without running; the others run.
+    `rooms`: the batch rooms this worker process reported so far (`_within_room`)."""
     from ..errors import ZTurboError
 
     start = time.perf_counter()
@@ -243,7 +253,7 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
             runnable.append((claim, jobs.stored_request(claim.params, engine.limits, store.inputs.resolve)))
         except ZTurboError as e:
             outcomes.append(Outcome(claim, jobs.FAILED, error={"type": e.kind, "message": str(e)}))
-    runnable, returned = _within_room(engine, runnable, channel)
+    runnable, returned = _within_room(engine, runnable, channel, rooms)
     done = BatchDone(outcomes, start)
     if runnable:
         done.outcomes += _generate(engine, store, runnable, writer, done)
@@ -258,19 +268,29 @@ def run_batch(engine: Any, store: jobs.JobStore, claims: list[jobs.Claim], chann
 
 
 def _within_room(
-    engine: Any, runnable: list[tuple[jobs.Claim, Any]], channel: Channel
+    engine: Any, runnable: list[tuple[jobs.Claim, Any]], channel: Channel, reported: dict[str, int] | None = None
 ) -> tuple[list[tuple[jobs.Claim, Any]], set[str]]:
     """The longest run of `runnable`'s first jobs whose images fit the engine's `batch_room` (the
     first job whatever its size), and the ids of the others, given back with a `BatchRoom` before
     any GPU work. The supervisor, not this worker, queues them again: it alone claims jobs, so no
-    other worker can hold a claim of theirs before it has taken them from this one."""
+    other worker can hold a claim of theirs before it has taken them from this one.
+
+    `reported` keeps the room last reported per batch key: once memory frees up (a LoRA's copies
+    gone, another process ended) a larger room is reported too, so a cap measured at a bad moment
+    does not hold for the process's life."""
     if not runnable:
         return runnable, set()
     requests = [request for _, request in runnable]
     room = engine.batch_room(requests[0])  # in images of the shape the whole batch shares (`shared()`)
     images = sum(request.num_images for request in requests)
+    key = runnable[0][0].batch_key
+    reported = {} if reported is None else reported
     if room is None or room >= images:
+        if room is not None and room > reported.get(key, room):
+            channel.send(BatchRoom(key, room, ()))
+            reported[key] = room
         return runnable, set()
+    reported[key] = room
     kept, held = 1, requests[0].num_images
     while kept < len(requests) and held + requests[kept].num_images <= room:
         held += requests[kept].num_images
@@ -278,7 +298,7 @@ def _within_room(
     returned = tuple(claim.job_id for claim, _ in runnable[kept:])
     message = "free GPU memory holds %d of the batch's %d images: running %d of its %d jobs"
     logging.getLogger("zturbo").info(message, room, images, kept, len(runnable))
-    channel.send(BatchRoom(runnable[0][0].batch_key, room, returned))
+    channel.send(BatchRoom(key, room, returned))
     return runnable[:kept], set(returned)
 
 
