@@ -581,3 +581,17 @@ def test_a_worker_reports_a_larger_room_once_memory_frees_up(engine):
     assert said(1) == [workers.BatchRoom("k", 1, ("j1",))]
     assert said(3) == [workers.BatchRoom("k", 3, ())]  # freed: the cap rises, nothing given back
     assert said(3) == [] and said(2) == [] and reported == {"k": 3}  # said once; a fitting batch never lowers it
+
+
+def test_the_batch_metrics_count_only_the_jobs_that_ran_on_the_gpu(engine, store, tmp_path):
+    kept = store.submit(request("a fox", engine.limits))
+    dropped = store.submit(request("a cat", engine.limits))
+    claims = store.claim_batch("worker-0", jobs.NO_LORAS, 4)
+    store.cancel(dropped.id)  # while its batch waited for the GPU
+    here, there = workers.mp.Pipe()
+    channel = workers.Channel(there)
+    writer = workers.Writer(store, tmp_path, channel)
+    workers.run_batch(engine, store, claims, channel, writer)
+    writer.close()
+    free = [m for m in iter(lambda: here.recv() if here.poll() else None, None) if isinstance(m, workers.GpuFree)]
+    assert [(set(m.job_ids), m.images, m.ran) for m in free] == [({kept.id, dropped.id}, 1, 1)]

@@ -91,10 +91,13 @@ class Progress:
 @dataclass(frozen=True)
 class GpuFree:
     """The worker's GPU is done with these jobs (their images are with the writer): send the next batch.
-    `images`: what the batch ran (the jobs' images), for the batch metrics."""
+    `images` and `ran`: the images and jobs that ran on the GPU (None: every job of `job_ids`), for
+    the batch metrics; a job cancelled before the batch began, or whose request could not be read,
+    is among `job_ids` but did not run."""
 
     job_ids: tuple[str, ...]
     images: int
+    ran: int | None = None
 
 
 @dataclass(frozen=True)
@@ -261,9 +264,10 @@ def run_batch(
     for outcome in [o for o in done.outcomes if o.status == REQUEUE]:
         _requeue_solo(store, outcome, channel)  # told before GpuFree: the supervisor never resends a stale claim
     done.outcomes = [o for o in done.outcomes if o.status != REQUEUE]
-    ran = [claim for claim in claims if claim.job_id not in returned]
+    held = tuple(claim.job_id for claim in claims if claim.job_id not in returned)
+    on_gpu = [claim for claim, _ in runnable]  # not those cancelled before it began or unreadable
     # GpuFree first: the batch's time limit stops with its GPU work, not after a wait for the writer.
-    channel.send(GpuFree(tuple(claim.job_id for claim in ran), sum(claim.images for claim in ran)))
+    channel.send(GpuFree(held, sum(claim.images for claim in on_gpu), len(on_gpu)))
     writer.put(done)
 
 
@@ -959,7 +963,9 @@ class Supervisor:
             self._progressed(msg)
         elif isinstance(msg, GpuFree):
             self._gpu_free(s, msg.job_ids)
-            self.hooks.on_batch(len(msg.job_ids), msg.images)
+            ran = len(msg.job_ids) if msg.ran is None else msg.ran
+            if ran:  # a batch whose jobs were all cancelled before it began ran nothing
+                self.hooks.on_batch(ran, msg.images)
         elif isinstance(msg, BatchRoom):
             self._batch_room(s, msg)
         elif isinstance(msg, Finished):
