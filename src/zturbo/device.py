@@ -129,23 +129,23 @@ def budget_fraction(device: torch.device) -> float:
 
 
 def free_device_memory(device: torch.device) -> int:
-    """Bytes this process could still allocate on a CUDA device: free memory plus its own unused cache."""
-    free = torch.cuda.mem_get_info(device)[0]
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    """Bytes this process could still allocate on a CUDA device: free memory plus its own unused
+    cache, within the --vram-budget cap (mem_get_info reports the card's free memory whatever the
+    process's share; the cap is read back, `budget_fraction`)."""
+    free, total = torch.cuda.mem_get_info(device)
+    reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
+    return capped_room(free, total, budget_fraction(device), reserved, allocated)
 
 
 def memory_room(device: torch.device, budget: int | None) -> int | None:
     """Bytes this process could still allocate on `device` within its budget; None where that is
     the host's memory, which is not planned (the CPU; MPS without a `budget` in bytes).
 
-    CUDA: `free_device_memory`, within the --vram-budget cap, since mem_get_info reports the card's
-    free memory whatever the process's share; the cap is read back (`budget_fraction`), as
-    `apply_vram_budget` set it from `budget`. MPS has no cap: `budget` less what its tensors hold.
+    CUDA: `free_device_memory`, whose cap `apply_vram_budget` set from `budget`. MPS has no cap:
+    `budget` less what its tensors hold.
     """
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        reserved, allocated = torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device)
-        return capped_room(free, total, budget_fraction(device), reserved, allocated)
+        return free_device_memory(device)
     if device.type == "mps" and budget is not None:
         return max(0, budget - torch.mps.current_allocated_memory())
     return None
