@@ -44,11 +44,19 @@ def main() -> int:
     profile.dump_stats(out / "start.prof")
     text = io.StringIO()
     text.write(f"total {total:.2f} s\n{json.dumps(engine.startup_report(), indent=1, default=str)}\n")
+    text.write(f"Dynamo, seconds per compiled function:\n{_dynamo_times()}\n")
     for order in ("cumulative", "tottime"):
         pstats.Stats(profile, stream=text).sort_stats(order).print_stats(args.top)
     (out / "start.txt").write_text(text.getvalue())
     print(text.getvalue()[:4000])
     return 0
+
+
+def _dynamo_times() -> str:
+    """Dynamo's own table of the time it spent on each compiled function (tracing included)."""
+    from torch._dynamo.utils import compile_times
+
+    return str(compile_times(repr="str", aggregate=True))
 
 
 if __name__ == "__main__":

@@ -205,3 +205,35 @@ def test_after_sigterm_no_queued_job_starts_and_the_server_exits_within_the_grac
     assert states == [(jobs.QUEUED, 0)] * 4, f"jobs started after SIGTERM: {states}\n{log}"
     assert store.get(running_job).status in (jobs.SUCCEEDED, jobs.QUEUED)
     assert elapsed < 6, elapsed
+
+
+def test_serve_starts_its_workers_before_the_http_server_and_stops_them_if_it_never_starts(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers load while the UI's imports and uvicorn's start run (seconds of a restart); a server
+    whose HTTP side never starts (a port taken) must not leave them behind."""
+    from zturbo.cli import main as cli_main
+    from zturbo.serving.app import Service
+
+    order: list[str] = []
+    monkeypatch.setattr(Service, "start", lambda self: order.append("workers started"))
+    monkeypatch.setattr(Service, "stop", lambda self: order.append("workers stopped"))
+    monkeypatch.setattr(StoppingServer, "run", lambda self: order.append("http server run"))  # never started
+    code = cli_main(["serve", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-ui", "--device", "cpu"])
+    assert code == 3  # uvicorn's status for a server that never started
+    assert order == ["workers started", "http server run", "workers stopped"]
+
+
+def test_service_start_and_stop_run_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`zturbo serve` starts the service before uvicorn's lifespan starts it again, and stops it
+    after the lifespan did: each happens once."""
+    app = in_process_app(tmp_path)
+    service = app.state.service
+    calls: list[str] = []
+    monkeypatch.setattr(service.supervisor, "start", lambda: calls.append("start"))
+    monkeypatch.setattr(service.supervisor, "stop", lambda grace: calls.append("stop"))
+    service.start()
+    service.start()
+    service.stop()
+    service.stop()
+    assert calls == ["start", "stop"]

@@ -226,7 +226,10 @@ class Engine:
         budget = memory_budget(device, config.vram_budget)
         layout = plan_layout(config, source, dtypes, budget, caps, compiled_vae=compile_)
         phases.mark("plan_s")
+        preloading = accel_compile.preload_compiler() if compile_ else None
         components = _load_components(source, device, dtypes, layout, config.controlnet)
+        if preloading is not None:
+            preloading.join()
         phases.mark("weights_s")
         model = ModelInfo(source.name, source.revision, fingerprint(source), source.origin)
         chosen = source.profile(config.preset)
@@ -291,15 +294,19 @@ class Engine:
         width = width or accel_compile.STATIC_DECODE_SIZE
         height = height or accel_compile.STATIC_DECODE_SIZE
         start = time.perf_counter()
-        for prompt in ("warm-up", "a longer warm-up prompt " * 8):
+        parts = Phases(self.startup.setdefault("warmup_parts", {}))  # where a start's warm-up goes
+        for name, prompt in (("prompt_s", "warm-up"), ("longer_prompt_s", "a longer warm-up prompt " * 8)):
             self.generate(prompt, seed=0, steps=1, width=width, height=height)
+            parts.mark(name)
         inputs = self._warmup_inputs(width, height)
         if inputs:
             self.generate("warm-up", seed=0, steps=1, width=width, height=height, **inputs)
+            parts.mark("inputs_s")
         graphs = self._encoder_graphs()
         if graphs is not None:
             with torch.inference_mode(), without_last_layer(self.components.text_encoder):
                 graphs.capture_all(self.components.text_encoder, self.max_tokens)
+            parts.mark("encoder_graphs_s")
         seconds = time.perf_counter() - start
         log.info("warm-up at %dx%d (torch.compile %s) took %.1f s", width, height, self.accel.compiling, seconds)
         return seconds

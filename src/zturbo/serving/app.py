@@ -168,8 +168,15 @@ class Service:
             batch_window=settings.batch_window_ms / 1000,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
+        self._started = self._stopped = False
 
     def start(self) -> None:
+        """Recover the queue and start the workers; once (`zturbo serve` starts them before its
+        HTTP server, so that they load while the UI and uvicorn come up; the lifespan then finds
+        them started)."""
+        if self._started:
+            return
+        self._started = True
         for job in self.store.recover():
             log.info("recovered job %s: %s (attempt %d)", job.id, job.status, job.attempts)
         swept = self.store.sweep_inputs()
@@ -183,6 +190,9 @@ class Service:
         self.supervisor.stop_dispatch()
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self.begin_stop()
         self.supervisor.stop(self.settings.shutdown_grace)
         self.store.close()

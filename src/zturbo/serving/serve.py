@@ -146,7 +146,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
-    from .connections import BoundedConfig, StoppingServer, raise_file_limit
+    from .connections import raise_file_limit
     from .loras import model_targets
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
@@ -186,6 +186,21 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     log.info("serving %s on http://%s:%d with workers on %s; data in %s, LoRAs in %s", config.model, args.host,
              args.port, ", ".join(devices), data_dir, lora_dir)  # fmt: skip
     app = create_app(settings)
+    service = app.state.service
+    service.start()  # the workers load while the UI's imports and the HTTP server's start run
+    try:
+        server = _http_server(app, args, limits)
+        server.run()
+    finally:
+        service.stop()  # a no-op after the lifespan's; stops the workers when uvicorn never started
+    lock.close()
+    return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+
+
+def _http_server(app: Any, args: argparse.Namespace, limits: Any) -> Any:
+    """uvicorn for `app`, with the web UI mounted on the same port unless --no-ui."""
+    from .connections import BoundedConfig, StoppingServer
+
     if not args.no_ui:
         from .ui import api_base_for
         from .ui_app import mount
@@ -194,10 +209,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     # The grace goes to uvicorn as a number, 0 included: None there means wait for clients forever.
     config = BoundedConfig(app, limits, host=args.host, port=args.port, log_level=args.log_level,
                            timeout_graceful_shutdown=args.shutdown_grace)  # type: ignore[arg-type]  # fmt: skip
-    server = StoppingServer(config, on_stop=app.state.service.begin_stop)
-    server.run()
-    lock.close()
-    return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+    return StoppingServer(config, on_stop=app.state.service.begin_stop)
 
 
 def _model_limits(source: Any, config: Any) -> Any:

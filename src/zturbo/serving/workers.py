@@ -956,6 +956,7 @@ class Supervisor:
                         "compile_cache": msg.startup.get("compile_cache", "off"),
                         "worker_ready_s": msg.ready_s,
                         "worker_phases": msg.startup.get("phases", {}),
+                        "worker_warmup_parts": msg.startup.get("warmup_parts", {}),
                     }
             log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
                      msg.startup.get("compile_cache", "off"))  # fmt: skip
