@@ -21,6 +21,7 @@ go under `--gguf-dir` (default: a temporary directory, removed afterwards).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 import time
@@ -188,7 +189,11 @@ def diffusers_gguf_row(
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zturbo-config-") as tmp:
-        ZImageTransformer2DModel.from_config(config).save_config(Path(tmp) / "transformer")
+        # The config as a diffusers model directory holds it (building the model to save it would
+        # initialise 6 B float32 weights on the host).
+        (Path(tmp) / "transformer").mkdir()
+        text = json.dumps({"_class_name": ZImageTransformer2DModel.__name__, **config})
+        (Path(tmp) / "transformer" / "config.json").write_text(text)
         transformer = ZImageTransformer2DModel.from_single_file(
             str(path),
             config=tmp,
