@@ -89,7 +89,8 @@ def test_the_gguf_rows_run_zturbo_and_diffusers_on_each_file(tmp_path, capsys):
      (["--gguf", " , "], "names no GGUF type"),
      (["--base", "--gguf", "Q8_0"], "--base and --gguf are separate runs"),
      (["--base", "--lora"], "--base runs on its own with random weights: drop --lora"),
-     (["--base", "--steps", "0"], "--steps 0 must be at least 1")],
+     (["--base", "--steps", "0"], "--steps 0 must be at least 1"),
+     (["--steps", "2"], "--steps and --gguf-dir set the --base and --gguf runs")],
 )  # fmt: skip
 def test_bad_model_row_options_are_refused_by_name(extra, message, capsys, tmp_path):
     assert main(["bench", "--tiny", "--sizes", "32", "--out", str(tmp_path), *extra]) == 2

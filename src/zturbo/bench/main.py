@@ -26,6 +26,8 @@ def main(args: argparse.Namespace) -> int:
     out_dir = _out_dir(args)
     if args.base or args.gguf is not None:
         return _model_rows(args, opts, out_dir)
+    if args.steps is not None or args.gguf_dir:
+        raise InvalidRequestError("--steps and --gguf-dir set the --base and --gguf runs; give one of them")
     if args.images:
         return _images(args, opts, out_dir)
     if args.cap_row or args.memory_caps or args.fp8_caps:
@@ -160,7 +162,7 @@ def model_rows_request(args: argparse.Namespace) -> tuple[str, ...]:
     """The GGUF types `--gguf` names (none for `--base`); the options these rows cannot take are refused."""
     from .ggufwrite import check_qtype
 
-    if args.base and args.gguf:
+    if args.base and args.gguf is not None:
         raise InvalidRequestError("--base and --gguf are separate runs: give one of them")
     others = [flag for flag, on in (("--model", args.model), ("--images", args.images), ("--lora", args.lora),
               ("--first-image", args.first_image), ("--memory-caps", args.memory_caps),
