@@ -332,8 +332,27 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="only: img2img 0.5, inpaint, a random Union 2.1 ControlNet and ControlNet inpaint against diffusers' "
         "pipelines, compiled bf16, at 1024² (or --sizes N); with --memory-caps, the ControlNet row under each cap",
     )
+    _bench_model_args(p)
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
+
+
+def _bench_model_args(p: argparse.ArgumentParser) -> None:
+    """The runs of other models' settings and weights: the base model's, GGUF files'."""
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="only: the base model's profile (shift 6, guidance 4, a negative prompt, 50 steps unless --steps), "
+        "zturbo compiled against diffusers' ZImagePipeline, at 1024² (or --sizes N)",
+    )
+    p.add_argument(
+        "--gguf",
+        default=None,
+        help="only: GGUF transformers of these types (Q8_0,Q4_K), written from the random weights, against bf16 "
+        "and against diffusers' GGUF loading of the same file, at 1024² (or --sizes N)",
+    )
+    p.add_argument("--gguf-dir", default=None, help="where --gguf writes its files (default: a temporary directory)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the --base and --gguf rows (default 50 and 8)")
 
 
 def _allocator_defaults() -> None:

@@ -6,11 +6,13 @@ a row was measured in.
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,21 @@ QWEN3_4B_CONFIG: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 BENCH_LIMITS = ModelLimits(spatial_unit=16, max_pixels=4096 * 4096)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a benchmark request samples, the same on both sides. A negative prompt is sent only
+    with guidance, as the base model is run; Turbo runs without either."""
+
+    steps: int = STEPS
+    guidance: float = 0.0
+    negative_prompt: str | None = None
+    cfg_normalization: bool = False  # diffusers' ZImagePipeline options (its defaults: off)
+    cfg_truncation: float = 1.0
+
+
+TURBO = Sampling()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +141,15 @@ def weight_bytes(engine: Engine) -> int:
     return sum(p.numel() * p.element_size() for m in (c.transformer, c.vae, c.text_encoder) for p in m.parameters())
 
 
+def release_device_memory() -> None:
+    """Give back the memory of modules that are garbage now (compiled graphs keep references
+    until Dynamo is reset), so that the next row or a child process finds the GPU free."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def fp8_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
@@ -132,25 +158,31 @@ def fp8_capable(device: torch.device) -> bool:
 # One request each way
 
 
-def zturbo_e2e(engine: Engine, size: int, batch: int = 1, cached_prompt: bool = False) -> Callable[[], Any]:
+def zturbo_e2e(
+    engine: Engine, size: int, batch: int = 1, cached_prompt: bool = False, sampling: Sampling = TURBO
+) -> Callable[[], Any]:
     """One user request; the prompt cache is emptied first unless `cached_prompt` (a repeated prompt)."""
+    guided = {"guidance_scale": sampling.guidance, "negative_prompt": sampling.negative_prompt or ""}
 
     def run() -> Any:
         if not cached_prompt:
             engine.prompt_cache.clear()
-        return engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=STEPS, batch=batch)
+        return engine.generate(PROMPT, seed=SEED, width=size, height=size, steps=sampling.steps, batch=batch, **guided)
 
     return run
 
 
-def reference_e2e(pipe: Any, size: int, batch: int = 1) -> Callable[[], Any]:
+def reference_e2e(pipe: Any, size: int, batch: int = 1, sampling: Sampling = TURBO) -> Callable[[], Any]:
     """The same request through diffusers' pipeline, to a decoded 8-bit image."""
 
     def run() -> Any:
         return pipe(
             prompt=PROMPT,
-            num_inference_steps=STEPS,
-            guidance_scale=0.0,
+            negative_prompt=sampling.negative_prompt,
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance,
+            cfg_normalization=sampling.cfg_normalization,
+            cfg_truncation=sampling.cfg_truncation,
             width=size,
             height=size,
             num_images_per_prompt=batch,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import subprocess
@@ -497,12 +496,9 @@ def run_caps(caps: list[float], opts: Any, report: Callable[[list[dict[str, Any]
 
 
 def _release_device_memory() -> None:
-    """Give back the memory of the rows before (their modules are garbage once `run` returned,
-    the compiled graphs' references aside) so that a child process finds the GPU free."""
-    torch._dynamo.reset()
-    gc.collect()
+    """Give back the memory of the rows before (their modules are garbage once `run` returned)."""
+    common.release_device_memory()
     if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
         log.info("bench --images: %.1f GiB still allocated here", torch.cuda.memory_allocated() / common.GIB)
 
 

@@ -24,6 +24,10 @@ def main(args: argparse.Namespace) -> int:
     if not opts.tiny and not torch.cuda.is_available():
         raise DeviceError("zturbo bench measures a CUDA GPU and none is available; --tiny runs a CPU smoke test")
     out_dir = _out_dir(args)
+    if args.base or args.gguf is not None:
+        return _model_rows(args, opts, out_dir)
+    if args.steps is not None or args.gguf_dir:
+        raise InvalidRequestError("--steps and --gguf-dir set the --base and --gguf runs; give one of them")
     if args.images:
         return _images(args, opts, out_dir)
     if args.cap_row or args.memory_caps or args.fp8_caps:
@@ -130,6 +134,50 @@ def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -
     print(images.markdown(res))
     print(f"\nfull results: {out_dir / 'bench_images.json'}")
     return 0
+
+
+def _model_rows(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
+    """`--base` or `--gguf`: checked, run, written as bench_base.* or bench_gguf.*."""
+    from . import base, gguf_rows
+
+    qtypes = model_rows_request(args)
+    name, markdown = ("bench_base", base.markdown) if args.base else ("bench_gguf", gguf_rows.markdown)
+
+    def write(res: dict[str, Any]) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        (out_dir / f"{name}.md").write_text(markdown(res) + "\n")
+
+    if args.base:
+        res = base.run(opts, args.steps, write)
+    else:
+        res = gguf_rows.run(opts, qtypes, args.steps, Path(args.gguf_dir) if args.gguf_dir else None, write)
+    write(res)
+    print(markdown(res))
+    print(f"\nfull results: {out_dir / (name + '.json')}")
+    return 0
+
+
+def model_rows_request(args: argparse.Namespace) -> tuple[str, ...]:
+    """The GGUF types `--gguf` names (none for `--base`); the options these rows cannot take are refused."""
+    from .ggufwrite import check_qtype
+
+    if args.base and args.gguf is not None:
+        raise InvalidRequestError("--base and --gguf are separate runs: give one of them")
+    others = [flag for flag, on in (("--model", args.model), ("--images", args.images), ("--lora", args.lora),
+              ("--first-image", args.first_image), ("--memory-caps", args.memory_caps),
+              ("--fp8-caps", args.fp8_caps)) if on]  # fmt: skip
+    if others:
+        mode = "--base" if args.base else "--gguf"
+        raise InvalidRequestError(f"{mode} runs on its own with random weights: drop {', '.join(others)}")
+    if args.steps is not None and args.steps < 1:
+        raise InvalidRequestError(f"--steps {args.steps} must be at least 1")
+    qtypes = tuple(q.strip() for q in (args.gguf or "").split(",") if q.strip())
+    if args.gguf is not None and not qtypes:
+        raise InvalidRequestError(f"--gguf {args.gguf!r} names no GGUF type")
+    for qtype in qtypes:
+        check_qtype(qtype)
+    return qtypes
 
 
 def _caps(text: str | None) -> list[float]:
