@@ -171,6 +171,21 @@ def test_info_plans_the_base_models_doubled_batch(capsys, monkeypatch, shape, ba
     assert code == 0 and "two-pass-cfg" not in out
 
 
+def test_running_out_of_memory_under_cfg_retries_in_two_passes(base_engine):
+    from zturbo.testing import inject_oom
+
+    batched, _, _ = generate(base_engine)
+    engine = with_layout(base_engine, Layout())
+    inject_oom(engine.components.transformer)
+    result = engine.generate(PROMPTS, **REQUEST)
+    assert [(f["component"], f["from"], f["to"]) for f in result.fallbacks] == [
+        ("memory", "resident", "resident + two-pass-cfg")
+    ]
+    got = [np.asarray(image.image, dtype=np.int16) for image in result.images]
+    assert all(np.array_equal(a, b) for a, b in zip(got, batched, strict=True))
+    assert engine.runtime()["memory_plan"] == "resident + two-pass-cfg"  # kept, as leaner plans are
+
+
 def test_running_out_of_memory_under_cfg_first_tries_two_passes():
     assert memory.leaner(Layout(), guided=True) == Layout(split_cfg=True)
     assert memory.leaner(Layout(split_cfg=True), guided=True) == Layout("te-offload", split_cfg=True)
