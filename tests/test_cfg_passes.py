@@ -77,6 +77,23 @@ def test_a_layout_with_two_pass_cfg_gives_the_batched_images(base_engine):
     assert batched_plans == ["resident"] * 2 and split_plans == ["resident + two-pass-cfg"] * 2
 
 
+def test_two_passes_keep_each_passs_predictions_when_a_step_reuses_its_outputs():
+    """A replayed CUDA graph returns the same output tensors at every replay; where both halves
+    replay one graph (their shapes agree), the first half's predictions must survive the second."""
+    from zturbo.pipeline import in_passes
+
+    static = [torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]
+
+    def replay(x, t, embeds, control):
+        for out, row in zip(static, x, strict=True):
+            out.copy_(row * 2)
+        return static
+
+    x = [torch.full((1, 2, 2), float(i)) for i in range(4)]
+    got = in_passes(replay, 2)(x, torch.zeros(4), [torch.zeros(3, 8)] * 4, None)
+    assert [float(p[0, 0, 0]) for p in got] == [0.0, 2.0, 4.0, 6.0]
+
+
 def test_a_request_whose_doubled_batch_does_not_fit_runs_in_two_passes(base_engine, monkeypatch):
     batched, _, _ = generate(base_engine)
     # The planner's count of the doubled batch's activations (float32, captions at their longest).

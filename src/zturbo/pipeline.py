@@ -481,7 +481,10 @@ def in_passes(step: Step, rows: int) -> Step:
         for start in range(0, len(x), rows):
             part = slice(start, start + rows)
             half = None if control is None else (control[0][part], control[1])
-            out += step(x[part], t[part], embeds[part], half)
+            pred = step(x[part], t[part], embeds[part], half)
+            # A replayed step graph returns its static outputs, which the next pass may overwrite
+            # (both halves replay one graph where their shapes agree): keep a copy (latent-sized).
+            out += [p.clone() for p in pred] if start + rows < len(x) else pred
         return out
 
     return run
