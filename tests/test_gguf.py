@@ -200,3 +200,117 @@ def test_settings_a_gguf_transformer_refuses_are_refused_with_the_config(tmp_pat
     # Before any model is resolved or downloaded: the file need not even exist yet.
     with pytest.raises(InvalidRequestError, match=says):
         RuntimeConfig(model="Tongyi-MAI/Z-Image-Turbo", transformer_file=str(tmp_path / "t.gguf"), **setting)
+
+
+# ---------------------------------------------------------------------------------------------
+# A GGUF transformer with ComfyUI's single files, or beside a checkpoint without transformer weights
+
+
+def without_transformer_weights(tiny_dir: Path, target: Path) -> Path:
+    """The tiny checkpoint with its transformer's config but none of its weights."""
+    shutil.copytree(tiny_dir, target)
+    for weights in (target / "transformer").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    return target
+
+
+def gguf_comfy_tree(tiny_dir: Path, target: Path, *transformers: Path) -> Path:
+    """A ComfyUI tree whose diffusion_models/ holds only GGUF transformers (ComfyUI's text encoder and VAE)."""
+    from test_singlefile import write_comfy_files
+
+    written = write_comfy_files(tiny_dir, target)
+    written["transformer"].unlink()
+    for path in transformers:
+        shutil.copy(path, written["transformer"].parent / path.name)
+    return target
+
+
+def test_a_gguf_transformer_loads_with_comfyuis_single_files_and_no_checkpoint(capsys, tiny_dir, files, tmp_path):
+    from clirun import pixels as png_pixels
+    from clirun import run
+    from zturbo.imageio import read_metadata
+
+    gen = ("a red fox", "--seed", "7", "--width", "64", "--height", "48", "--steps", "3", "--device", "cpu")
+    gen += ("--dtype", "float32")
+    tree = gguf_comfy_tree(tiny_dir, tmp_path / "ComfyUI", files["Q8_0"])
+    models = tree / "models"
+    runs = {
+        "beside --model": ("--model", tiny_dir, "--transformer", files["Q8_0"]),
+        "models tree": ("--model", tree),
+        "three files": (
+            "--transformer", files["Q8_0"],
+            "--text-encoder", models / "text_encoders" / "qwen_3_4b.safetensors",
+            "--vae", models / "vae" / "ae.safetensors",
+        ),
+    }  # fmt: skip
+    images = {}
+    for name, model_args in runs.items():
+        out = tmp_path / f"{name}.png"
+        code, _, err = run(capsys, "generate", *gen, *model_args, "-o", out)
+        assert code == 0, f"{name}: {err}"
+        images[name] = png_pixels(out)
+        assert read_metadata(out)["transformer_weights"]["file"] == "tiny-Q8_0.gguf", name
+    assert images["beside --model"].std() > 0
+    assert np.array_equal(images["models tree"], images["beside --model"])
+    assert np.array_equal(images["three files"], images["beside --model"])
+    source = resolve_model(str(tree))
+    assert source.transformer_file == (models / "diffusion_models" / "tiny-Q8_0.gguf").resolve()
+    assert source.origin == "single-files"
+    assert not list(source.path.rglob("*.safetensors"))  # the package's configs and tokenizer, no weights
+
+
+def test_a_tree_with_several_gguf_files_takes_the_one_the_flag_names(tiny_dir, files, tmp_path):
+    tree = gguf_comfy_tree(tiny_dir, tmp_path / "ComfyUI", files["Q8_0"], files["Q4_K"])
+    with pytest.raises(ModelNotFoundError, match=r"several transformer files.*pass --transformer FILE"):
+        resolve_model(str(tree))
+    chosen = tree / "models" / "diffusion_models" / "tiny-Q4_K.gguf"
+    source = resolve_model(str(tree), files={"transformer": str(chosen)})
+    assert source.transformer_file == chosen.resolve() and source.files.transformer == chosen.resolve()
+    with pytest.raises(CheckpointError, match=r"not a Z-Image transformer file"):
+        resolve_model(str(tree), files={"transformer": str(write_foreign_gguf(tmp_path / "llm.gguf"))})
+
+
+def write_foreign_gguf(path: Path) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    writer.add_tensor("blk.0.attn_q.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gguf_beside_a_checkpoint_never_needs_its_transformer_weights(tiny_dir, files, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    bare = without_transformer_weights(tiny_dir, tmp_path / "bare")
+    config = RuntimeConfig(model=str(bare), transformer_file=str(files["Q8_0"]), **CPU32)
+    got = Engine.load(config).generate("a red fox", **ARGS)
+    full = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q8_0"]))
+    assert np.array_equal(pixels(got), pixels(full.generate("a red fox", **ARGS)))
+    # The checkpoint's transformer weights play no part in its identity either.
+    assert got.images[0].metadata["model_fingerprint"] == full.model.fingerprint
+    with pytest.raises(CheckpointError, match=r"no weights in .*transformer"):
+        resolve_model(str(bare))  # without the GGUF file they are needed
+    asked: list[list[str]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append(allow_patterns)
+        return str(bare)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    source = resolve_model("Tongyi-MAI/Z-Image-Turbo", files={"transformer": str(files["Q8_0"])})
+    assert source.transformer_file == files["Q8_0"].resolve() and source.origin == "hf"
+    assert "transformer/*.safetensors" not in asked[0] and "vae/*.safetensors" in asked[0]
+
+
+def test_settings_a_gguf_transformer_refuses_are_refused_with_a_file_set(tmp_path):
+    with pytest.raises(InvalidRequestError, match="--quantize int8"):
+        RuntimeConfig(
+            transformer_file=str(tmp_path / "t.gguf"),
+            text_encoder_file=str(tmp_path / "te.safetensors"),
+            vae_file=str(tmp_path / "ae.safetensors"),
+            quantize="int8",
+        )

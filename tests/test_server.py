@@ -20,6 +20,7 @@ from PIL import Image
 from serving import AUTH, KEY, SMALL, Server
 from zturbo.cli import main as cli_main
 from zturbo.imageio import METADATA_KEY
+from zturbo.serving.ui import status_text
 
 
 def sse_events(client: httpx.Client, job_id: str, on_event=None) -> list[tuple[str, dict]]:
@@ -307,7 +308,8 @@ def test_metrics_and_status(server):
     status = server.client.get("/v1/status").json()
     assert status["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
     assert status["device"] == "cpu" and status["workers"][0]["state"] in ("ready", "busy")
-    assert status["model_source"] == "local"
+    assert status["model_source"] == "local" and status["transformer_weights"] is None
+    assert "(turbo profile, local directory) on cpu" in status_text(status)  # the web UI's status line
     assert status["limits"] == {"spatial_unit": 16, "max_pixels": 128 * 128, "max_images": 64, "max_steps": 100,
                                 "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1,
                                 "profile": {"name": "turbo", "steps": 8, "guidance_scale": 0.0, "shift": 3.0,

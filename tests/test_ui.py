@@ -248,6 +248,33 @@ def test_status_line_names_model_device_dtypes_plan_memory_and_queue() -> None:
     assert "GPU memory: n/a" in status_text({**status, "gpu_memory": None})
 
 
+@pytest.mark.parametrize(
+    ("origin", "weights", "says"),
+    [
+        ("hf", None, "**Tongyi-MAI/Z-Image** (base profile, Hugging Face hub) on"),
+        ("modelscope", None, "(base profile, ModelScope)"),
+        ("local", None, "(base profile, local directory)"),
+        ("single-files", None, "(base profile, ComfyUI single files)"),
+        (
+            "single-files",
+            {"file": "z_image-Q8_0.gguf", "format": "gguf", "quantization": "Q8_0"},
+            r"(base profile, ComfyUI single files + GGUF transformer z\_image-Q8\_0.gguf (Q8_0))",
+        ),
+        ("hf", {"file": "z.gguf", "format": "gguf", "quantization": "Q4_K"}, "Hugging Face hub + GGUF transformer"),
+        (None, None, "(base profile, source known once loaded)"),
+    ],
+)
+def test_status_line_names_the_models_profile_and_source(origin, weights, says) -> None:
+    status = {
+        "model": "Tongyi-MAI/Z-Image",
+        "model_source": origin,
+        "transformer_weights": weights,
+        "device": "cuda:0",
+        "limits": {"profile": {"name": "base", "steps": 28, "guidance_scale": 4.0}},
+    }
+    assert says in status_text(status)
+
+
 def test_progress_text() -> None:
     assert progress_text(Event("queued", {"position": 0}), 1) == "Queued: next in line"
     assert progress_text(Event("queued", {"position": 2}), 1) == "Queued: 2 job(s) ahead"

@@ -168,7 +168,8 @@ def _paint_stroke(page: Any, editor: Any) -> None:
 
 def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> None:
     status = page.locator("#status-line")
-    for part in ("on cpu", "transformer float32", "vae float32", "plan resident", "GPU memory: n/a", "queue 0"):
+    parts = ("(turbo profile, built-in random checkpoint) on cpu", "transformer float32", "vae float32")
+    for part in (*parts, "plan resident", "GPU memory: n/a", "queue 0"):
         expect(status).to_contain_text(part)
 
     page.locator("#preset input").click()

@@ -1215,6 +1215,7 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
     else:
         raise InvalidRequestError(f"{device} has no GPU memory to plan for; pass --vram-budget GiB to preview a GPU")
     shape = memory.shape_from_source(source, config.controlnet)  # the ControlNet's weights and activations too
+    guided = source.profile(config.preset).profile.guidance > 0  # the base model's default CFG doubles the batch
 
     def choose(width: int, height: int, batch: int) -> Any:
         # A preview is of a GPU run, where --compile auto compiles the VAE decoder.
@@ -1225,6 +1226,7 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
             width=width,
             height=height,
             batch=batch,
+            cfg=guided,
             quantize_options=(config.quantize,) if config.quantize != "none" else (),
             exact=config.quantize == "none",
             compiled_vae=config.compile != "off",

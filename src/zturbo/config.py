@@ -167,7 +167,7 @@ class RuntimeConfig:
                 f"single files come as a set: {', '.join(f'{n}_file' for n in given)} given, but "
                 f"{' and '.join(missing)} missing (pass --transformer, --text-encoder and --vae together)"
             )
-        if self.gguf_transformer():  # refused before any download, as loading would refuse them
+        if str(self.transformer_file).lower().endswith(".gguf"):  # refused before any download, as loading would
             check_stored_settings(self, self.transformer_file)
         if not self.model.strip():
             raise InvalidRequestError("model is empty; pass a hub repo id, a local directory or 'tiny-random'")

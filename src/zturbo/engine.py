@@ -61,6 +61,7 @@ from .memory.placement import Placement, homes, set_vae_tiling
 from .memory.plan import (
     FREE_SHARE,
     SPEED_ORDER,
+    SPLIT_CFG,
     UNQUANTIZED_PLANS,
     Layout,
     batch_room,
@@ -90,6 +91,7 @@ from .pipeline import (
     denoise,
     draw_noise,
     encode_image,
+    in_passes,
     latent_mask,
     latent_shape,
     mode_latents,
@@ -98,6 +100,7 @@ from .pipeline import (
     request_schedule,
     sample_latents,
     to_uint8,
+    transformer_step,
     variation_latents,
     variety_embeds,
     variety_steps,
@@ -382,13 +385,14 @@ class Engine:
             fallbacks.append(self._lean_out(req, oom))
             memory_retried = True
 
-    def runtime(self) -> dict[str, Any]:
+    def runtime(self, split_cfg: bool | None = None) -> dict[str, Any]:
         """How the images are computed right now: dtypes, float16 guard, quantization, compilation,
-        and the loaded ControlNet (an image's metadata names it only where the request used it)."""
+        and the loaded ControlNet (an image's metadata names it only where the request used it).
+        `split_cfg`: whether a request ran CFG's halves in two passes (None: as the layout does)."""
         return {
             "dtypes": {k: dtype_name(v) for k, v in self.dtypes.items()},
             "fp16_guard": self.guard.describe() if self.guard is not None else None,
-            "memory_plan": self.placement.describe(),
+            "memory_plan": self.placement.describe(split_cfg),
             "vae_tiling": self.vae_tiling,
             "controlnet": self.controlnet.describe() if self.controlnet is not None else None,
             **self.accel.describe(),
@@ -417,7 +421,8 @@ class Engine:
         timings["inputs_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
         previews = PreviewStream(self._preview_projection(), on_preview) if on_preview is not None else None
-        latents = self._denoise(req, start, controls, cond, uncond, early, on_step, previews)
+        split = self._split_cfg(req)
+        latents = self._denoise(req, start, controls, cond, uncond, early, on_step, previews, split)
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         with self._stage("check"):
             finite = all_finite(latents)
@@ -436,7 +441,7 @@ class Engine:
             if prepared is not None and prepared.paste is not None:
                 pixels = paste_back(pixels, prepared.paste)
             timings["denoise_decode_s"] = time.perf_counter() - tick
-            return GenerateResult(self._package(req, pixels, loras), req, timings, warnings)
+            return GenerateResult(self._package(req, pixels, loras, split), req, timings, warnings)
 
     def _encode(self, req: GenerateRequest) -> tuple[Embeds, Embeds | None, tuple[Embeds, int] | None, list[str]]:
         """(cond, uncond or None, seed variety's (early embeddings, steps) or None, warnings)."""
@@ -558,6 +563,7 @@ class Engine:
         early: tuple[Embeds, int] | None,
         on_step: StepCallback | None,
         previews: PreviewStream | None = None,
+        split_cfg: bool = False,
     ) -> torch.Tensor:
         c = self.components
         latents, sched, keep = start
@@ -569,6 +575,9 @@ class Engine:
             graphs = self._step_graphs()
             room = functools.partial(self._step_graph_fits, req)
             step = None if graphs is None else graphs.bind(c.transformer, room, controlnet=controlnet)
+            if split_cfg:
+                plain = functools.partial(transformer_step, c.transformer, controlnet)
+                step = in_passes(step or plain, req.num_images)
             run = functools.partial(
                 denoise,
                 controlnet=controlnet,
@@ -648,15 +657,18 @@ class Engine:
             self.merger.forget()
             self.merger = None
 
-    def _package(self, req: GenerateRequest, pixels: torch.Tensor, loras: list[dict[str, Any]]) -> list[GeneratedImage]:
+    def _package(
+        self, req: GenerateRequest, pixels: torch.Tensor, loras: list[dict[str, Any]], split_cfg: bool = False
+    ) -> list[GeneratedImage]:
         from PIL import Image
 
         from .imageio import build_metadata
 
         out = []
+        runtime = self.runtime(split_cfg)
         for spec, array in zip(req.images, pixels.numpy(), strict=True):
             meta = build_metadata(
-                req, spec.prompt, spec.negative_prompt, spec.seed, self.model, self.runtime(), spec.variation_seed
+                req, spec.prompt, spec.negative_prompt, spec.seed, self.model, runtime, spec.variation_seed
             )
             meta["loras"] = loras
             meta["profile"] = self.profile.describe()
@@ -723,7 +735,7 @@ class Engine:
     def _lean_out(self, req: GenerateRequest, reason: str) -> dict[str, str]:
         """After running out of memory: the next leaner layout, kept for later requests; raises
         GPUMemoryError where there is none."""
-        target = leaner(replace(self.placement.layout, quantize=self.accel.quantize))
+        target = leaner(replace(self.placement.layout, quantize=self.accel.quantize), guided=req.do_cfg)
         if target is not None and target.plan in UNQUANTIZED_PLANS and self.shape.transformer_stored_params:
             target = None  # GGUF weights cannot stream as raw bytes
         if target is None:
@@ -851,23 +863,49 @@ class Engine:
         requests, so they are taken off first (`memory.plan.denoise_onload`). Captions are counted
         at the longest the model takes: their length is known only once they are encoded.
         """
-        free = memory_room(self.device, self.vram_budget)
+        free = self._denoise_room()
         if free is None:
             return None
-        sizes = dtype_bytes(self.dtypes)
-        layout = replace(self.placement.layout, quantize=self.accel.quantize)
-        free = max(0, free - denoise_onload(self.shape, sizes, layout))
         return batch_room(
             self.shape,
-            sizes["transformer"],
+            dtype_bytes(self.dtypes)["transformer"],
             width=req.width,
             height=req.height,
-            cfg=req.do_cfg,
+            cfg=req.do_cfg and not self.placement.layout.split_cfg,
             prompt_tokens=self.max_tokens,
             controlled=req.inputs.controlled,
             free_bytes=free,
             pool_factor=STEP_POOL_FACTOR if self._step_graphs() is not None else 1.0,
         )
+
+    def _denoise_room(self) -> int | None:
+        """Device memory the denoise stage's activations may take now (`batch_room`'s count); None
+        where no device memory is planned."""
+        free = memory_room(self.device, self.vram_budget)
+        if free is None:
+            return None
+        layout = replace(self.placement.layout, quantize=self.accel.quantize)
+        return max(0, free - denoise_onload(self.shape, dtype_bytes(self.dtypes), layout))
+
+    def _split_cfg(self, req: GenerateRequest) -> bool:
+        """Whether `req`'s CFG runs its positive and negative halves one after the other: where the
+        layout was planned so, or where the doubled batch's activations do not fit the memory free
+        now (a larger request than the one planned for); otherwise one batched call a step."""
+        if not req.do_cfg:
+            return False
+        if self.placement.layout.split_cfg:
+            return True
+        room = self._denoise_room()
+        if room is None:
+            return False
+        elem = dtype_bytes(self.dtypes)["transformer"]
+        args = (self.shape, elem, req.width, req.height, req.num_images, True, self.max_tokens)
+        need = transformer_activation(*args) + (controlnet_activation(*args) if req.inputs.controlled else 0)
+        if need <= room * FREE_SHARE:
+            return False
+        log.info("CFG in two passes (%s): the doubled batch needs about %.1f GiB, %.1f GiB free",
+                 SPLIT_CFG, need / GIB, room / GIB)  # fmt: skip
+        return True
 
     def _vae_compiled(self) -> bool:
         decoder = self.components.vae.decoder

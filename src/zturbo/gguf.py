@@ -98,6 +98,13 @@ def _check_types(path: Path, tensors: list[Any]) -> None:
             )
 
 
+def header(path: str | Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGML type name and shape (torch's order: GGUF stores it innermost first) per key, from the
+    header alone, as `singlefile` reads a safetensors header; an unreadable file is refused."""
+    tensors = _reader(Path(path)).tensors
+    return {t.name: (_type_name(t), tuple(int(d) for d in reversed(t.shape.tolist()))) for t in tensors}
+
+
 def inspect(path: str | Path) -> GGUFInfo:
     """The file's types and the size of its quantized weights; unreadable types are named."""
     path = Path(path)

@@ -54,9 +54,9 @@ class ModelSource:
     repo_id: str | None
     # Single files (ComfyUI's) the weights come from; `path` then holds only configs and tokenizer.
     files: FileSet | None = None
-    origin: str = "local"  # where it came from: hf, modelscope, local or tiny-random
+    origin: str = "local"  # where it came from: hf, modelscope, local, tiny-random or single-files
     # A transformer file used in place of the directory's transformer weights (its config still
-    # comes from the directory): a GGUF file (zturbo.gguf).
+    # comes from the directory, which then needs no transformer weights): a GGUF file (zturbo.gguf).
     transformer_file: Path | None = None
 
     def config(self, component: str) -> dict[str, Any]:
@@ -92,15 +92,26 @@ def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] |
     validated before a multi-GB download starts.
     """
     from . import singlefile
-    from .modelscope_source import split_hub
 
     path = Path(name).expanduser()
     if files is not None and set(files) == {"transformer"}:  # a GGUF transformer with `name`'s other parts
-        return _with_transformer_file(resolve_model(name, weights=weights), Path(files["transformer"]))
+        transformer = Path(files["transformer"])
+        if path.is_dir() and singlefile.is_file_set_dir(path):
+            return _single_file_source(str(path.resolve()), singlefile.find_file_set(path, transformer))
+        return _with_transformer_file(_resolve(name, weights, skip=("transformer",)), transformer)
     if files is not None:
         return _single_file_source(None, singlefile.explicit_file_set(files))
     if path.is_dir() and singlefile.is_file_set_dir(path):
         return _single_file_source(str(path.resolve()), singlefile.find_file_set(path))
+    return _resolve(name, weights)
+
+
+def _resolve(name: str, weights: bool, skip: tuple[str, ...] = ()) -> ModelSource:
+    """A diffusers-layout checkpoint: a directory, tiny-random, or a hub repo id; with `weights`,
+    every component's weights but `skip`'s are there (downloaded if need be)."""
+    from .modelscope_source import split_hub
+
+    path = Path(name).expanduser()
     if path.is_dir():
         source = ModelSource(str(path.resolve()), path.resolve(), _cache_revision(path.resolve()), None)
     elif name == TINY_MODEL:
@@ -115,25 +126,29 @@ def resolve_model(name: str, *, weights: bool = True, files: Mapping[str, str] |
                 f"modelscope:owner/name) nor {TINY_MODEL!r}"
             )
         if (hub or model_source()) == "modelscope":
-            source = _download_modelscope(repo_id, weights)
+            source = _download_modelscope(repo_id, weights, skip)
         else:
-            source = _download(repo_id, weights)
-    check_layout(source.path, weights=weights)
+            source = _download(repo_id, _patterns(weights, skip))
+    check_layout(source.path, weights=weights, skip=skip)
     return source
 
 
 def _single_file_source(name: str | None, files: FileSet) -> ModelSource:
-    """Single files with the configs and tokenizer the package ships for their size."""
-    from . import singlefile
+    """Single files with the configs and tokenizer the package ships for their size; a GGUF
+    transformer among them loads as `transformer_file`."""
+    from . import gguf, singlefile
 
     root = singlefile.config_dir(singlefile.variant_of(files))
     check_layout(root, weights=False)
-    return ModelSource(name or files.describe(), root, None, None, files=files)
+    transformer = files.transformer if gguf.is_gguf(files.transformer) else None
+    return ModelSource(
+        name or files.describe(), root, None, None, files=files, origin="single-files", transformer_file=transformer
+    )
 
 
 def _with_transformer_file(source: ModelSource, path: Path) -> ModelSource:
     """`source` with its transformer's weights read from `path` (a GGUF file); its config stays the
-    directory's. The directory's own transformer weights are still required (and downloaded)."""
+    directory's, whose own transformer weights are neither needed nor downloaded."""
     path = path.expanduser().resolve()
     if not path.is_file():
         raise ModelNotFoundError(f"transformer file {path} does not exist or is not a file")
@@ -154,22 +169,28 @@ def describe_origin(name: str) -> str:
     return "Hugging Face hub"
 
 
-def _download_modelscope(repo_id: str, weights: bool) -> ModelSource:
+def _patterns(weights: bool, skip: tuple[str, ...]) -> list[str]:
+    """The files to download: configs and tokenizer, and with `weights` those of every component but `skip`'s."""
+    wanted = [p for p in WEIGHT_PATTERNS if p.split("/")[0] not in skip] if weights else []
+    return CONFIG_PATTERNS + wanted
+
+
+def _download_modelscope(repo_id: str, weights: bool, skip: tuple[str, ...]) -> ModelSource:
     from . import modelscope_source
 
     def complete(root: Path) -> bool:
         try:
-            check_layout(root, weights=weights)
+            check_layout(root, weights=weights, skip=skip)
         except CheckpointError:
             return False
         return True
 
-    path = modelscope_source.download(repo_id, CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else []), complete)
+    path = modelscope_source.download(repo_id, _patterns(weights, skip), complete)
     # The recorded name carries the prefix, so reading an image back finds the same hub.
     return ModelSource(f"modelscope:{repo_id}", path, _cache_revision(path), repo_id, origin="modelscope")
 
 
-def _download(repo_id: str, weights: bool) -> ModelSource:
+def _download(repo_id: str, patterns: list[str]) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -178,7 +199,6 @@ def _download(repo_id: str, weights: bool) -> ModelSource:
         RepositoryNotFoundError,
     )
 
-    patterns = CONFIG_PATTERNS + (WEIGHT_PATTERNS if weights else [])
     try:
         path = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError:
@@ -207,8 +227,9 @@ def _cache_revision(path: Path) -> str | None:
     return None
 
 
-def check_layout(root: Path, *, weights: bool = True) -> None:
-    """Every component directory and config is present, and (with weights) every weight file."""
+def check_layout(root: Path, *, weights: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """Every component directory and config is present, and (with weights) every weight file but
+    those of the components in `skip`."""
     index = root / "model_index.json"
     if not index.is_file():
         raise CheckpointError(f"{index} is missing: {root} is not a diffusers-format model directory")
@@ -223,7 +244,8 @@ def check_layout(root: Path, *, weights: bool = True) -> None:
     _require(root / "scheduler" / "scheduler_config.json")
     if weights:
         for component, stem in WEIGHT_STEMS.items():
-            weight_files(root / component, stem)
+            if component not in skip:
+                weight_files(root / component, stem)
 
 
 def _require(path: Path) -> None:
@@ -627,6 +649,8 @@ def fingerprint(source: ModelSource) -> str:
         rel = path.relative_to(source.path).as_posix()
         if rel.split("/")[0] not in COMPONENTS and rel != "model_index.json":
             continue
+        if source.transformer_file is not None and rel.startswith("transformer/") and rel != "transformer/config.json":
+            continue  # weights the transformer file replaces: never read (the file has its own fingerprint)
         h.update(rel.encode() + b"\0")
         h.update(_file_digest(path).encode() + b"\n")
     return h.hexdigest()

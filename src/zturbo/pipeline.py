@@ -468,6 +468,28 @@ def transformer_step(
     return transformer(x, t, embeds, controlnet_block_samples=samples, return_dict=False)[0]
 
 
+def in_passes(step: Step, rows: int) -> Step:
+    """`step` run on at most `rows` batch rows at a time, the predictions joined in order: with
+    `rows` the images of a request, a CFG step's positive and negative halves run one after the
+    other, where the doubled batch's activations would not fit (diffusers always batches them).
+    Each row's prediction depends on that row alone, so the images are the batched ones."""
+
+    def run(
+        x: list[torch.Tensor], t: torch.Tensor, embeds: list[torch.Tensor], control: StepControl | None
+    ) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for start in range(0, len(x), rows):
+            part = slice(start, start + rows)
+            half = None if control is None else (control[0][part], control[1])
+            pred = step(x[part], t[part], embeds[part], half)
+            # A replayed step graph returns its static outputs, which the next pass may overwrite
+            # (both halves replay one graph where their shapes agree): keep a copy (latent-sized).
+            out += [p.clone() for p in pred] if start + rows < len(x) else pred
+        return out
+
+    return run
+
+
 @contextlib.contextmanager
 def pads_by_position(controlnet: torch.nn.Module) -> Iterator[None]:
     """While inside, the ControlNet's pad masks come as the padded tokens' positions.
@@ -532,7 +554,8 @@ def denoise(
     """Flow-matching Euler over the schedule; latents stay float32. CFG runs when `uncond` is given.
 
     latents: (B, C, h, w) float32 on the model's device; cond/uncond: B embeddings (L_i, D).
-    One transformer call per step (positive and negative batched together under CFG).
+    One `step` call per step (positive and negative batched together under CFG; `in_passes`
+    makes a step that runs them one after the other).
     `early` = (cond', k): the first k steps take cond' instead of cond (seed variety).
     `step` makes each step's prediction (default `transformer_step` with `controlnet`;
     `accel.graphs.StepGraphs.bind` gives one that replays CUDA graphs). `controls[i]` is step i's

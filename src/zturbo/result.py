@@ -45,4 +45,4 @@ class ModelInfo:
     name: str
     revision: str | None
     fingerprint: str
-    origin: str | None = None  # hf, modelscope, local or tiny-random (loader.ModelSource.origin)
+    origin: str | None = None  # hf, modelscope, local, tiny-random or single-files (loader.ModelSource.origin)

@@ -2,7 +2,8 @@
 
 ComfyUI distributes Z-Image as `diffusion_models/z_image_turbo_bf16.safetensors` (ComfyUI's
 NextDiT key names), `text_encoders/qwen_3_4b.safetensors` (Qwen3-4B, `model.`-prefixed keys) and
-`vae/ae.safetensors` (the FLUX.1 autoencoder, LDM key names), plus fp8 variants. The files carry
+`vae/ae.safetensors` (the FLUX.1 autoencoder, LDM key names), plus fp8 variants; the transformer
+may instead be a GGUF file (city96's quantizations, `zturbo.gguf`), which loads quantized. The files carry
 no configs, so the package's own configs and Qwen's tokenizer stand in for them. Keys are renamed
 with diffusers' single-file conversion, which is run on the file's header (meta tensors) to learn
 which stored tensor, or which slice of it, becomes which module tensor; the weights then stream
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import gguf
 from .errors import CheckpointError, ModelNotFoundError
 
 PARTS = ("transformer", "text_encoder", "vae")
@@ -102,15 +104,18 @@ def is_file_set_dir(directory: Path) -> bool:
     return any(_candidates(directory))
 
 
-def find_file_set(directory: Path) -> FileSet:
+def find_file_set(directory: Path, transformer: Path | None = None) -> FileSet:
     """The transformer, text encoder and VAE in `directory` (flat, ComfyUI's component folders, or
-    a ComfyUI tree's models/), told apart by their tensors; the published name wins a tie."""
+    a ComfyUI tree's models/), told apart by their tensors; the published name wins a tie.
+    `transformer`, a GGUF file given beside the directory, replaces whatever transformer it holds."""
     found: dict[str, list[Path]] = {c: [] for c in PARTS}
     looked = sorted(set(_candidates(directory)))
     for path in looked:
         component = component_of(_header(path))
         if component is not None:
             found[component].append(path)
+    if transformer is not None:
+        found["transformer"] = [_checked(transformer, "transformer")]
     chosen = {}
     for component, paths in found.items():
         published = [p for p in paths if p.name == PUBLISHED_NAMES[component]]
@@ -133,23 +138,26 @@ def find_file_set(directory: Path) -> FileSet:
 
 def explicit_file_set(files: Mapping[str, str]) -> FileSet:
     """The files named by --transformer, --text-encoder and --vae, each checked to be that component."""
-    paths = {}
-    for component in PARTS:
-        path = Path(files[component]).expanduser().resolve()
-        if not path.is_file():
-            raise ModelNotFoundError(f"{component.replace('_', ' ')} file {path} does not exist or is not a file")
-        found = component_of(_header(path))
-        if found != component:
-            raise CheckpointError(_not_this(path, component, found))
-        paths[component] = path
-    return FileSet(**paths)
+    return FileSet(**{component: _checked(Path(files[component]), component) for component in PARTS})
+
+
+def _checked(path: Path, component: str) -> Path:
+    """`path`, resolved, when it exists and holds `component`'s tensors."""
+    path = path.expanduser().resolve()
+    if not path.is_file():
+        raise ModelNotFoundError(f"{component.replace('_', ' ')} file {path} does not exist or is not a file")
+    found = component_of(_header(path))
+    if found != component:
+        raise CheckpointError(_not_this(path, component, found))
+    return path
 
 
 def _candidates(directory: Path) -> Iterator[Path]:
     for base in (directory, directory / "models"):
         for folder in (base, *(base / f for f in (*FOLDERS.values(), *_LEGACY_FOLDERS))):
             if folder.is_dir():
-                yield from (p.resolve() for p in folder.glob("*.safetensors") if p.is_file())
+                for pattern in ("*.safetensors", f"*{gguf.SUFFIX}"):
+                    yield from (p.resolve() for p in folder.glob(pattern) if p.is_file())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,11 +165,13 @@ def _candidates(directory: Path) -> Iterator[Path]:
 
 
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """dtype name and shape per key; a file that is truncated or no safetensors file is refused."""
+    """dtype name and shape per key; a file that is truncated or no safetensors (or GGUF) file is refused."""
     from safetensors import SafetensorError, safe_open
 
     from .control.files import read_header
 
+    if gguf.is_gguf(path):
+        return gguf.header(path)
     header = read_header(path)
     try:
         # safe_open checks the tensors' byte ranges cover the file: a cut-off download fails here.

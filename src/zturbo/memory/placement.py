@@ -15,7 +15,7 @@ import torch
 
 from ..accel.fuse import BLOCK_LISTS, CONTROL_BLOCK_LISTS, controlnet_blocks, transformer_blocks, unfuse_projections
 from ..control.model import own_modules
-from .plan import STREAMED_TE, UNUSED_TEXT_LAYERS, VAE_TILE, Layout
+from .plan import SPLIT_CFG, STREAMED_TE, UNUSED_TEXT_LAYERS, VAE_TILE, Layout
 
 CPU = torch.device("cpu")
 # Components whose weights live on the CPU between uses, per plan (streamed ones included).
@@ -89,7 +89,13 @@ class Placement:
         arena = self.streamers.get("arena")
         return len(arena.modules["text_encoder"]) if arena else 0
 
-    def describe(self) -> str:
+    def describe(self, split_cfg: bool | None = None) -> str:
+        """The plan, what it keeps resident, and whether CFG runs in two passes (`split_cfg`: a
+        request's own choice, else the layout's)."""
+        split = self.layout.split_cfg if split_cfg is None else split_cfg
+        return self._placed() + (f" + {SPLIT_CFG}" if split else "")
+
+    def _placed(self) -> str:
         if self.plan == "block-offload":
             total = sum(1 for _ in transformer_blocks(self.components.transformer))
             return f"block-offload ({self.resident_blocks}/{total} blocks resident)"

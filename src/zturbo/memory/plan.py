@@ -80,6 +80,9 @@ FREE_SHARE = 0.9
 # Plans whose transformer weights are off the device between requests and come onto it for the
 # denoise stage: model-offload moves them in whole, sequential's group offloading leaf by leaf.
 DENOISE_ONLOADED = ("model-offload", "sequential")
+# How a plan's name says that CFG's two halves run one after the other (half the activations,
+# two transformer calls a step): what a plan takes where the doubled batch does not fit.
+SPLIT_CFG = "two-pass-cfg"
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Estimate:
     stages: dict[str, int]  # peak bytes per stage
     resident_blocks: int = 0  # block-offload: transformer blocks kept on the GPU
     resident_layers: int = 0  # te-offload: text-encoder layers kept on the GPU
+    split_cfg: bool = False  # CFG's positive and negative halves run one after the other
 
     @property
     def peak(self) -> int:
@@ -133,6 +137,7 @@ class Estimate:
 
     def label(self) -> str:
         extras = [q for q in (self.quantize,) if q != "none"] + (["vae-tiling"] if self.vae_tiling else [])
+        extras += [SPLIT_CFG] if self.split_cfg else []
         kept = [f"{self.resident_blocks} blocks"] if self.resident_blocks else []
         kept += [f"{self.resident_layers} text-encoder layers"] if self.resident_layers else []
         plan = self.plan + (f" ({', '.join(kept)} resident)" if kept else "")
@@ -243,11 +248,13 @@ def estimate(
     resident_blocks: int = 0,
     resident_layers: int = 0,
     compiled_vae: bool = False,
+    split_cfg: bool = False,
 ) -> Estimate:
     """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae.
 
     `compiled_vae`: the engine compiles the VAE decoder (which needs less) where the plan is
-    `compilable`; otherwise it is estimated eager.
+    `compilable`; otherwise it is estimated eager. `split_cfg`: CFG's halves denoise one after
+    the other, so the denoise holds one half's activations.
     """
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
@@ -257,8 +264,9 @@ def estimate(
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
     vae_compiled = compiled_vae and compilable(plan)
-    denoise = transformer_activation(shape, t_e, width, height, batch, cfg, prompt_tokens)
-    denoise += controlnet_activation(shape, t_e, width, height, batch, cfg, prompt_tokens)
+    doubled = cfg and not split_cfg
+    denoise = transformer_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
+    denoise += controlnet_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
     stages = {
         "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
         "denoise": held[1] + denoise,
@@ -266,7 +274,8 @@ def estimate(
         "image": held[2] + vae_encode_activation(shape, v_e, width, height, vae_tiling),
     }
     blocks = resident_blocks if plan == "block-offload" else 0
-    return Estimate(plan, quantize, vae_tiling, stages, blocks, resident_layers if plan in STREAMED_TE else 0)
+    layers = resident_layers if plan in STREAMED_TE else 0
+    return Estimate(plan, quantize, vae_tiling, stages, blocks, layers, split_cfg=cfg and split_cfg)
 
 
 def _held(
@@ -320,9 +329,10 @@ def choose(
     """The fastest plan whose estimate fits `budget` less a margin (5 %, at least 0.5 GiB).
 
     Order: SPEED_ORDER, each plan without then with VAE tiling; for block-offload, the most
-    resident blocks that fit. Exact (unquantized) plans come before any quantized one, which is
-    tried only when no exact plan fits. `exact=False` skips the exact plans (the user asked for a
-    quantization).
+    resident blocks that fit. Under CFG a plan whose doubled batch does not fit is tried with its
+    halves in two passes before the next plan. Exact (unquantized) plans come before any quantized
+    one, which is tried only when no exact plan fits. `exact=False` skips the exact plans (the user
+    asked for a quantization).
     """
     usable = usable_budget(budget, margin)
     request = {"width": width, "height": height, "batch": batch, "cfg": cfg, "compiled_vae": compiled_vae}
@@ -331,19 +341,24 @@ def choose(
         for plan in SPEED_ORDER:
             if (quantize != "none" or shape.transformer_stored_params) and plan in UNQUANTIZED_PLANS:
                 continue
-            options = [
-                fitting(shape, dtype_bytes, usable, plan=plan, quantize=quantize, vae_tiling=tiling, **request)
-                for tiling in (False, True)
-            ]
-            if options[1].resident_blocks > options[0].resident_blocks:
-                # A block kept saves a 0.36 GB copy every step; a tiled decode costs less than a
-                # few of those. (Not so for text-encoder layers, copied once per new prompt.)
-                options.reverse()
-            for est in options:
-                considered.append(est)
-                if est.peak <= usable:
-                    return Choice(est, budget, considered)
+            for split in (False, True) if cfg else (False,):
+                for est in _options(
+                    shape, dtype_bytes, usable, plan=plan, quantize=quantize, split_cfg=split, **request
+                ):
+                    considered.append(est)
+                    if est.peak <= usable:
+                        return Choice(est, budget, considered)
     return Choice(None, budget, considered)
+
+
+def _options(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, **request: Any) -> list[Estimate]:
+    """One plan's estimates in the order `choose` tries them: without, then with VAE tiling."""
+    options = [fitting(shape, dtype_bytes, usable, vae_tiling=tiling, **request) for tiling in (False, True)]
+    if options[1].resident_blocks > options[0].resident_blocks:
+        # A block kept saves a 0.36 GB copy every step; a tiled decode costs less than a
+        # few of those. (Not so for text-encoder layers, copied once per new prompt.)
+        options.reverse()
+    return options
 
 
 def usable_budget(budget: int, margin: float = 0.05) -> int:
@@ -514,6 +529,8 @@ class Layout:
     resident_layers: int = 0  # te-offload, block-offload: text-encoder layers kept on the device
     vae_tiling: bool = False
     quantize: str = "none"
+    # CFG's positive and negative halves run one after the other: the doubled batch did not fit.
+    split_cfg: bool = False
 
     def __post_init__(self) -> None:
         if self.plan not in PLANS:
@@ -523,12 +540,15 @@ class Layout:
 
 
 def layout_of(est: Estimate) -> Layout:
-    return Layout(est.plan, est.resident_blocks, est.resident_layers, est.vae_tiling, est.quantize)
+    return Layout(est.plan, est.resident_blocks, est.resident_layers, est.vae_tiling, est.quantize, est.split_cfg)
 
 
-def leaner(layout: Layout) -> Layout | None:
-    """The next layout that holds less on the device, or None. A quantized transformer has none
+def leaner(layout: Layout, guided: bool = False) -> Layout | None:
+    """The next layout that holds less on the device, or None: for a `guided` (CFG) request,
+    first the same weights with CFG's halves in two passes. A quantized transformer has none
     among the streaming plans, which move plain weights only."""
+    if guided and not layout.split_cfg:
+        return replace(layout, split_cfg=True)
     if layout.resident_blocks or layout.resident_layers:
         return replace(layout, resident_blocks=0, resident_layers=0)
     following = {
@@ -591,6 +611,8 @@ def plan_layout(
     if tunable:
         usable = usable_budget(budget)
         est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request)
+        if est.peak > usable and cfg:
+            est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, split_cfg=True, **request)
         return replace(layout_of(est), vae_tiling=est.peak > usable)
     exact = config.quantize == "none"
     options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)

@@ -802,7 +802,10 @@ def _service_routes(service: Service) -> APIRouter:
         rt = service.supervisor.runtime()
         return {
             "model": rt.get("model", service.settings.config.model),
-            "model_source": rt.get("model_source"),  # hf, modelscope, local or tiny-random; null until loaded
+            # hf, modelscope, local, tiny-random or single-files; null until loaded
+            "model_source": rt.get("model_source"),
+            # The GGUF file that replaced the model's transformer weights; null for the model's own
+            "transformer_weights": rt.get("transformer_weights"),
             "device": ",".join(service.settings.devices),
             "dtypes": rt.get("dtypes"),
             "memory_plan": rt.get("memory_plan"),

@@ -553,15 +553,38 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
+# GET /v1/status's `model_source` (loader.ModelSource.origin), as the status line names it.
+_SOURCES = {
+    "hf": "Hugging Face hub",
+    "modelscope": "ModelScope",
+    "local": "local directory",
+    "tiny-random": "built-in random checkpoint",
+    "single-files": "ComfyUI single files",
+}
+
+
+def model_text(status: dict[str, Any]) -> str:
+    """The model, its profile and where its weights come from, with the GGUF file that replaced
+    its transformer's; the source is known once a worker has loaded the model."""
+    profile = ((status.get("limits") or {}).get("profile") or {}).get("name", "?")
+    origin = status.get("model_source")
+    source = _SOURCES.get(origin, origin) if origin else "source known once loaded"
+    weights = status.get("transformer_weights") or {}
+    if weights.get("format") == "gguf":
+        source += f" + GGUF transformer {_md_escape(str(weights.get('file')))} ({weights.get('quantization')})"
+    return f"**{_md_escape(str(status.get('model', '?')))}** ({profile} profile, {source})"
+
+
 def status_text(status: dict[str, Any]) -> str:
-    """The status line: model, device, dtype per component, memory plan, GPU memory, queue depth."""
+    """The status line: model (profile, source), device, dtype per component, memory plan, GPU
+    memory, queue depth."""
     dtypes = ", ".join(f"{part} {dtype}" for part, dtype in (status.get("dtypes") or {}).items())
     gpu = status.get("gpu_memory")
     memory = f"GPU {_gib(gpu['used_bytes'])} used / {_gib(gpu['free_bytes'])} free" if gpu else "GPU memory: n/a"
     workers = status.get("workers") or []
     states = ", ".join(w.get("state", "?") for w in workers) or "none"
     return (
-        f"**{status.get('model', '?')}** on {status.get('device', '?')} · {dtypes or 'dtypes n/a'} · "
+        f"{model_text(status)} on {status.get('device', '?')} · {dtypes or 'dtypes n/a'} · "
         f"plan {status.get('memory_plan', '?')} · {memory} · queue {status.get('queue_depth', '?')} · "
         f"workers: {states}"
     )

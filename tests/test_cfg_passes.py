@@ -1,0 +1,209 @@
+"""Classifier-free guidance in two passes: where the doubled batch does not fit, the positive and
+negative halves run one after the other, with the batched run's images (float32, CPU, tiny base
+checkpoint), and the plan says so."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zturbo.config import RuntimeConfig
+from zturbo.engine import Engine
+from zturbo.memory import plan as memory
+from zturbo.memory.plan import Layout
+from zturbo.profiles import BASE, Chosen, with_cfg
+
+GIB = memory.GIB
+BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
+# Two images with captions of different lengths (the batched call pads them to one length), a
+# renormalization and a truncation that leaves the last steps unguided (one half only).
+REQUEST = {
+    "negative_prompt": "blurry, low quality",
+    "seed": 5,
+    "steps": 6,
+    "guidance_scale": 4.0,
+    "width": 48,
+    "height": 48,
+}
+PROMPTS = ["a lighthouse at dusk", "a very small red fox asleep in the snow under a pine tree, at night"]
+PROFILE = Chosen(with_cfg(BASE, normalization=1.2, truncation=0.3), "preset")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from zturbo.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-base"), seed=1, profile=BASE)
+
+
+@pytest.fixture(scope="module")
+def base_engine(base_dir: Path) -> Engine:
+    loaded = Engine.load(RuntimeConfig(model=str(base_dir), device="cpu", dtype="float32"))
+    return with_layout(loaded, Layout())
+
+
+def with_layout(engine: Engine, layout: Layout) -> Engine:
+    return Engine(
+        engine.components, engine.model, engine.device, engine.dtypes, engine.limits, layout=layout, profile=PROFILE
+    )
+
+
+def generate(engine: Engine) -> tuple[list[np.ndarray], list[int], list[str]]:
+    """(the images, the rows of every transformer call, each image's recorded memory plan)."""
+    rows: list[int] = []
+    hook = engine.components.transformer.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
+    try:
+        result = engine.generate(PROMPTS, **REQUEST)
+    finally:
+        hook.remove()
+    images = [np.asarray(image.image, dtype=np.int16) for image in result.images]
+    return images, rows, [image.metadata["memory_plan"] for image in result.images]
+
+
+def test_a_layout_with_two_pass_cfg_gives_the_batched_images(base_engine):
+    batched, batched_rows, batched_plans = generate(base_engine)
+    split, split_rows, split_plans = generate(with_layout(base_engine, Layout(split_cfg=True)))
+    assert all(image.std() > 10 for image in batched)  # flat images would match anything
+    for ours, reference in zip(split, batched, strict=True):
+        assert np.array_equal(ours, reference)
+    # Batched: 4 rows on guided steps, 2 past the truncation. Two passes: never more than 2 rows,
+    # one more call for each guided step.
+    guided = batched_rows.count(4)
+    assert 0 < guided < REQUEST["steps"] and set(batched_rows) == {4, 2}
+    assert split_rows == [2] * (REQUEST["steps"] + guided)
+    assert batched_plans == ["resident"] * 2 and split_plans == ["resident + two-pass-cfg"] * 2
+
+
+def test_two_passes_keep_each_passs_predictions_when_a_step_reuses_its_outputs():
+    """A replayed CUDA graph returns the same output tensors at every replay; where both halves
+    replay one graph (their shapes agree), the first half's predictions must survive the second."""
+    from zturbo.pipeline import in_passes
+
+    static = [torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)]
+
+    def replay(x, t, embeds, control):
+        for out, row in zip(static, x, strict=True):
+            out.copy_(row * 2)
+        return static
+
+    x = [torch.full((1, 2, 2), float(i)) for i in range(4)]
+    got = in_passes(replay, 2)(x, torch.zeros(4), [torch.zeros(3, 8)] * 4, None)
+    assert [float(p[0, 0, 0]) for p in got] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_a_request_whose_doubled_batch_does_not_fit_runs_in_two_passes(base_engine, monkeypatch):
+    batched, _, _ = generate(base_engine)
+    # The planner's count of the doubled batch's activations (float32, captions at their longest).
+    args = (base_engine.shape, 4, REQUEST["width"], REQUEST["height"], len(PROMPTS), True, base_engine.max_tokens)
+    doubled = memory.transformer_activation(*args) / memory.FREE_SHARE
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: int(doubled) - 1)
+    split, rows, plans = generate(base_engine)
+    assert max(rows) == 2 and plans == ["resident + two-pass-cfg"] * 2
+    assert all(np.array_equal(a, b) for a, b in zip(split, batched, strict=True))
+    assert base_engine.runtime()["memory_plan"] == "resident"  # the layout is kept for later requests
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: int(doubled) + 1)
+    _, rows, plans = generate(base_engine)
+    assert max(rows) == 4 and plans == ["resident"] * 2
+
+
+@pytest.fixture(scope="module")
+def shape() -> memory.ModelShape:
+    """The real architecture, built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zturbo.bench.common import QWEN3_4B_CONFIG
+    from zturbo.tiny import FLUX_VAE_CONFIG
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel()
+        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+    return memory.model_shape(transformer, text_encoder, vae)
+
+
+@pytest.mark.parametrize(
+    ("budget", "size", "batch", "expected"),
+    [
+        (40, 2048, 4, "resident"),
+        (32, 2048, 4, "resident + two-pass-cfg"),  # before te-offload: the weights stay put
+        (4, 2048, 1, "block-offload (2 blocks resident) + vae-tiling + two-pass-cfg"),
+    ],
+)
+def test_the_planner_runs_cfg_in_two_passes_where_the_doubled_batch_does_not_fit(shape, budget, size, batch, expected):
+    request = {"width": size, "height": size, "batch": batch}
+    choice = memory.choose(shape, BF16, budget * GIB, cfg=True, **request)
+    assert choice.chosen is not None and choice.chosen.label() == expected
+    usable = memory.usable_budget(budget * GIB)
+    assert choice.chosen.peak <= usable
+    if choice.chosen.split_cfg:
+        # The same layout with the halves batched does not fit, nor does any faster plan.
+        chosen = choice.chosen
+        kept = {"resident_blocks": chosen.resident_blocks, "resident_layers": chosen.resident_layers}
+        together = memory.estimate(
+            shape, BF16, plan=chosen.plan, cfg=True, vae_tiling=chosen.vae_tiling, **kept, **request
+        )
+        assert together.peak > usable
+        assert all(e.peak > usable for e in choice.considered[:-1])
+        assert memory.layout_of(chosen).split_cfg
+    # Without CFG there is nothing to split.
+    assert not memory.choose(shape, BF16, budget * GIB, cfg=False, **request).chosen.split_cfg
+
+
+def test_an_explicit_streaming_plan_splits_cfg_where_its_doubled_batch_does_not_fit(monkeypatch, shape):
+    from zturbo.device import probe
+
+    monkeypatch.setattr(memory, "shape_from_source", lambda source, controlnet=None: shape)
+    monkeypatch.setattr(memory, "PLANNED_SIZE", 2048)
+
+    class Source:
+        transformer_file = None
+
+        def profile(self, preset: str) -> Chosen:
+            return Chosen(BASE, "preset")
+
+    config = RuntimeConfig(model="x", memory="block-offload")
+    dtypes = {name: torch.bfloat16 for name in BF16}
+    caps = probe(torch.device("cpu"))
+    tight = memory.plan_layout(config, Source(), dtypes, 4 * GIB, caps, compiled_vae=False)
+    roomy = memory.plan_layout(config, Source(), dtypes, 12 * GIB, caps, compiled_vae=False)
+    assert tight.split_cfg and not roomy.split_cfg
+
+
+def test_info_plans_the_base_models_doubled_batch(capsys, monkeypatch, shape, base_dir):
+    from clirun import run
+
+    monkeypatch.setattr(memory, "shape_from_source", lambda source, controlnet=None: shape)
+    args = ("info", "--plan", "--width", 2048, "--height", 2048, "--batch", 4, "--vram-budget", 32, "--device", "cpu")
+    args += ("--dtype", "bfloat16")
+    code, out, err = run(capsys, *args, "--model", base_dir)
+    assert code == 0, err
+    chosen = [line for line in out.splitlines() if line.endswith("<- chosen")]
+    assert len(chosen) == 1 and chosen[0].strip().startswith("resident + two-pass-cfg"), out
+    code, out, _ = run(capsys, *args, "--model", base_dir, "--preset", "turbo")  # no CFG: nothing to split
+    assert code == 0 and "two-pass-cfg" not in out
+
+
+def test_running_out_of_memory_under_cfg_retries_in_two_passes(base_engine):
+    from zturbo.testing import inject_oom
+
+    batched, _, _ = generate(base_engine)
+    engine = with_layout(base_engine, Layout())
+    inject_oom(engine.components.transformer)
+    result = engine.generate(PROMPTS, **REQUEST)
+    assert [(f["component"], f["from"], f["to"]) for f in result.fallbacks] == [
+        ("memory", "resident", "resident + two-pass-cfg")
+    ]
+    got = [np.asarray(image.image, dtype=np.int16) for image in result.images]
+    assert all(np.array_equal(a, b) for a, b in zip(got, batched, strict=True))
+    assert engine.runtime()["memory_plan"] == "resident + two-pass-cfg"  # kept, as leaner plans are
+
+
+def test_running_out_of_memory_under_cfg_first_tries_two_passes():
+    assert memory.leaner(Layout(), guided=True) == Layout(split_cfg=True)
+    assert memory.leaner(Layout(split_cfg=True), guided=True) == Layout("te-offload", split_cfg=True)
+    assert memory.leaner(Layout("block-offload", 16), guided=False) == Layout("block-offload")
