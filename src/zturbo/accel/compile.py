@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import COMPILER_MODULES, attention, kernels
+from . import attention, kernels
 from .fuse import (
     FUSED_QKV,
     controlnet_blocks,
@@ -36,6 +36,16 @@ from .graphs import EncoderGraphs, StepGraphs
 from .quantize import QUANTIZED, quantize_transformer
 
 log = logging.getLogger("zturbo")
+
+# What the first compiled call imports (Dynamo's tracer, AOTAutograd, Inductor and its Triton
+# code generator): about 550 modules and one to two seconds of a start.
+COMPILER_MODULES = (
+    "torch._dynamo.convert_frame",
+    "torch._functorch.aot_autograd",
+    "torch._inductor.compile_fx",
+    "torch._inductor.codecache",
+    "torch._inductor.codegen.triton",
+)
 
 # The VAE decoder's one static graph: the size `Engine.warmup` decodes and the memory planner
 # plans for (`memory.plan.vae_activation`). Pixels per side.

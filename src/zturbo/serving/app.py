@@ -122,9 +122,6 @@ class ServeSettings:
     # a lone waiting job (docs/server.md, "Batching").
     max_batch: int = 4
     batch_window_ms: float = 2.0
-    # How worker processes start: "forkserver" once `workers.start_forkserver` has run (`zturbo
-    # serve`), "spawn" otherwise.
-    worker_start: str = "spawn"
 
     @property
     def max_image_body_bytes(self) -> int:
@@ -169,7 +166,6 @@ class Service:
             hooks=hooks,
             max_batch=settings.max_batch,
             batch_window=settings.batch_window_ms / 1000,
-            start_method=settings.worker_start,
         )
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
         self._started = self._stopped = False

@@ -144,16 +144,14 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    from .workers import start_forkserver
-
-    api_key = args.api_key or env("ZTURBO_API_KEY") or None
-    check_bind(args.host, api_key, insecure=args.insecure)
-    _check_numbers(args)
-    start_forkserver()  # the workers' imports run from now, beside this process's own (torch's first)
     from ..loader import resolve_model
     from .app import ServeSettings, create_app
     from .connections import raise_file_limit
     from .loras import model_targets
+
+    api_key = args.api_key or env("ZTURBO_API_KEY") or None
+    check_bind(args.host, api_key, insecure=args.insecure)
+    _check_numbers(args)
     devices = worker_devices(args.gpus, args.device)
     config = runtime_config
     source = resolve_model(
@@ -175,7 +173,6 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         job_timeout=args.job_timeout,
         max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms,
-        worker_start="forkserver",
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
         client_defaults=args.client_defaults,

@@ -582,35 +582,6 @@ def _memory(device: Any) -> dict[str, int] | None:
     return {"used_bytes": total - free, "free_bytes": free, "total_bytes": total}
 
 
-# What every worker imports before it loads weights (the model classes of diffusers and
-# transformers, the engine, the compiler): 5 to 10 seconds of a start, most of it diffusers'.
-WORKER_MODULES = (
-    "zturbo.engine",
-    "zturbo.serving.workers",
-    "diffusers.models.transformers.transformer_z_image",
-    "diffusers.models.autoencoders.autoencoder_kl",
-    "diffusers.schedulers.scheduling_flow_match_euler_discrete",
-    "transformers.models.qwen3.modeling_qwen3",
-    "transformers.models.auto.tokenization_auto",
-)
-
-
-def start_forkserver() -> None:
-    """Start this process's forkserver now, importing WORKER_MODULES and the compiler's modules.
-
-    `zturbo serve` calls it first thing: those imports then run while the server process starts
-    (its own imports, the queue, the HTTP app), and every worker forked from the forkserver, a
-    restarted one too, begins with them done. The forkserver never touches CUDA, so forking from
-    it is safe; a module it cannot import is left to the worker, which reports the error.
-    """
-    from multiprocessing import forkserver
-
-    from ..accel import COMPILER_MODULES
-
-    mp.set_forkserver_preload([*WORKER_MODULES, *COMPILER_MODULES])
-    forkserver.ensure_running()
-
-
 def _die_with_parent() -> None:
     """Linux: be killed when the server process dies, so no orphan keeps holding a GPU."""
     try:
@@ -731,11 +702,9 @@ class Supervisor:
         hooks: Hooks | None = None,
         max_batch: int = 4,
         batch_window: float = 0.002,
-        start_method: str = "spawn",
     ) -> None:
         """`max_batch`: most images one batch makes; `batch_window`: seconds a free worker waits for a
-        companion when exactly one job is waiting; `start_method`: how worker processes start
-        (`zturbo serve` uses the forkserver `start_forkserver` started)."""
+        companion when exactly one job is waiting."""
         self.store = store
         self.max_batch = max_batch
         self.batch_window = batch_window
@@ -744,7 +713,7 @@ class Supervisor:
         self.job_timeout = job_timeout
         self.hooks = hooks or Hooks()
         self.slots = [WorkerSlot(f"worker-{i}", d) for i, d in enumerate(devices)]
-        self._ctx = mp.get_context(start_method)
+        self._ctx = mp.get_context("spawn")
         self._lock = threading.RLock()  # guards the slots' fields read by other threads
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
         self._stopping = threading.Event()
