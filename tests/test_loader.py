@@ -341,26 +341,3 @@ def test_tiny_controlnets_are_in_alibaba_pais_and_diffusers_layouts(tmp_path):
     config = json.loads((directory / "config.json").read_text())
     assert config["_class_name"] == "ZImageControlNetModel" and config["control_in_dim"] == 33
     assert sorted(p.name for p in directory.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
-
-
-def test_threaded_copies_keep_the_order_the_casts_and_the_errors_of_the_entries() -> None:
-    """The loader's copies on several threads (its CUDA path) yield every tensor in the file's
-    order, cast as asked, and an error in the entries surfaces from the loop at its place."""
-    from zturbo.loader import COPY_WINDOW, moved
-
-    count = COPY_WINDOW * 3 + 1
-    items = [(f"t{i}", torch.full((4,), float(i)), torch.bfloat16 if i % 2 else None) for i in range(count)]
-    out = list(moved(iter(items), torch.device("cpu"), threads=3))
-    assert [key for key, _ in out] == [key for key, _, _ in items]
-    for (_, tensor), (_, source, cast) in zip(out, items, strict=True):
-        assert tensor.dtype == (cast or torch.float32) and torch.equal(tensor.float(), source)
-
-    def failing():
-        yield from items[:5]
-        raise CheckpointError("t5 is corrupt")
-
-    got = []
-    with pytest.raises(CheckpointError, match="t5 is corrupt"):
-        for key, _ in moved(failing(), torch.device("cpu"), threads=3):
-            got.append(key)
-    assert got == []  # fewer than a window's worth were in flight: none had been handed over yet

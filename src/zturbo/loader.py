@@ -315,13 +315,6 @@ def load_weights(
     load_tensors(module, entries, files[0].parent, device, dtype, keep_float32)
 
 
-# Host-to-GPU copies in flight at once while loading. A copy from a memory-mapped file faults its
-# pages in and stages them for the DMA engine on the calling thread with the GIL released, so a
-# few threads copy several tensors at a time; the window bounds the device copies not yet cast.
-COPY_THREADS = 4
-COPY_WINDOW = 8
-
-
 def load_tensors(
     module: torch.nn.Module,
     entries: Iterable[tuple[str, Path, str | None, torch.Tensor]],
@@ -333,23 +326,21 @@ def load_tensors(
     """`load_weights` for (stored key, file, module key or None to skip, tensor) entries."""
     expected = module.state_dict(keep_vars=True)
     seen: set[str] = set()
-
-    def checked() -> Iterator[tuple[str, torch.Tensor, torch.dtype | None]]:
-        for raw_key, path, key, tensor in entries:
-            if key is None:
-                continue
-            if key not in expected:
-                raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} (not part of {type(module).__name__})")
-            if tuple(tensor.shape) != tuple(expected[key].shape):
-                raise CheckpointError(
-                    f"{path}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(expected[key].shape)} (config and weights disagree)"
-                )
-            cast = (torch.float32 if keep_float32(key) else dtype) if tensor.is_floating_point() else None
-            yield key, tensor, cast
-
-    threads = COPY_THREADS if device.type == "cuda" else 0  # elsewhere a copy is a view or one memcpy
-    for key, tensor in moved(checked(), device, threads):
+    for raw_key, path, key, tensor in entries:
+        if key is None:
+            continue
+        if key not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {raw_key!r} (not part of {type(module).__name__})")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path}: tensor {raw_key!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(expected[key].shape)} (config and weights disagree)"
+            )
+        # Move first, then cast: the copy is half the bytes of an fp32 cast on the CPU and the
+        # cast runs on the accelerator.
+        tensor = tensor.to(device)
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float32 if keep_float32(key) else dtype)
         _assign(module, key, tensor)
         seen.add(key)
     missing = sorted(set(expected) - seen)
@@ -359,41 +350,6 @@ def load_tensors(
     # Non-persistent buffers (e.g. rotary frequencies) were built for real on the CPU.
     module.to(device)
     module.eval().requires_grad_(False)
-
-
-def moved(
-    items: Iterable[tuple[str, torch.Tensor, torch.dtype | None]], device: torch.device, threads: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor on `device` cast to its dtype, if any) for each item, in order; with `threads`,
-    up to COPY_WINDOW copies run on that many threads while the items are read and checked."""
-    if threads <= 0:
-        for key, tensor, cast in items:
-            yield key, _move(tensor, device, cast)
-        return
-    from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
-    with ThreadPoolExecutor(threads, thread_name_prefix="zturbo-load") as pool:
-        try:
-            for key, tensor, cast in items:
-                pending.append((key, pool.submit(_move, tensor, device, cast)))
-                if len(pending) >= COPY_WINDOW:
-                    done_key, future = pending.popleft()
-                    yield done_key, future.result()
-            while pending:
-                done_key, future = pending.popleft()
-                yield done_key, future.result()
-        finally:  # an error mid-way (a bad key, a corrupt file): the copies under way are not waited on twice
-            for _, future in pending:
-                future.cancel()
-
-
-def _move(tensor: torch.Tensor, device: torch.device, cast: torch.dtype | None) -> torch.Tensor:
-    # Move first, then cast: the copy is half the bytes of an fp32 cast on the CPU and the cast
-    # runs on the accelerator.
-    tensor = tensor.to(device)
-    return tensor if cast is None else tensor.to(cast)
 
 
 def tensor_reader(files: list[Path], dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
