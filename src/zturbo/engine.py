@@ -229,10 +229,7 @@ class Engine:
         budget = memory_budget(device, config.vram_budget)
         layout = plan_layout(config, source, dtypes, budget, caps, compiled_vae=compile_)
         phases.mark("plan_s")
-        preloading = accel_compile.preload_compiler() if compile_ else None
         components = _load_components(source, device, dtypes, layout, config.controlnet)
-        if preloading is not None:
-            preloading.join()
         phases.mark("weights_s")
         model = ModelInfo(source.name, source.revision, fingerprint(source), source.origin)
         chosen = source.profile(config.preset)

@@ -13,9 +13,6 @@ kernels and copies around every attention call.
 
 from __future__ import annotations
 
-import importlib
-import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,18 +31,6 @@ from .fuse import (
 )
 from .graphs import EncoderGraphs, StepGraphs
 from .quantize import QUANTIZED, quantize_transformer
-
-log = logging.getLogger("zturbo")
-
-# What the first compiled call imports (Dynamo's tracer, AOTAutograd, Inductor and its Triton
-# code generator): about 550 modules and one to two seconds of a start.
-COMPILER_MODULES = (
-    "torch._dynamo.convert_frame",
-    "torch._functorch.aot_autograd",
-    "torch._inductor.compile_fx",
-    "torch._inductor.codecache",
-    "torch._inductor.codegen.triton",
-)
 
 # The VAE decoder's one static graph: the size `Engine.warmup` decodes and the memory planner
 # plans for (`memory.plan.vae_activation`). Pixels per side.
@@ -194,26 +179,6 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda"
     return setting == "on"
-
-
-def preload_compiler() -> threading.Thread:
-    """Import the compiler's modules on a thread of their own; join it before compiling.
-
-    A start calls it before loading weights: those copies release the GIL, so these imports run
-    beside them instead of inside the first compiled call. A module that fails to import here is
-    logged and left to that call, which raises as it would have.
-    """
-
-    def run() -> None:
-        for name in COMPILER_MODULES:
-            try:
-                importlib.import_module(name)
-            except Exception as e:  # the compiling call reports it for real
-                log.debug("preloading %s failed: %s", name, e)
-
-    thread = threading.Thread(target=run, name="zturbo-preload-compiler", daemon=True)
-    thread.start()
-    return thread
 
 
 def apply(components: Any, options: AccelOptions) -> Accel:
