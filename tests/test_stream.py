@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from zturbo.memory.stream import BlockStreamer, streamable
@@ -52,13 +53,75 @@ def test_remove_restores_ordinary_modules():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in streamed)
 
 
-def test_quantized_weights_are_not_streamable():
+def int8_blocks(n: int = 5) -> list[torch.nn.Module]:
+    """`blocks()` with their linears quantized by torchao (int8 weight-only runs on the CPU)."""
+    from torchao import quantization as tq
+
+    mods = blocks(n)
+    for m in mods:
+        tq.quantize_(m, tq.Int8WeightOnlyConfig(set_inductor_config=False))
+    return mods
+
+
+def test_int8_blocks_stream_their_quantized_bytes_and_compute_the_same():
+    pytest.importorskip("torchao")
+    plain, streamed = int8_blocks(), int8_blocks()
+    weight = streamed[1].net[0].weight
+    assert type(weight).__name__ == "Int8Tensor"
+    streamer = BlockStreamer(streamed, torch.device("cpu"))
+    x = torch.randn(3, 8)
+    for order in ([0, 1, 2, 3, 4], [3, 0, 4, 2, 1], [2, 2, 0]):
+        assert torch.equal(run(streamed, x, order), run(plain, x, order)), order
+    # Still quantized, its inner tensors now views of a slot.
+    weight = streamed[1].net[0].weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+    slots = {s.untyped_storage().data_ptr() for s in streamer.slots}
+    assert weight.qdata.untyped_storage().data_ptr() in slots
+    # The host buffer holds what the block stores: int8 data and float32 scales, not float32 weights.
+    for block, packed in zip(plain, streamer.blocks, strict=True):
+        assert packed.host.numel() == sum(_aligned(t) for t in _stored_tensors(block))
+    # A wide linear: a quarter of its float32 bytes, and a little for the per-row scales.
+    from torchao import quantization as tq
+
+    wide = torch.nn.Linear(512, 512, bias=False)
+    tq.quantize_(wide, tq.Int8WeightOnlyConfig(set_inductor_config=False))
+    host = BlockStreamer([wide], torch.device("cpu")).blocks[0].host
+    assert 512 * 512 <= host.numel() <= 512 * 512 * 1.01
+
+
+def _stored_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    out = []
+    for t in [*module.parameters(), *module.buffers()]:
+        names = t.__tensor_flatten__()[0] if hasattr(type(t), "__tensor_flatten__") else None
+        out += [getattr(t, n) for n in names] if names else [t]
+    return out
+
+
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // 256) * 256
+
+
+def test_remove_gives_back_quantized_weights_on_the_host():
+    pytest.importorskip("torchao")
+    plain, streamed = int8_blocks(), int8_blocks()
+    streamer = BlockStreamer(streamed, torch.device("cpu"))
+    host = streamer.host_view(streamed[2].net[2], "weight")
+    assert type(host).__name__ == "Int8Tensor"
+    assert host.qdata.untyped_storage().data_ptr() == streamer.blocks[2].host.untyped_storage().data_ptr()
+    streamer.remove()
+    x = torch.randn(3, 8)
+    assert torch.equal(run(streamed, x, [4, 3, 2, 1, 0]), run(plain, x, [4, 3, 2, 1, 0]))
+
+
+def test_what_can_be_streamed():
     class Subclass(torch.Tensor):
         pass
 
     block = torch.nn.Linear(4, 4)
     assert streamable(block)
-    block.weight = torch.nn.Parameter(block.weight.detach().as_subclass(Subclass))
+    block.weight = torch.nn.Parameter(block.weight.detach().as_subclass(Subclass))  # a tagged plain tensor
+    assert streamable(block)
+    block.register_buffer("sparse", torch.eye(4).to_sparse())
     assert not streamable(block)
 
 
