@@ -340,6 +340,44 @@ def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
     assert np.array_equal(pixels(result), expected)
 
 
+@pytest.mark.parametrize(("plan", "resident"), [("block-offload", 0), ("block-offload", 3), ("te-offload", 0)])
+def test_streamed_int8_weights_give_the_image_of_the_same_weights_resident(tiny_dir, plan, resident):
+    # int8 weight-only runs on the CPU; block-offload streams the quantized blocks, te-offload
+    # lends the last blocks' (quantized) memory to text-encoder layers.
+    pytest.importorskip("torchao")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory=plan))
+    planned.placement.change(Layout(plan, resident_blocks=resident, quantize="int8"))
+    streamer = planned.placement.streamers["transformer" if plan == "block-offload" else "arena"]
+    for prompt in ("a red fox", "a cat", "a red fox"):  # the arena takes turns; a cached prompt too
+        result = planned.generate(prompt, **args)
+        if prompt == "a red fox":
+            assert np.array_equal(pixels(result), expected)
+    assert result.images[0].metadata["memory_plan"].startswith(plan)
+    # The streamed blocks' weights are still int8, and their host copies hold int8 bytes.
+    blocks = [b.module for b in streamer.blocks] if plan == "block-offload" else streamer.modules["transformer"]
+    weight = blocks[0].feed_forward.w1.weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+    hosts = [b.host for b in streamer.blocks] if plan == "block-offload" else [streamer.hosts["transformer"]]
+    stored = sum(_aligned(t) for b in blocks for t in _stored_tensors(b))
+    assert sum(h.numel() for h in hosts) == stored < sum(p.numel() * 4 for b in blocks for p in b.parameters())
+
+
+def _stored_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a module stores: a quantized weight's inner tensors, else the tensor."""
+    out = []
+    for t in [*module.parameters(), *module.buffers()]:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        out += [getattr(t, n) for n in flatten(t)[0]] if flatten else [t]
+    return out
+
+
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // 256) * 256  # memory.stream.ALIGN
+
+
 def test_te_offload_with_resident_layers_gives_the_resident_image(tiny_dir, engine):
     expected = pixels(engine.generate("a red fox", seed=1, steps=2, width=64, height=64))
     planned = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
