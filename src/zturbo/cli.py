@@ -310,6 +310,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fp8-caps", default=None, help="caps to run with fp8 weights (alone, or after the --memory-caps rows)"
     )
+    p.add_argument(
+        "--int8-caps",
+        default=None,
+        help="caps to run with int8 weights (after the --memory-caps and --fp8-caps rows); "
+        "under a small cap the quantized blocks stream",
+    )
     p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
     p.add_argument(
         "--write-checkpoint", default=None, help="write random real-size weights in the published layout to DIR"
