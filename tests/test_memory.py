@@ -365,6 +365,37 @@ def test_streamed_int8_weights_give_the_image_of_the_same_weights_resident(tiny_
     assert sum(h.numel() for h in hosts) == stored < sum(p.numel() * 4 for b in blocks for p in b.parameters())
 
 
+def test_int8_weights_taking_turns_under_model_offload_give_the_resident_image(tiny_dir):
+    # The stages move the quantized transformer whole, inside a request (inference mode).
+    pytest.importorskip("torchao")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory="model-offload"))
+    assert np.array_equal(pixels(planned.generate("a red fox", **args)), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming through CUDA slots needs a GPU")
+@pytest.mark.parametrize("quantize", ["fp8", "int8"])
+def test_streamed_quantized_weights_on_the_gpu_give_the_resident_image(tiny_dir, quantize):
+    pytest.importorskip("torchao")
+    if quantize == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    config = RuntimeConfig(model=str(tiny_dir), device="cuda", dtype="bfloat16", quantize=quantize, compile="off")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory="block-offload"))
+    planned.placement.change(Layout("block-offload", quantize=quantize))  # every block streams
+    streamer = planned.placement.streamers["transformer"]
+    weights = [p for b in streamer.blocks for p in b.module.parameters()]
+    assert any(type(w) not in (torch.Tensor, torch.nn.Parameter) for w in weights)  # torchao skips odd widths
+    assert all(w.device.type == "cuda" for w in weights)
+    for prompt in ("a red fox", "a cat", "a red fox"):
+        result = planned.generate(prompt, **args)
+    assert np.array_equal(pixels(result), expected)
+
+
 def _stored_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     """What a module stores: a quantized weight's inner tensors, else the tensor."""
     out = []

@@ -134,3 +134,58 @@ def test_streamed_blocks_are_spread_evenly():
             assert len(set(chosen)) == n and all(0 <= i < total for i in chosen)
             gaps = [b - a for a, b in itertools.pairwise(chosen)]
             assert not gaps or max(gaps) - min(gaps) <= 1  # no run of resident blocks longer than needed
+
+
+class Wide(torch.nn.Module):
+    """A block whose linears every torchao mode quantizes (widths in multiples of 128)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(256, 512), torch.nn.Linear(512, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+def quantized_wide_blocks(mode: str, n: int = 4) -> list[torch.nn.Module]:
+    """bf16 blocks quantized on the GPU as Engine.load does for a streamed transformer, then sent
+    back to the CPU (their home under block-offload)."""
+    from torchao import quantization as tq
+
+    from zturbo.accel.quantize import _torchao_config
+
+    torch.manual_seed(0)
+    mods = [Wide().to("cuda", torch.bfloat16) for _ in range(n)]
+    for m in mods:
+        tq.quantize_(m, _torchao_config(tq, mode))
+    return mods
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8 and int4 kernels need a CUDA GPU")
+@pytest.mark.parametrize("mode", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_quantized_blocks_stream_through_gpu_slots(mode, compiled):
+    pytest.importorskip("torchao")
+    if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    resident, streamed = quantized_wide_blocks(mode), quantized_wide_blocks(mode)
+    for m in streamed:
+        torch.nn.Module.to(m, "cpu")  # a quantized weight's inner tensors move with it
+    streamer = BlockStreamer(streamed, torch.device("cuda"))
+    kind = type(streamed[0].up.weight)
+    assert kind is type(resident[0].up.weight) and kind not in (torch.Tensor, torch.nn.Parameter)
+    assert streamed[0].up.weight.device.type == "cuda"
+    plain_bytes = sum(p.numel() * 2 for m in streamed for p in m.parameters())
+    assert sum(b.host.numel() for b in streamer.blocks) < plain_bytes * (0.3 if mode == "int4" else 0.55)
+    if compiled:  # the slot views never move: compiled forwards keep reading them
+        for m in (*resident, *streamed):
+            m.forward = torch.compile(m.forward)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for order in ([0, 1, 2, 3], [0, 1, 2, 3], [2, 0, 3]):
+            got, want = run(streamed, x, order), run(resident, x, order)
+            if compiled:
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            else:
+                assert torch.equal(got, want), order

@@ -218,6 +218,11 @@ class Placement:
             arena.prefetch("text_encoder" if name == "decode" else "transformer")
         if self.plan != "model-offload":
             return
+        with torch.inference_mode(False):  # a quantized weight is swapped whole (see `change`)
+            self._take_turns(name)
+
+    def _take_turns(self, name: str) -> None:
+        """model-offload: only the module stage `name` runs on the device."""
         c = self.components
         wanted = {"encode": c.text_encoder, "denoise": c.transformer}.get(name)
         for module in (c.text_encoder, c.transformer):
