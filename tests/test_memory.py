@@ -502,6 +502,18 @@ def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
     assert memory.leaner(Layout("block-offload", quantize="int8")) is None
 
 
+def test_quantized_weights_are_planned_under_block_offload_and_refused_under_sequential(tiny_dir):
+    from zturbo.loader import resolve_model
+
+    source, dtypes = resolve_model(str(tiny_dir)), {"transformer": torch.float32}
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", quantize="int8", memory="block-offload")
+    layout = memory.plan_layout(config, source, dtypes, None, None, compiled_vae=False)
+    assert layout == Layout("block-offload", quantize="int8")
+    sequential = dataclasses.replace(config, memory="sequential")
+    with pytest.raises(InvalidRequestError, match=r"--quantize int8 .* --memory sequential .*plain weights only"):
+        memory.plan_layout(sequential, source, dtypes, None, None, compiled_vae=False)
+
+
 def test_a_layout_names_a_bad_plan_or_count():
     with pytest.raises(ValueError, match="plan 'all-in' is not one of resident"):
         Layout("all-in")

@@ -81,14 +81,7 @@ def capped_engine(
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
     if est.quantize != "none":
-        # As Engine.load does: plain weights on the CPU, quantized block by block on the device, each
-        # block then at its home under the plan (the CPU where it streams), before placement packs it.
-        from ..accel.quantize import quantize_transformer
-        from ..memory.placement import homes
-
-        torch.nn.Module.to(components.transformer, "cpu")
-        home = homes(est.plan, device)["transformer"]
-        quantize_transformer(components.transformer, est.quantize, device=device, home=home)
+        _quantize(components.transformer, est, device)
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
@@ -103,6 +96,16 @@ def capped_engine(
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     row["compiled"] = compile_
     return engine, row
+
+
+def _quantize(transformer: torch.nn.Module, est: Any, device: torch.device) -> None:
+    """As Engine.load does: plain weights on the CPU, quantized block by block on the device, each
+    block then at its home under the plan (the CPU where it streams), before placement packs it."""
+    from ..accel.quantize import quantize_transformer
+    from ..memory.placement import homes
+
+    torch.nn.Module.to(transformer, "cpu")
+    quantize_transformer(transformer, est.quantize, device=device, home=homes(est.plan, device)["transformer"])
 
 
 def _no_plan_fits(choice: Any, budget: int) -> str:
