@@ -183,6 +183,20 @@ def test_streamed_gguf_blocks_move_the_files_bytes(tiny_dir, files):
     assert weight.numel() == math.prod(weight.quant_shape) * 34 // 32  # Q8_0: 34 bytes per 32 weights
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming through CUDA slots needs a GPU")
+def test_streamed_gguf_blocks_on_the_gpu_give_the_resident_image(tiny_dir, files):
+    source = with_file(tiny_dir, files["Q8_0"])
+    cuda = {"device": "cuda", "dtype": "bfloat16", "compile": "off"}
+    resident = Engine.load(RuntimeConfig(model=str(tiny_dir), **cuda), source=source)
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), memory="block-offload", **cuda), source=source)
+    planned.placement.change(memory.Layout("block-offload"))  # every block streams
+    weight = planned.placement.streamers["transformer"].blocks[0].module.attention.to_q.weight
+    assert weight.is_cuda and weight.quant_type.name == "Q8_0"
+    for prompt in ("a red fox", "a cat"):
+        assert np.array_equal(pixels(planned.generate(prompt, **ARGS)), pixels(resident.generate(prompt, **ARGS)))
+
+
 def test_a_lora_is_refused_with_a_gguf_transformer(tiny_dir, files, engine, tmp_path):
     from loras import write_lora
     from zturbo.errors import LoraError
