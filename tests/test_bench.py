@@ -88,6 +88,22 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert bench_memory.one_row(0.5, 64, runs=1, tiny=True)["error"].startswith("no plan fits: 0 GiB usable")
 
 
+def test_a_quantized_cap_row_packs_the_quantized_weights():
+    # Quantized before placement, as Engine.load does: the blocks te-offload lends to the text
+    # encoder are packed int8 (block-offload streams them the same way).
+    pytest.importorskip("torchao")
+    from zturbo.bench import memory as bench_memory
+
+    engine, row = bench_memory.capped_engine(0.505, 64, "int8", tiny=True)  # 5 MB usable on the tiny model
+    assert row["plan"] == "te-offload (1 text-encoder layers resident) + int8"
+    arena = engine.placement.streamers["arena"]
+    weight = arena.modules["transformer"][0].feed_forward.w1.weight
+    assert type(weight).__name__ == "Int8Tensor"
+    assert weight.qdata.untyped_storage().data_ptr() == arena.arena.untyped_storage().data_ptr()
+    assert bench_memory.KINDS[:3] == ("zturbo", "zturbo-fp8", "zturbo-int8")
+    assert "| 4 GiB (int8) |" in bench_memory.markdown([{"cap_gib": 4.0, "kind": "zturbo-int8", "error": "x"}])
+
+
 def test_loading_bench_on_the_tiny_model(tmp_path):
     from zturbo.bench import loading as bench_loading
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 from pathlib import Path
@@ -131,16 +132,16 @@ def test_the_loaded_engine_counts_what_the_planner_counted(tiny_dir, files):
     assert engine.shape == planned
 
 
-def test_gguf_weights_are_never_streamed_as_raw_bytes_nor_quantized_again(tiny_dir, files):
+def test_gguf_weights_are_never_quantized_again_nor_run_under_the_plain_weight_plan(tiny_dir, files):
     shape = memory.shape_from_source(with_file(tiny_dir, files["Q8_0"]))
     sizes = {"transformer": 2, "text_encoder": 2, "vae": 2}
     with pytest.raises(ValueError, match="GGUF"):
-        memory.estimate(shape, sizes, plan="block-offload", width=1024, height=1024)
+        memory.estimate(shape, sizes, plan="sequential", width=1024, height=1024)
     considered = memory.choose(shape, sizes, 1, width=1024, height=1024).considered  # nothing fits 1 byte
-    assert {e.plan for e in considered} == {"resident", "te-offload", "model-offload"}
+    assert {e.plan for e in considered} == {"resident", "te-offload", "block-offload", "model-offload"}
     source = with_file(tiny_dir, files["Q8_0"])
     refused = [
-        ({"memory": "block-offload"}, torch.bfloat16, "--memory block-offload.*GGUF"),
+        ({"memory": "sequential"}, torch.bfloat16, "--memory sequential.*plain weights only.*GGUF"),
         ({"quantize": "int8"}, torch.bfloat16, "int8.*GGUF"),
         ({}, torch.float16, "GGUF.*cannot run in float16"),
     ]
@@ -150,7 +151,7 @@ def test_gguf_weights_are_never_streamed_as_raw_bytes_nor_quantized_again(tiny_d
             memory.plan_layout(config, source, {"transformer": dtype}, None, None, compiled_vae=False)
 
 
-@pytest.mark.parametrize("plan", ["te-offload", "model-offload"])
+@pytest.mark.parametrize("plan", ["te-offload", "model-offload", "block-offload"])
 def test_the_plans_a_gguf_transformer_runs_under_give_the_resident_image(tiny_dir, files, plan):
     source = with_file(tiny_dir, files["Q8_0"])
     resident = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=source)
@@ -158,6 +159,42 @@ def test_the_plans_a_gguf_transformer_runs_under_give_the_resident_image(tiny_di
     result = planned.generate("a red fox", **ARGS)
     assert result.images[0].metadata["memory_plan"].startswith(plan)
     assert np.array_equal(pixels(result), pixels(resident.generate("a red fox", **ARGS)))
+
+
+def test_streamed_gguf_blocks_move_the_files_bytes(tiny_dir, files):
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    source = with_file(tiny_dir, files["Q8_0"])  # the tiny blocks' rows are too short for Q4_K's super-blocks
+    resident = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=source)
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), memory="block-offload", **CPU32), source=source)
+    streamer = planned.placement.streamers["transformer"]
+    for prompt in ("a red fox", "a cat"):  # every block streamed, twice through its slot
+        want = pixels(resident.generate(prompt, **ARGS))
+        assert np.array_equal(pixels(planned.generate(prompt, **ARGS)), want)
+    # The quantized weights keep their type tag and point into a slot; the host copy holds their
+    # stored bytes (uint8 blocks), not dequantized floats.
+    block = streamer.blocks[0]
+    weight = block.module.attention.to_q.weight
+    assert isinstance(weight, GGUFParameter) and weight.dtype == torch.uint8 and weight.quant_type.name == "Q8_0"
+    slots = {s.untyped_storage().data_ptr() for s in streamer.slots}
+    assert weight.untyped_storage().data_ptr() in slots
+    tensors = [*block.module.parameters(), *block.module.buffers()]
+    assert block.host.numel() == sum(-(-t.numel() * t.element_size() // 256) * 256 for t in tensors)
+    assert weight.numel() == math.prod(weight.quant_shape) * 34 // 32  # Q8_0: 34 bytes per 32 weights
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming through CUDA slots needs a GPU")
+def test_streamed_gguf_blocks_on_the_gpu_give_the_resident_image(tiny_dir, files):
+    source = with_file(tiny_dir, files["Q8_0"])
+    cuda = {"device": "cuda", "dtype": "bfloat16", "compile": "off"}
+    resident = Engine.load(RuntimeConfig(model=str(tiny_dir), **cuda), source=source)
+    planned = Engine.load(RuntimeConfig(model=str(tiny_dir), memory="block-offload", **cuda), source=source)
+    planned.placement.change(memory.Layout("block-offload"))  # every block streams
+    weight = planned.placement.streamers["transformer"].blocks[0].module.attention.to_q.weight
+    assert weight.is_cuda and weight.quant_type.name == "Q8_0"
+    for prompt in ("a red fox", "a cat"):
+        assert np.array_equal(pixels(planned.generate(prompt, **ARGS)), pixels(resident.generate(prompt, **ARGS)))
 
 
 def test_a_lora_is_refused_with_a_gguf_transformer(tiny_dir, files, engine, tmp_path):
@@ -314,3 +351,9 @@ def test_settings_a_gguf_transformer_refuses_are_refused_with_a_file_set(tmp_pat
             vae_file=str(tmp_path / "ae.safetensors"),
             quantize="int8",
         )
+
+
+def test_block_offload_is_accepted_with_a_gguf_transformer(tmp_path):
+    gguf = str(tmp_path / "t.gguf")  # checked before any download: the file need not exist yet
+    config = RuntimeConfig(model="Tongyi-MAI/Z-Image-Turbo", transformer_file=gguf, memory="block-offload")
+    assert config.memory == "block-offload" and config.gguf_transformer()

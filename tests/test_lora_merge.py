@@ -326,3 +326,22 @@ def test_int8_weights_are_merged_before_quantizing_and_restored_exactly(tiny_dir
     assert not torch.equal(ours, engine.base_reader("layers.0.feed_forward.w1.weight"))
     engine.generate(PROMPT, **ARGS)
     assert all(torch.equal(getattr(weight, n), before[n]) for n in names)
+
+
+def test_a_lora_merges_into_streamed_int8_weights_as_into_resident_ones(tiny_dir, tmp_path):
+    # A streamed block's slot is refilled from its host copy: the merge and the restore must reach it.
+    pytest.importorskip("torchao")
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    resident = Engine.load(config)
+    streamed = Engine.load(RuntimeConfig(**{**config.__dict__, "memory": "block-offload"}))
+    assert streamed.placement.streamers["transformer"].blocks
+    path = tmp_path / "a.safetensors"
+    write_lora(path, "kohya", resident.components.transformer, seed=13)
+    base = pixels(streamed)
+    merged = pixels(streamed, loras=[(str(path), 1.0)])
+    assert np.array_equal(merged, pixels(resident, loras=[(str(path), 1.0)]))
+    assert np.abs(merged - base).max() > 1  # the LoRA changed the image
+    assert np.array_equal(pixels(streamed), base)  # and is gone again

@@ -175,11 +175,49 @@ def test_block_offload_keeps_the_most_blocks_that_fit(shape):
     assert more.peak - est.peak == shape.transformer_block_params * 2
 
 
-def test_streaming_plans_refuse_quantized_weights(shape):
-    with pytest.raises(ValueError, match="cannot run a fp8-quantized transformer"):
-        memory.estimate(shape, BF16, plan="block-offload", width=1024, height=1024, quantize="fp8")
-    choice = memory.choose(shape, BF16, 3 * GIB, width=1024, height=1024, quantize_options=("int4",), exact=False)
-    assert all(e.plan not in memory.UNQUANTIZED_PLANS for e in choice.considered)
+def test_only_the_plain_weight_plan_refuses_quantized_weights(shape):
+    with pytest.raises(ValueError, match="sequential runs plain weights only and cannot run a fp8-quantized"):
+        memory.estimate(shape, BF16, plan="sequential", width=1024, height=1024, quantize="fp8")
+    choice = memory.choose(shape, BF16, 2 * GIB, width=1024, height=1024, quantize_options=("int4",), exact=False)
+    assert all(e.plan != "sequential" for e in choice.considered)
+    assert "block-offload" in {e.plan for e in choice.considered}
+
+
+def test_streamed_blocks_are_counted_at_their_quantized_size(shape):
+    bf16, int8 = memory.block_bytes(shape, 2, "none"), memory.block_bytes(shape, 2, "int8")
+    fp8, int4 = memory.block_bytes(shape, 2, "fp8"), memory.block_bytes(shape, 2, "int4")
+    assert bf16 == [weights * 2 for weights, _, _ in shape.transformer_block_weights]
+    # A main block: its linears at a byte a weight (half a byte in int4), adaLN and norms in bf16.
+    main = 2 + 2  # after the two noise-refiner and two context-refiner blocks
+    weights, linear, fp8_linear = shape.transformer_block_weights[main]
+    assert int8[main] == fp8[main] == (weights - linear) * 2 + linear and linear == fp8_linear
+    assert int4[main] == (weights - linear) * 2 + linear // 2
+    assert 0.5 < int8[main] / bf16[main] < 0.52
+    # fp8 leaves the caption refiner's blocks plain (accel.quantize.FP8_PLAIN_BLOCKS).
+    assert fp8[2] == bf16[2] > int8[2]
+    # Everything outside the blocks stays plain: the quantized totals add up with it.
+    outside = (shape.transformer_params - shape.transformer_blocks_params) * 2
+    assert memory._transformer_bytes(shape, 2, "int8") == outside + sum(int8)
+
+
+def test_the_planner_keeps_more_8_bit_blocks_resident_under_the_same_cap(shape):
+    plans = {}
+    for quantize in ("none", "int8", "fp8"):
+        options = () if quantize == "none" else (quantize,)
+        request = {"width": 1024, "height": 1024, "compiled_vae": True}
+        choice = memory.choose(shape, BF16, 4 * GIB, quantize_options=options, exact=not options, **request)
+        assert choice.chosen is not None and choice.chosen.plan == "block-offload"
+        plans[quantize] = choice.chosen
+    assert plans["none"].label() == "block-offload (4 blocks resident) + vae-tiling"
+    assert plans["int8"].resident_blocks >= 2 * plans["none"].resident_blocks
+    assert plans["none"].resident_blocks < plans["fp8"].resident_blocks <= plans["int8"].resident_blocks
+
+    # Each step moves what streams: under 8-bit weights under half the bf16 plan's bytes.
+    def moved(est: memory.Estimate) -> int:
+        sizes = memory.block_bytes(shape, 2, est.quantize)
+        return sum(sizes[i] for i in memory.streamed_positions(len(sizes), len(sizes) - est.resident_blocks))
+
+    assert moved(plans["int8"]) < 0.5 * moved(plans["none"])
 
 
 def test_nothing_fits_is_reported(shape):
@@ -272,17 +310,23 @@ def test_out_of_memory_error_lists_only_the_plans_leaner_than_the_current_one(fr
     assert "memory is the host's" in message and "--quantize fp8" in message
 
 
-def test_a_quantized_transformer_is_not_moved_to_a_streaming_plan(tiny_dir):
+def test_a_quantized_transformer_streams_after_running_out_of_memory_and_stops_there(tiny_dir):
     pytest.importorskip("torchao")
-    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="bfloat16", quantize="int8"))
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    engine = Engine.load(config)
     engine.placement.change(Layout("te-offload", quantize="int8"))
     inject_oom(engine.components.transformer)
-    with pytest.raises(GPUMemoryError) as caught:  # block-offload streams plain weights only: no retry
-        engine.generate("a red fox", seed=1, steps=2, width=64, height=64)
+    result = engine.generate("a red fox", **args)  # retried with the quantized blocks streamed
+    assert engine.placement.plan == "block-offload" and result.fallbacks[0]["to"].startswith("block-offload")
+    assert np.array_equal(pixels(result), expected)
+    inject_oom(engine.components.transformer)
+    with pytest.raises(GPUMemoryError) as caught:  # sequential runs plain weights only: no further retry
+        engine.generate("a red fox", **args)
     message = str(caught.value)
-    assert "model-offload" in message and "block-offload," not in message and "sequential" not in message
-    assert "--quantize none" in message
-    assert engine.placement.plan == "te-offload"
+    assert "sequential" not in message.split("Options:")[1].split("--quantize none")[0]
+    assert "--quantize none" in message and engine.placement.plan == "block-offload"
 
 
 @pytest.mark.parametrize("plan", memory.PLANS)
@@ -294,6 +338,75 @@ def test_every_plan_gives_the_resident_image(tiny_dir, engine, plan):
     result = planned.generate("a red fox", seed=1, steps=2, width=64, height=64)
     assert result.images[0].metadata["memory_plan"].startswith(plan)
     assert np.array_equal(pixels(result), expected)
+
+
+@pytest.mark.parametrize(("plan", "resident"), [("block-offload", 0), ("block-offload", 3), ("te-offload", 0)])
+def test_streamed_int8_weights_give_the_image_of_the_same_weights_resident(tiny_dir, plan, resident):
+    # int8 weight-only runs on the CPU; block-offload streams the quantized blocks, te-offload
+    # lends the last blocks' (quantized) memory to text-encoder layers.
+    pytest.importorskip("torchao")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory=plan))
+    planned.placement.change(Layout(plan, resident_blocks=resident, quantize="int8"))
+    streamer = planned.placement.streamers["transformer" if plan == "block-offload" else "arena"]
+    for prompt in ("a red fox", "a cat", "a red fox"):  # the arena takes turns; a cached prompt too
+        result = planned.generate(prompt, **args)
+        if prompt == "a red fox":
+            assert np.array_equal(pixels(result), expected)
+    assert result.images[0].metadata["memory_plan"].startswith(plan)
+    # The streamed blocks' weights are still int8, and their host copies hold int8 bytes.
+    blocks = [b.module for b in streamer.blocks] if plan == "block-offload" else streamer.modules["transformer"]
+    weight = blocks[0].feed_forward.w1.weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.qdata.dtype == torch.int8
+    hosts = [b.host for b in streamer.blocks] if plan == "block-offload" else [streamer.hosts["transformer"]]
+    stored = sum(_aligned(t) for b in blocks for t in _stored_tensors(b))
+    assert sum(h.numel() for h in hosts) == stored < sum(p.numel() * 4 for b in blocks for p in b.parameters())
+
+
+def test_int8_weights_taking_turns_under_model_offload_give_the_resident_image(tiny_dir):
+    # The stages move the quantized transformer whole, inside a request (inference mode).
+    pytest.importorskip("torchao")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory="model-offload"))
+    assert np.array_equal(pixels(planned.generate("a red fox", **args)), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming through CUDA slots needs a GPU")
+@pytest.mark.parametrize("quantize", ["fp8", "int8"])
+def test_streamed_quantized_weights_on_the_gpu_give_the_resident_image(tiny_dir, quantize):
+    pytest.importorskip("torchao")
+    if quantize == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9+")
+    config = RuntimeConfig(model=str(tiny_dir), device="cuda", dtype="bfloat16", quantize=quantize, compile="off")
+    args = {"seed": 1, "steps": 2, "width": 64, "height": 64}
+    expected = pixels(Engine.load(config).generate("a red fox", **args))
+    planned = Engine.load(dataclasses.replace(config, memory="block-offload"))
+    planned.placement.change(Layout("block-offload", quantize=quantize))  # every block streams
+    streamer = planned.placement.streamers["transformer"]
+    weights = [p for b in streamer.blocks for p in b.module.parameters()]
+    assert any(type(w) not in (torch.Tensor, torch.nn.Parameter) for w in weights)  # torchao skips odd widths
+    assert all(w.device.type == "cuda" for w in weights)
+    for prompt in ("a red fox", "a cat", "a red fox"):
+        result = planned.generate(prompt, **args)
+    assert np.array_equal(pixels(result), expected)
+
+
+def _stored_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """What a module stores: a quantized weight's inner tensors, else the tensor."""
+    out = []
+    for t in [*module.parameters(), *module.buffers()]:
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        out += [getattr(t, n) for n in flatten(t)[0]] if flatten else [t]
+    return out
+
+
+def _aligned(t: torch.Tensor) -> int:
+    return -(-t.numel() * t.element_size() // 256) * 256  # memory.stream.ALIGN
 
 
 def test_te_offload_with_resident_layers_gives_the_resident_image(tiny_dir, engine):
@@ -326,7 +439,7 @@ def test_te_offload_shares_transformer_memory_and_every_turn_gives_the_resident_
     assert arena.holder == "text_encoder" and arena.fills == 2 + 2 * len(prompts)
     # Views of one buffer: a block's weight and a layer's weight start at the same device address.
     first_block, first_layer = arena.tensors["transformer"][0], arena.tensors["text_encoder"][0]
-    assert first_block.offset == first_layer.offset == 0
+    assert first_block.packed.offset == first_layer.packed.offset == 0
 
 
 @pytest.mark.parametrize("resident", [0, 1, 3])
@@ -383,9 +496,22 @@ def test_leaner_drops_resident_blocks_and_layers_before_changing_plan():
         assert step.vae_tiling  # the rest of the layout is kept
         step = memory.leaner(step)
     assert chain == ["resident", "te-offload", "block-offload", "sequential"]
-    # A quantized transformer stops before the streaming plans, which move plain weights only.
+    # A quantized transformer streams under block-offload and stops there (sequential: plain weights only).
     assert memory.leaner(Layout("resident", quantize="int8")) == Layout("te-offload", quantize="int8")
-    assert memory.leaner(Layout("te-offload", quantize="int8")) is None
+    assert memory.leaner(Layout("te-offload", quantize="int8")) == Layout("block-offload", quantize="int8")
+    assert memory.leaner(Layout("block-offload", quantize="int8")) is None
+
+
+def test_quantized_weights_are_planned_under_block_offload_and_refused_under_sequential(tiny_dir):
+    from zturbo.loader import resolve_model
+
+    source, dtypes = resolve_model(str(tiny_dir)), {"transformer": torch.float32}
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", quantize="int8", memory="block-offload")
+    layout = memory.plan_layout(config, source, dtypes, None, None, compiled_vae=False)
+    assert layout == Layout("block-offload", quantize="int8")
+    sequential = dataclasses.replace(config, memory="sequential")
+    with pytest.raises(InvalidRequestError, match=r"--quantize int8 .* --memory sequential .*plain weights only"):
+        memory.plan_layout(sequential, source, dtypes, None, None, compiled_vae=False)
 
 
 def test_a_layout_names_a_bad_plan_or_count():
@@ -396,7 +522,7 @@ def test_a_layout_names_a_bad_plan_or_count():
 
 
 def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
-    # Streaming plans move plain weights only; a quantized transformer that fits nothing is an error
+    # Sequential runs plain weights only; a quantized transformer that fits nothing is an error
     # naming what it needs, while the unquantized engine falls back to the leanest plan.
     config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", vram_budget=0.001)
     with pytest.raises(GPUMemoryError, match=r"--quantize int8 needs about .* GiB even as .*use --quantize none"):

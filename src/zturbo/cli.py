@@ -307,9 +307,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="GiB caps, comma separated (0 = uncapped): the memory planner's plan, peak and speed under each "
         "(the first --sizes value; one process per cap; diffusers' offloading too unless --no-reference)",
     )
-    p.add_argument(
-        "--fp8-caps", default=None, help="caps to run with fp8 weights (alone, or after the --memory-caps rows)"
-    )
+    for mode in ("fp8", "int8"):  # quantized blocks stream under a small cap
+        help_ = f"caps to run with {mode} weights (alone, or after the --memory-caps rows)"
+        p.add_argument(f"--{mode}-caps", default=None, help=help_)
     p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
     p.add_argument(
         "--write-checkpoint", default=None, help="write random real-size weights in the published layout to DIR"

@@ -18,8 +18,10 @@ SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).
 MEMORY_CHOICES = ("auto", "resident", "te-offload", "model-offload", "block-offload", "sequential")
 QUANTIZE_CHOICES = ("none", "fp8", "int8", "int4")
-# The plans that stream plain weights block by block (no quantized transformer runs under them).
-STREAMING_PLANS = ("block-offload", "sequential")
+# The plans that run plain transformer weights only. Quantized ones (torchao's, GGUF's) stream
+# under block-offload, through zturbo's own streamer (memory.stream), which packs what they store;
+# sequential is diffusers' leaf-level group offloading, which zturbo runs with plain tensors only.
+PLAIN_WEIGHT_PLANS = ("sequential",)
 # Where a repo id (owner/name) downloads from: the Hugging Face hub or ModelScope.
 MODEL_SOURCE_CHOICES = ("hf", "modelscope")
 # Host memory for parsed LoRAs (the least recently used goes first).
@@ -241,8 +243,9 @@ def check_stored_settings(config: RuntimeConfig, path: object) -> None:
             f"--quantize {config.quantize} cannot apply to the GGUF transformer {path}, which is quantized "
             "already; use --quantize none"
         )
-    if config.memory in STREAMING_PLANS:
+    if config.memory in PLAIN_WEIGHT_PLANS:
         raise InvalidRequestError(
-            f"--memory {config.memory} streams plain weights and cannot run the GGUF transformer {path}; "
-            "use --memory auto, resident, te-offload or model-offload"
+            f"--memory {config.memory} (diffusers' group offloading) runs plain weights only and cannot run the "
+            f"GGUF transformer {path}; use --memory block-offload, which streams its quantized bytes, or auto, "
+            "resident, te-offload or model-offload"
         )

@@ -734,7 +734,7 @@ class Engine:
         GPUMemoryError where there is none."""
         target = leaner(replace(self.placement.layout, quantize=self.accel.quantize), guided=req.do_cfg)
         if target is not None and target.plan in UNQUANTIZED_PLANS and self.shape.transformer_stored_params:
-            target = None  # GGUF weights cannot stream as raw bytes
+            target = None  # GGUF weights run under no plain-weight plan
         if target is None:
             raise self._out_of_memory(req, reason)
         self._forget_loras()
@@ -804,7 +804,7 @@ class Engine:
         plans = [p for p in following if not ((quantized or stored) and p in UNQUANTIZED_PLANS)]
         options = ["a smaller size or batch"]
         options += [f"a leaner --memory plan ({', '.join(plans)})"] if plans else []
-        options += ["--quantize none, whose block-offload plan streams the weights"] if quantized else []
+        options += ["--quantize none, whose sequential plan streams the weights layer by layer"] if quantized else []
         options += ["--quantize fp8 (compute capability 8.9+)"] if not (quantized or stored) else []
         options += ["a smaller GGUF quantization"] if stored else []
         return GPUMemoryError(
@@ -928,16 +928,17 @@ def _load_components(
     controlnet: str | None = None,
 ) -> Components:
     """The components (and the ControlNet `controlnet` names, if any), each where `layout` wants
-    it; a quantized transformer that lives on the device arrives block by block, each block
-    quantized as it lands."""
+    it; a quantized transformer is quantized block by block on the device, before placement, so
+    the plans that stream it pack its quantized bytes: each block stays there if the transformer
+    lives on the device, else goes back to the CPU."""
     start = time.perf_counter()
     where = homes(layout.plan, device)  # the ControlNet's home is the transformer's (before the CPU detour below)
-    quantize_on_arrival = layout.quantize != "none" and where["transformer"] != torch.device("cpu")
-    if quantize_on_arrival:  # plain weights to the CPU, then block by block to the device, quantized
+    home = where["transformer"]
+    if layout.quantize != "none":  # plain weights to the CPU, then block by block to the device, quantized
         where["transformer"] = torch.device("cpu")
     components = load_components(source, device, dtypes, where, controlnet=controlnet)
-    if quantize_on_arrival:
-        quantize_transformer(components.transformer, layout.quantize, device=device)
+    if layout.quantize != "none":
+        quantize_transformer(components.transformer, layout.quantize, device=device, home=home)
     log.info("loaded %s in %.1f s; %s", source.name, time.perf_counter() - start, memory_line(device))
     return components
 

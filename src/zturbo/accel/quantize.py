@@ -66,7 +66,9 @@ def usable_quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str
     return tuple(usable)
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.device | None = None) -> None:
+def quantize_transformer(
+    transformer: torch.nn.Module, mode: str, device: torch.device | None = None, home: torch.device | None = None
+) -> None:
     """The block linears in place with torchao: fp8 (e4m3 weights, per-row dynamic activations;
     not the caption refiner's, see FP8_PLAIN_BLOCKS), int8 or int4 (weight-only; int4 in groups of
     128 along the input).
@@ -74,7 +76,9 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
     With `device`, the transformer (on the CPU) is moved there one block at a time, each block
     quantized on arrival: the device never holds more than one block of plain weights, so a
     transformer whose plain weights exceed the device's memory loads when its quantized ones fit,
-    and the freed plain blocks leave no holes larger than one block.
+    and the freed plain blocks leave no holes larger than one block. With `home` as well (the CPU,
+    where the plans that stream or offload the transformer keep it), each block goes back there
+    once quantized, and so does the rest: the device holds one block at a time.
     """
     try:
         from torchao import quantization as tq
@@ -89,7 +93,9 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, device: torch.
                 torch.nn.Module.to(block, device)
                 prefix = f"{list_name}.{i}."
                 tq.quantize_(block, config, filter_fn=lambda m, fqn, p=prefix: quantizes(mode, m, p + fqn))
-        torch.nn.Module.to(transformer, device)  # the rest: embedders, final layer (kept dtypes)
+                if home is not None:
+                    torch.nn.Module.to(block, home)
+        torch.nn.Module.to(transformer, home or device)  # the rest: embedders, final layer (kept dtypes)
     setattr(transformer, QUANTIZED, mode)
 
 

@@ -158,7 +158,8 @@ class LoraMerger:
         if _is_quantized(weight):
             from ..accel.quantize import requantize_
 
-            requantize_(weight, merged, self.quantize)
+            for home in self._homes(linear):  # a streamed weight's host copy, which refills its slot
+                requantize_(home, merged, self.quantize)
             return
         for home in self._homes(linear):
             home.copy_(merged)
@@ -173,8 +174,9 @@ class LoraMerger:
 
     def _put_base(self, linear: torch.nn.Module, saved: _Saved) -> None:
         if saved.inner:
-            for name, value in saved.inner.items():
-                getattr(linear.weight, name).copy_(value)
+            for home in self._homes(linear):
+                for name, value in saved.inner.items():
+                    getattr(home, name).copy_(value)
             return
         assert saved.value is not None
         for home in self._homes(linear):
@@ -190,8 +192,9 @@ class LoraMerger:
                 f"the {self.quantize}-quantized transformer cannot take a LoRA here: merging needs the plain "
                 "weights from the checkpoint, and this model was not loaded from one"
             )
-        names, _ = weight.__tensor_flatten__()
-        inner = {n: _pinned(getattr(weight, n).detach().to(self.backup_device, copy=True)) for n in names}
+        home = self._homes(linear)[0]  # a streamed weight's slot may hold another block's bytes
+        names, _ = home.__tensor_flatten__()
+        inner = {n: _pinned(getattr(home, n).detach().to(self.backup_device, copy=True)) for n in names}
         # The plain base stays on the host: keeping it on the device would undo what quantizing saved.
         plain = _pinned(self.base_reader(f"{target}.weight").to("cpu"))
         return _Saved(inner=inner, plain=plain)

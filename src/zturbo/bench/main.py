@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--steps and --gguf-dir set the --base and --gguf runs; give one of them")
     if args.images:
         return _images(args, opts, out_dir)
-    if args.cap_row or args.memory_caps or args.fp8_caps:
+    if args.cap_row or args.memory_caps or args.fp8_caps or args.int8_caps:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         return _first_image(opts, args.started, out_dir)
@@ -108,8 +108,8 @@ def _lora(opts: speed.BenchOptions, out_dir: Path) -> int:
 def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
     from . import images
 
-    if args.lora or args.first_image or args.fp8_caps:
-        raise InvalidRequestError("--images runs on its own: drop --lora, --first-image and --fp8-caps")
+    if args.lora or args.first_image or args.fp8_caps or args.int8_caps:
+        raise InvalidRequestError("--images runs on its own: drop --lora, --first-image, --fp8-caps and --int8-caps")
     if "none" not in opts.quantize:
         raise InvalidRequestError(f"--images measures compiled bf16 (--quantize none), not --quantize {args.quantize}")
     if args.cap_row:  # a child process: one capped ControlNet row, as one JSON line
@@ -201,8 +201,9 @@ def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Pa
         (out_dir / "bench_memory.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         (out_dir / "bench_memory.md").write_text(memory.markdown(rows) + "\n")
 
-    caps, fp8_caps = _caps(args.memory_caps), _caps(args.fp8_caps)
-    rows = memory.run_caps(caps, size, opts.runs, opts.reference, fp8_caps, write)
+    caps = _caps(args.memory_caps)
+    quantized = {"fp8": _caps(args.fp8_caps), "int8": _caps(args.int8_caps)}
+    rows = memory.run_caps(caps, size, opts.runs, opts.reference, quantized, write)
     print(memory.markdown(rows))
     return 0
 

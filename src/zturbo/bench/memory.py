@@ -23,13 +23,15 @@ from ..memory import plan as memory
 from . import common
 
 REFERENCES = ("diffusers-model-offload", "diffusers-group-offload")
-KINDS = ("zturbo", "zturbo-fp8", *REFERENCES)
+# zturbo's rows: the plan for bf16 weights (exact), and with the transformer's weights quantized.
+QUANTIZED_KINDS = {"zturbo-fp8": "fp8", "zturbo-int8": "int8"}
+KINDS = ("zturbo", *QUANTIZED_KINDS, *REFERENCES)
 
 
 def row(kind: str, cap: float, size: int, runs: int) -> dict[str, Any]:
     if kind in REFERENCES:
         return reference_row(kind, cap, size, runs)
-    return one_row(cap, size, runs, quantize="fp8" if kind == "zturbo-fp8" else "none")
+    return one_row(cap, size, runs, quantize=QUANTIZED_KINDS.get(kind, "none"))
 
 
 def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False) -> dict[str, Any]:
@@ -78,12 +80,8 @@ def capped_engine(
     est = choice.chosen
     row |= {"plan": est.label(), "estimate_gib": est.peak / memory.GIB}
     row["estimate_stages_gib"] = {k: v / memory.GIB for k, v in est.stages.items()}
-    if est.quantize != "none" and device.type == "cuda":
-        # As Engine.load does: plain weights on the CPU, quantized block by block onto the device.
-        from ..accel.quantize import quantize_transformer
-
-        torch.nn.Module.to(components.transformer, "cpu")
-        quantize_transformer(components.transformer, est.quantize, device=device)
+    if est.quantize != "none":
+        _quantize(components.transformer, est, device)
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
@@ -98,6 +96,16 @@ def capped_engine(
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     row["compiled"] = compile_
     return engine, row
+
+
+def _quantize(transformer: torch.nn.Module, est: Any, device: torch.device) -> None:
+    """As Engine.load does: plain weights on the CPU, quantized block by block on the device, each
+    block then at its home under the plan (the CPU where it streams), before placement packs it."""
+    from ..accel.quantize import quantize_transformer
+    from ..memory.placement import homes
+
+    torch.nn.Module.to(transformer, "cpu")
+    quantize_transformer(transformer, est.quantize, device=device, home=homes(est.plan, device)["transformer"])
 
 
 def _no_plan_fits(choice: Any, budget: int) -> str:
@@ -185,11 +193,13 @@ def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]
 
 
 def run_caps(
-    caps: list[float], size: int, runs: int, references: bool, fp8_caps: list[float], report: Any
+    caps: list[float], size: int, runs: int, references: bool, quantized: dict[str, list[float]], report: Any
 ) -> list[dict[str, Any]]:
-    """Each row in a fresh `python -m zturbo.cli bench --cap-row ...` process."""
+    """Each row in a fresh `python -m zturbo.cli bench --cap-row ...` process: bf16 under `caps`,
+    then each quantization under its caps (`quantized`: fp8 or int8 -> GiB)."""
     rows: list[dict[str, Any]] = []
-    jobs = [("zturbo", cap) for cap in caps] + [("zturbo-fp8", cap) for cap in fp8_caps]
+    jobs = [("zturbo", cap) for cap in caps]
+    jobs += [(f"zturbo-{mode}", cap) for mode, mode_caps in quantized.items() for cap in mode_caps]
     jobs += [(r, 0.0) for r in REFERENCES] if references else []
     for kind, cap in jobs:
         cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--random-weights", "--cap-row", f"{kind}:{cap:g}"]
@@ -212,7 +222,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
-        cap += " (fp8)" if r.get("kind") == "zturbo-fp8" else ""
+        mode = QUANTIZED_KINDS.get(r.get("kind", ""))
+        cap += f" ({mode})" if mode else ""
         if "error" in r:
             lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - | - | - |")
             continue

@@ -15,7 +15,7 @@ import torch
 
 from ..accel.fuse import BLOCK_LISTS, CONTROL_BLOCK_LISTS, controlnet_blocks, transformer_blocks, unfuse_projections
 from ..control.model import own_modules
-from .plan import SPLIT_CFG, STREAMED_TE, UNUSED_TEXT_LAYERS, VAE_TILE, Layout
+from .plan import SPLIT_CFG, STREAMED_TE, UNUSED_TEXT_LAYERS, VAE_TILE, Layout, streamed_positions
 
 CPU = torch.device("cpu")
 # Components whose weights live on the CPU between uses, per plan (streamed ones included).
@@ -110,7 +110,15 @@ class Placement:
     def change(self, layout: Layout) -> None:
         """Move to `layout`'s plan; plans only get leaner, never back (group offloading is not
         undone). Resident blocks count under block-offload only, resident layers where the text
-        encoder streams."""
+        encoder streams.
+
+        Outside inference mode, even when a request runs out of memory mid-generate: moving a
+        quantized weight (a tensor subclass) swaps the Parameter whole, which an inference tensor
+        refuses, and the streamers' buffers outlive the request."""
+        with torch.inference_mode(False):
+            self._change(layout)
+
+    def _change(self, layout: Layout) -> None:
         plan, c = layout.plan, self.components
         self._stop_streaming()
         if "transformer" in OFFLOADED[plan]:
@@ -180,7 +188,8 @@ class Placement:
         if not self.streamers:
             yield
             return
-        self._stop_streaming()
+        with torch.inference_mode(False):  # as in `change`
+            self._stop_streaming()
         yield
         self.change(self.layout)
 
@@ -215,6 +224,11 @@ class Placement:
             arena.prefetch("text_encoder" if name == "decode" else "transformer")
         if self.plan != "model-offload":
             return
+        with torch.inference_mode(False):  # a quantized weight is swapped whole (see `change`)
+            self._take_turns(name)
+
+    def _take_turns(self, name: str) -> None:
+        """model-offload: only the module stage `name` runs on the device."""
         c = self.components
         wanted = {"encode": c.text_encoder, "denoise": c.transformer}.get(name)
         for module in (c.text_encoder, c.transformer):
@@ -261,7 +275,7 @@ class Placement:
 
         blocks = list(self.components.transformer.layers)[-SHARED_BLOCKS:]
         if not streamed or not blocks or not all(streamable(b) for b in blocks):
-            return streamed  # quantized weights cannot be packed as raw bytes
+            return streamed  # a tensor memory.stream cannot pack (a sparse one)
         room = sum(packed_size(b) for b in blocks)
         shared: list[torch.nn.Module] = []
         for layer in reversed(streamed):
@@ -299,16 +313,6 @@ class Placement:
         for hook in self._embed_hooks:
             hook.remove()
         self._embed_hooks = []
-
-
-def streamed_positions(total: int, streamed: int) -> list[int]:
-    """Which of `total` blocks (in execution order) stream: `streamed` of them, evenly spread.
-
-    Spread, because the copy engine then keeps working while the resident blocks in between
-    compute; with the resident blocks bunched at the end, only two copies (the two slots) can
-    overlap them and the link idles for the rest (docs/performance.md has both measured).
-    """
-    return [(2 * i + 1) * total // (2 * streamed) for i in range(streamed)] if streamed else []
 
 
 def _group_offload_copy(module: torch.nn.Module, param: torch.Tensor) -> torch.Tensor | None:

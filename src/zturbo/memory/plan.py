@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from ..accel import compile as accel_compile
-from ..accel.fuse import controlnet_blocks, transformer_blocks
+from ..accel.fuse import BLOCK_LISTS, controlnet_blocks, transformer_blocks
 from ..accel.quantize import is_block_linear, quantizes, usable_quantizations
-from ..config import MEMORY_CHOICES, STREAMING_PLANS, check_stored_settings
+from ..config import MEMORY_CHOICES, PLAIN_WEIGHT_PLANS, check_stored_settings
 from ..device import GIB
 from ..errors import GPUMemoryError, InvalidRequestError
 from ..gguf import logical_numel
@@ -46,8 +46,8 @@ PLANS = MEMORY_CHOICES[1:]
 # beats moving whole models each request (model-offload) in less memory, so model-offload is only
 # ever run when asked for; it stays for GPUs where pinned host memory is scarce.
 SPEED_ORDER = ("resident", "te-offload", "block-offload", "model-offload", "sequential")
-# Plans whose transformer weights are streamed as raw bytes: no quantized (tensor-subclass) weights.
-UNQUANTIZED_PLANS = STREAMING_PLANS
+# Plans that run plain transformer weights only (config.PLAIN_WEIGHT_PLANS says why).
+UNQUANTIZED_PLANS = PLAIN_WEIGHT_PLANS
 # Bytes per weight of the transformer's block linears when quantized (scales are per row: small).
 QUANTIZED_BYTES = {"fp8": 1.0, "int8": 1.0, "int4": 0.5}
 # Live full-resolution decoder tensors of `block_out_channels[0]` channels at the VAE's peak
@@ -108,6 +108,9 @@ class ModelShape:
     text_dim: int
     vae_channels: int  # decoder width at full resolution
     spatial_unit: int  # pixels per token side
+    # Per transformer block, in execution order: (weights, weights of its block linears, those of
+    # them fp8 quantizes): what each block's streamed bytes are counted from (`block_bytes`).
+    transformer_block_weights: tuple[tuple[int, int, int], ...]
     # A ControlNet's own weights (0 without one): all, its blocks' (streamed like the transformer's
     # in block-offload), its largest block, and its control layers (each leaves a hint per step).
     controlnet_params: int = 0
@@ -115,8 +118,8 @@ class ModelShape:
     controlnet_block_params: int = 0
     controlnet_layers: int = 0
     # Weights that stay quantized as stored (a GGUF transformer's): their bytes on the device, and
-    # how many of `transformer_params` they hold. Such weights are never cast, quantized again or
-    # streamed as raw bytes.
+    # how many of `transformer_params` they hold. Such weights are never cast or quantized again;
+    # block-offload streams them as stored.
     transformer_stored_bytes: int = 0
     transformer_stored_params: int = 0
 
@@ -187,9 +190,27 @@ def model_shape(
         text_dim=text_encoder.config.hidden_size,
         vae_channels=vae.config.block_out_channels[0],
         spatial_unit=(2 ** (len(vae.config.block_out_channels) - 1)) * tc.all_patch_size[0],
+        transformer_block_weights=tuple(_block_weights(transformer)),
         **controlnet_counts(getattr(controlnet, "model", controlnet)),
         **stored_counts(transformer),
     )
+
+
+def _block_weights(transformer: torch.nn.Module) -> list[tuple[int, int, int]]:
+    """ModelShape.transformer_block_weights: each block's weights, its block linears' and of those
+    what fp8 quantizes (names as `quantizes` sees them: the transformer's own)."""
+    out = []
+    for list_name in BLOCK_LISTS:
+        for i, block in enumerate(getattr(transformer, list_name)):
+            names = [(f"{list_name}.{i}.{n}", m) for n, m in block.named_modules()]
+            linears = [(n, m) for n, m in names if is_block_linear(m, n)]
+            fp8 = [m for n, m in linears if quantizes("fp8", m, n)]
+            out.append((_count(block), _weights(m for _, m in linears), _weights(fp8)))
+    return out
+
+
+def _weights(linears: Any) -> int:
+    return sum(logical_numel(m.weight) for m in linears)
 
 
 def controlnet_counts(controlnet: torch.nn.Module | None) -> dict[str, int]:
@@ -260,7 +281,7 @@ def estimate(
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
     if (quantize != "none" or shape.transformer_stored_params) and plan in UNQUANTIZED_PLANS:
         what = f"{quantize}-quantized" if quantize != "none" else "GGUF"
-        raise ValueError(f"plan {plan} streams plain weights and cannot run a {what} transformer")
+        raise ValueError(f"plan {plan} runs plain weights only and cannot run a {what} transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
     vae_compiled = compiled_vae and compilable(plan)
@@ -293,8 +314,7 @@ def _held(
     # memory.stream: the streamed layers pass through two slots; the token embeddings stay on the CPU.
     te_kept = resident_layers + min(2, shape.text_encoder_layers - resident_layers)
     te_stream = (te_outside - shape.text_encoder_embed_params + te_kept * shape.text_encoder_layer_params) * te_e
-    streamed = shape.transformer_block_count - resident_blocks
-    t_blocks = (t_outside + (resident_blocks + min(2, streamed)) * shape.transformer_block_params) * t_e
+    t_blocks = streamed_transformer_bytes(shape, t_e, quantize, resident_blocks)
     # A ControlNet (its own weights, unquantized) goes where the transformer goes; under
     # block-offload all its blocks stream through two slots of their own.
     control = shape.controlnet_params * t_e
@@ -310,6 +330,43 @@ def _held(
         "block-offload": (t_blocks + te_stream + vae + control_stream,) * 3,
         "sequential": (leaf_te, leaf_t, vae),
     }[plan]
+
+
+def block_bytes(shape: ModelShape, elem: int, quantize: str) -> list[int]:
+    """Each transformer block's bytes as stored (what block-offload keeps or streams): `elem` bytes
+    per weight, but QUANTIZED_BYTES for the block linears `quantize` quantizes, and for a GGUF
+    transformer the file's average bytes per quantized weight for all its block linears."""
+    if shape.transformer_stored_params:
+        per_weight = shape.transformer_stored_bytes / shape.transformer_stored_params
+    else:
+        per_weight = QUANTIZED_BYTES.get(quantize, elem)
+    out = []
+    for weights, linear, fp8_linear in shape.transformer_block_weights:
+        quantized = fp8_linear if quantize == "fp8" and not shape.transformer_stored_params else linear
+        out.append(int((weights - quantized) * elem + quantized * per_weight))
+    return out
+
+
+def streamed_transformer_bytes(shape: ModelShape, elem: int, quantize: str, resident_blocks: int) -> int:
+    """The transformer's bytes on the device under block-offload: everything outside the blocks,
+    the `resident_blocks` kept, and the two slots the others stream through, each as large as the
+    largest of its blocks (memory.stream.BlockStreamer; `streamed_positions` chooses them)."""
+    sizes = block_bytes(shape, elem, quantize)
+    outside = _transformer_bytes(shape, elem, quantize) - sum(sizes)
+    streamed = streamed_positions(len(sizes), len(sizes) - resident_blocks)
+    kept = sum(sizes) - sum(sizes[i] for i in streamed)
+    order = [sizes[i] for i in streamed]
+    return outside + kept + max(order[0::2], default=0) + max(order[1::2], default=0)
+
+
+def streamed_positions(total: int, streamed: int) -> list[int]:
+    """Which of `total` blocks (in execution order) stream: `streamed` of them, evenly spread.
+
+    Spread, because the copy engine then keeps working while the resident blocks in between
+    compute; with the resident blocks bunched at the end, only two copies (the two slots) can
+    overlap them and the link idles for the rest (docs/performance.md has both measured).
+    """
+    return [(2 * i + 1) * total // (2 * streamed) for i in range(streamed)] if streamed else []
 
 
 def choose(
@@ -545,8 +602,8 @@ def layout_of(est: Estimate) -> Layout:
 
 def leaner(layout: Layout, guided: bool = False) -> Layout | None:
     """The next layout that holds less on the device, or None: for a `guided` (CFG) request,
-    first the same weights with CFG's halves in two passes. A quantized transformer has none
-    among the streaming plans, which move plain weights only."""
+    first the same weights with CFG's halves in two passes. A quantized transformer stops at
+    block-offload (UNQUANTIZED_PLANS)."""
     if guided and not layout.split_cfg:
         return replace(layout, split_cfg=True)
     if layout.resident_blocks or layout.resident_layers:
@@ -595,8 +652,9 @@ def plan_layout(
     """
     if config.quantize != "none" and config.memory in UNQUANTIZED_PLANS:
         raise InvalidRequestError(
-            f"--quantize {config.quantize} cannot be combined with --memory {config.memory}, which streams plain "
-            "weights; use --memory auto, resident, te-offload or model-offload with it"
+            f"--quantize {config.quantize} cannot be combined with --memory {config.memory} (diffusers' group "
+            "offloading), which runs plain weights only; use --memory block-offload, which streams the quantized "
+            "weights, or auto, resident, te-offload or model-offload"
         )
     if getattr(source, "transformer_file", None) is not None:
         _check_stored(config, source.transformer_file, dtypes["transformer"])
@@ -621,8 +679,8 @@ def plan_layout(
 
 
 def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
-    """A GGUF transformer stays quantized as stored: no second quantization, no raw-byte streaming,
-    and no float16 (its overflow guard rescales weights in place)."""
+    """A GGUF transformer stays quantized as stored: no second quantization, no plain-weight plan
+    (sequential), and no float16 (its overflow guard rescales weights in place)."""
     from ..gguf import is_gguf
 
     if not is_gguf(path):
@@ -638,12 +696,12 @@ def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
 def _chosen(choice: Choice, quantize: str) -> Layout:
     budget = choice.budget
     if choice.chosen is None and quantize != "none":
-        # The streaming plans move plain weights only, so a quantized transformer has no leaner plan.
+        # Sequential runs plain weights only, so a quantized transformer has no plan leaner than block-offload.
         least = min(choice.considered, key=lambda e: e.peak)
         raise GPUMemoryError(
             f"--quantize {quantize} needs about {least.peak / GIB:.1f} GiB even as {least.label()}, "
-            f"and the budget is {budget / GIB:.1f} GiB; use --quantize none, whose block-offload and "
-            "sequential plans stream the weights and fit in less"
+            f"and the budget is {budget / GIB:.1f} GiB; use --quantize none, whose sequential plan "
+            "streams the weights layer by layer and fits in less"
         )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at %d²; trying the leanest", budget / GIB, PLANNED_SIZE)

@@ -8,6 +8,11 @@ copied in on a side stream, so that copy overlaps the other slot's block. One co
 because on an H100 (PCIe 5) one 512 MiB pinned copy runs at 55 GB/s and the same bytes as 8 MiB
 tensors at 33 GB/s (`scripts/bench_pcie.py`).
 
+Quantized weights stream as they are stored, so a block of 8-bit weights moves half the bytes of
+a bf16 one: a torchao weight (a tensor subclass) is packed as its inner tensors (data and scales)
+and rebuilt around views of the slot with `__tensor_unflatten__`; a GGUF weight is a plain tensor
+of raw bytes with a type tag, streamed like any other.
+
 Blocks the budget allows stay resident and are not touched. The slot views never move, so the
 blocks' forwards can be compiled; only the hooks around them run eagerly.
 
@@ -26,14 +31,34 @@ import torch
 ALIGN = 256  # bytes: each tensor's offset in a slot, for aligned kernel loads
 
 
+@dataclass(frozen=True)
+class _Leaf:
+    """A plain tensor's bytes in a packed buffer: at `offset`, laid out as `shape` and `stride`."""
+
+    offset: int
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A tensor subclass (torchao's quantized weights) packed as its inner tensors, rebuilt around
+    views of the buffer with `__tensor_unflatten__`."""
+
+    cls: type
+    context: Any
+    size: torch.Size
+    stride: tuple[int, ...]
+    inner: dict[str, _Leaf | _Wrapped]
+
+
 @dataclass
 class _Tensor:
     module: torch.nn.Module
     name: str
     is_param: bool
-    offset: int
-    shape: torch.Size
-    dtype: torch.dtype
+    packed: _Leaf | _Wrapped
 
 
 @dataclass
@@ -46,8 +71,15 @@ class _Block:
 
 
 def streamable(block: torch.nn.Module) -> bool:
-    """Plain tensors only: quantized (tensor-subclass) weights cannot be packed as raw bytes."""
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in _tensors(block))
+    """Whether every tensor of `block` can be packed: strided ones, plain or quantized (a sparse
+    tensor cannot)."""
+    return all(_strided(t) for t in _tensors(block))
+
+
+def _strided(tensor: torch.Tensor) -> bool:
+    if _is_wrapper(tensor):
+        return all(_strided(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+    return tensor.layout == torch.strided
 
 
 class BlockStreamer:
@@ -77,7 +109,7 @@ class BlockStreamer:
             h.remove()
         for b in self.blocks:
             for t in b.tensors:
-                _set(t, _view(b.host, t))
+                _set(t, _build(t.packed, b.host))
         self.blocks.clear()
         self.slots.clear()
 
@@ -87,7 +119,7 @@ class BlockStreamer:
         for b in self.blocks:
             for t in b.tensors:
                 if t.module is module and t.name == name:
-                    return _view(b.host, t)
+                    return _build(t.packed, b.host)
         return None
 
     def invalidate(self) -> None:
@@ -176,10 +208,7 @@ class SharedArena:
             host = torch.empty(sizes[name], dtype=torch.uint8, pin_memory=self.cuda)
             self.hosts[name], self.tensors[name], offset = host, [], 0
             for module in modules:
-                packed = _pack(module, host[offset:], self.arena[offset:])
-                for t in packed:
-                    t.offset += offset
-                self.tensors[name] += packed
+                self.tensors[name] += _pack(module, host, self.arena, offset)
                 offset += packed_size(module)
                 self._handles.append(module.register_forward_pre_hook(self._before(name)))
         first = next(iter(groups), None)
@@ -211,7 +240,7 @@ class SharedArena:
         self._handles.clear()
         for name, entries in self.tensors.items():
             for t in entries:
-                _set(t, _view(self.hosts[name], t))
+                _set(t, _build(t.packed, self.hosts[name]))
         self.tensors.clear()
 
     def host_view(self, module: torch.nn.Module, name: str) -> torch.Tensor | None:
@@ -219,7 +248,7 @@ class SharedArena:
         for group, entries in self.tensors.items():
             for t in entries:
                 if t.module is module and t.name == name:
-                    return _view(self.hosts[group], t)
+                    return _build(t.packed, self.hosts[group])
         return None
 
     def invalidate(self) -> None:
@@ -237,17 +266,65 @@ class SharedArena:
         return hook
 
 
-def _pack(module: torch.nn.Module, host: torch.Tensor, target: torch.Tensor) -> list[_Tensor]:
-    """Copy `module`'s tensors back to back (aligned) into `host` and re-point them, for good, at
-    the same offsets in `target` (device memory)."""
-    entries, offset = [], 0
+def _pack(module: torch.nn.Module, host: torch.Tensor, target: torch.Tensor, start: int = 0) -> list[_Tensor]:
+    """Copy `module`'s tensors back to back (aligned) into `host` from byte `start` on, and
+    re-point them, for good, at the same offsets in `target` (device memory). A quantized weight
+    packs its inner tensors (what it stores: 8-bit or 4-bit data and its scales)."""
+    entries, offset = [], start
     for owner, name, tensor, is_param in _named_tensors(module):
-        entry = _Tensor(owner, name, is_param, offset, tensor.shape, tensor.dtype)
-        _view(host, entry).copy_(tensor.detach())
-        _set(entry, _view(target, entry))
+        packed, offset = _layout(tensor, offset)
+        _copy_into(packed, tensor.detach(), host)
+        entry = _Tensor(owner, name, is_param, packed)
+        _set(entry, _build(packed, target))
         entries.append(entry)
-        offset += _aligned(tensor)
     return entries
+
+
+def _layout(tensor: torch.Tensor, offset: int) -> tuple[_Leaf | _Wrapped, int]:
+    """Where `tensor`'s bytes go from `offset` on, and the offset after them."""
+    if _is_wrapper(tensor):
+        names, context = tensor.__tensor_flatten__()
+        inner: dict[str, _Leaf | _Wrapped] = {}
+        for name in names:
+            inner[name], offset = _layout(getattr(tensor, name), offset)
+        return _Wrapped(type(tensor), context, tensor.shape, tuple(tensor.stride()), inner), offset
+    # Kept strides: a quantized weight's kernels may expect its inner tensors transposed.
+    stride = tuple(tensor.stride()) if _dense(tensor) else tuple(torch.empty(tensor.shape, device="meta").stride())
+    leaf = _Leaf(offset, tensor.shape, stride, tensor.dtype)
+    return leaf, offset + _aligned(tensor.numel() * tensor.element_size())
+
+
+def _is_wrapper(tensor: torch.Tensor) -> bool:
+    """A tensor subclass made of inner tensors (torchao's); GGUF's parameters are plain bytes
+    with a type tag, streamed as plain tensors."""
+    return hasattr(type(tensor), "__tensor_flatten__")
+
+
+def _dense(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s elements fill exactly `numel` places of its storage (strides permuted)."""
+    span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride(), strict=True) if n)
+    return tensor.numel() == 0 or span == tensor.numel()
+
+
+def _copy_into(packed: _Leaf | _Wrapped, tensor: torch.Tensor, buffer: torch.Tensor) -> None:
+    if isinstance(packed, _Wrapped):
+        for name, inner in packed.inner.items():
+            _copy_into(inner, getattr(tensor, name), buffer)
+        return
+    _leaf_view(buffer, packed).copy_(tensor)
+
+
+def _build(packed: _Leaf | _Wrapped, buffer: torch.Tensor) -> torch.Tensor:
+    """The tensor `packed` describes, made of views of `buffer`."""
+    if isinstance(packed, _Leaf):
+        return _leaf_view(buffer, packed)
+    inner = {name: _build(p, buffer) for name, p in packed.inner.items()}
+    return packed.cls.__tensor_unflatten__(inner, packed.context, packed.size, packed.stride)
+
+
+def _leaf_view(buffer: torch.Tensor, leaf: _Leaf) -> torch.Tensor:
+    nbytes = leaf.shape.numel() * leaf.dtype.itemsize
+    return buffer[leaf.offset : leaf.offset + nbytes].view(leaf.dtype).as_strided(leaf.shape, leaf.stride)
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -262,22 +339,23 @@ def _named_tensors(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str, 
     return out
 
 
-def _aligned(tensor: torch.Tensor) -> int:
-    return -(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def packed_size(module: torch.nn.Module) -> int:
-    """Bytes of `module`'s tensors packed back to back (each aligned to ALIGN)."""
-    return sum(_aligned(t) for t in _tensors(module))
-
-
-def _view(buffer: torch.Tensor, t: _Tensor) -> torch.Tensor:
-    nbytes = t.shape.numel() * torch.empty((), dtype=t.dtype).element_size()
-    return buffer[t.offset : t.offset + nbytes].view(t.dtype).view(t.shape)
+    """Bytes of `module`'s tensors packed back to back (each inner tensor aligned to ALIGN): for
+    quantized weights, their stored size."""
+    offset = 0
+    for tensor in _tensors(module):
+        _, offset = _layout(tensor, offset)
+    return offset
 
 
 def _set(t: _Tensor, value: torch.Tensor) -> None:
-    if t.is_param:
-        t.module._parameters[t.name].data = value
-    else:
+    if not t.is_param:
         t.module._buffers[t.name] = value
+    elif isinstance(t.packed, _Leaf):  # the same Parameter (a GGUF one keeps its type tag)
+        t.module._parameters[t.name].data = value
+    else:  # a subclass is rebuilt around the views, so a new Parameter holds it
+        t.module._parameters[t.name] = torch.nn.Parameter(value, requires_grad=False)
