@@ -1,64 +1,66 @@
-"""Two `zturbo serve` processes sharing one PostgreSQL queue and one data directory, as two machines
-would: a job submitted to either runs on either, and when one server is killed mid-job the other
-runs its job once more, so every accepted job is done exactly once (in the store and on disk)."""
+"""`zturbo serve` on a PostgreSQL queue shared with another node, and its refusals of a bad or
+unreachable store. (The queue's own rules on PostgreSQL, several claimers and leases included,
+are tests/test_jobs.py's.)"""
 
 from __future__ import annotations
 
-import signal
-import time
+import threading
 
-import pytest
-
-from serving import Server
-from test_server_recovery import gone, images_on_disk
+from serving import LIMITS, Server
+from test_server_recovery import images_on_disk
 from zturbo.cli import main as cli_main
+from zturbo.request import GenerateRequest
+from zturbo.serving.stores import open_store
 
-LEASE_S = 2
+LEASE_S = 5  # seconds; the beating thread renews every 1.7 s, slack for a loaded CI machine
 
 
-@pytest.fixture
-def servers(tiny_dir, tmp_path, postgres_db):
+def beating(store, stop: threading.Event) -> threading.Thread:
+    """A node that is alive: it renews its lease until `stop` is set (then it is lost)."""
+
+    def beat() -> None:
+        while not stop.wait(0.2):
+            store.heartbeat()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_server_on_a_shared_queue_takes_back_a_lost_nodes_job_and_does_each_once(tiny_dir, tmp_path, postgres_db):
+    """Another node (this test's process) claims a job and stays alive while the server starts: the
+    server leaves the job alone. Once that node stops renewing its lease, the server queues the job
+    again and runs it; the lost node's ticket can no longer record it. Jobs go in through the lost
+    node's store and through the server's API alike; each is done once, its image in the shared
+    directory."""
     data = tmp_path / "shared"
-    args = ("--store", postgres_db, "--node-lease", str(LEASE_S), "--shutdown-grace", "0")
-    pair = [Server(tiny_dir, data, *args, step_sleep=0.1) for _ in range(2)]
-    yield pair, data
-    for server in pair:
-        server.stop(signal.SIGKILL)
-
-
-def running_on(servers: list[Server], job_id: str, timeout: float = 60) -> Server:
-    """The server whose worker runs the job (only it knows the job's progress)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for server in servers:
-            if server.client.get(f"/v1/jobs/{job_id}").json()["progress"]:
-                return server
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} never ran\n{servers[0].tail()}\n{servers[1].tail()}")
-
-
-def test_two_servers_share_the_queue_and_a_killed_ones_job_is_done_once(servers):
-    pair, data = servers
-    for server in pair:
+    other = open_store(postgres_db, data, lease_s=LEASE_S)
+    other.heartbeat()
+    request = GenerateRequest.create("a red fox", limits=LIMITS, width=64, height=64, steps=2, seed=7)
+    lost = other.submit(request)
+    claim = other.claim("worker-0")
+    stop = threading.Event()
+    thread = beating(other, stop)
+    server = Server(tiny_dir, data, "--store", postgres_db, "--node-lease", str(LEASE_S))
+    try:
         server.wait_ready()
-    doomed = pair[0].submit(steps=20, seed=7)
-    holder = running_on(pair, doomed["id"])
-    survivor = pair[1] if holder is pair[0] else pair[0]
-    assert survivor.client.get(f"/v1/jobs/{doomed['id']}").json()["status"] == "running"  # one queue
-    others = [pair[i % 2].submit(steps=2, seed=100 + i)["id"] for i in range(6)]
-    orphan = holder.worker()["pid"]
-    holder.stop(signal.SIGKILL)  # the machine is lost: its server and its worker, mid-job
-    assert gone(orphan), "the worker outlived its server"
-
-    done = [survivor.wait_job(job_id, timeout=120) for job_id in [doomed["id"], *others]]
-    assert [job["status"] for job in done] == ["succeeded"] * 7, done
-    assert done[0]["attempts"] == 2  # the lost server's attempt counted, then the survivor's
-    for job in done:
-        assert [image["seed"] for image in job["images"]] == [job["params"]["seed"]]
-        assert images_on_disk(data, job["id"]) == [f"{job['id']}-0.png"]
-        assert survivor.client.get(job["images"][0]["url"]).status_code == 200
-    history = survivor.client.get("/v1/history", params={"limit": 50}).json()
-    assert history["total"] == 7 and len({item["id"] for item in history["items"]}) == 7
+        ids = [other.submit(request).id, server.submit(seed=8)["id"]]
+        done = [server.wait_job(job_id) for job_id in ids]
+        assert server.client.get(f"/v1/jobs/{lost.id}").json()["status"] == "running"  # alive: still its own
+        stop.set()
+        thread.join()
+        done.append(server.wait_job(lost.id, timeout=60))
+        assert [job["status"] for job in done] == ["succeeded"] * 3, done
+        assert [job["attempts"] for job in done] == [1, 1, 2]  # the lost node's attempt counted
+        assert not other.succeed(claim, [])  # its ticket is void
+        for job in done:
+            assert images_on_disk(data, job["id"]) == [f"{job['id']}-0.png"]
+            assert server.client.get(job["images"][0]["url"]).status_code == 200
+        assert other.counts() == {"queued": 0, "running": 0, "succeeded": 3, "failed": 0, "cancelled": 0}
+    finally:
+        stop.set()
+        server.stop()
+        other.close()
 
 
 def test_a_bad_store_is_refused_before_anything_loads(capsys, tmp_path):
