@@ -67,6 +67,8 @@ def test_a_bad_store_is_refused_before_anything_loads(capsys, tmp_path):
     assert cli_main(["serve", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--store", "mysql://db/z"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--store 'mysql://db/z' is not a job store" in last and "postgresql://" in last
+    assert cli_main(["serve", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--node-lease", "0"]) == 2
+    assert "--node-lease 0.0 must be 1..3600 seconds" in capsys.readouterr().err
 
 
 def test_an_unreachable_store_is_one_line_naming_it_without_its_password(capsys, tiny_dir, tmp_path):

@@ -1,6 +1,8 @@
-"""The persistent job queue: SQLite in WAL mode, one row per job, state changes as guarded transactions.
+"""The persistent job queue: one row per job, state changes as guarded transactions. Its rules are
+`SqlQueue`'s, which two stores run: `JobStore` here (SQLite in WAL mode, one machine) and
+`pgstore.PostgresJobStore` (PostgreSQL, many machines).
 
-A job is durable (committed with synchronous=FULL) before its id is returned. A claim sets the job
+A job is durable (committed; SQLite with synchronous=FULL) before its id is returned. A claim sets the job
 `running` and counts an attempt; the attempt number is the claim's token, and every later change
 by the worker that claimed it must present it, so a stale claim can never finish a job twice.
 
