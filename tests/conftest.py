@@ -77,3 +77,21 @@ def fresh(tiny_dir: Path):
     from zturbo.engine import Engine
 
     return Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server for the whole session (tests/pgserver.py); skipped where there is none."""
+    from pgserver import server
+
+    with server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_db(postgres_server: str) -> Iterator[str]:
+    """A new, empty database on that server, for one test: its URL."""
+    from pgserver import fresh_database
+
+    with fresh_database(postgres_server) as url:
+        yield url

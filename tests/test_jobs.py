@@ -1,4 +1,8 @@
-"""The SQLite job queue on its own: ordering, bounds, claims as tokens, recovery, history."""
+"""The job queue on its own: ordering, bounds, claims as tokens, recovery, history.
+
+The queue's tests run on both stores, SQLite and PostgreSQL (`queue`); those about SQLite's file
+(damage, upgrades, a full disk) on SQLite alone. The PostgreSQL ones skip when no server can be
+started (tests/pgserver.py says how to get one)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,6 +22,7 @@ from zturbo.request import REQUEST_FORMAT, GenerateRequest, ModelLimits
 from zturbo.serving import jobs
 from zturbo.serving.jobs import JobStore
 from zturbo.serving.schemas import job_params
+from zturbo.serving.stores import open_store
 
 LIMITS = ModelLimits(spatial_unit=16, max_pixels=128 * 128)
 
@@ -25,11 +31,25 @@ def params(prompt: str = "a fox") -> GenerateRequest:
     return GenerateRequest.create(prompt, limits=LIMITS, width=64, height=64, steps=2, seed=1)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request, tmp_path):
+    """Opens stores on one queue of the backend under test (each its own connection, as the server's
+    processes, or several machines, have): an SQLite file in tmp_path, or a new PostgreSQL database."""
+    location = "sqlite" if request.param == "sqlite" else request.getfixturevalue("postgres_db")
+    opened = []
+
+    def open_queue(**options):
+        opened.append(open_store(location, tmp_path, **options))
+        return opened[-1]
+
+    yield open_queue
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = JobStore(tmp_path / "jobs.sqlite3", max_queued=3)
-    yield s
-    s.close()
+def store(queue):
+    return queue(max_queued=3)
 
 
 def test_jobs_are_claimed_oldest_first_with_positions(store):
@@ -51,12 +71,13 @@ def test_a_full_queue_refuses_and_running_jobs_do_not_count(store):
     store.submit(params("d"))  # a claimed job left the queue
 
 
-def test_concurrent_submissions_accept_exactly_the_bound(tmp_path):
-    store = JobStore(tmp_path / "j.sqlite3", max_queued=20)
+def test_concurrent_submissions_accept_exactly_the_bound(queue):
+    """100 submissions through 4 connections (4 servers' worth) at once: exactly the bound is taken."""
+    stores = [queue(max_queued=20) for _ in range(4)]
     results: list[str] = []
     lock = threading.Lock()
 
-    def submit() -> None:
+    def submit(store) -> None:
         try:
             store.submit(params())
             outcome = "ok"
@@ -65,13 +86,34 @@ def test_concurrent_submissions_accept_exactly_the_bound(tmp_path):
         with lock:
             results.append(outcome)
 
-    threads = [threading.Thread(target=submit) for _ in range(100)]
+    threads = [threading.Thread(target=submit, args=(stores[i % 4],)) for i in range(100)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results.count("ok") == 20 and results.count("full") == 80
-    assert store.depth() == 20
+    assert stores[0].depth() == 20
+
+
+def test_concurrent_claims_take_each_job_once(queue):
+    """Eight claimers on four connections empty the queue: every job is claimed once, on its first attempt."""
+    stores = [queue(max_queued=60) for _ in range(4)]
+    submitted = {stores[0].submit(params(f"job {i}")).id for i in range(60)}
+    claims: list[jobs.Claim] = []
+    lock = threading.Lock()
+
+    def claim_all(store, worker: str) -> None:
+        while batch := store.claim_batch(worker, jobs.NO_LORAS, 2):
+            with lock:
+                claims.extend(batch)
+
+    threads = [threading.Thread(target=claim_all, args=(stores[i % 4], f"w{i}")) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(c.job_id for c in claims) == sorted(submitted)  # each once
+    assert {c.attempt for c in claims} == {1} and stores[0].counts()[jobs.RUNNING] == 60
 
 
 def test_a_stale_claim_cannot_finish_a_job(store):
@@ -107,13 +149,12 @@ def test_shutdown_release_gives_the_attempt_back(store):
     assert job.status == jobs.QUEUED and job.attempts == 0
 
 
-def test_recover_requeues_jobs_a_dead_server_left_running(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    first = JobStore(path)
+def test_recover_requeues_jobs_a_dead_server_left_running(queue):
+    first = queue()
     job = first.submit(params())
     first.claim("w0")
     first.close()  # the server died with the job running
-    second = JobStore(path)
+    second = queue()
     [recovered] = second.recover()
     assert recovered.id == job.id and recovered.status == jobs.QUEUED and recovered.attempts == 1
     assert second.claim("w0").attempt == 2
@@ -136,8 +177,8 @@ def test_cancel_queued_running_and_finished(store):
         store.cancel("nope")
 
 
-def test_history_is_finished_jobs_newest_first_paged_and_searchable(tmp_path):
-    store = JobStore(tmp_path / "j.sqlite3")
+def test_history_is_finished_jobs_newest_first_paged_and_searchable(queue):
+    store = queue()
     ids = []
     for prompt in ("A Red Fox", "a blue whale", "RED panda", "still queued"):
         ids.append(store.submit(params(prompt)).id)
@@ -152,8 +193,8 @@ def test_history_is_finished_jobs_newest_first_paged_and_searchable(tmp_path):
     assert total == 2 and {job_params(j.params)["prompt"] for j in items} == {"A Red Fox", "RED panda"}
 
 
-def test_delete_removes_a_finished_job_and_its_files(tmp_path):
-    store = JobStore(tmp_path / "j.sqlite3")
+def test_delete_removes_a_finished_job_and_its_files(queue, tmp_path):
+    store = queue()
     job = store.submit(params())
     claim = store.claim("w0")
     (tmp_path / f"{job.id}-0.png").write_bytes(b"png")
@@ -216,7 +257,8 @@ def fill_the_disk(store: JobStore) -> None:
     store._db.execute(f"PRAGMA max_page_count = {pages}")
 
 
-def test_a_full_disk_refuses_a_submission_as_storage_and_the_store_goes_on(store):
+def test_a_full_disk_refuses_a_submission_as_storage_and_the_store_goes_on(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
     fill_the_disk(store)
     with pytest.raises(StorageError, match="disk is full") as refused:
         store.submit(params("a fox " * 600))
@@ -233,10 +275,10 @@ def test_post_jobs_on_a_full_disk_answers_507_storage(tmp_path):
     assert r.json()["error"]["type"] == "storage" and "disk is full" in r.json()["error"]["message"]
 
 
-def _queue_raw(path, job_id: str, params_text: str, status: str = jobs.QUEUED) -> None:
+def _queue_raw(store, job_id: str, params_text: str, status: str = jobs.QUEUED) -> None:
     """A row whose stored parameters are `params_text`, as a damaged or hand-edited database holds it."""
     attempts = 1 if status == jobs.RUNNING else 0
-    with sqlite3.connect(path) as db:
+    with store._tx() as db:
         db.execute(
             "INSERT INTO jobs (id, status, params, prompt, attempts, created_at) VALUES (?, ?, ?, 'p', ?, 0)",
             (job_id, status, params_text, attempts),
@@ -252,23 +294,22 @@ UNREADABLE = {
 
 
 @pytest.mark.parametrize("text", UNREADABLE.values(), ids=UNREADABLE.keys())
-def test_a_job_whose_parameters_cannot_be_read_fails_alone_with_the_reason(tmp_path, text):
-    path = tmp_path / "j.sqlite3"
-    store = JobStore(path)
-    _queue_raw(path, "bad", text)
+def test_a_job_whose_parameters_cannot_be_read_fails_alone_with_the_reason(queue, text):
+    store = queue()
+    _queue_raw(store, "bad", text)
     good = store.submit(params())
     assert store.get("bad").status == jobs.QUEUED  # readable as a row, if not as a request
     assert store.claim("w0").job_id == good.id  # the bad one is passed over, not handed out
     bad = store.get("bad")
     assert (bad.status, bad.attempts, bad.error["type"]) == (jobs.FAILED, 0, "invalid_request")
     assert "job bad" in bad.error["message"] and "cannot be read" in bad.error["message"]
-    store.close()
 
 
 def test_a_row_that_cannot_be_read_never_stops_the_server_starting(tmp_path):
     path = tmp_path / "jobs.sqlite3"
-    JobStore(path).close()
-    _queue_raw(path, "bad", "{oops", status=jobs.RUNNING)  # a server died while it ran
+    store = JobStore(path)
+    _queue_raw(store, "bad", "{oops", status=jobs.RUNNING)  # a server died while it ran
+    store.close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE jobs SET error = 'not json' WHERE id = 'bad'")
     with TestClient(
@@ -391,8 +432,8 @@ def test_a_job_stores_its_lora_set_and_shows_its_loras(store):
     assert jobs.lora_set_key(params()) == jobs.NO_LORAS
 
 
-def test_a_batch_takes_compatible_jobs_in_queue_order_up_to_its_images(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_a_batch_takes_compatible_jobs_in_queue_order_up_to_its_images(queue):
+    store = queue()
     first = store.submit(params("a"))
     other = store.submit(GenerateRequest.create("b", limits=LIMITS, width=64, height=64, steps=3, seed=1))
     pair = store.submit(GenerateRequest.create("c", limits=LIMITS, width=64, height=64, steps=2, seed=1, batch=2))
@@ -406,7 +447,6 @@ def test_a_batch_takes_compatible_jobs_in_queue_order_up_to_its_images(tmp_path)
     # The oldest waiting job goes first whatever its size; a job larger than a batch still runs.
     assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 2)] == [other.id]
     assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 2)] == [big.id]
-    store.close()
 
 
 def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_path):
@@ -453,8 +493,8 @@ def test_cancels_are_read_for_a_whole_batch_at_once(store):
     assert store.cancels_requested(ids) == {ids[1]} and store.cancels_requested([]) == set()
 
 
-def test_a_batch_asks_for_no_more_images_than_the_workers_room_for_its_key(tmp_path):
-    store = JobStore(tmp_path / "jobs.sqlite3")
+def test_a_batch_asks_for_no_more_images_than_the_workers_room_for_its_key(queue):
+    store = queue()
     queued = [store.submit(params(p)) for p in ("a", "b", "c", "d")]
     other = GenerateRequest.create("e", limits=LIMITS, width=64, height=64, steps=3, seed=1)
     key = jobs.batch_key(params())
@@ -469,4 +509,51 @@ def test_a_batch_asks_for_no_more_images_than_the_workers_room_for_its_key(tmp_p
     store.submit(params("g"))
     [alone] = store.claim_batch("w0", jobs.NO_LORAS, 4, rooms)  # the first job is taken whatever its size
     assert alone.job_id == big.id and alone.images == 3
+
+
+def test_a_shared_store_leaves_a_live_nodes_jobs_and_takes_back_a_lost_ones(postgres_db, tmp_path):
+    """Servers sharing a PostgreSQL queue: one's startup recovery or heartbeat never takes the running
+    jobs of another that renews its lease; once that one stops, its jobs are queued again (the
+    attempt counted) and its claims can no longer finish them."""
+    lease = 0.5
+    a, b = (open_store(postgres_db, tmp_path, lease_s=lease) for _ in range(2))
+    a.heartbeat()
+    job = a.submit(params())
+    claim = a.claim("worker-0")
+    assert a.get(job.id).worker == f"{a.node}/worker-0" and a.node != b.node
+    assert b.recover() == [] and b.heartbeat() == []  # a is alive: its job stays its own
+    assert b.get(job.id).status == jobs.RUNNING
+    deadline = time.monotonic() + 30
+    while not (taken := b.heartbeat()) and time.monotonic() < deadline:  # a beats no more
+        time.sleep(lease / 5)
+    assert [(j.id, j.status, j.attempts) for j in taken] == [(job.id, jobs.QUEUED, 1)]
+    assert not a.succeed(claim, [jobs.ImageRef("img", 0, 1, f"{job.id}-0.png")])  # its ticket is void
+    again = b.claim("worker-0")
+    assert (again.job_id, again.attempt) == (job.id, 2)
+    assert b.succeed(again, [jobs.ImageRef("img", 0, 1, f"{job.id}-0.png")])
+    a.close()
+    b.close()
+
+
+def test_a_lost_connection_is_a_storage_error_naming_the_server_and_the_next_call_reconnects(postgres_db, tmp_path):
+    import psycopg
+
+    store = open_store(postgres_db, tmp_path)
+    job = store.submit(params())
+    with psycopg.connect(postgres_db, autocommit=True) as admin:  # as a server restart or failover does
+        pid = store._db.execute("SELECT pg_backend_pid()").fetchone()[0]
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(StorageError, match="cannot read the job store postgresql://") as lost:
+        store.get(job.id)
+    assert lost.value.http_status == 507 and "\n" not in str(lost.value)
+    assert store.get(job.id).status == jobs.QUEUED and store.claim("w0").job_id == job.id
     store.close()
+
+
+def test_a_store_url_password_never_shows(tmp_path):
+    from zturbo.serving.pgstore import redact
+
+    assert redact("postgresql://zt:s3cret@db:5432/q?sslmode=require") == "postgresql://zt:***@db:5432/q?sslmode=require"
+    assert redact("postgresql://zt@db/q") == "postgresql://zt@db/q"
+    with pytest.raises(InvalidRequestError, match=r"--store 'sqlite:///x' is not a job store.*postgresql://"):
+        open_store("sqlite:///x", tmp_path)

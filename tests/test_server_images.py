@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import struct
 import time
@@ -309,6 +310,29 @@ def test_a_stored_image_is_durable_with_every_directory_made_for_it(tmp_path, mo
     synced.clear()
     store.put(jobs.InputImage(b"y", "a" * 63 + "b", None, "y"))  # both directories there already
     assert synced == [tmp_path / "inputs" / "aa"]
+
+
+def test_a_shared_input_directory_keeps_an_unreferenced_file_until_it_is_old(tmp_path):
+    """Servers on several machines share inputs/ (a PostgreSQL queue): a file no job refers to may be
+    another machine's submission between its write and its commit, so it stays `keep_s`; a
+    submission that finds it present makes it new again."""
+    store = jobs.InputStore(tmp_path / "inputs", keep_s=600)
+    image = jobs.InputImage(b"x", "a" * 64, None, "x")
+    path = store.path(image.sha256)
+
+    def age() -> None:
+        os.utime(path, (time.time() - 601,) * 2)
+
+    store.put(image)
+    store.remove([image.sha256])
+    assert path.exists()
+    age()
+    store.put(image)  # found present: another job refers to it from now on
+    store.remove([image.sha256])
+    assert path.exists()
+    age()
+    store.remove([image.sha256])
+    assert not path.exists()
 
 
 def test_a_missing_or_damaged_input_file_is_the_jobs_storage_error(tmp_path):

@@ -53,6 +53,7 @@ ENV_VARS: dict[str, str] = {
     "ZTURBO_COMPILE_CACHE": "compiled artifacts kept across restarts: a directory, or off (--compile-cache)",
     "ZTURBO_API_KEY": "zturbo serve: the bearer key every API call must send (--api-key)",
     "ZTURBO_DATA_DIR": "zturbo serve: the job database and the images (--data-dir)",
+    "ZTURBO_STORE": "zturbo serve: the job queue, sqlite or a postgresql:// URL shared by many machines (--store)",
     "ZTURBO_TEST_STEP_SLEEP": "test hook: seconds a server worker sleeps after each denoising step",
 }
 

@@ -69,6 +69,7 @@ from .schemas import (
     text_image,
     upload_image,
 )
+from .stores import DEFAULT_STORE, open_store
 from .workers import Finished, Hooks, Supervisor
 
 log = logging.getLogger("zturbo.server")
@@ -97,6 +98,9 @@ class ServeSettings:
     devices: list[str]
     limits: ModelLimits
     api_key: str | None = None
+    # The job queue (`stores.check_store`): "sqlite", a file in data_dir, or a postgresql:// URL.
+    store: str = DEFAULT_STORE
+    node_lease_s: float | None = None  # a shared store's node lease (None: its default)
     queue_size: int = 64
     job_timeout: float = 600.0
     shutdown_grace: float = 30.0
@@ -144,7 +148,9 @@ class Service:
         lora_dir = settings.lora_dir or settings.data_dir / "loras"
         lora_dir.mkdir(parents=True, exist_ok=True)
         self.loras = ServerLoras(lora_dir, settings.lora_targets or _published_targets)
-        self.store = jobs.JobStore(settings.data_dir / "jobs.sqlite3", max_queued=settings.queue_size)
+        self.store = open_store(
+            settings.store, settings.data_dir, max_queued=settings.queue_size, lease_s=settings.node_lease_s
+        )
         self.events = jobs.JobEvents()
         self.metrics = Metrics(self)
         hooks = Hooks(

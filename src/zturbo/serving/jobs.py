@@ -1,6 +1,8 @@
-"""The persistent job queue: SQLite in WAL mode, one row per job, state changes as guarded transactions.
+"""The persistent job queue: one row per job, state changes as guarded transactions. Its rules are
+`SqlQueue`'s, which two stores run: `JobStore` here (SQLite in WAL mode, one machine) and
+`pgstore.PostgresJobStore` (PostgreSQL, many machines).
 
-A job is durable (committed with synchronous=FULL) before its id is returned. A claim sets the job
+A job is durable (committed; SQLite with synchronous=FULL) before its id is returned. A claim sets the job
 `running` and counts an attempt; the attempt number is the claim's token, and every later change
 by the worker that claimed it must present it, so a stale claim can never finish a job twice.
 
@@ -11,6 +13,7 @@ commits, and a file goes when no job refers to it any more.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -20,8 +23,9 @@ import sqlite3
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,10 +324,15 @@ class InputStore:
     job that refers to it commits, so a committed job never points at a partial file. `lock` is
     held from writing a job's files to committing its row, and from finding a file unreferenced
     to removing it, so a removal never takes a file a job being submitted has just found present.
+
+    That lock is one process's. Where processes on several machines share the directory, `keep_s`
+    stands in for it: a file is removed only once unchanged for that long, and `put` renews the
+    time of a file it finds present, so a submission between its `put` and its commit keeps it.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, keep_s: float = 0.0) -> None:
         self.root = Path(root)
+        self.keep_s = keep_s
         self.lock = threading.Lock()
 
     def path(self, sha256: str) -> Path:
@@ -338,6 +347,8 @@ class InputStore:
             raise ValueError(f"{image.name} has no bytes to store")
         path = self.path(image.sha256)
         if _holds(path, image.data):
+            with contextlib.suppress(OSError):
+                os.utime(path)  # found present now: not removable for `keep_s` (a shared directory)
             return
         tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{_PARTIAL}")
         try:
@@ -379,7 +390,17 @@ class InputStore:
 
     def remove(self, hashes: Iterable[str]) -> None:
         for sha256 in hashes:
-            self.path(sha256).unlink(missing_ok=True)
+            self.discard(self.path(sha256))
+
+    def discard(self, path: Path) -> bool:
+        """Remove a file no job refers to, unless it changed within `keep_s`; whether it went."""
+        try:
+            if self.keep_s and time.time() - path.stat().st_mtime < self.keep_s:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def stored(self) -> Iterator[Path]:
         """Every file under the root: stored images and partial writes."""
@@ -413,13 +434,416 @@ _CLAIM_COLUMNS = (
 )
 
 
-class JobStore:
-    """All access to the queue database; safe to share between the threads of one process."""
+class SqlQueue(ABC):
+    """The queue's semantics as SQL that both backends run: `JobStore` (SQLite, one machine) and
+    `pgstore.PostgresJobStore` (a server every node reaches). A subclass owns the connection: its
+    transactions (`_tx`), reads (`_read`), and the clauses that make a claim safe when several
+    processes claim at once (`_ROW_LOCK`, `_CLAIM_LOCK`, `_lock_queue`). Safe to share between the
+    threads of one process; one connection, used under `_lock`."""
+
+    # Appended to a SELECT of rows the transaction then changes: SQLite's write lock (BEGIN IMMEDIATE)
+    # already makes every transaction run alone, so both are empty here.
+    _ROW_LOCK = ""
+    _CLAIM_LOCK = ""  # on the rows a claim reads: rows another claimer holds are passed over
+
+    location: str  # what `stores.open_store` takes to open this queue again: a file's path or a server's URL
+    max_queued: int
+    inputs: InputStore
+    _lock: threading.RLock
+    _db: Any  # the connection: `execute(sql, args)` with ? placeholders, rows indexed by name and number
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def _tx(self) -> AbstractContextManager[Any]:
+        """One write transaction on `_db`, which it yields; a fault of the storage is a StorageError."""
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """The connection for reads outside a transaction."""
+        with self._lock:
+            yield self._db
+
+    def _lock_queue(self, db: Any) -> None:
+        """Make the queue's depth stable until the transaction ends (SQLite: its write lock does)."""
+        return None
+
+    def _prompt_match(self, query: str) -> tuple[str, str]:
+        """A WHERE term finding `query` in a job's prompt whatever its case, and its argument."""
+        return "instr(casefold(prompt), ?) > 0", query.casefold()
+
+    def _claimer(self, worker: str) -> str:
+        """What a claim records as its worker (`Job.worker`)."""
+        return worker
+
+    def _orphans(self, db: Any) -> list[Any]:
+        """Jobs left `running` by a claimer that is gone: on one machine, at startup, all of them."""
+        return db.execute("SELECT id, params, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
+
+    def heartbeat(self) -> list[Job]:
+        """This process is alive (a shared store's lease); the jobs of claimers found dead are
+        queued again (or failed), as `recover` does. One machine's store has no one else to watch."""
+        return []
+
+    # --- submit and read ------------------------------------------------------------------
+
+    def submit(
+        self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None, preview: bool = False
+    ) -> Job:
+        """Queue a validated request (stored serialised, its input images in `inputs` first), or raise
+        QueueFullError when `max_queued` jobs are already waiting. `preview`: the worker sends
+        previews of the latents with the job's progress."""
+        job_id = job_id or new_id()
+        params = request.to_dict()
+        images = request.inputs.images()
+        now = time.time()
+        with self.inputs.lock:
+            if images:
+                with self._read() as db:  # no files written for a job the queue cannot take
+                    self._check_room(db)
+                for image in images.values():
+                    self.inputs.put(image)
+            try:
+                with self._tx() as db:
+                    self._lock_queue(db)
+                    self._check_room(db)
+                    columns = (
+                        "id, status, params, prompt, client, lora_set, batch_key, image_count, preview, created_at"
+                    )
+                    prompt, lora_set, key = "\n".join(request.prompts), lora_set_key(request), batch_key(request)
+                    db.execute(
+                        f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (job_id, QUEUED, json.dumps(params), prompt, client, lora_set, key, request.num_images,
+                         int(preview), now),
+                    )  # fmt: skip
+                    rows = [(job_id, name, image.sha256) for name, image in images.items()]
+                    db.executemany("INSERT INTO job_inputs (job_id, field, sha256) VALUES (?, ?, ?)", rows)
+            except BaseException:
+                self._drop_unreferenced({image.sha256 for image in images.values()})
+                raise
+        return self.get(job_id)
+
+    def _check_room(self, db: Any) -> None:
+        depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+        if depth >= self.max_queued:
+            raise QueueFullError(
+                f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
+            )
+
+    def _drop_unreferenced(self, hashes: set[str]) -> None:
+        """Remove the input files of `hashes` that no job refers to; the caller holds `inputs.lock`."""
+        with self._read() as db:
+            q = "SELECT 1 FROM job_inputs WHERE sha256 = ? LIMIT 1"
+            used = {h for h in hashes if db.execute(q, (h,)).fetchone() is not None}
+        self.inputs.remove(hashes - used)
+
+    def sweep_inputs(self) -> int:
+        """At startup: remove input files no job refers to (a submission cut off between writing its
+        files and committing) and partial writes; returns how many went."""
+        with self.inputs.lock:
+            with self._read() as db:
+                used = {r[0] for r in db.execute("SELECT DISTINCT sha256 FROM job_inputs")}
+            stray = [path for path in self.inputs.stored() if path.name not in used]
+            return sum(self.inputs.discard(path) for path in stray)
+
+    def get(self, job_id: str) -> Job:
+        with self._read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id!r} does not exist")
+            return self._job(db, row)
+
+    @staticmethod
+    def _job(db: Any, row: Any) -> Job:
+        images = tuple(
+            ImageRef(r["id"], r["idx"], r["seed"], r["file"])
+            for r in db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
+        )
+        return Job(
+            id=row["id"],
+            seq=row["seq"],
+            status=row["status"],
+            params=read_params(row["params"])[0],
+            attempts=row["attempts"],
+            worker=row["worker"],
+            cancel_requested=bool(row["cancel_requested"]),
+            error=_read_error(row["error"]),
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            client=row["client"],
+            images=images,
+            preview=bool(row["preview"]),
+        )
+
+    def position(self, job: Job) -> int | None:
+        """0-based place in the queue of a queued job, else None."""
+        if job.status != QUEUED:
+            return None
+        with self._read() as db:
+            q = "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?"
+            return int(db.execute(q, (QUEUED, job.seq)).fetchone()[0])
+
+    def counts(self) -> dict[str, int]:
+        with self._read() as db:
+            rows = db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
+
+    def depth(self) -> int:
+        return self.counts()[QUEUED]
+
+    def image(self, image_id: str) -> ImageRef:
+        with self._read() as db:
+            r = db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
+        if r is None:
+            raise JobNotFoundError(f"image {image_id!r} does not exist")
+        return ImageRef(r["id"], r["idx"], r["seed"], r["file"])
+
+    def history(self, *, limit: int, offset: int, query: str | None = None) -> tuple[list[Job], int]:
+        """Finished jobs, newest first, and how many match in all."""
+        where = "status IN (?, ?, ?)"
+        args: list[Any] = list(FINISHED)
+        if query:
+            term, arg = self._prompt_match(query)
+            where += f" AND {term}"
+            args.append(arg)
+        with self._read() as db:
+            total = db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()[0]
+            rows = db.execute(
+                f"SELECT * FROM jobs WHERE {where} ORDER BY finished_at DESC, seq DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
+            return [self._job(db, r) for r in rows], int(total)
+
+    # --- state changes by the server --------------------------------------------------------
+
+    def claim(self, worker: str, prefer: str = NO_LORAS) -> Claim | None:
+        """The next job alone (`claim_batch` of one image)."""
+        claims = self.claim_batch(worker, prefer, 1)
+        return claims[0] if claims else None
+
+    def claim_batch(
+        self, worker: str, prefer: str, max_images: int, rooms: Mapping[str, int] | None = None
+    ) -> list[Claim]:
+        """The next job (`_next`), then the waiting jobs that can run in one batch with it (an equal
+        batch key) in queue order, while their images and its stay within `max_images`, and within
+        `rooms[key]` where `rooms` has its batch key (the images the worker's memory was found to
+        hold): all now `running` on `worker` with one more attempt; [] if none waits. The first job
+        is taken whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the
+        worker ran last. A job whose parameters cannot be read is failed with the reason on the way."""
+        with self._tx() as db:
+            first = self._next_readable(db, prefer)
+            if first is None:
+                return []
+            rows = [first]
+            key = first[0]["batch_key"]
+            if key != NO_BATCH:
+                most = min(max_images, (rooms or {}).get(key, max_images))
+                rows += self._companions(db, first[0], most - first[0]["image_count"])
+            now = time.time()
+            claims = []
+            for row, params in rows:
+                attempt = row["attempts"] + 1
+                db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
+                    (RUNNING, attempt, self._claimer(worker), now, row["id"]),
+                )
+                claims.append(
+                    Claim(
+                        row["id"],
+                        attempt,
+                        params,
+                        row["lora_set"],
+                        bool(row["preview"]),
+                        row["image_count"],
+                        row["batch_key"],
+                    )
+                )
+        return claims
+
+    def _next_readable(self, db: Any, prefer: str) -> tuple[Any, dict[str, Any]] | None:
+        """The next job (`_next`) and its parameters; jobs whose parameters cannot be read fail on the way."""
+        while (row := self._next(db, prefer)) is not None:
+            params, problem = read_params(row["params"])
+            if problem is None:
+                return row, params
+            self._fail_unreadable(db, row["id"], problem)
+        return None
+
+    def _companions(self, db: Any, first: Any, room: int) -> list[tuple[Any, dict[str, Any]]]:
+        """Waiting jobs with `first`'s batch key after it, in queue order, up to the first that would
+        take the images past `room` (none overtakes a compatible job that does not fit). A job makes
+        at least one image, so no more than `room` rows are read (and, on a shared store, locked)."""
+        q = f"{_CLAIM_COLUMNS} AND batch_key = ? AND seq > ? ORDER BY seq LIMIT ?{self._CLAIM_LOCK}"
+        out = []
+        for row in db.execute(q, (QUEUED, first["batch_key"], first["seq"], max(room, 0))).fetchall():
+            if row["image_count"] > room:
+                break
+            params, problem = read_params(row["params"])
+            if problem is not None:
+                self._fail_unreadable(db, row["id"], problem)
+                continue
+            out.append((row, params))
+            room -= row["image_count"]
+        return out
+
+    def _next(self, db: Any, prefer: str) -> Any:
+        """The oldest waiting job, unless the oldest one with the `prefer` LoRA set was queued within
+        SAME_SET_WINDOW_S of it: then that one (no switch of weights for the worker). None if none waits."""
+        columns, lock = _CLAIM_COLUMNS, self._CLAIM_LOCK
+        oldest = db.execute(f"{columns} ORDER BY seq LIMIT 1{lock}", (QUEUED,)).fetchone()
+        if oldest is None or oldest["lora_set"] == prefer:
+            return oldest
+        q = f"{columns} AND lora_set = ? AND created_at <= ? ORDER BY seq LIMIT 1{lock}"
+        same = db.execute(q, (QUEUED, prefer, oldest["created_at"] + SAME_SET_WINDOW_S)).fetchone()
+        return same if same is not None else oldest
+
+    def _fail_unreadable(self, db: Any, job_id: str, problem: str) -> None:
+        message = f"job {job_id} cannot run: its stored parameters cannot be read ({problem}); submit it again"
+        log.warning("%s", message)
+        self._finish(db, job_id, FAILED, {"type": InvalidRequestError.kind, "message": message})
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: cancelled now. Running: flagged, the worker stops between steps. Finished: 409."""
+        with self._tx() as db:
+            row = db.execute(f"SELECT status FROM jobs WHERE id = ?{self._ROW_LOCK}", (job_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id!r} does not exist")
+            if row["status"] in FINISHED:
+                raise JobConflictError(f"job {job_id} has already {row['status']}; only queued or running jobs cancel")
+            if row["status"] == QUEUED:
+                db.execute(
+                    "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ? WHERE id = ?",
+                    (CANCELLED, time.time(), job_id),
+                )
+            else:
+                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+        return self.get(job_id)
+
+    def release(
+        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False
+    ) -> Job | None:
+        """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
+
+        `count_attempt=False` gives the attempt back: a graceful shutdown, a worker that died before
+        it began the job, or a batch that failed as a whole. `solo=True` queues it to run alone from
+        now on (its batch key becomes NO_BATCH), so that a job that breaks a batch breaks only itself.
+        None if the claim is stale.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?{self._ROW_LOCK}",
+                (job_id, RUNNING, attempt),
+            ).fetchone()
+            if row is None:
+                return None
+            if row["cancel_requested"]:
+                self._finish(db, job_id, CANCELLED, None)
+            elif count_attempt and attempt >= MAX_ATTEMPTS:
+                error = {"type": "worker_died", "message": f"failed after {attempt} attempts: {reason}"}
+                self._finish(db, job_id, FAILED, error)
+            else:
+                attempts = attempt if count_attempt else attempt - 1
+                db.execute(
+                    "UPDATE jobs SET status = ?, attempts = ?, worker = NULL, started_at = NULL WHERE id = ?",
+                    (QUEUED, attempts, job_id),
+                )
+                if solo:
+                    db.execute("UPDATE jobs SET batch_key = ? WHERE id = ?", (NO_BATCH, job_id))
+        return self.get(job_id)
+
+    def recover(self, reason: str = "the server stopped while it ran") -> list[Job]:
+        """Jobs left `running` by a process that died (`_orphans`) are queued again (or failed): at
+        startup, and on a shared store at each `heartbeat`."""
+        with self._read() as db:
+            rows = self._orphans(db)
+        out = []
+        for r in rows:
+            problem = read_params(r["params"])[1]
+            if problem is not None:
+                with self._tx() as db:
+                    self._fail_unreadable(db, r["id"], problem)
+                out.append(self.get(r["id"]))
+                continue
+            job = self.release(r["id"], r["attempts"], reason)
+            if job is not None:
+                out.append(job)
+        return out
+
+    def delete(self, job_id: str, images_dir: Path) -> None:
+        """Remove a finished job, its image files and the input files no other job refers to."""
+        job = self.get(job_id)
+        if not job.finished:
+            raise JobConflictError(f"job {job_id} is {job.status}; cancel it first, only finished jobs can be deleted")
+        with self._tx() as db:
+            hashes = {r[0] for r in db.execute("SELECT sha256 FROM job_inputs WHERE job_id = ?", (job_id,))}
+            db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        for image in job.images:
+            (images_dir / image.file).unlink(missing_ok=True)
+        with self.inputs.lock:
+            self._drop_unreferenced(hashes)
+
+    # --- state changes by the worker that holds the claim -------------------------------------
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._read() as db:
+            row = db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row[0])
+
+    def cancels_requested(self, job_ids: Iterable[str]) -> set[str]:
+        """Which of `job_ids` have a cancel requested: one query for a whole batch, per step."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        q = f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({', '.join('?' * len(ids))})"
+        with self._read() as db:
+            return {r[0] for r in db.execute(q, ids)}
+
+    def succeed(self, claim: Claim, images: list[ImageRef]) -> bool:
+        """Record the images and mark the job succeeded, in one transaction; False if the claim is stale."""
+        with self._tx() as db:
+            if not self._holds(db, claim):
+                return False
+            db.execute("DELETE FROM images WHERE job_id = ?", (claim.job_id,))
+            db.executemany(
+                "INSERT INTO images (id, job_id, idx, seed, file) VALUES (?, ?, ?, ?, ?)",
+                [(im.id, claim.job_id, im.idx, im.seed, im.file) for im in images],
+            )
+            self._finish(db, claim.job_id, SUCCEEDED, None)
+        return True
+
+    def end(self, claim: Claim, status: str, error: dict[str, str] | None = None) -> bool:
+        """Mark a claimed job failed or cancelled; False if the claim is stale."""
+        assert status in (FAILED, CANCELLED)
+        with self._tx() as db:
+            if not self._holds(db, claim):
+                return False
+            self._finish(db, claim.job_id, status, error)
+        return True
+
+    def _holds(self, db: Any, claim: Claim) -> bool:
+        q = f"SELECT 1 FROM jobs WHERE id = ? AND status = ? AND attempts = ?{self._ROW_LOCK}"
+        return db.execute(q, (claim.job_id, RUNNING, claim.attempt)).fetchone() is not None
+
+    @staticmethod
+    def _finish(db: Any, job_id: str, status: str, error: dict[str, str] | None) -> None:
+        db.execute(
+            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+            (status, json.dumps(error) if error else None, time.time(), job_id),
+        )
+
+
+class JobStore(SqlQueue):
+    """The queue in an SQLite database file: one machine's server and its worker processes."""
 
     def __init__(self, path: Path, *, max_queued: int = 64, check: bool = True, inputs_dir: Path | None = None) -> None:
         """`check=False` skips the startup check (worker processes: the server checked it already).
         Input images live in `inputs_dir` (default: `inputs/` beside the database)."""
         self.path = Path(path)
+        self.location = str(self.path)
         self.max_queued = max_queued
         self.inputs = InputStore(inputs_dir if inputs_dir is not None else self.path.parent / "inputs")
         self._lock = threading.RLock()
@@ -465,356 +889,6 @@ class JobStore:
                 if isinstance(e, sqlite3.Error) and storage_fault(e):
                     raise StorageError(f"cannot write the job database {self.path}: {storage_fault(e)} ({e})") from e
                 raise
-
-    # --- submit and read ------------------------------------------------------------------
-
-    def submit(
-        self, request: GenerateRequest, *, job_id: str | None = None, client: str | None = None, preview: bool = False
-    ) -> Job:
-        """Queue a validated request (stored serialised, its input images in `inputs` first), or raise
-        QueueFullError when `max_queued` jobs are already waiting. `preview`: the worker sends
-        previews of the latents with the job's progress."""
-        job_id = job_id or new_id()
-        params = request.to_dict()
-        images = request.inputs.images()
-        now = time.time()
-        with self.inputs.lock:
-            if images:
-                with self._lock:  # no files written for a job the queue cannot take
-                    self._check_room(self._db)
-                for image in images.values():
-                    self.inputs.put(image)
-            try:
-                with self._tx() as db:
-                    self._check_room(db)
-                    columns = (
-                        "id, status, params, prompt, client, lora_set, batch_key, image_count, preview, created_at"
-                    )
-                    prompt, lora_set, key = "\n".join(request.prompts), lora_set_key(request), batch_key(request)
-                    db.execute(
-                        f"INSERT INTO jobs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (job_id, QUEUED, json.dumps(params), prompt, client, lora_set, key, request.num_images,
-                         int(preview), now),
-                    )  # fmt: skip
-                    rows = [(job_id, name, image.sha256) for name, image in images.items()]
-                    db.executemany("INSERT INTO job_inputs (job_id, field, sha256) VALUES (?, ?, ?)", rows)
-            except BaseException:
-                self._drop_unreferenced({image.sha256 for image in images.values()})
-                raise
-        return self.get(job_id)
-
-    def _check_room(self, db: sqlite3.Connection) -> None:
-        depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
-        if depth >= self.max_queued:
-            raise QueueFullError(
-                f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
-            )
-
-    def _drop_unreferenced(self, hashes: set[str]) -> None:
-        """Remove the input files of `hashes` that no job refers to; the caller holds `inputs.lock`."""
-        with self._lock:
-            q = "SELECT 1 FROM job_inputs WHERE sha256 = ? LIMIT 1"
-            used = {h for h in hashes if self._db.execute(q, (h,)).fetchone() is not None}
-        self.inputs.remove(hashes - used)
-
-    def sweep_inputs(self) -> int:
-        """At startup: remove input files no job refers to (a submission cut off between writing its
-        files and committing) and partial writes; returns how many went."""
-        with self.inputs.lock:
-            with self._lock:
-                used = {r[0] for r in self._db.execute("SELECT DISTINCT sha256 FROM job_inputs")}
-            stray = [path for path in self.inputs.stored() if path.name not in used]
-            for path in stray:
-                path.unlink(missing_ok=True)
-        return len(stray)
-
-    def get(self, job_id: str) -> Job:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"job {job_id!r} does not exist")
-            return self._job(row)
-
-    def _job(self, row: sqlite3.Row) -> Job:
-        images = tuple(
-            ImageRef(r["id"], r["idx"], r["seed"], r["file"])
-            for r in self._db.execute("SELECT * FROM images WHERE job_id = ? ORDER BY idx", (row["id"],))
-        )
-        return Job(
-            id=row["id"],
-            seq=row["seq"],
-            status=row["status"],
-            params=read_params(row["params"])[0],
-            attempts=row["attempts"],
-            worker=row["worker"],
-            cancel_requested=bool(row["cancel_requested"]),
-            error=_read_error(row["error"]),
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            client=row["client"],
-            images=images,
-            preview=bool(row["preview"]),
-        )
-
-    def position(self, job: Job) -> int | None:
-        """0-based place in the queue of a queued job, else None."""
-        if job.status != QUEUED:
-            return None
-        with self._lock:
-            q = "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?"
-            return int(self._db.execute(q, (QUEUED, job.seq)).fetchone()[0])
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
-        return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
-
-    def depth(self) -> int:
-        return self.counts()[QUEUED]
-
-    def image(self, image_id: str) -> ImageRef:
-        with self._lock:
-            r = self._db.execute("SELECT * FROM images WHERE id = ?", (image_id,)).fetchone()
-        if r is None:
-            raise JobNotFoundError(f"image {image_id!r} does not exist")
-        return ImageRef(r["id"], r["idx"], r["seed"], r["file"])
-
-    def history(self, *, limit: int, offset: int, query: str | None = None) -> tuple[list[Job], int]:
-        """Finished jobs, newest first, and how many match in all."""
-        where = "status IN (?, ?, ?)"
-        args: list[Any] = list(FINISHED)
-        if query:
-            where += " AND instr(casefold(prompt), ?) > 0"
-            args.append(query.casefold())
-        with self._lock:
-            total = self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args).fetchone()[0]
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE {where} ORDER BY finished_at DESC, seq DESC LIMIT ? OFFSET ?",
-                [*args, limit, offset],
-            ).fetchall()
-            return [self._job(r) for r in rows], int(total)
-
-    # --- state changes by the server --------------------------------------------------------
-
-    def claim(self, worker: str, prefer: str = NO_LORAS) -> Claim | None:
-        """The next job alone (`claim_batch` of one image)."""
-        claims = self.claim_batch(worker, prefer, 1)
-        return claims[0] if claims else None
-
-    def claim_batch(
-        self, worker: str, prefer: str, max_images: int, rooms: Mapping[str, int] | None = None
-    ) -> list[Claim]:
-        """The next job (`_next`), then the waiting jobs that can run in one batch with it (an equal
-        batch key) in queue order, while their images and its stay within `max_images`, and within
-        `rooms[key]` where `rooms` has its batch key (the images the worker's memory was found to
-        hold): all now `running` on `worker` with one more attempt; [] if none waits. The first job
-        is taken whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the
-        worker ran last. A job whose parameters cannot be read is failed with the reason on the way."""
-        with self._tx() as db:
-            first = self._next_readable(db, prefer)
-            if first is None:
-                return []
-            rows = [first]
-            key = first[0]["batch_key"]
-            if key != NO_BATCH:
-                most = min(max_images, (rooms or {}).get(key, max_images))
-                rows += self._companions(db, first[0], most - first[0]["image_count"])
-            now = time.time()
-            claims = []
-            for row, params in rows:
-                attempt = row["attempts"] + 1
-                db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
-                    (RUNNING, attempt, worker, now, row["id"]),
-                )
-                claims.append(
-                    Claim(
-                        row["id"],
-                        attempt,
-                        params,
-                        row["lora_set"],
-                        bool(row["preview"]),
-                        row["image_count"],
-                        row["batch_key"],
-                    )
-                )
-        return claims
-
-    def _next_readable(self, db: sqlite3.Connection, prefer: str) -> tuple[sqlite3.Row, dict[str, Any]] | None:
-        """The next job (`_next`) and its parameters; jobs whose parameters cannot be read fail on the way."""
-        while (row := self._next(db, prefer)) is not None:
-            params, problem = read_params(row["params"])
-            if problem is None:
-                return row, params
-            self._fail_unreadable(db, row["id"], problem)
-        return None
-
-    def _companions(
-        self, db: sqlite3.Connection, first: sqlite3.Row, room: int
-    ) -> list[tuple[sqlite3.Row, dict[str, Any]]]:
-        """Waiting jobs with `first`'s batch key after it, in queue order, up to the first that would
-        take the images past `room` (none overtakes a compatible job that does not fit)."""
-        q = f"{_CLAIM_COLUMNS} AND batch_key = ? AND seq > ? ORDER BY seq"
-        out = []
-        for row in db.execute(q, (QUEUED, first["batch_key"], first["seq"])).fetchall():
-            if row["image_count"] > room:
-                break
-            params, problem = read_params(row["params"])
-            if problem is not None:
-                self._fail_unreadable(db, row["id"], problem)
-                continue
-            out.append((row, params))
-            room -= row["image_count"]
-        return out
-
-    @staticmethod
-    def _next(db: sqlite3.Connection, prefer: str) -> sqlite3.Row | None:
-        """The oldest waiting job, unless the oldest one with the `prefer` LoRA set was queued within
-        SAME_SET_WINDOW_S of it: then that one (no switch of weights for the worker)."""
-        columns = _CLAIM_COLUMNS
-        oldest = db.execute(f"{columns} ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
-        if oldest is None or oldest["lora_set"] == prefer:
-            return oldest
-        q = f"{columns} AND lora_set = ? AND created_at <= ? ORDER BY seq LIMIT 1"
-        same = db.execute(q, (QUEUED, prefer, oldest["created_at"] + SAME_SET_WINDOW_S)).fetchone()
-        return same if same is not None else oldest
-
-    def _fail_unreadable(self, db: sqlite3.Connection, job_id: str, problem: str) -> None:
-        message = f"job {job_id} cannot run: its stored parameters cannot be read ({problem}); submit it again"
-        log.warning("%s", message)
-        self._finish(db, job_id, FAILED, {"type": InvalidRequestError.kind, "message": message})
-
-    def cancel(self, job_id: str) -> Job:
-        """Queued: cancelled now. Running: flagged, the worker stops between steps. Finished: 409."""
-        with self._tx() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"job {job_id!r} does not exist")
-            if row["status"] in FINISHED:
-                raise JobConflictError(f"job {job_id} has already {row['status']}; only queued or running jobs cancel")
-            if row["status"] == QUEUED:
-                db.execute(
-                    "UPDATE jobs SET status = ?, cancel_requested = 1, finished_at = ? WHERE id = ?",
-                    (CANCELLED, time.time(), job_id),
-                )
-            else:
-                db.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
-        return self.get(job_id)
-
-    def release(
-        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False
-    ) -> Job | None:
-        """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
-
-        `count_attempt=False` gives the attempt back: a graceful shutdown, a worker that died before
-        it began the job, or a batch that failed as a whole. `solo=True` queues it to run alone from
-        now on (its batch key becomes NO_BATCH), so that a job that breaks a batch breaks only itself.
-        None if the claim is stale.
-        """
-        with self._tx() as db:
-            row = db.execute(
-                "SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?",
-                (job_id, RUNNING, attempt),
-            ).fetchone()
-            if row is None:
-                return None
-            if row["cancel_requested"]:
-                self._finish(db, job_id, CANCELLED, None)
-            elif count_attempt and attempt >= MAX_ATTEMPTS:
-                error = {"type": "worker_died", "message": f"failed after {attempt} attempts: {reason}"}
-                self._finish(db, job_id, FAILED, error)
-            else:
-                attempts = attempt if count_attempt else attempt - 1
-                db.execute(
-                    "UPDATE jobs SET status = ?, attempts = ?, worker = NULL, started_at = NULL WHERE id = ?",
-                    (QUEUED, attempts, job_id),
-                )
-                if solo:
-                    db.execute("UPDATE jobs SET batch_key = ? WHERE id = ?", (NO_BATCH, job_id))
-        return self.get(job_id)
-
-    def recover(self) -> list[Job]:
-        """At startup: jobs left `running` by a process that died are queued again (or failed)."""
-        with self._lock:
-            rows = self._db.execute("SELECT id, params, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
-        out = []
-        for r in rows:
-            problem = read_params(r["params"])[1]
-            if problem is not None:
-                with self._tx() as db:
-                    self._fail_unreadable(db, r["id"], problem)
-                out.append(self.get(r["id"]))
-                continue
-            job = self.release(r["id"], r["attempts"], "the server stopped while it ran")
-            if job is not None:
-                out.append(job)
-        return out
-
-    def delete(self, job_id: str, images_dir: Path) -> None:
-        """Remove a finished job, its image files and the input files no other job refers to."""
-        job = self.get(job_id)
-        if not job.finished:
-            raise JobConflictError(f"job {job_id} is {job.status}; cancel it first, only finished jobs can be deleted")
-        with self._tx() as db:
-            hashes = {r[0] for r in db.execute("SELECT sha256 FROM job_inputs WHERE job_id = ?", (job_id,))}
-            db.execute("DELETE FROM job_inputs WHERE job_id = ?", (job_id,))
-            db.execute("DELETE FROM images WHERE job_id = ?", (job_id,))
-            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
-        for image in job.images:
-            (images_dir / image.file).unlink(missing_ok=True)
-        with self.inputs.lock:
-            self._drop_unreferenced(hashes)
-
-    # --- state changes by the worker that holds the claim -------------------------------------
-
-    def cancel_requested(self, job_id: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return bool(row and row[0])
-
-    def cancels_requested(self, job_ids: Iterable[str]) -> set[str]:
-        """Which of `job_ids` have a cancel requested: one query for a whole batch, per step."""
-        ids = list(job_ids)
-        if not ids:
-            return set()
-        q = f"SELECT id FROM jobs WHERE cancel_requested = 1 AND id IN ({', '.join('?' * len(ids))})"
-        with self._lock:
-            return {r[0] for r in self._db.execute(q, ids)}
-
-    def succeed(self, claim: Claim, images: list[ImageRef]) -> bool:
-        """Record the images and mark the job succeeded, in one transaction; False if the claim is stale."""
-        with self._tx() as db:
-            if not self._holds(db, claim):
-                return False
-            db.execute("DELETE FROM images WHERE job_id = ?", (claim.job_id,))
-            db.executemany(
-                "INSERT INTO images (id, job_id, idx, seed, file) VALUES (?, ?, ?, ?, ?)",
-                [(im.id, claim.job_id, im.idx, im.seed, im.file) for im in images],
-            )
-            self._finish(db, claim.job_id, SUCCEEDED, None)
-        return True
-
-    def end(self, claim: Claim, status: str, error: dict[str, str] | None = None) -> bool:
-        """Mark a claimed job failed or cancelled; False if the claim is stale."""
-        assert status in (FAILED, CANCELLED)
-        with self._tx() as db:
-            if not self._holds(db, claim):
-                return False
-            self._finish(db, claim.job_id, status, error)
-        return True
-
-    @staticmethod
-    def _holds(db: sqlite3.Connection, claim: Claim) -> bool:
-        q = "SELECT 1 FROM jobs WHERE id = ? AND status = ? AND attempts = ?"
-        return db.execute(q, (claim.job_id, RUNNING, claim.attempt)).fetchone() is not None
-
-    @staticmethod
-    def _finish(db: sqlite3.Connection, job_id: str, status: str, error: dict[str, str] | None) -> None:
-        db.execute(
-            "UPDATE jobs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-            (status, json.dumps(error) if error else None, time.time(), job_id),
-        )
 
 
 class JobEvents:

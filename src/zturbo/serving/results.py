@@ -20,12 +20,13 @@ from fastapi.responses import Response
 
 from ..errors import StorageError, SyncTimeoutError
 from . import jobs
+from .stores import QueueStore
 
 # An output file's media type by its format (`request.OUTPUT_FORMATS`).
 OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
-async def finished_job(store: jobs.JobStore, events: jobs.JobEvents, job_id: str, timeout: float) -> jobs.Job:
+async def finished_job(store: QueueStore, events: jobs.JobEvents, job_id: str, timeout: float) -> jobs.Job:
     """Wait for the job to finish, re-reading it whenever it has news (and at least once a second);
     SyncTimeoutError after `timeout` seconds (the job goes on)."""
     loop = asyncio.get_running_loop()

@@ -4,6 +4,7 @@ connection bounds (connections.py)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import functools
@@ -128,6 +129,22 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
         help="queue database and images (default $ZTURBO_DATA_DIR or ~/.local/share/zturbo)",
     )
     p.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="the job queue: sqlite (a file in the data directory, one machine) or postgresql://USER@HOST:PORT/DB, "
+        "shared by the servers of many machines, which then need one shared --data-dir (default $ZTURBO_STORE, "
+        "else sqlite; docs/server.md, 'Many machines')",
+    )
+    p.add_argument(
+        "--node-lease",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a postgresql:// store: how long a server may go unheard before the others queue its running jobs "
+        "again (default 30)",
+    )
+    p.add_argument(
         "--lora-dir",
         default=None,
         help="the LoRA files jobs may name (by name only, never by path); made if missing "
@@ -148,10 +165,12 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     from .app import ServeSettings, create_app
     from .connections import raise_file_limit
     from .loras import model_targets
+    from .pgstore import redact
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
     _check_numbers(args)
+    store = _store(args)
     devices = worker_devices(args.gpus, args.device)
     config = runtime_config
     source = resolve_model(
@@ -162,14 +181,16 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     lora_dir = Path(args.lora_dir or config.lora_dir or data_dir / "loras").expanduser()
     model_limits = _model_limits(source, config)
     limits = _connection_limits(args, raise_file_limit())
-    lock = _lock_data_dir(data_dir)
+    lock = _lock_data_dir(data_dir, store)
     settings = ServeSettings(
         config=config,
         data_dir=data_dir,
+        store=store,
         devices=devices,
         limits=model_limits,
         api_key=api_key,
         queue_size=args.queue_size,
+        node_lease_s=args.node_lease,
         job_timeout=args.job_timeout,
         max_batch=args.max_batch,
         batch_window_ms=args.batch_window_ms,
@@ -183,8 +204,8 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         lora_cache_bytes=DEFAULT_LORA_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
         lora_targets=functools.partial(model_targets, source.config("transformer")),
     )
-    log.info("serving %s on http://%s:%d with workers on %s; data in %s, LoRAs in %s", config.model, args.host,
-             args.port, ", ".join(devices), data_dir, lora_dir)  # fmt: skip
+    log.info("serving %s on http://%s:%d with workers on %s; data in %s (queue: %s), LoRAs in %s", config.model,
+             args.host, args.port, ", ".join(devices), data_dir, redact(store), lora_dir)  # fmt: skip
     app = create_app(settings)
     service = app.state.service
     service.start()  # the workers load while the UI's imports and the HTTP server's start run
@@ -275,6 +296,8 @@ def worker_devices(gpus: str | None, device: str | None) -> list[str]:
 def _check_numbers(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise InvalidRequestError(f"--port {args.port} is out of range; allowed 1..65535")
+    if args.node_lease is not None and not 1 <= args.node_lease <= 3600:
+        raise InvalidRequestError(f"--node-lease {args.node_lease} must be 1..3600 seconds")
     if args.queue_size < 1:
         raise InvalidRequestError(f"--queue-size {args.queue_size} must be at least 1")
     if not args.job_timeout > 0:
@@ -304,8 +327,21 @@ def _connection_limits(args: argparse.Namespace, file_limit: int) -> Any:
     return ConnectionLimits(bound, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
 
 
-def _lock_data_dir(data_dir: Path) -> Any:
-    """One server per data directory: two would both recover and run the same jobs."""
+def _store(args: argparse.Namespace) -> str:
+    """The job queue's location (`stores.check_store`), before anything loads."""
+    from .stores import DEFAULT_STORE, STORE_ENV, check_store
+
+    return check_store(args.store or env(STORE_ENV) or DEFAULT_STORE)
+
+
+def _lock_data_dir(data_dir: Path, store: str) -> Any:
+    """One server per data directory with the SQLite queue: two would both recover and run the same
+    jobs. The servers of a shared queue share the directory, its claims keeping them apart: nothing
+    to hold then (an empty ExitStack, which closes as the lock file does)."""
+    from .pgstore import is_url
+
+    if is_url(store):
+        return contextlib.ExitStack()
     f = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held open for the life of the server
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..config import RuntimeConfig
 from . import jobs
+from .stores import QueueStore, open_store
 
 log = logging.getLogger("zturbo.workers")
 
@@ -189,8 +190,8 @@ def worker_main(
     worker_id: str,
     device: str,
     config: RuntimeConfig,
-    db_path: str,
-    images_dir: str,
+    store_location: str,
+    data_dir: str,
     conn: Connection,
 ) -> None:
     """Entry point of a worker process: load, warm up, report ready, then run batches until told to stop."""
@@ -206,7 +207,7 @@ def worker_main(
     engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
     engine.persist_compiled()  # that size's graphs too
     phases.mark("first_call_s")
-    store = jobs.JobStore(Path(db_path), check=False)  # the server checked it at startup
+    store = open_store(store_location, Path(data_dir), check=False)  # the server checked it at startup
     engine.startup["phases"] = {"imports_s": imported_s, **engine.startup["phases"]}
     ready_s, startup = process_age(), engine.startup_report()
     logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
@@ -214,7 +215,7 @@ def worker_main(
     channel.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
     # The writer has a connection of its own: its transactions and their fsyncs never hold up the
     # per-step cancel checks of the batch on the GPU.
-    writer = Writer(jobs.JobStore(Path(db_path), check=False), Path(images_dir), channel)
+    writer = Writer(open_store(store_location, Path(data_dir), check=False), Path(data_dir) / "images", channel)
     rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
     try:
         while True:
@@ -233,7 +234,7 @@ def worker_main(
 
 def run_batch(
     engine: Any,
-    store: jobs.JobStore,
+    store: QueueStore,
     claims: list[jobs.Claim],
     channel: Channel,
     writer: Writer,
@@ -306,7 +307,7 @@ def _within_room(
     return runnable[:kept], set(returned)
 
 
-def _requeue_solo(store: jobs.JobStore, outcome: Outcome, channel: Channel) -> None:
+def _requeue_solo(store: QueueStore, outcome: Outcome, channel: Channel) -> None:
     """Give a job of a batch that failed as a whole back to the queue, to run alone, its attempt
     not counted (the batch's size, not the job, failed)."""
     claim, reason = outcome.claim, (outcome.error or {}).get("message", "its batch failed")
@@ -316,7 +317,7 @@ def _requeue_solo(store: jobs.JobStore, outcome: Outcome, channel: Channel) -> N
 
 
 def _generate(
-    engine: Any, store: jobs.JobStore, runnable: list[tuple[jobs.Claim, Any]], writer: Writer, done: BatchDone
+    engine: Any, store: QueueStore, runnable: list[tuple[jobs.Claim, Any]], writer: Writer, done: BatchDone
 ) -> list[Outcome]:
     """One engine run for every request of `runnable` (`GenerateRequest.combine`), its images split
     back per job; a refusal fails them all, except that a batch of several that runs out of memory
@@ -373,7 +374,7 @@ class BatchWatch:
     cancelled the run stops."""
 
     def __init__(
-        self, store: jobs.JobStore, claims: list[jobs.Claim], counts: list[int], channel: Channel, device: Any = None
+        self, store: QueueStore, claims: list[jobs.Claim], counts: list[int], channel: Channel, device: Any = None
     ) -> None:
         from ..testing import step_sleep
 
@@ -433,7 +434,7 @@ class Writer:
     job's end in SQLite and only then reports it, while the GPU runs the next batch. At most
     WRITER_DEPTH batches wait for it; `put` blocks beyond that."""
 
-    def __init__(self, store: jobs.JobStore, images_dir: Path, channel: Channel, depth: int = WRITER_DEPTH) -> None:
+    def __init__(self, store: QueueStore, images_dir: Path, channel: Channel, depth: int = WRITER_DEPTH) -> None:
         self.store, self.images_dir, self.channel = store, images_dir, channel
         self._queue: queue.Queue[BatchDone | None] = queue.Queue(maxsize=depth)
         self.holding: tuple[str, ...] = ()  # the jobs of the batch being written
@@ -521,7 +522,7 @@ def _lora_stats(engine: Any) -> dict[str, float] | None:
     return stats
 
 
-def _record(store: jobs.JobStore, claim: jobs.Claim, write: Any, status: str) -> str:
+def _record(store: QueueStore, claim: jobs.Claim, write: Any, status: str) -> str:
     """Record a job's end; when the job database cannot be written (a full disk), say so and report
     the job failed: the worker and its loaded model stay up. The row stays `running` until the
     server's next start re-queues it."""
@@ -693,7 +694,7 @@ class Supervisor:
 
     def __init__(
         self,
-        store: jobs.JobStore,
+        store: QueueStore,
         config: RuntimeConfig,
         devices: list[str],
         data_dir: Path,
@@ -818,6 +819,8 @@ class Supervisor:
                 time.sleep(0.5)
 
     def _tick(self) -> None:
+        for job in self.store.heartbeat():  # a shared store: this node's lease, and lost nodes' jobs back
+            log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
         self._dispatch()
         waitables: list[Any] = [self._wake_r]
         for s in self.slots:
@@ -1141,10 +1144,9 @@ class Supervisor:
 
     def _spawn(self, s: WorkerSlot) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
-        images = str(self.data_dir / "images")
         process = self._ctx.Process(
             target=worker_main,
-            args=(s.id, s.device, self.config, str(self.store.path), images, child),
+            args=(s.id, s.device, self.config, self.store.location, str(self.data_dir), child),
             name=f"zturbo-{s.id}",
             daemon=True,
         )

@@ -1,0 +1,288 @@
+"""The job queue on PostgreSQL: one queue that the servers of many machines share.
+
+The queue's rules are `jobs.SqlQueue`'s; this module owns the connection, through psycopg 3 (the
+optional extra `postgres`), and what keeps those rules when processes on several machines claim at
+once. A claim locks the rows it takes and passes over those another claimer holds (`FOR UPDATE SKIP
+LOCKED`); a submission counts the waiting jobs under a transaction-scoped advisory lock, so the
+bound holds across machines; a claim records its node, and each server renews its node's lease
+(`heartbeat`): the running jobs of a node not seen for `lease_s` are queued again, their attempt
+counted, and the tickets of its claims are void from then on.
+
+Commits are durable before a job's id is returned (`synchronous_commit` on for the session). Image
+files stay in directories (`data_dir/images`, `data_dir/inputs`), which every node must mount: a
+shared file system (docs/server.md, "Many machines").
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import StorageError
+from .jobs import RUNNING, InputStore, Job, SqlQueue
+
+URL_SCHEMES = ("postgresql", "postgres")
+# A node renews its lease at most this often, and another node takes its jobs back once it has not
+# for `NODE_LEASE_S`: long enough that a busy server or a database failover of a few seconds does
+# not cost a job its attempt, short enough that a lost machine's jobs wait well under a minute.
+HEARTBEAT_S = 5.0
+NODE_LEASE_S = 30.0
+# An input file no job refers to stays this long (`InputStore.keep_s`): the cross-machine stand-in
+# for the lock between a submission's write of its files and its commit.
+INPUT_KEEP_S = 600.0
+# pg_advisory_xact_lock keys: zturbo's creation of its tables, and the count of the waiting jobs.
+_SCHEMA_LOCK, _QUEUE_LOCK = 0x7A747572_0001, 0x7A747572_0002
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    client TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lora_set TEXT NOT NULL DEFAULT '',
+    batch_key TEXT NOT NULL DEFAULT '',
+    image_count INTEGER NOT NULL DEFAULT 1,
+    preview INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    created_at DOUBLE PRECISION NOT NULL,
+    started_at DOUBLE PRECISION,
+    finished_at DOUBLE PRECISION
+);
+CREATE INDEX IF NOT EXISTS jobs_status_seq ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    seed BIGINT NOT NULL,
+    file TEXT NOT NULL,
+    UNIQUE (job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    field TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (job_id, field)
+);
+CREATE INDEX IF NOT EXISTS job_inputs_sha256 ON job_inputs (sha256);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    seen_at DOUBLE PRECISION NOT NULL
+);
+"""
+# The database's clock, in seconds: leases compare times that one clock gave, whatever the nodes' clocks say.
+_NOW = "extract(epoch FROM clock_timestamp())"
+
+
+def is_url(location: str) -> bool:
+    return urlsplit(location).scheme in URL_SCHEMES
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StorageError("a postgresql:// job store needs psycopg 3: pip install 'zturbo[postgres]'") from None
+    return psycopg
+
+
+class _Row:
+    """A row read by column name or number, as `sqlite3.Row` is (`SqlQueue` reads both ways)."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: Sequence[Any], index: dict[str, int]) -> None:
+        self._values, self._index = values, index
+
+    def __getitem__(self, key: int | str) -> Any:
+        return self._values[key if isinstance(key, int) else self._index[key]]
+
+
+def _rows(cursor: Any) -> Any:
+    """psycopg's row factory for `_Row`."""
+    index = {column.name: i for i, column in enumerate(cursor.description or ())}
+    return lambda values: _Row(values, index)
+
+
+class _Connection:
+    """A psycopg connection with `SqlQueue`'s dialect: `?` placeholders, `_Row`s. Opened anew when the
+    server dropped it (a restart, a failover), between transactions only."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._psycopg = _psycopg()
+        self._conn = self._connect()
+
+    def _connect(self) -> Any:
+        conn = self._psycopg.connect(self.url, autocommit=True, row_factory=_rows, connect_timeout=10)
+        conn.execute("SET synchronous_commit TO on")  # a commit is on the server's disk before it returns
+        return conn
+
+    def reopen_if_lost(self) -> None:
+        if self._conn.closed or self._conn.broken:
+            self._conn = self._connect()
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        # Without arguments psycopg sends the text as it is (several statements allowed, `%` literal).
+        return self._conn.execute(_dialect(sql), args) if args else self._conn.execute(sql)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(_dialect(sql), rows)
+
+    def transaction(self) -> Any:
+        return self._conn.transaction()
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def _dialect(sql: str) -> str:
+    """`SqlQueue`'s SQL for psycopg: `?` placeholders become `%s`, a literal `%` is doubled."""
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class PostgresJobStore(SqlQueue):
+    """The queue in a PostgreSQL database that every node reaches (`url`); input images in `inputs_dir`."""
+
+    _ROW_LOCK = " FOR UPDATE"
+    _CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        inputs_dir: Path,
+        max_queued: int = 64,
+        check: bool = True,
+        lease_s: float = NODE_LEASE_S,
+    ) -> None:
+        """`check=False` leaves the tables as they are (worker processes: the server made them)."""
+        self.location = url
+        self.where = redact(url)
+        self.max_queued = max_queued
+        self.inputs = InputStore(inputs_dir, keep_s=INPUT_KEEP_S)
+        # This process's claims: a name of its own, so that a restarted server, or a second one on
+        # the machine, never takes a live server's jobs for its own.
+        self.node = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".replace("/", "-")
+        self.lease_s = lease_s
+        self._beat_at = 0.0
+        self._lock = threading.RLock()
+        self._lost = _psycopg().OperationalError  # the server or the connection, not the query
+        try:
+            self._db = _Connection(url)
+        except self._lost as e:
+            raise StorageError(f"cannot reach the job store {self.where}: {_reason(e)}") from e
+        if check:
+            try:
+                self._create_tables()
+            except BaseException:
+                self._db.close()
+                raise
+
+    def _create_tables(self) -> None:
+        with self._tx() as db:
+            db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))  # nodes starting at once
+            db.execute(SCHEMA)
+            have = {r[0] for r in db.execute(_COLUMNS_OF_JOBS)}
+        missing = sorted(_JOB_COLUMNS - have)
+        if missing:
+            raise StorageError(
+                f"{self.where} has a jobs table that is not zturbo's (it lacks {', '.join(missing)}); "
+                "give zturbo a database of its own"
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[_Connection]:
+        """One transaction (READ COMMITTED; the claims' row locks order what must be ordered). A lost
+        connection is a StorageError naming the server; the next call connects again."""
+        with self._lock:
+            try:
+                self._db.reopen_if_lost()
+                with self._db.transaction():
+                    yield self._db
+            except self._lost as e:
+                raise StorageError(f"cannot write the job store {self.where}: {_reason(e)}") from e
+
+    @contextmanager
+    def _read(self) -> Iterator[_Connection]:
+        with self._lock:
+            try:
+                self._db.reopen_if_lost()
+                yield self._db
+            except self._lost as e:
+                raise StorageError(f"cannot read the job store {self.where}: {_reason(e)}") from e
+
+    def _lock_queue(self, db: Any) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(?)", (_QUEUE_LOCK,))
+
+    def _prompt_match(self, query: str) -> tuple[str, str]:
+        return "strpos(lower(prompt), lower(?)) > 0", query
+
+    def _claimer(self, worker: str) -> str:
+        return f"{self.node}/{worker}"
+
+    def _orphans(self, db: Any) -> list[Any]:
+        """Running jobs whose node has not renewed its lease within `lease_s` (or never had one)."""
+        q = (
+            "SELECT id, params, attempts FROM jobs WHERE status = ? AND split_part(worker, '/', 1) NOT IN "
+            f"(SELECT name FROM nodes WHERE seen_at > {_NOW} - ?)"
+        )
+        return db.execute(q, (RUNNING, self.lease_s)).fetchall()
+
+    def heartbeat(self) -> list[Job]:
+        """Renew this node's lease (at most every HEARTBEAT_S; called on each tick of the
+        supervisor), then queue again the jobs of nodes whose lease ran out."""
+        now = time.monotonic()
+        if now - self._beat_at < min(HEARTBEAT_S, self.lease_s / 3):
+            return []
+        self._beat_at = now
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO nodes (name, seen_at) VALUES (?, {_NOW}) "
+                "ON CONFLICT (name) DO UPDATE SET seen_at = excluded.seen_at",
+                (self.node,),
+            )
+            # Gone nodes' rows go once their jobs surely have (`recover` below, on some node).
+            db.execute(f"DELETE FROM nodes WHERE seen_at < {_NOW} - ?", (10 * self.lease_s,))
+        return self.recover(f"its node stopped answering (no heartbeat for {self.lease_s:g} s)")
+
+
+_COLUMNS_OF_JOBS = (
+    "SELECT column_name FROM information_schema.columns WHERE table_name = 'jobs' AND table_schema = current_schema()"
+)
+_JOB_COLUMNS = {
+    "seq", "id", "status", "params", "prompt", "client", "attempts", "worker", "cancel_requested", "lora_set",
+    "batch_key", "image_count", "preview", "error", "created_at", "started_at", "finished_at",
+}  # fmt: skip
+
+
+def _reason(error: Exception) -> str:
+    """psycopg's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
