@@ -237,3 +237,32 @@ def test_service_start_and_stop_run_once(tmp_path: Path, monkeypatch: pytest.Mon
     service.stop()
     service.stop()
     assert calls == ["start", "stop"]
+
+
+def test_a_sigterm_while_the_ui_loads_stops_the_workers_already_started(
+    tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers start before the web UI's imports (seconds) and uvicorn's signal handlers: a
+    SIGTERM in that window still ends the server through its stop, not with its workers loading on."""
+    import os
+
+    from zturbo.cli import main as cli_main
+    from zturbo.serving import serve
+    from zturbo.serving.app import Service
+
+    order: list[str] = []
+    monkeypatch.setattr(Service, "start", lambda self: order.append("workers started"))
+    monkeypatch.setattr(Service, "stop", lambda self: order.append("workers stopped"))
+
+    def loading_the_ui(*_args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        order.append("the UI loaded")
+
+    monkeypatch.setattr(serve, "_http_server", loading_the_ui)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["serve", "--model", str(tiny_dir), "--data-dir", str(tmp_path), "--no-ui", "--device", "cpu"])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert order == ["workers started", "workers stopped"]
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's handler is back

@@ -11,6 +11,7 @@ import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -208,14 +209,23 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
              args.host, args.port, ", ".join(devices), data_dir, redact(store), lora_dir)  # fmt: skip
     app = create_app(settings)
     service = app.state.service
+    # While the UI's imports run, SIGTERM ends this process through the `finally` below, which
+    # stops the workers started here; then uvicorn's handlers take over (a graceful stop).
+    default = signal.signal(signal.SIGTERM, _exit_on_signal)
     service.start()  # the workers load while the UI's imports and the HTTP server's start run
     try:
         server = _http_server(app, args, limits)
+        signal.signal(signal.SIGTERM, default)
         server.run()
     finally:
+        signal.signal(signal.SIGTERM, default)
         service.stop()  # a no-op after the lifespan's; stops the workers when uvicorn never started
     lock.close()
     return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _http_server(app: Any, args: argparse.Namespace, limits: Any) -> Any:
