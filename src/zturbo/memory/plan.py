@@ -80,6 +80,9 @@ FREE_SHARE = 0.9
 # Plans whose transformer weights are off the device between requests and come onto it for the
 # denoise stage: model-offload moves them in whole, sequential's group offloading leaf by leaf.
 DENOISE_ONLOADED = ("model-offload", "sequential")
+# Of those, the plans whose weights come on during the transformer's forward (group offloading's
+# hooks) rather than at the start of the stage, where model-offload moves the whole transformer.
+FORWARD_ONLOADED = ("sequential",)
 # How a plan's name says that CFG's two halves run one after the other (half the activations,
 # two transformer calls a step): what a plan takes where the doubled batch does not fit.
 SPLIT_CFG = "two-pass-cfg"
@@ -531,11 +534,12 @@ def batch_room(
     return room if most is None else min(room, most)
 
 
-def denoise_onload(shape: ModelShape, dtype_bytes: dict[str, int], layout: Layout) -> int:
-    """Bytes of weights the denoise stage brings onto the device that are not there between
-    requests: under DENOISE_ONLOADED plans, what that stage holds of the transformer and the
-    ControlNet (`_held`); 0 under the plans that keep their weights and streaming slots allocated."""
-    if layout.plan not in DENOISE_ONLOADED:
+def denoise_onload(shape: ModelShape, dtype_bytes: dict[str, int], layout: Layout, *, staged: bool = False) -> int:
+    """Bytes of weights the denoise stage brings onto the device that are not there yet: under
+    DENOISE_ONLOADED plans, what that stage holds of the transformer and the ControlNet (`_held`);
+    0 under the plans that keep their weights and streaming slots allocated. `staged`: the stage
+    has begun (`Placement.stage`), so only FORWARD_ONLOADED plans' weights are still to come."""
+    if layout.plan not in (FORWARD_ONLOADED if staged else DENOISE_ONLOADED):
         return 0
     return _held(shape, dtype_bytes, layout.plan, layout.quantize, layout.resident_blocks, layout.resident_layers)[1]
 
