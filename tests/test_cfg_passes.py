@@ -289,3 +289,32 @@ def test_model_offload_asks_for_two_passes_once_the_text_encoder_has_left_the_de
     assert memory.denoise_onload(shape, BF16, Layout("model-offload"), staged=True) == 0
     sequential = memory.denoise_onload(shape, BF16, Layout("sequential"))
     assert sequential > 0 and memory.denoise_onload(shape, BF16, Layout("sequential"), staged=True) == sequential
+
+
+@pytest.mark.parametrize(
+    ("plan", "size", "budgets"),
+    [("te-offload", 1024, (13.5, 14.25)), ("block-offload", 2048, (4.75, 8.0)), ("block-offload", 1024, (6.0,))],
+)
+def test_an_explicit_streaming_plan_takes_the_layout_the_planner_would(monkeypatch, shape, plan, size, budgets):
+    """Batched with a tiled decode before two passes, and for block-offload more resident blocks
+    before an untiled decode: `choose`'s order, where the planner picks the same plan."""
+    from zturbo.device import probe
+
+    monkeypatch.setattr(memory, "shape_from_source", lambda source, controlnet=None: shape)
+    monkeypatch.setattr(memory, "PLANNED_SIZE", size)
+
+    class Source:
+        transformer_file = None
+
+        def profile(self, preset: str) -> Chosen:
+            return Chosen(BASE, "preset")
+
+    config = RuntimeConfig(model="x", memory=plan)
+    dtypes = {name: torch.bfloat16 for name in BF16}
+    for budget in budgets:
+        chosen = memory.choose(shape, BF16, int(budget * GIB), cfg=True, width=size, height=size).chosen
+        assert chosen is not None and chosen.plan == plan and chosen.vae_tiling and not chosen.split_cfg
+        layout = memory.plan_layout(
+            config, Source(), dtypes, int(budget * GIB), probe(torch.device("cpu")), compiled_vae=False
+        )
+        assert layout == memory.layout_of(chosen), budget
