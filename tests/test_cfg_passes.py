@@ -207,3 +207,114 @@ def test_running_out_of_memory_under_cfg_first_tries_two_passes():
     assert memory.leaner(Layout(), guided=True) == Layout(split_cfg=True)
     assert memory.leaner(Layout(split_cfg=True), guided=True) == Layout("te-offload", split_cfg=True)
     assert memory.leaner(Layout("block-offload", 16), guided=False) == Layout("block-offload")
+
+
+class RecordingMerger:
+    """Stands in for the engine's LoRA merger: counts how often its merged weights are dropped."""
+
+    def __init__(self) -> None:
+        self.forgotten = 0
+
+    def apply(self, loras: object, key: object) -> bool:
+        return False
+
+    def forget(self) -> None:
+        self.forgotten += 1
+
+
+def test_two_passes_after_running_out_of_memory_keep_compilation_loras_and_streams(base_dir):
+    from zturbo.accel.graphs import EncoderGraphs
+    from zturbo.testing import inject_oom
+
+    config = RuntimeConfig(model=str(base_dir), device="cpu", dtype="float32", memory="block-offload")
+    engine = Engine.load(config)
+    want = engine.generate(PROMPTS, **REQUEST).images
+    # What a compiled engine holds, as the fallback would find it: a compiled module (compiling
+    # ends if it is reverted), the encoder's graphs and a LoRA merger.
+    compiled = torch.nn.Identity()
+    compiled.forward = compiled.forward  # torch.compile's instance attribute; reverting deletes it
+    engine.accel.compiled.append(compiled)
+    graphs = engine.accel.encoder_graphs = EncoderGraphs()
+    merger = engine.merger = RecordingMerger()
+    streamers = dict(engine.placement.streamers)
+    assert streamers and engine.accel.compiling
+    inject_oom(engine.components.transformer)
+    result = engine.generate(PROMPTS, **REQUEST)
+    plan = engine.placement.describe(split_cfg=False)
+    assert [(f["from"], f["to"]) for f in result.fallbacks] == [(plan, f"{plan} + two-pass-cfg")]
+    assert engine.accel.compiled == [compiled] and engine.accel.encoder_graphs is graphs
+    assert engine.merger is merger and merger.forgotten == 0
+    assert engine.placement.streamers.keys() == streamers.keys()
+    assert all(engine.placement.streamers[name] is streamer for name, streamer in streamers.items())
+    for got, image in zip(result.images, want, strict=True):
+        assert got.image.tobytes() == image.image.tobytes()
+
+
+def test_running_out_of_memory_after_two_passes_moves_to_the_next_plan(base_dir, monkeypatch):
+    """Where the request already ran in two passes (its doubled batch did not fit the free memory),
+    or ran out of memory outside the denoise stage, two passes would gain nothing."""
+    from zturbo.testing import inject_oom
+
+    engine = Engine.load(RuntimeConfig(model=str(base_dir), device="cpu", dtype="float32"))
+    args = (engine.shape, 4, REQUEST["width"], REQUEST["height"], len(PROMPTS), True, engine.max_tokens)
+    doubled = memory.transformer_activation(*args) / memory.FREE_SHARE
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: int(doubled) - 1)
+    inject_oom(engine.components.transformer)
+    result = engine.generate(PROMPTS, **REQUEST)
+    assert [(f["from"], f["to"]) for f in result.fallbacks] == [("resident", engine.placement.describe())]
+    assert engine.placement.plan == "te-offload" and not engine.placement.layout.split_cfg
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: None)
+    inject_oom(engine.components.text_encoder)
+    result = engine.generate(["a new prompt, not in the prompt cache"], **REQUEST)
+    assert [f["to"] for f in result.fallbacks] == [engine.placement.describe()]
+    assert engine.placement.plan == "block-offload" and not engine.placement.layout.split_cfg
+
+
+def test_model_offload_asks_for_two_passes_once_the_text_encoder_has_left_the_device(base_engine, monkeypatch):
+    engine = with_layout(base_engine, Layout("model-offload"))
+    shape = engine.shape
+    args = (shape, 4, REQUEST["width"], REQUEST["height"], len(PROMPTS), True, engine.max_tokens)
+    doubled = int(memory.transformer_activation(*args) / memory.FREE_SHARE) + 1
+    # A device that holds the weights of the stage placed last (model-offload: one model at a
+    # time), with room for the doubled batch beside the transformer.
+    weights = {"encode": shape.text_encoder_params * 4, "denoise": shape.transformer_params * 4}
+    placed: list[str] = []
+    stage = engine.placement.stage
+    monkeypatch.setattr(engine.placement, "stage", lambda name: (placed.append(name), stage(name))[1])
+    free = weights["denoise"] + doubled
+    monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: free - weights.get(placed[-1], 0))
+    _, rows, plans = generate(engine)
+    assert "encode" in placed and max(rows) == 4 and plans == ["model-offload"] * 2
+    # Sequential's group offloading still brings the transformer's leaves on during the forward.
+    assert memory.denoise_onload(shape, BF16, Layout("model-offload"), staged=True) == 0
+    sequential = memory.denoise_onload(shape, BF16, Layout("sequential"))
+    assert sequential > 0 and memory.denoise_onload(shape, BF16, Layout("sequential"), staged=True) == sequential
+
+
+@pytest.mark.parametrize(
+    ("plan", "size", "budgets"),
+    [("te-offload", 1024, (13.5, 14.25)), ("block-offload", 2048, (4.75, 8.0)), ("block-offload", 1024, (6.0,))],
+)
+def test_an_explicit_streaming_plan_takes_the_layout_the_planner_would(monkeypatch, shape, plan, size, budgets):
+    """Batched with a tiled decode before two passes, and for block-offload more resident blocks
+    before an untiled decode: `choose`'s order, where the planner picks the same plan."""
+    from zturbo.device import probe
+
+    monkeypatch.setattr(memory, "shape_from_source", lambda source, controlnet=None: shape)
+    monkeypatch.setattr(memory, "PLANNED_SIZE", size)
+
+    class Source:
+        transformer_file = None
+
+        def profile(self, preset: str) -> Chosen:
+            return Chosen(BASE, "preset")
+
+    config = RuntimeConfig(model="x", memory=plan)
+    dtypes = {name: torch.bfloat16 for name in BF16}
+    for budget in budgets:
+        chosen = memory.choose(shape, BF16, int(budget * GIB), cfg=True, width=size, height=size).chosen
+        assert chosen is not None and chosen.plan == plan and chosen.vae_tiling and not chosen.split_cfg
+        layout = memory.plan_layout(
+            config, Source(), dtypes, int(budget * GIB), probe(torch.device("cpu")), compiled_vae=False
+        )
+        assert layout == memory.layout_of(chosen), budget

@@ -103,3 +103,23 @@ def test_a_type_the_writer_cannot_make_is_named(tmp_path):
     with pytest.raises(InvalidRequestError, match=r"'Q5_K'.*Q8_0, Q4_K"):
         ggufwrite.write_transformer(tmp_path / "t.gguf", state(), "Q5_K")
     assert not (tmp_path / "t.gguf").exists()
+
+
+def test_a_q4_k_sub_block_with_a_small_range_beside_a_large_one_keeps_its_values(tmp_path):
+    """One sub-block spans [-1, 1], so the super-block's unit d is (2 / 15) / 63; the next spans
+    0.4 x 15 d (its step rounds to 0 units of d) and the one after 1.4 x 15 d (it rounds to 1, and
+    its range would not fit 15 steps of d). Each must decode within half its step."""
+    d = float(np.float16(2 / 15 / 63))
+    weight = torch.zeros(1, 256)
+    weight[0, :32] = torch.linspace(-1, 1, 32)
+    weight[0, 32:64] = torch.linspace(0, 0.4 * 15 * d, 32)
+    weight[0, 64:96] = torch.linspace(0, 1.4 * 15 * d, 32)
+    ggufwrite.write_transformer(tmp_path / "t.gguf", {"a.weight": weight}, "Q4_K")
+    kind, values = read_back(tmp_path / "t.gguf")["a.weight"]
+    assert kind == "Q4_K"
+    for first, ratio in ((32, 0.4), (64, 1.4)):
+        want, got = weight[0, first : first + 32].numpy(), values[0, first : first + 32]
+        assert np.ptp(got) > 0, ratio  # not one constant
+        step = np.ceil(ratio) * d  # the smallest multiple of d whose 15 steps span the range
+        np.testing.assert_allclose(got, want, rtol=0, atol=step / 2 * 1.001)
+    np.testing.assert_array_equal(values[0, 96:], 0)

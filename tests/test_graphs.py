@@ -171,7 +171,7 @@ def test_the_engine_hands_out_graphs_only_on_cuda_under_the_resident_plan(fresh,
 
 def test_moving_to_a_leaner_plan_after_out_of_memory_frees_the_graphs(fresh):
     fresh.accel.encoder_graphs = graphs.EncoderGraphs()
-    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory")
+    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory", guided=False)
     assert fresh.accel.encoder_graphs is None and fresh.placement.plan == "te-offload"
     result = fresh.generate("a red fox", seed=1, steps=1, width=32, height=32)
     assert result.images  # the engine still runs, with the plain encoder
@@ -330,7 +330,7 @@ def test_the_engines_images_are_unchanged_through_step_graphs(fresh, monkeypatch
     assert len(counting.keys) == 1
     for image in images:
         assert image.image.tobytes() == want.image.tobytes()
-    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory")
+    fresh._lean_out(fresh.request("a red fox"), "simulated out of memory", guided=False)
     assert len(fresh.accel.step_graphs) == 0  # a leaner plan frees their pool
 
 

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -129,6 +129,20 @@ Embeds = list[torch.Tensor]
 # Where a denoising run starts: latents (B, C, h, w) on the device, the steps that run, and the
 # inpaint blend (None without a mask).
 Start = tuple[torch.Tensor, Schedule, Keep | None]
+
+
+@dataclass
+class Attempt:
+    """How far one run of a request got: its metadata says how CFG ran, and running out of memory
+    reads where it happened."""
+
+    split_cfg: bool = False  # CFG's halves ran one after the other
+    denoising: bool = False  # in the denoise stage (not left when it fails there)
+
+    def split_would_help(self, req: GenerateRequest) -> bool:
+        """Whether two passes could save the memory that ran out: only CFG's doubled batch, while
+        it denoised (the other stages hold no more with CFG in two passes)."""
+        return req.do_cfg and self.denoising and not self.split_cfg
 
 
 class Phases:
@@ -364,8 +378,9 @@ class Engine:
         fallbacks: list[dict[str, str]] = []
         memory_retried = False
         while True:  # bounded: each pass raises a precision, takes the one leaner-layout retry, or raises
+            attempt = Attempt()
             try:
-                result = self._run(req, on_step, fallbacks, on_preview)
+                result = self._run(req, attempt, on_step, fallbacks, on_preview)
             except NonFiniteError as e:
                 fallbacks.append(self._escalate(e))
                 continue
@@ -379,7 +394,7 @@ class Engine:
             # Outside the except block, so the failed run's tensors are freed first.
             if memory_retried:
                 raise self._out_of_memory(req, oom)
-            fallbacks.append(self._lean_out(req, oom))
+            fallbacks.append(self._lean_out(req, oom, guided=attempt.split_would_help(req)))
             memory_retried = True
 
     def runtime(self, split_cfg: bool | None = None) -> dict[str, Any]:
@@ -399,6 +414,7 @@ class Engine:
     def _run(
         self,
         req: GenerateRequest,
+        attempt: Attempt,
         on_step: StepCallback | None,
         fallbacks: list[dict[str, str]],
         on_preview: PreviewCallback | None = None,
@@ -418,8 +434,7 @@ class Engine:
         timings["inputs_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
         previews = PreviewStream(self._preview_projection(), on_preview) if on_preview is not None else None
-        split = self._split_cfg(req)
-        latents = self._denoise(req, start, controls, cond, uncond, early, on_step, previews, split)
+        latents = self._denoise(req, attempt, start, controls, cond, uncond, early, on_step, previews)
         # One check after the loop, none inside it; the embeddings are only looked at on failure.
         with self._stage("check"):
             finite = all_finite(latents)
@@ -438,7 +453,7 @@ class Engine:
             if prepared is not None and prepared.paste is not None:
                 pixels = paste_back(pixels, prepared.paste)
             timings["denoise_decode_s"] = time.perf_counter() - tick
-            return GenerateResult(self._package(req, pixels, loras, split), req, timings, warnings)
+            return GenerateResult(self._package(req, pixels, loras, attempt.split_cfg), req, timings, warnings)
 
     def _encode(self, req: GenerateRequest) -> tuple[Embeds, Embeds | None, tuple[Embeds, int] | None, list[str]]:
         """(cond, uncond or None, seed variety's (early embeddings, steps) or None, warnings)."""
@@ -553,6 +568,7 @@ class Engine:
     def _denoise(
         self,
         req: GenerateRequest,
+        attempt: Attempt,
         start: Start,
         controls: list[StepControl | None] | None,
         cond: Embeds,
@@ -560,11 +576,13 @@ class Engine:
         early: tuple[Embeds, int] | None,
         on_step: StepCallback | None,
         previews: PreviewStream | None = None,
-        split_cfg: bool = False,
     ) -> torch.Tensor:
         c = self.components
         latents, sched, keep = start
         self.placement.stage("denoise")
+        # After the stage: under model-offload the text encoder has left the device by now.
+        attempt.split_cfg = self._split_cfg(req)
+        attempt.denoising = True
         with self._stage("denoise"):
             # The loaded ControlNet is bound whether this request uses it or not: the step graphs
             # are keyed on its weights too, and run it only on steps with a control input.
@@ -572,7 +590,7 @@ class Engine:
             graphs = self._step_graphs()
             room = functools.partial(self._step_graph_fits, req)
             step = None if graphs is None else graphs.bind(c.transformer, room, controlnet=controlnet)
-            if split_cfg:
+            if attempt.split_cfg:
                 plain = functools.partial(transformer_step, c.transformer, controlnet)
                 step = in_passes(step or plain, req.num_images)
             run = functools.partial(
@@ -586,6 +604,7 @@ class Engine:
             latents = self._eager_if_compile_fails(
                 run, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, step
             )
+        attempt.denoising = False
         if previews is not None:
             previews.flush()
         return latents
@@ -729,17 +748,31 @@ class Engine:
         self.dtypes = {**self.dtypes, err.component: target}
         return record
 
-    def _lean_out(self, req: GenerateRequest, reason: str) -> dict[str, str]:
+    def _lean_out(self, req: GenerateRequest, reason: str, *, guided: bool) -> dict[str, str]:
         """After running out of memory: the next leaner layout, kept for later requests; raises
-        GPUMemoryError where there is none."""
-        target = leaner(replace(self.placement.layout, quantize=self.accel.quantize), guided=req.do_cfg)
+        GPUMemoryError where there is none. `guided`: CFG in two passes would need less (`leaner`)."""
+        current = replace(self.placement.layout, quantize=self.accel.quantize)
+        target = leaner(current, guided=guided)
         if target is not None and target.plan in UNQUANTIZED_PLANS and self.shape.transformer_stored_params:
             target = None  # GGUF weights run under no plain-weight plan
         if target is None:
             raise self._out_of_memory(req, reason)
+        before = self.placement.describe()
+        if target == replace(current, split_cfg=True):
+            # Only the denoise batch shrinks: weights, streams, compilation, graphs and LoRAs stay.
+            self.placement.split_cfg()
+        else:
+            self._move_to(target)
+        record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
+        log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
+        release_cached_memory(self.device)
+        return record
+
+    def _move_to(self, target: Layout) -> None:
+        """A leaner plan's placement, and what its moved weights undo: merged LoRAs, compiled
+        fusions under streaming, and CUDA graphs that replay the old addresses."""
         self._forget_loras()
         release_cached_memory(self.device)
-        before = self.placement.describe()
         if target.plan in ("block-offload", "sequential") and self.accel.compiling:
             self.accel.revert_compile()  # streaming re-points the weights that fusion shares
         # Leaner plans move the encoder's weights, so its graphs can never replay again (plans
@@ -748,10 +781,6 @@ class Engine:
         if self.accel.step_graphs is not None:  # unused off the resident plan: free their pool
             self.accel.step_graphs.clear()
         self.placement.change(target)
-        record = {"component": "memory", "from": before, "to": self.placement.describe(), "reason": reason}
-        log.warning("%s with memory plan %s; retrying with %s", reason, before, record["to"])
-        release_cached_memory(self.device)
-        return record
 
     def _eager_if_compile_fails(self, stage: Callable[..., T], *args: Any) -> T:
         """`stage(*args)`; where torch.compile fails, compilation is reverted and it runs eagerly."""
@@ -875,24 +904,26 @@ class Engine:
             pool_factor=STEP_POOL_FACTOR if self._step_graphs() is not None else 1.0,
         )
 
-    def _denoise_room(self) -> int | None:
+    def _denoise_room(self, staged: bool = False) -> int | None:
         """Device memory the denoise stage's activations may take now (`batch_room`'s count); None
-        where no device memory is planned."""
+        where no device memory is planned. `staged`: the denoise stage has begun
+        (`memory.plan.denoise_onload`)."""
         free = memory_room(self.device, self.vram_budget)
         if free is None:
             return None
         layout = replace(self.placement.layout, quantize=self.accel.quantize)
-        return max(0, free - denoise_onload(self.shape, dtype_bytes(self.dtypes), layout))
+        return max(0, free - denoise_onload(self.shape, dtype_bytes(self.dtypes), layout, staged=staged))
 
     def _split_cfg(self, req: GenerateRequest) -> bool:
         """Whether `req`'s CFG runs its positive and negative halves one after the other: where the
         layout was planned so, or where the doubled batch's activations do not fit the memory free
-        now (a larger request than the one planned for); otherwise one batched call a step."""
+        now (a larger request than the one planned for); otherwise one batched call a step.
+        Asked once the denoise stage has placed its weights."""
         if not req.do_cfg:
             return False
         if self.placement.layout.split_cfg:
             return True
-        room = self._denoise_room()
+        room = self._denoise_room(staged=True)
         if room is None:
             return False
         elem = dtype_bytes(self.dtypes)["transformer"]

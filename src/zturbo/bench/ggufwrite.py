@@ -10,15 +10,16 @@ The layout is the one city96's Z-Image files have, which zturbo's loader and dif
 linear weights quantized (a K-quant falls back to Q8_0 where rows fit no 256-weight
 super-block), everything else F32.
 
-Both encoders are plain round-to-nearest ones with the scales of each block's range (no search
-for the best scales, as llama.cpp's quantizer does): every block is valid and decodes to the
-written weights within the type's step, which is all a speed or memory measurement needs.
+Both encoders round each weight to the nearest step of scales taken from its block's range (no
+search for the best scales, as llama.cpp's quantizer does): every block is valid and decodes each
+weight close to the written one (`quantize_q8_0` and `quantize_q4_k` give their bounds), which is
+all a speed or memory measurement needs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +106,21 @@ def quantize_q4_k(weight: torch.Tensor) -> torch.Tensor:
     """ggml's Q4_K, on `weight`'s device: per 256 weights fp16 d and dmin, eight 6-bit sub-block
     scales and mins packed in 12 bytes, then 128 bytes of 4-bit values (sub-blocks 2c and 2c+1
     share 32 bytes, low and high nibble). A weight decodes as d * scale * q - dmin * min.
-    Returns uint8 rows (rows, cols / 256 * 144)."""
+    Returns uint8 rows (rows, cols / 256 * 144).
+
+    A sub-block's step d * scale is its range / 15 rounded up to a multiple of d (at least d
+    where the range is not 0), so the range always fits 15 steps: a sub-block whose range is
+    small beside its super-block's largest keeps a step of d rather than 0, which would decode
+    it to one constant. Its min is the nearest multiple of dmin to its lowest weight (or 0), so
+    each weight decodes within max(d * scale, dmin) / 2 of the written one."""
     rows = weight.shape[0]
     sub = weight.float().reshape(-1, 8, 32)  # (super-blocks, sub-blocks, weights)
     low = sub.amin(-1).clamp(max=0)
     scale = (sub.amax(-1) - low) / 15
-    d = (scale.amax(-1) / 63).to(torch.float16)
+    d = _fp16_at_least(scale.amax(-1) / 63)  # else the largest sub-block's 63 steps fall short of its range
     dmin = ((-low).amax(-1) / 63).to(torch.float16)
-    sc = _six_bits(scale, d)
-    mn = _six_bits(-low, dmin)
+    sc = _six_bits(scale, d, torch.ceil)
+    mn = _six_bits(-low, dmin, torch.round)
     step = d.float()[:, None] * sc.float()
     offset = dmin.float()[:, None] * mn.float()
     safe_step = torch.where(step > 0, step, torch.ones_like(step))
@@ -127,11 +134,21 @@ def quantize_q4_k(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([*head, qs], dim=1).reshape(rows, -1)
 
 
-def _six_bits(values: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    """`values` (super-blocks, 8) in multiples of each super-block's fp16 `unit`, 0..63 (0 where the unit is 0)."""
+def _fp16_at_least(values: torch.Tensor) -> torch.Tensor:
+    """Non-negative float32 `values` as the nearest float16 not below each."""
+    half = values.to(torch.float16)
+    above = (half.view(torch.int16) + 1).view(torch.float16)  # the next float16 up, for non-negative ones
+    return torch.where(half.float() < values, above, half)
+
+
+def _six_bits(
+    values: torch.Tensor, unit: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """`values` (super-blocks, 8) in multiples of each super-block's fp16 `unit`, rounded by
+    `rounding`, 0..63 (0 where the unit is 0)."""
     unit32 = unit.float()[:, None]
     ratio = torch.where(unit32 > 0, values / torch.where(unit32 > 0, unit32, 1.0), torch.zeros_like(values))
-    return ratio.round().clamp(0, 63).to(torch.uint8)
+    return rounding(ratio).clamp(0, 63).to(torch.uint8)
 
 
 def encode(tensor: torch.Tensor, kind: str) -> torch.Tensor:

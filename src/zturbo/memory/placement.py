@@ -141,6 +141,11 @@ class Placement:
             self._offload_leaves()
         self.layout = layout
 
+    def split_cfg(self) -> None:
+        """CFG's halves in two passes from now on (`Layout.split_cfg`): only the denoise batch
+        changes, so no weight moves and the streamers stay."""
+        self.layout = replace(self.layout, split_cfg=True)
+
     @property
     def controlnet(self) -> torch.nn.Module | None:
         """The ControlNet's model (diffusers' ZImageControlNetModel), if the engine has one."""

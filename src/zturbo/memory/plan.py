@@ -21,6 +21,7 @@ checked against them in tests/test_memory.py.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -80,6 +81,9 @@ FREE_SHARE = 0.9
 # Plans whose transformer weights are off the device between requests and come onto it for the
 # denoise stage: model-offload moves them in whole, sequential's group offloading leaf by leaf.
 DENOISE_ONLOADED = ("model-offload", "sequential")
+# Of those, the plans whose weights come on during the transformer's forward (group offloading's
+# hooks) rather than at the start of the stage, where model-offload moves the whole transformer.
+FORWARD_ONLOADED = ("sequential",)
 # How a plan's name says that CFG's two halves run one after the other (half the activations,
 # two transformer calls a step): what a plan takes where the doubled batch does not fit.
 SPLIT_CFG = "two-pass-cfg"
@@ -398,18 +402,27 @@ def choose(
         for plan in SPEED_ORDER:
             if (quantize != "none" or shape.transformer_stored_params) and plan in UNQUANTIZED_PLANS:
                 continue
-            for split in (False, True) if cfg else (False,):
-                for est in _options(
-                    shape, dtype_bytes, usable, plan=plan, quantize=quantize, split_cfg=split, **request
-                ):
-                    considered.append(est)
-                    if est.peak <= usable:
-                        return Choice(est, budget, considered)
+            for est in plan_options(shape, dtype_bytes, usable, plan=plan, quantize=quantize, **request):
+                considered.append(est)
+                if est.peak <= usable:
+                    return Choice(est, budget, considered)
     return Choice(None, budget, considered)
 
 
+def plan_options(
+    shape: ModelShape, dtype_bytes: dict[str, int], usable: int, *, cfg: bool, **request: Any
+) -> Iterator[Estimate]:
+    """One plan's estimates in the order the planner tries them (`choose`, and an explicit plan in
+    `plan_layout`): CFG's halves batched, then in two passes; each without, then with VAE tiling
+    (`_options`): two passes call the transformer twice a step (and a streamed plan copies its
+    blocks twice), which costs more than a tiled decode."""
+    for split in (False, True) if cfg else (False,):
+        yield from _options(shape, dtype_bytes, usable, cfg=cfg, split_cfg=split, **request)
+
+
 def _options(shape: ModelShape, dtype_bytes: dict[str, int], usable: int, **request: Any) -> list[Estimate]:
-    """One plan's estimates in the order `choose` tries them: without, then with VAE tiling."""
+    """One plan's estimates without, then with VAE tiling (the other way round where tiling keeps
+    more transformer blocks resident)."""
     options = [fitting(shape, dtype_bytes, usable, vae_tiling=tiling, **request) for tiling in (False, True)]
     if options[1].resident_blocks > options[0].resident_blocks:
         # A block kept saves a 0.36 GB copy every step; a tiled decode costs less than a
@@ -531,11 +544,12 @@ def batch_room(
     return room if most is None else min(room, most)
 
 
-def denoise_onload(shape: ModelShape, dtype_bytes: dict[str, int], layout: Layout) -> int:
-    """Bytes of weights the denoise stage brings onto the device that are not there between
-    requests: under DENOISE_ONLOADED plans, what that stage holds of the transformer and the
-    ControlNet (`_held`); 0 under the plans that keep their weights and streaming slots allocated."""
-    if layout.plan not in DENOISE_ONLOADED:
+def denoise_onload(shape: ModelShape, dtype_bytes: dict[str, int], layout: Layout, *, staged: bool = False) -> int:
+    """Bytes of weights the denoise stage brings onto the device that are not there yet: under
+    DENOISE_ONLOADED plans, what that stage holds of the transformer and the ControlNet (`_held`);
+    0 under the plans that keep their weights and streaming slots allocated. `staged`: the stage
+    has begun (`Placement.stage`), so only FORWARD_ONLOADED plans' weights are still to come."""
+    if layout.plan not in (FORWARD_ONLOADED if staged else DENOISE_ONLOADED):
         return 0
     return _held(shape, dtype_bytes, layout.plan, layout.quantize, layout.resident_blocks, layout.resident_layers)[1]
 
@@ -644,7 +658,8 @@ def plan_layout(
 ) -> Layout:
     """The layout to load with: `config.memory`, or the fastest that fits `budget` bytes (None:
     no device budget, the memory is the host's). An explicit te-offload or block-offload keeps as
-    many layers or blocks resident as the budget allows.
+    many layers or blocks resident as the budget allows, its options tried in `choose`'s order
+    (`plan_options`).
 
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
     layout is chosen only when no exact one fits. The planned request is a 1024² image at the
@@ -668,10 +683,9 @@ def plan_layout(
     request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "cfg": cfg, "compiled_vae": compiled_vae}
     if tunable:
         usable = usable_budget(budget)
-        est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request)
-        if est.peak > usable and cfg:
-            est = fitting(shape, sizes, usable, plan=config.memory, quantize=config.quantize, split_cfg=True, **request)
-        return replace(layout_of(est), vae_tiling=est.peak > usable)
+        options = list(plan_options(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request))
+        fits = [est for est in options if est.peak <= usable]
+        return layout_of(fits[0] if fits else min(options, key=lambda est: est.peak))
     exact = config.quantize == "none"
     options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)
     choice = choose(shape, sizes, budget, quantize_options=options, exact=exact, **request)
