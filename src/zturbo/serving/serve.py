@@ -208,6 +208,13 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     log.info("serving %s on http://%s:%d with workers on %s; data in %s (queue: %s), LoRAs in %s", config.model,
              args.host, args.port, ", ".join(devices), data_dir, redact(store), lora_dir)  # fmt: skip
     app = create_app(settings)
+    started = _run(app, args, limits)
+    lock.close()
+    return 0 if started else 3  # 3: uvicorn's status for a server that never started
+
+
+def _run(app: Any, args: argparse.Namespace, limits: Any) -> bool:
+    """Start the workers, then the HTTP server; stop the workers when it ends. Whether uvicorn started."""
     service = app.state.service
     # While the UI's imports run, SIGTERM ends this process through the `finally` below, which
     # stops the workers started here; then uvicorn's handlers take over (a graceful stop).
@@ -220,8 +227,7 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     finally:
         signal.signal(signal.SIGTERM, default)
         service.stop()  # a no-op after the lifespan's; stops the workers when uvicorn never started
-    lock.close()
-    return 0 if server.started else 3  # 3: uvicorn's status for a server that never started
+    return bool(server.started)
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
