@@ -141,8 +141,8 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="a postgresql:// store: how long a server may go unheard before the others queue its running jobs "
-        "again (default 30)",
+        help="a postgresql:// store: how long this server may go unheard before the others queue its running "
+        "jobs again (default 30; each server is judged by its own)",
     )
     p.add_argument(
         "--lora-dir",
