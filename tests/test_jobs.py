@@ -7,6 +7,7 @@ started (tests/pgserver.py says how to get one)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 import threading
@@ -535,6 +536,146 @@ def test_a_shared_store_leaves_a_live_nodes_jobs_and_takes_back_a_lost_ones(post
     b.close()
 
 
+def test_a_server_with_a_shorter_lease_never_takes_a_live_servers_job(postgres_db, tmp_path):
+    """Each node is judged by the lease it declared: a server on a 2 s lease leaves the job of one on
+    a 30 s lease that last renewed 2.5 s ago."""
+    long, short = open_store(postgres_db, tmp_path, lease_s=30), open_store(postgres_db, tmp_path, lease_s=2)
+    long.heartbeat()
+    job = long.submit(params())
+    long.claim("worker-0")
+    time.sleep(2.5)
+    assert short.heartbeat() == [] and short.recover() == []
+    assert (short.get(job.id).status, short.get(job.id).attempts) == (jobs.RUNNING, 1)
+    left = short._db.execute("SELECT expires_at - seen_at FROM nodes WHERE name = ?", (long.node,)).fetchone()
+    assert left is not None and left[0] == pytest.approx(30, abs=1)  # not pruned by the short lease either
+    long.close()
+    short.close()
+
+
+def test_a_node_that_renews_its_lease_while_its_job_is_being_taken_keeps_it(postgres_db, tmp_path, monkeypatch):
+    """`recover` reads the lost jobs, then releases each: a lease renewed in between is seen under
+    the row's lock, and the job stays its node's."""
+    a, b = (open_store(postgres_db, tmp_path, lease_s=0.5) for _ in range(2))
+    a.heartbeat()
+    job = a.submit(params())
+    claim = a.claim("worker-0")
+    time.sleep(0.7)  # a's lease ran out
+    orphans = b._orphans
+
+    def renewed_meanwhile(db):
+        found = orphans(db)
+        a._beat_at = 0.0
+        a.heartbeat()
+        return found
+
+    monkeypatch.setattr(b, "_orphans", renewed_meanwhile)
+    assert b.recover() == []
+    assert (b.get(job.id).status, b.get(job.id).attempts) == (jobs.RUNNING, 1)
+    assert a.succeed(claim, [jobs.ImageRef("img", 0, 1, f"{job.id}-0.png")])  # its ticket still holds
+    a.close()
+    b.close()
+
+
+def test_a_statement_blocked_by_a_lock_fails_with_one_line_within_the_lock_timeout(postgres_db, tmp_path):
+    import psycopg
+
+    from zturbo.serving import pgstore
+
+    store = open_store(postgres_db, tmp_path)
+    settings = {name: store._db.execute(f"SHOW {name}").fetchone()[0] for name in pgstore.SESSION_LIMITS_MS}
+    assert settings == {"statement_timeout": "15s", "lock_timeout": "5s", "idle_in_transaction_session_timeout": "1min"}
+    assert store._db._conn.info.get_parameters()["tcp_user_timeout"] == str(pgstore.TCP_USER_TIMEOUT_MS)
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            store.submit(params())
+        except StorageError as e:
+            outcome.append(e)
+
+    with psycopg.connect(postgres_db) as admin:  # a session holding the table, as a stuck migration would
+        admin.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
+        submitting = threading.Thread(target=submit)
+        submitting.start()
+        submitting.join(pgstore.SESSION_LIMITS_MS["lock_timeout"] / 1000 + 10)
+        assert not submitting.is_alive(), "the submission hangs on the lock"
+    message = str(outcome[0])
+    assert message.startswith("cannot write the job store postgresql://") and "lock timeout" in message
+    assert "\n" not in message
+    store.close()
+
+
+def test_a_store_urls_own_session_settings_win(postgres_db, tmp_path):
+    store = open_store(f"{postgres_db}?options=-c%20lock_timeout%3D200&keepalives_idle=30", tmp_path)
+    assert store._db.execute("SHOW lock_timeout").fetchone()[0] == "200ms"
+    assert store._db.execute("SHOW statement_timeout").fetchone()[0] == "15s"
+    assert store._db._conn.info.get_parameters()["keepalives_idle"] == "30"
+    store.close()
+
+
+def test_an_ambiguous_commit_answers_the_stored_job_and_makes_no_second_one(queue, monkeypatch):
+    """A connection lost at COMMIT leaves the outcome unknown: the row is read again, and a stored
+    job is answered as stored (a client retrying a failure would queue it twice)."""
+    from contextlib import contextmanager
+
+    store = queue()
+    real_tx = store._tx
+
+    @contextmanager
+    def lost_after(commit: bool):
+        if not commit:
+            raise StorageError("cannot write the job store: server closed the connection unexpectedly")
+        with real_tx() as db:
+            yield db
+        raise StorageError("cannot write the job store: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(store, "_tx", lambda: lost_after(True))
+    job = store.submit(params())
+    assert job.status == jobs.QUEUED and store.counts()[jobs.QUEUED] == 1
+    monkeypatch.setattr(store, "_tx", lambda: lost_after(False))
+    with pytest.raises(StorageError, match="closed the connection"):
+        store.submit(params())
+    assert store.counts()[jobs.QUEUED] == 1
+
+
+def test_an_earlier_zturbos_postgres_tables_are_upgraded_in_place(postgres_db, tmp_path):
+    """Tables made before the batching columns and the nodes' own expiry get them, their rows kept."""
+    import psycopg
+
+    with psycopg.connect(postgres_db, autocommit=True) as db:
+        db.execute(
+            "CREATE TABLE jobs (seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, id TEXT NOT NULL UNIQUE, "
+            "status TEXT NOT NULL, params TEXT NOT NULL, prompt TEXT NOT NULL, client TEXT, attempts INTEGER NOT "
+            "NULL DEFAULT 0, worker TEXT, cancel_requested INTEGER NOT NULL DEFAULT 0, error TEXT, created_at "
+            "DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION, finished_at DOUBLE PRECISION)"
+        )
+        db.execute("CREATE TABLE nodes (name TEXT PRIMARY KEY, seen_at DOUBLE PRECISION NOT NULL)")
+        old = json.dumps({"prompt": "a fox", "n": 1, "width": 64, "height": 64, "steps": 2, "seed": 1})
+        db.execute("INSERT INTO jobs (id, status, params, prompt, created_at) VALUES ('old', 'queued', %s, 'a fox', 1)",
+                   (old,))  # fmt: skip
+    store = open_store(postgres_db, tmp_path, lease_s=1)
+    store.heartbeat()
+    claim = store.claim("w0")
+    assert (claim.job_id, claim.batch_key, claim.images) == ("old", jobs.NO_BATCH, 1)
+    assert store._db.execute("SELECT expires_at > seen_at FROM nodes").fetchone()[0]
+    store.close()
+
+
+def test_a_shared_store_sweeps_stray_input_files_at_its_heartbeats(postgres_db, tmp_path):
+    """A refused submission's input files outlive it by `keep_s` (another machine may be committing a
+    job that uses them): the running server removes them later, not only at its next start."""
+    store = open_store(postgres_db, tmp_path, lease_s=0.3)
+    store.inputs.keep_s = 0.2
+    stray = store.inputs.path("ab" * 32)
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"an upload whose job was refused")
+    os.utime(stray, (time.time() - 1, time.time() - 1))
+    time.sleep(0.3)
+    store.heartbeat()
+    assert not stray.exists()
+    store.close()
+
+
 def test_a_lost_connection_is_a_storage_error_naming_the_server_and_the_next_call_reconnects(postgres_db, tmp_path):
     import psycopg
 
@@ -555,5 +696,10 @@ def test_a_store_url_password_never_shows(tmp_path):
 
     assert redact("postgresql://zt:s3cret@db:5432/q?sslmode=require") == "postgresql://zt:***@db:5432/q?sslmode=require"
     assert redact("postgresql://zt@db/q") == "postgresql://zt@db/q"
+    assert (
+        redact("postgresql://zt@db/q?sslmode=require&PassWord=s3cret")
+        == "postgresql://zt@db/q?sslmode=require&PassWord=***"
+    )
+    assert redact("postgresql://db/q?password=s3cret") == "postgresql://db/q?password=***"
     with pytest.raises(InvalidRequestError, match=r"--store 'sqlite:///x' is not a job store.*postgresql://"):
         open_store("sqlite:///x", tmp_path)

@@ -266,3 +266,24 @@ def test_a_sigterm_while_the_ui_loads_stops_the_workers_already_started(
     assert exited.value.code == 128 + signal.SIGTERM
     assert order == ["workers started", "workers stopped"]
     assert signal.getsignal(signal.SIGTERM) == before  # this process's handler is back
+
+
+def test_one_server_per_sqlite_file_even_outside_the_data_directory(tmp_path):
+    """Two servers with their own --data-dir but one --store file would both recover and run its
+    jobs: the file is locked beside itself, and the second server is refused naming it."""
+    from zturbo.errors import InvalidRequestError
+    from zturbo.serving.serve import _lock_data_dir
+
+    shared = tmp_path / "db" / "queue.sqlite3"
+    shared.parent.mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _lock_data_dir(tmp_path / "a", str(shared))
+    with pytest.raises(InvalidRequestError, match=rf"another zturbo serve is using the job database {shared}"):
+        _lock_data_dir(tmp_path / "b", str(shared))
+    with pytest.raises(InvalidRequestError, match=rf"another zturbo serve is using {tmp_path / 'a'}"):
+        _lock_data_dir(tmp_path / "a", "sqlite")
+    first.close()
+    _lock_data_dir(tmp_path / "b", str(shared)).close()  # free once the first server has stopped
+    with pytest.raises(InvalidRequestError, match=r"cannot make the lock file .*missing.*directory exists"):
+        _lock_data_dir(tmp_path / "b", str(tmp_path / "missing" / "queue.sqlite3"))

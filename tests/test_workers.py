@@ -31,11 +31,14 @@ def store(tmp_path):
     s.close()
 
 
-def run_claims(engine: Any, store: jobs.JobStore, images_dir: Path, claims: list[jobs.Claim]) -> list[Any]:
-    """Run `claims` as a worker would, its writer drained; the messages sent."""
+def run_claims(
+    engine: Any, store: jobs.JobStore, images_dir: Path, claims: list[jobs.Claim], retry_s: tuple[float, ...] = ()
+) -> list[Any]:
+    """Run `claims` as a worker would, its writer drained (recording each end once more after each of
+    `retry_s`); the messages sent."""
     here, there = mp.Pipe()
     channel = workers.Channel(there)
-    writer = workers.Writer(store, images_dir, channel)
+    writer = workers.Writer(store, images_dir, channel, retry_s=retry_s)
     try:
         workers.run_batch(engine, store, claims, channel, writer)
     finally:
@@ -46,11 +49,14 @@ def run_claims(engine: Any, store: jobs.JobStore, images_dir: Path, claims: list
     return messages
 
 
-def run_claim(engine: Any, store: jobs.JobStore, images_dir: Path) -> tuple[jobs.Job, list[Any]]:
-    """Queue one small job, run it as a worker would; the job as stored and the messages sent."""
-    store.submit(GenerateRequest.create("a fox", limits=engine.limits, **SMALL))
+def run_claim(
+    engine: Any, store: jobs.JobStore, images_dir: Path, retry_s: tuple[float, ...] = (), **options: Any
+) -> tuple[jobs.Job, list[Any]]:
+    """Queue one small job (SMALL, with `options`), run it as a worker would; the job as stored and
+    the messages sent."""
+    store.submit(GenerateRequest.create("a fox", limits=engine.limits, **SMALL | options))
     claim = store.claim("worker-0")
-    messages = run_claims(engine, store, images_dir, [claim])
+    messages = run_claims(engine, store, images_dir, [claim], retry_s)
     return store.get(claim.job_id), messages
 
 
@@ -130,6 +136,13 @@ def attach_worker(slot: workers.WorkerSlot) -> tuple[Any, StandInProcess]:
     return there, process
 
 
+def waitable(process: StandInProcess) -> Any:
+    """Give the stand-in a sentinel the supervisor's own loop (`_tick`) can wait on, as a live
+    process's is: never ready. The returned end keeps it so; close it after the test."""
+    process.sentinel, keep = mp.Pipe()
+    return keep
+
+
 def tick(supervisor: workers.Supervisor) -> None:
     """One round of the supervisor's loop, without its wait."""
     supervisor._dispatch()
@@ -190,22 +203,61 @@ def test_an_images_directory_that_cannot_be_made_fails_the_job_as_storage(engine
     assert messages[-1].status == jobs.FAILED
 
 
-@pytest.mark.parametrize("fault", ["storage", "locked"])
-def test_a_job_database_that_cannot_record_the_end_leaves_the_worker_running(
-    engine, store, tmp_path, monkeypatch, fault
-):
+def refusing(fault: str, times: int | None = None) -> Any:
+    """A store method that fails with `fault` (`times` times, else always), then does nothing."""
     from zturbo.errors import StorageError
 
-    def disk_full(*args: Any, **kwargs: Any) -> None:
-        if fault == "locked":  # another process held the write lock past the busy timeout
-            raise sqlite3.OperationalError("database is locked")
-        raise StorageError("the job database cannot grow: database or disk is full")
+    calls = []
 
-    monkeypatch.setattr(store, "succeed", disk_full)
-    job, messages = run_claim(engine, store, tmp_path / "images")  # returns: no exit, no exception
-    assert job.status == jobs.RUNNING  # unrecorded; the next start re-queues it
-    assert [m.status for m in messages if isinstance(m, workers.Finished)] == [jobs.FAILED]
-    assert not any(isinstance(m, workers.Crashed) for m in messages)
+    def refuse(*args: Any, **kwargs: Any) -> bool:
+        calls.append(args)
+        if times is None or len(calls) <= times:
+            if fault == "locked":  # another process held the write lock past the busy timeout
+                raise sqlite3.OperationalError("database is locked")
+            raise StorageError("cannot write the job store: server closed the connection unexpectedly")
+        return True
+
+    return refuse
+
+
+@pytest.mark.parametrize("fault", ["storage", "locked"])
+def test_a_job_end_the_store_refuses_for_a_while_is_recorded_on_a_later_try(
+    engine, store, tmp_path, monkeypatch, fault
+):
+    real = store.succeed
+    flaky = refusing(fault, times=2)
+    monkeypatch.setattr(store, "succeed", lambda *args: flaky(*args) and real(*args))
+    job, messages = run_claim(engine, store, tmp_path / "images", retry_s=(0.0, 0.0))
+    assert job.status == jobs.SUCCEEDED and len(job.images) == 1
+    assert [m.status for m in messages if isinstance(m, workers.Finished)] == [jobs.SUCCEEDED]
+
+
+@pytest.mark.parametrize("fault", ["storage", "locked"])
+def test_a_job_end_the_store_never_records_runs_again_and_the_worker_lives_on(
+    engine, store, tmp_path, monkeypatch, fault
+):
+    """The writer gives up after its retries: no failure is reported for a job that made its image;
+    the supervisor queues it again, its attempt given back, and it runs again."""
+    monkeypatch.setattr(store, "succeed", refusing(fault))
+    job, messages = run_claim(engine, store, tmp_path / "images", retry_s=(0.0,))  # returns: no exit, no exception
+    assert job.status == jobs.RUNNING
+    assert not any(isinstance(m, (workers.Finished, workers.Crashed)) for m in messages)
+    [unrecorded] = [m for m in messages if isinstance(m, workers.Unrecorded)]
+    assert unrecorded.job_id == job.id
+
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    sentinel = waitable(process)
+    slot = supervisor.slots[0]
+    claim = store.get(job.id)
+    slot.claims[job.id] = jobs.Claim(job.id, claim.attempts, claim.params)  # the worker's claim, as sent
+    slot.running, slot.state = (job.id,), "busy"
+    worker_end.send(workers.GpuFree((job.id,), 1))
+    worker_end.send(unrecorded)
+    supervisor._tick()  # reads the messages
+    supervisor._tick()  # queues it again, and sends it to the free worker
+    [again] = worker_end.recv()
+    assert (again.job_id, again.attempt) == (job.id, 1)  # the unrecorded run cost no attempt
+    sentinel.close()
 
 
 class StandInContext:
@@ -461,3 +513,33 @@ def test_jobs_a_worker_gives_back_queue_again_in_their_place_and_a_cancelled_one
     tick(supervisor)
     assert [c.job_id for c in worker_end.recv()] == [given.id]  # in its place, and 1 image on this worker
     assert [c.job_id for c in store.claim_batch("worker-1", jobs.NO_LORAS, 4)] == [later.id]
+
+
+def test_an_unreachable_store_reads_as_no_cancel_and_the_batch_runs_on(engine, store, tmp_path, monkeypatch, caplog):
+    """A brief outage of the store during the cancel checks (at the batch's start and each step)
+    neither fails the batch nor floods the log: one line per batch for the steps."""
+    monkeypatch.setattr(store, "cancels_requested", refusing("storage"))
+    with caplog.at_level("WARNING", logger="zturbo"):
+        job, _ = run_claim(engine, store, tmp_path, steps=4)
+    assert job.status == jobs.SUCCEEDED and len(job.images) == 1
+    assert len([r for r in caplog.records if "cancels of" in r.getMessage()]) == 2  # the start, then the steps
+
+
+def test_a_store_fault_in_the_supervisors_tick_still_reads_the_workers_messages(store, tmp_path, monkeypatch, caplog):
+    """The heartbeat and the claims fail while the store is down; the workers' progress, ends and
+    deaths are still read, and the fault is logged once, not at every tick."""
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    sentinel = waitable(process)
+    job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
+    tick(supervisor)
+    worker_end.recv()
+    monkeypatch.setattr(store, "heartbeat", refusing("storage"))
+    monkeypatch.setattr(store, "claim_batch", refusing("storage"))
+    worker_end.send(workers.Started(job.id))
+    worker_end.send(workers.Progress(job.id, 1, 2))
+    with caplog.at_level("WARNING", logger="zturbo.workers"):
+        supervisor._tick()
+        supervisor._tick()
+    assert supervisor.progress(job.id) == (1, 2) and job.id in supervisor.slots[0].started
+    assert len([r for r in caplog.records if "job store cannot be reached" in r.getMessage()]) == 1
+    sentinel.close()

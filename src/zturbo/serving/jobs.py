@@ -481,6 +481,10 @@ class SqlQueue(ABC):
         """Jobs left `running` by a claimer that is gone: on one machine, at startup, all of them."""
         return db.execute("SELECT id, params, attempts FROM jobs WHERE status = ?", (RUNNING,)).fetchall()
 
+    def _still_orphaned(self) -> str:
+        """A WHERE term (" AND ...") that a job `_orphans` found still meets once its row is locked."""
+        return ""
+
     def heartbeat(self) -> list[Job]:
         """This process is alive (a shared store's lease); the jobs of claimers found dead are
         queued again (or failed), as `recover` does. One machine's store has no one else to watch."""
@@ -519,10 +523,24 @@ class SqlQueue(ABC):
                     )  # fmt: skip
                     rows = [(job_id, name, image.sha256) for name, image in images.items()]
                     db.executemany("INSERT INTO job_inputs (job_id, field, sha256) VALUES (?, ?, ?)", rows)
+            except StorageError:
+                # The connection may have failed at COMMIT, after the server committed: a job that is
+                # stored is answered as stored, so that a client's retry makes no second one.
+                if not self._stored(job_id):
+                    self._drop_unreferenced({image.sha256 for image in images.values()})
+                    raise
             except BaseException:
                 self._drop_unreferenced({image.sha256 for image in images.values()})
                 raise
         return self.get(job_id)
+
+    def _stored(self, job_id: str) -> bool:
+        """Whether the job's row is there, as far as can be read now (False when it cannot be)."""
+        try:
+            with self._read() as db:
+                return db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+        except StorageError:
+            return False
 
     def _check_room(self, db: Any) -> None:
         depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
@@ -731,11 +749,15 @@ class SqlQueue(ABC):
         now on (its batch key becomes NO_BATCH), so that a job that breaks a batch breaks only itself.
         None if the claim is stale.
         """
+        return self._release(job_id, attempt, reason, count_attempt=count_attempt, solo=solo)
+
+    def _release(
+        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False, guard: str = ""
+    ) -> Job | None:
+        """`release`, only where the job's row also meets `guard` (a WHERE term) once locked."""
         with self._tx() as db:
-            row = db.execute(
-                f"SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?{self._ROW_LOCK}",
-                (job_id, RUNNING, attempt),
-            ).fetchone()
+            q = f"SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?{guard}{self._ROW_LOCK}"
+            row = db.execute(q, (job_id, RUNNING, attempt)).fetchone()
             if row is None:
                 return None
             if row["cancel_requested"]:
@@ -766,7 +788,8 @@ class SqlQueue(ABC):
                     self._fail_unreadable(db, r["id"], problem)
                 out.append(self.get(r["id"]))
                 continue
-            job = self.release(r["id"], r["attempts"], reason)
+            # Its claimer may have renewed its lease since the read: checked again under the row's lock.
+            job = self._release(r["id"], r["attempts"], reason, guard=self._still_orphaned())
             if job is not None:
                 out.append(job)
         return out

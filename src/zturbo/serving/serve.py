@@ -142,8 +142,8 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="a postgresql:// store: how long a server may go unheard before the others queue its running jobs "
-        "again (default 30)",
+        help="a postgresql:// store: how long this server may go unheard before the others queue its running "
+        "jobs again (default 30; each server is judged by its own)",
     )
     p.add_argument(
         "--lora-dir",
@@ -350,21 +350,44 @@ def _store(args: argparse.Namespace) -> str:
     return check_store(args.store or env(STORE_ENV) or DEFAULT_STORE)
 
 
-def _lock_data_dir(data_dir: Path, store: str) -> Any:
-    """One server per data directory with the SQLite queue: two would both recover and run the same
-    jobs. The servers of a shared queue share the directory, its claims keeping them apart: nothing
-    to hold then (an empty ExitStack, which closes as the lock file does)."""
+def _lock_data_dir(data_dir: Path, store: str) -> contextlib.ExitStack:
+    """One server per data directory and per SQLite file with the SQLite queue: two would both
+    recover and run the same jobs. A file given by its path may lie outside the data directory (a
+    faster disk), so it is locked too, by `<file>.lock` beside it, rather than refused. The servers
+    of a shared queue share the directory, its claims keeping them apart: nothing to hold then.
+    The locks are held until the returned stack closes."""
     from .pgstore import is_url
+    from .stores import DEFAULT_STORE
 
+    held = contextlib.ExitStack()
     if is_url(store):
-        return contextlib.ExitStack()
-    f = open(data_dir / "server.lock", "a+")  # noqa: SIM115 - held open for the life of the server
+        return held
+    try:
+        held.enter_context(_hold(data_dir / "server.lock", f"another zturbo serve is using {data_dir}; give each "
+                                 "server its own --data-dir"))  # fmt: skip
+        if store != DEFAULT_STORE:
+            db = Path(store).expanduser()
+            held.enter_context(_hold(db.with_name(f"{db.name}.lock"), f"another zturbo serve is using the job "
+                                     f"database {db}; give each server its own --store file"))  # fmt: skip
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
+def _hold(path: Path, busy: str) -> Any:
+    """`path` opened and locked for the life of the server (the open file, which unlocks as it
+    closes); `busy`: the InvalidRequestError's message when another process holds it."""
+    try:
+        f = open(path, "a+")  # noqa: SIM115 - held open for the life of the server
+    except OSError as e:
+        raise InvalidRequestError(f"cannot make the lock file {path}: {e.strerror or e}; check that its "
+                                  "directory exists and is writable") from None  # fmt: skip
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        message = f"another zturbo serve is using {data_dir}; give each server its own --data-dir"
-        raise InvalidRequestError(message) from None
+        raise InvalidRequestError(busy) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

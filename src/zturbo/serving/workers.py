@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import RuntimeConfig
+from ..errors import StorageError
 from . import jobs
 from .stores import QueueStore, open_store
 
@@ -57,6 +58,14 @@ REQUEUE = "requeue"  # an Outcome's status: the job goes back to the queue to ru
 # socket buffer of the platforms served (8 KiB on macOS), so the send never blocks the supervisor
 # while the worker still runs the batch before it. A larger one is sent when that batch's GPU is free.
 PIPE_ROOM = 8192
+# A job's end that the store refuses (an outage, a full disk) is tried again after each of these
+# waits (15.5 s in all, well within a job's time limit for writing), then given back to the
+# supervisor to queue again (`Unrecorded`).
+RECORD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+# The supervisor logs a store it cannot reach at most this often, and tries again to queue the
+# unrecorded jobs at most this often.
+STORE_FAULT_LOG_S = 30.0
+RELEASE_RETRY_S = 2.0
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
 _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
@@ -122,6 +131,15 @@ class Finished:
     fallbacks: int = 0
     memory: dict[str, int] | None = None
     loras: dict[str, float] | None = None  # the worker's LoRA numbers so far (`_lora_stats`)
+
+
+@dataclass(frozen=True)
+class Unrecorded:
+    """The worker made the job's outcome but the store would not record it (RECORD_RETRY_S): the
+    row is still `running` on this claim; the supervisor queues it again, its attempt not counted."""
+
+    job_id: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -248,7 +266,7 @@ def run_batch(
 
     start = time.perf_counter()
     outcomes, runnable = [], []
-    cancelled = store.cancels_requested(claim.job_id for claim in claims)  # while it waited for this GPU
+    cancelled = _cancels_requested(store, [claim.job_id for claim in claims])[0]  # while it waited for this GPU
     for claim in claims:
         if claim.job_id in cancelled:
             outcomes.append(Outcome(claim, jobs.CANCELLED))
@@ -305,6 +323,18 @@ def _within_room(
     logging.getLogger("zturbo").info(message, room, images, kept, len(runnable))
     channel.send(BatchRoom(key, room, returned))
     return runnable[:kept], set(returned)
+
+
+def _cancels_requested(store: QueueStore, job_ids: list[str], *, quiet: bool = False) -> tuple[set[str], bool]:
+    """Which of `job_ids` have a cancel requested, and whether the store answered: one it cannot
+    reach now (a brief outage) reads as no cancel, rather than failing the batch; said once
+    unless `quiet`."""
+    try:
+        return store.cancels_requested(job_ids), True
+    except (StorageError, sqlite3.OperationalError) as e:
+        if not quiet:
+            logging.getLogger("zturbo").warning("cancels of %s not read; the batch goes on: %s", ", ".join(job_ids), e)
+        return set(), False
 
 
 def _requeue_solo(store: QueueStore, outcome: Outcome, channel: Channel) -> None:
@@ -380,6 +410,7 @@ class BatchWatch:
 
         self.store, self.claims, self.counts, self.channel, self.device = store, claims, counts, channel, device
         self.cancelled: set[str] = set()
+        self.unread = False  # a cancel check found the store unreachable (said once per batch)
         self.previews = False  # whether on_preview reports the progress of the jobs that asked for previews
         self.sleep = step_sleep()
         self.parent = os.getppid()
@@ -405,9 +436,10 @@ class BatchWatch:
         # A cancel stops a job after its current step, unless that step was the last: finished
         # steps make an image, and docs/api.md promises that image (a cancel then is too late).
         if i < n:
-            self.cancelled |= self.store.cancels_requested(
-                c.job_id for c in self.claims if c.job_id not in self.cancelled
-            )
+            ids = [c.job_id for c in self.claims if c.job_id not in self.cancelled]
+            seen, answered = _cancels_requested(self.store, ids, quiet=self.unread)
+            self.cancelled |= seen
+            self.unread |= not answered
             if len(self.cancelled) == len(self.claims):
                 raise JobCancelled
 
@@ -434,8 +466,16 @@ class Writer:
     job's end in SQLite and only then reports it, while the GPU runs the next batch. At most
     WRITER_DEPTH batches wait for it; `put` blocks beyond that."""
 
-    def __init__(self, store: QueueStore, images_dir: Path, channel: Channel, depth: int = WRITER_DEPTH) -> None:
-        self.store, self.images_dir, self.channel = store, images_dir, channel
+    def __init__(
+        self,
+        store: QueueStore,
+        images_dir: Path,
+        channel: Channel,
+        depth: int = WRITER_DEPTH,
+        retry_s: tuple[float, ...] = RECORD_RETRY_S,
+    ) -> None:
+        """`retry_s`: the waits before each new try to record a job's end (`_record`)."""
+        self.store, self.images_dir, self.channel, self.retry_s = store, images_dir, channel, retry_s
         self._queue: queue.Queue[BatchDone | None] = queue.Queue(maxsize=depth)
         self.holding: tuple[str, ...] = ()  # the jobs of the batch being written
         self._thread = threading.Thread(target=self._loop, name="zturbo-writer", daemon=True)
@@ -465,6 +505,9 @@ class Writer:
         self.holding = tuple(outcome.claim.job_id for outcome in done.outcomes)
         for outcome in done.outcomes:
             status = self._finish(outcome)
+            if status is None:
+                self.channel.send(Unrecorded(outcome.claim.job_id, "the job store did not record its end"))
+                continue
             seconds = time.perf_counter() - done.start
             fallbacks = done.fallbacks if outcome.status == jobs.SUCCEEDED else 0
             self.channel.send(Finished(outcome.claim.job_id, status, seconds, fallbacks, done.memory, done.loras))
@@ -477,13 +520,14 @@ class Writer:
             self.channel.send(Crashed(self.holding, f"the writer failed: {_first_line(error)}"))
         os._exit(3)
 
-    def _finish(self, outcome: Outcome) -> str:
-        """Write the job's images and record its end; the status recorded (`_record`)."""
+    def _finish(self, outcome: Outcome) -> str | None:
+        """Write the job's images and record its end; the status recorded, None if it could not be (`_record`)."""
         from ..errors import ZTurboError
 
         store, claim = self.store, outcome.claim
         if outcome.status != jobs.SUCCEEDED:
-            return _record(store, claim, lambda: store.end(claim, outcome.status, outcome.error), outcome.status)
+            end = outcome.status
+            return _record(claim, lambda: store.end(claim, end, outcome.error), end, self.retry_s)
         try:
             refs = _save_images(outcome, self.images_dir)
         except ZTurboError as e:  # a full disk, a missing permission: the job's failure, the worker lives on
@@ -492,9 +536,8 @@ class Writer:
             logging.getLogger("zturbo").exception("job %s: its images could not be written", claim.job_id)
             error = {"type": "internal_error", "message": f"the images could not be written ({type(e).__name__}: {e})"}
         else:
-            return _record(store, claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED)
-        _record(store, claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED)
-        return jobs.FAILED
+            return _record(claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED, self.retry_s)
+        return _record(claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED, self.retry_s)
 
 
 def process_age() -> float | None:
@@ -522,18 +565,22 @@ def _lora_stats(engine: Any) -> dict[str, float] | None:
     return stats
 
 
-def _record(store: QueueStore, claim: jobs.Claim, write: Any, status: str) -> str:
-    """Record a job's end; when the job database cannot be written (a full disk), say so and report
-    the job failed: the worker and its loaded model stay up. The row stays `running` until the
-    server's next start re-queues it."""
-    from ..errors import StorageError
-
-    try:
-        write()
-    except (StorageError, sqlite3.Error) as e:  # e.g. 'database is locked' past the busy timeout
-        logging.getLogger("zturbo").error("job %s ended %s but could not be recorded: %s", claim.job_id, status, e)
-        return jobs.FAILED
-    return status
+def _record(claim: jobs.Claim, write: Any, status: str, retry_s: tuple[float, ...]) -> str | None:
+    """Record a job's end (`write`), trying again after each wait of `retry_s` while the store
+    refuses (an outage, a full disk, 'database is locked'); `status`, or None when it never took it:
+    the worker and its loaded model stay up, and the job runs again (`Unrecorded`)."""
+    for wait_s in (*retry_s, None):
+        try:
+            write()
+        except (StorageError, sqlite3.Error) as e:
+            if wait_s is None:
+                message = "job %s ended %s but could not be recorded (%d tries): %s; it runs again"
+                logging.getLogger("zturbo").error(message, claim.job_id, status, len(retry_s) + 1, e)
+                return None
+            time.sleep(wait_s)
+        else:
+            return status
+    return None
 
 
 def _save_images(outcome: Outcome, images_dir: Path) -> list[jobs.ImageRef]:
@@ -727,6 +774,11 @@ class Supervisor:
         self._previews: dict[str, bytes] = {}  # running job -> its last preview (JPEG)
         self._thread: threading.Thread | None = None
         self._ready: dict[str, Any] | None = None  # `startup()`, from the first Ready
+        # Jobs whose end a worker could not record (`Unrecorded`), still `running` on their claim:
+        # queued again once the store takes it, and why.
+        self._unrecorded: dict[str, tuple[jobs.Claim, str]] = {}
+        self._release_at = 0.0  # when to try those again
+        self._fault_logged_at = -STORE_FAULT_LOG_S  # when a store fault was last logged
 
     # --- public, any thread -------------------------------------------------------------------
 
@@ -804,6 +856,9 @@ class Supervisor:
         self.wake()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._release_at = 0.0
+        with contextlib.suppress(StorageError):  # else the next start, or another node, takes them back
+            self._release_unrecorded()
         for slot in self.slots:
             self._halt(slot)
             for claim in list(slot.claims.values()):
@@ -822,9 +877,13 @@ class Supervisor:
                 time.sleep(0.5)
 
     def _tick(self) -> None:
-        for job in self.store.heartbeat():  # a shared store: this node's lease, and lost nodes' jobs back
-            log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
-        self._dispatch()
+        try:
+            for job in self.store.heartbeat():  # a shared store: this node's lease, and lost nodes' jobs back
+                log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
+            self._release_unrecorded()
+            self._dispatch()
+        except StorageError as e:  # the workers' messages are still read, and dead workers still seen
+            self._store_fault(e)
         waitables: list[Any] = [self._wake_r]
         for s in self.slots:
             if s.conn is not None:
@@ -841,6 +900,27 @@ class Supervisor:
                     self._drain(s)
         for s in self.slots:
             self._check(s)
+
+    def _store_fault(self, error: Exception) -> None:
+        """Log a store the supervisor cannot reach, at most every STORE_FAULT_LOG_S."""
+        now = time.monotonic()
+        if now - self._fault_logged_at >= STORE_FAULT_LOG_S:
+            self._fault_logged_at = now
+            log.warning("the job store cannot be reached; no job is dispatched until it can: %s", error)
+
+    def _release_unrecorded(self) -> None:
+        """Queue again the jobs whose end a worker could not record, their attempt not counted (the
+        job ran; the store failed); tried again every RELEASE_RETRY_S while the store refuses."""
+        if not self._unrecorded or time.monotonic() < self._release_at:
+            return
+        self._release_at = time.monotonic() + RELEASE_RETRY_S
+        for job_id, (claim, reason) in list(self._unrecorded.items()):
+            job = self.store.release(job_id, claim.attempt, reason, count_attempt=False)
+            del self._unrecorded[job_id]
+            if job is not None and job.finished:
+                self.hooks.on_finished(Finished(job_id, job.status, 0.0))
+            elif job is not None:
+                self.hooks.on_event(job_id, "requeued", {"reason": reason, "attempts": job.attempts})
 
     def _wait_s(self) -> float:
         """How long the loop may wait for a message: at most until the first batching window ends."""
@@ -983,6 +1063,13 @@ class Supervisor:
                 s.memory = msg.memory or s.memory
                 s.take_lora_stats(msg.loras)
             self.hooks.on_finished(msg)
+        elif isinstance(msg, Unrecorded):
+            with self._lock:
+                claim = self._forget(s, msg.job_id)
+                self._free_if_done(s)
+            if claim is not None:
+                self._unrecorded[msg.job_id] = (claim, msg.reason)
+                self._release_at = 0.0
         elif isinstance(msg, Crashed):
             s.crash_reason = msg.reason
         elif isinstance(msg, Released):
