@@ -416,6 +416,10 @@ def _run_command(args: argparse.Namespace) -> int:
         from .bench.main import main as bench_main
 
         return bench_main(args)
+    if args.command == "serve" and args.ray is not None:
+        from .serving.raydeploy import run_on_cluster
+
+        return run_on_cluster(args, _runtime_config(args, max_pixels=args.max_pixels))
     if args.command == "serve":
         from .serving.serve import main as serve_main
 

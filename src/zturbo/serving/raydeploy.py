@@ -579,11 +579,11 @@ def build_app(args: argparse.Namespace, config: Any, options: RayOptions) -> Any
 def run_on_cluster(args: argparse.Namespace, config: Any) -> int:
     """`zturbo serve --ray ADDRESS`: deploy on the cluster, serve until SIGINT/SIGTERM, then take the
     application down (its jobs stay in the store, for the next deployment)."""
-    from .serve import serve_settings
+    from .serve import serve_settings, store_location
 
     options = ray_options(args)
+    check_store(store_location(args))
     settings = serve_settings(args, config, devices=["ray"])  # every check before the cluster is reached
-    check_store(settings.store)
     args.api_key = settings.api_key  # the ingress's key, from this shell's $ZTURBO_API_KEY too
     import ray
     from ray import serve
@@ -606,5 +606,8 @@ def run_on_cluster(args: argparse.Namespace, config: Any) -> int:
 def _forwarded_env() -> dict[str, str]:
     """The zturbo, store and hub settings of this shell, for the replicas on other nodes; never a
     secret (a runtime environment shows on the Ray dashboard): the nodes' own environment holds those."""
-    names = [n for n in os.environ if n.startswith(("ZTURBO_", "PG", "HF_"))]
-    return {n: os.environ[n] for n in names if not any(w in n for w in SECRET_WORDS)}
+    from ..config import ENV_VARS, env
+
+    ours = {name: value for name in ENV_VARS if (value := env(name)) is not None}
+    theirs = {name: value for name, value in os.environ.items() if name.startswith(("PG", "HF_"))}
+    return {name: value for name, value in (ours | theirs).items() if not any(w in name for w in SECRET_WORDS)}

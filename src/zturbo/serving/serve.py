@@ -190,10 +190,6 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
     from .connections import raise_file_limit
     from .pgstore import redact
 
-    if args.ray is not None:
-        from .raydeploy import run_on_cluster
-
-        return run_on_cluster(args, runtime_config)
     settings = serve_settings(args, runtime_config)
     limits = _connection_limits(args, raise_file_limit())
     lock = _lock_data_dir(settings.data_dir, settings.store)
@@ -222,7 +218,7 @@ def serve_settings(args: argparse.Namespace, config: Any, devices: list[str] | N
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
     _check_numbers(args)
-    store = _store(args)
+    store = store_location(args)
     devices = devices if devices is not None else worker_devices(args.gpus, args.device)
     source = resolve_model(
         config.model, weights=False, files=config.component_files()
@@ -363,7 +359,7 @@ def _connection_limits(args: argparse.Namespace, file_limit: int) -> Any:
     return ConnectionLimits(bound, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
 
 
-def _store(args: argparse.Namespace) -> str:
+def store_location(args: argparse.Namespace) -> str:
     """The job queue's location (`stores.check_store`), before anything loads."""
     from .stores import DEFAULT_STORE, STORE_ENV, check_store
 
