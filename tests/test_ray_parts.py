@@ -3,6 +3,7 @@ ingress's dispatcher (on a stand-in handle and store). The deployment itself is 
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -157,3 +158,26 @@ def test_the_replicas_get_this_shells_settings_but_never_a_secret(monkeypatch):
     forwarded = _forwarded_env()
     assert forwarded["ZTURBO_LORA_DIR"] == "/mnt/zturbo/loras" and forwarded["PGSSLMODE"] == "require"
     assert not {"ZTURBO_API_KEY", "PGPASSWORD", "HF_TOKEN"} & set(forwarded)
+
+
+def test_the_kuberay_manifest_deploys_this_app_with_flags_zturbo_serve_accepts():
+    import importlib
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from zturbo.cli import serve_options
+    from zturbo.serving.raydeploy import check_store
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "docs/kuberay/rayservice.yaml").read_text())
+    [application] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args, _ = serve_options(shlex.split(application["args"]["argv"]))
+    options = ray_options(args)
+    check_store(args.store)
+    assert (options.gpus_per_replica, options.resources) == (1.0, {"zturbo_gpu": 1.0})
+    [pool] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    # KubeRay passes the string to `ray start --resources` as a shell word: quoted JSON.
+    assert json.loads(json.loads(pool["rayStartParams"]["resources"])) == options.resources
