@@ -58,7 +58,8 @@ def deploy(tiny_dir, data, db, address, *args: str) -> Server:
 def two_replicas(ray_cluster, ray_db, tiny_dir, tmp_path_factory):
     """Two replicas, one per node, the web UI on."""
     data = tmp_path_factory.mktemp("ray") / "shared"
-    server = deploy(tiny_dir, data, ray_db, ray_cluster[0], "--ray-min-replicas", "2", "--ray-max-replicas", "2")
+    fixed = ("--ray-min-replicas", "2", "--ray-max-replicas", "2", "--queue-size", "128")
+    server = deploy(tiny_dir, data, ray_db, ray_cluster[0], *fixed)
     wait_for(lambda: len(server.client.get("/v1/status").json()["workers"]) == 2, 120, server)
     yield server, data
     assert server.stop() == 0, server.tail()
@@ -128,12 +129,12 @@ def test_the_openai_client_native_api_ui_and_status_pass_against_the_deployment(
 def test_jobs_spread_over_both_replicas_and_metrics_count_them_all(two_replicas, ray_db):
     server, data = two_replicas
     before = finished_total(server)
-    ids = [server.submit(seed=i, steps=4)["id"] for i in range(12)]
-    done = [server.wait_job(job_id, timeout=180) for job_id in ids]
-    assert [job["status"] for job in done] == ["succeeded"] * 12
+    ids = [server.submit(seed=i, steps=2)["id"] for i in range(100)]
+    done = [server.wait_job(job_id, timeout=300) for job_id in ids]
+    assert [job["status"] for job in done] == ["succeeded"] * 100
     by = claimers(ray_db, data, ids)
     assert len(set(by.values())) == 2, by  # both replicas ran some
-    assert finished_total(server) - before == 12  # /metrics: every replica's jobs, at the one ingress
+    assert finished_total(server) - before == 100  # /metrics: every replica's jobs, at the one ingress
 
 
 def finished_total(server: Server) -> float:

@@ -181,3 +181,30 @@ def test_the_kuberay_manifest_deploys_this_app_with_flags_zturbo_serve_accepts()
     [pool] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     # KubeRay passes the string to `ray start --resources` as a shell word: quoted JSON.
     assert json.loads(json.loads(pool["rayStartParams"]["resources"])) == options.resources
+
+
+def test_replica_leases_list_live_replicas_and_a_leaving_one_gives_its_jobs_back_at_once(postgres_db, tmp_path):
+    """What the ingress lists (`live_nodes`), and a replica's graceful stop (`leave`): its running
+    job is queued again at another node's next heartbeat, long before the 600 s lease."""
+    from serving import LIMITS
+    from zturbo.request import GenerateRequest
+    from zturbo.serving.pgstore import PostgresJobStore
+
+    inputs = tmp_path / "inputs"
+    ingress = PostgresJobStore(postgres_db, inputs_dir=inputs, lease_s=600)
+    replica = PostgresJobStore(postgres_db, inputs_dir=inputs, lease_s=600, node="ray-replica-r1")
+    try:
+        ingress.heartbeat()
+        replica.heartbeat()
+        assert set(ingress.live_nodes("ray-replica-")) == {"ray-replica-r1"}
+        job = ingress.submit(GenerateRequest.create("a fox", limits=LIMITS, width=64, height=64, steps=2))
+        claim = replica.claim("gpu")
+        assert claim is not None and claim.job_id == job.id
+        replica.leave()
+        assert ingress.live_nodes("ray-replica-") == {}
+        ingress._beat_at = 0.0  # the next tick's heartbeat, now
+        assert [j.id for j in ingress.heartbeat()] == [job.id]
+        assert ingress.get(job.id).status == "queued" and not replica.succeed(claim, [])
+    finally:
+        ingress.close()
+        replica.close()

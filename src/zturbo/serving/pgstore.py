@@ -276,6 +276,12 @@ class PostgresJobStore(SqlQueue):
             db.execute(f"DELETE FROM nodes WHERE seen_at < {_NOW} - ?", (10 * self.lease_s,))
         return self.recover(f"its node stopped answering (no heartbeat for {self.lease_s:g} s)")
 
+    def leave(self) -> None:
+        """End this node's lease now (a graceful stop): whatever it still runs goes back to the queue
+        at the next heartbeat of another node, rather than after the lease."""
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE name = ?", (self.node,))
+
     def live_nodes(self, prefix: str = "") -> dict[str, float]:
         """The nodes named `prefix`... whose lease holds, with the seconds since each renewed it."""
         q = f"SELECT name, {_NOW} - seen_at FROM nodes WHERE seen_at > {_NOW} - ? AND starts_with(name, ?)"

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import logging
 import os
 import signal
@@ -43,6 +44,7 @@ TICK_S = 0.5  # the ingress's loop: renew its lease, take lost nodes' jobs back,
 LIST_EVERY_S = 2.0  # how often the ingress reads which replicas hold a lease
 SECRET_WORDS = ("PASSWORD", "KEY", "TOKEN", "SECRET")
 BEAT_S = 1.0  # a replica's lease renewal (the store renews at most every HEARTBEAT_S)
+CLOSE_S = 10.0  # the most a stopping replica waits for its writer
 
 
 @dataclass(frozen=True)
@@ -209,12 +211,21 @@ class GpuReplica:
         self.reported: dict[str, int] = {}  # the rooms `run_batch` reported
         self.lora_set = jobs.NO_LORAS
         self.held: dict[str, jobs.Claim] = {}  # the running batch's claims
+        self.leaving = threading.Event()
         self.store.heartbeat()  # the lease first: the ingress lists this replica once it holds one
         threading.Thread(target=self._beat, name="zturbo-lease", daemon=True).start()
 
+    def __del__(self) -> None:
+        """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
+        or its grace ran out: the images made are recorded, then the lease ends, so the ingress stops
+        listing this replica and any job it still held runs elsewhere without waiting for the lease."""
+        self.leaving.set()
+        self.writer.close(timeout=CLOSE_S)
+        with contextlib.suppress(StorageError):
+            self.store.leave()
+
     def _beat(self) -> None:
-        while True:
-            time.sleep(BEAT_S)
+        while not self.leaving.wait(BEAT_S):
             try:
                 for job in self.store.heartbeat():
                     log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
