@@ -208,3 +208,24 @@ def test_replica_leases_list_live_replicas_and_a_leaving_one_gives_its_jobs_back
     finally:
         ingress.close()
         replica.close()
+
+
+def test_serve_runs_builder_makes_the_ingress_and_a_gpu_deployment_with_the_flags_options(tiny_dir, tmp_path):
+    pytest.importorskip("ray", reason="needs pip install 'zturbo[ray]'")
+    from ray.serve._private.build_app import build_app
+
+    from zturbo.serving.ray_app import app
+
+    argv = (f"--model {tiny_dir} --store postgresql://zturbo@db/zturbo --data-dir {tmp_path} "
+            "--ray-gpus-per-replica 0.5 --ray-min-replicas 2 --ray-max-replicas 3 --ray-max-ongoing 5 "
+            "--ray-resource pool_h100=1")  # fmt: skip
+    deployments = {d.name: d for d in build_app(app({"argv": argv}), name="zturbo").deployments}
+    gpu, http = deployments["zturbo-gpu"], deployments["zturbo-http"]
+    scaling = gpu._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, gpu._deployment_config.max_ongoing_requests) == (2, 3, 5)
+    assert gpu.ray_actor_options == {"num_gpus": 0.5, "num_cpus": 1.0, "resources": {"pool_h100": 1.0}}
+    assert http._deployment_config.num_replicas == 1
+    with pytest.raises(ValueError, match="unknown application argument"):
+        app({"argv": argv, "model": "x"})
+    with pytest.raises(InvalidRequestError, match="--ray needs a job store every node reaches"):
+        app({"argv": f"--model {tiny_dir} --data-dir {tmp_path} --store sqlite"})
