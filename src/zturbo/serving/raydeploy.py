@@ -219,6 +219,8 @@ class GpuReplica:
         """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
         or its grace ran out: the images made are recorded, then the lease ends, so the ingress stops
         listing this replica and any job it still held runs elsewhere without waiting for the lease."""
+        if not hasattr(self, "leaving"):  # its constructor failed: it never held a lease
+            return
         self.leaving.set()
         self.writer.close(timeout=CLOSE_S)
         with contextlib.suppress(StorageError):
