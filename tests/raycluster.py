@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,3 +94,4 @@ def cluster() -> Iterator[tuple[str, Node, Node]]:
     finally:
         for node in reversed(nodes):
             node.kill()
+        shutil.rmtree(root, ignore_errors=True)
