@@ -116,6 +116,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="LOAD_JSON",
         help="no run: one report from the load.json files of a run split over several calls",
     )
+    p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for `zturbo serve` (repeatable; --serve-arg=--ray --serve-arg=auto measures a Ray "
+        "Serve deployment, docs/ray.md)",
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds a start may take (default 600)")
     p.add_argument("--work", default=None, help="data and compile caches (default: a temporary directory)")
     p.add_argument("--out", default=None, help="where load.json, load.md and the logs go (default $OUT or ./load)")
@@ -341,7 +349,7 @@ def serve_command(args: argparse.Namespace, port: int, work: Path, features: Seq
         cmd += ["--compile-cache", str(work / "compile-cache")]
     if "--max-batch" in features:
         cmd += ["--max-batch", str(args.max_batch)]
-    return cmd
+    return cmd + list(args.serve_arg)
 
 
 def free_port() -> int:

@@ -10,6 +10,16 @@ import pytest
 import torch
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The Ray tests start a cluster: they run only when `-m` names them (`pytest -m ray tests/test_ray.py`)."""
+    if "ray" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="starts a Ray cluster: run with -m ray")
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Never touch the user's caches or the network from tests.

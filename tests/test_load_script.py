@@ -129,6 +129,9 @@ def test_only_the_serve_flags_this_checkout_has_are_passed_and_every_compile_cac
     later = ls.serve_command(options(), 8000, tmp_path, ["--compile-cache", "--max-batch"])
     assert later[later.index("--compile-cache") + 1] == str(tmp_path / "compile-cache")
     assert later[later.index("--max-batch") + 1] == "4"
+    ray_args = ls.parse_args(["--model", "tiny-random", "--serve-arg=--ray", "--serve-arg=auto"])
+    ray = ls.serve_command(ray_args, 8000, tmp_path, [])
+    assert ray[-2:] == ["--ray", "auto"]
     env = ls.child_env(tmp_path / "cache", "k")
     assert env["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path / "cache"))
     assert env["TRITON_CACHE_DIR"].startswith(str(tmp_path / "cache"))

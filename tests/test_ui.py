@@ -248,6 +248,16 @@ def test_status_line_names_model_device_dtypes_plan_memory_and_queue() -> None:
     assert "GPU memory: n/a" in status_text({**status, "gpu_memory": None})
 
 
+def test_status_line_lists_a_ray_deployments_replicas_by_name_state_and_node() -> None:
+    replicas = [
+        {"id": "ray-replica-a1", "device": "cuda:0", "state": "busy", "node": "3f2e", "pid": 11},
+        {"id": "ray-replica-b2", "device": "cuda:0", "state": "ready", "node": "9c0d", "pid": 12},
+    ]
+    line = status_text({"model": "m", "device": "ray", "workers": replicas})
+    assert line.endswith(r"2 replica(s): ray-replica-a1 busy on node 3f2e, ray-replica-b2 ready on node 9c0d")
+    assert status_text({"model": "m", "workers": []}).endswith("workers: none")
+
+
 @pytest.mark.parametrize(
     ("origin", "weights", "says"),
     [

@@ -396,6 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def serve_options(argv: Sequence[str]) -> tuple[argparse.Namespace, Any]:
+    """`zturbo serve`'s arguments and runtime config from `argv` (its arguments, without the command):
+    for a Ray Serve application built outside the CLI (serving/ray_app.py)."""
+    args = build_parser().parse_args(["serve", *argv])
+    return args, _runtime_config(args, max_pixels=args.max_pixels)
+
+
 def _run_command(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return cmd_generate(args)
@@ -409,6 +416,10 @@ def _run_command(args: argparse.Namespace) -> int:
         from .bench.main import main as bench_main
 
         return bench_main(args)
+    if args.command == "serve" and args.ray is not None:
+        from .serving.raydeploy import run_on_cluster
+
+        return run_on_cluster(args, _runtime_config(args, max_pixels=args.max_pixels))
     if args.command == "serve":
         from .serving.serve import main as serve_main
 

@@ -135,10 +135,24 @@ class ServeSettings:
         return self.max_body_bytes + len(IMAGE_FIELDS) * per_image
 
 
+# Makes what runs the jobs from the store, the workers' config and the hooks: the Supervisor of this
+# machine's worker processes by default, or a Ray deployment's dispatcher (raydeploy.RayDispatcher).
+Dispatcher = Callable[[Any, RuntimeConfig, Hooks], Any]
+
+
+def worker_config(settings: ServeSettings) -> RuntimeConfig:
+    """The config the workers load the model with: they resolve LoRA names in the server's directory,
+    and never take a path."""
+    lora_dir = settings.lora_dir or settings.data_dir / "loras"
+    return dataclasses.replace(
+        settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
+    )
+
+
 class Service:
     """The queue, the workers and the metrics of one running server."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, dispatcher: Dispatcher | None = None) -> None:
         from .loras import ServerLoras
         from .metrics import Metrics
 
@@ -147,6 +161,7 @@ class Service:
         self.images_dir.mkdir(parents=True, exist_ok=True)
         lora_dir = settings.lora_dir or settings.data_dir / "loras"
         lora_dir.mkdir(parents=True, exist_ok=True)
+        config = worker_config(settings)
         self.loras = ServerLoras(lora_dir, settings.lora_targets or _published_targets)
         self.store = open_store(
             settings.store, settings.data_dir, max_queued=settings.queue_size, lease_s=settings.node_lease_s
@@ -159,22 +174,15 @@ class Service:
             on_restart=self.metrics.restarted,
             on_batch=self.metrics.batched,
         )
-        # Workers resolve the same names in the same directory, and never take a path.
-        config = dataclasses.replace(
-            settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
-        )
-        self.supervisor = Supervisor(
-            self.store,
-            config,
-            settings.devices,
-            settings.data_dir,
-            job_timeout=settings.job_timeout,
-            hooks=hooks,
-            max_batch=settings.max_batch,
-            batch_window=settings.batch_window_ms / 1000,
-        )
+        make = dispatcher or self._local_workers
+        self.supervisor = make(self.store, config, hooks)
         self.stopping = threading.Event()  # set when shutdown begins: event streams end
         self._started = self._stopped = False
+
+    def _local_workers(self, store: Any, config: RuntimeConfig, hooks: Hooks) -> Supervisor:
+        s = self.settings
+        return Supervisor(store, config, s.devices, s.data_dir, job_timeout=s.job_timeout, hooks=hooks,
+                          max_batch=s.max_batch, batch_window=s.batch_window_ms / 1000)  # fmt: skip
 
     def start(self) -> None:
         """Recover the queue and start the workers; once (`zturbo serve` starts them before its
@@ -277,8 +285,9 @@ class Service:
 # --- app -------------------------------------------------------------------------------------
 
 
-def create_app(settings: ServeSettings) -> FastAPI:
-    service = Service(settings)
+def create_app(settings: ServeSettings, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """The API on `settings`; `dispatcher`: what runs its jobs (`Dispatcher`; default this machine's workers)."""
+    service = Service(settings, dispatcher)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

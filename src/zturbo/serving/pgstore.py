@@ -221,15 +221,18 @@ class PostgresJobStore(SqlQueue):
         max_queued: int = 64,
         check: bool = True,
         lease_s: float = NODE_LEASE_S,
+        node: str | None = None,
     ) -> None:
-        """`check=False` leaves the tables as they are (worker processes: the server made them)."""
+        """`check=False` leaves the tables as they are (worker processes: the server made them).
+        `node`: the name this process's claims and lease go under (default: host, pid and a random
+        part); it must be unique among the processes on the queue."""
         self.location = url
         self.where = redact(url)
         self.max_queued = max_queued
         self.inputs = InputStore(inputs_dir, keep_s=INPUT_KEEP_S)
         # This process's claims: a name of its own, so that a restarted server, or a second one on
         # the machine, never takes a live server's jobs for its own.
-        self.node = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".replace("/", "-")
+        self.node = (node or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}").replace("/", "-")
         self.lease_s = lease_s
         self._beat_at = 0.0
         self._lock = threading.RLock()
@@ -334,6 +337,18 @@ class PostgresJobStore(SqlQueue):
             if swept:
                 log.info("removed %d stored input files no job refers to", swept)
         return taken
+
+    def leave(self) -> None:
+        """End this node's lease now (a graceful stop): whatever it still runs goes back to the queue
+        at the next heartbeat of another node, rather than after the lease."""
+        with self._tx() as db:
+            db.execute("DELETE FROM nodes WHERE name = ?", (self.node,))
+
+    def live_nodes(self, prefix: str = "") -> dict[str, float]:
+        """The nodes named `prefix`... whose lease holds, with the seconds since each renewed it."""
+        q = f"SELECT name, {_NOW} - seen_at FROM nodes WHERE seen_at > {_NOW} - ? AND starts_with(name, ?)"
+        with self._read() as db:
+            return {r[0]: float(r[1]) for r in db.execute(q, (self.lease_s, prefix)).fetchall()}
 
 
 _COLUMNS = (

@@ -79,7 +79,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds a request's headers and body may take to arrive once it starts (default 30)",
     )
     _model_arguments(p)
+    _ray_arguments(p)
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _ray_arguments(p: argparse.ArgumentParser) -> None:
+    """A Ray Serve deployment instead of this machine's workers (docs/ray.md)."""
+    g = p.add_argument_group("Ray Serve (docs/ray.md)")
+    g.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="deploy on the Ray cluster at ADDRESS ('auto': the local one) rather than run workers "
+                   "here: an HTTP ingress and one GPU replica per --ray-gpus-per-replica GPUs, on a "
+                   "postgresql:// --store and a --data-dir every node mounts")  # fmt: skip
+    g.add_argument("--ray-min-replicas", type=int, default=1, help="fewest GPU replicas (default 1)")
+    g.add_argument("--ray-max-replicas", type=int, default=1, help="most GPU replicas, reached under load (default 1)")
+    g.add_argument(
+        "--ray-gpus-per-replica", type=float, default=1.0, help="GPUs each replica holds; 0: CPU (default 1)"
+    )
+    g.add_argument("--ray-cpus-per-replica", type=float, default=1.0, help="CPUs each replica holds (default 1)")
+    g.add_argument("--ray-resource", action="append", default=[], metavar="NAME=AMOUNT",
+                   help="a custom Ray resource each replica holds, e.g. a node pool's (repeatable)")  # fmt: skip
+    g.add_argument("--ray-max-ongoing", type=int, default=8,
+                   help="most run requests one replica holds at once, one running and the rest waiting for its "
+                   "GPU (default 8)")  # fmt: skip
+    g.add_argument("--ray-target-ongoing", type=float, default=2.0,
+                   help="run requests per replica the autoscaler aims at: more adds replicas (default 2)")  # fmt: skip
+    g.add_argument("--ray-scale-delay", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds the load must stay low before a replica is taken away (default 30)")  # fmt: skip
 
 
 def _a1111_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,33 +187,46 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    from ..loader import resolve_model
-    from .app import ServeSettings, create_app
+    from .app import create_app
     from .connections import raise_file_limit
-    from .loras import model_targets
     from .pgstore import redact
+
+    settings = serve_settings(args, runtime_config)
+    limits = _connection_limits(args, raise_file_limit())
+    lock = _lock_data_dir(settings.data_dir, settings.store)
+    log.info("serving %s on http://%s:%d with workers on %s; data in %s (queue: %s), LoRAs in %s",
+             runtime_config.model, args.host, args.port, ", ".join(settings.devices), settings.data_dir,
+             redact(settings.store), settings.lora_dir)  # fmt: skip
+    app = create_app(settings)
+    started = _run(app, args, limits)
+    lock.close()
+    return 0 if started else 3  # 3: uvicorn's status for a server that never started
+
+
+def serve_settings(args: argparse.Namespace, config: Any, devices: list[str] | None = None) -> Any:
+    """What the app needs from `zturbo serve`'s arguments, every one checked before anything loads.
+    `devices`: where the jobs run, when not this machine's workers (a Ray deployment's replicas)."""
+    from ..loader import resolve_model
+    from .app import ServeSettings
+    from .loras import model_targets
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
     _check_numbers(args)
-    store = _store(args)
-    devices = worker_devices(args.gpus, args.device)
-    config = runtime_config
+    store = store_location(args)
+    devices = devices if devices is not None else worker_devices(args.gpus, args.device)
     source = resolve_model(
         config.model, weights=False, files=config.component_files()
     )  # fail on a bad model name before binding
     data_dir = Path(args.data_dir or env("ZTURBO_DATA_DIR") or Path.home() / ".local/share/zturbo")
     data_dir.mkdir(parents=True, exist_ok=True)
     lora_dir = Path(args.lora_dir or config.lora_dir or data_dir / "loras").expanduser()
-    model_limits = _model_limits(source, config)
-    limits = _connection_limits(args, raise_file_limit())
-    lock = _lock_data_dir(data_dir, store)
-    settings = ServeSettings(
+    return ServeSettings(
         config=config,
         data_dir=data_dir,
         store=store,
         devices=devices,
-        limits=model_limits,
+        limits=_model_limits(source, config),
         api_key=api_key,
         queue_size=args.queue_size,
         node_lease_s=args.node_lease,
@@ -205,12 +243,6 @@ def main(args: argparse.Namespace, runtime_config: Any) -> int:
         lora_cache_bytes=DEFAULT_LORA_CACHE_BYTES if args.lora_cache is None else int(args.lora_cache * 2**30),
         lora_targets=functools.partial(model_targets, source.config("transformer")),
     )
-    log.info("serving %s on http://%s:%d with workers on %s; data in %s (queue: %s), LoRAs in %s", config.model,
-             args.host, args.port, ", ".join(devices), data_dir, redact(store), lora_dir)  # fmt: skip
-    app = create_app(settings)
-    started = _run(app, args, limits)
-    lock.close()
-    return 0 if started else 3  # 3: uvicorn's status for a server that never started
 
 
 def _run(app: Any, args: argparse.Namespace, limits: Any) -> bool:
@@ -343,7 +375,7 @@ def _connection_limits(args: argparse.Namespace, file_limit: int) -> Any:
     return ConnectionLimits(bound, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
 
 
-def _store(args: argparse.Namespace) -> str:
+def store_location(args: argparse.Namespace) -> str:
     """The job queue's location (`stores.check_store`), before anything loads."""
     from .stores import DEFAULT_STORE, STORE_ENV, check_store
 

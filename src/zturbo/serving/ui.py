@@ -581,13 +581,20 @@ def status_text(status: dict[str, Any]) -> str:
     dtypes = ", ".join(f"{part} {dtype}" for part, dtype in (status.get("dtypes") or {}).items())
     gpu = status.get("gpu_memory")
     memory = f"GPU {_gib(gpu['used_bytes'])} used / {_gib(gpu['free_bytes'])} free" if gpu else "GPU memory: n/a"
-    workers = status.get("workers") or []
-    states = ", ".join(w.get("state", "?") for w in workers) or "none"
     return (
         f"{model_text(status)} on {status.get('device', '?')} · {dtypes or 'dtypes n/a'} · "
         f"plan {status.get('memory_plan', '?')} · {memory} · queue {status.get('queue_depth', '?')} · "
-        f"workers: {states}"
+        f"{workers_text(status.get('workers') or [])}"
     )
+
+
+def workers_text(workers: list[dict[str, Any]]) -> str:
+    """This machine's workers by state; a Ray deployment's replicas (they name their Ray node) one by one."""
+    if not any("node" in w for w in workers):
+        return f"workers: {', '.join(w.get('state', '?') for w in workers) or 'none'}"
+    listed = ", ".join(f"{_md_escape(str(w.get('id')))} {w.get('state', '?')} on node {_md_escape(str(w.get('node')))}"
+                       for w in workers)  # fmt: skip
+    return f"{len(workers)} replica(s): {listed}"
 
 
 def progress_text(event: Event, images: int) -> str:

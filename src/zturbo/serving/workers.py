@@ -216,21 +216,10 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
-    from ..engine import Engine, Phases
-
-    imported_s = process_age()  # the interpreter's start and the imports, before any loading
-    engine = Engine.load(dataclasses.replace(config, device=device))
-    phases = Phases(engine.startup.setdefault("phases", {}))
-    unit = engine.limits.spatial_unit
-    engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
-    engine.persist_compiled()  # that size's graphs too
-    phases.mark("first_call_s")
+    engine, ready = load_engine(config, device)
     store = open_store(store_location, Path(data_dir), check=False)  # the server checked it at startup
-    engine.startup["phases"] = {"imports_s": imported_s, **engine.startup["phases"]}
-    ready_s, startup = process_age(), engine.startup_report()
-    logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
     channel = Channel(conn)
-    channel.send(Ready(_runtime(engine), _memory(engine.device), ready_s, startup))
+    channel.send(ready)
     # The writer has a connection of its own: its transactions and their fsyncs never hold up the
     # per-step cancel checks of the batch on the GPU.
     writer = Writer(open_store(store_location, Path(data_dir), check=False), Path(data_dir) / "images", channel)
@@ -248,6 +237,23 @@ def worker_main(
             run_batch(engine, store, claims, channel, writer, rooms)
     finally:
         writer.close()  # a graceful stop: the images already made are written and recorded
+
+
+def load_engine(config: RuntimeConfig, device: str) -> tuple[Any, Ready]:
+    """The Engine on `device`, loaded and warmed up (its first-call costs paid), and its Ready report."""
+    from ..engine import Engine, Phases
+
+    imported_s = process_age()  # the interpreter's start and the imports, before any loading
+    engine = Engine.load(dataclasses.replace(config, device=device))
+    phases = Phases(engine.startup.setdefault("phases", {}))
+    unit = engine.limits.spatial_unit
+    engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
+    engine.persist_compiled()  # that size's graphs too
+    phases.mark("first_call_s")
+    engine.startup["phases"] = {"imports_s": imported_s, **engine.startup["phases"]}
+    ready_s, startup = process_age(), engine.startup_report()
+    logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
+    return engine, Ready(_runtime(engine), _memory(engine.device), ready_s, startup)
 
 
 def run_batch(

@@ -1,0 +1,626 @@
+"""zturbo on a Ray Serve cluster: an HTTP ingress serving the app of `zturbo serve` (app.py), and GPU
+replicas each owning an Engine, on the shared PostgreSQL job store (docs/ray.md).
+
+The store is the source of truth, as between the servers of many machines (docs/server.md). The
+ingress queues a job durably before its id is returned, then sends the GPU deployment one `run`
+request for each queued job it has not yet sent one for. A request is a unit of demand, not a job: a
+replica serves its requests one at a time on its GPU, each claiming whichever batch waits longest
+(`claim_batch`, under the replica's own node lease and attempt tickets) and running it with the
+worker's `run_batch` and `Writer`. So Ray Serve's router and autoscaler see the load as ongoing
+requests, while the store decides who runs what. The worker's messages (Progress, GpuFree,
+Finished, ...) stream back as the request's response, and the ingress turns them into job events and
+metrics as the Supervisor does with a worker's pipe: only placement and transport differ.
+
+A replica or node that dies stops renewing its lease; once the lease lapses, any process on the store
+queues its jobs again (the attempt counted), and the ingress's loop sends requests for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidRequestError, StorageError
+from . import jobs
+from .workers import BatchRoom, Finished, GpuFree, Hooks, Progress, Ready, Released, Writer, load_engine, run_batch
+
+log = logging.getLogger("zturbo.ray")
+
+REPLICA_PREFIX = "ray-replica-"  # the store's node names of GPU replicas (`PostgresJobStore.live_nodes`)
+GPU_DEPLOYMENT, HTTP_DEPLOYMENT = "zturbo-gpu", "zturbo-http"
+HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node has
+TICK_S = 0.5  # the ingress's loop: renew its lease, take lost nodes' jobs back, send requests
+LIST_EVERY_S = 2.0  # how often the ingress reads which replicas hold a lease
+SECRET_WORDS = ("PASSWORD", "KEY", "TOKEN", "SECRET")
+BEAT_S = 1.0  # a replica's lease renewal (the store renews at most every HEARTBEAT_S)
+CLOSE_S = 10.0  # the most a stopping replica waits for its writer
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where the GPU replicas go and how many there are (the --ray-* flags)."""
+
+    address: str = "auto"
+    min_replicas: int = 1
+    max_replicas: int = 1
+    gpus_per_replica: float = 1.0
+    cpus_per_replica: float = 1.0
+    resources: dict[str, float] = field(default_factory=dict)
+    max_ongoing: int = 8
+    target_ongoing: float = 2.0
+    scale_delay_s: float = 30.0
+    app_name: str = "zturbo"
+
+
+def ray_options(args: argparse.Namespace) -> RayOptions:
+    """The --ray-* flags, checked: a bad one names itself and what is allowed."""
+    if not 1 <= args.ray_min_replicas <= args.ray_max_replicas:
+        raise InvalidRequestError(
+            f"--ray-min-replicas {args.ray_min_replicas} and --ray-max-replicas {args.ray_max_replicas}: "
+            "need 1 <= min <= max"
+        )
+    for flag in ("gpus_per_replica", "cpus_per_replica"):
+        if not 0 <= getattr(args, f"ray_{flag}") < float("inf"):
+            raise InvalidRequestError(
+                f"--ray-{flag.replace('_', '-')} {getattr(args, f'ray_{flag}')} must be 0 or more"
+            )
+    if args.ray_max_ongoing < 1 or not args.ray_target_ongoing > 0:
+        raise InvalidRequestError(
+            f"--ray-max-ongoing {args.ray_max_ongoing} must be at least 1 and --ray-target-ongoing "
+            f"{args.ray_target_ongoing} above 0"
+        )
+    if not 0 <= args.ray_scale_delay <= 3600:
+        raise InvalidRequestError(f"--ray-scale-delay {args.ray_scale_delay} must be 0..3600 seconds")
+    return RayOptions(args.ray or "auto", args.ray_min_replicas, args.ray_max_replicas, args.ray_gpus_per_replica,
+                      args.ray_cpus_per_replica, _resources(args.ray_resource), args.ray_max_ongoing,
+                      args.ray_target_ongoing, args.ray_scale_delay)  # fmt: skip
+
+
+def _resources(items: Iterable[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if not name or not value > 0:
+            raise InvalidRequestError(
+                f"--ray-resource {item!r} must be NAME=AMOUNT with AMOUNT above 0, e.g. pool_a100=1"
+            )
+        out[name] = value
+    return out
+
+
+def check_store(store: str) -> None:
+    """Replicas on several nodes share one queue: it must be a PostgreSQL one."""
+    from .pgstore import is_url
+
+    if not is_url(store):
+        raise InvalidRequestError(
+            f"--ray needs a job store every node reaches: --store {store!r} is not one; give "
+            "postgresql://USER@HOST:PORT/DB (docs/server.md, 'Many machines')"
+        )
+
+
+# --- messages: replica -> ingress (beside the worker's own) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Replica:
+    """The first message of every `run` response: which replica serves it."""
+
+    name: str  # its node in the store
+    device: str
+    node: str  # the Ray node it runs on
+    pid: int
+    ready: Ready
+
+
+@dataclass(frozen=True)
+class Running:
+    """The replica has claimed the job and begins it (the worker's Started, with its attempt)."""
+
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """Inside a replica: the jobs its `run` took (none: nothing waited); not sent."""
+
+    job_ids: tuple[str, ...]
+
+
+def message_jobs(message: Any) -> tuple[str, ...]:
+    """The jobs a worker message is about."""
+    if isinstance(message, BatchRoom):
+        return message.returned
+    if hasattr(message, "job_ids"):
+        return tuple(message.job_ids)
+    return (message.job_id,) if hasattr(message, "job_id") else ()
+
+
+def ends_job(message: Any) -> bool:
+    """Whether `message` is the last a job's `run` stream carries of it."""
+    return isinstance(message, Finished | Released)
+
+
+class Router:
+    """A replica's channel for `run_batch` and its Writer (the worker's pipe): each message goes to the
+    stream of the `run` request that took its job; a BatchRoom goes to `on_room`, which gives jobs back."""
+
+    def __init__(self, on_room: Callable[[BatchRoom], None]) -> None:
+        self._routes: dict[str, Callable[[Any], None]] = {}
+        self._lock = threading.Lock()
+        self.on_room = on_room
+
+    def open(self, job_ids: Iterable[str], emit: Callable[[Any], None]) -> None:
+        with self._lock:
+            self._routes |= dict.fromkeys(job_ids, emit)
+
+    def send(self, message: Any) -> None:
+        if isinstance(message, BatchRoom):
+            self.on_room(message)
+            return
+        with self._lock:
+            emits = [self._routes.get(job_id) for job_id in message_jobs(message)]
+            if ends_job(message):
+                self._routes.pop(message.job_id, None)
+        for emit in {id(e): e for e in emits if e is not None}.values():
+            emit(message)
+
+
+# --- the GPU deployment --------------------------------------------------------------------------------
+
+
+class GpuReplica:
+    """One Ray Serve replica: an Engine on the GPU Ray gave it, serving `run` requests one at a time."""
+
+    def __init__(self, args: argparse.Namespace, config: Any) -> None:
+        from .app import worker_config
+        from .pgstore import NODE_LEASE_S, PostgresJobStore
+        from .serve import serve_settings
+
+        settings = serve_settings(args, config, devices=["ray"])
+        device = _replica_device(config)
+        self.engine, ready = load_engine(worker_config(settings), device)
+        self.max_batch = settings.max_batch
+        lease = settings.node_lease_s or NODE_LEASE_S
+        inputs = settings.data_dir / "inputs"
+        name = f"{REPLICA_PREFIX}{_replica_id()}"
+        self.store = PostgresJobStore(settings.store, inputs_dir=inputs, lease_s=lease, node=name)
+        self.hello = Replica(name, device, _ray_node(), os.getpid(), ready)
+        self.router = Router(self._give_back)
+        # The writer has a connection of its own, as in a worker process (workers.worker_main).
+        writer_store = PostgresJobStore(settings.store, inputs_dir=inputs, check=False, lease_s=lease)
+        self.writer = Writer(writer_store, settings.data_dir / "images", self.router)
+        self.gpu = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zturbo-gpu")  # one batch at a time
+        self.rooms: dict[str, int] = {}  # claims ask for no more images per batch key (BatchRoom)
+        self.reported: dict[str, int] = {}  # the rooms `run_batch` reported
+        self.lora_set = jobs.NO_LORAS
+        self.held: dict[str, jobs.Claim] = {}  # the running batch's claims
+        self.leaving = threading.Event()
+        self.store.heartbeat()  # the lease first: the ingress lists this replica once it holds one
+        threading.Thread(target=self._beat, name="zturbo-lease", daemon=True).start()
+
+    def __del__(self) -> None:
+        """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
+        or its grace ran out: the images made are recorded, then the lease ends, so the ingress stops
+        listing this replica and any job it still held runs elsewhere without waiting for the lease."""
+        if not hasattr(self, "leaving"):  # its constructor failed: it never held a lease
+            return
+        self.leaving.set()
+        self.writer.close(timeout=CLOSE_S)
+        with contextlib.suppress(StorageError):
+            self.store.leave()
+
+    def _beat(self) -> None:
+        while not self.leaving.wait(BEAT_S):
+            try:
+                for job in self.store.heartbeat():
+                    log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
+            except StorageError as e:  # the next beat tries again; past the lease our jobs go to others
+                log.warning("%s", e)
+
+    def describe(self) -> Replica:
+        return self.hello
+
+    async def run(self) -> AsyncIterator[Any]:
+        """Claim the batch that waits longest once the GPU is free, run it, and stream its messages
+        until each of its jobs is recorded (Finished) or given back (Released)."""
+        loop = asyncio.get_running_loop()
+        messages: asyncio.Queue[Any] = asyncio.Queue()
+
+        def emit(message: Any) -> None:
+            loop.call_soon_threadsafe(messages.put_nowait, message)
+
+        work = loop.run_in_executor(self.gpu, self._run_one, emit)
+        yield self.hello
+        open_jobs: set[str] | None = None
+        while open_jobs is None or open_jobs:
+            message = await messages.get()
+            if isinstance(message, _Claimed):
+                open_jobs = set(message.job_ids)
+                continue
+            yield message
+            if ends_job(message) and open_jobs is not None:
+                open_jobs.discard(message.job_id)
+        await work
+
+    def _run_one(self, emit: Callable[[Any], None]) -> None:
+        """On the GPU thread: one batch, claimed now (so the replica that is free first takes it)."""
+        claims: list[jobs.Claim] = []
+        try:
+            claims = self.store.claim_batch("gpu", self.lora_set, self.max_batch, self.rooms)
+        finally:
+            self.router.open([c.job_id for c in claims], emit)
+            emit(_Claimed(tuple(c.job_id for c in claims)))
+        if not claims:
+            return
+        self.lora_set, self.held = claims[0].lora_set, {c.job_id: c for c in claims}
+        for claim in claims:
+            self.router.send(Running(claim.job_id, claim.attempt))
+        try:
+            run_batch(self.engine, self.store, claims, self.router, self.writer, self.reported)
+        except Exception as e:  # not a worker crash (that exits): give the jobs back, attempt counted
+            log.exception("a batch failed outside the engine")
+            for claim in claims:
+                self._release(claim, f"the replica's batch failed: {type(e).__name__}: {e}", counted=True)
+            raise
+
+    def _give_back(self, room: BatchRoom) -> None:
+        """The GPU's free memory holds fewer images than claimed: the rest go back, attempt not counted."""
+        self.rooms[room.batch_key] = room.images
+        reason = f"its batch did not fit in {self.hello.name}'s free GPU memory (room for {room.images} images)"
+        for job_id in room.returned:
+            claim = self.held.get(job_id)
+            if claim is not None:
+                self._release(claim, reason, counted=False)
+
+    def _release(self, claim: jobs.Claim, reason: str, *, counted: bool) -> None:
+        job = self.store.release(claim.job_id, claim.attempt, reason, count_attempt=counted)
+        status, attempts = (job.status, job.attempts) if job is not None else (None, claim.attempt)
+        self.router.send(Released(claim.job_id, status, attempts, reason))
+
+
+def _replica_device(config: Any) -> str:
+    """The GPU Ray assigned (it sets CUDA_VISIBLE_DEVICES to it), else the configured device, else the CPU."""
+    import ray
+
+    if ray.get_gpu_ids():
+        return "cuda:0"
+    return config.device if config.device not in (None, "auto") else "cpu"
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    return str(serve.get_replica_context().replica_id.unique_id)
+
+
+def _ray_node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())[:12]
+
+
+# --- the ingress's dispatcher --------------------------------------------------------------------------
+
+
+class RayDispatcher:
+    """The Supervisor's part for a Ray deployment (the interface app.Service uses): sends run requests
+    for queued jobs, turns the streamed worker messages into the hooks' events, lists the replicas."""
+
+    def __init__(self, handle: Any, store: Any, hooks: Hooks) -> None:
+        self.handle, self.store, self.hooks = handle, store, hooks
+        self._lock = threading.Lock()
+        self._inflight = 0
+        self._dispatching = True
+        self._progress: dict[str, tuple[int, int]] = {}
+        self._previews: dict[str, bytes] = {}
+        self._replicas: dict[str, Replica] = {}  # the replicas heard from, by name
+        self._live: dict[str, float] = {}  # the replicas whose lease holds
+        self._running: dict[str, str] = {}  # job -> the replica running it
+        self._memory: dict[str, dict[str, int]] = {}
+        self._loras: dict[str, dict[str, float]] = {}
+        self._listed_at = 0.0
+        self._asking = False
+        self._wake, self._stopped = threading.Event(), threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._loop, name="zturbo-ray-dispatch", daemon=True).start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._tick()
+            except StorageError as e:  # the store is away: try again at the next tick
+                log.warning("%s", e)
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        for job in self.store.heartbeat():  # this node's lease; lost nodes' running jobs queued again
+            self._recovered(job)
+        if time.monotonic() - self._listed_at > LIST_EVERY_S:
+            self._list_replicas()
+        with self._lock:
+            if not self._dispatching:
+                return
+            wanted = self.store.counts()[jobs.QUEUED] - self._inflight
+            self._inflight += max(0, wanted)
+        for _ in range(wanted):
+            threading.Thread(target=self._follow, name="zturbo-ray-run", daemon=True).start()
+
+    def _recovered(self, job: jobs.Job) -> None:
+        log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
+        self._forget(job.id)
+        if job.finished:
+            self.hooks.on_finished(Finished(job.id, job.status, 0.0))
+        else:
+            data = {"reason": "its replica or node was lost", "attempts": job.attempts}
+            self.hooks.on_event(job.id, "requeued", data)
+
+    def _list_replicas(self) -> None:
+        live = self.store.live_nodes(REPLICA_PREFIX)
+        with self._lock:
+            self._listed_at, self._live = time.monotonic(), live
+            for name in set(self._replicas) - set(live):
+                self._replicas.pop(name)
+                self._memory.pop(name, None)
+            unknown = bool(set(live) - set(self._replicas)) and not self._asking
+            self._asking |= unknown
+        if unknown:  # a replica not heard from yet: one describe call tells a replica's runtime
+            threading.Thread(target=self._describe, daemon=True).start()
+
+    def _describe(self) -> None:
+        try:
+            self._hello(self.handle.describe.remote().result(timeout_s=30))
+        except Exception as e:  # any Ray failure: the next listing asks again
+            log.info("could not describe a replica: %s", e)
+        finally:
+            with self._lock:
+                self._asking = False
+
+    def _hello(self, replica: Replica) -> None:
+        with self._lock:
+            self._replicas[replica.name] = replica
+            if replica.ready.memory:
+                self._memory.setdefault(replica.name, replica.ready.memory)
+
+    def _follow(self) -> None:
+        """One run request: its stream, to its end or its replica's death."""
+        replica: Replica | None = None
+        try:
+            for message in self.handle.options(stream=True).run.remote():
+                if isinstance(message, Replica):
+                    replica = message
+                    self._hello(message)
+                else:
+                    self._handle(replica, message)
+        except Exception as e:  # the replica died or was unreachable: its lease takes its jobs back
+            name = replica.name if replica is not None else "a replica"
+            log.warning("a run request on %s ended early: %s", name, e)
+            if replica is not None:
+                self.hooks.on_restart(replica.name, f"{type(e).__name__}: {str(e)[:200]}")
+        finally:
+            with self._lock:
+                self._inflight -= 1
+            self._wake.set()
+
+    def _handle(self, replica: Replica | None, message: Any) -> None:
+        name = replica.name if replica is not None else "?"
+        if isinstance(message, Running):
+            with self._lock:
+                self._running[message.job_id] = name
+            self.hooks.on_event(message.job_id, "running", {"worker": name, "attempt": message.attempt})
+        elif isinstance(message, Progress):
+            self._progressed(message)
+        elif isinstance(message, GpuFree):
+            self.hooks.on_batch(len(message.job_ids) if message.ran is None else message.ran, message.images)
+        elif isinstance(message, Finished):
+            self._forget(message.job_id)
+            with self._lock:
+                if message.memory:
+                    self._memory[name] = message.memory
+                if message.loras:
+                    self._loras[name] = message.loras
+            self.hooks.on_finished(message)
+        elif isinstance(message, Released):
+            self._released(message)
+
+    def _released(self, message: Released) -> None:
+        self._forget(message.job_id)
+        if message.status in jobs.FINISHED:
+            self.hooks.on_finished(Finished(message.job_id, message.status, 0.0))
+        elif message.status is not None:
+            data = {"reason": message.reason, "attempts": message.attempts}
+            self.hooks.on_event(message.job_id, "requeued", data)
+
+    def _progressed(self, message: Progress) -> None:
+        data: dict[str, Any] = {"step": message.step, "steps": message.steps}
+        with self._lock:
+            self._progress[message.job_id] = (message.step, message.steps)
+            if message.preview is not None:
+                self._previews[message.job_id] = message.preview
+                data["preview"] = base64.b64encode(message.preview).decode()
+        self.hooks.on_event(message.job_id, "progress", data)
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._progress.pop(job_id, None)
+            self._previews.pop(job_id, None)
+            self._running.pop(job_id, None)
+
+    # -- what app.Service and metrics read (as of the Supervisor) --
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Each replica whose lease holds, named by its node in the store."""
+        with self._lock:
+            return [self._view(name) for name in sorted(self._live)]
+
+    def _view(self, name: str) -> dict[str, Any]:
+        replica = self._replicas.get(name)
+        held = [job for job, owner in self._running.items() if owner == name]
+        return {
+            "id": name,
+            "device": replica.device if replica else None,
+            "state": "busy" if held else "ready",
+            "restarts": 0,  # Ray Serve restarts a replica as a new one, with a name of its own
+            "pid": replica.pid if replica else None,
+            "node": replica.node if replica else None,
+            "job": held[0] if held else None,
+            "jobs": held,
+            "waiting": [],
+            "last_error": None,
+        }
+
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    def startup(self) -> dict[str, Any]:
+        with self._lock:
+            first = next(iter(self._replicas.values()), None)
+        return {"ready_s": first.ready.ready_s, **first.ready.startup} if first else {}
+
+    def runtime(self) -> dict[str, Any]:
+        with self._lock:
+            first = next(iter(self._replicas.values()), None)
+            memories = list(self._memory.values())
+        out = dict(first.ready.runtime) if first else {}
+        if memories:
+            out["gpu_memory"] = {k: sum(m[k] for m in memories) for k in memories[0]}
+        return out
+
+    def memory_by_worker(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {name: dict(m) for name, m in self._memory.items()}
+
+    def loras_by_worker(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {name: dict(stats) for name, stats in self._loras.items()}
+
+    def progress(self, job_id: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._progress.get(job_id)
+
+    def preview(self, job_id: str) -> bytes | None:
+        with self._lock:
+            return self._previews.get(job_id)
+
+    def stop_dispatch(self) -> None:
+        with self._lock:
+            self._dispatching = False
+
+    def stop(self, grace: float) -> None:
+        """No new requests; the running ones get `grace` seconds. The replicas go on: their jobs end
+        in the store whatever becomes of this ingress."""
+        self.stop_dispatch()
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self._inflight:
+            time.sleep(0.05)
+        self._stopped.set()
+        self._wake.set()
+
+
+# --- the ingress deployment and the application ---------------------------------------------------------
+
+
+class Ingress:
+    """The HTTP deployment: app.py's FastAPI app (and the web UI), jobs run by the GPU deployment."""
+
+    def __init__(self, args: argparse.Namespace, config: Any, gpu: Any) -> None:
+        self.args, self.config, self.gpu = args, config, gpu
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .app import create_app
+        from .serve import serve_settings
+
+        settings = serve_settings(self.args, self.config, devices=["ray"])
+        app = create_app(settings, dispatcher=lambda store, config, hooks: RayDispatcher(self.gpu, store, hooks))
+        if not self.args.no_ui:
+            from .ui import api_base_for
+            from .ui_app import mount
+
+            mount(app, api_base_for(self.args.host, self.args.port))
+        return app
+
+
+def build_app(args: argparse.Namespace, config: Any, options: RayOptions) -> Any:
+    """The Ray Serve application: the ingress bound to the GPU deployment."""
+    from ray import serve
+
+    actor = {"num_gpus": options.gpus_per_replica, "num_cpus": options.cpus_per_replica}
+    if options.resources:
+        actor["resources"] = dict(options.resources)
+    scaling = {
+        "min_replicas": options.min_replicas,
+        "max_replicas": options.max_replicas,
+        "initial_replicas": options.min_replicas,
+        "target_ongoing_requests": options.target_ongoing,
+        "upscale_delay_s": 2.0,  # a replica loads for a while: ask for it soon
+        "downscale_delay_s": options.scale_delay_s,
+    }
+    gpu = serve.deployment(GpuReplica, name=GPU_DEPLOYMENT, ray_actor_options=actor,
+                           max_ongoing_requests=options.max_ongoing, autoscaling_config=scaling,
+                           health_check_period_s=5, graceful_shutdown_timeout_s=args.shutdown_grace)  # fmt: skip
+    # The ingress holds every open client request (streams, synchronous waits): its bound is the
+    # server's connection bound, not the GPU's. It runs on the head, beside the one HTTP proxy, so
+    # that losing a GPU node never takes the API with it.
+    beside_proxy = {"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}}
+    http = serve.deployment(serve.ingress()(Ingress), name=HTTP_DEPLOYMENT, num_replicas=1,
+                            max_ongoing_requests=args.max_connections, ray_actor_options=beside_proxy)  # fmt: skip
+    return http.bind(args, config, gpu.bind(args, config))
+
+
+def run_on_cluster(args: argparse.Namespace, config: Any) -> int:
+    """`zturbo serve --ray ADDRESS`: deploy on the cluster, serve until SIGINT/SIGTERM, then take the
+    application down (its jobs stay in the store, for the next deployment)."""
+    from .serve import serve_settings, store_location
+
+    options = ray_options(args)
+    check_store(store_location(args))
+    settings = serve_settings(args, config, devices=["ray"])  # every check before the cluster is reached
+    args.api_key = settings.api_key  # the ingress's key, from this shell's $ZTURBO_API_KEY too
+    import ray
+    from ray import serve
+
+    ray.init(address=options.address, runtime_env={"env_vars": _forwarded_env()})
+    serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(args, config, options), name=options.app_name, route_prefix="/")
+    log.info("serving on http://%s:%d from Ray at %s", args.host, args.port, options.address)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):  # short waits: the signal handler runs between them
+        pass
+    serve.delete(options.app_name)
+    if not serve.status().applications:  # Serve itself goes too, unless other applications use it
+        serve.shutdown()
+    return 0
+
+
+def _forwarded_env() -> dict[str, str]:
+    """The zturbo, store and hub settings of this shell, for the replicas on other nodes; never a
+    secret (a runtime environment shows on the Ray dashboard): the nodes' own environment holds those."""
+    from ..config import ENV_VARS, env
+
+    ours = {name: value for name in ENV_VARS if (value := env(name)) is not None}
+    theirs = {name: value for name, value in os.environ.items() if name.startswith(("PG", "HF_"))}
+    return {name: value for name, value in (ours | theirs).items() if not any(w in name for w in SECRET_WORDS)}

@@ -1,0 +1,231 @@
+"""The Ray deployment's pieces that need no cluster: its flags, the replica's message router and the
+ingress's dispatcher (on a stand-in handle and store). The deployment itself is tests/test_ray.py's."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from zturbo.cli import build_parser
+from zturbo.cli import main as cli_main
+from zturbo.errors import InvalidRequestError
+from zturbo.serving import jobs
+from zturbo.serving.raydeploy import RayDispatcher, Replica, Router, Running, ray_options
+from zturbo.serving.workers import BatchRoom, Finished, GpuFree, Hooks, Progress, Ready, Released
+
+
+def serve_args(*argv: str):
+    return build_parser().parse_args(["serve", "--ray", "auto", *argv])
+
+
+def test_the_replica_flags_become_the_deployments_options():
+    options = ray_options(serve_args("--ray-min-replicas", "1", "--ray-max-replicas", "4", "--ray-gpus-per-replica",
+                                     "2", "--ray-resource", "pool_h100=1", "--ray-max-ongoing", "3"))  # fmt: skip
+    assert (options.min_replicas, options.max_replicas, options.gpus_per_replica) == (1, 4, 2.0)
+    assert options.resources == {"pool_h100": 1.0} and options.max_ongoing == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("--ray-min-replicas", "3", "--ray-max-replicas", "2"), "--ray-min-replicas 3 and --ray-max-replicas 2"),
+        (("--ray-min-replicas", "0"), "need 1 <= min <= max"),
+        (("--ray-gpus-per-replica", "-1"), "--ray-gpus-per-replica -1.0 must be 0 or more"),
+        (("--ray-resource", "pool"), "--ray-resource 'pool' must be NAME=AMOUNT"),
+        (("--ray-resource", "pool=0"), "--ray-resource 'pool=0' must be NAME=AMOUNT with AMOUNT above 0"),
+        (("--ray-max-ongoing", "0"), "--ray-max-ongoing 0 must be at least 1"),
+        (("--ray-scale-delay", "-5"), "--ray-scale-delay -5.0 must be 0..3600 seconds"),
+    ],
+)
+def test_a_bad_replica_flag_is_refused_naming_it(argv, says):
+    with pytest.raises(InvalidRequestError, match=says.replace("(", r"\(").replace(".", r"\.")):
+        ray_options(serve_args(*argv))
+
+
+def test_ray_refuses_a_store_only_one_machine_reaches_before_anything_loads(capsys, tmp_path):
+    argv = ["serve", "--ray", "auto", "--model", "/nonexistent", "--data-dir", str(tmp_path), "--store", "sqlite"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--ray needs a job store every node reaches: --store 'sqlite'" in err and "postgresql://" in err
+
+
+def test_the_router_sends_each_message_to_the_stream_that_took_its_job():
+    rooms, first, second = [], [], []
+    router = Router(rooms.append)
+    router.open(["a", "b"], first.append)
+    router.open(["c"], second.append)
+    router.send(Progress("a", 1, 2))
+    router.send(GpuFree(("a", "b", "c"), 3))  # one batch's message reaches each stream once
+    router.send(Finished("a", jobs.SUCCEEDED, 1.0))
+    router.send(Progress("a", 2, 2))  # the job's stream has ended: nowhere to go
+    router.send(Released("c", jobs.QUEUED, 1, "its batch did not fit"))
+    router.send(BatchRoom("key", 1, ("b",)))
+    assert [type(m).__name__ for m in first] == ["Progress", "GpuFree", "Finished"]
+    assert [type(m).__name__ for m in second] == ["GpuFree", "Released"]
+    assert rooms == [BatchRoom("key", 1, ("b",))]
+
+
+class FakeStore:
+    """The dispatcher's view of the shared store: queued jobs, live replica leases."""
+
+    def __init__(self, queued: int, live: dict[str, float]) -> None:
+        self.queued, self.live = queued, live
+
+    def heartbeat(self) -> list:
+        return []
+
+    def counts(self) -> dict[str, int]:
+        return {jobs.QUEUED: self.queued}
+
+    def live_nodes(self, prefix: str) -> dict[str, float]:
+        return {name: age for name, age in self.live.items() if name.startswith(prefix)}
+
+
+class FakeHandle:
+    """A deployment handle whose run requests stream the scripted messages, each after `release`."""
+
+    def __init__(self, streams: list[list], replica: Replica) -> None:
+        self.streams, self.replica, self.release = streams, replica, threading.Event()
+        self.calls = 0
+
+    def options(self, stream: bool) -> FakeHandle:
+        assert stream
+        return self
+
+    @property
+    def run(self) -> FakeHandle:
+        return self
+
+    def remote(self):
+        self.calls += 1
+        script = self.streams.pop(0)
+
+        def stream():
+            for message in script:
+                self.release.wait(10)
+                if isinstance(message, Exception):
+                    raise message
+                yield message
+
+        return stream()
+
+
+def wait(check, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_events():
+    """Two queued jobs: two run requests. One streams its job to the end; the other's replica dies
+    mid-job (its stream raises): a restart is reported, and the job is left to the store's lease."""
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({"model": "tiny"}, None))
+    ok = [replica, Running("j1", 1), Progress("j1", 1, 2), GpuFree(("j1",), 1), Finished("j1", jobs.SUCCEEDED, 0.5)]
+    dead = [replica, Running("j2", 1), RuntimeError("ActorDiedError: the replica died")]
+    handle = FakeHandle([ok, dead], replica)
+    events, finished, restarts, batches = [], [], [], []
+    hooks = Hooks(on_event=lambda j, e, d: events.append((j, e, d)), on_finished=finished.append,
+                  on_restart=lambda w, r: restarts.append(w), on_batch=lambda n, i: batches.append((n, i)))  # fmt: skip
+    store = FakeStore(queued=2, live={"ray-replica-r1": 0.5, "other-node": 0.1})
+    dispatcher = RayDispatcher(handle, store, hooks)
+    dispatcher._tick()
+    assert handle.calls == 2 and dispatcher._inflight == 2
+    store.queued = 0
+    assert [w["id"] for w in dispatcher.workers()] == ["ray-replica-r1"] and dispatcher.ready()
+    handle.release.set()
+    wait(lambda: dispatcher._inflight == 0)
+    assert ("j1", "running", {"worker": "ray-replica-r1", "attempt": 1}) in events
+    assert ("j1", "progress", {"step": 1, "steps": 2}) in events
+    assert [f.job_id for f in finished] == ["j1"] and batches == [(1, 1)]
+    assert restarts == ["ray-replica-r1"]
+    assert dispatcher.runtime()["model"] == "tiny" and dispatcher.progress("j1") is None
+    dispatcher._tick()  # nothing queued: no new request
+    assert handle.calls == 2
+
+
+def test_the_replicas_get_this_shells_settings_but_never_a_secret(monkeypatch):
+    from zturbo.serving.raydeploy import _forwarded_env
+
+    monkeypatch.setenv("ZTURBO_LORA_DIR", "/mnt/zturbo/loras")
+    monkeypatch.setenv("ZTURBO_API_KEY", "k")
+    monkeypatch.setenv("PGSSLMODE", "require")
+    monkeypatch.setenv("PGPASSWORD", "secret")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    forwarded = _forwarded_env()
+    assert forwarded["ZTURBO_LORA_DIR"] == "/mnt/zturbo/loras" and forwarded["PGSSLMODE"] == "require"
+    assert not {"ZTURBO_API_KEY", "PGPASSWORD", "HF_TOKEN"} & set(forwarded)
+
+
+def test_the_kuberay_manifest_deploys_this_app_with_flags_zturbo_serve_accepts():
+    import importlib
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from zturbo.cli import serve_options
+    from zturbo.serving.raydeploy import check_store
+
+    manifest = yaml.safe_load((Path(__file__).parents[1] / "docs/kuberay/rayservice.yaml").read_text())
+    [application] = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    args, _ = serve_options(shlex.split(application["args"]["argv"]))
+    options = ray_options(args)
+    check_store(args.store)
+    assert (options.gpus_per_replica, options.resources) == (1.0, {"zturbo_gpu": 1.0})
+    [pool] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    # KubeRay passes the string to `ray start --resources` as a shell word: quoted JSON.
+    assert json.loads(json.loads(pool["rayStartParams"]["resources"])) == options.resources
+
+
+def test_replica_leases_list_live_replicas_and_a_leaving_one_gives_its_jobs_back_at_once(postgres_db, tmp_path):
+    """What the ingress lists (`live_nodes`), and a replica's graceful stop (`leave`): its running
+    job is queued again at another node's next heartbeat, long before the 600 s lease."""
+    from serving import LIMITS
+    from zturbo.request import GenerateRequest
+    from zturbo.serving.pgstore import PostgresJobStore
+
+    inputs = tmp_path / "inputs"
+    ingress = PostgresJobStore(postgres_db, inputs_dir=inputs, lease_s=600)
+    replica = PostgresJobStore(postgres_db, inputs_dir=inputs, lease_s=600, node="ray-replica-r1")
+    try:
+        ingress.heartbeat()
+        replica.heartbeat()
+        assert set(ingress.live_nodes("ray-replica-")) == {"ray-replica-r1"}
+        job = ingress.submit(GenerateRequest.create("a fox", limits=LIMITS, width=64, height=64, steps=2))
+        claim = replica.claim("gpu")
+        assert claim is not None and claim.job_id == job.id
+        replica.leave()
+        assert ingress.live_nodes("ray-replica-") == {}
+        ingress._beat_at = 0.0  # the next tick's heartbeat, now
+        assert [j.id for j in ingress.heartbeat()] == [job.id]
+        assert ingress.get(job.id).status == "queued" and not replica.succeed(claim, [])
+    finally:
+        ingress.close()
+        replica.close()
+
+
+def test_serve_runs_builder_makes_the_ingress_and_a_gpu_deployment_with_the_flags_options(tiny_dir, tmp_path):
+    pytest.importorskip("ray", reason="needs pip install 'zturbo[ray]'")
+    from ray.serve._private.build_app import build_app
+
+    from zturbo.serving.ray_app import app
+
+    argv = (f"--model {tiny_dir} --store postgresql://zturbo@db/zturbo --data-dir {tmp_path} "
+            "--ray-gpus-per-replica 0.5 --ray-min-replicas 2 --ray-max-replicas 3 --ray-max-ongoing 5 "
+            "--ray-resource pool_h100=1")  # fmt: skip
+    deployments = {d.name: d for d in build_app(app({"argv": argv}), name="zturbo").deployments}
+    gpu, http = deployments["zturbo-gpu"], deployments["zturbo-http"]
+    scaling = gpu._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, gpu._deployment_config.max_ongoing_requests) == (2, 3, 5)
+    assert gpu.ray_actor_options == {"num_gpus": 0.5, "num_cpus": 1.0, "resources": {"pool_h100": 1.0}}
+    assert http._deployment_config.num_replicas == 1
+    with pytest.raises(ValueError, match="unknown application argument"):
+        app({"argv": argv, "model": "x"})
+    with pytest.raises(InvalidRequestError, match="--ray needs a job store every node reaches"):
+        app({"argv": f"--model {tiny_dir} --data-dir {tmp_path} --store sqlite"})
