@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-from zturbo.accel.sequence import Shards
+from zturbo.accel.sequence import Shards, padded
+from zturbo.errors import DeviceError, InvalidRequestError
 
 # diffusers pads the image's tokens and the caption's each to a multiple of 32: 64² and "a cat"
 # make 64 tokens, which 3 processes share after padding to 66; a batch of two prompts of different
@@ -78,3 +80,58 @@ def test_two_and_three_processes_make_the_one_process_image(tiny_dir: Path, engi
             for g, w in zip(got, want, strict=True):
                 diff = np.abs(g.astype(int) - w.astype(int)).max()
                 assert diff <= 1, f"{size} processes, case {case}: pixels differ by up to {diff}/255"
+
+
+def test_generate_parallel_writes_the_one_process_image(capsys, tiny_dir: Path, tmp_path: Path) -> None:
+    from clirun import pixels, run
+    from zturbo.imageio import read_metadata
+
+    paths = {n: tmp_path / f"fox{n}.png" for n in (1, 2)}
+    for n, path in paths.items():
+        code, out, err = run(
+            capsys, "generate", "a red fox", "--model", tiny_dir, "--seed", 42, "--width", 64, "--height", 48,
+            "--steps", 2, "--device", "cpu", "--dtype", "float32", "--parallel", n, "-o", path,
+        )  # fmt: skip
+        assert code == 0, err
+        assert out.strip() == f"{path}\tseed=42"
+    assert np.abs(pixels(paths[2]).astype(int) - pixels(paths[1]).astype(int)).max() <= 1
+    assert read_metadata(paths[2])["parallel"] == 2 and "parallel" not in read_metadata(paths[1])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--parallel", "0"), "parallel 0 must be 1"),
+        (("--parallel", "2", "--controlnet", "x"), "cannot run a ControlNet"),
+    ],
+)
+def test_generate_parallel_refuses_what_cannot_run(capsys, tiny_dir: Path, tmp_path: Path, argv, message) -> None:
+    from clirun import run
+
+    code, _, err = run(capsys, "generate", "a fox", "--model", tiny_dir, "-o", tmp_path / "x.png", *argv)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_an_engine_of_n_processes_needs_its_group(tiny_dir: Path) -> None:
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    with pytest.raises(InvalidRequestError, match="parallel 2 needs 2 processes joined in one group"):
+        Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", parallel=2))
+
+
+def test_processes_run_on_the_cpu_or_one_gpu_each() -> None:
+    from zturbo.distributed import device_type
+
+    assert device_type("cpu", 3) == "cpu"
+    with pytest.raises(InvalidRequestError, match="--parallel 2 with --device cuda:1 is not supported"):
+        device_type("cuda:1", 2)  # process i takes GPU i: a device index would say otherwise
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(DeviceError, match="--parallel 64 needs 64 GPUs"):
+            device_type("cuda", 64)
+
+
+def test_padded_rounds_up_to_a_multiple() -> None:
+    assert [padded(n, 3) for n in (64, 66, 1)] == [66, 66, 3]
+    assert padded(4128, 4) == 4128
