@@ -135,3 +135,41 @@ def test_processes_run_on_the_cpu_or_one_gpu_each() -> None:
 def test_padded_rounds_up_to_a_multiple() -> None:
     assert [padded(n, 3) for n in (64, 66, 1)] == [66, 66, 3]
     assert padded(4128, 4) == 4128
+
+
+def _compiled_rank(shards: Shards, model: str, cache: str) -> dict:
+    """On GPU `rank`: the compiled bf16 engine of 2 processes; its images after the step graphs are
+    captured, the captures, and whether step graphs were refused."""
+    import os
+
+    from zturbo.accel.graphs import STEP_SIGHTINGS
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+
+    os.environ["ZTURBO_CACHE"] = cache
+    config = RuntimeConfig(model=model, device="cuda", dtype="bfloat16", compile="on", parallel=2, compile_cache=None)
+    engine = Engine.load(config, shards=shards, warmup=False)
+    for _ in range(1 + STEP_SIGHTINGS):  # compiled, then seen again and captured, then replayed
+        images = _images(engine, CASES[0])
+    graphs = engine.accel.step_graphs
+    return {"images": images, "captures": graphs.captures, "failed": graphs.failed}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="context parallel on GPUs needs two")
+def test_two_gpus_compiled_and_graphed_make_the_one_gpu_image(tiny_dir: Path) -> None:
+    import os
+
+    from zturbo.accel.graphs import STEP_SIGHTINGS
+    from zturbo.config import RuntimeConfig
+    from zturbo.distributed import launch
+    from zturbo.engine import Engine
+
+    shared = launch(2, "cuda", _compiled_rank, str(tiny_dir), os.environ["ZTURBO_CACHE"])
+    assert shared["failed"] is None and shared["captures"] >= 1  # the collectives were captured too
+    config = RuntimeConfig(model=str(tiny_dir), device="cuda", dtype="bfloat16", compile="on", compile_cache=None)
+    single = Engine.load(config, warmup=False)
+    want = [_images(single, CASES[0]) for _ in range(1 + STEP_SIGHTINGS)][-1]
+    for g, w in zip(shared["images"], want, strict=True):
+        diff = np.abs(g.astype(int) - w.astype(int))
+        assert diff.mean() < 1 and diff.max() <= 8, f"mean {diff.mean():.2f}, max {diff.max()}"  # bf16 sums differ
