@@ -224,11 +224,12 @@ def apply(components: Any, options: AccelOptions, shards: sequence.Shards | None
 
 
 def install_sequence(accel: Accel, transformer: torch.nn.Module, shards: sequence.Shards) -> None:
-    """Split `transformer`'s main-layer tokens across `shards`: its token slicing and gathering
-    (`sequence.shard_tokens`), and processors that attend across processes on its main layers
-    (the compiled ones keep their kernels; eager layers get the compile-friendly processor)."""
+    """Split `transformer`'s tokens across `shards`: its token slicing and gathering
+    (`sequence.shard_tokens`), and processors that attend across processes on its noise-refiner
+    blocks and main layers (the compiled ones keep their kernels; eager blocks get the
+    compile-friendly processor)."""
     sequence.shard_tokens(transformer, shards)
-    for block in transformer.layers:
+    for block in [*transformer.noise_refiner, *transformer.layers]:
         processor = block.attention.processor
         if isinstance(processor, RealRopeAttnProcessor):
             processor.shards = shards

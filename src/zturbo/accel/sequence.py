@@ -1,9 +1,10 @@
-"""Context parallel for one image: the transformer's main layers split their tokens across N processes.
+"""Context parallel for one image: the transformer's tokens split across N processes.
 
-Every process holds the whole model and runs the same step. The patch embedding, the two noise-
-and two context-refiner blocks and the timestep embedding run whole on every process (4 of 34
-blocks); the unified sequence (image tokens, then caption tokens) is then padded to a multiple of
-N and each process keeps its contiguous 1/N of it through the 30 main layers. Attention is
+Every process holds the whole model and runs the same step. The patch embedding, the timestep
+embedding and the two caption-refiner blocks (a few dozen tokens) run whole on every process.
+The image's tokens are split through the two noise-refiner blocks and gathered after them; the
+unified sequence (image tokens, then caption tokens) is then split again through the 30 main
+layers. Each split pads to a multiple of N and gives every process a contiguous 1/N. Attention is
 Ulysses: an all-to-all trades the token split for a head split, each process attends over all
 tokens with its share of the heads, and a second all-to-all trades back. The final layer's output
 is all-gathered, so every process ends the step with the whole prediction and the sampling loop,
@@ -94,16 +95,36 @@ def _to_tokens(x: torch.Tensor, shards: Shards) -> torch.Tensor:
 
 
 def shard_tokens(transformer: torch.nn.Module, shards: Shards) -> None:
-    """Split the main layers' tokens of `transformer` across `shards` (attention aside: the layers'
-    processors do their part, `accel.compile.install_sequence`). Idempotent."""
+    """Split `transformer`'s image tokens through the noise refiner, and its unified sequence
+    through the main layers, across `shards`; attention aside (the blocks' processors do their
+    part, `accel.compile.install_sequence`). Idempotent."""
     if getattr(transformer, SHARDED, None) is not None:
         return
-    state: dict[str, int] = {}
+    image: dict[str, int] = {}
+    refiner = list(transformer.noise_refiner)
+    for i, block in enumerate(refiner):
+        block.register_forward_pre_hook(functools.partial(_split_refiner_input, shards, image, i == 0))
+    refiner[-1].register_forward_hook(functools.partial(_gather_hook, shards, image))
+    unified: dict[str, int] = {}
     build = transformer._build_unified_sequence
-    transformer._build_unified_sequence = functools.partial(_shard_unified, build, shards, state)
+    transformer._build_unified_sequence = functools.partial(_shard_unified, build, shards, unified)
     for final in transformer.all_final_layer.values():
-        final.register_forward_hook(functools.partial(_gather_tokens, shards, state))
+        final.register_forward_hook(functools.partial(_gather_hook, shards, unified))
     setattr(transformer, SHARDED, shards)
+
+
+def _split_refiner_input(shards: Shards, state: dict[str, int], first: bool, module: Any, args: tuple) -> tuple:
+    """A noise-refiner block's (x, mask, freqs, ...) as this process's image tokens: x is split
+    at the first block (the next ones get the previous one's split output), the rotary table at
+    every block (each gets the whole one)."""
+    x, mask, freqs, adaln, noise, *rest = args
+    if noise is not None:
+        raise InvalidRequestError("context parallel runs the plain Z-Image transformer, not its omni mode")
+    if first:
+        state["length"] = x.shape[1]
+        x = _split(x, state["length"], shards)
+    mask = _padded_mask(mask, x.shape[0], state["length"], shards, x.device)
+    return (x, mask, _split(freqs, state["length"], shards), adaln, noise, *rest)
 
 
 def _shard_unified(build: Callable[..., Any], shards: Shards, state: dict[str, int], *args: Any, **kwargs: Any) -> Any:
@@ -112,21 +133,32 @@ def _shard_unified(build: Callable[..., Any], shards: Shards, state: dict[str, i
     unified, freqs, mask, noise = build(*args, **kwargs)
     if noise is not None:
         raise InvalidRequestError("context parallel runs the plain Z-Image transformer, not its omni mode")
-    batch, length = unified.shape[:2]
+    state["length"] = length = unified.shape[1]
+    mask = _padded_mask(mask, unified.shape[0], length, shards, unified.device)
+    return _split(unified, length, shards), _split(freqs, length, shards), mask, noise
+
+
+def _split(x: torch.Tensor, length: int, shards: Shards) -> torch.Tensor:
+    """This process's contiguous share of x's `length` tokens (dim 1), padded to a multiple of N."""
     total = padded(length, shards.size)
     if total != length:
-        unified = F.pad(unified, (0, 0, 0, total - length))
-        freqs = F.pad(freqs, (0, 0, 0, total - length))
-        real = mask if mask is not None else torch.ones((batch, length), dtype=torch.bool, device=unified.device)
-        mask = F.pad(real, (0, total - length), value=False)
-    state["length"] = length
+        x = F.pad(x, (0,) * (2 * (x.ndim - 2)) + (0, total - length))
     local = total // shards.size
-    part = slice(shards.rank * local, (shards.rank + 1) * local)
-    return unified[:, part], freqs[:, part], mask, noise
+    return x[:, shards.rank * local : (shards.rank + 1) * local]
 
 
-def _gather_tokens(shards: Shards, state: dict[str, int], module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
-    """The final layer's output of every process's tokens, (B, S, C), padding dropped."""
+def _padded_mask(mask: Any, batch: int, length: int, shards: Shards, device: torch.device) -> Any:
+    """The keys' mask (B, S) over all processes' tokens, the padding masked out; None where there
+    is neither padding nor a mask."""
+    total = padded(length, shards.size)
+    if total == length:
+        return mask
+    real = mask if mask is not None else torch.ones((batch, length), dtype=torch.bool, device=device)
+    return F.pad(real, (0, total - length), value=False)
+
+
+def _gather_hook(shards: Shards, state: dict[str, int], module: Any, args: Any, out: torch.Tensor) -> torch.Tensor:
+    """A block's output (B, S/N, C) on every process -> (B, S, C) of all tokens, padding dropped."""
     gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # the older torch name
     whole = funcol.wait_tensor(gather(out.transpose(0, 1).contiguous(), 0, shards.group))
     return whole[: state["length"]].transpose(0, 1)

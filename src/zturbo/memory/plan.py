@@ -487,16 +487,17 @@ def transformer_activation(
 ) -> int:
     """Bytes of one transformer pass's activations above its weights (the denoise stage's share).
 
-    With `shards` processes sharing the tokens (`accel.sequence`), the main layers hold 1/shards
-    of the padded sequence, but the noise refiner still runs on every image token, so the image's
-    tokens bound the rows from below: two processes save little, more save nothing further.
+    With `shards` processes sharing the tokens (`accel.sequence`), each block holds 1/shards of
+    them; the whole image's tokens (gathered after the noise refiner) and the whole unified
+    sequence (built before its split) are two residual-width tensors of every token on top.
     """
-    image = (width // shape.spatial_unit) * (height // shape.spatial_unit)
-    tokens = image + -(-prompt_tokens // 32) * 32
-    rows = batch * (2 if cfg else 1) * max(image, -(-tokens // shards))
+    tokens = (width // shape.spatial_unit) * (height // shape.spatial_unit) + -(-prompt_tokens // 32) * 32
+    whole = batch * (2 if cfg else 1) * tokens
+    rows = -(-whole // shards)
+    gathered = 2 * whole * shape.dim * elem if shards > 1 else 0
     ffn = 3 * shape.ffn_dim * elem
     attention = 3 * shape.dim * elem + 2 * shape.dim * 4
-    return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
+    return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem) + gathered
 
 
 def controlnet_activation(
