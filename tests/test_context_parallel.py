@@ -58,6 +58,9 @@ def _rank_main(shards: Shards, model: str, cache: str) -> dict:
         engine = Engine.load(config, shards=Shards(group, shards.rank, size))
         out[size] = [_images(engine, case) for case in CASES]
         out["predictions", size] = _predictions(engine.components.transformer)
+        seeds = [None] * size  # a random seed: each process draws its own, the first one's is used
+        dist.all_gather_object(seeds, engine.generate("a cat", steps=1, width=32, height=32).images[0].seed, group)
+        out["seeds", size] = seeds
     dist.barrier()
     return out
 
@@ -69,6 +72,7 @@ def test_two_and_three_processes_make_the_one_process_image(tiny_dir: Path, engi
 
     shared = launch(3, "cpu", _rank_main, str(tiny_dir), os.environ["ZTURBO_CACHE"])
     want_predictions = _predictions(engine.components.transformer)
+    assert all(len(set(shared["seeds", size])) == 1 for size in (2, 3)), shared
     for size in (2, 3):
         for got, want in zip(shared["predictions", size], want_predictions, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{size} processes' predictions")

@@ -26,7 +26,7 @@ from .accel.compile import Accel, AccelOptions, compile_errors, resolve_compile
 from .accel.fuse import controlnet_blocks
 from .accel.graphs import EncoderGraphs, StepGraphs
 from .accel.quantize import check_quantize, quantize_transformer
-from .accel.sequence import Shards, check_shards
+from .accel.sequence import Shards, check_shards, first_processes
 from .adapters.library import LoraLibrary
 from .adapters.merge import BaseReader, LoraMerger
 from .config import RuntimeConfig, default_lora_dir
@@ -374,6 +374,8 @@ class Engine:
         images' metadata, and kept for later requests.
         """
         req = prompt if isinstance(prompt, GenerateRequest) else self.request(prompt, **params)
+        if self.shards is not None:  # a random seed drawn here must be the first process's too
+            req = first_processes(req, self.shards)
         fallbacks: list[dict[str, str]] = []
         memory_retried = False
         while True:  # bounded: each pass raises a precision, takes the one leaner-layout retry, or raises

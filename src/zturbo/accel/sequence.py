@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
@@ -56,6 +57,14 @@ def check_shards(parallel: int, shards: Shards | None) -> None:
             f"parallel {parallel} needs {parallel} processes joined in one group (zturbo.distributed.launch), "
             f"but this process was given a group of {size}"
         )
+
+
+def first_processes(value: Any, shards: Shards) -> Any:
+    """`value` as the group's first process has it, on every process: what each process was asked
+    may differ where it drew something at random (a seed), and all must compute the same image."""
+    box = [value]
+    dist.broadcast_object_list(box, group=shards.group, group_src=0)
+    return box[0]
 
 
 def padded(length: int, size: int) -> int:
