@@ -85,6 +85,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="passed to the engine and to `zturbo serve` (default auto)")
     p.add_argument("--compile", default=None, choices=("auto", "on", "off"), help="passed to both (default auto)")
     p.add_argument("--quantize", default=None, help="passed to both (default none)")
+    p.add_argument(
+        "--gpus", default=None, help="passed to `zturbo serve`: a worker per GPU, e.g. 0,1,2,3 (engine rows: one GPU)"
+    )
     p.add_argument("--large", type=int, default=1024, help="the large square size (default 1024)")
     p.add_argument("--small", type=int, default=512, help="the small square size (default 512)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 8)")
@@ -342,8 +345,8 @@ def serve_command(args: argparse.Namespace, port: int, work: Path, features: Seq
         "--log-level",
         "warning",
     ]
-    for flag in ("device", "compile", "quantize"):
-        if getattr(args, flag) is not None:
+    for flag in ("device", "compile", "quantize", "gpus"):
+        if getattr(args, flag, None) is not None:
             cmd += [f"--{flag}", getattr(args, flag)]
     if "--compile-cache" in features:
         cmd += ["--compile-cache", str(work / "compile-cache")]

@@ -230,3 +230,9 @@ def test_a_run_split_over_calls_merges_into_one_report_from_one_machine_only(tmp
     (tmp_path / "other.json").write_text(json.dumps({**parts["warm"], "environment": {"host": "gpu-2"}}))
     with pytest.raises(SystemExit):
         ls.merge([str(tmp_path / "serve.json"), str(tmp_path / "other.json")])
+
+
+def test_gpus_go_to_the_server_for_replica_scaling(tmp_path):
+    cmd = ls.serve_command(options(gpus="0,1"), 8000, tmp_path, [])
+    assert cmd[cmd.index("--gpus") + 1] == "0,1"
+    assert "--gpus" not in ls.serve_command(options(), 8000, tmp_path, [])

@@ -876,3 +876,14 @@ def test_the_memory_a_process_may_still_allocate_counts_its_vram_budget(monkeypa
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 9 * GIB)
     monkeypatch.setattr(devices, "budget_fraction", lambda device: 16 / 80)  # --vram-budget 16
     assert devices.memory_room(torch.device("cuda", 0), 16 * GIB) == 7 * GIB  # not the card's 71
+
+
+def test_each_process_of_a_split_image_plans_for_its_share_of_the_tokens(shape):
+    """--parallel N: the blocks hold 1/N of the tokens, plus two whole-sequence tensors."""
+    one = memory.transformer_activation(shape, 2, 2048, 2048, 1, False, 128)
+    four = memory.transformer_activation(shape, 2, 2048, 2048, 1, False, 128, shards=4)
+    tokens = 128 * 128 + 128
+    assert four == -(-tokens // 4) * (one // tokens) + 2 * tokens * shape.dim * 2
+    assert one / 4 < four < one / 2
+    plans = {n: memory.estimate(shape, BF16, plan="resident", width=2048, height=2048, shards=n) for n in (1, 4)}
+    assert plans[1].stages["denoise"] - plans[4].stages["denoise"] == one - four

@@ -20,7 +20,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
-KEPT = {"bench_encode.py", "bench_pcie.py", "bench_precision.py", "build_fa3.sh", "probe_floor.py", "profile_start.py"}
+KEPT = {
+    "bench_encode.py",
+    "bench_parallel.py",
+    "bench_pcie.py",
+    "bench_precision.py",
+    "build_fa3.sh",
+    "probe_floor.py",
+    "profile_start.py",
+}
 # Scripts covered by a test file of their own.
 OWN_TESTS = {"load_serve.py": "test_load_script.py"}
 
@@ -131,3 +139,20 @@ def test_build_fa3_parses_and_names_its_first_missing_input(tmp_path):
     env["WORK"] = str(tmp_path / "work")  # were it to get past the check, it would build here
     proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, check=False)
     assert proc.returncode != 0 and "FA_REPO" in proc.stderr and not (tmp_path / "work").exists()
+
+
+def test_bench_parallel_times_one_and_two_processes_in_one_run(tmp_path):
+    proc = run_script(
+        "bench_parallel.py", "--tiny", "--device", "cpu", "--parallel", "1", "2", "--sizes", "64",
+        "--runs", "1", "--steps", "1", "--out", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "parallel.json").read_text())["rows"]
+    assert set(rows) == {"64x1", "64x2"}
+    assert rows["64x1"]["speedup"] == 1.0 and rows["64x2"]["rel_err"] < 1e-5
+    assert "| 64² | 2 |" in proc.stdout
+
+
+def test_bench_parallel_refuses_a_run_without_its_baseline():
+    proc = run_script("bench_parallel.py", "--parallel", "2", "4")
+    assert proc.returncode == 2 and "--parallel must include 1" in proc.stderr

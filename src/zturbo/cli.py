@@ -178,6 +178,14 @@ def _generate_args(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     gen.add_argument("--grid", action="store_true", help="also write a contact sheet of the images, seeds labelled")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines on stderr")
+    gen.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each image's tokens across N processes, one GPU each (GPUs 0..N-1 of CUDA_VISIBLE_DEVICES; "
+        "default 1); on --device cpu, N processes",
+    )
     _model_args(gen)
 
 
@@ -485,7 +493,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
     if args.from_png is not None:
         source_meta, params = _parameters_from_png(args.from_png, given)
-    config = _runtime_config(args, max_pixels=args.max_pixels)
+    config = _runtime_config(args, max_pixels=args.max_pixels, parallel=args.parallel)
     _check_recorded_controlnet(source_meta, config, args.from_png)
     config = _model_for_from(config, args, source_meta)
     if config.compile == "auto":
@@ -494,20 +502,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _, limits = _preflight(config)
     library = _lora_library(config)
     request = _generate_request(args, given, params, limits, library)
-    # No separate warm-up: with --compile on, the request itself compiles at its own size.
-    engine = Engine.load(config, source=resolve_model(config.model, files=config.component_files()), warmup=False)
-    engine.loras = library  # the engine's directory and settings, with the files' hashes already known
-    _warn_if_not_reproducible(source_meta, engine)
-    with _progress(request.steps, disabled=args.quiet) as bar:
-        result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
-    paths = result.save(args.output, overwrite=args.overwrite)
-    for path, image in zip(paths, result.images, strict=True):
-        print(f"{path}\t{_seed_text(image.metadata)}", flush=True)
+    if config.parallel > 1:
+        from .distributed import launch
+
+        paths, seeds, gen_s = launch(config.parallel, config.device, _generate_shared, config, request, args.output,
+                                     args.overwrite)  # fmt: skip
+    else:
+        # No separate warm-up: with --compile on, the request itself compiles at its own size.
+        engine = Engine.load(config, source=resolve_model(config.model, files=config.component_files()), warmup=False)
+        engine.loras = library  # the engine's directory and settings, with the files' hashes already known
+        _warn_if_not_reproducible(source_meta, engine)
+        with _progress(request.steps, disabled=args.quiet) as bar:
+            result = engine.generate(request, on_step=lambda i, n: _advance(bar, i))
+        paths = result.save(args.output, overwrite=args.overwrite)
+        seeds, gen_s = [_seed_text(image.metadata) for image in result.images], sum(result.timings.values())
+    for path, seed in zip(paths, seeds, strict=True):
+        print(f"{path}\t{seed}", flush=True)
     if args.grid:
         print(f"{_write_generate_grid(paths)}\tgrid", flush=True)
-    total, gen_s = time.perf_counter() - started, sum(result.timings.values())
-    log.info("%d image(s) in %.2f s; total %.1f s with loading", len(result.images), gen_s, total)
+    log.info("%d image(s) in %.2f s; total %.1f s with loading", len(paths), gen_s, time.perf_counter() - started)
     return 0
+
+
+def _generate_shared(shards: Any, config: Any, request: Any, output: Any, overwrite: bool) -> tuple[list, list, float]:
+    """`generate` in one of the `config.parallel` processes sharing the request's tokens
+    (`distributed.launch`): every one loads and generates, the first writes the files and returns
+    (paths, seed texts, seconds generating)."""
+    from .engine import Engine
+
+    engine = Engine.load(config, warmup=False, shards=shards)
+    result = engine.generate(request)
+    if shards.rank != 0:
+        return [], [], 0.0
+    paths = result.save(output, overwrite=overwrite)
+    return paths, [_seed_text(image.metadata) for image in result.images], sum(result.timings.values())
 
 
 def _generate_request(

@@ -144,6 +144,8 @@ class RuntimeConfig:
     vae_file: str | None = None
     # Compiled artifacts kept across processes (accel.artifacts); None: compile afresh each start.
     compile_cache: Path | None = dataclasses.field(default_factory=default_compile_cache)
+    # Processes (one GPU each) that share one image's tokens (accel.sequence, zturbo.distributed).
+    parallel: int = 1
 
     def __post_init__(self) -> None:
         check_preset(self.preset)
@@ -161,6 +163,13 @@ class RuntimeConfig:
             raise InvalidRequestError(f"compile {self.compile!r} is not one of {', '.join(SWITCH_CHOICES)}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise InvalidRequestError(f"quantize {self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.parallel < 1:
+            raise InvalidRequestError(f"parallel {self.parallel} must be 1 (one process) or more")
+        if self.parallel > 1 and self.controlnet is not None:
+            raise InvalidRequestError(
+                f"parallel {self.parallel} cannot run a ControlNet (its block samples cover the whole sequence); "
+                "use parallel 1 with --controlnet"
+            )
         if self.max_pixels < 16 * 16:
             raise InvalidRequestError(f"max_pixels {self.max_pixels} is below the minimum of 256")
         given = [n for n, v in self.component_files_given().items() if v]

@@ -26,6 +26,7 @@ from .accel.compile import Accel, AccelOptions, compile_errors, resolve_compile
 from .accel.fuse import controlnet_blocks
 from .accel.graphs import EncoderGraphs, StepGraphs
 from .accel.quantize import check_quantize, quantize_transformer
+from .accel.sequence import Shards, check_shards, first_processes
 from .adapters.library import LoraLibrary
 from .adapters.merge import BaseReader, LoraMerger
 from .config import RuntimeConfig, default_lora_dir
@@ -212,19 +213,30 @@ class Engine:
         # and the seconds each start-up phase took (`load`).
         self.compile_cache: CompileCache | None = None
         self.startup: dict[str, Any] = {}
+        # This process's share of each image's tokens (`accel.sequence`); None: all of them.
+        self.shards: Shards | None = None
 
     # -----------------------------------------------------------------------------------------
     # Loading
 
     @classmethod
     def load(
-        cls, config: RuntimeConfig | None = None, *, source: ModelSource | None = None, warmup: bool = True
+        cls,
+        config: RuntimeConfig | None = None,
+        *,
+        source: ModelSource | None = None,
+        warmup: bool = True,
+        shards: Shards | None = None,
     ) -> Engine:
         """Load, apply compile/quantization from `config`, and (when compiling) warm up at 1024².
 
         With `config.vram_budget`, the process's CUDA memory fraction is capped to it (as asked).
+        With `shards` (`distributed.join`), this process is one of `config.parallel` that share each
+        image's tokens: every one loads the whole model, encodes the prompt and decodes the image;
+        every call to `generate` must be made on all of them alike.
         """
         config = config or RuntimeConfig.from_env()
+        check_shards(config.parallel, shards)
         start = time.perf_counter()
         phases = Phases()
         device = resolve_device(config.device)
@@ -265,6 +277,7 @@ class Engine:
         )
         phases.mark("setup_s")
         engine.startup = {"load_s": round(time.perf_counter() - start, 3), "phases": phases.seconds}
+        engine.shards = shards
         engine._compile(options, config.compile_cache, warmup)
         return engine
 
@@ -276,7 +289,7 @@ class Engine:
         if self.compile_cache is not None:
             self.compile_cache.restore()
         phases.mark("restore_s")
-        self.accel = accel_compile.apply(self.components, options)
+        self.accel = accel_compile.apply(self.components, options, self.shards)
         phases.mark("accel_s")
         if options.compile and warmup:
             self.startup["warmup_s"] = round(self.warmup(), 3)
@@ -375,6 +388,8 @@ class Engine:
         images' metadata, and kept for later requests.
         """
         req = prompt if isinstance(prompt, GenerateRequest) else self.request(prompt, **params)
+        if self.shards is not None:  # a random seed drawn here must be the first process's too
+            req = first_processes(req, self.shards)
         fallbacks: list[dict[str, str]] = []
         memory_retried = False
         while True:  # bounded: each pass raises a precision, takes the one leaner-layout retry, or raises
@@ -408,6 +423,7 @@ class Engine:
             "vae_tiling": self.vae_tiling,
             "controlnet": self.controlnet.describe() if self.controlnet is not None else None,
             **self.accel.describe(),
+            **({"parallel": self._shard_count} if self._shard_count > 1 else {}),
             **({"transformer_weights": weights} if (weights := self.components.transformer_weights) else {}),
         }
 
@@ -875,7 +891,7 @@ class Engine:
         elem = torch.empty((), dtype=self.dtypes["transformer"]).element_size()
         args = (self.shape, elem, req.width, req.height, req.num_images, req.do_cfg, caption_tokens)
         control = controlnet_activation(*args) if req.inputs.controlled else 0
-        pool = STEP_POOL_FACTOR * (transformer_activation(*args) + control)
+        pool = STEP_POOL_FACTOR * (transformer_activation(*args, self._shard_count) + control)
         return pool + self._decode_need(req) <= free_device_memory(self.device) * FREE_SHARE
 
     def batch_room(self, req: GenerateRequest) -> int | None:
@@ -902,7 +918,12 @@ class Engine:
             controlled=req.inputs.controlled,
             free_bytes=free,
             pool_factor=STEP_POOL_FACTOR if self._step_graphs() is not None else 1.0,
+            shards=self._shard_count,
         )
+
+    @property
+    def _shard_count(self) -> int:
+        return self.shards.size if self.shards is not None else 1
 
     def _denoise_room(self, staged: bool = False) -> int | None:
         """Device memory the denoise stage's activations may take now (`batch_room`'s count); None
@@ -928,7 +949,8 @@ class Engine:
             return False
         elem = dtype_bytes(self.dtypes)["transformer"]
         args = (self.shape, elem, req.width, req.height, req.num_images, True, self.max_tokens)
-        need = transformer_activation(*args) + (controlnet_activation(*args) if req.inputs.controlled else 0)
+        need = transformer_activation(*args, self._shard_count)
+        need += controlnet_activation(*args) if req.inputs.controlled else 0
         if need <= room * FREE_SHARE:
             return False
         log.info("CFG in two passes (%s): the doubled batch needs about %.1f GiB, %.1f GiB free",

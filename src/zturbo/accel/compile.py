@@ -13,6 +13,7 @@ kernels and copies around every attention call.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import attention, kernels
+from . import attention, kernels, sequence
 from .fuse import (
     FUSED_QKV,
     controlnet_blocks,
@@ -59,12 +60,14 @@ class RealRopeAttnProcessor:
 
     `norm_rope` is the fused Triton q/k norm + rotation op (`kernels.fused_op()`) and `flash3` the
     FlashAttention 3 op (`attention.flash_attention_3()`), each None where it does not run; both
-    are resolved outside compiled code.
+    are resolved outside compiled code. With `shards`, the block's tokens are this process's share
+    of the sequence and attention runs across processes (`sequence.ulysses`).
     """
 
-    def __init__(self, norm_rope: Any = None, flash3: Any = None) -> None:
+    def __init__(self, norm_rope: Any = None, flash3: Any = None, shards: sequence.Shards | None = None) -> None:
         self.norm_rope = norm_rope
         self.flash3 = flash3
+        self.shards = shards
 
     def __call__(
         self,
@@ -81,8 +84,11 @@ class RealRopeAttnProcessor:
         mask = attention_mask
         if mask is not None and mask.ndim == 2:  # (B, S) -> (B, 1, 1, S), as diffusers does
             mask = mask[:, None, None, :]
-        out = attention.attend(q, k, v, mask, self.flash3).flatten(2, 3).to(dtype)  # (B, S, H*D)
-        return attn.to_out[0](out)
+        attend = functools.partial(attention.attend, flash3=self.flash3)
+        if self.shards is not None:  # these are this process's tokens: attend across processes
+            attend = functools.partial(sequence.ulysses, shards=self.shards, attend=attend)
+        out = attend(q, k, v, mask)
+        return attn.to_out[0](out.flatten(2, 3).to(dtype))  # (B, S, H*D)
 
     @staticmethod
     def _project(attn: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,6 +141,7 @@ class Accel:
     fused_blocks: list[torch.nn.Module] = field(default_factory=list)  # a ControlNet's fused blocks
     encoder_graphs: EncoderGraphs | None = None  # CUDA graphs of the compiled text encoder
     step_graphs: StepGraphs | None = None  # CUDA graphs of the compiled transformer's steps
+    sharded: torch.nn.Module | None = None  # the transformer whose main layers split their tokens
 
     @property
     def quantize(self) -> str:
@@ -172,6 +179,8 @@ class Accel:
         if self.step_graphs is not None:  # a request may hold a bound step call: switch it off too
             self.step_graphs.disable("compilation was reverted")
             self.step_graphs = None
+        if self.sharded is not None:  # the restored processors attend locally: split them again
+            install_sequence(self, self.sharded, getattr(self.sharded, sequence.SHARDED))
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
@@ -181,8 +190,9 @@ def resolve_compile(setting: str, device: torch.device) -> bool:
     return setting == "on"
 
 
-def apply(components: Any, options: AccelOptions) -> Accel:
-    """Fuse projections (unquantized only), quantize, then compile the engine's modules in place.
+def apply(components: Any, options: AccelOptions, shards: sequence.Shards | None = None) -> Accel:
+    """Fuse projections (unquantized only), quantize, then compile the engine's modules in place;
+    with `shards`, the transformer's main layers split their tokens across processes.
 
     Fusion needs the compile-friendly processor, so it comes with compilation. A ControlNet's
     blocks are fused and compiled as the transformer's are (they stay unquantized).
@@ -208,7 +218,24 @@ def apply(components: Any, options: AccelOptions) -> Accel:
             _compile_decoder(accel, components.vae)
         if options.vae and options.vae_encoder:
             _compile_encoder(accel, components.vae)
+    if shards is not None:
+        install_sequence(accel, transformer, shards)
     return accel
+
+
+def install_sequence(accel: Accel, transformer: torch.nn.Module, shards: sequence.Shards) -> None:
+    """Split `transformer`'s tokens across `shards`: its token slicing and gathering
+    (`sequence.shard_tokens`), and processors that attend across processes on its noise-refiner
+    blocks and main layers (the compiled ones keep their kernels; eager blocks get the
+    compile-friendly processor)."""
+    sequence.shard_tokens(transformer, shards)
+    for block in [*transformer.noise_refiner, *transformer.layers]:
+        processor = block.attention.processor
+        if isinstance(processor, RealRopeAttnProcessor):
+            processor.shards = shards
+        else:
+            block.attention.set_processor(RealRopeAttnProcessor(shards=shards))
+    accel.sharded = transformer
 
 
 def compile_transformer(accel: Accel, transformer: torch.nn.Module) -> None:

@@ -274,12 +274,14 @@ def estimate(
     resident_layers: int = 0,
     compiled_vae: bool = False,
     split_cfg: bool = False,
+    shards: int = 1,
 ) -> Estimate:
     """Peak bytes per stage; `dtype_bytes` is bytes per element for transformer/text_encoder/vae.
 
     `compiled_vae`: the engine compiles the VAE decoder (which needs less) where the plan is
     `compilable`; otherwise it is estimated eager. `split_cfg`: CFG's halves denoise one after
-    the other, so the denoise holds one half's activations.
+    the other, so the denoise holds one half's activations. `shards`: processes sharing each
+    image's tokens (`transformer_activation`).
     """
     if plan not in PLANS:
         raise ValueError(f"plan {plan!r} is not one of {', '.join(PLANS)}")
@@ -290,7 +292,7 @@ def estimate(
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
     vae_compiled = compiled_vae and compilable(plan)
     doubled = cfg and not split_cfg
-    denoise = transformer_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
+    denoise = transformer_activation(shape, t_e, width, height, batch, doubled, prompt_tokens, shards)
     denoise += controlnet_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
     stages = {
         "encode": held[0] + _text_activation(shape, te_e, batch * (2 if cfg else 1), prompt_tokens),
@@ -386,6 +388,7 @@ def choose(
     exact: bool = True,
     margin: float = 0.05,
     compiled_vae: bool = False,
+    shards: int = 1,
 ) -> Choice:
     """The fastest plan whose estimate fits `budget` less a margin (5 %, at least 0.5 GiB).
 
@@ -397,6 +400,7 @@ def choose(
     """
     usable = usable_budget(budget, margin)
     request = {"width": width, "height": height, "batch": batch, "cfg": cfg, "compiled_vae": compiled_vae}
+    request["shards"] = shards
     considered = []
     for quantize in (("none",) if exact else ()) + quantize_options:
         for plan in SPEED_ORDER:
@@ -485,14 +489,28 @@ def _text_activation(shape: ModelShape, elem: int, batch: int, tokens: int) -> i
 
 
 def transformer_activation(
-    shape: ModelShape, elem: int, width: int, height: int, batch: int, cfg: bool, prompt_tokens: int
+    shape: ModelShape,
+    elem: int,
+    width: int,
+    height: int,
+    batch: int,
+    cfg: bool,
+    prompt_tokens: int,
+    shards: int = 1,
 ) -> int:
-    """Bytes of one transformer pass's activations above its weights (the denoise stage's share)."""
+    """Bytes of one transformer pass's activations above its weights (the denoise stage's share).
+
+    With `shards` processes sharing the tokens (`accel.sequence`), each block holds 1/shards of
+    them; the whole image's tokens (gathered after the noise refiner) and the whole unified
+    sequence (built before its split) are two residual-width tensors of every token on top.
+    """
     tokens = (width // shape.spatial_unit) * (height // shape.spatial_unit) + -(-prompt_tokens // 32) * 32
-    rows = batch * (2 if cfg else 1) * tokens
+    whole = batch * (2 if cfg else 1) * tokens
+    rows = -(-whole // shards)
+    gathered = 2 * whole * shape.dim * elem if shards > 1 else 0
     ffn = 3 * shape.ffn_dim * elem
     attention = 3 * shape.dim * elem + 2 * shape.dim * 4
-    return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem)
+    return rows * (max(ffn, attention) + RESIDUAL_COPIES * shape.dim * elem) + gathered
 
 
 def controlnet_activation(
@@ -520,6 +538,7 @@ def batch_room(
     free_bytes: int,
     pool_factor: float = 1.0,
     most: int | None = None,
+    shards: int = 1,
 ) -> int:
     """The most images of one request shape whose denoise activations fit FREE_SHARE of
     `free_bytes`: the transformer's, and the ControlNet's when `controlled`, times `pool_factor`
@@ -539,7 +558,7 @@ def batch_room(
     if most is not None and most < 1:
         raise ValueError(f"most {most} must be at least 1 image")
     args = (shape, elem, width, height, 1, cfg, prompt_tokens)
-    one = transformer_activation(*args) + (controlnet_activation(*args) if controlled else 0)
+    one = transformer_activation(*args, shards) + (controlnet_activation(*args) if controlled else 0)
     room = max(1, int(free_bytes * FREE_SHARE // (one * pool_factor)))
     return room if most is None else min(room, most)
 
@@ -681,6 +700,7 @@ def plan_layout(
     # A model whose default request guides (the base model) is planned for its batch of two.
     cfg = source.profile(config.preset).profile.guidance > 0
     request = {"width": PLANNED_SIZE, "height": PLANNED_SIZE, "cfg": cfg, "compiled_vae": compiled_vae}
+    request["shards"] = getattr(config, "parallel", 1)  # each process plans for its share of the tokens
     if tunable:
         usable = usable_budget(budget)
         options = list(plan_options(shape, sizes, usable, plan=config.memory, quantize=config.quantize, **request))
