@@ -105,3 +105,21 @@ def postgres_db(postgres_server: str) -> Iterator[str]:
 
     with fresh_database(postgres_server) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def shape():
+    """The real architecture's `memory.plan.ModelShape`, built on the meta device (no memory)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from zturbo.bench.common import QWEN3_4B_CONFIG
+    from zturbo.memory import plan
+    from zturbo.tiny import FLUX_VAE_CONFIG
+
+    with init_empty_weights():
+        transformer = ZImageTransformer2DModel()
+        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+    return plan.model_shape(transformer, text_encoder, vae)

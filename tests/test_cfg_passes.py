@@ -109,23 +109,6 @@ def test_a_request_whose_doubled_batch_does_not_fit_runs_in_two_passes(base_engi
     assert max(rows) == 4 and plans == ["resident"] * 2
 
 
-@pytest.fixture(scope="module")
-def shape() -> memory.ModelShape:
-    """The real architecture, built on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    from zturbo.bench.common import QWEN3_4B_CONFIG
-    from zturbo.tiny import FLUX_VAE_CONFIG
-
-    with init_empty_weights():
-        transformer = ZImageTransformer2DModel()
-        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
-        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
-    return memory.model_shape(transformer, text_encoder, vae)
-
-
 @pytest.mark.parametrize(
     ("budget", "size", "batch", "expected"),
     [

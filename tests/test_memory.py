@@ -24,23 +24,6 @@ GIB = memory.GIB
 BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
 
 
-@pytest.fixture(scope="module")
-def shape() -> memory.ModelShape:
-    """The real architecture, built on the meta device (no memory)."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    from zturbo.bench.common import QWEN3_4B_CONFIG
-    from zturbo.tiny import FLUX_VAE_CONFIG
-
-    with init_empty_weights():
-        transformer = ZImageTransformer2DModel()
-        text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
-        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
-    return memory.model_shape(transformer, text_encoder, vae)
-
-
 # Peak torch.cuda.max_memory_allocated on an H100, real architecture, random weights, bf16, 8 steps:
 # zturbo eager all resident (docs/performance.md, 58-token prompt), and diffusers 0.42.1 with
 # enable_model_cpu_offload and with leaf-level group offload (design.md §2, 128-token embeddings).
