@@ -435,9 +435,11 @@ def drive(url: str, key: str, sc: Scenario, rounds: int, pairs: Iterator[tuple[s
 def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[Any]) -> dict[str, Any]:
     """Untimed warm-up rounds, then the timed rounds: images/s over the wall time, latencies."""
     warm = drive(url, key, sc, args.warmup_rounds, pairs, args) if args.warmup_rounds else []
+    before = worker_account(url, key)
     tick = time.perf_counter()
     results = drive(url, key, sc, args.rounds, pairs, args)
     wall = time.perf_counter() - tick
+    after = worker_account(url, key)
     latencies = [r["latency_s"] for r in results if "latency_s" in r]
     errors = [r["error"] for r in warm + results if "error" in r]
     row: dict[str, Any] = {
@@ -448,6 +450,7 @@ def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pai
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "formats": sorted({r["format"] for r in results if "format" in r}),
+        "per_batch_s": per_batch(before, after),
     }
     if latencies:
         row |= {
@@ -457,6 +460,28 @@ def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pai
             "mean_s": statistics.fmean(latencies),
         }
     return row
+
+
+def worker_account(url: str, key: str) -> dict[str, float]:
+    """The server's /metrics sums over its workers: seconds by phase (engine, host, idle) and batches."""
+    request = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        text = r.read().decode()
+    sums: dict[str, float] = {"batches": 0.0}
+    for line in text.splitlines():
+        if line.startswith("zturbo_worker_seconds_total{"):
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            sums[phase] = sums.get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("zturbo_batch_jobs_count "):
+            sums["batches"] = float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def per_batch(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """The workers' seconds per batch by phase between two `worker_account` readings, and the batches."""
+    batches = after["batches"] - before["batches"]
+    phases = {k: (after.get(k, 0.0) - before.get(k, 0.0)) / batches for k in after if k != "batches"} if batches else {}
+    return {"batches": batches, **phases}
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -528,6 +553,11 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     for sc in res.get("scenarios", {}).values():
         one, many = rows.get(f"{sc['size']}x1", {}), rows.get(f"{sc['size']}x{n}", {})
         fails = f" ({sc['errors']} failed)" if sc["errors"] else ""
+        batch = sc.get("per_batch_s") or {}
+        if batch.get("batches"):
+            fails += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each)".format(
+                batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle"))
+            )
         lines.append(
             f"| {sc['size']}² x {sc['clients']} client(s){fails} | {_num(sc, 'images_per_s')} | "
             f"{_num(sc, 'p50_s')} | {_num(sc, 'p90_s')} | {_num(one, 'images_per_s')} | "

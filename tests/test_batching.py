@@ -293,6 +293,10 @@ def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_ru
             time.sleep(0.05)
         assert 'zturbo_batch_jobs_bucket{le="1.0"} 1.0' in metrics  # the head ran alone ...
         assert "zturbo_batch_jobs_count 2.0" in metrics and "zturbo_batch_jobs_sum 4.0" in metrics  # ... then 3 as one
+        # Each batch slept 0.2 s per step inside the engine's call: the account puts that there.
+        seconds = {phase: worker_seconds(metrics, phase) for phase in ("engine", "host", "idle")}
+        assert seconds["engine"] >= 2 * 2 * 0.2, seconds  # two batches of 2 steps (`Server.submit`)
+        assert 0 < seconds["host"] < seconds["engine"] and seconds["idle"] > 0, seconds
         alone = server.wait_job(server.submit(prompt="a fox number 1", seed=11)["id"])
         batched = Image.open(io.BytesIO(server.client.get(done[2]["images"][0]["url"]).content))
         single = Image.open(io.BytesIO(server.client.get(alone["images"][0]["url"]).content))
@@ -595,3 +599,27 @@ def test_the_batch_metrics_count_only_the_jobs_that_ran_on_the_gpu(engine, store
     writer.close()
     free = [m for m in iter(lambda: here.recv() if here.poll() else None, None) if isinstance(m, workers.GpuFree)]
     assert [(set(m.job_ids), m.images, m.ran) for m in free] == [({kept.id, dropped.id}, 1, 1)]
+
+
+def worker_seconds(metrics: str, phase: str) -> float:
+    """The sum over workers of zturbo_worker_seconds_total for `phase` in a /metrics text."""
+    lines = [line for line in metrics.splitlines() if line.startswith("zturbo_worker_seconds_total{")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if f'phase="{phase}"' in line)
+
+
+def test_a_workers_clock_splits_its_time_into_engine_host_and_idle():
+    from zturbo.serving.workers import BatchClock
+
+    class SlowPipe:
+        def recv(self):
+            time.sleep(0.05)
+            return ["batch"]
+
+    clock = BatchClock()
+    assert clock.wait(SlowPipe()) == ["batch"]
+    time.sleep(0.03)  # the worker's own work, some of it in the engine
+    first = clock.take(engine_s=0.01)
+    assert first.idle >= 0.05 and first.engine == 0.01
+    assert 0.015 <= first.host < 0.05  # 0.03 of the worker's time, less the engine's 0.01
+    second = clock.take(engine_s=0.0)  # starts from the first take: nothing left over
+    assert second.idle == 0 and second.host < 0.01

@@ -159,6 +159,8 @@ def check_run(out: Path, proc: subprocess.CompletedProcess[str], starts: set[str
     for sc in res["scenarios"].values():  # every request answered with a decodable image of its size
         assert sc["requests"] == sc["images"] == sc["clients"] and sc["errors"] == 0, sc
         assert sc["formats"] == ["PNG"] and 0 < sc["p50_s"] <= sc["p90_s"] and sc["images_per_s"] > 0
+        batch = sc["per_batch_s"]  # the workers' own account of the timed requests, from /metrics
+        assert 1 <= batch["batches"] <= sc["requests"] and batch["engine"] > 0 and batch["host"] >= 0, batch
     assert set(res["starts"]) == starts and all(s["ready"]["status"] == "ready" for s in res["starts"].values())
     assert (out / "load.md").read_text().strip() in proc.stdout
     return res

@@ -173,6 +173,7 @@ class Service:
             on_finished=self._on_finished,
             on_restart=self.metrics.restarted,
             on_batch=self.metrics.batched,
+            on_seconds=self.metrics.worker_time,
         )
         make = dispatcher or self._local_workers
         self.supervisor = make(self.store, config, hooks)

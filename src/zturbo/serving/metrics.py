@@ -13,7 +13,7 @@ from . import jobs
 
 if TYPE_CHECKING:
     from .app import Service
-    from .workers import Finished
+    from .workers import BatchSeconds, Finished
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
@@ -49,6 +49,13 @@ class Metrics:
         self.batch_jobs = Histogram(
             "zturbo_batch_jobs", "Jobs per batch a worker ran on its GPU", buckets=BATCH_BUCKETS, registry=r
         )
+        self.worker_seconds = Counter(
+            "zturbo_worker_seconds",
+            "Seconds each worker spent, by phase: engine (in the engine's calls), host (its own work between "
+            "them), idle (waiting for a batch); engine over the sum is the share of time the GPU had work",
+            ["worker", "phase"],
+            registry=r,
+        )
         r.register(_LiveCollector(service))
         self._run_sum = 0.0
         self._run_count = 0
@@ -73,6 +80,10 @@ class Metrics:
     def batched(self, job_count: int, images: int) -> None:
         self.batch_jobs.observe(job_count)
         self.batch_images.observe(images)
+
+    def worker_time(self, worker: str, seconds: BatchSeconds) -> None:
+        for phase in ("engine", "host", "idle"):
+            self.worker_seconds.labels(worker, phase).inc(getattr(seconds, phase))
 
     def restarted(self, worker: str, reason: str) -> None:
         self.restarts.labels(worker).inc()

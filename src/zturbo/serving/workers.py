@@ -108,6 +108,19 @@ class GpuFree:
     job_ids: tuple[str, ...]
     images: int
     ran: int | None = None
+    seconds: BatchSeconds | None = None
+
+
+@dataclass(frozen=True)
+class BatchSeconds:
+    """Where a worker's time went since its last GpuFree, for the GPU-busy metrics: `engine` in the
+    engine's call (the GPU's work and the host's share of it), `host` in the worker's own work
+    around it (reading the requests, the room check, splitting the images, handing the previous
+    batch to a full writer), `idle` waiting for this batch to arrive."""
+
+    engine: float
+    host: float
+    idle: float
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,31 @@ class BatchDone:
     fallbacks: int = 0
     memory: dict[str, int] | None = None
     loras: dict[str, float] | None = None
+    engine_s: float = 0.0  # in the engine's call
+
+
+class BatchClock:
+    """A worker's account of its time between two GpuFree messages (`BatchSeconds`)."""
+
+    def __init__(self) -> None:
+        self.since = time.perf_counter()
+        self.idle = 0.0
+
+    def wait(self, conn: Connection) -> Any:
+        """`conn.recv()`, its wait counted as idle."""
+        start = time.perf_counter()
+        try:
+            return conn.recv()
+        finally:
+            self.idle += time.perf_counter() - start
+
+    def take(self, engine_s: float) -> BatchSeconds:
+        """The account since the last `take`, of which `engine_s` went to the engine; starts the next."""
+        now = time.perf_counter()
+        host = max(0.0, now - self.since - self.idle - engine_s)
+        seconds = BatchSeconds(round(engine_s, 6), round(host, 6), round(self.idle, 6))
+        self.since, self.idle = now, 0.0
+        return seconds
 
 
 def worker_main(
@@ -224,17 +262,18 @@ def worker_main(
     # per-step cancel checks of the batch on the GPU.
     writer = Writer(open_store(store_location, Path(data_dir), check=False), Path(data_dir) / "images", channel)
     rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
+    clock = BatchClock()
     try:
         while True:
             try:
-                claims = conn.recv()
+                claims = clock.wait(conn)
             except EOFError:
                 return  # the supervisor is gone
             if claims is None:
                 return
             for claim in claims:
                 channel.send(Started(claim.job_id))
-            run_batch(engine, store, claims, channel, writer, rooms)
+            run_batch(engine, store, claims, channel, writer, rooms, clock)
     finally:
         writer.close()  # a graceful stop: the images already made are written and recorded
 
@@ -263,11 +302,13 @@ def run_batch(
     channel: Channel,
     writer: Writer,
     rooms: dict[str, int] | None = None,
+    clock: BatchClock | None = None,
 ) -> None:
     """Run `claims` as one batch on the engine, tell the supervisor the GPU is free, then hand the
     images to `writer` (blocking while it is full). A job whose stored request cannot be made
     fails alone, and one cancelled before the batch begins ends without running; the others run.
-    `rooms`: the batch rooms this worker process reported so far (`_within_room`)."""
+    `rooms`: the batch rooms this worker process reported so far (`_within_room`); `clock`: the
+    worker's account of its time, reported with GpuFree."""
     from ..errors import ZTurboError
 
     start = time.perf_counter()
@@ -292,7 +333,8 @@ def run_batch(
     held = tuple(claim.job_id for claim in claims if claim.job_id not in returned)
     on_gpu = [claim for claim, _ in runnable]  # not those cancelled before it began or unreadable
     # GpuFree first: the batch's time limit stops with its GPU work, not after a wait for the writer.
-    channel.send(GpuFree(held, sum(claim.images for claim in on_gpu), len(on_gpu)))
+    seconds = clock.take(done.engine_s) if clock is not None else None
+    channel.send(GpuFree(held, sum(claim.images for claim in on_gpu), len(on_gpu), seconds))
     writer.put(done)
 
 
@@ -365,6 +407,7 @@ def _generate(
     requests = [request for _, request in runnable]
     combined = requests[0] if len(requests) == 1 else GenerateRequest.combine(requests)
     watch = BatchWatch(store, claims, [r.num_images for r in requests], writer.channel, engine.device)
+    start = time.perf_counter()
     try:
         result = engine.generate(combined, on_step=watch.on_step, **watch.preview_arguments())
     except JobCancelled:
@@ -376,6 +419,8 @@ def _generate(
         return [Outcome(claim, status, error={"type": e.kind, "message": str(e)}) for claim in claims]
     except Exception as e:  # anything else may have broken the device: report, exit, be restarted
         _crash(claims, e, writer)
+    finally:
+        done.engine_s = time.perf_counter() - start
     done.fallbacks = len(result.fallbacks)
     outcomes, offset = [], 0
     for claim, request in runnable:
@@ -743,6 +788,8 @@ class Hooks:
     # A batch's GPU work ended (GpuFree): the jobs and images it ran. A batch its worker died in is
     # not counted; its jobs are, where they run again.
     on_batch: Callable[[int, int], None] = lambda jobs, images: None
+    # The same GpuFree's account of the worker's time (`BatchSeconds`), by worker id.
+    on_seconds: Callable[[str, BatchSeconds], None] = lambda worker_id, seconds: None
 
 
 class Supervisor:
@@ -1059,6 +1106,8 @@ class Supervisor:
             ran = len(msg.job_ids) if msg.ran is None else msg.ran
             if ran:  # a batch whose jobs were all cancelled before it began ran nothing
                 self.hooks.on_batch(ran, msg.images)
+            if msg.seconds is not None:
+                self.hooks.on_seconds(s.id, msg.seconds)
         elif isinstance(msg, BatchRoom):
             self._batch_room(s, msg)
         elif isinstance(msg, Finished):
