@@ -269,6 +269,32 @@ CPU_CAPS = Capabilities("cpu", "CPU", None, bf16=True, fp16=True, fp8=False, fla
 ADA = Capabilities("cuda", "NVIDIA L4", (8, 9), bf16=True, fp16=True, fp8=True, flash_attention=True)
 
 
+def test_int4_on_cuda_is_refused_up_front_without_its_kernel_package(monkeypatch):
+    # torchao's int4 path needs mslk's kernels and says so only deep inside quantize_ (after the
+    # weights loaded): the check names the package and how to install it, before any loading.
+    monkeypatch.setattr(quantize, "int4_kernels_missing", lambda: "ModuleNotFoundError: No module named 'mslk'")
+    with pytest.raises(DeviceError) as refused:
+        quantize.check_quantize("int4", ADA)
+    message = str(refused.value)
+    assert "No module named 'mslk'" in message and "pip install mslk-cuda" in message and "int8" in message
+    assert quantize.usable_quantizations(ADA, torch.bfloat16) == ("fp8", "int8")  # the planner's options too
+    monkeypatch.setattr(quantize, "int4_kernels_missing", lambda: None)
+    quantize.check_quantize("int4", ADA, torch.bfloat16)
+    assert quantize.usable_quantizations(ADA, torch.bfloat16) == ("fp8", "int8", "int4")
+
+
+def test_the_int4_probe_tries_the_import_torchao_makes(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mslk", None)  # import mslk... then raises ImportError, installed or not
+    assert "mslk" in quantize.int4_kernels_missing()
+    fake = SimpleNamespace(int4_row_quantize_zp=object())
+    monkeypatch.setitem(sys.modules, "mslk.quantize.shuffle", fake)
+    assert quantize.int4_kernels_missing() is None
+    monkeypatch.setitem(sys.modules, "mslk.quantize.shuffle", SimpleNamespace())
+    assert "older than 1.0" in quantize.int4_kernels_missing()
+
+
 def test_apply_can_leave_the_vae_decoder_eager(fresh):
     c = fresh.components
     applied = accel.apply(c, accel.AccelOptions(compile=True, quantize="none", backend="eager", vae=False))

@@ -18,6 +18,7 @@ from zturbo.engine import Engine
 from zturbo.errors import CheckpointError, InvalidRequestError, ModelNotFoundError
 from zturbo.loader import _file_digest, iter_tensors, resolve_model, weight_files
 from zturbo.memory import plan as memory
+from zturbo.tiny import TRANSFORMER_CONFIG
 
 pytest.importorskip("gguf")
 
@@ -80,6 +81,88 @@ def test_a_gguf_transformer_gives_the_image_of_its_dequantized_weights(tiny_dir,
     # The file's own identity: the model fingerprint covers the directory, the same for every file.
     others = {_file_digest(files[q]) for q in files if q != qtype}
     assert re.fullmatch("[0-9a-f]{64}", weights["fingerprint"]) and weights["fingerprint"] not in others
+
+
+@pytest.fixture
+def dequantizations(monkeypatch) -> list[tuple[str, bool]]:
+    """Every GGUF dequantization from now on: (GGML type, whether Dynamo was tracing it). Traced
+    calls are recorded when their graph runs (Dynamo replays the append), eager ones as they run."""
+    import diffusers.quantizers.gguf.utils as gguf_utils
+
+    calls: list[tuple[str, bool]] = []
+    dequantize = gguf_utils.dequantize_gguf_tensor
+
+    def recorded(tensor: torch.Tensor) -> torch.Tensor:
+        calls.append((tensor.quant_type.name, torch.compiler.is_compiling()))
+        return dequantize(tensor)
+
+    monkeypatch.setattr(gguf_utils, "dequantize_gguf_tensor", recorded)  # GGUFLinear looks it up per call
+    return calls
+
+
+def test_a_compiled_gguf_transformer_dequantizes_only_inside_its_graphs(tiny_dir, files, tmp_path, dequantizations):
+    # Eager on CUDA, a Q4_K dequantization copies index constants from pageable host memory, which
+    # a step's CUDA-graph capture refuses; traced, Inductor writes them into its kernels. The tiny
+    # file's Q4_K weights are the timestep MLP's: outside the blocks, in the transformer's own forward.
+    from zturbo.accel import compile as accel
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), **CPU32), source=with_file(tiny_dir, files["Q4_K"]))
+    options = accel.AccelOptions(compile=True, backend="eager", fuse=False)  # fuse: as Engine.load sets it for GGUF
+    engine.accel = accel.apply(engine.components, options)
+    dequantizations.clear()
+    try:
+        got = engine.generate("a red fox", **ARGS)
+    finally:
+        engine.accel.revert_compile()
+        torch._dynamo.reset()
+    assert set(dequantizations) == {("Q4_K", True), ("Q8_0", True)}
+    reference = Engine.load(RuntimeConfig(model=str(dequantized_checkpoint(tiny_dir, files["Q4_K"], tmp_path / "d"))))
+    assert np.abs(pixels(got) - pixels(reference.generate("a red fox", **ARGS))).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_compiled_q4_k_transformer_steps_through_cuda_graphs(tiny_dir, files):
+    config = RuntimeConfig(model=str(tiny_dir), device="cuda", dtype="bfloat16", compile="on", compile_cache=None)
+    engine = Engine.load(config, source=with_file(tiny_dir, files["Q4_K"]))
+    images = [pixels(engine.generate("a red fox", **ARGS)) for _ in range(3)]  # captured on the second request
+    graphs = engine.accel.step_graphs
+    assert graphs is not None and graphs.failed is None and graphs.captures >= 1
+    assert np.abs(images[2] - images[0]).max() <= 1
+
+
+# The tiny transformer at width 256: its blocks' rows fit Q4_K's 256-weight super-blocks, as a real file's do.
+WIDE = {**TRANSFORMER_CONFIG, "dim": 256, "n_layers": 1, "axes_dims": [64, 32, 32]}
+
+
+def test_compiled_q4_k_blocks_trace_their_dequantization(tmp_path, dequantizations):
+    from diffusers import ZImageTransformer2DModel
+
+    from zturbo.accel import compile as accel
+    from zturbo.gguf import load_transformer
+
+    torch.manual_seed(0)
+    plain = ZImageTransformer2DModel(**WIDE).eval()
+    path = write_gguf(tmp_path / "wide-Q4_K.gguf", plain.state_dict(), "Q4_K")
+    plain.load_state_dict(dequantized(path))
+    model, _ = load_transformer(path, dict(plain.config), torch.device("cpu"), torch.float32)
+    assert model.layers[0].feed_forward.w1.weight.quant_type.name == "Q4_K"
+    inputs = ([torch.randn(16, 1, 8, 8)], torch.tensor([0.3]), [torch.randn(8, 16)])
+    with torch.no_grad():
+        eager, want = model(*inputs, return_dict=False)[0][0], plain(*inputs, return_dict=False)[0][0]
+    applied = accel.Accel(accel.AccelOptions(compile=True, backend="eager", graph_steps=False))
+    accel.compile_transformer(applied, model)  # fullgraph: a graph break in a block would raise
+    dequantizations.clear()
+    try:
+        with torch.no_grad():
+            got = model(*inputs, return_dict=False)[0][0]
+    finally:
+        applied.revert_compile()
+        torch._dynamo.reset()
+    assert ("Q4_K", True) in dequantizations and all(traced for _, traced in dequantizations)
+    torch.testing.assert_close(got, eager, rtol=1e-4, atol=1e-5)
+    # diffusers dequantizes through float16 scales, the gguf package in float32: 0.3 % of the spread.
+    assert (got - want).abs().max() < 0.01 * want.std()
 
 
 def test_the_coarse_quantization_changes_the_image(tiny_dir, files, engine):

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from zturbo.accel.quantize import INT4_INSTALL, int4_kernels_missing
 from zturbo.memory.stream import BlockStreamer, streamable
 
 
@@ -169,6 +170,8 @@ def test_quantized_blocks_stream_through_gpu_slots(mode, compiled):
     pytest.importorskip("torchao")
     if mode == "fp8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
+    if mode == "int4" and (missing := int4_kernels_missing()) is not None:
+        pytest.skip(f"int4 needs torchao's kernels from mslk ({INT4_INSTALL}): {missing}")
     resident, streamed = quantized_wide_blocks(mode), quantized_wide_blocks(mode)
     for m in streamed:
         torch.nn.Module.to(m, "cpu")  # a quantized weight's inner tensors move with it

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..gguf import stores_quantized
 from . import attention, kernels, sequence
 from .fuse import (
+    BLOCK_LISTS,
     FUSED_QKV,
     controlnet_blocks,
     fuse_projections,
@@ -240,11 +242,37 @@ def install_sequence(accel: Accel, transformer: torch.nn.Module, shards: sequenc
 
 def compile_transformer(accel: Accel, transformer: torch.nn.Module) -> None:
     """Each block compiled on its own (regional compilation), with the compile-friendly attention
-    processor; both recorded in `accel` so that `revert_compile` undoes them."""
+    processor, and the parts outside the blocks that hold GGUF weights (`gguf_parts`); all
+    recorded in `accel` so that `revert_compile` undoes them."""
     options = accel.options
     compile_blocks(accel, transformer_blocks(transformer))
+    for part in gguf_parts(transformer):
+        part.forward = _leading_dims_dynamic(part.forward, options.backend)
+        accel.compiled.append(part)
     if options.backend == "inductor" and options.graph_steps:
         accel.step_graphs = StepGraphs()  # host-bound at small sizes and in fp8 (accel.graphs)
+
+
+def gguf_parts(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's parts outside its blocks that hold GGUF weights (a GGUF file's timestep
+    MLP, caption and patch embedders, final layer), to compile whole.
+
+    A GGUF linear dequantizes its weight at every call, and several of diffusers' dequantizers
+    (Q4_K, Q5_K, Q6_K, Q4_0, ...; not Q8_0) build small index tensors from Python lists as they
+    go: run eagerly on CUDA, each is a copy from pageable host memory, which a step's CUDA-graph
+    capture (`graphs.StepGraphs`) refuses. Traced, the lists are constants that Inductor writes
+    into its kernels. The blocks are compiled anyway; these parts run in the transformer's eager
+    forward. Each part is a module of its own class, so each compiles to graphs of its own code
+    (torch.compile's recompile limit counts per code object).
+    """
+    parts = []
+    for name, child in transformer.named_children():
+        if name in BLOCK_LISTS:
+            continue
+        containers = (torch.nn.ModuleDict, torch.nn.ModuleList)  # per patch size: the modules in them run
+        members = list(child.children()) if isinstance(child, containers) else [child]
+        parts += [m for m in members if stores_quantized(m)]
+    return parts
 
 
 def compile_blocks(accel: Accel, blocks: Iterable[torch.nn.Module]) -> None:
@@ -371,6 +399,21 @@ def _token_dynamic(fn: Any, backend: Any, inductor_options: dict[str, Any] | Non
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         _mark_token_dims(x.shape[1], (x, *args, *kwargs.values()))  # x: (B, tokens, dim)
         return compiled(x, *args, **kwargs)
+
+    return forward
+
+
+def _leading_dims_dynamic(fn: Any, backend: Any) -> Any:
+    """`fn` compiled, every dimension but the last of each tensor argument marked dynamic on each
+    call: tokens and batch vary, the last is a weight's width (see `_compile_block`)."""
+    compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=None)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor):
+                for dim in range(value.ndim - 1):
+                    torch._dynamo.maybe_mark_dynamic(value, dim)
+        return compiled(*args, **kwargs)
 
     return forward
 

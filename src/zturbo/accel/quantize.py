@@ -3,6 +3,7 @@ quantizations a device and dtype can run."""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
@@ -17,6 +18,12 @@ QUANTIZED = "zturbo_quantized"  # attribute on a transformer whose block linears
 # minute to compile in fp8 and seconds in bf16. Weight-only modes shrink it: they are for memory.
 FP8_PLAIN_BLOCKS = ("context_refiner",)
 PREFERENCE = ("fp8", "int8", "int4")  # fastest first
+# torchao (0.18) quantizes and multiplies int4 weights with the kernels of Meta's mslk package, which
+# it imports from here at import time, swallowing any failure; quantizing then fails deep inside
+# (`Int4Tensor.from_hp`: "Requires mslk >= 1.0.0"). On PyPI the package is mslk-cuda: the name
+# mslk itself is an empty placeholder.
+INT4_KERNELS = "mslk.quantize.shuffle"
+INT4_INSTALL = "pip install mslk-cuda (the release built for your PyTorch)"
 
 
 def is_block_linear(module: torch.nn.Module, name: str) -> bool:
@@ -44,10 +51,28 @@ def check_quantize(quantize: str, caps: Any, transformer_dtype: torch.dtype | No
         )
     if quantize == "int4" and not caps.device.startswith("cuda"):
         raise DeviceError(f"--quantize int4 needs a CUDA GPU (its kernels are CUDA-only); {caps.name} is not one")
+    if quantize == "int4":
+        missing = int4_kernels_missing()
+        if missing is not None:
+            raise DeviceError(
+                f"--quantize int4 needs torchao's int4 kernels from the mslk package, and {INT4_KERNELS} does not "
+                f"import here ({missing}); {INT4_INSTALL}, or use --quantize int8"
+            )
     if quantize in ("fp8", "int4") and transformer_dtype not in (None, torch.bfloat16):
         raise DeviceError(f"--quantize {quantize} computes with bfloat16 activations; use --transformer-dtype bfloat16")
     if quantize == "int8" and transformer_dtype is torch.float16:
         raise DeviceError("--quantize int8 does not combine with the float16 overflow guard; use bfloat16 or float32")
+
+
+def int4_kernels_missing() -> str | None:
+    """Why torchao's int4 kernels cannot load here (the import torchao makes, and its error), or None."""
+    try:
+        module = importlib.import_module(INT4_KERNELS)
+    except Exception as e:  # as torchao catches it: absent, or its CUDA library built for another PyTorch
+        return f"{type(e).__name__}: {e}"
+    if not hasattr(module, "int4_row_quantize_zp"):  # what Int4Tensor.from_hp calls
+        return "it has no int4_row_quantize_zp: an mslk older than 1.0"
+    return None
 
 
 def usable_quantizations(caps: Any, transformer_dtype: torch.dtype) -> tuple[str, ...]:
