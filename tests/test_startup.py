@@ -1,5 +1,6 @@
 """Start-up: compiled artifacts kept across processes (accel.artifacts) are reused by the next
-process, give the same output, and a damaged or foreign cache file is ignored with a warning."""
+process, give the same output, and a damaged or foreign cache file is ignored with a warning; and
+what the server and its worker processes import before the worker starts."""
 
 from __future__ import annotations
 
@@ -216,3 +217,49 @@ def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path
     assert body["worker_ready_s"] == 7.0 and body["worker_phases"] == phases  # where the worker's time went
     assert age <= body["ready_s"] < age + 60  # from the server process's start, not the worker's
     assert supervisor.runtime()["startup"] == startup  # the phases, for /v1/status's runtime
+
+
+PROBE = "import sys, spawn_probe; spawn_probe.main(sys.argv[1], sys.argv[2:])"
+WEB = {"fastapi", "starlette", "pydantic", "uvicorn", "gradio", "zturbo.serving.app", "zturbo.serving.schemas"}
+
+
+def test_the_server_starts_its_worker_before_it_imports_the_web_framework(tiny_dir, tmp_path):
+    """The API's own imports (FastAPI, pydantic, the routes, uvicorn) run while the workers load;
+    a worker process imports none of them, nor torch, before its entry point runs."""
+    import socket
+    import time
+
+    from spawn_probe import SERVER_FILE, WORKER_FILE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])}
+    args = ["serve", "--model", str(tiny_dir), "--device", "cpu", "--compile", "off", "--no-ui", "--port", str(port),
+            "--data-dir", str(tmp_path / "data"), "--log-level", "warning"]  # fmt: skip
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", PROBE, str(tmp_path), *args], env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 120
+            while not _answers(f"http://127.0.0.1:{port}/health") or not (tmp_path / WORKER_FILE).exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    server = set(json.loads((tmp_path / SERVER_FILE).read_text()))
+    worker = set(json.loads((tmp_path / WORKER_FILE).read_text()))
+    assert {"zturbo.serving.service", "zturbo.serving.workers"} <= server  # the service runs when it spawns
+    assert server & WEB == set(), "the server imported the web framework before it started its worker"
+    assert "__mp_main__" in worker  # the server's main module (zturbo.cli), imported again by the spawn
+    assert worker & (WEB | {"torch"}) == set()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
