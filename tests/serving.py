@@ -103,7 +103,8 @@ LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
 
 def in_process_app(data_dir: Path, limits: ModelLimits = LIMITS, config: RuntimeConfig | None = None, **settings):
     """The HTTP API app in this process, with no workers (accepted jobs wait in the queue) and no key."""
-    from zturbo.serving.app import ServeSettings, create_app
+    from zturbo.serving.app import create_app
+    from zturbo.serving.service import ServeSettings
 
     config = config or RuntimeConfig(model="unloaded", device="cpu")
     settings.setdefault("allowed_hosts", ("testserver",))  # TestClient's Host; a keyless server checks Host

@@ -20,7 +20,7 @@ from PIL import Image
 import zturbo
 from serving import SMALL, in_process_app
 from zturbo.errors import JobFailedError, OutputExistsError, ZTurboError
-from zturbo.serving.app import ServeSettings
+from zturbo.serving.service import ServeSettings
 
 MAX_BODY_BYTES = ServeSettings.max_body_bytes
 MAX_HEADER_BYTES = ServeSettings.max_header_bytes

@@ -16,7 +16,8 @@ from schemathesis.generation.modes import GenerationMode
 
 from zturbo.config import RuntimeConfig
 from zturbo.loader import resolve_model
-from zturbo.serving.app import ServeSettings, create_app
+from zturbo.serving.app import create_app
+from zturbo.serving.service import ServeSettings
 
 KEY = "fuzz-key"
 

@@ -230,7 +230,7 @@ def test_a_streamed_image_body_is_cut_off_at_the_image_routes_limit(api):
 
 
 def test_the_default_upload_limit_is_the_request_tables():
-    from zturbo.serving.app import ServeSettings
+    from zturbo.serving.service import ServeSettings
 
     settings = ServeSettings(RuntimeConfig(model="x"), Path("."), [], ModelLimits(16, 64 * 64))
     assert settings.max_input_bytes == LIMITS.input_bytes

@@ -213,7 +213,7 @@ def test_serve_starts_its_workers_before_the_http_server_and_stops_them_if_it_ne
     """Workers load while the UI's imports and uvicorn's start run (seconds of a restart); a server
     whose HTTP side never starts (a port taken) must not leave them behind."""
     from zturbo.cli import main as cli_main
-    from zturbo.serving.app import Service
+    from zturbo.serving.service import Service
 
     order: list[str] = []
     monkeypatch.setattr(Service, "start", lambda self: order.append("workers started"))
@@ -248,7 +248,7 @@ def test_a_sigterm_while_the_ui_loads_stops_the_workers_already_started(
 
     from zturbo.cli import main as cli_main
     from zturbo.serving import serve
-    from zturbo.serving.app import Service
+    from zturbo.serving.service import Service
 
     order: list[str] = []
     monkeypatch.setattr(Service, "start", lambda self: order.append("workers started"))

@@ -1,5 +1,7 @@
 """Start-up: compiled artifacts kept across processes (accel.artifacts) are reused by the next
-process, give the same output, and a damaged or foreign cache file is ignored with a warning."""
+process, give the same output, and a damaged or foreign cache file is ignored with a warning; the
+warm-up parts a server runs after it reports ready; and what the server and its worker processes
+import before the worker starts."""
 
 from __future__ import annotations
 
@@ -216,3 +218,137 @@ def test_ready_reports_the_servers_start_up_from_the_first_ready_worker(tmp_path
     assert body["worker_ready_s"] == 7.0 and body["worker_phases"] == phases  # where the worker's time went
     assert age <= body["ready_s"] < age + 60  # from the server process's start, not the worker's
     assert supervisor.runtime()["startup"] == startup  # the phases, for /v1/status's runtime
+
+
+def test_ready_tells_when_the_first_ready_worker_ran_its_deferred_warm_ups(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serving import in_process_app
+    from zturbo.serving.workers import Ready, Warmed, WorkerSlot
+
+    app = in_process_app(tmp_path)
+    supervisor = app.state.service.supervisor
+    first, second = WorkerSlot("worker-0", "cpu"), WorkerSlot("worker-1", "cpu")
+    with TestClient(app) as client:
+        supervisor.slots += [first, second]
+        supervisor._handle(first, Ready({"model": "tiny"}, None, 7.0, {"compile_cache": "hit"}))
+        supervisor._handle(second, Ready({"model": "tiny"}, None, 8.0, {"compile_cache": "hit"}))
+        ready = client.get("/ready").json()
+        assert ready["status"] == "ready" and "warm_s" not in ready  # ready before its deferred warm-ups ran
+        supervisor._handle(second, Warmed({"small_call_s": 5.0}, {}, 13.0))  # not the worker /ready reports on
+        assert "warm_s" not in client.get("/ready").json()
+        supervisor._handle(first, Warmed({"inputs_s": 3.4, "small_call_s": 2.9}, {}, 13.3))
+        body = client.get("/ready").json()
+    assert body["deferred_warmup_parts"] == {"inputs_s": 3.4, "small_call_s": 2.9}
+    assert body["worker_warm_s"] == 13.3 and body["warm_s"] >= body["ready_s"]
+    assert supervisor.slots[0].runtime["startup"]["deferred_warmup_parts"] == {"inputs_s": 3.4, "small_call_s": 2.9}
+
+
+def _spy_generate(engine, monkeypatch) -> list[dict]:
+    """Record each `engine.generate` call's size and input fields, then make the call."""
+    calls: list[dict] = []
+    real = engine.generate
+
+    def spy(prompt, **params):
+        calls.append({**params, "size": (params["width"], params["height"]), "with_image": "image" in params})
+        return real(prompt, **params)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    return calls
+
+
+def test_a_deferred_warm_up_leaves_its_parts_for_later_and_runs_each_once(tiny_dir, monkeypatch):
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"), defer_warmup=True)
+    assert engine.pending_warmups() == ("small_call_s",)  # nothing compiles on the CPU: first-call costs only
+    assert "deferred_warmup_parts" not in engine.startup_report()
+    calls = _spy_generate(engine, monkeypatch)
+    seconds = engine.finish_warmup("small_call_s")
+    assert [c["size"] for c in calls] == [(64, 64)]  # the smallest size: 4 patches of 16 px a side
+    assert engine.pending_warmups() == () and engine.startup_report()["deferred_warmup_parts"] == {
+        "small_call_s": seconds
+    }
+    with pytest.raises(InvalidRequestError, match="no deferred warm-up part 'small_call_s'; pending: none"):
+        engine.finish_warmup("small_call_s")
+    assert len(calls) == 1
+
+
+def test_deferring_the_warm_up_leaves_the_input_image_call_and_runs_the_main_calls(fresh, monkeypatch):
+    from PIL import Image
+
+    gray = Image.new("RGB", (64, 64), (128, 128, 128))
+    # What a compiled VAE encoder asks of the warm-up (on the CPU nothing compiles).
+    monkeypatch.setattr(fresh, "_warmup_inputs", lambda width, height: {"image": gray, "strength": 1.0})
+    calls = _spy_generate(fresh, monkeypatch)
+    fresh.warmup(64, 64, defer=True)
+    assert [c["with_image"] for c in calls] == [False, False]  # the two prompt lengths, text-to-image
+    assert list(fresh.startup["warmup_parts"]) == ["prompt_s", "longer_prompt_s"]
+    assert fresh.pending_warmups() == ("inputs_s",)
+    fresh.finish_warmup("inputs_s")
+    assert [c["with_image"] for c in calls] == [False, False, True] and fresh.pending_warmups() == ()
+    fresh.warmup(64, 64)  # not deferred: every part now, in order
+    assert [c["with_image"] for c in calls[3:]] == [False, False, True]
+    assert list(fresh.startup["warmup_parts"]) == ["prompt_s", "longer_prompt_s", "inputs_s"]
+
+
+def test_a_warm_up_between_requests_keeps_the_merged_lora_set(tiny_dir, tmp_path, monkeypatch):
+    from loras import write_lora
+    from zturbo.engine import Engine
+
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32"), defer_warmup=True)
+    path = tmp_path / "a.safetensors"
+    write_lora(path, "peft", engine.components.transformer, seed=8)
+    engine.generate("a fox", seed=1, steps=1, width=64, height=64, loras=[(str(path), 1.0)])
+    assert engine.merger is not None
+    merged, switches = engine.merger.active, engine.merger.stats.switches
+    calls = _spy_generate(engine, monkeypatch)
+    engine.finish_warmup("small_call_s")
+    assert engine.merger.active == merged and engine.merger.stats.switches == switches  # no switch there and back
+    assert len(calls) == 1 and [ref.name for ref in calls[0].get("loras", ())] == [str(path)]
+
+
+PROBE = "import sys, spawn_probe; spawn_probe.main(sys.argv[1], sys.argv[2:])"
+WEB = {"fastapi", "starlette", "pydantic", "uvicorn", "gradio", "zturbo.serving.app", "zturbo.serving.schemas"}
+
+
+def test_the_server_starts_its_worker_before_it_imports_the_web_framework(tiny_dir, tmp_path):
+    """The API's own imports (FastAPI, pydantic, the routes, uvicorn) run while the workers load;
+    a worker process imports none of them, nor torch, before its entry point runs."""
+    import socket
+    import time
+
+    from spawn_probe import SERVER_FILE, WORKER_FILE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])}
+    args = ["serve", "--model", str(tiny_dir), "--device", "cpu", "--compile", "off", "--no-ui", "--port", str(port),
+            "--data-dir", str(tmp_path / "data"), "--log-level", "warning"]  # fmt: skip
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", PROBE, str(tmp_path), *args], env=env, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 120
+            while not _answers(f"http://127.0.0.1:{port}/health") or not (tmp_path / WORKER_FILE).exists():
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    server = set(json.loads((tmp_path / SERVER_FILE).read_text()))
+    worker = set(json.loads((tmp_path / WORKER_FILE).read_text()))
+    assert {"zturbo.serving.service", "zturbo.serving.workers"} <= server  # the service runs when it spawns
+    assert server & WEB == set(), "the server imported the web framework before it started its worker"
+    assert "__mp_main__" in worker  # the server's main module (zturbo.cli), imported again by the spawn
+    assert worker & (WEB | {"torch"}) == set()
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

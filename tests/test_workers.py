@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import multiprocessing as mp
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,92 @@ def tick(supervisor: workers.Supervisor) -> None:
         if slot.conn is not None:
             supervisor._drain(slot)
         supervisor._check(slot)
+
+
+class DeferredWarmUps(StandIn):
+    """The tiny engine with two warm-up parts left for after ready (`Engine.pending_warmups`): the
+    first holds until the test releases it, so that a job arrives while it runs. `order` logs the
+    parts and the jobs' engine calls as they begin."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.limits, self.device = engine, engine.limits, engine.device
+        self.parts = ["inputs_s", "small_call_s"]
+        self.order: list[str] = []
+        self.running, self.release = threading.Event(), threading.Event()
+
+    def pending_warmups(self) -> tuple[str, ...]:
+        return tuple(self.parts)
+
+    def finish_warmup(self, name: str) -> float:
+        self.parts.remove(name)
+        self.order.append(name)
+        if name == "inputs_s":
+            self.running.set()
+            assert self.release.wait(30)
+        return 1.5
+
+    def generate(self, request: GenerateRequest, **callbacks: Any) -> Any:
+        self.order.append("job")
+        return self.engine.generate(request, **callbacks)
+
+
+def test_a_job_that_arrives_during_the_deferred_warm_ups_runs_before_the_rest_of_them(engine, store, tmp_path):
+    """A worker is ready before its deferred warm-ups have run; a job sent meanwhile waits only for
+    the part running then, and the supervisor hears the parts' seconds once all have run."""
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    slot, standin = supervisor.slots[0], DeferredWarmUps(engine)
+    supervisor._handle(slot, workers.Ready({}, None, 1.0, {}))
+    channel = workers.Channel(worker_end)
+    writer = workers.Writer(store, tmp_path, channel)
+    worker = threading.Thread(target=workers.serve_batches, args=(standin, store, worker_end, channel, writer))
+    worker.start()
+    try:
+        assert standin.running.wait(30)  # the worker took its first deferred part, its pipe empty
+        job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
+        tick(supervisor)
+        assert slot.running == (job.id,)  # sent at once: the worker is ready as far as the supervisor knows
+        standin.release.set()
+        deadline = time.monotonic() + 60
+        while (store.get(job.id).status != jobs.SUCCEEDED or "warm_s" not in supervisor.startup()) and (
+            time.monotonic() < deadline
+        ):
+            tick(supervisor)
+            time.sleep(0.01)
+    finally:
+        standin.release.set()
+        slot.conn.send(None)
+        worker.join(30)
+        writer.close()
+    assert store.get(job.id).status == jobs.SUCCEEDED
+    assert standin.order == ["inputs_s", "job", "small_call_s"]  # the job ran before the part after the running one
+    assert supervisor.startup()["deferred_warmup_parts"] == {"inputs_s": 1.5, "small_call_s": 1.5}
+    assert not worker.is_alive()
+
+
+def test_a_deferred_warm_up_that_fails_is_reported_and_the_others_still_run() -> None:
+    from zturbo.errors import GPUMemoryError
+
+    class FailingFirst:
+        def __init__(self) -> None:
+            self.parts = ["inputs_s", "small_call_s"]
+
+        def pending_warmups(self) -> tuple[str, ...]:
+            return tuple(self.parts)
+
+        def finish_warmup(self, name: str) -> float:
+            self.parts.remove(name)
+            if name == "inputs_s":
+                raise GPUMemoryError("out of memory in the VAE encoder")
+            return 0.5
+
+    here, there = mp.Pipe()
+    warmups = workers.IdleWarmups(FailingFirst(), workers.Channel(there))
+    assert warmups.run_next() and warmups.run_next()  # the failure did not stop the worker's loop
+    assert not warmups.run_next() and here.poll(1)
+    message = here.recv()
+    assert isinstance(message, workers.Warmed) and message.parts == {"small_call_s": 0.5}
+    assert message.errors == {"inputs_s": "GPUMemoryError: out of memory in the VAE encoder"}
+    assert not warmups.run_next() and not here.poll(0.1)  # reported once
 
 
 def test_a_job_sent_to_a_worker_that_had_died_idle_costs_no_attempt(store, tmp_path):

@@ -44,7 +44,7 @@ from .device import (
     release_cached_memory,
     resolve_device,
 )
-from .errors import FieldError, GPUMemoryError, LoraError, PrecisionError
+from .errors import FieldError, GPUMemoryError, InvalidRequestError, LoraError, PrecisionError
 from .gguf import stores_quantized
 from .guard import Fp16Guard, install_fp16_guard
 from .inputs.images import read_image
@@ -111,7 +111,7 @@ from .precision import NonFiniteError, all_finite, choose_precision, safer
 from .preview import LatentProjection, PreviewCallback, PreviewStream, fit_projection
 from .profiles import Chosen
 from .profiles import scheduler_config as profile_scheduler
-from .request import IMAGE_FIELDS, GenerateRequest, ModelLimits
+from .request import IMAGE_FIELDS, GenerateRequest, LoraRef, ModelLimits
 from .result import GeneratedImage, GenerateResult, ModelInfo
 
 if TYPE_CHECKING:
@@ -127,6 +127,11 @@ STEP_POOL_FACTOR = 1.5
 # beyond the copies of every block linear; otherwise to pinned host memory.
 LORA_DEVICE_RESERVE = 16 * GIB
 Embeds = list[torch.Tensor]
+# The warm-up parts `Engine.load(defer_warmup=True)` leaves for `finish_warmup`, for a server that
+# reports ready once a first text-to-image request would find everything warm: the call with input
+# images (it compiles the VAE encoder and the ControlNet's blocks) and one call at the smallest size
+# (the decoder's dynamic graph; an uncompiled engine's first-call costs).
+DEFERRABLE_WARMUPS = ("inputs_s", "small_call_s")
 # Where a denoising run starts: latents (B, C, h, w) on the device, the steps that run, and the
 # inpaint blend (None without a mask).
 Start = tuple[torch.Tensor, Schedule, Keep | None]
@@ -215,6 +220,10 @@ class Engine:
         self.startup: dict[str, Any] = {}
         # This process's share of each image's tokens (`accel.sequence`); None: all of them.
         self.shards: Shards | None = None
+        # Warm-up parts put off until `finish_warmup` runs them (DEFERRABLE_WARMUPS), in their order.
+        self._deferred: dict[str, Callable[[], object]] = {}
+        # The LoRA set merged in the weights now: warm-up calls use it, so they never switch the weights.
+        self._lora_refs: tuple[LoraRef, ...] = ()
 
     # -----------------------------------------------------------------------------------------
     # Loading
@@ -226,9 +235,14 @@ class Engine:
         *,
         source: ModelSource | None = None,
         warmup: bool = True,
+        defer_warmup: bool = False,
         shards: Shards | None = None,
     ) -> Engine:
         """Load, apply compile/quantization from `config`, and (when compiling) warm up at 1024².
+
+        With `defer_warmup`, the warm-up here covers a text-to-image request at that size (two prompt
+        lengths, the text encoder's graphs); the rest (DEFERRABLE_WARMUPS, a small-size call included
+        even when not compiling) waits for `finish_warmup`, as `pending_warmups` lists it.
 
         With `config.vram_budget`, the process's CUDA memory fraction is capped to it (as asked).
         With `shards` (`distributed.join`), this process is one of `config.parallel` that share each
@@ -262,13 +276,7 @@ class Engine:
         components.scheduler_config = profile_scheduler(chosen, components.scheduler_config)
         limits = source.limits(config.max_pixels)
         engine = cls(components, model, device, dtypes, limits, layout=layout, profile=chosen)
-        engine.vae_tiling_setting = config.vae_tiling
-        engine.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
-        lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
-        engine.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
-        if source.transformer_file is None:  # a GGUF file's weights are not plain tensors to merge into
-            engine.base_reader = base_reader(source, components.transformer, dtypes["transformer"])
-        engine.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))
+        engine._configure(config, source, layout)
         options = AccelOptions(
             compile=compile_ and compilable(layout.plan),
             quantize=layout.quantize,
@@ -278,10 +286,20 @@ class Engine:
         phases.mark("setup_s")
         engine.startup = {"load_s": round(time.perf_counter() - start, 3), "phases": phases.seconds}
         engine.shards = shards
-        engine._compile(options, config.compile_cache, warmup)
+        engine._compile(options, config.compile_cache, warmup, defer_warmup)
         return engine
 
-    def _compile(self, options: AccelOptions, cache_dir: Path | None, warmup: bool) -> None:
+    def _configure(self, config: RuntimeConfig, source: ModelSource, layout: Layout) -> None:
+        """The loaded engine's settings from `config`: VAE tiling, the memory budget, the LoRA library."""
+        self.vae_tiling_setting = config.vae_tiling
+        self.vram_budget = int(config.vram_budget * GIB) if config.vram_budget is not None else None
+        lora_dir = Path(config.lora_dir).expanduser() if config.lora_dir else default_lora_dir()
+        self.loras = LoraLibrary(lora_dir, allow_paths=config.lora_paths, cache_bytes=config.lora_cache_bytes)
+        if source.transformer_file is None:  # a GGUF file's weights are not plain tensors to merge into
+            self.base_reader = base_reader(source, self.components.transformer, self.dtypes["transformer"])
+        self.set_vae_tiling(config.vae_tiling == "on" or (config.vae_tiling == "auto" and layout.vae_tiling))
+
+    def _compile(self, options: AccelOptions, cache_dir: Path | None, warmup: bool, defer: bool = False) -> None:
         """Apply the speed options; when compiling, first load the artifacts an earlier process
         kept (so the warm-up looks graphs up instead of compiling them), then keep what it made."""
         phases = Phases(self.startup.setdefault("phases", {}))
@@ -292,10 +310,13 @@ class Engine:
         self.accel = accel_compile.apply(self.components, options, self.shards)
         phases.mark("accel_s")
         if options.compile and warmup:
-            self.startup["warmup_s"] = round(self.warmup(), 3)
+            self.startup["warmup_s"] = round(self.warmup(defer=defer), 3)
             phases.mark("warmup_s")
             self.persist_compiled()
             phases.mark("persist_s")
+        if warmup and defer:
+            side = 4 * self.limits.spatial_unit  # 4 latent patches: the smallest size a request may ask
+            self._deferred["small_call_s"] = functools.partial(self._warm_call, side, side)
 
     def persist_compiled(self) -> None:
         """Keep the artifacts of graphs compiled since the last call (no-op without a cache); a
@@ -309,33 +330,71 @@ class Engine:
         status = cache.status if cache is not None and self.accel.compiling else OFF
         return {**self.startup, "compile_cache": status} | ({"artifacts": cache.describe()} if cache else {})
 
-    def warmup(self, width: int | None = None, height: int | None = None) -> float:
+    def warmup(self, width: int | None = None, height: int | None = None, *, defer: bool = False) -> float:
         """Compile now rather than in the first request; returns the seconds it took.
 
         The default size is the one whose decoder graph is static (`accel.compile.STATIC_DECODE_SIZE`).
 
         Two prompt lengths, so that sequence lengths are dynamic in the compiled blocks before a
         user's prompt arrives (the blocks already see three lengths per forward, which on its own
-        makes torch.compile go dynamic; the second prompt makes sure of it).
+        makes torch.compile go dynamic; the second prompt makes sure of it). `defer`: the parts of
+        DEFERRABLE_WARMUPS wait for `finish_warmup`.
         """
         width = width or accel_compile.STATIC_DECODE_SIZE
         height = height or accel_compile.STATIC_DECODE_SIZE
         start = time.perf_counter()
         parts = Phases(self.startup.setdefault("warmup_parts", {}))  # where a start's warm-up goes
-        for name, prompt in (("prompt_s", "warm-up"), ("longer_prompt_s", "a longer warm-up prompt " * 8)):
-            self.generate(prompt, seed=0, steps=1, width=width, height=height)
+        for name, run in self._warmup_parts(width, height):
+            if defer and name in DEFERRABLE_WARMUPS:
+                self._deferred[name] = run
+                continue
+            run()
             parts.mark(name)
-        inputs = self._warmup_inputs(width, height)
-        if inputs:
-            self.generate("warm-up", seed=0, steps=1, width=width, height=height, **inputs)
-            parts.mark("inputs_s")
-        graphs = self._encoder_graphs()
-        if graphs is not None:
-            with torch.inference_mode(), without_last_layer(self.components.text_encoder):
-                graphs.capture_all(self.components.text_encoder, self.max_tokens)
-            parts.mark("encoder_graphs_s")
         seconds = time.perf_counter() - start
         log.info("warm-up at %dx%d (torch.compile %s) took %.1f s", width, height, self.accel.compiling, seconds)
+        return seconds
+
+    def _warmup_parts(self, width: int, height: int) -> list[tuple[str, Callable[[], object]]]:
+        """The warm-up's steps in order, each with the name its seconds are reported under."""
+        call = functools.partial(self._warm_call, width, height)
+        parts: list[tuple[str, Callable[[], object]]] = [
+            ("prompt_s", functools.partial(call, "warm-up")),
+            ("longer_prompt_s", functools.partial(call, "a longer warm-up prompt " * 8)),
+        ]
+        inputs = self._warmup_inputs(width, height)
+        if inputs:
+            parts.append(("inputs_s", functools.partial(call, "warm-up", **inputs)))
+        graphs = self._encoder_graphs()
+        if graphs is not None:
+            parts.append(("encoder_graphs_s", functools.partial(self._capture_encoder_graphs, graphs)))
+        return parts
+
+    def _warm_call(self, width: int, height: int, prompt: str = "warm-up", **inputs: Any) -> None:
+        """One step at this size, so that its first-call costs (compiling) are paid now; with the
+        last request's LoRA set, so that a warm-up between requests never switches the weights."""
+        self.generate(prompt, seed=0, steps=1, width=width, height=height, loras=self._lora_refs, **inputs)
+
+    def _capture_encoder_graphs(self, graphs: EncoderGraphs) -> None:
+        with torch.inference_mode(), without_last_layer(self.components.text_encoder):
+            graphs.capture_all(self.components.text_encoder, self.max_tokens)
+
+    def pending_warmups(self) -> tuple[str, ...]:
+        """The warm-up parts `load(defer_warmup=True)` put off and `finish_warmup` has not run, in order."""
+        return tuple(self._deferred)
+
+    def finish_warmup(self, name: str) -> float:
+        """Run the deferred warm-up part `name` (one of `pending_warmups`) and keep what it compiled
+        (`persist_compiled`); returns its seconds, also kept in `startup["deferred_warmup_parts"]`.
+        A part that raises is not pending any more: it is not tried again."""
+        run = self._deferred.pop(name, None)
+        if run is None:
+            pending = ", ".join(self._deferred) or "none"
+            raise InvalidRequestError(f"no deferred warm-up part {name!r}; pending: {pending}")
+        start = time.perf_counter()
+        run()
+        seconds = round(time.perf_counter() - start, 3)
+        self.startup.setdefault("deferred_warmup_parts", {})[name] = seconds
+        self.persist_compiled()
         return seconds
 
     def _warmup_inputs(self, width: int, height: int) -> dict[str, Any]:
@@ -637,6 +696,7 @@ class Engine:
         """Merge the request's LoRA set (a no-op when it is the current one; the base weights
         when it is empty); returns each LoRA's name, weight and sha256 for the metadata."""
         if not req.loras and self.merger is None:
+            self._lora_refs = ()
             return []
         weights_from = self.components.transformer_weights
         if req.loras and weights_from is not None and stores_quantized(self.components.transformer):
@@ -649,6 +709,7 @@ class Engine:
         parsed = [self.loras.load(f, self.lora_targets) for f in files]
         key = tuple((f.sha256, w) for f, w in zip(files, weights, strict=True))
         self._lora_merger().apply(list(zip(parsed, weights, strict=True)), key)
+        self._lora_refs = req.loras
         return [{"name": f.name, "weight": w, "sha256": f.sha256} for f, w in zip(files, weights, strict=True)]
 
     @functools.cached_property
@@ -688,6 +749,7 @@ class Engine:
         if self.merger is not None:
             self.merger.forget()
             self.merger = None
+        self._lora_refs = ()
 
     def _package(
         self, req: GenerateRequest, pixels: torch.Tensor, loras: list[dict[str, Any]], split_cfg: bool = False

@@ -35,7 +35,7 @@ from .results import Base64Body, finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
-    from .app import Service
+    from .service import Service
 
 PREFIX = "/sdapi/v1"
 IMAGE_ROUTES = frozenset({f"{PREFIX}/img2img", f"{PREFIX}/png-info"})  # bodies that carry images

@@ -1,4 +1,5 @@
-"""The HTTP API: FastAPI routes (bodies in schemas.py), one error body, bearer-key auth.
+"""The HTTP API: FastAPI routes (bodies in schemas.py) around the service (service.py), one error
+body, bearer-key auth.
 
 Generation never happens here: a route validates, queues the job in SQLite (jobs.py) and waits for
 or reports on it; worker processes (workers.py) own the devices. docs/api.md describes the routes.
@@ -7,22 +8,16 @@ or reports on it; worker processes (workers.py) own the devices. docs/api.md des
 from __future__ import annotations
 
 import asyncio
-import base64
-import dataclasses
 import hashlib
 import hmac
 import io
 import ipaddress
 import json
 import logging
-import math
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -34,7 +29,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..config import DEFAULT_LORA_CACHE_BYTES, RuntimeConfig
 from ..errors import (
     FieldError,
     JobFailedError,
@@ -44,7 +38,7 @@ from ..errors import (
 )
 from ..inputs.images import InputImage
 from ..inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM
-from ..request import FIELDS, IMAGE_FIELDS, LIMITS, GenerateRequest, ModelLimits
+from ..request import FIELDS, IMAGE_FIELDS, LIMITS, GenerateRequest
 from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
@@ -69,8 +63,7 @@ from .schemas import (
     text_image,
     upload_image,
 )
-from .stores import DEFAULT_STORE, open_store
-from .workers import Finished, Hooks, Supervisor
+from .service import Dispatcher, ServeSettings, Service
 
 log = logging.getLogger("zturbo.server")
 
@@ -78,7 +71,6 @@ SIGNED_URL_TTL_S = 3600
 SSE_KEEPALIVE_S = 15.0
 # The routes whose bodies may carry input images, and so may be larger than `max_body_bytes`.
 IMAGE_ROUTES = frozenset({"/v1/jobs", "/v1/images/generations", "/v1/images/edits"}) | A1111_IMAGE_ROUTES
-PART_OVERHEAD_BYTES = 1024  # a multipart part's boundary and headers
 
 
 def error_response(status: int, kind: str, message: str, field: str | None = None, **headers: str) -> JSONResponse:
@@ -86,209 +78,18 @@ def error_response(status: int, kind: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-# --- the service -----------------------------------------------------------------------------
-
-
-@dataclass
-class ServeSettings:
-    """Everything `zturbo serve` decides before the app starts."""
-
-    config: RuntimeConfig
-    data_dir: Path
-    devices: list[str]
-    limits: ModelLimits
-    api_key: str | None = None
-    # The job queue (`stores.check_store`): "sqlite", a file in data_dir, or a postgresql:// URL.
-    store: str = DEFAULT_STORE
-    node_lease_s: float | None = None  # a shared store's node lease (None: its default)
-    queue_size: int = 64
-    job_timeout: float = 600.0
-    shutdown_grace: float = 30.0
-    sync_timeout: float = 600.0  # longest POST /v1/images/generations waits before answering 504
-    # Transport bounds, not request limits: a full job body (two 4000-character prompts, 64 seeds)
-    # is well under 100 KB even JSON-escaped; larger bodies get 413, larger headers 431.
-    max_body_bytes: int = 1 << 20
-    max_header_bytes: int = 16 << 10
-    max_upload_bytes: int = 64 << 20  # one web UI upload: a PNG to read parameters from (4 MP: ~12 MB)
-    max_input_bytes: int = LIMITS.input_bytes  # one input image of a job, as uploaded (the table's limit)
-    # Host names a server without a key answers besides loopback ones ("*": any); see _install_host_check.
-    allowed_hosts: tuple[str, ...] = ()
-    model_names: tuple[str, ...] = field(default=())
-    # Where job LoRA names resolve (None: <data_dir>/loras, made if missing); host memory each
-    # worker keeps for parsed LoRAs; the served transformer's linears, which a LoRA must map onto
-    # (None: the published Z-Image-Turbo's).
-    lora_dir: Path | None = None
-    lora_cache_bytes: int = DEFAULT_LORA_CACHE_BYTES
-    lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
-    # The A1111 routes' --client-defaults: "turbo" runs Turbo's steps and CFG for SD's defaults, "honour" as sent.
-    client_defaults: str = "turbo"
-    # Batching: most images one batch makes, and how long a free worker waits for a companion of
-    # a lone waiting job (docs/server.md, "Batching").
-    max_batch: int = 4
-    batch_window_ms: float = 2.0
-
-    @property
-    def max_image_body_bytes(self) -> int:
-        """The largest body a route taking images reads: the rest of the body plus every image field at
-        its limit, in base64 (4 characters for 3 bytes, the larger of JSON's and multipart's forms)."""
-        per_image = 4 * -(-self.max_input_bytes // 3) + PART_OVERHEAD_BYTES
-        return self.max_body_bytes + len(IMAGE_FIELDS) * per_image
-
-
-# Makes what runs the jobs from the store, the workers' config and the hooks: the Supervisor of this
-# machine's worker processes by default, or a Ray deployment's dispatcher (raydeploy.RayDispatcher).
-Dispatcher = Callable[[Any, RuntimeConfig, Hooks], Any]
-
-
-def worker_config(settings: ServeSettings) -> RuntimeConfig:
-    """The config the workers load the model with: they resolve LoRA names in the server's directory,
-    and never take a path."""
-    lora_dir = settings.lora_dir or settings.data_dir / "loras"
-    return dataclasses.replace(
-        settings.config, lora_dir=str(lora_dir), lora_paths=False, lora_cache_bytes=settings.lora_cache_bytes
-    )
-
-
-class Service:
-    """The queue, the workers and the metrics of one running server."""
-
-    def __init__(self, settings: ServeSettings, dispatcher: Dispatcher | None = None) -> None:
-        from .loras import ServerLoras
-        from .metrics import Metrics
-
-        self.settings = settings
-        self.images_dir = settings.data_dir / "images"
-        self.images_dir.mkdir(parents=True, exist_ok=True)
-        lora_dir = settings.lora_dir or settings.data_dir / "loras"
-        lora_dir.mkdir(parents=True, exist_ok=True)
-        config = worker_config(settings)
-        self.loras = ServerLoras(lora_dir, settings.lora_targets or _published_targets)
-        self.store = open_store(
-            settings.store, settings.data_dir, max_queued=settings.queue_size, lease_s=settings.node_lease_s
-        )
-        self.events = jobs.JobEvents()
-        self.metrics = Metrics(self)
-        hooks = Hooks(
-            on_event=self._on_event,
-            on_finished=self._on_finished,
-            on_restart=self.metrics.restarted,
-            on_batch=self.metrics.batched,
-            on_seconds=self.metrics.worker_time,
-        )
-        make = dispatcher or self._local_workers
-        self.supervisor = make(self.store, config, hooks)
-        self.stopping = threading.Event()  # set when shutdown begins: event streams end
-        self._started = self._stopped = False
-
-    def _local_workers(self, store: Any, config: RuntimeConfig, hooks: Hooks) -> Supervisor:
-        s = self.settings
-        return Supervisor(store, config, s.devices, s.data_dir, job_timeout=s.job_timeout, hooks=hooks,
-                          max_batch=s.max_batch, batch_window=s.batch_window_ms / 1000)  # fmt: skip
-
-    def start(self) -> None:
-        """Recover the queue and start the workers; once (`zturbo serve` starts them before its
-        HTTP server, so that they load while the UI and uvicorn come up; the lifespan then finds
-        them started)."""
-        if self._started:
-            return
-        self._started = True
-        for job in self.store.recover():
-            log.info("recovered job %s: %s (attempt %d)", job.id, job.status, job.attempts)
-        swept = self.store.sweep_inputs()
-        if swept:
-            log.info("removed %d stored input files no job refers to", swept)
-        self.supervisor.start()
-
-    def begin_stop(self) -> None:
-        """Shutdown has begun: no job starts from now on, and event streams end within a second."""
-        self.stopping.set()
-        self.supervisor.stop_dispatch()
-
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        self.begin_stop()
-        self.supervisor.stop(self.settings.shutdown_grace)
-        self.store.close()
-
-    def _on_event(self, job_id: str, event: str, data: dict[str, Any]) -> None:
-        self.events.publish(job_id, event, data)
-
-    def _on_finished(self, msg: Finished) -> None:
-        job = self.store.get(msg.job_id)
-        self.metrics.finished(job, msg)
-        self.events.publish(msg.job_id, "finished", {"status": job.status})
-
-    def submit(self, request: GenerateRequest, job_id: str, client: str | None, *, preview: bool = False) -> jobs.Job:
-        """Queue a request whose LoRAs exist and fit the model (a 400 now, not a failed job later);
-        `preview`: its progress events carry previews."""
-        self.loras.check(request.loras)
-        try:
-            job = self.store.submit(request, job_id=job_id, client=client, preview=preview)
-        except jobs.QueueFullError as e:
-            self.metrics.rejected.inc()
-            e.retry_after = self.retry_after()
-            raise
-        self.metrics.submitted.inc()
-        self.metrics.submitted_mode(request.inputs.mode, request.inputs.controlled)
-        self.supervisor.wake()
-        return job
-
-    def json_request(self, body: JobBody | OpenAIImageBody, body_bytes: int) -> GenerateRequest:
-        """A JSON body's request: its size besides the images bounded, each image checked and decoded."""
-        s = self.settings
-        check_body_size(body_bytes, image_text_bytes(body), s.max_body_bytes, s.max_input_bytes)
-        return body_request(body, s.limits, s.max_input_bytes)
-
-    def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: one average job, spread over the workers."""
-        workers = max(1, len(self.settings.devices))
-        return max(1, min(300, math.ceil(self.metrics.average_job_seconds() / workers)))
-
-    def view(self, job: jobs.Job) -> dict[str, Any]:
-        """The job object of the HTTP contract."""
-        progress = self.supervisor.progress(job.id) if job.status == jobs.RUNNING else None
-        variation_seeds = image_variation_seeds(job.params)
-        return {
-            "id": job.id,
-            "status": job.status,
-            "params": job_params(job.params) | {"inputs": job_inputs(job.params, job.id)},
-            "position": self.store.position(job),
-            "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
-            "images": [
-                {
-                    "id": im.id,
-                    "url": f"/v1/images/{im.id}",
-                    "seed": im.seed,
-                    "variation_seed": variation_seeds[im.idx] if im.idx < len(variation_seeds) else None,
-                }
-                for im in job.images
-            ],
-            "error": job.error,
-            "attempts": job.attempts,
-            "cancel_requested": job.cancel_requested,
-            "created_at": job.created_at,
-            "started_at": job.started_at,
-            "finished_at": job.finished_at,
-        }
-
-    def preview(self, job_id: str) -> str | None:
-        """The running job's latest preview as base64 JPEG, if it asked for previews."""
-        data = self.supervisor.preview(job_id)
-        return base64.b64encode(data).decode() if data else None
-
-    def sign(self, image_id: str, expires: int) -> str:
-        key = (self.settings.api_key or "").encode()
-        return hmac.new(key, f"{image_id}:{expires}".encode(), hashlib.sha256).hexdigest()
-
-
 # --- app -------------------------------------------------------------------------------------
 
 
 def create_app(settings: ServeSettings, dispatcher: Dispatcher | None = None) -> FastAPI:
     """The API on `settings`; `dispatcher`: what runs its jobs (`Dispatcher`; default this machine's workers)."""
-    service = Service(settings, dispatcher)
+    return service_app(Service(settings, dispatcher))
+
+
+def service_app(service: Service) -> FastAPI:
+    """The API around `service`, which may be running already (`zturbo serve` starts it first); the
+    app's lifespan starts it if not, and stops it."""
+    settings = service.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -329,10 +130,39 @@ def create_app(settings: ServeSettings, dispatcher: Dispatcher | None = None) ->
     return app
 
 
-def _published_targets() -> Mapping[str, tuple[int, int]]:
-    from ..adapters.formats import published_targets
+def job_view(service: Service, job: jobs.Job) -> dict[str, Any]:
+    """The job object of the HTTP contract."""
+    progress = service.supervisor.progress(job.id) if job.status == jobs.RUNNING else None
+    variation_seeds = image_variation_seeds(job.params)
+    return {
+        "id": job.id,
+        "status": job.status,
+        "params": job_params(job.params) | {"inputs": job_inputs(job.params, job.id)},
+        "position": service.store.position(job),
+        "progress": {"step": progress[0], "steps": progress[1]} if progress else None,
+        "images": [
+            {
+                "id": im.id,
+                "url": f"/v1/images/{im.id}",
+                "seed": im.seed,
+                "variation_seed": variation_seeds[im.idx] if im.idx < len(variation_seeds) else None,
+            }
+            for im in job.images
+        ],
+        "error": job.error,
+        "attempts": job.attempts,
+        "cancel_requested": job.cancel_requested,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
 
-    return published_targets()
+
+def json_request(service: Service, body: JobBody | OpenAIImageBody, body_bytes: int) -> GenerateRequest:
+    """A JSON body's request: its size besides the images bounded, each image checked and decoded."""
+    s = service.settings
+    check_body_size(body_bytes, image_text_bytes(body), s.max_body_bytes, s.max_input_bytes)
+    return body_request(body, s.limits, s.max_input_bytes)
 
 
 def _version() -> str:
@@ -642,7 +472,7 @@ def _job_routes(service: Service) -> APIRouter:
 
     @r.get("/v1/jobs/{job_id}", tags=["jobs"])
     def get_job(job_id: str) -> dict[str, Any]:
-        return service.view(store.get(job_id))
+        return job_view(service, store.get(job_id))
 
     @r.get("/v1/jobs/{job_id}/inputs/{field}", tags=["jobs"], response_class=Response, responses=_IMAGE)
     def job_input(job_id: str, field: str) -> Response:
@@ -660,7 +490,7 @@ def _job_routes(service: Service) -> APIRouter:
         if job.finished:
             service.metrics.cancelled_queued()
             service.events.publish(job_id, "finished", {"status": job.status})
-        return service.view(job)
+        return job_view(service, job)
 
     @r.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)
     async def job_events(job_id: str) -> StreamingResponse:
@@ -674,7 +504,7 @@ def _job_routes(service: Service) -> APIRouter:
         q: str | None = Query(None, max_length=LIMITS.prompt_chars, description="prompt substring, any case"),
     ) -> dict[str, Any]:
         items, total = store.history(limit=limit, offset=offset, query=q)
-        return {"items": [service.view(j) for j in items], "total": total}
+        return {"items": [job_view(service, j) for j in items], "total": total}
 
     @r.delete("/v1/history/{job_id}", status_code=204, tags=["jobs"])
     def delete_history(job_id: str) -> Response:
@@ -704,8 +534,8 @@ def _image_type(data: bytes) -> str:
 
 
 def _submit_json(service: Service, body: JobBody, size: int) -> dict[str, Any]:
-    job = service.submit(service.json_request(body, size), jobs.new_id(), None, preview=body.preview)
-    return service.view(job)
+    job = service.submit(json_request(service, body, size), jobs.new_id(), None, preview=body.preview)
+    return job_view(service, job)
 
 
 def _form_body(names: list[str], required: tuple[str, ...], *, beside_json: bool) -> dict[str, Any]:
@@ -751,7 +581,7 @@ def _form_submit(service: Service) -> Callable[[Request], Any]:
         preview = form_preview(values)
         request_ = await run_in_threadpool(GenerateRequest.from_fields, values, service.settings.limits)
         job = await run_in_threadpool(service.submit, request_, jobs.new_id(), None, preview=preview)
-        return JSONResponse(await run_in_threadpool(service.view, job), status_code=202)
+        return JSONResponse(await run_in_threadpool(job_view, service, job), status_code=202)
 
     return submit_form
 
@@ -839,7 +669,7 @@ def _service_routes(service: Service) -> APIRouter:
     async def openai_images(body: OpenAIImageBody, request: Request) -> Response:
         _check_model(service, body.model)
         size = len(await request.body())
-        job_request = await run_in_threadpool(service.json_request, body, size)
+        job_request = await run_in_threadpool(json_request, service, body, size)
         base_url = str(request.base_url).rstrip("/")
         return await _openai_answer(service, job_request, body.user, body.response_format, base_url)
 
@@ -975,7 +805,7 @@ async def _sse(service: Service, job_id: str) -> AsyncIterator[str]:
                 job = await run_in_threadpool(service.store.get, job_id)
             except jobs.JobNotFoundError:
                 return  # deleted meanwhile
-            view = await run_in_threadpool(service.view, job)
+            view = await run_in_threadpool(job_view, service, job)
             if job.finished:
                 yield _sse_event(final[job.status], view)
                 return

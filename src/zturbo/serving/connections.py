@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import resource
 import socket
 import time
 from collections.abc import Callable
@@ -22,11 +21,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import InvalidRequestError
-
 log = logging.getLogger("zturbo.server")
 
-FD_RESERVE = 256  # descriptors kept for everything but client connections: SQLite, images, worker pipes
 _REFUSED_MESSAGE = "the server has too many open connections; retry"
 _REFUSED_ERROR = {"type": "too_many_connections", "message": _REFUSED_MESSAGE, "field": None}
 _REFUSED_BODY = json.dumps({"error": _REFUSED_ERROR}).encode()
@@ -140,28 +136,3 @@ class StoppingServer(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.on_stop()
         await super().shutdown(sockets)
-
-
-def raise_file_limit() -> int:
-    """Raise this process's open-file limit to its hard limit where allowed; the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as e:
-            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
-    return soft if soft != resource.RLIM_INFINITY else 1 << 20
-
-
-def connection_bound(requested: int, file_limit: int) -> int:
-    """The connections the file limit leaves room for, at most `requested`."""
-    room = file_limit - FD_RESERVE
-    if room < 1:
-        raise InvalidRequestError(
-            f"the open-file limit is {file_limit}; the server needs more than {FD_RESERVE}: raise it (ulimit -n)"
-        )
-    if requested > room:
-        log.warning("--max-connections %d lowered to %d: the open-file limit is %d", requested, room, file_limit)
-    return min(requested, room)

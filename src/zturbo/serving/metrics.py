@@ -12,7 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from . import jobs
 
 if TYPE_CHECKING:
-    from .app import Service
+    from .service import Service
     from .workers import BatchSeconds, Finished
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)

@@ -189,9 +189,9 @@ class GpuReplica:
     """One Ray Serve replica: an Engine on the GPU Ray gave it, serving `run` requests one at a time."""
 
     def __init__(self, args: argparse.Namespace, config: Any) -> None:
-        from .app import worker_config
         from .pgstore import NODE_LEASE_S, PostgresJobStore
         from .serve import serve_settings
+        from .service import worker_config
 
         settings = serve_settings(args, config, devices=["ray"])
         device = _replica_device(config)

@@ -1,5 +1,6 @@
-"""`zturbo serve`: arguments, safety checks (bind address, data directory lock), then uvicorn with
-connection bounds (connections.py)."""
+"""`zturbo serve`: arguments, safety checks (bind address, data directory lock, open-file limit),
+the service and its workers started, and only then the web framework's imports, the routes and
+uvicorn with connection bounds (connections.py), so that those imports run while the workers load."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ import functools
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_LORA_CACHE_BYTES, env
 from ..errors import DeviceError, InvalidRequestError
 
+if TYPE_CHECKING:
+    from .service import Service
+
 log = logging.getLogger("zturbo")
+
+FD_RESERVE = 256  # descriptors kept for everything but client connections: SQLite, images, worker pipes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,18 +194,16 @@ def _storage_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, runtime_config: Any) -> int:
     """Run until SIGINT/SIGTERM; returns the exit status."""
-    from .app import create_app
-    from .connections import raise_file_limit
     from .pgstore import redact
+    from .service import Service
 
     settings = serve_settings(args, runtime_config)
-    limits = _connection_limits(args, raise_file_limit())
+    connections = connection_bound(args.max_connections, raise_file_limit())
     lock = _lock_data_dir(settings.data_dir, settings.store)
     log.info("serving %s on http://%s:%d with workers on %s; data in %s (queue: %s), LoRAs in %s",
              runtime_config.model, args.host, args.port, ", ".join(settings.devices), settings.data_dir,
              redact(settings.store), settings.lora_dir)  # fmt: skip
-    app = create_app(settings)
-    started = _run(app, args, limits)
+    started = _run(Service(settings), args, connections)
     lock.close()
     return 0 if started else 3  # 3: uvicorn's status for a server that never started
 
@@ -207,8 +212,8 @@ def serve_settings(args: argparse.Namespace, config: Any, devices: list[str] | N
     """What the app needs from `zturbo serve`'s arguments, every one checked before anything loads.
     `devices`: where the jobs run, when not this machine's workers (a Ray deployment's replicas)."""
     from ..loader import resolve_model
-    from .app import ServeSettings
     from .loras import model_targets
+    from .service import ServeSettings
 
     api_key = args.api_key or env("ZTURBO_API_KEY") or None
     check_bind(args.host, api_key, insecure=args.insecure)
@@ -245,15 +250,15 @@ def serve_settings(args: argparse.Namespace, config: Any, devices: list[str] | N
     )
 
 
-def _run(app: Any, args: argparse.Namespace, limits: Any) -> bool:
-    """Start the workers, then the HTTP server; stop the workers when it ends. Whether uvicorn started."""
-    service = app.state.service
-    # While the UI's imports run, SIGTERM ends this process through the `finally` below, which
-    # stops the workers started here; then uvicorn's handlers take over (a graceful stop).
+def _run(service: Service, args: argparse.Namespace, connections: int) -> bool:
+    """Start the workers, then build the HTTP app around them and serve it, at most `connections`
+    client connections open; stop the workers when it ends. Whether uvicorn started."""
+    # While the app's and the UI's imports run, SIGTERM ends this process through the `finally`
+    # below, which stops the workers started here; then uvicorn's handlers take over (a graceful stop).
     default = signal.signal(signal.SIGTERM, _exit_on_signal)
-    service.start()  # the workers load while the UI's imports and the HTTP server's start run
+    service.start()  # the workers load while the web framework, the routes, the UI and uvicorn come up
     try:
-        server = _http_server(app, args, limits)
+        server = _http_server(service, args, connections)
         signal.signal(signal.SIGTERM, default)
         server.run()
     finally:
@@ -266,10 +271,13 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _http_server(app: Any, args: argparse.Namespace, limits: Any) -> Any:
-    """uvicorn for `app`, with the web UI mounted on the same port unless --no-ui."""
-    from .connections import BoundedConfig, StoppingServer
+def _http_server(service: Service, args: argparse.Namespace, connections: int) -> Any:
+    """uvicorn for the API around `service`, with the web UI mounted on the same port unless --no-ui."""
+    from .app import service_app  # FastAPI, pydantic and the routes: imported once the workers have started
+    from .connections import BoundedConfig, ConnectionLimits, StoppingServer
 
+    limits = ConnectionLimits(connections, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
+    app = service_app(service)
     if not args.no_ui:
         from .ui import api_base_for
         from .ui_app import mount
@@ -278,7 +286,7 @@ def _http_server(app: Any, args: argparse.Namespace, limits: Any) -> Any:
     # The grace goes to uvicorn as a number, 0 included: None there means wait for clients forever.
     config = BoundedConfig(app, limits, host=args.host, port=args.port, log_level=args.log_level,
                            timeout_graceful_shutdown=args.shutdown_grace)  # type: ignore[arg-type]  # fmt: skip
-    return StoppingServer(config, on_stop=app.state.service.begin_stop)
+    return StoppingServer(config, on_stop=service.begin_stop)
 
 
 def _model_limits(source: Any, config: Any) -> Any:
@@ -368,11 +376,29 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise InvalidRequestError(f"{name} {getattr(args, flag)} must be a positive number of seconds")
 
 
-def _connection_limits(args: argparse.Namespace, file_limit: int) -> Any:
-    from .connections import ConnectionLimits, connection_bound
+def raise_file_limit() -> int:
+    """Raise this process's open-file limit to its hard limit where allowed; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, e)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
-    bound = connection_bound(args.max_connections, file_limit)
-    return ConnectionLimits(bound, keep_alive_s=args.keep_alive_timeout, read_timeout_s=args.read_timeout)
+
+def connection_bound(requested: int, file_limit: int) -> int:
+    """The connections the file limit leaves room for, at most `requested`."""
+    room = file_limit - FD_RESERVE
+    if room < 1:
+        raise InvalidRequestError(
+            f"the open-file limit is {file_limit}; the server needs more than {FD_RESERVE}: raise it (ulimit -n)"
+        )
+    if requested > room:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %d", requested, room, file_limit)
+    return min(requested, room)
 
 
 def store_location(args: argparse.Namespace) -> str:

@@ -16,6 +16,10 @@ runs out of memory or runs past the time limit are queued again to run alone, so
 only itself; a job that runs past the time limit alone fails at once (not retried: it would time
 out again). The time limit counts the GPU work only, from the worker's `Started` to its
 `GpuFree`; a job's images then get the same time again to be written and recorded.
+
+A worker reports `Ready` once its engine's text-to-image path is warm; the warm-up parts it put off
+(`Engine.pending_warmups`) run one at a time between batches, only while no batch waits in its
+pipe (`IdleWarmups`), and it reports their seconds once all have run (`Warmed`).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import RuntimeConfig
 from ..errors import StorageError
@@ -45,6 +49,7 @@ from . import jobs
 from .stores import QueueStore, open_store
 
 log = logging.getLogger("zturbo.workers")
+T = TypeVar("T")
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 60.0
@@ -75,12 +80,24 @@ _LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
 @dataclass(frozen=True)
 class Ready:
+    """The worker's engine is loaded and its main path warm: it takes jobs from now on."""
+
     runtime: dict[str, Any]
     memory: dict[str, int] | None
     # Seconds from the worker process's start to ready; its phases (load_s, warmup_s) and
     # whether compiled artifacts were reused (compile_cache: hit, miss or off).
     ready_s: float | None = None
     startup: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Warmed:
+    """The worker has run the warm-up parts it put off until after Ready (`IdleWarmups`): each
+    part's seconds, why any failed, and the worker process's age then (None where unknown)."""
+
+    parts: dict[str, float]
+    errors: dict[str, str] = field(default_factory=dict)
+    warm_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -227,9 +244,13 @@ class BatchClock:
 
     def wait(self, conn: Connection) -> Any:
         """`conn.recv()`, its wait counted as idle."""
+        return self.idling(conn.recv)
+
+    def idling(self, work: Callable[[], T]) -> T:
+        """`work()`, its time counted as idle: no batch was waiting for it (a wait, a deferred warm-up)."""
         start = time.perf_counter()
         try:
-            return conn.recv()
+            return work()
         finally:
             self.idle += time.perf_counter() - start
 
@@ -250,45 +271,87 @@ def worker_main(
     data_dir: str,
     conn: Connection,
 ) -> None:
-    """Entry point of a worker process: load, warm up, report ready, then run batches until told to stop."""
+    """Entry point of a worker process: load, warm up the main path, report ready, then run batches
+    until told to stop, and the rest of the warm-up while none waits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
-    engine, ready = load_engine(config, device)
+    engine, ready = load_engine(config, device, defer_warmup=True)
     store = open_store(store_location, Path(data_dir), check=False)  # the server checked it at startup
     channel = Channel(conn)
     channel.send(ready)
     # The writer has a connection of its own: its transactions and their fsyncs never hold up the
     # per-step cancel checks of the batch on the GPU.
     writer = Writer(open_store(store_location, Path(data_dir), check=False), Path(data_dir) / "images", channel)
-    rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
-    clock = BatchClock()
     try:
-        while True:
-            try:
-                claims = clock.wait(conn)
-            except EOFError:
-                return  # the supervisor is gone
-            if claims is None:
-                return
-            for claim in claims:
-                channel.send(Started(claim.job_id))
-            run_batch(engine, store, claims, channel, writer, rooms, clock)
+        serve_batches(engine, store, conn, channel, writer)
     finally:
         writer.close()  # a graceful stop: the images already made are written and recorded
 
 
-def load_engine(config: RuntimeConfig, device: str) -> tuple[Any, Ready]:
-    """The Engine on `device`, loaded and warmed up (its first-call costs paid), and its Ready report."""
-    from ..engine import Engine, Phases
+def serve_batches(engine: Any, store: QueueStore, conn: Connection, channel: Channel, writer: Writer) -> None:
+    """Run the batches the supervisor sends until it says stop (None) or is gone. Whenever no batch
+    waits in the pipe, the engine's next deferred warm-up part runs (`IdleWarmups`): a batch that
+    arrives meanwhile runs before the part after it."""
+    rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
+    warmups = IdleWarmups(engine, channel)
+    clock = BatchClock()
+    while True:
+        if not conn.poll() and clock.idling(warmups.run_next):
+            continue
+        try:
+            claims = clock.wait(conn)
+        except EOFError:
+            return  # the supervisor is gone
+        if claims is None:
+            return
+        for claim in claims:
+            channel.send(Started(claim.job_id))
+        run_batch(engine, store, claims, channel, writer, rooms, clock)
+
+
+class IdleWarmups:
+    """The warm-up parts the engine put off (`Engine.pending_warmups`), run one at a time between
+    batches; once none is left, their seconds go to the supervisor (`Warmed`), once."""
+
+    def __init__(self, engine: Any, channel: Channel) -> None:
+        self.engine, self.channel = engine, channel
+        self.seconds: dict[str, float] = {}
+        self.errors: dict[str, str] = {}
+        self.reported = False
+
+    def run_next(self) -> bool:
+        """Run the next part (each persists the compile cache); False when none is left."""
+        pending = self.engine.pending_warmups()
+        if not pending:
+            if not self.reported:
+                self._report()
+            return False
+        try:
+            self.seconds[pending[0]] = self.engine.finish_warmup(pending[0])
+        except Exception as e:  # not a job's fault: the worker goes on, and a request that needs it compiles then
+            logging.getLogger("zturbo").exception("the deferred warm-up %s failed", pending[0])
+            self.errors[pending[0]] = _first_line(e)
+        return True
+
+    def _report(self) -> None:
+        self.reported = True
+        warm_s = process_age()
+        logging.getLogger("zturbo").info("fully warm in %s s: deferred warm-ups %s", warm_s, self.seconds)
+        self.channel.send(Warmed(self.seconds, self.errors, warm_s))
+
+
+def load_engine(config: RuntimeConfig, device: str, *, defer_warmup: bool = False) -> tuple[Any, Ready]:
+    """The Engine on `device`, loaded and warmed up (its first-call costs paid), and its Ready report.
+    `defer_warmup`: warm only what a first text-to-image request needs; the rest is left for
+    `IdleWarmups` (`Engine.load`'s `defer_warmup`)."""
+    from ..engine import Engine
 
     imported_s = process_age()  # the interpreter's start and the imports, before any loading
-    engine = Engine.load(dataclasses.replace(config, device=device))
-    phases = Phases(engine.startup.setdefault("phases", {}))
-    unit = engine.limits.spatial_unit
-    engine.generate("warm-up", seed=0, steps=1, width=unit * 4, height=unit * 4)  # first-call costs, now
-    engine.persist_compiled()  # that size's graphs too
-    phases.mark("first_call_s")
+    engine = Engine.load(dataclasses.replace(config, device=device), defer_warmup=True)
+    if not defer_warmup:  # every first-call cost paid before ready (a Ray replica)
+        for name in engine.pending_warmups():
+            engine.finish_warmup(name)
     engine.startup["phases"] = {"imports_s": imported_s, **engine.startup["phases"]}
     ready_s, startup = process_age(), engine.startup_report()
     logging.getLogger("zturbo").info("ready in %s s: %s", ready_s, startup)
@@ -826,7 +889,8 @@ class Supervisor:
         self._progress: dict[str, tuple[int, int]] = {}  # running job -> (step, steps)
         self._previews: dict[str, bytes] = {}  # running job -> its last preview (JPEG)
         self._thread: threading.Thread | None = None
-        self._ready: dict[str, Any] | None = None  # `startup()`, from the first Ready
+        self._ready: dict[str, Any] | None = None  # `startup()`, from the first Ready (and its Warmed)
+        self._first_ready: str | None = None  # the slot that sent it
         # Jobs whose end a worker could not record (`Unrecorded`), still `running` on their claim:
         # queued again once the store takes it, and why.
         self._unrecorded: dict[str, tuple[jobs.Claim, str]] = {}
@@ -856,7 +920,8 @@ class Supervisor:
 
     def startup(self) -> dict[str, Any]:
         """Seconds from the server process's start to its first ready worker, and whether that
-        worker reused compiled artifacts; empty before any worker is ready."""
+        worker reused compiled artifacts; once it has run its deferred warm-ups, their seconds and
+        when it was fully warm (`warm_s`). Empty before any worker is ready."""
         with self._lock:
             return dict(self._ready or {})
 
@@ -1090,6 +1155,7 @@ class Supervisor:
             with self._lock:
                 s.state, s.runtime, s.memory = "ready", {**msg.runtime, "startup": msg.startup}, msg.memory
                 if self._ready is None:  # the server's start to its first ready worker, and that worker's phases
+                    self._first_ready = s.id
                     self._ready = {
                         "ready_s": process_age(),
                         "compile_cache": msg.startup.get("compile_cache", "off"),
@@ -1099,6 +1165,8 @@ class Supervisor:
                     }
             log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
                      msg.startup.get("compile_cache", "off"))  # fmt: skip
+        elif isinstance(msg, Warmed):
+            self._warmed(s, msg)
         elif isinstance(msg, Progress):
             self._progressed(msg)
         elif isinstance(msg, GpuFree):
@@ -1129,6 +1197,16 @@ class Supervisor:
             s.crash_reason = msg.reason
         elif isinstance(msg, Released):
             self._released(s, msg)
+
+    def _warmed(self, s: WorkerSlot, msg: Warmed) -> None:
+        """`s` ran its deferred warm-ups: for the first ready worker, /ready tells when (`startup`)."""
+        with self._lock:
+            s.runtime.setdefault("startup", {})["deferred_warmup_parts"] = msg.parts
+            if self._ready is not None and s.id == self._first_ready and "warm_s" not in self._ready:
+                warm = {"warm_s": process_age(), "worker_warm_s": msg.warm_s, "deferred_warmup_parts": msg.parts}
+                self._ready |= warm
+        failed = "".join(f"; {name} failed: {why}" for name, why in msg.errors.items())
+        log.info("%s fully warm in %s s (worker process): deferred warm-ups %s%s", s.id, msg.warm_s, msg.parts, failed)
 
     def _started(self, s: WorkerSlot, job_id: str) -> None:
         if job_id not in s.claims:
