@@ -131,6 +131,21 @@ def test_a_stale_claim_cannot_finish_a_job(store):
     assert done.status == jobs.SUCCEEDED and done.attempts == 2 and len(done.images) == 1
 
 
+def test_a_claim_given_back_uncounted_is_void_once_another_worker_claims_it(store):
+    """An uncounted release lets the next claim take the same attempt number: the claimer is what
+    tells the two tickets apart, and a release for one claimer leaves another's claim alone."""
+    job = store.submit(params())
+    first = store.claim("w0")
+    assert store.release(first.job_id, first.attempt, "its batch crashed", count_attempt=False).attempts == 0
+    second = store.claim("w1")
+    assert (second.attempt, second.worker) == (first.attempt, store.claimer("w1")) and first.worker != second.worker
+    image = jobs.ImageRef("img1", 0, 1, f"{job.id}-0.png")
+    assert not store.end(first, jobs.FAILED) and not store.succeed(first, [image])
+    assert store.release(job.id, second.attempt, "w0 died", claimer=first.worker) is None
+    assert store.get(job.id).status == jobs.RUNNING
+    assert store.succeed(second, [image]) and store.get(job.id).status == jobs.SUCCEEDED
+
+
 def test_a_job_fails_with_the_reason_after_max_attempts(store):
     job = store.submit(params())
     for _ in range(jobs.MAX_ATTEMPTS):

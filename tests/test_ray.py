@@ -30,6 +30,7 @@ pytestmark = pytest.mark.ray
 
 LEASE_S = 3  # the replicas' node lease: a lost one's jobs come back within it
 STEP_SLEEP_S = 0.25  # each denoising step: long enough to kill a replica mid-job
+JOB_TIMEOUT_S = 8  # the shared deployment's --job-timeout: well over its other jobs' seconds
 REPLICA = ("--ray-gpus-per-replica", "0", "--ray-cpus-per-replica", "1", "--ray-resource", f"{SLOT}=1")
 
 
@@ -58,7 +59,8 @@ def deploy(tiny_dir, data, db, address, *args: str) -> Server:
 def two_replicas(ray_cluster, ray_db, tiny_dir, tmp_path_factory):
     """Two replicas, one per node, the web UI on."""
     data = tmp_path_factory.mktemp("ray") / "shared"
-    fixed = ("--ray-min-replicas", "2", "--ray-max-replicas", "2", "--queue-size", "128")
+    fixed = ("--ray-min-replicas", "2", "--ray-max-replicas", "2", "--queue-size", "128",
+             "--job-timeout", str(JOB_TIMEOUT_S))  # fmt: skip
     server = deploy(tiny_dir, data, ray_db, ray_cluster[0], *fixed)
     wait_for(lambda: len(server.client.get("/v1/status").json()["workers"]) == 2, 120, server)
     yield server, data
@@ -135,6 +137,9 @@ def test_jobs_spread_over_both_replicas_and_metrics_count_them_all(two_replicas,
     by = claimers(ray_db, data, ids)
     assert len(set(by.values())) == 2, by  # both replicas ran some
     assert finished_total(server) - before == 100  # /metrics: every replica's jobs, at the one ingress
+    engine_s = re.findall(r'^zturbo_worker_seconds_total\{phase="engine",worker="(ray-replica-[^"]+)"\} (\S+)$',
+                          server.client.get("/metrics").text, re.M)  # fmt: skip
+    assert len(engine_s) >= 2 and all(float(s) > 0 for _, s in engine_s), engine_s  # each replica's time account
 
 
 def finished_total(server: Server) -> float:
@@ -144,19 +149,54 @@ def finished_total(server: Server) -> float:
     return float(found[0])
 
 
+def replica_names(server: Server) -> set[str]:
+    return {w["id"] for w in server.client.get("/v1/status").json()["workers"]}
+
+
+def test_a_job_past_the_time_limit_fails_once_and_its_replica_comes_back(two_replicas):
+    server, _ = two_replicas
+    before = replica_names(server)
+    job = server.submit(prompt="a slow fox", steps=60)  # 15 s of steps, alone on its replica
+    done = server.wait_job(job["id"], timeout=120)
+    assert (done["status"], done["attempts"]) == ("failed", 1), done
+    assert done["error"]["type"] == "timeout" and f"time limit of {JOB_TIMEOUT_S} s" in done["error"]["message"]
+    # The replica ended its process; Ray Serve starts another, under a name of its own.
+    wait_for(lambda: len(replica_names(server)) == 2 and replica_names(server) != before, 240, server)
+    assert server.wait_job(server.submit(seed=3)["id"], timeout=120)["status"] == "succeeded"
+    assert server.client.get(f"/v1/jobs/{job['id']}").json()["status"] == "failed"  # not run again
+
+
+def stored(db: str, ids: list[str]) -> dict[str, tuple]:
+    """Each job's status, attempts, batch key and claimer, read from the store's table."""
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        rows = conn.execute("SELECT id, status, attempts, batch_key, worker FROM jobs WHERE id = ANY(%s)", (ids,))
+        return {row[0]: row[1:] for row in rows}
+
+
 def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_replicas, ray_cluster, ray_db):
+    """The killed replica held a batch of several on its GPU: its jobs run again at once, each alone,
+    their attempt not counted (as a `zturbo serve` worker's crashed batch)."""
     server, data = two_replicas
     _, _, worker_node = ray_cluster
-    ids = [server.submit(seed=100 + i, steps=6)["id"] for i in range(10)]
-    busy = []
-    wait_for(lambda: busy.extend(w for w in server.client.get("/v1/status").json()["workers"] if w["job"]) or busy,
-             60, server)  # fmt: skip
-    os.kill(busy[0]["pid"], signal.SIGKILL)  # a replica's process, mid-job
-    time.sleep(2)
+    ids = [server.submit(seed=100 + i, steps=12)["id"] for i in range(10)]
+    batch = []
+    wait_for(lambda: batch.extend(w for w in server.client.get("/v1/status").json()["workers"]
+                                  if len(w["jobs"]) > 1) or batch, 60, server)  # fmt: skip
+    killed = batch[0]
+    os.kill(killed["pid"], signal.SIGKILL)  # a replica's process, mid-batch
+
+    def given_back() -> bool:
+        return not any((w or "").startswith(killed["id"]) for _, _, _, w in stored(ray_db, killed["jobs"]).values())
+
+    wait_for(given_back, 20, server)
+    # The ingress gave them back (the lease's recovery would have counted the attempt, kept the batch key).
+    for status, attempts, key, _ in stored(ray_db, killed["jobs"]).values():
+        assert key == "" and attempts == (0 if status == "queued" else 1), (status, attempts, key)
     worker_node.kill()  # then the second node, with whatever replica it holds
     done = [server.wait_job(job_id, timeout=240) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded"] * 10, done
-    assert any(job["attempts"] == 2 for job in done)  # the killed replica's job ran again
     for job in done:
         assert images_on_disk(data, job["id"]) == [f"{job['id']}-0.png"]
     store = open_store(ray_db, data, check=False)

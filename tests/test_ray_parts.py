@@ -3,6 +3,7 @@ ingress's dispatcher (on a stand-in handle and store). The deployment itself is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ from zturbo.cli import main as cli_main
 from zturbo.errors import InvalidRequestError
 from zturbo.serving import jobs
 from zturbo.serving.raydeploy import RayDispatcher, Replica, Router, Running, ray_options
-from zturbo.serving.workers import BatchRoom, Finished, GpuFree, Hooks, Progress, Ready, Released
+from zturbo.serving.workers import BatchRoom, BatchSeconds, Finished, GpuFree, Hooks, Progress, Ready, Released
 
 
 def serve_args(*argv: str):
@@ -123,13 +124,16 @@ def wait(check, timeout: float = 10) -> None:
 def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_events():
     """Two queued jobs: two run requests. One streams its job to the end; the other's replica dies
     mid-job (its stream raises): a restart is reported, and the job is left to the store's lease."""
-    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({"model": "tiny"}, None))
-    ok = [replica, Running("j1", 1), Progress("j1", 1, 2), GpuFree(("j1",), 1), Finished("j1", jobs.SUCCEEDED, 0.5)]
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({"model": "tiny"}, None), "ray-replica-r1/gpu")
+    seconds = BatchSeconds(engine=0.4, host=0.01, idle=2.0)
+    ok = [replica, Running("j1", 1), Progress("j1", 1, 2), GpuFree(("j1",), 1, None, seconds),
+          Finished("j1", jobs.SUCCEEDED, 0.5)]  # fmt: skip
     dead = [replica, Running("j2", 1), RuntimeError("ActorDiedError: the replica died")]
     handle = FakeHandle([ok, dead], replica)
-    events, finished, restarts, batches = [], [], [], []
+    events, finished, restarts, batches, accounts = [], [], [], [], []
     hooks = Hooks(on_event=lambda j, e, d: events.append((j, e, d)), on_finished=finished.append,
-                  on_restart=lambda w, r: restarts.append(w), on_batch=lambda n, i: batches.append((n, i)))  # fmt: skip
+                  on_restart=lambda w, r: restarts.append(w), on_batch=lambda n, i: batches.append((n, i)),
+                  on_seconds=lambda w, s: accounts.append((w, s)))  # fmt: skip
     store = FakeStore(queued=2, live={"ray-replica-r1": 0.5, "other-node": 0.1})
     dispatcher = RayDispatcher(handle, store, hooks)
     dispatcher._tick()
@@ -141,6 +145,7 @@ def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_ev
     assert ("j1", "running", {"worker": "ray-replica-r1", "attempt": 1}) in events
     assert ("j1", "progress", {"step": 1, "steps": 2}) in events
     assert [f.job_id for f in finished] == ["j1"] and batches == [(1, 1)]
+    assert accounts == [("ray-replica-r1", seconds)]  # the replica's time, by its name (/metrics)
     assert restarts == ["ray-replica-r1"]
     assert dispatcher.runtime()["model"] == "tiny" and dispatcher.progress("j1") is None
     dispatcher._tick()  # nothing queued: no new request
@@ -229,3 +234,152 @@ def test_serve_runs_builder_makes_the_ingress_and_a_gpu_deployment_with_the_flag
         app({"argv": argv, "model": "x"})
     with pytest.raises(InvalidRequestError, match="--ray needs a job store every node reaches"):
         app({"argv": f"--model {tiny_dir} --data-dir {tmp_path} --store sqlite"})
+
+
+# --- a replica's work on the real batch code and a real store (no Ray) ----------------------------------
+
+
+def replica_work(engine, db, data_dir, name: str = "ray-replica-t1", *, exits: list | None = None, **settings):
+    """A replica's `ReplicaWork` on the tiny CPU engine; its process's end goes to `exits`."""
+    from serving import LIMITS
+    from zturbo.config import RuntimeConfig
+    from zturbo.serving.raydeploy import ReplicaWork
+    from zturbo.serving.service import ServeSettings
+
+    plan = ServeSettings(config=RuntimeConfig(), data_dir=data_dir, devices=["ray"], limits=LIMITS, store=db,
+                         node_lease_s=600, **settings)  # fmt: skip
+    exit_process = exits.append if exits is not None else lambda code: pytest.fail(f"the replica exited ({code})")
+    return ReplicaWork(engine, Ready({}, None), plan, name=name, device="cpu", node="n1", exit_process=exit_process)
+
+
+def one_run(work) -> list:
+    """The messages of one `run` request, to the end of its stream."""
+
+    async def collect():
+        return [message async for message in work.run()]
+
+    return asyncio.run(collect())
+
+
+def tiny_job(store, prompt: str = "a fox", steps: int = 2):
+    from serving import LIMITS
+    from zturbo.request import GenerateRequest
+
+    return store.submit(GenerateRequest.create(prompt, limits=LIMITS, width=64, height=64, steps=steps))
+
+
+@pytest.fixture
+def ingress_store(postgres_db, tmp_path):
+    from zturbo.serving.pgstore import PostgresJobStore
+
+    store = PostgresJobStore(postgres_db, inputs_dir=tmp_path / "inputs", lease_s=600)
+    yield store
+    store.close()
+
+
+def test_a_replica_reports_its_time_with_each_batch(engine, ingress_store, postgres_db, tmp_path):
+    work = replica_work(engine, postgres_db, tmp_path)
+    try:
+        time.sleep(0.3)  # the replica waits for its first request
+        job = tiny_job(ingress_store)
+        messages = one_run(work)
+        [free] = [m for m in messages if isinstance(m, GpuFree)]
+        assert free.job_ids == (job.id,) and free.seconds is not None
+        assert free.seconds.idle >= 0.3 and free.seconds.engine > 0 and free.seconds.host >= 0
+        assert ingress_store.get(job.id).status == jobs.SUCCEEDED
+        second = tiny_job(ingress_store, "a cat")
+        [free] = [m for m in one_run(work) if isinstance(m, GpuFree)]
+        assert free.job_ids == (second.id,) and free.seconds.idle < 0.3  # each account starts at the last
+    finally:
+        work.close()
+
+
+def test_a_lone_job_past_the_time_limit_fails_once_and_the_replica_ends_its_process(
+    engine, ingress_store, postgres_db, tmp_path, monkeypatch
+):
+    from zturbo.serving.raydeploy import TIMED_OUT_EXIT
+
+    monkeypatch.setenv("ZTURBO_TEST_STEP_SLEEP", "0.5")
+    exits = []
+    work = replica_work(engine, postgres_db, tmp_path, exits=exits, job_timeout=1.0)
+    job = tiny_job(ingress_store, steps=8)  # 4 s on the GPU
+    messages = one_run(work)  # ends once the hung batch does, well after the time limit
+    assert exits == [TIMED_OUT_EXIT]
+    ended = [m for m in messages if isinstance(m, Finished)]
+    assert [(m.job_id, m.status) for m in ended] == [(job.id, jobs.FAILED)]
+    done = ingress_store.get(job.id)
+    assert done.status == jobs.FAILED and done.attempts == 1 and not done.images
+    assert done.error == {"type": "timeout", "message": "the job ran longer than the time limit of 1 s and was stopped"}
+    assert "ray-replica-t1" not in ingress_store.live_nodes("ray-replica-")  # its lease ended with it
+
+
+def test_a_batch_past_the_time_limit_runs_again_each_job_alone_its_attempt_counted(
+    engine, ingress_store, postgres_db, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ZTURBO_TEST_STEP_SLEEP", "0.5")
+    exits = []
+    work = replica_work(engine, postgres_db, tmp_path, exits=exits, job_timeout=1.0)
+    first, second = (tiny_job(ingress_store, prompt, steps=8) for prompt in ("a fox", "a cat"))
+    messages = one_run(work)
+    assert len(exits) == 1
+    assert {(m.job_id, m.status) for m in messages if isinstance(m, Released)} == {
+        (first.id, jobs.QUEUED),
+        (second.id, jobs.QUEUED),
+    }
+    again = [ingress_store.get(job.id) for job in (first, second)]
+    assert [(job.status, job.attempts) for job in again] == [(jobs.QUEUED, 1)] * 2
+    # Alone from now on: a claim of room for both takes one.
+    assert [len(ingress_store.claim_batch("w", jobs.NO_LORAS, 4)) for _ in range(2)] == [1, 1]
+
+
+class Died(Exception):
+    """A stand-in for Ray's ActorDiedError."""
+
+
+def test_the_ingress_gives_a_dead_replicas_jobs_back_at_once_a_batch_of_several_to_run_alone_uncounted(
+    ingress_store, postgres_db, tmp_path
+):
+    """As the Supervisor does for a dead worker: a batch of several on the GPU runs again job by job,
+    its attempts given back; a job being written counts its attempt. A stream that broke without
+    Ray saying the replica died leaves its job to the replica's lease."""
+    from zturbo.serving.pgstore import PostgresJobStore
+
+    gone = PostgresJobStore(postgres_db, inputs_dir=tmp_path / "inputs", lease_s=600, node="ray-replica-r1")
+    try:
+        ids = [tiny_job(ingress_store, f"a fox {i}").id for i in range(4)]
+        batch = gone.claim_batch("gpu", jobs.NO_LORAS, 2)
+        written, cut_off = (gone.claim_batch("gpu", jobs.NO_LORAS, 1)[0] for _ in range(2))
+    finally:
+        gone.close()
+    assert [c.job_id for c in batch] == ids[:2] and (written.job_id, cut_off.job_id) == tuple(ids[2:])
+    replica = Replica("ray-replica-r1", "cpu", "node1", 42, Ready({}, None), batch[0].worker)
+    streams = [
+        [replica, *(Running(c.job_id, c.attempt) for c in batch), Progress(ids[0], 1, 2), Died("killed")],
+        [replica, Running(written.job_id, 1), GpuFree((written.job_id,), 1), Died("killed")],
+        [replica, Running(cut_off.job_id, 1), RuntimeError("unreachable")],
+    ]
+    handle = FakeHandle(streams, replica)
+    handle.release.set()
+    events = []
+    hooks = Hooks(on_event=lambda j, e, d: events.append((j, e, d)))
+    dispatcher = RayDispatcher(handle, ingress_store, hooks, died=lambda e: isinstance(e, Died))
+    for _ in streams:
+        dispatcher._follow()
+    got = {job_id: (ingress_store.get(job_id).status, ingress_store.get(job_id).attempts) for job_id in ids}
+    assert got == {ids[0]: (jobs.QUEUED, 0), ids[1]: (jobs.QUEUED, 0), ids[2]: (jobs.QUEUED, 1),
+                   ids[3]: (jobs.RUNNING, 1)}  # fmt: skip
+    requeued = {j: d for j, e, d in events if e == "requeued"}
+    assert set(requeued) == set(ids[:3]) and requeued[ids[2]]["attempts"] == 1
+    assert requeued[ids[0]]["reason"] == "its replica ray-replica-r1 died (Died: killed)"
+    # The batch's jobs run alone next.
+    claims = [ingress_store.claim_batch("w", jobs.NO_LORAS, 4) for _ in range(2)]
+    assert [[c.job_id for c in claim] for claim in claims] == [[ids[0]], [ids[1]]]
+
+
+def test_only_rays_actor_died_error_says_a_replica_is_gone():
+    exceptions = pytest.importorskip("ray.exceptions", reason="needs pip install 'zturbo[ray]'")
+    from zturbo.serving.raydeploy import replica_died
+
+    assert replica_died(exceptions.ActorDiedError())
+    assert not replica_died(exceptions.ActorUnavailableError("unreachable", None))
+    assert not replica_died(RuntimeError("ActorDiedError"))

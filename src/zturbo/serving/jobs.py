@@ -151,6 +151,10 @@ class Claim:
     preview: bool = False  # the client asked for previews of the latents while it runs
     images: int = 1  # how many images the job makes
     batch_key: str = NO_BATCH  # `batch_key` of its request (NO_BATCH: it runs alone)
+    # What the claim recorded as the job's worker (`SqlQueue.claimer`): with the attempt, the ticket.
+    # A job given back with its attempt not counted is claimed again under the same attempt number,
+    # so the claimer tells the new claim from a stale one (None: the attempt alone).
+    worker: str | None = None
 
 
 def new_id() -> str:
@@ -473,8 +477,8 @@ class SqlQueue(ABC):
         """A WHERE term finding `query` in a job's prompt whatever its case, and its argument."""
         return "instr(casefold(prompt), ?) > 0", query.casefold()
 
-    def _claimer(self, worker: str) -> str:
-        """What a claim records as its worker (`Job.worker`)."""
+    def claimer(self, worker: str) -> str:
+        """What this queue's claims for `worker` record as their worker (`Job.worker`, `Claim.worker`)."""
         return worker
 
     def _orphans(self, db: Any) -> list[Any]:
@@ -659,13 +663,13 @@ class SqlQueue(ABC):
             if key != NO_BATCH:
                 most = min(max_images, (rooms or {}).get(key, max_images))
                 rows += self._companions(db, first[0], most - first[0]["image_count"])
-            now = time.time()
+            now, claimer = time.time(), self.claimer(worker)
             claims = []
             for row, params in rows:
                 attempt = row["attempts"] + 1
                 db.execute(
                     "UPDATE jobs SET status = ?, attempts = ?, worker = ?, started_at = ? WHERE id = ?",
-                    (RUNNING, attempt, self._claimer(worker), now, row["id"]),
+                    (RUNNING, attempt, claimer, now, row["id"]),
                 )
                 claims.append(
                     Claim(
@@ -676,6 +680,7 @@ class SqlQueue(ABC):
                         bool(row["preview"]),
                         row["image_count"],
                         row["batch_key"],
+                        claimer,
                     )
                 )
         return claims
@@ -740,24 +745,41 @@ class SqlQueue(ABC):
         return self.get(job_id)
 
     def release(
-        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False
+        self,
+        job_id: str,
+        attempt: int,
+        reason: str,
+        *,
+        count_attempt: bool = True,
+        solo: bool = False,
+        claimer: str | None = None,
     ) -> Job | None:
         """The worker running this claim is gone: queue the job again, or fail it after MAX_ATTEMPTS.
 
         `count_attempt=False` gives the attempt back: a graceful shutdown, a worker that died before
         it began the job, or a batch that failed as a whole. `solo=True` queues it to run alone from
         now on (its batch key becomes NO_BATCH), so that a job that breaks a batch breaks only itself.
-        None if the claim is stale.
+        `claimer`: only while the job's row still names it as its worker (`Claim.worker`). None if
+        the claim is stale.
         """
-        return self._release(job_id, attempt, reason, count_attempt=count_attempt, solo=solo)
+        guard = ("", ()) if claimer is None else (" AND worker = ?", (claimer,))
+        return self._release(job_id, attempt, reason, count_attempt=count_attempt, solo=solo, guard=guard)
 
     def _release(
-        self, job_id: str, attempt: int, reason: str, *, count_attempt: bool = True, solo: bool = False, guard: str = ""
+        self,
+        job_id: str,
+        attempt: int,
+        reason: str,
+        *,
+        count_attempt: bool = True,
+        solo: bool = False,
+        guard: tuple[str, tuple[Any, ...]] = ("", ()),
     ) -> Job | None:
-        """`release`, only where the job's row also meets `guard` (a WHERE term) once locked."""
+        """`release`, only where the job's row also meets `guard` (a WHERE term and its arguments) once locked."""
+        term, args = guard
         with self._tx() as db:
-            q = f"SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?{guard}{self._ROW_LOCK}"
-            row = db.execute(q, (job_id, RUNNING, attempt)).fetchone()
+            q = f"SELECT cancel_requested FROM jobs WHERE id = ? AND status = ? AND attempts = ?{term}{self._ROW_LOCK}"
+            row = db.execute(q, (job_id, RUNNING, attempt, *args)).fetchone()
             if row is None:
                 return None
             if row["cancel_requested"]:
@@ -789,7 +811,7 @@ class SqlQueue(ABC):
                 out.append(self.get(r["id"]))
                 continue
             # Its claimer may have renewed its lease since the read: checked again under the row's lock.
-            job = self._release(r["id"], r["attempts"], reason, guard=self._still_orphaned())
+            job = self._release(r["id"], r["attempts"], reason, guard=(self._still_orphaned(), ()))
             if job is not None:
                 out.append(job)
         return out
@@ -848,8 +870,9 @@ class SqlQueue(ABC):
         return True
 
     def _holds(self, db: Any, claim: Claim) -> bool:
-        q = f"SELECT 1 FROM jobs WHERE id = ? AND status = ? AND attempts = ?{self._ROW_LOCK}"
-        return db.execute(q, (claim.job_id, RUNNING, claim.attempt)).fetchone() is not None
+        mine, args = ("", ()) if claim.worker is None else (" AND worker = ?", (claim.worker,))
+        q = f"SELECT 1 FROM jobs WHERE id = ? AND status = ? AND attempts = ?{mine}{self._ROW_LOCK}"
+        return db.execute(q, (claim.job_id, RUNNING, claim.attempt, *args)).fetchone() is not None
 
     @staticmethod
     def _finish(db: Any, job_id: str, status: str, error: dict[str, str] | None) -> None:

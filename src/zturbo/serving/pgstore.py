@@ -304,7 +304,7 @@ class PostgresJobStore(SqlQueue):
     def _prompt_match(self, query: str) -> tuple[str, str]:
         return "strpos(lower(prompt), lower(?)) > 0", query
 
-    def _claimer(self, worker: str) -> str:
+    def claimer(self, worker: str) -> str:
         return f"{self.node}/{worker}"
 
     def _orphans(self, db: Any) -> list[Any]:

@@ -11,8 +11,13 @@ requests, while the store decides who runs what. The worker's messages (Progress
 Finished, ...) stream back as the request's response, and the ingress turns them into job events and
 metrics as the Supervisor does with a worker's pipe: only placement and transport differ.
 
-A replica or node that dies stops renewing its lease; once the lease lapses, any process on the store
-queues its jobs again (the attempt counted), and the ingress's loop sends requests for them.
+A replica that Ray reports dead (its run streams end in ActorDiedError) has its jobs given back by
+the ingress at once, as the Supervisor gives back a dead worker's: a batch of several that was on its
+GPU runs again job by job, the attempts not counted. A replica or node that stops answering stops
+renewing its lease; once the lease lapses, any process on the store queues its jobs again (the attempt
+counted). Either way the ingress's loop then sends requests for them. A replica keeps --job-timeout
+itself: past it, it records its jobs' fate in the store and ends its process, and Ray Serve starts
+another.
 """
 
 from __future__ import annotations
@@ -29,11 +34,30 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError, StorageError
+from ..errors import InvalidRequestError, StorageError, ZTurboError
 from . import jobs
-from .workers import BatchRoom, Finished, GpuFree, Hooks, Progress, Ready, Released, Writer, load_engine, run_batch
+from .workers import (
+    BatchClock,
+    BatchRoom,
+    Crashed,
+    Finished,
+    GpuFree,
+    Hooks,
+    Progress,
+    Ready,
+    Released,
+    Unrecorded,
+    Writer,
+    first_line,
+    load_engine,
+    run_batch,
+    timed_out,
+)
+
+if TYPE_CHECKING:
+    from .service import ServeSettings
 
 log = logging.getLogger("zturbo.ray")
 
@@ -45,6 +69,8 @@ LIST_EVERY_S = 2.0  # how often the ingress reads which replicas hold a lease
 SECRET_WORDS = ("PASSWORD", "KEY", "TOKEN", "SECRET")
 BEAT_S = 1.0  # a replica's lease renewal (the store renews at most every HEARTBEAT_S)
 CLOSE_S = 10.0  # the most a stopping replica waits for its writer
+GPU_WORKER = "gpu"  # the worker its claims name (one GPU thread per replica)
+TIMED_OUT_EXIT = 4  # a replica's exit status once a job ran past --job-timeout (a worker's crash: 3)
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,7 @@ class Replica:
     node: str  # the Ray node it runs on
     pid: int
     ready: Ready
+    claimer: str  # what its claims record as their worker (`SqlQueue.claimer`)
 
 
 @dataclass(frozen=True)
@@ -159,18 +186,20 @@ def ends_job(message: Any) -> bool:
 
 class Router:
     """A replica's channel for `run_batch` and its Writer (the worker's pipe): each message goes to the
-    stream of the `run` request that took its job; a BatchRoom goes to `on_room`, which gives jobs back."""
+    stream of the `run` request that took its job; a BatchRoom goes to `on_room`, which gives jobs back.
+    `observe` sees every message first (the replica's time limit follows its batches through it)."""
 
-    def __init__(self, on_room: Callable[[BatchRoom], None]) -> None:
+    def __init__(self, on_room: Callable[[BatchRoom], None], observe: Callable[[Any], None] = lambda m: None) -> None:
         self._routes: dict[str, Callable[[Any], None]] = {}
         self._lock = threading.Lock()
-        self.on_room = on_room
+        self.on_room, self.observe = on_room, observe
 
     def open(self, job_ids: Iterable[str], emit: Callable[[Any], None]) -> None:
         with self._lock:
             self._routes |= dict.fromkeys(job_ids, emit)
 
     def send(self, message: Any) -> None:
+        self.observe(message)
         if isinstance(message, BatchRoom):
             self.on_room(message)
             return
@@ -185,57 +214,108 @@ class Router:
 # --- the GPU deployment --------------------------------------------------------------------------------
 
 
-class GpuReplica:
-    """One Ray Serve replica: an Engine on the GPU Ray gave it, serving `run` requests one at a time."""
+class JobDeadlines:
+    """A replica's --job-timeout, kept as the Supervisor keeps a worker's (`Supervisor._overdue`): a
+    batch's GPU work counts from its claim to its GpuFree, then each job's writing until it is recorded
+    or given back. It also holds the claims the replica has not ended, for what it gives back when it
+    stops. The GPU thread, the writer and the watchdog all feed it."""
 
-    def __init__(self, args: argparse.Namespace, config: Any) -> None:
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._claims: dict[str, jobs.Claim] = {}
+        self._gpu: tuple[str, ...] = ()  # the batch on the GPU
+        self._gpu_since = 0.0
+        self._handed: dict[str, float] = {}  # job -> when its images went to the writer
+
+    def begin(self, claims: list[jobs.Claim]) -> None:
+        with self._lock:
+            self._claims |= {claim.job_id: claim for claim in claims}
+            self._gpu, self._gpu_since = tuple(claim.job_id for claim in claims), time.monotonic()
+
+    def see(self, message: Any) -> None:
+        """Follow one of the replica's messages: GpuFree starts its jobs' writing; a job's end drops it;
+        an unrecorded job waits untimed until the replica gives it back."""
+        now = time.monotonic()
+        with self._lock:
+            if isinstance(message, GpuFree):
+                self._gpu = tuple(j for j in self._gpu if j not in message.job_ids)
+                self._handed |= {j: now for j in message.job_ids if j in self._claims}
+            elif isinstance(message, Unrecorded):
+                self._handed.pop(message.job_id, None)
+            elif ends_job(message):
+                self._claims.pop(message.job_id, None)
+                self._handed.pop(message.job_id, None)
+                self._gpu = tuple(j for j in self._gpu if j != message.job_id)
+
+    def claim(self, job_id: str) -> jobs.Claim | None:
+        with self._lock:
+            return self._claims.get(job_id)
+
+    def held(self) -> list[jobs.Claim]:
+        with self._lock:
+            return list(self._claims.values())
+
+    def overdue(self, now: float) -> tuple[list[jobs.Claim], list[jobs.Claim]]:
+        """The batch on the GPU if it has run past the limit, and the jobs whose writing has."""
+        with self._lock:
+            late_gpu = bool(self._gpu) and now - self._gpu_since > self.limit
+            gpu = [self._claims[j] for j in self._gpu if j in self._claims] if late_gpu else []
+            late = [self._claims[j] for j, since in self._handed.items() if now - since > self.limit]
+        return gpu, late
+
+
+class ReplicaWork:
+    """A GPU replica's work, Ray aside: an Engine serving `run` requests one at a time on its GPU thread,
+    each claiming the batch that waits longest, under the replica's own node lease (renewed by its
+    watchdog thread, which also keeps --job-timeout). `exit_process` ends the replica's process
+    (`os._exit`; tests pass a stand-in)."""
+
+    def __init__(self, engine: Any, ready: Ready, settings: ServeSettings, *, name: str, device: str, node: str,
+                 exit_process: Callable[[int], Any] = os._exit) -> None:  # fmt: skip
         from .pgstore import NODE_LEASE_S, PostgresJobStore
-        from .serve import serve_settings
-        from .service import worker_config
 
-        settings = serve_settings(args, config, devices=["ray"])
-        device = _replica_device(config)
-        self.engine, ready = load_engine(worker_config(settings), device)
-        self.max_batch = settings.max_batch
+        self.engine, self.max_batch, self.exit_process = engine, settings.max_batch, exit_process
         lease = settings.node_lease_s or NODE_LEASE_S
         inputs = settings.data_dir / "inputs"
-        name = f"{REPLICA_PREFIX}{_replica_id()}"
         self.store = PostgresJobStore(settings.store, inputs_dir=inputs, lease_s=lease, node=name)
-        self.hello = Replica(name, device, _ray_node(), os.getpid(), ready)
-        self.router = Router(self._give_back)
+        self.hello = Replica(name, device, node, os.getpid(), ready, self.store.claimer(GPU_WORKER))
+        self.deadlines = JobDeadlines(settings.job_timeout)
+        self.router = Router(self._give_back, observe=self._observe)
         # The writer has a connection of its own, as in a worker process (workers.worker_main).
         writer_store = PostgresJobStore(settings.store, inputs_dir=inputs, check=False, lease_s=lease)
         self.writer = Writer(writer_store, settings.data_dir / "images", self.router)
         self.gpu = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zturbo-gpu")  # one batch at a time
+        self.clock, self.free_at = BatchClock(), time.perf_counter()  # the GPU thread's time account (GpuFree)
         self.rooms: dict[str, int] = {}  # claims ask for no more images per batch key (BatchRoom)
         self.reported: dict[str, int] = {}  # the rooms `run_batch` reported
         self.lora_set = jobs.NO_LORAS
-        self.held: dict[str, jobs.Claim] = {}  # the running batch's claims
+        self.unrecorded: dict[str, str] = {}  # jobs whose end the writer could not record, and why
         self.leaving = threading.Event()
         self.store.heartbeat()  # the lease first: the ingress lists this replica once it holds one
-        threading.Thread(target=self._beat, name="zturbo-lease", daemon=True).start()
+        threading.Thread(target=self._watch, name="zturbo-lease", daemon=True).start()
 
-    def __del__(self) -> None:
-        """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
-        or its grace ran out: the images made are recorded, then the lease ends, so the ingress stops
+    def close(self) -> None:
+        """A graceful stop: the images made are recorded, then the lease ends, so the ingress stops
         listing this replica and any job it still held runs elsewhere without waiting for the lease."""
-        if not hasattr(self, "leaving"):  # its constructor failed: it never held a lease
-            return
         self.leaving.set()
         self.writer.close(timeout=CLOSE_S)
         with contextlib.suppress(StorageError):
             self.store.leave()
 
-    def _beat(self) -> None:
+    def _watch(self) -> None:
+        """Every BEAT_S: the time limit, then the jobs to give back, then the lease."""
         while not self.leaving.wait(BEAT_S):
+            gpu, late = self.deadlines.overdue(time.monotonic())
+            if gpu or late:
+                self._time_out(gpu, late)
+                return
             try:
+                self._give_back_unrecorded()
                 for job in self.store.heartbeat():
                     log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
             except StorageError as e:  # the next beat tries again; past the lease our jobs go to others
                 log.warning("%s", e)
-
-    def describe(self) -> Replica:
-        return self.hello
 
     async def run(self) -> AsyncIterator[Any]:
         """Claim the batch that waits longest once the GPU is free, run it, and stream its messages
@@ -261,38 +341,123 @@ class GpuReplica:
 
     def _run_one(self, emit: Callable[[Any], None]) -> None:
         """On the GPU thread: one batch, claimed now (so the replica that is free first takes it)."""
-        claims: list[jobs.Claim] = []
+        self.clock.rested(self.free_at)  # the GPU thread waited for this request
         try:
-            claims = self.store.claim_batch("gpu", self.lora_set, self.max_batch, self.rooms)
+            claims = self._claim(emit)
+            if claims:
+                self._run(claims)
+        finally:
+            self.free_at = time.perf_counter()
+
+    def _claim(self, emit: Callable[[Any], None]) -> list[jobs.Claim]:
+        start, claims = time.perf_counter(), []
+        try:
+            if not self.leaving.is_set():  # a replica on its way out starts nothing
+                claims = self.store.claim_batch(GPU_WORKER, self.lora_set, self.max_batch, self.rooms)
         finally:
             self.router.open([c.job_id for c in claims], emit)
             emit(_Claimed(tuple(c.job_id for c in claims)))
         if not claims:
-            return
-        self.lora_set, self.held = claims[0].lora_set, {c.job_id: c for c in claims}
+            self.clock.rested(start)  # another replica took the job: this was a wait too
+        return claims
+
+    def _run(self, claims: list[jobs.Claim]) -> None:
+        self.lora_set = claims[0].lora_set
+        self.deadlines.begin(claims)
         for claim in claims:
             self.router.send(Running(claim.job_id, claim.attempt))
         try:
-            run_batch(self.engine, self.store, claims, self.router, self.writer, self.reported)
+            run_batch(self.engine, self.store, claims, self.router, self.writer, self.reported, self.clock)
         except Exception as e:  # not a worker crash (that exits): give the jobs back, attempt counted
             log.exception("a batch failed outside the engine")
             for claim in claims:
                 self._release(claim, f"the replica's batch failed: {type(e).__name__}: {e}", counted=True)
             raise
 
+    def _observe(self, message: Any) -> None:
+        self.deadlines.see(message)
+        if isinstance(message, Unrecorded):
+            self.unrecorded[message.job_id] = message.reason
+
     def _give_back(self, room: BatchRoom) -> None:
         """The GPU's free memory holds fewer images than claimed: the rest go back, attempt not counted."""
         self.rooms[room.batch_key] = room.images
         reason = f"its batch did not fit in {self.hello.name}'s free GPU memory (room for {room.images} images)"
         for job_id in room.returned:
-            claim = self.held.get(job_id)
+            claim = self.deadlines.claim(job_id)
             if claim is not None:
                 self._release(claim, reason, counted=False)
 
-    def _release(self, claim: jobs.Claim, reason: str, *, counted: bool) -> None:
-        job = self.store.release(claim.job_id, claim.attempt, reason, count_attempt=counted)
+    def _give_back_unrecorded(self) -> None:
+        """The jobs whose end the store would not record go back, attempt not counted (as the
+        Supervisor gives back a worker's `Unrecorded`); tried at each beat until the store takes them."""
+        for job_id, reason in list(self.unrecorded.items()):
+            claim = self.deadlines.claim(job_id)
+            if claim is not None:
+                self._release(claim, reason, counted=False)
+            self.unrecorded.pop(job_id, None)
+
+    def _time_out(self, gpu: list[jobs.Claim], late: list[jobs.Claim]) -> None:
+        """Past --job-timeout. A thread cannot be stopped, so the replica ends its process, as the
+        Supervisor kills a worker (`Supervisor._time_out`), once the store has what became of its
+        jobs: a lone job past the limit on the GPU fails with `timeout`; a batch's jobs run alone
+        next, each attempt counted; a job whose images were not recorded in time runs again, attempt
+        counted; the others run again, their attempt given back. Ray Serve finds the replica dead and
+        starts another (an unhealthy replica is stopped gracefully, which a hung request would hold)."""
+        self.leaving.set()
+        limit, name = self.deadlines.limit, self.hello.name
+        ids = ", ".join(sorted(claim.job_id for claim in gpu + late))
+        log.warning("%s: jobs %s ran past the %g s limit; the replica stops", name, ids, limit)
+        why = f"{name} was stopped at the time limit of {limit:g} s (a batch on its GPU or a write)"
+        try:
+            if len(gpu) == 1 and self.store.end(gpu[0], jobs.FAILED, timed_out(limit)):
+                self.router.send(Finished(gpu[0].job_id, jobs.FAILED, limit))
+            for claim in gpu if len(gpu) > 1 else []:
+                self._release(claim, why, counted=True, solo=True)
+            for claim in late:
+                self._release(claim, why, counted=True)
+            if not late:  # the writer is sound: what the GPU made in time is recorded
+                self.writer.close(timeout=CLOSE_S)
+            for claim in self.deadlines.held():
+                self._release(claim, why, counted=False)
+            self.store.leave()
+        except StorageError as e:  # what is left comes back through the lease, its attempt counted
+            log.warning("%s", e)
+        finally:
+            self.exit_process(TIMED_OUT_EXIT)
+
+    def _release(self, claim: jobs.Claim, reason: str, *, counted: bool, solo: bool = False) -> None:
+        job = self.store.release(claim.job_id, claim.attempt, reason, count_attempt=counted, solo=solo,
+                                 claimer=claim.worker)  # fmt: skip
         status, attempts = (job.status, job.attempts) if job is not None else (None, claim.attempt)
         self.router.send(Released(claim.job_id, status, attempts, reason))
+
+
+class GpuReplica:
+    """One Ray Serve replica: `ReplicaWork` on the GPU Ray gave it."""
+
+    def __init__(self, args: argparse.Namespace, config: Any) -> None:
+        from .serve import serve_settings
+        from .service import worker_config
+
+        settings = serve_settings(args, config, devices=["ray"])
+        device = _replica_device(config)
+        engine, ready = load_engine(worker_config(settings), device)
+        name = f"{REPLICA_PREFIX}{_replica_id()}"
+        self.work = ReplicaWork(engine, ready, settings, name=name, device=device, node=_ray_node())
+
+    def __del__(self) -> None:
+        """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
+        or its grace ran out (`ReplicaWork.close`)."""
+        if hasattr(self, "work"):  # its constructor failed: it never held a lease
+            self.work.close()
+
+    def describe(self) -> Replica:
+        return self.work.hello
+
+    async def run(self) -> AsyncIterator[Any]:
+        async for message in self.work.run():
+            yield message
 
 
 def _replica_device(config: Any) -> str:
@@ -319,12 +484,48 @@ def _ray_node() -> str:
 # --- the ingress's dispatcher --------------------------------------------------------------------------
 
 
+@dataclass
+class _Stream:
+    """What the ingress knows of one run request from its messages: the replica serving it, the jobs
+    it claimed and has not ended (with their attempts), which of those left its GPU (GpuFree), and the
+    replica's own account of a crash (Crashed)."""
+
+    replica: Replica | None = None
+    held: dict[str, int] = field(default_factory=dict)
+    written: set[str] = field(default_factory=set)
+    crash: str | None = None
+
+    def see(self, message: Any) -> None:
+        if isinstance(message, Running):
+            self.held[message.job_id] = message.attempt
+        elif isinstance(message, GpuFree):
+            self.written |= set(message.job_ids)
+        elif isinstance(message, Crashed):
+            self.crash = message.reason
+        elif ends_job(message):
+            self.held.pop(message.job_id, None)
+
+
+def replica_died(error: BaseException) -> bool:
+    """Whether a run stream's error says that its replica's process is gone (Ray's ActorDiedError: a
+    crash, a kill, a lost node), rather than that it could not be reached for now."""
+    try:
+        from ray.exceptions import ActorDiedError
+    except ImportError:  # no Ray, no replicas
+        return False
+    return isinstance(error, ActorDiedError)
+
+
 class RayDispatcher:
     """The Supervisor's part for a Ray deployment (the interface app.Service uses): sends run requests
     for queued jobs, turns the streamed worker messages into the hooks' events, lists the replicas."""
 
-    def __init__(self, handle: Any, store: Any, hooks: Hooks) -> None:
+    def __init__(
+        self, handle: Any, store: Any, hooks: Hooks, died: Callable[[BaseException], bool] | None = None
+    ) -> None:
+        """`died`: whether a run stream's error says its replica's process is gone (`replica_died`)."""
         self.handle, self.store, self.hooks = handle, store, hooks
+        self.died = died or replica_died
         self._lock = threading.Lock()
         self._inflight = 0
         self._dispatching = True
@@ -405,23 +606,65 @@ class RayDispatcher:
 
     def _follow(self) -> None:
         """One run request: its stream, to its end or its replica's death."""
-        replica: Replica | None = None
+        stream = _Stream()
         try:
             for message in self.handle.options(stream=True).run.remote():
                 if isinstance(message, Replica):
-                    replica = message
+                    stream.replica = message
                     self._hello(message)
                 else:
-                    self._handle(replica, message)
-        except Exception as e:  # the replica died or was unreachable: its lease takes its jobs back
-            name = replica.name if replica is not None else "a replica"
-            log.warning("a run request on %s ended early: %s", name, e)
-            if replica is not None:
-                self.hooks.on_restart(replica.name, f"{type(e).__name__}: {str(e)[:200]}")
+                    stream.see(message)
+                    self._handle(stream.replica, message)
+        except Exception as e:  # the replica died or was unreachable
+            self._ended_early(stream, e)
         finally:
             with self._lock:
                 self._inflight -= 1
             self._wake.set()
+
+    def _ended_early(self, stream: _Stream, error: Exception) -> None:
+        """Where Ray says the replica died, the jobs the stream held go back now (`_lost`); where it
+        could not be reached, the replica's lease decides."""
+        replica = stream.replica
+        log.warning("a run request on %s ended early: %s", replica.name if replica else "a replica", error)
+        if replica is None:
+            return
+        self.hooks.on_restart(replica.name, f"{type(error).__name__}: {str(error)[:200]}")
+        if stream.held and self.died(error):
+            self._lost(replica, stream, error)
+
+    def _lost(self, replica: Replica, stream: _Stream, error: Exception) -> None:
+        """The replica's process is gone, so nothing of it writes again: its stream's jobs go back now,
+        not at its lease's end, as the Supervisor gives back a dead worker's (`Supervisor._died`). A
+        batch of several that was on its GPU runs alone next, the attempts given back (which job broke
+        it is unknown); a lone job, or one being written, counts the attempt. Only jobs the store still
+        has on the replica's claim go back; for the others, the store says what became of them."""
+        on_gpu = stream.held.keys() - stream.written
+        batch = on_gpu if len(on_gpu) > 1 else set()
+        reason = f"its replica {replica.name} died ({stream.crash or first_line(error)})"
+        for job_id, attempt in list(stream.held.items()):
+            solo = job_id in batch
+            try:
+                job = self.store.release(job_id, attempt, reason, count_attempt=not solo, solo=solo,
+                                         claimer=replica.claimer) or self.store.get(job_id)  # fmt: skip
+            except ZTurboError as e:  # the store is away (the lease takes the job back) or the job is gone
+                log.warning("job %s of the lost replica %s: %s", job_id, replica.name, e)
+                continue
+            self._settled(job, replica.name, reason)
+
+    def _settled(self, job: jobs.Job, replica_name: str, reason: str) -> None:
+        """Tell what became of a lost replica's job, unless another replica runs it now or it was told
+        already (its stream's last message, or the lease's recovery: `_recovered`)."""
+        if job.status == jobs.RUNNING:
+            return
+        with self._lock:
+            if self._running.get(job.id) != replica_name:
+                return
+        self._forget(job.id)
+        if job.finished:
+            self.hooks.on_finished(Finished(job.id, job.status, 0.0))
+        else:
+            self.hooks.on_event(job.id, "requeued", {"reason": reason, "attempts": job.attempts})
 
     def _handle(self, replica: Replica | None, message: Any) -> None:
         name = replica.name if replica is not None else "?"
@@ -432,7 +675,11 @@ class RayDispatcher:
         elif isinstance(message, Progress):
             self._progressed(message)
         elif isinstance(message, GpuFree):
-            self.hooks.on_batch(len(message.job_ids) if message.ran is None else message.ran, message.images)
+            ran = len(message.job_ids) if message.ran is None else message.ran
+            if ran:  # a batch whose jobs were all cancelled before it began ran nothing
+                self.hooks.on_batch(ran, message.images)
+            if message.seconds is not None:
+                self.hooks.on_seconds(name, message.seconds)
         elif isinstance(message, Finished):
             self._forget(message.job_id)
             with self._lock:

@@ -254,6 +254,11 @@ class BatchClock:
         finally:
             self.idle += time.perf_counter() - start
 
+    def rested(self, since: float) -> None:
+        """Count the time from `since` (a `time.perf_counter()`) to now as idle: a wait for work that
+        is not a `wait` (a Ray replica's, between its requests)."""
+        self.idle += max(0.0, time.perf_counter() - since)
+
     def take(self, engine_s: float) -> BatchSeconds:
         """The account since the last `take`, of which `engine_s` went to the engine; starts the next."""
         now = time.perf_counter()
@@ -331,7 +336,7 @@ class IdleWarmups:
             self.seconds[pending[0]] = self.engine.finish_warmup(pending[0])
         except Exception as e:  # not a job's fault: the worker goes on, and a request that needs it compiles then
             logging.getLogger("zturbo").exception("the deferred warm-up %s failed", pending[0])
-            self.errors[pending[0]] = _first_line(e)
+            self.errors[pending[0]] = first_line(e)
         return True
 
     def _report(self) -> None:
@@ -503,11 +508,11 @@ def _crash(claims: list[jobs.Claim], error: Exception, writer: Writer) -> None:
     name = f"job {ids[0]}" if len(ids) == 1 else f"the batch of {len(ids)} jobs {', '.join(ids)}"
     logging.getLogger("zturbo").exception("%s crashed the worker", name)
     writer.close(timeout=CRASH_DRAIN_S)
-    writer.channel.send(Crashed(ids, f"{name}: {_first_line(error)}"))
+    writer.channel.send(Crashed(ids, f"{name}: {first_line(error)}"))
     os._exit(3)
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
@@ -631,7 +636,7 @@ class Writer:
         """Say so and exit the process: the supervisor then releases every job the worker holds."""
         logging.getLogger("zturbo").error("the writer failed; the worker exits", exc_info=error)
         with contextlib.suppress(Exception):  # the pipe itself may be what failed
-            self.channel.send(Crashed(self.holding, f"the writer failed: {_first_line(error)}"))
+            self.channel.send(Crashed(self.holding, f"the writer failed: {first_line(error)}"))
         os._exit(3)
 
     def _finish(self, outcome: Outcome) -> str | None:
@@ -1313,9 +1318,8 @@ class Supervisor:
         self._schedule_restart(s, "job time limit")
 
     def _fail_timed_out(self, s: WorkerSlot, job_id: str) -> None:
-        message = f"the job ran longer than the time limit of {self.job_timeout:g} s and was stopped"
         claim = self._forget(s, job_id)
-        if claim is not None and self.store.end(claim, jobs.FAILED, {"type": "timeout", "message": message}):
+        if claim is not None and self.store.end(claim, jobs.FAILED, timed_out(self.job_timeout)):
             self.hooks.on_finished(Finished(claim.job_id, jobs.FAILED, self.job_timeout))
 
     def _died(self, s: WorkerSlot, sent: list[jobs.Claim] | None = None) -> None:
@@ -1397,6 +1401,12 @@ class Supervisor:
             s.process.join(5)
         with self._lock:
             s.state = "stopped"
+
+
+def timed_out(limit: float) -> dict[str, str]:
+    """The error of a job that ran past the time limit `limit` alone on its GPU (not retried: it
+    would time out again)."""
+    return {"type": "timeout", "message": f"the job ran longer than the time limit of {limit:g} s and was stopped"}
 
 
 def _exit_reason(code: int | None) -> str:
