@@ -622,4 +622,7 @@ def test_a_workers_clock_splits_its_time_into_engine_host_and_idle():
     assert first.idle >= 0.05 and first.engine == 0.01
     assert 0.015 <= first.host < 0.05  # 0.03 of the worker's time, less the engine's 0.01
     second = clock.take(engine_s=0.0)  # starts from the first take: nothing left over
-    assert second.idle == 0 and second.host < 0.01
+    assert second.idle == 0 and second.host < 0.01 and second.warmup == 0
+    clock.warming(lambda: time.sleep(0.04))  # a deferred warm-up part between batches
+    third = clock.take(engine_s=0.0)
+    assert third.warmup >= 0.04 and third.host < 0.01 and third.idle == 0

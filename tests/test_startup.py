@@ -237,11 +237,14 @@ def test_ready_tells_when_the_first_ready_worker_ran_its_deferred_warm_ups(tmp_p
         assert ready["status"] == "ready" and "warm_s" not in ready  # ready before its deferred warm-ups ran
         supervisor._handle(second, Warmed({"small_call_s": 5.0}, {}, 13.0))  # not the worker /ready reports on
         assert "warm_s" not in client.get("/ready").json()
-        supervisor._handle(first, Warmed({"inputs_s": 3.4, "small_call_s": 2.9}, {}, 13.3))
+        assert "deferred_warmup_failed" not in client.get("/ready").json()
+        failed = {"inputs_s": "RuntimeError: /home/someone/.cache/inductor: no space left"}
+        supervisor._handle(first, Warmed({"small_call_s": 2.9}, failed, 13.3))
         body = client.get("/ready").json()
-    assert body["deferred_warmup_parts"] == {"inputs_s": 3.4, "small_call_s": 2.9}
+    assert body["deferred_warmup_parts"] == {"small_call_s": 2.9}
+    assert body["deferred_warmup_failed"] == ["inputs_s"] and "no space" not in str(body)  # names, no error text
     assert body["worker_warm_s"] == 13.3 and body["warm_s"] >= body["ready_s"]
-    assert supervisor.slots[0].runtime["startup"]["deferred_warmup_parts"] == {"inputs_s": 3.4, "small_call_s": 2.9}
+    assert supervisor.slots[0].runtime["startup"]["deferred_warmup_parts"] == {"small_call_s": 2.9}
 
 
 def _spy_generate(engine, monkeypatch) -> list[dict]:

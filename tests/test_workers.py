@@ -217,6 +217,8 @@ def test_a_deferred_warm_up_that_fails_is_reported_and_the_others_still_run() ->
     from zturbo.errors import GPUMemoryError
 
     class FailingFirst:
+        device = None  # off CUDA: the device still answers after the failure
+
         def __init__(self) -> None:
             self.parts = ["inputs_s", "small_call_s"]
 
@@ -231,12 +233,57 @@ def test_a_deferred_warm_up_that_fails_is_reported_and_the_others_still_run() ->
 
     here, there = mp.Pipe()
     warmups = workers.IdleWarmups(FailingFirst(), workers.Channel(there))
-    assert warmups.run_next() and warmups.run_next()  # the failure did not stop the worker's loop
-    assert not warmups.run_next() and here.poll(1)
+    warmups.run_next()
+    assert warmups.pending() and not here.poll(0.1)  # the failure did not stop the worker's loop
+    warmups.run_next()
+    assert not warmups.pending() and here.poll(1)
     message = here.recv()
     assert isinstance(message, workers.Warmed) and message.parts == {"small_call_s": 0.5}
     assert message.errors == {"inputs_s": "GPUMemoryError: out of memory in the VAE encoder"}
-    assert not warmups.run_next() and not here.poll(0.1)  # reported once
+    assert not here.poll(0.1)  # reported once
+
+
+def test_a_deferred_warm_up_that_leaves_the_device_unanswering_ends_the_worker(monkeypatch) -> None:
+    class BreaksTheDevice:
+        device = None
+
+        def pending_warmups(self) -> tuple[str, ...]:
+            return ("inputs_s",)
+
+        def finish_warmup(self, name: str) -> float:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    exits: list[int] = []
+    monkeypatch.setattr(workers, "device_answers", lambda device: False)
+    monkeypatch.setattr(workers.os, "_exit", exits.append)
+    _, there = mp.Pipe()
+    workers.IdleWarmups(BreaksTheDevice(), workers.Channel(there)).run_next()
+    assert exits == [3]  # restarted like a crashed batch, before any job can run on that device
+
+
+def test_a_batch_sent_just_after_ready_runs_before_the_deferred_warm_ups(engine, store, tmp_path):
+    """A worker waits for a pause with no batch before it starts a deferred part, so a batch the
+    supervisor sends a moment after the pipe first reads empty is not held up behind one."""
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    slot, standin = supervisor.slots[0], DeferredWarmUps(engine)
+    standin.release.set()  # no part holds
+    supervisor._handle(slot, workers.Ready({}, None, 1.0, {}))
+    channel = workers.Channel(worker_end)
+    writer = workers.Writer(store, tmp_path, channel)
+    worker = threading.Thread(target=workers.serve_batches, args=(standin, store, worker_end, channel, writer))
+    worker.start()
+    try:
+        job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
+        tick(supervisor)  # well within WARMUP_PAUSE_S of the worker's first look at its pipe
+        deadline = time.monotonic() + 60
+        while store.get(job.id).status != jobs.SUCCEEDED and time.monotonic() < deadline:
+            tick(supervisor)
+            time.sleep(0.01)
+    finally:
+        slot.conn.send(None)
+        worker.join(30)
+        writer.close()
+    assert standin.order[0] == "job"
 
 
 def test_a_job_sent_to_a_worker_that_had_died_idle_costs_no_attempt(store, tmp_path):

@@ -131,7 +131,9 @@ Embeds = list[torch.Tensor]
 # reports ready once a first text-to-image request would find everything warm: the call with input
 # images (it compiles the VAE encoder and the ControlNet's blocks) and one call at the smallest size
 # (the decoder's dynamic graph; an uncompiled engine's first-call costs).
-DEFERRABLE_WARMUPS = ("inputs_s", "small_call_s")
+# In the order they run: the small call's dynamic decoder serves every text-to-image size but the
+# warm-up's, the input-image call only img2img, inpaint and ControlNet requests.
+DEFERRABLE_WARMUPS = ("small_call_s", "inputs_s")
 # Where a denoising run starts: latents (B, C, h, w) on the device, the steps that run, and the
 # inpaint blend (None without a mask).
 Start = tuple[torch.Tensor, Schedule, Keep | None]
@@ -380,7 +382,7 @@ class Engine:
 
     def pending_warmups(self) -> tuple[str, ...]:
         """The warm-up parts `load(defer_warmup=True)` put off and `finish_warmup` has not run, in order."""
-        return tuple(self._deferred)
+        return tuple(sorted(self._deferred, key=DEFERRABLE_WARMUPS.index))
 
     def finish_warmup(self, name: str) -> float:
         """Run the deferred warm-up part `name` (one of `pending_warmups`) and keep what it compiled

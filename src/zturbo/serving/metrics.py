@@ -52,7 +52,8 @@ class Metrics:
         self.worker_seconds = Counter(
             "zturbo_worker_seconds",
             "Seconds each worker spent, by phase: engine (in the engine's calls), host (its own work between "
-            "them), idle (waiting for a batch); engine over the sum is the share of time the GPU had work",
+            "them), idle (waiting for a batch), warmup (deferred warm-up parts after ready); engine over the sum "
+            "is the share of time the GPU had jobs' work",
             ["worker", "phase"],
             registry=r,
         )
@@ -82,7 +83,7 @@ class Metrics:
         self.batch_images.observe(images)
 
     def worker_time(self, worker: str, seconds: BatchSeconds) -> None:
-        for phase in ("engine", "host", "idle"):
+        for phase in ("engine", "host", "idle", "warmup"):
             self.worker_seconds.labels(worker, phase).inc(getattr(seconds, phase))
 
     def restarted(self, worker: str, reason: str) -> None:

@@ -517,7 +517,7 @@ def replica_died(error: BaseException) -> bool:
 
 
 class RayDispatcher:
-    """The Supervisor's part for a Ray deployment (the interface app.Service uses): sends run requests
+    """The Supervisor's part for a Ray deployment (the interface service.Service uses): sends run requests
     for queued jobs, turns the streamed worker messages into the hooks' events, lists the replicas."""
 
     def __init__(
@@ -714,7 +714,7 @@ class RayDispatcher:
             self._previews.pop(job_id, None)
             self._running.pop(job_id, None)
 
-    # -- what app.Service and metrics read (as of the Supervisor) --
+    # -- what service.Service and metrics read (as of the Supervisor) --
 
     def workers(self) -> list[dict[str, Any]]:
         """Each replica whose lease holds, named by its node in the store."""

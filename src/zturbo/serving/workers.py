@@ -28,6 +28,7 @@ import base64
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -63,6 +64,8 @@ REQUEUE = "requeue"  # an Outcome's status: the job goes back to the queue to ru
 # socket buffer of the platforms served (8 KiB on macOS), so the send never blocks the supervisor
 # while the worker still runs the batch before it. A larger one is sent when that batch's GPU is free.
 PIPE_ROOM = 8192
+# How long a worker's pipe must stay empty before it starts a deferred warm-up part (`serve_batches`).
+WARMUP_PAUSE_S = 0.5
 # A job's end that the store refuses (an outage, a full disk) is tried again after each of these
 # waits (15.5 s in all, well within a job's time limit for writing), then given back to the
 # supervisor to queue again (`Unrecorded`).
@@ -138,6 +141,7 @@ class BatchSeconds:
     engine: float
     host: float
     idle: float
+    warmup: float = 0.0  # deferred warm-up parts run between batches (`IdleWarmups`)
 
 
 @dataclass(frozen=True)
@@ -241,18 +245,27 @@ class BatchClock:
     def __init__(self) -> None:
         self.since = time.perf_counter()
         self.idle = 0.0
+        self.warmup = 0.0
 
     def wait(self, conn: Connection) -> Any:
         """`conn.recv()`, its wait counted as idle."""
         return self.idling(conn.recv)
 
     def idling(self, work: Callable[[], T]) -> T:
-        """`work()`, its time counted as idle: no batch was waiting for it (a wait, a deferred warm-up)."""
+        """`work()`, its time counted as idle: a wait for a batch."""
         start = time.perf_counter()
         try:
             return work()
         finally:
             self.idle += time.perf_counter() - start
+
+    def warming(self, work: Callable[[], T]) -> T:
+        """`work()`, its time counted as a deferred warm-up's."""
+        start = time.perf_counter()
+        try:
+            return work()
+        finally:
+            self.warmup += time.perf_counter() - start
 
     def rested(self, since: float) -> None:
         """Count the time from `since` (a `time.perf_counter()`) to now as idle: a wait for work that
@@ -262,9 +275,9 @@ class BatchClock:
     def take(self, engine_s: float) -> BatchSeconds:
         """The account since the last `take`, of which `engine_s` went to the engine; starts the next."""
         now = time.perf_counter()
-        host = max(0.0, now - self.since - self.idle - engine_s)
-        seconds = BatchSeconds(round(engine_s, 6), round(host, 6), round(self.idle, 6))
-        self.since, self.idle = now, 0.0
+        host = max(0.0, now - self.since - self.idle - self.warmup - engine_s)
+        seconds = BatchSeconds(round(engine_s, 6), round(host, 6), round(self.idle, 6), round(self.warmup, 6))
+        self.since, self.idle, self.warmup = now, 0.0, 0.0
         return seconds
 
 
@@ -302,7 +315,10 @@ def serve_batches(engine: Any, store: QueueStore, conn: Connection, channel: Cha
     warmups = IdleWarmups(engine, channel)
     clock = BatchClock()
     while True:
-        if not conn.poll() and clock.idling(warmups.run_next):
+        # A part starts only after a pause with no batch: the supervisor sends a large claimed batch
+        # once it has read this worker's GpuFree, a moment after the pipe first reads empty.
+        if warmups.pending() and not clock.idling(functools.partial(conn.poll, WARMUP_PAUSE_S)):
+            clock.warming(warmups.run_next)
             continue
         try:
             claims = clock.wait(conn)
@@ -325,19 +341,24 @@ class IdleWarmups:
         self.errors: dict[str, str] = {}
         self.reported = False
 
-    def run_next(self) -> bool:
-        """Run the next part (each persists the compile cache); False when none is left."""
-        pending = self.engine.pending_warmups()
-        if not pending:
-            if not self.reported:
-                self._report()
-            return False
+    def pending(self) -> bool:
+        return bool(self.engine.pending_warmups())
+
+    def run_next(self) -> None:
+        """Run the next pending part (each persists the compile cache); once none is left, report.
+        A part that fails is logged and not tried again, and a request that needs it compiles then;
+        but a device that no longer answers ends the process, as a crashed batch does (`_crash`),
+        before any job can run on it."""
+        name = self.engine.pending_warmups()[0]
         try:
-            self.seconds[pending[0]] = self.engine.finish_warmup(pending[0])
-        except Exception as e:  # not a job's fault: the worker goes on, and a request that needs it compiles then
-            logging.getLogger("zturbo").exception("the deferred warm-up %s failed", pending[0])
-            self.errors[pending[0]] = first_line(e)
-        return True
+            self.seconds[name] = self.engine.finish_warmup(name)
+        except Exception as e:
+            logging.getLogger("zturbo").exception("the deferred warm-up %s failed", name)
+            self.errors[name] = first_line(e)
+            if not device_answers(self.engine.device):
+                os._exit(3)
+        if not self.pending():
+            self._report()
 
     def _report(self) -> None:
         self.reported = True
@@ -347,7 +368,8 @@ class IdleWarmups:
 
 
 def load_engine(config: RuntimeConfig, device: str, *, defer_warmup: bool = False) -> tuple[Any, Ready]:
-    """The Engine on `device`, loaded and warmed up (its first-call costs paid), and its Ready report.
+    """The Engine on `device`, loaded and warmed up (all of its first-call costs paid unless
+    `defer_warmup`), and its Ready report.
     `defer_warmup`: warm only what a first text-to-image request needs; the rest is left for
     `IdleWarmups` (`Engine.load`'s `defer_warmup`)."""
     from ..engine import Engine
@@ -570,6 +592,15 @@ class BatchWatch:
             if claim.preview:
                 self.channel.send(Progress(claim.job_id, i, n, preview.jpeg_bytes(images[offset])))
             offset += count
+
+
+def device_answers(device: Any) -> bool:
+    """Whether `device` still runs work after an error (a CUDA fault poisons the context for good)."""
+    try:
+        _settle(device)
+    except Exception:
+        return False
+    return True
 
 
 def _settle(device: Any) -> None:
@@ -1209,7 +1240,7 @@ class Supervisor:
             s.runtime.setdefault("startup", {})["deferred_warmup_parts"] = msg.parts
             if self._ready is not None and s.id == self._first_ready and "warm_s" not in self._ready:
                 warm = {"warm_s": process_age(), "worker_warm_s": msg.warm_s, "deferred_warmup_parts": msg.parts}
-                self._ready |= warm
+                self._ready |= warm | ({"deferred_warmup_failed": sorted(msg.errors)} if msg.errors else {})
         failed = "".join(f"; {name} failed: {why}" for name, why in msg.errors.items())
         log.info("%s fully warm in %s s (worker process): deferred warm-ups %s%s", s.id, msg.warm_s, msg.parts, failed)
 
