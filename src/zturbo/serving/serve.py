@@ -256,8 +256,8 @@ def _run(service: Service, args: argparse.Namespace, connections: int) -> bool:
     # While the app's and the UI's imports run, SIGTERM ends this process through the `finally`
     # below, which stops the workers started here; then uvicorn's handlers take over (a graceful stop).
     default = signal.signal(signal.SIGTERM, _exit_on_signal)
-    service.start()  # the workers load while the web framework, the routes, the UI and uvicorn come up
     try:
+        service.start()  # the workers load while the web framework, the routes, the UI and uvicorn come up
         server = _http_server(service, args, connections)
         signal.signal(signal.SIGTERM, default)
         server.run()
