@@ -9,9 +9,58 @@ from pathlib import Path
 import pytest
 import torch
 
+# The test files that take longest on the 2-core CI machine, longest first (`pytest --durations`;
+# the files not named take a few seconds each). `-n 2 --dist loadfile` hands whole files to
+# whichever process is free, in collection order: begun first, these leave the short files to even
+# out the end. xdist's own order (the files with the most tests first) started the long files of
+# few tests last, and one process went on alone at the end. Only the order depends on this list:
+# a file missing from it just starts later.
+LONG_FIRST = (
+    "test_bench.py",
+    "test_scripts.py",
+    "test_ui_e2e.py",
+    "test_server_recovery.py",
+    "test_bench_models.py",
+    "test_context_parallel.py",
+    "test_server.py",
+    "test_accel.py",
+    "test_memory.py",
+    "test_startup.py",
+    "test_server_postgres.py",
+    "test_server_fuzz.py",
+    "test_batching.py",
+    "test_modelscope.py",
+    "test_server_lifecycle.py",
+    "test_server_images.py",
+    "test_cli_lora.py",
+    "test_parity.py",
+    "test_guard.py",
+    "test_cli.py",
+    "test_a1111.py",
+    "test_preview.py",
+    "test_reproduce.py",
+    "test_load_script.py",
+    "test_cli_images.py",
+    "test_attention.py",
+    "test_loader.py",
+    "test_server_lora.py",
+    "test_batch.py",
+    "test_graphs.py",
+    "test_engine.py",
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With pytest-xdist, files are handed out in the order collected (LONG_FIRST), not reordered."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The Ray tests start a cluster: they run only when `-m` names them (`pytest -m ray tests/test_ray.py`)."""
+    """The files of LONG_FIRST first; and the Ray tests, which start a cluster, run only when `-m`
+    names them (`pytest -m ray tests/test_ray.py`)."""
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file stays in one piece
     if "ray" in (config.option.markexpr or ""):
         return
     skip = pytest.mark.skip(reason="starts a Ray cluster: run with -m ray")

@@ -276,7 +276,7 @@ def test_previews_go_to_the_jobs_that_asked_each_from_its_own_rows(engine, store
 def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_run(tiny_dir, tmp_path):
     from serving import Server
 
-    server = Server(tiny_dir, tmp_path / "data", "--max-batch", "3", step_sleep=0.2)
+    server = Server(tiny_dir, tmp_path / "data", "--max-batch", "3", "--no-ui", step_sleep=0.2)  # the API only
     try:
         server.wait_ready()
         head = server.submit(seed=1)  # holds the worker while the next three queue

@@ -600,6 +600,10 @@ def test_a_statement_blocked_by_a_lock_fails_with_one_line_within_the_lock_timeo
     settings = {name: store._db.execute(f"SHOW {name}").fetchone()[0] for name in pgstore.SESSION_LIMITS_MS}
     assert settings == {"statement_timeout": "15s", "lock_timeout": "5s", "idle_in_transaction_session_timeout": "1min"}
     assert store._db._conn.info.get_parameters()["tcp_user_timeout"] == str(pgstore.TCP_USER_TIMEOUT_MS)
+    store.close()
+    # The same store with the URL's own, shorter lock timeout (which wins: the next test): the
+    # submission waits on the lock twice (it reads back after a failed write), 1 s here, not 10.
+    store = open_store(f"{postgres_db}?options=-c%20lock_timeout%3D500", tmp_path)
     outcome: list[BaseException] = []
 
     def submit() -> None:
@@ -612,7 +616,7 @@ def test_a_statement_blocked_by_a_lock_fails_with_one_line_within_the_lock_timeo
         admin.execute("LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE")
         submitting = threading.Thread(target=submit)
         submitting.start()
-        submitting.join(pgstore.SESSION_LIMITS_MS["lock_timeout"] / 1000 + 10)
+        submitting.join(0.5 + 10)
         assert not submitting.is_alive(), "the submission hangs on the lock"
     message = str(outcome[0])
     assert message.startswith("cannot write the job store postgresql://") and "lock timeout" in message

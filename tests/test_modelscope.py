@@ -193,7 +193,7 @@ def test_server_serves_a_modelscope_model_under_either_name(ms_env, monkeypatch,
 
     _fake_cache(ms_env, tiny_dir)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server inherits the environment
-    server = Server(f"modelscope:{REPO}", tmp_path / "data")
+    server = Server(f"modelscope:{REPO}", tmp_path / "data", "--no-ui")
     try:
         server.wait_ready()
         status = server.client.get("/v1/status").json()

@@ -48,6 +48,15 @@ def load(name: str) -> object:
     return module
 
 
+def refused(name: str, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """`main(args)` of scripts/<name> in this process, where its argparse refuses: the exit code and
+    stderr. Each script also runs as a subprocess in a test below; a refusal needs no fresh
+    interpreter (each one costs seconds of importing torch)."""
+    with pytest.raises(SystemExit) as exited:
+        load(name).main(list(args))
+    return exited.value.code, capsys.readouterr().err
+
+
 def test_every_script_is_covered_here():
     assert {p.name for p in SCRIPTS.iterdir() if p.is_file()} == KEPT | set(OWN_TESTS)
     assert all((ROOT / "tests" / test).is_file() for test in OWN_TESTS.values())
@@ -91,16 +100,17 @@ def test_bench_precision_smoke_run_on_the_tiny_model(tmp_path):
     assert "| 3 fp16 + guard (scale) | float16 / float16 / float32 |" in proc.stdout
 
 
-def test_probe_floor_lists_its_parts_and_needs_a_gpu(tmp_path):
+def test_probe_floor_lists_its_parts_and_needs_a_gpu(capsys, monkeypatch, tmp_path):
     help_text = run_script("probe_floor.py", "--help")
     assert help_text.returncode == 0 and "burst, bf16, fp8, fa3_fp8, e2e" in help_text.stdout
     probe = load("probe_floor.py")  # imports on a CPU machine: nothing touches CUDA at import
     assert list(probe.PARTS) == ["burst", "bf16", "fp8", "fa3_fp8", "e2e"]
-    bad = run_script("probe_floor.py", "nonsense")
-    assert bad.returncode == 2 and "unknown parts ['nonsense']" in bad.stderr
+    code, err = refused("probe_floor.py", "nonsense", capsys=capsys)
+    assert code == 2 and "unknown parts ['nonsense']" in err
     if not torch.cuda.is_available():
-        refused = run_script("probe_floor.py", "burst", env={"OUT": str(tmp_path)})
-        assert refused.returncode == 2 and "CUDA GPU" in refused.stderr
+        monkeypatch.setenv("OUT", str(tmp_path))  # were it to get past the check, it would write here
+        code, err = refused("probe_floor.py", "burst", capsys=capsys)
+        assert code == 2 and "CUDA GPU" in err
 
 
 @pytest.mark.gpu
@@ -122,13 +132,13 @@ def test_bench_pcie_measures_on_a_gpu():
     assert out["pinned_GBps"] > 0 and out["pageable_GBps"] > 0 and out["pinned_8MiB_tensors_GBps"] > 0
 
 
-def test_bench_pcie_checks_its_size_and_needs_a_gpu():
+def test_bench_pcie_checks_its_size_and_needs_a_gpu(capsys):
     assert run_script("bench_pcie.py", "--help").returncode == 0
-    bad = run_script("bench_pcie.py", "--mib", "12")
-    assert bad.returncode == 2 and "--mib 12: must be a positive multiple of 8" in bad.stderr
+    code, err = refused("bench_pcie.py", "--mib", "12", capsys=capsys)
+    assert code == 2 and "--mib 12: must be a positive multiple of 8" in err
     if not torch.cuda.is_available():
-        refused = run_script("bench_pcie.py", "--mib", "8")
-        assert refused.returncode == 2 and "CUDA GPU" in refused.stderr
+        code, err = refused("bench_pcie.py", "--mib", "8", capsys=capsys)
+        assert code == 2 and "CUDA GPU" in err
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -153,6 +163,6 @@ def test_bench_parallel_times_one_and_two_processes_in_one_run(tmp_path):
     assert "| 64² | 2 |" in proc.stdout
 
 
-def test_bench_parallel_refuses_a_run_without_its_baseline():
-    proc = run_script("bench_parallel.py", "--parallel", "2", "4")
-    assert proc.returncode == 2 and "--parallel must include 1" in proc.stderr
+def test_bench_parallel_refuses_a_run_without_its_baseline(capsys):
+    code, err = refused("bench_parallel.py", "--parallel", "2", "4", capsys=capsys)
+    assert code == 2 and "--parallel must include 1" in err

@@ -408,7 +408,7 @@ class Live:
         self.data = root / "data"
         controlnet = write_tiny_controlnet(root / "union-2.1.safetensors", version="2.1")
         self.server = Server(str(tiny_dir), self.data, "--controlnet", str(controlnet), "--shutdown-grace", "0",
-                             step_sleep=0.02)  # fmt: skip
+                             "--no-ui", step_sleep=0.02)  # fmt: skip
         self.server.wait_ready()
 
 

@@ -43,7 +43,7 @@ def lora_dir(engine, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_dir, lora_dir, tmp_path_factory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve-lora")
-    s = Server(tiny_dir, root / "data", "--lora-dir", str(lora_dir), "--max-pixels", str(64 * 64))
+    s = Server(tiny_dir, root / "data", "--lora-dir", str(lora_dir), "--max-pixels", str(64 * 64), "--no-ui")
     try:
         s.wait_ready()
         yield s

@@ -41,7 +41,7 @@ def test_a_server_on_a_shared_queue_takes_back_a_lost_nodes_job_and_does_each_on
     claim = other.claim("worker-0")
     stop = threading.Event()
     thread = beating(other, stop)
-    server = Server(tiny_dir, data, "--store", postgres_db, "--node-lease", str(LEASE_S))
+    server = Server(tiny_dir, data, "--store", postgres_db, "--node-lease", str(LEASE_S), "--no-ui")
     try:
         server.wait_ready()
         ids = [other.submit(request).id, server.submit(seed=8)["id"]]

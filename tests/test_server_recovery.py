@@ -55,7 +55,8 @@ def gone(pid: int, timeout: float = 10) -> bool:
 
 def test_crashes_lose_no_job_and_run_none_twice(tiny_dir, tmp_path):
     data = tmp_path / "data"
-    args = ("--job-timeout", "4", "--shutdown-grace", "0")
+    # The API only: mounting the web UI costs each of the three starts seconds (test_ui_e2e serves it).
+    args = ("--job-timeout", "4", "--shutdown-grace", "0", "--no-ui")
     server = Server(tiny_dir, data, *args, step_sleep=0.2)
     server.wait_ready()
 
