@@ -80,6 +80,18 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _one_cpu_thread_per_process() -> None:
+    """One CPU thread for torch in the test processes and in every process they start (servers,
+    workers, scripts, spawned ranks inherit the variable). The tiny model's ops are too small to
+    gain from a second thread, and torch's default of one OpenMP thread per core makes the
+    processes of `-n 2` spin against each other on a 2-core machine: tests/test_memory.py,
+    test_parity.py, test_engine.py, test_reproduce.py, test_guard.py, test_preview.py and
+    test_cli_images.py took 62 s together that way, and 31 s with one thread each."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _one_parse_per_tokenizer() -> Iterator[None]:
     """Tokenizers parsed once per directory for the whole session. Parsing Qwen's 151,643-rank
     vocabulary takes about half a second, and the tests load the tiny checkpoint a hundred times in
