@@ -12,41 +12,36 @@ import torch
 # The test files that take longest on the 2-core CI machine, longest first (`pytest --durations`;
 # the files not named take a few seconds each). `-n 2 --dist loadfile` hands whole files to
 # whichever process is free, in collection order: begun first, these leave the short files to even
-# out the end. xdist's own order (the files with the most tests first) started the long files of
-# few tests last, and one process went on alone at the end. Only the order depends on this list:
-# a file missing from it just starts later.
+# out the end. xdist's own order (the files with the most tests first) starts the long files of few
+# tests last: on the same durations, its two processes would end 58 s apart (381 s and 323 s),
+# these both at 352 s. Only the order depends on this list: a file missing from it starts later.
 LONG_FIRST = (
+    "test_server_recovery.py",
+    "test_ui_e2e.py",
     "test_bench.py",
     "test_scripts.py",
-    "test_ui_e2e.py",
-    "test_server_recovery.py",
     "test_bench_models.py",
+    "test_accel.py",
     "test_context_parallel.py",
     "test_server.py",
-    "test_accel.py",
-    "test_memory.py",
     "test_startup.py",
-    "test_server_postgres.py",
-    "test_server_fuzz.py",
-    "test_batching.py",
     "test_modelscope.py",
-    "test_server_lifecycle.py",
-    "test_server_images.py",
-    "test_cli_lora.py",
-    "test_parity.py",
-    "test_guard.py",
+    "test_server_fuzz.py",
     "test_cli.py",
+    "test_server_postgres.py",
     "test_a1111.py",
-    "test_preview.py",
-    "test_reproduce.py",
+    "test_server_lifecycle.py",
     "test_load_script.py",
-    "test_cli_images.py",
-    "test_attention.py",
-    "test_loader.py",
+    "test_server_images.py",
     "test_server_lora.py",
+    "test_batching.py",
+    "test_attention.py",
+    "test_memory.py",
+    "test_loader.py",
+    "test_cli_lora.py",
+    "test_gguf.py",
     "test_batch.py",
-    "test_graphs.py",
-    "test_engine.py",
+    "test_jobs.py",
 )
 
 
