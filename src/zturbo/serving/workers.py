@@ -253,19 +253,18 @@ class BatchClock:
 
     def idling(self, work: Callable[[], T]) -> T:
         """`work()`, its time counted as idle: a wait for a batch."""
-        start = time.perf_counter()
-        try:
-            return work()
-        finally:
-            self.idle += time.perf_counter() - start
+        return self._counted("idle", work)
 
     def warming(self, work: Callable[[], T]) -> T:
         """`work()`, its time counted as a deferred warm-up's."""
+        return self._counted("warmup", work)
+
+    def _counted(self, phase: str, work: Callable[[], T]) -> T:
         start = time.perf_counter()
         try:
             return work()
         finally:
-            self.warmup += time.perf_counter() - start
+            setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
 
     def rested(self, since: float) -> None:
         """Count the time from `since` (a `time.perf_counter()`) to now as idle: a wait for work that
