@@ -180,16 +180,23 @@ class DeferredWarmUps(StandIn):
         return self.engine.generate(request, **callbacks)
 
 
-def test_a_job_that_arrives_during_the_deferred_warm_ups_runs_before_the_rest_of_them(engine, store, tmp_path):
-    """A worker is ready before its deferred warm-ups have run; a job sent meanwhile waits only for
-    the part running then, and the supervisor hears the parts' seconds once all have run."""
+def serving_deferred_warmups(engine, store, tmp_path):
+    """A supervisor whose one worker, ready, runs `serve_batches` on a `DeferredWarmUps` in a thread."""
     supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
-    slot, standin = supervisor.slots[0], DeferredWarmUps(engine)
-    supervisor._handle(slot, workers.Ready({}, None, 1.0, {}))
+    standin = DeferredWarmUps(engine)
+    supervisor._handle(supervisor.slots[0], workers.Ready({}, None, 1.0, {}))
     channel = workers.Channel(worker_end)
     writer = workers.Writer(store, tmp_path, channel)
     worker = threading.Thread(target=workers.serve_batches, args=(standin, store, worker_end, channel, writer))
     worker.start()
+    return supervisor, standin, worker, writer
+
+
+def test_a_job_that_arrives_during_the_deferred_warm_ups_runs_before_the_rest_of_them(engine, store, tmp_path):
+    """A worker is ready before its deferred warm-ups have run; a job sent meanwhile waits only for
+    the part running then, and the supervisor hears the parts' seconds once all have run."""
+    supervisor, standin, worker, writer = serving_deferred_warmups(engine, store, tmp_path)
+    slot = supervisor.slots[0]
     try:
         assert standin.running.wait(30)  # the worker took its first deferred part, its pipe empty
         job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
@@ -264,14 +271,9 @@ def test_a_deferred_warm_up_that_leaves_the_device_unanswering_ends_the_worker(m
 def test_a_batch_sent_just_after_ready_runs_before_the_deferred_warm_ups(engine, store, tmp_path):
     """A worker waits for a pause with no batch before it starts a deferred part, so a batch the
     supervisor sends a moment after the pipe first reads empty is not held up behind one."""
-    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
-    slot, standin = supervisor.slots[0], DeferredWarmUps(engine)
+    supervisor, standin, worker, writer = serving_deferred_warmups(engine, store, tmp_path)
+    slot = supervisor.slots[0]
     standin.release.set()  # no part holds
-    supervisor._handle(slot, workers.Ready({}, None, 1.0, {}))
-    channel = workers.Channel(worker_end)
-    writer = workers.Writer(store, tmp_path, channel)
-    worker = threading.Thread(target=workers.serve_batches, args=(standin, store, worker_end, channel, writer))
-    worker.start()
     try:
         job = store.submit(GenerateRequest.create("a fox", limits=LIMITS, **SMALL))
         tick(supervisor)  # well within WARMUP_PAUSE_S of the worker's first look at its pipe
