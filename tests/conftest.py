@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -179,3 +180,14 @@ def shape():
         text_encoder = Qwen3Model(Qwen3Config(**QWEN3_4B_CONFIG))
         vae = AutoencoderKL(**FLUX_VAE_CONFIG)
     return plan.model_shape(transformer, text_encoder, vae)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_caches() -> Iterator[None]:
+    """Each test's compilations start from empty Dynamo caches. Every engine's blocks share diffusers'
+    block `forward`, whose compiled variants accumulate across tests in one process up to Dynamo's
+    recompile limit, where a fullgraph compile fails hard; a process that serves keeps one engine."""
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and dynamo.convert_frame.FRAME_COUNTER:  # something compiled since the last reset
+        dynamo.reset()
