@@ -23,7 +23,14 @@ WORKER_FILE = "worker-modules.json"
 
 
 def probe_worker(
-    worker_id: str, device: str, config: Any, store_location: str, data_dir: str, conn: Any, out: str = ""
+    worker_id: str,
+    device: str,
+    config: Any,
+    store_location: str,
+    data_dir: str,
+    conn: Any,
+    skipped_warmups: Any = None,
+    out: str = "",
 ) -> None:
     """In place of `workers.worker_main`: note the modules, then wait to be told to stop."""
     _note(Path(out) / WORKER_FILE, sorted(sys.modules))

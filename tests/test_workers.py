@@ -241,9 +241,11 @@ def test_a_deferred_warm_up_that_fails_is_reported_and_the_others_still_run() ->
     here, there = mp.Pipe()
     warmups = workers.IdleWarmups(FailingFirst(), workers.Channel(there))
     warmups.run_next()
-    assert warmups.pending() and not here.poll(0.1)  # the failure did not stop the worker's loop
+    assert warmups.pending()  # the failure did not stop the worker's loop
+    assert [here.recv(), here.recv()] == [workers.Warming("inputs_s"), workers.Warming(None)] and not here.poll(0.1)
     warmups.run_next()
-    assert not warmups.pending() and here.poll(1)
+    assert not warmups.pending()
+    assert [here.recv(), here.recv()] == [workers.Warming("small_call_s"), workers.Warming(None)]
     message = here.recv()
     assert isinstance(message, workers.Warmed) and message.parts == {"small_call_s": 0.5}
     assert message.errors == {"inputs_s": "GPUMemoryError: out of memory in the VAE encoder"}
@@ -266,6 +268,99 @@ def test_a_deferred_warm_up_that_leaves_the_device_unanswering_ends_the_worker(m
     _, there = mp.Pipe()
     workers.IdleWarmups(BreaksTheDevice(), workers.Channel(there)).run_next()
     assert exits == [3]  # restarted like a crashed batch, before any job can run on that device
+
+
+def test_a_batch_waiting_behind_a_hung_warm_up_part_is_stopped_at_the_time_limit(store, tmp_path):
+    """A deferred part that never ends holds the batch sent meanwhile: the time limit counts that
+    wait, the worker is killed, the batch's jobs run again uncounted (they never began), and the
+    worker's next processes skip the part."""
+    supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path)
+    slot = supervisor.slots[0]
+    supervisor.job_timeout = 1.0
+    events: list[tuple[str, str, dict[str, Any]]] = []
+    supervisor.hooks.on_event = lambda job_id, event, data: events.append((job_id, event, data))
+    worker_end.send(workers.Warming("inputs_s"))
+    tick(supervisor)
+    assert slot.warming == "inputs_s" and slot.view()["warming"] == "inputs_s"
+    job = store.submit(batch_request("a fox"))
+    tick(supervisor)
+    assert slot.running == (job.id,) and slot.gpu_since is not None  # its clock runs while it waits
+    tick(supervisor)
+    assert process.alive  # within the limit
+    slot.gpu_since -= 2
+    tick(supervisor)
+    assert not process.alive and slot.state == "restarting"
+    after = store.get(job.id)
+    assert (after.status, after.attempts) == (jobs.QUEUED, 0)
+    [(_, _, requeued)] = [e for e in events if e[1] == "requeued"]
+    assert "deferred warm-up part inputs_s ran past the time limit of 1 s" in requeued["reason"]
+    assert list(slot.skipped_warmups) == ["inputs_s"]
+
+
+def test_a_batch_sent_as_a_warm_up_part_begins_waits_with_its_clock_running(store, tmp_path):
+    """The worker may begin a part just as a batch is sent to it: the batch's clock starts with the
+    part's Warming, and starts again with its first Started once the part has ended."""
+    supervisor, worker_end, _ = supervisor_with_idle_worker(store, tmp_path)
+    slot = supervisor.slots[0]
+    job = store.submit(batch_request("a fox"))
+    tick(supervisor)
+    assert slot.running == (job.id,) and slot.gpu_since is None
+    worker_end.send(workers.Warming("small_call_s"))
+    tick(supervisor)
+    assert slot.gpu_since is not None
+    worker_end.send(workers.Warming(None))
+    tick(supervisor)
+    assert slot.gpu_since is None and slot.warming is None
+    worker_end.send(workers.Started(job.id))
+    tick(supervisor)
+    assert slot.gpu_since is not None
+
+
+def test_a_free_worker_in_a_warm_up_part_is_sent_jobs_after_the_others(store, tmp_path):
+    config = RuntimeConfig(model="unloaded", device="cpu")
+    supervisor = workers.Supervisor(store, config, ["cpu", "cpu"], tmp_path, job_timeout=60, max_batch=1,
+                                    batch_window=0.0)  # fmt: skip
+    first_end, _ = attach_worker(supervisor.slots[0])
+    second_end, _ = attach_worker(supervisor.slots[1])
+    first_end.send(workers.Warming("inputs_s"))
+    tick(supervisor)
+    job = store.submit(batch_request("a fox"))
+    tick(supervisor)
+    assert supervisor.slots[1].running == (job.id,) and not supervisor.slots[0].running
+    assert second_end.poll(1) and not first_end.poll(0.1)
+
+
+def test_skipped_warm_up_parts_are_not_run_and_are_reported_as_failed() -> None:
+    class TwoParts:
+        device = None
+
+        def __init__(self) -> None:
+            self.parts, self.ran = ["inputs_s", "small_call_s"], []
+
+        def pending_warmups(self) -> tuple[str, ...]:
+            return tuple(self.parts)
+
+        def finish_warmup(self, name: str) -> float:
+            self.parts.remove(name)
+            self.ran.append(name)
+            return 0.5
+
+    here, there = mp.Pipe()
+    engine = TwoParts()
+    warmups = workers.IdleWarmups(engine, workers.Channel(there), {"inputs_s": "it hung"})
+    assert warmups.pending()
+    warmups.run_next()
+    assert engine.ran == ["small_call_s"] and not warmups.pending()
+    messages = [here.recv() for _ in range(3)]
+    assert messages[:2] == [workers.Warming("small_call_s"), workers.Warming(None)]
+    assert messages[2].parts == {"small_call_s": 0.5} and messages[2].errors == {"inputs_s": "it hung"}
+    # Every part skipped: reported at once, as the worker begins to serve.
+    here, there = mp.Pipe()
+    skipped = {"inputs_s": "it hung", "small_call_s": "it hung"}
+    nothing = workers.IdleWarmups(TwoParts(), workers.Channel(there), skipped)
+    assert not nothing.pending()
+    nothing.report_if_none_left()
+    assert here.recv().errors == skipped and not (nothing.report_if_none_left() or here.poll(0.1))
 
 
 def test_a_batch_sent_just_after_ready_runs_before_the_deferred_warm_ups(engine, store, tmp_path):

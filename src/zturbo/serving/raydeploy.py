@@ -734,6 +734,7 @@ class RayDispatcher:
             "job": held[0] if held else None,
             "jobs": held,
             "waiting": [],
+            "warming": None,
             "last_error": None,
         }
 

@@ -37,7 +37,7 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
@@ -101,6 +101,14 @@ class Warmed:
     parts: dict[str, float]
     errors: dict[str, str] = field(default_factory=dict)
     warm_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Warming:
+    """The worker begins the deferred warm-up part `part` (`IdleWarmups`), or (None) has ended the
+    one it ran: a batch sent meanwhile waits for it, and the time limit watches that wait."""
+
+    part: str | None
 
 
 @dataclass(frozen=True)
@@ -287,9 +295,10 @@ def worker_main(
     store_location: str,
     data_dir: str,
     conn: Connection,
+    skipped_warmups: Mapping[str, str] | None = None,
 ) -> None:
     """Entry point of a worker process: load, warm up the main path, report ready, then run batches
-    until told to stop, and the rest of the warm-up while none waits."""
+    until told to stop, and the rest of the warm-up while none waits (but `skipped_warmups`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server decides
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"zturbo[{worker_id}]: %(message)s")
@@ -301,17 +310,25 @@ def worker_main(
     # per-step cancel checks of the batch on the GPU.
     writer = Writer(open_store(store_location, Path(data_dir), check=False), Path(data_dir) / "images", channel)
     try:
-        serve_batches(engine, store, conn, channel, writer)
+        serve_batches(engine, store, conn, channel, writer, skipped_warmups)
     finally:
         writer.close()  # a graceful stop: the images already made are written and recorded
 
 
-def serve_batches(engine: Any, store: QueueStore, conn: Connection, channel: Channel, writer: Writer) -> None:
+def serve_batches(
+    engine: Any,
+    store: QueueStore,
+    conn: Connection,
+    channel: Channel,
+    writer: Writer,
+    skipped_warmups: Mapping[str, str] | None = None,
+) -> None:
     """Run the batches the supervisor sends until it says stop (None) or is gone. Whenever no batch
     waits in the pipe, the engine's next deferred warm-up part runs (`IdleWarmups`): a batch that
     arrives meanwhile runs before the part after it."""
     rooms: dict[str, int] = {}  # the rooms this process reported (`_within_room`)
-    warmups = IdleWarmups(engine, channel)
+    warmups = IdleWarmups(engine, channel, skipped_warmups)
+    warmups.report_if_none_left()
     clock = BatchClock()
     while True:
         # A part starts only after a pause with no batch: the supervisor sends a large claimed batch
@@ -334,21 +351,27 @@ class IdleWarmups:
     """The warm-up parts the engine put off (`Engine.pending_warmups`), run one at a time between
     batches; once none is left, their seconds go to the supervisor (`Warmed`), once."""
 
-    def __init__(self, engine: Any, channel: Channel) -> None:
+    def __init__(self, engine: Any, channel: Channel, skipped: Mapping[str, str] | None = None) -> None:
+        """`skipped`: parts not to run, each with why (one that overran the time limit in an earlier
+        process of this worker); they are reported as failed."""
         self.engine, self.channel = engine, channel
         self.seconds: dict[str, float] = {}
-        self.errors: dict[str, str] = {}
+        self.errors: dict[str, str] = dict(skipped or {})
         self.reported = False
 
     def pending(self) -> bool:
-        return bool(self.engine.pending_warmups())
+        return bool(self._names())
+
+    def _names(self) -> list[str]:
+        return [name for name in self.engine.pending_warmups() if name not in self.errors]
 
     def run_next(self) -> None:
         """Run the next pending part (each persists the compile cache); once none is left, report.
         A part that fails is logged and not tried again, and a request that needs it compiles then;
         but a device that no longer answers ends the process, as a crashed batch does (`_crash`),
         before any job can run on it."""
-        name = self.engine.pending_warmups()[0]
+        name = self._names()[0]
+        self.channel.send(Warming(name))
         try:
             self.seconds[name] = self.engine.finish_warmup(name)
         except Exception as e:
@@ -356,7 +379,12 @@ class IdleWarmups:
             self.errors[name] = first_line(e)
             if not device_answers(self.engine.device):
                 os._exit(3)
-        if not self.pending():
+        self.channel.send(Warming(None))
+        self.report_if_none_left()
+
+    def report_if_none_left(self) -> None:
+        """Report once no part is left to run, if any was put off (and so was run or skipped)."""
+        if not self.reported and not self.pending() and (self.seconds or self.errors):
             self._report()
 
     def _report(self) -> None:
@@ -821,6 +849,10 @@ class WorkerSlot:
     # from then, not while the worker still waits for its writer. None while it has not begun.
     gpu_since: float | None = None
     handed: dict[str, float] = field(default_factory=dict)  # job with the writer -> since when (GpuFree)
+    warming: str | None = None  # the deferred warm-up part the running process is in (`Warming`)
+    # Parts a process of this worker overran the time limit in, with a batch waiting: its next
+    # processes skip them (`IdleWarmups`), and a request that needs one compiles within its own time.
+    skipped_warmups: dict[str, str] = field(default_factory=dict)
     window_until: float | None = None  # free, with one job waiting: the batching window ends then
     started_at: float = 0.0
     restart_at: float = 0.0
@@ -857,7 +889,7 @@ class WorkerSlot:
         pid = self.process.pid if self.process is not None else None
         out = {"id": self.id, "device": self.device, "state": self.state, "restarts": self.restarts, "pid": pid}
         job = self.running[0] if self.running else None
-        held = {"job": job, "jobs": list(self.claims), "waiting": list(self.waiting)}
+        held = {"job": job, "jobs": list(self.claims), "waiting": list(self.waiting), "warming": self.warming}
         return out | held | {"last_error": self.last_error}
 
     def take(self, job_id: str) -> jobs.Claim | None:
@@ -1084,7 +1116,7 @@ class Supervisor:
         self._send_held()
         if not self._dispatching:
             return
-        for s in self.slots:
+        for s in sorted(self.slots, key=lambda s: s.warming is not None):  # a worker in a warm-up part last
             if not self._idle(s) or self._in_window(s):
                 continue
             if not self._claim_and_send(s, waiting=False):
@@ -1170,7 +1202,8 @@ class Supervisor:
             if waiting:
                 s.waiting, s.unsent = ids, unsent
             else:
-                s.running, s.gpu_since, s.state = ids, None, "busy"
+                # A worker in a deferred warm-up part begins the batch after it: the wait counts.
+                s.running, s.gpu_since, s.state = ids, time.monotonic() if s.warming else None, "busy"
             s.lora_set = claims[0].lora_set  # the set the worker will have merged last
         for claim in claims:
             self.hooks.on_event(claim.job_id, "running", {"worker": s.id, "attempt": claim.attempt})
@@ -1200,6 +1233,8 @@ class Supervisor:
                     }
             log.info("%s ready on %s in %s s (worker process), compile cache %s", s.id, s.device, msg.ready_s,
                      msg.startup.get("compile_cache", "off"))  # fmt: skip
+        elif isinstance(msg, Warming):
+            self._warming(s, msg.part)
         elif isinstance(msg, Warmed):
             self._warmed(s, msg)
         elif isinstance(msg, Progress):
@@ -1242,6 +1277,15 @@ class Supervisor:
                 self._ready |= warm | ({"deferred_warmup_failed": sorted(msg.errors)} if msg.errors else {})
         failed = "".join(f"; {name} failed: {why}" for name, why in msg.errors.items())
         log.info("%s fully warm in %s s (worker process): deferred warm-ups %s%s", s.id, msg.warm_s, msg.parts, failed)
+
+    def _warming(self, s: WorkerSlot, part: str | None) -> None:
+        """`s` began (or ended: None) a deferred warm-up part. A batch sent to it that has not begun
+        waits for the part, and its time limit counts that wait: a part that hangs is stopped
+        (`_time_out`). Once the part ends, the batch's clock starts again with its first Started."""
+        with self._lock:
+            s.warming = part
+            if s.running and not s.started.intersection(s.running):
+                s.gpu_since = time.monotonic() if part is not None else None
 
     def _started(self, s: WorkerSlot, job_id: str) -> None:
         if job_id not in s.claims:
@@ -1341,11 +1385,22 @@ class Supervisor:
                     self.job_timeout)  # fmt: skip
         s.process.kill()
         s.process.join(5)
+        why = f"the worker was stopped at the time limit of {self.job_timeout:g} s (a batch on its GPU or a write)"
+        if gpu and s.warming is not None and not s.started.intersection(batch):
+            why, batch = self._skip_warmup(s, s.warming), set()  # the batch never began: uncounted
         if len(batch) == 1:
             self._fail_timed_out(s, batch.pop())
-        why = f"the worker was stopped at the time limit of {self.job_timeout:g} s (a batch on its GPU or a write)"
         self._release(s, why, counted=batch | late, solo=batch)
         self._schedule_restart(s, "job time limit")
+
+    def _skip_warmup(self, s: WorkerSlot, part: str) -> str:
+        """`s`'s batch waited past the time limit behind the deferred warm-up part `part`: the
+        worker's next processes skip it. Why the worker was stopped."""
+        limit = f"the time limit of {self.job_timeout:g} s"
+        s.skipped_warmups[part] = f"it ran past {limit} with a batch waiting; skipped since"
+        why = f"the worker was stopped: its deferred warm-up part {part} ran past {limit}"
+        log.warning("%s: %s; its next processes skip that part", s.id, why)
+        return why
 
     def _fail_timed_out(self, s: WorkerSlot, job_id: str) -> None:
         claim = self._forget(s, job_id)
@@ -1403,7 +1458,7 @@ class Supervisor:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=worker_main,
-            args=(s.id, s.device, self.config, self.store.location, str(self.data_dir), child),
+            args=(s.id, s.device, self.config, self.store.location, str(self.data_dir), child, dict(s.skipped_warmups)),
             name=f"zturbo-{s.id}",
             daemon=True,
         )
@@ -1411,7 +1466,7 @@ class Supervisor:
         child.close()
         with self._lock:
             s.process, s.conn, s.state, s.started_at = process, parent, "starting", time.monotonic()
-            s.crash_reason = None
+            s.crash_reason, s.warming = None, None
             # A new process starts from the base weights and an empty cache; its counters add on.
             for name in _LORA_COUNTERS:
                 s.lora_totals[name] = s.lora_totals.get(name, 0.0) + s.lora_stats.get(name, 0.0)
