@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from zturbo.errors import CheckpointError
-from zturbo.loader import _empty, fingerprint, load_weights, resolve_model, text_encoder_key
+from zturbo.loader import StagedCopy, _empty, fingerprint, load_weights, resolve_model, text_encoder_key
 from zturbo.tiny import ensure_tiny_checkpoint
 
 
@@ -63,6 +63,48 @@ def test_shape_mismatch_is_an_error(tmp_path):
     wrong = {**GOOD, "proj.weight": torch.randn(4, 4)}
     with pytest.raises(CheckpointError, match=r"has shape \(4, 4\), the model expects \(3, 4\)"):
         load_weights(_empty(Net), write(tmp_path, wrong), torch.device("cpu"), torch.float32)
+
+
+def test_a_staged_copy_gives_every_tensor_whole_through_buffers_smaller_than_it(tmp_path):
+    """Tensors of every size against the buffers (larger, not a multiple, empty, a scalar), of
+    several dtypes, read from a memory-mapped file as the loader reads them: each comes out equal,
+    in storage of its own, while the two buffers take turns."""
+    stored = {
+        "big": torch.randn(37, 11),  # 1628 bytes: 13 chunks of 128, the last partial
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "ids": torch.arange(40, dtype=torch.int64),
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    [path] = write(tmp_path, stored)
+    from safetensors import safe_open
+
+    staged = StagedCopy(torch.device("cpu"), stage_bytes=128)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            source = f.get_tensor(key)
+            copied = staged(source)
+            assert copied.dtype == source.dtype and copied.shape == source.shape
+            assert torch.equal(copied, stored[key])
+            assert source.numel() == 0 or copied.data_ptr() != source.data_ptr()
+    staged.finish()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
+def test_weights_staged_onto_cuda_equal_the_cpu_load(tmp_path):
+    big = {"proj.weight": torch.randn(3, 4), "proj.bias": torch.randn(3), "steps": torch.tensor([1, 2])}
+    files = write(tmp_path, big)
+    on_cpu, on_gpu = _empty(Net), _empty(Net)
+    load_weights(on_cpu, files, torch.device("cpu"), torch.bfloat16)
+    load_weights(on_gpu, files, torch.device("cuda"), torch.bfloat16)
+    for (name, want), got in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values(), strict=True):
+        assert got.is_cuda and torch.equal(got.cpu(), want), name
+    staged = StagedCopy(torch.device("cuda"), stage_bytes=1 << 20)
+    tensor = torch.randn(3 << 20)  # 12 MiB through 1 MiB buffers: the turns wait on their transfers
+    assert torch.equal(staged(tensor).cpu(), tensor)
+    staged.finish()
 
 
 def test_causal_lm_text_encoder_keys_are_mapped():
