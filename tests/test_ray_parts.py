@@ -152,6 +152,55 @@ def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_ev
     assert handle.calls == 2
 
 
+def test_a_replica_whose_lease_ends_is_gone_and_its_lora_counters_move_to_departed():
+    """Ray names every new replica anew: a gone replica's series must not stay for ever, and the
+    sums over replicas must not go down when it leaves."""
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None), "ray-replica-r1/gpu")
+    gone: list[str] = []
+    store = FakeStore(queued=0, live={"ray-replica-r1": 0.5})
+    dispatcher = RayDispatcher(FakeHandle([], replica), store, Hooks(on_gone=gone.append))
+    dispatcher._hello(replica)
+    dispatcher._loras = {"ray-replica-r1": {"switches": 3.0, "cache_hits": 2.0, "backup_bytes": 1e9}}
+    dispatcher._list_replicas()
+    assert gone == [] and "ray-replica-r1" in dispatcher.loras_by_worker()
+    store.live = {}  # its lease lapsed
+    dispatcher._list_replicas()
+    assert gone == ["ray-replica-r1"]
+    loras = dispatcher.loras_by_worker()
+    assert list(loras) == ["departed"] and loras["departed"]["switches"] == 3.0
+    assert "backup_bytes" not in loras["departed"]  # a gauge: a departed replica holds nothing
+    dispatcher._list_replicas()
+    assert gone == ["ray-replica-r1"]  # told once
+
+
+def test_worker_counters_move_a_departed_workers_counts_and_keep_the_sums():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from zturbo.serving.metrics import WorkerCounters
+
+    counters = WorkerCounters("zturbo_worker_seconds", "seconds", ["worker", "phase"])
+    for worker in ("r1", "r2", "r3"):
+        counters.inc((worker, "engine"), 2.0)
+        counters.inc((worker, "idle"), 1.0)
+    counters.depart("r1")
+    counters.depart("r2")
+    counters.depart("departed")  # never moves onto itself
+
+    class Collector:
+        def collect(self):
+            yield counters.family()
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    lines = sorted(line for line in generate_latest(registry).decode().splitlines() if not line.startswith("#"))
+    assert lines == [
+        'zturbo_worker_seconds_total{phase="engine",worker="departed"} 4.0',
+        'zturbo_worker_seconds_total{phase="engine",worker="r3"} 2.0',
+        'zturbo_worker_seconds_total{phase="idle",worker="departed"} 2.0',
+        'zturbo_worker_seconds_total{phase="idle",worker="r3"} 1.0',
+    ]
+
+
 def test_the_replicas_get_this_shells_settings_but_never_a_secret(monkeypatch):
     from zturbo.serving.raydeploy import _forwarded_env
 

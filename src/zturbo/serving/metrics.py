@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from .service import Service
     from .workers import BatchSeconds, Finished
 
+# The worker label that a departed worker's counts move to (`WorkerCounters.depart`).
+DEPARTED = "departed"
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -26,7 +29,7 @@ class Metrics:
         self.submitted = Counter("zturbo_jobs_submitted", "Jobs accepted into the queue", registry=r)
         self.rejected = Counter("zturbo_jobs_rejected", "Submissions refused because the queue was full", registry=r)
         self.completed = Counter("zturbo_jobs_finished", "Jobs that ended, by final state", ["status"], registry=r)
-        self.restarts = Counter("zturbo_worker_restarts", "Worker process restarts", ["worker"], registry=r)
+        self.restarts = WorkerCounters("zturbo_worker_restarts", "Worker process restarts", ["worker"])
         self.by_mode = Counter(
             "zturbo_jobs_by_mode",
             "Jobs accepted, by mode (txt2img, img2img, inpaint, outpaint) and whether a control image guides them",
@@ -49,15 +52,14 @@ class Metrics:
         self.batch_jobs = Histogram(
             "zturbo_batch_jobs", "Jobs per batch a worker ran on its GPU", buckets=BATCH_BUCKETS, registry=r
         )
-        self.worker_seconds = Counter(
+        self.worker_seconds = WorkerCounters(
             "zturbo_worker_seconds",
             "Seconds each worker spent, by phase: engine (in the engine's calls), host (its own work between "
             "them), idle (waiting for a batch), warmup (deferred warm-up parts after ready); engine over the sum "
             "is the share of time the GPU had jobs' work",
             ["worker", "phase"],
-            registry=r,
         )
-        r.register(_LiveCollector(service))
+        r.register(_LiveCollector(service, (self.restarts, self.worker_seconds)))
         self._run_sum = 0.0
         self._run_count = 0
 
@@ -84,10 +86,15 @@ class Metrics:
 
     def worker_time(self, worker: str, seconds: BatchSeconds) -> None:
         for phase in ("engine", "host", "idle", "warmup"):
-            self.worker_seconds.labels(worker, phase).inc(getattr(seconds, phase))
+            self.worker_seconds.inc((worker, phase), getattr(seconds, phase))
 
     def restarted(self, worker: str, reason: str) -> None:
-        self.restarts.labels(worker).inc()
+        self.restarts.inc((worker,))
+
+    def departed(self, worker: str) -> None:
+        """`worker` will not come back (a Ray replica whose lease ended): its counts move to DEPARTED."""
+        self.restarts.depart(worker)
+        self.worker_seconds.depart(worker)
 
     def average_job_seconds(self) -> float:
         return self._run_sum / self._run_count if self._run_count else 1.0
@@ -108,11 +115,44 @@ LORA_METRICS = (
 )
 
 
-class _LiveCollector:
-    """Values read at scrape time: queue depth, jobs by state, workers, GPU memory, LoRAs."""
+class WorkerCounters:
+    """Counters labelled first by worker. A departed worker's counts move to the worker DEPARTED, so
+    the sum over workers never goes down while the series stay as few as the live workers: a Ray
+    deployment's replicas come and go under new names, and a series for every name ever seen would
+    grow without bound."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1.0) -> None:
+        with self._lock:
+            self._values[labels] = self._values.get(labels, 0.0) + amount
+
+    def depart(self, worker: str) -> None:
+        if worker == DEPARTED:
+            return
+        with self._lock:
+            for labels in [k for k in self._values if k[0] == worker]:
+                moved = (DEPARTED, *labels[1:])
+                self._values[moved] = self._values.get(moved, 0.0) + self._values.pop(labels)
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        with self._lock:
+            for labels, value in self._values.items():
+                family.add_metric(list(labels), value)
+        return family
+
+
+class _LiveCollector:
+    """Values read at scrape time: queue depth, jobs by state, workers, GPU memory, LoRAs, and the
+    counters by worker."""
+
+    def __init__(self, service: Service, counters: tuple[WorkerCounters, ...] = ()) -> None:
         self.service = service
+        self.counters = counters
 
     def describe(self) -> list[Any]:
         return []
@@ -139,11 +179,14 @@ class _LiveCollector:
                 memory.add_metric([worker, kind.removesuffix("_bytes")], value)
         yield memory
         yield from _lora_families(self.service.supervisor.loras_by_worker())
+        for counters in self.counters:
+            yield counters.family()
 
 
 def _lora_families(by_worker: dict[str, dict[str, float]]) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
     for entry, name, doc, counter in LORA_METRICS:
         family = (CounterMetricFamily if counter else GaugeMetricFamily)(name, doc, labels=["worker"])
         for worker, stats in by_worker.items():
-            family.add_metric([worker], stats.get(entry, 0.0))
+            if counter or worker != DEPARTED:  # a departed worker holds no memory
+                family.add_metric([worker], stats.get(entry, 0.0))
         yield family

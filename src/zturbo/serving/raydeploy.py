@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError, StorageError, ZTurboError
 from . import jobs
+from .metrics import DEPARTED
 from .workers import (
+    LORA_COUNTERS,
     BatchClock,
     BatchRoom,
     Crashed,
@@ -581,13 +583,25 @@ class RayDispatcher:
         live = self.store.live_nodes(REPLICA_PREFIX)
         with self._lock:
             self._listed_at, self._live = time.monotonic(), live
-            for name in set(self._replicas) - set(live):
+            gone = set(self._replicas) - set(live)
+            for name in gone:
                 self._replicas.pop(name)
                 self._memory.pop(name, None)
+                self._depart_loras(name)
             unknown = bool(set(live) - set(self._replicas)) and not self._asking
             self._asking |= unknown
+        for name in sorted(gone):
+            self.hooks.on_gone(name)
         if unknown:  # a replica not heard from yet: one describe call tells a replica's runtime
             threading.Thread(target=self._describe, daemon=True).start()
+
+    def _depart_loras(self, name: str) -> None:
+        """A gone replica's LoRA counters move to DEPARTED (its gauges go): see `WorkerCounters`."""
+        stats = self._loras.pop(name, None)
+        if stats:
+            kept = self._loras.setdefault(DEPARTED, {})
+            for counter in LORA_COUNTERS:
+                kept[counter] = kept.get(counter, 0.0) + stats.get(counter, 0.0)
 
     def _describe(self) -> None:
         try:

@@ -115,6 +115,7 @@ class Service:
             on_restart=self.metrics.restarted,
             on_batch=self.metrics.batched,
             on_seconds=self.metrics.worker_time,
+            on_gone=self.metrics.departed,
         )
         make = dispatcher or self._local_workers
         self.supervisor = make(self.store, config, hooks)

@@ -75,7 +75,7 @@ RECORD_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 STORE_FAULT_LOG_S = 30.0
 RELEASE_RETRY_S = 2.0
 # `Finished.loras` entries that count up over a worker process's life (the rest are gauges).
-_LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
+LORA_COUNTERS = ("switches", "switch_seconds", "cache_hits", "cache_misses")
 
 
 # --- messages: worker -> supervisor -------------------------------------------------------------
@@ -872,7 +872,7 @@ class WorkerSlot:
         had moves to the totals, so the metric never goes down."""
         if not stats:
             return
-        for name in _LORA_COUNTERS:
+        for name in LORA_COUNTERS:
             before = self.lora_stats.get(name, 0.0)
             if stats.get(name, 0.0) < before:
                 self.lora_totals[name] = self.lora_totals.get(name, 0.0) + before
@@ -881,7 +881,7 @@ class WorkerSlot:
     def lora_counters(self) -> dict[str, float]:
         """The slot's LoRA numbers: counters summed over its processes, gauges of the running one."""
         out = dict(self.lora_stats)
-        for name in _LORA_COUNTERS:
+        for name in LORA_COUNTERS:
             out[name] = self.lora_totals.get(name, 0.0) + self.lora_stats.get(name, 0.0)
         return out
 
@@ -920,6 +920,8 @@ class Hooks:
     on_batch: Callable[[int, int], None] = lambda jobs, images: None
     # The same GpuFree's account of the worker's time (`BatchSeconds`), by worker id.
     on_seconds: Callable[[str, BatchSeconds], None] = lambda worker_id, seconds: None
+    # A worker that will not come back under its id (a Ray replica whose lease ended).
+    on_gone: Callable[[str], None] = lambda worker_id: None
 
 
 class Supervisor:
@@ -1468,7 +1470,7 @@ class Supervisor:
             s.process, s.conn, s.state, s.started_at = process, parent, "starting", time.monotonic()
             s.crash_reason, s.warming = None, None
             # A new process starts from the base weights and an empty cache; its counters add on.
-            for name in _LORA_COUNTERS:
+            for name in LORA_COUNTERS:
                 s.lora_totals[name] = s.lora_totals.get(name, 0.0) + s.lora_stats.get(name, 0.0)
             s.lora_stats, s.lora_set = {}, jobs.NO_LORAS
             s.rooms = {}  # its GPU memory is measured anew
