@@ -94,17 +94,27 @@ def test_a_staged_copy_gives_every_tensor_whole_through_buffers_smaller_than_it(
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
 def test_weights_staged_onto_cuda_equal_the_cpu_load(tmp_path):
-    big = {"proj.weight": torch.randn(3, 4), "proj.bias": torch.randn(3), "steps": torch.tensor([1, 2])}
-    files = write(tmp_path, big)
+    files = write(tmp_path, GOOD)
     on_cpu, on_gpu = _empty(Net), _empty(Net)
     load_weights(on_cpu, files, torch.device("cpu"), torch.bfloat16)
     load_weights(on_gpu, files, torch.device("cuda"), torch.bfloat16)
     for (name, want), got in zip(on_cpu.state_dict().items(), on_gpu.state_dict().values(), strict=True):
         assert got.is_cuda and torch.equal(got.cpu(), want), name
-    staged = StagedCopy(torch.device("cuda"), stage_bytes=1 << 20)
-    tensor = torch.randn(3 << 20)  # 12 MiB through 1 MiB buffers: the turns wait on their transfers
-    assert torch.equal(staged(tensor).cpu(), tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging needs CUDA")
+def test_a_staging_buffer_is_refilled_only_after_its_transfer_on_the_target_device():
+    """The last GPU, which need not be the current device (a server worker's cuda:N): its stream is
+    held up first, so a buffer refilled before its transfer ran would corrupt the copy."""
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    staged = StagedCopy(device, stage_bytes=1 << 20)
+    tensor = torch.randn(3 << 20)  # 12 MiB through two 1 MiB buffers
+    with torch.cuda.device(device):
+        torch.cuda._sleep(10**8)  # about 0.1 s of GPU time queued before the transfers
+    copied = staged(tensor)
     staged.finish()
+    assert copied.device == device and torch.equal(copied.cpu(), tensor)
 
 
 def test_causal_lm_text_encoder_keys_are_mapped():

@@ -157,8 +157,10 @@ def test_a_replica_whose_lease_ends_is_gone_and_its_lora_counters_move_to_depart
     sums over replicas must not go down when it leaves."""
     replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None), "ray-replica-r1/gpu")
     gone: list[str] = []
+    seconds: list[tuple[str, BatchSeconds]] = []
     store = FakeStore(queued=0, live={"ray-replica-r1": 0.5})
-    dispatcher = RayDispatcher(FakeHandle([], replica), store, Hooks(on_gone=gone.append))
+    hooks = Hooks(on_gone=gone.append, on_seconds=lambda w, s: seconds.append((w, s)))
+    dispatcher = RayDispatcher(FakeHandle([], replica), store, hooks)
     dispatcher._hello(replica)
     dispatcher._loras = {"ray-replica-r1": {"switches": 3.0, "cache_hits": 2.0, "backup_bytes": 1e9}}
     dispatcher._list_replicas()
@@ -171,6 +173,13 @@ def test_a_replica_whose_lease_ends_is_gone_and_its_lora_counters_move_to_depart
     assert "backup_bytes" not in loras["departed"]  # a gauge: a departed replica holds nothing
     dispatcher._list_replicas()
     assert gone == ["ray-replica-r1"]  # told once
+    # What it still reports (a stream that ends after its lease) is the departed's, by its growth.
+    late = Finished("j9", jobs.SUCCEEDED, 0.5, memory={"allocated_bytes": 5}, loras={"switches": 4.0})
+    dispatcher._handle(replica, late)
+    dispatcher._handle(replica, GpuFree(("j9",), 1, None, BatchSeconds(engine=1.0, host=0.0, idle=0.0)))
+    assert dispatcher.loras_by_worker() == {"departed": {"switches": 4.0, "cache_hits": 2.0}}
+    assert dispatcher.memory_by_worker() == {}
+    assert [w for w, _ in seconds] == ["departed"]
 
 
 def test_worker_counters_move_a_departed_workers_counts_and_keep_the_sums():

@@ -289,7 +289,8 @@ def test_a_batch_waiting_behind_a_hung_warm_up_part_is_stopped_at_the_time_limit
     assert process.alive  # within the limit
     slot.gpu_since -= 2
     tick(supervisor)
-    assert not process.alive and slot.state == "restarting"
+    assert not process.alive and slot.state == "restarting" and slot.warming is None
+    assert slot.last_error == "deferred warm-up part inputs_s past the job time limit"
     after = store.get(job.id)
     assert (after.status, after.attempts) == (jobs.QUEUED, 0)
     [(_, _, requeued)] = [e for e in events if e[1] == "requeued"]

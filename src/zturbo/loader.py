@@ -374,22 +374,31 @@ class StagedCopy:
     def __init__(self, device: torch.device, stage_bytes: int = STAGE_BYTES) -> None:
         self.device = device
         cuda = device.type == "cuda"
-        self.buffers = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # no context on another GPU
+            self.buffers = [torch.empty(stage_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
         self.sent: list[Any] = [None, None]  # the CUDA event of each buffer's last transfer
         self.turn = 0
 
     @classmethod
     @contextlib.contextmanager
     def to(cls, device: torch.device) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-        """A function moving a tensor to `device`; on CUDA, staged, every transfer done on exit."""
-        if device.type != "cuda":
+        """A function moving a tensor to `device`; on CUDA, staged, every transfer done on exit. Where
+        pinned memory cannot be had (a host that limits it), the plain pageable copy."""
+        try:
+            staged = cls(device) if device.type == "cuda" else None
+        except RuntimeError as e:
+            log.info("weights copied without pinned staging buffers: %s", e)
+            staged = None
+        if staged is None:
             yield lambda tensor: tensor.to(device)
             return
-        staged = cls(device)
         try:
             yield staged
-        finally:
-            staged.finish()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # a sticky CUDA error: the first one is the one to tell
+                staged.finish()
+            raise
+        staged.finish()
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
@@ -401,7 +410,7 @@ class StagedCopy:
             n = min(size, source.numel() - start)
             buffer = self._free_buffer()[:n]
             buffer.copy_(source[start : start + n])
-            target[start : start + n].copy_(buffer, non_blocking=True)
+            target[start : start + n].copy_(buffer, non_blocking=True)  # on `device`'s current stream
             self._sent()
         return out
 
@@ -413,16 +422,20 @@ class StagedCopy:
 
     def _sent(self) -> None:
         if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-            self.sent[self.turn] = event
+            # The stream the copy went on: `device`'s, which need not be the process's current device.
+            self.sent[self.turn] = torch.cuda.current_stream(self.device).record_event()
         self.turn ^= 1
 
     def finish(self) -> None:
-        """Wait for the transfers in flight: the buffers are freed after this."""
+        """Wait for the transfers in flight, then give the pinned buffers back to the system (torch's
+        host allocator would keep them for the process's life)."""
         for event in self.sent:
             if event is not None:
                 event.synchronize()
+        self.sent, self.buffers = [None, None], []
+        release = getattr(torch._C, "_host_emptyCache", None)  # CUDA builds; torch's graph capture calls it too
+        if self.device.type == "cuda" and release is not None:
+            release()
 
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:

@@ -538,6 +538,9 @@ class RayDispatcher:
         self._running: dict[str, str] = {}  # job -> the replica running it
         self._memory: dict[str, dict[str, int]] = {}
         self._loras: dict[str, dict[str, float]] = {}
+        # Replicas gone from the live list, each with the LoRA counters moved to DEPARTED so far: what
+        # they report from then on is counted under DEPARTED (`_depart`).
+        self._departed: dict[str, dict[str, float]] = {}
         self._listed_at = 0.0
         self._asking = False
         self._wake, self._stopped = threading.Event(), threading.Event()
@@ -583,11 +586,12 @@ class RayDispatcher:
         live = self.store.live_nodes(REPLICA_PREFIX)
         with self._lock:
             self._listed_at, self._live = time.monotonic(), live
-            gone = set(self._replicas) - set(live)
-            for name in gone:
-                self._replicas.pop(name)
+            known = set(self._replicas) | set(self._memory) | set(self._loras)
+            gone = {name for name in known - set(live) - {DEPARTED} if name not in self._departed}
+            for name in known - set(live) - {DEPARTED}:  # a departed one that came back may leave again
+                self._replicas.pop(name, None)
                 self._memory.pop(name, None)
-                self._depart_loras(name)
+                self._depart_loras(name, self._loras.pop(name, {}))
             unknown = bool(set(live) - set(self._replicas)) and not self._asking
             self._asking |= unknown
         for name in sorted(gone):
@@ -595,13 +599,21 @@ class RayDispatcher:
         if unknown:  # a replica not heard from yet: one describe call tells a replica's runtime
             threading.Thread(target=self._describe, daemon=True).start()
 
-    def _depart_loras(self, name: str) -> None:
-        """A gone replica's LoRA counters move to DEPARTED (its gauges go): see `WorkerCounters`."""
-        stats = self._loras.pop(name, None)
-        if stats:
-            kept = self._loras.setdefault(DEPARTED, {})
-            for counter in LORA_COUNTERS:
-                kept[counter] = kept.get(counter, 0.0) + stats.get(counter, 0.0)
+    def _depart_loras(self, name: str, stats: dict[str, float]) -> None:
+        """The departed replica `name`'s LoRA counters, as it reports them (totals), move to DEPARTED
+        by what they grew since the last move; its gauges go (`metrics.WorkerCounters`)."""
+        moved = self._departed.setdefault(name, {})
+        kept = self._loras.setdefault(DEPARTED, {}) if stats else {}
+        for counter in LORA_COUNTERS:
+            grown = stats.get(counter, 0.0) - moved.get(counter, 0.0)
+            if grown > 0:
+                kept[counter] = kept.get(counter, 0.0) + grown
+                moved[counter] = stats[counter]
+
+    def _label(self, name: str) -> str:
+        """The worker label of replica `name` in the metrics: DEPARTED once it has left the live list."""
+        with self._lock:
+            return DEPARTED if name in self._departed else name
 
     def _describe(self) -> None:
         try:
@@ -643,7 +655,7 @@ class RayDispatcher:
         log.warning("a run request on %s ended early: %s", replica.name if replica else "a replica", error)
         if replica is None:
             return
-        self.hooks.on_restart(replica.name, f"{type(error).__name__}: {str(error)[:200]}")
+        self.hooks.on_restart(self._label(replica.name), f"{type(error).__name__}: {str(error)[:200]}")
         if stream.held and self.died(error):
             self._lost(replica, stream, error)
 
@@ -693,17 +705,25 @@ class RayDispatcher:
             if ran:  # a batch whose jobs were all cancelled before it began ran nothing
                 self.hooks.on_batch(ran, message.images)
             if message.seconds is not None:
-                self.hooks.on_seconds(name, message.seconds)
+                self.hooks.on_seconds(self._label(name), message.seconds)
         elif isinstance(message, Finished):
             self._forget(message.job_id)
-            with self._lock:
-                if message.memory:
-                    self._memory[name] = message.memory
-                if message.loras:
-                    self._loras[name] = message.loras
+            self._took_stats(name, message)
             self.hooks.on_finished(message)
         elif isinstance(message, Released):
             self._released(message)
+
+    def _took_stats(self, name: str, message: Finished) -> None:
+        """A replica's memory and LoRA numbers from a job's end; a departed one's LoRA counters' growth
+        goes to DEPARTED and its memory nowhere."""
+        with self._lock:
+            if name in self._departed:
+                self._depart_loras(name, message.loras or {})
+                return
+            if message.memory:
+                self._memory[name] = message.memory
+            if message.loras:
+                self._loras[name] = message.loras
 
     def _released(self, message: Released) -> None:
         self._forget(message.job_id)

@@ -1388,12 +1388,14 @@ class Supervisor:
         s.process.kill()
         s.process.join(5)
         why = f"the worker was stopped at the time limit of {self.job_timeout:g} s (a batch on its GPU or a write)"
+        reason = "job time limit"
         if gpu and s.warming is not None and not s.started.intersection(batch):
             why, batch = self._skip_warmup(s, s.warming), set()  # the batch never began: uncounted
+            reason = f"deferred warm-up part {s.warming} past the job time limit"
         if len(batch) == 1:
             self._fail_timed_out(s, batch.pop())
         self._release(s, why, counted=batch | late, solo=batch)
-        self._schedule_restart(s, "job time limit")
+        self._schedule_restart(s, reason)
 
     def _skip_warmup(self, s: WorkerSlot, part: str) -> str:
         """`s`'s batch waited past the time limit behind the deferred warm-up part `part`: the
@@ -1450,7 +1452,7 @@ class Supervisor:
         with self._lock:
             s.failures += 1
             s.restarts += 1
-            s.state, s.conn, s.window_until, s.unsent = "restarting", None, None, None
+            s.state, s.conn, s.window_until, s.unsent, s.warming = "restarting", None, None, None, None
             s.restart_at = time.monotonic() + delay
             s.last_error = reason
         self.hooks.on_restart(s.id, reason)
@@ -1487,7 +1489,7 @@ class Supervisor:
             s.process.kill()
             s.process.join(5)
         with self._lock:
-            s.state = "stopped"
+            s.state, s.warming = "stopped", None
 
 
 def timed_out(limit: float) -> dict[str, str]:
