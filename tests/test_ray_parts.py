@@ -182,6 +182,22 @@ def test_a_replica_whose_lease_ends_is_gone_and_its_lora_counters_move_to_depart
     assert [w for w, _ in seconds] == ["departed"]
 
 
+def test_ray_ready_says_what_zturbo_serves_ready_says_and_is_warm_at_ready():
+    """load_serve.py and operators read the same /ready fields from both; a replica warms every part
+    before it is ready, so it is fully warm then."""
+    startup = {"phases": {"imports_s": 3.0, "weights_s": 7.0}, "warmup_parts": {"prompt_s": 6.0},
+               "deferred_warmup_parts": {"small_call_s": 2.9}, "compile_cache": "hit"}  # fmt: skip
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None, 30.5, startup), "ray-replica-r1/gpu")
+    dispatcher = RayDispatcher(FakeHandle([], replica), FakeStore(queued=0, live={}), Hooks())
+    assert dispatcher.startup() == {}
+    dispatcher._hello(replica)
+    assert dispatcher.startup() == {
+        "ready_s": 30.5, "compile_cache": "hit", "worker_ready_s": 30.5,
+        "worker_phases": {"imports_s": 3.0, "weights_s": 7.0}, "worker_warmup_parts": {"prompt_s": 6.0},
+        "warm_s": 30.5, "worker_warm_s": 30.5, "deferred_warmup_parts": {"small_call_s": 2.9},
+    }  # fmt: skip
+
+
 def test_worker_counters_move_a_departed_workers_counts_and_keep_the_sums():
     from prometheus_client import CollectorRegistry, generate_latest
 

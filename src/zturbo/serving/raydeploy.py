@@ -777,9 +777,24 @@ class RayDispatcher:
             return bool(self._live)
 
     def startup(self) -> dict[str, Any]:
+        """/ready's start-up fields as `Supervisor.startup` gives them, for the first replica heard
+        from, timed from its own process's start (the ingress's is unrelated). A replica runs every
+        warm-up part before it is ready, so it is fully warm then (`warm_s`)."""
         with self._lock:
             first = next(iter(self._replicas.values()), None)
-        return {"ready_s": first.ready.ready_s, **first.ready.startup} if first else {}
+        if first is None:
+            return {}
+        startup, ready_s = first.ready.startup, first.ready.ready_s
+        return {
+            "ready_s": ready_s,
+            "compile_cache": startup.get("compile_cache", "off"),
+            "worker_ready_s": ready_s,
+            "worker_phases": startup.get("phases", {}),
+            "worker_warmup_parts": startup.get("warmup_parts", {}),
+            "warm_s": ready_s,
+            "worker_warm_s": ready_s,
+            "deferred_warmup_parts": startup.get("deferred_warmup_parts", {}),
+        }
 
     def runtime(self) -> dict[str, Any]:
         with self._lock:
