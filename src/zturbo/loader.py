@@ -401,8 +401,8 @@ class StagedCopy:
         staged.finish()
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            return tensor.to(self.device)
+        if type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return tensor.to(self.device)  # a subclass keeps what its own `.to` does
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
         source, target = _bytes(tensor), _bytes(out)
         size = self.buffers[0].numel()
