@@ -329,6 +329,18 @@ def test_a_free_worker_in_a_warm_up_part_is_sent_jobs_after_the_others(store, tm
     tick(supervisor)
     assert supervisor.slots[1].running == (job.id,) and not supervisor.slots[0].running
     assert second_end.poll(1) and not first_end.poll(0.1)
+    second_end.recv()
+    # The other worker at its batch's last step takes the next job before the one in a part.
+    second_end.send(workers.Started(job.id))
+    second_end.send(workers.Progress(job.id, 2, 2))
+    tick(supervisor)
+    then = store.submit(batch_request("a heron"))
+    tick(supervisor)
+    assert supervisor.slots[1].waiting == (then.id,) and not supervisor.slots[0].running
+    # With no worker at its last step, the one in a part is sent the job rather than leave it waiting.
+    last = store.submit(batch_request("a crane"))
+    tick(supervisor)
+    assert supervisor.slots[0].running == (last.id,)
 
 
 def test_skipped_warm_up_parts_are_not_run_and_are_reported_as_failed() -> None:

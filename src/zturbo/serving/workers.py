@@ -1118,16 +1118,25 @@ class Supervisor:
         self._send_held()
         if not self._dispatching:
             return
-        for s in sorted(self.slots, key=lambda s: s.warming is not None):  # a worker in a warm-up part last
-            if not self._idle(s) or self._in_window(s):
-                continue
-            if not self._claim_and_send(s, waiting=False):
-                return
-        if any(self._idle(s) for s in self.slots):
+        if not self._send_to_free(warming=False):
+            return
+        if any(self._idle(s) and s.warming is None for s in self.slots):
             return  # an idle worker takes the next jobs (after its window) before a busy one is sent them
+        # A busy worker at its batch's last step begins a batch sooner than a deferred warm-up part ends.
         for s in self.slots:
             if self._finishing(s) and not self._claim_and_send(s, waiting=True):
                 return
+        self._send_to_free(warming=True)
+
+    def _send_to_free(self, *, warming: bool) -> bool:
+        """Send a batch to each free worker past its batching window that is in a deferred warm-up part
+        (`warming`) or is not; False once no job waits."""
+        for s in self.slots:
+            if (s.warming is not None) != warming or not self._idle(s) or self._in_window(s):
+                continue
+            if not self._claim_and_send(s, waiting=False):
+                return False
+        return True
 
     @staticmethod
     def _idle(s: WorkerSlot) -> bool:
