@@ -1,6 +1,6 @@
 """Every tool in scripts/ runs on the current code in its cheapest mode, so none can rot unseen.
 
-bench_precision has a CPU mode (--tiny); probe_floor and bench_pcie measure a GPU, so on the CPU
+bench_precision has a CPU mode (--tiny); probe_floor, bench_pcie and bench_weights measure a GPU, so on the CPU
 their command lines, imports and refusals are checked; build_fa3.sh is parsed by bash and stops
 at its first missing input.
 """
@@ -25,6 +25,7 @@ KEPT = {
     "bench_parallel.py",
     "bench_pcie.py",
     "bench_precision.py",
+    "bench_weights.py",
     "build_fa3.sh",
     "probe_floor.py",
     "profile_start.py",
@@ -130,6 +131,25 @@ def test_bench_pcie_measures_on_a_gpu():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["pinned_GBps"] > 0 and out["pageable_GBps"] > 0 and out["pinned_8MiB_tensors_GBps"] > 0
+
+
+def test_bench_weights_checks_its_repeats_and_needs_a_gpu(capsys, tiny_dir):
+    assert run_script("bench_weights.py", "--help").returncode == 0
+    code, err = refused("bench_weights.py", "--model", str(tiny_dir), "--repeats", "0", capsys=capsys)
+    assert code == 2 and "--repeats 0: must be at least 1" in err
+    if not torch.cuda.is_available():
+        code, err = refused("bench_weights.py", "--model", str(tiny_dir), capsys=capsys)
+        assert code == 2 and "needs a CUDA GPU" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_weights_times_both_copies_of_a_checkpoint(tiny_dir):
+    proc = run_script("bench_weights.py", "--model", str(tiny_dir), "--repeats", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["bytes"] > 0 and set(out["rows"]) == {"staged", "pageable"}
+    assert all(row["GBps"] > 0 for row in out["rows"].values())
 
 
 def test_bench_pcie_checks_its_size_and_needs_a_gpu(capsys):
