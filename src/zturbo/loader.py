@@ -1,8 +1,9 @@
 """Model resolution (local directory, hub or ModelScope repo id, tiny-random) and streaming weight loading.
 
-Weights are read tensor by tensor from safetensors, cast to the target dtype on the target
-device and assigned into modules built on the meta device, so no full-precision copy of a
-component is ever materialised on the host. Keys are checked strictly.
+Weights are read tensor by tensor from safetensors, moved to the target device (on CUDA through
+pinned staging buffers: `StagedCopy`), cast to the target dtype there and assigned into modules
+built on the meta device, so no full-precision copy of a component is ever materialised on the
+host. Keys are checked strictly.
 """
 
 from __future__ import annotations
