@@ -219,19 +219,24 @@ def engine_rates(engine: Any, args: argparse.Namespace, pairs: Iterator[tuple[st
     steps = {} if args.steps is None else {"steps": args.steps}
     for size in (args.large, args.small):
         for batch in sorted({1, args.max_batch}):
-            times = []
+            times, stages = [], []
             for _ in range(args.engine_warmup + args.engine_runs):
                 batch_pairs = [next(pairs) for _ in range(batch)]
                 tick = time.perf_counter()
-                engine.generate([p for p, _ in batch_pairs], seed=batch_pairs[0][1], width=size, height=size, **steps)
+                result = engine.generate([p for p, _ in batch_pairs], seed=batch_pairs[0][1], width=size,
+                                         height=size, **steps)  # fmt: skip
                 times.append(time.perf_counter() - tick)
+                stages.append(result.timings)
             median = statistics.median(times[args.engine_warmup :])
+            timed = stages[args.engine_warmup :]
             rows[f"{size}x{batch}"] = {
                 "size": size,
                 "batch": batch,
                 "median_s": median,
                 "images_per_s": batch / median,
                 "runs_s": times[args.engine_warmup :],
+                # the engine's own stages (`GenerateResult.timings`), as the server's workers report them
+                "stages_s": {k: statistics.median(t.get(k, 0.0) for t in timed) for k in timed[0]},
             }
     return rows
 
@@ -486,7 +491,8 @@ def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pai
 
 
 def worker_account(url: str, key: str) -> dict[str, float]:
-    """The server's /metrics sums over its workers: seconds by phase (engine, host, idle) and batches."""
+    """The server's /metrics sums over its workers: seconds by phase (engine, host, idle), the engine's
+    by its stages (`stage:encode_s`, ...), and batches."""
     request = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=30) as r:
         text = r.read().decode()
@@ -495,6 +501,9 @@ def worker_account(url: str, key: str) -> dict[str, float]:
         if line.startswith("zturbo_worker_seconds_total{"):
             phase = line.split('phase="', 1)[1].split('"', 1)[0]
             sums[phase] = sums.get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+        elif line.startswith("zturbo_engine_stage_seconds_total{"):
+            stage = "stage:" + line.split('stage="', 1)[1].split('"', 1)[0]
+            sums[stage] = sums.get(stage, 0.0) + float(line.rsplit(" ", 1)[1])
         elif line.startswith("zturbo_batch_jobs_count "):
             sums["batches"] = float(line.rsplit(" ", 1)[1])
     return sums
@@ -578,8 +587,8 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
         fails = f" ({sc['errors']} failed)" if sc["errors"] else ""
         batch = sc.get("per_batch_s") or {}
         if batch.get("batches"):
-            fails += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each)".format(
-                batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle"))
+            fails += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each{})".format(
+                batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle")), _stages(batch, many)
             )
         lines.append(
             f"| {sc['size']}² x {sc['clients']} client(s){fails} | {_num(sc, 'images_per_s')} | "
@@ -604,6 +613,15 @@ def _share(server: dict[str, Any], engine: dict[str, Any]) -> str:
     if "images_per_s" not in server or "images_per_s" not in engine:
         return "-"
     return f"{server['images_per_s'] / engine['images_per_s']:.1%}".replace("%", " %")
+
+
+def _stages(batch: dict[str, float], row: dict[str, Any]) -> str:
+    """The engine's stages per server batch, each beside the engine row's own (batch N): where a
+    server batch's engine time goes that the engine's does not."""
+    stages = {k.removeprefix("stage:"): v for k, v in batch.items() if k.startswith("stage:")}
+    mine = row.get("stages_s", {})
+    told = [f"{k} {v:.4f}" + (f" (engine {mine[k]:.4f})" if k in mine else "") for k, v in stages.items() if v]
+    return "; " + ", ".join(told) if told else ""
 
 
 def _num(row: dict[str, Any], key: str) -> str:

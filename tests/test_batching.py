@@ -6,6 +6,7 @@ file is written."""
 from __future__ import annotations
 
 import io
+import re
 import sqlite3
 import threading
 import time
@@ -297,6 +298,12 @@ def test_a_live_server_batches_waiting_jobs_and_each_image_matches_its_single_ru
         seconds = {phase: worker_seconds(metrics, phase) for phase in ("engine", "host", "idle")}
         assert seconds["engine"] >= 2 * 2 * 0.2, seconds  # two batches of 2 steps (`Server.submit`)
         assert 0 < seconds["host"] < seconds["engine"] and seconds["idle"] > 0, seconds
+        # ... and by the engine's own stages, which sum to at most its calls' time.
+        stages = dict(re.findall(r'^zturbo_engine_stage_seconds_total\{stage="(\w+)",worker="worker-0"\} (\S+)$',
+                                 metrics, re.M))  # fmt: skip
+        assert {"encode_s", "denoise_decode_s"} <= set(stages), metrics
+        assert float(stages["denoise_decode_s"]) >= 2 * 2 * 0.2
+        assert sum(map(float, stages.values())) <= seconds["engine"] + 1e-3
         alone = server.wait_job(server.submit(prompt="a fox number 1", seed=11)["id"])
         batched = Image.open(io.BytesIO(server.client.get(done[2]["images"][0]["url"]).content))
         single = Image.open(io.BytesIO(server.client.get(alone["images"][0]["url"]).content))

@@ -155,6 +155,7 @@ def test_engine_rows_time_every_call_with_new_prompts_of_one_token_length(engine
     assert set(rows) == {"48x1", "48x2", "32x1", "32x2"}
     for row in rows.values():
         assert len(row["runs_s"]) == 2 and row["images_per_s"] == pytest.approx(row["batch"] / row["median_s"])
+        assert 0 < row["stages_s"]["denoise_decode_s"] <= max(row["runs_s"])  # the engine's own stages
 
 
 def check_run(out: Path, proc: subprocess.CompletedProcess[str], starts: set[str]) -> dict[str, Any]:
@@ -166,6 +167,7 @@ def check_run(out: Path, proc: subprocess.CompletedProcess[str], starts: set[str
         assert sc["formats"] == ["PNG"] and 0 < sc["p50_s"] <= sc["p90_s"] and sc["images_per_s"] > 0
         batch = sc["per_batch_s"]  # the workers' own account of the timed requests, from /metrics
         assert 1 <= batch["batches"] <= sc["requests"] and batch["engine"] > 0 and batch["host"] >= 0, batch
+        assert 0 < batch["stage:denoise_decode_s"] <= batch["engine"], batch  # the engine's stages, per batch
     assert set(res["starts"]) == starts and all(s["ready"]["status"] == "ready" for s in res["starts"].values())
     # Each start waited for the warm-up parts its worker runs after ready, before any timed request.
     assert all(s["warm_s"] >= s["ready_s"] and "small_call_s" in s["warm"]["deferred_warmup_parts"]

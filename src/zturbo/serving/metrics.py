@@ -59,7 +59,13 @@ class Metrics:
             "is the share of time the GPU had jobs' work",
             ["worker", "phase"],
         )
-        r.register(_LiveCollector(service, (self.restarts, self.worker_seconds)))
+        self.stage_seconds = WorkerCounters(
+            "zturbo_engine_stage_seconds",
+            "Seconds of each worker's engine calls by the engine's own stages (encode_s, inputs_s, "
+            "denoise_decode_s, lora_s; host clocks, so a stage's GPU work may show in the next one's)",
+            ["worker", "stage"],
+        )
+        r.register(_LiveCollector(service, (self.restarts, self.worker_seconds, self.stage_seconds)))
         self._run_sum = 0.0
         self._run_count = 0
 
@@ -87,14 +93,16 @@ class Metrics:
     def worker_time(self, worker: str, seconds: BatchSeconds) -> None:
         for phase in ("engine", "host", "idle", "warmup"):
             self.worker_seconds.inc((worker, phase), getattr(seconds, phase))
+        for stage, value in seconds.stages.items():
+            self.stage_seconds.inc((worker, stage), value)
 
     def restarted(self, worker: str, reason: str) -> None:
         self.restarts.inc((worker,))
 
     def departed(self, worker: str) -> None:
         """`worker` will not come back (a Ray replica whose lease ended): its counts move to DEPARTED."""
-        self.restarts.depart(worker)
-        self.worker_seconds.depart(worker)
+        for counters in (self.restarts, self.worker_seconds, self.stage_seconds):
+            counters.depart(worker)
 
     def average_job_seconds(self) -> float:
         return self._run_sum / self._run_count if self._run_count else 1.0

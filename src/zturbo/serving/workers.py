@@ -150,6 +150,8 @@ class BatchSeconds:
     host: float
     idle: float
     warmup: float = 0.0  # deferred warm-up parts run between batches (`IdleWarmups`)
+    # `engine` by the engine's own stages (`GenerateResult.timings`: encode_s, denoise_decode_s, ...).
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,6 +247,7 @@ class BatchDone:
     memory: dict[str, int] | None = None
     loras: dict[str, float] | None = None
     engine_s: float = 0.0  # in the engine's call
+    stages: dict[str, float] = field(default_factory=dict)  # the engine's timings of that call
 
 
 class BatchClock:
@@ -279,11 +282,13 @@ class BatchClock:
         is not a `wait` (a Ray replica's, between its requests)."""
         self.idle += max(0.0, time.perf_counter() - since)
 
-    def take(self, engine_s: float) -> BatchSeconds:
-        """The account since the last `take`, of which `engine_s` went to the engine; starts the next."""
+    def take(self, engine_s: float, stages: dict[str, float] | None = None) -> BatchSeconds:
+        """The account since the last `take`, of which `engine_s` went to the engine (by its `stages`);
+        starts the next."""
         now = time.perf_counter()
         host = max(0.0, now - self.since - self.idle - self.warmup - engine_s)
-        seconds = BatchSeconds(round(engine_s, 6), round(host, 6), round(self.idle, 6), round(self.warmup, 6))
+        split = {name: round(value, 6) for name, value in (stages or {}).items()}
+        seconds = BatchSeconds(round(engine_s, 6), round(host, 6), round(self.idle, 6), round(self.warmup, 6), split)
         self.since, self.idle, self.warmup = now, 0.0, 0.0
         return seconds
 
@@ -450,7 +455,7 @@ def run_batch(
     held = tuple(claim.job_id for claim in claims if claim.job_id not in returned)
     on_gpu = [claim for claim, _ in runnable]  # not those cancelled before it began or unreadable
     # GpuFree first: the batch's time limit stops with its GPU work, not after a wait for the writer.
-    seconds = clock.take(done.engine_s) if clock is not None else None
+    seconds = clock.take(done.engine_s, done.stages) if clock is not None else None
     channel.send(GpuFree(held, sum(claim.images for claim in on_gpu), len(on_gpu), seconds))
     writer.put(done)
 
@@ -538,7 +543,7 @@ def _generate(
         _crash(claims, e, writer)
     finally:
         done.engine_s = time.perf_counter() - start
-    done.fallbacks = len(result.fallbacks)
+    done.fallbacks, done.stages = len(result.fallbacks), dict(result.timings)
     outcomes, offset = [], 0
     for claim, request in runnable:
         images, offset = result.images[offset : offset + request.num_images], offset + request.num_images
