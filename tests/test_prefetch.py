@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 from test_batching import pixels, request
-from test_workers import SMALL, StandIn, StandInContext, attach_worker, supervisor_with_idle_worker, tick
-from zturbo.config import RuntimeConfig
+from test_workers import (
+    SMALL,
+    StandIn,
+    StandInContext,
+    attach_worker,
+    supervisor_with_idle_worker,
+    supervisor_with_two_idle_workers,
+    tick,
+)
 from zturbo.request import GenerateRequest
 from zturbo.serving import jobs, workers
 
@@ -255,11 +262,7 @@ def test_a_large_waiting_batch_is_held_until_the_gpu_is_free_and_a_stop_sends_no
 
 
 def test_an_idle_worker_takes_the_next_job_before_a_busy_one_is_sent_it(store, tmp_path):
-    config = RuntimeConfig(model="unloaded", device="cpu")
-    supervisor = workers.Supervisor(store, config, ["cpu", "cpu"], tmp_path, job_timeout=60, max_batch=2,
-                                    batch_window=30.0)  # fmt: skip
-    busy_end, _ = attach_worker(supervisor.slots[0])
-    idle_end, _ = attach_worker(supervisor.slots[1])
+    supervisor, busy_end, idle_end = supervisor_with_two_idle_workers(store, tmp_path, max_batch=2, batch_window=30.0)
     running = [store.submit(request(p)) for p in ("a fox", "a cat")]
     tick(supervisor)
     assert received(busy_end) == [job.id for job in running]

@@ -129,6 +129,17 @@ def supervisor_with_idle_worker(
     return supervisor, worker_end, process
 
 
+def supervisor_with_two_idle_workers(
+    store: jobs.JobStore, tmp_path: Path, **batching: Any
+) -> tuple[workers.Supervisor, Any, Any]:
+    """A supervisor of two ready, idle workers (`batching`: max_batch, batch_window); their pipes' ends."""
+    config = RuntimeConfig(model="unloaded", device="cpu")
+    supervisor = workers.Supervisor(store, config, ["cpu", "cpu"], tmp_path, job_timeout=60, **batching)
+    first_end, _ = attach_worker(supervisor.slots[0])
+    second_end, _ = attach_worker(supervisor.slots[1])
+    return supervisor, first_end, second_end
+
+
 def attach_worker(slot: workers.WorkerSlot) -> tuple[Any, StandInProcess]:
     """Make `slot`'s worker a ready, idle stand-in process; the worker's end of its pipe and the process."""
     here, there = mp.Pipe()
@@ -318,11 +329,7 @@ def test_a_batch_sent_as_a_warm_up_part_begins_waits_with_its_clock_running(stor
 
 
 def test_a_free_worker_in_a_warm_up_part_is_sent_jobs_after_the_others(store, tmp_path):
-    config = RuntimeConfig(model="unloaded", device="cpu")
-    supervisor = workers.Supervisor(store, config, ["cpu", "cpu"], tmp_path, job_timeout=60, max_batch=1,
-                                    batch_window=0.0)  # fmt: skip
-    first_end, _ = attach_worker(supervisor.slots[0])
-    second_end, _ = attach_worker(supervisor.slots[1])
+    supervisor, first_end, second_end = supervisor_with_two_idle_workers(store, tmp_path, max_batch=1, batch_window=0.0)
     first_end.send(workers.Warming("inputs_s"))
     tick(supervisor)
     job = store.submit(batch_request("a fox"))

@@ -586,9 +586,9 @@ class RayDispatcher:
         live = self.store.live_nodes(REPLICA_PREFIX)
         with self._lock:
             self._listed_at, self._live = time.monotonic(), live
-            known = set(self._replicas) | set(self._memory) | set(self._loras)
-            gone = {name for name in known - set(live) - {DEPARTED} if name not in self._departed}
-            for name in known - set(live) - {DEPARTED}:  # a departed one that came back may leave again
+            absent = (set(self._replicas) | set(self._memory) | set(self._loras)) - set(live) - {DEPARTED}
+            gone = absent - set(self._departed)
+            for name in absent:  # a departed one that came back may leave again
                 self._replicas.pop(name, None)
                 self._memory.pop(name, None)
                 self._depart_loras(name, self._loras.pop(name, {}))
