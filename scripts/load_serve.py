@@ -15,12 +15,18 @@
    acceptance checks of issue 24.
 
 Every request has its own prompt (of one token length) and seed, so the prompt cache never skips
-the text encoder, on either side. Each scenario first runs --warmup-rounds untimed rounds at its
-own concurrency, so the shapes it batches are compiled and captured before the clock starts.
+the text encoder, on either side. In each scenario every client builds its client first, then sends
+--warmup-rounds untimed requests and --rounds timed ones back to back, so the server is never idle
+between the two and the shapes it batches are compiled and captured before the timed requests.
+The headline images/s is the server's steady state: the timed images answered between the moment
+the last client finished warming up and the moment the first client finished its timed requests
+(when every client has a request in flight), the window's edges moved to whole bursts of answers
+(one batch's); the rate over the timed requests' whole wall time, ramp and tail included, stands
+beside it. The workers' /metrics account is read at the same two moments.
 
     python scripts/load_serve.py --model /tmp/zi                       # a GPU, real-size weights
     python scripts/load_serve.py --model tiny-random --device cpu --compile off \\
-        --large 64 --small 32 --steps 1 --rounds 1                     # the CPU smoke run
+        --large 64 --small 32 --steps 1 --rounds 3                     # the CPU smoke run
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -62,7 +69,7 @@ SHARE_OF_BATCH = 1.0  # small size, 16 clients: >= the engine's images/s at --ma
 WARM_READY_S = 30.0  # a restart on the same compile cache is ready within 30 s
 PREVIEW_COST = 0.02  # previews on cost under 2 % of an image's time
 # Serve flags of issue 24 that a checkout may not have yet; each is passed only where `serve --help` lists it.
-OPTIONAL_SERVE_FLAGS = ("--compile-cache", "--max-batch", "--batch-window-ms", "--client-defaults")
+OPTIONAL_SERVE_FLAGS = ("--compile-cache", "--batch-window-ms", "--client-defaults")
 
 
 @dataclass(frozen=True)
@@ -93,9 +100,26 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--large", type=int, default=1024, help="the large square size (default 1024)")
     p.add_argument("--small", type=int, default=512, help="the small square size (default 512)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 8)")
-    p.add_argument("--max-batch", type=int, default=4, help="the engine's batch row, and serve's --max-batch (4)")
-    p.add_argument("--rounds", type=int, default=8, help="timed requests per client in each scenario (default 8)")
-    p.add_argument("--warmup-rounds", type=int, default=2, help="untimed requests per client first (default 2)")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=4,
+        help="the engine's batch row (default 4); the server batches by its own defaults",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="timed requests per client in each scenario (default 8). images/s counts those answered from "
+        "the last client's end of warm-up to the first client's last answer, while every client is sending: "
+        "with C clients and batches of B, about (rounds - 1) x C / B batches",
+    )
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="untimed requests per client first, followed by its timed ones without a pause (default 2)",
+    )
     p.add_argument("--engine-runs", type=int, default=5, help="timed engine calls per row (default 5)")
     p.add_argument("--engine-warmup", type=int, default=3, help="untimed engine calls per row first (default 3)")
     p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
@@ -357,8 +381,8 @@ def serve_command(args: argparse.Namespace, port: int, work: Path, features: Seq
             cmd += [f"--{flag}", getattr(args, flag)]
     if "--compile-cache" in features:
         cmd += ["--compile-cache", str(work / "compile-cache")]
-    if "--max-batch" in features:
-        cmd += ["--max-batch", str(args.max_batch)]
+    # The server batches by its own defaults (--max-batch, --max-batch-pixels), as a user's server
+    # does; --serve-arg changes them.
     return cmd + list(args.serve_arg)
 
 
@@ -428,7 +452,8 @@ class Server:
 
 
 def one_request(client: Any, size: int, pair: tuple[str, int], args: argparse.Namespace) -> dict[str, Any]:
-    """One images.generate call: its latency, and its image decoded and checked (or the error)."""
+    """One images.generate call: when it was sent and answered (`sent`, `done`, perf_counter), its
+    latency, and its image decoded and checked (or the error)."""
     from PIL import Image
 
     extra: dict[str, Any] = {"seed": pair[1]} | ({} if args.steps is None else {"steps": args.steps})
@@ -438,51 +463,167 @@ def one_request(client: Any, size: int, pair: tuple[str, int], args: argparse.Na
         res = client.images.generate(
             prompt=pair[0], size=f"{size}x{size}", n=1, response_format="b64_json", extra_body=extra, **fmt
         )
-        latency = time.perf_counter() - tick
+        done = time.perf_counter()  # the answer is in; decoding it below is the load generator's own time
         image = Image.open(io.BytesIO(base64.b64decode(res.data[0].b64_json)))
         if image.size != (size, size) or len(res.data) != 1:
-            return {"error": f"got {len(res.data)} image(s), the first {image.size[0]}x{image.size[1]}"}
-        return {"latency_s": latency, "format": image.format, "bytes": len(res.data[0].b64_json) * 3 // 4}
+            error = f"got {len(res.data)} image(s), the first {image.size[0]}x{image.size[1]}"
+            return {"sent": tick, "done": done, "error": error}
+        b64 = res.data[0].b64_json
+        return {
+            "sent": tick,
+            "done": done,
+            "latency_s": done - tick,
+            "format": image.format,
+            "bytes": len(b64) * 3 // 4,
+        }
     except Exception as e:  # one failed request is counted and named, not the end of the run
-        return {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        return {"sent": tick, "done": time.perf_counter(), "error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
-def drive(url: str, key: str, sc: Scenario, rounds: int, pairs: Iterator[tuple[str, int]], args: Any) -> list[Any]:
-    """`sc.clients` clients at once, each sending `rounds` requests one after another."""
+class Edges:
+    """The steady-state window's edges as the clients cross them: `warm` is set once every client has
+    finished its warm-up requests, `finished` once the first client has finished its timed ones."""
+
+    def __init__(self, clients: int) -> None:
+        self._lock = threading.Lock()
+        self._warming = clients
+        self.warm = threading.Event()
+        self.finished = threading.Event()
+
+    def warmed(self) -> None:
+        with self._lock:
+            self._warming -= 1
+            if self._warming == 0:
+                self.warm.set()
+
+
+def drive(
+    url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[tuple[str, int]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """`sc.clients` clients at once, each sending --warmup-rounds then --rounds requests one after
+    another with no pause between the two (the server never idles for a barrier), and the workers'
+    /metrics account read at the window's edges: every request (with its client and whether it
+    warmed up), and the readings `start` and `end`."""
     from openai import OpenAI
 
-    def client_loop(_: int) -> list[dict[str, Any]]:
-        client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=args.ready_timeout)
-        with client:
-            return [one_request(client, sc.size, next(pairs), args) for _ in range(rounds)]
+    warmup, total = args.warmup_rounds, args.warmup_rounds + args.rounds
+    # Drawn here: a generator's next() from several threads at once raises.
+    plans = [[next(pairs) for _ in range(total)] for _ in range(sc.clients)]
+    edges = Edges(sc.clients)
+    readings: dict[str, Any] = {}
 
+    def client_loop(index: int) -> list[dict[str, Any]]:
+        done: list[dict[str, Any]] = []
+        warmed = False
+        try:  # built before any request, so no client's construction falls in a timed window
+            with OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=args.ready_timeout) as client:
+                for i, pair in enumerate(plans[index]):
+                    if i == warmup:
+                        edges.warmed()
+                        warmed = True
+                    done.append(one_request(client, sc.size, pair, args) | {"client": index, "warmup": i < warmup})
+        finally:  # set even where a client failed, so that the monitor never waits for ever
+            if not warmed:
+                edges.warmed()
+            edges.finished.set()
+        return done
+
+    def monitor() -> None:
+        # Each reading lands moments after its edge: the edges are approximate, by one /metrics request.
+        try:
+            edges.warm.wait()
+            readings["start_at"] = time.perf_counter()
+            readings["start"] = worker_account(url, key)
+            edges.finished.wait()
+            readings["end_at"] = time.perf_counter()
+            readings["end"] = worker_account(url, key)
+        except Exception as e:  # raised again in the caller's thread, after the clients
+            readings["error"] = e
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
     with ThreadPoolExecutor(sc.clients) as pool:
-        return [r for results in pool.map(client_loop, range(sc.clients)) for r in results]
+        records = [r for results in pool.map(client_loop, range(sc.clients)) for r in results]
+    watcher.join()
+    if "error" in readings:
+        raise readings["error"]
+    return records, readings
+
+
+def steady_window(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Images/s in the server's steady state: from the moment the last client finished its warm-up
+    (its first timed send where there was none) to the moment the first client finished its timed
+    requests, every client has a request in flight. The window's edges move to whole bursts of
+    completions (a batch's answers arrive together): it opens at the end of the first burst that
+    ends at or after that start, and closes at the end of the last burst that begins at or before
+    that end; the timed images answered in between, over its seconds. None, with the reason, where
+    fewer than two bursts bound it."""
+    clients = sorted({r["client"] for r in records})
+    entered, left = [], []
+    for c in clients:
+        mine = [r for r in records if r["client"] == c]
+        warm, timed = [r for r in mine if r["warmup"]], [r for r in mine if not r["warmup"]]
+        entered.append(warm[-1]["done"] if warm else timed[0]["sent"] if timed else math.inf)
+        left.append(timed[-1]["done"] if timed else -math.inf)
+    start, end = max(entered, default=math.inf), min(left, default=-math.inf)
+    answered = [r for r in records if "latency_s" in r]
+    bursts = _bursts(sorted(r["done"] for r in answered), _burst_gap(answered, len(clients)))
+    opened = next((b[-1] for b in bursts if b[-1] >= start), None)
+    closed = next((b[-1] for b in reversed(bursts) if b[0] <= end), None)
+    if opened is None or closed is None or closed <= opened:
+        reason = "fewer than two bursts of answers while every client was in its timed requests"
+        return {"images_per_s": None, "steady_window_s": 0.0, "steady_images": 0, "steady_reason": reason}
+    images = sum(1 for r in answered if not r["warmup"] and opened < r["done"] <= closed)
+    window = {"steady_window_s": closed - opened, "steady_images": images, "steady_reason": None}
+    return {"images_per_s": images / (closed - opened), **window}
+
+
+def _burst_gap(answered: Sequence[dict[str, Any]], clients: int) -> float:
+    """The longest pause between two answers of one burst: half the mean spacing of answers under
+    continuous load (the median latency over the clients), which is at most half the spacing of two
+    batches of any size and far above the few ms between the answers of one batch; and under half
+    the shortest latency, so that one client's answers (never of one batch) are never one burst."""
+    latencies = [r["latency_s"] for r in answered]
+    if not latencies:
+        return 0.0
+    return 0.5 * min(statistics.median(latencies) / max(clients, 1), min(latencies))
+
+
+def _bursts(times: Sequence[float], gap: float) -> list[list[float]]:
+    """Sorted times in runs whose neighbours are at most `gap` apart."""
+    runs: list[list[float]] = []
+    for t in times:
+        if runs and t - runs[-1][-1] <= gap:
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
 
 
 def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[Any]) -> dict[str, Any]:
-    """Untimed warm-up rounds, then the timed rounds: images/s over the wall time, latencies."""
-    warm = drive(url, key, sc, args.warmup_rounds, pairs, args) if args.warmup_rounds else []
-    before = worker_account(url, key)
-    tick = time.perf_counter()
-    results = drive(url, key, sc, args.rounds, pairs, args)
-    wall = time.perf_counter() - tick
-    after = worker_account(url, key)
-    latencies = [r["latency_s"] for r in results if "latency_s" in r]
-    errors = [r["error"] for r in warm + results if "error" in r]
+    """Warm-up then timed requests under continuous load: images/s in the steady-state window (and
+    over the timed requests' wall time), latencies over every timed request, and the workers'
+    account per batch over the same window."""
+    records, readings = drive(url, key, sc, args, pairs)
+    timed = [r for r in records if not r["warmup"]]
+    latencies = [r["latency_s"] for r in timed if "latency_s" in r]
+    errors = [r["error"] for r in records if "error" in r]
+    wall = max(r["done"] for r in timed) - min(r["sent"] for r in timed) if timed else 0.0
     row: dict[str, Any] = {
         **asdict(sc),
-        "requests": len(results),
+        "requests": len(timed),
         "images": len(latencies),
         "wall_s": wall,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "formats": sorted({r["format"] for r in results if "format" in r}),
-        "per_batch_s": per_batch(before, after),
+        "formats": sorted({r["format"] for r in timed if "format" in r}),
+        **steady_window(records),
+        "images_per_s_wall": len(latencies) / wall if latencies and wall > 0 else None,
+        "per_batch_s": per_batch(readings["start"], readings["end"]),
+        "account_window_s": readings["end_at"] - readings["start_at"],  # beside steady_window_s: how close
     }
     if latencies:
         row |= {
-            "images_per_s": len(latencies) / wall,
             "p50_s": percentile(latencies, 0.5),
             "p90_s": percentile(latencies, 0.9),
             "mean_s": statistics.fmean(latencies),
@@ -532,7 +673,7 @@ def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
             Check(f"{large}² one at a time: p50 s", one["p50_s"], single["median_s"], target, one["p50_s"] <= limit)
         )
     four = runs.get(f"{large}x4", {})
-    if "images_per_s" in four and single:
+    if _rate(four) and single:
         share = four["images_per_s"] / single["images_per_s"]
         out.append(
             Check(
@@ -544,7 +685,7 @@ def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
             )
         )
     many, batched = runs.get(f"{small}x16", {}), rows.get(f"{small}x{batch}")
-    if "images_per_s" in many and batched:
+    if _rate(many) and batched:
         share = many["images_per_s"] / batched["images_per_s"]
         out.append(
             Check(
@@ -578,20 +719,15 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     """Every server number beside the engine's at batch 1 and at --max-batch, the starts, the acceptance checks."""
     rows, n = res.get("engine", {}).get("rows", {}), args.max_batch
     lines = [
-        f"| scenario | server images/s | p50 s | p90 s | engine images/s, batch 1 | engine images/s, batch {n} "
-        f"| server / batch 1 | server / batch {n} | engine s/image, batch 1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| scenario | server images/s, steady | server images/s, wall | p50 s | p90 s | engine images/s, batch 1 "
+        f"| engine images/s, batch {n} | server / batch 1 | server / batch {n} | engine s/image, batch 1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in res.get("scenarios", {}).values():
         one, many = rows.get(f"{sc['size']}x1", {}), rows.get(f"{sc['size']}x{n}", {})
-        fails = f" ({sc['errors']} failed)" if sc["errors"] else ""
-        batch = sc.get("per_batch_s") or {}
-        if batch.get("batches"):
-            fails += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each{})".format(
-                batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle")), _stages(batch, many)
-            )
         lines.append(
-            f"| {sc['size']}² x {sc['clients']} client(s){fails} | {_num(sc, 'images_per_s')} | "
+            f"| {sc['size']}² x {sc['clients']} client(s){_notes(sc, many)} | {_num(sc, 'images_per_s')} | "
+            f"{_num(sc, 'images_per_s_wall')} | "
             f"{_num(sc, 'p50_s')} | {_num(sc, 'p90_s')} | {_num(one, 'images_per_s')} | "
             f"{_num(many, 'images_per_s')} | {_share(sc, one)} | {_share(sc, many)} | "
             f"{_num(one, 'median_s')} |"
@@ -609,8 +745,28 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def _notes(sc: dict[str, Any], engine_row: dict[str, Any]) -> str:
+    """A scenario's failures, its steady window (or why it has none), and the workers' seconds per batch."""
+    notes = f" ({sc['errors']} failed)" if sc["errors"] else ""
+    if sc.get("steady_reason"):
+        notes += f" (no steady rate: {sc['steady_reason']})"
+    elif "steady_images" in sc:
+        notes += f" (steady: {sc['steady_images']} images in {sc['steady_window_s']:.3f} s)"
+    batch = sc.get("per_batch_s") or {}
+    if batch.get("batches"):
+        notes += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each{})".format(
+            batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle")), _stages(batch, engine_row)
+        )
+    return notes
+
+
+def _rate(row: dict[str, Any]) -> float | None:
+    """A row's images/s: None where it has none (a scenario whose steady window is too short)."""
+    return row.get("images_per_s")
+
+
 def _share(server: dict[str, Any], engine: dict[str, Any]) -> str:
-    if "images_per_s" not in server or "images_per_s" not in engine:
+    if not _rate(server) or not _rate(engine):
         return "-"
     return f"{server['images_per_s'] / engine['images_per_s']:.1%}".replace("%", " %")
 
@@ -625,7 +781,7 @@ def _stages(batch: dict[str, float], row: dict[str, Any]) -> str:
 
 
 def _num(row: dict[str, Any], key: str) -> str:
-    return f"{row[key]:.3f}" if key in row else "-"
+    return f"{row[key]:.3f}" if row.get(key) is not None else "-"
 
 
 def write(res: dict[str, Any], args: argparse.Namespace, out: Path) -> None:

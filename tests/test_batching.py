@@ -101,6 +101,16 @@ def test_a_batch_whose_jobs_are_all_cancelled_stops(engine, store, tmp_path):
     assert [store.get(j.id).status for j in (a, b)] == [jobs.CANCELLED] * 2
 
 
+def test_the_supervisor_sends_batches_within_its_pixel_budget(engine, store, tmp_path):
+    budget = 2 * 32 * 32
+    supervisor, worker_end, _ = supervisor_with_idle_worker(
+        store, tmp_path, max_batch=8, max_batch_pixels=budget, batch_window=0.0
+    )
+    queued = [store.submit(request(p, engine.limits, width=32, height=32)) for p in ("a", "b", "c")]
+    tick(supervisor)
+    assert [c.job_id for c in worker_end.recv()] == [j.id for j in queued[:2]]  # 2 x 32² fill the budget
+
+
 def test_a_worker_killed_mid_batch_releases_every_job_it_holds(store, tmp_path):
     supervisor, worker_end, process = supervisor_with_idle_worker(store, tmp_path, max_batch=4, batch_window=0.0)
     supervisor._ctx = StandInContext()
@@ -235,7 +245,11 @@ def test_the_writer_holds_at_most_its_depth_and_then_blocks(store, tmp_path):
 
 @pytest.mark.parametrize(
     ("flag", "message"),
-    [(["--max-batch", "0"], "--max-batch 0 must be at least 1"), (["--batch-window-ms", "-1"], "0..1000 milliseconds")],
+    [
+        (["--max-batch", "0"], "--max-batch 0 must be at least 1"),
+        (["--max-batch-pixels", "0"], "--max-batch-pixels 0 must be at least 1 pixel"),
+        (["--batch-window-ms", "-1"], "0..1000 milliseconds"),
+    ],
 )
 def test_bad_batching_flags_are_refused_before_the_server_starts(flag, message, capsys):
     from zturbo.cli import main

@@ -465,6 +465,30 @@ def test_a_batch_takes_compatible_jobs_in_queue_order_up_to_its_images(queue):
     assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 2)] == [big.id]
 
 
+def test_a_batch_holds_at_most_its_pixel_budget_so_small_images_batch_deeper(queue):
+    store = queue()
+
+    def submit(size: int, n: int, batch: int = 1) -> list[str]:
+        made = [GenerateRequest.create(f"p{i}", limits=LIMITS, width=size, height=size, seed=i, batch=batch)
+                for i in range(n)]  # fmt: skip
+        return [store.submit(r).id for r in made]
+
+    small, large = submit(32, 5), submit(64, 3)
+    # 4 x 32² pixels: four 32² images, one 64²; --max-batch (8 here) is not reached.
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 8, max_pixels=4 * 32 * 32)] == small[:4]
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 8, max_pixels=4 * 32 * 32)] == small[4:]
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 8, max_pixels=4 * 32 * 32)] == large[:1]
+    # The image count still bounds it, and a job larger than the budget runs alone rather than never.
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 1, max_pixels=10**9)] == large[1:2]
+    [huge] = submit(64, 1, batch=3)
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 8, max_pixels=32 * 32)] == large[2:]
+    assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 8, max_pixels=32 * 32)] == [huge]
+    assert jobs.pixel_room({"width": 512, "height": 512}, 4 * 1024 * 1024) == 16
+    assert jobs.pixel_room({"width": 768, "height": 768}, 4 * 1024 * 1024) == 7
+    assert jobs.pixel_room({"width": 2048, "height": 2048}, 4 * 1024 * 1024) == 1
+    assert jobs.pixel_room({"width": 512, "height": 512}, None) > 10**6
+
+
 def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     with sqlite3.connect(path) as db:

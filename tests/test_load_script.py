@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "load_serve.py"
-TINY_RUN = ["--device", "cpu", "--compile", "off", "--large", "64", "--small", "32", "--steps", "1", "--rounds", "1"]
+TINY_RUN = ["--device", "cpu", "--compile", "off", "--large", "64", "--small", "32", "--steps", "1", "--rounds", "3"]
 
 
 def load_script() -> Any:
@@ -78,7 +79,16 @@ def results(p50: float, four: float, sixteen: float, warm: float) -> dict[str, A
         "engine": {"rows": rows},
         "scenarios": {
             "1024x1": {**scenario, "size": 1024, "clients": 1, "p50_s": p50, "images_per_s": 1 / p50},
-            "1024x4": {**scenario, "size": 1024, "clients": 4, "p50_s": 3.3, "images_per_s": four},
+            "1024x4": {
+                **scenario,
+                "size": 1024,
+                "clients": 4,
+                "p50_s": 3.3,
+                "images_per_s": four,
+                "images_per_s_wall": 1.1,
+                "steady_images": 28,
+                "steady_window_s": 23.0,
+            },
             "512x1": {**scenario, "size": 512, "clients": 1, "p50_s": 0.26, "images_per_s": 3.8},
             "512x16": {**scenario, "size": 512, "clients": 16, "p50_s": 3.2, "images_per_s": sixteen},
         },
@@ -109,14 +119,82 @@ def test_the_report_puts_each_server_number_beside_the_engine_and_says_what_miss
     args = options()
     res["checks"] = [vars(c) for c in ls.checks(res, args)]
     md = ls.markdown(res, args)
-    assert "| 1024² x 4 client(s) | 1.200 | 3.300 | 1.000 | 1.250 | 1.300 | 96.0 % | 92.3 % | 0.800 |" in md
-    assert "| 512² x 16 client(s) | 5.500 | 3.200 | 1.000 | 4.000 | 5.000 | 137.5 % | 110.0 % | 0.250 |" in md
+    assert (
+        "| 1024² x 4 client(s) (steady: 28 images in 23.000 s) | 1.200 | 1.100 | 3.300 | 1.000 | 1.250 | 1.300 "
+        "| 96.0 % | 92.3 % | 0.800 |"
+    ) in md  # the steady-state rate, and the wall time's beside it
+    assert "| 512² x 16 client(s) | 5.500 | - | 3.200 | 1.000 | 4.000 | 5.000 | 137.5 % | 110.0 % | 0.250 |" in md
     assert "| 1024² one at a time: p50 s | 0.900 | 0.800 | <= 1.05 x engine + 20 ms = 0.860 s | NO |" in md
     assert "| start to ready, warm compile cache: s | 12.000 | - | <= 30 s | yes |" in md
     assert "| cold compile cache | 90.0 | - | - |" in md
     assert '| warm compile cache | 12.0 | 16.5 | {"ready_s": 11.0, "warm_s": 15.5} |' in md  # the server's own words
     without_engine = ls.checks({**res, "engine": {}}, args)
     assert [c.name for c in without_engine] == ["start to ready, warm compile cache: s"]  # no ratio without a reference
+
+
+def test_a_scenario_without_a_steady_window_says_why_and_is_held_to_nothing():
+    res = results(p50=0.8, four=1.25, sixteen=5.0, warm=12.0)
+    reason = "fewer than two bursts of answers while every client was in its timed requests"
+    res["scenarios"]["512x16"] |= {"images_per_s": None, "images_per_s_wall": 4.2, "steady_reason": reason}
+    args = options()
+    assert "32² 16 clients" not in [c.name for c in ls.checks(res, options(small=32))]
+    assert [c.name.split(":")[0] for c in ls.checks(res, args)] == [
+        "1024² one at a time",
+        "1024² 4 clients",
+        "start to ready, warm compile cache",
+    ]
+    md = ls.markdown(res, args)
+    assert f"| 512² x 16 client(s) (no steady rate: {reason}) | - | 4.200 | 3.200 |" in md
+
+
+def served(clients: int, warmup: int, rounds: int, batch: int = 4, period: float = 0.5) -> list[dict[str, Any]]:
+    """The records of clients that each send `warmup` then `rounds` requests back to back to a server
+    that answers the first `batch` queued every `period` s, a batch's answers 0-3 ms apart (as the
+    clients see them); every client sends its first request at 0."""
+    queue = deque((0.0, client, 0) for client in range(clients))
+    now, records = 0.0, []
+    while queue:
+        now += period
+        for position, (sent, client, index) in enumerate([queue.popleft() for _ in range(min(batch, len(queue)))]):
+            done = now + position * 0.001
+            records.append({"client": client, "warmup": index < warmup, "sent": sent, "done": done,
+                            "latency_s": done - sent})  # fmt: skip
+            if index + 1 < warmup + rounds:
+                queue.append((done, client, index + 1))
+    return records
+
+
+def test_the_steady_window_counts_whole_batches_between_the_last_warm_up_and_the_first_client_done():
+    records = served(clients=8, warmup=2, rounds=5)
+    window = ls.steady_window(records)
+    # Batches 1-4 are warm-ups (two groups of 4 clients, two each); group A's timed batches end at
+    # 5, 7, ..., 13 periods and group B's at 6, ..., 14: the window is from batch 4's last answer to
+    # batch 13's, 9 whole batches, and batch 14 (group B's tail, A done) is out.
+    assert window["steady_reason"] is None and window["steady_images"] == 9 * 4
+    assert window["steady_window_s"] == pytest.approx(9 * 0.5)
+    assert window["images_per_s"] == pytest.approx(4 / 0.5, rel=1e-12)  # the server's rate, exactly
+    last_warm_up = max(r["done"] for r in records if r["warmup"])
+    first_done = min(max(r["done"] for r in records if r["client"] == c) for c in range(8))
+    counted = [r for r in records if not r["warmup"] and last_warm_up < r["done"] <= first_done + 0.003]
+    assert len(counted) == window["steady_images"] < 8 * 5  # no warm-up answer, no tail answer
+    ramp = ls.steady_window(served(clients=8, warmup=0, rounds=5))  # no warm-up: from the last first send
+    assert ramp["images_per_s"] == pytest.approx(8.0, rel=1e-12) and ramp["steady_images"] == 8 * 4
+
+
+def test_one_client_gets_its_sequential_rate_and_latencies_over_every_timed_request(monkeypatch):
+    records = served(clients=1, warmup=2, rounds=5, period=0.25)
+    window = ls.steady_window(records)
+    assert window["steady_images"] == 5 and window["images_per_s"] == pytest.approx(4.0, rel=1e-12)
+    account = {"batches": 0.0, "engine": 0.0}
+    readings = {"start": account, "end": {"batches": 5.0, "engine": 1.0}, "start_at": 0.5, "end_at": 1.75}
+    monkeypatch.setattr(ls, "drive", lambda *_: (records, readings))
+    row = ls.run_scenario("http://x", "k", ls.Scenario("512x1", 512, 1), options(), iter(()))
+    assert row["requests"] == row["images"] == row["steady_images"] == 5 and row["errors"] == 0
+    assert row["images_per_s"] == row["images_per_s_wall"] == pytest.approx(4.0)  # sequential: both the same
+    assert row["p50_s"] == row["p90_s"] == pytest.approx(0.25) and row["wall_s"] == pytest.approx(1.25)
+    assert row["per_batch_s"] == {"batches": 5.0, "engine": 0.2} and row["account_window_s"] == 1.25
+    alone = ls.steady_window(served(clients=1, warmup=0, rounds=1))
+    assert alone["images_per_s"] is None and alone["steady_reason"] and alone["steady_images"] == 0
 
 
 def test_only_the_serve_flags_this_checkout_has_are_passed_and_every_compile_cache_is_the_runs(tmp_path):
@@ -130,10 +208,9 @@ def test_only_the_serve_flags_this_checkout_has_are_passed_and_every_compile_cac
     features = ls.serve_features(help_text)
     cmd = ls.serve_command(options(), 8000, tmp_path, features)
     assert ("--compile-cache" in cmd) == ("--compile-cache" in help_text)
-    assert ("--max-batch" in cmd) == ("--max-batch" in help_text)
-    later = ls.serve_command(options(), 8000, tmp_path, ["--compile-cache", "--max-batch"])
+    assert "--max-batch" not in cmd  # the server's own batching defaults, as a user's server has them
+    later = ls.serve_command(options(), 8000, tmp_path, ["--compile-cache"])
     assert later[later.index("--compile-cache") + 1] == str(tmp_path / "compile-cache")
-    assert later[later.index("--max-batch") + 1] == "4"
     ray_args = ls.parse_args(["--model", "tiny-random", "--serve-arg=--ray", "--serve-arg=auto"])
     ray = ls.serve_command(ray_args, 8000, tmp_path, [])
     assert ray[-2:] == ["--ray", "auto"]
@@ -163,11 +240,17 @@ def check_run(out: Path, proc: subprocess.CompletedProcess[str], starts: set[str
     res = json.loads((out / "load.json").read_text())
     assert list(res["scenarios"]) == ["64x1", "64x4", "32x1", "32x16"]
     for sc in res["scenarios"].values():  # every request answered with a decodable image of its size
-        assert sc["requests"] == sc["images"] == sc["clients"] and sc["errors"] == 0, sc
-        assert sc["formats"] == ["PNG"] and 0 < sc["p50_s"] <= sc["p90_s"] and sc["images_per_s"] > 0
-        batch = sc["per_batch_s"]  # the workers' own account of the timed requests, from /metrics
-        assert 1 <= batch["batches"] <= sc["requests"] and batch["engine"] > 0 and batch["host"] >= 0, batch
-        assert 0 < batch["stage:denoise_decode_s"] <= batch["engine"], batch  # the engine's stages, per batch
+        assert sc["requests"] == sc["images"] == sc["clients"] * 3 and sc["errors"] == 0, sc
+        assert sc["formats"] == ["PNG"] and 0 < sc["p50_s"] <= sc["p90_s"] and sc["images_per_s_wall"] > 0
+        # One client's steady window is its timed requests; several clients' may hold too few answers on a CPU.
+        steady = sc["clients"] == 1 or sc["images_per_s"] is not None
+        assert (sc["images_per_s"] > 0 and sc["steady_reason"] is None) if steady else sc["steady_reason"], sc
+        assert 0 < sc["steady_images"] <= sc["images"] if steady else sc["steady_images"] == 0, sc
+        batch = sc["per_batch_s"]  # the workers' own account of the steady window, from /metrics
+        assert 0 <= batch["batches"] <= sc["requests"] and sc["account_window_s"] >= 0, batch
+        if sc["clients"] == 1:  # one batch per request, counted between the two readings
+            assert batch["batches"] >= 1 and batch["engine"] > 0 and batch["host"] >= 0, batch
+            assert 0 < batch["stage:denoise_decode_s"] <= batch["engine"], batch  # the engine's stages, per batch
     assert set(res["starts"]) == starts and all(s["ready"]["status"] == "ready" for s in res["starts"].values())
     # Each start waited for the warm-up parts its worker runs after ready, before any timed request.
     assert all(s["warm_s"] >= s["ready_s"] and "small_call_s" in s["warm"]["deferred_warmup_parts"]
@@ -183,7 +266,7 @@ def test_one_server_start_under_every_scenario_on_the_tiny_model(tiny_dir, tmp_p
         str(tiny_dir),
         *TINY_RUN,
         "--warmup-rounds",
-        "0",
+        "1",
         "--no-engine",
         "--no-restart",
         "--work",

@@ -26,6 +26,11 @@ PLAIN_WEIGHT_PLANS = ("sequential",)
 MODEL_SOURCE_CHOICES = ("hf", "modelscope")
 # Host memory for parsed LoRAs (the least recently used goes first).
 DEFAULT_LORA_CACHE_BYTES = 2 * 1024**3
+# A server batch holds at most this many images and this many pixels: four 1024² images, seven
+# 768², eight 512². A batch's GPU time follows its pixels (its tokens), so small images gain from
+# deeper batches; the image cap keeps the batch sizes, each a CUDA graph of its own, few.
+SERVE_MAX_BATCH = 8
+SERVE_MAX_BATCH_PIXELS = 4 * 1024 * 1024
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.
 DEFAULT_MAX_PIXELS = 2048 * 2048
 

@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -172,6 +173,15 @@ def batch_key(request: GenerateRequest) -> str:
     """`request.shared()` as one text: jobs with equal keys can run as one batch
     (`GenerateRequest.combine`); NO_BATCH for none."""
     return hashlib.sha256(repr(request.shared()).encode()).hexdigest()
+
+
+def pixel_room(params: Mapping[str, Any], max_pixels: int | None) -> int:
+    """How many images of the size in `params` a batch of at most `max_pixels` pixels holds, at
+    least one; unbounded for None. A batch costs the GPU about its pixels (its tokens), so a pixel
+    budget lets small images batch deeper than large ones in the same memory and time."""
+    if max_pixels is None:
+        return sys.maxsize
+    return max(1, max_pixels // (int(params["width"]) * int(params["height"])))
 
 
 def stored_request(params: dict[str, Any], limits: ModelLimits, images: ImageResolver | None = None) -> GenerateRequest:
@@ -646,14 +656,20 @@ class SqlQueue(ABC):
         return claims[0] if claims else None
 
     def claim_batch(
-        self, worker: str, prefer: str, max_images: int, rooms: Mapping[str, int] | None = None
+        self,
+        worker: str,
+        prefer: str,
+        max_images: int,
+        rooms: Mapping[str, int] | None = None,
+        max_pixels: int | None = None,
     ) -> list[Claim]:
         """The next job (`_next`), then the waiting jobs that can run in one batch with it (an equal
-        batch key) in queue order, while their images and its stay within `max_images`, and within
-        `rooms[key]` where `rooms` has its batch key (the images the worker's memory was found to
-        hold): all now `running` on `worker` with one more attempt; [] if none waits. The first job
-        is taken whatever its size, so no job waits for a batch. `prefer` is the LoRA set key the
-        worker ran last. A job whose parameters cannot be read is failed with the reason on the way."""
+        batch key) in queue order, while their images and its stay within `max_images`, within
+        `max_pixels` pixels (`pixel_room`), and within `rooms[key]` where `rooms` has its batch key
+        (the images the worker's memory was found to hold): all now `running` on `worker` with one
+        more attempt; [] if none waits. The first job is taken whatever its size, so no job waits for
+        a batch. `prefer` is the LoRA set key the worker ran last. A job whose parameters cannot be
+        read is failed with the reason on the way."""
         with self._tx() as db:
             first = self._next_readable(db, prefer)
             if first is None:
@@ -661,7 +677,7 @@ class SqlQueue(ABC):
             rows = [first]
             key = first[0]["batch_key"]
             if key != NO_BATCH:
-                most = min(max_images, (rooms or {}).get(key, max_images))
+                most = min(max_images, (rooms or {}).get(key, max_images), pixel_room(first[1], max_pixels))
                 rows += self._companions(db, first[0], most - first[0]["image_count"])
             now, claimer = time.time(), self.claimer(worker)
             claims = []

@@ -277,7 +277,8 @@ class ReplicaWork:
                  exit_process: Callable[[int], Any] = os._exit) -> None:  # fmt: skip
         from .pgstore import NODE_LEASE_S, PostgresJobStore
 
-        self.engine, self.max_batch, self.exit_process = engine, settings.max_batch, exit_process
+        self.engine, self.exit_process = engine, exit_process
+        self.max_batch, self.max_batch_pixels = settings.max_batch, settings.max_batch_pixels
         lease = settings.node_lease_s or NODE_LEASE_S
         inputs = settings.data_dir / "inputs"
         self.store = PostgresJobStore(settings.store, inputs_dir=inputs, lease_s=lease, node=name)
@@ -355,7 +356,9 @@ class ReplicaWork:
         start, claims = time.perf_counter(), []
         try:
             if not self.leaving.is_set():  # a replica on its way out starts nothing
-                claims = self.store.claim_batch(GPU_WORKER, self.lora_set, self.max_batch, self.rooms)
+                claims = self.store.claim_batch(
+                    GPU_WORKER, self.lora_set, self.max_batch, self.rooms, self.max_batch_pixels
+                )
         finally:
             self.router.open([c.job_id for c in claims], emit)
             emit(_Claimed(tuple(c.job_id for c in claims)))

@@ -18,7 +18,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import DEFAULT_LORA_CACHE_BYTES, env
+from ..config import DEFAULT_LORA_CACHE_BYTES, SERVE_MAX_BATCH, SERVE_MAX_BATCH_PIXELS, env
 from ..errors import DeviceError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -142,9 +142,16 @@ def _batch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-batch",
         type=int,
-        default=4,
-        help="most images a worker makes in one batch of compatible jobs (fewer where its free GPU memory holds "
-        "fewer); 1: one job at a time (default 4)",
+        default=SERVE_MAX_BATCH,
+        help="most images a worker makes in one batch of compatible jobs (fewer where --max-batch-pixels or its "
+        f"free GPU memory holds fewer); 1: one job at a time (default {SERVE_MAX_BATCH})",
+    )
+    p.add_argument(
+        "--max-batch-pixels",
+        type=int,
+        default=SERVE_MAX_BATCH_PIXELS,
+        help="most pixels of all images in one batch, at least one job whatever its size (default "
+        f"{SERVE_MAX_BATCH_PIXELS}: four 1024x1024 images, seven 768x768)",
     )
     p.add_argument(
         "--batch-window-ms",
@@ -237,6 +244,7 @@ def serve_settings(args: argparse.Namespace, config: Any, devices: list[str] | N
         node_lease_s=args.node_lease,
         job_timeout=args.job_timeout,
         max_batch=args.max_batch,
+        max_batch_pixels=args.max_batch_pixels,
         batch_window_ms=args.batch_window_ms,
         shutdown_grace=args.shutdown_grace,
         sync_timeout=args.sync_timeout,
@@ -360,6 +368,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise InvalidRequestError(f"--job-timeout {args.job_timeout} must be a positive number of seconds")
     if args.max_batch < 1:
         raise InvalidRequestError(f"--max-batch {args.max_batch} must be at least 1 image")
+    if args.max_batch_pixels < 1:
+        raise InvalidRequestError(f"--max-batch-pixels {args.max_batch_pixels} must be at least 1 pixel")
     if not 0 <= args.batch_window_ms <= 1000:
         raise InvalidRequestError(f"--batch-window-ms {args.batch_window_ms} must be 0..1000 milliseconds")
     if not args.sync_timeout > 0:

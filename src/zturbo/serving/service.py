@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_LORA_CACHE_BYTES, RuntimeConfig
+from ..config import DEFAULT_LORA_CACHE_BYTES, SERVE_MAX_BATCH, SERVE_MAX_BATCH_PIXELS, RuntimeConfig
 from ..request import IMAGE_FIELDS, LIMITS, GenerateRequest, ModelLimits
 from . import jobs
 from .stores import DEFAULT_STORE, open_store
@@ -63,9 +63,10 @@ class ServeSettings:
     lora_targets: Callable[[], Mapping[str, tuple[int, int]]] | None = None
     # The A1111 routes' --client-defaults: "turbo" runs Turbo's steps and CFG for SD's defaults, "honour" as sent.
     client_defaults: str = "turbo"
-    # Batching: most images one batch makes, and how long a free worker waits for a companion of
-    # a lone waiting job (docs/server.md, "Batching").
-    max_batch: int = 4
+    # Batching: most images and most pixels one batch makes, and how long a free worker waits for a
+    # companion of a lone waiting job (docs/server.md, "Batching").
+    max_batch: int = SERVE_MAX_BATCH
+    max_batch_pixels: int = SERVE_MAX_BATCH_PIXELS
     batch_window_ms: float = 2.0
 
     @property
@@ -125,7 +126,8 @@ class Service:
     def _local_workers(self, store: Any, config: RuntimeConfig, hooks: Hooks) -> Supervisor:
         s = self.settings
         return Supervisor(store, config, s.devices, s.data_dir, job_timeout=s.job_timeout, hooks=hooks,
-                          max_batch=s.max_batch, batch_window=s.batch_window_ms / 1000)  # fmt: skip
+                          max_batch=s.max_batch, max_batch_pixels=s.max_batch_pixels,
+                          batch_window=s.batch_window_ms / 1000)  # fmt: skip
 
     def start(self) -> None:
         """Recover the queue and start the workers; once (`zturbo serve` starts them before it

@@ -39,7 +39,12 @@ class QueueStore(Protocol):
     def history(self, *, limit: int, offset: int, query: str | None = None) -> tuple[list[Job], int]: ...
     def claim(self, worker: str, prefer: str = ...) -> Claim | None: ...
     def claim_batch(
-        self, worker: str, prefer: str, max_images: int, rooms: Mapping[str, int] | None = None
+        self,
+        worker: str,
+        prefer: str,
+        max_images: int,
+        rooms: Mapping[str, int] | None = None,
+        max_pixels: int | None = None,
     ) -> list[Claim]: ...
     def cancel(self, job_id: str) -> Job: ...
     def release(

@@ -942,12 +942,13 @@ class Supervisor:
         job_timeout: float,
         hooks: Hooks | None = None,
         max_batch: int = 4,
+        max_batch_pixels: int | None = None,
         batch_window: float = 0.002,
     ) -> None:
-        """`max_batch`: most images one batch makes; `batch_window`: seconds a free worker waits for a
-        companion when exactly one job is waiting."""
+        """`max_batch`: most images one batch makes; `max_batch_pixels`: most pixels (None: no bound);
+        `batch_window`: seconds a free worker waits for a companion when exactly one job is waiting."""
         self.store = store
-        self.max_batch = max_batch
+        self.max_batch, self.max_batch_pixels = max_batch, max_batch_pixels
         self.batch_window = batch_window
         self.config = config
         self.data_dir = data_dir
@@ -1162,7 +1163,11 @@ class Supervisor:
         """Claim `s`'s next batch and send it (to run now, or after its running batch: `waiting`);
         False when no job waits."""
         with self._lock:
-            claims = self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms) if self._dispatching else []
+            claims = (
+                self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms, self.max_batch_pixels)
+                if self._dispatching
+                else []
+            )
         if not claims:
             return False
         payload = ForkingPickler.dumps(claims)  # the framing `Connection.recv` reads
