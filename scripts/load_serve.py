@@ -128,6 +128,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--no-serve", action="store_true", help="skip the cold start and the scenarios")
     p.add_argument("--no-load", action="store_true", help="start the server cold but send it no requests")
     p.add_argument(
+        "--start-warm",
+        action="store_true",
+        help="the server's one start finds the compile cache in --work that the engine's child filled "
+        "(--engine-cache WORK/compile-cache) and is reported as the warm start, the scenarios run on it",
+    )
+    p.add_argument(
         "--warm-only",
         action="store_true",
         help="only the warm start, on the compile cache a run with --no-restart left in --work",
@@ -848,7 +854,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
         res["starts"]["warm"] = serve_phase(args, work, out, "warm")
         write(res, args, out)
         return res
-    if _filled(cache) and not args.no_serve:
+    if _filled(cache) and not args.no_serve and not args.start_warm:
         refuse(f"{cache} is not empty, so the first start would not be cold")
     write(res, args, out)
     if not args.no_engine:
@@ -864,9 +870,10 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
             res["scenarios"][sc.key] = run_scenario(url, key, sc, args, pairs)
             write(res, args, out)
 
-    res["starts"]["cold"] = serve_phase(args, work, out, "cold", during=None if args.no_load else load)
+    first = "warm" if args.start_warm else "cold"
+    res["starts"][first] = serve_phase(args, work, out, first, during=None if args.no_load else load)
     write(res, args, out)
-    if not args.no_restart:
+    if not args.no_restart and not args.start_warm:
         res["starts"]["warm"] = serve_phase(args, work, out, "warm")
         write(res, args, out)
     return res

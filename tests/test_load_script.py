@@ -331,3 +331,20 @@ def test_gpus_go_to_the_server_for_replica_scaling(tmp_path):
     cmd = ls.serve_command(options(gpus="0,1"), 8000, tmp_path, [])
     assert cmd[cmd.index("--gpus") + 1] == "0,1"
     assert "--gpus" not in ls.serve_command(options(), 8000, tmp_path, [])
+
+
+def test_a_start_on_a_cache_the_engine_filled_is_the_warm_start_and_carries_the_scenarios(tmp_path, monkeypatch):
+    (tmp_path / "compile-cache").mkdir()
+    (tmp_path / "compile-cache" / "entry").write_text("x")
+    starts: list[tuple[str, bool]] = []
+
+    def phase(args: Any, work: Path, out: Path, kind: str, during: Any = None) -> dict[str, Any]:
+        starts.append((kind, during is not None))
+        return {"ready": {}, "ready_s": 1.0, "warm_s": 2.0}
+
+    monkeypatch.setattr(ls, "serve_phase", phase)
+    argv = ["--model", "tiny-random", "--no-engine", "--work", str(tmp_path)]
+    with pytest.raises(SystemExit):  # a filled cache is no cold start
+        ls.run(ls.parse_args(argv), argv, tmp_path, tmp_path)
+    res = ls.run(ls.parse_args([*argv, "--start-warm"]), argv, tmp_path, tmp_path)
+    assert starts == [("warm", True)] and list(res["starts"]) == ["warm"]  # one start, no restart after it
