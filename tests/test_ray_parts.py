@@ -368,6 +368,16 @@ def test_a_replica_reports_its_time_with_each_batch(engine, ingress_store, postg
         work.close()
 
 
+def test_a_replica_claims_batches_within_the_servers_pixel_budget(engine, ingress_store, postgres_db, tmp_path):
+    work = replica_work(engine, postgres_db, tmp_path, max_batch=8, max_batch_pixels=2 * 64 * 64)
+    try:
+        queued = [tiny_job(ingress_store, p) for p in ("a fox", "a cat", "a heron")]
+        [free] = [m for m in one_run(work) if isinstance(m, GpuFree)]
+        assert free.job_ids == tuple(j.id for j in queued[:2])  # two 64² images fill the budget, not 8
+    finally:
+        work.close()
+
+
 def test_a_lone_job_past_the_time_limit_fails_once_and_the_replica_ends_its_process(
     engine, ingress_store, postgres_db, tmp_path, monkeypatch
 ):

@@ -28,7 +28,7 @@ MODEL_SOURCE_CHOICES = ("hf", "modelscope")
 DEFAULT_LORA_CACHE_BYTES = 2 * 1024**3
 # A server batch holds at most this many images and this many pixels: four 1024² images, seven
 # 768², eight 512². A batch's GPU time follows its pixels (its tokens), so small images gain from
-# deeper batches; the image cap keeps the batch sizes, each a CUDA graph of its own, few.
+# deeper batches; the image cap bounds the batch sizes, each with step graphs of its own.
 SERVE_MAX_BATCH = 8
 SERVE_MAX_BATCH_PIXELS = 4 * 1024 * 1024
 # 2048 x 2048: the largest square the reference was measured at; raise it with --max-pixels.

@@ -357,7 +357,7 @@ class ReplicaWork:
         try:
             if not self.leaving.is_set():  # a replica on its way out starts nothing
                 claims = self.store.claim_batch(
-                    GPU_WORKER, self.lora_set, self.max_batch, self.rooms, self.max_batch_pixels
+                    GPU_WORKER, self.lora_set, self.max_batch, rooms=self.rooms, max_pixels=self.max_batch_pixels
                 )
         finally:
             self.router.open([c.job_id for c in claims], emit)

@@ -44,7 +44,7 @@ from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..config import RuntimeConfig
+from ..config import SERVE_MAX_BATCH, SERVE_MAX_BATCH_PIXELS, RuntimeConfig
 from ..errors import StorageError
 from . import jobs
 from .stores import QueueStore, open_store
@@ -941,8 +941,8 @@ class Supervisor:
         *,
         job_timeout: float,
         hooks: Hooks | None = None,
-        max_batch: int = 4,
-        max_batch_pixels: int | None = None,
+        max_batch: int = SERVE_MAX_BATCH,
+        max_batch_pixels: int | None = SERVE_MAX_BATCH_PIXELS,
         batch_window: float = 0.002,
     ) -> None:
         """`max_batch`: most images one batch makes; `max_batch_pixels`: most pixels (None: no bound);
@@ -1164,7 +1164,9 @@ class Supervisor:
         False when no job waits."""
         with self._lock:
             claims = (
-                self.store.claim_batch(s.id, s.lora_set, self.max_batch, s.rooms, self.max_batch_pixels)
+                self.store.claim_batch(
+                    s.id, s.lora_set, self.max_batch, rooms=s.rooms, max_pixels=self.max_batch_pixels
+                )
                 if self._dispatching
                 else []
             )
