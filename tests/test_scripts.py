@@ -186,3 +186,10 @@ def test_bench_parallel_times_one_and_two_processes_in_one_run(tmp_path):
 def test_bench_parallel_refuses_a_run_without_its_baseline(capsys):
     code, err = refused("bench_parallel.py", "--parallel", "2", "4", capsys=capsys)
     assert code == 2 and "--parallel must include 1" in err
+
+
+def test_the_gpu_machine_scripts_parse():
+    """scripts/gpu/ runs only on the workplace's GPU machine (README there): bash must parse each."""
+    for path in sorted((SCRIPTS / "gpu").glob("*.sh")):
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, f"{path.name}: {proc.stderr}"
