@@ -2,14 +2,15 @@
 """Serving at the GPU's speed: `zturbo serve` under load, each number beside the engine's own, in one run.
 
 1. The engine alone, in a child process that loads the same RuntimeConfig a server worker loads:
-   seconds per image and images/s at batch 1 and at --max-batch, at both sizes.
+   seconds per image and images/s at each of --engine-batches (1, 4 and 8), at both sizes.
 2. `zturbo serve --no-ui --model DIR` started with an empty compile cache: seconds from process
    start to /ready (cold), and to fully warm (the warm-up parts a worker runs after ready, done;
    the load waits for them). The server is then driven through the official `openai` client
    (b64_json, every image decoded and its size checked): the large size one request at a time
    (p50/p90 latency) and with 4 clients (images/s); the small size with 1 and with 16 clients.
 3. The server stopped and started again on the same compile cache: seconds to /ready and to fully
-   warm (warm).
+   warm (warm). With --start-warm there is one start only: the server's first start finds the
+   compile cache the engine's child filled and is reported as the warm start, the scenarios on it.
 4. load.json and load.md in --out ($OUT, else ./load), rewritten after each phase so that a run
    cut short keeps what finished: the server's numbers, the engine's, their ratios and the
    acceptance checks of issue 24.
@@ -21,8 +22,13 @@ between the two and the shapes it batches are compiled and captured before the t
 The headline images/s is the server's steady state: the timed images answered between the moment
 the last client finished warming up and the moment the first client finished its timed requests
 (when every client has a request in flight), the window's edges moved to whole bursts of answers
-(one batch's); the rate over the timed requests' whole wall time, ramp and tail included, stands
-beside it. The workers' /metrics account is read at the same two moments.
+(one batch's), and the bursts inside it are recorded (their number and sizes, beside the batches the
+workers' /metrics account counts, read at the same two moments). With several workers (--gpus) the
+bursts of different GPUs can interleave, so the window's edges are exact for one worker only. The
+wall rate stands beside it: the timed images answered from the same start (every client in its timed
+requests) to the last timed answer, over those seconds, so it includes the tail in which the clients
+finish one by one. The 16-client small scenario is also set beside the engine at the batch the
+server averaged (its answers over its batches in the account's window, to the nearest engine batch).
 
     python scripts/load_serve.py --model /tmp/zi                       # a GPU, real-size weights
     python scripts/load_serve.py --model tiny-random --device cpu --compile off \\
@@ -95,7 +101,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--compile", default=None, choices=("auto", "on", "off"), help="passed to both (default auto)")
     p.add_argument("--quantize", default=None, help="passed to both (default none)")
     p.add_argument(
-        "--gpus", default=None, help="passed to `zturbo serve`: a worker per GPU, e.g. 0,1,2,3 (engine rows: one GPU)"
+        "--gpus",
+        default=None,
+        help="passed to `zturbo serve`: a worker per GPU, e.g. 0,1,2,3 (engine rows: one GPU). With several "
+        "workers the bursts of answers of different GPUs can interleave: the steady window's edges (whole "
+        "bursts) are exact for one worker only",
     )
     p.add_argument("--large", type=int, default=1024, help="the large square size (default 1024)")
     p.add_argument("--small", type=int, default=512, help="the small square size (default 512)")
@@ -104,7 +114,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--max-batch",
         type=int,
         default=4,
-        help="the engine's batch row (default 4); the server batches by its own defaults",
+        help="the engine batch the 16-client small scenario's acceptance compares against (default 4); "
+        "one of --engine-batches. The server batches by its own defaults",
+    )
+    p.add_argument(
+        "--engine-batches",
+        default="1,4,8",
+        help="the engine's batch rows, comma-separated (default 1,4,8: the server batches up to 8 at 512²)",
     )
     p.add_argument(
         "--rounds",
@@ -112,7 +128,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=8,
         help="timed requests per client in each scenario (default 8). images/s counts those answered from "
         "the last client's end of warm-up to the first client's last answer, while every client is sending: "
-        "with C clients and batches of B, about (rounds - 1) x C / B batches",
+        "with C clients and batches of B, about (rounds - 1) x C / B batches (steady_bursts, "
+        "steady_burst_sizes). images_per_s_wall counts from the same start to the last timed answer, the "
+        "tail in which the clients finish one by one included",
     )
     p.add_argument(
         "--warmup-rounds",
@@ -122,6 +140,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--engine-runs", type=int, default=5, help="timed engine calls per row (default 5)")
     p.add_argument("--engine-warmup", type=int, default=3, help="untimed engine calls per row first (default 3)")
+    phase_flags(p)
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def phase_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that pick which phases run, on which caches, and where their output goes."""
     p.add_argument("--output-format", default=None, help="the requests' output_format (default: not sent, png)")
     p.add_argument("--no-engine", action="store_true", help="skip the engine's rows (no ratios then)")
     p.add_argument("--no-restart", action="store_true", help="skip the warm restart")
@@ -130,8 +156,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--start-warm",
         action="store_true",
-        help="the server's one start finds the compile cache in --work that the engine's child filled "
-        "(--engine-cache WORK/compile-cache) and is reported as the warm start, the scenarios run on it",
+        help="the server's one start (no restart) finds the compile cache in --work that the engine's child "
+        "filled (--engine-cache WORK/compile-cache) or an earlier run left, and is reported as the warm "
+        "start, the scenarios run on it; refused where neither fills it, and just before the start where "
+        "it is empty",
     )
     p.add_argument(
         "--warm-only",
@@ -141,8 +169,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--engine-cache",
         default=None,
-        help="the engine child's compile cache (default: an empty one of its own); a server run's "
-        "--work DIR/compile-cache saves its compiling, for a run split over calls on one machine",
+        help="the engine child's compile cache (default: WORK/engine-cache, an empty one of its own); a server "
+        "run's --work DIR/compile-cache saves its compiling, for a run split over calls on one machine, and "
+        "is the one --start-warm needs filled",
     )
     p.add_argument(
         "--merge",
@@ -163,9 +192,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="data and compile caches (default: a temporary directory)")
     p.add_argument("--out", default=None, help="where load.json, load.md and the logs go (default $OUT or ./load)")
     p.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)  # the engine's child process
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -193,6 +219,43 @@ def check_args(args: argparse.Namespace) -> None:
         refuse(f"--model {args.model} is not a directory; write one with `zturbo bench --write-checkpoint DIR`")
     if args.warm_only and not (args.work and _filled(Path(args.work) / "compile-cache")):
         refuse(f"--warm-only needs --work DIR holding an earlier run's compile-cache; got --work {args.work}")
+    check_batches(args)
+    if args.start_warm:
+        check_start_warm(args)
+
+
+def check_batches(args: argparse.Namespace) -> None:
+    """--engine-batches: positive whole numbers, --max-batch among them (the acceptance's reference row)."""
+    try:
+        batches = engine_batches(args)
+    except ValueError:
+        refuse(f"--engine-batches {args.engine_batches} must be comma-separated whole numbers, e.g. 1,4,8")
+    if not batches or min(batches) < 1:
+        refuse(f"--engine-batches {args.engine_batches} must be comma-separated numbers of at least 1")
+    if args.max_batch not in batches:
+        refuse(f"--max-batch {args.max_batch} must be one of --engine-batches {args.engine_batches}")
+
+
+def engine_batches(args: argparse.Namespace) -> list[int]:
+    """The engine's batch rows, ascending (a merged load.json's options may hold them as a list)."""
+    given = args.engine_batches
+    parts = given if isinstance(given, list) else [p for p in str(given).split(",") if p.strip()]
+    return sorted({int(p) for p in parts})
+
+
+def check_start_warm(args: argparse.Namespace) -> None:
+    """--start-warm reports the server's one start as warm, so its compile cache must be warm: the
+    engine's child fills WORK/compile-cache only where --engine-cache names it (its default is
+    WORK/engine-cache), or an earlier run left it filled."""
+    cache = Path(args.work).expanduser().resolve() / "compile-cache" if args.work else None
+    engine = Path(args.engine_cache).expanduser().resolve() if args.engine_cache else None
+    if cache is not None and (_filled(cache) or (engine == cache and not args.no_engine)):
+        return
+    refuse(
+        "--start-warm needs a warm compile cache: --work DIR with --engine-cache DIR/compile-cache (the engine "
+        f"rows on), or a DIR/compile-cache an earlier run filled; got --work {args.work}, "
+        f"--engine-cache {args.engine_cache}{', --no-engine' if args.no_engine else ''}"
+    )
 
 
 def _filled(directory: Path) -> bool:
@@ -243,12 +306,12 @@ def engine_config(args: argparse.Namespace, cache: Path | None) -> Any:
 
 
 def engine_rates(engine: Any, args: argparse.Namespace, pairs: Iterator[tuple[str, int]]) -> dict[str, Any]:
-    """Seconds per engine call (prompt to 8-bit images, no encoding) and images/s at batch 1 and
-    at --max-batch, for both sizes: medians of --engine-runs after --engine-warmup calls."""
+    """Seconds per engine call (prompt to 8-bit images, no encoding) and images/s at each of
+    --engine-batches, for both sizes: medians of --engine-runs after --engine-warmup calls."""
     rows: dict[str, Any] = {}
     steps = {} if args.steps is None else {"steps": args.steps}
     for size in (args.large, args.small):
-        for batch in sorted({1, args.max_batch}):
+        for batch in engine_batches(args):
             times, stages = [], []
             for _ in range(args.engine_warmup + args.engine_runs):
                 batch_pairs = [next(pairs) for _ in range(batch)]
@@ -556,32 +619,57 @@ def drive(
     return records, readings
 
 
-def steady_window(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Images/s in the server's steady state: from the moment the last client finished its warm-up
-    (its first timed send where there was none) to the moment the first client finished its timed
-    requests, every client has a request in flight. The window's edges move to whole bursts of
-    completions (a batch's answers arrive together): it opens at the end of the first burst that
-    ends at or after that start, and closes at the end of the last burst that begins at or before
-    that end; the timed images answered in between, over its seconds. None, with the reason, where
-    fewer than two bursts bound it."""
-    clients = sorted({r["client"] for r in records})
+def window_edges(records: Sequence[dict[str, Any]]) -> tuple[float, float]:
+    """When every client was in its timed requests: from the moment the last client finished its
+    warm-up (its first timed send where there was none) to the moment the first client finished
+    its timed requests."""
     entered, left = [], []
-    for c in clients:
+    for c in sorted({r["client"] for r in records}):
         mine = [r for r in records if r["client"] == c]
         warm, timed = [r for r in mine if r["warmup"]], [r for r in mine if not r["warmup"]]
         entered.append(warm[-1]["done"] if warm else timed[0]["sent"] if timed else math.inf)
         left.append(timed[-1]["done"] if timed else -math.inf)
-    start, end = max(entered, default=math.inf), min(left, default=-math.inf)
+    return max(entered, default=math.inf), min(left, default=-math.inf)
+
+
+def steady_window(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Images/s in the server's steady state, between the `window_edges` (every client has a request
+    in flight). The edges move to whole bursts of completions (a batch's answers arrive together): the
+    window opens at the end of the first burst that ends at or after the start, and closes at the end
+    of the last burst that begins at or before the end; the timed images answered in between, over its
+    seconds, and the bursts in it (`steady_bursts`, `steady_burst_sizes`: how the answers came, beside
+    the batches /metrics counts). With several workers (--gpus) the bursts of different GPUs can
+    interleave into one, so the edges are exact for one worker only. None, with the reason, where
+    fewer than two bursts bound it."""
+    start, end = window_edges(records)
     answered = [r for r in records if "latency_s" in r]
-    bursts = _bursts(sorted(r["done"] for r in answered), _burst_gap(answered, len(clients)))
+    clients = len({r["client"] for r in records})
+    bursts = _bursts(sorted(r["done"] for r in answered), _burst_gap(answered, clients))
     opened = next((b[-1] for b in bursts if b[-1] >= start), None)
     closed = next((b[-1] for b in reversed(bursts) if b[0] <= end), None)
     if opened is None or closed is None or closed <= opened:
         reason = "fewer than two bursts of answers while every client was in its timed requests"
-        return {"images_per_s": None, "steady_window_s": 0.0, "steady_images": 0, "steady_reason": reason}
+        none = {"steady_window_s": 0.0, "steady_images": 0, "steady_bursts": 0, "steady_burst_sizes": []}
+        return {"images_per_s": None, **none, "steady_reason": reason}
     images = sum(1 for r in answered if not r["warmup"] and opened < r["done"] <= closed)
+    inside = [len(b) for b in bursts if opened < b[-1] <= closed]  # whole bursts: the edges are burst ends
     window = {"steady_window_s": closed - opened, "steady_images": images, "steady_reason": None}
-    return {"images_per_s": images / (closed - opened), **window}
+    bursts_in = {"steady_bursts": len(inside), "steady_burst_sizes": inside}
+    return {"images_per_s": images / (closed - opened), **window, **bursts_in}
+
+
+def wall_rate(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Images/s from the window's start (every client in its timed requests, so no untimed request
+    shares the span) to the last timed answer: the timed images answered in that span over its
+    seconds. Unlike the steady rate it includes the tail in which the clients finish one by one."""
+    start = window_edges(records)[0]
+    done = [r["done"] for r in records if not r["warmup"] and "latency_s" in r and r["done"] > start]
+    span = max(done) - start if done else 0.0
+    return {
+        "images_per_s_wall": len(done) / span if span > 0 else None,
+        "wall_window_s": span,
+        "wall_images": len(done),
+    }
 
 
 def _burst_gap(answered: Sequence[dict[str, Any]], clients: int) -> float:
@@ -608,13 +696,15 @@ def _bursts(times: Sequence[float], gap: float) -> list[list[float]]:
 
 def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[Any]) -> dict[str, Any]:
     """Warm-up then timed requests under continuous load: images/s in the steady-state window (and
-    over the timed requests' wall time), latencies over every timed request, and the workers'
-    account per batch over the same window."""
+    from its start to the last timed answer, the tail included), latencies over every timed request,
+    and the workers' account per batch over the same window with the answers that fell in it."""
     records, readings = drive(url, key, sc, args, pairs)
     timed = [r for r in records if not r["warmup"]]
     latencies = [r["latency_s"] for r in timed if "latency_s" in r]
     errors = [r["error"] for r in records if "error" in r]
     wall = max(r["done"] for r in timed) - min(r["sent"] for r in timed) if timed else 0.0
+    at = (readings["start_at"], readings["end_at"])
+    answers = sum(1 for r in records if "latency_s" in r and at[0] < r["done"] <= at[1])
     row: dict[str, Any] = {
         **asdict(sc),
         "requests": len(timed),
@@ -624,9 +714,10 @@ def run_scenario(url: str, key: str, sc: Scenario, args: argparse.Namespace, pai
         "first_error": errors[0] if errors else None,
         "formats": sorted({r["format"] for r in timed if "format" in r}),
         **steady_window(records),
-        "images_per_s_wall": len(latencies) / wall if latencies and wall > 0 else None,
+        **wall_rate(records),
         "per_batch_s": per_batch(readings["start"], readings["end"]),
-        "account_window_s": readings["end_at"] - readings["start_at"],  # beside steady_window_s: how close
+        "account_window_s": at[1] - at[0],  # beside steady_window_s: how close
+        "account_images": answers,  # answered between the two readings: over per_batch_s's batches, the mean batch
     }
     if latencies:
         row |= {
@@ -714,29 +805,38 @@ def checks(res: dict[str, Any], args: argparse.Namespace) -> list[Check]:
             )
         )
     if "warm" in starts:
-        ready = starts["warm"]["ready_s"]
-        out.append(
-            Check("start to ready, warm compile cache: s", ready, None, f"<= {WARM_READY_S:g} s", ready <= WARM_READY_S)
-        )
+        out.append(warm_check(starts["warm"]))
     return out
 
 
+def warm_check(start: dict[str, Any]) -> Check:
+    """A warm start is timed only where its worker reused the compiled artifacts: /ready saying
+    compile_cache "miss" (or "off", or nothing) means it compiled, or did not compile at all, so its
+    seconds are no warm start's and the check is not met, whatever they are."""
+    ready, said = start["ready_s"], start["ready"].get("compile_cache")
+    target = f"<= {WARM_READY_S:g} s, /ready compile_cache hit" + ("" if said == "hit" else f" (said {said})")
+    return Check("start to ready, warm compile cache: s", ready, None, target, ready <= WARM_READY_S and said == "hit")
+
+
 def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
-    """Every server number beside the engine's at batch 1 and at --max-batch, the starts, the acceptance checks."""
+    """Every server number beside the engine's at batch 1 and at --max-batch (and the 16-client small
+    scenario beside the engine at the batch the server averaged), the starts, the acceptance checks."""
     rows, n = res.get("engine", {}).get("rows", {}), args.max_batch
     lines = [
         f"| scenario | server images/s, steady | server images/s, wall | p50 s | p90 s | engine images/s, batch 1 "
-        f"| engine images/s, batch {n} | server / batch 1 | server / batch {n} | engine s/image, batch 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| engine images/s, batch {n} | server / batch 1 | server / batch {n} | engine s/image, batch 1 "
+        "| server / engine at its batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sc in res.get("scenarios", {}).values():
         one, many = rows.get(f"{sc['size']}x1", {}), rows.get(f"{sc['size']}x{n}", {})
+        own = _at_its_batch(sc, rows) if (sc["size"], sc["clients"]) == (args.small, 16) else "-"
         lines.append(
             f"| {sc['size']}² x {sc['clients']} client(s){_notes(sc, many)} | {_num(sc, 'images_per_s')} | "
             f"{_num(sc, 'images_per_s_wall')} | "
             f"{_num(sc, 'p50_s')} | {_num(sc, 'p90_s')} | {_num(one, 'images_per_s')} | "
             f"{_num(many, 'images_per_s')} | {_share(sc, one)} | {_share(sc, many)} | "
-            f"{_num(one, 'median_s')} |"
+            f"{_num(one, 'median_s')} | {own} |"
         )
     lines += ["", "| start | process start to /ready, s | to fully warm, s | what /ready said besides |"]
     lines.append("|---|---|---|---|")
@@ -751,19 +851,48 @@ def markdown(res: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def server_batch(sc: dict[str, Any]) -> float | None:
+    """The batch the server averaged: the answers between the two /metrics readings over the batches
+    the workers ran between them (a load.json from before `account_images`: the steady window's)."""
+    batches = (sc.get("per_batch_s") or {}).get("batches")
+    images = sc.get("account_images", sc.get("steady_images"))
+    return images / batches if batches and images else None
+
+
+def _at_its_batch(sc: dict[str, Any], rows: dict[str, Any]) -> str:
+    """The server's rate over the engine's at the engine batch nearest the one the server averaged
+    (a tie goes to the larger, the engine's better rate): like against like, beside --max-batch's."""
+    mean = server_batch(sc)
+    measured = sorted(r["batch"] for r in rows.values() if r.get("size") == sc["size"])
+    if mean is None or not measured or not _rate(sc):
+        return "-"
+    nearest = min(measured, key=lambda b: (abs(b - mean), -b))
+    share = _share(sc, rows[f"{sc['size']}x{nearest}"])
+    return f"{share} (batch {nearest}; server's mean {mean:.2f})"
+
+
 def _notes(sc: dict[str, Any], engine_row: dict[str, Any]) -> str:
     """A scenario's failures, its steady window (or why it has none), and the workers' seconds per batch."""
     notes = f" ({sc['errors']} failed)" if sc["errors"] else ""
     if sc.get("steady_reason"):
         notes += f" (no steady rate: {sc['steady_reason']})"
     elif "steady_images" in sc:
-        notes += f" (steady: {sc['steady_images']} images in {sc['steady_window_s']:.3f} s)"
+        notes += f" (steady: {sc['steady_images']} images in {sc['steady_window_s']:.3f} s{_burst_note(sc)})"
     batch = sc.get("per_batch_s") or {}
     if batch.get("batches"):
         notes += " ({:.0f} batches: engine {:.4f}, host {:.4f}, idle {:.4f} s each{})".format(
             batch["batches"], *(batch.get(k, 0.0) for k in ("engine", "host", "idle")), _stages(batch, engine_row)
         )
     return notes
+
+
+def _burst_note(sc: dict[str, Any]) -> str:
+    """The steady window's bursts of answers, to read beside the batches /metrics counted."""
+    sizes = sc.get("steady_burst_sizes")
+    if not sizes:
+        return ""
+    low, mid, high = min(sizes), statistics.median(sizes), max(sizes)
+    return f", {len(sizes)} bursts of " + (f"{low}" if low == high else f"{low}-{high}, median {mid:g}")
 
 
 def _rate(row: dict[str, Any]) -> float | None:
@@ -797,24 +926,42 @@ def write(res: dict[str, Any], args: argparse.Namespace, out: Path) -> None:
 
 
 def environment() -> dict[str, Any]:
-    """Which code ran where: the commit where there is a git checkout, and a digest of src/ always
-    (a device's copy of the tree has no .git)."""
+    """Which code ran where. The commit can be stale (a device's copy of the working tree may carry
+    an old .git, uncommitted edits on top), so `dirty` says whether the tree differs from it, and the
+    digests of src/ and of this script say which code ran whatever git says. `machine_id` tells one
+    machine from another where the host name does not (--merge's check)."""
     root = Path(__file__).resolve().parents[1]
-    try:
-        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        commit = git.stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = _git(root, "rev-parse", "--short", "HEAD")
+    status = _git(root, "status", "--porcelain")
     digest = hashlib.sha256()
     for path in sorted((root / "src").rglob("*.py")):
         digest.update(path.read_bytes())
     return {
-        "commit": commit,
+        "commit": commit or None,
+        "dirty": None if status is None else bool(status),
         "src_sha256": digest.hexdigest()[:16],
+        "scripts_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
         "python": platform.python_version(),
         "host": platform.node(),
+        "machine_id": _machine_id(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _git(root: Path, *command: str) -> str | None:
+    """A git command's output in `root`; None without git or outside a checkout."""
+    try:
+        proc = subprocess.run(["git", "-C", str(root), *command], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _machine_id() -> str | None:
+    try:
+        return Path("/etc/machine-id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -871,6 +1018,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], work: Path, out: Path) ->
             write(res, args, out)
 
     first = "warm" if args.start_warm else "cold"
+    if args.start_warm and not _filled(cache):  # the engine's child may have compiled nothing (--compile off)
+        refuse(f"--start-warm: {cache} is empty after the engine's rows, so the start would be cold")
     res["starts"][first] = serve_phase(args, work, out, first, during=None if args.no_load else load)
     write(res, args, out)
     if not args.no_restart and not args.start_warm:
@@ -883,21 +1032,24 @@ def merge(paths: Sequence[str]) -> dict[str, Any]:
     """One result from the load.json files of a run split over calls: the engine's rows, scenarios
     and starts of each, a later file's winning where two have the same one."""
     res: dict[str, Any] = {"merged": list(paths), "scenarios": {}, "starts": {}}
-    hosts = set()
+    machines: list[dict[str, Any]] = []
     for path in paths:
         try:
             part = json.loads(Path(path).read_text())
         except (OSError, ValueError) as e:
             refuse(f"--merge {path}: not a load.json ({e})")
-        hosts.add((part.get("environment") or {}).get("host"))
+        machines.append(part.get("environment") or {})
         res.setdefault("environment", part.get("environment"))
         res.setdefault("options", part.get("options", {}))  # the first file's sizes label the checks
         if part.get("engine"):
             res["engine"] = part["engine"]
         res["scenarios"] |= part.get("scenarios", {})
         res["starts"] |= part.get("starts", {})
-    if len(hosts) != 1:
-        refuse(f"--merge: the files come from {len(hosts)} machines ({', '.join(map(str, hosts))}), not one")
+    # machine_id where every file has one (a host name can repeat across machines); else the host.
+    key = "machine_id" if all(m.get("machine_id") for m in machines) else "host"
+    ids = {m.get(key) for m in machines}
+    if len(ids) != 1:
+        refuse(f"--merge: the files come from {len(ids)} machines by {key} ({', '.join(map(str, ids))}), not one")
     return res
 
 
@@ -910,7 +1062,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         res = merge(args.merge)
-        run_sizes = {k: res["options"][k] for k in ("large", "small", "max_batch") if k in res["options"]}
+        run_sizes = {
+            k: res["options"][k] for k in ("large", "small", "max_batch", "engine_batches") if k in res["options"]
+        }
         args = argparse.Namespace(**(vars(args) | run_sizes))  # the checks at the run's sizes
         write(res, args, out)
         print(markdown(res, args))
