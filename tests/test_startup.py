@@ -319,8 +319,8 @@ WEB = {"fastapi", "starlette", "pydantic", "uvicorn", "gradio", "zturbo.serving.
 
 
 def test_the_server_starts_its_worker_before_it_imports_the_web_framework(tiny_dir, tmp_path):
-    """The API's own imports (FastAPI, pydantic, the routes, uvicorn) run while the workers load;
-    a worker process imports none of them, nor torch, before its entry point runs."""
+    """The API's own imports (FastAPI, pydantic, the routes, uvicorn) and torch run while the workers
+    load; a worker process imports none of them, nor torch, before its entry point runs."""
     import socket
     import time
 
@@ -347,6 +347,7 @@ def test_the_server_starts_its_worker_before_it_imports_the_web_framework(tiny_d
     worker = set(json.loads((tmp_path / WORKER_FILE).read_text()))
     assert {"zturbo.serving.service", "zturbo.serving.workers"} <= server  # the service runs when it spawns
     assert server & WEB == set(), "the server imported the web framework before it started its worker"
+    assert "torch" not in server, "the server imported torch before it started its worker"
     assert "__mp_main__" in worker  # the server's main module (zturbo.cli), imported again by the spawn
     assert worker & (WEB | {"torch"}) == set()
 
@@ -358,3 +359,41 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=2).status_code == 200
     except httpx.TransportError:
         return False
+
+
+class FakeDriver:
+    """libcuda.so.1's two entry points the server's count calls, answering `count` (or an error)."""
+
+    def __init__(self, count: int, status: int = 0) -> None:
+        self.count, self.status = count, status
+
+    def cuInit(self, flags: int) -> int:  # the driver's names
+        return self.status
+
+    def cuDeviceGetCount(self, out) -> int:
+        out._obj.value = self.count
+        return 0
+
+
+@pytest.mark.parametrize(("driver", "expected"), [(FakeDriver(2), 2), (FakeDriver(2, status=100), None), (None, None)])
+def test_the_server_counts_its_gpus_with_the_driver_and_leaves_other_cases_to_torch(monkeypatch, driver, expected):
+    import ctypes
+
+    from zturbo.errors import DeviceError
+    from zturbo.serving import serve
+
+    def cdll(name: str):
+        assert name == "libcuda.so.1"
+        if driver is None:
+            raise OSError("libcuda.so.1: cannot open shared object file")
+        return driver
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert serve.cuda_device_count() == expected
+    if expected:
+        assert serve.worker_devices(None, None) == ["cuda:0", "cuda:1"]
+        assert serve.worker_devices("1", None) == ["cuda:1"]
+        with pytest.raises(DeviceError, match="GPU 2 does not exist; this machine has 2 GPU"):
+            serve.worker_devices("0,2", None)
+    else:  # torch decides: this CPU machine has no CUDA device
+        assert serve.worker_devices(None, None) in (["cpu"], ["mps"])

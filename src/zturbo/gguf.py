@@ -17,11 +17,12 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 SUFFIX = ".gguf"
 # Stored as plain floats: cast to the compute dtype at load, never dequantized per call.
@@ -137,6 +138,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor, keyed as stored, as a view of the memory-mapped file: quantized ones as
     diffusers' GGUFParameter (bytes, with their type), plain ones as they are."""
     import gguf
+    import torch
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     reader = _reader(path)
@@ -169,6 +171,7 @@ def load_transformer(
     """A ZImageTransformer2DModel of `config` with the weights of the GGUF file at `path`, on
     `device`: quantized linears as diffusers' GGUFLinear computing in `dtype`, the rest in `dtype`.
     Keys are checked strictly, quantized shapes against the module's."""
+    import torch
     from accelerate import init_empty_weights
     from diffusers import ZImageTransformer2DModel
     from diffusers.quantizers.gguf.utils import GGUFParameter, _replace_with_gguf_linear, dequantize_gguf_tensor

@@ -19,16 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
-from .gguf import logical_numel
 from .profiles import AUTO, Chosen, choose_profile, file_name_profile
 from .request import ModelLimits
 
 if TYPE_CHECKING:
+    import torch
+
     from .singlefile import FileSet
 
 log = logging.getLogger("zturbo")
@@ -328,6 +327,8 @@ def load_tensors(
     keep_float32: Callable[[str], bool] = lambda k: False,
 ) -> None:
     """`load_weights` for (stored key, file, module key or None to skip, tensor) entries."""
+    import torch
+
     expected = module.state_dict(keep_vars=True)
     seen: set[str] = set()
     with StagedCopy.to(device) as copy:
@@ -373,6 +374,8 @@ class StagedCopy:
     unpinned buffers, one chunk at a time."""
 
     def __init__(self, device: torch.device, stage_bytes: int = STAGE_BYTES) -> None:
+        import torch
+
         self.device = device
         cuda = device.type == "cuda"
         with torch.cuda.device(device) if cuda else contextlib.nullcontext():  # no context on another GPU
@@ -402,6 +405,8 @@ class StagedCopy:
         staged.finish()
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if type(tensor) is not torch.Tensor or tensor.device.type != "cpu" or not tensor.is_contiguous():
             return tensor.to(self.device)  # a subclass keeps what its own `.to` does
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
@@ -422,6 +427,8 @@ class StagedCopy:
         return self.buffers[self.turn]
 
     def _sent(self) -> None:
+        import torch
+
         if self.device.type == "cuda":
             # The stream the copy went on: `device`'s, which need not be the process's current device.
             self.sent[self.turn] = torch.cuda.current_stream(self.device).record_event()
@@ -430,6 +437,8 @@ class StagedCopy:
     def finish(self) -> None:
         """Wait for the transfers in flight, then give the pinned buffers back to the system (torch's
         host allocator would keep them for the process's life)."""
+        import torch
+
         for event in self.sent:
             if event is not None:
                 event.synchronize()
@@ -441,6 +450,8 @@ class StagedCopy:
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage bytes, as a flat uint8 view."""
+    import torch
+
     flat = tensor.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
@@ -467,6 +478,8 @@ def tensor_reader(files: list[Path], dtype: torch.dtype) -> Callable[[str], torc
 
 
 def _assign(module: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    import torch
+
     owner_name, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if leaf in owner._parameters:
@@ -522,6 +535,10 @@ def load_components(
     the ControlNet (`controlnet`: a file, directory or hub repo id) goes where the transformer
     goes unless `homes` names it, in the transformer's dtype.
     """
+    import torch
+
+    from .gguf import logical_numel
+
     homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")} | {
         "controlnet": (homes or {}).get("controlnet", (homes or {}).get("transformer", device))
     }

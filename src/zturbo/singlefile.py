@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import gguf
 from .errors import CheckpointError, ModelNotFoundError
+
+if TYPE_CHECKING:
+    import torch
 
 PARTS = ("transformer", "text_encoder", "vae")
 # ComfyUI's folder under models/ and the file name it publishes, per component.
@@ -330,6 +331,8 @@ def plan(
     `rename`, which maps a key to None to drop it), checked
     against `module` (meta) before any weight is read: missing, unexpected or mis-shaped tensors
     and unreadable quantization formats are refused by name."""
+    import torch
+
     header = _header(path)
     scales, ignored = _quantization(path, header)
     body = {k: torch.empty(shape, device="meta") for k, (_, shape) in header.items() if k not in ignored}
@@ -415,6 +418,7 @@ def _quantization(path: Path, header: Mapping[str, tuple[str, tuple[int, ...]]])
 
 
 def _quant_format(path: Path, key: str) -> str:
+    import torch
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -456,6 +460,7 @@ _CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[
 def stored_tensors(plan: Plan, device: torch.device) -> Iterator[tuple[str, Path, str, torch.Tensor]]:
     """(stored key, file, module key, tensor) for every module tensor, one stored tensor read at a
     time. fp8 weights with a scale come out dequantized in float32 on `device` (the caller casts)."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -477,6 +482,7 @@ def stored_tensors(plan: Plan, device: torch.device) -> Iterator[tuple[str, Path
 def tensor_reader(plan: Plan, dtype: torch.dtype) -> Callable[[str], torch.Tensor]:
     """One module tensor by its key, read from the file and cast to `dtype` on the CPU as the
     streaming load casts it (the plain base weight a LoRA merges into under quantization)."""
+    import torch
     from safetensors import safe_open
 
     where = {p.key: (stored, p) for stored, pieces in plan.pieces.items() for p in pieces}

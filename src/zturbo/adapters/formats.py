@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LoraError
+
+if TYPE_CHECKING:
+    import torch
 
 KINDS = ("lora", "lokr", "loha")
 FORMATS = ("diffusers", "kohya", "comfyui", "dot-names", "lokr", "loha", "lycoris")
@@ -106,8 +107,11 @@ class Patch:
     rows: tuple[int, int] | None = None  # [start, stop) of the product's rows that belong to `target`
     alpha: float | None = None  # the file's (or its peft config's) alpha, for `summary`
 
-    def delta(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The (out, in) weight change at weight 1, computed in `dtype` on `device`."""
+    def delta(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight change at weight 1, computed in `dtype` (default float32) on `device`."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
         t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         if self.kind == "lora":
             up = t["up"] if self.rows is None else t["up"][self.rows[0] : self.rows[1]]
@@ -131,6 +135,8 @@ class Patch:
 
 
 def _lycoris_product(kind: str, t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    import torch
+
     if kind == "loha":
         return (t["w1_a"] @ t["w1_b"]) * (t["w2_a"] @ t["w2_b"])
     w1 = t["w1"] if "w1" in t else t["w1_a"] @ t["w1_b"]
@@ -181,16 +187,22 @@ def module_group(target: str) -> str:
 # Reading
 
 
-HeaderCheck = Callable[[dict[str, torch.Tensor], dict[str, str]], None]
+HeaderCheck = Callable[[dict[str, "torch.Tensor"], dict[str, str]], None]
+
+
 # safetensors dtype names -> torch dtypes, for the header's stand-in tensors; a name missing here
 # stands in as float32, so the full parse (on the real tensors) gives its verdict.
-_DTYPES = MappingProxyType(
-    {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-        "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    }
-)  # fmt: skip
+@functools.cache
+def _dtypes() -> MappingProxyType[str, torch.dtype]:
+    import torch
+
+    return MappingProxyType(
+        {
+            "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        }
+    )  # fmt: skip
 
 
 def read_file(path: Path, check: HeaderCheck | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -221,7 +233,9 @@ def read_file(path: Path, check: HeaderCheck | None = None) -> tuple[dict[str, t
 
 def _stand_in(header: Any) -> torch.Tensor:
     """A tensor's shape and dtype from the file's header, holding no memory."""
-    return torch.empty(header.get_shape(), dtype=_DTYPES.get(header.get_dtype(), torch.float32), device="meta")
+    import torch
+
+    return torch.empty(header.get_shape(), dtype=_dtypes().get(header.get_dtype(), torch.float32), device="meta")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +407,7 @@ def _map_groups(groups: Mapping[str, _Group], targets: Mapping[str, tuple[int, i
 def _module_name(base: str) -> str | None:
     """The transformer's module name for a file's module name, by diffusers' Z-Image converter run
     on a stand-in pair of tensors under that name (a fused qkv comes back as to_q, to_k and to_v)."""
+    import torch
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
 
     for old, new in _PREFIXES:
@@ -420,6 +435,8 @@ def _unmapped_message(name: str, unmapped: list[str], total: int, metadata: Mapp
 def _share_alphas(groups: Mapping[str, _Group], name: str) -> list[_Group]:
     """The groups with weights. An alpha stored under another spelling of the same module (diffusers
     issue 13203's files: `to.q` weights, `to_q.alpha`) belongs to that module's weights."""
+    import torch
+
     alphas: dict[str, set[float]] = {}
     for group in groups.values():
         if "alpha" in group.roles:
@@ -651,6 +668,8 @@ def _drop_verified_duplicates(built: list[tuple[Patch, str]], name: str) -> list
 
 def _same_change(a: Patch, b: Patch) -> bool:
     """Whether two patches change a weight alike: their products applied to one random vector agree."""
+    import torch
+
     width = a.tensors["down"].shape[1] if a.kind == "lora" else a.delta().shape[1]
     x = torch.randn(width, generator=torch.Generator().manual_seed(0))
     ya, yb = _apply(a, x), _apply(b, x)
@@ -686,6 +705,8 @@ def _format_of(keys: list[str], patches: list[Patch]) -> str:
 
 def linear_targets(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """Every Linear of `transformer` with its weight's (out, in) shape."""
+    import torch
+
     return {
         name: (int(module.weight.shape[0]), int(module.weight.shape[1]))
         for name, module in transformer.named_modules()
@@ -700,6 +721,7 @@ def published_targets() -> dict[str, tuple[int, int]]:
 
 @functools.cache
 def _published_linears() -> tuple[tuple[str, tuple[int, int]], ...]:
+    import torch
     from diffusers import ZImageTransformer2DModel
 
     # diffusers' defaults are the published config (as bench.common builds the real size); the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import functools
@@ -335,6 +336,9 @@ def worker_devices(gpus: str | None, device: str | None) -> list[str]:
     if gpus is None:
         if device not in (None, "auto"):
             return [device]
+        count = cuda_device_count()
+        if count:
+            return [f"cuda:{i}" for i in range(count)]
         import torch
 
         if torch.cuda.is_available():
@@ -348,13 +352,33 @@ def worker_devices(gpus: str | None, device: str | None) -> list[str]:
         raise InvalidRequestError(f"--gpus {gpus!r} is not a comma-separated list of GPU indices or 'cpu'") from None
     if not indices or len(set(indices)) != len(indices) or min(indices) < 0:
         raise InvalidRequestError(f"--gpus {gpus!r} must list distinct GPU indices >= 0, e.g. 0,1")
-    import torch
+    count = cuda_device_count()
+    if count is None:
+        import torch
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = [i for i in indices if i >= count]
     if missing:
         raise DeviceError(f"--gpus {gpus}: GPU {missing[0]} does not exist; this machine has {count} GPU(s)")
     return [f"cuda:{i}" for i in indices]
+
+
+def cuda_device_count() -> int | None:
+    """The CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES applies), asked of the NVIDIA driver
+    itself: the server counts its workers before it starts them, and importing torch to count would
+    hold every worker's start back by the seconds torch takes to import. None where the driver does
+    not load or answer (no NVIDIA GPU, another platform, ROCm): torch counts then."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int(0)
+    try:
+        if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return None
+    except AttributeError:  # a library by that name without the driver's entry points
+        return None
+    return count.value
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
