@@ -536,16 +536,14 @@ def load_components(
     goes unless `homes` names it, in the transformer's dtype.
     """
     import torch
-
-    from .gguf import logical_numel
-
-    homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")} | {
-        "controlnet": (homes or {}).get("controlnet", (homes or {}).get("transformer", device))
-    }
     from diffusers import AutoencoderKL, ZImageTransformer2DModel
     from transformers import AutoConfig, AutoTokenizer
 
     from .guard import is_float32_key
+
+    homes = {name: (homes or {}).get(name, device) for name in ("transformer", "text_encoder", "vae")} | {
+        "controlnet": (homes or {}).get("controlnet", (homes or {}).get("transformer", device))
+    }
 
     # A ControlNet that does not fit this model is refused before any weights load.
     control = None if controlnet is None else _controlnet_files(controlnet, source.config("transformer"))
@@ -579,11 +577,17 @@ def load_components(
     components.transformer_weights = t_weights
     if controlnet is not None:
         components.controlnet = load_controlnet(controlnet, transformer, homes["controlnet"], t_dtype, control)
+    _log_components(components, homes)
+    return components
+
+
+def _log_components(components: Components, homes: Mapping[str, torch.device]) -> None:
+    from .gguf import logical_numel
+
     for name in ("transformer", "text_encoder", "vae"):
         module = getattr(components, name)
         n = sum(logical_numel(p) for p in module.parameters())
         log.info("%s: %s on %s, %s parameters", name, _dtype_of(module), homes[name], _count(n))
-    return components
 
 
 def _load_component(
