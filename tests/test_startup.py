@@ -77,6 +77,53 @@ def test_a_second_process_reuses_the_artifacts_and_computes_the_same(tmp_path):
     assert not list((tmp_path / "compile").glob(".*.tmp"))  # written atomically, nothing left beside
 
 
+# A process that compiles graphs one after another and keeps the artifacts after each, as a server
+# worker does after its warm-up and after each deferred part: argv[2] names the graphs, in order.
+STEPS = r"""
+import json, sys
+from pathlib import Path
+import torch
+from zturbo.accel import artifacts
+from zturbo.accel.compile import AccelOptions
+
+GRAPHS = {
+    "silu": lambda x: torch.nn.functional.silu(x) * 2,
+    "gelu": lambda x: torch.nn.functional.gelu(x) + 1,
+    "tanh": lambda x: torch.tanh(x) - 3,
+}
+cache = artifacts.open_cache(Path(sys.argv[1]), torch.device("cpu"), {"transformer": torch.float32},
+                             AccelOptions(compile=True))
+cache.restore()
+for name in sys.argv[2].split(","):
+    torch.compile(GRAPHS[name], backend="inductor", dynamic=False)(torch.ones(4, 8))
+    cache.persist()
+print(json.dumps({"status": cache.status, "loaded": cache.loaded, "lookups": cache.describe()["lookups"]}))
+"""
+
+
+def _steps(cache_dir: Path, inductor_dir: Path, graphs: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "PYTHONPATH": os.pathsep.join(sys.path)}
+    env["TORCHINDUCTOR_VEC_ISA_OK"] = "1"
+    out = subprocess.run([sys.executable, "-c", STEPS, str(cache_dir), graphs], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_graph_a_process_saved_comes_back_whatever_it_saved_in_between(tmp_path):
+    """Artifacts saved twice by one process, and a file saved again by a process that loaded it and
+    compiled more, all load into a new Inductor directory (torch's loader alone keeps only the
+    last save's group of each kind)."""
+    compile_dir = tmp_path / "compile"
+    first = _steps(compile_dir, tmp_path / "inductor-0", "silu,gelu")  # saved after each graph
+    assert first["lookups"]["inductor.fxgraph_cache_miss"] == 2
+    second = _steps(compile_dir, tmp_path / "inductor-1", "silu,gelu,tanh")  # both loaded, one more compiled
+    assert second["loaded"] > 0
+    assert (second["lookups"]["inductor.fxgraph_cache_hit"], second["lookups"]["inductor.fxgraph_cache_miss"]) == (2, 1)
+    third = _steps(compile_dir, tmp_path / "inductor-2", "silu,gelu,tanh")
+    assert third["status"] == "hit"
+    assert (third["lookups"]["inductor.fxgraph_cache_hit"], third["lookups"]["inductor.fxgraph_cache_miss"]) == (3, 0)
+
+
 def _cache(root: Path, dtype: torch.dtype = torch.float32) -> artifacts.CompileCache:
     options = AccelOptions(compile=True)
     cache = artifacts.open_cache(root, torch.device("cpu"), {"transformer": dtype}, options)

@@ -87,6 +87,7 @@ class CompileCache:
     loaded: int = 0  # artifacts loaded from the file
     saved_misses: int = 0  # misses already written to the file
     written: bool = False  # this process wrote the file
+    kept: bytes = b""  # the artifacts restored from the file, written again with this process's own
     counts: dict[str, int] = field(default_factory=dict)  # compile_counts() when restored
 
     @classmethod
@@ -116,6 +117,7 @@ class CompileCache:
             log.warning("compile cache: torch could not read %s; compiling", self.path)
             return
         self.loaded = sum(len(keys) for keys in info.artifacts.values())
+        self.kept = payload
         self.status = HIT
         log.info("compile cache: %d artifacts loaded from %s", self.loaded, self.path)
 
@@ -131,7 +133,7 @@ class CompileCache:
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:
             return False
-        payload = saved[0]
+        payload = merged(self.kept, saved[0])
         header = {"key": self.key, "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
         try:
             _write_atomic(self.path, MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload)
@@ -161,6 +163,31 @@ class CompileCache:
         if len(payload) != header.get("bytes") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
             raise ValueError("truncated or damaged: its checksum does not match")
         return payload
+
+
+def merged(*payloads: bytes) -> bytes:
+    """The artifacts of `payloads` (torch's portable format) as one, each artifact once and each
+    kind of artifact in one group. torch's format is a list of (kind, artifacts) groups, and a
+    process that saves twice appends a second group of each kind, while `load_cache_artifacts`
+    keeps only the last group of each kind (it makes a dict of them): a file saved again after
+    more compiling would load only what the last save added. And a process saves only what it
+    compiled itself, not what it loaded, so the file's earlier artifacts go in again here. Where
+    this torch's format is not the one known here, the last payload is kept as it is."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache, _serialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        CacheArtifactManager._ensure_cache_artifacts_registered()
+        groups: dict[str, dict[str, Any]] = {}
+        for payload in filter(None, payloads):
+            for kind, artifacts in AppendingByteSerializer.to_list(payload, deserialize_fn=_deserialize_single_cache):
+                groups.setdefault(kind, {}).update((artifact.key, artifact) for artifact in artifacts)
+        out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+        out.extend((kind, list(by_key.values())) for kind, by_key in groups.items())
+        return out.to_bytes()
+    except Exception as e:  # private torch internals: any change there keeps torch's own bytes
+        log.warning("compile cache: kept torch's payload as saved (%s: %s)", type(e).__name__, e)
+        return payloads[-1]
 
 
 def open_cache(
