@@ -17,13 +17,14 @@ import httpx
 import numpy as np
 import pytest
 import webuiapi
+from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from serving import KEY, LIMITS, Server, in_process_app
 from zturbo.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerateRequest
 from zturbo.serving import jobs
-from zturbo.serving.a1111 import MAPPED_HEADER, Session, Txt2ImgBody, interrupt, translate
+from zturbo.serving.a1111 import MAPPED_HEADER, Session, Txt2ImgBody, caller_of, interrupt, translate
 
 SMALL = {"width": 64, "height": 64}
 
@@ -370,6 +371,21 @@ def test_png_info_answers_empty_for_metadata_it_cannot_read(app_client: TestClie
 
 
 # --- in process: interrupt ----------------------------------------------------------------------
+
+
+def _asking(host: str, authorization: str | None) -> Request:
+    headers = [(b"authorization", authorization.encode())] if authorization else []
+    return Request({"type": "http", "client": (host, 5000), "headers": headers})
+
+
+def test_callers_behind_one_proxy_are_told_apart_by_their_credentials() -> None:
+    basic = {user: "Basic " + base64.b64encode(f"{user}:{KEY}".encode()).decode() for user in ("ann", "bob")}
+    ann, bob = caller_of(_asking("10.0.0.1", basic["ann"])), caller_of(_asking("10.0.0.1", basic["bob"]))
+    assert ann != bob  # one proxy, one key, two A1111 user names: their progress and interrupts are apart
+    assert ann == caller_of(_asking("10.0.0.1", basic["ann"]))  # the same client again
+    assert ann != caller_of(_asking("10.0.0.2", basic["ann"]))
+    assert KEY not in ann and "ann" not in ann  # the identity holds a hash, never the credentials
+    assert caller_of(_asking("10.0.0.1", None)) == caller_of(_asking("10.0.0.1", None))
 
 
 def test_interrupt_skips_a_job_that_finished_meanwhile_and_cancels_the_rest(app_client: TestClient) -> None:

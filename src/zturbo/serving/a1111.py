@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import threading
@@ -549,8 +550,13 @@ def submit(service: Service, request: GenerateRequest, job_id: str, caller: str,
 
 
 def caller_of(request: Request) -> str:
-    """Who is asking, for progress and interrupt: A1111's API has no user field, so the client's address."""
-    return f"a1111:{request.client.host if request.client else 'unknown'}"
+    """Who is asking, for progress and interrupt: A1111's API has no user field, so the client's
+    address and the credentials it sends (hashed: the identity is kept in memory, never the key),
+    which tells apart clients behind one proxy that use different keys."""
+    host = request.client.host if request.client else "unknown"
+    credentials = request.headers.get("authorization", "")
+    who = hashlib.sha256(credentials.encode()).hexdigest()[:16] if credentials else "anonymous"
+    return f"a1111:{host}:{who}"
 
 
 def relabel(err: FieldError) -> FieldError:

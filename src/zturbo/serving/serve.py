@@ -121,8 +121,9 @@ def _a1111_arguments(p: argparse.ArgumentParser) -> None:
         "--client-defaults",
         choices=("turbo", "honour"),
         default="turbo",
-        help="A1111 routes (/sdapi/v1): 'turbo' runs Turbo's 8 steps and CFG 0 where a client sends Stable "
-        "Diffusion's usual steps (20-50) and CFG (1-12), 'honour' runs them as sent; responses list what was mapped",
+        help="A1111 routes (/sdapi/v1): 'turbo' runs the served model's own steps and CFG (Turbo: 8 and 0; the "
+        "base model: 28 and 4) where a client sends Stable Diffusion's usual steps (20-50) and CFG (1-12), "
+        "'honour' runs them as sent; responses list what was mapped",
     )
 
 
