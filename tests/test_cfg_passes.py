@@ -14,7 +14,7 @@ from zturbo.config import RuntimeConfig
 from zturbo.engine import Engine
 from zturbo.memory import plan as memory
 from zturbo.memory.plan import Layout
-from zturbo.profiles import BASE, Chosen, with_cfg
+from zturbo.profiles import BASE, Chosen
 
 GIB = memory.GIB
 BF16 = {"transformer": 2, "text_encoder": 2, "vae": 2}
@@ -25,11 +25,13 @@ REQUEST = {
     "seed": 5,
     "steps": 6,
     "guidance_scale": 4.0,
+    "cfg_normalization": 1.2,
+    "cfg_truncation": 0.3,
     "width": 48,
     "height": 48,
 }
 PROMPTS = ["a lighthouse at dusk", "a very small red fox asleep in the snow under a pine tree, at night"]
-PROFILE = Chosen(with_cfg(BASE, normalization=1.2, truncation=0.3), "preset")
+PROFILE = Chosen(BASE, "preset")
 
 
 @pytest.fixture(scope="module")

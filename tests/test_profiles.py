@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clirun import run
 from zturbo.config import RuntimeConfig
@@ -20,8 +21,10 @@ from zturbo.engine import Engine
 from zturbo.errors import InvalidRequestError
 from zturbo.imageio import read_metadata
 from zturbo.loader import resolve_model
-from zturbo.profiles import BASE, TURBO, Chosen, choose_profile, detect_profile, scheduler_config, with_cfg
+from zturbo.profiles import BASE, PLAIN_CFG, TURBO, CfgOptions, Chosen, choose_profile, detect_profile, scheduler_config
 from zturbo.request import GenerateRequest, ModelLimits
+
+BASE_LIMITS = ModelLimits(spatial_unit=16, max_pixels=1 << 20, profile=BASE)
 
 PROMPT, NEGATIVE, SEED = "a lighthouse at dusk", "blurry, low quality", 77
 
@@ -82,27 +85,109 @@ def test_base_checkpoint_defaults_match_diffusers_at_28_steps(base_engine, base_
     "normalization, truncation", [(1.0, 1.0), (0.0, 0.2), (1.2, 0.3)], ids=["normalize", "truncate", "both"]
 )
 def test_cfg_options_match_diffusers(base_engine, base_pipe, normalization, truncation):
-    """diffusers' cfg_normalization and cfg_truncation; each changes the image (checked), and ours follows."""
-    profile = Chosen(with_cfg(BASE, normalization, truncation), "preset")
-    engine = Engine(
-        base_engine.components, base_engine.model, base_engine.device, base_engine.dtypes, base_engine.limits,
-        profile=profile,
+    """diffusers' cfg_normalization and cfg_truncation as request fields; each changes the image
+    (checked), ours follows diffusers given the same options, and the metadata records them."""
+    result = base_engine.generate(
+        PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=6, width=48, height=48,
+        cfg_normalization=normalization, cfg_truncation=truncation,
     )  # fmt: skip
-    result = engine.generate(PROMPT, negative_prompt=NEGATIVE, seed=SEED, steps=6, width=48, height=48)
     ours = np.asarray(result.images[0].image)
     plain = reference(base_pipe, 6, 48)
     assert np.abs(ours.astype(int) - plain.astype(int)).max() > 8, "the option changed nothing: a vacuous check"
     ref = reference(base_pipe, 6, 48, cfg_normalization=normalization, cfg_truncation=truncation)
     assert_close(ours, ref)
-    assert result.images[0].metadata["profile"]["cfg_truncation"] == truncation
+    meta = result.images[0].metadata
+    assert (meta["cfg_normalization"], meta["cfg_truncation"]) == (normalization, truncation)
+    assert (meta["profile"]["cfg_normalization"], meta["profile"]["cfg_truncation"]) == (0.0, 1.0)  # the defaults
 
 
 def test_metadata_records_the_profile(base_engine):
     meta = base_engine.generate(PROMPT, seed=1, steps=2, width=32, height=32).images[0].metadata
+    assert (meta["cfg_normalization"], meta["cfg_truncation"]) == (0.0, 1.0)  # the profile's, not given
     assert meta["profile"] == {
-        "name": "base", "steps": 28, "guidance_scale": 4.0, "shift": 6.0, "cfg_normalization": 0.0,
-        "cfg_truncation": 1.0, "chosen_by": "scheduler shift",
+        "name": "base", "steps": 28, "guidance_scale": 4.0, "steps_range": [28, 50], "guidance_range": [3.0, 5.0],
+        "negative_prompt": True, "shift": 6.0, "cfg_normalization": 0.0, "cfg_truncation": 1.0,
+        "sizes": [f"{w}x{h}" for w, h in BASE.sizes], "chosen_by": "scheduler shift",
     }  # fmt: skip
+    assert meta["profile"]["sizes"][:3] == ["1024x1024", "1152x896", "896x1152"]
+
+
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        ({"cfg_normalization": -0.5}, "cfg_normalization -0.5 is out of range; allowed 0..10 (0 = off)"),
+        ({"cfg_normalization": 12.0}, "cfg_normalization 12.0 is out of range; allowed 0..10 (0 = off)"),
+        ({"cfg_normalization": True}, "cfg_normalization must be a finite number, 0..10; got True"),
+        ({"cfg_truncation": 1.5}, "cfg_truncation 1.5 is out of range; allowed 0..1 (1 = off)"),
+        ({"cfg_truncation": float("nan")}, "cfg_truncation must be a finite number, 0..1; got nan"),
+        ({"cfg_truncation": "high"}, "cfg_truncation 'high' is not a number (ASCII digits)"),
+    ],
+)
+def test_bad_cfg_options_are_refused_by_name_with_the_range(given, message):
+    with pytest.raises(InvalidRequestError) as refused:
+        GenerateRequest.from_fields({"prompt": "x", "size": "32x32", **given}, BASE_LIMITS)
+    assert str(refused.value) == message and refused.value.field == next(iter(given))
+
+
+def test_http_body_carries_cfg_options_and_refuses_bad_ones():
+    from zturbo.serving.schemas import JobBody, body_request, job_params
+
+    body = JobBody(prompt="x", width=32, height=32, cfg_normalization=1.5, cfg_truncation=0.25)
+    request = body_request(body, BASE_LIMITS, 1 << 20)
+    assert request.cfg == CfgOptions(1.5, 0.25)
+    assert body_request(JobBody(prompt="x", width=32, height=32), BASE_LIMITS, 1 << 20).cfg == PLAIN_CFG
+    params = job_params(request.to_dict())
+    assert (params["cfg_normalization"], params["cfg_truncation"]) == (1.5, 0.25)
+    with pytest.raises(InvalidRequestError, match=r"cfg_truncation 2.0 is out of range; allowed 0..1"):
+        body_request(JobBody(prompt="x", width=32, height=32, cfg_truncation=2.0), BASE_LIMITS, 1 << 20)
+    schema = JobBody.model_json_schema()["properties"]
+    assert (schema["cfg_normalization"]["minimum"], schema["cfg_normalization"]["maximum"]) == (0.0, 10.0)
+    assert (schema["cfg_truncation"]["minimum"], schema["cfg_truncation"]["maximum"]) == (0.0, 1.0)
+
+
+def test_requests_with_other_cfg_options_are_not_batched_together():
+    from zturbo.serving.jobs import batch_key
+
+    def request(**cfg: float) -> GenerateRequest:
+        return GenerateRequest.create("x", limits=BASE_LIMITS, width=32, height=32, seed=1, **cfg)
+
+    plain, same = request(), request(cfg_normalization=0.0, cfg_truncation=1.0)
+    truncated, normalized = request(cfg_truncation=0.5), request(cfg_normalization=1.0)
+    assert batch_key(plain) == batch_key(same)
+    assert len({batch_key(r) for r in (plain, truncated, normalized)}) == 3
+    with pytest.raises(ValueError, match="CFG options"):
+        GenerateRequest.combine([plain, truncated])
+    # The stored form keeps them; one stored before they were fields ran diffusers' defaults.
+    assert GenerateRequest.from_dict(truncated.to_dict()) == truncated
+    old = {k: v for k, v in truncated.to_dict().items() if not k.startswith("cfg_")}
+    assert GenerateRequest.from_dict(old).cfg == PLAIN_CFG
+
+
+def test_cli_cfg_flags_reach_the_request_and_the_image(capsys, base_dir, tmp_path, monkeypatch):
+    """`--cfg-normalization` and `--cfg-truncation` build the request the engine runs, the image
+    records them, `--from` makes it again with them, and a bad value stops before the model loads."""
+    seen: list[GenerateRequest] = []
+    generate = Engine.generate
+
+    def spy(self, request, *args, **kwargs):
+        seen.append(request)
+        return generate(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    out, again = tmp_path / "fox.png", tmp_path / "again.png"
+    args = ("--model", base_dir, "--device", "cpu", "--dtype", "float32", "--width", "32", "--height", "32")
+    options = ("--steps", "3", "--seed", "3", "--cfg-normalization", "1.2", "--cfg-truncation", "0.5")
+    code, _, err = run(capsys, "generate", "a fox", *args, *options, "-o", out)
+    assert code == 0, err
+    assert seen[-1].cfg == CfgOptions(1.2, 0.5)
+    meta = read_metadata(out)
+    assert (meta["cfg_normalization"], meta["cfg_truncation"]) == (1.2, 0.5)
+    code, _, err = run(capsys, "generate", "--from", out, *args, "-o", again)
+    assert code == 0, err
+    assert seen[-1].cfg == CfgOptions(1.2, 0.5)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    code, _, err = run(capsys, "generate", "a fox", *args, "--cfg-truncation", "-0.1")
+    assert code == 2 and "cfg_truncation -0.1 is out of range; allowed 0..1 (1 = off)" in err
 
 
 def test_turbo_checkpoint_keeps_turbo_defaults(engine):
@@ -156,9 +241,9 @@ def test_engine_with_preset_runs_the_base_schedule(tiny_dir):
 
 
 def test_request_defaults_come_from_the_model_profile():
-    base = ModelLimits(spatial_unit=16, max_pixels=1 << 20, profile=BASE)
+    base = BASE_LIMITS
     request = GenerateRequest.create("x", limits=base, width=32, height=32)
-    assert (request.steps, request.guidance_scale) == (28, 4.0)
+    assert (request.steps, request.guidance_scale, request.cfg) == (28, 4.0, BASE.cfg)
     given = GenerateRequest.create("x", limits=base, width=32, height=32, steps=40, guidance_scale=0.0)
     assert (given.steps, given.guidance_scale) == (40, 0.0)
     by_fields = GenerateRequest.from_fields({"prompt": "x", "size": "32x32"}, base)  # the server's door
@@ -185,6 +270,7 @@ def test_cli_preset_default_steps_metadata_and_info(capsys, tiny_dir, tmp_path):
     assert code == 0
     line = next(line for line in text.splitlines() if line.startswith("profile"))
     assert "base (preset): 28 steps, guidance 4" in line and "scheduler shift 6.0" in line
+    assert "CFG normalization 0, truncation 1" in line and line.endswith("sizes " + " ".join(BASE.describe()["sizes"]))
     code, text, _ = run(capsys, "info", "--model", tiny_dir, "--device", "cpu")
     assert "turbo (scheduler shift): 8 steps, guidance 0" in text
 

@@ -24,6 +24,7 @@ from serving import KEY, Server
 from test_server import sse_events
 from test_server_recovery import images_on_disk
 from zturbo.imageio import METADATA_KEY
+from zturbo.serving.jobs import MAX_ATTEMPTS
 from zturbo.serving.stores import open_store
 
 pytestmark = pytest.mark.ray
@@ -130,23 +131,39 @@ def test_the_openai_client_native_api_ui_and_status_pass_against_the_deployment(
 
 def test_jobs_spread_over_both_replicas_and_metrics_count_them_all(two_replicas, ray_db):
     server, data = two_replicas
-    before = finished_total(server)
+    before = finished_counts(server)
     ids = [server.submit(seed=i, steps=2)["id"] for i in range(100)]
     done = [server.wait_job(job_id, timeout=300) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded"] * 100
     by = claimers(ray_db, data, ids)
     assert len(set(by.values())) == 2, by  # both replicas ran some
-    assert finished_total(server) - before == 100  # /metrics: every replica's jobs, at the one ingress
+    assert_each_ended_once(server, before, len(ids))  # /metrics: every replica's jobs, at the one ingress
     engine_s = re.findall(r'^zturbo_worker_seconds_total\{phase="engine",worker="(ray-replica-[^"]+)"\} (\S+)$',
                           server.client.get("/metrics").text, re.M)  # fmt: skip
     assert len(engine_s) >= 2 and all(float(s) > 0 for _, s in engine_s), engine_s  # each replica's time account
 
 
-def finished_total(server: Server) -> float:
+def finished_counts(server: Server) -> dict[str, float]:
+    """`zturbo_jobs_finished_total` by status, as the ingress counts every replica's job ends."""
     text = server.client.get("/metrics").text
-    found = re.findall(r'^zturbo_jobs_finished_total\{status="succeeded"\} (\S+)$', text, re.M)
-    assert found, text[:2000]
-    return float(found[0])
+    found = re.findall(r'^zturbo_jobs_finished_total\{status="([^"]+)"\} (\S+)$', text, re.M)
+    return {status: float(value) for status, value in found}
+
+
+def finished_since(server: Server, before: dict[str, float]) -> dict[str, float]:
+    """The job ends counted since `before`, by status; a series `before` lacked counts from 0."""
+    now = finished_counts(server)
+    return {status: n - before.get(status, 0.0) for status, n in now.items() if n != before.get(status, 0.0)}
+
+
+def assert_each_ended_once(server: Server, before: dict[str, float], count: int) -> None:
+    """Since `before`, the ingress counted exactly `count` job ends, all succeeded. A job run to its
+    end twice (a second claim, or a replica's finish after its claim went stale) counts twice. A
+    job's end reaches the ingress just after the store has it: waited for, then a lease's length
+    more for a late second end to show."""
+    wait_for(lambda: sum(finished_since(server, before).values()) >= count, 30, server)
+    time.sleep(LEASE_S)
+    assert finished_since(server, before) == {"succeeded": count}
 
 
 def replica_names(server: Server) -> set[str]:
@@ -175,11 +192,22 @@ def stored(db: str, ids: list[str]) -> dict[str, tuple]:
         return {row[0]: row[1:] for row in rows}
 
 
+def ended(db: str, ids: list[str]) -> dict[str, tuple]:
+    """Each job's status, attempts, end time and image rows, read from the store's tables."""
+    import psycopg
+
+    query = """SELECT id, status, attempts, finished_at, (SELECT count(*) FROM images WHERE job_id = jobs.id)
+               FROM jobs WHERE id = ANY(%s)"""
+    with psycopg.connect(db) as conn:
+        return {row[0]: row[1:] for row in conn.execute(query, (ids,))}
+
+
 def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_replicas, ray_cluster, ray_db):
     """The killed replica held a batch of several on its GPU: its jobs run again at once, each alone,
     their attempt not counted (as a `zturbo serve` worker's crashed batch)."""
     server, data = two_replicas
     _, _, worker_node = ray_cluster
+    before = finished_counts(server)
     ids = [server.submit(seed=100 + i, steps=12)["id"] for i in range(10)]
     batch = []
     wait_for(lambda: batch.extend(w for w in server.client.get("/v1/status").json()["workers"]
@@ -197,12 +225,17 @@ def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_r
     worker_node.kill()  # then the second node, with whatever replica it holds
     done = [server.wait_job(job_id, timeout=240) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded"] * 10, done
-    for job in done:
-        assert images_on_disk(data, job["id"]) == [f"{job['id']}-0.png"]
+    # Done once: one end each at the ingress, within the attempts allowed, one image row each, and
+    # the one file on disk not rewritten after its job's recorded end (a re-run reuses its name).
+    assert_each_ended_once(server, before, len(ids))
+    rows = ended(ray_db, ids)
+    assert rows.keys() == set(ids)
+    for job_id, (status, attempts, finished_at, image_rows) in rows.items():
+        assert (status, image_rows) == ("succeeded", 1) and 1 <= attempts <= MAX_ATTEMPTS, (job_id, attempts)
+        assert images_on_disk(data, job_id) == [f"{job_id}-0.png"]
+        assert (data / "images" / f"{job_id}-0.png").stat().st_mtime <= finished_at + 0.5, job_id
     store = open_store(ray_db, data, check=False)
     try:
-        for job_id in ids:
-            assert store.get(job_id).status == "succeeded" and len(store.get(job_id).images) == 1
         assert store.counts()["running"] == store.counts()["queued"] == 0
     finally:
         store.close()

@@ -317,8 +317,11 @@ def test_metrics_and_status(server):
     assert "(turbo profile, local directory) on cpu" in status_text(status)  # the web UI's status line
     assert status["limits"] == {"spatial_unit": 16, "max_pixels": 128 * 128, "max_images": 64, "max_steps": 100,
                                 "max_guidance": 30.0, "max_prompt_chars": 4000, "max_seed": 2**63 - 1,
-                                "profile": {"name": "turbo", "steps": 8, "guidance_scale": 0.0, "shift": 3.0,
-                                            "cfg_normalization": 0.0, "cfg_truncation": 1.0}}  # fmt: skip
+                                "profile": {"name": "turbo", "steps": 8, "guidance_scale": 0.0, "steps_range": [8, 9],
+                                            "guidance_range": [0.0, 0.0], "negative_prompt": False, "shift": 3.0,
+                                            "cfg_normalization": 0.0, "cfg_truncation": 1.0,
+                                            "sizes": status["limits"]["profile"]["sizes"]}}  # fmt: skip
+    assert status["limits"]["profile"]["sizes"][:2] == ["1024x1024", "1152x896"]
 
 
 # --- load: a bounded queue under 200 concurrent submissions ------------------------------------------

@@ -1190,7 +1190,7 @@ def _profile_text(config: Any) -> str:
 
     from .loader import resolve_model
     from .modelscope_source import split_hub
-    from .profiles import choose_profile, scheduler_config
+    from .profiles import choose_profile, scheduler_config, size_texts
 
     if Path(config.model).expanduser().is_dir() or config.model == TINY_MODEL:
         source = resolve_model(config.model, weights=False)
@@ -1204,7 +1204,8 @@ def _profile_text(config: Any) -> str:
     negative = "used" if p.negative_prompt else "unused at guidance 0"
     return (
         f"{p.name} ({chosen.how}): {p.steps} steps, guidance {p.guidance:g}, negative prompt {negative}, "
-        f"scheduler shift {shift}; recommended {s0}-{s1} steps, guidance {g0:g}-{g1:g}"
+        f"CFG normalization {p.cfg.normalization:g}, truncation {p.cfg.truncation:g}, scheduler shift {shift}; "
+        f"recommended {s0}-{s1} steps, guidance {g0:g}-{g1:g}; sizes {' '.join(size_texts(p.sizes))}"
     )
 
 

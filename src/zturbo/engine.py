@@ -676,7 +676,7 @@ class Engine:
                 controls=controls,
                 keep=keep,
                 on_latents=previews,
-                cfg=self.profile.profile.cfg,
+                cfg=req.cfg,
             )
             latents = self._eager_if_compile_fails(
                 run, c.transformer, latents, cond, uncond, sched, req.guidance_scale, on_step, early, step
@@ -767,6 +767,8 @@ class Engine:
                 req, spec.prompt, spec.negative_prompt, spec.seed, self.model, runtime, spec.variation_seed
             )
             meta["loras"] = loras
+            # What ran (the request's, given or the model's); `profile` below holds the model's defaults.
+            meta["cfg_normalization"], meta["cfg_truncation"] = req.cfg.normalization, req.cfg.truncation
             meta["profile"] = self.profile.describe()
             meta["controlnet"] = self.controlnet.describe() if self.controlnet and req.inputs.controlled else None
             image = GeneratedImage(

@@ -11,7 +11,6 @@ where they tell, and from an explicit preset (`--preset`, `ZTURBO_PRESET`) where
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +25,11 @@ class CfgOptions:
     """diffusers' ZImagePipeline CFG options (0.42.1), with the same meaning.
 
     normalization: 0 = off; above 0 each image's guided prediction is scaled down so its norm is
-    at most `normalization` times the conditional prediction's. truncation: steps whose
-    normalized time (1000 - t) / 1000 is above it run without guidance (1.0 = never).
+    at most `normalization` times the conditional prediction's (diffusers' `cfg_normalization`,
+    typed bool there but used as this factor: True is 1). truncation: steps whose normalized
+    time (1000 - t) / 1000 is above it run without guidance (1.0 = never). A request's options
+    are checked, with the field's name and range, by `request.GenerateRequest.create`; this
+    check only keeps a hand-built value from reaching the denoiser.
     """
 
     normalization: float = 0.0
@@ -45,8 +47,9 @@ PLAIN_CFG = CfgOptions()  # diffusers' defaults: no renormalization, no truncati
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """One model's defaults (used when a request does not say) and recommended ranges (shown, not enforced:
-    the request table's limits are the same for every model)."""
+    """One model's defaults (used when a request does not say: steps, guidance, CFG options) and
+    recommended ranges and sizes (shown, not enforced: the request table's limits are the same for
+    every model)."""
 
     name: str
     repo_id: str  # the published checkpoint this profile describes
@@ -65,15 +68,24 @@ class ModelProfile:
         return (self.steps if steps is None else steps, self.guidance if guidance is None else guidance)
 
     def describe(self) -> dict[str, Any]:
-        """The profile as metadata and `zturbo info` show it."""
+        """The profile as metadata, `zturbo info` and GET /v1/status show it (JSON types only)."""
         return {
             "name": self.name,
             "steps": self.steps,
             "guidance_scale": self.guidance,
+            "steps_range": list(self.steps_range),
+            "guidance_range": list(self.guidance_range),
+            "negative_prompt": self.negative_prompt,
             "shift": self.shift,
             "cfg_normalization": self.cfg.normalization,
             "cfg_truncation": self.cfg.truncation,
+            "sizes": size_texts(self.sizes),
         }
+
+
+def size_texts(sizes: tuple[tuple[int, int], ...]) -> list[str]:
+    """Preset sizes as WIDTHxHEIGHT, the form `size` takes at the HTTP doors."""
+    return [f"{w}x{h}" for w, h in sizes]
 
 
 # The sizes the model card's demo offers at the 1024 tier (about one megapixel, multiples of 16).
@@ -184,14 +196,3 @@ def scheduler_config(chosen: Chosen, config: Mapping[str, Any]) -> dict[str, Any
     if chosen.how not in ("preset", "file name"):
         return dict(config)
     return {**config, "shift": chosen.profile.shift, "use_dynamic_shifting": False}
-
-
-def with_cfg(
-    profile: ModelProfile, normalization: float | None = None, truncation: float | None = None
-) -> ModelProfile:
-    """`profile` with other CFG options (None keeps the profile's)."""
-    cfg = CfgOptions(
-        profile.cfg.normalization if normalization is None else normalization,
-        profile.cfg.truncation if truncation is None else truncation,
-    )
-    return dataclasses.replace(profile, cfg=cfg)

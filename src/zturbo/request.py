@@ -20,7 +20,7 @@ from typing import Any
 from .errors import FieldError
 from .inputs.images import MAX_INPUT_BYTES, MAX_INPUT_PIXELS, InputImage
 from .inputs.spec import ALPHA_MASK, ImageInputs, ImageResolver, check_inputs, parse_outpaint
-from .profiles import TURBO, ModelProfile
+from .profiles import PLAIN_CFG, TURBO, CfgOptions, ModelProfile
 
 # Turbo's; a request that does not say takes its model's (`ModelLimits.profile`).
 DEFAULT_STEPS = TURBO.steps
@@ -43,6 +43,10 @@ class Limits:
     steps: tuple[int, int] = (1, 100)
     images: tuple[int, int] = (1, 64)  # images per request, and seeds per seed list
     guidance: tuple[float, float] = (0.0, 30.0)
+    # diffusers' cfg_normalization factor (0 = off), unbounded there. The cap stops binding well
+    # below 10 at the recommended guidance (|pos + g(pos - neg)| <= (1 + 2g)|pos| where the halves'
+    # norms agree: 9 at g = 4), so a larger value is more likely a typo than a setting.
+    cfg_normalization: tuple[float, float] = (0.0, 10.0)
     prompt_chars: int = 4000
     # Image i uses seed + i (or variation seed + i), so the last image's seed must fit too.
     seed: tuple[int, int] = (0, 2**63 - 1)
@@ -71,7 +75,7 @@ class ModelLimits:
     # The loaded ControlNet's input channels (16: control only; 33: control, mask and masked
     # image, Union 2.0+); None without a ControlNet.
     control_in_dim: int | None = None
-    # The model's defaults: steps and guidance when a request does not give them.
+    # The model's defaults: steps, guidance and CFG options when a request does not give them.
     profile: ModelProfile = TURBO
 
 
@@ -110,7 +114,7 @@ class Field:
 
     def range(self, limits: Limits = LIMITS) -> tuple[float, float] | None:
         """(lowest, highest) allowed value of a number field; None for text, seed lists and sizes."""
-        if self.bounds in ("steps", "images", "guidance", "seed", "fraction", "compression"):
+        if self.bounds in ("steps", "images", "guidance", "cfg_normalization", "seed", "fraction", "compression"):
             return getattr(limits, self.bounds)
         if self.bounds == "fraction>0":
             return limits.fraction
@@ -188,6 +192,13 @@ FIELDS: tuple[Field, ...] = (
     Field("guidance_scale", NUMBER, DEFAULT_GUIDANCE, "guidance",
           "CFG scale; 0 = no CFG, the Turbo setting (the base model's default is 4)", "--guidance", a1111="CFG scale",
           aliases=("guidance", "cfg_scale")),
+    Field("cfg_normalization", NUMBER, None, "cfg_normalization",
+          "CFG renormalization, diffusers' cfg_normalization: 0 = off; above 0 each image's guided prediction is "
+          "scaled down to at most this times the positive prediction's norm (default: the model's, 0)",
+          "--cfg-normalization"),
+    Field("cfg_truncation", NUMBER, None, "fraction",
+          "CFG truncation, diffusers' cfg_truncation: steps whose normalized time (1000 - t) / 1000 is above it run "
+          "without guidance, the positive half alone; 1 = never (default: the model's, 1)", "--cfg-truncation"),
     Field("variation_strength", NUMBER, 0.0, "fraction",
           "0 = the seed's image, 1 = the variation seed's; above 0 the seed stays and image i uses "
           "variation seed+i", "--variation-strength", a1111="Variation seed strength",
@@ -383,6 +394,7 @@ class GenerateRequest:
     inputs: ImageInputs = NO_INPUTS  # input images and their settings; none for text-to-image
     output_format: str = DEFAULT_OUTPUT_FORMAT  # png | webp | jpeg: how the images are written
     output_compression: int | None = None  # webp or jpeg quality 0..100; None: the format's default
+    cfg: CfgOptions = PLAIN_CFG  # diffusers' CFG options; they act only when guidance_scale > 0
 
     def __post_init__(self) -> None:
         if not self.images:  # built directly rather than by `create`: image i uses seed + i
@@ -408,6 +420,7 @@ class GenerateRequest:
             self.height,
             self.steps,
             self.guidance_scale,
+            self.cfg,
             self.variation_strength,
             self.variety,
             self.variety_until,
@@ -426,7 +439,9 @@ class GenerateRequest:
         first = requests[0]
         for other in requests[1:]:
             if other.shared() != first.shared():
-                raise ValueError("combined requests must share size, steps, guidance, noise settings, LoRAs and inputs")
+                raise ValueError(
+                    "combined requests must share size, steps, guidance, CFG options, noise settings, LoRAs and inputs"
+                )
         specs = tuple(spec for r in requests for spec in r.images)
         return dataclasses.replace(
             first,
@@ -448,6 +463,8 @@ class GenerateRequest:
         seed: int | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        cfg_normalization: float | None = None,
+        cfg_truncation: float | None = None,
         width: int | None = None,
         height: int | None = None,
         batch: int = 1,
@@ -464,20 +481,18 @@ class GenerateRequest:
         """The one validator: every door's request passes here; errors name the field, value and range.
 
         `input_fields`: image, mask, strength, ... (`INPUT_FIELDS`), as `InputImage`, bytes or PIL, never paths.
-        Without width and height, an input image sets the size; without steps or guidance, `limits.profile`.
+        Without width and height, an input image sets the size; steps, guidance, CFG options: `limits.profile`'s.
         """
         steps, guidance_scale = limits.profile.defaults(steps, guidance_scale)
         prompts = _prompts(prompt)
         negatives = _negatives(negative_prompt, len(prompts))
         _check_int("steps", steps, *LIMITS.steps)
         _check_int("batch", batch, *LIMITS.images)
-        guidance = _check_guidance(guidance_scale)
+        guidance, cfg = _check_guidance(guidance_scale), _check_cfg(limits.profile, cfg_normalization, cfg_truncation)
         _check_given_sides(width, height, limits)  # before input images are fitted to them
         inputs, width, height = _check_input_fields(input_fields, steps, width, height, limits)
         width, height = _check_size(_or_default(width), _or_default(height), limits)
-        strength = _check_fraction("variation_strength", variation_strength)
-        variety = _check_fraction("variety", variety)
-        variety_until = _check_fraction("variety_until", variety_until, above_zero=True)
+        strength, variety, variety_until = _noise_settings(variation_strength, variety, variety_until)
         lora_refs = parse_loras(loras)
         _check_output(output_format, output_compression)
         seed_list = _seed_list(seeds, seed, batch)
@@ -497,7 +512,7 @@ class GenerateRequest:
             prompts, negatives, seed, steps, guidance, width, height, per_prompt, seed_was_random,
             images=specs, seeds=seed_list, variation_strength=strength, variety=variety,
             variety_until=variety_until, variation_seed=variation_seed, loras=lora_refs, inputs=inputs,
-            output_format=output_format, output_compression=output_compression,
+            output_format=output_format, output_compression=output_compression, cfg=cfg,
         )  # fmt: skip
 
     @classmethod
@@ -531,6 +546,8 @@ class GenerateRequest:
             "seeds": list(self.seeds) if self.seeds is not None else None,
             "steps": self.steps,
             "guidance_scale": self.guidance_scale,
+            "cfg_normalization": self.cfg.normalization,
+            "cfg_truncation": self.cfg.truncation,
             "width": self.width,
             "height": self.height,
             "batch": self.batch,
@@ -574,6 +591,8 @@ class GenerateRequest:
             # Requests stored before output formats existed wrote PNGs.
             output_format=data.get("output_format", DEFAULT_OUTPUT_FORMAT),
             output_compression=data.get("output_compression"),
+            # Requests stored before CFG options were request fields ran diffusers' defaults.
+            cfg=CfgOptions(data.get("cfg_normalization", 0.0), data.get("cfg_truncation", 1.0)),
         )
 
 
@@ -871,6 +890,37 @@ def _check_guidance(value: object) -> float:
             f"guidance_scale {value} is out of range; allowed {lo:g}..{hi:g} (0 = no CFG, the Turbo default)",
         )
     return float(value)
+
+
+def _check_number(name: str, value: object, bounds: tuple[float, float], note: str = "") -> float:
+    """A finite number within `bounds`; else an error naming the field, the value and the range."""
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError(name, f"{name} must be a finite number, {lo:g}..{hi:g}; got {value!r}")
+    if not lo <= value <= hi:
+        raise FieldError(name, f"{name} {value} is out of range; allowed {lo:g}..{hi:g}{note}")
+    return float(value)
+
+
+def _check_cfg(profile: ModelProfile, normalization: object, truncation: object) -> CfgOptions:
+    """The request's CFG options: each as given (checked), else the model's."""
+    return CfgOptions(
+        profile.cfg.normalization
+        if normalization is None
+        else _check_number("cfg_normalization", normalization, LIMITS.cfg_normalization, " (0 = off)"),
+        profile.cfg.truncation
+        if truncation is None
+        else _check_number("cfg_truncation", truncation, LIMITS.fraction, " (1 = off)"),
+    )
+
+
+def _noise_settings(variation_strength: object, variety: object, variety_until: object) -> tuple[float, float, float]:
+    """Variation strength, seed variety and its span, each checked as a fraction."""
+    return (
+        _check_fraction("variation_strength", variation_strength),
+        _check_fraction("variety", variety),
+        _check_fraction("variety_until", variety_until, above_zero=True),
+    )
 
 
 def nearest_multiples(value: int, unit: int) -> tuple[int, int]:

@@ -29,6 +29,8 @@ class Metrics:
         self.submitted = Counter("zturbo_jobs_submitted", "Jobs accepted into the queue", registry=r)
         self.rejected = Counter("zturbo_jobs_rejected", "Submissions refused because the queue was full", registry=r)
         self.completed = Counter("zturbo_jobs_finished", "Jobs that ended, by final state", ["status"], registry=r)
+        for status in jobs.FINISHED:  # each state's series from the start: a rate or a delta needs no first job
+            self.completed.labels(status)
         self.restarts = WorkerCounters("zturbo_worker_restarts", "Worker process restarts", ["worker"])
         self.by_mode = Counter(
             "zturbo_jobs_by_mode",

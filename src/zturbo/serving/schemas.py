@@ -99,6 +99,8 @@ class _Body(BaseModel):
     n: StrictInt = _doc("batch")
     steps: StrictInt = _doc("steps")
     guidance_scale: StrictFloat = _doc("guidance_scale")
+    cfg_normalization: StrictFloat | None = _doc("cfg_normalization")
+    cfg_truncation: StrictFloat | None = _doc("cfg_truncation")
     seed: StrictInt | None = _doc("seed")
     seeds: list[StrictInt] | None = _doc("seeds")
     variation_seed: StrictInt | None = _doc("variation_seed")
@@ -268,6 +270,9 @@ def job_params(stored: dict[str, Any]) -> dict[str, Any]:
         "height": stored["height"],
         "steps": stored["steps"],
         "guidance_scale": stored["guidance_scale"],
+        # Stored before CFG options were request fields: diffusers' defaults ran.
+        "cfg_normalization": stored.get("cfg_normalization", 0.0),
+        "cfg_truncation": stored.get("cfg_truncation", 1.0),
         "seed": None if listed is not None else stored["seed"],
         "seeds": listed,
         "variation_seed": stored["variation_seed"],
