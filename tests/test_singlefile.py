@@ -395,6 +395,24 @@ def test_the_shipped_configs_fit_comfyuis_real_size_layout(monkeypatch):
 
 
 @pytest.mark.parametrize(
+    ("name", "profile", "how"),
+    [
+        ("Z-Image-Turbo-Q8_0.gguf", "turbo", "file name"),
+        ("z_image_fp8_e4m3fn_scaled.safetensors", "base", "file name"),
+        ("Z-Image-Q4_K_M.gguf", "base", "file name"),
+        ("z_image_base_v1.safetensors", "base", "file name"),
+        ("z_image_realism_v2.safetensors", "turbo", "assumed"),  # a fine-tune's name tells neither model
+        ("my_finetune.safetensors", "turbo", "assumed"),
+    ],
+)
+def test_only_the_base_models_own_names_select_its_profile(name, profile, how):
+    from zturbo.profiles import file_name_profile
+
+    chosen = file_name_profile("auto", name)
+    assert (chosen.profile.name, chosen.how) == (profile, how)
+
+
+@pytest.mark.parametrize(
     ("name", "preset", "profile", "how"),
     [
         ("z_image_turbo_bf16.safetensors", "auto", "turbo", "file name"),

@@ -11,6 +11,7 @@ where they tell, and from an explicit preset (`--preset`, `ZTURBO_PRESET`) where
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -181,9 +182,21 @@ def file_name_profile(preset: str, file_name: str) -> Chosen:
     name = file_name.lower().replace("-", "_")
     if "turbo" in name:
         return Chosen(TURBO, "file name")
-    if "z_image" in name:
+    if _names_the_base_model(name):
         return Chosen(BASE, "file name")
     return Chosen(TURBO, "assumed")
+
+
+def _names_the_base_model(name: str) -> bool:
+    """Whether a lower-case file name (dashes as underscores) is the base model's as its
+    distributors name it: `z_image` followed by nothing but a precision or quantization
+    (`z_image_bf16.safetensors`, `z_image_fp8_e4m3fn_scaled`, `z_image_q4_k_m.gguf`) or by
+    `base`. Another `z_image_*` name (a fine-tune's, `z_image_realism_v2`) tells neither model."""
+    found = re.search(r"(?:^|[^a-z0-9])z_?image(.*)$", name)
+    if found is None:
+        return False
+    words = [w for w in re.split(r"[_.]", found.group(1)) if w and w not in ("safetensors", "gguf", "sft")]
+    return not words or words[0] == "base" or re.fullmatch(r"bf16|fp16|f16|fp32|f32|fp8.*|q\d.*", words[0]) is not None
 
 
 def scheduler_config(chosen: Chosen, config: Mapping[str, Any]) -> dict[str, Any]:
