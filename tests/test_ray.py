@@ -7,23 +7,21 @@ Marked `ray` and left out of the default run (a cluster takes a minute to start 
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
+import test_a1111
+import test_server
 from raycluster import SLOT, cluster
-from serving import KEY, Server
+from serving import Server
 from test_server import sse_events
 from test_server_recovery import images_on_disk
-from zturbo.imageio import METADATA_KEY
 from zturbo.serving.jobs import MAX_ATTEMPTS
 from zturbo.serving.stores import open_store
 
@@ -58,14 +56,23 @@ def deploy(tiny_dir, data, db, address, *args: str) -> Server:
 
 @pytest.fixture(scope="module")
 def two_replicas(ray_cluster, ray_db, tiny_dir, tmp_path_factory):
-    """Two replicas, one per node, the web UI on."""
+    """Two replicas, one per node, the web UI on; the size bound and the A1111 policy of the native
+    and A1111 API tests' own servers (test_server.py, test_a1111.py), whose tests run on it too."""
     data = tmp_path_factory.mktemp("ray") / "shared"
     fixed = ("--ray-min-replicas", "2", "--ray-max-replicas", "2", "--queue-size", "128",
-             "--job-timeout", str(JOB_TIMEOUT_S))  # fmt: skip
+             "--job-timeout", str(JOB_TIMEOUT_S), "--max-pixels", str(128 * 128),
+             "--client-defaults", "turbo")  # fmt: skip
     server = deploy(tiny_dir, data, ray_db, ray_cluster[0], *fixed)
+    server.model_name = Path(tiny_dir).name  # type: ignore[attr-defined]  # what test_a1111's server says
     wait_for(lambda: len(server.client.get("/v1/status").json()["workers"]) == 2, 120, server)
     yield server, data
     assert server.stop() == 0, server.tail()
+
+
+@pytest.fixture(scope="module")
+def server(two_replicas) -> Server:
+    """The shared deployment, under the name the reused API tests ask for."""
+    return two_replicas[0]
 
 
 def wait_for(check, timeout: float, server: Server) -> None:
@@ -86,6 +93,20 @@ def claimers(db: str, data, ids: list[str]) -> dict[str, str]:
         store.close()
 
 
+def load_until(server: Server, done, timeout: float, depth: int = 6) -> list[str]:
+    """Keep `depth` jobs waiting until `done()`: the autoscaler averages ongoing requests over its
+    look-back period, so a burst that one batch clears in seconds may never count as load. Each job
+    has steps of its own, so no two share a batch. The ids of every job submitted."""
+    ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not within {timeout} s\n{server.tail()}"
+        while server.client.get("/v1/status").json()["queue_depth"] < depth:
+            ids.append(server.submit(seed=len(ids), steps=4 + len(ids) % 16)["id"])
+        time.sleep(0.3)
+    return ids
+
+
 def test_autoscaling_goes_from_one_replica_to_two_under_load_and_back(ray_cluster, ray_db, tiny_dir, tmp_path):
     """A deployment of its own, first in the module: its second replica needs the worker node's slot,
     which the kill test below takes away."""
@@ -96,37 +117,74 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load_and_back(ray_cluste
     try:
         count = lambda: len(server.client.get("/v1/status").json()["workers"])  # noqa: E731
         wait_for(lambda: count() == 1, 60, server)
-        ids = [server.submit(seed=i, steps=8)["id"] for i in range(10)]
-        wait_for(lambda: count() == 2, 240, server)  # a new replica imports torch and loads: slow on a busy machine
-        assert [server.wait_job(job_id, timeout=240)["status"] for job_id in ids] == ["succeeded"] * 10
+        ids = load_until(server, lambda: count() == 2, 240)  # a new replica imports torch and loads: slow when busy
+        assert [server.wait_job(job_id, timeout=240)["status"] for job_id in ids] == ["succeeded"] * len(ids)
         wait_for(lambda: count() == 1, 180, server)
     finally:
         assert server.stop() == 0, server.tail()
 
 
-def test_the_openai_client_native_api_ui_and_status_pass_against_the_deployment(two_replicas):
-    from openai import OpenAI
-
-    server, _ = two_replicas
-    client = OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
-    result = client.images.generate(prompt="a red fox in snow", n=2, size="64x48", response_format="b64_json",
-                                    extra_body={"seed": 7, "steps": 2})  # fmt: skip
-    seeds = []
-    for item in result.data:
-        with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as im:
-            assert im.size == (64, 48)
-            seeds.append(json.loads(im.text[METADATA_KEY])["seed"])
-    assert seeds == [7, 8]
-    job = server.submit(prompt="a lighthouse at dusk", steps=3, seed=11)
-    events = sse_events(server.client, job["id"])
-    assert [n for n, _ in events][-1] == "done"
-    assert [d for n, d in events if n == "progress"][-1] == {"step": 3, "steps": 3}
-    done = server.client.get(f"/v1/jobs/{job['id']}").json()
-    assert done["status"] == "succeeded" and server.client.get(done["images"][0]["url"]).status_code == 200
+def test_status_lists_the_replicas_and_the_ui_answers(server):
     status = server.client.get("/v1/status").json()
     assert all(w["id"].startswith("ray-replica-") and w["state"] in ("ready", "busy") for w in status["workers"])
     assert status["model_source"] == "local"
     assert httpx.get(f"{server.url}/ui/", follow_redirects=True).status_code == 200
+
+
+# The API tests of `zturbo serve`, run as they are against the deployment (the `server` fixture above):
+# the official openai client, the native jobs with SSE, history, the edge's 401s and 400s naming the
+# field, and the A1111 routes through the real webuiapi client. Their slow jobs stay under the time limit.
+test_openai_client_generates_b64_json_and_url = test_server.test_openai_client_generates_b64_json_and_url
+test_openai_client_sees_errors_as_api_errors = test_server.test_openai_client_sees_errors_as_api_errors
+test_native_job_round_trip_with_sse_progress = test_server.test_native_job_round_trip_with_sse_progress
+test_delete_history_removes_job_and_image = test_server.test_delete_history_removes_job_and_image
+test_missing_or_wrong_key_is_401 = test_server.test_missing_or_wrong_key_is_401
+test_bad_job_parameters_are_400_naming_the_field = test_server.test_bad_job_parameters_are_400_naming_the_field
+test_bad_openai_extension_fields_are_400_naming_the_field = (
+    test_server.test_bad_openai_extension_fields_are_400_naming_the_field
+)
+test_unknown_routes_ids_and_bodies_use_the_error_body = (
+    test_server.test_unknown_routes_ids_and_bodies_use_the_error_body
+)
+test_turbo_maps_the_sd_defaults_and_says_so = test_a1111.test_turbo_maps_the_sd_defaults_and_says_so
+test_options_models_and_samplers = test_a1111.test_options_models_and_samplers
+test_progress_and_interrupt = test_a1111.test_progress_and_interrupt
+test_the_a1111_routes_need_the_key = test_a1111.test_the_a1111_routes_need_the_key
+
+BLOCKER_STEPS = 20  # 5 s of steps: under the time limit, over the wait for the second replica
+
+
+def running_on_each_replica(server: Server) -> list[str]:
+    """One long job running on each replica, of sizes of their own so that no replica claims both as a
+    batch. The second, queued while the first runs, starts at once on the idle replica: not behind the
+    first on its replica, as when the ingress counted a request running its batch as one still to claim."""
+    first = server.submit(steps=BLOCKER_STEPS, width=64, height=48)["id"]
+    wait_for(lambda: server.client.get(f"/v1/jobs/{first}").json()["status"] == "running", 60, server)
+    second = server.submit(steps=BLOCKER_STEPS, width=64, height=64)["id"]
+    wait_for(lambda: server.client.get(f"/v1/jobs/{second}").json()["status"] == "running", 3, server)
+    assert server.client.get(f"/v1/jobs/{first}").json()["status"] == "running"  # both at once
+    return [first, second]
+
+
+def test_cancel_a_queued_job_at_once_and_running_ones_between_steps(server):
+    """Unlike `zturbo serve`'s test, both replicas are made busy first: else the other one claims the
+    "queued" job before the cancel lands."""
+    blockers = running_on_each_replica(server)
+    queued = server.submit(prompt="a queued heron", steps=2)
+    assert queued["status"] == "queued"
+    cancelled = server.client.delete(f"/v1/jobs/{queued['id']}").json()
+    assert (cancelled["status"], cancelled["images"]) == ("cancelled", [])  # at once: no replica had it
+    assert sse_events(server.client, queued["id"])[-1][0] == "cancelled"
+    [listed] = server.history("queued heron")
+    assert (listed["id"], listed["status"]) == (queued["id"], "cancelled")
+    for job_id in blockers:
+        assert server.client.delete(f"/v1/jobs/{job_id}").json()["cancel_requested"] is True
+    for job_id in blockers:
+        events = sse_events(server.client, job_id)
+        assert events[-1][0] == "cancelled" and events[-1][1]["images"] == [], events[-1]
+        assert max((d["step"] for n, d in events if n == "progress"), default=0) < BLOCKER_STEPS
+    job = server.client.get(f"/v1/jobs/{queued['id']}").json()
+    assert (job["status"], job["attempts"], job["images"]) == ("cancelled", 0, [])  # never run after
 
 
 def test_jobs_spread_over_both_replicas_and_metrics_count_them_all(two_replicas, ray_db):

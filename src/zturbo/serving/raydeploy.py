@@ -3,13 +3,13 @@ replicas each owning an Engine, on the shared PostgreSQL job store (docs/ray.md)
 
 The store is the source of truth, as between the servers of many machines (docs/server.md). The
 ingress queues a job durably before its id is returned, then sends the GPU deployment one `run`
-request for each queued job it has not yet sent one for. A request is a unit of demand, not a job: a
-replica serves its requests one at a time on its GPU, each claiming whichever batch waits longest
-(`claim_batch`, under the replica's own node lease and attempt tickets) and running it with the
-worker's `run_batch` and `Writer`. So Ray Serve's router and autoscaler see the load as ongoing
-requests, while the store decides who runs what. The worker's messages (Progress, GpuFree,
-Finished, ...) stream back as the request's response, and the ingress turns them into job events and
-metrics as the Supervisor does with a worker's pipe: only placement and transport differ.
+request for each queued job beyond the requests that have not claimed one yet. A request is a unit
+of demand, not a job: a replica serves its requests one at a time on its GPU, each claiming whichever
+batch waits longest (`claim_batch`, under the replica's own node lease and attempt tickets) and
+running it with the worker's `run_batch` and `Writer`. So Ray Serve's router and autoscaler see the
+load as ongoing requests, while the store decides who runs what. The worker's messages (Progress,
+GpuFree, Finished, ...) stream back as the request's response, and the ingress turns them into job
+events and metrics as the Supervisor does with a worker's pipe: only placement and transport differ.
 
 A replica that Ray reports dead (its run streams end in ActorDiedError) has its jobs given back by
 the ingress at once, as the Supervisor gives back a dead worker's: a batch of several that was on its
@@ -532,7 +532,11 @@ class RayDispatcher:
         self.handle, self.store, self.hooks = handle, store, hooks
         self.died = died or replica_died
         self._lock = threading.Lock()
-        self._inflight = 0
+        self._inflight = 0  # run requests sent and not ended
+        # Of those, the ones that have not claimed a job yet: only they stand for queued jobs. A
+        # request running its batch does not: counted, a job queued behind it would get no request of
+        # its own and wait for that batch's end while another replica idles.
+        self._unclaimed = 0
         self._dispatching = True
         self._progress: dict[str, tuple[int, int]] = {}
         self._previews: dict[str, bytes] = {}
@@ -571,8 +575,9 @@ class RayDispatcher:
         with self._lock:
             if not self._dispatching:
                 return
-            wanted = self.store.counts()[jobs.QUEUED] - self._inflight
-            self._inflight += max(0, wanted)
+            wanted = max(0, self.store.counts()[jobs.QUEUED] - self._unclaimed)
+            self._inflight += wanted
+            self._unclaimed += wanted
         for _ in range(wanted):
             threading.Thread(target=self._follow, name="zturbo-ray-run", daemon=True).start()
 
@@ -635,21 +640,32 @@ class RayDispatcher:
 
     def _follow(self) -> None:
         """One run request: its stream, to its end or its replica's death."""
-        stream = _Stream()
+        stream, claimed = _Stream(), False
         try:
             for message in self.handle.options(stream=True).run.remote():
                 if isinstance(message, Replica):
                     stream.replica = message
                     self._hello(message)
-                else:
-                    stream.see(message)
-                    self._handle(stream.replica, message)
+                    continue
+                if isinstance(message, Running) and not claimed:
+                    claimed = True
+                    self._claimed()
+                stream.see(message)
+                self._handle(stream.replica, message)
         except Exception as e:  # the replica died or was unreachable
             self._ended_early(stream, e)
         finally:
             with self._lock:
                 self._inflight -= 1
+                if not claimed:  # it claimed nothing (another replica took the job) or died first
+                    self._unclaimed -= 1
             self._wake.set()
+
+    def _claimed(self) -> None:
+        """A request took its batch: the jobs still queued need requests of their own, now."""
+        with self._lock:
+            self._unclaimed -= 1
+        self._wake.set()
 
     def _ended_early(self, stream: _Stream, error: Exception) -> None:
         """Where Ray says the replica died, the jobs the stream held go back now (`_lost`); where it
