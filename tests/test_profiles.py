@@ -7,6 +7,7 @@ directory within 1/255, with the profile's defaults (28 steps, guidance 4) and a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -244,6 +245,12 @@ def test_request_defaults_come_from_the_model_profile():
     base = BASE_LIMITS
     request = GenerateRequest.create("x", limits=base, width=32, height=32)
     assert (request.steps, request.guidance_scale, request.cfg) == (28, 4.0, BASE.cfg)
+    # A profile's own CFG options (not diffusers' defaults) are what an omitted field takes; a given
+    # field replaces only itself.
+    tuned = dataclasses.replace(base, profile=dataclasses.replace(BASE, cfg=CfgOptions(1.5, 0.5)))
+    assert GenerateRequest.create("x", limits=tuned, width=32, height=32).cfg == CfgOptions(1.5, 0.5)
+    half = GenerateRequest.create("x", limits=tuned, width=32, height=32, cfg_truncation=0.8)
+    assert half.cfg == CfgOptions(1.5, 0.8)
     given = GenerateRequest.create("x", limits=base, width=32, height=32, steps=40, guidance_scale=0.0)
     assert (given.steps, given.guidance_scale) == (40, 0.0)
     by_fields = GenerateRequest.from_fields({"prompt": "x", "size": "32x32"}, base)  # the server's door

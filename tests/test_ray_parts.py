@@ -152,6 +152,49 @@ def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_ev
     assert handle.calls == 2
 
 
+class HeldHandle(FakeHandle):
+    """A FakeHandle whose first request, once it has claimed its job, holds its batch until `done`."""
+
+    def __init__(self, streams: list[list], replica: Replica) -> None:
+        super().__init__(streams, replica)
+        self.done = threading.Event()
+
+    def remote(self):
+        stream = super().remote()
+        if self.calls != 1:
+            return stream
+
+        def held():
+            for message in stream:
+                yield message
+                if isinstance(message, Running):
+                    self.done.wait(10)
+
+        return held()
+
+
+def test_a_job_queued_while_a_request_runs_its_batch_gets_a_request_of_its_own():
+    """A request that has claimed its batch no longer stands for a queued job: the job queued behind
+    it gets a second request at once (for an idle replica), not after the first batch ends."""
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({"model": "tiny"}, None), "ray-replica-r1/gpu")
+    handle = HeldHandle([[replica, Running("j1", 1)], [replica, Running("j2", 1)]], replica)
+    handle.release.set()
+    store = FakeStore(queued=1, live={})
+    dispatcher = RayDispatcher(handle, store, Hooks())
+    dispatcher._tick()
+    wait(lambda: dispatcher._unclaimed == 0)  # j1 claimed, its batch running
+    store.queued = 1  # j2 arrives
+    dispatcher._tick()
+    assert handle.calls == 2  # counted as one still to claim, the running request would have sent none
+    wait(lambda: dispatcher._unclaimed == 0)
+    store.queued = 0
+    dispatcher._tick()
+    assert handle.calls == 2
+    handle.done.set()
+    wait(lambda: dispatcher._inflight == 0)
+    assert dispatcher._unclaimed == 0
+
+
 def test_a_replica_whose_lease_ends_is_gone_and_its_lora_counters_move_to_departed():
     """Ray names every new replica anew: a gone replica's series must not stay for ever, and the
     sums over replicas must not go down when it leaves."""

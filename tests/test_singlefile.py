@@ -402,6 +402,9 @@ def test_the_shipped_configs_fit_comfyuis_real_size_layout(monkeypatch):
         ("Z-Image-Q4_K_M.gguf", "base", "file name"),
         ("z_image_base_v1.safetensors", "base", "file name"),
         ("z_image_realism_v2.safetensors", "turbo", "assumed"),  # a fine-tune's name tells neither model
+        ("z_image_bf16_realism.safetensors", "turbo", "assumed"),
+        ("z_image_fp8merged_realistic.safetensors", "turbo", "assumed"),
+        ("z_image_IQ4_XS.gguf", "base", "file name"),
         ("my_finetune.safetensors", "turbo", "assumed"),
     ],
 )

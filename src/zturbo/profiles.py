@@ -187,16 +187,22 @@ def file_name_profile(preset: str, file_name: str) -> Chosen:
     return Chosen(TURBO, "assumed")
 
 
+# The words of a precision or a quantization in distributors' file names (ComfyUI's
+# `fp8_e4m3fn_scaled`, GGUF's `Q4_K_M`, `Q8_0`, `IQ4_XS`), split at underscores.
+_PRECISION_WORD = re.compile(r"bf16|fp16|f16|fp32|f32|fp8|e4m3fn|e4m3|e5m2|scaled|i?q\d+|\d+|k|m|s|l|xs|xxs")
+
+
 def _names_the_base_model(name: str) -> bool:
     """Whether a lower-case file name (dashes as underscores) is the base model's as its
-    distributors name it: `z_image` followed by nothing but a precision or quantization
-    (`z_image_bf16.safetensors`, `z_image_fp8_e4m3fn_scaled`, `z_image_q4_k_m.gguf`) or by
-    `base`. Another `z_image_*` name (a fine-tune's, `z_image_realism_v2`) tells neither model."""
+    distributors name it: `z_image` followed by nothing but words of a precision or quantization
+    (`z_image_bf16.safetensors`, `z_image_fp8_e4m3fn_scaled`, `z_image_q4_k_m.gguf`), or with the
+    word `base` after it. Another `z_image_*` name (a fine-tune's, `z_image_realism_v2`, or
+    `z_image_bf16_realism`) tells neither model."""
     found = re.search(r"(?:^|[^a-z0-9])z_?image(.*)$", name)
     if found is None:
         return False
     words = [w for w in re.split(r"[_.]", found.group(1)) if w and w not in ("safetensors", "gguf", "sft")]
-    return not words or words[0] == "base" or re.fullmatch(r"bf16|fp16|f16|fp32|f32|fp8.*|q\d.*", words[0]) is not None
+    return "base" in words or all(_PRECISION_WORD.fullmatch(w) for w in words)
 
 
 def scheduler_config(chosen: Chosen, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -43,9 +43,8 @@ class Limits:
     steps: tuple[int, int] = (1, 100)
     images: tuple[int, int] = (1, 64)  # images per request, and seeds per seed list
     guidance: tuple[float, float] = (0.0, 30.0)
-    # diffusers' cfg_normalization factor (0 = off), unbounded there. The cap stops binding well
-    # below 10 at the recommended guidance (|pos + g(pos - neg)| <= (1 + 2g)|pos| where the halves'
-    # norms agree: 9 at g = 4), so a larger value is more likely a typo than a setting.
+    # diffusers' cfg_normalization factor (0 = off), unbounded there. The cap is ours: diffusers types
+    # the option as a bool (True is a factor of 1), so a value far above 1 is more likely a typo.
     cfg_normalization: tuple[float, float] = (0.0, 10.0)
     prompt_chars: int = 4000
     # Image i uses seed + i (or variation seed + i), so the last image's seed must fit too.

@@ -551,11 +551,13 @@ def submit(service: Service, request: GenerateRequest, job_id: str, caller: str,
 
 def caller_of(request: Request) -> str:
     """Who is asking, for progress and interrupt: A1111's API has no user field, so the client's
-    address and the credentials it sends (hashed: the identity is kept in memory, never the key),
-    which tells apart clients behind one proxy that use different keys."""
+    address and the user name of its HTTP Basic credentials (A1111 clients send the key as Basic
+    `user:key`; only one key passes, so the name is the part that tells callers apart). The name is
+    hashed to bound its length: the caller is stored with each job, the key never."""
     host = request.client.host if request.client else "unknown"
-    credentials = request.headers.get("authorization", "")
-    who = hashlib.sha256(credentials.encode()).hexdigest()[:16] if credentials else "anonymous"
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    user = basic_user(credentials) if scheme.lower() == "basic" else ""
+    who = hashlib.sha256(user.encode()).hexdigest()[:16] if user else "anonymous"
     return f"a1111:{host}:{who}"
 
 
@@ -795,8 +797,18 @@ def _answer(
 
 def basic_password(credentials: str) -> str:
     """The password of an `Authorization: Basic` value (A1111 clients send the key as one; any user name)."""
+    return _basic_pair(credentials)[1]
+
+
+def basic_user(credentials: str) -> str:
+    """The user name of an `Authorization: Basic` value; empty where it does not decode."""
+    return _basic_pair(credentials)[0]
+
+
+def _basic_pair(credentials: str) -> tuple[str, str]:
     try:
         text = base64.b64decode(credentials.strip(), validate=True).decode()
     except ValueError:  # binascii.Error and UnicodeDecodeError both are
-        return ""
-    return text.partition(":")[2]
+        return "", ""
+    user, _, password = text.partition(":")
+    return user, password

@@ -535,7 +535,8 @@ class RayDispatcher:
         self._inflight = 0  # run requests sent and not ended
         # Of those, the ones that have not claimed a job yet: only they stand for queued jobs. A
         # request running its batch does not: counted, a job queued behind it would get no request of
-        # its own and wait for that batch's end while another replica idles.
+        # its own until that batch ended, even with another replica idle. (Where Ray's router puts the
+        # new request is its choice: on a busy replica it waits there like any other.)
         self._unclaimed = 0
         self._dispatching = True
         self._progress: dict[str, tuple[int, int]] = {}
@@ -572,10 +573,11 @@ class RayDispatcher:
             self._recovered(job)
         if time.monotonic() - self._listed_at > LIST_EVERY_S:
             self._list_replicas()
-        with self._lock:
+        queued = self.store.counts()[jobs.QUEUED]  # outside the lock, which each claim takes: at worst
+        with self._lock:  # one request too many, which finds no job and ends
             if not self._dispatching:
                 return
-            wanted = max(0, self.store.counts()[jobs.QUEUED] - self._unclaimed)
+            wanted = max(0, queued - self._unclaimed)
             self._inflight += wanted
             self._unclaimed += wanted
         for _ in range(wanted):
