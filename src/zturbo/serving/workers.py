@@ -1163,12 +1163,10 @@ class Supervisor:
         """Claim `s`'s next batch and send it (to run now, or after its running batch: `waiting`);
         False when no job waits."""
         with self._lock:
-            claims = (
-                self.store.claim_batch(
-                    s.id, s.lora_set, self.max_batch, rooms=s.rooms, max_pixels=self.max_batch_pixels
-                )
-                if self._dispatching
-                else []
+            if not self._dispatching:
+                return False
+            claims = self.store.claim_batch(
+                s.id, s.lora_set, self.max_batch, rooms=s.rooms, max_pixels=self.max_batch_pixels
             )
         if not claims:
             return False
