@@ -880,15 +880,7 @@ def _check_output(output_format: object, compression: object) -> None:
 
 
 def _check_guidance(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise FieldError("guidance_scale", f"guidance_scale must be a finite number, got {value!r}")
-    lo, hi = LIMITS.guidance
-    if not lo <= value <= hi:
-        raise FieldError(
-            "guidance_scale",
-            f"guidance_scale {value} is out of range; allowed {lo:g}..{hi:g} (0 = no CFG, the Turbo default)",
-        )
-    return float(value)
+    return _check_number("guidance_scale", value, LIMITS.guidance, " (0 = no CFG, the Turbo default)")
 
 
 def _check_number(name: str, value: object, bounds: tuple[float, float], note: str = "") -> float:
