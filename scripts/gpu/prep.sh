@@ -4,9 +4,8 @@
 # cache /tmp/lw/compile-cache, filled by load_serve.py's engine child at every batch the server forms
 # (1, 4 and 8; one timed call each). Its engine rows land in $OUT/prep.
 set -o pipefail
-T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-el "checkpoint"
-[ -d /tmp/zi ] || python3 -m zturbo.cli bench --write-checkpoint /tmp/zi 2>&1 | tail -1
+. scripts/gpu/steps.sh
+checkpoint
 el "engine rows, filling the compile cache"
 timeout "${PREP_TIMEOUT:-400}" python3 scripts/load_serve.py --model /tmp/zi --work /tmp/lw \
     --engine-cache /tmp/lw/compile-cache --no-serve --engine-runs 1 --engine-warmup 1 \

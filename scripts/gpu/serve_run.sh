@@ -5,9 +5,8 @@
 # Serving), and RESTARTS (default 2) restarts of the server on the cache it left. Extra
 # load_serve.py flags go in LOAD_ARGS; the run lands in $OUT/run, each restart in $OUT/wN.
 set -o pipefail
-T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
-el "checkpoint"
-[ -d /tmp/zi ] || python3 -m zturbo.cli bench --write-checkpoint /tmp/zi 2>&1 | tail -1
+. scripts/gpu/steps.sh
+checkpoint
 el "engine rows (cold compile), then the warm start and the scenarios"
 # shellcheck disable=SC2086
 timeout "${RUN_TIMEOUT:-400}" python3 scripts/load_serve.py --model /tmp/zi --work /tmp/lw \
