@@ -34,11 +34,17 @@ def _free_port() -> int:
 
 
 def node_env() -> dict[str, str]:
-    """The nodes' environment: this checkout's zturbo first, so the replicas import the code under test."""
-    env = dict(os.environ)
+    """The nodes' environment: this checkout's zturbo first, so the replicas import the code under test;
+    Serve in the throughput-optimized mode docs/ray.md asks for."""
+    from zturbo.serving.raydeploy import THROUGHPUT_ENV
+
+    env = dict(os.environ) | THROUGHPUT_ENV
     src = str(Path(zturbo.__file__).parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # A throwaway cluster on 127.0.0.1 needs no token, and one saved by any earlier `ray.init` (in
+    # ~/.ray) would not match this cluster's.
+    env["RAY_AUTH_MODE"] = "disabled"
     return env
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 
@@ -489,7 +491,7 @@ def test_the_ingress_gives_a_dead_replicas_jobs_back_at_once_a_batch_of_several_
     handle.release.set()
     events = []
     hooks = Hooks(on_event=lambda j, e, d: events.append((j, e, d)))
-    dispatcher = RayDispatcher(handle, ingress_store, hooks, died=lambda e: isinstance(e, Died))
+    dispatcher = RayDispatcher(handle, ingress_store, hooks, died=lambda e, r: isinstance(e, Died))
     for _ in streams:
         dispatcher._follow()
     got = {job_id: (ingress_store.get(job_id).status, ingress_store.get(job_id).attempts) for job_id in ids}
@@ -503,10 +505,37 @@ def test_the_ingress_gives_a_dead_replicas_jobs_back_at_once_a_batch_of_several_
     assert [[c.job_id for c in claim] for claim in claims] == [[ids[0]], [ids[1]]]
 
 
-def test_only_rays_actor_died_error_says_a_replica_is_gone():
-    exceptions = pytest.importorskip("ray.exceptions", reason="needs pip install 'zturbo[ray]'")
-    from zturbo.serving.raydeploy import replica_died
+def test_a_replica_is_gone_when_ray_says_it_died_or_its_unreachable_actor_has_left_rays_registry(monkeypatch):
+    """Serve's gRPC transport reports a killed replica as ActorUnavailableError, as it does a
+    connection lost for a while: only the actor's name gone from Ray's registry tells them apart."""
+    ray = pytest.importorskip("ray", reason="needs pip install 'zturbo[ray]'")
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-    assert replica_died(exceptions.ActorDiedError())
-    assert not replica_died(exceptions.ActorUnavailableError("unreachable", None))
-    assert not replica_died(RuntimeError("ActorDiedError"))
+    from zturbo.serving.raydeploy import SERVE_NAMESPACE, replica_died
+
+    @ray.remote(num_cpus=0)
+    class Actor:
+        def pid(self) -> int:
+            return os.getpid()
+
+    def named(name: str) -> Replica:
+        return Replica("ray-replica-r1", "cpu", "node1", 42, Ready({}, None), "ray-replica-r1/gpu", name)
+
+    unavailable = ActorUnavailableError("unreachable", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # else Ray saves a token in ~/.ray for later clusters
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        replica = {"namespace": SERVE_NAMESPACE, "lifetime": "detached"}  # as Serve makes its replicas
+        alive = Actor.options(name="SERVE_REPLICA::t#a", **replica).remote()
+        killed = Actor.options(name="SERVE_REPLICA::t#b", **replica).remote()
+        os.kill(ray.get(killed.pid.remote()), signal.SIGKILL)
+        ray.get(alive.pid.remote())
+        started = time.monotonic()
+        assert not replica_died(unavailable, named("SERVE_REPLICA::t#a"))  # reachable again: the lease decides
+        assert time.monotonic() - started >= 4  # it waited for Ray to drop the actor, then gave up
+        assert replica_died(unavailable, named("SERVE_REPLICA::t#b"))
+        assert not replica_died(unavailable, named(""))  # not a Ray actor: nothing to look up
+    finally:
+        ray.shutdown()
+    assert replica_died(ActorDiedError(), named(""))
+    assert not replica_died(RuntimeError("ActorDiedError"), named("SERVE_REPLICA::t#b"))

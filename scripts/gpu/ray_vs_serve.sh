@@ -6,7 +6,8 @@
 # as a Ray Serve deployment (`--ray auto`), each on a fresh database, then $OUT/summary.md.
 # Env: R26_SERVE_ARGS (split into --serve-arg=X items), R26_LOAD_ARGS (more load_serve flags, e.g.
 # '--rounds 4 --warmup-rounds 1'), R26_TIMEOUT (seconds per load_serve run, default 280); for a CPU
-# rehearsal: R26_MODEL (default /tmp/zi), R26_NUM_GPUS (default 1), R26_RAY_ARGS (serve args of the ray run only).
+# rehearsal: R26_MODEL (default /tmp/zi), R26_NUM_GPUS (default 1), R26_RAY_ARGS (serve args of the ray run only);
+# R26_RAY_PLAIN=1: Ray Serve's default mode instead of the throughput-optimized one.
 # $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt).
 set -o pipefail
 OUT=${OUT:-/tmp/r26out}; mkdir -p "$OUT"
@@ -37,6 +38,9 @@ BUDGET=${R26_BUDGET:-575}  # the whole script's seconds (a device command may ru
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
 el "ray start --head"
+# Serve's throughput-optimized mode (raydeploy.THROUGHPUT_ENV, docs/ray.md); R26_RAY_PLAIN=1 leaves Serve's defaults.
+[ -n "${R26_RAY_PLAIN:-}" ] || export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1 \
+    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1
 ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
 tail -4 /tmp/r26_raystart.log; echo "ray start rc=$rc"
 [ $rc = 0 ] || { logpart "ray start" /tmp/r26_raystart.log; }

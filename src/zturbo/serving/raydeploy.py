@@ -11,9 +11,9 @@ load as ongoing requests, while the store decides who runs what. The worker's me
 GpuFree, Finished, ...) stream back as the request's response, and the ingress turns them into job
 events and metrics as the Supervisor does with a worker's pipe: only placement and transport differ.
 
-A replica that Ray reports dead (its run streams end in ActorDiedError) has its jobs given back by
-the ingress at once, as the Supervisor gives back a dead worker's: a batch of several that was on its
-GPU runs again job by job, the attempts not counted. A replica or node that stops answering stops
+A replica that Ray reports dead (`replica_died`) has its jobs given back by the ingress at once, as
+the Supervisor gives back a dead worker's: a batch of several that was on its GPU runs again job by
+job, the attempts not counted. A replica or node that stops answering stops
 renewing its lease; once the lease lapses, any process on the store queues its jobs again (the attempt
 counted). Either way the ingress's loop then sends requests for them. A replica keeps --job-timeout
 itself: past it, it records its jobs' fate in the store and ends its process, and Ray Serve starts
@@ -73,6 +73,16 @@ BEAT_S = 1.0  # a replica's lease renewal (the store renews at most every HEARTB
 CLOSE_S = 10.0  # the most a stopping replica waits for its writer
 GPU_WORKER = "gpu"  # the worker its claims name (one GPU thread per replica)
 TIMED_OUT_EXIT = 4  # a replica's exit status once a job ran past --job-timeout (a worker's crash: 3)
+SERVE_NAMESPACE = "serve"  # the Ray namespace of Serve's actors, replicas among them
+# Ray Serve's throughput-optimized mode, in the environment of every node's `ray start` (docs/ray.md):
+# gRPC between Serve's processes cuts most of what Serve adds to a request. User code and the router
+# keep threads of their own: the ingress's and the replicas' constructors block.
+THROUGHPUT_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
+}
+DEATH_WAIT_S = 5.0  # how long an unreachable replica's actor may take to be seen dead (`actor_gone`)
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,7 @@ class Replica:
     pid: int
     ready: Ready
     claimer: str  # what its claims record as their worker (`SqlQueue.claimer`)
+    actor: str = ""  # its Ray actor's name in Serve's namespace (`replica_died` looks it up); "" outside Ray
 
 
 @dataclass(frozen=True)
@@ -274,7 +285,7 @@ class ReplicaWork:
     (`os._exit`; tests pass a stand-in)."""
 
     def __init__(self, engine: Any, ready: Ready, settings: ServeSettings, *, name: str, device: str, node: str,
-                 exit_process: Callable[[int], Any] = os._exit) -> None:  # fmt: skip
+                 actor: str = "", exit_process: Callable[[int], Any] = os._exit) -> None:  # fmt: skip
         from .pgstore import NODE_LEASE_S, PostgresJobStore
 
         self.engine, self.exit_process = engine, exit_process
@@ -282,7 +293,7 @@ class ReplicaWork:
         lease = settings.node_lease_s or NODE_LEASE_S
         inputs = settings.data_dir / "inputs"
         self.store = PostgresJobStore(settings.store, inputs_dir=inputs, lease_s=lease, node=name)
-        self.hello = Replica(name, device, node, os.getpid(), ready, self.store.claimer(GPU_WORKER))
+        self.hello = Replica(name, device, node, os.getpid(), ready, self.store.claimer(GPU_WORKER), actor)
         self.deadlines = JobDeadlines(settings.job_timeout)
         self.router = Router(self._give_back, observe=self._observe)
         # The writer has a connection of its own, as in a worker process (workers.worker_main).
@@ -449,7 +460,8 @@ class GpuReplica:
         device = _replica_device(config)
         engine, ready = load_engine(worker_config(settings), device)
         name = f"{REPLICA_PREFIX}{_replica_id()}"
-        self.work = ReplicaWork(engine, ready, settings, name=name, device=device, node=_ray_node())
+        self.work = ReplicaWork(engine, ready, settings, name=name, device=device, node=_ray_node(),
+                                actor=_actor_name())  # fmt: skip
 
     def __del__(self) -> None:
         """Ray Serve's graceful stop (a scale-down, an upgrade), once the replica's requests have ended
@@ -486,6 +498,12 @@ def _ray_node() -> str:
     return str(ray.get_runtime_context().get_node_id())[:12]
 
 
+def _actor_name() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_actor_name() or ""
+
+
 # --- the ingress's dispatcher --------------------------------------------------------------------------
 
 
@@ -511,14 +529,37 @@ class _Stream:
             self.held.pop(message.job_id, None)
 
 
-def replica_died(error: BaseException) -> bool:
-    """Whether a run stream's error says that its replica's process is gone (Ray's ActorDiedError: a
-    crash, a kill, a lost node), rather than that it could not be reached for now."""
+def replica_died(error: BaseException, replica: Replica) -> bool:
+    """Whether a run stream's error says that its replica's process is gone (a crash, a kill, a lost
+    node), rather than that it could not be reached for now. Ray says so with ActorDiedError; Serve's
+    gRPC transport (RAY_SERVE_USE_GRPC_BY_DEFAULT, docs/ray.md) reports any lost connection as
+    ActorUnavailableError, so that one counts only once Ray has dropped the replica's actor
+    (`actor_gone`). Where in doubt the replica's lease decides, which is slower but never wrong."""
     try:
-        from ray.exceptions import ActorDiedError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError
     except ImportError:  # no Ray, no replicas
         return False
-    return isinstance(error, ActorDiedError)
+    if isinstance(error, ActorDiedError):
+        return True
+    return isinstance(error, ActorUnavailableError) and actor_gone(replica.actor)
+
+
+def actor_gone(name: str, wait_s: float = DEATH_WAIT_S) -> bool:
+    """Whether Ray's registry has dropped the Serve actor `name` within `wait_s` (a dead actor's name
+    is released as soon as Ray has seen its process end)."""
+    import ray
+
+    if not name:
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ray.get_actor(name, namespace=SERVE_NAMESPACE)
+        except ValueError:  # Ray's answer for "no live actor of that name"
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 class RayDispatcher:
@@ -526,7 +567,7 @@ class RayDispatcher:
     for queued jobs, turns the streamed worker messages into the hooks' events, lists the replicas."""
 
     def __init__(
-        self, handle: Any, store: Any, hooks: Hooks, died: Callable[[BaseException], bool] | None = None
+        self, handle: Any, store: Any, hooks: Hooks, died: Callable[[BaseException, Replica], bool] | None = None
     ) -> None:
         """`died`: whether a run stream's error says its replica's process is gone (`replica_died`)."""
         self.handle, self.store, self.hooks = handle, store, hooks
@@ -677,7 +718,7 @@ class RayDispatcher:
         if replica is None:
             return
         self.hooks.on_restart(self._label(replica.name), f"{type(error).__name__}: {str(error)[:200]}")
-        if stream.held and self.died(error):
+        if stream.held and self.died(error, replica):
             self._lost(replica, stream, error)
 
     def _lost(self, replica: Replica, stream: _Stream, error: Exception) -> None:
