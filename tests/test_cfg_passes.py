@@ -303,3 +303,43 @@ def test_an_explicit_streaming_plan_takes_the_layout_the_planner_would(monkeypat
             config, Source(), dtypes, int(budget * GIB), probe(torch.device("cpu")), compiled_vae=False
         )
         assert layout == memory.layout_of(chosen), budget
+
+
+def test_a_compiled_engine_guides_with_truncation_as_the_eager_one_and_diffusers_do(base_dir, base_engine):
+    """The compiled blocks (dynamo with the eager backend: traced, no codegen) see the batch of
+    both halves on guided steps and of one half once `cfg_truncation` ends guidance mid-run; the
+    images are the uncompiled engine's and diffusers' given the same request."""
+    from diffusers import ZImagePipeline
+
+    from zturbo.accel import compile as accel
+
+    eager, eager_rows, _ = generate(base_engine)
+    engine = Engine.load(RuntimeConfig(model=str(base_dir), device="cpu", dtype="float32"))
+    # The VAE stays eager: what is under test is the transformer's batch changing mid-run.
+    options = accel.AccelOptions(compile=True, backend="eager", vae=False)
+    engine.accel = accel.apply(engine.components, options)
+    try:
+        assert engine.accel.compiling
+        compiled, rows, _ = generate(engine)
+    finally:
+        torch._dynamo.reset()
+    guided = rows.count(4)
+    assert rows == eager_rows and 0 < guided < REQUEST["steps"] and rows == [4] * guided + [2] * (len(rows) - guided)
+    pipe = ZImagePipeline.from_pretrained(base_dir, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        prompt=PROMPTS,
+        negative_prompt=[REQUEST["negative_prompt"]] * len(PROMPTS),
+        height=REQUEST["height"],
+        width=REQUEST["width"],
+        num_inference_steps=REQUEST["steps"],
+        guidance_scale=REQUEST["guidance_scale"],
+        cfg_normalization=REQUEST["cfg_normalization"],
+        cfg_truncation=REQUEST["cfg_truncation"],
+        generator=[torch.Generator("cpu").manual_seed(REQUEST["seed"] + i) for i in range(len(PROMPTS))],
+        output_type="pil",
+    ).images
+    for ours, plain, theirs in zip(compiled, eager, reference, strict=True):
+        assert ours.std() > 10  # a flat image would match anything
+        assert np.abs(ours - plain).max() <= 1
+        assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 1

@@ -390,6 +390,34 @@ def test_a_tree_with_several_gguf_files_takes_the_one_the_flag_names(tiny_dir, f
         resolve_model(str(tree), files={"transformer": str(write_foreign_gguf(tmp_path / "llm.gguf"))})
 
 
+def test_info_takes_the_gguf_file_the_flag_names_from_a_tree_with_several(capsys, tiny_dir, files, tmp_path):
+    from clirun import run
+
+    base = shutil.copy(files["Q4_K"], tmp_path / "z_image-Q4_K.gguf")  # named as the base model's
+    tree = gguf_comfy_tree(tiny_dir, tmp_path / "ComfyUI", files["Q8_0"], Path(base))
+    chosen = tree / "models" / "diffusion_models" / "z_image-Q4_K.gguf"
+    code, text, err = run(capsys, "info", "--model", tree, "--transformer", chosen, "--device", "cpu")
+    assert code == 0, err
+    rows = dict(line.split(None, 1) for line in text.splitlines() if line.startswith(("model ", "profile ")))
+    assert rows["model"].strip() == f"{tree}  (ComfyUI single files) + GGUF transformer {chosen}"
+    assert rows["profile"].startswith("base (file name): 28 steps") and "scheduler shift 6.0" in rows["profile"]
+
+
+def test_a_gguf_named_as_the_base_model_beside_turbos_directory_runs_as_base(capsys, tiny_dir, files, tmp_path):
+    from clirun import run
+
+    gguf = shutil.copy(files["Q8_0"], tmp_path / "z_image-Q8_0.gguf")
+    code, text, err = run(capsys, "info", "--model", tiny_dir, "--transformer", gguf, "--device", "cpu")
+    assert code == 0, err
+    assert "base (file name): 28 steps" in text and "scheduler shift 6.0" in text
+    assert f"transformer file {gguf} is named as the base model's, but {tiny_dir}" in err
+    engine = Engine.load(RuntimeConfig(model=str(tiny_dir), transformer_file=str(gguf), **CPU32))
+    assert (engine.profile.profile.name, engine.profile.how) == ("base", "file name")  # as info said
+    assert engine.components.scheduler_config["shift"] == 6.0
+    preset = Engine.load(RuntimeConfig(model=str(tiny_dir), transformer_file=str(gguf), preset="turbo", **CPU32))
+    assert preset.profile.how == "preset" and preset.components.scheduler_config["shift"] == 3.0
+
+
 def write_foreign_gguf(path: Path) -> Path:
     import gguf
 

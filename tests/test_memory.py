@@ -532,6 +532,33 @@ def test_a_quantization_that_fits_no_plan_is_refused_with_the_need(tiny_dir):
     assert Engine.load(config).placement.plan == "sequential"
 
 
+def test_a_gguf_transformer_that_fits_no_plan_is_refused_with_the_need(tiny_dir, tmp_path):
+    # GGUF weights, like a requested quantization, run under no plain-weight plan (sequential):
+    # where none of theirs fits, the load is an error naming the need; where the leanest of them
+    # fits, that is the plan.
+    pytest.importorskip("gguf")
+    from gguf_files import write_gguf
+    from zturbo.loader import iter_tensors, resolve_model, weight_files
+
+    files = weight_files(tiny_dir / "transformer", "diffusion_pytorch_model")
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", {k: t for k, _, t in iter_tensors(files)}, "Q8_0")
+    source = dataclasses.replace(resolve_model(str(tiny_dir)), transformer_file=path)
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", vram_budget=0.001)
+    need = r"GGUF transformer .*tiny-Q8_0\.gguf needs about [\d.]+ GiB even as .*budget is 0\.00 GiB"
+    with pytest.raises(GPUMemoryError, match=need + r".*--vram-budget.*smaller GGUF quantization"):
+        Engine.load(config, source=source)
+    dtypes = {"transformer": torch.float32, "text_encoder": torch.float32, "vae": torch.float32}
+    cfg = source.profile(config.preset).profile.guidance > 0
+    size = {"width": memory.PLANNED_SIZE, "height": memory.PLANNED_SIZE, "cfg": cfg}
+    shape = memory.shape_from_source(source)
+    considered = memory.choose(shape, memory.dtype_bytes(dtypes), 1, **size).considered
+    least = min(considered, key=lambda est: est.peak)
+    assert least.plan != "sequential"  # (on the tiny model, model-offload: its VAE outweighs the rest)
+    budget = least.peak + memory.GIB // 2  # the planner's margin on top
+    layout = memory.plan_layout(config, source, dtypes, budget, None, compiled_vae=False)
+    assert layout == memory.layout_of(least)
+
+
 def test_only_the_resident_plan_fuses_projections():
     assert [p for p in memory.PLANS if memory.fusable(p)] == ["resident"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,49 @@ def test_status_reports_the_profile():
 
 def test_tiny_base_checkpoint_is_found_as_base(base_dir):
     assert resolve_model(str(base_dir), weights=False).profile().profile is BASE
+
+
+@pytest.mark.parametrize(
+    ("directory", "file_name", "preset", "expected", "warns"),
+    [
+        ("turbo", "z_image-Q4_K_M.gguf", "auto", ("base", "file name"), True),  # the base model's file, by name
+        ("base", "z_image_turbo-Q8_0.gguf", "auto", ("turbo", "file name"), True),
+        ("turbo", "z_image_turbo-Q8_0.gguf", "auto", ("turbo", "file name"), False),  # the two agree
+        ("base", "my_finetune-Q8_0.gguf", "auto", ("base", "scheduler shift"), False),  # the name tells neither
+        ("turbo", "z_image-Q4_K_M.gguf", "turbo", ("turbo", "preset"), False),  # the preset decides over both
+    ],
+)
+def test_a_transformer_file_beside_a_directory_takes_the_profile_its_name_says(
+    tiny_dir, base_dir, tmp_path, caplog, directory, file_name, preset, expected, warns
+):
+    root = tiny_dir if directory == "turbo" else base_dir
+    gguf = tmp_path / file_name  # never read: the profile comes from the name
+    source = dataclasses.replace(resolve_model(str(root), weights=False), transformer_file=gguf)
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        chosen = source.profile(preset)
+        source.profile(preset)  # a load asks several times: one warning
+        source.limits(1 << 20)  # as Engine.load asks, 'auto' whatever the preset: no warning under a preset
+    assert (chosen.profile.name, chosen.how) == expected
+    assert scheduler_config(chosen, source.config("scheduler"))["shift"] == chosen.profile.shift
+    warned = [r.getMessage() for r in caplog.records if "is named as" in r.getMessage()]
+    if warns:  # once, naming the file and the directory and the profiles each says
+        assert len(warned) == 1, warned
+        assert f"transformer file {gguf} is named as the {expected[0]} model's" in warned[0]
+        assert f"{source.name} is the {directory} model's (by its scheduler shift)" in warned[0]
+    else:
+        assert warned == []
+
+
+def test_info_takes_a_hub_models_profile_from_a_gguf_transformers_name(capsys, tmp_path):
+    # A hub model is not downloaded for `info`: the repo id says Turbo, the file's name the base model.
+    hub_model = ("--model", "Tongyi-MAI/Z-Image-Turbo", "--transformer", tmp_path / "z_image-Q4_K_M.gguf")
+    code, text, err = run(capsys, "info", *hub_model, "--device", "cpu")
+    assert code == 0, err
+    line = next(line for line in text.splitlines() if line.startswith("profile"))
+    assert "base (file name): 28 steps" in line and "scheduler shift 6.0" in line
+    code, text, err = run(capsys, "info", *hub_model, "--device", "cpu", "--preset", "turbo")
+    assert code == 0, err
+    assert "turbo (preset): 8 steps" in text
 
 
 @pytest.mark.parametrize("preset, cfg", [("auto", True), ("turbo", False)])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 import test_a1111
@@ -119,6 +120,8 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load_and_back(ray_cluste
         wait_for(lambda: count() == 1, 60, server)
         ids = load_until(server, lambda: count() == 2, 240)  # a new replica imports torch and loads: slow when busy
         assert [server.wait_job(job_id, timeout=240)["status"] for job_id in ids] == ["succeeded"] * len(ids)
+        # The new replica took jobs from the queue while the first one's waiting requests held it.
+        assert len(set(claimers(ray_db, tmp_path / "shared", ids[-6:]).values())) == 2
         wait_for(lambda: count() == 1, 180, server)
     finally:
         assert server.stop() == 0, server.tail()
@@ -260,17 +263,28 @@ def ended(db: str, ids: list[str]) -> dict[str, tuple]:
         return {row[0]: row[1:] for row in conn.execute(query, (ids,))}
 
 
+def on_node(node, pid: int) -> bool:
+    """Whether process `pid` runs on `node` (one of its `ray start` process's descendants)."""
+    return pid in {p.pid for p in psutil.Process(node.proc.pid).children(recursive=True)}
+
+
+def replica_where(server: Server, check) -> dict:
+    """The first replica in /v1/status for which `check(worker)` holds, waiting up to 60 s for one."""
+    found: list[dict] = []
+    wait_for(lambda: found.extend(w for w in server.client.get("/v1/status").json()["workers"] if check(w)) or found,
+             60, server)  # fmt: skip
+    return found[0]
+
+
 def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_replicas, ray_cluster, ray_db):
-    """The killed replica held a batch of several on its GPU: its jobs run again at once, each alone,
-    their attempt not counted (as a `zturbo serve` worker's crashed batch)."""
+    """The killed replica (the head node's) held a batch of several on its GPU: its jobs run again at
+    once, each alone, their attempt not counted (as a `zturbo serve` worker's crashed batch). Then
+    the second node goes while its replica runs a job."""
     server, data = two_replicas
     _, _, worker_node = ray_cluster
     before = finished_counts(server)
     ids = [server.submit(seed=100 + i, steps=12)["id"] for i in range(10)]
-    batch = []
-    wait_for(lambda: batch.extend(w for w in server.client.get("/v1/status").json()["workers"]
-                                  if len(w["jobs"]) > 1) or batch, 60, server)  # fmt: skip
-    killed = batch[0]
+    killed = replica_where(server, lambda w: len(w["jobs"]) > 1 and not on_node(worker_node, w["pid"]))
     os.kill(killed["pid"], signal.SIGKILL)  # a replica's process, mid-batch
 
     def given_back() -> bool:
@@ -280,7 +294,8 @@ def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_r
     # The ingress gave them back (the lease's recovery would have counted the attempt, kept the batch key).
     for status, attempts, key, _ in stored(ray_db, killed["jobs"]).values():
         assert key == "" and attempts == (0 if status == "queued" else 1), (status, attempts, key)
-    worker_node.kill()  # then the second node, with whatever replica it holds
+    replica_where(server, lambda w: w["jobs"] and on_node(worker_node, w["pid"]))
+    worker_node.kill()  # then the second node, its replica mid-job
     done = [server.wait_job(job_id, timeout=240) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded"] * 10, done
     # Done once: one end each at the ingress, within the attempts allowed, one image row each, and

@@ -72,10 +72,14 @@ def test_the_router_sends_each_message_to_the_stream_that_took_its_job():
 
 
 class FakeStore:
-    """The dispatcher's view of the shared store: queued jobs, live replica leases."""
+    """The dispatcher's view of the shared store: queued jobs, live replica leases, some jobs' rows."""
 
     def __init__(self, queued: int, live: dict[str, float]) -> None:
         self.queued, self.live = queued, live
+        self.rows: dict[str, jobs.Job] = {}
+
+    def get(self, job_id: str) -> jobs.Job:
+        return self.rows[job_id]
 
     def heartbeat(self) -> list:
         return []
@@ -124,13 +128,14 @@ def wait(check, timeout: float = 10) -> None:
 
 
 def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_events():
-    """Two queued jobs: two run requests. One streams its job to the end; the other's replica dies
-    mid-job (its stream raises): a restart is reported, and the job is left to the store's lease."""
+    """Two queued jobs: two run requests. One streams its job to the end; the other's stream breaks
+    mid-job without Ray saying its replica died: no restart, and the job is left to the store's lease,
+    its end told once the store has it."""
     replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({"model": "tiny"}, None), "ray-replica-r1/gpu")
     seconds = BatchSeconds(engine=0.4, host=0.01, idle=2.0)
     ok = [replica, Running("j1", 1), Progress("j1", 1, 2), GpuFree(("j1",), 1, None, seconds),
           Finished("j1", jobs.SUCCEEDED, 0.5)]  # fmt: skip
-    dead = [replica, Running("j2", 1), RuntimeError("ActorDiedError: the replica died")]
+    dead = [replica, Running("j2", 1), RuntimeError("unreachable")]
     handle = FakeHandle([ok, dead], replica)
     events, finished, restarts, batches, accounts = [], [], [], [], []
     hooks = Hooks(on_event=lambda j, e, d: events.append((j, e, d)), on_finished=finished.append,
@@ -148,10 +153,53 @@ def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_ev
     assert ("j1", "progress", {"step": 1, "steps": 2}) in events
     assert [f.job_id for f in finished] == ["j1"] and batches == [(1, 1)]
     assert accounts == [("ray-replica-r1", seconds)]  # the replica's time, by its name (/metrics)
-    assert restarts == ["ray-replica-r1"]
+    assert restarts == [] and dispatcher._unsettled == {"j2": "ray-replica-r1"}
     assert dispatcher.runtime()["model"] == "tiny" and dispatcher.progress("j1") is None
+    store.rows["j2"] = job_row("j2", jobs.RUNNING)  # still on the replica's claim: nothing to tell yet
     dispatcher._tick()  # nothing queued: no new request
-    assert handle.calls == 2
+    assert handle.calls == 2 and dispatcher._unsettled == {"j2": "ray-replica-r1"}
+    store.rows["j2"] = job_row("j2", jobs.SUCCEEDED)  # the replica did finish it
+    dispatcher._tick()
+    assert [f.job_id for f in finished] == ["j1", "j2"] and dispatcher._unsettled == {}
+
+
+def job_row(job_id: str, status: str) -> jobs.Job:
+    return jobs.Job(job_id, 1, status, {}, 1, None, False, None, 0.0, None, None)
+
+
+def test_a_dead_replica_counts_one_restart_however_many_requests_it_held_and_leaves_the_list():
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None), "ray-replica-r1/gpu")
+    streams = [[replica, Died("killed")] for _ in range(3)]  # requests waiting at it: none held a job
+    handle = FakeHandle(streams, replica)
+    handle.release.set()
+    restarts = []
+    store = FakeStore(queued=0, live={"ray-replica-r1": 0.5})
+    dispatcher = RayDispatcher(handle, store, Hooks(on_restart=lambda w, r: restarts.append(w)),
+                               died=lambda e, r: isinstance(e, Died))  # fmt: skip
+    dispatcher._list_replicas()
+    assert [w["id"] for w in dispatcher.workers()] == ["ray-replica-r1"]
+    for _ in streams:
+        dispatcher._follow()
+    assert restarts == ["ray-replica-r1"]
+    dispatcher._list_replicas()  # its lease holds a while yet; Ray said it is dead
+    assert dispatcher.workers() == [] and dispatcher._parked == {"ray-replica-r1": 0}
+
+
+def test_while_jobs_wait_behind_a_busy_replica_an_idle_one_gets_a_request():
+    """Requests waiting at a busy replica claim nothing until its GPU is free: a replica with nothing
+    to do (a new one, say) gets a request of its own while jobs are queued, and only then."""
+    dispatcher = RayDispatcher(FakeHandle([], None), FakeStore(queued=0, live={}), Hooks())
+    for name in ("r1", "r2"):
+        dispatcher._hello(Replica(name, "cuda:0", "node1", 42, Ready({}, None), f"{name}/gpu"))
+    dispatcher._live = {"r1": 0.1, "r2": 0.1}
+    dispatcher._running = {"j1": "r1"}
+    dispatcher._parked, dispatcher._unclaimed = {"r1": 3}, 3  # three requests wait at r1 for 3 jobs
+    assert dispatcher._wanted(3) == 1  # for r2
+    assert dispatcher._wanted(0) == 0  # nothing queued: an idle replica gets nothing
+    dispatcher._unclaimed = 4  # one sent, not yet at a replica: it may well go to r2
+    assert dispatcher._wanted(3) == 0
+    dispatcher._unclaimed, dispatcher._running = 3, {"j1": "r1", "j5": "r2"}  # r2 busy too
+    assert dispatcher._wanted(3) == 0 and dispatcher._wanted(5) == 2  # a request per queued job
 
 
 class HeldHandle(FakeHandle):

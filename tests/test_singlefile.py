@@ -437,3 +437,25 @@ def test_a_single_files_profile_comes_from_its_name_or_the_preset(comfy_tree, tm
     assert (chosen.profile.name, chosen.how) == (profile, how)
     # The packaged scheduler config is Turbo's: a base profile must bring its own shift.
     assert scheduler_config(chosen, source.config("scheduler"))["shift"] == chosen.profile.shift
+
+
+def test_info_shows_the_profile_the_three_files_load_with(capsys, comfy_tree, tmp_path):
+    models = comfy_tree / "models"
+    base = tmp_path / "z_image_bf16.safetensors"  # the base model's file, as ComfyUI names it
+    shutil.copy(models / "diffusion_models" / "z_image_turbo_bf16.safetensors", base)
+    files = ("--transformer", base, "--text-encoder", models / "text_encoders" / "qwen_3_4b.safetensors",
+             "--vae", models / "vae" / "ae.safetensors")  # fmt: skip
+    code, text, err = run(capsys, "info", *files, "--device", "cpu")
+    assert code == 0, err
+    line = next(line for line in text.splitlines() if line.startswith("profile"))
+    assert line.split(None, 1)[1].startswith("base (file name): 28 steps") and "scheduler shift 6.0" in line
+
+
+def test_info_names_a_comfyui_tree_as_single_files(capsys, comfy_tree, tiny_dir):
+    from zturbo.loader import describe_origin
+
+    code, text, err = run(capsys, "info", "--model", comfy_tree, "--device", "cpu")
+    assert code == 0, err
+    assert f"{comfy_tree}  (ComfyUI single files)" in text
+    assert describe_origin(str(comfy_tree / "models")) == "ComfyUI single files"
+    assert describe_origin(str(tiny_dir)) == "local directory"  # a diffusers directory

@@ -88,6 +88,8 @@ def test_job_params_builds_the_contract_body() -> None:
         "height": 128,
         "steps": 2,
         "guidance_scale": 0.0,
+        "cfg_normalization": 0.0,  # off, as the request type defines it
+        "cfg_truncation": 1.0,
         "seed": None,  # -1 in the form = let the server pick
         "n": 2,
         "variation_seed": None,
@@ -98,6 +100,8 @@ def test_job_params_builds_the_contract_body() -> None:
     assert job_params(*{**FORM, "seed": 7}.values())["seed"] == 7
     explore = job_params(*FORM.values(), 40, 0.25, 1)
     assert (explore["variation_seed"], explore["variation_strength"], explore["variety"]) == (40, 0.25, 1.0)
+    cfg = job_params(*FORM.values(), cfg_normalization=2, cfg_truncation=0.5)
+    assert (cfg["cfg_normalization"], cfg["cfg_truncation"]) == (2.0, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -106,10 +110,12 @@ def test_job_params_builds_the_contract_body() -> None:
         ({"height": None}, "height is empty"),
         ({"width": 64.5}, "width must be a whole number, got 64.5"),
         ({"variety": None}, "seed variety is empty"),
+        ({"cfg_truncation": None}, "CFG truncation is empty"),
     ],
 )
 def test_job_params_refuses_what_the_form_cannot_send(change: dict[str, object], message: str) -> None:
-    form = {**FORM, "variation_seed": -1, "variation_strength": 0, "variety": 0}
+    form = {**FORM, "variation_seed": -1, "variation_strength": 0, "variety": 0, "cfg_normalization": 0,
+            "cfg_truncation": 1}  # fmt: skip
     with pytest.raises(FormError, match=message):
         job_params(*{**form, **change}.values())
 
@@ -125,13 +131,16 @@ def test_job_params_refuses_what_the_form_cannot_send(change: dict[str, object],
         ({"prompt": "   "}, "prompt", "prompt is empty"),
         ({"variation_seed": -2}, "variation_seed", "variation_seed -2 is out of range"),
         ({"variation_strength": 1.5}, "variation_strength", "variation_strength 1.5 is out of range; allowed 0..1"),
+        ({"cfg_normalization": 10.5}, "cfg_normalization", "cfg_normalization 10.5 is out of range; allowed 0..10"),
+        ({"cfg_truncation": -0.1}, "cfg_truncation", "cfg_truncation -0.1 is out of range; allowed 0..1"),
     ],
 )
 def test_the_server_refuses_bad_form_values_naming_them(
     api: TestClient, change: dict[str, object], field: str, message: str
 ) -> None:
     """The form sends what it holds; the request validator decides, so the page shows the API's message."""
-    form = {**FORM, "variation_seed": -1, "variation_strength": 0, "variety": 0}
+    form = {**FORM, "variation_seed": -1, "variation_strength": 0, "variety": 0, "cfg_normalization": 0,
+            "cfg_truncation": 1}  # fmt: skip
     r = api.post("/v1/jobs", json=job_params(*{**form, **change}.values()))
     assert r.status_code == 400, r.text
     assert r.json()["error"]["field"] == field
@@ -221,14 +230,61 @@ def test_form_values_fill_the_exploration_options_and_name_what_the_form_lacks()
     assert notes == []
 
     values, notes = form_values({"prompt": "x", "seed": None, "seeds": [3, 7], "variation_seed": None,
-                                 "variation_strength": 1.5, "variety": 0.5, "variety_until": 0.5}, 16)  # fmt: skip
+                                 "variation_strength": 1.5, "variety": 0.5, "variety_until": 0.5,
+                                 "output_format": "webp"}, 16)  # fmt: skip
     assert values["variation_seed"] == -1  # none recorded: the form's "random", not the previous value
     assert "seed" not in values and "variation_strength" not in values
     assert notes == [
         "variation_strength 1.5 is outside 0 to 1, so it was not filled in",
         "the seed list [3, 7] has no field here; the form makes images from one seed",
         "variety until 0.5 has no field here; the form uses 0.25",
+        "output format webp has no field here; the form makes PNGs",
     ]
+
+
+def test_a_pngs_cfg_options_fill_the_form_and_open_advanced(tmp_path: Path) -> None:
+    """A PNG records the CFG options that ran; reading it back fills both (never dropped), names a
+    value outside the request's range, and shows them among the image's parameters."""
+    import gradio as gr
+
+    from zturbo.serving.ui import describe_params
+    from zturbo.serving.ui_app import _form_updates
+
+    path = tmp_path / "cfg.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=png_info({**META, "cfg_normalization": 1.5, "cfg_truncation": 0.4}))
+    params, _, _ = read_parameters(path)
+    values, notes = form_values(params, 16)
+    assert (values["cfg_normalization"], values["cfg_truncation"], notes) == (1.5, 0.4, [])
+    assert "- **CFG options:** normalization 1.5, truncation 0.4" in describe_params(params)
+    advanced = -4  # the Advanced accordion's update follows the form fields'
+    assert _form_updates({"cfg_truncation": 0.4})[advanced] != gr.skip()
+    assert _form_updates({"cfg_normalization": 0.0, "cfg_truncation": 1.0})[advanced] == gr.skip()
+    assert "CFG options" not in describe_params({**params, "cfg_normalization": 0.0, "cfg_truncation": 1.0})
+
+    values, notes = form_values({"prompt": "x", "cfg_normalization": 12.0, "cfg_truncation": 1.5}, 16)
+    assert "cfg_normalization" not in values and "cfg_truncation" not in values  # never silently clamped
+    assert notes == [
+        "cfg_normalization 12.0 is outside 0 to 10, so it was not filled in",
+        "cfg_truncation 1.5 is outside 0 to 1, so it was not filled in",
+    ]
+
+
+def test_a_jobs_cfg_options_round_trip_through_the_form(api: TestClient, tmp_path: Path) -> None:
+    """A job with CFG options, reused: the form holds them and Generate sends the same body again."""
+    from zturbo.serving.ui import GENERATE_KEYS
+
+    body = job_params(*FORM.values(), cfg_normalization=2.5, cfg_truncation=0.3) | {"seed": 7, "guidance_scale": 4.0}
+    r = api.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    params = r.json()["params"]
+    assert (params["cfg_normalization"], params["cfg_truncation"]) == (2.5, 0.3)
+    values, notes = form_values(params, 16)
+    assert notes == []
+    fns, posted = _page(tmp_path)
+    _generate(fns, _untouched_form(fns["generate"], **{k: v for k, v in values.items() if k in GENERATE_KEYS}))
+    resent = posted[-1]
+    assert resent.pop("preview") is True
+    assert resent | {"variation_seed": None} == body  # the server had picked the variation seed
 
 
 def test_status_line_names_model_device_dtypes_plan_memory_and_queue() -> None:
@@ -774,7 +830,7 @@ def test_the_api_takes_the_body_the_form_builds_as_the_job_the_user_painted(api:
     editor = {"background": Image.open(image), "layers": [_layer((64, 48), (0, 0, 32, 48))]}
     form = {**FORM, "guidance_scale": 0.0, "n": 1, "width": 64, "height": 48, "variation_seed": -1,
             "variation_strength": 0.0, "variety": 0.0, "image": str(image), "mask_editor": editor,
-            "paste_back": True, "mask_blur": 2}  # fmt: skip
+            "paste_back": True, "mask_blur": 2, "cfg_normalization": 0.0, "cfg_truncation": 1.0}  # fmt: skip
     body = form_body(form)
     r = api.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text

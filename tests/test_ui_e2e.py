@@ -197,6 +197,7 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     _fill_form(page, prompt, steps=6)  # seed -1: the server picks one
     page.locator("#advanced").get_by_text("Advanced").click()
     _set_slider(page, "variety", "0.2")
+    _set_slider(page, "cfg-truncation", "0.5")  # recorded as sent, though guidance 0 leaves it no work
     _record_progress(page)
     page.locator("#generate").click()
     expect(page.locator("#progress")).to_contain_text("Done: 1 image(s)")
@@ -220,6 +221,7 @@ def test_generate_shows_progress_image_parameters_and_download(page: Any, server
     download.value.save_as(saved)
     meta = read_metadata(saved)  # the PNG keeps zturbo's metadata through the UI
     assert (meta["prompt"], meta["seed"], meta["steps"], meta["variety"]) == (prompt, seed, 6, 0.2)
+    assert (meta["cfg_normalization"], meta["cfg_truncation"]) == (0.0, 0.5)
 
     # One path to the engine: the UI's generation is an ordinary job in the server's history.
     [job] = server.history("e2e-generate")
@@ -332,6 +334,8 @@ def test_dropped_png_fills_the_form(page: Any, tmp_path: Path) -> None:
         "seed": 31337,
         "steps": 5,
         "guidance_scale": 1.5,
+        "cfg_normalization": 1.5,
+        "cfg_truncation": 0.4,
         "width": 832,
         "height": 1248,
         "model": "tiny-random",
@@ -347,6 +351,8 @@ def test_dropped_png_fills_the_form(page: Any, tmp_path: Path) -> None:
     expect(page.locator("#steps input[type=number]")).to_have_value("5")
     expect(page.locator("#preset input")).to_have_value("2:3 · 832×1248 (1 MP)")
     expect(page.locator("#negative textarea")).to_have_value("blurry")
+    expect(page.locator("#cfg-normalization input[type=number]")).to_have_value("1.5")
+    expect(page.locator("#cfg-truncation input[type=number]")).to_have_value("0.4")
 
     info = PngInfo()
     info.add_text("parameters", "a lighthouse at dusk\nSteps: 12, Sampler: Euler, CFG scale: 0, Seed: 5, Size: 768x512")

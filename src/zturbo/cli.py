@@ -1184,20 +1184,25 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def _profile_text(config: Any) -> str:
-    """The model's profile and how it was chosen. A local model's configs are read; a hub model is
-    not downloaded for this, so its profile comes from the preset or its repo id alone."""
+    """The model's profile and how it was chosen, resolved as the engine resolves it (the
+    component files included). A local model's configs are read; a hub model is not downloaded
+    for this, so its profile comes from the preset, its repo id and a GGUF transformer's name."""
     from pathlib import Path
 
     from .loader import resolve_model
     from .modelscope_source import split_hub
-    from .profiles import choose_profile, scheduler_config, size_texts
+    from .profiles import choose_profile, scheduler_config, size_texts, transformer_file_profile
 
-    if Path(config.model).expanduser().is_dir() or config.model == TINY_MODEL:
-        source = resolve_model(config.model, weights=False)
+    files = config.component_files()
+    local = Path(config.model).expanduser().is_dir() or config.model == TINY_MODEL
+    if local or (files is not None and not config.gguf_transformer()):  # three files replace the model
+        source = resolve_model(config.model, weights=False, files=files)
         chosen = source.profile(config.preset)
         shift = scheduler_config(chosen, source.config("scheduler")).get("shift")
     else:
         chosen = choose_profile(config.preset, {}, split_hub(config.model)[1])  # the repo id, without hf:/modelscope:
+        if files is not None:  # a GGUF transformer beside the hub model
+            chosen = transformer_file_profile(chosen, Path(files["transformer"]).name)
         shift = chosen.profile.shift if chosen.how != "assumed" else "read from the scheduler config at load"
     p = chosen.profile
     (s0, s1), (g0, g1) = p.steps_range, p.guidance_range

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from .config import TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
-from .profiles import AUTO, Chosen, choose_profile, file_name_profile
+from .profiles import AUTO, Chosen, choose_profile, file_name_profile, transformer_file_profile
 from .request import ModelLimits
 
 if TYPE_CHECKING:
@@ -67,14 +68,39 @@ class ModelSource:
         return _read_json(self.path / component / name)
 
     def profile(self, preset: str = AUTO) -> Chosen:
-        """The model's profile: `preset` when one is named, else what the files tell."""
-        if self.files is not None:  # the scheduler config is the package's, not the model's
-            return file_name_profile(preset, self.files.transformer.name)
-        return choose_profile(preset, self.config("scheduler"), self.repo_id)
+        """The model's profile: `preset` when one is named, else what the files tell; a transformer
+        file whose name names another model than the directory's configs do runs as the file's,
+        with a warning naming both."""
+        chosen, checkpoint = self._profiles(preset)
+        if checkpoint.how != "assumed" and checkpoint.profile is not chosen.profile:
+            _warn_once(
+                f"transformer file {self.transformer_file} is named as the {chosen.profile.name} model's, but "
+                f"{self.name} is the {checkpoint.profile.name} model's (by its {checkpoint.how}); running the "
+                f"{chosen.profile.name} profile (--preset {checkpoint.profile.name} runs the directory's)"
+            )
+        return chosen
 
     def limits(self, max_pixels: int, preset: str = AUTO) -> ModelLimits:
-        profile = self.profile(preset).profile
+        # No warning from here: Engine.load asks for limits with 'auto' whatever the preset.
+        profile = self._profiles(preset)[0].profile
         return ModelLimits(spatial_unit=spatial_unit(self), max_pixels=max_pixels, profile=profile)
+
+    def _profiles(self, preset: str) -> tuple[Chosen, Chosen]:
+        """The profile to run, and the one the checkpoint's own files tell (the same, but where a
+        transformer file given beside a directory names a model by its file name)."""
+        if self.files is not None:  # the scheduler config is the package's, not the model's
+            chosen = file_name_profile(preset, self.files.transformer.name)
+            return chosen, chosen
+        checkpoint = choose_profile(preset, self.config("scheduler"), self.repo_id)
+        if self.transformer_file is None:
+            return checkpoint, checkpoint
+        return transformer_file_profile(checkpoint, self.transformer_file.name), checkpoint
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    """Log `message` once a process: a load asks for the profile from several places."""
+    log.warning(message)
 
 
 def spatial_unit(source: ModelSource) -> int:
@@ -161,9 +187,12 @@ def _with_transformer_file(source: ModelSource, path: Path) -> ModelSource:
 def describe_origin(name: str) -> str:
     """Where `name` would be loaded from, without resolving it (`zturbo info`)."""
     from .modelscope_source import cache_dir, split_hub
+    from .singlefile import is_file_set_dir
 
-    if Path(name).expanduser().is_dir():
-        return "local directory"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        # As the web UI names ModelSource.origin 'single-files'.
+        return "ComfyUI single files" if is_file_set_dir(path) else "local directory"
     if name == TINY_MODEL:
         return "built-in random checkpoint"
     hub, _ = split_hub(name)

@@ -187,6 +187,17 @@ def file_name_profile(preset: str, file_name: str) -> Chosen:
     return Chosen(TURBO, "assumed")
 
 
+def transformer_file_profile(checkpoint: Chosen, file_name: str) -> Chosen:
+    """The profile of a checkpoint run with a transformer file in place of its own (a GGUF file
+    beside a diffusers directory or hub repo): the file's name where it names a model, as a
+    ComfyUI tree's transformer file decides, since its weights are what runs; else the
+    checkpoint's (`choose_profile`). A preset, already in `checkpoint`, decides over both."""
+    if checkpoint.how == "preset":
+        return checkpoint
+    by_name = file_name_profile(AUTO, file_name)
+    return by_name if by_name.how == "file name" else checkpoint
+
+
 # The words of a precision or a quantization in distributors' file names (ComfyUI's
 # `fp8_e4m3fn_scaled`, GGUF's `Q4_K_M`, `Q8_0`, `IQ4_XS`), split at underscores.
 _PRECISION_WORD = re.compile(r"bf16|fp16|f16|fp32|f32|fp8|e4m3fn|e4m3|e5m2|scaled|i?q\d+|\d+|k|m|s|l|xs|xxs")

@@ -8,8 +8,9 @@ unless `--steps`). diffusers' ZImagePipeline runs the same request on the same m
 with the same scheduler config and CFG options.
 
 Rows, in this order because compilation changes the modules in place: diffusers eager, then
-zturbo compiled bf16 (its first call compiles). Each is the median of `--runs` end-to-end
-requests after its warm-up, with its peak memory; the two images are compared as thumbnails.
+zturbo compiled bf16 (its first call compiles; eager with --no-compile, and the row is labelled by
+what ran). Each is the median of `--runs` end-to-end requests after its warm-up, with its peak
+memory; the two images are compared as thumbnails.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ def zturbo_row(phase: dict[str, Any], engine: Engine, opts: Any, request: Sampli
 
     device, size = engine.device, opts.main_size
     prepare(engine, "compiled", opts, "none", True, phase)
+    phase["compiled"] = engine.accel.compiling  # what the row's label says (a failed row's too)
     call = common.zturbo_e2e(engine, size, sampling=request)
     common.sync(device)
     started = time.perf_counter()
@@ -109,6 +111,8 @@ def zturbo_row(phase: dict[str, Any], engine: Engine, opts: Any, request: Sampli
     warm = max(opts.warmup, STEP_SIGHTINGS if engine.accel.step_graphs is not None else 0, 1) - 1
     phase |= timed(call, device, opts.runs, warm)
     phase["step_s"] = phase["median_s"] / request.steps
+    # A compilation that fails is reverted to eager (`Engine`): the label is what the timed runs ran.
+    phase["compiled"] = engine.accel.compiling
     log.info("bench --base: zturbo %.3f s/img", phase["median_s"])
     return result.images[0].image
 
@@ -124,7 +128,8 @@ def markdown(res: dict[str, Any]) -> str:
         "| row | s/img | s/step | peak GiB | SM MHz (power-capped) |",
         "|---|---|---|---|---|",
     ]
-    for key, label in (("zturbo", "zturbo compiled"), ("diffusers_eager", "diffusers eager")):
+    zturbo_label = "zturbo compiled" if (res.get("zturbo") or {}).get("compiled") else "zturbo eager"
+    for key, label in (("zturbo", zturbo_label), ("diffusers_eager", "diffusers eager")):
         row = res.get(key) or {}
         if "median_s" in row:
             peak = "-" if row.get("peak_gib") is None else f"{row['peak_gib']:.1f}"

@@ -147,6 +147,7 @@ def zturbo_row(components: Components, opts: Any, request: Sampling, fuse: bool 
         # A step shape is captured into a CUDA graph on its second request; the first call was one.
         warm = max(opts.warmup, STEP_SIGHTINGS if engine.accel.step_graphs is not None else 0, 1) - 1
         row |= timed(call, device, opts.runs, warm)
+        row["compiled"] = engine.accel.compiling  # a failed compilation reverts to eager: the label says so
         row["thumbnail"] = thumbnail(result.images[0].image)
         row["weights"] = result.images[0].metadata.get("transformer_weights")
     finally:
@@ -255,7 +256,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def _table_row(weights: str, side: str, row: dict[str, Any], bf16: float | None) -> str:
-    runtime = "zturbo compiled" if side == "zturbo" else "diffusers eager"
+    runtime = "diffusers eager" if side != "zturbo" else "zturbo compiled" if row.get("compiled") else "zturbo eager"
     if "error" in row:
         return f"| {weights} | {runtime} | FAILED: {row['error'][:200]} | | | | |"
     ratio = f"{row['median_s'] / bf16:.2f}x" if bf16 else "-"

@@ -681,8 +681,10 @@ def plan_layout(
     (`plan_options`).
 
     Quantization is `config.quantize`; with `--quantize none` and `--memory auto`, a quantized
-    layout is chosen only when no exact one fits. The planned request is a 1024² image at the
-    model's default guidance (`ModelSource.profile`).
+    layout is chosen only when no exact one fits. A GGUF transformer is never quantized again and
+    runs under no plain-weight plan, so where none of its plans fits that is a GPUMemoryError, as
+    it is for a requested quantization. The planned request is a 1024² image at the model's
+    default guidance (`ModelSource.profile`).
     """
     if config.quantize != "none" and config.memory in UNQUANTIZED_PLANS:
         raise InvalidRequestError(
@@ -707,9 +709,13 @@ def plan_layout(
         fits = [est for est in options if est.peak <= usable]
         return layout_of(fits[0] if fits else min(options, key=lambda est: est.peak))
     exact = config.quantize == "none"
-    options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)
+    stored = getattr(source, "transformer_file", None) if shape.transformer_stored_params else None
+    if stored is not None:
+        options: tuple[str, ...] = ()  # GGUF weights stay as stored: no quantization to fall back to
+    else:
+        options = usable_quantizations(caps, dtypes["transformer"]) if exact else (config.quantize,)
     choice = choose(shape, sizes, budget, quantize_options=options, exact=exact, **request)
-    return _chosen(choice, config.quantize)
+    return _chosen(choice, config.quantize, stored)
 
 
 def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
@@ -727,15 +733,23 @@ def _check_stored(config: Any, path: Any, dtype: torch.dtype) -> None:
     check_stored_settings(config, path)
 
 
-def _chosen(choice: Choice, quantize: str) -> Layout:
+def _chosen(choice: Choice, quantize: str, stored: Any = None) -> Layout:
+    """The layout of `choice`'s estimate; where none fits, the leanest plan (sequential), which
+    runs plain weights only: a transformer quantized by `quantize` or stored quantized (`stored`,
+    a GGUF file) has no plan leaner than those considered, so that is an error naming the need."""
     budget = choice.budget
-    if choice.chosen is None and quantize != "none":
-        # Sequential runs plain weights only, so a quantized transformer has no plan leaner than block-offload.
+    if choice.chosen is None and (quantize != "none" or stored is not None):
         least = min(choice.considered, key=lambda e: e.peak)
+        need = f"about {least.peak / GIB:.2f} GiB even as {least.label()}, and the budget is {budget / GIB:.2f} GiB"
+        if stored is None:
+            raise GPUMemoryError(
+                f"--quantize {quantize} needs {need}; use --quantize none, whose sequential plan "
+                "streams the weights layer by layer and fits in less"
+            )
         raise GPUMemoryError(
-            f"--quantize {quantize} needs about {least.peak / GIB:.1f} GiB even as {least.label()}, "
-            f"and the budget is {budget / GIB:.1f} GiB; use --quantize none, whose sequential plan "
-            "streams the weights layer by layer and fits in less"
+            f"the GGUF transformer {stored} needs {need}; free GPU memory or raise --vram-budget, use a "
+            "smaller GGUF quantization, or use a safetensors transformer, whose sequential plan streams "
+            "plain weights layer by layer and fits in less"
         )
     if choice.chosen is None:
         log.warning("no memory plan fits %.1f GiB even at %d²; trying the leanest", budget / GIB, PLANNED_SIZE)

@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError, StorageError, ZTurboError
+from ..errors import InvalidRequestError, JobNotFoundError, StorageError, ZTurboError
 from . import jobs
 from .metrics import DEPARTED
 from .workers import (
@@ -579,6 +579,11 @@ class RayDispatcher:
         # its own until that batch ended, even with another replica idle. (Where Ray's router puts the
         # new request is its choice: on a busy replica it waits there like any other.)
         self._unclaimed = 0
+        self._parked: dict[str, int] = {}  # of those, the ones whose replica said hello, by replica
+        self._dead: set[str] = set()  # the replicas Ray reported dead (`replica_died`)
+        # Jobs of streams that broke while Ray did not report their replica dead: the store tells what
+        # became of them once the replica, or its lease's end, settles them (`_check_unsettled`).
+        self._unsettled: dict[str, str] = {}  # job -> the replica of its broken stream
         self._dispatching = True
         self._progress: dict[str, tuple[int, int]] = {}
         self._previews: dict[str, bytes] = {}
@@ -614,15 +619,26 @@ class RayDispatcher:
             self._recovered(job)
         if time.monotonic() - self._listed_at > LIST_EVERY_S:
             self._list_replicas()
+        self._check_unsettled()
         queued = self.store.counts()[jobs.QUEUED]  # outside the lock, which each claim takes: at worst
         with self._lock:  # one request too many, which finds no job and ends
             if not self._dispatching:
                 return
-            wanted = max(0, queued - self._unclaimed)
+            wanted = self._wanted(queued)
             self._inflight += wanted
             self._unclaimed += wanted
         for _ in range(wanted):
             threading.Thread(target=self._follow, name="zturbo-ray-run", daemon=True).start()
+
+    def _wanted(self, queued: int) -> int:
+        """Under the lock: how many run requests to send now. Every queued job has one; and while jobs
+        wait, so does each idle replica, as the requests waiting at a busy replica claim nothing until
+        its GPU is free. Ray's router gives a new request to the replica with the fewest, so the
+        request goes to the idle one; the ones not yet at a replica are on their way to one."""
+        busy = set(self._running.values()) | {name for name, count in self._parked.items() if count}
+        idle = (set(self._live) & set(self._replicas)) - busy - self._dead
+        unplaced = self._unclaimed - sum(self._parked.values())
+        return max(0, queued - self._unclaimed, min(queued, len(idle)) - unplaced)
 
     def _recovered(self, job: jobs.Job) -> None:
         log.info("job %s of a lost node: %s (attempt %d)", job.id, job.status, job.attempts)
@@ -636,6 +652,7 @@ class RayDispatcher:
     def _list_replicas(self) -> None:
         live = self.store.live_nodes(REPLICA_PREFIX)
         with self._lock:
+            live = {name: age for name, age in live.items() if name not in self._dead}  # its lease outlives it
             self._listed_at, self._live = time.monotonic(), live
             absent = (set(self._replicas) | set(self._memory) | set(self._loras)) - set(live) - {DEPARTED}
             gone = absent - set(self._departed)
@@ -675,9 +692,12 @@ class RayDispatcher:
             with self._lock:
                 self._asking = False
 
-    def _hello(self, replica: Replica) -> None:
+    def _hello(self, replica: Replica, parked: bool = False) -> None:
+        """A replica's description; `parked`: a run request's first message, so the request waits there."""
         with self._lock:
             self._replicas[replica.name] = replica
+            if parked:
+                self._parked[replica.name] = self._parked.get(replica.name, 0) + 1
             if replica.ready.memory:
                 self._memory.setdefault(replica.name, replica.ready.memory)
 
@@ -688,11 +708,11 @@ class RayDispatcher:
             for message in self.handle.options(stream=True).run.remote():
                 if isinstance(message, Replica):
                     stream.replica = message
-                    self._hello(message)
+                    self._hello(message, parked=not claimed)
                     continue
                 if isinstance(message, Running) and not claimed:
                     claimed = True
-                    self._claimed()
+                    self._claimed(stream.replica)
                 stream.see(message)
                 self._handle(stream.replica, message)
         except Exception as e:  # the replica died or was unreachable
@@ -702,24 +722,60 @@ class RayDispatcher:
                 self._inflight -= 1
                 if not claimed:  # it claimed nothing (another replica took the job) or died first
                     self._unclaimed -= 1
+                    self._unpark(stream.replica)
             self._wake.set()
 
-    def _claimed(self) -> None:
+    def _claimed(self, replica: Replica | None) -> None:
         """A request took its batch: the jobs still queued need requests of their own, now."""
         with self._lock:
             self._unclaimed -= 1
+            self._unpark(replica)
         self._wake.set()
 
+    def _unpark(self, replica: Replica | None) -> None:
+        """Under the lock: a request that waited at `replica` waits no more."""
+        if replica is not None and self._parked.get(replica.name, 0) > 0:
+            self._parked[replica.name] -= 1
+
     def _ended_early(self, stream: _Stream, error: Exception) -> None:
-        """Where Ray says the replica died, the jobs the stream held go back now (`_lost`); where it
-        could not be reached, the replica's lease decides."""
+        """Where Ray says the replica died, it counts one restart (however many of its requests broke)
+        and the jobs the stream held go back now (`_lost`); where it could not be reached, the
+        replica's lease decides, and the store tells what became of the jobs (`_check_unsettled`)."""
         replica = stream.replica
         log.warning("a run request on %s ended early: %s", replica.name if replica else "a replica", error)
         if replica is None:
             return
-        self.hooks.on_restart(self._label(replica.name), f"{type(error).__name__}: {str(error)[:200]}")
-        if stream.held and self.died(error, replica):
+        if not self.died(error, replica):
+            self._unsettle(stream.held, replica.name)
+            return
+        with self._lock:
+            first = replica.name not in self._dead
+            self._dead.add(replica.name)
+        if first:
+            self.hooks.on_restart(self._label(replica.name), f"{type(error).__name__}: {str(error)[:200]}")
+        if stream.held:
             self._lost(replica, stream, error)
+
+    def _unsettle(self, job_ids: Iterable[str], replica_name: str) -> None:
+        with self._lock:
+            self._unsettled.update((job_id, replica_name) for job_id in job_ids)
+
+    def _check_unsettled(self) -> None:
+        """What became of the jobs of broken streams, once the store says: an end, or queued again (by
+        the replica's lease on any node). One that another stream has taken since is that stream's."""
+        with self._lock:
+            watched = {job: name for job, name in self._unsettled.items() if self._running.get(job) == name}
+            self._unsettled = dict(watched)
+        for job_id, name in watched.items():
+            try:
+                job = self.store.get(job_id)
+            except JobNotFoundError:  # removed from the store: nothing left to tell
+                job = None
+            if job is None or job.status != jobs.RUNNING:
+                with self._lock:
+                    self._unsettled.pop(job_id, None)
+            if job is not None:
+                self._settled(job, name, f"its replica {name} was lost")
 
     def _lost(self, replica: Replica, stream: _Stream, error: Exception) -> None:
         """The replica's process is gone, so nothing of it writes again: its stream's jobs go back now,
@@ -737,6 +793,7 @@ class RayDispatcher:
                                          claimer=replica.claimer) or self.store.get(job_id)  # fmt: skip
             except ZTurboError as e:  # the store is away (the lease takes the job back) or the job is gone
                 log.warning("job %s of the lost replica %s: %s", job_id, replica.name, e)
+                self._unsettle([job_id], replica.name)
                 continue
             self._settled(job, replica.name, reason)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..inputs.spec import DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, INPAINT_CONTROL_DIM
-from ..request import DEFAULT_VARIETY_UNTIL, FIELD
+from ..profiles import PLAIN_CFG
+from ..request import DEFAULT_OUTPUT_FORMAT, DEFAULT_VARIETY_UNTIL, FIELD
 from .apiclient import ApiError, Event
 
 if TYPE_CHECKING:
@@ -35,7 +36,14 @@ GUIDANCE_INFO = (
     "0 turns classifier-free guidance (CFG) off: the Turbo default, one model call per step, and the "
     "negative prompt is not used. Above 0, each step makes two calls and follows the negative prompt."
 )
-
+CFG_NORMALIZATION_INFO = (
+    "diffusers' cfg_normalization: 0 = off; above 0 each image's guided prediction is scaled down to at "
+    "most this times the positive prediction's norm. Acts only with guidance above 0."
+)
+CFG_TRUNCATION_INFO = (
+    "diffusers' cfg_truncation: steps whose normalized time (1000 − t)/1000 is above it run without "
+    "guidance (one model call); 1 = never. Acts only with guidance above 0."
+)
 VARIATION_INFO = (
     "Blends the seed's noise toward the variation seed's: 0 = the plain image, 0.05–0.3 = close "
     "variations. Image i of a job uses variation seed + i (-1 = random)."
@@ -117,6 +125,8 @@ def job_params(
     variation_seed: object = RANDOM_SEED,
     variation_strength: object = 0.0,
     variety: object = 0.0,
+    cfg_normalization: object = PLAIN_CFG.normalization,
+    cfg_truncation: object = PLAIN_CFG.truncation,
     loras: Sequence[tuple[object, object]] = (),
 ) -> dict[str, Any]:
     """The `POST /v1/jobs` body for the form's values; raises FormError only for a value the form
@@ -129,6 +139,9 @@ def job_params(
         "height": _whole("height", height),
         "steps": _whole("steps", steps),
         "guidance_scale": _number("guidance", guidance),
+        # Always sent, like guidance: the form shows the model's values, so the job runs what it shows.
+        "cfg_normalization": _number("CFG normalization", cfg_normalization),
+        "cfg_truncation": _number("CFG truncation", cfg_truncation),
         "seed": _seed("seed", seed),
         "n": _whole("number of images", n),
         "variation_seed": _seed("variation seed", variation_seed),
@@ -307,7 +320,8 @@ def form_body(values: Mapping[str, Any], loras: Sequence[tuple[object, object]] 
     body = job_params(
         values["prompt"], values["negative_prompt"], values["width"], values["height"], values["steps"],
         values["guidance_scale"], values["seed"], values["n"], values["variation_seed"],
-        values["variation_strength"], values["variety"], loras=loras,
+        values["variation_strength"], values["variety"], values["cfg_normalization"], values["cfg_truncation"],
+        loras=loras,
     )  # fmt: skip
     return body | input_params(values)
 
@@ -329,12 +343,15 @@ def controlnet_text(info: Mapping[str, Any] | None) -> str:
 
 LORA_KEYS = tuple(key for i in range(LORA_ROWS) for key in (f"lora_{i}", f"lora_weight_{i}"))
 TEXT_KEYS = (
-    "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "n",
-    "variation_seed", "variation_strength", "variety",
+    "prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "cfg_normalization",
+    "cfg_truncation", "seed", "n", "variation_seed", "variation_strength", "variety",
 )  # fmt: skip
 GENERATE_KEYS = (*TEXT_KEYS, *INPUT_KEYS)  # what Generate reads, in order, before the LoRA pickers
 FORM_KEYS = ("preset", *GENERATE_KEYS, *LORA_KEYS)  # what a fill may set
-_RANGED = ("steps", "guidance_scale", "seed", "batch", "variation_seed", "variation_strength", "variety")
+_RANGED = (
+    "steps", "guidance_scale", "cfg_normalization", "cfg_truncation", "seed", "batch", "variation_seed",
+    "variation_strength", "variety",
+)  # fmt: skip
 # The form fields with a range, as the request table bounds them (keyed by their HTTP names).
 RANGES: dict[str, tuple[float, float]] = {FIELD[k].api_name: FIELD[k].range() or (0, 0) for k in _RANGED}
 
@@ -451,14 +468,25 @@ def _num(value: float) -> str:
 
 
 def _not_in_form(params: dict[str, Any]) -> list[str]:
-    """Notes for the exploration options the form has no field for, when they differ from its defaults."""
+    """Notes for the recorded options the form has no field for, when they differ from its defaults
+    (every other job parameter has a field: `RANGES`, the text, size, LoRA and input fields)."""
     notes = []
     if params.get("seeds"):
         notes.append(f"the seed list {params['seeds']} has no field here; the form makes images from one seed")
     until = params.get("variety_until")
     if params.get("variety") and until is not None and until != DEFAULT_VARIETY_UNTIL:
         notes.append(f"variety until {until} has no field here; the form uses {DEFAULT_VARIETY_UNTIL}")
+    output = params.get("output_format")
+    if output is not None and output != DEFAULT_OUTPUT_FORMAT:
+        notes.append(f"output format {output} has no field here; the form makes {DEFAULT_OUTPUT_FORMAT.upper()}s")
     return notes
+
+
+def cfg_options_on(params: Mapping[str, Any]) -> bool:
+    """Whether parameters record a CFG normalization or truncation other than off (absent = off)."""
+    normalization = params.get("cfg_normalization")
+    truncation = params.get("cfg_truncation")
+    return normalization not in (None, PLAIN_CFG.normalization) or truncation not in (None, PLAIN_CFG.truncation)
 
 
 # ---- text shown on the page ------------------------------------------------------------------------
@@ -474,6 +502,10 @@ def describe_params(params: dict[str, Any], seed: int | None = None, variation_s
         ("Steps", params.get("steps")),
         ("Guidance", params.get("guidance_scale")),
     ]
+    if cfg_options_on(params):
+        normalization = params.get("cfg_normalization", PLAIN_CFG.normalization)
+        truncation = params.get("cfg_truncation", PLAIN_CFG.truncation)
+        rows.append(("CFG options", f"normalization {_num(normalization)}, truncation {_num(truncation)}"))
     rows += inputs_rows(params.get("inputs") or {})
     if params.get("seeds"):
         rows.append(("Seed list", ", ".join(map(str, params["seeds"]))))

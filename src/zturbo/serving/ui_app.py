@@ -38,11 +38,14 @@ from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..inputs.spec import COMPUTED_CONTROL_TYPES, CONTROL_TYPES, DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, RESIZE_MODES
+from ..profiles import CfgOptions
 from ..request import FIELD, LIMITS, ModelLimits
 from .apiclient import ApiClient, ApiError
 from .app import error_response, read_body, replay_body
 from .ui import (
     AS_GIVEN,
+    CFG_NORMALIZATION_INFO,
+    CFG_TRUNCATION_INFO,
     CUSTOM,
     FORM_KEYS,
     GENERATE_KEYS,
@@ -62,6 +65,7 @@ from .ui import (
     VARIETY_INFO,
     FormError,
     aspect_presets,
+    cfg_options_on,
     controlnet_text,
     describe_params,
     editor_picture,
@@ -478,6 +482,21 @@ def _input_controls(unit: int) -> dict[str, Any]:
     return c
 
 
+def _cfg_controls(cfg: CfgOptions) -> dict[str, Any]:
+    """The CFG normalization and truncation sliders, at the model's values (`cfg`: both off for the
+    published models), keyed as `ui.GENERATE_KEYS`."""
+    with gr.Row():
+        normalization = gr.Slider(
+            *_slider_range("cfg_normalization"), value=cfg.normalization, step=0.05,
+            label="CFG normalization (0 = off)", info=CFG_NORMALIZATION_INFO, elem_id="cfg-normalization",
+        )  # fmt: skip
+        truncation = gr.Slider(
+            *_slider_range("cfg_truncation"), value=cfg.truncation, step=0.01, label="CFG truncation (1 = off)",
+            info=CFG_TRUNCATION_INFO, elem_id="cfg-truncation",
+        )  # fmt: skip
+    return {"cfg_normalization": normalization, "cfg_truncation": truncation}
+
+
 def build(
     client: ApiClient, limits: ModelLimits, files: _UiFiles, passes: _Passes | None, cookie_path: str = "/ui"
 ) -> gr.Blocks:
@@ -532,6 +551,7 @@ def build(
                             *_slider_range("guidance_scale"), value=limits.profile.guidance, step=0.1,
                             label="Guidance (CFG scale)", info=GUIDANCE_INFO, elem_id="guidance",
                         )  # fmt: skip
+                        cfg = _cfg_controls(limits.profile.cfg)
                         variation_seed = gr.Number(
                             RANDOM_SEED, label="Variation seed (-1 = random)", precision=0,
                             elem_id="variation-seed",
@@ -597,7 +617,7 @@ def build(
 
         fields = {
             "prompt": prompt, "negative_prompt": negative, "preset": preset, "width": width, "height": height,
-            "steps": steps, "guidance_scale": guidance, "seed": seed, "n": n, "variation_seed": variation_seed,
+            "steps": steps, "guidance_scale": guidance, **cfg, "seed": seed, "n": n, "variation_seed": variation_seed,
             "variation_strength": variation_strength, "variety": variety, **inputs,
             **dict(zip(LORA_KEYS, lora_rows, strict=True)),
         }  # fmt: skip
@@ -897,6 +917,7 @@ def _form_updates(values: dict[str, Any]) -> list[Any]:
     """Updates for the form fields and the Advanced, LoRAs, image and ControlNet accordions, each
     opened when a value it holds is set."""
     advanced = any(values.get(k) for k in ("negative_prompt", "guidance_scale", "variation_strength", "variety"))
+    advanced = advanced or cfg_options_on(values)
     loras = any(values.get(f"lora_{i}") for i in range(LORA_ROWS))
     changed = {k for k, default in INPUT_DEFAULTS.items() if values.get(k, default) != default}
     image = values.get("image") or values.get("strength_default") is False or any(values.get(k) for k in MARGIN_KEYS)
