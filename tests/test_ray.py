@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -19,6 +20,7 @@ import pytest
 
 import test_a1111
 import test_server
+import test_server_images
 from raycluster import SLOT, cluster
 from serving import Server
 from test_server import sse_events
@@ -76,6 +78,12 @@ def server(two_replicas) -> Server:
     return two_replicas[0]
 
 
+@pytest.fixture(scope="module")
+def live(server) -> SimpleNamespace:
+    """The shared deployment, as test_server_images.py's image tests ask for theirs."""
+    return SimpleNamespace(server=server)
+
+
 def wait_for(check, timeout: float, server: Server) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,9 +136,16 @@ def test_autoscaling_goes_from_one_replica_to_two_under_load_and_back(ray_cluste
 
 
 def test_status_lists_the_replicas_and_the_ui_answers(server):
+    described = lambda: {w["device"] for w in server.client.get("/v1/status").json()["workers"]} == {"cpu"}  # noqa: E731
+    wait_for(described, 30, server)  # a replica is listed once its lease holds, described once it answers
     status = server.client.get("/v1/status").json()
     assert all(w["id"].startswith("ray-replica-") and w["state"] in ("ready", "busy") for w in status["workers"])
-    assert status["model_source"] == "local"
+    assert status["model_source"] == "local" and status["device"] == "ray"
+    assert {w["device"] for w in status["workers"]} == {"cpu"} and len({w["node"] for w in status["workers"]}) == 2
+    assert status["dtypes"] == {"transformer": "float32", "text_encoder": "float32", "vae": "float32"}
+    assert status["limits"]["max_pixels"] == 128 * 128 and status["limits"]["profile"]["name"] == "turbo"
+    metrics = server.client.get("/metrics").text
+    assert all(name in metrics for name in ("zturbo_queue_depth", "zturbo_job_run_seconds_bucket", "zturbo_workers"))
     assert httpx.get(f"{server.url}/ui/", follow_redirects=True).status_code == 200
 
 
@@ -148,6 +163,21 @@ test_bad_openai_extension_fields_are_400_naming_the_field = (
 )
 test_unknown_routes_ids_and_bodies_use_the_error_body = (
     test_server.test_unknown_routes_ids_and_bodies_use_the_error_body
+)
+test_exploration_options_round_trip_into_the_pngs_and_repeat_exactly = (
+    test_server.test_exploration_options_round_trip_into_the_pngs_and_repeat_exactly
+)
+test_a_seed_list_makes_one_image_per_seed = test_server.test_a_seed_list_makes_one_image_per_seed
+# Image inputs: the files a job names are stored under the shared --data-dir, where the replica that
+# runs it, on either node, reads them.
+test_openai_edit_of_an_opaque_image_is_img2img_at_its_size = (
+    test_server_images.test_openai_edit_of_an_opaque_image_is_img2img_at_its_size
+)
+test_openai_edit_repaints_the_masks_transparent_area = (
+    test_server_images.test_openai_edit_repaints_the_masks_transparent_area
+)
+test_native_json_and_multipart_jobs_make_the_same_pixels = (
+    test_server_images.test_native_json_and_multipart_jobs_make_the_same_pixels
 )
 test_turbo_maps_the_sd_defaults_and_says_so = test_a1111.test_turbo_maps_the_sd_defaults_and_says_so
 test_options_models_and_samplers = test_a1111.test_options_models_and_samplers
@@ -268,6 +298,20 @@ def on_node(node, pid: int) -> bool:
     return pid in {p.pid for p in psutil.Process(node.proc.pid).children(recursive=True)}
 
 
+def keep_busy_until(server: Server, check, seed: int, timeout: float = 180) -> list[str]:
+    """Keep jobs waiting until a replica in /v1/status satisfies `check`; the ids of the jobs added."""
+    ids: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        status = server.client.get("/v1/status").json()
+        if any(check(w) for w in status["workers"]):
+            return ids
+        assert time.monotonic() < deadline, f"not within {timeout} s; status: {status}\n{server.tail()}"
+        if status["queue_depth"] < 3:
+            ids.append(server.submit(seed=seed + len(ids), steps=12)["id"])
+        time.sleep(0.3)
+
+
 def replica_where(server: Server, check) -> dict:
     """The first replica in /v1/status for which `check(worker)` holds, waiting up to 60 s for one."""
     found: list[dict] = []
@@ -277,14 +321,14 @@ def replica_where(server: Server, check) -> dict:
 
 
 def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_replicas, ray_cluster, ray_db):
-    """The killed replica (the head node's) held a batch of several on its GPU: its jobs run again at
-    once, each alone, their attempt not counted (as a `zturbo serve` worker's crashed batch). Then
-    the second node goes while its replica runs a job."""
+    """The killed replica held a batch of several on its GPU: its jobs run again at once, each alone,
+    their attempt not counted (as a `zturbo serve` worker's crashed batch). Then the second node goes
+    while its replica (restarted there, if it was the one killed) runs a job."""
     server, data = two_replicas
     _, _, worker_node = ray_cluster
     before = finished_counts(server)
     ids = [server.submit(seed=100 + i, steps=12)["id"] for i in range(10)]
-    killed = replica_where(server, lambda w: len(w["jobs"]) > 1 and not on_node(worker_node, w["pid"]))
+    killed = replica_where(server, lambda w: len(w["jobs"]) > 1)
     os.kill(killed["pid"], signal.SIGKILL)  # a replica's process, mid-batch
 
     def given_back() -> bool:
@@ -294,10 +338,10 @@ def test_killing_a_replica_then_the_second_node_leaves_every_job_done_once(two_r
     # The ingress gave them back (the lease's recovery would have counted the attempt, kept the batch key).
     for status, attempts, key, _ in stored(ray_db, killed["jobs"]).values():
         assert key == "" and attempts == (0 if status == "queued" else 1), (status, attempts, key)
-    replica_where(server, lambda w: w["jobs"] and on_node(worker_node, w["pid"]))
+    ids += keep_busy_until(server, lambda w: w["jobs"] and on_node(worker_node, w["pid"]), seed=200)
     worker_node.kill()  # then the second node, its replica mid-job
     done = [server.wait_job(job_id, timeout=240) for job_id in ids]
-    assert [job["status"] for job in done] == ["succeeded"] * 10, done
+    assert [job["status"] for job in done] == ["succeeded"] * len(ids), done
     # Done once: one end each at the ingress, within the attempts allowed, one image row each, and
     # the one file on disk not rewritten after its job's recorded end (a re-run reuses its name).
     assert_each_ended_once(server, before, len(ids))

@@ -345,10 +345,11 @@ class PostgresJobStore(SqlQueue):
             db.execute("DELETE FROM nodes WHERE name = ?", (self.node,))
 
     def live_nodes(self, prefix: str = "") -> dict[str, float]:
-        """The nodes named `prefix`... whose lease holds, with the seconds since each renewed it."""
-        q = f"SELECT name, {_NOW} - seen_at FROM nodes WHERE seen_at > {_NOW} - ? AND starts_with(name, ?)"
+        """The nodes named `prefix`... whose lease holds (by the lease each declared, as for the
+        recovery of their jobs), with the seconds since each renewed it."""
+        q = f"SELECT name, {_NOW} - seen_at FROM nodes WHERE {_EXPIRES} > {_NOW} AND starts_with(name, ?)"
         with self._read() as db:
-            return {r[0]: float(r[1]) for r in db.execute(q, (self.lease_s, prefix)).fetchall()}
+            return {r[0]: float(r[1]) for r in db.execute(q, (prefix,)).fetchall()}
 
 
 _COLUMNS = (
