@@ -312,3 +312,11 @@ def test_info_plan_says_which_plan_the_engine_loads_with(capsys, tiny_dir):
     assert "its choice for 1024x1024, batch 1; a 2048x2048, batch 4 request then tiles the VAE decode" in last
     code, out, _ = run(capsys, *base, "--memory", "model-offload")
     assert out.rstrip().splitlines()[-1] == "with --memory model-offload the engine loads with that plan"
+    # Where nothing fits, plain weights load with the leanest plan; quantized ones are refused.
+    tight = [*base[:-1], "0.001", "--width", "512", "--height", "512"]
+    code, out, _ = run(capsys, *tight)
+    assert "loads with the leanest plan (none fits)" in out.rstrip().splitlines()[-1]
+    code, out, _ = run(capsys, *tight, "--quantize", "int8")
+    assert out.rstrip().splitlines()[-1] == (
+        "with --memory auto no plan fits 1024x1024, batch 1: the engine refuses to load (see the table above)"
+    )

@@ -1285,7 +1285,8 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
         print(f"  {est.label():<34} peak {est.peak / memory.GIB:6.2f} GiB  ({stages}){mark}")
     if choice.chosen is None:
         print("nothing fits: lower the resolution or batch, or free GPU memory")
-    print(_load_plan_note(args, config.memory, lambda: choose(_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1).chosen))
+    stored = config.quantize != "none" or config.gguf_transformer()  # no leanest-plan fallback for these
+    print(_load_plan_note(args, config.memory, lambda: choose(_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1).chosen, stored))
 
 
 # `Engine.load` picks its memory plan for one image of this size; larger requests adapt at run
@@ -1293,14 +1294,18 @@ def _print_plan(args: argparse.Namespace, config: Any, device: Any, dtypes: dict
 _LOAD_PLAN_SIZE = 1024
 
 
-def _load_plan_note(args: argparse.Namespace, memory_setting: str, load_choice: Any) -> str:
-    """What the engine would load with, which is the table's choice only for the size it plans at."""
+def _load_plan_note(args: argparse.Namespace, memory_setting: str, load_choice: Any, refused: bool = False) -> str:
+    """What the engine would load with, which is the table's choice only for the size it plans at;
+    `refused`: where no plan fits, the load is refused (quantized or GGUF weights) rather than run
+    with the leanest plan."""
     if memory_setting != "auto":
         return f"with --memory {memory_setting} the engine loads with that plan"
     size = f"{_LOAD_PLAN_SIZE}x{_LOAD_PLAN_SIZE}, batch 1"
     if (args.width, args.height, args.batch) == (_LOAD_PLAN_SIZE, _LOAD_PLAN_SIZE, 1):
         return f"with --memory auto the engine loads with the chosen plan (it plans for {size})"
     chosen = load_choice()
+    if chosen is None and refused:
+        return f"with --memory auto no plan fits {size}: the engine refuses to load (see the table above)"
     label = chosen.label() if chosen is not None else "the leanest plan (none fits)"
     return (
         f"with --memory auto the engine loads with {label}, its choice for {size}; a "

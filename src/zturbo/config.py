@@ -13,6 +13,15 @@ from .profiles import AUTO, check_preset
 
 DEFAULT_MODEL = "Tongyi-MAI/Z-Image-Turbo"
 TINY_MODEL = "tiny-random"
+# Where a model's weights come from (loader.ModelSource.origin, GET /v1/status's `model_source`), as
+# `zturbo info` and the web UI's status line name it.
+ORIGIN_NAMES = {
+    "hf": "Hugging Face hub",
+    "modelscope": "ModelScope",
+    "local": "local directory",
+    TINY_MODEL: "built-in random checkpoint",
+    "single-files": "ComfyUI single files",
+}
 DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 SWITCH_CHOICES = ("auto", "on", "off")
 # Memory plans, fastest first (zturbo.memory executes them).

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import TINY_MODEL, model_source
+from .config import ORIGIN_NAMES, TINY_MODEL, model_source
 from .control.model import ControlNet
 from .errors import CheckpointError, ModelNotFoundError
 from .profiles import AUTO, Chosen, choose_profile, file_name_profile, transformer_file_profile
@@ -191,14 +191,13 @@ def describe_origin(name: str) -> str:
 
     path = Path(name).expanduser()
     if path.is_dir():
-        # As the web UI names ModelSource.origin 'single-files'.
-        return "ComfyUI single files" if is_file_set_dir(path) else "local directory"
+        return ORIGIN_NAMES["single-files" if is_file_set_dir(path) else "local"]
     if name == TINY_MODEL:
-        return "built-in random checkpoint"
+        return ORIGIN_NAMES[TINY_MODEL]
     hub, _ = split_hub(name)
     if (hub or model_source()) == "modelscope":
-        return f"ModelScope, cache {cache_dir()}"
-    return "Hugging Face hub"
+        return f"{ORIGIN_NAMES['modelscope']}, cache {cache_dir()}"
+    return ORIGIN_NAMES["hf"]
 
 
 def _patterns(weights: bool, skip: tuple[str, ...]) -> list[str]:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..config import ORIGIN_NAMES
 from ..inputs.spec import DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, INPAINT_CONTROL_DIM
 from ..profiles import PLAIN_CFG
 from ..request import DEFAULT_OUTPUT_FORMAT, DEFAULT_VARIETY_UNTIL, FIELD
@@ -585,22 +586,12 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-# GET /v1/status's `model_source` (loader.ModelSource.origin), as the status line names it.
-_SOURCES = {
-    "hf": "Hugging Face hub",
-    "modelscope": "ModelScope",
-    "local": "local directory",
-    "tiny-random": "built-in random checkpoint",
-    "single-files": "ComfyUI single files",
-}
-
-
 def model_text(status: dict[str, Any]) -> str:
     """The model, its profile and where its weights come from, with the GGUF file that replaced
     its transformer's; the source is known once a worker has loaded the model."""
     profile = ((status.get("limits") or {}).get("profile") or {}).get("name", "?")
     origin = status.get("model_source")
-    source = _SOURCES.get(origin, origin) if origin else "source known once loaded"
+    source = ORIGIN_NAMES.get(origin, origin) if origin else "source known once loaded"
     weights = status.get("transformer_weights") or {}
     if weights.get("format") == "gguf":
         source += f" + GGUF transformer {_md_escape(str(weights.get('file')))} ({weights.get('quantization')})"
