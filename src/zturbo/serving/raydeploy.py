@@ -75,8 +75,8 @@ GPU_WORKER = "gpu"  # the worker its claims name (one GPU thread per replica)
 TIMED_OUT_EXIT = 4  # a replica's exit status once a job ran past --job-timeout (a worker's crash: 3)
 SERVE_NAMESPACE = "serve"  # the Ray namespace of Serve's actors, replicas among them
 # Ray Serve's throughput-optimized mode, in the environment of every node's `ray start` (docs/ray.md):
-# gRPC between Serve's processes cuts most of what Serve adds to a request. User code and the router
-# keep threads of their own: the ingress's and the replicas' constructors block.
+# gRPC between Serve's processes, Ray's setting for less overhead per request. User code and the
+# router keep threads of their own: the ingress's and the replicas' constructors block.
 THROUGHPUT_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
