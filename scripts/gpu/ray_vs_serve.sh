@@ -96,7 +96,10 @@ for name in ("serve", "ray"):
         runs[name] = json.loads((out / name / "load.json").read_text())
     except (OSError, ValueError) as e:
         runs[name] = {"error": str(e)}
-lines = ["# r26: zturbo serve --store postgresql vs. Ray Serve (--ray auto), same machine, same call", ""]
+import os
+mode = "throughput-optimized" if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1" else "default"
+lines = ["# r26: zturbo serve --store postgresql vs. Ray Serve (--ray auto), same machine, same call", "",
+         f"- Ray Serve's mode: {mode}"]
 for name, res in runs.items():
     cold = res.get("starts", {}).get("cold", {})
     lines.append(f"- {name}: cold start to /ready {cold.get('ready_s', float('nan')):.1f} s"
