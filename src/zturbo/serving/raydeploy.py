@@ -708,7 +708,7 @@ class RayDispatcher:
             for message in self.handle.options(stream=True).run.remote():
                 if isinstance(message, Replica):
                     stream.replica = message
-                    self._hello(message, parked=not claimed)
+                    self._hello(message, parked=True)
                     continue
                 if isinstance(message, Running) and not claimed:
                     claimed = True
