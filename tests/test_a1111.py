@@ -5,6 +5,7 @@ precedence, png-info's readers and interrupt's races run in process, with no wor
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -21,20 +22,40 @@ from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from loras import write_lora
 from serving import KEY, LIMITS, Server, in_process_app
+from zturbo.adapters.library import LoraLibrary
 from zturbo.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerateRequest
 from zturbo.serving import jobs
-from zturbo.serving.a1111 import MAPPED_HEADER, Session, Txt2ImgBody, caller_of, interrupt, translate
+from zturbo.serving.a1111 import (
+    MAPPED_HEADER,
+    Img2ImgBody,
+    Session,
+    Translation,
+    Txt2ImgBody,
+    caller_of,
+    interrupt,
+    locate_loras,
+    translate,
+)
 
 SMALL = {"width": 64, "height": 64}
 
 
 @pytest.fixture(scope="module")
-def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def lora_dir(engine, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("a1111-loras")
+    write_lora(directory / "style.safetensors", "peft", engine.components.transformer, seed=1)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir: Path, lora_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # One live server: the `honour` policy differs only in translation, which runs in process below.
     started = Server(tiny_dir, tmp_path_factory.mktemp("a1111") / "data", "--no-ui", "--client-defaults", "turbo",
-                     step_sleep=0.05)  # fmt: skip
+                     "--lora-dir", str(lora_dir), step_sleep=0.05)  # fmt: skip
     started.model_name = Path(tiny_dir).name  # type: ignore[attr-defined]
+    started.lora_dir = lora_dir  # type: ignore[attr-defined]
     try:
         started.wait_ready()
         yield started
@@ -83,6 +104,53 @@ def test_the_header_lists_the_mapping(server: Server) -> None:
     r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
     assert r.status_code == 200 and MAPPED_HEADER not in r.headers  # absent when nothing was mapped
     assert r.json()["images"] == [] and json.loads(r.json()["info"])["seed"] == 3  # send_images: false
+
+
+def test_infotext_fills_what_the_body_leaves_out(server: Server) -> None:
+    # A1111's rule: the pasted parameters fill the unset fields, the body's own win; the answer says which.
+    infotext = "a red fox\nSteps: 8, Sampler: Euler, CFG scale: 0, Seed: 21, Size: 64x64, Clip skip: 2"
+    body = {"prompt": "a grey wolf", "seed": 22, "infotext": infotext, "send_images": False}
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert (info["prompt"], info["all_seeds"], info["width"], info["steps"]) == ("a grey wolf", [22], 64, 8)
+    assert info["zturbo"]["ignored"] == {
+        "infotext.Prompt": "the body's prompt 'a grey wolf' is used, as in A1111",
+        "infotext.Seed": "the body's seed 22 is used, as in A1111",
+        "infotext.Clip skip": "not a setting this server has",
+    }
+    assert (r.json()["parameters"]["width"], r.json()["parameters"]["steps"]) == (64, 8)  # as it ran
+
+
+def _rgb(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB").tobytes()
+
+
+def test_a_lora_tag_runs_as_the_native_apis_lora(server: Server) -> None:
+    body = {"prompt": "a red fox <lora:style:0.8>", "seed": 7, "steps": 8, "cfg_scale": 0, "sampler_name": "Euler",
+            **SMALL}  # fmt: skip
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200, r.text
+    info, [image] = json.loads(r.json()["info"]), r.json()["images"]
+    ran = [{"name": "style", "weight": 0.8}]
+    assert info["zturbo"]["mapped"] == {"loras": {"sent": ["<lora:style:0.8>"], "ran": ran}}
+    assert r.headers[MAPPED_HEADER] == "loras" and info["zturbo"]["ignored"] == {}
+    assert info["prompt"] == "a red fox" and r.json()["parameters"]["prompt"] == body["prompt"]  # ran; as sent
+    job = server.client.get(f"/v1/jobs/{info['zturbo']['job_id']}").json()
+    assert (job["params"]["prompt"], job["params"]["loras"]) == ("a red fox", ran)  # the tag is no text
+    native = server.wait_job(server.submit(prompt="a red fox", seed=7, steps=8, loras=ran)["id"])
+    served = base64.b64decode(image)
+    assert _rgb(served) == _rgb(server.client.get(f"/v1/images/{native['images'][0]['id']}").content)
+    # The image's own text, pasted as the infotext, runs the LoRA again (found by its recorded hash).
+    with Image.open(io.BytesIO(served)) as im:
+        text = im.info["parameters"]
+    digest = hashlib.sha256((server.lora_dir / "style.safetensors").read_bytes()).hexdigest()  # type: ignore[attr-defined]
+    assert text.startswith("a red fox <lora:style:0.8>\n") and f'Lora hashes: "style: {digest[:10]}"' in text
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"infotext": text}, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["zturbo"]["mapped"]["loras"] == {"sent": ["<lora:style:0.8>"], "ran": ran}
+    assert _rgb(base64.b64decode(r.json()["images"][0])) == _rgb(served)
 
 
 def test_img2img_and_inpaint(server: Server) -> None:
@@ -195,6 +263,8 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
         ({"styles": ["cinematic"]}, "styles", "prompt styles"),
         ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts", "extensions"),
         ({"sampler_name": "Bogus"}, "sampler_name", "'Bogus' is not an A1111 sampler"),
+        ({"sampler_index": "bogus", "sampler_name": "Euler"}, "sampler_index", "'bogus' is not an A1111 sampler"),
+        ({"sampler_index": "Euler", "sampler_name": "bogus"}, "sampler_name", "'bogus' is not an A1111 sampler"),
         ({"scheduler": "wobbly"}, "scheduler", "'wobbly' is not an A1111 scheduler"),
         ({"batch_size": 40, "n_iter": 2}, "batch_size", "out of range"),
         ({"cfg_scale": 31}, "cfg_scale", "cfg_scale 31"),
@@ -207,6 +277,31 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
          "is not true or false"),
         ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format", "is not one of"),
         ({"hires": True}, "hires", "not a known field"),
+        # Strict JSON types, as the native API's: no number from a string or a boolean, no boolean from a number.
+        ({"width": "64"}, "width", 'width "64": Input should be a valid integer'),
+        ({"steps": True}, "steps", "steps true: Input should be a valid integer"),
+        ({"steps": "2"}, "steps", "Input should be a valid integer"),
+        ({"steps": 8.0}, "steps", "Input should be a valid integer"),
+        ({"seed": "5"}, "seed", 'seed "5": Input should be a valid integer'),
+        ({"cfg_scale": True}, "cfg_scale", "cfg_scale true: Input should be a valid number"),
+        ({"subseed_strength": "0.5"}, "subseed_strength", "Input should be a valid number"),
+        ({"send_images": 1}, "send_images", "Input should be a valid boolean"),
+        ({"infotext": "a cat"}, "infotext", "no 'Steps:' line"),
+        ({"infotext": "a cat\nSteps: 500, Seed: 5"}, "steps",
+         "steps 500 is out of range; allowed 1..100 (the value comes from infotext)"),
+        ({"infotext": "a cat\nSteps: 8, Sampler: Bogus"}, "sampler_name", "(the value comes from infotext)"),
+        ({"infotext": "a cat\nSteps: 8, Batch size: two"}, "infotext", "Batch size 'two' is not a whole number"),
+        # LoRA tags: what A1111 could not read, and what zturbo cannot apply, before any work.
+        ({"prompt": "a fox <lora:x:heavy>"}, "prompt", "prompt tag <lora:x:heavy>: the weight 'heavy' is not a number"),
+        ({"prompt": "a fox <lora:x:te=0.5:unet=lots>"}, "prompt", "the weight 'lots' is not a number"),
+        ({"prompt": "a fox <lora::0.5>"}, "prompt", "prompt tag <lora::0.5> has no LoRA name"),
+        ({"prompt": "a fox <lora:x:1:1:8>"}, "prompt", "dyn (A1111's reduced LoRA rank) is not available"),
+        ({"prompt": "a fox <lora:x:dyn=8>"}, "prompt", "dyn (A1111's reduced LoRA rank) is not available"),
+        ({"prompt": "a fox <lora:x:1:lbw=OUTD>"}, "prompt", "lbw= is not an argument of A1111's LoRA tags"),
+        ({"prompt": "a fox <hypernet:anime:1>"}, "prompt", "<hypernet:anime:1>: hypernetworks are not available"),
+        ({"prompt": "a fox <lora:x:20>"}, "prompt",
+         "prompt tag <lora:x:20>: LoRA weight 20.0 is out of range; allowed -10..10"),
+        ({"prompt": "a fox <lora:x:1> <lora:x:0.5>"}, "prompt", "prompt: LoRA 'x' is given twice"),
     ],
 )  # fmt: skip
 def test_txt2img_refuses_by_name(app_client: TestClient, body: dict, field: str, says: str) -> None:
@@ -238,6 +333,74 @@ def test_img2img_refuses_by_name(app_client: TestClient, body: dict, field: str)
     assert r.json()["error"]["field"] == field
 
 
+def test_a1111_clients_types_still_pass(app_client: TestClient) -> None:
+    # What A1111 clients send: whole numbers for float fields (cfg_scale 7), fractions, -1 seeds.
+    body = {"cfg_scale": 7, "denoising_strength": 0.75, "seed": -1, "subseed_strength": 0, "s_noise": 1, "eta": 1}
+    job = _queued(app_client, body)
+    assert job.params["guidance_scale"] == 0.0  # the policy's mapping of CFG 7, not a type error
+
+
+def test_alpha_mask_inversion_is_refused(app_client: TestClient) -> None:
+    rgba = noise().convert("RGBA")
+    rgba.paste((0, 0, 0, 0), (32, 0, 64, 64))  # the transparent right half repaints
+    image = base64.b64encode(_encoded(rgba, "PNG")).decode()
+    body = {"prompt": "a fox", **SMALL, "init_images": [image], "mask": "alpha"}
+    assert app_client.post("/sdapi/v1/img2img", json=body).status_code == 504  # accepted, queued (no worker)
+    r = app_client.post("/sdapi/v1/img2img", json=body | {"inpainting_mask_invert": 1})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["field"] == "inpainting_mask_invert" and "with mask 'alpha'" in error["message"]
+
+
+def _infotext(infotext: str, policy: str = "honour", kind: type = Txt2ImgBody, **body: object) -> Translation:
+    return translate(kind.model_validate({"infotext": infotext, **body}), policy, 1 << 20, formats=False,
+                     fixed=_fixed)  # fmt: skip
+
+
+def test_infotext_applies_as_a1111_does() -> None:
+    text = ("a cat <lora:style:0.5>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 5, Seed: 5, Size: 128x64, Batch size: 2, Denoising strength: 0.4, Seed variety: 0.3, "
+            "Hires upscale: 2, Model: sd15")  # fmt: skip
+    t = _infotext(text, prompt="a fox", width=64)
+    v = t.values
+    assert (v["prompt"], v["negative_prompt"], v["width"], v["height"]) == ("a fox", "blurry", 64, 64)
+    assert (v["steps"], v["guidance_scale"], v["seed"], v["batch"]) == (20, 5.0, 5, 2)
+    assert t.mapped == {"sampler_name": ("DPM++ 2M", "Euler"), "scheduler": ("Karras", "automatic")}
+    assert set(t.ignored) == {"infotext.Prompt", "infotext.Size-1", "infotext.Seed variety",
+                              "infotext.Denoising strength", "infotext.Hires upscale"}  # fmt: skip
+    assert "loras" not in v  # the body's prompt wins, and with it its (no) LoRAs
+    assert "img2img only" in t.ignored["infotext.Denoising strength"]
+    assert t.body.steps == 20 and t.body.height == 64  # the body as run: the answer's `parameters`
+    # Its values go through the policy like the body's: SD's 20 steps and CFG 5 run as Turbo's.
+    turbo = _infotext(text, "turbo")
+    assert (turbo.values["steps"], turbo.values["guidance_scale"]) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert turbo.mapped["steps"] == (20, DEFAULT_STEPS) and turbo.values["prompt"] == "a cat"
+    assert turbo.values["loras"] == [{"name": "style", "weight": 0.5}]  # the infotext's prompt ran: its LoRA too
+    assert turbo.mapped["loras"] == (["<lora:style:0.5>"], turbo.values["loras"])
+    # A body sampler by either name wins over the infotext's; an equal value (the seed) is not reported.
+    t = _infotext("a cat\nSteps: 8, Sampler: Euler a, Seed: 5", sampler_index="Euler", seed=5)
+    assert "sampler_name" not in t.mapped
+    assert t.ignored == {"infotext.Sampler": "the body's sampler_index 'Euler' is used, as in A1111"}
+    assert _infotext("").values["steps"] == 50 and _infotext("").ignored == {}  # A1111's default: nothing pasted
+
+
+def test_infotext_sets_img2img_fields() -> None:
+    png = base64.b64encode(_encoded(noise(), "PNG")).decode()
+    t = _infotext("a cat\nSteps: 8, Seed: 5, Denoising strength: 0.4, Mask blur: 2", kind=Img2ImgBody,
+                  init_images=[png], mask=png)  # fmt: skip
+    assert (t.values["strength"], t.values["mask_blur"], t.values["paste_back"]) == (0.4, 2, True)
+    assert t.ignored == {"inpaint_full_res": t.ignored["inpaint_full_res"]}
+
+
+def test_both_sampler_names_are_read() -> None:
+    t = translate(Txt2ImgBody(sampler_name="Euler", sampler_index="Euler a"), "honour", 1 << 20, formats=False,
+                  fixed=_fixed)  # fmt: skip
+    assert t.mapped == {} and "sampler_name 'Euler' is read instead" in t.ignored["sampler_index"]
+    t = translate(Txt2ImgBody(sampler_name="", sampler_index="Euler a"), "honour", 1 << 20, formats=False,
+                  fixed=_fixed)  # fmt: skip
+    assert t.mapped == {"sampler_name": ("Euler a", "Euler")} and t.ignored == {}
+
+
 def _fixed(where: str, name: str, value: object) -> None:
     raise AssertionError(f"no override expected, got {where}")
 
@@ -262,6 +425,123 @@ def test_honour_runs_what_was_sent_but_the_sampler(tmp_path: Path) -> None:
     assert list(t.mapped) == ["sampler_name"]  # one sampler is all zturbo has, under either policy
     with TestClient(in_process_app(tmp_path, client_defaults="honour")) as c:
         assert c.get("/sdapi/v1/options").json()["zturbo_client_defaults"] == "honour"
+
+
+# --- in process: LoRA tags and the other extra networks ------------------------------------------
+
+
+def _tags(prompt: str, **body: object) -> Translation:
+    return translate(Txt2ImgBody(prompt=prompt, **body), "honour", 1 << 20, formats=False, fixed=_fixed)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "runs", "loras"),
+    [
+        ("a fox <lora:style:0.8>", "a fox", [("style", 0.8)]),
+        ("<lora:style> a fox", " a fox", [("style", 1.0)]),  # A1111's default weight; only the tag goes
+        ("a fox, <LoRA:style:.5> in snow", "a fox, in snow", [("style", 0.5)]),
+        ("a fox <lyco:sub/b.safetensors:-1e-1>", "a fox", [("sub/b.safetensors", -0.1)]),  # lyco: A1111's alias
+        ("a fox <lora:a:0.8:0.8> <lora:b:te=1:unet=0.25>", "a fox", [("a", 0.8), ("b", 0.25)]),
+        ("a fox <lora:a:te=0.3>", "a fox", [("a", 0.3)]),  # the UNet weight follows the text encoder's
+    ],
+)
+def test_lora_tags_become_the_requests_loras(prompt: str, runs: str, loras: list) -> None:
+    t = _tags(prompt)
+    expected = [{"name": name, "weight": weight} for name, weight in loras]
+    assert (t.values["prompt"], t.values["loras"]) == (runs, expected)
+    tags = [m.group(0).strip() for m in re.finditer(r"\s?<\w+:[^<>]*>", prompt)]
+    assert t.mapped == {"loras": (tags, expected)}  # reported: the tags as sent, the LoRAs as they run
+    assert GenerateRequest.from_fields(t.values, LIMITS).loras[0].name == loras[0][0]  # a valid request
+
+
+def test_what_a_lora_tag_cannot_change_is_reported() -> None:
+    t = _tags("a fox <lora:a:0.5:0.8> <foo:bar> <3", negative_prompt="blurry <lora:b:1>")
+    assert t.values["loras"] == [{"name": "a", "weight": 0.8}]
+    assert (t.values["prompt"], t.values["negative_prompt"]) == ("a fox <3", "blurry <lora:b:1>")
+    assert t.ignored == {
+        # The text encoder is not what zturbo's LoRAs change; A1111 skips a network it does not know.
+        "loras": "<lora:a:0.5:0.8>: a text-encoder weight has no effect (zturbo's LoRAs change the transformer "
+        "only); each runs at its UNet weight",
+        "extra_networks": "<foo:bar>: no extra network of this server (A1111 skips one it does not know); taken "
+        "out of the prompt",
+        # A1111 reads the prompt's tags only: the negative prompt's are text, as they are there.
+        "negative_prompt.extra_networks": "<lora:b:1>: A1111 applies the prompt's tags only; these stay in the "
+        "negative prompt's text, as A1111 encodes it",
+    }
+    off = _tags("a fox <lora:a:0.5>", disable_extra_networks=True)  # A1111 takes the tags out, applies none
+    assert (off.values["prompt"], "loras" in off.values, off.mapped) == ("a fox", False, {})
+    assert "disable_extra_networks" in off.ignored["loras"]
+    assert _tags("a fox").ignored == {} and "loras" not in _tags("a fox").values
+
+
+def test_denoising_strength_on_txt2img_is_reported_as_ignored() -> None:
+    assert "img2img only" in _tags("a fox", denoising_strength=0.7).ignored["denoising_strength"]
+    png = base64.b64encode(_encoded(noise(), "PNG")).decode()
+    t = translate(Img2ImgBody(init_images=[png], denoising_strength=0.7), "honour", 1 << 20, formats=False,
+                  fixed=_fixed)  # fmt: skip
+    assert t.values["strength"] == 0.7 and "denoising_strength" not in t.ignored
+
+
+def test_an_unknown_lora_is_refused_at_submit_naming_its_tag(app_client: TestClient) -> None:
+    store = app_client.app.state.service.store  # type: ignore[attr-defined]
+    before = store.counts()
+    r = app_client.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:missing:0.8>", **SMALL})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    # As the native API refuses the name (type and message), on the field the tag came in.
+    assert (error["type"], error["field"]) == ("invalid_lora", "prompt")
+    assert error["message"].startswith("prompt tag <lora:missing:0.8>: no LoRA named 'missing' in the LoRA directory")
+    assert store.counts() == before  # refused before the queue
+
+
+def test_an_infotexts_lora_tag_is_checked_as_the_bodys(app_client: TestClient) -> None:
+    r = app_client.post("/sdapi/v1/txt2img", json={"infotext": "a cat <lora:x:20>\nSteps: 8", **SMALL})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["field"] == "prompt"
+    assert error["message"] == (
+        "prompt tag <lora:x:20>: LoRA weight 20.0 is out of range; allowed -10..10 (the value comes from infotext)"
+    )
+
+
+def _lora_files(directory: Path, files: dict[str, bytes]) -> dict[str, str]:
+    """Files that stand in for LoRAs (finding one reads its name and hash only); name -> sha256."""
+    for name, data in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+def test_lora_tags_find_their_files_as_a1111_does(tmp_path: Path) -> None:
+    digest = _lora_files(tmp_path, {"v2/style-v2.safetensors": b"style", "eyes.safetensors": b"eyes v2",
+                                    "detail/hands.safetensors": b"hands"})  # fmt: skip
+    library = LoraLibrary(tmp_path)
+    # The infotext's `Lora hashes` find a renamed file (A1111's paste does the same); the name, a
+    # file of the folder, or the one file A1111 calls so (no folder, no suffix) find the others.
+    hashes = f"style: {digest['v2/style-v2.safetensors'][:10]}, eyes: {'0' * 10}"
+    text = f'a fox <lora:style:0.5> <lora:eyes:0.3> <lora:hands:1>\nSteps: 8, Lora hashes: "{hashes}"'
+    t = _infotext(text)
+    locate_loras(t, library)
+    assert t.values["loras"] == [
+        {"name": "v2/style-v2.safetensors", "weight": 0.5},
+        {"name": "eyes", "weight": 0.3},
+        {"name": "detail/hands.safetensors", "weight": 1.0},
+    ]
+    assert t.mapped["loras"] == (["<lora:style:0.5>", "<lora:eyes:0.3>", "<lora:hands:1>"], t.values["loras"])
+    # A file of the name whose hash is not the recorded one runs, and the answer says so.
+    assert t.ignored["infotext.Lora hashes"] == (
+        f"<lora:eyes:0.3>: eyes.safetensors has sha256 {digest['eyes.safetensors'][:10]}, not the recorded "
+        f"{'0' * 10}, and no file has that hash; the image will differ"
+    )
+    # The body's prompt wins over the infotext's, and its hashes with it.
+    t = _infotext(text, prompt="a fox <lora:style:0.5>")
+    locate_loras(t, library)
+    assert t.values["loras"] == [{"name": "style", "weight": 0.5}]  # no file: submit refuses it, naming it
+    assert t.ignored["infotext.Lora hashes"] == "they find the infotext prompt's LoRAs; the body's prompt is used"
+    assert (
+        "no <lora:...> tag"
+        in _infotext('a fox\nSteps: 8, Lora hashes: "a: 0123456789"').ignored["infotext.Lora hashes"]
+    )
 
 
 # --- in process: the options and a request's override_settings ---------------------------------

@@ -81,6 +81,7 @@ BAD_REQUESTS = [
         "output x.png is a png file name but the output format is webp; name the file x.webp or choose --format png",
     ),
     (["--format", "gif"], "output_format 'gif' is not one of png | webp | jpeg"),
+    (["-o", "x.gif"], "output x.gif: gif is not an output format; use .png, .webp or .jpg (or a directory)"),
     (["--format", "jpg"], "output_format 'jpg' is not one of png | webp | jpeg"),
     (["--compression", "50"], "output_compression 50 applies to webp and jpeg only; png is lossless"),
     (["-o", "x.png", "--compression", "50"], "output_compression 50 applies to webp and jpeg only"),
@@ -108,6 +109,32 @@ def test_bad_requests_fail_with_one_clear_line(capsys, tiny_dir, tmp_path, monke
     assert message in err
     assert err.count("\n") == 1 and err.startswith("zturbo: error: ")
     assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([os.fsdecode(b"a fox \xff")], "prompt contains an unpaired surrogate (\\udcff at character 7)"),
+        (["a fox", "--negative-prompt", "x\udcfe"], "negative_prompt contains an unpaired surrogate (\\udcfe"),
+        (["a fox", "--lora", "ink\udcfe:0.5"], "LoRA name contains an unpaired surrogate (\\udcfe at character 4)"),
+    ],
+)
+def test_text_that_is_not_utf8_is_refused_before_the_model_loads(
+    capsys, tiny_dir, tmp_path, monkeypatch, args, message
+):
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates (surrogateescape:
+    `os.fsdecode(b"\xff")` is "\udcff"); they are refused with exit 2, not a tokenizer traceback."""
+    from zturbo.engine import Engine
+
+    def no_load(*a, **k):
+        raise AssertionError("an invalid request must fail before the model loads")
+
+    monkeypatch.setattr(Engine, "load", no_load)
+    code, out, err = run(capsys, "generate", *args, "--model", tiny_dir, "-o", tmp_path / "out")
+    assert (code, out) == (2, "")
+    assert message in err and "text must be valid UTF-8" in err
+    assert err.count("\n") == 1 and err.startswith("zturbo: error: ")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("prompt", ["", "   \n"])

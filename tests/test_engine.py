@@ -238,6 +238,28 @@ def test_a_prompt_longer_than_the_position_table_is_truncated_with_a_warning(sho
     assert engine.generate("a red fox", seed=1, steps=1, width=32, height=32).warnings == []
 
 
+def test_each_image_carries_the_warnings_of_its_own_prompts(short_rope_dir):
+    # A batch of several requests (as the server combines jobs) must say which image lost what: a
+    # long prompt on one, a long negative prompt on another, nothing on the third.
+    from zturbo.config import RuntimeConfig
+    from zturbo.engine import Engine
+    from zturbo.request import GenerateRequest
+
+    engine = Engine.load(RuntimeConfig(model=str(short_rope_dir), device="cpu", dtype="float32"))
+    common = {"limits": engine.limits, "seed": 1, "steps": 1, "width": 32, "height": 32, "guidance_scale": 2.0}
+    requests = [
+        GenerateRequest.create("a long prompt " * 30, negative_prompt="blur", **common),
+        GenerateRequest.create("a red fox", negative_prompt="a long negative " * 30, **common),
+        GenerateRequest.create("a red fox", negative_prompt="blur", **common),
+    ]
+    result = engine.generate(GenerateRequest.combine(requests))
+    long, negative, clean = (image.warnings for image in result.images)
+    assert len(long) == 1 and long[0].startswith("prompt 'a long prompt") and "tokens are dropped" in long[0]
+    assert len(negative) == 1 and negative[0].startswith("negative prompt 'a long negative")
+    assert clean == []
+    assert result.warnings == [*long, *negative]
+
+
 def test_the_caption_limit_is_the_largest_the_position_table_takes(engine):
     # One table entry fewer, and a 64-token caption no longer fits (diffusers indexes past the table).
     from types import SimpleNamespace

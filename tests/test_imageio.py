@@ -138,6 +138,27 @@ def test_the_write_check_leaves_nothing_behind_and_creates_no_directory(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("name", ["x.gif", "x.GIF", "x.bmp", "x.tif", "x.tiff", "x.jp2", "x.heic"])
+def test_a_file_name_in_a_format_zturbo_cannot_write_is_refused_not_made_a_directory(tmp_path, name):
+    suffix = name.rpartition(".")[2].lower()
+    message = f"output {tmp_path / name}: {suffix} is not an output format; use .png, .webp or .jpg (or a directory)"
+    with pytest.raises(InvalidRequestError, match=re.escape(message)):
+        check_output(tmp_path / name, 1, overwrite=False)
+    with pytest.raises(InvalidRequestError, match="is not an output format"):
+        save_images([], tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["out.v2", "run.2024-01-01", "fox.final", "outputs"])
+def test_dotted_directory_names_that_are_no_image_format_stay_directories(tmp_path, name):
+    check_output(tmp_path / name, 3, overwrite=False)
+
+
+def test_an_existing_directory_named_like_an_image_is_used_as_it_is(tmp_path):
+    (tmp_path / "frames.tif").mkdir()
+    check_output(tmp_path / "frames.tif", 3, overwrite=False)
+
+
 def test_a_read_only_directory_is_refused(tmp_path, monkeypatch):
     # A read-only mount cannot be made here (and root ignores permission bits), so the kernel's
     # answer is simulated at the one call that creates files.

@@ -346,6 +346,46 @@ def test_alpha_masks_repaint_where_transparent_and_init_alpha_is_flattened_on_wh
     assert torch.equal(flattened[0, :, 5, 20], torch.full((3,), 2 * 40 / 255 - 1))  # opaque: as it is
 
 
+def one_pixel_mask(value: int, mode: str = "L") -> Image.Image:
+    """A 32x32 mask, all black (or opaque) but one pixel: grey `value`, or alpha `value` for RGBA."""
+    if mode == "RGBA":
+        mask = Image.new("RGBA", (32, 32), (255, 255, 255, 200))  # partly transparent: alpha is kept
+        mask.putpixel((3, 5), (255, 255, 255, value))
+        return mask
+    mask = Image.new(mode, (32, 32), 0)
+    mask.putpixel((3, 5), value if mode == "L" else (value,) * 3)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (encode(Image.new("L", (32, 32), 0)), "mask the mask has no white pixels to repaint (grey 128 or above"),
+        (encode(one_pixel_mask(127, "RGB")), "mask the mask has no white pixels to repaint"),
+        (one_pixel_mask(128, "RGBA"), "mask the given image has no transparent pixels to repaint (alpha below 128"),
+    ],
+    ids=["black", "grey-127", "alpha-128"],
+)
+def test_a_mask_that_repaints_nothing_is_refused(mask, message):
+    """An inpaint whose mask repaints no pixel would run every step and change nothing."""
+    error = refusal(request, image=png(32, 32), mask=mask)
+    assert error.field == "mask" and str(error).startswith(message)
+
+
+def test_alpha_that_repaints_nothing_is_refused_like_an_opaque_image():
+    partly = Image.new("RGBA", (32, 32), (40, 40, 40, 200))  # has alpha, but none below 128
+    for image in (partly, Image.new("RGBA", (32, 32), "red")):
+        error = refusal(request, image=image, mask="alpha")
+        assert error.field == "mask" and "has no transparent pixels to repaint" in str(error)
+
+
+@pytest.mark.parametrize(("value", "mode"), [(128, "L"), (128, "RGB"), (127, "RGBA")])
+def test_the_door_and_the_mask_tensor_agree_on_one_repainted_pixel(value, mode):
+    """At the threshold the door accepts exactly what `prepare` repaints: one pixel."""
+    prepared = prepare(request(image=png(32, 32), mask=one_pixel_mask(value, mode)).inputs, 32, 32)
+    assert prepared.mask.sum() == 1 and prepared.mask[0, 0, 5, 3] == 1
+
+
 def test_fit_pads_the_image_by_edge_replication_and_keeps_the_padding():
     image = np.zeros((32, 64, 3), dtype=np.uint8)
     image[:, :, 1] = np.arange(64, dtype=np.uint8)[None, :] * 4

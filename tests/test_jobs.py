@@ -131,6 +131,18 @@ def test_a_stale_claim_cannot_finish_a_job(store):
     assert done.status == jobs.SUCCEEDED and done.attempts == 2 and len(done.images) == 1
 
 
+def test_a_succeeded_job_keeps_the_warnings_of_its_run(store):
+    plain, warned = store.submit(params("a fox")), store.submit(params("a cat"))
+    for job in (plain, warned):
+        claim = store.claim("w0")
+        image = jobs.ImageRef(f"img-{job.id}", 0, 1, f"{job.id}-0.png")
+        said = ["prompt 'a cat' is 600 tokens; the last 88 are dropped"] if job is warned else []
+        assert store.succeed(claim, [image], said)
+    assert store.get(plain.id).warnings == ()
+    assert store.get(warned.id).warnings == ("prompt 'a cat' is 600 tokens; the last 88 are dropped",)
+    assert [j.warnings for j in store.history(limit=5, offset=0)[0]] == [store.get(warned.id).warnings, ()]
+
+
 def test_a_claim_given_back_uncounted_is_void_once_another_worker_claims_it(store):
     """An uncounted release lets the next claim take the same attempt number: the claimer is what
     tells the two tickets apart, and a release for one claimer leaves another's claim alone."""
@@ -493,7 +505,7 @@ def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_pa
     path = tmp_path / "jobs.sqlite3"
     with sqlite3.connect(path) as db:
         schema = jobs.SCHEMA
-        for column in ("batch_key", "image_count", "preview"):
+        for column in ("batch_key", "image_count", "preview", "warnings"):
             schema = re.sub(rf"    {column} [^\n]*\n", "", schema)
         db.executescript(schema)
         for job_id in ("old-a", "old-b"):
@@ -509,6 +521,8 @@ def test_a_job_from_before_batching_runs_alone_and_keeps_its_preview_flag(tmp_pa
     assert [c.job_id for c in store.claim_batch("w0", jobs.NO_LORAS, 4)] == ["old-b"]
     [claim] = store.claim_batch("w0", jobs.NO_LORAS, 4)
     assert claim.job_id == new.id and claim.preview and store.get(new.id).preview
+    assert store.succeed(claim, [jobs.ImageRef("img", 0, 1, "x.png")], ["a warning"])
+    assert store.get(new.id).warnings == ("a warning",) and store.get("old-a").warnings == ()
     store.close()
 
 

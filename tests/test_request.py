@@ -7,8 +7,8 @@ import re
 import pytest
 
 from zturbo.config import RuntimeConfig
-from zturbo.errors import InvalidRequestError
-from zturbo.request import GenerateRequest, ModelLimits, nearest_multiples, parse_size
+from zturbo.errors import FieldError, InvalidRequestError
+from zturbo.request import GenerateRequest, LoraRef, ModelLimits, nearest_multiples, parse_size
 
 LIMITS = ModelLimits(spatial_unit=16, max_pixels=2048 * 2048)
 
@@ -208,3 +208,39 @@ def test_output_settings_round_trip_and_stay_out_of_batching():
     assert GenerateRequest.from_dict(webp.to_dict()) == webp
     stored = {k: v for k, v in png.to_dict().items() if k not in ("output_format", "output_compression")}
     assert GenerateRequest.from_dict(stored) == png  # a request stored before formats existed wrote PNGs
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"prompt": "a\udfff fox"}, "prompt", "prompt contains an unpaired surrogate (\\udfff at character 2)"),
+        ({"prompt": ["a fox", "\ud800"]}, "prompt", "prompt contains an unpaired surrogate (\\ud800 at character 1)"),
+        ({"prompt": "a fox \udcff"}, "prompt", "(\\udcff at character 7)"),  # the CLI's undecodable byte 0xff
+        ({"negative_prompt": "blur\ud800"}, "negative_prompt", "negative_prompt contains an unpaired surrogate"),
+        ({"prompt": ["a", "b"], "negative_prompt": ["x", "\udfff"]}, "negative_prompt", "(\\udfff at character 1)"),
+        ({"loras": "ink\ud800:0.5"}, "loras.0", "loras.0: LoRA name contains an unpaired surrogate (\\ud800"),
+        ({"loras": ["a", {"name": "\udfff", "weight": 1}]}, "loras.1", "loras.1: LoRA name contains an unpaired"),
+        ({"loras": [LoraRef("x\udfff")]}, "loras.0", "LoRA name contains an unpaired surrogate"),
+    ],
+)
+def test_text_that_is_not_valid_unicode_is_refused_naming_the_field(fields, field, message):
+    """A lone surrogate cannot be encoded as UTF-8: the job store, the metadata and the tokenizer
+    would fail on it after the request was accepted."""
+    fields = {"prompt": "a fox", **fields}
+    with pytest.raises(FieldError) as info:
+        GenerateRequest.create(fields.pop("prompt"), limits=LIMITS, **fields)
+    assert info.value.field == field
+    assert message in str(info.value) and "text must be valid UTF-8" in str(info.value)
+    str(info.value).encode("utf-8")  # the message itself prints and serializes anywhere
+
+
+def test_text_that_is_not_valid_unicode_is_refused_as_the_door_names_it():
+    with pytest.raises(FieldError) as info:
+        GenerateRequest.from_fields({"prompt": "a fox", "negative": "x\ud800"}, LIMITS)
+    assert info.value.field == "negative"
+    assert str(info.value).startswith("negative contains an unpaired surrogate (\\ud800 at character 2)")
+
+
+def test_paired_and_astral_text_is_still_valid():
+    req = GenerateRequest.create("a fox 🦊 \U0001f98a", limits=LIMITS, negative_prompt="é", loras="ü", seed=1)
+    assert req.prompts == ("a fox 🦊 \U0001f98a",)

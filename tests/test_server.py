@@ -100,6 +100,20 @@ def test_openai_client_sees_errors_as_api_errors(server):
 # --- the native job API ---------------------------------------------------------------------------
 
 
+def test_a_prompt_past_the_token_limit_runs_and_its_job_says_what_was_dropped(server):
+    # diffusers' semantics (the text encoder reads 512 tokens) with nothing silent: the job, and the
+    # OpenAI answer, carry the warning the CLI prints.
+    long = "red fox " * 450  # about 900 tokens, under the 4000-character limit
+    done = server.wait_job(server.submit(prompt=long, steps=1, seed=3)["id"])
+    assert done["status"] == "succeeded"
+    [warning] = done["warnings"]
+    assert warning.startswith("prompt 'red fox") and "the model takes 512" in warning and "dropped" in warning
+    plain = server.wait_job(server.submit(prompt="a red fox", steps=1, seed=3)["id"])
+    assert plain["warnings"] == []
+    r = server.client.post("/v1/images/generations", json={"prompt": long, "size": "64x64", "steps": 1})
+    assert r.status_code == 200 and r.json()["zturbo"]["warnings"] == [warning]
+
+
 def test_native_job_round_trip_with_sse_progress(server):
     job = server.submit(prompt="a lighthouse at dusk", n=2, steps=3, seed=11)
     assert job["status"] == "queued" and job["params"]["seed"] == 11 and job["attempts"] == 0

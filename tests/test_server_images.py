@@ -178,15 +178,21 @@ def test_list_parts_are_comma_separated_text_as_on_the_command_line(api):
 
 def test_size_auto_is_the_input_images_size_on_every_route(api):
     """OpenAI's "auto" means the image's own size on the edit route, so it does on every route that
-    takes `size` and an image; without an image it is 1024x1024."""
+    takes `size` and an image (a job's form, like its JSON, has width and height instead, and
+    without them the image's size); without an image it is 1024x1024."""
     image = noise_png(64, 48, seed=3)
-    r = api.post("/v1/jobs", data={"prompt": "a", "size": "auto"}, files=files(image=image))
+    r = api.post("/v1/jobs", data={"prompt": "a"}, files=files(image=image))
     assert r.status_code == 202, r.text
     assert (r.json()["params"]["width"], r.json()["params"]["height"]) == (64, 48)
-    r = api.post("/v1/images/generations", json={**JOB, "image": b64(image), "size": "auto"})
-    job_id = re.search(r"job ([0-9a-f]+) did not finish", assert_error(r, 504, "timeout", None)).group(1)
-    params = api.get(f"/v1/jobs/{job_id}").json()["params"]
-    assert (params["width"], params["height"]) == (64, 48)
+    r = api.post("/v1/jobs", data={"prompt": "a", "size": "auto"}, files=files(image=image))
+    assert assert_error(r, 400, "invalid_request", "size") == "size is not a known field"
+    for r in (
+        api.post("/v1/images/generations", json={**JOB, "image": b64(image), "size": "auto"}),
+        api.post("/v1/images/edits", data={"prompt": "a", "size": "auto"}, files=files(image=image)),
+    ):
+        job_id = re.search(r"job ([0-9a-f]+) did not finish", assert_error(r, 504, "timeout", None)).group(1)
+        params = api.get(f"/v1/jobs/{job_id}").json()["params"]
+        assert (params["width"], params["height"]) == (64, 48)
     assert GenerateRequest.from_fields({"prompt": "a", "size": "auto"}, LIMITS_1024).width == 1024
 
 

@@ -121,6 +121,53 @@ def test_job_params_refuses_what_the_form_cannot_send(change: dict[str, object],
 
 
 @pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # The fraction typed is named, never rounded: Gradio's precision=0 had run 7.5 as 8, 6.5 as 6,
+        # and called 1000.4 "width 1000 is not a multiple of 16".
+        ({"seed": 7.5}, "seed must be a whole number, got 7.5"),
+        ({"seed": 6.5}, "seed must be a whole number, got 6.5"),
+        ({"width": 64.4}, "width must be a whole number, got 64.4"),
+        ({"width": 1000.4}, "width must be a whole number, got 1000.4"),
+        ({"steps": 7.5}, "steps must be a whole number, got 7.5"),
+        ({"n": 2.5}, "number of images must be a whole number, got 2.5"),
+        ({"variation_seed": 3.5}, "variation seed must be a whole number, got 3.5"),
+        # The page's seed fields are text, read as typed.
+        ({"seed": "7.5"}, r"seed must be a whole number \(-1 = random\), got 7.5$"),
+        ({"seed": "1e3"}, r"seed must be a whole number \(-1 = random\), got 1e3$"),
+        ({"variation_seed": "forty"}, r"variation seed must be a whole number \(-1 = random\), got forty$"),
+        ({"seed": "  "}, r"seed is empty; enter a whole number \(-1 = random\)"),
+        (
+            {"seed": "9" * 5000},
+            rf"seed 9{{24}}… \(5000 digits\) is out of range; allowed -1 \(random\) or 0..{2**63 - 1}",
+        ),
+    ],
+)
+def test_job_params_refuses_a_fraction_naming_the_value_typed(change: dict[str, object], message: str) -> None:
+    with pytest.raises(FormError, match=message):
+        job_params(**{**FORM, **change})
+
+
+@pytest.mark.parametrize(
+    ("typed", "sent"),
+    [
+        (2**53 + 1, 2**53 + 1),  # a number from gradio_client: an int, kept exact
+        ("9007199254740993", 2**53 + 1),  # from the page: text, never a float on the way
+        (str(2**63 - 1), 2**63 - 1),
+        (" 007 ", 7),
+        ("42.0", 42),
+        (42.0, 42),
+        ("-1", None),
+        ("9999999999999999999", 9999999999999999999),  # above 2**63 - 1: the server names its range
+    ],
+)
+def test_job_params_sends_a_large_seed_exactly(typed: object, sent: int | None) -> None:
+    body = job_params(**{**FORM, "seed": typed, "variation_seed": typed})
+    assert body["seed"] == sent and body["variation_seed"] == sent
+    assert type(body["seed"]) is type(sent)
+
+
+@pytest.mark.parametrize(
     ("change", "field", "message"),
     [
         ({"width": 1000}, "width", "width 1000 is not a multiple of 16 (the model's spatial unit); nearest valid: 992"),
@@ -128,6 +175,7 @@ def test_job_params_refuses_what_the_form_cannot_send(change: dict[str, object],
         ({"n": 65}, "n", "n 65 is out of range; allowed 1..64"),
         ({"guidance": 30.5}, "guidance_scale", "guidance_scale 30.5 is out of range; allowed 0..30"),
         ({"seed": -2}, "seed", "seed -2 is out of range"),
+        ({"seed": "9999999999999999999"}, "seed", "seed 9999999999999999999 is out of range; allowed 0.."),
         ({"prompt": "   "}, "prompt", "prompt is empty"),
         ({"variation_seed": -2}, "variation_seed", "variation_seed -2 is out of range"),
         ({"variation_strength": 1.5}, "variation_strength", "variation_strength 1.5 is out of range; allowed 0..1"),
@@ -659,6 +707,57 @@ def test_generate_names_a_form_value_it_cannot_send(tmp_path: Path) -> None:
     assert posted == []
 
 
+@pytest.mark.parametrize(
+    ("key", "typed", "message"),
+    [
+        ("seed", "7.5", "seed must be a whole number (-1 = random), got 7.5"),
+        ("variation_seed", "6.5", "variation seed must be a whole number (-1 = random), got 6.5"),
+        ("width", 64.4, "width must be a whole number, got 64.4"),
+        ("height", 1000.4, "height must be a whole number, got 1000.4"),
+        ("steps", 7.5, "steps must be a whole number, got 7.5"),
+        ("n", 2.5, "number of images must be a whole number, got 2.5"),
+        ("outpaint_left", 8.5, "outpaint left must be a whole number, got 8.5"),
+        ("mask_blur", 2.5, "mask blur must be a whole number, got 2.5"),
+        ("mask_padding", 6.5, "mask padding must be a whole number, got 6.5"),
+    ],
+)
+def test_the_page_passes_a_typed_fraction_on_unrounded_and_names_it(
+    tmp_path: Path, key: str, typed: object, message: str
+) -> None:
+    """Through the field's own Gradio preprocessing, as a browser's value arrives."""
+    from zturbo.serving.ui import GENERATE_KEYS
+
+    fns, posted = _page(tmp_path)
+    component = fns["generate"].inputs[1 + GENERATE_KEYS.index(key)]
+    form = _untouched_form(fns["generate"], prompt="a fox", **{key: component.preprocess(typed)})
+    first = _generate(fns, form)[0][0]
+    assert first == f"Error: {message}"
+    assert posted == []
+
+
+def test_the_page_sends_a_seed_above_2_to_the_53_exactly_and_shows_seeds_as_typed(tmp_path: Path) -> None:
+    from zturbo.serving.ui import GENERATE_KEYS
+
+    fns, posted = _page(tmp_path)
+    seed, variation = (fns["generate"].inputs[1 + GENERATE_KEYS.index(k)] for k in ("seed", "variation_seed"))
+    typed = "9007199254740993"  # 2**53 + 1: a browser's number field would send ...992
+    form = _untouched_form(fns["generate"], prompt="a fox", seed=seed.preprocess(typed),
+                           variation_seed=variation.preprocess(typed))  # fmt: skip
+    _generate(fns, form)
+    assert posted[-1]["seed"] == posted[-1]["variation_seed"] == 2**53 + 1
+    # A seed set by a handler (Reuse last, a PNG's parameters) shows as a whole number, never 42.0.
+    assert seed.postprocess(2**63 - 1) == str(2**63 - 1) and seed.postprocess(-1) == "-1"
+
+
+def test_no_whole_number_field_of_the_page_rounds_what_was_typed(tmp_path: Path) -> None:
+    import gradio as gr
+
+    fns, _ = _page(tmp_path)
+    numbers = [c for c in fns["generate"].inputs if isinstance(c, gr.Number | gr.Slider)]
+    assert len(numbers) > 10
+    assert [c.elem_id for c in numbers if c.precision is not None] == []
+
+
 def test_the_mask_is_the_brush_layers_alpha_white_on_black_at_the_images_size() -> None:
     from zturbo.serving.ui import editor_mask
 
@@ -841,3 +940,24 @@ def test_the_api_takes_the_body_the_form_builds_as_the_job_the_user_painted(api:
 
     r = api.post("/v1/jobs", json=form_body({**form, "control_image": str(image)}))
     assert r.status_code == 400 and r.json()["error"]["field"] == "control_image", r.text
+
+
+def test_generate_shows_the_warnings_of_a_finished_job(tmp_path: Path) -> None:
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui_app import _UiFiles, build
+
+    job = {"id": "j1", "status": "queued", "params": {"seed": 5}, "images": []}
+    said = "prompt 'red fox red fox …' is 909 tokens with the chat template; the model takes 512"
+    done = {**job, "status": "succeeded", "warnings": [said]}
+    stream = f"event: done\ndata: {json.dumps(done)}\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            return httpx.Response(202, json=job)
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
+    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    updates = _generate(fns, _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2))
+    assert updates[-1][0] == f"Done: 0 image(s), seed 5\n\nWarning: {said}"

@@ -191,6 +191,25 @@ def test_form_presets_bad_width_and_status_line(page: Any, server: Server) -> No
     )
     assert server.history("e2e-bad-width") == []  # nothing was queued
 
+    # A fraction is named as typed, never rounded (7.5 had run as seed 8, 1000.4 been called 1000).
+    page.locator("#width input").fill("1000.4")
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("width must be a whole number, got 1000.4")
+    page.locator("#width input").fill("64")
+    page.locator("#seed input").fill("7.5")
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text("seed must be a whole number (-1 = random), got 7.5")
+    assert server.history("e2e-bad-width") == []
+
+
+def test_a_seed_above_2_to_the_53_runs_exactly_as_typed(page: Any, server: Server) -> None:
+    """A browser's number field holds a float: 2**53 + 1 would be sent as 2**53. The seed field is text."""
+    _fill_form(page, "a fox e2e-big-seed", seed=2**53 + 1)
+    page.locator("#generate").click()
+    expect(page.locator("#progress")).to_contain_text(f"Done: 1 image(s), seed {2**53 + 1}")
+    (job,) = server.history("e2e-big-seed")
+    assert job["params"]["seed"] == 2**53 + 1
+
 
 def test_generate_shows_progress_image_parameters_and_download(page: Any, server: Server, tmp_path: Path) -> None:
     prompt = "a red fox in fresh snow, 一只狐狸 e2e-generate"

@@ -102,6 +102,7 @@ from .pipeline import (
     sample_latents,
     to_uint8,
     transformer_step,
+    truncation_warning,
     variation_latents,
     variety_embeds,
     variety_steps,
@@ -530,24 +531,32 @@ class Engine:
             if prepared is not None and prepared.paste is not None:
                 pixels = paste_back(pixels, prepared.paste)
             timings["denoise_decode_s"] = time.perf_counter() - tick
-            return GenerateResult(self._package(req, pixels, loras, attempt.split_cfg), req, timings, warnings)
+            images = self._package(req, pixels, loras, warnings, attempt.split_cfg)
+            every = list(dict.fromkeys(w for image in images for w in image.warnings))
+            return GenerateResult(images, req, timings, every)
 
-    def _encode(self, req: GenerateRequest) -> tuple[Embeds, Embeds | None, tuple[Embeds, int] | None, list[str]]:
-        """(cond, uncond or None, seed variety's (early embeddings, steps) or None, warnings)."""
+    def _encode(self, req: GenerateRequest) -> tuple[Embeds, Embeds | None, tuple[Embeds, int] | None, list[list[str]]]:
+        """(cond, uncond or None, seed variety's (early embeddings, steps) or None, each image's
+        truncation warnings)."""
         c, placed, rows = self.components, self.placement, req.images
         where = {"on_miss": lambda: placed.stage("encode"), "graphs": self._encoder_graphs()}
 
-        def encode(prompts: list[str]) -> tuple[Embeds, list[str]]:
+        def encode(prompts: list[str]) -> tuple[Embeds, list[int]]:
             return self.prompt_cache.encode(
                 c.text_encoder, c.tokenizer, prompts, self.device, max_tokens=self.max_tokens, **where
             )
 
         with self._stage("encode"):
-            cond, warnings = self._eager_if_compile_fails(encode, [r.prompt for r in rows])
+            cond, counts = self._eager_if_compile_fails(encode, [r.prompt for r in rows])
+            limit = self.max_tokens
+            warnings = [[truncation_warning("prompt", r.prompt, n, limit)] for r, n in zip(rows, counts, strict=True)]
             uncond = None
             if req.do_cfg:
-                uncond, _ = self._eager_if_compile_fails(encode, [r.negative_prompt for r in rows])
-        for w in warnings:
+                uncond, counts = self._eager_if_compile_fails(encode, [r.negative_prompt for r in rows])
+                for row_warnings, r, n in zip(warnings, rows, counts, strict=True):
+                    row_warnings.append(truncation_warning("negative prompt", r.negative_prompt, n, limit))
+        per_image = [[w for w in row if w is not None] for row in warnings]
+        for w in dict.fromkeys(w for row in per_image for w in row):
             log.warning(w)
         # The cache holds clean embeddings; each image's variety noise is added to its own copy.
         early = None
@@ -556,7 +565,7 @@ class Engine:
             # a fraction of the steps that run, as the control range is (img2img runs fewer)
             runs = req.inputs.steps_run(req.steps)
             early = (variety_embeds(cond, seeds, req.variety), variety_steps(req.variety_until, runs))
-        return cond, uncond, early, warnings
+        return cond, uncond, early, per_image
 
     def _check_controlnet(self, inputs: ImageInputs) -> None:
         """A request validated against other limits (another engine's, a server's header read)
@@ -754,7 +763,12 @@ class Engine:
         self._lora_refs = ()
 
     def _package(
-        self, req: GenerateRequest, pixels: torch.Tensor, loras: list[dict[str, Any]], split_cfg: bool = False
+        self,
+        req: GenerateRequest,
+        pixels: torch.Tensor,
+        loras: list[dict[str, Any]],
+        warnings: list[list[str]],
+        split_cfg: bool = False,
     ) -> list[GeneratedImage]:
         from PIL import Image
 
@@ -762,7 +776,7 @@ class Engine:
 
         out = []
         runtime = self.runtime(split_cfg)
-        for spec, array in zip(req.images, pixels.numpy(), strict=True):
+        for spec, array, image_warnings in zip(req.images, pixels.numpy(), warnings, strict=True):
             meta = build_metadata(
                 req, spec.prompt, spec.negative_prompt, spec.seed, self.model, runtime, spec.variation_seed
             )
@@ -772,7 +786,13 @@ class Engine:
             meta["profile"] = self.profile.describe()
             meta["controlnet"] = self.controlnet.describe() if self.controlnet and req.inputs.controlled else None
             image = GeneratedImage(
-                Image.fromarray(array), spec.seed, spec.prompt, spec.negative_prompt, meta, spec.variation_seed
+                Image.fromarray(array),
+                spec.seed,
+                spec.prompt,
+                spec.negative_prompt,
+                meta,
+                spec.variation_seed,
+                image_warnings,
             )
             out.append(image)
         return out

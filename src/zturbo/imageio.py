@@ -287,6 +287,27 @@ def image_format(path: str | os.PathLike[str]) -> str | None:
     return SUFFIX_FORMATS.get(os.path.splitext(os.fspath(path))[1].lower())
 
 
+# Image suffixes Pillow does not register (its plugins vary by build) that still plainly name an image file.
+_OTHER_IMAGE_SUFFIXES = frozenset({".heic", ".heif", ".jxl", ".svg", ".exr"})
+
+
+@functools.cache
+def _foreign_image_suffixes() -> frozenset[str]:
+    """Suffixes that name an image format zturbo does not write: Pillow's registered ones (and a few
+    it lacks) less `SUFFIX_FORMATS`. A list of known suffixes, not "any suffix", so a directory
+    named `out.v2` or `run.2024` stays a directory. Cached: Pillow imports every plugin to list them."""
+    from PIL import Image
+
+    known = {suffix.lower() for suffix in Image.registered_extensions()} | _OTHER_IMAGE_SUFFIXES
+    return frozenset(known - set(SUFFIX_FORMATS))
+
+
+def foreign_image_format(path: str | os.PathLike[str]) -> str | None:
+    """The image format a suffix zturbo cannot write names (`x.gif` -> gif), or None."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    return suffix[1:] if suffix in _foreign_image_suffixes() else None
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The `zturbo` JSON of an image written by zturbo; raises InvalidRequestError for other files."""
     text = _image_text(path).get(METADATA_KEY)
@@ -300,11 +321,13 @@ _A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "Sampler"}
 _A1111_PAIR = re.compile(r'\s*([\w .\-/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
-def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
-    """An A1111 `parameters` text -> (generation parameters, names of fields that zturbo cannot use).
+def split_a1111(text: str) -> tuple[str, str, dict[str, str]]:
+    """An A1111 `parameters` text's parts as written: the prompt (its `<lora:...>` tags kept), the
+    negative prompt, and the last line's `Key: value` pairs as text (quoted values unquoted).
 
     Layout: prompt lines, an optional `Negative prompt:` line (and its continuation lines), then one
-    line of `Key: value` pairs where values with commas are JSON-quoted.
+    line of `Key: value` pairs where values with commas are JSON-quoted. Raises InvalidRequestError
+    for a text without that line, ValueError for a quoted value that is not JSON.
     """
     lines = text.rstrip("\n").split("\n")
     if not (lines and _A1111_PAIR.match(lines[-1]) and "Steps:" in lines[-1]):
@@ -316,15 +339,21 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
             target = negative_lines
             line = line[len("Negative prompt:") :].strip()
         (negative_lines if target is not None else prompt_lines).append(line)
+    pairs = ((key.strip(), value.strip()) for key, value in _A1111_PAIR.findall(settings))
+    values = {key: json.loads(value) if value.startswith('"') else value for key, value in pairs}
+    return "\n".join(prompt_lines), "\n".join(negative_lines), values
+
+
+def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
+    """An A1111 `parameters` text -> (generation parameters, names of fields that zturbo cannot use);
+    `split_a1111` describes the layout."""
     from .request import parse_size
 
-    prompt, tags = _lora_tags("\n".join(prompt_lines))
-    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": "\n".join(negative_lines)}
+    raw_prompt, negative, settings = split_a1111(text)
+    prompt, tags = _lora_tags(raw_prompt)
+    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
     ignored, hashes = [], ""
-    for key, raw in _A1111_PAIR.findall(settings):
-        key, value = key.strip(), raw.strip()
-        if value.startswith('"'):
-            value = json.loads(value)
+    for key, value in settings.items():
         field = _a1111_field(key)
         if key == LORA_HASHES:
             hashes = value
@@ -614,6 +643,8 @@ def check_output_directory(directory: Path, *, target: str | os.PathLike[str] | 
     bits say nothing about a read-only mount, /proc, or a root process, and a write does.
     """
     shown = target if target is not None else directory
+    if target is None:
+        _check_not_image_name(directory)
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -630,6 +661,16 @@ def check_output_directory(directory: Path, *, target: str | os.PathLike[str] | 
         raise InvalidRequestError(f"output {shown} cannot be written: {existing} refuses new files ({reason})") from e
     os.close(fd)
     probe.unlink(missing_ok=True)
+
+
+def _check_not_image_name(directory: Path) -> None:
+    """Refuse a new output directory named like an image file zturbo cannot write (`x.gif`): the user
+    meant a file, and would find a directory of PNGs. An existing directory is used as it is."""
+    named = foreign_image_format(directory)
+    if named is not None and not directory.is_dir():
+        raise InvalidRequestError(
+            f"output {directory}: {named} is not an output format; use .png, .webp or .jpg (or a directory)"
+        )
 
 
 def save_images(

@@ -57,11 +57,12 @@ def encode_prompt(
     device: torch.device,
     max_tokens: int = MAX_TOKENS,
     graphs: EncoderGraphs | None = None,
-) -> tuple[list[torch.Tensor], list[str | None]]:
+) -> tuple[list[torch.Tensor], list[int]]:
     """Qwen chat template (thinking enabled), hidden_states[-2] of the real tokens -> [(L_i, D)].
 
-    Returns the embeddings and, per prompt, a warning if it was truncated to `max_tokens` (else None;
-    `caption_limit` gives a model's). With `graphs`, the encoder replays a CUDA graph where one
+    Returns the embeddings and, per prompt, its token count with the chat template: past
+    `max_tokens` (`caption_limit` gives a model's) the rest is dropped, as diffusers does
+    (`truncation_warning` says so). With `graphs`, the encoder replays a CUDA graph where one
     applies (`accel.graphs`).
     """
     texts = [
@@ -70,10 +71,7 @@ def encode_prompt(
         )
         for p in prompts
     ]
-    warnings = [
-        _truncation_warning(prompt, len(ids), max_tokens)
-        for prompt, ids in zip(prompts, tokenizer(texts).input_ids, strict=True)
-    ]
+    counts = [len(ids) for ids in tokenizer(texts).input_ids]
     enc = tokenizer(texts, padding="longest", max_length=max_tokens, truncation=True, return_tensors="pt")
     mask = enc.attention_mask.bool()  # (B, L) on the CPU: slicing with it needs no device sync
     with without_last_layer(text_encoder):
@@ -87,15 +85,16 @@ def encode_prompt(
                 attention_mask=mask.to(device),
                 use_cache=False,  # one forward pass: a key/value cache would only be filled and dropped
             ).last_hidden_state  # (B, L, D): hidden_states[-2] of the whole encoder
-    return [_select_real(hidden[i], mask[i]) for i in range(len(texts))], warnings
+    return [_select_real(hidden[i], mask[i]) for i in range(len(texts))], counts
 
 
-def _truncation_warning(prompt: str, tokens: int, max_tokens: int) -> str | None:
+def truncation_warning(field: str, prompt: str, tokens: int, max_tokens: int) -> str | None:
+    """What a prompt (`field`: prompt or negative prompt) of `tokens` tokens loses past `max_tokens`, or None."""
     if tokens <= max_tokens:
         return None
     short = prompt if len(prompt) <= 40 else prompt[:40] + "…"
     return (
-        f"prompt {short!r} is {tokens} tokens with the chat template; the model takes {max_tokens}, "
+        f"{field} {short!r} is {tokens} tokens with the chat template; the model takes {max_tokens}, "
         f"so the last {tokens - max_tokens} tokens are dropped"
     )
 
@@ -154,7 +153,7 @@ class PromptCache:
 
     def __init__(self, capacity: int = 64) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[tuple[str, torch.dtype], tuple[torch.Tensor, str | None]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, torch.dtype], tuple[torch.Tensor, int]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -168,9 +167,9 @@ class PromptCache:
         on_miss: Callable[[], None] | None = None,
         graphs: EncoderGraphs | None = None,
         max_tokens: int = MAX_TOKENS,
-    ) -> tuple[list[torch.Tensor], list[str]]:
+    ) -> tuple[list[torch.Tensor], list[int]]:
         """Embeddings on `device` for `prompts` (the text encoder runs once for all misses, after
-        `on_miss()`, through `graphs` where given) and their truncation warnings."""
+        `on_miss()`, through `graphs` where given) and their token counts (`encode_prompt`)."""
         dtype = next(text_encoder.parameters()).dtype
         missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self._items]
         self.hits += len(prompts) - len(missing)
@@ -178,17 +177,17 @@ class PromptCache:
         if missing:
             if on_miss is not None:
                 on_miss()
-            embeds, warnings = encode_prompt(text_encoder, tokenizer, missing, device, max_tokens, graphs)
-            for prompt, embed, warning in zip(missing, embeds, warnings, strict=True):
+            embeds, counts = encode_prompt(text_encoder, tokenizer, missing, device, max_tokens, graphs)
+            for prompt, embed, count in zip(missing, embeds, counts, strict=True):
                 # clone (or copy to the device): drop the padded batch the embedding was a view of
-                self._items[(prompt, dtype)] = (embed.to(device, copy=True), warning)
+                self._items[(prompt, dtype)] = (embed.to(device, copy=True), count)
         found = []
         for prompt in prompts:
             self._items.move_to_end((prompt, dtype))
             found.append(self._items[(prompt, dtype)])
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
-        return [e for e, _ in found], list(dict.fromkeys(w for _, w in found if w))
+        return [e for e, _ in found], [count for _, count in found]
 
     def clear(self) -> None:
         self._items.clear()

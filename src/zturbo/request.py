@@ -716,6 +716,7 @@ def _check_lora_name(where: str, name: object) -> str:
         raise FieldError(where, f"{where}: LoRA name must be 1..{most} characters of text; got {name!r}")
     if any(unicodedata.category(c) == "Cc" for c in name):
         raise FieldError(where, f"{where}: LoRA name {name!r} contains control characters")
+    _check_unicode(where, name, f"{where}: LoRA name")
     return name
 
 
@@ -792,6 +793,19 @@ def _check_text(name: str, text: str) -> None:
     most = LIMITS.prompt_chars
     if len(text) > most:
         raise FieldError(name, f"{name} is {len(text)} characters long; allowed at most {most}")
+    _check_unicode(name, text)
+
+
+def _check_unicode(field: str, text: str, label: str | None = None) -> None:
+    """Refuse a lone surrogate (a JSON "\\udfff", or the CLI's undecodable bytes, which Python's
+    surrogateescape turns into surrogates): no UTF-8 encoder takes it, so the job store, the image
+    metadata and the tokenizer would each fail on it after the request was accepted."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        where = f"\\u{ord(text[e.start]):04x} at character {e.start + 1}"
+        message = f"{label or field} contains an unpaired surrogate ({where}); text must be valid UTF-8"
+        raise FieldError(field, message) from None
 
 
 # Letters that render as nothing (Hangul fillers, the braille blank); categories below cover the rest.

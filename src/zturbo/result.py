@@ -17,6 +17,7 @@ class GeneratedImage:
     negative_prompt: str
     metadata: dict[str, Any]
     variation_seed: int | None = None
+    warnings: list[str] = field(default_factory=list)  # what the request lost for this image (a truncated prompt)
 
 
 @dataclass

@@ -23,6 +23,10 @@ if TYPE_CHECKING:  # Pillow and numpy load when an image is decoded: `import ztu
 
 MAX_INPUT_PIXELS = 8192 * 8192  # `request.LIMITS.input_pixels` (defined here, below the request layer)
 MAX_INPUT_BYTES = 64 << 20  # `request.LIMITS.input_bytes`
+# A mask's alpha below this repaints (transparent repaints, as OpenAI's images.edit); at or above it keeps.
+OPAQUE_FROM = 128
+# A mask's grey level at or above this repaints: `prepare.binarize`'s value / 255 >= 0.5 (diffusers' rule).
+REPAINT_FROM = 128
 _PILLOW_SAYS = 160  # characters of Pillow's own message kept in ours
 # What Pillow raises on a file it cannot decode: broken headers (SyntaxError), truncated or corrupt
 # data (OSError), bad chunks or sizes (ValueError, EOFError).
@@ -149,6 +153,23 @@ def _open_checked(data: bytes, field: str, name: str, max_pixels: int) -> Image.
             ) from None
         except _DECODE_ERRORS as e:
             raise FieldError(field, f"{field} {name} is damaged or truncated: {_pillow_says(e)}") from None
+
+
+def repaint_map(mask: Image.Image, from_alpha: bool) -> Image.Image:
+    """A mask as an L image, 255 where it repaints: by its alpha (transparent repaints) when
+    `from_alpha` (an init image's alpha) or it has alpha; else by its luminance (white repaints)."""
+    if from_alpha or mask.mode == "RGBA":
+        return mask.getchannel("A").point(lambda a: 255 if a < OPAQUE_FROM else 0)
+    return mask.convert("L")  # ITU-R 601 luma, as diffusers' mask processor converts
+
+
+def repaints_nothing(mask: Image.Image, from_alpha: bool) -> bool:
+    """Whether a decoded mask repaints no pixel: the door's check, at the mask's own size, so an
+    inpaint that would run every step and change nothing is refused before any work. Resizing
+    (bilinear) never raises the brightest value and padding adds 0, so such a mask stays empty."""
+    if from_alpha and mask.mode != "RGBA":
+        return True  # `normal_mode` keeps alpha only when some pixel is not fully opaque
+    return repaint_map(mask, from_alpha).getextrema()[1] < REPAINT_FROM
 
 
 def _check_pixels(size: tuple[int, int], field: str, name: str, max_pixels: int) -> None:

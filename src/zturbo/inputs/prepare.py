@@ -23,14 +23,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from .images import InputImage
+from .images import InputImage, repaint_map
 from .spec import ImageInputs
 
 # cv2.Canny's hysteresis thresholds for control_type "canny": those of the canny preprocessor the
 # Fun-ControlNet-Union was trained with (controlnet_aux's CannyDetector defaults).
 CANNY_LOW, CANNY_HIGH = 100, 200
-# A mask's alpha below this repaints (transparent repaints, as OpenAI's images.edit); at or above it keeps.
-OPAQUE_FROM = 128
 # An RGBA init image is flattened onto white (what a viewer shows behind it); an RGBA control
 # image onto black, where control maps (pose, depth, edges) carry no signal.
 IMAGE_BACKGROUND = (255, 255, 255)
@@ -152,20 +150,15 @@ def _repaint_map(image: InputImage, inputs: ImageInputs) -> Image.Image | None:
     with mask_from_alpha) repaints where transparent; a mask without alpha where its luminance is
     high (white repaints)."""
     if inputs.mask_from_alpha:
-        return _transparent(image.image)
+        return repaint_map(image.image, from_alpha=True)
     if inputs.mask is None:
         return None
-    if inputs.mask.has_alpha:
-        return _transparent(inputs.mask.image)
-    return inputs.mask.image.convert("L")  # ITU-R 601 luma, as diffusers' mask processor converts
-
-
-def _transparent(image: Image.Image) -> Image.Image:
-    return image.getchannel("A").point(lambda a: 255 if a < OPAQUE_FROM else 0)
+    return repaint_map(inputs.mask.image, from_alpha=False)
 
 
 def binarize(gray: np.ndarray) -> np.ndarray:
-    """A 0..255 mask map -> bool, diffusers' rule: value / 255 >= 0.5 repaints."""
+    """A 0..255 mask map -> bool, diffusers' rule: value / 255 >= 0.5 repaints (128 and up:
+    `images.REPAINT_FROM`, which the door's `repaints_nothing` uses)."""
     return gray.astype(np.float32) / 255.0 >= 0.5
 
 

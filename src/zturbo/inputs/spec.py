@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FieldError
-from .images import InputImage
+from .images import OPAQUE_FROM, REPAINT_FROM, InputImage, repaints_nothing
 
 RESIZE_MODES = ("crop", "fit", "stretch")
 # The Fun-ControlNet-Union's control types. Canny is computed here from any image (OpenCV); the
@@ -236,13 +236,28 @@ def _check_combinations(
     _needs(image is not None, "strength", strength, "an input image (image); text-to-image starts from noise")
     if mask is not None and outpaint is not None:
         raise FieldError("outpaint", "give mask or outpaint, not both: outpaint makes its own mask")
-    if from_alpha and image is not None and not image.has_alpha:
-        raise FieldError(
-            "mask", f"mask 'alpha': image {image.name} has no transparent pixels to repaint ({image.image.mode})"
-        )
+    if image is not None:
+        _check_repaints(image, mask, from_alpha)
     _needs(masked, "paste_back", paste_back or None, "a mask or outpaint: it keeps the pixels outside the mask")
     _needs(masked, "mask_padding", mask_padding or None, "a mask or outpaint")
     _needs(bool(paste_back), "mask_blur", mask_blur or None, "paste_back: it feathers the paste-back seam")
+
+
+def _check_repaints(image: InputImage, mask: object, from_alpha: bool) -> None:
+    """Refuse a mask that repaints no pixel: the inpaint would run every step and change nothing."""
+    transparent = f"no transparent pixels to repaint (alpha below {OPAQUE_FROM} repaints)"
+    if from_alpha and repaints_nothing(image.image, from_alpha=True):
+        where = "give an image transparent where it should repaint, or a mask"
+        raise FieldError("mask", f"mask 'alpha': image {image.name} has {transparent}; {where}")
+    if not isinstance(mask, InputImage) or not repaints_nothing(mask.image, from_alpha=False):
+        return
+    if mask.has_alpha:
+        raise FieldError("mask", f"mask {mask.name} has {transparent}; make the area to repaint transparent")
+    raise FieldError(
+        "mask",
+        f"mask {mask.name} has no white pixels to repaint (grey {REPAINT_FROM} or above repaints, darker keeps); "
+        "paint the area to repaint white",
+    )
 
 
 def _check_resize(resize: str | None, has_input: bool) -> None:

@@ -4,7 +4,9 @@ An A1111 body is translated once into zturbo's request fields (`translate`), the
 the same queue, auth, limits and error body as every other route. A1111 fields zturbo has no
 counterpart for are refused by name unless they hold the value that changes nothing; the ones
 that are approximated (the sampler) or replaced by the `--client-defaults` policy are listed in
-the response's `info` JSON (`zturbo.mapped`), its `parameters` and the `X-ZTurbo-Mapped` header.
+the response's `info` JSON (`zturbo.mapped`), its `parameters` and the `X-ZTurbo-Mapped` header. A
+pasted `infotext` fills in the fields the body leaves unset (`with_infotext`), as in A1111. The
+prompt's `<lora:NAME:WEIGHT>` tags become the request's LoRAs (`extra_networks`).
 docs/api.md describes the routes and the policy.
 """
 
@@ -16,10 +18,11 @@ import functools
 import hashlib
 import io
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,14 +31,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
-from ..errors import FieldError, InvalidRequestError, JobFailedError
+from ..errors import FieldError, InvalidRequestError, JobFailedError, LoraError
+from ..inputs.images import InputImage
 from ..profiles import TURBO, ModelProfile
 from ..request import FIELD, GenerateRequest
 from . import jobs
+from .loras import LoraFieldError
 from .results import Base64Body, finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
+    from ..adapters.library import LoraFile, LoraLibrary
     from .service import Service
 
 PREFIX = "/sdapi/v1"
@@ -63,6 +69,7 @@ A1111_SCHEDULERS = frozenset({
 # just resize (latent upscale).
 RESIZE_MODES = {0: "stretch", 1: "crop", 2: "fit", 3: "stretch"}
 ORIGINAL_FILL = 1  # `inpainting_fill` "original": the masked area starts from the image, as zturbo's inpaint does
+IMG2IMG_ONLY = "applies to img2img only (in A1111's txt2img, to the hires fix, which this server lacks)"
 SAMPLE_FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
 # zturbo's error field names as the A1111 body calls them.
 A1111_NAMES = {
@@ -97,9 +104,13 @@ NEUTRAL: dict[str, tuple[str, tuple[Any, ...]]] = {
 
 
 class _Body(BaseModel):
-    """The fields A1111's `StableDiffusionProcessing` takes through its API, with its defaults."""
+    """The fields A1111's `StableDiffusionProcessing` takes through its API, with its defaults.
 
-    model_config = ConfigDict(extra="forbid")
+    Strict, as the native bodies are (schemas.py): `"8"` and `true` are no numbers, `0` no boolean,
+    so a client's type slip is a 400 naming the field rather than a run with a value it did not
+    mean. A whole number is still a valid float (`cfg_scale: 7`, as A1111 clients send it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = ""
     negative_prompt: str | None = ""
@@ -185,7 +196,7 @@ class Img2ImgBody(_Body):
 
 
 class PngInfoBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image: str
 
@@ -193,12 +204,27 @@ class PngInfoBody(BaseModel):
 @dataclass
 class Translation:
     """An A1111 body as zturbo request fields, and what was mapped (A1111 name -> (sent, ran)) or
-    accepted without effect (A1111 name -> why)."""
+    accepted without effect (A1111 name -> why). `body` is the body as it ran: with its `infotext`
+    applied, so the answer's `parameters` show what the infotext set, as A1111's do."""
 
     values: dict[str, Any]
+    body: _Body
     mapped: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     ignored: dict[str, str] = field(default_factory=dict)
+    from_infotext: frozenset[str] = frozenset()  # the body fields the infotext set
     preview: bool | None = None  # override_settings.live_previews_enable; None: the session's option
+    loras: list[LoraTag] = field(default_factory=list)  # the prompt's LoRA tags, as the request runs them
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """One `<lora:...>` tag of the prompt: the file it names (in the request's `loras`) and its weight."""
+
+    text: str  # as written, for the reports and the errors
+    name: str
+    weight: float  # A1111's UNet weight: the transformer's here
+    te: float | None = None  # a text-encoder weight given apart from the UNet's (it has no effect)
+    sha256: str | None = None  # the short hash the infotext's `Lora hashes` records for it
 
 
 @dataclass
@@ -238,9 +264,26 @@ def translate(
 ) -> Translation:
     """An A1111 body -> zturbo request fields; refuses (FieldError naming the A1111 field) what zturbo cannot run.
 
-    `formats`: the request table has `output_format`, so `samples_format` overrides can be honoured;
-    `fixed` checks an override of a read-only option (`check_fixed`).
+    The body's `infotext` is applied first (`with_infotext`). `formats`: the request table has
+    `output_format`, so `samples_format` overrides can be honoured; `fixed` checks an override of a
+    read-only option (`check_fixed`). The LoRA tags' files are found by `locate_loras`, which needs
+    the server's LoRA directory.
     """
+    pasted = with_infotext(body)
+    try:
+        t = _translate(pasted.body, policy, max_image_bytes, formats=formats, fixed=fixed, profile=profile)
+    except FieldError as e:
+        raise blame_infotext(e, pasted.applied) from None
+    t.ignored = pasted.ignored | t.ignored
+    t.from_infotext = pasted.applied
+    if "prompt" in pasted.applied:  # the infotext's prompt ran: its tags' recorded hashes come along, in order
+        t.loras = [replace(tag, sha256=h) for tag, h in zip(t.loras, pasted.lora_hashes, strict=False)]
+    return t
+
+
+def _translate(
+    body: _Body, policy: str, max_image_bytes: int, *, formats: bool, fixed: FixedCheck, profile: ModelProfile
+) -> Translation:
     _check_neutral(body)
     if body.batch_size < 1 or body.n_iter < 1:
         name = "batch_size" if body.batch_size < 1 else "n_iter"
@@ -251,7 +294,8 @@ def translate(
         "width": body.width,
         "height": body.height,
         "batch": body.batch_size * body.n_iter,  # one queue job; batches never change an image
-    })  # fmt: skip
+    }, body)  # fmt: skip
+    extra_networks(body, t)
     if body.seed != -1:  # A1111's -1: a random seed
         t.values["seed"] = body.seed
     if body.subseed_strength:
@@ -263,6 +307,8 @@ def translate(
     _override_settings(body.override_settings or {}, t, formats=formats, fixed=fixed)
     if isinstance(body, Img2ImgBody):
         _img2img(body, t, max_image_bytes)
+    elif body.denoising_strength is not None:  # A1111's txt2img reads it only for the hires fix, refused here
+        t.ignored["denoising_strength"] = IMG2IMG_ONLY
     return t
 
 
@@ -293,14 +339,22 @@ def _policy(body: _Body, policy: str, t: Translation, profile: ModelProfile) -> 
 
 def _sampler(body: _Body, t: Translation) -> None:
     """Every A1111 sampler and scheduler name runs as zturbo's flow-matching Euler (reported); others are refused."""
-    name = body.sampler_name or body.sampler_index
-    if name is not None:
+    # Both names are checked: a bogus one is refused even where A1111 would not read it.
+    given = {f: name for f in ("sampler_name", "sampler_index") if (name := getattr(body, f))}
+    for field_name, name in given.items():
         key = name.strip().lower().removesuffix(" karras").removesuffix(" exponential")
         if key not in A1111_SAMPLERS:
-            field_name = "sampler_name" if body.sampler_name else "sampler_index"
             raise FieldError(field_name, f"{field_name} {name!r} is not an A1111 sampler; zturbo runs {SAMPLER!r}")
+    if given:
+        name = next(iter(given.values()))  # sampler_name, else sampler_index: A1111's precedence
         if name != SAMPLER:
             t.mapped["sampler_name"] = (name, SAMPLER)
+        if len(given) == 2 and given["sampler_index"] != name:
+            t.ignored["sampler_index"] = f"sampler_name {name!r} is read instead, as A1111 does when both are given"
+    _scheduler(body, t)
+
+
+def _scheduler(body: _Body, t: Translation) -> None:
     scheduler = body.scheduler
     if scheduler is not None and scheduler.lower() != SCHEDULER:
         if scheduler.lower() not in A1111_SCHEDULERS:
@@ -308,6 +362,164 @@ def _sampler(body: _Body, t: Translation) -> None:
                 "scheduler", f"scheduler {scheduler!r} is not an A1111 scheduler; zturbo runs {SCHEDULER!r}"
             )
         t.mapped["scheduler"] = (scheduler, SCHEDULER)
+
+
+# --- extra-network tags ------------------------------------------------------------------------
+
+# A1111's extra-network tag `<NETWORK:ARG:ARG...>` (modules/extra_networks.py), with the one space or
+# tab before it that A1111's writer and zturbo's put there (imageio reads its tags the same way), so a
+# prompt read back from an image's text runs as the prompt that made it.
+EXTRA_NETWORK_TAG = re.compile(r"[ \t]?<(\w+):([^<>]*)>")
+LORA_NETWORKS = frozenset({"lora", "lyco"})  # A1111 reads `lyco` as another name of `lora`
+REFUSED_NETWORKS = {"hypernet": "hypernetworks"}  # A1111's own networks that zturbo lacks
+LORA_ARGS = "<lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE:UNET> or te=/unet= weights"
+SKIPPED_NETWORK = "no extra network of this server (A1111 skips one it does not know); taken out of the prompt"
+TE_WEIGHT = (
+    "a text-encoder weight has no effect (zturbo's LoRAs change the transformer only); each runs at its UNet weight"
+)
+NEGATIVE_TAGS = "A1111 applies the prompt's tags only; these stay in the negative prompt's text, as A1111 encodes it"
+_WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only, as imageio's
+_LORA_PLACE = re.compile(r"\bloras\.(\d+)\b")
+
+
+def extra_networks(body: _Body, t: Translation) -> None:
+    """The prompt's extra-network tags, taken out of the text the encoder sees as A1111 does: a LoRA
+    tag becomes one of the request's `loras` (reported in `mapped`), a hypernetwork is refused, and a
+    network A1111 would skip as unknown is reported in `ignored`. The negative prompt's tags stay
+    text, as A1111 reads tags in the prompt only; they are reported too."""
+    loras, skipped = _prompt_tags(body.prompt)
+    t.values["prompt"] = EXTRA_NETWORK_TAG.sub("", body.prompt) if loras or skipped else body.prompt
+    if skipped:
+        t.ignored["extra_networks"] = f"{', '.join(skipped)}: {SKIPPED_NETWORK}"
+    if loras and body.disable_extra_networks:
+        t.ignored["loras"] = "disable_extra_networks: the tags are taken out of the prompt and not applied, as in A1111"
+        loras = []
+    elif given := [tag.text for tag in loras if tag.te is not None]:
+        t.ignored["loras"] = f"{', '.join(given)}: {TE_WEIGHT}"
+    if negative := [m.group(0).strip() for m in EXTRA_NETWORK_TAG.finditer(body.negative_prompt or "")]:
+        t.ignored["negative_prompt.extra_networks"] = f"{', '.join(negative)}: {NEGATIVE_TAGS}"
+    t.loras = loras
+    set_loras(t)
+
+
+def _prompt_tags(prompt: str) -> tuple[list[LoraTag], list[str]]:
+    """The prompt's LoRA tags, and the tags of networks A1111 would skip; refuses a hypernetwork."""
+    loras, skipped = [], []
+    for match in EXTRA_NETWORK_TAG.finditer(prompt):
+        text, network = match.group(0).strip(), match.group(1).lower()
+        if network in REFUSED_NETWORKS:
+            what = REFUSED_NETWORKS[network]
+            raise FieldError("prompt", f"prompt tag {text}: {what} are not available on this server; remove the tag")
+        if network in LORA_NETWORKS:
+            loras.append(_lora_tag(text, match.group(2)))
+        else:
+            skipped.append(text)
+    return loras, skipped
+
+
+def _lora_tag(text: str, args: str) -> LoraTag:
+    """A1111's reading of a LoRA tag (extensions-builtin/Lora): `NAME[:TE[:UNET]]`, or named `te=`,
+    `unet=`; the UNet weight (the transformer's here) is the text encoder's unless given, and 1 when
+    neither is. `dyn` (a reduced rank) and other arguments (extensions') are refused: they would
+    change the image and zturbo cannot apply them."""
+    name, *items = (item.strip() for item in args.split(":"))
+    named = {key.strip(): value.strip() for key, _, value in (i.partition("=") for i in items if "=" in i)}
+    positional = [item for item in items if "=" not in item]
+    if not name:
+        raise FieldError("prompt", f"prompt tag {text} has no LoRA name; write {LORA_ARGS}")
+    if "dyn" in named or len(positional) > 2:
+        raise FieldError("prompt", f"prompt tag {text}: dyn (A1111's reduced LoRA rank) is not available on this "
+                                   f"server; write {LORA_ARGS}")  # fmt: skip
+    if set(named) - {"te", "unet"}:
+        unknown = ", ".join(f"{key}=" for key in named if key not in ("te", "unet"))
+        raise FieldError(
+            "prompt", f"prompt tag {text}: {unknown} is not an argument of A1111's LoRA tags; write {LORA_ARGS}"
+        )
+    te = _tag_weight(text, named.get("te", positional[0] if positional else "1"))
+    unet_text = named.get("unet", positional[1] if len(positional) > 1 else None)
+    unet = te if unet_text is None else _tag_weight(text, unet_text)
+    return LoraTag(text, name, unet, te if te != unet else None)
+
+
+def _tag_weight(text: str, value: str) -> float:
+    if not _WEIGHT.fullmatch(value):
+        raise FieldError("prompt", f"prompt tag {text}: the weight {value!r} is not a number; write {LORA_ARGS}")
+    return float(value)
+
+
+def set_loras(t: Translation) -> None:
+    """The tags as the request's `loras`, and the mapping reported: the tags as sent, the LoRAs as they run."""
+    t.values.pop("loras", None)
+    t.mapped.pop("loras", None)
+    if t.loras:
+        runs = [{"name": tag.name, "weight": tag.weight} for tag in t.loras]
+        t.values["loras"] = runs
+        t.mapped["loras"] = ([tag.text for tag in t.loras], runs)
+
+
+def lora_error(err: FieldError, t: Translation) -> FieldError:
+    """An error about the request's `loras` (their form when validated, their files at submit) as
+    the prompt's tags: `loras.1` becomes the tag it came from, the field `prompt`."""
+    where = err.field or ""
+    head, _, index = where.partition(".")
+    if head != "loras" or not t.loras:
+        return err
+
+    def tag(match: re.Match[str]) -> str:  # another place the message names (`the file loras.0 names`)
+        i = int(match.group(1))
+        return f"the tag {t.loras[i].text}" if i < len(t.loras) else match.group(0)
+
+    message = _LORA_PLACE.sub(tag, str(err).removeprefix(f"{where}: "))
+    place = f"prompt tag {t.loras[int(index)].text}" if index.isdigit() and int(index) < len(t.loras) else "prompt"
+    return type(err)("prompt", f"{place}: {message}")
+
+
+def locate_loras(t: Translation, library: LoraLibrary) -> None:
+    """Each LoRA tag's file, found as A1111 finds it: by the infotext's recorded hash where the named
+    file is missing or another (A1111's paste renames such a tag), else by its name as the native API
+    resolves it, else as the one file of the directory that A1111 names so (its file name, without
+    folder or `.safetensors`). A tag nothing finds keeps its name: submit's check refuses it, naming it.
+    A file found by name whose hash is not the recorded one is reported: the image will differ."""
+    differ = []
+    for i, tag in enumerate(t.loras):
+        name, note = _locate(library, tag)
+        t.loras[i] = replace(tag, name=name)
+        if note:
+            differ.append(note)
+    if differ:
+        from ..imageio import LORA_HASHES
+
+        t.ignored[f"infotext.{LORA_HASHES}"] = "; ".join(differ)
+    set_loras(t)
+
+
+def _locate(library: LoraLibrary, tag: LoraTag) -> tuple[str, str | None]:
+    """The name that finds the tag's file, and a note where its hash is not the recorded one."""
+    from ..imageio import lora_tag_name
+
+    named = _resolved(library, tag.name)
+    if tag.sha256 and (named is None or not named.sha256.startswith(tag.sha256)):
+        try:
+            same = library.find_hash(tag.sha256)
+        except LoraError:  # not a hash: the text was edited; the name decides
+            same = None
+        if same is not None:
+            return same.name, None
+        if named is not None:
+            return tag.name, (f"{tag.text}: {named.name} has sha256 {named.short_hash}, not the recorded "
+                              f"{tag.sha256}, and no file has that hash; the image will differ")  # fmt: skip
+    if named is None:
+        alike = [f for f in library.list() if lora_tag_name(f.name) == tag.name]
+        if len(alike) == 1:
+            return alike[0].name, None
+    return tag.name, None
+
+
+def _resolved(library: LoraLibrary, name: str) -> LoraFile | None:
+    try:
+        return library.resolve(name)
+    except (LoraError, OSError):  # not there, or not a name the directory allows: submit's check says which
+        return None
 
 
 def _img2img(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
@@ -333,12 +545,8 @@ def _inpaint(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
         raise FieldError(
             "inpainting_mask_invert", f"inpainting_mask_invert {body.inpainting_mask_invert} is not 0 or 1"
         )
-    if body.inpainting_mask_invert == 1 and not isinstance(mask, str):
-        from PIL import ImageOps
-
-        from ..inputs.images import from_pil
-
-        mask = from_pil(ImageOps.invert(mask.image.convert("L")), "mask", "the inverted mask")
+    if body.inpainting_mask_invert == 1:
+        mask = _inverted(mask)
     if body.mask_blur is None and body.mask_blur_x != body.mask_blur_y:
         raise FieldError(
             "mask_blur_y", "mask_blur_x and mask_blur_y differ; zturbo blurs alike both ways: give mask_blur"
@@ -353,6 +561,23 @@ def _inpaint(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
         t.mapped["inpainting_fill"] = (body.inpainting_fill, ORIGINAL_FILL)
     if body.inpaint_full_res:
         t.ignored["inpaint_full_res"] = "the whole image is inpainted at the request's size (no crop around the mask)"
+
+
+def _inverted(mask: InputImage | str) -> InputImage:
+    """The mask with repaint and keep swapped (`inpainting_mask_invert: 1`)."""
+    if isinstance(mask, str):
+        # zturbo's alpha mask (transparent repaints) has no inverse in the request; an image mask
+        # derived here from the alpha would also change how the image itself is read (flattened).
+        raise FieldError(
+            "inpainting_mask_invert",
+            "inpainting_mask_invert 1 with mask 'alpha': the alpha mask (transparent repaints) cannot be inverted; "
+            "send the inverted mask as an image, or inpainting_mask_invert 0",
+        )
+    from PIL import ImageOps
+
+    from ..inputs.images import from_pil
+
+    return from_pil(ImageOps.invert(mask.image.convert("L")), "mask", "the inverted mask")
 
 
 def _override_settings(settings: dict[str, Any], t: Translation, *, formats: bool, fixed: FixedCheck) -> None:
@@ -400,6 +625,126 @@ def _quality(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
         raise FieldError(name, f"{name} {value!r} is not a whole number 1..100")
     return value
+
+
+# --- infotext ----------------------------------------------------------------------------------
+
+# What a pasted A1111 infotext sets, as A1111's API applies it (its paste fields' API names):
+# parse_a1111's field names (zturbo's) -> the body's.
+INFOTEXT_FIELDS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "guidance_scale": "cfg_scale",
+    "seed": "seed", "width": "width", "height": "height", "variation_seed": "subseed",
+    "variation_strength": "subseed_strength", "strength": "denoising_strength", "mask_blur": "mask_blur",
+}  # fmt: skip
+# Labels parse_a1111 does not turn into fields (zturbo's table has none), read here: label -> body field.
+INFOTEXT_LABELS = {"Sampler": "sampler_name", "Schedule type": "scheduler", "Batch size": "batch_size"}
+# Labels of parse_a1111's fields where the A1111 names differ from the table's (or it has none).
+_INFOTEXT_NAMES = {"prompt": "Prompt", "width": "Size-1", "height": "Size-2"}
+_CONTROL = ("control_type", "control_scale", "control_start", "control_end")
+
+
+@dataclass
+class Pasted:
+    """A body with its `infotext` applied (`with_infotext`)."""
+
+    body: _Body
+    ignored: dict[str, str] = field(default_factory=dict)  # `infotext.<label>` -> why it had no effect
+    applied: frozenset[str] = frozenset()  # the body fields the infotext set
+    lora_hashes: tuple[str | None, ...] = ()  # `Lora hashes` of the infotext prompt's LoRA tags, in order
+
+
+def with_infotext(body: _Body) -> Pasted:
+    """A1111's `infotext` (pasted generation parameters) applied: its values fill in the fields the
+    body leaves unset, and a field the body sends wins, as in A1111. The prompt keeps its tags: they
+    go the way of the body's own (`extra_networks`), with the hashes the infotext records for them."""
+    from ..imageio import LORA_HASHES
+
+    if not body.infotext:
+        return Pasted(body)
+    values, unused, hashes = _infotext_values(body, body.infotext)
+    sent = set(body.model_fields_set)
+    if "sampler_index" in sent:  # the body's sampler, by either name, wins over the infotext's
+        sent.add("sampler_name")
+    updates: dict[str, Any] = {}
+    for (label, name), value in values.items():
+        if name not in sent:
+            updates[name] = value
+            continue
+        held = "sampler_index" if name == "sampler_name" and not body.sampler_name else name  # the body's sampler
+        if getattr(body, held) != value:
+            unused[f"infotext.{label}"] = f"the body's {held} {getattr(body, held)!r} is used, as in A1111"
+    if "prompt" not in updates and any(hashes):  # A1111 reads them to find the infotext prompt's LoRAs only
+        unused[f"infotext.{LORA_HASHES}"] = "they find the infotext prompt's LoRAs; the body's prompt is used"
+    # Every value is already of its field's type (parse_a1111 reads numbers by the request table).
+    return Pasted(body.model_copy(update=updates), unused, frozenset(updates), hashes)
+
+
+def blame_infotext(err: FieldError, applied: frozenset[str]) -> FieldError:
+    """An error about a value the infotext set says so: the client did not send that field itself."""
+    if err.field not in applied:
+        return err
+    return FieldError(err.field, f"{err} (the value comes from infotext)")
+
+
+def _infotext_values(
+    body: _Body, text: str
+) -> tuple[dict[tuple[str, str], Any], dict[str, str], tuple[str | None, ...]]:
+    """The infotext's values by (label, body field), the labels it has that this body cannot use
+    (-> why), and the short hash `Lora hashes` records for each LoRA tag of its prompt (or None)."""
+    from ..imageio import LORA_HASHES, parse_a1111, split_a1111
+
+    try:
+        params, ignored = parse_a1111(text)
+        prompt, _, raw = split_a1111(text)
+    except (InvalidRequestError, ValueError) as e:  # ValueError: a quoted value that is not JSON
+        raise FieldError("infotext", f"infotext is not A1111 generation parameters: {e}") from None
+    params.pop("paste_back", None)  # parse_a1111's reading of `Mask blur`; a mask turns paste-back on here anyway
+    params["prompt"] = prompt  # as written, its LoRA tags in it: A1111's paste sets the prompt so
+    hashes = tuple(lora["sha256"] for lora in params.pop("loras", ()))
+    values: dict[tuple[str, str], Any] = {}
+    unused: dict[str, str] = {}
+    for name, value in params.items():
+        label = _infotext_label(name)
+        why = _infotext_unusable(body, name)
+        if why is None:
+            values[(label, INFOTEXT_FIELDS[name])] = value
+        else:
+            unused[f"infotext.{label}"] = why
+    for label, name in INFOTEXT_LABELS.items():
+        if label in raw:
+            values[(label, name)] = _batch_size(raw[label]) if name == "batch_size" else raw[label]
+    for entry in ignored:  # labels zturbo has no setting for (Clip skip, Hires upscale, ...)
+        if entry == LORA_HASHES:
+            unused[f"infotext.{entry}"] = "the infotext's prompt has no <lora:...> tag they belong to"
+        elif entry.partition(" (")[0] not in INFOTEXT_LABELS:
+            unused[f"infotext.{entry}"] = "not a setting this server has"
+    return values, unused, hashes
+
+
+def _infotext_label(name: str) -> str:
+    from ..imageio import CONTROLNET_UNIT
+
+    if name in _CONTROL:
+        return CONTROLNET_UNIT
+    return _INFOTEXT_NAMES.get(name) or FIELD[name].a1111 or name
+
+
+def _infotext_unusable(body: _Body, name: str) -> str | None:
+    """Why a parsed infotext field has no effect on this body; None where it applies."""
+    target = INFOTEXT_FIELDS.get(name)
+    if name in _CONTROL:
+        return "the A1111 routes take no ControlNet image"
+    if target is None:  # zturbo's own labels (seed variety)
+        return "not an A1111 setting; zturbo's native API (/v1) takes it"
+    if target in ("denoising_strength", "mask_blur") and not isinstance(body, Img2ImgBody):
+        return IMG2IMG_ONLY
+    return None
+
+
+def _batch_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise FieldError("infotext", f"infotext Batch size {text!r} is not a whole number")
+    return int(text)
 
 
 # --- options -----------------------------------------------------------------------------------
@@ -544,9 +889,15 @@ def parameters_json(body: _Body, t: Translation, info: dict[str, Any] | None) ->
 # --- queueing ----------------------------------------------------------------------------------
 
 
-def submit(service: Service, request: GenerateRequest, job_id: str, caller: str, preview: bool) -> jobs.Job:
-    """Queue through the service (LoRA checks, queue limits, metrics), asking for previews or not."""
-    return service.submit(request, job_id, caller, preview=preview)
+def submit(
+    service: Service, request: GenerateRequest, job_id: str, caller: str, preview: bool, t: Translation
+) -> jobs.Job:
+    """Queue through the service (LoRA checks, queue limits, metrics), asking for previews or not; a
+    LoRA it refuses is named as the prompt's tag it came from."""
+    try:
+        return service.submit(request, job_id, caller, preview=preview)
+    except LoraFieldError as e:
+        raise blame_infotext(lora_error(e, t), t.from_infotext) from None
 
 
 def caller_of(request: Request) -> str:
@@ -749,13 +1100,14 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
         session.waiting[job_id] = (caller, time.time())
     try:
         preview = session.options.live_previews_enable if t.preview is None else t.preview
-        await run_in_threadpool(submit, service, generate, job_id, caller, preview)
+        await run_in_threadpool(submit, service, generate, job_id, caller, preview, t)
         job = await finished_job(service.store, service.events, job_id, service.settings.sync_timeout)
     finally:
         with session.lock:
             session.waiting.pop(job_id, None)
     files = Base64Body()
-    answer = await run_in_threadpool(_answer, service, session, body, t, job, files)
+    # t.body: the body with its infotext applied, which the answer's `parameters` show, as A1111's do.
+    answer = await run_in_threadpool(_answer, service, session, t.body, t, job, files)
     headers = {MAPPED_HEADER: ",".join(t.mapped)} if t.mapped else None
     return await run_in_threadpool(files.response, answer, headers)
 
@@ -769,10 +1121,12 @@ def _request(service: Service, session: Session, body: _Body) -> tuple[Translati
         body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed, profile=limits.profile
     )
     output_settings(t, session.options, formats=formats)
+    if t.loras:
+        locate_loras(t, service.loras.library)
     try:
         return t, GenerateRequest.from_fields(t.values, service.settings.limits)
     except FieldError as e:
-        raise relabel(e) from None
+        raise blame_infotext(relabel(lora_error(e, t)), t.from_infotext) from None
 
 
 def _answer(

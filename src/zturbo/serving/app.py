@@ -17,15 +17,18 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -38,7 +41,7 @@ from ..errors import (
 )
 from ..inputs.images import InputImage
 from ..inputs.spec import ALPHA_MASK, INPAINT_CONTROL_DIM
-from ..request import FIELDS, IMAGE_FIELDS, LIMITS, GenerateRequest
+from ..request import FIELDS, IMAGE_FIELDS, LIMITS, LORAS, MARGINS, SEEDS, GenerateRequest
 from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
@@ -52,9 +55,11 @@ from .schemas import (
     UnsupportedImageTypeError,
     body_request,
     check_body_size,
+    check_charset,
     check_image_size,
     check_part_type,
     form_preview,
+    form_text,
     image_text_bytes,
     image_variation_seeds,
     job_inputs,
@@ -150,6 +155,7 @@ def job_view(service: Service, job: jobs.Job) -> dict[str, Any]:
             for im in job.images
         ],
         "error": job.error,
+        "warnings": list(job.warnings),
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
         "created_at": job.created_at,
@@ -548,13 +554,20 @@ def _form_body(names: list[str], required: tuple[str, ...], *, beside_json: bool
     return {"requestBody": body}
 
 
+# The names each form takes: its JSON sibling's body fields, no alias (`from_fields` would take
+# any, so the form is checked first), with the image fields as file parts or base64 text.
+_JOB_FORM = frozenset(JobBody.model_fields)
+_EDIT_FORM = frozenset(OpenAIImageBody.model_fields)
+# The fields whose JSON value is a list: a form sends one as repeated `name[]` parts.
+_LIST_FIELDS = frozenset(f.api_name for f in FIELDS if f.kind in (SEEDS, LORAS, MARGINS))
+
+
 def _job_form() -> dict[str, Any]:
     return _form_body(list(JobBody.model_fields), ("prompt",), beside_json=True)
 
 
 def _edit_form() -> dict[str, Any]:
-    names = [f.api_name for f in FIELDS if f.name not in ("width", "height")]
-    form = _form_body([*names, "size", "model", "user"], ("image", "prompt"), beside_json=False)
+    form = _form_body(list(OpenAIImageBody.model_fields), ("image", "prompt"), beside_json=False)
     properties = form["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     properties["response_format"] = {"type": "string", "enum": ["b64_json", "url"]}
     return form
@@ -577,7 +590,7 @@ def _is_multipart(content_type: str | None) -> bool:
 
 def _form_submit(service: Service) -> Callable[[Request], Any]:
     async def submit_form(request: Request) -> JSONResponse:
-        values = await _form_values(request, service.settings)
+        values = await _form_values(request, service.settings, _JOB_FORM)
         preview = form_preview(values)
         request_ = await run_in_threadpool(GenerateRequest.from_fields, values, service.settings.limits)
         job = await run_in_threadpool(service.submit, request_, jobs.new_id(), None, preview=preview)
@@ -586,33 +599,82 @@ def _form_submit(service: Service) -> Callable[[Request], Any]:
     return submit_form
 
 
-async def _form_values(request: Request, settings: ServeSettings) -> dict[str, Any]:
-    """A multipart form's fields: images checked (type, size) and decoded, the rest as text (the table
-    reads it as the CLI's). `name[]` parts (how clients send a list, and OpenAI's `image[]`) are one
-    comma-separated text, as the CLI writes seeds, LoRAs and outpaint margins; images stay one each."""
-    if not _is_multipart(request.headers.get("content-type")):
+async def _form_values(request: Request, settings: ServeSettings, fields: frozenset[str]) -> dict[str, Any]:
+    """A multipart form's fields (only the names in `fields`): images checked (type, size) and
+    decoded, the rest as UTF-8 text (the table reads it as the CLI's)."""
+    content_type = request.headers.get("content-type")
+    if not _is_multipart(content_type):
         message = "send the fields as multipart/form-data, the images as file parts"
         raise UnsupportedImageTypeError(None, message)
-    images: dict[str, Any] = {}
-    texts: dict[str, list[str]] = {}
-    listed: set[str] = set()
-    most = {"max_files": len(IMAGE_FIELDS), "max_fields": 256, "max_part_size": 4 * -(-settings.max_input_bytes // 3)}
-    async with request.form(**most) as form:
+    check_charset(None, content_type)
+    parts = _FormParts(fields)
+    async with _utf8_form(request, settings) as form:
         for key, item in form.multi_items():
-            name = key.removesuffix("[]")
-            if name in images or (name in texts and not (name in listed and key.endswith("[]"))):
-                one = "; this server edits one image per request" if name in IMAGE_FIELDS else ""
-                raise FieldError(name, f"{name} is given more than once{one}")
+            name = parts.name(key)
             if name in IMAGE_FIELDS:
-                images[name] = await _form_image(name, item, settings)
+                parts.images[name] = await _form_image(name, item, settings)
             elif isinstance(item, str):
-                texts.setdefault(name, []).append(item)
-                listed.update([name] if key.endswith("[]") else [])
+                parts.texts.setdefault(name, []).append(item)
             else:
                 raise FieldError(name, f"{name} is a file; only {', '.join(IMAGE_FIELDS)} take files")
-    size = sum(len(part.encode()) for parts in texts.values() for part in parts)
+    size = sum(len(text.encode()) for texts in parts.texts.values() for text in texts)
     check_body_size(size, 0, settings.max_body_bytes, settings.max_input_bytes)
-    return {name: ",".join(parts) for name, parts in texts.items()} | images
+    return {name: ",".join(texts) for name, texts in parts.texts.items()} | parts.images
+
+
+@dataclass
+class _FormParts:
+    """A form's parts by field. Clients send a list as repeated `name[]` parts (the openai client
+    does, and sends OpenAI's `image[]`): a list field's (seeds, loras, outpaint: a list in JSON)
+    become one comma-separated text, as the CLI writes them. Any other field takes one part, with
+    or without `[]`, as its JSON takes one value: joining two prompts would make a prompt no one
+    sent."""
+
+    fields: frozenset[str]
+    images: dict[str, Any] = dataclass_field(default_factory=dict)
+    texts: dict[str, list[str]] = dataclass_field(default_factory=dict)
+    listed: set[str] = dataclass_field(default_factory=set)  # list fields sent as `name[]` parts
+
+    def name(self, key: str) -> str:
+        """The field of a part named `key`; refused unless the form takes it, once or as a list."""
+        name = key.removesuffix("[]")
+        if name not in self.fields:
+            raise FieldError(name, f"{name} is not a known field")
+        listed = key.endswith("[]") and name in _LIST_FIELDS
+        if (name in self.images or name in self.texts) and not (listed and name in self.listed):
+            one = "; this server edits one image per request" if name in IMAGE_FIELDS else ""
+            raise FieldError(name, f"{name} is given more than once{one}")
+        self.listed.update([name] if listed else [])
+        return name
+
+
+class _Utf8PartParser(MultiPartParser):
+    """Starlette's multipart parser, except for text parts: Starlette decodes one that is not UTF-8
+    as Latin-1 (ignoring the part's own charset), which would change the text without a word."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part  # the part just read; Starlette keeps it here until the next begins
+        if part.file is not None:
+            super().on_part_end()
+            return
+        content_type = dict(part.item_headers).get(b"content-type")
+        self.items.append((part.field_name, form_text(part.field_name, bytes(part.data), content_type)))
+
+
+@asynccontextmanager
+async def _utf8_form(request: Request, settings: ServeSettings) -> AsyncIterator[FormData]:
+    """`request.form()`, with the same bounds and 400 for a malformed form, but `_Utf8PartParser`;
+    its files are closed on the way out."""
+    most = {"max_files": len(IMAGE_FIELDS), "max_fields": 256, "max_part_size": 4 * -(-settings.max_input_bytes // 3)}
+    try:
+        async with aclosing(request.stream()) as stream:
+            form = await _Utf8PartParser(request.headers, stream, **most).parse()
+    except MultiPartException as e:
+        raise StarletteHTTPException(400, detail=e.message) from None
+    try:
+        yield form
+    finally:
+        await form.close()
 
 
 async def _form_image(name: str, item: UploadFile | str, settings: ServeSettings) -> Any:
@@ -677,7 +739,7 @@ def _service_routes(service: Service) -> APIRouter:
     async def openai_edits(request: Request) -> Response:
         """OpenAI's image edit: multipart/form-data with `image` (or `image[]`, one file), an optional
         `mask`, `prompt` and the generation route's fields; zturbo's extensions as form fields."""
-        values = await _form_values(request, service.settings)
+        values = await _form_values(request, service.settings, _EDIT_FORM)
         route = {name: values.pop(name) for name in ROUTE_FIELDS & set(values)}
         _check_model(service, route.get("model"))
         answer = route.get("response_format", "b64_json")
@@ -744,7 +806,7 @@ async def _openai_answer(
         "created": int(job.created_at),
         "data": data,
         "output_format": params["output_format"],  # echoed as OpenAI's images API does
-        "zturbo": {"job_id": job_id, **seeds},
+        "zturbo": {"job_id": job_id, **seeds, "warnings": list(job.warnings)},
     }
     return await run_in_threadpool(files.response, body)
 

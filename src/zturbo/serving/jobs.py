@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     image_count INTEGER NOT NULL DEFAULT 1,
     preview INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    warnings TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL
@@ -97,12 +98,14 @@ CREATE INDEX IF NOT EXISTS job_inputs_sha256 ON job_inputs (sha256);
 """
 # Columns a database made by an earlier zturbo may lack: the store adds them when it opens one
 # (ALTER TABLE ... ADD COLUMN), each with the value its rows mean: no LoRAs, no batch key (an old
-# row runs alone), one image (counted only for batching, which such a row never joins), no previews.
+# row runs alone), one image (counted only for batching, which such a row never joins), no previews,
+# no warnings.
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "lora_set", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "batch_key", "TEXT NOT NULL DEFAULT ''"),
     ("jobs", "image_count", "INTEGER NOT NULL DEFAULT 1"),
     ("jobs", "preview", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "warnings", "TEXT NOT NULL DEFAULT ''"),
 )
 # Tables such a database may lack; the store creates them (empty: its jobs had no input images).
 ADDED_TABLES = ("job_inputs",)
@@ -135,6 +138,7 @@ class Job:
     client: str | None = None
     images: tuple[ImageRef, ...] = field(default=())
     preview: bool = False
+    warnings: tuple[str, ...] = ()  # what the run dropped from the request (a prompt past the token limit)
 
     @property
     def finished(self) -> bool:
@@ -607,6 +611,7 @@ class SqlQueue(ABC):
             client=row["client"],
             images=images,
             preview=bool(row["preview"]),
+            warnings=tuple(json.loads(row["warnings"])) if row["warnings"] else (),
         )
 
     def position(self, job: Job) -> int | None:
@@ -863,8 +868,9 @@ class SqlQueue(ABC):
         with self._read() as db:
             return {r[0] for r in db.execute(q, ids)}
 
-    def succeed(self, claim: Claim, images: list[ImageRef]) -> bool:
-        """Record the images and mark the job succeeded, in one transaction; False if the claim is stale."""
+    def succeed(self, claim: Claim, images: list[ImageRef], warnings: Sequence[str] = ()) -> bool:
+        """Record the images (and the run's `warnings`) and mark the job succeeded, in one
+        transaction; False if the claim is stale."""
         with self._tx() as db:
             if not self._holds(db, claim):
                 return False
@@ -874,6 +880,8 @@ class SqlQueue(ABC):
                 [(im.id, claim.job_id, im.idx, im.seed, im.file) for im in images],
             )
             self._finish(db, claim.job_id, SUCCEEDED, None)
+            if warnings:
+                db.execute("UPDATE jobs SET warnings = ? WHERE id = ?", (json.dumps(list(warnings)), claim.job_id))
         return True
 
     def end(self, claim: Claim, status: str, error: dict[str, str] | None = None) -> bool:

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     image_count INTEGER NOT NULL DEFAULT 1,
     preview INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    warnings TEXT NOT NULL DEFAULT '',
     created_at DOUBLE PRECISION NOT NULL,
     started_at DOUBLE PRECISION,
     finished_at DOUBLE PRECISION
@@ -358,7 +359,7 @@ _COLUMNS = (
 )
 _JOB_COLUMNS = {
     "seq", "id", "status", "params", "prompt", "client", "attempts", "worker", "cancel_requested", "lora_set",
-    "batch_key", "image_count", "preview", "error", "created_at", "started_at", "finished_at",
+    "batch_key", "image_count", "preview", "error", "warnings", "created_at", "started_at", "finished_at",
 }  # fmt: skip
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
 from pydantic import Field as Json
+from python_multipart.multipart import parse_options_header
 
 from ..errors import FieldError
 from ..inputs.images import InputImage, decode_image
@@ -26,10 +28,12 @@ from ..inputs.spec import ALPHA_MASK, CONTROL_TYPES, RESIZE_MODES
 from ..request import (
     CHOICE,
     FIELD,
+    FLAG,
     IMAGE_FIELDS,
     LIMITS,
     OUTPUT_FORMATS,
     WHOLE,
+    Field,
     GenerateRequest,
     ModelLimits,
     is_request_dict,
@@ -170,13 +174,52 @@ def body_request(body: JobBody | OpenAIImageBody, limits: ModelLimits, max_image
     return GenerateRequest.from_fields(given, limits)
 
 
+# `preview` is no request field, but a yes/no word in a form must read as the table's yes/no fields
+# (`paste_back`) read it: true/yes/on/1 or false/no/off/0, by the table's own parser.
+_PREVIEW = Field("preview", FLAG, False, "flag", "progress events carry a small JPEG preview")
+
+
 def form_preview(values: dict[str, Any]) -> bool:
-    """Take a multipart job form's `preview` field out of `values`: true or false (also 1 or 0)."""
+    """Take a multipart job form's `preview` field out of `values` (default false)."""
     text = values.pop("preview", "false")
-    answer = {"true": True, "1": True, "false": False, "0": False}.get(str(text).strip().lower())
-    if answer is None:
-        raise FieldError("preview", f"preview {text!r} is not one of true, false")
-    return answer
+    try:
+        return bool(_PREVIEW.from_text(text))
+    except FieldError:  # the message the route has always given, which clients may match
+        raise FieldError("preview", f"preview {text!r} is not one of true, false") from None
+
+
+# Charsets a text part may declare, by their `codecs` names: UTF-8, and ASCII, which is part of it.
+_UTF8_CHARSETS = ("utf-8", "ascii")
+
+
+def form_text(field: str, data: bytes, content_type: bytes | None) -> str:
+    """A multipart text part's bytes as text: UTF-8, as in a JSON body. Starlette would decode other
+    bytes as Latin-1 and change the text without a word; a part that declares another charset is
+    refused rather than converted, so a field's text reads the same through every door."""
+    check_charset(field, content_type)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FieldError(
+            field, f"{field} is not valid UTF-8 text: byte {e.start + 1} is 0x{data[e.start]:02x}; send text as UTF-8"
+        ) from None
+
+
+def check_charset(field: str | None, content_type: str | bytes | None) -> None:
+    """Refuse a Content-Type (a form's, or one part's) that declares a charset other than UTF-8."""
+    _, params = parse_options_header(content_type or b"")
+    charset = params.get(b"charset")
+    if charset is None:
+        return
+    name = charset.decode("latin-1")
+    try:
+        utf8 = codecs.lookup(name).name in _UTF8_CHARSETS
+    except LookupError:
+        utf8 = False
+    if not utf8:
+        raise FieldError(
+            field, f"{field or 'the form'} declares charset {name[:40]!r}; send text as UTF-8 (charset=utf-8, or none)"
+        )
 
 
 def image_text_bytes(body: JobBody | OpenAIImageBody) -> int:

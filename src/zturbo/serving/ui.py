@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import ORIGIN_NAMES
 from ..inputs.spec import DEFAULT_CONTROL_SCALE, DEFAULT_STRENGTH, INPAINT_CONTROL_DIM
 from ..profiles import PLAIN_CFG
-from ..request import DEFAULT_OUTPUT_FORMAT, DEFAULT_VARIETY_UNTIL, FIELD
+from ..request import DEFAULT_OUTPUT_FORMAT, DEFAULT_VARIETY_UNTIL, FIELD, SEED_MAX
 from .apiclient import ApiError, Event
 
 if TYPE_CHECKING:
@@ -93,7 +93,9 @@ def preset_for(width: object, height: object, unit: int) -> str:
 
 
 def _whole(name: str, value: object) -> object:
-    """A form number as a JSON whole number; other values go on for the server to name."""
+    """A form number as a JSON whole number; other values go on for the server to name. The page's
+    number fields keep what was typed (`ui_app.KEEP_TYPED`), so a fraction is refused here, naming
+    it, and an int (however large) passes unchanged."""
     if value is None or value == "":
         raise FormError(f"{name} is empty; enter a whole number")
     if isinstance(value, float) and value.is_integer():
@@ -109,9 +111,32 @@ def _number(name: str, value: object) -> object:
     return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+# A seed as typed: a whole number, optionally written with a zero fraction ("42.0").
+_SEED_TEXT = re.compile(r"([+-]?)0*([0-9]+?)(?:\.0*)?")
+_SEED_DIGITS = len(str(SEED_MAX))
+
+
 def _seed(name: str, value: object) -> object:
-    seed = _whole(name, value)
+    """A seed field's value as the job's seed: None for RANDOM_SEED. The page's seed fields are
+    text (a number field is a JavaScript number in the browser, which would round a seed above
+    2**53), so text is read here exactly; a number (a direct caller's) is taken as `_whole` takes it."""
+    seed = _seed_text(name, value) if isinstance(value, str) else _whole(name, value)
     return None if seed == RANDOM_SEED else seed
+
+
+def _seed_text(name: str, text: str) -> int:
+    typed = text.strip()
+    if not typed:
+        raise FormError(f"{name} is empty; enter a whole number ({RANDOM_SEED} = random)")
+    match = _SEED_TEXT.fullmatch(typed)
+    if match is None:
+        raise FormError(f"{name} must be a whole number ({RANDOM_SEED} = random), got {typed}")
+    sign, digits = match.groups()
+    # Far too long for any seed; int() would also refuse past 4300 digits, with its own message.
+    if len(digits) > _SEED_DIGITS:
+        shown = typed if len(typed) <= 40 else f"{typed[:24]}… ({len(digits)} digits)"
+        raise FormError(f"{name} {shown} is out of range; allowed {RANDOM_SEED} (random) or 0..{SEED_MAX}")
+    return int(sign + digits)
 
 
 def job_params(

@@ -90,6 +90,10 @@ UPLOADS_KEPT = 16  # the newest uploads stay: dropped PNGs, input and control im
 # painting never pushes the page's input image out.
 EDITOR_UPLOADS_KEPT = 48
 EDITOR_PICTURE = "editor-picture.png"  # a large input image scaled down for the editor (`ui.editor_picture`)
+# Whole-number fields keep what was typed: Gradio's precision=0 rounds 7.5 to 8 (and 6.5 to 6) before
+# any handler runs, so `ui.job_params` could not refuse it, naming the value typed. (The seeds are
+# text fields instead: the browser holds a number field as a float, which rounds past 2**53.)
+KEEP_TYPED = None
 # The names Gradio's editor gives its canvas uploads, and the picture the UI gives it.
 _EDITOR_FILE = re.compile(r"(background|composite|layer_\d+|editor-picture)\.png")
 PASSES_KEPT = 1024  # sessions whose pass is honoured; the oldest lapse first
@@ -463,8 +467,9 @@ def _input_controls(unit: int) -> dict[str, Any]:
         with gr.Row():
             for side in SIDES:
                 c[f"outpaint_{side}"] = gr.Number(
-                    0, label=f"Outpaint {side} (px)", precision=0, step=unit, min_width=90, elem_id=f"outpaint-{side}"
-                )
+                    0, label=f"Outpaint {side} (px)", precision=KEEP_TYPED, step=unit, min_width=90,
+                    elem_id=f"outpaint-{side}",
+                )  # fmt: skip
         c["resize"] = gr.Dropdown(resize_choices, value=NO_RESIZE, label="Inputs of another size", elem_id="resize")
     with gr.Accordion("ControlNet", open=False, visible=False, elem_id="controlnet") as c["control_box"]:
         c["control_info"] = gr.Markdown(elem_id="controlnet-info")
@@ -533,14 +538,16 @@ def build(
                         [*presets, CUSTOM], value=next(iter(presets)), label="Aspect ratio", elem_id="preset"
                     )
                     with gr.Row():
-                        width = gr.Number(1024, label="Width", precision=0, step=unit, elem_id="width")
-                        height = gr.Number(1024, label="Height", precision=0, step=unit, elem_id="height")
+                        width = gr.Number(1024, label="Width", precision=KEEP_TYPED, step=unit, elem_id="width")
+                        height = gr.Number(1024, label="Height", precision=KEEP_TYPED, step=unit, elem_id="height")
                     size_msg = gr.Markdown(elem_id="inputs-msg")  # where the size comes from, with input images
                     steps = gr.Slider(
                         *_slider_range("steps"), value=limits.profile.steps, step=1, label="Steps", elem_id="steps"
                     )
                     with gr.Row():
-                        seed = gr.Number(RANDOM_SEED, label="Seed (-1 = random)", precision=0, scale=2, elem_id="seed")
+                        seed = gr.Textbox(
+                            str(RANDOM_SEED), label="Seed (-1 = random)", max_lines=1, scale=2, elem_id="seed"
+                        )
                         random_btn = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
                         reuse_btn = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
                     n = gr.Slider(*_slider_range("batch"), value=1, step=1, label="Number of images", elem_id="n")
@@ -552,8 +559,8 @@ def build(
                             label="Guidance (CFG scale)", info=GUIDANCE_INFO, elem_id="guidance",
                         )  # fmt: skip
                         cfg = _cfg_controls(limits.profile.cfg)
-                        variation_seed = gr.Number(
-                            RANDOM_SEED, label="Variation seed (-1 = random)", precision=0,
+                        variation_seed = gr.Textbox(
+                            str(RANDOM_SEED), label="Variation seed (-1 = random)", max_lines=1,
                             elem_id="variation-seed",
                         )  # fmt: skip
                         variation_strength = gr.Slider(
@@ -798,6 +805,7 @@ class _Handlers:
                 if event.name == "done":
                     records = _records([event.data], self.files, key)
                     done = f"Done: {len(records)} image(s), seed {job['params']['seed']}"
+                    done += "".join(f"\n\nWarning: {w}" for w in event.data.get("warnings", []))
                     yield done, _gallery(records), records, *clear, skip, hidden
                 elif event.name in ("failed", "cancelled"):
                     error = (event.data.get("error") or {}).get("message", "")

@@ -718,7 +718,8 @@ class Writer:
             logging.getLogger("zturbo").exception("job %s: its images could not be written", claim.job_id)
             error = {"type": "internal_error", "message": f"the images could not be written ({type(e).__name__}: {e})"}
         else:
-            return _record(claim, lambda: store.succeed(claim, refs), jobs.SUCCEEDED, self.retry_s)
+            warnings = list(dict.fromkeys(w for image in outcome.images for w in image.warnings))
+            return _record(claim, lambda: store.succeed(claim, refs, warnings), jobs.SUCCEEDED, self.retry_s)
         return _record(claim, lambda: store.end(claim, jobs.FAILED, error), jobs.FAILED, self.retry_s)
 
 
