@@ -168,6 +168,9 @@ test_exploration_options_round_trip_into_the_pngs_and_repeat_exactly = (
     test_server.test_exploration_options_round_trip_into_the_pngs_and_repeat_exactly
 )
 test_a_seed_list_makes_one_image_per_seed = test_server.test_a_seed_list_makes_one_image_per_seed
+test_a_prompt_past_the_token_limit_runs_and_its_job_says_what_was_dropped = (
+    test_server.test_a_prompt_past_the_token_limit_runs_and_its_job_says_what_was_dropped
+)
 # Image inputs: the files a job names are stored under the shared --data-dir, where the replica that
 # runs it, on either node, reads them.
 test_openai_edit_of_an_opaque_image_is_img2img_at_its_size = (
