@@ -24,7 +24,10 @@ from PIL import Image
 
 from loras import write_lora
 from serving import KEY, LIMITS, Server, in_process_app
+from zturbo.adapters import library as lora_library
 from zturbo.adapters.library import LoraLibrary
+from zturbo.adapters.recorded import LoraFinder
+from zturbo.errors import LoraError
 from zturbo.request import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerateRequest
 from zturbo.serving import jobs
 from zturbo.serving.a1111 import (
@@ -153,6 +156,31 @@ def test_a_lora_tag_runs_as_the_native_apis_lora(server: Server) -> None:
     assert _rgb(base64.b64decode(r.json()["images"][0])) == _rgb(served)
 
 
+def test_a_genuine_a1111_infotext_runs_with_no_false_warning(server: Server) -> None:
+    # A1111 writes 12 hex digits of its own LoRA hash: the named file runs, reported unchecked, never "will differ".
+    infotext = ("a red fox <lora:style:0.8>\nSteps: 8, Sampler: Euler a, Schedule type: Automatic, CFG scale: 1, "
+                'Seed: 7, Size: 64x64, Model hash: 6ce0161689, Model: sd15, Lora hashes: "style: 1a2b3c4d5e6f", '
+                "Version: v1.10.1")  # fmt: skip
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"infotext": infotext, "send_images": False},
+                   auth=("u", KEY), timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    zturbo = json.loads(r.json()["info"])["zturbo"]
+    assert zturbo["mapped"]["loras"]["ran"] == [{"name": "style", "weight": 0.8}]
+    note = zturbo["ignored"]["infotext.Lora hashes"]
+    assert "will differ" not in note and "so style is used unchecked" in note
+
+
+def test_a_truncated_prompt_is_reported_in_the_info(server: Server) -> None:
+    # The text encoder reads 512 tokens; the rest is dropped, and A1111 clients are told so, as /v1's are.
+    body = {"prompt": "red fox " * 450, "seed": 3, "steps": 1, "send_images": False, **SMALL}  # ~900 tokens
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body, auth=("u", KEY), timeout=60)
+    assert r.status_code == 200, r.text
+    [warning] = json.loads(r.json()["info"])["zturbo"]["warnings"]
+    assert warning.startswith("prompt 'red fox") and "the model takes 512" in warning and "dropped" in warning
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json=body | {"prompt": "a red fox"}, auth=("u", KEY), timeout=60)
+    assert json.loads(r.json()["info"])["zturbo"]["warnings"] == []
+
+
 def test_img2img_and_inpaint(server: Server) -> None:
     api = client(server)
     source = noise(80, 48, seed=1)
@@ -263,7 +291,7 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
         ({"styles": ["cinematic"]}, "styles", "prompt styles"),
         ({"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts", "extensions"),
         ({"sampler_name": "Bogus"}, "sampler_name", "'Bogus' is not an A1111 sampler"),
-        ({"sampler_index": "bogus", "sampler_name": "Euler"}, "sampler_index", "'bogus' is not an A1111 sampler"),
+        ({"sampler_index": "bogus"}, "sampler_index", "'bogus' is not an A1111 sampler"),  # read alone: checked
         ({"sampler_index": "Euler", "sampler_name": "bogus"}, "sampler_name", "'bogus' is not an A1111 sampler"),
         ({"scheduler": "wobbly"}, "scheduler", "'wobbly' is not an A1111 scheduler"),
         ({"batch_size": 40, "n_iter": 2}, "batch_size", "out of range"),
@@ -277,15 +305,20 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
          "is not true or false"),
         ({"override_settings": {"samples_format": "gif"}}, "override_settings.samples_format", "is not one of"),
         ({"hires": True}, "hires", "not a known field"),
-        # Strict JSON types, as the native API's: no number from a string or a boolean, no boolean from a number.
-        ({"width": "64"}, "width", 'width "64": Input should be a valid integer'),
+        # A1111's lax forms that lose something, or mean nothing, are refused by name (the lossless ones pass:
+        # test_a1111s_lossless_forms_run_and_are_reported).
+        ({"width": "sixty-four"}, "width", 'width "sixty-four": Input should be a valid integer'),
         ({"steps": True}, "steps", "steps true: Input should be a valid integer"),
-        ({"steps": "2"}, "steps", "Input should be a valid integer"),
-        ({"steps": 8.0}, "steps", "Input should be a valid integer"),
-        ({"seed": "5"}, "seed", 'seed "5": Input should be a valid integer'),
+        ({"steps": "2.5"}, "steps", "Input should be a valid integer"),
+        ({"steps": 7.5}, "steps", "steps 7.5: Input should be a valid integer"),
+        ({"steps": "\u0668"}, "steps", "Input should be a valid integer"),  # another script's digit
+        ({"seed": "5e3"}, "seed", 'seed "5e3": Input should be a valid integer'),
         ({"cfg_scale": True}, "cfg_scale", "cfg_scale true: Input should be a valid number"),
-        ({"subseed_strength": "0.5"}, "subseed_strength", "Input should be a valid number"),
-        ({"send_images": 1}, "send_images", "Input should be a valid boolean"),
+        ({"cfg_scale": "7,5"}, "cfg_scale", "Input should be a valid number"),
+        ({"subseed_strength": "half"}, "subseed_strength", "Input should be a valid number"),
+        ({"send_images": 2}, "send_images", "Input should be a valid boolean"),
+        ({"restore_faces": "1"}, "restore_faces", "Input should be a valid boolean"),
+        ({"tiling": 1.0}, "tiling", "Input should be a valid boolean"),
         ({"infotext": "a cat"}, "infotext", "no 'Steps:' line"),
         ({"infotext": "a cat\nSteps: 500, Seed: 5"}, "steps",
          "steps 500 is out of range; allowed 1..100 (the value comes from infotext)"),
@@ -302,10 +335,18 @@ def app_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]
         ({"prompt": "a fox <lora:x:20>"}, "prompt",
          "prompt tag <lora:x:20>: LoRA weight 20.0 is out of range; allowed -10..10"),
         ({"prompt": "a fox <lora:x:1> <lora:x:0.5>"}, "prompt", "prompt: LoRA 'x' is given twice"),
+        ({"prompt": "a fox <lora:\ud800>"}, "prompt",
+         "prompt contains an unpaired surrogate (\\ud800 at character 13)"),
+        ({"prompt": "a fox" + " <lora:nope>" * 9}, "prompt",
+         "prompt has 9 <lora:...> tags; allowed at most 8 (the request's LoRA limit)"),
+        ({"negative_prompt": "x" * 4001}, "negative_prompt",
+         "negative_prompt is 4001 characters long; allowed at most"),
     ],
 )  # fmt: skip
 def test_txt2img_refuses_by_name(app_client: TestClient, body: dict, field: str, says: str) -> None:
-    r = app_client.post("/sdapi/v1/txt2img", json={"prompt": "a fox", **SMALL, **body})
+    # ASCII JSON, as clients send it: a lone surrogate travels as its `\ud800` escape.
+    content = json.dumps({"prompt": "a fox", **SMALL, **body})
+    r = app_client.post("/sdapi/v1/txt2img", content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["field"] == field and says in error["message"]
@@ -338,6 +379,27 @@ def test_a1111_clients_types_still_pass(app_client: TestClient) -> None:
     body = {"cfg_scale": 7, "denoising_strength": 0.75, "seed": -1, "subseed_strength": 0, "s_noise": 1, "eta": 1}
     job = _queued(app_client, body)
     assert job.params["guidance_scale"] == 0.0  # the policy's mapping of CFG 7, not a type error
+
+
+def test_a1111s_lossless_forms_run_and_are_reported(app_client: TestClient) -> None:
+    # What A1111 (pydantic v1) reads without loss: a numeric string, an integral float, 0/1 for a flag.
+    sent = {"steps": "20", "cfg_scale": "7.5", "width": 64.0, "seed": "5", "subseed": -1.0, "restore_faces": 0,
+            "tiling": 0, "send_images": 1, "batch_size": "2"}  # fmt: skip
+    t = translate(Txt2ImgBody.model_validate({"prompt": "a fox", **sent}), "honour", 1 << 20, formats=False,
+                  fixed=_fixed)  # fmt: skip
+    ran = {"steps": 20, "cfg_scale": 7.5, "width": 64, "seed": 5, "subseed": -1, "restore_faces": False,
+           "tiling": False, "send_images": True, "batch_size": 2}  # fmt: skip
+    assert t.mapped == {name: (value, ran[name]) for name, value in sent.items()}
+    assert (t.values["steps"], t.values["seed"], t.values["width"], t.values["batch"]) == (20, 5, 64, 2)
+    # Under `turbo` SD's steps become Turbo's: the report keeps what the client sent.
+    turbo = translate(Txt2ImgBody.model_validate({"steps": "20", "cfg_scale": 7}), "turbo", 1 << 20, formats=False,
+                      fixed=_fixed)  # fmt: skip
+    assert turbo.mapped["steps"] == ("20", DEFAULT_STEPS) and turbo.mapped["cfg_scale"] == (7.0, DEFAULT_GUIDANCE)
+    # img2img: A1111's UI sends inpaint_full_res as a choice's index.
+    body = Img2ImgBody.model_validate({"inpaint_full_res": 0, "mask_round": 1, "resize_mode": 1.0})
+    assert (body.inpaint_full_res, body.mask_round, body.resize_mode) == (False, True, 1)
+    job = _queued(app_client, {"steps": "6", "seed": 7.0, "restore_faces": 0})  # through the route: it runs
+    assert (job.params["steps"], job.params["seed"]) == (6, 7)
 
 
 def test_alpha_mask_inversion_is_refused(app_client: TestClient) -> None:
@@ -399,6 +461,16 @@ def test_both_sampler_names_are_read() -> None:
     t = translate(Txt2ImgBody(sampler_name="", sampler_index="Euler a"), "honour", 1 << 20, formats=False,
                   fixed=_fixed)  # fmt: skip
     assert t.mapped == {"sampler_name": ("Euler a", "Euler")} and t.ignored == {}
+    # A1111 reads sampler_name: an index beside it is not read, so even a bogus one is reported, not refused.
+    t = translate(Txt2ImgBody(sampler_name="Euler", sampler_index="bogus"), "honour", 1 << 20, formats=False,
+                  fixed=_fixed)  # fmt: skip
+    assert t.mapped == {} and "sampler_name 'Euler' is read instead" in t.ignored["sampler_index"]
+
+
+@pytest.mark.parametrize("alias", ["k_euler_a", "k_euler_ancestral", "K_DPMPP_2M", "k_dpmpp_2m_sde_heun", "k_lcm"])
+def test_a1111s_sampler_aliases_run_as_euler(alias: str) -> None:
+    t = translate(Txt2ImgBody(sampler_index=alias), "honour", 1 << 20, formats=False, fixed=_fixed)
+    assert t.mapped == {"sampler_name": (alias, "Euler")}
 
 
 def _fixed(where: str, name: str, value: object) -> None:
@@ -474,6 +546,34 @@ def test_what_a_lora_tag_cannot_change_is_reported() -> None:
     assert _tags("a fox").ignored == {} and "loras" not in _tags("a fox").values
 
 
+def test_an_empty_tag_is_text_as_in_a1111() -> None:
+    t = _tags("a fox <lora:> in snow")  # A1111's `[^>]+`: `<lora:>` is no tag, the encoder reads it
+    assert t.values["prompt"] == "a fox <lora:> in snow" and "loras" not in t.values and t.ignored == {}
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a fox <lora:style:0.8>",
+        "<lora:style> a fox",
+        "a fox, <LoRA:style:.5> in snow <foo:bar>",
+        "a fox <lora:a:0.8:0.5> <lyco:sub/b.safetensors:te=1:unet=0.25>",
+        "a fox <lora:> <lora:a<b:1> x > y",
+    ],
+)
+def test_an_image_text_reads_tags_as_the_route_does(prompt: str) -> None:
+    """One grammar (adapters.tags): `generate --from` and png-info read an A1111 text's prompt as this route
+    reads a prompt, to the same encoder text and the same LoRAs."""
+    from zturbo.imageio import parse_a1111
+
+    params, _ = parse_a1111(f"{prompt}\nSteps: 8")
+    t = _tags(prompt)
+    assert params["prompt"] == t.values["prompt"]
+    assert [(x["name"], x["weight"]) for x in params.get("loras", [])] == [
+        (x["name"], x["weight"]) for x in t.values.get("loras", [])
+    ]
+
+
 def test_denoising_strength_on_txt2img_is_reported_as_ignored() -> None:
     assert "img2img only" in _tags("a fox", denoising_strength=0.7).ignored["denoising_strength"]
     png = base64.b64encode(_encoded(noise(), "PNG")).decode()
@@ -521,7 +621,7 @@ def test_lora_tags_find_their_files_as_a1111_does(tmp_path: Path) -> None:
     hashes = f"style: {digest['v2/style-v2.safetensors'][:10]}, eyes: {'0' * 10}"
     text = f'a fox <lora:style:0.5> <lora:eyes:0.3> <lora:hands:1>\nSteps: 8, Lora hashes: "{hashes}"'
     t = _infotext(text)
-    locate_loras(t, library)
+    locate_loras(t, LoraFinder(library))
     assert t.values["loras"] == [
         {"name": "v2/style-v2.safetensors", "weight": 0.5},
         {"name": "eyes", "weight": 0.3},
@@ -535,13 +635,108 @@ def test_lora_tags_find_their_files_as_a1111_does(tmp_path: Path) -> None:
     )
     # The body's prompt wins over the infotext's, and its hashes with it.
     t = _infotext(text, prompt="a fox <lora:style:0.5>")
-    locate_loras(t, library)
+    locate_loras(t, LoraFinder(library))
     assert t.values["loras"] == [{"name": "style", "weight": 0.5}]  # no file: submit refuses it, naming it
     assert t.ignored["infotext.Lora hashes"] == "they find the infotext prompt's LoRAs; the body's prompt is used"
     assert (
         "no <lora:...> tag"
         in _infotext('a fox\nSteps: 8, Lora hashes: "a: 0123456789"').ignored["infotext.Lora hashes"]
     )
+
+
+@pytest.fixture
+def directory_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every listing of a LoRA directory and every file hashed, recorded (nothing is stopped)."""
+    reads: list[str] = []
+    paths, sha256_file = LoraLibrary._paths, lora_library.sha256_file
+
+    def listing(self: LoraLibrary) -> list:
+        reads.append(f"list {self.directory}")
+        return paths(self)
+
+    def hashing(path: Path) -> str:
+        reads.append(f"hash {path.name}")
+        return sha256_file(path)
+
+    monkeypatch.setattr(LoraLibrary, "_paths", listing)
+    monkeypatch.setattr(lora_library, "sha256_file", hashing)
+    return reads
+
+
+@pytest.mark.parametrize(
+    ("prompt", "says"),
+    [
+        ("a fox" + " <lora:nope>" * 20, "prompt has 20 <lora:...> tags; allowed at most 8 (the request's LoRA limit)"),
+        ("a fox" + " <lora:nope>" * 20_000, "prompt is 240005 characters long; allowed at most 4000"),
+        ("a fox" + " <foo:x>" * 100_000, "prompt is 800005 characters long; allowed at most 4000"),  # 800 KB
+    ],
+)
+def test_a_hostile_prompt_is_refused_before_the_lora_directory_is_read(
+    app_client: TestClient, directory_reads: list[str], prompt: str, says: str
+) -> None:
+    store = app_client.app.state.service.store  # type: ignore[attr-defined]
+    before, started = store.counts(), time.perf_counter()
+    r = app_client.post("/sdapi/v1/txt2img", json={"prompt": prompt, **SMALL})
+    assert r.status_code == 400, r.text[:500]
+    assert time.perf_counter() - started < 2  # 20,000 tags took 47.7 s of lookups before the check moved
+    error = r.json()["error"]
+    assert (error["field"], error["message"]) == ("prompt", says)
+    assert len(r.content) < 500  # the prompt is not echoed back
+    assert directory_reads == [] and store.counts() == before
+
+
+def test_a_tag_is_looked_up_once_the_whole_request_is_valid(app_client: TestClient, directory_reads: list[str]) -> None:
+    # A weight out of range and a bad field elsewhere are refused before any lookup; a valid one is looked up.
+    for body in ({"prompt": "a fox <lora:nope:20>"}, {"prompt": "a fox <lora:nope>", "steps": 500}):
+        r = app_client.post("/sdapi/v1/txt2img", json={**SMALL, **body})
+        assert r.status_code == 400 and directory_reads == [], r.text
+    r = app_client.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:nope>", **SMALL})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_lora"
+    assert directory_reads and not any(read.startswith("hash") for read in directory_reads)  # names only
+
+
+def test_a_genuine_a1111_infotext_runs_its_lora_by_name_unchecked(tmp_path: Path, directory_reads: list[str]) -> None:
+    # A1111's `Lora hashes` are 12 hex digits of its own hash (of the tensor data alone), no sha256 prefix:
+    # the named file runs, nothing is hashed, and the answer says the hash went unchecked, not "will differ".
+    _lora_files(tmp_path, {"style.safetensors": b"style", "other/detail.safetensors": b"detail"})
+    text = ("a fox <lora:style:0.8> <lora:detail:0.5>\nNegative prompt: blurry\nSteps: 20, Sampler: DPM++ 2M, "
+            "Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: 6ce0161689, Model: sd15, "
+            'Lora hashes: "style: 1a2b3c4d5e6f, detail: 0f1e2d3c4b5a", Version: v1.10.1')  # fmt: skip
+    t = _infotext(text)
+    locate_loras(t, LoraFinder(LoraLibrary(tmp_path)))
+    assert t.values["loras"] == [{"name": "style", "weight": 0.8}, {"name": "other/detail.safetensors", "weight": 0.5}]
+    note = t.ignored["infotext.Lora hashes"]
+    assert "will differ" not in note
+    assert "<lora:style:0.8>: the recorded hash '1a2b3c4d5e6f' is not 10 or 64 hex digits of a sha256" in note
+    assert not any(read.startswith("hash") for read in directory_reads)
+
+
+def test_the_server_hashes_the_directory_once_a_request_and_one_listing_at_a_time(tmp_path: Path) -> None:
+    from zturbo.serving.loras import ServerLoras
+
+    _lora_files(tmp_path, {"a.safetensors": b"a", "b.safetensors": b"b"})
+    loras = ServerLoras(tmp_path, dict)
+    listings = []
+    files = loras.files
+    loras.files = lambda: listings.append(1) or files()  # type: ignore[method-assign]
+    finder = loras.finder()
+    assert finder.locate("a", "0" * 10).differs and finder.locate("b", "1" * 64).differs
+    assert len(listings) == 1  # two hashes that no file has: the directory was hashed once
+    found: list[object] = []
+    with loras._listing:  # another request's listing is under way: this one waits, then reads the known hashes
+        worker = threading.Thread(target=lambda: found.append(ServerLoras.finder(loras).locate("x", "2" * 10)))
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive()
+    worker.join(5)
+    assert found and found[0].name is None  # type: ignore[attr-defined]
+
+
+def test_a_name_no_path_can_hold_is_not_found_rather_than_a_crash(tmp_path: Path) -> None:
+    library = LoraLibrary(tmp_path)
+    with pytest.raises(LoraError, match="unpaired surrogate"):
+        library.resolve("\ud800")
+    assert LoraFinder(library).locate("\ud800", "0" * 10).name is None
 
 
 # --- in process: the options and a request's override_settings ---------------------------------

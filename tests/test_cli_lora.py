@@ -289,6 +289,33 @@ def test_from_fails_naming_each_lora_that_is_not_there(capsys, tiny_dir, lora_pn
         assert f"{source} was made with LoRAs that are not in {tmp_path}" in err
 
 
+def test_from_finds_an_a1111_images_lora_by_name_with_no_false_warning(tmp_path, caplog, monkeypatch):
+    """A1111's `Lora hashes` are 12 hex digits of its own hash (of the tensor data), no sha256 prefix:
+    `--from` uses the named file, says at info level that the hash went unchecked, and hashes nothing.
+    A zturbo hash that no file has is the warning: the pixels will differ."""
+    import logging
+
+    from zturbo.adapters import library as lora_library
+    from zturbo.adapters.library import LoraLibrary
+    from zturbo.adapters.recorded import LoraFinder
+    from zturbo.cli import _find_recorded
+
+    (tmp_path / "style.safetensors").write_bytes(b"style")
+    hashed = []
+    real = lora_library.sha256_file
+    monkeypatch.setattr(lora_library, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    finder = LoraFinder(LoraLibrary(tmp_path))
+    with caplog.at_level(logging.INFO, logger="zturbo"):
+        assert _find_recorded(finder, "style", "1a2b3c4d5e6f") == "style"
+    assert hashed == [] and "will differ" not in caplog.text and "used unchecked" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="zturbo"):
+        assert _find_recorded(finder, "style", "0" * 10) == "style"
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and "not the recorded 0000000000" in record.getMessage()
+    assert "the pixels will differ" in record.getMessage()
+
+
 def test_lora_options_override_and_add_to_the_images(capsys, engine, tiny_dir, lora_dir, lora_png, tmp_path):
     out_png = tmp_path / "o.png"
     code, _, err = run(capsys, "generate", "--from", lora_png[0], "--model", tiny_dir, "--device", "cpu", "-q",

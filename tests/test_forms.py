@@ -4,9 +4,11 @@ alone are joined), UTF-8 text, and one reading of yes/no words. In process, no w
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -101,15 +103,112 @@ def test_utf8_text_is_read_as_sent(api):
     assert r.json()["params"]["prompt"] == text
 
 
-def test_a_declared_charset_other_than_utf8_is_refused_rather_than_converted(api):
-    latin1 = (None, "a f\u00f6x".encode("latin-1"), "text/plain; charset=iso-8859-1")
-    assert "prompt declares charset 'iso-8859-1'" in refused(job_form(api, ("prompt", latin1), *SIZE), "prompt")
-    body = b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na fox\r\n--b--\r\n'
-    headers = {"content-type": "multipart/form-data; boundary=b; charset=latin-1"}
-    r = api.post("/v1/jobs", content=body, headers=headers)
-    assert "the form declares charset 'latin-1'" in refused(r, None)
-    headers = {"content-type": "multipart/form-data; boundary=b; charset=utf-8"}
-    assert api.post("/v1/jobs", content=body, headers=headers).status_code == 202
+def raw_form(api: TestClient, parts: list[tuple[list[str], bytes]], form_type: str = "", end: bytes = b"--b--\r\n"):
+    """POST /v1/jobs a multipart body written by hand: each part its header lines and bytes."""
+    heads = ["".join(f"{h}\r\n" for h in headers).encode() for headers, _ in parts]
+    body = b"".join(b"--b\r\n" + head + b"\r\n" + data + b"\r\n" for head, (_, data) in zip(heads, parts, strict=True))
+    content_type = f"multipart/form-data; boundary=b{form_type}"
+    return api.post("/v1/jobs", content=body + end, headers={"content-type": content_type})
+
+
+def text_part(name: str, data: bytes, content_type: str | None = None) -> tuple[list[str], bytes]:
+    headers = [f'Content-Disposition: form-data; name="{name}"']
+    return ([*headers, f"Content-Type: {content_type}"] if content_type else headers), data
+
+
+SIZE_PARTS = [text_part("width", b"64"), text_part("height", b"64")]
+
+
+def test_apache_httpclients_latin1_labelled_parts_are_read_in_latin1(api):
+    """Apache HttpClient's `addTextBody` (4.x and 5.x) labels every text part, and 5.x the form
+    too, ISO-8859-1: the bytes HttpClient 5.1.3 writes, headers as it writes them."""
+    latin1 = "text/plain; charset=ISO-8859-1"
+    parts = [text_part("prompt", b"a fox", latin1), text_part("negative_prompt", b"caf\xe9", latin1), *SIZE_PARTS]
+    r = raw_form(api, parts, "; charset=ISO-8859-1")
+    assert r.status_code == 202, r.text
+    assert (r.json()["params"]["prompt"], r.json()["params"]["negative_prompt"]) == ("a fox", "caf\u00e9")
+    headers = [*text_part("prompt", b"", latin1)[0], "Content-Transfer-Encoding: 8bit"]  # 4.x's STRICT mode
+    r = raw_form(api, [(headers, b"a f\xf6x"), *SIZE_PARTS])
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["prompt"] == "a f\u00f6x"
+    r = edit_form(api, ("prompt", (None, b"a f\xf6x", latin1)))
+    assert r.status_code == 504, r.text  # accepted; no worker runs it here
+    job_id = r.json()["error"]["message"].split()[1]
+    assert api.get(f"/v1/jobs/{job_id}").json()["params"]["prompt"] == "a f\u00f6x"
+
+
+def test_a_part_without_a_charset_is_read_in_the_forms(api):
+    r = raw_form(api, [text_part("prompt", b"a f\xf6x"), *SIZE_PARTS], "; charset=latin-1")
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["prompt"] == "a f\u00f6x"
+    utf8 = "text/plain; charset=utf-8"  # a part's own charset wins over the form's
+    r = raw_form(api, [text_part("prompt", "a f\u00f6x".encode(), utf8), *SIZE_PARTS], "; charset=latin-1")
+    assert r.json()["params"]["prompt"] == "a f\u00f6x"
+    r = raw_form(api, [text_part("prompt", b"a \xff"), *SIZE_PARTS], "; charset=us-ascii")
+    assert refused(r, "prompt") == "prompt is not valid us-ascii text (the charset the form declares): byte 3 is 0xff"
+
+
+@pytest.mark.parametrize("charset", ["us-ascii", "utf-8", "UTF-16LE"])
+def test_bytes_invalid_in_the_declared_charset_are_refused_by_name(api, charset):
+    r = raw_form(api, [text_part("prompt", b"a \xff", f"text/plain; charset={charset}"), *SIZE_PARTS])
+    message = refused(r, "prompt")
+    assert message.startswith(f"prompt is not valid {charset} text (the charset its part declares): byte "), message
+
+
+@pytest.mark.parametrize("charset", ["x-no-such-charset", "base64", "unicode_escape", '""', "utf-8\x00"])
+def test_a_charset_python_does_not_read_as_text_is_refused_by_name(api, charset):
+    r = raw_form(api, [text_part("prompt", b"a fox", f"text/plain; charset={charset}"), *SIZE_PARTS])
+    name = charset.strip('"')
+    assert refused(r, "prompt").startswith(f"prompt declares charset {name!r}, which this server does not know")
+    r = raw_form(api, [text_part("prompt", b"a fox"), *SIZE_PARTS], f"; charset={charset}")
+    assert refused(r, None).startswith(f"the form declares charset {name!r}, which this server does not know")
+
+
+def test_text_a_charset_decodes_to_a_lone_surrogate_is_refused(api):
+    r = edit_form(api, ("prompt", "a fox"), ("user", (None, b"+2AA-", "text/plain; charset=utf-7")))
+    assert "user contains an unpaired surrogate (\\ud800 at character 1)" in refused(r, "user")
+
+
+# --- the body itself ---------------------------------------------------------------------------------
+
+
+def test_a_body_cut_before_its_closing_boundary_is_refused_not_read_short(api):
+    """python-multipart ends a part only at the next boundary: the cut part would be lost."""
+    parts = [text_part("prompt", b"a fox"), *SIZE_PARTS]
+    for end in (b"", b'--b\r\nContent-Disposition: form-data; name="seed"\r\n\r\n7'):
+        message = refused(raw_form(api, parts, end=end), None)
+        assert message == "Invalid multipart data: the body ends before its closing boundary."
+    assert raw_form(api, parts, end=b"--b--").status_code == 202  # no CRLF after the last boundary
+
+
+def test_malformed_forms_are_400s_naming_what_is_wrong(api):
+    r = api.post("/v1/jobs", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert refused(r, None) == "Missing boundary in multipart."
+    r = raw_form(api, [(["Content-Disposition: form-data"], b"a fox")])
+    assert refused(r, None) == 'The Content-Disposition header field "name" must be provided.'
+    r = api.post("/v1/jobs", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=b"})
+    assert refused(r, None).startswith("Invalid multipart data: ")
+    r = raw_form(api, [text_part(f"f{i}", b"1") for i in range(257)])
+    assert refused(r, None) == "Too many fields. Maximum number of fields is 256."
+
+
+def test_a_text_part_is_bounded_as_starlette_bounds_it(tmp_path):
+    with TestClient(in_process_app(tmp_path, max_input_bytes=3000)) as small:
+        r = raw_form(small, [text_part("prompt", b"a" * 4001), *SIZE_PARTS])
+        assert refused(r, None) == "Part exceeded maximum size of 3KB."
+        assert raw_form(small, [text_part("prompt", b"a" * 4000), *SIZE_PARTS]).status_code == 202
+
+
+def test_a_file_part_past_the_memory_spool_arrives_whole(api):
+    """A file part over 1 MiB spills to disk, as Starlette's UploadFile does; the job keeps its bytes."""
+    noise = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    assert len(data) > 1024 * 1024
+    r = job_form(api, ("prompt", "a fox"), ("image", ("big.png", data, "image/png")))
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["inputs"]["images"]["image"]["sha256"] == hashlib.sha256(data).hexdigest()
 
 
 # --- the JSON sibling's names, no aliases ----------------------------------------------------------

@@ -228,21 +228,43 @@ def test_a1111_text_without_loras_has_no_lora_fields():
      ("<LyCORIS:x:2>", None), ("<lyco:x:0.25>", 0.25)],
 )  # fmt: skip
 def test_a1111_lora_tags_as_a1111_reads_them(tag, weight):
-    """The transformer takes A1111's UNet weight, which follows the text encoder's unless given."""
+    """The transformer takes A1111's UNet weight, which follows the text encoder's unless given. Every
+    extra-network tag leaves the prompt, as A1111 takes it out; one of a network A1111 does not know
+    (`LyCORIS`: its alias is `lyco`) is named as ignored."""
     from zturbo.imageio import parse_a1111
 
-    params, _ = parse_a1111(f"a cat, {tag} in snow\nSteps: 4, Seed: 1")
+    params, ignored = parse_a1111(f"a cat, {tag} in snow\nSteps: 4, Seed: 1")
+    assert params["prompt"] == "a cat, in snow"
     if weight is None:
-        assert "loras" not in params and tag in params["prompt"]
+        assert "loras" not in params and ignored == [
+            f"{tag} (not an extra network A1111 or zturbo has (A1111 skips it))"
+        ]
     else:
-        assert params["prompt"] == "a cat, in snow"
         assert params["loras"] == [{"name": "x", "weight": weight, "sha256": None}]
+
+
+def test_what_a_read_back_tag_cannot_apply_is_named_not_dropped():
+    """An A1111 image's tag arguments zturbo cannot apply (A1111's `dyn`, an extension's key, a text-encoder
+    weight, a hypernetwork) would change its pixels: `--from` warns with each (the A1111 routes refuse them)."""
+    from zturbo.imageio import parse_a1111
+
+    text = "a cat <lora:x:1:1:8> <lora:y:0.5:lbw=OUTD> <lora:z:0.3:0.6> <hypernet:anime:1>\nSteps: 4, Seed: 1"
+    params, ignored = parse_a1111(text)
+    assert params["prompt"] == "a cat"
+    assert [(x["name"], x["weight"]) for x in params["loras"]] == [("x", 1.0), ("y", 0.5), ("z", 0.6)]
+    assert ignored == [
+        "<lora:x:1:1:8> (dyn (A1111's reduced LoRA rank) is not available in zturbo)",
+        "<lora:y:0.5:lbw=OUTD> (lbw= is not an argument of A1111's LoRA tags)",
+        "<lora:z:0.3:0.6> (text-encoder weight 0.3: a text-encoder weight has no effect (zturbo's LoRAs change "
+        "the transformer only))",
+        "<hypernet:anime:1> (hypernetworks are not available in zturbo)",
+    ]
 
 
 @pytest.mark.parametrize(
     ("tag", "message"),
-    [("<lora:x:heavy>", "LoRA tag <lora:x:heavy> has the weight 'heavy', not a number"),
-     ("<lora::0.5>", "LoRA tag <lora::0.5> has no name")],
+    [("<lora:x:heavy>", "LoRA tag <lora:x:heavy>: the weight 'heavy' is not a number; write <lora:NAME>"),
+     ("<lora::0.5>", "LoRA tag <lora::0.5> has no LoRA name; write <lora:NAME>")],
 )  # fmt: skip
 def test_a_bad_a1111_lora_tag_is_named(tag, message):
     from zturbo.imageio import parse_a1111
@@ -338,3 +360,19 @@ def test_a1111_text_writes_the_controlnet_as_a_webui_unit_and_reads_it_back():
     params, ignored = parse_a1111(foreign)
     assert "control_type" not in params and params["control_scale"] == 1.0
     assert ignored == ["ControlNet 0 module (depth_midas)"]
+
+
+def test_an_a1111_settings_line_is_read_in_linear_time():
+    """A crafted line (an infotext, an image's text) holds no label for the pair pattern to retry at every
+    position: a 1 MB line of letters once took hours."""
+    import contextlib
+    import time
+
+    from zturbo.imageio import split_a1111
+
+    started = time.perf_counter()
+    for line in ("Steps: 8, " + "a" * 1_000_000, "Steps: 8," + " " * 1_000_000, "Steps: 8, " + 'a: "x, ' * 100_000):
+        with contextlib.suppress(ValueError):  # an unclosed quoted value is no JSON: refused, in time
+            split_a1111(f"a cat\n{line}")
+    assert time.perf_counter() - started < 5
+    assert split_a1111("a cat\n\tSteps: 4,\tSeed: 1")[2] == {"Steps": "4", "Seed": "1"}  # tabs, as before

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -732,8 +731,9 @@ def _check_loras(library: Any, names: Sequence[str]) -> None:
 def _loras_for_from(library: Any, recorded: Sequence[Any], given: str | None, png: str) -> list[Any]:
     """`--from`: the PNG's LoRAs found again (by hash, else by name), each replaced by a `--lora`
     of the same name; the other `--lora` values are added. LoRAs not found stop the run."""
+    from .adapters.recorded import LoraFinder
+    from .adapters.tags import lora_tag_name
     from .errors import LoraError
-    from .imageio import lora_tag_name
     from .request import LoraRef, parse_loras
 
     if not isinstance(recorded, (list, tuple)) or not all(isinstance(entry, dict) for entry in recorded):
@@ -741,13 +741,14 @@ def _loras_for_from(library: Any, recorded: Sequence[Any], given: str | None, pn
     extra = {lora_tag_name(ref.name): ref for ref in parse_loras(given)}
     if not recorded:
         return list(extra.values())
+    finder = LoraFinder(library)  # one per image: the directory is listed, and hashed, at most once
     refs, missing = [], []
     for entry in recorded:
         name, digest = str(entry.get("name") or ""), str(entry.get("sha256") or "").lower() or None
         if lora_tag_name(name) in extra:
             refs.append(extra.pop(lora_tag_name(name)))
             continue
-        found = _find_recorded(library, name, digest)
+        found = _find_recorded(finder, name, digest)
         if found is not None:
             refs.append(LoraRef(found, entry.get("weight", 1.0)))
         elif entry.get("weight") != 0:
@@ -761,33 +762,17 @@ def _loras_for_from(library: Any, recorded: Sequence[Any], given: str | None, pn
     return [ref for ref in [*refs, *extra.values()] if ref.weight != 0]
 
 
-# The hash kinds zturbo records: a full sha256, or its first 10 hex digits (A1111 text, Civitai AutoV2).
-_RECORDED_HASH_LENGTHS = (10, 64)
-_HEX = re.compile("[0-9a-f]{10,64}")
-
-
-def _find_recorded(library: Any, name: str, digest: str | None) -> str | None:
-    """The name that finds a recorded LoRA now: its file by hash, else its name (a file name or a
-    path), else a file of the directory with the same A1111 name; None when nothing matches."""
-    from .errors import LoraError
-    from .imageio import lora_tag_name
-
-    try:
-        file, found = library.resolve(name), name
-    except LoraError:
-        file = found = None
-    # The named file when its hash is the recorded one (hashing one file, not the whole directory).
-    if digest and _HEX.fullmatch(digest) and (file is None or not file.sha256.startswith(digest)):
-        same = library.find_hash(digest)
-        if same is not None:
-            return same.name
-    if file is None:
-        file = next((f for f in library.list() if lora_tag_name(f.name) == lora_tag_name(name)), None)
-        found = file.name if file is not None else None
-    if file is not None and digest and len(digest) in _RECORDED_HASH_LENGTHS and not file.sha256.startswith(digest):
-        log.warning("LoRA %s: %s has sha256 %s, not the recorded %s; the pixels will differ",
-                    name, file.path, file.short_hash, digest)  # fmt: skip
-    return found
+def _find_recorded(finder: Any, name: str, digest: str | None) -> str | None:
+    """The name that finds a recorded LoRA now (`LoraFinder.locate`, the A1111 routes' finder too):
+    its file by hash, else its name, else the directory's one file of that A1111 name; None when
+    nothing matches. A file whose hash is not the recorded one is a warning; a hash zturbo cannot
+    check (A1111's own) is said at info level, as docs/cli.md tells."""
+    located = finder.locate(name, digest)
+    if located.differs:
+        log.warning("LoRA %s: %s; the pixels will differ", name, located.note)
+    elif located.note:
+        log.info("LoRA %s: %s", name, located.note)
+    return located.name
 
 
 def _warn_if_not_reproducible(meta: dict[str, Any], engine: Any) -> None:

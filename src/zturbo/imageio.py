@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidRequestError, OutputExistsError
 
 if TYPE_CHECKING:
+    from .adapters.tags import Tags
     from .pngwrite import PngWriter
     from .request import Field, GenerateRequest
     from .result import GeneratedImage, ModelInfo
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 METADATA_KEY = "zturbo"
 A1111_KEY = "parameters"
 DEFAULT_OUTPUT_DIR = "outputs"
-LORA_SUFFIX = ".safetensors"
 LORA_HASHES = "Lora hashes"  # A1111's field: `"name: 0123456789, ..."`
 SHORT_HASH = 10  # hex digits of a sha256 in A1111's and Civitai's texts (AutoV2)
 CONTROLNET_UNIT = "ControlNet 0"  # sd-webui-controlnet's field for its first unit
@@ -90,6 +90,7 @@ def build_metadata(
 def a1111_parameters(meta: dict[str, Any]) -> str:
     """The A1111 `parameters` text: prompt, negative prompt line, then `Key: value` pairs (the
     request table's A1111 labels)."""
+    from .adapters.tags import lora_tag_name
     from .request import FIELD
 
     loras = meta.get("loras") or ()
@@ -159,18 +160,11 @@ def _controlnet_unit(inputs: dict[str, Any], controlnet: dict[str, Any] | None) 
 def controlnet_model_name(name: str) -> str:
     """A ControlNet's name as A1111 shows a model: the file or repository name, without its
     folders, repository owner or `.safetensors`, and without the characters a unit's text uses."""
+    from .adapters.library import SUFFIX as LORA_SUFFIX
+
     base = re.split(r"[/\\:]", name)[-1]
     base = base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
     return re.sub(r"[,\[\]\"]", "", base)
-
-
-def lora_tag_name(name: str) -> str:
-    """A LoRA's name in A1111 text (`<lora:NAME:W>`, `Lora hashes`): its file name without the
-    directory and `.safetensors`, as A1111 and Civitai name them, less the characters a tag cannot
-    hold (`:` ends the name, `<` and `>` the tag), so the name reads back as written."""
-    base = name.replace("\\", "/").rsplit("/", 1)[-1]
-    base = base[: -len(LORA_SUFFIX)] if base.lower().endswith(LORA_SUFFIX) else base
-    return re.sub("[:<>]", "", base)
 
 
 def _weight_text(weight: float) -> str:
@@ -181,6 +175,8 @@ def _weight_text(weight: float) -> str:
 
 def _a1111_lora_hashes(loras: Sequence[dict[str, Any]]) -> dict[str, str]:
     """A1111's `Lora hashes` field: each tag name with the first 10 hex digits of the file's sha256."""
+    from .adapters.tags import lora_tag_name
+
     if not loras:
         return {}
     pairs = (f"{_hash_name(lora_tag_name(x['name']))}: {x['sha256'][:SHORT_HASH]}" for x in loras)
@@ -318,7 +314,10 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 # Keys that describe the file rather than shape the image (or that zturbo writes with a fixed value).
 _A1111_INFORMATIONAL = {"Model hash", "Model", "Version", "Sampler"}
-_A1111_PAIR = re.compile(r'\s*([\w .\-/()]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+# A label is at most 64 characters (A1111's are under 40) and has no leading `\s*` of its own: an
+# unbounded label, or spaces both it and a prefix could take, would make `findall` quadratic in the
+# line's length (a 40 KB line of letters took 6 s); a longer label reads as its last 64 characters.
+_A1111_PAIR = re.compile(r'([\w .\-/()]{1,64}):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def split_a1111(text: str) -> tuple[str, str, dict[str, str]]:
@@ -330,7 +329,7 @@ def split_a1111(text: str) -> tuple[str, str, dict[str, str]]:
     for a text without that line, ValueError for a quoted value that is not JSON.
     """
     lines = text.rstrip("\n").split("\n")
-    if not (lines and _A1111_PAIR.match(lines[-1]) and "Steps:" in lines[-1]):
+    if not (lines and _A1111_PAIR.match(lines[-1].lstrip()) and "Steps:" in lines[-1]):
         raise InvalidRequestError("the 'parameters' text has no 'Steps:' line, so it is not A1111 parameters")
     settings = lines.pop()
     prompt_lines, negative_lines, target = [], [], None
@@ -350,9 +349,10 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
     from .request import parse_size
 
     raw_prompt, negative, settings = split_a1111(text)
-    prompt, tags = _lora_tags(raw_prompt)
-    params: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative}
-    ignored, hashes = [], ""
+    ignored: list[str] = []
+    tags = _read_tags(raw_prompt, ignored)
+    params: dict[str, Any] = {"prompt": tags.prompt, "negative_prompt": negative}
+    hashes = ""
     for key, value in settings.items():
         field = _a1111_field(key)
         if key == LORA_HASHES:
@@ -369,8 +369,8 @@ def parse_a1111(text: str) -> tuple[dict[str, Any], list[str]]:
             ignored.append(key)
     if "mask_blur" in params:
         params["paste_back"] = True  # A1111 pastes the original back through the blurred mask
-    if tags:
-        params["loras"] = _with_hashes(tags, hashes)
+    if tags.loras:
+        params["loras"] = _with_hashes([(tag.name, tag.weight) for tag in tags.loras], hashes)
     elif hashes:
         ignored.append(LORA_HASHES)  # hashes of LoRAs the prompt does not use
     return params, ignored
@@ -403,32 +403,23 @@ def _controlnet_params(text: str, ignored: list[str]) -> dict[str, Any]:
     return params
 
 
-# A1111's extra-network tags; the space before one is the one its writer (and zturbo) puts there.
-_LORA_TAG = re.compile(r"[ \t]?<(?:lora|lyco):([^<>]*)>", re.IGNORECASE)
-_WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only
+def _read_tags(prompt: str, ignored: list[str]) -> Tags:
+    """The prompt's extra-network tags (`adapters.tags`, the A1111 routes' reading too). What zturbo
+    cannot apply is named in `ignored`, as `<tag> (why)`: a text-encoder weight, `dyn`, an
+    extension's argument, a hypernetwork or a network A1111 does not know; the LoRA still runs at its
+    UNet weight, and the tag never reaches the encoder's text, as in A1111."""
+    from .adapters.tags import TE_WEIGHT, UNAVAILABLE_NETWORKS, UNKNOWN_NETWORK, TagError, read_tags
 
-
-def _lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """The prompt without its `<lora:NAME[:WEIGHT...]>` tags (A1111 does not encode them), and each
-    tag's name and weight."""
-    tags = [_lora_tag(m.group(0).strip(), m.group(1)) for m in _LORA_TAG.finditer(prompt)]
-    return (_LORA_TAG.sub("", prompt) if tags else prompt), tags
-
-
-def _lora_tag(tag: str, body: str) -> tuple[str, float]:
-    """A1111's reading: `NAME:TE[:UNET]`, or named `te=`/`unet=`; the UNet weight (the transformer's
-    here) follows the text encoder's unless given."""
-    name, *args = body.split(":")
-    positional = [a.strip() for a in args if "=" not in a]
-    named = dict(a.split("=", 1) for a in args if "=" in a)
-    named = {k.strip(): v.strip() for k, v in named.items()}
-    te = named.get("te", positional[0] if positional else "1")
-    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-    if not _WEIGHT.fullmatch(unet):
-        raise InvalidRequestError(f"A1111 parameters: LoRA tag {tag} has the weight {unet!r}, not a number")
-    if not name.strip():
-        raise InvalidRequestError(f"A1111 parameters: LoRA tag {tag} has no name")
-    return name.strip(), float(unet)
+    try:
+        tags = read_tags(prompt)
+    except TagError as e:
+        raise InvalidRequestError(f"A1111 parameters: LoRA {e}") from None
+    for tag in tags.loras:
+        why = [f"text-encoder weight {tag.te:g}: {TE_WEIGHT}"] if tag.te is not None else []
+        if why or tag.unapplied:
+            ignored.append(f"{tag.text} ({'; '.join([*why, *tag.unapplied])})")
+    ignored += [f"{text} ({UNAVAILABLE_NETWORKS.get(network, UNKNOWN_NETWORK)})" for network, text in tags.others]
+    return tags
 
 
 def _with_hashes(tags: list[tuple[str, float]], hashes: str) -> list[dict[str, Any]]:

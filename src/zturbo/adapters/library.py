@@ -7,7 +7,7 @@ import os
 import threading
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -71,8 +71,13 @@ class LoraLibrary:
     # --- names and files ----------------------------------------------------------------------
 
     def list(self) -> list[LoraFile]:
-        """Every .safetensors file under the directory (subdirectories too), sorted by name."""
+        """Every .safetensors file under the directory (subdirectories too), sorted by name, each
+        hashed (once per content: `_digest`)."""
         return [self._file(name, path) for name, path in self._paths()]
+
+    def names(self) -> list[str]:
+        """The names `list` would give, from the directory listing alone: no file is read or hashed."""
+        return [name for name, _ in self._paths()]
 
     def _paths(self) -> list[tuple[str, Path]]:
         """(name, real path) of the directory's LoRA files; links that lead outside it are left out."""
@@ -115,6 +120,19 @@ class LoraLibrary:
     def resolve(self, name: str) -> LoraFile:
         """The file `name` means: a name in the directory (".safetensors" optional), or with
         `allow_paths` an existing file anywhere. Never a file outside the directory otherwise."""
+        found = self._lookup(name)
+        return self._file(*found) if found is not None else self._not_found(name)
+
+    def exists(self, name: str) -> bool:
+        """Whether `resolve` would find a file for `name`, found by its name alone (nothing is hashed)."""
+        try:
+            return self._lookup(name) is not None
+        except LoraError:  # a name the directory does not allow
+            return False
+
+    def _lookup(self, name: str) -> tuple[str, Path] | None:
+        """(name, real path) of the file `name` means, None where there is none; raises LoraError
+        for a name that may not name a file. Reads no file."""
         _check_characters(name)
         if name.lower().endswith(PICKLE_SUFFIXES):
             raise LoraError(
@@ -125,18 +143,16 @@ class LoraLibrary:
         try:
             found = self._in_directory(name) if reason is None else None
             if found is None and self.allow_paths and Path(name).is_file():
-                found = self._file(name, Path(name).resolve())
+                found = (name, Path(name).resolve())
         except OSError as err:  # e.g. a name longer than the file system allows
             raise LoraError(f"LoRA {name!r} cannot be read: {err.strerror or err}") from None
-        if found is not None:
-            return found
-        if reason is not None and not self.allow_paths:
+        if found is None and reason is not None and not self.allow_paths:
             raise LoraError(f"LoRA name {name!r} is not allowed: {reason}; name a file in the LoRA directory")
-        return self._not_found(name)
+        return found
 
-    def _in_directory(self, name: str) -> LoraFile | None:
-        """The file `name` names in the directory, None if there is none; refuses a name whose
-        real path (links followed) leaves the directory."""
+    def _in_directory(self, name: str) -> tuple[str, Path] | None:
+        """(name, real path) of the file `name` names in the directory, None if there is none;
+        refuses a name whose real path (links followed) leaves the directory."""
         if not self.directory.is_dir():
             return None
         relative = name if name.lower().endswith(SUFFIX) else name + SUFFIX
@@ -148,10 +164,10 @@ class LoraLibrary:
             raise LoraError(f"LoRA name {name!r} is not allowed: it leads outside the LoRA directory")
         if not real.is_file():
             return None
-        return self._file(PurePosixPath(relative).as_posix(), real)
+        return PurePosixPath(relative).as_posix(), real
 
     def _not_found(self, name: str) -> LoraFile:
-        names = [n for n, _ in self._paths()]
+        names = self.names()
         if not names:
             available = "the LoRA directory has no .safetensors files"
         else:
@@ -160,12 +176,13 @@ class LoraLibrary:
         elsewhere = " and no file at that path" if self.allow_paths else ""
         raise LoraError(f"no LoRA named {name!r} in the LoRA directory{elsewhere}; {available}")
 
-    def find_hash(self, digest: str) -> LoraFile | None:
-        """The file whose sha256 starts with `digest` (64 hex digits, or at least the short 10)."""
+    def find_hash(self, digest: str, files: Iterable[LoraFile] | None = None) -> LoraFile | None:
+        """The file whose sha256 starts with `digest` (64 hex digits, or at least the short 10), among
+        `files` (a listing already made) or the directory's."""
         digest = digest.strip().lower()
         if not SHORT_HASH <= len(digest) <= 64 or any(c not in "0123456789abcdef" for c in digest):
             raise LoraError(f"LoRA hash {digest!r} is not {SHORT_HASH} to 64 hexadecimal digits of a sha256")
-        return next((f for f in self.list() if f.sha256.startswith(digest)), None)
+        return next((f for f in (self.list() if files is None else files) if f.sha256.startswith(digest)), None)
 
     # --- parsed files -------------------------------------------------------------------------
 
@@ -216,6 +233,10 @@ def _check_characters(name: object) -> None:
     bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if bad is not None:
         raise LoraError(f"LoRA name {name!r} holds the control character {bad!r}; names are printable text")
+    # A lone surrogate (a JSON "\ud800"): no file system encodes it, so a path made of it raises
+    # UnicodeEncodeError where an OSError is expected.
+    if any("\ud800" <= c <= "\udfff" for c in name):
+        raise LoraError(f"LoRA name {name!r} holds an unpaired surrogate; names are valid Unicode text")
 
 
 def _directory_name_problem(name: str) -> str | None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
 import json
+import math
 import re
 import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,19 +32,20 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
-from ..errors import FieldError, InvalidRequestError, JobFailedError, LoraError
+from ..adapters.tags import LORA_ARGS, TAG, TE_WEIGHT, UNAVAILABLE_NETWORKS, LoraTag, TagError, Tags, read_tags
+from ..errors import FieldError, InvalidRequestError, JobFailedError
 from ..inputs.images import InputImage
 from ..profiles import TURBO, ModelProfile
-from ..request import FIELD, GenerateRequest
+from ..request import FIELD, LIMITS, GenerateRequest, _check_text, parse_loras
 from . import jobs
 from .loras import LoraFieldError
 from .results import Base64Body, finished_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
-    from ..adapters.library import LoraFile, LoraLibrary
+    from ..adapters.recorded import LoraFinder
     from .service import Service
 
 PREFIX = "/sdapi/v1"
@@ -60,6 +64,14 @@ A1111_SAMPLERS = frozenset({
     "euler a", "euler", "lms", "heun", "dpm2", "dpm2 a", "dpm++ 2s a", "dpm++ 2m", "dpm++ sde", "dpm++ 2m sde",
     "dpm++ 2m sde heun", "dpm++ 3m sde", "dpm fast", "dpm adaptive", "restart", "ddim", "ddim cfg++", "plms",
     "unipc", "lcm", "flow_match_euler",
+})  # fmt: skip
+# A1111 1.10's sampler aliases (sd_samplers_*.py), read as names here. A1111's own API looks names up
+# exactly (`all_samplers_map`) and runs any other, an alias too, as its default sampler; its alias
+# table serves the X/Y/Z plot and prompts-from-file scripts. Every one runs as Euler here, reported.
+A1111_SAMPLER_ALIASES = frozenset({
+    "k_dpmpp_2m", "k_dpmpp_sde", "k_dpmpp_2m_sde", "k_dpmpp_2m_sde_heun", "k_dpmpp_2s_a", "k_dpmpp_3m_sde",
+    "k_euler_a", "k_euler_ancestral", "k_euler", "k_lms", "k_heun", "k_dpm_2", "k_dpm_2_a", "k_dpm_fast",
+    "k_dpm_ad", "ddim_cfgpp", "k_lcm",
 })  # fmt: skip
 A1111_SCHEDULERS = frozenset({
     "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
@@ -106,11 +118,27 @@ NEUTRAL: dict[str, tuple[str, tuple[Any, ...]]] = {
 class _Body(BaseModel):
     """The fields A1111's `StableDiffusionProcessing` takes through its API, with its defaults.
 
-    Strict, as the native bodies are (schemas.py): `"8"` and `true` are no numbers, `0` no boolean,
-    so a client's type slip is a 400 naming the field rather than a run with a value it did not
-    mean. A whole number is still a valid float (`cfg_scale: 7`, as A1111 clients send it)."""
+    Strict, as the native bodies are (schemas.py), but for the forms A1111 (pydantic v1, lax) takes
+    without losing anything (`lossless`): `"20"` and `20.0` are 20, `0` and `1` a flag (A1111's UI
+    sends `inpaint_full_res` as a choice's index). Each such value is reported as mapped (sent ->
+    ran). A lossy or senseless one (`7.5` steps, `"abc"`, `true` for a number, `2` for a flag) is a
+    400 naming the field rather than a run with a value the client did not mean."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    _converted: dict[str, tuple[Any, Any]] = PrivateAttr(default_factory=dict)  # field -> (sent, ran)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _lax_forms(cls, data: Any, handler: ModelWrapValidatorHandler[_Body]) -> _Body:
+        if not isinstance(data, dict):
+            return handler(data)
+        data, converted = dict(data), {}
+        for name, kind in _scalar_fields(cls).items():
+            if name in data and (ran := lossless(kind, data[name])) is not data[name]:
+                converted[name], data[name] = (data[name], ran), ran
+        body = handler(data)
+        body._converted = converted
+        return body
 
     prompt: str = ""
     negative_prompt: str | None = ""
@@ -195,6 +223,41 @@ class Img2ImgBody(_Body):
     include_init_images: bool = False
 
 
+@functools.cache
+def _scalar_fields(model: type[BaseModel]) -> dict[str, type]:
+    """The whole-number, number and flag fields of an A1111 body, by type (optional or not)."""
+    kinds = {}
+    for name, info in model.model_fields.items():
+        types = set(typing.get_args(info.annotation)) - {type(None)} or {info.annotation}
+        if len(types) == 1 and (kind := types.pop()) in (int, float, bool):
+            kinds[name] = kind
+    return kinds
+
+
+# ASCII digits only (int() and float() take other scripts' too), of bounded length: int() refuses a
+# text of over 4300 digits, and no field's range needs more than 20.
+_WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,64}")
+_NUMBER_TEXT = re.compile(r"[+-]?([0-9]{1,64}\.?[0-9]{0,64}|\.[0-9]{1,64})([eE][+-]?[0-9]{1,4})?")
+
+
+def lossless(kind: type, value: object) -> object:
+    """`value` as a `kind` (int, float, bool) where A1111's lax reading takes it and nothing is lost;
+    otherwise `value` itself, for the strict check to refuse by name."""
+    if isinstance(value, bool):
+        return value  # never a number: A1111 would read `true` as 1, a client's slip
+    if kind is bool:
+        return bool(value) if type(value) is int and value in (0, 1) else value
+    if isinstance(value, str):
+        if kind is int and _WHOLE_TEXT.fullmatch(value):
+            return int(value)
+        if kind is float and _NUMBER_TEXT.fullmatch(value) and math.isfinite(number := float(value)):
+            return number
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():  # False for inf and nan
+        return int(value)
+    return value
+
+
 class PngInfoBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -214,17 +277,6 @@ class Translation:
     from_infotext: frozenset[str] = frozenset()  # the body fields the infotext set
     preview: bool | None = None  # override_settings.live_previews_enable; None: the session's option
     loras: list[LoraTag] = field(default_factory=list)  # the prompt's LoRA tags, as the request runs them
-
-
-@dataclass(frozen=True)
-class LoraTag:
-    """One `<lora:...>` tag of the prompt: the file it names (in the request's `loras`) and its weight."""
-
-    text: str  # as written, for the reports and the errors
-    name: str
-    weight: float  # A1111's UNet weight: the transformer's here
-    te: float | None = None  # a text-encoder weight given apart from the UNet's (it has no effect)
-    sha256: str | None = None  # the short hash the infotext's `Lora hashes` records for it
 
 
 @dataclass
@@ -294,7 +346,7 @@ def _translate(
         "width": body.width,
         "height": body.height,
         "batch": body.batch_size * body.n_iter,  # one queue job; batches never change an image
-    }, body)  # fmt: skip
+    }, body, mapped=dict(body._converted))  # fmt: skip
     extra_networks(body, t)
     if body.seed != -1:  # A1111's -1: a random seed
         t.values["seed"] = body.seed
@@ -327,28 +379,34 @@ def _policy(body: _Body, policy: str, t: Translation, profile: ModelProfile) -> 
     the served model's defaults (its profile's: Turbo's 8 steps without CFG, the base model's 28 at 4)."""
     steps, cfg = body.steps, body.cfg_scale
     if policy == "turbo" and SD_STEPS[0] <= steps <= SD_STEPS[1]:
-        t.mapped["steps"] = (steps, profile.steps)
+        map_field(t, "steps", steps, profile.steps)
         steps = profile.steps
     if policy == "turbo" and SD_CFG[0] <= cfg <= SD_CFG[1]:
-        t.mapped["cfg_scale"] = (cfg, profile.guidance)
+        map_field(t, "cfg_scale", cfg, profile.guidance)
         cfg = profile.guidance
     t.values["steps"], t.values["guidance_scale"] = steps, cfg
     if cfg == 0 and t.values["negative_prompt"]:
         t.ignored["negative_prompt"] = "unused at cfg_scale 0 (no classifier-free guidance)"
 
 
+def map_field(t: Translation, name: str, sent: Any, ran: Any) -> None:
+    """Report the body's field `name` as run with `ran`; a value read in a lax form (`"20"` -> 20)
+    keeps the form the client sent."""
+    t.mapped[name] = (t.mapped[name][0] if name in t.mapped else sent, ran)
+
+
 def _sampler(body: _Body, t: Translation) -> None:
-    """Every A1111 sampler and scheduler name runs as zturbo's flow-matching Euler (reported); others are refused."""
-    # Both names are checked: a bogus one is refused even where A1111 would not read it.
+    """Every A1111 sampler name (or alias) runs as zturbo's flow-matching Euler, reported; any other is
+    refused. A1111 reads `sampler_name`, else `sampler_index`: the one it does not read is reported
+    unused, whatever it holds, and only the one read is checked."""
     given = {f: name for f in ("sampler_name", "sampler_index") if (name := getattr(body, f))}
-    for field_name, name in given.items():
-        key = name.strip().lower().removesuffix(" karras").removesuffix(" exponential")
-        if key not in A1111_SAMPLERS:
-            raise FieldError(field_name, f"{field_name} {name!r} is not an A1111 sampler; zturbo runs {SAMPLER!r}")
     if given:
-        name = next(iter(given.values()))  # sampler_name, else sampler_index: A1111's precedence
+        read, name = next(iter(given.items()))  # sampler_name first: A1111's precedence
+        key = name.strip().lower().removesuffix(" karras").removesuffix(" exponential")
+        if key not in A1111_SAMPLERS | A1111_SAMPLER_ALIASES:
+            raise FieldError(read, f"{read} {name!r} is not an A1111 sampler; zturbo runs {SAMPLER!r}")
         if name != SAMPLER:
-            t.mapped["sampler_name"] = (name, SAMPLER)
+            map_field(t, "sampler_name", name, SAMPLER)
         if len(given) == 2 and given["sampler_index"] != name:
             t.ignored["sampler_index"] = f"sampler_name {name!r} is read instead, as A1111 does when both are given"
     _scheduler(body, t)
@@ -361,24 +419,14 @@ def _scheduler(body: _Body, t: Translation) -> None:
             raise FieldError(
                 "scheduler", f"scheduler {scheduler!r} is not an A1111 scheduler; zturbo runs {SCHEDULER!r}"
             )
-        t.mapped["scheduler"] = (scheduler, SCHEDULER)
+        map_field(t, "scheduler", scheduler, SCHEDULER)
 
 
 # --- extra-network tags ------------------------------------------------------------------------
 
-# A1111's extra-network tag `<NETWORK:ARG:ARG...>` (modules/extra_networks.py), with the one space or
-# tab before it that A1111's writer and zturbo's put there (imageio reads its tags the same way), so a
-# prompt read back from an image's text runs as the prompt that made it.
-EXTRA_NETWORK_TAG = re.compile(r"[ \t]?<(\w+):([^<>]*)>")
-LORA_NETWORKS = frozenset({"lora", "lyco"})  # A1111 reads `lyco` as another name of `lora`
-REFUSED_NETWORKS = {"hypernet": "hypernetworks"}  # A1111's own networks that zturbo lacks
-LORA_ARGS = "<lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE:UNET> or te=/unet= weights"
+# The tags' grammar and reading are `adapters.tags`' (imageio reads an image's text with them too).
 SKIPPED_NETWORK = "no extra network of this server (A1111 skips one it does not know); taken out of the prompt"
-TE_WEIGHT = (
-    "a text-encoder weight has no effect (zturbo's LoRAs change the transformer only); each runs at its UNet weight"
-)
 NEGATIVE_TAGS = "A1111 applies the prompt's tags only; these stay in the negative prompt's text, as A1111 encodes it"
-_WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only, as imageio's
 _LORA_PLACE = re.compile(r"\bloras\.(\d+)\b")
 
 
@@ -386,65 +434,46 @@ def extra_networks(body: _Body, t: Translation) -> None:
     """The prompt's extra-network tags, taken out of the text the encoder sees as A1111 does: a LoRA
     tag becomes one of the request's `loras` (reported in `mapped`), a hypernetwork is refused, and a
     network A1111 would skip as unknown is reported in `ignored`. The negative prompt's tags stay
-    text, as A1111 reads tags in the prompt only; they are reported too."""
-    loras, skipped = _prompt_tags(body.prompt)
-    t.values["prompt"] = EXTRA_NETWORK_TAG.sub("", body.prompt) if loras or skipped else body.prompt
-    if skipped:
+    text, as A1111 reads tags in the prompt only; they are reported too.
+
+    The texts are checked as sent (length, Unicode) and the tags counted against the request's LoRA
+    limit before they are read further: nothing here touches the LoRA directory (`locate_loras`
+    does, after the whole request is valid), and the reports repeat no more than a valid prompt."""
+    _check_text("prompt", body.prompt)  # the request table's own limit and message
+    _check_text("negative_prompt", body.negative_prompt or "")
+    tags = _prompt_tags(body.prompt)
+    loras = list(tags.loras)
+    t.values["prompt"] = tags.prompt
+    if skipped := [text for _, text in tags.others]:
         t.ignored["extra_networks"] = f"{', '.join(skipped)}: {SKIPPED_NETWORK}"
     if loras and body.disable_extra_networks:
         t.ignored["loras"] = "disable_extra_networks: the tags are taken out of the prompt and not applied, as in A1111"
         loras = []
+    elif len(loras) > LIMITS.loras:
+        raise FieldError("prompt", f"prompt has {len(loras)} <lora:...> tags; allowed at most {LIMITS.loras} "
+                                   "(the request's LoRA limit)")  # fmt: skip
     elif given := [tag.text for tag in loras if tag.te is not None]:
-        t.ignored["loras"] = f"{', '.join(given)}: {TE_WEIGHT}"
-    if negative := [m.group(0).strip() for m in EXTRA_NETWORK_TAG.finditer(body.negative_prompt or "")]:
+        t.ignored["loras"] = f"{', '.join(given)}: {TE_WEIGHT}; each runs at its UNet weight"
+    if negative := [m.group(0).lstrip(" \t") for m in TAG.finditer(body.negative_prompt or "")]:
         t.ignored["negative_prompt.extra_networks"] = f"{', '.join(negative)}: {NEGATIVE_TAGS}"
     t.loras = loras
     set_loras(t)
 
 
-def _prompt_tags(prompt: str) -> tuple[list[LoraTag], list[str]]:
-    """The prompt's LoRA tags, and the tags of networks A1111 would skip; refuses a hypernetwork."""
-    loras, skipped = [], []
-    for match in EXTRA_NETWORK_TAG.finditer(prompt):
-        text, network = match.group(0).strip(), match.group(1).lower()
-        if network in REFUSED_NETWORKS:
-            what = REFUSED_NETWORKS[network]
-            raise FieldError("prompt", f"prompt tag {text}: {what} are not available on this server; remove the tag")
-        if network in LORA_NETWORKS:
-            loras.append(_lora_tag(text, match.group(2)))
-        else:
-            skipped.append(text)
-    return loras, skipped
-
-
-def _lora_tag(text: str, args: str) -> LoraTag:
-    """A1111's reading of a LoRA tag (extensions-builtin/Lora): `NAME[:TE[:UNET]]`, or named `te=`,
-    `unet=`; the UNet weight (the transformer's here) is the text encoder's unless given, and 1 when
-    neither is. `dyn` (a reduced rank) and other arguments (extensions') are refused: they would
-    change the image and zturbo cannot apply them."""
-    name, *items = (item.strip() for item in args.split(":"))
-    named = {key.strip(): value.strip() for key, _, value in (i.partition("=") for i in items if "=" in i)}
-    positional = [item for item in items if "=" not in item]
-    if not name:
-        raise FieldError("prompt", f"prompt tag {text} has no LoRA name; write {LORA_ARGS}")
-    if "dyn" in named or len(positional) > 2:
-        raise FieldError("prompt", f"prompt tag {text}: dyn (A1111's reduced LoRA rank) is not available on this "
-                                   f"server; write {LORA_ARGS}")  # fmt: skip
-    if set(named) - {"te", "unet"}:
-        unknown = ", ".join(f"{key}=" for key in named if key not in ("te", "unet"))
-        raise FieldError(
-            "prompt", f"prompt tag {text}: {unknown} is not an argument of A1111's LoRA tags; write {LORA_ARGS}"
-        )
-    te = _tag_weight(text, named.get("te", positional[0] if positional else "1"))
-    unet_text = named.get("unet", positional[1] if len(positional) > 1 else None)
-    unet = te if unet_text is None else _tag_weight(text, unet_text)
-    return LoraTag(text, name, unet, te if te != unet else None)
-
-
-def _tag_weight(text: str, value: str) -> float:
-    if not _WEIGHT.fullmatch(value):
-        raise FieldError("prompt", f"prompt tag {text}: the weight {value!r} is not a number; write {LORA_ARGS}")
-    return float(value)
+def _prompt_tags(prompt: str) -> Tags:
+    """The prompt's tags (`read_tags`); refuses what zturbo cannot apply and A1111 would: a
+    hypernetwork, a LoRA tag's `dyn` or an extension's argument (each would change the image)."""
+    try:
+        tags = read_tags(prompt)
+    except TagError as e:
+        raise FieldError("prompt", f"prompt {e}") from None
+    for network, text in tags.others:
+        if network in UNAVAILABLE_NETWORKS:
+            raise FieldError("prompt", f"prompt tag {text}: {UNAVAILABLE_NETWORKS[network]}; remove the tag")
+    for tag in tags.loras:
+        if tag.unapplied:
+            raise FieldError("prompt", f"prompt tag {tag.text}: {'; '.join(tag.unapplied)}; write {LORA_ARGS}")
+    return tags
 
 
 def set_loras(t: Translation) -> None:
@@ -474,52 +503,25 @@ def lora_error(err: FieldError, t: Translation) -> FieldError:
     return type(err)("prompt", f"{place}: {message}")
 
 
-def locate_loras(t: Translation, library: LoraLibrary) -> None:
-    """Each LoRA tag's file, found as A1111 finds it: by the infotext's recorded hash where the named
-    file is missing or another (A1111's paste renames such a tag), else by its name as the native API
-    resolves it, else as the one file of the directory that A1111 names so (its file name, without
-    folder or `.safetensors`). A tag nothing finds keeps its name: submit's check refuses it, naming it.
-    A file found by name whose hash is not the recorded one is reported: the image will differ."""
-    differ = []
+def locate_loras(t: Translation, finder: LoraFinder) -> None:
+    """Each LoRA tag's file (`LoraFinder.locate`, as `generate --from` finds an image's LoRAs): by
+    the infotext's recorded hash where the named file is missing or another (A1111's paste renames
+    such a tag), else by its name as the native API resolves it, else as the one file of the
+    directory that A1111 names so (its file name, without folder or `.safetensors`). A tag nothing
+    finds keeps its name: submit's check refuses it, naming it. What the hashes could not confirm is
+    reported: a file whose hash is another (the image will differ), or a hash zturbo cannot check
+    (A1111's own, of the tensor data), whose file runs by its name."""
+    from ..imageio import LORA_HASHES
+
+    notes = []
     for i, tag in enumerate(t.loras):
-        name, note = _locate(library, tag)
-        t.loras[i] = replace(tag, name=name)
-        if note:
-            differ.append(note)
-    if differ:
-        from ..imageio import LORA_HASHES
-
-        t.ignored[f"infotext.{LORA_HASHES}"] = "; ".join(differ)
+        located = finder.locate(tag.name, tag.sha256)
+        t.loras[i] = replace(tag, name=located.name or tag.name)
+        if located.note:
+            notes.append(f"{tag.text}: {located.note}" + ("; the image will differ" if located.differs else ""))
+    if notes:
+        t.ignored[f"infotext.{LORA_HASHES}"] = "; ".join(notes)
     set_loras(t)
-
-
-def _locate(library: LoraLibrary, tag: LoraTag) -> tuple[str, str | None]:
-    """The name that finds the tag's file, and a note where its hash is not the recorded one."""
-    from ..imageio import lora_tag_name
-
-    named = _resolved(library, tag.name)
-    if tag.sha256 and (named is None or not named.sha256.startswith(tag.sha256)):
-        try:
-            same = library.find_hash(tag.sha256)
-        except LoraError:  # not a hash: the text was edited; the name decides
-            same = None
-        if same is not None:
-            return same.name, None
-        if named is not None:
-            return tag.name, (f"{tag.text}: {named.name} has sha256 {named.short_hash}, not the recorded "
-                              f"{tag.sha256}, and no file has that hash; the image will differ")  # fmt: skip
-    if named is None:
-        alike = [f for f in library.list() if lora_tag_name(f.name) == tag.name]
-        if len(alike) == 1:
-            return alike[0].name, None
-    return tag.name, None
-
-
-def _resolved(library: LoraLibrary, name: str) -> LoraFile | None:
-    try:
-        return library.resolve(name)
-    except (LoraError, OSError):  # not there, or not a name the directory allows: submit's check says which
-        return None
 
 
 def _img2img(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
@@ -533,7 +535,7 @@ def _img2img(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
     t.values["image"] = text_image("init_images", images[0], max_image_bytes)
     t.values["resize"] = RESIZE_MODES[body.resize_mode]
     if body.resize_mode == 2:
-        t.mapped["resize_mode"] = (2, "fit (padded, not filled with stretched edges)")
+        map_field(t, "resize_mode", 2, "fit (padded, not filled with stretched edges)")
     t.values["strength"] = 0.75 if body.denoising_strength is None else body.denoising_strength
     if body.mask:
         _inpaint(body, t, max_image_bytes)
@@ -558,7 +560,7 @@ def _inpaint(body: Img2ImgBody, t: Translation, max_image_bytes: int) -> None:
         "mask_blur": body.mask_blur_x if body.mask_blur is None else body.mask_blur,
     }
     if body.inpainting_fill != ORIGINAL_FILL:
-        t.mapped["inpainting_fill"] = (body.inpainting_fill, ORIGINAL_FILL)
+        map_field(t, "inpainting_fill", body.inpainting_fill, ORIGINAL_FILL)
     if body.inpaint_full_res:
         t.ignored["inpaint_full_res"] = "the whole image is inpainted at the request's size (no crop around the mask)"
 
@@ -714,6 +716,8 @@ def _infotext_values(
         if label in raw:
             values[(label, name)] = _batch_size(raw[label]) if name == "batch_size" else raw[label]
     for entry in ignored:  # labels zturbo has no setting for (Clip skip, Hires upscale, ...)
+        if entry.startswith("<"):
+            continue  # a prompt tag (`<lora:x:1:1:8> (why)`): extra_networks reads the prompt's tags itself
         if entry == LORA_HASHES:
             unused[f"infotext.{entry}"] = "the infotext's prompt has no <lora:...> tag they belong to"
         elif entry.partition(" (")[0] not in INFOTEXT_LABELS:
@@ -871,6 +875,7 @@ def _zturbo_info(t: Translation, policy: str, job: jobs.Job) -> dict[str, Any]:
         "client_defaults": policy,
         "mapped": {name: {"sent": sent, "ran": ran} for name, (sent, ran) in t.mapped.items()},
         "ignored": t.ignored,
+        "warnings": list(job.warnings),  # what the run dropped (a prompt past the token limit), as /v1's jobs say
     }
 
 
@@ -1121,10 +1126,13 @@ def _request(service: Service, session: Session, body: _Body) -> tuple[Translati
         body, session.policy, service.settings.max_input_bytes, formats=formats, fixed=fixed, profile=limits.profile
     )
     output_settings(t, session.options, formats=formats)
-    if t.loras:
-        locate_loras(t, service.loras.library)
     try:
-        return t, GenerateRequest.from_fields(t.values, service.settings.limits)
+        # Every field is checked before the LoRA directory is read: the tags' names and weights too.
+        request = GenerateRequest.from_fields(t.values, limits)
+        if t.loras:
+            locate_loras(t, service.loras.finder())
+            request = dataclasses.replace(request, loras=parse_loras(t.values["loras"]))  # the files found
+        return t, request
     except FieldError as e:
         raise blame_infotext(relabel(lora_error(e, t)), t.from_infotext) from None
 

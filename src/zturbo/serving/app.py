@@ -20,15 +20,18 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from tempfile import SpooledTemporaryFile
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.datastructures import FormData, UploadFile
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from starlette.datastructures import FormData, Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,9 +58,9 @@ from .schemas import (
     UnsupportedImageTypeError,
     body_request,
     check_body_size,
-    check_charset,
     check_image_size,
     check_part_type,
+    declared_charset,
     form_preview,
     form_text,
     image_text_bytes,
@@ -601,14 +604,12 @@ def _form_submit(service: Service) -> Callable[[Request], Any]:
 
 async def _form_values(request: Request, settings: ServeSettings, fields: frozenset[str]) -> dict[str, Any]:
     """A multipart form's fields (only the names in `fields`): images checked (type, size) and
-    decoded, the rest as UTF-8 text (the table reads it as the CLI's)."""
-    content_type = request.headers.get("content-type")
-    if not _is_multipart(content_type):
+    decoded, the rest as text, in its declared charset or UTF-8 (the table reads it as the CLI's)."""
+    if not _is_multipart(request.headers.get("content-type")):
         message = "send the fields as multipart/form-data, the images as file parts"
         raise UnsupportedImageTypeError(None, message)
-    check_charset(None, content_type)
     parts = _FormParts(fields)
-    async with _utf8_form(request, settings) as form:
+    async with _read_form(request, settings) as form:
         for key, item in form.multi_items():
             name = parts.name(key)
             if name in IMAGE_FIELDS:
@@ -648,29 +649,152 @@ class _FormParts:
         return name
 
 
-class _Utf8PartParser(MultiPartParser):
-    """Starlette's multipart parser, except for text parts: Starlette decodes one that is not UTF-8
-    as Latin-1 (ignoring the part's own charset), which would change the text without a word."""
+# A file part stays in memory up to this many bytes, then spills to disk (as in Starlette's forms).
+_SPOOL_BYTES = 1024 * 1024
+
+
+def _bad_form(message: str) -> StarletteHTTPException:
+    return StarletteHTTPException(400, detail=message)
+
+
+@dataclass
+class _Part:
+    """A multipart part being read: its headers, then its text's bytes or its file."""
+
+    headers: list[tuple[bytes, bytes]] = dataclass_field(default_factory=list)
+    name: str = ""
+    data: bytearray = dataclass_field(default_factory=bytearray)
+    file: UploadFile | None = None
+
+
+class _FormReader:
+    """A multipart/form-data body read through python-multipart's public callbacks (the parser
+    Starlette's `request.form()` drives), not through Starlette's parser class, whose internals may
+    change in any release. As `request.form()` does: the same bounds and 400s, file parts spooled
+    into UploadFiles. Unlike it: a text part is decoded strictly by the charset it declares, else
+    the form's, else UTF-8 (`form_text`); Starlette ignores a part's charset and reads bytes that
+    fail as Latin-1, which changes the text without a word."""
+
+    def __init__(self, form_charset: str | None, most: dict[str, int], max_part_size: int) -> None:
+        self.form_charset = form_charset
+        self.most = most  # how many "files" and "fields" a form may hold
+        self.counts = dict.fromkeys(most, 0)
+        self.max_part_size = max_part_size
+        self.items: list[tuple[str, str | UploadFile]] = []
+        self.files: list[UploadFile] = []
+        self.part = _Part()
+        self.header = (bytearray(), bytearray())  # the name and value of the header being read
+        self.writes: list[tuple[UploadFile, bytes]] = []  # file bytes to write once a chunk is parsed
+        self.ended = False  # the closing boundary was read
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header[0].extend(data[start:end])
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header[1].extend(data[start:end])
+
+    def on_header_end(self) -> None:
+        self.part.headers.append((bytes(self.header[0]).lower(), bytes(self.header[1])))
+        self.header = (bytearray(), bytearray())
+
+    def on_headers_finished(self) -> None:
+        """Name the part, count it, and give a file part (one with a filename) its spooled file."""
+        _, options = parse_options_header(dict(self.part.headers).get(b"content-disposition"))
+        if b"name" not in options:
+            raise _bad_form('The Content-Disposition header field "name" must be provided.')
+        self.part.name = self._header_text(options[b"name"])
+        kind = "files" if b"filename" in options else "fields"
+        self.counts[kind] += 1
+        if self.counts[kind] > self.most[kind]:
+            raise _bad_form(f"Too many {kind}. Maximum number of {kind} is {self.most[kind]}.")
+        if kind == "files":
+            filename = self._header_text(options[b"filename"])
+            spool = SpooledTemporaryFile(max_size=_SPOOL_BYTES)  # noqa: SIM115 (closed with the form, or on error)
+            self.part.file = UploadFile(spool, size=0, filename=filename, headers=Headers(raw=self.part.headers))
+            self.files.append(self.part.file)
+
+    def _header_text(self, raw: bytes) -> str:
+        """A part's name or filename, read as Starlette reads it (the form's charset, else Latin-1):
+        a name only picks a field, an unknown one refused by name, and a filename only labels
+        messages, so this reading changes no value the request holds."""
+        try:
+            return raw.decode(self.form_charset or "utf-8")
+        except ValueError:
+            return raw.decode("latin-1")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.part.file is not None:
+            self.writes.append((self.part.file, bytes(data[start:end])))
+        elif len(self.part.data) + end - start > self.max_part_size:
+            raise _bad_form(f"Part exceeded maximum size of {self.max_part_size // 1024}KB.")
+        else:
+            self.part.data.extend(data[start:end])
 
     def on_part_end(self) -> None:
-        part = self._current_part  # the part just read; Starlette keeps it here until the next begins
+        part = self.part
         if part.file is not None:
-            super().on_part_end()
+            self.items.append((part.name, part.file))
             return
-        content_type = dict(part.item_headers).get(b"content-type")
-        self.items.append((part.field_name, form_text(part.field_name, bytes(part.data), content_type)))
+        content_type = dict(part.headers).get(b"content-type")
+        self.items.append((part.name, form_text(part.name, bytes(part.data), content_type, self.form_charset)))
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    async def read(self, boundary: bytes, stream: AsyncIterator[bytes]) -> FormData:
+        """The form in `stream`; on any failure its files are closed and the error raised (a
+        malformed body a 400, as `request.form()` answers it)."""
+        try:
+            parser = MultipartParser(boundary, self.callbacks())
+            async for chunk in stream:
+                parser.write(chunk)
+                # The callbacks cannot await: the file bytes go out here, off the event loop
+                # once a file has spilled to disk.
+                for upload, data in self.writes:
+                    await upload.write(data)
+                self.writes.clear()
+            parser.finalize()
+            if not self.ended:  # python-multipart ends a part only at the next boundary
+                raise _bad_form("Invalid multipart data: the body ends before its closing boundary.")
+            for upload in self.files:
+                await upload.seek(0)
+        except BaseException as e:
+            for upload in self.files:
+                upload.file.close()
+            if isinstance(e, FormParserError):
+                raise _bad_form(f"Invalid multipart data: {e}.") from None
+            raise
+        return FormData(self.items)
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        """python-multipart's callbacks, by the names its `MultipartParser` documents."""
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
 
 
 @asynccontextmanager
-async def _utf8_form(request: Request, settings: ServeSettings) -> AsyncIterator[FormData]:
-    """`request.form()`, with the same bounds and 400 for a malformed form, but `_Utf8PartParser`;
-    its files are closed on the way out."""
-    most = {"max_files": len(IMAGE_FIELDS), "max_fields": 256, "max_part_size": 4 * -(-settings.max_input_bytes // 3)}
-    try:
-        async with aclosing(request.stream()) as stream:
-            form = await _Utf8PartParser(request.headers, stream, **most).parse()
-    except MultiPartException as e:
-        raise StarletteHTTPException(400, detail=e.message) from None
+async def _read_form(request: Request, settings: ServeSettings) -> AsyncIterator[FormData]:
+    """The request's multipart form, bounded as `request.form(...)` would bound it (files, fields,
+    a text part's bytes); its files are closed on the way out."""
+    content_type = request.headers["content-type"]
+    _, params = parse_options_header(content_type)
+    if b"boundary" not in params:
+        raise _bad_form("Missing boundary in multipart.")
+    most = {"files": len(IMAGE_FIELDS), "fields": 256}
+    reader = _FormReader(declared_charset(None, content_type), most, 4 * -(-settings.max_input_bytes // 3))
+    async with aclosing(request.stream()) as stream:
+        form = await reader.read(params[b"boundary"], stream)
     try:
         yield form
     finally:

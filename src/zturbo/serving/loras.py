@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters.library import LoraFile, LoraLibrary
+from ..adapters.recorded import LoraFinder
 from ..errors import LoraError
 from ..request import LoraRef
 
@@ -90,6 +91,17 @@ class ServerLoras:
         targets) or why the server refuses it."""
         with self._listing:
             return [self._item(file) for file in self.library.list()]
+
+    def files(self) -> list[LoraFile]:
+        """Every LoRA file of the directory with its hash, listed under the same lock as `listing`:
+        concurrent requests never hash the directory side by side, and one that waited finds the
+        hashes known (the library keeps them while a file's size and time stay the same)."""
+        with self._listing:
+            return self.library.list()
+
+    def finder(self) -> LoraFinder:
+        """A finder of recorded LoRAs (by name, by hash) for one request, hashing through `files`."""
+        return LoraFinder(self.library, self.files)
 
     def _item(self, file: LoraFile) -> dict[str, Any]:
         outcome = self._outcome(file)
