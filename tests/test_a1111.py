@@ -646,19 +646,25 @@ def test_lora_tags_find_their_files_as_a1111_does(tmp_path: Path) -> None:
 
 @pytest.fixture
 def directory_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every listing of a LoRA directory and every file hashed, recorded (nothing is stopped)."""
+    """Every listing of a LoRA directory, every name looked up in it (`exists` and `resolve` both
+    go through `_lookup`; `names` through `_paths`) and every file hashed, recorded (nothing is stopped)."""
     reads: list[str] = []
-    paths, sha256_file = LoraLibrary._paths, lora_library.sha256_file
+    paths, lookup, sha256_file = LoraLibrary._paths, LoraLibrary._lookup, lora_library.sha256_file
 
     def listing(self: LoraLibrary) -> list:
         reads.append(f"list {self.directory}")
         return paths(self)
+
+    def looking_up(self: LoraLibrary, name: str) -> tuple[str, Path] | None:
+        reads.append(f"lookup {name}")
+        return lookup(self, name)
 
     def hashing(path: Path) -> str:
         reads.append(f"hash {path.name}")
         return sha256_file(path)
 
     monkeypatch.setattr(LoraLibrary, "_paths", listing)
+    monkeypatch.setattr(LoraLibrary, "_lookup", looking_up)
     monkeypatch.setattr(lora_library, "sha256_file", hashing)
     return reads
 
@@ -730,6 +736,34 @@ def test_the_server_hashes_the_directory_once_a_request_and_one_listing_at_a_tim
         assert worker.is_alive()
     worker.join(5)
     assert found and found[0].name is None  # type: ignore[attr-defined]
+
+
+def test_threads_resolving_one_file_hash_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # N requests naming the same (multi-GB) LoRA with a cold cache wait for one hashing, not N at once.
+    digest = _lora_files(tmp_path, {"big.safetensors": b"big"})
+    library = LoraLibrary(tmp_path)
+    hashed: list[Path] = []
+    sha256_file = lora_library.sha256_file
+
+    def slow_hashing(path: Path) -> str:
+        hashed.append(path)
+        time.sleep(0.05)  # long enough for every thread to reach the hashing
+        return sha256_file(path)
+
+    monkeypatch.setattr(lora_library, "sha256_file", slow_hashing)
+    start, found = threading.Barrier(8), []
+
+    def resolve() -> None:
+        start.wait()
+        found.append(library.resolve("big").sha256)
+
+    threads = [threading.Thread(target=resolve) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert found == [digest["big.safetensors"]] * 8
+    assert len(hashed) == 1
 
 
 def test_a_name_no_path_can_hold_is_not_found_rather_than_a_crash(tmp_path: Path) -> None:

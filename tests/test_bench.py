@@ -79,7 +79,8 @@ def test_memory_cap_rows_on_the_tiny_model():
     assert "| none | resident |" in bench_memory.markdown([row | {"kind": "zturbo"}])
     assert row["decode_s"] > 0  # the decode alone, as the row runs it
     # Rows are compared by their image: the same weights and seed in every row, so the same picture.
-    again = bench_memory.one_row(0.0, 64, runs=1, tiny=True)
+    again = bench_memory.one_row(0.0, 64, runs=1, tiny=True, compile=False)  # --no-compile: the same image
+    assert row["compiled"] and not again["compiled"]
     assert len(row["thumbnail"]) == 32 * 32 * 3 and bench_memory.image_difference(again, row) == 0.0
     other = again | {"thumbnail": [v + 3.0 for v in again["thumbnail"]]}
     assert bench_memory.image_difference(other, row) == pytest.approx(3.0)

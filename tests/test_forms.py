@@ -192,11 +192,62 @@ def test_malformed_forms_are_400s_naming_what_is_wrong(api):
     assert refused(r, None) == "Too many fields. Maximum number of fields is 256."
 
 
-def test_a_text_part_is_bounded_as_starlette_bounds_it(tmp_path):
+def test_an_image_fields_text_part_is_bounded_by_the_image_limit(tmp_path):
     with TestClient(in_process_app(tmp_path, max_input_bytes=3000)) as small:
-        r = raw_form(small, [text_part("prompt", b"a" * 4001), *SIZE_PARTS])
+        r = raw_form(small, [text_part("prompt", b"a fox"), text_part("image", b"a" * 4001), *SIZE_PARTS])
         assert refused(r, None) == "Part exceeded maximum size of 3KB."
-        assert raw_form(small, [text_part("prompt", b"a" * 4000), *SIZE_PARTS]).status_code == 202
+        r = raw_form(small, [text_part("prompt", b"a fox"), text_part("image[]", b"a" * 4001), *SIZE_PARTS])
+        assert refused(r, None) == "Part exceeded maximum size of 3KB."
+
+
+def test_other_text_parts_are_bounded_by_the_body_limit_while_read(tmp_path, monkeypatch):
+    """A 5 MB prompt is refused once its bytes pass the text limit, never held whole: the reader
+    stops at the first chunk past it (413, as `check_body_size` answers a JSON body)."""
+    from zturbo.serving import app as app_module
+
+    held: list[int] = []
+    extend = app_module._FormReader.on_part_data
+
+    def on_part_data(self, data, start, end):
+        extend(self, data, start, end)
+        held.append(len(self.part.data))
+
+    monkeypatch.setattr(app_module._FormReader, "on_part_data", on_part_data)
+    with TestClient(in_process_app(tmp_path, max_body_bytes=100_000)) as small:
+        r = raw_form(small, [text_part("prompt", b"a" * 5_000_000), *SIZE_PARTS])
+        assert r.status_code == 413, r.text
+        assert "this server accepts at most 100000" in r.json()["error"]["message"]
+        assert max(held, default=0) <= 100_000
+        held.clear()  # the limit is over all the text parts, not each
+        parts = [text_part("prompt", b"a" * 60_000), text_part("negative_prompt", b"b" * 60_000), *SIZE_PARTS]
+        assert raw_form(small, parts).status_code == 413
+        r = raw_form(small, [text_part("prompt", b"a" * 90_000), *SIZE_PARTS])
+        assert r.status_code == 400 and r.json()["error"]["field"] == "prompt", r.text  # read whole, then judged
+
+
+def test_unknown_charset_names_are_not_cached_by_codecs(api):
+    """`codecs.lookup` keeps every name it is asked in `encodings._cache`: a client's names never
+    reach it unless a codec has them, and a long or odd one is refused by a truncated name."""
+    import encodings
+
+    before = len(encodings._cache)
+    for i in range(50):
+        charset = f"x-unknown-{i}-" + "z" * 3000 if i % 2 else f"x-unknown-{i}"
+        r = raw_form(api, [text_part("prompt", b"a fox", f"text/plain; charset={charset}"), *SIZE_PARTS])
+        assert refused(r, "prompt").startswith(f"prompt declares charset {charset[:40]!r}, which this server")
+        r = raw_form(api, [text_part("prompt", b"a fox"), *SIZE_PARTS], f"; charset={charset}")
+        assert refused(r, None).startswith(f"the form declares charset {charset[:40]!r}, which this server")
+    assert len(encodings._cache) == before
+
+
+def test_part_names_are_read_as_utf8_whatever_the_forms_charset(api):
+    """A form's charset is its text's: `name="prompt"` in a UTF-16 form still names the prompt."""
+    parts = [text_part("prompt", "a fox".encode("utf-16")), text_part("width", "64".encode("utf-16"))]
+    r = raw_form(api, [*parts, text_part("height", "64".encode("utf-16"))], "; charset=utf-16")
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["prompt"] == "a fox"
+    r = raw_form(api, [text_part("pr\u00f6mpt", "x".encode("utf-16")), *SIZE_PARTS], "; charset=utf-16")
+    assert refused(r, "pr\u00f6mpt") == "pr\u00f6mpt is not a known field"  # the UTF-8 name, as sent
 
 
 def test_a_file_part_past_the_memory_spool_arrives_whole(api):

@@ -60,6 +60,7 @@ class LoraLibrary:
         self.misses = 0
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[int, int, str]] = {}  # real path -> (size, mtime_ns, sha256)
+        self._hashing: dict[str, threading.Lock] = {}  # real path -> the lock one hashing of it holds
         self._parsed: OrderedDict[tuple[object, ...], ParsedLora] = OrderedDict()  # least recently used first
         self._cached_bytes = 0
 
@@ -103,18 +104,22 @@ class LoraLibrary:
         return LoraFile(name, path, stat.st_size, stat.st_mtime_ns, self._digest(path, stat.st_size, stat.st_mtime_ns))
 
     def _digest(self, path: Path, size: int, mtime_ns: int) -> str:
-        """sha256 of `path`, hashed again only when its size or modification time changed."""
+        """sha256 of `path`, hashed again only when its size or modification time changed. Threads
+        asking for the same path wait for one hashing of it; different paths are hashed in parallel."""
         key = str(path)
         with self._lock:
-            known = self._digests.get(key)
-        if known is not None and known[:2] == (size, mtime_ns):
-            return known[2]
-        try:
-            digest = sha256_file(path)
-        except OSError as err:
-            raise LoraError(f"LoRA file {path.name} cannot be read: {err.strerror or err}") from err
-        with self._lock:
-            self._digests[key] = (size, mtime_ns, digest)
+            gate = self._hashing.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                known = self._digests.get(key)
+            if known is not None and known[:2] == (size, mtime_ns):
+                return known[2]
+            try:
+                digest = sha256_file(path)
+            except OSError as err:
+                raise LoraError(f"LoRA file {path.name} cannot be read: {err.strerror or err}") from err
+            with self._lock:
+                self._digests[key] = (size, mtime_ns, digest)
         return digest
 
     def resolve(self, name: str) -> LoraFile:

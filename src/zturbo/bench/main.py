@@ -193,7 +193,8 @@ def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Pa
         kind, _, cap = args.cap_row.partition(":")
         if kind not in memory.KINDS:
             raise InvalidRequestError(f"--cap-row {args.cap_row!r}: kind must be one of {memory.KINDS}")
-        print(json.dumps(memory.row(kind, float(cap or 0), size, opts.runs), default=str))
+        compile_ = not args.no_compile
+        print(json.dumps(memory.row(kind, float(cap or 0), size, opts.runs, compile=compile_), default=str))
         return 0
 
     def write(rows: list[dict[str, Any]]) -> None:

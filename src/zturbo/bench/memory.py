@@ -28,15 +28,18 @@ QUANTIZED_KINDS = {"zturbo-fp8": "fp8", "zturbo-int8": "int8"}
 KINDS = ("zturbo", *QUANTIZED_KINDS, *REFERENCES)
 
 
-def row(kind: str, cap: float, size: int, runs: int) -> dict[str, Any]:
+def row(kind: str, cap: float, size: int, runs: int, compile: bool = True) -> dict[str, Any]:
     if kind in REFERENCES:
         return reference_row(kind, cap, size, runs)
-    return one_row(cap, size, runs, quantize=QUANTIZED_KINDS.get(kind, "none"))
+    return one_row(cap, size, runs, quantize=QUANTIZED_KINDS.get(kind, "none"), compile=compile)
 
 
-def one_row(cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False) -> dict[str, Any]:
-    """Runs in its own process: one cap, measured. `tiny`: the tiny model on the CPU (a smoke test)."""
-    engine, row = capped_engine(cap, size, quantize, tiny)
+def one_row(
+    cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False, compile: bool = True
+) -> dict[str, Any]:
+    """Runs in its own process: one cap, measured. `tiny`: the tiny model on the CPU (a smoke test).
+    `compile=False` (`--no-compile`) separates a row's compile time from its run time."""
+    engine, row = capped_engine(cap, size, quantize, tiny, compile=compile)
     return row if engine is None else row | _time_engine(engine, size, runs)
 
 

@@ -675,11 +675,17 @@ class _FormReader:
     the form's, else UTF-8 (`form_text`); Starlette ignores a part's charset and reads bytes that
     fail as Latin-1, which changes the text without a word."""
 
-    def __init__(self, form_charset: str | None, most: dict[str, int], max_part_size: int) -> None:
+    def __init__(self, form_charset: str | None, most: dict[str, int], settings: ServeSettings) -> None:
         self.form_charset = form_charset
         self.most = most  # how many "files" and "fields" a form may hold
         self.counts = dict.fromkeys(most, 0)
-        self.max_part_size = max_part_size
+        self.settings = settings
+        # An image field's text part (base64) may hold an image; any other text part counts
+        # toward the body's text, refused (as `check_body_size` refuses it) once past the limit.
+        self.image_part_size = 4 * -(-settings.max_input_bytes // 3)
+        self.part_size = self.image_part_size
+        self.image_part = False  # the part being read is an image field's
+        self.text_bytes = 0  # the bytes of the form's text parts that are no image field's
         self.items: list[tuple[str, str | UploadFile]] = []
         self.files: list[UploadFile] = []
         self.part = _Part()
@@ -706,6 +712,8 @@ class _FormReader:
         if b"name" not in options:
             raise _bad_form('The Content-Disposition header field "name" must be provided.')
         self.part.name = self._header_text(options[b"name"])
+        self.image_part = self.part.name.removesuffix("[]") in IMAGE_FIELDS
+        self.part_size = self.image_part_size if self.image_part else self.settings.max_body_bytes
         kind = "files" if b"filename" in options else "fields"
         self.counts[kind] += 1
         if self.counts[kind] > self.most[kind]:
@@ -716,22 +724,28 @@ class _FormReader:
             self.part.file = UploadFile(spool, size=0, filename=filename, headers=Headers(raw=self.part.headers))
             self.files.append(self.part.file)
 
-    def _header_text(self, raw: bytes) -> str:
-        """A part's name or filename, read as Starlette reads it (the form's charset, else Latin-1):
-        a name only picks a field, an unknown one refused by name, and a filename only labels
-        messages, so this reading changes no value the request holds."""
+    @staticmethod
+    def _header_text(raw: bytes) -> str:
+        """A part's name or filename: UTF-8 (what browsers and HTTP clients send), else Latin-1,
+        whatever charset the form declares: a form's charset is its text's, and one such as
+        UTF-16 would turn `name="prompt"` into no field's name. A name only picks a field, an
+        unknown one refused by name, and a filename only labels messages, so this reading changes
+        no value the request holds."""
         try:
-            return raw.decode(self.form_charset or "utf-8")
+            return raw.decode("utf-8")
         except ValueError:
             return raw.decode("latin-1")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self.part.file is not None:
             self.writes.append((self.part.file, bytes(data[start:end])))
-        elif len(self.part.data) + end - start > self.max_part_size:
-            raise _bad_form(f"Part exceeded maximum size of {self.max_part_size // 1024}KB.")
-        else:
-            self.part.data.extend(data[start:end])
+            return
+        if not self.image_part:
+            self.text_bytes += end - start
+            check_body_size(self.text_bytes, 0, self.settings.max_body_bytes, self.settings.max_input_bytes)
+        if len(self.part.data) + end - start > self.part_size:
+            raise _bad_form(f"Part exceeded maximum size of {self.part_size // 1024}KB.")
+        self.part.data.extend(data[start:end])
 
     def on_part_end(self) -> None:
         part = self.part
@@ -792,7 +806,7 @@ async def _read_form(request: Request, settings: ServeSettings) -> AsyncIterator
     if b"boundary" not in params:
         raise _bad_form("Missing boundary in multipart.")
     most = {"files": len(IMAGE_FIELDS), "fields": 256}
-    reader = _FormReader(declared_charset(None, content_type), most, 4 * -(-settings.max_input_bytes // 3))
+    reader = _FormReader(declared_charset(None, content_type), most, settings)
     async with aclosing(request.stream()) as stream:
         form = await reader.read(params[b"boundary"], stream)
     try:

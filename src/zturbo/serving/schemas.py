@@ -15,6 +15,10 @@ from __future__ import annotations
 import base64
 import binascii
 import codecs
+import encodings
+import encodings.aliases
+import functools
+import pkgutil
 import re
 from typing import Any, Literal
 
@@ -210,8 +214,31 @@ def declared_charset(field: str | None, content_type: str | bytes | None) -> str
     return name
 
 
+# A charset name a client may send: `codecs.lookup` caches every name it is asked, known or not
+# (`encodings._cache`), so a name goes to it only once it is known to be a codec's; others are
+# refused first, and their message truncated.
+_CHARSET_NAME = re.compile(r"[A-Za-z0-9._:-]{1,40}")
+
+
+@functools.cache
+def _codec_names() -> frozenset[str]:
+    """The names Python's `encodings` package knows: its aliases and its codec modules."""
+    modules = {m.name for m in pkgutil.iter_modules(encodings.__path__)}
+    return frozenset(encodings.aliases.aliases) | frozenset(modules)
+
+
+def _known_codec_name(name: str) -> bool:
+    """Whether `name` (as `encodings.search_function` normalizes it) is one `encodings` knows."""
+    if not _CHARSET_NAME.fullmatch(name):
+        return False
+    norm = encodings.normalize_encoding(name).lower()
+    return norm in _codec_names() or norm.replace(".", "_") in _codec_names()
+
+
 def _is_charset(name: str) -> bool:
     """Whether `name` is a text encoding Python's `codecs` know, and no pseudo-charset."""
+    if not _known_codec_name(name):
+        return False
     try:
         if codecs.lookup(name).name in _NOT_CHARSETS:
             return False
