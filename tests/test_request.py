@@ -244,3 +244,10 @@ def test_text_that_is_not_valid_unicode_is_refused_as_the_door_names_it():
 def test_paired_and_astral_text_is_still_valid():
     req = GenerateRequest.create("a fox 🦊 \U0001f98a", limits=LIMITS, negative_prompt="é", loras="ü", seed=1)
     assert req.prompts == ("a fox 🦊 \U0001f98a",)
+
+
+@pytest.mark.parametrize("field", ["seed", "steps", "width", "guidance_scale", "variation_seed"])
+def test_a_number_of_thousands_of_digits_is_refused_by_name(field):
+    # int() itself refuses over 4300 digits with an error of its own, which would not name the field.
+    with pytest.raises(FieldError, match=field):
+        GenerateRequest.from_fields({"prompt": "a fox", field: "9" * 5000}, LIMITS)

@@ -83,11 +83,13 @@ TEXT, WHOLE, NUMBER, SEEDS, LORAS = "text", "whole number", "number", "seed list
 # words, yes/no, and outpaint margins.
 IMAGE, CHOICE, FLAG, MARGINS = "image", "choice", "yes/no", "margins"
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
-# Text values are read as ASCII only: int() and float() would also take full-width and other
-# scripts' digits and underscores. "nan" and "inf" read as numbers, so `create` refuses them with
-# the same message at every door.
-_WHOLE_TEXT = re.compile(r"[+-]?[0-9]+")
-_NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.I)
+# Numbers written as text, for every door that reads them: ASCII digits only (int() and float()
+# would also take full-width and other scripts' digits and underscores), of bounded length (int()
+# refuses over 4300 digits with an error of its own; no field's range needs more than 20).
+WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,64}")
+FINITE_TEXT = re.compile(r"[+-]?([0-9]{1,64}\.?[0-9]{0,64}|\.[0-9]{1,64})([eE][+-]?[0-9]{1,4})?")
+# "nan" and "inf" read as numbers here, so `create` refuses them with the same message at every door.
+_NUMBER_TEXT = re.compile(rf"{FINITE_TEXT.pattern}|[+-]?(nan|inf|infinity)", re.I)
 
 
 @dataclass(frozen=True)
@@ -165,7 +167,7 @@ class Field:
                 raise FieldError(self.name, f"{self.name} {value!r} is not true or false")
             return word in _TRUE
         text = value.strip(" \t")
-        pattern = _WHOLE_TEXT if self.kind == WHOLE else _NUMBER_TEXT
+        pattern = WHOLE_TEXT if self.kind == WHOLE else _NUMBER_TEXT
         if not pattern.fullmatch(text):
             raise FieldError(self.name, f"{self.name} {value!r} is not a {self.kind} (ASCII digits)")
         return int(text) if self.kind == WHOLE else float(text)
@@ -730,7 +732,7 @@ def _check_lora_weight(where: str, weight: object) -> float:
 
 
 def _ascii_int(text: str) -> int:
-    if not _WHOLE_TEXT.fullmatch(text.strip(" \t")):
+    if not WHOLE_TEXT.fullmatch(text.strip(" \t")):
         raise ValueError(text)
     return int(text)
 

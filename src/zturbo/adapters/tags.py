@@ -12,9 +12,11 @@ Lora/extra_networks_lora.py) reads `NAME[:TE[:UNET[:DYN]]]` and the named `te=`,
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
+from ..request import FINITE_TEXT
 from .library import SUFFIX
 
 # A1111's `<(\w+):([^>]+)>`, with the one space or tab before a tag that A1111's writer and
@@ -29,7 +31,6 @@ LORA_ARGS = "<lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE:UNET> or te=/unet= w
 TE_WEIGHT = "a text-encoder weight has no effect (zturbo's LoRAs change the transformer only)"
 DYN = "dyn (A1111's reduced LoRA rank) is not available in zturbo"
 _NAMED = ("te", "unet", "dyn")
-_WEIGHT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # ASCII digits only, as request.py's
 _NOT_IN_NAMES = re.compile("[:<>]")  # what ends a tag's name (`:`) or the tag itself
 
 
@@ -92,7 +93,7 @@ def lora_tag(text: str, args: str) -> LoraTag:
 
 
 def _weight(text: str, value: str) -> float:
-    if not _WEIGHT.fullmatch(value):
+    if not FINITE_TEXT.fullmatch(value) or not math.isfinite(float(value)):
         raise TagError(f"tag {text}: the weight {value!r} is not a number; write {LORA_ARGS}")
     return float(value)
 

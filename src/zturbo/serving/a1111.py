@@ -38,7 +38,7 @@ from ..adapters.tags import LORA_ARGS, TAG, TE_WEIGHT, UNAVAILABLE_NETWORKS, Lor
 from ..errors import FieldError, InvalidRequestError, JobFailedError
 from ..inputs.images import InputImage
 from ..profiles import TURBO, ModelProfile
-from ..request import FIELD, LIMITS, GenerateRequest, _check_text, parse_loras
+from ..request import FIELD, FINITE_TEXT, LIMITS, WHOLE_TEXT, GenerateRequest, _check_text, parse_loras
 from . import jobs
 from .loras import LoraFieldError
 from .results import Base64Body, finished_job, read_image
@@ -234,12 +234,6 @@ def _scalar_fields(model: type[BaseModel]) -> dict[str, type]:
     return kinds
 
 
-# ASCII digits only (int() and float() take other scripts' too), of bounded length: int() refuses a
-# text of over 4300 digits, and no field's range needs more than 20.
-_WHOLE_TEXT = re.compile(r"[+-]?[0-9]{1,64}")
-_NUMBER_TEXT = re.compile(r"[+-]?([0-9]{1,64}\.?[0-9]{0,64}|\.[0-9]{1,64})([eE][+-]?[0-9]{1,4})?")
-
-
 def lossless(kind: type, value: object) -> object:
     """`value` as a `kind` (int, float, bool) where A1111's lax reading takes it and nothing is lost;
     otherwise `value` itself, for the strict check to refuse by name."""
@@ -248,9 +242,9 @@ def lossless(kind: type, value: object) -> object:
     if kind is bool:
         return bool(value) if type(value) is int and value in (0, 1) else value
     if isinstance(value, str):
-        if kind is int and _WHOLE_TEXT.fullmatch(value):
+        if kind is int and WHOLE_TEXT.fullmatch(value):
             return int(value)
-        if kind is float and _NUMBER_TEXT.fullmatch(value) and math.isfinite(number := float(value)):
+        if kind is float and FINITE_TEXT.fullmatch(value) and math.isfinite(number := float(value)):
             return number
         return value
     if kind is int and isinstance(value, float) and value.is_integer():  # False for inf and nan
