@@ -264,6 +264,35 @@ def test_a_damaged_png_is_a_storage_error(api, finished_image, damage):
     assert "damaged" in error["message"] and path.name in error["message"]
 
 
+def test_a_large_image_is_served_whole_in_pieces_of_bounded_size(api, finished_image, tmp_path):
+    # A slow reader must hold one piece of server memory, not the whole file.
+    import numpy as np
+
+    from zturbo.serving import app as app_module
+
+    path, image_id = finished_image
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, format="PNG")
+    data = path.read_bytes()
+    assert len(data) > 2 * app_module.DOWNLOAD_CHUNK
+    r = api.get(f"/v1/images/{image_id}")
+    assert (r.status_code, r.headers["content-length"], r.content) == (200, str(len(data)), data)
+    with open(path, "rb") as file:
+        pieces = list(app_module._chunks(file))
+        assert file.closed and b"".join(pieces) == data
+    assert max(len(p) for p in pieces) == app_module.DOWNLOAD_CHUNK
+
+
+@pytest.mark.parametrize(("fmt", "cut"), [("WEBP", 10), ("JPEG", 2)])
+def test_a_truncated_webp_or_jpeg_is_a_storage_error(api, finished_image, fmt, cut):
+    path, image_id = finished_image
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, format=fmt)
+    path.write_bytes(buffer.getvalue()[:-cut])
+    error = assert_error(api.get(f"/v1/images/{image_id}"), 507, "storage")
+    assert "damaged" in error["message"]
+
+
 def test_a_symlink_in_images_is_not_followed(api, finished_image, tmp_path):
     path, image_id = finished_image
     secret = tmp_path / "secret.png"
@@ -298,3 +327,25 @@ def test_a_body_is_read_only_after_the_key_has_passed(tmp_path, headers, status)
     asyncio.run(app(scope, receive, send))
     assert sent[0]["status"] == status
     assert reads == ([] if status == 401 else [len(body)])
+
+
+def test_a_database_locked_by_another_process_is_a_503_to_retry_and_changes_nothing(tmp_path):
+    # Another process (a backup, an admin's sqlite3 shell) holding the write lock past the wait must
+    # not turn a submission into an untyped 500: the client is told to send it again.
+    import sqlite3
+
+    with TestClient(in_process_app(tmp_path / "data")) as client:
+        store = client.app.state.service.store
+        store._db.execute("PRAGMA busy_timeout = 200")  # the wait, shortened from BUSY_WAIT_S
+        before = store.counts()
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            r = client.post("/v1/jobs", json={"prompt": "a fox", **SMALL})
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        error = assert_error(r, 503, "store_busy")
+        assert r.headers["retry-after"] == "5" and "send the request again" in error["message"]
+        assert store.counts() == before
+        assert client.post("/v1/jobs", json={"prompt": "a fox", **SMALL}).status_code == 202

@@ -69,6 +69,15 @@ class StorageError(ZTurboError):
     kind = "storage"
 
 
+class StoreBusyError(StorageError):
+    """The job database stayed locked by another process past its wait: nothing was changed; the
+    same request can be sent again."""
+
+    http_status = 503
+    kind = "store_busy"
+    retry_after = 5
+
+
 # --- the server and its job queue ----------------------------------------------------------
 
 

@@ -16,12 +16,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from tempfile import SpooledTemporaryFile
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -49,7 +49,7 @@ from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
 from .a1111 import a1111_routes, basic_password
-from .results import OUTPUT_TYPES, Base64Body, finished_job, output_format, read_image
+from .results import OUTPUT_TYPES, Base64Body, finished_job, open_image, read_image
 from .schemas import (
     MODEL_ALIASES,
     ROUTE_FIELDS,
@@ -183,7 +183,8 @@ def _version() -> str:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ZTurboError)
     async def _zturbo(request: Request, exc: ZTurboError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, jobs.QueueFullError) else {}
+        retry_after = getattr(exc, "retry_after", None)  # a full queue, a locked database
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         return error_response(exc.http_status, exc.kind, str(exc), getattr(exc, "field", None), **headers)
 
     @app.exception_handler(RequestValidationError)
@@ -448,6 +449,9 @@ def _open_routes(service: Service) -> APIRouter:
     return r
 
 
+DOWNLOAD_CHUNK = 1 << 20  # bytes an image download holds at a time
+
+
 def _image_routes(service: Service) -> APIRouter:
     r = APIRouter()
 
@@ -458,10 +462,18 @@ def _image_routes(service: Service) -> APIRouter:
         sig: str | None = Query(None, max_length=128, description="signed URL: signature"),
     ) -> Response:
         ref = service.store.image(image_id)
-        data = read_image(service.images_dir, ref.file, image_id)
-        return Response(data, media_type=OUTPUT_TYPES[output_format(data) or "png"])
+        file, size, fmt = open_image(service.images_dir, ref.file, image_id)
+        return StreamingResponse(_chunks(file), media_type=OUTPUT_TYPES[fmt], headers={"Content-Length": str(size)})
 
     return r
+
+
+def _chunks(file: BinaryIO) -> Iterator[bytes]:
+    """A file in pieces, closed at the end or when the client goes: a slow reader holds one piece
+    of memory, not the whole image."""
+    with file:
+        while piece := file.read(DOWNLOAD_CHUNK):
+            yield piece
 
 
 _OUTPUT_IMAGE: dict[int | str, dict[str, Any]] = {

@@ -37,6 +37,7 @@ from ..errors import (
     JobNotFoundError,
     QueueFullError,
     StorageError,
+    StoreBusyError,
     ZTurboError,
 )
 from ..inputs.images import InputImage, decode_image, sha256_of
@@ -54,6 +55,7 @@ MAX_ATTEMPTS = 2
 # switching sets rewrites weights, so same-set jobs go together, but no job is ever overtaken by a
 # job queued more than this long after it (docs/server.md, "Scheduling").
 SAME_SET_WINDOW_S = 30.0
+BUSY_WAIT_S = 30.0  # how long a connection waits for another's lock before StoreBusyError
 NO_LORAS = ""  # the LoRA set key of a job without LoRAs (the base weights)
 NO_BATCH = ""  # the batch key of a row that runs alone (queued before batching existed)
 
@@ -252,6 +254,12 @@ _STORAGE_CODES = {
     sqlite3.SQLITE_CORRUPT: "the file is damaged",
     sqlite3.SQLITE_NOTADB: "the file is not an SQLite database",
 }
+
+
+def _busy(error: sqlite3.Error) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock (`BUSY_WAIT_S`)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def storage_fault(error: sqlite3.Error) -> str | None:
@@ -921,7 +929,7 @@ class JobStore(SqlQueue):
             _create_database(self.path)
         if check:
             check_database(self.path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_S)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a crash
@@ -958,6 +966,11 @@ class JobStore(SqlQueue):
                     self._db.execute("ROLLBACK")
                 if isinstance(e, sqlite3.Error) and storage_fault(e):
                     raise StorageError(f"cannot write the job database {self.path}: {storage_fault(e)} ({e})") from e
+                if isinstance(e, sqlite3.OperationalError) and _busy(e):
+                    raise StoreBusyError(
+                        f"the job database {self.path} stayed locked by another process for {BUSY_WAIT_S:g} s; "
+                        "nothing was changed: send the request again"
+                    ) from e
                 raise
 
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import os
 import secrets
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -50,8 +49,16 @@ async def finished_job(store: QueueStore, events: jobs.JobEvents, job_id: str, t
 
 
 def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
-    """An image's file (PNG, WebP or JPEG), whole and checked: a regular file right in `images_dir`,
-    opened without following a symbolic link, so a link planted there cannot serve another file."""
+    """An image's file, whole, checked as `open_image` checks it."""
+    file, _, _ = open_image(images_dir, name, image_id)
+    with file:
+        return file.read()
+
+
+def open_image(images_dir: Path, name: str, image_id: str) -> tuple[BinaryIO, int, str]:
+    """An image's file (PNG, WebP or JPEG) open at its start, its size and its format: a regular file
+    right in `images_dir`, opened without following a symbolic link, so a link planted there cannot
+    serve another file, and checked whole (`_intact_format`) before a byte of it is served."""
     path = images_dir / name
     if "/" in name or name in ("", ".", ".."):
         raise StorageError(f"image {image_id!r} has no valid file name ({name!r})")
@@ -63,13 +70,21 @@ def read_image(images_dir: Path, name: str, image_id: str) -> bytes:
         raise StorageError(
             f"image {image_id!r}: cannot open {path}: {e.strerror}; only regular files are served"
         ) from e
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+    file = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
             raise StorageError(f"image {image_id!r}: {path} is not a regular file; only regular files are served")
-        data = f.read()
-    if not _image_intact(data):
-        raise StorageError(f"image {image_id!r}: {path} is damaged (not a complete PNG, WebP or JPEG); re-run its job")
-    return data
+        fmt = _intact_format(file, info.st_size)
+        if fmt is None:
+            raise StorageError(
+                f"image {image_id!r}: {path} is damaged (not a complete PNG, WebP or JPEG); re-run its job"
+            )
+        file.seek(0)
+    except BaseException:
+        file.close()
+        raise
+    return file, info.st_size, fmt
 
 
 def output_format(data: bytes) -> str | None:
@@ -81,23 +96,27 @@ def output_format(data: bytes) -> str | None:
     return "jpeg" if data.startswith(b"\xff\xd8\xff") else None
 
 
-def _image_intact(data: bytes) -> bool:
-    """Whether `data` is a whole output file: a PNG whose every chunk is present with a matching
-    checksum; a WebP as long as its RIFF header says; a JPEG that ends with its end-of-image marker.
-    Each must also open as that format."""
+def _intact_format(file: BinaryIO, size: int) -> str | None:
+    """The format of `file` if it is a whole output file: a PNG whose every chunk is present with a
+    matching checksum; a WebP as long as its RIFF header says; a JPEG that ends with its end-of-image
+    marker. Each must also open as that format. Read from the file, not into memory whole."""
     from PIL import Image
 
-    fmt = output_format(data)
-    if fmt == "webp" and int.from_bytes(data[4:8], "little") + 8 != len(data):
-        return False
-    if fmt == "jpeg" and not data.endswith(b"\xff\xd9"):
-        return False
+    head = file.read(16)
+    fmt = output_format(head)
+    if fmt == "webp" and int.from_bytes(head[4:8], "little") + 8 != size:
+        return None
+    if fmt == "jpeg":
+        file.seek(max(0, size - 2))
+        if file.read(2) != b"\xff\xd9":
+            return None
+    file.seek(0)
     try:
-        with Image.open(io.BytesIO(data), formats=[fmt.upper() if fmt else "PNG"]) as im:
+        with Image.open(file, formats=[fmt.upper() if fmt else "PNG"]) as im:
             im.verify()
     except Exception:  # PIL reports truncation and bad checksums with several exception types
-        return False
-    return True
+        return None
+    return fmt or "png"
 
 
 class Base64Body:
