@@ -545,3 +545,16 @@ def test_jobs_by_mode_are_counted(live):
     text = live.server.client.get("/metrics").text
     for mode, controlled in (("img2img", "false"), ("inpaint", "false"), ("img2img", "true"), ("txt2img", "false")):
         assert f'zturbo_jobs_by_mode_total{{controlled="{controlled}",mode="{mode}"}}' in text
+
+
+def test_an_input_image_is_served_checked_and_a_damaged_one_is_a_storage_error(api, data_dir):
+    # Served from its file in pieces once its sha256 matched, never from a file changed on disk.
+    image = noise_png(seed=12)
+    view = api.post("/v1/jobs", json={**JOB, "image": b64(image)}).json()
+    url = view["params"]["inputs"]["images"]["image"]["url"]
+    r = api.get(url)
+    assert (r.status_code, r.headers["content-type"], r.content) == (200, "image/png", image)
+    assert r.headers["content-length"] == str(len(image))
+    stored = data_dir / "inputs" / sha256(image)[:2] / sha256(image)
+    stored.write_bytes(image[:-1] + bytes([image[-1] ^ 0xFF]))
+    assert "is damaged (its sha256 differs)" in assert_error(api.get(url), 507, "storage", None)

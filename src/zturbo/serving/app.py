@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import io
 import ipaddress
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -502,8 +502,15 @@ def _job_routes(service: Service) -> APIRouter:
         if field not in hashes:
             given = ", ".join(sorted(hashes)) or "none"
             raise jobs.JobNotFoundError(f"job {job_id} has no input image {field!r}; its input images: {given}")
-        data = store.inputs.read(field, hashes[field])
-        return Response(data, media_type=_image_type(data), headers={"X-Content-Type-Options": "nosniff"})
+        file = store.inputs.open(field, hashes[field])
+        try:
+            media_type = _image_type(file)
+            size = os.fstat(file.fileno()).st_size
+        except BaseException:
+            file.close()
+            raise
+        headers = {"X-Content-Type-Options": "nosniff", "Content-Length": str(size)}
+        return StreamingResponse(_chunks(file), media_type=media_type, headers=headers)
 
     @r.delete("/v1/jobs/{job_id}", tags=["jobs"])
     def cancel_job(job_id: str) -> dict[str, Any]:
@@ -543,15 +550,18 @@ _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
 _IMAGE: dict[int | str, dict[str, Any]] = {200: {"content": {"image/*": {}}, "description": "the image file"}}
 
 
-def _image_type(data: bytes) -> str:
-    """An image file's media type, from its header (the store keeps only what Pillow decoded)."""
+def _image_type(file: BinaryIO) -> str:
+    """An image file's media type, from its header (the store keeps only what Pillow decoded); the
+    file is left at its start."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(file) as im:
             return im.get_format_mimetype() or "application/octet-stream"
     except (UnidentifiedImageError, OSError, ValueError):
         return "application/octet-stream"
+    finally:
+        file.seek(0)
 
 
 def _submit_json(service: Service, body: JobBody, size: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import (
     InvalidRequestError,
@@ -40,7 +40,7 @@ from ..errors import (
     StoreBusyError,
     ZTurboError,
 )
-from ..inputs.images import InputImage, decode_image, sha256_of
+from ..inputs.images import InputImage, decode_image
 from ..inputs.spec import ImageResolver
 from ..request import GenerateRequest, ModelLimits, is_request_dict
 
@@ -394,11 +394,16 @@ class InputStore:
                                f"and permissions of {self.root}") from e  # fmt: skip
 
     def read(self, field: str, sha256: str) -> bytes:
-        """A stored image's bytes, checked against its hash; StorageError naming the file if it is gone
-        or damaged."""
+        """A stored image's bytes, checked against its hash (`open`)."""
+        with self.open(field, sha256) as file:
+            return file.read()
+
+    def open(self, field: str, sha256: str) -> BinaryIO:
+        """A stored image's file, open at its start once its bytes were checked against its hash
+        (read in pieces, not whole); StorageError naming the file if it is gone or damaged."""
         path = self.path(sha256)
         try:
-            data = path.read_bytes()
+            file = path.open("rb")
         except FileNotFoundError:
             raise StorageError(
                 f"the job's {field} (sha256 {sha256[:12]}...) is no longer stored ({path} is missing); "
@@ -406,9 +411,17 @@ class InputStore:
             ) from None
         except OSError as e:
             raise StorageError(f"cannot read the job's {field} from {path}: {e.strerror or e}") from e
-        if sha256_of(data) != sha256:
-            raise StorageError(f"the job's {field} in {path} is damaged (its sha256 differs); submit the job again")
-        return data
+        try:
+            digest = hashlib.sha256()  # hashlib.file_digest is Python 3.11+
+            while piece := file.read(1 << 20):
+                digest.update(piece)
+            if digest.hexdigest() != sha256:
+                raise StorageError(f"the job's {field} in {path} is damaged (its sha256 differs); submit the job again")
+            file.seek(0)
+        except BaseException:
+            file.close()
+            raise
+        return file
 
     def resolve(self, field: str, sha256: str) -> InputImage:
         """The stored image, decoded as at submit (`GenerateRequest.from_dict`'s resolver)."""
