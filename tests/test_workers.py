@@ -450,7 +450,7 @@ def test_an_images_directory_that_cannot_be_made_fails_the_job_as_storage(engine
     (tmp_path / "images").write_text("a file where the directory should be")
     job, messages = run_claim(engine, store, tmp_path / "images")
     assert job.status == jobs.FAILED and job.error["type"] == "storage"
-    assert str(tmp_path / "images") in job.error["message"]
+    assert str(tmp_path / "images") in job.error["message"] and "is not a directory" in job.error["message"]
     assert messages[-1].status == jobs.FAILED
 
 

@@ -782,6 +782,11 @@ def _save_images(outcome: Outcome, images_dir: Path) -> list[jobs.ImageRef]:
                 image, path, output_format=outcome.output_format, compression=outcome.compression, overwrite=True
             )
         except OSError as e:
+            if not images_dir.is_dir():  # the cause, where the error's own words ("File exists") miss it
+                raise StorageError(
+                    f"could not write the image {path}: {images_dir} is not a directory; move it aside so the "
+                    "server can make its images directory again"
+                ) from e
             raise StorageError(f"could not write the image {path}: {e.strerror or e}; {_storage_hint(e)}") from e
         refs.append(jobs.ImageRef(jobs.new_id(), k, image.seed, path.name))
     return refs
