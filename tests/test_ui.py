@@ -624,13 +624,25 @@ def test_an_untouched_form_sends_the_text_to_image_body_as_before(tmp_path: Path
     assert posted[-1] == {**job_params(**{**FORM, "n": 1, "seed": -1, "width": 64, "height": 64}), "preview": True}
 
 
+def _streaming_page(tmp_path: Path, job: dict, stream: str) -> dict:
+    """The page's handlers on a mock API that accepts `job` and answers its events with `stream`."""
+    from zturbo.request import ModelLimits
+    from zturbo.serving.ui_app import _UiFiles, build
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            return httpx.Response(202, json=job)
+        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
+
+    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
+    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
+    return {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+
+
 def test_generate_shows_the_live_preview_of_a_running_job_and_hides_it_when_done(tmp_path: Path) -> None:
     import base64
 
     import gradio as gr
-
-    from zturbo.request import ModelLimits
-    from zturbo.serving.ui_app import _UiFiles, build
 
     picture = io.BytesIO()
     Image.new("RGB", (32, 24), (200, 30, 40)).save(picture, format="JPEG")
@@ -646,14 +658,7 @@ def test_generate_shows_the_live_preview_of_a_running_job_and_hides_it_when_done
         ]
     )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/jobs":
-            return httpx.Response(202, json=job)
-        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
-
-    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
-    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
-    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    fns = _streaming_page(tmp_path, job, stream)
     assert [c.elem_id for c in fns["generate"].outputs][-1] == "live-preview"
     form = _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2)
     updates = _generate(fns, form)
@@ -943,21 +948,12 @@ def test_the_api_takes_the_body_the_form_builds_as_the_job_the_user_painted(api:
 
 
 def test_generate_shows_the_warnings_of_a_finished_job(tmp_path: Path) -> None:
-    from zturbo.request import ModelLimits
-    from zturbo.serving.ui_app import _UiFiles, build
 
     job = {"id": "j1", "status": "queued", "params": {"seed": 5}, "images": []}
     said = "prompt 'red fox red fox …' is 909 tokens with the chat template; the model takes 512"
     done = {**job, "status": "succeeded", "warnings": [said]}
     stream = f"event: done\ndata: {json.dumps(done)}\n\n"
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/jobs":
-            return httpx.Response(202, json=job)
-        return httpx.Response(200, text=stream, headers={"content-type": "text/event-stream"})
-
-    client = ApiClient("http://zturbo.test", transport=httpx.MockTransport(handler))
-    demo = build(client, ModelLimits(spatial_unit=16, max_pixels=2048 * 2048), _UiFiles(tmp_path, client), None)
-    fns = {getattr(f.fn, "__name__", ""): f for f in demo.fns.values()}
+    fns = _streaming_page(tmp_path, job, stream)
     updates = _generate(fns, _untouched_form(fns["generate"], prompt="a fox", width=64, height=64, steps=2))
     assert updates[-1][0] == f"Done: 0 image(s), seed 5\n\nWarning: {said}"

@@ -791,7 +791,8 @@ def _check_fraction(name: str, value: object, *, above_zero: bool = False) -> fl
     return float(value)
 
 
-def _check_text(name: str, text: str) -> None:
+def check_text(name: str, text: str) -> None:
+    """A prompt-like text within the length limit and valid Unicode; every door checks prompts here."""
     most = LIMITS.prompt_chars
     if len(text) > most:
         raise FieldError(name, f"{name} is {len(text)} characters long; allowed at most {most}")
@@ -844,7 +845,7 @@ def _prompts(prompt: str | Sequence[str]) -> tuple[str, ...]:
             raise FieldError("prompt", f"prompt {i} is {type(p).__name__}, expected text")
         if _is_blank(p):
             raise FieldError("prompt", "prompt is empty or only invisible characters; describe the image to generate")
-        _check_text("prompt", p)
+        check_text("prompt", p)
     return prompts
 
 
@@ -859,7 +860,7 @@ def _negatives(negative: str | Sequence[str] | None, n: int) -> tuple[str, ...]:
     for text in negatives:
         if not isinstance(text, str):
             raise FieldError("negative_prompt", f"negative_prompt must be text, got {text!r}")
-        _check_text("negative_prompt", text)
+        check_text("negative_prompt", text)
     return negatives
 
 

@@ -38,7 +38,7 @@ from ..adapters.tags import LORA_ARGS, TAG, TE_WEIGHT, UNAVAILABLE_NETWORKS, Lor
 from ..errors import FieldError, InvalidRequestError, JobFailedError
 from ..inputs.images import InputImage
 from ..profiles import TURBO, ModelProfile
-from ..request import FIELD, FINITE_TEXT, LIMITS, WHOLE_TEXT, GenerateRequest, _check_text, parse_loras
+from ..request import FIELD, FINITE_TEXT, LIMITS, WHOLE_TEXT, GenerateRequest, check_text, parse_loras
 from . import jobs
 from .loras import LoraFieldError
 from .results import Base64Body, finished_job, read_image
@@ -433,8 +433,8 @@ def extra_networks(body: _Body, t: Translation) -> None:
     The texts are checked as sent (length, Unicode) and the tags counted against the request's LoRA
     limit before they are read further: nothing here touches the LoRA directory (`locate_loras`
     does, after the whole request is valid), and the reports repeat no more than a valid prompt."""
-    _check_text("prompt", body.prompt)  # the request table's own limit and message
-    _check_text("negative_prompt", body.negative_prompt or "")
+    check_text("prompt", body.prompt)  # the request table's own limit and message
+    check_text("negative_prompt", body.negative_prompt or "")
     tags = _prompt_tags(body.prompt)
     loras = list(tags.loras)
     t.values["prompt"] = tags.prompt
