@@ -329,6 +329,35 @@ def test_a_body_is_read_only_after_the_key_has_passed(tmp_path, headers, status)
     assert reads == ([] if status == 401 else [len(body)])
 
 
+def test_reads_answer_while_a_submission_waits_for_another_processs_lock(tmp_path):
+    # A write waiting (up to BUSY_WAIT_S) for a lock another process holds must not hold up the
+    # status, history and queue reads of every other client of this server.
+    import sqlite3
+
+    with TestClient(in_process_app(tmp_path / "data")) as client:
+        store = client.app.state.service.store
+        job = client.post("/v1/jobs", json={"prompt": "a fox", **SMALL}).json()
+        store._db.execute("PRAGMA busy_timeout = 4000")  # the writer's wait, shortened from BUSY_WAIT_S
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        waiting = threading.Thread(target=client.post, args=("/v1/jobs",), kwargs={"json": {"prompt": "b", **SMALL}})
+        try:
+            waiting.start()
+            time.sleep(0.3)  # the submission now holds the writer and waits for the lock
+            start = time.monotonic()
+            assert client.get(f"/v1/jobs/{job['id']}").status_code == 200
+            assert client.get("/v1/history", params={"q": "fox"}).status_code == 200
+            assert client.get("/v1/status").status_code == 200
+            assert client.get("/health").status_code == 200
+            took = time.monotonic() - start
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+            waiting.join()
+        assert took < 2.0, f"reads took {took:.1f} s behind a waiting write"
+        assert store.counts()["queued"] + store.counts()["running"] + store.counts()["succeeded"] == 2
+
+
 def test_a_database_locked_by_another_process_is_a_503_to_retry_and_changes_nothing(tmp_path):
     # Another process (a backup, an admin's sqlite3 shell) holding the write lock past the wait must
     # not turn a submission into an untyped 500: the client is told to send it again.

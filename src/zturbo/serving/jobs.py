@@ -478,7 +478,7 @@ class SqlQueue(ABC):
     `pgstore.PostgresJobStore` (a server every node reaches). A subclass owns the connection: its
     transactions (`_tx`), reads (`_read`), and the clauses that make a claim safe when several
     processes claim at once (`_ROW_LOCK`, `_CLAIM_LOCK`, `_lock_queue`). Safe to share between the
-    threads of one process; one connection, used under `_lock`."""
+    threads of one process: writes go through one connection, under `_lock`."""
 
     # Appended to a SELECT of rows the transaction then changes: SQLite's write lock (BEGIN IMMEDIATE)
     # already makes every transaction run alone, so both are empty here.
@@ -942,12 +942,11 @@ class JobStore(SqlQueue):
             _create_database(self.path)
         if check:
             check_database(self.path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_S)
-        self._db.row_factory = sqlite3.Row
+        self._idle_readers: list[sqlite3.Connection] = []  # connections for reads (`_read`) not in use
+        self._readers_lock = threading.Lock()
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a crash
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None, deterministic=True)
         with self._lock:
             self._add_columns()
             self._db.executescript(SCHEMA)
@@ -961,30 +960,70 @@ class JobStore(SqlQueue):
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
                 log.info("job database %s: added the column %s.%s", self.path, table, column)
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_S)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None, deterministic=True)
+        return db
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._readers_lock:
+            for db in self._idle_readers:
+                db.close()
+            self._idle_readers.clear()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Reads in one snapshot, on a connection of their own (one per concurrent read, kept for the
+        next): in WAL mode they run beside any write, so a write waiting for another process's lock
+        holds up no status or history read, and one slow search holds up no other read."""
+        with self._readers_lock:
+            db = self._idle_readers.pop() if self._idle_readers else None
+        try:
+            with self._faults("read"):
+                db = db or self._connect()
+                db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    if db.in_transaction:
+                        db.execute("COMMIT")  # ends the snapshot; nothing was written
+        finally:
+            if db is not None:
+                with self._readers_lock:
+                    self._idle_readers.append(db)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks).
-        A full disk or an I/O fault is a StorageError naming the file."""
-        with self._lock:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks)."""
+        with self._lock, self._faults("write"):
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
-            except BaseException as e:
+            except BaseException:
                 if self._db.in_transaction:  # SQLite may already have rolled back (e.g. disk full)
                     self._db.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error) and storage_fault(e):
-                    raise StorageError(f"cannot write the job database {self.path}: {storage_fault(e)} ({e})") from e
-                if isinstance(e, sqlite3.OperationalError) and _busy(e):
-                    raise StoreBusyError(
-                        f"the job database {self.path} stayed locked by another process for {BUSY_WAIT_S:g} s; "
-                        "nothing was changed: send the request again"
-                    ) from e
                 raise
+
+    @contextmanager
+    def _faults(self, doing: str) -> Iterator[None]:
+        """A full disk or an I/O fault is a StorageError naming the file; a lock held by another
+        process past BUSY_WAIT_S is a StoreBusyError."""
+        try:
+            yield
+        except sqlite3.Error as e:
+            if storage_fault(e):
+                raise StorageError(f"cannot {doing} the job database {self.path}: {storage_fault(e)} ({e})") from e
+            if isinstance(e, sqlite3.OperationalError) and _busy(e):
+                raise StoreBusyError(
+                    f"the job database {self.path} stayed locked by another process for {BUSY_WAIT_S:g} s; "
+                    "nothing was changed: send the request again"
+                ) from e
+            raise
 
 
 class JobEvents:
