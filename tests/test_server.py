@@ -206,6 +206,22 @@ def test_cancel_a_running_job_between_steps_and_a_queued_one_at_once(server):
     assert r.status_code == 409 and r.json()["error"]["type"] == "conflict"
 
 
+def test_a_client_that_hangs_up_on_a_waiting_openai_request_cancels_its_job(server):
+    # A real uvicorn connection closed mid-wait: the job stops between steps instead of running
+    # its 40 steps for no one.
+    body = {"prompt": "nobody waits for this", "size": "64x64", "steps": 40}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/images/generations", json=body, headers=AUTH, timeout=2.0)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        history = server.client.get("/v1/history", params={"q": "nobody waits"}).json()
+        if history["items"]:
+            break
+        time.sleep(0.2)
+    (job,) = history["items"]
+    assert job["status"] == "cancelled" and job["cancel_requested"] is True
+
+
 def test_sse_reports_queue_position(server):
     blocker = server.submit(steps=10)
     waiting = server.submit(steps=1)

