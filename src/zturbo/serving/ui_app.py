@@ -28,6 +28,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -502,191 +503,374 @@ def _cfg_controls(cfg: CfgOptions) -> dict[str, Any]:
     return {"cfg_normalization": normalization, "cfg_truncation": truncation}
 
 
+_FREE: dict[str, Any] = {"concurrency_limit": None}  # the server's queue orders the work; Gradio's must not
+
+
+@dataclass(frozen=True)
+class _Session:
+    """Each session's state: its key, the last seed it generated with, the results shown, and the
+    History tab's records and selected job."""
+
+    key: gr.State
+    last_seed: gr.State
+    results: gr.State
+    hist_records: gr.State
+    hist_selected: gr.State
+
+
+@dataclass(frozen=True)
+class _KeyRow:
+    """The status line and the row where the API key is typed (shown while the API refuses the page)."""
+
+    status: gr.Markdown
+    row: gr.Row
+    box: gr.Textbox
+    button: gr.Button
+    ui_pass: gr.Textbox  # hidden: where the Use-key handler hands the page its pass
+
+
+@dataclass(frozen=True)
+class _Basics:
+    """The form's first controls: the prompt, Generate and Cancel, the size, the steps, the seed and
+    the number of images."""
+
+    prompt: gr.Textbox
+    generate: gr.Button
+    cancel: gr.Button
+    preset: gr.Dropdown
+    width: gr.Number
+    height: gr.Number
+    size_msg: gr.Markdown
+    steps: gr.Slider
+    seed: gr.Textbox
+    seed_random: gr.Button
+    seed_reuse: gr.Button
+    n: gr.Slider
+
+
+@dataclass(frozen=True)
+class _Advanced:
+    """The Advanced accordion: the negative prompt, guidance, CFG options and the seed's variation."""
+
+    box: gr.Accordion
+    negative: gr.Textbox
+    guidance: gr.Slider
+    cfg: dict[str, gr.Slider]  # `_cfg_controls`
+    variation_seed: gr.Textbox
+    variation_strength: gr.Slider
+    variety: gr.Slider
+
+
+@dataclass(frozen=True)
+class _Loras:
+    """The LoRAs accordion: a line about the server's LoRA directory, the pickers and their refresh."""
+
+    box: gr.Accordion
+    info: gr.Markdown
+    rows: list[gr.Dropdown | gr.Slider]  # each row's picker, then its weight
+    refresh: gr.Button
+
+
+@dataclass(frozen=True)
+class _Form:
+    """The Generate tab's left column."""
+
+    basics: _Basics
+    inputs: dict[str, Any]  # `_input_controls`
+    advanced: _Advanced
+    loras: _Loras
+    png: gr.File
+    png_msg: gr.Markdown
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The form's components by form key (`ui.FORM_KEYS`, `ui.GENERATE_KEYS`)."""
+        b, a = self.basics, self.advanced
+        return {
+            "prompt": b.prompt, "negative_prompt": a.negative, "preset": b.preset, "width": b.width,
+            "height": b.height, "steps": b.steps, "guidance_scale": a.guidance, **a.cfg, "seed": b.seed, "n": b.n,
+            "variation_seed": a.variation_seed, "variation_strength": a.variation_strength, "variety": a.variety,
+            **self.inputs, **dict(zip(LORA_KEYS, self.loras.rows, strict=True)),
+        }  # fmt: skip
+
+    @property
+    def filled(self) -> list[Any]:
+        """What a fill from a PNG or a past job sets: the form, and its accordions."""
+        fields = self.fields
+        # An accordion opens when a fill sets a value it holds.
+        accordions = [self.advanced.box, self.loras.box, self.inputs["inputs_box"], self.inputs["control_box"]]
+        return [*(fields[key] for key in FORM_KEYS), *accordions]
+
+
+@dataclass(frozen=True)
+class _Results:
+    """The Generate tab's right column."""
+
+    progress: gr.Markdown
+    live: gr.Image
+    gallery: gr.Gallery
+    image_params: gr.Markdown
+    download: gr.DownloadButton
+
+
+@dataclass(frozen=True)
+class _History:
+    """The History tab."""
+
+    tab: gr.Tab
+    search: gr.Textbox
+    search_btn: gr.Button
+    info: gr.Markdown
+    gallery: gr.Gallery
+    params: gr.Markdown
+    inputs: gr.Gallery
+    reuse: gr.Button
+    delete: gr.Button
+
+
+@dataclass(frozen=True)
+class _Page:
+    """The page's components, as the event wiring needs them."""
+
+    session: _Session
+    key: _KeyRow
+    tabs: gr.Tabs
+    form: _Form
+    results: _Results
+    history: _History
+
+    def status_io(self) -> dict[str, Any]:
+        """The status handler's inputs and outputs: the line, the key row and the ControlNet section."""
+        controlnet = [self.form.inputs["control_box"], self.form.inputs["control_info"]]
+        return {"inputs": [self.session.key], "outputs": [self.key.status, self.key.row, *controlnet], **_FREE}
+
+
 def build(
     client: ApiClient, limits: ModelLimits, files: _UiFiles, passes: _Passes | None, cookie_path: str = "/ui"
 ) -> gr.Blocks:
     """The Gradio app; `client` reaches the API (the serving process itself), `limits` are the served
     model's (the size presets and inputs step by its spatial unit), `passes` None when there is no key."""
-    unit = limits.spatial_unit
-    handlers = _Handlers(client, unit, files, passes)
-    presets = aspect_presets(unit)
-    on_size = functools.partial(preset_for, unit=unit)
+    handlers = _Handlers(client, limits.spatial_unit, files, passes)
     with gr.Blocks(title="zturbo", analytics_enabled=False) as demo:
-        key_state = gr.State(None)
-        last_seed = gr.State(None)
-        results = gr.State([])
-        hist_records = gr.State([])
-        hist_selected = gr.State(None)
-
-        gr.Markdown("## zturbo · Z-Image-Turbo")
-        status_md = gr.Markdown("Connecting…", elem_id="status-line")
-        with gr.Row(visible=False, elem_id="key-row") as key_row:
-            key_box = gr.Textbox(label="API key", type="password", scale=4, elem_id="api-key")
-            key_btn = gr.Button("Use key", scale=1, elem_id="use-key")
-            ui_pass = gr.Textbox(visible=False, elem_id="ui-pass")
-
-        with gr.Tabs(selected="generate") as tabs:
-            with gr.Tab("Generate", id="generate"), gr.Row():
-                with gr.Column(scale=2):
-                    prompt = gr.Textbox(
-                        label="Prompt", lines=3, placeholder="Describe the image, in English or 中文", elem_id="prompt"
-                    )
-                    with gr.Row():
-                        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                    preset = gr.Dropdown(
-                        [*presets, CUSTOM], value=next(iter(presets)), label="Aspect ratio", elem_id="preset"
-                    )
-                    with gr.Row():
-                        width = gr.Number(1024, label="Width", precision=KEEP_TYPED, step=unit, elem_id="width")
-                        height = gr.Number(1024, label="Height", precision=KEEP_TYPED, step=unit, elem_id="height")
-                    size_msg = gr.Markdown(elem_id="inputs-msg")  # where the size comes from, with input images
-                    steps = gr.Slider(
-                        *_slider_range("steps"), value=limits.profile.steps, step=1, label="Steps", elem_id="steps"
-                    )
-                    with gr.Row():
-                        seed = gr.Textbox(
-                            str(RANDOM_SEED), label="Seed (-1 = random)", max_lines=1, scale=2, elem_id="seed"
-                        )
-                        random_btn = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
-                        reuse_btn = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
-                    n = gr.Slider(*_slider_range("batch"), value=1, step=1, label="Number of images", elem_id="n")
-                    inputs = _input_controls(unit)
-                    with gr.Accordion("Advanced", open=False, elem_id="advanced") as advanced:
-                        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
-                        guidance = gr.Slider(
-                            *_slider_range("guidance_scale"), value=limits.profile.guidance, step=0.1,
-                            label="Guidance (CFG scale)", info=GUIDANCE_INFO, elem_id="guidance",
-                        )  # fmt: skip
-                        cfg = _cfg_controls(limits.profile.cfg)
-                        variation_seed = gr.Textbox(
-                            str(RANDOM_SEED), label="Variation seed (-1 = random)", max_lines=1,
-                            elem_id="variation-seed",
-                        )  # fmt: skip
-                        variation_strength = gr.Slider(
-                            0, 1, value=0, step=0.01, label="Variation strength", info=VARIATION_INFO,
-                            elem_id="variation-strength",
-                        )  # fmt: skip
-                        variety = gr.Slider(
-                            0, 1, value=0, step=0.01, label="Seed variety", info=VARIETY_INFO, elem_id="variety"
-                        )
-                    with gr.Accordion("LoRAs", open=False, elem_id="loras") as lora_box:
-                        lora_info = gr.Markdown(elem_id="lora-info")
-                        lora_rows: list[Any] = []
-                        for i in range(LORA_ROWS):
-                            with gr.Row():
-                                lora_rows.append(gr.Dropdown(
-                                    [("none", NO_LORA)], value=NO_LORA, label=f"LoRA {i + 1}", allow_custom_value=True,
-                                    scale=3, elem_id=f"lora-{i}",
-                                ))  # fmt: skip
-                                lora_rows.append(gr.Slider(
-                                    *LIMITS.lora_weight, value=1.0, step=0.05, label="Weight", scale=2,
-                                    elem_id=f"lora-weight-{i}",
-                                ))  # fmt: skip
-                        lora_refresh = gr.Button("Refresh the list", size="sm", elem_id="lora-refresh")
-                    png = gr.File(
-                        label="Drop a PNG here to read its parameters", file_types=[".png"], type="filepath",
-                        elem_id="png-drop",
-                    )  # fmt: skip
-                    png_msg = gr.Markdown(elem_id="png-msg")
-                with gr.Column(scale=3):
-                    progress = gr.Markdown(elem_id="progress")
-                    live = gr.Image(
-                        label="Preview", type="pil", format="jpeg", height=256, interactive=False, buttons=[],
-                        visible=False, elem_id="live-preview",
-                    )  # fmt: skip
-                    gallery = gr.Gallery(
-                        label="Results",
-                        columns=2,
-                        interactive=False,
-                        buttons=["download", "fullscreen"],
-                        elem_id="results",
-                    )
-                    image_params = gr.Markdown(elem_id="image-params")
-                    download = gr.DownloadButton("Download PNG (with metadata)", visible=False, elem_id="download")
-            with gr.Tab("History", id="history") as history_tab:
-                with gr.Row():
-                    search = gr.Textbox(label="Search prompts", scale=4, elem_id="search")
-                    search_btn = gr.Button("Search / refresh", scale=1, elem_id="search-btn")
-                hist_info = gr.Markdown(elem_id="history-info")
-                hist_gallery = gr.Gallery(
-                    label="History", columns=8, fit_columns=False, height=360, object_fit="cover", allow_preview=False,
-                    interactive=False, buttons=[], elem_id="history-gallery",
-                )  # fmt: skip
-                hist_params = gr.Markdown(elem_id="history-params")
-                hist_inputs = gr.Gallery(
-                    label="Input images", columns=3, height=180, object_fit="contain", allow_preview=False,
-                    interactive=False, buttons=[], visible=False, elem_id="history-inputs",
-                )  # fmt: skip
-                with gr.Row():
-                    hist_reuse = gr.Button("Reuse parameters", interactive=False, elem_id="history-reuse")
-                    hist_delete = gr.Button("Delete", variant="stop", interactive=False, elem_id="history-delete")
-
-        fields = {
-            "prompt": prompt, "negative_prompt": negative, "preset": preset, "width": width, "height": height,
-            "steps": steps, "guidance_scale": guidance, **cfg, "seed": seed, "n": n, "variation_seed": variation_seed,
-            "variation_strength": variation_strength, "variety": variety, **inputs,
-            **dict(zip(LORA_KEYS, lora_rows, strict=True)),
-        }  # fmt: skip
-        form = [fields[key] for key in FORM_KEYS]
-        free = {"concurrency_limit": None}  # the server's queue orders the work; Gradio's must not
-        control_outputs = [inputs["control_box"], inputs["control_info"]]
-        status_io = {"inputs": [key_state], "outputs": [status_md, key_row, *control_outputs], **free}
-        lora_io = {"inputs": [key_state], "outputs": [*lora_rows[0::2], lora_info], **free}
-        demo.load(handlers.status, **status_io).then(handlers.list_loras, **lora_io)
-        gr.Timer(5).tick(handlers.status, show_progress="hidden", **status_io)
-        # The page keeps the session's pass as a cookie, which its file and upload requests carry.
-        cookie = f"{PASS_COOKIE}=${{p}}; path={cookie_path}; SameSite=Strict"
-        keep_pass = f"(p) => {{ if (p) document.cookie = `{cookie}`; }}"
-        for typed in (key_btn.click, key_box.submit):
-            typed(handlers.use_key, [key_box], [key_state, key_box, status_md, key_row, ui_pass], **free).then(
-                None, [ui_pass], None, js=keep_pass
-            ).then(handlers.list_loras, **lora_io).then(handlers.status, **status_io)
-        lora_refresh.click(handlers.list_loras, **lora_io)
-
-        preset.input(handlers.apply_preset, [preset], [width, height])
-        width.input(on_size, [width, height], [preset])
-        height.input(on_size, [width, height], [preset])
-        random_btn.click(lambda: RANDOM_SEED, None, [seed])
-        # The size follows the inputs: the image's (plus the outpaint margins) or the control image's.
-        size_in = [inputs[key] for key in ("image", "control_image", *MARGIN_KEYS, "resize")]
-        size_out = [width, height, preset, size_msg]
-        for changed in (inputs["image"].upload, inputs["image"].clear):
-            changed(handlers.new_image, size_in, [inputs["mask_editor"], *size_out])
-        for changed in (inputs["control_image"].upload, inputs["control_image"].clear, inputs["resize"].input,
-                        *(inputs[key].input for key in MARGIN_KEYS)):  # fmt: skip
-            changed(handlers.fit_size, size_in, size_out)
-        inputs["strength"].input(lambda: False, None, [inputs["strength_default"]])  # moved: the user's strength
-        inputs["mask_editor"].clear(handlers.blank_editor, [inputs["image"]], [inputs["mask_editor"]])
-        reuse_btn.click(handlers.reuse_seed, [last_seed], [seed, progress])
-
-        # The timer polls every 5 s; refreshing as the job ends keeps the line from showing the
-        # finished job's worker busy until the next tick.
-        generate_btn.click(
-            handlers.generate,
-            [key_state, *(fields[key] for key in GENERATE_KEYS), *lora_rows],
-            [progress, gallery, results, image_params, download, last_seed, live],
-            show_progress="hidden",
-            **free,
-        ).then(handlers.status, show_progress="hidden", **status_io)
-        cancel_btn.click(handlers.cancel, [key_state], [progress], **free)
-        gallery.select(handlers.select_result, [results], [image_params, download])
-        # An accordion opens when a fill sets a value it holds.
-        filled = [*form, advanced, lora_box, inputs["inputs_box"], inputs["control_box"]]
-        png.upload(handlers.read_png, [key_state, png], [png_msg, *filled])
-
-        hist_io = [hist_info, hist_gallery, hist_records, hist_params, hist_selected, hist_reuse, hist_delete,
-                   hist_inputs]  # fmt: skip
-        history_tab.select(handlers.history, [key_state, search], hist_io, **free)
-        search_btn.click(handlers.history, [key_state, search], hist_io, **free)
-        search.submit(handlers.history, [key_state, search], hist_io, **free)
-        hist_gallery.select(
-            handlers.select_history, [key_state, hist_records], [hist_params, hist_selected, hist_reuse, hist_delete,
-                                                                 hist_inputs], **free,
-        )  # fmt: skip
-        hist_reuse.click(handlers.reuse_job, [key_state, hist_selected], [tabs, progress, *filled], **free)
-        hist_delete.click(handlers.delete_job, [key_state, hist_selected, search], hist_io, **free)
+        page = _layout(limits)
+        _wire_status(demo, page, handlers, cookie_path)
+        _wire_size(page, handlers)
+        _wire_generate(page, handlers)
+        _wire_history(page, handlers)
     return demo
+
+
+def _layout(limits: ModelLimits) -> _Page:
+    """The page's components, in the order they show."""
+    session = _Session(
+        key=gr.State(None),
+        last_seed=gr.State(None),
+        results=gr.State([]),
+        hist_records=gr.State([]),
+        hist_selected=gr.State(None),
+    )
+    gr.Markdown("## zturbo · Z-Image-Turbo")
+    key = _key_row()
+    with gr.Tabs(selected="generate") as tabs:
+        with gr.Tab("Generate", id="generate"), gr.Row():
+            form = _form_column(limits)
+            results = _results_column()
+        history = _history_tab()
+    return _Page(session, key, tabs, form, results, history)
+
+
+def _key_row() -> _KeyRow:
+    status = gr.Markdown("Connecting…", elem_id="status-line")
+    with gr.Row(visible=False, elem_id="key-row") as row:
+        box = gr.Textbox(label="API key", type="password", scale=4, elem_id="api-key")
+        button = gr.Button("Use key", scale=1, elem_id="use-key")
+        ui_pass = gr.Textbox(visible=False, elem_id="ui-pass")
+    return _KeyRow(status, row, box, button, ui_pass)
+
+
+def _form_column(limits: ModelLimits) -> _Form:
+    with gr.Column(scale=2):
+        basics = _basic_controls(limits)
+        inputs = _input_controls(limits.spatial_unit)
+        advanced = _advanced_controls(limits)
+        loras = _lora_controls()
+        png = gr.File(
+            label="Drop a PNG here to read its parameters", file_types=[".png"], type="filepath", elem_id="png-drop"
+        )
+        png_msg = gr.Markdown(elem_id="png-msg")
+    return _Form(basics, inputs, advanced, loras, png, png_msg)
+
+
+def _basic_controls(limits: ModelLimits) -> _Basics:
+    unit = limits.spatial_unit
+    presets = aspect_presets(unit)
+    prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Describe the image, in English or 中文", elem_id="prompt")
+    with gr.Row():
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+    preset = gr.Dropdown([*presets, CUSTOM], value=next(iter(presets)), label="Aspect ratio", elem_id="preset")
+    with gr.Row():
+        width = gr.Number(1024, label="Width", precision=KEEP_TYPED, step=unit, elem_id="width")
+        height = gr.Number(1024, label="Height", precision=KEEP_TYPED, step=unit, elem_id="height")
+    size_msg = gr.Markdown(elem_id="inputs-msg")  # where the size comes from, with input images
+    steps = gr.Slider(*_slider_range("steps"), value=limits.profile.steps, step=1, label="Steps", elem_id="steps")
+    with gr.Row():
+        seed = gr.Textbox(str(RANDOM_SEED), label="Seed (-1 = random)", max_lines=1, scale=2, elem_id="seed")
+        seed_random = gr.Button("Random", scale=1, size="sm", min_width=80, elem_id="seed-random")
+        seed_reuse = gr.Button("Reuse last", scale=1, size="sm", min_width=80, elem_id="seed-reuse")
+    n = gr.Slider(*_slider_range("batch"), value=1, step=1, label="Number of images", elem_id="n")
+    return _Basics(prompt, generate, cancel, preset, width, height, size_msg, steps, seed, seed_random, seed_reuse, n)
+
+
+def _advanced_controls(limits: ModelLimits) -> _Advanced:
+    with gr.Accordion("Advanced", open=False, elem_id="advanced") as box:
+        negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative")
+        guidance = gr.Slider(
+            *_slider_range("guidance_scale"), value=limits.profile.guidance, step=0.1,
+            label="Guidance (CFG scale)", info=GUIDANCE_INFO, elem_id="guidance",
+        )  # fmt: skip
+        cfg = _cfg_controls(limits.profile.cfg)
+        variation_seed = gr.Textbox(
+            str(RANDOM_SEED), label="Variation seed (-1 = random)", max_lines=1, elem_id="variation-seed"
+        )
+        variation_strength = gr.Slider(
+            0, 1, value=0, step=0.01, label="Variation strength", info=VARIATION_INFO, elem_id="variation-strength"
+        )
+        variety = gr.Slider(0, 1, value=0, step=0.01, label="Seed variety", info=VARIETY_INFO, elem_id="variety")
+    return _Advanced(box, negative, guidance, cfg, variation_seed, variation_strength, variety)
+
+
+def _lora_controls() -> _Loras:
+    with gr.Accordion("LoRAs", open=False, elem_id="loras") as box:
+        info = gr.Markdown(elem_id="lora-info")
+        rows: list[gr.Dropdown | gr.Slider] = []
+        for i in range(LORA_ROWS):
+            with gr.Row():
+                rows.append(gr.Dropdown(
+                    [("none", NO_LORA)], value=NO_LORA, label=f"LoRA {i + 1}", allow_custom_value=True, scale=3,
+                    elem_id=f"lora-{i}",
+                ))  # fmt: skip
+                rows.append(gr.Slider(
+                    *LIMITS.lora_weight, value=1.0, step=0.05, label="Weight", scale=2, elem_id=f"lora-weight-{i}"
+                ))  # fmt: skip
+        refresh = gr.Button("Refresh the list", size="sm", elem_id="lora-refresh")
+    return _Loras(box, info, rows, refresh)
+
+
+def _results_column() -> _Results:
+    with gr.Column(scale=3):
+        progress = gr.Markdown(elem_id="progress")
+        live = gr.Image(
+            label="Preview", type="pil", format="jpeg", height=256, interactive=False, buttons=[], visible=False,
+            elem_id="live-preview",
+        )  # fmt: skip
+        gallery = gr.Gallery(
+            label="Results", columns=2, interactive=False, buttons=["download", "fullscreen"], elem_id="results"
+        )
+        image_params = gr.Markdown(elem_id="image-params")
+        download = gr.DownloadButton("Download PNG (with metadata)", visible=False, elem_id="download")
+    return _Results(progress, live, gallery, image_params, download)
+
+
+def _history_tab() -> _History:
+    with gr.Tab("History", id="history") as tab:
+        with gr.Row():
+            search = gr.Textbox(label="Search prompts", scale=4, elem_id="search")
+            search_btn = gr.Button("Search / refresh", scale=1, elem_id="search-btn")
+        info = gr.Markdown(elem_id="history-info")
+        gallery = gr.Gallery(
+            label="History", columns=8, fit_columns=False, height=360, object_fit="cover", allow_preview=False,
+            interactive=False, buttons=[], elem_id="history-gallery",
+        )  # fmt: skip
+        params = gr.Markdown(elem_id="history-params")
+        inputs = gr.Gallery(
+            label="Input images", columns=3, height=180, object_fit="contain", allow_preview=False,
+            interactive=False, buttons=[], visible=False, elem_id="history-inputs",
+        )  # fmt: skip
+        with gr.Row():
+            reuse = gr.Button("Reuse parameters", interactive=False, elem_id="history-reuse")
+            delete = gr.Button("Delete", variant="stop", interactive=False, elem_id="history-delete")
+    return _History(tab, search, search_btn, info, gallery, params, inputs, reuse, delete)
+
+
+def _wire_status(demo: gr.Blocks, page: _Page, handlers: _Handlers, cookie_path: str) -> None:
+    """The status line (at load, every 5 s), the key, and the LoRA pickers' choices."""
+    session, key, loras = page.session, page.key, page.form.loras
+    status_io = page.status_io()
+    lora_io = {"inputs": [session.key], "outputs": [*loras.rows[0::2], loras.info], **_FREE}
+    demo.load(handlers.status, **status_io).then(handlers.list_loras, **lora_io)
+    gr.Timer(5).tick(handlers.status, show_progress="hidden", **status_io)
+    # The page keeps the session's pass as a cookie, which its file and upload requests carry.
+    cookie = f"{PASS_COOKIE}=${{p}}; path={cookie_path}; SameSite=Strict"
+    keep_pass = f"(p) => {{ if (p) document.cookie = `{cookie}`; }}"
+    for typed in (key.button.click, key.box.submit):
+        typed(handlers.use_key, [key.box], [session.key, key.box, key.status, key.row, key.ui_pass], **_FREE).then(
+            None, [key.ui_pass], None, js=keep_pass
+        ).then(handlers.list_loras, **lora_io).then(handlers.status, **status_io)
+    loras.refresh.click(handlers.list_loras, **lora_io)
+
+
+def _wire_size(page: _Page, handlers: _Handlers) -> None:
+    """The size and its preset, the seed's buttons, and the image inputs."""
+    basics, inputs = page.form.basics, page.form.inputs
+    on_size = functools.partial(preset_for, unit=handlers.unit)
+    basics.preset.input(handlers.apply_preset, [basics.preset], [basics.width, basics.height])
+    basics.width.input(on_size, [basics.width, basics.height], [basics.preset])
+    basics.height.input(on_size, [basics.width, basics.height], [basics.preset])
+    basics.seed_random.click(lambda: RANDOM_SEED, None, [basics.seed])
+    # The size follows the inputs: the image's (plus the outpaint margins) or the control image's.
+    size_in = [inputs[key] for key in ("image", "control_image", *MARGIN_KEYS, "resize")]
+    size_out = [basics.width, basics.height, basics.preset, basics.size_msg]
+    for changed in (inputs["image"].upload, inputs["image"].clear):
+        changed(handlers.new_image, size_in, [inputs["mask_editor"], *size_out])
+    for changed in (inputs["control_image"].upload, inputs["control_image"].clear, inputs["resize"].input,
+                    *(inputs[key].input for key in MARGIN_KEYS)):  # fmt: skip
+        changed(handlers.fit_size, size_in, size_out)
+    inputs["strength"].input(lambda: False, None, [inputs["strength_default"]])  # moved: the user's strength
+    inputs["mask_editor"].clear(handlers.blank_editor, [inputs["image"]], [inputs["mask_editor"]])
+    basics.seed_reuse.click(handlers.reuse_seed, [page.session.last_seed], [basics.seed, page.results.progress])
+
+
+def _wire_generate(page: _Page, handlers: _Handlers) -> None:
+    """Generate and Cancel, the results' selection, and the PNG drop."""
+    session, form, results = page.session, page.form, page.results
+    fields = form.fields
+    # The timer polls every 5 s; refreshing as the job ends keeps the line from showing the
+    # finished job's worker busy until the next tick.
+    form.basics.generate.click(
+        handlers.generate,
+        [session.key, *(fields[key] for key in GENERATE_KEYS), *form.loras.rows],
+        [
+            results.progress,
+            results.gallery,
+            session.results,
+            results.image_params,
+            results.download,
+            session.last_seed,
+            results.live,
+        ],
+        show_progress="hidden",
+        **_FREE,
+    ).then(handlers.status, show_progress="hidden", **page.status_io())
+    form.basics.cancel.click(handlers.cancel, [session.key], [results.progress], **_FREE)
+    results.gallery.select(handlers.select_result, [session.results], [results.image_params, results.download])
+    form.png.upload(handlers.read_png, [session.key, form.png], [form.png_msg, *form.filled])
+
+
+def _wire_history(page: _Page, handlers: _Handlers) -> None:
+    """The History tab: its search, its selection, and the selected job's reuse and deletion."""
+    session, history = page.session, page.history
+    # What a selection sets: the job's parameters, the job, its buttons and its input images.
+    selection = [history.params, session.hist_selected, history.reuse, history.delete, history.inputs]
+    listing = [history.info, history.gallery, session.hist_records, *selection]
+    query = [session.key, history.search]
+    history.tab.select(handlers.history, query, listing, **_FREE)
+    history.search_btn.click(handlers.history, query, listing, **_FREE)
+    history.search.submit(handlers.history, query, listing, **_FREE)
+    history.gallery.select(handlers.select_history, [session.key, session.hist_records], selection, **_FREE)
+    selected = [session.key, session.hist_selected]
+    history.reuse.click(handlers.reuse_job, selected, [page.tabs, page.results.progress, *page.form.filled], **_FREE)
+    history.delete.click(handlers.delete_job, [*selected, history.search], listing, **_FREE)
 
 
 class _Handlers:
