@@ -1,0 +1,61 @@
+"""Where a compiled int8 transformer's time goes, resident or streamed under a cap (GPU only).
+
+`zturbo bench --cap-row zturbo-int8:4` compiled did not reach its first 1024² image in 240 s on an
+H100, where the same row eager took 4 s; a stack taken mid-run was inside a compiled block, launching
+a Triton kernel. This probe builds the row's engine (`bench.memory.capped_engine`, as the bench
+does) and prints one JSON line per finished call, so a run cut off by a timeout still tells how far
+it got: the first call (compiling), a timed second, then a profiled third with the longest kernels.
+
+    python3 scripts/probe_int8_compile.py --cap 4 --size 512 --steps 2   # streamed (block-offload)
+    python3 scripts/probe_int8_compile.py --cap 0 --size 512 --steps 2   # resident
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from zturbo.bench import common, memory, profiling
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cap", type=float, default=4.0, help="GiB (0: the whole GPU)")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--quantize", default="int8", choices=["int8", "fp8", "none"])
+    ap.add_argument("--eager", action="store_true", help="without torch.compile, for comparison")
+    ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this script")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    engine, row = memory.capped_engine(args.cap, args.size, args.quantize, args.tiny, compile=not args.eager)
+    _say("placed", start, **row)
+    if engine is None:
+        sys.exit(1)
+
+    def call() -> None:
+        engine.prompt_cache.clear()
+        engine.generate(common.PROMPT, seed=common.SEED, width=args.size, height=args.size, steps=args.steps)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for name in ("first call", "second call"):
+        t = time.perf_counter()
+        call()
+        _say(name, start, call_s=time.perf_counter() - t)
+    t = time.perf_counter()
+    report = profiling.profile(call, top=20)
+    report.pop("idle", None)
+    _say("profiled", start, call_s=(time.perf_counter() - t) / 2, **report)
+
+
+def _say(what: str, start: float, **fields: object) -> None:
+    print(json.dumps({"at_s": round(time.perf_counter() - start, 1), "what": what, **fields}, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
