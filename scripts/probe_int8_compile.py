@@ -8,6 +8,7 @@ it got: the first call (compiling), a timed second, then a profiled third with t
 
     python3 scripts/probe_int8_compile.py --cap 4 --size 512 --steps 2   # streamed (block-offload)
     python3 scripts/probe_int8_compile.py --cap 0 --size 512 --steps 2   # resident
+    python3 scripts/probe_int8_compile.py --tiny --cap 0 --size 64 --steps 1  # CPU smoke test
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from zturbo.bench import common, memory, profiling
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cap", type=float, default=4.0, help="GiB (0: the whole GPU)")
     ap.add_argument("--size", type=int, default=512)
@@ -30,7 +31,7 @@ def main() -> None:
     ap.add_argument("--quantize", default="int8", choices=["int8", "fp8", "none"])
     ap.add_argument("--eager", action="store_true", help="without torch.compile, for comparison")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this script")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     start = time.perf_counter()
     engine, row = memory.capped_engine(args.cap, args.size, args.quantize, args.tiny, compile=not args.eager)
     _say("placed", start, **row)
@@ -47,6 +48,8 @@ def main() -> None:
         t = time.perf_counter()
         call()
         _say(name, start, call_s=time.perf_counter() - t)
+    if not torch.cuda.is_available():
+        return  # the profile is of CUDA kernels
     t = time.perf_counter()
     report = profiling.profile(call, top=20)
     report.pop("idle", None)

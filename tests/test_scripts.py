@@ -28,6 +28,7 @@ KEPT = {
     "bench_weights.py",
     "build_fa3.sh",
     "probe_floor.py",
+    "probe_int8_compile.py",
     "profile_start.py",
 }
 # Scripts covered by a test file of their own.
@@ -186,6 +187,17 @@ def test_bench_parallel_times_one_and_two_processes_in_one_run(tmp_path):
 def test_bench_parallel_refuses_a_run_without_its_baseline(capsys):
     code, err = refused("bench_parallel.py", "--parallel", "2", "4", capsys=capsys)
     assert code == 2 and "--parallel must include 1" in err
+
+
+def test_probe_int8_compile_reports_each_call_as_it_finishes():
+    # On the GPU a call may run for minutes: each finished one is a line of its own, so a run cut
+    # off by a timeout still says how far it got.
+    proc = run_script("probe_int8_compile.py", "--tiny", "--cap", "0", "--size", "32", "--steps", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [line["what"] for line in lines] == ["placed", "first call", "second call"]
+    assert lines[0]["plan"] == "resident + int8" and lines[0]["compiled"] is True
+    assert lines[2]["call_s"] > 0
 
 
 def test_the_gpu_machine_scripts_parse():
