@@ -44,15 +44,18 @@ class ClientGoneError(Exception):
 async def awaited_job(service: Service, request: Request, job_id: str) -> jobs.Job | None:
     """The job once it has finished (`finished_job`); None where the client went away first (its
     connection closed, or the request was cancelled under the server): then the job is cancelled,
-    a queued one at once and a running one after its current step, as no one will collect its images."""
+    a queued one at once and a running one after its current step, as no one will collect its images.
+    Not while the server shuts down: cutting off waiting requests is then the server's doing, and
+    its jobs stay in the queue for the next server, as every accepted job does."""
     gone = asyncio.Event()
     listener = asyncio.create_task(_hang_up(request, gone))
     try:
         return await finished_job(service.store, service.events, job_id, service.settings.sync_timeout, gone.is_set)
     except (ClientGoneError, asyncio.CancelledError) as e:
-        with anyio.CancelScope(shield=True), contextlib.suppress(jobs.JobConflictError, jobs.JobNotFoundError):
-            await run_in_threadpool(service.cancel, job_id)
-            log.info("job %s cancelled: its client went away before it finished", job_id)
+        if not service.stopping.is_set():
+            with anyio.CancelScope(shield=True), contextlib.suppress(jobs.JobConflictError, jobs.JobNotFoundError):
+                await run_in_threadpool(service.cancel, job_id)
+                log.info("job %s cancelled: its client went away before it finished", job_id)
         if isinstance(e, asyncio.CancelledError):
             raise
         return None
