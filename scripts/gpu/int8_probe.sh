@@ -6,6 +6,6 @@ set -o pipefail
 . scripts/gpu/setup.sh || exit 1
 . scripts/gpu/steps.sh
 probe=(python3 scripts/probe_int8_compile.py --size 512 --steps 2)
-step resident-compiled 150 "${probe[@]}" --cap 0
+step resident-compiled 110 "${probe[@]}" --cap 0
 TORCH_LOGS=recompiles,graph_breaks step streamed-compiled 240 "${probe[@]}" --cap 4
 el done; pack
