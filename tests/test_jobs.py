@@ -760,3 +760,31 @@ def test_a_store_url_password_never_shows(tmp_path):
     assert redact("postgresql://db/q?password=s3cret") == "postgresql://db/q?password=***"
     with pytest.raises(InvalidRequestError, match=r"--store 'sqlite:///x' is not a job store.*postgresql://"):
         open_store("sqlite:///x", tmp_path)
+
+
+def test_sqlite_reads_after_close_are_refused_and_leave_no_connection_open(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = store.submit(params())
+    with store._read() as in_flight:  # a read under way while the server closes the store
+        store.get(job.id)  # a second reader, pooled when it ends
+        store.close()
+    assert store._idle_readers == []
+    with pytest.raises(sqlite3.ProgrammingError):
+        in_flight.execute("SELECT 1")  # closed when its read ended, not put back
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        store.get(job.id)
+
+
+def test_a_database_moved_away_under_the_server_is_not_made_again_empty(tmp_path):
+    # A new read connection must not create an empty jobs.sqlite3 where the file was, which the
+    # next start would then refuse as empty (its jobs lost).
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job = store.submit(params())
+    while store._idle_readers:  # the next read opens a connection of its own
+        store._idle_readers.pop().close()
+    path.rename(tmp_path / "moved.sqlite3")
+    with pytest.raises(StorageError, match="cannot be opened"):
+        store.get(job.id)
+    assert not path.exists()
+    store.close()

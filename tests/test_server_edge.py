@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -329,28 +330,22 @@ def test_a_body_is_read_only_after_the_key_has_passed(tmp_path, headers, status)
     assert reads == ([] if status == 401 else [len(body)])
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("/v1/images/generations", {"prompt": "a fox", "size": "64x64"}),
-        ("/sdapi/v1/txt2img", {"prompt": "a fox", **SMALL}),
-    ],
-)
-@pytest.mark.parametrize("stopping", [False, True])
-def test_a_waiting_request_whose_client_goes_away_cancels_its_job(tmp_path, path, body, stopping):
-    # The OpenAI and A1111 routes answer once the job is done; a client that hung up will collect
-    # nothing, so its job leaves the queue instead of taking the GPU (and a queue slot) for no one.
-    # Unless the server is shutting down: then it cut the request off, and the job stays queued.
-    app = in_process_app(tmp_path / "data", sync_timeout=30)
-    if stopping:
-        app.state.service.stopping.set()
+WAITING_ROUTES = [
+    ("/v1/images/generations", {"prompt": "a fox", "size": "64x64"}),
+    ("/sdapi/v1/txt2img", {"prompt": "a fox", **SMALL}),
+]
+
+
+def _waiting_request(path: str, body: dict, hang_up_after: float | None) -> tuple[dict, Any, Any, list[dict]]:
+    """An ASGI request to `path` whose receive behaves as uvicorn's: the body, then a wait until
+    the client hangs up, `hang_up_after` seconds later (None: never)."""
     raw = json.dumps(body).encode()
     sent: list[dict] = []
     hangs_up: list[float] = []
 
-    async def receive() -> dict:  # as uvicorn's: the body, then a wait until the client hangs up
+    async def receive() -> dict:
         if not hangs_up:
-            hangs_up.append(time.monotonic() + 0.5)  # half a second after sending its request
+            hangs_up.append(time.monotonic() + (hang_up_after if hang_up_after is not None else 1e9))
             return {"type": "http.request", "body": raw, "more_body": False}
         if time.monotonic() < hangs_up[0]:
             await asyncio.sleep(hangs_up[0] - time.monotonic())
@@ -365,11 +360,50 @@ def test_a_waiting_request_whose_client_goes_away_cancels_its_job(tmp_path, path
         "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
         "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
     }  # fmt: skip
+    return scope, receive, send, sent
+
+
+@pytest.mark.parametrize(("path", "body"), WAITING_ROUTES)
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_waiting_request_whose_client_goes_away_cancels_its_job(tmp_path, path, body, stopping):
+    # The OpenAI and A1111 routes answer once the job is done; a client that hung up will collect
+    # nothing, so its job leaves the queue instead of taking the GPU (and a queue slot) for no one,
+    # during a shutdown's grace too.
+    app = in_process_app(tmp_path / "data", sync_timeout=30)
+    if stopping:
+        app.state.service.stopping.set()
+    scope, receive, send, sent = _waiting_request(path, body, hang_up_after=0.5)
     start = time.monotonic()
     asyncio.run(app(scope, receive, send))
-    assert time.monotonic() - start < 5  # not the 30 s the route would wait for its job
+    assert time.monotonic() - start < 1.5  # the hang-up wakes the wait: not the next poll, nor 30 s
     assert sent[0]["status"] == 499
     counts = app.state.service.store.counts()
+    assert (counts["cancelled"], counts["queued"]) == (1, 0)
+
+
+@pytest.mark.parametrize(("path", "body"), WAITING_ROUTES)
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_waiting_request_cancelled_under_the_server_cancels_its_job_unless_it_shuts_down(
+    tmp_path, path, body, stopping
+):
+    # Ray Serve cancels a request whose client disconnected; uvicorn cancels the requests still
+    # open when a shutdown's grace ends, whose jobs then stay queued for the next server.
+    app = in_process_app(tmp_path / "data", sync_timeout=30)
+    store = app.state.service.store
+    scope, receive, send, _ = _waiting_request(path, body, hang_up_after=None)
+
+    async def cancel_once_queued() -> None:
+        request = asyncio.ensure_future(app(scope, receive, send))
+        while store.counts()["queued"] == 0:
+            await asyncio.sleep(0.05)
+        if stopping:
+            app.state.service.stopping.set()
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(cancel_once_queued())
+    counts = store.counts()
     assert (counts["cancelled"], counts["queued"]) == ((0, 1) if stopping else (1, 0))
 
 
@@ -394,6 +428,7 @@ def test_reads_answer_while_a_submission_waits_for_another_processs_lock(tmp_pat
             assert client.get("/v1/status").status_code == 200
             assert client.get("/health").status_code == 200
             took = time.monotonic() - start
+            assert waiting.is_alive()  # the submission was still waiting for the lock all along
         finally:
             other.execute("ROLLBACK")
             other.close()

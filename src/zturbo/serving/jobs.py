@@ -56,6 +56,7 @@ MAX_ATTEMPTS = 2
 # job queued more than this long after it (docs/server.md, "Scheduling").
 SAME_SET_WINDOW_S = 30.0
 BUSY_WAIT_S = 30.0  # how long a connection waits for another's lock before StoreBusyError
+IDLE_READERS = 8  # SQLite read connections kept open between reads (each holds two file descriptors)
 NO_LORAS = ""  # the LoRA set key of a job without LoRAs (the base weights)
 NO_BATCH = ""  # the batch key of a row that runs alone (queued before batching existed)
 
@@ -944,6 +945,7 @@ class JobStore(SqlQueue):
             check_database(self.path)
         self._idle_readers: list[sqlite3.Connection] = []  # connections for reads (`_read`) not in use
         self._readers_lock = threading.Lock()
+        self._closed = False
         self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only a crash
@@ -961,7 +963,9 @@ class JobStore(SqlQueue):
                 log.info("job database %s: added the column %s.%s", self.path, table, column)
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_S)
+        # mode=rw: a database file moved or deleted under the server is an error, not a new empty file.
+        uri = f"{self.path.absolute().as_uri()}?mode=rw"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_S)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA foreign_keys=ON")
         db.create_function("casefold", 1, lambda s: s.casefold() if s is not None else None, deterministic=True)
@@ -971,17 +975,22 @@ class JobStore(SqlQueue):
         with self._lock:
             self._db.close()
         with self._readers_lock:
+            self._closed = True
             for db in self._idle_readers:
                 db.close()
             self._idle_readers.clear()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        """Reads in one snapshot, on a connection of their own (one per concurrent read, kept for the
-        next): in WAL mode they run beside any write, so a write waiting for another process's lock
-        holds up no status or history read, and one slow search holds up no other read."""
+        """Reads in one snapshot, on a connection of their own (one per concurrent read, up to
+        IDLE_READERS kept for the next): in WAL mode they run beside any write, so a write waiting
+        for another process's lock holds up no status or history read, and one slow search holds
+        up no other read."""
         with self._readers_lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError(f"the job database {self.path} was closed")
             db = self._idle_readers.pop() if self._idle_readers else None
+        reusable = False
         try:
             with self._faults("read"):
                 db = db or self._connect()
@@ -991,10 +1000,19 @@ class JobStore(SqlQueue):
                 finally:
                     if db.in_transaction:
                         db.execute("COMMIT")  # ends the snapshot; nothing was written
+            reusable = True
         finally:
             if db is not None:
-                with self._readers_lock:
-                    self._idle_readers.append(db)
+                self._put_reader(db, reusable)
+
+    def _put_reader(self, db: sqlite3.Connection, reusable: bool) -> None:
+        """Keep a reader for the next read, unless the store closed, enough are kept, or its read
+        failed (a statement left open there would pin its old snapshot)."""
+        with self._readers_lock:
+            if reusable and not self._closed and len(self._idle_readers) < IDLE_READERS:
+                self._idle_readers.append(db)
+                return
+        db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

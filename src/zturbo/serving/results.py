@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -21,7 +19,7 @@ from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
-from ..errors import StorageError, SyncTimeoutError
+from ..errors import StorageError, SyncTimeoutError, ZTurboError
 from . import jobs
 from .stores import QueueStore
 
@@ -34,7 +32,7 @@ log = logging.getLogger(__name__)
 OUTPUT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
-CLIENT_GONE = 499  # the status a request whose client went away is logged with (nginx's "client closed request")
+CLIENT_GONE = 499  # the answer to a client that went away (nginx's "client closed request"); no one reads it
 
 
 class ClientGoneError(Exception):
@@ -42,25 +40,37 @@ class ClientGoneError(Exception):
 
 
 async def awaited_job(service: Service, request: Request, job_id: str) -> jobs.Job | None:
-    """The job once it has finished (`finished_job`); None where the client went away first (its
-    connection closed, or the request was cancelled under the server): then the job is cancelled,
-    a queued one at once and a running one after its current step, as no one will collect its images.
-    Not while the server shuts down: cutting off waiting requests is then the server's doing, and
-    its jobs stay in the queue for the next server, as every accepted job does."""
+    """The job once it has finished (`finished_job`); None where the client went away first: then
+    the job is cancelled, a queued one at once and a running one after its current step, as no one
+    will collect its images. A request cancelled under the server (Ray Serve does so when its client
+    disconnects) cancels its job too, except while the server shuts down: then the server cut it
+    off, and its job stays in the queue for the next server, as every accepted job does."""
     gone = asyncio.Event()
     listener = asyncio.create_task(_hang_up(request, gone))
     try:
-        return await finished_job(service.store, service.events, job_id, service.settings.sync_timeout, gone.is_set)
-    except (ClientGoneError, asyncio.CancelledError) as e:
-        if not service.stopping.is_set():
-            with anyio.CancelScope(shield=True), contextlib.suppress(jobs.JobConflictError, jobs.JobNotFoundError):
-                await run_in_threadpool(service.cancel, job_id)
-                log.info("job %s cancelled: its client went away before it finished", job_id)
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        return await finished_job(service.store, service.events, job_id, service.settings.sync_timeout, gone)
+    except ClientGoneError:
+        await _abandon(service, job_id)
         return None
+    except asyncio.CancelledError:
+        if not service.stopping.is_set():
+            await _abandon(service, job_id)
+        raise
     finally:
         listener.cancel()
+
+
+async def _abandon(service: Service, job_id: str) -> None:
+    """Cancel the job of a client that went away; shielded, as the request itself may be cancelled."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await run_in_threadpool(service.cancel, job_id)
+        except (jobs.JobConflictError, jobs.JobNotFoundError):
+            return  # it finished (or went) meanwhile
+        except ZTurboError as e:  # the store busy or failing: the job goes on, for no one
+            log.warning("job %s: its client went away, and cancelling it failed: %s", job_id, e)
+            return
+    log.info("job %s cancelled: its client went away before it finished", job_id)
 
 
 async def _hang_up(request: Request, gone: asyncio.Event) -> None:
@@ -72,7 +82,7 @@ async def _hang_up(request: Request, gone: asyncio.Event) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
     except Exception as e:  # e.g. Ray Serve's proxy losing its own connection to the replica
-        log.debug("cannot tell whether the client of %s is still there: %s", request.url.path, e)
+        log.debug("cannot tell whether the client of %s is still there: %r", request.url.path, e)
         return
     gone.set()
 
@@ -82,11 +92,11 @@ async def finished_job(
     events: jobs.JobEvents,
     job_id: str,
     timeout: float,
-    gone: Callable[[], bool] | None = None,
+    gone: asyncio.Event | None = None,
 ) -> jobs.Job:
     """Wait for the job to finish, re-reading it whenever it has news (and at least once a second);
-    SyncTimeoutError after `timeout` seconds (the job goes on); ClientGoneError once `gone()` says
-    the client went away."""
+    SyncTimeoutError after `timeout` seconds (the job goes on); ClientGoneError once `gone` is set
+    (the client went away)."""
     loop = asyncio.get_running_loop()
     news = asyncio.Event()
     unsubscribe = events.subscribe(job_id, lambda event, data: loop.call_soon_threadsafe(news.set))
@@ -97,16 +107,25 @@ async def finished_job(
             job = await run_in_threadpool(store.get, job_id)
             if job.finished:
                 return job
-            if gone is not None and gone():
+            if gone is not None and gone.is_set():
                 raise ClientGoneError(job_id)
             if time.monotonic() > deadline:
                 raise SyncTimeoutError(
                     f"job {job_id} did not finish within {timeout:g} s; it goes on: poll GET /v1/jobs/{job_id}"
                 )
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(news.wait(), min(1.0, timeout))
+            await _either(news, gone, min(1.0, timeout))
     finally:
         unsubscribe()
+
+
+async def _either(first: asyncio.Event, second: asyncio.Event | None, timeout: float) -> None:
+    """Until either event is set, or `timeout` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in (first, second) if e is not None]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 def read_image(images_dir: Path, name: str, image_id: str) -> bytes:

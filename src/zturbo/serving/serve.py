@@ -64,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--sync-timeout",
         type=float,
         default=600.0,
-        help="seconds POST /v1/images/generations waits for its job before answering 504 (default 600)",
+        help="seconds the OpenAI and A1111 routes wait for their job before answering 504 (default 600); "
+        "a client that hangs up first cancels it",
     )
     _a1111_arguments(p)
     p.add_argument(

@@ -45,7 +45,7 @@ class ServeSettings:
     queue_size: int = 64
     job_timeout: float = 600.0
     shutdown_grace: float = 30.0
-    sync_timeout: float = 600.0  # longest POST /v1/images/generations waits before answering 504
+    sync_timeout: float = 600.0  # longest the OpenAI and A1111 routes wait for their job before answering 504
     # Transport bounds, not request limits: a full job body (two 4000-character prompts, 64 seeds)
     # is well under 100 KB even JSON-escaped; larger bodies get 413, larger headers 431.
     max_body_bytes: int = 1 << 20
