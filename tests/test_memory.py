@@ -516,6 +516,40 @@ def test_quantized_weights_are_planned_under_block_offload_and_refused_under_seq
         memory.plan_layout(sequential, source, dtypes, None, None, compiled_vae=False)
 
 
+@pytest.mark.parametrize(
+    ("plan", "quantize", "compiles"),
+    [
+        ("resident", "int8", True),
+        ("model-offload", "int8", True),
+        ("block-offload", "fp8", True),
+        ("block-offload", "none", True),
+        ("block-offload", "int8", False),
+        ("te-offload", "int8", False),
+        ("sequential", "none", False),
+    ],
+)
+def test_only_plans_measured_to_compile_in_reasonable_time_compile(plan, quantize, compiles):
+    # Streamed int8 blocks, compiled, took minutes to a first image on an H100 (eager: seconds).
+    assert memory.compilable(plan, quantize) is compiles
+    assert (memory.eager_reason(plan, quantize) is None) is compiles
+
+
+def test_int8_weights_streamed_run_eagerly_even_where_compiling_was_asked(tiny_dir, caplog):
+    pytest.importorskip("torchao")
+    config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8", compile="on")
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        engine = Engine.load(dataclasses.replace(config, memory="block-offload"), warmup=False)
+    assert not engine.accel.compiling
+    assert "running eagerly: int8 blocks streamed by the block-offload plan" in caplog.text
+    resident = Engine.load(config, warmup=False)  # the same weights resident: compiled as asked
+    assert resident.accel.compiling
+    # Out of memory, the resident engine moves to te-offload, which streams int8 blocks: eager from then on.
+    with caplog.at_level(logging.WARNING, logger="zturbo"):
+        resident._move_to(Layout("te-offload", quantize="int8"))
+    assert not resident.accel.compiling
+    assert "running eagerly from now on: int8 blocks streamed by the te-offload plan" in caplog.text
+
+
 def test_a_layout_names_a_bad_plan_or_count():
     with pytest.raises(ValueError, match="plan 'all-in' is not one of resident"):
         Layout("all-in")

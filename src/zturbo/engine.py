@@ -66,10 +66,10 @@ from .memory.plan import (
     UNQUANTIZED_PLANS,
     Layout,
     batch_room,
-    compilable,
     controlnet_activation,
     denoise_onload,
     dtype_bytes,
+    eager_reason,
     estimate,
     fusable,
     leaner,
@@ -280,8 +280,11 @@ class Engine:
         limits = source.limits(config.max_pixels)
         engine = cls(components, model, device, dtypes, limits, layout=layout, profile=chosen)
         engine._configure(config, source, layout)
+        eager = eager_reason(layout.plan, layout.quantize)
+        if compile_ and eager is not None:
+            log.log(logging.WARNING if config.compile == "on" else logging.INFO, "running eagerly: %s", eager)
         options = AccelOptions(
-            compile=compile_ and compilable(layout.plan),
+            compile=compile_ and eager is None,
             quantize=layout.quantize,
             # Fused projections are plain GEMMs: GGUF weights must stay in their dequantizing linears.
             fuse=fusable(layout.plan) and not stores_quantized(components.transformer),
@@ -875,8 +878,11 @@ class Engine:
         fusions under streaming, and CUDA graphs that replay the old addresses."""
         self._forget_loras()
         release_cached_memory(self.device)
-        if target.plan in ("block-offload", "sequential") and self.accel.compiling:
+        if self.accel.compiling and target.plan in ("block-offload", "sequential"):
             self.accel.revert_compile()  # streaming re-points the weights that fusion shares
+        elif self.accel.compiling and (eager := eager_reason(target.plan, target.quantize)) is not None:
+            log.warning("running eagerly from now on: %s", eager)
+            self.accel.revert_compile()
         # Leaner plans move the encoder's weights, so its graphs can never replay again (plans
         # only get leaner): free their memory now.
         self.accel.encoder_graphs = None

@@ -89,7 +89,7 @@ def capped_engine(
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
 
-    compile_ = compile and memory.compilable(est.plan)
+    compile_ = compile and memory.compilable(est.plan, est.quantize)
     backend, fuse = ("eager" if tiny else "inductor"), memory.fusable(est.plan)
     options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
     engine.accel = accel.apply(components, options)

@@ -290,7 +290,7 @@ def estimate(
         raise ValueError(f"plan {plan} runs plain weights only and cannot run a {what} transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
-    vae_compiled = compiled_vae and compilable(plan)
+    vae_compiled = compiled_vae and compilable(plan, quantize)
     doubled = cfg and not split_cfg
     denoise = transformer_activation(shape, t_e, width, height, batch, doubled, prompt_tokens, shards)
     denoise += controlnet_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
@@ -653,10 +653,24 @@ def leaner(layout: Layout, guided: bool = False) -> Layout | None:
     return replace(layout, plan=target)
 
 
-def compilable(plan: str) -> bool:
-    """Whether the engine compiles under `plan`: diffusers' group offloading (sequential) wraps the
-    blocks' forwards itself, and compiling them too is not supported."""
-    return plan not in STREAMED_PLANS
+def compilable(plan: str, quantize: str = "none") -> bool:
+    """Whether the engine compiles under `plan` with `quantize` weights (`eager_reason` says why not)."""
+    return eager_reason(plan, quantize) is None
+
+
+def eager_reason(plan: str, quantize: str = "none") -> str | None:
+    """Why the engine runs eagerly under `plan` with `quantize` weights, or None where it compiles.
+
+    diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
+    too is not supported. int8 blocks streamed through device slots, compiled, did not reach their
+    first 1024² image in 4 to 6 minutes on an H100, three times, where eager they take 4 s to the
+    first image and 1.85 s per image after, under the same 4 GiB cap (docs/performance.md,
+    "Quantized weights streamed under a cap")."""
+    if plan in STREAMED_PLANS:
+        return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
+    if quantize == "int8" and plan in TUNABLE_PLANS:
+        return f"int8 blocks streamed by the {plan} plan, compiled, take minutes to their first image"
+    return None
 
 
 def fusable(plan: str) -> bool:
