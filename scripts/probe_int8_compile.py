@@ -1,26 +1,36 @@
-"""Where a compiled int8 transformer's time goes, resident or streamed under a cap (GPU only).
+"""Where a compiled int8 (or GGUF) transformer's time goes, resident or streamed under a cap.
 
 `zturbo bench --cap-row zturbo-int8:4` compiled did not reach its first 1024² image in 240 s on an
 H100, where the same row eager took 4 s; a stack taken mid-run was inside a compiled block, launching
-a Triton kernel. This probe builds the row's engine (`bench.memory.capped_engine`, as the bench
-does) and prints one JSON line per finished call, so a run cut off by a timeout still tells how far
-it got: the first call (compiling), a timed second, then a profiled third with the longest kernels.
+a Triton kernel (so the engine now runs streamed int8 eagerly). This probe builds the row's engine
+(`bench.memory.capped_engine`, as the bench does, but compiled even there) and prints one JSON line
+per finished call, so a run cut off by a timeout still tells how far it got: the first call
+(compiling), a timed second, then a profiled third with the longest kernels.
 
     python3 scripts/probe_int8_compile.py --cap 4 --size 512 --steps 2   # streamed (block-offload)
     python3 scripts/probe_int8_compile.py --cap 0 --size 512 --steps 2   # resident
+    python3 scripts/probe_int8_compile.py --gguf Q8_0 --cap 4 --size 512 --steps 2   # a GGUF file streamed
     python3 scripts/probe_int8_compile.py --tiny --cap 0 --size 64 --steps 1  # CPU smoke test
+
+With `--gguf TYPE` the transformer is a GGUF file of that type, written from the random weights
+(`bench.ggufwrite`) and loaded as `--transformer FILE.gguf` loads it, in place of int8 weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from zturbo.bench import common, memory, profiling
+from zturbo.bench import common, ggufwrite, memory, profiling
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +40,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quantize", default="int8", choices=["int8", "fp8", "none"])
     ap.add_argument("--eager", action="store_true", help="without torch.compile, for comparison")
+    ap.add_argument("--gguf", default=None, help="a GGUF file of this type (Q8_0, Q4_K, ...) instead of --quantize")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this script")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    engine, row = memory.capped_engine(args.cap, args.size, args.quantize, args.tiny, compile=not args.eager)
+    quantize = "none" if args.gguf else args.quantize
+    with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:
+        build = _gguf_components(args.gguf, Path(tmp)) if args.gguf else common.random_components
+        engine, row = memory.capped_engine(
+            args.cap, args.size, quantize, args.tiny, build, compile=not args.eager, compile_anyway=True
+        )
     _say("placed", start, **row)
     if engine is None:
         sys.exit(1)
@@ -54,6 +70,23 @@ def main(argv: list[str] | None = None) -> None:
     report = profiling.profile(call, top=20)
     report.pop("idle", None)
     _say("profiled", start, call_s=(time.perf_counter() - t) / 2, **report)
+
+
+def _gguf_components(qtype: str, root: Path) -> Callable[[torch.device, torch.dtype, bool], Any]:
+    """`capped_engine`'s builder: the random components with their transformer written to a GGUF
+    file of `qtype` and loaded back from it, as `--transformer FILE.gguf` loads one."""
+    from zturbo import gguf
+
+    def build(device: torch.device, dtype: torch.dtype, tiny: bool) -> Any:
+        components = common.random_components(device, dtype, tiny)
+        config, path = dict(components.transformer.config), root / f"transformer-{qtype}.gguf"
+        ggufwrite.write_transformer(path, components.transformer.state_dict(), qtype)
+        components = dataclasses.replace(components, transformer=None)
+        common.release_device_memory()
+        transformer, info = gguf.load_transformer(path, config, device, dtype)
+        return dataclasses.replace(components, transformer=transformer, transformer_weights=info.describe())
+
+    return build
 
 
 def _say(what: str, start: float, **fields: object) -> None:

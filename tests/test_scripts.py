@@ -189,14 +189,20 @@ def test_bench_parallel_refuses_a_run_without_its_baseline(capsys):
     assert code == 2 and "--parallel must include 1" in err
 
 
-def test_probe_int8_compile_reports_each_call_as_it_finishes():
+@pytest.mark.parametrize(
+    ("weights", "plan"), [(["--quantize", "int8"], "resident + int8"), (["--gguf", "Q8_0"], "resident")]
+)
+def test_probe_int8_compile_reports_each_call_as_it_finishes(weights, plan):
     # On the GPU a call may run for minutes: each finished one is a line of its own, so a run cut
     # off by a timeout still says how far it got.
-    proc = run_script("probe_int8_compile.py", "--tiny", "--cap", "0", "--size", "32", "--steps", "1")
+    if weights[0] == "--gguf":
+        pytest.importorskip("gguf")
+    args = ("--tiny", "--cap", "0", "--size", "32", "--steps", "1", *weights)
+    proc = run_script("probe_int8_compile.py", *args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [line["what"] for line in lines] == ["placed", "first call", "second call"]
-    assert lines[0]["plan"] == "resident + int8" and lines[0]["compiled"] is True
+    assert lines[0]["plan"] == plan and lines[0]["compiled"] is True
     assert lines[2]["call_s"] > 0
 
 

@@ -1,11 +1,14 @@
-# `bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
-# with int8 weights compiled, resident (the whole GPU) and then streamed under a 4 GiB cap, at 512²
-# and 2 steps; each prints a line per finished call and the longest kernels of a profiled one.
-# $OUT/out.tgz holds every file.
+# `B=420 bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
+# at 512² and 2 steps, compiled: int8 weights resident (the whole GPU), int8 weights streamed under a
+# 4 GiB cap (the engine runs these eagerly since they took minutes; this times the compiled path
+# itself), then a Q8_0 GGUF transformer streamed under the same cap (as the engine compiles it).
+# Each prints a line per finished call and the longest kernels of a profiled one; $OUT/out.tgz
+# holds every file, with the Python stacks of a step still running after 90 s.
 set -o pipefail
 . scripts/gpu/setup.sh || exit 1
 . scripts/gpu/steps.sh
 probe=(python3 scripts/probe_int8_compile.py --size 512 --steps 2)
-step resident-compiled 110 "${probe[@]}" --cap 0
-TORCH_LOGS=recompiles,graph_breaks step streamed-compiled 240 "${probe[@]}" --cap 4
+step int8-resident 100 "${probe[@]}" --cap 0
+TORCH_LOGS=recompiles,graph_breaks step int8-streamed 150 "${probe[@]}" --cap 4
+step gguf-streamed 150 "${probe[@]}" --gguf Q8_0 --cap 4
 el done; pack

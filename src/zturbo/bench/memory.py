@@ -50,13 +50,15 @@ def capped_engine(
     tiny: bool = False,
     build: Callable[[torch.device, torch.dtype, bool], Any] = common.random_components,
     compile: bool = True,
+    compile_anyway: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
     as Engine.load would (where the plan allows and `compile`), with the process capped; and the
     row's plan and estimate. The engine is None (and the row says why) when no plan fits.
 
     `build(device, dtype, tiny)` makes the random modules (`bench.images` adds a ControlNet, which
-    the planner counts)."""
+    the planner counts). `compile_anyway` compiles where the engine would run eagerly for speed
+    (`memory.plan.eager_reason`; not where a plan cannot compile): to measure what that avoids."""
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
     components = build(device, dtype, tiny)
@@ -89,7 +91,7 @@ def capped_engine(
     engine.set_vae_tiling(est.vae_tiling)
     from ..accel import compile as accel
 
-    compile_ = compile and memory.compilable(est.plan, est.quantize)
+    compile_ = compile and memory.compilable(est.plan, "none" if compile_anyway else est.quantize)
     backend, fuse = ("eager" if tiny else "inductor"), memory.fusable(est.plan)
     options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
     engine.accel = accel.apply(components, options)
