@@ -522,13 +522,15 @@ def _job_routes(service: Service) -> APIRouter:
         return StreamingResponse(_sse(service, job_id), media_type="text/event-stream")
 
     @r.get("/v1/history", tags=["jobs"])
-    def history(
+    async def history(
         limit: int = Query(20, ge=1, le=200),
         offset: int = Query(0, ge=0, le=2**31),
         q: str | None = Query(None, max_length=LIMITS.prompt_chars, description="prompt substring, any case"),
     ) -> dict[str, Any]:
-        items, total = store.history(limit=limit, offset=offset, query=q)
-        return {"items": [job_view(service, j) for j in items], "total": total}
+        # A search reads every finished job: a few run at a time, and the others wait without a
+        # worker thread, so a burst of them leaves the other routes their threads.
+        async with service.history_slots:
+            return await run_in_threadpool(_history_page, service, limit, offset, q)
 
     @r.delete("/v1/history/{job_id}", status_code=204, tags=["jobs"])
     def delete_history(job_id: str) -> Response:
@@ -904,6 +906,11 @@ def _service_routes(service: Service) -> APIRouter:
         return await _openai_answer(service, job_request, route.get("user"), answer, request)
 
     return r
+
+
+def _history_page(service: Service, limit: int, offset: int, query: str | None) -> dict[str, Any]:
+    items, total = service.store.history(limit=limit, offset=offset, query=query)
+    return {"items": [job_view(service, j) for j in items], "total": total}
 
 
 def _edit_request(service: Service, values: dict[str, Any]) -> GenerateRequest:
