@@ -788,3 +788,14 @@ def test_a_database_moved_away_under_the_server_is_not_made_again_empty(tmp_path
         store.get(job.id)
     assert not path.exists()
     store.close()
+
+
+def test_a_sqlite_read_of_a_damaged_file_is_a_storage_error_naming_it(tmp_path):
+    path = tmp_path / "jobs.sqlite3"
+    store = JobStore(path)
+    job = store.submit(params())
+    while store._idle_readers:  # the next read opens a connection of its own
+        store._idle_readers.pop().close()
+    path.write_bytes(b"not a database at all " * 512)
+    with pytest.raises(StorageError, match=rf"cannot read the job database {re.escape(str(path))}: the file is"):
+        store.get(job.id)

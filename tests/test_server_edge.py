@@ -7,6 +7,7 @@ import ast
 import asyncio
 import io
 import json
+import logging
 import re
 import threading
 import time
@@ -20,7 +21,8 @@ from PIL import Image
 
 import zturbo
 from serving import SMALL, in_process_app
-from zturbo.errors import JobFailedError, OutputExistsError, ZTurboError
+from zturbo.errors import JobFailedError, OutputExistsError, StoreBusyError, ZTurboError
+from zturbo.serving.jobs import JobConflictError
 from zturbo.serving.service import ServeSettings
 
 MAX_BODY_BYTES = ServeSettings.max_body_bytes
@@ -379,6 +381,27 @@ def test_a_waiting_request_whose_client_goes_away_cancels_its_job(tmp_path, path
     assert sent[0]["status"] == 499
     counts = app.state.service.store.counts()
     assert (counts["cancelled"], counts["queued"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("failure", "logged"),
+    [(JobConflictError("it has already succeeded"), None), (StoreBusyError("locked"), "cancelling it failed: locked")],
+)
+def test_a_hang_up_whose_cancel_fails_still_ends_the_request(tmp_path, caplog, failure, logged):
+    # The job may finish at the moment its client hangs up (nothing to cancel), or the store may be
+    # busy: the request ends either way, and only the second is worth a warning.
+    app = in_process_app(tmp_path / "data", sync_timeout=30)
+
+    def cancel(job_id: str) -> None:
+        raise failure
+
+    app.state.service.cancel = cancel
+    scope, receive, send, sent = _waiting_request(*WAITING_ROUTES[0], hang_up_after=0.2)
+    with caplog.at_level(logging.INFO, logger="zturbo"):
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 499
+    assert ("cancelling it failed" in caplog.text) is (logged is not None)
+    assert "cancelled: its client went away" not in caplog.text
 
 
 @pytest.mark.parametrize(("path", "body"), WAITING_ROUTES)
