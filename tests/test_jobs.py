@@ -775,14 +775,20 @@ def test_sqlite_reads_after_close_are_refused_and_leave_no_connection_open(tmp_p
         store.get(job.id)
 
 
-def test_a_database_moved_away_under_the_server_is_not_made_again_empty(tmp_path):
-    # A new read connection must not create an empty jobs.sqlite3 where the file was, which the
-    # next start would then refuse as empty (its jobs lost).
+def _one_job_no_idle_reader(tmp_path):
+    """A SQLite store holding one job, whose next read opens a connection of its own."""
     path = tmp_path / "jobs.sqlite3"
     store = JobStore(path)
     job = store.submit(params())
-    while store._idle_readers:  # the next read opens a connection of its own
+    while store._idle_readers:
         store._idle_readers.pop().close()
+    return path, store, job
+
+
+def test_a_database_moved_away_under_the_server_is_not_made_again_empty(tmp_path):
+    # A new read connection must not create an empty jobs.sqlite3 where the file was, which the
+    # next start would then refuse as empty (its jobs lost).
+    path, store, job = _one_job_no_idle_reader(tmp_path)
     path.rename(tmp_path / "moved.sqlite3")
     with pytest.raises(StorageError, match="cannot be opened"):
         store.get(job.id)
@@ -791,11 +797,7 @@ def test_a_database_moved_away_under_the_server_is_not_made_again_empty(tmp_path
 
 
 def test_a_sqlite_read_of_a_damaged_file_is_a_storage_error_naming_it(tmp_path):
-    path = tmp_path / "jobs.sqlite3"
-    store = JobStore(path)
-    job = store.submit(params())
-    while store._idle_readers:  # the next read opens a connection of its own
-        store._idle_readers.pop().close()
+    path, store, job = _one_job_no_idle_reader(tmp_path)
     path.write_bytes(b"not a database at all " * 512)
     with pytest.raises(StorageError, match=rf"cannot read the job database {re.escape(str(path))}: the file is"):
         store.get(job.id)
