@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
+from zturbo.accel import compile as accel_compile
 from zturbo.bench import common, ggufwrite, memory, profiling
 
 
@@ -42,7 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eager", action="store_true", help="without torch.compile, for comparison")
     ap.add_argument("--gguf", default=None, help="a GGUF file of this type (Q8_0, Q4_K, ...) instead of --quantize")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this script")
+    ap.add_argument(
+        "--inductor-patterns",
+        action="store_true",
+        help="int8 blocks compiled with Inductor's pattern matcher on (its int8 rewrite; the engine turns it off)",
+    )
     args = ap.parse_args(argv)
+    if args.inductor_patterns:  # this process only: the options the engine passes for int8 blocks
+        accel_compile.INT8_INDUCTOR_OPTIONS.clear()
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:
@@ -63,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("first call", "second call"):
         t = time.perf_counter()
         call()
-        _say(name, start, call_s=time.perf_counter() - t)
+        # Inductor's rewrites of int8 products into aten._weight_int8pack_mm (see INT8_INDUCTOR_OPTIONS)
+        rewrites = counters["inductor"]["woq_matcher_count"]
+        _say(name, start, call_s=time.perf_counter() - t, int8pack_rewrites=rewrites)
     if not torch.cuda.is_available():
         return  # the profile is of CUDA kernels
     t = time.perf_counter()

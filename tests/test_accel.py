@@ -197,6 +197,47 @@ def test_int8_weights_on_the_cpu_stay_close_to_float32(tiny_dir, engine):
     assert np.abs(pixels(result) - expected).mean() < 2  # measured 0.40 (bf16 alone is most of it)
 
 
+def test_compiled_int8_blocks_keep_their_matmul_and_the_eager_output(fresh):
+    # Inductor's pattern matcher would turn the int8 products into aten._weight_int8pack_mm, a
+    # kernel for a few rows (on CUDA a thread per output, no tensor cores; on the CPU it crashed
+    # here). Inductor itself runs, on the CPU: the backend="eager" tests never reach its passes.
+    pytest.importorskip("torchao")
+    from torch._dynamo.utils import counters
+
+    transformer = fresh.components.transformer.to(torch.bfloat16)
+    quantize.quantize_transformer(transformer, "int8")
+    block = transformer.layers[0]
+    tokens = 24
+    x = torch.randn(1, tokens, transformer.dim, dtype=torch.bfloat16)
+    ids = torch.stack(torch.meshgrid(torch.arange(tokens), torch.tensor([0]), torch.tensor([0]), indexing="ij"), -1)
+    freqs = transformer.rope_embedder(ids.reshape(-1, 3)).unsqueeze(0)
+    mask = torch.ones(1, tokens, dtype=torch.bool)
+    adaln = torch.randn(1, min(transformer.dim, 256), dtype=torch.bfloat16)
+    with torch.inference_mode():
+        block.attention.set_processor(accel.RealRopeAttnProcessor())
+        expected = block(x, mask, freqs, adaln)
+        counters.clear()
+        state = accel.Accel(accel.AccelOptions(compile=True, quantize="int8"))
+        accel.compile_blocks(state, [block], accel.INT8_INDUCTOR_OPTIONS)
+        try:
+            got = block(x, mask, freqs, adaln)
+        finally:
+            state.revert_compile()
+            torch._dynamo.reset()
+    assert counters["inductor"]["woq_matcher_count"] == 0
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)  # bf16, fused differently
+
+
+def test_the_transformers_int8_blocks_compile_with_those_options_and_others_without(fresh, monkeypatch):
+    seen = []
+    monkeypatch.setattr(accel, "_compile_block", lambda state, block, options=None: seen.append(options))
+    for mode, expected in (("int8", accel.INT8_INDUCTOR_OPTIONS), ("none", None), ("fp8", None)):
+        seen.clear()
+        state = accel.Accel(accel.AccelOptions(compile=True, quantize=mode))
+        accel.compile_transformer(state, fresh.components.transformer)
+        assert seen and all(options == expected for options in seen), mode
+
+
 def test_fp8_leaves_the_caption_refiner_plain_and_weight_only_modes_do_not(fresh):
     transformer = fresh.components.transformer
     linears = [(n, m) for n, m in transformer.named_modules() if quantize.is_block_linear(m, n)]

@@ -35,6 +35,13 @@ from .fuse import (
 from .graphs import EncoderGraphs, StepGraphs
 from .quantize import QUANTIZED, quantize_transformer
 
+# Inductor's options for int8 weight-only blocks. Its pattern matcher rewrites torchao's int8 product,
+# torch.mm(x, w.to(bf16)) * scale, into aten._weight_int8pack_mm, a kernel written for a few rows at a
+# time (decoding LLMs): on CUDA one thread per output element without tensor cores, where a block
+# here multiplies thousands of tokens; on the CPU the tiny test model crashed in it. Without the
+# pattern matcher the product stays a cuBLAS (or oneDNN) matmul, as it is eagerly.
+INT8_INDUCTOR_OPTIONS = {"pattern_matcher": False}
+
 # The VAE decoder's one static graph: the size `Engine.warmup` decodes and the memory planner
 # plans for (`memory.plan.vae_activation`). Pixels per side.
 STATIC_DECODE_SIZE = 1024
@@ -245,7 +252,8 @@ def compile_transformer(accel: Accel, transformer: torch.nn.Module) -> None:
     processor, and the parts outside the blocks that hold GGUF weights (`gguf_parts`); all
     recorded in `accel` so that `revert_compile` undoes them."""
     options = accel.options
-    compile_blocks(accel, transformer_blocks(transformer))
+    int8 = options.quantize == "int8"  # a ControlNet's blocks stay unquantized
+    compile_blocks(accel, transformer_blocks(transformer), INT8_INDUCTOR_OPTIONS if int8 else None)
     for part in gguf_parts(transformer):
         part.forward = _leading_dims_dynamic(part.forward, options.backend)
         accel.compiled.append(part)
@@ -275,7 +283,9 @@ def gguf_parts(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return parts
 
 
-def compile_blocks(accel: Accel, blocks: Iterable[torch.nn.Module]) -> None:
+def compile_blocks(
+    accel: Accel, blocks: Iterable[torch.nn.Module], inductor_options: dict[str, Any] | None = None
+) -> None:
     """Transformer-style blocks (the transformer's or a ControlNet's) compiled one by one with the
     compile-friendly attention processor, recorded in `accel`."""
     options = accel.options
@@ -288,7 +298,7 @@ def compile_blocks(accel: Accel, blocks: Iterable[torch.nn.Module]) -> None:
         if is_control_block(block):
             _compile_control_block(accel, block)
         else:
-            _compile_block(accel, block)
+            _compile_block(accel, block, inductor_options)
 
 
 def _compile_control_block(accel: Accel, block: torch.nn.Module) -> None:
