@@ -19,14 +19,11 @@ With `--gguf TYPE` the transformer is a GGUF file of that type, written from the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
@@ -55,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:
-        build = _gguf_components(args.gguf, Path(tmp)) if args.gguf else common.random_components
+        build = ggufwrite.gguf_components(args.gguf, Path(tmp)) if args.gguf else common.random_components
         engine, row = memory.capped_engine(
             args.cap, args.size, quantize, args.tiny, build, compile=not args.eager, compile_anyway=True
         )
@@ -81,23 +78,6 @@ def main(argv: list[str] | None = None) -> None:
     report = profiling.profile(call, top=20)
     report.pop("idle", None)
     _say("profiled", start, call_s=(time.perf_counter() - t) / 2, **report)
-
-
-def _gguf_components(qtype: str, root: Path) -> Callable[[torch.device, torch.dtype, bool], Any]:
-    """`capped_engine`'s builder: the random components with their transformer written to a GGUF
-    file of `qtype` and loaded back from it, as `--transformer FILE.gguf` loads one."""
-    from zturbo import gguf
-
-    def build(device: torch.device, dtype: torch.dtype, tiny: bool) -> Any:
-        components = common.random_components(device, dtype, tiny)
-        config, path = dict(components.transformer.config), root / f"transformer-{qtype}.gguf"
-        ggufwrite.write_transformer(path, components.transformer.state_dict(), qtype)
-        components = dataclasses.replace(components, transformer=None)
-        common.release_device_memory()
-        transformer, info = gguf.load_transformer(path, config, device, dtype)
-        return dataclasses.replace(components, transformer=transformer, transformer_weights=info.describe())
-
-    return build
 
 
 def _say(what: str, start: float, **fields: object) -> None:

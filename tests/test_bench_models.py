@@ -1,16 +1,19 @@
-"""`zturbo bench --base` and `--gguf` end to end on the CPU with the tiny architecture (the H100
-rows are in docs/performance.md)."""
+"""`zturbo bench --base`, `--gguf` and `--gguf-caps` end to end on the CPU with the tiny
+architecture (the H100 rows are in docs/performance.md)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import tempfile
 
 import numpy as np
 import pytest
 import torch
 
-from zturbo.bench import base, common
+from zturbo.bench import base, common, ggufwrite
+from zturbo.bench import memory as bench_memory
 from zturbo.bench import speed as bench
 from zturbo.bench.memory import thumbnail
 from zturbo.cli import main
@@ -94,9 +97,94 @@ def test_the_gguf_rows_run_zturbo_and_diffusers_on_each_file(tmp_path, capsys):
      (["--base", "--gguf", "Q8_0"], "--base and --gguf are separate runs"),
      (["--base", "--lora"], "--base runs on its own with random weights: drop --lora"),
      (["--base", "--steps", "0"], "--steps 0 must be at least 1"),
+     (["--gguf", "Q8_0", "--gguf-caps", "Q8_0:4"], "--gguf runs on its own with random weights: drop --gguf-caps"),
+     (["--images", "--gguf-caps", "Q8_0:4"], "--images runs on its own: drop"),
      (["--steps", "2"], "--steps and --gguf-dir set the --base and --gguf runs")],
 )  # fmt: skip
 def test_bad_model_row_options_are_refused_by_name(extra, message, capsys, tmp_path):
     assert main(["bench", "--tiny", "--sizes", "32", "--out", str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_a_gguf_cap_row_runs_the_file_resident_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the row's GGUF file goes
+    written = []
+    write = ggufwrite.write_transformer
+    monkeypatch.setattr(ggufwrite, "write_transformer", lambda path, *a: written.append(path) or write(path, *a))
+    argv = ["bench", "--tiny", "--cap-row", "zturbo-gguf-Q8_0:0", "--sizes", "64", "--runs", "1", "--warmup", "0"]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["plan"] == "resident" and row["compiled"] is True and row["median_s"] > 0 and row["fallbacks"] == []
+    weights = row["transformer_weights"]  # the file the row ran, as the image's metadata names it
+    assert weights["format"] == "gguf" and weights["quantization"] == "Q8_0" and weights["bytes"] > 0
+    assert [p.parent.parent for p in written] == [tmp_path] and not any(tmp_path.iterdir())  # gone with the row
+    # The planner counts the file's weights at their stored size: less than the float32 model's.
+    plain = bench_memory.one_row(0.0, 64, runs=1, tiny=True)
+    assert row["transformer_stored_gib"] > 0 and row["estimate_gib"] < plain["estimate_gib"]
+    assert bench_memory.image_difference(row, plain) < 2.0  # Q8_0 draws nearly the same picture
+    table = bench_memory.markdown([plain | {"kind": "zturbo"}, row | {"kind": "zturbo-gguf-Q8_0"}])
+    assert "| none | resident |" in table and "| none (GGUF Q8_0 file) | resident |" in table
+    assert "| 4 GiB (GGUF Q4_K file) | - |" in bench_memory.markdown(
+        [{"cap_gib": 4.0, "kind": "zturbo-gguf-Q4_K", "error": "x"}]
+    )
+
+
+def test_a_gguf_cap_row_streams_the_files_blocks_as_stored(tmp_path):
+    # 3.25 MB usable: too little for the tiny model's te-offload, enough to stream its GGUF blocks.
+    build = ggufwrite.gguf_components("Q8_0", tmp_path)
+    engine, row = bench_memory.capped_engine(0.50325, 64, tiny=True, build=build)
+    assert row["plan"] == "block-offload (1 blocks resident)" and row["compiled"] is True
+    transformer = engine.components.transformer
+    stored = [p for p in transformer.parameters() if hasattr(p, "quant_type")]
+    assert row["transformer_stored_gib"] * common.GIB == sum(p.numel() * p.element_size() for p in stored)
+    streamer = engine.placement.streamers["transformer"]
+    assert len(streamer.blocks) == 3  # of the tiny model's 4 blocks, 1 resident
+    for block in streamer.blocks:  # streamed as stored: the Q8_0 bytes, viewed in a device slot
+        weight = block.module.attention.to_q.weight
+        assert weight.quant_type.name == "Q8_0" and weight.dtype == torch.uint8
+        assert weight.untyped_storage().data_ptr() == streamer.slots[block.slot].untyped_storage().data_ptr()
+    assert engine.accel.fused is None  # GGUF weights stay in their dequantizing linears, unfused
+    result = engine.generate(common.PROMPT, seed=common.SEED, width=64, height=64, steps=1)
+    assert result.images[0].metadata["transformer_weights"]["quantization"] == "Q8_0"
+
+
+def test_gguf_caps_run_after_the_other_cap_rows_each_in_its_own_process(tmp_path, monkeypatch, capsys):
+    cap_rows = []
+
+    def child(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        cap_rows.append(cmd[cmd.index("--cap-row") + 1])
+        cap = cap_rows[-1].partition(":")[2]
+        row = {"cap_gib": float(cap), "plan": "resident", "estimate_gib": 1.0, "median_s": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row) + "\n", stderr="")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", child)
+    argv = ["bench", "--tiny", "--memory-caps", "0", "--fp8-caps", "4", "--gguf-caps", "Q8_0:4, Q4_K:2.5"]
+    assert main([*argv, "--no-reference", "--sizes", "64", "--out", str(tmp_path)]) == 0
+    assert cap_rows == ["zturbo:0", "zturbo-fp8:4", "zturbo-gguf-Q8_0:4", "zturbo-gguf-Q4_K:2.5"]
+    table = (tmp_path / "bench_memory.md").read_text()
+    assert "| 4 GiB (GGUF Q8_0 file) | resident |" in table and "| 2.5 GiB (GGUF Q4_K file) | resident |" in table
+    assert "| 4 GiB (fp8) | resident |" in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--gguf-caps", "Q5_K:4"], "--gguf-caps item 'Q5_K:4' is not TYPE:CAP: TYPE one of Q8_0, Q4_K"),
+     (["--gguf-caps", "Q8_0"], "--gguf-caps item 'Q8_0' is not TYPE:CAP"),
+     (["--gguf-caps", "Q8_0:4,Q4_K:lots"], "--gguf-caps item 'Q4_K:lots' is not TYPE:CAP"),
+     (["--gguf-caps", "Q8_0:-1"], "CAP the GiB (0 = uncapped)"),
+     (["--gguf-caps", "Q4_K:inf"], "--gguf-caps item 'Q4_K:inf' is not TYPE:CAP"),
+     (["--gguf-caps", " , "], "--gguf-caps ' , ' names no TYPE:CAP"),
+     (["--memory-caps", "0", "--gguf-caps", "q8_0:4"], "--gguf-caps item 'q8_0:4' is not TYPE:CAP"),
+     (["--cap-row", "zturbo-gguf-Q5_K:4"],
+      "--cap-row 'zturbo-gguf-Q5_K:4': row kind 'zturbo-gguf-Q5_K' is not one of zturbo, zturbo-fp8")],
+)  # fmt: skip
+def test_bad_gguf_caps_are_refused_by_name_before_any_row(extra, message, tmp_path, monkeypatch, capsys):
+    def child(cmd: list[str], **_: object) -> None:
+        raise AssertionError(f"a row ran: {cmd}")
+
+    monkeypatch.setattr(bench_memory.subprocess, "run", child)
+    monkeypatch.setattr(ggufwrite, "write_transformer", child)
+    assert main(["bench", "--tiny", "--sizes", "64", "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

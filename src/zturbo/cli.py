@@ -308,16 +308,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="only: seconds from process start to the first compiled 1024² image (run in a fresh process)",
     )
-    p.add_argument(
-        "--memory-caps",
-        default=None,
-        help="GiB caps, comma separated (0 = uncapped): the memory planner's plan, peak and speed under each "
-        "(the first --sizes value; one process per cap; diffusers' offloading too unless --no-reference)",
-    )
-    for mode in ("fp8", "int8"):  # quantized blocks stream under a small cap
-        help_ = f"caps to run with {mode} weights (alone, or after the --memory-caps rows)"
-        p.add_argument(f"--{mode}-caps", default=None, help=help_)
-    p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
+    _bench_cap_args(p)
     p.add_argument(
         "--write-checkpoint", default=None, help="write random real-size weights in the published layout to DIR"
     )
@@ -342,6 +333,26 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     _bench_model_args(p)
     p.add_argument("--tiny", action="store_true", help="tiny random model on the CPU (a smoke test of this tool)")
     p.add_argument("--out", default=None, help="directory for bench.json and bench.md (default $OUT or ./bench)")
+
+
+def _bench_cap_args(p: argparse.ArgumentParser) -> None:
+    """The memory planner's rows under simulated smaller GPUs, one process per row (`bench.memory`)."""
+    p.add_argument(
+        "--memory-caps",
+        default=None,
+        help="GiB caps, comma separated (0 = uncapped): the memory planner's plan, peak and speed under each "
+        "(the first --sizes value; one process per cap; diffusers' offloading too unless --no-reference)",
+    )
+    for mode in ("fp8", "int8"):  # quantized blocks stream under a small cap
+        help_ = f"caps to run with {mode} weights (alone, or after the --memory-caps rows)"
+        p.add_argument(f"--{mode}-caps", default=None, help=help_)
+    p.add_argument(
+        "--gguf-caps",
+        default=None,
+        help="TYPE:CAP items, comma separated (Q8_0:4,Q4_K:4): a GGUF transformer file of TYPE, written from the "
+        "random weights, under CAP GiB (after the other cap rows)",
+    )
+    p.add_argument("--cap-row", default=None, help=argparse.SUPPRESS)  # one --memory-caps row (child process)
 
 
 def _bench_model_args(p: argparse.ArgumentParser) -> None:

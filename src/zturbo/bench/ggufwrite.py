@@ -14,10 +14,14 @@ Both encoders round each weight to the nearest step of scales taken from its blo
 search for the best scales, as llama.cpp's quantizer does): every block is valid and decodes each
 weight close to the written one (`quantize_q8_0` and `quantize_q4_k` give their bounds), which is
 all a speed or memory measurement needs.
+
+`gguf_components` builds the random model around such a file, loaded back as `--transformer
+FILE.gguf` loads one: the transformer of the `--gguf-caps` rows (`bench.memory`) and of the int8 probe.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
+from . import common
 
 QTYPES = ("Q8_0", "Q4_K")
 # Weights per block and bytes per block, as ggml defines the types.
@@ -196,3 +201,23 @@ def write_transformer(path: Path, state: Mapping[str, torch.Tensor], qtype: str)
 def _shape(state: Mapping[str, torch.Tensor], sources: tuple[str, ...]) -> tuple[int, ...]:
     first = tuple(state[sources[0]].shape)
     return (sum(state[s].shape[0] for s in sources), *first[1:]) if len(sources) > 1 else first
+
+
+def gguf_components(qtype: str, root: Path) -> Callable[[torch.device, torch.dtype, bool], Any]:
+    """A builder for `bench.memory.capped_engine`: the random components with their transformer
+    written to a GGUF file of `qtype` under `root` (its caller's, to remove) and loaded back from
+    it, as `--transformer FILE.gguf` loads one."""
+    from .. import gguf
+
+    check_qtype(qtype)
+
+    def build(device: torch.device, dtype: torch.dtype, tiny: bool) -> Any:
+        components = common.random_components(device, dtype, tiny)
+        config, path = dict(components.transformer.config), root / f"transformer-{qtype}.gguf"
+        write_transformer(path, components.transformer.state_dict(), qtype)
+        components = dataclasses.replace(components, transformer=None)
+        common.release_device_memory()
+        transformer, info = gguf.load_transformer(path, config, device, dtype)
+        return dataclasses.replace(components, transformer=transformer, transformer_weights=info.describe())
+
+    return build

@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--steps and --gguf-dir set the --base and --gguf runs; give one of them")
     if args.images:
         return _images(args, opts, out_dir)
-    if args.cap_row or args.memory_caps or args.fp8_caps or args.int8_caps:
+    if args.cap_row or args.memory_caps or args.fp8_caps or args.int8_caps or args.gguf_caps:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         return _first_image(opts, args.started, out_dir)
@@ -108,8 +108,10 @@ def _lora(opts: speed.BenchOptions, out_dir: Path) -> int:
 def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
     from . import images
 
-    if args.lora or args.first_image or args.fp8_caps or args.int8_caps:
-        raise InvalidRequestError("--images runs on its own: drop --lora, --first-image, --fp8-caps and --int8-caps")
+    if args.lora or args.first_image or args.fp8_caps or args.int8_caps or args.gguf_caps:
+        raise InvalidRequestError(
+            "--images runs on its own: drop --lora, --first-image, --fp8-caps, --int8-caps and --gguf-caps"
+        )
     if "none" not in opts.quantize:
         raise InvalidRequestError(f"--images measures compiled bf16 (--quantize none), not --quantize {args.quantize}")
     if args.cap_row:  # a child process: one capped ControlNet row, as one JSON line
@@ -166,7 +168,8 @@ def model_rows_request(args: argparse.Namespace) -> tuple[str, ...]:
         raise InvalidRequestError("--base and --gguf are separate runs: give one of them")
     others = [flag for flag, on in (("--model", args.model), ("--images", args.images), ("--lora", args.lora),
               ("--first-image", args.first_image), ("--memory-caps", args.memory_caps),
-              ("--fp8-caps", args.fp8_caps)) if on]  # fmt: skip
+              ("--fp8-caps", args.fp8_caps), ("--int8-caps", args.int8_caps),
+              ("--gguf-caps", args.gguf_caps)) if on]  # fmt: skip
     if others:
         mode = "--base" if args.base else "--gguf"
         raise InvalidRequestError(f"{mode} runs on its own with random weights: drop {', '.join(others)}")
@@ -187,14 +190,41 @@ def _caps(text: str | None) -> list[float]:
         raise InvalidRequestError(f"{text!r} is not a comma-separated list of GiB (0 = uncapped)") from None
 
 
+def gguf_caps(text: str | None) -> list[tuple[str, float]]:
+    """`--gguf-caps TYPE:CAP,...` as (GGUF type, GiB) pairs; InvalidRequestError names a bad item."""
+    from .ggufwrite import QTYPES
+
+    pairs = []
+    for item in (i.strip() for i in (text or "").split(",")):
+        if not item:
+            continue
+        qtype, colon, cap = item.partition(":")
+        try:
+            gib = float(cap)
+        except ValueError:
+            gib = -1.0
+        if qtype not in QTYPES or not colon or not 0 <= gib < float("inf"):
+            raise InvalidRequestError(
+                f"--gguf-caps item {item!r} is not TYPE:CAP: TYPE one of {', '.join(QTYPES)}, CAP the GiB "
+                "(0 = uncapped), e.g. --gguf-caps Q8_0:4,Q4_K:4"
+            )
+        pairs.append((qtype, gib))
+    if text is not None and not pairs:
+        raise InvalidRequestError(f"--gguf-caps {text!r} names no TYPE:CAP, e.g. --gguf-caps Q8_0:4")
+    return pairs
+
+
 def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
     size = opts.sizes[0]
     if args.cap_row:  # a child process: one row, as one JSON line
         kind, _, cap = args.cap_row.partition(":")
-        if kind not in memory.KINDS:
-            raise InvalidRequestError(f"--cap-row {args.cap_row!r}: kind must be one of {memory.KINDS}")
+        try:
+            memory.check_kind(kind)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(f"--cap-row {args.cap_row!r}: {e}") from None
         compile_ = not args.no_compile
-        print(json.dumps(memory.row(kind, float(cap or 0), size, opts.runs, compile=compile_), default=str))
+        row = memory.row(kind, float(cap or 0), size, opts.runs, compile=compile_, tiny=opts.tiny)
+        print(json.dumps(row, default=str))
         return 0
 
     def write(rows: list[dict[str, Any]]) -> None:
@@ -202,9 +232,9 @@ def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Pa
         (out_dir / "bench_memory.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
         (out_dir / "bench_memory.md").write_text(memory.markdown(rows) + "\n")
 
-    caps = _caps(args.memory_caps)
+    caps, gguf = _caps(args.memory_caps), gguf_caps(args.gguf_caps)  # all checked before the first row
     quantized = {"fp8": _caps(args.fp8_caps), "int8": _caps(args.int8_caps)}
-    rows = memory.run_caps(caps, size, opts.runs, opts.reference, quantized, write)
+    rows = memory.run_caps(caps, size, opts.runs, opts.reference, quantized, write, gguf=gguf)
     print(memory.markdown(rows))
     return 0
 

@@ -5,6 +5,11 @@ lets `zturbo.memory.choose` pick the plan for the cap, places the weights accord
 process with `torch.cuda.set_per_process_memory_fraction`, and times end-to-end images. The same
 is done for diffusers' own offloading (`enable_model_cpu_offload`, leaf-level group offload with
 CUDA streams) as the reference. One process per row: placement and the cap cannot be undone.
+
+A `zturbo-gguf-TYPE` row (`--gguf-caps TYPE:CAP`) runs a GGUF transformer file of TYPE, written
+from the random weights into a temporary directory that lasts the row (`ggufwrite`) and loaded as
+`--transformer FILE.gguf` loads one: the planner counts its weights at their stored size, and
+block-offload streams them as stored.
 """
 
 from __future__ import annotations
@@ -12,35 +17,83 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import InvalidRequestError
+from ..gguf import stores_quantized
 from ..memory import plan as memory
-from . import common
+from . import common, ggufwrite
 
 REFERENCES = ("diffusers-model-offload", "diffusers-group-offload")
 # zturbo's rows: the plan for bf16 weights (exact), and with the transformer's weights quantized.
 QUANTIZED_KINDS = {"zturbo-fp8": "fp8", "zturbo-int8": "int8"}
 KINDS = ("zturbo", *QUANTIZED_KINDS, *REFERENCES)
+# And zturbo's rows with a GGUF transformer file: this prefix and the file's type (ggufwrite.QTYPES).
+GGUF_KIND = "zturbo-gguf-"
 
 
-def row(kind: str, cap: float, size: int, runs: int, compile: bool = True) -> dict[str, Any]:
+def check_kind(kind: str) -> str:
+    """`kind`, where a row can be of it; else an InvalidRequestError naming it and the kinds there are."""
+    if kind in KINDS or (kind.startswith(GGUF_KIND) and kind.removeprefix(GGUF_KIND) in ggufwrite.QTYPES):
+        return kind
+    gguf = f"{GGUF_KIND}TYPE with TYPE one of {', '.join(ggufwrite.QTYPES)}"
+    raise InvalidRequestError(f"row kind {kind!r} is not one of {', '.join(KINDS)}, nor {gguf}")
+
+
+def gguf_type(kind: str) -> str | None:
+    """The GGUF file type of a `zturbo-gguf-TYPE` row; None for other rows."""
+    return kind.removeprefix(GGUF_KIND) if kind.startswith(GGUF_KIND) else None
+
+
+def weights_label(kind: str) -> str | None:
+    """What a row's transformer weights are, as its table row says beside the cap (None: bf16)."""
+    qtype = gguf_type(kind)
+    return f"GGUF {qtype} file" if qtype else QUANTIZED_KINDS.get(kind)
+
+
+def row(kind: str, cap: float, size: int, runs: int, compile: bool = True, tiny: bool = False) -> dict[str, Any]:
+    """One row of `kind` (`check_kind`); `tiny` (zturbo's rows only): the tiny model on the CPU."""
+    check_kind(kind)
     if kind in REFERENCES:
         return reference_row(kind, cap, size, runs)
-    return one_row(cap, size, runs, quantize=QUANTIZED_KINDS.get(kind, "none"), compile=compile)
+    quantize = QUANTIZED_KINDS.get(kind, "none")  # a GGUF file's weights are quantized as stored
+    return one_row(cap, size, runs, quantize=quantize, tiny=tiny, compile=compile, gguf=gguf_type(kind))
 
 
 def one_row(
-    cap: float, size: int, runs: int, quantize: str = "none", tiny: bool = False, compile: bool = True
+    cap: float,
+    size: int,
+    runs: int,
+    quantize: str = "none",
+    tiny: bool = False,
+    compile: bool = True,
+    gguf: str | None = None,
 ) -> dict[str, Any]:
     """Runs in its own process: one cap, measured. `tiny`: the tiny model on the CPU (a smoke test).
-    `compile=False` (`--no-compile`) separates a row's compile time from its run time."""
-    engine, row = capped_engine(cap, size, quantize, tiny, compile=compile)
-    return row if engine is None else row | _time_engine(engine, size, runs)
+    `compile=False` (`--no-compile`) separates a row's compile time from its run time. `gguf`: the
+    transformer is a GGUF file of this type, in a temporary directory while the row runs."""
+    with _builder(gguf) as build:
+        engine, row = capped_engine(cap, size, quantize, tiny, build, compile=compile)
+        return row if engine is None else row | _time_engine(engine, size, runs)
+
+
+@contextmanager
+def _builder(gguf: str | None) -> Iterator[Callable[[torch.device, torch.dtype, bool], Any]]:
+    """`capped_engine`'s builder: the random components, or with `gguf` the same with their
+    transformer a GGUF file of that type (the file and its directory removed afterwards)."""
+    if gguf is None:
+        yield common.random_components
+        return
+    with tempfile.TemporaryDirectory(prefix="zturbo-gguf-row-") as tmp:
+        yield ggufwrite.gguf_components(gguf, Path(tmp))
 
 
 def capped_engine(
@@ -79,6 +132,9 @@ def capped_engine(
         compiled_vae=compile and not tiny,  # compiled below, as Engine.load compiles on a GPU
     )
     row: dict[str, Any] = {"cap_gib": cap, "size": size, "budget_gib": budget / memory.GIB}
+    if shape.transformer_stored_params:  # a GGUF file's weights, planned at their stored size
+        row["transformer_stored_gib"] = shape.transformer_stored_bytes / memory.GIB
+        row["transformer_weights"] = components.transformer_weights
     if choice.chosen is None:
         row["error"] = _no_plan_fits(choice, budget)
         return None, row
@@ -89,18 +145,26 @@ def capped_engine(
         _quantize(components.transformer, est, device)
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
-    from ..accel import compile as accel
-
     compile_ = compile and memory.compilable(est.plan, "none" if compile_anyway else est.quantize)
-    backend, fuse = ("eager" if tiny else "inductor"), memory.fusable(est.plan)
-    options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
-    engine.accel = accel.apply(components, options)
+    _accelerate(engine, est, compile_, tiny)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         if cap:
             torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
     row["compiled"] = compile_
     return engine, row
+
+
+def _accelerate(engine: Any, est: Any, compile_: bool, tiny: bool) -> None:
+    """As Engine.load speeds the engine up: compiled where `compile_`, projections fused only over
+    plain resident weights (a GGUF file's stay in their dequantizing linears)."""
+    from ..accel import compile as accel
+
+    components = engine.components
+    fuse = memory.fusable(est.plan) and not stores_quantized(components.transformer)
+    backend = "eager" if tiny else "inductor"
+    options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
+    engine.accel = accel.apply(components, options)
 
 
 def _quantize(transformer: torch.nn.Module, est: Any, device: torch.device) -> None:
@@ -130,6 +194,7 @@ def _time_engine(engine: Any, size: int, runs: int) -> dict[str, Any]:
     start = time.perf_counter()
     first = call()
     out: dict[str, Any] = {"first_call_s": time.perf_counter() - start, "fallbacks": first.fallbacks}
+    out["compiled"] = engine.accel.compiling  # a failed compilation reverts to eager: the row says so
     out["thumbnail"] = thumbnail(first.images[0].image)
     out |= common.timed(call, engine.device, runs, warmup=0)
     # A repeated prompt skips the text encoder (prompt cache): what te-offload is built around.
@@ -198,13 +263,21 @@ def reference_row(name: str, cap: float, size: int, runs: int) -> dict[str, Any]
 
 
 def run_caps(
-    caps: list[float], size: int, runs: int, references: bool, quantized: dict[str, list[float]], report: Any
+    caps: list[float],
+    size: int,
+    runs: int,
+    references: bool,
+    quantized: dict[str, list[float]],
+    report: Any,
+    gguf: Sequence[tuple[str, float]] = (),
 ) -> list[dict[str, Any]]:
     """Each row in a fresh `python -m zturbo.cli bench --cap-row ...` process: bf16 under `caps`,
-    then each quantization under its caps (`quantized`: fp8 or int8 -> GiB)."""
+    then each quantization under its caps (`quantized`: fp8 or int8 -> GiB), then each (GGUF
+    type, cap) of `gguf`, then diffusers' offloading (`references`)."""
     rows: list[dict[str, Any]] = []
     jobs = [("zturbo", cap) for cap in caps]
     jobs += [(f"zturbo-{mode}", cap) for mode, mode_caps in quantized.items() for cap in mode_caps]
+    jobs += [(f"{GGUF_KIND}{qtype}", cap) for qtype, cap in gguf]
     jobs += [(r, 0.0) for r in REFERENCES] if references else []
     for kind, cap in jobs:
         cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--random-weights", "--cap-row", f"{kind}:{cap:g}"]
@@ -227,8 +300,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         cap = f"{r['cap_gib']:g} GiB" if r.get("cap_gib") else "none"
-        mode = QUANTIZED_KINDS.get(r.get("kind", ""))
-        cap += f" ({mode})" if mode else ""
+        weights = weights_label(r.get("kind", ""))
+        cap += f" ({weights})" if weights else ""
         if "error" in r:
             lines.append(f"| {cap} | {r.get('plan', '-')} | - | - | FAILED: {str(r['error'])[-120:]} | - | - | - | - |")
             continue
