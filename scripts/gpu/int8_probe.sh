@@ -1,7 +1,7 @@
 # `B=560 bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
 # at 512² and 2 steps, compiled: int8 weights resident (the whole GPU), as the engine compiles them and
 # with Inductor's int8 rewrite left on (accel.compile.INT8_INDUCTOR_OPTIONS); int8 weights streamed under a
-# 4 GiB cap at 1024² and 8 steps, compiled (the engine runs these eagerly since they took minutes;
+# 4 GiB cap at 1024² and 8 steps, compiled (the engine runs these eagerly: no faster compiled;
 # this times the compiled path itself); then the bench's rows of a Q8_0 and a Q4_K GGUF transformer
 # file under the same cap at 1024² (`--cap-row zturbo-gguf-TYPE:4`, compiled as the engine compiles them).
 # Each prints a line per finished call and the longest kernels of a profiled one; $OUT/out.tgz
