@@ -664,7 +664,7 @@ def eager_reason(plan: str, quantize: str = "none") -> str | None:
     diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
     too is not supported. int8 blocks streamed through device slots gain nothing compiled: under a
     4 GiB cap at 1024² on an H100 compiled took 1.857 s per image and eager 1.824 s in the same
-    run, and the compiled engine ran out of memory under the cap on a later call where eager did
+    run, and the compiled engine ran out of memory under the cap on a later (profiled) call where eager did
     not (docs/performance.md, "Quantized weights streamed under a cap")."""
     if plan in STREAMED_PLANS:
         return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
