@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
@@ -71,13 +72,19 @@ def main(argv: list[str] | None = None) -> None:
         call()
         # Inductor's rewrites of int8 products into aten._weight_int8pack_mm (see INT8_INDUCTOR_OPTIONS)
         rewrites = counters["inductor"]["woq_matcher_count"]
-        _say(name, start, call_s=time.perf_counter() - t, int8pack_rewrites=rewrites)
+        _say(name, start, call_s=time.perf_counter() - t, int8pack_rewrites=rewrites, **_state(engine))
     if not torch.cuda.is_available():
         return  # the profile is of CUDA kernels
     t = time.perf_counter()
     report = profiling.profile(call, top=20)
     report.pop("idle", None)
-    _say("profiled", start, call_s=(time.perf_counter() - t) / 2, **report)
+    _say("profiled", start, call_s=(time.perf_counter() - t) / 2, **_state(engine), **report)
+
+
+def _state(engine: Any) -> dict[str, Any]:
+    """Whether the call ran compiled and under the placed plan: an engine out of memory moves to a
+    leaner plan, and under one that runs int8 eagerly it reverts its compilation."""
+    return {"compiled_after": engine.accel.compiling, "plan_after": engine.placement.describe()}
 
 
 def _say(what: str, start: float, **fields: object) -> None:
