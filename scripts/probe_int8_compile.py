@@ -1,19 +1,23 @@
 """Where a compiled int8 (or GGUF) transformer's time goes, resident or streamed under a cap.
 
-`zturbo bench --cap-row zturbo-int8:4` compiled did not reach its first 1024² image in 240 s on an
-H100, where the same row eager took 4 s; a stack taken mid-run was inside a compiled block, launching
-a Triton kernel (so the engine now runs streamed int8 eagerly). This probe builds the row's engine
-(`bench.memory.capped_engine`, as the bench does, but compiled even there) and prints one JSON line
-per finished call, so a run cut off by a timeout still tells how far it got: the first call
-(compiling), a timed second, then a profiled third with the longest kernels.
+Builds a capped row's engine (`bench.memory.capped_engine`, as `zturbo bench --cap-row` does, but
+compiled even where the engine would run eagerly: int8 under the streaming plans) and prints one
+JSON line per finished call, so a run cut off by a timeout still tells how far it got: the first
+call (compiling), a timed second, then a profiled third with the longest kernels. Each line says
+whether the call still ran compiled under the placed plan (an engine out of memory leans out, and
+under a streaming plan reverts int8 to eager), the peak memory so far, and how many int8 products
+Inductor rewrote into aten._weight_int8pack_mm (none, unless `--inductor-patterns` turns its
+pattern matcher back on for int8 blocks: `accel.compile.INT8_INDUCTOR_OPTIONS`).
 
-    python3 scripts/probe_int8_compile.py --cap 4 --size 512 --steps 2   # streamed (block-offload)
-    python3 scripts/probe_int8_compile.py --cap 0 --size 512 --steps 2   # resident
-    python3 scripts/probe_int8_compile.py --gguf Q8_0 --cap 4 --size 512 --steps 2   # a GGUF file streamed
+    python3 scripts/probe_int8_compile.py --cap 4 --size 1024 --steps 8   # streamed (block-offload)
+    python3 scripts/probe_int8_compile.py --cap 4 --size 1024 --steps 8 --eager   # the same, eager
+    python3 scripts/probe_int8_compile.py --cap 0 --size 1024 --steps 8 --inductor-patterns  # resident, rewritten
+    python3 scripts/probe_int8_compile.py --gguf Q8_0 --cap 4 --size 1024 --steps 8   # a GGUF file streamed
     python3 scripts/probe_int8_compile.py --tiny --cap 0 --size 64 --steps 1  # CPU smoke test
 
-With `--gguf TYPE` the transformer is a GGUF file of that type, written from the random weights
-(`bench.ggufwrite`) and loaded as `--transformer FILE.gguf` loads it, in place of int8 weights.
+With `--gguf TYPE` (Q8_0 or Q4_K) the transformer is a GGUF file of that type, written from the
+random weights (`bench.ggufwrite`) and loaded as `--transformer FILE.gguf` loads it, in place of
+int8 weights.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
-from zturbo.accel import compile as accel_compile
 from zturbo.bench import common, ggufwrite, memory, profiling
 
 
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quantize", default="int8", choices=["int8", "fp8", "none"])
     ap.add_argument("--eager", action="store_true", help="without torch.compile, for comparison")
-    ap.add_argument("--gguf", default=None, help="a GGUF file of this type (Q8_0, Q4_K, ...) instead of --quantize")
+    ap.add_argument("--gguf", default=None, help="a GGUF file of this type (Q8_0 or Q4_K) instead of --quantize")
     ap.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this script")
     ap.add_argument(
         "--inductor-patterns",
@@ -48,14 +51,19 @@ def main(argv: list[str] | None = None) -> None:
         help="int8 blocks compiled with Inductor's pattern matcher on (its int8 rewrite; the engine turns it off)",
     )
     args = ap.parse_args(argv)
-    if args.inductor_patterns:  # this process only: the options the engine passes for int8 blocks
-        accel_compile.INT8_INDUCTOR_OPTIONS.clear()
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:
         build = ggufwrite.gguf_components(args.gguf, Path(tmp)) if args.gguf else common.random_components
         engine, row = memory.capped_engine(
-            args.cap, args.size, quantize, args.tiny, build, compile=not args.eager, compile_anyway=True
+            args.cap,
+            args.size,
+            quantize,
+            args.tiny,
+            build,
+            compile=not args.eager,
+            compile_anyway=True,
+            accel_fields={"int8_patterns": args.inductor_patterns},
         )
     _say("placed", start, **row)
     if engine is None:
@@ -84,7 +92,11 @@ def main(argv: list[str] | None = None) -> None:
 def _state(engine: Any) -> dict[str, Any]:
     """Whether the call ran compiled and under the placed plan: an engine out of memory moves to a
     leaner plan, and under one that runs int8 eagerly it reverts its compilation."""
-    return {"compiled_after": engine.accel.compiling, "plan_after": engine.placement.describe()}
+    state = {"compiled_after": engine.accel.compiling, "plan_after": engine.placement.describe()}
+    if torch.cuda.is_available():
+        state["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        state["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return state
 
 
 def _say(what: str, start: float, **fields: object) -> None:

@@ -228,14 +228,23 @@ def test_compiled_int8_blocks_keep_their_matmul_and_the_eager_output(fresh):
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)  # bf16, fused differently
 
 
-def test_the_transformers_int8_blocks_compile_with_those_options_and_others_without(fresh, monkeypatch):
+def test_blocks_holding_int8_weights_compile_with_those_options_and_others_without(fresh, monkeypatch):
+    pytest.importorskip("torchao")
     seen = []
     monkeypatch.setattr(accel, "_compile_block", lambda state, block, options=None: seen.append(options))
-    for mode, expected in (("int8", accel.INT8_INDUCTOR_OPTIONS), ("none", None), ("fp8", None)):
+    transformer = fresh.components.transformer
+
+    def compiled(mode: str, **fields: bool) -> list:
         seen.clear()
-        state = accel.Accel(accel.AccelOptions(compile=True, quantize=mode))
-        accel.compile_transformer(state, fresh.components.transformer)
-        assert seen and all(options == expected for options in seen), mode
+        options = accel.AccelOptions(compile=True, quantize=mode, **fields)
+        accel.compile_transformer(accel.Accel(options), transformer)
+        return seen[:]
+
+    assert set(map(str, compiled("none"))) == {"None"}  # plain weights: Inductor's defaults
+    quantize.quantize_transformer(transformer, "int8")
+    assert compiled("int8") == [accel.INT8_INDUCTOR_OPTIONS] * len(list(fuse.transformer_blocks(transformer)))
+    assert compiled("none") == compiled("int8")  # the weights decide, whatever the options say
+    assert set(map(str, compiled("int8", int8_patterns=True))) == {"None"}  # a probe's A/B
 
 
 def test_fp8_leaves_the_caption_refiner_plain_and_weight_only_modes_do_not(fresh):

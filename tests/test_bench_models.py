@@ -144,15 +144,24 @@ def test_a_gguf_cap_row_streams_the_files_blocks_as_stored(tmp_path):
         weight = block.module.attention.to_q.weight
         assert weight.quant_type.name == "Q8_0" and weight.dtype == torch.uint8
         assert weight.untyped_storage().data_ptr() == streamer.slots[block.slot].untyped_storage().data_ptr()
-    assert engine.accel.fused is None  # GGUF weights stay in their dequantizing linears, unfused
     result = engine.generate(common.PROMPT, seed=common.SEED, width=64, height=64, steps=1)
     assert result.images[0].metadata["transformer_weights"]["quantization"] == "Q8_0"
 
 
+def test_resident_gguf_weights_stay_unfused_where_plain_ones_fuse(tmp_path):
+    gguf, _ = bench_memory.capped_engine(0, 64, tiny=True, build=ggufwrite.gguf_components("Q8_0", tmp_path))
+    plain, _ = bench_memory.capped_engine(0, 64, tiny=True)
+    assert gguf.placement.plan == plain.placement.plan == "resident"
+    assert plain.accel.fused is not None  # q/k/v and w1/w3 as one GEMM each
+    assert gguf.accel.fused is None  # GGUF weights stay in their dequantizing linears
+    assert gguf.components.transformer.layers[0].attention.to_q.weight.quant_type.name == "Q8_0"
+
+
 def test_gguf_caps_run_after_the_other_cap_rows_each_in_its_own_process(tmp_path, monkeypatch, capsys):
-    cap_rows = []
+    cap_rows, flags = [], []
 
     def child(cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        flags.append(cmd[cmd.index("--runs") + 2 :])  # what the parent's options hand every row
         cap_rows.append(cmd[cmd.index("--cap-row") + 1])
         cap = cap_rows[-1].partition(":")[2]
         row = {"cap_gib": float(cap), "plan": "resident", "estimate_gib": 1.0, "median_s": 1.0}
@@ -160,8 +169,10 @@ def test_gguf_caps_run_after_the_other_cap_rows_each_in_its_own_process(tmp_path
 
     monkeypatch.setattr(bench_memory.subprocess, "run", child)
     argv = ["bench", "--tiny", "--memory-caps", "0", "--fp8-caps", "4", "--gguf-caps", "Q8_0:4, Q4_K:2.5"]
-    assert main([*argv, "--no-reference", "--sizes", "64", "--out", str(tmp_path)]) == 0
+    assert main([*argv, "--no-compile", "--sizes", "64", "--out", str(tmp_path)]) == 0
+    # The tiny rows run on the CPU, without diffusers' reference rows (which measure a GPU).
     assert cap_rows == ["zturbo:0", "zturbo-fp8:4", "zturbo-gguf-Q8_0:4", "zturbo-gguf-Q4_K:2.5"]
+    assert all(f == ["--tiny", "--no-compile"] for f in flags)
     table = (tmp_path / "bench_memory.md").read_text()
     assert "| 4 GiB (GGUF Q8_0 file) | resident |" in table and "| 2.5 GiB (GGUF Q4_K file) | resident |" in table
     assert "| 4 GiB (fp8) | resident |" in table
@@ -175,6 +186,7 @@ def test_gguf_caps_run_after_the_other_cap_rows_each_in_its_own_process(tmp_path
      (["--gguf-caps", "Q8_0:-1"], "CAP the GiB (0 = uncapped)"),
      (["--gguf-caps", "Q4_K:inf"], "--gguf-caps item 'Q4_K:inf' is not TYPE:CAP"),
      (["--gguf-caps", " , "], "--gguf-caps ' , ' names no TYPE:CAP"),
+     (["--gguf-caps", ""], "--gguf-caps '' names no TYPE:CAP"),
      (["--memory-caps", "0", "--gguf-caps", "q8_0:4"], "--gguf-caps item 'q8_0:4' is not TYPE:CAP"),
      (["--cap-row", "zturbo-gguf-Q5_K:4"],
       "--cap-row 'zturbo-gguf-Q5_K:4': row kind 'zturbo-gguf-Q5_K' is not one of zturbo, zturbo-fp8")],

@@ -167,17 +167,16 @@ class Phases:
         self._since = now
 
 
-def _accel_options(layout: Layout, compile_: bool, asked: bool, transformer: torch.nn.Module) -> AccelOptions:
+def _accel_options(layout: Layout, compile_: bool, asked: bool) -> AccelOptions:
     """The speed options for `layout`: compiled where `compile_` and the plan allow (saying why not,
-    as a warning where compiling was `asked` for), fused projections only over plain resident weights."""
+    as a warning where compiling was `asked` for), fused projections only over resident weights."""
     eager = eager_reason(layout.plan, layout.quantize)
     if compile_ and eager is not None:
         log.log(logging.WARNING if asked else logging.INFO, "running eagerly: %s", eager)
     return AccelOptions(
         compile=compile_ and eager is None,
         quantize=layout.quantize,
-        # Fused projections are plain GEMMs: GGUF weights must stay in their dequantizing linears.
-        fuse=fusable(layout.plan) and not stores_quantized(transformer),
+        fuse=fusable(layout.plan),  # not over GGUF weights either: `accel.compile.apply` leaves those
     )
 
 
@@ -294,7 +293,7 @@ class Engine:
         limits = source.limits(config.max_pixels)
         engine = cls(components, model, device, dtypes, limits, layout=layout, profile=chosen)
         engine._configure(config, source, layout)
-        options = _accel_options(layout, compile_, config.compile == "on", components.transformer)
+        options = _accel_options(layout, compile_, config.compile == "on")
         phases.mark("setup_s")
         engine.startup = {"load_s": round(time.perf_counter() - start, 3), "phases": phases.seconds}
         engine.shards = shards

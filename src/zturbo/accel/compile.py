@@ -14,8 +14,9 @@ kernels and copies around every attention call.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -39,8 +40,10 @@ from .quantize import QUANTIZED, quantize_transformer
 # torch.mm(x, w.to(bf16)) * scale, into aten._weight_int8pack_mm, a kernel written for a few rows at a
 # time (decoding LLMs): on CUDA one thread per output element without tensor cores, where a block
 # here multiplies thousands of tokens; on the CPU the tiny test model crashed in it. Without the
-# pattern matcher the product stays a cuBLAS (or oneDNN) matmul, as it is eagerly.
-INT8_INDUCTOR_OPTIONS = {"pattern_matcher": False}
+# pattern matcher the product stays a cuBLAS (or oneDNN) matmul, as it is eagerly. Inductor has no
+# switch for that one rewrite, so its other pattern passes (no-op removal, pad_mm, batch fusion)
+# are off for these blocks too; what that costs a resident int8 engine is not measured yet.
+INT8_INDUCTOR_OPTIONS = MappingProxyType({"pattern_matcher": False})
 
 # The VAE decoder's one static graph: the size `Engine.warmup` decodes and the memory planner
 # plans for (`memory.plan.vae_activation`). Pixels per side.
@@ -62,6 +65,7 @@ class AccelOptions:
     flash_attention_3: bool = True  # FA3 where it is installed and passes its check
     graph_text_encoder: bool = True  # CUDA graphs for the compiled text encoder (Inductor only)
     graph_steps: bool = True  # CUDA graphs for the compiled transformer's steps (Inductor only)
+    int8_patterns: bool = False  # Inductor's pattern matcher on int8 blocks (a probe's A/B; see INT8_INDUCTOR_OPTIONS)
 
 
 class RealRopeAttnProcessor:
@@ -214,7 +218,8 @@ def apply(components: Any, options: AccelOptions, shards: sequence.Shards | None
         unfuse_projections(transformer)
         if getattr(transformer, QUANTIZED, None) != options.quantize:  # not already, at load
             quantize_transformer(transformer, options.quantize)
-    elif options.compile and options.fuse:
+    elif options.compile and options.fuse and not stores_quantized(transformer):
+        # Fused projections are plain GEMMs: GGUF weights stay in their dequantizing linears.
         fuse_projections(transformer)
         accel.fused = transformer
         fuse_projections(None, control)
@@ -252,7 +257,7 @@ def compile_transformer(accel: Accel, transformer: torch.nn.Module) -> None:
     processor, and the parts outside the blocks that hold GGUF weights (`gguf_parts`); all
     recorded in `accel` so that `revert_compile` undoes them."""
     options = accel.options
-    int8 = options.quantize == "int8"  # a ControlNet's blocks stay unquantized
+    int8 = getattr(transformer, QUANTIZED, None) == "int8" and not options.int8_patterns  # the weights, as they are
     compile_blocks(accel, transformer_blocks(transformer), INT8_INDUCTOR_OPTIONS if int8 else None)
     for part in gguf_parts(transformer):
         part.forward = _leading_dims_dynamic(part.forward, options.backend)
@@ -284,10 +289,11 @@ def gguf_parts(transformer: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_blocks(
-    accel: Accel, blocks: Iterable[torch.nn.Module], inductor_options: dict[str, Any] | None = None
+    accel: Accel, blocks: Iterable[torch.nn.Module], inductor_options: Mapping[str, Any] | None = None
 ) -> None:
     """Transformer-style blocks (the transformer's or a ControlNet's) compiled one by one with the
-    compile-friendly attention processor, recorded in `accel`."""
+    compile-friendly attention processor, recorded in `accel`; `inductor_options` for the blocks
+    that are not a ControlNet's control blocks (those stay unquantized)."""
     options = accel.options
     norm_rope = kernels.fused_op() if options.fused_norm_rope else None
     flash3 = attention.flash_attention_3(options.flash_attention_3)
@@ -385,9 +391,9 @@ def _compile_encoder(accel: Accel, vae: torch.nn.Module) -> None:
     accel.compiled.append(encoder)
 
 
-def _compile_block(accel: Accel, block: torch.nn.Module, inductor_options: dict[str, Any] | None = None) -> None:
+def _compile_block(accel: Accel, block: torch.nn.Module, inductor_options: Mapping[str, Any] | None = None) -> None:
     """Compile a transformer block or text-encoder layer with its token dimension dynamic from the
-    first call.
+    first call, with `inductor_options` for Inductor.
 
     Transformer blocks see three token counts per forward (the image, the caption, both) and both
     kinds of block a new one per prompt length. Left to itself (dynamic=None), torch.compile first
@@ -400,10 +406,10 @@ def _compile_block(accel: Accel, block: torch.nn.Module, inductor_options: dict[
     accel.compiled.append(block)
 
 
-def _token_dynamic(fn: Any, backend: Any, inductor_options: dict[str, Any] | None = None) -> Any:
+def _token_dynamic(fn: Any, backend: Any, inductor_options: Mapping[str, Any] | None = None) -> Any:
     """`fn(x, ...)` compiled, x's token dimension (and every other dimension of that size) marked
     dynamic on each call (see `_compile_block`)."""
-    extra = {"options": inductor_options} if inductor_options and backend == "inductor" else {}
+    extra = {"options": dict(inductor_options)} if inductor_options and backend == "inductor" else {}
     compiled = torch.compile(fn, fullgraph=True, backend=backend, dynamic=None, **extra)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

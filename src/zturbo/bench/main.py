@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--steps and --gguf-dir set the --base and --gguf runs; give one of them")
     if args.images:
         return _images(args, opts, out_dir)
-    if args.cap_row or args.memory_caps or args.fp8_caps or args.int8_caps or args.gguf_caps:
+    if args.cap_row or args.memory_caps or args.fp8_caps or args.int8_caps or args.gguf_caps is not None:
         return _memory_caps(args, opts, out_dir)
     if opts.first_image:
         return _first_image(opts, args.started, out_dir)
@@ -108,7 +108,7 @@ def _lora(opts: speed.BenchOptions, out_dir: Path) -> int:
 def _images(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Path) -> int:
     from . import images
 
-    if args.lora or args.first_image or args.fp8_caps or args.int8_caps or args.gguf_caps:
+    if args.lora or args.first_image or args.fp8_caps or args.int8_caps or args.gguf_caps is not None:
         raise InvalidRequestError(
             "--images runs on its own: drop --lora, --first-image, --fp8-caps, --int8-caps and --gguf-caps"
         )
@@ -169,7 +169,7 @@ def model_rows_request(args: argparse.Namespace) -> tuple[str, ...]:
     others = [flag for flag, on in (("--model", args.model), ("--images", args.images), ("--lora", args.lora),
               ("--first-image", args.first_image), ("--memory-caps", args.memory_caps),
               ("--fp8-caps", args.fp8_caps), ("--int8-caps", args.int8_caps),
-              ("--gguf-caps", args.gguf_caps)) if on]  # fmt: skip
+              ("--gguf-caps", args.gguf_caps is not None)) if on]  # fmt: skip
     if others:
         mode = "--base" if args.base else "--gguf"
         raise InvalidRequestError(f"{mode} runs on its own with random weights: drop {', '.join(others)}")
@@ -234,7 +234,9 @@ def _memory_caps(args: argparse.Namespace, opts: speed.BenchOptions, out_dir: Pa
 
     caps, gguf = _caps(args.memory_caps), gguf_caps(args.gguf_caps)  # all checked before the first row
     quantized = {"fp8": _caps(args.fp8_caps), "int8": _caps(args.int8_caps)}
-    rows = memory.run_caps(caps, size, opts.runs, opts.reference, quantized, write, gguf=gguf)
+    rows = memory.run_caps(
+        caps, size, opts.runs, opts.reference, quantized, write, gguf=gguf, tiny=opts.tiny, compile=opts.compile
+    )
     print(memory.markdown(rows))
     return 0
 

@@ -19,16 +19,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
-from ..gguf import stores_quantized
 from ..memory import plan as memory
 from . import common, ggufwrite
 
@@ -104,6 +104,7 @@ def capped_engine(
     build: Callable[[torch.device, torch.dtype, bool], Any] = common.random_components,
     compile: bool = True,
     compile_anyway: bool = False,
+    accel_fields: Mapping[str, Any] = MappingProxyType({}),
 ) -> tuple[Any, dict[str, Any]]:
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
     as Engine.load would (where the plan allows and `compile`), with the process capped; and the
@@ -111,7 +112,8 @@ def capped_engine(
 
     `build(device, dtype, tiny)` makes the random modules (`bench.images` adds a ControlNet, which
     the planner counts). `compile_anyway` compiles where the engine would run eagerly for speed
-    (`memory.plan.eager_reason`; not where a plan cannot compile): to measure what that avoids."""
+    (`memory.plan.eager_reason`; not where a plan cannot compile): to measure what that avoids.
+    `accel_fields` set more `AccelOptions` fields (a probe's A/B)."""
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
     components = build(device, dtype, tiny)
@@ -146,7 +148,7 @@ def capped_engine(
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
     compile_ = compile and memory.compilable(est.plan, "none" if compile_anyway else est.quantize)
-    _accelerate(engine, est, compile_, tiny)
+    _accelerate(engine, est, compile_, tiny, accel_fields)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         if cap:
@@ -155,16 +157,15 @@ def capped_engine(
     return engine, row
 
 
-def _accelerate(engine: Any, est: Any, compile_: bool, tiny: bool) -> None:
-    """As Engine.load speeds the engine up: compiled where `compile_`, projections fused only over
-    plain resident weights (a GGUF file's stay in their dequantizing linears)."""
+def _accelerate(engine: Any, est: Any, compile_: bool, tiny: bool, fields: Mapping[str, Any]) -> None:
+    """As Engine.load speeds the engine up: compiled where `compile_`, projections fused only where
+    the plan allows (`accel.apply` leaves a GGUF file's in their dequantizing linears); `fields`
+    set more `AccelOptions` (a probe's diagnostics)."""
     from ..accel import compile as accel
 
-    components = engine.components
-    fuse = memory.fusable(est.plan) and not stores_quantized(components.transformer)
-    backend = "eager" if tiny else "inductor"
-    options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse)
-    engine.accel = accel.apply(components, options)
+    backend, fuse = ("eager" if tiny else "inductor"), memory.fusable(est.plan)
+    options = accel.AccelOptions(compile=compile_, quantize=est.quantize, backend=backend, fuse=fuse, **fields)
+    engine.accel = accel.apply(engine.components, options)
 
 
 def _quantize(transformer: torch.nn.Module, est: Any, device: torch.device) -> None:
@@ -270,18 +271,22 @@ def run_caps(
     quantized: dict[str, list[float]],
     report: Any,
     gguf: Sequence[tuple[str, float]] = (),
+    tiny: bool = False,
+    compile: bool = True,
 ) -> list[dict[str, Any]]:
     """Each row in a fresh `python -m zturbo.cli bench --cap-row ...` process: bf16 under `caps`,
     then each quantization under its caps (`quantized`: fp8 or int8 -> GiB), then each (GGUF
-    type, cap) of `gguf`, then diffusers' offloading (`references`)."""
+    type, cap) of `gguf`, then diffusers' offloading (`references`; not with `tiny`, zturbo's rows
+    on the tiny model and the CPU). `compile=False` runs every zturbo row eagerly."""
     rows: list[dict[str, Any]] = []
     jobs = [("zturbo", cap) for cap in caps]
     jobs += [(f"zturbo-{mode}", cap) for mode, mode_caps in quantized.items() for cap in mode_caps]
     jobs += [(f"{GGUF_KIND}{qtype}", cap) for qtype, cap in gguf]
-    jobs += [(r, 0.0) for r in REFERENCES] if references else []
+    jobs += [(r, 0.0) for r in REFERENCES] if references and not tiny else []
+    flags = ["--tiny"] * tiny + ["--no-compile"] * (not compile)
     for kind, cap in jobs:
         cmd = [sys.executable, "-m", "zturbo.cli", "bench", "--random-weights", "--cap-row", f"{kind}:{cap:g}"]
-        cmd += ["--sizes", str(size), "--runs", str(runs)]
+        cmd += ["--sizes", str(size), "--runs", str(runs), *flags]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if lines else {"cap_gib": cap, "plan": kind, "error": proc.stderr[-2000:]}
