@@ -1,8 +1,8 @@
 # `B=540 bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
 # at 1024² and 8 steps, compiled: int8 weights streamed under a 4 GiB cap (the engine runs these
-# eagerly: compiled was no faster, 1.857 against 1.824 s, where a GGUF Q8_0 file streams about as many
-# bytes in 1.118 s; the profiled call says where the time goes), the same eager for a like-for-like
-# peak and time, then resident on the whole GPU, as
+# eagerly: compiled, the first image ran out of memory under the cap and the engine fell back to
+# eager with no resident blocks; each line's compiled_after and peaks say whether that happens), the
+# same eager for a like-for-like peak and time, then resident on the whole GPU, as
 # the engine compiles them and with Inductor's int8 rewrite left on (--inductor-patterns,
 # accel.compile.INT8_INDUCTOR_OPTIONS). Each prints a line per finished call (with whether it still
 # ran compiled under the placed plan) and the longest kernels of a profiled one; $OUT/out.tgz holds

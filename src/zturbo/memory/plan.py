@@ -662,14 +662,14 @@ def eager_reason(plan: str, quantize: str = "none") -> str | None:
     """Why the engine runs eagerly under `plan` with `quantize` weights, or None where it compiles.
 
     diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
-    too is not supported. int8 blocks streamed through device slots gained nothing compiled: under a
-    4 GiB cap at 1024² on an H100 one compiled call took 1.857 s, where the eager row's median was
-    1.824 s on the same machine, and a later (profiled) compiled call ran out of memory under the
-    cap (docs/performance.md, "Quantized weights streamed under a cap")."""
+    too is not supported. int8 blocks streamed through device slots, compiled, ran out of memory
+    under a 4 GiB cap at the first 1024² image on an H100 (800 MiB of the cap reserved but not
+    allocated), where eager they run within the planner's estimate (docs/performance.md,
+    "Quantized weights streamed under a cap")."""
     if plan in STREAMED_PLANS:
         return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
     if quantize == "int8" and plan in TUNABLE_PLANS:
-        return f"int8 blocks streamed by the {plan} plan ran no faster compiled"
+        return f"int8 blocks streamed by the {plan} plan, compiled, outgrow the plan's memory"
     return None
 
 
