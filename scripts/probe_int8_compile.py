@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         help="int8 blocks compiled with Inductor's pattern matcher on (its int8 rewrite; the engine turns it off)",
     )
     args = ap.parse_args(argv)
+    # As `zturbo` sets it for its processes (bench rows included), before CUDA's first allocation:
+    # without it a capped engine's memory fragments, and the runs would not compare with the rows.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:

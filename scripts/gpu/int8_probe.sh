@@ -1,7 +1,7 @@
 # `B=540 bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
 # at 1024² and 8 steps, compiled: int8 weights streamed under a 4 GiB cap (the engine runs these
-# eagerly: compiled, the first image ran out of memory under the cap and the engine fell back to
-# eager with no resident blocks; each line's compiled_after and peaks say whether that happens), the
+# eagerly: compiled, in a probe then without zturbo's allocator setting, the first image ran out of
+# memory and the engine fell back to eager; each line's compiled_after and peaks say whether it still does), the
 # same eager for a like-for-like peak and time, then resident on the whole GPU, as
 # the engine compiles them and with Inductor's int8 rewrite left on (--inductor-patterns,
 # accel.compile.INT8_INDUCTOR_OPTIONS). Each prints a line per finished call (with whether it still

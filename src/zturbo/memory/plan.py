@@ -662,14 +662,15 @@ def eager_reason(plan: str, quantize: str = "none") -> str | None:
     """Why the engine runs eagerly under `plan` with `quantize` weights, or None where it compiles.
 
     diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
-    too is not supported. int8 blocks streamed through device slots, compiled, ran out of memory
-    under a 4 GiB cap at the first 1024² image on an H100 (800 MiB of the cap reserved but not
-    allocated), where eager they run within the planner's estimate (docs/performance.md,
-    "Quantized weights streamed under a cap")."""
+    too is not supported. int8 blocks streamed through device slots run eagerly until a compiled run
+    is measured to fit and to gain: eager, under a 4 GiB cap at 1024² on an H100, they fit the
+    planner's estimate (1.82 s per image); compiled, the only runs so far took minutes (Inductor's
+    int8 rewrite, since turned off) or ran out of memory in a process without zturbo's allocator
+    setting (docs/performance.md, "Quantized weights streamed under a cap")."""
     if plan in STREAMED_PLANS:
         return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
     if quantize == "int8" and plan in TUNABLE_PLANS:
-        return f"int8 blocks streamed by the {plan} plan, compiled, outgrow the plan's memory"
+        return f"int8 blocks streamed by the {plan} plan have no compiled run measured to fit and gain"
     return None
 
 
