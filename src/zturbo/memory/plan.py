@@ -664,9 +664,9 @@ def eager_reason(plan: str, quantize: str = "none") -> str | None:
     diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
     too is not supported. int8 blocks streamed through device slots run eagerly until a compiled run
     is measured to fit and to gain: eager, under a 4 GiB cap at 1024² on an H100, they fit the
-    planner's estimate (1.82 s per image); compiled, the only runs so far took minutes (Inductor's
-    int8 rewrite, since turned off) or ran out of memory in a process without zturbo's allocator
-    setting (docs/performance.md, "Quantized weights streamed under a cap")."""
+    planner's estimate (1.82 s per image); compiled, the only runs so far took minutes (most
+    likely Inductor's int8 rewrite, since turned off) or ran out of memory in a process without
+    zturbo's allocator setting (docs/performance.md, "Quantized weights streamed under a cap")."""
     if plan in STREAMED_PLANS:
         return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
     if quantize == "int8" and plan in TUNABLE_PLANS:
