@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from zturbo.bench import common, ggufwrite, memory, profiling
+from zturbo.cli import allocator_defaults
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,9 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         help="int8 blocks compiled with Inductor's pattern matcher on (its int8 rewrite; the engine turns it off)",
     )
     args = ap.parse_args(argv)
-    # As `zturbo` sets it for its processes (bench rows included), before CUDA's first allocation:
-    # without it a capped engine's memory fragments, and the runs would not compare with the rows.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    allocator_defaults()  # as for zturbo's own processes (the bench rows): before CUDA's first allocation
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:

@@ -239,7 +239,7 @@ def test_cli_turns_on_expandable_segments_unless_the_user_configured_the_allocat
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     else:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
-    cli._allocator_defaults()
+    cli.allocator_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (expected or user_setting)
 
 

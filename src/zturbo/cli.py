@@ -373,7 +373,7 @@ def _bench_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of the --base and --gguf rows (default 50 and 8)")
 
 
-def _allocator_defaults() -> None:
+def allocator_defaults() -> None:
     """Expandable segments for PyTorch's CUDA allocator unless the user configured it: the memory
     planner moves and frees blocks of weights, and fixed-size segments fragment under a tight
     budget (measured: 2.2 GiB of an 8 GiB cap reserved but unusable). Read when CUDA first
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.started = started
     quiet = getattr(args, "quiet", False)
     _setup_logging(quiet=quiet)
-    _allocator_defaults()
+    allocator_defaults()
     _compile_cache_default()
     try:
         with _quiet_libraries(quiet):

@@ -132,7 +132,7 @@ def _first_call(call: Callable[[], Any], device: torch.device) -> tuple[float, A
     return time.perf_counter() - started, result
 
 
-def zturbo_row(components: Components, opts: Any, request: Sampling, fuse: bool = True) -> dict[str, Any]:
+def zturbo_row(components: Components, opts: Any, request: Sampling) -> dict[str, Any]:
     """zturbo compiled (eager with --no-compile) on `components`: the first call (compiles), the
     warm-up as far as the step graph's capture, the timed runs; reverted to eager afterwards."""
     from .speed import prepare
@@ -140,7 +140,7 @@ def zturbo_row(components: Components, opts: Any, request: Sampling, fuse: bool 
     device = opts.device
     engine = common.random_engine(components, device, opts.dtype)
     row: dict[str, Any] = {"transformer_gib": _module_bytes(components.transformer) / common.GIB}
-    prepare(engine, "compiled", opts, "none", fuse, row)
+    prepare(engine, "compiled", opts, "none", True, row)  # `accel.apply` leaves GGUF projections unfused
     try:
         call = common.zturbo_e2e(engine, opts.main_size, sampling=request)
         row["first_call_s"], result = _first_call(call, device)
@@ -179,7 +179,7 @@ def zturbo_gguf_row(
     transformer, info = gguf.load_transformer(path, config, opts.device, opts.dtype)
     load_s = time.perf_counter() - started
     with_file = dataclasses.replace(components, transformer=transformer, transformer_weights=info.describe())
-    return {"load_s": load_s} | zturbo_row(with_file, opts, request, fuse=False)
+    return {"load_s": load_s} | zturbo_row(with_file, opts, request)
 
 
 def diffusers_gguf_row(
