@@ -1,11 +1,10 @@
 """Where a compiled int8 (or GGUF) transformer's time goes, resident or streamed under a cap.
 
-Builds a capped row's engine (`bench.memory.capped_engine`, as `zturbo bench --cap-row` does, but
-compiled even where the engine would run eagerly: int8 under the streaming plans) and prints one
+Builds a capped row's engine (`bench.memory.capped_engine`, as `zturbo bench --cap-row` does) and prints one
 JSON line per finished call, so a run cut off by a timeout still tells how far it got: the first
 call (compiling), a timed second, then a profiled third with the longest kernels. Each line says
 whether the call still ran compiled under the placed plan (an engine out of memory leans out, and
-under a streaming plan reverts int8 to eager), the peak memory so far, and how many int8 products
+reverts to eager where the leaner plan cannot compile), the peak memory so far, and how many int8 products
 Inductor rewrote into aten._weight_int8pack_mm (none, unless `--inductor-patterns` turns its
 pattern matcher back on for int8 blocks: `accel.compile.INT8_INDUCTOR_OPTIONS`).
 
@@ -64,7 +63,6 @@ def main(argv: list[str] | None = None) -> None:
             args.tiny,
             build,
             compile=not args.eager,
-            compile_anyway=True,
             accel_fields={"int8_patterns": args.inductor_patterns},
         )
     if torch.cuda.is_available():  # the peaks of the capped calls, not of building the random weights

@@ -1,12 +1,10 @@
 # `B=540 bash scripts/gpu/int8_probe.sh` on the GPU machine, carry [".whl"]: scripts/probe_int8_compile.py
-# at 1024² and 8 steps, compiled: int8 weights streamed under a 4 GiB cap (the engine runs these
-# eagerly: compiled, in a probe then without zturbo's allocator setting, the first image ran out of
-# memory and the engine fell back to eager; each line's compiled_after and peaks say whether it still does), the
-# same eager for a like-for-like peak and time, then resident on the whole GPU, as
-# the engine compiles them and with Inductor's int8 rewrite left on (--inductor-patterns,
-# accel.compile.INT8_INDUCTOR_OPTIONS). Each prints a line per finished call (with whether it still
-# ran compiled under the placed plan) and the longest kernels of a profiled one; $OUT/out.tgz holds
-# every file, with the Python stacks of a step still running after 90 s.
+# at 1024² and 8 steps: int8 weights streamed under a 4 GiB cap, compiled as the engine runs them,
+# the same eager, then resident on the whole GPU, compiled as the engine compiles them and with
+# Inductor's int8 rewrite left on (--inductor-patterns, accel.compile.INT8_INDUCTOR_OPTIONS). Each
+# prints a line per finished call (with whether it still ran compiled under the placed plan, and
+# the peaks) and the longest kernels of a profiled one; $OUT/out.tgz holds every file, with the
+# Python stacks of a step still running after 90 s.
 set -o pipefail
 . scripts/gpu/setup.sh || exit 1
 . scripts/gpu/steps.sh

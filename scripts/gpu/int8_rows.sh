@@ -1,8 +1,7 @@
 # `bash scripts/gpu/int8_rows.sh` on the GPU machine, carry [".whl"]. Under a 4 GiB cap at 1024²:
-# the int8 row (eager: the streaming plans do not compile int8 weights, `memory.plan.eager_reason`),
-# the bf16 row compiled (the same-run reference), then the GGUF GPU tests. int8_probe.sh times
-# compiled int8 itself. Each step gets what is left of B seconds (default 560); $OUT/out.tgz holds
-# every file.
+# the int8 row compiled, the bf16 row compiled (the same-run reference), then the GGUF GPU tests.
+# int8_probe.sh adds eager int8 and the profiles. Each step gets what is left of B seconds
+# (default 560); $OUT/out.tgz holds every file.
 set -o pipefail
 . scripts/gpu/setup.sh || exit 1
 . scripts/gpu/steps.sh

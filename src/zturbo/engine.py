@@ -170,7 +170,7 @@ class Phases:
 def _accel_options(layout: Layout, compile_: bool, asked: bool) -> AccelOptions:
     """The speed options for `layout`: compiled where `compile_` and the plan allow (saying why not,
     as a warning where compiling was `asked` for), fused projections only over resident weights."""
-    eager = eager_reason(layout.plan, layout.quantize)
+    eager = eager_reason(layout.plan)
     if compile_ and eager is not None:
         log.log(logging.WARNING if asked else logging.INFO, "running eagerly: %s", eager)
     return AccelOptions(
@@ -885,7 +885,7 @@ class Engine:
         release_cached_memory(self.device)
         if self.accel.compiling and target.plan in ("block-offload", "sequential"):
             self.accel.revert_compile()  # streaming re-points the weights that fusion shares
-        elif self.accel.compiling and (eager := eager_reason(target.plan, target.quantize)) is not None:
+        elif self.accel.compiling and (eager := eager_reason(target.plan)) is not None:
             log.warning("running eagerly from now on: %s", eager)
             self.accel.revert_compile()
         # Leaner plans move the encoder's weights, so its graphs can never replay again (plans

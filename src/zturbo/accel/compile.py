@@ -42,7 +42,8 @@ from .quantize import QUANTIZED, quantize_transformer
 # here multiplies thousands of tokens; on the CPU the tiny test model crashed in it. Without the
 # pattern matcher the product stays a cuBLAS (or oneDNN) matmul, as it is eagerly. Inductor has no
 # switch for that one rewrite, so its other pattern passes (no-op removal, pad_mm, batch fusion)
-# are off for these blocks too; what that costs a resident int8 engine is not measured yet.
+# are off for these blocks too: with all of them on, an H100's first 1024² image had not finished
+# after 150 s; with them off it took 26 s, compiling included (docs/performance.md).
 INT8_INDUCTOR_OPTIONS = MappingProxyType({"pattern_matcher": False})
 
 # The VAE decoder's one static graph: the size `Engine.warmup` decodes and the memory planner

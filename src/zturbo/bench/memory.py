@@ -103,7 +103,6 @@ def capped_engine(
     tiny: bool = False,
     build: Callable[[torch.device, torch.dtype, bool], Any] = common.random_components,
     compile: bool = True,
-    compile_anyway: bool = False,
     accel_fields: Mapping[str, Any] = MappingProxyType({}),
 ) -> tuple[Any, dict[str, Any]]:
     """The engine the planner places for `cap` GiB (0: the whole GPU) on random weights, compiled
@@ -111,9 +110,7 @@ def capped_engine(
     row's plan and estimate. The engine is None (and the row says why) when no plan fits.
 
     `build(device, dtype, tiny)` makes the random modules (`bench.images` adds a ControlNet, which
-    the planner counts). `compile_anyway` compiles where the engine would run eagerly for speed
-    (`memory.plan.eager_reason`; not where a plan cannot compile): to measure what that avoids.
-    `accel_fields` set more `AccelOptions` fields (a probe's A/B)."""
+    the planner counts). `accel_fields` set more `AccelOptions` fields (a probe's A/B)."""
     device = torch.device("cpu") if tiny else torch.device("cuda", torch.cuda.current_device())
     dtype = torch.float32 if tiny else torch.bfloat16
     components = build(device, dtype, tiny)
@@ -147,7 +144,7 @@ def capped_engine(
         _quantize(components.transformer, est, device)
     engine = common.random_engine(components, device, dtype, layout=memory.layout_of(est))
     engine.set_vae_tiling(est.vae_tiling)
-    compile_ = compile and memory.compilable(est.plan, "none" if compile_anyway else est.quantize)
+    compile_ = compile and memory.compilable(est.plan)
     _accelerate(engine, est, compile_, tiny, accel_fields)
     if device.type == "cuda":
         torch.cuda.empty_cache()

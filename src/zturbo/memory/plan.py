@@ -290,7 +290,7 @@ def estimate(
         raise ValueError(f"plan {plan} runs plain weights only and cannot run a {what} transformer")
     t_e, te_e, v_e = dtype_bytes["transformer"], dtype_bytes["text_encoder"], dtype_bytes["vae"]
     held = _held(shape, dtype_bytes, plan, quantize, resident_blocks, resident_layers)
-    vae_compiled = compiled_vae and compilable(plan, quantize)
+    vae_compiled = compiled_vae and compilable(plan)
     doubled = cfg and not split_cfg
     denoise = transformer_activation(shape, t_e, width, height, batch, doubled, prompt_tokens, shards)
     denoise += controlnet_activation(shape, t_e, width, height, batch, doubled, prompt_tokens)
@@ -653,24 +653,17 @@ def leaner(layout: Layout, guided: bool = False) -> Layout | None:
     return replace(layout, plan=target)
 
 
-def compilable(plan: str, quantize: str = "none") -> bool:
-    """Whether the engine compiles under `plan` with `quantize` weights (`eager_reason` says why not)."""
-    return eager_reason(plan, quantize) is None
+def compilable(plan: str) -> bool:
+    """Whether the engine compiles under `plan` (`eager_reason` says why not)."""
+    return eager_reason(plan) is None
 
 
-def eager_reason(plan: str, quantize: str = "none") -> str | None:
-    """Why the engine runs eagerly under `plan` with `quantize` weights, or None where it compiles.
-
-    diffusers' group offloading (sequential) wraps the blocks' forwards itself, and compiling them
-    too is not supported. int8 blocks streamed through device slots run eagerly until a compiled run
-    is measured to fit and to gain: eager, under a 4 GiB cap at 1024² on an H100, they fit the
-    planner's estimate (1.82 s per image); compiled, the only runs so far took minutes (most
-    likely Inductor's int8 rewrite, since turned off) or ran out of memory in a process without
-    zturbo's allocator setting (docs/performance.md, "Quantized weights streamed under a cap")."""
+def eager_reason(plan: str) -> str | None:
+    """Why the engine runs eagerly under `plan`, or None where it compiles: diffusers' group
+    offloading (sequential) wraps the blocks' forwards itself, and compiling them too is not
+    supported. Every other plan compiles whatever its weights (bf16, fp8, int8, GGUF)."""
     if plan in STREAMED_PLANS:
         return f"the {plan} plan's group-offload hooks wrap the blocks' forwards"
-    if quantize == "int8" and plan in TUNABLE_PLANS:
-        return f"int8 blocks streamed by the {plan} plan have no compiled run measured to fit and gain"
     return None
 
 
