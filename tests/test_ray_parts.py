@@ -16,7 +16,7 @@ from zturbo.cli import build_parser
 from zturbo.cli import main as cli_main
 from zturbo.errors import InvalidRequestError
 from zturbo.serving import jobs
-from zturbo.serving.raydeploy import RayDispatcher, Replica, Router, Running, ray_options
+from zturbo.serving.raydeploy import ProgressGate, RayDispatcher, Replica, Router, Running, ray_options
 from zturbo.serving.workers import BatchRoom, BatchSeconds, Finished, GpuFree, Hooks, Progress, Ready, Released
 
 
@@ -77,15 +77,17 @@ class FakeStore:
     def __init__(self, queued: int, live: dict[str, float]) -> None:
         self.queued, self.live = queued, live
         self.rows: dict[str, jobs.Job] = {}
+        self.recovered: list[jobs.Job] = []  # what the next heartbeat queues again
 
     def get(self, job_id: str) -> jobs.Job:
         return self.rows[job_id]
 
     def heartbeat(self) -> list:
-        return []
+        recovered, self.recovered = self.recovered, []
+        return recovered
 
-    def counts(self) -> dict[str, int]:
-        return {jobs.QUEUED: self.queued}
+    def depth(self) -> int:
+        return self.queued
 
     def live_nodes(self, prefix: str) -> dict[str, float]:
         return {name: age for name, age in self.live.items() if name.startswith(prefix)}
@@ -161,6 +163,73 @@ def test_the_dispatcher_sends_a_request_per_queued_job_and_turns_streams_into_ev
     store.rows["j2"] = job_row("j2", jobs.SUCCEEDED)  # the replica did finish it
     dispatcher._tick()
     assert [f.job_id for f in finished] == ["j1", "j2"] and dispatcher._unsettled == {}
+
+
+def test_a_wake_sends_its_run_requests_before_the_stores_upkeep():
+    """A submission's wake waits for no lease renewal or replica listing; jobs that the lease's
+    recovery queues again get their requests at the loop's next turn, not a tick later."""
+    replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None), "ray-replica-r1/gpu")
+    handle = FakeHandle([[replica], [replica]], replica)  # each request finds its job taken: it ends
+    seen: list[tuple[str, int]] = []
+
+    class Store(FakeStore):
+        def heartbeat(self) -> list:
+            seen.append(("heartbeat", handle.calls))
+            return super().heartbeat()
+
+        def live_nodes(self, prefix: str) -> dict[str, float]:
+            seen.append(("listing", handle.calls))
+            return super().live_nodes(prefix)
+
+    store = Store(queued=1, live={})
+    requeued = []
+    dispatcher = RayDispatcher(handle, store, Hooks(on_event=lambda j, e, d: requeued.append(j)))
+    dispatcher._tick()
+    assert seen == [("heartbeat", 1), ("listing", 1)] and not dispatcher._wake.is_set()
+    handle.release.set()
+    wait(lambda: dispatcher._inflight == 0)
+    dispatcher._wake.clear()  # the request's end woke it
+    store.recovered = [job_row("j9", jobs.QUEUED)]
+    dispatcher._tick()
+    assert requeued == ["j9"] and dispatcher._wake.is_set()
+    wait(lambda: dispatcher._inflight == 0)
+
+
+def test_a_run_stream_sends_a_jobs_newest_progress_at_most_once_per_gap():
+    """Each message crosses Ray on its own: a job's plain Progress within the gap of the last one sent
+    waits, replaced by newer ones, until the gap has passed or the job's next other message goes."""
+    now = [0.0]
+    gate = ProgressGate(0.1, clock=lambda: now[0])
+    assert gate.admit(Progress("a", 1, 8)) == [Progress("a", 1, 8)] and gate.wait_s() is None  # the first at once
+    now[0] = 0.02
+    assert gate.admit(Progress("a", 2, 8)) == [] and gate.wait_s() == pytest.approx(0.08)
+    now[0] = 0.04
+    assert gate.admit(Progress("a", 3, 8)) == []  # step 2 is not worth sending any more
+    assert gate.admit(Progress("b", 1, 8)) == [Progress("b", 1, 8)]  # each job has its own gap
+    assert gate.due() == []
+    now[0] = 0.1
+    assert gate.due() == [Progress("a", 3, 8)] and gate.wait_s() is None
+    now[0] = 0.12
+    assert gate.admit(Progress("a", 4, 8)) == [] and gate.admit(Progress("b", 2, 8)) == []
+    free = GpuFree(("a",), 1)
+    assert gate.admit(free) == [Progress("a", 4, 8), free]  # a job's held progress goes before its next news
+    assert gate.admit(Progress("b", 8, 8)) == [Progress("b", 8, 8)]  # its last step at once, the held one replaced
+    assert gate.wait_s() is None and gate.due() == []
+    shown = Progress("c", 1, 8, b"jpeg")
+    later = Progress("c", 2, 8, b"jpeg")
+    assert gate.admit(shown) == [shown] and gate.admit(later) == [later]  # one preview per step (docs/api.md)
+
+
+def test_a_run_stream_waits_for_a_held_progress_no_longer_than_its_gap():
+    from zturbo.serving.raydeploy import _next
+
+    async def take(timeout: float | None):
+        queue: asyncio.Queue = asyncio.Queue()
+        asyncio.get_running_loop().call_later(0.05, queue.put_nowait, "late")
+        return await _next(queue, timeout)
+
+    assert asyncio.run(take(0.01)) is None  # the held progress is due first
+    assert asyncio.run(take(None)) == "late" and asyncio.run(take(1.0)) == "late"
 
 
 def job_row(job_id: str, status: str) -> jobs.Job:
@@ -452,6 +521,8 @@ def test_a_replica_reports_its_time_with_each_batch(engine, ingress_store, postg
         messages = one_run(work)
         [free] = [m for m in messages if isinstance(m, GpuFree)]
         assert free.job_ids == (job.id,) and free.seconds is not None
+        steps = [m.step for m in messages if isinstance(m, Progress)]
+        assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == 2  # the first and last at once
         assert free.seconds.idle >= 0.3 and free.seconds.engine > 0 and free.seconds.host >= 0
         assert ingress_store.get(job.id).status == jobs.SUCCEEDED
         second = tiny_job(ingress_store, "a cat")

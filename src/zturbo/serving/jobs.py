@@ -650,7 +650,8 @@ class SqlQueue(ABC):
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
 
     def depth(self) -> int:
-        return self.counts()[QUEUED]
+        with self._read() as db:
+            return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
 
     def image(self, image_id: str) -> ImageRef:
         with self._read() as db:

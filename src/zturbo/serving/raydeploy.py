@@ -83,6 +83,7 @@ THROUGHPUT_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
 }
 DEATH_WAIT_S = 5.0  # how long an unreachable replica's actor may take to be seen dead (`actor_gone`)
+PROGRESS_GAP_S = 0.1  # the least time between two plain Progress of one job on a run stream (`ProgressGate`)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,56 @@ class Router:
             emit(message)
 
 
+class ProgressGate:
+    """Which of a run stream's messages go out now. Each message crosses Ray on its own, through
+    threads of the replica's process that take the GIL from its GPU thread, and a job's progress
+    readers (event streams, job views, A1111's progress) show its newest step. So a job's plain
+    Progress that comes sooner than `gap` after the last one sent waits, replaced by any newer one,
+    and goes out once the gap has passed (`due`) or just before the job's next other message. A
+    job's first and last steps go out at once, and so does every preview (one per step, docs/api.md)."""
+
+    def __init__(self, gap: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.gap, self.clock = gap, clock
+        self._sent: dict[str, float] = {}  # job -> when its last Progress went out
+        self._held: dict[str, Progress] = {}  # job -> its newest Progress not sent
+
+    def admit(self, message: Any) -> list[Any]:
+        """What goes out now for `message`: nothing, itself, or a held Progress of its jobs and it."""
+        if not isinstance(message, Progress):
+            return [self._held.pop(j) for j in message_jobs(message) if j in self._held] + [message]
+        now, last = self.clock(), self._sent.get(message.job_id)
+        last_step = message.step >= message.steps
+        if message.preview is None and not last_step and last is not None and now - last < self.gap:
+            self._held[message.job_id] = message
+            return []
+        self._held.pop(message.job_id, None)
+        self._sent[message.job_id] = now
+        return [message]
+
+    def wait_s(self) -> float | None:
+        """Seconds until a held Progress is due (None: none is held)."""
+        if not self._held:
+            return None
+        return max(0.0, min(self._sent[j] for j in self._held) + self.gap - self.clock())
+
+    def due(self) -> list[Progress]:
+        """The held Progress whose gap has passed, now sent."""
+        now = self.clock()
+        ready = [j for j in self._held if now - self._sent[j] >= self.gap]
+        self._sent |= dict.fromkeys(ready, now)
+        return [self._held.pop(j) for j in ready]
+
+
+async def _next(messages: asyncio.Queue[Any], timeout: float | None) -> Any:
+    """The queue's next message, or None if `timeout` seconds (None: no limit) pass first."""
+    if timeout is None or not messages.empty():
+        return await messages.get()
+    try:
+        return await asyncio.wait_for(messages.get(), timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
 # --- the GPU deployment --------------------------------------------------------------------------------
 
 
@@ -333,7 +384,8 @@ class ReplicaWork:
 
     async def run(self) -> AsyncIterator[Any]:
         """Claim the batch that waits longest once the GPU is free, run it, and stream its messages
-        until each of its jobs is recorded (Finished) or given back (Released)."""
+        until each of its jobs is recorded (Finished) or given back (Released); a job's plain
+        progress at most every PROGRESS_GAP_S (`ProgressGate`)."""
         loop = asyncio.get_running_loop()
         messages: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -342,15 +394,19 @@ class ReplicaWork:
 
         work = loop.run_in_executor(self.gpu, self._run_one, emit)
         yield self.hello
+        gate = ProgressGate(PROGRESS_GAP_S)
         open_jobs: set[str] | None = None
         while open_jobs is None or open_jobs:
-            message = await messages.get()
+            message = await _next(messages, gate.wait_s())
             if isinstance(message, _Claimed):
                 open_jobs = set(message.job_ids)
                 continue
-            yield message
-            if ends_job(message) and open_jobs is not None:
-                open_jobs.discard(message.job_id)
+            for out in [] if message is None else gate.admit(message):
+                yield out
+                if ends_job(out) and open_jobs is not None:
+                    open_jobs.discard(out.job_id)
+            for out in gate.due():
+                yield out
         await work
 
     def _run_one(self, emit: Callable[[Any], None]) -> None:
@@ -615,12 +671,22 @@ class RayDispatcher:
             self._wake.clear()
 
     def _tick(self) -> None:
-        for job in self.store.heartbeat():  # this node's lease; lost nodes' running jobs queued again
+        """The run requests first, so that a submission's wake waits for nothing else; then the upkeep,
+        each part as it falls due: this node's lease (the store writes it at most every HEARTBEAT_S)
+        with lost nodes' jobs queued again, the replica listing, the broken streams' jobs."""
+        self._dispatch()
+        recovered = self.store.heartbeat()
+        for job in recovered:
             self._recovered(job)
         if time.monotonic() - self._listed_at > LIST_EVERY_S:
             self._list_replicas()
         self._check_unsettled()
-        queued = self.store.counts()[jobs.QUEUED]  # outside the lock, which each claim takes: at worst
+        if recovered:  # queued again: their requests go now, not a tick later
+            self._wake.set()
+
+    def _dispatch(self) -> None:
+        """Send the run requests the queue wants now (`_wanted`)."""
+        queued = self.store.depth()  # outside the lock, which each claim takes: at worst
         with self._lock:  # one request too many, which finds no job and ends
             if not self._dispatching:
                 return
