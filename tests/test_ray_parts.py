@@ -16,7 +16,15 @@ from zturbo.cli import build_parser
 from zturbo.cli import main as cli_main
 from zturbo.errors import InvalidRequestError
 from zturbo.serving import jobs
-from zturbo.serving.raydeploy import ProgressGate, RayDispatcher, Replica, Router, Running, ray_options
+from zturbo.serving.raydeploy import (
+    THROUGHPUT_ENV,
+    ProgressGate,
+    RayDispatcher,
+    Replica,
+    Router,
+    Running,
+    ray_options,
+)
 from zturbo.serving.workers import BatchRoom, BatchSeconds, Finished, GpuFree, Hooks, Progress, Ready, Released
 
 
@@ -422,6 +430,9 @@ def test_the_kuberay_manifest_deploys_this_app_with_flags_zturbo_serve_accepts()
     [pool] = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     # KubeRay passes the string to `ray start --resources` as a shell word: quoted JSON.
     assert json.loads(json.loads(pool["rayStartParams"]["resources"])) == options.resources
+    # Every pod starts Ray in the mode docs/ray.md asks for (the Ray tests' mode too).
+    [head] = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    assert THROUGHPUT_ENV.items() <= {item["name"]: item.get("value") for item in head["env"]}.items()
 
 
 def test_replica_leases_list_live_replicas_and_a_leaving_one_gives_its_jobs_back_at_once(postgres_db, tmp_path):

