@@ -540,8 +540,10 @@ class GpuReplica:
 def _log_to_stderr(label: str) -> None:
     """zturbo's lines (load phases, compile cache, jobs) from a Ray actor's process to its stderr,
     which Ray keeps in the worker's log file and echoes at the driver: Ray gives zturbo's logger no
-    handler, so its info lines would be lost. The process is the actor's alone."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler, so its info lines would be lost. The process's own stderr (`sys.__stderr__`): Serve
+    puts a stream into `sys.stderr` that feeds its own logger, which its throughput mode keeps
+    off stderr. The process is the actor's alone."""
+    handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(logging.Formatter(f"zturbo[{label}]: %(message)s"))
     logger = logging.getLogger("zturbo")
     logger.handlers[:] = [handler]
