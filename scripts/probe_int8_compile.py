@@ -4,7 +4,7 @@ Builds a capped row's engine (`bench.memory.capped_engine`, as `zturbo bench --c
 JSON line per finished call, so a run cut off by a timeout still tells how far it got: the first
 call (compiling), a timed second, then a profiled third with the longest kernels. Each line says
 whether the call still ran compiled under the placed plan (an engine out of memory leans out, and
-reverts to eager where the leaner plan cannot compile), the peak memory so far, and how many int8 products
+runs eagerly from then on where the leaner plan streams blocks), the peak memory so far, and how many int8 products
 Inductor rewrote into aten._weight_int8pack_mm (none, unless `--inductor-patterns` turns its
 pattern matcher back on for int8 blocks: `accel.compile.INT8_INDUCTOR_OPTIONS`).
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _state(engine: Any) -> dict[str, Any]:
     """Whether the call ran compiled and under the placed plan: an engine out of memory moves to a
-    leaner plan, and under one that runs int8 eagerly it reverts its compilation."""
+    leaner plan, and under one that streams blocks it reverts its compilation."""
     state = {"compiled_after": engine.accel.compiling, "plan_after": engine.placement.describe()}
     if torch.cuda.is_available():
         state["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -522,7 +522,7 @@ def test_every_plan_compiles_but_diffusers_group_offload(plan, compiles):
     assert (memory.eager_reason(plan) is None) is compiles
 
 
-def test_int8_weights_streamed_compile_and_stay_compiled_when_the_engine_leans_out(tiny_dir, caplog):
+def test_int8_weights_streamed_compile_and_stay_compiled_when_the_engine_leans_out_to_te_offload(tiny_dir, caplog):
     # Compiled int8 under a 4 GiB cap fits and is faster than eager on an H100 (docs/performance.md).
     pytest.importorskip("torchao")
     config = RuntimeConfig(model=str(tiny_dir), device="cpu", dtype="float32", quantize="int8", compile="on")

@@ -177,30 +177,33 @@ def test_a_wake_sends_its_run_requests_before_the_stores_upkeep():
     """A submission's wake waits for no lease renewal or replica listing; jobs that the lease's
     recovery queues again get their requests at the loop's next turn, not a tick later."""
     replica = Replica("ray-replica-r1", "cuda:0", "node1", 42, Ready({}, None), "ray-replica-r1/gpu")
-    handle = FakeHandle([[replica], [replica]], replica)  # each request finds its job taken: it ends
-    seen: list[tuple[str, int]] = []
+    handle = FakeHandle([[replica]], replica)  # the request finds its job taken: it ends
+    seen: list[str] = []
 
     class Store(FakeStore):
+        def depth(self) -> int:
+            seen.append("depth")
+            return super().depth()
+
         def heartbeat(self) -> list:
-            seen.append(("heartbeat", handle.calls))
+            seen.append("heartbeat")
             return super().heartbeat()
 
         def live_nodes(self, prefix: str) -> dict[str, float]:
-            seen.append(("listing", handle.calls))
+            seen.append("listing")
             return super().live_nodes(prefix)
 
     store = Store(queued=1, live={})
     requeued = []
     dispatcher = RayDispatcher(handle, store, Hooks(on_event=lambda j, e, d: requeued.append(j)))
     dispatcher._tick()
-    assert seen == [("heartbeat", 1), ("listing", 1)] and not dispatcher._wake.is_set()
+    assert seen == ["depth", "heartbeat", "listing"]
     handle.release.set()
     wait(lambda: dispatcher._inflight == 0)
-    dispatcher._wake.clear()  # the request's end woke it
-    store.recovered = [job_row("j9", jobs.QUEUED)]
-    dispatcher._tick()
-    assert requeued == ["j9"] and dispatcher._wake.is_set()
-    wait(lambda: dispatcher._inflight == 0)
+    dispatcher._wake.clear()  # the request's end and the listing woke it
+    store.queued, store.recovered = 0, [job_row("j9", jobs.QUEUED)]
+    dispatcher._tick()  # no request (nothing queued when it dispatched), no listing due
+    assert requeued == ["j9"] and dispatcher._inflight == 0 and dispatcher._wake.is_set()
 
 
 def test_a_run_stream_sends_a_jobs_newest_progress_at_most_once_per_gap():

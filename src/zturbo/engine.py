@@ -884,9 +884,8 @@ class Engine:
         self._forget_loras()
         release_cached_memory(self.device)
         if self.accel.compiling and target.plan in ("block-offload", "sequential"):
-            self.accel.revert_compile()  # streaming re-points the weights that fusion shares
-        elif self.accel.compiling and (eager := eager_reason(target.plan)) is not None:
-            log.warning("running eagerly from now on: %s", eager)
+            # Streaming re-points the weights that fusion shares and compiled code holds.
+            log.warning("running eagerly from now on: the leaner %s plan streams the blocks", target.plan)
             self.accel.revert_compile()
         # Leaner plans move the encoder's weights, so its graphs can never replay again (plans
         # only get leaner): free their memory now.

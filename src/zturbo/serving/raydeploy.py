@@ -67,7 +67,7 @@ log = logging.getLogger("zturbo.ray")
 REPLICA_PREFIX = "ray-replica-"  # the store's node names of GPU replicas (`PostgresJobStore.live_nodes`)
 GPU_DEPLOYMENT, HTTP_DEPLOYMENT = "zturbo-gpu", "zturbo-http"
 HEAD_RESOURCE = "node:__internal_head__"  # the resource only Ray's head node has
-TICK_S = 0.5  # the ingress's loop: renew its lease, take lost nodes' jobs back, send requests
+TICK_S = 0.5  # the ingress's loop: send requests, renew its lease, take lost nodes' jobs back
 LIST_EVERY_S = 2.0  # how often the ingress reads which replicas hold a lease
 SECRET_WORDS = ("PASSWORD", "KEY", "TOKEN", "SECRET")
 BEAT_S = 1.0  # a replica's lease renewal (the store renews at most every HEARTBEAT_S)
@@ -691,15 +691,18 @@ class RayDispatcher:
     def _tick(self) -> None:
         """The run requests first, so that a submission's wake waits for nothing else; then the upkeep,
         each part as it falls due: this node's lease (the store writes it at most every HEARTBEAT_S)
-        with lost nodes' jobs queued again, the replica listing, the broken streams' jobs."""
+        with lost nodes' jobs queued again, the replica listing, the broken streams' jobs. What the
+        upkeep queued again or found live gets its requests at the loop's next turn, not a tick later."""
         self._dispatch()
         recovered = self.store.heartbeat()
         for job in recovered:
             self._recovered(job)
-        if time.monotonic() - self._listed_at > LIST_EVERY_S:
+        listed = time.monotonic() - self._listed_at > LIST_EVERY_S
+        if listed:
             self._list_replicas()
+        unsettled = len(self._unsettled)
         self._check_unsettled()
-        if recovered:  # queued again: their requests go now, not a tick later
+        if recovered or listed or len(self._unsettled) < unsettled:
             self._wake.set()
 
     def _dispatch(self) -> None:
