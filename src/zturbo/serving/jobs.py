@@ -582,8 +582,12 @@ class SqlQueue(ABC):
         except StorageError:
             return False
 
+    @staticmethod
+    def _depth(db: Any) -> int:
+        return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+
     def _check_room(self, db: Any) -> None:
-        depth = db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+        depth = self._depth(db)
         if depth >= self.max_queued:
             raise QueueFullError(
                 f"the queue is full ({depth} of {self.max_queued} jobs waiting); retry later", retry_after=1
@@ -651,7 +655,7 @@ class SqlQueue(ABC):
 
     def depth(self) -> int:
         with self._read() as db:
-            return db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (QUEUED,)).fetchone()[0]
+            return self._depth(db)
 
     def image(self, image_id: str) -> ImageRef:
         with self._read() as db:
