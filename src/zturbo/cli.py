@@ -23,6 +23,7 @@ from .config import (
     TINY_MODEL,
 )
 from .errors import DeviceError, InvalidRequestError, ZTurboError
+from .logs import log_to
 from .profiles import PRESET_CHOICES
 from .request import DEFAULT_SIZE, OUTPUT_FIELDS
 from .version import __version__
@@ -446,11 +447,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("zturbo: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
+    log_to(sys.stderr, "zturbo", logging.WARNING if quiet else logging.INFO)
 
 
 # Libraries whose info lines, progress bars and import-time notices (torchao's missing optional

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError, JobNotFoundError, StorageError, ZTurboError
+from ..logs import log_to
 from . import jobs
 from .metrics import DEPARTED
 from .workers import (
@@ -543,12 +544,7 @@ def _log_to_stderr(label: str) -> None:
     handler, so its info lines would be lost. The process's own stderr (`sys.__stderr__`): Serve
     puts a stream into `sys.stderr` that feeds its own logger, which its throughput mode keeps
     off stderr. The process is the actor's alone."""
-    handler = logging.StreamHandler(sys.__stderr__)
-    handler.setFormatter(logging.Formatter(f"zturbo[{label}]: %(message)s"))
-    logger = logging.getLogger("zturbo")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    log_to(sys.__stderr__, f"zturbo[{label}]", logging.INFO)
 
 
 def _replica_device(config: Any) -> str:
