@@ -83,6 +83,7 @@ class Scenario:
     key: str
     size: int
     clients: int
+    rounds: int  # timed requests per client
 
 
 @dataclass
@@ -131,6 +132,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "with C clients and batches of B, about (rounds - 1) x C / B batches (steady_bursts, "
         "steady_burst_sizes). images_per_s_wall counts from the same start to the last timed answer, the "
         "tail in which the clients finish one by one included",
+    )
+    p.add_argument(
+        "--scenarios",
+        default=None,
+        help="which scenarios run, each with its own timed rounds: 'KEY[:ROUNDS],...' with KEY one of "
+        "LARGEx1, LARGEx4, SMALLx1, SMALLx16 (e.g. '512x1:60,1024x1'; default: all four, --rounds each)",
     )
     p.add_argument(
         "--warmup-rounds",
@@ -220,6 +227,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.warm_only and not (args.work and _filled(Path(args.work) / "compile-cache")):
         refuse(f"--warm-only needs --work DIR holding an earlier run's compile-cache; got --work {args.work}")
     check_batches(args)
+    scenarios(args)  # a bad --scenarios item is refused here
     if args.start_warm:
         check_start_warm(args)
 
@@ -269,13 +277,24 @@ def refuse(message: str) -> NoReturn:
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
+    """The four scenarios in order, or those --scenarios picks, each with its rounds."""
     large, small = args.large, args.small
-    return [
-        Scenario(f"{large}x1", large, 1),
-        Scenario(f"{large}x4", large, 4),
-        Scenario(f"{small}x1", small, 1),
-        Scenario(f"{small}x16", small, 16),
-    ]
+    every = [(large, 1), (large, 4), (small, 1), (small, 16)]
+    rounds = scenario_rounds(args.scenarios, [f"{size}x{clients}" for size, clients in every], args.rounds)
+    return [Scenario(f"{s}x{c}", s, c, rounds[f"{s}x{c}"]) for s, c in every if f"{s}x{c}" in rounds]
+
+
+def scenario_rounds(spec: str | None, keys: list[str], default: int) -> dict[str, int]:
+    """--scenarios 'KEY[:ROUNDS],...' as {key: rounds}; None: every key with the default."""
+    if spec is None:
+        return dict.fromkeys(keys, default)
+    out: dict[str, int] = {}
+    for item in spec.split(","):
+        key, _, count = item.strip().partition(":")
+        if key not in keys or (count and not (count.isdigit() and int(count) >= 1)):
+            refuse(f"--scenarios item {item!r}: want KEY or KEY:ROUNDS, KEY one of {', '.join(keys)}, ROUNDS >= 1")
+        out[key] = int(count) if count else default
+    return out
 
 
 def prompts(start: int = 0) -> Iterator[tuple[str, int]]:
@@ -575,7 +594,7 @@ def drive(
     warmed up), and the readings `start` and `end`."""
     from openai import OpenAI
 
-    warmup, total = args.warmup_rounds, args.warmup_rounds + args.rounds
+    warmup, total = args.warmup_rounds, args.warmup_rounds + sc.rounds
     # Drawn here: a generator's next() from several threads at once raises.
     plans = [[next(pairs) for _ in range(total)] for _ in range(sc.clients)]
     edges = Edges(sc.clients)

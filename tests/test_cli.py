@@ -231,15 +231,17 @@ def test_unreachable_hub_without_cache_says_how_to_proceed(tmp_path):
 
 
 @pytest.mark.parametrize(("user_setting", "expected"), [(None, "expandable_segments:True"), ("backend:native", None)])
-def test_cli_turns_on_expandable_segments_unless_the_user_configured_the_allocator(monkeypatch, user_setting, expected):
-    from zturbo import cli
+def test_engine_processes_turn_on_expandable_segments_unless_the_user_configured_the_allocator(
+    monkeypatch, user_setting, expected
+):
+    from zturbo.config import process_defaults
 
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     if user_setting is None:
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     else:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
-    cli.allocator_defaults()
+    process_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (expected or user_setting)
 
 

@@ -57,6 +57,8 @@ def options(**given: Any) -> argparse.Namespace:
         (["--engine-batches", "1,x"], "--engine-batches 1,x must be comma-separated whole numbers"),
         (["--engine-batches", "0,4"], "--engine-batches 0,4 must be comma-separated numbers of at least 1"),
         (["--start-warm"], "--start-warm needs a warm compile cache"),  # no --work: a new, empty one
+        (["--scenarios", "512x2"], "--scenarios item '512x2': want KEY or KEY:ROUNDS, KEY one of 1024x1, 1024x4,"),
+        (["--scenarios", "512x1:0"], "--scenarios item '512x1:0'"),
     ],
 )
 def test_a_bad_flag_is_refused_in_one_line_before_anything_starts(tmp_path, flags, named):
@@ -261,6 +263,17 @@ def test_the_wall_rate_runs_from_every_client_timed_to_the_last_answer_tail_incl
     assert ls.wall_rate(tail)["images_per_s_wall"] < ls.steady_window(tail)["images_per_s"]
 
 
+def test_scenarios_picks_which_run_in_their_order_each_with_its_rounds():
+    assert [(s.key, s.rounds) for s in ls.scenarios(options(rounds=3))] == [
+        ("1024x1", 3),
+        ("1024x4", 3),
+        ("512x1", 3),
+        ("512x16", 3),
+    ]
+    picked = ls.scenarios(options(rounds=3, scenarios="512x1:60,1024x1"))
+    assert [(s.key, s.size, s.clients, s.rounds) for s in picked] == [("1024x1", 1024, 1, 3), ("512x1", 512, 1, 60)]
+
+
 def test_one_client_gets_its_sequential_rate_and_latencies_over_every_timed_request(monkeypatch):
     records = served(clients=1, warmup=2, rounds=5, period=0.25)
     window = ls.steady_window(records)
@@ -268,7 +281,7 @@ def test_one_client_gets_its_sequential_rate_and_latencies_over_every_timed_requ
     account = {"batches": 0.0, "engine": 0.0}
     readings = {"start": account, "end": {"batches": 5.0, "engine": 1.0}, "start_at": 0.5, "end_at": 1.75}
     monkeypatch.setattr(ls, "drive", lambda *_: (records, readings))
-    row = ls.run_scenario("http://x", "k", ls.Scenario("512x1", 512, 1), options(), iter(()))
+    row = ls.run_scenario("http://x", "k", ls.Scenario("512x1", 512, 1, 5), options(), iter(()))
     assert row["requests"] == row["images"] == row["steady_images"] == 5 and row["errors"] == 0
     assert row["images_per_s"] == row["images_per_s_wall"] == pytest.approx(4.0)  # sequential: both the same
     assert row["p50_s"] == row["p90_s"] == pytest.approx(0.25) and row["wall_s"] == pytest.approx(1.25)

@@ -8,7 +8,11 @@
 # '--rounds 4 --warmup-rounds 1'), R26_TIMEOUT (seconds per load_serve run, default 280); for a CPU
 # rehearsal: R26_MODEL (default /tmp/zi), R26_NUM_GPUS (default 1), R26_RAY_ARGS (serve args of the ray run only);
 # R26_RAY_PLAIN=1: Ray Serve's default mode instead of the throughput-optimized one.
-# $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt).
+# R26_ONLY=serve|ray: that run alone. R26_RAY_SWITCH=SECONDS: Ray's worker processes start with
+# sys.setswitchinterval(SECONDS) (a sitecustomize on their PYTHONPATH; an experiment, not a setting).
+# R26_SPY=0 turns off the py-spy samples of the GPU process during the 512x1 scenario.
+# $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt),
+# NAME-spy-{idle,gil}.txt (py-spy raw stacks of the process on the GPU, every thread).
 set -o pipefail
 OUT=${OUT:-/tmp/r26out}; mkdir -p "$OUT"
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
@@ -43,6 +47,10 @@ el "ray start --head"
 print(" ".join(f"export {k}={v};" for k, v in env.items()))')"
 # R26_NO_HAPROXY=1: Serve's Python proxy in place of HAProxy.
 [ -z "${R26_NO_HAPROXY:-}" ] || unset RAY_SERVE_ENABLE_HA_PROXY
+if [ -n "${R26_RAY_SWITCH:-}" ]; then
+  mkdir -p /tmp/r26site && echo "import sys; sys.setswitchinterval(${R26_RAY_SWITCH})" > /tmp/r26site/sitecustomize.py
+  export PYTHONPATH=/tmp/r26site:$PYTHONPATH; echo "Ray workers: switch interval ${R26_RAY_SWITCH} s"
+fi
 ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
 tail -4 /tmp/r26_raystart.log; echo "ray start rc=$rc"
 [ $rc = 0 ] || { logpart "ray start" /tmp/r26_raystart.log; }
@@ -58,6 +66,20 @@ reap() {
   for p in $(pgrep -f "zturbo.cli serve" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
 }
 
+# py-spy samples of the process on the GPU (its every thread, idle included, then only the one
+# holding the GIL) a moment into the 512² one-at-a-time scenario; PATTERN finds that process.
+spy() {  # NAME LOGFILE PATTERN
+  [ "${R26_SPY:-1}" = 1 ] && command -v py-spy >/dev/null || return 0
+  ( for _ in $(seq 1200); do grep -q "512² with 1 client" "$2" 2>/dev/null && break; sleep 0.5; done
+    sleep "${R26_SPY_DELAY:-3}"
+    local pid; pid=$(pgrep -f "$3" | head -1)
+    [ -n "$pid" ] || { echo "$1: no process matches $3" > /tmp/r26_spy_$1.log; exit 0; }
+    for mode in idle gil; do
+      timeout 20 py-spy record -p "$pid" --threads --"$mode" --nonblocking --rate 250 --duration "${R26_SPY_S:-4}" \
+        --format raw -o "$OUT/$1-spy-$mode.txt" >> /tmp/r26_spy_$1.log 2>&1
+    done ) &
+}
+
 run_load() {  # NAME WORK DB_URL [extra serve args...]
   local name=$1 work=$2 url=$3; shift 3
   rm -rf "$work" /tmp/r26o/$name; mkdir -p /tmp/r26o/$name
@@ -65,6 +87,9 @@ run_load() {  # NAME WORK DB_URL [extra serve args...]
   [ $left -lt $to ] && to=$left
   [ $left -lt 30 ] && { echo "$name: skipped, only $left s left"; return 1; }
   el "load_serve: $name (timeout $to s)"
+  : > /tmp/r26o/$name.log
+  if [ "$name" = ray ]; then spy "$name" /tmp/r26o/$name.log "ServeReplica:.*zturbo-gpu"
+  else spy "$name" /tmp/r26o/$name.log "spawn_main"; fi
   timeout -k 10 "$to" python3 scripts/load_serve.py --model "${R26_MODEL:-/tmp/zi}" --no-restart --no-engine --work "$work" \
     --serve-arg=--store --serve-arg="$url" "$@" "${SA[@]}" "${LA[@]}" --out /tmp/r26o/$name > /tmp/r26o/$name.log 2>&1
   local rc=$?
@@ -72,13 +97,16 @@ run_load() {  # NAME WORK DB_URL [extra serve args...]
   mkdir -p "$OUT/$name"; cp /tmp/r26o/$name/load.json /tmp/r26o/$name/load.md "$OUT/$name/" 2>/dev/null
   logpart "$name: load_serve rc=$rc" /tmp/r26o/$name.log 20000
   logpart "$name: zturbo serve log" /tmp/r26o/$name/serve-cold.log 150000
+  logpart "$name: py-spy" /tmp/r26_spy_$name.log 4000
   reap
   return $rc
 }
 
-run_load serve /tmp/r26s "$PG"
-run_load ray /tmp/r26r "$PG2" --serve-arg=--ray --serve-arg=auto "${RA[@]}"; rc_ray=$?
-if [ $rc_ray != 0 ] || ! grep -q images_per_s "$OUT/ray/load.json" 2>/dev/null; then
+[ "${R26_ONLY:-serve}" = serve ] && run_load serve /tmp/r26s "$PG"
+rc_ray=0
+[ "${R26_ONLY:-ray}" = ray ] && { run_load ray /tmp/r26r "$PG2" --serve-arg=--ray --serve-arg=auto "${RA[@]}"; rc_ray=$?; }
+if [ "${R26_ONLY:-ray}" != ray ]; then :
+elif [ $rc_ray != 0 ] || ! grep -q images_per_s "$OUT/ray/load.json" 2>/dev/null; then
   for f in /tmp/ray/session_latest/logs/serve/*.log /tmp/ray/session_latest/logs/raylet.err \
            /tmp/ray/session_latest/logs/gcs_server.err /tmp/ray/session_latest/logs/worker-*.err; do
     [ -s "$f" ] && logpart "ray: $f" "$f" 40000

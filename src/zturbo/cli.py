@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from .config import (
     QUANTIZE_CHOICES,
     SWITCH_CHOICES,
     TINY_MODEL,
+    process_defaults,
 )
 from .errors import DeviceError, InvalidRequestError, ZTurboError
 from .logs import log_to
@@ -374,31 +374,13 @@ def _bench_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="steps of the --base and --gguf rows (default 50 and 8)")
 
 
-def allocator_defaults() -> None:
-    """Expandable segments for PyTorch's CUDA allocator unless the user configured it: the memory
-    planner moves and frees blocks of weights, and fixed-size segments fragment under a tight
-    budget (measured: 2.2 GiB of an 8 GiB cap reserved but unusable). Read when CUDA first
-    allocates, so it must be set before that; worker processes inherit it."""
-    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF") and not os.environ.get("PYTORCH_ALLOC_CONF"):
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-
-
-def _compile_cache_default() -> None:
-    """Inductor's caches default to /tmp; the CLI keeps them with zturbo's cache so restarts reuse
-    them, unless the user chose a directory. Worker processes inherit it."""
-    from .config import cache_root
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = build_parser().parse_args(argv)
     args.started = started
     quiet = getattr(args, "quiet", False)
     _setup_logging(quiet=quiet)
-    allocator_defaults()
-    _compile_cache_default()
+    process_defaults()
     try:
         with _quiet_libraries(quiet):
             return _run_command(args)

@@ -273,3 +273,17 @@ def check_stored_settings(config: RuntimeConfig, path: object) -> None:
             f"GGUF transformer {path}; use --memory block-offload, which streams its quantized bytes, or auto, "
             "resident, te-offload or model-offload"
         )
+
+
+def process_defaults() -> None:
+    """The environment settings of an engine's process, unless the user set them; read when CUDA
+    first allocates and when Inductor first compiles, so set before either. Worker processes
+    inherit them; a process started elsewhere (a Ray replica) calls this itself.
+
+    - Expandable segments for PyTorch's CUDA allocator: the memory planner moves and frees blocks
+      of weights, and fixed-size segments fragment under a tight budget (measured: 2.2 GiB of an
+      8 GiB cap reserved but unusable).
+    - Inductor's caches with zturbo's (they default to /tmp), so that restarts reuse them."""
+    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF") and not os.environ.get("PYTORCH_ALLOC_CONF"):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))

@@ -513,11 +513,13 @@ class GpuReplica:
     """One Ray Serve replica: `ReplicaWork` on the GPU Ray gave it."""
 
     def __init__(self, args: argparse.Namespace, config: Any) -> None:
+        from ..config import process_defaults
         from .serve import serve_settings
         from .service import worker_config
 
         name = f"{REPLICA_PREFIX}{_replica_id()}"
         _log_to_stderr(name)
+        process_defaults()  # as a `zturbo serve` worker inherits them from the CLI
         settings = serve_settings(args, config, devices=["ray"])
         device = _replica_device(config)
         engine, ready = load_engine(worker_config(settings), device)
