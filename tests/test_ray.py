@@ -149,6 +149,20 @@ def test_status_lists_the_replicas_and_the_ui_answers(server):
     assert httpx.get(f"{server.url}/ui/", follow_redirects=True).status_code == 200
 
 
+def test_a_second_server_on_another_port_is_refused_and_the_running_one_keeps_serving(
+    server, ray_cluster, ray_db, tiny_dir, tmp_path
+):
+    # Serve keeps the HTTP entry of the instance already running; a server announced on another
+    # port would answer nowhere, and deploying its app would replace the running one's.
+    other = Server(tiny_dir, tmp_path / "data", "--ray", ray_cluster[0], "--store", ray_db, *REPLICA)
+    assert other.proc.wait(120) == 2, other.tail()
+    other.client.close()
+    message = other.tail()
+    assert f"--host 127.0.0.1 --port {other.port}: Ray Serve already runs on this cluster" in message
+    assert f"HTTP entry on 127.0.0.1:{server.port}" in message
+    assert server.client.get("/ready").status_code == 200 and len(replica_names(server)) == 2
+
+
 # The API tests of `zturbo serve`, run as they are against the deployment (the `server` fixture above):
 # the official openai client, the native jobs with SSE, history, the edge's 401s and 400s naming the
 # field, and the A1111 routes through the real webuiapi client. Their slow jobs stay under the time limit.

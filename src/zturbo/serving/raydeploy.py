@@ -1105,6 +1105,7 @@ def run_on_cluster(args: argparse.Namespace, config: Any) -> int:
 
     ray.init(address=options.address, runtime_env={"env_vars": _forwarded_env()})
     serve.start(proxy_location="HeadOnly", http_options={"host": args.host, "port": args.port})
+    check_http_entry(args.host, args.port)
     serve.run(build_app(args, config, options), name=options.app_name, route_prefix="/")
     log.info("serving on http://%s:%d from Ray at %s", args.host, args.port, options.address)
     stop = threading.Event()
@@ -1116,6 +1117,21 @@ def run_on_cluster(args: argparse.Namespace, config: Any) -> int:
     if not serve.status().applications:  # Serve itself goes too, unless other applications use it
         serve.shutdown()
     return 0
+
+
+def check_http_entry(host: str, port: int) -> None:
+    """Refuse a --host/--port other than the HTTP entry Serve has: a Serve instance already running
+    on the cluster keeps its own, and Serve only warns that it ignored the new one, so the server
+    would be announced where nothing answers. Before anything is deployed."""
+    from ray.serve.context import _get_global_client  # Serve's own client of its controller
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (host, port):
+        raise InvalidRequestError(
+            f"--host {host} --port {port}: Ray Serve already runs on this cluster with its HTTP entry on "
+            f"{running.host}:{running.port}, which it keeps; serve there (--host {running.host} --port "
+            f"{running.port}) or end that Serve instance first (`serve shutdown`)"
+        )
 
 
 def _forwarded_env() -> dict[str, str]:
