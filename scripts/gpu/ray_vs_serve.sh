@@ -10,6 +10,7 @@
 # R26_RAY_PLAIN=1: Ray Serve's default mode instead of the throughput-optimized one.
 # R26_ONLY=serve|ray: that run alone. R26_RAY_SWITCH=SECONDS: Ray's worker processes start with
 # sys.setswitchinterval(SECONDS) (a sitecustomize on their PYTHONPATH; an experiment, not a setting).
+# R26_RAY_RESTART=1: the Ray run's warm restart too (a replica starting from the cache a replica left).
 # R26_SPY=0 turns off the py-spy samples of the GPU process during the 512x1 scenario.
 # $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt),
 # NAME-spy-{idle,gil}.txt (py-spy raw stacks of the process on the GPU, every thread).
@@ -69,13 +70,14 @@ reap() {
 # py-spy samples of the process on the GPU (its every thread, idle included, then only the one
 # holding the GIL) a moment into the 512² one-at-a-time scenario; PATTERN finds that process.
 spy() {  # NAME LOGFILE PATTERN
-  [ "${R26_SPY:-1}" = 1 ] && command -v py-spy >/dev/null || return 0
+  local spy; spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)  # setup.sh installs it under /tmp/site
+  [ "${R26_SPY:-1}" = 1 ] && [ -x "$spy" ] || return 0
   ( for _ in $(seq 1200); do grep -q "512² with 1 client" "$2" 2>/dev/null && break; sleep 0.5; done
     sleep "${R26_SPY_DELAY:-3}"
     local pid; pid=$(pgrep -f "$3" | head -1)
     [ -n "$pid" ] || { echo "$1: no process matches $3" > /tmp/r26_spy_$1.log; exit 0; }
     for mode in idle gil; do
-      timeout 20 py-spy record -p "$pid" --threads --"$mode" --nonblocking --rate 250 --duration "${R26_SPY_S:-4}" \
+      timeout 20 "$spy" record -p "$pid" --threads --"$mode" --nonblocking --rate 250 --duration "${R26_SPY_S:-4}" \
         --format raw -o "$OUT/$1-spy-$mode.txt" >> /tmp/r26_spy_$1.log 2>&1
     done ) &
 }
@@ -90,7 +92,9 @@ run_load() {  # NAME WORK DB_URL [extra serve args...]
   : > /tmp/r26o/$name.log
   if [ "$name" = ray ]; then spy "$name" /tmp/r26o/$name.log "ServeReplica:.*zturbo-gpu"
   else spy "$name" /tmp/r26o/$name.log "spawn_main"; fi
-  timeout -k 10 "$to" python3 scripts/load_serve.py --model "${R26_MODEL:-/tmp/zi}" --no-restart --no-engine --work "$work" \
+  local restart=(--no-restart)  # R26_RAY_RESTART=1: the Ray run starts again from the cache its replica left
+  [ "$name" = ray ] && [ -n "${R26_RAY_RESTART:-}" ] && restart=()
+  timeout -k 10 "$to" python3 scripts/load_serve.py --model "${R26_MODEL:-/tmp/zi}" "${restart[@]}" --no-engine --work "$work" \
     --serve-arg=--store --serve-arg="$url" "$@" "${SA[@]}" "${LA[@]}" --out /tmp/r26o/$name > /tmp/r26o/$name.log 2>&1
   local rc=$?
   echo "$name rc=$rc"; tail -4 /tmp/r26o/$name.log
