@@ -10,6 +10,8 @@
 # R26_RAY_PLAIN=1: Ray Serve's default mode instead of the throughput-optimized one.
 # R26_ONLY=serve|ray: that run alone. R26_RAY_SWITCH=SECONDS: Ray's worker processes start with
 # sys.setswitchinterval(SECONDS) (a sitecustomize on their PYTHONPATH; an experiment, not a setting).
+# R26_KEYS=1: $OUT/keydiff.txt, the parts of Inductor's cache keys that differ between the serve worker
+# and the Ray replica for the same graph (scripts/gpu/keydiff.py).
 # R26_RAY_RESTART=1: the Ray run's warm restart too (a replica starting from the cache a replica left).
 # R26_SPY=0 turns off the py-spy samples of the GPU process during the 512x1 scenario.
 # $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt),
@@ -48,11 +50,19 @@ el "ray start --head"
 print(" ".join(f"export {k}={v};" for k, v in env.items()))')"
 # R26_NO_HAPROXY=1: Serve's Python proxy in place of HAProxy.
 [ -z "${R26_NO_HAPROXY:-}" ] || unset RAY_SERVE_ENABLE_HA_PROXY
-if [ -n "${R26_RAY_SWITCH:-}" ]; then
-  mkdir -p /tmp/r26site && echo "import sys; sys.setswitchinterval(${R26_RAY_SWITCH})" > /tmp/r26site/sitecustomize.py
-  export PYTHONPATH=/tmp/r26site:$PYTHONPATH; echo "Ray workers: switch interval ${R26_RAY_SWITCH} s"
-fi
-ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
+# Experiments through a sitecustomize every process of the call imports (none of zturbo's settings):
+# R26_RAY_SWITCH in Ray's processes only (R26_IN_RAY is in `ray start`'s environment alone);
+# R26_KEYS=1: each process logs Inductor's cache-key parts to /tmp/r26keys, and keydiff.py compares them.
+rm -rf /tmp/r26site /tmp/r26keys; mkdir -p /tmp/r26site /tmp/r26keys
+{ echo "import logging, os, sys"
+  [ -n "${R26_RAY_SWITCH:-}" ] && echo "if os.environ.get('R26_IN_RAY'): sys.setswitchinterval(${R26_RAY_SWITCH})"
+  [ -n "${R26_KEYS:-}" ] && cat <<'SC'
+_h = logging.FileHandler(f"/tmp/r26keys/keys-{os.getpid()}-{'ray' if os.environ.get('R26_IN_RAY') else 'serve'}.log")
+_l = logging.getLogger("torch._inductor.codecache"); _l.setLevel(logging.DEBUG); _l.addHandler(_h)
+SC
+} > /tmp/r26site/sitecustomize.py
+export PYTHONPATH=/tmp/r26site:$PYTHONPATH
+R26_IN_RAY=1 ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
 tail -4 /tmp/r26_raystart.log; echo "ray start rc=$rc"
 [ $rc = 0 ] || { logpart "ray start" /tmp/r26_raystart.log; }
 
@@ -123,6 +133,10 @@ grep -h "zturbo\[" /tmp/ray/session_latest/logs/worker-*.err /tmp/ray/session_la
   2>/dev/null | grep -v Warning | head -c 20000 > /tmp/r26_replicas.txt
 logpart "ray: replicas' zturbo lines" /tmp/r26_replicas.txt 20000
 
+if [ -n "${R26_KEYS:-}" ]; then
+  find /tmp/r26keys -empty -delete; python3 scripts/gpu/keydiff.py /tmp/r26keys > "$OUT/keydiff.txt" 2>&1
+  head -40 "$OUT/keydiff.txt"
+fi
 el "summary"
 python3 - "$OUT" <<'PY'
 import json, sys
