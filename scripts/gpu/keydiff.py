@@ -28,24 +28,23 @@ def blocks(path: Path) -> list[dict[str, tuple[str, str]]]:
 
 
 def main(root: Path) -> int:
-    graphs: dict[str, list[tuple[str, dict[str, tuple[str, str]]]]] = defaultdict(list)
+    # {graph: {process log: [parts of each lookup, in order]}}
+    graphs: dict[str, dict[str, list[dict[str, tuple[str, str]]]]] = defaultdict(lambda: defaultdict(list))
     for path in sorted(root.glob("keys-*.log")):
         for parts in blocks(path):
             if "gm" in parts:
-                graphs[parts["gm"][0]].append((path.name, parts))
-    alone = defaultdict(int)  # graphs one process alone traced: their code differs, not a setting
-    for gm, seen in graphs.items():
-        if len({name for name, _ in seen}) == 1:
-            alone[seen[0][0]] += 1
+                graphs[parts["gm"][0]][path.name].append(parts)
+    for gm, by_log in graphs.items():
+        logs = sorted(by_log)
+        if len(logs) < 2:
+            print(f"graph {gm}: traced by {logs[0]} alone")
             continue
-        names = {p for _, parts in seen for p in parts}
-        differ = sorted(p for p in names if len({parts.get(p, ("-",))[0] for _, parts in seen}) > 1)
-        print(f"graph {gm}: {len(seen)} lookups in {len({n for n, _ in seen})} processes; differing parts: {differ}")
-        for part in differ:
-            for name, parts in seen:
-                print(f"    {part} in {name}: {parts.get(part, ('-', 'absent'))[1]}")
-    for name, count in sorted(alone.items()):
-        print(f"{count} graphs only {name} traced")
+        first, other = by_log[logs[0]], by_log[logs[1]]  # the n-th lookup of one against the other's n-th
+        for n, (a, b) in enumerate(zip(first, other, strict=False)):
+            differ = sorted(p for p in set(a) | set(b) if a.get(p, ("-",))[0] != b.get(p, ("-",))[0])
+            print(f"graph {gm}, lookup {n}: {logs[0]} against {logs[1]}: differing parts {differ or 'none'}")
+            for part in differ[:8]:
+                print(f"    {part}: {a.get(part, ('-', 'absent'))[1]!r} / {b.get(part, ('-', 'absent'))[1]!r}")
     return 0
 
 
