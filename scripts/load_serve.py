@@ -17,7 +17,8 @@
 
 Every request has its own prompt (of one token length) and seed, so the prompt cache never skips
 the text encoder, on either side. In each scenario every client builds its client first, then sends
---warmup-rounds untimed requests and --rounds timed ones back to back, so the server is never idle
+--warmup-rounds untimed requests and the scenario's timed ones (--rounds, or its own in --scenarios)
+back to back, so the server is never idle
 between the two and the shapes it batches are compiled and captured before the timed requests.
 The headline images/s is the server's steady state: the timed images answered between the moment
 the last client finished warming up and the moment the first client finished its timed requests
@@ -291,8 +292,9 @@ def scenario_rounds(spec: str | None, keys: list[str], default: int) -> dict[str
     out: dict[str, int] = {}
     for item in spec.split(","):
         key, _, count = item.strip().partition(":")
-        if key not in keys or (count and not (count.isdigit() and int(count) >= 1)):
-            refuse(f"--scenarios item {item!r}: want KEY or KEY:ROUNDS, KEY one of {', '.join(keys)}, ROUNDS >= 1")
+        if key not in keys or key in out or (count and not (count.isdecimal() and int(count) >= 1)):
+            allowed = ", ".join(keys)
+            refuse(f"--scenarios item {item!r}: want KEY or KEY:ROUNDS, each KEY once, one of {allowed}, ROUNDS >= 1")
         out[key] = int(count) if count else default
     return out
 
@@ -588,7 +590,7 @@ class Edges:
 def drive(
     url: str, key: str, sc: Scenario, args: argparse.Namespace, pairs: Iterator[tuple[str, int]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """`sc.clients` clients at once, each sending --warmup-rounds then --rounds requests one after
+    """`sc.clients` clients at once, each sending --warmup-rounds then `sc.rounds` requests one after
     another with no pause between the two (the server never idles for a barrier), and the workers'
     /metrics account read at the window's edges: every request (with its client and whether it
     warmed up), and the readings `start` and `end`."""

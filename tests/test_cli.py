@@ -234,15 +234,17 @@ def test_unreachable_hub_without_cache_says_how_to_proceed(tmp_path):
 def test_engine_processes_turn_on_expandable_segments_unless_the_user_configured_the_allocator(
     monkeypatch, user_setting, expected
 ):
-    from zturbo.config import process_defaults
+    from zturbo.config import cache_root, process_defaults
 
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     if user_setting is None:
         monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     else:
         monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user_setting)
     process_defaults()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (expected or user_setting)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_root() / "inductor")  # Inductor's cache with zturbo's
 
 
 def test_quiet_prints_nothing_on_stderr_even_on_the_first_tiny_random_use(tmp_path):

@@ -57,7 +57,8 @@ def options(**given: Any) -> argparse.Namespace:
         (["--engine-batches", "1,x"], "--engine-batches 1,x must be comma-separated whole numbers"),
         (["--engine-batches", "0,4"], "--engine-batches 0,4 must be comma-separated numbers of at least 1"),
         (["--start-warm"], "--start-warm needs a warm compile cache"),  # no --work: a new, empty one
-        (["--scenarios", "512x2"], "--scenarios item '512x2': want KEY or KEY:ROUNDS, KEY one of 1024x1, 1024x4,"),
+        (["--scenarios", "512x2"], "--scenarios item '512x2': want KEY or KEY:ROUNDS, each KEY once, one of 1024x1,"),
+        (["--scenarios", "512x1,512x1:4"], "--scenarios item '512x1:4'"),
         (["--scenarios", "512x1:0"], "--scenarios item '512x1:0'"),
     ],
 )

@@ -1,8 +1,9 @@
 """Which parts of Inductor's FX-graph cache key differ between processes, for the same graph.
 
 Reads the logs `ray_vs_serve.sh` has each process write with R26_KEYS=1 (torch's "FX graph cache
-hash details" debug lines: one `[hash] part: value` line per part of the key) and prints, for every
-graph (its `gm` part) seen under more than one key, the parts whose hashes differ.
+hash details" debug lines, one `[hash] part: value` line per part of the key; named
+keys-PID-serve.log and keys-PID-ray.log) and prints, for every graph (its `gm` part), the parts
+whose hashes differ between the serve worker's n-th lookup of it and each Ray process's n-th.
     python3 scripts/gpu/keydiff.py DIR
 """
 
@@ -35,18 +36,20 @@ def main(root: Path) -> int:
             if "gm" in parts:
                 graphs[parts["gm"][0]][path.name].append(parts)
     for gm, by_log in graphs.items():
-        logs = sorted(by_log)
-        if len(logs) < 2:
-            print(f"graph {gm}: traced by {logs[0]} alone")
+        serve = sorted(name for name in by_log if name.endswith("-serve.log"))
+        if not serve or len(by_log) < 2:
+            print(f"graph {gm}: traced by {', '.join(sorted(by_log))} alone")
             continue
-        first, other = by_log[logs[0]], by_log[logs[1]]  # the n-th lookup of one against the other's n-th
-        for n, (a, b) in enumerate(zip(first, other, strict=False)):
-            differ = sorted(p for p in set(a) | set(b) if a.get(p, ("-",))[0] != b.get(p, ("-",))[0])
-            print(f"graph {gm}, lookup {n}: {logs[0]} against {logs[1]}: differing parts {differ or 'none'}")
-            for part in differ[:8]:
-                print(f"    {part}: {a.get(part, ('-', 'absent'))[1]!r} / {b.get(part, ('-', 'absent'))[1]!r}")
+        for other in sorted(name for name in by_log if name != serve[0]):
+            for n, (a, b) in enumerate(zip(by_log[serve[0]], by_log[other], strict=False)):
+                differ = sorted(p for p in set(a) | set(b) if a.get(p, ("-",))[0] != b.get(p, ("-",))[0])
+                print(f"graph {gm}, lookup {n}: {serve[0]} against {other}: differing parts {differ or 'none'}")
+                for part in differ[:8]:
+                    print(f"    {part}: {a.get(part, ('-', 'absent'))[1]!r} / {b.get(part, ('-', 'absent'))[1]!r}")
     return 0
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python3 scripts/gpu/keydiff.py DIR (the keys-PID-serve.log and keys-PID-ray.log files)")
     sys.exit(main(Path(sys.argv[1])))

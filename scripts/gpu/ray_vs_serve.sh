@@ -13,10 +13,12 @@
 # R26_KEYS=1: $OUT/keydiff.txt, the parts of Inductor's cache keys that differ between the serve worker
 # and the Ray replica for the same graph (scripts/gpu/keydiff.py).
 # R26_RAY_RESTART=1: the Ray run's warm restart too (a replica starting from the cache a replica left).
-# R26_SPY=0 turns off the py-spy samples of the GPU process during the 512x1 scenario.
+# R26_SPY=1: py-spy samples of the GPU process (R26_SPY_S seconds each, R26_SPY_DELAY s into the
+# 512x1 scenario); off by default, as sampling at 250 Hz takes time from the measured window.
 # $OUT gets: serve/load.{json,md}, ray/load.{json,md}, summary.md, logs.txt (+ setup.sh's gpu.txt),
 # NAME-spy-{idle,gil}.txt (py-spy raw stacks of the process on the GPU, every thread).
 set -o pipefail
+case ${R26_ONLY:-} in ""|serve|ray) ;; *) echo "R26_ONLY=$R26_ONLY: want serve or ray"; exit 2 ;; esac
 OUT=${OUT:-/tmp/r26out}; mkdir -p "$OUT"
 T0=$(date +%s); el() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 LOGS=/tmp/r26_logs.txt; : > $LOGS
@@ -50,18 +52,23 @@ el "ray start --head"
 print(" ".join(f"export {k}={v};" for k, v in env.items()))')"
 # R26_NO_HAPROXY=1: Serve's Python proxy in place of HAProxy.
 [ -z "${R26_NO_HAPROXY:-}" ] || unset RAY_SERVE_ENABLE_HA_PROXY
-# Experiments through a sitecustomize every process of the call imports (none of zturbo's settings):
-# R26_RAY_SWITCH in Ray's processes only (R26_IN_RAY is in `ray start`'s environment alone);
-# R26_KEYS=1: each process logs Inductor's cache-key parts to /tmp/r26keys, and keydiff.py compares them.
-rm -rf /tmp/r26site /tmp/r26keys; mkdir -p /tmp/r26site /tmp/r26keys
-{ echo "import logging, os, sys"
-  [ -n "${R26_RAY_SWITCH:-}" ] && echo "if os.environ.get('R26_IN_RAY'): sys.setswitchinterval(${R26_RAY_SWITCH})"
-  [ -n "${R26_KEYS:-}" ] && cat <<'SC'
+# Experiments through a sitecustomize on the PYTHONPATH of every process of the call, written only
+# when one is asked for: R26_RAY_SWITCH in Ray's processes only (R26_IN_RAY is in `ray start`'s
+# environment alone); R26_KEYS=1: each process logs Inductor's cache-key parts to /tmp/r26keys.
+rm -rf /tmp/r26site /tmp/r26keys; mkdir -p /tmp/r26keys
+if [ -n "${R26_RAY_SWITCH:-}${R26_KEYS:-}" ]; then
+  [[ -z "${R26_RAY_SWITCH:-}" || "$R26_RAY_SWITCH" =~ ^[0-9]*\.?[0-9]+$ ]] \
+    || { echo "R26_RAY_SWITCH=$R26_RAY_SWITCH: want seconds, e.g. 0.001"; exit 2; }
+  mkdir -p /tmp/r26site
+  { echo "import logging, os, sys"
+    [ -z "${R26_RAY_SWITCH:-}" ] || echo "if os.environ.get('R26_IN_RAY'): sys.setswitchinterval(${R26_RAY_SWITCH})"
+    [ -z "${R26_KEYS:-}" ] || cat <<'SC'
 _h = logging.FileHandler(f"/tmp/r26keys/keys-{os.getpid()}-{'ray' if os.environ.get('R26_IN_RAY') else 'serve'}.log")
 _l = logging.getLogger("torch._inductor.codecache"); _l.setLevel(logging.DEBUG); _l.addHandler(_h)
 SC
-} > /tmp/r26site/sitecustomize.py
-export PYTHONPATH=/tmp/r26site:$PYTHONPATH
+  } > /tmp/r26site/sitecustomize.py
+  export PYTHONPATH=/tmp/r26site:$PYTHONPATH
+fi
 R26_IN_RAY=1 ray start --head --num-gpus "${R26_NUM_GPUS:-1}" --disable-usage-stats > /tmp/r26_raystart.log 2>&1; rc=$?
 tail -4 /tmp/r26_raystart.log; echo "ray start rc=$rc"
 [ $rc = 0 ] || { logpart "ray start" /tmp/r26_raystart.log; }
@@ -79,17 +86,19 @@ reap() {
 
 # py-spy samples of the process on the GPU (its every thread, idle included, then only the one
 # holding the GIL) a moment into the 512² one-at-a-time scenario; PATTERN finds that process.
-spy() {  # NAME LOGFILE PATTERN
+spy() {  # NAME LOGFILE PATTERN SECONDS (the most it waits for the scenario)
   local spy; spy=$(command -v py-spy || echo /tmp/site/bin/py-spy)  # setup.sh installs it under /tmp/site
-  [ "${R26_SPY:-1}" = 1 ] && [ -x "$spy" ] || return 0
-  ( for _ in $(seq 1200); do grep -q "512² with 1 client" "$2" 2>/dev/null && break; sleep 0.5; done
+  [ "${R26_SPY:-0}" = 1 ] && [ -x "$spy" ] || return 0
+  ( for _ in $(seq $(( 2 * $4 ))); do grep -q "512² with 1 client" "$2" 2>/dev/null && break; sleep 0.5; done
+    grep -q "512² with 1 client" "$2" 2>/dev/null || exit 0
     sleep "${R26_SPY_DELAY:-3}"
     local pid; pid=$(pgrep -f "$3" | head -1)
     [ -n "$pid" ] || { echo "$1: no process matches $3" > /tmp/r26_spy_$1.log; exit 0; }
     for mode in idle gil; do
       timeout 20 "$spy" record -p "$pid" --threads --"$mode" --nonblocking --rate 250 --duration "${R26_SPY_S:-4}" \
         --format raw -o "$OUT/$1-spy-$mode.txt" >> /tmp/r26_spy_$1.log 2>&1
-    done ) &
+    done ) </dev/null >/dev/null 2>&1 &
+  SPY_PID=$!
 }
 
 run_load() {  # NAME WORK DB_URL [extra serve args...]
@@ -99,18 +108,20 @@ run_load() {  # NAME WORK DB_URL [extra serve args...]
   [ $left -lt $to ] && to=$left
   [ $left -lt 30 ] && { echo "$name: skipped, only $left s left"; return 1; }
   el "load_serve: $name (timeout $to s)"
-  : > /tmp/r26o/$name.log
-  if [ "$name" = ray ]; then spy "$name" /tmp/r26o/$name.log "ServeReplica:.*zturbo-gpu"
-  else spy "$name" /tmp/r26o/$name.log "spawn_main"; fi
+  : > /tmp/r26o/$name.log; SPY_PID=
+  if [ "$name" = ray ]; then spy "$name" /tmp/r26o/$name.log "ServeReplica:.*zturbo-gpu" "$to"
+  else spy "$name" /tmp/r26o/$name.log "spawn_main" "$to"; fi
   local restart=(--no-restart)  # R26_RAY_RESTART=1: the Ray run starts again from the cache its replica left
   [ "$name" = ray ] && [ -n "${R26_RAY_RESTART:-}" ] && restart=()
   timeout -k 10 "$to" python3 scripts/load_serve.py --model "${R26_MODEL:-/tmp/zi}" "${restart[@]}" --no-engine --work "$work" \
     --serve-arg=--store --serve-arg="$url" "$@" "${SA[@]}" "${LA[@]}" --out /tmp/r26o/$name > /tmp/r26o/$name.log 2>&1
   local rc=$?
+  [ -z "$SPY_PID" ] || { kill "$SPY_PID" 2>/dev/null; wait "$SPY_PID" 2>/dev/null; }
   echo "$name rc=$rc"; tail -4 /tmp/r26o/$name.log
   mkdir -p "$OUT/$name"; cp /tmp/r26o/$name/load.json /tmp/r26o/$name/load.md "$OUT/$name/" 2>/dev/null
   logpart "$name: load_serve rc=$rc" /tmp/r26o/$name.log 20000
   logpart "$name: zturbo serve log" /tmp/r26o/$name/serve-cold.log 150000
+  [ -f /tmp/r26o/$name/serve-warm.log ] && logpart "$name: zturbo serve log, restart" /tmp/r26o/$name/serve-warm.log 60000
   logpart "$name: py-spy" /tmp/r26_spy_$name.log 4000
   reap
   return $rc

@@ -1123,9 +1123,13 @@ def check_http_entry(host: str, port: int) -> None:
     """Refuse a --host/--port other than the HTTP entry Serve has: a Serve instance already running
     on the cluster keeps its own, and Serve only warns that it ignored the new one, so the server
     would be announced where nothing answers. Before anything is deployed."""
-    from ray.serve.context import _get_global_client  # Serve's own client of its controller
+    try:  # Serve's own client of its controller: private, so a Ray without it skips the check
+        from ray.serve.context import _get_global_client
 
-    running = _get_global_client().http_config
+        running = _get_global_client().http_config
+    except (ImportError, AttributeError) as e:
+        log.warning("could not read Serve's HTTP entry (%s); serving on --host/--port as given", e)
+        return
     if (running.host, running.port) != (host, port):
         raise InvalidRequestError(
             f"--host {host} --port {port}: Ray Serve already runs on this cluster with its HTTP entry on "
