@@ -33,7 +33,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from zturbo.bench import common, ggufwrite, memory, profiling
-from zturbo.cli import allocator_defaults
+from zturbo.config import process_defaults
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         help="int8 blocks compiled with Inductor's pattern matcher on (its int8 rewrite; the engine turns it off)",
     )
     args = ap.parse_args(argv)
-    allocator_defaults()  # as for zturbo's own processes (the bench rows): before CUDA's first allocation
+    process_defaults()  # as for zturbo's own processes (the bench rows): before CUDA's first allocation
     start = time.perf_counter()
     quantize = "none" if args.gguf else args.quantize
     with tempfile.TemporaryDirectory(prefix="zturbo-probe-") as tmp:

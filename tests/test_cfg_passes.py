@@ -34,6 +34,14 @@ PROMPTS = ["a lighthouse at dusk", "a very small red fox asleep in the snow unde
 PROFILE = Chosen(BASE, "preset")
 
 
+def same_image(ours: np.ndarray, reference: np.ndarray) -> bool:
+    """The batched run's image: float32 matrix products of another batch size may round one value
+    of a few thousand by one 8-bit step on some CPUs (seen on an AVX2 EPYC), never more; a wrong
+    half, guidance or renormalization changes far more."""
+    diff = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+    return ours.shape == reference.shape and int(diff.max()) <= 1 and float((diff > 0).mean()) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from zturbo.tiny import write_tiny_checkpoint
@@ -70,7 +78,7 @@ def test_a_layout_with_two_pass_cfg_gives_the_batched_images(base_engine):
     split, split_rows, split_plans = generate(with_layout(base_engine, Layout(split_cfg=True)))
     assert all(image.std() > 10 for image in batched)  # flat images would match anything
     for ours, reference in zip(split, batched, strict=True):
-        assert np.array_equal(ours, reference)
+        assert same_image(ours, reference)
     # Batched: 4 rows on guided steps, 2 past the truncation. Two passes: never more than 2 rows,
     # one more call for each guided step.
     guided = batched_rows.count(4)
@@ -104,7 +112,7 @@ def test_a_request_whose_doubled_batch_does_not_fit_runs_in_two_passes(base_engi
     monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: int(doubled) - 1)
     split, rows, plans = generate(base_engine)
     assert max(rows) == 2 and plans == ["resident + two-pass-cfg"] * 2
-    assert all(np.array_equal(a, b) for a, b in zip(split, batched, strict=True))
+    assert all(same_image(a, b) for a, b in zip(split, batched, strict=True))
     assert base_engine.runtime()["memory_plan"] == "resident"  # the layout is kept for later requests
     monkeypatch.setattr("zturbo.engine.memory_room", lambda device, budget: int(doubled) + 1)
     _, rows, plans = generate(base_engine)
@@ -184,7 +192,7 @@ def test_running_out_of_memory_under_cfg_retries_in_two_passes(base_engine):
         ("memory", "resident", "resident + two-pass-cfg")
     ]
     got = [np.asarray(image.image, dtype=np.int16) for image in result.images]
-    assert all(np.array_equal(a, b) for a, b in zip(got, batched, strict=True))
+    assert all(same_image(a, b) for a, b in zip(got, batched, strict=True))
     assert engine.runtime()["memory_plan"] == "resident + two-pass-cfg"  # kept, as leaner plans are
 
 
@@ -232,7 +240,7 @@ def test_two_passes_after_running_out_of_memory_keep_compilation_loras_and_strea
     assert engine.placement.streamers.keys() == streamers.keys()
     assert all(engine.placement.streamers[name] is streamer for name, streamer in streamers.items())
     for got, image in zip(result.images, want, strict=True):
-        assert got.image.tobytes() == image.image.tobytes()
+        assert same_image(np.asarray(got.image), np.asarray(image.image))
 
 
 def test_running_out_of_memory_after_two_passes_moves_to_the_next_plan(base_dir, monkeypatch):
