@@ -155,8 +155,10 @@ def test_a_second_server_on_another_port_is_refused_and_the_running_one_keeps_se
     # Serve keeps the HTTP entry of the instance already running; a server announced on another
     # port would answer nowhere, and deploying its app would replace the running one's.
     other = Server(tiny_dir, tmp_path / "data", "--ray", ray_cluster[0], "--store", ray_db, *REPLICA)
-    assert other.stop(timeout=120) == 2  # it exits by itself; stop() only waits and closes its log
+    code = other.proc.wait(120)
+    other.stop()  # it has exited: this closes its client and log
     message = other.log_path.read_text(errors="replace")
+    assert code == 2, message
     assert f"--host 127.0.0.1 --port {other.port}: Ray Serve already runs on this cluster" in message
     assert f"HTTP entry on 127.0.0.1:{server.port}" in message
     assert server.client.get("/ready").status_code == 200 and len(replica_names(server)) == 2
