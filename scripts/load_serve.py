@@ -280,9 +280,10 @@ def refuse(message: str) -> NoReturn:
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
     """The four scenarios in order, or those --scenarios picks, each with its rounds."""
     large, small = args.large, args.small
-    every = [(large, 1), (large, 4), (small, 1), (small, 16)]
-    rounds = scenario_rounds(args.scenarios, [f"{size}x{clients}" for size, clients in every], args.rounds)
-    return [Scenario(f"{s}x{c}", s, c, rounds[f"{s}x{c}"]) for s, c in every if f"{s}x{c}" in rounds]
+    pairs = ((large, 1), (large, 4), (small, 1), (small, 16))
+    every = {f"{size}x{clients}": (size, clients) for size, clients in pairs}
+    rounds = scenario_rounds(args.scenarios, list(every), args.rounds)
+    return [Scenario(key, *every[key], rounds[key]) for key in every if key in rounds]
 
 
 def scenario_rounds(spec: str | None, keys: list[str], default: int) -> dict[str, int]:
